@@ -1,0 +1,1 @@
+"""The ingress: an aiohttp proxy that forwards calls unchanged and publishes events."""

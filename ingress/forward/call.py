@@ -1,0 +1,169 @@
+"""One proxied call: its identity, attribution, timings, and the two events it yields."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from llmtap.events import Attribution, RequestEvent, ResponseEvent, Status, Usage, utcnow
+
+ATTRIBUTION_PREFIX = "x-llmtap-"
+PROPERTY_PREFIX = "x-llmtap-property-"
+
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the
+# proxy recomputes itself. Never copied from one side to the other.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
+    }
+)
+
+
+def key_id(credential: str) -> str:
+    """A stable, non-reversible id for a credential: first 16 hex chars of SHA-256."""
+    return hashlib.sha256(credential.encode()).hexdigest()[:16] if credential else ""
+
+
+def bearer_token(headers: CIMultiDictProxy[str]) -> str:
+    value = headers.get("authorization", "")
+    return value[7:].strip() if value[:7].lower() == "bearer " else ""
+
+
+def attribution_from(headers: CIMultiDictProxy[str], *, user_field: str = "") -> Attribution:
+    """Attribution claimed by ``x-llmtap-*`` headers (and the body's ``user`` field)."""
+    properties = {
+        name[len(PROPERTY_PREFIX) :].lower(): value
+        for name, value in headers.items()
+        if name.lower().startswith(PROPERTY_PREFIX)
+    }
+    credential = bearer_token(headers) or headers.get("x-api-key", "")
+    return Attribution(
+        tenant=headers.get("x-llmtap-tenant", ""),
+        team=headers.get("x-llmtap-team", ""),
+        user=headers.get("x-llmtap-user", "") or user_field,
+        feature=headers.get("x-llmtap-feature", ""),
+        env=headers.get("x-llmtap-env", ""),
+        key_id=key_id(credential),
+        properties=properties,
+    )
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str], *, authorization: str | None
+) -> CIMultiDict[str]:
+    """The client's headers as the provider should see them.
+
+    Hop-by-hop headers and llmtap's own ``x-llmtap-*`` headers are dropped; with
+    ``authorization`` set, the provider key replaces whatever the client sent.
+    """
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _HOP_BY_HOP or lower.startswith(ATTRIBUTION_PREFIX):
+            continue
+        out.add(name, value)
+    if authorization is not None:
+        out["Authorization"] = authorization
+    return out
+
+
+def downstream_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    """The provider's response headers as the client should see them."""
+    out: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in upstream.items() if name.lower() not in _HOP_BY_HOP
+    )
+    out["x-request-id"] = request_id
+    return out
+
+
+@dataclass
+class Call:
+    """Everything the ingress learns about one call while it passes through."""
+
+    provider: str
+    endpoint: str
+    request_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    ts_start: datetime = field(default_factory=utcnow)
+    t_start: float = field(default_factory=time.perf_counter)
+    model_requested: str = ""
+    stream: bool = False
+    attribution: Attribution = field(default_factory=Attribution)
+    t_upstream_sent: float | None = None
+    t_first_byte: float | None = None
+    t_upstream_done: float | None = None
+
+    def request_event(self, *, request_bytes: int, max_tokens: int | None) -> RequestEvent:
+        return RequestEvent(
+            request_id=self.request_id,
+            ts=self.ts_start,
+            provider=self.provider,
+            endpoint=self.endpoint,
+            model_requested=self.model_requested,
+            stream=self.stream,
+            request_bytes=request_bytes,
+            max_tokens=max_tokens,
+            attribution=self.attribution,
+        )
+
+    def mark_sent(self) -> None:
+        self.t_upstream_sent = time.perf_counter()
+
+    def mark_first_byte(self) -> None:
+        if self.t_first_byte is None:
+            self.t_first_byte = time.perf_counter()
+
+    def mark_upstream_done(self) -> None:
+        self.t_upstream_done = time.perf_counter()
+
+    def response_event(
+        self,
+        *,
+        status: Status,
+        http_status: int,
+        usage: Usage,
+        model_served: str = "",
+        error_class: str = "",
+    ) -> ResponseEvent:
+        t_end = time.perf_counter()
+        latency = t_end - self.t_start
+        # Time spent in the proxy itself: before the provider was asked, and after its
+        # last byte arrived. The wait on the provider is not ours.
+        sent = self.t_upstream_sent if self.t_upstream_sent is not None else t_end
+        done = self.t_upstream_done if self.t_upstream_done is not None else t_end
+        overhead = max(0.0, (sent - self.t_start) + (t_end - max(done, sent)))
+        ttft = None if self.t_first_byte is None else (self.t_first_byte - self.t_start) * 1000
+        return ResponseEvent(
+            request_id=self.request_id,
+            ts_start=self.ts_start,
+            ts_end=self.ts_start + timedelta(seconds=latency),
+            provider=self.provider,
+            endpoint=self.endpoint,
+            model_requested=self.model_requested,
+            model_served=model_served,
+            stream=self.stream,
+            status=status,
+            http_status=http_status,
+            error_class=error_class,
+            usage=usage,
+            latency_ms=latency * 1000,
+            ttft_ms=ttft,
+            proxy_overhead_ms=overhead * 1000,
+            attribution=self.attribution,
+        )

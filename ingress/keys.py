@@ -1,0 +1,13 @@
+"""Typed keys for everything the ingress app holds."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from ingress.publisher import EventPublisher
+from llmtap.config import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+PUBLISHER = web.AppKey("publisher", EventPublisher)

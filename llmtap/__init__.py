@@ -1,0 +1,1 @@
+"""What every llmtap stage shares: the event contract, topic names, config and the CLI."""

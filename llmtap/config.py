@@ -1,0 +1,119 @@
+"""Settings for every llmtap process.
+
+Sources, highest priority first: environment variables (``LLMTAP_<FIELD>``, e.g.
+``LLMTAP_PROXY_PORT=9000``), the YAML file named by ``--config`` / ``LLMTAP_CONFIG``,
+then the embedded defaults below. Every YAML key is the lower-case field name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_ENV = "LLMTAP_CONFIG"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMTAP_", extra="forbid")
+
+    # Where embedded state lives: the chDB store, logs, and run files.
+    data_dir: Path = Path(".llmtap")
+
+    # Kafka. With embedded_broker, `llmtap up` starts Tansu on kafka_bootstrap.
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    embedded_broker: bool = True
+    topic_partitions: int = Field(default=4, ge=1)
+
+    # ClickHouse: `http://user:pass@host:8123/db` for a server, or `chdb:///path`.
+    # Empty means the embedded chDB store under data_dir.
+    clickhouse_dsn: str = ""
+
+    # The proxy clients point their SDK at, and the analytics API.
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = Field(default=8080, ge=0, le=65535)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8081, ge=0, le=65535)
+
+    # Upstream providers. When the named env var holds a key, the ingress injects it;
+    # otherwise the client's own credential is forwarded (and recorded only as a hash).
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_api_key_env: str = "ANTHROPIC_API_KEY"
+    upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
+    upstream_read_timeout_s: float = Field(default=600.0, gt=0)
+
+    # Extra or overriding prices, same format as stream/pricing.yaml.
+    pricing_file: Path | None = None
+
+    # Ingress -> Kafka: events wait here while the broker is slow; never the call.
+    publish_queue_size: int = Field(default=100_000, ge=1)
+
+    # Faust: kept short so a worker joins its group in seconds on Tansu.
+    stream_session_timeout_s: float = Field(default=10.0, gt=0)
+    stream_heartbeat_interval_s: float = Field(default=1.0, gt=0)
+
+    # ClickHouse writer: a batch is written when it has this many rows or is this old.
+    sink_batch_rows: int = Field(default=10_000, ge=1)
+    sink_batch_seconds: float = Field(default=1.0, gt=0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("openai_base_url", "anthropic_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def store_dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb:///{self.data_dir.resolve() / 'clickhouse'}"
+
+    @property
+    def embedded_store(self) -> bool:
+        return self.store_dsn.startswith("chdb://")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.proxy_host}:{self.proxy_port}/v1"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}/api/v1"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | None = None) -> Settings:
+    """Load settings; a config file given here is also exported for child processes."""
+    if config_file:
+        os.environ[CONFIG_ENV] = str(Path(config_file).resolve())
+    return Settings()

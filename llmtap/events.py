@@ -1,0 +1,169 @@
+"""The event contract: what crosses Kafka between ingress, stream and sinks.
+
+Every event is a pydantic model serialised as JSON (UTF-8) on the wire. Each carries
+``schema_version`` so a consumer can refuse or upgrade what it does not understand,
+an ``event_id`` (UUID, unique per event) and the ``request_id`` of the call it belongs
+to. Stages are idempotent on ``event_id``: a replayed event never counts twice.
+
+Token accounting is normalised across providers (see :class:`Usage`), money is
+``Decimal`` (serialised as a JSON string, never a float) and every timestamp is UTC.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION: Literal[1] = 1
+
+# Namespace for ids derived from other ids (a costed event's id is derived from its
+# response event's id, so recomputing it after a replay yields the same id).
+_DERIVED_NS = uuid.UUID("6f0b7c1e-3a52-4c55-9a3e-4b7d1f6a2c10")
+
+
+def _must_be_utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() != UTC.utcoffset(None):
+        raise ValueError("timestamps must be timezone-aware UTC")
+    return value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_must_be_utc)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def derived_id(source: uuid.UUID, stage: str) -> uuid.UUID:
+    """A deterministic id for what ``stage`` derives from the event ``source``."""
+    return uuid.uuid5(_DERIVED_NS, f"{stage}:{source}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Status = Literal[
+    "ok",  # the provider answered 2xx and the whole answer reached the client
+    "upstream_error",  # the provider answered with an error status; forwarded as is
+    "upstream_unreachable",  # connect error or timeout; the client got a 502/504
+    "client_disconnected",  # the client went away before the answer was complete
+    "bad_request",  # refused by the proxy before any provider was contacted
+]
+
+
+class Attribution(_Model):
+    """Who made the call. Copied onto every event so no stage needs a join."""
+
+    tenant: str = ""
+    team: str = ""
+    user: str = ""
+    feature: str = ""
+    env: str = ""
+    # SHA-256 (hex, first 16 chars) of the credential the client presented; never the key.
+    key_id: str = ""
+    properties: dict[str, str] = Field(default_factory=dict)
+
+
+class Usage(_Model):
+    """Tokens of one call, normalised across providers.
+
+    ``input_tokens`` counts every prompt token, including those read from a cache
+    (``cached_input_tokens``) and those written to one (``cache_creation_input_tokens``);
+    ``output_tokens`` counts every generated token, including ``reasoning_tokens``.
+    So the subsets never exceed their totals and pricing never charges a token twice.
+    ``usage_missing`` is true when the provider reported no usage: the counts are
+    then unknown, not zero.
+    """
+
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    cached_input_tokens: int = Field(default=0, ge=0)
+    cache_creation_input_tokens: int = Field(default=0, ge=0)
+    reasoning_tokens: int = Field(default=0, ge=0)
+    usage_missing: bool = False
+
+    @classmethod
+    def missing(cls) -> Usage:
+        return cls(usage_missing=True)
+
+
+class RequestEvent(_Model):
+    """Published by the ingress when a call arrives, before it is forwarded."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["request"] = "request"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    request_id: uuid.UUID
+    ts: UtcDatetime
+    provider: str
+    endpoint: str
+    model_requested: str
+    stream: bool
+    request_bytes: int = Field(ge=0)
+    max_tokens: int | None = None
+    attribution: Attribution = Field(default_factory=Attribution)
+
+
+class ResponseEvent(_Model):
+    """Published by the ingress when a call ends, however it ended."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["response"] = "response"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    request_id: uuid.UUID
+    ts_start: UtcDatetime
+    ts_end: UtcDatetime
+    provider: str
+    endpoint: str
+    model_requested: str
+    model_served: str = ""
+    stream: bool
+    status: Status
+    http_status: int = Field(ge=0, le=999)
+    error_class: str = ""
+    usage: Usage
+    latency_ms: float = Field(ge=0)
+    ttft_ms: float | None = Field(default=None, ge=0)
+    proxy_overhead_ms: float = Field(ge=0)
+    attribution: Attribution = Field(default_factory=Attribution)
+
+    @property
+    def model(self) -> str:
+        """The model that answered, or the one asked for when none answered."""
+        return self.model_served or self.model_requested
+
+
+class Cost(_Model):
+    """What one call cost, in USD, as a breakdown that sums to ``total``."""
+
+    input: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+    output: Decimal
+    reasoning: Decimal
+    total: Decimal
+
+
+class CostedEvent(_Model):
+    """A response event priced by the stream's cost stage.
+
+    ``cost`` is None and ``unpriced`` true when the model has no known price: such a
+    call is counted and surfaced, never recorded as $0.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["costed"] = "costed"
+    event_id: uuid.UUID
+    response: ResponseEvent
+    cost: Cost | None
+    unpriced: bool
+    pricing_model: str = ""  # the catalog entry that priced it (family name)
+
+    @property
+    def request_id(self) -> uuid.UUID:
+        return self.response.request_id

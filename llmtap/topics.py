@@ -1,0 +1,53 @@
+"""Kafka topic names and partition keys.
+
+| topic             | value          | key          | written by | read by            |
+|-------------------|----------------|--------------|------------|--------------------|
+| llmtap.requests   | RequestEvent   | request_id   | ingress    | stream (budgets)   |
+| llmtap.responses  | ResponseEvent  | request_id   | ingress    | stream (costs)     |
+| llmtap.costed     | CostedEvent    | request_id   | stream     | sinks (ClickHouse) |
+
+Keying by ``request_id`` keeps both events of one call, and every replay of them, on
+one partition: the stage that owns that partition sees duplicates and can drop them.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+REQUESTS = "llmtap.requests"
+RESPONSES = "llmtap.responses"
+COSTED = "llmtap.costed"
+
+ALL = (REQUESTS, RESPONSES, COSTED)
+
+log = logging.getLogger(__name__)
+
+
+def partition_key(request_id: uuid.UUID) -> bytes:
+    return str(request_id).encode()
+
+
+async def ensure_topics(bootstrap: str, partitions: int) -> None:
+    """Create llmtap's topics if they do not exist yet (idempotent)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in ALL if name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(name, num_partitions=partitions, replication_factor=1)
+                        for name in missing
+                    ]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another process won the race
+            log.info("created topics %s with %d partitions", missing, partitions)
+    finally:
+        await admin.close()

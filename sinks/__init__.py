@@ -1,0 +1,1 @@
+"""Sinks: what leaves the stream for good (ClickHouse rows; later, webhooks)."""

@@ -1,0 +1,75 @@
+"""The store process: the one process that owns the ClickHouse store.
+
+It runs the migrations, the ClickHouse writer, and serves the analytics API from the
+same client. With embedded chDB this is required (one process owns a chDB path); with
+a ClickHouse server the API and writer could be split, but need not be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from llmtap.config import Settings
+from sinks.clickhouse.writer import ClickHouseWriter
+from sql import analytics
+from sql.migrate import migrate
+from sql.store import Store
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+WRITER = web.AppKey("writer", ClickHouseWriter)
+
+
+async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
+    store = app[analytics.STORE] = Store(app[SETTINGS].store_dsn)
+    applied = await asyncio.to_thread(migrate, store)
+    if applied:
+        log.info("migrations applied: %s", applied)
+    yield
+    store.close()
+
+
+async def clickhouse_writer(app: web.Application) -> AsyncIterator[None]:
+    writer = app[WRITER] = ClickHouseWriter(app[SETTINGS], app[analytics.STORE])
+    task = asyncio.create_task(writer.run(), name="clickhouse-writer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def healthz(request: web.Request) -> web.Response:
+    writer = request.app[WRITER]
+    return web.json_response(
+        {
+            "status": "ok",
+            "rows_written": writer.rows_written,
+            "batches_written": writer.batches_written,
+        }
+    )
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[analytics.api_errors])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(clickhouse_store)
+    app.cleanup_ctx.append(clickhouse_writer)
+    app.router.add_get("/healthz", healthz)
+    analytics.add_routes(app)
+    return app
+
+
+def run(settings: Settings) -> None:
+    web.run_app(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        access_log=None,
+        print=None,
+    )

@@ -1,0 +1,1 @@
+"""Kafka -> ClickHouse: decode -> batch -> write -> commit, commit always last."""

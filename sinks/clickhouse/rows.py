@@ -1,0 +1,95 @@
+"""Pure mapping from costed events to ``calls`` rows. No Kafka, no ClickHouse here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmtap.events import CostedEvent
+
+CALLS_COLUMNS = (
+    "event_id",
+    "request_id",
+    "schema_version",
+    "ts_start",
+    "ts_end",
+    "tenant",
+    "team",
+    "user",
+    "feature",
+    "env",
+    "key_id",
+    "properties",
+    "provider",
+    "endpoint",
+    "model",
+    "model_requested",
+    "stream",
+    "status",
+    "http_status",
+    "error_class",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_creation_input_tokens",
+    "reasoning_tokens",
+    "usage_missing",
+    "latency_ms",
+    "ttft_ms",
+    "proxy_overhead_ms",
+    "cost_input",
+    "cost_cached_input",
+    "cost_cache_write",
+    "cost_output",
+    "cost_reasoning",
+    "cost_total",
+    "unpriced",
+    "pricing_model",
+)
+
+DEAD_LETTER_COLUMNS = ("ts", "topic", "partition", "offset", "raw", "error")
+
+
+def call_row(event: CostedEvent) -> tuple[Any, ...]:
+    r = event.response
+    a = r.attribution
+    u = r.usage
+    c = event.cost
+    return (
+        event.event_id,
+        r.request_id,
+        event.schema_version,
+        r.ts_start,
+        r.ts_end,
+        a.tenant,
+        a.team,
+        a.user,
+        a.feature,
+        a.env,
+        a.key_id,
+        a.properties,
+        r.provider,
+        r.endpoint,
+        r.model,
+        r.model_requested,
+        r.stream,
+        r.status,
+        r.http_status,
+        r.error_class,
+        u.input_tokens,
+        u.output_tokens,
+        u.cached_input_tokens,
+        u.cache_creation_input_tokens,
+        u.reasoning_tokens,
+        u.usage_missing,
+        r.latency_ms,
+        r.ttft_ms,
+        r.proxy_overhead_ms,
+        None if c is None else c.input,
+        None if c is None else c.cached_input,
+        None if c is None else c.cache_write,
+        None if c is None else c.output,
+        None if c is None else c.reasoning,
+        None if c is None else c.total,
+        event.unpriced,
+        event.pricing_model,
+    )

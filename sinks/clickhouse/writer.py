@@ -1,0 +1,162 @@
+"""The ClickHouse writer: costed events from Kafka into the ``calls`` table.
+
+A pipeline of small steps, commit always last:
+
+1. decode: bytes -> CostedEvent, or a dead letter (raw bytes kept) if it cannot be;
+2. batch: until ``sink_batch_rows`` rows or ``sink_batch_seconds`` old, carrying the
+   offsets of what it holds;
+3. write: drop rows whose event_id is already stored (a replay after a crash between
+   write and commit, or a duplicate from upstream), then one columnar insert; on
+   failure retry with backoff and do not read further (Kafka keeps the data);
+4. commit: the batch's offsets, only after its write succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic import ValidationError
+
+from llmtap import topics
+from llmtap.config import Settings
+from llmtap.events import CostedEvent, utcnow
+from sinks.clickhouse.rows import CALLS_COLUMNS, DEAD_LETTER_COLUMNS, call_row
+from sql.store import Store, render
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "llmtap-sink"
+DEDUP_CHUNK = 1000
+
+
+@dataclass
+class Batch:
+    events: list[CostedEvent] = field(default_factory=list)
+    dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.dead_letters)
+
+    def add(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        self.offsets[tp] = record.offset + 1  # the next offset to read
+        raw = record.value or b""
+        try:
+            event = CostedEvent.model_validate_json(raw)
+        except ValidationError as exc:
+            self.dead_letters.append(
+                (utcnow(), record.topic, record.partition, record.offset, raw, str(exc))
+            )
+            return
+        self.events.append(event)
+
+
+def new_events(store: Store, events: list[CostedEvent]) -> list[CostedEvent]:
+    """The events of a batch not stored yet, each once."""
+    unique = list({e.event_id: e for e in events}.values())
+    if not unique:
+        return unique
+    stored: set[Any] = set()
+    slack = timedelta(seconds=1)
+    ts_from = min(e.response.ts_end for e in unique) - slack
+    ts_to = max(e.response.ts_end for e in unique) + slack
+    query = render("existing_event_ids")
+    for start in range(0, len(unique), DEDUP_CHUNK):
+        ids = [e.event_id for e in unique[start : start + DEDUP_CHUNK]]
+        rows = store.rows(query, {"ts_from": ts_from, "ts_to": ts_to, "event_ids": ids})
+        stored.update(row["event_id"] for row in rows)
+    return [e for e in unique if e.event_id not in stored]
+
+
+def write_batch(store: Store, batch: Batch) -> int:
+    """Write a batch idempotently; return how many call rows were inserted."""
+    fresh = new_events(store, batch.events)
+    if fresh:
+        store.insert("calls", [call_row(e) for e in fresh], CALLS_COLUMNS)
+    if batch.dead_letters:
+        store.insert("dead_letters", batch.dead_letters, DEAD_LETTER_COLUMNS)
+        log.error("%d undecodable messages sent to dead_letters", len(batch.dead_letters))
+    return len(fresh)
+
+
+class ClickHouseWriter:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self._settings = settings
+        self._store = store
+        self.rows_written = 0
+        self.batches_written = 0
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            topics.COSTED,
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            group_id=GROUP_ID,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self._settings.sink_batch_rows,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            max_poll_interval_ms=3_600_000,  # a long ClickHouse outage must not evict us
+        )
+
+    async def run(self) -> None:
+        """Consume until cancelled; reconnect if the broker goes away."""
+        while True:
+            consumer = self._consumer()
+            try:
+                await consumer.start()
+                log.info("ClickHouse writer consuming %s", topics.COSTED)
+                await self._consume(consumer)
+            except KafkaError as exc:
+                log.warning("writer lost the broker (%s); reconnecting", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                await consumer.stop()
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        loop = asyncio.get_running_loop()
+        max_rows = self._settings.sink_batch_rows
+        max_age = self._settings.sink_batch_seconds
+        while True:
+            batch = Batch()
+            first_at: float | None = None  # when the batch got its first message
+            while len(batch) < max_rows:
+                wait = max_age if first_at is None else first_at + max_age - loop.time()
+                if wait <= 0:
+                    break
+                records = await consumer.getmany(
+                    timeout_ms=max(1, int(wait * 1000)), max_records=max_rows - len(batch)
+                )
+                for partition_records in records.values():
+                    for record in partition_records:
+                        batch.add(record)
+                if first_at is None and len(batch):
+                    first_at = loop.time()
+            await self._write(batch)
+            try:
+                await consumer.commit(batch.offsets)
+            except CommitFailedError as exc:
+                # Partitions moved to another writer: it re-reads them, and the
+                # duplicate check keeps the rows we wrote from being written twice.
+                log.warning("commit after write failed (%s)", exc)
+
+    async def _write(self, batch: Batch) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                written = await asyncio.to_thread(write_batch, self._store, batch)
+            except Exception as exc:
+                log.error("ClickHouse write failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self.rows_written += written
+            self.batches_written += 1
+            return

@@ -1,0 +1,1 @@
+"""ClickHouse: schema migrations, queries, the store client, and the analytics API."""

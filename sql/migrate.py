@@ -1,0 +1,78 @@
+"""Numbered schema migrations (sql/migrations/NNNN_name.sql), applied once each, in order.
+
+Applied versions are recorded in ``schema_migrations``. Every statement is written to
+be re-runnable (``IF NOT EXISTS``), so a migration interrupted half-way is simply
+applied again. The same files run on chDB and on a ClickHouse server.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from llmtap.events import utcnow
+from sql.store import Store
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations
+(
+    version UInt32,
+    name String,
+    applied_at DateTime64(3, 'UTC')
+)
+ENGINE = MergeTree
+ORDER BY version
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+def _statements(text: str) -> tuple[str, ...]:
+    """Split a migration file on semicolons that end a line; drop comment-only parts."""
+    parts = re.split(r";\s*$", text, flags=re.MULTILINE)
+    cleaned = (
+        "\n".join(line for line in part.splitlines() if not line.strip().startswith("--"))
+        for part in parts
+    )
+    return tuple(stmt.strip() for stmt in cleaned if stmt.strip())
+
+
+def available() -> list[Migration]:
+    folder = resources.files("sql").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], _statements(entry.read_text())))
+    return sorted(found, key=lambda m: m.version)
+
+
+def migrate(store: Store) -> list[int]:
+    """Apply every migration not applied yet; return the versions applied now."""
+    store.command(_VERSION_TABLE)
+    done = {row["version"] for row in store.rows("SELECT version FROM schema_migrations")}
+    applied = []
+    for migration in available():
+        if migration.version in done:
+            continue
+        for statement in migration.statements:
+            store.command(statement)
+        store.insert(
+            "schema_migrations",
+            [(migration.version, migration.name, utcnow())],
+            ("version", "name", "applied_at"),
+        )
+        log.info("applied migration %04d_%s", migration.version, migration.name)
+        applied.append(migration.version)
+    return applied

@@ -1,0 +1,72 @@
+"""The one way llmtap talks to ClickHouse: a client, a query renderer, and a lock.
+
+The same clickhouse-connect client serves a ClickHouse server (``http://...``) and the
+embedded chDB engine (``chdb:///path``). chDB has no async client and one process owns
+one chDB path, so calls run in a thread and one lock serialises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import clickhouse_connect
+import jinja2
+
+_env = jinja2.Environment(
+    loader=jinja2.FunctionLoader(
+        lambda name: resources.files("sql").joinpath("queries", f"{name}.sql").read_text()
+    ),
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+@cache
+def _template(name: str) -> jinja2.Template:
+    return _env.get_template(name)
+
+
+def render(name: str, **structure: object) -> str:
+    """Render ``sql/queries/<name>.sql``.
+
+    Jinja decides structure only (optional filters, identifiers); every value is a
+    ClickHouse query parameter (``{name:Type}``) bound by the client, never formatted in.
+    """
+    return _template(name).render(**structure)
+
+
+class Store:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._client = clickhouse_connect.get_client(dsn=dsn)
+        self._lock = threading.Lock()
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        with self._lock:
+            return self._client.command(sql, parameters=parameters)
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            result = self._client.query(sql, parameters=parameters)
+        return list(result.named_results())
+
+    def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        with self._lock:
+            self._client.insert(table, rows, column_names=list(columns))
+
+    async def arows(
+        self, sql: str, parameters: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.rows, sql, parameters)
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()

@@ -1,0 +1,1 @@
+"""The stream: Faust agents that turn call events into money, aggregates and alerts."""

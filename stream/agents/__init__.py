@@ -1,0 +1,1 @@
+"""Faust agents. Each stays small; the math lives in plain modules beside them."""
