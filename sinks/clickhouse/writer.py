@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import astuple, dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -35,10 +35,22 @@ GROUP_ID = "llmtap-sink"
 DEDUP_CHUNK = 1000
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that could not be decoded, kept whole. Fields in DEAD_LETTER_COLUMNS order."""
+
+    ts: datetime
+    topic: str
+    partition: int
+    offset: int
+    raw: bytes
+    error: str
+
+
 @dataclass
 class Batch:
     events: list[CostedEvent] = field(default_factory=list)
-    dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -52,7 +64,7 @@ class Batch:
             event = CostedEvent.model_validate_json(raw)
         except ValidationError as exc:
             self.dead_letters.append(
-                (utcnow(), record.topic, record.partition, record.offset, raw, str(exc))
+                DeadLetter(utcnow(), record.topic, record.partition, record.offset, raw, str(exc))
             )
             return
         self.events.append(event)
@@ -75,14 +87,33 @@ def new_events(store: Store, events: list[CostedEvent]) -> list[CostedEvent]:
     return [e for e in unique if e.event_id not in stored]
 
 
+def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter]:
+    """The dead letters of a batch not stored yet (keyed by topic, partition, offset)."""
+    fresh = []
+    for topic in {d.topic for d in letters}:
+        mine = [d for d in letters if d.topic == topic]
+        rows = store.rows(
+            render("existing_dead_letters"),
+            {
+                "topic": topic,
+                "offset_from": min(d.offset for d in mine),
+                "offset_to": max(d.offset for d in mine),
+            },
+        )
+        stored = {(r["partition"], r["offset"]) for r in rows}
+        fresh.extend(d for d in mine if (d.partition, d.offset) not in stored)
+    return fresh
+
+
 def write_batch(store: Store, batch: Batch) -> int:
     """Write a batch idempotently; return how many call rows were inserted."""
     fresh = new_events(store, batch.events)
     if fresh:
         store.insert("calls", [call_row(e) for e in fresh], CALLS_COLUMNS)
-    if batch.dead_letters:
-        store.insert("dead_letters", batch.dead_letters, DEAD_LETTER_COLUMNS)
-        log.error("%d undecodable messages sent to dead_letters", len(batch.dead_letters))
+    letters = new_dead_letters(store, batch.dead_letters) if batch.dead_letters else []
+    if letters:
+        store.insert("dead_letters", [astuple(d) for d in letters], DEAD_LETTER_COLUMNS)
+        log.error("%d undecodable messages sent to dead_letters", len(letters))
     return len(fresh)
 
 

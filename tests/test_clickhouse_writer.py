@@ -1,0 +1,135 @@
+"""The ClickHouse writer against a real broker (Tansu) and a real store (chDB)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from llmtap import topics
+from llmtap.config import Settings
+from llmtap.events import Cost, CostedEvent, ResponseEvent, Usage
+from sinks.clickhouse.writer import Batch, ClickHouseWriter, write_batch
+from sql.migrate import available, migrate
+from sql.store import Store
+from tests.conftest import Broker
+
+
+def costed(model: str = "gpt-4o", output_tokens: int = 5) -> CostedEvent:
+    now = datetime.now(UTC)
+    response = ResponseEvent(
+        request_id=uuid.uuid4(),
+        ts_start=now,
+        ts_end=now,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested=model,
+        model_served=model,
+        stream=False,
+        status="ok",
+        http_status=200,
+        usage=Usage(input_tokens=10, output_tokens=output_tokens),
+        latency_ms=12.5,
+        proxy_overhead_ms=0.3,
+    )
+    cost = Cost(
+        input=Decimal("0.000025"),
+        cached_input=Decimal(0),
+        cache_write=Decimal(0),
+        output=Decimal("0.00005"),
+        reasoning=Decimal(0),
+        total=Decimal("0.000075"),
+    )
+    return CostedEvent(event_id=uuid.uuid4(), response=response, cost=cost, unpriced=False)
+
+
+def count(store: Store, table: str) -> int:
+    return int(store.command(f"SELECT count() FROM {table}"))
+
+
+def test_migrations_apply_once_and_are_recorded(store: Store) -> None:
+    assert migrate(store) == []  # the fixture applied them; nothing left to do
+    versions = [r["version"] for r in store.rows("SELECT version FROM schema_migrations")]
+    assert versions == [m.version for m in available()]
+
+
+def test_write_batch_is_idempotent_on_event_id(store: Store) -> None:
+    events = [costed() for _ in range(20)]
+    batch = Batch(events=[*events, events[0], events[1]])  # duplicates inside the batch too
+    assert write_batch(store, batch) == 20
+    assert write_batch(store, Batch(events=events[5:])) == 0  # a replay adds nothing
+    assert count(store, "calls") == 20
+    total = store.rows("SELECT sum(cost_total) AS total FROM calls")[0]["total"]
+    assert total == Decimal("0.000075") * 20
+
+
+class CrashAfterWrite(Exception):
+    pass
+
+
+class CrashingWriter(ClickHouseWriter):
+    """Dies between a successful write and its offset commit: the worst moment."""
+
+    async def _write(self, batch: Batch) -> None:
+        await super()._write(batch)
+        raise CrashAfterWrite
+
+
+async def produce(bootstrap: str, payloads: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for value in payloads:
+            await producer.send(topics.COSTED, value, key=str(uuid.uuid4()).encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    """Poll a readiness condition for up to 30 s."""
+    async with asyncio.timeout(30):
+        while not predicate():
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("crash", [True], ids=["crash-between-write-and-commit"])
+async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_input(
+    broker: Broker, store: Store, crash: bool
+) -> None:
+    settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
+    events = [costed() for _ in range(40)]
+    payloads = [e.model_dump_json().encode() for e in events]
+    payloads.insert(10, b"\x00not an event")
+    payloads.append(payloads[3])  # a duplicate delivery from upstream
+    await produce(broker.bootstrap, payloads)
+
+    first = CrashingWriter(settings, store)
+    with pytest.raises(CrashAfterWrite):
+        await asyncio.wait_for(first.run(), 60)
+    written_before_crash = count(store, "calls")
+    assert written_before_crash > 0  # it did write, and never committed
+
+    second = ClickHouseWriter(settings, store)
+    task = asyncio.create_task(second.run())
+    try:
+        await wait_for(lambda: count(store, "calls") == 40 and count(store, "dead_letters") == 1)
+        # Let the writer go round once more; the count must not grow.
+        batches = second.batches_written
+        await produce(broker.bootstrap, [costed("gpt-4o-mini").model_dump_json().encode()])
+        await wait_for(lambda: second.batches_written > batches and count(store, "calls") == 41)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    stored = {str(r["event_id"]) for r in store.rows("SELECT event_id FROM calls")}
+    assert {str(e.event_id) for e in events} <= stored
+    dead = store.rows("SELECT raw, topic, error FROM dead_letters")[0]
+    assert dead["raw"] in (b"\x00not an event", "\x00not an event")
+    assert dead["topic"] == topics.COSTED and dead["error"]

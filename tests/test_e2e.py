@@ -1,0 +1,215 @@
+"""End to end: `llmtap up` as a subprocess, the official openai SDK, a fake provider.
+
+Each test uses its own model so the rows it waits for are its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from openai import AsyncOpenAI
+
+from tests.conftest import PROVIDER_KEY, FakeUpstream, Running, pid_alive
+from tests.fake_provider import SNAPSHOT
+
+POLL_TIMEOUT_S = 45.0
+
+# Per-million rates from stream/pricing.yaml, written out here on purpose.
+RATES = {
+    "gpt-4o-mini": (Decimal("0.15"), Decimal("0.075"), Decimal("0.60")),
+    "gpt-4o": (Decimal("2.50"), Decimal("1.25"), Decimal("10.00")),
+    "gpt-4.1-mini": (Decimal("0.40"), Decimal("0.10"), Decimal("1.60")),
+}
+
+
+def expected_cost(model: str, prompt: int, cached: int, completion: int) -> Decimal:
+    rate_in, rate_cached, rate_out = RATES[model]
+    per = Decimal(1_000_000)
+    return ((prompt - cached) * rate_in + cached * rate_cached + completion * rate_out) / per
+
+
+async def model_row(
+    api_url: str, model: str, done: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Poll the analytics endpoint until ``model``'s row satisfies ``done``."""
+    url = f"{api_url}/analytics/models?range=24h"
+    deadline = asyncio.get_running_loop().time() + POLL_TIMEOUT_S
+    last: dict[str, Any] | None = None
+    async with aiohttp.ClientSession() as session:
+        while asyncio.get_running_loop().time() < deadline:
+            async with session.get(url) as response:
+                assert response.status == 200
+                rows = (await response.json())["data"]
+            last = next((r for r in rows if r["model"] == model), None)
+            if last is not None and done(last):
+                return last
+            await asyncio.sleep(0.2)
+    pytest.fail(f"{model} never showed as expected in {POLL_TIMEOUT_S}s; last row: {last}")
+
+
+def client(running: Running) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=running.proxy_url, api_key="sk-client-key", max_retries=0)
+
+
+async def test_non_streaming_call_is_metered(llmtap_up: Running, upstream: FakeUpstream) -> None:
+    fake = upstream.provider
+    completion = await client(llmtap_up).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hello"}],
+        extra_headers={"x-llmtap-team": "search", "x-llmtap-property-ticket": "T-1"},
+    )
+    assert completion.choices[0].message.content == "".join(fake.words)
+    assert completion.model == "gpt-4o-mini" + SNAPSHOT
+
+    seen = fake.received[-1]
+    assert seen.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"  # provider key injected
+    assert not any(h.lower().startswith("x-llmtap-") for h in seen.headers)  # stripped
+
+    row = await model_row(llmtap_up.api_url, "gpt-4o-mini" + SNAPSHOT, lambda r: r["requests"] >= 1)
+    assert row["requests"] == 1
+    assert row["errors"] == 0
+    assert row["input_tokens"] == fake.prompt_tokens
+    assert row["output_tokens"] == fake.completion_tokens
+    assert row["cached_input_tokens"] == fake.cached_tokens
+    want = expected_cost(
+        "gpt-4o-mini", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
+    )
+    assert Decimal(row["cost"]) == want
+
+
+async def test_streamed_chunks_reach_the_client_unchanged(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    fake = upstream.provider
+    stream = await client(llmtap_up).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hello"}], stream=True
+    )
+    received = [chunk.to_dict() async for chunk in stream]
+
+    sent = fake.sent_chunks[-1]
+    # The proxy asked for usage the client did not ask for...
+    assert fake.received[-1].body["stream_options"] == {"include_usage": True}
+    assert sent[-1]["choices"] == [] and "usage" in sent[-1]
+    # ...and the client sees exactly what it would have seen without the proxy.
+    assert received == sent[:-1]
+
+    row = await model_row(llmtap_up.api_url, "gpt-4o" + SNAPSHOT, lambda r: r["requests"] >= 1)
+    assert (row["requests"], row["input_tokens"], row["output_tokens"]) == (
+        1,
+        fake.prompt_tokens,
+        fake.completion_tokens,
+    )
+    want = expected_cost("gpt-4o", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens)
+    assert Decimal(row["cost"]) == want
+
+
+async def test_streamed_bytes_are_forwarded_as_sent_when_client_asks_for_usage(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    body = {
+        "model": "gpt-4.1-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    upstream.provider.chunk_delay_s = 0.05
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{llmtap_up.proxy_url}/chat/completions", json=body) as response,
+        ):
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            assert response.headers["x-request-id"]
+            arrivals = []
+            raw = b""
+            async for piece in response.content.iter_any():
+                arrivals.append(asyncio.get_running_loop().time())
+                raw += piece
+    finally:
+        upstream.provider.chunk_delay_s = 0.0
+    sent = upstream.provider.sent_chunks[-1]
+    expected = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in sent) + b"data: [DONE]\n\n"
+    assert raw == expected
+    # Not buffered: the pieces arrived spread over the fake's 50 ms pauses.
+    assert len(arrivals) >= 3 and arrivals[-1] - arrivals[0] > 0.1
+    await model_row(
+        llmtap_up.api_url,
+        "gpt-4.1-mini" + SNAPSHOT,
+        lambda r: r["input_tokens"] == upstream.provider.prompt_tokens and r["cost"] is not None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        (b"{not json", None, "could not parse the JSON body"),
+        (b'{"messages": []}', "model", "model"),
+        (b'{"model": 42}', "model", "model"),
+        (b"[1, 2]", None, "could not parse the JSON body"),
+    ],
+)
+async def test_bad_input_gets_openai_shaped_400_without_contacting_the_provider(
+    llmtap_up: Running, upstream: FakeUpstream, body: bytes, param: str | None, fragment: str
+) -> None:
+    before = len(upstream.provider.received)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{llmtap_up.proxy_url}/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        ) as response,
+    ):
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert fragment in error["message"]
+    assert len(upstream.provider.received) == before
+
+
+async def test_unknown_route_is_an_openai_shaped_404(llmtap_up: Running) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{llmtap_up.proxy_url}/no/such/route") as response,
+    ):
+        assert response.status == 404
+        assert "Unknown route" in (await response.json())["error"]["message"]
+
+
+async def test_upstream_unreachable_is_a_502_and_still_recorded(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    await upstream.stop()
+    try:
+        from openai import InternalServerError
+
+        with pytest.raises(InternalServerError) as raised:
+            await client(llmtap_up).chat.completions.create(
+                model="gpt-4.1-nano-unreachable", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert raised.value.status_code == 502
+        assert "could not reach the provider" in raised.value.message
+    finally:
+        await upstream.start()
+    row = await model_row(
+        llmtap_up.api_url, "gpt-4.1-nano-unreachable", lambda r: r["requests"] >= 1
+    )
+    assert row["errors"] == 1
+    assert Decimal(row["cost"]) == 0  # nothing reached a model
+
+
+async def test_up_stops_every_child_on_sigterm(llmtap_up: Running) -> None:
+    """Runs last in this module (pytest keeps file order): stop, and nothing is left."""
+    pids = llmtap_up.child_pids()
+    assert set(pids) == {"broker", "store", "worker", "ingress"}
+    llmtap_up.process.terminate()
+    assert await asyncio.wait_for(llmtap_up.process.wait(), 60) == 0
+    assert [name for name, pid in pids.items() if pid_alive(pid)] == []
