@@ -45,7 +45,7 @@ async def model_row(
         while asyncio.get_running_loop().time() < deadline:
             async with session.get(url) as response:
                 assert response.status == 200
-                rows = (await response.json())["data"]
+                rows: list[dict[str, Any]] = (await response.json())["data"]
             last = next((r for r in rows if r["model"] == model), None)
             if last is not None and done(last):
                 return last

@@ -89,7 +89,7 @@ def new_events(store: Store, events: list[CostedEvent]) -> list[CostedEvent]:
 
 def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter]:
     """The dead letters of a batch not stored yet (keyed by topic, partition, offset)."""
-    fresh = []
+    fresh: list[DeadLetter] = []
     for topic in {d.topic for d in letters}:
         mine = [d for d in letters if d.topic == topic]
         rows = store.rows(
