@@ -1,0 +1,56 @@
+"""Settings: embedded defaults, a YAML file, env overrides; and the README keeps up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from llmtap.config import CONFIG_ENV, Settings
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_env_overrides_yaml_which_overrides_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "llmtap.yaml"
+    config.write_text("proxy_port: 9000\napi_port: 9001\nopenai_base_url: http://yaml/v1/\n")
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    monkeypatch.setenv("LLMTAP_OPENAI_BASE_URL", "http://env/v1")
+    settings = Settings()
+    assert settings.proxy_port == 9000  # from the file
+    assert settings.api_port == 9001
+    assert settings.openai_base_url == "http://env/v1"  # env wins
+    assert settings.anthropic_base_url == "https://api.anthropic.com"  # default
+
+
+def test_a_bad_value_names_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMTAP_PROXY_PORT", "not-a-port")
+    with pytest.raises(ValidationError, match="proxy_port"):
+        Settings()
+
+
+def test_an_unknown_key_in_the_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "llmtap.yaml"
+    config.write_text("proxy_prot: 9000\n")
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    with pytest.raises(ValidationError, match="proxy_prot"):
+        Settings()
+
+
+def test_embedded_store_lives_under_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.store_dsn == f"chdb:///{tmp_path.resolve() / 'clickhouse'}"
+    assert settings.embedded_store
+    assert not Settings(clickhouse_dsn="http://ch:8123/llmtap").embedded_store
+
+
+def test_readme_documents_every_setting() -> None:
+    documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)?", README.read_text(), re.M))
+    names = {name for pair in documented for name in pair if name}
+    assert set(Settings.model_fields) - names == set()
