@@ -30,6 +30,7 @@ log = logging.getLogger("llmtap.up")
 
 STARTUP_TIMEOUT_S = 120.0
 STOP_GRACE_S = 15.0
+DRAIN_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -128,8 +129,37 @@ class Supervisor:
         )
 
     async def stop_all(self) -> None:
+        """Stop in reverse order. With the embedded broker, whose topics die with it,
+        let the stream and the writer catch up with what the ingress published first."""
         for child in reversed(self.children):
             await child.stop()
+            if child.name == "ingress" and self.settings.embedded_broker:
+                await self.drain()
+
+    async def drain(self) -> None:
+        s = self.settings
+        stages = [
+            (topics.STREAM_GROUP, topics.RESPONSES, "worker"),
+            (topics.SINK_GROUP, topics.COSTED, "store"),
+        ]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        for group, topic, name in stages:
+            if not any(c.name == name and c.running for c in self.children):
+                continue
+            while True:
+                try:
+                    behind = await topics.lag(s.kafka_bootstrap, group, topic)
+                except Exception as exc:  # broker gone: nothing more to drain
+                    log.warning("cannot measure %s lag: %s", name, exc)
+                    return
+                if behind <= 0:
+                    break
+                if loop.time() > deadline:
+                    log.error("%s still %d events behind; stopping anyway (they are lost "
+                              "with the in-memory broker)", name, behind)
+                    return
+                await asyncio.sleep(0.2)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

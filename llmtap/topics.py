@@ -6,6 +6,8 @@
 | llmtap.responses  | ResponseEvent  | request_id   | ingress    | stream (costs)     |
 | llmtap.costed     | CostedEvent    | request_id   | stream     | sinks (ClickHouse) |
 
+Consumer groups: ``llmtap-stream`` (the Faust worker), ``llmtap-sink`` (the writer).
+
 Keying by ``request_id`` keeps both events of one call, and every replay of them, on
 one partition: the stage that owns that partition sees duplicates and can drop them.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -23,6 +26,10 @@ RESPONSES = "llmtap.responses"
 COSTED = "llmtap.costed"
 
 ALL = (REQUESTS, RESPONSES, COSTED)
+
+# Consumer groups. Faust's group id is its app id.
+STREAM_GROUP = "llmtap-stream"
+SINK_GROUP = "llmtap-sink"
 
 log = logging.getLogger(__name__)
 
@@ -50,4 +57,24 @@ async def ensure_topics(bootstrap: str, partitions: int) -> None:
                 pass  # another process won the race
             log.info("created topics %s with %d partitions", missing, partitions)
     finally:
+        await admin.close()
+
+
+async def lag(bootstrap: str, group_id: str, topic: str) -> int:
+    """Messages on ``topic`` not yet committed by consumer group ``group_id``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
+    await admin.start()
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        ends = await consumer.end_offsets(tps)
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=tps)
+        return sum(
+            end - max(0, committed[tp].offset if tp in committed else 0)
+            for tp, end in ends.items()
+        )
+    finally:
+        await consumer.stop()
         await admin.close()

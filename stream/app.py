@@ -7,13 +7,13 @@ from pathlib import Path
 
 import faust
 
+from llmtap import topics
 from llmtap.config import Settings
 from stream.agents import costs
 from stream.pricing import load_catalog
 
 log = logging.getLogger(__name__)
 
-APP_ID = "llmtap-stream"
 
 
 def ready_file(settings: Settings) -> Path:
@@ -24,7 +24,7 @@ def create_app(settings: Settings) -> faust.App:
     brokers = [f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")]
     session_ms = settings.stream_session_timeout_s
     app = faust.App(
-        APP_ID,
+        topics.STREAM_GROUP,
         broker=brokers,
         store="memory://",
         key_serializer="raw",

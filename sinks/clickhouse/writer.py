@@ -31,7 +31,6 @@ from sql.store import Store, render
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "llmtap-sink"
 DEDUP_CHUNK = 1000
 
 
@@ -128,7 +127,7 @@ class ClickHouseWriter:
         return AIOKafkaConsumer(
             topics.COSTED,
             bootstrap_servers=self._settings.kafka_bootstrap,
-            group_id=GROUP_ID,
+            group_id=topics.SINK_GROUP,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self._settings.sink_batch_rows,
