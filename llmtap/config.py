@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,6 +20,23 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "LLMTAP_CONFIG"
+
+ApiKind = Literal["openai", "anthropic"]
+
+
+class ProviderConfig(BaseModel):
+    """An upstream provider: which API it speaks, where, and the env var of its key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ApiKind = "openai"
+    base_url: str
+    api_key_env: str = ""
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
 
 
 class Settings(BaseSettings):
@@ -49,6 +66,11 @@ class Settings(BaseSettings):
     openai_api_key_env: str = "OPENAI_API_KEY"
     anthropic_base_url: str = "https://api.anthropic.com"
     anthropic_api_key_env: str = "ANTHROPIC_API_KEY"
+    # More providers by name (any OpenAI-compatible API: Groq, vLLM, Ollama...), and
+    # which provider serves which model: exact names, or prefixes ending in "*".
+    # A model written "<provider>/<model>" goes to that provider as "<model>".
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    model_routes: dict[str, str] = Field(default_factory=dict)
     upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
     upstream_read_timeout_s: float = Field(default=600.0, gt=0)
 
@@ -72,6 +94,20 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    def all_providers(self) -> dict[str, ProviderConfig]:
+        """The built-in providers, then those configured (which may replace them)."""
+        return {
+            "openai": ProviderConfig(
+                kind="openai", base_url=self.openai_base_url, api_key_env=self.openai_api_key_env
+            ),
+            "anthropic": ProviderConfig(
+                kind="anthropic",
+                base_url=self.anthropic_base_url,
+                api_key_env=self.anthropic_api_key_env,
+            ),
+            **self.providers,
+        }
 
     @property
     def store_dsn(self) -> str:

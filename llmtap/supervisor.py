@@ -156,8 +156,12 @@ class Supervisor:
                 if behind <= 0:
                     break
                 if loop.time() > deadline:
-                    log.error("%s still %d events behind; stopping anyway (they are lost "
-                              "with the in-memory broker)", name, behind)
+                    log.error(
+                        "%s still %d events behind; stopping anyway (they are lost "
+                        "with the in-memory broker)",
+                        name,
+                        behind,
+                    )
                     return
                 await asyncio.sleep(0.2)
 

@@ -72,8 +72,7 @@ async def lag(bootstrap: str, group_id: str, topic: str) -> int:
         ends = await consumer.end_offsets(tps)
         committed = await admin.list_consumer_group_offsets(group_id, partitions=tps)
         return sum(
-            end - max(0, committed[tp].offset if tp in committed else 0)
-            for tp, end in ends.items()
+            end - max(0, committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
         )
     finally:
         await consumer.stop()

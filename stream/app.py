@@ -15,7 +15,6 @@ from stream.pricing import load_catalog
 log = logging.getLogger(__name__)
 
 
-
 def ready_file(settings: Settings) -> Path:
     return settings.run_dir / "worker.ready"
 
