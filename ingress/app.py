@@ -8,7 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from ingress.errors import openai_error
-from ingress.forward import openai
+from ingress.forward import anthropic, openai
 from ingress.keys import PUBLISHER, SETTINGS, UPSTREAM
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
@@ -75,7 +75,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(event_publisher)
-    app.router.add_post("/v1/chat/completions", openai.chat_completions)
+    openai.add_routes(app)
+    anthropic.add_routes(app)
     app.router.add_get("/healthz", healthz)
     return app
 

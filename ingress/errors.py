@@ -2,21 +2,79 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import orjson
 from aiohttp import web
+
+
+class ErrorShape(Protocol):
+    """An error response in one provider's protocol."""
+
+    def __call__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response: ...
 
 
 def openai_error(
     status: int,
     message: str,
     *,
-    type_: str = "invalid_request_error",
+    type_: str | None = None,
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     """An error shaped like OpenAI's: ``{"error": {"message", "type", "param", "code"}}``."""
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    kind = type_ or ("invalid_request_error" if status < 500 else "api_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    502: "api_error",
+    504: "api_error",
+}
+
+
+def anthropic_error(
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An error shaped like Anthropic's: ``{"type": "error", "error": {"type", "message"}}``.
+
+    Anthropic's shape has no ``param``/``code``; a named parameter goes in the message.
+    """
+    del code
+    if param and param not in message:
+        message = f"{param}: {message}"
+    body = {
+        "type": "error",
+        "error": {"type": type_ or _ANTHROPIC_TYPES.get(status, "api_error"), "message": message},
+    }
     return web.Response(
         status=status,
         body=orjson.dumps(body),

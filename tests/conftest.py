@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -23,6 +24,8 @@ from tests.fake_provider import FakeProvider, free_port, serve
 
 UP_TIMEOUT_S = 150.0
 PROVIDER_KEY = "sk-provider-secret-for-tests"
+ANTHROPIC_KEY = "sk-ant-provider-secret-for-tests"
+GROQ_KEY = "gsk-provider-secret-for-tests"
 
 
 @dataclass
@@ -58,8 +61,12 @@ class FakeUpstream:
     runner: web.AppRunner
 
     @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root_url}/v1"
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -87,17 +94,22 @@ class Running:
     process: asyncio.subprocess.Process
     output: list[str] = field(default_factory=list)
 
+    @property
+    def proxy_root(self) -> str:
+        """What the Anthropic SDK takes as base_url (it adds /v1 itself)."""
+        return self.proxy_url.removesuffix("/v1")
+
     def child_pids(self) -> dict[str, int]:
         found = (re.search(r"started (\w+) \(pid (\d+)\)", line) for line in self.output)
         return {m[1]: int(m[2]) for m in found if m}
 
 
-@pytest.fixture(scope="session")
-async def llmtap_up(
-    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
-) -> AsyncIterator[Running]:
-    """`llmtap up` as a user runs it: a subprocess on embedded defaults, ports moved."""
-    data_dir = tmp_path_factory.mktemp("llmtap-data")
+@contextlib.asynccontextmanager
+async def run_llmtap(data_dir: Path, upstream: FakeUpstream) -> AsyncIterator[Running]:
+    """`llmtap up` as a user runs it: a subprocess on embedded defaults, ports moved.
+
+    Ready when it prints "llmtap is up"; stopped with SIGTERM on exit (if still running).
+    """
     proxy_port, api_port, broker_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
@@ -108,6 +120,15 @@ async def llmtap_up(
         "LLMTAP_OPENAI_BASE_URL": upstream.base_url,
         "LLMTAP_OPENAI_API_KEY_ENV": "TEST_PROVIDER_KEY",
         "TEST_PROVIDER_KEY": PROVIDER_KEY,
+        "LLMTAP_ANTHROPIC_BASE_URL": upstream.root_url,
+        "LLMTAP_ANTHROPIC_API_KEY_ENV": "TEST_ANTHROPIC_KEY",
+        "TEST_ANTHROPIC_KEY": ANTHROPIC_KEY,
+        # An OpenAI-compatible provider by config; the same fake plays it.
+        "LLMTAP_PROVIDERS": json.dumps(
+            {"groq": {"base_url": upstream.base_url, "api_key_env": "TEST_GROQ_KEY"}}
+        ),
+        "LLMTAP_MODEL_ROUTES": json.dumps({"llama-*": "groq"}),
+        "TEST_GROQ_KEY": GROQ_KEY,
         "LLMTAP_SINK_BATCH_SECONDS": "0.2",
         "LLMTAP_TOPIC_PARTITIONS": "2",
     }
@@ -148,13 +169,24 @@ async def llmtap_up(
             process.kill()
         tail = "\n".join(running.output[-40:])
         pytest.fail(f"llmtap up did not come up in {UP_TIMEOUT_S}s:\n{tail}")
-    yield running
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 60)
-    await drainer
-    for task in up_or_exit:
-        task.cancel()
+    try:
+        yield running
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 60)
+        await drainer
+        for task in up_or_exit:
+            task.cancel()
+
+
+@pytest.fixture(scope="session")
+async def llmtap_up(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
+) -> AsyncIterator[Running]:
+    """One `llmtap up` shared by the tests that only make calls and read analytics."""
+    async with run_llmtap(tmp_path_factory.mktemp("llmtap-data"), upstream) as running:
+        yield running
 
 
 def pid_alive(pid: int) -> bool:

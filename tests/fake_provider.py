@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 SNAPSHOT = "-2025-01-01"  # served model = requested model + a dated snapshot suffix
+ANTHROPIC_SNAPSHOT = "-20241022"
 
 
 @dataclass
@@ -32,10 +33,12 @@ class FakeProvider:
     cached_tokens: int = 4
     completion_tokens: int = 5
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 3
     words: tuple[str, ...] = ("Hello", " from", " the", " fake", " provider")
     chunk_delay_s: float = 0.0
     received: list[Received] = field(default_factory=list)
     sent_chunks: list[list[dict[str, Any]]] = field(default_factory=list)
+    sent_events: list[list[tuple[str, dict[str, Any]]]] = field(default_factory=list)
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -104,9 +107,179 @@ class FakeProvider:
         await response.write_eof()
         return response
 
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}],
+                "model": body["model"],
+                "usage": {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens},
+            }
+        )
+
+    def responses_usage(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens},
+            "output_tokens": self.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        text = "".join(self.words)
+        response = {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": body["model"] + SNAPSHOT,
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_fake",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "usage": self.responses_usage(),
+        }
+        if not body.get("stream"):
+            return web.json_response(response)
+        events: list[tuple[str, dict[str, Any]]] = [
+            (
+                "response.created",
+                {
+                    "type": "response.created",
+                    "response": {**response, "status": "in_progress", "output": [], "usage": None},
+                },
+            ),
+            (
+                "response.output_text.delta",
+                {
+                    "type": "response.output_text.delta",
+                    "item_id": "msg_fake",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": text,
+                },
+            ),
+            ("response.completed", {"type": "response.completed", "response": response}),
+        ]
+        return await self._sse(request, events)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API."""
+        body = await request.json()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        served = body["model"] + ANTHROPIC_SNAPSHOT
+        usage = {
+            "input_tokens": self.prompt_tokens,  # Anthropic: excludes cache reads/writes
+            "output_tokens": self.completion_tokens,
+            "cache_creation_input_tokens": self.cache_write_tokens,
+            "cache_read_input_tokens": self.cached_tokens,
+        }
+        text = "".join(self.words)
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": served,
+                    "content": [{"type": "text", "text": text}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": usage,
+                }
+            )
+        start = {**usage, "output_tokens": 1}
+        events: list[tuple[str, dict[str, Any]]] = [
+            (
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_fake",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": served,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": start,
+                    },
+                },
+            ),
+            (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            ),
+        ]
+        events.extend(
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": word},
+                },
+            )
+            for word in self.words
+        )
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": self.completion_tokens},
+                },
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return await self._sse(request, events)
+
+    async def _sse(
+        self, request: web.Request, events: list[tuple[str, dict[str, Any]]]
+    ) -> web.StreamResponse:
+        self.sent_events.append(events)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for name, data in events:
+            await response.write(
+                f"event: {name}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+            )
+        await response.write_eof()
+        return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.received.append(Received(request.path, dict(request.headers), {}))
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": "gpt-4o", "object": "model", "created": 0, "owned_by": "fake"}],
+            }
+        )
+
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_get("/v1/models", self.models)
         return app
 
 

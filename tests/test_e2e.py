@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from sql.store import Store
-from tests.conftest import PROVIDER_KEY, FakeUpstream, Running, pid_alive
+from tests.conftest import PROVIDER_KEY, FakeUpstream, Running, pid_alive, run_llmtap
 from tests.fake_provider import SNAPSHOT
 
 POLL_TIMEOUT_S = 45.0
@@ -207,23 +208,24 @@ async def test_upstream_unreachable_is_a_502_and_still_recorded(
     assert Decimal(row["cost"]) == 0  # nothing reached a model
 
 
-async def test_up_drains_in_flight_events_then_stops_every_child(llmtap_up: Running) -> None:
-    """Runs last in this module (pytest keeps file order).
-
-    A call made just before SIGTERM still reaches ClickHouse: `up` stops the ingress
+async def test_up_drains_in_flight_events_then_stops_every_child(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A call made just before SIGTERM still reaches ClickHouse: `up` stops the ingress
     first and lets the stream and the writer catch up before stopping them, because
     the embedded broker's topics die with it. Then no child is left running.
     """
-    await client(llmtap_up).chat.completions.create(
-        model="gpt-4o-mini-last-call", messages=[{"role": "user", "content": "bye"}]
-    )
-    pids = llmtap_up.child_pids()
-    assert set(pids) == {"broker", "store", "worker", "ingress"}
-    llmtap_up.process.terminate()
-    assert await asyncio.wait_for(llmtap_up.process.wait(), 90) == 0
+    async with run_llmtap(tmp_path, upstream) as running:
+        await client(running).chat.completions.create(
+            model="gpt-4o-mini-last-call", messages=[{"role": "user", "content": "bye"}]
+        )
+        pids = running.child_pids()
+        assert set(pids) == {"broker", "store", "worker", "ingress"}
+        running.process.terminate()
+        assert await asyncio.wait_for(running.process.wait(), 90) == 0
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
 
-    store = Store(f"chdb:///{llmtap_up.data_dir / 'clickhouse'}")  # ours now: `up` is gone
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")  # ours now: `up` is gone
     try:
         rows = store.rows(
             "SELECT count() AS n FROM calls WHERE model = {m:String}",

@@ -65,22 +65,28 @@ def attribution_from(headers: CIMultiDictProxy[str], *, user_field: str = "") ->
     )
 
 
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+
+
 def upstream_headers(
-    incoming: CIMultiDictProxy[str], *, authorization: str | None
+    incoming: CIMultiDictProxy[str], *, credential: tuple[str, str] | None
 ) -> CIMultiDict[str]:
     """The client's headers as the provider should see them.
 
-    Hop-by-hop headers and llmtap's own ``x-llmtap-*`` headers are dropped; with
-    ``authorization`` set, the provider key replaces whatever the client sent.
+    Hop-by-hop headers and llmtap's own ``x-llmtap-*`` headers are dropped. With a
+    ``credential`` (header, value), the provider key replaces every credential the
+    client sent, so the client's key never reaches the provider.
     """
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
         if lower in _HOP_BY_HOP or lower.startswith(ATTRIBUTION_PREFIX):
             continue
+        if credential is not None and lower in CREDENTIAL_HEADERS:
+            continue
         out.add(name, value)
-    if authorization is not None:
-        out["Authorization"] = authorization
+    if credential is not None:
+        out[credential[0]] = credential[1]
     return out
 
 

@@ -36,6 +36,25 @@ def openai_usage(usage: Any) -> Usage | None:
     )
 
 
+def anthropic_usage(usage: Any) -> Usage | None:
+    """Normalise an Anthropic ``usage`` object.
+
+    Anthropic's ``input_tokens`` excludes cache reads and cache writes; llmtap's
+    includes both (see :class:`llmtap.events.Usage`), so they are added back.
+    """
+    if not isinstance(usage, dict):
+        return None
+    uncached = _int(usage.get("input_tokens"))
+    read = _int(usage.get("cache_read_input_tokens"))
+    written = _int(usage.get("cache_creation_input_tokens"))
+    return Usage(
+        input_tokens=uncached + read + written,
+        output_tokens=_int(usage.get("output_tokens")),
+        cached_input_tokens=read,
+        cache_creation_input_tokens=written,
+    )
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
@@ -48,32 +67,46 @@ def parse_json_body(body: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-class OpenAIJsonCapture:
-    """Usage and served model from a complete (non-streaming) OpenAI response body."""
+class Capture:
+    """What a complete (non-streaming) response body tells: usage and served model."""
+
+    usage: Usage
+    model: str
+
+
+class OpenAIJsonCapture(Capture):
+    """Chat completions, completions, embeddings and responses bodies."""
 
     def __init__(self, body: bytes) -> None:
         parsed = parse_json_body(body) or {}
-        self.usage: Usage = openai_usage(parsed.get("usage")) or Usage.missing()
+        self.usage = openai_usage(parsed.get("usage")) or Usage.missing()
         model = parsed.get("model")
-        self.model: str = model if isinstance(model, str) else ""
+        self.model = model if isinstance(model, str) else ""
 
 
-class OpenAIStreamCapture:
-    """Reads an OpenAI SSE stream as it passes through, one event at a time.
+class AnthropicJsonCapture(Capture):
+    """A Messages API body."""
+
+    def __init__(self, body: bytes) -> None:
+        parsed = parse_json_body(body) or {}
+        self.usage = anthropic_usage(parsed.get("usage")) or Usage.missing()
+        model = parsed.get("model")
+        self.model = model if isinstance(model, str) else ""
+
+
+class StreamCapture:
+    """Reads an SSE stream as it passes through, one event at a time.
 
     ``feed`` takes raw bytes from the provider and returns the bytes to forward now:
     whole SSE events, byte for byte as received. A partial event waits for its end.
-    With ``strip_usage_chunk`` (the proxy asked for usage the client did not ask
-    for), the usage-only chunk (``"choices": []`` with ``usage``) is captured and not
-    forwarded, so the client sees exactly what it would have seen without the proxy.
+    Subclasses read each event's JSON in ``_chunk`` and may hold one back.
     """
 
-    def __init__(self, *, strip_usage_chunk: bool) -> None:
-        self._strip = strip_usage_chunk
+    def __init__(self) -> None:
         self._pending = b""
         self.usage: Usage | None = None
         self.model = ""
-        self.events = 0  # data events seen, [DONE] excluded
+        self.events = 0  # JSON data events seen, [DONE] excluded
 
     def feed(self, data: bytes) -> bytes:
         self._pending += data
@@ -111,15 +144,66 @@ class OpenAIStreamCapture:
         if not isinstance(chunk, dict):
             return True
         self.events += 1
-        model = chunk.get("model")
+        return self._chunk(chunk)
+
+    def _chunk(self, chunk: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _model(self, source: Any) -> None:
+        model = source.get("model") if isinstance(source, dict) else None
         if isinstance(model, str) and model:
             self.model = model
-        usage = openai_usage(chunk.get("usage"))
+
+
+class OpenAIStreamCapture(StreamCapture):
+    """OpenAI chat/completions chunks, and Responses API events.
+
+    With ``strip_usage_chunk`` (the proxy asked for usage the client did not ask
+    for), the usage-only chunk (``"choices": []`` with ``usage``) is captured and not
+    forwarded, so the client sees exactly what it would have seen without the proxy.
+    """
+
+    def __init__(self, *, strip_usage_chunk: bool) -> None:
+        super().__init__()
+        self._strip = strip_usage_chunk
+
+    def _chunk(self, chunk: dict[str, Any]) -> bool:
+        # Responses API events carry the response object: {"type": ..., "response": {...}}
+        response = chunk.get("response")
+        source = response if isinstance(response, dict) else chunk
+        self._model(source)
+        usage = openai_usage(source.get("usage"))
         if usage is None:
             return True
         self.usage = usage
         usage_only = chunk.get("choices") == []
         return not (self._strip and usage_only)
+
+
+class AnthropicStreamCapture(StreamCapture):
+    """Messages API events: usage from ``message_start``, updated by ``message_delta``.
+
+    ``message_delta`` usage is cumulative: its counts replace those seen before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._raw: dict[str, Any] = {}
+
+    def _chunk(self, chunk: dict[str, Any]) -> bool:
+        kind = chunk.get("type")
+        if kind == "message_start":
+            message = chunk.get("message")
+            self._model(message)
+            usage = message.get("usage") if isinstance(message, dict) else None
+        elif kind == "message_delta":
+            usage = chunk.get("usage")
+        else:
+            return True
+        if isinstance(usage, dict):
+            self._raw.update({k: v for k, v in usage.items() if v is not None})
+            self.usage = anthropic_usage(self._raw)
+        return True
 
 
 def _event_end(buffer: bytes) -> tuple[int, int]:

@@ -1,0 +1,25 @@
+"""Anthropic's Messages API: /v1/messages, stream and non-stream."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ingress.errors import anthropic_error
+from ingress.forward.proxy import Api, Endpoint, metered
+from ingress.forward.usage import AnthropicJsonCapture, AnthropicStreamCapture
+
+ANTHROPIC = Api(
+    kind="anthropic",
+    error=anthropic_error,
+    json_capture=AnthropicJsonCapture,
+    stream_capture=lambda _strip: AnthropicStreamCapture(),
+    credential_header="x-api-key",
+    credential_prefix="",
+)
+
+# Usage arrives unasked (message_start, message_delta): nothing to prepare.
+MESSAGES = Endpoint("messages", ANTHROPIC, "/v1/messages")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/messages", metered(MESSAGES))

@@ -1,0 +1,219 @@
+"""The one forwarding path every metered route shares.
+
+Read and check the body, publish the request event, resolve the provider, forward,
+stream the answer back byte for byte while capturing usage, publish the response
+event, whatever happened. A route differs only by its :class:`Endpoint`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ingress.errors import ErrorShape
+from ingress.forward.call import Call, attribution_from, downstream_headers, upstream_headers
+from ingress.forward.usage import Capture, StreamCapture, parse_json_body
+from ingress.keys import PUBLISHER, SETTINGS, UPSTREAM
+from ingress.routing import NoRoute, resolve
+from llmtap import topics
+from llmtap.config import ApiKind, ProviderConfig
+from llmtap.events import Status, Usage
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Api:
+    """How one API family is spoken: its errors, its usage, its credential header."""
+
+    kind: ApiKind
+    error: ErrorShape
+    json_capture: Callable[[bytes], Capture]
+    stream_capture: Callable[[bool], StreamCapture]  # argument: strip the usage chunk
+    credential_header: str  # where the provider key goes
+    credential_prefix: str  # "Bearer " or ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str  # recorded as the event's endpoint, e.g. "chat.completions"
+    api: Api
+    upstream_path: str  # appended to the provider's base_url
+    # Adjust the payload before forwarding; return True when the proxy added a usage
+    # chunk to the stream that the client must not see.
+    prepare: Callable[[dict[str, Any]], bool] | None = None
+
+
+def credential_for(api: Api, provider: ProviderConfig) -> tuple[str, str] | None:
+    """The provider's key as (header, value), when llmtap holds one for it."""
+    key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
+    return (api.credential_header, api.credential_prefix + key) if key else None
+
+
+def metered(endpoint: Endpoint) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await forward(request, endpoint)
+
+    return handle
+
+
+def max_tokens(payload: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
+        value = payload.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    publisher = request.app[PUBLISHER]
+    api = endpoint.api
+    call = Call(provider=api.kind, endpoint=endpoint.name)
+    call.attribution = attribution_from(request.headers)
+
+    def record(status: Status, http_status: int, usage: Usage, model: str, error: str) -> None:
+        publisher.publish(
+            topics.RESPONSES,
+            topics.partition_key(call.request_id),
+            call.response_event(
+                status=status,
+                http_status=http_status,
+                usage=usage,
+                model_served=model,
+                error_class=error,
+            ),
+        )
+
+    def refuse(
+        status: int, message: str, error_class: str, param: str | None = None
+    ) -> web.Response:
+        """Answer without contacting the provider, and still record the call."""
+        response = api.error(status, message, param=param)
+        response.headers["x-request-id"] = str(call.request_id)
+        record("bad_request", status, Usage(), "", error_class)
+        return response
+
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        return refuse(413, exc.text or "request body too large", "body_too_large")
+    payload = parse_json_body(body)
+    if payload is None:
+        return refuse(400, "We could not parse the JSON body of your request.", "invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        return refuse(400, "you must provide a model parameter", "missing_model", "model")
+    call.model_requested = model
+    call.stream = payload.get("stream") is True
+    user_field = payload.get("user")
+    if isinstance(user_field, str) and not call.attribution.user:
+        call.attribution = call.attribution.model_copy(update={"user": user_field})
+    try:
+        route = resolve(model, api.kind, settings)
+    except NoRoute as exc:
+        return refuse(400, str(exc), "no_route", "model")
+    call.provider = route.provider
+    publisher.publish(
+        topics.REQUESTS,
+        topics.partition_key(call.request_id),
+        call.request_event(request_bytes=len(body), max_tokens=max_tokens(payload)),
+    )
+
+    rewritten = route.upstream_model != model
+    if rewritten:
+        payload["model"] = route.upstream_model
+    strip_usage_chunk = bool(call.stream and endpoint.prepare and endpoint.prepare(payload))
+    if rewritten or strip_usage_chunk:
+        body = orjson.dumps(payload)
+
+    headers = upstream_headers(request.headers, credential=credential_for(api, route.config))
+    url = route.config.base_url + endpoint.upstream_path
+    if request.query_string:
+        url += "?" + request.query_string
+
+    status: Status = "ok"
+    http_status = 0
+    error_class = ""
+    usage = Usage.missing()
+    model_served = ""
+    response: web.StreamResponse | None = None
+    try:
+        call.mark_sent()
+        async with request.app[UPSTREAM].post(url, data=body, headers=headers) as upstream:
+            call.mark_first_byte()
+            http_status = upstream.status
+            if upstream.status >= 400:
+                status, error_class = "upstream_error", f"http_{upstream.status}"
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=downstream_headers(upstream.headers, str(call.request_id)),
+            )
+            if upstream.content_type == "text/event-stream":
+                capture = api.stream_capture(strip_usage_chunk)
+                await response.prepare(request)
+                async for data in upstream.content.iter_any():
+                    out = capture.feed(data)
+                    if out:
+                        await response.write(out)
+                call.mark_upstream_done()
+                tail = capture.finish()
+                if tail:
+                    await response.write(tail)
+                usage, model_served = capture.final_usage, capture.model
+            else:
+                data = await upstream.read()
+                call.mark_upstream_done()
+                if upstream.status < 400:
+                    captured = api.json_capture(data)
+                    usage, model_served = captured.usage, captured.model
+                else:
+                    error_class = _provider_error_type(data) or error_class
+                    usage = Usage()
+                await response.prepare(request)
+                await response.write(data)
+            await response.write_eof()
+            return response
+    except (ConnectionResetError, asyncio.CancelledError):
+        status, error_class = "client_disconnected", "client_disconnected"
+        raise
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        error_class = type(exc).__name__
+        if response is not None and response.prepared:
+            # The provider broke off mid-answer; the client already has the headers.
+            status = "upstream_error"
+            return response
+        status = "upstream_unreachable"
+        usage = Usage()
+        timed_out = isinstance(exc, TimeoutError)
+        http_status = 504 if timed_out else 502
+        log.warning("provider %s unreachable: %s", route.provider, error_class)
+        error = api.error(
+            http_status,
+            f"llmtap could not reach the provider {route.provider!r} ({error_class})",
+            code="upstream_timeout" if timed_out else "upstream_unreachable",
+        )
+        error.headers["x-request-id"] = str(call.request_id)
+        return error
+    finally:
+        record(status, http_status, usage, model_served, error_class)
+
+
+def _provider_error_type(body: bytes) -> str:
+    error = (parse_json_body(body) or {}).get("error")
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code")
+        if isinstance(kind, str):
+            return kind
+    return ""

@@ -1,0 +1,45 @@
+"""Which provider serves a call: pure resolution from the model name and the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmtap.config import ApiKind, ProviderConfig, Settings
+
+
+@dataclass(frozen=True)
+class Route:
+    provider: str
+    config: ProviderConfig
+    upstream_model: str  # the model name the provider is sent
+
+
+class NoRoute(ValueError):
+    """The model cannot be served on this API; the message says why."""
+
+
+def resolve(model: str, api: ApiKind, settings: Settings) -> Route:
+    """Resolve, in order: ``<provider>/<model>``; ``model_routes`` (exact, then the
+    longest ``prefix*``); the provider named like the API (``openai``, ``anthropic``)."""
+    providers = settings.all_providers()
+    head, slash, rest = model.partition("/")
+    if slash and head in providers:
+        name, upstream_model = head, rest
+    else:
+        name, upstream_model = _routed(model, settings.model_routes) or api, model
+    config = providers.get(name)
+    if config is None:
+        raise NoRoute(f"model {model!r} is routed to provider {name!r}, which is not configured")
+    if config.kind != api:
+        raise NoRoute(
+            f"model {model!r} is served by provider {name!r}, which speaks the {config.kind} "
+            f"API, not the {api} API of this route"
+        )
+    return Route(name, config, upstream_model)
+
+
+def _routed(model: str, routes: dict[str, str]) -> str | None:
+    if model in routes:
+        return routes[model]
+    prefixes = [p for p in routes if p.endswith("*") and model.startswith(p[:-1])]
+    return routes[max(prefixes, key=len)] if prefixes else None

@@ -1,0 +1,181 @@
+"""Every provider route through `llmtap up`, driven by the official SDKs.
+
+Anthropic's Messages API, OpenAI's embeddings and Responses API, /v1/models, and an
+OpenAI-compatible provider chosen by config. Each test uses its own model.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import pytest
+from anthropic import AsyncAnthropic
+from openai import AsyncOpenAI, BadRequestError
+
+from tests.conftest import ANTHROPIC_KEY, GROQ_KEY, PROVIDER_KEY, FakeUpstream, Running
+from tests.fake_provider import ANTHROPIC_SNAPSHOT, SNAPSHOT
+from tests.test_e2e import model_row
+
+MILLION = Decimal(1_000_000)
+
+
+def openai_client(running: Running) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=running.proxy_url, api_key="sk-client-key", max_retries=0)
+
+
+def anthropic_client(running: Running) -> AsyncAnthropic:
+    return AsyncAnthropic(base_url=running.proxy_root, api_key="sk-ant-client", max_retries=0)
+
+
+def anthropic_cost(
+    fake: Any, rate_in: str, rate_read: str, rate_write: str, rate_out: str
+) -> Decimal:
+    return (
+        fake.prompt_tokens * Decimal(rate_in)
+        + fake.cached_tokens * Decimal(rate_read)
+        + fake.cache_write_tokens * Decimal(rate_write)
+        + fake.completion_tokens * Decimal(rate_out)
+    ) / MILLION
+
+
+async def test_anthropic_messages_non_streaming(llmtap_up: Running, upstream: FakeUpstream) -> None:
+    fake = upstream.provider
+    message = await anthropic_client(llmtap_up).messages.create(
+        model="claude-3-5-sonnet",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "hello"}],
+    )
+    assert message.content[0].text == "".join(fake.words)  # type: ignore[union-attr]
+
+    seen = fake.received[-1]
+    assert seen.path == "/v1/messages"
+    assert seen.headers["x-api-key"] == ANTHROPIC_KEY  # the client's key never reaches it
+    assert seen.headers["anthropic-version"]  # passed through
+
+    row = await model_row(
+        llmtap_up.api_url, "claude-3-5-sonnet" + ANTHROPIC_SNAPSHOT, lambda r: r["requests"] >= 1
+    )
+    # Normalised: input includes cache reads and writes, which Anthropic reports apart.
+    assert row["input_tokens"] == fake.prompt_tokens + fake.cached_tokens + fake.cache_write_tokens
+    assert row["cached_input_tokens"] == fake.cached_tokens
+    assert row["output_tokens"] == fake.completion_tokens
+    assert row["provider"] == "anthropic"
+    assert Decimal(row["cost"]) == anthropic_cost(fake, "3.00", "0.30", "3.75", "15.00")
+
+
+async def test_anthropic_messages_streaming_events_arrive_unchanged(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    fake = upstream.provider
+    stream = await anthropic_client(llmtap_up).messages.create(
+        model="claude-3-5-haiku",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+    )
+    received = [event.to_dict() async for event in stream]
+    assert received == [data for _name, data in fake.sent_events[-1]]
+
+    row = await model_row(
+        llmtap_up.api_url, "claude-3-5-haiku" + ANTHROPIC_SNAPSHOT, lambda r: r["requests"] >= 1
+    )
+    # Output tokens from the final message_delta (cumulative), not message_start's 1.
+    assert row["output_tokens"] == fake.completion_tokens
+    assert Decimal(row["cost"]) == anthropic_cost(fake, "0.80", "0.08", "1.00", "4.00")
+
+
+async def test_anthropic_route_errors_are_anthropic_shaped(llmtap_up: Running) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{llmtap_up.proxy_root}/v1/messages", json={"max_tokens": 5}) as response,
+    ):
+        assert response.status == 400
+        body = await response.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "model" in body["error"]["message"]
+
+
+async def test_embeddings(llmtap_up: Running, upstream: FakeUpstream) -> None:
+    fake = upstream.provider
+    result = await openai_client(llmtap_up).embeddings.create(
+        model="text-embedding-3-small", input="hello"
+    )
+    assert result.data[0].embedding == [0.25, -0.5]
+    row = await model_row(llmtap_up.api_url, "text-embedding-3-small", lambda r: r["requests"] >= 1)
+    assert (row["input_tokens"], row["output_tokens"]) == (fake.prompt_tokens, 0)
+    assert Decimal(row["cost"]) == fake.prompt_tokens * Decimal("0.02") / MILLION
+
+
+@pytest.mark.parametrize(
+    ("model", "stream", "rates"),
+    [
+        ("gpt-4.1", False, ("2.00", "0.50", "8.00")),
+        ("o3-mini", True, ("1.10", "0.55", "4.40")),
+    ],
+)
+async def test_responses_api(
+    llmtap_up: Running,
+    upstream: FakeUpstream,
+    model: str,
+    stream: bool,
+    rates: tuple[str, str, str],
+) -> None:
+    fake = upstream.provider
+    client = openai_client(llmtap_up)
+    if stream:
+        events = await client.responses.create(model=model, input="hello", stream=True)
+        kinds = [event.type async for event in events]
+        assert kinds == [name for name, _data in fake.sent_events[-1]]
+    else:
+        response = await client.responses.create(model=model, input="hello")
+        assert response.output_text == "".join(fake.words)
+    row = await model_row(llmtap_up.api_url, model + SNAPSHOT, lambda r: r["requests"] >= 1)
+    assert row["reasoning_tokens"] == fake.reasoning_tokens
+    rate_in, rate_cached, rate_out = (Decimal(r) for r in rates)
+    uncached = fake.prompt_tokens - fake.cached_tokens
+    want = (
+        uncached * rate_in + fake.cached_tokens * rate_cached + fake.completion_tokens * rate_out
+    ) / MILLION
+    assert Decimal(row["cost"]) == want
+
+
+async def test_models_list_is_passed_through(llmtap_up: Running, upstream: FakeUpstream) -> None:
+    page = await openai_client(llmtap_up).models.list()
+    assert [m.id for m in page.data] == ["gpt-4o"]
+    assert upstream.provider.received[-1].headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+@pytest.mark.parametrize(
+    ("model", "upstream_model"),
+    [
+        ("groq/llama-3.1-8b-instant", "llama-3.1-8b-instant"),  # <provider>/<model>
+        ("llama-3.3-70b-versatile", "llama-3.3-70b-versatile"),  # model_routes: "llama-*"
+    ],
+)
+async def test_openai_compatible_provider_chosen_by_config(
+    llmtap_up: Running, upstream: FakeUpstream, model: str, upstream_model: str
+) -> None:
+    await openai_client(llmtap_up).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}]
+    )
+    seen = upstream.provider.received[-1]
+    assert seen.body["model"] == upstream_model
+    assert seen.headers["Authorization"] == f"Bearer {GROQ_KEY}"
+    row = await model_row(
+        llmtap_up.api_url, upstream_model + SNAPSHOT, lambda r: r["requests"] >= 1
+    )
+    assert row["provider"] == "groq"
+    # No price in the catalog: counted as unpriced, never as $0.
+    assert row["unpriced_requests"] == 1
+    assert row["cost"] is None
+
+
+async def test_a_model_served_by_another_api_is_refused_clearly(llmtap_up: Running) -> None:
+    with pytest.raises(BadRequestError) as raised:
+        await openai_client(llmtap_up).chat.completions.create(
+            model="anthropic/claude-3-5-sonnet", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert "speaks the anthropic API" in raised.value.message
