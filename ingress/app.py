@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -9,7 +11,8 @@ from aiohttp import web
 
 from ingress.errors import openai_error
 from ingress.forward import anthropic, openai
-from ingress.keys import PUBLISHER, SETTINGS, UPSTREAM
+from ingress.guards.keys import KeyStore
+from ingress.keys import KEYS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
 
@@ -40,6 +43,25 @@ async def event_publisher(app: web.Application) -> AsyncIterator[None]:
     await publisher.start()
     yield
     await publisher.stop()
+
+
+KEY_RELOAD_S = 1.0
+
+
+async def key_store(app: web.Application) -> AsyncIterator[None]:
+    """Virtual keys, re-read whenever the key file changes."""
+    keys = app[KEYS] = KeyStore(app[SETTINGS].key_file)
+
+    async def follow() -> None:
+        while True:
+            await asyncio.sleep(KEY_RELOAD_S)
+            await asyncio.to_thread(keys.reload)
+
+    task = asyncio.create_task(follow(), name="key-reload")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @web.middleware
@@ -73,6 +95,7 @@ async def healthz(request: web.Request) -> web.Response:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[provider_shaped_errors])
     app[SETTINGS] = settings
+    app.cleanup_ctx.append(key_store)
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(event_publisher)
     openai.add_routes(app)

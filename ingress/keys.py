@@ -5,9 +5,11 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from ingress.guards.keys import KeyStore
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
+KEYS = web.AppKey("keys", KeyStore)

@@ -38,16 +38,62 @@ async def _wait_for_topics(settings: Settings) -> None:
         await asyncio.sleep(1.0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmtap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["up", "ingress", "worker", "store", "migrate"])
     parser.add_argument("--config", metavar="FILE", help="YAML config file (see README)")
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("up", "ingress", "worker", "store", "migrate"):
+        sub = commands.add_parser(name)
+        sub.add_argument("--config", metavar="FILE", help="YAML config file (see README)")
+    keys = commands.add_parser("keys", help="virtual keys (stored as SHA-256 hashes)")
+    keys.add_argument("--config", metavar="FILE", help="YAML config file (see README)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key and print it once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--team", default="")
+    create.add_argument("--user", default="")
+    create.add_argument(
+        "--models", default="", help="comma-separated models it may use (prefix* allowed)"
+    )
+    actions.add_parser("list", help="list keys (never their secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    return parser
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from ingress.guards import keys
+
+    path = settings.key_file
+    if args.action == "create":
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        secret, key = keys.create_key(
+            path, tenant=args.tenant, team=args.team, user=args.user, allowed_models=models
+        )
+        print(f"{secret}\n(key id {key.id}, tenant {key.tenant!r}; shown once, stored as a hash)")
+    elif args.action == "list":
+        for key in keys.read_keys(path).keys:
+            state = "revoked" if key.revoked else "active"
+            allowed = ",".join(key.allowed_models) or "*"
+            print(
+                f"{key.id}  {state:7}  tenant={key.tenant} team={key.team} "
+                f"user={key.user} models={allowed}"
+            )
+    elif not keys.revoke_key(path, args.key_id):
+        print(f"no key with id {args.key_id!r} in {path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     settings = load_settings(args.config)
     _setup_logging(settings, args.command)
 
+    if args.command == "keys":
+        return _keys(settings, args)
     if args.command == "up":
         from llmtap.supervisor import up
 

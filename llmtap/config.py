@@ -60,8 +60,15 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8081, ge=0, le=65535)
 
-    # Upstream providers. When the named env var holds a key, the ingress injects it;
-    # otherwise the client's own credential is forwarded (and recorded only as a hash).
+    # How clients authenticate. "keys": each call must present a virtual key (from
+    # `llmtap keys create`); the provider key comes from the env var named below.
+    # "passthrough": the client's own provider key is forwarded (recorded only as a
+    # hash), unless llmtap holds a provider key, which then replaces it.
+    auth: Literal["keys", "passthrough"] = "keys"
+    # The virtual key file (hashes only). Empty: <data_dir>/keys.yaml.
+    keys_file: Path | None = None
+
+    # Upstream providers, and the env vars holding their keys.
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key_env: str = "OPENAI_API_KEY"
     anthropic_base_url: str = "https://api.anthropic.com"
@@ -116,6 +123,10 @@ class Settings(BaseSettings):
     @property
     def embedded_store(self) -> bool:
         return self.store_dsn.startswith("chdb://")
+
+    @property
+    def key_file(self) -> Path:
+        return self.keys_file or self.data_dir / "keys.yaml"
 
     @property
     def run_dir(self) -> Path:

@@ -52,7 +52,8 @@ Status = Literal[
     "upstream_error",  # the provider answered with an error status; forwarded as is
     "upstream_unreachable",  # connect error or timeout; the client got a 502/504
     "client_disconnected",  # the client went away before the answer was complete
-    "bad_request",  # refused by the proxy before any provider was contacted
+    "bad_request",  # malformed call (400, 404, 413): no provider was contacted
+    "refused",  # refused by a guard (key, model access, config): no provider was contacted
 ]
 
 

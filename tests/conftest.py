@@ -26,6 +26,7 @@ UP_TIMEOUT_S = 150.0
 PROVIDER_KEY = "sk-provider-secret-for-tests"
 ANTHROPIC_KEY = "sk-ant-provider-secret-for-tests"
 GROQ_KEY = "gsk-provider-secret-for-tests"
+TENANT = "acme"
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Running:
     api_url: str
     data_dir: Path
     process: asyncio.subprocess.Process
+    api_key: str  # a virtual key for tenant TENANT, team "search"
     output: list[str] = field(default_factory=list)
 
     @property
@@ -132,6 +134,14 @@ async def run_llmtap(data_dir: Path, upstream: FakeUpstream) -> AsyncIterator[Ru
         "LLMTAP_SINK_BATCH_SECONDS": "0.2",
         "LLMTAP_TOPIC_PARTITIONS": "2",
     }
+    made = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "llmtap", "keys", "create", "--tenant", TENANT, "--team", "search"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await made.communicate()
+    assert made.returncode == 0
+    api_key = out.decode().split()[0]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -146,6 +156,7 @@ async def run_llmtap(data_dir: Path, upstream: FakeUpstream) -> AsyncIterator[Ru
         api_url=f"http://127.0.0.1:{api_port}/api/v1",
         data_dir=data_dir,
         process=process,
+        api_key=api_key,
     )
     log_path = data_dir / "up.log"
     is_up = asyncio.Event()

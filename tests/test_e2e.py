@@ -56,7 +56,7 @@ async def model_row(
 
 
 def client(running: Running) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=running.proxy_url, api_key="sk-client-key", max_retries=0)
+    return AsyncOpenAI(base_url=running.proxy_url, api_key=running.api_key, max_retries=0)
 
 
 async def test_non_streaming_call_is_metered(llmtap_up: Running, upstream: FakeUpstream) -> None:
@@ -124,7 +124,11 @@ async def test_streamed_bytes_are_forwarded_as_sent_when_client_asks_for_usage(
     try:
         async with (
             aiohttp.ClientSession() as session,
-            session.post(f"{llmtap_up.proxy_url}/chat/completions", json=body) as response,
+            session.post(
+                f"{llmtap_up.proxy_url}/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {llmtap_up.api_key}"},
+            ) as response,
         ):
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -166,7 +170,10 @@ async def test_bad_input_gets_openai_shaped_400_without_contacting_the_provider(
         session.post(
             f"{llmtap_up.proxy_url}/chat/completions",
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {llmtap_up.api_key}",
+            },
         ) as response,
     ):
         assert response.status == 400

@@ -7,7 +7,6 @@ OpenAI-compatible provider chosen by config. Each test uses its own model.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
 
 import aiohttp
 import pytest
@@ -15,22 +14,22 @@ from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI, BadRequestError
 
 from tests.conftest import ANTHROPIC_KEY, GROQ_KEY, PROVIDER_KEY, FakeUpstream, Running
-from tests.fake_provider import ANTHROPIC_SNAPSHOT, SNAPSHOT
+from tests.fake_provider import ANTHROPIC_SNAPSHOT, SNAPSHOT, FakeProvider
 from tests.test_e2e import model_row
 
 MILLION = Decimal(1_000_000)
 
 
 def openai_client(running: Running) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=running.proxy_url, api_key="sk-client-key", max_retries=0)
+    return AsyncOpenAI(base_url=running.proxy_url, api_key=running.api_key, max_retries=0)
 
 
 def anthropic_client(running: Running) -> AsyncAnthropic:
-    return AsyncAnthropic(base_url=running.proxy_root, api_key="sk-ant-client", max_retries=0)
+    return AsyncAnthropic(base_url=running.proxy_root, api_key=running.api_key, max_retries=0)
 
 
 def anthropic_cost(
-    fake: Any, rate_in: str, rate_read: str, rate_write: str, rate_out: str
+    fake: FakeProvider, rate_in: str, rate_read: str, rate_write: str, rate_out: str
 ) -> Decimal:
     return (
         fake.prompt_tokens * Decimal(rate_in)
@@ -89,7 +88,11 @@ async def test_anthropic_messages_streaming_events_arrive_unchanged(
 async def test_anthropic_route_errors_are_anthropic_shaped(llmtap_up: Running) -> None:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{llmtap_up.proxy_root}/v1/messages", json={"max_tokens": 5}) as response,
+        session.post(
+            f"{llmtap_up.proxy_root}/v1/messages",
+            json={"max_tokens": 5},
+            headers={"x-api-key": llmtap_up.api_key},
+        ) as response,
     ):
         assert response.status == 400
         body = await response.json()

@@ -19,9 +19,10 @@ import orjson
 from aiohttp import web
 
 from ingress.errors import ErrorShape
-from ingress.forward.call import Call, attribution_from, downstream_headers, upstream_headers
+from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
-from ingress.keys import PUBLISHER, SETTINGS, UPSTREAM
+from ingress.guards.auth import Refusal, authenticate, check_model
+from ingress.keys import KEYS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.routing import NoRoute, resolve
 from llmtap import topics
 from llmtap.config import ApiKind, ProviderConfig
@@ -80,7 +81,6 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     publisher = request.app[PUBLISHER]
     api = endpoint.api
     call = Call(provider=api.kind, endpoint=endpoint.name)
-    call.attribution = attribution_from(request.headers)
 
     def record(status: Status, http_status: int, usage: Usage, model: str, error: str) -> None:
         publisher.publish(
@@ -96,14 +96,24 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         )
 
     def refuse(
-        status: int, message: str, error_class: str, param: str | None = None
+        status: int,
+        message: str,
+        error_class: str,
+        param: str | None = None,
+        code: str | None = None,
     ) -> web.Response:
         """Answer without contacting the provider, and still record the call."""
-        response = api.error(status, message, param=param)
+        response = api.error(status, message, param=param, code=code)
         response.headers["x-request-id"] = str(call.request_id)
-        record("bad_request", status, Usage(), "", error_class)
+        malformed = status in (400, 404, 413)
+        record("bad_request" if malformed else "refused", status, Usage(), "", error_class)
         return response
 
+    try:
+        identity = authenticate(request.headers, settings, request.app[KEYS])
+    except Refusal as refusal:
+        return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
+    call.attribution = identity.attribution
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -116,6 +126,10 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         return refuse(400, "you must provide a model parameter", "missing_model", "model")
     call.model_requested = model
     call.stream = payload.get("stream") is True
+    try:
+        check_model(identity, model)
+    except Refusal as refusal:
+        return refuse(refusal.status, refusal.message, refusal.error_class, "model", refusal.code)
     user_field = payload.get("user")
     if isinstance(user_field, str) and not call.attribution.user:
         call.attribution = call.attribution.model_copy(update={"user": user_field})
@@ -137,7 +151,16 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     if rewritten or strip_usage_chunk:
         body = orjson.dumps(payload)
 
-    headers = upstream_headers(request.headers, credential=credential_for(api, route.config))
+    credential = credential_for(api, route.config)
+    if credential is None and identity.key is not None:
+        # A virtual key must never reach a provider: without a provider key, refuse.
+        return refuse(
+            500,
+            f"llmtap holds no API key for provider {route.provider!r} "
+            f"(set the {route.config.api_key_env or 'api_key_env'} environment variable)",
+            "no_provider_key",
+        )
+    headers = upstream_headers(request.headers, credential=credential)
     url = route.config.base_url + endpoint.upstream_path
     if request.query_string:
         url += "?" + request.query_string

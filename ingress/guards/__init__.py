@@ -1,0 +1,1 @@
+"""Guards: what a call must pass before any token is spent."""

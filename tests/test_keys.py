@@ -1,0 +1,169 @@
+"""Virtual keys and attribution at the ingress (the app itself, a real broker, the fake)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from ingress.app import create_app
+from ingress.guards.keys import create_key, read_keys, revoke_key
+from llmtap.config import Settings
+from tests.conftest import Broker, FakeUpstream
+
+PROVIDER_KEY = "sk-provider-key-for-key-tests"
+
+Post = Callable[..., Any]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, broker: Broker, upstream: FakeUpstream) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        kafka_bootstrap=broker.bootstrap,
+        openai_base_url=upstream.base_url,
+        anthropic_base_url=upstream.root_url,
+        openai_api_key_env="LLMTAP_TEST_OPENAI_KEY",
+        anthropic_api_key_env="LLMTAP_TEST_ANTHROPIC_KEY",
+    )
+
+
+@pytest.fixture
+async def ingress(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", PROVIDER_KEY)
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+async def chat(
+    base: str, key: str, model: str = "gpt-4o", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{base}/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {key}", **(headers or {})},
+        ) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_an_unknown_key_gets_401_without_contacting_the_provider(
+    ingress: str, upstream: FakeUpstream
+) -> None:
+    before = len(upstream.provider.received)
+    status, body = await chat(ingress, "ltk_not-a-real-key")
+    assert status == 401
+    assert body["error"]["code"] == "invalid_api_key"
+    assert "llmtap keys create" in body["error"]["message"]
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{ingress}/v1/messages",
+            json={"model": "claude-3-5-haiku", "max_tokens": 5, "messages": []},
+            headers={"x-api-key": "ltk_not-a-real-key"},
+        ) as response,
+    ):
+        assert response.status == 401
+        anthropic = await response.json()
+    assert anthropic["type"] == "error"
+    assert anthropic["error"]["type"] == "authentication_error"
+    assert len(upstream.provider.received) == before
+
+
+async def test_a_key_works_until_revoked_and_only_its_hash_is_stored(
+    ingress: str, settings: Settings, upstream: FakeUpstream
+) -> None:
+    secret, key = create_key(settings.key_file, tenant="acme")
+    assert secret not in settings.key_file.read_text()
+    assert read_keys(settings.key_file).keys[0].id == key.id
+
+    # The ingress re-reads the key file when it changes: poll until the key is known.
+    async with asyncio.timeout(10):
+        while (await chat(ingress, secret))[0] != 200:
+            await asyncio.sleep(0.1)
+    seen = upstream.provider.received[-1]
+    assert seen.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"  # never the virtual key
+
+    assert revoke_key(settings.key_file, key.id)
+    async with asyncio.timeout(10):
+        while (await chat(ingress, secret))[0] != 401:
+            await asyncio.sleep(0.1)
+
+
+async def known(ingress: str, secret: str) -> None:
+    """Wait until the ingress has loaded a freshly created key."""
+    async with asyncio.timeout(10):
+        while (await chat(ingress, secret))[0] == 401:
+            await asyncio.sleep(0.1)
+
+
+async def test_a_key_limited_to_some_models_gets_403_for_others(
+    ingress: str, settings: Settings
+) -> None:
+    secret, _ = create_key(settings.key_file, tenant="acme", allowed_models=("gpt-4o-mini*",))
+    await known(ingress, secret)
+    assert (await chat(ingress, secret, model="gpt-4o-mini-2024-07-18"))[0] == 200
+    status, body = await chat(ingress, secret, model="gpt-4o")
+    assert status == 403
+    assert body["error"]["param"] == "model"
+    assert "may not use model 'gpt-4o'" in body["error"]["message"]
+
+
+async def test_headers_cannot_contradict_the_key_but_may_add_to_it(
+    ingress: str, settings: Settings, upstream: FakeUpstream
+) -> None:
+    team_key, _ = create_key(settings.key_file, tenant="acme", team="search")
+    tenant_key, _ = create_key(settings.key_file, tenant="acme")
+    await known(ingress, tenant_key)
+
+    status, body = await chat(ingress, team_key, headers={"x-llmtap-team": "billing"})
+    assert status == 403
+    assert "bound to team 'search'" in body["error"]["message"]
+    status, body = await chat(ingress, team_key, headers={"x-llmtap-tenant": "globex"})
+    assert status == 403
+
+    status, _ = await chat(
+        ingress, tenant_key, headers={"x-llmtap-team": "billing", "x-llmtap-feature": "faq"}
+    )
+    assert status == 200
+    assert not any(
+        h.lower().startswith("x-llmtap-") for h in upstream.provider.received[-1].headers
+    )
+
+
+async def test_without_a_provider_key_a_virtual_key_is_never_forwarded(
+    ingress: str, settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret, _ = create_key(settings.key_file, tenant="acme")
+    await known(ingress, secret)
+    monkeypatch.delenv("LLMTAP_TEST_OPENAI_KEY")
+    before = len(upstream.provider.received)
+    status, body = await chat(ingress, secret)
+    assert status == 500
+    assert "LLMTAP_TEST_OPENAI_KEY" in body["error"]["message"]
+    assert len(upstream.provider.received) == before
+
+
+async def test_passthrough_forwards_the_clients_own_key(
+    settings: Settings, upstream: FakeUpstream
+) -> None:
+    passthrough = settings.model_copy(update={"auth": "passthrough"})
+    server = TestServer(create_app(passthrough), host="127.0.0.1")
+    await server.start_server()
+    try:
+        status, _ = await chat(str(server.make_url("")).rstrip("/"), "sk-the-clients-own")
+    finally:
+        await server.close()
+    assert status == 200
+    assert upstream.provider.received[-1].headers["Authorization"] == "Bearer sk-the-clients-own"
