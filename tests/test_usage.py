@@ -1,0 +1,297 @@
+"""Usage capture from OpenAI bodies and SSE streams: pure, no network."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from ingress.forward.usage import OpenAIJsonCapture, OpenAIStreamCapture
+from llmtap.events import Usage
+
+SERVED = "gpt-4o-mini-2024-07-18"
+
+USAGE = {
+    "prompt_tokens": 1200,
+    "completion_tokens": 300,
+    "total_tokens": 1500,
+    "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 128,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+EXPECTED = Usage(
+    input_tokens=1200, output_tokens=300, cached_input_tokens=1024, reasoning_tokens=128
+)
+
+
+# -- JSON bodies --------------------------------------------------------------------------
+
+
+def _completion(**extra: Any) -> bytes:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": SERVED,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi"},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    body.update(extra)
+    return orjson.dumps(body)
+
+
+def test_json_usage_is_normalised_with_cached_and_reasoning_tokens() -> None:
+    capture = OpenAIJsonCapture(_completion(usage=USAGE))
+    assert capture.usage == EXPECTED
+    assert capture.usage.usage_missing is False
+    assert capture.model == SERVED
+
+
+def test_json_usage_without_details() -> None:
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    capture = OpenAIJsonCapture(_completion(usage=usage))
+    assert capture.usage == Usage(input_tokens=7, output_tokens=3)
+
+
+def test_json_responses_api_usage_is_normalised() -> None:
+    usage = {
+        "input_tokens": 50,
+        "input_tokens_details": {"cached_tokens": 20},
+        "output_tokens": 40,
+        "output_tokens_details": {"reasoning_tokens": 30},
+        "total_tokens": 90,
+    }
+    body = orjson.dumps({"object": "response", "model": "o3-mini", "usage": usage})
+    capture = OpenAIJsonCapture(body)
+    assert capture.usage == Usage(
+        input_tokens=50, output_tokens=40, cached_input_tokens=20, reasoning_tokens=30
+    )
+    assert capture.model == "o3-mini"
+
+
+def test_json_body_without_usage_is_usage_missing() -> None:
+    capture = OpenAIJsonCapture(_completion())
+    assert capture.usage.usage_missing is True
+    assert capture.model == SERVED
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not json", b"<html>502 Bad Gateway</html>", b"[1, 2]", b'"usage"', b"\xff\xfe"],
+)
+def test_non_json_body_is_usage_missing(body: bytes) -> None:
+    capture = OpenAIJsonCapture(body)
+    assert capture.usage.usage_missing is True
+    assert capture.model == ""
+
+
+# -- SSE streams --------------------------------------------------------------------------
+
+
+def _chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": SERVED,
+        "system_fingerprint": "fp_1",
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _event(payload: dict[str, Any] | str, sep: bytes) -> bytes:
+    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    return b"data: " + data + sep
+
+
+def _stream(sep: bytes) -> tuple[bytes, bytes]:
+    """A realistic chat stream with a usage-only chunk; returns (stream, usage event)."""
+    before = [
+        _event(_chunk([_delta({"role": "assistant", "content": ""})]), sep),
+        _event(_chunk([_delta({"content": "Héllo"})]), sep),  # multi-byte UTF-8
+        _event(_chunk([_delta({"content": ", wörld 🌍"})]), sep),
+        _event(_chunk([_delta({}, finish="stop")]), sep),
+    ]
+    usage_event = _event(_chunk([], USAGE), sep)
+    done = _event("[DONE]", sep)
+    return b"".join([*before, usage_event, done]), usage_event
+
+
+def _whole(data: bytes) -> Iterator[list[bytes]]:
+    yield [data]
+
+
+def _two_pieces(data: bytes) -> Iterator[list[bytes]]:
+    for i in range(len(data) + 1):
+        yield [data[:i], data[i:]]
+
+
+def _byte_by_byte(data: bytes) -> Iterator[list[bytes]]:
+    yield [data[i : i + 1] for i in range(len(data))]
+
+
+def _random_pieces(data: bytes) -> Iterator[list[bytes]]:
+    rng = random.Random(1234)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 12)))
+        yield [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+SPLITS = [_whole, _two_pieces, _byte_by_byte, _random_pieces]
+SEPARATORS = [pytest.param(b"\n\n", id="LF"), pytest.param(b"\r\n\r\n", id="CRLF")]
+
+
+def _run(capture: OpenAIStreamCapture, pieces: list[bytes], sep: bytes) -> bytes:
+    out = []
+    for piece in pieces:
+        forwarded = capture.feed(piece)
+        # only whole events go out, never a partial one
+        assert forwarded == b"" or forwarded.endswith(sep)
+        out.append(forwarded)
+    out.append(capture.finish())
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+@pytest.mark.parametrize("split", SPLITS, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("strip", [False, True], ids=["keep", "strip"])
+def test_stream_is_forwarded_byte_for_byte_and_usage_captured(
+    sep: bytes, split: Any, strip: bool
+) -> None:
+    stream, usage_event = _stream(sep)
+    expected = stream.replace(usage_event, b"") if strip else stream
+    assert len(expected) == len(stream) - (len(usage_event) if strip else 0)
+    for pieces in split(stream):
+        capture = OpenAIStreamCapture(strip_usage_chunk=strip)
+        assert _run(capture, pieces, sep) == expected, [len(p) for p in pieces]
+        assert capture.final_usage == EXPECTED
+        assert capture.model == SERVED
+
+
+def test_crlf_events_are_split_one_by_one() -> None:
+    stream, _ = _stream(b"\r\n\r\n")
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    first = _event(_chunk([_delta({"role": "assistant", "content": ""})]), b"\r\n\r\n")
+    # a whole first event and half of the second: only the first goes out
+    assert capture.feed(stream[: len(first) + 10]) == first
+    assert capture.feed(stream[len(first) + 10 :]) == stream[len(first) :]
+    assert capture.finish() == b""
+    assert capture.final_usage == EXPECTED
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_stream_without_usage_chunk_is_usage_missing(strip: bool) -> None:
+    sep = b"\n\n"
+    # "usage": null on every chunk, as with stream_options.include_usage before the end
+    stream = b"".join(
+        [
+            _event(_chunk([_delta({"role": "assistant", "content": ""})]), sep),
+            _event(_chunk([_delta({"content": "Hi"})]), sep),
+            _event(_chunk([_delta({}, finish="stop")]), sep),
+            _event("[DONE]", sep),
+        ]
+    )
+    capture = OpenAIStreamCapture(strip_usage_chunk=strip)
+    assert capture.feed(stream) + capture.finish() == stream
+    assert capture.usage is None
+    assert capture.final_usage.usage_missing is True
+    assert capture.model == SERVED
+
+
+def test_empty_stream_is_usage_missing() -> None:
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(b"") == b""
+    assert capture.finish() == b""
+    assert capture.final_usage.usage_missing is True
+
+
+def test_last_event_without_trailing_blank_line_is_returned_by_finish() -> None:
+    stream, _ = _stream(b"\n\n")
+    unterminated = b"data: [DONE]"
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    truncated = stream.removesuffix(b"\n\n")
+    assert truncated.endswith(unterminated)
+    forwarded = capture.feed(truncated)
+    assert forwarded == truncated.removesuffix(unterminated)
+    assert capture.finish() == unterminated
+    assert capture.finish() == b""  # nothing left twice
+    assert capture.final_usage == EXPECTED
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_unterminated_last_event_carrying_usage(strip: bool) -> None:
+    content = _event(_chunk([_delta({"content": "Hi"})]), b"\n\n")
+    last = _event(_chunk([], USAGE), b"\n")  # a single newline: not an event end
+    capture = OpenAIStreamCapture(strip_usage_chunk=strip)
+    assert capture.feed(content + last) == content
+    assert capture.finish() == (b"" if strip else last)
+    assert capture.final_usage == EXPECTED
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_usage_on_a_chunk_with_choices_is_forwarded_and_captured(strip: bool) -> None:
+    sep = b"\n\n"
+    stream = b"".join(
+        [
+            _event(_chunk([_delta({"role": "assistant", "content": "Hi"})]), sep),
+            _event(_chunk([_delta({}, finish="stop")], USAGE), sep),  # usage on the last
+            _event("[DONE]", sep),
+        ]
+    )
+    capture = OpenAIStreamCapture(strip_usage_chunk=strip)
+    assert capture.feed(stream) + capture.finish() == stream
+    assert capture.final_usage == EXPECTED
+
+
+def test_responses_api_stream_usage_is_captured_and_forwarded() -> None:
+    sep = b"\n\n"
+    created = {"type": "response.created", "response": {"model": "o3-mini", "usage": None}}
+    completed = {
+        "type": "response.completed",
+        "response": {
+            "model": "o3-mini-2025-01-31",
+            "usage": {
+                "input_tokens": 10,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 50,
+                "output_tokens_details": {"reasoning_tokens": 40},
+            },
+        },
+    }
+    stream = b"".join(
+        [
+            b"event: response.created\n" + _event(created, sep),
+            b"event: response.output_text.delta\n"
+            + _event({"type": "response.output_text.delta", "delta": "Hi"}, sep),
+            b"event: response.completed\n" + _event(completed, sep),
+        ]
+    )
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(stream) + capture.finish() == stream
+    assert capture.final_usage == Usage(input_tokens=10, output_tokens=50, reasoning_tokens=40)
+    assert capture.model == "o3-mini-2025-01-31"
+
+
+def test_non_json_and_comment_events_are_forwarded() -> None:
+    sep = b"\n\n"
+    stream = b": keep-alive" + sep + b"data: {not json" + sep + _event("[DONE]", sep)
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(stream) + capture.finish() == stream
+    assert capture.final_usage.usage_missing is True
