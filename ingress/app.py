@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from ingress.errors import openai_error
 from ingress.forward import anthropic, openai
 from ingress.guards.keys import KeyStore
-from ingress.keys import KEYS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.keys import KEYS, METRICS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
 
@@ -43,6 +45,11 @@ async def event_publisher(app: web.Application) -> AsyncIterator[None]:
     await publisher.start()
     yield
     await publisher.stop()
+
+
+async def ingress_metrics(app: web.Application) -> AsyncIterator[None]:
+    app[METRICS] = IngressMetrics(app[PUBLISHER])
+    yield
 
 
 KEY_RELOAD_S = 1.0
@@ -92,15 +99,53 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: config loaded, every provider reachable, events have somewhere to go."""
+    app = request.app
+    providers = app[SETTINGS].all_providers()
+    reachable = await asyncio.gather(*(tcp_reachable(p.base_url) for p in providers.values()))
+    checks = {
+        "config": True,
+        "keys_loaded": len(app[KEYS]),
+        "broker": "connected" if app[PUBLISHER].connected else "unreachable",
+        "providers": dict(zip(providers, reachable, strict=True)),
+    }
+    ready = app[PUBLISHER].connected and all(reachable)
+    return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+
+READY_CONNECT_TIMEOUT_S = 2.0
+
+
+async def tcp_reachable(url: str) -> bool:
+    parsed = URL(url)
+    if parsed.host is None:
+        return False
+    try:
+        async with asyncio.timeout(READY_CONNECT_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(parsed.host, parsed.port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[provider_shaped_errors])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(key_store)
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(event_publisher)
+    app.cleanup_ctx.append(ingress_metrics)
     openai.add_routes(app)
     anthropic.add_routes(app)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from ingress.guards.keys import KeyStore
+from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
 
@@ -13,3 +14,4 @@ SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
 KEYS = web.AppKey("keys", KeyStore)
+METRICS = web.AppKey("metrics", IngressMetrics)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from ingress.app import create_app
 from llmtap.config import Settings
 from llmtap.supervisor import broker_argv, topics_ready
 from sql.migrate import migrate
@@ -215,3 +217,32 @@ def store(tmp_path: Path) -> Iterator[Store]:
     migrate(chdb)
     yield chdb
     chdb.close()
+
+
+INGRESS_PROVIDER_KEY = "sk-provider-key-for-ingress-tests"
+
+
+@pytest.fixture
+def ingress_settings(tmp_path: Path, broker: Broker, upstream: FakeUpstream) -> Settings:
+    """Settings for an ingress app on the session broker, in front of the fake provider."""
+    return Settings(
+        data_dir=tmp_path,
+        kafka_bootstrap=broker.bootstrap,
+        openai_base_url=upstream.base_url,
+        anthropic_base_url=upstream.root_url,
+        openai_api_key_env="LLMTAP_TEST_OPENAI_KEY",
+        anthropic_api_key_env="LLMTAP_TEST_ANTHROPIC_KEY",
+    )
+
+
+@pytest.fixture
+async def ingress(
+    ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
+    """The ingress app itself (no `up`), served on a free port; yields its base URL."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
+    server = TestServer(create_app(ingress_settings), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()

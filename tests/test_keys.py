@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,33 +12,8 @@ from aiohttp.test_utils import TestServer
 from ingress.app import create_app
 from ingress.guards.keys import create_key, read_keys, revoke_key
 from llmtap.config import Settings
-from tests.conftest import Broker, FakeUpstream
-
-PROVIDER_KEY = "sk-provider-key-for-key-tests"
-
-Post = Callable[..., Any]
-
-
-@pytest.fixture
-def settings(tmp_path: Path, broker: Broker, upstream: FakeUpstream) -> Settings:
-    return Settings(
-        data_dir=tmp_path,
-        kafka_bootstrap=broker.bootstrap,
-        openai_base_url=upstream.base_url,
-        anthropic_base_url=upstream.root_url,
-        openai_api_key_env="LLMTAP_TEST_OPENAI_KEY",
-        anthropic_api_key_env="LLMTAP_TEST_ANTHROPIC_KEY",
-    )
-
-
-@pytest.fixture
-async def ingress(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", PROVIDER_KEY)
-    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", PROVIDER_KEY)
-    server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("")).rstrip("/")
-    await server.close()
+from tests.conftest import INGRESS_PROVIDER_KEY as PROVIDER_KEY
+from tests.conftest import FakeUpstream
 
 
 async def chat(
@@ -82,11 +55,11 @@ async def test_an_unknown_key_gets_401_without_contacting_the_provider(
 
 
 async def test_a_key_works_until_revoked_and_only_its_hash_is_stored(
-    ingress: str, settings: Settings, upstream: FakeUpstream
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:
-    secret, key = create_key(settings.key_file, tenant="acme")
-    assert secret not in settings.key_file.read_text()
-    assert read_keys(settings.key_file).keys[0].id == key.id
+    secret, key = create_key(ingress_settings.key_file, tenant="acme")
+    assert secret not in ingress_settings.key_file.read_text()
+    assert read_keys(ingress_settings.key_file).keys[0].id == key.id
 
     # The ingress re-reads the key file when it changes: poll until the key is known.
     async with asyncio.timeout(10):
@@ -95,7 +68,7 @@ async def test_a_key_works_until_revoked_and_only_its_hash_is_stored(
     seen = upstream.provider.received[-1]
     assert seen.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"  # never the virtual key
 
-    assert revoke_key(settings.key_file, key.id)
+    assert revoke_key(ingress_settings.key_file, key.id)
     async with asyncio.timeout(10):
         while (await chat(ingress, secret))[0] != 401:
             await asyncio.sleep(0.1)
@@ -109,9 +82,11 @@ async def known(ingress: str, secret: str) -> None:
 
 
 async def test_a_key_limited_to_some_models_gets_403_for_others(
-    ingress: str, settings: Settings
+    ingress: str, ingress_settings: Settings
 ) -> None:
-    secret, _ = create_key(settings.key_file, tenant="acme", allowed_models=("gpt-4o-mini*",))
+    secret, _ = create_key(
+        ingress_settings.key_file, tenant="acme", allowed_models=("gpt-4o-mini*",)
+    )
     await known(ingress, secret)
     assert (await chat(ingress, secret, model="gpt-4o-mini-2024-07-18"))[0] == 200
     status, body = await chat(ingress, secret, model="gpt-4o")
@@ -121,10 +96,10 @@ async def test_a_key_limited_to_some_models_gets_403_for_others(
 
 
 async def test_headers_cannot_contradict_the_key_but_may_add_to_it(
-    ingress: str, settings: Settings, upstream: FakeUpstream
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:
-    team_key, _ = create_key(settings.key_file, tenant="acme", team="search")
-    tenant_key, _ = create_key(settings.key_file, tenant="acme")
+    team_key, _ = create_key(ingress_settings.key_file, tenant="acme", team="search")
+    tenant_key, _ = create_key(ingress_settings.key_file, tenant="acme")
     await known(ingress, tenant_key)
 
     status, body = await chat(ingress, team_key, headers={"x-llmtap-team": "billing"})
@@ -143,9 +118,12 @@ async def test_headers_cannot_contradict_the_key_but_may_add_to_it(
 
 
 async def test_without_a_provider_key_a_virtual_key_is_never_forwarded(
-    ingress: str, settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    ingress: str,
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    secret, _ = create_key(settings.key_file, tenant="acme")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")
     await known(ingress, secret)
     monkeypatch.delenv("LLMTAP_TEST_OPENAI_KEY")
     before = len(upstream.provider.received)
@@ -156,9 +134,9 @@ async def test_without_a_provider_key_a_virtual_key_is_never_forwarded(
 
 
 async def test_passthrough_forwards_the_clients_own_key(
-    settings: Settings, upstream: FakeUpstream
+    ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:
-    passthrough = settings.model_copy(update={"auth": "passthrough"})
+    passthrough = ingress_settings.model_copy(update={"auth": "passthrough"})
     server = TestServer(create_app(passthrough), host="127.0.0.1")
     await server.start_server()
     try:

@@ -22,7 +22,7 @@ from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Refusal, authenticate, check_model
-from ingress.keys import KEYS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.keys import KEYS, METRICS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.routing import NoRoute, resolve
 from llmtap import topics
 from llmtap.config import ApiKind, ProviderConfig
@@ -83,17 +83,15 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     call = Call(provider=api.kind, endpoint=endpoint.name)
 
     def record(status: Status, http_status: int, usage: Usage, model: str, error: str) -> None:
-        publisher.publish(
-            topics.RESPONSES,
-            topics.partition_key(call.request_id),
-            call.response_event(
-                status=status,
-                http_status=http_status,
-                usage=usage,
-                model_served=model,
-                error_class=error,
-            ),
+        event = call.response_event(
+            status=status,
+            http_status=http_status,
+            usage=usage,
+            model_served=model,
+            error_class=error,
         )
+        publisher.publish(topics.RESPONSES, topics.partition_key(call.request_id), event)
+        request.app[METRICS].observe(event)
 
     def refuse(
         status: int,
@@ -171,6 +169,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     usage = Usage.missing()
     model_served = ""
     response: web.StreamResponse | None = None
+    capture: StreamCapture | None = None
     try:
         call.mark_sent()
         async with request.app[UPSTREAM].post(url, data=body, headers=headers) as upstream:
@@ -194,7 +193,6 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 tail = capture.finish()
                 if tail:
                     await response.write(tail)
-                usage, model_served = capture.final_usage, capture.model
             else:
                 data = await upstream.read()
                 call.mark_upstream_done()
@@ -208,7 +206,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 await response.write(data)
             await response.write_eof()
             return response
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        # The client went away mid-answer. What was streamed so far is still metered.
+        status, error_class = "client_disconnected", "client_disconnected"
+        return response if response is not None else web.Response(status=499)
+    except asyncio.CancelledError:
         status, error_class = "client_disconnected", "client_disconnected"
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -230,6 +232,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         error.headers["x-request-id"] = str(call.request_id)
         return error
     finally:
+        if capture is not None:  # a stream, finished or not: usage as far as it was seen
+            usage, model_served = capture.final_usage, capture.model
         record(status, http_status, usage, model_served, error_class)
 
 

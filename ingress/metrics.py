@@ -1,0 +1,97 @@
+"""Prometheus metrics of the ingress, served at /metrics (prometheus-client)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingress.publisher import EventPublisher
+from llmtap.events import ResponseEvent
+
+# Latency of LLM calls spans milliseconds to minutes.
+_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# What the proxy itself adds: tens of microseconds to milliseconds.
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
+
+# Event counters the publisher keeps, exported as they are.
+_PUBLISHER_COUNTERS = {
+    "published": "events delivered to Kafka",
+    "spooled": "events written to the on-disk spool while the broker was away",
+    "replayed": "events replayed from the spool",
+    "dropped": "events lost because the memory queue or the spool was full",
+}
+
+
+class _PublisherCollector(Collector):
+    def __init__(self, publisher: EventPublisher) -> None:
+        self._publisher = publisher
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_text in _PUBLISHER_COUNTERS.items():
+            if hasattr(self._publisher, name):
+                family = CounterMetricFamily(f"llmtap_events_{name}", help_text)
+                family.add_metric([], float(getattr(self._publisher, name)))
+                yield family
+        backlog = GaugeMetricFamily("llmtap_events_backlog", "events waiting in memory")
+        backlog.add_metric([], float(self._publisher.backlog))
+        yield backlog
+        connected = GaugeMetricFamily("llmtap_broker_connected", "1 when the producer is up")
+        connected.add_metric([], 1.0 if self._publisher.connected else 0.0)
+        yield connected
+
+
+class IngressMetrics:
+    """One registry per app, so several apps (tests) never share counters."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "llmtap_requests",
+            "Calls through the proxy, by how they ended",
+            ["endpoint", "provider", "model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "llmtap_request_duration_seconds",
+            "Whole call, as the client saw it",
+            ["endpoint", "provider"],
+            buckets=_CALL_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "llmtap_time_to_first_token_seconds",
+            "From the call's arrival to the provider's first byte",
+            ["endpoint", "provider"],
+            buckets=_CALL_BUCKETS,
+            registry=self.registry,
+        )
+        self.overhead = Histogram(
+            "llmtap_proxy_overhead_seconds",
+            "Time spent in the proxy itself, not waiting on the provider",
+            ["endpoint"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "llmtap_rejections",
+            "Calls refused before reaching a provider, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.registry.register(_PublisherCollector(publisher))
+
+    def observe(self, event: ResponseEvent) -> None:
+        self.requests.labels(event.endpoint, event.provider, event.model, event.status).inc()
+        if event.status in ("bad_request", "refused"):
+            self.rejections.labels(event.error_class or event.status).inc()
+            return
+        self.latency.labels(event.endpoint, event.provider).observe(event.latency_ms / 1000)
+        self.overhead.labels(event.endpoint).observe(event.proxy_overhead_ms / 1000)
+        if event.ttft_ms is not None:
+            self.ttft.labels(event.endpoint, event.provider).observe(event.ttft_ms / 1000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

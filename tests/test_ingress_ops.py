@@ -1,0 +1,129 @@
+"""Operating the ingress: /metrics, /readyz, and a client that hangs up mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingress.guards.keys import create_key
+from llmtap import topics
+from llmtap.config import Settings
+from llmtap.events import ResponseEvent
+from tests.conftest import Broker, FakeUpstream
+
+
+async def make_key(ingress: str, key_file: Path) -> str:
+    """A fresh virtual key, once the ingress has loaded it."""
+    secret, _ = create_key(key_file, tenant="acme")
+    async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+        while True:
+            async with session.post(
+                f"{ingress}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": []},
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response:
+                if response.status != 401:
+                    return secret
+            await asyncio.sleep(0.1)
+
+
+async def response_event(bootstrap: str, request_id: str) -> ResponseEvent:
+    """Read llmtap.responses from the start until the call's response event shows."""
+    consumer = AIOKafkaConsumer(
+        topics.RESPONSES, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for record in records:
+                        assert record.value is not None
+                        event = ResponseEvent.model_validate_json(record.value)
+                        if str(event.request_id) == request_id:
+                            return event
+    finally:
+        await consumer.stop()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+async def test_metrics_count_calls_overhead_and_rejections(
+    ingress: str, ingress_settings: Settings
+) -> None:
+    secret = await make_key(ingress, ingress_settings.key_file)
+    async with aiohttp.ClientSession() as session:
+        for key in (secret, secret, "ltk_wrong"):
+            async with session.post(
+                f"{ingress}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response:
+                await response.read()
+        async with session.get(f"{ingress}/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+    ok = sample(text, "llmtap_requests_total", endpoint="chat.completions", status="ok")
+    assert ok >= 2
+    assert sample(text, "llmtap_proxy_overhead_seconds_count", endpoint="chat.completions") >= 2
+    assert sample(text, "llmtap_rejections_total", reason="invalid_key") >= 1
+    assert "llmtap_events_backlog" in text
+
+
+async def test_readyz_follows_the_providers(ingress: str, upstream: FakeUpstream) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(20):  # ready once the producer has connected
+            while True:
+                async with session.get(f"{ingress}/readyz") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+        await upstream.stop()
+        try:
+            async with session.get(f"{ingress}/readyz") as response:
+                assert response.status == 503
+                body = await response.json()
+        finally:
+            await upstream.start()
+    assert body["ready"] is False
+    assert body["providers"]["openai"] is False
+    assert body["broker"] == "connected"
+
+
+async def test_a_client_hanging_up_mid_stream_is_still_recorded(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    secret = await make_key(ingress, ingress_settings.key_file)
+    upstream.provider.chunk_delay_s = 0.2
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{ingress}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": [], "stream": True},
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response,
+        ):
+            request_id = response.headers["x-request-id"]
+            await response.content.readany()  # the first chunk, then hang up
+            response.close()
+        event = await response_event(broker.bootstrap, request_id)
+    finally:
+        upstream.provider.chunk_delay_s = 0.0
+    assert uuid.UUID(request_id) == event.request_id
+    assert event.status == "client_disconnected"
+    # The provider's usage comes last; it never arrived: unknown, not zero.
+    assert event.usage.usage_missing
