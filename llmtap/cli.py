@@ -14,19 +14,10 @@ import asyncio
 import logging
 import sys
 
+from llmtap import logs
 from llmtap.config import Settings, load_settings
 
 log = logging.getLogger("llmtap")
-
-
-def _setup_logging(settings: Settings, process: str) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format=f"%(asctime)s %(levelname)s [{process}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("aiokafka", "faust", "mode"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 async def _wait_for_topics(settings: Settings) -> None:
@@ -90,7 +81,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = load_settings(args.config)
-    _setup_logging(settings, args.command)
+    logs.setup(args.command, settings.log_level)
 
     if args.command == "keys":
         return _keys(settings, args)

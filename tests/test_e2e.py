@@ -231,6 +231,8 @@ async def test_up_drains_in_flight_events_then_stops_every_child(
         running.process.terminate()
         assert await asyncio.wait_for(running.process.wait(), 90) == 0
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
+    secrets = (running.api_key, PROVIDER_KEY)  # no key ever reaches a log line
+    assert not [line for line in running.output if any(k in line for k in secrets)]
 
     store = Store(f"chdb:///{tmp_path / 'clickhouse'}")  # ours now: `up` is gone
     try:

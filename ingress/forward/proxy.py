@@ -24,7 +24,7 @@ from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.keys import KEYS, METRICS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.routing import NoRoute, resolve
-from llmtap import topics
+from llmtap import logs, topics
 from llmtap.config import ApiKind, ProviderConfig
 from llmtap.events import Status, Usage
 
@@ -81,6 +81,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     publisher = request.app[PUBLISHER]
     api = endpoint.api
     call = Call(provider=api.kind, endpoint=endpoint.name)
+    logs.request_id.set(str(call.request_id))
 
     def record(status: Status, http_status: int, usage: Usage, model: str, error: str) -> None:
         event = call.response_event(
