@@ -13,7 +13,8 @@ from yarl import URL
 from ingress.errors import openai_error
 from ingress.forward import anthropic, openai
 from ingress.guards.keys import KeyStore
-from ingress.keys import KEYS, METRICS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.guards.ratelimit import RateLimiter
+from ingress.keys import KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
@@ -49,6 +50,11 @@ async def event_publisher(app: web.Application) -> AsyncIterator[None]:
 
 async def ingress_metrics(app: web.Application) -> AsyncIterator[None]:
     app[METRICS] = IngressMetrics(app[PUBLISHER])
+    yield
+
+
+async def rate_limiter(app: web.Application) -> AsyncIterator[None]:
+    app[LIMITER] = RateLimiter()  # per process: N ingress replicas allow N times the limit
     yield
 
 
@@ -141,6 +147,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(event_publisher)
     app.cleanup_ctx.append(ingress_metrics)
+    app.cleanup_ctx.append(rate_limiter)
     openai.add_routes(app)
     anthropic.add_routes(app)
     app.router.add_get("/healthz", healthz)

@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from ingress.guards.keys import KeyStore
+from ingress.guards.ratelimit import RateLimiter
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
@@ -15,3 +16,4 @@ UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
 KEYS = web.AppKey("keys", KeyStore)
 METRICS = web.AppKey("metrics", IngressMetrics)
+LIMITER = web.AppKey("limiter", RateLimiter)

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--models", default="", help="comma-separated models it may use (prefix* allowed)"
     )
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute")
     actions.add_parser("list", help="list keys (never their secrets)")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
@@ -61,7 +63,13 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "create":
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
         secret, key = keys.create_key(
-            path, tenant=args.tenant, team=args.team, user=args.user, allowed_models=models
+            path,
+            tenant=args.tenant,
+            team=args.team,
+            user=args.user,
+            allowed_models=models,
+            rpm=args.rpm,
+            tpm=args.tpm,
         )
         print(f"{secret}\n(key id {key.id}, tenant {key.tenant!r}; shown once, stored as a hash)")
     elif args.action == "list":

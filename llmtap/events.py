@@ -54,6 +54,7 @@ Status = Literal[
     "client_disconnected",  # the client went away before the answer was complete
     "bad_request",  # malformed call (400, 404, 413): no provider was contacted
     "refused",  # refused by a guard (key, model access, config): no provider was contacted
+    "rate_limited",  # the key's requests or tokens per minute were spent: 429
 ]
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +24,7 @@ from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Refusal, authenticate, check_model
-from ingress.keys import KEYS, METRICS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.keys import KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.routing import NoRoute, resolve
 from llmtap import logs, topics
 from llmtap.config import ApiKind, ProviderConfig
@@ -104,8 +106,14 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         """Answer without contacting the provider, and still record the call."""
         response = api.error(status, message, param=param, code=code)
         response.headers["x-request-id"] = str(call.request_id)
-        malformed = status in (400, 404, 413)
-        record("bad_request" if malformed else "refused", status, Usage(), "", error_class)
+        outcome: Status = (
+            "bad_request"
+            if status in (400, 404, 413)
+            else "rate_limited"
+            if status == 429
+            else "refused"
+        )
+        record(outcome, status, Usage(), "", error_class)
         return response
 
     try:
@@ -129,6 +137,20 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         check_model(identity, model)
     except Refusal as refusal:
         return refuse(refusal.status, refusal.message, refusal.error_class, "model", refusal.code)
+    key = identity.key
+    if key is not None and (key.rpm or key.tpm):
+        wait = request.app[LIMITER].admit(key.id, key.rpm, key.tpm, time.monotonic())
+        if wait > 0:
+            retry_after = math.ceil(wait)
+            limited = refuse(
+                429,
+                f"rate limit of key {key.id} reached (requests/min: {key.rpm or 'unlimited'}, "
+                f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s",
+                "rate_limited",
+                code="rate_limit_exceeded",
+            )
+            limited.headers["retry-after"] = str(retry_after)
+            return limited
     user_field = payload.get("user")
     if isinstance(user_field, str) and not call.attribution.user:
         call.attribution = call.attribution.model_copy(update={"user": user_field})
@@ -236,6 +258,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         if capture is not None:  # a stream, finished or not: usage as far as it was seen
             usage, model_served = capture.final_usage, capture.model
         record(status, http_status, usage, model_served, error_class)
+        if key is not None and key.tpm:
+            used = usage.input_tokens + usage.output_tokens
+            request.app[LIMITER].settle(key.id, used, time.monotonic())
 
 
 def _provider_error_type(body: bytes) -> str:

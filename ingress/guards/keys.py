@@ -39,6 +39,9 @@ class VirtualKey(BaseModel):
     user: str = ""
     # Empty: every model. Otherwise exact names, or prefixes ending in "*".
     allowed_models: tuple[str, ...] = ()
+    # Rate limits; None: unlimited.
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
     revoked: bool = False
     created_at: UtcDatetime = Field(default_factory=utcnow)
 
@@ -77,7 +80,14 @@ def write_keys(path: Path, keys: KeyFile) -> None:
 
 
 def create_key(
-    path: Path, *, tenant: str, team: str = "", user: str = "", allowed_models: tuple[str, ...] = ()
+    path: Path,
+    *,
+    tenant: str,
+    team: str = "",
+    user: str = "",
+    allowed_models: tuple[str, ...] = (),
+    rpm: int | None = None,
+    tpm: int | None = None,
 ) -> tuple[str, VirtualKey]:
     """Make a key; return the secret (shown once, never stored) and its record."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -88,6 +98,8 @@ def create_key(
         team=team,
         user=user,
         allowed_models=allowed_models,
+        rpm=rpm,
+        tpm=tpm,
     )
     keys = read_keys(path)
     keys.keys.append(key)
