@@ -169,3 +169,30 @@ class CostedEvent(_Model):
     @property
     def request_id(self) -> uuid.UUID:
         return self.response.request_id
+
+
+class Alert(_Model):
+    """A spike or budget alert, published on the alerts topic and delivered as a webhook.
+
+    ``event_id`` is the alert id, derived from what the alert is about (rule, series,
+    window or period, threshold, state), so a replay re-emits the same id and every
+    stage downstream (storage, webhook delivery) can drop the duplicate.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["alert"] = "alert"
+    event_id: uuid.UUID
+    alert_type: Literal["spike", "budget"]
+    state: Literal["firing", "resolved"]
+    severity: Literal["info", "warning", "critical"]
+    rule: str  # the spike rule's or the budget's name
+    dimension: str  # tenant, team, key, user, model, provider, feature
+    value: str  # which tenant, team...
+    metric: str  # cost, requests, tokens, error_rate, p95_latency, spend
+    observed: Decimal
+    baseline: Decimal | None = None  # spike: the learned baseline; budget: the limit
+    threshold: Decimal | None = None  # budget: the percentage crossed
+    window_start: UtcDatetime  # the closed window, or the budget period's start
+    window_end: UtcDatetime
+    first_seen: UtcDatetime
+    message: str

@@ -5,8 +5,10 @@
 | llmtap.requests   | RequestEvent   | request_id   | ingress    | stream (budgets)   |
 | llmtap.responses  | ResponseEvent  | request_id   | ingress    | stream (costs)     |
 | llmtap.costed     | CostedEvent    | request_id   | stream     | sinks (ClickHouse) |
+| llmtap.alerts     | Alert          | alert id     | stream     | sinks (webhooks)   |
 
-Consumer groups: ``llmtap-stream`` (the Faust worker), ``llmtap-sink`` (the writer).
+Consumer groups: ``llmtap-stream`` (the Faust worker), ``llmtap-sink`` (the writer),
+``llmtap-webhooks`` (alert delivery).
 
 Keying by ``request_id`` keeps both events of one call, and every replay of them, on
 one partition: the stage that owns that partition sees duplicates and can drop them.
@@ -24,12 +26,14 @@ from aiokafka.errors import TopicAlreadyExistsError
 REQUESTS = "llmtap.requests"
 RESPONSES = "llmtap.responses"
 COSTED = "llmtap.costed"
+ALERTS = "llmtap.alerts"
 
-ALL = (REQUESTS, RESPONSES, COSTED)
+ALL = (REQUESTS, RESPONSES, COSTED, ALERTS)
 
 # Consumer groups. Faust's group id is its app id.
 STREAM_GROUP = "llmtap-stream"
 SINK_GROUP = "llmtap-sink"
+WEBHOOK_GROUP = "llmtap-webhooks"
 
 log = logging.getLogger(__name__)
 
