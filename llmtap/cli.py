@@ -113,10 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         run_store(settings)
     elif args.command == "migrate":
         from sql.migrate import migrate
+        from sql.retention import apply_retention
         from sql.store import Store
 
-        applied = migrate(Store(settings.store_dsn))
+        store = Store(settings.store_dsn)
+        applied = migrate(store)
         print(f"applied migrations: {applied or 'none (schema up to date)'}")
+        changed = apply_retention(
+            store, raw_days=settings.raw_retention_days, rollup_days=settings.rollup_retention_days
+        )
+        print(f"retention changed on: {', '.join(changed) or 'nothing'}")
     return 0
 
 

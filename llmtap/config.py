@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     sink_batch_rows: int = Field(default=10_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
 
+    # Retention in ClickHouse: raw calls, and the hourly/daily rollups.
+    raw_retention_days: int = Field(default=90, ge=1)
+    rollup_retention_days: int = Field(default=400, ge=1)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("openai_base_url", "anthropic_base_url")

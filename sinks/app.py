@@ -18,6 +18,7 @@ from llmtap.config import Settings
 from sinks.clickhouse.writer import ClickHouseWriter
 from sql import analytics
 from sql.migrate import migrate
+from sql.retention import apply_retention
 from sql.store import Store
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,16 @@ WRITER = web.AppKey("writer", ClickHouseWriter)
 
 async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
     store = app[analytics.STORE] = Store(app[SETTINGS].store_dsn)
+    settings = app[SETTINGS]
     applied = await asyncio.to_thread(migrate, store)
     if applied:
         log.info("migrations applied: %s", applied)
+    await asyncio.to_thread(
+        apply_retention,
+        store,
+        raw_days=settings.raw_retention_days,
+        rollup_days=settings.rollup_retention_days,
+    )
     yield
     store.close()
 
@@ -51,6 +59,7 @@ async def healthz(request: web.Request) -> web.Response:
             "status": "ok",
             "rows_written": writer.rows_written,
             "batches_written": writer.batches_written,
+            "write_failures": writer.write_failures,
         }
     )
 

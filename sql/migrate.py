@@ -12,11 +12,14 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+import jinja2
+
 from llmtap.events import utcnow
 from sql.store import Store
 
 log = logging.getLogger(__name__)
 
+_jinja = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 _NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
 _VERSION_TABLE = """
@@ -49,12 +52,14 @@ def _statements(text: str) -> tuple[str, ...]:
 
 
 def available() -> list[Migration]:
+    """Every migration file, rendered (Jinja, for repeated structure only) and split."""
     folder = resources.files("sql").joinpath("migrations")
     found = []
     for entry in folder.iterdir():
         match = _NAME.match(entry.name)
         if match:
-            found.append(Migration(int(match[1]), match[2], _statements(entry.read_text())))
+            text = _jinja.from_string(entry.read_text()).render()
+            found.append(Migration(int(match[1]), match[2], _statements(text)))
     return sorted(found, key=lambda m: m.version)
 
 

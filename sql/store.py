@@ -59,8 +59,10 @@ class Store:
         return list(result.named_results())
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        """One insert, sent column by column (the rows are transposed here, in C)."""
+        data = [list(column) for column in zip(*rows, strict=True)]
         with self._lock:
-            self._client.insert(table, rows, column_names=list(columns))
+            self._client.insert(table, data, column_names=list(columns), column_oriented=True)
 
     async def arows(
         self, sql: str, parameters: dict[str, Any] | None = None

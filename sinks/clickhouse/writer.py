@@ -122,6 +122,7 @@ class ClickHouseWriter:
         self._store = store
         self.rows_written = 0
         self.batches_written = 0
+        self.write_failures = 0
 
     def _consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
@@ -183,6 +184,7 @@ class ClickHouseWriter:
             try:
                 written = await asyncio.to_thread(write_batch, self._store, batch)
             except Exception as exc:
+                self.write_failures += 1
                 log.error("ClickHouse write failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)

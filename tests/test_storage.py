@@ -1,0 +1,132 @@
+"""ClickHouse storage on real chDB: rollups, retention, and a store that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from llmtap.config import Settings
+from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
+from sinks.clickhouse.writer import Batch, ClickHouseWriter, write_batch
+from sql.retention import apply_retention, current_ttl_days
+from sql.store import Store
+from tests.conftest import Broker
+from tests.test_clickhouse_writer import produce, wait_for
+
+
+def call(
+    at: datetime, *, user: str, model: str, cost: str | None, latency_ms: float, ok: bool = True
+) -> CostedEvent:
+    response = ResponseEvent(
+        request_id=uuid.uuid4(),
+        ts_start=at,
+        ts_end=at,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested=model,
+        stream=False,
+        status="ok" if ok else "upstream_error",
+        http_status=200 if ok else 500,
+        usage=Usage(input_tokens=100, output_tokens=10, cached_input_tokens=20),
+        latency_ms=latency_ms,
+        ttft_ms=latency_ms / 2,
+        proxy_overhead_ms=0.2,
+        attribution=Attribution(tenant="acme", team="search", user=user),
+    )
+    money = None if cost is None else Decimal(cost)
+    priced = (
+        None
+        if money is None
+        else Cost(
+            input=money,
+            cached_input=Decimal(0),
+            cache_write=Decimal(0),
+            output=Decimal(0),
+            reasoning=Decimal(0),
+            total=money,
+        )
+    )
+    return CostedEvent(
+        event_id=uuid.uuid4(), response=response, cost=priced, unpriced=money is None
+    )
+
+
+def test_rollups_agree_with_the_raw_calls(store: Store) -> None:
+    start = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    events = [
+        call(
+            start + timedelta(minutes=25 * i),
+            user=f"u{i % 3}",
+            model=("gpt-4o", "o3-mini")[i % 2],
+            cost=None if i % 7 == 0 else f"0.00{i + 1}",
+            latency_ms=100.0 + i,
+            ok=i % 5 != 0,
+        )
+        for i in range(60)
+    ]
+    # Written in three batches, as the writer would: the rollups merge across inserts.
+    for part in (events[:20], events[20:45], events[45:]):
+        assert write_batch(store, Batch(events=part)) == len(part)
+
+    for table, start_of in (("calls_hourly", "toStartOfHour"), ("calls_daily", "toStartOfDay")):
+        rolled = store.rows(
+            f"SELECT bucket, user, sum(requests) AS requests, sum(errors) AS errors, "
+            f"sum(input_tokens) AS input_tokens, sum(cost) AS cost, sum(unpriced) AS unpriced "
+            f"FROM {table} GROUP BY bucket, user ORDER BY bucket, user"
+        )
+        raw = store.rows(
+            f"SELECT {start_of}(ts_end) AS bucket, user, count() AS requests, "
+            f"countIf(status != 'ok') AS errors, sum(input_tokens) AS input_tokens, "
+            f"sum(ifNull(cost_total, 0)) AS cost, countIf(unpriced) AS unpriced "
+            f"FROM calls GROUP BY bucket, user ORDER BY bucket, user"
+        )
+        assert rolled == raw, table
+    total = sum((e.cost.total for e in events if e.cost is not None), Decimal(0))
+    assert store.rows("SELECT sum(cost) AS c FROM calls_daily")[0]["c"] == total
+    merged = store.rows(
+        "SELECT quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms_quantiles) AS q FROM calls_daily"
+    )[0]["q"]
+    assert 100 <= merged[0] <= merged[1] <= merged[2] <= 160
+
+
+def test_retention_follows_the_settings(store: Store) -> None:
+    assert apply_retention(store, raw_days=90, rollup_days=400) == [
+        "calls",
+        "calls_hourly",
+        "calls_daily",
+    ]
+    assert current_ttl_days(store, "calls") == 90
+    assert current_ttl_days(store, "calls_daily") == 400
+    assert apply_retention(store, raw_days=90, rollup_days=400) == []  # nothing to change
+    assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls"]
+    assert current_ttl_days(store, "calls") == 30
+
+
+async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(
+    broker: Broker, store: Store
+) -> None:
+    """The calls table goes away (DETACH) while events arrive; nothing is dropped."""
+    store.command("DETACH TABLE calls")
+    now = datetime.now(UTC)
+    events = [
+        call(now, user="outage", model="gpt-4o", cost="0.001", latency_ms=5) for _ in range(30)
+    ]
+    writer = ClickHouseWriter(
+        Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.2), store
+    )
+    task = asyncio.create_task(writer.run())
+    try:
+        await produce(broker.bootstrap, [e.model_dump_json().encode() for e in events])
+        await wait_for(lambda: writer.write_failures >= 2)  # it is failing, and retrying
+        store.command("ATTACH TABLE calls")
+        mine = "SELECT count() FROM calls WHERE user = 'outage'"
+        await wait_for(lambda: int(store.command(mine)) == 30)
+        await wait_for(lambda: writer.rows_written >= 30)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert int(store.command("SELECT sum(requests) FROM calls_hourly WHERE user = 'outage'")) == 30
