@@ -93,3 +93,7 @@ def call_row(event: CostedEvent) -> tuple[Any, ...]:
         event.unpriced,
         event.pricing_model,
     )
+
+
+EVENT_ID = CALLS_COLUMNS.index("event_id")
+TS_END = CALLS_COLUMNS.index("ts_end")

@@ -26,12 +26,10 @@ from pydantic import ValidationError
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import CostedEvent, utcnow
-from sinks.clickhouse.rows import CALLS_COLUMNS, DEAD_LETTER_COLUMNS, call_row
+from sinks.clickhouse.rows import CALLS_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_ID, TS_END, call_row
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)
-
-DEDUP_CHUNK = 1000
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,8 @@ class DeadLetter:
 
 @dataclass
 class Batch:
+    """What the writer holds between reads and one write, with the offsets it covers."""
+
     events: list[CostedEvent] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -60,30 +60,29 @@ class Batch:
         self.offsets[tp] = record.offset + 1  # the next offset to read
         raw = record.value or b""
         try:
-            event = CostedEvent.model_validate_json(raw)
+            self.events.append(CostedEvent.model_validate_json(raw))
         except ValidationError as exc:
             self.dead_letters.append(
                 DeadLetter(utcnow(), record.topic, record.partition, record.offset, raw, str(exc))
             )
-            return
-        self.events.append(event)
 
 
-def new_events(store: Store, events: list[CostedEvent]) -> list[CostedEvent]:
-    """The events of a batch not stored yet, each once."""
-    unique = list({e.event_id: e for e in events}.values())
+def new_rows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The rows of a batch whose event is not stored yet, each once."""
+    unique = list({row[EVENT_ID]: row for row in rows}.values())
     if not unique:
         return unique
-    stored: set[Any] = set()
     slack = timedelta(seconds=1)
-    ts_from = min(e.response.ts_end for e in unique) - slack
-    ts_to = max(e.response.ts_end for e in unique) + slack
-    query = render("existing_event_ids")
-    for start in range(0, len(unique), DEDUP_CHUNK):
-        ids = [e.event_id for e in unique[start : start + DEDUP_CHUNK]]
-        rows = store.rows(query, {"ts_from": ts_from, "ts_to": ts_to, "event_ids": ids})
-        stored.update(row["event_id"] for row in rows)
-    return [e for e in unique if e.event_id not in stored]
+    stored = store.rows(
+        render("existing_event_ids"),
+        {
+            "ts_from": min(row[TS_END] for row in unique) - slack,
+            "ts_to": max(row[TS_END] for row in unique) + slack,
+            "event_ids": [row[EVENT_ID] for row in unique],
+        },
+    )
+    known = {r["event_id"] for r in stored}
+    return [row for row in unique if row[EVENT_ID] not in known]
 
 
 def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter]:
@@ -106,9 +105,9 @@ def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter
 
 def write_batch(store: Store, batch: Batch) -> int:
     """Write a batch idempotently; return how many call rows were inserted."""
-    fresh = new_events(store, batch.events)
+    fresh = new_rows(store, [call_row(e) for e in batch.events])
     if fresh:
-        store.insert("calls", [call_row(e) for e in fresh], CALLS_COLUMNS)
+        store.insert("calls", fresh, CALLS_COLUMNS)
     letters = new_dead_letters(store, batch.dead_letters) if batch.dead_letters else []
     if letters:
         store.insert("dead_letters", [astuple(d) for d in letters], DEAD_LETTER_COLUMNS)
@@ -117,18 +116,20 @@ def write_batch(store: Store, batch: Batch) -> int:
 
 
 class ClickHouseWriter:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, group_id: str = topics.SINK_GROUP) -> None:
         self._settings = settings
         self._store = store
+        self._group_id = group_id
         self.rows_written = 0
         self.batches_written = 0
         self.write_failures = 0
+        self.first_read_at: float | None = None  # loop time of the first message read
 
     def _consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
             topics.COSTED,
             bootstrap_servers=self._settings.kafka_bootstrap,
-            group_id=topics.SINK_GROUP,
+            group_id=self._group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self._settings.sink_batch_rows,
@@ -170,6 +171,8 @@ class ClickHouseWriter:
                         batch.add(record)
                 if first_at is None and len(batch):
                     first_at = loop.time()
+                    if self.first_read_at is None:
+                        self.first_read_at = first_at
             await self._write(batch)
             try:
                 await consumer.commit(batch.offsets)

@@ -1,0 +1,203 @@
+"""Ingest benchmark: costed events on a Kafka topic -> queryable rows in chDB.
+
+    python bench/ingest.py [--events 200000] [--batch-rows 10000] [--out bench/results/ingest.md]
+
+Starts the embedded Tansu broker, fills `llmtap.costed` with synthetic costed events
+(before the clock starts), then runs the real ClickHouse writer (decode -> batch ->
+duplicate check -> columnar insert -> commit) against a fresh chDB store and times it
+until every row is queryable. It also times the writer's steps alone on the same
+events (decode, rows, duplicate check + insert), so the report says where time goes.
+Target (issue): >= 50,000 rows/s on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from llmtap import topics
+from llmtap.config import Settings
+from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
+from llmtap.supervisor import broker_argv, topics_ready
+from sinks.clickhouse.writer import Batch, ClickHouseWriter, write_batch
+from sql.migrate import migrate
+from sql.store import Store
+
+MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "claude-3-5-sonnet", "o3-mini")
+
+
+def synthetic(n: int) -> list[bytes]:
+    start = datetime.now(UTC) - timedelta(hours=1)
+    out = []
+    for i in range(n):
+        at = start + timedelta(milliseconds=i)
+        cost = Decimal(i % 1000) / Decimal(1_000_000)
+        response = ResponseEvent(
+            request_id=uuid.uuid4(),
+            ts_start=at,
+            ts_end=at,
+            provider="openai",
+            endpoint="chat.completions",
+            model_requested=MODELS[i % len(MODELS)],
+            stream=i % 2 == 0,
+            status="ok",
+            http_status=200,
+            usage=Usage(input_tokens=500 + i % 300, output_tokens=100, cached_input_tokens=50),
+            latency_ms=200.0 + i % 50,
+            ttft_ms=80.0,
+            proxy_overhead_ms=0.4,
+            attribution=Attribution(tenant=f"t{i % 5}", team=f"team{i % 20}", user=f"u{i % 1000}"),
+        )
+        priced = Cost(
+            input=cost,
+            cached_input=Decimal(0),
+            cache_write=Decimal(0),
+            output=Decimal(0),
+            reasoning=Decimal(0),
+            total=cost,
+        )
+        event = CostedEvent(event_id=uuid.uuid4(), response=response, cost=priced, unpriced=False)
+        out.append(event.model_dump_json().encode())
+    return out
+
+
+async def fill_topic(bootstrap: str, payloads: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        for i, value in enumerate(payloads):
+            await producer.send(topics.COSTED, value, key=str(i).encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def end_to_end(settings: Settings, store: Store, n: int) -> float:
+    """Seconds from the writer's first message read until n rows are queryable.
+
+    A fresh consumer group each time, so every run reads the whole topic; the group
+    join that comes before the first read (seconds, on Tansu) is not counted.
+    """
+    writer = ClickHouseWriter(settings, store, group_id=f"llmtap-bench-{uuid.uuid4().hex[:8]}")
+    task = asyncio.create_task(writer.run())
+    loop = asyncio.get_running_loop()
+    try:
+        while writer.rows_written < n:
+            await asyncio.sleep(0.01)
+        assert writer.first_read_at is not None
+        took = loop.time() - writer.first_read_at
+        assert int(store.command("SELECT count() FROM calls")) == n  # queryable, once each
+        return took
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def steps(store: Store, payloads: list[bytes], batch_rows: int) -> dict[str, float]:
+    """Rows/s of the writer's steps alone, over the same payloads."""
+    t0 = time.perf_counter()
+    events = [CostedEvent.model_validate_json(p) for p in payloads]
+    t1 = time.perf_counter()
+    for start in range(0, len(events), batch_rows):
+        write_batch(store, Batch(events=events[start : start + batch_rows]))
+    t2 = time.perf_counter()
+    n = len(payloads)
+    return {
+        "decode: JSON -> CostedEvent (pydantic)": n / (t1 - t0),
+        "rows + duplicate check + columnar insert": n / (t2 - t1),
+    }
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch-rows", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/ingest.md"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bootstrap = f"127.0.0.1:{free_port()}"
+        broker = await asyncio.create_subprocess_exec(
+            *broker_argv(bootstrap),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            settings = Settings(
+                kafka_bootstrap=bootstrap, topic_partitions=4, sink_batch_rows=args.batch_rows
+            )
+            while not await topics_ready(settings):
+                await asyncio.sleep(0.1)
+            print(f"generating {args.events} events...", file=sys.stderr)
+            payloads = synthetic(args.events)
+            print("filling the topic...", file=sys.stderr)
+            await fill_topic(bootstrap, payloads)
+
+            rates = []
+            store = Store(f"chdb:///{tmp}/clickhouse")
+            try:
+                migrate(store)
+                for run in range(args.runs):
+                    store.command("TRUNCATE TABLE calls")
+                    took = await end_to_end(settings, store, args.events)
+                    rates.append(args.events / took)
+                    print(f"run {run + 1}: {rates[-1]:,.0f} rows/s", file=sys.stderr)
+                store.command("TRUNCATE TABLE calls")
+                step_rates = steps(store, payloads[: min(len(payloads), 50_000)], args.batch_rows)
+            finally:
+                store.close()
+        finally:
+            broker.terminate()
+            await broker.wait()
+
+    report = render(args, rates, step_rates)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def render(args: argparse.Namespace, rates: list[float], steps: dict[str, float]) -> str:
+    lines = [
+        "# Ingest benchmark: topic -> queryable rows (chDB)",
+        "",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        f"- events: {args.events:,} costed events on `llmtap.costed` (4 partitions), "
+        f"writer batches of {args.batch_rows:,} rows, {args.runs} runs",
+        "",
+        "| measure | rows/s |",
+        "|---|---:|",
+        f"| end to end, median of {len(rates)} runs | {statistics.median(rates):,.0f} |",
+        f"| end to end, best run | {max(rates):,.0f} |",
+    ]
+    lines += [f"| step alone: {name} | {rate:,.0f} |" for name, rate in steps.items()]
+    lines += ["", "Target: >= 50,000 rows/s end to end.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
