@@ -14,6 +14,7 @@ A pipeline of small steps, commit always last:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import astuple, dataclass, field
 from datetime import datetime, timedelta
@@ -153,33 +154,57 @@ class ClickHouseWriter:
                 await consumer.stop()
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        """Read a batch while the previous one is written: at most two batches held,
+        writes and commits strictly in order, and no reading ahead of a failing store."""
+        previous: asyncio.Task[None] | None = None
+        try:
+            while True:
+                batch = await self._read_batch(consumer)
+                if previous is not None:
+                    await previous
+                    previous = None
+                if len(batch):
+                    previous = asyncio.create_task(self._write_and_commit(consumer, batch))
+        finally:
+            if previous is not None and not previous.done():
+                previous.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await previous
+
+    async def _read_batch(self, consumer: AIOKafkaConsumer) -> Batch:
+        """Up to ``sink_batch_rows`` messages, or what arrived within ``sink_batch_seconds``
+        of the first one; empty after ``sink_batch_seconds`` with nothing to read."""
         loop = asyncio.get_running_loop()
         max_rows = self._settings.sink_batch_rows
         max_age = self._settings.sink_batch_seconds
-        while True:
-            batch = Batch()
-            first_at: float | None = None  # when the batch got its first message
-            while len(batch) < max_rows:
-                wait = max_age if first_at is None else first_at + max_age - loop.time()
-                if wait <= 0:
-                    break
-                records = await consumer.getmany(
-                    timeout_ms=max(1, int(wait * 1000)), max_records=max_rows - len(batch)
-                )
-                for partition_records in records.values():
-                    for record in partition_records:
-                        batch.add(record)
-                if first_at is None and len(batch):
-                    first_at = loop.time()
-                    if self.first_read_at is None:
-                        self.first_read_at = first_at
-            await self._write(batch)
-            try:
-                await consumer.commit(batch.offsets)
-            except CommitFailedError as exc:
-                # Partitions moved to another writer: it re-reads them, and the
-                # duplicate check keeps the rows we wrote from being written twice.
-                log.warning("commit after write failed (%s)", exc)
+        batch = Batch()
+        first_at: float | None = None
+        while len(batch) < max_rows:
+            wait = max_age if first_at is None else first_at + max_age - loop.time()
+            if wait <= 0:
+                break
+            records = await consumer.getmany(
+                timeout_ms=max(1, int(wait * 1000)), max_records=max_rows - len(batch)
+            )
+            for partition_records in records.values():
+                for record in partition_records:
+                    batch.add(record)
+            if not len(batch):
+                return batch  # idle: let the caller look at the write in flight
+            if first_at is None:
+                first_at = loop.time()
+                if self.first_read_at is None:
+                    self.first_read_at = first_at
+        return batch
+
+    async def _write_and_commit(self, consumer: AIOKafkaConsumer, batch: Batch) -> None:
+        await self._write(batch)
+        try:
+            await consumer.commit(batch.offsets)
+        except CommitFailedError as exc:
+            # Partitions moved to another writer: it re-reads them, and the
+            # duplicate check keeps the rows we wrote from being written twice.
+            log.warning("commit after write failed (%s)", exc)
 
     async def _write(self, batch: Batch) -> None:
         backoff = 0.5
