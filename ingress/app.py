@@ -12,14 +12,15 @@ from yarl import URL
 
 from ingress.errors import openai_error
 from ingress.forward import anthropic, openai
+from ingress.forward.call import Call, attribution_from
+from ingress.forward.proxy import record_outcome
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
 from ingress.keys import KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
-
-MAX_BODY_BYTES = 32 * 1024 * 1024
+from llmtap.events import Usage
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,7 +42,12 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 async def event_publisher(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    publisher = EventPublisher(settings.kafka_bootstrap, queue_size=settings.publish_queue_size)
+    publisher = EventPublisher(
+        settings.kafka_bootstrap,
+        queue_size=settings.publish_queue_size,
+        spool_dir=settings.spool_dir,
+        spool_max_bytes=settings.spool_max_bytes,
+    )
     app[PUBLISHER] = publisher
     await publisher.start()
     yield
@@ -79,17 +85,20 @@ async def key_store(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routing errors in the OpenAI error shape, so SDKs show a clear message."""
+    """Routing errors in the OpenAI error shape, so SDKs show a clear message; each is
+    recorded as a call that never reached a provider."""
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return openai_error(
-            404, f"Unknown route: {request.method} {request.path}", code="unknown_url"
-        )
+        status, code = 404, "unknown_url"
+        message = f"Unknown route: {request.method} {request.path}"
     except web.HTTPMethodNotAllowed:
-        return openai_error(
-            405, f"Method {request.method} not allowed on {request.path}", code="method_not_allowed"
-        )
+        status, code = 405, "method_not_allowed"
+        message = f"Method {request.method} not allowed on {request.path}"
+    call = Call(provider="", endpoint="unknown")
+    call.attribution = attribution_from(request.headers)
+    record_outcome(request.app, call, "bad_request", status, Usage(), error_class=code)
+    return openai_error(status, message, code=code, headers={"x-request-id": str(call.request_id)})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -101,6 +110,9 @@ async def healthz(request: web.Request) -> web.Response:
             "events_backlog": publisher.backlog,
             "events_published": publisher.published,
             "events_dropped": publisher.dropped,
+            "events_spooled": publisher.spooled,
+            "events_replayed": publisher.replayed,
+            "spool_bytes": publisher.spool_bytes,
         }
     )
 
@@ -141,7 +153,9 @@ async def tcp_reachable(url: str) -> bool:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[provider_shaped_errors])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[provider_shaped_errors]
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(key_store)
     app.cleanup_ctx.append(upstream_session)

@@ -1,44 +1,148 @@
-"""Publishing events to Kafka without ever delaying or failing a call.
+"""Publishing events to Kafka without ever delaying, failing or losing a call's events.
 
-Handlers call :meth:`EventPublisher.publish`, which only appends to a bounded
-in-memory queue. A background task owns the aiokafka producer: it connects (and
-reconnects) with backoff and drains the queue. When the queue is full the event is
-dropped, counted and logged loudly; the call itself is never held up.
+Handlers call :meth:`EventPublisher.publish`, a plain function: it appends to a bounded
+in-memory queue and returns. One background task does everything else; it owns the
+aiokafka producer (connecting with backoff) and the on-disk spool (:mod:`ingress.spool`,
+whose file I/O it runs in worker threads):
+
+- broker healthy and spool empty: the queue goes straight to Kafka;
+- broker down (a connect or a delivery failed), slow (a batch in flight longer than
+  ``slow_after_s``), or the queue past its high-water mark (half its size): the queue
+  is moved to the spool;
+- while the spool holds anything, queued events go behind it, so order is kept; when
+  the broker is back the spool is replayed oldest segment first, each segment deleted
+  once all of it was delivered;
+- on start, whatever a previous run (or a crash) left in the spool is replayed first;
+- :meth:`stop` gives the broker ``drain_timeout`` seconds, then spools what is left.
+
+A batch in flight from the queue when spooling starts keeps its place in line: the
+spool reserves a segment ahead of what is spooled after it, filled with whatever part
+of the batch then fails.
+
+Counters, plain ints: ``published`` (delivered to Kafka, replays included),
+``spooled`` (written to the spool), ``replayed`` (delivered from the spool),
+``dropped`` (lost), and ``spool_bytes``. Events are dropped, counted and logged at
+ERROR in these cases only: the memory queue is full (while the spool is full, or has
+no room, or the disk fails, refused events wait in memory, and the newest are dropped
+when that fills too, never the oldest); the spool cannot take what is left at stop;
+Kafka refuses an event for good (too large). A crash loses the memory queue, never the
+spool. Delivery is at least once: a segment partly delivered when the process stops is
+replayed whole; every stage downstream is idempotent on ``event_id``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 from pydantic import BaseModel
+
+from ingress.spool import DEFAULT_SEGMENT_BYTES, Record, Spool
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    topic: str
-    key: bytes
-    value: bytes
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+POLL_S = 0.05  # how often the spool policy is looked at while Kafka is awaited
+MAX_BATCH = 5_000  # events taken from the queue per send
+CLOSE_TIMEOUT_S = 5.0  # for the producer to stop
+ABANDON_TIMEOUT_S = 10.0  # for the task to wind down once stop() gives up on the broker
+DROP_LOG_INTERVAL_S = 1.0
+SPOOL_RETRY_S = 1.0  # after the spool refused events (full, or a disk error)
+
+# No retry can deliver these: the event is dropped rather than block all behind it.
+UNDELIVERABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
+
+
+class _Outcome(enum.Enum):
+    SENT = "sent"
+    DROP = "drop"
+    RETRY = "retry"
+
+
+@dataclass
+class _InFlight:
+    """Records handed to the producer, and what became of each."""
+
+    records: list[Record]
+    started: float
+    segment: int | None = None  # from the spool (and which segment); None: from the queue
+    indices: list[int] = field(default_factory=list)  # the records' places in that segment
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    def outcomes(self) -> list[_Outcome]:
+        found = [_outcome(f) for f in self.futures]
+        return found + [_Outcome.RETRY] * (len(self.records) - len(found))
+
+
+def _outcome(future: asyncio.Future[Any]) -> _Outcome:
+    if not future.done() or future.cancelled():
+        return _Outcome.RETRY
+    error = future.exception()
+    if error is None:
+        return _Outcome.SENT
+    return _Outcome.DROP if isinstance(error, UNDELIVERABLE) else _Outcome.RETRY
+
+
+class _Abandoned(Exception):
+    """stop() gave up waiting for the broker."""
 
 
 class EventPublisher:
-    def __init__(self, bootstrap: str, *, queue_size: int) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        queue_size: int,
+        spool_dir: Path,
+        spool_max_bytes: int,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        request_timeout_ms: int = 10_000,
+        slow_after_s: float = 1.0,
+    ) -> None:
         self._bootstrap = bootstrap
         self._queue_size = queue_size
-        self._queue: deque[Outgoing] = deque()
+        self._high_water = max(1, queue_size // 2)
+        self._spool_dir = spool_dir
+        self._spool_max_bytes = spool_max_bytes
+        self._segment_bytes = segment_bytes
+        self._request_timeout_ms = request_timeout_ms
+        self._slow_after_s = slow_after_s
+        self._queue: deque[Record] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._spool: Spool | None = None
+        self._spool_retry_at = 0.0  # after a refusal, try the spool again from then (or an ack)
+        self._broker_down = False  # the last connect or delivery failed
+        self._in_flight: _InFlight | None = None
+        self._reservation: int | None = None  # the spool's place for the batch in flight
+        self._replay_done: dict[int, set[int]] = {}  # segment -> records already delivered
         self._closing = False
+        self._abandon = False
+        self._last_drop_log = -DROP_LOG_INTERVAL_S
         self.published = 0
+        self.spooled = 0
+        self.replayed = 0
         self.dropped = 0
+        self.spool_bytes = 0
 
     @property
     def connected(self) -> bool:
@@ -46,63 +150,189 @@ class EventPublisher:
 
     @property
     def backlog(self) -> int:
+        """Events waiting in memory (the spool's are counted in ``spool_bytes``)."""
         return len(self._queue)
 
     def publish(self, topic: str, key: bytes, event: BaseModel) -> None:
-        """Queue an event for Kafka. Never blocks, never raises."""
+        """Queue an event for Kafka. Never blocks, never raises, never waits for the broker."""
         if len(self._queue) >= self._queue_size:
-            self.dropped += 1
-            log.error("publish queue full (%d): event dropped", self._queue_size)
+            self._drop_queue_full()
             return
-        self._queue.append(Outgoing(topic, key, event.model_dump_json().encode()))
+        try:
+            value = event.model_dump_json().encode()
+        except Exception:
+            log.exception("event could not be serialised; dropped")
+            self.dropped += 1
+            return
+        self._queue.append(Record(topic, key, value))
         self._wakeup.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="event-publisher")
+        self._task = asyncio.create_task(self._supervise(), name="event-publisher")
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
-        """Give queued events a bounded chance to reach the broker, then stop."""
+        """Give queued events ``drain_timeout`` to reach the broker, then spool the rest.
+
+        Nothing in memory is lost on a clean stop unless the spool refuses it (full, or
+        a disk error), which is counted in ``dropped`` and logged at ERROR.
+        """
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
-            except TimeoutError:
+            done, _ = await asyncio.wait({self._task}, timeout=drain_timeout)
+            if not done:
+                self._abandon = True  # Kafka waits give up; a spool write in progress ends
+                self._wakeup.set()
+                done, _ = await asyncio.wait({self._task}, timeout=ABANDON_TIMEOUT_S)
+            if not done:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        await self._disconnect()  # settles what was in flight: delivered, or not
+        await self._settle()
+        if self._queue and self._spool is not None:
+            await self._spool_queue()
         if self._queue:
-            log.error("stopping with %d unpublished events", len(self._queue))
+            where = "the spool refused them" if self._spool is not None else "no spool"
+            log.error("stopping with %d events lost (%s)", len(self._queue), where)
+            self.dropped += len(self._queue)
+            self._queue.clear()
+        if self._spool is not None:
+            await asyncio.to_thread(self._spool.close)
+            if not self._spool.empty:
+                log.warning(
+                    "stopped with %d bytes spooled in %s; replayed at next start",
+                    self._spool.size,
+                    self._spool_dir,
+                )
+
+    async def _supervise(self) -> None:
+        """Run the loop; should it fail on a bug, log it and start it again."""
+        while True:
+            try:
+                await self._run()
+                return
+            except _Abandoned:
+                return
+            except Exception:
+                log.exception("event publisher failed; restarting it in 1s")
+                await self._disconnect()
+                await self._settle()
+                await asyncio.sleep(1.0)
 
     async def _run(self) -> None:
-        backoff = 0.2
-        while not (self._closing and not self._queue):
+        if self._spool is None:
+            await self._open_spool()
+        backoff = BACKOFF_MIN_S
+        while True:
+            if self._should_spool():
+                await self._spool_queue()
+            if self._closing and (not self._queue or self._producer is None):
+                return
             if self._producer is None:
-                self._producer = await self._connect()
+                self._producer = await self._meanwhile(self._connect())
                 if self._producer is None:
-                    if self._closing:
-                        return
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    self._broker_down = True
+                    await self._meanwhile(asyncio.sleep(backoff))
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
-                backoff = 0.2
-            if not self._queue:
+                self._broker_down = False
+                backoff = BACKOFF_MIN_S
+            if self._spool is not None and not self._spool.empty:
+                delivered = await self._replay(self._producer)
+            elif self._queue:
+                delivered = await self._send_queue(self._producer)
+            else:
                 self._wakeup.clear()
-                if self._closing:
-                    break
                 await self._wakeup.wait()
                 continue
-            await self._drain(self._producer)
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+            if not delivered:
+                self._broker_down = True
+                await self._disconnect()
+
+    async def _open_spool(self) -> None:
+        try:
+            spool = await asyncio.to_thread(
+                Spool,
+                self._spool_dir,
+                max_bytes=self._spool_max_bytes,
+                segment_bytes=self._segment_bytes,
+            )
+        except OSError:
+            log.exception("cannot open the spool at %s: events wait in memory", self._spool_dir)
+            return
+        self._spool = spool
+        self.spool_bytes = spool.size
+        if not spool.empty:
+            log.info(
+                "spool holds %d bytes in %d segments from a previous run: replaying them first",
+                spool.size,
+                spool.segments,
+            )
+
+    def _should_spool(self) -> bool:
+        """Move the queue to disk now? (While the spool has anything, always: order.)"""
+        if not self._queue or self._spool is None or self._spool.max_bytes == 0:
+            return False
+        now = asyncio.get_running_loop().time()
+        if now < self._spool_retry_at:
+            return False
+        flight = self._in_flight
+        slow = flight is not None and now - flight.started > self._slow_after_s
+        return (
+            self._broker_down
+            or not self._spool.empty
+            or self._reservation is not None
+            or len(self._queue) >= self._high_water
+            or slow
+        )
+
+    async def _spool_queue(self) -> None:
+        """Write the whole queue to the spool; what it refuses stays queued, in front."""
+        spool = self._spool
+        assert spool is not None
+        flight = self._in_flight
+        if flight is not None and flight.segment is None and self._reservation is None:
+            self._reservation = spool.reserve()  # the batch in flight goes before these
+        records = list(self._queue)
+        self._queue.clear()
+        refused = await asyncio.to_thread(spool.append, records)
+        self.spooled += len(records) - refused
+        self.spool_bytes = spool.size
+        if refused:
+            self._queue.extendleft(reversed(records[len(records) - refused :]))
+            self._spool_retry_at = asyncio.get_running_loop().time() + SPOOL_RETRY_S
+            log.error(
+                "spool refused %d events (full: %d of %d bytes in %s, or a disk error): they "
+                "wait in memory; new events are dropped once the memory queue (%d) is full",
+                refused,
+                spool.size,
+                spool.max_bytes,
+                self._spool_dir,
+                self._queue_size,
+            )
+
+    async def _meanwhile(self, work: Coroutine[Any, Any, T]) -> T:
+        """Await Kafka work; meanwhile keep moving the queue to disk when the policy says so."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=POLL_S)
+                if done:
+                    return task.result()
+                if self._abandon:
+                    raise _Abandoned
+                if self._should_spool():
+                    await self._spool_queue()
+        finally:
+            task.cancel()
 
     async def _connect(self) -> AIOKafkaProducer | None:
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
             linger_ms=2,
             acks="all",
-            request_timeout_ms=10_000,
+            request_timeout_ms=self._request_timeout_ms,
         )
         try:
             await producer.start()
@@ -110,28 +340,123 @@ class EventPublisher:
             log.warning("broker not reachable at %s: %s", self._bootstrap, exc)
             await producer.stop()
             return None
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
         log.info("connected to broker at %s", self._bootstrap)
         return producer
 
-    async def _drain(self, producer: AIOKafkaProducer) -> None:
-        """Send everything queued; what fails to deliver goes back in front, in order."""
-        batch = list(self._queue)
-        self._queue.clear()
-        pending: list[asyncio.Future[object]] = []
-        for outgoing in batch:
+    async def _disconnect(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            await asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            log.warning("producer did not stop cleanly: %r", exc)
+
+    async def _send_queue(self, producer: AIOKafkaProducer) -> bool:
+        """Send a batch from the queue; True if all of it is settled (sent or dropped)."""
+        batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+        self._in_flight = _InFlight(batch, started=asyncio.get_running_loop().time())
+        await self._meanwhile(self._deliver(producer, self._in_flight))
+        return await self._settle()
+
+    async def _replay(self, producer: AIOKafkaProducer) -> bool:
+        """Send the oldest spool segment (what of it is not yet delivered); ack it if done."""
+        spool = self._spool
+        assert spool is not None
+        segment = await asyncio.to_thread(spool.oldest)
+        if segment is None:
+            return True
+        done = self._replay_done.setdefault(segment.number, set())
+        indices = [i for i in range(len(segment.records)) if i not in done]
+        self._in_flight = _InFlight(
+            [segment.records[i] for i in indices],
+            started=asyncio.get_running_loop().time(),
+            segment=segment.number,
+            indices=indices,
+        )
+        await self._meanwhile(self._deliver(producer, self._in_flight))
+        if not await self._settle():
+            return False
+        await asyncio.to_thread(spool.ack, segment.number)
+        del self._replay_done[segment.number]
+        self.spool_bytes = spool.size
+        self._spool_retry_at = 0.0  # room was freed
+        return True
+
+    async def _deliver(self, producer: AIOKafkaProducer, flight: _InFlight) -> None:
+        loop = asyncio.get_running_loop()
+        for record in flight.records:
             try:
-                pending.append(
-                    await producer.send(outgoing.topic, outgoing.value, key=outgoing.key)
-                )
+                future = await producer.send(record.topic, record.value, key=record.key)
+            except UNDELIVERABLE as exc:
+                future = loop.create_future()
+                future.set_exception(exc)
             except KafkaError as exc:
-                failed_now: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-                failed_now.set_exception(exc)
-                pending.append(failed_now)
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        failed = [o for o, r in zip(batch, results, strict=True) if isinstance(r, BaseException)]
-        self.published += len(batch) - len(failed)
-        if failed:
-            first_error = next(r for r in results if isinstance(r, BaseException))
-            log.warning("%d events not delivered (%s); retrying", len(failed), first_error)
-            self._queue.extendleft(reversed(failed))
-            await asyncio.sleep(0.5)
+                log.warning("send to %s failed: %r", record.topic, exc)
+                break  # what follows waits: sending it now would overtake this record
+            flight.futures.append(future)
+        if flight.futures:
+            await asyncio.wait(flight.futures)
+
+    async def _settle(self) -> bool:
+        """Account for the batch in flight; put back what must be retried. True if none."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return True
+        retry: list[Record] = []
+        for index, record, outcome in zip(
+            flight.indices or range(len(flight.records)),
+            flight.records,
+            flight.outcomes(),
+            strict=True,
+        ):
+            if outcome is _Outcome.RETRY:
+                retry.append(record)
+                continue
+            if flight.segment is not None:
+                self._replay_done[flight.segment].add(index)
+            if outcome is _Outcome.SENT:
+                self.published += 1
+                self.replayed += flight.segment is not None
+            else:
+                self.dropped += 1
+                log.error("event to %s refused by Kafka for good; dropped", record.topic)
+        if retry:
+            log.warning("%d events not delivered; they wait for the broker", len(retry))
+        if flight.segment is None:
+            await self._put_back(retry)
+        return not retry
+
+    async def _put_back(self, records: list[Record]) -> None:
+        """Undelivered records from the queue go back to their place in line."""
+        reservation, self._reservation = self._reservation, None
+        if reservation is None:
+            self._queue.extendleft(reversed(records))  # nothing was spooled behind them
+            return
+        assert self._spool is not None
+        if not records:
+            self._spool.release(reservation)
+            return
+        refused = await asyncio.to_thread(self._spool.fill, reservation, records)
+        self.spooled += len(records) - refused
+        self.spool_bytes = self._spool.size
+        if refused:
+            self.dropped += refused
+            log.error("spool write failed: %d events dropped", refused)
+
+    def _drop_queue_full(self) -> None:
+        """Count a new event the full queue cannot take; log at most once a second."""
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            self._last_drop_log = now
+            log.error(
+                "publish queue full (%d events, spool full or broker away): new events are "
+                "dropped; %d dropped so far",
+                self._queue_size,
+                self.dropped,
+            )

@@ -7,11 +7,14 @@ then the embedded defaults below. Every YAML key is the lower-case field name.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -37,6 +40,61 @@ class ProviderConfig(BaseModel):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+
+AlertType = Literal["spike", "budget"]
+
+
+class WebhookEndpoint(BaseModel):
+    """A receiver of alerts (README, Webhooks): where, which alerts, and in what form.
+
+    Each filter is a list; empty means all. ``template`` is a built-in ("json": the full
+    alert, "slack": incoming-webhook blocks, "text": one short line) or the path of a
+    Jinja2 file, rendered with ``alert`` (the alert as JSON-ready values).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    url: str
+    # Standard Webhooks form: "whsec_" + base64 of 24 to 64 random bytes.
+    secret: SecretStr
+    alert_types: tuple[AlertType, ...] = ()
+    rules: tuple[str, ...] = ()
+    dimensions: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
+    template: str = Field(default="json", min_length=1)
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    # The first retry waits about this long; each retry doubles it (jittered, capped).
+    backoff_s: float = Field(default=1.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _standard_secret(cls, value: SecretStr) -> SecretStr:
+        encoded = value.get_secret_value().removeprefix("whsec_")
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be whsec_ followed by base64") from None
+        if not 24 <= len(key) <= 64:
+            raise ValueError("must hold 24 to 64 bytes (whsec_ + base64)")
+        return value
+
+
+def _unique_names(endpoints: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
+    names = [e.name for e in endpoints]
+    if len(set(names)) != len(names):
+        raise ValueError("webhook endpoint names must be unique")
+    return endpoints
 
 
 class Settings(BaseSettings):
@@ -78,6 +136,8 @@ class Settings(BaseSettings):
     # A model written "<provider>/<model>" goes to that provider as "<model>".
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     model_routes: dict[str, str] = Field(default_factory=dict)
+    # Larger request bodies get a 413 without reaching a provider.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
     upstream_read_timeout_s: float = Field(default=600.0, gt=0)
 
@@ -86,6 +146,8 @@ class Settings(BaseSettings):
 
     # Ingress -> Kafka: events wait here while the broker is slow; never the call.
     publish_queue_size: int = Field(default=100_000, ge=1)
+    # Behind that queue, the on-disk spool (<data_dir>/spool): new events are dropped past this.
+    spool_max_bytes: int = Field(default=1_073_741_824, ge=0)
 
     # Faust: kept short so a worker joins its group in seconds on Tansu.
     stream_session_timeout_s: float = Field(default=10.0, gt=0)
@@ -94,6 +156,13 @@ class Settings(BaseSettings):
     # ClickHouse writer: a batch is written when it has this many rows or is this old.
     sink_batch_rows: int = Field(default=10_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
+
+    # Alert webhooks (see README, Webhooks), and whether they may target loopback,
+    # private, link-local or otherwise reserved addresses (refused by default: SSRF).
+    webhooks: Annotated[list[WebhookEndpoint], AfterValidator(_unique_names)] = Field(
+        default_factory=list
+    )
+    webhook_allow_private: bool = False
 
     # Retention in ClickHouse: raw calls, and the hourly/daily rollups.
     raw_retention_days: int = Field(default=90, ge=1)
@@ -135,6 +204,10 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
 
     @property
     def proxy_url(self) -> str:

@@ -7,9 +7,11 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingress.app import create_app
 from ingress.guards.keys import create_key
 from llmtap import topics
 from llmtap.config import Settings
@@ -127,3 +129,52 @@ async def test_a_client_hanging_up_mid_stream_is_still_recorded(
     assert event.status == "client_disconnected"
     # The provider's usage comes last; it never arrived: unknown, not zero.
     assert event.usage.usage_missing
+
+
+async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
+    ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    settings = ingress_settings.model_copy(update={"max_body_bytes": 4096, "auth": "passthrough"})
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    before = len(upstream.provider.received)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/v1/nope") as response:
+                assert response.status == 404
+                assert (await response.json())["error"]["code"] == "unknown_url"
+                unknown = response.headers["x-request-id"]
+            async with session.post(
+                f"{base}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 8000}]},
+                headers={"Authorization": "Bearer anything"},
+            ) as response:
+                assert response.status == 413
+                assert response.headers["x-request-id"]
+    finally:
+        await server.close()
+    assert len(upstream.provider.received) == before
+    event = await response_event(broker.bootstrap, unknown)
+    assert (event.status, event.http_status, event.error_class) == (
+        "bad_request",
+        404,
+        "unknown_url",
+    )
+
+
+async def test_trace_context_reaches_the_provider(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    secret = await make_key(ingress, ingress_settings.key_file)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{ingress}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": []},
+            headers={"Authorization": f"Bearer {secret}", "traceparent": traceparent},
+        ) as response,
+    ):
+        assert response.status == 200
+    assert upstream.provider.received[-1].headers["traceparent"] == traceparent

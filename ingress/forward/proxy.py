@@ -57,6 +57,27 @@ class Endpoint:
     prepare: Callable[[dict[str, Any]], bool] | None = None
 
 
+def record_outcome(
+    app: web.Application,
+    call: Call,
+    status: Status,
+    http_status: int,
+    usage: Usage,
+    model_served: str = "",
+    error_class: str = "",
+) -> None:
+    """Publish a call's response event and count it, however the call ended."""
+    event = call.response_event(
+        status=status,
+        http_status=http_status,
+        usage=usage,
+        model_served=model_served,
+        error_class=error_class,
+    )
+    app[PUBLISHER].publish(topics.RESPONSES, topics.partition_key(call.request_id), event)
+    app[METRICS].observe(event)
+
+
 def credential_for(api: Api, provider: ProviderConfig) -> tuple[str, str] | None:
     """The provider's key as (header, value), when llmtap holds one for it."""
     key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
@@ -86,15 +107,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     logs.request_id.set(str(call.request_id))
 
     def record(status: Status, http_status: int, usage: Usage, model: str, error: str) -> None:
-        event = call.response_event(
-            status=status,
-            http_status=http_status,
-            usage=usage,
-            model_served=model,
-            error_class=error,
-        )
-        publisher.publish(topics.RESPONSES, topics.partition_key(call.request_id), event)
-        request.app[METRICS].observe(event)
+        record_outcome(request.app, call, status, http_status, usage, model, error)
 
     def refuse(
         status: int,

@@ -1,0 +1,368 @@
+"""Never lose an event, never slow a call: the spool on disk, and the publisher on Tansu.
+
+The outage tests run their own Tansu, stopped and started again on the same port. It
+keeps topics in memory only: events delivered before it stops are read before it
+stops, and after a restart the topics are created again (``ensure_topics``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import BaseModel
+
+from ingress.publisher import EventPublisher
+from ingress.spool import Record, Spool, SpoolBusy, decode, encode
+from llmtap import topics
+from llmtap.supervisor import broker_argv
+from tests.conftest import Broker
+from tests.fake_provider import free_port
+
+TOPIC = topics.REQUESTS
+KEY = b"one-key-one-partition"  # so order holds on a many-partition topic too
+
+
+class Ping(BaseModel):
+    event_id: uuid.UUID
+    seq: int
+
+
+def pings(start: int, count: int) -> list[Ping]:
+    return [Ping(event_id=uuid.uuid4(), seq=seq) for seq in range(start, start + count)]
+
+
+def segment_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.seg"))
+
+
+def record(seq: int, size: int = 10) -> Record:
+    return Record(f"topic-{seq % 3}", f"key-{seq}".encode(), bytes([seq % 256]) * size)
+
+
+# -- the spool on its own ---------------------------------------------------------------
+
+
+def test_spool_append_iterate_ack_round_trip(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    records = [record(i) for i in range(5)]
+    assert spool.append(records) == 0
+    assert list(spool) == records
+    assert spool.size == sum(len(encode(r)) for r in records)
+    segment = spool.oldest()
+    assert segment is not None and segment.records == records
+    spool.ack(segment.number)
+    assert spool.empty and spool.size == 0 and spool.oldest() is None
+    assert segment_files(tmp_path) == []  # the acked segment's file is gone
+    with pytest.raises(SpoolBusy):  # one owner at a time
+        Spool(tmp_path, max_bytes=1 << 20)
+    spool.close()
+    assert list(Spool(tmp_path, max_bytes=1 << 20)) == []  # and the segment stays gone
+
+
+def test_spool_keeps_order_across_segments_and_restarts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=100)
+    records = [record(i, size=i) for i in range(60)]
+    for start in range(0, 40, 7):
+        assert spool.append(records[start : min(start + 7, 40)]) == 0
+    assert spool.segments > 3
+    spool.close()
+    reopened = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=100)
+    assert reopened.append(records[40:]) == 0  # after a restart, behind the old ones
+    assert list(reopened) == records
+    drained: list[Record] = []
+    while (segment := reopened.oldest()) is not None:
+        drained += segment.records
+        reopened.ack(segment.number)
+    assert drained == records
+
+
+def test_spool_skips_a_torn_tail_and_keeps_what_precedes_it(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    records = [record(i, size=50) for i in range(10)]
+    assert spool.append(records[:6]) == 0
+    assert spool.append(records[6:]) == 0
+    spool.close()
+    (segment_file,) = segment_files(tmp_path)
+    with segment_file.open("r+b") as file:  # a crash in the middle of the last record
+        file.truncate(segment_file.stat().st_size - 20)
+    reopened = Spool(tmp_path, max_bytes=1 << 20)
+    assert list(reopened) == records[:9]
+    more = [record(i) for i in range(100, 103)]
+    assert reopened.append(more) == 0  # a new segment: never written after torn bytes
+    assert list(reopened) == records[:9] + more
+
+
+def test_spool_refuses_past_its_byte_limit_and_never_evicts(tmp_path: Path) -> None:
+    records = [record(i) for i in range(10)]
+    limit = sum(len(encode(r)) for r in records[:4])
+    spool = Spool(tmp_path, max_bytes=limit)
+    assert spool.append(records[:3]) == 0
+    assert spool.append(records[3:]) == 6  # the 4th fits, the 6 after it are refused
+    assert spool.append(records[:1]) == 1  # full: anything new is refused
+    assert list(spool) == records[:4] and spool.size == limit  # the old ones stay
+    segment = spool.oldest()
+    assert segment is not None
+    spool.ack(segment.number)
+    assert spool.append(records[4:]) == 2  # room again: as many as fit, in order
+    assert list(spool) == records[4:8]
+
+
+def test_a_reserved_place_keeps_its_turn(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    first, in_flight, after = [record(i) for i in range(3)], [record(7)], [record(8)]
+    assert spool.append(first) == 0
+    place = spool.reserve()
+    assert spool.append(after) == 0
+    assert spool.fill(place, in_flight) == 0
+    assert list(spool) == first + in_flight + after
+
+
+# -- the publisher, on real brokers -----------------------------------------------------
+
+
+def publisher(bootstrap: str, spool_dir: Path, **options: int) -> EventPublisher:
+    settings: dict[str, int] = {
+        "queue_size": 10_000,
+        "spool_max_bytes": 1 << 30,
+        "request_timeout_ms": 2_000,
+    }
+    return EventPublisher(bootstrap, spool_dir=spool_dir, **(settings | options))
+
+
+def publish_all(target: EventPublisher, events: list[Ping]) -> None:
+    for event in events:
+        target.publish(TOPIC, KEY, event)
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float = 30) -> None:
+    """Poll a readiness condition."""
+    async with asyncio.timeout(seconds):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+async def start_tansu(bootstrap: str) -> asyncio.subprocess.Process:
+    """Our own Tansu (memory only), ready once llmtap's topics exist on it."""
+    process = await asyncio.create_subprocess_exec(
+        *broker_argv(bootstrap),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                assert process.returncode is None, "tansu exited"
+                try:
+                    await topics.ensure_topics(bootstrap, 1)
+                    return process
+                except Exception:  # not listening yet
+                    await asyncio.sleep(0.1)
+    except BaseException:
+        await stop_tansu(process)
+        raise
+
+
+async def stop_tansu(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def running(target: EventPublisher) -> AsyncIterator[EventPublisher]:
+    await target.start()
+    try:
+        yield target
+    finally:
+        await target.stop()
+
+
+async def read_all(bootstrap: str, ids: set[uuid.UUID]) -> list[Ping]:
+    """Every event of ours on TOPIC, start to end, in order (one key: one partition)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000
+    )
+    await consumer.start()
+    try:
+        partitions = sorted(consumer.partitions_for_topic(TOPIC) or ())
+        tps = [TopicPartition(TOPIC, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        found: list[Ping] = []
+        async with asyncio.timeout(30):
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                batches = await consumer.getmany(*tps, timeout_ms=500)
+                for messages in batches.values():
+                    for message in messages:
+                        with contextlib.suppress(ValueError):
+                            ping = Ping.model_validate_json(message.value)
+                            if ping.event_id in ids:
+                                found.append(ping)
+        return found
+    finally:
+        await consumer.stop()
+
+
+def assert_exactly_once_in_order(got: list[Ping], sent: list[Ping]) -> None:
+    assert len(got) == len(sent)
+    assert len({p.event_id for p in got}) == len(sent)
+    assert got == sent
+
+
+async def spooled_events(spool_dir: Path) -> list[Ping]:
+    """What a spool holds, read from its files (the publisher owns the Spool itself)."""
+
+    def read() -> list[Ping]:
+        return [
+            Ping.model_validate_json(record.value)
+            for path in segment_files(spool_dir)
+            for record in decode(path.read_bytes())[0]
+        ]
+
+    return await asyncio.to_thread(read)
+
+
+def test_publish_is_a_plain_function() -> None:
+    """It cannot wait for anything: it is not a coroutine function."""
+    assert not inspect.iscoroutinefunction(EventPublisher.publish)
+    assert not inspect.isasyncgenfunction(EventPublisher.publish)
+
+
+async def test_broker_down_from_the_start_spools_then_replays_in_order(tmp_path: Path) -> None:
+    bootstrap = f"127.0.0.1:{free_port()}"
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 500)
+    broker: asyncio.subprocess.Process | None = None
+    try:
+        async with running(publisher(bootstrap, spool_dir)) as events_out:
+            publish_all(events_out, events)
+            await wait_for(lambda: events_out.spooled == len(events))
+            assert events_out.published == 0 and events_out.backlog == 0
+            assert events_out.spool_bytes > 0
+            assert await spooled_events(spool_dir) == events
+
+            broker = await start_tansu(bootstrap)
+            await wait_for(
+                lambda: events_out.replayed == len(events) and not events_out.spool_bytes
+            )
+            assert events_out.published == len(events)
+            assert events_out.dropped == 0
+        assert_exactly_once_in_order(
+            await read_all(bootstrap, {e.event_id for e in events}), events
+        )
+        assert await spooled_events(spool_dir) == []
+    finally:
+        if broker is not None:
+            await stop_tansu(broker)
+
+
+async def test_an_outage_mid_stream_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    bootstrap = f"127.0.0.1:{free_port()}"
+    before, during, after = pings(0, 200), pings(200, 200), pings(400, 200)
+    ids = {e.event_id for e in before + during + after}
+    spool_dir = tmp_path / "spool"
+    broker = await start_tansu(bootstrap)
+    try:
+        async with running(publisher(bootstrap, spool_dir)) as events_out:
+            publish_all(events_out, before)
+            await wait_for(lambda: events_out.published == len(before))
+            delivered_before = await read_all(bootstrap, ids)  # Tansu forgets them on stop
+            assert delivered_before == before
+
+            await stop_tansu(broker)
+            publish_all(events_out, during[:100])
+            await wait_for(lambda: events_out.backlog == 0)  # a batch is in flight, stuck
+            publish_all(events_out, during[100:])  # spooled behind it, while it is stuck
+            await wait_for(lambda: events_out.spooled == len(during) and events_out.backlog == 0)
+            assert events_out.published == len(before)
+            assert await spooled_events(spool_dir) == during  # the stuck batch kept its turn
+
+            broker = await start_tansu(bootstrap)
+            publish_all(events_out, after)  # behind the spool, not ahead of it
+            await wait_for(
+                lambda: (
+                    events_out.published == len(ids)
+                    and events_out.spool_bytes == 0
+                    and events_out.backlog == 0
+                )
+            )
+            assert events_out.replayed >= len(during) and events_out.dropped == 0
+        delivered_after = await read_all(bootstrap, ids)
+    finally:
+        await stop_tansu(broker)
+    assert_exactly_once_in_order(delivered_before + delivered_after, before + during + after)
+
+
+async def test_a_restart_replays_what_the_last_run_spooled(tmp_path: Path, broker: Broker) -> None:
+    spool_dir = tmp_path / "spool"
+    nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
+    spooled, in_memory = pings(0, 300), pings(300, 50)
+    first = publisher(nowhere, spool_dir)
+    async with running(first):
+        publish_all(first, spooled)
+        await wait_for(lambda: first.spooled == len(spooled))
+        publish_all(first, in_memory)  # still in memory when stop() is called
+    assert first.spooled == len(spooled) + len(in_memory) and first.dropped == 0
+    assert await spooled_events(spool_dir) == spooled + in_memory
+
+    second = publisher(broker.bootstrap, spool_dir)
+    async with running(second):
+        await wait_for(
+            lambda: second.replayed == len(spooled) + len(in_memory) and not second.spool_bytes
+        )
+    sent = spooled + in_memory
+    assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in sent}), sent)
+
+
+async def test_a_full_spool_keeps_the_oldest_and_drops_the_newest(
+    tmp_path: Path, broker: Broker
+) -> None:
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 30)
+    fits = 5
+    limit = sum(
+        len(encode(Record(TOPIC, KEY, e.model_dump_json().encode()))) for e in events[:fits]
+    )
+    nowhere = f"127.0.0.1:{free_port()}"
+    first = publisher(nowhere, spool_dir, queue_size=10, spool_max_bytes=limit)
+    async with running(first):
+        publish_all(first, events)  # 10 queued, 20 dropped at once: the queue is full
+        assert first.dropped == 20 and first.backlog == 10
+        await wait_for(lambda: first.spooled == fits)
+        assert first.backlog == 10 - fits  # what the spool refused waits in memory
+    assert first.dropped == len(events) - fits  # stop: the spool refuses the rest too
+    assert first.spool_bytes == limit
+
+    second = publisher(broker.bootstrap, spool_dir)
+    async with running(second):
+        await wait_for(lambda: second.replayed == fits)
+    kept = events[:fits]
+    assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in kept}), kept)
+
+
+async def test_with_spool_max_bytes_zero_events_wait_in_memory(tmp_path: Path) -> None:
+    bootstrap = f"127.0.0.1:{free_port()}"
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 50)
+    broker: asyncio.subprocess.Process | None = None
+    try:
+        async with running(publisher(bootstrap, spool_dir, spool_max_bytes=0)) as events_out:
+            publish_all(events_out, events)
+            broker = await start_tansu(bootstrap)
+            await wait_for(lambda: events_out.published == len(events))
+            assert events_out.spooled == 0 and events_out.dropped == 0
+        assert_exactly_once_in_order(
+            await read_all(bootstrap, {e.event_id for e in events}), events
+        )
+        assert segment_files(spool_dir) == []
+    finally:
+        if broker is not None:
+            await stop_tansu(broker)
