@@ -1,0 +1,135 @@
+"""The analytics API's query parameters: each one checked, every error naming it.
+
+A request's query string becomes a :class:`Filters` (what every analytics query is
+scoped to) plus the few parameters one endpoint takes (granularity, group_by, limit).
+Nothing here builds SQL: the values go to ClickHouse as bound parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from multidict import MultiMapping
+
+from llmtap.events import utcnow
+
+RANGES = {
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+    "90d": timedelta(days=90),
+}
+DEFAULT_RANGE = "30d"
+
+GRANULARITIES = ("hour", "day")
+DEFAULT_GRANULARITY = {"24h": "hour", "7d": "day", "30d": "day", "90d": "day"}
+
+GROUP_BY = ("model", "provider", "day", "team", "user", "feature")
+PROPERTY_PREFIX = "property:"
+PROPERTY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+LIMIT_MIN, LIMIT_MAX, DEFAULT_LIMIT = 1, 1000, 100
+
+# Every endpoint takes these; an endpoint may take a few more (see Query).
+COMMON = ("range", "provider", "team", "feature", "env")
+# The optional equality filters, named as sql/queries/_filters.sql names them. All but
+# tenant are query parameters of the same name; tenant comes from the caller's key.
+FILTERS = ("tenant", "provider", "team", "feature", "env", "model_id", "user_id")
+
+
+class BadParameter(Exception):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What one analytics query is scoped to: calls that ended since ``since``, and
+    each filter that is not None (an empty query value means "not filtered")."""
+
+    range: str
+    since: datetime
+    until: datetime  # "now" for this request; the end of the range
+    tenant: str | None = None
+    provider: str | None = None
+    team: str | None = None
+    feature: str | None = None
+    env: str | None = None
+    model_id: str | None = None
+    user_id: str | None = None
+
+    def active(self) -> frozenset[str]:
+        """The names of the filters that apply: the structure the SQL is rendered with."""
+        return frozenset(name for name in FILTERS if getattr(self, name) is not None)
+
+    def parameters(self) -> dict[str, Any]:
+        """The bound values for the shared WHERE clause."""
+        values = {name: getattr(self, name) for name in self.active()}
+        return {"since": self.since, "until": self.until, **values}
+
+
+class Query:
+    """One request's query string, checked against the parameters its endpoint takes."""
+
+    def __init__(self, query: MultiMapping[str], *extra: str) -> None:
+        self.allowed = (*COMMON, *extra)
+        for name in query:  # a repeated key comes once per value
+            if name not in self.allowed:
+                raise BadParameter(
+                    name,
+                    f"unknown parameter {name!r}: this endpoint takes {', '.join(self.allowed)}",
+                )
+            if len(query.getall(name)) > 1:
+                raise BadParameter(name, f"parameter {name!r} is given more than once")
+        self._query = query
+
+    def _choice(self, name: str, choices: Collection[str], default: str) -> str:
+        value = self._query.get(name, default)
+        if value not in choices:
+            raise BadParameter(
+                name, f"invalid {name!r} {value!r}: expected one of {', '.join(choices)}"
+            )
+        return value
+
+    def filters(self, tenant: str | None = None) -> Filters:
+        range_ = self._choice("range", RANGES, DEFAULT_RANGE)
+        until = utcnow()
+        optional = {name: self._query.get(name) or None for name in FILTERS if name in self.allowed}
+        return Filters(
+            range=range_, since=until - RANGES[range_], until=until, tenant=tenant, **optional
+        )
+
+    def granularity(self, range_: str) -> str:
+        return self._choice("granularity", GRANULARITIES, DEFAULT_GRANULARITY[range_])
+
+    def group_by(self) -> tuple[str, str | None]:
+        """The grouping, and the property name when it is ``property:<name>``."""
+        value = self._query.get("group_by", "model")
+        if value.startswith(PROPERTY_PREFIX):
+            prop = value.removeprefix(PROPERTY_PREFIX)
+            if not PROPERTY_NAME.fullmatch(prop):
+                raise BadParameter(
+                    "group_by",
+                    f"invalid 'group_by' property name {prop!r}: 1 to 64 of A-Z a-z 0-9 _ . -",
+                )
+            return "property", prop
+        if value not in GROUP_BY:
+            expected = ", ".join((*GROUP_BY, f"{PROPERTY_PREFIX}<name>"))
+            raise BadParameter(
+                "group_by", f"invalid 'group_by' {value!r}: expected one of {expected}"
+            )
+        return value, None
+
+    def limit(self) -> int:
+        value = self._query.get("limit", str(DEFAULT_LIMIT))
+        if not re.fullmatch(r"[0-9]{1,7}", value) or not LIMIT_MIN <= int(value) <= LIMIT_MAX:
+            raise BadParameter(
+                "limit", f"invalid 'limit' {value!r}: expected an integer {LIMIT_MIN}..{LIMIT_MAX}"
+            )
+        return int(value)

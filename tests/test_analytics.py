@@ -1,0 +1,667 @@
+"""The analytics API on a real store (chDB) and the real aiohttp app.
+
+A small known dataset is written through the ClickHouse writer's ``write_batch``, with
+the clock pinned at NOW; every expected number is computed here from that dataset.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_DOWN, Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
+from sinks.clickhouse.writer import Batch, write_batch
+from sql import analytics, params
+from sql.params import Filters
+from sql.store import Store, render
+
+NOW = datetime(2026, 3, 15, 12, 30, tzinfo=UTC)
+RANGE = {
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+    "90d": timedelta(days=90),
+}
+H, D = timedelta(hours=1), timedelta(days=1)
+NANO = Decimal("0.000000001")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of the dataset, as the test reasons about it."""
+
+    age: timedelta  # how long before NOW the call ended
+    model: str
+    provider: str
+    user: str
+    team: str
+    feature: str = "chat"
+    env: str = "prod"
+    status: Status = "ok"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: tuple[str, str] | None = ("0", "0")  # (input, output) USD; None: unpriced
+    latency_ms: float = 100.0
+    ttft_ms: float | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+    tenant: str = "acme"
+
+    @property
+    def ts_end(self) -> datetime:
+        return NOW - self.age
+
+    @property
+    def ts_start(self) -> datetime:
+        return self.ts_end - timedelta(milliseconds=self.latency_ms)
+
+    @property
+    def total(self) -> Decimal | None:
+        return None if self.cost is None else Decimal(self.cost[0]) + Decimal(self.cost[1])
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def event(self) -> CostedEvent:
+        response = ResponseEvent(
+            request_id=uuid.uuid4(),
+            ts_start=self.ts_start,
+            ts_end=self.ts_end,
+            provider=self.provider,
+            endpoint="chat.completions",
+            model_requested=self.model,
+            model_served=self.model,
+            stream=self.ttft_ms is not None,
+            status=self.status,
+            http_status={"ok": 200, "upstream_error": 500, "rate_limited": 429}[self.status],
+            usage=Usage(input_tokens=self.input_tokens, output_tokens=self.output_tokens),
+            latency_ms=self.latency_ms,
+            ttft_ms=self.ttft_ms,
+            proxy_overhead_ms=0.2,
+            attribution=Attribution(
+                tenant=self.tenant,
+                team=self.team,
+                user=self.user,
+                feature=self.feature,
+                env=self.env,
+                properties=self.properties,
+            ),
+        )
+        cost = None
+        if self.cost is not None:
+            cin, cout = Decimal(self.cost[0]), Decimal(self.cost[1])
+            zero = Decimal(0)
+            cost = Cost(
+                input=cin, cached_input=zero, cache_write=zero, output=cout, reasoning=zero,
+                total=cin + cout,
+            )  # fmt: skip
+        return CostedEvent(
+            event_id=uuid.uuid4(), response=response, cost=cost, unpriced=self.cost is None
+        )
+
+
+GPT4O, MINI, CLAUDE, LLAMA = "gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "llama-3-70b"
+C1, C2 = {"customer": "c1"}, {"customer": "c2"}
+
+CALLS = [
+    Call(30 * timedelta(minutes=1), GPT4O, "openai", "alice", "search", input_tokens=100,
+         output_tokens=50, cost=("0.00025", "0.0005"), latency_ms=100, ttft_ms=20, properties=C1),
+    Call(2 * H, GPT4O, "openai", "bob", "search", status="upstream_error", latency_ms=50),
+    Call(5 * H, CLAUDE, "anthropic", "alice", "ads", feature="summarize", input_tokens=200,
+         output_tokens=100, cost=("0.0006", "0.0015"), latency_ms=300, ttft_ms=40, properties=C2),
+    Call(5 * H + 10 * timedelta(minutes=1), GPT4O, "openai", "alice", "search", input_tokens=40,
+         output_tokens=20, cost=("0.0001", "0.0002"), latency_ms=200, ttft_ms=30, properties=C1,
+         tenant="globex"),
+    Call(30 * H, MINI, "openai", "carol", "ads", env="dev", input_tokens=1000, output_tokens=10,
+         cost=("0.00015", "0.000006"), latency_ms=200, properties=C1),
+    Call(3 * D, LLAMA, "groq", "bob", "search", input_tokens=50, output_tokens=50, cost=None,
+         latency_ms=400),
+    Call(6 * D, GPT4O, "openai", "alice", "search", input_tokens=300, output_tokens=150,
+         cost=("0.00075", "0.0015"), latency_ms=150),
+    Call(10 * D, CLAUDE, "anthropic", "bob", "ads", feature="summarize", input_tokens=400,
+         output_tokens=200, cost=("0.0012", "0.003"), latency_ms=500, ttft_ms=60, properties=C2),
+    Call(20 * D, MINI, "openai", "alice", "ads", env="dev", status="rate_limited", latency_ms=5),
+    Call(29 * D, GPT4O, "openai", "carol", "search", input_tokens=10, output_tokens=5,
+         cost=("0.000025", "0.00005"), latency_ms=80, properties=C2),
+    Call(35 * D, GPT4O, "openai", "alice", "search", input_tokens=1000, output_tokens=1000,
+         cost=("0.0025", "0.01"), latency_ms=1000),
+    Call(39 * D, CLAUDE, "anthropic", "dave", "ads", feature="summarize",
+         status="upstream_error", latency_ms=30),
+    Call(95 * D, GPT4O, "openai", "alice", "search", input_tokens=100, output_tokens=100,
+         cost=("0.1", "0.1"), latency_ms=100),  # older than every range
+]  # fmt: skip
+
+
+# -- expected values, computed from CALLS ------------------------------------------------
+
+
+def within(range_: str, **where: str) -> list[Call]:
+    since = NOW - RANGE[range_]
+    return [
+        c for c in CALLS if c.ts_end >= since and all(getattr(c, k) == v for k, v in where.items())
+    ]
+
+
+def cost_of(calls: Iterable[Call]) -> Decimal | None:
+    """Sum of the priced calls; None when none was priced (unknown, never $0)."""
+    priced = [c.total for c in calls if c.total is not None]
+    return sum(priced, Decimal(0)) if priced else None
+
+
+def money(value: Decimal | None) -> str | None:
+    return None if value is None else f"{value:.9f}"
+
+
+def quantile(values: Iterable[float], level: float) -> float:
+    """Linear interpolation between closest ranks: ClickHouse's `quantile` on few values."""
+    ordered = sorted(values)
+    position = level * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def mean(values: Iterable[float]) -> float:
+    items = list(values)
+    return sum(items) / len(items)
+
+
+def groups(calls: list[Call], key: Callable[[Call], Any]) -> dict[Any, list[Call]]:
+    out: dict[Any, list[Call]] = {}
+    for c in calls:
+        out.setdefault(key(c), []).append(c)
+    return out
+
+
+def costliest_first(items: dict[Any, list[Call]]) -> list[Any]:
+    """The API's order: cost desc (unknown cost last), then requests desc, then key."""
+
+    def order(k: Any) -> tuple[Any, ...]:
+        cost = cost_of(items[k])
+        return (cost is None, -(cost or 0), -len(items[k]), k)
+
+    return sorted(items, key=order)
+
+
+def iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+# -- the app --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(store: Store, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestClient[Any, Any]]:
+    monkeypatch.setattr(params, "utcnow", lambda: NOW)
+    assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
+    app = web.Application(middlewares=[analytics.api_errors])
+    app[analytics.STORE] = store
+    analytics.add_routes(app)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield client
+
+
+async def get(api: TestClient[Any, Any], endpoint: str, **query: str) -> Any:
+    async with api.get(f"/api/v1/analytics/{endpoint}", params=query) as response:
+        body = await response.json()
+        assert response.status == 200, body
+        return body
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("range_", ["24h", "7d", "30d", "90d"])
+async def test_models_per_range_with_rolling_windows(
+    api: TestClient[Any, Any], range_: str
+) -> None:
+    body = await get(api, "models", range=range_)
+    assert body["range"] == range_
+    by_model = groups(within(range_), lambda c: (c.model, c.provider))
+    assert [(r["model"], r["provider"]) for r in body["data"]] == costliest_first(by_model)
+    for row in body["data"]:
+        calls = by_model[row["model"], row["provider"]]
+        errors = sum(c.status != "ok" for c in calls)
+        latencies = [c.latency_ms for c in calls]
+        assert row["requests"] == len(calls)
+        assert row["errors"] == errors
+        assert row["input_tokens"] == sum(c.input_tokens for c in calls)
+        assert row["output_tokens"] == sum(c.output_tokens for c in calls)
+        assert row["total_tokens"] == sum(c.tokens for c in calls)
+        assert row["cached_input_tokens"] == row["reasoning_tokens"] == 0
+        assert row["cost"] == money(cost_of(calls))
+        assert row["unpriced_requests"] == sum(c.cost is None for c in calls)
+        assert row["usage_missing_requests"] == 0
+        assert row["avg_latency_ms"] == pytest.approx(mean(latencies))
+        assert row["p95_latency_ms"] == pytest.approx(quantile(latencies, 0.95))
+        assert row["p99_latency_ms"] == pytest.approx(quantile(latencies, 0.99))
+        assert row["error_rate"] == pytest.approx(errors / len(calls))
+        assert row["success_rate"] == pytest.approx(1 - errors / len(calls))
+        for window in ("24h", "7d", "30d"):  # whatever the range
+            rolling = within(window, model=row["model"], provider=row["provider"])
+            assert row[f"requests_{window}"] == len(rolling)
+            assert row[f"tokens_{window}"] == sum(c.tokens for c in rolling)
+            assert row[f"cost_{window}"] == money(cost_of(rolling) if rolling else Decimal(0))
+
+
+async def test_models_written_out(api: TestClient[Any, Any]) -> None:
+    """A few of the numbers above, by hand, so the helpers cannot hide a shared mistake."""
+    rows = (await get(api, "models", range="24h"))["data"]
+    assert [(r["model"], r["requests"]) for r in rows] == [(CLAUDE, 1), (GPT4O, 3)]
+    gpt = rows[1]
+    assert gpt["cost"] == "0.001050000"  # 0.00075 + 0.0003; the error cost 0
+    assert (gpt["errors"], gpt["total_tokens"]) == (1, 210)
+    assert gpt["error_rate"] == pytest.approx(1 / 3)
+    assert (gpt["requests_24h"], gpt["requests_7d"], gpt["requests_30d"]) == (3, 4, 5)
+    assert gpt["cost_30d"] == "0.003375000"  # plus the 6- and 29-day-old calls
+    assert rows[0]["cost_7d"] == "0.002100000"  # claude's 10-day-old call is not in 7d
+    llama = (await get(api, "models", range="7d", provider="groq"))["data"]
+    assert [(r["model"], r["cost"], r["unpriced_requests"]) for r in llama] == [(LLAMA, None, 1)]
+    assert llama[0]["cost_24h"] == "0.000000000"  # no calls in 24h: cost 0, not unknown
+
+
+async def test_models_filters(api: TestClient[Any, Any]) -> None:
+    rows = (await get(api, "models", range="90d", provider="anthropic"))["data"]
+    assert [(r["model"], r["requests"], r["errors"]) for r in rows] == [(CLAUDE, 3, 1)]
+    rows = (await get(api, "models", range="30d", team="ads", env="dev"))["data"]
+    assert [(r["model"], r["requests"], r["cost"]) for r in rows] == [(MINI, 2, "0.000156000")]
+    rows = (await get(api, "models", feature="summarize"))["data"]
+    assert [r["model"] for r in rows] == [CLAUDE]
+    rows = (await get(api, "models", provider="openai' OR 1=1 --"))["data"]
+    assert rows == []  # a value is a bound parameter, never SQL
+
+
+# -- timeseries -----------------------------------------------------------------------
+
+
+def buckets(range_: str, granularity: str) -> list[datetime]:
+    step = H if granularity == "hour" else D
+
+    def floor(t: datetime) -> datetime:
+        t = t.replace(minute=0, second=0, microsecond=0)
+        return t.replace(hour=0) if granularity == "day" else t
+
+    out, at = [], floor(NOW - RANGE[range_])
+    while at <= floor(NOW):
+        out.append(at)
+        at += step
+    return out
+
+
+@pytest.mark.parametrize(
+    ("range_", "granularity", "expected_granularity", "count"),
+    [
+        ("24h", None, "hour", 25),  # the first and last buckets are partial
+        ("7d", None, "day", 8),
+        ("30d", None, "day", 31),
+        ("90d", None, "day", 91),
+        ("7d", "hour", "hour", 7 * 24 + 1),
+        ("24h", "day", "day", 2),
+    ],
+)
+async def test_timeseries_buckets_are_filled(
+    api: TestClient[Any, Any],
+    range_: str,
+    granularity: str | None,
+    expected_granularity: str,
+    count: int,
+) -> None:
+    query = {"range": range_} | ({"granularity": granularity} if granularity else {})
+    body = await get(api, "timeseries", **query)
+    assert body["granularity"] == expected_granularity
+    expected = buckets(range_, expected_granularity)
+    assert len(expected) == count
+    assert [r["bucket"] for r in body["data"]] == [iso(b) for b in expected]
+    step = H if expected_granularity == "hour" else D
+    calls = within(range_)
+    for row, start in zip(body["data"], expected, strict=True):
+        inside = [c for c in calls if start <= c.ts_end < start + step]
+        assert row["requests"] == len(inside)
+        assert row["errors"] == sum(c.status != "ok" for c in inside)
+        assert row["input_tokens"] == sum(c.input_tokens for c in inside)
+        assert row["output_tokens"] == sum(c.output_tokens for c in inside)
+        assert row["total_tokens"] == sum(c.tokens for c in inside)
+        assert row["cost"] == money(cost_of(inside) if inside else Decimal(0))
+        latencies = [c.latency_ms for c in inside]
+        assert row["p95_latency_ms"] == pytest.approx(quantile(latencies, 0.95) if inside else 0)
+    assert sum(r["requests"] for r in body["data"]) == len(calls)
+
+
+async def test_timeseries_24h_written_out(api: TestClient[Any, Any]) -> None:
+    rows = (await get(api, "timeseries", range="24h"))["data"]
+    assert rows[0]["bucket"] == "2026-03-14T12:00:00Z"
+    assert rows[-1]["bucket"] == "2026-03-15T12:00:00Z"
+    busy = {r["bucket"]: r for r in rows if r["requests"]}
+    assert sorted(busy) == ["2026-03-15T07:00:00Z", "2026-03-15T10:00:00Z", "2026-03-15T12:00:00Z"]
+    seven = busy["2026-03-15T07:00:00Z"]
+    assert (seven["requests"], seven["cost"]) == (2, "0.002400000")
+    assert seven["p95_latency_ms"] == pytest.approx(295.0)  # 200 + 0.95 * (300 - 200)
+    empty = rows[1]
+    assert empty == {
+        "bucket": "2026-03-14T13:00:00Z",
+        "requests": 0,
+        "errors": 0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "total_tokens": 0,
+        "cost": "0.000000000",
+        "p95_latency_ms": 0.0,
+    }
+    groq = (await get(api, "timeseries", range="7d", provider="groq"))["data"]
+    assert [(r["bucket"], r["cost"]) for r in groq if r["requests"]] == [
+        ("2026-03-12T00:00:00Z", None)  # calls, none priced: unknown, not $0
+    ]
+
+
+# -- providers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("range_", ["24h", "30d", "90d"])
+async def test_providers(api: TestClient[Any, Any], range_: str) -> None:
+    rows = (await get(api, "providers", range=range_))["data"]
+    by_provider = groups(within(range_), lambda c: c.provider)
+    assert [r["provider"] for r in rows] == costliest_first(by_provider)
+    for row in rows:
+        calls = by_provider[row["provider"]]
+        ok = sum(c.status == "ok" for c in calls)
+        assert row["models"] == len({c.model for c in calls})
+        assert row["requests"] == len(calls)
+        assert row["errors"] == len(calls) - ok
+        assert row["total_tokens"] == sum(c.tokens for c in calls)
+        assert row["cost"] == money(cost_of(calls))
+        assert row["avg_latency_ms"] == pytest.approx(mean(c.latency_ms for c in calls))
+        assert row["success_rate"] == pytest.approx(ok / len(calls))
+        assert row["error_rate"] == pytest.approx(1 - ok / len(calls))
+
+
+async def test_providers_written_out(api: TestClient[Any, Any]) -> None:
+    rows = (await get(api, "providers", range="30d"))["data"]
+    assert [(r["provider"], r["models"], r["requests"]) for r in rows] == [
+        ("anthropic", 1, 2),
+        ("openai", 2, 7),
+        ("groq", 1, 1),
+    ]
+    assert rows[2]["cost"] is None
+    assert rows[1]["success_rate"] == pytest.approx(5 / 7)
+    rows = (await get(api, "providers", range="30d", team="search"))["data"]
+    assert [(r["provider"], r["requests"]) for r in rows] == [("openai", 5), ("groq", 1)]
+
+
+# -- costs ----------------------------------------------------------------------------
+
+KEYS: dict[str, Callable[[Call], Any]] = {
+    "model": lambda c: c.model,
+    "provider": lambda c: c.provider,
+    "team": lambda c: c.team,
+    "user": lambda c: c.user,
+    "feature": lambda c: c.feature,
+    "property:customer": lambda c: c.properties.get("customer", ""),
+}
+
+
+@pytest.mark.parametrize("group_by", list(KEYS))
+async def test_costs_grouped(api: TestClient[Any, Any], group_by: str) -> None:
+    body = await get(api, "costs", range="90d", group_by=group_by)
+    assert body["group_by"] == group_by
+    by_key = groups(within("90d"), KEYS[group_by])
+    assert [r["key"] for r in body["data"]] == costliest_first(by_key)
+    for row in body["data"]:
+        calls = by_key[row["key"]]
+        priced = [c for c in calls if c.cost is not None]
+        assert row["requests"] == len(calls)
+        assert row["unpriced_requests"] == len(calls) - len(priced)
+        assert row["total_tokens"] == sum(c.tokens for c in calls)
+        assert row["cost"] == money(cost_of(calls))
+        if priced:
+            parts = (
+                sum((Decimal(c.cost[i]) for c in priced if c.cost), Decimal(0)) for i in (0, 1)
+            )
+            assert (row["cost_input"], row["cost_output"]) == tuple(map(money, parts))
+            assert row["cost_cached_input"] == row["cost_reasoning"] == "0.000000000"
+
+
+async def test_costs_by_day_and_property(api: TestClient[Any, Any]) -> None:
+    body = await get(api, "costs", range="7d", group_by="day")
+    by_day = groups(within("7d"), lambda c: c.ts_end.date())
+    assert [r["key"] for r in body["data"]] == [d.isoformat() for d in sorted(by_day)]
+    for row in body["data"]:
+        assert row["cost"] == money(cost_of(by_day[date.fromisoformat(row["key"])]))
+    rows = (await get(api, "costs", range="90d", group_by="property:customer"))["data"]
+    assert [(r["key"], r["requests"], r["cost"]) for r in rows] == [
+        ("", 6, "0.014750000"),  # calls without the property
+        ("c2", 3, "0.006375000"),
+        ("c1", 3, "0.001206000"),
+    ]
+    rows = (await get(api, "costs", group_by="property:no.such-prop_1"))["data"]
+    assert [(r["key"], r["requests"]) for r in rows] == [("", len(within("30d")))]
+    rows = (await get(api, "costs", range="90d", group_by="user", provider="anthropic"))["data"]
+    assert [(r["key"], r["cost"]) for r in rows] == [
+        ("bob", "0.004200000"),
+        ("alice", "0.002100000"),
+        ("dave", "0.000000000"),  # errors only: priced at zero
+    ]
+
+
+# -- usage ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "where",
+    [{}, {"model_id": GPT4O}, {"user_id": "alice"}, {"model_id": GPT4O, "user_id": "alice"}],
+)
+@pytest.mark.parametrize("range_", ["24h", "30d", "90d"])
+async def test_usage(api: TestClient[Any, Any], range_: str, where: dict[str, str]) -> None:
+    body = await get(api, "usage", range=range_, **where)
+    fields = {"model_id": "model", "user_id": "user"}
+    calls = within(range_, **{fields[k]: v for k, v in where.items()})
+    totals = body["totals"]
+    assert totals["requests"] == len(calls)
+    assert totals["errors"] == sum(c.status != "ok" for c in calls)
+    assert totals["input_tokens"] == sum(c.input_tokens for c in calls)
+    assert totals["output_tokens"] == sum(c.output_tokens for c in calls)
+    assert totals["total_tokens"] == sum(c.tokens for c in calls)
+    assert totals["cost"] == money(cost_of(calls) if calls else Decimal(0))
+    assert totals["unpriced_requests"] == sum(c.cost is None for c in calls)
+    by_model = groups(calls, lambda c: (c.model, c.provider))
+    assert [(r["model"], r["provider"]) for r in body["data"]] == costliest_first(by_model)
+    for row in body["data"]:
+        mine = by_model[row["model"], row["provider"]]
+        assert (row["requests"], row["total_tokens"]) == (len(mine), sum(c.tokens for c in mine))
+        assert row["cost"] == money(cost_of(mine))
+
+
+async def test_usage_written_out(api: TestClient[Any, Any]) -> None:
+    body = await get(api, "usage", range="90d", user_id="bob")
+    assert {k: body["totals"][k] for k in ("requests", "total_tokens", "cost")} == {
+        "requests": 3,
+        "total_tokens": 700,
+        "cost": "0.004200000",  # the llama call is unpriced: not in the sum, not $0
+    }
+    assert body["totals"]["unpriced_requests"] == 1
+    body = await get(api, "usage", user_id="nobody")
+    assert body["totals"]["requests"] == 0 and body["totals"]["cost"] == "0.000000000"
+    assert body["data"] == []
+
+
+# -- performance ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", [{}, {"model_id": GPT4O}, {"model_id": CLAUDE}])
+@pytest.mark.parametrize("range_", ["24h", "7d", "90d"])
+async def test_performance(api: TestClient[Any, Any], range_: str, where: dict[str, str]) -> None:
+    data = (await get(api, "performance", range=range_, **where))["data"]
+    calls = within(range_, **({"model": where["model_id"]} if where else {}))
+    latencies = [c.latency_ms for c in calls]
+    ttfts = [c.ttft_ms for c in calls if c.ttft_ms is not None]
+    ok = [c for c in calls if c.status == "ok"]
+    assert data["requests"] == len(calls)
+    assert data["avg_latency_ms"] == pytest.approx(mean(latencies))
+    for level in (50, 95, 99):
+        assert data[f"p{level}_latency_ms"] == pytest.approx(quantile(latencies, level / 100))
+    if ttfts:
+        assert data["avg_ttft_ms"] == pytest.approx(mean(ttfts))
+        assert data["p50_ttft_ms"] == pytest.approx(quantile(ttfts, 0.5))
+        assert data["p95_ttft_ms"] == pytest.approx(quantile(ttfts, 0.95))
+    else:
+        assert data["avg_ttft_ms"] is None and data["p95_ttft_ms"] is None
+    per_second = sum(c.output_tokens for c in ok) / (sum(c.latency_ms for c in ok) / 1000)
+    assert data["output_tokens_per_second"] == pytest.approx(per_second)
+    minutes = RANGE[range_].total_seconds() / 60
+    assert data["requests_per_minute"] == pytest.approx(len(calls) / minutes)
+
+
+async def test_performance_written_out(api: TestClient[Any, Any]) -> None:
+    data = (await get(api, "performance", range="24h", model_id=GPT4O))["data"]
+    assert data["requests"] == 3
+    assert data["p50_latency_ms"] == pytest.approx(100.0)  # of 50, 100, 200
+    assert data["avg_ttft_ms"] == pytest.approx(25.0)  # the two streamed calls
+    assert data["output_tokens_per_second"] == pytest.approx(70 / 0.3)  # errors excluded
+    assert data["requests_per_minute"] == pytest.approx(3 / 1440)
+    data = (await get(api, "performance", model_id="nope"))["data"]
+    assert data["requests"] == 0 and data["avg_latency_ms"] is None
+    assert data["output_tokens_per_second"] is None
+
+
+# -- users ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("range_", ["24h", "30d", "90d"])
+async def test_users(api: TestClient[Any, Any], range_: str) -> None:
+    body = await get(api, "users", range=range_)
+    assert body["limit"] == 100
+    by_user = groups(within(range_), lambda c: c.user)
+    assert [r["user"] for r in body["data"]] == costliest_first(by_user)
+    for row in body["data"]:
+        calls = by_user[row["user"]]
+        ok = sum(c.status == "ok" for c in calls)
+        priced = [c for c in calls if c.total is not None]
+        cost = cost_of(calls)
+        days = {c.ts_start.date() for c in calls}
+        assert row["requests"] == len(calls)
+        assert row["total_tokens"] == sum(c.tokens for c in calls)
+        assert row["cost"] == money(cost)
+        assert row["avg_latency_ms"] == pytest.approx(mean(c.latency_ms for c in calls))
+        assert row["success_rate"] == pytest.approx(ok / len(calls))
+        assert row["error_rate"] == pytest.approx(1 - ok / len(calls))
+        assert row["unique_models"] == len({c.model for c in calls})
+        assert row["providers"] == sorted({c.provider for c in calls})
+        assert row["first_request"] == iso(min(c.ts_start for c in calls))
+        assert row["last_request"] == iso(max(c.ts_start for c in calls))
+        assert row["days_active"] == len(days)
+        assert row["avg_requests_per_day"] == pytest.approx(len(calls) / len(days))
+        assert row["max_tokens_per_request"] == max(c.tokens for c in calls)
+        if cost is None:
+            assert row["cost_per_request"] is None and row["cost_per_1k_tokens"] is None
+            continue
+        per_request = (cost / len(priced)).quantize(NANO, ROUND_DOWN)  # Decimal(38, 9) division
+        assert row["cost_per_request"] == money(per_request)
+        tokens = sum(c.tokens for c in priced)
+        per_1k = (cost * 1000 / tokens).quantize(NANO, ROUND_DOWN) if tokens else None
+        assert row["cost_per_1k_tokens"] == money(per_1k)
+
+
+async def test_users_written_out_and_limited(api: TestClient[Any, Any]) -> None:
+    body = await get(api, "users", range="90d", limit="2")
+    assert body["limit"] == 2
+    assert [(r["user"], r["requests"], r["cost"]) for r in body["data"]] == [
+        ("alice", 6, "0.017900000"),
+        ("bob", 3, "0.004200000"),
+    ]
+    alice, bob = body["data"]
+    assert alice["providers"] == ["anthropic", "openai"] and alice["unique_models"] == 3
+    assert alice["first_request"] == "2026-02-08T12:29:59Z"  # 35 days before NOW, minus 1 s
+    assert bob["cost_per_request"] == "0.002100000"  # 0.0042 over his 2 priced calls
+    assert bob["cost_per_1k_tokens"] == "0.007000000"  # 0.0042 per 600 priced tokens
+    carol = (await get(api, "users", range="90d", team="ads", limit="1000"))["data"][-1]
+    assert (carol["user"], carol["cost"]) == ("dave", "0.000000000")
+    assert carol["cost_per_1k_tokens"] is None  # no priced tokens: no ratio, no error
+
+
+# -- tenant scope ---------------------------------------------------------------------
+
+
+def test_every_analytics_query_takes_the_shared_filters() -> None:
+    every = frozenset(params.FILTERS)
+    queries = Path(params.__file__).parent / "queries"
+    names = sorted(p.stem for p in queries.glob("analytics_*.sql"))
+    assert names == [
+        "analytics_costs",
+        "analytics_models",
+        "analytics_performance",
+        "analytics_providers",
+        "analytics_timeseries",
+        "analytics_usage",
+        "analytics_users",
+    ]
+    for name in names:
+        sql = render(name, filters=every, granularity="day", group_by="model", by_model=True)
+        for condition in ("tenant = {tenant:String}", "provider = {provider:String}"):
+            assert condition in sql, name
+        assert "tenant" not in render(name, filters=frozenset(), granularity="day",
+                                      group_by="model", by_model=True)  # fmt: skip
+
+
+async def test_tenant_filter_scopes_a_query(api: TestClient[Any, Any], store: Store) -> None:
+    def scoped(tenant: str | None) -> Filters:
+        return Filters(range="90d", since=NOW - RANGE["90d"], until=NOW, tenant=tenant)
+
+    for tenant, expected in (("globex", 1), ("acme", len(within("90d")) - 1), (None, 12)):
+        rows = await analytics.select(
+            store, "analytics_usage", scoped(tenant), structure={"by_model": False}
+        )
+        assert rows[0]["requests"] == expected
+    # Unset today: the API answers for every tenant.
+    assert (await get(api, "usage", range="90d"))["totals"]["requests"] == 12
+
+
+# -- bad parameters -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "query", "param"),
+    [
+        ("models", "range=1y", "range"),
+        ("models", "range=", "range"),
+        ("costs", "range=24h&range=7d", "range"),
+        ("timeseries", "granularity=week", "granularity"),
+        ("costs", "group_by=colour", "group_by"),
+        ("costs", "group_by=property:", "group_by"),
+        ("costs", "group_by=property:bad%20name", "group_by"),
+        ("costs", "group_by=property:x'%5D%20OR%201=1", "group_by"),
+        ("costs", "group_by=property:" + "a" * 65, "group_by"),
+        ("users", "limit=0", "limit"),
+        ("users", "limit=1001", "limit"),
+        ("users", "limit=ten", "limit"),
+        ("users", "limit=-5", "limit"),
+        ("users", "limit=2.5", "limit"),
+        ("models", "foo=1", "foo"),
+        ("providers", "model_id=gpt-4o", "model_id"),
+        ("performance", "user_id=alice", "user_id"),
+        ("users", "user_id=alice", "user_id"),
+        ("models", "granularity=day", "granularity"),
+        ("usage", "tenant=acme", "tenant"),  # never from the query string
+    ],
+)
+async def test_bad_parameters_are_400_naming_the_parameter(
+    api: TestClient[Any, Any], endpoint: str, query: str, param: str
+) -> None:
+    async with api.get(f"/api/v1/analytics/{endpoint}?{query}") as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["param"] == param
+    assert param in error["message"]
+
+
+async def test_unknown_endpoint_is_404(api: TestClient[Any, Any]) -> None:
+    async with api.get("/api/v1/analytics/nope") as response:
+        assert response.status == 404
+        assert "unknown endpoint" in (await response.json())["error"]["message"]
