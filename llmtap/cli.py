@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="list keys (never their secrets)")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
+    alerts = commands.add_parser("alerts", help="alert webhooks")
+    alerts.add_argument("--config", metavar="FILE", help="YAML config file (see README)")
+    alert_actions = alerts.add_subparsers(dest="action", required=True)
+    test = alert_actions.add_parser("test", help="send a signed sample alert to an endpoint")
+    test.add_argument("--endpoint", required=True, help="the webhook endpoint's name")
     return parser
 
 
@@ -86,6 +91,27 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _alerts_test(settings: Settings, name: str) -> int:
+    from sinks.webhooks.guard import Refused
+    from sinks.webhooks.probe import probe
+
+    endpoint = next((e for e in settings.webhooks if e.name == name), None)
+    if endpoint is None:
+        known = ", ".join(e.name for e in settings.webhooks) or "none configured"
+        print(f"no webhook endpoint named {name!r} (endpoints: {known})", file=sys.stderr)
+        return 2
+    try:
+        alert, response = asyncio.run(probe(endpoint, allow_private=settings.webhook_allow_private))
+    except Refused as exc:
+        print(f"refused, nothing sent: {exc}", file=sys.stderr)
+        return 1
+    if response.ok:
+        print(f"delivered sample alert {alert.event_id} to {name}: HTTP {response.status}")
+        return 0
+    print(f"sample alert {alert.event_id} to {name} failed: {response.error}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = load_settings(args.config)
@@ -93,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "keys":
         return _keys(settings, args)
+    if args.command == "alerts":
+        return _alerts_test(settings, args.endpoint)
     if args.command == "up":
         from llmtap.supervisor import up
 

@@ -1,0 +1,169 @@
+"""One alert to one endpoint: signed POSTs, retried with backoff, every attempt recorded.
+
+2xx: delivered. A timeout, a connection error, 408, 425, 429 or 5xx: retried after
+``backoff_s * 2**(n-1)`` (capped at BACKOFF_CAP_S, jittered to between half and all of
+it), or after the receiver's ``retry-after`` when it sends one (capped at
+RETRY_AFTER_CAP_S); the attempt that reaches ``max_attempts`` is dead-lettered. Any other
+answer (3xx included: redirects are never followed, 4xx) is dead-lettered at once: the
+same request would get the same answer. A target the SSRF guard refuses is recorded as
+``refused`` and never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+
+from llmtap.config import WebhookEndpoint
+from llmtap.events import utcnow
+from sinks.webhooks import guard, sign
+from sinks.webhooks.records import Attempt, Outcome
+from sinks.webhooks.render import Body
+
+BACKOFF_CAP_S = 300.0
+RETRY_AFTER_CAP_S = 3600.0
+ERROR_BODY_BYTES = 300  # how much of a failed answer's body is kept in the record
+USER_AGENT = "llmtap-webhooks/1"
+_RETRYABLE_STATUS = frozenset({408, 425, 429})
+
+Record = Callable[[Attempt], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Response:
+    """What one attempt got: a status, or an error before any status."""
+
+    status: int | None
+    error: str = ""
+    retry_after: float | None = None
+    retryable: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+def client_session(*, allow_private: bool) -> aiohttp.ClientSession:
+    """An HTTP client whose every resolved address passes the SSRF guard; no env proxies."""
+    connector = aiohttp.TCPConnector(resolver=guard.GuardedResolver(allow_private=allow_private))
+    return aiohttp.ClientSession(connector=connector, trust_env=False)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """``retry-after`` in seconds (delta-seconds or an HTTP date); None if absent or bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def retry_delay(
+    attempt: int,
+    backoff_s: float,
+    retry_after: float | None = None,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """How long to wait after failed attempt number ``attempt`` (1-based)."""
+    if retry_after is not None:
+        return min(retry_after, RETRY_AFTER_CAP_S)
+    delay = min(BACKOFF_CAP_S, backoff_s * 2.0 ** (attempt - 1))
+    return delay / 2 + rand() * delay / 2
+
+
+def _status_error(status: int, reason: str | None, location: str | None, body: bytes) -> str:
+    error = f"HTTP {status} {reason or ''}".rstrip()
+    if location is not None:
+        error += f" (redirect to {location} not followed)"
+    text = body.decode(errors="replace").strip()
+    return f"{error}: {text}" if text else error
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    endpoint: WebhookEndpoint,
+    msg_id: str,
+    body: Body,
+    *,
+    allow_private: bool,
+) -> Response:
+    """One signed POST. Raises guard.Refused if the target is refused (nothing sent)."""
+    guard.check_url(endpoint.url, allow_private=allow_private)
+    headers = {
+        "content-type": body.content_type,
+        "user-agent": USER_AGENT,
+        **sign.headers(endpoint.secret.get_secret_value(), msg_id, body.data),
+    }
+    try:
+        async with session.post(
+            endpoint.url,
+            data=body.data,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=endpoint.timeout_s),
+        ) as resp:
+            if 200 <= resp.status < 300:
+                return Response(resp.status)
+            text = await resp.content.read(ERROR_BODY_BYTES)
+            retryable = resp.status in _RETRYABLE_STATUS or resp.status >= 500
+            error = _status_error(resp.status, resp.reason, resp.headers.get("location"), text)
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            return Response(resp.status, error, retry_after, retryable)
+    except TimeoutError:
+        return Response(None, f"timeout after {endpoint.timeout_s:g}s")
+    except aiohttp.InvalidURL as exc:
+        return Response(None, f"invalid URL: {exc}", retryable=False)
+    except aiohttp.ClientError as exc:
+        return Response(None, f"{type(exc).__name__}: {exc}")
+
+
+def _outcome(response: Response, last: bool) -> Outcome:
+    if response.ok:
+        return "delivered"
+    return "retrying" if response.retryable and not last else "dead_lettered"
+
+
+async def deliver(
+    session: aiohttp.ClientSession,
+    endpoint: WebhookEndpoint,
+    alert_id: uuid.UUID,
+    body: Body,
+    *,
+    allow_private: bool,
+    record: Record,
+    attempts_made: int = 0,
+) -> Outcome:
+    """Deliver until a final outcome; ``record`` stores each attempt before the next.
+
+    The alert id is the ``webhook-id`` of every attempt: the receiver's idempotency key.
+    """
+    name, msg_id = endpoint.name, str(alert_id)
+    for n in range(attempts_made + 1, endpoint.max_attempts + 1):
+        try:
+            response = await send(session, endpoint, msg_id, body, allow_private=allow_private)
+        except guard.Refused as exc:
+            await record(Attempt(alert_id, name, n, utcnow(), None, f"refused: {exc}", "refused"))
+            return "refused"
+        outcome = _outcome(response, last=n == endpoint.max_attempts)
+        await record(Attempt(alert_id, name, n, utcnow(), response.status, response.error, outcome))
+        if outcome != "retrying":
+            return outcome
+        await asyncio.sleep(retry_delay(n, endpoint.backoff_s, response.retry_after))
+    # Resumed with no attempt left (max_attempts was lowered since the last one).
+    error = f"no attempt left ({attempts_made} made, max_attempts {endpoint.max_attempts})"
+    await record(Attempt(alert_id, name, attempts_made, utcnow(), None, error, "dead_lettered"))
+    return "dead_lettered"

@@ -1,0 +1,145 @@
+"""The webhook dispatcher: alerts from Kafka into ClickHouse, then out to endpoints.
+
+1. decode: bytes -> Alert, or a dead letter (kept in ``dead_letters``): an alert that
+   does not validate, or whose numbers do not fit their columns, never blocks the rest;
+2. store: each alert once in ``alerts`` (insert-if-absent on its id), and for each
+   endpoint whose filters match it, a ``pending`` row in ``webhook_deliveries`` unless
+   that delivery is recorded already (a replayed or duplicated alert adds nothing);
+3. hand each new delivery to its endpoint's worker (never blocks; see worker.py);
+4. commit the offsets, only after step 2 is durable.
+
+Restarts: a delivery recorded without a final outcome (pending, or retrying) is resumed
+by its endpoint's worker when the dispatcher starts, counting the attempts already made.
+Delivery is at least once: an attempt sent but not yet recorded when the process stops
+is sent again, with the same ``webhook-id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic import ValidationError
+
+from llmtap import topics
+from llmtap.config import Settings, WebhookEndpoint
+from llmtap.events import Alert, utcnow
+from sinks.clickhouse.writer import DeadLetter
+from sinks.webhooks import records
+from sinks.webhooks.records import Job
+from sinks.webhooks.worker import EndpointWorker
+from sql.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 500
+
+
+def matches(endpoint: WebhookEndpoint, alert: Alert) -> bool:
+    """Whether an endpoint's filters (empty = all) let this alert through."""
+    return (
+        (not endpoint.alert_types or alert.alert_type in endpoint.alert_types)
+        and (not endpoint.rules or alert.rule in endpoint.rules)
+        and (not endpoint.dimensions or alert.dimension in endpoint.dimensions)
+        and (not endpoint.values or alert.value in endpoint.values)
+    )
+
+
+def decode(
+    batch: list[ConsumerRecord[bytes, bytes]],
+) -> tuple[list[Alert], list[DeadLetter], dict[TopicPartition, int]]:
+    alerts: list[Alert] = []
+    letters: list[DeadLetter] = []
+    offsets: dict[TopicPartition, int] = {}
+    for record in batch:
+        offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        raw = record.value or b""
+        try:
+            alert = Alert.model_validate_json(raw)
+            error = records.out_of_range(alert)
+        except ValidationError as exc:
+            error = str(exc)
+        if error:
+            letters.append(
+                DeadLetter(utcnow(), record.topic, record.partition, record.offset, raw, error)
+            )
+        else:
+            alerts.append(alert)
+    return alerts, letters, offsets
+
+
+class WebhookDispatcher:
+    def __init__(
+        self, settings: Settings, store: Store, group_id: str = topics.WEBHOOK_GROUP
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._group_id = group_id
+        allow = settings.webhook_allow_private
+        self.workers = {
+            e.name: EndpointWorker(e, store, allow_private=allow) for e in settings.webhooks
+        }
+        self.alerts_read = 0
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            topics.ALERTS,
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            group_id=self._group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            max_poll_interval_ms=3_600_000,  # a long ClickHouse outage must not evict us
+        )
+
+    async def run(self) -> None:
+        """Consume until cancelled (reconnecting if the broker goes away); workers alongside."""
+        tasks = [
+            asyncio.create_task(w.run(), name=f"webhook-{name}") for name, w in self.workers.items()
+        ]
+        try:
+            while True:
+                consumer = self._consumer()
+                try:
+                    await consumer.start()
+                    log.info("webhook dispatcher consuming %s", topics.ALERTS)
+                    await self._consume(consumer)
+                except KafkaError as exc:
+                    log.warning("webhook dispatcher lost the broker (%s); reconnecting", exc)
+                    await asyncio.sleep(1.0)
+                finally:
+                    await consumer.stop()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            fetched = await consumer.getmany(timeout_ms=1000, max_records=MAX_BATCH)
+            batch = [r for partition in fetched.values() for r in partition]
+            if not batch:
+                continue
+            alerts, letters, offsets = decode(batch)
+            wanted = [(e.name, a) for a in alerts for e in self._settings.webhooks if matches(e, a)]
+            stored = await records.durably(
+                "storing alerts", records.store_batch, self._store, alerts, wanted, letters
+            )
+            self.alerts_read += len(alerts)
+            for name, alert in stored.new:
+                self.workers[name].offer(Job(alert))
+            for name, alert_id in stored.unfinished:
+                if name in self.workers:
+                    self.workers[name].resume(alert_id)
+            try:
+                await consumer.commit(offsets)
+            except CommitFailedError as exc:
+                # Another dispatcher owns these partitions now; it re-reads them, and the
+                # stored rows keep it from storing or delivering anything twice.
+                log.warning("commit after storing alerts failed (%s)", exc)

@@ -1,0 +1,204 @@
+"""The ClickHouse side of alert delivery: rows of ``alerts`` and ``webhook_deliveries``.
+
+Sync functions, run in a thread (the Store serialises calls). ``durably`` retries one
+until ClickHouse takes it: nothing moves on (no offset commit, no next attempt) before
+its record is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal, ParamSpec, TypeVar
+
+from pydantic import ValidationError
+
+from llmtap.events import Alert, utcnow
+from sinks.clickhouse.rows import DEAD_LETTER_COLUMNS
+from sinks.clickhouse.writer import DeadLetter, new_dead_letters
+from sql.store import Store, render
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["pending", "retrying", "delivered", "dead_lettered", "refused"]
+FINAL: tuple[Outcome, ...] = ("delivered", "dead_lettered", "refused")
+
+ALERT_COLUMNS = (
+    "event_id",
+    "schema_version",
+    "alert_type",
+    "state",
+    "severity",
+    "rule",
+    "dimension",
+    "value",
+    "metric",
+    "observed",
+    "baseline",
+    "threshold",
+    "window_start",
+    "window_end",
+    "first_seen",
+    "message",
+    "payload",
+    "stored_at",
+)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One row of webhook_deliveries (fields in column order)."""
+
+    alert_id: uuid.UUID
+    endpoint: str
+    attempt: int  # 0: recorded as pending; 1..N: HTTP requests
+    ts: datetime
+    status_code: int | None
+    error: str
+    outcome: Outcome
+
+
+DELIVERY_COLUMNS = tuple(f.name for f in fields(Attempt))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One alert to deliver to one endpoint, after ``attempts`` attempts already made."""
+
+    alert: Alert
+    attempts: int = 0
+
+
+@dataclass
+class Stored:
+    """What storing a batch of alerts left to deliver."""
+
+    new: list[tuple[str, Alert]]  # (endpoint, alert) recorded as pending just now
+    unfinished: list[tuple[str, uuid.UUID]]  # recorded earlier, not finished yet
+
+
+# Decimal(38, 9) holds 29 digits before the point.
+_DECIMAL_LIMIT = Decimal(10) ** 29
+
+
+def out_of_range(alert: Alert) -> str:
+    """Why an alert's numbers do not fit its columns, or "" if they do."""
+    for name in ("observed", "baseline", "threshold"):
+        value = getattr(alert, name)
+        if value is not None and abs(value) >= _DECIMAL_LIMIT:
+            return f"{name} {value} does not fit Decimal(38, 9)"
+    return ""
+
+
+def alert_row(alert: Alert) -> tuple[Any, ...]:
+    a = alert
+    return (
+        a.event_id,
+        a.schema_version,
+        a.alert_type,
+        a.state,
+        a.severity,
+        a.rule,
+        a.dimension,
+        a.value,
+        a.metric,
+        a.observed,
+        a.baseline,
+        a.threshold,
+        a.window_start,
+        a.window_end,
+        a.first_seen,
+        a.message,
+        a.model_dump_json(),
+        utcnow(),
+    )
+
+
+def record(store: Store, attempts: Sequence[Attempt]) -> None:
+    if attempts:
+        store.insert("webhook_deliveries", [astuple(a) for a in attempts], DELIVERY_COLUMNS)
+
+
+def store_batch(
+    store: Store,
+    alerts: list[Alert],
+    wanted: list[tuple[str, Alert]],
+    dead_letters: list[DeadLetter],
+) -> Stored:
+    """Store new alerts (insert-if-absent) and a pending row per new delivery wanted."""
+    unique = list({a.event_id: a for a in alerts}.values())
+    ids = [a.event_id for a in unique]
+    if ids:
+        stored = {r["event_id"] for r in store.rows(render("alerts_existing"), {"alert_ids": ids})}
+        fresh = [alert_row(a) for a in unique if a.event_id not in stored]
+        if fresh:
+            store.insert("alerts", fresh, ALERT_COLUMNS)
+    states: dict[tuple[uuid.UUID, str], bool] = {}
+    if wanted:
+        rows = store.rows(
+            render("webhook_delivery_states"), {"alert_ids": ids, "final": list(FINAL)}
+        )
+        states = {(r["alert_id"], r["endpoint"]): bool(r["finished"]) for r in rows}
+    new = list(
+        {(e, a.event_id): (e, a) for e, a in wanted if (a.event_id, e) not in states}.values()
+    )
+    now = utcnow()
+    record(store, [Attempt(a.event_id, e, 0, now, None, "", "pending") for e, a in new])
+    letters = new_dead_letters(store, dead_letters) if dead_letters else []
+    if letters:
+        store.insert("dead_letters", [astuple(d) for d in letters], DEAD_LETTER_COLUMNS)
+        log.error("%d undecodable alerts sent to dead_letters", len(letters))
+    left = [(e, alert_id) for (alert_id, e), done in states.items() if not done]
+    return Stored(new, left)
+
+
+def unfinished(store: Store, endpoint: str, limit: int) -> list[Job]:
+    """One endpoint's deliveries with no final outcome, oldest first."""
+    rows = store.rows(
+        render("webhook_unfinished"), {"endpoint": endpoint, "final": list(FINAL), "limit": limit}
+    )
+    jobs = []
+    for row in rows:
+        try:
+            alert = Alert.model_validate_json(row["payload"])
+        except ValidationError as exc:
+            log.error("stored alert %s no longer decodes; dead-lettered", row["alert_id"])
+            error = f"stored alert does not decode: {exc}"
+            record(
+                store,
+                [
+                    Attempt(
+                        row["alert_id"],
+                        endpoint,
+                        row["attempts"],
+                        utcnow(),
+                        None,
+                        error,
+                        "dead_lettered",
+                    )
+                ],
+            )
+            continue
+        jobs.append(Job(alert, int(row["attempts"])))
+    return jobs
+
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+async def durably(what: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run ``fn`` in a thread until it succeeds, backing off up to 30 s."""
+    backoff = 0.5
+    while True:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except Exception as exc:
+            log.error("%s failed (%s); retrying in %.1fs", what, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)

@@ -1,0 +1,82 @@
+"""Alert -> webhook body, by a Jinja2 template. Pure once a template is loaded.
+
+Built-ins ship as package data (``templates/*.j2``): ``json`` (the full alert, as
+published), ``slack`` (an incoming-webhook message with Block Kit ``blocks``) and
+``text`` (one short line). Any other name is the path of a Jinja2 file. A template
+sees ``alert``: the alert as JSON-ready values (decimals and times as strings), and
+has the filters ``tojson`` and ``slack_escape``. An undefined name is an error, not "".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+from llmtap.events import Alert
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+BUILTIN: dict[str, str] = {"json": JSON, "slack": JSON, "text": TEXT}
+
+
+@dataclass(frozen=True)
+class Template:
+    source: str  # a built-in's name, or the file's path
+    jinja: jinja2.Template
+    content_type: str | None  # None: a custom file; decided from what it renders
+
+
+@dataclass(frozen=True)
+class Body:
+    data: bytes
+    content_type: str
+
+
+def slack_escape(text: str) -> str:
+    """Escape the three characters Slack's mrkdwn reserves for links and mentions."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=loader,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["slack_escape"] = slack_escape
+    return env
+
+
+_builtins = _environment(jinja2.PackageLoader("sinks.webhooks", "templates"))
+
+
+@cache
+def load(spec: str) -> Template:
+    """A built-in by name, or a Jinja2 file by path; raises if it does not compile."""
+    if spec in BUILTIN:
+        return Template(spec, _builtins.get_template(f"{spec}.j2"), BUILTIN[spec])
+    path = Path(spec).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"webhook template {spec!r}: not a built-in, and no such file")
+    env = _environment(jinja2.FileSystemLoader(path.parent))
+    return Template(str(path), env.get_template(path.name), None)
+
+
+def _sniff(text: str) -> str:
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return TEXT
+    return JSON if isinstance(parsed, dict | list) else TEXT
+
+
+def render(template: Template, alert: Alert) -> Body:
+    """The body for one alert (raises jinja2.TemplateError on a template error)."""
+    text = template.jinja.render(alert=alert.model_dump(mode="json")).strip()
+    return Body(text.encode(), template.content_type or _sniff(text))

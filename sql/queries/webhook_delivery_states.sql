@@ -1,0 +1,9 @@
+-- For these alerts, each (alert, endpoint) delivery already recorded, and whether it
+-- has reached a final outcome.
+SELECT
+    alert_id,
+    endpoint,
+    countIf(outcome IN {final:Array(String)}) > 0 AS finished
+FROM webhook_deliveries
+WHERE alert_id IN {alert_ids:Array(UUID)}
+GROUP BY alert_id, endpoint

@@ -1,0 +1,21 @@
+-- One endpoint's deliveries with no final outcome yet, oldest first, with the alert to
+-- render again and how many attempts were already made (0: only recorded as pending).
+WITH unfinished AS
+(
+    SELECT alert_id, max(attempt) AS attempts, min(ts) AS since
+    FROM webhook_deliveries
+    WHERE endpoint = {endpoint:String}
+    GROUP BY alert_id
+    HAVING countIf(outcome IN {final:Array(String)}) = 0
+)
+SELECT u.alert_id AS alert_id, u.attempts AS attempts, a.payload AS payload
+FROM unfinished AS u
+INNER JOIN
+(
+    SELECT event_id, any(payload) AS payload
+    FROM alerts
+    WHERE event_id IN (SELECT alert_id FROM unfinished)
+    GROUP BY event_id
+) AS a ON a.event_id = u.alert_id
+ORDER BY u.since, u.alert_id
+LIMIT {limit:UInt32}

@@ -1,0 +1,578 @@
+"""Alert delivery (sinks/webhooks) on real parts: Tansu, chDB, and HTTP receivers here.
+
+The receivers verify every signature with the `standardwebhooks` library, as a user's
+receiver would. Each test's endpoints filter on a rule of their own, so alerts other
+tests left on the shared topic are stored but never delivered to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import ValidationError
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from llmtap import topics
+from llmtap.config import Settings, WebhookEndpoint
+from llmtap.events import Alert
+from sinks.webhooks import deliver, guard, records, render, sign
+from sinks.webhooks.dispatcher import WebhookDispatcher, matches
+from sql.store import Store
+from tests.conftest import Broker
+
+SECRET = "whsec_" + base64.b64encode(b"llmtap-tests-webhook-secret-0032").decode()
+TIMEOUT_S = 45  # every wait below is bounded by this
+
+
+def make_alert(rule: str = "cost-spike", **changes: Any) -> Alert:
+    start = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
+    fields: dict[str, Any] = {
+        "event_id": uuid.uuid4(),
+        "alert_type": "spike",
+        "state": "firing",
+        "severity": "warning",
+        "rule": rule,
+        "dimension": "team",
+        "value": "search",
+        "metric": "cost",
+        "observed": Decimal("12.50"),
+        "baseline": Decimal("3.10"),
+        "window_start": start,
+        "window_end": start + timedelta(minutes=5),
+        "first_seen": start + timedelta(minutes=5),
+        "message": "team search spent 4x its usual in 5 minutes",
+    }
+    return Alert(**(fields | changes))
+
+
+def endpoint(name: str, url: str, **changes: Any) -> WebhookEndpoint:
+    return WebhookEndpoint(name=name, url=url, secret=SECRET, backoff_s=0.01, **changes)
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def test_json_template_is_the_full_alert() -> None:
+    alert = make_alert(alert_type="budget", baseline=Decimal(1000), threshold=Decimal(80))
+    body = render.render(render.load("json"), alert)
+    assert body.content_type == "application/json"
+    assert Alert.model_validate_json(body.data) == alert
+
+
+def test_slack_template_is_blocks_with_the_facts_escaped() -> None:
+    alert = make_alert(value="r&d <all>", message="spend <doubled> & more")
+    body = render.render(render.load("slack"), alert)
+    message = json.loads(body.data)
+    assert body.content_type == "application/json"
+    assert message["text"] and message["blocks"][0]["type"] == "header"
+    fields = [f["text"] for b in message["blocks"] if "fields" in b for f in b["fields"]]
+    assert "*Scope*\nteam = r&amp;d &lt;all&gt;" in fields
+    assert "*Observed*\n12.50" in fields and "*Baseline*\n3.10" in fields
+    assert "spend &lt;doubled&gt; &amp; more" in message["blocks"][1]["text"]["text"]
+
+
+def test_text_template_is_one_short_line() -> None:
+    alert = make_alert(rule="cost-spike", value="search", observed=Decimal("12.50"))
+    body = render.render(render.load("text"), alert)
+    text = body.data.decode()
+    assert body.content_type.startswith("text/plain")
+    assert "\n" not in text
+    for fact in ("cost-spike", "search", "12.50", "FIRING"):
+        assert fact in text
+
+
+def test_a_custom_template_file(tmp_path: Path) -> None:
+    path = tmp_path / "teams.j2"
+    path.write_text('{"title": {{ alert.rule | tojson }}, "summary": {{ alert.message | tojson }}}')
+    alert = make_alert()
+    body = render.render(render.load(str(path)), alert)
+    assert json.loads(body.data) == {"title": alert.rule, "summary": alert.message}
+    assert body.content_type == "application/json"
+    with pytest.raises(FileNotFoundError):
+        render.load(str(tmp_path / "missing.j2"))
+
+
+# -- signing, config, guard, retries, filters --------------------------------------
+
+
+def test_signature_matches_the_standard_webhooks_published_example() -> None:
+    # The example every Standard Webhooks library tests against.
+    headers = sign.headers(
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        b'{"test": 2432232314}',
+        datetime.fromtimestamp(1614265330, UTC),
+    )
+    assert headers == {
+        "webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        "webhook-timestamp": "1614265330",
+        "webhook-signature": "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+    }
+
+
+def test_signed_headers_verify_and_a_changed_body_does_not() -> None:
+    body = b'{"rule": "cost-spike"}'
+    headers = sign.headers(SECRET, "an-alert-id", body)
+    assert Webhook(SECRET).verify(body, headers) == {"rule": "cost-spike"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(b'{"rule": "other"}', headers)
+
+
+@pytest.mark.parametrize(
+    "secret", ["not base64 !", "whsec_c2hvcnQ=", "whsec_" + base64.b64encode(bytes(65)).decode()]
+)
+def test_a_secret_must_be_whsec_base64_of_24_to_64_bytes(secret: str) -> None:
+    with pytest.raises(ValidationError, match="secret"):
+        WebhookEndpoint(name="a", url="https://example.com/", secret=secret)
+
+
+def test_endpoint_names_are_unique_and_urls_http() -> None:
+    ok = {"url": "https://example.com/", "secret": SECRET}
+    with pytest.raises(ValidationError, match="unique"):
+        Settings(webhooks=[{"name": "a", **ok}, {"name": "a", **ok}])
+    with pytest.raises(ValidationError, match="http"):
+        WebhookEndpoint(name="a", url="file:///etc/passwd", secret=SECRET)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/",
+        "http://10.1.2.3/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8080/",
+        "http://[::ffff:192.168.0.1]/",
+        "http://0.0.0.0/",
+        "http://224.0.0.1/",
+        "ftp://93.184.215.14/",
+        "file:///etc/passwd",
+    ],
+)
+def test_guard_refuses_private_and_non_http_targets(url: str) -> None:
+    with pytest.raises(guard.Refused):
+        guard.check_url(url, allow_private=False)
+
+
+def test_guard_allows_public_addresses_and_private_ones_when_allowed() -> None:
+    guard.check_url("https://93.184.215.14/hook", allow_private=False)
+    guard.check_url("https://hooks.example.com/x", allow_private=False)  # names: at resolve
+    guard.check_url("http://127.0.0.1:9/", allow_private=True)
+    with pytest.raises(guard.Refused):  # never a valid target, allowed or not
+        guard.check_url("http://224.0.0.1/", allow_private=True)
+
+
+async def test_guard_resolver_refuses_a_name_that_resolves_to_loopback() -> None:
+    resolver = guard.GuardedResolver(allow_private=False)
+    try:
+        with pytest.raises(guard.Refused, match="loopback"):
+            await resolver.resolve("localhost", 80)
+    finally:
+        await resolver.close()
+
+
+def test_retry_after_is_honoured_and_backoff_doubles_with_jitter() -> None:
+    assert deliver.parse_retry_after("0") == 0
+    assert deliver.parse_retry_after("120") == 120
+    now = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
+    assert deliver.parse_retry_after("Thu, 01 May 2025 10:00:30 GMT", now) == 30
+    assert deliver.parse_retry_after("soon") is None
+    assert deliver.retry_delay(3, 1.0, retry_after=0) == 0  # the receiver's word wins
+    assert deliver.retry_delay(1, 1.0, rand=lambda: 0.0) == 0.5
+    assert deliver.retry_delay(3, 1.0, rand=lambda: 1.0) == 4.0
+    assert deliver.retry_delay(30, 1.0, rand=lambda: 1.0) == deliver.BACKOFF_CAP_S
+
+
+def test_filters_empty_means_all() -> None:
+    url = "https://example.com/"
+    spike = make_alert(rule="cost-spike", dimension="team", value="search")
+    assert matches(endpoint("all", url), spike)
+    assert not matches(endpoint("budgets", url, alert_types=["budget"]), spike)
+    assert matches(endpoint("rule", url, rules=["cost-spike", "x"]), spike)
+    assert not matches(endpoint("other-team", url, dimensions=["team"], values=["ads"]), spike)
+    assert matches(endpoint("team", url, dimensions=["team"], values=["search"]), spike)
+
+
+# -- delivery on real parts ---------------------------------------------------------
+
+
+@dataclass
+class Behaviour:
+    fail_first: tuple[int, ...] = ()  # statuses of the first attempts of each alert id
+    always: int | None = None  # answer every request with this status
+    redirect_to: str | None = None  # answer 302 to there
+    hold: asyncio.Event | None = None  # a slow receiver: answers once this is set
+
+
+@dataclass
+class Arrival:
+    seq: int  # order of arrival across every route
+    route: str
+    webhook_id: str
+    status: int = 0  # what the receiver answered (0 until it answered)
+
+
+@dataclass
+class Receiver:
+    """HTTP receivers on 127.0.0.1, one per route, that verify every signature."""
+
+    behaviours: dict[str, Behaviour]
+    arrivals: list[Arrival] = field(default_factory=list)
+    accepted: list[Arrival] = field(default_factory=list)  # in order of acceptance
+    bad_signatures: int = 0
+    base_url: str = ""
+
+    def requests(self, route: str, webhook_id: str | None = None) -> list[Arrival]:
+        return [
+            a
+            for a in self.arrivals
+            if a.route == route and (webhook_id is None or a.webhook_id == webhook_id)
+        ]
+
+    def accepted_ids(self, route: str) -> Counter[str]:
+        return Counter(a.webhook_id for a in self.accepted if a.route == route)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        route = request.match_info["route"]
+        body = await request.read()
+        try:
+            Webhook(SECRET).verify(body, dict(request.headers), json_parse=False)
+        except WebhookVerificationError:
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        webhook_id = request.headers["webhook-id"]
+        earlier = len(self.requests(route, webhook_id))
+        arrival = Arrival(len(self.arrivals), route, webhook_id)
+        self.arrivals.append(arrival)
+        how = self.behaviours.get(route, Behaviour())
+        headers = {}
+        if how.redirect_to is not None:
+            arrival.status, headers = 302, {"location": how.redirect_to}
+        elif how.always is not None:
+            arrival.status = how.always
+        elif earlier < len(how.fail_first):
+            arrival.status = how.fail_first[earlier]
+            if arrival.status == 429:
+                headers = {"retry-after": "0"}
+        else:
+            if how.hold is not None:
+                await how.hold.wait()
+            arrival.status = 200
+            self.accepted.append(arrival)
+        return web.Response(status=arrival.status, headers=headers, text="ok")
+
+
+@contextlib.asynccontextmanager
+async def receiver(behaviours: dict[str, Behaviour]) -> AsyncIterator[Receiver]:
+    rec = Receiver(behaviours)
+    app = web.Application()
+    app.router.add_post("/{route}", rec.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    rec.base_url = str(server.make_url("")).rstrip("/")
+    try:
+        yield rec
+    finally:
+        for how in behaviours.values():
+            if how.hold is not None:
+                how.hold.set()
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def dispatching(
+    settings: Settings, store: Store, group_id: str = ""
+) -> AsyncIterator[WebhookDispatcher]:
+    group_id = group_id or f"webhooks-test-{uuid.uuid4()}"
+    dispatcher = WebhookDispatcher(settings, store, group_id=group_id)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        yield dispatcher
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def publish(bootstrap: str, items: list[Alert | bytes]) -> dict[TopicPartition, int]:
+    """Publish alerts keyed by id (or raw bytes); return each partition's end offset."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        sent = []
+        for item in items:
+            if isinstance(item, Alert):
+                value, key = item.model_dump_json().encode(), str(item.event_id).encode()
+            else:
+                value, key = item, str(uuid.uuid4()).encode()
+            sent.append(await producer.send(topics.ALERTS, value, key=key))
+        ends: dict[TopicPartition, int] = {}
+        for metadata in await asyncio.gather(*sent):
+            tp = TopicPartition(metadata.topic, metadata.partition)
+            ends[tp] = max(ends.get(tp, 0), metadata.offset + 1)
+        return ends
+    finally:
+        await producer.stop()
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]]) -> None:
+    """Poll a condition (sync or async) until it holds, within TIMEOUT_S."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while True:
+            result = condition()
+            if result if isinstance(result, bool) else await result:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def all_committed(bootstrap: str, group: str, ends: dict[TopicPartition, int]) -> bool:
+    """Whether ``group`` committed up to ``ends`` (read directly: Tansu's end offsets count
+    record batches, not records, so a lag computed from them is wrong for batched sends)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group, partitions=list(ends))
+    finally:
+        await admin.close()
+    return all(tp in committed and committed[tp].offset >= end for tp, end in ends.items())
+
+
+def attempts(store: Store, alert_ids: list[uuid.UUID]) -> dict[tuple[str, str], list[Any]]:
+    """Every recorded step, per (endpoint, alert id), in attempt order."""
+    rows = store.rows(
+        "SELECT endpoint, alert_id, attempt, status_code, outcome, error"
+        " FROM webhook_deliveries WHERE alert_id IN {ids:Array(UUID)}"
+        " ORDER BY endpoint, alert_id, attempt, ts",
+        {"ids": alert_ids},
+    )
+    found: dict[tuple[str, str], list[Any]] = {}
+    for r in rows:
+        step = (r["attempt"], r["status_code"], r["outcome"], r["error"])
+        found.setdefault((r["endpoint"], str(r["alert_id"])), []).append(step)
+    return found
+
+
+def finished(store: Store, alert_ids: list[uuid.UUID], pairs: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        steps = await asyncio.to_thread(attempts, store, alert_ids)
+        final = [s for s in steps.values() if s[-1][2] in records.FINAL]
+        return len(final) == pairs
+
+    return check
+
+
+async def test_each_alert_is_accepted_once_despite_failures_duplicates_and_a_slow_receiver(
+    broker: Broker, store: Store
+) -> None:
+    rule = f"rule-{uuid.uuid4()}"
+    alerts = [
+        make_alert(rule),
+        make_alert(rule, alert_type="budget", metric="spend", threshold=Decimal(80)),
+        make_alert(rule, value="ads"),
+    ]
+    unmatched = make_alert(f"other-{rule}")
+    hold = asyncio.Event()
+    behaviours = {"flaky": Behaviour(fail_first=(500, 429)), "slow": Behaviour(hold=hold)}
+    async with receiver(behaviours) as rec:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            webhook_allow_private=True,
+            webhooks=[
+                endpoint("flaky", f"{rec.base_url}/flaky", rules=[rule], template="slack"),
+                endpoint("slow", f"{rec.base_url}/slow", rules=[rule], timeout_s=TIMEOUT_S),
+            ],
+        )
+        # The first alert twice: once more after the others, as a replay would.
+        ends = await publish(broker.bootstrap, [*alerts, unmatched, alerts[0]])
+        ids = [str(a.event_id) for a in alerts]
+        group = f"webhooks-test-{uuid.uuid4()}"
+        async with dispatching(settings, store, group):
+            # The slow receiver holds its first request; the other endpoint still gets
+            # every alert, and the consumer still commits everything it read.
+            await until(lambda: set(rec.accepted_ids("flaky")) == set(ids))
+            assert len(rec.requests("slow")) == 1 and not rec.accepted_ids("slow")
+            await until(lambda: all_committed(broker.bootstrap, group, ends))
+            hold.set()
+            await until(finished(store, [a.event_id for a in alerts], pairs=6))
+
+    assert rec.bad_signatures == 0
+    for route in ("flaky", "slow"):
+        assert rec.accepted_ids(route) == Counter(ids)  # exactly one accepted per alert id
+    # The slow receiver's first request arrived before the other endpoint's deliveries
+    # went through, and was answered only after all of them: it held up nobody.
+    order = [a.route for a in rec.accepted]
+    assert order == ["flaky"] * 3 + ["slow"] * 3
+    assert rec.requests("slow")[0].seq < max(a.seq for a in rec.accepted if a.route == "flaky")
+
+    steps = attempts(store, [a.event_id for a in [*alerts, unmatched]])
+    assert set(steps) == {(route, i) for route in ("flaky", "slow") for i in ids}
+    for i in ids:
+        assert [s[:3] for s in steps["flaky", i]] == [
+            (0, None, "pending"),
+            (1, 500, "retrying"),
+            (2, 429, "retrying"),
+            (3, 200, "delivered"),
+        ]
+        assert [s[:3] for s in steps["slow", i]] == [(0, None, "pending"), (1, 200, "delivered")]
+        for route in ("flaky", "slow"):  # the table holds every request the receiver saw
+            sent = [s for s in steps[route, i] if s[0] > 0]
+            assert [s[1] for s in sent] == [a.status for a in rec.requests(route, i)]
+    stored = store.rows(
+        "SELECT event_id, rule FROM alerts WHERE event_id IN {ids:Array(UUID)}",
+        {"ids": [a.event_id for a in [*alerts, unmatched]]},
+    )
+    assert len(stored) == 4  # each alert once, the unmatched one too (stored, not delivered)
+
+
+async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
+    broker: Broker, store: Store
+) -> None:
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    # Before it, two messages that cannot be stored: they are kept aside, and block nothing.
+    huge = make_alert(rule, observed=Decimal("1e30"))
+    poison: list[Alert | bytes] = [b"\x00not an alert", huge]
+    async with receiver({}) as rec:
+        rec.behaviours["dead"] = Behaviour(always=500)
+        rec.behaviours["moved"] = Behaviour(redirect_to=f"{rec.base_url}/elsewhere")
+        rec.behaviours["gone"] = Behaviour(always=410)
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            webhook_allow_private=True,
+            webhooks=[
+                endpoint(name, f"{rec.base_url}/{name}", rules=[rule], max_attempts=3)
+                for name in ("dead", "moved", "gone")
+            ],
+        )
+        await publish(broker.bootstrap, [*poison, alert])
+        async with dispatching(settings, store):
+            await until(finished(store, [alert.event_id], pairs=3))
+
+    steps = attempts(store, [alert.event_id])
+    i = str(alert.event_id)
+    assert [s[:3] for s in steps["dead", i]] == [
+        (0, None, "pending"),
+        (1, 500, "retrying"),
+        (2, 500, "retrying"),
+        (3, 500, "dead_lettered"),
+    ]
+    assert len(rec.requests("dead")) == 3
+    # 3xx and 4xx other than 408/425/429 are final at once: the same request would fail.
+    (_, moved), (_, gone) = steps["moved", i], steps["gone", i]
+    assert moved[:3] == (1, 302, "dead_lettered") and "not followed" in moved[3]
+    assert gone[:3] == (1, 410, "dead_lettered")
+    assert rec.requests("elsewhere") == []
+    assert rec.bad_signatures == 0
+    letters = store.rows(
+        "SELECT raw, error FROM dead_letters WHERE topic = {topic:String}", {"topic": topics.ALERTS}
+    )
+    assert len(letters) == 2 and any("does not fit" in d["error"] for d in letters)
+    assert attempts(store, [huge.event_id]) == {}
+
+
+async def test_private_targets_are_refused_and_never_contacted(
+    broker: Broker, store: Store
+) -> None:
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    async with receiver({}) as rec:
+        port = rec.base_url.rsplit(":", 1)[1]
+        targets = {
+            "loopback": f"{rec.base_url}/loopback",
+            "by-name": f"http://localhost:{port}/by-name",  # refused where it is resolved
+            "private": "http://10.20.30.40/hook",
+            "metadata": "http://169.254.169.254/latest/meta-data/",
+        }
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            webhooks=[endpoint(name, url, rules=[rule]) for name, url in targets.items()],
+        )
+        assert not settings.webhook_allow_private  # the default
+        await publish(broker.bootstrap, [alert])
+        async with dispatching(settings, store):
+            await until(finished(store, [alert.event_id], pairs=len(targets)))
+
+    assert rec.arrivals == []
+    steps = attempts(store, [alert.event_id])
+    for name in targets:
+        pending, refused = steps[name, str(alert.event_id)]
+        assert pending[:3] == (0, None, "pending")
+        assert refused[1:3] == (None, "refused") and refused[3].startswith("refused: ")
+
+
+async def test_unfinished_deliveries_are_resumed_at_start(broker: Broker, store: Store) -> None:
+    """A process stopped mid-delivery: the alert and two steps are recorded, nothing final."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    async with receiver({}) as rec:
+        hook = endpoint("resumed", f"{rec.base_url}/resumed", rules=[rule])
+        records.store_batch(store, [alert], [("resumed", alert)], [])
+        failed = records.Attempt(
+            alert.event_id, "resumed", 1, datetime.now(UTC), 503, "HTTP 503", "retrying"
+        )
+        records.record(store, [failed])
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap, webhook_allow_private=True, webhooks=[hook]
+        )
+        async with dispatching(settings, store):
+            await until(finished(store, [alert.event_id], pairs=1))
+
+    assert rec.accepted_ids("resumed") == Counter([str(alert.event_id)])
+    steps = attempts(store, [alert.event_id])["resumed", str(alert.event_id)]
+    assert [s[:3] for s in steps] == [
+        (0, None, "pending"),
+        (1, 503, "retrying"),
+        (2, 200, "delivered"),  # numbering goes on from what was recorded
+    ]
+
+
+async def test_alerts_test_command_sends_a_signed_sample(tmp_path: Path) -> None:
+    async with receiver({}) as rec:
+        hooks = [
+            {"name": "ops", "url": f"{rec.base_url}/ops", "secret": SECRET, "template": "text"},
+            {"name": "closed", "url": f"{rec.base_url}/closed", "secret": SECRET},
+        ]
+        rec.behaviours["closed"] = Behaviour(always=403)
+        env = {
+            **os.environ,
+            "LLMTAP_DATA_DIR": str(tmp_path),
+            "LLMTAP_WEBHOOKS": json.dumps(hooks),
+            "LLMTAP_WEBHOOK_ALLOW_PRIVATE": "true",
+        }
+
+        async def cli(name: str) -> tuple[int, str]:
+            argv = ("-m", "llmtap", "alerts", "test", "--endpoint", name)
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *argv,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            async with asyncio.timeout(TIMEOUT_S):
+                out, _ = await process.communicate()
+            assert process.returncode is not None
+            return process.returncode, out.decode()
+
+        code, out = await cli("ops")
+        assert code == 0 and "delivered sample alert" in out, out
+        assert len(rec.accepted) == 1 and rec.bad_signatures == 0
+        assert (await cli("closed"))[0] == 1
+        assert (await cli("nope"))[0] == 2
