@@ -33,6 +33,7 @@ from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
 from llmtap.supervisor import broker_argv, topics_ready
+from sinks.app import tune_gc
 from sinks.clickhouse.writer import Batch, ClickHouseWriter, write_batch
 from sql.migrate import migrate
 from sql.store import Store
@@ -131,6 +132,7 @@ async def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/ingest.md"))
     args = parser.parse_args()
 
+    tune_gc()  # as the store process does
     with tempfile.TemporaryDirectory() as tmp:
         bootstrap = f"127.0.0.1:{free_port()}"
         broker = await asyncio.create_subprocess_exec(

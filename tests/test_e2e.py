@@ -21,6 +21,7 @@ from tests.conftest import PROVIDER_KEY, FakeUpstream, Running, pid_alive, run_l
 from tests.fake_provider import SNAPSHOT
 
 POLL_TIMEOUT_S = 45.0
+LAST_CALLS = 40  # made just before SIGTERM; batched on the wire
 
 # Per-million rates from stream/pricing.yaml, written out here on purpose.
 RATES = {
@@ -218,13 +219,19 @@ async def test_upstream_unreachable_is_a_502_and_still_recorded(
 async def test_up_drains_in_flight_events_then_stops_every_child(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
-    """A call made just before SIGTERM still reaches ClickHouse: `up` stops the ingress
+    """Calls made just before SIGTERM still reach ClickHouse: `up` stops the ingress
     first and lets the stream and the writer catch up before stopping them, because
     the embedded broker's topics die with it. Then no child is left running.
     """
     async with run_llmtap(tmp_path, upstream) as running:
-        await client(running).chat.completions.create(
-            model="gpt-4o-mini-last-call", messages=[{"role": "user", "content": "bye"}]
+        sdk = client(running)
+        await asyncio.gather(
+            *(
+                sdk.chat.completions.create(
+                    model="gpt-4o-mini-last-call", messages=[{"role": "user", "content": "bye"}]
+                )
+                for _ in range(LAST_CALLS)
+            )
         )
         pids = running.child_pids()
         assert set(pids) == {"broker", "store", "worker", "ingress"}
@@ -242,4 +249,4 @@ async def test_up_drains_in_flight_events_then_stops_every_child(
         )
     finally:
         store.close()
-    assert rows == [{"n": 1}]
+    assert rows == [{"n": LAST_CALLS}]
