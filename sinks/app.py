@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 
@@ -46,23 +47,27 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
     store.close()
 
 
-async def clickhouse_writer(app: web.Application) -> AsyncIterator[None]:
-    writer = app[WRITER] = ClickHouseWriter(app[SETTINGS], app[analytics.STORE])
-    task = asyncio.create_task(writer.run(), name="clickhouse-writer")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+class Service(Protocol):
+    async def run(self) -> None: ...
 
 
-# Alerts: stored in ClickHouse and delivered as signed webhooks (sinks/webhooks/).
-async def webhook_dispatcher(app: web.Application) -> AsyncIterator[None]:
-    dispatcher = app[DISPATCHER] = WebhookDispatcher(app[SETTINGS], app[analytics.STORE])
-    task = asyncio.create_task(dispatcher.run(), name="webhook-dispatcher")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+S = TypeVar("S", bound=Service)
+
+
+def in_background(
+    key: web.AppKey[S], make: Callable[[web.Application], S], name: str
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs a service's ``run()`` as a task for the app's life."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        service = app[key] = make(app)
+        task = asyncio.create_task(service.run(), name=name)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return context
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -81,8 +86,21 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[analytics.api_errors])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(clickhouse_store)
-    app.cleanup_ctx.append(clickhouse_writer)
-    app.cleanup_ctx.append(webhook_dispatcher)
+    app.cleanup_ctx.append(
+        in_background(
+            WRITER,
+            lambda app: ClickHouseWriter(app[SETTINGS], app[analytics.STORE]),
+            "clickhouse-writer",
+        )
+    )
+    # Alerts: stored in ClickHouse and delivered as signed webhooks (sinks/webhooks/).
+    app.cleanup_ctx.append(
+        in_background(
+            DISPATCHER,
+            lambda app: WebhookDispatcher(app[SETTINGS], app[analytics.STORE]),
+            "webhook-dispatcher",
+        )
+    )
     app.router.add_get("/healthz", healthz)
     analytics.add_routes(app)
     return app

@@ -21,13 +21,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError
 from pydantic import ValidationError
 
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import CostedEvent, utcnow
 from sinks.clickhouse.rows import CALLS_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_ID, TS_END, call_row
+from sinks.consumer import consume_forever, sink_consumer
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)
@@ -127,31 +128,16 @@ class ClickHouseWriter:
         self.first_read_at: float | None = None  # loop time of the first message read
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
+        return sink_consumer(
             topics.COSTED,
-            bootstrap_servers=self._settings.kafka_bootstrap,
-            group_id=self._group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            self._settings.kafka_bootstrap,
+            self._group_id,
             max_poll_records=self._settings.sink_batch_rows,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
-            max_poll_interval_ms=3_600_000,  # a long ClickHouse outage must not evict us
         )
 
     async def run(self) -> None:
         """Consume until cancelled; reconnect if the broker goes away."""
-        while True:
-            consumer = self._consumer()
-            try:
-                await consumer.start()
-                log.info("ClickHouse writer consuming %s", topics.COSTED)
-                await self._consume(consumer)
-            except KafkaError as exc:
-                log.warning("writer lost the broker (%s); reconnecting", exc)
-                await asyncio.sleep(1.0)
-            finally:
-                await consumer.stop()
+        await consume_forever(self._consumer, self._consume, "ClickHouse writer")
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         """Read a batch while the previous one is written: at most two batches held,

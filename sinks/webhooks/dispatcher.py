@@ -21,13 +21,14 @@ import contextlib
 import logging
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError
 from pydantic import ValidationError
 
 from llmtap import topics
 from llmtap.config import Settings, WebhookEndpoint
 from llmtap.events import Alert, utcnow
 from sinks.clickhouse.writer import DeadLetter
+from sinks.consumer import consume_forever, sink_consumer
 from sinks.webhooks import records
 from sinks.webhooks.records import Job
 from sinks.webhooks.worker import EndpointWorker
@@ -85,16 +86,7 @@ class WebhookDispatcher:
         self.alerts_read = 0
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
-            topics.ALERTS,
-            bootstrap_servers=self._settings.kafka_bootstrap,
-            group_id=self._group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
-            max_poll_interval_ms=3_600_000,  # a long ClickHouse outage must not evict us
-        )
+        return sink_consumer(topics.ALERTS, self._settings.kafka_bootstrap, self._group_id)
 
     async def run(self) -> None:
         """Consume until cancelled (reconnecting if the broker goes away); workers alongside."""
@@ -102,17 +94,7 @@ class WebhookDispatcher:
             asyncio.create_task(w.run(), name=f"webhook-{name}") for name, w in self.workers.items()
         ]
         try:
-            while True:
-                consumer = self._consumer()
-                try:
-                    await consumer.start()
-                    log.info("webhook dispatcher consuming %s", topics.ALERTS)
-                    await self._consume(consumer)
-                except KafkaError as exc:
-                    log.warning("webhook dispatcher lost the broker (%s); reconnecting", exc)
-                    await asyncio.sleep(1.0)
-                finally:
-                    await consumer.stop()
+            await consume_forever(self._consumer, self._consume, "webhook dispatcher")
         finally:
             for task in tasks:
                 task.cancel()

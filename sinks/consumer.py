@@ -1,0 +1,51 @@
+"""What every sink's Kafka side shares: an explicit-commit consumer, run until cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+
+log = logging.getLogger(__name__)
+
+RECONNECT_S = 1.0
+
+
+def sink_consumer(
+    topic: str, bootstrap: str, group_id: str, max_poll_records: int | None = None
+) -> AIOKafkaConsumer:
+    """A consumer whose offsets the sink commits itself, after its work is durable."""
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=max_poll_records,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+        max_poll_interval_ms=3_600_000,  # a long ClickHouse outage must not evict the sink
+    )
+
+
+async def consume_forever(
+    make: Callable[[], AIOKafkaConsumer],
+    consume: Callable[[AIOKafkaConsumer], Awaitable[None]],
+    what: str,
+) -> None:
+    """Run ``consume`` on a fresh, started consumer until cancelled; when the broker goes
+    away, start over (uncommitted messages are read again)."""
+    while True:
+        consumer = make()
+        try:
+            await consumer.start()
+            log.info("%s consuming", what)
+            await consume(consumer)
+        except KafkaError as exc:
+            log.warning("%s lost the broker (%s); reconnecting", what, exc)
+            await asyncio.sleep(RECONNECT_S)
+        finally:
+            await consumer.stop()
