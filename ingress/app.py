@@ -14,13 +14,15 @@ from ingress.errors import openai_error
 from ingress.forward import anthropic, openai
 from ingress.forward.call import Call, attribution_from
 from ingress.forward.proxy import record_outcome
+from ingress.guards.budgets import BudgetBook, follow
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
-from ingress.keys import KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.keys import BUDGETS, KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
 from llmtap.events import Usage
+from stream.pricing import load_catalog
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,6 +59,22 @@ async def event_publisher(app: web.Application) -> AsyncIterator[None]:
 async def ingress_metrics(app: web.Application) -> AsyncIterator[None]:
     app[METRICS] = IngressMetrics(app[PUBLISHER])
     yield
+
+
+async def budget_book(app: web.Application) -> AsyncIterator[None]:
+    """Budget states, followed from the budgets topic, and this process's reservations."""
+    settings = app[SETTINGS]
+    book = app[BUDGETS] = BudgetBook(
+        settings.budgets, load_catalog(settings.pricing_file), settings.budget_default_max_tokens
+    )
+    task = None
+    if settings.budgets:
+        task = asyncio.create_task(follow(book, settings.kafka_bootstrap), name="budgets")
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def rate_limiter(app: web.Application) -> AsyncIterator[None]:
@@ -162,6 +180,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(event_publisher)
     app.cleanup_ctx.append(ingress_metrics)
     app.cleanup_ctx.append(rate_limiter)
+    app.cleanup_ctx.append(budget_book)
     openai.add_routes(app)
     anthropic.add_routes(app)
     app.router.add_get("/healthz", healthz)

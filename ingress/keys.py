@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from ingress.guards.budgets import BudgetBook
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
 from ingress.metrics import IngressMetrics
@@ -17,3 +18,4 @@ PUBLISHER = web.AppKey("publisher", EventPublisher)
 KEYS = web.AppKey("keys", KeyStore)
 METRICS = web.AppKey("metrics", IngressMetrics)
 LIMITER = web.AppKey("limiter", RateLimiter)
+BUDGETS = web.AppKey("budgets", BudgetBook)

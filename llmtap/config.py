@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -21,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from llmtap.events import BudgetPeriod, BudgetScope
 
 CONFIG_ENV = "LLMTAP_CONFIG"
 
@@ -97,6 +100,21 @@ def _unique_names(endpoints: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
     return endpoints
 
 
+class BudgetConfig(BaseModel):
+    """A spend limit for one tenant, team, key, user or feature, per calendar period (UTC)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    scope: BudgetScope
+    value: str = Field(min_length=1)  # which tenant, team, key id, user or feature
+    tenant: str = ""  # optional: count only this tenant's calls (for team/user/feature)
+    period: BudgetPeriod = "month"
+    limit_usd: Decimal = Field(gt=0)
+    thresholds: tuple[int, ...] = (50, 80, 100)  # percent of the limit; one alert each
+    hard_cap: bool = True  # refuse calls that could overshoot the limit
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLMTAP_", extra="forbid")
 
@@ -163,6 +181,11 @@ class Settings(BaseSettings):
         default_factory=list
     )
     webhook_allow_private: bool = False
+
+    # Budgets (README, Budgets); the output ceiling assumed for a call that names no
+    # max_tokens when its worst-case cost is reserved against a hard cap.
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    budget_default_max_tokens: int = Field(default=4096, ge=1)
 
     # Retention in ClickHouse: raw calls, and the hourly/daily rollups.
     raw_retention_days: int = Field(default=90, ge=1)

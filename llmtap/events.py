@@ -43,6 +43,12 @@ def derived_id(source: uuid.UUID, stage: str) -> uuid.UUID:
     return uuid.uuid5(_DERIVED_NS, f"{stage}:{source}")
 
 
+def stable_id(*parts: str) -> uuid.UUID:
+    """A deterministic id for a thing named by ``parts`` (e.g. one budget's threshold in
+    one period), so every replay that produces it produces the same id."""
+    return uuid.uuid5(_DERIVED_NS, "\x1f".join(parts))
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -55,6 +61,7 @@ Status = Literal[
     "bad_request",  # malformed call (400, 404, 413): no provider was contacted
     "refused",  # refused by a guard (key, model access, config): no provider was contacted
     "rate_limited",  # the key's requests or tokens per minute were spent: 429
+    "budget_exceeded",  # a hard-capped budget could not cover the call's worst case: 429
 ]
 
 
@@ -196,3 +203,28 @@ class Alert(_Model):
     window_end: UtcDatetime
     first_seen: UtcDatetime
     message: str
+
+
+BudgetScope = Literal["tenant", "team", "key", "user", "feature"]
+BudgetPeriod = Literal["day", "week", "month"]
+
+
+class BudgetState(_Model):
+    """One budget's spend in its current period: published by the stream on a compacted
+    topic keyed by the budget's name; the ingress enforces hard caps from it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["budget_state"] = "budget_state"
+    budget: str
+    scope: BudgetScope
+    value: str
+    period: BudgetPeriod
+    period_start: UtcDatetime
+    period_end: UtcDatetime
+    limit_usd: Decimal
+    spent_usd: Decimal
+    status: Literal["ok", "warning", "exhausted"]
+    hard_cap: bool
+    crossed: tuple[int, ...] = ()  # alert thresholds (percent) crossed this period
+    last_event_at: UtcDatetime | None = None  # the latest call end counted in spent_usd
+    updated_at: UtcDatetime

@@ -6,6 +6,7 @@
 | llmtap.responses  | ResponseEvent  | request_id   | ingress    | stream (costs)     |
 | llmtap.costed     | CostedEvent    | request_id   | stream     | sinks (ClickHouse) |
 | llmtap.alerts     | Alert          | alert id     | stream     | sinks (webhooks)   |
+| llmtap.budgets    | BudgetState    | budget name  | stream     | ingress (caps)     |
 
 Consumer groups: ``llmtap-stream`` (the Faust worker), ``llmtap-sink`` (the writer),
 ``llmtap-webhooks`` (alert delivery).
@@ -27,8 +28,10 @@ REQUESTS = "llmtap.requests"
 RESPONSES = "llmtap.responses"
 COSTED = "llmtap.costed"
 ALERTS = "llmtap.alerts"
+BUDGETS = "llmtap.budgets"  # compacted: the latest state of each budget
 
-ALL = (REQUESTS, RESPONSES, COSTED, ALERTS)
+ALL = (REQUESTS, RESPONSES, COSTED, ALERTS, BUDGETS)
+COMPACTED = frozenset({BUDGETS})
 
 # Consumer groups. Faust's group id is its app id.
 STREAM_GROUP = "llmtap-stream"
@@ -53,7 +56,14 @@ async def ensure_topics(bootstrap: str, partitions: int) -> None:
             try:
                 await admin.create_topics(
                     [
-                        NewTopic(name, num_partitions=partitions, replication_factor=1)
+                        NewTopic(
+                            name,
+                            num_partitions=partitions,
+                            replication_factor=1,
+                            topic_configs={"cleanup.policy": "compact"}
+                            if name in COMPACTED
+                            else {},
+                        )
                         for name in missing
                     ]
                 )
@@ -93,3 +103,25 @@ async def lag(bootstrap: str, group_id: str, topic: str) -> int:
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def read_all(bootstrap: str, topic: str, idle_ms: int = 500) -> list[bytes]:
+    """Every message now on ``topic``, from the beginning (no consumer group): for
+    loading a compacted topic's latest values at start. Stops after ``idle_ms`` of
+    silence."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        values: list[bytes] = []
+        while records := await consumer.getmany(timeout_ms=idle_ms):
+            values.extend(r.value for batch in records.values() for r in batch if r.value)
+        return values
+    finally:
+        await consumer.stop()

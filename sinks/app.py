@@ -17,6 +17,8 @@ from typing import Protocol, TypeVar
 from aiohttp import web
 
 from llmtap.config import Settings
+from llmtap.events import utcnow
+from sinks.budget_seed import publish_states, rebuilt_state
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.webhooks.dispatcher import WebhookDispatcher
 from sql import analytics
@@ -43,6 +45,13 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
         raw_days=settings.raw_retention_days,
         rollup_days=settings.rollup_retention_days,
     )
+    if settings.budgets:
+        now = utcnow()
+        states = await asyncio.to_thread(
+            lambda: [rebuilt_state(store, b, now) for b in settings.budgets]
+        )
+        await publish_states(settings.kafka_bootstrap, states)
+        log.info("budget states rebuilt from ClickHouse: %d", len(states))
     yield
     store.close()
 

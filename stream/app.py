@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
 import faust
+from pydantic import ValidationError
 
 from llmtap import topics
 from llmtap.config import Settings
-from stream.agents import costs
+from llmtap.events import BudgetState
+from stream.agents import budgets, costs
+from stream.budgets import Ledger
 from stream.pricing import load_catalog
 
 log = logging.getLogger(__name__)
@@ -19,7 +23,7 @@ def ready_file(settings: Settings) -> Path:
     return settings.run_dir / "worker.ready"
 
 
-def create_app(settings: Settings) -> faust.App:
+def create_app(settings: Settings, ledger: Ledger | None = None) -> faust.App:
     brokers = [f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")]
     session_ms = settings.stream_session_timeout_s
     app = faust.App(
@@ -43,7 +47,21 @@ def create_app(settings: Settings) -> faust.App:
         producer_linger_ms=2,
     )
     costs.register(app, load_catalog(settings.pricing_file))
+    if settings.budgets:
+        budgets.register(app, ledger if ledger is not None else Ledger(settings.budgets))
     return app
+
+
+async def load_budget_states(settings: Settings) -> Ledger:
+    """A ledger seeded with the budgets topic's latest states (the worker's own earlier
+    output, or the store's rebuild from ClickHouse), read before any event is counted."""
+    ledger = Ledger(settings.budgets)
+    for raw in await topics.read_all(settings.kafka_bootstrap, topics.BUDGETS):
+        try:
+            ledger.seed(BudgetState.model_validate_json(raw))
+        except ValidationError as exc:
+            log.error("unreadable budget state skipped: %s", exc.errors()[:1])
+    return ledger
 
 
 class StreamWorker(faust.Worker):
@@ -66,4 +84,5 @@ class StreamWorker(faust.Worker):
 
 
 def run(settings: Settings) -> None:
-    StreamWorker(create_app(settings), settings).execute_from_commandline()
+    ledger = asyncio.run(load_budget_states(settings)) if settings.budgets else None
+    StreamWorker(create_app(settings, ledger), settings).execute_from_commandline()

@@ -109,7 +109,9 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def run_llmtap(data_dir: Path, upstream: FakeUpstream) -> AsyncIterator[Running]:
+async def run_llmtap(
+    data_dir: Path, upstream: FakeUpstream, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[Running]:
     """`llmtap up` as a user runs it: a subprocess on embedded defaults, ports moved.
 
     Ready when it prints "llmtap is up"; stopped with SIGTERM on exit (if still running).
@@ -135,6 +137,7 @@ async def run_llmtap(data_dir: Path, upstream: FakeUpstream) -> AsyncIterator[Ru
         "TEST_GROQ_KEY": GROQ_KEY,
         "LLMTAP_SINK_BATCH_SECONDS": "0.2",
         "LLMTAP_TOPIC_PARTITIONS": "2",
+        **(extra_env or {}),
     }
     made = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "llmtap", "keys", "create", "--tenant", TENANT, "--team", "search"),

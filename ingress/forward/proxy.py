@@ -24,11 +24,11 @@ from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Refusal, authenticate, check_model
-from ingress.keys import KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.keys import BUDGETS, KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.routing import NoRoute, resolve
 from llmtap import logs, topics
 from llmtap.config import ApiKind, ProviderConfig
-from llmtap.events import Status, Usage
+from llmtap.events import Status, Usage, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         """Answer without contacting the provider, and still record the call."""
         response = api.error(status, message, param=param, code=code)
         response.headers["x-request-id"] = str(call.request_id)
-        outcome: Status = (
-            "bad_request"
-            if status in (400, 404, 413)
-            else "rate_limited"
-            if status == 429
-            else "refused"
-        )
+        outcome: Status = "refused"
+        if status in (400, 404, 413):
+            outcome = "bad_request"
+        elif error_class == "rate_limited":
+            outcome = "rate_limited"
+        elif error_class == "budget_exceeded":
+            outcome = "budget_exceeded"
         record(outcome, status, Usage(), "", error_class)
         return response
 
@@ -199,6 +199,15 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     if request.query_string:
         url += "?" + request.query_string
 
+    exhausted = request.app[BUDGETS].admit(
+        call.request_id, call.attribution, model, len(body), max_tokens(payload), utcnow()
+    )
+    if exhausted is not None:
+        refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
+        resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
+        refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
+        return refused
+
     status: Status = "ok"
     http_status = 0
     error_class = ""
@@ -271,6 +280,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         if capture is not None:  # a stream, finished or not: usage as far as it was seen
             usage, model_served = capture.final_usage, capture.model
         record(status, http_status, usage, model_served, error_class)
+        request.app[BUDGETS].settle(call.request_id, model_served or model, usage, utcnow())
         if key is not None and key.tpm:
             used = usage.input_tokens + usage.output_tokens
             request.app[LIMITER].settle(key.id, used, time.monotonic())

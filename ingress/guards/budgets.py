@@ -1,0 +1,165 @@
+"""Hard budget caps, before any token is spent.
+
+The stream owns each budget's spend and publishes it on the compacted budgets topic;
+the ingress follows that topic (:func:`follow`). A call that counts against a hard-capped
+budget is admitted only if the budget's remaining amount covers the call's worst case:
+every byte of the request body as an input token (a token is never shorter than a
+byte) plus ``max_tokens`` (or ``budget_default_max_tokens``) output tokens, at the
+model's price. That worst case is reserved at admission — check and reserve happen
+with no await between them, so concurrent calls cannot both take the last dollars —
+and settled when the call ends: the reservation is replaced by the call's real cost,
+which is held until a published state has counted it. A model with no price cannot
+be bounded and is admitted with nothing reserved (its spend is not counted either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from llmtap import topics
+from llmtap.config import BudgetConfig
+from llmtap.events import Attribution, BudgetState, Usage
+from stream.budgets import current, later_or_larger, matches
+from stream.pricing import PER_MILLION, Catalog, cost_of
+
+log = logging.getLogger(__name__)
+
+SETTLED_MAX_AGE = timedelta(hours=1)  # a cost no state has counted by then is let go
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """Why a call was refused: the budget, its state, and when it resets."""
+
+    budget: BudgetConfig
+    state: BudgetState
+    worst_case: Decimal
+
+    def message(self) -> str:
+        b, s = self.budget, self.state
+        return (
+            f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call: "
+            f"${s.spent_usd} of ${b.limit_usd} spent this {b.period}, "
+            f"worst case of this call ${self.worst_case}; it resets at "
+            f"{s.period_end.isoformat()}"
+        )
+
+
+class BudgetBook:
+    def __init__(self, budgets: list[BudgetConfig], catalog: Catalog, default_max_tokens: int):
+        self.budgets = budgets
+        self.catalog = catalog
+        self.default_max_tokens = default_max_tokens
+        self.states: dict[str, BudgetState] = {}
+        self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
+        self.settled: dict[str, list[tuple[datetime, Decimal]]] = defaultdict(list)
+
+    def update(self, state: BudgetState) -> None:
+        """A state from the topic: keep it unless it is older than what we hold."""
+        held = self.states.get(state.budget)
+        if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
+            self.states[state.budget] = state
+        counted = state.last_event_at
+        if counted is not None:  # costs the stream has now counted are no longer ours
+            self.settled[state.budget] = [
+                (ended, cost) for ended, cost in self.settled[state.budget] if ended > counted
+            ]
+
+    def worst_case(
+        self, model: str, request_bytes: int, max_tokens: int | None, now: datetime
+    ) -> Decimal | None:
+        entry = self.catalog.lookup(model)
+        rates = entry[1].at(now) if entry is not None else None
+        if rates is None:
+            return None
+        output_rate = max(rates.output, rates.reasoning or Decimal(0))
+        output = max_tokens if max_tokens is not None else self.default_max_tokens
+        return (request_bytes * rates.input + output * output_rate) / PER_MILLION
+
+    def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
+        state = current(budget, self.states.get(budget.name), now)
+        if state.period_start != self.states.get(budget.name, state).period_start:
+            self.settled[budget.name].clear()  # a new period: last period's costs are done
+        cutoff = now - SETTLED_MAX_AGE
+        pending = [(t, c) for t, c in self.settled[budget.name] if t > cutoff]
+        self.settled[budget.name] = pending
+        in_flight = sum(self.reserved[budget.name].values(), Decimal(0))
+        return state, state.spent_usd + in_flight + sum((c for _, c in pending), Decimal(0))
+
+    def admit(
+        self,
+        call_id: uuid.UUID,
+        who: Attribution,
+        model: str,
+        request_bytes: int,
+        max_tokens: int | None,
+        now: datetime,
+    ) -> Exhausted | None:
+        """Reserve the call's worst case on every hard-capped budget it counts against,
+        or say which budget cannot cover it (and reserve nothing)."""
+        capped = [b for b in self.budgets if b.hard_cap and matches(b, who)]
+        if not capped:
+            return None
+        worst = self.worst_case(model, request_bytes, max_tokens, now) or Decimal(0)
+        for budget in capped:
+            state, committed = self.committed(budget, now)
+            if committed + worst > budget.limit_usd:
+                return Exhausted(budget, state, worst)
+        for budget in capped:
+            self.reserved[budget.name][call_id] = worst
+        return None
+
+    def settle(self, call_id: uuid.UUID, model: str, usage: Usage, ended: datetime) -> None:
+        """The call ended: its reservation becomes its real cost (when it can be priced)."""
+        cost = None
+        entry = self.catalog.lookup(model)
+        rates = entry[1].at(ended) if entry is not None else None
+        if rates is not None and not usage.usage_missing:
+            cost = cost_of(usage, rates).total
+        for name, reservations in self.reserved.items():
+            worst = reservations.pop(call_id, None)
+            if worst is None:
+                continue
+            if usage.usage_missing:
+                cost_here = worst  # unknown: keep the worst case until the stream counts it
+            else:
+                cost_here = cost or Decimal(0)
+            if cost_here:
+                self.settled[name].append((ended, cost_here))
+
+
+async def follow(book: BudgetBook, bootstrap: str) -> None:
+    """Keep ``book`` up to date with the budgets topic, from its beginning, forever."""
+    while True:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        try:
+            await consumer.start()
+            partitions = consumer.partitions_for_topic(topics.BUDGETS) or set()
+            if not partitions:
+                raise KafkaError(f"topic {topics.BUDGETS} not found yet")
+            tps = [TopicPartition(topics.BUDGETS, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while True:
+                records = await consumer.getmany(timeout_ms=1000)
+                for batch in records.values():
+                    for record in batch:
+                        try:
+                            book.update(BudgetState.model_validate_json(record.value or b""))
+                        except ValidationError as exc:
+                            log.error("unreadable budget state skipped: %s", exc.errors()[:1])
+        except (KafkaError, OSError) as exc:
+            log.warning("budget states unavailable (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+        finally:
+            await consumer.stop()

@@ -1,0 +1,221 @@
+"""Budget arithmetic: periods, spend, thresholds, status. Pure functions.
+
+Periods are calendar periods in UTC: a day from midnight, a week from Monday midnight,
+a month from the 1st. A budget's state always describes one period; a call from a
+later period rolls it over (spend restarts at zero), a call from an earlier, closed
+period is not counted in the current one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from llmtap.config import BudgetConfig
+from llmtap.events import (
+    Alert,
+    Attribution,
+    BudgetPeriod,
+    BudgetState,
+    CostedEvent,
+    stable_id,
+)
+
+
+def period_bounds(period: BudgetPeriod, at: datetime) -> tuple[datetime, datetime]:
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day, day + timedelta(days=1)
+    if period == "week":
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(days=7)
+    start = day.replace(day=1)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start, end
+
+
+def matches(budget: BudgetConfig, who: Attribution) -> bool:
+    """Whether a call made by ``who`` counts against ``budget``."""
+    if budget.tenant and who.tenant != budget.tenant:
+        return False
+    value = {
+        "tenant": who.tenant,
+        "team": who.team,
+        "key": who.key_id,
+        "user": who.user,
+        "feature": who.feature,
+    }[budget.scope]
+    return value == budget.value
+
+
+def status_of(spent: Decimal, limit: Decimal, crossed: tuple[int, ...]) -> str:
+    if spent >= limit:
+        return "exhausted"
+    return "warning" if crossed else "ok"
+
+
+def fresh(budget: BudgetConfig, at: datetime, now: datetime) -> BudgetState:
+    """The state at the start of the period that contains ``at``."""
+    start, end = period_bounds(budget.period, at)
+    return BudgetState(
+        budget=budget.name,
+        scope=budget.scope,
+        value=budget.value,
+        period=budget.period,
+        period_start=start,
+        period_end=end,
+        limit_usd=budget.limit_usd,
+        spent_usd=Decimal(0),
+        status="ok",
+        hard_cap=budget.hard_cap,
+        updated_at=now,
+    )
+
+
+def current(budget: BudgetConfig, state: BudgetState | None, now: datetime) -> BudgetState:
+    """``state`` if it is still this period's (with the budget's current settings), else
+    a fresh one: a period rolls over without any call having to arrive."""
+    if state is None or now >= state.period_end or state.period != budget.period:
+        return fresh(budget, now, now)
+    if (state.limit_usd, state.hard_cap) != (budget.limit_usd, budget.hard_cap):
+        return state.model_copy(
+            update={
+                "limit_usd": budget.limit_usd,
+                "hard_cap": budget.hard_cap,
+                "status": status_of(state.spent_usd, budget.limit_usd, state.crossed),
+            }
+        )
+    return state
+
+
+def spend(
+    budget: BudgetConfig,
+    state: BudgetState | None,
+    cost: Decimal,
+    at: datetime,
+    now: datetime,
+) -> tuple[BudgetState | None, list[Alert]]:
+    """Count a call's cost (ended at ``at``). Returns the new state (None if the call
+    belongs to an already closed period and changes nothing) and the alerts it raises:
+    one per threshold crossed, once per period."""
+    if state is None or at >= state.period_end:
+        state = fresh(budget, at, now)  # first call, or the first of a new period
+    elif at < state.period_start:
+        return None, []  # late for a closed period
+    spent = state.spent_usd + cost
+    newly = [
+        t
+        for t in sorted(budget.thresholds)
+        if t not in state.crossed and spent * 100 >= budget.limit_usd * t
+    ]
+    crossed = tuple(sorted((*state.crossed, *newly)))
+    last = at if state.last_event_at is None else max(at, state.last_event_at)
+    updated = state.model_copy(
+        update={
+            "spent_usd": spent,
+            "crossed": crossed,
+            "status": status_of(spent, budget.limit_usd, crossed),
+            "last_event_at": last,
+            "updated_at": now,
+        }
+    )
+    return updated, [threshold_alert(budget, updated, t, at) for t in newly]
+
+
+def threshold_alert(
+    budget: BudgetConfig, state: BudgetState, threshold: int, at: datetime
+) -> Alert:
+    severity = "critical" if threshold >= 100 else "warning" if threshold >= 80 else "info"
+    return Alert(
+        event_id=stable_id("budget", budget.name, state.period_start.isoformat(), str(threshold)),
+        alert_type="budget",
+        state="firing",
+        severity=severity,
+        rule=budget.name,
+        dimension=budget.scope,
+        value=budget.value,
+        metric="spend",
+        observed=state.spent_usd,
+        baseline=budget.limit_usd,
+        threshold=Decimal(threshold),
+        window_start=state.period_start,
+        window_end=state.period_end,
+        first_seen=at,
+        message=(
+            f"budget {budget.name!r} ({budget.scope} {budget.value!r}) passed {threshold}% "
+            f"of ${budget.limit_usd}: ${state.spent_usd} spent this {budget.period}"
+        ),
+    )
+
+
+def remaining(state: BudgetState) -> Decimal:
+    return state.limit_usd - state.spent_usd
+
+
+class Ledger:
+    """Every configured budget's current state, as the budgets agent keeps it.
+
+    Duplicates (a replayed costed event) are dropped by event id while they are among
+    the last ``remember`` events seen. States seeded from the budgets topic (the worker's
+    own earlier output, or the store's rebuild from ClickHouse) never lower the spend
+    of a period: within a period, spend only grows.
+    """
+
+    def __init__(self, budgets: list[BudgetConfig], remember: int = 200_000) -> None:
+        self.budgets = {b.name: b for b in budgets}
+        self.states: dict[str, BudgetState] = {}
+        self._seen: dict[uuid.UUID, None] = {}
+        self._remember = remember
+
+    def seed(self, state: BudgetState) -> None:
+        if state.budget not in self.budgets:
+            return
+        mine = self.states.get(state.budget)
+        if mine is None or later_or_larger(state, mine):
+            self.states[state.budget] = state
+
+    def record(
+        self, event: CostedEvent, now: datetime
+    ) -> tuple[dict[str, BudgetState], list[Alert]]:
+        """Count one costed event against every budget it matches."""
+        if event.event_id in self._seen or event.cost is None:
+            return {}, []
+        self._seen[event.event_id] = None
+        if len(self._seen) > self._remember:
+            del self._seen[next(iter(self._seen))]
+        changed: dict[str, BudgetState] = {}
+        alerts: list[Alert] = []
+        response = event.response
+        for name, budget in self.budgets.items():
+            if not matches(budget, response.attribution):
+                continue
+            state, raised = spend(
+                budget, self.states.get(name), event.cost.total, response.ts_end, now
+            )
+            if state is not None:
+                self.states[name] = changed[name] = state
+            alerts.extend(raised)
+        return changed, alerts
+
+    def roll(self, now: datetime) -> list[BudgetState]:
+        """Budgets whose period ended (or that have no state yet): their new states."""
+        rolled = []
+        for name, budget in self.budgets.items():
+            before = self.states.get(name)
+            after = current(budget, before, now)
+            if after is not before:
+                self.states[name] = after
+                rolled.append(after)
+        return rolled
+
+
+def later_or_larger(new: BudgetState, old: BudgetState) -> bool:
+    """Whether ``new`` should replace ``old``: a later period, or more spend in the same."""
+    if new.period_start != old.period_start:
+        return new.period_start > old.period_start
+    return new.spent_usd > old.spent_usd

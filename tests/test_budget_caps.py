@@ -1,0 +1,163 @@
+"""Hard budget caps: reservation under concurrency at the ingress, and the whole loop
+(spend counted by the stream -> state -> ingress refuses -> budget alert webhook)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from openai import AsyncOpenAI, RateLimitError
+from standardwebhooks import Webhook
+
+from ingress.app import create_app
+from llmtap.config import BudgetConfig, Settings
+from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap
+from tests.fake_provider import free_port, serve
+from tests.test_ingress_ops import make_key
+
+MAX_TOKENS = 1000
+
+
+async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    body = orjson.dumps(
+        {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": MAX_TOKENS,
+            "stream": True,
+        }
+    )
+    # gpt-4o: $2.50 in, $10.00 out per million; every body byte may be a token.
+    worst = (len(body) * Decimal("2.50") + MAX_TOKENS * Decimal("10.00")) / Decimal(1_000_000)
+    budget = BudgetConfig(
+        name="acme-cap", scope="tenant", value="acme", period="day", limit_usd=worst * 10
+    )
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    upstream.provider.chunk_delay_s = 0.05  # every admitted call stays in flight a while
+    try:
+        secret = await make_key(base, settings.key_file)  # one admitted call (non-stream)
+
+        async def call() -> tuple[int, str]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"{base}/v1/chat/completions",
+                    data=body,
+                    headers={
+                        "Authorization": f"Bearer {secret}",
+                        "Content-Type": "application/json",
+                    },
+                ) as response,
+            ):
+                return response.status, (await response.text())
+
+        results = await asyncio.gather(*(call() for _ in range(64)))
+    finally:
+        upstream.provider.chunk_delay_s = 0.0
+        await server.close()
+    admitted = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    # make_key's probe call already spent its real cost, which stays counted until a
+    # budget state includes it (no stream runs here): 10 worst cases minus that.
+    fake = upstream.provider
+    probe = (
+        (fake.prompt_tokens - fake.cached_tokens) * Decimal("2.50")
+        + fake.cached_tokens * Decimal("1.25")
+        + fake.completion_tokens * Decimal("10.00")
+    ) / Decimal(1_000_000)
+    assert len(admitted) == int((budget.limit_usd - probe) // worst) == 9
+    assert len(admitted) + len(refused) == 64
+    error = json.loads(refused[0][1])["error"]
+    assert error["code"] == "budget_exceeded"
+    assert "budget 'acme-cap'" in error["message"] and "resets at" in error["message"]
+
+
+async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # 24 bytes, base64
+    received: list[dict[str, object]] = []
+
+    async def receiver(request: web.Request) -> web.Response:
+        body = await request.read()
+        received.append(Webhook(secret).verify(body, dict(request.headers)))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", receiver)
+    hook_port = free_port()
+    runner = await serve(app, hook_port)
+    # gpt-4o at the fake's usage (12 in, 4 cached, 5 out) costs $0.000075 a call: 18.75%
+    # of the limit, so the first call crosses 10% and the second 20%.
+    env = {
+        "LLMTAP_BUDGETS": json.dumps(
+            [
+                {
+                    "name": "acme-daily",
+                    "scope": "tenant",
+                    "value": "acme",
+                    "period": "day",
+                    "limit_usd": "0.0004",
+                    "thresholds": [10, 20],
+                }
+            ]
+        ),
+        "LLMTAP_BUDGET_DEFAULT_MAX_TOKENS": "1",
+        "LLMTAP_WEBHOOKS": json.dumps(
+            [
+                {
+                    "name": "ops",
+                    "url": f"http://127.0.0.1:{hook_port}/hook",
+                    "secret": secret,
+                    "alert_types": ["budget"],
+                    "backoff_s": 0.1,
+                }
+            ]
+        ),
+        "LLMTAP_WEBHOOK_ALLOW_PRIVATE": "true",
+    }
+    try:
+        async with run_llmtap(tmp_path, upstream, env) as running:
+            client = AsyncOpenAI(base_url=running.proxy_url, api_key=running.api_key, max_retries=0)
+            outcomes = []
+            async with asyncio.timeout(60):
+                while True:  # spend until the stream's state makes the ingress refuse
+                    try:
+                        await client.chat.completions.create(
+                            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                        )
+                        outcomes.append(200)
+                    except RateLimitError as exc:
+                        message = exc.message
+                        break
+                    await asyncio.sleep(0.2)
+                while {a["threshold"] for a in received} != {"10", "20"}:
+                    await asyncio.sleep(0.1)
+    finally:
+        await runner.cleanup()
+    # Each call really costs $0.000075, but is admitted only if its worst case (every
+    # body byte an input token, plus one output token) still fits: the cap is never
+    # passed, and calls are refused before the last dollars are spent.
+    per_call = Decimal("0.000075")
+    assert len(outcomes) >= 2
+    assert len(outcomes) * per_call <= Decimal("0.0004")
+    assert "budget 'acme-daily'" in message
+    budget_alerts = sorted(received, key=lambda a: int(str(a["threshold"])))
+    assert [(a["alert_type"], a["threshold"]) for a in budget_alerts] == [
+        ("budget", "10"),
+        ("budget", "20"),
+    ]
+    assert [Decimal(str(a["observed"])) for a in budget_alerts] == [per_call, 2 * per_call]

@@ -1,0 +1,89 @@
+"""Budget arithmetic: calendar periods in UTC, thresholds once per period, rollover."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from llmtap.config import BudgetConfig
+from llmtap.events import Attribution
+from stream.budgets import current, matches, period_bounds, spend
+
+
+def at(day: int, hour: int = 12, month: int = 11) -> datetime:
+    return datetime(2026, month, day, hour, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("period", "when", "start", "end"),
+    [
+        ("day", at(23, 23), at(23, 0), at(24, 0)),
+        ("week", at(26), at(23, 0), at(30, 0)),  # 2026-11-23 is a Monday
+        ("month", at(30, 23), at(1, 0), at(1, 0, month=12)),
+        (
+            "month",
+            datetime(2026, 12, 31, tzinfo=UTC),
+            at(1, 0, month=12),
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+    ],
+)
+def test_periods_are_calendar_periods_in_utc(
+    period: str, when: datetime, start: datetime, end: datetime
+) -> None:
+    assert period_bounds(period, when) == (start, end)  # type: ignore[arg-type]
+
+
+def budget(**overrides: object) -> BudgetConfig:
+    fields: dict[str, object] = {
+        "name": "acme-monthly",
+        "scope": "tenant",
+        "value": "acme",
+        "limit_usd": Decimal("10"),
+    }
+    return BudgetConfig.model_validate({**fields, **overrides})
+
+
+def test_which_calls_count() -> None:
+    assert matches(budget(), Attribution(tenant="acme"))
+    assert not matches(budget(), Attribution(tenant="globex"))
+    team = budget(scope="team", value="search", tenant="acme")
+    assert matches(team, Attribution(tenant="acme", team="search"))
+    assert not matches(team, Attribution(tenant="globex", team="search"))
+    assert matches(budget(scope="key", value="key_1"), Attribution(key_id="key_1"))
+
+
+def test_each_threshold_alerts_once_per_period_with_a_stable_id() -> None:
+    b = budget()
+    state, alerts = spend(b, None, Decimal("4.99"), at(2), at(2))
+    assert state is not None and alerts == []
+    state, alerts = spend(b, state, Decimal("0.01"), at(3), at(3))  # exactly 50%
+    assert state is not None and [a.threshold for a in alerts] == [Decimal(50)]
+    assert state.status == "warning"
+    first = alerts[0]
+    state, alerts = spend(b, state, Decimal("1"), at(4), at(4))
+    assert alerts == []  # 60%: nothing new
+    assert state is not None
+    state, alerts = spend(b, state, Decimal("5"), at(5), at(5))  # 110%: 80 and 100 at once
+    assert state is not None and [a.threshold for a in alerts] == [Decimal(80), Decimal(100)]
+    assert state.status == "exhausted" and state.spent_usd == Decimal("11.00")
+    assert alerts[1].severity == "critical"
+
+    _, replayed = spend(b, None, Decimal("5"), at(3), at(9))  # a replay: same ids
+    assert replayed[0].event_id == first.event_id
+
+
+def test_a_new_period_starts_from_zero_and_late_calls_do_not_count() -> None:
+    b = budget(period="day")
+    state, _ = spend(b, None, Decimal("9"), at(2, 10), at(2, 10))
+    assert state is not None
+    rolled, alerts = spend(b, state, Decimal("1"), at(3, 1), at(3, 1))
+    assert rolled is not None and rolled.spent_usd == Decimal("1") and alerts == []
+    assert rolled.period_start == at(3, 0)
+    late, _ = spend(b, rolled, Decimal("1"), at(2, 23), at(3, 2))
+    assert late is None
+    # And without any call: the current state rolls over on its own.
+    assert current(b, state, at(3, 0)).spent_usd == 0
+    assert current(b, state, at(2, 23)) is state
