@@ -21,7 +21,7 @@ class NoRoute(ValueError):
 def resolve(model: str, api: ApiKind, settings: Settings) -> Route:
     """Resolve, in order: ``<provider>/<model>``; ``model_routes`` (exact, then the
     longest ``prefix*``); the provider named like the API (``openai``, ``anthropic``)."""
-    providers = settings.all_providers()
+    providers = settings.providers_by_name
     head, slash, rest = model.partition("/")
     if slash and head in providers:
         name, upstream_model = head, rest

@@ -11,6 +11,7 @@ import base64
 import binascii
 import os
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -197,6 +198,11 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @cached_property
+    def providers_by_name(self) -> dict[str, ProviderConfig]:
+        """``all_providers()``, built once (routing asks on every call)."""
+        return self.all_providers()
 
     def all_providers(self) -> dict[str, ProviderConfig]:
         """The built-in providers, then those configured (which may replace them)."""

@@ -106,7 +106,6 @@ class StreamCapture:
         self._pending = b""
         self.usage: Usage | None = None
         self.model = ""
-        self.events = 0  # JSON data events seen, [DONE] excluded
 
     def feed(self, data: bytes) -> bytes:
         self._pending += data
@@ -137,13 +136,14 @@ class StreamCapture:
         data = _sse_data(event)
         if data is None or data == b"[DONE]":
             return True
+        if self.model and b'"usage"' not in data:
+            return True  # nothing new to learn: content chunks are not parsed (hot path)
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             return True  # not ours to judge: forward as is
         if not isinstance(chunk, dict):
             return True
-        self.events += 1
         return self._chunk(chunk)
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
