@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -245,7 +246,19 @@ async def ingress(
     """The ingress app itself (no `up`), served on a free port; yields its base URL."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
     monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
-    server = TestServer(create_app(ingress_settings), host="127.0.0.1")
-    await server.start_server()
+    server = await serve_ingress(ingress_settings)
     yield str(server.make_url("")).rstrip("/")
     await server.close()
+
+
+async def serve_ingress(settings: Settings) -> TestServer:
+    """An ingress app on a free port, once its producer is connected to the broker
+    (before that, its events would go to the spool, to be sent by a later run)."""
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+        while True:
+            async with session.get(server.make_url("/healthz")) as response:
+                if (await response.json())["broker_connected"]:
+                    return server
+            await asyncio.sleep(0.05)

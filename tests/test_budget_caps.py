@@ -12,13 +12,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from openai import AsyncOpenAI, RateLimitError
 from standardwebhooks import Webhook
 
-from ingress.app import create_app
 from llmtap.config import BudgetConfig, Settings
-from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap
+from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
 from tests.fake_provider import free_port, serve
 from tests.test_ingress_ops import make_key
 
@@ -43,8 +41,7 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
         name="acme-cap", scope="tenant", value="acme", period="day", limit_usd=worst * 10
     )
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
-    server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
+    server = await serve_ingress(settings)
     base = str(server.make_url("")).rstrip("/")
     upstream.provider.chunk_delay_s = 0.05  # every admitted call stays in flight a while
     try:

@@ -7,16 +7,14 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingress.app import create_app
 from ingress.guards.keys import create_key
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import ResponseEvent
-from tests.conftest import Broker, FakeUpstream
+from tests.conftest import Broker, FakeUpstream, serve_ingress
 
 
 async def make_key(ingress: str, key_file: Path) -> str:
@@ -135,8 +133,7 @@ async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
     ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
 ) -> None:
     settings = ingress_settings.model_copy(update={"max_body_bytes": 4096, "auth": "passthrough"})
-    server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
+    server = await serve_ingress(settings)
     base = str(server.make_url("")).rstrip("/")
     before = len(upstream.provider.received)
     try:

@@ -7,13 +7,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
-from ingress.app import create_app
 from ingress.guards.keys import create_key, read_keys, revoke_key
 from llmtap.config import Settings
 from tests.conftest import INGRESS_PROVIDER_KEY as PROVIDER_KEY
-from tests.conftest import FakeUpstream
+from tests.conftest import FakeUpstream, serve_ingress
 
 
 async def chat(
@@ -137,8 +135,7 @@ async def test_passthrough_forwards_the_clients_own_key(
     ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:
     passthrough = ingress_settings.model_copy(update={"auth": "passthrough"})
-    server = TestServer(create_app(passthrough), host="127.0.0.1")
-    await server.start_server()
+    server = await serve_ingress(passthrough)
     try:
         status, _ = await chat(str(server.make_url("")).rstrip("/"), "sk-the-clients-own")
     finally:
