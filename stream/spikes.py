@@ -1,0 +1,321 @@
+"""Spike detection over closed windows: rules, per-series state, alerts. Pure functions.
+
+A *series* is one rule's metric for one value of its dimension (the cost of team
+``search``, the p95 latency of model ``gpt-4o``...). The windows agent calls
+:func:`observe` once per closed window of a series, with the state it keeps for that
+series (a small pydantic model, JSON-ready for a Faust table), and publishes the
+alerts it returns.
+
+How a window is judged (see :mod:`stream.baselines` for the statistics):
+
+1. The baseline is learned from the series' own recent closed windows: the median of
+   the last ``history_windows`` values, with a robust scale (Qn, an outlier-proof
+   standard deviation, widened for short histories) floored at ``min_relative_scale``
+   of the median, so a flat series does not fire on noise.
+   With ``seasonality: hour_of_day`` and at least ``seasonal_min_days`` earlier days
+   known for the window's UTC hour, the baseline is that hour's usual level on
+   previous days instead (falling back to the recent windows until then). Until
+   ``min_history`` windows are known nothing is judged.
+2. A window is *anomalous* when all hold: its robust z-score
+   ``(value - baseline) / scale`` exceeds ``sensitivity``; ``value >= min_value``; and
+   ``value - baseline >= min_increase``. The two absolute floors are what stop an
+   alert on a move from $0.001 to $0.01.
+3. An anomalous window of a series that is not firing raises a ``firing`` alert,
+   unless the series fired less than ``cooldown_windows`` windows ago (cooldown is
+   measured in time, ``cooldown_windows`` x the window's length, so gaps count). A
+   series fires once per episode, not once per window; its alert's severity is
+   ``critical`` when the z-score is at least twice ``sensitivity``, else ``warning``.
+4. The first window of a firing series that is no longer anomalous raises a
+   ``resolved`` alert (same severity and ``first_seen`` as the firing one).
+5. An *outlier* (``|z| > sensitivity``, whatever the floors and the cooldown) does not
+   enter the history the baseline learns from, so during a spike the baseline stays
+   the pre-spike one, and an outage's zeros do not drag it down. Only
+   ``history_windows // 2`` consecutive outliers are kept out: from the next one on a
+   run of outliers is taken for a level shift and admitted, so a new normal is learned
+   (and its alert resolved) about ``history_windows`` windows after it began. A slow
+   ramp is tracked by the median and never fires as long as the median's lag (the
+   ramp's rise over about ``history_windows / 2`` windows) stays well inside
+   ``sensitivity x scale``.
+
+Alert ids are ``stable_id("spike", rule, dimension, value, window_start, state)``: a
+replay of the same windows yields the same alerts with the same ids, and a window at
+or before the last one a state has seen is ignored (a duplicate changes nothing).
+
+Missing windows are not filled in: a series with no traffic in a window simply has no
+value for it. A windows agent that wants "no calls" to count as 0 (cost, requests,
+tokens) must pass the 0.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llmtap.events import Alert, UtcDatetime, stable_id
+from stream.baselines import Baseline, HourSummary, robust, seasonal, summarise_hour
+
+SpikeDimension = Literal["tenant", "team", "key", "user", "model", "provider", "feature"]
+SpikeMetric = Literal["cost", "requests", "tokens", "error_rate", "p95_latency"]
+Seasonality = Literal["none", "hour_of_day"]
+Severity = Literal["warning", "critical"]
+
+# Alert values go to ClickHouse as Decimal(38, 9).
+QUANTUM = Decimal("0.000000001")
+
+
+class SpikeRule(BaseModel):
+    """One spike rule from the configuration (``spike_rules``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    dimension: SpikeDimension
+    metric: SpikeMetric
+    # The robust z-score a window must exceed. 5 by default: at 4, one-minute windows of
+    # Poisson-like traffic raise a false alert every few thousand windows per series
+    # (tests/test_spikes.py measures it).
+    sensitivity: Decimal = Field(default=Decimal(5), gt=0)
+    # The observed value must reach this (in the metric's unit: USD, requests, tokens,
+    # a 0..1 error rate, milliseconds).
+    min_value: Decimal = Field(default=Decimal(0), ge=0)
+    # ...and exceed the baseline by at least this much.
+    min_increase: Decimal = Field(default=Decimal(0), ge=0)
+    # At most one firing alert per this many windows.
+    cooldown_windows: int = Field(default=10, ge=0)
+    # How many recent closed windows the baseline is learned from (the scale costs
+    # O(n^2 log n) per window, hence the cap)...
+    history_windows: int = Field(default=30, ge=3, le=120)
+    # ...and how many it needs before it judges anything.
+    min_history: int = Field(default=5, ge=1)
+    # The scale's floor as a fraction of the baseline (0.05: 5%).
+    min_relative_scale: Decimal = Field(default=Decimal("0.05"), ge=0)
+    seasonality: Seasonality = "none"
+    # hour_of_day: how many previous days each UTC hour's profile keeps, and how many
+    # it needs before the seasonal baseline replaces the recent one.
+    seasonal_days: int = Field(default=7, ge=1, le=60)
+    seasonal_min_days: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpikeRule:
+        if self.min_history > self.history_windows:
+            raise ValueError("min_history cannot exceed history_windows")
+        if self.seasonal_min_days > self.seasonal_days:
+            raise ValueError("seasonal_min_days cannot exceed seasonal_days")
+        return self
+
+
+class SeriesState(BaseModel):
+    """What the detector remembers about one series between windows (JSON-ready)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The values of the last history_windows closed windows, outliers left out.
+    history: tuple[Decimal, ...] = ()
+    last_window: UtcDatetime | None = None  # the latest window_start observed
+    firing: bool = False
+    severity: Severity | None = None  # the current (or last) episode's
+    first_seen: UtcDatetime | None = None  # the current (or last) episode's first window
+    last_fired: UtcDatetime | None = None  # window_start of the last firing alert
+    outliers: int = 0  # consecutive outlier windows up to now (kept out of the history)
+    # hour_of_day only: the values of the current UTC hour (outliers against a seasonal
+    # baseline left out), and per UTC hour the (day, median, scale) of recent days.
+    hour_values: tuple[Decimal, ...] = ()
+    profile: dict[int, tuple[tuple[date, Decimal, Decimal], ...]] = Field(default_factory=dict)
+
+
+def as_decimal(value: Decimal | int | float) -> Decimal:
+    """A metric value as an exact decimal; floats go through their shortest repr."""
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, bool):
+        raise TypeError("a metric value cannot be a bool")
+    elif isinstance(value, int):
+        result = Decimal(value)
+    else:
+        if not math.isfinite(value):
+            raise ValueError(f"a metric value must be finite, got {value!r}")
+        result = Decimal(str(value))
+    if not result.is_finite():
+        raise ValueError(f"a metric value must be finite, got {value!r}")
+    return result
+
+
+def _hour(at: datetime) -> datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+def _roll_profile(rule: SpikeRule, state: SeriesState, window_start: datetime) -> SeriesState:
+    """Once a later hour starts, summarise the values of the last one into its profile."""
+    last = state.last_window
+    if last is None or _hour(last) == _hour(window_start):
+        return state
+    if not state.hour_values:
+        return state
+    summary = summarise_hour(last.date(), state.hour_values)
+    kept = [s for s in state.profile.get(last.hour, ()) if s[0] != summary.day]
+    kept.append((summary.day, summary.median, summary.scale))
+    kept = sorted(kept)[-rule.seasonal_days :]
+    return state.model_copy(
+        update={"hour_values": (), "profile": {**state.profile, last.hour: tuple(kept)}}
+    )
+
+
+def baseline_for(rule: SpikeRule, state: SeriesState, window_start: datetime) -> Baseline | None:
+    """The baseline a window starting at ``window_start`` is judged against, if any."""
+    if rule.seasonality == "hour_of_day":
+        summaries = [HourSummary(d, m, s) for d, m, s in state.profile.get(window_start.hour, ())]
+        found = seasonal(
+            summaries, window_start.date(), rule.seasonal_min_days, rule.min_relative_scale
+        )
+        if found is not None:
+            return found
+    if len(state.history) < rule.min_history:
+        return None
+    return robust(state.history, rule.min_relative_scale)
+
+
+def _q(value: Decimal) -> Decimal:
+    return value.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def _fmt(value: Decimal) -> str:
+    return format(_q(value).normalize(), "f")
+
+
+def _alert(
+    rule: SpikeRule,
+    series: str,
+    state: Literal["firing", "resolved"],
+    severity: Severity,
+    *,
+    window_start: datetime,
+    window_end: datetime,
+    first_seen: datetime,
+    value: Decimal,
+    baseline: Baseline,
+) -> Alert:
+    where = f"{rule.dimension}={series}"
+    if state == "firing":
+        message = (
+            f"{rule.metric} spike on {where}: {_fmt(value)} against a baseline of "
+            f"{_fmt(baseline.center)} (alert above {_fmt(baseline.upper(rule.sensitivity))}, "
+            f"robust z {baseline.z(value):.1f})"
+        )
+    else:
+        message = (
+            f"{rule.metric} back to normal on {where}: {_fmt(value)} against a baseline of "
+            f"{_fmt(baseline.center)}; spike since {first_seen.isoformat()}"
+        )
+    return Alert(
+        event_id=stable_id(
+            "spike", rule.name, rule.dimension, series, window_start.isoformat(), state
+        ),
+        alert_type="spike",
+        state=state,
+        severity=severity,
+        rule=rule.name,
+        dimension=rule.dimension,
+        value=series,
+        metric=rule.metric,
+        observed=_q(value),
+        baseline=_q(baseline.center),
+        window_start=window_start,
+        window_end=window_end,
+        first_seen=first_seen,
+        message=message,
+    )
+
+
+def observe(
+    rule: SpikeRule,
+    series: str,
+    state: SeriesState | None,
+    window_start: datetime,
+    window_end: datetime,
+    value: Decimal | int | float,
+) -> tuple[SeriesState, list[Alert]]:
+    """Judge one closed window of ``series`` (the dimension's value, e.g. a team name).
+
+    Returns the series' new state and the alerts to publish (none, one firing, or one
+    resolved). A window not after the last one observed changes nothing.
+    """
+    if window_start.utcoffset() != timedelta(0) or window_end.utcoffset() != timedelta(0):
+        raise ValueError("window bounds must be timezone-aware UTC")
+    if window_end <= window_start:
+        raise ValueError("a window must end after it starts")
+    state = state or SeriesState()
+    if state.last_window is not None and window_start <= state.last_window:
+        return state, []
+    observed = as_decimal(value)
+    if rule.seasonality == "hour_of_day":
+        state = _roll_profile(rule, state, window_start)
+    baseline = baseline_for(rule, state, window_start)
+    update: dict[str, object] = {"last_window": window_start}
+    alerts: list[Alert] = []
+    if baseline is None:
+        admit = True
+    else:
+        z = baseline.z(observed)
+        outlier = abs(z) > rule.sensitivity
+        # A long enough run of outliers is a new level: admitted, so it is learned.
+        admit = not outlier or state.outliers >= rule.history_windows // 2
+        update["outliers"] = state.outliers + 1 if outlier else 0
+        anomalous = (
+            z > rule.sensitivity
+            and observed >= rule.min_value
+            and observed - baseline.center >= rule.min_increase
+        )
+        if anomalous and not state.firing:
+            cooldown = cooldown_span(rule, window_end - window_start)
+            if state.last_fired is None or window_start - state.last_fired >= cooldown:
+                severity: Severity = "critical" if z >= 2 * rule.sensitivity else "warning"
+                alerts.append(
+                    _alert(
+                        rule,
+                        series,
+                        "firing",
+                        severity,
+                        window_start=window_start,
+                        window_end=window_end,
+                        first_seen=window_start,
+                        value=observed,
+                        baseline=baseline,
+                    )
+                )
+                update |= {
+                    "firing": True,
+                    "severity": severity,
+                    "first_seen": window_start,
+                    "last_fired": window_start,
+                }
+        elif not anomalous and state.firing:
+            alerts.append(
+                _alert(
+                    rule,
+                    series,
+                    "resolved",
+                    state.severity or "warning",
+                    window_start=window_start,
+                    window_end=window_end,
+                    first_seen=state.first_seen or window_start,
+                    value=observed,
+                    baseline=baseline,
+                )
+            )
+            update["firing"] = False
+    if admit:
+        update["history"] = (*state.history, observed)[-rule.history_windows :]
+    if rule.seasonality == "hour_of_day" and (admit or baseline is None or not baseline.seasonal):
+        # Until an hour has a seasonal baseline, its profile learns every value: the
+        # recent baseline is no judge of what is usual at this hour.
+        update["hour_values"] = (*state.hour_values, observed)[-rule.history_windows :]
+    return state.model_copy(update=update), alerts
+
+
+def cooldown_span(rule: SpikeRule, window: timedelta) -> timedelta:
+    """How long after a firing alert the rule stays quiet, for windows of ``window``."""
+    return window * rule.cooldown_windows
