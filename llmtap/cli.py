@@ -5,13 +5,16 @@ llmtap ingress   the proxy
 llmtap worker    the Faust stream worker
 llmtap store     ClickHouse migrations + writer + analytics API
 llmtap migrate   apply ClickHouse migrations and exit
+llmtap keys      virtual keys (create/list/revoke) and analytics admin keys (admin)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
+import secrets
 import sys
 
 from llmtap import logs
@@ -51,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--rpm", type=int, default=None, help="requests per minute")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute")
     actions.add_parser("list", help="list keys (never their secrets)")
+    actions.add_parser(
+        "admin", help="make an analytics API admin key: print it and the digest to configure"
+    )
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     alerts = commands.add_parser("alerts", help="alert webhooks")
@@ -77,6 +83,14 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             tpm=args.tpm,
         )
         print(f"{secret}\n(key id {key.id}, tenant {key.tenant!r}; shown once, stored as a hash)")
+    elif args.action == "admin":
+        secret = "lta_" + secrets.token_urlsafe(32)
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        print(
+            f"{secret}\n(shown once; llmtap stores only its SHA-256 digest. Add it to the "
+            f"config as\n  admin_key_hashes: [{digest}]\nor the environment as\n"
+            f"  LLMTAP_ADMIN_KEY_HASHES='[\"{digest}\"]')"
+        )
     elif args.action == "list":
         for key in keys.read_keys(path).keys:
             state = "revoked" if key.revoked else "active"

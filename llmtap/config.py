@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     proxy_port: int = Field(default=8080, ge=0, le=65535)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8081, ge=0, le=65535)
+    # Admin keys of the analytics API (every tenant, and SQL): the SHA-256 hex digests
+    # of their secrets. Virtual keys see their own tenant only (README, Analytics API).
+    admin_key_hashes: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = Field(
+        default_factory=list
+    )
 
     # How clients authenticate. "keys": each call must present a virtual key (from
     # `llmtap keys create`); the provider key comes from the env var named below.

@@ -174,7 +174,7 @@ class Supervisor:
             print(
                 f"llmtap is up\n"
                 f"  proxy:     {self.settings.proxy_url}   (set your SDK's base_url to this)\n"
-                f"  analytics: {self.settings.api_url}/analytics/models?range=24h\n"
+                f"  analytics: {self.settings.api_url}/analytics/models?range=24h   (with a key)\n"
                 f"  data:      {self.settings.data_dir.resolve()}\n"
                 f"Ctrl-C to stop.",
                 flush=True,

@@ -111,7 +111,7 @@ def create_app(settings: Settings) -> web.Application:
         )
     )
     app.router.add_get("/healthz", healthz)
-    analytics.add_routes(app)
+    analytics.add_routes(app, settings)
     return app
 
 

@@ -2,7 +2,9 @@
 
 A request's query string becomes a :class:`Filters` (what every analytics query is
 scoped to) plus the few parameters one endpoint takes (granularity, group_by, limit).
-Nothing here builds SQL: the values go to ClickHouse as bound parameters.
+The caller's key adds a :class:`Scope` (its tenant, and its team and user when it is
+bound to them) that no query parameter can widen. Nothing here builds SQL: the values
+go to ClickHouse as bound parameters. sql/openapi.py documents the same constants.
 """
 
 from __future__ import annotations
@@ -36,16 +38,54 @@ LIMIT_MIN, LIMIT_MAX, DEFAULT_LIMIT = 1, 1000, 100
 
 # Every endpoint takes these; an endpoint may take a few more (see Query).
 COMMON = ("range", "provider", "team", "feature", "env")
+# The few more, per endpoint (sql/analytics.py's routes, and the OpenAPI document).
+EXTRA: dict[str, tuple[str, ...]] = {
+    "models": (),
+    "timeseries": ("granularity",),
+    "providers": (),
+    "costs": ("group_by",),
+    "usage": ("model_id", "user_id"),
+    "performance": ("model_id",),
+    "users": ("limit",),
+}
 # The optional equality filters, named as sql/queries/_filters.sql names them. All but
 # tenant are query parameters of the same name; tenant comes from the caller's key.
 FILTERS = ("tenant", "provider", "team", "feature", "env", "model_id", "user_id")
 
 
 class BadParameter(Exception):
+    """A 400: a parameter that is unknown, repeated or invalid."""
+
+    status = 400
+    code: str | None = None  # set by the SQL endpoint's errors (sql/sqlapi.py)
+
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
         self.message = message
+
+
+class OutOfScope(BadParameter):
+    """A 403: a filter that asks for rows outside the caller's key's scope."""
+
+    status = 403
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a caller may see, set by the server from its key; None: not restricted.
+
+    An admin key has the empty scope (every tenant). A virtual key is confined to its
+    tenant, and to its team and user when it is bound to them.
+    """
+
+    tenant: str | None = None
+    team: str | None = None
+    user: str | None = None
+
+
+# Each bound scope field, and the filter (and query parameter) it sets.
+SCOPED = {"tenant": "tenant", "team": "team", "user": "user_id"}
 
 
 @dataclass(frozen=True)
@@ -97,13 +137,26 @@ class Query:
             )
         return value
 
-    def filters(self, tenant: str | None = None) -> Filters:
+    def filters(self, scope: Scope | None = None) -> Filters:
+        """The filters asked for, narrowed to ``scope``.
+
+        A bound field of the scope is a filter whatever the query says; asking for
+        another value of it is a 403 (an :class:`OutOfScope`), never an empty answer.
+        """
         range_ = self._choice("range", RANGES, DEFAULT_RANGE)
         until = utcnow()
         optional = {name: self._query.get(name) or None for name in FILTERS if name in self.allowed}
-        return Filters(
-            range=range_, since=until - RANGES[range_], until=until, tenant=tenant, **optional
-        )
+        for field, name in SCOPED.items():
+            bound = getattr(scope, field) if scope is not None else None
+            if bound is None:
+                continue
+            asked = optional.get(name)
+            if asked is not None and asked != bound:
+                raise OutOfScope(
+                    name, f"this key is bound to {field} {bound!r}: {name!r} cannot be {asked!r}"
+                )
+            optional[name] = bound
+        return Filters(range=range_, since=until - RANGES[range_], until=until, **optional)
 
     def granularity(self, range_: str) -> str:
         return self._choice("granularity", GRANULARITIES, DEFAULT_GRANULARITY[range_])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from tests.fake_provider import FakeProvider, free_port, serve
 UP_TIMEOUT_S = 150.0
 PROVIDER_KEY = "sk-provider-secret-for-tests"
 ANTHROPIC_KEY = "sk-ant-provider-secret-for-tests"
+ADMIN_KEY = "admin-key-for-tests"  # the analytics API admin key; its digest is in the env
 GROQ_KEY = "gsk-provider-secret-for-tests"
 TENANT = "acme"
 
@@ -138,6 +140,7 @@ async def run_llmtap(
         "TEST_GROQ_KEY": GROQ_KEY,
         "LLMTAP_SINK_BATCH_SECONDS": "0.2",
         "LLMTAP_TOPIC_PARTITIONS": "2",
+        "LLMTAP_ADMIN_KEY_HASHES": json.dumps([hashlib.sha256(ADMIN_KEY.encode()).hexdigest()]),
         **(extra_env or {}),
     }
     made = await asyncio.create_subprocess_exec(

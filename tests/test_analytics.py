@@ -6,6 +6,7 @@ the clock pinned at NOW; every expected number is computed here from that datase
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from llmtap.config import Settings
 from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
 from sinks.clickhouse.writer import Batch, write_batch
 from sql import analytics, params
@@ -199,14 +201,21 @@ def iso(value: datetime) -> str:
 # -- the app --------------------------------------------------------------------------
 
 
+ADMIN_KEY = "admin-key-for-analytics-tests"  # an admin key sees every tenant
+
+
 @pytest.fixture
-async def api(store: Store, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TestClient[Any, Any]]:
+async def api(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> AsyncIterator[TestClient[Any, Any]]:
     monkeypatch.setattr(params, "utcnow", lambda: NOW)
     assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
     app = web.Application(middlewares=[analytics.api_errors])
     app[analytics.STORE] = store
-    analytics.add_routes(app)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    admin = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
+    analytics.add_routes(app, Settings(data_dir=tmp_path, admin_key_hashes=[admin]))
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=headers) as client:
         yield client
 
 
@@ -619,7 +628,7 @@ async def test_tenant_filter_scopes_a_query(api: TestClient[Any, Any], store: St
             store, "analytics_usage", scoped(tenant), structure={"by_model": False}
         )
         assert rows[0]["requests"] == expected
-    # Unset today: the API answers for every tenant.
+    # The API, with an admin key, answers for every tenant.
     assert (await get(api, "usage", range="90d"))["totals"]["requests"] == 12
 
 

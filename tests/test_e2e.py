@@ -17,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from sql.store import Store
-from tests.conftest import PROVIDER_KEY, FakeUpstream, Running, pid_alive, run_llmtap
+from tests.conftest import ADMIN_KEY, PROVIDER_KEY, FakeUpstream, Running, pid_alive, run_llmtap
 from tests.fake_provider import SNAPSHOT
 
 POLL_TIMEOUT_S = 45.0
@@ -44,7 +44,7 @@ async def model_row(
     url = f"{api_url}/analytics/models?range=24h"
     deadline = asyncio.get_running_loop().time() + POLL_TIMEOUT_S
     last: dict[str, Any] | None = None
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
         while asyncio.get_running_loop().time() < deadline:
             async with session.get(url) as response:
                 assert response.status == 200

@@ -1,0 +1,438 @@
+"""The OpenAPI 3.1 document of the API, served at GET /api/v1/openapi.json.
+
+Built from the constants the API checks requests with (sql/params.py, sql/sqlapi.py),
+so a range, an enum or a limit cannot say one thing here and do another there.
+tests/test_openapi.py runs schemathesis against the served document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sql import params, sqlapi
+
+Schema = dict[str, Any]
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+INT: Schema = {"type": "integer", "minimum": 0}
+NUMBER: Schema = {"type": "number"}
+STRING: Schema = {"type": "string"}
+TIME: Schema = {"type": "string", "format": "date-time"}
+MONEY: Schema = {
+    "type": "string",
+    "pattern": r"^-?[0-9]+\.[0-9]{9}$",
+    "description": "USD, exact: a decimal string with 9 places, never a float",
+}
+# Unknown when every call summed was unpriced (never $0).
+COST = _nullable(MONEY)
+# A float that is null when there is nothing to average (no calls, no streamed calls).
+MAYBE_NUMBER = _nullable(NUMBER)
+
+
+def _object(properties: dict[str, Schema], description: str = "") -> Schema:
+    schema: Schema = {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+    if description:
+        schema["description"] = description
+    return schema
+
+
+TOKENS = {"input_tokens": INT, "output_tokens": INT, "total_tokens": INT}
+
+ROWS: dict[str, Schema] = {
+    "models": _object(
+        {
+            "model": STRING,
+            "provider": STRING,
+            "requests": INT,
+            "errors": INT,
+            **TOKENS,
+            "cached_input_tokens": INT,
+            "reasoning_tokens": INT,
+            "cost": COST,
+            "unpriced_requests": INT,
+            "usage_missing_requests": INT,
+            "avg_latency_ms": NUMBER,
+            "p95_latency_ms": NUMBER,
+            "p99_latency_ms": NUMBER,
+            "error_rate": NUMBER,
+            "success_rate": NUMBER,
+            **{
+                f"{metric}_{window}": schema
+                for window in ("24h", "7d", "30d")
+                for metric, schema in (("requests", INT), ("tokens", INT), ("cost", COST))
+            },
+        },
+        "per model and provider; the rolling *_24h/_7d/_30d whatever the range",
+    ),
+    "timeseries": _object(
+        {
+            "bucket": TIME,
+            "requests": INT,
+            "errors": INT,
+            **TOKENS,
+            "cost": COST,
+            "p95_latency_ms": NUMBER,
+        },
+        "one UTC hour or day; empty buckets are zeros",
+    ),
+    "providers": _object(
+        {
+            "provider": STRING,
+            "models": INT,
+            "requests": INT,
+            "errors": INT,
+            **TOKENS,
+            "cost": COST,
+            "unpriced_requests": INT,
+            "avg_latency_ms": NUMBER,
+            "success_rate": NUMBER,
+            "error_rate": NUMBER,
+        }
+    ),
+    "costs": _object(
+        {
+            "key": {"type": "string", "description": "the group; a UTC date for day"},
+            "requests": INT,
+            "unpriced_requests": INT,
+            **TOKENS,
+            "cost_input": COST,
+            "cost_cached_input": COST,
+            "cost_cache_write": COST,
+            "cost_output": COST,
+            "cost_reasoning": COST,
+            "cost": COST,
+        }
+    ),
+    "performance": _object(
+        {
+            "requests": INT,
+            "avg_latency_ms": MAYBE_NUMBER,
+            "p50_latency_ms": MAYBE_NUMBER,
+            "p95_latency_ms": MAYBE_NUMBER,
+            "p99_latency_ms": MAYBE_NUMBER,
+            "avg_ttft_ms": MAYBE_NUMBER,
+            "p50_ttft_ms": MAYBE_NUMBER,
+            "p95_ttft_ms": MAYBE_NUMBER,
+            "output_tokens_per_second": MAYBE_NUMBER,
+            "requests_per_minute": NUMBER,
+        }
+    ),
+    "users": _object(
+        {
+            "user": STRING,
+            "requests": INT,
+            "errors": INT,
+            **TOKENS,
+            "cost": COST,
+            "unpriced_requests": INT,
+            "avg_latency_ms": NUMBER,
+            "success_rate": NUMBER,
+            "error_rate": NUMBER,
+            "unique_models": INT,
+            "providers": {"type": "array", "items": STRING},
+            "first_request": TIME,
+            "last_request": TIME,
+            "days_active": INT,
+            "avg_requests_per_day": NUMBER,
+            "cost_per_request": COST,
+            "cost_per_1k_tokens": COST,
+            "max_tokens_per_request": INT,
+        }
+    ),
+}
+USAGE_TOTALS = _object(
+    {
+        "requests": INT,
+        "errors": INT,
+        **TOKENS,
+        "cached_input_tokens": INT,
+        "reasoning_tokens": INT,
+        "cost": COST,
+        "unpriced_requests": INT,
+        "usage_missing_requests": INT,
+    }
+)
+ROWS["usage"] = _object({"model": STRING, "provider": STRING, **USAGE_TOTALS["properties"]})
+
+RANGE: Schema = {"type": "string", "enum": list(params.RANGES)}
+
+
+def _answer(endpoint: str) -> Schema:
+    """The 200 body of an analytics endpoint."""
+    rows: Schema = {"type": "array", "items": {"$ref": f"#/components/schemas/{endpoint}_row"}}
+    extra: dict[str, Schema] = {
+        "models": {"data": rows},
+        "timeseries": {
+            "granularity": {"type": "string", "enum": list(params.GRANULARITIES)},
+            "data": rows,
+        },
+        "providers": {"data": rows},
+        "costs": {"group_by": STRING, "data": rows},
+        "usage": {"totals": {"$ref": "#/components/schemas/usage_totals"}, "data": rows},
+        "performance": {"data": {"$ref": f"#/components/schemas/{endpoint}_row"}},
+        "users": {
+            "limit": {"type": "integer", "minimum": params.LIMIT_MIN, "maximum": params.LIMIT_MAX},
+            "data": rows,
+        },
+    }[endpoint]
+    return _object({"range": RANGE, **extra})
+
+
+FILTER_TEXT = "exact match; absent or empty: all"
+GROUP_BY_PATTERN = (
+    "^(?:"
+    + "|".join(params.GROUP_BY)
+    + "|"
+    + params.PROPERTY_PREFIX
+    + params.PROPERTY_NAME.pattern
+    + ")$"
+)
+
+PARAMETERS: dict[str, Schema] = {
+    "range": {
+        "schema": {**RANGE, "default": params.DEFAULT_RANGE},
+        "description": "calls that ended within the last 24 hours, 7, 30 or 90 days",
+    },
+    "provider": {"schema": STRING, "description": FILTER_TEXT},
+    "team": {
+        "schema": STRING,
+        "description": FILTER_TEXT + " (a key bound to a team: that team only, else 403)",
+    },
+    "feature": {"schema": STRING, "description": FILTER_TEXT},
+    "env": {"schema": STRING, "description": FILTER_TEXT},
+    "model_id": {"schema": STRING, "description": "the model, " + FILTER_TEXT},
+    "user_id": {
+        "schema": STRING,
+        "description": FILTER_TEXT + " (a key bound to a user: that user only, else 403)",
+    },
+    "granularity": {
+        "schema": {"type": "string", "enum": list(params.GRANULARITIES)},
+        "description": "bucket size; default: "
+        + ", ".join(f"{k}: {v}" for k, v in params.DEFAULT_GRANULARITY.items()),
+    },
+    "group_by": {
+        "schema": {"type": "string", "pattern": GROUP_BY_PATTERN, "default": "model"},
+        "description": "one of " + ", ".join(params.GROUP_BY) + ", or property:<name>",
+    },
+    "limit": {
+        "schema": {
+            "type": "integer",
+            "minimum": params.LIMIT_MIN,
+            "maximum": params.LIMIT_MAX,
+            "default": params.DEFAULT_LIMIT,
+        },
+        "description": "how many users, costliest first",
+    },
+}
+
+SUMMARIES = {
+    "models": "Per model and provider: requests, errors, tokens, cost, latency, rolling windows",
+    "timeseries": "Requests, tokens, cost and p95 latency per UTC hour or day",
+    "providers": "Per provider: models, requests, tokens, cost, latency, success rate",
+    "costs": "Cost per model, provider, day, team, user, feature or custom property",
+    "usage": "Usage totals, and per model and provider",
+    "performance": "Latency, time to first token and throughput over the range",
+    "users": "Per user, costliest first",
+}
+
+
+def _error(description: str, *, authenticate: bool = False) -> Schema:
+    response: Schema = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if authenticate:
+        response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}}
+    return response
+
+
+ERRORS: dict[str, Schema] = {
+    "400": _error("a bad or unknown parameter, named in `param`"),
+    "401": _error("no key, or an unknown or revoked one", authenticate=True),
+}
+
+
+def _analytics(endpoint: str) -> Schema:
+    names = (*params.COMMON, *params.EXTRA[endpoint])
+    return {
+        "get": {
+            "operationId": f"analytics_{endpoint}",
+            "summary": SUMMARIES[endpoint],
+            "tags": ["analytics"],
+            "parameters": [
+                {"name": name, "in": "query", "required": False, **PARAMETERS[name]}
+                for name in names
+            ],
+            "responses": {
+                "200": {
+                    "description": "the answer, scoped to the caller's key",
+                    "content": {"application/json": {"schema": _answer(endpoint)}},
+                },
+                **ERRORS,
+                "403": _error("a filter outside the key's team or user"),
+            },
+        }
+    }
+
+
+def _sql(limits: sqlapi.SqlLimits) -> Schema:
+    count_header = {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True}
+    headers = {
+        "X-Rows-Returned": count_header,
+        "X-Truncated": {"schema": {"type": "string", "enum": ["true", "false"]}, "required": True},
+        "X-Elapsed-Ms": {"schema": {"type": "string"}, "required": True},
+    }
+    return {
+        "post": {
+            "operationId": "sql",
+            "summary": "Run one read-only query (admin keys only)",
+            "description": (
+                "Statements: " + sqlapi.ALLOWED + ". Refused with a 400 before they run: "
+                "writes and DDL, more than one statement, FORMAT and INTO OUTFILE, system "
+                "and information_schema tables, table functions other than "
+                + ", ".join(sorted(sqlapi.TABLE_FUNCTIONS))
+                + ", and functions that read files, the network or dictionaries. "
+                "It runs in a ClickHouse session with readonly=1, "
+                f"max_execution_time={limits.timeout_s:g} s and at most "
+                f"{limits.max_rows} result rows."
+            ),
+            "tags": ["sql"],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/SqlRequest"}}
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "the rows: JSON, or CSV with a header row",
+                    "headers": headers,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/SqlResult"}},
+                        "text/csv": {"schema": {"type": "string"}},
+                    },
+                },
+                "400": _error(
+                    "a bad body; a refused query; a ClickHouse error (its message); "
+                    "a query past its time limit (code `timeout`)"
+                ),
+                "401": ERRORS["401"],
+                "403": _error("a virtual key: SQL is for admin keys only"),
+                "413": _error("a body larger than 1 MiB"),
+                "503": _error("ClickHouse is unavailable"),
+            },
+        }
+    }
+
+
+def _components(limits: sqlapi.SqlLimits) -> Schema:
+    return {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": (
+                    "An admin key (admin_key_hashes: every tenant, and SQL) or a virtual "
+                    "key from `llmtap keys create` (its tenant; its team and user if bound)"
+                ),
+            }
+        },
+        "schemas": {
+            "Error": _object(
+                {
+                    "error": {
+                        "type": "object",
+                        "properties": {
+                            "message": STRING,
+                            "param": {"type": ["string", "null"]},
+                            "code": STRING,
+                        },
+                        "required": ["message", "param"],
+                        "additionalProperties": False,
+                    }
+                }
+            ),
+            **{f"{name}_row": schema for name, schema in ROWS.items()},
+            "usage_totals": USAGE_TOTALS,
+            "SqlRequest": {
+                "type": "object",
+                "properties": {
+                    "query": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": limits.max_query_chars,
+                        # Not blank, no NUL.
+                        "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
+                    },
+                    "format": {"type": "string", "enum": list(sqlapi.FORMATS), "default": "json"},
+                    "max_rows": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": limits.max_rows,
+                        "default": limits.default_rows,
+                    },
+                },
+                "required": ["query"],
+                "additionalProperties": False,
+            },
+            "SqlResult": _object(
+                {
+                    "columns": {
+                        "type": "array",
+                        "items": _object({"name": STRING, "type": STRING}),
+                    },
+                    "rows": {"type": "array", "items": {"type": "array"}},
+                    "rows_returned": INT,
+                    "truncated": {
+                        "type": "boolean",
+                        "description": "more rows than max_rows: only the first max_rows are here",
+                    },
+                    "elapsed_ms": NUMBER,
+                }
+            ),
+        },
+    }
+
+
+def document(limits: sqlapi.SqlLimits | None = None) -> Schema:
+    limits = limits or sqlapi.SqlLimits()
+    paths: dict[str, Schema] = {
+        f"/api/v1/analytics/{endpoint}": _analytics(endpoint) for endpoint in params.EXTRA
+    }
+    paths["/api/v1/sql"] = _sql(limits)
+    paths["/api/v1/openapi.json"] = {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document (no key needed)",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "llmtap analytics API",
+            "version": "1",
+            "description": (
+                "Analytics over the `calls` table, and read-only SQL for admins. Every "
+                "operation but this document needs `Authorization: Bearer <key>`."
+            ),
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": _components(limits),
+    }

@@ -1,0 +1,547 @@
+"""POST /api/v1/sql: one read-only query on ClickHouse, for admin keys, as JSON or CSV.
+
+Three lines of defence, each enough on its own for what it covers:
+
+1. Before ClickHouse sees the text: exactly one statement (a ``;`` may only end it),
+   and no ``INTO OUTFILE`` (which chDB, running in this process, would write).
+2. ClickHouse's own parser: ``EXPLAIN AST <query>`` (parsing only, nothing runs) gives
+   the syntax tree, which must be one SELECT (or WITH ... SELECT), SHOW TABLES /
+   COLUMNS / CREATE TABLE, DESCRIBE or EXPLAIN of a SELECT, without a FORMAT clause;
+   it may not name a ``system`` or ``information_schema`` table, a table function
+   other than the generators in :data:`TABLE_FUNCTIONS`, or any function that reads
+   files, the network or dictionaries (:data:`DENIED_FUNCTIONS`).
+3. The query runs on its own ClickHouse session, opened with ``readonly=1`` and the
+   limits (time, result rows, memory) as session settings: ClickHouse itself refuses
+   any write, DDL or settings change, whatever got past 1 and 2.
+
+That session is a second client on the store's DSN (for chDB, a second handle on the
+same engine), so a long query never holds the store's lock (the writer and the
+analytics endpoints go on), and the writer's session never carries these settings.
+SQL is admin-only: chDB has no users or row policies, so a query cannot be confined
+to one tenant by the server; virtual keys use the analytics endpoints instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import ipaddress
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+import clickhouse_connect
+import orjson
+from aiohttp import web
+from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
+
+from sql.params import BadParameter
+from sql.store import Store
+
+FORMATS = ("json", "csv")
+
+
+@dataclass(frozen=True)
+class SqlLimits:
+    """What one query may take. The time, row and memory limits are ClickHouse's."""
+
+    timeout_s: float = 30.0  # max_execution_time
+    max_rows: int = 10_000  # the most rows a request may ask for
+    default_rows: int = 1_000  # when it does not say
+    max_query_chars: int = 100_000
+    max_memory_bytes: int = 2 * 1024**3  # max_memory_usage (chDB runs in this process)
+
+    def session_settings(self) -> dict[str, Any]:
+        """The read-only session's settings; ``readonly`` last (it freezes the rest)."""
+        return {
+            "max_execution_time": self.timeout_s,
+            "timeout_overflow_mode": "throw",
+            # One row more than any request may ask for: more than that, and the
+            # answer says truncated. "break" stops reading once it is exceeded.
+            "max_result_rows": self.max_rows + 1,
+            "result_overflow_mode": "break",
+            "max_memory_usage": self.max_memory_bytes,
+            "session_timezone": "UTC",
+            "readonly": 1,
+        }
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+
+class SqlError(BadParameter):
+    """A query that is refused or failed: 400, naming the ``query`` field, with a code."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__("query", message)
+        self.code = code
+        self.status = status
+
+
+ALLOWED = (
+    "SELECT (or WITH ... SELECT), SHOW TABLES, SHOW COLUMNS, SHOW CREATE TABLE, DESCRIBE, EXPLAIN"
+)
+
+# The root node of each statement this endpoint runs, as EXPLAIN AST names it.
+READ_ROOTS = frozenset(
+    {"SelectWithUnionQuery", "Explain", "DescribeQuery", "ShowTables", "ShowColumns",
+     "ShowCreateTableQuery"}
+)  # fmt: skip
+# "SHOW DATABASES", "SHOW SETTINGS"... share ShowTables' node: only these forms pass.
+SHOW_FORMS = re.compile(r"\s*SHOW\s+(?:(?:FULL|EXTENDED)\s+)*(?:TABLES|COLUMNS|CREATE)\b", re.I)
+SYSTEM_WORD = re.compile(r"\b(?:system|information_schema)\b", re.I)
+SYSTEM_DATABASES = frozenset({"system", "information_schema"})
+
+# Table functions that only generate rows (no files, network, other tables' engines).
+TABLE_FUNCTIONS = frozenset(
+    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries",
+     "values", "generaterandom", "view"}
+)  # fmt: skip
+# Functions that read files, the network, other servers or dictionaries: refused
+# wherever they appear (as a table function or in an expression).
+DENIED_FUNCTIONS = frozenset(
+    name.lower()
+    for name in (
+        "file", "fileCluster", "url", "urlCluster", "s3", "s3Cluster", "gcs", "oss", "cosn",
+        "hdfs", "hdfsCluster", "azureBlobStorage", "azureBlobStorageCluster", "remote",
+        "remoteSecure", "cluster", "clusterAllReplicas", "mysql", "postgresql", "jdbc",
+        "odbc", "mongodb", "redis", "sqlite", "input", "executable", "executablePool",
+        "dictionary", "iceberg", "icebergS3", "icebergAzure", "icebergHDFS",
+        "icebergLocal", "icebergS3Cluster", "icebergAzureCluster", "icebergHDFSCluster",
+        "deltaLake", "deltaLakeS3", "deltaLakeAzure", "deltaLakeLocal", "deltaLakeCluster",
+        "hudi", "hudiCluster", "paimon", "arrowFlight", "ytsaurus",
+        "catboostEvaluate", "filesystemAvailable", "filesystemCapacity", "filesystemUnreserved",
+    )
+)  # fmt: skip
+DENIED_PREFIXES = ("dict",)  # dictGet, dictHas, dictGetOrDefault, dictGetHierarchy...
+
+
+def _refuse(code: str, message: str) -> SqlError:
+    return SqlError(code, message)
+
+
+def precheck(query: str, limits: SqlLimits) -> str:
+    """The statement to parse: one, trimmed of whitespace and a final ``;``."""
+    if len(query) > limits.max_query_chars:
+        raise _refuse("too_long", f"the query is longer than {limits.max_query_chars} characters")
+    if "\x00" in query:
+        raise _refuse("bad_query", "the query contains a NUL character")
+    text = query.strip()
+    while text.endswith(";"):
+        text = text[:-1].rstrip()
+    if not text:
+        raise _refuse("bad_query", "the query is empty")
+    if ";" in text:  # even inside a string: one statement per request, no guessing
+        raise _refuse(
+            "multiple_statements",
+            "one statement per request: a ';' may only end the query "
+            "(inside a string, write char(59))",
+        )
+    if "outfile" in text.lower():
+        raise _refuse("not_read_only", "INTO OUTFILE is not allowed: the answer is the response")
+    return text
+
+
+@dataclass
+class Node:
+    """One node of ``EXPLAIN AST``'s tree: its kind, the rest of its line, its children."""
+
+    kind: str
+    detail: str
+    parent: Node | None = None
+    children: list[Node] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """A Function's or Identifier's name (the detail's first word)."""
+        return self.detail.split(" ", 1)[0] if self.detail else ""
+
+    def walk(self) -> list[Node]:
+        nodes, stack = [], [self]
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(reversed(node.children))
+        return nodes
+
+
+_NODE = re.compile(r" *[A-Za-z]")
+_SUFFIX = re.compile(r"\s*\((?:children \d+|alias [^)]*)\)\s*$")
+
+
+def parse_ast(lines: Sequence[str]) -> Node:
+    """The tree printed by ``EXPLAIN AST``: one node per line, one space of indent per level.
+
+    An alias or identifier holding a newline prints as more than one line, which reads
+    as extra nodes. They can only add to the tree (a second root, more children: both
+    refused), never hide a real node or come between a TableExpression and its table,
+    which is always the very next line: a crafted name makes the checks stricter only.
+    """
+    root: Node | None = None
+    stack: list[Node] = []
+    for line in lines:
+        if not line.strip():
+            continue
+        if not _NODE.match(line):  # not a tree (EXPLAIN options can change its form)
+            raise _refuse("bad_query", "ClickHouse's syntax tree of this query is unreadable")
+        depth = len(line) - len(line.lstrip(" "))
+        text = line.strip()
+        while True:  # drop "(children N)" and "(alias x)", in whichever order
+            stripped = _SUFFIX.sub("", text)
+            if stripped == text:
+                break
+            text = stripped
+        kind, _, detail = text.partition(" ")
+        del stack[depth:]
+        parent = stack[-1] if stack else None
+        node = Node(kind, detail.strip(), parent)
+        if parent is None:
+            if root is not None:
+                raise _refuse("multiple_statements", "one statement per request")
+            root = node
+        else:
+            parent.children.append(node)
+        stack.append(node)
+    if root is None:
+        raise _refuse("bad_query", "the query is empty")
+    return root
+
+
+_LEADING = re.compile(r"\s+|--[^\n]*|#[^\n]*|/\*.*?\*/", re.S)
+
+
+def _first_word(text: str) -> str:
+    """The statement's first keyword, past comments (for messages only)."""
+    at = 0
+    while match := _LEADING.match(text, at):
+        if match.end() == at:
+            break
+        at = match.end()
+    word = re.match(r"[A-Za-z]+", text[at:])
+    return word[0].upper() if word else ""
+
+
+def check_tree(root: Node, text: str) -> None:
+    """Refuse (:class:`SqlError`) anything but one read-only statement on user tables."""
+    first = _first_word(text)
+    if root.kind not in READ_ROOTS:
+        raise _refuse(
+            "not_read_only",
+            f"only read-only statements run here ({ALLOWED}); this one is {first or root.kind}",
+        )
+    if root.kind.startswith("Show"):
+        if not SHOW_FORMS.match(text):
+            raise _refuse(
+                "not_read_only",
+                "of the SHOW statements, only SHOW TABLES, SHOW COLUMNS and SHOW CREATE TABLE "
+                "run here",
+            )
+        if SYSTEM_WORD.search(text):
+            raise _refuse(
+                "forbidden_table", "system and information_schema tables are not available"
+            )
+    for node in root.walk():
+        if node.kind == "Function":
+            name = node.name.lower()
+            in_from = node.parent is not None and node.parent.kind == "TableExpression"
+            if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
+                raise _refuse(
+                    "forbidden_function",
+                    f"function {node.name!r} is not allowed: it reads files, the network, "
+                    "other servers or dictionaries",
+                )
+            if in_from and name not in TABLE_FUNCTIONS:
+                raise _refuse(
+                    "forbidden_function",
+                    f"table function {node.name!r} is not allowed; only "
+                    "numbers, zeros, generate_series, values, generateRandom and view are",
+                )
+        elif node.kind in ("TableIdentifier", "Identifier"):
+            database = node.name.strip('`"').split(".", 1)[0].strip('`"').lower()
+            if database in SYSTEM_DATABASES:
+                raise _refuse(
+                    "forbidden_table",
+                    f"{node.name!r}: system and information_schema tables are not available",
+                )
+    if root.kind == "Explain" and (
+        len(root.children) != 1 or root.children[0].kind != "SelectWithUnionQuery"
+    ):
+        raise _refuse("not_read_only", "EXPLAIN runs here for a SELECT only, without FORMAT")
+    if root.kind in ("SelectWithUnionQuery", "DescribeQuery") and len(root.children) != 1:
+        raise _refuse(
+            "bad_query",
+            "FORMAT and INTO OUTFILE clauses are not allowed: choose the output with the "
+            'request\'s "format" field',
+        )
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    columns: list[dict[str, str]]
+    rows: list[Sequence[Any]]
+    truncated: bool
+    elapsed_ms: float
+
+
+class SqlRunner:
+    """The read-only session, opened on first use; one query at a time."""
+
+    def __init__(self, dsn: str, limits: SqlLimits) -> None:
+        self.dsn = dsn
+        self.limits = limits
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+        # Also per thread: a request cancelled mid-query leaves its thread running.
+        self._session = threading.Lock()
+
+    def _connection(self) -> Any:
+        if self._client is None:
+            self._client = clickhouse_connect.get_client(
+                dsn=self.dsn, settings=self.limits.session_settings()
+            )
+        return self._client
+
+    def explain(self, text: str) -> Node:
+        # A command, not a query: query() would append "FORMAT Native", which the
+        # parser may attach to the statement inside the EXPLAIN. The answer is
+        # TabSeparated (escaping only inside a line: one line per node).
+        result = self._connection().command(f"EXPLAIN AST {text}")
+        body = "\t".join(map(str, result)) if isinstance(result, list) else str(result)
+        return parse_ast(body.split("\n"))
+
+    def execute(self, text: str, *, describe: bool) -> tuple[list[dict[str, str]], list[Any]]:
+        """Run ``text`` as is (the checks are the caller's); its columns and rows."""
+        client = self._connection()
+        result = client.query(text, query_tz="UTC")
+        columns = [
+            {"name": name, "type": kind.name}
+            for name, kind in zip(result.column_names, result.column_types, strict=True)
+        ]
+        if not columns and describe:
+            # No rows, and chDB's Native output then has no columns either: ask for them.
+            described = client.query(f"DESCRIBE TABLE (\n{text}\n)")
+            columns = [{"name": str(r[0]), "type": str(r[1])} for r in described.result_rows]
+        return columns, list(result.result_rows)
+
+    def answer(self, query: str, max_rows: int) -> Answer:
+        text = precheck(query, self.limits)
+        with self._session:
+            return self._answer(text, max_rows)
+
+    def _answer(self, text: str, max_rows: int) -> Answer:
+        try:
+            root = self.explain(text)
+            check_tree(root, text)
+            started = time.perf_counter()
+            columns, rows = self.execute(text, describe=root.kind == "SelectWithUnionQuery")
+            elapsed_ms = (time.perf_counter() - started) * 1000
+        except OperationalError as exc:
+            if getattr(exc, "code", None) is not None:
+                raise _clickhouse_error(exc) from None
+            raise SqlError("unavailable", f"ClickHouse is unavailable: {exc}", 503) from None
+        except ClickHouseError as exc:
+            raise _clickhouse_error(exc) from None
+        except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as exc:
+            # e.g. a column type the client cannot decode (AggregateFunction states)
+            raise SqlError(
+                "unreadable_result", f"the result could not be read: {type(exc).__name__}: {exc}"
+            ) from None
+        return Answer(columns, rows[:max_rows], len(rows) > max_rows, round(elapsed_ms, 3))
+
+    async def run(self, query: str, max_rows: int) -> Answer:
+        async with self._lock:  # one query at a time on the session; others wait here
+            return await asyncio.to_thread(self.answer, query, max_rows)
+
+    def close(self) -> None:
+        with self._session:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+TIMEOUT_EXCEEDED = 159
+
+
+def _clickhouse_error(exc: ClickHouseError) -> SqlError:
+    message = str(exc).strip() or type(exc).__name__
+    if len(message) > 2000:
+        message = message[:2000] + "…"
+    if getattr(exc, "code", None) == TIMEOUT_EXCEEDED or "TIMEOUT_EXCEEDED" in message:
+        return SqlError("timeout", f"the query ran past its time limit: {message}")
+    return SqlError("clickhouse_error", message)
+
+
+# -- the request and the response -------------------------------------------------------
+
+SQL = web.AppKey("sql_runner", SqlRunner)
+SQL_LIMITS = web.AppKey("sql_limits", SqlLimits)
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SqlRequest:
+    query: str
+    format: str
+    max_rows: int
+
+
+async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise SqlError("too_long", f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise SqlError("too_long", f"the body is larger than {MAX_BODY_BYTES} bytes", 413) from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadParameter(
+            "body", 'the body must be a JSON object: {"query": "SELECT ..."}'
+        ) from None
+    if not isinstance(body, dict):
+        raise BadParameter("body", 'the body must be a JSON object: {"query": "SELECT ..."}')
+    for name in body:
+        if name not in ("query", "format", "max_rows"):
+            raise BadParameter(
+                name, f"unknown field {name!r}: the body takes query, format, max_rows"
+            )
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise BadParameter("query", "'query' must be a non-empty string of SQL")
+    fmt = body.get("format", "json")
+    if fmt not in FORMATS:
+        raise BadParameter("format", f"invalid 'format' {fmt!r}: expected one of json, csv")
+    max_rows = body.get("max_rows", limits.default_rows)
+    if isinstance(max_rows, float) and max_rows.is_integer():
+        max_rows = int(max_rows)  # 100.0 is an integer to JSON Schema
+    if (
+        isinstance(max_rows, bool)
+        or not isinstance(max_rows, int)
+        or not (1 <= max_rows <= limits.max_rows)
+    ):
+        raise BadParameter(
+            "max_rows", f"invalid 'max_rows' {max_rows!r}: expected an integer 1..{limits.max_rows}"
+        )
+    return SqlRequest(query=query, format=fmt, max_rows=max_rows)
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _plain(value: Any) -> Any:
+    """A value orjson cannot write as is, as JSON can hold it."""
+    if isinstance(value, Decimal):
+        return f"{value:f}"  # exact, never a float
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address, UUID)):
+        return str(value)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, int):  # past 64 bits (Int128, UInt256): a decimal string
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    return str(value)
+
+
+_JSON = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+
+def _deep(value: Any) -> Any:
+    """The slow path: every value made plain by hand (big integers, odd keys)."""
+    if isinstance(value, dict):
+        return {str(_deep(k)): _deep(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_deep(v) for v in value]
+    if isinstance(value, datetime):
+        return _utc(value)
+    if isinstance(value, bool | float | str | date) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    return _plain(value)
+
+
+def dumps(payload: Any) -> bytes:
+    try:
+        return orjson.dumps(payload, default=_plain, option=_JSON)
+    except (orjson.JSONEncodeError, TypeError):
+        return orjson.dumps(_deep(payload), default=_plain, option=_JSON)
+
+
+def _cell(value: Any) -> str:
+    """One CSV cell: as in the JSON answer, nested values as JSON text, NULL empty."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return dumps(_utc(value)).decode()[1:-1]
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, (int, float)):
+        return dumps(value).decode()
+    if isinstance(value, (list, tuple, dict)):
+        return dumps(value).decode()
+    return str(_plain(value))
+
+
+def csv_body(answer: Answer) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow([c["name"] for c in answer.columns])
+    for row in answer.rows:
+        writer.writerow([_cell(v) for v in row])
+    return out.getvalue().encode("utf-8", "replace")
+
+
+async def run_sql(request: web.Request) -> web.Response:
+    """The handler (admin-only: sql/analytics.py checks the key before it runs)."""
+    limits = request.app[SQL_LIMITS]
+    asked = await read_request(request, limits)
+    answer = await request.app[SQL].run(asked.query, asked.max_rows)
+    headers = {
+        "X-Rows-Returned": str(len(answer.rows)),
+        "X-Truncated": "true" if answer.truncated else "false",
+        "X-Elapsed-Ms": f"{answer.elapsed_ms:.3f}",
+    }
+    if asked.format == "csv":
+        return web.Response(
+            body=csv_body(answer), headers=headers, content_type="text/csv", charset="utf-8"
+        )
+    payload = {
+        "columns": answer.columns,
+        "rows": answer.rows,
+        "rows_returned": len(answer.rows),
+        "truncated": answer.truncated,
+        "elapsed_ms": answer.elapsed_ms,
+    }
+    return web.Response(body=dumps(payload), headers=headers, content_type="application/json")
+
+
+def sql_runner(
+    store: web.AppKey[Store], limits: SqlLimits
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: the app's :class:`SqlRunner` on the DSN of ``app[store]``."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        runner = app[SQL] = SqlRunner(app[store].dsn, limits)
+        yield
+        await asyncio.to_thread(runner.close)
+
+    return context

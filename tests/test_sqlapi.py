@@ -1,0 +1,504 @@
+"""POST /api/v1/sql on a real chDB store: answers as JSON and CSV, row and time limits,
+every class of refusal, and ClickHouse's own read-only mode behind the checks."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import io
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from ingress.guards.keys import create_key
+from llmtap.config import Settings
+from sinks.clickhouse.writer import Batch, write_batch
+from sql import analytics, sqlapi
+from sql.store import Store
+from tests.test_analytics import Call
+
+ADMIN_KEY = "admin-key-for-sql-tests"
+OUTFILE = Path("/tmp/llmtap-sql-test-outfile.txt")  # chDB would write it, were it allowed
+H = timedelta(hours=1)
+CALLS = [
+    Call(1 * H, "gpt-4o", "openai", "alice", "search", tenant="acme", cost=("0.001", "0.002")),
+    Call(2 * H, "gpt-4o-mini", "openai", "bob", "search", tenant="acme", cost=("0.0001", "0")),
+    Call(3 * H, "llama-3-70b", "groq", "zed", "core", tenant="globex", cost=None),
+]
+
+Client = TestClient[Any, Any]
+ServeFn = Callable[..., AbstractAsyncContextManager[tuple[Client, web.Application]]]
+
+
+@pytest.fixture
+def virtual_key(tmp_path: Path) -> str:
+    """A virtual key of tenant acme, in the key file the app reads."""
+    secret, _ = create_key(tmp_path / "keys.yaml", tenant="acme")
+    return secret
+
+
+@pytest.fixture
+def serve(store: Store, tmp_path: Path, virtual_key: str) -> ServeFn:
+    """The API app on ``store`` (holding CALLS), with an admin key; SQL limits as given."""
+    assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
+    settings = Settings(
+        data_dir=tmp_path, admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()]
+    )
+    assert settings.key_file == tmp_path / "keys.yaml"
+
+    @asynccontextmanager
+    async def serving(
+        limits: sqlapi.SqlLimits | None = None,
+    ) -> AsyncIterator[tuple[Client, web.Application]]:
+        app = web.Application(middlewares=[analytics.api_errors])
+        app[analytics.STORE] = store
+        analytics.add_routes(app, settings, sql_limits=limits)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with TestClient(TestServer(app, host="127.0.0.1"), headers=headers) as client:
+            yield client, app
+
+    return serving
+
+
+@pytest.fixture
+async def api(serve: ServeFn) -> AsyncIterator[Client]:
+    async with serve() as (client, _):
+        yield client
+
+
+async def sql(api: Client, query: str, expect: int = 200, **body: Any) -> Any:
+    async with api.post("/api/v1/sql", json={"query": query, **body}) as response:
+        answer = await response.json() if body.get("format") != "csv" or expect != 200 else None
+        if answer is None:
+            text = await response.text()
+            assert response.status == expect, text
+            assert response.content_type == "text/csv"
+            return text, response.headers
+        assert response.status == expect, answer
+        return answer
+
+
+async def refused(api: Client, query: str, code: str) -> str:
+    body = await sql(api, query, expect=400)
+    error = body["error"]
+    assert error["param"] == "query"
+    assert error["code"] == code, error
+    message: str = error["message"]
+    return message
+
+
+# -- answers ----------------------------------------------------------------------------
+
+
+async def test_a_select_as_json(api: Client) -> None:
+    body = await sql(
+        api,
+        "SELECT tenant, user, cost_total, ts_end, ttft_ms, properties "
+        "FROM calls ORDER BY ts_end DESC",
+    )
+    assert body["columns"] == [
+        {"name": "tenant", "type": "LowCardinality(String)"},
+        {"name": "user", "type": "String"},
+        {"name": "cost_total", "type": "Nullable(Decimal(18, 9))"},
+        {"name": "ts_end", "type": "DateTime64(3, 'UTC')"},
+        {"name": "ttft_ms", "type": "Nullable(Float64)"},
+        {"name": "properties", "type": "Map(LowCardinality(String), String)"},
+    ]
+    assert body["rows"] == [
+        ["acme", "alice", "0.003000000", "2026-03-15T11:30:00Z", None, {}],
+        ["acme", "bob", "0.000100000", "2026-03-15T10:30:00Z", None, {}],
+        ["globex", "zed", None, "2026-03-15T09:30:00Z", None, {}],
+    ]
+    assert body["rows_returned"] == 3
+    assert body["truncated"] is False
+    assert body["elapsed_ms"] >= 0
+
+
+async def test_values_of_many_types_as_json(api: Client) -> None:
+    body = await sql(
+        api,
+        "SELECT toDecimal128('123456789.123456789', 9) AS d, toUInt64(18446744073709551615) AS u,"
+        " toInt128('-170141183460469231731687303715884105728') AS big, [1, 2] AS a,"
+        " map(1, 'x') AS m, tuple(1, 'b') AS t, toUUID('00000000-0000-0000-0000-000000000001')"
+        " AS id, toIPv4('10.0.0.1') AS ip, toDate('2026-01-02') AS day,"
+        " toDateTime('2026-01-02 03:04:05', 'Asia/Tokyo') AS tokyo, NULL AS n, true AS b,"
+        " nan AS f",
+    )
+    assert body["rows"] == [
+        [
+            "123456789.123456789",
+            18446744073709551615,
+            "-170141183460469231731687303715884105728",
+            [1, 2],
+            {"1": "x"},
+            [1, "b"],
+            "00000000-0000-0000-0000-000000000001",
+            "10.0.0.1",
+            "2026-01-02",
+            "2026-01-01T18:04:05Z",  # 03:04:05 in Tokyo, in UTC
+            None,
+            True,
+            None,
+        ]
+    ]
+
+
+async def test_a_select_as_csv(api: Client) -> None:
+    text, headers = await sql(
+        api,
+        "SELECT tenant, user, cost_total, ts_end FROM calls ORDER BY ts_end DESC",
+        format="csv",
+    )
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows == [
+        ["tenant", "user", "cost_total", "ts_end"],
+        ["acme", "alice", "0.003000000", "2026-03-15T11:30:00Z"],
+        ["acme", "bob", "0.000100000", "2026-03-15T10:30:00Z"],
+        ["globex", "zed", "", "2026-03-15T09:30:00Z"],
+    ]
+    assert headers["X-Rows-Returned"] == "3"
+    assert headers["X-Truncated"] == "false"
+
+
+async def test_an_empty_answer_still_names_its_columns(api: Client) -> None:
+    body = await sql(
+        api, "SELECT tenant, count() AS n FROM calls WHERE tenant = 'nobody' GROUP BY tenant"
+    )
+    assert body["columns"] == [
+        {"name": "tenant", "type": "LowCardinality(String)"},
+        {"name": "n", "type": "UInt64"},
+    ]
+    assert body["rows"] == [] and body["rows_returned"] == 0
+    text, _ = await sql(api, "SELECT tenant FROM calls WHERE 0", format="csv")
+    assert text == "tenant\r\n"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "WITH per AS (SELECT tenant, count() AS n FROM calls GROUP BY tenant) "
+        "SELECT * FROM per ORDER BY tenant",
+        "SELECT tenant, count() AS n FROM calls GROUP BY tenant ORDER BY tenant;",
+        "  -- the count per tenant\n  select tenant, count() as n from calls group by tenant "
+        "order by tenant ;; ",
+        "(SELECT tenant, count() AS n FROM calls GROUP BY tenant ORDER BY tenant)",
+        "SELECT tenant, count() AS n FROM calls WHERE tenant IN (SELECT tenant FROM calls) "
+        "GROUP BY tenant ORDER BY tenant",
+    ],
+)
+async def test_read_only_forms_run(api: Client, query: str) -> None:
+    body = await sql(api, query)
+    assert body["rows"] == [["acme", 2], ["globex", 1]]
+
+
+@pytest.mark.parametrize(
+    ("query", "first_column"),
+    [
+        ("SHOW TABLES", "name"),
+        ("DESCRIBE TABLE calls", "name"),
+        ("DESC calls", "name"),
+        ("SHOW COLUMNS FROM calls", "field"),
+        ("SHOW CREATE TABLE calls", "statement"),
+        ("EXPLAIN SELECT count() FROM calls", "explain"),
+        ("SELECT sum(number) AS s FROM numbers(10)", "s"),
+    ],
+)
+async def test_show_describe_explain(api: Client, query: str, first_column: str) -> None:
+    body = await sql(api, query)
+    assert body["columns"][0]["name"] == first_column
+    assert body["rows"]
+
+
+# -- limits -----------------------------------------------------------------------------
+
+
+async def test_limit_and_the_row_limit(api: Client) -> None:
+    body = await sql(api, "SELECT number FROM numbers(100) LIMIT 5")
+    assert body["rows"] == [[0], [1], [2], [3], [4]] and body["truncated"] is False
+    body = await sql(api, "SELECT number FROM numbers(100)", max_rows=10)
+    assert body["rows"] == [[n] for n in range(10)]
+    assert (body["rows_returned"], body["truncated"]) == (10, True)
+    body = await sql(api, "SELECT number FROM numbers(10)", max_rows=10)
+    assert (body["rows_returned"], body["truncated"]) == (10, False)
+    body = await sql(api, "SELECT number FROM numbers(50000)")  # the default, 1000
+    assert (body["rows_returned"], body["truncated"]) == (1000, True)
+    body = await sql(api, "SELECT number FROM numbers(100000000)", max_rows=10_000)
+    assert (body["rows_returned"], body["truncated"]) == (10_000, True)
+    assert body["rows"][-1] == [9999]
+    text, headers = await sql(api, "SELECT number FROM numbers(100)", format="csv", max_rows=3)
+    assert text == "number\r\n0\r\n1\r\n2\r\n"
+    assert headers["X-Truncated"] == "true"
+
+
+async def test_a_query_past_its_time_limit_is_a_clear_400(serve: ServeFn) -> None:
+    async with serve(sqlapi.SqlLimits(timeout_s=1)) as (api, _):
+        started = time.monotonic()
+        message = await refused(api, "SELECT count() FROM numbers(1e11)", "timeout")
+        assert time.monotonic() - started < 15
+        assert "time limit" in message and "Timeout exceeded" in message
+        # The session is fine afterwards.
+        assert (await sql(api, "SELECT 1 AS one"))["rows"] == [[1]]
+
+
+async def test_a_long_query_does_not_hold_the_store(serve: ServeFn, store: Store) -> None:
+    """The SQL session is its own: the writer and the analytics go on meanwhile."""
+    async with serve(sqlapi.SqlLimits(timeout_s=2)) as (api, _):
+        heavy = asyncio.create_task(refused(api, "SELECT count() FROM numbers(1e11)", "timeout"))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        assert (await store.arows("SELECT count() AS n FROM calls"))[0]["n"] == len(CALLS)
+        async with api.get("/api/v1/analytics/usage") as response:
+            assert response.status == 200
+        assert time.monotonic() - started < 1.5
+        assert not heavy.done()
+        await heavy
+
+
+# -- bad bodies -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"not json", "body"),
+        (b"[1, 2]", "body"),
+        (b'"SELECT 1"', "body"),
+        (b"{}", "query"),
+        (b'{"query": ""}', "query"),
+        (b'{"query": "   "}', "query"),
+        (b'{"query": 1}', "query"),
+        (b'{"query": "SELECT 1", "format": "xml"}', "format"),
+        (b'{"query": "SELECT 1", "max_rows": 0}', "max_rows"),
+        (b'{"query": "SELECT 1", "max_rows": 10001}', "max_rows"),
+        (b'{"query": "SELECT 1", "max_rows": "5"}', "max_rows"),
+        (b'{"query": "SELECT 1", "max_rows": true}', "max_rows"),
+        (b'{"query": "SELECT 1", "max_rows": 2.5}', "max_rows"),
+        (b'{"query": "SELECT 1", "tenant": "acme"}', "tenant"),
+    ],
+)
+async def test_bad_bodies_are_400_naming_the_field(api: Client, body: bytes, param: str) -> None:
+    async with api.post(
+        "/api/v1/sql", data=body, headers={"Content-Type": "application/json"}
+    ) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["param"] == param
+
+
+async def test_a_body_over_1_mib_is_413(api: Client) -> None:
+    query = "SELECT 1 -- " + "x" * (1024 * 1024)
+    async with api.post("/api/v1/sql", json={"query": query}) as response:
+        assert response.status == 413
+        error = (await response.json())["error"]
+    assert error["code"] == "too_long" and "1048576 bytes" in error["message"]
+
+
+async def test_the_answer_headers_come_with_json_too(api: Client) -> None:
+    async with api.post("/api/v1/sql", json={"query": "SELECT 1", "max_rows": 5.0}) as response:
+        assert response.status == 200
+        assert response.headers["X-Rows-Returned"] == "1"
+        assert response.headers["X-Truncated"] == "false"
+        assert float(response.headers["X-Elapsed-Ms"]) >= 0
+
+
+async def test_a_clickhouse_error_is_a_400_with_its_message(api: Client) -> None:
+    message = await refused(api, "SELEC 1", "clickhouse_error")
+    assert "Syntax error" in message
+    message = await refused(api, "SELECT nope FROM calls", "clickhouse_error")
+    assert "nope" in message
+    message = await refused(api, "SELECT {x:String}", "clickhouse_error")
+    assert "x" in message
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "code", "words"),
+    [
+        # writes and DDL
+        ("INSERT INTO calls (tenant) VALUES ('evil')", "not_read_only", "INSERT"),
+        ("insert into calls select * from calls", "not_read_only", "INSERT"),
+        ("CREATE TABLE evil (x Int8) ENGINE = Memory", "not_read_only", "CREATE"),
+        ("DROP TABLE calls", "not_read_only", "DROP"),
+        ("ALTER TABLE calls DELETE WHERE 1", "not_read_only", "ALTER"),
+        ("TRUNCATE TABLE calls", "not_read_only", "TRUNCATE"),
+        ("OPTIMIZE TABLE calls FINAL", "not_read_only", "OPTIMIZE"),
+        ("RENAME TABLE calls TO evil", "not_read_only", "RENAME"),
+        ("SET readonly = 0", "not_read_only", "SET"),
+        ("SYSTEM DROP DNS CACHE", "not_read_only", "SYSTEM"),
+        ("KILL QUERY WHERE 1", "not_read_only", "KILL"),
+        ("USE system", "not_read_only", "USE"),
+        ("EXPLAIN PIPELINE INSERT INTO calls SELECT * FROM calls", "not_read_only", "EXPLAIN"),
+        ("SHOW DATABASES", "not_read_only", "SHOW"),
+        ("SHOW PROCESSLIST", "not_read_only", "SHOW"),
+        ("SHOW GRANTS", "not_read_only", "SHOW"),
+        # more than one statement
+        ("SELECT 1; SELECT 2", "multiple_statements", "one statement"),
+        ("SELECT 1; DROP TABLE calls", "multiple_statements", "one statement"),
+        ("SELECT 1 /* ; */", "multiple_statements", "one statement"),
+        ("SELECT ';' AS x; DROP TABLE calls", "multiple_statements", "one statement"),
+        # system tables, however spelled or nested
+        ("SELECT * FROM system.tables", "forbidden_table", "system"),
+        ("SELECT * FROM `system`.`tables`", "forbidden_table", "system"),
+        ('SELECT * FROM "system"."one"', "forbidden_table", "system"),
+        ("SELECT * FROM calls WHERE tenant IN (SELECT name FROM system.tables)",
+         "forbidden_table", "system"),
+        ("SELECT * FROM calls AS c JOIN system.one AS o ON 1", "forbidden_table", "system"),
+        ("WITH t AS (SELECT * FROM system.one) SELECT * FROM t", "forbidden_table", "system"),
+        ("SELECT 1 WHERE 1 IN system.one", "forbidden_table", "system"),
+        ("SELECT * FROM INFORMATION_SCHEMA.TABLES", "forbidden_table", "information_schema"),
+        ("SELECT * FROM information_schema.columns", "forbidden_table", "information_schema"),
+        ("DESCRIBE system.one", "forbidden_table", "system"),
+        ("SHOW TABLES FROM system", "forbidden_table", "system"),
+        ("SHOW COLUMNS FROM system.one", "forbidden_table", "system"),
+        ("SHOW CREATE TABLE system.one", "forbidden_table", "system"),
+        ("EXPLAIN SELECT * FROM system.one", "forbidden_table", "system"),
+        # files, the network, other servers, dictionaries
+        ("SELECT * FROM file('/etc/passwd', 'LineAsString')", "forbidden_function", "file"),
+        ("SELECT file('/etc/hostname')", "forbidden_function", "file"),
+        ("SELECT * FROM url('http://127.0.0.1:1/', CSV, 'a String')", "forbidden_function", "url"),
+        ("SELECT * FROM remote('127.0.0.1', default.calls)", "forbidden_function", "remote"),
+        ("SELECT * FROM remoteSecure('127.0.0.1', default.calls)", "forbidden_function",
+         "remoteSecure"),
+        ("SELECT * FROM s3('http://127.0.0.1:1/x.csv')", "forbidden_function", "s3"),
+        ("SELECT * FROM mysql('h:3306', 'd', 't', 'u', 'p')", "forbidden_function", "mysql"),
+        ("SELECT * FROM postgresql('h:5432', 'd', 't', 'u', 'p')", "forbidden_function",
+         "postgresql"),
+        ("SELECT * FROM cluster('default', default.calls)", "forbidden_function", "cluster"),
+        ("SELECT * FROM executable('x.sh', CSV, 'a String')", "forbidden_function",
+         "executable"),
+        ("SELECT * FROM merge(REGEXP('sys'), '.*')", "forbidden_function", "merge"),
+        ("SELECT * FROM dictionary('d')", "forbidden_function", "dictionary"),
+        ("SELECT dictGet('d', 'x', toUInt64(1))", "forbidden_function", "dictGet"),
+        ("SELECT * FROM input('a String')", "forbidden_function", "input"),
+        ("SELECT * FROM calls WHERE tenant IN (SELECT * FROM url('http://x/', CSV, 'a String'))",
+         "forbidden_function", "url"),
+        ("DESCRIBE file('/etc/passwd', 'LineAsString')", "forbidden_function", "file"),
+        ("SELECT * FROM loop(numbers(3))", "forbidden_function", "loop"),
+        ("SELECT * FROM null('a Int8')", "forbidden_function", "null"),
+        # output elsewhere than the response
+        (f"SELECT 1 INTO OUTFILE '{OUTFILE}'", "not_read_only", "OUTFILE"),
+        ("SELECT 1 FORMAT JSON", "bad_query", "format"),
+        ("EXPLAIN SELECT 1 FORMAT JSON", "not_read_only", "EXPLAIN"),
+    ],
+)  # fmt: skip
+async def test_refused_before_it_runs(api: Client, query: str, code: str, words: str) -> None:
+    message = await refused(api, query, code)
+    assert words.lower() in message.lower(), message
+
+
+async def test_nothing_refused_was_done(api: Client, store: Store) -> None:
+    for query in ("DROP TABLE calls", "SELECT 1; DROP TABLE calls", "TRUNCATE TABLE calls",
+                  "INSERT INTO calls (tenant) VALUES ('evil')"):  # fmt: skip
+        await sql(api, query, expect=400)
+    assert not await asyncio.to_thread(OUTFILE.exists)
+    assert (await store.arows("SELECT count() AS n FROM calls"))[0]["n"] == len(CALLS)
+
+
+async def test_settings_cannot_be_changed_from_the_query(api: Client) -> None:
+    """ClickHouse refuses them itself: the session is readonly=1."""
+    for query in (
+        "SELECT 1 SETTINGS readonly = 0",
+        "SELECT count() FROM numbers(1e11) SETTINGS max_execution_time = 0",
+        "SELECT number FROM numbers(100000) SETTINGS max_result_rows = 0",
+    ):
+        message = await refused(api, query, "clickhouse_error")
+        assert "readonly" in message.lower()
+
+
+async def test_clickhouse_itself_refuses_writes_on_the_session(
+    serve: ServeFn, store: Store
+) -> None:
+    """The second line of defence, with the checks bypassed: run straight on the session."""
+    async with serve() as (api, app):
+        await sql(api, "SELECT 1")
+        runner = app[sqlapi.SQL]
+        for statement in (
+            "INSERT INTO calls (tenant) VALUES ('evil')",
+            "CREATE TABLE evil (x Int8) ENGINE = Memory",
+            "DROP TABLE calls",
+            "SET readonly = 0",
+            "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+        ):
+            with pytest.raises(DatabaseError, match=r"readonly|READONLY"):
+                runner.execute(statement, describe=False)
+    assert (await store.arows("SELECT count() AS n FROM calls"))[0]["n"] == len(CALLS)
+    # ... and the store's own session was never made read-only.
+    store.command("CREATE TABLE scratch (x Int8) ENGINE = Memory")
+    store.command("DROP TABLE scratch")
+
+
+async def test_a_virtual_key_is_403(api: Client, virtual_key: str) -> None:
+    headers = {"Authorization": f"Bearer {virtual_key}"}
+    async with api.post("/api/v1/sql", json={"query": "SELECT 1"}, headers=headers) as response:
+        assert response.status == 403
+        message = (await response.json())["error"]["message"]
+    assert "admin keys only" in message and "chDB" in message
+
+
+async def test_the_sql_endpoint_is_post_only(api: Client) -> None:
+    async with api.get("/api/v1/sql") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        assert "POST" in (await response.json())["error"]["message"]
+
+
+def test_every_documented_table_function_is_allowed_and_none_denied() -> None:
+    assert not sqlapi.TABLE_FUNCTIONS & sqlapi.DENIED_FUNCTIONS
+    assert {"file", "url", "s3", "hdfs", "remote", "remotesecure", "mysql", "postgresql", "jdbc",
+            "odbc", "mongodb", "redis", "sqlite", "input", "cluster", "clusterallreplicas",
+            "azureblobstorage", "gcs", "iceberg", "deltalake", "hudi", "executable",
+            "dictionary"} <= sqlapi.DENIED_FUNCTIONS  # fmt: skip
+
+
+def readme_examples() -> list[str]:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("\n## Read-only SQL\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sql\n(.*?)```", section, re.S)
+
+
+@pytest.mark.parametrize("query", readme_examples())
+async def test_the_readme_examples_run(api: Client, query: str) -> None:
+    body = await sql(api, query)
+    assert body["columns"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "graph = 1 SELECT * FROM system.one",  # EXPLAIN AST's options: a DOT graph
+        "json = 1 SELECT * FROM system.one",
+    ],
+)
+async def test_text_that_changes_the_explain_itself_is_refused(api: Client, query: str) -> None:
+    body = await sql(api, query, expect=400)
+    assert body["error"]["code"] in ("bad_query", "clickhouse_error")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        # Names holding newlines print as extra lines of EXPLAIN AST: never a way past it.
+        "SELECT * FROM merge(REGEXP('sys'), '.*') AS \"t\n      Literal x\"",
+        'SELECT 1 AS "a\nSelectWithUnionQuery"',
+        'SELECT * FROM system.one AS "o\n TableIdentifier calls"',
+        'SELECT * FROM numbers(1) AS "n\n     TableExpression\n      Function numbers"'
+        " WHERE 1 IN (SELECT * FROM system.one)",
+    ],
+)
+async def test_names_that_forge_lines_of_the_tree_are_still_refused(
+    api: Client, query: str
+) -> None:
+    body = await sql(api, query, expect=400)
+    assert body["error"]["code"] in ("forbidden_function", "forbidden_table", "multiple_statements")
