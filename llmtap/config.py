@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,7 +32,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from llmtap.events import BudgetPeriod, BudgetScope
+from llmtap.events import BudgetPeriod, BudgetScope, WindowDimension
 
 CONFIG_ENV = "LLMTAP_CONFIG"
 
@@ -116,6 +124,53 @@ class BudgetConfig(BaseModel):
     hard_cap: bool = True  # refuse calls that could overshoot the limit
 
 
+SpikeMetric = Literal["cost", "requests", "tokens", "error_rate", "p95_latency"]
+Seasonality = Literal["none", "hour_of_day"]
+
+
+class SpikeRule(BaseModel):
+    """One spike rule from the configuration (``spike_rules``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    dimension: WindowDimension
+    metric: SpikeMetric
+    # The windows it judges, by length in seconds: one of window_sizes_s.
+    window_s: int = Field(default=60, gt=0)
+    # The robust z-score a window must exceed. 5 by default: at 4, one-minute windows of
+    # Poisson-like traffic raise a false alert every few thousand windows per series
+    # (tests/test_spikes.py measures it).
+    sensitivity: Decimal = Field(default=Decimal(5), gt=0)
+    # The observed value must reach this (in the metric's unit: USD, requests, tokens,
+    # a 0..1 error rate, milliseconds).
+    min_value: Decimal = Field(default=Decimal(0), ge=0)
+    # ...and exceed the baseline by at least this much.
+    min_increase: Decimal = Field(default=Decimal(0), ge=0)
+    # At most one firing alert per this many windows.
+    cooldown_windows: int = Field(default=10, ge=0)
+    # How many recent closed windows the baseline is learned from (the scale costs
+    # O(n^2 log n) per window, hence the cap)...
+    history_windows: int = Field(default=30, ge=3, le=120)
+    # ...and how many it needs before it judges anything.
+    min_history: int = Field(default=5, ge=1)
+    # The scale's floor as a fraction of the baseline (0.05: 5%).
+    min_relative_scale: Decimal = Field(default=Decimal("0.05"), ge=0)
+    seasonality: Seasonality = "none"
+    # hour_of_day: how many previous days each UTC hour's profile keeps, and how many
+    # it needs before the seasonal baseline replaces the recent one.
+    seasonal_days: int = Field(default=7, ge=1, le=60)
+    seasonal_min_days: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpikeRule:
+        if self.min_history > self.history_windows:
+            raise ValueError("min_history cannot exceed history_windows")
+        if self.seasonal_min_days > self.seasonal_days:
+            raise ValueError("seasonal_min_days cannot exceed seasonal_days")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLMTAP_", extra="forbid")
 
@@ -193,11 +248,41 @@ class Settings(BaseSettings):
     budgets: list[BudgetConfig] = Field(default_factory=list)
     budget_default_max_tokens: int = Field(default=4096, ge=1)
 
-    # Retention in ClickHouse: raw calls, and the hourly/daily rollups.
+    # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of
+    # the smallest (larger windows are merged from closed smaller ones), and how long
+    # after a window ends (in event time) calls may still arrive to be counted in it.
+    window_sizes_s: tuple[int, ...] = (60, 3600)
+    window_grace_s: float = Field(default=10.0, ge=0)
+    # Spike rules judged on closed windows (README, Spike detection).
+    spike_rules: list[SpikeRule] = Field(default_factory=list)
+
+    # Retention in ClickHouse: raw calls, the hourly/daily rollups and the windows.
     raw_retention_days: int = Field(default=90, ge=1)
     rollup_retention_days: int = Field(default=400, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("window_sizes_s")
+    @classmethod
+    def _nested_windows(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        ordered = tuple(sorted(set(sizes)))
+        if not ordered or ordered[0] <= 0:
+            raise ValueError("window_sizes_s needs at least one positive length")
+        if any(size % ordered[0] for size in ordered):
+            raise ValueError(f"every window length must be a multiple of {ordered[0]}s")
+        return ordered
+
+    @model_validator(mode="after")
+    def _rules_on_known_windows(self) -> Settings:
+        for rule in self.spike_rules:
+            if rule.window_s not in self.window_sizes_s:
+                raise ValueError(
+                    f"spike rule {rule.name!r}: window_s {rule.window_s} is not one of "
+                    f"window_sizes_s {list(self.window_sizes_s)}"
+                )
+        if len({rule.name for rule in self.spike_rules}) != len(self.spike_rules):
+            raise ValueError("spike rule names must be unique")
+        return self
 
     @field_validator("openai_base_url", "anthropic_base_url")
     @classmethod

@@ -228,3 +228,60 @@ class BudgetState(_Model):
     crossed: tuple[int, ...] = ()  # alert thresholds (percent) crossed this period
     last_event_at: UtcDatetime | None = None  # the latest call end counted in spent_usd
     updated_at: UtcDatetime
+
+
+class SketchState(_Model):
+    """A latency distribution as a mergeable DDSketch (``stream.sketches.LatencySketch``,
+    whose ``to_dict``/``from_dict`` this is): the keys and counts of its bins."""
+
+    v: Literal[1] = 1
+    relative_accuracy: float = Field(gt=0, lt=1)
+    zero_count: int = Field(ge=0)
+    keys: tuple[int, ...] = ()
+    counts: tuple[int, ...] = ()
+    count: int = Field(ge=0)
+    sum: float = 0.0
+    min: float | None = None
+    max: float | None = None
+
+
+WindowDimension = Literal["tenant", "team", "key", "user", "model", "provider", "feature"]
+
+
+class WindowEvent(_Model):
+    """One closed tumbling window of one dimension's value (team ``search``, model
+    ``gpt-4o``...), published once when the window closes on the windows topic.
+
+    A worker aggregates the calls of the costed partitions it owns, listed in
+    ``partitions``: with one worker that is every call; with several, each publishes
+    its share of a window and readers add the shares up (every field is a sum, the
+    sketches merge exactly). ``event_id`` is derived from the window, its dimension
+    value and ``partitions``, so a replay publishes the same id again.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["window"] = "window"
+    event_id: uuid.UUID
+    size_s: int = Field(gt=0)
+    dimension: WindowDimension
+    value: str
+    window_start: UtcDatetime
+    window_end: UtcDatetime
+    partitions: tuple[int, ...]
+    requests: int = Field(ge=0)
+    errors: int = Field(ge=0)  # calls whose status is not "ok"
+    errors_by_class: dict[str, int] = Field(default_factory=dict)  # error_class or status
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    cached_input_tokens: int = Field(ge=0)
+    cost: Decimal  # priced calls only; see unpriced
+    unpriced: int = Field(ge=0)  # calls with no price (their cost is unknown, not 0)
+    usage_missing: int = Field(ge=0)
+    late_events: int = Field(default=0, ge=0)  # arrived after their window had closed
+    latency_ms: SketchState
+    ttft_ms: SketchState
+
+    @property
+    def series(self) -> str:
+        """The key of this window's series: size, dimension and value."""
+        return f"{self.size_s}|{self.dimension}|{self.value}"

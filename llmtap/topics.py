@@ -1,12 +1,13 @@
 """Kafka topic names and partition keys.
 
-| topic             | value          | key          | written by | read by            |
-|-------------------|----------------|--------------|------------|--------------------|
-| llmtap.requests   | RequestEvent   | request_id   | ingress    | stream (budgets)   |
-| llmtap.responses  | ResponseEvent  | request_id   | ingress    | stream (costs)     |
-| llmtap.costed     | CostedEvent    | request_id   | stream     | sinks (ClickHouse) |
-| llmtap.alerts     | Alert          | alert id     | stream     | sinks (webhooks)   |
-| llmtap.budgets    | BudgetState    | budget name  | stream     | ingress (caps)     |
+| topic            | value         | key         | written by | read by                        |
+|------------------|---------------|-------------|------------|--------------------------------|
+| llmtap.requests  | RequestEvent  | request_id  | ingress    | (kept for replay and audit)    |
+| llmtap.responses | ResponseEvent | request_id  | ingress    | stream (costs)                 |
+| llmtap.costed    | CostedEvent   | request_id  | stream     | stream (windows, budgets), sink |
+| llmtap.windows   | WindowEvent   | series      | stream     | stream (spikes), sink          |
+| llmtap.alerts    | Alert         | alert id    | stream     | sinks (webhooks)               |
+| llmtap.budgets   | BudgetState   | budget name | stream     | ingress (caps), store          |
 
 Consumer groups: ``llmtap-stream`` (the Faust worker), ``llmtap-sink`` (the writer),
 ``llmtap-webhooks`` (alert delivery).
@@ -27,10 +28,11 @@ from aiokafka.errors import TopicAlreadyExistsError
 REQUESTS = "llmtap.requests"
 RESPONSES = "llmtap.responses"
 COSTED = "llmtap.costed"
+WINDOWS = "llmtap.windows"  # closed windows, keyed by series (size|dimension|value)
 ALERTS = "llmtap.alerts"
 BUDGETS = "llmtap.budgets"  # compacted: the latest state of each budget
 
-ALL = (REQUESTS, RESPONSES, COSTED, ALERTS, BUDGETS)
+ALL = (REQUESTS, RESPONSES, COSTED, WINDOWS, ALERTS, BUDGETS)
 COMPACTED = frozenset({BUDGETS})
 
 # Consumer groups. Faust's group id is its app id.

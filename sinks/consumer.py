@@ -15,11 +15,12 @@ RECONNECT_S = 1.0
 
 
 def sink_consumer(
-    topic: str, bootstrap: str, group_id: str, max_poll_records: int | None = None
+    topic: str | list[str], bootstrap: str, group_id: str, max_poll_records: int | None = None
 ) -> AIOKafkaConsumer:
-    """A consumer whose offsets the sink commits itself, after its work is durable."""
+    """A consumer (of one topic or several) whose offsets the sink commits itself, after
+    its work is durable."""
     return AIOKafkaConsumer(
-        topic,
+        *([topic] if isinstance(topic, str) else topic),
         bootstrap_servers=bootstrap,
         group_id=group_id,
         enable_auto_commit=False,

@@ -28,6 +28,7 @@ def apply_retention(store: Store, *, raw_days: int, rollup_days: int) -> list[st
         "calls": ("ts_end", raw_days),
         "calls_hourly": ("bucket", rollup_days),
         "calls_daily": ("bucket", rollup_days),
+        "windows": ("window_start", rollup_days),
     }
     changed = []
     for table, (column, days) in wanted.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import faust
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import BudgetState
-from stream.agents import budgets, costs
+from stream.agents import budgets, costs, spikes, windows
 from stream.budgets import Ledger
 from stream.pricing import load_catalog
 
@@ -47,6 +48,12 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> faust.App:
         producer_linger_ms=2,
     )
     costs.register(app, load_catalog(settings.pricing_file))
+    grace = timedelta(seconds=settings.window_grace_s)
+    windows.register(app, settings.window_sizes_s, grace)
+    if settings.spike_rules:
+        # A window's shares from several workers get grace plus a few ticks to arrive.
+        settle = grace + timedelta(seconds=3 * spikes.TICK_S)
+        spikes.register(app, settings.spike_rules, settings.topic_partitions, settle)
     if settings.budgets:
         budgets.register(app, ledger if ledger is not None else Ledger(settings.budgets))
     return app

@@ -53,59 +53,16 @@ from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from llmtap.config import SpikeRule
 from llmtap.events import Alert, UtcDatetime, stable_id
 from stream.baselines import Baseline, HourSummary, robust, seasonal, summarise_hour
 
-SpikeDimension = Literal["tenant", "team", "key", "user", "model", "provider", "feature"]
-SpikeMetric = Literal["cost", "requests", "tokens", "error_rate", "p95_latency"]
-Seasonality = Literal["none", "hour_of_day"]
 Severity = Literal["warning", "critical"]
 
 # Alert values go to ClickHouse as Decimal(38, 9).
 QUANTUM = Decimal("0.000000001")
-
-
-class SpikeRule(BaseModel):
-    """One spike rule from the configuration (``spike_rules``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(min_length=1)
-    dimension: SpikeDimension
-    metric: SpikeMetric
-    # The robust z-score a window must exceed. 5 by default: at 4, one-minute windows of
-    # Poisson-like traffic raise a false alert every few thousand windows per series
-    # (tests/test_spikes.py measures it).
-    sensitivity: Decimal = Field(default=Decimal(5), gt=0)
-    # The observed value must reach this (in the metric's unit: USD, requests, tokens,
-    # a 0..1 error rate, milliseconds).
-    min_value: Decimal = Field(default=Decimal(0), ge=0)
-    # ...and exceed the baseline by at least this much.
-    min_increase: Decimal = Field(default=Decimal(0), ge=0)
-    # At most one firing alert per this many windows.
-    cooldown_windows: int = Field(default=10, ge=0)
-    # How many recent closed windows the baseline is learned from (the scale costs
-    # O(n^2 log n) per window, hence the cap)...
-    history_windows: int = Field(default=30, ge=3, le=120)
-    # ...and how many it needs before it judges anything.
-    min_history: int = Field(default=5, ge=1)
-    # The scale's floor as a fraction of the baseline (0.05: 5%).
-    min_relative_scale: Decimal = Field(default=Decimal("0.05"), ge=0)
-    seasonality: Seasonality = "none"
-    # hour_of_day: how many previous days each UTC hour's profile keeps, and how many
-    # it needs before the seasonal baseline replaces the recent one.
-    seasonal_days: int = Field(default=7, ge=1, le=60)
-    seasonal_min_days: int = Field(default=2, ge=1)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SpikeRule:
-        if self.min_history > self.history_windows:
-            raise ValueError("min_history cannot exceed history_windows")
-        if self.seasonal_min_days > self.seasonal_days:
-            raise ValueError("seasonal_min_days cannot exceed seasonal_days")
-        return self
 
 
 class SeriesState(BaseModel):

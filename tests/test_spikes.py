@@ -13,9 +13,10 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
+from llmtap.config import SpikeMetric, SpikeRule
 from llmtap.events import Alert, stable_id
 from stream.baselines import qn, robust
-from stream.spikes import SeriesState, SpikeMetric, SpikeRule, baseline_for, observe
+from stream.spikes import SeriesState, baseline_for, observe
 
 T0 = datetime(2025, 3, 3, tzinfo=UTC)  # a Monday, midnight UTC
 MINUTE = timedelta(minutes=1)

@@ -97,9 +97,11 @@ def test_retention_follows_the_settings(store: Store) -> None:
         "calls",
         "calls_hourly",
         "calls_daily",
+        "windows",
     ]
     assert current_ttl_days(store, "calls") == 90
     assert current_ttl_days(store, "calls_daily") == 400
+    assert current_ttl_days(store, "windows") == 400
     assert apply_retention(store, raw_days=90, rollup_days=400) == []  # nothing to change
     assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls"]
     assert current_ttl_days(store, "calls") == 30

@@ -1,10 +1,12 @@
-"""Pure mapping from costed events to ``calls`` rows. No Kafka, no ClickHouse here."""
+"""Pure mapping from costed events to ``calls`` rows and from windows to ``windows``
+rows. No Kafka, no ClickHouse here."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from llmtap.events import CostedEvent
+from llmtap.events import CostedEvent, WindowEvent
+from stream.windows import sketch_of
 
 CALLS_COLUMNS = (
     "event_id",
@@ -97,3 +99,66 @@ def call_row(event: CostedEvent) -> tuple[Any, ...]:
 
 EVENT_ID = CALLS_COLUMNS.index("event_id")
 TS_END = CALLS_COLUMNS.index("ts_end")
+
+
+WINDOWS_COLUMNS = (
+    "event_id",
+    "schema_version",
+    "size_s",
+    "dimension",
+    "value",
+    "window_start",
+    "window_end",
+    "partitions",
+    "requests",
+    "errors",
+    "errors_by_class",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cost",
+    "unpriced",
+    "usage_missing",
+    "late_events",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "ttft_p99_ms",
+    "latency_sketch",
+    "ttft_sketch",
+)
+
+
+def window_row(window: WindowEvent) -> tuple[Any, ...]:
+    latency = sketch_of(window.latency_ms).quantiles()
+    ttft = sketch_of(window.ttft_ms).quantiles()
+    return (
+        window.event_id,
+        window.schema_version,
+        window.size_s,
+        window.dimension,
+        window.value,
+        window.window_start,
+        window.window_end,
+        list(window.partitions),
+        window.requests,
+        window.errors,
+        window.errors_by_class,
+        window.input_tokens,
+        window.output_tokens,
+        window.cached_input_tokens,
+        window.cost,
+        window.unpriced,
+        window.usage_missing,
+        window.late_events,
+        *latency,
+        *ttft,
+        window.latency_ms.model_dump_json(),
+        window.ttft_ms.model_dump_json(),
+    )
+
+
+WINDOW_ID = WINDOWS_COLUMNS.index("event_id")
+WINDOW_START = WINDOWS_COLUMNS.index("window_start")

@@ -1,4 +1,5 @@
-"""The ClickHouse writer: costed events from Kafka into the ``calls`` table.
+"""The ClickHouse writer: costed events from Kafka into the ``calls`` table, and
+closed windows into the ``windows`` table.
 
 A pipeline of small steps, commit always last:
 
@@ -26,8 +27,18 @@ from pydantic import ValidationError
 
 from llmtap import topics
 from llmtap.config import Settings
-from llmtap.events import CostedEvent, utcnow
-from sinks.clickhouse.rows import CALLS_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_ID, TS_END, call_row
+from llmtap.events import CostedEvent, WindowEvent, utcnow
+from sinks.clickhouse.rows import (
+    CALLS_COLUMNS,
+    DEAD_LETTER_COLUMNS,
+    EVENT_ID,
+    TS_END,
+    WINDOW_ID,
+    WINDOW_START,
+    WINDOWS_COLUMNS,
+    call_row,
+    window_row,
+)
 from sinks.consumer import consume_forever, sink_consumer
 from sql.store import Store, render
 
@@ -51,40 +62,52 @@ class Batch:
     """What the writer holds between reads and one write, with the offsets it covers."""
 
     events: list[CostedEvent] = field(default_factory=list)
+    windows: list[WindowEvent] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.events) + len(self.dead_letters)
+        return len(self.events) + len(self.windows) + len(self.dead_letters)
 
     def add(self, record: ConsumerRecord[bytes, bytes]) -> None:
         tp = TopicPartition(record.topic, record.partition)
         self.offsets[tp] = record.offset + 1  # the next offset to read
         raw = record.value or b""
         try:
-            self.events.append(CostedEvent.model_validate_json(raw))
+            if record.topic == topics.WINDOWS:
+                self.windows.append(WindowEvent.model_validate_json(raw))
+            else:
+                self.events.append(CostedEvent.model_validate_json(raw))
         except ValidationError as exc:
             self.dead_letters.append(
                 DeadLetter(utcnow(), record.topic, record.partition, record.offset, raw, str(exc))
             )
 
 
-def new_rows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The rows of a batch whose event is not stored yet, each once."""
-    unique = list({row[EVENT_ID]: row for row in rows}.values())
+def new_rows(
+    store: Store,
+    rows: list[tuple[Any, ...]],
+    *,
+    query: str = "existing_event_ids",
+    id_at: int = EVENT_ID,
+    ts_at: int = TS_END,
+) -> list[tuple[Any, ...]]:
+    """The rows of a batch whose event is not stored yet, each once. ``query`` finds
+    the stored ids among those given, within the rows' time range (``ts_at``)."""
+    unique = list({row[id_at]: row for row in rows}.values())
     if not unique:
         return unique
     slack = timedelta(seconds=1)
     stored = store.rows(
-        render("existing_event_ids"),
+        render(query),
         {
-            "ts_from": min(row[TS_END] for row in unique) - slack,
-            "ts_to": max(row[TS_END] for row in unique) + slack,
-            "event_ids": [row[EVENT_ID] for row in unique],
+            "ts_from": min(row[ts_at] for row in unique) - slack,
+            "ts_to": max(row[ts_at] for row in unique) + slack,
+            "event_ids": [row[id_at] for row in unique],
         },
     )
     known = {r["event_id"] for r in stored}
-    return [row for row in unique if row[EVENT_ID] not in known]
+    return [row for row in unique if row[id_at] not in known]
 
 
 def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter]:
@@ -110,6 +133,16 @@ def write_batch(store: Store, batch: Batch) -> int:
     fresh = new_rows(store, [call_row(e) for e in batch.events])
     if fresh:
         store.insert("calls", fresh, CALLS_COLUMNS)
+    if batch.windows:
+        windows = new_rows(
+            store,
+            [window_row(w) for w in batch.windows],
+            query="existing_window_ids",
+            id_at=WINDOW_ID,
+            ts_at=WINDOW_START,
+        )
+        if windows:
+            store.insert("windows", windows, WINDOWS_COLUMNS)
     letters = new_dead_letters(store, batch.dead_letters) if batch.dead_letters else []
     if letters:
         store.insert("dead_letters", [astuple(d) for d in letters], DEAD_LETTER_COLUMNS)
@@ -129,7 +162,7 @@ class ClickHouseWriter:
 
     def _consumer(self) -> AIOKafkaConsumer:
         return sink_consumer(
-            topics.COSTED,
+            [topics.COSTED, topics.WINDOWS],
             self._settings.kafka_bootstrap,
             self._group_id,
             max_poll_records=self._settings.sink_batch_rows,

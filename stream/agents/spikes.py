@@ -1,0 +1,51 @@
+"""The spikes agent: closed windows in, spike alerts out (the judging is in
+stream/detector.py and stream/spikes.py)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import faust
+from pydantic import ValidationError
+
+from llmtap import topics
+from llmtap.config import SpikeRule
+from llmtap.events import Alert, WindowEvent, utcnow
+from stream.detector import Detector
+
+log = logging.getLogger(__name__)
+
+BATCH = 1000
+BATCH_SECONDS = 0.05
+TICK_S = 1.0
+
+
+def register(app: faust.App, rules: list[SpikeRule], partitions: int, settle: timedelta) -> Any:
+    windows = app.topic(topics.WINDOWS, key_serializer="raw", value_serializer="raw")
+    alerts = app.topic(topics.ALERTS, key_serializer="raw", value_serializer="raw")
+    detector = Detector(rules, partitions, settle)
+
+    async def publish(raised: list[Alert]) -> None:
+        for alert in raised:
+            log.warning("%s", alert.message)
+            await alerts.send(key=alert.event_id.bytes, value=alert.model_dump_json().encode())
+
+    @app.agent(windows, name="spikes")
+    async def judge(stream: faust.StreamT[bytes]) -> None:
+        async for batch in stream.take(BATCH, within=BATCH_SECONDS):
+            now = utcnow()
+            for raw in batch:
+                try:
+                    window = WindowEvent.model_validate_json(raw)
+                except ValidationError as exc:
+                    log.error("undecodable window skipped: %s", exc.errors()[:1])
+                    continue
+                await publish(detector.offer(window, now))
+
+    @app.timer(TICK_S)  # type: ignore[untyped-decorator]
+    async def settle_windows() -> None:
+        await publish(detector.tick(utcnow()))
+
+    return judge

@@ -1,0 +1,108 @@
+"""From closed windows to spike alerts: gather a window's shares, then judge it.
+
+Windows arrive on the windows topic keyed by series, so every share of one series
+reaches the same detector. With one worker a window comes in one share that covers
+every partition and is judged at once; with several, each publishes the share of the
+partitions it owns, and the window is judged when the shares cover every partition,
+or ``settle`` after its first share arrived (a worker with no calls of that series in
+the window publishes no share). A share that arrives after its window was judged
+still reaches ClickHouse (the sink stores every share) but does not re-judge it.
+
+The statistics are in :mod:`stream.spikes`; this module only feeds them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from llmtap.config import SpikeMetric, SpikeRule
+from llmtap.events import Alert, WindowEvent
+from stream.spikes import SeriesState, observe
+from stream.windows import merge_windows, sketch_of
+
+MS = Decimal("0.001")
+
+
+def metric_value(metric: SpikeMetric, window: WindowEvent) -> Decimal | None:
+    """The value a rule's metric takes in a window; None when it has none (no latency
+    measured, no calls for an error rate)."""
+    if metric == "cost":
+        return window.cost
+    if metric == "requests":
+        return Decimal(window.requests)
+    if metric == "tokens":
+        return Decimal(window.input_tokens + window.output_tokens)
+    if metric == "error_rate":
+        return Decimal(window.errors) / Decimal(window.requests) if window.requests else None
+    p95 = sketch_of(window.latency_ms).quantile(0.95)
+    return None if p95 is None else Decimal(repr(p95)).quantize(MS)
+
+
+@dataclass
+class _Pending:
+    received: datetime  # wall time of the first share
+    shares: dict[uuid.UUID, WindowEvent] = field(default_factory=dict)
+
+    def covers(self, partitions: int) -> bool:
+        seen = {p for share in self.shares.values() for p in share.partitions}
+        return seen >= set(range(partitions))
+
+
+class Detector:
+    """Spike rules over the windows of one or more workers."""
+
+    def __init__(self, rules: list[SpikeRule], partitions: int, settle: timedelta) -> None:
+        self._rules: dict[tuple[int, str], list[SpikeRule]] = defaultdict(list)
+        for rule in rules:
+            self._rules[(rule.window_s, rule.dimension)].append(rule)
+        self._partitions = partitions
+        self._settle = settle
+        self._pending: dict[tuple[str, datetime], _Pending] = {}
+        self.states: dict[tuple[str, str], SeriesState] = {}  # (rule, value) -> state
+
+    def offer(self, window: WindowEvent, now: datetime) -> list[Alert]:
+        """Take one share of a window; the alerts of any window this completes."""
+        if (window.size_s, window.dimension) not in self._rules:
+            return []
+        key = (window.series, window.window_start)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending(received=now)
+        pending.shares[window.event_id] = window  # a replayed share replaces itself
+        if not pending.covers(self._partitions):
+            return []
+        return self._judge(key)
+
+    def tick(self, now: datetime) -> list[Alert]:
+        """Judge the windows whose shares have had ``settle`` to arrive."""
+        due = [key for key, p in self._pending.items() if now - p.received >= self._settle]
+        due.sort(key=lambda key: key[1])  # a series' windows in order
+        return [alert for key in due for alert in self._judge(key)]
+
+    def _judge(self, key: tuple[str, datetime]) -> list[Alert]:
+        window = merge_windows(list(self._pending.pop(key).shares.values()))
+        alerts: list[Alert] = []
+        for rule in self._rules[(window.size_s, window.dimension)]:
+            value = metric_value(rule.metric, window)
+            if value is None:
+                continue
+            state_key = (rule.name, window.value)
+            state, raised = observe(
+                rule,
+                window.value,
+                self.states.get(state_key),
+                window.window_start,
+                window.window_end,
+                value,
+            )
+            self.states[state_key] = state
+            alerts.extend(raised)
+        return alerts
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)

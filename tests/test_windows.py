@@ -1,0 +1,260 @@
+"""Windowed aggregates and their spike detection: pure logic, then the windows table."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from pydantic import ValidationError
+
+from llmtap.config import Settings, SpikeRule
+from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
+from sinks.clickhouse.writer import Batch, write_batch
+from sql.store import Store
+from stream.detector import Detector, metric_value
+from stream.sketches import LatencySketch
+from stream.windows import Windower, merge_windows, sketch_of, window_start
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # on an hour
+GRACE = timedelta(seconds=10)
+S = timedelta(seconds=1)
+MIN = timedelta(minutes=1)
+
+
+def call(
+    at: timedelta,
+    *,
+    team: str = "search",
+    model: str = "gpt-4o",
+    status: Status = "ok",
+    error_class: str = "",
+    tokens: tuple[int, int] = (100, 10),
+    cost: str | None = "0.000123456",
+    latency_ms: float = 200.0,
+    ttft_ms: float | None = None,
+) -> CostedEvent:
+    end = T0 + at
+    response = ResponseEvent(
+        request_id=uuid.uuid4(),
+        ts_start=end - timedelta(milliseconds=latency_ms),
+        ts_end=end,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested=model,
+        stream=ttft_ms is not None,
+        status=status,
+        http_status=200 if status == "ok" else 500,
+        error_class=error_class,
+        usage=Usage(input_tokens=tokens[0], output_tokens=tokens[1], cached_input_tokens=7),
+        latency_ms=latency_ms,
+        ttft_ms=ttft_ms,
+        proxy_overhead_ms=0.1,
+        attribution=Attribution(tenant="acme", team=team, user="u1", key_id="k1", feature="f"),
+    )
+    priced = None
+    if cost is not None:
+        zero = Decimal(0)
+        priced = Cost(
+            input=Decimal(cost), cached_input=zero, cache_write=zero, output=zero,
+            reasoning=zero, total=Decimal(cost),
+        )  # fmt: skip
+    return CostedEvent(event_id=uuid.uuid4(), response=response, cost=priced, unpriced=cost is None)
+
+
+def by_series(windows: list) -> dict[tuple[int, str, str, datetime], object]:  # type: ignore[type-arg]
+    return {(w.size_s, w.dimension, w.value, w.window_start): w for w in windows}
+
+
+def test_a_minute_closes_once_calls_grace_past_its_end_have_been_seen() -> None:
+    w = Windower((60, 3600), GRACE)
+    calls = [
+        call(5 * S, latency_ms=100, ttft_ms=30),
+        call(20 * S, status="upstream_error", error_class="server_error", latency_ms=300),
+        call(59 * S, status="rate_limited", cost=None, latency_ms=500),
+        call(61 * S, team="ads"),  # the next minute
+    ]
+    for c in calls:
+        assert w.add(c, c.response.ts_end)
+    # The latest call ended at 61 s: the watermark is 51 s, nothing ends before it.
+    assert w.advance(T0 + 62 * S, [0, 1]) == []
+    w.add(call(70 * S), T0 + 70 * S)  # watermark 60 s: the first minute closes
+    closed = w.advance(T0 + 70 * S, [0, 1])
+    assert {(x.dimension, x.value) for x in closed} == {
+        ("tenant", "acme"), ("team", "search"), ("key", "k1"), ("user", "u1"),
+        ("model", "gpt-4o"), ("provider", "openai"), ("feature", "f"),
+    }  # fmt: skip
+    team = by_series(closed)[(60, "team", "search", T0)]
+    assert team.window_end == T0 + MIN and team.partitions == (0, 1)  # type: ignore[attr-defined]
+    assert team.requests == 3 and team.errors == 2  # type: ignore[attr-defined]
+    assert team.errors_by_class == {"server_error": 1, "rate_limited": 1}  # type: ignore[attr-defined]
+    assert (team.input_tokens, team.output_tokens, team.cached_input_tokens) == (300, 30, 21)  # type: ignore[attr-defined]
+    assert team.cost == Decimal("0.000246912") and team.unpriced == 1  # type: ignore[attr-defined]
+    latency = sketch_of(team.latency_ms)  # type: ignore[attr-defined]
+    assert latency.count == 3 and latency.quantile(0.5) == pytest.approx(300, rel=0.01)
+    assert sketch_of(team.ttft_ms).count == 1  # type: ignore[attr-defined]
+    # Published once: advancing again closes nothing more of that minute.
+    assert all(x.window_start != T0 for x in w.advance(T0 + 71 * S, [0, 1]))
+
+
+def test_a_late_call_is_not_added_to_its_closed_window_but_counted() -> None:
+    w = Windower((60,), GRACE)
+    w.add(call(10 * S), T0 + 10 * S)
+    w.add(call(75 * S), T0 + 75 * S)
+    first = w.advance(T0 + 75 * S, [0])
+    assert by_series(first)[(60, "team", "search", T0)].requests == 1  # type: ignore[attr-defined]
+    assert not w.add(call(30 * S), T0 + 76 * S)  # its minute is gone
+    assert w.late_events == 1
+    w.add(call(140 * S), T0 + 140 * S)
+    second = by_series(w.advance(T0 + 140 * S, [0]))
+    minute = second[(60, "team", "search", T0 + MIN)]
+    assert minute.requests == 1 and minute.late_events == 1  # type: ignore[attr-defined]
+
+
+def test_a_quiet_series_closes_on_the_wall_clock() -> None:
+    w = Windower((60,), GRACE)
+    w.add(call(30 * S), T0 + 30 * S)
+    # Quiet for more than grace: the watermark follows the wall clock, 65 - 10 = 55 s
+    # (the minute ends at 60 s: still open), then 71 - 10 = 61 s (closed).
+    assert w.advance(T0 + 65 * S, [0]) == []
+    closed = w.advance(T0 + 71 * S, [0])
+    assert by_series(closed)[(60, "model", "gpt-4o", T0)].requests == 1  # type: ignore[attr-defined]
+
+
+def test_an_hour_is_the_merge_of_its_minutes_and_closes_after_them() -> None:
+    w = Windower((60, 3600), GRACE)
+    calls = [call(m * MIN + 5 * S, latency_ms=10 + m) for m in range(60)]
+    minutes = []
+    for c in calls:
+        w.add(c, c.response.ts_end)
+        minutes += w.advance(c.response.ts_end, [0])
+    w.add(call(61 * MIN), T0 + 61 * MIN)
+    closed = w.advance(T0 + 61 * MIN, [0])
+    minutes += [x for x in closed if x.size_s == 60]
+    hours = [x for x in closed if x.size_s == 3600]
+    hour = by_series(hours)[(3600, "team", "search", T0)]
+    team_minutes = [x for x in minutes if (x.dimension, x.value) == ("team", "search")]
+    assert len(team_minutes) == 60
+    assert hour.requests == 60 == sum(x.requests for x in team_minutes)  # type: ignore[attr-defined]
+    assert hour.cost == sum(x.cost for x in team_minutes)  # type: ignore[attr-defined]
+    expected = LatencySketch.of(c.response.latency_ms for c in calls)
+    assert sketch_of(hour.latency_ms) == expected  # type: ignore[attr-defined]
+    # The hour comes after the last of its minutes in the closing order.
+    assert closed.index(hour) > max(  # type: ignore[arg-type]
+        i for i, x in enumerate(closed) if x.size_s == 60
+    )
+
+
+def test_shares_from_two_workers_merge_into_the_whole_window() -> None:
+    calls = [call(s * S, latency_ms=50 + s) for s in range(40)]
+    whole, left, right = Windower((60,), GRACE), Windower((60,), GRACE), Windower((60,), GRACE)
+    for i, c in enumerate(calls):
+        whole.add(c, T0)
+        (left if i % 2 else right).add(c, T0)
+    end = T0 + 2 * MIN
+    [w_all] = [x for x in whole.advance(end, [0, 1]) if x.dimension == "team"]
+    [w_l] = [x for x in left.advance(end, [0]) if x.dimension == "team"]
+    [w_r] = [x for x in right.advance(end, [1]) if x.dimension == "team"]
+    assert w_l.event_id != w_r.event_id
+    merged = merge_windows([w_l, w_r])
+    assert merged == w_all  # same counts, same sketches, same id (same partitions)
+
+
+def test_window_ids_are_stable_across_a_replay() -> None:
+    def run() -> set[uuid.UUID]:
+        w = Windower((60,), GRACE)
+        w.add(call(5 * S), T0)
+        return {x.event_id for x in w.advance(T0 + 5 * MIN, [3])}
+
+    assert run() == run()
+
+
+def test_window_lengths_must_nest() -> None:
+    with pytest.raises(ValidationError, match="multiple of 60s"):
+        Settings(window_sizes_s=(60, 90))
+    with pytest.raises(ValidationError, match="window_s 300 is not one of"):
+        Settings(spike_rules=[SpikeRule(name="r", dimension="team", metric="cost", window_s=300)])
+    assert window_start(T0 + 3601 * S, timedelta(hours=1)) == T0 + timedelta(hours=1)
+
+
+def minute(team_requests: int, at: int, partitions: tuple[int, ...] = (0, 1)) -> list:  # type: ignore[type-arg]
+    """The closed minute ``at`` of one worker owning ``partitions``, with N calls."""
+    w = Windower((60,), GRACE)
+    for i in range(team_requests):
+        w.add(call(at * MIN + (i % 50) * S), T0)
+    return [x for x in w.advance(T0 + (at + 5) * MIN, partitions) if x.dimension == "team"]
+
+
+RULE = SpikeRule(
+    name="team-requests", dimension="team", metric="requests", window_s=60, min_value=Decimal(20)
+)
+
+
+def test_a_spike_fires_on_its_first_window_and_resolves_after() -> None:
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    now = T0
+    levels = [10, 11, 9, 10, 12, 10, 9, 11, 60, 10]
+    raised = []
+    for m, level in enumerate(levels):
+        raised += [(m, a) for w in minute(level, m) for a in d.offer(w, now)]
+    assert [(m, a.state, a.value, a.observed) for m, a in raised] == [
+        (8, "firing", "search", Decimal(60)),
+        (9, "resolved", "search", Decimal(10)),
+    ]
+    # Deterministic ids: a replay of the same windows gives the same alerts.
+    d2 = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    again = [a for m, lv in enumerate(levels) for w in minute(lv, m) for a in d2.offer(w, now)]
+    assert [a.event_id for a in again] == [a.event_id for _, a in raised]
+
+
+def test_a_window_is_judged_when_its_shares_cover_every_partition_or_after_settle() -> None:
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    for m in range(8):
+        [left] = minute(5, m, (0,))
+        [right] = minute(5, m, (1,))
+        assert d.offer(left, T0) == []
+        d.offer(left, T0)  # a replayed share replaces itself
+        assert d.pending == 1
+        d.offer(right, T0)  # both shares: judged now
+        assert d.pending == 0
+    assert d.states[("team-requests", "search")].history[-1] == Decimal(10)
+    # Only one worker had calls in minute 8: judged once settle has passed.
+    [left] = minute(60, 8, (0,))
+    assert d.offer(left, T0) == []
+    assert d.tick(T0 + timedelta(seconds=14)) == []
+    [alert] = d.tick(T0 + timedelta(seconds=15))
+    assert (alert.state, alert.observed) == ("firing", Decimal(60))
+
+
+def test_metric_values() -> None:
+    calls = [call(1 * S, latency_ms=100, status="upstream_error")]
+    calls += [call(2 * S, latency_ms=300) for _ in range(9)]
+    w = Windower((60,), GRACE)
+    for c in calls:
+        w.add(c, T0)
+    [team] = [x for x in w.advance(T0 + 5 * MIN, [0]) if x.dimension == "team"]
+    assert metric_value("requests", team) == 10
+    assert metric_value("tokens", team) == 1100
+    assert metric_value("cost", team) == Decimal("0.00123456")
+    assert metric_value("error_rate", team) == Decimal("0.1")
+    p95 = metric_value("p95_latency", team)
+    assert p95 is not None and abs(p95 - 300) <= 3
+
+
+def test_the_writer_stores_each_window_once(store: Store) -> None:
+    w = Windower((60,), GRACE)
+    w.add(call(5 * S, ttft_ms=40), T0)
+    closed = w.advance(T0 + 5 * MIN, [0, 1])
+    assert write_batch(store, Batch(windows=closed + closed[:2])) == 0  # no call rows
+    write_batch(store, Batch(windows=closed))  # a replay after a crash
+    rows = store.rows(
+        "SELECT dimension, value, requests, cost, partitions, latency_p50_ms, ttft_p50_ms "
+        "FROM windows ORDER BY dimension"
+    )
+    assert len(rows) == 7
+    team = next(r for r in rows if r["dimension"] == "team")
+    assert team["value"] == "search" and team["requests"] == 1
+    assert team["cost"] == Decimal("0.000123456") and team["partitions"] == [0, 1]
+    assert team["latency_p50_ms"] == pytest.approx(200, rel=0.01)
+    assert team["ttft_p50_ms"] == pytest.approx(40, rel=0.01)
