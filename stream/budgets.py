@@ -160,10 +160,15 @@ def remaining(state: BudgetState) -> Decimal:
 class Ledger:
     """Every configured budget's current state, as the budgets agent keeps it.
 
-    Duplicates (a replayed costed event) are dropped by event id while they are among
-    the last ``remember`` events seen. States seeded from the budgets topic (the worker's
-    own earlier output, or the store's rebuild from ClickHouse) never lower the spend
-    of a period: within a period, spend only grows.
+    Exactly once: each state carries, per costed partition, the next offset it has not
+    counted (``applied``), and is published as one message, so the spend and the
+    position it was counted up to cannot disagree. A worker that restarts from older
+    committed offsets (it was killed after publishing a state, before committing) skips,
+    budget by budget, every event that budget's state has already counted. Duplicates
+    with different offsets (a costed event produced twice) are dropped by event id while
+    they are among the last ``remember`` events seen. States seeded from the budgets
+    topic (the worker's own earlier output, or the store's rebuild from ClickHouse)
+    never lower the spend of a period: within a period, spend only grows.
     """
 
     def __init__(self, budgets: list[BudgetConfig], remember: int = 200_000) -> None:
@@ -180,9 +185,10 @@ class Ledger:
             self.states[state.budget] = state
 
     def record(
-        self, event: CostedEvent, now: datetime
+        self, event: CostedEvent, now: datetime, position: tuple[int, int] | None = None
     ) -> tuple[dict[str, BudgetState], list[Alert]]:
-        """Count one costed event against every budget it matches."""
+        """Count one costed event against every budget it matches. ``position`` is the
+        event's (partition, offset) on the costed topic, when it came from there."""
         if event.event_id in self._seen or event.cost is None:
             return {}, []
         self._seen[event.event_id] = None
@@ -194,10 +200,14 @@ class Ledger:
         for name, budget in self.budgets.items():
             if not matches(budget, response.attribution):
                 continue
-            state, raised = spend(
-                budget, self.states.get(name), event.cost.total, response.ts_end, now
-            )
+            before = self.states.get(name)
+            if before is not None and position is not None:
+                partition, offset = position
+                if offset < before.applied.get(partition, 0):
+                    continue  # counted before a restart: this state says so
+            state, raised = spend(budget, before, event.cost.total, response.ts_end, now)
             if state is not None:
+                state = _carry_applied(state, before, position)
                 self.states[name] = changed[name] = state
             alerts.extend(raised)
         return changed, alerts
@@ -209,9 +219,25 @@ class Ledger:
             before = self.states.get(name)
             after = current(budget, before, now)
             if after is not before:
+                after = _carry_applied(after, before, None)
                 self.states[name] = after
                 rolled.append(after)
         return rolled
+
+
+def _carry_applied(
+    state: BudgetState, before: BudgetState | None, position: tuple[int, int] | None
+) -> BudgetState:
+    """``state`` with the offsets counted so far (a new period keeps them: offsets only
+    grow) and, when given, the event just counted."""
+    applied = dict(before.applied) if before is not None else {}
+    applied.update(state.applied)
+    if position is not None:
+        partition, offset = position
+        applied[partition] = max(applied.get(partition, 0), offset + 1)
+    if applied == state.applied:
+        return state
+    return state.model_copy(update={"applied": applied})
 
 
 def later_or_larger(new: BudgetState, old: BudgetState) -> bool:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 
 from llmtap.config import BudgetConfig
-from llmtap.events import Attribution
-from stream.budgets import current, matches, period_bounds, spend
+from llmtap.events import Attribution, BudgetState, Cost, CostedEvent, ResponseEvent, Usage
+from stream.budgets import Ledger, current, matches, period_bounds, spend
 
 
 def at(day: int, hour: int = 12, month: int = 11) -> datetime:
@@ -87,3 +88,60 @@ def test_a_new_period_starts_from_zero_and_late_calls_do_not_count() -> None:
     # And without any call: the current state rolls over on its own.
     assert current(b, state, at(3, 0)).spent_usd == 0
     assert current(b, state, at(2, 23)) is state
+
+
+def costed(cost: str, ended: datetime, team: str = "search") -> CostedEvent:
+    response = ResponseEvent(
+        request_id=uuid.uuid4(),
+        ts_start=ended,
+        ts_end=ended,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested="gpt-4o",
+        stream=False,
+        status="ok",
+        http_status=200,
+        usage=Usage(input_tokens=10, output_tokens=1),
+        latency_ms=1,
+        proxy_overhead_ms=0.1,
+        attribution=Attribution(tenant="acme", team=team),
+    )
+    zero = Decimal(0)
+    return CostedEvent(
+        event_id=uuid.uuid4(),
+        response=response,
+        cost=Cost(input=Decimal(cost), cached_input=zero, cache_write=zero, output=zero,
+                  reasoning=zero, total=Decimal(cost)),
+        unpriced=False,
+    )  # fmt: skip
+
+
+def test_a_worker_restarted_from_older_offsets_counts_nothing_twice() -> None:
+    """Killed after publishing its state, before committing: the restarted worker gets
+    the same events again (same partitions and offsets) and a ledger seeded from the
+    published state. It must count only what that state had not counted."""
+    b = budget(limit_usd=Decimal("100"))
+    events = [(costed("1.25", at(3)), (i % 2, i // 2)) for i in range(10)]  # 2 partitions
+    first = Ledger([b])
+    for event, position in events[:7]:
+        first.record(event, at(3), position)
+    published = first.states[b.name]
+    assert published.spent_usd == Decimal("8.75")
+    assert published.applied == {0: 4, 1: 3}  # next offsets: 0..3 and 0..2 counted
+
+    restarted = Ledger([b])  # a new process: no memory of event ids
+    restarted.seed(BudgetState.model_validate_json(published.model_dump_json()))
+    for event, position in events:  # replayed from offset 0
+        restarted.record(event, at(3), position)
+    assert restarted.states[b.name].spent_usd == Decimal("12.50")  # 10 x 1.25, once each
+    assert restarted.states[b.name].applied == {0: 5, 1: 5}
+
+
+def test_offsets_carry_into_a_new_period() -> None:
+    b = budget(limit_usd=Decimal("100"), period="day")
+    ledger = Ledger([b])
+    ledger.record(costed("1", at(3)), at(3), (0, 41))
+    [rolled] = ledger.roll(at(4))
+    assert rolled.spent_usd == 0 and rolled.applied == {0: 42}
+    ledger.record(costed("2", at(4)), at(4), (0, 41))  # a replay of an old offset
+    assert ledger.states[b.name].spent_usd == 0
