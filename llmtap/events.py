@@ -84,6 +84,8 @@ class Usage(_Model):
     ``input_tokens`` counts every prompt token, including those read from a cache
     (``cached_input_tokens``) and those written to one (``cache_creation_input_tokens``);
     ``output_tokens`` counts every generated token, including ``reasoning_tokens``.
+    ``cache_creation_1h_input_tokens`` is the part of the cache writes made with a
+    one-hour lifetime (Anthropic prices it above the default five-minute writes).
     So the subsets never exceed their totals and pricing never charges a token twice.
     ``usage_missing`` is true when the provider reported no usage: the counts are
     then unknown, not zero.
@@ -93,6 +95,7 @@ class Usage(_Model):
     output_tokens: int = Field(default=0, ge=0)
     cached_input_tokens: int = Field(default=0, ge=0)
     cache_creation_input_tokens: int = Field(default=0, ge=0)
+    cache_creation_1h_input_tokens: int = Field(default=0, ge=0)  # within the above
     reasoning_tokens: int = Field(default=0, ge=0)
     usage_missing: bool = False
 
@@ -231,6 +234,7 @@ class BudgetState(_Model):
     # Per llmtap.costed partition, the next offset not yet counted in spent_usd: a
     # worker restarted from older committed offsets skips what this state has counted.
     applied: dict[int, int] = Field(default_factory=dict)
+
 
 class SketchState(_Model):
     """A latency distribution as a mergeable DDSketch (``stream.sketches.LatencySketch``,

@@ -1,4 +1,11 @@
-"""Prices and cost arithmetic: pure functions over exact decimals."""
+"""Prices and cost arithmetic: pure functions over exact decimals.
+
+The catalog (``stream/pricing.yaml``, plus an operator's ``pricing_file``) maps a model
+name, optionally scoped to a provider (``groq/llama-3.1-8b-instant``), to dated rates.
+:meth:`Catalog.lookup` resolves the name a provider reported to a catalog entry (see
+its docstring for the exact order), :meth:`ModelPrice.at` picks the rates in force when
+the call started, and :func:`cost_of` turns tokens into an exact cost breakdown.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,10 @@ from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from llmtap.events import Cost, CostedEvent, ResponseEvent, Usage, derived_id
 
@@ -17,20 +25,50 @@ PER_MILLION = Decimal(1_000_000)
 # ClickHouse stores money as Decimal(18, 9): nano-dollars.
 MONEY_QUANTUM = Decimal("0.000000001")
 
-_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+# A leading "models/" is how Gemini's REST API names its models.
+_GEMINI_PREFIX = "models/"
+# Version suffixes stripped one at a time, each result tried in turn (see lookup):
+_SUFFIXES = (
+    re.compile(r"-latest$"),  # claude-3-7-sonnet-latest, mistral-small-latest
+    re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$"),  # gpt-4o-2024-08-06, claude-...-20241022
+    re.compile(r"-preview(-\d{2}-\d{2}|-\d{2}-\d{4})?$"),  # gemini-2.5-flash-preview-05-20
+    re.compile(r"-\d{4}$"),  # mistral-small-2503, gpt-3.5-turbo-0125 (YYMM, MMDD)
+    re.compile(r"-\d{3}$"),  # gemini-2.0-flash-001
+)
 
 
-class Rates(BaseModel):
-    """USD per million tokens, in force from ``effective_from`` (UTC date)."""
+class _RateFields(BaseModel):
+    """USD per million tokens. Omitted cache and reasoning rates fall back (see cost_of)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    effective_from: date
     input: Decimal = Field(ge=0)
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0)
-    cache_write: Decimal | None = Field(default=None, ge=0)
+    cache_write: Decimal | None = Field(default=None, ge=0)  # Anthropic: the 5-minute tier
+    cache_write_1h: Decimal | None = Field(default=None, ge=0)  # Anthropic: the 1-hour tier
     reasoning: Decimal | None = Field(default=None, ge=0)
+
+
+class LongContext(_RateFields):
+    """Rates for a whole call whose prompt (``input_tokens``, cache reads and writes
+    included) exceeds ``above_input_tokens``: every token of that call, output too, is
+    priced here (Gemini Pro past 200k, Claude Sonnet 4/4.5 past 200k, Haiku 5.5 past
+    100k). Omitted rates fall back within this tier, exactly as in the base tier."""
+
+    above_input_tokens: int = Field(gt=0)
+
+
+class Rates(_RateFields):
+    """The rates in force from ``effective_from`` (UTC date) until the next entry."""
+
+    effective_from: date
+    long_context: LongContext | None = None
+
+    def for_prompt(self, input_tokens: int) -> _RateFields:
+        """The rates for a call with this many prompt tokens (long-context tier or not)."""
+        tier = self.long_context
+        return tier if tier is not None and input_tokens > tier.above_input_tokens else self
 
 
 class ModelPrice(BaseModel):
@@ -38,6 +76,13 @@ class ModelPrice(BaseModel):
 
     provider: str
     prices: list[Rates] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_price_per_day(self) -> ModelPrice:
+        days = [r.effective_from for r in self.prices]
+        if len(days) != len(set(days)):
+            raise ValueError("two prices take effect on the same day")
+        return self
 
     def at(self, when: datetime) -> Rates | None:
         """The rates in force at ``when``: the latest entry not after it."""
@@ -47,19 +92,81 @@ class ModelPrice(BaseModel):
 
 
 class Catalog(BaseModel):
+    """Model names (matched case-insensitively) to prices.
+
+    A key is either a model name (``gpt-4o``), priced for whichever provider serves it,
+    or ``<provider>/<model>`` (``groq/llama-3.3-70b-versatile``), priced only when that
+    provider served the call: the same open model costs differently on Groq and Together.
+    """
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     models: dict[str, ModelPrice]
+    _index: dict[str, str] = PrivateAttr(default_factory=dict)
+    _providers: frozenset[str] = PrivateAttr(default=frozenset())
 
-    def lookup(self, model: str) -> tuple[str, ModelPrice] | None:
-        """The catalog entry for a model name, resolving dated snapshots to their family."""
-        for name in (model, _DATE_SUFFIX.sub("", model)):
-            if name in self.models:
-                return name, self.models[name]
+    @model_validator(mode="after")
+    def _keys_differ_by_more_than_case(self) -> Catalog:
+        seen: dict[str, str] = {}
+        for key in self.models:
+            other = seen.setdefault(key.casefold(), key)
+            if other != key:
+                raise ValueError(f"models {other!r} and {key!r} differ only in case")
+        return self
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._index = {key.casefold(): key for key in self.models}
+        self._providers = frozenset(e.provider.casefold() for e in self.models.values())
+
+    def lookup(self, model: str, provider: str = "") -> tuple[str, ModelPrice] | None:
+        """The catalog entry for ``model`` as served by ``provider``, or None.
+
+        Names are tried most specific first, case-insensitively: the name as given;
+        without a leading ``models/`` (Gemini); without a leading ``<p>/`` where ``p``
+        is the call's provider or any provider in the catalog (``openai/gpt-4o``); then
+        without one version suffix at a time: ``-latest``, a date (``-2024-08-06``,
+        ``-20241022``), ``-preview`` (with any date after it), a 4-digit version (``-2503``)
+        and a 3-digit one (``-001``). For each name, ``<provider>/<name>`` is tried
+        before ``<name>``. The first key found wins, so an exact entry (a snapshot
+        priced apart, like ``gpt-4o-2024-05-13``) always beats its family.
+        """
+        scope = provider.strip().casefold()
+        providers = self._providers | {scope} if scope else self._providers
+        for name in _candidates(model, providers):
+            keys = (f"{scope}/{name}", name) if scope else (name,)
+            for key in keys:
+                found = self._index.get(key)
+                if found is not None:
+                    return found, self.models[found]
         return None
 
     def merged(self, other: Catalog) -> Catalog:
-        return Catalog(models={**self.models, **other.models})
+        """This catalog with ``other``'s entries added, replacing same-named ones whole."""
+        replaced = {key.casefold() for key in other.models}
+        kept = {k: v for k, v in self.models.items() if k.casefold() not in replaced}
+        return Catalog(models={**kept, **other.models})
+
+
+def _candidates(model: str, providers: frozenset[str]) -> list[str]:
+    """The names :meth:`Catalog.lookup` tries for ``model``, most specific first."""
+    name = model.strip().casefold()
+    names = [name]
+    if name.startswith(_GEMINI_PREFIX) and name != _GEMINI_PREFIX:
+        name = name.removeprefix(_GEMINI_PREFIX)
+        names.append(name)
+    head, slash, rest = name.partition("/")
+    if slash and rest and head in providers:
+        name = rest
+        names.append(name)
+    while True:
+        for suffix in _SUFFIXES:
+            shorter = suffix.sub("", name, count=1)
+            if shorter and shorter != name:
+                name = shorter
+                names.append(name)
+                break
+        else:
+            return names
 
 
 ZERO_COST = Cost(
@@ -85,30 +192,40 @@ def load_catalog(extra: Path | None = None) -> Catalog:
     return catalog
 
 
-def _usd(tokens: int, per_million: Decimal) -> Decimal:
-    return (Decimal(tokens) * per_million / PER_MILLION).quantize(
-        MONEY_QUANTUM, rounding=ROUND_HALF_EVEN
-    )
+def _usd(*parts: tuple[int, Decimal]) -> Decimal:
+    """Tokens times USD-per-million rates, summed, then rounded once to a nano-dollar."""
+    exact = sum((Decimal(tokens) * rate for tokens, rate in parts), Decimal(0))
+    return (exact / PER_MILLION).quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
 def cost_of(usage: Usage, rates: Rates) -> Cost:
     """Cost of one call.
 
-    Cached reads and cache writes are carved out of ``input_tokens`` (which includes
-    them), so no token is charged at two rates. Reasoning tokens are part of
-    ``output_tokens``; when the model prices them apart they are carved out too.
+    Every token is charged at exactly one rate. Cache reads and cache writes are carved
+    out of ``input_tokens`` (which includes them); the 1-hour cache writes are carved
+    out of the cache writes. Reasoning tokens are part of ``output_tokens``; when the
+    model prices them apart they are carved out too. Omitted rates fall back: cached
+    input and cache writes to input, 1-hour cache writes to cache writes (then input),
+    reasoning to output. A prompt past the model's long-context threshold prices the
+    whole call at the long-context rates.
     """
+    tier = rates.for_prompt(usage.input_tokens)
     cached = min(usage.cached_input_tokens, usage.input_tokens)
     written = min(usage.cache_creation_input_tokens, usage.input_tokens - cached)
+    written_1h = min(usage.cache_creation_1h_input_tokens, written)
     uncached = usage.input_tokens - cached - written
-    reasoning = usage.reasoning_tokens if rates.reasoning is not None else 0
+    reasoning = usage.reasoning_tokens if tier.reasoning is not None else 0
     reasoning = min(reasoning, usage.output_tokens)
 
-    cost_input = _usd(uncached, rates.input)
-    cost_cached = _usd(cached, rates.input if rates.cached_input is None else rates.cached_input)
-    cost_write = _usd(written, rates.input if rates.cache_write is None else rates.cache_write)
-    cost_output = _usd(usage.output_tokens - reasoning, rates.output)
-    cost_reasoning = _usd(reasoning, rates.reasoning or Decimal(0))
+    cached_rate = tier.input if tier.cached_input is None else tier.cached_input
+    write_rate = tier.input if tier.cache_write is None else tier.cache_write
+    write_1h_rate = write_rate if tier.cache_write_1h is None else tier.cache_write_1h
+
+    cost_input = _usd((uncached, tier.input))
+    cost_cached = _usd((cached, cached_rate))
+    cost_write = _usd((written - written_1h, write_rate), (written_1h, write_1h_rate))
+    cost_output = _usd((usage.output_tokens - reasoning, tier.output))
+    cost_reasoning = _usd((reasoning, tier.reasoning or Decimal(0)))
     return Cost(
         input=cost_input,
         cached_input=cost_cached,
@@ -125,7 +242,7 @@ def price(event: ResponseEvent, catalog: Catalog) -> CostedEvent:
     if _no_tokens(event.usage):
         # Nothing reached a model (refused, unreachable): zero at any price.
         return CostedEvent(event_id=event_id, response=event, cost=ZERO_COST, unpriced=False)
-    entry = catalog.lookup(event.model)
+    entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
     if entry is None or rates is None:
         return CostedEvent(event_id=event_id, response=event, cost=None, unpriced=True)

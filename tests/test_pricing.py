@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from ingress.forward.usage import anthropic_usage
 from llmtap.events import Cost, ResponseEvent, Usage
 from stream.pricing import Catalog, ModelPrice, Rates, cost_of, load_catalog, price
 
@@ -209,6 +210,32 @@ def test_sub_nano_amounts_are_rounded_to_a_nano_dollar() -> None:
         ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
         ("claude-3-5-haiku-20241022", "claude-3-5-haiku"),
         ("gpt-4o", "gpt-4o"),
+        ("GPT-4o-2024-11-20", "gpt-4o"),  # names match case-insensitively
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # a snapshot priced apart: exact first
+        ("gpt-5-2025-08-07", "gpt-5"),
+        ("gpt-5-chat-latest", "gpt-5-chat"),
+        ("o3-2025-04-16", "o3"),
+        ("o1-preview", "o1"),
+        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+        ("codex-mini-latest", "codex-mini"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("claude-sonnet-4-5", "claude-sonnet-4-5"),
+        ("claude-3-5-sonnet-latest", "claude-3-5-sonnet"),
+        ("claude-3-7-sonnet-latest", "claude-3-7-sonnet"),
+        ("claude-sonnet-4-20250514", "claude-sonnet-4"),
+        ("claude-opus-4-0", "claude-opus-4-0"),
+        ("claude-haiku-4-5-20251001", "claude-haiku-4-5"),
+        ("models/gemini-2.5-pro", "gemini-2.5-pro"),
+        ("gemini-2.0-flash-001", "gemini-2.0-flash"),
+        ("gemini-2.5-flash-preview-05-20", "gemini-2.5-flash"),
+        ("gemini-2.5-flash-lite-preview-09-2025", "gemini-2.5-flash-lite"),
+        ("gemini-3-pro-preview", "gemini-3-pro-preview"),
+        ("mistral-small-latest", "mistral-small"),
+        ("mistral-small-2503", "mistral-small"),
+        ("mistral-small-2409", "mistral-small-2409"),
+        ("mistral-large-2411", "mistral-large-2411"),
+        ("openai/gpt-4o-mini", "gpt-4o-mini"),  # a provider prefix (OpenRouter style)
+        ("anthropic/claude-opus-4-1-20250805", "claude-opus-4-1"),
     ],
 )
 def test_dated_snapshots_resolve_to_their_family(catalog: Catalog, model: str, family: str) -> None:
@@ -230,9 +257,24 @@ def test_the_served_snapshot_is_priced(catalog: Catalog) -> None:
     assert costed.cost.total == Decimal("0.15")
 
 
-@pytest.mark.parametrize("model", ["no-such-model", "gpt-4o-turbo-pro", "gpt-5-2025-08-07"])
-def test_an_unknown_model_is_unpriced_never_zero(catalog: Catalog, model: str) -> None:
-    costed = price(response(model, Usage(input_tokens=10, output_tokens=10)), catalog)
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [
+        ("no-such-model", "openai"),
+        ("gpt-4o-turbo-pro", "openai"),
+        ("gpt-4o-mini-tts", "openai"),
+        ("mistral-large-latest", "mistral"),  # an alias Mistral repoints: not priced
+        ("llama-3.3-70b-versatile", "together"),  # Groq's price is Groq's only
+        ("meta-llama/llama-4-scout-17b-16e-instruct", "fireworks"),
+        ("models/", "google"),
+        ("-latest", "openai"),
+    ],
+)
+def test_an_unknown_model_is_unpriced_never_zero(
+    catalog: Catalog, model: str, provider: str
+) -> None:
+    usage = Usage(input_tokens=10, output_tokens=10)
+    costed = price(response(model, usage, provider=provider), catalog)
     assert costed.cost is None
     assert costed.unpriced is True
     assert costed.pricing_model == ""
@@ -350,3 +392,417 @@ def test_the_shipped_catalog_loads_and_every_entry_is_in_force_today(catalog: Ca
     now = datetime.now(UTC)
     for name, entry in catalog.models.items():
         assert entry.at(now) is not None, name
+
+
+# -- golden costs per provider, from the shipped catalog ----------------------------------
+# Every expected amount is worked out by hand in the comment beside it: tokens times the
+# rate per million tokens, from stream/pricing.yaml.
+
+LATE_2026 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def costed_at(
+    catalog: Catalog, model: str, usage: Usage, provider: str, ts: datetime = LATE_2026
+) -> tuple[Cost, str]:
+    event = response(model, usage, ts=ts, provider=provider)
+    costed = price(event, catalog)
+    assert costed.unpriced is False, model
+    assert costed.cost is not None, model
+    assert_all_decimal(costed.cost)
+    return costed.cost, costed.pricing_model
+
+
+def test_openai_cached_input_is_not_also_charged_at_the_input_rate(catalog: Catalog) -> None:
+    # gpt-5: 100,000 prompt tokens of which 90,000 cached, 2,000 output
+    usage = Usage(input_tokens=100_000, cached_input_tokens=90_000, output_tokens=2_000)
+    cost, family = costed_at(catalog, "gpt-5-2025-08-07", usage, "openai")
+    assert family == "gpt-5"
+    assert cost.input == Decimal("0.0125")  # 10,000 x 1.25
+    assert cost.cached_input == Decimal("0.01125")  # 90,000 x 0.125
+    assert cost.cache_write == 0
+    assert cost.output == Decimal("0.02")  # 2,000 x 10.00
+    assert cost.reasoning == 0
+    assert cost.total == Decimal("0.04375")
+    # charging the cached tokens at the input rate too would have cost 0.1575
+
+
+def test_openai_snapshot_priced_apart_from_its_family(catalog: Catalog) -> None:
+    usage = Usage(input_tokens=1_000, output_tokens=1_000)
+    old, old_family = costed_at(catalog, "gpt-4o-2024-05-13", usage, "openai")
+    assert old_family == "gpt-4o-2024-05-13"
+    assert old.total == Decimal("0.02")  # 1,000 x 5.00 + 1,000 x 15.00
+    new, new_family = costed_at(catalog, "gpt-4o-2024-08-06", usage, "openai")
+    assert new_family == "gpt-4o"
+    assert new.total == Decimal("0.0125")  # 1,000 x 2.50 + 1,000 x 10.00
+
+
+def test_o_series_reasoning_tokens_are_output_tokens_charged_once(catalog: Catalog) -> None:
+    # o4-mini: 2,000 prompt tokens, 5,000 output tokens of which 4,000 reasoning
+    usage = Usage(input_tokens=2_000, output_tokens=5_000, reasoning_tokens=4_000)
+    cost, family = costed_at(catalog, "o4-mini-2025-04-16", usage, "openai")
+    assert family == "o4-mini"
+    assert cost.input == Decimal("0.0022")  # 2,000 x 1.10
+    assert cost.output == Decimal("0.022")  # 5,000 x 4.40 (reasoning included, once)
+    assert cost.reasoning == 0  # no separate reasoning rate
+    assert cost.total == Decimal("0.0242")
+
+
+def test_o3_price_cut_does_not_reprice_earlier_calls(catalog: Catalog) -> None:
+    usage = Usage(input_tokens=1_000, cached_input_tokens=0, output_tokens=1_000)
+    before, _ = costed_at(
+        catalog, "o3", usage, "openai", ts=datetime(2025, 6, 9, 23, 59, tzinfo=UTC)
+    )
+    assert before.total == Decimal("0.05")  # 1,000 x 10.00 + 1,000 x 40.00
+    after, _ = costed_at(catalog, "o3", usage, "openai", ts=datetime(2025, 6, 10, tzinfo=UTC))
+    assert after.total == Decimal("0.01")  # 1,000 x 2.00 + 1,000 x 8.00
+
+
+def test_anthropic_5m_and_1h_cache_writes_and_reads_each_charged_once(catalog: Catalog) -> None:
+    # As Anthropic reports it: 1,000 uncached, 20,000 read from the cache, 5,000 written
+    # to it (3,000 for 5 minutes, 2,000 for 1 hour), 800 output.
+    usage = anthropic_usage(
+        {
+            "input_tokens": 1_000,
+            "cache_read_input_tokens": 20_000,
+            "cache_creation_input_tokens": 5_000,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": 3_000,
+                "ephemeral_1h_input_tokens": 2_000,
+            },
+            "output_tokens": 800,
+        }
+    )
+    assert usage is not None
+    cost, family = costed_at(catalog, "claude-sonnet-4-5-20250929", usage, "anthropic")
+    assert family == "claude-sonnet-4-5"
+    assert cost.input == Decimal("0.003")  # 1,000 x 3.00
+    assert cost.cached_input == Decimal("0.006")  # 20,000 x 0.30
+    assert cost.cache_write == Decimal("0.02325")  # 3,000 x 3.75 + 2,000 x 6.00
+    assert cost.output == Decimal("0.012")  # 800 x 15.00
+    assert cost.reasoning == 0
+    assert cost.total == Decimal("0.04425")
+
+
+def test_anthropic_all_writes_for_one_hour(catalog: Catalog) -> None:
+    # claude-haiku-4-5: 10,000 prompt tokens, all written to the 1-hour cache
+    usage = Usage(
+        input_tokens=10_000,
+        cache_creation_input_tokens=10_000,
+        cache_creation_1h_input_tokens=10_000,
+        output_tokens=0,
+    )
+    cost, _ = costed_at(catalog, "claude-haiku-4-5", usage, "anthropic")
+    assert cost.input == 0
+    assert cost.cache_write == Decimal("0.02")  # 10,000 x 2.00
+    assert cost.total == Decimal("0.02")
+
+
+def test_one_hour_cache_write_rate_falls_back_to_cache_write_then_input() -> None:
+    usage = Usage(
+        input_tokens=1_000,
+        cache_creation_input_tokens=600,
+        cache_creation_1h_input_tokens=200,
+        output_tokens=0,
+    )
+    day = date(2024, 1, 1)
+    with_write = Rates(
+        effective_from=day, input=Decimal("1.00"), output=Decimal("0"), cache_write=Decimal("2.00")
+    )
+    cost = cost_of(usage, with_write)
+    assert cost.input == Decimal("0.0004")  # 400 x 1.00
+    assert cost.cache_write == Decimal("0.0012")  # 400 x 2.00 + 200 x 2.00
+    assert cost.total == Decimal("0.0016")
+    bare = Rates(effective_from=day, input=Decimal("1.00"), output=Decimal("0"))
+    assert cost_of(usage, bare).cache_write == Decimal("0.0006")  # 600 x 1.00
+    assert cost_of(usage, bare).total == Decimal("0.001")  # every token at the input rate
+
+
+def test_one_hour_writes_never_exceed_the_writes() -> None:
+    # a malformed Usage (more 1-hour writes than writes) cannot charge a token twice
+    usage = Usage(
+        input_tokens=1_000,
+        cache_creation_input_tokens=100,
+        cache_creation_1h_input_tokens=900,
+        output_tokens=0,
+    )
+    rates = Rates(
+        effective_from=date(2024, 1, 1),
+        input=Decimal("1.00"),
+        output=Decimal("0"),
+        cache_write=Decimal("2.00"),
+        cache_write_1h=Decimal("4.00"),
+    )
+    cost = cost_of(usage, rates)
+    assert cost.input == Decimal("0.0009")  # 900 x 1.00
+    assert cost.cache_write == Decimal("0.0004")  # 100 x 4.00
+    assert cost.total == Decimal("0.0013")
+
+
+def test_anthropic_long_context_prices_the_whole_call_higher(catalog: Catalog) -> None:
+    # claude-sonnet-4 with 1M context: 250,000 prompt tokens (over 200,000), 1,000 output
+    usage = Usage(input_tokens=250_000, output_tokens=1_000)
+    cost, _ = costed_at(catalog, "claude-sonnet-4-20250514", usage, "anthropic")
+    assert cost.input == Decimal("1.5")  # 250,000 x 6.00
+    assert cost.output == Decimal("0.0225")  # 1,000 x 22.50
+    assert cost.total == Decimal("1.5225")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "cached", "expected"),
+    [
+        # exactly 100,000: the base tier. 100,000 x 0.10 + 1,000 x 0.50
+        (100_000, 0, Decimal("0.0105")),
+        # 150,000 of which 100,000 read from the cache: the long tier for every token.
+        # 50,000 x 0.50 + 100,000 x 0.05 + 1,000 x 2.50
+        (150_000, 100_000, Decimal("0.0325")),
+    ],
+)
+def test_anthropic_prompt_length_tiers(
+    catalog: Catalog, prompt: int, cached: int, expected: Decimal
+) -> None:
+    usage = Usage(input_tokens=prompt, cached_input_tokens=cached, output_tokens=1_000)
+    cost, _ = costed_at(catalog, "claude-haiku-5-5", usage, "anthropic")
+    assert cost.total == expected
+
+
+def test_anthropic_cache_read_cut_applies_from_its_day(catalog: Catalog) -> None:
+    usage = Usage(input_tokens=1_000_000, cached_input_tokens=1_000_000)
+    before, _ = costed_at(
+        catalog, "claude-sonnet-5-5", usage, "anthropic", ts=datetime(2026, 10, 6, 23, tzinfo=UTC)
+    )
+    assert before.total == Decimal("0.2")  # 1,000,000 x 0.20
+    after, _ = costed_at(
+        catalog, "claude-sonnet-5-5", usage, "anthropic", ts=datetime(2026, 10, 7, tzinfo=UTC)
+    )
+    assert after.total == Decimal("0.1")  # 1,000,000 x 0.10
+
+
+def test_gemini_cached_input_and_long_context(catalog: Catalog) -> None:
+    # gemini-2.5-pro: 100,000 prompt tokens of which 40,000 cached, 2,000 output (thinking
+    # included)
+    usage = Usage(input_tokens=100_000, cached_input_tokens=40_000, output_tokens=2_000)
+    cost, family = costed_at(catalog, "models/gemini-2.5-pro", usage, "gemini")
+    assert family == "gemini-2.5-pro"
+    assert cost.input == Decimal("0.075")  # 60,000 x 1.25
+    assert cost.cached_input == Decimal("0.005")  # 40,000 x 0.125
+    assert cost.output == Decimal("0.02")  # 2,000 x 10.00
+    assert cost.total == Decimal("0.1")
+    # 300,000 prompt tokens: over 200,000, every token at the long-context rates
+    long_usage = Usage(input_tokens=300_000, output_tokens=1_000)
+    long_cost, _ = costed_at(catalog, "gemini-2.5-pro", long_usage, "gemini")
+    assert long_cost.input == Decimal("0.75")  # 300,000 x 2.50
+    assert long_cost.output == Decimal("0.015")  # 1,000 x 15.00
+    assert long_cost.total == Decimal("0.765")
+
+
+def test_gemini_flash(catalog: Catalog) -> None:
+    usage = Usage(input_tokens=10_000, output_tokens=1_000)
+    cost, family = costed_at(catalog, "gemini-2.5-flash", usage, "google")
+    assert family == "gemini-2.5-flash"
+    assert cost.total == Decimal("0.0055")  # 10,000 x 0.30 + 1,000 x 2.50
+
+
+def test_mistral(catalog: Catalog) -> None:
+    usage = Usage(input_tokens=1_000_000, output_tokens=100_000)
+    small, family = costed_at(catalog, "mistral-small-latest", usage, "mistral")
+    assert family == "mistral-small"
+    assert small.input == Decimal("0.1")  # 1,000,000 x 0.10
+    assert small.output == Decimal("0.03")  # 100,000 x 0.30
+    assert small.total == Decimal("0.13")
+    large, family = costed_at(catalog, "mistral-large-2411", usage, "mistral")
+    assert family == "mistral-large-2411"
+    assert large.total == Decimal("2.6")  # 1,000,000 x 2.00 + 100,000 x 6.00
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        # 20,000 cache misses, 80,000 cache hits, 1,000 output; the rates in force then:
+        # 20,000 x 0.27 + 80,000 x 0.07 + 1,000 x 1.10
+        (datetime(2025, 3, 1, tzinfo=UTC), Decimal("0.0121")),
+        # 20,000 x 0.56 + 80,000 x 0.07 + 1,000 x 1.68
+        (datetime(2025, 9, 10, tzinfo=UTC), Decimal("0.01848")),
+        # 20,000 x 0.28 + 80,000 x 0.028 + 1,000 x 0.42
+        (datetime(2025, 10, 15, tzinfo=UTC), Decimal("0.00826")),
+    ],
+)
+def test_deepseek_cache_hits_at_the_price_in_force(
+    catalog: Catalog, ts: datetime, expected: Decimal
+) -> None:
+    usage = Usage(input_tokens=100_000, cached_input_tokens=80_000, output_tokens=1_000)
+    cost, family = costed_at(catalog, "deepseek-chat", usage, "deepseek", ts=ts)
+    assert family == "deepseek-chat"
+    assert cost.total == expected
+    assert cost.input + cost.cached_input + cost.output == expected
+
+
+def test_deepseek_before_its_first_listed_price_is_unpriced(catalog: Catalog) -> None:
+    event = response(
+        "deepseek-chat",
+        Usage(input_tokens=10, output_tokens=10),
+        ts=datetime(2025, 2, 7, tzinfo=UTC),
+        provider="deepseek",
+    )
+    costed = price(event, catalog)
+    assert costed.cost is None
+    assert costed.unpriced is True
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "family", "expected"),
+    [
+        # the same open model, 1M input and 1M output tokens, priced by who served it
+        (
+            "groq",
+            "meta-llama/llama-4-scout-17b-16e-instruct",
+            "groq/meta-llama/llama-4-scout-17b-16e-instruct",
+            Decimal("0.45"),  # 0.11 + 0.34
+        ),
+        (
+            "together",
+            "meta-llama/Llama-4-Scout-17B-16E-Instruct",
+            "together/meta-llama/Llama-4-Scout-17B-16E-Instruct",
+            Decimal("0.77"),  # 0.18 + 0.59
+        ),
+        (
+            "together",
+            "meta-llama/llama-4-scout-17b-16e-instruct",  # names match whatever their case
+            "together/meta-llama/Llama-4-Scout-17B-16E-Instruct",
+            Decimal("0.77"),
+        ),
+        (
+            "groq",
+            "llama-3.3-70b-versatile",
+            "groq/llama-3.3-70b-versatile",
+            Decimal("1.38"),  # 0.59 + 0.79
+        ),
+        (
+            "groq",
+            "groq/llama-3.1-8b-instant",  # as requested through llmtap
+            "groq/llama-3.1-8b-instant",
+            Decimal("0.13"),  # 0.05 + 0.08
+        ),
+        (
+            "groq",
+            "llama-3.1-8b-instant-2025-01-01",
+            "groq/llama-3.1-8b-instant",
+            Decimal("0.13"),
+        ),
+        (
+            "together",
+            "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            "together/meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            Decimal("1.76"),  # 0.88 + 0.88
+        ),
+    ],
+)
+def test_llama_is_priced_by_the_provider_that_served_it(
+    catalog: Catalog, provider: str, model: str, family: str, expected: Decimal
+) -> None:
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    cost, pricing_model = costed_at(catalog, model, usage, provider)
+    assert pricing_model == family
+    assert cost.total == expected
+
+
+def test_the_model_served_is_priced_with_the_provider_recorded(catalog: Catalog) -> None:
+    usage = Usage(input_tokens=1_000_000)
+    event = response(
+        "groq/llama-3.3-70b-versatile",
+        usage,
+        ts=LATE_2026,
+        provider="groq",
+        model_served="llama-3.3-70b-versatile",
+    )
+    costed = price(event, catalog)
+    assert costed.pricing_model == "groq/llama-3.3-70b-versatile"
+    assert costed.cost is not None
+    assert costed.cost.total == Decimal("0.59")
+
+
+# -- the catalog itself -------------------------------------------------------------------
+
+
+def test_every_catalog_entry_has_rates_and_dates_in_order(catalog: Catalog) -> None:
+    providers = {entry.provider for entry in catalog.models.values()}
+    assert {"openai", "anthropic", "google", "mistral", "deepseek", "groq", "together"} <= (
+        providers
+    )
+    for name, entry in catalog.models.items():
+        assert entry.prices, name
+        days = [rates.effective_from for rates in entry.prices]
+        assert days == sorted(days), name
+        assert len(set(days)) == len(days), name
+        for rates in entry.prices:
+            assert type(rates.input) is Decimal and type(rates.output) is Decimal, name
+            assert rates.input >= 0 and rates.output >= 0, name
+            tier = rates.long_context
+            if tier is not None:
+                assert tier.above_input_tokens > 0, name
+                assert tier.input >= rates.input and tier.output >= rates.output, name
+        head, slash, _ = name.partition("/")
+        if slash and head in providers:  # a provider-scoped key is that provider's
+            assert entry.provider == head, name
+
+
+def test_catalog_keys_must_differ_by_more_than_case() -> None:
+    one = ModelPrice(
+        provider="acme",
+        prices=[Rates(effective_from=date(2024, 1, 1), input=Decimal(1), output=Decimal(1))],
+    )
+    with pytest.raises(ValueError, match="differ only in case"):
+        Catalog(models={"acme-1": one, "ACME-1": one})
+
+
+def test_two_prices_on_one_day_are_refused() -> None:
+    rates = Rates(effective_from=date(2024, 1, 1), input=Decimal(1), output=Decimal(1))
+    with pytest.raises(ValueError, match="same day"):
+        ModelPrice(provider="acme", prices=[rates, rates])
+
+
+def test_an_operator_file_overrides_per_provider_and_adds_providers(tmp_path: Path) -> None:
+    extra = tmp_path / "prices.yaml"
+    extra.write_text(
+        "models:\n"
+        "  GROQ/llama-3.3-70b-versatile:\n"  # replaces the shipped entry, whatever the case
+        "    provider: groq\n"
+        "    prices:\n"
+        '      - {effective_from: 2024-01-01, input: "0.50", output: "0.70"}\n'
+        "  fireworks/meta-llama/llama-4-scout-17b-16e-instruct:\n"
+        "    provider: fireworks\n"
+        "    prices:\n"
+        '      - {effective_from: 2024-01-01, input: "0.15", output: "0.60"}\n'
+    )
+    catalog = load_catalog(extra=extra)
+    assert "groq/llama-3.3-70b-versatile" not in catalog.models
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    groq, family = costed_at(catalog, "llama-3.3-70b-versatile", usage, "groq")
+    assert family == "GROQ/llama-3.3-70b-versatile"
+    assert groq.total == Decimal("1.2")  # 0.50 + 0.70
+    scout = "meta-llama/llama-4-scout-17b-16e-instruct"
+    fireworks, _ = costed_at(catalog, scout, usage, "fireworks")
+    assert fireworks.total == Decimal("0.75")  # 0.15 + 0.60
+    together, _ = costed_at(catalog, scout, usage, "together")
+    assert together.total == Decimal("0.77")  # shipped, untouched
+
+
+def test_an_operator_file_can_date_a_new_price_without_repricing_history(
+    tmp_path: Path,
+) -> None:
+    extra = tmp_path / "prices.yaml"
+    extra.write_text(
+        "models:\n"
+        "  gpt-4.1:\n"
+        "    provider: openai\n"
+        "    prices:\n"
+        '      - {effective_from: 2025-04-14, input: "2.00", cached_input: "0.50",'
+        ' output: "8.00"}\n'
+        '      - {effective_from: 2026-12-01, input: "1.00", cached_input: "0.25",'
+        ' output: "4.00"}\n'
+    )
+    catalog = load_catalog(extra=extra)
+    usage = Usage(input_tokens=1_000, output_tokens=1_000)
+    old, _ = costed_at(catalog, "gpt-4.1", usage, "openai", ts=datetime(2026, 11, 30, tzinfo=UTC))
+    assert old.total == Decimal("0.01")  # 1,000 x 2.00 + 1,000 x 8.00
+    new, _ = costed_at(catalog, "gpt-4.1", usage, "openai", ts=datetime(2026, 12, 1, tzinfo=UTC))
+    assert new.total == Decimal("0.005")  # 1,000 x 1.00 + 1,000 x 4.00

@@ -154,8 +154,9 @@ async def test_models_list_is_passed_through(llmtap_up: Running, upstream: FakeU
 @pytest.mark.parametrize(
     ("model", "upstream_model"),
     [
-        ("groq/llama-3.1-8b-instant", "llama-3.1-8b-instant"),  # <provider>/<model>
-        ("llama-3.3-70b-versatile", "llama-3.3-70b-versatile"),  # model_routes: "llama-*"
+        # Models with no price in the catalog (Groq's real Llama models have one).
+        ("groq/house-model-8b", "house-model-8b"),  # <provider>/<model>
+        ("llama-house-70b", "llama-house-70b"),  # model_routes: "llama-*"
     ],
 )
 async def test_openai_compatible_provider_chosen_by_config(

@@ -1,4 +1,4 @@
-"""Usage capture from OpenAI bodies and SSE streams: pure, no network."""
+"""Usage capture from OpenAI and Anthropic bodies and SSE streams: pure, no network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress.forward.usage import OpenAIJsonCapture, OpenAIStreamCapture
+from ingress.forward.usage import (
+    AnthropicJsonCapture,
+    AnthropicStreamCapture,
+    OpenAIJsonCapture,
+    OpenAIStreamCapture,
+    anthropic_usage,
+)
 from llmtap.events import Usage
 
 SERVED = "gpt-4o-mini-2024-07-18"
@@ -295,3 +301,131 @@ def test_non_json_and_comment_events_are_forwarded() -> None:
     capture = OpenAIStreamCapture(strip_usage_chunk=True)
     assert capture.feed(stream) + capture.finish() == stream
     assert capture.final_usage.usage_missing is True
+
+
+# -- Anthropic: cache writes by lifetime ---------------------------------------------------
+
+ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
+# Anthropic's input_tokens excludes cache reads and writes; cache_creation splits the
+# writes by lifetime (5 minutes, 1 hour).
+ANTHROPIC_USAGE = {
+    "input_tokens": 1000,
+    "cache_creation_input_tokens": 5000,
+    "cache_read_input_tokens": 20000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 3000, "ephemeral_1h_input_tokens": 2000},
+    "output_tokens": 800,
+    "service_tier": "standard",
+}
+ANTHROPIC_EXPECTED = Usage(
+    input_tokens=26000,  # 1000 + 20000 read + 5000 written
+    output_tokens=800,
+    cached_input_tokens=20000,
+    cache_creation_input_tokens=5000,
+    cache_creation_1h_input_tokens=2000,
+)
+
+
+def _message(usage: dict[str, Any] | None) -> bytes:
+    return orjson.dumps(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": ANTHROPIC_MODEL,
+            "content": [{"type": "text", "text": "Hi"}],
+            "stop_reason": "end_turn",
+            "usage": usage,
+        }
+    )
+
+
+def test_anthropic_json_usage_keeps_the_one_hour_cache_writes() -> None:
+    capture = AnthropicJsonCapture(_message(ANTHROPIC_USAGE))
+    assert capture.usage == ANTHROPIC_EXPECTED
+    assert capture.model == ANTHROPIC_MODEL
+
+
+def test_anthropic_usage_without_the_split_has_no_one_hour_writes() -> None:
+    usage = {k: v for k, v in ANTHROPIC_USAGE.items() if k != "cache_creation"}
+    assert anthropic_usage(usage) == ANTHROPIC_EXPECTED.model_copy(
+        update={"cache_creation_1h_input_tokens": 0}
+    )
+
+
+def test_anthropic_usage_with_only_the_split_counts_its_sum_as_writes() -> None:
+    usage = {k: v for k, v in ANTHROPIC_USAGE.items() if k != "cache_creation_input_tokens"}
+    assert anthropic_usage(usage) == ANTHROPIC_EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("split", "one_hour"),
+    [
+        ({"ephemeral_5m_input_tokens": 5000, "ephemeral_1h_input_tokens": 0}, 0),
+        ({"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 5000}, 5000),
+        ({"ephemeral_1h_input_tokens": 9999}, 5000),  # never more than the writes
+        ({"ephemeral_1h_input_tokens": -3}, 0),
+        ({"ephemeral_1h_input_tokens": "2000"}, 0),
+        (None, 0),
+        ([1, 2], 0),
+    ],
+)
+def test_anthropic_one_hour_writes_are_a_subset_of_the_writes(split: Any, one_hour: int) -> None:
+    usage = {**ANTHROPIC_USAGE, "cache_creation": split}
+    captured = anthropic_usage(usage)
+    assert captured is not None
+    assert captured.cache_creation_input_tokens == 5000
+    assert captured.cache_creation_1h_input_tokens == one_hour
+
+
+def _anthropic_stream(final_usage: dict[str, Any]) -> bytes:
+    start_usage = {**ANTHROPIC_USAGE, "output_tokens": 1}
+    events: list[tuple[str, dict[str, Any]]] = [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_1",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": ANTHROPIC_MODEL,
+                    "content": [],
+                    "usage": start_usage,
+                },
+            },
+        ),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+        ),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"text": "Hi"}},
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": final_usage},
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(
+        b"event: " + name.encode() + b"\n" + _event(data, b"\n\n") for name, data in events
+    )
+
+
+@pytest.mark.parametrize(
+    "final_usage",
+    [
+        pytest.param({"output_tokens": 800}, id="delta-with-output-only"),
+        pytest.param(ANTHROPIC_USAGE, id="delta-with-cumulative-usage"),
+    ],
+)
+def test_anthropic_stream_keeps_the_one_hour_cache_writes(final_usage: dict[str, Any]) -> None:
+    stream = _anthropic_stream(final_usage)
+    for pieces in _random_pieces(stream):
+        capture = AnthropicStreamCapture()
+        forwarded = b"".join(capture.feed(piece) for piece in pieces) + capture.finish()
+        assert forwarded == stream
+        assert capture.final_usage == ANTHROPIC_EXPECTED
+        assert capture.model == ANTHROPIC_MODEL

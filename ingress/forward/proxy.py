@@ -200,7 +200,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         url += "?" + request.query_string
 
     exhausted = request.app[BUDGETS].admit(
-        call.request_id, call.attribution, model, len(body), max_tokens(payload), utcnow()
+        call.request_id,
+        call.attribution,
+        model,
+        len(body),
+        max_tokens(payload),
+        utcnow(),
+        provider=route.provider,
     )
     if exhausted is not None:
         refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
@@ -280,7 +286,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         if capture is not None:  # a stream, finished or not: usage as far as it was seen
             usage, model_served = capture.final_usage, capture.model
         record(status, http_status, usage, model_served, error_class)
-        request.app[BUDGETS].settle(call.request_id, model_served or model, usage, utcnow())
+        request.app[BUDGETS].settle(
+            call.request_id, model_served or model, usage, utcnow(), provider=route.provider
+        )
         if key is not None and key.tpm:
             used = usage.input_tokens + usage.output_tokens
             request.app[LIMITER].settle(key.id, used, time.monotonic())

@@ -40,18 +40,26 @@ def anthropic_usage(usage: Any) -> Usage | None:
     """Normalise an Anthropic ``usage`` object.
 
     Anthropic's ``input_tokens`` excludes cache reads and cache writes; llmtap's
-    includes both (see :class:`llmtap.events.Usage`), so they are added back.
+    includes both (see :class:`llmtap.events.Usage`), so they are added back. The
+    writes are split by lifetime in ``cache_creation`` (``ephemeral_5m_input_tokens``,
+    ``ephemeral_1h_input_tokens``): the one-hour part is kept, as it is priced higher.
+    When only the split is reported, the writes are its sum.
     """
     if not isinstance(usage, dict):
         return None
     uncached = _int(usage.get("input_tokens"))
     read = _int(usage.get("cache_read_input_tokens"))
-    written = _int(usage.get("cache_creation_input_tokens"))
+    split = usage.get("cache_creation")
+    split = split if isinstance(split, dict) else {}
+    written_5m = _int(split.get("ephemeral_5m_input_tokens"))
+    written_1h = _int(split.get("ephemeral_1h_input_tokens"))
+    written = _int(usage.get("cache_creation_input_tokens")) or written_5m + written_1h
     return Usage(
         input_tokens=uncached + read + written,
         output_tokens=_int(usage.get("output_tokens")),
         cached_input_tokens=read,
         cache_creation_input_tokens=written,
+        cache_creation_1h_input_tokens=min(written_1h, written),
     )
 
 

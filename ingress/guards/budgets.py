@@ -76,15 +76,28 @@ class BudgetBook:
             ]
 
     def worst_case(
-        self, model: str, request_bytes: int, max_tokens: int | None, now: datetime
+        self,
+        model: str,
+        request_bytes: int,
+        max_tokens: int | None,
+        now: datetime,
+        provider: str = "",
     ) -> Decimal | None:
-        entry = self.catalog.lookup(model)
+        entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if rates is None:
             return None
-        output_rate = max(rates.output, rates.reasoning or Decimal(0))
+        # An upper bound: no more prompt tokens than bytes, each at the dearest prompt
+        # rate (a cache write costs more than input), the long-context tier if the
+        # bytes could pass its threshold, and every output token at the dearer of the
+        # output and reasoning rates.
+        tier = rates.for_prompt(request_bytes)
+        input_rate = max(
+            r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
+        )
+        output_rate = max(tier.output, tier.reasoning or Decimal(0))
         output = max_tokens if max_tokens is not None else self.default_max_tokens
-        return (request_bytes * rates.input + output * output_rate) / PER_MILLION
+        return (request_bytes * input_rate + output * output_rate) / PER_MILLION
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -104,13 +117,14 @@ class BudgetBook:
         request_bytes: int,
         max_tokens: int | None,
         now: datetime,
+        provider: str = "",
     ) -> Exhausted | None:
         """Reserve the call's worst case on every hard-capped budget it counts against,
         or say which budget cannot cover it (and reserve nothing)."""
         capped = [b for b in self.budgets if b.hard_cap and matches(b, who)]
         if not capped:
             return None
-        worst = self.worst_case(model, request_bytes, max_tokens, now) or Decimal(0)
+        worst = self.worst_case(model, request_bytes, max_tokens, now, provider) or Decimal(0)
         for budget in capped:
             state, committed = self.committed(budget, now)
             if committed + worst > budget.limit_usd:
@@ -119,10 +133,12 @@ class BudgetBook:
             self.reserved[budget.name][call_id] = worst
         return None
 
-    def settle(self, call_id: uuid.UUID, model: str, usage: Usage, ended: datetime) -> None:
+    def settle(
+        self, call_id: uuid.UUID, model: str, usage: Usage, ended: datetime, provider: str = ""
+    ) -> None:
         """The call ended: its reservation becomes its real cost (when it can be priced)."""
         cost = None
-        entry = self.catalog.lookup(model)
+        entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(ended) if entry is not None else None
         if rates is not None and not usage.usage_missing:
             cost = cost_of(usage, rates).total
