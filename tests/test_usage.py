@@ -15,6 +15,7 @@ from ingress.forward.usage import (
     OpenAIJsonCapture,
     OpenAIStreamCapture,
     anthropic_usage,
+    openai_usage,
 )
 from llmtap.events import Usage
 
@@ -429,3 +430,16 @@ def test_anthropic_stream_keeps_the_one_hour_cache_writes(final_usage: dict[str,
         assert forwarded == stream
         assert capture.final_usage == ANTHROPIC_EXPECTED
         assert capture.model == ANTHROPIC_MODEL
+
+
+def test_deepseek_cache_hits_are_cached_input() -> None:
+    usage = openai_usage(
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 20,
+            "prompt_cache_hit_tokens": 640,
+            "prompt_cache_miss_tokens": 360,
+        }
+    )
+    assert usage is not None
+    assert (usage.input_tokens, usage.cached_input_tokens) == (1000, 640)

@@ -23,6 +23,8 @@ def openai_usage(usage: Any) -> Usage | None:
         "output_tokens_details"
     )
     cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+    if not cached:  # DeepSeek names its cache reads apart
+        cached = _int(usage.get("prompt_cache_hit_tokens"))
     reasoning = (
         _int(completion_details.get("reasoning_tokens"))
         if isinstance(completion_details, dict)
