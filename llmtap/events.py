@@ -231,7 +231,7 @@ class BudgetState(_Model):
     crossed: tuple[int, ...] = ()  # alert thresholds (percent) crossed this period
     last_event_at: UtcDatetime | None = None  # the latest call end counted in spent_usd
     updated_at: UtcDatetime
-    # Per llmtap.costed partition, the next offset not yet counted in spent_usd: a
+    # Per llmtap.responses partition, the next offset not yet counted in spent_usd: a
     # worker restarted from older committed offsets skips what this state has counted.
     applied: dict[int, int] = Field(default_factory=dict)
 

@@ -4,7 +4,7 @@
 |------------------|---------------|-------------|------------|--------------------------------|
 | llmtap.requests  | RequestEvent  | request_id  | ingress    | (kept for replay and audit)    |
 | llmtap.responses | ResponseEvent | request_id  | ingress    | stream (costs)                 |
-| llmtap.costed    | CostedEvent   | request_id  | stream     | stream (windows, budgets), sink |
+| llmtap.costed    | CostedEvent   | request_id  | stream     | sink                           |
 | llmtap.windows   | WindowEvent   | series      | stream     | stream (spikes), sink          |
 | llmtap.alerts    | Alert         | alert id    | stream     | sinks (webhooks)               |
 | llmtap.budgets   | BudgetState   | budget name | stream     | ingress (caps), store          |

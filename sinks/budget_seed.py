@@ -11,7 +11,7 @@ the topic and keep, per period, the largest spend seen.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from aiokafka import AIOKafkaProducer
@@ -45,12 +45,16 @@ def rebuilt_state(store: Store, budget: BudgetConfig, now: datetime) -> BudgetSt
     if not spent:
         return state
     crossed = tuple(t for t in sorted(budget.thresholds) if spent * 100 >= budget.limit_usd * t)
-    return state.model_copy(
-        update={
+    last: datetime = rows[0]["last_event_at"]
+    # Validated (not model_copy): what every reader of the topic will validate too.
+    return BudgetState.model_validate(
+        {
+            **state.model_dump(),
             "spent_usd": spent,
             "crossed": crossed,
             "status": status_of(spent, budget.limit_usd, crossed),
-            "last_event_at": rows[0]["last_event_at"],
+            # ClickHouse answers DateTime64(3, 'UTC') without a zone: it is UTC.
+            "last_event_at": last if last.tzinfo else last.replace(tzinfo=UTC),
         }
     )
 

@@ -47,15 +47,17 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> faust.App:
         broker_commit_interval=1.0,
         producer_linger_ms=2,
     )
-    costs.register(app, load_catalog(settings.pricing_file))
     grace = timedelta(seconds=settings.window_grace_s)
-    windows.register(app, settings.window_sizes_s, grace)
+    steps: list[costs.Step] = [windows.WindowsStep(app, settings.window_sizes_s, grace)]
+    if settings.budgets:
+        steps.append(
+            budgets.BudgetsStep(app, ledger if ledger is not None else Ledger(settings.budgets))
+        )
+    costs.register(app, load_catalog(settings.pricing_file), steps)
     if settings.spike_rules:
         # A window's shares from several workers get grace plus a few ticks to arrive.
         settle = grace + timedelta(seconds=3 * spikes.TICK_S)
         spikes.register(app, settings.spike_rules, settings.topic_partitions, settle)
-    if settings.budgets:
-        budgets.register(app, ledger if ledger is not None else Ledger(settings.budgets))
     return app
 
 

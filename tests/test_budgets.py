@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Cost, CostedEvent, ResponseEvent, Usage
+from sinks.budget_seed import rebuilt_state
+from sinks.clickhouse.writer import Batch, write_batch
+from sql.store import Store
 from stream.budgets import Ledger, current, matches, period_bounds, spend
 
 
@@ -145,3 +148,17 @@ def test_offsets_carry_into_a_new_period() -> None:
     assert rolled.spent_usd == 0 and rolled.applied == {0: 42}
     ledger.record(costed("2", at(4)), at(4), (0, 41))  # a replay of an old offset
     assert ledger.states[b.name].spent_usd == 0
+
+
+def test_a_state_rebuilt_from_clickhouse_is_one_every_reader_accepts(store: Store) -> None:
+    """After a full restart the store publishes each budget's period-to-date spend, read
+    from ClickHouse; the ingress and the stream validate what they read from the topic."""
+    b = budget(limit_usd=Decimal("10"), period="day")
+    now = datetime.now(UTC)
+    calls = [costed("3.5", now - timedelta(minutes=m)) for m in (1, 2)]
+    write_batch(store, Batch(events=calls))
+    state = rebuilt_state(store, b, now)
+    assert state.spent_usd == Decimal("7.0") and state.crossed == (50,)
+    assert state.last_event_at is not None and state.last_event_at.tzinfo is not None
+    again = BudgetState.model_validate_json(state.model_dump_json())
+    assert again == state

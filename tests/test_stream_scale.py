@@ -1,0 +1,135 @@
+"""Two stream workers in one consumer group: they split the partitions, both make
+progress, and the shares of each window they publish add up to every call once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from llmtap import topics
+from llmtap.config import Settings
+from llmtap.events import Attribution, CostedEvent, ResponseEvent, Usage, WindowEvent
+from tests.conftest import start_broker
+
+PARTITIONS = 4
+READY_TIMEOUT_S = 60.0
+WAIT_S = 60.0
+
+
+@contextlib.asynccontextmanager
+async def stream_worker(bootstrap: str, data_dir: Path) -> AsyncIterator[None]:
+    """`llmtap worker` as its own process; entered once it reports ready."""
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(data_dir),
+        "LLMTAP_KAFKA_BOOTSTRAP": bootstrap,
+        "LLMTAP_TOPIC_PARTITIONS": str(PARTITIONS),
+        "LLMTAP_WINDOW_SIZES_S": "[1]",
+        # Grace for the rebalance when the second worker joins (partitions pause meanwhile).
+        "LLMTAP_WINDOW_GRACE_S": "5",
+    }
+    ready = Settings(data_dir=data_dir).run_dir / "worker.ready"
+    await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+    log = await asyncio.to_thread((data_dir / "worker.log").open, "wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmtap", "worker", env=env, stdout=log, stderr=log
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        deadline = loop.time() + READY_TIMEOUT_S
+        while not ready.exists():
+            assert process.returncode is None, f"worker exited; see {data_dir / 'worker.log'}"
+            assert loop.time() < deadline, "worker not ready in time"
+            await asyncio.sleep(0.05)
+        yield
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+        log.close()
+
+
+def response(i: int) -> ResponseEvent:
+    now = datetime.now(UTC)
+    return ResponseEvent(
+        request_id=uuid.uuid4(),
+        ts_start=now,
+        ts_end=now,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested="gpt-4o-mini",
+        stream=False,
+        status="ok",
+        http_status=200,
+        usage=Usage(input_tokens=100, output_tokens=10),
+        latency_ms=50.0 + i % 10,
+        proxy_overhead_ms=0.2,
+        attribution=Attribution(tenant="acme", team=f"team{i % 3}"),
+    )
+
+
+async def test_two_workers_split_the_partitions_and_count_every_call_once(
+    tmp_path: Path,
+) -> None:
+    async with (
+        start_broker(PARTITIONS) as broker,
+        stream_worker(broker.bootstrap, tmp_path / "w1"),
+        stream_worker(broker.bootstrap, tmp_path / "w2"),
+    ):
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+        await producer.start()
+        sent = 0
+        try:
+            # Calls spread over several seconds (several one-second windows), so the
+            # windows after the group's rebalance show how the partitions are split.
+            for i in range(300):
+                event = response(i)
+                await producer.send_and_wait(
+                    topics.RESPONSES,
+                    event.model_dump_json().encode(),
+                    key=topics.partition_key(event.request_id),
+                )
+                sent += 1
+                await asyncio.sleep(0.02)  # the traffic's own pace, ~50 calls/s
+        finally:
+            await producer.stop()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        windows: list[WindowEvent] = []
+        costed: list[CostedEvent] = []
+        while loop.time() < deadline:
+            windows = [
+                WindowEvent.model_validate_json(raw)
+                for raw in await topics.read_all(broker.bootstrap, topics.WINDOWS)
+            ]
+            tenant = [w for w in windows if w.dimension == "tenant"]
+            if sum(w.requests for w in tenant) + sum(w.late_events for w in tenant) >= sent:
+                break
+            await asyncio.sleep(0.25)
+        costed = [
+            CostedEvent.model_validate_json(raw)
+            for raw in await topics.read_all(broker.bootstrap, topics.COSTED)
+        ]
+
+    tenant = [w for w in windows if w.dimension == "tenant"]
+    # Every call priced once (ids are derived: a reprocessed response yields the same id),
+    # and counted in the windows once.
+    assert len({c.event_id for c in costed}) == sent
+    assert (sum(w.requests for w in tenant), sum(w.late_events for w in tenant)) == (sent, 0)
+    # Both workers published shares; at the end they owned disjoint halves of the topic.
+    owners = {w.partitions for w in tenant}
+    last_start = max(w.window_start for w in tenant)
+    final = {w.partitions for w in tenant if w.window_start >= last_start}
+    assert len(owners) >= 2, owners
+    assert len(final) == 2, final
+    first, second = sorted(final)
+    assert not set(first) & set(second) and set(first) | set(second) == set(range(PARTITIONS))
