@@ -195,7 +195,11 @@ async def lag_at_rate(bootstrap: str, data_dir: Path, rate: float, seconds: floa
     lags: list[float] = []
     total = int(rate * seconds)
     consumer = AIOKafkaConsumer(
-        topics.COSTED, bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None
+        topics.COSTED,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
+        group_id=None,
+        fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
     )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await consumer.start()

@@ -22,6 +22,8 @@ from llmtap.config import Settings, load_settings
 
 log = logging.getLogger("llmtap")
 
+CONFIG_HELP = "YAML config file (see README)"
+
 
 async def _wait_for_topics(settings: Settings) -> None:
     """Block until the broker answers and llmtap's topics exist."""
@@ -36,13 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmtap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML config file (see README)")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    # Each subcommand takes --config too (before or after it); SUPPRESS keeps a
+    # subcommand without one from resetting what was given before it.
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("up", "ingress", "worker", "store", "migrate"):
         sub = commands.add_parser(name)
-        sub.add_argument("--config", metavar="FILE", help="YAML config file (see README)")
+        sub.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
     keys = commands.add_parser("keys", help="virtual keys (stored as SHA-256 hashes)")
-    keys.add_argument("--config", metavar="FILE", help="YAML config file (see README)")
+    keys.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="make a key and print it once")
     create.add_argument("--tenant", required=True)
@@ -60,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     alerts = commands.add_parser("alerts", help="alert webhooks")
-    alerts.add_argument("--config", metavar="FILE", help="YAML config file (see README)")
+    alerts.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
     alert_actions = alerts.add_subparsers(dest="action", required=True)
     test = alert_actions.add_parser("test", help="send a signed sample alert to an endpoint")
     test.add_argument("--endpoint", required=True, help="the webhook endpoint's name")

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
+from llmtap import topics
+
 log = logging.getLogger(__name__)
 
 RECONNECT_S = 1.0
@@ -26,6 +28,7 @@ def sink_consumer(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=max_poll_records,
+        fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
         max_poll_interval_ms=3_600_000,  # a long ClickHouse outage must not evict the sink

@@ -16,6 +16,7 @@ from llmtap.events import BudgetState
 from stream.agents import budgets, costs, spikes, windows
 from stream.budgets import Ledger
 from stream.pricing import load_catalog
+from stream.transport import StreamApp
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def ready_file(settings: Settings) -> Path:
 def create_app(settings: Settings, ledger: Ledger | None = None) -> faust.App:
     brokers = [f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")]
     session_ms = settings.stream_session_timeout_s
-    app = faust.App(
+    app = StreamApp(
         topics.STREAM_GROUP,
         broker=brokers,
         store="memory://",

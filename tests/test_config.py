@@ -54,3 +54,22 @@ def test_readme_documents_every_setting() -> None:
     documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)?", README.read_text(), re.M))
     names = {name for pair in documented for name in pair if name}
     assert set(Settings.model_fields) - names == set()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_is_read_wherever_it_is_given(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llmtap --config F keys list` and `llmtap keys --config F list` read the same file."""
+    from ingress.guards.keys import create_key
+    from llmtap.cli import main
+
+    keys_file = tmp_path / "team-keys.yaml"
+    config = tmp_path / "llmtap.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nkeys_file: {keys_file}\n")
+    _, key = create_key(keys_file, tenant="acme")
+    argv = ["--config", str(config), "keys", "list"]
+    if where == "after":
+        argv = ["keys", "--config", str(config), "list"]
+    assert main(argv) == 0
+    assert key.id in capsys.readouterr().out

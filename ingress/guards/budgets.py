@@ -157,7 +157,11 @@ class BudgetBook:
 async def follow(book: BudgetBook, bootstrap: str) -> None:
     """Keep ``book`` up to date with the budgets topic, from its beginning, forever."""
     while True:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,  # how soon a new state is enforced
+        )
         try:
             await consumer.start()
             partitions = consumer.partitions_for_topic(topics.BUDGETS) or set()
