@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from ingress.app import create_app
-from llmtap.config import Settings
+from llmtap.config import CONFIG_ENV, Settings
 from llmtap.supervisor import broker_argv, topics_ready
 from sql.migrate import migrate
 from sql.store import Store
@@ -62,6 +63,21 @@ async def start_broker(partitions: int = 2) -> AsyncIterator[Broker]:
         if process.returncode is None:
             process.terminate()
         await process.wait()
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[list[str]], int]]:
+    """`llmtap ...` run in this process (``main(argv)``), leaving the environment (a
+    --config is exported for child processes) and the logging setup as they were."""
+    from llmtap.cli import main
+
+    monkeypatch.setenv(CONFIG_ENV, "")  # recorded, so teardown restores it (or its absence)
+    monkeypatch.delenv(CONFIG_ENV)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield main
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

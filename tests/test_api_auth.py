@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -280,12 +280,13 @@ async def test_sql_with_a_virtual_key_is_403(api: Api, key: str) -> None:
 
 
 def test_keys_admin_prints_a_key_and_the_digest_to_configure(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cli: Callable[[list[str]], int],
 ) -> None:
-    from llmtap.cli import main
-
     monkeypatch.setenv("LLMTAP_DATA_DIR", str(tmp_path))
-    assert main(["keys", "admin"]) == 0
+    assert cli(["keys", "admin"]) == 0
     printed = capsys.readouterr().out
     secret = printed.splitlines()[0]
     digest = hashlib.sha256(secret.encode()).hexdigest()

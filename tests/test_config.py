@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,11 +59,13 @@ def test_readme_documents_every_setting() -> None:
 
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_config_is_read_wherever_it_is_given(
-    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    where: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
 ) -> None:
     """`llmtap --config F keys list` and `llmtap keys --config F list` read the same file."""
     from ingress.guards.keys import create_key
-    from llmtap.cli import main
 
     keys_file = tmp_path / "team-keys.yaml"
     config = tmp_path / "llmtap.yaml"
@@ -71,5 +74,5 @@ def test_config_is_read_wherever_it_is_given(
     argv = ["--config", str(config), "keys", "list"]
     if where == "after":
         argv = ["keys", "--config", str(config), "list"]
-    assert main(argv) == 0
+    assert cli(argv) == 0
     assert key.id in capsys.readouterr().out
