@@ -21,7 +21,7 @@ from llmtap.events import utcnow
 from sinks.budget_seed import publish_states, rebuilt_state
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.webhooks.dispatcher import WebhookDispatcher
-from sql import analytics
+from sql import analytics, dashboard
 from sql.migrate import migrate
 from sql.retention import apply_retention
 from sql.store import Store
@@ -112,6 +112,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.router.add_get("/healthz", healthz)
     analytics.add_routes(app, settings)
+    dashboard.add_routes(app, settings)  # after the API: it uses the API's key auth
     return app
 
 

@@ -1,11 +1,15 @@
 """The analytics API: GET /api/v1/analytics/..., answered from ClickHouse.
 
 Each handler parses its query string (sql/params.py), runs one or two queries from
-sql/queries/analytics_*.sql through :func:`select`, and returns JSON. Every query
-shares one WHERE clause (sql/queries/_filters.sql), tenant filter included: the
-caller's key sets it (sql/auth.py), never the query string. :func:`add_routes` mounts
-these endpoints, POST /api/v1/sql (sql/sqlapi.py, admin keys only) and the OpenAPI
-document that describes them all (sql/openapi.py).
+sql/queries/analytics_*.sql through :func:`select`, and returns JSON. The queries over
+calls read the rollups (sql/queries/rollup_parts.sql: whole buckets from the hourly
+and daily rollups, the partial buckets at either end of the range from ``calls``), so
+their counts and sums equal the raw table's. Every query shares one WHERE clause
+(sql/queries/_filters.sql), tenant filter included: the caller's key sets it
+(sql/auth.py), never the query string. Alerts (``analytics_alerts.sql``) carry no
+tenant: a virtual key sees the ones that are its own. :func:`add_routes` mounts these
+endpoints, POST /api/v1/sql (sql/sqlapi.py, admin keys only) and the OpenAPI document
+that describes them all (sql/openapi.py).
 """
 
 from __future__ import annotations
@@ -18,13 +22,31 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from llmtap.config import Settings
+from llmtap.config import BudgetConfig, Settings
 from sql import openapi, sqlapi
 from sql.auth import AUTH, CALLER, Unauthorized, api_auth
-from sql.params import EXTRA, RANGES, BadParameter, Filters, Query
+from sql.params import (
+    ALERT_STATES,
+    ALERT_TYPES,
+    COMMON,
+    COMMON_OF,
+    EXTRA,
+    RANGES,
+    SEVERITIES,
+    BadParameter,
+    Filters,
+    Query,
+    Scope,
+)
 from sql.store import Store, render
 
 STORE = web.AppKey("store", Store)
+# Where the endpoints over calls read them: "rollup" (the rollups, plus the edges of the
+# range from `calls`) or "raw" (`calls` only: the same answer, slower; for comparison).
+SOURCE = web.AppKey("analytics_source", str)
+SOURCES = ("rollup", "raw")
+# The configured budgets: which budget alerts a virtual key may see.
+BUDGETS = web.AppKey("analytics_budgets", list[BudgetConfig])
 
 ROLLING = ("24h", "7d", "30d")  # the models endpoint's rolling windows
 
@@ -68,8 +90,16 @@ def parse(request: web.Request, endpoint: str) -> tuple[Query, Filters]:
     The scope (tenant, and team and user for a key bound to them) is not a query
     parameter: it comes from the caller's key; an admin key's scope is every tenant.
     """
-    query = Query(request.query, *EXTRA[endpoint])
+    query = Query(request.query, *EXTRA[endpoint], common=COMMON_OF.get(endpoint, COMMON))
     return query, query.filters(request[CALLER].scope)
+
+
+def shape(source: str = "rollup") -> dict[str, Any]:
+    """The structure every query over calls is rendered with (rollup_parts.sql): where
+    calls are read from, and the coarsest rollup (whole days from the daily rollups;
+    timeseries by hour asks for "hour"). Which rollups (by model, team or user) follows
+    from the query's filters and groups."""
+    return {"source": source, "unit": "day"}
 
 
 async def select(
@@ -82,22 +112,32 @@ async def select(
 ) -> list[dict[str, Any]]:
     """Run ``sql/queries/<name>.sql`` scoped by ``filters``.
 
-    ``structure`` goes to Jinja (identifiers, which clauses); ``values`` and the filters'
-    values are bound ClickHouse parameters.
+    ``structure`` goes to Jinja (identifiers, which clauses), over the defaults: the
+    range's name and :func:`shape` (the rollups); ``values`` and the filters' values are
+    bound ClickHouse parameters.
     """
-    sql = render(name, filters=filters.active(), **(structure or {}))
+    sql = render(
+        name,
+        filters=filters.active(),
+        **{"range_name": filters.range, **shape(), **(structure or {})},
+    )
     return await store.arows(sql, {**filters.parameters(), **(values or {})})
+
+
+def _source(request: web.Request) -> dict[str, Any]:
+    return {"source": request.app.get(SOURCE, "rollup")}
 
 
 async def models(request: web.Request) -> web.Response:
     _, filters = parse(request, "models")
     windows = {f"since_{w}": filters.until - RANGES[w] for w in ROLLING}
-    # One scan covers both the range and the rolling windows.
+    # The range from {range_since}, each window from its {since_*} ({since}: the earliest).
     scan = replace(filters, since=min(filters.since, *windows.values()))
     rows = await select(
         request.app[STORE],
         "analytics_models",
         scan,
+        structure=_source(request),
         values={"range_since": filters.since, **windows},
     )
     return json_response({"range": filters.range, "data": rows})
@@ -110,14 +150,16 @@ async def timeseries(request: web.Request) -> web.Response:
         request.app[STORE],
         "analytics_timeseries",
         filters,
-        structure={"granularity": granularity},
+        structure={"granularity": granularity, **_source(request)},
     )
     return json_response({"range": filters.range, "granularity": granularity, "data": rows})
 
 
 async def providers(request: web.Request) -> web.Response:
     _, filters = parse(request, "providers")
-    rows = await select(request.app[STORE], "analytics_providers", filters)
+    rows = await select(
+        request.app[STORE], "analytics_providers", filters, structure=_source(request)
+    )
     return json_response({"range": filters.range, "data": rows})
 
 
@@ -128,19 +170,47 @@ async def costs(request: web.Request) -> web.Response:
         request.app[STORE],
         "analytics_costs",
         filters,
-        structure={"group_by": group_by},
+        structure={"group_by": group_by, **_source(request)},
         values={"prop": prop} if prop is not None else None,
     )
     shown = group_by if prop is None else f"property:{prop}"
     return json_response({"range": filters.range, "group_by": shown, "data": rows})
 
 
+NANO = Decimal("0.000000001")
+
+
+def usage_totals(per_model: list[dict[str, Any]]) -> dict[str, Any]:
+    """The usage totals, added up from the per-model rows (what analytics_usage.sql
+    answers without by_model, one query fewer): counts and tokens summed; the cost of
+    the priced rows, unknown (None) when no row was priced, 0 when there are none."""
+    counts = (
+        "requests",
+        "errors",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "cached_input_tokens",
+        "reasoning_tokens",
+    )
+    totals: dict[str, Any] = {name: sum(row[name] for row in per_model) for name in counts}
+    costs = [row["cost"] for row in per_model if row["cost"] is not None]
+    totals["cost"] = sum(costs, Decimal(0)).quantize(NANO) if costs or not per_model else None
+    for name in ("unpriced_requests", "usage_missing_requests"):
+        totals[name] = sum(row[name] for row in per_model)
+    return totals
+
+
 async def usage(request: web.Request) -> web.Response:
     _, filters = parse(request, "usage")
-    store = request.app[STORE]
-    totals = await select(store, "analytics_usage", filters, structure={"by_model": False})
-    per_model = await select(store, "analytics_usage", filters, structure={"by_model": True})
-    return json_response({"range": filters.range, "totals": totals[0], "data": per_model})
+    per_model = await select(
+        request.app[STORE],
+        "analytics_usage",
+        filters,
+        structure={"by_model": True, **_source(request)},
+    )
+    totals = usage_totals(per_model)
+    return json_response({"range": filters.range, "totals": totals, "data": per_model})
 
 
 async def performance(request: web.Request) -> web.Response:
@@ -150,6 +220,7 @@ async def performance(request: web.Request) -> web.Response:
         request.app[STORE],
         "analytics_performance",
         filters,
+        structure=_source(request),
         values={"range_minutes": minutes},
     )
     return json_response({"range": filters.range, "data": rows[0]})
@@ -158,7 +229,59 @@ async def performance(request: web.Request) -> web.Response:
 async def users(request: web.Request) -> web.Response:
     query, filters = parse(request, "users")
     limit = query.limit()
-    rows = await select(request.app[STORE], "analytics_users", filters, values={"limit": limit})
+    rows = await select(
+        request.app[STORE],
+        "analytics_users",
+        filters,
+        structure=_source(request),
+        values={"limit": limit},
+    )
+    return json_response({"range": filters.range, "limit": limit, "data": rows})
+
+
+def visible_budgets(budgets: list[BudgetConfig], scope: Scope) -> list[str]:
+    """The names of the budgets a caller of ``scope`` may see (the dashboard's rule): an
+    admin every budget; a virtual key those confined to its tenant (a tenant budget on
+    it, or one whose ``tenant`` is it); a key bound to a team only that team's budgets,
+    a key bound to a user only that user's."""
+
+    def visible(budget: BudgetConfig) -> bool:
+        if scope.tenant is None:
+            return True
+        owner = budget.value if budget.scope == "tenant" else budget.tenant
+        if owner != scope.tenant:
+            return False
+        if scope.user is not None:
+            return budget.scope == "user" and budget.value == scope.user
+        if scope.team is not None:
+            return budget.scope == "team" and budget.value == scope.team
+        return True
+
+    return [b.name for b in budgets if visible(b)]
+
+
+async def alerts(request: web.Request) -> web.Response:
+    query, filters = parse(request, "alerts")
+    chosen = {
+        "alert_type": query.optional_choice("alert_type", ALERT_TYPES),
+        "state": query.optional_choice("state", ALERT_STATES),
+        "severity": query.optional_choice("severity", SEVERITIES),
+        "rule": query.text("rule"),
+    }
+    limit = query.limit()
+    scope = request[CALLER].scope
+    active = {name: value for name, value in chosen.items() if value is not None}
+    sql = render(
+        "analytics_alerts",
+        alert_filters=frozenset(active),
+        scoped=scope.tenant is not None,
+        tenant_spikes=scope.team is None and scope.user is None,
+    )
+    values: dict[str, Any] = {"since": filters.since, "limit": limit, **active}
+    if scope.tenant is not None:
+        values["tenant"] = scope.tenant
+        values["budgets"] = visible_budgets(request.app.get(BUDGETS, []), scope)
+    rows = await request.app[STORE].arows(sql, values)
     return json_response({"range": filters.range, "limit": limit, "data": rows})
 
 
@@ -221,6 +344,7 @@ ROUTES = {
     "usage": usage,
     "performance": performance,
     "users": users,
+    "alerts": alerts,
 }
 OPENAPI = web.AppKey("openapi_document", bytes)
 
@@ -230,14 +354,23 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 def add_routes(
-    app: web.Application, settings: Settings, *, sql_limits: sqlapi.SqlLimits | None = None
+    app: web.Application,
+    settings: Settings,
+    *,
+    sql_limits: sqlapi.SqlLimits | None = None,
+    source: str = "rollup",
 ) -> None:
     """Mount the API on an app that holds a STORE (set by a cleanup context appended
     before this call) and uses api_errors: the analytics endpoints, POST /api/v1/sql,
     GET /api/v1/openapi.json (open; everything else needs a key), and the cleanup
-    contexts they need (the keys, re-read as the key file changes; the SQL session)."""
+    contexts they need (the keys, re-read as the key file changes; the SQL session).
+    ``source="raw"`` answers from `calls` alone (tests and benchmarks compare the two)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
     limits = sql_limits or sqlapi.SqlLimits()
     app[sqlapi.SQL_LIMITS] = limits
+    app[SOURCE] = source
+    app[BUDGETS] = list(settings.budgets)
     app[OPENAPI] = orjson.dumps(openapi.document(limits))
     app.cleanup_ctx.append(api_auth(settings.admin_key_hashes, settings.key_file))
     app.cleanup_ctx.append(sqlapi.sql_runner(STORE, limits))

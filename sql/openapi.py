@@ -29,6 +29,11 @@ MONEY: Schema = {
 }
 # Unknown when every call summed was unpriced (never $0).
 COST = _nullable(MONEY)
+DECIMAL: Schema = {
+    "type": "string",
+    "pattern": r"^-?[0-9]+\.[0-9]{9}$",
+    "description": "exact: a decimal string with 9 places (USD for cost and spend)",
+}
 # A float that is null when there is nothing to average (no calls, no streamed calls).
 MAYBE_NUMBER = _nullable(NUMBER)
 
@@ -146,7 +151,29 @@ ROWS: dict[str, Schema] = {
             "cost_per_request": COST,
             "cost_per_1k_tokens": COST,
             "max_tokens_per_request": INT,
+            "budget_rejections": INT,
         }
+    ),
+    "alerts": _object(
+        {
+            "event_id": {"type": "string", "format": "uuid", "description": "the alert id"},
+            "first_seen": TIME,
+            "alert_type": {"type": "string", "enum": list(params.ALERT_TYPES)},
+            "state": {"type": "string", "enum": list(params.ALERT_STATES)},
+            "severity": {"type": "string", "enum": list(params.SEVERITIES)},
+            "rule": STRING,
+            "dimension": STRING,
+            "value": STRING,
+            "metric": STRING,
+            "observed": DECIMAL,
+            "baseline": _nullable(DECIMAL),
+            "threshold": _nullable(DECIMAL),
+            "window_start": TIME,
+            "window_end": TIME,
+            "message": STRING,
+        },
+        "one spike or budget alert; baseline: the learned baseline (spike) or the "
+        "budget's limit; threshold: the percentage of the limit crossed (budget)",
     ),
 }
 USAGE_TOTALS = _object(
@@ -164,6 +191,7 @@ USAGE_TOTALS = _object(
 ROWS["usage"] = _object({"model": STRING, "provider": STRING, **USAGE_TOTALS["properties"]})
 
 RANGE: Schema = {"type": "string", "enum": list(params.RANGES)}
+LIMIT: Schema = {"type": "integer", "minimum": params.LIMIT_MIN, "maximum": params.LIMIT_MAX}
 
 
 def _answer(endpoint: str) -> Schema:
@@ -179,10 +207,8 @@ def _answer(endpoint: str) -> Schema:
         "costs": {"group_by": STRING, "data": rows},
         "usage": {"totals": {"$ref": "#/components/schemas/usage_totals"}, "data": rows},
         "performance": {"data": {"$ref": f"#/components/schemas/{endpoint}_row"}},
-        "users": {
-            "limit": {"type": "integer", "minimum": params.LIMIT_MIN, "maximum": params.LIMIT_MAX},
-            "data": rows,
-        },
+        "users": {"limit": LIMIT, "data": rows},
+        "alerts": {"limit": LIMIT, "data": rows},
     }[endpoint]
     return _object({"range": RANGE, **extra})
 
@@ -224,13 +250,32 @@ PARAMETERS: dict[str, Schema] = {
         "description": "one of " + ", ".join(params.GROUP_BY) + ", or property:<name>",
     },
     "limit": {
-        "schema": {
-            "type": "integer",
-            "minimum": params.LIMIT_MIN,
-            "maximum": params.LIMIT_MAX,
-            "default": params.DEFAULT_LIMIT,
-        },
+        "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
         "description": "how many users, costliest first",
+    },
+    "alert_type": {
+        "schema": {"type": "string", "enum": ["", *params.ALERT_TYPES]},
+        "description": "spike or budget; absent or empty: both",
+    },
+    "state": {
+        "schema": {"type": "string", "enum": ["", *params.ALERT_STATES]},
+        "description": "firing or resolved; absent or empty: both",
+    },
+    "severity": {
+        "schema": {"type": "string", "enum": ["", *params.SEVERITIES]},
+        "description": "absent or empty: all",
+    },
+    "rule": {"schema": STRING, "description": "the spike rule's or budget's name, " + FILTER_TEXT},
+}
+# A parameter that means something else on one endpoint.
+PARAMETER_OF: dict[tuple[str, str], Schema] = {
+    ("alerts", "range"): {
+        "schema": {**RANGE, "default": params.DEFAULT_RANGE},
+        "description": "alerts first seen within the last 24 hours, 7, 30 or 90 days",
+    },
+    ("alerts", "limit"): {
+        "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
+        "description": "how many alerts, newest first",
     },
 }
 
@@ -242,6 +287,7 @@ SUMMARIES = {
     "usage": "Usage totals, and per model and provider",
     "performance": "Latency, time to first token and throughput over the range",
     "users": "Per user, costliest first",
+    "alerts": "Alert history (spike and budget), newest first",
 }
 
 
@@ -262,24 +308,30 @@ ERRORS: dict[str, Schema] = {
 
 
 def _analytics(endpoint: str) -> Schema:
-    names = (*params.COMMON, *params.EXTRA[endpoint])
+    responses: Schema = {
+        "200": {
+            "description": "the answer, scoped to the caller's key",
+            "content": {"application/json": {"schema": _answer(endpoint)}},
+        },
+        **ERRORS,
+    }
+    if endpoint != "alerts":  # alerts take no team or user filter
+        responses["403"] = _error("a filter outside the key's team or user")
     return {
         "get": {
             "operationId": f"analytics_{endpoint}",
             "summary": SUMMARIES[endpoint],
             "tags": ["analytics"],
             "parameters": [
-                {"name": name, "in": "query", "required": False, **PARAMETERS[name]}
-                for name in names
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    **PARAMETER_OF.get((endpoint, name), PARAMETERS[name]),
+                }
+                for name in params.parameters(endpoint)
             ],
-            "responses": {
-                "200": {
-                    "description": "the answer, scoped to the caller's key",
-                    "content": {"application/json": {"schema": _answer(endpoint)}},
-                },
-                **ERRORS,
-                "403": _error("a filter outside the key's team or user"),
-            },
+            "responses": responses,
         }
     }
 
@@ -428,8 +480,10 @@ def document(limits: sqlapi.SqlLimits | None = None) -> Schema:
             "title": "llmtap analytics API",
             "version": "1",
             "description": (
-                "Analytics over the `calls` table, and read-only SQL for admins. Every "
-                "operation but this document needs `Authorization: Bearer <key>`."
+                "Analytics over calls (from the rollups; counts and sums exact, "
+                "percentiles t-digest estimates) and alert history, and read-only SQL "
+                "for admins. Every operation but this document needs "
+                "`Authorization: Bearer <key>`."
             ),
         },
         "security": [{"bearer": []}],

@@ -13,11 +13,12 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 from multidict import MultiMapping
 
-from llmtap.events import utcnow
+from llmtap.events import Alert
+from llmtap.events import utcnow as utcnow  # re-exported: tests and bench pin the clock here
 
 RANGES = {
     "24h": timedelta(hours=24),
@@ -36,7 +37,12 @@ PROPERTY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 LIMIT_MIN, LIMIT_MAX, DEFAULT_LIMIT = 1, 1000, 100
 
-# Every endpoint takes these; an endpoint may take a few more (see Query).
+# The alerts endpoint's choices (llmtap.events.Alert).
+ALERT_TYPES: tuple[str, ...] = get_args(Alert.model_fields["alert_type"].annotation)
+ALERT_STATES: tuple[str, ...] = get_args(Alert.model_fields["state"].annotation)
+SEVERITIES: tuple[str, ...] = get_args(Alert.model_fields["severity"].annotation)
+
+# Every endpoint over calls takes these; an endpoint may take a few more (see Query).
 COMMON = ("range", "provider", "team", "feature", "env")
 # The few more, per endpoint (sql/analytics.py's routes, and the OpenAPI document).
 EXTRA: dict[str, tuple[str, ...]] = {
@@ -47,7 +53,17 @@ EXTRA: dict[str, tuple[str, ...]] = {
     "usage": ("model_id", "user_id"),
     "performance": ("model_id",),
     "users": ("limit",),
+    "alerts": ("alert_type", "state", "severity", "rule", "limit"),
 }
+# Alerts are not calls: of the common parameters they take the range only.
+COMMON_OF = {"alerts": ("range",)}
+
+
+def parameters(endpoint: str) -> tuple[str, ...]:
+    """Every query parameter ``endpoint`` takes, in the order they are documented."""
+    return (*COMMON_OF.get(endpoint, COMMON), *EXTRA[endpoint])
+
+
 # The optional equality filters, named as sql/queries/_filters.sql names them. All but
 # tenant are query parameters of the same name; tenant comes from the caller's key.
 FILTERS = ("tenant", "provider", "team", "feature", "env", "model_id", "user_id")
@@ -117,8 +133,10 @@ class Filters:
 class Query:
     """One request's query string, checked against the parameters its endpoint takes."""
 
-    def __init__(self, query: MultiMapping[str], *extra: str) -> None:
-        self.allowed = (*COMMON, *extra)
+    def __init__(
+        self, query: MultiMapping[str], *extra: str, common: tuple[str, ...] = COMMON
+    ) -> None:
+        self.allowed = (*common, *extra)
         for name in query:  # a repeated key comes once per value
             if name not in self.allowed:
                 raise BadParameter(
@@ -144,7 +162,10 @@ class Query:
         another value of it is a 403 (an :class:`OutOfScope`), never an empty answer.
         """
         range_ = self._choice("range", RANGES, DEFAULT_RANGE)
-        until = utcnow()
+        # Milliseconds, as ClickHouse keeps times: a bound is then the same in Python
+        # and in every query.
+        now = utcnow()
+        until = now.replace(microsecond=now.microsecond // 1000 * 1000)
         optional = {name: self._query.get(name) or None for name in FILTERS if name in self.allowed}
         for field, name in SCOPED.items():
             bound = getattr(scope, field) if scope is not None else None
@@ -157,6 +178,19 @@ class Query:
                 )
             optional[name] = bound
         return Filters(range=range_, since=until - RANGES[range_], until=until, **optional)
+
+    def optional_choice(self, name: str, choices: Collection[str]) -> str | None:
+        """One of ``choices``, or None when the parameter is absent or empty (all)."""
+        value = self._query.get(name) or None
+        if value is not None and value not in choices:
+            raise BadParameter(
+                name, f"invalid {name!r} {value!r}: expected one of {', '.join(choices)}"
+            )
+        return value
+
+    def text(self, name: str) -> str | None:
+        """A free-text exact-match filter; None when absent or empty (all)."""
+        return self._query.get(name) or None
 
     def granularity(self, range_: str) -> str:
         return self._choice("granularity", GRANULARITIES, DEFAULT_GRANULARITY[range_])

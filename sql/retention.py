@@ -29,6 +29,11 @@ def apply_retention(store: Store, *, raw_days: int, rollup_days: int) -> list[st
         "calls_hourly": ("bucket", rollup_days),
         "calls_daily": ("bucket", rollup_days),
         "windows": ("window_start", rollup_days),
+        # The analytics rollups (migration 0005).
+        "analytics_by_model_hourly": ("bucket", rollup_days),
+        "analytics_by_model_daily": ("bucket", rollup_days),
+        "analytics_by_team_daily": ("bucket", rollup_days),
+        "analytics_by_user_daily": ("bucket", rollup_days),
     }
     changed = []
     for table, (column, days) in wanted.items():

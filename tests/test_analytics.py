@@ -7,22 +7,37 @@ the clock pinned at NOW; every expected number is computed here from that datase
 from __future__ import annotations
 
 import hashlib
+import random
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import MultiDict
 
-from llmtap.config import Settings
-from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
+from ingress.guards.keys import create_key
+from llmtap.config import BudgetConfig, Settings
+from llmtap.events import (
+    Alert,
+    Attribution,
+    Cost,
+    CostedEvent,
+    ResponseEvent,
+    Status,
+    Usage,
+)
 from sinks.clickhouse.writer import Batch, write_batch
+from sinks.webhooks.records import store_batch
 from sql import analytics, params
+from sql.migrate import available, migrate
 from sql.params import Filters
 from sql.store import Store, render
 
@@ -56,6 +71,7 @@ class Call:
     ttft_ms: float | None = None
     properties: dict[str, str] = field(default_factory=dict)
     tenant: str = "acme"
+    usage_missing: bool = False  # then cost must be None: unknown, but not unpriced
 
     @property
     def ts_end(self) -> datetime:
@@ -84,8 +100,12 @@ class Call:
             model_served=self.model,
             stream=self.ttft_ms is not None,
             status=self.status,
-            http_status={"ok": 200, "upstream_error": 500, "rate_limited": 429}[self.status],
-            usage=Usage(input_tokens=self.input_tokens, output_tokens=self.output_tokens),
+            http_status=HTTP_STATUS[self.status],
+            usage=Usage(
+                input_tokens=self.input_tokens,
+                output_tokens=self.output_tokens,
+                usage_missing=self.usage_missing,
+            ),
             latency_ms=self.latency_ms,
             ttft_ms=self.ttft_ms,
             proxy_overhead_ms=0.2,
@@ -107,8 +127,21 @@ class Call:
                 total=cin + cout,
             )  # fmt: skip
         return CostedEvent(
-            event_id=uuid.uuid4(), response=response, cost=cost, unpriced=self.cost is None
+            event_id=uuid.uuid4(),
+            response=response,
+            cost=cost,
+            unpriced=self.cost is None and not self.usage_missing,
         )
+
+
+HTTP_STATUS = {
+    "ok": 200,
+    "upstream_error": 500,
+    "upstream_unreachable": 502,
+    "client_disconnected": 200,
+    "rate_limited": 429,
+    "budget_exceeded": 429,
+}
 
 
 GPT4O, MINI, CLAUDE, LLAMA = "gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "llama-3-70b"
@@ -164,12 +197,16 @@ def money(value: Decimal | None) -> str | None:
 
 
 def quantile(values: Iterable[float], level: float) -> float:
-    """Linear interpolation between closest ranks: ClickHouse's `quantile` on few values."""
+    """ClickHouse's t-digest estimate (quantileTDigest, what the rollups keep) on a few
+    values, each then a centroid of its own: the value whose rank is nearest
+    ``level * n``, without interpolation (test_tdigest_helper checks it against
+    ClickHouse)."""
     ordered = sorted(values)
-    position = level * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    x = level * len(ordered)
+    for i in range(len(ordered)):
+        if i + 0.5 >= x:
+            return ordered[max(i - 1, 0)] if x <= i else ordered[i]
+    return ordered[-1]
 
 
 def mean(values: Iterable[float]) -> float:
@@ -353,7 +390,7 @@ async def test_timeseries_24h_written_out(api: TestClient[Any, Any]) -> None:
     assert sorted(busy) == ["2026-03-15T07:00:00Z", "2026-03-15T10:00:00Z", "2026-03-15T12:00:00Z"]
     seven = busy["2026-03-15T07:00:00Z"]
     assert (seven["requests"], seven["cost"]) == (2, "0.002400000")
-    assert seven["p95_latency_ms"] == pytest.approx(295.0)  # 200 + 0.95 * (300 - 200)
+    assert seven["p95_latency_ms"] == pytest.approx(300.0)  # of 200 and 300 (t-digest)
     empty = rows[1]
     assert empty == {
         "bucket": "2026-03-14T13:00:00Z",
@@ -595,28 +632,530 @@ async def test_users_written_out_and_limited(api: TestClient[Any, Any]) -> None:
     assert carol["cost_per_1k_tokens"] is None  # no priced tokens: no ratio, no error
 
 
+# -- rollups: the same answer as the raw table, at every edge ---------------------------
+
+MS = timedelta(milliseconds=1)
+# Quantiles are t-digest estimates either way: compared as floats, like the averages.
+EDGE_NOWS = [
+    NOW + 250 * MS,  # mid-hour: every range starts mid-hour, mid-day
+    datetime(2026, 3, 15, 13, 0, tzinfo=UTC),  # on an hour: ranges start on hours
+    datetime(2026, 3, 16, 0, 0, tzinfo=UTC),  # on a day: ranges start on days
+]
+
+
+def _floor_hour(t: datetime) -> datetime:
+    return t.replace(minute=0, second=0, microsecond=0)
+
+
+def _floor_day(t: datetime) -> datetime:
+    return _floor_hour(t).replace(hour=0)
+
+
+def _ceil(t: datetime, floor: Callable[[datetime], datetime], step: timedelta) -> datetime:
+    return t if floor(t) == t else floor(t) + step
+
+
+def first_whole_hour(now: datetime, range_: str) -> datetime:
+    """Where the hourly rollup takes over in a range (the minutes before it come from
+    `calls`)."""
+    return _ceil(now - RANGE[range_], _floor_hour, H)
+
+
+def edge_calls(now: datetime, seed: int) -> list[Call]:
+    """Calls ending on, just before and just after every boundary a rollup read splits a
+    range at (its start, the first whole hour and day after it, the last hour and day
+    boundary before now), after now, and at random over 95 days; every dimension, status
+    and kind of cost (priced, unpriced, usage missing) mixed in."""
+    rng = random.Random(seed)
+    times = [now, now - MS, now + MS, now + 5 * timedelta(minutes=1)]
+    for span in RANGE.values():
+        since = now - span
+        for edge in (since, _ceil(since, _floor_hour, H), _ceil(since, _floor_day, D)):
+            times += [edge - MS, edge, edge + MS, edge + 30 * timedelta(minutes=1)]
+    for edge in (_floor_hour(now), _floor_day(now), _floor_hour(now) - H):
+        times += [edge - MS, edge, edge + MS]
+    times += [now - rng.random() * 95 * D for _ in range(300)]
+    models = [(GPT4O, "openai"), (MINI, "openai"), (CLAUDE, "anthropic"), (LLAMA, "groq")]
+    statuses: tuple[Status, ...] = ("ok", "upstream_error", "rate_limited", "budget_exceeded")
+    calls = []
+    for at in times:
+        model, provider = rng.choice(models)
+        status = rng.choices(statuses, weights=(8, 1, 1, 1))[0]
+        kind = rng.choice(["priced"] * 6 + ["unpriced", "usage_missing"])
+        answered = status == "ok" and kind != "usage_missing"
+        input_tokens = rng.randrange(1, 5000) if answered else 0
+        output_tokens = rng.randrange(1, 2000) if answered else 0
+        price = Decimal(rng.randrange(1, 10_000)) * NANO
+        calls.append(
+            Call(
+                NOW - at,
+                model,
+                provider,
+                user=rng.choice(["alice", "bob", "carol", "dave", ""]),
+                team=rng.choice(["search", "ads", ""]),
+                feature=rng.choice(["chat", "summarize"]),
+                env=rng.choice(["prod", "dev"]),
+                status=status,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cost=(
+                    (str(price * input_tokens), str(price * 4 * output_tokens))
+                    if kind == "priced"
+                    else None
+                ),
+                latency_ms=rng.uniform(5, 5000),
+                ttft_ms=rng.uniform(1, 500) if rng.random() < 0.5 else None,
+                properties=rng.choice([C1, C2, {}]),
+                tenant=rng.choice(["acme", "globex"]),
+                usage_missing=kind == "usage_missing",
+            )
+        )
+    return calls
+
+
+@dataclass
+class Both:
+    """The API answering from the rollups and from `calls` alone, over one store."""
+
+    rollup: TestClient[Any, Any]
+    raw: TestClient[Any, Any]
+    calls: list[Call]
+    now: datetime
+
+
+@pytest.fixture(params=EDGE_NOWS, ids=["mid-hour", "on-an-hour", "on-a-day"])
+async def both(
+    request: pytest.FixtureRequest,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> AsyncIterator[Both]:
+    now: datetime = request.param
+    monkeypatch.setattr(params, "utcnow", lambda: now)
+    calls = edge_calls(now, seed=EDGE_NOWS.index(now))
+    assert write_batch(store, Batch(events=[c.event() for c in calls])) == len(calls)
+    settings = Settings(
+        data_dir=tmp_path, admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()]
+    )
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    clients = []
+    for source in ("rollup", "raw"):
+        app = web.Application(middlewares=[analytics.api_errors])
+        app[analytics.STORE] = store
+        analytics.add_routes(app, settings, source=source)
+        clients.append(TestClient(TestServer(app, host="127.0.0.1"), headers=headers))
+    async with clients[0] as rollup, clients[1] as raw:
+        yield Both(rollup, raw, calls, now)
+
+
+def same(rollup: Any, raw: Any, where: str = "") -> None:
+    """Equal, but floats (averages, rates, t-digest quantiles) to 1e-9 relative: a sum
+    of floats depends on the order it is taken in. Counts, tokens and money (strings)
+    are exact."""
+    if isinstance(raw, dict):
+        assert isinstance(rollup, dict) and rollup.keys() == raw.keys(), where
+        for key in raw:
+            same(rollup[key], raw[key], f"{where}.{key}")
+    elif isinstance(raw, list):
+        assert isinstance(rollup, list) and len(rollup) == len(raw), where
+        for i, (a, b) in enumerate(zip(rollup, raw, strict=True)):
+            same(a, b, f"{where}[{i}]")
+    elif isinstance(raw, float):
+        assert rollup == pytest.approx(raw, rel=1e-9, abs=1e-9), where
+    else:
+        assert rollup == raw, where
+
+
+EDGE_QUERIES: list[tuple[str, dict[str, str]]] = [
+    ("models", {}),
+    ("timeseries", {}),
+    ("timeseries", {"granularity": "hour"}),
+    ("timeseries", {"granularity": "day"}),
+    ("providers", {}),
+    *[("costs", {"group_by": g}) for g in [*params.GROUP_BY, "property:customer"]],
+    ("usage", {}),
+    ("usage", {"user_id": "alice"}),
+    ("usage", {"model_id": GPT4O, "team": "search"}),
+    ("performance", {}),
+    ("performance", {"model_id": CLAUDE, "env": "dev"}),
+    ("users", {"limit": "1000"}),
+    ("users", {"provider": "openai", "feature": "chat"}),
+    ("models", {"team": "ads"}),
+    ("timeseries", {"env": "dev", "granularity": "hour"}),
+    ("costs", {"group_by": "user", "team": "search"}),
+    ("providers", {"feature": "summarize"}),
+]
+
+
+@pytest.mark.parametrize("range_", list(RANGE))
+async def test_rollups_answer_as_the_raw_table_at_every_edge(both: Both, range_: str) -> None:
+    for endpoint, query in EDGE_QUERIES:
+        rollup = await get(both.rollup, endpoint, range=range_, **query)
+        raw = await get(both.raw, endpoint, range=range_, **query)
+        same(rollup, raw, f"{endpoint} {query}")
+
+
+@pytest.mark.parametrize("range_", list(RANGE))
+async def test_rollup_counts_tokens_and_cost_are_the_calls(both: Both, range_: str) -> None:
+    """Counted here from the calls themselves, independently of any SQL."""
+    since = both.now - RANGE[range_]
+    calls = [c for c in both.calls if c.ts_end >= since]
+    assert any(c.ts_end == since for c in calls)  # the edge itself is in...
+    assert not any(c.ts_end == since - MS for c in calls)  # ...the millisecond before not
+    body = await get(both.rollup, "usage", range=range_)
+    by_model = groups(calls, lambda c: (c.model, c.provider))
+    assert body["totals"]["requests"] == len(calls)
+    assert body["totals"]["total_tokens"] == sum(c.tokens for c in calls)
+    assert body["totals"]["cost"] == money(cost_of(calls))
+    assert {(r["model"], r["provider"]): r["requests"] for r in body["data"]} == {
+        k: len(v) for k, v in by_model.items()
+    }
+    for row in body["data"]:
+        mine = by_model[row["model"], row["provider"]]
+        assert row["input_tokens"] == sum(c.input_tokens for c in mine)
+        assert row["output_tokens"] == sum(c.output_tokens for c in mine)
+        assert row["cost"] == money(cost_of(mine))
+        assert row["usage_missing_requests"] == sum(c.usage_missing for c in mine)
+    users = (await get(both.rollup, "users", range=range_, limit="1000"))["data"]
+    by_user = groups(calls, lambda c: c.user)
+    for row in users:
+        mine = by_user[row["user"]]
+        assert row["requests"] == len(mine)
+        assert row["budget_rejections"] == sum(c.status == "budget_exceeded" for c in mine)
+        assert row["max_tokens_per_request"] == max(c.tokens for c in mine)
+        assert row["days_active"] == len({c.ts_start.date() for c in mine})
+        first = min(c.ts_start for c in mine)  # stored to the millisecond
+        assert row["first_request"] == iso(
+            first.replace(microsecond=first.microsecond // 1000 * 1000)
+        )
+
+
+@pytest.mark.parametrize("range_", list(RANGE))
+async def test_usage_totals_are_the_totals_query(both: Both, store: Store, range_: str) -> None:
+    """The endpoint adds its totals up from the per-model rows: the same as
+    analytics_usage.sql's own totals (which the dashboard asks for)."""
+    for query in ({}, {"user_id": "alice"}, {"team": "ads", "provider": "groq"}):
+        body = await get(both.rollup, "usage", range=range_, **query)
+        asked = params.Query(MultiDict({"range": range_, **query}), *params.EXTRA["usage"])
+        [totals] = await analytics.select(
+            store, "analytics_usage", asked.filters(), structure={"by_model": False}
+        )
+        encoded = analytics.json_response(totals).body
+        assert isinstance(encoded, bytes)
+        assert body["totals"] == orjson.loads(encoded), query
+
+
+@pytest.mark.parametrize("range_", list(RANGE))
+async def test_whole_buckets_come_from_the_rollups(both: Both, store: Store, range_: str) -> None:
+    """With `calls` emptied, what is left is exactly the calls from the first whole hour
+    of the range on (the current hour and day included, and calls after now): the
+    rollups answer for them, the raw table only for the minutes before."""
+    store.command("TRUNCATE TABLE calls")
+    start = first_whole_hour(both.now, range_)
+    inside = [c for c in both.calls if c.ts_end >= start]
+    body = await get(both.rollup, "usage", range=range_)
+    assert body["totals"]["requests"] == len(inside)
+    assert body["totals"]["cost"] == money(cost_of(inside) if inside else Decimal(0))
+    assert (await get(both.raw, "usage", range=range_))["totals"]["requests"] == 0
+    # The rollups by team and by user are daily only: they take over at the first day.
+    day = _ceil(both.now - RANGE[range_], _floor_day, D)
+    body = await get(both.rollup, "usage", range=range_, team="search")
+    assert body["totals"]["requests"] == sum(
+        c.ts_end >= day and c.team == "search" for c in both.calls
+    )
+    users = (await get(both.rollup, "users", range=range_, limit="1000"))["data"]
+    assert sum(r["requests"] for r in users) == sum(c.ts_end >= day for c in both.calls)
+    # Hourly buckets of one team: no hourly rollup keeps teams, so `calls` only.
+    series = await get(both.rollup, "timeseries", range=range_, granularity="hour", team="ads")
+    assert sum(r["requests"] for r in series["data"]) == 0
+
+
+async def test_the_migration_backfills_calls_already_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0005 on a store that already holds calls: the rollups (and the projection) are
+    filled from them, and applying it again after an interruption counts each once."""
+    monkeypatch.setattr(params, "utcnow", lambda: NOW)
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    try:
+        for migration in available():
+            if migration.version < 5:
+                for statement in migration.statements:
+                    store.command(statement)
+        assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
+        assert 5 in migrate(store)
+        [analytics_rollups] = [m for m in available() if m.version == 5]
+        for _ in range(2):  # as migrated, then as if re-run after an interruption
+            for range_ in RANGE:
+                filters = Filters(range=range_, since=NOW - RANGE[range_], until=NOW)
+                queries: list[tuple[str, dict[str, Any]]] = [
+                    ("analytics_usage", {"by_model": True}),
+                    ("analytics_users", {}),
+                    ("analytics_costs", {"group_by": "team"}),
+                ]
+                for query, structure in queries:
+                    rollup, raw = [
+                        await analytics.select(
+                            store,
+                            query,
+                            filters,
+                            structure={**structure, "source": source},
+                            values={"limit": 1000},
+                        )
+                        for source in ("rollup", "raw")
+                    ]
+                    same(rollup, raw, f"{query} {range_}")
+            for statement in analytics_rollups.statements:
+                store.command(statement)
+    finally:
+        store.close()
+
+
+def test_tdigest_helper(store: Store) -> None:
+    """The test's quantile helper is ClickHouse's t-digest on a few values (which keeps
+    its centroids as 32-bit floats)."""
+    rng = random.Random(7)
+    for n in (1, 2, 3, 5, 10, 57):
+        values = [round(rng.uniform(1, 1000), 3) for _ in range(n)]
+        [row] = store.rows(
+            "SELECT quantilesTDigest(0.5, 0.95, 0.99)(x) AS q FROM "
+            "(SELECT arrayJoin({values:Array(Float64)}) AS x)",
+            {"values": values},
+        )
+        expected = [quantile(values, level) for level in (0.5, 0.95, 0.99)]
+        assert row["q"] == pytest.approx(expected, rel=1e-6), values
+
+
+# -- alerts -----------------------------------------------------------------------------
+
+
+def alert(
+    name: str,
+    age: timedelta,
+    *,
+    alert_type: Literal["spike", "budget"] = "spike",
+    dimension: str = "tenant",
+    value: str = "acme",
+    state: Literal["firing", "resolved"] = "firing",
+    severity: Literal["info", "warning", "critical"] = "warning",
+) -> Alert:
+    seen = NOW - age
+    return Alert(
+        event_id=uuid.uuid4(),
+        alert_type=alert_type,
+        state=state,
+        severity=severity,
+        rule=name,
+        dimension=dimension,
+        value=value,
+        metric="spend" if alert_type == "budget" else "cost",
+        observed=Decimal("12.5"),
+        baseline=Decimal("10") if alert_type == "budget" else None,
+        threshold=Decimal("80") if alert_type == "budget" else None,
+        window_start=seen - H,
+        window_end=seen,
+        first_seen=seen,
+        message=f"{name} on {dimension} {value}",
+    )
+
+
+ALERTS = [
+    alert("cost-spike", 1 * H),  # acme's tenant
+    alert("cost-spike", 2 * H, state="resolved", severity="info"),
+    alert("cost-spike", 3 * H, value="globex"),
+    alert("team-spike", 4 * H, dimension="team", value="search"),  # every tenant's "search"
+    alert("acme-monthly", 5 * H, alert_type="budget", value="acme", severity="critical"),
+    alert("acme-search", 6 * H, alert_type="budget", dimension="team", value="search"),
+    alert("alice-cap", 3 * D, alert_type="budget", dimension="user", value="alice"),
+    alert("globex-all", 10 * D, alert_type="budget", value="globex"),
+    alert("cost-spike", 100 * D),  # older than every range
+]
+BUDGETS = [
+    BudgetConfig(name="acme-monthly", scope="tenant", value="acme", limit_usd=Decimal(10)),
+    BudgetConfig(
+        name="acme-search", scope="team", value="search", tenant="acme", limit_usd=Decimal(10)
+    ),
+    BudgetConfig(
+        name="alice-cap", scope="user", value="alice", tenant="acme", limit_usd=Decimal(10)
+    ),
+    BudgetConfig(name="globex-all", scope="tenant", value="globex", limit_usd=Decimal(10)),
+]
+
+
+@dataclass
+class AlertsApi:
+    client: TestClient[Any, Any]
+    keys: dict[str, str]  # name -> secret; "admin" too
+
+    async def names(self, key: str, expect: int = 200, **query: str) -> Any:
+        headers = {"Authorization": f"Bearer {self.keys[key]}"}
+        async with self.client.get(
+            "/api/v1/analytics/alerts", params=query, headers=headers
+        ) as response:
+            body = await response.json()
+            assert response.status == expect, body
+        if expect != 200:
+            return body
+        return [(r["rule"], r["value"]) for r in body["data"]]
+
+
+@pytest.fixture
+async def alerts_api(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> AsyncIterator[AlertsApi]:
+    monkeypatch.setattr(params, "utcnow", lambda: NOW)
+    store_batch(store, ALERTS, [], [])
+    settings = Settings(
+        data_dir=tmp_path,
+        admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()],
+        budgets=BUDGETS,
+    )
+    keys = {"admin": ADMIN_KEY}
+    for name, tenant, team, user in [
+        ("acme", "acme", "", ""),
+        ("globex", "globex", "", ""),
+        ("acme_search", "acme", "search", ""),
+        ("acme_alice", "acme", "search", "alice"),
+    ]:
+        keys[name], _ = create_key(settings.key_file, tenant=tenant, team=team, user=user)
+    app = web.Application(middlewares=[analytics.api_errors])
+    app[analytics.STORE] = store
+    analytics.add_routes(app, settings)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield AlertsApi(client, keys)
+
+
+async def test_alerts_newest_first_with_every_field(alerts_api: AlertsApi) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with alerts_api.client.get(
+        "/api/v1/analytics/alerts", params={"range": "7d"}, headers=headers
+    ) as response:
+        body = await response.json()
+    assert (body["range"], body["limit"]) == ("7d", 100)
+    assert [r["event_id"] for r in body["data"]] == [str(a.event_id) for a in ALERTS[:7]]
+    first = body["data"][4]  # the budget alert
+    assert first == {
+        "event_id": str(ALERTS[4].event_id),
+        "first_seen": iso(NOW - 5 * H),
+        "alert_type": "budget",
+        "state": "firing",
+        "severity": "critical",
+        "rule": "acme-monthly",
+        "dimension": "tenant",
+        "value": "acme",
+        "metric": "spend",
+        "observed": "12.500000000",
+        "baseline": "10.000000000",
+        "threshold": "80.000000000",
+        "window_start": iso(NOW - 6 * H),
+        "window_end": iso(NOW - 5 * H),
+        "message": "acme-monthly on tenant acme",
+    }
+    assert body["data"][0]["baseline"] is None
+
+
+async def test_alerts_filters(alerts_api: AlertsApi) -> None:
+    api = alerts_api
+    assert len(await api.names("admin", range="90d")) == 8
+    assert len(await api.names("admin", range="24h")) == 6
+    assert await api.names("admin", range="90d", alert_type="budget") == [
+        ("acme-monthly", "acme"),
+        ("acme-search", "search"),
+        ("alice-cap", "alice"),
+        ("globex-all", "globex"),
+    ]
+    assert await api.names("admin", state="resolved") == [("cost-spike", "acme")]
+    assert await api.names("admin", severity="critical") == [("acme-monthly", "acme")]
+    assert await api.names("admin", rule="cost-spike", limit="2") == [
+        ("cost-spike", "acme"),
+        ("cost-spike", "acme"),
+    ]
+    assert await api.names("admin", alert_type="", state="", rule="") == await api.names("admin")
+    assert await api.names("admin", rule="cost-spike' OR 1=1 --") == []
+
+
+async def test_a_virtual_key_sees_its_own_alerts(alerts_api: AlertsApi) -> None:
+    """Its tenant's spikes (not spikes on a team, user, model... which count every
+    tenant's calls) and the budgets it may see; a key bound to a team or a user only
+    that team's or user's budgets."""
+    api = alerts_api
+    assert await api.names("acme", range="90d") == [
+        ("cost-spike", "acme"),
+        ("cost-spike", "acme"),
+        ("acme-monthly", "acme"),
+        ("acme-search", "search"),
+        ("alice-cap", "alice"),
+    ]
+    assert await api.names("globex", range="90d") == [
+        ("cost-spike", "globex"),
+        ("globex-all", "globex"),
+    ]
+    assert await api.names("acme_search", range="90d") == [("acme-search", "search")]
+    assert await api.names("acme_alice", range="90d") == [("alice-cap", "alice")]
+    assert await api.names("acme_alice", range="90d", alert_type="spike") == []
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ({"alert_type": "outage"}, "alert_type"),
+        ({"state": "open"}, "state"),
+        ({"severity": "high"}, "severity"),
+        ({"limit": "0"}, "limit"),
+        ({"provider": "openai"}, "provider"),  # alerts are not calls
+        ({"team": "search"}, "team"),
+    ],
+)
+async def test_alerts_bad_parameters(
+    alerts_api: AlertsApi, query: dict[str, str], param: str
+) -> None:
+    body = await alerts_api.names("acme", expect=400, **query)
+    assert body["error"]["param"] == param
+
+
 # -- tenant scope ---------------------------------------------------------------------
 
 
-def test_every_analytics_query_takes_the_shared_filters() -> None:
+CALL_QUERIES = [
+    "analytics_costs",
+    "analytics_models",
+    "analytics_performance",
+    "analytics_providers",
+    "analytics_timeseries",
+    "analytics_usage",
+    "analytics_users",
+]
+
+
+@pytest.mark.parametrize("source", analytics.SOURCES)
+@pytest.mark.parametrize("unit", ["hour", "day"])
+@pytest.mark.parametrize("group_by", [*params.GROUP_BY, "property"])
+def test_every_analytics_query_takes_the_shared_filters(
+    source: str, unit: str, group_by: str
+) -> None:
+    """Every branch that reads calls or a rollup (rollup_parts.sql: daily, hourly, raw
+    edges; several ranges for models) takes the filters, the tenant's first of all."""
     every = frozenset(params.FILTERS)
     queries = Path(params.__file__).parent / "queries"
     names = sorted(p.stem for p in queries.glob("analytics_*.sql"))
-    assert names == [
-        "analytics_costs",
-        "analytics_models",
-        "analytics_performance",
-        "analytics_providers",
-        "analytics_timeseries",
-        "analytics_usage",
-        "analytics_users",
-    ]
-    for name in names:
-        sql = render(name, filters=every, granularity="day", group_by="model", by_model=True)
+    assert names == sorted([*CALL_QUERIES, "analytics_alerts"])
+    for name in CALL_QUERIES:
+        structure = {
+            "granularity": unit,
+            "group_by": group_by,
+            "by_model": True,
+            "source": source,
+            "unit": unit,
+            "by_user": True,
+        }
+        sql = render(name, filters=every, **structure)
+        reads = re.findall(r"\bFROM (calls|analytics_\w+)", sql)
+        assert reads, name
+        if source == "raw" or (name == "analytics_costs" and group_by == "property"):
+            assert set(reads) == {"calls"}, name
         for condition in ("tenant = {tenant:String}", "provider = {provider:String}"):
-            assert condition in sql, name
-        assert "tenant" not in render(name, filters=frozenset(), granularity="day",
-                                      group_by="model", by_model=True)  # fmt: skip
+            assert sql.count(condition) == len(reads), (name, condition)
+        assert "tenant" not in render(name, filters=frozenset(), **structure)
 
 
 async def test_tenant_filter_scopes_a_query(api: TestClient[Any, Any], store: Store) -> None:

@@ -23,10 +23,11 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from ingress.guards.keys import create_key
 from llmtap.config import Settings
 from sinks.clickhouse.writer import Batch, write_batch
+from sinks.webhooks.records import store_batch
 from sql import analytics, openapi, params, sqlapi
 from sql.store import Store
 from tests.fake_provider import free_port
-from tests.test_analytics import Call
+from tests.test_analytics import NOW, Call, alert
 
 ADMIN_KEY = "admin-key-for-openapi-tests"
 H = timedelta(hours=1)
@@ -37,6 +38,10 @@ CALLS = [
          status="upstream_error", cost=("0", "0")),
     Call(10 * 24 * H, "llama-3-70b", "groq", "zed", "core", tenant="globex", cost=None),
 ]  # fmt: skip
+ALERTS = [
+    alert("cost-spike", 1 * H),
+    alert("acme-monthly", 2 * H, alert_type="budget", state="firing", severity="critical"),
+]
 
 
 # -- the document against the code ------------------------------------------------------
@@ -50,9 +55,11 @@ def test_every_endpoint_is_documented_with_its_parameters() -> None:
     for name in analytics.ROUTES:
         operation = doc["paths"][f"/api/v1/analytics/{name}"]["get"]
         documented = [p["name"] for p in operation["parameters"]]
-        assert documented == [*params.COMMON, *params.EXTRA[name]], name
+        assert documented == list(params.parameters(name)), name
         assert "tenant" not in documented
-        assert {"200", "400", "401", "403"} <= set(operation["responses"])
+        assert {"200", "400", "401"} <= set(operation["responses"])
+        # A 403 is a team or user filter outside the key's: alerts take neither.
+        assert ("403" in operation["responses"]) == (name != "alerts"), name
     assert set(doc["paths"]["/api/v1/sql"]["post"]["responses"]) >= {"200", "400", "401", "403"}
 
 
@@ -82,10 +89,12 @@ def test_enums_and_ranges_are_the_ones_checked() -> None:
 
 
 @pytest.fixture
-def served(store: Store, tmp_path: Path) -> Iterator[str]:
+def served(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The real app on the real store, served from a thread with its own event loop (the
-    schemathesis test is synchronous); yields the base URL."""
+    schemathesis test is synchronous), its clock at the data's NOW; yields the base URL."""
+    monkeypatch.setattr(params, "utcnow", lambda: NOW)
     assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
+    store_batch(store, ALERTS, [], [])
     settings_ = Settings(
         data_dir=tmp_path, admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()]
     )

@@ -98,13 +98,16 @@ def test_retention_follows_the_settings(store: Store) -> None:
         "calls_hourly",
         "calls_daily",
         "windows",
-    ]
+    ]  # the analytics rollups are made with 400 days already
     assert current_ttl_days(store, "calls") == 90
     assert current_ttl_days(store, "calls_daily") == 400
     assert current_ttl_days(store, "windows") == 400
     assert apply_retention(store, raw_days=90, rollup_days=400) == []  # nothing to change
     assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls"]
     assert current_ttl_days(store, "calls") == 30
+    changed = apply_retention(store, raw_days=30, rollup_days=200)
+    assert "analytics_by_user_daily" in changed and len(changed) == 7
+    assert current_ttl_days(store, "analytics_by_model_hourly") == 200
 
 
 async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(

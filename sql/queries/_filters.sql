@@ -1,7 +1,9 @@
-{#- The WHERE clause every analytics query shares (included by each of them), so each
-    filter is written once. `filters` names the filters that apply (structure); every
-    value is a bound parameter. An unset tenant means "all tenants". #}
-WHERE ts_end >= {since:DateTime64(3, 'UTC')}
+{#- The WHERE clause every analytics query shares (included by each of them, and by
+    each branch of rollup_parts), so each filter is written once. `filters` names the
+    filters that apply (structure); every value is a bound parameter. An unset tenant
+    means "all tenants". `when` is the time condition: calls that ended since {since}
+    unless the includer sets another (rollup_parts: a branch's buckets or edges). #}
+WHERE {{ when | default("ts_end >= {since:DateTime64(3, 'UTC')}") }}
 {% if 'tenant' in filters %}
   AND tenant = {tenant:String}
 {% endif %}

@@ -1,30 +1,36 @@
 -- Cost breakdown, one row per group. The group expression comes from this fixed list,
 -- picked by name; a property's name is a bound parameter (calls without that property
 -- form the group ''). Days are UTC, oldest first; other groups costliest first.
+-- From the rollups (rollup_parts.sql), but by property: no rollup keeps custom
+-- properties, so those come from `calls`. A cost is null when no call could be priced.
 {% set groups = {
     'model': 'model',
     'provider': 'provider',
-    'day': 'toDate(ts_end)',
+    'day': 'toDate(p.bucket)',
     'team': 'team',
     'user': 'user',
     'feature': 'feature',
-    'property': 'properties[{prop:String}]',
+    'property': 'property',
 } %}
 SELECT
     {{ groups[group_by] }} AS key,
-    count() AS requests,
-    countIf(unpriced) AS unpriced_requests,
-    sum(input_tokens) AS input_tokens,
-    sum(output_tokens) AS output_tokens,
+    sum(p.requests) AS requests,
+    sum(p.unpriced) AS unpriced_requests,
+    sum(p.input_tokens) AS input_tokens,
+    sum(p.output_tokens) AS output_tokens,
     input_tokens + output_tokens AS total_tokens,
-    sum(cost_input) AS cost_input,
-    sum(cost_cached_input) AS cost_cached_input,
-    sum(cost_cache_write) AS cost_cache_write,
-    sum(cost_output) AS cost_output,
-    sum(cost_reasoning) AS cost_reasoning,
-    sum(cost_total) AS cost
-FROM calls
-{% include "_filters" %}
+    if(sum(p.priced) = 0, NULL, sum(p.cost_input)) AS cost_input,
+    if(sum(p.priced) = 0, NULL, sum(p.cost_cached_input)) AS cost_cached_input,
+    if(sum(p.priced) = 0, NULL, sum(p.cost_cache_write)) AS cost_cache_write,
+    if(sum(p.priced) = 0, NULL, sum(p.cost_output)) AS cost_output,
+    if(sum(p.priced) = 0, NULL, sum(p.cost_reasoning)) AS cost_reasoning,
+    if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost
+{% with group = [group_by], property = group_by == 'property',
+        need = ['requests', 'unpriced', 'input_tokens', 'output_tokens', 'priced', 'cost',
+                'cost_input', 'cost_cached_input', 'cost_cache_write', 'cost_output',
+                'cost_reasoning'] %}
+FROM {% include "rollup_parts" %} AS p
+{% endwith %}
 GROUP BY key
 {% if group_by == 'day' %}
 ORDER BY key

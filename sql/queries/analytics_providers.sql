@@ -1,18 +1,21 @@
 -- Per provider: how many models it served, requests, tokens, cost, latency and rates.
+-- From the rollups (rollup_parts.sql); cost is null when no call could be priced.
 SELECT
     provider,
-    uniqExact(model) AS models,
-    count() AS requests,
-    countIf(status != 'ok') AS errors,
-    sum(input_tokens) AS input_tokens,
-    sum(output_tokens) AS output_tokens,
+    uniqExact(p.model) AS models,
+    sum(p.requests) AS requests,
+    sum(p.errors) AS errors,
+    sum(p.input_tokens) AS input_tokens,
+    sum(p.output_tokens) AS output_tokens,
     input_tokens + output_tokens AS total_tokens,
-    sum(cost_total) AS cost,
-    countIf(unpriced) AS unpriced_requests,
-    avg(latency_ms) AS avg_latency_ms,
-    countIf(status = 'ok') / requests AS success_rate,
+    if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost,
+    sum(p.unpriced) AS unpriced_requests,
+    sum(p.latency_ms_sum) / requests AS avg_latency_ms,
+    (requests - errors) / requests AS success_rate,
     errors / requests AS error_rate
-FROM calls
-{% include "_filters" %}
+{% with need = ['requests', 'errors', 'input_tokens', 'output_tokens', 'priced', 'cost',
+                'unpriced', 'latency_ms_sum'] %}
+FROM {% include "rollup_parts" %} AS p
+{% endwith %}
 GROUP BY provider
 ORDER BY cost DESC, requests DESC, provider

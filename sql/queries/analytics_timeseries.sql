@@ -1,7 +1,8 @@
 -- Time buckets for charts, one row per UTC hour or day of the range, oldest first. A
 -- bucket without calls is still there, filled with zeros (WITH FILL); the first and last
--- buckets are partial (the range starts and ends mid-bucket).
-{% set unit = {'hour': 'Hour', 'day': 'Day'}[granularity] %}
+-- buckets are partial (the range starts and ends mid-bucket). From the rollups
+-- (rollup_parts.sql; hourly ones only for hourly buckets); p95 is a t-digest estimate.
+{% set unit_name = {'hour': 'Hour', 'day': 'Day'}[granularity] %}
 SELECT
     bucket,
     requests,
@@ -15,20 +16,23 @@ SELECT
 FROM
 (
     SELECT
-        toStartOf{{ unit }}(ts_end) AS bucket,
-        count() AS requests,
-        countIf(status != 'ok') AS errors,
-        sum(input_tokens) AS input_tokens,
-        sum(output_tokens) AS output_tokens,
+        toStartOf{{ unit_name }}(p.bucket) AS bucket,
+        sum(p.requests) AS requests,
+        sum(p.errors) AS errors,
+        sum(p.input_tokens) AS input_tokens,
+        sum(p.output_tokens) AS output_tokens,
         input_tokens + output_tokens AS total_tokens,
-        sum(cost_total) AS cost,
-        quantile(0.95)(latency_ms) AS p95_latency_ms
-    FROM calls
-    {% include "_filters" %}
+        if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost,
+        quantilesTDigestMerge(0.5, 0.95, 0.99)(p.latency_ms_quantiles)[2] AS p95_latency_ms
+    {% with unit = 'hour' if granularity == 'hour' else unit,
+            need = ['requests', 'errors', 'input_tokens', 'output_tokens', 'priced', 'cost',
+                    'latency_ms_quantiles'] %}
+    FROM {% include "rollup_parts" %} AS p
+    {% endwith %}
     GROUP BY bucket
     ORDER BY bucket WITH FILL
-        FROM toStartOf{{ unit }}({since:DateTime64(3, 'UTC')})
-        TO toStartOf{{ unit }}({until:DateTime64(3, 'UTC')}) + INTERVAL 1 {{ unit | upper }}
-        STEP INTERVAL 1 {{ unit | upper }}
+        FROM toStartOf{{ unit_name }}({since:DateTime64(3, 'UTC')})
+        TO toStartOf{{ unit_name }}({until:DateTime64(3, 'UTC')}) + INTERVAL 1 {{ granularity | upper }}
+        STEP INTERVAL 1 {{ granularity | upper }}
 )
 ORDER BY bucket

@@ -1,32 +1,37 @@
--- Per user (the attribution's user; '' for calls without one), costliest first.
--- Activity is by request start: first and last request, distinct UTC days with one.
--- Cost per request and per 1K tokens divide by the priced calls only (the others have
--- no known cost); both are null when no call was priced.
-WITH cost_total IS NOT NULL AS priced
+-- Per user (the attribution's user; '' for calls without one), costliest first, from
+-- the rollups that keep the user (rollup_parts.sql). Activity is by request
+-- start: first and last request, distinct UTC days with one (exact: the rollups keep
+-- the set of days). Cost per request and per 1K tokens divide by the priced calls only
+-- (the others have no known cost); both are null when no call was priced. Budget
+-- rejections: calls refused because a hard-capped budget could not cover them.
 SELECT
     user,
-    count() AS requests,
-    countIf(status != 'ok') AS errors,
-    sum(input_tokens) AS input_tokens,
-    sum(output_tokens) AS output_tokens,
+    sum(p.requests) AS requests,
+    sum(p.errors) AS errors,
+    sum(p.input_tokens) AS input_tokens,
+    sum(p.output_tokens) AS output_tokens,
     input_tokens + output_tokens AS total_tokens,
-    sum(cost_total) AS cost,
-    countIf(unpriced) AS unpriced_requests,
-    avg(latency_ms) AS avg_latency_ms,
-    countIf(status = 'ok') / requests AS success_rate,
+    if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost,
+    sum(p.unpriced) AS unpriced_requests,
+    sum(p.budget_rejections) AS budget_rejections,
+    sum(p.latency_ms_sum) / requests AS avg_latency_ms,
+    (requests - errors) / requests AS success_rate,
     errors / requests AS error_rate,
-    uniqExact(model) AS unique_models,
-    arraySort(groupUniqArray(provider)) AS providers,
-    min(ts_start) AS first_request,
-    max(ts_start) AS last_request,
-    uniqExact(toDate(ts_start)) AS days_active,
+    uniqExact(p.model) AS unique_models,
+    arraySort(groupUniqArray(p.provider)) AS providers,
+    min(p.first_start) AS first_request,
+    max(p.last_start) AS last_request,
+    length(groupUniqArrayArray(p.start_days)) AS days_active,
     requests / days_active AS avg_requests_per_day,
-    cost / nullIf(countIf(priced), 0) AS cost_per_request,
-    cost * 1000 / nullIf(sumIf(calls.input_tokens + calls.output_tokens, priced), 0)
-        AS cost_per_1k_tokens,
-    max(calls.input_tokens + calls.output_tokens) AS max_tokens_per_request
-FROM calls
-{% include "_filters" %}
+    cost / nullIf(sum(p.priced), 0) AS cost_per_request,
+    cost * 1000 / nullIf(sum(p.priced_tokens), 0) AS cost_per_1k_tokens,
+    max(p.max_tokens) AS max_tokens_per_request
+{% with group = ['user'],
+        need = ['requests', 'errors', 'input_tokens', 'output_tokens', 'priced', 'cost',
+                'unpriced', 'budget_rejections', 'latency_ms_sum', 'first_start', 'last_start',
+                'start_days', 'priced_tokens', 'max_tokens'] %}
+FROM {% include "rollup_parts" %} AS p
+{% endwith %}
 GROUP BY user
 ORDER BY cost DESC, requests DESC, user
 LIMIT {limit:UInt16}

@@ -1,0 +1,116 @@
+"""Dashboard sessions: a browser cannot send ``Authorization: Bearer`` on navigation.
+
+A person logs in once with the same key the API takes (admin or virtual). The browser
+then holds only a random session token, in an HttpOnly, SameSite=Strict cookie; the key
+stays on the server, in memory, with the session. Every page view authenticates that
+key again through the API's own :class:`~sql.auth.ApiAuth`, so a key revoked in the key
+file ends its sessions within a second, exactly as it is refused by the API. Sessions
+live in this process's memory only: a restart logs everyone out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sql.auth import AUTH, ApiAuth, Caller, Unauthorized
+
+COOKIE = "llmtap_dashboard"
+COOKIE_PATH = "/dashboard"
+SESSION_TTL = timedelta(hours=12)  # from login; then the key is asked for again
+MAX_SESSIONS = 10_000  # past this, the oldest sessions are dropped first
+
+
+@dataclass(frozen=True)
+class Session:
+    secret: str  # the key, held here only: never sent back to the browser
+    expires: datetime
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Sessions:
+    """Open sessions by the SHA-256 of their token (the token itself is not kept)."""
+
+    def __init__(self, ttl: timedelta = SESSION_TTL, limit: int = MAX_SESSIONS) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._open: dict[str, Session] = {}  # insertion order: oldest first
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, secret: str, now: datetime) -> str:
+        """A new session for an authenticated key; returns its token (for the cookie)."""
+        self._expire(now)
+        while len(self._open) >= self.limit:
+            del self._open[next(iter(self._open))]
+        token = secrets.token_urlsafe(32)
+        self._open[_digest(token)] = Session(secret, now + self.ttl)
+        return token
+
+    def get(self, token: str, now: datetime) -> Session | None:
+        session = self._open.get(_digest(token)) if token else None
+        if session is None:
+            return None
+        if now >= session.expires:
+            self.close(token)
+            return None
+        return session
+
+    def close(self, token: str) -> None:
+        self._open.pop(_digest(token), None)
+
+    def _expire(self, now: datetime) -> None:
+        for digest in [d for d, s in self._open.items() if now >= s.expires]:
+            del self._open[digest]
+
+
+def authenticate(auth: ApiAuth, secret: str) -> Caller:
+    """The caller a key stands for, checked exactly as the API checks a bearer key
+    (raises :class:`~sql.auth.Unauthorized`)."""
+    if not secret:
+        raise Unauthorized
+    headers = CIMultiDictProxy(CIMultiDict({"Authorization": f"Bearer {secret}"}))
+    return auth.authenticate(headers)
+
+
+def caller_of(request: web.Request, sessions: Sessions, now: datetime) -> Caller | None:
+    """The caller of this request's session, or None (no, unknown, expired session, or a
+    key no longer valid: that session is closed)."""
+    token = request.cookies.get(COOKIE, "")
+    session = sessions.get(token, now)
+    if session is None:
+        return None
+    try:
+        return authenticate(request.app[AUTH], session.secret)
+    except Unauthorized:
+        sessions.close(token)
+        return None
+
+
+def set_cookie(
+    response: web.StreamResponse, request: web.Request, token: str, ttl: timedelta
+) -> None:
+    response.set_cookie(
+        COOKIE,
+        token,
+        path=COOKIE_PATH,
+        max_age=int(ttl.total_seconds()),
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,  # over plain HTTP on localhost a Secure cookie is not kept
+    )
+
+
+def clear_cookie(response: web.StreamResponse, request: web.Request) -> None:
+    response.del_cookie(
+        COOKIE, path=COOKIE_PATH, httponly=True, samesite="Strict", secure=request.secure
+    )

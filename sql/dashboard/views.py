@@ -1,0 +1,455 @@
+"""GET /dashboard: one server-rendered page over the analytics queries, for people.
+
+The numbers come from the same query files (sql/queries/analytics_*.sql, through
+:func:`sql.analytics.select`) and the same parameter rules (:class:`sql.params.Query`)
+as the analytics API, scoped by the caller's key exactly as the API scopes them; recent
+alerts from sql/queries/analytics_alerts.sql; budgets from the budgets topic
+(budgets.py). Charts are inline SVG drawn here (charts.py); the page loads one shipped
+stylesheet and no script, and names no other host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jinja2
+from aiohttp import web
+from yarl import URL
+
+from llmtap.config import Settings
+from llmtap.events import BudgetState, utcnow
+from sql.analytics import ROLLING, STORE, select
+from sql.auth import AUTH, Caller, Unauthorized
+from sql.dashboard import charts
+from sql.dashboard.budgets import BUDGET_BOOK, BudgetRow, budget_follower, budget_rows
+from sql.dashboard.charts import Chart, Point, Series
+from sql.dashboard.sessions import (
+    COOKIE,
+    Sessions,
+    authenticate,
+    caller_of,
+    clear_cookie,
+    set_cookie,
+)
+from sql.params import (
+    COMMON,
+    DEFAULT_GRANULARITY,
+    DEFAULT_RANGE,
+    RANGES,
+    BadParameter,
+    Filters,
+    Query,
+)
+from sql.store import Store, render
+
+PATH = "/dashboard"
+TOP = 10  # rows in each ranking
+ALERTS = 20  # recent alerts shown
+
+SESSIONS = web.AppKey("dashboard_sessions", Sessions)
+
+# No script, no inline style, nothing from another host; forms post only here.
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make form posts say Origin: null
+    "Cache-Control": "no-store",
+}
+STATIC = {"dashboard.css": "text/css", "favicon.svg": "image/svg+xml"}
+
+
+# -- what the page shows ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Totals:
+    requests: int
+    errors: int
+    cost: Decimal | None  # None: every call in the range was unpriced
+    unpriced: int
+    p95_latency_ms: Decimal | None
+
+    @property
+    def error_percent(self) -> Decimal | None:
+        if not self.requests:
+            return None
+        return (Decimal(self.errors) * 100 / self.requests).quantize(Decimal("0.1"))
+
+
+@dataclass(frozen=True)
+class AlertRow:
+    first_seen: datetime
+    alert_type: str
+    state: str
+    severity: str
+    rule: str
+    dimension: str
+    value: str
+    metric: str
+    observed: Decimal
+    message: str
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> AlertRow:
+        return cls(
+            first_seen=row["first_seen"],
+            alert_type=row["alert_type"],
+            state=row["state"],
+            severity=row["severity"],
+            rule=row["rule"],
+            dimension=row["dimension"],
+            value=row["value"],
+            metric=row["metric"],
+            observed=Decimal(row["observed"]),
+            message=row["message"],
+        )
+
+
+@dataclass(frozen=True)
+class Link:
+    label: str
+    href: str
+    current: bool
+
+
+@dataclass(frozen=True)
+class Page:
+    """Everything dashboard.html.j2 renders."""
+
+    range: str
+    granularity: str
+    totals: Totals
+    spend: Chart
+    traffic: Chart
+    latency: Chart
+    top_users: Chart
+    top_teams: Chart
+    top_features: Chart
+    budgets: list[BudgetRow]
+    budgets_configured: bool
+    alerts: list[AlertRow]
+
+
+def _decimal(value: Any) -> Decimal | None:
+    """A ClickHouse number as a Decimal: exact for decimals; floats (latencies) to 0.1."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return Decimal(f"{value:.1f}") if value == value else None  # NaN: no calls
+    return Decimal(value)
+
+
+def _named(value: str, none: str) -> str:
+    return value if value else none
+
+
+def _bucket_labels(buckets: Sequence[datetime], granularity: str) -> tuple[list[str], list[str]]:
+    """Axis labels (short) and tooltip labels (full, UTC) for time buckets."""
+    if granularity == "hour":
+        return (
+            [b.strftime("%H:%M") for b in buckets],
+            [b.strftime("%Y-%m-%d %H:00 UTC") for b in buckets],
+        )
+    return [b.strftime("%b %d") for b in buckets], [b.strftime("%Y-%m-%d") for b in buckets]
+
+
+def time_charts(rows: Sequence[Mapping[str, Any]], granularity: str) -> tuple[Chart, Chart]:
+    """Spend over time, and requests with errors over time, from analytics_timeseries."""
+    axis, full = _bucket_labels([r["bucket"] for r in rows], granularity)
+    spend = Series(
+        "spend", "spend", [Point(f, _decimal(r["cost"])) for f, r in zip(full, rows, strict=True)]
+    )
+    requests = Series(
+        "requests",
+        "requests",
+        [Point(f, Decimal(r["requests"])) for f, r in zip(full, rows, strict=True)],
+    )
+    errors = Series(
+        "errors",
+        "errors",
+        [Point(f, Decimal(r["errors"])) for f, r in zip(full, rows, strict=True)],
+    )
+    return (
+        charts.columns("spend", "Spend over time (USD)", axis, [spend], charts.usd),
+        charts.columns("traffic", "Requests and errors", axis, [requests, errors], charts.count),
+    )
+
+
+def latency_chart(rows: Sequence[Mapping[str, Any]]) -> Chart:
+    """p95 latency per model (and provider), slowest first, from analytics_models."""
+    points = [
+        Point(f"{r['model']} ({r['provider']})", _decimal(r["p95_latency_ms"]))
+        for r in rows
+        if r["requests"]
+    ]
+    points.sort(key=lambda p: (-(p.value or 0), p.label))
+    return charts.bars("latency", "p95 latency by model", points[:TOP], charts.millis, "latency")
+
+
+def cost_chart(name: str, title: str, rows: Sequence[Mapping[str, Any]], key: str) -> Chart:
+    """A ranking by cost (rows come costliest first); a group with no key is "(none)"."""
+    points = [Point(_named(str(r[key]), "(none)"), _decimal(r["cost"])) for r in rows[:TOP]]
+    return charts.bars(name, title, points, charts.usd, "spend")
+
+
+async def gather(
+    store: Store, filters: Filters, caller: Caller, budgets: Sequence[BudgetRow]
+) -> list[list[dict[str, Any]]]:
+    """Every query the page needs, in the order :func:`build` unpacks them (the embedded
+    store runs them one at a time; a ClickHouse server at once)."""
+    windows = {f"since_{w}": filters.until - RANGES[w] for w in ROLLING}
+    minutes = RANGES[filters.range].total_seconds() / 60
+    scope = caller.scope
+    alerts = render(  # as GET /analytics/alerts asks it, with no optional filter
+        "analytics_alerts",
+        alert_filters=frozenset(),
+        scoped=scope.tenant is not None,
+        tenant_spikes=scope.team is None and scope.user is None,
+    )
+    queries: list[Awaitable[list[dict[str, Any]]]] = [
+        select(store, "analytics_usage", filters, structure={"by_model": False}),
+        select(store, "analytics_performance", filters, values={"range_minutes": minutes}),
+        select(
+            store,
+            "analytics_timeseries",
+            filters,
+            structure={"granularity": DEFAULT_GRANULARITY[filters.range]},
+        ),
+        select(
+            store,
+            "analytics_models",  # as GET /analytics/models asks it: one scan, all windows
+            replace(filters, since=min(filters.since, *windows.values())),
+            values={"range_since": filters.since, **windows},
+        ),
+        select(store, "analytics_users", filters, values={"limit": TOP}),
+        select(store, "analytics_costs", filters, structure={"group_by": "team"}),
+        select(store, "analytics_costs", filters, structure={"group_by": "feature"}),
+        store.arows(
+            alerts,
+            {
+                "since": filters.since,
+                "budgets": [b.name for b in budgets],
+                "tenant": scope.tenant or "",
+                "limit": ALERTS,
+            },
+        ),
+    ]
+    return list(await asyncio.gather(*queries))
+
+
+async def build(
+    store: Store,
+    filters: Filters,
+    caller: Caller,
+    settings: Settings,
+    states: Mapping[str, BudgetState],
+) -> Page:
+    budgets = budget_rows(settings.budgets, states, caller.scope, filters.until)
+    usage, performance, series, models, users, teams, features, alerts = await gather(
+        store, filters, caller, budgets
+    )
+    granularity = DEFAULT_GRANULARITY[filters.range]
+    total = usage[0]
+    spend, traffic = time_charts(series, granularity)
+    return Page(
+        range=filters.range,
+        granularity=granularity,
+        totals=Totals(
+            requests=int(total["requests"]),
+            errors=int(total["errors"]),
+            cost=_decimal(total["cost"]),
+            unpriced=int(total["unpriced_requests"]),
+            p95_latency_ms=_decimal(performance[0]["p95_latency_ms"]),
+        ),
+        spend=spend,
+        traffic=traffic,
+        latency=latency_chart(models),
+        top_users=cost_chart("users", "Top users by cost", users, "user"),
+        top_teams=cost_chart("teams", "Top teams by cost", teams, "key"),
+        top_features=cost_chart("features", "Top features by cost", features, "key"),
+        budgets=budgets,
+        budgets_configured=bool(settings.budgets),
+        alerts=[AlertRow.of(r) for r in alerts],
+    )
+
+
+# -- rendering ------------------------------------------------------------------------
+
+
+def _utc(value: datetime | None) -> str:
+    return "—" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _percent(value: Decimal | None) -> str:
+    return "—" if value is None else f"{value}%"
+
+
+@cache
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("sql.dashboard", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        usd=charts.usd, count=charts.count, millis=charts.millis, utc=_utc, percent=_percent
+    )
+    return env
+
+
+def html(template: str, status: int = 200, **context: Any) -> web.Response:
+    body = _templates().get_template(template).render(path=PATH, **context)
+    return web.Response(
+        text=body, status=status, content_type="text/html", charset="utf-8", headers=HEADERS
+    )
+
+
+def range_links(query: Mapping[str, str], current: str) -> list[Link]:
+    """A link per range, keeping the page's other parameters (filters)."""
+    kept = {k: v for k, v in query.items() if k != "range" and k in COMMON}
+    return [
+        Link(name, str(URL(PATH).with_query({**kept, "range": name})), name == current)
+        for name in RANGES
+    ]
+
+
+def describe(caller: Caller) -> str:
+    if caller.key is None:
+        return "admin key · all tenants"
+    scope = caller.scope
+    parts = [f"tenant {scope.tenant or '(none)'}"]
+    if scope.team:
+        parts.append(f"team {scope.team}")
+    if scope.user:
+        parts.append(f"user {scope.user}")
+    return " · ".join([*parts, f"key {caller.key.id}"])
+
+
+def login_page(range_: str, message: str = "", status: int = 200) -> web.Response:
+    return html("login.html.j2", status=status, range=range_, message=message)
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A form post from this site: no Origin (not a browser) or this host's."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    return URL(origin).authority == request.host if origin != "null" else False
+
+
+def _range_of(value: object) -> str:
+    return value if isinstance(value, str) and value in RANGES else DEFAULT_RANGE
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
+class Views:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def page(self, request: web.Request) -> web.Response:
+        caller = caller_of(request, request.app[SESSIONS], utcnow())
+        if caller is None:
+            return login_page(_range_of(request.query.get("range")))
+        who = describe(caller)
+        try:
+            filters = Query(request.query).filters(caller.scope)
+        except BadParameter as exc:
+            return html(
+                "dashboard.html.j2",
+                status=exc.status,
+                who=who,
+                error=exc.message,
+                ranges=range_links({}, ""),
+                page=None,
+                shown_filters=[],
+                generated_at=utcnow(),
+            )
+        page = await build(
+            request.app[STORE],
+            filters,
+            caller,
+            self.settings,
+            request.app[BUDGET_BOOK].states,
+        )
+        shown = [(k, v) for k, v in request.query.items() if k != "range" and v]
+        return html(
+            "dashboard.html.j2",
+            who=who,
+            error="",
+            ranges=range_links(request.query, filters.range),
+            page=page,
+            shown_filters=shown,
+            generated_at=filters.until,
+        )
+
+    async def login(self, request: web.Request) -> web.Response:
+        if not _same_origin(request):
+            return login_page(DEFAULT_RANGE, "Log in from this site's own form.", 403)
+        form = await request.post()
+        range_ = _range_of(form.get("range"))
+        secret = form.get("key")
+        secret = secret.strip() if isinstance(secret, str) else ""
+        try:
+            authenticate(request.app[AUTH], secret)
+        except Unauthorized:
+            return login_page(
+                range_, "Unknown or revoked key: use an admin key or a virtual key.", 401
+            )
+        token = request.app[SESSIONS].open(secret, utcnow())
+        response = web.Response(
+            status=303, headers={**HEADERS, "Location": str(URL(PATH).with_query(range=range_))}
+        )
+        set_cookie(response, request, token, request.app[SESSIONS].ttl)
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        if not _same_origin(request):
+            return login_page(DEFAULT_RANGE, "Log out from this site's own page.", 403)
+        request.app[SESSIONS].close(request.cookies.get(COOKIE, ""))
+        response = web.Response(status=303, headers={**HEADERS, "Location": PATH})
+        clear_cookie(response, request)
+        return response
+
+
+@cache
+def _static(name: str) -> bytes:
+    return resources.files("sql.dashboard").joinpath("static", name).read_bytes()
+
+
+async def static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in STATIC:
+        raise web.HTTPNotFound()
+    return web.Response(
+        body=_static(name),
+        content_type=STATIC[name],
+        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def add_routes(app: web.Application, settings: Settings) -> None:
+    """Mount the dashboard on an app that already has the analytics API
+    (:func:`sql.analytics.add_routes`: its STORE and key auth): GET /dashboard, POST
+    /dashboard/login and /dashboard/logout, GET /dashboard/static/<file>, and the
+    cleanup context that follows the budgets topic."""
+    views = Views(settings)
+    app[SESSIONS] = Sessions()
+    app.cleanup_ctx.append(budget_follower(settings))
+    app.router.add_get(PATH, views.page)
+    app.router.add_post(f"{PATH}/login", views.login)
+    app.router.add_post(f"{PATH}/logout", views.logout)
+    app.router.add_get(f"{PATH}/static/{{name}}", static)

@@ -1,0 +1,701 @@
+"""The dashboard (GET /dashboard) on a real store (chDB), a real broker (Tansu) for the
+budget states, the real aiohttp app on a real port, and Debian's headless Chromium.
+
+The browser test logs in through the page's own form, loads the page, fails on any
+console error, uncaught exception or failed load, checks that every chart has data
+points and that budgets and alerts are listed, and saves a screenshot (its path is
+printed). The other tests read the same pages over HTTP: sessions, scope, errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from ingress.guards.keys import create_key, revoke_key
+from llmtap.config import BudgetConfig, Settings
+from llmtap.events import Alert, BudgetState, Status
+from sinks.budget_seed import publish_states
+from sinks.clickhouse.writer import Batch, write_batch
+from sinks.webhooks.records import store_batch
+from sql import analytics, auth, dashboard, params
+from sql.dashboard import charts
+from sql.dashboard.budgets import BUDGET_BOOK, budget_rows
+from sql.dashboard.charts import Point, Series
+from sql.dashboard.sessions import COOKIE, Sessions
+from sql.params import Scope
+from sql.store import Store
+from stream.budgets import fresh, period_bounds, status_of, threshold_alert
+from tests import browser
+from tests.conftest import Broker
+from tests.test_analytics import NOW, Call
+
+ADMIN_KEY = "admin-key-for-dashboard-tests"
+H, D, M = timedelta(hours=1), timedelta(days=1), timedelta(minutes=1)
+CHARTS = ("spend", "traffic", "latency", "users", "teams", "features")
+
+# (model, provider, USD per input token, per output token; None: unpriced), base latency
+MODELS = [
+    ("gpt-4o", "openai", ("0.0000025", "0.00001"), 420.0),
+    ("gpt-4o-mini", "openai", ("0.00000015", "0.0000006"), 180.0),
+    ("claude-3-5-sonnet", "anthropic", ("0.000003", "0.000015"), 650.0),
+    ("llama-3-70b", "groq", None, 90.0),
+]
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
+TEAMS = ("search", "ads", "support")
+FEATURES = ("chat", "summarize", "classify", "autocomplete")
+
+
+def dataset() -> list[Call]:
+    """A month of varied traffic, denser over the last day: every chart has something."""
+    calls = []
+    ages = [i * 3 * H + (i % 5) * 17 * M for i in range(240)]  # 30 days, every ~3h
+    ages += [j * 29 * M + 3 * M for j in range(48)]  # the last day, every ~half hour
+    for i, age in enumerate(ages):
+        model, provider, rates, latency = MODELS[(i * 7 + i // 3) % len(MODELS)]
+        status: Status = "upstream_error" if i % 9 == 4 else "rate_limited" if i % 13 == 6 else "ok"
+        tokens_in, tokens_out = (
+            (0, 0) if status != "ok" else (80 + (i * 37) % 900, 15 + (i * 13) % 320)
+        )
+        if rates is None:
+            cost = None
+        else:
+            cost = (f"{tokens_in * Decimal(rates[0]):f}", f"{tokens_out * Decimal(rates[1]):f}")
+        calls.append(
+            Call(
+                age,
+                model,
+                provider,
+                USERS[(i * 5) % len(USERS)],
+                TEAMS[i % len(TEAMS)],
+                feature=FEATURES[(i * 3 + i // 4) % len(FEATURES)],
+                status=status,
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+                cost=cost,
+                latency_ms=latency + (i * 53) % 400,
+                tenant="globex" if i % 4 == 3 else "acme",
+            )
+        )
+    return calls
+
+
+CALLS = dataset()
+
+
+def budgets(prefix: str) -> list[BudgetConfig]:
+    return [
+        BudgetConfig(name=f"{prefix}-acme", scope="tenant", value="acme", limit_usd=Decimal(5)),
+        BudgetConfig(
+            name=f"{prefix}-search",
+            scope="team",
+            value="search",
+            tenant="acme",
+            period="day",
+            limit_usd=Decimal("0.025"),  # past 80% (a warning)
+        ),
+        BudgetConfig(
+            name=f"{prefix}-summarize",
+            scope="feature",
+            value="summarize",
+            tenant="acme",
+            period="week",
+            limit_usd=Decimal("0.5"),
+            hard_cap=False,
+        ),
+        BudgetConfig(  # overspent (exhausted): remaining is negative
+            name=f"{prefix}-globex", scope="tenant", value="globex", limit_usd=Decimal("0.08")
+        ),
+    ]
+
+
+def spent(budget: BudgetConfig, calls: Iterable[Call]) -> Decimal:
+    """What a budget's period (containing NOW) spent: the calls that count against it."""
+    start, _ = period_bounds(budget.period, NOW)
+    column = {"tenant": "tenant", "team": "team", "feature": "feature", "user": "user"}
+    return sum(
+        (
+            c.total
+            for c in calls
+            if c.total is not None
+            and c.ts_end >= start
+            and getattr(c, column[budget.scope]) == budget.value
+            and (not budget.tenant or c.tenant == budget.tenant)
+        ),
+        Decimal(0),
+    )
+
+
+def published_state(budget: BudgetConfig) -> BudgetState:
+    """The state the stream would publish for ``budget`` after counting CALLS."""
+    total = spent(budget, CALLS)
+    crossed = tuple(t for t in budget.thresholds if total * 100 >= budget.limit_usd * t)
+    return fresh(budget, NOW, NOW).model_copy(
+        update={
+            "spent_usd": total,
+            "crossed": crossed,
+            "status": status_of(total, budget.limit_usd, crossed),
+            "last_event_at": NOW - 3 * M,
+        }
+    )
+
+
+def spike(
+    dimension: str,
+    value: str,
+    age: timedelta,
+    severity: Literal["info", "warning", "critical"] = "warning",
+) -> Alert:
+    return Alert(
+        event_id=uuid.uuid4(),
+        alert_type="spike",
+        state="firing",
+        severity=severity,
+        rule=f"{dimension}-cost",
+        dimension=dimension,
+        value=value,
+        metric="cost",
+        observed=Decimal("1.25"),
+        baseline=Decimal("0.2"),
+        window_start=NOW - age - M,
+        window_end=NOW - age,
+        first_seen=NOW - age,
+        message=f"cost of {dimension} {value!r} spiked: $1.25 in a minute against $0.20",
+    )
+
+
+@dataclass
+class Dash:
+    client: TestClient[Any, Any]
+    app: web.Application
+    settings: Settings
+    keys: dict[str, str]  # name -> secret
+    key_ids: dict[str, str]
+    budgets: list[BudgetConfig]
+
+    @property
+    def url(self) -> str:
+        return str(self.client.make_url("/dashboard"))
+
+    async def login(self, key: str) -> None:
+        async with self.client.post(
+            "/dashboard/login", data={"key": key, "range": "30d"}, allow_redirects=False
+        ) as response:
+            assert response.status == 303, await response.text()
+
+    async def page(self, expect: int = 200, **query: str) -> str:
+        async with self.client.get("/dashboard", params=query) as response:
+            body = await response.text()
+            assert response.status == expect, body
+            assert response.content_type == "text/html"
+            return body
+
+
+def make_keys(settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
+    owners = {  # name: (tenant, team, user)
+        "acme": ("acme", "", ""),
+        "globex": ("globex", "", ""),
+        "acme_search": ("acme", "search", ""),
+        "acme_alice": ("acme", "search", "alice"),
+    }
+    keys, ids = {}, {}
+    for name, (tenant, team, user) in owners.items():
+        keys[name], record = create_key(settings.key_file, tenant=tenant, team=team, user=user)
+        ids[name] = record.id
+    keys["admin"] = ADMIN_KEY
+    return keys, ids
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    broker: Broker | None,
+    calls: list[Call],
+    alerts: list[Alert] | None = None,
+) -> AsyncIterator[Dash]:
+    """The API and the dashboard composed as sinks/app.py composes them, over ``calls``,
+    with budget states published on ``broker`` (no budgets without one)."""
+    monkeypatch.setattr(params, "utcnow", lambda: NOW)
+    monkeypatch.setattr(auth, "KEY_RELOAD_S", 0.1)
+    if calls:
+        assert write_batch(store, Batch(events=[c.event() for c in calls])) == len(calls)
+    configured = budgets(f"dash-{uuid.uuid4().hex[:8]}") if broker is not None else []
+    settings = Settings(
+        data_dir=tmp_path,
+        admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()],
+        kafka_bootstrap=broker.bootstrap if broker is not None else "127.0.0.1:9",
+        budgets=configured,
+    )
+    keys, ids = make_keys(settings)
+    if broker is not None:
+        states = [published_state(b) for b in configured]
+        await publish_states(broker.bootstrap, states)
+        search = next(s for s in states if s.budget.endswith("-search"))
+        alerts = [*(alerts or []), threshold_alert(configured[1], search, 80, NOW - 2 * H)]
+    if alerts:
+        store_batch(store, alerts, [], [])
+    app = web.Application(middlewares=[analytics.api_errors])
+    app[analytics.STORE] = store
+    analytics.add_routes(app, settings)
+    dashboard.add_routes(app, settings)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        if configured:  # the dashboard has followed the topic to every budget's state
+            async with asyncio.timeout(30):
+                while set(app[BUDGET_BOOK].states) < {b.name for b in configured}:
+                    await asyncio.sleep(0.05)
+        yield Dash(client, app, settings, keys, ids, configured)
+
+
+ALERTS = [
+    spike("tenant", "acme", 50 * M),
+    spike("team", "search", 3 * H, severity="critical"),  # no tenant: admins only
+    spike("tenant", "globex", 2 * D),
+    spike("tenant", "acme", 40 * D),  # older than every range but 90d
+]
+
+
+@pytest.fixture
+async def dash(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: Broker
+) -> AsyncIterator[Dash]:
+    async with serve(
+        store, tmp_path, monkeypatch, broker=broker, calls=CALLS, alerts=ALERTS
+    ) as served:
+        yield served
+
+
+EXTERNAL = re.compile(r"(?:https?:)?//(?!127\.0\.0\.1[:/]|localhost[:/])[A-Za-z0-9.-]+")
+
+
+def external_urls(text: str) -> list[str]:
+    """Every URL in ``text`` to a host other than this machine."""
+    return EXTERNAL.findall(text)
+
+
+# -- the browser ------------------------------------------------------------------------
+
+COLLECT = """(() => ({
+  title: document.title,
+  charts: Object.fromEntries([...document.querySelectorAll('svg.chart')]
+    .map(s => [s.dataset.chart, Number(s.dataset.points)])),
+  bars: [...document.querySelectorAll('svg.chart rect.bar')].length,
+  empty: [...document.querySelectorAll('.empty')].map(e => e.textContent.trim()),
+  budgets: [...document.querySelectorAll('#budgets tr.budget')].map(r => r.innerText),
+  alerts: [...document.querySelectorAll('#alerts tr.alert')].map(r => r.innerText),
+  error: document.querySelector('.error') ? document.querySelector('.error').innerText : '',
+  over: document.querySelectorAll('#budgets td.over').length,
+  cookie: document.cookie,
+  html: document.documentElement.outerHTML,
+  stylesheets: [...document.styleSheets].map(s => s.cssRules.length),
+}))()"""
+
+
+async def test_the_dashboard_in_a_real_browser(
+    dash: Dash, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        browser.chromium_path()
+    except browser.BrowserError as exc:
+        pytest.fail(str(exc))
+    async with browser.chromium(tmp_path / "chromium") as page:
+        await page.navigate(dash.url)
+        assert await page.evaluate("!!document.querySelector('form input[name=key]')")
+
+        key = ADMIN_KEY.replace("\\", "\\\\").replace("'", "\\'")
+        await page.submit(
+            f"document.querySelector('input[name=key]').value = '{key}';"
+            "document.querySelector('form').submit()"
+        )
+        seen = await page.evaluate(COLLECT)
+        shot = await page.screenshot(tmp_path / "dashboard-30d.png")
+        with capsys.disabled():
+            print(f"\ndashboard screenshot: {shot}")
+
+        assert seen["title"] == "llmtap · dashboard · 30d"
+        assert seen["error"] == ""
+        assert seen["cookie"] == ""  # the session cookie is HttpOnly: no script can read it
+        assert seen["stylesheets"] and seen["stylesheets"][0] > 10  # the shipped CSS loaded
+        assert set(seen["charts"]) == set(CHARTS), seen["charts"]
+        assert all(points > 0 for points in seen["charts"].values()), seen["charts"]
+        assert seen["bars"] >= sum(seen["charts"].values())
+        assert seen["empty"] == []
+        assert len(seen["budgets"]) == len(dash.budgets)
+        for budget, row in zip(dash.budgets, seen["budgets"], strict=True):
+            assert budget.name in row
+            assert charts.usd(budget.limit_usd - spent(budget, CALLS)) in row, row
+            assert published_state(budget).status in row, row
+        statuses = {published_state(b).status for b in dash.budgets}
+        assert statuses == {"ok", "warning", "exhausted"}  # the dataset shows all three
+        assert seen["over"] == 1  # the exhausted budget's negative remaining stands out
+        assert len(seen["alerts"]) == 4  # three spikes and a budget alert in 30 days
+        assert any("passed 80%" in row for row in seen["alerts"])
+        assert external_urls(seen["html"]) == []
+        assert ADMIN_KEY not in seen["html"]
+
+        # The range selector: the 24h link, followed as a person would.
+        await page.submit("document.querySelector('nav.ranges a[href$=\"range=24h\"]').click()")
+        day = await page.evaluate(COLLECT)
+        assert day["title"] == "llmtap · dashboard · 24h"
+        assert set(day["charts"]) == set(CHARTS)
+        assert all(points > 0 for points in day["charts"].values()), day["charts"]
+        assert day["charts"]["spend"] <= 25  # hourly buckets
+        await page.screenshot(tmp_path / "dashboard-24h.png")
+
+        # Logging out ends the session: the page asks for a key again.
+        await page.submit("document.querySelector('form[action$=\"/logout\"] button').click()")
+        assert await page.evaluate("!!document.querySelector('form input[name=key]')")
+        await page.navigate(dash.url)
+        assert await page.evaluate("!!document.querySelector('form input[name=key]')")
+        assert await page.evaluate("document.querySelectorAll('svg.chart').length") == 0
+
+    assert page.problems == [], page.problems
+
+
+# -- sessions -----------------------------------------------------------------------------
+
+
+async def test_without_a_session_the_page_is_a_login_form(dash: Dash) -> None:
+    body = await dash.page()
+    assert 'name="key"' in body and 'type="password"' in body
+    assert "<svg" not in body and "Budgets" not in body
+    async with dash.client.get("/dashboard", cookies={COOKIE: "forged-token"}) as response:
+        assert 'name="key"' in await response.text()
+
+
+@pytest.mark.parametrize("key", ["", "not-a-key", "ltk_" + "x" * 43])
+async def test_a_bad_key_is_refused_with_401(dash: Dash, key: str) -> None:
+    async with dash.client.post(
+        "/dashboard/login", data={"key": key}, allow_redirects=False
+    ) as response:
+        assert response.status == 401
+        assert "Unknown or revoked key" in await response.text()
+        assert COOKIE not in response.cookies
+    assert 'name="key"' in await dash.page()
+
+
+async def test_the_session_cookie_holds_a_token_not_the_key(dash: Dash) -> None:
+    async with dash.client.post(
+        "/dashboard/login", data={"key": dash.keys["acme"], "range": "7d"}, allow_redirects=False
+    ) as response:
+        assert response.status == 303
+        assert response.headers["Location"] == "/dashboard?range=7d"
+        cookie = response.cookies[COOKIE]
+        header = response.headers["Set-Cookie"]
+    assert cookie.value and dash.keys["acme"] not in header
+    assert cookie["httponly"] is True
+    assert cookie["samesite"] == "Strict"
+    assert cookie["path"] == "/dashboard"
+    body = await dash.page(range="7d")
+    assert "tenant acme" in body and dash.keys["acme"] not in body
+
+
+async def test_a_login_posted_from_another_site_is_refused(dash: Dash) -> None:
+    async with dash.client.post(
+        "/dashboard/login",
+        data={"key": ADMIN_KEY},
+        headers={"Origin": "http://evil.example"},
+        allow_redirects=False,
+    ) as response:
+        assert response.status == 403
+        assert COOKIE not in response.cookies
+
+
+async def test_logout_ends_the_session(dash: Dash) -> None:
+    await dash.login(ADMIN_KEY)
+    assert "<svg" in await dash.page()
+    async with dash.client.post("/dashboard/logout", allow_redirects=False) as response:
+        assert response.status == 303
+        assert response.headers["Location"] == "/dashboard"
+    assert 'name="key"' in await dash.page()
+
+
+async def test_revoking_the_key_ends_its_sessions(dash: Dash) -> None:
+    await dash.login(dash.keys["acme"])
+    assert "tenant acme" in await dash.page()
+    assert revoke_key(dash.settings.key_file, dash.key_ids["acme"])
+    async with asyncio.timeout(5):  # the key file is re-read every KEY_RELOAD_S
+        while 'name="key"' not in await dash.page():
+            await asyncio.sleep(0.1)
+
+
+# -- what each key sees -------------------------------------------------------------------
+
+
+def users_on(body: str) -> set[str]:
+    return {u for u in USERS if re.search(rf">{u}<", body)}
+
+
+async def test_an_admin_sees_every_tenant_budget_and_alert(dash: Dash) -> None:
+    await dash.login(ADMIN_KEY)
+    body = await dash.page()
+    assert "admin key · all tenants" in body
+    assert body.count('<tr class="budget') == len(dash.budgets)
+    assert body.count('<tr class="alert') == 4
+    priced = [c for c in CALLS if c.ts_end >= NOW - 30 * D]
+    total = sum((c.total for c in priced if c.total is not None), Decimal(0))
+    assert f'id="total-spend">{charts.usd(total)}<' in body
+    assert f'id="total-requests">{len(priced):,}<' in body
+
+
+@pytest.mark.parametrize(
+    ("name", "budgets", "alerts"),
+    [
+        ("acme", {"acme", "search", "summarize"}, 2),  # its spike and its budget alert
+        ("globex", {"globex"}, 1),
+        ("acme_search", {"search"}, 1),  # its team's budget and its alert; no tenant spike
+        ("acme_alice", set(), 0),  # no budget of user alice
+    ],
+)
+async def test_a_virtual_key_sees_its_own_share(
+    dash: Dash, name: str, budgets: set[str], alerts: int
+) -> None:
+    await dash.login(dash.keys[name])
+    body = await dash.page()
+    shown = {b.name.rsplit("-", 1)[1] for b in dash.budgets if b.name in body}
+    assert shown == budgets
+    assert body.count('<tr class="alert') == alerts
+    tenant = "globex" if name == "globex" else "acme"
+    mine = [c for c in CALLS if c.tenant == tenant and c.ts_end >= NOW - 30 * D]
+    if name == "acme_search":
+        mine = [c for c in mine if c.team == "search"]
+    if name == "acme_alice":
+        mine = [c for c in mine if c.team == "search" and c.user == "alice"]
+    assert f'id="total-requests">{len(mine):,}<' in body
+    priced = [c.total for c in mine if c.total is not None]
+    assert f'id="total-spend">{charts.usd(sum(priced, Decimal(0)))}<' in body
+    assert users_on(body) <= {c.user for c in mine}
+    if not budgets:
+        assert "No budget applies to this key." in body
+
+
+async def test_a_bad_range_is_a_400_on_the_page(dash: Dash) -> None:
+    await dash.login(ADMIN_KEY)
+    body = await dash.page(expect=400, range="1y")
+    assert "invalid &#39;range&#39; &#39;1y&#39;: expected one of 24h, 7d, 30d, 90d" in body
+    assert "<svg" not in body
+    assert 'href="/dashboard?range=24h"' in body  # the ranges are still offered
+    body = await dash.page(expect=400, bogus="1")
+    assert "unknown parameter &#39;bogus&#39;" in body
+
+
+async def test_a_key_bound_to_a_team_cannot_ask_for_another(dash: Dash) -> None:
+    await dash.login(dash.keys["acme_search"])
+    body = await dash.page(expect=403, team="ads")
+    assert "this key is bound to team" in body
+
+
+async def test_filters_are_kept_by_the_range_links(dash: Dash) -> None:
+    await dash.login(ADMIN_KEY)
+    body = await dash.page(range="7d", provider="openai")
+    assert 'href="/dashboard?provider=openai&amp;range=24h"' in body
+    assert "provider = openai" in body
+    assert "groq" not in body
+
+
+async def test_the_page_names_no_other_host_and_sends_a_strict_policy(dash: Dash) -> None:
+    await dash.login(ADMIN_KEY)
+    async with dash.client.get("/dashboard") as response:
+        body = await response.text()
+        policy = response.headers["Content-Security-Policy"]
+        assert response.headers["Cache-Control"] == "no-store"
+    assert "default-src 'none'" in policy and "script-src" not in policy
+    assert "<script" not in body and "style=" not in body
+    assert external_urls(body) == []
+    async with dash.client.get("/dashboard/static/dashboard.css") as response:
+        assert response.status == 200
+        assert response.content_type == "text/css"
+        css = await response.text()
+    assert external_urls(css) == [] and "@import" not in css and "url(" not in css
+    async with dash.client.get("/dashboard/static/favicon.svg") as response:
+        assert response.status == 200
+    async with dash.client.get("/dashboard/static/..%2Fviews.py") as response:
+        assert response.status == 404
+
+
+async def test_an_empty_store_says_so_instead_of_drawing_empty_charts(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve(store, tmp_path, monkeypatch, broker=None, calls=[]) as served:
+        await served.login(ADMIN_KEY)
+        body = await served.page()
+    assert "<svg" not in body
+    for name in CHARTS:
+        assert f'<p class="empty" data-chart="{name}">No data in this range.</p>' in body
+    assert "No budgets are configured" in body
+    assert "No alerts in this range." in body
+
+
+# -- budgets, alone -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scope", "expected"),
+    [
+        (Scope(), {"t-acme", "t-globex", "team-acme-search", "user-acme-alice", "feat-any"}),
+        (Scope(tenant="acme"), {"t-acme", "team-acme-search", "user-acme-alice"}),
+        (Scope(tenant="acme", team="search"), {"team-acme-search"}),
+        (Scope(tenant="acme", team="search", user="alice"), {"user-acme-alice"}),
+        (Scope(tenant="globex"), {"t-globex"}),
+    ],
+)
+def test_which_budgets_a_scope_sees(scope: Scope, expected: set[str]) -> None:
+    configured = [
+        BudgetConfig(name="t-acme", scope="tenant", value="acme", limit_usd=Decimal(1)),
+        BudgetConfig(name="t-globex", scope="tenant", value="globex", limit_usd=Decimal(1)),
+        BudgetConfig(
+            name="team-acme-search",
+            scope="team",
+            value="search",
+            tenant="acme",
+            limit_usd=Decimal(1),
+        ),
+        BudgetConfig(
+            name="user-acme-alice",
+            scope="user",
+            value="alice",
+            tenant="acme",
+            limit_usd=Decimal(1),
+        ),
+        # No tenant: counts every tenant's calls of the feature, so no tenant's key sees it.
+        BudgetConfig(name="feat-any", scope="feature", value="chat", limit_usd=Decimal(1)),
+    ]
+    rows = budget_rows(configured, {}, scope, NOW)
+    assert {r.name for r in rows} == expected
+    assert all(r.state is None and r.status == "unknown" for r in rows)  # none published
+
+
+def test_sessions_expire_and_are_bounded() -> None:
+    sessions = Sessions(ttl=timedelta(minutes=5), limit=2)
+    first = sessions.open("key-1", NOW)
+    assert sessions.get(first, NOW + 4 * M) is not None
+    assert sessions.get(first, NOW + 5 * M) is None  # expired, and dropped
+    a, b = sessions.open("key-a", NOW), sessions.open("key-b", NOW)
+    c = sessions.open("key-c", NOW)  # over the limit: the oldest goes
+    assert sessions.get(a, NOW) is None
+    kept = [sessions.get(t, NOW) for t in (b, c)]
+    assert [s.secret if s is not None else None for s in kept] == ["key-b", "key-c"]
+    assert len(sessions) == 2
+    assert sessions.get("", NOW) is None
+
+
+# -- charts, alone ------------------------------------------------------------------------
+
+
+def test_columns_count_points_and_escape_labels() -> None:
+    labels = ["00:00", "01:00", "<b>", "03:00"]
+    values = [Decimal("0.5"), Decimal(0), Decimal("1.25"), None]
+    chart = charts.columns(
+        "spend",
+        "Spend & more",
+        labels,
+        [Series("spend", "spend", [Point(f"t{i}", v) for i, v in enumerate(values)])],
+        charts.usd,
+    )
+    assert chart.points == 2
+    assert chart.html.startswith('<svg class="chart columns" data-chart="spend" data-points="2"')
+    assert chart.html.count('<rect class="bar bar-spend"') == 2
+    assert "&lt;b&gt;" in chart.html and "<b>" not in chart.html
+    assert "Spend &amp; more" in chart.html
+    ticks = re.findall(r'text-anchor="end">([^<]+)</text>', chart.html)
+    assert ticks == ["$0.00", "$1.00", "$2.00"]  # the axis top: the first of 1, 2 >= 1.25
+    assert "t2 · spend: $1.25" in chart.html
+    assert "legend" not in chart.html  # one series: no legend
+
+
+def test_columns_overlay_series_with_a_legend() -> None:
+    requests = Series("requests", "requests", [Point("a", Decimal(10)), Point("b", Decimal(4))])
+    errors = Series("errors", "errors", [Point("a", Decimal(2)), Point("b", Decimal(0))])
+    chart = charts.columns("traffic", "Traffic", ["a", "b"], [requests, errors], charts.count)
+    assert chart.points == 3
+    assert chart.html.index("bar-requests") < chart.html.index('class="bar bar-errors"')
+    assert '<p class="legend">' in chart.html
+    with pytest.raises(ValueError, match="has 1 points for 2"):
+        charts.columns("x", "x", ["a", "b"], [Series("s", "s", [Point("a", None)])], charts.count)
+
+
+@pytest.mark.parametrize(
+    "points",
+    [[], [Point("a", Decimal(0))], [Point("a", None), Point("b", Decimal(0))]],
+)
+def test_a_chart_with_nothing_to_draw_says_so(points: list[Point]) -> None:
+    for chart in (
+        charts.bars("users", "Users", points, charts.usd, "spend"),
+        charts.columns(
+            "spend", "Spend", [p.label for p in points], [Series("s", "s", points)], charts.usd
+        ),
+    ):
+        assert chart.points == 0
+        assert (
+            chart.html == f'<p class="empty" data-chart="{chart.name}">No data in this range.</p>'
+        )
+
+
+def test_bars_rank_and_show_unknown_values() -> None:
+    points = [
+        Point("alice", Decimal("0.02")),
+        Point("bob", Decimal("0.005")),
+        Point("groq-only", None),
+        Point("x" * 40, Decimal("0.001")),
+    ]
+    chart = charts.bars("users", "Top users", points, charts.usd, "spend")
+    assert chart.points == 3
+    assert chart.html.count("<rect") == 3
+    assert ">unknown</text>" in chart.html
+    widths = re.findall(r'<rect class="bar bar-spend" x="210" y="\d+" width="([\d.]+)"', chart.html)
+    assert widths == ["330", "82.5", "16.5"]
+    assert "x" * 29 + "…" in chart.html and f"<title>{'x' * 40}</title>" in chart.html
+
+
+@pytest.mark.parametrize(
+    ("value", "top"),
+    [
+        ("0.0021", "0.0025"),
+        ("1", "1"),
+        ("7", "10"),
+        ("11", "20"),
+        ("0.5", "0.5"),
+        ("123456", "200000"),
+        ("0", "1"),
+    ],
+)
+def test_nice_ceiling(value: str, top: str) -> None:
+    assert charts.nice_ceiling(Decimal(value)) == Decimal(top)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (Decimal("1234.5"), "$1,234.50"),
+        (Decimal("0.00105"), "$0.00105"),
+        (Decimal("0.5"), "$0.50"),
+        (Decimal("0.000000001"), "$0.00"),
+        (Decimal("-0.25"), "-$0.25"),
+        (Decimal("-12"), "-$12.00"),
+        (None, "unknown"),
+    ],
+)
+def test_usd(value: Decimal | None, text: str) -> None:
+    assert charts.usd(value) == text
+
+
+def test_counts_and_latencies() -> None:
+    assert charts.count(Decimal(1234)) == "1,234"
+    assert charts.count(Decimal("2.5")) == "2.5"
+    assert charts.millis(Decimal("95.4")) == "95 ms"
+    assert charts.millis(Decimal(1500)) == "1.50 s"
