@@ -267,8 +267,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     except (aiohttp.ClientError, TimeoutError) as exc:
         error_class = type(exc).__name__
         if response is not None and response.prepared:
-            # The provider broke off mid-answer; the client already has the headers.
+            # The provider broke off mid-answer; the client already has the headers and
+            # part of the body. Ending the body cleanly would pass the cut-off answer off
+            # as complete: drop the connection instead, so the client sees it broken
+            # (no final chunk), as it would have without the proxy.
             status = "upstream_error"
+            if request.transport is not None:
+                request.transport.abort()
             return response
         status = "upstream_unreachable"
         usage = Usage()
