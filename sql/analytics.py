@@ -7,7 +7,8 @@ and daily rollups, the partial buckets at either end of the range from ``calls``
 their counts and sums equal the raw table's. Every query shares one WHERE clause
 (sql/queries/_filters.sql), tenant filter included: the caller's key sets it
 (sql/auth.py), never the query string. Alerts (``analytics_alerts.sql``) carry no
-tenant: a virtual key sees the ones that are its own. :func:`add_routes` mounts these
+tenant: a virtual key sees the ones that are its own. Budgets are answered from the
+budgets topic's latest states (sql/budgets.py). :func:`add_routes` mounts these
 endpoints, POST /api/v1/sql (sql/sqlapi.py, admin keys only) and the OpenAPI document
 that describes them all (sql/openapi.py).
 """
@@ -23,8 +24,9 @@ import orjson
 from aiohttp import web
 
 from llmtap.config import BudgetConfig, Settings
-from sql import openapi, sqlapi
+from sql import openapi, params, sqlapi
 from sql.auth import AUTH, CALLER, Unauthorized, api_auth
+from sql.budgets import BUDGET_BOOK, budget_follower, budget_rows, owner_of, visible_budgets
 from sql.params import (
     ALERT_STATES,
     ALERT_TYPES,
@@ -36,7 +38,6 @@ from sql.params import (
     BadParameter,
     Filters,
     Query,
-    Scope,
 )
 from sql.store import Store, render
 
@@ -239,27 +240,6 @@ async def users(request: web.Request) -> web.Response:
     return json_response({"range": filters.range, "limit": limit, "data": rows})
 
 
-def visible_budgets(budgets: list[BudgetConfig], scope: Scope) -> list[str]:
-    """The names of the budgets a caller of ``scope`` may see (the dashboard's rule): an
-    admin every budget; a virtual key those confined to its tenant (a tenant budget on
-    it, or one whose ``tenant`` is it); a key bound to a team only that team's budgets,
-    a key bound to a user only that user's."""
-
-    def visible(budget: BudgetConfig) -> bool:
-        if scope.tenant is None:
-            return True
-        owner = budget.value if budget.scope == "tenant" else budget.tenant
-        if owner != scope.tenant:
-            return False
-        if scope.user is not None:
-            return budget.scope == "user" and budget.value == scope.user
-        if scope.team is not None:
-            return budget.scope == "team" and budget.value == scope.team
-        return True
-
-    return [b.name for b in budgets if visible(b)]
-
-
 async def alerts(request: web.Request) -> web.Response:
     query, filters = parse(request, "alerts")
     chosen = {
@@ -283,6 +263,40 @@ async def alerts(request: web.Request) -> web.Response:
         values["budgets"] = visible_budgets(request.app.get(BUDGETS, []), scope)
     rows = await request.app[STORE].arows(sql, values)
     return json_response({"range": filters.range, "limit": limit, "data": rows})
+
+
+async def budgets(request: web.Request) -> web.Response:
+    """Every budget the caller may see, with its state as of now: from the budgets topic
+    (sql/budgets.py), not ClickHouse. ``reserved_usd`` is always null: reservations for
+    calls in flight are held by each ingress process, which this one cannot see."""
+    Query(request.query, *EXTRA["budgets"], common=COMMON_OF["budgets"])  # none: a 400
+    configured = request.app.get(BUDGETS, [])
+    by_name = {b.name: b for b in configured}
+    rows = budget_rows(
+        configured, request.app[BUDGET_BOOK].states, request[CALLER].scope, params.utcnow()
+    )
+    data = [
+        {
+            "budget": row.name,
+            "scope": row.scope,
+            "value": row.value,
+            "tenant": owner_of(by_name[row.name]) or None,
+            "period": row.period,
+            "limit_usd": row.limit_usd,
+            "spent_usd": row.spent_usd,
+            "remaining_usd": row.remaining_usd,
+            "used_percent": row.used_percent,
+            "reserved_usd": None,
+            "period_start": row.period_start,
+            "period_end": row.period_end,
+            "status": row.status,
+            "hard_cap": row.hard_cap,
+            "thresholds_crossed": row.thresholds_crossed,
+            "updated_at": row.updated_at,
+        }
+        for row in rows
+    ]
+    return json_response({"data": data})
 
 
 @web.middleware
@@ -345,6 +359,7 @@ ROUTES = {
     "performance": performance,
     "users": users,
     "alerts": alerts,
+    "budgets": budgets,
 }
 OPENAPI = web.AppKey("openapi_document", bytes)
 
@@ -363,7 +378,8 @@ def add_routes(
     """Mount the API on an app that holds a STORE (set by a cleanup context appended
     before this call) and uses api_errors: the analytics endpoints, POST /api/v1/sql,
     GET /api/v1/openapi.json (open; everything else needs a key), and the cleanup
-    contexts they need (the keys, re-read as the key file changes; the SQL session).
+    contexts they need (the keys, re-read as the key file changes; the SQL session; the
+    budget states, followed from the budgets topic, which the dashboard shows too).
     ``source="raw"`` answers from `calls` alone (tests and benchmarks compare the two)."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
@@ -374,6 +390,7 @@ def add_routes(
     app[OPENAPI] = orjson.dumps(openapi.document(limits))
     app.cleanup_ctx.append(api_auth(settings.admin_key_hashes, settings.key_file))
     app.cleanup_ctx.append(sqlapi.sql_runner(STORE, limits))
+    app.cleanup_ctx.append(budget_follower(settings))  # app[BUDGET_BOOK]: the dashboard's too
     for name, handler in ROUTES.items():
         app.router.add_get(f"/api/v1/analytics/{name}", guarded(handler))
     app.router.add_post("/api/v1/sql", guarded(sqlapi.run_sql, admin_only=True))

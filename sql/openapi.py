@@ -7,11 +7,13 @@ tests/test_openapi.py runs schemathesis against the served document.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
+from llmtap.events import BudgetPeriod, BudgetScope, BudgetState
 from sql import params, sqlapi
 
 Schema = dict[str, Any]
+BUDGET_STATUS = BudgetState.model_fields["status"].annotation
 
 
 def _nullable(schema: Schema) -> Schema:
@@ -176,6 +178,50 @@ ROWS: dict[str, Schema] = {
         "budget's limit; threshold: the percentage of the limit crossed (budget)",
     ),
 }
+# A budget's money is as configured and as the stream counted it: exact, any precision.
+BUDGET_MONEY: Schema = {
+    "type": "string",
+    "pattern": r"^-?[0-9]+(?:\.[0-9]+)?$",
+    "description": "USD, exact: a decimal string, never a float",
+}
+UNKNOWN = "; null while the budget's state is unknown (none seen yet on the budgets topic)"
+ROWS["budgets"] = _object(
+    {
+        "budget": STRING,
+        "scope": {"type": "string", "enum": list(get_args(BudgetScope))},
+        "value": {"type": "string", "description": "which tenant, team, key id, user or feature"},
+        "tenant": {
+            "type": ["string", "null"],
+            "description": "the tenant it belongs to; null: it counts every tenant's calls",
+        },
+        "period": {"type": "string", "enum": list(get_args(BudgetPeriod))},
+        "limit_usd": BUDGET_MONEY,
+        "spent_usd": {**_nullable(BUDGET_MONEY), "description": "spent this period" + UNKNOWN},
+        "remaining_usd": {
+            **_nullable(BUDGET_MONEY),
+            "description": "limit minus spent, negative when overspent" + UNKNOWN,
+        },
+        "used_percent": {
+            "anyOf": [{"type": "string", "pattern": r"^-?[0-9]+\.[0-9]$"}, {"type": "null"}],
+            "description": "spent as a percentage of the limit, one decimal place" + UNKNOWN,
+        },
+        "reserved_usd": {
+            "type": "null",
+            "description": "always null: reservations for calls in flight are held by each "
+            "ingress process, which the API cannot see",
+        },
+        "period_start": {**_nullable(TIME), "description": "the current period's start" + UNKNOWN},
+        "period_end": {**_nullable(TIME), "description": "the current period's end" + UNKNOWN},
+        "status": {"type": "string", "enum": [*get_args(BUDGET_STATUS), "unknown"]},
+        "hard_cap": {"type": "boolean"},
+        "thresholds_crossed": {
+            "anyOf": [{"type": "array", "items": INT}, {"type": "null"}],
+            "description": "alert thresholds (percent of the limit) crossed this period" + UNKNOWN,
+        },
+        "updated_at": {**_nullable(TIME), "description": "when the stream last counted" + UNKNOWN},
+    },
+    "one configured budget and its current state",
+)
 USAGE_TOTALS = _object(
     {
         "requests": INT,
@@ -197,6 +243,8 @@ LIMIT: Schema = {"type": "integer", "minimum": params.LIMIT_MIN, "maximum": para
 def _answer(endpoint: str) -> Schema:
     """The 200 body of an analytics endpoint."""
     rows: Schema = {"type": "array", "items": {"$ref": f"#/components/schemas/{endpoint}_row"}}
+    if endpoint == "budgets":  # the current state: no range
+        return _object({"data": rows})
     extra: dict[str, Schema] = {
         "models": {"data": rows},
         "timeseries": {
@@ -288,6 +336,7 @@ SUMMARIES = {
     "performance": "Latency, time to first token and throughput over the range",
     "users": "Per user, costliest first",
     "alerts": "Alert history (spike and budget), newest first",
+    "budgets": "Every budget's current state: spend, limit, remaining, period end, status",
 }
 
 
@@ -315,7 +364,7 @@ def _analytics(endpoint: str) -> Schema:
         },
         **ERRORS,
     }
-    if endpoint != "alerts":  # alerts take no team or user filter
+    if endpoint not in ("alerts", "budgets"):  # they take no team or user filter
         responses["403"] = _error("a filter outside the key's team or user")
     return {
         "get": {

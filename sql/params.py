@@ -54,9 +54,11 @@ EXTRA: dict[str, tuple[str, ...]] = {
     "performance": ("model_id",),
     "users": ("limit",),
     "alerts": ("alert_type", "state", "severity", "rule", "limit"),
+    "budgets": (),
 }
-# Alerts are not calls: of the common parameters they take the range only.
-COMMON_OF = {"alerts": ("range",)}
+# Alerts are not calls: of the common parameters they take the range only. Budgets are
+# their current state: no parameter at all.
+COMMON_OF: dict[str, tuple[str, ...]] = {"alerts": ("range",), "budgets": ()}
 
 
 def parameters(endpoint: str) -> tuple[str, ...]:
@@ -139,10 +141,8 @@ class Query:
         self.allowed = (*common, *extra)
         for name in query:  # a repeated key comes once per value
             if name not in self.allowed:
-                raise BadParameter(
-                    name,
-                    f"unknown parameter {name!r}: this endpoint takes {', '.join(self.allowed)}",
-                )
+                takes = ", ".join(self.allowed) or "no parameters"
+                raise BadParameter(name, f"unknown parameter {name!r}: this endpoint takes {takes}")
             if len(query.getall(name)) > 1:
                 raise BadParameter(name, f"parameter {name!r} is given more than once")
         self._query = query

@@ -32,8 +32,8 @@ from sinks.budget_seed import publish_states
 from sinks.clickhouse.writer import Batch, write_batch
 from sinks.webhooks.records import store_batch
 from sql import analytics, auth, dashboard, params
+from sql.budgets import BUDGET_BOOK, budget_rows
 from sql.dashboard import charts
-from sql.dashboard.budgets import BUDGET_BOOK, budget_rows
 from sql.dashboard.charts import Point, Series
 from sql.dashboard.sessions import COOKIE, Sessions
 from sql.params import Scope

@@ -10,6 +10,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,13 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from ingress.guards.keys import create_key
-from llmtap.config import Settings
+from llmtap.config import BudgetConfig, Settings
 from sinks.clickhouse.writer import Batch, write_batch
 from sinks.webhooks.records import store_batch
 from sql import analytics, openapi, params, sqlapi
+from sql.budgets import BUDGET_BOOK
 from sql.store import Store
+from stream.budgets import fresh
 from tests.fake_provider import free_port
 from tests.test_analytics import NOW, Call, alert
 
@@ -37,6 +40,13 @@ CALLS = [
     Call(30 * H, "claude-3-5-sonnet", "anthropic", "bob", "ads", tenant="acme",
          status="upstream_error", cost=("0", "0")),
     Call(10 * 24 * H, "llama-3-70b", "groq", "zed", "core", tenant="globex", cost=None),
+]  # fmt: skip
+BUDGETS = [
+    BudgetConfig(name="acme-monthly", scope="tenant", value="acme", limit_usd=Decimal("5")),
+    BudgetConfig(  # no state seen: unknown
+        name="search-daily", scope="team", value="search", tenant="acme", period="day",
+        limit_usd=Decimal("0.025"),
+    ),
 ]  # fmt: skip
 ALERTS = [
     alert("cost-spike", 1 * H),
@@ -58,8 +68,8 @@ def test_every_endpoint_is_documented_with_its_parameters() -> None:
         assert documented == list(params.parameters(name)), name
         assert "tenant" not in documented
         assert {"200", "400", "401"} <= set(operation["responses"])
-        # A 403 is a team or user filter outside the key's: alerts take neither.
-        assert ("403" in operation["responses"]) == (name != "alerts"), name
+        # A 403 is a team or user filter outside the key's: alerts and budgets take neither.
+        assert ("403" in operation["responses"]) == (name not in ("alerts", "budgets")), name
     assert set(doc["paths"]["/api/v1/sql"]["post"]["responses"]) >= {"200", "400", "401", "403"}
 
 
@@ -96,7 +106,12 @@ def served(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
     store_batch(store, ALERTS, [], [])
     settings_ = Settings(
-        data_dir=tmp_path, admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()]
+        data_dir=tmp_path,
+        admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()],
+        # No broker: the budget follower retries in the background; one state is put in
+        # the book directly below, the other budget stays unknown.
+        kafka_bootstrap="127.0.0.1:9",
+        budgets=BUDGETS,
     )
     create_key(settings_.key_file, tenant="acme")
     app = web.Application(middlewares=[analytics.api_errors])
@@ -117,6 +132,12 @@ def served(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     thread = threading.Thread(target=serve, name="api-under-test", daemon=True)
     thread.start()
     assert ready.wait(30), "the app did not start"
+    state = fresh(BUDGETS[0], NOW, NOW).model_copy(update={"spent_usd": Decimal("0.003")})
+
+    async def seed() -> None:
+        app[BUDGET_BOOK].update(state)
+
+    asyncio.run_coroutine_threadsafe(seed(), loop).result(30)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

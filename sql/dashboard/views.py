@@ -4,7 +4,7 @@ The numbers come from the same query files (sql/queries/analytics_*.sql, through
 :func:`sql.analytics.select`) and the same parameter rules (:class:`sql.params.Query`)
 as the analytics API, scoped by the caller's key exactly as the API scopes them; recent
 alerts from sql/queries/analytics_alerts.sql; budgets from the budgets topic
-(budgets.py). Charts are inline SVG drawn here (charts.py); the page loads one shipped
+(sql/budgets.py). Charts are inline SVG drawn here (charts.py); the page loads one shipped
 stylesheet and no script, and names no other host.
 """
 
@@ -27,8 +27,8 @@ from llmtap.config import Settings
 from llmtap.events import BudgetState, utcnow
 from sql.analytics import ROLLING, STORE, select
 from sql.auth import AUTH, Caller, Unauthorized
+from sql.budgets import BUDGET_BOOK, BudgetRow, budget_rows
 from sql.dashboard import charts
-from sql.dashboard.budgets import BUDGET_BOOK, BudgetRow, budget_follower, budget_rows
 from sql.dashboard.charts import Chart, Point, Series
 from sql.dashboard.sessions import (
     COOKIE,
@@ -444,11 +444,10 @@ async def static(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, settings: Settings) -> None:
     """Mount the dashboard on an app that already has the analytics API
     (:func:`sql.analytics.add_routes`: its STORE and key auth): GET /dashboard, POST
-    /dashboard/login and /dashboard/logout, GET /dashboard/static/<file>, and the
-    cleanup context that follows the budgets topic."""
+    /dashboard/login and /dashboard/logout, GET /dashboard/static/<file>. The budget
+    states are the API's (``app[BUDGET_BOOK]``, following the budgets topic)."""
     views = Views(settings)
     app[SESSIONS] = Sessions()
-    app.cleanup_ctx.append(budget_follower(settings))
     app.router.add_get(PATH, views.page)
     app.router.add_post(f"{PATH}/login", views.login)
     app.router.add_post(f"{PATH}/logout", views.logout)
