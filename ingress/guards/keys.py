@@ -132,8 +132,17 @@ class KeyStore:
         return len(self._by_hash)
 
     def lookup(self, secret: str) -> VirtualKey | None:
-        """The live (not revoked) key for a presented secret, or None."""
-        key = self._by_hash.get(hash_key(secret)) if secret else None
+        """The live (not revoked) key for a presented secret, or None.
+
+        A key not known yet is looked for again after re-reading the file if it changed
+        (a stat; the file is read only then), so a key made a moment ago works at once
+        rather than after the next periodic reload."""
+        if not secret:
+            return None
+        digest = hash_key(secret)
+        key = self._by_hash.get(digest)
+        if key is None and self.reload():
+            key = self._by_hash.get(digest)
         return None if key is None or key.revoked else key
 
     def reload(self) -> bool:
