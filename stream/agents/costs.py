@@ -6,11 +6,12 @@ each read the same decoded event (bench/stream_throughput.py measured what re-re
 ``llmtap.costed`` per stage cost). A step sees each event with its position on
 ``llmtap.responses`` (partition, offset), and its ``flush`` runs after every batch,
 before the batch's offsets can be committed (Faust acknowledges ``take_events``
-batches when the loop moves on).
+batches when the loop moves on); the batch's costed events are delivered by then too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -50,6 +51,7 @@ def register(app: faust.App, catalog: Catalog, steps: Sequence[Step] = ()) -> An
         batches = stream.take_events(BATCH, within=BATCH_SECONDS)  # type: ignore[attr-defined]
         async for batch in batches:
             now = utcnow()
+            sent = []
             for message in batch:
                 try:
                     event = ResponseEvent.model_validate_json(message.value)
@@ -60,14 +62,19 @@ def register(app: faust.App, catalog: Catalog, steps: Sequence[Step] = ()) -> An
                 if out.unpriced and event.model not in warned:
                     warned.add(event.model)
                     log.warning("no price for model %r (provider %s)", event.model, event.provider)
-                await costed.send(
-                    key=topics.partition_key(out.request_id),
-                    value=out.model_dump_json().encode(),
+                sent.append(
+                    await costed.send(
+                        key=topics.partition_key(out.request_id),
+                        value=out.model_dump_json().encode(),
+                    )
                 )
                 position = (message.message.partition, message.message.offset)
                 for step in steps:
                     step.add(out, position, now)
             for step in steps:
                 await step.flush()
+            # Delivered, not just queued, before the batch's offsets can be committed: a
+            # worker killed after the commit must not take costed events with it.
+            await asyncio.gather(*sent)
 
     return costs
