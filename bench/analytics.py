@@ -65,8 +65,6 @@ ROLLUPS = (
     "analytics_by_model_daily",
     "analytics_by_team_daily",
     "analytics_by_user_daily",
-    "calls_hourly",
-    "calls_daily",
 )
 
 

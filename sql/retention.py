@@ -26,8 +26,6 @@ def apply_retention(store: Store, *, raw_days: int, rollup_days: int) -> list[st
     """Set each table's TTL to its configured days; return the tables changed."""
     wanted = {
         "calls": ("ts_end", raw_days),
-        "calls_hourly": ("bucket", rollup_days),
-        "calls_daily": ("bucket", rollup_days),
         "windows": ("window_start", rollup_days),
         # The analytics rollups (migration 0005).
         "analytics_by_model_hourly": ("bucket", rollup_days),

@@ -71,42 +71,46 @@ def test_rollups_agree_with_the_raw_calls(store: Store) -> None:
     for part in (events[:20], events[20:45], events[45:]):
         assert write_batch(store, Batch(events=part)) == len(part)
 
-    for table, start_of in (("calls_hourly", "toStartOfHour"), ("calls_daily", "toStartOfDay")):
+    for table, start_of in (
+        ("analytics_by_model_hourly", "toStartOfHour"),
+        ("analytics_by_user_daily", "toStartOfDay"),
+    ):
         rolled = store.rows(
-            f"SELECT bucket, user, sum(requests) AS requests, sum(errors) AS errors, "
-            f"sum(input_tokens) AS input_tokens, sum(cost) AS cost, sum(unpriced) AS unpriced "
-            f"FROM {table} GROUP BY bucket, user ORDER BY bucket, user"
+            f"SELECT bucket, model, sum(requests) AS requests, sum(errors) AS errors, "
+            f"sum(input_tokens) AS input_tokens, sum(cost) AS cost, sum(priced) AS priced, "
+            f"sum(unpriced) AS unpriced FROM {table} GROUP BY bucket, model ORDER BY bucket, model"
         )
         raw = store.rows(
-            f"SELECT {start_of}(ts_end) AS bucket, user, count() AS requests, "
+            f"SELECT {start_of}(ts_end) AS bucket, model, count() AS requests, "
             f"countIf(status != 'ok') AS errors, sum(input_tokens) AS input_tokens, "
-            f"sum(ifNull(cost_total, 0)) AS cost, countIf(unpriced) AS unpriced "
-            f"FROM calls GROUP BY bucket, user ORDER BY bucket, user"
+            f"sum(ifNull(cost_total, 0)) AS cost, countIf(cost_total IS NOT NULL) AS priced, "
+            f"countIf(unpriced) AS unpriced FROM calls GROUP BY bucket, model ORDER BY bucket, model"
         )
         assert rolled == raw, table
     total = sum((e.cost.total for e in events if e.cost is not None), Decimal(0))
-    assert store.rows("SELECT sum(cost) AS c FROM calls_daily")[0]["c"] == total
+    assert store.rows("SELECT sum(cost) AS c FROM analytics_by_model_daily")[0]["c"] == total
     merged = store.rows(
-        "SELECT quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms_quantiles) AS q FROM calls_daily"
+        "SELECT quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms_quantiles) AS q "
+        "FROM analytics_by_model_daily"
     )[0]["q"]
     assert 100 <= merged[0] <= merged[1] <= merged[2] <= 160
+    # 0003's wider rollups are gone (0006): nothing read them, and their views cost ingest.
+    assert int(store.command("SELECT count() FROM system.tables WHERE name LIKE 'calls_%'")) == 0
 
 
 def test_retention_follows_the_settings(store: Store) -> None:
     assert apply_retention(store, raw_days=90, rollup_days=400) == [
         "calls",
-        "calls_hourly",
-        "calls_daily",
         "windows",
     ]  # the analytics rollups are made with 400 days already
     assert current_ttl_days(store, "calls") == 90
-    assert current_ttl_days(store, "calls_daily") == 400
+    assert current_ttl_days(store, "analytics_by_model_daily") == 400
     assert current_ttl_days(store, "windows") == 400
     assert apply_retention(store, raw_days=90, rollup_days=400) == []  # nothing to change
     assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls"]
     assert current_ttl_days(store, "calls") == 30
     changed = apply_retention(store, raw_days=30, rollup_days=200)
-    assert "analytics_by_user_daily" in changed and len(changed) == 7
+    assert "analytics_by_user_daily" in changed and len(changed) == 5
     assert current_ttl_days(store, "analytics_by_model_hourly") == 200
 
 
@@ -134,4 +138,4 @@ async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert int(store.command("SELECT sum(requests) FROM calls_hourly WHERE user = 'outage'")) == 30
+    assert int(store.command("SELECT sum(requests) FROM analytics_by_user_daily WHERE user = 'outage'")) == 30

@@ -49,7 +49,7 @@ def chattr(flag: str, path: Path) -> bool:
 
 async def rollup_requests(cluster: Cluster) -> int:
     rows = await cluster.sql(
-        f"SELECT sum(requests) AS n FROM calls_hourly WHERE feature = '{FEATURE}'"
+        f"SELECT sum(requests) AS n FROM analytics_by_team_daily WHERE feature = '{FEATURE}'"
     )
     return int(rows[0]["n"] or 0)
 
