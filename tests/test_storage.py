@@ -84,7 +84,8 @@ def test_rollups_agree_with_the_raw_calls(store: Store) -> None:
             f"SELECT {start_of}(ts_end) AS bucket, model, count() AS requests, "
             f"countIf(status != 'ok') AS errors, sum(input_tokens) AS input_tokens, "
             f"sum(ifNull(cost_total, 0)) AS cost, countIf(cost_total IS NOT NULL) AS priced, "
-            f"countIf(unpriced) AS unpriced FROM calls GROUP BY bucket, model ORDER BY bucket, model"
+            f"countIf(unpriced) AS unpriced "
+            f"FROM calls GROUP BY bucket, model ORDER BY bucket, model"
         )
         assert rolled == raw, table
     total = sum((e.cost.total for e in events if e.cost is not None), Decimal(0))
@@ -138,4 +139,5 @@ async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert int(store.command("SELECT sum(requests) FROM analytics_by_user_daily WHERE user = 'outage'")) == 30
+    outage = "SELECT sum(requests) FROM analytics_by_user_daily WHERE user = 'outage'"
+    assert int(store.command(outage)) == 30
