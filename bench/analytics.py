@@ -65,6 +65,8 @@ ROLLUPS = (
     "analytics_by_model_daily",
     "analytics_by_team_daily",
     "analytics_by_user_daily",
+    "analytics_by_property_daily",
+    "analytics_by_provider_hourly",
 )
 
 

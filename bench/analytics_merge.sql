@@ -4,3 +4,5 @@ OPTIMIZE TABLE analytics_by_model_hourly FINAL;
 OPTIMIZE TABLE analytics_by_model_daily FINAL;
 OPTIMIZE TABLE analytics_by_team_daily FINAL;
 OPTIMIZE TABLE analytics_by_user_daily FINAL;
+OPTIMIZE TABLE analytics_by_property_daily FINAL;
+OPTIMIZE TABLE analytics_by_provider_hourly FINAL;

@@ -19,7 +19,17 @@ from sql.store import Store
 
 log = logging.getLogger(__name__)
 
-_jinja = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+# A later migration may import an earlier one's macros (`{% from "0005_....sql" import
+# rollup_table %}`): the loader reads the migrations folder.
+_jinja = jinja2.Environment(
+    loader=jinja2.FunctionLoader(
+        lambda name: resources.files("sql").joinpath("migrations", name).read_text()
+    ),
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 _NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
 _VERSION_TABLE = """
@@ -58,7 +68,7 @@ def available() -> list[Migration]:
     for entry in folder.iterdir():
         match = _NAME.match(entry.name)
         if match:
-            text = _jinja.from_string(entry.read_text()).render()
+            text = _jinja.get_template(entry.name).render()
             found.append(Migration(int(match[1]), match[2], _statements(text)))
     return sorted(found, key=lambda m: m.version)
 

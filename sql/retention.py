@@ -32,6 +32,9 @@ def apply_retention(store: Store, *, raw_days: int, rollup_days: int) -> list[st
         "analytics_by_model_daily": ("bucket", rollup_days),
         "analytics_by_team_daily": ("bucket", rollup_days),
         "analytics_by_user_daily": ("bucket", rollup_days),
+        # ... and those of migration 0007.
+        "analytics_by_property_daily": ("bucket", rollup_days),
+        "analytics_by_provider_hourly": ("bucket", rollup_days),
     }
     changed = []
     for table, (column, days) in wanted.items():

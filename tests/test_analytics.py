@@ -705,7 +705,10 @@ def edge_calls(now: datetime, seed: int) -> list[Call]:
                 ),
                 latency_ms=rng.uniform(5, 5000),
                 ttft_ms=rng.uniform(1, 500) if rng.random() < 0.5 else None,
-                properties=rng.choice([C1, C2, {}]),
+                # Two properties on one call, another name alone, an empty value.
+                properties=rng.choice(
+                    [C1, C2, {}, {**C1, "plan": "pro"}, {"plan": "free"}, {"customer": ""}]
+                ),
                 tenant=rng.choice(["acme", "globex"]),
                 usage_missing=kind == "usage_missing",
             )
@@ -773,6 +776,9 @@ EDGE_QUERIES: list[tuple[str, dict[str, str]]] = [
     ("timeseries", {"granularity": "day"}),
     ("providers", {}),
     *[("costs", {"group_by": g}) for g in [*params.GROUP_BY, "property:customer"]],
+    ("costs", {"group_by": "property:plan"}),
+    ("costs", {"group_by": "property:customer", "team": "search", "provider": "openai"}),
+    ("costs", {"group_by": "property:plan", "feature": "chat"}),  # no rollup: `calls`
     ("usage", {}),
     ("usage", {"user_id": "alice"}),
     ("usage", {"model_id": GPT4O, "team": "search"}),

@@ -48,28 +48,36 @@ ALTER TABLE calls ADD PROJECTION IF NOT EXISTS by_time
 
 ALTER TABLE calls MATERIALIZE PROJECTION by_time SETTINGS mutations_sync = 1;
 
-{% macro rollup_select(start_of, dims, by_user) %}
+{% macro rollup_select(start_of, dims, by_user, costs_only=false, array_join="") %}
 -- `calls.` where a column's name is also the alias of its sum. Throughput counts
--- successful calls with known usage only (measured).
+-- successful calls with known usage only (measured). `costs_only`: what costs need
+-- (0007's property rollup); `array_join`: an ARRAY JOIN clause after FROM calls.
 WITH status = 'ok' AND NOT calls.usage_missing AS measured
 SELECT
     toDateTime({{ start_of }}(ts_end), 'UTC') AS bucket,
     {{ dims | join(', ') }},
     count() AS requests,
+{% if not costs_only %}
     countIf(status != 'ok') AS errors,
+{% endif %}
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
+{% if not costs_only %}
     sum(cached_input_tokens) AS cached_input_tokens,
     sum(reasoning_tokens) AS reasoning_tokens,
+{% endif %}
     countIf(cost_total IS NOT NULL) AS priced,
     countIf(calls.unpriced) AS unpriced,
+{% if not costs_only %}
     countIf(calls.usage_missing) AS usage_missing,
+{% endif %}
     sum(toDecimal128(ifNull(cost_total, 0), 9)) AS cost,
     sum(toDecimal128(ifNull(cost_input, 0), 9)) AS cost_input,
     sum(toDecimal128(ifNull(cost_cached_input, 0), 9)) AS cost_cached_input,
     sum(toDecimal128(ifNull(cost_cache_write, 0), 9)) AS cost_cache_write,
     sum(toDecimal128(ifNull(cost_output, 0), 9)) AS cost_output,
-    sum(toDecimal128(ifNull(cost_reasoning, 0), 9)) AS cost_reasoning,
+    sum(toDecimal128(ifNull(cost_reasoning, 0), 9)) AS cost_reasoning{{ "," if not costs_only }}
+{% if not costs_only %}
     sum(latency_ms) AS latency_ms_sum,
     countIf(ttft_ms IS NOT NULL) AS ttft_count,
     sum(ifNull(ttft_ms, 0)) AS ttft_ms_sum,
@@ -78,6 +86,7 @@ SELECT
     quantilesTDigestState(0.5, 0.95, 0.99)(latency_ms) AS latency_ms_quantiles,
     quantilesTDigestStateIf(0.5, 0.95, 0.99)(ifNull(ttft_ms, 0), ttft_ms IS NOT NULL)
         AS ttft_ms_quantiles{{ "," if by_user }}
+{% endif %}
 {% if by_user %}
     countIf(status = 'budget_exceeded') AS budget_rejections,
     sumIf(toUInt64(calls.input_tokens) + calls.output_tokens, cost_total IS NOT NULL)
@@ -88,37 +97,40 @@ SELECT
     groupUniqArray(toDate(ts_start)) AS start_days
 {% endif %}
 FROM calls
+{% if array_join %}
+{{ array_join }}
+{% endif %}
 GROUP BY bucket, {{ dims | join(', ') }}
 {% endmacro %}
-{% for table, start_of, dims in [
-    ("analytics_by_model_hourly", "toStartOfHour", ["tenant", "provider", "model"]),
-    ("analytics_by_model_daily", "toStartOfDay", ["tenant", "provider", "model"]),
-    ("analytics_by_team_daily", "toStartOfDay",
-     ["tenant", "provider", "model", "team", "feature", "env"]),
-    ("analytics_by_user_daily", "toStartOfDay", ["tenant", "provider", "model", "team", "user"]),
-] %}
-{% set by_user = "user" in dims %}
+{% macro rollup_table(table, dims, by_user, costs_only=false, order_by=none) %}
 CREATE TABLE IF NOT EXISTS {{ table }}
 (
     bucket DateTime('UTC'),
 {% for dim in dims %}
-    {{ dim }} {{ "String" if dim == "user" else "LowCardinality(String)" }},
+    {{ dim }} {{ "String" if dim in ("user", "property") else "LowCardinality(String)" }},
 {% endfor %}
     requests SimpleAggregateFunction(sum, UInt64),
+{% if not costs_only %}
     errors SimpleAggregateFunction(sum, UInt64),
+{% endif %}
     input_tokens SimpleAggregateFunction(sum, UInt64),
     output_tokens SimpleAggregateFunction(sum, UInt64),
+{% if not costs_only %}
     cached_input_tokens SimpleAggregateFunction(sum, UInt64),
     reasoning_tokens SimpleAggregateFunction(sum, UInt64),
+{% endif %}
     priced SimpleAggregateFunction(sum, UInt64),
     unpriced SimpleAggregateFunction(sum, UInt64),
+{% if not costs_only %}
     usage_missing SimpleAggregateFunction(sum, UInt64),
+{% endif %}
     cost SimpleAggregateFunction(sum, Decimal(38, 9)),
     cost_input SimpleAggregateFunction(sum, Decimal(38, 9)),
     cost_cached_input SimpleAggregateFunction(sum, Decimal(38, 9)),
     cost_cache_write SimpleAggregateFunction(sum, Decimal(38, 9)),
     cost_output SimpleAggregateFunction(sum, Decimal(38, 9)),
-    cost_reasoning SimpleAggregateFunction(sum, Decimal(38, 9)),
+    cost_reasoning SimpleAggregateFunction(sum, Decimal(38, 9)){{ "," if not costs_only }}
+{% if not costs_only %}
     latency_ms_sum SimpleAggregateFunction(sum, Float64),
     ttft_count SimpleAggregateFunction(sum, UInt64),
     ttft_ms_sum SimpleAggregateFunction(sum, Float64),
@@ -126,6 +138,7 @@ CREATE TABLE IF NOT EXISTS {{ table }}
     measured_latency_ms_sum SimpleAggregateFunction(sum, Float64),
     latency_ms_quantiles AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), Float64),
     ttft_ms_quantiles AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), Float64){{ "," if by_user }}
+{% endif %}
 {% if by_user %}
     budget_rejections SimpleAggregateFunction(sum, UInt64),
     priced_tokens SimpleAggregateFunction(sum, UInt64),
@@ -137,12 +150,22 @@ CREATE TABLE IF NOT EXISTS {{ table }}
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(bucket)
-ORDER BY (tenant, bucket, {{ dims[1:] | join(', ') }})
+ORDER BY {{ order_by or '(tenant, bucket, ' ~ dims[1:] | join(', ') ~ ')' }}
 TTL bucket + toIntervalDay(400)
 -- Parts older than an hour are merged even when small, so a read finds one row per key
 -- and bucket, not one per part (the rows a read merges are what it costs).
 SETTINGS min_age_to_force_merge_seconds = 3600;
 
+{% endmacro %}
+{% for table, start_of, dims in [
+    ("analytics_by_model_hourly", "toStartOfHour", ["tenant", "provider", "model"]),
+    ("analytics_by_model_daily", "toStartOfDay", ["tenant", "provider", "model"]),
+    ("analytics_by_team_daily", "toStartOfDay",
+     ["tenant", "provider", "model", "team", "feature", "env"]),
+    ("analytics_by_user_daily", "toStartOfDay", ["tenant", "provider", "model", "team", "user"]),
+] %}
+{% set by_user = "user" in dims %}
+{{ rollup_table(table, dims, by_user) }}
 TRUNCATE TABLE {{ table }};
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {{ table }}_mv TO {{ table }} AS

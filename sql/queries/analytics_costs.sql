@@ -1,8 +1,9 @@
 -- Cost breakdown, one row per group. The group expression comes from this fixed list,
 -- picked by name; a property's name is a bound parameter (calls without that property
 -- form the group ''). Days are UTC, oldest first; other groups costliest first.
--- From the rollups (rollup_parts.sql), but by property: no rollup keeps custom
--- properties, so those come from `calls`. A cost is null when no call could be priced.
+-- From the rollups (rollup_parts.sql; by property, the property rollup and every call
+-- less those with the property for the '' group). A cost is null when no call could be
+-- priced.
 {% set groups = {
     'model': 'model',
     'provider': 'provider',
@@ -25,13 +26,14 @@ SELECT
     if(sum(p.priced) = 0, NULL, sum(p.cost_output)) AS cost_output,
     if(sum(p.priced) = 0, NULL, sum(p.cost_reasoning)) AS cost_reasoning,
     if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost
-{% with group = [group_by], property = group_by == 'property',
+{% with group = [group_by], property = group_by == 'property', by_model = group_by == 'model',
         need = ['requests', 'unpriced', 'input_tokens', 'output_tokens', 'priced', 'cost',
                 'cost_input', 'cost_cached_input', 'cost_cache_write', 'cost_output',
                 'cost_reasoning'] %}
 FROM {% include "rollup_parts" %} AS p
 {% endwith %}
 GROUP BY key
+HAVING requests > 0  -- the '' group of a property every call has nets to none
 {% if group_by == 'day' %}
 ORDER BY key
 {% else %}

@@ -15,7 +15,8 @@ SELECT
     sum(p.measured_output_tokens) * 1000 / nullIf(sum(p.measured_latency_ms_sum), 0)
         AS output_tokens_per_second,
     requests / {range_minutes:Float64} AS requests_per_minute
-{% with need = ['requests', 'latency_ms_sum', 'latency_ms_quantiles', 'ttft_count', 'ttft_ms_sum',
+{% with by_model = false,
+        need = ['requests', 'latency_ms_sum', 'latency_ms_quantiles', 'ttft_count', 'ttft_ms_sum',
                 'ttft_ms_quantiles', 'measured_output_tokens', 'measured_latency_ms_sum'] %}
 FROM {% include "rollup_parts" %} AS p
 {% endwith %}

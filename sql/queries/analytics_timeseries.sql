@@ -24,7 +24,7 @@ FROM
         input_tokens + output_tokens AS total_tokens,
         if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost,
         quantilesTDigestMerge(0.5, 0.95, 0.99)(p.latency_ms_quantiles)[2] AS p95_latency_ms
-    {% with unit = 'hour' if granularity == 'hour' else unit,
+    {% with unit = 'hour' if granularity == 'hour' else unit, by_model = false,
             need = ['requests', 'errors', 'input_tokens', 'output_tokens', 'priced', 'cost',
                     'latency_ms_quantiles'] %}
     FROM {% include "rollup_parts" %} AS p

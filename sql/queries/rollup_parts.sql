@@ -8,8 +8,8 @@
       - the daily rollup: whole UTC days from the first day boundary at or after the
         start on, the current day included (a bucket after the start is in the range
         whole);
-      - the hourly rollup (by model only): the whole hours before that day boundary,
-        from the first hour boundary at or after the start;
+      - the hourly rollup (by model or provider only): the whole hours before that day
+        boundary, from the first hour boundary at or after the start;
       - `calls` (its by_time projection): the rest, less than an hour (less than a day
         for the rollups without an hourly table).
     With unit 'hour' (hourly buckets: timeseries by hour) there is no daily part, and
@@ -18,29 +18,55 @@
     With source 'raw' every call comes from `calls` (the same rows, for comparison).
 
     Which rollups: the narrowest with every dimension the query filters (`filters`) or
-    groups by (`group`: 'team', 'feature', 'user'; `by_user` also asks for the user):
+    groups by (`group`: 'team', 'feature', 'user'; `by_user` also asks for the user;
+    `by_model=false` says the query reads no model, so tenant and provider will do):
+    analytics_by_provider_hourly (provider; its days from analytics_by_model_daily),
     analytics_by_model_* (provider, model), analytics_by_team_daily (+ team, feature,
     env), analytics_by_user_daily (provider, model, team, user). A user with a feature
-    or env is in none: those read `calls`. `property` (costs by a custom property, which
-    no rollup keeps) reads `calls` and adds the column `property`: the value of {prop}
-    ('' when absent). `need` names the measures the query uses (default: all).
-    Every branch takes the shared filters (_filters.sql). -#}
+    or env is in none: those read `calls`.
+
+    `property` (costs by the custom property {prop}) adds the column `property`: its
+    value, '' for calls without it. Its rollup, analytics_by_property_daily (0007:
+    provider, team, and one row per property a call has), holds only the calls with
+    the property, so the rows are those calls by value, plus the '' group made of
+    every call (this template again, without `property`) less the calls with the
+    property (their rows again, negated): counts become signed. A property with a user,
+    feature, env or model filter reads `calls` (no rollup keeps both), and the property
+    rollup holds only what costs read (counts, tokens, cost and its parts).
+
+    `need` names the measures the query uses (default: all). Every branch takes the
+    shared filters (_filters.sql). -#}
 {% set span = span | default('since') %}
 {% set group = group | default([]) %}
+{% set by_property = property | default(false) %}
 {% set with_user = by_user | default(false) or 'user_id' in filters or 'user' in group %}
 {% set with_team = 'team' in group or 'feature' in group
     or 'team' in filters or 'feature' in filters or 'env' in filters %}
 {% set with_feature = 'feature' in group or 'feature' in filters or 'env' in filters %}
-{% set level = 'user' if with_user else ('team' if with_team else 'model') %}
+{% set with_model = by_model | default(true) or 'model_id' in filters %}
+{% set level = 'property' if by_property
+    else 'user' if with_user else 'team' if with_team else 'model' if with_model
+    else 'provider' %}
 {#- Where the rollups take over from `calls`, and what they answer. #}
 {% set daily = unit == 'day' %}
-{% set hourly = level == 'model' %}
-{% set source = 'raw' if property | default(false) or (with_user and with_feature)
-    or not (daily or hourly) else source | default('rollup') %}
+{% set daily_table, hourly_table = {
+    'provider': ('analytics_by_model_daily', 'analytics_by_provider_hourly'),
+    'model': ('analytics_by_model_daily', 'analytics_by_model_hourly'),
+    'team': ('analytics_by_team_daily', none),
+    'user': ('analytics_by_user_daily', none),
+    'property': ('analytics_by_property_daily', none),
+}[level] %}
+{% set hourly = hourly_table is not none %}
+{% set source = 'raw'
+    if (by_property and (with_user or with_feature or 'model_id' in filters))
+    or (with_user and with_feature) or not (daily or hourly)
+    else source | default('rollup') %}
 {% set dims = {
+    'provider': ['provider'],
     'model': ['provider', 'model'],
     'team': ['provider', 'model', 'team', 'feature', 'env'],
     'user': ['provider', 'model', 'team', 'user'],
+    'property': ['provider', 'team'],
 }[level] if source == 'rollup' else ['provider', 'model', 'team', 'feature', 'env', 'user'] %}
 {% set since = "{" ~ span ~ ":DateTime64(3, 'UTC')}" %}
 {#- The first boundaries at or after the start (times have millisecond precision). #}
@@ -87,20 +113,45 @@
 {% if need is defined %}
 {% set measures = measures | selectattr('0', 'in', need) | list %}
 {% endif %}
-{% set columns = "bucket, " ~ (dims + measures | map('first') | list) | join(', ') %}
+{% set names = measures | map('first') | list %}
+{% if level == 'property' and source == 'rollup' and not property_rows | default(false) %}
+{#- The calls with the property by value, and the '' group: every call less those. #}
+(
+    SELECT
+        bucket,
+        '' AS property,
+{% for name in names %}
+        {{ name if name.startswith('cost') else 'toInt64(' ~ name ~ ')' }} AS {{ name }}{{ "," if not loop.last }}
+{% endfor %}
+    FROM {% with property = false, group = [] %}{% include "rollup_parts" %}{% endwith %}
+    UNION ALL
+    SELECT
+        bucket,
+        if(sign = 1, property, '') AS property,
+{% for name in names %}
+        sign * {{ name if name.startswith('cost') else 'toInt64(' ~ name ~ ')' }} AS {{ name }}{{ "," if not loop.last }}
+{% endfor %}
+    FROM {% with property_rows = true %}{% include "rollup_parts" %}{% endwith %}
+    ARRAY JOIN [1, -1] AS sign
+)
+{% else %}
+{% set columns = "bucket, " ~ (dims + (['property'] if by_property else []) + names) | join(', ') %}
 (
 {% if source == 'rollup' %}
 {% if daily %}
     SELECT {{ columns }}
-    FROM analytics_by_{{ level }}_daily
+    FROM {{ daily_table }}
     {% with when = "bucket >= " ~ d_from %}
     {% include "_filters" %}
     {% endwith %}
+{% if by_property %}
+      AND property_name = {prop:String}
+{% endif %}
     UNION ALL
 {% endif %}
 {% if hourly %}
     SELECT {{ columns }}
-    FROM analytics_by_{{ level }}_hourly
+    FROM {{ hourly_table }}
     {% with when = "bucket >= " ~ h_from ~ (" AND bucket < " ~ d_from if daily else "") %}
     {% include "_filters" %}
     {% endwith %}
@@ -110,7 +161,7 @@
     SELECT
         toDateTime(toStartOfHour(ts_end), 'UTC') AS bucket,
         {{ dims | join(', ') }},
-{% if property | default(false) %}
+{% if by_property %}
         properties[{prop:String}] AS property,
 {% endif %}
 {% for name, expression in measures %}
@@ -120,5 +171,9 @@
     {% with when = "ts_end >= " ~ since ~ (" AND ts_end < " ~ raw_to if source == 'rollup' else "") %}
     {% include "_filters" %}
     {% endwith %}
-    GROUP BY bucket, {{ dims | join(', ') }}{{ ", property" if property | default(false) }}
+{% if by_property and source == 'rollup' %}
+      AND mapContains(properties, {prop:String})
+{% endif %}
+    GROUP BY bucket, {{ dims | join(', ') }}{{ ", property" if by_property }}
 )
+{% endif %}
