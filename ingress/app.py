@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -14,7 +15,7 @@ from ingress.errors import openai_error
 from ingress.forward import anthropic, openai
 from ingress.forward.call import Call, attribution_from
 from ingress.forward.proxy import record_outcome
-from ingress.guards.budgets import BudgetBook, follow
+from ingress.guards.budgets import BudgetBook, announce, follow
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
 from ingress.keys import BUDGETS, KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
@@ -67,11 +68,15 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
     book = app[BUDGETS] = BudgetBook(
         settings.budgets, load_catalog(settings.pricing_file), settings.budget_default_max_tokens
     )
-    task = None
+    tasks = []
     if settings.budgets:
-        task = asyncio.create_task(follow(book, settings.kafka_bootstrap), name="budgets")
+        tasks.append(asyncio.create_task(follow(book, settings.kafka_bootstrap), name="budgets"))
+    if any(b.hard_cap for b in settings.budgets):
+        # What this process reserves, for the budgets endpoint (the publisher outlives this).
+        held = announce(book, app[PUBLISHER].publish, f"ingress-{uuid.uuid4()}")
+        tasks.append(asyncio.create_task(held, name="reservations"))
     yield
-    if task is not None:
+    for task in tasks:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -236,6 +236,21 @@ class BudgetState(_Model):
     applied: dict[int, int] = Field(default_factory=dict)
 
 
+class Reservations(_Model):
+    """What one ingress process holds against its hard-capped budgets beyond their
+    published spend: the worst cases of its calls in flight, and the costs of ended
+    calls no budget state has counted yet. Published on a compacted topic keyed by the
+    process's id when it changes and every ``interval_s`` seconds even if not (so a
+    reader can tell a live process from a gone one); empty when the process stops."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["reservations"] = "reservations"
+    ingress_id: str
+    at: UtcDatetime
+    interval_s: float = Field(gt=0)
+    held: dict[str, Decimal] = Field(default_factory=dict)  # budget name -> USD
+
+
 class SketchState(_Model):
     """A latency distribution as a mergeable DDSketch (``stream.sketches.LatencySketch``,
     whose ``to_dict``/``from_dict`` this is): the keys and counts of its bins."""

@@ -8,6 +8,7 @@
 | llmtap.windows   | WindowEvent   | series      | stream     | stream (spikes), sink          |
 | llmtap.alerts    | Alert         | alert id    | stream     | sinks (webhooks)               |
 | llmtap.budgets   | BudgetState   | budget name | stream     | ingress (caps), store          |
+| llmtap.reservations | Reservations | ingress id | ingress  | store (budgets' reserved_usd)  |
 
 Consumer groups: ``llmtap-stream`` (the Faust worker), ``llmtap-sink`` (the writer),
 ``llmtap-webhooks`` (alert delivery).
@@ -31,9 +32,10 @@ COSTED = "llmtap.costed"
 WINDOWS = "llmtap.windows"  # closed windows, keyed by series (size|dimension|value)
 ALERTS = "llmtap.alerts"
 BUDGETS = "llmtap.budgets"  # compacted: the latest state of each budget
+RESERVATIONS = "llmtap.reservations"  # compacted: what each ingress holds against budgets
 
-ALL = (REQUESTS, RESPONSES, COSTED, WINDOWS, ALERTS, BUDGETS)
-COMPACTED = frozenset({BUDGETS})
+ALL = (REQUESTS, RESPONSES, COSTED, WINDOWS, ALERTS, BUDGETS, RESERVATIONS)
+COMPACTED = frozenset({BUDGETS, RESERVATIONS})
 
 # How long a consumer's fetch may wait for data. Kafka answers a fetch as soon as there
 # is data, so this only bounds an idle poll; the embedded Tansu broker answers only

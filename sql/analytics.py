@@ -26,7 +26,14 @@ from aiohttp import web
 from llmtap.config import BudgetConfig, Settings
 from sql import openapi, params, sqlapi
 from sql.auth import AUTH, CALLER, Unauthorized, api_auth
-from sql.budgets import BUDGET_BOOK, budget_follower, budget_rows, owner_of, visible_budgets
+from sql.budgets import (
+    BUDGET_BOOK,
+    RESERVATION_BOOK,
+    budget_follower,
+    budget_rows,
+    owner_of,
+    visible_budgets,
+)
 from sql.params import (
     ALERT_STATES,
     ALERT_TYPES,
@@ -267,13 +274,15 @@ async def alerts(request: web.Request) -> web.Response:
 
 async def budgets(request: web.Request) -> web.Response:
     """Every budget the caller may see, with its state as of now: from the budgets topic
-    (sql/budgets.py), not ClickHouse. ``reserved_usd`` is always null: reservations for
-    calls in flight are held by each ingress process, which this one cannot see."""
+    (sql/budgets.py), not ClickHouse; ``reserved_usd`` from what the ingress processes
+    announce on the reservations topic (null when none has been heard from lately)."""
     Query(request.query, *EXTRA["budgets"], common=COMMON_OF["budgets"])  # none: a 400
     configured = request.app.get(BUDGETS, [])
     by_name = {b.name: b for b in configured}
+    now = params.utcnow()
+    reserved = request.app[RESERVATION_BOOK].reserved(now)
     rows = budget_rows(
-        configured, request.app[BUDGET_BOOK].states, request[CALLER].scope, params.utcnow()
+        configured, request.app[BUDGET_BOOK].states, request[CALLER].scope, now, reserved
     )
     data = [
         {
@@ -286,7 +295,7 @@ async def budgets(request: web.Request) -> web.Response:
             "spent_usd": row.spent_usd,
             "remaining_usd": row.remaining_usd,
             "used_percent": row.used_percent,
-            "reserved_usd": None,
+            "reserved_usd": row.reserved_usd,
             "period_start": row.period_start,
             "period_end": row.period_end,
             "status": row.status,

@@ -8,7 +8,8 @@ by :func:`sql.analytics.add_routes`), of which only the states are used here (sa
 for which state to keep as the ingress). The configuration says which budgets exist and
 whom they belong to, and :func:`visible_budgets` which of them a key may see (the same
 rule decides which budget alerts it sees); a budget whose state has not been seen yet is
-unknown, never $0 spent.
+unknown, never $0 spent. What the ingress processes hold against the hard caps (their
+calls in flight) comes from the reservations topic (:class:`ReservationBook`).
 """
 
 from __future__ import annotations
@@ -17,19 +18,56 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from aiohttp import web
 
-from ingress.guards.budgets import BudgetBook, follow
+from ingress.guards.budgets import BudgetBook, follow, follow_topic
+from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
-from llmtap.events import BudgetState
+from llmtap.events import BudgetState, Reservations
 from sql.params import Scope
 from stream.budgets import current
 from stream.pricing import Catalog
 
 BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
+
+MISSED_ANNOUNCEMENTS = 3  # an ingress silent for this many intervals is gone
+
+
+class ReservationBook:
+    """The latest :class:`Reservations` of every ingress process."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Reservations] = {}
+
+    def update(self, event: Reservations) -> None:
+        held = self.latest.get(event.ingress_id)
+        if held is None or event.at >= held.at:
+            self.latest[event.ingress_id] = event
+
+    def reserved(self, now: datetime) -> dict[str, Decimal] | None:
+        """Per budget, what the live ingress processes hold; None when none is live
+        (nothing known, which is not the same as nothing held). A process that has
+        missed MISSED_ANNOUNCEMENTS announcements is taken to be gone (it died without
+        saying so), and what it held with it; one announced as far ahead of ``now`` is
+        from a clock not to be trusted, and left out too."""
+        live = [
+            r
+            for r in self.latest.values()
+            if abs(now - r.at) <= timedelta(seconds=r.interval_s * MISSED_ANNOUNCEMENTS)
+        ]
+        if not live:
+            return None
+        total: dict[str, Decimal] = {}
+        for r in live:
+            for name, amount in r.held.items():
+                total[name] = total.get(name, Decimal(0)) + amount
+        return total
+
+
+RESERVATION_BOOK = web.AppKey("reservation_book", ReservationBook)
 
 
 def visible_budgets(budgets: list[BudgetConfig], scope: Scope) -> list[str]:
@@ -58,19 +96,24 @@ def owner_of(budget: BudgetConfig) -> str:
 
 
 def budget_follower(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context: ``app[BUDGET_BOOK]``, following the budgets topic while the app
-    runs (only when budgets are configured)."""
+    """A cleanup context: ``app[BUDGET_BOOK]`` and ``app[RESERVATION_BOOK]``, following
+    the budgets and reservations topics while the app runs (only when budgets are
+    configured)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         # No prices are needed: this book is never asked to admit or settle a call.
         book = app[BUDGET_BOOK] = BudgetBook(
             settings.budgets, Catalog(models={}), settings.budget_default_max_tokens
         )
-        task = None
+        held = app[RESERVATION_BOOK] = ReservationBook()
+        tasks = []
         if settings.budgets:
-            task = asyncio.create_task(follow(book, settings.kafka_bootstrap), name="budget-states")
+            bootstrap = settings.kafka_bootstrap
+            tasks.append(asyncio.create_task(follow(book, bootstrap), name="budget-states"))
+            reservations = follow_topic(topics.RESERVATIONS, Reservations, held.update, bootstrap)
+            tasks.append(asyncio.create_task(reservations, name="budget-reservations"))
         yield
-        if task is not None:
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -88,6 +131,9 @@ class BudgetRow:
     limit_usd: Decimal
     hard_cap: bool
     state: BudgetState | None  # None: no state seen on the topic yet
+    # What live ingress processes hold against it (hard caps only; 0 otherwise); None:
+    # no ingress heard from.
+    reserved_usd: Decimal | None = None
 
     @property
     def spent_usd(self) -> Decimal | None:
@@ -129,10 +175,11 @@ def budget_rows(
     states: Mapping[str, BudgetState],
     scope: Scope,
     now: datetime,
+    reserved: Mapping[str, Decimal] | None = None,
 ) -> list[BudgetRow]:
     """The budgets ``scope`` may see (:func:`visible_budgets`), in configuration order,
     each with its state as of ``now`` (a period that has ended rolls over to a fresh
-    one, as the stream's does)."""
+    one, as the stream's does) and what is ``reserved`` against it (None: unknown)."""
     configured = list(budgets)
     seen = set(visible_budgets(configured, scope))
     rows = []
@@ -151,6 +198,7 @@ def budget_rows(
                 limit_usd=budget.limit_usd,
                 hard_cap=budget.hard_cap,
                 state=state,
+                reserved_usd=None if reserved is None else reserved.get(budget.name, Decimal(0)),
             )
         )
     return rows

@@ -206,9 +206,10 @@ ROWS["budgets"] = _object(
             "description": "spent as a percentage of the limit, one decimal place" + UNKNOWN,
         },
         "reserved_usd": {
-            "type": "null",
-            "description": "always null: reservations for calls in flight are held by each "
-            "ingress process, which the API cannot see",
+            **_nullable(BUDGET_MONEY),
+            "description": "held against a hard cap by the ingress processes (worst cases of "
+            "calls in flight, costs not counted in spent yet; 0 without a hard cap); null "
+            "when no ingress has been heard from in its last three announcement intervals",
         },
         "period_start": {**_nullable(TIME), "description": "the current period's start" + UNKNOWN},
         "period_end": {**_nullable(TIME), "description": "the current period's end" + UNKNOWN},

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,10 +14,13 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer
 from openai import AsyncOpenAI, RateLimitError
 from standardwebhooks import Webhook
 
+from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
+from llmtap.events import Reservations
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
 from tests.fake_provider import free_port, serve
 from tests.test_ingress_ops import make_key
@@ -158,3 +163,104 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
         ("budget", "20"),
     ]
     assert [Decimal(str(a["observed"])) for a in budget_alerts] == [per_call, 2 * per_call]
+
+
+async def reservations_of(
+    bootstrap: str, budget: str, until: Callable[[list[Reservations]], bool]
+) -> list[Reservations]:
+    """The announcements on the reservations topic that name ``budget`` (or empty ones
+    from the same ingress), read from the beginning until ``until`` holds of them."""
+    consumer = AIOKafkaConsumer(
+        topics.RESERVATIONS,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # no group: every partition, from its beginning
+        metadata_max_age_ms=500,  # the topic may appear after we start
+    )
+    await consumer.start()
+    try:
+        seen: list[Reservations] = []
+        mine: set[str] = set()
+        async with asyncio.timeout(30):
+            while not until(seen):
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for record in records:
+                        event = Reservations.model_validate_json(record.value or b"")
+                        if budget in event.held:
+                            mine.add(event.ingress_id)
+                        if event.ingress_id in mine:
+                            seen.append(event)
+        return seen
+    finally:
+        await consumer.stop()
+
+
+async def test_the_ingress_announces_what_it_holds_against_a_cap(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call in flight holds its worst case; once it ended, its real cost (no stream
+    runs here to count it); a stopped ingress announces that it holds nothing."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    body = orjson.dumps(
+        {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": MAX_TOKENS,
+            "stream": True,
+        }
+    )
+    worst = (len(body) * Decimal("2.50") + MAX_TOKENS * Decimal("10.00")) / Decimal(1_000_000)
+    name = f"held-{uuid.uuid4().hex[:8]}"
+    budget = BudgetConfig(name=name, scope="tenant", value="acme", limit_usd=Decimal(100))
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    bootstrap = settings.kafka_bootstrap
+    server = await serve_ingress(settings)
+    base = str(server.make_url("")).rstrip("/")
+    upstream.provider.chunk_delay_s = 0.3  # the call stays in flight for a second or more
+    closed = False
+    try:
+        secret = await make_key(base, settings.key_file)  # a first call, ended: its cost
+        fake = upstream.provider
+        one_call = (
+            (fake.prompt_tokens - fake.cached_tokens) * Decimal("2.50")
+            + fake.cached_tokens * Decimal("1.25")
+            + fake.completion_tokens * Decimal("10.00")
+        ) / Decimal(1_000_000)
+
+        async def call() -> int:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"{base}/v1/chat/completions",
+                    data=body,
+                    headers={"Authorization": f"Bearer {secret}"},
+                ) as response,
+            ):
+                await response.read()
+                return response.status
+
+        in_flight = asyncio.create_task(call())
+        # The probe call's cost, and the call in flight's worst case: of the body as
+        # forwarded, which asks for usage (stream_options: a few dozen bytes more).
+        slack = Decimal(64) * Decimal("2.50") / Decimal(1_000_000)
+
+        def holding(event: Reservations) -> bool:
+            return worst <= event.held.get(name, Decimal(0)) - one_call <= worst + slack
+
+        await reservations_of(bootstrap, name, lambda seen: any(holding(e) for e in seen))
+        assert await in_flight == 200
+        upstream.provider.chunk_delay_s = 0.0
+        held = await reservations_of(
+            bootstrap, name, lambda seen: seen[-1:] != [] and seen[-1].held[name] == 2 * one_call
+        )
+        await server.close()
+        closed = True
+        ingress_id = held[-1].ingress_id
+        held = await reservations_of(
+            bootstrap, name, lambda seen: seen[-1:] != [] and seen[-1].held == {}
+        )
+        assert {e.ingress_id for e in held} == {ingress_id}
+    finally:
+        upstream.provider.chunk_delay_s = 0.0
+        if not closed:
+            await server.close()

@@ -14,7 +14,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaProducer
 
 from ingress.guards.keys import create_key
+from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
-from llmtap.events import BudgetState
+from llmtap.events import BudgetState, Reservations
 from sinks.budget_seed import publish_states
 from sql import analytics, auth, dashboard, params
 from sql.budgets import BUDGET_BOOK
@@ -196,7 +198,7 @@ async def test_an_admin_sees_every_budget_with_exact_decimal_strings(api: Api) -
     assert everyone["tenant"] is None  # every tenant's calls
     assert (everyone["spent_usd"], everyone["remaining_usd"]) == ("0", "100")
     for row in rows.values():
-        assert row["reserved_usd"] is None  # held by each ingress: not known here
+        assert row["reserved_usd"] is None  # no ingress has announced what it holds
         for money in ("limit_usd", "spent_usd", "remaining_usd"):
             assert row[money] is None or isinstance(row[money], str)
 
@@ -252,3 +254,56 @@ async def test_without_a_key_it_is_a_401(api: Api) -> None:
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert "error" in await response.json()
     await api.get("ltk_" + "x" * 43, expect=401)
+
+
+async def test_reserved_is_what_the_live_ingresses_announce(
+    api: Api, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three ingress processes announce on the real reservations topic: two live ones
+    add up, one silent for more than three of its intervals is gone. Announced an hour
+    after the other tests' clock (NOW), so they never see these as live."""
+    later = NOW + timedelta(hours=1)
+    monkeypatch.setattr(params, "utcnow", lambda: later)
+    acme, search = api.budgets["acme"].name, api.budgets["search"].name
+    tag = uuid.uuid4().hex[:8]
+    announced = [
+        Reservations(
+            ingress_id=f"a-{tag}",
+            at=later - timedelta(seconds=5),
+            interval_s=10,
+            held={acme: Decimal("0.3"), search: Decimal("0.001")},
+        ),
+        Reservations(
+            ingress_id=f"b-{tag}",
+            at=later - timedelta(seconds=1),
+            interval_s=10,
+            held={acme: Decimal("0.25")},
+        ),
+        Reservations(  # died 60 s ago without a word: 6 intervals missed
+            ingress_id=f"c-{tag}",
+            at=later - timedelta(seconds=60),
+            interval_s=10,
+            held={acme: Decimal("7")},
+        ),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        for event in announced:
+            await producer.send_and_wait(
+                topics.RESERVATIONS, event.model_dump_json().encode(), key=event.ingress_id.encode()
+            )
+    finally:
+        await producer.stop()
+    async with asyncio.timeout(30):
+        while (rows := await api.rows("admin"))["acme"]["reserved_usd"] != "0.55":
+            await asyncio.sleep(0.05)
+    assert rows["search"]["reserved_usd"] == "0.001"
+    assert rows["globex"]["reserved_usd"] == "0"  # hard-capped, nothing held
+    assert rows["summarize"]["reserved_usd"] == "0"  # no hard cap: never anything held
+    # A virtual key sees the same numbers for the budgets it may see.
+    mine = await api.rows("acme_search")
+    assert mine["search"]["reserved_usd"] == "0.001"
+    # Two hours on, nobody has announced anything since: unknown, not 0.
+    monkeypatch.setattr(params, "utcnow", lambda: later + timedelta(hours=1))
+    assert {row["reserved_usd"] for row in (await api.rows("admin")).values()} == {None}

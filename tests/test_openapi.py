@@ -23,10 +23,11 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from ingress.guards.keys import create_key
 from llmtap.config import BudgetConfig, Settings
+from llmtap.events import Reservations
 from sinks.clickhouse.writer import Batch, write_batch
 from sinks.webhooks.records import store_batch
 from sql import analytics, openapi, params, sqlapi
-from sql.budgets import BUDGET_BOOK
+from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK
 from sql.store import Store
 from stream.budgets import fresh
 from tests.fake_provider import free_port
@@ -134,8 +135,13 @@ def served(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     assert ready.wait(30), "the app did not start"
     state = fresh(BUDGETS[0], NOW, NOW).model_copy(update={"spent_usd": Decimal("0.003")})
 
+    held = Reservations(
+        ingress_id="ingress-1", at=NOW, interval_s=60, held={BUDGETS[0].name: Decimal("0.0004")}
+    )
+
     async def seed() -> None:
         app[BUDGET_BOOK].update(state)
+        app[RESERVATION_BOOK].update(held)
 
     asyncio.run_coroutine_threadsafe(seed(), loop).result(30)
     try:

@@ -10,6 +10,8 @@ with no await between them, so concurrent calls cannot both take the last dollar
 and settled when the call ends: the reservation is replaced by the call's real cost,
 which is held until a published state has counted it. A model with no price cannot
 be bounded and is admitted with nothing reserved (its spend is not counted either).
+What a process holds is announced on the reservations topic (:func:`announce`), so the
+budgets endpoint can show it.
 """
 
 from __future__ import annotations
@@ -18,21 +20,25 @@ import asyncio
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from llmtap import topics
 from llmtap.config import BudgetConfig
-from llmtap.events import Attribution, BudgetState, Usage
+from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
 from stream.budgets import current, later_or_larger, matches
 from stream.pricing import PER_MILLION, Catalog, cost_of
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=BaseModel)
 
 SETTLED_MAX_AGE = timedelta(hours=1)  # a cost no state has counted by then is let go
 
@@ -109,6 +115,17 @@ class BudgetBook:
         in_flight = sum(self.reserved[budget.name].values(), Decimal(0))
         return state, state.spent_usd + in_flight + sum((c for _, c in pending), Decimal(0))
 
+    def held(self, now: datetime) -> dict[str, Decimal]:
+        """What this process holds against each hard-capped budget beyond its published
+        spend (what :meth:`committed` adds): in-flight worst cases and uncounted costs."""
+        cutoff = now - SETTLED_MAX_AGE
+        return {
+            budget.name: sum(self.reserved[budget.name].values(), Decimal(0))
+            + sum((c for t, c in self.settled[budget.name] if t > cutoff), Decimal(0))
+            for budget in self.budgets
+            if budget.hard_cap
+        }
+
     def admit(
         self,
         call_id: uuid.UUID,
@@ -156,6 +173,14 @@ class BudgetBook:
 
 async def follow(book: BudgetBook, bootstrap: str) -> None:
     """Keep ``book`` up to date with the budgets topic, from its beginning, forever."""
+    await follow_topic(topics.BUDGETS, BudgetState, book.update, bootstrap)
+
+
+async def follow_topic(
+    topic: str, model: type[E], on_event: Callable[[E], None], bootstrap: str
+) -> None:
+    """Hand every event of a compacted ``topic`` to ``on_event``, from its beginning,
+    forever (reconnecting when the broker goes away)."""
     while True:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -164,10 +189,10 @@ async def follow(book: BudgetBook, bootstrap: str) -> None:
         )
         try:
             await consumer.start()
-            partitions = consumer.partitions_for_topic(topics.BUDGETS) or set()
+            partitions = consumer.partitions_for_topic(topic) or set()
             if not partitions:
-                raise KafkaError(f"topic {topics.BUDGETS} not found yet")
-            tps = [TopicPartition(topics.BUDGETS, p) for p in sorted(partitions)]
+                raise KafkaError(f"topic {topic} not found yet")
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             while True:
@@ -175,11 +200,40 @@ async def follow(book: BudgetBook, bootstrap: str) -> None:
                 for batch in records.values():
                     for record in batch:
                         try:
-                            book.update(BudgetState.model_validate_json(record.value or b""))
+                            on_event(model.model_validate_json(record.value or b""))
                         except ValidationError as exc:
-                            log.error("unreadable budget state skipped: %s", exc.errors()[:1])
+                            log.error("unreadable %s event skipped: %s", topic, exc.errors()[:1])
         except (KafkaError, OSError) as exc:
-            log.warning("budget states unavailable (%s); retrying", exc)
+            log.warning("%s unavailable (%s); retrying", topic, exc)
             await asyncio.sleep(1.0)
         finally:
             await consumer.stop()
+
+
+Publish = Callable[[str, bytes, BaseModel], None]
+
+
+async def announce(
+    book: BudgetBook, publish: Publish, ingress_id: str, interval_s: float = 10.0
+) -> None:
+    """Publish what this process holds (:meth:`BudgetBook.held`) on the reservations
+    topic whenever it changes (looked at every 0.2 s) and every ``interval_s`` seconds
+    regardless; on cancellation, once more with nothing held (the process is stopping)."""
+    key = ingress_id.encode()
+    last: dict[str, Decimal] | None = None
+    sent_at = 0.0
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            now = utcnow()
+            held = book.held(now)
+            if held != last or loop.time() - sent_at >= interval_s:
+                event = Reservations(
+                    ingress_id=ingress_id, at=now, interval_s=interval_s, held=held
+                )
+                publish(topics.RESERVATIONS, key, event)
+                last, sent_at = held, loop.time()
+            await asyncio.sleep(0.2)
+    finally:
+        gone = Reservations(ingress_id=ingress_id, at=utcnow(), interval_s=interval_s)
+        publish(topics.RESERVATIONS, key, gone)
