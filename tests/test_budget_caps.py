@@ -22,28 +22,37 @@ from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import Reservations
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
-from tests.fake_provider import free_port, serve
+from tests.fake_provider import FakeProvider, free_port, serve
 from tests.test_ingress_ops import make_key
 
 MAX_TOKENS = 1000
+BODY = orjson.dumps(  # a streamed gpt-4o call
+    {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+    }
+)
+# gpt-4o: $2.50 in, $1.25 cached in, $10.00 out per million; every body byte may be a token.
+WORST = (len(BODY) * Decimal("2.50") + MAX_TOKENS * Decimal("10.00")) / Decimal(1_000_000)
+
+
+def cost_of_a_call(fake: FakeProvider) -> Decimal:
+    """What one call to the fake provider costs at gpt-4o's price (its usage counts)."""
+    return (
+        (fake.prompt_tokens - fake.cached_tokens) * Decimal("2.50")
+        + fake.cached_tokens * Decimal("1.25")
+        + fake.completion_tokens * Decimal("10.00")
+    ) / Decimal(1_000_000)
 
 
 async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
     ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    body = orjson.dumps(
-        {
-            "model": "gpt-4o",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": MAX_TOKENS,
-            "stream": True,
-        }
-    )
-    # gpt-4o: $2.50 in, $10.00 out per million; every body byte may be a token.
-    worst = (len(body) * Decimal("2.50") + MAX_TOKENS * Decimal("10.00")) / Decimal(1_000_000)
     budget = BudgetConfig(
-        name="acme-cap", scope="tenant", value="acme", period="day", limit_usd=worst * 10
+        name="acme-cap", scope="tenant", value="acme", period="day", limit_usd=WORST * 10
     )
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
     server = await serve_ingress(settings)
@@ -57,7 +66,7 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
                 aiohttp.ClientSession() as session,
                 session.post(
                     f"{base}/v1/chat/completions",
-                    data=body,
+                    data=BODY,
                     headers={
                         "Authorization": f"Bearer {secret}",
                         "Content-Type": "application/json",
@@ -74,13 +83,8 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
     refused = [r for r in results if r[0] == 429]
     # make_key's probe call already spent its real cost, which stays counted until a
     # budget state includes it (no stream runs here): 10 worst cases minus that.
-    fake = upstream.provider
-    probe = (
-        (fake.prompt_tokens - fake.cached_tokens) * Decimal("2.50")
-        + fake.cached_tokens * Decimal("1.25")
-        + fake.completion_tokens * Decimal("10.00")
-    ) / Decimal(1_000_000)
-    assert len(admitted) == int((budget.limit_usd - probe) // worst) == 9
+    probe = cost_of_a_call(upstream.provider)
+    assert len(admitted) == int((budget.limit_usd - probe) // WORST) == 9
     assert len(admitted) + len(refused) == 64
     error = json.loads(refused[0][1])["error"]
     assert error["code"] == "budget_exceeded"
@@ -201,15 +205,6 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
     """A call in flight holds its worst case; once it ended, its real cost (no stream
     runs here to count it); a stopped ingress announces that it holds nothing."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    body = orjson.dumps(
-        {
-            "model": "gpt-4o",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": MAX_TOKENS,
-            "stream": True,
-        }
-    )
-    worst = (len(body) * Decimal("2.50") + MAX_TOKENS * Decimal("10.00")) / Decimal(1_000_000)
     name = f"held-{uuid.uuid4().hex[:8]}"
     budget = BudgetConfig(name=name, scope="tenant", value="acme", limit_usd=Decimal(100))
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
@@ -220,19 +215,14 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
     closed = False
     try:
         secret = await make_key(base, settings.key_file)  # a first call, ended: its cost
-        fake = upstream.provider
-        one_call = (
-            (fake.prompt_tokens - fake.cached_tokens) * Decimal("2.50")
-            + fake.cached_tokens * Decimal("1.25")
-            + fake.completion_tokens * Decimal("10.00")
-        ) / Decimal(1_000_000)
+        one_call = cost_of_a_call(upstream.provider)
 
         async def call() -> int:
             async with (
                 aiohttp.ClientSession() as session,
                 session.post(
                     f"{base}/v1/chat/completions",
-                    data=body,
+                    data=BODY,
                     headers={"Authorization": f"Bearer {secret}"},
                 ) as response,
             ):
@@ -245,7 +235,7 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
         slack = Decimal(64) * Decimal("2.50") / Decimal(1_000_000)
 
         def holding(event: Reservations) -> bool:
-            return worst <= event.held.get(name, Decimal(0)) - one_call <= worst + slack
+            return WORST <= event.held.get(name, Decimal(0)) - one_call <= WORST + slack
 
         await reservations_of(bootstrap, name, lambda seen: any(holding(e) for e in seen))
         assert await in_flight == 200
