@@ -27,12 +27,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ingress.guards.keys import create_key, revoke_key
 from llmtap.config import BudgetConfig, Settings
-from llmtap.events import Alert, BudgetState, Status
+from llmtap.events import Alert, BudgetState, Reservations, Status
 from sinks.budget_seed import publish_states
 from sinks.clickhouse.writer import Batch, write_batch
 from sinks.webhooks.records import store_batch
 from sql import analytics, auth, dashboard, params
-from sql.budgets import BUDGET_BOOK, budget_rows
+from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, budget_rows
 from sql.dashboard import charts
 from sql.dashboard.charts import Point, Series
 from sql.dashboard.sessions import COOKIE, Sessions
@@ -313,6 +313,12 @@ async def test_the_dashboard_in_a_real_browser(
         browser.chromium_path()
     except browser.BrowserError as exc:
         pytest.fail(str(exc))
+    held = Decimal("0.0123")  # what one proxy holds against the first budget
+    dash.app[RESERVATION_BOOK].update(
+        Reservations(
+            ingress_id="ingress-1", at=NOW, interval_s=10, held={dash.budgets[0].name: held}
+        )
+    )
     async with browser.chromium(tmp_path / "chromium") as page:
         await page.navigate(dash.url)
         assert await page.evaluate("!!document.querySelector('form input[name=key]')")
@@ -340,6 +346,8 @@ async def test_the_dashboard_in_a_real_browser(
             assert budget.name in row
             assert charts.usd(budget.limit_usd - spent(budget, CALLS)) in row, row
             assert published_state(budget).status in row, row
+        assert charts.usd(held) in seen["budgets"][0]
+        assert all(charts.usd(Decimal(0)) in row for row in seen["budgets"][1:])
         statuses = {published_state(b).status for b in dash.budgets}
         assert statuses == {"ok", "warning", "exhausted"}  # the dataset shows all three
         assert seen["over"] == 1  # the exhausted budget's negative remaining stands out

@@ -27,7 +27,7 @@ from llmtap.config import Settings
 from llmtap.events import BudgetState, utcnow
 from sql.analytics import ROLLING, STORE, select
 from sql.auth import AUTH, Caller, Unauthorized
-from sql.budgets import BUDGET_BOOK, BudgetRow, budget_rows
+from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, BudgetRow, budget_rows
 from sql.dashboard import charts
 from sql.dashboard.charts import Chart, Point, Series
 from sql.dashboard.sessions import (
@@ -253,8 +253,9 @@ async def build(
     caller: Caller,
     settings: Settings,
     states: Mapping[str, BudgetState],
+    reserved: Mapping[str, Decimal] | None = None,
 ) -> Page:
-    budgets = budget_rows(settings.budgets, states, caller.scope, filters.until)
+    budgets = budget_rows(settings.budgets, states, caller.scope, filters.until, reserved)
     usage, performance, series, models, users, teams, features, alerts = await gather(
         store, filters, caller, budgets
     )
@@ -384,6 +385,7 @@ class Views:
             caller,
             self.settings,
             request.app[BUDGET_BOOK].states,
+            request.app[RESERVATION_BOOK].reserved(filters.until),
         )
         shown = [(k, v) for k, v in request.query.items() if k != "range" and v]
         return html(
