@@ -16,6 +16,7 @@ from typing import Any
 
 import clickhouse_connect
 import jinja2
+from clickhouse_connect.driver.insert import InsertContext
 
 _env = jinja2.Environment(
     loader=jinja2.FunctionLoader(
@@ -48,6 +49,7 @@ class Store:
         self.dsn = dsn
         self._client = clickhouse_connect.get_client(dsn=dsn)
         self._lock = threading.Lock()
+        self._insert_contexts: dict[tuple[str, tuple[str, ...]], InsertContext] = {}
 
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         with self._lock:
@@ -63,6 +65,22 @@ class Store:
         data = [list(column) for column in zip(*rows, strict=True)]
         with self._lock:
             self._client.insert(table, data, column_names=list(columns), column_oriented=True)
+
+    def insert_columns(
+        self, table: str, columns: Sequence[Sequence[Any]], names: Sequence[str]
+    ) -> None:
+        """One insert of data already in columns (``names`` order). The table's column
+        types are read once per table and column list, not before every insert: run
+        migrations before writers start (they do)."""
+        key = (table, tuple(names))
+        with self._lock:
+            context = self._insert_contexts.get(key)
+            if context is None:
+                context = self._client.create_insert_context(
+                    table, list(names), column_oriented=True
+                )
+                self._insert_contexts[key] = context
+            self._client.insert(data=columns, context=context)
 
     async def arows(
         self, sql: str, parameters: dict[str, Any] | None = None

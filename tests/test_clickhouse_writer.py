@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Cost, CostedEvent, ResponseEvent, Usage
+from sinks.clickhouse.decode import decode_batch
 from sinks.clickhouse.writer import Batch, ClickHouseWriter, write_batch
 from sql.migrate import available, migrate
 from sql.store import Store
@@ -69,6 +70,39 @@ def test_write_batch_is_idempotent_on_event_id(store: Store) -> None:
     assert total == Decimal("0.000075") * 20
 
 
+def test_decoded_columns_write_what_the_events_say(store: Store) -> None:
+    """A batch decoded in a decode process (plain values: str ids, int times, str money)
+    stores exactly what the same events stored as models do; a message that is no
+    event is a dead letter, whichever way."""
+    events = [costed() for _ in range(5)]
+    records = [(topics.COSTED, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
+    records.append((topics.COSTED, 0, 5, b"{}"))
+    decoded = decode_batch(records)
+    assert len(decoded) == 6 and len(decoded.dead_letters) == 1
+    assert decoded.dead_letters[0].offset == 5 and decoded.dead_letters[0].raw == b"{}"
+    # Half as columns, half as models, in one batch; then the same events again.
+    more = [costed("gpt-4o-mini") for _ in range(3)]
+    assert write_batch(store, Batch(events=more, calls=decoded.calls)) == 8
+    assert write_batch(store, Batch(events=[*events, *more])) == 0
+    stored = {
+        str(r["event_id"]): r
+        for r in store.rows(
+            "SELECT event_id, request_id, ts_start, ts_end, model, cost_total, cost_output"
+            " FROM calls"
+        )
+    }
+    assert len(stored) == 8
+    for e in [*events, *more]:
+        row = stored[str(e.event_id)]
+        assert row["request_id"] == e.request_id
+        end = e.response.ts_end  # UTC; read back naive (UTC), to the millisecond
+        assert row["ts_end"] == end.replace(microsecond=end.microsecond // 1000 * 1000, tzinfo=None)
+        assert row["model"] == e.response.model
+        assert e.cost is not None
+        assert row["cost_total"] == e.cost.total and row["cost_output"] == e.cost.output
+    assert count(store, "dead_letters") == 0  # write_batch got none: decode_batch kept it
+
+
 class CrashAfterWrite(Exception):
     pass
 
@@ -99,10 +133,13 @@ async def wait_for(predicate: Callable[[], bool]) -> None:
             await asyncio.sleep(0.1)
 
 
-@pytest.mark.parametrize("crash", [True], ids=["crash-between-write-and-commit"])
+@pytest.mark.parametrize("decode_processes", [0, 1], ids=["decode-here", "decode-process"])
 async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_input(
-    broker: Broker, store: Store, crash: bool
+    broker: Broker, store: Store, decode_processes: int
 ) -> None:
+    """Killed between a write and its commit (the worst moment), a writer's successor
+    re-reads the batch and writes no duplicate; bad input is dead-lettered. Decoding
+    in this process or in a decode process alike."""
     settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
     events = [costed() for _ in range(40)]
     payloads = [e.model_dump_json().encode() for e in events]
@@ -110,6 +147,7 @@ async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_
     payloads.append(payloads[3])  # a duplicate delivery from upstream
     await produce(broker.bootstrap, payloads)
 
+    settings = settings.model_copy(update={"sink_decode_processes": decode_processes})
     first = CrashingWriter(settings, store)
     with pytest.raises(CrashAfterWrite):
         await asyncio.wait_for(first.run(), 60)

@@ -3,10 +3,16 @@ rows. No Kafka, no ClickHouse here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from llmtap.events import CostedEvent, WindowEvent
 from stream.windows import sketch_of
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)
 
 CALLS_COLUMNS = (
     "event_id",
@@ -51,17 +57,36 @@ CALLS_COLUMNS = (
 DEAD_LETTER_COLUMNS = ("ts", "topic", "partition", "offset", "raw", "error")
 
 
+def ticks(ts: datetime) -> int:
+    """A ``DateTime64(3)`` value as the insert sends it: whole milliseconds since the
+    epoch (truncated, exactly: no float on the way)."""
+    return (ts - EPOCH) // MILLISECOND
+
+
+def from_ticks(ms: int) -> datetime:
+    return EPOCH + ms * MILLISECOND
+
+
+def _money(value: Decimal) -> str:
+    return str(value)  # exact; the insert reads a Decimal column's values through str()
+
+
 def call_row(event: CostedEvent) -> tuple[Any, ...]:
+    """One ``calls`` row, in CALLS_COLUMNS order, of plain values: what the columnar
+    insert writes without converting them again, and cheap to pickle (a UUID or a
+    Decimal costs ~10x a str to pickle). The event id as its str (the duplicate check
+    binds it so), the request id as its int, times as :func:`ticks`, money as the str
+    of its Decimal."""
     r = event.response
     a = r.attribution
     u = r.usage
     c = event.cost
     return (
-        event.event_id,
-        r.request_id,
+        str(event.event_id),
+        r.request_id.int,
         event.schema_version,
-        r.ts_start,
-        r.ts_end,
+        ticks(r.ts_start),
+        ticks(r.ts_end),
         a.tenant,
         a.team,
         a.user,
@@ -86,15 +111,20 @@ def call_row(event: CostedEvent) -> tuple[Any, ...]:
         r.latency_ms,
         r.ttft_ms,
         r.proxy_overhead_ms,
-        None if c is None else c.input,
-        None if c is None else c.cached_input,
-        None if c is None else c.cache_write,
-        None if c is None else c.output,
-        None if c is None else c.reasoning,
-        None if c is None else c.total,
+        None if c is None else _money(c.input),
+        None if c is None else _money(c.cached_input),
+        None if c is None else _money(c.cache_write),
+        None if c is None else _money(c.output),
+        None if c is None else _money(c.reasoning),
+        None if c is None else _money(c.total),
         event.unpriced,
         event.pricing_model,
     )
+
+
+def call_columns(events: Iterable[CostedEvent]) -> list[tuple[Any, ...]]:
+    """The ``calls`` columns of events (CALLS_COLUMNS order): rows, transposed in C."""
+    return list(zip(*map(call_row, events), strict=True))
 
 
 EVENT_ID = CALLS_COLUMNS.index("event_id")

@@ -17,17 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import astuple, dataclass, field
-from datetime import datetime, timedelta
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import astuple
+from datetime import timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError
-from pydantic import ValidationError
 
 from llmtap import topics
 from llmtap.config import Settings
-from llmtap.events import CostedEvent, WindowEvent, utcnow
+from sinks.clickhouse.decode import Batch as Batch  # re-exported: tests and tools build batches
+from sinks.clickhouse.decode import DeadLetter as DeadLetter
+from sinks.clickhouse.decode import Record, decode_batch, ready, start_decode_process
 from sinks.clickhouse.rows import (
     CALLS_COLUMNS,
     DEAD_LETTER_COLUMNS,
@@ -36,52 +40,14 @@ from sinks.clickhouse.rows import (
     WINDOW_ID,
     WINDOW_START,
     WINDOWS_COLUMNS,
-    call_row,
+    call_columns,
+    from_ticks,
     window_row,
 )
 from sinks.consumer import consume_forever, sink_consumer
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message that could not be decoded, kept whole. Fields in DEAD_LETTER_COLUMNS order."""
-
-    ts: datetime
-    topic: str
-    partition: int
-    offset: int
-    raw: bytes
-    error: str
-
-
-@dataclass
-class Batch:
-    """What the writer holds between reads and one write, with the offsets it covers."""
-
-    events: list[CostedEvent] = field(default_factory=list)
-    windows: list[WindowEvent] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.events) + len(self.windows) + len(self.dead_letters)
-
-    def add(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        tp = TopicPartition(record.topic, record.partition)
-        self.offsets[tp] = record.offset + 1  # the next offset to read
-        raw = record.value or b""
-        try:
-            if record.topic == topics.WINDOWS:
-                self.windows.append(WindowEvent.model_validate_json(raw))
-            else:
-                self.events.append(CostedEvent.model_validate_json(raw))
-        except ValidationError as exc:
-            self.dead_letters.append(
-                DeadLetter(utcnow(), record.topic, record.partition, record.offset, raw, str(exc))
-            )
 
 
 def new_rows(
@@ -110,6 +76,31 @@ def new_rows(
     return [row for row in unique if row[id_at] not in known]
 
 
+def new_calls(store: Store, columns: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The ``calls`` columns of a batch without the events stored already, each event
+    once (what :func:`new_rows` does for rows, without turning columns into rows)."""
+    if not columns:
+        return columns
+    ids = columns[EVENT_ID]
+    last = {event_id: i for i, event_id in enumerate(ids)}  # the last copy of each
+    ts_end = columns[TS_END]
+    slack = 1000  # ms
+    stored = store.rows(
+        render("existing_call_ids"),
+        {
+            "ts_from": from_ticks(min(ts_end) - slack),
+            "ts_to": from_ticks(max(ts_end) + slack),
+            "event_ids": ",".join(last),
+        },
+    )
+    for r in stored:
+        last.pop(str(r["event_id"]), None)
+    if len(last) == len(ids):
+        return columns  # the usual case: nothing to drop
+    keep = sorted(last.values())
+    return [tuple(column[i] for i in keep) for column in columns] if keep else []
+
+
 def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter]:
     """The dead letters of a batch not stored yet (keyed by topic, partition, offset)."""
     fresh: list[DeadLetter] = []
@@ -130,9 +121,13 @@ def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter
 
 def write_batch(store: Store, batch: Batch) -> int:
     """Write a batch idempotently; return how many call rows were inserted."""
-    fresh = new_rows(store, [call_row(e) for e in batch.events])
+    calls = batch.calls
+    if batch.events:
+        extra = call_columns(batch.events)
+        calls = [a + b for a, b in zip(calls, extra, strict=True)] if calls else extra
+    fresh = new_calls(store, calls)
     if fresh:
-        store.insert("calls", fresh, CALLS_COLUMNS)
+        store.insert_columns("calls", fresh, CALLS_COLUMNS)
     if batch.windows:
         windows = new_rows(
             store,
@@ -147,14 +142,23 @@ def write_batch(store: Store, batch: Batch) -> int:
     if letters:
         store.insert("dead_letters", [astuple(d) for d in letters], DEAD_LETTER_COLUMNS)
         log.error("%d undecodable messages sent to dead_letters", len(letters))
-    return len(fresh)
+    return len(fresh[0]) if fresh else 0
 
 
 class ClickHouseWriter:
+    """Kafka -> ClickHouse. ``sink_decode_processes`` > 0 decodes in that many separate
+    processes (spawned, so a forked copy of this process's threads and chDB engine is
+    never made), in parallel with reading and inserting here; 0 (the default) decodes
+    in this process, on the event loop. A decode process takes the GIL-bound decode off
+    this process but costs more CPU in all (plain values to build and pickle), so it is
+    opt-in, for a store with a core to spare (bench/results/ingest.md)."""
+
     def __init__(self, settings: Settings, store: Store, group_id: str = topics.SINK_GROUP) -> None:
         self._settings = settings
         self._store = store
         self._group_id = group_id
+        self._decode_processes = settings.sink_decode_processes
+        self._pool: ProcessPoolExecutor | None = None
         self.rows_written = 0
         self.batches_written = 0
         self.write_failures = 0
@@ -170,53 +174,108 @@ class ClickHouseWriter:
 
     async def run(self) -> None:
         """Consume until cancelled; reconnect if the broker goes away."""
-        await consume_forever(self._consumer, self._consume, "ClickHouse writer")
+        try:
+            await self._start_pool()
+            await consume_forever(self._consumer, self._consume, "ClickHouse writer")
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    async def _start_pool(self) -> None:
+        if self._decode_processes <= 0:
+            return
+        self._pool = ProcessPoolExecutor(
+            self._decode_processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=start_decode_process,
+        )
+        loop = asyncio.get_running_loop()
+        # Start them (imports and all) before the first read.
+        await asyncio.gather(
+            *(loop.run_in_executor(self._pool, ready) for _ in range(self._decode_processes))
+        )
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
-        """Read a batch while the previous one is written: at most two batches held,
-        writes and commits strictly in order, and no reading ahead of a failing store."""
+        """Read a batch while the previous one is decoded and written: writes and
+        commits strictly in order, and no reading ahead of a failing store. A batch's
+        decoding starts as soon as it is read, so it overlaps the previous write."""
         previous: asyncio.Task[None] | None = None
+        decoding: asyncio.Future[Batch] | None = None
         try:
             while True:
-                batch = await self._read_batch(consumer)
+                records, offsets = await self._read_batch(consumer)
+                if records:
+                    decoding = asyncio.ensure_future(self._decode(records, offsets))
                 if previous is not None:
                     await previous
                     previous = None
-                if len(batch):
-                    previous = asyncio.create_task(self._write_and_commit(consumer, batch))
+                if decoding is not None:
+                    previous = asyncio.create_task(self._write_and_commit(consumer, decoding))
+                    decoding = None
         finally:
-            if previous is not None and not previous.done():
-                previous.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await previous
+            for task in (decoding, previous):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
-    async def _read_batch(self, consumer: AIOKafkaConsumer) -> Batch:
+    async def _read_batch(
+        self, consumer: AIOKafkaConsumer
+    ) -> tuple[list[Record], dict[TopicPartition, int]]:
         """Up to ``sink_batch_rows`` messages, or what arrived within ``sink_batch_seconds``
-        of the first one; empty after ``sink_batch_seconds`` with nothing to read."""
+        of the first one; none after ``sink_batch_seconds`` with nothing to read. Also
+        the offsets they cover: for each partition, the next offset to read."""
         loop = asyncio.get_running_loop()
         max_rows = self._settings.sink_batch_rows
         max_age = self._settings.sink_batch_seconds
-        batch = Batch()
+        records: list[Record] = []
+        offsets: dict[TopicPartition, int] = {}
         first_at: float | None = None
-        while len(batch) < max_rows:
+        while len(records) < max_rows:
             wait = max_age if first_at is None else first_at + max_age - loop.time()
             if wait <= 0:
                 break
-            records = await consumer.getmany(
-                timeout_ms=max(1, int(wait * 1000)), max_records=max_rows - len(batch)
+            fetched = await consumer.getmany(
+                timeout_ms=max(1, int(wait * 1000)), max_records=max_rows - len(records)
             )
-            for partition_records in records.values():
+            for tp, partition_records in fetched.items():
                 for record in partition_records:
-                    batch.add(record)
-            if not len(batch):
-                return batch  # idle: let the caller look at the write in flight
+                    records.append(
+                        (record.topic, record.partition, record.offset, record.value or b"")
+                    )
+                offsets[tp] = partition_records[-1].offset + 1
+            if not records:
+                break  # idle: let the caller look at the write in flight
             if first_at is None:
                 first_at = loop.time()
                 if self.first_read_at is None:
                     self.first_read_at = first_at
+        return records, offsets
+
+    async def _decode(self, records: list[Record], offsets: dict[TopicPartition, int]) -> Batch:
+        """Decode in a decode process (or here, without one)."""
+        batch: Batch | None = None
+        if self._pool is not None:
+            try:
+                batch = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, decode_batch, records
+                )
+            except BrokenProcessPool:
+                # A decode process died (killed?): decode this batch here, start new ones.
+                log.error("a decode process died; starting new ones")
+                self._pool.shutdown(wait=False)
+                self._pool = None
+                await self._start_pool()
+        if batch is None:
+            batch = decode_batch(records)
+        batch.offsets = offsets
         return batch
 
-    async def _write_and_commit(self, consumer: AIOKafkaConsumer, batch: Batch) -> None:
+    async def _write_and_commit(
+        self, consumer: AIOKafkaConsumer, decoding: asyncio.Future[Batch]
+    ) -> None:
+        batch = await decoding
         await self._write(batch)
         try:
             await consumer.commit(batch.offsets)

@@ -1,0 +1,109 @@
+"""The writer's first step, decode, as a pure function of raw records: bytes -> the
+event contract's models (pydantic validates every message) -> ``calls`` columns of plain
+values, or a dead letter (raw bytes kept) for a message that is not a valid event.
+
+It is the costliest step (pydantic: ~15 us an event) and holds the GIL, so the writer
+can run :func:`decode_batch` in separate processes (the ``sink_decode_processes`` setting)
+while its own process reads Kafka and inserts: what would cross the process boundary
+is plain values (bytes in; str, int, float, dict out), cheap to pickle. No Kafka client,
+no ClickHouse here.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiokafka import TopicPartition
+from pydantic import ValidationError
+
+from llmtap import topics
+from llmtap.events import CostedEvent, WindowEvent, utcnow
+from sinks.clickhouse.rows import call_columns
+
+# A raw message: topic, partition, offset, value.
+Record = tuple[str, int, int, bytes]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that could not be decoded, kept whole. Fields in DEAD_LETTER_COLUMNS order."""
+
+    ts: datetime
+    topic: str
+    partition: int
+    offset: int
+    raw: bytes
+    error: str
+
+
+@dataclass
+class Batch:
+    """What the writer holds between reads and one write, with the offsets it covers.
+
+    Costed events are either models (``events``, as tests and tools build a batch) or
+    already ``calls`` columns (``calls``, CALLS_COLUMNS order, as :func:`decode_batch`
+    returns them); a write takes both.
+    """
+
+    events: list[CostedEvent] = field(default_factory=list)
+    windows: list[WindowEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        calls = len(self.calls[0]) if self.calls else 0
+        return len(self.events) + calls + len(self.windows) + len(self.dead_letters)
+
+    def decode(self, record: Record) -> None:
+        topic, partition, offset, raw = record
+        try:
+            if topic == topics.WINDOWS:
+                self.windows.append(WindowEvent.model_validate_json(raw))
+            else:
+                self.events.append(CostedEvent.model_validate_json(raw))
+        except ValidationError as exc:
+            self.dead_letters.append(DeadLetter(utcnow(), topic, partition, offset, raw, str(exc)))
+
+
+def decode_batch(records: list[Record]) -> Batch:
+    """Decode raw records into a batch whose costed events are ``calls`` columns (its
+    offsets are the caller's to set). Runs in a decode process: everything it returns
+    pickles cheaply (windows and dead letters are few)."""
+    batch = Batch()
+    for record in records:
+        batch.decode(record)
+    if batch.events:
+        batch.calls = call_columns(batch.events)
+        batch.events = []
+    return batch
+
+
+def start_decode_process() -> None:
+    """A decode process's start. It exits when the writer's process is gone, even
+    SIGKILLed (the pool cannot tell it then, and it would wait for work forever); and
+    its garbage collector is tuned as the writer's process tunes it
+    (``sinks.app.tune_gc``: decoding allocates tens of thousands of small objects a
+    batch, and default thresholds make collections cost more than decoding)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
+def _exit_with(parent_sentinel: int) -> None:
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(1)
+
+
+def ready() -> bool:
+    """A no-op a new decode process runs first, so its start happens before any batch."""
+    return True
