@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from ingress.publisher import EventPublisher
 from llmtap.events import ResponseEvent
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 # Latency of LLM calls spans milliseconds to minutes.
 _CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -82,16 +86,26 @@ class IngressMetrics:
             registry=self.registry,
         )
         self.registry.register(_PublisherCollector(publisher))
+        # Labelled children by (metric, *labels): as many as the metrics hold themselves.
+        self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
 
     def observe(self, event: ResponseEvent) -> None:
-        self.requests.labels(event.endpoint, event.provider, event.model, event.status).inc()
+        self._child(self.requests, event.endpoint, event.provider, event.model, event.status).inc()
         if event.status in ("bad_request", "refused"):
-            self.rejections.labels(event.error_class or event.status).inc()
+            self._child(self.rejections, event.error_class or event.status).inc()
             return
-        self.latency.labels(event.endpoint, event.provider).observe(event.latency_ms / 1000)
-        self.overhead.labels(event.endpoint).observe(event.proxy_overhead_ms / 1000)
+        self._child(self.latency, event.endpoint, event.provider).observe(event.latency_ms / 1000)
+        self._child(self.overhead, event.endpoint).observe(event.proxy_overhead_ms / 1000)
         if event.ttft_ms is not None:
-            self.ttft.labels(event.endpoint, event.provider).observe(event.ttft_ms / 1000)
+            self._child(self.ttft, event.endpoint, event.provider).observe(event.ttft_ms / 1000)
+
+    def _child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, remembered: the lookup costs more than the update."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return cast(M, child)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -46,24 +46,53 @@ def bearer_token(headers: CIMultiDictProxy[str]) -> str:
     return value[7:].strip() if value[:7].lower() == "bearer " else ""
 
 
+def credential_of(headers: CIMultiDictProxy[str]) -> str:
+    """The credential a client presented: its bearer token, or its ``x-api-key``."""
+    return bearer_token(headers) or headers.get("x-api-key", "")
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What ``x-llmtap-*`` headers claim about a call's attribution."""
+
+    tenant: str
+    team: str
+    user: str
+    feature: str
+    env: str
+    properties: dict[str, str]
+
+    @classmethod
+    def of(cls, headers: CIMultiDictProxy[str]) -> Claims:
+        return cls(
+            tenant=headers.get("x-llmtap-tenant", ""),
+            team=headers.get("x-llmtap-team", ""),
+            user=headers.get("x-llmtap-user", ""),
+            feature=headers.get("x-llmtap-feature", ""),
+            env=headers.get("x-llmtap-env", ""),
+            properties={
+                name[len(PROPERTY_PREFIX) :].lower(): value
+                for name, value in headers.items()
+                if name.lower().startswith(PROPERTY_PREFIX)
+            },
+        )
+
+
 def attribution_from(headers: CIMultiDictProxy[str], *, user_field: str = "") -> Attribution:
     """Attribution claimed by ``x-llmtap-*`` headers (and the body's ``user`` field)."""
-    properties = {
-        name[len(PROPERTY_PREFIX) :].lower(): value
-        for name, value in headers.items()
-        if name.lower().startswith(PROPERTY_PREFIX)
-    }
-    credential = bearer_token(headers) or headers.get("x-api-key", "")
+    claims = Claims.of(headers)
     return Attribution(
-        tenant=headers.get("x-llmtap-tenant", ""),
-        team=headers.get("x-llmtap-team", ""),
-        user=headers.get("x-llmtap-user", "") or user_field,
-        feature=headers.get("x-llmtap-feature", ""),
-        env=headers.get("x-llmtap-env", ""),
-        key_id=key_id(credential),
-        properties=properties,
+        tenant=claims.tenant,
+        team=claims.team,
+        user=claims.user or user_field,
+        feature=claims.feature,
+        env=claims.env,
+        key_id=key_id(credential_of(headers)),
+        properties=claims.properties,
     )
 
+
+NOBODY = Attribution()
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 
@@ -110,7 +139,7 @@ class Call:
     t_start: float = field(default_factory=time.perf_counter)
     model_requested: str = ""
     stream: bool = False
-    attribution: Attribution = field(default_factory=Attribution)
+    attribution: Attribution = NOBODY  # frozen, so one instance serves every call
     t_upstream_sent: float | None = None
     t_first_byte: float | None = None
     t_upstream_done: float | None = None

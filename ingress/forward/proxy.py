@@ -104,7 +104,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     publisher = request.app[PUBLISHER]
     api = endpoint.api
     call = Call(provider=api.kind, endpoint=endpoint.name)
-    logs.request_id.set(str(call.request_id))
+    request_id = str(call.request_id)
+    logs.request_id.set(request_id)
 
     def record(status: Status, http_status: int, usage: Usage, model: str, error: str) -> None:
         record_outcome(request.app, call, status, http_status, usage, model, error)
@@ -118,7 +119,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     ) -> web.Response:
         """Answer without contacting the provider, and still record the call."""
         response = api.error(status, message, param=param, code=code)
-        response.headers["x-request-id"] = str(call.request_id)
+        response.headers["x-request-id"] = request_id
         outcome: Status = "refused"
         if status in (400, 404, 413):
             outcome = "bad_request"
@@ -172,10 +173,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     except NoRoute as exc:
         return refuse(400, str(exc), "no_route", "model")
     call.provider = route.provider
+    most_tokens = max_tokens(payload)
     publisher.publish(
         topics.REQUESTS,
         topics.partition_key(call.request_id),
-        call.request_event(request_bytes=len(body), max_tokens=max_tokens(payload)),
+        call.request_event(request_bytes=len(body), max_tokens=most_tokens),
     )
 
     rewritten = route.upstream_model != model
@@ -199,12 +201,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     if request.query_string:
         url += "?" + request.query_string
 
-    exhausted = request.app[BUDGETS].admit(
+    budgets = request.app[BUDGETS]
+    exhausted = budgets.admit(
         call.request_id,
         call.attribution,
         model,
         len(body),
-        max_tokens(payload),
+        most_tokens,
         utcnow(),
         provider=route.provider,
     )
@@ -231,7 +234,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
-                headers=downstream_headers(upstream.headers, str(call.request_id)),
+                headers=downstream_headers(upstream.headers, request_id),
             )
             if upstream.content_type == "text/event-stream":
                 capture = api.stream_capture(strip_usage_chunk)
@@ -285,13 +288,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             f"llmtap could not reach the provider {route.provider!r} ({error_class})",
             code="upstream_timeout" if timed_out else "upstream_unreachable",
         )
-        error.headers["x-request-id"] = str(call.request_id)
+        error.headers["x-request-id"] = request_id
         return error
     finally:
         if capture is not None:  # a stream, finished or not: usage as far as it was seen
             usage, model_served = capture.final_usage, capture.model
         record(status, http_status, usage, model_served, error_class)
-        request.app[BUDGETS].settle(
+        budgets.settle(
             call.request_id, model_served or model, usage, utcnow(), provider=route.provider
         )
         if key is not None and key.tpm:

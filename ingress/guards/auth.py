@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
-from ingress.forward.call import attribution_from, bearer_token
+from ingress.forward.call import Claims, attribution_from, credential_of
 from ingress.guards.keys import KeyStore, VirtualKey
 from llmtap.config import Settings
 from llmtap.events import Attribution
@@ -37,11 +37,9 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
     A key's tenant, team and user are facts; ``x-llmtap-*`` headers may add what the
     key leaves open (a team on a tenant-wide key) but never contradict it.
     """
-    claimed = attribution_from(headers)
     if settings.auth == "passthrough":
-        return Identity(claimed, None)
-    secret = bearer_token(headers) or headers.get("x-api-key", "")
-    key = keys.lookup(secret)
+        return Identity(attribution_from(headers), None)
+    key = keys.lookup(credential_of(headers))
     if key is None:
         raise Refusal(
             401,
@@ -50,6 +48,7 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
             "invalid_key",
             code="invalid_api_key",
         )
+    claimed = Claims.of(headers)
     for field in _BOUND:
         bound, wanted = getattr(key, field), getattr(claimed, field)
         if bound and wanted and wanted != bound:
@@ -58,13 +57,14 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
                 f"this key is bound to {field} {bound!r}; x-llmtap-{field} cannot claim {wanted!r}",
                 "attribution_conflict",
             )
-    attribution = claimed.model_copy(
-        update={
-            "tenant": key.tenant,
-            "team": key.team or claimed.team,
-            "user": key.user or claimed.user,
-            "key_id": key.id,
-        }
+    attribution = Attribution(
+        tenant=key.tenant,
+        team=key.team or claimed.team,
+        user=key.user or claimed.user,
+        feature=claimed.feature,
+        env=claimed.env,
+        key_id=key.id,
+        properties=claimed.properties,
     )
     return Identity(attribution, key)
 

@@ -153,16 +153,21 @@ class BudgetBook:
     def settle(
         self, call_id: uuid.UUID, model: str, usage: Usage, ended: datetime, provider: str = ""
     ) -> None:
-        """The call ended: its reservation becomes its real cost (when it can be priced)."""
+        """The call ended: its reservation becomes its real cost (when it can be priced).
+        A call that reserved nothing (no hard cap applied) costs a dict lookup a budget."""
+        held = {
+            name: worst
+            for name, reservations in self.reserved.items()
+            if (worst := reservations.pop(call_id, None)) is not None
+        }
+        if not held:
+            return
         cost = None
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(ended) if entry is not None else None
         if rates is not None and not usage.usage_missing:
             cost = cost_of(usage, rates).total
-        for name, reservations in self.reserved.items():
-            worst = reservations.pop(call_id, None)
-            if worst is None:
-                continue
+        for name, worst in held.items():
             if usage.usage_missing:
                 cost_here = worst  # unknown: keep the worst case until the stream counts it
             else:
