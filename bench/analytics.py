@@ -67,6 +67,8 @@ ROLLUPS = (
     "analytics_by_user_daily",
     "analytics_by_property_daily",
     "analytics_by_provider_hourly",
+    "analytics_by_tenant_hourly",
+    "analytics_by_user_provider_daily",
 )
 
 

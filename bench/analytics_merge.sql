@@ -6,3 +6,5 @@ OPTIMIZE TABLE analytics_by_team_daily FINAL;
 OPTIMIZE TABLE analytics_by_user_daily FINAL;
 OPTIMIZE TABLE analytics_by_property_daily FINAL;
 OPTIMIZE TABLE analytics_by_provider_hourly FINAL;
+OPTIMIZE TABLE analytics_by_tenant_hourly FINAL;
+OPTIMIZE TABLE analytics_by_user_provider_daily FINAL;

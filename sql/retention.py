@@ -35,6 +35,9 @@ def apply_retention(store: Store, *, raw_days: int, rollup_days: int) -> list[st
         # ... and those of migration 0007.
         "analytics_by_property_daily": ("bucket", rollup_days),
         "analytics_by_provider_hourly": ("bucket", rollup_days),
+        # ... and of migration 0008.
+        "analytics_by_tenant_hourly": ("bucket", rollup_days),
+        "analytics_by_user_provider_daily": ("bucket", rollup_days),
     }
     changed = []
     for table, (column, days) in wanted.items():

@@ -111,7 +111,7 @@ def test_retention_follows_the_settings(store: Store) -> None:
     assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls"]
     assert current_ttl_days(store, "calls") == 30
     changed = apply_retention(store, raw_days=30, rollup_days=200)
-    assert "analytics_by_user_daily" in changed and len(changed) == 7
+    assert "analytics_by_user_daily" in changed and len(changed) == 9
     assert current_ttl_days(store, "analytics_by_model_hourly") == 200
 
 

@@ -48,10 +48,11 @@ ALTER TABLE calls ADD PROJECTION IF NOT EXISTS by_time
 
 ALTER TABLE calls MATERIALIZE PROJECTION by_time SETTINGS mutations_sync = 1;
 
-{% macro rollup_select(start_of, dims, by_user, costs_only=false, array_join="") %}
+{% macro rollup_select(start_of, dims, by_user, costs_only=false, array_join="", with_models=false) %}
 -- `calls.` where a column's name is also the alias of its sum. Throughput counts
 -- successful calls with known usage only (measured). `costs_only`: what costs need
--- (0007's property rollup); `array_join`: an ARRAY JOIN clause after FROM calls.
+-- (0007's property rollup), `array_join` an ARRAY JOIN clause after FROM calls, and
+-- `with_models` the set of models (0008's user rollup without a model dimension).
 WITH status = 'ok' AND NOT calls.usage_missing AS measured
 SELECT
     toDateTime({{ start_of }}(ts_end), 'UTC') AS bucket,
@@ -94,7 +95,10 @@ SELECT
     max(toUInt64(calls.input_tokens) + calls.output_tokens) AS max_tokens,
     min(ts_start) AS first_start,
     max(ts_start) AS last_start,
-    groupUniqArray(toDate(ts_start)) AS start_days
+    groupUniqArray(toDate(ts_start)) AS start_days{{ "," if with_models }}
+{% endif %}
+{% if with_models %}
+    groupUniqArray(toString(model)) AS models
 {% endif %}
 FROM calls
 {% if array_join %}
@@ -102,7 +106,7 @@ FROM calls
 {% endif %}
 GROUP BY bucket, {{ dims | join(', ') }}
 {% endmacro %}
-{% macro rollup_table(table, dims, by_user, costs_only=false, order_by=none) %}
+{% macro rollup_table(table, dims, by_user, costs_only=false, order_by=none, with_models=false) %}
 CREATE TABLE IF NOT EXISTS {{ table }}
 (
     bucket DateTime('UTC'),
@@ -145,7 +149,10 @@ CREATE TABLE IF NOT EXISTS {{ table }}
     max_tokens SimpleAggregateFunction(max, UInt64),
     first_start SimpleAggregateFunction(min, DateTime64(3, 'UTC')),
     last_start SimpleAggregateFunction(max, DateTime64(3, 'UTC')),
-    start_days SimpleAggregateFunction(groupUniqArrayArray, Array(Date))
+    start_days SimpleAggregateFunction(groupUniqArrayArray, Array(Date)){{ "," if with_models }}
+{% endif %}
+{% if with_models %}
+    models SimpleAggregateFunction(groupUniqArrayArray, Array(String))
 {% endif %}
 )
 ENGINE = AggregatingMergeTree

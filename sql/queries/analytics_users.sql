@@ -17,7 +17,7 @@ SELECT
     sum(p.latency_ms_sum) / requests AS avg_latency_ms,
     (requests - errors) / requests AS success_rate,
     errors / requests AS error_rate,
-    uniqExact(p.model) AS unique_models,
+    length(groupUniqArrayArray(p.models)) AS unique_models,
     arraySort(groupUniqArray(p.provider)) AS providers,
     min(p.first_start) AS first_request,
     max(p.last_start) AS last_request,
@@ -26,8 +26,8 @@ SELECT
     cost / nullIf(sum(p.priced), 0) AS cost_per_request,
     cost * 1000 / nullIf(sum(p.priced_tokens), 0) AS cost_per_1k_tokens,
     max(p.max_tokens) AS max_tokens_per_request
-{% with group = ['user'],
-        need = ['requests', 'errors', 'input_tokens', 'output_tokens', 'priced', 'cost',
+{% with group = ['user'], by_model = false,
+        need = ['models', 'requests', 'errors', 'input_tokens', 'output_tokens', 'priced', 'cost',
                 'unpriced', 'budget_rejections', 'latency_ms_sum', 'first_start', 'last_start',
                 'start_days', 'priced_tokens', 'max_tokens'] %}
 FROM {% include "rollup_parts" %} AS p

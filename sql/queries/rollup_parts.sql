@@ -20,10 +20,12 @@
     Which rollups: the narrowest with every dimension the query filters (`filters`) or
     groups by (`group`: 'team', 'feature', 'user'; `by_user` also asks for the user;
     `by_model=false` says the query reads no model, so tenant and provider will do):
-    analytics_by_provider_hourly (provider; its days from analytics_by_model_daily),
-    analytics_by_model_* (provider, model), analytics_by_team_daily (+ team, feature,
-    env), analytics_by_user_daily (provider, model, team, user). A user with a feature
-    or env is in none: those read `calls`.
+    analytics_by_tenant_hourly (tenant only) and analytics_by_provider_hourly (provider;
+    the days of both from analytics_by_model_daily), analytics_by_model_* (provider,
+    model), analytics_by_team_daily (+ team, feature, env), analytics_by_user_daily
+    (provider, model, team, user) and, without the model, analytics_by_user_provider_daily
+    (provider, team, user, and the measure `models`: the set of models used). A user
+    with a feature or env is in none: those read `calls`.
 
     `property` (costs by the custom property {prop}) adds the column `property`: its
     value, '' for calls without it. Its rollup, analytics_by_property_daily (0007:
@@ -44,16 +46,20 @@
     or 'team' in filters or 'feature' in filters or 'env' in filters %}
 {% set with_feature = 'feature' in group or 'feature' in filters or 'env' in filters %}
 {% set with_model = by_model | default(true) or 'model_id' in filters %}
+{% set with_provider = with_model or 'provider' in group or 'provider' in filters %}
 {% set level = 'property' if by_property
-    else 'user' if with_user else 'team' if with_team else 'model' if with_model
-    else 'provider' %}
+    else ('user' if with_model else 'user_provider') if with_user
+    else 'team' if with_team else 'model' if with_model
+    else 'provider' if with_provider else 'tenant' %}
 {#- Where the rollups take over from `calls`, and what they answer. #}
 {% set daily = unit == 'day' %}
 {% set daily_table, hourly_table = {
+    'tenant': ('analytics_by_model_daily', 'analytics_by_tenant_hourly'),
     'provider': ('analytics_by_model_daily', 'analytics_by_provider_hourly'),
     'model': ('analytics_by_model_daily', 'analytics_by_model_hourly'),
     'team': ('analytics_by_team_daily', none),
     'user': ('analytics_by_user_daily', none),
+    'user_provider': ('analytics_by_user_provider_daily', none),
     'property': ('analytics_by_property_daily', none),
 }[level] %}
 {% set hourly = hourly_table is not none %}
@@ -62,10 +68,12 @@
     or (with_user and with_feature) or not (daily or hourly)
     else source | default('rollup') %}
 {% set dims = {
+    'tenant': ['tenant'],
     'provider': ['provider'],
     'model': ['provider', 'model'],
     'team': ['provider', 'model', 'team', 'feature', 'env'],
     'user': ['provider', 'model', 'team', 'user'],
+    'user_provider': ['provider', 'team', 'user'],
     'property': ['provider', 'team'],
 }[level] if source == 'rollup' else ['provider', 'model', 'team', 'feature', 'env', 'user'] %}
 {% set since = "{" ~ span ~ ":DateTime64(3, 'UTC')}" %}
@@ -108,7 +116,9 @@
     ('first_start', "min(ts_start)"),
     ('last_start', "max(ts_start)"),
     ('start_days', "groupUniqArray(toDate(ts_start))"),
-] if with_user else []) %}
+] if with_user else []) + ([
+    ('models', "groupUniqArray(toString(model))"),
+] if level == 'user_provider' or source == 'raw' else []) %}
 {#- Only the columns the query uses (`need`, when given): less to plan and to read. #}
 {% if need is defined %}
 {% set measures = measures | selectattr('0', 'in', need) | list %}
