@@ -8,8 +8,8 @@
       - the daily rollup: whole UTC days from the first day boundary at or after the
         start on, the current day included (a bucket after the start is in the range
         whole);
-      - the hourly rollup (by model or provider only): the whole hours before that day
-        boundary, from the first hour boundary at or after the start;
+      - the hourly rollup (by tenant, provider or model only): the whole hours before
+        that day boundary, from the first hour boundary at or after the start;
       - `calls` (its by_time projection): the rest, less than an hour (less than a day
         for the rollups without an hourly table).
     With unit 'hour' (hourly buckets: timeseries by hour) there is no daily part, and
