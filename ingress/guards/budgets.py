@@ -110,21 +110,20 @@ class BudgetBook:
         if state.period_start != self.states.get(budget.name, state).period_start:
             self.settled[budget.name].clear()  # a new period: last period's costs are done
         cutoff = now - SETTLED_MAX_AGE
-        pending = [(t, c) for t, c in self.settled[budget.name] if t > cutoff]
-        self.settled[budget.name] = pending
-        in_flight = sum(self.reserved[budget.name].values(), Decimal(0))
-        return state, state.spent_usd + in_flight + sum((c for _, c in pending), Decimal(0))
+        self.settled[budget.name] = [(t, c) for t, c in self.settled[budget.name] if t > cutoff]
+        return state, state.spent_usd + self._holding(budget.name, cutoff)
+
+    def _holding(self, name: str, cutoff: datetime) -> Decimal:
+        """In-flight worst cases plus the costs of calls ended after ``cutoff`` that no
+        published state has counted yet."""
+        in_flight = sum(self.reserved[name].values(), Decimal(0))
+        return in_flight + sum((c for t, c in self.settled[name] if t > cutoff), Decimal(0))
 
     def held(self, now: datetime) -> dict[str, Decimal]:
         """What this process holds against each hard-capped budget beyond its published
         spend (what :meth:`committed` adds): in-flight worst cases and uncounted costs."""
         cutoff = now - SETTLED_MAX_AGE
-        return {
-            budget.name: sum(self.reserved[budget.name].values(), Decimal(0))
-            + sum((c for t, c in self.settled[budget.name] if t > cutoff), Decimal(0))
-            for budget in self.budgets
-            if budget.hard_cap
-        }
+        return {b.name: self._holding(b.name, cutoff) for b in self.budgets if b.hard_cap}
 
     def admit(
         self,
