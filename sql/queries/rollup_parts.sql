@@ -125,13 +125,15 @@
 {% endif %}
 {% set names = measures | map('first') | list %}
 {% if level == 'property' and source == 'rollup' and not property_rows | default(false) %}
-{#- The calls with the property by value, and the '' group: every call less those. #}
+{#- The calls with the property by value, and the '' group: every call less those.
+    Counts as signed integers (money is a signed Decimal already). #}
+{% macro signed(name) %}{{ name if name.startswith('cost') else 'toInt64(' ~ name ~ ')' }}{% endmacro %}
 (
     SELECT
         bucket,
         '' AS property,
 {% for name in names %}
-        {{ name if name.startswith('cost') else 'toInt64(' ~ name ~ ')' }} AS {{ name }}{{ "," if not loop.last }}
+        {{ signed(name) }} AS {{ name }}{{ "," if not loop.last }}
 {% endfor %}
     FROM {% with property = false, group = [] %}{% include "rollup_parts" %}{% endwith %}
     UNION ALL
@@ -139,7 +141,7 @@
         bucket,
         if(sign = 1, property, '') AS property,
 {% for name in names %}
-        sign * {{ name if name.startswith('cost') else 'toInt64(' ~ name ~ ')' }} AS {{ name }}{{ "," if not loop.last }}
+        sign * {{ signed(name) }} AS {{ name }}{{ "," if not loop.last }}
 {% endfor %}
     FROM {% with property_rows = true %}{% include "rollup_parts" %}{% endwith %}
     ARRAY JOIN [1, -1] AS sign
