@@ -35,35 +35,18 @@ from sql.store import Store
 from stream.budgets import fresh, status_of
 from tests.conftest import Broker
 from tests.test_analytics import NOW
+from tests.test_dashboard import budgets
 
 ADMIN_KEY = "admin-key-for-budget-api-tests"
 PATH = "/api/v1/analytics/budgets"
 
 
 def configured(prefix: str) -> list[BudgetConfig]:
+    """The dashboard tests' budgets (one unknown: no state is published for summarize;
+    globex overspent), and one without a tenant: every tenant's calls, so admins only."""
     return [
-        BudgetConfig(name=f"{prefix}-acme", scope="tenant", value="acme", limit_usd=Decimal(5)),
+        *budgets(prefix),
         BudgetConfig(
-            name=f"{prefix}-search",
-            scope="team",
-            value="search",
-            tenant="acme",
-            period="day",
-            limit_usd=Decimal("0.025"),
-        ),
-        BudgetConfig(  # no state published: unknown
-            name=f"{prefix}-summarize",
-            scope="feature",
-            value="summarize",
-            tenant="acme",
-            period="week",
-            limit_usd=Decimal("0.5"),
-            hard_cap=False,
-        ),
-        BudgetConfig(  # overspent: remaining is negative
-            name=f"{prefix}-globex", scope="tenant", value="globex", limit_usd=Decimal("0.08")
-        ),
-        BudgetConfig(  # no tenant: every tenant's calls, so admins only
             name=f"{prefix}-everyone", scope="feature", value="search", limit_usd=Decimal(100)
         ),
     ]
