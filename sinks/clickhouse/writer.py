@@ -50,35 +50,28 @@ from sql.store import Store, render
 log = logging.getLogger(__name__)
 
 
-def new_rows(
-    store: Store,
-    rows: list[tuple[Any, ...]],
-    *,
-    query: str = "existing_event_ids",
-    id_at: int = EVENT_ID,
-    ts_at: int = TS_END,
-) -> list[tuple[Any, ...]]:
-    """The rows of a batch whose event is not stored yet, each once. ``query`` finds
-    the stored ids among those given, within the rows' time range (``ts_at``)."""
-    unique = list({row[id_at]: row for row in rows}.values())
+def new_windows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The ``windows`` rows of a batch not stored yet, each once (looked up by id
+    within the rows' window starts)."""
+    unique = list({row[WINDOW_ID]: row for row in rows}.values())
     if not unique:
         return unique
     slack = timedelta(seconds=1)
     stored = store.rows(
-        render(query),
+        render("existing_window_ids"),
         {
-            "ts_from": min(row[ts_at] for row in unique) - slack,
-            "ts_to": max(row[ts_at] for row in unique) + slack,
-            "event_ids": [row[id_at] for row in unique],
+            "ts_from": min(row[WINDOW_START] for row in unique) - slack,
+            "ts_to": max(row[WINDOW_START] for row in unique) + slack,
+            "event_ids": [row[WINDOW_ID] for row in unique],
         },
     )
     known = {r["event_id"] for r in stored}
-    return [row for row in unique if row[id_at] not in known]
+    return [row for row in unique if row[WINDOW_ID] not in known]
 
 
 def new_calls(store: Store, columns: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The ``calls`` columns of a batch without the events stored already, each event
-    once (what :func:`new_rows` does for rows, without turning columns into rows)."""
+    once (what :func:`new_windows` does for rows, without turning columns into rows)."""
     if not columns:
         return columns
     ids = columns[EVENT_ID]
@@ -129,13 +122,7 @@ def write_batch(store: Store, batch: Batch) -> int:
     if fresh:
         store.insert_columns("calls", fresh, CALLS_COLUMNS)
     if batch.windows:
-        windows = new_rows(
-            store,
-            [window_row(w) for w in batch.windows],
-            query="existing_window_ids",
-            id_at=WINDOW_ID,
-            ts_at=WINDOW_START,
-        )
+        windows = new_windows(store, [window_row(w) for w in batch.windows])
         if windows:
             store.insert("windows", windows, WINDOWS_COLUMNS)
     letters = new_dead_letters(store, batch.dead_letters) if batch.dead_letters else []
