@@ -22,6 +22,7 @@ from tests.conftest import start_broker
 PARTITIONS = 4
 READY_TIMEOUT_S = 60.0
 WAIT_S = 60.0
+FINAL_BURST = 60  # calls sent at once at the end
 
 
 @contextlib.asynccontextmanager
@@ -57,8 +58,8 @@ async def stream_worker(bootstrap: str, data_dir: Path) -> AsyncIterator[None]:
         log.close()
 
 
-def response(i: int) -> ResponseEvent:
-    now = datetime.now(UTC)
+def response(i: int, now: datetime | None = None) -> ResponseEvent:
+    now = now or datetime.now(UTC)
     return ResponseEvent(
         request_id=uuid.uuid4(),
         ts_start=now,
@@ -90,15 +91,22 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
         try:
             # Calls spread over several seconds (several one-second windows), so the
             # windows after the group's rebalance show how the partitions are split.
-            for i in range(300):
-                event = response(i)
+            # It ends with a burst of calls that ended at one instant: the last window
+            # then has calls on every partition (a paced tail could leave it a call or
+            # two, all on one worker's half), so its shares show the final split.
+            burst_at = None
+            for i in range(300 + FINAL_BURST):
+                if i == 300:
+                    burst_at = datetime.now(UTC)
+                event = response(i, burst_at)
                 await producer.send_and_wait(
                     topics.RESPONSES,
                     event.model_dump_json().encode(),
                     key=topics.partition_key(event.request_id),
                 )
                 sent += 1
-                await asyncio.sleep(0.02)  # the traffic's own pace, ~50 calls/s
+                if burst_at is None:
+                    await asyncio.sleep(0.02)  # the traffic's own pace, ~50 calls/s
         finally:
             await producer.stop()
 
