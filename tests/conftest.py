@@ -19,6 +19,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from anthropic import AsyncAnthropic
+from openai import AsyncOpenAI
 
 from ingress.app import create_app
 from llmtap.config import CONFIG_ENV, Settings
@@ -133,6 +135,17 @@ class Running:
         """What the Anthropic SDK takes as base_url (it adds /v1 itself)."""
         return self.proxy_url.removesuffix("/v1")
 
+    def openai(self) -> AsyncOpenAI:
+        """The official SDK pointed at the proxy. Use it in `async with`: an unclosed
+        client is closed by a finalizer at some later garbage collection, which aborts
+        its connections by their old socket numbers; by then the same numbers can belong
+        to another test's server socket, which the event loop then stops watching."""
+        return AsyncOpenAI(base_url=self.proxy_url, api_key=self.api_key, max_retries=0)
+
+    def anthropic(self) -> AsyncAnthropic:
+        """Like `openai()`, to be closed the same way."""
+        return AsyncAnthropic(base_url=self.proxy_root, api_key=self.api_key, max_retries=0)
+
     def child_pids(self) -> dict[str, int]:
         found = (re.search(r"started (\w+) \(pid (\d+)\)", line) for line in self.output)
         return {m[1]: int(m[2]) for m in found if m}
@@ -234,6 +247,20 @@ async def llmtap_up(
     """One `llmtap up` shared by the tests that only make calls and read analytics."""
     async with run_llmtap(tmp_path_factory.mktemp("llmtap-data"), upstream) as running:
         yield running
+
+
+@pytest.fixture
+async def openai_sdk(llmtap_up: Running) -> AsyncIterator[AsyncOpenAI]:
+    """The OpenAI SDK on the shared `llmtap up`, closed when the test ends."""
+    async with llmtap_up.openai() as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def anthropic_sdk(llmtap_up: Running) -> AsyncIterator[AsyncAnthropic]:
+    """The Anthropic SDK on the shared `llmtap up`, closed when the test ends."""
+    async with llmtap_up.anthropic() as sdk:
+        yield sdk
 
 
 def pid_alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
-from openai import AsyncOpenAI, RateLimitError
+from openai import RateLimitError
 from standardwebhooks import Webhook
 
 from llmtap import topics
@@ -136,8 +136,7 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
         "LLMTAP_WEBHOOK_ALLOW_PRIVATE": "true",
     }
     try:
-        async with run_llmtap(tmp_path, upstream, env) as running:
-            client = AsyncOpenAI(base_url=running.proxy_url, api_key=running.api_key, max_retries=0)
+        async with run_llmtap(tmp_path, upstream, env) as running, running.openai() as client:
             outcomes = []
             async with asyncio.timeout(60):
                 while True:  # spend until the stream's state makes the ingress refuse

@@ -56,13 +56,11 @@ async def model_row(
     pytest.fail(f"{model} never showed as expected in {POLL_TIMEOUT_S}s; last row: {last}")
 
 
-def client(running: Running) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=running.proxy_url, api_key=running.api_key, max_retries=0)
-
-
-async def test_non_streaming_call_is_metered(llmtap_up: Running, upstream: FakeUpstream) -> None:
+async def test_non_streaming_call_is_metered(
+    llmtap_up: Running, openai_sdk: AsyncOpenAI, upstream: FakeUpstream
+) -> None:
     fake = upstream.provider
-    completion = await client(llmtap_up).chat.completions.create(
+    completion = await openai_sdk.chat.completions.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": "hello"}],
         extra_headers={"x-llmtap-team": "search", "x-llmtap-property-ticket": "T-1"},
@@ -87,10 +85,10 @@ async def test_non_streaming_call_is_metered(llmtap_up: Running, upstream: FakeU
 
 
 async def test_streamed_chunks_reach_the_client_unchanged(
-    llmtap_up: Running, upstream: FakeUpstream
+    llmtap_up: Running, openai_sdk: AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
     fake = upstream.provider
-    stream = await client(llmtap_up).chat.completions.create(
+    stream = await openai_sdk.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "hello"}], stream=True
     )
     received = [chunk.to_dict() async for chunk in stream]
@@ -195,14 +193,14 @@ async def test_unknown_route_is_an_openai_shaped_404(llmtap_up: Running) -> None
 
 
 async def test_upstream_unreachable_is_a_502_and_still_recorded(
-    llmtap_up: Running, upstream: FakeUpstream
+    llmtap_up: Running, openai_sdk: AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
     await upstream.stop()
     try:
         from openai import InternalServerError
 
         with pytest.raises(InternalServerError) as raised:
-            await client(llmtap_up).chat.completions.create(
+            await openai_sdk.chat.completions.create(
                 model="gpt-4.1-nano-unreachable", messages=[{"role": "user", "content": "hi"}]
             )
         assert raised.value.status_code == 502
@@ -224,15 +222,15 @@ async def test_up_drains_in_flight_events_then_stops_every_child(
     the embedded broker's topics die with it. Then no child is left running.
     """
     async with run_llmtap(tmp_path, upstream) as running:
-        sdk = client(running)
-        await asyncio.gather(
-            *(
-                sdk.chat.completions.create(
-                    model="gpt-4o-mini-last-call", messages=[{"role": "user", "content": "bye"}]
+        async with running.openai() as sdk:
+            await asyncio.gather(
+                *(
+                    sdk.chat.completions.create(
+                        model="gpt-4o-mini-last-call", messages=[{"role": "user", "content": "bye"}]
+                    )
+                    for _ in range(LAST_CALLS)
                 )
-                for _ in range(LAST_CALLS)
             )
-        )
         pids = running.child_pids()
         assert set(pids) == {"broker", "store", "worker", "ingress"}
         running.process.terminate()

@@ -20,14 +20,6 @@ from tests.test_e2e import model_row
 MILLION = Decimal(1_000_000)
 
 
-def openai_client(running: Running) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=running.proxy_url, api_key=running.api_key, max_retries=0)
-
-
-def anthropic_client(running: Running) -> AsyncAnthropic:
-    return AsyncAnthropic(base_url=running.proxy_root, api_key=running.api_key, max_retries=0)
-
-
 def anthropic_cost(
     fake: FakeProvider, rate_in: str, rate_read: str, rate_write: str, rate_out: str
 ) -> Decimal:
@@ -39,9 +31,11 @@ def anthropic_cost(
     ) / MILLION
 
 
-async def test_anthropic_messages_non_streaming(llmtap_up: Running, upstream: FakeUpstream) -> None:
+async def test_anthropic_messages_non_streaming(
+    llmtap_up: Running, anthropic_sdk: AsyncAnthropic, upstream: FakeUpstream
+) -> None:
     fake = upstream.provider
-    message = await anthropic_client(llmtap_up).messages.create(
+    message = await anthropic_sdk.messages.create(
         model="claude-3-5-sonnet",
         max_tokens=100,
         messages=[{"role": "user", "content": "hello"}],
@@ -65,10 +59,10 @@ async def test_anthropic_messages_non_streaming(llmtap_up: Running, upstream: Fa
 
 
 async def test_anthropic_messages_streaming_events_arrive_unchanged(
-    llmtap_up: Running, upstream: FakeUpstream
+    llmtap_up: Running, anthropic_sdk: AsyncAnthropic, upstream: FakeUpstream
 ) -> None:
     fake = upstream.provider
-    stream = await anthropic_client(llmtap_up).messages.create(
+    stream = await anthropic_sdk.messages.create(
         model="claude-3-5-haiku",
         max_tokens=100,
         messages=[{"role": "user", "content": "hello"}],
@@ -101,11 +95,11 @@ async def test_anthropic_route_errors_are_anthropic_shaped(llmtap_up: Running) -
     assert "model" in body["error"]["message"]
 
 
-async def test_embeddings(llmtap_up: Running, upstream: FakeUpstream) -> None:
+async def test_embeddings(
+    llmtap_up: Running, openai_sdk: AsyncOpenAI, upstream: FakeUpstream
+) -> None:
     fake = upstream.provider
-    result = await openai_client(llmtap_up).embeddings.create(
-        model="text-embedding-3-small", input="hello"
-    )
+    result = await openai_sdk.embeddings.create(model="text-embedding-3-small", input="hello")
     assert result.data[0].embedding == [0.25, -0.5]
     row = await model_row(llmtap_up.api_url, "text-embedding-3-small", lambda r: r["requests"] >= 1)
     assert (row["input_tokens"], row["output_tokens"]) == (fake.prompt_tokens, 0)
@@ -121,19 +115,19 @@ async def test_embeddings(llmtap_up: Running, upstream: FakeUpstream) -> None:
 )
 async def test_responses_api(
     llmtap_up: Running,
+    openai_sdk: AsyncOpenAI,
     upstream: FakeUpstream,
     model: str,
     stream: bool,
     rates: tuple[str, str, str],
 ) -> None:
     fake = upstream.provider
-    client = openai_client(llmtap_up)
     if stream:
-        events = await client.responses.create(model=model, input="hello", stream=True)
+        events = await openai_sdk.responses.create(model=model, input="hello", stream=True)
         kinds = [event.type async for event in events]
         assert kinds == [name for name, _data in fake.sent_events[-1]]
     else:
-        response = await client.responses.create(model=model, input="hello")
+        response = await openai_sdk.responses.create(model=model, input="hello")
         assert response.output_text == "".join(fake.words)
     row = await model_row(llmtap_up.api_url, model + SNAPSHOT, lambda r: r["requests"] >= 1)
     assert row["reasoning_tokens"] == fake.reasoning_tokens
@@ -145,8 +139,10 @@ async def test_responses_api(
     assert Decimal(row["cost"]) == want
 
 
-async def test_models_list_is_passed_through(llmtap_up: Running, upstream: FakeUpstream) -> None:
-    page = await openai_client(llmtap_up).models.list()
+async def test_models_list_is_passed_through(
+    openai_sdk: AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    page = await openai_sdk.models.list()
     assert [m.id for m in page.data] == ["gpt-4o"]
     assert upstream.provider.received[-1].headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
 
@@ -160,9 +156,13 @@ async def test_models_list_is_passed_through(llmtap_up: Running, upstream: FakeU
     ],
 )
 async def test_openai_compatible_provider_chosen_by_config(
-    llmtap_up: Running, upstream: FakeUpstream, model: str, upstream_model: str
+    llmtap_up: Running,
+    openai_sdk: AsyncOpenAI,
+    upstream: FakeUpstream,
+    model: str,
+    upstream_model: str,
 ) -> None:
-    await openai_client(llmtap_up).chat.completions.create(
+    await openai_sdk.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hi"}]
     )
     seen = upstream.provider.received[-1]
@@ -177,9 +177,9 @@ async def test_openai_compatible_provider_chosen_by_config(
     assert row["cost"] is None
 
 
-async def test_a_model_served_by_another_api_is_refused_clearly(llmtap_up: Running) -> None:
+async def test_a_model_served_by_another_api_is_refused_clearly(openai_sdk: AsyncOpenAI) -> None:
     with pytest.raises(BadRequestError) as raised:
-        await openai_client(llmtap_up).chat.completions.create(
+        await openai_sdk.chat.completions.create(
             model="anthropic/claude-3-5-sonnet", messages=[{"role": "user", "content": "hi"}]
         )
     assert "speaks the anthropic API" in raised.value.message

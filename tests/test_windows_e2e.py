@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from openai import AsyncOpenAI
 
 from tests.conftest import ADMIN_KEY, FakeUpstream, Running, run_llmtap
 
@@ -58,8 +57,10 @@ async def test_windows_are_stored_and_a_burst_raises_one_spike_alert(
         "LLMTAP_WINDOW_GRACE_S": "1.0",
         "LLMTAP_SPIKE_RULES": json.dumps([RULE]),
     }
-    async with run_llmtap(tmp_path / "data", upstream, extra_env=env) as running:
-        client = AsyncOpenAI(base_url=running.proxy_url, api_key=running.api_key, max_retries=0)
+    async with (
+        run_llmtap(tmp_path / "data", upstream, extra_env=env) as running,
+        running.openai() as client,
+    ):
 
         async def one() -> None:
             await client.chat.completions.create(
