@@ -70,6 +70,21 @@ def test_write_batch_is_idempotent_on_event_id(store: Store) -> None:
     assert total == Decimal("0.000075") * 20
 
 
+def test_an_id_sharing_a_stored_ids_prefix_is_still_written(store: Store) -> None:
+    """The duplicate check looks events up by the first digits of their ids: a new event
+    whose id starts like a stored one is a match it must see through."""
+    stored = costed()
+    twin = costed().model_copy(
+        update={"event_id": uuid.UUID(str(stored.event_id)[:8] + str(uuid.uuid4())[8:])}
+    )
+    assert str(twin.event_id)[:8] == str(stored.event_id)[:8]
+    assert twin.event_id != stored.event_id
+    assert write_batch(store, Batch(events=[stored])) == 1
+    assert write_batch(store, Batch(events=[twin, stored])) == 1
+    ids = {r["event_id"] for r in store.rows("SELECT event_id FROM calls")}
+    assert ids == {stored.event_id, twin.event_id}
+
+
 def test_decoded_columns_write_what_the_events_say(store: Store) -> None:
     """A batch decoded in a decode process (plain values: str ids, int times, str money)
     stores exactly what the same events stored as models do; a message that is no

@@ -69,6 +69,9 @@ def new_windows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ..
     return [row for row in unique if row[WINDOW_ID] not in known]
 
 
+ID_PREFIX = 8  # hex digits of an event id the duplicate check sends (existing_call_ids.sql)
+
+
 def new_calls(store: Store, columns: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The ``calls`` columns of a batch without the events stored already, each event
     once (what :func:`new_windows` does for rows, without turning columns into rows)."""
@@ -83,7 +86,7 @@ def new_calls(store: Store, columns: list[tuple[Any, ...]]) -> list[tuple[Any, .
         {
             "ts_from": from_ticks(min(ts_end) - slack),
             "ts_to": from_ticks(max(ts_end) + slack),
-            "event_ids": ",".join(last),
+            "id_prefixes": ",".join(event_id[:ID_PREFIX] for event_id in last),
         },
     )
     for r in stored:
