@@ -1,12 +1,12 @@
-"""The writer's first step, decode, as a pure function of raw records: bytes -> the
-event contract's models (pydantic validates every message) -> ``calls`` columns of plain
-values, or a dead letter (raw bytes kept) for a message that is not a valid event.
+"""The writer's first step, decode, as a pure function of raw records: bytes -> costed
+events (validated by the contract's msgspec mirror, ``wire``) and windows (by the
+contract's models) -> ``calls`` columns of plain values, or a dead letter (raw bytes
+kept) for a message that is not a valid event.
 
-It is the costliest step (pydantic: ~15 us an event) and holds the GIL, so the writer
-can run :func:`decode_batch` in separate processes (the ``sink_decode_processes`` setting)
-while its own process reads Kafka and inserts: what would cross the process boundary
-is plain values (bytes in; str, int, float, dict out), cheap to pickle. No Kafka client,
-no ClickHouse here.
+It is the step that holds the GIL longest, so the writer can run :func:`decode_batch`
+in separate processes (the ``sink_decode_processes`` setting) while its own process
+reads Kafka and inserts: what crosses the process boundary is plain values (bytes in;
+str, int, float, dict out), cheap to pickle. No Kafka client, no ClickHouse here.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from aiokafka import TopicPartition
 from pydantic import ValidationError
 
 from llmtap import topics
 from llmtap.events import CostedEvent, WindowEvent, utcnow
+from sinks.clickhouse import wire
 from sinks.clickhouse.rows import call_columns
 
 # A raw message: topic, partition, offset, value.
@@ -62,27 +64,24 @@ class Batch:
         calls = len(self.calls[0]) if self.calls else 0
         return len(self.events) + calls + len(self.windows) + len(self.dead_letters)
 
-    def decode(self, record: Record) -> None:
-        topic, partition, offset, raw = record
-        try:
-            if topic == topics.WINDOWS:
-                self.windows.append(WindowEvent.model_validate_json(raw))
-            else:
-                self.events.append(CostedEvent.model_validate_json(raw))
-        except ValidationError as exc:
-            self.dead_letters.append(DeadLetter(utcnow(), topic, partition, offset, raw, str(exc)))
-
 
 def decode_batch(records: list[Record]) -> Batch:
     """Decode raw records into a batch whose costed events are ``calls`` columns (its
     offsets are the caller's to set). Runs in a decode process: everything it returns
-    pickles cheaply (windows and dead letters are few)."""
+    pickles cheaply (windows and dead letters are few). Costed events are read by the
+    writer's msgspec structs (``wire``), windows by the contract's models."""
     batch = Batch()
-    for record in records:
-        batch.decode(record)
-    if batch.events:
-        batch.calls = call_columns(batch.events)
-        batch.events = []
+    costed: list[wire.CostedEvent] = []
+    for topic, partition, offset, raw in records:
+        try:
+            if topic == topics.WINDOWS:
+                batch.windows.append(WindowEvent.model_validate_json(raw))
+            else:
+                costed.append(wire.decode_costed(raw))
+        except (ValidationError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            batch.dead_letters.append(DeadLetter(utcnow(), topic, partition, offset, raw, str(exc)))
+    if costed:
+        batch.calls = call_columns(costed)
     return batch
 
 

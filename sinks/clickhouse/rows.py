@@ -9,7 +9,11 @@ from decimal import Decimal
 from typing import Any
 
 from llmtap.events import CostedEvent, WindowEvent
+from sinks.clickhouse import wire
 from stream.windows import sketch_of
+
+# A costed event as the contract's model or as the writer's wire struct: the same fields.
+Costed = CostedEvent | wire.CostedEvent
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = timedelta(milliseconds=1)
@@ -71,7 +75,7 @@ def _money(value: Decimal) -> str:
     return str(value)  # exact; the insert reads a Decimal column's values through str()
 
 
-def call_row(event: CostedEvent) -> tuple[Any, ...]:
+def call_row(event: Costed) -> tuple[Any, ...]:
     """One ``calls`` row, in CALLS_COLUMNS order, of plain values: what the columnar
     insert writes without converting them again, and cheap to pickle (a UUID or a
     Decimal costs ~10x a str to pickle). The event id as its str (the duplicate check
@@ -122,7 +126,7 @@ def call_row(event: CostedEvent) -> tuple[Any, ...]:
     )
 
 
-def call_columns(events: Iterable[CostedEvent]) -> list[tuple[Any, ...]]:
+def call_columns(events: Iterable[Costed]) -> list[tuple[Any, ...]]:
     """The ``calls`` columns of events (CALLS_COLUMNS order): rows, transposed in C."""
     return list(zip(*map(call_row, events), strict=True))
 

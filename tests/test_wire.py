@@ -1,0 +1,203 @@
+"""The writer's msgspec reader of costed events (sinks/clickhouse/wire.py) against the
+contract's pydantic model: every event the model writes decodes to the same ``calls``
+row both ways, and every kind of bad message the model refuses is refused by both."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, get_args
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
+from sinks.clickhouse.rows import call_row
+from sinks.clickhouse.wire import decode_costed
+from tests.test_clickhouse_writer import costed
+
+names = st.text(max_size=12)
+tokens = st.integers(min_value=0, max_value=2**40)
+millis = st.floats(min_value=0, max_value=1e7, allow_nan=False, allow_infinity=False)
+money = st.decimals(min_value=0, max_value=10**6, places=9, allow_nan=False)
+moments = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
+
+attributions = st.builds(
+    Attribution,
+    tenant=names,
+    team=names,
+    user=names,
+    feature=names,
+    env=names,
+    key_id=names,
+    properties=st.dictionaries(names, names, max_size=3),
+)
+usages = st.builds(
+    Usage,
+    input_tokens=tokens,
+    output_tokens=tokens,
+    cached_input_tokens=tokens,
+    cache_creation_input_tokens=tokens,
+    cache_creation_1h_input_tokens=tokens,
+    reasoning_tokens=tokens,
+    usage_missing=st.booleans(),
+)
+responses = st.builds(
+    ResponseEvent,
+    request_id=st.uuids(),
+    ts_start=moments,
+    ts_end=moments,
+    provider=names,
+    endpoint=names,
+    model_requested=names,
+    model_served=names,
+    stream=st.booleans(),
+    status=st.sampled_from(get_args(Status)),
+    http_status=st.integers(min_value=0, max_value=999),
+    error_class=names,
+    usage=usages,
+    latency_ms=millis,
+    ttft_ms=st.none() | millis,
+    proxy_overhead_ms=millis,
+    attribution=attributions,
+)
+costs = st.builds(
+    Cost,
+    input=money,
+    cached_input=money,
+    cache_write=money,
+    output=money,
+    reasoning=money,
+    total=money,
+)
+events = st.builds(
+    CostedEvent,
+    event_id=st.uuids(),
+    response=responses,
+    cost=st.none() | costs,
+    unpriced=st.booleans(),
+    pricing_model=names,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events)
+def test_every_event_the_contract_writes_reads_the_same_both_ways(event: CostedEvent) -> None:
+    raw = event.model_dump_json().encode()
+    assert call_row(decode_costed(raw)) == call_row(CostedEvent.model_validate_json(raw))
+
+
+def sample() -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(costed().model_dump_json())
+    return result
+
+
+def at(path: str) -> Callable[[dict[str, Any]], tuple[dict[str, Any], str]]:
+    """The dict holding the last key of a dotted ``path``, and that key."""
+
+    def find(doc: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        *parents, key = path.split(".")
+        for parent in parents:
+            doc = doc[parent]
+        return doc, key
+
+    return find
+
+
+def without(path: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        holder, key = at(path)(doc)
+        del holder[key]
+
+    return mutate
+
+
+def setting(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        holder, key = at(path)(doc)
+        holder[key] = value
+
+    return mutate
+
+
+LATER = (datetime.now(UTC) + timedelta(hours=2)).replace(tzinfo=None)
+
+BAD = {
+    "event id missing": without("event_id"),
+    "response missing": without("response"),
+    "cost missing": without("cost"),
+    "unpriced missing": without("unpriced"),
+    "request id missing": without("response.request_id"),
+    "usage missing": without("response.usage"),
+    "status missing": without("response.status"),
+    "latency missing": without("response.latency_ms"),
+    "a cost part missing": without("cost.total"),
+    "unknown top field": setting("surprise", 1),
+    "unknown response field": setting("response.surprise", 1),
+    "unknown usage field": setting("response.usage.surprise", 1),
+    "unknown attribution field": setting("response.attribution.surprise", 1),
+    "unknown cost field": setting("cost.surprise", "1"),
+    "negative tokens": setting("response.usage.input_tokens", -1),
+    "negative reasoning tokens": setting("response.usage.reasoning_tokens", -3),
+    "http status over 999": setting("response.http_status", 1000),
+    "negative latency": setting("response.latency_ms", -0.5),
+    "negative ttft": setting("response.ttft_ms", -1),
+    "unknown status": setting("response.status", "exploded"),
+    "wrong kind": setting("kind", "response"),
+    "future schema": setting("schema_version", 2),
+    "naive timestamp": setting("response.ts_end", LATER.isoformat()),
+    "timestamp in another zone": setting("response.ts_start", "2026-11-29T10:00:00+02:00"),
+    "not a timestamp": setting("response.ts_start", "yesterday"),
+    "bad uuid": setting("event_id", "not-a-uuid"),
+    "money not a number": setting("cost.total", "a lot"),
+    "property value not a string": setting("response.attribution.properties", {"k": 1}),
+    "tokens as a fraction": setting("response.usage.output_tokens", 1.5),
+    "stream not a bool": setting("response.stream", "sometimes"),
+    "cost a list": setting("cost", []),
+}
+
+
+@pytest.mark.parametrize("mutate", BAD.values(), ids=BAD.keys())
+def test_a_message_the_contract_refuses_is_refused(
+    mutate: Callable[[dict[str, Any]], None],
+) -> None:
+    doc = sample()
+    mutate(doc)
+    raw = json.dumps(doc).encode()
+    with pytest.raises(ValidationError):
+        CostedEvent.model_validate_json(raw)
+    with pytest.raises(msgspec.ValidationError):
+        decode_costed(raw)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"null", b"[]", b"\xff\xfe"])
+def test_what_is_not_an_object_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValidationError):
+        CostedEvent.model_validate_json(raw)
+    with pytest.raises((msgspec.ValidationError, msgspec.DecodeError)):
+        decode_costed(raw)
+
+
+LAX = {
+    "tokens as a string": setting("response.usage.input_tokens", "10"),
+    "latency as an int": setting("response.latency_ms", 12),
+    "money as a number": setting("cost.total", 0.5),
+    "utc as +00:00": setting("response.ts_start", "2026-11-29T10:00:00+00:00"),
+    "defaults left out": without("response.attribution"),
+}
+
+
+@pytest.mark.parametrize("mutate", LAX.values(), ids=LAX.keys())
+def test_what_the_contract_accepts_loosely_reads_the_same(
+    mutate: Callable[[dict[str, Any]], None],
+) -> None:
+    doc = sample()
+    mutate(doc)
+    raw = json.dumps(doc).encode()
+    assert call_row(decode_costed(raw)) == call_row(CostedEvent.model_validate_json(raw))
