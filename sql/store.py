@@ -67,17 +67,21 @@ class Store:
             self._client.insert(table, data, column_names=list(columns), column_oriented=True)
 
     def insert_columns(
-        self, table: str, columns: Sequence[Sequence[Any]], names: Sequence[str]
+        self,
+        table: str,
+        columns: Sequence[Sequence[Any]],
+        names: Sequence[str],
+        settings: dict[str, Any] | None = None,
     ) -> None:
-        """One insert of data already in columns (``names`` order). The table's column
-        types are read once per table and column list, not before every insert: run
-        migrations before writers start (they do)."""
+        """One insert of data already in columns (``names`` order), with ClickHouse
+        ``settings`` for it. The table's column types are read once per table and column
+        list, not before every insert: run migrations before writers start (they do)."""
         key = (table, tuple(names))
         with self._lock:
             context = self._insert_contexts.get(key)
             if context is None:
                 context = self._client.create_insert_context(
-                    table, list(names), column_oriented=True
+                    table, list(names), column_oriented=True, settings=settings
                 )
                 self._insert_contexts[key] = context
             self._client.insert(data=columns, context=context)

@@ -3,7 +3,8 @@ closed windows into the ``windows`` table.
 
 A pipeline of small steps, commit always last:
 
-1. decode: bytes -> CostedEvent, or a dead letter (raw bytes kept) if it cannot be;
+1. decode: bytes -> costed events (msgspec, held to the contract by tests/test_wire.py)
+   or a dead letter (raw bytes kept) if it cannot be;
 2. batch: until ``sink_batch_rows`` rows or ``sink_batch_seconds`` old, carrying the
    offsets of what it holds;
 3. write: drop rows whose event_id is already stored (a replay after a crash between
@@ -69,6 +70,9 @@ def new_windows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ..
     return [row for row in unique if row[WINDOW_ID] not in known]
 
 
+# The rollups' materialized views are filled side by side, not one after another.
+CALLS_INSERT_SETTINGS = {"parallel_view_processing": 1}
+
 ID_PREFIX = 8  # hex digits of an event id the duplicate check sends (existing_call_ids.sql)
 
 
@@ -123,7 +127,7 @@ def write_batch(store: Store, batch: Batch) -> int:
         calls = [a + b for a, b in zip(calls, extra, strict=True)] if calls else extra
     fresh = new_calls(store, calls)
     if fresh:
-        store.insert_columns("calls", fresh, CALLS_COLUMNS)
+        store.insert_columns("calls", fresh, CALLS_COLUMNS, CALLS_INSERT_SETTINGS)
     if batch.windows:
         windows = new_windows(store, [window_row(w) for w in batch.windows])
         if windows:
