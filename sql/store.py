@@ -72,10 +72,14 @@ class Store:
         columns: Sequence[Sequence[Any]],
         names: Sequence[str],
         settings: dict[str, Any] | None = None,
+        send_as: dict[str, str] | None = None,
     ) -> None:
         """One insert of data already in columns (``names`` order), with ClickHouse
-        ``settings`` for it. The table's column types are read once per table and column
-        list, not before every insert: run migrations before writers start (they do)."""
+        ``settings`` for it. ``send_as`` names columns sent as another type than the
+        table's, for ClickHouse to convert (a Decimal column sent as the String of each
+        value: parsed in the engine, exactly, instead of scaled in Python value by
+        value). The table's column types are read once per table and column list, not
+        before every insert: run migrations before writers start (they do)."""
         key = (table, tuple(names))
         with self._lock:
             context = self._insert_contexts.get(key)
@@ -83,6 +87,16 @@ class Store:
                 context = self._client.create_insert_context(
                     table, list(names), column_oriented=True, settings=settings
                 )
+                if send_as:
+                    table_types = zip(names, context.column_types, strict=True)
+                    types = [send_as.get(name, kind.name) for name, kind in table_types]
+                    context = self._client.create_insert_context(
+                        table,
+                        list(names),
+                        column_oriented=True,
+                        settings=settings,
+                        column_type_names=types,
+                    )
                 self._insert_contexts[key] = context
             self._client.insert(data=columns, context=context)
 

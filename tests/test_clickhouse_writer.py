@@ -70,6 +70,30 @@ def test_write_batch_is_idempotent_on_event_id(store: Store) -> None:
     assert total == Decimal("0.000075") * 20
 
 
+def test_money_is_stored_exactly_whatever_its_decimal_spelling(store: Store) -> None:
+    """Money is sent as the text of each Decimal (exponents included) and parsed by
+    ClickHouse into Decimal(18, 9): exact to the nano-dollar, digits below it cut."""
+    spelled = {
+        "7.5E-8": Decimal("0.000000075"),
+        "0E-9": Decimal(0),
+        "1E-10": Decimal(0),
+        "123456789.1234567891": Decimal("123456789.123456789"),
+        "0.000075": Decimal("0.000075"),
+    }
+    events = []
+    for text in spelled:
+        event = costed()
+        assert event.cost is not None
+        cost = event.cost.model_copy(update={"total": Decimal(text), "cache_write": Decimal(text)})
+        events.append(event.model_copy(update={"cost": cost}))
+    assert write_batch(store, Batch(events=events)) == len(events)
+    stored = {
+        r["event_id"]: (r["cost_total"], r["cost_cache_write"])
+        for r in store.rows("SELECT event_id, cost_total, cost_cache_write FROM calls")
+    }
+    assert [stored[e.event_id] for e in events] == [(v, v) for v in spelled.values()]
+
+
 def test_an_id_sharing_a_stored_ids_prefix_is_still_written(store: Store) -> None:
     """The duplicate check looks events up by the first digits of their ids: a new event
     whose id starts like a stored one is a match it must see through."""
