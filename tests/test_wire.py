@@ -155,6 +155,8 @@ BAD = {
     "timestamp in another zone": setting("response.ts_start", "2026-11-29T10:00:00+02:00"),
     "not a timestamp": setting("response.ts_start", "yesterday"),
     "bad uuid": setting("event_id", "not-a-uuid"),
+    "response event id null": setting("response.event_id", None),
+    "usage null": setting("response.usage", None),
     "money not a number": setting("cost.total", "a lot"),
     "property value not a string": setting("response.attribution.properties", {"k": 1}),
     "tokens as a fraction": setting("response.usage.output_tokens", 1.5),

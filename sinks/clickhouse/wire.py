@@ -65,7 +65,7 @@ class Response(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     proxy_overhead_ms: Millis
     schema_version: Literal[1] = 1
     kind: Literal["response"] = "response"
-    event_id: uuid.UUID | None = None  # the model makes one up when absent; unused here
+    event_id: uuid.UUID = msgspec.field(default_factory=uuid.uuid4)  # as the model's
     model_served: str = ""
     error_class: str = ""
     ttft_ms: Millis | None = None
