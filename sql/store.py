@@ -71,21 +71,20 @@ class Store:
         table: str,
         columns: Sequence[Sequence[Any]],
         names: Sequence[str],
-        settings: dict[str, Any] | None = None,
         send_as: dict[str, str] | None = None,
     ) -> None:
-        """One insert of data already in columns (``names`` order), with ClickHouse
-        ``settings`` for it. ``send_as`` names columns sent as another type than the
-        table's, for ClickHouse to convert (a Decimal column sent as the String of each
-        value: parsed in the engine, exactly, instead of scaled in Python value by
-        value). The table's column types are read once per table and column list, not
-        before every insert: run migrations before writers start (they do)."""
+        """One insert of data already in columns (``names`` order). ``send_as`` names
+        columns sent as another type than the table's, for ClickHouse to convert (a
+        Decimal column sent as the String of each value: parsed in the engine, exactly,
+        instead of scaled in Python value by value). The table's column types are read
+        once per table and column list, not before every insert: run migrations before
+        writers start (they do)."""
         key = (table, tuple(names))
         with self._lock:
             context = self._insert_contexts.get(key)
             if context is None:
                 context = self._client.create_insert_context(
-                    table, list(names), column_oriented=True, settings=settings
+                    table, list(names), column_oriented=True
                 )
                 if send_as:
                     table_types = zip(names, context.column_types, strict=True)
@@ -94,7 +93,6 @@ class Store:
                         table,
                         list(names),
                         column_oriented=True,
-                        settings=settings,
                         column_type_names=types,
                     )
                 self._insert_contexts[key] = context

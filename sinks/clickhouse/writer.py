@@ -70,9 +70,6 @@ def new_windows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ..
     return [row for row in unique if row[WINDOW_ID] not in known]
 
 
-# The rollups' materialized views are filled side by side, not one after another.
-CALLS_INSERT_SETTINGS = {"parallel_view_processing": 1}
-
 # Money goes as the exact decimal text the columns hold; ClickHouse parses it into
 # Decimal(18, 9) (clickhouse-connect would scale each value in Python: ~1 us apiece).
 MONEY_AS_TEXT = {name: "Nullable(String)" for name in CALLS_COLUMNS if name.startswith("cost_")}
@@ -131,9 +128,7 @@ def write_batch(store: Store, batch: Batch) -> int:
         calls = [a + b for a, b in zip(calls, extra, strict=True)] if calls else extra
     fresh = new_calls(store, calls)
     if fresh:
-        store.insert_columns(
-            "calls", fresh, CALLS_COLUMNS, CALLS_INSERT_SETTINGS, send_as=MONEY_AS_TEXT
-        )
+        store.insert_columns("calls", fresh, CALLS_COLUMNS, send_as=MONEY_AS_TEXT)
     if batch.windows:
         windows = new_windows(store, [window_row(w) for w in batch.windows])
         if windows:
