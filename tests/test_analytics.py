@@ -28,9 +28,7 @@ from llmtap.config import BudgetConfig, Settings
 from llmtap.events import (
     Alert,
     Attribution,
-    Cost,
     CostedEvent,
-    ResponseEvent,
     Status,
     Usage,
 )
@@ -40,6 +38,7 @@ from sql import analytics, params
 from sql.migrate import available, migrate
 from sql.params import Filters
 from sql.store import Store, render
+from tests import sample
 
 NOW = datetime(2026, 3, 15, 12, 30, tzinfo=UTC)
 RANGE = {
@@ -90,12 +89,10 @@ class Call:
         return self.input_tokens + self.output_tokens
 
     def event(self) -> CostedEvent:
-        response = ResponseEvent(
-            request_id=uuid.uuid4(),
+        response = sample.response(
+            self.ts_end,
             ts_start=self.ts_start,
-            ts_end=self.ts_end,
             provider=self.provider,
-            endpoint="chat.completions",
             model_requested=self.model,
             model_served=self.model,
             stream=self.ttft_ms is not None,
@@ -118,18 +115,10 @@ class Call:
                 properties=self.properties,
             ),
         )
-        cost = None
-        if self.cost is not None:
-            cin, cout = Decimal(self.cost[0]), Decimal(self.cost[1])
-            zero = Decimal(0)
-            cost = Cost(
-                input=cin, cached_input=zero, cache_write=zero, output=cout, reasoning=zero,
-                total=cin + cout,
-            )  # fmt: skip
         return CostedEvent(
             event_id=uuid.uuid4(),
             response=response,
-            cost=cost,
+            cost=None if self.cost is None else sample.cost(*self.cost),
             unpriced=self.cost is None and not self.usage_missing,
         )
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from llmtap.config import BudgetConfig
-from llmtap.events import Attribution, BudgetState, Cost, CostedEvent, ResponseEvent, Usage
+from llmtap.events import Attribution, BudgetState, CostedEvent, Usage
 from sinks.budget_seed import rebuilt_state
 from sinks.clickhouse.writer import Batch, write_batch
 from sql.store import Store
 from stream.budgets import Ledger, current, matches, period_bounds, spend
+from tests import sample
 
 
 def at(day: int, hour: int = 12, month: int = 11) -> datetime:
@@ -94,29 +94,14 @@ def test_a_new_period_starts_from_zero_and_late_calls_do_not_count() -> None:
 
 
 def costed(cost: str, ended: datetime, team: str = "search") -> CostedEvent:
-    response = ResponseEvent(
-        request_id=uuid.uuid4(),
-        ts_start=ended,
-        ts_end=ended,
-        provider="openai",
-        endpoint="chat.completions",
-        model_requested="gpt-4o",
-        stream=False,
-        status="ok",
-        http_status=200,
+    call = sample.response(
+        ended,
         usage=Usage(input_tokens=10, output_tokens=1),
         latency_ms=1,
         proxy_overhead_ms=0.1,
         attribution=Attribution(tenant="acme", team=team),
     )
-    zero = Decimal(0)
-    return CostedEvent(
-        event_id=uuid.uuid4(),
-        response=response,
-        cost=Cost(input=Decimal(cost), cached_input=zero, cache_write=zero, output=zero,
-                  reasoning=zero, total=Decimal(cost)),
-        unpriced=False,
-    )  # fmt: skip
+    return sample.costed(call, sample.cost(cost))
 
 
 def test_a_worker_restarted_from_older_offsets_counts_nothing_twice() -> None:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -14,40 +13,22 @@ from aiokafka import AIOKafkaProducer
 
 from llmtap import topics
 from llmtap.config import Settings
-from llmtap.events import Cost, CostedEvent, ResponseEvent, Usage
+from llmtap.events import CostedEvent, Usage
 from sinks.clickhouse.decode import decode_batch
 from sinks.clickhouse.writer import Batch, ClickHouseWriter, write_batch
 from sql.migrate import available, migrate
 from sql.store import Store
+from tests import sample
 from tests.conftest import Broker
 
 
 def costed(model: str = "gpt-4o", output_tokens: int = 5) -> CostedEvent:
-    now = datetime.now(UTC)
-    response = ResponseEvent(
-        request_id=uuid.uuid4(),
-        ts_start=now,
-        ts_end=now,
-        provider="openai",
-        endpoint="chat.completions",
+    call = sample.response(
         model_requested=model,
         model_served=model,
-        stream=False,
-        status="ok",
-        http_status=200,
         usage=Usage(input_tokens=10, output_tokens=output_tokens),
-        latency_ms=12.5,
-        proxy_overhead_ms=0.3,
     )
-    cost = Cost(
-        input=Decimal("0.000025"),
-        cached_input=Decimal(0),
-        cache_write=Decimal(0),
-        output=Decimal("0.00005"),
-        reasoning=Decimal(0),
-        total=Decimal("0.000075"),
-    )
-    return CostedEvent(event_id=uuid.uuid4(), response=response, cost=cost, unpriced=False)
+    return sample.costed(call, sample.cost("0.000025", "0.00005"))
 
 
 def count(store: Store, table: str) -> int:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from llmtap.config import Settings
-from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
+from llmtap.events import Attribution, CostedEvent, Usage
 from sinks.clickhouse.writer import Batch, ClickHouseWriter, write_batch
 from sql.retention import apply_retention, current_ttl_days
 from sql.store import Store
+from tests import sample
 from tests.conftest import Broker
 from tests.test_clickhouse_writer import produce, wait_for
 
@@ -20,14 +20,9 @@ from tests.test_clickhouse_writer import produce, wait_for
 def call(
     at: datetime, *, user: str, model: str, cost: str | None, latency_ms: float, ok: bool = True
 ) -> CostedEvent:
-    response = ResponseEvent(
-        request_id=uuid.uuid4(),
-        ts_start=at,
-        ts_end=at,
-        provider="openai",
-        endpoint="chat.completions",
+    response = sample.response(
+        at,
         model_requested=model,
-        stream=False,
         status="ok" if ok else "upstream_error",
         http_status=200 if ok else 500,
         usage=Usage(input_tokens=100, output_tokens=10, cached_input_tokens=20),
@@ -36,22 +31,7 @@ def call(
         proxy_overhead_ms=0.2,
         attribution=Attribution(tenant="acme", team="search", user=user),
     )
-    money = None if cost is None else Decimal(cost)
-    priced = (
-        None
-        if money is None
-        else Cost(
-            input=money,
-            cached_input=Decimal(0),
-            cache_write=Decimal(0),
-            output=Decimal(0),
-            reasoning=Decimal(0),
-            total=money,
-        )
-    )
-    return CostedEvent(
-        event_id=uuid.uuid4(), response=response, cost=priced, unpriced=money is None
-    )
+    return sample.costed(response, None if cost is None else sample.cost(cost))
 
 
 def test_rollups_agree_with_the_raw_calls(store: Store) -> None:

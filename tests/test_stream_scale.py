@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, ResponseEvent, Usage, WindowEvent
+from tests import sample
 from tests.conftest import start_broker
 
 PARTITIONS = 4
@@ -59,17 +59,9 @@ async def stream_worker(bootstrap: str, data_dir: Path) -> AsyncIterator[None]:
 
 
 def response(i: int, now: datetime | None = None) -> ResponseEvent:
-    now = now or datetime.now(UTC)
-    return ResponseEvent(
-        request_id=uuid.uuid4(),
-        ts_start=now,
-        ts_end=now,
-        provider="openai",
-        endpoint="chat.completions",
+    return sample.response(
+        now,
         model_requested="gpt-4o-mini",
-        stream=False,
-        status="ok",
-        http_status=200,
         usage=Usage(input_tokens=100, output_tokens=10),
         latency_ms=50.0 + i % 10,
         proxy_overhead_ms=0.2,

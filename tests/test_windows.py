@@ -10,12 +10,13 @@ import pytest
 from pydantic import ValidationError
 
 from llmtap.config import Settings, SpikeRule
-from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
+from llmtap.events import Attribution, CostedEvent, Status, Usage
 from sinks.clickhouse.writer import Batch, write_batch
 from sql.store import Store
 from stream.detector import Detector, metric_value
 from stream.sketches import LatencySketch
 from stream.windows import Windower, merge_windows, sketch_of, window_start
+from tests import sample
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # on an hour
 GRACE = timedelta(seconds=10)
@@ -36,12 +37,9 @@ def call(
     ttft_ms: float | None = None,
 ) -> CostedEvent:
     end = T0 + at
-    response = ResponseEvent(
-        request_id=uuid.uuid4(),
+    response = sample.response(
+        end,
         ts_start=end - timedelta(milliseconds=latency_ms),
-        ts_end=end,
-        provider="openai",
-        endpoint="chat.completions",
         model_requested=model,
         stream=ttft_ms is not None,
         status=status,
@@ -53,14 +51,7 @@ def call(
         proxy_overhead_ms=0.1,
         attribution=Attribution(tenant="acme", team=team, user="u1", key_id="k1", feature="f"),
     )
-    priced = None
-    if cost is not None:
-        zero = Decimal(0)
-        priced = Cost(
-            input=Decimal(cost), cached_input=zero, cache_write=zero, output=zero,
-            reasoning=zero, total=Decimal(cost),
-        )  # fmt: skip
-    return CostedEvent(event_id=uuid.uuid4(), response=response, cost=priced, unpriced=cost is None)
+    return sample.costed(response, None if cost is None else sample.cost(cost))
 
 
 def by_series(windows: list) -> dict[tuple[int, str, str, datetime], object]:  # type: ignore[type-arg]
