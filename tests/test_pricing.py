@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from ingress.forward.usage import anthropic_usage
 from llmtap.events import Cost, ResponseEvent, Usage
 from stream.pricing import Catalog, ModelPrice, Rates, cost_of, load_catalog, price
+from tests import sample
 
 MILLION = Decimal(1_000_000)
 NANO = Decimal("0.000000001")
@@ -33,24 +33,10 @@ def response(
     model_served: str = "",
     **extra: Any,
 ) -> ResponseEvent:
-    now = ts or datetime.now(UTC)
-    fields: dict[str, Any] = {
-        "request_id": uuid.uuid4(),
-        "ts_start": now,
-        "ts_end": now,
-        "provider": "openai",
-        "endpoint": "chat.completions",
-        "model_requested": model,
-        "model_served": model_served,
-        "stream": False,
-        "status": "ok",
-        "http_status": 200,
-        "latency_ms": 1,
-        "proxy_overhead_ms": 0.1,
-        "usage": usage,
-    }
-    fields.update(extra)
-    return ResponseEvent(**fields)
+    fields: dict[str, Any] = {"latency_ms": 1, "proxy_overhead_ms": 0.1} | extra
+    return sample.response(
+        ts, model_requested=model, model_served=model_served, usage=usage, **fields
+    )
 
 
 @pytest.fixture(scope="module")
