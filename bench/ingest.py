@@ -41,7 +41,8 @@ from sinks.app import tune_gc
 from sinks.clickhouse.decode import decode_batch
 from sinks.clickhouse.rows import call_columns
 from sinks.clickhouse.wire import decode_costed
-from sinks.clickhouse.writer import ClickHouseWriter, write_batch
+from sinks.clickhouse.write import write_batch
+from sinks.clickhouse.writer import ClickHouseWriter
 from sql.migrate import migrate
 from sql.store import Store
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from llmtap import topics
@@ -17,12 +17,15 @@ RECONNECT_S = 1.0
 
 
 def sink_consumer(
-    topic: str | list[str], bootstrap: str, group_id: str, max_poll_records: int | None = None
+    topic: str | list[str],
+    bootstrap: str,
+    group_id: str,
+    max_poll_records: int | None = None,
+    listener: ConsumerRebalanceListener | None = None,
 ) -> AIOKafkaConsumer:
     """A consumer (of one topic or several) whose offsets the sink commits itself, after
-    its work is durable."""
-    return AIOKafkaConsumer(
-        *([topic] if isinstance(topic, str) else topic),
+    its work is durable; ``listener`` hears of the partitions it is given and loses."""
+    consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group_id,
         enable_auto_commit=False,
@@ -33,6 +36,8 @@ def sink_consumer(
         heartbeat_interval_ms=1_000,
         max_poll_interval_ms=3_600_000,  # a long ClickHouse outage must not evict the sink
     )
+    consumer.subscribe([topic] if isinstance(topic, str) else topic, listener=listener)
+    return consumer
 
 
 async def consume_forever(

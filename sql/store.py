@@ -47,7 +47,10 @@ def render(name: str, **structure: object) -> str:
 class Store:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self._client = clickhouse_connect.get_client(dsn=dsn)
+        # No insert is deduplicated unless it asks to be, with its own token (the
+        # writer's inserts into `calls`, sinks/clickhouse/replay.py): a table with a
+        # deduplication window would otherwise drop a block equal to a recent one.
+        self._client = clickhouse_connect.get_client(dsn=dsn, settings={"insert_deduplicate": 0})
         self._lock = threading.Lock()
         self._insert_contexts: dict[tuple[str, tuple[str, ...]], InsertContext] = {}
 
@@ -72,13 +75,14 @@ class Store:
         columns: Sequence[Sequence[Any]],
         names: Sequence[str],
         send_as: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         """One insert of data already in columns (``names`` order). ``send_as`` names
         columns sent as another type than the table's, for ClickHouse to convert (a
         Decimal column sent as the String of each value: parsed in the engine, exactly,
         instead of scaled in Python value by value). The table's column types are read
         once per table and column list, not before every insert: run migrations before
-        writers start (they do)."""
+        writers start (they do). ``settings``: the insert's own query settings."""
         key = (table, tuple(names))
         with self._lock:
             context = self._insert_contexts.get(key)
@@ -96,6 +100,7 @@ class Store:
                         column_type_names=types,
                     )
                 self._insert_contexts[key] = context
+            context.settings = settings or {}  # a context's settings are its inserts'
             self._client.insert(data=columns, context=context)
 
     async def arows(

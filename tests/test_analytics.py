@@ -32,7 +32,8 @@ from llmtap.events import (
     Status,
     Usage,
 )
-from sinks.clickhouse.writer import Batch, write_batch
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import write_batch
 from sinks.webhooks.records import store_batch
 from sql import analytics, params
 from sql.migrate import available, migrate

@@ -21,7 +21,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ingress.guards.keys import create_key, revoke_key
 from llmtap.config import Settings
-from sinks.clickhouse.writer import Batch, write_batch
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import write_batch
 from sql import analytics, auth, params
 from sql.store import Store
 from tests.test_analytics import NOW, Call

@@ -10,7 +10,8 @@ import pytest
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, CostedEvent, Usage
 from sinks.budget_seed import rebuilt_state
-from sinks.clickhouse.writer import Batch, write_batch
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import write_batch
 from sql.store import Store
 from stream.budgets import Ledger, current, matches, period_bounds, spend
 from tests import sample

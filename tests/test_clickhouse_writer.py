@@ -14,8 +14,9 @@ from aiokafka import AIOKafkaProducer
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import CostedEvent, Usage
-from sinks.clickhouse.decode import decode_batch
-from sinks.clickhouse.writer import Batch, ClickHouseWriter, write_batch
+from sinks.clickhouse.decode import Batch, decode_batch
+from sinks.clickhouse.write import write_batch
+from sinks.clickhouse.writer import ClickHouseWriter
 from sql.migrate import available, migrate
 from sql.store import Store
 from tests import sample

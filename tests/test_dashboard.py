@@ -29,7 +29,8 @@ from ingress.guards.keys import create_key, revoke_key
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import Alert, BudgetState, Reservations, Status
 from sinks.budget_seed import publish_states
-from sinks.clickhouse.writer import Batch, write_batch
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import write_batch
 from sinks.webhooks.records import store_batch
 from sql import analytics, auth, dashboard, params
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, budget_rows

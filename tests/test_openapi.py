@@ -24,7 +24,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from ingress.guards.keys import create_key
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import Reservations
-from sinks.clickhouse.writer import Batch, write_batch
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import write_batch
 from sinks.webhooks.records import store_batch
 from sql import analytics, openapi, params, sqlapi
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK

@@ -22,7 +22,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from ingress.guards.keys import create_key
 from llmtap.config import Settings
-from sinks.clickhouse.writer import Batch, write_batch
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import write_batch
 from sql import analytics, sqlapi
 from sql.store import Store
 from tests.test_analytics import Call

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from llmtap.config import Settings, SpikeRule
 from llmtap.events import Attribution, CostedEvent, Status, Usage
-from sinks.clickhouse.writer import Batch, write_batch
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import write_batch
 from sql.store import Store
 from stream.detector import Detector, metric_value
 from stream.sketches import LatencySketch

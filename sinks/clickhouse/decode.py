@@ -32,6 +32,9 @@ from sinks.clickhouse.rows import call_columns
 # A raw message: topic, partition, offset, value.
 Record = tuple[str, int, int, bytes]
 
+# The offsets of one partition a batch holds: topic, partition, first offset, next offset.
+Range = tuple[str, int, int, int]
+
 
 @dataclass(frozen=True)
 class DeadLetter:
@@ -59,6 +62,7 @@ class Batch:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    costed_ranges: tuple[Range, ...] = ()  # where its costed events came from
 
     def __len__(self) -> int:
         calls = len(self.calls[0]) if self.calls else 0

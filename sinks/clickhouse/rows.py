@@ -72,7 +72,7 @@ def from_ticks(ms: int) -> datetime:
 
 
 def _money(value: Decimal) -> str:
-    return str(value)  # exact: sent as this text, parsed by ClickHouse (writer.MONEY_AS_TEXT)
+    return str(value)  # exact: sent as this text, parsed by ClickHouse (write.MONEY_AS_TEXT)
 
 
 def call_row(event: Costed) -> tuple[Any, ...]:

@@ -3,14 +3,22 @@ closed windows into the ``windows`` table.
 
 A pipeline of small steps, commit always last:
 
-1. decode: bytes -> costed events (msgspec, held to the contract by tests/test_wire.py)
-   or a dead letter (raw bytes kept) if it cannot be;
-2. batch: until ``sink_batch_rows`` rows or ``sink_batch_seconds`` old, carrying the
-   offsets of what it holds;
-3. write: drop rows whose event_id is already stored (a replay after a crash between
-   write and commit, or a duplicate from upstream), then one columnar insert; on
-   failure retry with backoff and do not read further (Kafka keeps the data);
-4. commit: the batch's offsets, only after its write succeeded.
+1. batch: until ``sink_batch_rows`` messages or ``sink_batch_seconds`` old, carrying
+   the offsets of what it holds, in partition and offset order;
+2. decode: bytes -> ``calls`` columns (msgspec, held to the contract by
+   tests/test_wire.py) and windows, or a dead letter (raw bytes kept) for a message
+   that is not a valid event (sinks/clickhouse/decode.py);
+3. decide the insert into ``calls``: the rows whose event_id is not stored yet (a
+   replay after a crash between write and commit, or a duplicate from upstream), and
+   record it with its offset ranges (sinks/clickhouse/replay.py);
+4. write: that insert, with a token that makes a repeat exact, then windows and dead
+   letters; on failure retry the same insert with backoff and read no further (Kafka
+   keeps the data) (sinks/clickhouse/write.py);
+5. commit: the batch's offsets, only after its write succeeded.
+
+When given partitions, before reading them, the writer repeats the recorded inserts
+its group has not committed (one cut short by a crash may have filled ``calls`` and
+not every view on it).
 """
 
 from __future__ import annotations
@@ -21,123 +29,19 @@ import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import astuple
-from datetime import timedelta
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError
 
 from llmtap import topics
 from llmtap.config import Settings
-from sinks.clickhouse.decode import Batch as Batch  # re-exported: tests and tools build batches
-from sinks.clickhouse.decode import DeadLetter as DeadLetter
-from sinks.clickhouse.decode import Record, decode_batch, ready, start_decode_process
-from sinks.clickhouse.rows import (
-    CALLS_COLUMNS,
-    DEAD_LETTER_COLUMNS,
-    EVENT_ID,
-    TS_END,
-    WINDOW_ID,
-    WINDOW_START,
-    WINDOWS_COLUMNS,
-    call_columns,
-    from_ticks,
-    window_row,
-)
+from sinks.clickhouse import replay
+from sinks.clickhouse.decode import Batch, Record, decode_batch, ready, start_decode_process
+from sinks.clickhouse.write import CallsInsert, insert_calls, prepare_calls, write_others
 from sinks.consumer import consume_forever, sink_consumer
-from sql.store import Store, render
+from sql.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def new_windows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The ``windows`` rows of a batch not stored yet, each once (looked up by id
-    within the rows' window starts)."""
-    unique = list({row[WINDOW_ID]: row for row in rows}.values())
-    if not unique:
-        return unique
-    slack = timedelta(seconds=1)
-    stored = store.rows(
-        render("existing_window_ids"),
-        {
-            "ts_from": min(row[WINDOW_START] for row in unique) - slack,
-            "ts_to": max(row[WINDOW_START] for row in unique) + slack,
-            "event_ids": [row[WINDOW_ID] for row in unique],
-        },
-    )
-    known = {r["event_id"] for r in stored}
-    return [row for row in unique if row[WINDOW_ID] not in known]
-
-
-# Money goes as the exact decimal text the columns hold; ClickHouse parses it into
-# Decimal(18, 9) (clickhouse-connect would scale each value in Python: ~1 us apiece).
-MONEY_AS_TEXT = {name: "Nullable(String)" for name in CALLS_COLUMNS if name.startswith("cost_")}
-
-ID_PREFIX = 8  # hex digits of an event id the duplicate check sends (existing_call_ids.sql)
-
-
-def new_calls(store: Store, columns: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The ``calls`` columns of a batch without the events stored already, each event
-    once (what :func:`new_windows` does for rows, without turning columns into rows)."""
-    if not columns:
-        return columns
-    ids = columns[EVENT_ID]
-    last = {event_id: i for i, event_id in enumerate(ids)}  # the last copy of each
-    ts_end = columns[TS_END]
-    slack = 1000  # ms
-    stored = store.rows(
-        render("existing_call_ids"),
-        {
-            "ts_from": from_ticks(min(ts_end) - slack),
-            "ts_to": from_ticks(max(ts_end) + slack),
-            "id_prefixes": ",".join(event_id[:ID_PREFIX] for event_id in last),
-        },
-    )
-    for r in stored:
-        last.pop(str(r["event_id"]), None)
-    if len(last) == len(ids):
-        return columns  # the usual case: nothing to drop
-    keep = sorted(last.values())
-    return [tuple(column[i] for i in keep) for column in columns] if keep else []
-
-
-def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter]:
-    """The dead letters of a batch not stored yet (keyed by topic, partition, offset)."""
-    fresh: list[DeadLetter] = []
-    for topic in {d.topic for d in letters}:
-        mine = [d for d in letters if d.topic == topic]
-        rows = store.rows(
-            render("existing_dead_letters"),
-            {
-                "topic": topic,
-                "offset_from": min(d.offset for d in mine),
-                "offset_to": max(d.offset for d in mine),
-            },
-        )
-        stored = {(r["partition"], r["offset"]) for r in rows}
-        fresh.extend(d for d in mine if (d.partition, d.offset) not in stored)
-    return fresh
-
-
-def write_batch(store: Store, batch: Batch) -> int:
-    """Write a batch idempotently; return how many call rows were inserted."""
-    calls = batch.calls
-    if batch.events:
-        extra = call_columns(batch.events)
-        calls = [a + b for a, b in zip(calls, extra, strict=True)] if calls else extra
-    fresh = new_calls(store, calls)
-    if fresh:
-        store.insert_columns("calls", fresh, CALLS_COLUMNS, send_as=MONEY_AS_TEXT)
-    if batch.windows:
-        windows = new_windows(store, [window_row(w) for w in batch.windows])
-        if windows:
-            store.insert("windows", windows, WINDOWS_COLUMNS)
-    letters = new_dead_letters(store, batch.dead_letters) if batch.dead_letters else []
-    if letters:
-        store.insert("dead_letters", [astuple(d) for d in letters], DEAD_LETTER_COLUMNS)
-        log.error("%d undecodable messages sent to dead_letters", len(letters))
-    return len(fresh[0]) if fresh else 0
 
 
 class ClickHouseWriter:
@@ -157,6 +61,8 @@ class ClickHouseWriter:
         self.rows_written = 0
         self.batches_written = 0
         self.write_failures = 0
+        self.inserts_repeated = 0  # recorded, uncommitted inserts made again
+        self.inserts_lost = 0  # ... that could not be: their messages gone
         self.first_read_at: float | None = None  # loop time of the first message read
 
     def _consumer(self) -> AIOKafkaConsumer:
@@ -165,7 +71,26 @@ class ClickHouseWriter:
             self._settings.kafka_bootstrap,
             self._group_id,
             max_poll_records=self._settings.sink_batch_rows,
+            listener=_RepeatOnAssign(self),
         )
+
+    async def repeat_uncommitted(self, assigned: set[TopicPartition]) -> None:
+        """Repeat the recorded inserts not committed on ``assigned`` partitions, before
+        reading them (sinks/clickhouse/replay.py); retried while the store fails."""
+        backoff = 0.5
+        while True:
+            try:
+                repeated, lost = await replay.repeat_uncommitted(
+                    self._store, self._settings.kafka_bootstrap, self._group_id, assigned
+                )
+            except Exception as exc:
+                log.error("repeating uncommitted inserts failed (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self.inserts_repeated += repeated
+            self.inserts_lost += lost
+            return
 
     async def run(self) -> None:
         """Consume until cancelled; reconnect if the broker goes away."""
@@ -246,6 +171,7 @@ class ClickHouseWriter:
                 first_at = loop.time()
                 if self.first_read_at is None:
                     self.first_read_at = first_at
+        records.sort(key=replay.position)  # as a replay of them reads them
         return records, offsets
 
     async def _decode(self, records: list[Record], offsets: dict[TopicPartition, int]) -> Batch:
@@ -265,6 +191,7 @@ class ClickHouseWriter:
         if batch is None:
             batch = decode_batch(records)
         batch.offsets = offsets
+        batch.costed_ranges = replay.costed_ranges(records)
         return batch
 
     async def _write_and_commit(
@@ -279,11 +206,23 @@ class ClickHouseWriter:
             # duplicate check keeps the rows we wrote from being written twice.
             log.warning("commit after write failed (%s)", exc)
 
+    def _prepare(self, batch: Batch) -> CallsInsert:
+        insert = prepare_calls(self._store, batch)
+        if insert.columns and batch.costed_ranges:
+            replay.record(self._store, self._group_id, insert, batch.costed_ranges)
+        return insert
+
     async def _write(self, batch: Batch) -> None:
+        """Write a batch, retrying until it is written: its insert into ``calls`` is
+        decided (and recorded) once, then repeated as it is."""
         backoff = 0.5
+        insert: CallsInsert | None = None
         while True:
             try:
-                written = await asyncio.to_thread(write_batch, self._store, batch)
+                if insert is None:
+                    insert = await asyncio.to_thread(self._prepare, batch)
+                written = await asyncio.to_thread(insert_calls, self._store, insert)
+                await asyncio.to_thread(write_others, self._store, batch)
             except Exception as exc:
                 self.write_failures += 1
                 log.error("ClickHouse write failed (%s); retrying in %.1fs", exc, backoff)
@@ -293,3 +232,16 @@ class ClickHouseWriter:
             self.rows_written += written
             self.batches_written += 1
             return
+
+
+class _RepeatOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Given partitions, the writer first repeats their uncommitted inserts."""
+
+    def __init__(self, writer: ClickHouseWriter) -> None:
+        self._writer = writer
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._writer.repeat_uncommitted(set(assigned))

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from llmtap import topics
 from llmtap.config import Settings, WebhookEndpoint
 from llmtap.events import Alert, utcnow
-from sinks.clickhouse.writer import DeadLetter
+from sinks.clickhouse.decode import DeadLetter
 from sinks.consumer import consume_forever, sink_consumer
 from sinks.webhooks import records
 from sinks.webhooks.records import Job

@@ -19,8 +19,9 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from pydantic import ValidationError
 
 from llmtap.events import Alert, utcnow
+from sinks.clickhouse.decode import DeadLetter
 from sinks.clickhouse.rows import DEAD_LETTER_COLUMNS
-from sinks.clickhouse.writer import DeadLetter, new_dead_letters
+from sinks.clickhouse.write import new_dead_letters
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,192 @@
+"""Exact replay of the writer's inserts into ``calls`` after a crash.
+
+An insert into ``calls`` fills every materialized view on it too, not atomically: a
+store killed mid-insert can leave the rows in ``calls`` and some view without them.
+The Kafka offsets were not committed, so the writer reads those messages again; but a
+new batch would drop them as stored already (the duplicate check), and the views
+would never get them. So before each insert the writer records it (``calls_inserts``:
+its offset ranges, its token, the ids it left out), and a writer given partitions
+first repeats every recorded insert its consumer group has not committed: it reads the
+same ranges, rebuilds the same rows, and makes the insert again with the same token.
+``calls`` drops it; each view's table drops it or, if it lacks it, takes it
+(sinks/clickhouse/write.py, sql/migrations/0009_exact_replay.sql).
+
+Only the latest ``LATEST`` records of a group are looked at: a group commits after each
+insert, so an uncommitted one is among the last few, and the tables remember a
+thousand tokens (every repeat must be within them to be dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from operator import itemgetter
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from llmtap import topics
+from llmtap.events import utcnow
+from sinks.clickhouse.decode import Range, Record, decode_batch
+from sinks.clickhouse.write import CallsInsert, fresh_calls, insert_calls, token_of
+from sql.store import Store, render
+
+log = logging.getLogger(__name__)
+
+LATEST = 100
+IDLE_S = 2.0  # a range read that gets nothing for this long is incomplete
+
+# Records in one order whatever order they were fetched in: the same messages give the
+# same rows, in the same order, to a first insert and to its replay.
+position = itemgetter(0, 1, 2)
+
+
+def costed_ranges(records: Iterable[Record]) -> tuple[Range, ...]:
+    """The offset range of each partition of the costed topic among ``records``."""
+    spans: dict[tuple[str, int], list[int]] = {}
+    for topic, partition, offset, _ in records:
+        if topic == topics.COSTED:
+            span = spans.setdefault((topic, partition), [offset, offset])
+            span[0] = min(span[0], offset)
+            span[1] = max(span[1], offset)
+    return tuple((t, p, first, last + 1) for (t, p), (first, last) in sorted(spans.items()))
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """An insert into ``calls`` as recorded before it was made."""
+
+    token: str
+    ranges: tuple[Range, ...]
+    left_out: tuple[str, ...]
+
+
+def record(store: Store, group: str, insert: CallsInsert, ranges: tuple[Range, ...]) -> None:
+    """Record an insert before making it."""
+    store.insert(
+        "calls_inserts",
+        [(utcnow(), group, insert.token, list(ranges), list(insert.left_out))],
+        ("created", "consumer_group", "token", "ranges", "skipped"),
+    )
+
+
+def latest(store: Store, group: str) -> list[Recorded]:
+    """The group's latest recorded inserts, oldest first."""
+    rows = store.rows(render("calls_inserts_latest"), {"consumer_group": group, "latest": LATEST})
+    return [
+        Recorded(
+            r["token"],
+            tuple(
+                (x["topic"], int(x["partition"]), int(x["first"]), int(x["next"]))
+                for x in r["ranges"]  # named tuples come back as dicts
+            ),
+            tuple(str(i) for i in r["skipped"]),
+        )
+        for r in reversed(rows)
+    ]
+
+
+def uncommitted(
+    recorded: Iterable[Recorded],
+    committed: Mapping[TopicPartition, int],
+    assigned: set[TopicPartition],
+) -> list[Recorded]:
+    """The recorded inserts on ``assigned`` partitions with offsets beyond what the
+    group has committed there (-1 or missing: nothing committed)."""
+    return [
+        r
+        for r in recorded
+        if any(TopicPartition(t, p) in assigned for t, p, _, _ in r.ranges)
+        and any(nxt > committed.get(TopicPartition(t, p), -1) for t, p, _, nxt in r.ranges)
+    ]
+
+
+async def committed_offsets(
+    bootstrap: str, group: str, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        found = await admin.list_consumer_group_offsets(group, partitions=list(partitions))
+        return {tp: meta.offset for tp, meta in found.items()}
+    finally:
+        await admin.close()
+
+
+async def read_ranges(bootstrap: str, ranges: Iterable[Range]) -> list[Record] | None:
+    """The messages in ``ranges`` (no consumer group), in :data:`position` order; None
+    if some are not there any more."""
+    wanted = {TopicPartition(t, p): (first, nxt) for t, p, first, nxt in ranges}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        request_timeout_ms=10_000,
+        fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(wanted))
+        for tp, (first, _) in wanted.items():
+            consumer.seek(tp, first)
+        records: list[Record] = []
+        left = dict(wanted)
+        while left:
+            fetched = await consumer.getmany(*left, timeout_ms=int(IDLE_S * 1000))
+            if not fetched:
+                return None
+            for tp, batch in fetched.items():
+                first, nxt = wanted[tp]
+                records.extend(
+                    (r.topic, r.partition, r.offset, r.value or b"")
+                    for r in batch
+                    if first <= r.offset < nxt
+                )
+                if batch[-1].offset + 1 >= nxt:
+                    consumer.pause(tp)
+                    left.pop(tp, None)
+        records.sort(key=position)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def rebuilt(recorded: Recorded, records: list[Record]) -> CallsInsert | None:
+    """The recorded insert made again from its messages; None if they give other rows
+    (the broker lost them and its offsets now hold other messages)."""
+    columns = decode_batch(records).calls
+    fresh = fresh_calls(columns, set(recorded.left_out))
+    insert = CallsInsert(fresh, token_of(fresh), recorded.left_out)
+    return insert if insert.token == recorded.token else None
+
+
+async def repeat_uncommitted(
+    store: Store, bootstrap: str, group: str, assigned: set[TopicPartition]
+) -> tuple[int, int]:
+    """Repeat the group's uncommitted recorded inserts on ``assigned`` partitions;
+    return how many were repeated and how many could not be (their messages gone)."""
+    recorded = await asyncio.to_thread(latest, store, group)
+    if not recorded:
+        return 0, 0
+    partitions = {TopicPartition(t, p) for r in recorded for t, p, _, _ in r.ranges}
+    committed = await committed_offsets(bootstrap, group, partitions)
+    repeated = lost = 0
+    for r in uncommitted(recorded, committed, assigned):
+        records = await read_ranges(bootstrap, r.ranges)
+        insert = rebuilt(r, records) if records is not None else None
+        if insert is None:
+            lost += 1
+            log.error(
+                "an insert into calls (token %s, offsets %s) cannot be repeated: its "
+                "messages are gone from the broker; if it was cut short, a rollup may "
+                "lack its rows",
+                r.token,
+                r.ranges,
+            )
+            continue
+        await asyncio.to_thread(insert_calls, store, insert)
+        repeated += 1
+    if repeated:
+        log.warning("repeated %d uncommitted inserts into calls", repeated)
+    return repeated, lost

@@ -1,0 +1,229 @@
+"""An insert into ``calls`` cut short (``calls`` has the rows, a view does not) is
+repeated exactly: by the writer retrying it, and by a writer that takes over from a
+crashed one before its commit. Real broker (Tansu), real store (chDB).
+
+A view made to fail on demand cuts an insert short: a test-only materialized view on
+``calls`` into a table with a CHECK constraint the test's calls break, dropped later.
+ClickHouse stores the ``calls`` part and then fails in the view, exactly as when a
+view's disk fails or the store is killed between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from llmtap import topics
+from llmtap.config import Settings
+from llmtap.events import Attribution, CostedEvent
+from sinks.clickhouse import replay
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import insert_calls, prepare_calls
+from sinks.clickhouse.writer import ClickHouseWriter
+from sql.store import Store
+from tests import sample
+from tests.conftest import Broker, start_broker
+
+FEATURE = "cut-short"
+
+
+def call() -> CostedEvent:
+    who = Attribution(tenant="acme", team="search", feature=FEATURE, properties={"plan": "pro"})
+    event = sample.response(attribution=who)
+    return sample.costed(event, sample.cost("0.000025", "0.00005"))
+
+
+def arm_trap(store: Store) -> None:
+    """From now on every insert into ``calls`` of a call with FEATURE fails in a view,
+    after ``calls`` took it."""
+    store.command(
+        "CREATE TABLE trap (feature String, CONSTRAINT armed CHECK feature != 'cut-short') "
+        "ENGINE = MergeTree ORDER BY feature "
+        "SETTINGS non_replicated_deduplication_window = 1000"
+    )
+    store.command("CREATE MATERIALIZED VIEW trap_mv TO trap AS SELECT feature FROM calls")
+
+
+def disarm_trap(store: Store) -> None:
+    store.command("ALTER TABLE trap DROP CONSTRAINT armed")
+
+
+def view_tables(store: Store) -> list[str]:
+    """The table each materialized view on ``calls`` writes to."""
+    views = store.rows(
+        "SELECT dependencies_table AS views FROM system.tables "
+        "WHERE database = currentDatabase() AND name = 'calls'"
+    )[0]["views"]
+    tables = []
+    for view in views:
+        query = store.rows(
+            "SELECT create_table_query AS q FROM system.tables "
+            "WHERE database = currentDatabase() AND name = {view:String}",
+            {"view": view},
+        )[0]["q"]
+        match = re.search(r"\bTO (?:\w+\.)?(\w+)", query)
+        assert match, query
+        tables.append(match.group(1))
+    return sorted(tables)
+
+
+def rollup_requests(store: Store) -> dict[str, int]:
+    """The calls each rollup counts (each call has one property, so the property rollup
+    counts each once too)."""
+    counts = {}
+    for table in view_tables(store):
+        if table != "trap":
+            total = store.rows(f"SELECT sum(requests) AS n FROM {table}")
+            counts[table] = int(total[0]["n"] or 0)
+    return counts
+
+
+def calls(store: Store) -> int:
+    return int(store.command("SELECT count() FROM calls"))
+
+
+def test_every_view_on_calls_writes_to_a_table_that_remembers_tokens(store: Store) -> None:
+    """A repeated insert is dropped only by a table with a deduplication window: one
+    without would count the repeat twice (sql/migrations/0009_exact_replay.sql)."""
+    tables = view_tables(store)
+    assert len(tables) == 8
+    for table in ["calls", *tables]:
+        engine = store.rows(
+            "SELECT engine_full FROM system.tables "
+            "WHERE database = currentDatabase() AND name = {t:String}",
+            {"t": table},
+        )[0]["engine_full"]
+        window = re.search(r"non_replicated_deduplication_window = (\d+)", engine)
+        assert window and int(window.group(1)) >= replay.LATEST, table
+
+
+def test_an_insert_cut_short_and_repeated_fills_every_view_once(store: Store) -> None:
+    arm_trap(store)
+    batch = Batch(events=[call() for _ in range(30)])
+    insert = prepare_calls(store, batch)
+    with pytest.raises(Exception, match="armed"):
+        insert_calls(store, insert)
+    assert calls(store) == 30  # cut short: `calls` has the rows...
+    assert set(rollup_requests(store).values()) != {30}  # ...and some view does not
+    # Deciding the insert again would leave every row out (all "stored already"):
+    assert prepare_calls(store, batch).rows == 0
+
+    disarm_trap(store)
+    insert_calls(store, insert)  # the writer's retry: the same insert
+    expected = dict.fromkeys(rollup_requests(store), 30)
+    assert calls(store) == 30
+    assert rollup_requests(store) == expected
+    assert int(store.command("SELECT count() FROM trap")) == 30
+
+    insert_calls(store, insert)  # and once more: nothing changes
+    assert calls(store) == 30
+    assert rollup_requests(store) == expected
+
+
+async def produce(bootstrap: str, events: list[CostedEvent]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send(
+                topics.COSTED, event.model_dump_json().encode(), key=str(uuid.uuid4()).encode()
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a readiness condition for up to 30 s."""
+    try:
+        async with asyncio.timeout(30):
+            while not predicate():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not within 30 s: {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def running(writer: ClickHouseWriter) -> AsyncIterator[ClickHouseWriter]:
+    task = asyncio.create_task(writer.run())
+    try:
+        yield writer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_writer_repeats_the_insert_its_crashed_predecessor_cut_short(store: Store) -> None:
+    """The first writer's insert is cut short and it dies before committing; calls go
+    on meanwhile. Its successor, given the partitions, repeats that insert (the same
+    rows, from the recorded offset ranges), then reads on: every view counts every
+    call once. Reading on alone would drop the cut-short rows as stored already.
+    (A broker of its own: what it leaves on the topics is no other test's business.)"""
+    async with start_broker() as broker:
+        await cut_short_then_taken_over(broker, store)
+
+
+async def cut_short_then_taken_over(broker: Broker, store: Store) -> None:
+    settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
+    arm_trap(store)
+    first_calls = [call() for _ in range(40)]
+    await produce(broker.bootstrap, first_calls)
+    first = ClickHouseWriter(settings, store)
+    async with running(first):
+        await until(lambda: first.write_failures >= 1, "an insert cut short")
+    assert calls(store) == 40
+    assert set(rollup_requests(store).values()) != {40}
+
+    later_calls = [call() for _ in range(25)]
+    await produce(broker.bootstrap, later_calls)  # its successor's batch differs
+    disarm_trap(store)
+    second = ClickHouseWriter(settings, store)
+    async with running(second):
+        await until(lambda: calls(store) == 65, "every call stored")
+        written = second.batches_written
+        await produce(broker.bootstrap, [call()])
+        await until(lambda: second.batches_written > written and calls(store) == 66, "one more")
+    assert rollup_requests(store) == dict.fromkeys(rollup_requests(store), 66)
+    assert second.inserts_repeated == 1 and second.inserts_lost == 0
+    assert int(store.command("SELECT uniqExact(event_id) FROM calls")) == 66
+
+
+async def test_an_insert_whose_messages_are_gone_is_counted_not_guessed(
+    broker: Broker, store: Store
+) -> None:
+    """A recorded insert whose offsets the broker no longer has (a broker that kept
+    nothing over a restart) cannot be repeated: counted as lost, nothing inserted."""
+    events = Batch(events=[call() for _ in range(3)])
+    insert = prepare_calls(store, events)
+    replay.record(store, "a-group", insert, ((topics.COSTED, 0, 1000, 1003),))
+    assigned = {TopicPartition(topics.COSTED, 0)}
+    assert await replay.repeat_uncommitted(store, broker.bootstrap, "a-group", assigned) == (0, 1)
+    assert calls(store) == 0
+
+
+def test_uncommitted_inserts_are_those_past_the_groups_commit_on_its_partitions() -> None:
+    a, b = TopicPartition(topics.COSTED, 0), TopicPartition(topics.COSTED, 1)
+    done = replay.Recorded("t1", ((topics.COSTED, 0, 0, 10),), ())
+    cut = replay.Recorded("t2", ((topics.COSTED, 0, 10, 20), (topics.COSTED, 1, 0, 5)), ())
+    elsewhere = replay.Recorded("t3", ((topics.COSTED, 1, 5, 9),), ())
+    recorded = [done, cut, elsewhere]
+    assert replay.uncommitted(recorded, {a: 10, b: 5}, {a}) == [cut]
+    assert replay.uncommitted(recorded, {a: 20, b: 9}, {a, b}) == []
+    assert replay.uncommitted(recorded, {}, {b}) == [cut, elsewhere]  # nothing committed
+
+
+def test_costed_ranges_span_each_partitions_offsets() -> None:
+    records = [
+        (topics.COSTED, 1, 7, b""),
+        (topics.WINDOWS, 0, 3, b""),
+        (topics.COSTED, 1, 5, b""),
+        (topics.COSTED, 0, 2, b""),
+    ]
+    assert replay.costed_ranges(records) == ((topics.COSTED, 0, 2, 3), (topics.COSTED, 1, 5, 8))
