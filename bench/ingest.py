@@ -7,9 +7,9 @@ Starts the embedded Tansu broker, fills `llmtap.costed` with synthetic costed ev
 (before the clock starts), then runs the real ClickHouse writer (read -> decode, in
 decode processes with --decode-processes -> duplicate check -> columnar insert ->
 commit) against a fresh chDB store and times it until every row is queryable: with the
-settings' batch size and one decode process (or those given) and, run by run in turn,
-with the writer decoding in its own process (the default), so the two are measured side
-by side. It also times the writer's steps alone, in one process, on the same events
+settings' batch size and one decode process (the default; or as many as given) and,
+run by run in turn, with the writer decoding in its own process (0), so the two are
+measured side by side. It also times the writer's steps alone, in one process, on the same events
 (decode, columns, duplicate check + insert), so the report says where time goes.
 Target (issue): >= 50,000 rows/s on this machine.
 """
@@ -161,9 +161,9 @@ async def main() -> int:
     parser.add_argument(
         "--decode-processes",
         type=int,
-        default=1,
-        help="the writer's decode processes to measure, side by side with 0 (the "
-        "default setting: decode in the store process)",
+        default=defaults.sink_decode_processes,
+        help="the writer's decode processes to measure, side by side with 0 (decode "
+        "in the store process)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/ingest.md"))
     args = parser.parse_args()

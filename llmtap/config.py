@@ -235,10 +235,9 @@ class Settings(BaseSettings):
     # ClickHouse writer: a batch is written when it has this many rows or is this old.
     sink_batch_rows: int = Field(default=20_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
-    # Processes that decode for the writer (0: its own process decodes); one lets
-    # decoding overlap the inserts, for a store with a core to spare (README, Storage;
-    # bench/results/ingest.md).
-    sink_decode_processes: int = Field(default=0, ge=0, le=16)
+    # Processes that decode for the writer, overlapping its inserts (0: the writer's own
+    # process decodes, ~25% slower; README, Storage; bench/results/ingest.md).
+    sink_decode_processes: int = Field(default=1, ge=0, le=16)
 
     # Alert webhooks (see README, Webhooks), and whether they may target loopback,
     # private, link-local or otherwise reserved addresses (refused by default: SSRF).

@@ -87,6 +87,8 @@ async def healthz(request: web.Request) -> web.Response:
             "rows_written": writer.rows_written,
             "batches_written": writer.batches_written,
             "write_failures": writer.write_failures,
+            "inserts_repeated": writer.inserts_repeated,
+            "inserts_lost": writer.inserts_lost,
         }
     )
 
