@@ -219,11 +219,10 @@ def test_uncommitted_inserts_are_those_past_the_groups_commit_on_its_partitions(
     assert replay.uncommitted(recorded, {}, {b}) == [cut, elsewhere]  # nothing committed
 
 
-def test_costed_ranges_span_each_partitions_offsets() -> None:
-    records = [
-        (topics.COSTED, 1, 7, b""),
-        (topics.WINDOWS, 0, 3, b""),
-        (topics.COSTED, 1, 5, b""),
-        (topics.COSTED, 0, 2, b""),
-    ]
-    assert replay.costed_ranges(records) == ((topics.COSTED, 0, 2, 3), (topics.COSTED, 1, 5, 8))
+def test_costed_ranges_are_the_costed_partitions_spans_in_order() -> None:
+    spans = {
+        TopicPartition(topics.COSTED, 1): (5, 8),
+        TopicPartition(topics.WINDOWS, 0): (3, 4),
+        TopicPartition(topics.COSTED, 0): (2, 3),
+    }
+    assert replay.costed_ranges(spans) == ((topics.COSTED, 0, 2, 3), (topics.COSTED, 1, 5, 8))

@@ -43,15 +43,14 @@ IDLE_S = 2.0  # a range read that gets nothing for this long is incomplete
 position = itemgetter(0, 1, 2)
 
 
-def costed_ranges(records: Iterable[Record]) -> tuple[Range, ...]:
-    """The offset range of each partition of the costed topic among ``records``."""
-    spans: dict[tuple[str, int], list[int]] = {}
-    for topic, partition, offset, _ in records:
-        if topic == topics.COSTED:
-            span = spans.setdefault((topic, partition), [offset, offset])
-            span[0] = min(span[0], offset)
-            span[1] = max(span[1], offset)
-    return tuple((t, p, first, last + 1) for (t, p), (first, last) in sorted(spans.items()))
+def costed_ranges(spans: Mapping[TopicPartition, tuple[int, int]]) -> tuple[Range, ...]:
+    """The ranges of the costed topic's partitions among ``spans`` (partition: first
+    offset, next offset), in partition order."""
+    return tuple(
+        (tp.topic, tp.partition, first, next_offset)
+        for tp, (first, next_offset) in sorted(spans.items())
+        if tp.topic == topics.COSTED
+    )
 
 
 @dataclass(frozen=True)

@@ -124,9 +124,9 @@ class ClickHouseWriter:
         decoding: asyncio.Future[Batch] | None = None
         try:
             while True:
-                records, offsets = await self._read_batch(consumer)
+                records, spans = await self._read_batch(consumer)
                 if records:
-                    decoding = asyncio.ensure_future(self._decode(records, offsets))
+                    decoding = asyncio.ensure_future(self._decode(records, spans))
                 if previous is not None:
                     await previous
                     previous = None
@@ -142,15 +142,15 @@ class ClickHouseWriter:
 
     async def _read_batch(
         self, consumer: AIOKafkaConsumer
-    ) -> tuple[list[Record], dict[TopicPartition, int]]:
+    ) -> tuple[list[Record], dict[TopicPartition, tuple[int, int]]]:
         """Up to ``sink_batch_rows`` messages, or what arrived within ``sink_batch_seconds``
         of the first one; none after ``sink_batch_seconds`` with nothing to read. Also
-        the offsets they cover: for each partition, the next offset to read."""
+        the offsets they span: for each partition, the first and the next to read."""
         loop = asyncio.get_running_loop()
         max_rows = self._settings.sink_batch_rows
         max_age = self._settings.sink_batch_seconds
         records: list[Record] = []
-        offsets: dict[TopicPartition, int] = {}
+        spans: dict[TopicPartition, tuple[int, int]] = {}
         first_at: float | None = None
         while len(records) < max_rows:
             wait = max_age if first_at is None else first_at + max_age - loop.time()
@@ -164,7 +164,8 @@ class ClickHouseWriter:
                     records.append(
                         (record.topic, record.partition, record.offset, record.value or b"")
                     )
-                offsets[tp] = partition_records[-1].offset + 1
+                first = spans[tp][0] if tp in spans else partition_records[0].offset
+                spans[tp] = (first, partition_records[-1].offset + 1)
             if not records:
                 break  # idle: let the caller look at the write in flight
             if first_at is None:
@@ -172,9 +173,11 @@ class ClickHouseWriter:
                 if self.first_read_at is None:
                     self.first_read_at = first_at
         records.sort(key=replay.position)  # as a replay of them reads them
-        return records, offsets
+        return records, spans
 
-    async def _decode(self, records: list[Record], offsets: dict[TopicPartition, int]) -> Batch:
+    async def _decode(
+        self, records: list[Record], spans: dict[TopicPartition, tuple[int, int]]
+    ) -> Batch:
         """Decode in a decode process (or here, without one)."""
         batch: Batch | None = None
         if self._pool is not None:
@@ -190,8 +193,8 @@ class ClickHouseWriter:
                 await self._start_pool()
         if batch is None:
             batch = decode_batch(records)
-        batch.offsets = offsets
-        batch.costed_ranges = replay.costed_ranges(records)
+        batch.offsets = {tp: next_offset for tp, (_, next_offset) in spans.items()}
+        batch.costed_ranges = replay.costed_ranges(spans)
         return batch
 
     async def _write_and_commit(
