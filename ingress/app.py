@@ -16,10 +16,11 @@ from ingress.errors import openai_error
 from ingress.forward import anthropic, openai
 from ingress.forward.call import Call, attribution_from
 from ingress.forward.proxy import record_outcome
+from ingress.forward.tokens import Counting
 from ingress.guards.budgets import BudgetBook, announce, follow
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
-from ingress.keys import BUDGETS, KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.keys import BUDGETS, COUNTING, KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
@@ -27,6 +28,14 @@ from llmtap.events import Usage
 from stream.pricing import load_catalog
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def token_counting(app: web.Application) -> AsyncIterator[None]:
+    """Counts of broken-off streams' output tokens; those under way finish (and record
+    their calls) before the publisher and the budget book close."""
+    counting = app[COUNTING] = Counting()
+    yield
+    await counting.drain()
 
 
 async def upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -187,6 +196,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(ingress_metrics)
     app.cleanup_ctx.append(rate_limiter)
     app.cleanup_ctx.append(budget_book)
+    app.cleanup_ctx.append(token_counting)  # last: cleaned up first
     openai.add_routes(app)
     anthropic.add_routes(app)
     app.router.add_get("/healthz", healthz)

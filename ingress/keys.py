@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from ingress.forward.tokens import Counting
 from ingress.guards.budgets import BudgetBook
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
@@ -19,3 +20,4 @@ KEYS = web.AppKey("keys", KeyStore)
 METRICS = web.AppKey("metrics", IngressMetrics)
 LIMITER = web.AppKey("limiter", RateLimiter)
 BUDGETS = web.AppKey("budgets", BudgetBook)
+COUNTING = web.AppKey("counting", Counting)  # output tokens of broken-off streams

@@ -88,7 +88,10 @@ class Usage(_Model):
     one-hour lifetime (Anthropic prices it above the default five-minute writes).
     So the subsets never exceed their totals and pricing never charges a token twice.
     ``usage_missing`` is true when the provider reported no usage: the counts are
-    then unknown, not zero.
+    then unknown, not zero. ``output_tokens_counted`` is true when a stream broke off
+    (or its client went away) before the provider said how many tokens it generated,
+    and ``output_tokens`` is llmtap's count of the text streamed so far (o200k_base:
+    OpenAI's tokenizer for its current models; an estimate for other providers').
     """
 
     input_tokens: int = Field(default=0, ge=0)
@@ -98,6 +101,7 @@ class Usage(_Model):
     cache_creation_1h_input_tokens: int = Field(default=0, ge=0)  # within the above
     reasoning_tokens: int = Field(default=0, ge=0)
     usage_missing: bool = False
+    output_tokens_counted: bool = False
 
     @classmethod
     def missing(cls) -> Usage:

@@ -24,7 +24,16 @@ from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Refusal, authenticate, check_model
-from ingress.keys import BUDGETS, KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.keys import (
+    BUDGETS,
+    COUNTING,
+    KEYS,
+    LIMITER,
+    METRICS,
+    PUBLISHER,
+    SETTINGS,
+    UPSTREAM,
+)
 from ingress.routing import NoRoute, resolve
 from llmtap import logs, topics
 from llmtap.config import ApiKind, ProviderConfig
@@ -291,15 +300,27 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         error.headers["x-request-id"] = request_id
         return error
     finally:
-        if capture is not None:  # a stream, finished or not: usage as far as it was seen
-            usage, model_served = capture.final_usage, capture.model
-        record(status, http_status, usage, model_served, error_class)
-        budgets.settle(
-            call.request_id, model_served or model, usage, utcnow(), provider=route.provider
-        )
-        if key is not None and key.tpm:
-            used = usage.input_tokens + usage.output_tokens
-            request.app[LIMITER].settle(key.id, used, time.monotonic())
+
+        def finish(usage: Usage) -> None:
+            record(status, http_status, usage, model_served, error_class)
+            budgets.settle(
+                call.request_id, model_served or model, usage, utcnow(), provider=route.provider
+            )
+            if key is not None and key.tpm:
+                used = usage.input_tokens + usage.output_tokens
+                request.app[LIMITER].settle(key.id, used, time.monotonic())
+
+        if capture is None:
+            finish(usage)
+        else:  # a stream, finished or not: usage as far as it was seen
+            model_served = capture.model
+            if capture.output_uncounted:  # broken off before the provider counted it
+                seen = capture
+                request.app[COUNTING].then(
+                    seen.streamed_text, lambda tokens: finish(seen.counted_usage(tokens))
+                )
+            else:
+                finish(capture.final_usage)
 
 
 def _provider_error_type(body: bytes) -> str:

@@ -65,6 +65,10 @@ def anthropic_usage(usage: Any) -> Usage | None:
     )
 
 
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
@@ -104,18 +108,32 @@ class AnthropicJsonCapture(Capture):
         self.model = model if isinstance(model, str) else ""
 
 
+# What a stream keeps of its events' data, for counting its output tokens should it end
+# before the provider counts them: this much at most (~15,000 tokens of chat chunks);
+# past it, the count is scaled by the bytes seen.
+KEEP_STREAMED_BYTES = 2 * 1024 * 1024
+
+
 class StreamCapture:
     """Reads an SSE stream as it passes through, one event at a time.
 
     ``feed`` takes raw bytes from the provider and returns the bytes to forward now:
     whole SSE events, byte for byte as received. A partial event waits for its end.
     Subclasses read each event's JSON in ``_chunk`` and may hold one back.
+
+    Until the provider's final count of output tokens arrives, the events' data is kept
+    as it came (not parsed: that is the hot path), so that a stream that breaks off, or
+    whose client goes away, can still have its output counted (:meth:`counted_usage`).
     """
 
     def __init__(self) -> None:
         self._pending = b""
         self.usage: Usage | None = None
         self.model = ""
+        self.output_final = False  # the provider's own count of output tokens arrived
+        self._kept: list[bytes] = []
+        self._kept_bytes = 0
+        self._seen_bytes = 0
 
     def feed(self, data: bytes) -> bytes:
         self._pending += data
@@ -141,11 +159,43 @@ class StreamCapture:
     def final_usage(self) -> Usage:
         return self.usage or Usage.missing()
 
+    @property
+    def output_uncounted(self) -> bool:
+        """Text was streamed and the provider did not count its tokens."""
+        return bool(self._kept) and not self.output_final
+
+    def streamed_text(self) -> str:
+        """The text the kept events carried (content, reasoning, tool arguments)."""
+        parts: list[str] = []
+        for data in self._kept:
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(chunk, dict):
+                parts.extend(self._texts(chunk))
+        return "".join(parts)
+
+    def counted_usage(self, tokens: int) -> Usage:
+        """The usage seen, with ``tokens`` (the count of :meth:`streamed_text`, scaled
+        up if not all was kept) as its output when that is more than the provider said."""
+        if self._kept_bytes and self._seen_bytes > self._kept_bytes:
+            tokens = round(tokens * self._seen_bytes / self._kept_bytes)
+        seen = self.final_usage
+        if tokens <= seen.output_tokens:
+            return seen
+        return seen.model_copy(update={"output_tokens": tokens, "output_tokens_counted": True})
+
     def _inspect(self, event: bytes) -> bool:
         """Record what the event tells; return whether to forward it."""
         data = _sse_data(event)
         if data is None or data == b"[DONE]":
             return True
+        if not self.output_final:
+            self._seen_bytes += len(data)
+            if self._kept_bytes + len(data) <= KEEP_STREAMED_BYTES:
+                self._kept.append(data)
+                self._kept_bytes += len(data)
         if self.model and b'"usage"' not in data:
             return True  # nothing new to learn: content chunks are not parsed (hot path)
         try:
@@ -157,6 +207,10 @@ class StreamCapture:
         return self._chunk(chunk)
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _texts(self, chunk: dict[str, Any]) -> list[str]:
+        """The generated text one event carries."""
         raise NotImplementedError
 
     def _model(self, source: Any) -> None:
@@ -186,8 +240,33 @@ class OpenAIStreamCapture(StreamCapture):
         if usage is None:
             return True
         self.usage = usage
+        self.output_final = True
+        self._kept.clear()
         usage_only = chunk.get("choices") == []
         return not (self._strip and usage_only)
+
+    def _texts(self, chunk: dict[str, Any]) -> list[str]:
+        delta = chunk.get("delta")
+        if isinstance(delta, str):  # Responses API: response.output_text.delta and others
+            return [delta] if str(chunk.get("type", "")).endswith(".delta") else []
+        texts: list[str] = []
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
+            texts.append(_str(choice.get("text")))  # completions
+            message = choice.get("delta")  # chat completions
+            if not isinstance(message, dict):
+                continue
+            for key in ("content", "reasoning_content", "refusal"):
+                texts.append(_str(message.get(key)))
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    texts.append(_str(function.get("name")))
+                    texts.append(_str(function.get("arguments")))
+        return [text for text in texts if text]
 
 
 class AnthropicStreamCapture(StreamCapture):
@@ -213,7 +292,17 @@ class AnthropicStreamCapture(StreamCapture):
         if isinstance(usage, dict):
             self._raw.update({k: v for k, v in usage.items() if v is not None})
             self.usage = anthropic_usage(self._raw)
+            if kind == "message_delta" and "output_tokens" in usage:
+                self.output_final = True
+                self._kept.clear()
         return True
+
+    def _texts(self, chunk: dict[str, Any]) -> list[str]:
+        delta = chunk.get("delta") if chunk.get("type") == "content_block_delta" else None
+        if not isinstance(delta, dict):
+            return []
+        texts = (_str(delta.get(key)) for key in ("text", "partial_json", "thinking"))
+        return [text for text in texts if text]
 
 
 def _event_end(buffer: bytes) -> tuple[int, int]:

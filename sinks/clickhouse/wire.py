@@ -48,6 +48,7 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cache_creation_1h_input_tokens: Tokens = 0
     reasoning_tokens: Tokens = 0
     usage_missing: bool = False
+    output_tokens_counted: bool = False
 
 
 class Response(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -1,0 +1,176 @@
+"""Output tokens of a stream the provider did not count (it broke off, its client went
+away, or the provider sends no usage in streams): counted by llmtap from the text
+streamed, flagged as counted, never zero. Pure capture tests, the real tokenizer, and
+one call through the ingress whose client hangs up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from ingress.forward import tokens, usage
+from ingress.forward.usage import AnthropicStreamCapture, OpenAIStreamCapture, StreamCapture
+from llmtap.config import Settings
+from tests.conftest import Broker, FakeUpstream
+from tests.test_ingress_ops import make_key, response_event
+
+
+def sse(*chunks: dict[str, Any] | str) -> bytes:
+    return b"".join(
+        b"data: " + (c.encode() if isinstance(c, str) else orjson.dumps(c)) + b"\n\n"
+        for c in chunks
+    )
+
+
+def chat(delta: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "gpt-4o", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
+def fed(capture: StreamCapture, stream: bytes) -> StreamCapture:
+    assert capture.feed(stream) + capture.finish() == stream  # forwarded unchanged
+    return capture
+
+
+def test_the_tokenizer_is_openais_o200k() -> None:
+    # o200k_base: "Hello", " world" and "!" are one token each; "tiktoken" is three.
+    assert tokens.count("Hello world!") == 3
+    assert tokens.count("tiktoken") == 3
+    assert tokens.count("") == 0
+
+
+def test_a_chat_stream_without_usage_has_its_text_counted() -> None:
+    capture = fed(
+        OpenAIStreamCapture(strip_usage_chunk=False),
+        sse(
+            chat({"role": "assistant", "content": ""}),
+            chat({"content": "Hello"}),
+            chat({"content": " world"}),
+            chat({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": '{"a"'}}]}),
+            chat({"reasoning_content": "hm"}),
+            "[DONE]",
+        ),
+    )
+    assert capture.output_uncounted
+    assert capture.streamed_text() == 'Hello worldf{"a"hm'
+    counted = capture.counted_usage(tokens.count(capture.streamed_text()))
+    assert counted.output_tokens == tokens.count('Hello worldf{"a"hm') > 0
+    assert counted.output_tokens_counted
+    assert counted.usage_missing  # the input is still unknown: no cost is made up
+
+
+def test_a_chat_stream_with_usage_is_not_counted() -> None:
+    usage_chunk = {"model": "gpt-4o", "choices": [], "usage": {"completion_tokens": 7}}
+    capture = fed(
+        OpenAIStreamCapture(strip_usage_chunk=False),
+        sse(chat({"content": "Hello"}), usage_chunk, "[DONE]"),
+    )
+    assert not capture.output_uncounted
+    assert capture.final_usage.output_tokens == 7
+    assert not capture.final_usage.output_tokens_counted
+
+
+def test_responses_and_completions_text_is_found() -> None:
+    responses = fed(
+        OpenAIStreamCapture(strip_usage_chunk=False),
+        sse(
+            {"type": "response.created", "response": {"model": "gpt-4o"}},
+            {"type": "response.output_text.delta", "delta": "Hi"},
+            {"type": "response.function_call_arguments.delta", "delta": "{}"},
+        ),
+    )
+    assert responses.streamed_text() == "Hi{}"
+    completions = fed(
+        OpenAIStreamCapture(strip_usage_chunk=False),
+        sse({"model": "gpt-3.5-turbo-instruct", "choices": [{"index": 0, "text": "Once"}]}),
+    )
+    assert completions.streamed_text() == "Once"
+
+
+def anthropic_start() -> dict[str, Any]:
+    return {
+        "type": "message_start",
+        "message": {
+            "model": "claude-sonnet-4-5",
+            "usage": {"input_tokens": 20, "output_tokens": 1},
+        },
+    }
+
+
+def text_delta(text: str) -> dict[str, Any]:
+    return {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": text},
+    }
+
+
+def test_an_anthropic_stream_cut_before_message_delta_counts_its_output() -> None:
+    capture = fed(
+        AnthropicStreamCapture(),
+        sse(anthropic_start(), text_delta("Hello"), text_delta(" world, again and again")),
+    )
+    assert capture.output_uncounted
+    counted = capture.counted_usage(tokens.count(capture.streamed_text()))
+    # The input it reported at the start is kept; its output (1) is replaced by the count.
+    assert counted.input_tokens == 20 and not counted.usage_missing
+    assert counted.output_tokens == tokens.count("Hello world, again and again") > 1
+    assert counted.output_tokens_counted
+
+
+def test_an_anthropic_stream_that_ends_is_not_counted() -> None:
+    delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn"},
+        "usage": {"output_tokens": 9},
+    }
+    capture = fed(AnthropicStreamCapture(), sse(anthropic_start(), text_delta("Hi"), delta))
+    assert not capture.output_uncounted
+    assert capture.final_usage.output_tokens == 9
+
+
+def test_past_what_is_kept_the_count_is_scaled_by_the_bytes_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    one = sse(chat({"content": "word "}))
+    monkeypatch.setattr(usage, "KEEP_STREAMED_BYTES", 10 * len(one) - 20)  # data, not "data: "
+    capture = fed(OpenAIStreamCapture(strip_usage_chunk=False), one * 20)
+    assert capture.streamed_text() == "word " * 10  # ten kept of twenty
+    assert capture.counted_usage(10).output_tokens == 20
+
+
+async def test_a_client_hanging_up_mid_stream_has_the_streamed_text_counted(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """The client reads three words of five and hangs up: the provider's usage (last)
+    never comes, and the event holds llmtap's count of what was streamed."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    upstream.provider.chunk_delay_s = 0.2
+    seen = ""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{ingress}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": [], "stream": True},
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response,
+        ):
+            request_id = response.headers["x-request-id"]
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    choice = orjson.loads(line[6:])["choices"][0]
+                    seen += choice["delta"].get("content", "")
+                if seen == "Hello from the":
+                    break
+            response.close()
+        event = await response_event(broker.bootstrap, request_id)
+    finally:
+        upstream.provider.chunk_delay_s = 0.0
+    assert event.status == "client_disconnected"
+    assert event.usage.usage_missing  # the provider said nothing: input unknown
+    assert event.usage.output_tokens_counted
+    everything = "".join(upstream.provider.words)
+    assert tokens.count(seen) <= event.usage.output_tokens <= tokens.count(everything)
