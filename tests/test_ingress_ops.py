@@ -7,9 +7,11 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import orjson
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingress.forward import tokens
 from ingress.guards.keys import create_key
 from llmtap import topics
 from llmtap.config import Settings
@@ -106,8 +108,12 @@ async def test_readyz_follows_the_providers(ingress: str, upstream: FakeUpstream
 async def test_a_client_hanging_up_mid_stream_is_still_recorded(
     ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
 ) -> None:
+    """The client reads three words of five and hangs up: the provider's usage (last)
+    never comes, and the event holds llmtap's count of what was streamed
+    (tests/test_counted_output.py)."""
     secret = await make_key(ingress, ingress_settings.key_file)
     upstream.provider.chunk_delay_s = 0.2
+    seen = ""
     try:
         async with (
             aiohttp.ClientSession() as session,
@@ -118,15 +124,24 @@ async def test_a_client_hanging_up_mid_stream_is_still_recorded(
             ) as response,
         ):
             request_id = response.headers["x-request-id"]
-            await response.content.readany()  # the first chunk, then hang up
-            response.close()
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    seen += orjson.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                if seen == "Hello from the":
+                    break
+            response.close()  # hang up
         event = await response_event(broker.bootstrap, request_id)
     finally:
         upstream.provider.chunk_delay_s = 0.0
     assert uuid.UUID(request_id) == event.request_id
     assert event.status == "client_disconnected"
-    # The provider's usage comes last; it never arrived: unknown, not zero.
+    # The provider's usage comes last; it never arrived: the input is unknown, not zero...
     assert event.usage.usage_missing
+    # ...and the output is llmtap's count of what it streamed (a word or so may have
+    # been read from the provider after the client's last).
+    assert event.usage.output_tokens_counted
+    everything = "".join(upstream.provider.words)
+    assert tokens.count(seen) <= event.usage.output_tokens <= tokens.count(everything)
 
 
 async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(

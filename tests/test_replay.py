@@ -62,15 +62,21 @@ def view_tables(store: Store) -> list[str]:
     )[0]["views"]
     tables = []
     for view in views:
-        query = store.rows(
-            "SELECT create_table_query AS q FROM system.tables "
-            "WHERE database = currentDatabase() AND name = {view:String}",
-            {"view": view},
-        )[0]["q"]
+        query = described(store, view, "create_table_query")
         match = re.search(r"\bTO (?:\w+\.)?(\w+)", query)
         assert match, query
         tables.append(match.group(1))
     return sorted(tables)
+
+
+def described(store: Store, table: str, column: str) -> str:
+    """One of the table's ``system.tables`` columns."""
+    row = store.rows(
+        f"SELECT {column} AS value FROM system.tables "
+        "WHERE database = currentDatabase() AND name = {table:String}",
+        {"table": table},
+    )
+    return str(row[0]["value"])
 
 
 def rollup_requests(store: Store) -> dict[str, int]:
@@ -94,11 +100,7 @@ def test_every_view_on_calls_writes_to_a_table_that_remembers_tokens(store: Stor
     tables = view_tables(store)
     assert len(tables) == 8
     for table in ["calls", *tables]:
-        engine = store.rows(
-            "SELECT engine_full FROM system.tables "
-            "WHERE database = currentDatabase() AND name = {t:String}",
-            {"t": table},
-        )[0]["engine_full"]
+        engine = described(store, table, "engine_full")
         window = re.search(r"non_replicated_deduplication_window = (\d+)", engine)
         assert window and int(window.group(1)) >= replay.LATEST, table
 

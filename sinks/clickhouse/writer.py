@@ -50,7 +50,7 @@ class ClickHouseWriter:
     chDB engine is never made), in parallel with reading and inserting here; 0 decodes
     in this process, on the event loop. A decode process takes the GIL-bound decode off
     this process at the cost of more CPU in all (plain values to build and pickle):
-    ~50,000 rows/s instead of ~37,600 on two cores (bench/results/ingest.md)."""
+    ~49,000 rows/s instead of ~38,500 on two cores (bench/results/ingest.md)."""
 
     def __init__(self, settings: Settings, store: Store, group_id: str = topics.SINK_GROUP) -> None:
         self._settings = settings
