@@ -115,6 +115,53 @@ async def lag(bootstrap: str, group_id: str, topic: str) -> int:
         await admin.close()
 
 
+async def read_consumed(
+    bootstrap: str, group_id: str, topic: str, since_ms: int = 0, idle_ms: int = 500
+) -> list[bytes]:
+    """The messages of ``topic`` that consumer group ``group_id`` has consumed (before
+    its committed offsets), written at or after ``since_ms`` (epoch milliseconds, by
+    the records' timestamps), in offset order per partition. No consumer group of its
+    own: it commits nothing. Stops at the committed offsets or after ``idle_ms`` of
+    silence."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        request_timeout_ms=10_000,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+    )
+    await admin.start()
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        found = await admin.list_consumer_group_offsets(group_id, partitions=tps)
+        ends = {tp: meta.offset for tp, meta in found.items() if meta.offset > 0}
+        if not ends:
+            return []
+        consumer.assign(list(ends))
+        await consumer.seek_to_beginning(*ends)
+        values: list[bytes] = []
+        left = dict(ends)
+        while left:
+            fetched = await consumer.getmany(*left, timeout_ms=idle_ms)
+            if not fetched:
+                break
+            for tp, records in fetched.items():
+                end = ends[tp]
+                values.extend(
+                    r.value
+                    for r in records
+                    if r.offset < end and r.timestamp >= since_ms and r.value
+                )
+                if records[-1].offset + 1 >= end:
+                    consumer.pause(tp)
+                    left.pop(tp, None)
+        return values
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
 async def read_all(bootstrap: str, topic: str, idle_ms: int = 500) -> list[bytes]:
     """Every message now on ``topic``, from the beginning (no consumer group): for
     loading a compacted topic's latest values at start. Stops after ``idle_ms`` of

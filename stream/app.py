@@ -15,8 +15,10 @@ from llmtap.config import Settings
 from llmtap.events import BudgetState
 from stream.agents import budgets, costs, spikes, windows
 from stream.budgets import Ledger
+from stream.detector import Detector
 from stream.pricing import load_catalog
 from stream.transport import StreamApp
+from stream.warmup import spike_settle, warmed_detector
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,9 @@ def ready_file(settings: Settings) -> Path:
     return settings.run_dir / "worker.ready"
 
 
-def create_app(settings: Settings, ledger: Ledger | None = None) -> faust.App:
+def create_app(
+    settings: Settings, ledger: Ledger | None = None, detector: Detector | None = None
+) -> faust.App:
     brokers = [f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")]
     session_ms = settings.stream_session_timeout_s
     app = StreamApp(
@@ -56,9 +60,10 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> faust.App:
         )
     costs.register(app, load_catalog(settings.pricing_file), steps)
     if settings.spike_rules:
-        # A window's shares from several workers get grace plus a few ticks to arrive.
-        settle = grace + timedelta(seconds=3 * spikes.TICK_S)
-        spikes.register(app, settings.spike_rules, settings.topic_partitions, settle)
+        if detector is None:
+            settle = spike_settle(settings)
+            detector = Detector(settings.spike_rules, settings.topic_partitions, settle)
+        spikes.register(app, detector)
     return app
 
 
@@ -95,4 +100,5 @@ class StreamWorker(faust.Worker):
 
 def run(settings: Settings) -> None:
     ledger = asyncio.run(load_budget_states(settings)) if settings.budgets else None
-    StreamWorker(create_app(settings, ledger), settings).execute_from_commandline()
+    detector = asyncio.run(warmed_detector(settings)) if settings.spike_rules else None
+    StreamWorker(create_app(settings, ledger, detector), settings).execute_from_commandline()

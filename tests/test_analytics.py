@@ -877,8 +877,9 @@ async def test_the_migration_backfills_calls_already_stored(
     monkeypatch.setattr(params, "utcnow", lambda: NOW)
     store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
     try:
+        # The schema before 0005, with the `calls` columns today's writer writes (0010's).
         for migration in available():
-            if migration.version < 5:
+            if migration.version < 5 or migration.name == "output_tokens_counted":
                 for statement in migration.statements:
                     store.command(statement)
         assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)

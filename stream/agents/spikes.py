@@ -4,14 +4,12 @@ stream/detector.py and stream/spikes.py)."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any
 
 import faust
 from pydantic import ValidationError
 
 from llmtap import topics
-from llmtap.config import SpikeRule
 from llmtap.events import Alert, WindowEvent, utcnow
 from stream.detector import Detector
 
@@ -22,10 +20,11 @@ BATCH_SECONDS = 0.05
 TICK_S = 1.0
 
 
-def register(app: faust.App, rules: list[SpikeRule], partitions: int, settle: timedelta) -> Any:
+def register(app: faust.App, detector: Detector) -> Any:
+    """The agent judging closed windows with ``detector`` (stream/warmup.py gives it
+    the windows judged before a restart)."""
     windows = app.topic(topics.WINDOWS, key_serializer="raw", value_serializer="raw")
     alerts = app.topic(topics.ALERTS, key_serializer="raw", value_serializer="raw")
-    detector = Detector(rules, partitions, settle)
 
     async def publish(raised: list[Alert]) -> None:
         for alert in raised:

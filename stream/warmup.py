@@ -1,0 +1,83 @@
+"""Spike baselines that survive a worker restart.
+
+The spikes agent learns each series' baseline from its recent closed windows and keeps
+it in memory. A restarted worker would start blind: nothing judged until
+``min_history`` windows of each series come by again (hours, for hourly windows), and
+a cooldown forgotten. So before the worker starts, its detector is fed the windows the
+stream group has already consumed from the windows topic (below its committed offsets:
+judged, their alerts published), back as far as any rule looks (its history, its
+cooldown, and its days of hour-of-day profile). Alerts those windows raise again are
+dropped: they were published when the windows were judged. Windows past the committed
+offsets are left to the agent, which judges them and publishes their alerts.
+
+What it cannot bring back: windows the broker no longer has (Kafka's retention; the
+embedded broker keeps nothing over its own restart), and so nothing after a full
+`llmtap up` restart on embedded defaults. With several workers, each reads every
+partition's windows, so it also knows series another worker judges (harmless: a
+window it is not given is never judged twice).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from pydantic import ValidationError
+
+from llmtap import topics
+from llmtap.config import Settings, SpikeRule
+from llmtap.events import WindowEvent, utcnow
+from stream.agents.spikes import TICK_S
+from stream.detector import Detector
+
+log = logging.getLogger(__name__)
+
+
+def horizon(rules: Iterable[SpikeRule]) -> timedelta:
+    """How far back the rules look: every rule's history and cooldown, its days of
+    hour-of-day profile when seasonal, and one window more."""
+    longest = timedelta(0)
+    for rule in rules:
+        windows = max(rule.history_windows, rule.cooldown_windows) + 1
+        back = timedelta(seconds=rule.window_s * windows)
+        if rule.seasonality == "hour_of_day":
+            back = max(back, timedelta(days=rule.seasonal_days + 1))
+        longest = max(longest, back)
+    return longest
+
+
+def spike_settle(settings: Settings) -> timedelta:
+    """How long a window's shares from several workers get to arrive: the windows'
+    grace, plus a few of the spikes agent's ticks."""
+    return timedelta(seconds=settings.window_grace_s + 3 * TICK_S)
+
+
+def warmed(detector: Detector, windows: Iterable[bytes], now: datetime) -> int:
+    """Feed a detector windows already judged, dropping the alerts they raise again;
+    return how many it took."""
+    taken = 0
+    for raw in windows:
+        try:
+            window = WindowEvent.model_validate_json(raw)
+        except ValidationError:
+            continue  # the agent logged it when it skipped it
+        detector.offer(window, now)
+        taken += 1
+    return taken
+
+
+async def warmed_detector(settings: Settings) -> Detector:
+    """A detector that knows the windows the stream group has already judged."""
+    detector = Detector(settings.spike_rules, settings.topic_partitions, spike_settle(settings))
+    now = utcnow()
+    since = now - horizon(settings.spike_rules)
+    judged = await topics.read_consumed(
+        settings.kafka_bootstrap,
+        topics.STREAM_GROUP,
+        topics.WINDOWS,
+        since_ms=int(since.timestamp() * 1000),
+    )
+    taken = warmed(detector, judged, now)
+    log.info("spike baselines warmed with %d windows judged before", taken)
+    return detector

@@ -1,0 +1,111 @@
+"""A restarted worker's spike detector knows the windows judged before (stream/warmup.py):
+read back from the windows topic up to the stream group's committed offsets, within
+the rules' horizon. Real broker (Tansu, one of its own: the test commits the stream
+group's offsets)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from llmtap import topics
+from llmtap.config import Settings, SpikeRule
+from llmtap.events import WindowEvent, utcnow
+from stream.detector import Detector
+from stream.warmup import horizon, spike_settle, warmed_detector
+from stream.windows import Aggregate
+from tests.conftest import start_broker
+
+RULE = SpikeRule(
+    name="search-requests",
+    dimension="team",
+    metric="requests",
+    history_windows=10,
+    min_history=5,
+    cooldown_windows=3,
+)
+MINUTE = timedelta(minutes=1)
+
+
+def window(start: datetime, requests: int, partitions: int) -> WindowEvent:
+    return Aggregate(requests=requests).to_event(
+        ("team", "search"), start, MINUTE, range(partitions)
+    )
+
+
+async def publish(bootstrap: str, windows: list[WindowEvent], at: datetime) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for w in windows:
+            await producer.send_and_wait(
+                topics.WINDOWS,
+                w.model_dump_json().encode(),
+                key=w.series.encode(),
+                timestamp_ms=int(at.timestamp() * 1000),
+            )
+    finally:
+        await producer.stop()
+
+
+async def commit_all(bootstrap: str, group: str) -> None:
+    """The group consumed every window on the topic so far (as the spikes agent does)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        tps = [
+            TopicPartition(topics.WINDOWS, p)
+            for p in consumer.partitions_for_topic(topics.WINDOWS) or ()
+        ]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        await consumer.commit({tp: await consumer.position(tp) for tp in tps})
+    finally:
+        await consumer.stop()
+
+
+def test_the_horizon_covers_history_cooldown_and_seasonal_days() -> None:
+    assert horizon([RULE]) == 11 * MINUTE
+    hourly = RULE.model_copy(update={"window_s": 3600, "cooldown_windows": 20})
+    assert horizon([RULE, hourly]) == 21 * timedelta(hours=1)
+    seasonal = RULE.model_copy(update={"seasonality": "hour_of_day", "seasonal_days": 7})
+    assert horizon([seasonal]) == timedelta(days=8)
+
+
+async def test_a_restarted_detector_judges_a_spike_with_what_was_judged_before() -> None:
+    async with start_broker() as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap, topic_partitions=2, spike_rules=[RULE]
+        )
+        now = utcnow()
+        first = now.replace(second=0, microsecond=0) - 12 * MINUTE
+        steady = [window(first + i * MINUTE, 100 + (i % 3), 2) for i in range(10)]
+        long_ago = now - timedelta(days=3)
+        old = window(first - 60 * MINUTE, 5_000, 2)  # past the horizon: not read back
+        await publish(broker.bootstrap, [old], long_ago)
+        await publish(broker.bootstrap, steady, now)
+        await commit_all(broker.bootstrap, topics.STREAM_GROUP)
+        spike = window(first + 10 * MINUTE, 1_000, 2)
+        await publish(broker.bootstrap, [spike], now)  # not consumed yet: not read back
+
+        warm = await warmed_detector(settings)
+        state = warm.states[(RULE.name, "search")]
+        assert len(state.history) == 10  # the steady windows, not the old one
+        assert state.last_window == steady[-1].window_start  # nor the spike
+
+        fired = warm.offer(spike, now)
+        assert [a.state for a in fired] == ["firing"]
+        assert fired[0].observed == Decimal(1_000)
+        # Without them, a restarted worker would have judged nothing yet:
+        cold = Detector([RULE], 2, spike_settle(settings))
+        assert cold.offer(spike, now) == []
+
+
+async def test_nothing_is_read_back_for_a_group_that_committed_nothing() -> None:
+    async with start_broker() as broker:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, spike_rules=[RULE])
+        start = utcnow().replace(second=0, microsecond=0) - 5 * MINUTE
+        await publish(broker.bootstrap, [window(start, 100, 2)], datetime.now(UTC))
+        assert (await warmed_detector(settings)).states == {}
