@@ -124,20 +124,21 @@ async def read_consumed(
     own: it commits nothing. Stops at the committed offsets or after ``idle_ms`` of
     silence."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        ends = await _committed(admin, group_id, topic)
+    finally:
+        await admin.close()
+    if not ends:
+        return []
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         request_timeout_ms=10_000,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
-    await admin.start()
-    await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        found = await admin.list_consumer_group_offsets(group_id, partitions=tps)
-        ends = {tp: meta.offset for tp, meta in found.items() if meta.offset > 0}
-        if not ends:
-            return []
+        await consumer.start()
         consumer.assign(list(ends))
         await consumer.seek_to_beginning(*ends)
         values: list[bytes] = []
@@ -159,7 +160,17 @@ async def read_consumed(
         return values
     finally:
         await consumer.stop()
-        await admin.close()
+
+
+async def _committed(
+    admin: AIOKafkaAdminClient, group_id: str, topic: str
+) -> dict[TopicPartition, int]:
+    """The group's committed offsets on the topic's partitions (those it committed)."""
+    described = await admin.describe_topics([topic])
+    partitions = [p["partition"] for t in described for p in t.get("partitions", ())]
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    found = await admin.list_consumer_group_offsets(group_id, partitions=tps)
+    return {tp: meta.offset for tp, meta in found.items() if meta.offset > 0}
 
 
 async def read_all(bootstrap: str, topic: str, idle_ms: int = 500) -> list[bytes]:

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from llmtap import topics
@@ -72,12 +73,16 @@ async def warmed_detector(settings: Settings) -> Detector:
     detector = Detector(settings.spike_rules, settings.topic_partitions, spike_settle(settings))
     now = utcnow()
     since = now - horizon(settings.spike_rules)
-    judged = await topics.read_consumed(
-        settings.kafka_bootstrap,
-        topics.STREAM_GROUP,
-        topics.WINDOWS,
-        since_ms=int(since.timestamp() * 1000),
-    )
+    try:
+        judged = await topics.read_consumed(
+            settings.kafka_bootstrap,
+            topics.STREAM_GROUP,
+            topics.WINDOWS,
+            since_ms=int(since.timestamp() * 1000),
+        )
+    except KafkaError as exc:  # the worker still starts; its baselines start empty
+        log.warning("windows judged before could not be read back (%r)", exc)
+        return detector
     taken = warmed(detector, judged, now)
     log.info("spike baselines warmed with %d windows judged before", taken)
     return detector

@@ -17,6 +17,7 @@ from stream.detector import Detector
 from stream.warmup import horizon, spike_settle, warmed_detector
 from stream.windows import Aggregate
 from tests.conftest import start_broker
+from tests.fake_provider import free_port
 
 RULE = SpikeRule(
     name="search-requests",
@@ -109,3 +110,8 @@ async def test_nothing_is_read_back_for_a_group_that_committed_nothing() -> None
         start = utcnow().replace(second=0, microsecond=0) - 5 * MINUTE
         await publish(broker.bootstrap, [window(start, 100, 2)], datetime.now(UTC))
         assert (await warmed_detector(settings)).states == {}
+
+
+async def test_a_worker_whose_broker_is_not_up_yet_starts_with_empty_baselines() -> None:
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", spike_rules=[RULE])
+    assert (await warmed_detector(settings)).states == {}
