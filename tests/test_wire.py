@@ -47,6 +47,7 @@ usages = st.builds(
     cache_creation_1h_input_tokens=tokens,
     reasoning_tokens=tokens,
     usage_missing=st.booleans(),
+    output_tokens_counted=st.booleans(),
 )
 responses = st.builds(
     ResponseEvent,
