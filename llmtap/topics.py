@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -115,14 +115,48 @@ async def lag(bootstrap: str, group_id: str, topic: str) -> int:
         await admin.close()
 
 
+async def read_spans(
+    bootstrap: str, spans: dict[TopicPartition, tuple[int, int]], idle_ms: int = 500
+) -> tuple[list[ConsumerRecord[bytes, bytes]], bool]:
+    """The records of each partition from its first offset up to (not including) its
+    end, in offset order per partition, read with no consumer group (nothing committed);
+    and whether every span was read to its end (False after ``idle_ms`` of silence:
+    some are not there any more)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        request_timeout_ms=10_000,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+    )
+    try:
+        await consumer.start()
+        consumer.assign(list(spans))
+        for tp, (first, _) in spans.items():
+            consumer.seek(tp, first)
+        found: list[ConsumerRecord[bytes, bytes]] = []
+        left = dict(spans)
+        while left:
+            fetched = await consumer.getmany(*left, timeout_ms=idle_ms)
+            if not fetched:
+                return found, False
+            for tp, records in fetched.items():
+                first, end = spans[tp]
+                found.extend(r for r in records if first <= r.offset < end)
+                if records[-1].offset + 1 >= end:
+                    consumer.pause(tp)
+                    left.pop(tp, None)
+        return found, True
+    finally:
+        await consumer.stop()
+
+
 async def read_consumed(
     bootstrap: str, group_id: str, topic: str, since_ms: int = 0, idle_ms: int = 500
 ) -> list[bytes]:
     """The messages of ``topic`` that consumer group ``group_id`` has consumed (before
     its committed offsets), written at or after ``since_ms`` (epoch milliseconds, by
-    the records' timestamps), in offset order per partition. No consumer group of its
-    own: it commits nothing. Stops at the committed offsets or after ``idle_ms`` of
-    silence."""
+    the records' timestamps), in offset order per partition. Commits nothing."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
         await admin.start()
@@ -131,35 +165,8 @@ async def read_consumed(
         await admin.close()
     if not ends:
         return []
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        request_timeout_ms=10_000,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-    )
-    try:
-        await consumer.start()
-        consumer.assign(list(ends))
-        await consumer.seek_to_beginning(*ends)
-        values: list[bytes] = []
-        left = dict(ends)
-        while left:
-            fetched = await consumer.getmany(*left, timeout_ms=idle_ms)
-            if not fetched:
-                break
-            for tp, records in fetched.items():
-                end = ends[tp]
-                values.extend(
-                    r.value
-                    for r in records
-                    if r.offset < end and r.timestamp >= since_ms and r.value
-                )
-                if records[-1].offset + 1 >= end:
-                    consumer.pause(tp)
-                    left.pop(tp, None)
-        return values
-    finally:
-        await consumer.stop()
+    records, _ = await read_spans(bootstrap, {tp: (0, end) for tp, end in ends.items()}, idle_ms)
+    return [r.value for r in records if r.timestamp >= since_ms and r.value]
 
 
 async def _committed(

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from operator import itemgetter
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from llmtap import topics
@@ -117,38 +117,13 @@ async def committed_offsets(
 async def read_ranges(bootstrap: str, ranges: Iterable[Range]) -> list[Record] | None:
     """The messages in ``ranges`` (no consumer group), in :data:`position` order; None
     if some are not there any more."""
-    wanted = {TopicPartition(t, p): (first, nxt) for t, p, first, nxt in ranges}
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        request_timeout_ms=10_000,
-        fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
-    )
-    await consumer.start()
-    try:
-        consumer.assign(list(wanted))
-        for tp, (first, _) in wanted.items():
-            consumer.seek(tp, first)
-        records: list[Record] = []
-        left = dict(wanted)
-        while left:
-            fetched = await consumer.getmany(*left, timeout_ms=int(IDLE_S * 1000))
-            if not fetched:
-                return None
-            for tp, batch in fetched.items():
-                first, nxt = wanted[tp]
-                records.extend(
-                    (r.topic, r.partition, r.offset, r.value or b"")
-                    for r in batch
-                    if first <= r.offset < nxt
-                )
-                if batch[-1].offset + 1 >= nxt:
-                    consumer.pause(tp)
-                    left.pop(tp, None)
-        records.sort(key=position)
-        return records
-    finally:
-        await consumer.stop()
+    spans = {TopicPartition(t, p): (first, nxt) for t, p, first, nxt in ranges}
+    found, complete = await topics.read_spans(bootstrap, spans, idle_ms=int(IDLE_S * 1000))
+    if not complete:
+        return None
+    records = [(r.topic, r.partition, r.offset, r.value or b"") for r in found]
+    records.sort(key=position)
+    return records
 
 
 def rebuilt(recorded: Recorded, records: list[Record]) -> CallsInsert | None:
