@@ -58,7 +58,7 @@ def create_app(
         steps.append(
             budgets.BudgetsStep(app, ledger if ledger is not None else Ledger(settings.budgets))
         )
-    costs.register(app, load_catalog(settings.pricing_file), steps)
+    costs.register(app, load_catalog(settings.pricing_file), settings.kafka_bootstrap, steps)
     if settings.spike_rules:
         if detector is None:
             settle = spike_settle(settings)

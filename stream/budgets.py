@@ -12,13 +12,13 @@ import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from llmtap import wire
 from llmtap.config import BudgetConfig
 from llmtap.events import (
     Alert,
     Attribution,
     BudgetPeriod,
     BudgetState,
-    CostedEvent,
     stable_id,
 )
 
@@ -39,7 +39,7 @@ def period_bounds(period: BudgetPeriod, at: datetime) -> tuple[datetime, datetim
     return start, end
 
 
-def matches(budget: BudgetConfig, who: Attribution) -> bool:
+def matches(budget: BudgetConfig, who: Attribution | wire.Attribution) -> bool:
     """Whether a call made by ``who`` counts against ``budget``."""
     if budget.tenant and who.tenant != budget.tenant:
         return False
@@ -185,7 +185,7 @@ class Ledger:
             self.states[state.budget] = state
 
     def record(
-        self, event: CostedEvent, now: datetime, position: tuple[int, int] | None = None
+        self, event: wire.Costed, now: datetime, position: tuple[int, int] | None = None
     ) -> tuple[dict[str, BudgetState], list[Alert]]:
         """Count one costed event against every budget it matches. ``position`` is the
         event's (partition, offset) on the costed topic, when it came from there."""

@@ -5,6 +5,8 @@ name, optionally scoped to a provider (``groq/llama-3.1-8b-instant``), to dated 
 :meth:`Catalog.lookup` resolves the name a provider reported to a catalog entry (see
 its docstring for the exact order), :meth:`ModelPrice.at` picks the rates in force when
 the call started, and :func:`cost_of` turns tokens into an exact cost breakdown.
+:func:`price` makes the contract's costed event; :func:`price_wire` the same event as
+the msgspec struct the stream's cost stage reads and writes (``llmtap.wire``).
 """
 
 from __future__ import annotations
@@ -14,16 +16,21 @@ from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from llmtap import wire
 from llmtap.events import Cost, CostedEvent, ResponseEvent, Usage, derived_id
 
 PER_MILLION = Decimal(1_000_000)
 # ClickHouse stores money as Decimal(18, 9): nano-dollars.
 MONEY_QUANTUM = Decimal("0.000000001")
+
+# Names resolved by Catalog.lookup are remembered, up to this many (model names come
+# from callers, so the memory is bounded: past it, it starts over).
+_REMEMBERED = 10_000
 
 # A leading "models/" is how Gemini's REST API names its models.
 _GEMINI_PREFIX = "models/"
@@ -104,6 +111,7 @@ class Catalog(BaseModel):
     models: dict[str, ModelPrice]
     _index: dict[str, str] = PrivateAttr(default_factory=dict)
     _providers: frozenset[str] = PrivateAttr(default=frozenset())
+    _found: dict[tuple[str, str], tuple[str, ModelPrice] | None] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _keys_differ_by_more_than_case(self) -> Catalog:
@@ -130,6 +138,16 @@ class Catalog(BaseModel):
         before ``<name>``. The first key found wins, so an exact entry (a snapshot
         priced apart, like ``gpt-4o-2024-05-13``) always beats its family.
         """
+        try:
+            return self._found[model, provider]
+        except KeyError:
+            pass
+        if len(self._found) >= _REMEMBERED:
+            self._found.clear()
+        found = self._found[model, provider] = self._resolve(model, provider)
+        return found
+
+    def _resolve(self, model: str, provider: str) -> tuple[str, ModelPrice] | None:
         scope = provider.strip().casefold()
         providers = self._providers | {scope} if scope else self._providers
         for name in _candidates(model, providers):
@@ -179,7 +197,7 @@ ZERO_COST = Cost(
 )
 
 
-def _no_tokens(usage: Usage) -> bool:
+def _no_tokens(usage: Usage | wire.Usage) -> bool:
     return not usage.usage_missing and usage.input_tokens == 0 and usage.output_tokens == 0
 
 
@@ -198,8 +216,14 @@ def _usd(*parts: tuple[int, Decimal]) -> Decimal:
     return (exact / PER_MILLION).quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
-def cost_of(usage: Usage, rates: Rates) -> Cost:
-    """Cost of one call.
+def cost_of(usage: Usage | wire.Usage, rates: Rates) -> Cost:
+    """Cost of one call (:func:`breakdown`) as the contract's model."""
+    return Cost(**breakdown(usage, rates))
+
+
+def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
+    """Cost of one call: ``input``, ``cached_input``, ``cache_write``, ``output``,
+    ``reasoning`` and their ``total``, in USD.
 
     Every token is charged at exactly one rate. Cache reads and cache writes are carved
     out of ``input_tokens`` (which includes them); the 1-hour cache writes are carved
@@ -226,35 +250,63 @@ def cost_of(usage: Usage, rates: Rates) -> Cost:
     cost_write = _usd((written - written_1h, write_rate), (written_1h, write_1h_rate))
     cost_output = _usd((usage.output_tokens - reasoning, tier.output))
     cost_reasoning = _usd((reasoning, tier.reasoning or Decimal(0)))
-    return Cost(
-        input=cost_input,
-        cached_input=cost_cached,
-        cache_write=cost_write,
-        output=cost_output,
-        reasoning=cost_reasoning,
-        total=cost_input + cost_cached + cost_write + cost_output + cost_reasoning,
-    )
+    return {
+        "input": cost_input,
+        "cached_input": cost_cached,
+        "cache_write": cost_write,
+        "output": cost_output,
+        "reasoning": cost_reasoning,
+        "total": cost_input + cost_cached + cost_write + cost_output + cost_reasoning,
+    }
 
 
-def price(event: ResponseEvent, catalog: Catalog) -> CostedEvent:
-    """Turn a response event into a costed one. Deterministic: a replay yields the same."""
-    event_id = derived_id(event.event_id, "costed")
+class Rating(NamedTuple):
+    """How a call is priced: its cost breakdown (None when unknown), whether its model
+    has no price, and the catalog entry that priced it."""
+
+    cost: dict[str, Decimal] | None
+    unpriced: bool
+    pricing_model: str = ""
+
+
+_NO_COST = Rating(ZERO_COST.model_dump(), unpriced=False)
+
+
+def rate(event: wire.Responded, catalog: Catalog) -> Rating:
+    """Price a response event. Deterministic: a replay yields the same."""
     if _no_tokens(event.usage):
         # Nothing reached a model (refused, unreachable): zero at any price.
-        return CostedEvent(event_id=event_id, response=event, cost=ZERO_COST, unpriced=False)
+        return _NO_COST
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
     if entry is None or rates is None:
-        return CostedEvent(event_id=event_id, response=event, cost=None, unpriced=True)
+        return Rating(None, unpriced=True)
     if event.usage.usage_missing:
         # Tokens unknown: the cost is unknown too, and the event says so; never $0.
-        return CostedEvent(
-            event_id=event_id, response=event, cost=None, unpriced=False, pricing_model=entry[0]
-        )
+        return Rating(None, unpriced=False, pricing_model=entry[0])
+    return Rating(breakdown(event.usage, rates), unpriced=False, pricing_model=entry[0])
+
+
+def price(event: ResponseEvent, catalog: Catalog) -> CostedEvent:
+    """The costed event of a response event (the contract's models)."""
+    rating = rate(event, catalog)
     return CostedEvent(
-        event_id=event_id,
+        event_id=derived_id(event.event_id, "costed"),
         response=event,
-        cost=cost_of(event.usage, rates),
-        unpriced=False,
-        pricing_model=entry[0],
+        cost=None if rating.cost is None else Cost(**rating.cost),
+        unpriced=rating.unpriced,
+        pricing_model=rating.pricing_model,
+    )
+
+
+def price_wire(event: wire.Response, catalog: Catalog) -> wire.CostedEvent:
+    """The costed event of a response event, as :func:`price` makes it, in msgspec
+    structs (the cost stage's hot path)."""
+    rating = rate(event, catalog)
+    return wire.CostedEvent(
+        event_id=derived_id(event.event_id, "costed"),
+        response=event,
+        cost=None if rating.cost is None else wire.Cost(**rating.cost),
+        unpriced=rating.unpriced,
+        pricing_model=rating.pricing_model,
     )

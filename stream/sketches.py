@@ -27,6 +27,11 @@ library's protobuf (which needs ``protobuf`` and drops min, max and sum)::
 A bin's key is DDSketch's logarithmic index (``ceil(log_gamma(value))`` with
 ``gamma = (1 + alpha) / (1 - alpha)``), so the dict is the sketch itself, not an
 approximation of it: ``from_dict(to_dict(s))`` answers every quantile exactly as ``s``.
+
+:class:`Tally` is the same sketch while it is being counted, for the stream's windows: a
+call counts in seven windows (one per dimension), so its duration is binned once
+(:func:`bin_of`) and each window only increments that bin's count. A tally's
+``to_dict`` is exactly the dict the sketch of the same values gives.
 """
 
 from __future__ import annotations
@@ -205,3 +210,87 @@ class LatencySketch:
     def __repr__(self) -> str:
         p50, p95, p99 = self.quantiles()
         return f"LatencySketch(count={self.count}, p50={p50}, p95={p95}, p99={p99})"
+
+
+_MAPPING = LogarithmicMapping(DEFAULT_RELATIVE_ACCURACY)
+_SMALLEST = _MAPPING.min_possible
+ZERO_BIN: int | None = None  # the bin of 0 (and of values too small to tell from it)
+
+
+def bin_of(ms: float) -> int | None:
+    """The bin a duration counts in, at the default accuracy (ZERO_BIN for zero).
+    Refuses what :meth:`LatencySketch.add` refuses."""
+    value = float(ms)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"a duration must be a finite number >= 0, got {ms!r}")
+    return _MAPPING.key(value) if value > _SMALLEST else ZERO_BIN
+
+
+class Tally:
+    """Durations counted into their DDSketch bins (default accuracy), not yet a sketch.
+
+    ``add`` takes the duration with its bin (:func:`bin_of`), so a duration counted in
+    several tallies is binned once. ``to_dict`` gives what ``LatencySketch.to_dict``
+    gives for the same values added in the same order.
+    """
+
+    __slots__ = ("bins", "count", "max", "min", "sum", "zero_count")
+
+    def __init__(self) -> None:
+        self.bins: dict[int, int] = {}
+        self.zero_count = 0
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, ms: float, key: int | None) -> None:
+        if key is None:
+            self.zero_count += 1
+        else:
+            bins = self.bins
+            bins[key] = bins.get(key, 0) + 1
+        self.count += 1
+        self.sum += ms
+        if ms < self.min:
+            self.min = ms
+        if ms > self.max:
+            self.max = ms
+
+    def merge(self, other: Tally) -> None:
+        bins = self.bins
+        for key, n in other.bins.items():
+            bins[key] = bins.get(key, 0) + n
+        self.zero_count += other.zero_count
+        self.count += other.count
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = sorted(self.bins)
+        return {
+            "v": FORMAT_VERSION,
+            "relative_accuracy": DEFAULT_RELATIVE_ACCURACY,
+            "zero_count": self.zero_count,
+            "keys": keys,
+            "counts": [self.bins[key] for key in keys],
+            "count": self.count,
+            "sum": self.sum,
+            "min": self.min if self.count else None,
+            "max": self.max if self.count else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tally:
+        """A tally of a sketch's dict (checked as :meth:`LatencySketch.from_dict` checks it)."""
+        sketch = LatencySketch.from_dict(data)
+        if sketch.relative_accuracy != DEFAULT_RELATIVE_ACCURACY:
+            raise ValueError(f"a tally is at accuracy {DEFAULT_RELATIVE_ACCURACY} only")
+        tally = cls()
+        tally.bins = dict(zip(data["keys"], data["counts"], strict=True))
+        tally.zero_count = int(data["zero_count"])
+        tally.count = sketch.count
+        if tally.count:
+            tally.sum, tally.min, tally.max = sketch.sum, float(data["min"]), float(data["max"])
+        return tally

@@ -4,7 +4,9 @@ A call counts in the window that holds its end (``ts_end``, UTC), for each of th
 dimensions tenant, team, key, user, model, provider and feature. Windows are aligned
 to the Unix epoch, so every worker cuts the same windows.
 
-Only the smallest window length is aggregated call by call; a larger one (an hour) is
+Only the smallest window length is aggregated call by call (what a call adds is read
+from it once, :class:`Call`, and its durations binned once for the sketches,
+``stream.sketches.Tally``); a larger one (an hour) is
 the merge of the closed smaller windows it is made of (sums add, sketches merge
 exactly), so a call costs seven updates whatever the number of window lengths.
 
@@ -28,21 +30,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from llmtap.events import (
-    CostedEvent,
-    SketchState,
-    WindowDimension,
-    WindowEvent,
-    stable_id,
-)
-from stream.sketches import LatencySketch
+from llmtap.events import SketchState, WindowDimension, WindowEvent, stable_id
+from llmtap.wire import Costed
+from stream.sketches import LatencySketch, Tally, bin_of
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Series = tuple[WindowDimension, str]  # (dimension, value), e.g. ("team", "search")
 
 
-def dimension_values(event: CostedEvent) -> tuple[Series, ...]:
+def dimension_values(event: Costed) -> tuple[Series, ...]:
     """The dimension values a call is counted under."""
     r = event.response
     a = r.attribution
@@ -62,15 +59,50 @@ def window_start(at: datetime, size: timedelta) -> datetime:
     return at - (at - EPOCH) % size
 
 
-def _sketch_state(sketch: LatencySketch) -> SketchState:
-    return SketchState.model_validate(sketch.to_dict())
+def _sketch_state(tally: Tally) -> SketchState:
+    return SketchState.model_validate(tally.to_dict())
 
 
 def sketch_of(state: SketchState) -> LatencySketch:
     return LatencySketch.from_dict(state.model_dump())
 
 
-@dataclass
+@dataclass(slots=True)
+class Call:
+    """What one call adds to each window it counts in, read from its event once."""
+
+    error_class: str | None  # None: not an error
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    cost: Decimal | None
+    unpriced: bool
+    usage_missing: bool
+    latency_ms: float
+    latency_bin: int | None
+    ttft_ms: float | None
+    ttft_bin: int | None
+
+    @classmethod
+    def of(cls, event: Costed) -> Call:
+        r = event.response
+        u = r.usage
+        return cls(
+            error_class=None if r.status == "ok" else (r.error_class or r.status),
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            cached_input_tokens=u.cached_input_tokens,
+            cost=None if event.cost is None else event.cost.total,
+            unpriced=event.unpriced,
+            usage_missing=u.usage_missing,
+            latency_ms=r.latency_ms,
+            latency_bin=bin_of(r.latency_ms),
+            ttft_ms=r.ttft_ms,
+            ttft_bin=None if r.ttft_ms is None else bin_of(r.ttft_ms),
+        )
+
+
+@dataclass(slots=True)
 class Aggregate:
     """What one window of one dimension value has counted so far."""
 
@@ -84,26 +116,24 @@ class Aggregate:
     unpriced: int = 0
     usage_missing: int = 0
     late_events: int = 0
-    latency: LatencySketch = field(default_factory=LatencySketch)
-    ttft: LatencySketch = field(default_factory=LatencySketch)
+    latency: Tally = field(default_factory=Tally)
+    ttft: Tally = field(default_factory=Tally)
 
-    def add(self, event: CostedEvent) -> None:
-        r = event.response
-        u = r.usage
+    def add(self, call: Call) -> None:
         self.requests += 1
-        if r.status != "ok":
+        if call.error_class is not None:
             self.errors += 1
-            self.errors_by_class[r.error_class or r.status] += 1
-        self.input_tokens += u.input_tokens
-        self.output_tokens += u.output_tokens
-        self.cached_input_tokens += u.cached_input_tokens
-        if event.cost is not None:
-            self.cost += event.cost.total
-        self.unpriced += event.unpriced
-        self.usage_missing += u.usage_missing
-        self.latency.add(r.latency_ms)
-        if r.ttft_ms is not None:
-            self.ttft.add(r.ttft_ms)
+            self.errors_by_class[call.error_class] += 1
+        self.input_tokens += call.input_tokens
+        self.output_tokens += call.output_tokens
+        self.cached_input_tokens += call.cached_input_tokens
+        if call.cost is not None:
+            self.cost += call.cost
+        self.unpriced += call.unpriced
+        self.usage_missing += call.usage_missing
+        self.latency.add(call.latency_ms, call.latency_bin)
+        if call.ttft_ms is not None:
+            self.ttft.add(call.ttft_ms, call.ttft_bin)
 
     def merge(self, other: Aggregate) -> None:
         self.requests += other.requests
@@ -132,8 +162,8 @@ class Aggregate:
             unpriced=window.unpriced,
             usage_missing=window.usage_missing,
             late_events=window.late_events,
-            latency=sketch_of(window.latency_ms),
-            ttft=sketch_of(window.ttft_ms),
+            latency=Tally.from_dict(window.latency_ms.model_dump()),
+            ttft=Tally.from_dict(window.ttft_ms.model_dump()),
         )
 
     def to_event(
@@ -212,7 +242,7 @@ class Windower:
         self._latest_event: datetime | None = None
         self._last_arrival: datetime | None = None
 
-    def add(self, event: CostedEvent, now: datetime) -> bool:
+    def add(self, event: Costed, now: datetime) -> bool:
         """Count a call in its windows; False (and counted as late) if they closed."""
         at = event.response.ts_end
         start = window_start(at, self.base)
@@ -221,12 +251,14 @@ class Windower:
             self.late_events += 1
             self._late.update(dimension_values(event))
             return False
+        call = Call.of(event)
+        windows = self._open
         for series in dimension_values(event):
             key = (series, start)
-            aggregate = self._open.get(key)
+            aggregate = windows.get(key)
             if aggregate is None:
-                aggregate = self._open[key] = Aggregate()
-            aggregate.add(event)
+                aggregate = windows[key] = Aggregate()
+            aggregate.add(call)
         if self._latest_event is None or at > self._latest_event:
             self._latest_event = at
         return True

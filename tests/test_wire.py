@@ -1,4 +1,4 @@
-"""The writer's msgspec reader of costed events (sinks/clickhouse/wire.py) against the
+"""The writer's msgspec reader of costed events (llmtap/wire.py) against the
 contract's pydantic model: every event the model writes decodes to the same ``calls``
 row both ways, and every kind of bad message the model refuses is refused by both."""
 
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
+from llmtap.wire import decode_costed
 from sinks.clickhouse.rows import call_row
-from sinks.clickhouse.wire import decode_costed
 from tests.test_clickhouse_writer import costed
 
 names = st.text(max_size=12)

@@ -24,9 +24,8 @@ import msgspec
 from aiokafka import TopicPartition
 from pydantic import ValidationError
 
-from llmtap import topics
+from llmtap import topics, wire
 from llmtap.events import CostedEvent, WindowEvent, utcnow
-from sinks.clickhouse import wire
 from sinks.clickhouse.rows import call_columns
 
 # A raw message: topic, partition, offset, value.

@@ -8,12 +8,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from llmtap.events import CostedEvent, WindowEvent
-from sinks.clickhouse import wire
+from llmtap.events import WindowEvent
+from llmtap.wire import Costed
 from stream.windows import sketch_of
-
-# A costed event as the contract's model or as the writer's wire struct: the same fields.
-Costed = CostedEvent | wire.CostedEvent
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = timedelta(milliseconds=1)

@@ -14,8 +14,8 @@ from datetime import datetime
 
 import faust
 
-from llmtap import topics
-from llmtap.events import Alert, BudgetState, CostedEvent, utcnow
+from llmtap import topics, wire
+from llmtap.events import Alert, BudgetState, utcnow
 from stream.agents.costs import Position
 from stream.budgets import Ledger
 
@@ -37,7 +37,7 @@ class BudgetsStep:
             """New periods start on time (and every budget has a state) without a call."""
             await self._publish(self.ledger.roll(utcnow()), [])
 
-    def add(self, event: CostedEvent, position: Position, now: datetime) -> None:
+    def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         changed, raised = self.ledger.record(event, now, position)
         self._changed.update(changed)
         self._raised += raised

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 
 import faust
 
-from llmtap import topics
-from llmtap.events import CostedEvent, utcnow
+from llmtap import topics, wire
+from llmtap.events import utcnow
 from stream.agents.costs import Position
 from stream.windows import Windower
 
@@ -31,7 +31,7 @@ class WindowsStep:
             ]
             await self.close(utcnow(), owned)
 
-    def add(self, event: CostedEvent, position: Position, now: datetime) -> None:
+    def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         self.windower.add(event, now)
 
     async def flush(self) -> None:

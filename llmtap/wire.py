@@ -1,16 +1,18 @@
-"""The writer's reader of the costed topic: the event contract's ``CostedEvent``
-(``llmtap.events``) as msgspec structs, decoded ~5x faster than pydantic validates it.
+"""The event contract's response and costed events (``llmtap.events``) as msgspec
+structs: decoded ~10x faster than pydantic validates them, and encoded to the same JSON.
 
-Decoding is the writer's costliest step (bench/results/ingest.md), so the writer reads
-costed events with these structs; everything else (the producers, the stream, tests,
-tools) uses the pydantic models, which stay the contract. These mirror them field for
-field: same names, defaults, literals and bounds, unknown fields refused, timestamps
-timezone-aware UTC. tests/test_wire.py holds them to it: events of every shape the
-models produce decode to the same ``calls`` row both ways, and each kind of bad message
-the models refuse is refused here too (it goes to the dead letters).
+The two high-volume readers use these: the stream's cost stage reads every response
+event and writes every costed one (stream/agents/costs.py), and the ClickHouse writer
+reads every costed event (bench/results/ingest.md, bench/results/stream.md). Everything
+else (the ingress, tests, tools) uses the pydantic models, which stay the contract.
+These mirror them field for field: same names, defaults, literals and bounds, unknown
+fields refused, timestamps timezone-aware UTC. tests/test_wire.py holds them to it:
+events of every shape the models produce decode to the same ``calls`` row both ways,
+each kind of bad message the models refuse is refused here too (the writer sends it to
+the dead letters), and what these encode the models read back as the same event.
 
 Decoding is lax as pydantic's is (``strict=False``: a number sent as a string is read as
-the number), so a message the contract accepts is not dead-lettered for its spelling.
+the number), so a message the contract accepts is not refused for its spelling.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from llmtap import events
 from llmtap.events import Status
 
 Tokens = Annotated[int, msgspec.Meta(ge=0)]
@@ -100,10 +103,27 @@ class CostedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pricing_model: str = ""
 
 
-_decoder = msgspec.json.Decoder(CostedEvent, strict=False)
+# Either spelling of an event: the same fields, read the same way.
+Responded = events.ResponseEvent | Response
+Costed = events.CostedEvent | CostedEvent
+
+_costed = msgspec.json.Decoder(CostedEvent, strict=False)
+_response = msgspec.json.Decoder(Response, strict=False)
+_encoder = msgspec.json.Encoder()
 
 
 def decode_costed(raw: bytes) -> CostedEvent:
     """One costed event from its JSON; :class:`msgspec.ValidationError` (or
     :class:`msgspec.DecodeError` for bytes that are not JSON) says why it is not one."""
-    return _decoder.decode(raw)
+    return _costed.decode(raw)
+
+
+def decode_response(raw: bytes) -> Response:
+    """One response event from its JSON; raises as :func:`decode_costed` does."""
+    return _response.decode(raw)
+
+
+def encode(event: CostedEvent) -> bytes:
+    """The event's JSON, as the contract's model reads it (decimals as strings,
+    timestamps in RFC 3339)."""
+    return _encoder.encode(event)
