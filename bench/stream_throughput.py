@@ -9,11 +9,12 @@ the costs agent (responses -> costed, each costed event counted in the same pass
 the windows and budgets steps), windows -> spikes (alerts) and budget states.
 
 1. **Throughput.** ``--events`` response events are put on `llmtap.responses` before
-   the worker starts. From the moment the worker is ready, the clock runs until its
-   consumer group has committed every offset of `llmtap.responses` (a batch is
-   committed only after it was priced, windowed and counted against the budgets, and
-   its budget states delivered), then the budgets' published spend is checked against the cost of
-   the events sent (priced here with the same catalog). events/s = events / time.
+   the worker starts. The clock runs from the first offset its consumer group commits
+   on `llmtap.responses` to the last (a batch is committed only after it was priced,
+   windowed and counted against the budgets, its costed events and budget states
+   delivered): events/s = events committed in between / time in between. Then the
+   budgets' published spend is checked against the cost of the events sent (priced
+   here with the same catalog).
 2. **Lag at a rate.** Response events are produced open loop at ``--rate`` events/s
    (default: half the measured throughput) for ``--lag-seconds``; for each costed
    event the bench reads, lag = the costed record's broker timestamp minus the time
@@ -102,10 +103,10 @@ def worker_env(bootstrap: str, data_dir: Path) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def worker(bootstrap: str, data_dir: Path) -> AsyncIterator[float]:
-    """A `llmtap worker` process; yields the loop time it reported ready."""
+async def worker(bootstrap: str, data_dir: Path, ready: bool = True) -> AsyncIterator[None]:
+    """A `llmtap worker` process; entered once it reported ready (or at once)."""
     settings = Settings(data_dir=data_dir)
-    ready = settings.run_dir / "worker.ready"
+    ready_path = settings.run_dir / "worker.ready"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -118,11 +119,11 @@ async def worker(bootstrap: str, data_dir: Path) -> AsyncIterator[float]:
     loop = asyncio.get_running_loop()
     try:
         deadline = loop.time() + 120
-        while not ready.exists():
+        while ready and not ready_path.exists():
             if process.returncode is not None or loop.time() > deadline:
                 raise RuntimeError(f"worker did not start; see {data_dir / 'worker.log'}")
             await asyncio.sleep(0.05)
-        yield loop.time()
+        yield
     finally:
         if process.returncode is None:
             process.terminate()
@@ -171,13 +172,21 @@ async def throughput(bootstrap: str, data_dir: Path, n: int) -> tuple[float, Dec
     await admin.start()
     loop = asyncio.get_running_loop()
     try:
-        async with worker(bootstrap, data_dir) as ready_at:
+        # The worker's cost stage may start before the rest of the worker reports
+        # ready, so the clock runs from the first commit seen to the last: events/s =
+        # events committed in between / time in between (polled every 50 ms).
+        async with worker(bootstrap, data_dir, ready=False):
+            first: tuple[float, int] | None = None
             done = 0
             while done < n:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
                 done = await committed(admin, topics.RESPONSES)
-                print(f"  {loop.time() - ready_at:6.1f}s  {done:,} committed", file=sys.stderr)
-            took = loop.time() - ready_at
+                if done and first is None:
+                    first = (loop.time(), done)
+                print(f"  {done:,} committed", file=sys.stderr)
+            assert first is not None
+            took = loop.time() - first[0]
+            rate = (n - first[1]) / took
     finally:
         await admin.stop()
     spent = Decimal(0)
@@ -186,7 +195,7 @@ async def throughput(bootstrap: str, data_dir: Path, n: int) -> tuple[float, Dec
         state = BudgetState.model_validate_json(raw)
         latest[state.budget] = state
     spent = sum((s.spent_usd for s in latest.values()), Decimal(0))
-    return n / took, expected, spent
+    return rate, expected, spent
 
 
 async def lag_at_rate(bootstrap: str, data_dir: Path, rate: float, seconds: float) -> list[float]:

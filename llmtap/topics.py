@@ -10,8 +10,8 @@
 | llmtap.budgets   | BudgetState   | budget name | stream     | ingress (caps), store          |
 | llmtap.reservations | Reservations | ingress id | ingress  | store (budgets' reserved_usd)  |
 
-Consumer groups: ``llmtap-stream`` (the Faust worker), ``llmtap-sink`` (the writer),
-``llmtap-webhooks`` (alert delivery).
+Consumer groups: ``llmtap-stream`` (the worker's cost stage) and ``llmtap-spikes`` (its
+Faust agents), ``llmtap-sink`` (the writer), ``llmtap-webhooks`` (alert delivery).
 
 Keying by ``request_id`` keeps both events of one call, and every replay of them, on
 one partition: the stage that owns that partition sees duplicates and can drop them.
@@ -44,7 +44,8 @@ COMPACTED = frozenset({BUDGETS, RESERVATIONS})
 FETCH_MAX_WAIT_MS = 50
 
 # Consumer groups. Faust's group id is its app id.
-STREAM_GROUP = "llmtap-stream"
+STREAM_GROUP = "llmtap-stream"  # the worker's cost stage, on llmtap.responses
+SPIKES_GROUP = "llmtap-spikes"  # the worker's Faust app (its agents: spikes)
 SINK_GROUP = "llmtap-sink"
 WEBHOOK_GROUP = "llmtap-webhooks"
 

@@ -1,4 +1,6 @@
-"""The Faust app: one worker process runs every stream agent."""
+"""The stream worker: one process runs the cost stage (responses -> costed, with the
+windows and budgets steps; stream/agents/costs.py) and the Faust app around it (the
+spikes agent, and the timers that close windows and roll budget periods)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pydantic import ValidationError
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import BudgetState
-from stream.agents import budgets, costs, spikes, windows
+from stream.agents import budgets, spikes, windows
+from stream.agents.costs import CostStage
 from stream.budgets import Ledger
 from stream.detector import Detector
 from stream.pricing import load_catalog
@@ -29,11 +32,12 @@ def ready_file(settings: Settings) -> Path:
 
 def create_app(
     settings: Settings, ledger: Ledger | None = None, detector: Detector | None = None
-) -> faust.App:
+) -> tuple[faust.App, CostStage]:
+    """The Faust app and the cost stage its worker runs beside it."""
     brokers = [f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")]
     session_ms = settings.stream_session_timeout_s
     app = StreamApp(
-        topics.STREAM_GROUP,
+        topics.SPIKES_GROUP,
         broker=brokers,
         store="memory://",
         key_serializer="raw",
@@ -52,19 +56,20 @@ def create_app(
         broker_commit_interval=1.0,
         producer_linger_ms=2,
     )
+    stage = CostStage(settings, load_catalog(settings.pricing_file))
     grace = timedelta(seconds=settings.window_grace_s)
-    steps: list[costs.Step] = [windows.WindowsStep(app, settings.window_sizes_s, grace)]
+    stage.steps.append(windows.WindowsStep(app, settings.window_sizes_s, grace, stage.owned))
     if settings.budgets:
-        steps.append(
+        stage.steps.append(
             budgets.BudgetsStep(app, ledger if ledger is not None else Ledger(settings.budgets))
         )
-    costs.register(app, load_catalog(settings.pricing_file), settings.kafka_bootstrap, steps)
-    if settings.spike_rules:
-        if detector is None:
-            settle = spike_settle(settings)
-            detector = Detector(settings.spike_rules, settings.topic_partitions, settle)
-        spikes.register(app, detector)
-    return app
+    if detector is None:
+        settle = spike_settle(settings)
+        detector = Detector(settings.spike_rules, settings.topic_partitions, settle)
+    # Registered without rules too (it judges nothing then): the app's consumer needs a
+    # topic to follow.
+    spikes.register(app, detector)
+    return app, stage
 
 
 async def load_budget_states(settings: Settings) -> Ledger:
@@ -80,15 +85,18 @@ async def load_budget_states(settings: Settings) -> Ledger:
 
 
 class StreamWorker(faust.Worker):
-    """A Faust worker that leaves a ready file once its partitions are assigned."""
+    """A Faust worker running the cost stage too, that leaves a ready file once both
+    have their partitions."""
 
-    def __init__(self, app: faust.App, settings: Settings) -> None:
-        super().__init__(app, loglevel=settings.log_level, quiet=True)
+    def __init__(self, app: faust.App, stage: CostStage, settings: Settings) -> None:
+        super().__init__(app, stage, loglevel=settings.log_level, quiet=True)
+        self._stage = stage
         self._ready = ready_file(settings)
         self._ready.unlink(missing_ok=True)
 
     async def on_startup_finished(self) -> None:
         await super().on_startup_finished()
+        await self._stage.assigned.wait()
         self._ready.parent.mkdir(parents=True, exist_ok=True)
         self._ready.write_text("ready\n")
         log.info("stream worker ready")
@@ -101,4 +109,5 @@ class StreamWorker(faust.Worker):
 def run(settings: Settings) -> None:
     ledger = asyncio.run(load_budget_states(settings)) if settings.budgets else None
     detector = asyncio.run(warmed_detector(settings)) if settings.spike_rules else None
-    StreamWorker(create_app(settings, ledger, detector), settings).execute_from_commandline()
+    app, stage = create_app(settings, ledger, detector)
+    StreamWorker(app, stage, settings).execute_from_commandline()

@@ -4,7 +4,7 @@ The spikes agent learns each series' baseline from its recent closed windows and
 it in memory. A restarted worker would start blind: nothing judged until
 ``min_history`` windows of each series come by again (hours, for hourly windows), and
 a cooldown forgotten. So before the worker starts, its detector is fed the windows the
-stream group has already consumed from the windows topic (below its committed offsets:
+spikes group has already consumed from the windows topic (below its committed offsets:
 judged, their alerts published), back as far as any rule looks (its history, its
 cooldown, and its days of hour-of-day profile). Alerts those windows raise again are
 dropped: they were published when the windows were judged. Windows past the committed
@@ -69,14 +69,14 @@ def warmed(detector: Detector, windows: Iterable[bytes], now: datetime) -> int:
 
 
 async def warmed_detector(settings: Settings) -> Detector:
-    """A detector that knows the windows the stream group has already judged."""
+    """A detector that knows the windows the spikes group has already judged."""
     detector = Detector(settings.spike_rules, settings.topic_partitions, spike_settle(settings))
     now = utcnow()
     since = now - horizon(settings.spike_rules)
     try:
         judged = await topics.read_consumed(
             settings.kafka_bootstrap,
-            topics.STREAM_GROUP,
+            topics.SPIKES_GROUP,
             topics.WINDOWS,
             since_ms=int(since.timestamp() * 1000),
         )

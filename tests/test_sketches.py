@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from stream.sketches import LatencySketch
+from stream.sketches import LatencySketch, Tally, bin_of
 
 QS = (0.0, 0.01, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 
@@ -171,3 +171,26 @@ def test_from_dict_refuses_inconsistent_data() -> None:
         LatencySketch.from_dict({**data, "v": 99})
     with pytest.raises(ValueError):
         LatencySketch.from_dict({**data, "counts": [1]})
+
+
+def test_a_tally_is_the_sketch_of_the_same_values() -> None:
+    """The windows count durations into bins (Tally) and publish the sketch's dict:
+    it must be the very dict the sketch of the same values gives, merges included."""
+    values = [*sample("lognormal", 4_000, seed=5), 0.0, 0.0, 1e-320, 3.5]
+    parts = [Tally() for _ in range(3)]
+    for i, value in enumerate(values):
+        parts[i % 3].add(value, bin_of(value))
+    whole = Tally()
+    for part in parts:
+        whole.merge(part)
+    ordered = LatencySketch.of(values[0::3])
+    ordered.merge(LatencySketch.of(values[1::3]))
+    ordered.merge(LatencySketch.of(values[2::3]))
+    assert parts[0].to_dict() == LatencySketch.of(values[0::3]).to_dict()
+    assert whole.to_dict() == ordered.to_dict()
+    assert Tally.from_dict(whole.to_dict()).to_dict() == whole.to_dict()
+    assert Tally().to_dict() == LatencySketch().to_dict()
+    with pytest.raises(ValueError):
+        bin_of(-1.0)
+    with pytest.raises(ValueError):
+        Tally.from_dict(LatencySketch.of([1.0], relative_accuracy=0.02).to_dict())

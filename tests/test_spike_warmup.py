@@ -87,7 +87,7 @@ async def test_a_restarted_detector_judges_a_spike_with_what_was_judged_before()
         old = window(first - 60 * MINUTE, 5_000, 2)  # past the horizon: not read back
         await publish(broker.bootstrap, [old], long_ago)
         await publish(broker.bootstrap, steady, now)
-        await commit_all(broker.bootstrap, topics.STREAM_GROUP)
+        await commit_all(broker.bootstrap, topics.SPIKES_GROUP)
         spike = window(first + 10 * MINUTE, 1_000, 2)
         await publish(broker.bootstrap, [spike], now)  # not consumed yet: not read back
 

@@ -1,6 +1,7 @@
-"""The writer's msgspec reader of costed events (llmtap/wire.py) against the
-contract's pydantic model: every event the model writes decodes to the same ``calls``
-row both ways, and every kind of bad message the model refuses is refused by both."""
+"""The msgspec mirror of the contract (llmtap/wire.py) against its pydantic models: every
+event the models write decodes to the same ``calls`` row both ways, every kind of bad
+message the model refuses is refused by both, and the stream's cost stage (response
+read, priced and written with the structs) writes the very event the models would."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from llmtap import wire
 from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
 from llmtap.wire import decode_costed
 from sinks.clickhouse.rows import call_row
+from stream.pricing import load_catalog, price, price_wire
 from tests.test_clickhouse_writer import costed
 
 names = st.text(max_size=12)
@@ -95,6 +98,22 @@ def reads_the_same(raw: bytes) -> None:
 @given(events)
 def test_every_event_the_contract_writes_reads_the_same_both_ways(event: CostedEvent) -> None:
     reads_the_same(event.model_dump_json().encode())
+
+
+CATALOG = load_catalog()
+
+
+@settings(max_examples=300, deadline=None)
+@given(responses, st.sampled_from(["gpt-4o", "claude-3-5-sonnet", "o3-mini", "no-such-model"]))
+def test_the_cost_stage_writes_the_event_the_contract_would(
+    response: ResponseEvent, model: str
+) -> None:
+    response = response.model_copy(update={"model_served": model})
+    raw = response.model_dump_json().encode()
+    read = wire.decode_response(raw)
+    written = wire.encode(price_wire(read, CATALOG))
+    assert CostedEvent.model_validate_json(written) == price(response, CATALOG)
+    assert decode_costed(written) == price_wire(read, CATALOG)
 
 
 def mutated(mutate: Callable[[dict[str, Any]], None]) -> bytes:

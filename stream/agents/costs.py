@@ -1,43 +1,62 @@
-"""The cost agent: response events in, costed events out; and every costed event handed,
+"""The cost stage: response events in, costed events out; and every costed event handed,
 in the same pass, to the accounting steps (windows, budgets) the worker runs.
 
 One read and one decode per call for the whole chain: pricing, windows and budgets
 each read the same decoded event (bench/stream_throughput.py measured what re-reading
 ``llmtap.costed`` per stage cost). A step sees each event with its position on
-``llmtap.responses`` (partition, offset), and its ``flush`` runs after every batch,
-before the batch's offsets can be committed (Faust acknowledges ``take_events``
-batches when the loop moves on); the batch's costed events are delivered by then too.
+``llmtap.responses`` (partition, offset), and its ``flush`` runs after every batch.
 
-The hot path reads and writes events as the contract's msgspec structs (``llmtap.wire``:
-a decode ~3 µs instead of pydantic's ~27) and sends the costed events of a batch as
-whole Kafka batches (``llmtap.batches``: an append of ~5 µs a record instead of Faust's
-``Topic.send`` at ~100), through a producer of its own that lives as long as the agent.
+**Below Faust's per-event stream.** This is the worker's one high-volume stage, and
+Faust's stream costs ~60 µs of CPU an event before any work is done (a do-nothing
+``take_events`` agent peaks at ~15,000 events/s on this machine; aiokafka's
+``getmany`` hands over the same records for ~2 µs each, bench/results/stream.md). So
+the stage is a service the Faust worker runs beside its agents, consuming whole
+fetched batches with an aiokafka consumer in the stream's group: it commits offsets
+itself, every second, only those of batches whose costed events are delivered and whose
+steps flushed (budget states delivered). Events are read and written as the contract's
+msgspec structs (``llmtap.wire``) and the costed events of a batch go out as whole
+Kafka batches (``llmtap.batches``).
+
+**Rebalances.** A worker giving up partitions first finishes the batch in hand and
+commits what it processed (the listener waits for it); a batch fetched before the rebalance and not
+yet started is dropped, since the partitions' new owners (this worker included) start
+from the committed offsets. So windows and budgets count each call once across a
+rebalance (tests/test_stream_scale.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-import faust
 import msgspec
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
+from mode import Service
 
 from llmtap import topics, wire
 from llmtap.batches import Batches
+from llmtap.config import Settings
 from llmtap.events import utcnow
 from stream.pricing import Catalog, price_wire
 
 log = logging.getLogger(__name__)
 
-BATCH = 1000
-BATCH_SECONDS = 0.05
+BATCH = 2000  # records per fetched batch, at most
+POLL_MS = 50  # how long a fetch waits for records before the loop looks around
+RESEND_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+# Processed offsets are committed at most this often (and at every rebalance and stop),
+# as Faust commits: a worker killed in between does that work again, which every stage
+# downstream of it takes once (derived ids, budget states' offsets).
+COMMIT_EVERY_S = 1.0
 
 Position = tuple[int, int]  # (partition, offset) on llmtap.responses
+Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
 class Step(Protocol):
@@ -48,51 +67,160 @@ class Step(Protocol):
     async def flush(self) -> None: ...
 
 
-@contextlib.asynccontextmanager
-async def costed_producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", max_batch_size=1 << 20, linger_ms=0
-    )
-    await producer.start()
-    try:
-        yield producer
-    finally:
-        await producer.stop()
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, stage: CostStage) -> None:
+        self._stage = stage
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._stage.revoked()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._stage.assigned.set()
 
 
-def register(app: faust.App, catalog: Catalog, bootstrap: str, steps: Sequence[Step] = ()) -> Any:
-    responses = app.topic(topics.RESPONSES, key_serializer="raw", value_serializer="raw")
-    warned: set[str] = set()  # models already logged as unpriced
+class CostStage(Service):
+    """Prices ``llmtap.responses`` into ``llmtap.costed`` and feeds ``steps``."""
 
-    @app.agent(responses, name="costs")
-    async def costs(stream: faust.StreamT[bytes]) -> None:
-        async with costed_producer(bootstrap) as producer:
-            costed = await Batches.of(producer, topics.COSTED)
-            # take_events (not take): each event carries its partition and offset.
-            batches = stream.take_events(BATCH, within=BATCH_SECONDS)  # type: ignore[attr-defined]
-            async for batch in batches:
-                now = utcnow()
-                for message in batch:
-                    try:
-                        event = wire.decode_response(message.value)
-                    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                        log.error("undecodable response event skipped: %s", exc)
-                        continue
-                    out = price_wire(event, catalog)
-                    if out.unpriced and event.model not in warned:
-                        warned.add(event.model)
-                        log.warning(
-                            "no price for model %r (provider %s)", event.model, event.provider
-                        )
-                    costed.add(topics.partition_key(event.request_id), wire.encode(out))
-                    position = (message.message.partition, message.message.offset)
-                    for step in steps:
-                        step.add(out, position, now)
-                sent = await costed.send()
+    def __init__(self, settings: Settings, catalog: Catalog, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._settings = settings
+        self._catalog = catalog
+        self.steps: list[Step] = []
+        self.assigned = asyncio.Event()  # set once the group gave this worker partitions
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._costed: Batches | None = None
+        self._busy = asyncio.Lock()  # held while a batch is processed and committed
+        self._generation = 0  # moves at every revocation: older fetched batches are void
+        self._done: dict[TopicPartition, int] = {}  # next offsets, processed, not committed
+        self._commit_at = 0.0
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._warned: set[str] = set()  # models already logged as unpriced
+
+    def owned(self) -> list[int]:
+        """The partitions of ``llmtap.responses`` this worker counts now."""
+        if self._consumer is None:
+            return []
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
+    async def on_start(self) -> None:
+        settings = self._settings
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            max_batch_size=1 << 20,
+            linger_ms=0,
+        )
+        await self._producer.start()
+        self._costed = await Batches.of(self._producer, topics.COSTED)
+        session_ms = int(settings.stream_session_timeout_s * 1000)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=topics.STREAM_GROUP,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session_ms,
+            rebalance_timeout_ms=session_ms,
+            heartbeat_interval_ms=int(settings.stream_heartbeat_interval_s * 1000),
+            fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
+        )
+        self._consumer.subscribe([topics.RESPONSES], listener=_Listener(self))
+        await self._consumer.start()
+        self._loop_task = asyncio.create_task(self._consume())
+
+    async def on_stop(self) -> None:
+        self._stopping = True
+        if self._loop_task is not None:
+            await self._loop_task  # the batch in hand is finished and committed
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def revoked(self) -> None:
+        async with self._busy:  # the batch in hand is committed before partitions go
+            self._generation += 1
+            await self._commit()
+
+    async def _commit(self) -> None:
+        """Commit what was processed (priced, counted, delivered) since the last commit."""
+        if self._done and self._consumer is not None:
+            done, self._done = self._done, {}
+            await self._consumer.commit(
+                {tp: OffsetAndMetadata(offset, "") for tp, offset in done.items()}
+            )
+        self._commit_at = time.monotonic() + COMMIT_EVERY_S
+
+    async def _consume(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while not self._stopping:
+                generation = self._generation
+                fetched: Fetched = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
+                async with self._busy:
+                    # A batch fetched before a rebalance is dropped: its partitions' new
+                    # owners read it again from the committed offsets.
+                    if fetched and generation == self._generation:
+                        await self._process(fetched)
+                        for tp, records in fetched.items():
+                            self._done[tp] = records[-1].offset + 1
+                    if time.monotonic() >= self._commit_at:
+                        await self._commit()
+            async with self._busy:
+                await self._commit()
+        except Exception as exc:
+            # The worker stops (and `llmtap up` with it): a stage that cannot go on
+            # must not leave a worker that looks alive and counts nothing.
+            log.exception("cost stage failed")
+            await self.crash(exc)
+
+    async def _process(self, fetched: Fetched) -> None:
+        now = utcnow()
+        steps = self.steps
+        records: list[tuple[bytes, bytes]] = []
+        for tp, batch in fetched.items():
+            for message in batch:
+                try:
+                    event = wire.decode_response(message.value or b"")
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    log.error("undecodable response event skipped: %s", exc)
+                    continue
+                out = price_wire(event, self._catalog)
+                if out.unpriced and event.model not in self._warned:
+                    self._warned.add(event.model)
+                    log.warning("no price for model %r (provider %s)", event.model, event.provider)
+                records.append((topics.partition_key(event.request_id), wire.encode(out)))
+                position = (tp.partition, message.offset)
                 for step in steps:
-                    await step.flush()
-                # Delivered, not just queued, before the batch's offsets can be committed:
-                # a worker killed after the commit must not take costed events with it.
-                await asyncio.gather(*sent)
+                    step.add(out, position, now)
+        sent = await self._send(records)
+        for step in steps:
+            await step.flush()
+        # Delivered, not just queued, before the batch's offsets are committed: a
+        # worker killed after the commit must not take costed events with it.
+        await self._delivered(records, sent)
 
-    return costs
+    async def _send(self, records: Sequence[tuple[bytes, bytes]]) -> list[asyncio.Future[Any]]:
+        costed = self._costed
+        assert costed is not None
+        for key, value in records:
+            costed.add(key, value)
+        return await costed.send()
+
+    async def _delivered(
+        self, records: Sequence[tuple[bytes, bytes]], sent: list[asyncio.Future[Any]]
+    ) -> None:
+        """Wait for ``sent``; while the broker refuses, send ``records`` again (the
+        costed ids are derived, so a record delivered twice is one event downstream)."""
+        for backoff in (*RESEND_BACKOFF_S, None):
+            try:
+                await asyncio.gather(*sent)
+                return
+            except KafkaError as exc:
+                if backoff is None or self._stopping:
+                    raise
+                log.warning("costed events not delivered (%s); again in %ss", exc, backoff)
+                await asyncio.sleep(backoff)
+                sent = await self._send(records)

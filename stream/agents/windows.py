@@ -4,6 +4,7 @@ the watermark, so windows close without traffic, and publishes each closed windo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import faust
@@ -19,17 +20,20 @@ CLOSE_EVERY_S = 1.0
 
 
 class WindowsStep:
-    def __init__(self, app: faust.App, sizes_s: tuple[int, ...], grace: timedelta) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        sizes_s: tuple[int, ...],
+        grace: timedelta,
+        owned: Callable[[], list[int]],
+    ) -> None:
         self.windower = Windower(sizes_s, grace)
         self._grace = grace
         self._windows = app.topic(topics.WINDOWS, key_serializer="raw", value_serializer="raw")
 
         @app.timer(CLOSE_EVERY_S)  # type: ignore[untyped-decorator]
         async def close_windows() -> None:
-            owned = [
-                tp.partition for tp in app.consumer.assignment() if tp.topic == topics.RESPONSES
-            ]
-            await self.close(utcnow(), owned)
+            await self.close(utcnow(), owned())
 
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         self.windower.add(event, now)

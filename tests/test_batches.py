@@ -1,0 +1,62 @@
+"""llmtap/batches.py on a real broker: every record delivered once, in order within its
+partition, on the partition a producer's own ``send`` picks for its key, however many
+batches a partition's records fill."""
+
+from __future__ import annotations
+
+import uuid
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from llmtap import topics
+from llmtap.batches import Batches
+from tests.conftest import start_broker
+
+PARTITIONS = 3
+
+
+async def test_records_land_where_send_puts_them_and_arrive_once() -> None:
+    async with start_broker(PARTITIONS) as broker:
+        # Small batches, so each partition's records fill several.
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, max_batch_size=16_384)
+        await producer.start()
+        try:
+            keys = [str(uuid.uuid4()).encode() for _ in range(600)]
+            batches = await Batches.of(producer, topics.COSTED)
+            for i, key in enumerate(keys):
+                batches.add(key, b"%d:" % i + b"x" * 1_000)
+            assert len(batches) > PARTITIONS  # some partitions filled more than one batch
+            for delivered in await batches.send():
+                await delivered
+            assert len(batches) == 0
+            # The same keys through the producer's own send, on another topic.
+            sent = {
+                key: (await producer.send_and_wait(topics.WINDOWS, b"", key=key)).partition
+                for key in keys
+            }
+        finally:
+            await producer.stop()
+
+        reader = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+        await reader.start()
+        try:
+            tps = [TopicPartition(topics.COSTED, p) for p in range(PARTITIONS)]
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            read: dict[bytes, tuple[int, int]] = {}
+            order: dict[int, list[int]] = {p: [] for p in range(PARTITIONS)}
+            while fetched := await reader.getmany(timeout_ms=1_000):
+                for tp, records in fetched.items():
+                    for record in records:
+                        assert record.key is not None and record.value is not None
+                        assert record.key not in read, "a record arrived twice"
+                        index = int(record.value.split(b":")[0])
+                        read[record.key] = (tp.partition, index)
+                        order[tp.partition].append(index)
+        finally:
+            await reader.stop()
+
+    assert set(read) == set(keys)
+    assert {key: partition for key, (partition, _) in read.items()} == sent
+    assert all(indexes == sorted(indexes) for indexes in order.values())
+    assert all(order.values()), "every partition got records"
