@@ -36,9 +36,9 @@ from aiokafka import AIOKafkaProducer
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
+from llmtap.runtime import tune_gc
 from llmtap.supervisor import broker_argv, topics_ready
 from llmtap.wire import decode_costed
-from sinks.app import tune_gc
 from sinks.clickhouse.decode import decode_batch
 from sinks.clickhouse.rows import call_columns
 from sinks.clickhouse.write import write_batch

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar
@@ -18,6 +17,7 @@ from aiohttp import web
 
 from llmtap.config import Settings
 from llmtap.events import utcnow
+from llmtap.runtime import tune_gc
 from sinks.budget_seed import publish_states, rebuilt_state
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.webhooks.dispatcher import WebhookDispatcher
@@ -116,17 +116,6 @@ def create_app(settings: Settings) -> web.Application:
     analytics.add_routes(app, settings)
     dashboard.add_routes(app, settings)  # after the API: it uses the API's key auth
     return app
-
-
-def tune_gc() -> None:
-    """Fewer, later garbage collections for a process that decodes events in bulk.
-
-    The writer holds up to two batches of decoded events (tens of thousands of small
-    objects); with CPython's default thresholds, collections over them cost more than
-    the decoding itself (bench/ingest.py measured 18k -> 27k events/s decoded).
-    """
-    gc.freeze()  # what start-up allocated is never garbage: stop scanning it
-    gc.set_threshold(100_000, 50, 100)
 
 
 def run(settings: Settings) -> None:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import BudgetState
+from llmtap.runtime import tune_gc
 from stream.agents import budgets, spikes, windows
 from stream.agents.costs import CostStage
 from stream.budgets import Ledger
@@ -110,4 +111,5 @@ def run(settings: Settings) -> None:
     ledger = asyncio.run(load_budget_states(settings)) if settings.budgets else None
     detector = asyncio.run(warmed_detector(settings)) if settings.spike_rules else None
     app, stage = create_app(settings, ledger, detector)
+    tune_gc()
     StreamWorker(app, stage, settings).execute_from_commandline()

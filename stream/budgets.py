@@ -44,14 +44,17 @@ def matches(budget: BudgetConfig, who: Attribution | wire.Attribution) -> bool:
     """Whether a call made by ``who`` counts against ``budget``."""
     if budget.tenant and who.tenant != budget.tenant:
         return False
-    value = {
-        "tenant": who.tenant,
-        "team": who.team,
-        "key": who.key_id,
-        "user": who.user,
-        "feature": who.feature,
-    }[budget.scope]
-    return value == budget.value
+    return bool(getattr(who, _SCOPE_FIELDS[budget.scope]) == budget.value)
+
+
+# A budget's scope to the attribution field it is matched on.
+_SCOPE_FIELDS = {
+    "tenant": "tenant",
+    "team": "team",
+    "key": "key_id",
+    "user": "user",
+    "feature": "feature",
+}
 
 
 def status_of(spent: Decimal, limit: Decimal, crossed: tuple[int, ...]) -> str:
@@ -100,10 +103,14 @@ def spend(
     cost: Decimal,
     at: datetime,
     now: datetime,
+    position: tuple[int, int] | None = None,
 ) -> tuple[BudgetState | None, list[Alert]]:
-    """Count a call's cost (ended at ``at``). Returns the new state (None if the call
-    belongs to an already closed period and changes nothing) and the alerts it raises:
-    one per threshold crossed, once per period."""
+    """Count a call's cost (ended at ``at``; at ``position`` on the responses topic, when
+    it came from there). Returns the new state (None if the call belongs to an already
+    closed period and changes nothing) and the alerts it raises: one per threshold
+    crossed, once per period. The new state keeps the offsets ``state`` had counted
+    (a new period too: offsets only grow), and ``position``'s."""
+    before = state
     if state is None or at >= state.period_end:
         state = fresh(budget, at, now)  # first call, or the first of a new period
     elif at < state.period_start:
@@ -123,6 +130,7 @@ def spend(
             "status": status_of(spent, budget.limit_usd, crossed),
             "last_event_at": last,
             "updated_at": now,
+            "applied": _applied(state, before, position),
         }
     )
     return updated, [threshold_alert(budget, updated, t, at) for t in newly]
@@ -208,9 +216,8 @@ class Ledger:
                 partition, offset = position
                 if offset < before.applied.get(partition, 0):
                     continue  # counted before a restart: this state says so
-            state, raised = spend(budget, before, event.cost.total, response.ts_end, now)
+            state, raised = spend(budget, before, event.cost.total, response.ts_end, now, position)
             if state is not None:
-                state = _carry_applied(state, before, position)
                 self.states[name] = changed[name] = state
             alerts.extend(raised)
         return changed, alerts
@@ -228,16 +235,24 @@ class Ledger:
         return rolled
 
 
-def _carry_applied(
+def _applied(
     state: BudgetState, before: BudgetState | None, position: tuple[int, int] | None
-) -> BudgetState:
-    """``state`` with the offsets counted so far (a new period keeps them: offsets only
+) -> dict[int, int]:
+    """The offsets counted so far (``before``'s carry into a new period: offsets only
     grow) and, when given, the event just counted."""
     applied = dict(before.applied) if before is not None else {}
     applied.update(state.applied)
     if position is not None:
         partition, offset = position
         applied[partition] = max(applied.get(partition, 0), offset + 1)
+    return applied
+
+
+def _carry_applied(
+    state: BudgetState, before: BudgetState | None, position: tuple[int, int] | None
+) -> BudgetState:
+    """``state`` with :func:`_applied`'s offsets."""
+    applied = _applied(state, before, position)
     if applied == state.applied:
         return state
     return state.model_copy(update={"applied": applied})

@@ -210,9 +210,17 @@ def load_catalog(extra: Path | None = None) -> Catalog:
     return catalog
 
 
+_NO_USD = Decimal(0).quantize(MONEY_QUANTUM)
+
+
 def _usd(*parts: tuple[int, Decimal]) -> Decimal:
     """Tokens times USD-per-million rates, summed, then rounded once to a nano-dollar."""
-    exact = sum((Decimal(tokens) * rate for tokens, rate in parts), Decimal(0))
+    exact = Decimal(0)
+    for tokens, rate in parts:
+        if tokens:
+            exact += tokens * rate
+    if not exact:
+        return _NO_USD  # what rounding a zero gives: 0E-9
     return (exact / PER_MILLION).quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 

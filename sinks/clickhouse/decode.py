@@ -92,7 +92,7 @@ def start_decode_process() -> None:
     """A decode process's start. It exits when the writer's process is gone, even
     SIGKILLed (the pool cannot tell it then, and it would wait for work forever); and
     its garbage collector is tuned as the writer's process tunes it
-    (``sinks.app.tune_gc``: decoding allocates tens of thousands of small objects a
+    (``llmtap.runtime.tune_gc``: decoding allocates tens of thousands of small objects a
     batch, and default thresholds make collections cost more than decoding)."""
     parent = multiprocessing.parent_process()
     if parent is not None:

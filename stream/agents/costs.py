@@ -56,6 +56,7 @@ RESEND_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 COMMIT_EVERY_S = 1.0
 
 Position = tuple[int, int]  # (partition, offset) on llmtap.responses
+Record = tuple[bytes, bytes, int | None]  # a costed event's key, value and partition
 Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
@@ -90,6 +91,7 @@ class CostStage(Service):
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._costed: Batches | None = None
+        self._same_partitions = False
         self._busy = asyncio.Lock()  # held while a batch is processed and committed
         self._generation = 0  # moves at every revocation: older fetched batches are void
         self._done: dict[TopicPartition, int] = {}  # next offsets, processed, not committed
@@ -114,6 +116,10 @@ class CostStage(Service):
         )
         await self._producer.start()
         self._costed = await Batches.of(self._producer, topics.COSTED)
+        # Both topics keyed by request id: with as many partitions on each, a costed
+        # event's key hashes to the partition its response came from.
+        responses = await self._producer.partitions_for(topics.RESPONSES)
+        self._same_partitions = len(responses) == self._costed.partitions
         session_ms = int(settings.stream_session_timeout_s * 1000)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
@@ -179,8 +185,10 @@ class CostStage(Service):
     async def _process(self, fetched: Fetched) -> None:
         now = utcnow()
         steps = self.steps
-        records: list[tuple[bytes, bytes]] = []
+        same = self._same_partitions
+        records: list[Record] = []
         for tp, batch in fetched.items():
+            partition = tp.partition if same else None
             for message in batch:
                 try:
                     event = wire.decode_response(message.value or b"")
@@ -191,7 +199,9 @@ class CostStage(Service):
                 if out.unpriced and event.model not in self._warned:
                     self._warned.add(event.model)
                     log.warning("no price for model %r (provider %s)", event.model, event.provider)
-                records.append((topics.partition_key(event.request_id), wire.encode(out)))
+                records.append(
+                    (topics.partition_key(event.request_id), wire.encode(out), partition)
+                )
                 position = (tp.partition, message.offset)
                 for step in steps:
                     step.add(out, position, now)
@@ -202,16 +212,14 @@ class CostStage(Service):
         # worker killed after the commit must not take costed events with it.
         await self._delivered(records, sent)
 
-    async def _send(self, records: Sequence[tuple[bytes, bytes]]) -> list[asyncio.Future[Any]]:
+    async def _send(self, records: Sequence[Record]) -> list[asyncio.Future[Any]]:
         costed = self._costed
         assert costed is not None
-        for key, value in records:
-            costed.add(key, value)
+        for key, value, partition in records:
+            costed.add(key, value, partition)
         return await costed.send()
 
-    async def _delivered(
-        self, records: Sequence[tuple[bytes, bytes]], sent: list[asyncio.Future[Any]]
-    ) -> None:
+    async def _delivered(self, records: Sequence[Record], sent: list[asyncio.Future[Any]]) -> None:
         """Wait for ``sent``; while the broker refuses, send ``records`` again (the
         costed ids are derived, so a record delivered twice is one event downstream)."""
         for backoff in (*RESEND_BACKOFF_S, None):
