@@ -241,11 +241,15 @@ class Windower:
         self._late: Counter[Series] = Counter()
         self._latest_event: datetime | None = None
         self._last_arrival: datetime | None = None
+        self._current = (EPOCH, EPOCH)  # the base window of the last call added
 
     def add(self, event: Costed, now: datetime) -> bool:
         """Count a call in its windows; False (and counted as late) if they closed."""
         at = event.response.ts_end
-        start = window_start(at, self.base)
+        start, end = self._current
+        if not start <= at < end:  # calls mostly come in order: the same window again
+            start = window_start(at, self.base)
+            self._current = (start, start + self.base)
         self._last_arrival = now
         if self.watermark is not None and start + self.base <= self.watermark:
             self.late_events += 1
