@@ -37,10 +37,12 @@ from llmtap.supervisor import broker_argv, topics_ready
 AIOKAFKA_BATCH = 2000
 
 
-def report(kind: str, n: int, took: float) -> None:
+def report(n: int, took: float, data_dir: str) -> None:
+    """Leave the result in ``data_dir`` (Faust's worker takes over stdout)."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_us = (usage.ru_utime + usage.ru_stime) / n * 1e6
-    print(f"RESULT {kind} {n / took:.0f} {cpu_us:.1f}", flush=True)
+    Path(data_dir, "result").write_text(f"{n / took:.0f} {cpu_us:.1f}\n")
 
 
 def faust_reader(bootstrap: str, n: int, data_dir: str) -> None:
@@ -74,14 +76,14 @@ def faust_reader(bootstrap: str, n: int, data_dir: str) -> None:
                 started.append(time.perf_counter())
             seen["n"] += len(batch)
             if seen["n"] >= n:
-                report("faust", n, time.perf_counter() - started[0])
+                report(n, time.perf_counter() - started[0], data_dir)
                 os._exit(0)
 
     sys.argv = [sys.argv[0], "worker", "-l", "warn"]
     app.main()
 
 
-async def aiokafka_reader(bootstrap: str, n: int) -> None:
+async def aiokafka_reader(bootstrap: str, n: int, data_dir: str) -> None:
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
@@ -103,7 +105,7 @@ async def aiokafka_reader(bootstrap: str, n: int) -> None:
             seen += sum(len(records) for records in fetched.values())
             if fetched:
                 await consumer.commit()
-        report("aiokafka", n, time.perf_counter() - started)
+        report(n, time.perf_counter() - started, data_dir)
     finally:
         await consumer.stop()
 
@@ -120,15 +122,22 @@ async def run_reader(kind: str, bootstrap: str, n: int, data_dir: str) -> tuple[
         str(n),
         "--data-dir",
         data_dir,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=600)
-    for line in out.decode().splitlines():
-        if line.startswith("RESULT "):
-            _, _, rate, cpu = line.split()
-            return float(rate), float(cpu)
-    raise RuntimeError(f"{kind} reader reported nothing")
+    await asyncio.wait_for(process.wait(), timeout=600)
+    result = await asyncio.to_thread(read_result, Path(data_dir))
+    if result is None:
+        raise RuntimeError(f"{kind} reader reported nothing (exit code {process.returncode})")
+    return result
+
+
+def read_result(data_dir: Path) -> tuple[float, float] | None:
+    path = data_dir / "result"
+    if not path.exists():
+        return None
+    rate, cpu = path.read_text().split()
+    return float(rate), float(cpu)
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -149,7 +158,8 @@ async def main(args: argparse.Namespace) -> int:
             await produce(bootstrap, [response(i, now) for i in range(args.events)])
             for run in range(args.runs):
                 for kind in results:  # side by side: each reader reads every event
-                    rate, cpu = await run_reader(kind, bootstrap, args.events, f"{tmp}/{run}")
+                    data_dir = f"{tmp}/{kind}-{run}"  # the reader makes it
+                    rate, cpu = await run_reader(kind, bootstrap, args.events, data_dir)
                     results[kind].append((rate, cpu))
                     print(f"run {run + 1} {kind}: {rate:,.0f} events/s", file=sys.stderr)
         finally:
@@ -201,6 +211,6 @@ if __name__ == "__main__":
     if args.reader == "faust":
         faust_reader(args.bootstrap, args.events, args.data_dir)
     elif args.reader == "aiokafka":
-        asyncio.run(aiokafka_reader(args.bootstrap, args.events))
+        asyncio.run(aiokafka_reader(args.bootstrap, args.events, args.data_dir))
     else:
         sys.exit(asyncio.run(main(args)))
