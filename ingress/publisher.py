@@ -53,6 +53,7 @@ from aiokafka.errors import (
 from pydantic import BaseModel
 
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Record, Spool
+from llmtap.batches import Batches
 
 log = logging.getLogger(__name__)
 
@@ -392,19 +393,33 @@ class EventPublisher:
         return True
 
     async def _deliver(self, producer: AIOKafkaProducer, flight: _InFlight) -> None:
+        """Send the flight's records as whole batches (``llmtap.batches``: an append
+        each, not a ``send``); each record's future is its batch's."""
         loop = asyncio.get_running_loop()
+        by_topic: dict[str, Batches] = {}
+        placed: list[tuple[Batches, int] | asyncio.Future[Any]] = []
         for record in flight.records:
+            batches = by_topic.get(record.topic)
             try:
-                future = await producer.send(record.topic, record.value, key=record.key)
-            except UNDELIVERABLE as exc:
-                future = loop.create_future()
-                future.set_exception(exc)
+                if batches is None:
+                    batches = by_topic[record.topic] = await Batches.of(producer, record.topic)
+                placed.append((batches, batches.add(record.key, record.value)))
+            except ValueError:  # too large: no retry can send it
+                refused = loop.create_future()
+                refused.set_exception(RecordTooLargeError())
+                placed.append(refused)
             except KafkaError as exc:
                 log.warning("send to %s failed: %r", record.topic, exc)
                 break  # what follows waits: sending it now would overtake this record
-            flight.futures.append(future)
+        sent = {id(batches): await batches.send() for batches in by_topic.values()}
+        for place in placed:
+            if isinstance(place, asyncio.Future):
+                flight.futures.append(place)
+            else:
+                batches, number = place
+                flight.futures.append(sent[id(batches)][number])
         if flight.futures:
-            await asyncio.wait(flight.futures)
+            await asyncio.wait(set(flight.futures))
 
     async def _settle(self) -> bool:
         """Account for the batch in flight; put back what must be retried. True if none."""

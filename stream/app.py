@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import faust
 from pydantic import ValidationError
@@ -95,8 +97,20 @@ class StreamWorker(faust.Worker):
         self._ready = ready_file(settings)
         self._ready.unlink(missing_ok=True)
 
+    def on_init_dependencies(self) -> Iterable[Any]:
+        """The app first, then the cost stage: services stop in reverse, so the stage
+        finishes its last batch (budget states sent through the app's producer) and
+        commits before the app stops."""
+        dependencies = list(super().on_init_dependencies())
+        return [self.app, *(d for d in dependencies if d is not self.app)]
+
     async def on_startup_finished(self) -> None:
+        """Called by the app as it finishes starting, before the stage starts: the
+        ready file waits for the stage's partitions in a task of its own."""
         await super().on_startup_finished()
+        self.add_future(self._ready_once_assigned())
+
+    async def _ready_once_assigned(self) -> None:
         await self._stage.assigned.wait()
         self._ready.parent.mkdir(parents=True, exist_ok=True)
         self._ready.write_text("ready\n")

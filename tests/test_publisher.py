@@ -366,3 +366,24 @@ async def test_with_spool_max_bytes_zero_events_wait_in_memory(tmp_path: Path) -
     finally:
         if broker is not None:
             await stop_tansu(broker)
+
+
+class Blob(Ping):
+    pad: str
+
+
+async def test_an_event_too_large_for_kafka_is_dropped_and_the_rest_delivered(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """Events go out as whole batches: one no batch can hold is dropped (counted, logged),
+    and those before and after it are delivered, in order."""
+    before, after = pings(0, 100), pings(100, 100)
+    target = publisher(broker.bootstrap, tmp_path / "spool")
+    async with running(target):
+        publish_all(target, before)
+        target.publish(TOPIC, KEY, Blob(event_id=uuid.uuid4(), seq=-1, pad="x" * (2 << 20)))
+        publish_all(target, after)
+        await wait_for(lambda: target.published + target.dropped == 201)
+    assert (target.published, target.dropped, target.spooled) == (200, 1, 0)
+    sent = before + after
+    assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in sent}), sent)
