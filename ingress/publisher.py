@@ -363,6 +363,11 @@ class EventPublisher:
 
     async def _send_queue(self, producer: AIOKafkaProducer) -> bool:
         """Send a batch from the queue; True if all of it is settled (sent or dropped)."""
+        if len(self._queue) < MAX_BATCH and not self._closing:
+            # Let the flight fill, as a producer's linger would: every flight is a
+            # produce request per partition (measured: sent at once, flights of one or
+            # two events cost ~350 µs of CPU per call more at 500 calls/s).
+            await asyncio.sleep(LINGER_MS / 1000)
         batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
         self._in_flight = _InFlight(batch, started=asyncio.get_running_loop().time())
         await self._meanwhile(self._deliver(producer, self._in_flight))
