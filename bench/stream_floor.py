@@ -28,11 +28,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stream_throughput import PARTITIONS, free_port, produce, response
+from stream_throughput import PARTITIONS, embedded_broker, produce, response
 
 from llmtap import topics
-from llmtap.config import Settings
-from llmtap.supervisor import broker_argv, topics_ready
 
 AIOKAFKA_BATCH = 2000
 
@@ -143,16 +141,7 @@ def read_result(data_dir: Path) -> tuple[float, float] | None:
 async def main(args: argparse.Namespace) -> int:
     results: dict[str, list[tuple[float, float]]] = {"faust": [], "aiokafka": []}
     with tempfile.TemporaryDirectory() as tmp:
-        bootstrap = f"127.0.0.1:{free_port()}"
-        broker = await asyncio.create_subprocess_exec(
-            *broker_argv(bootstrap),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=PARTITIONS)
-            while not await topics_ready(settings):
-                await asyncio.sleep(0.1)
+        async with embedded_broker() as bootstrap:
             now = datetime.now(UTC)
             print(f"putting {args.events:,} response events on the topic...", file=sys.stderr)
             await produce(bootstrap, [response(i, now) for i in range(args.events)])
@@ -162,9 +151,6 @@ async def main(args: argparse.Namespace) -> int:
                     rate, cpu = await run_reader(kind, bootstrap, args.events, data_dir)
                     results[kind].append((rate, cpu))
                     print(f"run {run + 1} {kind}: {rate:,.0f} events/s", file=sys.stderr)
-        finally:
-            broker.terminate()
-            await broker.wait()
 
     rows = []
     for kind, runs in results.items():

@@ -250,6 +250,25 @@ async def lag_at_rate(bootstrap: str, data_dir: Path, rate: float, seconds: floa
     return lags
 
 
+@contextlib.asynccontextmanager
+async def embedded_broker() -> AsyncIterator[str]:
+    """The embedded Tansu broker, memory only, with llmtap's topics; yields its address."""
+    bootstrap = f"127.0.0.1:{free_port()}"
+    broker = await asyncio.create_subprocess_exec(
+        *broker_argv(bootstrap),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=PARTITIONS)
+        while not await topics_ready(settings):
+            await asyncio.sleep(0.1)
+        yield bootstrap
+    finally:
+        broker.terminate()
+        await broker.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -275,16 +294,7 @@ async def main() -> int:
     checks: list[tuple[Decimal, Decimal]] = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            bootstrap = f"127.0.0.1:{free_port()}"
-            broker = await asyncio.create_subprocess_exec(
-                *broker_argv(bootstrap),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            try:
-                settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=PARTITIONS)
-                while not await topics_ready(settings):
-                    await asyncio.sleep(0.1)
+            async with embedded_broker() as bootstrap:
                 rate, expected, spent = await throughput(bootstrap, Path(tmp), args.events)
                 rates.append(rate)
                 checks.append((expected, spent))
@@ -292,9 +302,6 @@ async def main() -> int:
                 if run == args.runs - 1:
                     lag_rate = args.rate or statistics.median(rates) / 2
                     lags = await lag_at_rate(bootstrap, Path(tmp), lag_rate, args.lag_seconds)
-            finally:
-                broker.terminate()
-                await broker.wait()
 
     report = render(args, rates, checks, lag_rate, lags)
     args.out.parent.mkdir(parents=True, exist_ok=True)
