@@ -1,11 +1,11 @@
-"""Stream benchmark: one Faust worker process through the whole chain on Tansu.
+"""Stream benchmark: one stream worker process through the whole chain on Tansu.
 
     python bench/stream_throughput.py [--events 100000] [--rate 0] [--lag-seconds 20] \
         [--out bench/results/stream.md]
 
 Starts the embedded Tansu broker and one `llmtap worker` process (its own OS process,
-as in production) configured with budgets and spike rules, so every agent runs:
-the costs agent (responses -> costed, each costed event counted in the same pass by
+as in production) configured with budgets and spike rules, so every stage runs:
+the cost stage (responses -> costed, each costed event counted in the same pass by
 the windows and budgets steps), windows -> spikes (alerts) and budget states.
 
 1. **Throughput.** ``--events`` response events are put on `llmtap.responses` before

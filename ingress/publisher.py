@@ -405,17 +405,18 @@ class EventPublisher:
         placed: list[tuple[Batches, int] | asyncio.Future[Any]] = []
         for record in flight.records:
             batches = by_topic.get(record.topic)
-            try:
-                if batches is None:
+            if batches is None:
+                try:
                     batches = by_topic[record.topic] = await Batches.of(producer, record.topic)
+                except KafkaError as exc:
+                    log.warning("send to %s failed: %r", record.topic, exc)
+                    break  # what follows waits: sending it now would overtake this record
+            try:
                 placed.append((batches, batches.add(record.key, record.value)))
             except ValueError:  # too large: no retry can send it
                 refused = loop.create_future()
                 refused.set_exception(RecordTooLargeError())
                 placed.append(refused)
-            except KafkaError as exc:
-                log.warning("send to %s failed: %r", record.topic, exc)
-                break  # what follows waits: sending it now would overtake this record
         sent = {id(batches): await batches.send() for batches in by_topic.values()}
         for place in placed:
             if isinstance(place, asyncio.Future):

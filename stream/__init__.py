@@ -1,1 +1,2 @@
-"""The stream: Faust agents that turn call events into money, aggregates and alerts."""
+"""The stream: the worker that turns call events into money, aggregates and alerts (its
+cost stage and the Faust app around it)."""

@@ -199,7 +199,7 @@ class Ledger:
         self, event: wire.Costed, now: datetime, position: tuple[int, int] | None = None
     ) -> tuple[dict[str, BudgetState], list[Alert]]:
         """Count one costed event against every budget it matches. ``position`` is the
-        event's (partition, offset) on the costed topic, when it came from there."""
+        event's (partition, offset) on the responses topic, when it came from there."""
         if event.event_id in self._seen or event.cost is None:
             return {}, []
         self._seen[event.event_id] = None

@@ -1,4 +1,4 @@
-"""Two stream workers in one consumer group: they split the partitions, both make
+"""Two stream workers in the same consumer groups: they split the partitions, both make
 progress, and the shares of each window they publish add up to every call once."""
 
 from __future__ import annotations

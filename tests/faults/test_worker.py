@@ -1,10 +1,10 @@
-"""The Faust worker killed (SIGKILL) mid-load and started again: no call, spend or
+"""The stream worker killed (SIGKILL) mid-load and started again: no call, spend or
 alert counted twice or lost.
 
 The worker is killed while calls go on; whatever it had read and not yet committed is
 read again by the new worker. Costed events get the same id every time they are
 computed (``derived_id``), so the ClickHouse writer drops the second copy; budget
-spend is kept by the budgets agent (stream/budgets.py), seeded at start from the
+spend is kept by the budgets step (stream/budgets.py), seeded at start from the
 budgets topic, which already counts what the old worker had processed: it must not
 count that again. The worker is killed twice: mid-load, and again just after its
 restart, once it is seen counting the backlog (a worker that has just started has
@@ -40,7 +40,7 @@ from tests.faults.load import Load, Sent, compare
 pytestmark = pytest.mark.faults
 
 FEATURE = "worker-kill"
-WARM_UP = 30  # calls made, and counted by the budgets agent, before the load below
+WARM_UP = 30  # calls made, and counted by the budgets step, before the load below
 DOWN_CALLS = 40  # calls answered before the kill, while the worker is down, and after
 # What each kind of call costs at the fake provider's usage, from stream/pricing.yaml:
 # gpt-4o-mini: 8 input at $0.15, 4 cached at $0.075, 5 output at $0.60 per million;
@@ -81,7 +81,7 @@ async def run_scenario(root: Path, upstream: Upstream) -> Outcome:
     load = Load(cluster.proxy_url, cluster.proxy_root, cluster.api_key, FEATURE)
     try:
         await cluster.start_all()
-        await load.run(WARM_UP)  # the budgets agent is seen counting before the kill
+        await load.run(WARM_UP)  # the budgets step is seen counting before the kill
         warm = spent(load.sent)
         await until(
             lambda: _budget_reached(cluster, warm),
