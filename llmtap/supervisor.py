@@ -216,11 +216,27 @@ def broker_argv(bootstrap: str) -> list[str]:
 
 
 async def topics_ready(settings: Settings) -> bool:
+    if not await listening(settings.kafka_bootstrap):
+        return False  # asked before it listens, aiokafka logs a refused connection as ERROR
     try:
         await topics.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
     except Exception as exc:  # the broker is still starting: any failure means "not yet"
         log.debug("broker not ready: %s", exc)
         return False
+    return True
+
+
+async def listening(bootstrap: str) -> bool:
+    """Whether the first broker of ``bootstrap`` accepts a TCP connection."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        connecting = asyncio.open_connection(host.strip("[]"), int(port))
+        _, writer = await asyncio.wait_for(connecting, 2)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
     return True
 
 
