@@ -37,7 +37,7 @@ from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
 from llmtap.runtime import tune_gc
-from llmtap.supervisor import broker_argv, topics_ready
+from llmtap.supervisor import embedded_broker
 from llmtap.wire import decode_costed
 from sinks.clickhouse.decode import decode_batch
 from sinks.clickhouse.rows import call_columns
@@ -171,17 +171,10 @@ async def main() -> int:
     tune_gc()  # as the store process does
     with tempfile.TemporaryDirectory() as tmp:
         bootstrap = f"127.0.0.1:{free_port()}"
-        broker = await asyncio.create_subprocess_exec(
-            *broker_argv(bootstrap),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
+        async with embedded_broker(bootstrap, partitions=4):
             settings = Settings(
                 kafka_bootstrap=bootstrap, topic_partitions=4, sink_batch_rows=args.batch_rows
             )
-            while not await topics_ready(settings):
-                await asyncio.sleep(0.1)
             print(f"generating {args.events} events...", file=sys.stderr)
             payloads = synthetic(args.events)
             print("filling the topic...", file=sys.stderr)
@@ -206,9 +199,6 @@ async def main() -> int:
                 step_rates = steps(store, payloads[: min(len(payloads), 50_000)], args.batch_rows)
             finally:
                 store.close()
-        finally:
-            broker.terminate()
-            await broker.wait()
 
     report = render(args, rates, step_rates)
     args.out.parent.mkdir(parents=True, exist_ok=True)

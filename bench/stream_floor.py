@@ -28,7 +28,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stream_throughput import PARTITIONS, embedded_broker, produce, response
+from stream_throughput import PARTITIONS, broker, produce, response
 
 from llmtap import topics
 
@@ -141,7 +141,7 @@ def read_result(data_dir: Path) -> tuple[float, float] | None:
 async def main(args: argparse.Namespace) -> int:
     results: dict[str, list[tuple[float, float]]] = {"faust": [], "aiokafka": []}
     with tempfile.TemporaryDirectory() as tmp:
-        async with embedded_broker() as bootstrap:
+        async with broker() as bootstrap:
             now = datetime.now(UTC)
             print(f"putting {args.events:,} response events on the topic...", file=sys.stderr)
             await produce(bootstrap, [response(i, now) for i in range(args.events)])

@@ -48,7 +48,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, BudgetState, ResponseEvent, Usage
-from llmtap.supervisor import broker_argv, topics_ready
+from llmtap.supervisor import embedded_broker
 from stream.pricing import load_catalog, price
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "claude-3-5-sonnet", "o3-mini", "llama-x")
@@ -251,22 +251,11 @@ async def lag_at_rate(bootstrap: str, data_dir: Path, rate: float, seconds: floa
 
 
 @contextlib.asynccontextmanager
-async def embedded_broker() -> AsyncIterator[str]:
-    """The embedded Tansu broker, memory only, with llmtap's topics; yields its address."""
+async def broker() -> AsyncIterator[str]:
+    """The embedded broker on a free port, with llmtap's topics; yields its address."""
     bootstrap = f"127.0.0.1:{free_port()}"
-    broker = await asyncio.create_subprocess_exec(
-        *broker_argv(bootstrap),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=PARTITIONS)
-        while not await topics_ready(settings):
-            await asyncio.sleep(0.1)
+    async with embedded_broker(bootstrap, PARTITIONS):
         yield bootstrap
-    finally:
-        broker.terminate()
-        await broker.wait()
 
 
 def free_port() -> int:
@@ -294,7 +283,7 @@ async def main() -> int:
     checks: list[tuple[Decimal, Decimal]] = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            async with embedded_broker() as bootstrap:
+            async with broker() as bootstrap:
                 rate, expected, spent = await throughput(bootstrap, Path(tmp), args.events)
                 rates.append(rate)
                 checks.append((expected, spent))

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,6 +224,33 @@ async def topics_ready(settings: Settings) -> bool:
         log.debug("broker not ready: %s", exc)
         return False
     return True
+
+
+@contextlib.asynccontextmanager
+async def embedded_broker(
+    bootstrap: str, partitions: int, timeout_s: float = 30.0
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The embedded broker at ``bootstrap`` (memory only) as a child process, for tests
+    and benchmarks: entered once it answers and llmtap's topics exist, stopped on exit."""
+    process = await asyncio.create_subprocess_exec(
+        *broker_argv(bootstrap),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=partitions)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not await topics_ready(settings):  # readiness: it answers and topics exist
+            if process.returncode is not None:
+                raise RuntimeError(f"tansu exited with code {process.returncode}")
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"tansu not ready in {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
 
 
 async def listening(bootstrap: str) -> bool:

@@ -49,6 +49,13 @@ DEFAULT_RELATIVE_ACCURACY = 0.01
 DEFAULT_QUANTILES = (0.5, 0.95, 0.99)
 
 
+def _duration(ms: float) -> float:
+    value = float(ms)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"a duration must be a finite number >= 0, got {ms!r}")
+    return value
+
+
 class LatencySketch:
     """A distribution of durations (ms), answering quantiles within ``relative_accuracy``."""
 
@@ -83,9 +90,7 @@ class LatencySketch:
     # -- adding and merging ------------------------------------------------------
 
     def add(self, ms: float) -> None:
-        value = float(ms)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"a duration must be a finite number >= 0, got {ms!r}")
+        value = _duration(ms)
         self._sketch.add(value)
         self._sum += value
         self._min = min(self._min, value)
@@ -220,9 +225,7 @@ ZERO_BIN: int | None = None  # the bin of 0 (and of values too small to tell fro
 def bin_of(ms: float) -> int | None:
     """The bin a duration counts in, at the default accuracy (ZERO_BIN for zero).
     Refuses what :meth:`LatencySketch.add` refuses."""
-    value = float(ms)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"a duration must be a finite number >= 0, got {ms!r}")
+    value = _duration(ms)
     return _MAPPING.key(value) if value > _SMALLEST else ZERO_BIN
 
 

