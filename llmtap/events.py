@@ -277,11 +277,10 @@ class WindowEvent(_Model):
     """One closed tumbling window of one dimension's value (team ``search``, model
     ``gpt-4o``...), published once when the window closes on the windows topic.
 
-    A worker aggregates the calls of the costed partitions it owns, listed in
-    ``partitions``: with one worker that is every call; with several, each publishes
-    its share of a window and readers add the shares up (every field is a sum, the
-    sketches merge exactly). ``event_id`` is derived from the window, its dimension
-    value and ``partitions``, so a replay publishes the same id again.
+    A window is published as one share per partition of ``llmtap.responses`` (named
+    in ``partitions``) that had calls in it, and readers add the shares up (every field
+    is a sum, the sketches merge exactly). ``event_id`` is derived from the window, its
+    dimension value and ``partitions``, so a replay publishes the same id again.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION

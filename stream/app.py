@@ -61,7 +61,9 @@ def create_app(
     )
     stage = CostStage(settings, load_catalog(settings.pricing_file))
     grace = timedelta(seconds=settings.window_grace_s)
-    stage.steps.append(windows.WindowsStep(app, settings.window_sizes_s, grace, stage.owned))
+    counting = windows.WindowsStep(app, settings.kafka_bootstrap, settings.window_sizes_s, grace)
+    stage.steps.append(counting)
+    stage.positions.holding = counting
     if settings.budgets:
         stage.steps.append(
             budgets.BudgetsStep(app, ledger if ledger is not None else Ledger(settings.budgets))

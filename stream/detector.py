@@ -1,12 +1,14 @@
 """From closed windows to spike alerts: gather a window's shares, then judge it.
 
 Windows arrive on the windows topic keyed by series, so every share of one series
-reaches the same detector. With one worker a window comes in one share that covers
-every partition and is judged at once; with several, each publishes the share of the
-partitions it owns, and the window is judged when the shares cover every partition,
-or ``settle`` after its first share arrived (a worker with no calls of that series in
-the window publishes no share). A share that arrives after its window was judged
-still reaches ClickHouse (the sink stores every share) but does not re-judge it.
+reaches the same detector. A window comes as one share per partition of
+``llmtap.responses`` that had calls in it, and is judged when the shares cover every
+partition, or ``settle`` after its first share arrived (a partition with no calls of
+that series in the window has no share). A series' windows are judged in order: one
+complete early waits for the earlier ones to be judged (a baseline learns from them,
+and a window judged after a later one would be ignored). A share that arrives after
+its window was judged still reaches ClickHouse (the sink stores every share) but does
+not re-judge it.
 
 The statistics are in :mod:`stream.spikes`; this module only feeds them.
 """
@@ -21,8 +23,8 @@ from decimal import Decimal
 
 from llmtap.config import SpikeMetric, SpikeRule
 from llmtap.events import Alert, WindowEvent
+from stream.aggregates import merge_windows, sketch_of
 from stream.spikes import SeriesState, observe
-from stream.windows import merge_windows, sketch_of
 
 MS = Decimal("0.001")
 
@@ -61,30 +63,40 @@ class Detector:
             self._rules[(rule.window_s, rule.dimension)].append(rule)
         self._partitions = partitions
         self._settle = settle
-        self._pending: dict[tuple[str, datetime], _Pending] = {}
+        self._pending: dict[str, dict[datetime, _Pending]] = {}  # series -> start -> shares
         self.states: dict[tuple[str, str], SeriesState] = {}  # (rule, value) -> state
 
     def offer(self, window: WindowEvent, now: datetime) -> list[Alert]:
         """Take one share of a window; the alerts of any window this completes."""
         if (window.size_s, window.dimension) not in self._rules:
             return []
-        key = (window.series, window.window_start)
-        pending = self._pending.get(key)
+        series = self._pending.setdefault(window.series, {})
+        pending = series.get(window.window_start)
         if pending is None:
-            pending = self._pending[key] = _Pending(received=now)
+            pending = series[window.window_start] = _Pending(received=now)
         pending.shares[window.event_id] = window  # a replayed share replaces itself
-        if not pending.covers(self._partitions):
-            return []
-        return self._judge(key)
+        return self._ready(window.series, now)
 
     def tick(self, now: datetime) -> list[Alert]:
         """Judge the windows whose shares have had ``settle`` to arrive."""
-        due = [key for key, p in self._pending.items() if now - p.received >= self._settle]
-        due.sort(key=lambda key: key[1])  # a series' windows in order
-        return [alert for key in due for alert in self._judge(key)]
+        return [alert for series in list(self._pending) for alert in self._ready(series, now)]
 
-    def _judge(self, key: tuple[str, datetime]) -> list[Alert]:
-        window = merge_windows(list(self._pending.pop(key).shares.values()))
+    def _ready(self, series: str, now: datetime) -> list[Alert]:
+        """Judge the series' windows, oldest first, while each is complete or settled."""
+        windows = self._pending[series]
+        alerts: list[Alert] = []
+        for start in sorted(windows):
+            pending = windows[start]
+            if not pending.covers(self._partitions) and now - pending.received < self._settle:
+                break
+            del windows[start]
+            alerts += self._judge(pending)
+        if not windows:
+            del self._pending[series]
+        return alerts
+
+    def _judge(self, pending: _Pending) -> list[Alert]:
+        window = merge_windows(list(pending.shares.values()))
         alerts: list[Alert] = []
         for rule in self._rules[(window.size_s, window.dimension)]:
             value = metric_value(rule.metric, window)
@@ -105,4 +117,4 @@ class Detector:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return sum(map(len, self._pending.values()))

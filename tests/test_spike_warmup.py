@@ -13,9 +13,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from llmtap import topics
 from llmtap.config import Settings, SpikeRule
 from llmtap.events import WindowEvent, utcnow
+from stream.aggregates import Aggregate
 from stream.detector import Detector
 from stream.warmup import horizon, spike_settle, warmed_detector
-from stream.windows import Aggregate
 from tests.conftest import start_broker
 from tests.fake_provider import free_port
 

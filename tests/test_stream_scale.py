@@ -1,5 +1,6 @@
 """Two stream workers in the same consumer groups: they split the partitions, both make
-progress, and the shares of each window they publish add up to every call once."""
+progress, and the windows they publish (a share per partition) add up to every call
+once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, ResponseEvent, Usage, WindowEvent
+from stream import checkpoints
 from tests import sample
 from tests.conftest import start_broker
 
@@ -119,17 +122,23 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
             CostedEvent.model_validate_json(raw)
             for raw in await topics.read_all(broker.bootstrap, topics.COSTED)
         ]
+        latest = await checkpoints.latest(broker.bootstrap, range(PARTITIONS))
 
     tenant = [w for w in windows if w.dimension == "tenant"]
     # Every call priced once (ids are derived: a reprocessed response yields the same id),
     # and counted in the windows once.
     assert len({c.event_id for c in costed}) == sent
     assert (sum(w.requests for w in tenant), sum(w.late_events for w in tenant)) == (sent, 0)
-    # Both workers published shares; at the end they owned disjoint halves of the topic.
-    owners = {w.partitions for w in tenant}
+    # Each window is published as one share per partition that had calls in it.
+    assert all(len(w.partitions) == 1 for w in windows)
     last_start = max(w.window_start for w in tenant)
-    final = {w.partitions for w in tenant if w.window_start >= last_start}
-    assert len(owners) >= 2, owners
-    assert len(final) == 2, final
-    first, second = sorted(final)
-    assert not set(first) & set(second) and set(first) | set(second) == set(range(PARTITIONS))
+    assert {w.partitions for w in tenant if w.window_start >= last_start} == {
+        (p,) for p in range(PARTITIONS)
+    }
+    # Both workers made progress: at the end the partitions' latest checkpoints name
+    # two workers, each with half the partitions, and every partition read to its end.
+    owners: dict[uuid.UUID, set[int]] = {}
+    for partition, checkpoint in latest.items():
+        owners.setdefault(checkpoint.writer, set()).add(partition)
+    assert sorted(map(len, owners.values())) == [PARTITIONS // 2, PARTITIONS // 2], latest
+    assert sum(c.done for c in latest.values()) == sent

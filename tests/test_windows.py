@@ -14,9 +14,10 @@ from llmtap.events import Attribution, CostedEvent, Status, Usage
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sql.store import Store
+from stream.aggregates import merge_windows, sketch_of
 from stream.detector import Detector, metric_value
 from stream.sketches import LatencySketch
-from stream.windows import Windower, merge_windows, sketch_of, window_start
+from stream.windows import Windower, window_start
 from tests import sample
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # on an hour
@@ -217,6 +218,26 @@ def test_a_window_is_judged_when_its_shares_cover_every_partition_or_after_settl
     assert d.tick(T0 + timedelta(seconds=14)) == []
     [alert] = d.tick(T0 + timedelta(seconds=15))
     assert (alert.state, alert.observed) == ("firing", Decimal(60))
+
+
+def test_a_series_windows_are_judged_in_order_though_a_later_one_completes_first() -> None:
+    """Minute 8 (one partition's share) waits for its settle; minute 9, complete at
+    once, waits for minute 8: judged after it, the spike in 8 fires and 9 resolves."""
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    for m in range(8):
+        for share in minute(5, m, (0,)) + minute(5, m, (1,)):
+            d.offer(share, T0)
+    [eight] = minute(60, 8, (0,))
+    assert d.offer(eight, T0) == []
+    for share in minute(5, 9, (0,)) + minute(5, 9, (1,)):
+        assert d.offer(share, T0 + timedelta(seconds=5)) == []
+    assert d.pending == 2
+    raised = d.tick(T0 + timedelta(seconds=15))
+    assert [(a.state, a.observed) for a in raised] == [
+        ("firing", Decimal(60)),
+        ("resolved", Decimal(10)),
+    ]
+    assert d.pending == 0
 
 
 def test_metric_values() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from llmtap.events import WindowEvent
 from llmtap.wire import Costed
-from stream.windows import sketch_of
+from stream.aggregates import sketch_of
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = timedelta(milliseconds=1)

@@ -4,7 +4,8 @@ in the same pass, to the accounting steps (windows, budgets) the worker runs.
 One read and one decode per call for the whole chain: pricing, windows and budgets
 each read the same decoded event (bench/stream_throughput.py measured what re-reading
 ``llmtap.costed`` per stage cost). A step sees each event with its position on
-``llmtap.responses`` (partition, offset), and its ``flush`` runs after every batch.
+``llmtap.responses`` (partition, offset), and its ``flush`` runs after every batch
+and, without traffic, at every poll (the windows step closes windows there).
 
 **Below Faust's per-event stream.** This is the worker's one high-volume stage, and
 Faust's stream costs ~70 µs of CPU an event before any work is done: a do-nothing
@@ -17,11 +18,18 @@ steps flushed (budget states delivered). Events are read and written as the
 contract's msgspec structs (``llmtap.wire``), and the costed events of a batch go out
 as whole Kafka batches (``llmtap.batches``).
 
-**Rebalances.** A worker giving up partitions first finishes the batch in hand and
-commits what it processed (the listener waits for it). A batch fetched before the
-rebalance but not started when it came is dropped: the partitions' owners, this
-worker included, read it again from the committed offsets. So windows and budgets
-count each call once across a rebalance (tests/test_stream_scale.py). A batch whose
+**Checkpoints.** Before each commit the stage writes each partition's checkpoint
+(stream/checkpoints.py): where the windows step's open windows start (``hold``), the
+committed offset to be, and how far the partition's windows were published. A worker
+given a partition starts from its latest checkpoint: from memory if it wrote it and
+still has the partition's windows, else from ``hold``, passing over what was counted.
+
+**Rebalances.** A worker giving up partitions first finishes the batch in hand, and
+checkpoints and commits what it processed (the listener waits for it). A batch
+fetched before the rebalance but not started when it came is dropped: the partitions'
+owners, this worker included, read it again from their checkpoints. So windows and
+budgets count each call once across a rebalance or a crash
+(tests/test_stream_scale.py, tests/faults/test_worker.py). A batch whose
 costed events the broker keeps refusing holds the rebalance until its resends give up
 (~9 s plus the producer's request timeouts), and then the worker stops.
 """
@@ -31,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -45,6 +53,7 @@ from llmtap import topics, wire
 from llmtap.batches import Batches
 from llmtap.config import Settings
 from llmtap.events import utcnow
+from stream import checkpoints
 from stream.pricing import Catalog, price_wire
 
 log = logging.getLogger(__name__)
@@ -76,9 +85,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stage = stage
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self._stage.revoked()
+        await self._stage.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._stage.take_over(assigned)
         self._stage.assigned.set()
 
 
@@ -90,24 +100,20 @@ class CostStage(Service):
         self._settings = settings
         self._catalog = catalog
         self.steps: list[Step] = []
+        self.positions = checkpoints.Positions(settings.kafka_bootstrap)
         self.assigned = asyncio.Event()  # set once the group gave this worker partitions
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._costed: Batches | None = None
         self._same_partitions = False
         self._busy = asyncio.Lock()  # held while a batch is processed and committed
-        self._generation = 0  # moves at every revocation: older fetched batches are void
+        self._generation = 0  # moves at every rebalance: batches fetched before are void
         self._done: dict[TopicPartition, int] = {}  # next offsets, processed, not committed
+        self._checkpoints: Batches | None = None
         self._commit_at = 0.0
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._warned: set[str] = set()  # models already logged as unpriced
-
-    def owned(self) -> list[int]:
-        """The partitions of ``llmtap.responses`` this worker counts now."""
-        if self._consumer is None:
-            return []
-        return sorted(tp.partition for tp in self._consumer.assignment())
 
     async def on_start(self) -> None:
         settings = self._settings
@@ -119,10 +125,17 @@ class CostStage(Service):
         )
         await self._producer.start()
         self._costed = await Batches.of(self._producer, topics.COSTED)
+        self._checkpoints = await Batches.of(self._producer, topics.CHECKPOINTS)
         # Both topics keyed by request id: with as many partitions on each, a costed
         # event's key hashes to the partition its response came from.
         responses = await self._producer.partitions_for(topics.RESPONSES)
         self._same_partitions = len(responses) == self._costed.partitions
+        if self._checkpoints.partitions < len(responses):
+            raise RuntimeError(
+                f"{topics.CHECKPOINTS} has {self._checkpoints.partitions} partitions and "
+                f"{topics.RESPONSES} {len(responses)}: it needs at least as many (one per "
+                "responses partition)"
+            )
         session_ms = int(settings.stream_session_timeout_s * 1000)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
@@ -151,13 +164,32 @@ class CostStage(Service):
         if self._producer is not None:
             await self._producer.stop()
 
-    async def revoked(self) -> None:
+    async def revoked(self, revoked: Iterable[TopicPartition]) -> None:
         async with self._busy:  # the batch in hand is committed before partitions go
-            self._generation += 1
             await self._commit()
+            self.positions.give_up(tp.partition for tp in revoked)
+            # Last, with no wait after it: a batch fetched before now is dropped, even one
+            # handed over while this ran (fetched from positions given up).
+            self._generation += 1
+
+    async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
+        """Start on the partitions the group gave this worker, each where its latest
+        checkpoint says (stream/checkpoints.py)."""
+        consumer = self._consumer
+        assert consumer is not None
+        tps = {tp.partition: tp for tp in assigned}
+        async with self._busy:
+            for partition, offset in (await self.positions.take_over(tps)).items():
+                consumer.seek(tps[partition], offset)
+            # Last, with no wait after it: a batch handed over while this ran was fetched
+            # from the committed offsets, not from where the partitions were sought.
+            self._generation += 1
 
     async def _commit(self) -> None:
-        """Commit what was processed (priced, counted, delivered) since the last commit."""
+        """Checkpoint, then commit what was processed (priced, counted, delivered) since
+        the last commit."""
+        if self._consumer is not None and self._checkpoints is not None:
+            await self.positions.write(self._checkpoints)
         if self._done and self._consumer is not None:
             done, self._done = self._done, {}
             try:
@@ -185,7 +217,11 @@ class CostStage(Service):
                     if fetched and generation == self._generation:
                         await self._process(fetched)
                         for tp, records in fetched.items():
-                            self._done[tp] = records[-1].offset + 1
+                            following = records[-1].offset + 1
+                            self._done[tp] = self.positions.processed(tp.partition, following)
+                    else:
+                        for step in self.steps:  # windows close without traffic
+                            await step.flush()
                     if time.monotonic() >= self._commit_at:
                         await self._commit()
             async with self._busy:
@@ -203,6 +239,8 @@ class CostStage(Service):
         records: list[Record] = []
         for tp, batch in fetched.items():
             partition = tp.partition if same else None
+            # Read again after a takeover: the old owner delivered its costed events.
+            below = self.positions.counted_below(tp.partition)
             for message in batch:
                 try:
                     event = wire.decode_response(message.value or b"")
@@ -213,9 +251,9 @@ class CostStage(Service):
                 if out.unpriced and event.model not in self._warned:
                     self._warned.add(event.model)
                     log.warning("no price for model %r (provider %s)", event.model, event.provider)
-                records.append(
-                    (topics.partition_key(event.request_id), wire.encode(out), partition)
-                )
+                if message.offset >= below:
+                    key = topics.partition_key(event.request_id)
+                    records.append((key, wire.encode(out), partition))
                 position = (tp.partition, message.offset)
                 for step in steps:
                     step.add(out, position, now)

@@ -1,17 +1,31 @@
-"""The windows step: costed events counted in windows (stream/windows.py); a timer moves
-the watermark, so windows close without traffic, and publishes each closed window."""
+"""The windows step: costed events counted in windows (stream/windows.py), one windower
+per partition of ``llmtap.responses``; every second, in the cost stage's loop, the
+watermarks move, so windows close without traffic, and each closed window is
+published, one share per partition.
+
+A window is published and acknowledged before the partition's checkpoint can say so
+(``through``), and the stage writes checkpoints only between batches: so what a
+checkpoint says was published was, and what it says is held (the first call of a
+window still open) is read again by whoever takes the partition over
+(stream/checkpoints.py).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import faust
+from pydantic import ValidationError
 
 from llmtap import topics, wire
-from llmtap.events import utcnow
+from llmtap.events import WindowEvent, utcnow
 from stream.agents.costs import Position
+from stream.checkpoints import Checkpoint
 from stream.windows import Windower
 
 log = logging.getLogger(__name__)
@@ -19,37 +33,129 @@ log = logging.getLogger(__name__)
 CLOSE_EVERY_S = 1.0
 
 
+@dataclass
+class _Counting:
+    windower: Windower
+    through: datetime | None = None  # its windows ending at or before were published
+
+
 class WindowsStep:
     def __init__(
-        self,
-        app: faust.App,
-        sizes_s: tuple[int, ...],
-        grace: timedelta,
-        owned: Callable[[], list[int]],
+        self, app: faust.App, bootstrap: str, sizes_s: tuple[int, ...], grace: timedelta
     ) -> None:
-        self.windower = Windower(sizes_s, grace)
+        self._bootstrap = bootstrap
+        self._sizes_s = sizes_s
         self._grace = grace
         self._windows = app.topic(topics.WINDOWS, key_serializer="raw", value_serializer="raw")
+        self._counting: dict[int, _Counting] = {}  # by partition of llmtap.responses
+        self._parked: dict[int, _Counting] = {}  # given up at a rebalance, maybe given back
+        self._close_at = 0.0
 
-        @app.timer(CLOSE_EVERY_S)  # type: ignore[untyped-decorator]
-        async def close_windows() -> None:
-            await self.close(utcnow(), owned())
+    def _windower(self) -> Windower:
+        return Windower(self._sizes_s, self._grace, since=utcnow())
 
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
-        self.windower.add(event, now)
+        partition, offset = position
+        counting = self._counting.get(partition)
+        if counting is None:
+            counting = self._counting[partition] = _Counting(self._windower())
+        counting.windower.add(event, now, offset)
 
     async def flush(self) -> None:
-        """Nothing to do per batch: windows are published when they close."""
+        """Close and publish the windows the watermarks passed, once a second."""
+        if time.monotonic() >= self._close_at:
+            self._close_at = time.monotonic() + CLOSE_EVERY_S
+            await self.close(utcnow())
 
-    async def close(self, now: datetime, owned: list[int]) -> None:
-        late_before = self.windower.late_events
-        for window in self.windower.advance(now, owned):
-            await self._windows.send(
-                key=window.series.encode(), value=window.model_dump_json().encode()
-            )
-        if self.windower.late_events > late_before:
+    async def close(self, now: datetime) -> None:
+        sent = []
+        late = 0
+        marks: dict[int, datetime | None] = {}
+        for partition, counting in self._counting.items():
+            windower = counting.windower
+            before = windower.late_events
+            for window in windower.advance(now, (partition,)):
+                sent.append(
+                    await self._windows.send(
+                        key=window.series.encode(), value=window.model_dump_json().encode()
+                    )
+                )
+            late += windower.late_events - before
+            marks[partition] = windower.watermark
+        await asyncio.gather(*sent)  # delivered, not just queued, before `through` moves
+        for partition, mark in marks.items():
+            self._counting[partition].through = mark
+        if late:
             log.warning(
                 "%d calls arrived after their window closed (grace %ss); counted as late",
-                self.windower.late_events - late_before,
+                late,
                 self._grace.total_seconds(),
+            )
+
+    def held(self, partition: int) -> int | None:
+        """The offset of the partition's first call in a window still open (Holding)."""
+        counting = self._counting.get(partition)
+        return None if counting is None else counting.windower.held()
+
+    def through(self, partition: int) -> datetime | None:
+        """The watermark up to which the partition's windows were published."""
+        counting = self._counting.get(partition)
+        return None if counting is None else counting.through
+
+    def park(self, partitions: Iterable[int]) -> None:
+        """Stop counting ``partitions`` (a rebalance took them), keeping what was counted
+        in case they come back."""
+        for partition in partitions:
+            counting = self._counting.pop(partition, None)
+            if counting is not None:
+                self._parked[partition] = counting
+
+    async def take_over(self, given: dict[int, tuple[Checkpoint | None, bool]]) -> set[int]:
+        """Count the partitions ``given``, each with its latest checkpoint and whether
+        this worker wrote that one; return those it goes on counting from memory (the
+        others are to be read again from their checkpoint's ``hold``)."""
+        parked, self._parked = self._parked, {}
+        kept: set[int] = set()
+        resumed: dict[int, Windower] = {}
+        for partition, (checkpoint, mine) in given.items():
+            if mine and partition in parked:
+                self._counting[partition] = parked[partition]
+                kept.add(partition)
+                continue
+            windower = self._windower()
+            through = None if checkpoint is None else checkpoint.through
+            if checkpoint is not None:
+                windower.resume(through, checkpoint.done)
+                resumed[partition] = windower
+            self._counting[partition] = _Counting(windower, through)
+        if resumed:
+            await self._restore(resumed)
+        return kept
+
+    async def _restore(self, resumed: dict[int, Windower]) -> None:
+        """Make the taken-over partitions' open larger windows again from the smaller
+        windows published on ``llmtap.windows`` (each as long ago as the larger window)."""
+        marks = [w.watermark for w in resumed.values() if w.watermark is not None and w.larger]
+        if not marks:
+            return
+        windower = next(iter(resumed.values()))
+        since = min(marks) - max(windower.larger)
+        raws = await topics.read_since(
+            self._bootstrap, topics.WINDOWS, int(since.timestamp() * 1000)
+        )
+        shares: dict[int, list[WindowEvent]] = {partition: [] for partition in resumed}
+        for raw in raws:
+            try:
+                window = WindowEvent.model_validate_json(raw)
+            except ValidationError:
+                continue  # the spikes agent and the writer report it
+            if len(window.partitions) == 1 and window.partitions[0] in shares:
+                shares[window.partitions[0]].append(window)
+        for partition, windower in resumed.items():
+            taken = windower.restore(shares[partition])
+            log.info(
+                "partition %d taken over: windows published up to %s, %d of them read back",
+                partition,
+                windower.watermark,
+                taken,
             )

@@ -322,8 +322,8 @@ class Cluster:
     async def lag(self) -> dict[str, int]:
         """Events each stage has not yet committed: the worker on responses, the writer
         on costed events, the webhook dispatcher on alerts (as `llmtap up` measures
-        them when it drains). The worker's other inputs are not counted: its windows
-        commit only once a window closes."""
+        them when it drains). The worker's spikes group, on the windows topic, is not
+        counted."""
         stages = [
             ("worker", topics.STREAM_GROUP, topics.RESPONSES),
             ("writer", topics.SINK_GROUP, topics.COSTED),

@@ -12,10 +12,14 @@ counted and published more than it has committed).
 
 One scenario, run once for this module; the tests below each check one part of it.
 
-What this cannot show: windows (the windows agent is not in this worker yet), and a
-kill at a chosen instant relative to Faust's offset commits (every second): the kill
-lands wherever the load is, which in practice always leaves some events read but not
-committed.
+Windows (5 s, rolled up into a minute) are counted once too: the calls of the windows
+open when the worker dies are read again by its successor from the partition's
+checkpoint, and the minutes open then are made again from their published 5-second
+windows (stream/checkpoints.py).
+
+What this cannot show: a kill at a chosen instant relative to the stage's offset
+commits (every second): the kill lands wherever the load is, which in practice always
+leaves some events read but not committed and some windows open.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pytest
 
 from llmtap import topics
 from llmtap.events import BudgetState, CostedEvent
+from stream.checkpoints import Checkpoint
 from tests.faults.conftest import Upstream, faulty_upstream
 from tests.faults.harness import Cluster, until
 from tests.faults.load import Load, Sent, compare
@@ -62,6 +67,7 @@ BUDGET = {
     "thresholds": list(THRESHOLDS),
     "hard_cap": False,  # spend is what is measured here, not refusals
 }
+WINDOWS = {"LLMTAP_WINDOW_SIZES_S": "[5, 60]", "LLMTAP_WINDOW_GRACE_S": "2"}
 
 
 @dataclass
@@ -74,10 +80,12 @@ class Outcome:
     alerts: list[dict[str, Any]]
     costed_copies: Counter[str] = field(default_factory=Counter)
     dead: list[str] = field(default_factory=list)
+    windows: dict[int, dict[str, int]] = field(default_factory=dict)  # by length
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
 
 async def run_scenario(root: Path, upstream: Upstream) -> Outcome:
-    cluster = Cluster(root, upstream.root_url, {"LLMTAP_BUDGETS": json.dumps([BUDGET])})
+    cluster = Cluster(root, upstream.root_url, {"LLMTAP_BUDGETS": json.dumps([BUDGET]), **WINDOWS})
     load = Load(cluster.proxy_url, cluster.proxy_root, cluster.api_key, FEATURE)
     try:
         await cluster.start_all()
@@ -125,6 +133,8 @@ async def run_scenario(root: Path, upstream: Upstream) -> Outcome:
             "toUInt8(any(threshold)) AS threshold FROM alerts "
             f"WHERE rule = '{FEATURE}' GROUP BY id"
         )
+        # The last minute closes on the wall clock, up to a minute after the last call.
+        windows = await until_windows(cluster, len(load.sent))
         copies = Counter(
             str(CostedEvent.model_validate_json(raw).event_id)
             for raw in await topics.read_all(cluster.bootstrap, topics.COSTED)
@@ -138,6 +148,11 @@ async def run_scenario(root: Path, upstream: Upstream) -> Outcome:
             alerts=alerts,
             costed_copies=copies,
             dead=cluster.dead(),
+            windows=windows,
+            checkpoints=[
+                Checkpoint.model_validate_json(raw)
+                for raw in await topics.read_all(cluster.bootstrap, topics.CHECKPOINTS)
+            ],
         )
     except BaseException:
         print(cluster.tails(25))
@@ -145,6 +160,29 @@ async def run_scenario(root: Path, upstream: Upstream) -> Outcome:
     finally:
         await load.close()
         await cluster.close()
+
+
+async def windows_by_length(cluster: Cluster) -> dict[int, dict[str, int]]:
+    rows = await cluster.sql(
+        "SELECT size_s, sum(requests) AS requests, sum(late_events) AS late, "
+        "count() AS stored, uniqExact(event_id) AS distinct "
+        f"FROM windows WHERE dimension = 'feature' AND value = '{FEATURE}' GROUP BY size_s"
+    )
+    return {
+        int(row["size_s"]): {k: int(row[k]) for k in ("requests", "late", "stored", "distinct")}
+        for row in rows
+    }
+
+
+async def until_windows(cluster: Cluster, calls: int) -> dict[int, dict[str, int]]:
+    found: dict[int, dict[str, int]] = {}
+
+    async def counted() -> bool:
+        found.update(await windows_by_length(cluster))
+        return len(found) == 2 and all(w["requests"] + w["late"] >= calls for w in found.values())
+
+    await until(counted, "every call in the windows", 120, every=1.0, context=lambda: str(found))
+    return found
 
 
 async def budget_states(cluster: Cluster) -> list[BudgetState]:
@@ -228,3 +266,20 @@ def test_budget_spend_counts_each_call_once(outcome: Outcome) -> None:
     assert outcome.budget.spent_usd == total
     crossed = {t for t in THRESHOLDS if total * 100 >= LIMIT * t}
     assert {a["threshold"] for a in outcome.alerts} == crossed  # none crossed too early
+
+
+def test_every_call_is_counted_once_in_the_windows(outcome: Outcome) -> None:
+    assert sorted(outcome.windows) == [5, 60]
+    for size, counted in outcome.windows.items():
+        assert (counted["requests"], counted["late"]) == (len(outcome.sent), 0), size
+        assert counted["stored"] == counted["distinct"], size  # no window stored twice
+
+
+def test_the_killed_worker_had_windows_open_and_its_successor_took_them_over(
+    outcome: Outcome,
+) -> None:
+    """The premise of the windows test: more than one worker wrote checkpoints (the
+    second may be killed before its first), and some checkpoint held calls behind its
+    committed offset (windows open)."""
+    assert len({c.writer for c in outcome.checkpoints}) >= 2
+    assert any(c.hold < c.done for c in outcome.checkpoints)
