@@ -61,7 +61,7 @@ def create_app(
     )
     stage = CostStage(settings, load_catalog(settings.pricing_file))
     grace = timedelta(seconds=settings.window_grace_s)
-    counting = windows.WindowsStep(app, settings.kafka_bootstrap, settings.window_sizes_s, grace)
+    counting = windows.WindowsStep(settings.kafka_bootstrap, settings.window_sizes_s, grace)
     stage.steps.append(counting)
     stage.positions.holding = counting
     if settings.budgets:

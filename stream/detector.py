@@ -66,9 +66,13 @@ class Detector:
         self._pending: dict[str, dict[datetime, _Pending]] = {}  # series -> start -> shares
         self.states: dict[tuple[str, str], SeriesState] = {}  # (rule, value) -> state
 
+    def judges(self, size_s: int, dimension: str) -> bool:
+        """Whether any rule looks at windows of this length and dimension."""
+        return (size_s, dimension) in self._rules
+
     def offer(self, window: WindowEvent, now: datetime) -> list[Alert]:
         """Take one share of a window; the alerts of any window this completes."""
-        if (window.size_s, window.dimension) not in self._rules:
+        if not self.judges(window.size_s, window.dimension):
             return []
         series = self._pending.setdefault(window.series, {})
         pending = series.get(window.window_start)

@@ -13,6 +13,7 @@ import logging
 from datetime import datetime
 
 import faust
+from aiokafka import AIOKafkaProducer
 
 from llmtap import topics, wire
 from llmtap.events import Alert, BudgetState, utcnow
@@ -36,6 +37,9 @@ class BudgetsStep:
         async def roll_periods() -> None:
             """New periods start on time (and every budget has a state) without a call."""
             await self._publish(self.ledger.roll(utcnow()), [])
+
+    async def start(self, producer: AIOKafkaProducer) -> None:
+        """Nothing to do: states and alerts (a few a second) go through the app's topics."""
 
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         changed, raised = self.ledger.record(event, now, position)

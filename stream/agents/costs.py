@@ -75,6 +75,10 @@ Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 class Step(Protocol):
     """One accounting stage fed with costed events (stream/agents/windows.py, budgets.py)."""
 
+    async def start(self, producer: AIOKafkaProducer) -> None:
+        """The stage's producer, started: for a step's own high-volume output."""
+        ...
+
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None: ...
 
     async def flush(self) -> None: ...
@@ -126,6 +130,8 @@ class CostStage(Service):
         await self._producer.start()
         self._costed = await Batches.of(self._producer, topics.COSTED)
         self._checkpoints = await Batches.of(self._producer, topics.CHECKPOINTS)
+        for step in self.steps:
+            await step.start(self._producer)
         # Both topics keyed by request id: with as many partitions on each, a costed
         # event's key hashes to the partition its response came from.
         responses = await self._producer.partitions_for(topics.RESPONSES)

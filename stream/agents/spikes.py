@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import faust
+import msgspec
 from pydantic import ValidationError
 
 from llmtap import topics
@@ -18,6 +19,16 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 BATCH_SECONDS = 0.05
 TICK_S = 1.0
+
+
+class _Head(msgspec.Struct):
+    """The two fields of a window that say whether a rule looks at it."""
+
+    size_s: int
+    dimension: str
+
+
+_decode_head = msgspec.json.Decoder(_Head).decode
 
 
 def register(app: faust.App, detector: Detector) -> Any:
@@ -37,9 +48,14 @@ def register(app: faust.App, detector: Detector) -> Any:
             now = utcnow()
             for raw in batch:
                 try:
+                    # Most windows are of series no rule looks at: a glance at two fields
+                    # (~1 µs) spares them the full validation (~25 µs).
+                    head = _decode_head(raw)
+                    if not detector.judges(head.size_s, head.dimension):
+                        continue
                     window = WindowEvent.model_validate_json(raw)
-                except ValidationError as exc:
-                    log.error("undecodable window skipped: %s", exc.errors()[:1])
+                except (ValidationError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.error("undecodable window skipped: %s", exc)
                     continue
                 await publish(detector.offer(window, now))
 

@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import faust
+from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from llmtap import topics, wire
+from llmtap.batches import Batches
 from llmtap.events import WindowEvent, utcnow
 from stream.agents.costs import Position
 from stream.checkpoints import Checkpoint
@@ -40,19 +41,22 @@ class _Counting:
 
 
 class WindowsStep:
-    def __init__(
-        self, app: faust.App, bootstrap: str, sizes_s: tuple[int, ...], grace: timedelta
-    ) -> None:
+    def __init__(self, bootstrap: str, sizes_s: tuple[int, ...], grace: timedelta) -> None:
         self._bootstrap = bootstrap
         self._sizes_s = sizes_s
         self._grace = grace
-        self._windows = app.topic(topics.WINDOWS, key_serializer="raw", value_serializer="raw")
+        self._windows: Batches | None = None  # on the cost stage's producer, once started
         self._counting: dict[int, _Counting] = {}  # by partition of llmtap.responses
         self._parked: dict[int, _Counting] = {}  # given up at a rebalance, maybe given back
         self._close_at = 0.0
 
     def _windower(self) -> Windower:
         return Windower(self._sizes_s, self._grace, since=utcnow())
+
+    async def start(self, producer: AIOKafkaProducer) -> None:
+        """Windows go out as whole Kafka batches (a window per series, length and
+        partition: thousands a minute with many users or keys), keyed by series."""
+        self._windows = await Batches.of(producer, topics.WINDOWS)
 
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         partition, offset = position
@@ -68,21 +72,22 @@ class WindowsStep:
             await self.close(utcnow())
 
     async def close(self, now: datetime) -> None:
-        sent = []
+        out = self._windows
+        assert out is not None, "started by the cost stage"
         late = 0
         marks: dict[int, datetime | None] = {}
         for partition, counting in self._counting.items():
             windower = counting.windower
             before = windower.late_events
             for window in windower.advance(now, (partition,)):
-                sent.append(
-                    await self._windows.send(
-                        key=window.series.encode(), value=window.model_dump_json().encode()
-                    )
-                )
+                try:
+                    out.add(window.series.encode(), window.model_dump_json().encode())
+                except ValueError as exc:  # too large for Kafka: no retry can send it
+                    log.error("window %s not published, %s", window.event_id, exc)
             late += windower.late_events - before
             marks[partition] = windower.watermark
-        await asyncio.gather(*sent)  # delivered, not just queued, before `through` moves
+        # Delivered, not just queued, before `through` moves (a failure stops the stage).
+        await asyncio.gather(*await out.send())
         for partition, mark in marks.items():
             self._counting[partition].through = mark
         if late:
