@@ -19,6 +19,7 @@ one partition: the stage that owns that partition sees duplicates and can drop t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Iterable
@@ -157,7 +158,7 @@ async def read_spans(
 
 
 async def read_latest(
-    bootstrap: str, topic: str, partitions: Iterable[int], idle_ms: int = 300
+    bootstrap: str, topic: str, partitions: Iterable[int], timeout_s: float = 60.0
 ) -> dict[int, bytes]:
     """The last message on each of ``partitions`` of ``topic`` (those that have one).
 
@@ -171,13 +172,15 @@ async def read_latest(
         tps = [TopicPartition(topic, p) for p in partitions]
         ends = await consumer.end_offsets(tps)
         starts = {tp: end - 1 for tp, end in ends.items() if end > 0}
-        read = await _read_to_end(consumer, starts, ends, idle_ms)
+        read = await _read_to_end(consumer, starts, ends, timeout_s)
         return {tp.partition: records[-1].value for tp, records in read.items() if records}
     finally:
         await consumer.stop()
 
 
-async def read_since(bootstrap: str, topic: str, since_ms: int, idle_ms: int = 300) -> list[bytes]:
+async def read_since(
+    bootstrap: str, topic: str, since_ms: int, timeout_s: float = 300.0
+) -> list[bytes]:
     """The messages of ``topic`` written at or after ``since_ms`` (epoch milliseconds,
     by the records' timestamps), in offset order per partition. Where the broker cannot
     find offsets by time (Tansu answers 0), each partition is read from its start."""
@@ -190,7 +193,7 @@ async def read_since(bootstrap: str, topic: str, since_ms: int, idle_ms: int = 3
         found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
         ends = await consumer.end_offsets(tps)
         starts = {tp: at.offset for tp, at in found.items() if at is not None and ends[tp] > 0}
-        read = await _read_to_end(consumer, starts, ends, idle_ms)
+        read = await _read_to_end(consumer, starts, ends, timeout_s)
         return [
             r.value
             for records in read.values()
@@ -215,10 +218,11 @@ async def _read_to_end(
     consumer: AIOKafkaConsumer,
     starts: dict[TopicPartition, int],
     ends: dict[TopicPartition, int],
-    idle_ms: int,
+    timeout_s: float,
 ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
     """Each partition's records from its start until one at or past its end offset less
-    one has come (and the rest of its fetch), or ``idle_ms`` pass without a record."""
+    one has come (and the rest of its fetch). A partition not read to there within
+    ``timeout_s`` raises TimeoutError: a slow broker is not taken for an empty one."""
     read: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {tp: [] for tp in starts}
     if not starts:
         return read
@@ -226,10 +230,12 @@ async def _read_to_end(
     for tp, first in starts.items():
         consumer.seek(tp, first)
     left = set(starts)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     while left:
-        fetched = await consumer.getmany(*left, timeout_ms=idle_ms)
-        if not fetched:
-            break
+        if loop.time() > deadline:
+            raise TimeoutError(f"{sorted(map(str, left))} not read to their end in {timeout_s}s")
+        fetched = await consumer.getmany(*left, timeout_ms=500)
         for tp, records in fetched.items():
             read[tp].extend(records)
             if records[-1].offset >= ends[tp] - 1:

@@ -76,10 +76,13 @@ class Windower:
         self._current = (EPOCH, EPOCH)  # the base window of the last call added
         self._first: dict[datetime, int] = {}  # open base window -> first offset counted
         self._counted_below = -1  # calls below this offset were counted before a takeover
+        self._replaying = False  # reading those calls again: the watermark stays put
 
     def add(self, event: Costed, now: datetime, offset: int = -1) -> bool:
         """Count a call (at ``offset`` of its partition) in its windows; False if they
         closed (counted as late, unless it was counted before a takeover)."""
+        if self._replaying and offset + 1 >= self._counted_below:
+            self._replaying = False  # the last call the old owner had read
         at = event.response.ts_end
         start, end = self._current
         if not start <= at < end:  # calls mostly come in order: the same window again
@@ -112,6 +115,10 @@ class Windower:
         ``partitions``: the partitions whose calls it counts (named on every window
         it publishes).
         """
+        if self._replaying:
+            # Until the calls the old owner had read are all read again, its windows
+            # close as its did not: by then, it had counted each of them.
+            return []
         marks = [] if self.watermark is None else [self.watermark]
         if self._latest_event is not None:
             marks.append(self._latest_event - self.grace)
@@ -162,12 +169,15 @@ class Windower:
         open): where a worker taking this partition over reads it again from."""
         return min(self._first.values(), default=None)
 
-    def resume(self, through: datetime | None, counted_below: int) -> None:
+    def resume(self, through: datetime | None, counted_below: int, reading_from: int) -> None:
         """Take over from a worker whose windows ending at or before ``through`` were
-        published, and who had counted the calls below offset ``counted_below``."""
+        published, and who had read the calls below offset ``counted_below``; the
+        partition is read again from offset ``reading_from``. Until the calls below
+        ``counted_below`` are read again, no window closes."""
         if through is not None:
             self.watermark = through if self.watermark is None else max(self.watermark, through)
         self._counted_below = counted_below
+        self._replaying = reading_from < counted_below
 
     def restore(self, published: Iterable[WindowEvent]) -> int:
         """Make the larger windows still open at the watermark again from the base

@@ -118,7 +118,7 @@ def test_a_partition_taken_over_after_a_crash_publishes_what_one_worker_would(
     _run(old, range(commit + 1, min(CALLS, commit + 1 + crash_after)), published)
 
     new = Windower(SIZES, GRACE)
-    new.resume(checkpoint.through, checkpoint.done)
+    new.resume(checkpoint.through, checkpoint.done, checkpoint.hold)
     new.restore(published)
     _run(new, range(checkpoint.hold, CALLS), published)
     _finish(new, published)
@@ -155,7 +155,7 @@ def test_a_backlog_read_again_after_a_takeover_is_not_late_by_the_wall_clock() -
     grace."""
     started = T0 + 10 * MIN
     w = Windower((60,), GRACE, since=started)
-    w.resume(T0 + 30 * S, 5)
+    w.resume(T0 + 30 * S, 5, 5)
     assert w.advance(started + S, [0]) == []  # before the first call of the backlog
     event = EVENTS[8]  # ended 40 s in: its minute was open at the checkpoint
     assert w.add(event, started + 2 * S, 8)
@@ -163,3 +163,23 @@ def test_a_backlog_read_again_after_a_takeover_is_not_late_by_the_wall_clock() -
     # Then quiet: the wall clock closes the minute.
     closed = w.advance(started + 2 * S + GRACE, [0])
     assert sum(x.requests for x in closed if x.dimension == "tenant") == 1
+
+
+def test_no_window_closes_before_the_calls_the_old_owner_had_read_are_read_again() -> None:
+    """The old owner read offsets 0-2 (ending 55 s, 75 s, then 58 s) in one batch and
+    counted 0 and 2 in the first minute, which was still open at its checkpoint. Read
+    again in two batches, the minute must not close between them (75 s would move the
+    watermark past it and offset 2 would be passed over, in no window)."""
+    ends = (55, 75, 58)
+    calls = [
+        sample.costed(sample.response(T0 + s * S, latency_ms=10.0), sample.cost("0.000001"))
+        for s in ends
+    ]
+    w = Windower((60,), GRACE, since=T0 + 90 * S)
+    w.resume(T0 + 40 * S, counted_below=3, reading_from=0)
+    for offset in (0, 1):
+        assert w.add(calls[offset], T0 + 90 * S, offset)
+    assert w.advance(T0 + 90 * S, [0]) == []  # still reading again: nothing closes
+    assert w.add(calls[2], T0 + 90 * S, 2)
+    minute = [x for x in w.advance(T0 + 91 * S, [0]) if x.dimension == "tenant"]
+    assert [(x.window_start, x.requests) for x in minute] == [(T0, 2)]

@@ -88,11 +88,22 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, stage: CostStage) -> None:
         self._stage = stage
 
+    # aiokafka logs and swallows what a callback raises: a stage that could not hand
+    # partitions over or take them over cleanly stops instead (`llmtap up` with it).
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self._stage.revoked(revoked)
+        try:
+            await self._stage.revoked(revoked)
+        except Exception as exc:
+            log.exception("giving partitions up failed")
+            await self._stage.crash(exc)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self._stage.take_over(assigned)
+        try:
+            await self._stage.take_over(assigned)
+        except Exception as exc:
+            log.exception("taking partitions over failed")
+            await self._stage.crash(exc)
+            return
         self._stage.assigned.set()
 
 
@@ -172,11 +183,13 @@ class CostStage(Service):
 
     async def revoked(self, revoked: Iterable[TopicPartition]) -> None:
         async with self._busy:  # the batch in hand is committed before partitions go
-            await self._commit()
-            self.positions.give_up(tp.partition for tp in revoked)
-            # Last, with no wait after it: a batch fetched before now is dropped, even one
-            # handed over while this ran (fetched from positions given up).
-            self._generation += 1
+            try:
+                await self._commit()
+            finally:
+                self.positions.give_up(tp.partition for tp in revoked)
+                # Last, with no wait after it: a batch fetched before now is dropped,
+                # even one handed over while this ran (from positions given up).
+                self._generation += 1
 
     async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
         """Start on the partitions the group gave this worker, each where its latest
@@ -185,7 +198,13 @@ class CostStage(Service):
         assert consumer is not None
         tps = {tp.partition: tp for tp in assigned}
         async with self._busy:
-            for partition, offset in (await self.positions.take_over(tps)).items():
+            starts = await self.positions.take_over(tps)
+            for partition, tp in tps.items():
+                if partition not in starts:  # no checkpoint: from the committed offset
+                    starts[partition] = await consumer.committed(tp) or 0
+            # Every partition sought, those without a checkpoint too: the group assigned
+            # them before this ran, and records fetched meanwhile are dropped below.
+            for partition, offset in starts.items():
                 consumer.seek(tps[partition], offset)
             # Last, with no wait after it: a batch handed over while this ran was fetched
             # from the committed offsets, not from where the partitions were sought.

@@ -130,7 +130,7 @@ class WindowsStep:
             windower = self._windower()
             through = None if checkpoint is None else checkpoint.through
             if checkpoint is not None:
-                windower.resume(through, checkpoint.done)
+                windower.resume(through, checkpoint.done, checkpoint.hold)
                 resumed[partition] = windower
             self._counting[partition] = _Counting(windower, through)
         if resumed:
