@@ -182,7 +182,7 @@ class Windower:
     def restore(self, published: Iterable[WindowEvent]) -> int:
         """Make the larger windows still open at the watermark again from the base
         windows published before it (``published``: this partition's, repeats allowed);
-        return how many base windows went in."""
+        return how many of its base windows it read (repeats once)."""
         if self.watermark is None or not self.larger:
             return 0
         base_s = int(self.base.total_seconds())
