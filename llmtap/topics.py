@@ -128,13 +128,7 @@ async def read_spans(
     end, in offset order per partition, read with no consumer group (nothing committed);
     and whether every span was read to its end (False after ``idle_ms`` of silence:
     some are not there any more)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        request_timeout_ms=10_000,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-    )
+    consumer = _reader(bootstrap)
     try:
         await consumer.start()
         consumer.assign(list(spans))
