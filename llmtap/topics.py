@@ -11,7 +11,7 @@
 | llmtap.reservations | Reservations | ingress id | ingress  | store (budgets' reserved_usd)  |
 
 Consumer groups: ``llmtap-stream`` (the worker's cost stage) and ``llmtap-spikes`` (its
-Faust agents), ``llmtap-sink`` (the writer), ``llmtap-webhooks`` (alert delivery).
+spikes stage), ``llmtap-sink`` (the writer), ``llmtap-webhooks`` (alert delivery).
 
 Keying by ``request_id`` keeps both events of one call, and every replay of them, on
 one partition: the stage that owns that partition sees duplicates and can drop them.
@@ -50,7 +50,8 @@ FETCH_MAX_WAIT_MS = 50
 
 # Consumer groups. Faust's group id is its app id.
 STREAM_GROUP = "llmtap-stream"  # the worker's cost stage, on llmtap.responses
-SPIKES_GROUP = "llmtap-spikes"  # the worker's Faust app (its agents: spikes)
+SPIKES_GROUP = "llmtap-spikes"  # the worker's spikes stage, on llmtap.windows
+WORKER_APP = "llmtap-worker"  # the worker's Faust app (consumes no topic)
 SINK_GROUP = "llmtap-sink"
 WEBHOOK_GROUP = "llmtap-webhooks"
 

@@ -1,9 +1,12 @@
-"""The event contract's response and costed events (``llmtap.events``) as msgspec
-structs: decoded ~10x faster than pydantic validates them, and encoded to the same JSON.
+"""The event contract's response, costed and window events (``llmtap.events``) as
+msgspec structs: decoded ~10x faster than pydantic validates them, built without
+validation, and encoded to the same JSON.
 
-The two high-volume readers use these: the stream's cost stage reads every response
-event and writes every costed one (stream/agents/costs.py), and the ClickHouse writer
-reads every costed event (bench/results/ingest.md, bench/results/stream.md). Everything
+The high-volume stages use these: the stream's cost stage reads every response event
+and writes every costed one (stream/agents/costs.py), its windows step builds and
+writes every window (a few for every ten calls with a thousand users), the spikes stage
+reads them, and the ClickHouse writer reads every costed event (bench/results/ingest.md,
+bench/results/stream.md). Everything
 else (the ingress, tests, tools) uses the pydantic models, which stay the contract.
 These mirror them field for field: same names, defaults, literals and bounds, unknown
 fields refused, timestamps timezone-aware UTC. tests/test_wire.py holds them to it:
@@ -103,12 +106,59 @@ class CostedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pricing_model: str = ""
 
 
+class Sketch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    v: Literal[1] = 1
+    relative_accuracy: Annotated[float, msgspec.Meta(gt=0, lt=1)]
+    zero_count: Tokens
+    keys: tuple[int, ...] = ()
+    counts: tuple[int, ...] = ()
+    count: Tokens
+    sum: float = 0.0
+    min: float | None = None
+    max: float | None = None
+
+
+class Window(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    schema_version: Literal[1] = 1
+    kind: Literal["window"] = "window"
+    event_id: uuid.UUID
+    size_s: Annotated[int, msgspec.Meta(gt=0)]
+    dimension: events.WindowDimension
+    value: str
+    window_start: Timestamp
+    window_end: Timestamp
+    partitions: tuple[int, ...]
+    requests: Tokens
+    errors: Tokens
+    errors_by_class: dict[str, int] = msgspec.field(default_factory=dict)
+    input_tokens: Tokens
+    output_tokens: Tokens
+    cached_input_tokens: Tokens
+    cost: Decimal
+    unpriced: Tokens
+    usage_missing: Tokens
+    late_events: Tokens = 0
+    latency_ms: Sketch
+    ttft_ms: Sketch
+
+    def __post_init__(self) -> None:
+        if self.window_start.utcoffset() != ZERO or self.window_end.utcoffset() != ZERO:
+            raise ValueError("timestamps must be timezone-aware UTC")
+
+    @property
+    def series(self) -> str:
+        """The key of this window's series: size, dimension and value."""
+        return f"{self.size_s}|{self.dimension}|{self.value}"
+
+
 # Either spelling of an event: the same fields, read the same way.
 Responded = events.ResponseEvent | Response
 Costed = events.CostedEvent | CostedEvent
+Windowed = events.WindowEvent | Window
 
 _costed = msgspec.json.Decoder(CostedEvent, strict=False)
 _response = msgspec.json.Decoder(Response, strict=False)
+_window = msgspec.json.Decoder(Window, strict=False)
 _encoder = msgspec.json.Encoder()
 
 
@@ -123,7 +173,12 @@ def decode_response(raw: bytes) -> Response:
     return _response.decode(raw)
 
 
-def encode(event: CostedEvent) -> bytes:
+def decode_window(raw: bytes) -> Window:
+    """One window from its JSON; raises as :func:`decode_costed` does."""
+    return _window.decode(raw)
+
+
+def encode(event: CostedEvent | Window | Sketch) -> bytes:
     """The event's JSON, as the contract's model reads it (decimals as strings,
     timestamps in RFC 3339)."""
     return _encoder.encode(event)

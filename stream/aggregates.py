@@ -15,8 +15,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from llmtap.events import SketchState, WindowDimension, WindowEvent, stable_id
+import msgspec
+
+from llmtap import wire
+from llmtap.events import SketchState, WindowDimension, stable_id
 from llmtap.wire import Costed
 from stream.sketches import LatencySketch, Tally, bin_of
 
@@ -38,12 +42,19 @@ def dimension_values(event: Costed) -> tuple[Series, ...]:
     )
 
 
-def _sketch_state(tally: Tally) -> SketchState:
-    return SketchState.model_validate(tally.to_dict())
+def _sketch_state(tally: Tally) -> wire.Sketch:
+    state = tally.to_dict()
+    return wire.Sketch(**{**state, "keys": tuple(state["keys"]), "counts": tuple(state["counts"])})
 
 
-def sketch_of(state: SketchState) -> LatencySketch:
-    return LatencySketch.from_dict(state.model_dump())
+def _sketch_dict(state: SketchState | wire.Sketch) -> dict[str, Any]:
+    if isinstance(state, SketchState):
+        return state.model_dump()
+    return msgspec.structs.asdict(state)
+
+
+def sketch_of(state: SketchState | wire.Sketch) -> LatencySketch:
+    return LatencySketch.from_dict(_sketch_dict(state))
 
 
 @dataclass(slots=True)
@@ -134,7 +145,7 @@ class Aggregate:
         self.ttft.merge(other.ttft)
 
     @classmethod
-    def of(cls, window: WindowEvent) -> Aggregate:
+    def of(cls, window: wire.Windowed) -> Aggregate:
         return cls(
             requests=window.requests,
             errors=window.errors,
@@ -146,8 +157,8 @@ class Aggregate:
             unpriced=window.unpriced,
             usage_missing=window.usage_missing,
             late_events=window.late_events,
-            latency=Tally.from_dict(window.latency_ms.model_dump()),
-            ttft=Tally.from_dict(window.ttft_ms.model_dump()),
+            latency=Tally.from_dict(_sketch_dict(window.latency_ms)),
+            ttft=Tally.from_dict(_sketch_dict(window.ttft_ms)),
         )
 
     def to_event(
@@ -156,11 +167,13 @@ class Aggregate:
         start: datetime,
         size: timedelta,
         partitions: Iterable[int],
-    ) -> WindowEvent:
+    ) -> wire.Window:
+        """The window's event, built without validation (what it is built from was
+        checked when counted; tests/test_wire.py holds the two spellings together)."""
         dimension, value = series
         owned = tuple(sorted(set(partitions)))
         size_s = int(size.total_seconds())
-        return WindowEvent(
+        return wire.Window(
             event_id=stable_id(
                 "window",
                 str(size_s),
@@ -190,7 +203,7 @@ class Aggregate:
         )
 
 
-def merge_windows(shares: Sequence[WindowEvent]) -> WindowEvent:
+def merge_windows(shares: Sequence[wire.Windowed]) -> wire.Window:
     """One window from the shares several workers published of it (same series and
     bounds; each share counted the calls of different partitions)."""
     first = shares[0]

@@ -1,6 +1,7 @@
 """The stream worker: one process runs the cost stage (responses -> costed, with the
-windows and budgets steps; stream/agents/costs.py) and the Faust app around it (the
-spikes agent, and the timers that close windows and roll budget periods)."""
+windows and budgets steps; stream/agents/costs.py), the spikes stage (windows ->
+alerts; stream/agents/spikes.py) and the Faust app around them (the worker's
+lifecycle, and the budgets step's topics and its timer that rolls budget periods)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import BudgetState
 from llmtap.runtime import tune_gc
-from stream.agents import budgets, spikes, windows
+from stream.agents import budgets, windows
 from stream.agents.costs import CostStage
+from stream.agents.spikes import SpikesStage
 from stream.budgets import Ledger
 from stream.detector import Detector
 from stream.pricing import load_catalog
@@ -35,12 +37,11 @@ def ready_file(settings: Settings) -> Path:
 
 def create_app(
     settings: Settings, ledger: Ledger | None = None, detector: Detector | None = None
-) -> tuple[faust.App, CostStage]:
-    """The Faust app and the cost stage its worker runs beside it."""
+) -> tuple[faust.App, CostStage, SpikesStage]:
+    """The Faust app and the stages its worker runs beside it."""
     brokers = [f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")]
-    session_ms = settings.stream_session_timeout_s
     app = StreamApp(
-        topics.SPIKES_GROUP,
+        topics.WORKER_APP,
         broker=brokers,
         store="memory://",
         key_serializer="raw",
@@ -49,14 +50,6 @@ def create_app(
         datadir=str(settings.data_dir / "faust"),
         topic_partitions=settings.topic_partitions,
         topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
-        # Tansu (and a small Kafka) answer fast: short timeouts make a worker join
-        # its group in a few seconds instead of the ~30 s the defaults take.
-        broker_session_timeout=session_ms,
-        broker_heartbeat_interval=settings.stream_heartbeat_interval_s,
-        broker_rebalance_timeout=session_ms,
-        broker_commit_every=1000,
-        broker_commit_interval=1.0,
         producer_linger_ms=2,
     )
     stage = CostStage(settings, load_catalog(settings.pricing_file))
@@ -71,10 +64,7 @@ def create_app(
     if detector is None:
         settle = spike_settle(settings)
         detector = Detector(settings.spike_rules, settings.topic_partitions, settle)
-    # Registered without rules too (it judges nothing then): the app's consumer needs a
-    # topic to follow.
-    spikes.register(app, detector)
-    return app, stage
+    return app, stage, SpikesStage(settings, detector)
 
 
 async def load_budget_states(settings: Settings) -> Ledger:
@@ -90,11 +80,13 @@ async def load_budget_states(settings: Settings) -> Ledger:
 
 
 class StreamWorker(faust.Worker):
-    """A Faust worker running the cost stage too, that leaves a ready file once both
-    have their partitions."""
+    """A Faust worker running the stages too, that leaves a ready file once the cost
+    stage has its partitions."""
 
-    def __init__(self, app: faust.App, stage: CostStage, settings: Settings) -> None:
-        super().__init__(app, stage, loglevel=settings.log_level, quiet=True)
+    def __init__(
+        self, app: faust.App, stage: CostStage, spikes: SpikesStage, settings: Settings
+    ) -> None:
+        super().__init__(app, stage, spikes, loglevel=settings.log_level, quiet=True)
         self._stage = stage
         self._ready = ready_file(settings)
         self._ready.unlink(missing_ok=True)
@@ -126,6 +118,6 @@ class StreamWorker(faust.Worker):
 def run(settings: Settings) -> None:
     ledger = asyncio.run(load_budget_states(settings)) if settings.budgets else None
     detector = asyncio.run(warmed_detector(settings)) if settings.spike_rules else None
-    app, stage = create_app(settings, ledger, detector)
+    app, stage, spikes = create_app(settings, ledger, detector)
     tune_gc()
-    StreamWorker(app, stage, settings).execute_from_commandline()
+    StreamWorker(app, stage, spikes, settings).execute_from_commandline()

@@ -1,7 +1,7 @@
 """Spike detection over closed windows: rules, per-series state, alerts. Pure functions.
 
 A *series* is one rule's metric for one value of its dimension (the cost of team
-``search``, the p95 latency of model ``gpt-4o``...). The spikes agent calls
+``search``, the p95 latency of model ``gpt-4o``...). The spikes stage calls
 :func:`observe` once per closed window of a series, with the state it keeps for that
 series (a small pydantic model, JSON-ready for a Faust table), and publishes the
 alerts it returns.

@@ -1,42 +1,23 @@
-"""Faust's Kafka transport with a short fetch wait.
+"""The worker's Faust app runs no Kafka consumer.
 
-Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500``, fixed. A Kafka
-broker answers a fetch as soon as ``fetch_min_bytes`` (1) are there, so the wait only
-bounds an idle poll; the embedded Tansu broker answers a fetch only when the wait is
-over, so every hop through it cost up to 1.5 s (measured: a median of 440 ms per message
-at 1500, 2 ms at 50). The worker's consumer gets :data:`llmtap.topics.FETCH_MAX_WAIT_MS`
-instead, like every other llmtap consumer. Nothing else changes.
+The worker's stages read their topics with consumers of their own
+(stream/agents/consumer.py): Faust's per-event stream costs ~70 µs an event before any
+work is done (bench/stream_floor.py). So the app runs only its producer and its timers
+(the budgets step's). Faust's consumer is not started at all: with no topic to
+subscribe to, it refuses to start.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import faust
-from faust.transport.drivers import aiokafka as driver
-
-from llmtap import topics
+from faust.app.base import BootStrategy
 
 
-class _ConsumerThread(driver.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        # Read by the fetcher that start() creates; the constructor took Faust's 1500.
-        consumer._fetch_max_wait_ms = topics.FETCH_MAX_WAIT_MS
-        return consumer
-
-
-class _Consumer(driver.Consumer):
-    def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
-class _Transport(driver.Transport):
-    Consumer = _Consumer
+class _ProducerAndTimers(BootStrategy):
+    enable_kafka_consumer = False
 
 
 class StreamApp(faust.App):
-    """A Faust app whose consumer waits at most FETCH_MAX_WAIT_MS per fetch."""
+    """A Faust app without a consumer."""
 
-    def _new_transport(self) -> Any:
-        return _Transport(self.conf.broker_consumer, self)
+    BootStrategy = _ProducerAndTimers

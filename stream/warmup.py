@@ -1,6 +1,6 @@
 """Spike baselines that survive a worker restart.
 
-The spikes agent learns each series' baseline from its recent closed windows and keeps
+The spikes stage learns each series' baseline from its recent closed windows and keeps
 it in memory. A restarted worker would start blind: nothing judged until
 ``min_history`` windows of each series come by again (hours, for hourly windows), and
 a cooldown forgotten. So before the worker starts, its detector is fed the windows the
@@ -8,7 +8,7 @@ spikes group has already consumed from the windows topic (below its committed of
 judged, their alerts published), back as far as any rule looks (its history, its
 cooldown, and its days of hour-of-day profile). Alerts those windows raise again are
 dropped: they were published when the windows were judged. Windows past the committed
-offsets are left to the agent, which judges them and publishes their alerts.
+offsets are left to the stage, which judges them and publishes their alerts.
 
 What it cannot bring back: windows the broker no longer has (Kafka's retention; the
 embedded broker keeps nothing over its own restart), and so nothing after a full
@@ -23,12 +23,12 @@ import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
+import msgspec
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
-from llmtap import topics
+from llmtap import topics, wire
 from llmtap.config import Settings, SpikeRule
-from llmtap.events import WindowEvent, utcnow
+from llmtap.events import utcnow
 from stream.agents.spikes import TICK_S
 from stream.detector import Detector
 
@@ -50,7 +50,7 @@ def horizon(rules: Iterable[SpikeRule]) -> timedelta:
 
 def spike_settle(settings: Settings) -> timedelta:
     """How long a window's shares from several workers get to arrive: the windows'
-    grace, plus a few of the spikes agent's ticks."""
+    grace, plus a few of the spikes stage's ticks."""
     return timedelta(seconds=settings.window_grace_s + 3 * TICK_S)
 
 
@@ -60,9 +60,9 @@ def warmed(detector: Detector, windows: Iterable[bytes], now: datetime) -> int:
     taken = 0
     for raw in windows:
         try:
-            window = WindowEvent.model_validate_json(raw)
-        except ValidationError:
-            continue  # the agent logged it when it skipped it
+            window = wire.decode_window(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # the stage logged it when it skipped it
         detector.offer(window, now)
         taken += 1
     return taken

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from llmtap.events import WindowEvent
+from llmtap import wire
 from llmtap.wire import Costed
 from stream.aggregates import Aggregate, Call, Series, dimension_values
 
@@ -109,7 +109,7 @@ class Windower:
             self._latest_event = at
         return True
 
-    def advance(self, now: datetime, partitions: Iterable[int]) -> list[WindowEvent]:
+    def advance(self, now: datetime, partitions: Iterable[int]) -> list[wire.Window]:
         """Move the watermark and return the windows it closed, oldest end first.
 
         ``partitions``: the partitions whose calls it counts (named on every window
@@ -128,7 +128,7 @@ class Windower:
             return []
         self.watermark = max(marks)
         owned = tuple(partitions)
-        closed: list[tuple[datetime, timedelta, WindowEvent]] = []
+        closed: list[tuple[datetime, timedelta, wire.Window]] = []
         for key in [k for k in self._open if k[1] + self.base <= self.watermark]:
             series, start = key
             aggregate = self._open.pop(key)
@@ -179,7 +179,7 @@ class Windower:
         self._counted_below = counted_below
         self._replaying = reading_from < counted_below
 
-    def restore(self, published: Iterable[WindowEvent]) -> int:
+    def restore(self, published: Iterable[wire.Windowed]) -> int:
         """Make the larger windows still open at the watermark again from the base
         windows published before it (``published``: this partition's, repeats allowed);
         return how many of its base windows it read (repeats once)."""

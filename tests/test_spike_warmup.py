@@ -10,9 +10,9 @@ from decimal import Decimal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from llmtap import topics
+from llmtap import topics, wire
 from llmtap.config import Settings, SpikeRule
-from llmtap.events import WindowEvent, utcnow
+from llmtap.events import utcnow
 from stream.aggregates import Aggregate
 from stream.detector import Detector
 from stream.warmup import horizon, spike_settle, warmed_detector
@@ -30,20 +30,20 @@ RULE = SpikeRule(
 MINUTE = timedelta(minutes=1)
 
 
-def window(start: datetime, requests: int, partitions: int) -> WindowEvent:
+def window(start: datetime, requests: int, partitions: int) -> wire.Window:
     return Aggregate(requests=requests).to_event(
         ("team", "search"), start, MINUTE, range(partitions)
     )
 
 
-async def publish(bootstrap: str, windows: list[WindowEvent], at: datetime) -> None:
+async def publish(bootstrap: str, windows: list[wire.Window], at: datetime) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
         for w in windows:
             await producer.send_and_wait(
                 topics.WINDOWS,
-                w.model_dump_json().encode(),
+                wire.encode(w),
                 key=w.series.encode(),
                 timestamp_ms=int(at.timestamp() * 1000),
             )

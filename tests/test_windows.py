@@ -9,11 +9,13 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
+from llmtap import wire
 from llmtap.config import Settings, SpikeRule
 from llmtap.events import Attribution, CostedEvent, Status, Usage
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sql.store import Store
+from stream.agents.spikes import judged
 from stream.aggregates import merge_windows, sketch_of
 from stream.detector import Detector, metric_value
 from stream.sketches import LatencySketch
@@ -240,6 +242,27 @@ def test_a_series_windows_are_judged_in_order_though_a_later_one_completes_first
     assert d.pending == 0
 
 
+def test_the_spikes_stage_offers_windows_as_they_come_off_the_topic(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the spikes stage does with each record: a window no rule judges is passed
+    over, one a rule judges reaches the detector, an undecodable one is logged."""
+    d = Detector([RULE], partitions=1, settle=timedelta(seconds=15))
+    raised = []
+    for m, level in enumerate([10, 11, 9, 10, 12, 10, 9, 11, 60]):
+        w = Windower((60,), GRACE)
+        for i in range(level):
+            w.add(call(m * MIN + (i % 50) * S), T0)
+        for window in w.advance(T0 + (m + 5) * MIN, (0,)):
+            raised += judged(d, wire.encode(window), T0)
+    assert [(a.state, a.observed) for a in raised] == [("firing", Decimal(60))]
+    assert d.pending == 0
+    assert len(d.states) == 1  # the team's series only: the other dimensions passed over
+    assert judged(d, b'{"size_s": 60, "dimension": "team"}', T0) == []
+    assert judged(d, b"not json", T0) == []
+    assert sum("undecodable window skipped" in r.message for r in caplog.records) == 2
+
+
 def test_metric_values() -> None:
     calls = [call(1 * S, latency_ms=100, status="upstream_error")]
     calls += [call(2 * S, latency_ms=300) for _ in range(9)]
@@ -258,7 +281,7 @@ def test_metric_values() -> None:
 def test_the_writer_stores_each_window_once(store: Store) -> None:
     w = Windower((60,), GRACE)
     w.add(call(5 * S, ttft_ms=40), T0)
-    closed = w.advance(T0 + 5 * MIN, [0, 1])
+    closed: list[wire.Windowed] = [*w.advance(T0 + 5 * MIN, [0, 1])]
     assert write_batch(store, Batch(windows=closed + closed[:2])) == 0  # no call rows
     write_batch(store, Batch(windows=closed))  # a replay after a crash
     rows = store.rows(

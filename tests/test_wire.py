@@ -1,7 +1,8 @@
 """The msgspec mirror of the contract (llmtap/wire.py) against its pydantic models: every
 event the models write decodes to the same ``calls`` row both ways, every kind of bad
-message the model refuses is refused by both, and the stream's cost stage (response
-read, priced and written with the structs) writes the very event the models would."""
+message the model refuses is refused by both, the stream's cost stage (response read,
+priced and written with the structs) writes the very event the models would, and so
+does its windows step (windows built as structs, without validation)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,21 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from llmtap import wire
-from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Status, Usage
+from llmtap.events import (
+    Attribution,
+    Cost,
+    CostedEvent,
+    ResponseEvent,
+    Status,
+    Usage,
+    WindowEvent,
+)
 from llmtap.wire import decode_costed
 from sinks.clickhouse.rows import call_row
 from stream.pricing import load_catalog, price, price_wire
+from stream.windows import Windower
 from tests.test_clickhouse_writer import costed
+from tests.test_windows import T0, call
 
 names = st.text(max_size=12)
 tokens = st.integers(min_value=0, max_value=2**40)
@@ -223,3 +234,85 @@ def test_what_the_contract_accepts_loosely_reads_the_same(
     mutate: Callable[[dict[str, Any]], None],
 ) -> None:
     reads_the_same(mutated(mutate))
+
+
+# Windows: built by the windows step as structs, read by the spikes stage and the writer
+# as structs, and by anyone else with the contract's model.
+
+window_calls = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=179),  # second of the call's end
+        st.sampled_from(["search", "ads", "é/ü"]),
+        st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False),
+        st.none() | st.floats(min_value=0, max_value=1e5, allow_nan=False),
+        st.none() | st.decimals(min_value=0, max_value=1000, places=9, allow_nan=False),
+        st.sampled_from(["ok", "upstream_error", "upstream_unreachable"]),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(window_calls)
+def test_every_window_the_stream_writes_is_the_one_the_contract_writes(
+    calls: list[tuple[int, str, float, float | None, Any, Status]],
+) -> None:
+    windower = Windower((60, 120), timedelta(seconds=10))
+    for offset, (second, team, latency, ttft, cost, status) in enumerate(calls):
+        event = call(
+            timedelta(seconds=second),
+            team=team,
+            latency_ms=latency,
+            ttft_ms=ttft,
+            cost=None if cost is None else str(cost),
+            status=status,
+            error_class="" if status == "ok" else status,
+        )
+        windower.add(event, T0, offset)
+    closed = windower.advance(T0 + timedelta(hours=1), [0, 2])
+    assert closed
+    for window in closed:
+        written = wire.encode(window)
+        # The very bytes the contract's model writes for the event it reads them as.
+        assert WindowEvent.model_validate_json(written).model_dump_json().encode() == written
+        assert wire.decode_window(written) == window
+
+
+def window_doc() -> dict[str, Any]:
+    windower = Windower((60,), timedelta(seconds=10))
+    windower.add(call(timedelta(seconds=5), ttft_ms=40.0), T0, 0)
+    [team] = [w for w in windower.advance(T0 + timedelta(hours=1), [0]) if w.dimension == "team"]
+    doc: dict[str, Any] = json.loads(wire.encode(team))
+    return doc
+
+
+BAD_WINDOWS = {
+    "zero length": ("size_s", 0),
+    "unknown dimension": ("dimension", "planet"),
+    "naive start": ("window_start", "2026-03-02T09:00:00"),
+    "start in another zone": ("window_start", "2026-03-02T11:00:00+02:00"),
+    "negative requests": ("requests", -1),
+    "cost not a number": ("cost", "lots"),
+    "unknown field": ("surprise", 1),
+    "wrong kind": ("kind", "costed"),
+    "sketch accuracy of 1": ("latency_ms.relative_accuracy", 1),
+    "unknown sketch field": ("ttft_ms.surprise", 1),
+    "sketch count missing": ("latency_ms.count", None),
+}
+
+
+@pytest.mark.parametrize("change", BAD_WINDOWS.values(), ids=BAD_WINDOWS.keys())
+def test_a_window_the_contract_refuses_is_refused(change: tuple[str, object]) -> None:
+    path, value = change
+    doc = window_doc()
+    WindowEvent.model_validate(doc)  # the unchanged window is a good one
+    if value is None:
+        without(path)(doc)
+    else:
+        setting(path, value)(doc)
+    raw = json.dumps(doc).encode()
+    with pytest.raises(ValidationError):
+        WindowEvent.model_validate_json(raw)
+    with pytest.raises(msgspec.ValidationError):
+        wire.decode_window(raw)

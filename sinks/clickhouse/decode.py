@@ -25,7 +25,7 @@ from aiokafka import TopicPartition
 from pydantic import ValidationError
 
 from llmtap import topics, wire
-from llmtap.events import CostedEvent, WindowEvent, utcnow
+from llmtap.events import CostedEvent, utcnow
 from sinks.clickhouse.rows import call_columns
 
 # A raw message: topic, partition, offset, value.
@@ -57,7 +57,7 @@ class Batch:
     """
 
     events: list[CostedEvent] = field(default_factory=list)
-    windows: list[WindowEvent] = field(default_factory=list)
+    windows: list[wire.Windowed] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
@@ -71,14 +71,14 @@ class Batch:
 def decode_batch(records: list[Record]) -> Batch:
     """Decode raw records into a batch whose costed events are ``calls`` columns (its
     offsets are the caller's to set). Runs in a decode process: everything it returns
-    pickles cheaply (windows and dead letters are few). Costed events are read by the
-    writer's msgspec structs (``wire``), windows by the contract's models."""
+    pickles cheaply (windows and dead letters are few). Events are read by the
+    contract's msgspec structs (``wire``)."""
     batch = Batch()
     costed: list[wire.CostedEvent] = []
     for topic, partition, offset, raw in records:
         try:
             if topic == topics.WINDOWS:
-                batch.windows.append(WindowEvent.model_validate_json(raw))
+                batch.windows.append(wire.decode_window(raw))
             else:
                 costed.append(wire.decode_costed(raw))
         except (ValidationError, msgspec.ValidationError, msgspec.DecodeError) as exc:

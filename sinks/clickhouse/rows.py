@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from llmtap.events import WindowEvent
+from llmtap import wire
+from llmtap.events import SketchState
 from llmtap.wire import Costed
 from stream.aggregates import sketch_of
 
@@ -164,7 +165,13 @@ WINDOWS_COLUMNS = (
 )
 
 
-def window_row(window: WindowEvent) -> tuple[Any, ...]:
+def _sketch_json(state: SketchState | wire.Sketch) -> str:
+    if isinstance(state, SketchState):
+        return state.model_dump_json()
+    return wire.encode(state).decode()
+
+
+def window_row(window: wire.Windowed) -> tuple[Any, ...]:
     latency = sketch_of(window.latency_ms).quantiles()
     ttft = sketch_of(window.ttft_ms).quantiles()
     return (
@@ -188,8 +195,8 @@ def window_row(window: WindowEvent) -> tuple[Any, ...]:
         window.late_events,
         *latency,
         *ttft,
-        window.latency_ms.model_dump_json(),
-        window.ttft_ms.model_dump_json(),
+        _sketch_json(window.latency_ms),
+        _sketch_json(window.ttft_ms),
     )
 
 

@@ -44,7 +44,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 from mode import Service
@@ -54,6 +54,7 @@ from llmtap.batches import Batches
 from llmtap.config import Settings
 from llmtap.events import utcnow
 from stream import checkpoints
+from stream.agents.consumer import Listener, group_consumer
 from stream.pricing import Catalog, price_wire
 
 log = logging.getLogger(__name__)
@@ -82,29 +83,6 @@ class Step(Protocol):
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None: ...
 
     async def flush(self) -> None: ...
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, stage: CostStage) -> None:
-        self._stage = stage
-
-    # aiokafka logs and swallows what a callback raises: a stage that could not hand
-    # partitions over or take them over cleanly stops instead (`llmtap up` with it).
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        try:
-            await self._stage.revoked(revoked)
-        except Exception as exc:
-            log.exception("giving partitions up failed")
-            await self._stage.crash(exc)
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        try:
-            await self._stage.take_over(assigned)
-        except Exception as exc:
-            log.exception("taking partitions over failed")
-            await self._stage.crash(exc)
-            return
-        self._stage.assigned.set()
 
 
 class CostStage(Service):
@@ -153,18 +131,10 @@ class CostStage(Service):
                 f"{topics.RESPONSES} {len(responses)}: it needs at least as many (one per "
                 "responses partition)"
             )
-        session_ms = int(settings.stream_session_timeout_s * 1000)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            group_id=topics.STREAM_GROUP,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=session_ms,
-            rebalance_timeout_ms=session_ms,
-            heartbeat_interval_ms=int(settings.stream_heartbeat_interval_s * 1000),
-            fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
+        self._consumer = group_consumer(settings, topics.STREAM_GROUP)
+        self._consumer.subscribe(
+            [topics.RESPONSES], listener=Listener(self.revoked, self._assigned, self.crash)
         )
-        self._consumer.subscribe([topics.RESPONSES], listener=_Listener(self))
         await self._consumer.start()
         self._loop_task = asyncio.create_task(self._consume())
 
@@ -190,6 +160,10 @@ class CostStage(Service):
                 # Last, with no wait after it: a batch fetched before now is dropped,
                 # even one handed over while this ran (from positions given up).
                 self._generation += 1
+
+    async def _assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.take_over(assigned)
+        self.assigned.set()
 
     async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
         """Start on the partitions the group gave this worker, each where its latest

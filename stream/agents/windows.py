@@ -19,12 +19,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import msgspec
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
 
 from llmtap import topics, wire
 from llmtap.batches import Batches
-from llmtap.events import WindowEvent, utcnow
+from llmtap.events import utcnow
 from stream.agents.costs import Position
 from stream.checkpoints import Checkpoint
 from stream.windows import Windower
@@ -81,7 +81,7 @@ class WindowsStep:
             before = windower.late_events
             for window in windower.advance(now, (partition,)):
                 try:
-                    out.add(window.series.encode(), window.model_dump_json().encode())
+                    out.add(window.series.encode(), wire.encode(window))
                 except ValueError as exc:  # too large for Kafka: no retry can send it
                     log.error("window %s not published, %s", window.event_id, exc)
             late += windower.late_events - before
@@ -148,12 +148,12 @@ class WindowsStep:
         raws = await topics.read_since(
             self._bootstrap, topics.WINDOWS, int(since.timestamp() * 1000)
         )
-        shares: dict[int, list[WindowEvent]] = {partition: [] for partition in resumed}
+        shares: dict[int, list[wire.Window]] = {partition: [] for partition in resumed}
         for raw in raws:
             try:
-                window = WindowEvent.model_validate_json(raw)
-            except ValidationError:
-                continue  # the spikes agent and the writer report it
+                window = wire.decode_window(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # the spikes stage and the writer report it
             if len(window.partitions) == 1 and window.partitions[0] in shares:
                 shares[window.partitions[0]].append(window)
         for partition, windower in resumed.items():
