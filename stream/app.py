@@ -22,8 +22,8 @@ from llmtap.runtime import tune_gc
 from stream.agents import budgets, windows
 from stream.agents.costs import CostStage
 from stream.agents.spikes import SpikesStage
-from stream.budgets import Ledger
 from stream.detector import Detector
+from stream.ledger import Ledger
 from stream.pricing import load_catalog
 from stream.transport import StreamApp
 from stream.warmup import spike_settle, warmed_detector

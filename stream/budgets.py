@@ -8,8 +8,6 @@ period is not counted in the current one.
 
 from __future__ import annotations
 
-import uuid
-from collections import OrderedDict
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -130,7 +128,7 @@ def spend(
             "status": status_of(spent, budget.limit_usd, crossed),
             "last_event_at": last,
             "updated_at": now,
-            "applied": _applied(state, before, position),
+            "applied": applied_with(state, before, position),
         }
     )
     return updated, [threshold_alert(budget, updated, t, at) for t in newly]
@@ -166,76 +164,7 @@ def remaining(state: BudgetState) -> Decimal:
     return state.limit_usd - state.spent_usd
 
 
-class Ledger:
-    """Every configured budget's current state, as the budgets step keeps it.
-
-    Exactly once: each state carries, per responses partition, the next offset it has not
-    counted (``applied``), and is published as one message, so the spend and the
-    position it was counted up to cannot disagree. A worker that restarts from older
-    committed offsets (it was killed after publishing a state, before committing) skips,
-    budget by budget, every event that budget's state has already counted. Duplicates
-    with different offsets (a costed event produced twice) are dropped by event id while
-    they are among the last ``remember`` events seen. States seeded from the budgets
-    topic (the worker's own earlier output, or the store's rebuild from ClickHouse)
-    never lower the spend of a period: within a period, spend only grows.
-    """
-
-    def __init__(self, budgets: list[BudgetConfig], remember: int = 200_000) -> None:
-        self.budgets = {b.name: b for b in budgets}
-        self.states: dict[str, BudgetState] = {}
-        # Ids in arrival order; OrderedDict drops its oldest in O(1) (a dict's
-        # `del d[next(iter(d))]` rescans the deleted slots: ~40 µs a call at 200,000).
-        self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
-        self._remember = remember
-
-    def seed(self, state: BudgetState) -> None:
-        if state.budget not in self.budgets:
-            return
-        mine = self.states.get(state.budget)
-        if mine is None or later_or_larger(state, mine):
-            self.states[state.budget] = state
-
-    def record(
-        self, event: wire.Costed, now: datetime, position: tuple[int, int] | None = None
-    ) -> tuple[dict[str, BudgetState], list[Alert]]:
-        """Count one costed event against every budget it matches. ``position`` is the
-        event's (partition, offset) on the responses topic, when it came from there."""
-        if event.event_id in self._seen or event.cost is None:
-            return {}, []
-        self._seen[event.event_id] = None
-        if len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
-        changed: dict[str, BudgetState] = {}
-        alerts: list[Alert] = []
-        response = event.response
-        for name, budget in self.budgets.items():
-            if not matches(budget, response.attribution):
-                continue
-            before = self.states.get(name)
-            if before is not None and position is not None:
-                partition, offset = position
-                if offset < before.applied.get(partition, 0):
-                    continue  # counted before a restart: this state says so
-            state, raised = spend(budget, before, event.cost.total, response.ts_end, now, position)
-            if state is not None:
-                self.states[name] = changed[name] = state
-            alerts.extend(raised)
-        return changed, alerts
-
-    def roll(self, now: datetime) -> list[BudgetState]:
-        """Budgets whose period ended (or that have no state yet): their new states."""
-        rolled = []
-        for name, budget in self.budgets.items():
-            before = self.states.get(name)
-            after = current(budget, before, now)
-            if after is not before:
-                after = _carry_applied(after, before, None)
-                self.states[name] = after
-                rolled.append(after)
-        return rolled
-
-
-def _applied(
+def applied_with(
     state: BudgetState, before: BudgetState | None, position: tuple[int, int] | None
 ) -> dict[int, int]:
     """The offsets counted so far (``before``'s carry into a new period: offsets only
@@ -246,16 +175,6 @@ def _applied(
         partition, offset = position
         applied[partition] = max(applied.get(partition, 0), offset + 1)
     return applied
-
-
-def _carry_applied(
-    state: BudgetState, before: BudgetState | None, position: tuple[int, int] | None
-) -> BudgetState:
-    """``state`` with :func:`_applied`'s offsets."""
-    applied = _applied(state, before, position)
-    if applied == state.applied:
-        return state
-    return state.model_copy(update={"applied": applied})
 
 
 def later_or_larger(new: BudgetState, old: BudgetState) -> bool:

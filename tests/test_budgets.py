@@ -6,14 +6,17 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmtap.config import BudgetConfig
-from llmtap.events import Attribution, BudgetState, CostedEvent, Usage
+from llmtap.events import Alert, Attribution, BudgetState, CostedEvent, Usage
 from sinks.budget_seed import rebuilt_state
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sql.store import Store
-from stream.budgets import Ledger, current, matches, period_bounds, spend
+from stream.budgets import current, matches, period_bounds, spend
+from stream.ledger import Ledger
 from tests import sample
 
 
@@ -103,6 +106,73 @@ def costed(cost: str, ended: datetime, team: str = "search") -> CostedEvent:
         attribution=Attribution(tenant="acme", team=team),
     )
     return sample.costed(call, sample.cost(cost))
+
+
+def folded(
+    budgets: list[BudgetConfig], calls: list[tuple[CostedEvent, datetime, tuple[int, int]]]
+) -> tuple[dict[str, BudgetState], list[Alert]]:
+    """What the ledger must make of ``calls``: every call through :func:`spend`, one by
+    one (the ledger counts most of them into running totals instead)."""
+    states: dict[str, BudgetState] = {}
+    alerts: list[Alert] = []
+    seen = set()
+    for event, now, (partition, offset) in calls:
+        if event.event_id in seen or event.cost is None:
+            continue
+        seen.add(event.event_id)
+        for b in budgets:
+            before = states.get(b.name)
+            if not matches(b, event.response.attribution):
+                continue
+            if before is not None and offset < before.applied.get(partition, 0):
+                continue
+            cost, ended = event.cost.total, event.response.ts_end
+            state, raised = spend(b, before, cost, ended, now, (partition, offset))
+            if state is not None:
+                states[b.name] = state
+            alerts += raised
+    return states, alerts
+
+
+ledger_calls = st.lists(
+    st.tuples(
+        st.sampled_from(["0.5", "1.25", "3", "0.000000001", "0"]),
+        st.integers(min_value=0, max_value=20),  # hours into 2026-11-29 (a day rolls)
+        st.sampled_from(["search", "ads"]),
+        st.integers(min_value=0, max_value=1),  # partition
+        st.integers(min_value=0, max_value=30),  # offset (repeats: replays)
+        st.booleans(),  # the state is asked for after this call
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ledger_calls)
+def test_the_ledger_makes_the_states_spend_would_call_by_call(
+    calls: list[tuple[str, int, str, int, int, bool]],
+) -> None:
+    budgets = [
+        budget(limit_usd=Decimal("6"), period="day", thresholds=[25, 50]),  # exhausted unalerted
+        budget(name="search", scope="team", value="search", limit_usd=Decimal("4")),
+    ]
+    ledger = Ledger(budgets)
+    start = datetime(2026, 11, 29, 0, tzinfo=UTC)
+    given_calls = []
+    alerts: list[Alert] = []
+    for cost, hour, team, partition, offset, ask in calls:
+        ended = start + timedelta(hours=hour, minutes=offset)
+        event = costed(cost, ended, team)
+        call = (event, ended + timedelta(seconds=1), (partition, offset))
+        given_calls.append(call)
+        changed, raised = ledger.record(*call)
+        alerts += raised
+        if ask:
+            for name in changed:
+                assert ledger.state(name) == folded(budgets, given_calls)[0][name]
+    states, expected_alerts = folded(budgets, given_calls)
+    assert dict(ledger.states) == states
+    assert alerts == expected_alerts
 
 
 def test_a_worker_restarted_from_older_offsets_counts_nothing_twice() -> None:

@@ -4,7 +4,7 @@ states (compacted topic) and budget alerts out.
 Each batch's states and alerts are delivered (acknowledged by the broker) in ``flush``,
 before the batch's offsets can be committed, so a committed offset never runs ahead of
 a state that counted it; states carry the offsets they counted, so a restart from older
-offsets counts nothing twice (stream/budgets.py, Ledger)."""
+offsets counts nothing twice (stream/ledger.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from llmtap import topics, wire
 from llmtap.events import Alert, BudgetState, utcnow
 from stream.agents.costs import Position
-from stream.budgets import Ledger
+from stream.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class BudgetsStep:
         self.ledger = ledger
         self._states = app.topic(topics.BUDGETS, key_serializer="raw", value_serializer="raw")
         self._alerts = app.topic(topics.ALERTS, key_serializer="raw", value_serializer="raw")
-        self._changed: dict[str, BudgetState] = {}
+        self._changed: set[str] = set()  # budgets whose state the batch changed
         self._raised: list[Alert] = []
 
         @app.timer(ROLL_EVERY_S)  # type: ignore[untyped-decorator]
@@ -43,13 +43,13 @@ class BudgetsStep:
 
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         changed, raised = self.ledger.record(event, now, position)
-        self._changed.update(changed)
+        self._changed |= changed
         self._raised += raised
 
     async def flush(self) -> None:
         """Publish the latest state of each budget the batch changed, and its alerts."""
-        changed, raised = list(self._changed.values()), self._raised
-        self._changed, self._raised = {}, []
+        changed = [self.ledger.state(name) for name in self._changed]
+        raised, self._changed, self._raised = self._raised, set(), []
         for alert in raised:
             log.warning("%s", alert.message)
         await self._publish(changed, raised)

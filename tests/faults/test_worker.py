@@ -4,7 +4,7 @@ alert counted twice or lost.
 The worker is killed while calls go on; whatever it had read and not yet committed is
 read again by the new worker. Costed events get the same id every time they are
 computed (``derived_id``), so the ClickHouse writer drops the second copy; budget
-spend is kept by the budgets step (stream/budgets.py), seeded at start from the
+spend is kept by the budgets step (stream/ledger.py), seeded at start from the
 budgets topic, which already counts what the old worker had processed: it must not
 count that again. The worker is killed twice: mid-load, and again just after its
 restart, once it is seen counting the backlog (a worker that has just started has
@@ -260,7 +260,7 @@ def test_budget_spend_loses_nothing(outcome: Outcome) -> None:
 
 def test_budget_spend_counts_each_call_once(outcome: Outcome) -> None:
     """Each budget state carries the positions it counted up to, and a restarted worker
-    skips what its seed state counted (stream/budgets.py)."""
+    skips what its seed state counted (stream/ledger.py)."""
     total = spent(outcome.sent)
     assert outcome.budget is not None
     assert outcome.budget.spent_usd == total

@@ -1,0 +1,179 @@
+"""The ledger: every configured budget's current state, as the budgets step keeps it
+(the arithmetic is in stream/budgets.py).
+
+Exactly once: each state carries, per responses partition, the next offset it has not
+counted (``applied``), and is published as one message, so the spend and the position
+it was counted up to cannot disagree. A worker that restarts from older committed
+offsets (it was killed after publishing a state, before committing) skips, budget by
+budget, every event that budget's state has already counted. Duplicates with different
+offsets (a costed event produced twice) are dropped by event id while they are among
+the last ``remember`` events seen. States seeded from the budgets topic (the worker's
+own earlier output, or the store's rebuild from ClickHouse) never lower the spend of a
+period: within a period, spend only grows.
+
+**Counted, then stated.** Most calls change only a budget's spend, its latest call and
+its offsets: no threshold crossed, no new period, no change of status. Those are
+counted into a small running total (:class:`_Counted`), and the budget's state is made
+from it when asked for (the step asks once per batch, to publish it): a pydantic copy
+per call and budget was a tenth of the worker's time (bench/results/stream.md). A call
+that does more goes through :func:`stream.budgets.spend`, as every call did, so both
+ways give the same state (tests/test_budgets.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from llmtap import wire
+from llmtap.config import BudgetConfig
+from llmtap.events import Alert, BudgetState
+from stream.budgets import applied_with, current, later_or_larger, matches, spend, status_of
+
+
+@dataclass(slots=True)
+class _Counted:
+    """What was counted into a budget since its state was last made."""
+
+    spent: Decimal
+    last_event_at: datetime | None
+    applied: dict[int, int]
+    now: datetime
+
+
+class Ledger:
+    def __init__(self, budgets: list[BudgetConfig], remember: int = 200_000) -> None:
+        self.budgets = {b.name: b for b in budgets}
+        self._states: dict[str, BudgetState] = {}
+        self._counted: dict[str, _Counted] = {}
+        # Ids in arrival order; OrderedDict drops its oldest in O(1) (a dict's
+        # `del d[next(iter(d))]` rescans the deleted slots: ~40 µs a call at 200,000).
+        self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._remember = remember
+
+    @property
+    def states(self) -> Mapping[str, BudgetState]:
+        """Every budget's state, with all it has counted."""
+        for name in list(self._counted):
+            self.state(name)
+        return self._states
+
+    def state(self, name: str) -> BudgetState:
+        """One budget's state, with all it has counted."""
+        counted = self._counted.pop(name, None)
+        state = self._states[name]
+        if counted is not None:
+            state = self._states[name] = state.model_copy(
+                update={
+                    "spent_usd": counted.spent,
+                    "last_event_at": counted.last_event_at,
+                    "updated_at": counted.now,
+                    "applied": counted.applied,
+                }
+            )
+        return state
+
+    def seed(self, state: BudgetState) -> None:
+        if state.budget not in self.budgets:
+            return
+        mine = self.states.get(state.budget)
+        if mine is None or later_or_larger(state, mine):
+            self._states[state.budget] = state
+
+    def record(
+        self, event: wire.Costed, now: datetime, position: tuple[int, int] | None = None
+    ) -> tuple[set[str], list[Alert]]:
+        """Count one costed event against every budget it matches; the names of the
+        budgets it changed (:meth:`state` has their new states) and the alerts it
+        raised. ``position`` is the event's (partition, offset) on the responses topic,
+        when it came from there."""
+        if event.event_id in self._seen or event.cost is None:
+            return set(), []
+        self._seen[event.event_id] = None
+        if len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        changed: set[str] = set()
+        alerts: list[Alert] = []
+        response = event.response
+        cost, at = event.cost.total, response.ts_end
+        for name, budget in self.budgets.items():
+            if not matches(budget, response.attribution):
+                continue
+            before = self._states.get(name)
+            counted = self._counted.get(name)
+            if before is not None and position is not None:
+                partition, offset = position
+                applied = before.applied if counted is None else counted.applied
+                if offset < applied.get(partition, 0):
+                    continue  # counted before a restart: this state says so
+            if before is not None and self._count(budget, before, counted, cost, at, now, position):
+                changed.add(name)
+                continue
+            if before is not None:
+                before = self.state(name)
+            state, raised = spend(budget, before, cost, at, now, position)
+            if state is not None:
+                self._states[name] = state
+                changed.add(name)
+            alerts.extend(raised)
+        return changed, alerts
+
+    def _count(
+        self,
+        budget: BudgetConfig,
+        state: BudgetState,
+        counted: _Counted | None,
+        cost: Decimal,
+        at: datetime,
+        now: datetime,
+        position: tuple[int, int] | None,
+    ) -> bool:
+        """Count the call into the budget's running total if all it changes is the
+        spend, the latest call and the offsets; False (nothing counted) if it does more
+        (a new or closed period, a threshold, a change of status)."""
+        if not state.period_start <= at < state.period_end:
+            return False
+        spent = (state.spent_usd if counted is None else counted.spent) + cost
+        limit = budget.limit_usd
+        if status_of(spent, limit, state.crossed) != state.status:
+            return False
+        for threshold in budget.thresholds:
+            if threshold not in state.crossed and spent * 100 >= limit * threshold:
+                return False
+        if counted is None:
+            counted = self._counted[state.budget] = _Counted(
+                state.spent_usd, state.last_event_at, dict(state.applied), now
+            )
+        counted.spent = spent
+        if counted.last_event_at is None or at > counted.last_event_at:
+            counted.last_event_at = at
+        counted.now = now
+        if position is not None:
+            partition, offset = position
+            if offset + 1 > counted.applied.get(partition, 0):
+                counted.applied[partition] = offset + 1
+        return True
+
+    def roll(self, now: datetime) -> list[BudgetState]:
+        """Budgets whose period ended (or that have no state yet): their new states."""
+        rolled = []
+        for name, budget in self.budgets.items():
+            before = self.state(name) if name in self._states else None
+            after = current(budget, before, now)
+            if after is not before:
+                after = _carry_applied(after, before)
+                self._states[name] = after
+                rolled.append(after)
+        return rolled
+
+
+def _carry_applied(state: BudgetState, before: BudgetState | None) -> BudgetState:
+    """``state`` with the offsets ``before`` had counted (offsets only grow)."""
+    applied = applied_with(state, before, None)
+    if applied == state.applied:
+        return state
+    return state.model_copy(update={"applied": applied})
