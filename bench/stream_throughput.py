@@ -310,7 +310,7 @@ def render(
     load = os.getloadavg()[0]
     return "\n".join(
         [
-            "# Stream benchmark: one worker process, every agent",
+            "# Stream benchmark: one worker process, every stage",
             "",
             f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores "
             f"(1-min load average at the end: {load:.1f}), Python {platform.python_version()}",

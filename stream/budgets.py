@@ -42,11 +42,11 @@ def matches(budget: BudgetConfig, who: Attribution | wire.Attribution) -> bool:
     """Whether a call made by ``who`` counts against ``budget``."""
     if budget.tenant and who.tenant != budget.tenant:
         return False
-    return bool(getattr(who, _SCOPE_FIELDS[budget.scope]) == budget.value)
+    return bool(getattr(who, SCOPE_FIELDS[budget.scope]) == budget.value)
 
 
 # A budget's scope to the attribution field it is matched on.
-_SCOPE_FIELDS = {
+SCOPE_FIELDS = {
     "tenant": "tenant",
     "team": "team",
     "key": "key_id",

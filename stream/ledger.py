@@ -31,8 +31,8 @@ from decimal import Decimal
 
 from llmtap import wire
 from llmtap.config import BudgetConfig
-from llmtap.events import Alert, BudgetState
-from stream.budgets import applied_with, current, later_or_larger, matches, spend, status_of
+from llmtap.events import Alert, Attribution, BudgetState
+from stream.budgets import SCOPE_FIELDS, applied_with, current, later_or_larger, spend, status_of
 
 
 @dataclass(slots=True)
@@ -48,6 +48,13 @@ class _Counted:
 class Ledger:
     def __init__(self, budgets: list[BudgetConfig], remember: int = 200_000) -> None:
         self.budgets = {b.name: b for b in budgets}
+        # Attribution field -> its value -> the budgets of that scope and value: a call's
+        # budgets are found by a lookup per field, not by matching every budget.
+        self._scoped: dict[str, dict[str, list[BudgetConfig]]] = {}
+        for budget in budgets:
+            by_value = self._scoped.setdefault(SCOPE_FIELDS[budget.scope], {})
+            by_value.setdefault(budget.value, []).append(budget)
+        self._rank = {name: i for i, name in enumerate(self.budgets)}
         self._states: dict[str, BudgetState] = {}
         self._counted: dict[str, _Counted] = {}
         # Ids in arrival order; OrderedDict drops its oldest in O(1) (a dict's
@@ -100,9 +107,8 @@ class Ledger:
         alerts: list[Alert] = []
         response = event.response
         cost, at = event.cost.total, response.ts_end
-        for name, budget in self.budgets.items():
-            if not matches(budget, response.attribution):
-                continue
+        for budget in self._matching(response.attribution):
+            name = budget.name
             before = self._states.get(name)
             counted = self._counted.get(name)
             if before is not None and position is not None:
@@ -121,6 +127,16 @@ class Ledger:
                 changed.add(name)
             alerts.extend(raised)
         return changed, alerts
+
+    def _matching(self, who: wire.Attribution | Attribution) -> list[BudgetConfig]:
+        """The budgets a call made by ``who`` counts against (those
+        :func:`stream.budgets.matches` accepts), in their configured order."""
+        found: list[BudgetConfig] = []
+        for field, by_value in self._scoped.items():
+            found += by_value.get(getattr(who, field), ())
+        if len(self._scoped) > 1:
+            found.sort(key=lambda budget: self._rank[budget.name])
+        return [b for b in found if not b.tenant or b.tenant == who.tenant]
 
     def _count(
         self,

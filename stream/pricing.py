@@ -210,15 +210,16 @@ def load_catalog(extra: Path | None = None) -> Catalog:
     return catalog
 
 
-_NO_USD = Decimal(0).quantize(MONEY_QUANTUM)
+_ZERO = Decimal(0)
+_NO_USD = _ZERO.quantize(MONEY_QUANTUM)
 
 
-def _usd(*parts: tuple[int, Decimal]) -> Decimal:
+def _usd(tokens: int, rate: Decimal, *more: tuple[int, Decimal]) -> Decimal:
     """Tokens times USD-per-million rates, summed, then rounded once to a nano-dollar."""
-    exact = Decimal(0)
-    for tokens, rate in parts:
-        if tokens:
-            exact += tokens * rate
+    exact = tokens * rate if tokens else _ZERO
+    for more_tokens, more_rate in more:
+        if more_tokens:
+            exact += more_tokens * more_rate
     if not exact:
         return _NO_USD  # what rounding a zero gives: 0E-9
     return (exact / PER_MILLION).quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
@@ -253,11 +254,11 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     write_rate = tier.input if tier.cache_write is None else tier.cache_write
     write_1h_rate = write_rate if tier.cache_write_1h is None else tier.cache_write_1h
 
-    cost_input = _usd((uncached, tier.input))
-    cost_cached = _usd((cached, cached_rate))
-    cost_write = _usd((written - written_1h, write_rate), (written_1h, write_1h_rate))
-    cost_output = _usd((usage.output_tokens - reasoning, tier.output))
-    cost_reasoning = _usd((reasoning, tier.reasoning or Decimal(0)))
+    cost_input = _usd(uncached, tier.input)
+    cost_cached = _usd(cached, cached_rate)
+    cost_write = _usd(written - written_1h, write_rate, (written_1h, write_1h_rate))
+    cost_output = _usd(usage.output_tokens - reasoning, tier.output)
+    cost_reasoning = _usd(reasoning, tier.reasoning or Decimal(0))
     return {
         "input": cost_input,
         "cached_input": cost_cached,

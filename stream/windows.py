@@ -68,7 +68,7 @@ class Windower:
         self.grace = grace
         self.watermark: datetime | None = None
         self.late_events = 0  # in all, since start
-        self._open: dict[tuple[Series, datetime], Aggregate] = {}
+        self._open: dict[datetime, dict[Series, Aggregate]] = {}  # by base window start
         self._rollups: dict[tuple[timedelta, Series, datetime], Aggregate] = {}
         self._late: Counter[Series] = Counter()
         self._latest_event: datetime | None = None
@@ -98,12 +98,13 @@ class Windower:
         if start not in self._first:
             self._first[start] = offset
         call = Call.of(event)
-        windows = self._open
+        windows = self._open.get(start)
+        if windows is None:
+            windows = self._open[start] = {}
         for series in dimension_values(event):
-            key = (series, start)
-            aggregate = windows.get(key)
+            aggregate = windows.get(series)
             if aggregate is None:
-                aggregate = windows[key] = Aggregate()
+                aggregate = windows[series] = Aggregate()
             aggregate.add(call)
         if self._latest_event is None or at > self._latest_event:
             self._latest_event = at
@@ -129,13 +130,12 @@ class Windower:
         self.watermark = max(marks)
         owned = tuple(partitions)
         closed: list[tuple[datetime, timedelta, wire.Window]] = []
-        for key in [k for k in self._open if k[1] + self.base <= self.watermark]:
-            series, start = key
-            aggregate = self._open.pop(key)
-            aggregate.late_events += self._late.pop(series, 0)
+        for start in [s for s in self._open if s + self.base <= self.watermark]:
             end = start + self.base
-            closed.append((end, self.base, aggregate.to_event(series, start, self.base, owned)))
-            self._roll_up(series, start, aggregate, None)
+            for series, aggregate in self._open.pop(start).items():
+                aggregate.late_events += self._late.pop(series, 0)
+                closed.append((end, self.base, aggregate.to_event(series, start, self.base, owned)))
+                self._roll_up(series, start, aggregate, None)
         for start in [s for s in self._first if s + self.base <= self.watermark]:
             del self._first[start]
         for outer in [k for k in self._rollups if k[2] + k[0] <= self.watermark]:
@@ -199,4 +199,4 @@ class Windower:
 
     @property
     def open_windows(self) -> int:
-        return len(self._open) + len(self._rollups)
+        return sum(map(len, self._open.values())) + len(self._rollups)

@@ -155,6 +155,9 @@ def test_the_ledger_makes_the_states_spend_would_call_by_call(
     budgets = [
         budget(limit_usd=Decimal("6"), period="day", thresholds=[25, 50]),  # exhausted unalerted
         budget(name="search", scope="team", value="search", limit_usd=Decimal("4")),
+        budget(name="acme-ads", scope="team", value="ads", tenant="acme"),
+        budget(name="globex-ads", scope="team", value="ads", tenant="globex"),  # never
+        budget(name="acme-weekly", period="week", limit_usd=Decimal("9"), thresholds=[10, 90]),
     ]
     ledger = Ledger(budgets)
     start = datetime(2026, 11, 29, 0, tzinfo=UTC)

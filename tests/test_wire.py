@@ -7,6 +7,7 @@ does its windows step (windows built as structs, without validation)."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 
 from llmtap import wire
 from llmtap.events import (
+    _DERIVED_NS,
     Attribution,
     Cost,
     CostedEvent,
@@ -26,6 +28,8 @@ from llmtap.events import (
     Status,
     Usage,
     WindowEvent,
+    derived_id,
+    stable_id,
 )
 from llmtap.wire import decode_costed
 from sinks.clickhouse.rows import call_row
@@ -316,3 +320,12 @@ def test_a_window_the_contract_refuses_is_refused(change: tuple[str, object]) ->
         WindowEvent.model_validate_json(raw)
     with pytest.raises(msgspec.ValidationError):
         wire.decode_window(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.uuids(), st.text(), st.lists(st.text(), min_size=1, max_size=4))
+def test_derived_ids_are_uuid5_of_their_names(
+    source: uuid.UUID, stage: str, parts: list[str]
+) -> None:
+    assert derived_id(source, stage) == uuid.uuid5(_DERIVED_NS, f"{stage}:{source}")
+    assert stable_id(*parts) == uuid.uuid5(_DERIVED_NS, "\x1f".join(parts))
