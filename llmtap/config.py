@@ -109,6 +109,13 @@ def _unique_names(endpoints: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
     return endpoints
 
 
+def _unique_budget_names(budgets: list[BudgetConfig]) -> list[BudgetConfig]:
+    names = [b.name for b in budgets]
+    if len(set(names)) != len(names):
+        raise ValueError("budget names must be unique")
+    return budgets
+
+
 class BudgetConfig(BaseModel):
     """A spend limit for one tenant, team, key, user or feature, per calendar period (UTC)."""
 
@@ -228,7 +235,7 @@ class Settings(BaseSettings):
     # Behind that queue, the on-disk spool (<data_dir>/spool): new events are dropped past this.
     spool_max_bytes: int = Field(default=1_073_741_824, ge=0)
 
-    # Faust: kept short so a worker joins its group in seconds on Tansu.
+    # The stream worker's consumer groups: kept short so a worker joins in seconds on Tansu.
     stream_session_timeout_s: float = Field(default=10.0, gt=0)
     stream_heartbeat_interval_s: float = Field(default=1.0, gt=0)
 
@@ -248,7 +255,10 @@ class Settings(BaseSettings):
 
     # Budgets (README, Budgets); the output ceiling assumed for a call that names no
     # max_tokens when its worst-case cost is reserved against a hard cap.
-    budgets: list[BudgetConfig] = Field(default_factory=list)
+    # Names unique: a budget's state is published, enforced and stored by its name.
+    budgets: Annotated[list[BudgetConfig], AfterValidator(_unique_budget_names)] = Field(
+        default_factory=list
+    )
     budget_default_max_tokens: int = Field(default=4096, ge=1)
 
     # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of

@@ -48,12 +48,13 @@ COMPACTED = frozenset({BUDGETS, RESERVATIONS, CHECKPOINTS})
 # default, 500 ms, measured a median of 146 ms per message; 50 ms, 2 ms).
 FETCH_MAX_WAIT_MS = 50
 
-# Consumer groups. Faust's group id is its app id.
+# Consumer groups.
 STREAM_GROUP = "llmtap-stream"  # the worker's cost stage, on llmtap.responses
 SPIKES_GROUP = "llmtap-spikes"  # the worker's spikes stage, on llmtap.windows
-WORKER_APP = "llmtap-worker"  # the worker's Faust app (consumes no topic)
 SINK_GROUP = "llmtap-sink"
 WEBHOOK_GROUP = "llmtap-webhooks"
+# The worker's Faust app id (it joins no group: the app runs no consumer).
+WORKER_APP = "llmtap-worker"
 
 log = logging.getLogger(__name__)
 

@@ -92,15 +92,16 @@ class StreamWorker(faust.Worker):
         self._ready.unlink(missing_ok=True)
 
     def on_init_dependencies(self) -> Iterable[Any]:
-        """The app first, then the cost stage: services stop in reverse, so the stage
+        """The app first, then the stages: services stop in reverse, so the cost stage
         finishes its last batch (budget states sent through the app's producer) and
         commits before the app stops."""
         dependencies = list(super().on_init_dependencies())
         return [self.app, *(d for d in dependencies if d is not self.app)]
 
     async def on_startup_finished(self) -> None:
-        """Called by the app as it finishes starting, before the stage starts: the
-        ready file waits for the stage's partitions in a task of its own."""
+        """Called by the app as it finishes starting, before the stages start: the
+        ready file waits for the cost stage's partitions in a task of its own (the
+        spikes stage reads from its group's committed offsets whenever it joins)."""
         await super().on_startup_finished()
         self.add_future(self._ready_once_assigned())
 

@@ -51,7 +51,7 @@ class Ledger:
         # Attribution field -> its value -> the budgets of that scope and value: a call's
         # budgets are found by a lookup per field, not by matching every budget.
         self._scoped: dict[str, dict[str, list[BudgetConfig]]] = {}
-        for budget in budgets:
+        for budget in self.budgets.values():
             by_value = self._scoped.setdefault(SCOPE_FIELDS[budget.scope], {})
             by_value.setdefault(budget.value, []).append(budget)
         self._rank = {name: i for i, name in enumerate(self.budgets)}

@@ -34,6 +34,14 @@ def test_a_bad_value_names_the_setting(tmp_path: Path, monkeypatch: pytest.Monke
         Settings()
 
 
+def test_two_budgets_of_one_name_are_refused() -> None:
+    """A budget's state is published, enforced and stored by its name: two budgets of one
+    name would count into one state with either's limit."""
+    budget = {"name": "x", "scope": "team", "value": "search", "limit_usd": "10"}
+    with pytest.raises(ValidationError, match="budget names must be unique"):
+        Settings(budgets=[budget, {**budget, "value": "ads"}])
+
+
 def test_an_unknown_key_in_the_file_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,7 +1,7 @@
 """The writer's first step, decode, as a pure function of raw records: bytes -> costed
-events (validated by the contract's msgspec mirror, ``wire``) and windows (by the
-contract's models) -> ``calls`` columns of plain values, or a dead letter (raw bytes
-kept) for a message that is not a valid event.
+events and windows (validated by the contract's msgspec mirror, ``wire``) -> ``calls``
+columns of plain values and window structs, or a dead letter (raw bytes kept) for a
+message that is not a valid event.
 
 It is the step that holds the GIL longest, so the writer can run :func:`decode_batch`
 in separate processes (the ``sink_decode_processes`` setting) while its own process
