@@ -1,7 +1,7 @@
 """The worker's Faust app runs no Kafka consumer.
 
 The worker's stages read their topics with consumers of their own
-(stream/agents/consumer.py): Faust's per-event stream costs ~70 µs an event before any
+(stream/agents/stage.py): Faust's per-event stream costs ~70 µs an event before any
 work is done (bench/stream_floor.py). So the app runs only its producer and its timers
 (the budgets step's). Faust's consumer is not started at all: with no topic to
 subscribe to, it refuses to start.

@@ -7,14 +7,10 @@ each read the same decoded event (bench/stream_throughput.py measured what re-re
 ``llmtap.responses`` (partition, offset), and its ``flush`` runs after every batch
 and, without traffic, at every poll (the windows step closes windows there).
 
-**Below Faust's per-event stream.** This is the worker's one high-volume stage, and
-Faust's stream costs ~70 µs of CPU an event before any work is done: a do-nothing
-``take_events`` agent peaks at ~15,000 events/s on this machine, where aiokafka's
-``getmany`` hands over the same records for ~5 µs each (bench/stream_floor.py). So the
-stage is a service the Faust worker runs beside its app, consuming whole fetched
-batches with an aiokafka consumer in the stream's group. It commits offsets itself,
-every second, and only those of batches whose costed events were delivered and whose
-steps flushed (budget states delivered). Events are read and written as the
+**Below Faust's per-event stream** (stream/agents/stage.py: the loop, commits and
+handovers it shares with the spikes stage). It commits offsets itself, every second,
+and only those of batches whose costed events were delivered and whose steps flushed
+(budget states delivered). Events are read and written as the
 contract's msgspec structs (``llmtap.wire``), and the costed events of a batch go out
 as whole Kafka batches (``llmtap.batches``).
 
@@ -38,39 +34,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
-from mode import Service
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
 
 from llmtap import topics, wire
 from llmtap.batches import Batches
 from llmtap.config import Settings
 from llmtap.events import utcnow
 from stream import checkpoints
-from stream.agents.consumer import Listener, group_consumer
+from stream.agents.stage import Fetched, GroupStage
 from stream.pricing import Catalog, price_wire
 
 log = logging.getLogger(__name__)
 
-BATCH = 2000  # records per fetched batch, at most
-POLL_MS = 50  # how long a fetch waits for records before the loop looks around
 RESEND_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
-# Processed offsets are committed at most this often (and at every rebalance and stop),
-# as Faust commits: a worker killed in between does that work again, which every stage
-# downstream of it takes once (derived ids, budget states' offsets).
-COMMIT_EVERY_S = 1.0
-STOP_TIMEOUT_S = 30.0
 
 Position = tuple[int, int]  # (partition, offset) on llmtap.responses
 Record = tuple[bytes, bytes, int | None]  # a costed event's key, value and partition
-Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
 class Step(Protocol):
@@ -85,45 +71,33 @@ class Step(Protocol):
     async def flush(self) -> None: ...
 
 
-class CostStage(Service):
+class CostStage(GroupStage):
     """Prices ``llmtap.responses`` into ``llmtap.costed`` and feeds ``steps``."""
 
+    topic = topics.RESPONSES
+    group = topics.STREAM_GROUP
+    redone = "their events are read again (pricing and budgets take them once)"
+
     def __init__(self, settings: Settings, catalog: Catalog, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._settings = settings
+        super().__init__(settings, **kwargs)
         self._catalog = catalog
         self.steps: list[Step] = []
         self.positions = checkpoints.Positions(settings.kafka_bootstrap)
         self.assigned = asyncio.Event()  # set once the group gave this worker partitions
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
         self._costed: Batches | None = None
         self._same_partitions = False
-        self._busy = asyncio.Lock()  # held while a batch is processed and committed
-        self._generation = 0  # moves at every rebalance: batches fetched before are void
-        self._done: dict[TopicPartition, int] = {}  # next offsets, processed, not committed
         self._checkpoints: Batches | None = None
-        self._commit_at = 0.0
-        self._stopping = False
-        self._loop_task: asyncio.Task[None] | None = None
         self._warned: set[str] = set()  # models already logged as unpriced
 
     async def on_start(self) -> None:
-        settings = self._settings
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            acks="all",
-            max_batch_size=1 << 20,
-            linger_ms=0,
-        )
-        await self._producer.start()
-        self._costed = await Batches.of(self._producer, topics.COSTED)
-        self._checkpoints = await Batches.of(self._producer, topics.CHECKPOINTS)
+        producer = await self._start_producer(max_batch_size=1 << 20, linger_ms=0)
+        self._costed = await Batches.of(producer, topics.COSTED)
+        self._checkpoints = await Batches.of(producer, topics.CHECKPOINTS)
         for step in self.steps:
-            await step.start(self._producer)
+            await step.start(producer)
         # Both topics keyed by request id: with as many partitions on each, a costed
         # event's key hashes to the partition its response came from.
-        responses = await self._producer.partitions_for(topics.RESPONSES)
+        responses = await producer.partitions_for(topics.RESPONSES)
         self._same_partitions = len(responses) == self._costed.partitions
         if self._checkpoints.partitions < len(responses):
             raise RuntimeError(
@@ -131,39 +105,10 @@ class CostStage(Service):
                 f"{topics.RESPONSES} {len(responses)}: it needs at least as many (one per "
                 "responses partition)"
             )
-        self._consumer = group_consumer(settings, topics.STREAM_GROUP)
-        self._consumer.subscribe(
-            [topics.RESPONSES], listener=Listener(self.revoked, self._assigned, self.crash)
-        )
-        await self._consumer.start()
-        self._loop_task = asyncio.create_task(self._consume())
+        await self._start_consuming()
 
-    async def on_stop(self) -> None:
-        self._stopping = True
-        if self._loop_task is not None:
-            # The batch in hand is finished and committed; a loop stuck in a fetch that
-            # waits for a rebalance that never ends is cancelled (nothing to commit).
-            _, pending = await asyncio.wait({self._loop_task}, timeout=STOP_TIMEOUT_S)
-            for task in pending:
-                task.cancel()
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-
-    async def revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        async with self._busy:  # the batch in hand is committed before partitions go
-            try:
-                await self._commit()
-            finally:
-                self.positions.give_up(tp.partition for tp in revoked)
-                # Last, with no wait after it: a batch fetched before now is dropped,
-                # even one handed over while this ran (from positions given up).
-                self._generation += 1
-
-    async def _assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.take_over(assigned)
-        self.assigned.set()
+    def gave_up(self, revoked: Iterable[TopicPartition]) -> None:
+        self.positions.give_up(tp.partition for tp in revoked)
 
     async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
         """Start on the partitions the group gave this worker, each where its latest
@@ -183,53 +128,24 @@ class CostStage(Service):
             # Last, with no wait after it: a batch handed over while this ran was fetched
             # from the committed offsets, not from where the partitions were sought.
             self._generation += 1
+        self.assigned.set()
 
     async def _commit(self) -> None:
         """Checkpoint, then commit what was processed (priced, counted, delivered) since
         the last commit."""
         if self._consumer is not None and self._checkpoints is not None:
             await self.positions.write(self._checkpoints)
-        if self._done and self._consumer is not None:
-            done, self._done = self._done, {}
-            try:
-                await self._consumer.commit(
-                    {tp: OffsetAndMetadata(offset, "") for tp, offset in done.items()}
-                )
-            except CommitFailedError as exc:
-                # The group moved on without this member: the partitions' new owner
-                # reads these events again (pricing and budgets take them once).
-                log.warning("offsets not committed (%s); their events are read again", exc)
-        self._commit_at = time.monotonic() + COMMIT_EVERY_S
+        await super()._commit()
 
-    async def _consume(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        try:
-            while not self._stopping:
-                fetched: Fetched = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
-                # Read once the records are in hand: a fetch that waited out a rebalance
-                # returns records of the new assignment, which are this worker's to count.
-                generation = self._generation
-                async with self._busy:
-                    # A batch fetched before a rebalance is dropped: its partitions' new
-                    # owners read it again from the committed offsets.
-                    if fetched and generation == self._generation:
-                        await self._process(fetched)
-                        for tp, records in fetched.items():
-                            following = records[-1].offset + 1
-                            self._done[tp] = self.positions.processed(tp.partition, following)
-                    else:
-                        for step in self.steps:  # windows close without traffic
-                            await step.flush()
-                    if time.monotonic() >= self._commit_at:
-                        await self._commit()
-            async with self._busy:
-                await self._commit()
-        except Exception as exc:
-            # The worker stops (and `llmtap up` with it): a stage that cannot go on
-            # must not leave a worker that looks alive and counts nothing.
-            log.exception("cost stage failed")
-            await self.crash(exc)
+    async def handle(self, fetched: Fetched) -> None:
+        if not fetched:
+            for step in self.steps:  # windows close without traffic
+                await step.flush()
+            return
+        await self._process(fetched)
+        for tp, records in fetched.items():
+            following = records[-1].offset + 1
+            self._done[tp] = self.positions.processed(tp.partition, following)
 
     async def _process(self, fetched: Fetched) -> None:
         now = utcnow()
