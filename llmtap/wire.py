@@ -154,7 +154,6 @@ class Window(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 # Either spelling of an event: the same fields, read the same way.
 Responded = events.ResponseEvent | Response
 Costed = events.CostedEvent | CostedEvent
-Windowed = events.WindowEvent | Window
 
 _costed = msgspec.json.Decoder(CostedEvent, strict=False)
 _response = msgspec.json.Decoder(Response, strict=False)

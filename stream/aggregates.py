@@ -15,12 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 import msgspec
 
 from llmtap import wire
-from llmtap.events import SketchState, WindowDimension, stable_id
+from llmtap.events import WindowDimension, stable_id
 from llmtap.wire import Costed
 from stream.sketches import LatencySketch, Tally, bin_of
 
@@ -47,14 +46,8 @@ def _sketch_state(tally: Tally) -> wire.Sketch:
     return wire.Sketch(**{**state, "keys": tuple(state["keys"]), "counts": tuple(state["counts"])})
 
 
-def _sketch_dict(state: SketchState | wire.Sketch) -> dict[str, Any]:
-    if isinstance(state, SketchState):
-        return state.model_dump()
-    return msgspec.structs.asdict(state)
-
-
-def sketch_of(state: SketchState | wire.Sketch) -> LatencySketch:
-    return LatencySketch.from_dict(_sketch_dict(state))
+def sketch_of(state: wire.Sketch) -> LatencySketch:
+    return LatencySketch.from_dict(msgspec.structs.asdict(state))
 
 
 @dataclass(slots=True)
@@ -145,7 +138,7 @@ class Aggregate:
         self.ttft.merge(other.ttft)
 
     @classmethod
-    def of(cls, window: wire.Windowed) -> Aggregate:
+    def of(cls, window: wire.Window) -> Aggregate:
         return cls(
             requests=window.requests,
             errors=window.errors,
@@ -157,8 +150,8 @@ class Aggregate:
             unpriced=window.unpriced,
             usage_missing=window.usage_missing,
             late_events=window.late_events,
-            latency=Tally.from_dict(_sketch_dict(window.latency_ms)),
-            ttft=Tally.from_dict(_sketch_dict(window.ttft_ms)),
+            latency=Tally.from_dict(msgspec.structs.asdict(window.latency_ms)),
+            ttft=Tally.from_dict(msgspec.structs.asdict(window.ttft_ms)),
         )
 
     def to_event(
@@ -203,7 +196,7 @@ class Aggregate:
         )
 
 
-def merge_windows(shares: Sequence[wire.Windowed]) -> wire.Window:
+def merge_windows(shares: Sequence[wire.Window]) -> wire.Window:
     """One window from the shares several workers published of it (same series and
     bounds; each share counted the calls of different partitions)."""
     first = shares[0]

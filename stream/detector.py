@@ -23,14 +23,14 @@ from decimal import Decimal
 
 from llmtap.config import SpikeMetric, SpikeRule
 from llmtap.events import Alert
-from llmtap.wire import Windowed
+from llmtap.wire import Window
 from stream.aggregates import merge_windows, sketch_of
 from stream.spikes import SeriesState, observe
 
 MS = Decimal("0.001")
 
 
-def metric_value(metric: SpikeMetric, window: Windowed) -> Decimal | None:
+def metric_value(metric: SpikeMetric, window: Window) -> Decimal | None:
     """The value a rule's metric takes in a window; None when it has none (no latency
     measured, no calls for an error rate)."""
     if metric == "cost":
@@ -48,7 +48,7 @@ def metric_value(metric: SpikeMetric, window: Windowed) -> Decimal | None:
 @dataclass
 class _Pending:
     received: datetime  # wall time of the first share
-    shares: dict[uuid.UUID, Windowed] = field(default_factory=dict)
+    shares: dict[uuid.UUID, Window] = field(default_factory=dict)
 
     def covers(self, partitions: int) -> bool:
         seen = {p for share in self.shares.values() for p in share.partitions}
@@ -71,7 +71,7 @@ class Detector:
         """Whether any rule looks at windows of this length and dimension."""
         return (size_s, dimension) in self._rules
 
-    def offer(self, window: Windowed, now: datetime) -> list[Alert]:
+    def offer(self, window: Window, now: datetime) -> list[Alert]:
         """Take one share of a window; the alerts of any window this completes."""
         if not self.judges(window.size_s, window.dimension):
             return []

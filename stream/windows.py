@@ -179,7 +179,7 @@ class Windower:
         self._counted_below = counted_below
         self._replaying = reading_from < counted_below
 
-    def restore(self, published: Iterable[wire.Windowed]) -> int:
+    def restore(self, published: Iterable[wire.Window]) -> int:
         """Make the larger windows still open at the watermark again from the base
         windows published before it (``published``: this partition's, repeats allowed);
         return how many of its base windows it read (repeats once)."""

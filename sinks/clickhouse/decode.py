@@ -57,7 +57,7 @@ class Batch:
     """
 
     events: list[CostedEvent] = field(default_factory=list)
-    windows: list[wire.Windowed] = field(default_factory=list)
+    windows: list[wire.Window] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)

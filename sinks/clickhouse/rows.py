@@ -9,7 +9,6 @@ from decimal import Decimal
 from typing import Any
 
 from llmtap import wire
-from llmtap.events import SketchState
 from llmtap.wire import Costed
 from stream.aggregates import sketch_of
 
@@ -165,13 +164,7 @@ WINDOWS_COLUMNS = (
 )
 
 
-def _sketch_json(state: SketchState | wire.Sketch) -> str:
-    if isinstance(state, SketchState):
-        return state.model_dump_json()
-    return wire.encode(state).decode()
-
-
-def window_row(window: wire.Windowed) -> tuple[Any, ...]:
+def window_row(window: wire.Window) -> tuple[Any, ...]:
     latency = sketch_of(window.latency_ms).quantiles()
     ttft = sketch_of(window.ttft_ms).quantiles()
     return (
@@ -195,8 +188,8 @@ def window_row(window: wire.Windowed) -> tuple[Any, ...]:
         window.late_events,
         *latency,
         *ttft,
-        _sketch_json(window.latency_ms),
-        _sketch_json(window.ttft_ms),
+        wire.encode(window.latency_ms).decode(),
+        wire.encode(window.ttft_ms).decode(),
     )
 
 
