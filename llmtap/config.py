@@ -13,7 +13,7 @@ import os
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -102,18 +102,25 @@ class WebhookEndpoint(BaseModel):
         return value
 
 
-def _unique_names(endpoints: list[WebhookEndpoint]) -> list[WebhookEndpoint]:
-    names = [e.name for e in endpoints]
-    if len(set(names)) != len(names):
-        raise ValueError("webhook endpoint names must be unique")
-    return endpoints
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
 
 
-def _unique_budget_names(budgets: list[BudgetConfig]) -> list[BudgetConfig]:
-    names = [b.name for b in budgets]
-    if len(set(names)) != len(names):
-        raise ValueError("budget names must be unique")
-    return budgets
+_N = TypeVar("_N", bound=_Named)
+
+
+def _unique_names(what: str) -> AfterValidator:
+    """A list's validator: no two of its items (``what``: webhook endpoints, budgets,
+    spike rules) share a name, by which each is published, stored and referred to."""
+
+    def check(items: list[_N]) -> list[_N]:
+        names = [item.name for item in items]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{what} names must be unique")
+        return items
+
+    return AfterValidator(check)
 
 
 class BudgetConfig(BaseModel):
@@ -248,17 +255,14 @@ class Settings(BaseSettings):
 
     # Alert webhooks (see README, Webhooks), and whether they may target loopback,
     # private, link-local or otherwise reserved addresses (refused by default: SSRF).
-    webhooks: Annotated[list[WebhookEndpoint], AfterValidator(_unique_names)] = Field(
+    webhooks: Annotated[list[WebhookEndpoint], _unique_names("webhook endpoint")] = Field(
         default_factory=list
     )
     webhook_allow_private: bool = False
 
     # Budgets (README, Budgets); the output ceiling assumed for a call that names no
     # max_tokens when its worst-case cost is reserved against a hard cap.
-    # Names unique: a budget's state is published, enforced and stored by its name.
-    budgets: Annotated[list[BudgetConfig], AfterValidator(_unique_budget_names)] = Field(
-        default_factory=list
-    )
+    budgets: Annotated[list[BudgetConfig], _unique_names("budget")] = Field(default_factory=list)
     budget_default_max_tokens: int = Field(default=4096, ge=1)
 
     # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of
@@ -267,7 +271,9 @@ class Settings(BaseSettings):
     window_sizes_s: tuple[int, ...] = (60, 3600)
     window_grace_s: float = Field(default=10.0, ge=0)
     # Spike rules judged on closed windows (README, Spike detection).
-    spike_rules: list[SpikeRule] = Field(default_factory=list)
+    spike_rules: Annotated[list[SpikeRule], _unique_names("spike rule")] = Field(
+        default_factory=list
+    )
 
     # Retention in ClickHouse: raw calls, the hourly/daily rollups and the windows.
     raw_retention_days: int = Field(default=90, ge=1)
@@ -293,8 +299,6 @@ class Settings(BaseSettings):
                     f"spike rule {rule.name!r}: window_s {rule.window_s} is not one of "
                     f"window_sizes_s {list(self.window_sizes_s)}"
                 )
-        if len({rule.name for rule in self.spike_rules}) != len(self.spike_rules):
-            raise ValueError("spike rule names must be unique")
         return self
 
     @field_validator("openai_base_url", "anthropic_base_url")

@@ -42,6 +42,13 @@ def test_two_budgets_of_one_name_are_refused() -> None:
         Settings(budgets=[budget, {**budget, "value": "ads"}])
 
 
+def test_two_spike_rules_of_one_name_are_refused() -> None:
+    rule = {"name": "x", "dimension": "team", "metric": "cost"}
+    Settings(spike_rules=[rule, {**rule, "name": "y"}])
+    with pytest.raises(ValidationError, match="spike rule names must be unique"):
+        Settings(spike_rules=[rule, {**rule, "metric": "requests"}])
+
+
 def test_an_unknown_key_in_the_file_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
