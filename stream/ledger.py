@@ -32,7 +32,15 @@ from decimal import Decimal
 from llmtap import wire
 from llmtap.config import BudgetConfig
 from llmtap.events import Alert, Attribution, BudgetState
-from stream.budgets import SCOPE_FIELDS, applied_with, current, later_or_larger, spend, status_of
+from stream.budgets import (
+    SCOPE_FIELDS,
+    applied_with,
+    current,
+    later_or_larger,
+    matches,
+    spend,
+    status_of,
+)
 
 
 @dataclass(slots=True)
@@ -129,14 +137,14 @@ class Ledger:
         return changed, alerts
 
     def _matching(self, who: wire.Attribution | Attribution) -> list[BudgetConfig]:
-        """The budgets a call made by ``who`` counts against (those
-        :func:`stream.budgets.matches` accepts), in their configured order."""
+        """The budgets a call made by ``who`` counts against, in their configured order:
+        those of its scope values, as :func:`stream.budgets.matches` decides for each."""
         found: list[BudgetConfig] = []
         for field, by_value in self._scoped.items():
             found += by_value.get(getattr(who, field), ())
         if len(self._scoped) > 1:
             found.sort(key=lambda budget: self._rank[budget.name])
-        return [b for b in found if not b.tenant or b.tenant == who.tenant]
+        return [b for b in found if matches(b, who)]
 
     def _count(
         self,
