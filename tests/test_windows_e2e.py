@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import ADMIN_KEY, FakeUpstream, Running, run_llmtap
 
 POLL_TIMEOUT_S = 60.0
+MIN_VALUE = 10
 RULE = {
     "name": "chat-requests",
     "dimension": "feature",
@@ -22,7 +23,7 @@ RULE = {
     "window_s": 1,
     "min_history": 3,
     "history_windows": 10,
-    "min_value": 10,
+    "min_value": MIN_VALUE,
     "cooldown_windows": 0,
 }
 
@@ -90,9 +91,11 @@ async def test_windows_are_stored_and_a_burst_raises_one_spike_alert(
             "WHERE size_s = 1 AND dimension = 'feature' AND value = 'chat'",
             lambda rows: int(rows[0]["counted"]) + int(rows[0]["late"]) >= sent,
         )
-        # Every call counted once, in time, and the burst sits in one or two windows.
+        # Every call counted once, in time. The burst lands in as many windows as this
+        # machine needs to serve 40 calls (one or two here; three on a loaded CI
+        # runner), but at least one of them holds more than the rule's minimum.
         assert (int(windows[0]["counted"]), int(windows[0]["late"])) == (sent, 0)
-        assert int(windows[0]["peak"]) >= 20
+        assert int(windows[0]["peak"]) >= MIN_VALUE
         alerts = await until(
             running,
             "SELECT state, rule, dimension, value, observed, baseline FROM alerts "
@@ -106,4 +109,5 @@ async def test_windows_are_stored_and_a_burst_raises_one_spike_alert(
             "feature",
             "chat",
         )
-        assert float(firing[0]["observed"]) >= 20 > float(firing[0]["baseline"])
+        # However many windows the burst spans, the series fires once.
+        assert float(firing[0]["observed"]) >= MIN_VALUE > float(firing[0]["baseline"])
