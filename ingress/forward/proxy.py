@@ -240,12 +240,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             http_status = upstream.status
             if upstream.status >= 400:
                 status, error_class = "upstream_error", f"http_{upstream.status}"
-            response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=downstream_headers(upstream.headers, request_id),
-            )
+            answer_headers = downstream_headers(upstream.headers, request_id)
             if upstream.content_type == "text/event-stream":
+                response = web.StreamResponse(
+                    status=upstream.status, reason=upstream.reason, headers=answer_headers
+                )
                 capture = api.stream_capture(strip_usage_chunk)
                 await response.prepare(request)
                 async for data in upstream.content.iter_any():
@@ -265,8 +264,15 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 else:
                     error_class = _provider_error_type(data) or error_class
                     usage = Usage()
+                # The whole answer is here (its usage had to be read): one write sends
+                # the head and the body, with a Content-Length.
+                response = web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=answer_headers,
+                    body=data,
+                )
                 await response.prepare(request)
-                await response.write(data)
             await response.write_eof()
             return response
     except ConnectionResetError:
