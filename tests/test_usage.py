@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ingress.forward.usage import (
     AnthropicJsonCapture,
@@ -190,6 +193,56 @@ def test_stream_is_forwarded_byte_for_byte_and_usage_captured(
         assert _run(capture, pieces, sep) == expected, [len(p) for p in pieces]
         assert capture.final_usage == EXPECTED
         assert capture.model == SERVED
+
+
+# Lines of LF-only SSE events: content and usage-only chunks, [DONE], JSON that is not
+# an object, broken JSON, comments, other fields, and blank lines (runs of them).
+_LINES = st.sampled_from(
+    [
+        b"data: " + orjson.dumps(_chunk([_delta({"content": "a"})])),
+        b"data: " + orjson.dumps(_chunk([], {"prompt_tokens": 3, "completion_tokens": 1})),
+        b"data: [DONE]",
+        b"data: [1, 2]",
+        b"data:{",
+        b": keep-alive",
+        b"event: ping",
+        b"",
+    ]
+)
+_EVENTS = st.lists(st.lists(_LINES, min_size=1, max_size=3), max_size=8)
+
+
+@given(_EVENTS, st.lists(st.integers(min_value=0, max_value=2_000), max_size=6), st.booleans())
+def test_the_lf_fast_path_splits_and_judges_events_as_the_general_path(
+    events: list[list[bytes]], cuts: list[int], strip: bool
+) -> None:
+    stream = b"".join(b"\n".join(lines) + b"\n\n" for lines in events)
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    fast = OpenAIStreamCapture(strip_usage_chunk=strip)
+    general = OpenAIStreamCapture(strip_usage_chunk=strip)
+    for piece in pieces:
+        assert fast.feed(piece) == general._feed_any(general._pending + piece)
+    assert fast.finish() == general.finish()
+    assert (fast.final_usage, fast.model, fast.streamed_text()) == (
+        general.final_usage,
+        general.model,
+        general.streamed_text(),
+    )
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+def test_an_event_whose_data_spans_lines_is_read_as_their_join(sep: bytes) -> None:
+    line_end = sep[: len(sep) // 2]
+    event = line_end.join(
+        [
+            b'data: {"id": "c", "model": "m", "choices": [],',
+            b'data: "usage": {"prompt_tokens": 3, "completion_tokens": 1}}',
+        ]
+    )
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(event + sep) == b""  # the usage-only chunk, held back
+    assert (capture.final_usage.input_tokens, capture.final_usage.output_tokens) == (3, 1)
 
 
 def test_crlf_events_are_split_one_by_one() -> None:

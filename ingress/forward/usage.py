@@ -136,16 +136,34 @@ class StreamCapture:
         self._seen_bytes = 0
 
     def feed(self, data: bytes) -> bytes:
-        self._pending += data
+        buffer = self._pending + data if self._pending else data
+        if b"\r" in buffer:
+            return self._feed_any(buffer)
+        # Lines end with LF alone (every provider's streams): events end at "\n\n".
+        out: list[bytes] = []
+        start = 0
+        dropped = False
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            if self._inspect(buffer[start:end]):
+                out.append(buffer[start : end + 2])
+            else:
+                dropped = True
+            start = end + 2
+        self._pending = buffer[start:]
+        return b"".join(out) if dropped else buffer[:start]
+
+    def _feed_any(self, buffer: bytes) -> bytes:
+        """:meth:`feed` for a buffer with CR in it: events may end at any of the three
+        blank-line forms SSE allows."""
         out: list[bytes] = []
         while True:
-            end, sep_len = _event_end(self._pending)
+            end, sep_len = _event_end(buffer)
             if end < 0:
                 break
-            event = self._pending[: end + sep_len]
-            self._pending = self._pending[end + sep_len :]
-            if self._inspect(event[:end]):
-                out.append(event)
+            if self._inspect(buffer[:end]):
+                out.append(buffer[: end + sep_len])
+            buffer = buffer[end + sep_len :]
+        self._pending = buffer
         return b"".join(out)
 
     def finish(self) -> bytes:
@@ -315,6 +333,8 @@ def _event_end(buffer: bytes) -> tuple[int, int]:
 
 def _sse_data(event: bytes) -> bytes | None:
     """The joined ``data:`` lines of one SSE event, or None if it has none."""
+    if event.startswith(b"data: ") and b"\n" not in event and b"\r" not in event:
+        return event[6:]  # the usual event: one data line
     lines = [
         line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
     ]
