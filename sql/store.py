@@ -16,7 +16,6 @@ from typing import Any
 
 import clickhouse_connect
 import jinja2
-from clickhouse_connect.driver.insert import InsertContext
 
 _env = jinja2.Environment(
     loader=jinja2.FunctionLoader(
@@ -52,7 +51,7 @@ class Store:
         # deduplication window would otherwise drop a block equal to a recent one.
         self._client = clickhouse_connect.get_client(dsn=dsn, settings={"insert_deduplicate": 0})
         self._lock = threading.Lock()
-        self._insert_contexts: dict[tuple[str, tuple[str, ...]], InsertContext] = {}
+        self._column_types: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
 
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         with self._lock:
@@ -69,39 +68,32 @@ class Store:
         with self._lock:
             self._client.insert(table, data, column_names=list(columns), column_oriented=True)
 
-    def insert_columns(
-        self,
-        table: str,
-        columns: Sequence[Sequence[Any]],
-        names: Sequence[str],
-        send_as: dict[str, str] | None = None,
-        settings: dict[str, Any] | None = None,
-    ) -> None:
-        """One insert of data already in columns (``names`` order). ``send_as`` names
-        columns sent as another type than the table's, for ClickHouse to convert (a
-        Decimal column sent as the String of each value: parsed in the engine, exactly,
-        instead of scaled in Python value by value). The table's column types are read
-        once per table and column list, not before every insert: run migrations before
-        writers start (they do). ``settings``: the insert's own query settings."""
+    def column_types(self, table: str, names: Sequence[str]) -> tuple[str, ...]:
+        """The types of ``table``'s columns ``names``, read once per table and column
+        list, not before every insert: run migrations before writers start (they do)."""
         key = (table, tuple(names))
         with self._lock:
-            context = self._insert_contexts.get(key)
-            if context is None:
+            types = self._column_types.get(key)
+            if types is None:
                 context = self._client.create_insert_context(
                     table, list(names), column_oriented=True
                 )
-                if send_as:
-                    table_types = zip(names, context.column_types, strict=True)
-                    types = [send_as.get(name, kind.name) for name, kind in table_types]
-                    context = self._client.create_insert_context(
-                        table,
-                        list(names),
-                        column_oriented=True,
-                        column_type_names=types,
-                    )
-                self._insert_contexts[key] = context
-            context.settings = settings or {}  # a context's settings are its inserts'
-            self._client.insert(data=columns, context=context)
+                types = self._column_types[key] = tuple(t.name for t in context.column_types)
+            return types
+
+    def insert_native(
+        self,
+        table: str,
+        names: Sequence[str],
+        body: bytes,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """One insert of a ``Native`` body (sql/native.py) of ``names``; ``settings``:
+        the insert's own query settings."""
+        with self._lock:
+            self._client.raw_insert(
+                table, list(names), insert_block=body, settings=settings or {}, fmt="Native"
+            )
 
     async def arows(
         self, sql: str, parameters: dict[str, Any] | None = None

@@ -13,9 +13,9 @@ from aiokafka import AIOKafkaProducer
 
 from llmtap import topics
 from llmtap.config import Settings
-from llmtap.events import CostedEvent, Usage
-from sinks.clickhouse.decode import Batch, decode_batch
-from sinks.clickhouse.write import write_batch
+from llmtap.events import Attribution, CostedEvent, Usage
+from sinks.clickhouse.decode import Batch, calls_body, decode_batch
+from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sql.migrate import available, migrate
 from sql.store import Store
@@ -122,6 +122,43 @@ def test_decoded_columns_write_what_the_events_say(store: Store) -> None:
         assert e.cost is not None
         assert row["cost_total"] == e.cost.total and row["cost_output"] == e.cost.output
     assert count(store, "dead_letters") == 0  # write_batch got none: decode_batch kept it
+
+
+def test_a_body_built_in_a_decode_process_stores_what_its_columns_do(store: Store) -> None:
+    """The body of the ``calls`` insert a decode process builds is the bytes the write
+    builds from the same columns (so a repeated insert splits into the same blocks) and
+    stores the same rows. When some of its events are stored already, or come twice,
+    only the rest is written, decoded again from the messages."""
+    who = Attribution(tenant="acme", team="search", user="u1", properties={"plan": "pro"})
+    events = [
+        sample.costed(sample.response(attribution=who), None if i == 2 else sample.cost("0.1"))
+        for i in range(6)
+    ]
+    records = [(topics.COSTED, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
+    types = calls_types(store)
+    assert "LowCardinality" not in "".join(types)  # plain strings: converted in ClickHouse
+    batch = decode_batch(records, types)
+    assert batch.calls == [] and batch.calls_body is not None and len(batch) == 6
+    assert batch.calls_body.native == calls_body(types, decode_batch(records).calls)
+    batch.source = records
+    assert write_batch(store, batch) == 6
+    everything = "SELECT * FROM calls ORDER BY event_id"
+    from_body = store.rows(everything)
+    store.command("TRUNCATE TABLE calls")
+    assert write_batch(store, Batch(calls=decode_batch(records).calls)) == 6
+    assert store.rows(everything) == from_body
+    assert {r["properties"]["plan"] for r in from_body} == {"pro"}
+    assert sum(r["cost_total"] is None for r in from_body) == 1
+
+    twice = [*records, records[3]]
+    for stored_before, written in ((0, 6), (2, 4)):
+        store.command("TRUNCATE TABLE calls")
+        assert write_batch(store, Batch(events=events[:stored_before])) == stored_before
+        again = decode_batch(twice, types)
+        again.source = twice
+        assert write_batch(store, again) == written
+        assert write_batch(store, batch) == 0
+        assert store.rows(everything) == from_body
 
 
 class CrashAfterWrite(Exception):

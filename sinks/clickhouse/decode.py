@@ -5,8 +5,9 @@ message that is not a valid event.
 
 It is the step that holds the GIL longest, so the writer can run :func:`decode_batch`
 in separate processes (the ``sink_decode_processes`` setting) while its own process
-reads Kafka and inserts: what crosses the process boundary is plain values (bytes in;
-str, int, float, dict out), cheap to pickle. No Kafka client, no ClickHouse here.
+reads Kafka and inserts: what crosses the process boundary is cheap to pickle (bytes
+in; the body of the ``calls`` insert, in ClickHouse's Native format, and its event
+ids out). No Kafka client, no connection to ClickHouse here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pydantic import ValidationError
 
 from llmtap import topics, wire
 from llmtap.events import CostedEvent, utcnow
-from sinks.clickhouse.rows import call_columns
+from sinks.clickhouse.rows import CALLS_COLUMNS, EVENT_ID, TS_END, call_columns
+from sql.native import native_body
 
 # A raw message: topic, partition, offset, value.
 Record = tuple[str, int, int, bytes]
@@ -47,13 +49,33 @@ class DeadLetter:
     error: str
 
 
+@dataclass(frozen=True)
+class CallsBody:
+    """A batch's ``calls`` columns as the body of their insert (built in a decode
+    process), with what deciding the insert needs: the event ids, in order, and the
+    earliest and latest ``ts_end`` (as ticks)."""
+
+    native: bytes
+    event_ids: tuple[str, ...]
+    ts_end: tuple[int, int]
+
+
+def calls_body(types: tuple[str, ...], columns: list[tuple[Any, ...]]) -> bytes:
+    """The Native body inserting ``columns`` into ``calls`` (``types``: what
+    sinks/clickhouse/write.py's ``calls_types`` says to send them as)."""
+    return native_body("calls", CALLS_COLUMNS, types, columns)
+
+
 @dataclass
 class Batch:
     """What the writer holds between reads and one write, with the offsets it covers.
 
-    Costed events are either models (``events``, as tests and tools build a batch) or
+    Costed events are models (``events``, as tests and tools build a batch), or
     already ``calls`` columns (``calls``, CALLS_COLUMNS order, as :func:`decode_batch`
-    returns them); a write takes both.
+    returns them), or the body of their insert (``calls_body``, as :func:`decode_batch`
+    given the types returns them; ``source``, the messages, is kept with it by the
+    writer, to decode again should the duplicate check leave some rows out). A write
+    takes any of them.
     """
 
     events: list[CostedEvent] = field(default_factory=list)
@@ -62,17 +84,22 @@ class Batch:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     costed_ranges: tuple[Range, ...] = ()  # where its costed events came from
+    calls_body: CallsBody | None = None
+    source: list[Record] = field(default_factory=list)
 
     def __len__(self) -> int:
         calls = len(self.calls[0]) if self.calls else 0
+        if self.calls_body is not None:
+            calls = len(self.calls_body.event_ids)
         return len(self.events) + calls + len(self.windows) + len(self.dead_letters)
 
 
-def decode_batch(records: list[Record]) -> Batch:
-    """Decode raw records into a batch whose costed events are ``calls`` columns (its
-    offsets are the caller's to set). Runs in a decode process: everything it returns
-    pickles cheaply (windows and dead letters are few). Events are read by the
-    contract's msgspec structs (``wire``)."""
+def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = None) -> Batch:
+    """Decode raw records into a batch whose costed events are ``calls`` columns, or,
+    given the types to send them as, the body of their insert (its offsets are the
+    caller's to set). Runs in a decode process: everything it returns pickles cheaply
+    (bytes; windows and dead letters are few). Events are read by the contract's
+    msgspec structs (``wire``)."""
     batch = Batch()
     costed: list[wire.CostedEvent] = []
     for topic, partition, offset, raw in records:
@@ -84,7 +111,14 @@ def decode_batch(records: list[Record]) -> Batch:
         except (ValidationError, msgspec.ValidationError, msgspec.DecodeError) as exc:
             batch.dead_letters.append(DeadLetter(utcnow(), topic, partition, offset, raw, str(exc)))
     if costed:
-        batch.calls = call_columns(costed)
+        columns = call_columns(costed)
+        if calls_types is None:
+            batch.calls = columns
+        else:
+            ts_end = columns[TS_END]
+            batch.calls_body = CallsBody(
+                calls_body(calls_types, columns), columns[EVENT_ID], (min(ts_end), max(ts_end))
+            )
     return batch
 
 

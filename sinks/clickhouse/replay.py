@@ -30,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from llmtap import topics
 from llmtap.events import utcnow
 from sinks.clickhouse.decode import Range, Record, decode_batch
-from sinks.clickhouse.write import CallsInsert, fresh_calls, insert_calls, token_of
+from sinks.clickhouse.write import CallsInsert, event_ids, fresh_calls, insert_calls, token_of
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def rebuilt(recorded: Recorded, records: list[Record]) -> CallsInsert | None:
     (the broker lost them and its offsets now hold other messages)."""
     columns = decode_batch(records).calls
     fresh = fresh_calls(columns, set(recorded.left_out))
-    insert = CallsInsert(fresh, token_of(fresh), recorded.left_out)
+    insert = CallsInsert(fresh, token_of(event_ids(fresh)), recorded.left_out)
     return insert if insert.token == recorded.token else None
 
 

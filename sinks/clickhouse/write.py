@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from datetime import timedelta
 from typing import Any
 
-from sinks.clickhouse.decode import Batch, DeadLetter
+from sinks.clickhouse.decode import Batch, DeadLetter, calls_body, decode_batch
 from sinks.clickhouse.rows import (
     CALLS_COLUMNS,
     DEAD_LETTER_COLUMNS,
@@ -38,33 +39,53 @@ log = logging.getLogger(__name__)
 
 Columns = list[tuple[Any, ...]]  # CALLS_COLUMNS order
 
-# Money goes as the exact decimal text the columns hold; ClickHouse parses it into
-# Decimal(18, 9) (clickhouse-connect would scale each value in Python: ~1 us apiece).
-MONEY_AS_TEXT = {name: "Nullable(String)" for name in CALLS_COLUMNS if name.startswith("cost_")}
-
 ID_PREFIX = 8  # hex digits of an event id the duplicate check sends (existing_call_ids.sql)
+
+
+def calls_types(store: Store) -> tuple[str, ...]:
+    """The types the insert into ``calls`` sends its columns as (CALLS_COLUMNS order):
+    the table's, except where ClickHouse converts faster in the engine than
+    clickhouse-connect encodes in Python. Money as the exact decimal text the columns
+    hold (scaling each Decimal in Python: ~1 us apiece); LowCardinality strings as plain
+    String (no dictionary built in Python per column); the event id as its text (no
+    parse to 128 bits in Python)."""
+    table = store.column_types("calls", CALLS_COLUMNS)
+    return tuple(
+        "Nullable(String)"
+        if name.startswith("cost_")
+        else "String"
+        if name == "event_id"
+        else kind.replace("LowCardinality(String)", "String")
+        for name, kind in zip(CALLS_COLUMNS, table, strict=True)
+    )
 
 
 @dataclass(frozen=True)
 class CallsInsert:
     """A batch's insert into ``calls``, decided once: repeat it, never decide it again.
 
-    ``left_out``: the batch's event ids stored before it (what a replay of the same
-    messages leaves out again, sinks/clickhouse/replay.py)."""
+    ``columns``, or (from a decode process) ``body`` with its ``body_rows``: what it
+    inserts. ``left_out``: the batch's event ids stored before it (what a replay of the
+    same messages leaves out again, sinks/clickhouse/replay.py)."""
 
     columns: Columns
     token: str
     left_out: tuple[str, ...] = ()
+    body: bytes = b""
+    body_rows: int = 0
 
     @property
     def rows(self) -> int:
-        return len(self.columns[0]) if self.columns else 0
+        return len(self.columns[0]) if self.columns else self.body_rows
 
 
-def token_of(columns: Columns) -> str:
-    """The insert's deduplication token: a digest of its event ids, in order."""
-    ids = columns[EVENT_ID] if columns else ()
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32]
+def token_of(event_ids: Sequence[str]) -> str:
+    """An insert's deduplication token: a digest of its event ids, in order."""
+    return hashlib.sha256("\n".join(event_ids).encode()).hexdigest()[:32]
+
+
+def event_ids(columns: Columns) -> Sequence[str]:
+    return columns[EVENT_ID] if columns else ()
 
 
 def fresh_calls(columns: Columns, left_out: set[str]) -> Columns:
@@ -81,18 +102,17 @@ def fresh_calls(columns: Columns, left_out: set[str]) -> Columns:
     return [tuple(column[i] for i in keep) for column in columns] if keep else []
 
 
-def stored_call_ids(store: Store, columns: Columns) -> set[str]:
-    """Which of the columns' event ids ``calls`` holds (the duplicate check)."""
-    if not columns:
+def stored_call_ids(store: Store, ids: Sequence[str], ts_end: tuple[int, int]) -> set[str]:
+    """Which of ``ids`` ``calls`` holds (the duplicate check); ``ts_end``: the earliest
+    and latest ``ts_end`` of their events, as ticks."""
+    if not ids:
         return set()
-    ids = columns[EVENT_ID]
-    ts_end = columns[TS_END]
     slack = 1000  # ms
     stored = store.rows(
         render("existing_call_ids"),
         {
-            "ts_from": from_ticks(min(ts_end) - slack),
-            "ts_to": from_ticks(max(ts_end) + slack),
+            "ts_from": from_ticks(ts_end[0] - slack),
+            "ts_to": from_ticks(ts_end[1] + slack),
             "id_prefixes": ",".join({event_id[:ID_PREFIX] for event_id in ids}),
         },
     )
@@ -101,8 +121,11 @@ def stored_call_ids(store: Store, columns: Columns) -> set[str]:
 
 
 def batch_calls(batch: Batch) -> Columns:
-    """A batch's ``calls`` columns: decoded ones and those of its event models."""
+    """A batch's ``calls`` columns: decoded ones (decoded again from its messages when a
+    decode process sent only their body) and those of its event models."""
     calls = batch.calls
+    if not calls and batch.calls_body is not None:
+        calls = decode_batch(batch.source).calls
     if batch.events:
         extra = call_columns(batch.events)
         calls = [a + b for a, b in zip(calls, extra, strict=True)] if calls else extra
@@ -111,20 +134,31 @@ def batch_calls(batch: Batch) -> Columns:
 
 def prepare_calls(store: Store, batch: Batch) -> CallsInsert:
     """Decide a batch's insert into ``calls``: its events not stored yet, each once."""
-    columns = batch_calls(batch)
-    stored = stored_call_ids(store, columns)
+    body = batch.calls_body
+    if body is not None and not batch.events:
+        ids = body.event_ids
+        stored = stored_call_ids(store, ids, body.ts_end)
+        if not stored and len(set(ids)) == len(ids):  # the usual case: insert it all
+            return CallsInsert([], token_of(ids), body=body.native, body_rows=len(ids))
+        columns = batch_calls(batch)
+    else:
+        columns = batch_calls(batch)
+        ts_end = (min(columns[TS_END]), max(columns[TS_END])) if columns else (0, 0)
+        stored = stored_call_ids(store, event_ids(columns), ts_end)
     fresh = fresh_calls(columns, stored)
-    return CallsInsert(fresh, token_of(fresh), tuple(sorted(stored)))
+    return CallsInsert(fresh, token_of(event_ids(fresh)), tuple(sorted(stored)))
 
 
 def insert_calls(store: Store, insert: CallsInsert) -> int:
-    """Make (or repeat) an insert into ``calls``; return its row count."""
-    if insert.columns:
-        store.insert_columns(
+    """Make (or repeat) an insert into ``calls``; return its row count. The body is the
+    same bytes however it was built (here or in a decode process), so a repeat splits
+    into the same blocks, each with the same deduplication token."""
+    if insert.rows:
+        body = insert.body or calls_body(calls_types(store), insert.columns)
+        store.insert_native(
             "calls",
-            insert.columns,
             CALLS_COLUMNS,
-            send_as=MONEY_AS_TEXT,
+            body,
             settings={
                 "insert_deduplicate": 1,
                 "insert_deduplication_token": insert.token,

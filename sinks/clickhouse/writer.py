@@ -37,7 +37,13 @@ from llmtap import topics
 from llmtap.config import Settings
 from sinks.clickhouse import replay
 from sinks.clickhouse.decode import Batch, Record, decode_batch, ready, start_decode_process
-from sinks.clickhouse.write import CallsInsert, insert_calls, prepare_calls, write_others
+from sinks.clickhouse.write import (
+    CallsInsert,
+    calls_types,
+    insert_calls,
+    prepare_calls,
+    write_others,
+)
 from sinks.consumer import consume_forever, sink_consumer
 from sql.store import Store
 
@@ -58,6 +64,7 @@ class ClickHouseWriter:
         self._group_id = group_id
         self._decode_processes = settings.sink_decode_processes
         self._pool: ProcessPoolExecutor | None = None
+        self._calls_types: tuple[str, ...] | None = None  # read once, at the first batch
         self.rows_written = 0
         self.batches_written = 0
         self.write_failures = 0
@@ -178,12 +185,14 @@ class ClickHouseWriter:
     async def _decode(
         self, records: list[Record], spans: dict[TopicPartition, tuple[int, int]]
     ) -> Batch:
-        """Decode in a decode process (or here, without one)."""
+        """Decode in a decode process (or here, without one), into the body of the
+        ``calls`` insert."""
+        types = await self._body_types()
         batch: Batch | None = None
         if self._pool is not None:
             try:
                 batch = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, decode_batch, records
+                    self._pool, decode_batch, records, types
                 )
             except BrokenProcessPool:
                 # A decode process died (killed?): decode this batch here, start new ones.
@@ -192,10 +201,22 @@ class ClickHouseWriter:
                 self._pool = None
                 await self._start_pool()
         if batch is None:
-            batch = decode_batch(records)
+            batch = decode_batch(records, types)
+        batch.source = records
         batch.offsets = {tp: next_offset for tp, (_, next_offset) in spans.items()}
         batch.costed_ranges = replay.costed_ranges(spans)
         return batch
+
+    async def _body_types(self) -> tuple[str, ...] | None:
+        """The types the body of a ``calls`` insert is built with, read from the store
+        once; None (decode into columns, the write builds the body) while it cannot
+        say."""
+        if self._calls_types is None:
+            try:
+                self._calls_types = await asyncio.to_thread(calls_types, self._store)
+            except Exception as exc:
+                log.warning("could not read the calls table's column types (%s)", exc)
+        return self._calls_types
 
     async def _write_and_commit(
         self, consumer: AIOKafkaConsumer, decoding: asyncio.Future[Batch]
@@ -211,7 +232,7 @@ class ClickHouseWriter:
 
     def _prepare(self, batch: Batch) -> CallsInsert:
         insert = prepare_calls(self._store, batch)
-        if insert.columns and batch.costed_ranges:
+        if insert.rows and batch.costed_ranges:
             replay.record(self._store, self._group_id, insert, batch.costed_ranges)
         return insert
 
