@@ -3,7 +3,8 @@
 The writer's decode processes build the body of the ``calls`` insert themselves, so the
 store process, the writer's busiest, only sends bytes (sinks/clickhouse/decode.py). The
 body is clickhouse-connect's own encoding of the columns, the very bytes its
-``insert`` would send; the types are given as names (``Store.insert_types``).
+``insert`` would send; the types are given as names (the table's, from
+``Store.column_types``, or others for ClickHouse to convert).
 """
 
 from __future__ import annotations

@@ -159,6 +159,9 @@ def test_a_body_built_in_a_decode_process_stores_what_its_columns_do(store: Stor
         assert write_batch(store, again) == written
         assert write_batch(store, batch) == 0
         assert store.rows(everything) == from_body
+    # Without its messages, a body whose rows are partly stored cannot be cut down.
+    with pytest.raises(ValueError, match="needs its messages"):
+        write_batch(store, Batch(calls_body=batch.calls_body))
 
 
 class CrashAfterWrite(Exception):

@@ -125,6 +125,8 @@ def batch_calls(batch: Batch) -> Columns:
     decode process sent only their body) and those of its event models."""
     calls = batch.calls
     if not calls and batch.calls_body is not None:
+        if not batch.source:
+            raise ValueError("a batch whose calls came as a body needs its messages too")
         calls = decode_batch(batch.source).calls
     if batch.events:
         extra = call_columns(batch.events)
