@@ -250,7 +250,7 @@ class Settings(BaseSettings):
     sink_batch_rows: int = Field(default=20_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
     # Processes that decode for the writer, overlapping its inserts (0: the writer's own
-    # process decodes, ~25% slower; README, Storage; bench/results/ingest.md).
+    # process decodes, ~8% slower; README, Storage; bench/results/ingest.md).
     sink_decode_processes: int = Field(default=1, ge=0, le=16)
 
     # Alert webhooks (see README, Webhooks), and whether they may target loopback,

@@ -2,8 +2,8 @@
 
 The writer's decode processes build the body of the ``calls`` insert themselves, so the
 store process, the writer's busiest, only sends bytes (sinks/clickhouse/decode.py). The
-body is clickhouse-connect's own encoding of the columns, the very bytes its
-``insert`` would send; the types are given as names (the table's, from
+body is clickhouse-connect's own encoding of the columns (what its ``insert`` sends,
+before compression), of the types given by name (the table's, from
 ``Store.column_types``, or others for ClickHouse to convert).
 """
 
@@ -25,6 +25,8 @@ def native_body(
         table, list(names), [get_from_name(kind) for kind in types], columns, column_oriented=True
     )
     body = b"".join(NativeTransform.build_insert(context))
+    if context.insert_exception is not None:  # the encoder logs it and writes a marker
+        raise context.insert_exception
     # Before the first block: the statement an insert over HTTP sends in its body. An
     # insert of a prepared body states its own.
     if body.startswith(b"INSERT INTO "):

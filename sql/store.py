@@ -16,6 +16,7 @@ from typing import Any
 
 import clickhouse_connect
 import jinja2
+from clickhouse_connect.driver.compression import get_compressor
 
 _env = jinja2.Environment(
     loader=jinja2.FunctionLoader(
@@ -89,10 +90,21 @@ class Store:
         settings: dict[str, Any] | None = None,
     ) -> None:
         """One insert of a ``Native`` body (sql/native.py) of ``names``; ``settings``:
-        the insert's own query settings."""
+        the insert's own query settings. Compressed as the client's own inserts are (a
+        server over HTTP: lz4 or zstd, as negotiated; chDB: none)."""
+        compression = self._client.write_compression
+        if compression in ("lz4", "zstd"):
+            body = bytes(get_compressor(compression).compress_block(body))
+        else:
+            compression = None
         with self._lock:
             self._client.raw_insert(
-                table, list(names), insert_block=body, settings=settings or {}, fmt="Native"
+                table,
+                list(names),
+                insert_block=body,
+                settings=settings or {},
+                fmt="Native",
+                compression=compression,
             )
 
     async def arows(

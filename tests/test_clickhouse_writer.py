@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from clickhouse_connect.driver.exceptions import DataError
 
 from llmtap import topics
 from llmtap.config import Settings
@@ -162,6 +163,35 @@ def test_a_body_built_in_a_decode_process_stores_what_its_columns_do(store: Stor
     # Without its messages, a body whose rows are partly stored cannot be cut down.
     with pytest.raises(ValueError, match="needs its messages"):
         write_batch(store, Batch(calls_body=batch.calls_body))
+
+
+def test_a_value_the_column_cannot_hold_is_reported_by_the_write(store: Store) -> None:
+    """The contract bounds no token count; ``calls`` holds them as UInt32. The decode
+    process then sends columns instead of a body, and the write raises the encoder's
+    error (the writer logs it and retries) instead of sending a corrupt body."""
+    huge = sample.costed(sample.response(usage=Usage(input_tokens=2**32)), None)
+    records = [(topics.COSTED, 0, 0, huge.model_dump_json().encode())]
+    batch = decode_batch(records, calls_types(store))
+    assert batch.calls_body is None and len(batch.calls[0]) == 1
+    with pytest.raises(DataError, match="column `input_tokens`"):
+        write_batch(store, batch)
+    assert count(store, "calls") == 0
+
+
+def test_a_compressed_body_stores_the_same_rows(store: Store) -> None:
+    """Over HTTP the client compresses what it sends (lz4 or zstd, as negotiated); the
+    body of the calls insert is compressed alike. chDB takes a compressed body too, so
+    the path runs here."""
+    records = [(topics.COSTED, 0, i, costed().model_dump_json().encode()) for i in range(3)]
+    batch = decode_batch(records, calls_types(store))
+    batch.source = records
+    store._client.write_compression = "lz4"
+    try:
+        assert write_batch(store, batch) == 3
+    finally:
+        store._client.write_compression = None
+    ids = {str(r["event_id"]) for r in store.rows("SELECT event_id FROM calls")}
+    assert batch.calls_body is not None and ids == set(batch.calls_body.event_ids)
 
 
 class CrashAfterWrite(Exception):

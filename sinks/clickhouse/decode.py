@@ -1,7 +1,7 @@
 """The writer's first step, decode, as a pure function of raw records: bytes -> costed
-events and windows (validated by the contract's msgspec mirror, ``wire``) -> ``calls``
-columns of plain values and window structs, or a dead letter (raw bytes kept) for a
-message that is not a valid event.
+events and windows (validated by the contract's msgspec mirror, ``wire``) -> the body
+of the ``calls`` insert (or its columns of plain values) and window structs, or a dead
+letter (raw bytes kept) for a message that is not a valid event.
 
 It is the step that holds the GIL longest, so the writer can run :func:`decode_batch`
 in separate processes (the ``sink_decode_processes`` setting) while its own process
@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from llmtap import topics, wire
 from llmtap.events import CostedEvent, utcnow
-from sinks.clickhouse.rows import CALLS_COLUMNS, EVENT_ID, TS_END, call_columns
+from sinks.clickhouse.rows import CALLS_COLUMNS, EVENT_ID, call_columns, ts_end_range
 from sql.native import native_body
 
 # A raw message: topic, partition, offset, value.
@@ -112,13 +112,14 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
             batch.dead_letters.append(DeadLetter(utcnow(), topic, partition, offset, raw, str(exc)))
     if costed:
         columns = call_columns(costed)
-        if calls_types is None:
-            batch.calls = columns
-        else:
-            ts_end = columns[TS_END]
-            batch.calls_body = CallsBody(
-                calls_body(calls_types, columns), columns[EVENT_ID], (min(ts_end), max(ts_end))
-            )
+        batch.calls = columns
+        if calls_types is not None:
+            try:
+                native = calls_body(calls_types, columns)
+            except Exception:  # a value the column cannot hold: the write reports it
+                return batch
+            batch.calls = []
+            batch.calls_body = CallsBody(native, columns[EVENT_ID], ts_end_range(columns))
     return batch
 
 

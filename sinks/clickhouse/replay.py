@@ -30,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from llmtap import topics
 from llmtap.events import utcnow
 from sinks.clickhouse.decode import Range, Record, decode_batch
-from sinks.clickhouse.write import CallsInsert, event_ids, fresh_calls, insert_calls, token_of
+from sinks.clickhouse.write import CallsInsert, calls_insert, insert_calls
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,7 @@ async def read_ranges(bootstrap: str, ranges: Iterable[Range]) -> list[Record] |
 def rebuilt(recorded: Recorded, records: list[Record]) -> CallsInsert | None:
     """The recorded insert made again from its messages; None if they give other rows
     (the broker lost them and its offsets now hold other messages)."""
-    columns = decode_batch(records).calls
-    fresh = fresh_calls(columns, set(recorded.left_out))
-    insert = CallsInsert(fresh, token_of(event_ids(fresh)), recorded.left_out)
+    insert = calls_insert(decode_batch(records).calls, recorded.left_out)
     return insert if insert.token == recorded.token else None
 
 

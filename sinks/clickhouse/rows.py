@@ -70,13 +70,13 @@ def from_ticks(ms: int) -> datetime:
 
 
 def _money(value: Decimal) -> str:
-    return str(value)  # exact: sent as this text, parsed by ClickHouse (write.MONEY_AS_TEXT)
+    return str(value)  # exact: sent as this text, parsed by ClickHouse (write.calls_types)
 
 
 def call_row(event: Costed) -> tuple[Any, ...]:
-    """One ``calls`` row, in CALLS_COLUMNS order, of plain values: what the columnar
-    insert writes without converting them again, and cheap to pickle (a UUID or a
-    Decimal costs ~10x a str to pickle). The event id as its str (the duplicate check
+    """One ``calls`` row, in CALLS_COLUMNS order, of plain values: what the insert's
+    encoder takes without converting them again (sql/native.py), and cheap to pickle
+    (a UUID or a Decimal costs ~10x a str to pickle). The event id as its str (the duplicate check
     binds it so), the request id as its int, times as :func:`ticks`, money as the str
     of its Decimal."""
     r = event.response
@@ -132,6 +132,11 @@ def call_columns(events: Iterable[Costed]) -> list[tuple[Any, ...]]:
 
 EVENT_ID = CALLS_COLUMNS.index("event_id")
 TS_END = CALLS_COLUMNS.index("ts_end")
+
+
+def ts_end_range(columns: list[tuple[Any, ...]]) -> tuple[int, int]:
+    """The earliest and latest ``ts_end`` of ``calls`` columns, as ticks."""
+    return (min(columns[TS_END]), max(columns[TS_END])) if columns else (0, 0)
 
 
 WINDOWS_COLUMNS = (

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import astuple, dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,12 +25,12 @@ from sinks.clickhouse.rows import (
     CALLS_COLUMNS,
     DEAD_LETTER_COLUMNS,
     EVENT_ID,
-    TS_END,
     WINDOW_ID,
     WINDOW_START,
     WINDOWS_COLUMNS,
     call_columns,
     from_ticks,
+    ts_end_range,
     window_row,
 )
 from sql.store import Store, render
@@ -145,10 +145,15 @@ def prepare_calls(store: Store, batch: Batch) -> CallsInsert:
         columns = batch_calls(batch)
     else:
         columns = batch_calls(batch)
-        ts_end = (min(columns[TS_END]), max(columns[TS_END])) if columns else (0, 0)
-        stored = stored_call_ids(store, event_ids(columns), ts_end)
-    fresh = fresh_calls(columns, stored)
-    return CallsInsert(fresh, token_of(event_ids(fresh)), tuple(sorted(stored)))
+        stored = stored_call_ids(store, event_ids(columns), ts_end_range(columns))
+    return calls_insert(columns, stored)
+
+
+def calls_insert(columns: Columns, left_out: Collection[str]) -> CallsInsert:
+    """The insert of ``columns`` without the events in ``left_out``, each event once:
+    how a batch's insert is decided, and remade from its messages by a replay."""
+    fresh = fresh_calls(columns, set(left_out))
+    return CallsInsert(fresh, token_of(event_ids(fresh)), tuple(sorted(left_out)))
 
 
 def insert_calls(store: Store, insert: CallsInsert) -> int:

@@ -5,9 +5,9 @@ A pipeline of small steps, commit always last:
 
 1. batch: until ``sink_batch_rows`` messages or ``sink_batch_seconds`` old, carrying
    the offsets of what it holds, in partition and offset order;
-2. decode: bytes -> ``calls`` columns (msgspec, held to the contract by
-   tests/test_wire.py) and windows, or a dead letter (raw bytes kept) for a message
-   that is not a valid event (sinks/clickhouse/decode.py);
+2. decode: bytes -> the body of the ``calls`` insert (msgspec, held to the contract by
+   tests/test_wire.py; ClickHouse's Native format) and windows, or a dead letter (raw
+   bytes kept) for a message that is not a valid event (sinks/clickhouse/decode.py);
 3. decide the insert into ``calls``: the rows whose event_id is not stored yet (a
    replay after a crash between write and commit, or a duplicate from upstream), and
    record it with its offset ranges (sinks/clickhouse/replay.py);
@@ -54,9 +54,10 @@ class ClickHouseWriter:
     """Kafka -> ClickHouse. ``sink_decode_processes`` > 0 (default 1) decodes in that
     many separate processes (spawned, so a forked copy of this process's threads and
     chDB engine is never made), in parallel with reading and inserting here; 0 decodes
-    in this process, on the event loop. A decode process takes the GIL-bound decode off
-    this process at the cost of more CPU in all (plain values to build and pickle):
-    ~49,000 rows/s instead of ~38,500 on two cores (bench/results/ingest.md)."""
+    in this process, on the event loop. A decode process takes the GIL-bound decode and
+    the encoding of the insert off this process at the cost of a little more CPU in all
+    (the records to pickle): ~47,500 rows/s instead of ~43,900 on two cores
+    (bench/results/ingest.md)."""
 
     def __init__(self, settings: Settings, store: Store, group_id: str = topics.SINK_GROUP) -> None:
         self._settings = settings
