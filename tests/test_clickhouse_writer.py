@@ -16,9 +16,11 @@ from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
 from sinks.clickhouse.decode import Batch, calls_body, decode_batch
+from sinks.clickhouse.rows import CALLS_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sql.migrate import available, migrate
+from sql.native import native_body
 from sql.store import Store
 from tests import sample
 from tests.conftest import Broker
@@ -165,17 +167,41 @@ def test_a_body_built_in_a_decode_process_stores_what_its_columns_do(store: Stor
         write_batch(store, Batch(calls_body=batch.calls_body))
 
 
-def test_a_value_the_column_cannot_hold_is_reported_by_the_write(store: Store) -> None:
-    """The contract bounds no token count; ``calls`` holds them as UInt32. The decode
-    process then sends columns instead of a body, and the write raises the encoder's
-    error (the writer logs it and retries) instead of sending a corrupt body."""
+def test_an_event_calls_cannot_hold_is_a_dead_letter(store: Store) -> None:
+    """The contract bounds no token count; ``calls`` holds them as UInt32. Such an event
+    goes to dead_letters, raw bytes kept, and the rest of its batch is written (it
+    would otherwise fail every insert of the batch, forever)."""
     huge = sample.costed(sample.response(usage=Usage(input_tokens=2**32)), None)
-    records = [(topics.COSTED, 0, 0, huge.model_dump_json().encode())]
+    fine = costed()
+    records = [
+        (topics.COSTED, 0, 0, huge.model_dump_json().encode()),
+        (topics.COSTED, 0, 1, fine.model_dump_json().encode()),
+    ]
     batch = decode_batch(records, calls_types(store))
+    batch.source = records
+    assert [d.offset for d in batch.dead_letters] == [0]
+    assert "4294967296" in batch.dead_letters[0].error
+    assert write_batch(store, batch) == 1
+    assert count(store, "dead_letters") == 1
+    assert store.rows("SELECT event_id FROM calls")[0]["event_id"] == fine.event_id
+
+
+def test_a_body_the_encoder_refuses_is_left_to_the_write(store: Store) -> None:
+    """clickhouse-connect does not raise when it cannot encode a value (it logs and
+    writes a marker into the body): native_body raises, and a decode process whose body
+    failed sends the columns, for the write to encode (and report) itself."""
+    with pytest.raises(DataError):
+        native_body("t", ["a"], ["UInt16"], [(70_000,)])
+    events = [costed(output_tokens=300)]
+    records = [(topics.COSTED, 0, 0, events[0].model_dump_json().encode())]
+    narrow = tuple(
+        "UInt8" if name == "output_tokens" else kind
+        for name, kind in zip(CALLS_COLUMNS, calls_types(store), strict=True)
+    )
+    batch = decode_batch(records, narrow)
     assert batch.calls_body is None and len(batch.calls[0]) == 1
-    with pytest.raises(DataError, match="column `input_tokens`"):
-        write_batch(store, batch)
-    assert count(store, "calls") == 0
+    assert write_batch(store, batch) == 1
+    assert store.rows("SELECT output_tokens FROM calls")[0]["output_tokens"] == 300
 
 
 def test_a_compressed_body_stores_the_same_rows(store: Store) -> None:

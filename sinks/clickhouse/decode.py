@@ -1,7 +1,8 @@
 """The writer's first step, decode, as a pure function of raw records: bytes -> costed
 events and windows (validated by the contract's msgspec mirror, ``wire``) -> the body
 of the ``calls`` insert (or its columns of plain values) and window structs, or a dead
-letter (raw bytes kept) for a message that is not a valid event.
+letter (raw bytes kept) for a message that is not a valid event, or is one ``calls``
+cannot hold (:func:`sinks.clickhouse.rows.unstorable`).
 
 It is the step that holds the GIL longest, so the writer can run :func:`decode_batch`
 in separate processes (the ``sink_decode_processes`` setting) while its own process
@@ -27,7 +28,13 @@ from pydantic import ValidationError
 
 from llmtap import topics, wire
 from llmtap.events import CostedEvent, utcnow
-from sinks.clickhouse.rows import CALLS_COLUMNS, EVENT_ID, call_columns, ts_end_range
+from sinks.clickhouse.rows import (
+    CALLS_COLUMNS,
+    EVENT_ID,
+    call_columns,
+    ts_end_range,
+    unstorable,
+)
 from sql.native import native_body
 
 # A raw message: topic, partition, offset, value.
@@ -107,8 +114,11 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
             if topic == topics.WINDOWS:
                 batch.windows.append(wire.decode_window(raw))
             else:
-                costed.append(wire.decode_costed(raw))
-        except (ValidationError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+                event = wire.decode_costed(raw)
+                if problem := unstorable(event):
+                    raise ValueError(problem)
+                costed.append(event)
+        except (ValidationError, msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             batch.dead_letters.append(DeadLetter(utcnow(), topic, partition, offset, raw, str(exc)))
     if costed:
         columns = call_columns(costed)
@@ -116,8 +126,8 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
         if calls_types is not None:
             try:
                 native = calls_body(calls_types, columns)
-            except Exception:  # a value the column cannot hold: the write reports it
-                return batch
+            except Exception:  # unforeseen (unstorable has the known cases): the write
+                return batch  # builds the body again, and reports what fails
             batch.calls = []
             batch.calls_body = CallsBody(native, columns[EVENT_ID], ts_end_range(columns))
     return batch

@@ -125,6 +125,27 @@ def call_row(event: Costed) -> tuple[Any, ...]:
     )
 
 
+# What ``calls`` holds narrower than the contract: token counts as UInt32 (the contract
+# bounds them below only). An event past it would fail every insert of its batch.
+UINT32_MAX = 2**32 - 1
+
+
+def unstorable(event: Costed) -> str:
+    """Why ``calls`` cannot hold the event ("" if it can): a dead letter, not a batch
+    the store refuses again and again."""
+    u = event.response.usage
+    most = max(
+        u.input_tokens,
+        u.output_tokens,
+        u.cached_input_tokens,
+        u.cache_creation_input_tokens,
+        u.reasoning_tokens,
+    )
+    if most > UINT32_MAX:
+        return f"a token count of {most} is more than calls holds (UInt32)"
+    return ""
+
+
 def call_columns(events: Iterable[Costed]) -> list[tuple[Any, ...]]:
     """The ``calls`` columns of events (CALLS_COLUMNS order): rows, transposed in C."""
     return list(zip(*map(call_row, events), strict=True))
