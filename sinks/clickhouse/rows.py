@@ -76,9 +76,9 @@ def _money(value: Decimal) -> str:
 def call_row(event: Costed) -> tuple[Any, ...]:
     """One ``calls`` row, in CALLS_COLUMNS order, of plain values: what the insert's
     encoder takes without converting them again (sql/native.py), and cheap to pickle
-    (a UUID or a Decimal costs ~10x a str to pickle). The event id as its str (the duplicate check
-    binds it so), the request id as its int, times as :func:`ticks`, money as the str
-    of its Decimal."""
+    (a UUID or a Decimal costs ~10x a str to pickle). The event id as its str (the
+    duplicate check binds it so), the request id as its int, times as :func:`ticks`,
+    money as the str of its Decimal."""
     r = event.response
     a = r.attribution
     u = r.usage
