@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -174,15 +174,14 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stage = stage
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        try:
-            await self._stage.revoked(revoked)
-        except Exception as exc:
-            log.exception("giving partitions up failed")
-            await self._stage.crash(exc)
+        await self._guarded(self._stage.revoked(revoked), "giving partitions up")
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._guarded(self._stage.take_over(assigned), "taking partitions over")
+
+    async def _guarded(self, handover: Awaitable[None], what: str) -> None:
         try:
-            await self._stage.take_over(assigned)
+            await handover
         except Exception as exc:
-            log.exception("taking partitions over failed")
+            log.exception("%s failed", what)
             await self._stage.crash(exc)
