@@ -250,7 +250,7 @@ class Settings(BaseSettings):
     # Every insert writes a part to `calls` and to each rollup, at a cost that does not
     # depend on its rows (~130 ms here): fewer, larger inserts, as ClickHouse advises
     # (about one a second), up to what keeps a `calls` part in the compact format (one
-    # file; ~57,000 rows of ~180 bytes make it wide). README, Storage.
+    # file; ~59,000 rows of ~176 bytes make it wide). README, Storage.
     sink_batch_rows: int = Field(default=40_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
     # Processes that decode for the writer, overlapping its inserts (0: the writer's own
