@@ -1,7 +1,7 @@
 """Ingest benchmark: costed events on a Kafka topic -> queryable rows in chDB.
 
     python bench/ingest.py [--events 400000] [--batch-rows N] [--decode-processes N]
-                           [--out bench/results/ingest.md]
+                           [--compare-batch-rows N] [--out bench/results/ingest.md]
 
 Starts the embedded Tansu broker, fills `llmtap.costed` with synthetic costed events
 (before the clock starts), then runs the real ClickHouse writer (read -> decode, in
@@ -9,7 +9,8 @@ decode processes with --decode-processes -> duplicate check -> columnar insert -
 commit) against a fresh chDB store and times it until every row is queryable: with the
 settings' batch size and one decode process (the default; or as many as given) and,
 run by run in turn, with the writer decoding in its own process (0), so the two are
-measured side by side. It also times the writer's steps alone, in one process, on the same events
+measured side by side (with --compare-batch-rows N, batches of N rows too, in the same
+turns). It also times the writer's steps alone, in one process, on the same events
 (decode, columns, duplicate check + insert), so the report says where time goes.
 Target (issue): >= 50,000 rows/s on this machine.
 """
@@ -45,6 +46,13 @@ from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sql.migrate import migrate
 from sql.store import Store
+
+Config = tuple[int, int]  # rows a batch, decode processes
+
+
+def label(config: Config) -> str:
+    return f"batches of {config[0]:,} rows, {config[1]} decode process(es)"
+
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "claude-3-5-sonnet", "o3-mini")
 
@@ -95,7 +103,9 @@ async def fill_topic(bootstrap: str, payloads: list[bytes]) -> None:
         await producer.stop()
 
 
-async def end_to_end(settings: Settings, store: Store, n: int, decode_processes: int) -> float:
+async def end_to_end(
+    settings: Settings, store: Store, n: int, batch_rows: int, decode_processes: int
+) -> float:
     """Seconds from the writer's first message read until n rows are queryable.
 
     A fresh consumer group each time, so every run reads the whole topic; the group
@@ -103,7 +113,9 @@ async def end_to_end(settings: Settings, store: Store, n: int, decode_processes:
     not counted.
     """
     writer = ClickHouseWriter(
-        settings.model_copy(update={"sink_decode_processes": decode_processes}),
+        settings.model_copy(
+            update={"sink_batch_rows": batch_rows, "sink_decode_processes": decode_processes}
+        ),
         store,
         group_id=f"llmtap-bench-{uuid.uuid4().hex[:8]}",
     )
@@ -168,6 +180,12 @@ async def main() -> int:
         help="the writer's decode processes to measure, side by side with 0 (decode "
         "in the store process)",
     )
+    parser.add_argument(
+        "--compare-batch-rows",
+        type=int,
+        default=None,
+        help="also measure batches of this many rows (with --decode-processes), in turn",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/ingest.md"))
     args = parser.parse_args()
 
@@ -175,27 +193,27 @@ async def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bootstrap = f"127.0.0.1:{free_port()}"
         async with embedded_broker(bootstrap, partitions=4):
-            settings = Settings(
-                kafka_bootstrap=bootstrap, topic_partitions=4, sink_batch_rows=args.batch_rows
-            )
+            settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=4)
             print(f"generating {args.events} events...", file=sys.stderr)
             payloads = synthetic(args.events)
             print("filling the topic...", file=sys.stderr)
             await fill_topic(bootstrap, payloads)
 
-            configs = sorted({args.decode_processes, 0}, reverse=True)
-            rates: dict[int, list[float]] = {processes: [] for processes in configs}
+            configs = [(args.batch_rows, args.decode_processes), (args.batch_rows, 0)]
+            if args.compare_batch_rows is not None:
+                configs.append((args.compare_batch_rows, args.decode_processes))
+            configs = list(dict.fromkeys(configs))
+            rates: dict[Config, list[float]] = {config: [] for config in configs}
             store = Store(f"chdb:///{tmp}/clickhouse")
             try:
                 migrate(store)
                 for run in range(args.runs):
-                    for processes in configs:  # side by side: one run of each in turn
+                    for config in configs:  # side by side: one run of each in turn
                         store.command("TRUNCATE TABLE calls")
-                        took = await end_to_end(settings, store, args.events, processes)
-                        rates[processes].append(args.events / took)
+                        took = await end_to_end(settings, store, args.events, *config)
+                        rates[config].append(args.events / took)
                         print(
-                            f"run {run + 1}, {processes} decode process(es): "
-                            f"{rates[processes][-1]:,.0f} rows/s",
+                            f"run {run + 1}, {label(config)}: {rates[config][-1]:,.0f} rows/s",
                             file=sys.stderr,
                         )
                 store.command("TRUNCATE TABLE calls")
@@ -217,24 +235,24 @@ def free_port() -> int:
         return port
 
 
-def render(args: argparse.Namespace, rates: dict[int, list[float]], steps: dict[str, float]) -> str:
+def render(
+    args: argparse.Namespace, rates: dict[Config, list[float]], steps: dict[str, float]
+) -> str:
     lines = [
         "# Ingest benchmark: topic -> queryable rows (chDB)",
         "",
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
         f"- events: {args.events:,} costed events on `llmtap.costed` (4 partitions), "
-        f"writer batches of {args.batch_rows:,} rows, {args.runs} runs of each "
-        "configuration, in turn",
+        f"{args.runs} runs of each configuration, in turn",
         "",
         "| measure | rows/s |",
         "|---|---:|",
     ]
-    for processes, measured in rates.items():
+    for config, measured in rates.items():
         lines += [
-            f"| end to end, {processes} decode process(es), median | "
-            f"{statistics.median(measured):,.0f} |",
-            f"| end to end, {processes} decode process(es), best run | {max(measured):,.0f} |",
+            f"| end to end, {label(config)}, median | {statistics.median(measured):,.0f} |",
+            f"| end to end, {label(config)}, best run | {max(measured):,.0f} |",
         ]
     lines += [f"| step alone: {name} | {rate:,.0f} |" for name, rate in steps.items()]
     lines += ["", "Target: >= 50,000 rows/s end to end.", ""]
