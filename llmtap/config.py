@@ -248,9 +248,9 @@ class Settings(BaseSettings):
 
     # ClickHouse writer: a batch is written when it has this many rows or is this old.
     # Every insert writes a part to `calls` and to each rollup, at a cost that does not
-    # depend on its rows (~130 ms here): fewer, larger inserts, as ClickHouse advises
+    # depend on its rows (~70-130 ms here): fewer, larger inserts, as ClickHouse advises
     # (about one a second), up to what keeps a `calls` part in the compact format (one
-    # file; ~59,000 rows of ~176 bytes make it wide). README, Storage.
+    # data file; ~59,000 rows of ~176 bytes make it wide). README, Storage.
     sink_batch_rows: int = Field(default=40_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
     # Processes that decode for the writer, overlapping its inserts (0: the writer's own
