@@ -56,7 +56,7 @@ class ClickHouseWriter:
     chDB engine is never made), in parallel with reading and inserting here; 0 decodes
     in this process, on the event loop. A decode process takes the GIL-bound decode and
     the encoding of the insert off this process at the cost of a little more CPU in all
-    (the records to pickle): ~47,500 rows/s instead of ~43,900 on two cores
+    (the records to pickle): ~8% more rows/s on two cores, side by side
     (bench/results/ingest.md)."""
 
     def __init__(self, settings: Settings, store: Store, group_id: str = topics.SINK_GROUP) -> None:
