@@ -11,7 +11,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from ingress.publisher import EventPublisher
-from llmtap.events import ResponseEvent
+from llmtap import wire
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -89,7 +89,7 @@ class IngressMetrics:
         # Labelled children by (metric, *labels): as many as the metrics hold themselves.
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
 
-    def observe(self, event: ResponseEvent) -> None:
+    def observe(self, event: wire.Response) -> None:
         self._child(self.requests, event.endpoint, event.provider, event.model, event.status).inc()
         if event.status in ("bad_request", "refused"):
             self._child(self.rejections, event.error_class or event.status).inc()

@@ -50,7 +50,6 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RecordTooLargeError,
 )
-from pydantic import BaseModel
 
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Record, Spool
 from llmtap.batches import Batches
@@ -155,16 +154,11 @@ class EventPublisher:
         """Events waiting in memory (the spool's are counted in ``spool_bytes``)."""
         return len(self._queue)
 
-    def publish(self, topic: str, key: bytes, event: BaseModel) -> None:
-        """Queue an event for Kafka. Never blocks, never raises, never waits for the broker."""
+    def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Queue an event (its JSON) for Kafka. Never blocks, never raises, never waits
+        for the broker."""
         if len(self._queue) >= self._queue_size:
             self._drop_queue_full()
-            return
-        try:
-            value = event.model_dump_json().encode()
-        except Exception:
-            log.exception("event could not be serialised; dropped")
-            self.dropped += 1
             return
         self._queue.append(Record(topic, key, value))
         self._wakeup.set()

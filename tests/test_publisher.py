@@ -138,7 +138,7 @@ def publisher(bootstrap: str, spool_dir: Path, **options: int) -> EventPublisher
 
 def publish_all(target: EventPublisher, events: list[Ping]) -> None:
     for event in events:
-        target.publish(TOPIC, KEY, event)
+        target.publish(TOPIC, KEY, event.model_dump_json().encode())
 
 
 async def wait_for(predicate: Callable[[], bool], seconds: float = 30) -> None:
@@ -381,7 +381,8 @@ async def test_an_event_too_large_for_kafka_is_dropped_and_the_rest_delivered(
     target = publisher(broker.bootstrap, tmp_path / "spool")
     async with running(target):
         publish_all(target, before)
-        target.publish(TOPIC, KEY, Blob(event_id=uuid.uuid4(), seq=-1, pad="x" * (2 << 20)))
+        blob = Blob(event_id=uuid.uuid4(), seq=-1, pad="x" * (2 << 20))
+        target.publish(TOPIC, KEY, blob.model_dump_json().encode())
         publish_all(target, after)
         await wait_for(lambda: target.published + target.dropped == 201)
     assert (target.published, target.dropped, target.spooled) == (200, 1, 0)

@@ -1,8 +1,9 @@
 """The msgspec mirror of the contract (llmtap/wire.py) against its pydantic models: every
 event the models write decodes to the same ``calls`` row both ways, every kind of bad
-message the model refuses is refused by both, the stream's cost stage (response read,
-priced and written with the structs) writes the very event the models would, and so
-does its windows step (windows built as structs, without validation)."""
+message the model refuses is refused by both, the ingress's request and response
+events (built as structs) are the ones the models would write, the stream's cost stage
+(response read, priced and written with the structs) writes the very event the models
+would, and so does its windows step (windows built as structs, without validation)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from ingress.forward.call import Call
 from llmtap import wire
 from llmtap.events import (
     _DERIVED_NS,
     Attribution,
     Cost,
     CostedEvent,
+    RequestEvent,
     ResponseEvent,
     Status,
     Usage,
@@ -113,6 +116,81 @@ def reads_the_same(raw: bytes) -> None:
 @given(events)
 def test_every_event_the_contract_writes_reads_the_same_both_ways(event: CostedEvent) -> None:
     reads_the_same(event.model_dump_json().encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    attribution=attributions,
+    usage=usages,
+    model=names,
+    served=names,
+    stream=st.booleans(),
+    request_bytes=tokens,
+    max_tokens=st.none() | tokens,
+    status=st.sampled_from(get_args(Status)),
+    http_status=st.integers(min_value=0, max_value=999),
+    error_class=names,
+    answered=st.booleans(),
+)
+def test_the_ingress_writes_the_events_the_contract_would(
+    attribution: Attribution,
+    usage: Usage,
+    model: str,
+    served: str,
+    stream: bool,
+    request_bytes: int,
+    max_tokens: int | None,
+    status: Status,
+    http_status: int,
+    error_class: str,
+    answered: bool,
+) -> None:
+    call = Call(provider="openai", endpoint="chat.completions")
+    call.model_requested, call.stream, call.attribution = model, stream, attribution
+    request = call.request_event(request_bytes=request_bytes, max_tokens=max_tokens)
+    assert RequestEvent.model_validate_json(wire.encode(request)) == RequestEvent(
+        event_id=request.event_id,
+        request_id=call.request_id,
+        ts=call.ts_start,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested=model,
+        stream=stream,
+        request_bytes=request_bytes,
+        max_tokens=max_tokens,
+        attribution=attribution,
+    )
+    if answered:
+        call.mark_sent()
+        call.mark_first_byte()
+        call.mark_upstream_done()
+    response = call.response_event(
+        status=status,
+        http_status=http_status,
+        usage=usage,
+        model_served=served,
+        error_class=error_class,
+    )
+    assert (response.ttft_ms is None) is not answered
+    assert ResponseEvent.model_validate_json(wire.encode(response)) == ResponseEvent(
+        event_id=response.event_id,
+        request_id=call.request_id,
+        ts_start=call.ts_start,
+        ts_end=response.ts_end,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested=model,
+        model_served=served,
+        stream=stream,
+        status=status,
+        http_status=http_status,
+        error_class=error_class,
+        usage=usage,
+        latency_ms=response.latency_ms,
+        ttft_ms=response.ttft_ms,
+        proxy_overhead_ms=response.proxy_overhead_ms,
+        attribution=attribution,
+    )
 
 
 CATALOG = load_catalog()

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from llmtap.events import Attribution, RequestEvent, ResponseEvent, Status, Usage, utcnow
+from llmtap import wire
+from llmtap.events import Attribution, Status, Usage, utcnow
 
 ATTRIBUTION_PREFIX = "x-llmtap-"
 PROPERTY_PREFIX = "x-llmtap-property-"
@@ -144,8 +145,11 @@ class Call:
     t_first_byte: float | None = None
     t_upstream_done: float | None = None
 
-    def request_event(self, *, request_bytes: int, max_tokens: int | None) -> RequestEvent:
-        return RequestEvent(
+    def request_event(self, *, request_bytes: int, max_tokens: int | None) -> wire.Request:
+        """The contract's ``RequestEvent``, as its msgspec mirror: built and encoded in
+        ~4 us instead of ~10 (~3 of them its event id's uuid4); tests/test_wire.py holds
+        it to the model."""
+        return wire.Request(
             request_id=self.request_id,
             ts=self.ts_start,
             provider=self.provider,
@@ -154,7 +158,7 @@ class Call:
             stream=self.stream,
             request_bytes=request_bytes,
             max_tokens=max_tokens,
-            attribution=self.attribution,
+            attribution=wire.attribution_of(self.attribution),
         )
 
     def mark_sent(self) -> None:
@@ -175,7 +179,8 @@ class Call:
         usage: Usage,
         model_served: str = "",
         error_class: str = "",
-    ) -> ResponseEvent:
+    ) -> wire.Response:
+        """The contract's ``ResponseEvent``, as its msgspec mirror: ~9 us instead of ~15."""
         t_end = time.perf_counter()
         latency = t_end - self.t_start
         # Time spent in the proxy itself: before the provider was asked, and after its
@@ -184,7 +189,7 @@ class Call:
         done = self.t_upstream_done if self.t_upstream_done is not None else t_end
         overhead = max(0.0, (sent - self.t_start) + (t_end - max(done, sent)))
         ttft = None if self.t_first_byte is None else (self.t_first_byte - self.t_start) * 1000
-        return ResponseEvent(
+        return wire.Response(
             request_id=self.request_id,
             ts_start=self.ts_start,
             ts_end=self.ts_start + timedelta(seconds=latency),
@@ -196,9 +201,9 @@ class Call:
             status=status,
             http_status=http_status,
             error_class=error_class,
-            usage=usage,
+            usage=wire.usage_of(usage),
             latency_ms=latency * 1000,
             ttft_ms=ttft,
             proxy_overhead_ms=overhead * 1000,
-            attribution=self.attribution,
+            attribution=wire.attribution_of(self.attribution),
         )

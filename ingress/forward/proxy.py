@@ -35,7 +35,7 @@ from ingress.keys import (
     UPSTREAM,
 )
 from ingress.routing import NoRoute, resolve
-from llmtap import logs, topics
+from llmtap import logs, topics, wire
 from llmtap.config import ApiKind, ProviderConfig
 from llmtap.events import Status, Usage, utcnow
 
@@ -83,7 +83,8 @@ def record_outcome(
         model_served=model_served,
         error_class=error_class,
     )
-    app[PUBLISHER].publish(topics.RESPONSES, topics.partition_key(call.request_id), event)
+    key = topics.partition_key(call.request_id)
+    app[PUBLISHER].publish(topics.RESPONSES, key, wire.encode(event))
     app[METRICS].observe(event)
 
 
@@ -186,7 +187,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     publisher.publish(
         topics.REQUESTS,
         topics.partition_key(call.request_id),
-        call.request_event(request_bytes=len(body), max_tokens=most_tokens),
+        wire.encode(call.request_event(request_bytes=len(body), max_tokens=most_tokens)),
     )
 
     rewritten = route.upstream_model != model

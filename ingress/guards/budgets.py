@@ -214,7 +214,7 @@ async def follow_topic(
             await consumer.stop()
 
 
-Publish = Callable[[str, bytes, BaseModel], None]
+Publish = Callable[[str, bytes, bytes], None]  # topic, key, the event's JSON
 
 
 async def announce(
@@ -235,9 +235,9 @@ async def announce(
                 event = Reservations(
                     ingress_id=ingress_id, at=now, interval_s=interval_s, held=held
                 )
-                publish(topics.RESERVATIONS, key, event)
+                publish(topics.RESERVATIONS, key, event.model_dump_json().encode())
                 last, sent_at = held, loop.time()
             await asyncio.sleep(0.2)
     finally:
         gone = Reservations(ingress_id=ingress_id, at=utcnow(), interval_s=interval_s)
-        publish(topics.RESERVATIONS, key, gone)
+        publish(topics.RESERVATIONS, key, gone.model_dump_json().encode())
