@@ -58,7 +58,16 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-LINGER_MS = 20
+# How long a flight gathers events before it is sent. Each flight costs the ingress
+# a produce request and a batch per partition of each topic, whatever it holds: at 500
+# calls/s, flights of 50 ms instead of 20 took its CPU a call 927 -> 844 us (non-stream)
+# and 1084 -> 1018 (stream), side by side (100 ms: 811 and 982). Events reach Kafka up
+# to that much later; nothing waits on them (budgets hold a settled cost until a
+# published state counts it).
+LINGER_MS = 50
+# Records appended to a flight's batches between two turns of the event loop: a large
+# flight (a burst, a spool segment replayed) must not hold up the calls being served.
+APPEND_SLICE = 256
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 POLL_S = 0.05  # how often the spool policy is looked at while Kafka is awaited
@@ -397,7 +406,9 @@ class EventPublisher:
         loop = asyncio.get_running_loop()
         by_topic: dict[str, Batches] = {}
         placed: list[tuple[Batches, int] | asyncio.Future[Any]] = []
-        for record in flight.records:
+        for i, record in enumerate(flight.records):
+            if i and not i % APPEND_SLICE:
+                await asyncio.sleep(0)
             batches = by_topic.get(record.topic)
             if batches is None:
                 try:
