@@ -2,9 +2,17 @@
 
 Order: broker (embedded Tansu) -> topics -> store (migrations, ClickHouse writer,
 analytics API) -> stream worker (Faust) -> ingress. Each is started only once the one
-before it answers. Stop is the reverse order, on SIGINT/SIGTERM or as soon as any
-child dies: SIGTERM, a grace period, then SIGKILL. Children also get SIGTERM from the
-kernel if the supervisor itself is killed (PR_SET_PDEATHSIG), so none is orphaned.
+before it answers. Stop is the reverse order, on SIGINT/SIGTERM: SIGTERM, a grace
+period, then SIGKILL. Children also get SIGTERM from the kernel if the supervisor
+itself is killed (PR_SET_PDEATHSIG), so none is orphaned.
+
+Once up, a stage (store, worker, ingress) that exits is started again, as compose's
+``restart: unless-stopped`` does: after 1 s, doubling to 60 s while it keeps dying,
+back to 1 s once it has run a minute. Each stage resumes from Kafka and its own
+checkpoints (tests/faults kill each one), and the others go on: a worker that stops
+after the broker refused its output for too long does not take the proxy down. The
+embedded broker exiting stops everything: its topics and offsets died with it (memory
+storage), and a new `llmtap up` starts over in order.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from stream.app import ready_file
 log = logging.getLogger("llmtap.up")
 
 STARTUP_TIMEOUT_S = 120.0
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 60.0
+RESTART_RESET_S = 60.0  # a stage that ran this long before it exited restarts after RESTART_MIN_S
 STOP_GRACE_S = 15.0
 DRAIN_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
@@ -42,6 +53,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 @dataclass
 class Child:
     name: str
+    argv: list[str]
+    log_file: Path | None
     process: asyncio.subprocess.Process
 
     @property
@@ -71,6 +84,11 @@ class Supervisor:
         self.stopping = asyncio.Event()
 
     async def spawn(self, name: str, argv: list[str], log_file: Path | None = None) -> Child:
+        child = await self._start(name, argv, log_file)
+        self.children.append(child)
+        return child
+
+    async def _start(self, name: str, argv: list[str], log_file: Path | None) -> Child:
         stdout = None
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -85,10 +103,8 @@ class Supervisor:
         )
         if stdout is not None:
             stdout.close()
-        child = Child(name, process)
-        self.children.append(child)
         log.info("started %s (pid %d)", name, process.pid)
-        return child
+        return Child(name, argv, log_file, process)
 
     async def spawn_llmtap(self, command: str) -> Child:
         return await self.spawn(command, [sys.executable, "-m", "llmtap", command])
@@ -179,24 +195,43 @@ class Supervisor:
                 f"Ctrl-C to stop.",
                 flush=True,
             )
-            waits = [asyncio.create_task(c.process.wait()) for c in self.children]
+            keepers = [asyncio.create_task(self._keep(i)) for i in range(len(self.children))]
             stop = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            dead = [c for c in self.children if not c.running]
-            for child in dead:
-                log.error(
-                    "%s exited with code %s; stopping everything",
-                    child.name,
-                    child.process.returncode,
-                )
-            return 1 if dead and not self.stopping.is_set() else 0
+            try:
+                await asyncio.wait([stop, *keepers], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (stop, *keepers):
+                    task.cancel()
+            return 0 if self.stopping.is_set() else 1
         except StartupFailed as exc:
             log.error("startup failed: %s", exc)
             return 0 if self.stopping.is_set() else 1
         finally:
             await self.stop_all()
             log.info("stopped")
+
+    async def _keep(self, index: int) -> None:
+        """Start the stage at ``index`` again whenever it exits; return if the broker
+        exits (everything stops then)."""
+        loop = asyncio.get_running_loop()
+        delay = RESTART_MIN_S
+        while True:
+            child = self.children[index]
+            started = loop.time()
+            await child.process.wait()
+            code = child.process.returncode
+            if child.name == "broker":
+                log.error("broker exited with code %s; stopping everything", code)
+                return
+            if loop.time() - started >= RESTART_RESET_S:
+                delay = RESTART_MIN_S
+            log.error("%s exited with code %s; starting it again in %.0fs", child.name, code, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            if self.stopping.is_set():
+                return
+            self.children[index] = await self._start(child.name, child.argv, child.log_file)
+            delay = min(delay * 2, RESTART_MAX_S)
 
 
 def broker_argv(bootstrap: str) -> list[str]:

@@ -6,6 +6,8 @@ Each test uses its own model so the rows it waits for are its own.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -248,3 +250,38 @@ async def test_up_drains_in_flight_events_then_stops_every_child(
     finally:
         store.close()
     assert rows == [{"n": LAST_CALLS}]
+
+
+async def test_up_starts_a_dead_stage_again_and_the_proxy_goes_on(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """The stream worker killed under `llmtap up`: the proxy keeps answering, the
+    supervisor starts a new worker, and a call made while none ran is costed by it.
+    The broker killed: its topics are gone with it, so everything stops."""
+    fake = upstream.provider
+    async with run_llmtap(tmp_path, upstream) as running:
+        before = running.child_pids()
+        os.kill(before["worker"], signal.SIGKILL)
+        async with running.openai() as sdk:
+            await sdk.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+        row = await model_row(  # its own store: the only gpt-4o-mini call there
+            running.api_url, "gpt-4o-mini" + SNAPSHOT, lambda r: r["requests"] >= 1
+        )
+        after = running.child_pids()
+        assert after["worker"] != before["worker"]
+        assert {k: v for k, v in after.items() if k != "worker"} == {
+            k: v for k, v in before.items() if k != "worker"
+        }
+        assert running.process.returncode is None
+
+        os.kill(after["broker"], signal.SIGKILL)
+        assert await asyncio.wait_for(running.process.wait(), 90) == 1
+    assert [name for name, pid in after.items() if pid_alive(pid)] == []
+    assert row["requests"] == 1
+    want = expected_cost(
+        "gpt-4o-mini", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
+    )
+    assert Decimal(row["cost"]) == want
+    assert any("worker exited with code -9; starting it again" in line for line in running.output)
