@@ -10,8 +10,8 @@ WORKDIR /app
 COPY . .
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin llmtap \
-    && mkdir -p /data \
-    && chown llmtap:llmtap /data
+    && mkdir -p /data /keys \
+    && chown llmtap:llmtap /data /keys
 
 USER llmtap
 EXPOSE 8080 8081

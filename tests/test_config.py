@@ -7,11 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from llmtap.config import CONFIG_ENV, Settings
 
 README = Path(__file__).parent.parent / "README.md"
+COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
+LLMTAP_SERVICES = ("store", "worker", "ingress")
 
 
 def test_env_overrides_yaml_which_overrides_defaults(
@@ -91,3 +94,46 @@ def test_config_is_read_wherever_it_is_given(
         argv = ["keys", "--config", str(config), "list"]
     assert cli(argv) == 0
     assert key.id in capsys.readouterr().out
+
+
+def compose_service(name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """A docker-compose.yml service's environment, each ``${VAR:-default}`` taken at its
+    default (``${VAR}``: empty), and its volumes as mount point -> volume name."""
+    service = yaml.safe_load(COMPOSE.read_text())["services"][name]
+    env = {
+        key: re.sub(r"\$\{\w+(?::-([^}]*))?\}", lambda m: m[1] or "", str(value))
+        for key, value in service.get("environment", {}).items()
+    }
+    volumes = dict(reversed(v.split(":")[:2]) for v in service.get("volumes", []))
+    return env, volumes
+
+
+@pytest.mark.parametrize("name", LLMTAP_SERVICES)
+def test_compose_services_give_valid_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every LLMTAP_ variable in docker-compose.yml names a setting (the environment
+    source ignores a misspelt one) and the values validate."""
+    env, _ = compose_service(name)
+    named = {k.removeprefix("LLMTAP_").lower() for k in env if k.startswith("LLMTAP_")}
+    assert named - set(Settings.model_fields) == set()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert not settings.embedded_broker
+
+
+def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key made in one container is seen by the proxy and the analytics API; the
+    ingress's spool outlives its container."""
+    mounted = []
+    for name in ("store", "ingress"):
+        env, volumes = compose_service(name)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()
+        mounted.append(volumes.get(str(settings.key_file.parent)))
+        if name == "ingress":
+            assert volumes.get(str(settings.data_dir)) is not None  # spool_dir is under it
+    assert mounted[0] is not None
+    assert mounted[0] == mounted[1]
