@@ -86,7 +86,12 @@ class StreamWorker(faust.Worker):
     def __init__(
         self, app: faust.App, stage: CostStage, spikes: SpikesStage, settings: Settings
     ) -> None:
-        super().__init__(app, stage, spikes, loglevel=settings.log_level, quiet=True)
+        # The JSON lines every llmtap process logs (llmtap/logs.py, set up by the CLI),
+        # not mode's colored ones, and no terminal spinner.
+        super().__init__(
+            app, stage, spikes, loglevel=settings.log_level, quiet=True, override_logging=False
+        )
+        self.spinner = None
         self._stage = stage
         self._ready = ready_file(settings)
         self._ready.unlink(missing_ok=True)
