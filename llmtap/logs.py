@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import orjson
@@ -32,14 +34,60 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
+        held_back = getattr(record, "suppressed", 0)
+        if held_back:
+            entry["suppressed"] = held_back
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
 
+# Loggers whose lines repeat for as long as a broker is down: aiokafka logs each
+# reconnect, metadata and fetch attempt (~100 ERROR lines a second from a store or a
+# worker), which buries everything else and bills a log pipeline by the line.
+REPEATING = ("aiokafka",)
+REPEAT_S = 10.0
+_MAX_KINDS = 1_000
+
+
+class Throttle(logging.Filter):
+    """Lets one line of each kind (logger, level, message template) of the loggers under
+    ``prefixes`` through per ``interval`` seconds; the next one through carries in
+    ``suppressed`` how many were held back. Other loggers' lines all pass."""
+
+    def __init__(
+        self,
+        prefixes: tuple[str, ...] = REPEATING,
+        interval: float = REPEAT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+        self._interval = interval
+        self._clock = clock
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # -> passed at, held
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefixes):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self._interval:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return False
+        if len(self._seen) >= _MAX_KINDS:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._interval}
+        self._seen[key] = (now, 0)
+        if seen is not None and seen[1]:
+            record.suppressed = seen[1]
+        return True
+
+
 def setup(process_name: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(process_name))
+    handler.addFilter(Throttle())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -26,3 +26,33 @@ def test_a_log_line_is_json_with_the_request_id() -> None:
     assert line["ts"].endswith("+00:00")
 
     assert "request_id" not in orjson.loads(formatter.format(record))
+
+
+def record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_a_repeating_kafka_line_passes_once_per_interval_then_says_how_many_were_held() -> None:
+    now = [100.0]
+    throttle = logs.Throttle(("aiokafka",), interval=10.0, clock=lambda: now[0])
+    unable = "Unable connect to node with id %s: %s"
+    passed = [throttle.filter(record("aiokafka", unable, 1, f"try {i}")) for i in range(50)]
+    assert passed == [True] + [False] * 49
+    # Another kind (message, logger or level) is not held back by the first.
+    assert throttle.filter(record("aiokafka", "Unable to update metadata from %s", [1]))
+    assert throttle.filter(record("aiokafka.consumer.fetcher", unable, 1, "x"))
+    assert throttle.filter(record("aiokafka", unable, 1, "x", level=logging.WARNING))
+    # Nor is any other logger, however often it repeats.
+    assert all(throttle.filter(record("stream.agents.costs", "not delivered")) for _ in range(5))
+
+    now[0] += 9.9
+    assert not throttle.filter(record("aiokafka", unable, 1, "still"))
+    now[0] += 0.1
+    next_one = record("aiokafka", unable, 1, "after")
+    assert throttle.filter(next_one)
+    line = orjson.loads(logs.JsonFormatter("store").format(next_one))
+    assert line["suppressed"] == 50  # 49, then the one at 9.9 s
+    now[0] += 10.0
+    quiet_since = record("aiokafka", unable, 1, "again")
+    assert throttle.filter(quiet_since)
+    assert "suppressed" not in orjson.loads(logs.JsonFormatter("store").format(quiet_since))
