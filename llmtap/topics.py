@@ -104,9 +104,9 @@ async def lag(bootstrap: str, group_id: str, topic: str) -> int:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000
     )
-    await admin.start()
-    await consumer.start()
-    try:
+    try:  # closed even when a start fails (the broker gone)
+        await admin.start()
+        await consumer.start()
         partitions = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         committed = await admin.list_consumer_group_offsets(group_id, partitions=tps)
