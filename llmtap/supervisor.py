@@ -11,8 +11,10 @@ Once up, a stage (store, worker, ingress) that exits is started again, as compos
 back to 1 s once it has run a minute. Each stage resumes from Kafka and its own
 checkpoints (tests/faults kill each one), and the others go on: a worker that stops
 after the broker refused its output for too long does not take the proxy down. The
-embedded broker exiting stops everything: its topics and offsets died with it (memory
-storage), and a new `llmtap up` starts over in order.
+embedded broker exiting takes its topics and offsets with it (memory storage), so
+everything is stopped and started again in order, as a new `llmtap up` would
+(tests/faults/test_broker.py: nothing spooled is lost, nothing doubled), with the same
+doubling delay. `up` exits only on a stop, or when a start fails.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
+        delay = RESTART_MIN_S
         try:
             await self.start_all()
             print(
@@ -195,14 +198,22 @@ class Supervisor:
                 f"Ctrl-C to stop.",
                 flush=True,
             )
-            keepers = [asyncio.create_task(self._keep(i)) for i in range(len(self.children))]
-            stop = asyncio.create_task(self.stopping.wait())
-            try:
-                await asyncio.wait([stop, *keepers], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (stop, *keepers):
-                    task.cancel()
-            return 0 if self.stopping.is_set() else 1
+            while True:
+                started = loop.time()
+                if await self._keep_all():
+                    return 0
+                # The broker died, and its topics and offsets with it: what a new `up`
+                # does, in order (the ingress spools what it holds and replays it).
+                await self.stop_all()
+                self.children.clear()
+                if loop.time() - started >= RESTART_RESET_S:
+                    delay = RESTART_MIN_S
+                log.error("starting everything again in %.0fs", delay)
+                if await self._stop_asked_within(delay):
+                    return 0
+                delay = min(delay * 2, RESTART_MAX_S)
+                await self.start_all()
+                log.info("llmtap is up again")
         except StartupFailed as exc:
             log.error("startup failed: %s", exc)
             return 0 if self.stopping.is_set() else 1
@@ -210,9 +221,26 @@ class Supervisor:
             await self.stop_all()
             log.info("stopped")
 
+    async def _stop_asked_within(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        return self.stopping.is_set()
+
+    async def _keep_all(self) -> bool:
+        """Keep every stage running until a stop is asked (True) or the broker exits
+        (False)."""
+        keepers = [asyncio.create_task(self._keep(i)) for i in range(len(self.children))]
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait([stop, *keepers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stop, *keepers):
+                task.cancel()
+        return self.stopping.is_set()
+
     async def _keep(self, index: int) -> None:
         """Start the stage at ``index`` again whenever it exits; return if the broker
-        exits (everything stops then)."""
+        exits."""
         loop = asyncio.get_running_loop()
         delay = RESTART_MIN_S
         while True:
@@ -221,14 +249,12 @@ class Supervisor:
             await child.process.wait()
             code = child.process.returncode
             if child.name == "broker":
-                log.error("broker exited with code %s; stopping everything", code)
+                log.error("broker exited with code %s; stopping everything", code)  # to start over
                 return
             if loop.time() - started >= RESTART_RESET_S:
                 delay = RESTART_MIN_S
             log.error("%s exited with code %s; starting it again in %.0fs", child.name, code, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), delay)
-            if self.stopping.is_set():
+            if await self._stop_asked_within(delay):
                 return
             self.children[index] = await self._start(child.name, child.argv, child.log_file)
             delay = min(delay * 2, RESTART_MAX_S)

@@ -21,6 +21,7 @@ from openai import AsyncOpenAI
 from sql.store import Store
 from tests.conftest import ADMIN_KEY, PROVIDER_KEY, FakeUpstream, Running, pid_alive, run_llmtap
 from tests.fake_provider import SNAPSHOT
+from tests.faults.harness import until
 
 POLL_TIMEOUT_S = 45.0
 LAST_CALLS = 40  # made just before SIGTERM; batched on the wire
@@ -257,31 +258,49 @@ async def test_up_starts_a_dead_stage_again_and_the_proxy_goes_on(
 ) -> None:
     """The stream worker killed under `llmtap up`: the proxy keeps answering, the
     supervisor starts a new worker, and a call made while none ran is costed by it.
-    The broker killed: its topics are gone with it, so everything stops."""
+    The broker killed: its topics are gone with it, so everything is started again in
+    order, and calls are metered again."""
     fake = upstream.provider
-    async with run_llmtap(tmp_path, upstream) as running:
-        before = running.child_pids()
-        os.kill(before["worker"], signal.SIGKILL)
+    one_call = expected_cost(
+        "gpt-4o-mini", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
+    )
+
+    async def call(running: Running) -> None:
         async with running.openai() as sdk:
             await sdk.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
             )
-        row = await model_row(  # its own store: the only gpt-4o-mini call there
+
+    async with run_llmtap(tmp_path, upstream) as running:
+        first = running.child_pids()
+        os.kill(first["worker"], signal.SIGKILL)
+        await call(running)
+        row = await model_row(  # its own store: the only gpt-4o-mini calls there
             running.api_url, "gpt-4o-mini" + SNAPSHOT, lambda r: r["requests"] >= 1
         )
-        after = running.child_pids()
-        assert after["worker"] != before["worker"]
-        assert {k: v for k, v in after.items() if k != "worker"} == {
-            k: v for k, v in before.items() if k != "worker"
+        assert (row["requests"], Decimal(row["cost"])) == (1, one_call)
+        second = running.child_pids()
+        assert second["worker"] != first["worker"]
+        assert {k: v for k, v in second.items() if k != "worker"} == {
+            k: v for k, v in first.items() if k != "worker"
         }
-        assert running.process.returncode is None
+        assert any("worker exited with code -9; starting it again" in x for x in running.output)
 
-        os.kill(after["broker"], signal.SIGKILL)
-        assert await asyncio.wait_for(running.process.wait(), 90) == 1
-    assert [name for name, pid in after.items() if pid_alive(pid)] == []
-    assert row["requests"] == 1
-    want = expected_cost(
-        "gpt-4o-mini", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
-    )
-    assert Decimal(row["cost"]) == want
-    assert any("worker exited with code -9; starting it again" in line for line in running.output)
+        os.kill(second["broker"], signal.SIGKILL)
+
+        async def started_over() -> bool:
+            return any("llmtap is up again" in line for line in running.output)
+
+        await until(started_over, "every process started again", 120)
+        third = running.child_pids()
+        assert all(third[name] != second[name] for name in second)
+        await call(running)
+        row = await model_row(
+            running.api_url, "gpt-4o-mini" + SNAPSHOT, lambda r: r["requests"] >= 2
+        )
+        assert (row["requests"], Decimal(row["cost"])) == (2, 2 * one_call)
+        assert running.process.returncode is None
+        running.process.terminate()
+        assert await asyncio.wait_for(running.process.wait(), 90) == 0
+    pids = [*first.values(), *second.values(), *third.values()]
+    assert [pid for pid in pids if pid_alive(pid)] == []

@@ -14,9 +14,9 @@ honestly prove here is what llmtap itself guarantees, not what Kafka's disk woul
   Kafka they would be on disk). They may be missing, never doubled.
 
 Recovery is the one `llmtap up` performs: its supervisor stops every process when the
-broker dies (the ingress cleanly, spooling what it holds in memory), and a new `up`
-starts the broker and creates the topics before any client connects, then the store,
-the worker and the ingress, which replays its spool first.
+broker dies (the ingress cleanly, spooling what it holds in memory), then starts the
+broker and creates the topics before any client connects, then the store, the worker
+and the ingress, which replays its spool first.
 
 The second test restarts the broker *under* the running store, worker and ingress,
 which `llmtap up` never does; it fails today (see its xfail reason): the record of a
