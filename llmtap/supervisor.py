@@ -79,6 +79,21 @@ class StartupFailed(RuntimeError):
     pass
 
 
+@dataclass
+class Backoff:
+    """How long to wait before starting something again that exited after running
+    ``ran_s``: doubling from RESTART_MIN_S to RESTART_MAX_S while it keeps exiting,
+    back to RESTART_MIN_S once it ran RESTART_RESET_S."""
+
+    delay: float = RESTART_MIN_S
+
+    def after(self, ran_s: float) -> float:
+        if ran_s >= RESTART_RESET_S:
+            self.delay = RESTART_MIN_S
+        delay, self.delay = self.delay, min(self.delay * 2, RESTART_MAX_S)
+        return delay
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -187,7 +202,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        delay = RESTART_MIN_S
+        backoff = Backoff()
         try:
             await self.start_all()
             print(
@@ -206,12 +221,10 @@ class Supervisor:
                 # does, in order (the ingress spools what it holds and replays it).
                 await self.stop_all()
                 self.children.clear()
-                if loop.time() - started >= RESTART_RESET_S:
-                    delay = RESTART_MIN_S
+                delay = backoff.after(loop.time() - started)
                 log.error("starting everything again in %.0fs", delay)
                 if await self._stop_asked_within(delay):
                     return 0
-                delay = min(delay * 2, RESTART_MAX_S)
                 await self.start_all()
                 log.info("llmtap is up again")
         except StartupFailed as exc:
@@ -242,7 +255,7 @@ class Supervisor:
         """Start the stage at ``index`` again whenever it exits; return if the broker
         exits."""
         loop = asyncio.get_running_loop()
-        delay = RESTART_MIN_S
+        backoff = Backoff()
         while True:
             child = self.children[index]
             started = loop.time()
@@ -251,13 +264,11 @@ class Supervisor:
             if child.name == "broker":
                 log.error("broker exited with code %s; stopping everything", code)  # to start over
                 return
-            if loop.time() - started >= RESTART_RESET_S:
-                delay = RESTART_MIN_S
+            delay = backoff.after(loop.time() - started)
             log.error("%s exited with code %s; starting it again in %.0fs", child.name, code, delay)
             if await self._stop_asked_within(delay):
                 return
             self.children[index] = await self._start(child.name, child.argv, child.log_file)
-            delay = min(delay * 2, RESTART_MAX_S)
 
 
 def broker_argv(bootstrap: str) -> list[str]:
