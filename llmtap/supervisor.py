@@ -249,6 +249,7 @@ class Supervisor:
         finally:
             for task in (stop, *keepers):
                 task.cancel()
+            await asyncio.gather(stop, *keepers, return_exceptions=True)
         return self.stopping.is_set()
 
     async def _keep(self, index: int) -> None:
@@ -268,7 +269,12 @@ class Supervisor:
             log.error("%s exited with code %s; starting it again in %.0fs", child.name, code, delay)
             if await self._stop_asked_within(delay):
                 return
-            self.children[index] = await self._start(child.name, child.argv, child.log_file)
+            starting = asyncio.ensure_future(self._start(child.name, child.argv, child.log_file))
+            try:
+                self.children[index] = await asyncio.shield(starting)
+            except asyncio.CancelledError:  # a stop came meanwhile: stop_all stops it too
+                self.children[index] = await starting
+                raise
 
 
 def broker_argv(bootstrap: str) -> list[str]:

@@ -1,8 +1,23 @@
-"""`llmtap up`'s restart delays (the restarts themselves: tests/test_e2e.py)."""
+"""`llmtap up`'s restarts: their delays, and a stop during one (the restarts end to
+end: tests/test_e2e.py)."""
 
 from __future__ import annotations
 
-from llmtap.supervisor import RESTART_MAX_S, RESTART_MIN_S, RESTART_RESET_S, Backoff
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmtap.config import Settings
+from llmtap.supervisor import (
+    RESTART_MAX_S,
+    RESTART_MIN_S,
+    RESTART_RESET_S,
+    Backoff,
+    Child,
+    Supervisor,
+)
 
 
 def test_a_stage_that_keeps_dying_waits_twice_as_long_each_time_up_to_the_most() -> None:
@@ -17,3 +32,32 @@ def test_a_stage_that_ran_a_while_before_it_died_waits_the_least_again() -> None
     assert [backoff.after(ran_s=1.0) for _ in range(3)] == [1.0, 2.0, 4.0]
     assert backoff.after(ran_s=RESTART_RESET_S) == RESTART_MIN_S
     assert backoff.after(ran_s=RESTART_RESET_S - 1) == 2.0
+
+
+async def test_a_stop_that_comes_while_a_stage_restarts_still_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new process is recorded even when the stop cancels its start, so stop_all
+    stops it rather than leaving it running."""
+    monkeypatch.setattr(Backoff, "after", lambda self, ran_s: 0.0)
+    supervisor = Supervisor(Settings(data_dir=tmp_path))
+    marker = tmp_path / "ran-once"
+    # Exits at once the first time; the second time it runs until stopped.
+    script = (
+        "import os, sys, time; p = sys.argv[1]; os.path.exists(p) and time.sleep(60); open(p, 'w')"
+    )
+    first = await supervisor.spawn("stage", [sys.executable, "-c", script, str(marker)])
+    start = supervisor._start
+
+    async def stop_asked_meanwhile(name: str, argv: list[str], log_file: Path | None) -> Child:
+        supervisor.stopping.set()
+        await asyncio.sleep(0)  # the supervisor sees the stop and cancels the restart
+        return await start(name, argv, log_file)
+
+    monkeypatch.setattr(supervisor, "_start", stop_asked_meanwhile)
+    assert await supervisor._keep_all()  # a stop
+    second = supervisor.children[0]
+    assert second is not first
+    assert second.running
+    await supervisor.stop_all()
+    assert not second.running
