@@ -129,9 +129,10 @@ def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(
     mounted = []
     for name in ("store", "ingress"):
         env, volumes = compose_service(name)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        settings = Settings()
+        with monkeypatch.context() as service:  # one service's environment at a time
+            for key, value in env.items():
+                service.setenv(key, value)
+            settings = Settings()
         mounted.append(volumes.get(str(settings.key_file.parent)))
         if name == "ingress":
             assert volumes.get(str(settings.data_dir)) is not None  # spool_dir is under it
