@@ -47,6 +47,7 @@ import aiohttp
 
 from ingress.guards.keys import create_key
 from llmtap import topics
+from llmtap.kafka import Kafka
 from llmtap.supervisor import broker_argv
 
 BENCH = Path(__file__).resolve().parent
@@ -168,7 +169,7 @@ def broker_connected(ingress_url: str) -> bool:
 
 def topics_created(bootstrap: str) -> bool:
     try:
-        asyncio.run(topics.ensure_topics(bootstrap, 4))
+        asyncio.run(topics.ensure_topics(Kafka(bootstrap), 4))
     except Exception:  # the broker is still starting: any failure means "not yet"
         return False
     return True

@@ -48,6 +48,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, BudgetState, ResponseEvent, Usage
+from llmtap.kafka import Kafka
 from llmtap.supervisor import embedded_broker
 from stream.pricing import load_catalog, price
 
@@ -191,7 +192,7 @@ async def throughput(bootstrap: str, data_dir: Path, n: int) -> tuple[float, Dec
         await admin.stop()
     spent = Decimal(0)
     latest: dict[str, BudgetState] = {}
-    for raw in await topics.read_all(bootstrap, topics.BUDGETS):
+    for raw in await topics.read_all(Kafka(bootstrap), topics.BUDGETS):
         state = BudgetState.model_validate_json(raw)
         latest[state.budget] = state
     spent = sum((s.spent_usd for s in latest.values()), Decimal(0))

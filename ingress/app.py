@@ -56,7 +56,7 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
 async def event_publisher(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     publisher = EventPublisher(
-        settings.kafka_bootstrap,
+        settings.kafka,
         queue_size=settings.publish_queue_size,
         spool_dir=settings.spool_dir,
         spool_max_bytes=settings.spool_max_bytes,
@@ -80,7 +80,7 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
     )
     tasks = []
     if settings.budgets:
-        tasks.append(asyncio.create_task(follow(book, settings.kafka_bootstrap), name="budgets"))
+        tasks.append(asyncio.create_task(follow(book, settings.kafka), name="budgets"))
     if any(b.hard_cap for b in settings.budgets):
         # What this process reserves, for the budgets endpoint (the publisher outlives this).
         held = announce(book, app[PUBLISHER].publish, f"ingress-{uuid.uuid4()}")

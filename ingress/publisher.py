@@ -53,6 +53,7 @@ from aiokafka.errors import (
 
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Record, Spool
 from llmtap.batches import Batches
+from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class _Abandoned(Exception):
 class EventPublisher:
     def __init__(
         self,
-        bootstrap: str,
+        kafka: Kafka,
         *,
         queue_size: int,
         spool_dir: Path,
@@ -129,7 +130,7 @@ class EventPublisher:
         request_timeout_ms: int = 10_000,
         slow_after_s: float = 1.0,
     ) -> None:
-        self._bootstrap = bootstrap
+        self._kafka = kafka
         self._queue_size = queue_size
         self._high_water = max(1, queue_size // 2)
         self._spool_dir = spool_dir
@@ -336,7 +337,7 @@ class EventPublisher:
 
     async def _connect(self) -> AIOKafkaProducer | None:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
+            **self._kafka.client_options(),
             # Events are not on any call's path: let batches fill (bench/ingress_latency.py:
             # at 2 ms, batches of 2-4 events cost ~300 µs of CPU per call).
             linger_ms=LINGER_MS,
@@ -347,14 +348,14 @@ class EventPublisher:
         try:
             await producer.start()
         except (KafkaError, OSError) as exc:
-            log.warning("broker not reachable at %s: %s", self._bootstrap, exc)
+            log.warning("broker not reachable at %s: %s", self._kafka.bootstrap, exc)
             await producer.stop()
             return None
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await producer.stop()
             raise
-        log.info("connected to broker at %s", self._bootstrap)
+        log.info("connected to broker at %s", self._kafka.bootstrap)
         return producer
 
     async def _disconnect(self) -> None:

@@ -29,7 +29,8 @@ async def _wait_for_topics(settings: Settings) -> None:
     """Block until the broker answers and llmtap's topics exist."""
     from llmtap.supervisor import topics_ready
 
-    while not await topics_ready(settings):
+    replicas = settings.topic_replication_factor
+    while not await topics_ready(settings.kafka, settings.topic_partitions, replicas):
         log.info("waiting for the broker at %s", settings.kafka_bootstrap)
         await asyncio.sleep(1.0)
 

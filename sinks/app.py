@@ -50,7 +50,7 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
         states = await asyncio.to_thread(
             lambda: [rebuilt_state(store, b, now) for b in settings.budgets]
         )
-        await publish_states(settings.kafka_bootstrap, states)
+        await publish_states(settings.kafka, states)
         log.info("budget states rebuilt from ClickHouse: %d", len(states))
     yield
     store.close()

@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError
 from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import BudgetState
+from llmtap.kafka import Kafka
 from sql.store import Store, render
 from stream.budgets import fresh, status_of
 
@@ -59,8 +60,8 @@ def rebuilt_state(store: Store, budget: BudgetConfig, now: datetime) -> BudgetSt
     )
 
 
-async def publish_states(bootstrap: str, states: list[BudgetState]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+async def publish_states(kafka: Kafka, states: list[BudgetState]) -> None:
+    producer = AIOKafkaProducer(**kafka.client_options(), request_timeout_ms=10_000)
     try:
         await producer.start()
         for state in states:

@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from llmtap import topics
+from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ RECONNECT_S = 1.0
 
 def sink_consumer(
     topic: str | list[str],
-    bootstrap: str,
+    kafka: Kafka,
     group_id: str,
     max_poll_records: int | None = None,
     listener: ConsumerRebalanceListener | None = None,
@@ -26,7 +27,7 @@ def sink_consumer(
     """A consumer (of one topic or several) whose offsets the sink commits itself, after
     its work is durable; ``listener`` hears of the partitions it is given and loses."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka.client_options(),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

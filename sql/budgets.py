@@ -108,9 +108,9 @@ def budget_follower(settings: Settings) -> Callable[[web.Application], AsyncIter
         held = app[RESERVATION_BOOK] = ReservationBook()
         tasks = []
         if settings.budgets:
-            bootstrap = settings.kafka_bootstrap
-            tasks.append(asyncio.create_task(follow(book, bootstrap), name="budget-states"))
-            reservations = follow_topic(topics.RESERVATIONS, Reservations, held.update, bootstrap)
+            kafka = settings.kafka
+            tasks.append(asyncio.create_task(follow(book, kafka), name="budget-states"))
+            reservations = follow_topic(topics.RESERVATIONS, Reservations, held.update, kafka)
             tasks.append(asyncio.create_task(reservations, name="budget-reservations"))
         yield
         for task in tasks:

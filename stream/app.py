@@ -39,10 +39,10 @@ def create_app(
     settings: Settings, ledger: Ledger | None = None, detector: Detector | None = None
 ) -> tuple[faust.App, CostStage, SpikesStage]:
     """The Faust app and the stages its worker runs beside it."""
-    brokers = [f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")]
     app = StreamApp(
         topics.WORKER_APP,
-        broker=brokers,
+        broker=settings.kafka.faust_brokers(),
+        broker_credentials=settings.kafka.faust_credentials(),
         store="memory://",
         key_serializer="raw",
         value_serializer="raw",
@@ -54,7 +54,7 @@ def create_app(
     )
     stage = CostStage(settings, load_catalog(settings.pricing_file))
     grace = timedelta(seconds=settings.window_grace_s)
-    counting = windows.WindowsStep(settings.kafka_bootstrap, settings.window_sizes_s, grace)
+    counting = windows.WindowsStep(settings.kafka, settings.window_sizes_s, grace)
     stage.steps.append(counting)
     stage.positions.holding = counting
     if settings.budgets:
@@ -71,7 +71,7 @@ async def load_budget_states(settings: Settings) -> Ledger:
     """A ledger seeded with the budgets topic's latest states (the worker's own earlier
     output, or the store's rebuild from ClickHouse), read before any event is counted."""
     ledger = Ledger(settings.budgets)
-    for raw in await topics.read_all(settings.kafka_bootstrap, topics.BUDGETS):
+    for raw in await topics.read_all(settings.kafka, topics.BUDGETS):
         try:
             ledger.seed(BudgetState.model_validate_json(raw))
         except ValidationError as exc:

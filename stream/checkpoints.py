@@ -33,6 +33,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from llmtap import topics
 from llmtap.batches import Batches
+from llmtap.kafka import Kafka
 
 
 class Checkpoint(BaseModel):
@@ -67,12 +68,10 @@ def of(
     return Checkpoint(partition=partition, hold=hold, done=done, through=through, writer=writer)
 
 
-async def latest(bootstrap: str, partitions: Iterable[int]) -> dict[int, Checkpoint]:
+async def latest(kafka: Kafka, partitions: Iterable[int]) -> dict[int, Checkpoint]:
     """The latest checkpoint of each of ``partitions`` that has one."""
     found: dict[int, Checkpoint] = {}
-    for partition, raw in (
-        await topics.read_latest(bootstrap, topics.CHECKPOINTS, partitions)
-    ).items():
+    for partition, raw in (await topics.read_latest(kafka, topics.CHECKPOINTS, partitions)).items():
         try:
             checkpoint = Checkpoint.model_validate_json(raw)
         except ValidationError:
@@ -110,8 +109,8 @@ class Positions:
     offsets processed, the checkpoints it wrote, and where a partition it is given
     starts. The cost stage (stream/agents/costs.py) calls it under its lock."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self._bootstrap = bootstrap
+    def __init__(self, kafka: Kafka) -> None:
+        self._kafka = kafka
         self.holding: Holding | None = None
         self._id = uuid.uuid4()
         self._next: dict[int, int] = {}  # partition -> next offset processed
@@ -166,7 +165,7 @@ class Positions:
         wrote the partition's latest checkpoint and still has what it counted, else
         from the checkpoint's ``hold``."""
         given = list(partitions)
-        found = await latest(self._bootstrap, given)
+        found = await latest(self._kafka, given)
         parked, self._parked = self._parked, {}
         mine = {
             p

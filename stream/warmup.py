@@ -75,7 +75,7 @@ async def warmed_detector(settings: Settings) -> Detector:
     since = now - horizon(settings.spike_rules)
     try:
         judged = await topics.read_consumed(
-            settings.kafka_bootstrap,
+            settings.kafka,
             topics.SPIKES_GROUP,
             topics.WINDOWS,
             since_ms=int(since.timestamp() * 1000),

@@ -28,6 +28,7 @@ from ingress.guards.keys import create_key
 from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import BudgetState, Reservations
+from llmtap.kafka import Kafka
 from sinks.budget_seed import publish_states
 from sql import analytics, auth, dashboard, params
 from sql.budgets import BUDGET_BOOK
@@ -102,7 +103,7 @@ async def api(
     budgets = configured(f"api-{uuid.uuid4().hex[:8]}")
     by_suffix = {b.name.rsplit("-", 1)[1]: b for b in budgets}
     states = {suffix: state_of(by_suffix[suffix], spent) for suffix, spent in SPENT.items()}
-    await publish_states(broker.bootstrap, list(states.values()))
+    await publish_states(Kafka(broker.bootstrap), list(states.values()))
     settings = Settings(
         data_dir=tmp_path,
         admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()],

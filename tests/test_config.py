@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trustme
 import yaml
 from pydantic import ValidationError
 
@@ -67,6 +68,57 @@ def test_embedded_store_lives_under_the_data_dir(tmp_path: Path) -> None:
     assert settings.store_dsn == f"chdb:///{tmp_path.resolve() / 'clickhouse'}"
     assert settings.embedded_store
     assert not Settings(clickhouse_dsn="http://ch:8123/llmtap").embedded_store
+
+
+NOT_PEM = str(Path(__file__))  # a file, but no certificate
+SSL_OUTSIDE = {"embedded_broker": False, "kafka_security_protocol": "SSL"}
+
+
+@pytest.mark.parametrize(
+    ("given", "refused"),
+    [
+        ({"kafka_security_protocol": "SSL"}, "embedded broker speaks PLAINTEXT only"),
+        ({**SSL_OUTSIDE, "kafka_security_protocol": "SASL_SSL"}, "needs kafka_sasl_username"),
+        ({"kafka_sasl_username": "svc", "kafka_sasl_password": "pw"}, "need kafka_security_proto"),
+        ({"kafka_ssl_cafile": NOT_PEM}, "need kafka_security_protocol SSL or SASL_SSL"),
+        ({**SSL_OUTSIDE, "kafka_ssl_keyfile": NOT_PEM}, "needs kafka_ssl_certfile"),
+        ({**SSL_OUTSIDE, "kafka_ssl_cafile": "no-such.pem"}, "kafka_ssl_cafile"),
+        (
+            {**SSL_OUTSIDE, "kafka_ssl_cafile": NOT_PEM},
+            "kafka_ssl_cafile: NO_CERTIFICATE_OR_CRL_FOUND",
+        ),
+        ({**SSL_OUTSIDE, "kafka_ssl_certfile": NOT_PEM}, "kafka_ssl_certfile: .*PEM lib"),
+    ],
+)
+def test_kafka_security_that_cannot_work_is_refused_naming_the_setting(
+    given: dict[str, object], refused: str
+) -> None:
+    with pytest.raises(ValidationError, match=refused):
+        Settings.model_validate(given)
+
+
+def test_kafka_security_settings_make_the_clients_connection(tmp_path: Path) -> None:
+    cafile = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(cafile))
+    settings = Settings(
+        embedded_broker=False,
+        kafka_bootstrap="b-1.example:9096,b-2.example:9096",
+        kafka_security_protocol="SASL_SSL",
+        kafka_ssl_cafile=cafile,
+        kafka_sasl_mechanism="SCRAM-SHA-256",
+        kafka_sasl_username="llmtap",
+        kafka_sasl_password="s3cret",
+    )
+    options = settings.kafka.client_options()
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["ssl_context"] is settings.kafka.ssl_context  # one for every client
+    assert options["sasl_mechanism"] == "SCRAM-SHA-256"
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == ("llmtap", "s3cret")
+    assert settings.kafka.faust_brokers() == [
+        "kafka://b-1.example:9096",
+        "kafka://b-2.example:9096",
+    ]
+    assert "s3cret" not in repr(settings) + repr(settings.kafka)  # never in a log line
 
 
 def test_readme_documents_every_setting() -> None:

@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from ingress.guards.keys import create_key, revoke_key
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import Alert, BudgetState, Reservations, Status
+from llmtap.kafka import Kafka
 from sinks.budget_seed import publish_states
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
@@ -246,7 +247,7 @@ async def serve(
     keys, ids = make_keys(settings)
     if broker is not None:
         states = [published_state(b) for b in configured]
-        await publish_states(broker.bootstrap, states)
+        await publish_states(Kafka(broker.bootstrap), states)
         search = next(s for s in states if s.budget.endswith("-search"))
         alerts = [*(alerts or []), threshold_alert(configured[1], search, 80, NOW - 2 * H)]
     if alerts:

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from ingress.publisher import EventPublisher
 from ingress.spool import Record, Spool, SpoolBusy, decode, encode
 from llmtap import topics
+from llmtap.kafka import Kafka
 from llmtap.supervisor import broker_argv
 from tests.conftest import Broker
 from tests.fake_provider import free_port
@@ -133,7 +134,7 @@ def publisher(bootstrap: str, spool_dir: Path, **options: int) -> EventPublisher
         "spool_max_bytes": 1 << 30,
         "request_timeout_ms": 2_000,
     }
-    return EventPublisher(bootstrap, spool_dir=spool_dir, **(settings | options))
+    return EventPublisher(Kafka(bootstrap), spool_dir=spool_dir, **(settings | options))
 
 
 def publish_all(target: EventPublisher, events: list[Ping]) -> None:
@@ -160,7 +161,7 @@ async def start_tansu(bootstrap: str) -> asyncio.subprocess.Process:
             while True:
                 assert process.returncode is None, "tansu exited"
                 try:
-                    await topics.ensure_topics(bootstrap, 1)
+                    await topics.ensure_topics(Kafka(bootstrap), 1)
                     return process
                 except Exception:  # not listening yet
                     await asyncio.sleep(0.1)

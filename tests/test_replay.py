@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent
+from llmtap.kafka import Kafka
 from sinks.clickhouse import replay
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import insert_calls, prepare_calls
@@ -206,7 +207,8 @@ async def test_an_insert_whose_messages_are_gone_is_counted_not_guessed(
     insert = prepare_calls(store, events)
     replay.record(store, "a-group", insert, ((topics.COSTED, 0, 1000, 1003),))
     assigned = {TopicPartition(topics.COSTED, 0)}
-    assert await replay.repeat_uncommitted(store, broker.bootstrap, "a-group", assigned) == (0, 1)
+    redone = await replay.repeat_uncommitted(store, Kafka(broker.bootstrap), "a-group", assigned)
+    assert redone == (0, 1)
     assert calls(store) == 0
 
 

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, ResponseEvent, Usage, WindowEvent
+from llmtap.kafka import Kafka
 from stream import checkpoints
 from tests import sample
 from tests.conftest import start_broker
@@ -112,7 +113,7 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
         while loop.time() < deadline:
             windows = [
                 WindowEvent.model_validate_json(raw)
-                for raw in await topics.read_all(broker.bootstrap, topics.WINDOWS)
+                for raw in await topics.read_all(Kafka(broker.bootstrap), topics.WINDOWS)
             ]
             tenant = [w for w in windows if w.dimension == "tenant"]
             if sum(w.requests for w in tenant) + sum(w.late_events for w in tenant) >= sent:
@@ -120,9 +121,9 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
             await asyncio.sleep(0.25)
         costed = [
             CostedEvent.model_validate_json(raw)
-            for raw in await topics.read_all(broker.bootstrap, topics.COSTED)
+            for raw in await topics.read_all(Kafka(broker.bootstrap), topics.COSTED)
         ]
-        latest = await checkpoints.latest(broker.bootstrap, range(PARTITIONS))
+        latest = await checkpoints.latest(Kafka(broker.bootstrap), range(PARTITIONS))
 
     tenant = [w for w in windows if w.dimension == "tenant"]
     # Every call priced once (ids are derived: a reprocessed response yields the same id),

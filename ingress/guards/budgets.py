@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
+from llmtap.kafka import Kafka
 from stream.budgets import current, later_or_larger, matches
 from stream.pricing import PER_MILLION, Catalog, cost_of
 
@@ -175,19 +176,19 @@ class BudgetBook:
                 self.settled[name].append((ended, cost_here))
 
 
-async def follow(book: BudgetBook, bootstrap: str) -> None:
+async def follow(book: BudgetBook, kafka: Kafka) -> None:
     """Keep ``book`` up to date with the budgets topic, from its beginning, forever."""
-    await follow_topic(topics.BUDGETS, BudgetState, book.update, bootstrap)
+    await follow_topic(topics.BUDGETS, BudgetState, book.update, kafka)
 
 
 async def follow_topic(
-    topic: str, model: type[E], on_event: Callable[[E], None], bootstrap: str
+    topic: str, model: type[E], on_event: Callable[[E], None], kafka: Kafka
 ) -> None:
     """Hand every event of a compacted ``topic`` to ``on_event``, from its beginning,
     forever (reconnecting when the broker goes away)."""
     while True:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+            **kafka.client_options(),
             enable_auto_commit=False,
             fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,  # how soon a new state is enforced
         )

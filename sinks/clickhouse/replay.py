@@ -29,6 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from llmtap import topics
 from llmtap.events import utcnow
+from llmtap.kafka import Kafka
 from sinks.clickhouse.decode import Range, Record, decode_batch
 from sinks.clickhouse.write import CallsInsert, calls_insert, insert_calls
 from sql.store import Store, render
@@ -103,9 +104,9 @@ def uncommitted(
 
 
 async def committed_offsets(
-    bootstrap: str, group: str, partitions: Iterable[TopicPartition]
+    kafka: Kafka, group: str, partitions: Iterable[TopicPartition]
 ) -> dict[TopicPartition, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
     await admin.start()
     try:
         found = await admin.list_consumer_group_offsets(group, partitions=list(partitions))
@@ -114,11 +115,11 @@ async def committed_offsets(
         await admin.close()
 
 
-async def read_ranges(bootstrap: str, ranges: Iterable[Range]) -> list[Record] | None:
+async def read_ranges(kafka: Kafka, ranges: Iterable[Range]) -> list[Record] | None:
     """The messages in ``ranges`` (no consumer group), in :data:`position` order; None
     if some are not there any more."""
     spans = {TopicPartition(t, p): (first, nxt) for t, p, first, nxt in ranges}
-    found, complete = await topics.read_spans(bootstrap, spans, idle_ms=int(IDLE_S * 1000))
+    found, complete = await topics.read_spans(kafka, spans, idle_ms=int(IDLE_S * 1000))
     if not complete:
         return None
     records = [(r.topic, r.partition, r.offset, r.value or b"") for r in found]
@@ -134,7 +135,7 @@ def rebuilt(recorded: Recorded, records: list[Record]) -> CallsInsert | None:
 
 
 async def repeat_uncommitted(
-    store: Store, bootstrap: str, group: str, assigned: set[TopicPartition]
+    store: Store, kafka: Kafka, group: str, assigned: set[TopicPartition]
 ) -> tuple[int, int]:
     """Repeat the group's uncommitted recorded inserts on ``assigned`` partitions;
     return how many were repeated and how many could not be (their messages gone)."""
@@ -142,10 +143,10 @@ async def repeat_uncommitted(
     if not recorded:
         return 0, 0
     partitions = {TopicPartition(t, p) for r in recorded for t, p, _, _ in r.ranges}
-    committed = await committed_offsets(bootstrap, group, partitions)
+    committed = await committed_offsets(kafka, group, partitions)
     repeated = lost = 0
     for r in uncommitted(recorded, committed, assigned):
-        records = await read_ranges(bootstrap, r.ranges)
+        records = await read_ranges(kafka, r.ranges)
         insert = rebuilt(r, records) if records is not None else None
         if insert is None:
             lost += 1

@@ -76,7 +76,7 @@ class ClickHouseWriter:
     def _consumer(self) -> AIOKafkaConsumer:
         return sink_consumer(
             [topics.COSTED, topics.WINDOWS],
-            self._settings.kafka_bootstrap,
+            self._settings.kafka,
             self._group_id,
             max_poll_records=self._settings.sink_batch_rows,
             listener=_RepeatOnAssign(self),
@@ -89,7 +89,7 @@ class ClickHouseWriter:
         while True:
             try:
                 repeated, lost = await replay.repeat_uncommitted(
-                    self._store, self._settings.kafka_bootstrap, self._group_id, assigned
+                    self._store, self._settings.kafka, self._group_id, assigned
                 )
             except Exception as exc:
                 log.error("repeating uncommitted inserts failed (%s); retrying", exc)

@@ -86,7 +86,7 @@ class WebhookDispatcher:
         self.alerts_read = 0
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return sink_consumer(topics.ALERTS, self._settings.kafka_bootstrap, self._group_id)
+        return sink_consumer(topics.ALERTS, self._settings.kafka, self._group_id)
 
     async def run(self) -> None:
         """Consume until cancelled (reconnecting if the broker goes away); workers alongside."""

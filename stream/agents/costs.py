@@ -82,7 +82,7 @@ class CostStage(GroupStage):
         super().__init__(settings, **kwargs)
         self._catalog = catalog
         self.steps: list[Step] = []
-        self.positions = checkpoints.Positions(settings.kafka_bootstrap)
+        self.positions = checkpoints.Positions(settings.kafka)
         self.assigned = asyncio.Event()  # set once the group gave this worker partitions
         self._costed: Batches | None = None
         self._same_partitions = False

@@ -50,7 +50,7 @@ def group_consumer(settings: Settings, group_id: str) -> AIOKafkaConsumer:
     (Tansu and a small Kafka answer fast)."""
     session_ms = int(settings.stream_session_timeout_s * 1000)
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **settings.kafka.client_options(),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -84,7 +84,7 @@ class GroupStage(Service):
     async def _start_producer(self, **options: Any) -> AIOKafkaProducer:
         """The stage's producer, every write acknowledged by all replicas."""
         producer = self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._settings.kafka_bootstrap, acks="all", **options
+            **self._settings.kafka.client_options(), acks="all", **options
         )
         await producer.start()
         return producer

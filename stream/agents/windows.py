@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaProducer
 from llmtap import topics, wire
 from llmtap.batches import Batches
 from llmtap.events import utcnow
+from llmtap.kafka import Kafka
 from stream.agents.costs import Position
 from stream.checkpoints import Checkpoint
 from stream.windows import Windower
@@ -41,8 +42,8 @@ class _Counting:
 
 
 class WindowsStep:
-    def __init__(self, bootstrap: str, sizes_s: tuple[int, ...], grace: timedelta) -> None:
-        self._bootstrap = bootstrap
+    def __init__(self, kafka: Kafka, sizes_s: tuple[int, ...], grace: timedelta) -> None:
+        self._kafka = kafka
         self._sizes_s = sizes_s
         self._grace = grace
         self._windows: Batches | None = None  # on the cost stage's producer, once started
@@ -145,9 +146,7 @@ class WindowsStep:
             return
         windower = next(iter(resumed.values()))
         since = min(marks) - max(windower.larger)
-        raws = await topics.read_since(
-            self._bootstrap, topics.WINDOWS, int(since.timestamp() * 1000)
-        )
+        raws = await topics.read_since(self._kafka, topics.WINDOWS, int(since.timestamp() * 1000))
         shares: dict[int, list[wire.Window]] = {partition: [] for partition in resumed}
         for raw in raws:
             try:

@@ -36,6 +36,7 @@ import aiohttp
 from ingress.guards.keys import create_key
 from llmtap import topics
 from llmtap.config import Settings
+from llmtap.kafka import Kafka
 from llmtap.supervisor import broker_argv, topics_ready
 from stream.app import ready_file
 from tests.fake_provider import free_port
@@ -195,7 +196,7 @@ class Cluster:
     async def wait_ready(self, name: str, *, broker_up: bool = True) -> None:
         proc = self.processes[name]
         checks: dict[str, Callable[[], Awaitable[bool]]] = {
-            "broker": lambda: topics_ready(self.settings),
+            "broker": lambda: topics_ready(self.settings.kafka, self.settings.topic_partitions),
             "store": lambda: self.http_ok(f"{self.api_root}/healthz"),
             "worker": lambda: asyncio.to_thread(ready_file(self.settings).exists),
             "ingress": lambda: self.http_ok(
@@ -330,7 +331,8 @@ class Cluster:
             ("dispatcher", topics.WEBHOOK_GROUP, topics.ALERTS),
         ]
         return {
-            name: await topics.lag(self.bootstrap, group, topic) for name, group, topic in stages
+            name: await topics.lag(Kafka(self.bootstrap), group, topic)
+            for name, group, topic in stages
         }
 
     async def quiet(self, seconds: float = 60.0) -> None:

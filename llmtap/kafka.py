@@ -1,0 +1,119 @@
+"""How llmtap reaches Kafka: the bootstrap servers and the connection's security.
+
+Every Kafka client llmtap makes (the aiokafka producers, consumers and admin clients
+of each process, and the worker's Faust app) is built from one ``Kafka`` value, which
+``Settings.kafka`` makes from the ``kafka_*`` settings. PLAINTEXT suits the embedded
+broker and a Kafka inside the compose network; a managed Kafka (MSK, Confluent Cloud,
+Aiven, Redpanda Cloud) wants TLS, usually with SASL (README, Production: Kafka
+security).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+if TYPE_CHECKING:  # Faust is the worker's alone: the ingress does not import it
+    from faust.types.auth import CredentialsT
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword arguments every aiokafka client takes to reach the brokers."""
+
+    bootstrap_servers: str
+    security_protocol: str
+    ssl_context: ssl.SSLContext | None
+    sasl_mechanism: str
+    sasl_plain_username: str
+    sasl_plain_password: str
+
+
+class UnusableFile(ValueError):
+    """A certificate or key file that holds nothing TLS can use."""
+
+    def __init__(self, name: str, error: ssl.SSLError) -> None:
+        super().__init__(f"{name}: {error.reason or error}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Kafka:
+    """Where the brokers are and how to connect to them.
+
+    ``ssl_cafile`` None trusts the system's CAs (a managed Kafka's certificates are
+    signed by a public CA); ``ssl_certfile`` and ``ssl_keyfile`` present a client
+    certificate (mutual TLS). SASL sends ``sasl_username`` and ``sasl_password`` by
+    ``sasl_mechanism``; over SASL_PLAINTEXT they cross the network in the clear.
+    """
+
+    bootstrap: str
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @cached_property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """One context for every client of the process, made on first use: it verifies
+        the broker's certificate and host name. A file that holds no usable PEM raises
+        ValueError naming it."""
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ssl_cafile)
+        except ssl.SSLError as exc:
+            raise UnusableFile("ssl_cafile", exc) from exc
+        if self.ssl_certfile:
+            try:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            except ssl.SSLError as exc:
+                name = "ssl_keyfile" if self.ssl_keyfile else "ssl_certfile"
+                raise UnusableFile(name, exc) from exc
+        return context
+
+    def client_options(self) -> ClientOptions:
+        options = ClientOptions(
+            bootstrap_servers=self.bootstrap, security_protocol=self.security_protocol
+        )
+        if self.tls:
+            options["ssl_context"] = self.ssl_context
+        if self.sasl:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password
+        return options
+
+    def faust_brokers(self) -> list[str]:
+        return [f"kafka://{host.strip()}" for host in self.bootstrap.split(",")]
+
+    def faust_credentials(self) -> CredentialsT | None:
+        """The same connection as Faust's ``broker_credentials``."""
+        import faust
+
+        if self.sasl:
+            return faust.SASLCredentials(
+                username=self.sasl_username,
+                password=self.sasl_password,
+                ssl_context=self.ssl_context,
+                mechanism=self.sasl_mechanism,
+            )
+        if self.tls:
+            return faust.SSLCredentials(self.ssl_context)
+        return None

@@ -1,0 +1,172 @@
+"""Kafka over TLS in the tests: the real Tansu broker behind a TLS front.
+
+The bundled Tansu cannot serve TLS itself (its ``--cert`` and ``--key`` options refuse
+each other), so the front terminates TLS, as a load balancer or stunnel would, and
+passes the bytes on to Tansu's plaintext listener. Tansu advertises the front's address,
+so every connection a client makes, bootstrap and broker alike, crosses TLS. The
+certificates come from a test CA (trustme).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trustme
+
+from llmtap.kafka import Kafka
+from llmtap.supervisor import broker_argv, topics_ready
+from tests.fake_provider import free_port
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Certificates:
+    """A CA, and a client certificate it signed, as files; the broker side's context
+    (its certificate, signed by the same CA, and a client certificate required)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    server: ssl.SSLContext
+
+    @classmethod
+    def issue(cls, directory: Path) -> Certificates:
+        ca = trustme.CA()
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(HOST).configure_cert(server)
+        ca.configure_trust(server)
+        server.verify_mode = ssl.CERT_REQUIRED
+        client = ca.issue_cert("llmtap-client.example")
+        directory.mkdir(parents=True, exist_ok=True)
+        made = cls(directory / "ca.pem", directory / "client.pem", directory / "client.key", server)
+        ca.cert_pem.write_to_path(str(made.cafile))
+        client.cert_chain_pems[0].write_to_path(str(made.certfile))
+        client.private_key_pem.write_to_path(str(made.keyfile))
+        return made
+
+
+@dataclass
+class TlsFront:
+    """What crossed the front: TLS sessions (each with the client certificate's
+    subject) and the bytes clients sent, decrypted."""
+
+    port: int
+    subjects: list[str] = field(default_factory=list)
+    sent: bytearray = field(default_factory=bytearray)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: bytearray | None
+) -> None:
+    try:
+        while data := await reader.read(65536):
+            if seen is not None:
+                seen.extend(data)
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def tls_front(target_port: int, server: ssl.SSLContext) -> AsyncIterator[TlsFront]:
+    """A TLS listener on a free port passing each session on to ``target_port``."""
+    front = TlsFront(free_port())
+    open_writers: set[asyncio.StreamWriter] = set()
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_writers.add(writer)
+        peer = writer.get_extra_info("peercert") or {}
+        front.subjects.append(
+            next((v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName"), "")
+            or ",".join(v for _, v in peer.get("subjectAltName", ()))
+        )
+        try:
+            broker_reader, broker_writer = await asyncio.open_connection(HOST, target_port)
+        except OSError:
+            writer.close()
+            return
+        open_writers.add(broker_writer)
+        await asyncio.gather(
+            _pipe(reader, broker_writer, front.sent), _pipe(broker_reader, writer, None)
+        )
+
+    listener = await asyncio.start_server(session, HOST, front.port, ssl=server)
+    try:
+        yield front
+    finally:
+        listener.close()
+        for writer in open_writers:  # clients still connected: their sessions end
+            writer.close()
+        await listener.wait_closed()
+
+
+@dataclass
+class TlsBroker:
+    front: TlsFront
+    process: asyncio.subprocess.Process
+    output: list[bytes] = field(default_factory=list)  # Tansu's log lines
+
+
+@contextlib.asynccontextmanager
+async def tansu_behind_tls(
+    certificates: Certificates, *options: str, make_topics: bool = True
+) -> AsyncIterator[TlsBroker]:
+    """Tansu on a plaintext port only the front knows, advertising the front. Entered
+    once llmtap's topics are made through the front over mutual TLS, or without
+    ``make_topics`` (a broker that wants credentials), once it says it is ready."""
+    plain = free_port()
+    async with tls_front(plain, certificates.server) as front:
+        process = await asyncio.create_subprocess_exec(
+            *broker_argv(f"{HOST}:{plain}", advertised=front.bootstrap),
+            *options,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        broker = TlsBroker(front, process)
+        said_ready = asyncio.Event()
+
+        async def drain() -> None:  # read all of it, or Tansu blocks on a full pipe
+            assert process.stdout is not None
+            async for line in process.stdout:
+                broker.output.append(line)
+                if b"ready in" in line:
+                    said_ready.set()
+
+        drainer = asyncio.create_task(drain())
+        try:
+            async with asyncio.timeout(30):
+                if not make_topics:
+                    await said_ready.wait()
+                else:
+                    while not await topics_ready(mutual_tls(front, certificates), 2):
+                        await asyncio.sleep(0.1)
+            yield broker
+        finally:
+            if process.returncode is None:
+                process.terminate()
+            await process.wait()
+            await drainer
+
+
+def mutual_tls(front: TlsFront, certificates: Certificates) -> Kafka:
+    """How a client reaches the front: TLS, trusting the test CA, with its certificate."""
+    return Kafka(
+        front.bootstrap,
+        "SSL",
+        ssl_cafile=certificates.cafile,
+        ssl_certfile=certificates.certfile,
+        ssl_keyfile=certificates.keyfile,
+    )
