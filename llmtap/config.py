@@ -366,6 +366,13 @@ class Settings(BaseSettings):
             self.kafka_sasl_password.get_secret_value(),
         )
 
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _clickhouse_scheme(cls, dsn: str) -> str:
+        if dsn and urlsplit(dsn).scheme not in ("http", "https", "chdb"):
+            raise ValueError("must be http://, https:// (ClickHouse's HTTP interface) or chdb://")
+        return dsn
+
     @field_validator("openai_base_url", "anthropic_base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 import jinja2
@@ -44,13 +45,23 @@ def render(name: str, **structure: object) -> str:
     return _template(name).render(**structure)
 
 
+def _interface(dsn: str) -> str | None:
+    """The DSN's scheme as the client's interface: clickhouse-connect reads host, port
+    and credentials from a DSN but not its scheme, and takes TLS only from port 8443 or
+    443, so ``https://host/db`` would send the password in clear to port 8123."""
+    scheme = urlsplit(dsn).scheme
+    return scheme if scheme in ("http", "https") else None
+
+
 class Store:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         # No insert is deduplicated unless it asks to be, with its own token (the
         # writer's inserts into `calls`, sinks/clickhouse/replay.py): a table with a
         # deduplication window would otherwise drop a block equal to a recent one.
-        self._client = clickhouse_connect.get_client(dsn=dsn, settings={"insert_deduplicate": 0})
+        self._client = clickhouse_connect.get_client(
+            dsn=dsn, interface=_interface(dsn), settings={"insert_deduplicate": 0}
+        )
         self._lock = threading.Lock()
         self._column_types: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
 

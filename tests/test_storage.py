@@ -7,6 +7,10 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
+from pydantic import ValidationError
+
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
 from sinks.clickhouse.decode import Batch
@@ -124,3 +128,29 @@ async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(
             await task
     outage = "SELECT sum(requests) FROM analytics_by_user_daily WHERE user = 'outage'"
     assert int(store.command(outage)) == 30
+
+
+async def test_an_https_dsn_speaks_tls_on_any_port_never_the_password_in_clear() -> None:
+    """clickhouse-connect takes TLS from the port (8443, 443), not from the DSN's scheme:
+    the store passes the scheme on. What reaches the port must be a TLS ClientHello."""
+    first: list[bytes] = []
+
+    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first.append(await reader.read(4096))
+        writer.close()
+
+    server = await asyncio.start_server(listen, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(OperationalError):
+            await asyncio.to_thread(Store, f"https://llmtap:s3cret@127.0.0.1:{port}/llmtap")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert first and all(sent.startswith(b"\x16\x03") for sent in first)  # TLS handshakes
+    assert not any(b"s3cret" in sent or b"Authorization" in sent for sent in first)
+
+
+def test_a_clickhouse_dsn_of_another_scheme_is_refused_naming_the_setting() -> None:
+    with pytest.raises(ValidationError, match="clickhouse_dsn"):
+        Settings(clickhouse_dsn="clickhouse://llmtap@ch:9000/llmtap")
