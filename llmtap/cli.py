@@ -25,14 +25,21 @@ log = logging.getLogger("llmtap")
 CONFIG_HELP = "YAML config file (see README)"
 
 
-async def _wait_for_topics(settings: Settings) -> None:
-    """Block until the broker answers and llmtap's topics exist."""
+async def _wait_for_topics(settings: Settings) -> bool:
+    """Block until the broker answers and llmtap's topics exist (True), or the broker
+    refuses to make them (False, said)."""
     from llmtap.supervisor import topics_ready
+    from llmtap.topics import TopicsRefused
 
     replicas = settings.topic_replication_factor
-    while not await topics_ready(settings.kafka, settings.topic_partitions, replicas):
-        log.info("waiting for the broker at %s", settings.kafka_bootstrap)
-        await asyncio.sleep(1.0)
+    try:
+        while not await topics_ready(settings.kafka, settings.topic_partitions, replicas):
+            log.info("waiting for the broker at %s", settings.kafka_bootstrap)
+            await asyncio.sleep(1.0)
+    except TopicsRefused as exc:
+        log.error("%s", exc)
+        return False
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "worker":
         from stream.app import run as run_worker
 
-        asyncio.run(_wait_for_topics(settings))
+        if not asyncio.run(_wait_for_topics(settings)):
+            return 1
         run_worker(settings)
     elif args.command == "store":
         from sinks.app import run as run_store
 
-        asyncio.run(_wait_for_topics(settings))
+        if not asyncio.run(_wait_for_topics(settings)):
+            return 1
         run_store(settings)
     elif args.command == "migrate":
         from sql.migrate import migrate

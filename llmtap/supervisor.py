@@ -131,7 +131,7 @@ class Supervisor:
         """Poll ``check`` until true; fail if a child dies, a stop is asked, or time runs out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STARTUP_TIMEOUT_S
-        while not await check():
+        while not await self._check(what, check):
             dead = [c.name for c in self.children if not c.running]
             if dead:
                 raise StartupFailed(f"{', '.join(dead)} exited while waiting for {what}")
@@ -142,6 +142,13 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), 0.1)
         log.info("%s ready", what)
+
+    @staticmethod
+    async def _check(what: str, check: Callable[[], Awaitable[bool]]) -> bool:
+        try:
+            return await check()
+        except topics.TopicsRefused as exc:
+            raise StartupFailed(f"{what}: {exc}") from exc
 
     async def start_all(self) -> None:
         s = self.settings
@@ -304,7 +311,9 @@ async def topics_ready(kafka: Kafka, partitions: int, replicas: int = 1) -> bool
         return False  # asked before it listens, aiokafka logs a refused connection as ERROR
     try:
         await topics.ensure_topics(kafka, partitions, replicas)
-    except Exception as exc:  # the broker is still starting: any failure means "not yet"
+    except topics.TopicsRefused:
+        raise  # for good: said, not waited on
+    except Exception as exc:  # the broker is still starting: any other failure means "not yet"
         log.debug("broker not ready: %s", exc)
         return False
     return True
@@ -312,7 +321,7 @@ async def topics_ready(kafka: Kafka, partitions: int, replicas: int = 1) -> bool
 
 @contextlib.asynccontextmanager
 async def embedded_broker(
-    bootstrap: str, partitions: int, timeout_s: float = 30.0
+    bootstrap: str, partitions: int, timeout_s: float = 30.0, replicas: int = 1
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """The embedded broker at ``bootstrap`` (memory only) as a child process, for tests
     and benchmarks: entered once it answers and llmtap's topics exist, stopped on exit."""
@@ -323,9 +332,8 @@ async def embedded_broker(
     )
     try:
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while not await topics_ready(
-            Kafka(bootstrap), partitions
-        ):  # readiness: it answers and topics exist
+        # Ready when it answers and llmtap's topics exist.
+        while not await topics_ready(Kafka(bootstrap), partitions, replicas):
             if process.returncode is not None:
                 raise RuntimeError(f"tansu exited with code {process.returncode}")
             if asyncio.get_running_loop().time() > deadline:

@@ -23,10 +23,11 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from llmtap.kafka import Kafka
 
@@ -65,31 +66,49 @@ def partition_key(request_id: uuid.UUID) -> bytes:
     return str(request_id).encode()
 
 
+class TopicsRefused(RuntimeError):
+    """The broker refused to make a topic (a policy, fewer brokers than the replication
+    factor, no permission): waiting will not help."""
+
+
+def refusals(topic_errors: Iterable[tuple[Any, ...]]) -> list[str]:
+    """What a CreateTopics response refused, one line a topic; a topic that already
+    exists (another process made it first) is not refused."""
+    refused = []
+    for name, code, *message in topic_errors:
+        if code in (0, TopicAlreadyExistsError.errno):
+            continue
+        why = for_code(code).__name__
+        refused.append(f"{name}: {why}" + (f" ({message[0]})" if message and message[0] else ""))
+    return refused
+
+
 async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> None:
-    """Create llmtap's topics if they do not exist yet (idempotent)."""
+    """Create llmtap's topics if they do not exist yet (idempotent); TopicsRefused if
+    the broker will not."""
     admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [name for name in ALL if name not in existing]
         if missing:
-            try:
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            name,
-                            num_partitions=partitions,
-                            replication_factor=replicas,
-                            topic_configs={"cleanup.policy": "compact"}
-                            if name in COMPACTED
-                            else {},
-                        )
-                        for name in missing
-                    ]
-                )
-            except TopicAlreadyExistsError:
-                pass  # another process won the race
-            log.info("created topics %s with %d partitions", missing, partitions)
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        name,
+                        num_partitions=partitions,
+                        replication_factor=replicas,
+                        topic_configs={"cleanup.policy": "compact"} if name in COMPACTED else {},
+                    )
+                    for name in missing
+                ]
+            )
+            refused = refusals(response.topic_errors)
+            if refused:
+                raise TopicsRefused("the broker refused to create " + "; ".join(refused))
+            log.info(
+                "created topics %s with %d partitions, %d replicas", missing, partitions, replicas
+            )
     finally:
         await admin.close()
 

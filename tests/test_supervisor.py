@@ -16,8 +16,10 @@ from llmtap.supervisor import (
     RESTART_RESET_S,
     Backoff,
     Child,
+    StartupFailed,
     Supervisor,
 )
+from llmtap.topics import TopicsRefused
 
 
 def test_a_stage_that_keeps_dying_waits_twice_as_long_each_time_up_to_the_most() -> None:
@@ -61,3 +63,14 @@ async def test_a_stop_that_comes_while_a_stage_restarts_still_stops_it(
     assert second.running
     await supervisor.stop_all()
     assert not second.running
+
+
+async def test_a_broker_that_refuses_llmtap_s_topics_fails_the_start_saying_why(
+    tmp_path: Path,
+) -> None:
+    async def refused() -> bool:
+        raise TopicsRefused("the broker refused to create llmtap.requests: PolicyViolationError")
+
+    supervisor = Supervisor(Settings(data_dir=tmp_path))
+    with pytest.raises(StartupFailed, match=r"broker: .*llmtap\.requests: PolicyViolationError"):
+        await supervisor.wait_ready("broker", refused)
