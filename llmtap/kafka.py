@@ -73,7 +73,7 @@ class Kafka:
     def ssl_context(self) -> ssl.SSLContext | None:
         """One context for every client of the process, made on first use: it verifies
         the broker's certificate and host name. A file that holds no usable PEM raises
-        ValueError naming it."""
+        UnusableFile naming it."""
         if not self.tls:
             return None
         try:

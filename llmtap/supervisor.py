@@ -172,6 +172,12 @@ class Supervisor:
             "ingress", lambda: http_ok(f"http://{s.proxy_host}:{s.proxy_port}/healthz")
         )
 
+    def kill(self, name: str, why: str) -> None:
+        for child in self.children:
+            if child.name == name and child.running:
+                log.warning("killing %s: %s", name, why)
+                child.process.kill()
+
     async def stop_all(self) -> None:
         """Stop in reverse order. With the embedded broker, whose topics die with it,
         let the stream and the writer catch up with what the ingress published first."""
@@ -229,7 +235,11 @@ class Supervisor:
                 if await self._keep_all():
                     return 0
                 # The broker died, and its topics and offsets with it: what a new `up`
-                # does, in order (the ingress spools what it holds and replays it).
+                # does, in order (the ingress spools what it holds and replays it). The
+                # worker's output could only go to the dead broker, and it would wait
+                # out its resends (STOP_GRACE_S) before stopping: it is killed. The
+                # store is stopped, as always, so it writes the rows it holds.
+                self.kill("worker", "its broker is gone")
                 await self.stop_all()
                 self.children.clear()
                 delay = backoff.after(loop.time() - started)

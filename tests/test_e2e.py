@@ -294,6 +294,9 @@ async def test_up_starts_a_dead_stage_again_and_the_proxy_goes_on(
         await until(started_over, "every process started again", 120)
         third = running.child_pids()
         assert all(third[name] != second[name] for name in second)
+        # The worker, whose output could only go to the dead broker, was not waited for.
+        assert any("killing worker: its broker is gone" in line for line in running.output)
+        assert not any("did not stop" in line for line in running.output)
         await call(running)
         row = await model_row(
             running.api_url, "gpt-4o-mini" + SNAPSHOT, lambda r: r["requests"] >= 2
