@@ -188,7 +188,11 @@ class SpikeRule(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LLMTAP_", extra="forbid")
+    # An error names the setting and what is wrong, never the values given: they hold
+    # secrets (a SASL password, a DSN's), and an error of the whole model shows them all.
+    model_config = SettingsConfigDict(
+        env_prefix="LLMTAP_", extra="forbid", hide_input_in_errors=True
+    )
 
     # Where embedded state lives: the chDB store, logs, and run files.
     data_dir: Path = Path(".llmtap")

@@ -97,6 +97,22 @@ def test_kafka_security_that_cannot_work_is_refused_naming_the_setting(
         Settings.model_validate(given)
 
 
+def test_a_refused_setting_never_shows_the_secrets_given_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLMTAP_CLICKHOUSE_DSN", "clickhouse://llmtap:hunter2@ch:9000/llmtap")
+    with pytest.raises(ValidationError) as refused:  # the DSN's scheme, with its password
+        Settings()
+    assert "clickhouse_dsn" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+    monkeypatch.delenv("LLMTAP_CLICKHOUSE_DSN")
+    monkeypatch.setenv("LLMTAP_KAFKA_SASL_PASSWORD", "hunter2")
+    with pytest.raises(ValidationError) as refused:  # all given, SASL on the embedded broker
+        Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_username="llmtap")
+    assert "embedded broker speaks PLAINTEXT only" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
 def test_kafka_security_settings_make_the_clients_connection(tmp_path: Path) -> None:
     cafile = tmp_path / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(cafile))
