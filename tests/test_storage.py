@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+import trustme
 from clickhouse_connect.driver.exceptions import OperationalError
 from pydantic import ValidationError
 
@@ -154,3 +157,31 @@ async def test_an_https_dsn_speaks_tls_on_any_port_never_the_password_in_clear()
 def test_a_clickhouse_dsn_of_another_scheme_is_refused_naming_the_setting() -> None:
     with pytest.raises(ValidationError, match="clickhouse_dsn"):
         Settings(clickhouse_dsn="clickhouse://llmtap@ch:9000/llmtap")
+
+
+async def test_an_https_dsn_trusts_a_private_ca_named_in_it(tmp_path: Path) -> None:
+    """``?ca_cert=`` in the DSN: a ClickHouse server whose certificate a private CA
+    signed. The handshake completes and the client's first request arrives over TLS."""
+    ca = trustme.CA()
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    requests: list[bytes] = []
+
+    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.read(4096))  # decrypted: the handshake completed
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(listen, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    dsn = f"https://llmtap:s3cret@127.0.0.1:{port}/llmtap?ca_cert={cafile}"
+    try:
+        with pytest.raises(OperationalError):  # no ClickHouse answers, but TLS did
+            await asyncio.to_thread(Store, dsn)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert requests and requests[0].split(b" ", 1)[0] in (b"GET", b"POST")
