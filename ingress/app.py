@@ -20,7 +20,17 @@ from ingress.forward.tokens import Counting
 from ingress.guards.budgets import BudgetBook, announce, follow
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
-from ingress.keys import BUDGETS, COUNTING, KEYS, LIMITER, METRICS, PUBLISHER, SETTINGS, UPSTREAM
+from ingress.keys import (
+    BUDGETS,
+    COUNTING,
+    GRACE_OVER,
+    KEYS,
+    LIMITER,
+    METRICS,
+    PUBLISHER,
+    SETTINGS,
+    UPSTREAM,
+)
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
@@ -190,6 +200,8 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.max_body_bytes, middlewares=[provider_shaped_errors]
     )
     app[SETTINGS] = settings
+    app[GRACE_OVER] = asyncio.Event()
+    app.on_shutdown.append(time_the_grace)
     app.cleanup_ctx.append(key_store)
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(event_publisher)
@@ -203,6 +215,14 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+async def time_the_grace(app: web.Application) -> None:
+    """Runs as a stop begins: new connections are refused, and calls in flight have
+    shutdown_grace_s to finish before aiohttp closes their connections. Those it closes
+    are recorded as cut by the proxy, not as the client's leaving."""
+    grace_s = app[SETTINGS].shutdown_grace_s
+    asyncio.get_running_loop().call_later(grace_s, app[GRACE_OVER].set)
 
 
 async def freeze_heap(app: web.Application) -> None:
@@ -223,4 +243,5 @@ def run(settings: Settings) -> None:
         port=settings.proxy_port,
         access_log=None,
         print=None,
+        shutdown_timeout=settings.shutdown_grace_s,
     )

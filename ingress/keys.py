@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
@@ -21,3 +23,5 @@ METRICS = web.AppKey("metrics", IngressMetrics)
 LIMITER = web.AppKey("limiter", RateLimiter)
 BUDGETS = web.AppKey("budgets", BudgetBook)
 COUNTING = web.AppKey("counting", Counting)  # output tokens of broken-off streams
+# Set when the shutdown grace has run out: calls still running are cut by the proxy.
+GRACE_OVER = web.AppKey("grace_over", asyncio.Event)

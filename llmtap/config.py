@@ -252,6 +252,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
     upstream_read_timeout_s: float = Field(default=600.0, gt=0)
+    # After SIGTERM (a deploy, `docker stop`), how long calls in flight (a long stream)
+    # may run on while the ingress takes no new connection; then they are cut (and
+    # still recorded). Give the process longer than this to stop (compose's
+    # stop_grace_period, Kubernetes' terminationGracePeriodSeconds).
+    shutdown_grace_s: float = Field(default=60.0, ge=0)
 
     # Extra or overriding prices, same format as stream/pricing.yaml.
     pricing_file: Path | None = None

@@ -71,6 +71,7 @@ Status = Literal[
     "upstream_error",  # the provider answered with an error status; forwarded as is
     "upstream_unreachable",  # connect error or timeout; the client got a 502/504
     "client_disconnected",  # the client went away before the answer was complete
+    "proxy_stopped",  # the ingress stopped (its shutdown grace ran out) mid-answer
     "bad_request",  # malformed call (400, 404, 413): no provider was contacted
     "refused",  # refused by a guard (key, model access, config): no provider was contacted
     "rate_limited",  # the key's requests or tokens per minute were spent: 429

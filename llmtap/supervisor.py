@@ -64,14 +64,14 @@ class Child:
     def running(self) -> bool:
         return self.process.returncode is None
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         if not self.running:
             return
         self.process.terminate()
         try:
-            await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
+            await asyncio.wait_for(self.process.wait(), grace_s)
         except TimeoutError:
-            log.warning("%s did not stop in %.0fs; killing it", self.name, STOP_GRACE_S)
+            log.warning("%s did not stop in %.0fs; killing it", self.name, grace_s)
             self.process.kill()
             await self.process.wait()
 
@@ -182,7 +182,9 @@ class Supervisor:
         """Stop in reverse order. With the embedded broker, whose topics die with it,
         let the stream and the writer catch up with what the ingress published first."""
         for child in reversed(self.children):
-            await child.stop()
+            # The ingress lets calls in flight finish first (shutdown_grace_s).
+            extra = self.settings.shutdown_grace_s if child.name == "ingress" else 0.0
+            await child.stop(STOP_GRACE_S + extra)
             if child.name == "ingress" and self.settings.embedded_broker:
                 await self.drain()
 

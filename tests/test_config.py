@@ -206,3 +206,18 @@ def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(
             assert volumes.get(str(settings.data_dir)) is not None  # spool_dir is under it
     assert mounted[0] is not None
     assert mounted[0] == mounted[1]
+
+
+def test_compose_gives_the_ingress_longer_to_stop_than_its_calls_in_flight_may_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Docker kills a container 10 s after SIGTERM unless told otherwise: a stream in
+    flight at a deploy would be cut before the ingress's own grace ran out, and its
+    events with it."""
+    env, _ = compose_service("ingress")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    period = yaml.safe_load(COMPOSE.read_text())["services"]["ingress"]["stop_grace_period"]
+    seconds = re.fullmatch(r"(\d+)s", period)
+    assert seconds is not None
+    assert int(seconds[1]) > Settings().shutdown_grace_s + 10  # and its events flushed after

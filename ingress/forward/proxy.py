@@ -27,6 +27,7 @@ from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.keys import (
     BUDGETS,
     COUNTING,
+    GRACE_OVER,
     KEYS,
     LIMITER,
     METRICS,
@@ -277,11 +278,12 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             await response.write_eof()
             return response
     except ConnectionResetError:
-        # The client went away mid-answer. What was streamed so far is still metered.
-        status, error_class = "client_disconnected", "client_disconnected"
+        # The client went away mid-answer, or the proxy, stopping, closed the connection
+        # once its grace ran out. What was streamed so far is still metered.
+        status = error_class = _cut_by(request)
         return response if response is not None else web.Response(status=499)
     except asyncio.CancelledError:
-        status, error_class = "client_disconnected", "client_disconnected"
+        status = error_class = _cut_by(request)
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
         error_class = type(exc).__name__
@@ -328,6 +330,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 )
             else:
                 finish(capture.final_usage)
+
+
+def _cut_by(request: web.Request) -> Status:
+    """Who ended a call mid-answer: the proxy, stopping, or the client."""
+    return "proxy_stopped" if request.app[GRACE_OVER].is_set() else "client_disconnected"
 
 
 def _provider_error_type(body: bytes) -> str:
