@@ -244,4 +244,5 @@ def run(settings: Settings) -> None:
         access_log=None,
         print=None,
         shutdown_timeout=settings.shutdown_grace_s,
+        ssl_context=settings.server_ssl_context,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import ssl
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
@@ -224,6 +225,10 @@ class Settings(BaseSettings):
     proxy_port: int = Field(default=8080, ge=0, le=65535)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8081, ge=0, le=65535)
+    # Serve both over HTTPS with this certificate (PEM, with its chain) and key (PEM;
+    # none: in the certificate file). None: plain HTTP, TLS ended in front of llmtap.
+    tls_certfile: FilePath | None = None
+    tls_keyfile: FilePath | None = None
     # Admin keys of the analytics API (every tenant, and SQL): the SHA-256 hex digests
     # of their secrets. Virtual keys see their own tenant only (README, Analytics API).
     admin_key_hashes: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = Field(
@@ -361,6 +366,31 @@ class Settings(BaseSettings):
             raise ValueError(f"kafka_{exc} (in {path})") from exc
         return self
 
+    @model_validator(mode="after")
+    def _server_tls(self) -> Settings:
+        if self.tls_keyfile and not self.tls_certfile:
+            raise ValueError("tls_keyfile needs tls_certfile")
+        try:
+            self.server_ssl_context  # noqa: B018 (made now: a file that is no PEM fails at start)
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"tls_certfile {self.tls_certfile} / tls_keyfile {self.tls_keyfile}: {exc}"
+            ) from exc
+        return self
+
+    @cached_property
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """What the proxy and the analytics API serve HTTPS with; None: plain HTTP."""
+        if self.tls_certfile is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_certfile, self.tls_keyfile)
+        return context
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
+
     @cached_property
     def kafka(self) -> Kafka:
         """How every client of this process reaches Kafka."""
@@ -428,11 +458,11 @@ class Settings(BaseSettings):
 
     @property
     def proxy_url(self) -> str:
-        return f"http://{self.proxy_host}:{self.proxy_port}/v1"
+        return f"{self.scheme}://{self.proxy_host}:{self.proxy_port}/v1"
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.api_host}:{self.api_port}/api/v1"
+        return f"{self.scheme}://{self.api_host}:{self.api_port}/api/v1"
 
     @classmethod
     def settings_customise_sources(

@@ -126,4 +126,5 @@ def run(settings: Settings) -> None:
         port=settings.api_port,
         access_log=None,
         print=None,
+        ssl_context=settings.server_ssl_context,
     )

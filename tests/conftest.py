@@ -185,9 +185,10 @@ async def run_llmtap(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    scheme = "https" if "LLMTAP_TLS_CERTFILE" in env else "http"
     running = Running(
-        proxy_url=f"http://127.0.0.1:{proxy_port}/v1",
-        api_url=f"http://127.0.0.1:{api_port}/api/v1",
+        proxy_url=f"{scheme}://127.0.0.1:{proxy_port}/v1",
+        api_url=f"{scheme}://127.0.0.1:{api_port}/api/v1",
         data_dir=data_dir,
         process=process,
         api_key=api_key,

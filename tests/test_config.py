@@ -113,6 +113,21 @@ def test_a_refused_setting_never_shows_the_secrets_given_with_it(
     assert "hunter2" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("given", "refused"),
+    [
+        ({"tls_keyfile": NOT_PEM}, "tls_keyfile needs tls_certfile"),
+        ({"tls_certfile": NOT_PEM}, "tls_certfile .*PEM lib"),
+        ({"tls_certfile": "no-such.pem"}, "tls_certfile"),
+    ],
+)
+def test_https_that_cannot_work_is_refused_naming_the_setting(
+    given: dict[str, object], refused: str
+) -> None:
+    with pytest.raises(ValidationError, match=refused):
+        Settings.model_validate(given)
+
+
 def test_kafka_security_settings_make_the_clients_connection(tmp_path: Path) -> None:
     cafile = tmp_path / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(cafile))
