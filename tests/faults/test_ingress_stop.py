@@ -9,27 +9,32 @@ shutdown_grace_s) before the app's cleanup, which flushes the publisher, runs.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from openai import APIConnectionError, AsyncOpenAI
+from openai.types.chat import ChatCompletionChunk
 
 from llmtap.supervisor import listening
 from tests.faults.conftest import MakeCluster, Upstream
-from tests.faults.harness import until
+from tests.faults.harness import Cluster, until
 
 pytestmark = pytest.mark.faults
 
 FEATURE = "ingress-stop"
 
 
-async def test_a_stream_in_flight_when_the_ingress_stops_ends_whole_and_is_metered(
-    make_cluster: MakeCluster, upstream_faults: Upstream
-) -> None:
-    fake = upstream_faults.provider.fake
-    fake.chunk_delay_s = 0.4  # five words: the stream lasts ~2 s
-    cluster = await make_cluster()
+async def stopped_mid_stream(
+    make_cluster: MakeCluster, env: dict[str, str]
+) -> tuple[Cluster, list[ChatCompletionChunk], APIConnectionError | None]:
+    """Start a cluster, open a stream, and once its first chunk is here stop the
+    ingress; then read the stream to its end. What the client received, and the error
+    that ended it early (None: it ended whole). The ingress must have stopped, not been
+    killed; a new one is started, as a deploy would."""
+    cluster = await make_cluster(env)
     await cluster.start_all()
-    proxy = f"127.0.0.1:{cluster.proxy_port}"
+    received: list[ChatCompletionChunk] = []
+    cut: APIConnectionError | None = None
     async with AsyncOpenAI(
         base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
     ) as sdk:
@@ -40,23 +45,44 @@ async def test_a_stream_in_flight_when_the_ingress_stops_ends_whole_and_is_meter
             extra_headers={"x-llmtap-feature": FEATURE},
         )
         chunks = stream.__aiter__()
-        received = [await chunks.__anext__()]
+        received.append(await chunks.__anext__())
         stopping = asyncio.create_task(cluster.terminate("ingress"))
 
         async def refusing() -> bool:
-            return not await listening(proxy)
+            return not await listening(f"127.0.0.1:{cluster.proxy_port}")
 
         await until(refusing, "the stopping ingress refuses new connections", 5)
-        received += [chunk async for chunk in chunks]
+        try:
+            async for chunk in chunks:
+                received.append(chunk)
+        except APIConnectionError as exc:  # cut: no final chunk, as a broken upstream
+            cut = exc
     await stopping
     ingress = cluster.processes["ingress"].process
     assert ingress is not None and ingress.returncode == 0  # stopped, not killed
-    text = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
-    assert text == "".join(fake.words)
-
-    await cluster.start("ingress")  # the next one, as a deploy brings it
+    await cluster.start("ingress")
     await cluster.quiet()
+    return cluster, received, cut
+
+
+def text(chunks: list[ChatCompletionChunk]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+async def only_call(cluster: Cluster) -> dict[str, Any]:
     (row,) = (await cluster.calls_by_request(FEATURE)).values()
+    return row
+
+
+async def test_a_stream_in_flight_when_the_ingress_stops_ends_whole_and_is_metered(
+    make_cluster: MakeCluster, upstream_faults: Upstream
+) -> None:
+    fake = upstream_faults.provider.fake
+    fake.chunk_delay_s = 0.4  # five words: the stream lasts ~2 s, within the grace
+    cluster, received, cut = await stopped_mid_stream(make_cluster, {})
+    assert cut is None
+    assert text(received) == "".join(fake.words)
+    row = await only_call(cluster)
     assert (row["rows"], row["status"]) == (1, "ok")
     assert row["output_tokens"] == fake.completion_tokens
 
@@ -66,32 +92,12 @@ async def test_a_stream_longer_than_the_grace_is_cut_and_recorded_as_cut_by_the_
 ) -> None:
     fake = upstream_faults.provider.fake
     fake.chunk_delay_s = 1.0  # the stream would last ~5 s
-    cluster = await make_cluster({"LLMTAP_SHUTDOWN_GRACE_S": "2"})
-    await cluster.start_all()
-    async with AsyncOpenAI(
-        base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
-    ) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "a long answer"}],
-            stream=True,
-            extra_headers={"x-llmtap-feature": FEATURE},
-        )
-        chunks = stream.__aiter__()
-        received = [await chunks.__anext__()]
-        stopping = asyncio.create_task(cluster.terminate("ingress"))
-        with pytest.raises(APIConnectionError):  # cut: no final chunk, as a broken upstream
-            async for chunk in chunks:
-                received.append(chunk)
-    await stopping
-    ingress = cluster.processes["ingress"].process
-    assert ingress is not None and ingress.returncode == 0
-    streamed = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
-    assert streamed != "".join(fake.words)
-
-    await cluster.start("ingress")
-    await cluster.quiet()
-    (row,) = (await cluster.calls_by_request(FEATURE)).values()
+    cluster, received, cut = await stopped_mid_stream(
+        make_cluster, {"LLMTAP_SHUTDOWN_GRACE_S": "2"}
+    )
+    assert cut is not None
+    assert text(received) != "".join(fake.words)
+    row = await only_call(cluster)
     assert (row["rows"], row["status"], row["error_class"]) == (1, "proxy_stopped", "proxy_stopped")
     # Counted from what was streamed (the usage chunk never came).
-    assert (row["output_tokens"] > 0) == bool(streamed)
+    assert (row["output_tokens"] > 0) == bool(text(received))
