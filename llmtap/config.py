@@ -35,7 +35,8 @@ from pydantic_settings import (
 )
 
 from llmtap.events import BudgetPeriod, BudgetScope, WindowDimension
-from llmtap.kafka import Kafka, SaslMechanism, SecurityProtocol, UnusableFile
+from llmtap.kafka import Kafka, SaslMechanism, SecurityProtocol
+from llmtap.tls import UnusableFile, server_context
 
 CONFIG_ENV = "LLMTAP_CONFIG"
 
@@ -362,8 +363,7 @@ class Settings(BaseSettings):
         try:
             kafka.ssl_context  # noqa: B018 (made now: a file that is no PEM fails at start)
         except UnusableFile as exc:
-            path = getattr(self, f"kafka_{exc.name}")
-            raise ValueError(f"kafka_{exc} (in {path})") from exc
+            raise _refused(self, f"kafka_ssl_{exc.role}", exc) from exc
         return self
 
     @model_validator(mode="after")
@@ -372,10 +372,8 @@ class Settings(BaseSettings):
             raise ValueError("tls_keyfile needs tls_certfile")
         try:
             self.server_ssl_context  # noqa: B018 (made now: a file that is no PEM fails at start)
-        except ssl.SSLError as exc:
-            raise ValueError(
-                f"tls_certfile {self.tls_certfile} / tls_keyfile {self.tls_keyfile}: {exc}"
-            ) from exc
+        except UnusableFile as exc:
+            raise _refused(self, f"tls_{exc.role}", exc) from exc
         return self
 
     @cached_property
@@ -383,9 +381,7 @@ class Settings(BaseSettings):
         """What the proxy and the analytics API serve HTTPS with; None: plain HTTP."""
         if self.tls_certfile is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.tls_certfile, self.tls_keyfile)
-        return context
+        return server_context(self.tls_certfile, self.tls_keyfile)
 
     @property
     def scheme(self) -> str:
@@ -481,6 +477,10 @@ class Settings(BaseSettings):
                 raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+
+def _refused(settings: Settings, name: str, exc: UnusableFile) -> ValueError:
+    return ValueError(f"{name} {getattr(settings, name)}: {exc}")
 
 
 def load_settings(config_file: str | None = None) -> Settings:

@@ -16,6 +16,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict
 
+from llmtap.tls import client_context
+
 if TYPE_CHECKING:  # Faust is the worker's alone: the ingress does not import it
     from faust.types.auth import CredentialsT
 
@@ -32,14 +34,6 @@ class ClientOptions(TypedDict, total=False):
     sasl_mechanism: str
     sasl_plain_username: str
     sasl_plain_password: str
-
-
-class UnusableFile(ValueError):
-    """A certificate or key file that holds nothing TLS can use."""
-
-    def __init__(self, name: str, error: ssl.SSLError) -> None:
-        super().__init__(f"{name}: {error.reason or error}")
-        self.name = name
 
 
 @dataclass(frozen=True)
@@ -71,22 +65,11 @@ class Kafka:
 
     @cached_property
     def ssl_context(self) -> ssl.SSLContext | None:
-        """One context for every client of the process, made on first use: it verifies
-        the broker's certificate and host name. A file that holds no usable PEM raises
-        UnusableFile naming it."""
+        """One context for every client of the process, made on first use (llmtap/tls.py:
+        it verifies the broker's certificate and host name)."""
         if not self.tls:
             return None
-        try:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ssl_cafile)
-        except ssl.SSLError as exc:
-            raise UnusableFile("ssl_cafile", exc) from exc
-        if self.ssl_certfile:
-            try:
-                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
-            except ssl.SSLError as exc:
-                name = "ssl_keyfile" if self.ssl_keyfile else "ssl_certfile"
-                raise UnusableFile(name, exc) from exc
-        return context
+        return client_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)
 
     def client_options(self) -> ClientOptions:
         options = ClientOptions(
