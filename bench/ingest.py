@@ -34,9 +34,9 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
+from llmtap.names import Names
 from llmtap.runtime import tune_gc
 from llmtap.supervisor import embedded_broker
 from llmtap.wire import decode_costed
@@ -97,7 +97,7 @@ async def fill_topic(bootstrap: str, payloads: list[bytes]) -> None:
     await producer.start()
     try:
         for i, value in enumerate(payloads):
-            await producer.send(topics.COSTED, value, key=str(i).encode())
+            await producer.send(Names().costed, value, key=str(i).encode())
         await producer.flush()
     finally:
         await producer.stop()
@@ -137,7 +137,7 @@ async def end_to_end(
 def steps(store: Store, payloads: list[bytes], batch_rows: int) -> dict[str, float]:
     """Rows/s of the writer's steps alone, in this process, over the same payloads."""
     n = len(payloads)
-    records = [(topics.COSTED, 0, i, p) for i, p in enumerate(payloads)]
+    records = [(Names().costed, 0, i, p) for i, p in enumerate(payloads)]
     types = calls_types(store)
     t0 = time.perf_counter()
     events = [CostedEvent.model_validate_json(p) for p in payloads]

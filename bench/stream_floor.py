@@ -31,6 +31,7 @@ from pathlib import Path
 from stream_throughput import PARTITIONS, broker, produce, response
 
 from llmtap import topics
+from llmtap.names import Names
 
 AIOKAFKA_BATCH = 2000
 
@@ -84,7 +85,7 @@ def faust_reader(bootstrap: str, n: int, data_dir: str) -> None:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
     )
-    source = app.topic(topics.RESPONSES, key_serializer="raw", value_serializer="raw")
+    source = app.topic(Names().responses, key_serializer="raw", value_serializer="raw")
     seen = {"n": 0}
     started: list[float] = []
 
@@ -106,7 +107,7 @@ async def aiokafka_reader(bootstrap: str, n: int, data_dir: str) -> None:
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
-        topics.RESPONSES,
+        Names().responses,
         bootstrap_servers=bootstrap,
         group_id=f"floor-aiokafka-{time.time_ns()}",
         auto_offset_reset="earliest",

@@ -49,6 +49,7 @@ from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, BudgetState, ResponseEvent, Usage
 from llmtap.kafka import Kafka
+from llmtap.names import Names
 from llmtap.supervisor import embedded_broker
 from stream.pricing import load_catalog, price
 
@@ -137,7 +138,7 @@ async def produce(bootstrap: str, events: list[ResponseEvent]) -> None:
     try:
         for event in events:
             await producer.send(
-                topics.RESPONSES,
+                Names().responses,
                 event.model_dump_json().encode(),
                 key=topics.partition_key(event.request_id),
             )
@@ -168,7 +169,7 @@ async def throughput(bootstrap: str, data_dir: Path, n: int) -> tuple[float, Dec
     print(f"putting {n:,} response events on the topic...", file=sys.stderr)
     await produce(bootstrap, events)
     admin = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=topics.STREAM_GROUP, enable_auto_commit=False
+        bootstrap_servers=bootstrap, group_id=Names().stream_group, enable_auto_commit=False
     )
     await admin.start()
     loop = asyncio.get_running_loop()
@@ -181,7 +182,7 @@ async def throughput(bootstrap: str, data_dir: Path, n: int) -> tuple[float, Dec
             done = 0
             while done < n:
                 await asyncio.sleep(0.05)
-                done = await committed(admin, topics.RESPONSES)
+                done = await committed(admin, Names().responses)
                 if done and first is None:
                     first = (loop.time(), done)
                 print(f"  {done:,} committed", file=sys.stderr)
@@ -192,7 +193,7 @@ async def throughput(bootstrap: str, data_dir: Path, n: int) -> tuple[float, Dec
         await admin.stop()
     spent = Decimal(0)
     latest: dict[str, BudgetState] = {}
-    for raw in await topics.read_all(Kafka(bootstrap), topics.BUDGETS):
+    for raw in await topics.read_all(Kafka(bootstrap), Names().budgets):
         state = BudgetState.model_validate_json(raw)
         latest[state.budget] = state
     spent = sum((s.spent_usd for s in latest.values()), Decimal(0))
@@ -205,7 +206,7 @@ async def lag_at_rate(bootstrap: str, data_dir: Path, rate: float, seconds: floa
     lags: list[float] = []
     total = int(rate * seconds)
     consumer = AIOKafkaConsumer(
-        topics.COSTED,
+        Names().costed,
         bootstrap_servers=bootstrap,
         auto_offset_reset="latest",
         group_id=None,
@@ -241,7 +242,7 @@ async def lag_at_rate(bootstrap: str, data_dir: Path, rate: float, seconds: floa
                 event = response(i, datetime.now(UTC))
                 key = topics.partition_key(event.request_id)
                 sent[key] = time.time() * 1000
-                await producer.send(topics.RESPONSES, event.model_dump_json().encode(), key=key)
+                await producer.send(Names().responses, event.model_dump_json().encode(), key=key)
                 if i % int(rate) == 0:
                     print(f"  lag run: {i:,}/{total:,} sent, {len(lags):,} seen", file=sys.stderr)
             await asyncio.wait_for(reader, timeout=120)

@@ -90,10 +90,17 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
     )
     tasks = []
     if settings.budgets:
-        tasks.append(asyncio.create_task(follow(book, settings.kafka), name="budgets"))
+        tasks.append(
+            asyncio.create_task(follow(book, settings.kafka, "ingress-budgets"), name="budgets")
+        )
     if any(b.hard_cap for b in settings.budgets):
         # What this process reserves, for the budgets endpoint (the publisher outlives this).
-        held = announce(book, app[PUBLISHER].publish, f"ingress-{uuid.uuid4()}")
+        held = announce(
+            book,
+            app[PUBLISHER].publish,
+            settings.kafka.names.reservations,
+            f"ingress-{uuid.uuid4()}",
+        )
         tasks.append(asyncio.create_task(held, name="reservations"))
     yield
     for task in tasks:

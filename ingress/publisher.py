@@ -131,6 +131,7 @@ class EventPublisher:
         slow_after_s: float = 1.0,
     ) -> None:
         self._kafka = kafka
+        self.names = kafka.names  # the topics events go to
         self._queue_size = queue_size
         self._high_water = max(1, queue_size // 2)
         self._spool_dir = spool_dir
@@ -337,7 +338,7 @@ class EventPublisher:
 
     async def _connect(self) -> AIOKafkaProducer | None:
         producer = AIOKafkaProducer(
-            **self._kafka.client_options(),
+            **self._kafka.client_options("ingress"),
             # Events are not on any call's path: let batches fill (bench/ingress_latency.py:
             # at 2 ms, batches of 2-4 events cost ~300 µs of CPU per call).
             linger_ms=LINGER_MS,

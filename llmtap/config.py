@@ -36,6 +36,7 @@ from pydantic_settings import (
 
 from llmtap.events import BudgetPeriod, BudgetScope, WindowDimension
 from llmtap.kafka import Kafka, SaslMechanism, SecurityProtocol
+from llmtap.names import NAMESPACE_PATTERN, Names
 from llmtap.tls import UnusableFile, server_context
 
 CONFIG_ENV = "LLMTAP_CONFIG"
@@ -216,6 +217,9 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
     kafka_sasl_username: str = ""
     kafka_sasl_password: SecretStr = SecretStr("")
+    # What this deployment's topics, consumer groups and Kafka client ids start with
+    # (llmtap/names.py): give staging and production their own to share one cluster.
+    kafka_namespace: str = Field(default="llmtap", pattern=NAMESPACE_PATTERN.pattern)
 
     # ClickHouse: `http://user:pass@host:8123/db` for a server, or `chdb:///path`.
     # Empty means the embedded chDB store under data_dir.
@@ -399,6 +403,7 @@ class Settings(BaseSettings):
             self.kafka_sasl_mechanism,
             self.kafka_sasl_username,
             self.kafka_sasl_password.get_secret_value(),
+            Names(self.kafka_namespace),
         )
 
     @field_validator("clickhouse_dsn")

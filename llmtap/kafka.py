@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict
 
+from llmtap.names import Names
 from llmtap.tls import client_context
 
 if TYPE_CHECKING:  # Faust is the worker's alone: the ingress does not import it
@@ -29,6 +30,7 @@ class ClientOptions(TypedDict, total=False):
     """The keyword arguments every aiokafka client takes to reach the brokers."""
 
     bootstrap_servers: str
+    client_id: str
     security_protocol: str
     ssl_context: ssl.SSLContext | None
     sasl_mechanism: str
@@ -38,7 +40,8 @@ class ClientOptions(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class Kafka:
-    """Where the brokers are and how to connect to them.
+    """Where the brokers are, how to connect to them, and what this deployment's topics,
+    groups and clients are called there (``names``, llmtap/names.py).
 
     ``ssl_cafile`` None trusts the system's CAs (a managed Kafka's certificates are
     signed by a public CA); ``ssl_certfile`` and ``ssl_keyfile`` present a client
@@ -54,6 +57,7 @@ class Kafka:
     sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
     sasl_username: str = ""
     sasl_password: str = field(default="", repr=False)
+    names: Names = field(default_factory=Names)
 
     @property
     def tls(self) -> bool:
@@ -71,9 +75,13 @@ class Kafka:
             return None
         return client_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)
 
-    def client_options(self) -> ClientOptions:
+    def client_options(self, client: str) -> ClientOptions:
+        """What an aiokafka client takes to reach the brokers; ``client`` says which of
+        llmtap's it is (its ``client.id``, under the namespace: ``llmtap-ingress``)."""
         options = ClientOptions(
-            bootstrap_servers=self.bootstrap, security_protocol=self.security_protocol
+            bootstrap_servers=self.bootstrap,
+            client_id=self.names.client_id(client),
+            security_protocol=self.security_protocol,
         )
         if self.tls:
             options["ssl_context"] = self.ssl_context

@@ -191,8 +191,8 @@ class Supervisor:
     async def drain(self) -> None:
         s = self.settings
         stages = [
-            (topics.STREAM_GROUP, topics.RESPONSES, "worker"),
-            (topics.SINK_GROUP, topics.COSTED, "store"),
+            (s.kafka.names.stream_group, s.kafka.names.responses, "worker"),
+            (s.kafka.names.sink_group, s.kafka.names.costed, "store"),
         ]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT_S

@@ -1,17 +1,19 @@
-"""Kafka topic names and partition keys.
+"""llmtap's Kafka topics: making them, their partition keys, and reading them back.
 
-| topic            | value         | key         | written by | read by                        |
-|------------------|---------------|-------------|------------|--------------------------------|
-| llmtap.requests  | RequestEvent  | request_id  | ingress    | (kept for replay and audit)    |
-| llmtap.responses | ResponseEvent | request_id  | ingress    | stream (costs)                 |
-| llmtap.costed    | CostedEvent   | request_id  | stream     | sink                           |
-| llmtap.windows   | WindowEvent   | series      | stream     | stream (spikes), sink          |
-| llmtap.alerts    | Alert         | alert id    | stream     | sinks (webhooks)               |
-| llmtap.budgets   | BudgetState   | budget name | stream     | ingress (caps), store          |
-| llmtap.reservations | Reservations | ingress id | ingress  | store (budgets' reserved_usd)  |
+| topic (``Names``)  | value         | key         | written by | read by                      |
+|--------------------|---------------|-------------|------------|------------------------------|
+| llmtap.requests    | RequestEvent  | request_id  | ingress    | (kept for replay and audit)  |
+| llmtap.responses   | ResponseEvent | request_id  | ingress    | stream (costs)               |
+| llmtap.costed      | CostedEvent   | request_id  | stream     | sink                         |
+| llmtap.windows     | WindowEvent   | series      | stream     | stream (spikes), sink        |
+| llmtap.alerts      | Alert         | alert id    | stream     | sinks (webhooks)             |
+| llmtap.budgets     | BudgetState   | budget name | stream     | ingress (caps), store        |
+| llmtap.reservations | Reservations | ingress id  | ingress    | store (budgets' reserved_usd) |
+| llmtap.checkpoints | Checkpoint    | partition   | stream     | stream (at start)            |
 
 Consumer groups: ``llmtap-stream`` (the worker's cost stage) and ``llmtap-spikes`` (its
 spikes stage), ``llmtap-sink`` (the writer), ``llmtap-webhooks`` (alert delivery).
+``llmtap`` is the default namespace (setting ``kafka_namespace``, llmtap/names.py).
 
 Keying by ``request_id`` keeps both events of one call, and every replay of them, on
 one partition: the stage that owns that partition sees duplicates and can drop them.
@@ -31,33 +33,13 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from llmtap.kafka import Kafka
 
-REQUESTS = "llmtap.requests"
-RESPONSES = "llmtap.responses"
-COSTED = "llmtap.costed"
-WINDOWS = "llmtap.windows"  # closed windows, keyed by series (size|dimension|value)
-ALERTS = "llmtap.alerts"
-BUDGETS = "llmtap.budgets"  # compacted: the latest state of each budget
-RESERVATIONS = "llmtap.reservations"  # compacted: what each ingress holds against budgets
-# Compacted: where the stream's counting of each partition of llmtap.responses stands
-# (its partition p holds responses partition p's; stream/checkpoints.py).
-CHECKPOINTS = "llmtap.checkpoints"
-
-ALL = (REQUESTS, RESPONSES, COSTED, WINDOWS, ALERTS, BUDGETS, RESERVATIONS, CHECKPOINTS)
-COMPACTED = frozenset({BUDGETS, RESERVATIONS, CHECKPOINTS})
-
 # How long a consumer's fetch may wait for data. Kafka answers a fetch as soon as there
 # is data, so this only bounds an idle poll; the embedded Tansu broker answers only
 # when the wait is over, so it is the latency of every hop through it (aiokafka's
 # default, 500 ms, measured a median of 146 ms per message; 50 ms, 2 ms).
 FETCH_MAX_WAIT_MS = 50
 
-# Consumer groups.
-STREAM_GROUP = "llmtap-stream"  # the worker's cost stage, on llmtap.responses
-SPIKES_GROUP = "llmtap-spikes"  # the worker's spikes stage, on llmtap.windows
-SINK_GROUP = "llmtap-sink"
-WEBHOOK_GROUP = "llmtap-webhooks"
-# The worker's Faust app id (it joins no group: the app runs no consumer).
-WORKER_APP = "llmtap-worker"
+COMPACT = {"cleanup.policy": "compact"}  # the budgets, reservations and checkpoints topics
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +68,12 @@ def refusals(topic_errors: Iterable[tuple[Any, ...]]) -> list[str]:
 async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> None:
     """Create llmtap's topics if they do not exist yet (idempotent); TopicsRefused if
     the broker will not."""
-    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [name for name in ALL if name not in existing]
+        names = kafka.names
+        missing = [name for name in names.topics if name not in existing]
         if missing:
             response = await admin.create_topics(
                 [
@@ -98,7 +81,7 @@ async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> Non
                         name,
                         num_partitions=partitions,
                         replication_factor=replicas,
-                        topic_configs={"cleanup.policy": "compact"} if name in COMPACTED else {},
+                        topic_configs=COMPACT if name in names.compacted else {},
                     )
                     for name in missing
                 ]
@@ -121,9 +104,9 @@ async def lag(kafka: Kafka, group_id: str, topic: str) -> int:
     offset (1000 records sent in one batch: end offset 1), so end - committed lies.
     Meant for small backlogs (draining at shutdown).
     """
-    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=5_000)
+    admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=5_000)
     consumer = AIOKafkaConsumer(
-        **kafka.client_options(), enable_auto_commit=False, request_timeout_ms=5_000
+        **kafka.client_options("admin"), enable_auto_commit=False, request_timeout_ms=5_000
     )
     try:  # closed even when a start fails (the broker gone)
         await admin.start()
@@ -223,7 +206,7 @@ async def read_since(
 
 def _reader(kafka: Kafka) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        **kafka.client_options(),
+        **kafka.client_options("reader"),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         request_timeout_ms=10_000,
@@ -267,7 +250,7 @@ async def read_consumed(
     """The messages of ``topic`` that consumer group ``group_id`` has consumed (before
     its committed offsets), written at or after ``since_ms`` (epoch milliseconds, by
     the records' timestamps), in offset order per partition. Commits nothing."""
-    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
     try:
         await admin.start()
         ends = await _committed(admin, group_id, topic)
@@ -295,7 +278,7 @@ async def read_all(kafka: Kafka, topic: str, idle_ms: int = 500) -> list[bytes]:
     loading a compacted topic's latest values at start. Stops after ``idle_ms`` of
     silence."""
     consumer = AIOKafkaConsumer(
-        **kafka.client_options(),
+        **kafka.client_options("reader"),
         enable_auto_commit=False,
         request_timeout_ms=5_000,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,

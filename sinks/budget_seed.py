@@ -17,7 +17,6 @@ from decimal import Decimal
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import BudgetState
 from llmtap.kafka import Kafka
@@ -61,12 +60,12 @@ def rebuilt_state(store: Store, budget: BudgetConfig, now: datetime) -> BudgetSt
 
 
 async def publish_states(kafka: Kafka, states: list[BudgetState]) -> None:
-    producer = AIOKafkaProducer(**kafka.client_options(), request_timeout_ms=10_000)
+    producer = AIOKafkaProducer(**kafka.client_options("store-budgets"), request_timeout_ms=10_000)
     try:
         await producer.start()
         for state in states:
             await producer.send_and_wait(
-                topics.BUDGETS, state.model_dump_json().encode(), key=state.budget.encode()
+                kafka.names.budgets, state.model_dump_json().encode(), key=state.budget.encode()
             )
     except KafkaError as exc:
         log.error("could not publish rebuilt budget states: %s", exc)

@@ -21,13 +21,14 @@ def sink_consumer(
     topic: str | list[str],
     kafka: Kafka,
     group_id: str,
+    client: str,
     max_poll_records: int | None = None,
     listener: ConsumerRebalanceListener | None = None,
 ) -> AIOKafkaConsumer:
     """A consumer (of one topic or several) whose offsets the sink commits itself, after
     its work is durable; ``listener`` hears of the partitions it is given and loses."""
     consumer = AIOKafkaConsumer(
-        **kafka.client_options(),
+        **kafka.client_options(client),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -24,7 +24,6 @@ from decimal import Decimal
 from aiohttp import web
 
 from ingress.guards.budgets import BudgetBook, follow, follow_topic
-from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import BudgetState, Reservations
 from sql.params import Scope
@@ -109,8 +108,12 @@ def budget_follower(settings: Settings) -> Callable[[web.Application], AsyncIter
         tasks = []
         if settings.budgets:
             kafka = settings.kafka
-            tasks.append(asyncio.create_task(follow(book, kafka), name="budget-states"))
-            reservations = follow_topic(topics.RESERVATIONS, Reservations, held.update, kafka)
+            tasks.append(
+                asyncio.create_task(follow(book, kafka, "store-budgets"), name="budget-states")
+            )
+            reservations = follow_topic(
+                kafka.names.reservations, Reservations, held.update, kafka, "store-reservations"
+            )
             tasks.append(asyncio.create_task(reservations, name="budget-reservations"))
         yield
         for task in tasks:

@@ -40,8 +40,9 @@ def create_app(
 ) -> tuple[faust.App, CostStage, SpikesStage]:
     """The Faust app and the stages its worker runs beside it."""
     app = StreamApp(
-        topics.WORKER_APP,
+        settings.kafka.names.worker_app,
         broker=settings.kafka.faust_brokers(),
+        broker_client_id=settings.kafka.names.client_id("worker"),
         broker_credentials=settings.kafka.faust_credentials(),
         store="memory://",
         key_serializer="raw",
@@ -59,7 +60,11 @@ def create_app(
     stage.positions.holding = counting
     if settings.budgets:
         stage.steps.append(
-            budgets.BudgetsStep(app, ledger if ledger is not None else Ledger(settings.budgets))
+            budgets.BudgetsStep(
+                app,
+                ledger if ledger is not None else Ledger(settings.budgets),
+                settings.kafka.names,
+            )
         )
     if detector is None:
         settle = spike_settle(settings)
@@ -71,7 +76,7 @@ async def load_budget_states(settings: Settings) -> Ledger:
     """A ledger seeded with the budgets topic's latest states (the worker's own earlier
     output, or the store's rebuild from ClickHouse), read before any event is counted."""
     ledger = Ledger(settings.budgets)
-    for raw in await topics.read_all(settings.kafka, topics.BUDGETS):
+    for raw in await topics.read_all(settings.kafka, settings.kafka.names.budgets):
         try:
             ledger.seed(BudgetState.model_validate_json(raw))
         except ValidationError as exc:

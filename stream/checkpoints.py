@@ -71,7 +71,8 @@ def of(
 async def latest(kafka: Kafka, partitions: Iterable[int]) -> dict[int, Checkpoint]:
     """The latest checkpoint of each of ``partitions`` that has one."""
     found: dict[int, Checkpoint] = {}
-    for partition, raw in (await topics.read_latest(kafka, topics.CHECKPOINTS, partitions)).items():
+    read = await topics.read_latest(kafka, kafka.names.checkpoints, partitions)
+    for partition, raw in read.items():
         try:
             checkpoint = Checkpoint.model_validate_json(raw)
         except ValidationError:

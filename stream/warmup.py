@@ -76,8 +76,8 @@ async def warmed_detector(settings: Settings) -> Detector:
     try:
         judged = await topics.read_consumed(
             settings.kafka,
-            topics.SPIKES_GROUP,
-            topics.WINDOWS,
+            settings.kafka.names.spikes_group,
+            settings.kafka.names.windows,
             since_ms=int(since.timestamp() * 1000),
         )
     except KafkaError as exc:  # the worker still starts; its baselines start empty

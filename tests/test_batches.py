@@ -11,8 +11,8 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmtap import topics
 from llmtap.batches import Batches, murmur2
+from llmtap.names import Names
 from tests.conftest import start_broker
 
 PARTITIONS = 3
@@ -25,7 +25,7 @@ async def test_records_land_where_send_puts_them_and_arrive_once() -> None:
         await producer.start()
         try:
             keys = [str(uuid.uuid4()).encode() for _ in range(600)]
-            batches = await Batches.of(producer, topics.COSTED)
+            batches = await Batches.of(producer, Names().costed)
             for i, key in enumerate(keys):
                 batches.add(key, b"%d:" % i + b"x" * 1_000)
             assert len(batches) > PARTITIONS  # some partitions filled more than one batch
@@ -34,7 +34,7 @@ async def test_records_land_where_send_puts_them_and_arrive_once() -> None:
             assert len(batches) == 0
             # The same keys through the producer's own send, on another topic.
             sent = {
-                key: (await producer.send_and_wait(topics.WINDOWS, b"", key=key)).partition
+                key: (await producer.send_and_wait(Names().windows, b"", key=key)).partition
                 for key in keys
             }
         finally:
@@ -43,7 +43,7 @@ async def test_records_land_where_send_puts_them_and_arrive_once() -> None:
         reader = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
         await reader.start()
         try:
-            tps = [TopicPartition(topics.COSTED, p) for p in range(PARTITIONS)]
+            tps = [TopicPartition(Names().costed, p) for p in range(PARTITIONS)]
             reader.assign(tps)
             await reader.seek_to_beginning(*tps)
             read: dict[bytes, tuple[int, int]] = {}

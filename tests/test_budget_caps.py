@@ -18,9 +18,9 @@ from aiokafka import AIOKafkaConsumer
 from openai import RateLimitError
 from standardwebhooks import Webhook
 
-from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import Reservations
+from llmtap.names import Names
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
 from tests.fake_provider import FakeProvider, free_port, serve
 from tests.test_ingress_ops import make_key
@@ -174,7 +174,7 @@ async def reservations_of(
     """The announcements on the reservations topic that name ``budget`` (or empty ones
     from the same ingress), read from the beginning until ``until`` holds of them."""
     consumer = AIOKafkaConsumer(
-        topics.RESERVATIONS,
+        Names().reservations,
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",  # no group: every partition, from its beginning

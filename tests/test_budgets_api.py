@@ -25,10 +25,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
 
 from ingress.guards.keys import create_key
-from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import BudgetState, Reservations
 from llmtap.kafka import Kafka
+from llmtap.names import Names
 from sinks.budget_seed import publish_states
 from sql import analytics, auth, dashboard, params
 from sql.budgets import BUDGET_BOOK
@@ -275,7 +275,9 @@ async def test_reserved_is_what_the_live_ingresses_announce(
     try:
         for event in announced:
             await producer.send_and_wait(
-                topics.RESERVATIONS, event.model_dump_json().encode(), key=event.ingress_id.encode()
+                Names().reservations,
+                event.model_dump_json().encode(),
+                key=event.ingress_id.encode(),
             )
     finally:
         await producer.stop()

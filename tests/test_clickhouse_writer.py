@@ -12,9 +12,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from clickhouse_connect.driver.exceptions import DataError
 
-from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
+from llmtap.names import Names
 from sinks.clickhouse.decode import Batch, calls_body, decode_batch
 from sinks.clickhouse.rows import CALLS_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
@@ -99,8 +99,8 @@ def test_decoded_columns_write_what_the_events_say(store: Store) -> None:
     stores exactly what the same events stored as models do; a message that is no
     event is a dead letter, whichever way."""
     events = [costed() for _ in range(5)]
-    records = [(topics.COSTED, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
-    records.append((topics.COSTED, 0, 5, b"{}"))
+    records = [(Names().costed, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
+    records.append((Names().costed, 0, 5, b"{}"))
     decoded = decode_batch(records)
     assert len(decoded) == 6 and len(decoded.dead_letters) == 1
     assert decoded.dead_letters[0].offset == 5 and decoded.dead_letters[0].raw == b"{}"
@@ -137,7 +137,7 @@ def test_a_body_built_in_a_decode_process_stores_what_its_columns_do(store: Stor
         sample.costed(sample.response(attribution=who), None if i == 2 else sample.cost("0.1"))
         for i in range(6)
     ]
-    records = [(topics.COSTED, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
+    records = [(Names().costed, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
     types = calls_types(store)
     assert "LowCardinality" not in "".join(types)  # plain strings: converted in ClickHouse
     batch = decode_batch(records, types)
@@ -174,8 +174,8 @@ def test_an_event_calls_cannot_hold_is_a_dead_letter(store: Store) -> None:
     huge = sample.costed(sample.response(usage=Usage(input_tokens=2**32)), None)
     fine = costed()
     records = [
-        (topics.COSTED, 0, 0, huge.model_dump_json().encode()),
-        (topics.COSTED, 0, 1, fine.model_dump_json().encode()),
+        (Names().costed, 0, 0, huge.model_dump_json().encode()),
+        (Names().costed, 0, 1, fine.model_dump_json().encode()),
     ]
     batch = decode_batch(records, calls_types(store))
     batch.source = records
@@ -193,7 +193,7 @@ def test_a_body_the_encoder_refuses_is_left_to_the_write(store: Store) -> None:
     with pytest.raises(DataError):
         native_body("t", ["a"], ["UInt16"], [(70_000,)])
     events = [costed(output_tokens=300)]
-    records = [(topics.COSTED, 0, 0, events[0].model_dump_json().encode())]
+    records = [(Names().costed, 0, 0, events[0].model_dump_json().encode())]
     narrow = tuple(
         "UInt8" if name == "output_tokens" else kind
         for name, kind in zip(CALLS_COLUMNS, calls_types(store), strict=True)
@@ -208,7 +208,7 @@ def test_a_compressed_body_stores_the_same_rows(store: Store) -> None:
     """Over HTTP the client compresses what it sends (lz4 or zstd, as negotiated); the
     body of the calls insert is compressed alike. chDB takes a compressed body too, so
     the path runs here."""
-    records = [(topics.COSTED, 0, i, costed().model_dump_json().encode()) for i in range(3)]
+    records = [(Names().costed, 0, i, costed().model_dump_json().encode()) for i in range(3)]
     batch = decode_batch(records, calls_types(store))
     batch.source = records
     store._client.write_compression = "lz4"
@@ -237,7 +237,7 @@ async def produce(bootstrap: str, payloads: list[bytes]) -> None:
     await producer.start()
     try:
         for value in payloads:
-            await producer.send(topics.COSTED, value, key=str(uuid.uuid4()).encode())
+            await producer.send(Names().costed, value, key=str(uuid.uuid4()).encode())
         await producer.flush()
     finally:
         await producer.stop()
@@ -287,4 +287,4 @@ async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_
     assert {str(e.event_id) for e in events} <= stored
     dead = store.rows("SELECT raw, topic, error FROM dead_letters")[0]
     assert dead["raw"] in (b"\x00not an event", "\x00not an event")
-    assert dead["topic"] == topics.COSTED and dead["error"]
+    assert dead["topic"] == Names().costed and dead["error"]

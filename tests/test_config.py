@@ -140,7 +140,8 @@ def test_kafka_security_settings_make_the_clients_connection(tmp_path: Path) -> 
         kafka_sasl_username="llmtap",
         kafka_sasl_password="s3cret",
     )
-    options = settings.kafka.client_options()
+    options = settings.kafka.client_options("ingress")
+    assert options["client_id"] == "llmtap-ingress"
     assert options["security_protocol"] == "SASL_SSL"
     assert options["ssl_context"] is settings.kafka.ssl_context  # one for every client
     assert options["sasl_mechanism"] == "SCRAM-SHA-256"

@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingress.forward import tokens
 from ingress.guards.keys import create_key
-from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import ResponseEvent
+from llmtap.names import Names
 from tests.conftest import Broker, FakeUpstream, serve_ingress
 
 
@@ -37,7 +37,7 @@ async def make_key(ingress: str, key_file: Path) -> str:
 async def response_event(bootstrap: str, request_id: str) -> ResponseEvent:
     """Read llmtap.responses from the start until the call's response event shows."""
     consumer = AIOKafkaConsumer(
-        topics.RESPONSES, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+        Names().responses, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
     )
     await consumer.start()
     try:

@@ -6,6 +6,7 @@ makes crosses TLS, and the front requires a client certificate from the test CA.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -59,7 +60,13 @@ async def test_every_stage_of_llmtap_up_runs_over_mutual_tls(
     sessions = broker.front.subjects[made_topics:]
     assert len(sessions) >= 6  # producers, group consumers, readers of each process
     assert set(sessions) == {CLIENT}  # each presented the client certificate
-    assert b"faust-" in broker.front.sent  # the worker's Faust producer's client id too
+    # Every client said which of llmtap's it is (a request header's client id: its
+    # length, then its bytes), the worker's Faust producer among them; none went by
+    # aiokafka's default name.
+    for client in ("ingress", "worker", "worker-costs", "worker-spikes", "store-writer"):
+        client_id = f"llmtap-{client}".encode()
+        assert struct.pack(">h", len(client_id)) + client_id in broker.front.sent, client
+    assert b"aiokafka-" not in broker.front.sent
 
 
 async def test_a_broker_certificate_from_another_ca_is_refused(
@@ -132,6 +139,7 @@ async def test_sasl_scram_credentials_reach_a_broker_that_requires_authenticatio
     ids=lambda kafka: kafka.security_protocol,
 )
 def test_the_worker_s_faust_producer_connects_as_every_other_client(kafka: Kafka) -> None:
-    ours = {k: v for k, v in kafka.client_options().items() if k != "bootstrap_servers"}
+    options = kafka.client_options("worker").items()
+    ours = {k: v for k, v in options if k not in ("bootstrap_servers", "client_id")}
     faust_options = credentials_to_aiokafka_auth(kafka.faust_credentials())
     assert {k: v for k, v in faust_options.items() if v is not None} == ours

@@ -22,11 +22,12 @@ from ingress.publisher import EventPublisher
 from ingress.spool import Record, Spool, SpoolBusy, decode, encode
 from llmtap import topics
 from llmtap.kafka import Kafka
+from llmtap.names import Names
 from llmtap.supervisor import broker_argv
 from tests.conftest import Broker
 from tests.fake_provider import free_port
 
-TOPIC = topics.REQUESTS
+TOPIC = Names().requests
 KEY = b"one-key-one-partition"  # so order holds on a many-partition topic too
 
 

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent
 from llmtap.kafka import Kafka
+from llmtap.names import Names
 from sinks.clickhouse import replay
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import insert_calls, prepare_calls
@@ -135,7 +135,7 @@ async def produce(bootstrap: str, events: list[CostedEvent]) -> None:
     try:
         for event in events:
             await producer.send(
-                topics.COSTED, event.model_dump_json().encode(), key=str(uuid.uuid4()).encode()
+                Names().costed, event.model_dump_json().encode(), key=str(uuid.uuid4()).encode()
             )
         await producer.flush()
     finally:
@@ -205,18 +205,18 @@ async def test_an_insert_whose_messages_are_gone_is_counted_not_guessed(
     nothing over a restart) cannot be repeated: counted as lost, nothing inserted."""
     events = Batch(events=[call() for _ in range(3)])
     insert = prepare_calls(store, events)
-    replay.record(store, "a-group", insert, ((topics.COSTED, 0, 1000, 1003),))
-    assigned = {TopicPartition(topics.COSTED, 0)}
+    replay.record(store, "a-group", insert, ((Names().costed, 0, 1000, 1003),))
+    assigned = {TopicPartition(Names().costed, 0)}
     redone = await replay.repeat_uncommitted(store, Kafka(broker.bootstrap), "a-group", assigned)
     assert redone == (0, 1)
     assert calls(store) == 0
 
 
 def test_uncommitted_inserts_are_those_past_the_groups_commit_on_its_partitions() -> None:
-    a, b = TopicPartition(topics.COSTED, 0), TopicPartition(topics.COSTED, 1)
-    done = replay.Recorded("t1", ((topics.COSTED, 0, 0, 10),), ())
-    cut = replay.Recorded("t2", ((topics.COSTED, 0, 10, 20), (topics.COSTED, 1, 0, 5)), ())
-    elsewhere = replay.Recorded("t3", ((topics.COSTED, 1, 5, 9),), ())
+    a, b = TopicPartition(Names().costed, 0), TopicPartition(Names().costed, 1)
+    done = replay.Recorded("t1", ((Names().costed, 0, 0, 10),), ())
+    cut = replay.Recorded("t2", ((Names().costed, 0, 10, 20), (Names().costed, 1, 0, 5)), ())
+    elsewhere = replay.Recorded("t3", ((Names().costed, 1, 5, 9),), ())
     recorded = [done, cut, elsewhere]
     assert replay.uncommitted(recorded, {a: 10, b: 5}, {a}) == [cut]
     assert replay.uncommitted(recorded, {a: 20, b: 9}, {a, b}) == []
@@ -225,8 +225,8 @@ def test_uncommitted_inserts_are_those_past_the_groups_commit_on_its_partitions(
 
 def test_costed_ranges_are_the_costed_partitions_spans_in_order() -> None:
     spans = {
-        TopicPartition(topics.COSTED, 1): (5, 8),
-        TopicPartition(topics.WINDOWS, 0): (3, 4),
-        TopicPartition(topics.COSTED, 0): (2, 3),
+        TopicPartition(Names().costed, 1): (5, 8),
+        TopicPartition(Names().windows, 0): (3, 4),
+        TopicPartition(Names().costed, 0): (2, 3),
     }
-    assert replay.costed_ranges(spans) == ((topics.COSTED, 0, 2, 3), (topics.COSTED, 1, 5, 8))
+    assert replay.costed_ranges(spans) == ((Names().costed, 0, 2, 3), (Names().costed, 1, 5, 8))

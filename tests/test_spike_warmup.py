@@ -10,9 +10,10 @@ from decimal import Decimal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from llmtap import topics, wire
+from llmtap import wire
 from llmtap.config import Settings, SpikeRule
 from llmtap.events import utcnow
+from llmtap.names import Names
 from stream.aggregates import Aggregate
 from stream.detector import Detector
 from stream.warmup import horizon, spike_settle, warmed_detector
@@ -42,7 +43,7 @@ async def publish(bootstrap: str, windows: list[wire.Window], at: datetime) -> N
     try:
         for w in windows:
             await producer.send_and_wait(
-                topics.WINDOWS,
+                Names().windows,
                 wire.encode(w),
                 key=w.series.encode(),
                 timestamp_ms=int(at.timestamp() * 1000),
@@ -57,8 +58,8 @@ async def commit_all(bootstrap: str, group: str) -> None:
     await consumer.start()
     try:
         tps = [
-            TopicPartition(topics.WINDOWS, p)
-            for p in consumer.partitions_for_topic(topics.WINDOWS) or ()
+            TopicPartition(Names().windows, p)
+            for p in consumer.partitions_for_topic(Names().windows) or ()
         ]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
@@ -87,7 +88,7 @@ async def test_a_restarted_detector_judges_a_spike_with_what_was_judged_before()
         old = window(first - 60 * MINUTE, 5_000, 2)  # past the horizon: not read back
         await publish(broker.bootstrap, [old], long_ago)
         await publish(broker.bootstrap, steady, now)
-        await commit_all(broker.bootstrap, topics.SPIKES_GROUP)
+        await commit_all(broker.bootstrap, Names().spikes_group)
         spike = window(first + 10 * MINUTE, 1_000, 2)
         await publish(broker.bootstrap, [spike], now)  # not consumed yet: not read back
 

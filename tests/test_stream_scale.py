@@ -19,6 +19,7 @@ from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, ResponseEvent, Usage, WindowEvent
 from llmtap.kafka import Kafka
+from llmtap.names import Names
 from stream import checkpoints
 from tests import sample
 from tests.conftest import start_broker
@@ -96,7 +97,7 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
                     burst_at = datetime.now(UTC)
                 event = response(i, burst_at)
                 await producer.send_and_wait(
-                    topics.RESPONSES,
+                    Names().responses,
                     event.model_dump_json().encode(),
                     key=topics.partition_key(event.request_id),
                 )
@@ -113,7 +114,7 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
         while loop.time() < deadline:
             windows = [
                 WindowEvent.model_validate_json(raw)
-                for raw in await topics.read_all(Kafka(broker.bootstrap), topics.WINDOWS)
+                for raw in await topics.read_all(Kafka(broker.bootstrap), Names().windows)
             ]
             tenant = [w for w in windows if w.dimension == "tenant"]
             if sum(w.requests for w in tenant) + sum(w.late_events for w in tenant) >= sent:
@@ -121,7 +122,7 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
             await asyncio.sleep(0.25)
         costed = [
             CostedEvent.model_validate_json(raw)
-            for raw in await topics.read_all(Kafka(broker.bootstrap), topics.COSTED)
+            for raw in await topics.read_all(Kafka(broker.bootstrap), Names().costed)
         ]
         latest = await checkpoints.latest(Kafka(broker.bootstrap), range(PARTITIONS))
 

@@ -3,10 +3,14 @@ said rather than waited on."""
 
 from __future__ import annotations
 
+import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import InvalidReplicationFactorError, PolicyViolationError
+from pydantic import ValidationError
 
 from llmtap import topics
+from llmtap.config import Settings
+from llmtap.names import TOPICS, Names, kind
 from llmtap.supervisor import embedded_broker
 from tests.fake_provider import free_port
 
@@ -17,10 +21,10 @@ async def test_topics_are_made_with_the_replication_factor_asked() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
-            described = await admin.describe_topics(list(topics.ALL))
+            described = await admin.describe_topics(list(Names().topics))
         finally:
             await admin.close()
-    assert {t["topic"] for t in described} == set(topics.ALL)
+    assert {t["topic"] for t in described} == set(Names().topics)
     replicas = {len(p["replicas"]) for t in described for p in t["partitions"]}
     assert replicas == {3}
 
@@ -38,3 +42,39 @@ def test_a_refusal_names_the_topic_and_why_and_a_topic_made_meanwhile_is_none() 
         "llmtap.requests: InvalidReplicationFactorError (larger than brokers: 1)",
         "llmtap.windows: PolicyViolationError",
     ]
+
+
+def test_the_default_namespace_keeps_the_names_llmtap_always_used() -> None:
+    """Upgrading an existing deployment keeps its topics and its groups' offsets."""
+    names = Names()
+    assert names.topics == (
+        "llmtap.requests",
+        "llmtap.responses",
+        "llmtap.costed",
+        "llmtap.windows",
+        "llmtap.alerts",
+        "llmtap.budgets",
+        "llmtap.reservations",
+        "llmtap.checkpoints",
+    )
+    assert names.compacted == {"llmtap.budgets", "llmtap.reservations", "llmtap.checkpoints"}
+    groups = (names.stream_group, names.spikes_group, names.sink_group, names.webhook_group)
+    assert groups == ("llmtap-stream", "llmtap-spikes", "llmtap-sink", "llmtap-webhooks")
+    assert names.worker_app == "llmtap-worker"
+
+
+def test_every_name_of_a_namespace_is_under_it_and_knows_its_kind() -> None:
+    names = Names("acme.staging")
+    assert all(topic.startswith("acme.staging.") for topic in names.topics)
+    assert [kind(topic) for topic in names.topics] == list(TOPICS)
+    assert names.sink_group == "acme.staging-sink"
+    assert names.client_id("ingress") == "acme.staging-ingress"
+
+
+@pytest.mark.parametrize("namespace", ["", "prod env", "prød", "a/b", "x" * 201])
+def test_a_namespace_kafka_cannot_name_topics_with_is_refused_naming_the_setting(
+    namespace: str,
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(kafka_namespace=namespace)
+    assert refused.value.errors()[0]["loc"] == ("kafka_namespace",)

@@ -30,9 +30,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from llmtap import topics
 from llmtap.config import Settings, WebhookEndpoint
 from llmtap.events import Alert
+from llmtap.names import Names
 from sinks.webhooks import deliver, guard, records, render, sign
 from sinks.webhooks.dispatcher import WebhookDispatcher, matches
 from sql.store import Store
@@ -322,7 +322,7 @@ async def publish(bootstrap: str, items: list[Alert | bytes]) -> dict[TopicParti
                 value, key = item.model_dump_json().encode(), str(item.event_id).encode()
             else:
                 value, key = item, str(uuid.uuid4()).encode()
-            sent.append(await producer.send(topics.ALERTS, value, key=key))
+            sent.append(await producer.send(Names().alerts, value, key=key))
         ends: dict[TopicPartition, int] = {}
         for metadata in await asyncio.gather(*sent):
             tp = TopicPartition(metadata.topic, metadata.partition)
@@ -481,7 +481,8 @@ async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
     assert rec.requests("elsewhere") == []
     assert rec.bad_signatures == 0
     letters = store.rows(
-        "SELECT raw, error FROM dead_letters WHERE topic = {topic:String}", {"topic": topics.ALERTS}
+        "SELECT raw, error FROM dead_letters WHERE topic = {topic:String}",
+        {"topic": Names().alerts},
     )
     assert len(letters) == 2 and any("does not fit" in d["error"] for d in letters)
     assert attempts(store, [huge.event_id]) == {}

@@ -85,7 +85,8 @@ def record_outcome(
         error_class=error_class,
     )
     key = topics.partition_key(call.request_id)
-    app[PUBLISHER].publish(topics.RESPONSES, key, wire.encode(event))
+    publisher = app[PUBLISHER]
+    publisher.publish(publisher.names.responses, key, wire.encode(event))
     app[METRICS].observe(event)
 
 
@@ -186,7 +187,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     call.provider = route.provider
     most_tokens = max_tokens(payload)
     publisher.publish(
-        topics.REQUESTS,
+        publisher.names.requests,
         topics.partition_key(call.request_id),
         wire.encode(call.request_event(request_bytes=len(body), max_tokens=most_tokens)),
     )

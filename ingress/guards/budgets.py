@@ -176,19 +176,19 @@ class BudgetBook:
                 self.settled[name].append((ended, cost_here))
 
 
-async def follow(book: BudgetBook, kafka: Kafka) -> None:
+async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
     """Keep ``book`` up to date with the budgets topic, from its beginning, forever."""
-    await follow_topic(topics.BUDGETS, BudgetState, book.update, kafka)
+    await follow_topic(kafka.names.budgets, BudgetState, book.update, kafka, client)
 
 
 async def follow_topic(
-    topic: str, model: type[E], on_event: Callable[[E], None], kafka: Kafka
+    topic: str, model: type[E], on_event: Callable[[E], None], kafka: Kafka, client: str
 ) -> None:
     """Hand every event of a compacted ``topic`` to ``on_event``, from its beginning,
-    forever (reconnecting when the broker goes away)."""
+    forever (reconnecting when the broker goes away), as Kafka client ``client``."""
     while True:
         consumer = AIOKafkaConsumer(
-            **kafka.client_options(),
+            **kafka.client_options(client),
             enable_auto_commit=False,
             fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,  # how soon a new state is enforced
         )
@@ -219,10 +219,10 @@ Publish = Callable[[str, bytes, bytes], None]  # topic, key, the event's JSON
 
 
 async def announce(
-    book: BudgetBook, publish: Publish, ingress_id: str, interval_s: float = 10.0
+    book: BudgetBook, publish: Publish, topic: str, ingress_id: str, interval_s: float = 10.0
 ) -> None:
     """Publish what this process holds (:meth:`BudgetBook.held`) on the reservations
-    topic whenever it changes (looked at every 0.2 s) and every ``interval_s`` seconds
+    ``topic`` whenever it changes (looked at every 0.2 s) and every ``interval_s`` seconds
     regardless; on cancellation, once more with nothing held (the process is stopping)."""
     key = ingress_id.encode()
     last: dict[str, Decimal] | None = None
@@ -236,9 +236,9 @@ async def announce(
                 event = Reservations(
                     ingress_id=ingress_id, at=now, interval_s=interval_s, held=held
                 )
-                publish(topics.RESERVATIONS, key, event.model_dump_json().encode())
+                publish(topic, key, event.model_dump_json().encode())
                 last, sent_at = held, loop.time()
             await asyncio.sleep(0.2)
     finally:
         gone = Reservations(ingress_id=ingress_id, at=utcnow(), interval_s=interval_s)
-        publish(topics.RESERVATIONS, key, gone.model_dump_json().encode())
+        publish(topic, key, gone.model_dump_json().encode())

@@ -26,7 +26,7 @@ import msgspec
 from aiokafka import TopicPartition
 from pydantic import ValidationError
 
-from llmtap import topics, wire
+from llmtap import names, wire
 from llmtap.events import CostedEvent, utcnow
 from sinks.clickhouse.rows import (
     CALLS_COLUMNS,
@@ -111,7 +111,7 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
     costed: list[wire.CostedEvent] = []
     for topic, partition, offset, raw in records:
         try:
-            if topic == topics.WINDOWS:
+            if names.kind(topic) == "windows":
                 batch.windows.append(wire.decode_window(raw))
             else:
                 event = wire.decode_costed(raw)

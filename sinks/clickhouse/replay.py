@@ -27,7 +27,7 @@ from operator import itemgetter
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from llmtap import topics
+from llmtap import names, topics
 from llmtap.events import utcnow
 from llmtap.kafka import Kafka
 from sinks.clickhouse.decode import Range, Record, decode_batch
@@ -50,7 +50,7 @@ def costed_ranges(spans: Mapping[TopicPartition, tuple[int, int]]) -> tuple[Rang
     return tuple(
         (tp.topic, tp.partition, first, next_offset)
         for tp, (first, next_offset) in sorted(spans.items())
-        if tp.topic == topics.COSTED
+        if names.kind(tp.topic) == "costed"
     )
 
 
@@ -106,7 +106,7 @@ def uncommitted(
 async def committed_offsets(
     kafka: Kafka, group: str, partitions: Iterable[TopicPartition]
 ) -> dict[TopicPartition, int]:
-    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
     await admin.start()
     try:
         found = await admin.list_consumer_group_offsets(group, partitions=list(partitions))

@@ -33,7 +33,6 @@ from concurrent.futures.process import BrokenProcessPool
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError
 
-from llmtap import topics
 from llmtap.config import Settings
 from sinks.clickhouse import replay
 from sinks.clickhouse.decode import Batch, Record, decode_batch, ready, start_decode_process
@@ -59,10 +58,10 @@ class ClickHouseWriter:
     (the records to pickle): ~8% more rows/s on two cores, side by side
     (bench/results/ingest.md)."""
 
-    def __init__(self, settings: Settings, store: Store, group_id: str = topics.SINK_GROUP) -> None:
+    def __init__(self, settings: Settings, store: Store, group_id: str | None = None) -> None:
         self._settings = settings
         self._store = store
-        self._group_id = group_id
+        self._group_id = group_id or settings.kafka.names.sink_group
         self._decode_processes = settings.sink_decode_processes
         self._pool: ProcessPoolExecutor | None = None
         self._calls_types: tuple[str, ...] | None = None  # read once, at the first batch
@@ -75,9 +74,10 @@ class ClickHouseWriter:
 
     def _consumer(self) -> AIOKafkaConsumer:
         return sink_consumer(
-            [topics.COSTED, topics.WINDOWS],
+            [self._settings.kafka.names.costed, self._settings.kafka.names.windows],
             self._settings.kafka,
             self._group_id,
+            "store-writer",
             max_poll_records=self._settings.sink_batch_rows,
             listener=_RepeatOnAssign(self),
         )

@@ -24,7 +24,6 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError
 from pydantic import ValidationError
 
-from llmtap import topics
 from llmtap.config import Settings, WebhookEndpoint
 from llmtap.events import Alert, utcnow
 from sinks.clickhouse.decode import DeadLetter
@@ -73,12 +72,10 @@ def decode(
 
 
 class WebhookDispatcher:
-    def __init__(
-        self, settings: Settings, store: Store, group_id: str = topics.WEBHOOK_GROUP
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, group_id: str | None = None) -> None:
         self._settings = settings
         self._store = store
-        self._group_id = group_id
+        self._group_id = group_id or settings.kafka.names.webhook_group
         allow = settings.webhook_allow_private
         self.workers = {
             e.name: EndpointWorker(e, store, allow_private=allow) for e in settings.webhooks
@@ -86,7 +83,8 @@ class WebhookDispatcher:
         self.alerts_read = 0
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return sink_consumer(topics.ALERTS, self._settings.kafka, self._group_id)
+        kafka = self._settings.kafka
+        return sink_consumer(kafka.names.alerts, kafka, self._group_id, "store-webhooks")
 
     async def run(self) -> None:
         """Consume until cancelled (reconnecting if the broker goes away); workers alongside."""

@@ -15,8 +15,9 @@ from datetime import datetime
 import faust
 from aiokafka import AIOKafkaProducer
 
-from llmtap import topics, wire
+from llmtap import wire
 from llmtap.events import Alert, BudgetState, utcnow
+from llmtap.names import Names
 from stream.agents.costs import Position
 from stream.ledger import Ledger
 
@@ -26,10 +27,10 @@ ROLL_EVERY_S = 1.0
 
 
 class BudgetsStep:
-    def __init__(self, app: faust.App, ledger: Ledger) -> None:
+    def __init__(self, app: faust.App, ledger: Ledger, names: Names) -> None:
         self.ledger = ledger
-        self._states = app.topic(topics.BUDGETS, key_serializer="raw", value_serializer="raw")
-        self._alerts = app.topic(topics.ALERTS, key_serializer="raw", value_serializer="raw")
+        self._states = app.topic(names.budgets, key_serializer="raw", value_serializer="raw")
+        self._alerts = app.topic(names.alerts, key_serializer="raw", value_serializer="raw")
         self._changed: set[str] = set()  # budgets whose state the batch changed
         self._raised: list[Alert] = []
 

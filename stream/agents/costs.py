@@ -47,6 +47,7 @@ from llmtap import topics, wire
 from llmtap.batches import Batches
 from llmtap.config import Settings
 from llmtap.events import utcnow
+from llmtap.names import Names
 from stream import checkpoints
 from stream.agents.stage import Fetched, GroupStage
 from stream.pricing import Catalog, price_wire
@@ -74,9 +75,12 @@ class Step(Protocol):
 class CostStage(GroupStage):
     """Prices ``llmtap.responses`` into ``llmtap.costed`` and feeds ``steps``."""
 
-    topic = topics.RESPONSES
-    group = topics.STREAM_GROUP
+    client = "worker-costs"
     redone = "their events are read again (pricing and budgets take them once)"
+
+    @staticmethod
+    def reads(names: Names) -> tuple[str, str]:
+        return names.responses, names.stream_group
 
     def __init__(self, settings: Settings, catalog: Catalog, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
@@ -91,18 +95,18 @@ class CostStage(GroupStage):
 
     async def on_start(self) -> None:
         producer = await self._start_producer(max_batch_size=1 << 20, linger_ms=0)
-        self._costed = await Batches.of(producer, topics.COSTED)
-        self._checkpoints = await Batches.of(producer, topics.CHECKPOINTS)
+        self._costed = await Batches.of(producer, self.names.costed)
+        self._checkpoints = await Batches.of(producer, self.names.checkpoints)
         for step in self.steps:
             await step.start(producer)
         # Both topics keyed by request id: with as many partitions on each, a costed
         # event's key hashes to the partition its response came from.
-        responses = await producer.partitions_for(topics.RESPONSES)
+        responses = await producer.partitions_for(self.topic)
         self._same_partitions = len(responses) == self._costed.partitions
         if self._checkpoints.partitions < len(responses):
             raise RuntimeError(
-                f"{topics.CHECKPOINTS} has {self._checkpoints.partitions} partitions and "
-                f"{topics.RESPONSES} {len(responses)}: it needs at least as many (one per "
+                f"{self.names.checkpoints} has {self._checkpoints.partitions} partitions "
+                f"and {self.topic} {len(responses)}: it needs at least as many (one per "
                 "responses partition)"
             )
         await self._start_consuming()

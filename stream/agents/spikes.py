@@ -21,9 +21,10 @@ from typing import Any
 
 import msgspec
 
-from llmtap import topics, wire
+from llmtap import wire
 from llmtap.config import Settings
 from llmtap.events import Alert, utcnow
+from llmtap.names import Names
 from stream.agents.stage import Fetched, GroupStage
 from stream.detector import Detector
 
@@ -62,9 +63,12 @@ class SpikesStage(GroupStage):
     """Judges ``llmtap.windows`` with ``detector`` (stream/warmup.py gives it the
     windows judged before a restart) and publishes the alerts to ``llmtap.alerts``."""
 
-    topic = topics.WINDOWS
-    group = topics.SPIKES_GROUP
+    client = "worker-spikes"
     redone = "their windows are judged again (same alert ids)"
+
+    @staticmethod
+    def reads(names: Names) -> tuple[str, str]:
+        return names.windows, names.spikes_group
 
     def __init__(self, settings: Settings, detector: Detector, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
@@ -97,5 +101,5 @@ class SpikesStage(GroupStage):
         for alert in raised:
             log.warning("%s", alert.message)
             value = alert.model_dump_json().encode()
-            sent.append(await producer.send(topics.ALERTS, value, key=alert.event_id.bytes))
+            sent.append(await producer.send(self.names.alerts, value, key=alert.event_id.bytes))
         await asyncio.gather(*sent)

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError
@@ -30,6 +30,7 @@ from mode import Service
 
 from llmtap import topics
 from llmtap.config import Settings
+from llmtap.names import Names
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,13 @@ STOP_TIMEOUT_S = 30.0
 Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
-def group_consumer(settings: Settings, group_id: str) -> AIOKafkaConsumer:
+def group_consumer(settings: Settings, group_id: str, client: str) -> AIOKafkaConsumer:
     """A consumer in ``group_id`` that commits only when told, starts a group with no
     offsets at the beginning, and joins and leaves as fast as the worker's settings say
     (Tansu and a small Kafka answer fast)."""
     session_ms = int(settings.stream_session_timeout_s * 1000)
     return AIOKafkaConsumer(
-        **settings.kafka.client_options(),
+        **settings.kafka.client_options(client),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -62,16 +63,18 @@ def group_consumer(settings: Settings, group_id: str) -> AIOKafkaConsumer:
 
 
 class GroupStage(Service):
-    """A stage reading ``topic`` in ``group``; subclasses handle each batch
-    (:meth:`handle`) and may add to what a commit, a handover or a takeover does."""
+    """A stage reading a topic in a group (:meth:`reads`: the deployment's names for
+    them); subclasses handle each batch (:meth:`handle`) and may add to what a commit, a
+    handover or a takeover does. ``client`` is its Kafka clients' name."""
 
-    topic: str
-    group: str
+    client: ClassVar[str]
     redone = "their records are read again"  # said when a commit fails
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._settings = settings
+        self.names = settings.kafka.names
+        self.topic, self.group = self.reads(self.names)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._busy = asyncio.Lock()  # held while a batch is handled and committed
@@ -81,17 +84,22 @@ class GroupStage(Service):
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
 
+    @staticmethod
+    def reads(names: Names) -> tuple[str, str]:
+        """The topic the stage reads and its consumer group."""
+        raise NotImplementedError
+
     async def _start_producer(self, **options: Any) -> AIOKafkaProducer:
         """The stage's producer, every write acknowledged by all replicas."""
         producer = self._producer = AIOKafkaProducer(
-            **self._settings.kafka.client_options(), acks="all", **options
+            **self._settings.kafka.client_options(self.client), acks="all", **options
         )
         await producer.start()
         return producer
 
     async def _start_consuming(self) -> None:
         """Join the group and start the loop (once the subclass is ready for batches)."""
-        consumer = self._consumer = group_consumer(self._settings, self.group)
+        consumer = self._consumer = group_consumer(self._settings, self.group, self.client)
         consumer.subscribe([self.topic], listener=_Listener(self))
         await consumer.start()
         self._loop_task = asyncio.create_task(self._consume())

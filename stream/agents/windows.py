@@ -57,7 +57,7 @@ class WindowsStep:
     async def start(self, producer: AIOKafkaProducer) -> None:
         """Windows go out as whole Kafka batches (a window per series, length and
         partition: thousands a minute with many users or keys), keyed by series."""
-        self._windows = await Batches.of(producer, topics.WINDOWS)
+        self._windows = await Batches.of(producer, self._kafka.names.windows)
 
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         partition, offset = position
@@ -146,7 +146,8 @@ class WindowsStep:
             return
         windower = next(iter(resumed.values()))
         since = min(marks) - max(windower.larger)
-        raws = await topics.read_since(self._kafka, topics.WINDOWS, int(since.timestamp() * 1000))
+        since_ms = int(since.timestamp() * 1000)
+        raws = await topics.read_since(self._kafka, self._kafka.names.windows, since_ms)
         shares: dict[int, list[wire.Window]] = {partition: [] for partition in resumed}
         for raw in raws:
             try:

@@ -54,9 +54,14 @@ async def make_cluster(
     is stopped when the test ends, and on failure the tail of each log is printed."""
     made: list[Cluster] = []
 
-    async def make(extra_env: dict[str, str] | None = None) -> Cluster:
+    async def make(
+        extra_env: dict[str, str] | None = None, shared_broker: str | None = None
+    ) -> Cluster:
         cluster = Cluster(
-            tmp_path / f"cluster{len(made)}", upstream_faults.root_url, extra_env or {}
+            tmp_path / f"cluster{len(made)}",
+            upstream_faults.root_url,
+            extra_env or {},
+            shared_broker,
         )
         made.append(cluster)
         return cluster

@@ -36,7 +36,6 @@ import aiohttp
 from ingress.guards.keys import create_key
 from llmtap import topics
 from llmtap.config import Settings
-from llmtap.kafka import Kafka
 from llmtap.supervisor import broker_argv, topics_ready
 from stream.app import ready_file
 from tests.fake_provider import free_port
@@ -100,18 +99,21 @@ class Process:
 
 @dataclass
 class Cluster:
-    """One llmtap deployment (broker, store, worker, ingress) under a test's control."""
+    """One llmtap deployment (broker, store, worker, ingress) under a test's control;
+    given ``shared_broker`` (another cluster's bootstrap), it uses that broker instead
+    of starting one, as a second deployment on the same Kafka does."""
 
     root: Path
     upstream_url: str  # the fake provider's root, e.g. http://127.0.0.1:1234
     extra_env: dict[str, str] = field(default_factory=dict)
+    shared_broker: str | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = self.root / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs = self.root / "logs"
         self.logs.mkdir(exist_ok=True)
-        self.bootstrap = f"127.0.0.1:{free_port()}"
+        self.bootstrap = self.shared_broker or f"127.0.0.1:{free_port()}"
         self.proxy_port, self.api_port = free_port(), free_port()
         self.env: dict[str, str] = {
             **os.environ,
@@ -134,7 +136,10 @@ class Cluster:
         self.env.pop("LLMTAP_CONFIG", None)
         # What the harness itself needs of the children's settings: paths and topics.
         self.settings = Settings(
-            data_dir=self.data_dir, kafka_bootstrap=self.bootstrap, topic_partitions=2
+            data_dir=self.data_dir,
+            kafka_bootstrap=self.bootstrap,
+            topic_partitions=2,
+            kafka_namespace=self.env.get("LLMTAP_KAFKA_NAMESPACE", "llmtap"),
         )
         self.api_key, _ = create_key(self.settings.key_file, tenant=TENANT, team=TEAM)
         python = [sys.executable, "-m", "llmtap"]
@@ -174,6 +179,9 @@ class Cluster:
         503 until the broker is back, by design."""
         proc = self.processes[name]
         assert not proc.running, f"{name} is already running"
+        if name == "broker" and self.shared_broker:  # another cluster's: make our topics
+            await until(self.checks()["broker"], "the shared broker has our topics", 30)
+            return
         if name == "worker":
             # A killed worker leaves its ready file behind: never take it for the new one's.
             ready_file(self.settings).unlink(missing_ok=True)
@@ -195,15 +203,7 @@ class Cluster:
 
     async def wait_ready(self, name: str, *, broker_up: bool = True) -> None:
         proc = self.processes[name]
-        checks: dict[str, Callable[[], Awaitable[bool]]] = {
-            "broker": lambda: topics_ready(self.settings.kafka, self.settings.topic_partitions),
-            "store": lambda: self.http_ok(f"{self.api_root}/healthz"),
-            "worker": lambda: asyncio.to_thread(ready_file(self.settings).exists),
-            "ingress": lambda: self.http_ok(
-                f"{self.proxy_root}/{'readyz' if broker_up else 'healthz'}"
-            ),
-        }
-        check = checks[name]
+        check = self.checks(broker_up=broker_up)[name]
 
         async def ready() -> bool:
             if not proc.running:
@@ -211,6 +211,17 @@ class Cluster:
             return await check()
 
         await until(ready, f"{name} ready", START_TIMEOUT_S, every=0.1)
+
+    def checks(self, *, broker_up: bool = True) -> dict[str, Callable[[], Awaitable[bool]]]:
+        """Each process's readiness check."""
+        return {
+            "broker": lambda: topics_ready(self.settings.kafka, self.settings.topic_partitions),
+            "store": lambda: self.http_ok(f"{self.api_root}/healthz"),
+            "worker": lambda: asyncio.to_thread(ready_file(self.settings).exists),
+            "ingress": lambda: self.http_ok(
+                f"{self.proxy_root}/{'readyz' if broker_up else 'healthz'}"
+            ),
+        }
 
     async def kill(self, name: str) -> None:
         """SIGKILL: no cleanup of any kind runs in the process."""
@@ -325,13 +336,14 @@ class Cluster:
         on costed events, the webhook dispatcher on alerts (as `llmtap up` measures
         them when it drains). The worker's spikes group, on the windows topic, is not
         counted."""
+        names = self.settings.kafka.names
         stages = [
-            ("worker", topics.STREAM_GROUP, topics.RESPONSES),
-            ("writer", topics.SINK_GROUP, topics.COSTED),
-            ("dispatcher", topics.WEBHOOK_GROUP, topics.ALERTS),
+            ("worker", names.stream_group, names.responses),
+            ("writer", names.sink_group, names.costed),
+            ("dispatcher", names.webhook_group, names.alerts),
         ]
         return {
-            name: await topics.lag(Kafka(self.bootstrap), group, topic)
+            name: await topics.lag(self.settings.kafka, group, topic)
             for name, group, topic in stages
         }
 

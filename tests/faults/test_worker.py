@@ -38,6 +38,7 @@ import pytest
 from llmtap import topics
 from llmtap.events import BudgetState, CostedEvent
 from llmtap.kafka import Kafka
+from llmtap.names import Names
 from stream.checkpoints import Checkpoint
 from tests.faults.conftest import Upstream, faulty_upstream
 from tests.faults.harness import Cluster, until
@@ -138,7 +139,7 @@ async def run_scenario(root: Path, upstream: Upstream) -> Outcome:
         windows = await until_windows(cluster, len(load.sent))
         copies = Counter(
             str(CostedEvent.model_validate_json(raw).event_id)
-            for raw in await topics.read_all(Kafka(cluster.bootstrap), topics.COSTED)
+            for raw in await topics.read_all(Kafka(cluster.bootstrap), Names().costed)
         )
         return Outcome(
             sent=load.sent,
@@ -152,7 +153,7 @@ async def run_scenario(root: Path, upstream: Upstream) -> Outcome:
             windows=windows,
             checkpoints=[
                 Checkpoint.model_validate_json(raw)
-                for raw in await topics.read_all(Kafka(cluster.bootstrap), topics.CHECKPOINTS)
+                for raw in await topics.read_all(Kafka(cluster.bootstrap), Names().checkpoints)
             ],
         )
     except BaseException:
@@ -188,7 +189,7 @@ async def until_windows(cluster: Cluster, calls: int) -> dict[int, dict[str, int
 
 async def budget_states(cluster: Cluster) -> list[BudgetState]:
     """The budget's states on the budgets topic, oldest first."""
-    raws = await topics.read_all(Kafka(cluster.bootstrap), topics.BUDGETS, idle_ms=300)
+    raws = await topics.read_all(Kafka(cluster.bootstrap), Names().budgets, idle_ms=300)
     states = [BudgetState.model_validate_json(raw) for raw in raws]
     return [s for s in states if s.budget == FEATURE]
 
