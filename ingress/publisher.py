@@ -338,7 +338,7 @@ class EventPublisher:
 
     async def _connect(self) -> AIOKafkaProducer | None:
         producer = AIOKafkaProducer(
-            **self._kafka.client_options("ingress"),
+            **self._kafka.producer_options("ingress"),
             # Events are not on any call's path: let batches fill (bench/ingress_latency.py:
             # at 2 ms, batches of 2-4 events cost ~300 µs of CPU per call).
             linger_ms=LINGER_MS,

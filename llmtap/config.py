@@ -35,7 +35,7 @@ from pydantic_settings import (
 )
 
 from llmtap.events import BudgetPeriod, BudgetScope, WindowDimension
-from llmtap.kafka import Kafka, SaslMechanism, SecurityProtocol
+from llmtap.kafka import Compression, Kafka, SaslMechanism, SecurityProtocol
 from llmtap.names import NAMESPACE_PATTERN, Names
 from llmtap.tls import UnusableFile, server_context
 
@@ -220,6 +220,9 @@ class Settings(BaseSettings):
     # What this deployment's topics, consumer groups and Kafka client ids start with
     # (llmtap/names.py): give staging and production their own to share one cluster.
     kafka_namespace: str = Field(default="llmtap", pattern=NAMESPACE_PATTERN.pattern)
+    # What the producers compress event batches with: none on the embedded broker
+    # (nothing to save on a loopback); lz4 or zstd to a Kafka billed by the byte.
+    kafka_compression: Compression = "none"
 
     # ClickHouse: `http://user:pass@host:8123/db` for a server, or `chdb:///path`.
     # Empty means the embedded chDB store under data_dir.
@@ -404,6 +407,7 @@ class Settings(BaseSettings):
             self.kafka_sasl_username,
             self.kafka_sasl_password.get_secret_value(),
             Names(self.kafka_namespace),
+            self.kafka_compression,
         )
 
     @field_validator("clickhouse_dsn")

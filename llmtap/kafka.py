@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # Faust is the worker's alone: the ingress does not import it
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 
 
 class ClientOptions(TypedDict, total=False):
@@ -36,6 +37,12 @@ class ClientOptions(TypedDict, total=False):
     sasl_mechanism: str
     sasl_plain_username: str
     sasl_plain_password: str
+
+
+class ProducerOptions(ClientOptions, total=False):
+    """... and those of a producer."""
+
+    compression_type: str | None
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ class Kafka:
     sasl_username: str = ""
     sasl_password: str = field(default="", repr=False)
     names: Names = field(default_factory=Names)
+    # What llmtap's producers compress their batches with (consumers read any codec).
+    compression: Compression = "none"
 
     @property
     def tls(self) -> bool:
@@ -90,6 +99,11 @@ class Kafka:
             options["sasl_plain_username"] = self.sasl_username
             options["sasl_plain_password"] = self.sasl_password
         return options
+
+    def producer_options(self, client: str) -> ProducerOptions:
+        """``client_options`` and the batches' compression."""
+        codec = None if self.compression == "none" else self.compression
+        return ProducerOptions(**self.client_options(client), compression_type=codec)
 
     def faust_brokers(self) -> list[str]:
         return [f"kafka://{host.strip()}" for host in self.bootstrap.split(",")]

@@ -60,7 +60,9 @@ def rebuilt_state(store: Store, budget: BudgetConfig, now: datetime) -> BudgetSt
 
 
 async def publish_states(kafka: Kafka, states: list[BudgetState]) -> None:
-    producer = AIOKafkaProducer(**kafka.client_options("store-budgets"), request_timeout_ms=10_000)
+    producer = AIOKafkaProducer(
+        **kafka.producer_options("store-budgets"), request_timeout_ms=10_000
+    )
     try:
         await producer.start()
         for state in states:

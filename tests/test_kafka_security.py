@@ -21,7 +21,7 @@ from llmtap.kafka import Kafka
 from tests.conftest import FakeUpstream, run_llmtap
 from tests.fake_provider import SNAPSHOT
 from tests.test_e2e import expected_cost, model_row
-from tests.tls import Certificates, mutual_tls, tansu_behind_tls
+from tests.tls import Certificates, client_of, tansu_behind_front
 
 CLIENT = "llmtap-client.example"  # the client certificate's name (tests/tls.py)
 
@@ -31,10 +31,10 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certifica
     yield Certificates.issue(tmp_path_factory.mktemp("tls"))
 
 
-async def test_every_stage_of_llmtap_up_runs_over_mutual_tls(
+async def test_every_stage_of_llmtap_up_runs_over_client_of(
     certificates: Certificates, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    async with tansu_behind_tls(certificates) as broker:
+    async with tansu_behind_front(certificates) as broker:
         made_topics = len(broker.front.subjects)
         env = {
             "LLMTAP_EMBEDDED_BROKER": "false",
@@ -74,7 +74,7 @@ async def test_a_broker_certificate_from_another_ca_is_refused(
 ) -> None:
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    async with tansu_behind_tls(certificates) as broker:
+    async with tansu_behind_front(certificates) as broker:
         before = len(broker.front.subjects)
         trusting_other = Kafka(
             broker.front.bootstrap,
@@ -89,14 +89,14 @@ async def test_a_broker_certificate_from_another_ca_is_refused(
 
 
 async def test_a_client_without_its_certificate_is_refused(certificates: Certificates) -> None:
-    async with tansu_behind_tls(certificates) as broker:
+    async with tansu_behind_front(certificates) as broker:
         before = len(broker.front.subjects)
         no_certificate = Kafka(broker.front.bootstrap, "SSL", ssl_cafile=certificates.cafile)
         with pytest.raises(KafkaConnectionError):
             await topics.ensure_topics(no_certificate, 2)
         assert len(broker.front.subjects) == before
         # The same client with its certificate gets through.
-        await topics.ensure_topics(mutual_tls(broker.front, certificates), 2)
+        await topics.ensure_topics(client_of(broker.front, certificates), 2)
         assert broker.front.subjects[before:] and set(broker.front.subjects[before:]) == {CLIENT}
 
 
@@ -107,7 +107,7 @@ async def test_sasl_scram_credentials_reach_a_broker_that_requires_authenticatio
     clients in without one, and its storage is memory only: no broker here knows a user.
     So this proves the credentials go out by the configured mechanism, over TLS, to a
     broker that checks them, and that a refusal is an error, not a way in."""
-    async with tansu_behind_tls(certificates, "--authentication", make_topics=False) as broker:
+    async with tansu_behind_front(certificates, "--authentication", make_topics=False) as broker:
         scram = Kafka(
             broker.front.bootstrap,
             "SASL_SSL",

@@ -1,10 +1,12 @@
-"""Kafka over TLS in the tests: the real Tansu broker behind a TLS front.
+"""The real Tansu broker behind a front that sees what clients send: Kafka over TLS in
+the tests, and the bytes llmtap's clients put on the wire.
 
 The bundled Tansu cannot serve TLS itself (its ``--cert`` and ``--key`` options refuse
 each other), so the front terminates TLS, as a load balancer or stunnel would, and
 passes the bytes on to Tansu's plaintext listener. Tansu advertises the front's address,
-so every connection a client makes, bootstrap and broker alike, crosses TLS. The
-certificates come from a test CA (trustme).
+so every connection a client makes, bootstrap and broker alike, crosses the front. The
+certificates come from a test CA (trustme). Without certificates, the front is plain
+TCP.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ class Certificates:
 
 
 @dataclass
-class TlsFront:
-    """What crossed the front: TLS sessions (each with the client certificate's
-    subject) and the bytes clients sent, decrypted."""
+class Front:
+    """What crossed the front: sessions (over TLS, each with the client certificate's
+    subject) and the bytes clients sent (decrypted)."""
 
     port: int
     subjects: list[str] = field(default_factory=list)
@@ -81,9 +83,10 @@ async def _pipe(
 
 
 @contextlib.asynccontextmanager
-async def tls_front(target_port: int, server: ssl.SSLContext) -> AsyncIterator[TlsFront]:
-    """A TLS listener on a free port passing each session on to ``target_port``."""
-    front = TlsFront(free_port())
+async def front_of(target_port: int, server: ssl.SSLContext | None) -> AsyncIterator[Front]:
+    """A listener (TLS with ``server``) on a free port passing each session on to
+    ``target_port``."""
+    front = Front(free_port())
     open_writers: set[asyncio.StreamWriter] = set()
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -114,28 +117,30 @@ async def tls_front(target_port: int, server: ssl.SSLContext) -> AsyncIterator[T
 
 
 @dataclass
-class TlsBroker:
-    front: TlsFront
+class FrontedBroker:
+    front: Front
     process: asyncio.subprocess.Process
     output: list[bytes] = field(default_factory=list)  # Tansu's log lines
 
 
 @contextlib.asynccontextmanager
-async def tansu_behind_tls(
-    certificates: Certificates, *options: str, make_topics: bool = True
-) -> AsyncIterator[TlsBroker]:
-    """Tansu on a plaintext port only the front knows, advertising the front. Entered
-    once llmtap's topics are made through the front over mutual TLS, or without
-    ``make_topics`` (a broker that wants credentials), once it says it is ready."""
+async def tansu_behind_front(
+    certificates: Certificates | None, *options: str, make_topics: bool = True
+) -> AsyncIterator[FrontedBroker]:
+    """Tansu on a plaintext port only the front knows, advertising the front (over
+    mutual TLS given ``certificates``). Entered once llmtap's topics are made through
+    the front, or without ``make_topics`` (a broker that wants credentials), once it
+    says it is ready."""
     plain = free_port()
-    async with tls_front(plain, certificates.server) as front:
+    server = certificates.server if certificates is not None else None
+    async with front_of(plain, server) as front:
         process = await asyncio.create_subprocess_exec(
             *broker_argv(f"{HOST}:{plain}", advertised=front.bootstrap),
             *options,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        broker = TlsBroker(front, process)
+        broker = FrontedBroker(front, process)
         said_ready = asyncio.Event()
 
         async def drain() -> None:  # read all of it, or Tansu blocks on a full pipe
@@ -151,7 +156,7 @@ async def tansu_behind_tls(
                 if not make_topics:
                     await said_ready.wait()
                 else:
-                    while not await topics_ready(mutual_tls(front, certificates), 2):
+                    while not await topics_ready(client_of(front, certificates), 2):
                         await asyncio.sleep(0.1)
             yield broker
         finally:
@@ -161,8 +166,11 @@ async def tansu_behind_tls(
             await drainer
 
 
-def mutual_tls(front: TlsFront, certificates: Certificates) -> Kafka:
-    """How a client reaches the front: TLS, trusting the test CA, with its certificate."""
+def client_of(front: Front, certificates: Certificates | None) -> Kafka:
+    """How a client reaches the front: TLS, trusting the test CA, with its certificate;
+    without certificates, in plaintext."""
+    if certificates is None:
+        return Kafka(front.bootstrap)
     return Kafka(
         front.bootstrap,
         "SSL",

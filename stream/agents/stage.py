@@ -92,7 +92,7 @@ class GroupStage(Service):
     async def _start_producer(self, **options: Any) -> AIOKafkaProducer:
         """The stage's producer, every write acknowledged by all replicas."""
         producer = self._producer = AIOKafkaProducer(
-            **self._settings.kafka.client_options(self.client), acks="all", **options
+            **self._settings.kafka.producer_options(self.client), acks="all", **options
         )
         await producer.start()
         return producer
