@@ -137,7 +137,8 @@ async def main() -> int:
         data = Path(tmp) / "data"
         upstream_port, proxy_port, api_port = free_port(), free_port(), free_port()
         env = {
-            **os.environ,
+            # The soak's settings only: none of the caller's (a namespace, say) leaks in.
+            **{k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")},
             "LLMTAP_DATA_DIR": str(data),
             "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
             "LLMTAP_PROXY_PORT": str(proxy_port),

@@ -94,7 +94,8 @@ def response(i: int, at: datetime) -> ResponseEvent:
 
 def worker_env(bootstrap: str, data_dir: Path) -> dict[str, str]:
     return {
-        **os.environ,
+        # The bench's settings only: none of the caller's (a namespace, say) leaks in.
+        **{k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")},
         "LLMTAP_DATA_DIR": str(data_dir),
         "LLMTAP_KAFKA_BOOTSTRAP": bootstrap,
         "LLMTAP_TOPIC_PARTITIONS": str(PARTITIONS),

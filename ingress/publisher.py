@@ -39,7 +39,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -380,6 +380,13 @@ class EventPublisher:
         await self._meanwhile(self._deliver(producer, self._in_flight))
         return await self._settle()
 
+    def _renamed(self, record: Record) -> Record:
+        """A spooled record, to this deployment's topic of its kind: it was spooled under
+        another namespace if kafka_namespace changed since (its old topic may be read by
+        nobody, or out of the deployment's ACLs)."""
+        topic = self.names.current(record.topic)
+        return record if topic == record.topic else replace(record, topic=topic)
+
     async def _replay(self, producer: AIOKafkaProducer) -> bool:
         """Send the oldest spool segment (what of it is not yet delivered); ack it if done."""
         spool = self._spool
@@ -390,7 +397,7 @@ class EventPublisher:
         done = self._replay_done.setdefault(segment.number, set())
         indices = [i for i in range(len(segment.records)) if i not in done]
         self._in_flight = _InFlight(
-            [segment.records[i] for i in indices],
+            [self._renamed(segment.records[i]) for i in indices],
             started=asyncio.get_running_loop().time(),
             segment=segment.number,
             indices=indices,

@@ -71,6 +71,12 @@ class Names:
     def compacted(self) -> frozenset[str]:
         return frozenset({self.budgets, self.reservations, self.checkpoints})
 
+    def current(self, topic: str) -> str:
+        """This namespace's topic of ``topic``'s kind (``old.responses`` ->
+        ``<namespace>.responses``); a topic of no kind of llmtap's is left as it is."""
+        of_kind = kind(topic)
+        return getattr(self, of_kind) if of_kind in TOPICS else topic
+
     def client_id(self, client: str) -> str:
         """The ``client.id`` a client of this deployment gives the brokers: what their
         logs, metrics and quotas know it by."""

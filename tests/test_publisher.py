@@ -324,6 +324,31 @@ async def test_a_restart_replays_what_the_last_run_spooled(tmp_path: Path, broke
     assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in sent}), sent)
 
 
+async def test_events_spooled_under_another_namespace_go_to_this_one_s_topics(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """kafka_namespace changed while events waited in the spool: they are replayed to
+    the topics of their kind that the deployment now uses (the old ones may be read by
+    nobody, or be out of its ACLs)."""
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 40)
+    old = Names("old-namespace")
+    nowhere = Kafka(f"127.0.0.1:{free_port()}", names=old)
+    first = EventPublisher(nowhere, spool_dir=spool_dir, queue_size=1_000, spool_max_bytes=1 << 20)
+    async with running(first):
+        for event in events:
+            first.publish(old.requests, KEY, event.model_dump_json().encode())
+        await wait_for(lambda: first.spooled == len(events))
+
+    second = publisher(broker.bootstrap, spool_dir)  # the default namespace: TOPIC's
+    async with running(second):
+        await wait_for(lambda: second.replayed == len(events) and not second.spool_bytes)
+    assert TOPIC == second.names.requests
+    assert_exactly_once_in_order(
+        await read_all(broker.bootstrap, {e.event_id for e in events}), events
+    )
+
+
 async def test_a_full_spool_keeps_the_oldest_and_drops_the_newest(
     tmp_path: Path, broker: Broker
 ) -> None:
