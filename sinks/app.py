@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 
 from llmtap.config import Settings
 from llmtap.events import utcnow
 from llmtap.runtime import tune_gc
 from sinks.budget_seed import publish_states, rebuilt_state
 from sinks.clickhouse.writer import ClickHouseWriter
+from sinks.metrics import store_registry
 from sinks.webhooks.dispatcher import WebhookDispatcher
 from sql import analytics, dashboard
 from sql.migrate import migrate
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("settings", Settings)
 WRITER = web.AppKey("writer", ClickHouseWriter)
 DISPATCHER = web.AppKey("webhook_dispatcher", WebhookDispatcher)
+REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 
 async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
@@ -79,6 +82,10 @@ def in_background(
     return context
 
 
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(request.app[REGISTRY]), content_type="text/plain")
+
+
 async def healthz(request: web.Request) -> web.Response:
     writer = request.app[WRITER]
     return web.json_response(
@@ -112,7 +119,9 @@ def create_app(settings: Settings) -> web.Application:
             "webhook-dispatcher",
         )
     )
+    app[REGISTRY] = store_registry(lambda: app.get(WRITER), lambda: app.get(DISPATCHER))
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     analytics.add_routes(app, settings)
     dashboard.add_routes(app, settings)  # after the API: it uses the API's key auth
     return app

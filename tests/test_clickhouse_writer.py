@@ -11,6 +11,7 @@ from decimal import Decimal
 import pytest
 from aiokafka import AIOKafkaProducer
 from clickhouse_connect.driver.exceptions import DataError
+from prometheus_client import generate_latest
 
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
@@ -19,10 +20,11 @@ from sinks.clickhouse.decode import Batch, calls_body, decode_batch
 from sinks.clickhouse.rows import CALLS_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
+from sinks.metrics import store_registry
 from sql.migrate import available, migrate
 from sql.native import native_body
 from sql.store import Store
-from tests import sample
+from tests import prometheus, sample
 from tests.conftest import Broker
 
 
@@ -279,6 +281,15 @@ async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_
         batches = second.batches_written
         await produce(broker.bootstrap, [costed("gpt-4o-mini").model_dump_json().encode()])
         await wait_for(lambda: second.batches_written > batches and count(store, "calls") == 41)
+        # The store's /metrics: rows it inserted (not those it found already written),
+        # the insert it repeated, the message it could not decode.
+        metrics = generate_latest(store_registry(lambda: second, lambda: None)).decode()
+        assert (
+            prometheus.sample(metrics, "llmtap_store_rows_written_total")
+            == 41 - written_before_crash
+        )
+        assert prometheus.sample(metrics, "llmtap_store_inserts_repeated_total") >= 1
+        assert prometheus.sample(metrics, "llmtap_store_dead_letters_total") == 1
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +23,7 @@ from sql.store import Store
 from tests.conftest import ADMIN_KEY, PROVIDER_KEY, FakeUpstream, Running, pid_alive, run_llmtap
 from tests.fake_provider import SNAPSHOT
 from tests.faults.harness import until
+from tests.prometheus import sample
 
 POLL_TIMEOUT_S = 45.0
 LAST_CALLS = 40  # made just before SIGTERM; batched on the wire
@@ -85,6 +87,35 @@ async def test_non_streaming_call_is_metered(
         "gpt-4o-mini", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
     )
     assert Decimal(row["cost"]) == want
+
+
+async def test_the_store_serves_its_writer_s_metrics(
+    llmtap_up: Running, openai_sdk: AsyncOpenAI
+) -> None:
+    metrics_url = llmtap_up.api_url.removesuffix("/api/v1") + "/metrics"
+
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as session, session.get(metrics_url) as response:
+            assert response.status == 200  # no key: as the proxy's /metrics
+            return await response.text()
+
+    before = sample(await scrape(), "llmtap_store_rows_written_total")
+    asked_at = time.time()
+    await openai_sdk.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "counted by the store"}]
+    )
+    seen: dict[str, float] = {}
+
+    async def written() -> bool:
+        text = await scrape()
+        seen["rows"] = sample(text, "llmtap_store_rows_written_total")
+        seen["last"] = sample(text, "llmtap_store_last_write_timestamp_seconds")
+        return seen["rows"] > before and seen["last"] >= asked_at
+
+    await until(written, "the store's metrics show the call written", POLL_TIMEOUT_S)
+    text = await scrape()
+    assert sample(text, "llmtap_store_write_failures_total") == 0
+    assert sample(text, "llmtap_store_batches_written_total") >= 1
 
 
 async def test_streamed_chunks_reach_the_client_unchanged(

@@ -9,7 +9,6 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer
-from prometheus_client.parser import text_string_to_metric_families
 
 from ingress.forward import tokens
 from ingress.guards.keys import create_key
@@ -17,6 +16,7 @@ from llmtap.config import Settings
 from llmtap.events import ResponseEvent
 from llmtap.names import Names
 from tests.conftest import Broker, FakeUpstream, serve_ingress
+from tests.prometheus import sample
 
 
 async def make_key(ingress: str, key_file: Path) -> str:
@@ -52,15 +52,6 @@ async def response_event(bootstrap: str, request_id: str) -> ResponseEvent:
                             return event
     finally:
         await consumer.stop()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 async def test_metrics_count_calls_overhead_and_rejections(

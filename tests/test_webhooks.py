@@ -27,16 +27,19 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import generate_latest
 from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from llmtap.config import Settings, WebhookEndpoint
 from llmtap.events import Alert
 from llmtap.names import Names
+from sinks.metrics import store_registry
 from sinks.webhooks import deliver, guard, records, render, sign
 from sinks.webhooks.dispatcher import WebhookDispatcher, matches
 from sql.store import Store
 from tests.conftest import Broker
+from tests.prometheus import sample
 
 SECRET = "whsec_" + base64.b64encode(b"llmtap-tests-webhook-secret-0032").decode()
 TIMEOUT_S = 45  # every wait below is bounded by this
@@ -332,6 +335,11 @@ async def publish(bootstrap: str, items: list[Alert | bytes]) -> dict[TopicParti
         await producer.stop()
 
 
+def scrape(dispatcher: WebhookDispatcher) -> str:
+    """The store's /metrics, of this dispatcher (sinks/metrics.py)."""
+    return generate_latest(store_registry(lambda: None, lambda: dispatcher)).decode()
+
+
 async def until(condition: Callable[[], bool | Awaitable[bool]]) -> None:
     """Poll a condition (sync or async) until it holds, within TIMEOUT_S."""
     async with asyncio.timeout(TIMEOUT_S):
@@ -403,18 +411,28 @@ async def test_each_alert_is_accepted_once_despite_failures_duplicates_and_a_slo
         ends = await publish(broker.bootstrap, [*alerts, unmatched, alerts[0]])
         ids = [str(a.event_id) for a in alerts]
         group = f"webhooks-test-{uuid.uuid4()}"
-        async with dispatching(settings, store, group):
+        async with dispatching(settings, store, group) as dispatcher:
             # The slow receiver holds its first request; the other endpoint still gets
             # every alert, and the consumer still commits everything it read.
             await until(lambda: set(rec.accepted_ids("flaky")) == set(ids))
             assert len(rec.requests("slow")) == 1 and not rec.accepted_ids("slow")
             await until(lambda: all_committed(broker.bootstrap, group, ends))
+            assert sample(scrape(dispatcher), "llmtap_webhook_queued", endpoint="slow") == 2
             hold.set()
             await until(finished(store, [a.event_id for a in alerts], pairs=6))
+            metrics = scrape(dispatcher)
 
     assert rec.bad_signatures == 0
     for route in ("flaky", "slow"):
         assert rec.accepted_ids(route) == Counter(ids)  # exactly one accepted per alert id
+    # /metrics counts what the deliveries table holds: each attempt, each delivery once.
+    assert sample(metrics, "llmtap_webhook_alerts_read_total") == 5  # a replay included
+    delivered = {"endpoint": "flaky", "outcome": "delivered"}
+    assert sample(metrics, "llmtap_webhook_attempts_total", **delivered) == 3
+    assert sample(metrics, "llmtap_webhook_attempts_total", endpoint="flaky") == 9
+    assert sample(metrics, "llmtap_webhook_deliveries_total", **delivered) == 3
+    assert sample(metrics, "llmtap_webhook_deliveries_total", endpoint="slow") == 3
+    assert sample(metrics, "llmtap_webhook_queued") == 0
     # The slow receiver's first request arrived before the other endpoint's deliveries
     # went through, and was answered only after all of them: it held up nobody.
     order = [a.route for a in rec.accepted]
@@ -462,8 +480,9 @@ async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
             ],
         )
         await publish(broker.bootstrap, [*poison, alert])
-        async with dispatching(settings, store):
+        async with dispatching(settings, store) as dispatcher:
             await until(finished(store, [alert.event_id], pairs=3))
+            metrics = scrape(dispatcher)
 
     steps = attempts(store, [alert.event_id])
     i = str(alert.event_id)
@@ -474,6 +493,13 @@ async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
         (3, 500, "dead_lettered"),
     ]
     assert len(rec.requests("dead")) == 3
+    for name, retried in (("dead", 2), ("moved", 0), ("gone", 0)):
+        given_up = {"endpoint": name, "outcome": "dead_lettered"}
+        assert sample(metrics, "llmtap_webhook_deliveries_total", **given_up) == 1
+        assert sample(metrics, "llmtap_webhook_deliveries_total", endpoint=name) == 1
+        assert sample(metrics, "llmtap_webhook_attempts_total", **given_up) == 1
+        again = {"endpoint": name, "outcome": "retrying"}
+        assert sample(metrics, "llmtap_webhook_attempts_total", **again) == retried
     # 3xx and 4xx other than 408/425/429 are final at once: the same request would fail.
     (_, moved), (_, gone) = steps["moved", i], steps["gone", i]
     assert moved[:3] == (1, 302, "dead_lettered") and "not followed" in moved[3]

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -70,6 +71,8 @@ class ClickHouseWriter:
         self.write_failures = 0
         self.inserts_repeated = 0  # recorded, uncommitted inserts made again
         self.inserts_lost = 0  # ... that could not be: their messages gone
+        self.dead_letters = 0  # messages that could not be decoded, kept aside
+        self.last_written_at: float | None = None  # Unix time of the last batch written
         self.first_read_at: float | None = None  # loop time of the first message read
 
     def _consumer(self) -> AIOKafkaConsumer:
@@ -256,6 +259,8 @@ class ClickHouseWriter:
                 continue
             self.rows_written += written
             self.batches_written += 1
+            self.dead_letters += len(batch.dead_letters)
+            self.last_written_at = time.time()
             return
 
 

@@ -44,7 +44,8 @@ class EndpointWorker:
         self._queue: asyncio.Queue[Job | None] = asyncio.Queue(queue_size)
         self._held: set[uuid.UUID] = set()  # alert ids queued or being delivered
         self._rescan = True  # at start: resume deliveries a previous run left unfinished
-        self.outcomes: dict[records.Outcome, int] = {}
+        self.outcomes: dict[records.Outcome, int] = {}  # deliveries finished
+        self.attempts: dict[records.Outcome, int] = {}  # HTTP attempts, by result
 
     def offer(self, job: Job) -> None:
         """Queue a delivery recorded as pending; never blocks."""
@@ -97,7 +98,12 @@ class EndpointWorker:
         for job in jobs:
             self.offer(job)
 
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
     async def _record(self, attempt: Attempt) -> None:
+        self.attempts[attempt.outcome] = self.attempts.get(attempt.outcome, 0) + 1
         await records.durably("recording an attempt", records.record, self._store, [attempt])
 
     async def _deliver(self, session: aiohttp.ClientSession, job: Job) -> None:
