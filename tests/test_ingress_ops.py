@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer
 
 from ingress.forward import tokens
@@ -181,3 +182,24 @@ async def test_trace_context_reaches_the_provider(
     ):
         assert response.status == 200
     assert upstream.provider.received[-1].headers["traceparent"] == traceparent
+
+
+async def test_without_the_provider_s_key_a_virtual_key_is_refused_never_forwarded(
+    ingress: str,
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = await make_key(ingress, ingress_settings.key_file)
+    monkeypatch.delenv("LLMTAP_TEST_OPENAI_KEY")  # llmtap holds no key for OpenAI now
+    before = len(upstream.provider.received)
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(f"{ingress}/v1/chat/completions", json=chat) as response:
+            assert response.status == 500
+            assert "holds no API key" in (await response.json())["error"]["message"]
+        async with session.get(f"{ingress}/v1/models") as response:
+            assert response.status == 500
+            assert "holds no API key" in (await response.json())["error"]["message"]
+    assert len(upstream.provider.received) == before  # the virtual key went nowhere

@@ -11,7 +11,7 @@ from decimal import Decimal
 import aiohttp
 import pytest
 from anthropic import AsyncAnthropic
-from openai import AsyncOpenAI, BadRequestError
+from openai import AsyncOpenAI, AuthenticationError, BadRequestError
 
 from tests.conftest import ANTHROPIC_KEY, GROQ_KEY, PROVIDER_KEY, FakeUpstream, Running
 from tests.fake_provider import ANTHROPIC_SNAPSHOT, SNAPSHOT, FakeProvider
@@ -145,6 +145,28 @@ async def test_models_list_is_passed_through(
     page = await openai_sdk.models.list()
     assert [m.id for m in page.data] == ["gpt-4o"]
     assert upstream.provider.received[-1].headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+async def test_models_list_wants_a_key_as_every_route(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    """No key, or an unknown one: 401 in OpenAI's shape, and the provider never asked
+    (with llmtap's key, it would answer anyone)."""
+    asked = len(upstream.provider.received)
+    for api_key in ("not-a-key", "ltk_unknown"):
+        async with AsyncOpenAI(
+            base_url=llmtap_up.proxy_url, api_key=api_key, max_retries=0
+        ) as stranger:
+            with pytest.raises(AuthenticationError) as refused:
+                await stranger.models.list()
+        assert refused.value.code == "invalid_api_key"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{llmtap_up.proxy_url}/models") as response,
+    ):
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "invalid_api_key"
+    assert len(upstream.provider.received) == asked
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from ingress.errors import openai_error
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.proxy import Api, Endpoint, credential_for, metered
 from ingress.forward.usage import OpenAIJsonCapture, OpenAIStreamCapture
-from ingress.keys import SETTINGS, UPSTREAM
+from ingress.guards.auth import Refusal, authenticate
+from ingress.keys import KEYS, SETTINGS, UPSTREAM
 
 OPENAI = Api(
     kind="openai",
@@ -43,17 +45,46 @@ RESPONSES = Endpoint("responses", OPENAI, "/responses")
 
 
 async def models(request: web.Request) -> web.StreamResponse:
-    """GET /v1/models: passed through to the OpenAI provider, not metered."""
-    provider = request.app[SETTINGS].all_providers()["openai"]
-    headers = upstream_headers(request.headers, credential=credential_for(OPENAI, provider))
-    async with request.app[UPSTREAM].get(
-        provider.base_url + request.path.removeprefix("/v1"), headers=headers
-    ) as upstream:
-        body = await upstream.read()
-        return web.Response(
-            status=upstream.status,
-            body=body,
-            headers=downstream_headers(upstream.headers, str(uuid.uuid4())),
+    """GET /v1/models: passed through to the OpenAI provider, not metered, for a caller
+    with a key as any other route (its key never reaches the provider)."""
+    settings = request.app[SETTINGS]
+    request_id = str(uuid.uuid4())
+
+    def refused(status: int, message: str, code: str) -> web.Response:
+        response = openai_error(status, message, code=code)
+        response.headers["x-request-id"] = request_id
+        return response
+
+    try:
+        identity = authenticate(request.headers, settings, request.app[KEYS])
+    except Refusal as refusal:
+        return refused(refusal.status, refusal.message, refusal.code or refusal.error_class)
+    provider = settings.all_providers()["openai"]
+    credential = credential_for(OPENAI, provider)
+    if credential is None and identity.key is not None:
+        return refused(
+            500,
+            f"llmtap holds no API key for provider 'openai' (set the "
+            f"{provider.api_key_env or 'api_key_env'} environment variable)",
+            "no_provider_key",
+        )
+    headers = upstream_headers(request.headers, credential=credential)
+    try:
+        async with request.app[UPSTREAM].get(
+            provider.base_url + request.path.removeprefix("/v1"), headers=headers
+        ) as upstream:
+            body = await upstream.read()
+            return web.Response(
+                status=upstream.status,
+                body=body,
+                headers=downstream_headers(upstream.headers, request_id),
+            )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        timed_out = isinstance(exc, TimeoutError)
+        return refused(
+            504 if timed_out else 502,
+            f"llmtap could not reach the provider 'openai' ({type(exc).__name__})",
+            "upstream_timeout" if timed_out else "upstream_unreachable",
         )
 
 
