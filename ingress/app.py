@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from ingress.errors import openai_error
+from ingress.errors import anthropic_error, openai_error
 from ingress.forward import anthropic, openai
 from ingress.forward.call import Call, attribution_from
 from ingress.forward.proxy import record_outcome
@@ -135,20 +135,24 @@ async def key_store(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routing errors in the OpenAI error shape, so SDKs show a clear message; each is
-    recorded as a call that never reached a provider."""
+    """Routing errors in the caller's provider's error shape (Anthropic's for its paths
+    and its SDK, else OpenAI's), so SDKs show a clear message; each is recorded as a
+    call that never reached a provider."""
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        status, code = 404, "unknown_url"
+        status, code, headers = 404, "unknown_url", {}
         message = f"Unknown route: {request.method} {request.path}"
-    except web.HTTPMethodNotAllowed:
-        status, code = 405, "method_not_allowed"
+    except web.HTTPMethodNotAllowed as exc:
+        status, code, headers = 405, "method_not_allowed", {"Allow": exc.headers["Allow"]}
         message = f"Method {request.method} not allowed on {request.path}"
     call = Call(provider="", endpoint="unknown")
     call.attribution = attribution_from(request.headers)
     record_outcome(request.app, call, "bad_request", status, Usage(), error_class=code)
-    return openai_error(status, message, code=code, headers={"x-request-id": str(call.request_id)})
+    headers["x-request-id"] = str(call.request_id)
+    anthropic = request.path.startswith("/v1/messages") or "anthropic-version" in request.headers
+    shape = anthropic_error if anthropic else openai_error
+    return shape(status, message, code=code, headers=headers)
 
 
 async def healthz(request: web.Request) -> web.Response:

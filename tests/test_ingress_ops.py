@@ -149,6 +149,18 @@ async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
                 assert response.status == 404
                 assert (await response.json())["error"]["code"] == "unknown_url"
                 unknown = response.headers["x-request-id"]
+            # Anthropic's paths, and its SDK's calls, are refused in Anthropic's shape.
+            async with session.get(f"{base}/v1/messages") as response:
+                assert response.status == 405 and "POST" in response.headers["Allow"]
+                refused = await response.json()
+                assert refused["type"] == "error" and refused["error"]["type"] == "api_error"
+            async with session.post(f"{base}/v1/messages/count_tokens", json={}) as response:
+                assert response.status == 404
+                assert (await response.json())["error"]["type"] == "not_found_error"
+            async with session.get(
+                f"{base}/v1/nope", headers={"anthropic-version": "2023-06-01"}
+            ) as response:
+                assert (await response.json())["type"] == "error"
             async with session.post(
                 f"{base}/v1/chat/completions",
                 json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 8000}]},
