@@ -103,6 +103,13 @@ def metered(endpoint: Endpoint) -> Handler:
     return handle
 
 
+def choices(payload: dict[str, Any]) -> int:
+    """How many answers the call asks for (OpenAI's ``n``; ``best_of`` on completions
+    generates that many): each may spend up to ``max_tokens``."""
+    asked = [payload.get(name) for name in ("n", "best_of")]
+    return max([1, *(v for v in asked if isinstance(v, int) and not isinstance(v, bool))])
+
+
 def max_tokens(payload: dict[str, Any]) -> int | None:
     for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
         value = payload.get(name)
@@ -222,6 +229,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         most_tokens,
         utcnow(),
         provider=route.provider,
+        choices=choices(payload),
     )
     if exhausted is not None:
         refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")

@@ -89,7 +89,10 @@ class BudgetBook:
         max_tokens: int | None,
         now: datetime,
         provider: str = "",
+        choices: int = 1,
     ) -> Decimal | None:
+        """The most the call can cost; ``choices`` answers (OpenAI's ``n``) each spend
+        up to ``max_tokens``."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if rates is None:
@@ -103,15 +106,19 @@ class BudgetBook:
             r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
         )
         output_rate = max(tier.output, tier.reasoning or Decimal(0))
-        output = max_tokens if max_tokens is not None else self.default_max_tokens
+        each = max_tokens if max_tokens is not None else self.default_max_tokens
+        output = each * max(choices, 1)
         return (request_bytes * input_rate + output * output_rate) / PER_MILLION
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
-        if state.period_start != self.states.get(budget.name, state).period_start:
-            self.settled[budget.name].clear()  # a new period: last period's costs are done
+        # A call that ended in an earlier period is not this period's cost; one that
+        # ended since is, also while the published state is still last period's (the
+        # stream has not rolled it over yet).
         cutoff = now - SETTLED_MAX_AGE
-        self.settled[budget.name] = [(t, c) for t, c in self.settled[budget.name] if t > cutoff]
+        self.settled[budget.name] = [
+            (t, c) for t, c in self.settled[budget.name] if t > cutoff and t >= state.period_start
+        ]
         return state, state.spent_usd + self._holding(budget.name, cutoff)
 
     def _holding(self, name: str, cutoff: datetime) -> Decimal:
@@ -135,13 +142,15 @@ class BudgetBook:
         max_tokens: int | None,
         now: datetime,
         provider: str = "",
+        choices: int = 1,
     ) -> Exhausted | None:
         """Reserve the call's worst case on every hard-capped budget it counts against,
         or say which budget cannot cover it (and reserve nothing)."""
         capped = [b for b in self.budgets if b.hard_cap and matches(b, who)]
         if not capped:
             return None
-        worst = self.worst_case(model, request_bytes, max_tokens, now, provider) or Decimal(0)
+        worst = self.worst_case(model, request_bytes, max_tokens, now, provider, choices)
+        worst = worst or Decimal(0)
         for budget in capped:
             state, committed = self.committed(budget, now)
             if committed + worst > budget.limit_usd:

@@ -1,0 +1,71 @@
+"""The ingress's budget book (ingress/guards/budgets.py) on its own: what a call may
+cost at worst, and what a hard cap counts across a period's rollover."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from ingress.forward.proxy import choices
+from ingress.guards.budgets import BudgetBook
+from llmtap.config import BudgetConfig
+from llmtap.events import Attribution, Usage
+from stream.budgets import fresh
+from stream.pricing import load_catalog
+
+ACME = Attribution(tenant="acme")
+MIDNIGHT = datetime(2026, 11, 30, tzinfo=UTC)
+
+
+def book(limit: str) -> tuple[BudgetBook, BudgetConfig]:
+    budget = BudgetConfig(
+        name="acme-day", scope="tenant", value="acme", period="day", limit_usd=Decimal(limit)
+    )
+    return BudgetBook([budget], load_catalog(), default_max_tokens=4096), budget
+
+
+def test_every_answer_a_call_asks_for_may_spend_max_tokens() -> None:
+    budgets, _ = book("10")
+    one = budgets.worst_case("gpt-4o", 100, 1000, MIDNIGHT)
+    eight = budgets.worst_case("gpt-4o", 100, 1000, MIDNIGHT, choices=8)
+    assert one is not None and eight is not None
+    prompt = 100 * Decimal("2.50") / 1_000_000  # every body byte a token, at gpt-4o input
+    assert eight - prompt == 8 * (one - prompt)
+    assert eight - prompt == Decimal("0.08")  # 8 x 1000 tokens at $10 a million
+
+
+def test_after_midnight_the_cap_counts_calls_before_the_stream_rolls_the_period_over() -> None:
+    """The published state is still yesterday's (the stream lags, or is down): the calls
+    that ended since midnight are today's spend, call after call."""
+    budgets, budget = book("1.00")
+    yesterday = fresh(budget, MIDNIGHT - timedelta(hours=1), MIDNIGHT - timedelta(hours=1))
+    budgets.update(yesterday.model_copy(update={"spent_usd": Decimal("0.90")}))
+    usage = Usage(input_tokens=0, output_tokens=50_000)  # gpt-4o: $0.50
+    admitted = 0
+    for minute in range(10):
+        now = MIDNIGHT + timedelta(minutes=5 + minute)
+        call = uuid.uuid4()
+        if budgets.admit(call, ACME, "gpt-4o", 10, 10, now) is not None:
+            break
+        admitted += 1
+        budgets.settle(call, "gpt-4o", usage, now + timedelta(seconds=1))
+    assert admitted == 2  # $0.50 + $0.50 of today's $1.00; yesterday's $0.90 is gone
+
+
+def test_a_call_that_ended_before_midnight_is_not_today_s_spend() -> None:
+    budgets, _ = book("1.00")
+    late = uuid.uuid4()
+    before = MIDNIGHT - timedelta(seconds=30)
+    assert budgets.admit(late, ACME, "gpt-4o", 10, 10, before) is None
+    budgets.settle(late, "gpt-4o", Usage(input_tokens=0, output_tokens=90_000), before)
+    # $0.90 ended yesterday; today a $0.50 worst case still fits the $1.00.
+    after = MIDNIGHT + timedelta(seconds=30)
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 50_000, after) is None
+
+
+def test_the_answers_a_call_asks_for_are_read_from_n_and_best_of() -> None:
+    assert choices({"model": "gpt-4o"}) == 1
+    assert choices({"n": 8}) == 8
+    assert choices({"n": 2, "best_of": 5}) == 5  # completions: best_of are generated
+    assert choices({"n": True, "best_of": "9"}) == 1  # not counts: the provider refuses them
