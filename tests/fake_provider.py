@@ -72,6 +72,9 @@ class FakeProvider:
                 }
             )
         chunks: list[dict[str, Any]] = []
+        # As OpenAI does: asked for usage, every chunk but the last carries "usage": null.
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage_null = {"usage": None} if include_usage else {}
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             return {
@@ -80,12 +83,13 @@ class FakeProvider:
                 "created": created,
                 "model": served,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **usage_null,
             }
 
         chunks.append(chunk({"role": "assistant", "content": ""}))
         chunks.extend(chunk({"content": word}) for word in self.words)
         chunks.append(chunk({}, "stop"))
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if include_usage:
             chunks.append(
                 {
                     "id": "chatcmpl-fake",

@@ -122,6 +122,25 @@ def _chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -
     }
 
 
+@pytest.mark.parametrize(
+    ("chunk", "unasked"),
+    [
+        (b'{"id":"c","choices":[],"usage":null}', b'{"id":"c","choices":[]}'),
+        (b'{"usage":null,"id":"c"}', b'{"id":"c"}'),  # first in its object
+        (b'{"id":"c", "usage": null }', b'{"id":"c" }'),  # spaced JSON (vLLM, others)
+        (b'{"id":"c","usage":null,"x":1}', b'{"id":"c","x":1}'),
+        # What a model wrote is never touched: its quotes are escaped.
+        (b'{"t":"\\"usage\\":null,","usage":null}', b'{"t":"\\"usage\\":null,"}'),
+        (b'{"id":"c","usage":{"prompt_tokens":1}}', b'{"id":"c","usage":{"prompt_tokens":1}}'),
+    ],
+)
+def test_the_usage_null_asking_adds_to_each_chunk_is_taken_out(
+    chunk: bytes, unasked: bytes
+) -> None:
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(b"data: " + chunk + b"\n\n") == b"data: " + unasked + b"\n\n"
+
+
 def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
@@ -186,8 +205,11 @@ def test_stream_is_forwarded_byte_for_byte_and_usage_captured(
     sep: bytes, split: Any, strip: bool
 ) -> None:
     stream, usage_event = _stream(sep)
-    expected = stream.replace(usage_event, b"") if strip else stream
-    assert len(expected) == len(stream) - (len(usage_event) if strip else 0)
+    # Stripped, the client gets what it would have without asking for usage: no usage
+    # chunk, and no "usage":null in the others (OpenAI adds both when asked).
+    unasked = stream.replace(usage_event, b"").replace(b',"usage":null', b"")
+    expected = unasked if strip else stream
+    assert b'"usage"' not in unasked and len(unasked) < len(stream) - len(usage_event)
     for pieces in split(stream):
         capture = OpenAIStreamCapture(strip_usage_chunk=strip)
         assert _run(capture, pieces, sep) == expected, [len(p) for p in pieces]
@@ -269,7 +291,8 @@ def test_stream_without_usage_chunk_is_usage_missing(strip: bool) -> None:
         ]
     )
     capture = OpenAIStreamCapture(strip_usage_chunk=strip)
-    assert capture.feed(stream) + capture.finish() == stream
+    unasked = stream.replace(b',"usage":null', b"") if strip else stream
+    assert capture.feed(stream) + capture.finish() == unasked
     assert capture.usage is None
     assert capture.final_usage.usage_missing is True
     assert capture.model == SERVED
@@ -300,7 +323,8 @@ def test_unterminated_last_event_carrying_usage(strip: bool) -> None:
     content = _event(_chunk([_delta({"content": "Hi"})]), b"\n\n")
     last = _event(_chunk([], USAGE), b"\n")  # a single newline: not an event end
     capture = OpenAIStreamCapture(strip_usage_chunk=strip)
-    assert capture.feed(content + last) == content
+    unasked = content.replace(b',"usage":null', b"")
+    assert capture.feed(content + last) == (unasked if strip else content)
     assert capture.finish() == (b"" if strip else last)
     assert capture.final_usage == EXPECTED
 
@@ -316,7 +340,9 @@ def test_usage_on_a_chunk_with_choices_is_forwarded_and_captured(strip: bool) ->
         ]
     )
     capture = OpenAIStreamCapture(strip_usage_chunk=strip)
-    assert capture.feed(stream) + capture.finish() == stream
+    # Usage on a chunk with choices goes out (it is not a chunk of its own to hold back).
+    unasked = stream.replace(b',"usage":null', b"") if strip else stream
+    assert capture.feed(stream) + capture.finish() == unasked
     assert capture.final_usage == EXPECTED
 
 
@@ -343,7 +369,8 @@ def test_responses_api_stream_usage_is_captured_and_forwarded() -> None:
             b"event: response.completed\n" + _event(completed, sep),
         ]
     )
-    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    # The proxy asks the Responses API for nothing: its stream goes out as it came.
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
     assert capture.feed(stream) + capture.finish() == stream
     assert capture.final_usage == Usage(input_tokens=10, output_tokens=50, reasoning_tokens=40)
     assert capture.model == "o3-mini-2025-01-31"

@@ -5,6 +5,7 @@ Nothing here does I/O; the handlers feed bytes in and forward what comes out.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -150,7 +151,7 @@ class StreamCapture:
                 dropped = True
             start = end + 2
         self._pending = buffer[start:]
-        return b"".join(out) if dropped else buffer[:start]
+        return self._out(b"".join(out) if dropped else buffer[:start])
 
     def _feed_any(self, buffer: bytes) -> bytes:
         """:meth:`feed` for a buffer with CR in it: events may end at any of the three
@@ -164,14 +165,18 @@ class StreamCapture:
                 out.append(buffer[: end + sep_len])
             buffer = buffer[end + sep_len :]
         self._pending = buffer
-        return b"".join(out)
+        return self._out(b"".join(out))
 
     def finish(self) -> bytes:
         """The stream ended: whatever is left (an unterminated last event) goes out."""
         tail, self._pending = self._pending, b""
         if tail and not self._inspect(tail):
             return b""
-        return tail
+        return self._out(tail)
+
+    def _out(self, events: bytes) -> bytes:
+        """The whole events to forward, as the client should get them (as received)."""
+        return events
 
     @property
     def final_usage(self) -> Usage:
@@ -214,7 +219,9 @@ class StreamCapture:
             if self._kept_bytes + len(data) <= KEEP_STREAMED_BYTES:
                 self._kept.append(data)
                 self._kept_bytes += len(data)
-        if self.model and b'"usage"' not in data:
+        if self.model and (
+            b'"usage"' not in data or (b'"usage":null' in data and data.count(b'"usage"') == 1)
+        ):
             return True  # nothing new to learn: content chunks are not parsed (hot path)
         try:
             chunk = orjson.loads(data)
@@ -242,12 +249,16 @@ class OpenAIStreamCapture(StreamCapture):
 
     With ``strip_usage_chunk`` (the proxy asked for usage the client did not ask
     for), the usage-only chunk (``"choices": []`` with ``usage``) is captured and not
-    forwarded, so the client sees exactly what it would have seen without the proxy.
+    forwarded, and the ``"usage": null`` that asking puts in every other chunk is taken
+    out of them, so the client sees exactly what it would have seen without the proxy.
     """
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         super().__init__()
         self._strip = strip_usage_chunk
+
+    def _out(self, events: bytes) -> bytes:
+        return _without_usage_null(events) if self._strip else events
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         # Responses API events carry the response object: {"type": ..., "response": {...}}
@@ -285,6 +296,16 @@ class OpenAIStreamCapture(StreamCapture):
                     texts.append(_str(function.get("name")))
                     texts.append(_str(function.get("arguments")))
         return [text for text in texts if text]
+
+
+# A chunk's "usage": null member, with the comma that joins it to the one before (or,
+# first in its object, to the one after). A quote inside a JSON string is escaped, so
+# this is never text a model wrote.
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,')
+
+
+def _without_usage_null(events: bytes) -> bytes:
+    return _USAGE_NULL.sub(b"", events) if b'"usage"' in events else events
 
 
 class AnthropicStreamCapture(StreamCapture):
