@@ -36,6 +36,9 @@ class FakeProvider:
     cache_write_tokens: int = 3
     words: tuple[str, ...] = ("Hello", " from", " the", " fake", " provider")
     chunk_delay_s: float = 0.0
+    # Anthropic streams end in an "overloaded_error" event after the text, as Anthropic's
+    # do when it is overloaded mid-answer (the 200 already sent).
+    overloaded_mid_stream: bool = False
     received: list[Received] = field(default_factory=list)
     sent_chunks: list[list[dict[str, Any]]] = field(default_factory=list)
     sent_events: list[list[tuple[str, dict[str, Any]]]] = field(default_factory=list)
@@ -240,6 +243,10 @@ class FakeProvider:
             )
             for word in self.words
         )
+        if self.overloaded_mid_stream:
+            overloaded = {"type": "overloaded_error", "message": "Overloaded"}
+            events.append(("error", {"type": "error", "error": overloaded}))
+            return await self._sse(request, events)
         events += [
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             (

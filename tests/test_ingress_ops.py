@@ -215,3 +215,39 @@ async def test_without_the_provider_s_key_a_virtual_key_is_refused_never_forward
             assert response.status == 500
             assert "holds no API key" in (await response.json())["error"]["message"]
     assert len(upstream.provider.received) == before  # the virtual key went nowhere
+
+
+async def test_a_stream_that_fails_after_its_200_is_recorded_as_the_provider_s_error(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """Anthropic, overloaded mid-answer, ends the stream with an error event: the client
+    gets it as sent, and the call is an upstream error (not ok), with what was used."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    upstream.provider.overloaded_mid_stream = True
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{ingress}/v1/messages",
+                json={
+                    "model": "claude-3-5-haiku",
+                    "max_tokens": 64,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+                headers={"x-api-key": secret, "anthropic-version": "2023-06-01"},
+            ) as response,
+        ):
+            assert response.status == 200
+            body = await response.read()
+            request_id = response.headers["x-request-id"]
+    finally:
+        upstream.provider.overloaded_mid_stream = False
+    assert body.rstrip().endswith(b'"message":"Overloaded"}}')  # forwarded as sent
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.error_class) == (
+        "upstream_error",
+        200,
+        "overloaded_error",
+    )
+    assert event.usage.input_tokens > 0  # message_start's count is kept

@@ -523,3 +523,43 @@ def test_deepseek_cache_hits_are_cached_input() -> None:
     )
     assert usage is not None
     assert (usage.input_tokens, usage.cached_input_tokens) == (1000, 640)
+
+
+@pytest.mark.parametrize(
+    ("capture", "event", "error"),
+    [
+        (  # Anthropic, overloaded mid-answer
+            AnthropicStreamCapture,
+            b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}',
+            "overloaded_error",
+        ),
+        (  # an OpenAI-compatible provider's chunk holding only an error
+            lambda: OpenAIStreamCapture(strip_usage_chunk=False),
+            b'data: {"error":{"message":"boom","type":"server_error","code":null}}',
+            "server_error",
+        ),
+        (  # the Responses API
+            lambda: OpenAIStreamCapture(strip_usage_chunk=False),
+            b'event: response.failed\ndata: {"type":"response.failed","response":'
+            b'{"status":"failed","error":{"code":"server_error","message":"x"}}}',
+            "server_error",
+        ),
+        (
+            lambda: OpenAIStreamCapture(strip_usage_chunk=False),
+            b'event: error\ndata: {"type":"error","code":"rate_limit_exceeded","message":"x"}',
+            "rate_limit_exceeded",
+        ),
+        (  # a model that writes "error" has not failed
+            lambda: OpenAIStreamCapture(strip_usage_chunk=False),
+            b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"error"}}]}',
+            "",
+        ),
+    ],
+)
+def test_a_stream_s_error_event_is_the_provider_s_error(
+    capture: Any, event: bytes, error: str
+) -> None:
+    reading = capture()
+    reading.feed(b'data: {"model":"m","type":"ping"}\n\n')  # the model known: the hot path
+    assert reading.feed(event + b"\n\n") == event + b"\n\n"  # forwarded as it came
+    assert reading.error == error

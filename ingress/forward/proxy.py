@@ -266,6 +266,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 tail = capture.finish()
                 if tail:
                     await response.write(tail)
+                if capture.error and status == "ok":  # it failed after the 200 went out
+                    status, error_class = "upstream_error", capture.error
             else:
                 data = await upstream.read()
                 call.mark_upstream_done()

@@ -132,6 +132,7 @@ class StreamCapture:
         self.usage: Usage | None = None
         self.model = ""
         self.output_final = False  # the provider's own count of output tokens arrived
+        self.error = ""  # the provider's error type, when an event of the stream is one
         self._kept: list[bytes] = []
         self._kept_bytes = 0
         self._seen_bytes = 0
@@ -219,9 +220,7 @@ class StreamCapture:
             if self._kept_bytes + len(data) <= KEEP_STREAMED_BYTES:
                 self._kept.append(data)
                 self._kept_bytes += len(data)
-        if self.model and (
-            b'"usage"' not in data or (b'"usage":null' in data and data.count(b'"usage"') == 1)
-        ):
+        if self.model and not _may_tell(data):
             return True  # nothing new to learn: content chunks are not parsed (hot path)
         try:
             chunk = orjson.loads(data)
@@ -229,6 +228,8 @@ class StreamCapture:
             return True  # not ours to judge: forward as is
         if not isinstance(chunk, dict):
             return True
+        if not self.error:
+            self.error = stream_error(chunk)
         return self._chunk(chunk)
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
@@ -296,6 +297,32 @@ class OpenAIStreamCapture(StreamCapture):
                     texts.append(_str(function.get("name")))
                     texts.append(_str(function.get("arguments")))
         return [text for text in texts if text]
+
+
+def _may_tell(data: bytes) -> bool:
+    """Whether an event's data may carry usage or an error ("usage":null tells nothing;
+    a quote in a JSON string is escaped, so the text streamed cannot look like either
+    key, only like the value "error")."""
+    if b'"error"' in data:
+        return True
+    usages = data.count(b'"usage"')
+    return usages > 1 or (usages == 1 and b'"usage":null' not in data)
+
+
+def stream_error(event: dict[str, Any]) -> str:
+    """The provider's error type if a stream's event says the answer failed (HTTP 200 was
+    sent before it did): Anthropic's ``error`` event, an OpenAI chunk holding only an
+    ``error``, the Responses API's ``error`` and ``response.failed``; else ""."""
+    kind = event.get("type")
+    error = event.get("error")
+    if kind == "response.failed":
+        response = event.get("response")
+        error = response.get("error") if isinstance(response, dict) else None
+    elif kind != "error" and not isinstance(error, dict):
+        return ""
+    found = error.get("type") or error.get("code") if isinstance(error, dict) else None
+    found = found or event.get("code")  # the Responses API's error event
+    return found if isinstance(found, str) and found else str(kind or "error")
 
 
 # A chunk's "usage": null member, with the comma that joins it to the one before (or,
