@@ -52,6 +52,10 @@ class ProviderConfig(BaseModel):
     kind: ApiKind = "openai"
     base_url: str
     api_key_env: str = ""
+    # Ask for a stream's usage (stream_options.include_usage) when the client did not:
+    # false for a provider that refuses fields it does not know. Its streams are then
+    # counted from their text, unless it sends usage unasked.
+    stream_usage: bool = True
 
     @field_validator("base_url")
     @classmethod

@@ -18,6 +18,7 @@ from aiohttp import web
 
 SNAPSHOT = "-2025-01-01"  # served model = requested model + a dated snapshot suffix
 ANTHROPIC_SNAPSHOT = "-20241022"
+PROVIDER_REQUEST_ID = "req_fake0123456789"  # OpenAI's own request id, on chat answers
 
 
 @dataclass
@@ -72,7 +73,8 @@ class FakeProvider:
                         }
                     ],
                     "usage": self.usage(),
-                }
+                },
+                headers={"x-request-id": PROVIDER_REQUEST_ID},
             )
         chunks: list[dict[str, Any]] = []
         # As OpenAI does: asked for usage, every chunk but the last carries "usage": null.
@@ -104,7 +106,9 @@ class FakeProvider:
                 }
             )
         self.sent_chunks.append(chunks)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "x-request-id": PROVIDER_REQUEST_ID}
+        )
         await response.prepare(request)
         for c in chunks:
             await response.write(b"data: " + orjson.dumps(c) + b"\n\n")

@@ -13,10 +13,11 @@ from aiokafka import AIOKafkaConsumer
 
 from ingress.forward import tokens
 from ingress.guards.keys import create_key
-from llmtap.config import Settings
+from llmtap.config import ProviderConfig, Settings
 from llmtap.events import ResponseEvent
 from llmtap.names import Names
-from tests.conftest import Broker, FakeUpstream, serve_ingress
+from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream, serve_ingress
+from tests.fake_provider import PROVIDER_REQUEST_ID
 from tests.prometheus import sample
 
 
@@ -179,21 +180,26 @@ async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
     )
 
 
-async def test_trace_context_reaches_the_provider(
+async def test_trace_context_reaches_the_provider_and_its_request_id_the_client(
     ingress: str, ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:
     secret = await make_key(ingress, ingress_settings.key_file)
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{ingress}/v1/chat/completions",
-            json={"model": "gpt-4o", "messages": []},
-            headers={"Authorization": f"Bearer {secret}", "traceparent": traceparent},
-        ) as response,
-    ):
-        assert response.status == 200
-    assert upstream.provider.received[-1].headers["traceparent"] == traceparent
+    for stream in (False, True):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{ingress}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": [], "stream": stream},
+                headers={"Authorization": f"Bearer {secret}", "traceparent": traceparent},
+            ) as response,
+        ):
+            assert response.status == 200
+            await response.read()
+            # llmtap's id (the call's events'), and OpenAI's own, for its support
+            assert uuid.UUID(response.headers["x-request-id"])
+            assert response.headers["x-provider-request-id"] == PROVIDER_REQUEST_ID
+        assert upstream.provider.received[-1].headers["traceparent"] == traceparent
 
 
 async def test_without_the_provider_s_key_a_virtual_key_is_refused_never_forwarded(
@@ -251,3 +257,47 @@ async def test_a_stream_that_fails_after_its_200_is_recorded_as_the_provider_s_e
         "overloaded_error",
     )
     assert event.usage.input_tokens > 0  # message_start's count is kept
+
+
+async def test_a_provider_set_not_to_be_asked_for_stream_usage_is_not(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For a provider that refuses fields it does not know: the body goes as the client
+    sent it, and the stream's output is counted from its text."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    plain = ProviderConfig(
+        base_url=upstream.base_url, api_key_env="LLMTAP_TEST_OPENAI_KEY", stream_usage=False
+    )
+    settings = ingress_settings.model_copy(
+        update={"providers": {"plain": plain}, "model_routes": {"plain-*": "plain"}}
+    )
+    server = await serve_ingress(settings)
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        secret = await make_key(base, settings.key_file)
+        sent = {
+            "model": "plain-model",
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{base}/v1/chat/completions",
+                json=sent,
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response,
+        ):
+            assert response.status == 200
+            body = await response.read()
+            request_id = response.headers["x-request-id"]
+    finally:
+        await server.close()
+    assert upstream.provider.received[-1].body == sent  # no stream_options added
+    assert b'"usage"' not in body
+    event = await response_event(broker.bootstrap, request_id)
+    assert event.status == "ok"
+    assert event.usage.output_tokens_counted and event.usage.output_tokens > 0

@@ -121,10 +121,14 @@ def upstream_headers(
 
 
 def downstream_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    """The provider's response headers as the client should see them."""
+    """The provider's response headers as the client should see them: llmtap's
+    ``x-request-id``, and the provider's own, if it sent one, as ``x-provider-request-id``."""
     out: CIMultiDict[str] = CIMultiDict(
         (name, value) for name, value in upstream.items() if name.lower() not in _HOP_BY_HOP
     )
+    provider_id = out.get("x-request-id")
+    if provider_id is not None:  # OpenAI's: what its support asks for, kept under a name
+        out["x-provider-request-id"] = provider_id
     out["x-request-id"] = request_id
     return out
 

@@ -202,7 +202,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     rewritten = route.upstream_model != model
     if rewritten:
         payload["model"] = route.upstream_model
-    strip_usage_chunk = bool(call.stream and endpoint.prepare and endpoint.prepare(payload))
+    strip_usage_chunk = bool(
+        call.stream and endpoint.prepare and route.config.stream_usage and endpoint.prepare(payload)
+    )
     if rewritten or strip_usage_chunk:
         body = orjson.dumps(payload)
 
