@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ingress.errors import openai_error
 from ingress.forward.call import downstream_headers, upstream_headers
-from ingress.forward.proxy import Api, Endpoint, credential_for, metered
+from ingress.forward.proxy import Api, Endpoint, metered, upstream_credential
 from ingress.forward.usage import OpenAIJsonCapture, OpenAIStreamCapture
 from ingress.guards.auth import Refusal, authenticate
 from ingress.keys import KEYS, SETTINGS, UPSTREAM
@@ -55,19 +55,12 @@ async def models(request: web.Request) -> web.StreamResponse:
         response.headers["x-request-id"] = request_id
         return response
 
+    provider = settings.all_providers()["openai"]
     try:
         identity = authenticate(request.headers, settings, request.app[KEYS])
+        credential = upstream_credential(OPENAI, "openai", provider, identity)
     except Refusal as refusal:
         return refused(refusal.status, refusal.message, refusal.code or refusal.error_class)
-    provider = settings.all_providers()["openai"]
-    credential = credential_for(OPENAI, provider)
-    if credential is None and identity.key is not None:
-        return refused(
-            500,
-            f"llmtap holds no API key for provider 'openai' (set the "
-            f"{provider.api_key_env or 'api_key_env'} environment variable)",
-            "no_provider_key",
-        )
     headers = upstream_headers(request.headers, credential=credential)
     try:
         async with request.app[UPSTREAM].get(

@@ -23,7 +23,7 @@ from aiohttp import web
 from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
-from ingress.guards.auth import Refusal, authenticate, check_model
+from ingress.guards.auth import Identity, Refusal, authenticate, check_model
 from ingress.keys import (
     BUDGETS,
     COUNTING,
@@ -90,10 +90,23 @@ def record_outcome(
     app[METRICS].observe(event)
 
 
-def credential_for(api: Api, provider: ProviderConfig) -> tuple[str, str] | None:
-    """The provider's key as (header, value), when llmtap holds one for it."""
+def upstream_credential(
+    api: Api, name: str, provider: ProviderConfig, identity: Identity
+) -> tuple[str, str] | None:
+    """What the provider gets as its credential: llmtap's key for it, or None (forward
+    the caller's own, in passthrough). A virtual key must never reach a provider: with
+    one and no provider key, a Refusal."""
     key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
-    return (api.credential_header, api.credential_prefix + key) if key else None
+    if key:
+        return api.credential_header, api.credential_prefix + key
+    if identity.key is not None:
+        raise Refusal(
+            500,
+            f"llmtap holds no API key for provider {name!r} "
+            f"(set the {provider.api_key_env or 'api_key_env'} environment variable)",
+            "no_provider_key",
+        )
+    return None
 
 
 def metered(endpoint: Endpoint) -> Handler:
@@ -208,15 +221,10 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     if rewritten or strip_usage_chunk:
         body = orjson.dumps(payload)
 
-    credential = credential_for(api, route.config)
-    if credential is None and identity.key is not None:
-        # A virtual key must never reach a provider: without a provider key, refuse.
-        return refuse(
-            500,
-            f"llmtap holds no API key for provider {route.provider!r} "
-            f"(set the {route.config.api_key_env or 'api_key_env'} environment variable)",
-            "no_provider_key",
-        )
+    try:
+        credential = upstream_credential(api, route.provider, route.config, identity)
+    except Refusal as refusal:
+        return refuse(refusal.status, refusal.message, refusal.error_class)
     headers = upstream_headers(request.headers, credential=credential)
     url = route.config.base_url + endpoint.upstream_path
     if request.query_string:
