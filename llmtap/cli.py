@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="make a key and print it once")
-    create.add_argument("--tenant", required=True)
+    create.add_argument("--tenant", required=True, type=_tenant)
     create.add_argument("--team", default="")
     create.add_argument("--user", default="")
     create.add_argument(
@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     test = alert_actions.add_parser("test", help="send a signed sample alert to an endpoint")
     test.add_argument("--endpoint", required=True, help="the webhook endpoint's name")
     return parser
+
+
+def _tenant(value: str) -> str:
+    """A key's tenant: never empty (a key of no tenant would see no tenant's data as its
+    own, and an empty one could pass for every tenant's)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("a key needs a tenant: it may not be empty")
+    return value
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:

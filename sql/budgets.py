@@ -78,7 +78,8 @@ def visible_budgets(budgets: list[BudgetConfig], scope: Scope) -> list[str]:
     def visible(budget: BudgetConfig) -> bool:
         if scope.tenant is None:
             return True
-        if owner_of(budget) != scope.tenant:
+        owner = owner_of(budget)
+        if not owner or owner != scope.tenant:  # "": every tenant's, for admins only
             return False
         if scope.user is not None:
             return budget.scope == "user" and budget.value == scope.user

@@ -38,13 +38,12 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
-import clickhouse_connect
 import orjson
 from aiohttp import web
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from sql.params import BadParameter
-from sql.store import Store
+from sql.store import Store, connect
 
 FORMATS = ("json", "csv")
 
@@ -307,9 +306,7 @@ class SqlRunner:
 
     def _connection(self) -> Any:
         if self._client is None:
-            self._client = clickhouse_connect.get_client(
-                dsn=self.dsn, settings=self.limits.session_settings()
-            )
+            self._client = connect(self.dsn, self.limits.session_settings())
         return self._client
 
     def explain(self, text: str) -> Node:
@@ -520,10 +517,11 @@ async def run_sql(request: web.Request) -> web.Response:
         "X-Truncated": "true" if answer.truncated else "false",
         "X-Elapsed-Ms": f"{answer.elapsed_ms:.3f}",
     }
+    # Written in a thread: a large answer takes seconds to encode, and the event loop
+    # serves the API and the ClickHouse writer meanwhile.
     if asked.format == "csv":
-        return web.Response(
-            body=csv_body(answer), headers=headers, content_type="text/csv", charset="utf-8"
-        )
+        body = await asyncio.to_thread(csv_body, answer)
+        return web.Response(body=body, headers=headers, content_type="text/csv", charset="utf-8")
     payload = {
         "columns": answer.columns,
         "rows": answer.rows,
@@ -531,7 +529,8 @@ async def run_sql(request: web.Request) -> web.Response:
         "truncated": answer.truncated,
         "elapsed_ms": answer.elapsed_ms,
     }
-    return web.Response(body=dumps(payload), headers=headers, content_type="application/json")
+    body = await asyncio.to_thread(dumps, payload)
+    return web.Response(body=body, headers=headers, content_type="application/json")
 
 
 def sql_runner(

@@ -53,15 +53,19 @@ def _interface(dsn: str) -> str | None:
     return scheme if scheme in ("http", "https") else None
 
 
+def connect(dsn: str, settings: dict[str, Any]) -> Any:
+    """A clickhouse-connect client for ``dsn``, over TLS when its scheme is https
+    (:func:`_interface`): every client llmtap makes, the store's and the SQL endpoint's."""
+    return clickhouse_connect.get_client(dsn=dsn, interface=_interface(dsn), settings=settings)
+
+
 class Store:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         # No insert is deduplicated unless it asks to be, with its own token (the
         # writer's inserts into `calls`, sinks/clickhouse/replay.py): a table with a
         # deduplication window would otherwise drop a block equal to a recent one.
-        self._client = clickhouse_connect.get_client(
-            dsn=dsn, interface=_interface(dsn), settings={"insert_deduplicate": 0}
-        )
+        self._client = connect(dsn, {"insert_deduplicate": 0})
         self._lock = threading.Lock()
         self._column_types: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
 

@@ -31,7 +31,8 @@ from llmtap.kafka import Kafka
 from llmtap.names import Names
 from sinks.budget_seed import publish_states
 from sql import analytics, auth, dashboard, params
-from sql.budgets import BUDGET_BOOK
+from sql.budgets import BUDGET_BOOK, visible_budgets
+from sql.params import Scope
 from sql.store import Store
 from stream.budgets import fresh, status_of
 from tests.conftest import Broker
@@ -293,3 +294,17 @@ async def test_reserved_is_what_the_live_ingresses_announce(
     # Two hours on, nobody has announced anything since: unknown, not 0.
     monkeypatch.setattr(params, "utcnow", lambda: later + timedelta(hours=1))
     assert {row["reserved_usd"] for row in (await api.rows("admin")).values()} == {None}
+
+
+def test_a_budget_of_every_tenant_is_an_admin_s_even_for_a_key_of_no_tenant() -> None:
+    """A team budget with no tenant counts every tenant's calls: no tenant's key sees
+    it, not even one whose tenant is empty (a key file written by hand)."""
+    budgets = [
+        BudgetConfig(name="org-search", scope="team", value="search", limit_usd=Decimal(1)),
+        BudgetConfig(
+            name="acme-search", scope="team", value="search", tenant="acme", limit_usd=Decimal(1)
+        ),
+    ]
+    assert visible_budgets(budgets, Scope()) == ["org-search", "acme-search"]  # admin
+    assert visible_budgets(budgets, Scope(tenant="acme")) == ["acme-search"]
+    assert visible_budgets(budgets, Scope(tenant="")) == []

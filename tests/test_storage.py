@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +21,7 @@ from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sql.retention import apply_retention, current_ttl_days
+from sql.sqlapi import SqlError, SqlLimits, SqlRunner
 from sql.store import Store
 from tests import sample
 from tests.conftest import Broker
@@ -133,9 +135,18 @@ async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(
     assert int(store.command(outage)) == 30
 
 
-async def test_an_https_dsn_speaks_tls_on_any_port_never_the_password_in_clear() -> None:
+def sql_endpoint(dsn: str) -> object:
+    """The SQL endpoint's session (its own client), asked a query."""
+    return SqlRunner(dsn, SqlLimits()).answer("SELECT 1", 1)
+
+
+@pytest.mark.parametrize("client", [Store, sql_endpoint], ids=["store", "sql-endpoint"])
+async def test_an_https_dsn_speaks_tls_on_any_port_never_the_password_in_clear(
+    client: Callable[[str], object],
+) -> None:
     """clickhouse-connect takes TLS from the port (8443, 443), not from the DSN's scheme:
-    the store passes the scheme on. What reaches the port must be a TLS ClientHello."""
+    every client llmtap makes passes the scheme on. What reaches the port must be a TLS
+    ClientHello."""
     first: list[bytes] = []
 
     async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -145,8 +156,8 @@ async def test_an_https_dsn_speaks_tls_on_any_port_never_the_password_in_clear()
     server = await asyncio.start_server(listen, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        with pytest.raises(OperationalError):
-            await asyncio.to_thread(Store, f"https://llmtap:s3cret@127.0.0.1:{port}/llmtap")
+        with pytest.raises((OperationalError, SqlError)):  # no ClickHouse there
+            await asyncio.to_thread(client, f"https://llmtap:s3cret@127.0.0.1:{port}/llmtap")
     finally:
         server.close()
         await server.wait_closed()
