@@ -100,10 +100,14 @@ class Kafka:
             options["sasl_plain_password"] = self.sasl_password
         return options
 
+    @property
+    def codec(self) -> str | None:
+        """The producers' ``compression_type``: None for none."""
+        return None if self.compression == "none" else self.compression
+
     def producer_options(self, client: str) -> ProducerOptions:
         """``client_options`` and the batches' compression."""
-        codec = None if self.compression == "none" else self.compression
-        return ProducerOptions(**self.client_options(client), compression_type=codec)
+        return ProducerOptions(**self.client_options(client), compression_type=self.codec)
 
     def faust_brokers(self) -> list[str]:
         return [f"kafka://{host.strip()}" for host in self.bootstrap.split(",")]

@@ -52,7 +52,7 @@ def create_app(
         topic_partitions=settings.topic_partitions,
         topic_disable_leader=True,
         producer_linger_ms=2,
-        producer_compression_type=settings.kafka.producer_options("worker")["compression_type"],
+        producer_compression_type=settings.kafka.codec,
     )
     stage = CostStage(settings, load_catalog(settings.pricing_file))
     grace = timedelta(seconds=settings.window_grace_s)
