@@ -392,6 +392,10 @@ def _sql(limits: sqlapi.SqlLimits) -> Schema:
         "X-Rows-Returned": count_header,
         "X-Truncated": {"schema": {"type": "string", "enum": ["true", "false"]}, "required": True},
         "X-Elapsed-Ms": {"schema": {"type": "string"}, "required": True},
+        "X-Truncated-By": {
+            "schema": {"type": "string", "enum": ["max_rows", "max_answer_bytes"]},
+            "description": "which limit cut the answer short (only when one did)",
+        },
     }
     return {
         "post": {
@@ -405,7 +409,8 @@ def _sql(limits: sqlapi.SqlLimits) -> Schema:
                 + ", and functions that read files, the network or dictionaries. "
                 "It runs in a ClickHouse session with readonly=1, "
                 f"max_execution_time={limits.timeout_s:g} s and at most "
-                f"{limits.max_rows} result rows."
+                f"{limits.max_rows} result rows. An answer stops short, saying so, at "
+                f"max_rows rows or {limits.max_answer_bytes} bytes of rows as encoded."
             ),
             "tags": ["sql"],
             "requestBody": {
@@ -496,7 +501,15 @@ def _components(limits: sqlapi.SqlLimits) -> Schema:
                     "rows_returned": INT,
                     "truncated": {
                         "type": "boolean",
-                        "description": "more rows than max_rows: only the first max_rows are here",
+                        "description": "the answer stopped short: see truncated_by",
+                    },
+                    "truncated_by": {
+                        **_nullable({"type": "string", "enum": ["max_rows", "max_answer_bytes"]}),
+                        "description": (
+                            "max_rows: the query had more rows, the first max_rows are "
+                            "here; max_answer_bytes: the rows here are all that fit in "
+                            f"{limits.max_answer_bytes} bytes as encoded; null: all rows"
+                        ),
                     },
                     "elapsed_ms": NUMBER,
                 }

@@ -11,8 +11,12 @@ Three lines of defence, each enough on its own for what it covers:
    other than the generators in :data:`TABLE_FUNCTIONS`, or any function that reads
    files, the network or dictionaries (:data:`DENIED_FUNCTIONS`).
 3. The query runs on its own ClickHouse session, opened with ``readonly=1`` and the
-   limits (time, result rows, memory) as session settings: ClickHouse itself refuses
-   any write, DDL or settings change, whatever got past 1 and 2.
+   limits (time, result rows, memory, block size) as session settings: ClickHouse
+   itself refuses any write, DDL or settings change, whatever got past 1 and 2.
+
+The answer is bounded in this process too (it is the store's): a SELECT's rows are read
+a block at a time and encoded as they come, and the query is cancelled once the answer
+holds ``max_rows`` rows or ``max_answer_bytes`` bytes of them; the answer says which.
 
 That session is a second client on the store's DSN (for chDB, a second handle on the
 same engine), so a long query never holds the store's lock (the writer and the
@@ -30,17 +34,21 @@ import ipaddress
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import orjson
 from aiohttp import web
-from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
+from clickhouse_connect.driver.exceptions import (
+    ClickHouseError,
+    OperationalError,
+    StreamFailureError,
+)
 
 from sql.params import BadParameter
 from sql.store import Store, connect
@@ -57,6 +65,13 @@ class SqlLimits:
     default_rows: int = 1_000  # when it does not say
     max_query_chars: int = 100_000
     max_memory_bytes: int = 2 * 1024**3  # max_memory_usage (chDB runs in this process)
+    # The most bytes of rows an answer holds, as encoded for the response. The store
+    # process (writer and API) holds the answer: without this, 10,000 wide rows could
+    # take gigabytes of it. Rows are read a block at a time and the answer stops short.
+    max_answer_bytes: int = 64 * 1024**2
+    # Rows per block ClickHouse hands over (its default is 65,409): the answer is
+    # read a block at a time, so a block's rows are what is held beyond the answer.
+    block_rows: int = 2048
 
     def session_settings(self) -> dict[str, Any]:
         """The read-only session's settings; ``readonly`` last (it freezes the rest)."""
@@ -68,6 +83,7 @@ class SqlLimits:
             "max_result_rows": self.max_rows + 1,
             "result_overflow_mode": "break",
             "max_memory_usage": self.max_memory_bytes,
+            "max_block_size": self.block_rows,
             "session_timezone": "UTC",
             "readonly": 1,
         }
@@ -285,12 +301,20 @@ def check_tree(root: Node, text: str) -> None:
 # -- running ----------------------------------------------------------------------------
 
 
+Encode = Callable[[Sequence[Any]], bytes]  # one row, as the answer's format writes it
+TruncatedBy = Literal["max_rows", "max_answer_bytes"]
+
+
 @dataclass(frozen=True)
 class Answer:
     columns: list[dict[str, str]]
-    rows: list[Sequence[Any]]
-    truncated: bool
+    rows: list[bytes]  # each row encoded (Encode), in order
+    truncated_by: TruncatedBy | None  # which limit cut the answer short, if one did
     elapsed_ms: float
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncated_by is not None
 
 
 class SqlRunner:
@@ -317,32 +341,44 @@ class SqlRunner:
         body = "\t".join(map(str, result)) if isinstance(result, list) else str(result)
         return parse_ast(body.split("\n"))
 
-    def execute(self, text: str, *, describe: bool) -> tuple[list[dict[str, str]], list[Any]]:
-        """Run ``text`` as is (the checks are the caller's); its columns and rows."""
+    def execute(
+        self, text: str, *, select: bool, encode: Encode, max_rows: int
+    ) -> tuple[list[dict[str, str]], list[bytes], TruncatedBy | None]:
+        """Run ``text`` as is (the checks are the caller's): its columns, and its rows
+        encoded until ``max_rows`` rows or the answer's bytes (``max_answer_bytes``)
+        would be passed. A SELECT is read a block at a time and cancelled there; the
+        other statements (SHOW, DESCRIBE, EXPLAIN: small answers, which chDB does not
+        stream) are read whole."""
         client = self._connection()
-        result = client.query(text, query_tz="UTC")
-        columns = [
-            {"name": name, "type": kind.name}
-            for name, kind in zip(result.column_names, result.column_types, strict=True)
-        ]
-        if not columns and describe:
+        if not select:
+            result = client.query(text, query_tz="UTC")
+            columns = _columns(result.column_names, result.column_types)
+            return (columns, *_encoded([result.result_rows], encode, max_rows, self.limits))
+        with client.query_row_block_stream(text, query_tz="UTC") as stream:
+            columns = _columns(stream.source.column_names, stream.source.column_types)
+            rows, truncated_by = _encoded(stream, encode, max_rows, self.limits)
+        if not columns:
             # No rows, and chDB's Native output then has no columns either: ask for them.
             described = client.query(f"DESCRIBE TABLE (\n{text}\n)")
             columns = [{"name": str(r[0]), "type": str(r[1])} for r in described.result_rows]
-        return columns, list(result.result_rows)
+        return columns, rows, truncated_by
 
-    def answer(self, query: str, max_rows: int) -> Answer:
+    def answer(self, query: str, max_rows: int, encode: Encode) -> Answer:
         text = precheck(query, self.limits)
         with self._session:
-            return self._answer(text, max_rows)
+            return self._answer(text, max_rows, encode)
 
-    def _answer(self, text: str, max_rows: int) -> Answer:
+    def _answer(self, text: str, max_rows: int, encode: Encode) -> Answer:
         try:
             root = self.explain(text)
             check_tree(root, text)
             started = time.perf_counter()
-            columns, rows = self.execute(text, describe=root.kind == "SelectWithUnionQuery")
+            columns, rows, truncated_by = self.execute(
+                text, select=root.kind == "SelectWithUnionQuery", encode=encode, max_rows=max_rows
+            )
             elapsed_ms = (time.perf_counter() - started) * 1000
+        except StreamFailureError as exc:  # ClickHouse failed with part of the rows sent
+            raise _clickhouse_error(exc) from None
         except OperationalError as exc:
             if getattr(exc, "code", None) is not None:
                 raise _clickhouse_error(exc) from None
@@ -354,17 +390,42 @@ class SqlRunner:
             raise SqlError(
                 "unreadable_result", f"the result could not be read: {type(exc).__name__}: {exc}"
             ) from None
-        return Answer(columns, rows[:max_rows], len(rows) > max_rows, round(elapsed_ms, 3))
+        return Answer(columns, rows, truncated_by, round(elapsed_ms, 3))
 
-    async def run(self, query: str, max_rows: int) -> Answer:
+    async def run(self, query: str, max_rows: int, encode: Encode) -> Answer:
+        """The answer, its rows encoded with ``encode`` (in the query's thread: a large
+        answer takes seconds to encode, and the event loop serves the writer meanwhile)."""
         async with self._lock:  # one query at a time on the session; others wait here
-            return await asyncio.to_thread(self.answer, query, max_rows)
+            return await asyncio.to_thread(self.answer, query, max_rows, encode)
 
     def close(self) -> None:
         with self._session:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def _columns(names: Sequence[str], types: Sequence[Any]) -> list[dict[str, str]]:
+    return [{"name": n, "type": t.name} for n, t in zip(names, types, strict=True)]
+
+
+def _encoded(
+    blocks: Iterable[Sequence[Sequence[Any]]], encode: Encode, max_rows: int, limits: SqlLimits
+) -> tuple[list[bytes], TruncatedBy | None]:
+    """The rows of ``blocks`` encoded, up to ``max_rows`` of them and
+    ``limits.max_answer_bytes`` bytes; and which limit cut them short, if one did."""
+    room = limits.max_answer_bytes
+    rows: list[bytes] = []
+    for block in blocks:
+        for row in block:
+            if len(rows) == max_rows:
+                return rows, "max_rows"
+            line = encode(row)
+            room -= len(line)
+            if room < 0:
+                return rows, "max_answer_bytes"
+            rows.append(line)
+    return rows, None
 
 
 TIMEOUT_EXCEEDED = 159
@@ -498,38 +559,66 @@ def _cell(value: Any) -> str:
     return str(_plain(value))
 
 
+class CsvRow:
+    """Encode: one CSV line (RFC 4180, CRLF), cells as :func:`_cell` writes them."""
+
+    def __init__(self) -> None:
+        self._out = io.StringIO()
+        self._writer = csv.writer(self._out, lineterminator="\r\n")
+
+    def __call__(self, row: Sequence[Any]) -> bytes:
+        self._writer.writerow([_cell(v) for v in row])
+        line = self._out.getvalue()
+        self._out.seek(0)
+        self._out.truncate()
+        return line.encode("utf-8", "replace")
+
+
+def json_row(row: Sequence[Any]) -> bytes:
+    """Encode: one row as a JSON array."""
+    return dumps(row)
+
+
 def csv_body(answer: Answer) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow([c["name"] for c in answer.columns])
-    for row in answer.rows:
-        writer.writerow([_cell(v) for v in row])
-    return out.getvalue().encode("utf-8", "replace")
+    """The header line, then the rows (encoded by :class:`CsvRow`)."""
+    return CsvRow()([c["name"] for c in answer.columns]) + b"".join(answer.rows)
+
+
+def json_body(answer: Answer) -> bytes:
+    """The JSON answer around the rows (encoded by :func:`json_row`)."""
+    tail = dumps(
+        {
+            "rows_returned": len(answer.rows),
+            "truncated": answer.truncated,
+            "truncated_by": answer.truncated_by,
+            "elapsed_ms": answer.elapsed_ms,
+        }
+    )
+    return b"".join(
+        (b'{"columns":', dumps(answer.columns), b',"rows":[', b",".join(answer.rows), b"],",
+         tail[1:])
+    )  # fmt: skip
 
 
 async def run_sql(request: web.Request) -> web.Response:
     """The handler (admin-only: sql/analytics.py checks the key before it runs)."""
     limits = request.app[SQL_LIMITS]
     asked = await read_request(request, limits)
-    answer = await request.app[SQL].run(asked.query, asked.max_rows)
+    csv_out = asked.format == "csv"
+    encode: Encode = CsvRow() if csv_out else json_row
+    answer = await request.app[SQL].run(asked.query, asked.max_rows, encode)
     headers = {
         "X-Rows-Returned": str(len(answer.rows)),
         "X-Truncated": "true" if answer.truncated else "false",
         "X-Elapsed-Ms": f"{answer.elapsed_ms:.3f}",
     }
-    # Written in a thread: a large answer takes seconds to encode, and the event loop
-    # serves the API and the ClickHouse writer meanwhile.
-    if asked.format == "csv":
+    if answer.truncated_by is not None:
+        headers["X-Truncated-By"] = answer.truncated_by
+    # Put together in a thread, as the rows were encoded: an answer can be 64 MiB.
+    if csv_out:
         body = await asyncio.to_thread(csv_body, answer)
         return web.Response(body=body, headers=headers, content_type="text/csv", charset="utf-8")
-    payload = {
-        "columns": answer.columns,
-        "rows": answer.rows,
-        "rows_returned": len(answer.rows),
-        "truncated": answer.truncated,
-        "elapsed_ms": answer.elapsed_ms,
-    }
-    body = await asyncio.to_thread(dumps, payload)
+    body = await asyncio.to_thread(json_body, answer)
     return web.Response(body=body, headers=headers, content_type="application/json")
 
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -226,9 +227,11 @@ async def test_show_describe_explain(api: Client, query: str, first_column: str)
 async def test_limit_and_the_row_limit(api: Client) -> None:
     body = await sql(api, "SELECT number FROM numbers(100) LIMIT 5")
     assert body["rows"] == [[0], [1], [2], [3], [4]] and body["truncated"] is False
+    assert body["truncated_by"] is None
     body = await sql(api, "SELECT number FROM numbers(100)", max_rows=10)
     assert body["rows"] == [[n] for n in range(10)]
     assert (body["rows_returned"], body["truncated"]) == (10, True)
+    assert body["truncated_by"] == "max_rows"
     body = await sql(api, "SELECT number FROM numbers(10)", max_rows=10)
     assert (body["rows_returned"], body["truncated"]) == (10, False)
     body = await sql(api, "SELECT number FROM numbers(50000)")  # the default, 1000
@@ -238,7 +241,41 @@ async def test_limit_and_the_row_limit(api: Client) -> None:
     assert body["rows"][-1] == [9999]
     text, headers = await sql(api, "SELECT number FROM numbers(100)", format="csv", max_rows=3)
     assert text == "number\r\n0\r\n1\r\n2\r\n"
-    assert headers["X-Truncated"] == "true"
+    assert (headers["X-Truncated"], headers["X-Truncated-By"]) == ("true", "max_rows")
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+async def test_an_answer_stops_at_its_byte_limit(serve: ServeFn, fmt: str) -> None:
+    """Wide rows: the answer holds whole rows up to max_answer_bytes as encoded, says
+    which limit cut it, and the store goes on (10,000 rows of 100 kB would be 1 GB)."""
+    limit = 1024 * 1024
+    wide = "SELECT number, repeat('x', 100000) AS wide FROM numbers(10000)"
+    async with serve(sqlapi.SqlLimits(max_answer_bytes=limit)) as (api, _):
+        async with api.post(
+            "/api/v1/sql", json={"query": wide, "max_rows": 10_000, "format": fmt}
+        ) as response:
+            assert response.status == 200
+            raw = await response.read()
+            headers = response.headers
+        assert (headers["X-Truncated"], headers["X-Truncated-By"]) == ("true", "max_answer_bytes")
+        if fmt == "json":
+            body = orjson.loads(raw)
+            rows = body["rows"]
+            assert (body["truncated"], body["truncated_by"]) == (True, "max_answer_bytes")
+            assert body["rows_returned"] == len(rows)
+        else:
+            header, *rows = list(csv.reader(io.StringIO(raw.decode())))
+            assert header == ["number", "wide"]
+        row_bytes = 100_000 + len('[0,""]')  # about: the number's digits vary
+        assert len(rows) == int(headers["X-Rows-Returned"])
+        # Whole rows, in order, as many as fit and not one more.
+        assert [int(r[0]) for r in rows] == list(range(len(rows)))
+        assert all(r[1] == "x" * 100_000 for r in rows)
+        assert limit // row_bytes - 1 <= len(rows) <= limit // row_bytes
+        assert len(raw) < limit + 1000
+        # Narrow rows under the same limit are not cut; the session is fine afterwards.
+        body = await sql(api, "SELECT number FROM numbers(5000)", max_rows=10_000)
+        assert (body["rows_returned"], body["truncated_by"]) == (5000, None)
 
 
 async def test_a_query_past_its_time_limit_is_a_clear_400(serve: ServeFn) -> None:
@@ -433,7 +470,12 @@ async def test_clickhouse_itself_refuses_writes_on_the_session(
             "SELECT * FROM file('/etc/hostname', 'LineAsString')",
         ):
             with pytest.raises(DatabaseError, match=r"readonly|READONLY"):
-                runner.execute(statement, describe=False)
+                runner.execute(
+                    statement,
+                    select=statement.startswith("SELECT"),
+                    encode=sqlapi.json_row,
+                    max_rows=10,
+                )
     assert (await store.arows("SELECT count() AS n FROM calls"))[0]["n"] == len(CALLS)
     # ... and the store's own session was never made read-only.
     store.command("CREATE TABLE scratch (x Int8) ENGINE = Memory")

@@ -21,7 +21,7 @@ from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sql.retention import apply_retention, current_ttl_days
-from sql.sqlapi import SqlError, SqlLimits, SqlRunner
+from sql.sqlapi import SqlError, SqlLimits, SqlRunner, json_row
 from sql.store import Store
 from tests import sample
 from tests.conftest import Broker
@@ -137,7 +137,7 @@ async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(
 
 def sql_endpoint(dsn: str) -> object:
     """The SQL endpoint's session (its own client), asked a query."""
-    return SqlRunner(dsn, SqlLimits()).answer("SELECT 1", 1)
+    return SqlRunner(dsn, SqlLimits()).answer("SELECT 1", 1, json_row)
 
 
 @pytest.mark.parametrize("client", [Store, sql_endpoint], ids=["store", "sql-endpoint"])
