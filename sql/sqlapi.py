@@ -31,6 +31,7 @@ import asyncio
 import csv
 import io
 import ipaddress
+import math
 import re
 import threading
 import time
@@ -552,6 +553,8 @@ def _cell(value: Any) -> str:
         return dumps(_utc(value)).decode()[1:-1]
     if isinstance(value, date):
         return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf, -inf, as ClickHouse writes them (JSON has only null)
     if isinstance(value, (int, float)):
         return dumps(value).decode()
     if isinstance(value, (list, tuple, dict)):

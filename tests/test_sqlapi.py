@@ -172,6 +172,13 @@ async def test_a_select_as_csv(api: Client) -> None:
     assert headers["X-Truncated"] == "false"
 
 
+async def test_csv_tells_nan_and_infinity_from_null(api: Client) -> None:
+    text, _ = await sql(
+        api, "SELECT nan AS a, inf AS b, -inf AS c, NULL AS d, 1.5 AS e", format="csv"
+    )
+    assert list(csv.reader(io.StringIO(text)))[1] == ["nan", "inf", "-inf", "", "1.5"]
+
+
 async def test_an_empty_answer_still_names_its_columns(api: Client) -> None:
     body = await sql(
         api, "SELECT tenant, count() AS n FROM calls WHERE tenant = 'nobody' GROUP BY tenant"
