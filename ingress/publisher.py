@@ -13,7 +13,10 @@ whose file I/O it runs in worker threads):
   the broker is back the spool is replayed oldest segment first, each segment deleted
   once all of it was delivered;
 - on start, whatever a previous run (or a crash) left in the spool is replayed first;
-- :meth:`stop` gives the broker ``drain_timeout`` seconds, then spools what is left.
+- :meth:`stop` gives the broker ``drain_timeout`` seconds, then spools what is left;
+- an event published with a ``delivered`` listener (a hard-capped call's response
+  event: ingress/guards/budgets.py) is told the partition and offset it went to, once
+  Kafka has it, also when it went through the spool in between.
 
 A batch in flight from the queue when spooling starts keeps its place in line: the
 spool reserves a segment ahead of what is spooled after it, filled with whatever part
@@ -37,7 +40,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,7 +54,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
-from ingress.spool import DEFAULT_SEGMENT_BYTES, Record, Spool
+from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Spool
 from llmtap.batches import Batches
 from llmtap.kafka import Kafka
 
@@ -79,6 +82,9 @@ CLOSE_TIMEOUT_S = 5.0  # for the producer to stop
 ABANDON_TIMEOUT_S = 10.0  # for the task to wind down once stop() gives up on the broker
 DROP_LOG_INTERVAL_S = 1.0
 SPOOL_RETRY_S = 1.0  # after the spool refused events (full, or a disk error)
+# Spooled records whose delivery someone waits to hear of (hard-capped calls' response
+# events); past this many, the oldest stop waiting (their costs age out in the budget book).
+MAX_AWAITING = 100_000
 
 # No retry can deliver these: the event is dropped rather than block all behind it.
 UNDELIVERABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
@@ -99,6 +105,7 @@ class _InFlight:
     segment: int | None = None  # from the spool (and which segment); None: from the queue
     indices: list[int] = field(default_factory=list)  # the records' places in that segment
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # each record's offset in its batch
 
     def outcomes(self) -> list[_Outcome]:
         found = [_outcome(f) for f in self.futures]
@@ -149,6 +156,8 @@ class EventPublisher:
         self._in_flight: _InFlight | None = None
         self._reservation: int | None = None  # the spool's place for the batch in flight
         self._replay_done: dict[int, set[int]] = {}  # segment -> records already delivered
+        # (topic, key) -> who waits to hear where a spooled record went (_await_in_spool)
+        self._awaiting: OrderedDict[tuple[str, bytes], Delivered] = OrderedDict()
         self._closing = False
         self._abandon = False
         self._last_drop_log = -DROP_LOG_INTERVAL_S
@@ -167,13 +176,16 @@ class EventPublisher:
         """Events waiting in memory (the spool's are counted in ``spool_bytes``)."""
         return len(self._queue)
 
-    def publish(self, topic: str, key: bytes, value: bytes) -> None:
+    def publish(
+        self, topic: str, key: bytes, value: bytes, delivered: Delivered | None = None
+    ) -> None:
         """Queue an event (its JSON) for Kafka. Never blocks, never raises, never waits
-        for the broker."""
+        for the broker. ``delivered`` is told the partition and offset the event went
+        to, once Kafka has it (also after a spell in the spool, within this process)."""
         if len(self._queue) >= self._queue_size:
             self._drop_queue_full()
             return
-        self._queue.append(Record(topic, key, value))
+        self._queue.append(Record(topic, key, value, delivered))
         self._wakeup.set()
 
     async def start(self) -> None:
@@ -305,6 +317,7 @@ class EventPublisher:
             self._reservation = spool.reserve()  # the batch in flight goes before these
         records = list(self._queue)
         self._queue.clear()
+        self._await_in_spool(records)
         refused = await asyncio.to_thread(spool.append, records)
         self.spooled += len(records) - refused
         self.spool_bytes = spool.size
@@ -428,11 +441,14 @@ class EventPublisher:
                     log.warning("send to %s failed: %r", record.topic, exc)
                     break  # what follows waits: sending it now would overtake this record
             try:
-                placed.append((batches, batches.add(record.key, record.value)))
+                number, offset = batches.add(record.key, record.value)
+                placed.append((batches, number))
             except ValueError:  # too large: no retry can send it
                 refused = loop.create_future()
                 refused.set_exception(RecordTooLargeError())
                 placed.append(refused)
+                offset = -1
+            flight.offsets.append(offset)
         sent = {id(batches): await batches.send() for batches in by_topic.values()}
         for place in placed:
             if isinstance(place, asyncio.Future):
@@ -466,6 +482,7 @@ class EventPublisher:
             else:
                 self.dropped += 1
                 log.error("event to %s refused by Kafka for good; dropped", record.topic)
+        self._tell_delivered(flight)
         if retry:
             log.warning("%d events not delivered; they wait for the broker", len(retry))
         if flight.segment is None:
@@ -482,12 +499,36 @@ class EventPublisher:
         if not records:
             self._spool.release(reservation)
             return
+        self._await_in_spool(records)
         refused = await asyncio.to_thread(self._spool.fill, reservation, records)
         self.spooled += len(records) - refused
         self.spool_bytes = self._spool.size
         if refused:
             self.dropped += refused
             log.error("spool write failed: %d events dropped", refused)
+
+    def _await_in_spool(self, records: list[Record]) -> None:
+        """The spool keeps records' bytes, not who waits to hear where they went: keep
+        that here (by topic and key: a call's), for when the spool is replayed."""
+        for record in records:
+            if record.delivered is not None:
+                self._awaiting[record.topic, record.key] = record.delivered
+                if len(self._awaiting) > MAX_AWAITING:
+                    self._awaiting.popitem(last=False)
+
+    def _tell_delivered(self, flight: _InFlight) -> None:
+        """Tell each delivered record's listener its partition and offset."""
+        for record, future, offset in zip(
+            flight.records, flight.futures, flight.offsets, strict=False
+        ):
+            if record.delivered is None and not self._awaiting:
+                continue
+            if _outcome(future) is not _Outcome.SENT:
+                continue  # a record to retry keeps its listener
+            delivered = record.delivered or self._awaiting.pop((record.topic, record.key), None)
+            where = future.result()  # the batch's RecordMetadata: its base offset
+            if delivered is not None and where.offset >= 0:
+                delivered(where.partition, where.offset + offset)
 
     def _drop_queue_full(self) -> None:
         """Count a new event the full queue cannot take; log at most once a second."""

@@ -47,8 +47,8 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -60,13 +60,18 @@ _SUFFIX = ".seg"
 DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
 
 
+Delivered = Callable[[int, int], None]  # told the partition and offset a record went to
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One Kafka message: where it goes, its partition key, its bytes."""
+    """One Kafka message: where it goes, its partition key, its bytes; and, in memory
+    only (never spooled), who to tell where it went once delivered."""
 
     topic: str
     key: bytes
     value: bytes
+    delivered: Delivered | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,9 +63,10 @@ MAX_RECORD_BYTES = 1 << 20
 class Batches:
     """What is being gathered for ``topic`` (whose partitions are ``partitions``).
 
-    :meth:`add` returns the number of the batch the record went into; :meth:`send`
-    returns one delivery future per batch, in that numbering, so a caller that needs
-    to know what became of each record (the ingress publisher) can tell.
+    :meth:`add` returns the number of the batch the record went into, and its place
+    in it; :meth:`send` returns one delivery future per batch, in that numbering, so a
+    caller that needs to know what became of each record, and where it went (the
+    ingress publisher), can tell.
     """
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: Sequence[int]) -> None:
@@ -86,26 +87,29 @@ class Batches:
     def partitions(self) -> int:
         return len(self._partitions)
 
-    def add(self, key: bytes, value: bytes, partition: int | None = None) -> int:
+    def add(self, key: bytes, value: bytes, partition: int | None = None) -> tuple[int, int]:
         """Append a record (timestamped now) to its partition's batch: ``partition``
         when the caller knows where the key hashes to (saves the hash, ~3 µs), else
-        the key's. Returns the batch's number; raises ValueError for a record larger
-        than MAX_RECORD_BYTES."""
+        the key's. Returns the batch's number and the record's offset in it (its offset
+        in the partition: the delivered batch's base offset plus that); raises
+        ValueError for a record larger than MAX_RECORD_BYTES."""
         if len(key) + len(value) > MAX_RECORD_BYTES:
             raise ValueError(f"a record of {len(key) + len(value)} bytes is too large")
         if partition is None:
             partition = partition_of(key, self._partitions)
         number = self._open.get(partition)
         if number is not None:
-            if self._batches[number][1].append(key=key, value=value, timestamp=None):
-                return number
+            appended = self._batches[number][1].append(key=key, value=value, timestamp=None)
+            if appended is not None:
+                return number, appended.offset
             self._batches[number][1].close()
         batch = self._producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None) is None:
+        appended = batch.append(key=key, value=value, timestamp=None)
+        if appended is None:
             raise ValueError(f"a record of {len(key) + len(value)} bytes is too large")
         self._batches.append((partition, batch))
         self._open[partition] = number = len(self._batches) - 1
-        return number
+        return number, appended.offset
 
     def __len__(self) -> int:
         return len(self._batches)

@@ -69,3 +69,64 @@ def test_the_answers_a_call_asks_for_are_read_from_n_and_best_of() -> None:
     assert choices({"n": 8}) == 8
     assert choices({"n": 2, "best_of": 5}) == 5  # completions: best_of are generated
     assert choices({"n": True, "best_of": "9"}) == 1  # not counts: the provider refuses them
+
+
+def test_a_cost_is_held_until_a_state_has_counted_its_own_event() -> None:
+    """The stream reads the responses topic's partitions unevenly: a state may count a
+    call that ended after ours (another partition, another ingress) before ours. Ours
+    is let go only once the state's offset on our event's partition has passed it."""
+    budgets, budget = book("1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    usage = Usage(input_tokens=0, output_tokens=40_000)  # gpt-4o: $0.40
+    held = []
+    for seconds in (1, 2):
+        call = uuid.uuid4()
+        assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, now) is None
+        settled = budgets.settle(call, "gpt-4o", usage, now + timedelta(seconds=seconds))
+        assert settled is not None and settled.cost == Decimal("0.40")
+        held.append(settled)
+    first, second = held
+    first.delivered(0, 5)  # partition 0, offset 5
+    second.delivered(1, 3)
+    # A state that counted the first call and, on partition 0, a later $0.10 call of
+    # another ingress; partition 1 lags: the second call is not counted yet, though it
+    # ended before the last call counted.
+    counted = fresh(budget, now, now).model_copy(
+        update={
+            "spent_usd": Decimal("0.50"),
+            "last_event_at": now + timedelta(seconds=3),
+            "applied": {0: 10, 1: 2},
+        }
+    )
+    budgets.update(counted)
+    # Spent $0.90 really: a $0.30 worst case does not fit the $1.00.
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 30_000, now + timedelta(seconds=4))
+    assert refused is not None and refused.budget.name == "acme-day"
+    assert budgets.held(now + timedelta(seconds=4)) == {"acme-day": Decimal("0.40")}
+    # Partition 1 catches up: the second call is counted, and let go.
+    budgets.update(
+        counted.model_copy(update={"spent_usd": Decimal("0.90"), "applied": {0: 10, 1: 4}})
+    )
+    assert budgets.held(now + timedelta(seconds=5)) == {"acme-day": Decimal(0)}
+
+
+def test_a_cost_not_yet_in_kafka_is_held_whatever_a_state_says() -> None:
+    budgets, budget = book("1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, now) is None
+    budgets.settle(call, "gpt-4o", Usage(input_tokens=0, output_tokens=40_000), now)
+    later = fresh(budget, now, now).model_copy(
+        update={"last_event_at": now + timedelta(minutes=1), "applied": {0: 10**9, 1: 10**9}}
+    )
+    budgets.update(later)
+    assert budgets.held(now + timedelta(minutes=1)) == {"acme-day": Decimal("0.40")}
+
+
+def test_a_call_that_reserved_nothing_holds_nothing() -> None:
+    budgets, _ = book("1.00")
+    usage = Usage(input_tokens=0, output_tokens=40_000)
+    globex = Attribution(tenant="globex")  # no budget of its own
+    call = uuid.uuid4()
+    assert budgets.admit(call, globex, "gpt-4o", 10, 40_000, MIDNIGHT) is None
+    assert budgets.settle(call, "gpt-4o", usage, MIDNIGHT) is None

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -26,6 +28,7 @@ from tests.fake_provider import FakeProvider, free_port, serve
 from tests.test_ingress_ops import make_key
 
 MAX_TOKENS = 1000
+ADMIN_KEY = "admin-key-for-budget-cap-tests"
 BODY = orjson.dumps(  # a streamed gpt-4o call
     {
         "model": "gpt-4o",
@@ -134,6 +137,7 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
             ]
         ),
         "LLMTAP_WEBHOOK_ALLOW_PRIVATE": "true",
+        "LLMTAP_ADMIN_KEY_HASHES": json.dumps([hashlib.sha256(ADMIN_KEY.encode()).hexdigest()]),
     }
     try:
         async with run_llmtap(tmp_path, upstream, env) as running, running.openai() as client:
@@ -151,6 +155,14 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
                     await asyncio.sleep(0.2)
                 while {a["threshold"] for a in received} != {"10", "20"}:
                     await asyncio.sleep(0.1)
+                # The ingress holds each admitted call's cost until a budget state has
+                # counted that call's own event (its partition's offset passed it): then
+                # it holds nothing, and what it announces says so.
+                row = await budget_row(running.api_url, ADMIN_KEY, "acme-daily")
+                while row["reserved_usd"] != "0":
+                    await asyncio.sleep(0.1)
+                    row = await budget_row(running.api_url, ADMIN_KEY, "acme-daily")
+                assert Decimal(row["spent_usd"]) == len(outcomes) * Decimal("0.000075")
     finally:
         await runner.cleanup()
     # Each call really costs $0.000075, but is admitted only if its worst case (every
@@ -166,6 +178,19 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
         ("budget", "20"),
     ]
     assert [Decimal(str(a["observed"])) for a in budget_alerts] == [per_call, 2 * per_call]
+
+
+async def budget_row(api_url: str, key: str, name: str) -> dict[str, Any]:
+    """The budgets endpoint's row of budget ``name``, as ``key`` sees it."""
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+        session.get(f"{api_url}/analytics/budgets") as response,
+    ):
+        assert response.status == 200, await response.text()
+        body: dict[str, list[dict[str, Any]]] = await response.json()
+    rows = [row for row in body["data"] if row["budget"] == name]
+    assert len(rows) == 1
+    return rows[0]
 
 
 async def reservations_of(

@@ -415,3 +415,85 @@ async def test_an_event_too_large_for_kafka_is_dropped_and_the_rest_delivered(
     assert (target.published, target.dropped, target.spooled) == (200, 1, 0)
     sent = before + after
     assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in sent}), sent)
+
+
+async def placements(bootstrap: str, ids: set[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
+    """Where each of our events is on TOPIC: its partition and offset, as a consumer
+    reads them."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        found: dict[uuid.UUID, tuple[int, int]] = {}
+        async with asyncio.timeout(30):
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                for tp, messages in (await consumer.getmany(*tps, timeout_ms=500)).items():
+                    for message in messages:
+                        with contextlib.suppress(ValueError):
+                            ping = Ping.model_validate_json(message.value)
+                            if ping.event_id in ids:
+                                found[ping.event_id] = (tp.partition, message.offset)
+        return found
+    finally:
+        await consumer.stop()
+
+
+def publish_told(
+    target: EventPublisher, events: list[Ping], heard: dict[uuid.UUID, tuple[int, int]]
+) -> None:
+    """Publish each event under its own key (any partition), to be told where it went."""
+
+    def listener(event_id: uuid.UUID) -> Callable[[int, int], None]:
+        def delivered(partition: int, offset: int) -> None:
+            assert event_id not in heard, "told twice"
+            heard[event_id] = (partition, offset)
+
+        return delivered
+
+    for event in events:
+        value = event.model_dump_json().encode()
+        target.publish(TOPIC, event.event_id.bytes, value, listener(event.event_id))
+
+
+async def test_each_event_s_listener_is_told_its_partition_and_offset(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """What lets a hard cap hold a call's cost exactly until a budget state counts it."""
+    events = pings(0, 300)
+    heard: dict[uuid.UUID, tuple[int, int]] = {}
+    async with running(publisher(broker.bootstrap, tmp_path / "spool")) as events_out:
+        publish_told(events_out, events[:150], heard)
+        publish_all(events_out, pings(1000, 50))  # no listener: nobody told
+        publish_told(events_out, events[150:], heard)
+        await wait_for(lambda: len(heard) == len(events))
+    found = await placements(broker.bootstrap, {e.event_id for e in events})
+    assert heard == found
+    assert len({partition for partition, _ in found.values()}) > 1
+
+
+async def test_an_event_that_waited_in_the_spool_is_still_told_where_it_went(
+    tmp_path: Path,
+) -> None:
+    bootstrap = f"127.0.0.1:{free_port()}"
+    spooled, later = pings(0, 100), pings(100, 50)
+    heard: dict[uuid.UUID, tuple[int, int]] = {}
+    broker: asyncio.subprocess.Process | None = None
+    try:
+        async with running(publisher(bootstrap, tmp_path / "spool")) as events_out:
+            publish_told(events_out, spooled, heard)
+            await wait_for(lambda: events_out.spooled == len(spooled))
+            assert heard == {}
+            broker = await start_tansu(bootstrap)
+            publish_told(events_out, later, heard)
+            await wait_for(lambda: len(heard) == len(spooled) + len(later))
+            assert events_out.replayed >= len(spooled)  # and the later ones, queued behind
+        found = await placements(bootstrap, {e.event_id for e in spooled + later})
+        assert heard == found
+    finally:
+        if broker is not None:
+            await stop_tansu(broker)

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -36,6 +37,7 @@ from ingress.keys import (
     UPSTREAM,
 )
 from ingress.routing import NoRoute, resolve
+from ingress.spool import Delivered
 from llmtap import logs, topics, wire
 from llmtap.config import ApiKind, ProviderConfig
 from llmtap.events import Status, Usage, utcnow
@@ -43,6 +45,7 @@ from llmtap.events import Status, Usage, utcnow
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Settle = Callable[[datetime], Delivered | None]  # a call's end time -> who hears of its event
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,11 @@ def record_outcome(
     usage: Usage,
     model_served: str = "",
     error_class: str = "",
+    settle: Settle | None = None,
 ) -> None:
-    """Publish a call's response event and count it, however the call ended."""
+    """Publish a call's response event and count it, however the call ended. ``settle``
+    is called with the event's end time first, and may return who to tell where the
+    event went (a cost held against a hard cap until a budget state counts it)."""
     event = call.response_event(
         status=status,
         http_status=http_status,
@@ -84,9 +90,10 @@ def record_outcome(
         model_served=model_served,
         error_class=error_class,
     )
+    delivered = settle(event.ts_end) if settle is not None else None
     key = topics.partition_key(call.request_id)
     publisher = app[PUBLISHER]
-    publisher.publish(publisher.names.responses, key, wire.encode(event))
+    publisher.publish(publisher.names.responses, key, wire.encode(event), delivered)
     app[METRICS].observe(event)
 
 
@@ -139,8 +146,15 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     request_id = str(call.request_id)
     logs.request_id.set(request_id)
 
-    def record(status: Status, http_status: int, usage: Usage, model: str, error: str) -> None:
-        record_outcome(request.app, call, status, http_status, usage, model, error)
+    def record(
+        status: Status,
+        http_status: int,
+        usage: Usage,
+        model: str,
+        error: str,
+        settle: Settle | None = None,
+    ) -> None:
+        record_outcome(request.app, call, status, http_status, usage, model, error, settle)
 
     def refuse(
         status: int,
@@ -332,10 +346,15 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     finally:
 
         def finish(usage: Usage) -> None:
-            record(status, http_status, usage, model_served, error_class)
-            budgets.settle(
-                call.request_id, model_served or model, usage, utcnow(), provider=route.provider
-            )
+            def settle(ended: datetime) -> Delivered | None:
+                held = budgets.settle(
+                    call.request_id, model_served or model, usage, ended, provider=route.provider
+                )
+                # A cost held against a hard cap learns where its event went: a budget
+                # state that has counted past there has counted it.
+                return held.delivered if held is not None else None
+
+            record(status, http_status, usage, model_served, error_class, settle)
             if key is not None and key.tpm:
                 used = usage.input_tokens + usage.output_tokens
                 request.app[LIMITER].settle(key.id, used, time.monotonic())

@@ -8,7 +8,12 @@ byte) plus ``max_tokens`` (or ``budget_default_max_tokens``) output tokens, at t
 model's price. That worst case is reserved at admission — check and reserve happen
 with no await between them, so concurrent calls cannot both take the last dollars —
 and settled when the call ends: the reservation is replaced by the call's real cost,
-which is held until a published state has counted it. A model with no price cannot
+which is held until a published state has counted it. "Counted" is exact: once its
+response event is delivered, the publisher tells the cost where it went (partition
+and offset of the responses topic, :meth:`Settled.delivered`), and a state counts it
+once its ``applied`` offset for that partition has passed it; a cost not delivered
+yet is not counted by any state (a time would not do: the stream reads partitions
+unevenly, and other ingresses' later calls may be counted first). A model with no price cannot
 be bounded and is admitted with nothing reserved (its spend is not counted either).
 What a process holds is announced on the reservations topic (:func:`announce`), so the
 budgets endpoint can show it.
@@ -44,6 +49,22 @@ E = TypeVar("E", bound=BaseModel)
 SETTLED_MAX_AGE = timedelta(hours=1)  # a cost no state has counted by then is let go
 
 
+@dataclass(slots=True)
+class Settled:
+    """An ended call's cost, held against its budgets until a published state counts it."""
+
+    ended: datetime
+    cost: Decimal
+    at: tuple[int, int] | None = None  # (partition, offset) of its event on the responses topic
+
+    def delivered(self, partition: int, offset: int) -> None:
+        """The publisher's word that the call's response event is in Kafka, there."""
+        self.at = (partition, offset)
+
+    def counted_by(self, state: BudgetState) -> bool:
+        return self.at is not None and state.applied.get(self.at[0], 0) > self.at[1]
+
+
 @dataclass(frozen=True)
 class Exhausted:
     """Why a call was refused: the budget, its state, and when it resets."""
@@ -69,18 +90,17 @@ class BudgetBook:
         self.default_max_tokens = default_max_tokens
         self.states: dict[str, BudgetState] = {}
         self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
-        self.settled: dict[str, list[tuple[datetime, Decimal]]] = defaultdict(list)
+        self.settled: dict[str, list[Settled]] = defaultdict(list)
 
     def update(self, state: BudgetState) -> None:
-        """A state from the topic: keep it unless it is older than what we hold."""
+        """A state from the topic: keep it unless it is older than what we hold; the
+        costs it has counted are no longer ours to hold."""
         held = self.states.get(state.budget)
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
-        counted = state.last_event_at
-        if counted is not None:  # costs the stream has now counted are no longer ours
-            self.settled[state.budget] = [
-                (ended, cost) for ended, cost in self.settled[state.budget] if ended > counted
-            ]
+        holding = self.settled.get(state.budget)
+        if holding:
+            self.settled[state.budget] = [c for c in holding if not c.counted_by(state)]
 
     def worst_case(
         self,
@@ -117,7 +137,9 @@ class BudgetBook:
         # stream has not rolled it over yet).
         cutoff = now - SETTLED_MAX_AGE
         self.settled[budget.name] = [
-            (t, c) for t, c in self.settled[budget.name] if t > cutoff and t >= state.period_start
+            c
+            for c in self.settled[budget.name]
+            if c.ended > cutoff and c.ended >= state.period_start
         ]
         return state, state.spent_usd + self._holding(budget.name, cutoff)
 
@@ -125,7 +147,7 @@ class BudgetBook:
         """In-flight worst cases plus the costs of calls ended after ``cutoff`` that no
         published state has counted yet."""
         in_flight = sum(self.reserved[name].values(), Decimal(0))
-        return in_flight + sum((c for t, c in self.settled[name] if t > cutoff), Decimal(0))
+        return in_flight + sum((c.cost for c in self.settled[name] if c.ended > cutoff), Decimal(0))
 
     def held(self, now: datetime) -> dict[str, Decimal]:
         """What this process holds against each hard-capped budget beyond its published
@@ -161,28 +183,34 @@ class BudgetBook:
 
     def settle(
         self, call_id: uuid.UUID, model: str, usage: Usage, ended: datetime, provider: str = ""
-    ) -> None:
-        """The call ended: its reservation becomes its real cost (when it can be priced).
-        A call that reserved nothing (no hard cap applied) costs a dict lookup a budget."""
+    ) -> Settled | None:
+        """The call ended: its reservation becomes its real cost (when it can be priced),
+        held until a state counts it. Returns what is held, for the publisher to tell
+        where the call's response event went (:meth:`Settled.delivered`); None if nothing
+        is. A call that reserved nothing (no hard cap applied) costs a dict lookup a
+        budget."""
         held = {
             name: worst
             for name, reservations in self.reserved.items()
             if (worst := reservations.pop(call_id, None)) is not None
         }
         if not held:
-            return
+            return None
         cost = None
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(ended) if entry is not None else None
         if rates is not None and not usage.usage_missing:
             cost = cost_of(usage, rates).total
-        for name, worst in held.items():
-            if usage.usage_missing:
-                cost_here = worst  # unknown: keep the worst case until the stream counts it
-            else:
-                cost_here = cost or Decimal(0)
-            if cost_here:
-                self.settled[name].append((ended, cost_here))
+        # Every budget reserved the same worst case, and holds the same cost.
+        worst = next(iter(held.values()))
+        # Unknown usage: hold the worst case (the stream cannot price the call; a later
+        # call it counts on the same partition lets it go).
+        holding = Settled(ended, worst if usage.usage_missing else cost or Decimal(0))
+        if not holding.cost:
+            return None
+        for name in held:
+            self.settled[name].append(holding)
+        return holding
 
 
 async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
