@@ -86,7 +86,10 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
     """Budget states, followed from the budgets topic, and this process's reservations."""
     settings = app[SETTINGS]
     book = app[BUDGETS] = BudgetBook(
-        settings.budgets, load_catalog(settings.pricing_file), settings.budget_default_max_tokens
+        settings.budgets,
+        load_catalog(settings.pricing_file),
+        settings.budget_default_max_tokens,
+        settings.budget_default_context_tokens,
     )
     tasks = []
     if settings.budgets:

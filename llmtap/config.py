@@ -309,6 +309,10 @@ class Settings(BaseSettings):
     # max_tokens when its worst-case cost is reserved against a hard cap.
     budgets: Annotated[list[BudgetConfig], _unique_names("budget")] = Field(default_factory=list)
     budget_default_max_tokens: int = Field(default=4096, ge=1)
+    # The input tokens assumed instead of the body's bytes for a call whose body does
+    # not hold all its input (previous_response_id, file ids, image URLs, server-side
+    # tools: ingress/guards/bounds.py): the largest context window of the models in use.
+    budget_default_context_tokens: int = Field(default=1_000_000, ge=1)
 
     # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of
     # the smallest (larger windows are merged from closed smaller ones), and how long

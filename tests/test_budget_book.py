@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from ingress.forward.proxy import choices
+from ingress.guards.bounds import choices
 from ingress.guards.budgets import BudgetBook
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Usage

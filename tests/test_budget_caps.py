@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
-from openai import RateLimitError
+from openai import AsyncOpenAI, RateLimitError
 from standardwebhooks import Webhook
 
 from llmtap.config import BudgetConfig, Settings
@@ -278,3 +278,38 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
         upstream.provider.chunk_delay_s = 0.0
         if not closed:
             await server.close()
+
+
+async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_context(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Responses call that continues a stored conversation (previous_response_id) may
+    read far more than its bytes: its worst case is budget_default_context_tokens of
+    input. Under a $1.00 cap, the same call without it goes through; with it, refused
+    (1,000,000 tokens at gpt-4o's $2.50 a million), the provider never asked."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-1", scope="tenant", value="acme", limit_usd=Decimal(1))
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    server = await serve_ingress(settings)
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        secret = await make_key(base, settings.key_file)
+        async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
+            first = await client.responses.create(model="gpt-4o", input="hi", max_output_tokens=100)
+            asked = len(upstream.provider.received)
+            with pytest.raises(RateLimitError) as refused:
+                await client.responses.create(
+                    model="gpt-4o",
+                    input="and then?",
+                    max_output_tokens=100,
+                    previous_response_id=first.id,
+                )
+    finally:
+        await server.close()
+    assert len(upstream.provider.received) == asked
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "budget_exceeded"
+    assert (
+        "budget 'acme-1'" in error["message"]
+        and "worst case of this call $2.50" in (error["message"])
+    )

@@ -25,6 +25,7 @@ from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
+from ingress.guards.bounds import choices, input_unbounded, max_tokens
 from ingress.keys import (
     BUDGETS,
     COUNTING,
@@ -121,21 +122,6 @@ def metered(endpoint: Endpoint) -> Handler:
         return await forward(request, endpoint)
 
     return handle
-
-
-def choices(payload: dict[str, Any]) -> int:
-    """How many answers the call asks for (OpenAI's ``n``; ``best_of`` on completions
-    generates that many): each may spend up to ``max_tokens``."""
-    asked = [payload.get(name) for name in ("n", "best_of")]
-    return max([1, *(v for v in asked if isinstance(v, int) and not isinstance(v, bool))])
-
-
-def max_tokens(payload: dict[str, Any]) -> int | None:
-    for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-        value = payload.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
 
 
 async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
@@ -254,6 +240,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         utcnow(),
         provider=route.provider,
         choices=choices(payload),
+        input_unbounded=lambda: input_unbounded(payload, body),
     )
     if exhausted is not None:
         refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")

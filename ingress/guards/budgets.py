@@ -4,8 +4,9 @@ The stream owns each budget's spend and publishes it on the compacted budgets to
 the ingress follows that topic (:func:`follow`). A call that counts against a hard-capped
 budget is admitted only if the budget's remaining amount covers the call's worst case:
 every byte of the request body as an input token (a token is never shorter than a
-byte) plus ``max_tokens`` (or ``budget_default_max_tokens``) output tokens, at the
-model's price. That worst case is reserved at admission — check and reserve happen
+byte; ``budget_default_context_tokens`` when the body does not hold all the input:
+ingress/guards/bounds.py) plus ``max_tokens`` (or ``budget_default_max_tokens``) output
+tokens, at the model's price. That worst case is reserved at admission — check and reserve happen
 with no await between them, so concurrent calls cannot both take the last dollars —
 and settled when the call ends: the reservation is replaced by the call's real cost,
 which is held until a published state has counted it. "Counted" is exact: once its
@@ -84,10 +85,18 @@ class Exhausted:
 
 
 class BudgetBook:
-    def __init__(self, budgets: list[BudgetConfig], catalog: Catalog, default_max_tokens: int):
+    def __init__(
+        self,
+        budgets: list[BudgetConfig],
+        catalog: Catalog,
+        default_max_tokens: int,
+        default_context_tokens: int = 1_000_000,
+    ):
         self.budgets = budgets
         self.catalog = catalog
         self.default_max_tokens = default_max_tokens
+        # The input of a call whose body does not hold it all (ingress/guards/bounds.py).
+        self.default_context_tokens = default_context_tokens
         self.states: dict[str, BudgetState] = {}
         self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
         self.settled: dict[str, list[Settled]] = defaultdict(list)
@@ -110,9 +119,11 @@ class BudgetBook:
         now: datetime,
         provider: str = "",
         choices: int = 1,
+        input_unbounded: bool = False,
     ) -> Decimal | None:
         """The most the call can cost; ``choices`` answers (OpenAI's ``n``) each spend
-        up to ``max_tokens``."""
+        up to ``max_tokens``; a call whose body does not hold all its input
+        (``input_unbounded``) reads up to ``default_context_tokens``."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if rates is None:
@@ -121,14 +132,17 @@ class BudgetBook:
         # rate (a cache write costs more than input), the long-context tier if the
         # bytes could pass its threshold, and every output token at the dearer of the
         # output and reasoning rates.
-        tier = rates.for_prompt(request_bytes)
+        prompt = request_bytes
+        if input_unbounded:
+            prompt = max(prompt, self.default_context_tokens)
+        tier = rates.for_prompt(prompt)
         input_rate = max(
             r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
         )
         output_rate = max(tier.output, tier.reasoning or Decimal(0))
         each = max_tokens if max_tokens is not None else self.default_max_tokens
         output = each * max(choices, 1)
-        return (request_bytes * input_rate + output * output_rate) / PER_MILLION
+        return (prompt * input_rate + output * output_rate) / PER_MILLION
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -165,13 +179,16 @@ class BudgetBook:
         now: datetime,
         provider: str = "",
         choices: int = 1,
+        input_unbounded: Callable[[], bool] | None = None,
     ) -> Exhausted | None:
         """Reserve the call's worst case on every hard-capped budget it counts against,
-        or say which budget cannot cover it (and reserve nothing)."""
+        or say which budget cannot cover it (and reserve nothing). ``input_unbounded``
+        is asked only then: does the body not hold all the call's input?"""
         capped = [b for b in self.budgets if b.hard_cap and matches(b, who)]
         if not capped:
             return None
-        worst = self.worst_case(model, request_bytes, max_tokens, now, provider, choices)
+        unbounded = input_unbounded is not None and input_unbounded()
+        worst = self.worst_case(model, request_bytes, max_tokens, now, provider, choices, unbounded)
         worst = worst or Decimal(0)
         for budget in capped:
             state, committed = self.committed(budget, now)
