@@ -264,6 +264,8 @@ def check_tree(root: Node, text: str) -> None:
             raise _refuse(
                 "forbidden_table", "system and information_schema tables are not available"
             )
+        if "\\" in text:  # a name spelled with escapes could hide the word from the check
+            raise _refuse("forbidden_table", "escape sequences are not allowed in SHOW statements")
     for node in root.walk():
         if node.kind == "Function":
             name = node.name.lower()

@@ -407,6 +407,9 @@ async def test_a_clickhouse_error_is_a_400_with_its_message(api: Client) -> None
         ("DESCRIBE system.one", "forbidden_table", "system"),
         ("SHOW TABLES FROM system", "forbidden_table", "system"),
         ("SHOW COLUMNS FROM system.one", "forbidden_table", "system"),
+        # An escape in a quoted name spells "system" without the word (\x73 is "s").
+        ("SHOW COLUMNS FROM `\\x73ystem`.`one`", "forbidden_table", "escape"),
+        ("SHOW TABLES FROM `\\x73ystem`", "forbidden_table", "escape"),
         ("SHOW CREATE TABLE system.one", "forbidden_table", "system"),
         ("EXPLAIN SELECT * FROM system.one", "forbidden_table", "system"),
         # files, the network, other servers, dictionaries
