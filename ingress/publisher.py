@@ -317,8 +317,8 @@ class EventPublisher:
             self._reservation = spool.reserve()  # the batch in flight goes before these
         records = list(self._queue)
         self._queue.clear()
-        self._await_in_spool(records)
         refused = await asyncio.to_thread(spool.append, records)
+        self._await_in_spool(records[: len(records) - refused])  # the refused stay queued
         self.spooled += len(records) - refused
         self.spool_bytes = spool.size
         if refused:
@@ -499,8 +499,8 @@ class EventPublisher:
         if not records:
             self._spool.release(reservation)
             return
-        self._await_in_spool(records)
         refused = await asyncio.to_thread(self._spool.fill, reservation, records)
+        self._await_in_spool(records[: len(records) - refused])
         self.spooled += len(records) - refused
         self.spool_bytes = self._spool.size
         if refused:
@@ -523,9 +523,12 @@ class EventPublisher:
         ):
             if record.delivered is None and not self._awaiting:
                 continue
-            if _outcome(future) is not _Outcome.SENT:
+            outcome = _outcome(future)
+            if outcome is _Outcome.RETRY:
                 continue  # a record to retry keeps its listener
             delivered = record.delivered or self._awaiting.pop((record.topic, record.key), None)
+            if outcome is _Outcome.DROP:
+                continue  # never in Kafka: the held cost ages out
             where = future.result()  # the batch's RecordMetadata: its base offset
             if delivered is not None and where.offset >= 0:
                 delivered(where.partition, where.offset + offset)

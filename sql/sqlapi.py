@@ -11,7 +11,7 @@ Three lines of defence, each enough on its own for what it covers:
    other than the generators in :data:`TABLE_FUNCTIONS`, or any function that reads
    files, the network or dictionaries (:data:`DENIED_FUNCTIONS`).
 3. The query runs on its own ClickHouse session, opened with ``readonly=1`` and the
-   limits (time, result rows, memory, block size) as session settings: ClickHouse
+   limits (time, result rows and bytes, memory) as session settings: ClickHouse
    itself refuses any write, DDL or settings change, whatever got past 1 and 2.
 
 The answer is bounded in this process too (it is the store's): a SELECT's rows are read
@@ -70,9 +70,11 @@ class SqlLimits:
     # process (writer and API) holds the answer: without this, 10,000 wide rows could
     # take gigabytes of it. Rows are read a block at a time and the answer stops short.
     max_answer_bytes: int = 64 * 1024**2
-    # Rows per block ClickHouse hands over (its default is 65,409): the answer is
-    # read a block at a time, so a block's rows are what is held beyond the answer.
-    block_rows: int = 2048
+    # Rows per block ClickHouse hands over; None: its own (65,409, and rows read from a
+    # table come in blocks of about 1 MB: preferred_block_size_bytes). The answer is
+    # read a block at a time, so a block is what is held beyond the answer. Smaller
+    # blocks slow every query down (2,048: GROUP BY over 50M rows ~1.9x).
+    block_rows: int | None = None
 
     def session_settings(self) -> dict[str, Any]:
         """The read-only session's settings; ``readonly`` last (it freezes the rest)."""
@@ -84,7 +86,12 @@ class SqlLimits:
             "max_result_rows": self.max_rows + 1,
             "result_overflow_mode": "break",
             "max_memory_usage": self.max_memory_bytes,
-            "max_block_size": self.block_rows,
+            # A ClickHouse server stops sending past this (chDB: the stream is cancelled
+            # once the answer is full). ClickHouse counts a row's bytes in memory, which
+            # for rows wide enough to matter is about what they take encoded: four times
+            # the answer's limit is never reached first.
+            "max_result_bytes": 4 * self.max_answer_bytes,
+            **({"max_block_size": self.block_rows} if self.block_rows else {}),
             "session_timezone": "UTC",
             "readonly": 1,
         }

@@ -16,7 +16,7 @@ PNG = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAA
 
 
 def unbounded(payload: dict[str, Any]) -> bool:
-    return input_unbounded(payload, orjson.dumps(payload))
+    return input_unbounded(orjson.loads(orjson.dumps(payload)))
 
 
 def chat(*parts: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -76,6 +76,65 @@ TEXT = {"type": "text", "text": "what is in the picture?"}
                 {"name": "lookup", "input_schema": {"type": "object"}},
                 {"type": "bash_20250124", "name": "bash"},
             ],
+        },
+        # URLs that are not parts to fetch: a tool call's arguments, citations, metadata.
+        {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 10,
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": [
+                        {
+                            "type": "tool_use",
+                            "id": "toolu_1",
+                            "name": "fetch",
+                            "input": {"url": "https://example.com"},
+                        }
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [
+                        {
+                            "type": "text",
+                            "text": "see",
+                            "citations": [
+                                {
+                                    "type": "web_search_result_location",
+                                    "url": "https://example.com",
+                                    "cited_text": "x",
+                                }
+                            ],
+                        }
+                    ],
+                },
+            ],
+        },
+        {
+            "model": "gpt-4.1",
+            "input": [
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [
+                        {
+                            "type": "output_text",
+                            "text": "see",
+                            "annotations": [{"type": "url_citation", "url": "https://example.com"}],
+                        }
+                    ],
+                }
+            ],
+        },
+        chat(TEXT, metadata={"url": "https://my.app/page"}),
+        # Reasoning passed back whole (stateless): it is in the body.
+        {
+            "model": "o4-mini",
+            "input": [
+                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAA..."}
+            ],
+            "store": False,
         },
     ],
 )
@@ -155,10 +214,36 @@ def test_the_bytes_bound_the_input(payload: dict[str, Any]) -> None:
             "messages": [],
             "mcp_servers": [{"type": "url", "url": "https://mcp.example.com", "name": "x"}],
         },
+        {"model": "gpt-4.1", "input": [{"type": "item_reference", "id": "msg_123"}]},
+        {"model": "o4-mini", "input": [{"type": "reasoning", "id": "rs_1", "summary": []}]},
+        {
+            "model": "gpt-4o-audio-preview",
+            "messages": [{"role": "assistant", "audio": {"id": "audio_123"}}],
+        },
+        {
+            "model": "gpt-4.1",
+            "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-123"}]}],
+        },
+        {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 10,
+            "messages": [
+                {"role": "user", "content": [{"type": "container_upload", "file_id": "file_1"}]}
+            ],
+        },
     ],
 )
 def test_content_the_provider_adds_unbounds_the_input(payload: dict[str, Any]) -> None:
     assert unbounded(payload)
+
+
+def test_a_name_spelled_with_escapes_is_still_found() -> None:
+    """JSON lets a string be written with escapes; the provider reads what they spell."""
+    body = b'{"model": "gpt-4.1", "input": [{"type": "item\\u005freference", "id": "msg_1"}]}'
+    payload = orjson.loads(body)
+    assert payload["input"][0]["type"] == "item_reference"
+    assert b"item_reference" not in body
+    assert input_unbounded(payload)
 
 
 def test_an_unbounded_input_is_reserved_as_a_whole_context() -> None:

@@ -130,3 +130,22 @@ def test_a_call_that_reserved_nothing_holds_nothing() -> None:
     call = uuid.uuid4()
     assert budgets.admit(call, globex, "gpt-4o", 10, 40_000, MIDNIGHT) is None
     assert budgets.settle(call, "gpt-4o", usage, MIDNIGHT) is None
+
+
+def test_a_cost_told_where_it_went_after_the_state_that_counted_it_is_let_go() -> None:
+    """Kafka acked the event's batch, the stream counted it and published its state;
+    the rest of the flight was still unacked, so the publisher told the cost later."""
+    budgets, budget = book("1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, now) is None
+    held = budgets.settle(call, "gpt-4o", Usage(input_tokens=0, output_tokens=40_000), now)
+    assert held is not None
+    budgets.update(
+        fresh(budget, now, now).model_copy(update={"spent_usd": Decimal("0.40"), "applied": {0: 6}})
+    )
+    assert budgets.held(now) == {"acme-day": Decimal("0.40")}  # where it went: not known yet
+    held.delivered(0, 5)
+    assert budgets.held(now) == {"acme-day": Decimal(0)}
+    # $0.60 left: a $0.60 worst case fits.
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 0, 60_000, now) is None

@@ -91,7 +91,12 @@ def record_outcome(
         model_served=model_served,
         error_class=error_class,
     )
-    delivered = settle(event.ts_end) if settle is not None else None
+    delivered = None
+    if settle is not None:
+        try:
+            delivered = settle(event.ts_end)
+        except Exception:  # a bug in budget code must not cost the call its event
+            log.exception("settling the call's budgets failed")
     key = topics.partition_key(call.request_id)
     publisher = app[PUBLISHER]
     publisher.publish(publisher.names.responses, key, wire.encode(event), delivered)
@@ -240,7 +245,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         utcnow(),
         provider=route.provider,
         choices=choices(payload),
-        input_unbounded=lambda: input_unbounded(payload, body),
+        input_unbounded=lambda: input_unbounded(payload),
     )
     if exhausted is not None:
         refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")

@@ -159,9 +159,19 @@ class BudgetBook:
 
     def _holding(self, name: str, cutoff: datetime) -> Decimal:
         """In-flight worst cases plus the costs of calls ended after ``cutoff`` that no
-        published state has counted yet."""
+        published state has counted yet. Also checked against the state held now: a
+        cost may learn where its event went after the state that counted it arrived
+        (the stream read the event while the rest of its flight was still unacked)."""
         in_flight = sum(self.reserved[name].values(), Decimal(0))
-        return in_flight + sum((c.cost for c in self.settled[name] if c.ended > cutoff), Decimal(0))
+        published = self.states.get(name)
+        return in_flight + sum(
+            (
+                c.cost
+                for c in self.settled[name]
+                if c.ended > cutoff and (published is None or not c.counted_by(published))
+            ),
+            Decimal(0),
+        )
 
     def held(self, now: datetime) -> dict[str, Decimal]:
         """What this process holds against each hard-capped budget beyond its published
