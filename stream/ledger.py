@@ -7,9 +7,11 @@ it was counted up to cannot disagree. A worker that restarts from older committe
 offsets (it was killed after publishing a state, before committing) skips, budget by
 budget, every event that budget's state has already counted. Duplicates with different
 offsets (a costed event produced twice) are dropped by event id while they are among
-the last ``remember`` events seen. States seeded from the budgets topic (the worker's
-own earlier output, or the store's rebuild from ClickHouse) never lower the spend of a
-period: within a period, spend only grows.
+the last ``remember`` events seen; their offsets, and those of calls whose cost is
+unknown, are still counted past (an ingress holding a call's cost against a hard cap
+waits for a state whose offset has passed the call's event). States seeded from the
+budgets topic (the worker's own earlier output, or the store's rebuild from
+ClickHouse) never lower the spend of a period: within a period, spend only grows.
 
 **Counted, then stated.** Most calls change only a budget's spend, its latest call and
 its offsets: no threshold crossed, no new period, no change of status. Those are
@@ -51,6 +53,9 @@ class _Counted:
     last_event_at: datetime | None
     applied: dict[int, int]
     now: datetime
+
+
+ZERO = Decimal(0)
 
 
 class Ledger:
@@ -106,15 +111,21 @@ class Ledger:
         budgets it changed (:meth:`state` has their new states) and the alerts it
         raised. ``position`` is the event's (partition, offset) on the responses topic,
         when it came from there."""
-        if event.event_id in self._seen or event.cost is None:
+        repeat = event.event_id in self._seen
+        if not repeat:
+            self._seen[event.event_id] = None
+            if len(self._seen) > self._remember:
+                self._seen.popitem(last=False)
+        # A repeat, or a call whose cost is unknown, adds nothing to any spend, but is
+        # counted past: its offset goes into the states, so an ingress holding the
+        # call's cost against a hard cap learns the stream has read it.
+        cost = ZERO if repeat or event.cost is None else event.cost.total
+        if not cost and position is None:
             return set(), []
-        self._seen[event.event_id] = None
-        if len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
         changed: set[str] = set()
         alerts: list[Alert] = []
         response = event.response
-        cost, at = event.cost.total, response.ts_end
+        at = response.ts_end
         for budget in self._matching(response.attribution):
             name = budget.name
             before = self._states.get(name)

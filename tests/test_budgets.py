@@ -117,8 +117,7 @@ def folded(
     alerts: list[Alert] = []
     seen = set()
     for event, now, (partition, offset) in calls:
-        if event.event_id in seen or event.cost is None:
-            continue
+        repeat = event.event_id in seen
         seen.add(event.event_id)
         for b in budgets:
             before = states.get(b.name)
@@ -126,7 +125,9 @@ def folded(
                 continue
             if before is not None and offset < before.applied.get(partition, 0):
                 continue
-            cost, ended = event.cost.total, event.response.ts_end
+            # A repeat or an unpriced call adds nothing; its offset is counted past.
+            cost = Decimal(0) if repeat or event.cost is None else event.cost.total
+            ended = event.response.ts_end
             state, raised = spend(b, before, cost, ended, now, (partition, offset))
             if state is not None:
                 states[b.name] = state
@@ -136,7 +137,7 @@ def folded(
 
 ledger_calls = st.lists(
     st.tuples(
-        st.sampled_from(["0.5", "1.25", "3", "0.000000001", "0"]),
+        st.sampled_from(["0.5", "1.25", "3", "0.000000001", "0", "unpriced", "repeat"]),
         st.integers(min_value=0, max_value=20),  # hours into 2026-11-29 (a day rolls)
         st.sampled_from(["search", "ads"]),
         st.integers(min_value=0, max_value=1),  # partition
@@ -163,9 +164,15 @@ def test_the_ledger_makes_the_states_spend_would_call_by_call(
     start = datetime(2026, 11, 29, 0, tzinfo=UTC)
     given_calls = []
     alerts: list[Alert] = []
+    event: CostedEvent | None = None
     for cost, hour, team, partition, offset, ask in calls:
         ended = start + timedelta(hours=hour, minutes=offset)
-        event = costed(cost, ended, team)
+        if cost == "repeat" and event is not None:  # the last event again (a retried send)
+            ended = event.response.ts_end
+        elif cost == "unpriced":
+            event = sample.costed(costed("0", ended, team).response, None)
+        else:
+            event = costed("0" if cost == "repeat" else cost, ended, team)
         call = (event, ended + timedelta(seconds=1), (partition, offset))
         given_calls.append(call)
         changed, raised = ledger.record(*call)
@@ -221,3 +228,23 @@ def test_a_state_rebuilt_from_clickhouse_is_one_every_reader_accepts(store: Stor
     assert state.last_event_at is not None and state.last_event_at.tzinfo is not None
     again = BudgetState.model_validate_json(state.model_dump_json())
     assert again == state
+
+
+def test_a_repeat_or_an_unpriced_call_adds_nothing_but_is_counted_past() -> None:
+    """An ingress holds a call's cost until a state's offset passes the call's event:
+    one the stream reads but cannot count (a repeat, an unknown cost) must move it too."""
+    b = budget(limit_usd=Decimal("100"))
+    ledger = Ledger([b])
+    first = costed("1.25", at(3))
+    ledger.record(first, at(3), (0, 5))
+    assert (ledger.states[b.name].spent_usd, ledger.states[b.name].applied) == (
+        Decimal("1.25"),
+        {0: 6},
+    )
+    unpriced = sample.costed(costed("0", at(3)).response, None)
+    changed, _ = ledger.record(unpriced, at(3), (0, 9))
+    assert changed == {b.name}
+    assert ledger.states[b.name].applied == {0: 10}
+    ledger.record(first, at(3), (1, 3))  # the same event, sent again: another offset
+    state = ledger.states[b.name]
+    assert (state.spent_usd, state.applied) == (Decimal("1.25"), {0: 10, 1: 4})
