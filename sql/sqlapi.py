@@ -366,7 +366,9 @@ class SqlRunner:
             return (columns, *_encoded([result.result_rows], encode, max_rows, self.limits))
         with client.query_row_block_stream(text, query_tz="UTC") as stream:
             columns = _columns(stream.source.column_names, stream.source.column_types)
-            rows, truncated_by = _encoded(stream, encode, max_rows, self.limits)
+            wide = [i for i, c in enumerate(columns) if _WIDE_INT.search(c["type"])]
+            blocks = stream if not wide else ([_text_ints(r, wide) for r in b] for b in stream)
+            rows, truncated_by = _encoded(blocks, encode, max_rows, self.limits)
         if not columns:
             # No rows, and chDB's Native output then has no columns either: ask for them.
             described = client.query(f"DESCRIBE TABLE (\n{text}\n)")
@@ -413,6 +415,29 @@ class SqlRunner:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+# 128- and 256-bit integers: JSON numbers past 64 bits are written as strings, so such a
+# column is written as strings throughout, not a number in one row and a string in the
+# next (ClickHouse's own JSON quotes them all too).
+_WIDE_INT = re.compile(r"\bU?Int(?:128|256)\b")
+
+
+def _text_ints(row: Sequence[Any], wide: list[int]) -> list[Any]:
+    out = list(row)
+    for i in wide:
+        out[i] = _ints_as_text(out[i])
+    return out
+
+
+def _ints_as_text(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_ints_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _ints_as_text(v) for k, v in value.items()}
+    return value
 
 
 def _columns(names: Sequence[str], types: Sequence[Any]) -> list[dict[str, str]]:

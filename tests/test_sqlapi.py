@@ -155,6 +155,18 @@ async def test_values_of_many_types_as_json(api: Client) -> None:
     ]
 
 
+async def test_a_128_bit_column_is_strings_in_every_row(api: Client) -> None:
+    """Past 64 bits a JSON number would lose digits: such a column is strings throughout,
+    small values too, so a client reads one type per column."""
+    body = await sql(
+        api,
+        "SELECT toInt128(number) * if(number = 1, toInt128('10000000000000000000000'), 1)"
+        " AS big, [toUInt256(number)] AS many, toUInt64(number) AS small"
+        " FROM numbers(2)",
+    )
+    assert body["rows"] == [["0", ["0"], 0], ["10000000000000000000000", ["1"], 1]]
+
+
 async def test_a_select_as_csv(api: Client) -> None:
     text, headers = await sql(
         api,
