@@ -102,14 +102,11 @@ class BudgetBook:
         self.settled: dict[str, list[Settled]] = defaultdict(list)
 
     def update(self, state: BudgetState) -> None:
-        """A state from the topic: keep it unless it is older than what we hold; the
-        costs it has counted are no longer ours to hold."""
+        """A state from the topic: keep it unless it is older than what we hold (the
+        costs it has counted are let go when next looked at: :meth:`_uncounted`)."""
         held = self.states.get(state.budget)
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
-        holding = self.settled.get(state.budget)
-        if holding:
-            self.settled[state.budget] = [c for c in holding if not c.counted_by(state)]
 
     def worst_case(
         self,
@@ -149,35 +146,34 @@ class BudgetBook:
         # A call that ended in an earlier period is not this period's cost; one that
         # ended since is, also while the published state is still last period's (the
         # stream has not rolled it over yet).
-        cutoff = now - SETTLED_MAX_AGE
-        self.settled[budget.name] = [
-            c
-            for c in self.settled[budget.name]
-            if c.ended > cutoff and c.ended >= state.period_start
-        ]
-        return state, state.spent_usd + self._holding(budget.name, cutoff)
+        return state, state.spent_usd + self._holding(budget.name, now, state.period_start)
 
-    def _holding(self, name: str, cutoff: datetime) -> Decimal:
-        """In-flight worst cases plus the costs of calls ended after ``cutoff`` that no
-        published state has counted yet. Also checked against the state held now: a
-        cost may learn where its event went after the state that counted it arrived
-        (the stream read the event while the rest of its flight was still unacked)."""
+    def _holding(self, name: str, now: datetime, since: datetime | None = None) -> Decimal:
+        """In-flight worst cases plus the costs :meth:`_uncounted` still holds."""
         in_flight = sum(self.reserved[name].values(), Decimal(0))
+        return in_flight + sum((c.cost for c in self._uncounted(name, now, since)), Decimal(0))
+
+    def _uncounted(self, name: str, now: datetime, since: datetime | None) -> list[Settled]:
+        """The costs of ended calls (since ``since``, when given) that the state held now
+        has not counted, and that are younger than SETTLED_MAX_AGE; the rest let go. The
+        state held now, not the one that arrived last: a cost may learn where its event
+        went after the state that counted it (the stream read the event while the rest
+        of its flight was still unacked)."""
+        cutoff = now - SETTLED_MAX_AGE
         published = self.states.get(name)
-        return in_flight + sum(
-            (
-                c.cost
-                for c in self.settled[name]
-                if c.ended > cutoff and (published is None or not c.counted_by(published))
-            ),
-            Decimal(0),
-        )
+        kept = self.settled[name] = [
+            c
+            for c in self.settled[name]
+            if c.ended > cutoff
+            and (since is None or c.ended >= since)
+            and (published is None or not c.counted_by(published))
+        ]
+        return kept
 
     def held(self, now: datetime) -> dict[str, Decimal]:
         """What this process holds against each hard-capped budget beyond its published
         spend (what :meth:`committed` adds): in-flight worst cases and uncounted costs."""
-        cutoff = now - SETTLED_MAX_AGE
-        return {b.name: self._holding(b.name, cutoff) for b in self.budgets if b.hard_cap}
+        return {b.name: self._holding(b.name, now) for b in self.budgets if b.hard_cap}
 
     def admit(
         self,
@@ -230,8 +226,8 @@ class BudgetBook:
             cost = cost_of(usage, rates).total
         # Every budget reserved the same worst case, and holds the same cost.
         worst = next(iter(held.values()))
-        # Unknown usage: hold the worst case (the stream cannot price the call; a later
-        # call it counts on the same partition lets it go).
+        # Unknown usage: hold the worst case (the stream cannot price the call; it lets
+        # it go once it has read the call's event, counting past its offset).
         holding = Settled(ended, worst if usage.usage_missing else cost or Decimal(0))
         if not holding.cost:
             return None
