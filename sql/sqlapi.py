@@ -70,11 +70,6 @@ class SqlLimits:
     # process (writer and API) holds the answer: without this, 10,000 wide rows could
     # take gigabytes of it. Rows are read a block at a time and the answer stops short.
     max_answer_bytes: int = 64 * 1024**2
-    # Rows per block ClickHouse hands over; None: its own (65,409, and rows read from a
-    # table come in blocks of about 1 MB: preferred_block_size_bytes). The answer is
-    # read a block at a time, so a block is what is held beyond the answer. Smaller
-    # blocks slow every query down (2,048: GROUP BY over 50M rows ~1.9x).
-    block_rows: int | None = None
 
     def session_settings(self) -> dict[str, Any]:
         """The read-only session's settings; ``readonly`` last (it freezes the rest)."""
@@ -91,7 +86,10 @@ class SqlLimits:
             # for rows wide enough to matter is about what they take encoded: four times
             # the answer's limit is never reached first.
             "max_result_bytes": 4 * self.max_answer_bytes,
-            **({"max_block_size": self.block_rows} if self.block_rows else {}),
+            # No max_block_size: the answer is read a block at a time, so a block is what
+            # is held beyond it, but smaller blocks slow every query down (2,048: GROUP
+            # BY over 50M rows ~1.9x). ClickHouse's own are 65,409 rows, and rows read
+            # from a table come in blocks of about 1 MB (preferred_block_size_bytes).
             "session_timezone": "UTC",
             "readonly": 1,
         }
