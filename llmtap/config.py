@@ -305,13 +305,14 @@ class Settings(BaseSettings):
     )
     webhook_allow_private: bool = False
 
-    # Budgets (README, Budgets); the output ceiling assumed for a call that names no
-    # max_tokens when its worst-case cost is reserved against a hard cap.
+    # Budgets (README, Budgets). When a call's worst-case cost is reserved against a
+    # hard cap, the pricing catalog gives each model's limits (max_output_tokens,
+    # context_window); for a model it gives none for, these stand in: the output of a
+    # call that names no max_tokens, and the input of a call whose body does not hold
+    # it all (previous_response_id, file ids, image URLs, server-side tools:
+    # ingress/guards/bounds.py), the largest context window of the models in use.
     budgets: Annotated[list[BudgetConfig], _unique_names("budget")] = Field(default_factory=list)
     budget_default_max_tokens: int = Field(default=4096, ge=1)
-    # The input tokens assumed instead of the body's bytes for a call whose body does
-    # not hold all its input (previous_response_id, file ids, image URLs, server-side
-    # tools: ingress/guards/bounds.py): the largest context window of the models in use.
     budget_default_context_tokens: int = Field(default=1_000_000, ge=1)
 
     # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of

@@ -83,6 +83,12 @@ class ModelPrice(BaseModel):
 
     provider: str
     prices: list[Rates] = Field(min_length=1)
+    # The most a call can read (prompt tokens, at the largest context the provider can
+    # be switched to) and write (tokens per answer, reasoning included). Optional; they
+    # bound a hard cap's worst case (ingress/guards/budgets.py), and where one is
+    # missing the budget_default_* settings stand in.
+    context_window: int | None = Field(default=None, gt=0)
+    max_output_tokens: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _one_price_per_day(self) -> ModelPrice:

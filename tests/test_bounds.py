@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress.guards.bounds import input_unbounded
+from ingress.guards.bounds import input_unbounded, prompts
 from tests.test_budget_book import MIDNIGHT, book
 
 PNG = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4" * 4
@@ -253,5 +253,25 @@ def test_an_unbounded_input_is_reserved_as_a_whole_context() -> None:
     assert bounded is not None and whole is not None
     output = 100 * Decimal("10.00") / 1_000_000
     assert bounded - output == 200 * Decimal("2.50") / 1_000_000
-    # 1,000,000 prompt tokens (budget_default_context_tokens) at gpt-4o's input rate.
-    assert whole - output == Decimal("2.50")
+    # gpt-4o's whole context window, 128,000 prompt tokens, at its input rate.
+    assert whole - output == Decimal("0.32")
+
+
+def test_the_prompts_a_call_sends_at_once_are_counted_where_the_api_answers_each() -> None:
+    assert prompts({"prompt": ["a", "b", "c"]}, "prompt") == 3  # completions
+    assert prompts({"prompt": [[1, 2], [3]]}, "prompt") == 2  # two prompts in tokens
+    assert prompts({"prompt": [1, 2, 3]}, "prompt") == 1  # one prompt in tokens
+    assert prompts({"prompt": "abc"}, "prompt") == 1
+    assert prompts({"input": ["a"] * 5}, "input") == 5  # embeddings
+    assert prompts({"input": ["a"] * 5}, None) == 1  # a Responses input list is one prompt
+    assert prompts({"prompt": []}, "prompt") == 1
+
+
+def test_each_prompt_may_fill_a_context_window_and_spend_max_tokens_per_answer() -> None:
+    budgets, _ = book("10")
+    one = budgets.worst_case("gpt-4o", 1_000_000, 100, MIDNIGHT, choices=2)
+    four = budgets.worst_case("gpt-4o", 1_000_000, 100, MIDNIGHT, choices=2, prompts=4)
+    assert one is not None and four is not None
+    # gpt-4o reads at most 128,000 tokens a prompt ($0.32) and writes 100 an answer.
+    assert one == Decimal("0.32") + 2 * 100 * Decimal("10.00") / 1_000_000
+    assert four == 4 * one

@@ -12,7 +12,7 @@ from ingress.guards.budgets import BudgetBook
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Usage
 from stream.budgets import fresh
-from stream.pricing import load_catalog
+from stream.pricing import Catalog, ModelPrice, Rates, load_catalog
 
 ACME = Attribution(tenant="acme")
 MIDNIGHT = datetime(2026, 11, 30, tzinfo=UTC)
@@ -33,6 +33,43 @@ def test_every_answer_a_call_asks_for_may_spend_max_tokens() -> None:
     prompt = 100 * Decimal("2.50") / 1_000_000  # every body byte a token, at gpt-4o input
     assert eight - prompt == 8 * (one - prompt)
     assert eight - prompt == Decimal("0.08")  # 8 x 1000 tokens at $10 a million
+
+
+def limited_book(**limits: int) -> BudgetBook:
+    """A book over one model at $1 a million tokens in and $10 out, with ``limits``."""
+    rates = Rates(effective_from=MIDNIGHT.date(), input=Decimal(1), output=Decimal(10))
+    price = ModelPrice(provider="acme", prices=[rates], **limits)
+    catalog = Catalog(models={"acme-1": price})
+    return BudgetBook([], catalog, default_max_tokens=4096, default_context_tokens=1_000_000)
+
+
+def test_a_call_without_max_tokens_may_write_the_most_its_model_writes() -> None:
+    """A hard cap that assumed a fixed ceiling (4,096) for a call naming no max_tokens
+    let a model that writes more (o3: 100,000) overshoot it."""
+    capped = limited_book(max_output_tokens=100_000)
+    unknown = limited_book()
+    assert capped.worst_case("acme-1", 0, None, MIDNIGHT) == Decimal("1.00")  # 100k at $10/M
+    assert unknown.worst_case("acme-1", 0, None, MIDNIGHT) == Decimal("0.04096")  # the default
+    # A max_tokens past what the model writes is bounded by the model (the provider
+    # refuses such a call, or writes no more), and one below it by itself.
+    assert capped.worst_case("acme-1", 0, 500_000, MIDNIGHT) == Decimal("1.00")
+    assert capped.worst_case("acme-1", 0, 1_000, MIDNIGHT) == Decimal("0.01")
+    assert capped.worst_case("acme-1", 0, None, MIDNIGHT, choices=3) == Decimal("3.00")
+
+
+def test_a_prompt_is_bounded_by_its_model_s_context_window() -> None:
+    windowed = limited_book(context_window=128_000, max_output_tokens=0)
+    unknown = limited_book(max_output_tokens=0)
+    # A body's bytes past the window cannot all be tokens the model reads.
+    assert windowed.worst_case("acme-1", 500_000, None, MIDNIGHT) == Decimal("0.128")
+    assert windowed.worst_case("acme-1", 1_000, None, MIDNIGHT) == Decimal("0.001")
+    assert unknown.worst_case("acme-1", 500_000, None, MIDNIGHT) == Decimal("0.5")
+    # A body that does not hold its input reads at most a whole window, and the default
+    # context (1,000,000 tokens) for a model whose window is not known.
+    assert windowed.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal("0.128")
+    assert unknown.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(1)
+    wide = limited_book(context_window=2_000_000)
+    assert wide.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(2)
 
 
 def test_after_midnight_the_cap_counts_calls_before_the_stream_rolls_the_period_over() -> None:
@@ -59,9 +96,9 @@ def test_a_call_that_ended_before_midnight_is_not_today_s_spend() -> None:
     before = MIDNIGHT - timedelta(seconds=30)
     assert budgets.admit(late, ACME, "gpt-4o", 10, 10, before) is None
     budgets.settle(late, "gpt-4o", Usage(input_tokens=0, output_tokens=90_000), before)
-    # $0.90 ended yesterday; today a $0.50 worst case still fits the $1.00.
+    # $0.90 ended yesterday; today a $0.16 worst case still fits the $1.00.
     after = MIDNIGHT + timedelta(seconds=30)
-    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 50_000, after) is None
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 16_000, after) is None
 
 
 def test_the_answers_a_call_asks_for_are_read_from_n_and_best_of() -> None:

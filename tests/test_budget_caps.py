@@ -124,7 +124,6 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
                 }
             ]
         ),
-        "LLMTAP_BUDGET_DEFAULT_MAX_TOKENS": "1",
         "LLMTAP_WEBHOOKS": json.dumps(
             [
                 {
@@ -146,7 +145,9 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
                 while True:  # spend until the stream's state makes the ingress refuse
                     try:
                         await client.chat.completions.create(
-                            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                            model="gpt-4o",
+                            messages=[{"role": "user", "content": "hi"}],
+                            max_tokens=1,
                         )
                         outcomes.append(200)
                     except RateLimitError as exc:
@@ -284,11 +285,12 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
     ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Responses call that continues a stored conversation (previous_response_id) may
-    read far more than its bytes: its worst case is budget_default_context_tokens of
-    input. Under a $1.00 cap, the same call without it goes through; with it, refused
-    (1,000,000 tokens at gpt-4o's $2.50 a million), the provider never asked."""
+    read far more than its bytes: its worst case is its model's whole context window of
+    input. Under a $0.30 cap, the same call without it goes through; with it, refused
+    (128,000 tokens at gpt-4o's $2.50 a million, and 100 out at $10), the provider never
+    asked."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    budget = BudgetConfig(name="acme-1", scope="tenant", value="acme", limit_usd=Decimal(1))
+    budget = BudgetConfig(name="acme-1", scope="tenant", value="acme", limit_usd=Decimal("0.30"))
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
     server = await serve_ingress(settings)
     base = str(server.make_url("")).rstrip("/")
@@ -311,5 +313,30 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
     assert isinstance(error, dict) and error["code"] == "budget_exceeded"
     assert (
         "budget 'acme-1'" in error["message"]
-        and "worst case of this call $2.50" in (error["message"])
+        and "worst case of this call $0.321" in (error["message"])
     )
+
+
+async def test_each_prompt_of_a_completions_list_may_spend_max_tokens(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The completions API answers each prompt of a list apart: eight prompts at
+    max_tokens 200 may write 1,600 tokens ($0.016 at gpt-4o's $10 a million), past a
+    $0.01 cap that one prompt fits."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-c", scope="tenant", value="acme", limit_usd=Decimal("0.01"))
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    server = await serve_ingress(settings)
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        secret = await make_key(base, settings.key_file)
+        async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
+            await client.completions.create(model="gpt-4o", prompt=["hi"], max_tokens=200)
+            asked = len(upstream.provider.received)
+            with pytest.raises(RateLimitError) as refused:
+                await client.completions.create(model="gpt-4o", prompt=["hi"] * 8, max_tokens=200)
+    finally:
+        await server.close()
+    assert len(upstream.provider.received) == asked
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "budget_exceeded"

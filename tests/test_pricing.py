@@ -792,3 +792,12 @@ def test_an_operator_file_can_date_a_new_price_without_repricing_history(
     assert old.total == Decimal("0.01")  # 1,000 x 2.00 + 1,000 x 8.00
     new, _ = costed_at(catalog, "gpt-4.1", usage, "openai", ts=datetime(2026, 12, 1, tzinfo=UTC))
     assert new.total == Decimal("0.005")  # 1,000 x 1.00 + 1,000 x 4.00
+
+
+def test_every_shipped_model_says_how_much_a_call_can_read_and_write() -> None:
+    """A hard cap's worst case reads these (ingress/guards/budgets.py); a model without
+    them falls back to settings that may be too small for it."""
+    for key, entry in load_catalog().models.items():
+        assert entry.context_window is not None and entry.max_output_tokens is not None, key
+        embeds = "embed" in key
+        assert (entry.max_output_tokens == 0) == embeds, key

@@ -38,8 +38,10 @@ def ask_for_usage(payload: dict[str, Any]) -> bool:
 
 
 CHAT = Endpoint("chat.completions", OPENAI, "/chat/completions", prepare=ask_for_usage)
-COMPLETIONS = Endpoint("completions", OPENAI, "/completions", prepare=ask_for_usage)
-EMBEDDINGS = Endpoint("embeddings", OPENAI, "/embeddings")
+COMPLETIONS = Endpoint(
+    "completions", OPENAI, "/completions", prepare=ask_for_usage, batched="prompt"
+)
+EMBEDDINGS = Endpoint("embeddings", OPENAI, "/embeddings", batched="input")
 # The Responses API reports usage in its response.completed event, unasked.
 RESPONSES = Endpoint("responses", OPENAI, "/responses")
 

@@ -25,7 +25,7 @@ from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
-from ingress.guards.bounds import choices, input_unbounded, max_tokens
+from ingress.guards.bounds import choices, input_unbounded, max_tokens, prompts
 from ingress.keys import (
     BUDGETS,
     COUNTING,
@@ -69,6 +69,9 @@ class Endpoint:
     # Adjust the payload before forwarding; return True when the proxy added a usage
     # chunk to the stream that the client must not see.
     prepare: Callable[[dict[str, Any]], bool] | None = None
+    # The body field whose list items the provider answers apart, each a prompt of its
+    # own (ingress/guards/bounds.py: prompts).
+    batched: str | None = None
 
 
 def record_outcome(
@@ -246,6 +249,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         provider=route.provider,
         choices=choices(payload),
         input_unbounded=lambda: input_unbounded(payload),
+        prompts=prompts(payload, endpoint.batched),
     )
     if exhausted is not None:
         refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")

@@ -48,6 +48,17 @@ def choices(payload: dict[str, Any]) -> int:
     return max([1, *(v for v in asked if isinstance(v, int) and not isinstance(v, bool))])
 
 
+def prompts(payload: dict[str, Any], field: str | None) -> int:
+    """How many prompts the provider answers apart: each string (or token list) of a
+    list in ``field`` (completions' ``prompt``, each answered ``n`` times; embeddings'
+    ``input``), each up to a whole context window. A list of integers is one prompt, in
+    tokens; any other value, one prompt."""
+    value = payload.get(field) if field is not None else None
+    if not isinstance(value, list) or not value or isinstance(value[0], int):
+        return 1
+    return len(value)
+
+
 def max_tokens(payload: dict[str, Any]) -> int | None:
     for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
         value = payload.get(name)

@@ -1,23 +1,25 @@
 """Hard budget caps, before any token is spent.
 
-The stream owns each budget's spend and publishes it on the compacted budgets topic;
-the ingress follows that topic (:func:`follow`). A call that counts against a hard-capped
+The stream owns each budget's spend and publishes it on the compacted budgets topic; the
+ingress follows that topic (:func:`follow`). A call that counts against a hard-capped
 budget is admitted only if the budget's remaining amount covers the call's worst case:
-every byte of the request body as an input token (a token is never shorter than a
-byte; ``budget_default_context_tokens`` when the body does not hold all the input:
-ingress/guards/bounds.py) plus ``max_tokens`` (or ``budget_default_max_tokens``) output
-tokens, at the model's price. That worst case is reserved at admission — check and reserve happen
-with no await between them, so concurrent calls cannot both take the last dollars —
-and settled when the call ends: the reservation is replaced by the call's real cost,
-which is held until a published state has counted it. "Counted" is exact: once its
-response event is delivered, the publisher tells the cost where it went (partition
-and offset of the responses topic, :meth:`Settled.delivered`), and a state counts it
-once its ``applied`` offset for that partition has passed it; a cost not delivered
-yet is not counted by any state (a time would not do: the stream reads partitions
-unevenly, and other ingresses' later calls may be counted first). A model with no price cannot
-be bounded and is admitted with nothing reserved (its spend is not counted either).
-What a process holds is announced on the reservations topic (:func:`announce`), so the
-budgets endpoint can show it.
+every byte of the request body as an input token (a token is never shorter than a byte),
+or the model's whole context window when the body does not hold all the input
+(ingress/guards/bounds.py), plus ``max_tokens`` output tokens (or, when the call names
+none, the most the model writes), at the model's price. The pricing catalog gives each
+model's limits; ``budget_default_context_tokens`` and ``budget_default_max_tokens``
+stand in for a model it gives none for. That worst case is reserved at admission — check
+and reserve happen with no await between them, so concurrent calls cannot both take the
+last dollars — and settled when the call ends: the reservation is replaced by the call's
+real cost, which is held until a published state has counted it. "Counted" is exact:
+once its response event is delivered, the publisher tells the cost where it went
+(partition and offset of the responses topic, :meth:`Settled.delivered`), and a state
+counts it once its ``applied`` offset for that partition has passed it; a cost not
+delivered yet is not counted by any state (a time would not do: the stream reads
+partitions unevenly, and other ingresses' later calls may be counted first). A model
+with no price cannot be bounded and is admitted with nothing reserved (its spend is not
+counted either). What a process holds is announced on the reservations topic
+(:func:`announce`), so the budgets endpoint can show it.
 """
 
 from __future__ import annotations
@@ -117,28 +119,42 @@ class BudgetBook:
         provider: str = "",
         choices: int = 1,
         input_unbounded: bool = False,
+        prompts: int = 1,
     ) -> Decimal | None:
-        """The most the call can cost; ``choices`` answers (OpenAI's ``n``) each spend
-        up to ``max_tokens``; a call whose body does not hold all its input
-        (``input_unbounded``) reads up to ``default_context_tokens``."""
+        """The most the call can cost. Its input: the body's bytes, or, when the body does
+        not hold all of it (``input_unbounded``), the model's context window; either at
+        most that window for each of the ``prompts`` the provider answers apart (a list
+        of prompts to the completions API, of inputs to the embeddings API). Its output:
+        ``max_tokens`` for each of ``choices`` answers (OpenAI's ``n``) to each prompt,
+        or the model's most tokens an answer when the call names no ``max_tokens``, and
+        never more than that. The catalog gives both limits
+        (``context_window``, ``max_output_tokens``); for a model it gives none for,
+        ``default_context_tokens`` and ``default_max_tokens`` stand in."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
-        if rates is None:
+        if entry is None or rates is None:
             return None
+        window, most = entry[1].context_window, entry[1].max_output_tokens
         # An upper bound: no more prompt tokens than bytes, each at the dearest prompt
         # rate (a cache write costs more than input), the long-context tier if the
-        # bytes could pass its threshold, and every output token at the dearer of the
+        # prompt could pass its threshold, and every output token at the dearer of the
         # output and reasoning rates.
+        prompts = max(prompts, 1)
         prompt = request_bytes
         if input_unbounded:
-            prompt = max(prompt, self.default_context_tokens)
+            prompt = max(prompt, self.default_context_tokens) if window is None else window
+        elif window is not None:
+            prompt = min(prompt, window * prompts)
         tier = rates.for_prompt(prompt)
         input_rate = max(
             r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
         )
         output_rate = max(tier.output, tier.reasoning or Decimal(0))
-        each = max_tokens if max_tokens is not None else self.default_max_tokens
-        output = each * max(choices, 1)
+        if max_tokens is not None:
+            each = max_tokens if most is None else min(max_tokens, most)
+        else:
+            each = most if most is not None else self.default_max_tokens
+        output = each * max(choices, 1) * prompts
         return (prompt * input_rate + output * output_rate) / PER_MILLION
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
@@ -186,6 +202,7 @@ class BudgetBook:
         provider: str = "",
         choices: int = 1,
         input_unbounded: Callable[[], bool] | None = None,
+        prompts: int = 1,
     ) -> Exhausted | None:
         """Reserve the call's worst case on every hard-capped budget it counts against,
         or say which budget cannot cover it (and reserve nothing). ``input_unbounded``
@@ -194,7 +211,9 @@ class BudgetBook:
         if not capped:
             return None
         unbounded = input_unbounded is not None and input_unbounded()
-        worst = self.worst_case(model, request_bytes, max_tokens, now, provider, choices, unbounded)
+        worst = self.worst_case(
+            model, request_bytes, max_tokens, now, provider, choices, unbounded, prompts
+        )
         worst = worst or Decimal(0)
         for budget in capped:
             state, committed = self.committed(budget, now)
