@@ -253,8 +253,8 @@ def test_an_unbounded_input_is_reserved_as_a_whole_context() -> None:
     assert bounded is not None and whole is not None
     output = 100 * Decimal("10.00") / 1_000_000
     assert bounded - output == 200 * Decimal("2.50") / 1_000_000
-    # gpt-4o's whole context window, 128,000 prompt tokens, at its input rate.
-    assert whole - output == Decimal("0.32")
+    # 1,000,000 prompt tokens (budget_default_context_tokens) at gpt-4o's input rate.
+    assert whole - output == Decimal("2.50")
 
 
 def test_the_prompts_a_call_sends_at_once_are_counted_where_the_api_answers_each() -> None:

@@ -50,9 +50,8 @@ def test_a_call_without_max_tokens_may_write_the_most_its_model_writes() -> None
     unknown = limited_book()
     assert capped.worst_case("acme-1", 0, None, MIDNIGHT) == Decimal("1.00")  # 100k at $10/M
     assert unknown.worst_case("acme-1", 0, None, MIDNIGHT) == Decimal("0.04096")  # the default
-    # A max_tokens past what the model writes is bounded by the model (the provider
-    # refuses such a call, or writes no more), and one below it by itself.
-    assert capped.worst_case("acme-1", 0, 500_000, MIDNIGHT) == Decimal("1.00")
+    # A max_tokens the call names is reserved in full, past the catalog's limit too.
+    assert capped.worst_case("acme-1", 0, 500_000, MIDNIGHT) == Decimal("5.00")
     assert capped.worst_case("acme-1", 0, 1_000, MIDNIGHT) == Decimal("0.01")
     assert capped.worst_case("acme-1", 0, None, MIDNIGHT, choices=3) == Decimal("3.00")
 
@@ -64,9 +63,10 @@ def test_a_prompt_is_bounded_by_its_model_s_context_window() -> None:
     assert windowed.worst_case("acme-1", 500_000, None, MIDNIGHT) == Decimal("0.128")
     assert windowed.worst_case("acme-1", 1_000, None, MIDNIGHT) == Decimal("0.001")
     assert unknown.worst_case("acme-1", 500_000, None, MIDNIGHT) == Decimal("0.5")
-    # A body that does not hold its input reads at most a whole window, and the default
-    # context (1,000,000 tokens) for a model whose window is not known.
-    assert windowed.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal("0.128")
+    # A body that does not hold its input reserves the default context (1,000,000
+    # tokens) at least (tools run by the provider read a window each round), or more
+    # when a window is larger.
+    assert windowed.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(1)
     assert unknown.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(1)
     wide = limited_book(context_window=2_000_000)
     assert wide.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(2)

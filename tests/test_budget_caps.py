@@ -285,10 +285,9 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
     ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Responses call that continues a stored conversation (previous_response_id) may
-    read far more than its bytes: its worst case is its model's whole context window of
+    read far more than its bytes: its worst case is budget_default_context_tokens of
     input. Under a $0.30 cap, the same call without it goes through; with it, refused
-    (128,000 tokens at gpt-4o's $2.50 a million, and 100 out at $10), the provider never
-    asked."""
+    (1,000,000 tokens at gpt-4o's $2.50 a million), the provider never asked."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
     budget = BudgetConfig(name="acme-1", scope="tenant", value="acme", limit_usd=Decimal("0.30"))
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
@@ -313,7 +312,7 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
     assert isinstance(error, dict) and error["code"] == "budget_exceeded"
     assert (
         "budget 'acme-1'" in error["message"]
-        and "worst case of this call $0.321" in (error["message"])
+        and "worst case of this call $2.50" in (error["message"])
     )
 
 

@@ -121,15 +121,16 @@ class BudgetBook:
         input_unbounded: bool = False,
         prompts: int = 1,
     ) -> Decimal | None:
-        """The most the call can cost. Its input: the body's bytes, or, when the body does
-        not hold all of it (``input_unbounded``), the model's context window; either at
-        most that window for each of the ``prompts`` the provider answers apart (a list
-        of prompts to the completions API, of inputs to the embeddings API). Its output:
-        ``max_tokens`` for each of ``choices`` answers (OpenAI's ``n``) to each prompt,
-        or the model's most tokens an answer when the call names no ``max_tokens``, and
-        never more than that. The catalog gives both limits
-        (``context_window``, ``max_output_tokens``); for a model it gives none for,
-        ``default_context_tokens`` and ``default_max_tokens`` stand in."""
+        """The most the call can cost. Its input: the body's bytes, at most the model's
+        context window for each of the ``prompts`` the provider answers apart (a list of
+        prompts to the completions API, of inputs to the embeddings API); when the body
+        does not hold all of it (``input_unbounded``), at least ``default_context_tokens``
+        and a window a prompt (tools the provider runs read their results each round).
+        Its output: ``max_tokens`` for each of ``choices`` answers (OpenAI's ``n``) to
+        each prompt, or the model's most tokens an answer when the call names none. The
+        catalog gives both limits (``context_window``, ``max_output_tokens``); for a
+        model it gives none for, ``default_context_tokens`` and ``default_max_tokens``
+        stand in."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if entry is None or rates is None:
@@ -142,7 +143,9 @@ class BudgetBook:
         prompts = max(prompts, 1)
         prompt = request_bytes
         if input_unbounded:
-            prompt = max(prompt, self.default_context_tokens) if window is None else window
+            # Not one window: a provider running tools reads each round's results again
+            # (a window each round), so such a call keeps the default context at least.
+            prompt = max(prompt, self.default_context_tokens, (window or 0) * prompts)
         elif window is not None:
             prompt = min(prompt, window * prompts)
         tier = rates.for_prompt(prompt)
@@ -150,8 +153,9 @@ class BudgetBook:
             r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
         )
         output_rate = max(tier.output, tier.reasoning or Decimal(0))
+        # A max_tokens the call names is reserved in full (a catalog limit may be low).
         if max_tokens is not None:
-            each = max_tokens if most is None else min(max_tokens, most)
+            each = max_tokens
         else:
             each = most if most is not None else self.default_max_tokens
         output = each * max(choices, 1) * prompts
