@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress.guards.bounds import input_unbounded, prompts
+from ingress.guards.bounds import input_unbounded, max_tokens, prompts
 from tests.test_budget_book import MIDNIGHT, book
 
 PNG = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4" * 4
@@ -275,3 +275,10 @@ def test_each_prompt_may_fill_a_context_window_and_spend_max_tokens_per_answer()
     # gpt-4o reads at most 128,000 tokens a prompt ($0.32) and writes 100 an answer.
     assert one == Decimal("0.32") + 2 * 100 * Decimal("10.00") / 1_000_000
     assert four == 4 * one
+
+
+def test_the_largest_output_ceiling_named_is_the_one_reserved() -> None:
+    """An OpenAI-compatible upstream may honour max_tokens and ignore the newer name."""
+    assert max_tokens({"max_completion_tokens": 1, "max_tokens": 393_216}) == 393_216
+    assert max_tokens({"max_output_tokens": 50}) == 50
+    assert max_tokens({"max_tokens": True, "max_completion_tokens": -1}) is None

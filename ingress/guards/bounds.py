@@ -18,11 +18,11 @@ A body that makes the provider add content of its own to the prompt does not:
   ``web_search_options``, Anthropic's server tools (``web_search_...``, ``web_fetch_...``,
   ``code_execution_...``) and ``mcp_servers``.
 
-Such a call's input is bounded by ``budget_default_context_tokens`` instead (a context
-window) whatever its bytes. Only the parts of the messages (``messages``, ``input``,
-and the content lists inside them) are looked at: a ``url`` in a tool call's arguments,
-a citation or metadata is not fetched. A payload is as parsed, so a name spelled with
-JSON escapes is read as the provider reads it.
+Such a call's input is bounded by ``budget_default_context_tokens`` instead (or the
+model's context window, if larger) whatever its bytes. Only the parts of the messages
+(``messages``, ``input``, and the content lists inside them) are looked at: a ``url`` in
+a tool call's arguments, a citation or metadata is not fetched. A payload is as parsed,
+so a name spelled with JSON escapes is read as the provider reads it.
 """
 
 from __future__ import annotations
@@ -60,11 +60,13 @@ def prompts(payload: dict[str, Any], field: str | None) -> int:
 
 
 def max_tokens(payload: dict[str, Any]) -> int | None:
-    for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-        value = payload.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
+    """The output ceiling the call names: the largest of the fields present, as an
+    upstream may honour one and ignore another."""
+    named = [
+        payload.get(name) for name in ("max_completion_tokens", "max_output_tokens", "max_tokens")
+    ]
+    valid = [v for v in named if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    return max(valid) if valid else None
 
 
 def input_unbounded(payload: dict[str, Any]) -> bool:
