@@ -7,7 +7,8 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,19 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
             await server.close()
 
 
+@asynccontextmanager
+async def capped_client(settings: Settings, budget: BudgetConfig) -> AsyncIterator[AsyncOpenAI]:
+    """The official SDK on an ingress with ``budget`` alone, through a key of tenant acme."""
+    server = await serve_ingress(settings.model_copy(update={"budgets": [budget]}))
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        secret = await make_key(base, settings.key_file)
+        async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
+            yield client
+    finally:
+        await server.close()
+
+
 async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_context(
     ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,23 +304,16 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
     (1,000,000 tokens at gpt-4o's $2.50 a million), the provider never asked."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
     budget = BudgetConfig(name="acme-1", scope="tenant", value="acme", limit_usd=Decimal("0.30"))
-    settings = ingress_settings.model_copy(update={"budgets": [budget]})
-    server = await serve_ingress(settings)
-    base = str(server.make_url("")).rstrip("/")
-    try:
-        secret = await make_key(base, settings.key_file)
-        async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
-            first = await client.responses.create(model="gpt-4o", input="hi", max_output_tokens=100)
-            asked = len(upstream.provider.received)
-            with pytest.raises(RateLimitError) as refused:
-                await client.responses.create(
-                    model="gpt-4o",
-                    input="and then?",
-                    max_output_tokens=100,
-                    previous_response_id=first.id,
-                )
-    finally:
-        await server.close()
+    async with capped_client(ingress_settings, budget) as client:
+        first = await client.responses.create(model="gpt-4o", input="hi", max_output_tokens=100)
+        asked = len(upstream.provider.received)
+        with pytest.raises(RateLimitError) as refused:
+            await client.responses.create(
+                model="gpt-4o",
+                input="and then?",
+                max_output_tokens=100,
+                previous_response_id=first.id,
+            )
     assert len(upstream.provider.received) == asked
     error = refused.value.body
     assert isinstance(error, dict) and error["code"] == "budget_exceeded"
@@ -324,18 +331,11 @@ async def test_each_prompt_of_a_completions_list_may_spend_max_tokens(
     $0.01 cap that one prompt fits."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
     budget = BudgetConfig(name="acme-c", scope="tenant", value="acme", limit_usd=Decimal("0.01"))
-    settings = ingress_settings.model_copy(update={"budgets": [budget]})
-    server = await serve_ingress(settings)
-    base = str(server.make_url("")).rstrip("/")
-    try:
-        secret = await make_key(base, settings.key_file)
-        async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
-            await client.completions.create(model="gpt-4o", prompt=["hi"], max_tokens=200)
-            asked = len(upstream.provider.received)
-            with pytest.raises(RateLimitError) as refused:
-                await client.completions.create(model="gpt-4o", prompt=["hi"] * 8, max_tokens=200)
-    finally:
-        await server.close()
+    async with capped_client(ingress_settings, budget) as client:
+        await client.completions.create(model="gpt-4o", prompt=["hi"], max_tokens=200)
+        asked = len(upstream.provider.received)
+        with pytest.raises(RateLimitError) as refused:
+            await client.completions.create(model="gpt-4o", prompt=["hi"] * 8, max_tokens=200)
     assert len(upstream.provider.received) == asked
     error = refused.value.body
     assert isinstance(error, dict) and error["code"] == "budget_exceeded"

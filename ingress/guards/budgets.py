@@ -4,22 +4,22 @@ The stream owns each budget's spend and publishes it on the compacted budgets to
 ingress follows that topic (:func:`follow`). A call that counts against a hard-capped
 budget is admitted only if the budget's remaining amount covers the call's worst case:
 every byte of the request body as an input token (a token is never shorter than a byte),
-or the model's whole context window when the body does not hold all the input
-(ingress/guards/bounds.py), plus ``max_tokens`` output tokens (or, when the call names
-none, the most the model writes), at the model's price. The pricing catalog gives each
-model's limits; ``budget_default_context_tokens`` and ``budget_default_max_tokens``
-stand in for a model it gives none for. That worst case is reserved at admission — check
-and reserve happen with no await between them, so concurrent calls cannot both take the
-last dollars — and settled when the call ends: the reservation is replaced by the call's
-real cost, which is held until a published state has counted it. "Counted" is exact:
-once its response event is delivered, the publisher tells the cost where it went
-(partition and offset of the responses topic, :meth:`Settled.delivered`), and a state
-counts it once its ``applied`` offset for that partition has passed it; a cost not
-delivered yet is not counted by any state (a time would not do: the stream reads
-partitions unevenly, and other ingresses' later calls may be counted first). A model
-with no price cannot be bounded and is admitted with nothing reserved (its spend is not
-counted either). What a process holds is announced on the reservations topic
-(:func:`announce`), so the budgets endpoint can show it.
+at most the model's context window a prompt, or, when the body does not hold all the
+input (ingress/guards/bounds.py), at least ``budget_default_context_tokens``, plus
+``max_tokens`` output tokens (or, when the call names none, the most the model writes),
+at the model's price. The pricing catalog gives each model's limits;
+``budget_default_max_tokens`` stands in for a model it gives none for. That worst case
+is reserved at admission — check and reserve happen with no await between them, so
+concurrent calls cannot both take the last dollars — and settled when the call ends: the
+reservation is replaced by the call's real cost, which is held until a published state
+has counted it. "Counted" is exact: once its response event is delivered, the publisher
+tells the cost where it went (partition and offset of the responses topic,
+:meth:`Settled.delivered`), and a state counts it once its ``applied`` offset for that
+partition has passed it; a cost not delivered yet is not counted by any state (a time
+would not do: the stream reads partitions unevenly, and other ingresses' later calls may
+be counted first). A model with no price cannot be bounded and is admitted with nothing
+reserved (its spend is not counted either). What a process holds is announced on the
+reservations topic (:func:`announce`), so the budgets endpoint can show it.
 """
 
 from __future__ import annotations
