@@ -165,10 +165,32 @@ class Catalog(BaseModel):
         return None
 
     def merged(self, other: Catalog) -> Catalog:
-        """This catalog with ``other``'s entries added, replacing same-named ones whole."""
+        """This catalog with ``other``'s entries added, replacing same-named ones.
+
+        A replacing entry's prices replace the shipped ones whole. Its limits
+        (``context_window``, ``max_output_tokens``) are kept from the entry it replaces
+        where it does not name them: an override written to change a price must not
+        drop a hard cap's worst case to the defaults. Naming one as null drops it.
+        """
         replaced = {key.casefold() for key in other.models}
         kept = {k: v for k, v in self.models.items() if k.casefold() not in replaced}
-        return Catalog(models={**kept, **other.models})
+        shipped = {k.casefold(): v for k, v in self.models.items()}
+        added = {
+            key: _with_limits_of(shipped.get(key.casefold()), entry)
+            for key, entry in other.models.items()
+        }
+        return Catalog(models={**kept, **added})
+
+
+_LIMITS = ("context_window", "max_output_tokens")
+
+
+def _with_limits_of(shipped: ModelPrice | None, entry: ModelPrice) -> ModelPrice:
+    """``entry`` with the limits it does not name taken from ``shipped``."""
+    if shipped is None:
+        return entry
+    inherited = {f: getattr(shipped, f) for f in _LIMITS if f not in entry.model_fields_set}
+    return entry.model_copy(update=inherited) if inherited else entry
 
 
 def _candidates(model: str, providers: frozenset[str]) -> list[str]:

@@ -373,6 +373,41 @@ def test_an_operator_file_overrides_and_adds_models(tmp_path: Path) -> None:
     assert shipped.total == Decimal("0.004")
 
 
+def test_an_override_keeps_the_limits_it_does_not_name(tmp_path: Path) -> None:
+    """An entry copied to change a price keeps the shipped limits a hard cap's worst
+    case rests on; limits it names replace them, and a null drops one."""
+    extra = tmp_path / "prices.yaml"
+    extra.write_text(
+        "models:\n"
+        "  GPT-4o:\n"  # matched case-insensitively, as lookups are
+        "    provider: openai\n"
+        '    prices: [{effective_from: 2024-01-01, input: "5.00", output: "20.00"}]\n'
+        "  o3:\n"
+        "    provider: openai\n"
+        "    max_output_tokens: 2000\n"
+        '    prices: [{effective_from: 2024-01-01, input: "2.00", output: "8.00"}]\n'
+        "  o4-mini:\n"
+        "    provider: openai\n"
+        "    context_window: null\n"
+        '    prices: [{effective_from: 2024-01-01, input: "1.10", output: "4.40"}]\n'
+    )
+    shipped = load_catalog()
+    catalog = load_catalog(extra=extra)
+
+    def limits(cat: Catalog, model: str) -> tuple[int | None, int | None]:
+        found = cat.lookup(model)
+        assert found is not None
+        return found[1].context_window, found[1].max_output_tokens
+
+    assert limits(catalog, "gpt-4o") == limits(shipped, "gpt-4o")
+    assert limits(catalog, "gpt-4o")[1] == 16_384
+    assert limits(catalog, "o3") == (limits(shipped, "o3")[0], 2000)
+    assert limits(catalog, "o4-mini") == (None, limits(shipped, "o4-mini")[1])
+    # the price itself is the operator's
+    found = catalog.lookup("gpt-4o")
+    assert found is not None and found[1].prices[0].input == Decimal("5.00")
+
+
 def test_the_shipped_catalog_loads_and_every_entry_is_in_force_today(catalog: Catalog) -> None:
     assert catalog.models
     now = datetime.now(UTC)
