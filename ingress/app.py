@@ -90,6 +90,7 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
         load_catalog(settings.pricing_file),
         settings.budget_default_max_tokens,
         settings.budget_default_context_tokens,
+        settings.budget_default_web_searches,
     )
     tasks = []
     if settings.budgets:

@@ -314,6 +314,9 @@ class Settings(BaseSettings):
     budgets: Annotated[list[BudgetConfig], _unique_names("budget")] = Field(default_factory=list)
     budget_default_max_tokens: int = Field(default=4096, ge=1)
     budget_default_context_tokens: int = Field(default=1_000_000, ge=1)
+    # The web searches reserved for a call whose web search tool names no bound
+    # (Anthropic's max_uses, the Responses API's max_tool_calls), each at its model's fee.
+    budget_default_web_searches: int = Field(default=100, ge=0)
 
     # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of
     # the smallest (larger windows are merged from closed smaller ones), and how long

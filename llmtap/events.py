@@ -106,6 +106,9 @@ class Usage(_Model):
     (or its client went away) before the provider said how many tokens it generated,
     and ``output_tokens`` is llmtap's count of the text streamed so far (o200k_base:
     OpenAI's tokenizer for its current models; an estimate for other providers').
+    ``web_search_requests`` counts the web searches the provider ran for the call
+    (Anthropic's ``server_tool_use.web_search_requests``; the Responses API's
+    ``web_search_call`` output items), each billed on top of the tokens.
     """
 
     input_tokens: int = Field(default=0, ge=0)
@@ -116,6 +119,7 @@ class Usage(_Model):
     reasoning_tokens: int = Field(default=0, ge=0)
     usage_missing: bool = False
     output_tokens_counted: bool = False
+    web_search_requests: int = Field(default=0, ge=0)
 
     @classmethod
     def missing(cls) -> Usage:
@@ -169,7 +173,9 @@ class ResponseEvent(_Model):
 
 
 class Cost(_Model):
-    """What one call cost, in USD, as a breakdown that sums to ``total``."""
+    """What one call cost, in USD, as a breakdown that sums to ``total``: its tokens by
+    kind, and ``web_search``, the provider's fee for the searches it ran (absent from
+    events written before it was priced: zero)."""
 
     input: Decimal
     cached_input: Decimal
@@ -177,6 +183,7 @@ class Cost(_Model):
     output: Decimal
     reasoning: Decimal
     total: Decimal
+    web_search: Decimal = Decimal(0)
 
 
 class CostedEvent(_Model):

@@ -62,6 +62,7 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     reasoning_tokens: Tokens = 0
     usage_missing: bool = False
     output_tokens_counted: bool = False
+    web_search_requests: Tokens = 0
 
 
 def attribution_of(a: events.Attribution) -> Attribution:
@@ -78,6 +79,7 @@ def usage_of(u: events.Usage) -> Usage:
         u.reasoning_tokens,
         u.usage_missing,
         u.output_tokens_counted,
+        u.web_search_requests,
     )
 
 
@@ -137,6 +139,7 @@ class Cost(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     output: Decimal
     reasoning: Decimal
     total: Decimal
+    web_search: Decimal = Decimal(0)
 
 
 class CostedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):

@@ -116,6 +116,10 @@ ROWS: dict[str, Schema] = {
             "cost_cache_write": COST,
             "cost_output": COST,
             "cost_reasoning": COST,
+            "cost_web_search": {
+                **COST,
+                "description": "fees for the web searches providers ran for these calls",
+            },
             "cost": COST,
         }
     ),

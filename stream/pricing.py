@@ -25,6 +25,7 @@ from llmtap import wire
 from llmtap.events import Cost, CostedEvent, ResponseEvent, Usage, derived_id
 
 PER_MILLION = Decimal(1_000_000)
+PER_THOUSAND = Decimal(1_000)
 # ClickHouse stores money as Decimal(18, 9): nano-dollars.
 MONEY_QUANTUM = Decimal("0.000000001")
 
@@ -71,6 +72,10 @@ class Rates(_RateFields):
 
     effective_from: date
     long_context: LongContext | None = None
+    # USD per 1,000 web searches the provider runs for a call (a server-side tool,
+    # billed on top of the tokens its results add to the prompt). None: not priced, the
+    # searches are counted and their fee is zero.
+    web_search: Decimal | None = Field(default=None, ge=0)
 
     def for_prompt(self, input_tokens: int) -> _RateFields:
         """The rates for a call with this many prompt tokens (long-context tier or not)."""
@@ -222,11 +227,17 @@ ZERO_COST = Cost(
     output=Decimal(0),
     reasoning=Decimal(0),
     total=Decimal(0),
+    web_search=Decimal(0),
 )
 
 
 def _no_tokens(usage: Usage | wire.Usage) -> bool:
-    return not usage.usage_missing and usage.input_tokens == 0 and usage.output_tokens == 0
+    return (
+        not usage.usage_missing
+        and usage.input_tokens == 0
+        and usage.output_tokens == 0
+        and usage.web_search_requests == 0
+    )
 
 
 def load_catalog(extra: Path | None = None) -> Catalog:
@@ -260,7 +271,7 @@ def cost_of(usage: Usage | wire.Usage, rates: Rates) -> Cost:
 
 def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     """Cost of one call: ``input``, ``cached_input``, ``cache_write``, ``output``,
-    ``reasoning`` and their ``total``, in USD.
+    ``reasoning``, ``web_search`` (the searches' fee) and their ``total``, in USD.
 
     Every token is charged at exactly one rate. Cache reads and cache writes are carved
     out of ``input_tokens`` (which includes them); the 1-hour cache writes are carved
@@ -287,14 +298,25 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     cost_write = _usd(written - written_1h, write_rate, (written_1h, write_1h_rate))
     cost_output = _usd(usage.output_tokens - reasoning, tier.output)
     cost_reasoning = _usd(reasoning, tier.reasoning or Decimal(0))
+    cost_search = search_fee(usage.web_search_requests, rates)
     return {
         "input": cost_input,
         "cached_input": cost_cached,
         "cache_write": cost_write,
         "output": cost_output,
         "reasoning": cost_reasoning,
-        "total": cost_input + cost_cached + cost_write + cost_output + cost_reasoning,
+        "web_search": cost_search,
+        "total": cost_input + cost_cached + cost_write + cost_output + cost_reasoning + cost_search,
     }
+
+
+def search_fee(searches: int, rates: Rates) -> Decimal:
+    """The fee for ``searches`` web searches at the rates' per-thousand price, rounded
+    once to a nano-dollar like the token costs."""
+    if not searches or rates.web_search is None:
+        return _NO_USD
+    exact = searches * rates.web_search / PER_THOUSAND
+    return exact.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
 class Rating(NamedTuple):

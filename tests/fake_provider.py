@@ -35,6 +35,8 @@ class FakeProvider:
     completion_tokens: int = 5
     reasoning_tokens: int = 0
     cache_write_tokens: int = 3
+    # Web searches run for each Responses or Messages call, reported as those APIs do.
+    web_searches: int = 0
     words: tuple[str, ...] = ("Hello", " from", " the", " fake", " provider")
     chunk_delay_s: float = 0.0
     # Anthropic streams end in an "overloaded_error" event after the text, as Anthropic's
@@ -150,13 +152,22 @@ class FakeProvider:
             "status": "completed",
             "model": body["model"] + SNAPSHOT,
             "output": [
+                *(
+                    {
+                        "type": "web_search_call",
+                        "id": f"ws_{i}",
+                        "status": "completed",
+                        "action": {"type": "search", "query": "llmtap"},
+                    }
+                    for i in range(self.web_searches)
+                ),
                 {
                     "type": "message",
                     "id": "msg_fake",
                     "status": "completed",
                     "role": "assistant",
                     "content": [{"type": "output_text", "text": text, "annotations": []}],
-                }
+                },
             ],
             "usage": self.responses_usage(),
         }
@@ -189,12 +200,15 @@ class FakeProvider:
         body = await request.json()
         self.received.append(Received(request.path, dict(request.headers), body))
         served = body["model"] + ANTHROPIC_SNAPSHOT
-        usage = {
+        usage: dict[str, Any] = {
             "input_tokens": self.prompt_tokens,  # Anthropic: excludes cache reads/writes
             "output_tokens": self.completion_tokens,
             "cache_creation_input_tokens": self.cache_write_tokens,
             "cache_read_input_tokens": self.cached_tokens,
         }
+        searched = {"web_search_requests": self.web_searches} if self.web_searches else None
+        if searched:
+            usage["server_tool_use"] = searched
         text = "".join(self.words)
         if not body.get("stream"):
             return web.json_response(
@@ -210,6 +224,7 @@ class FakeProvider:
                 }
             )
         start = {**usage, "output_tokens": 1}
+        start.pop("server_tool_use", None)  # Anthropic counts searches in the last delta
         events: list[tuple[str, dict[str, Any]]] = [
             (
                 "message_start",
@@ -258,7 +273,10 @@ class FakeProvider:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": self.completion_tokens},
+                    "usage": {
+                        "output_tokens": self.completion_tokens,
+                        **({"server_tool_use": searched} if searched else {}),
+                    },
                 },
             ),
             ("message_stop", {"type": "message_stop"}),

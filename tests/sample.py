@@ -36,8 +36,11 @@ def response(at: datetime | None = None, **fields: Any) -> ResponseEvent:
     return ResponseEvent(**(plain | fields))
 
 
-def cost(input_usd: str | Decimal, output_usd: str | Decimal = "0") -> Cost:
-    """A cost of its input and output parts only; the total is their sum."""
+def cost(
+    input_usd: str | Decimal, output_usd: str | Decimal = "0", web_search: str | Decimal = "0"
+) -> Cost:
+    """A cost of its input and output parts (and a web search fee) only; the total is
+    their sum."""
     spent_in, spent_out, zero = Decimal(input_usd), Decimal(output_usd), Decimal(0)
     return Cost(
         input=spent_in,
@@ -45,7 +48,8 @@ def cost(input_usd: str | Decimal, output_usd: str | Decimal = "0") -> Cost:
         cache_write=zero,
         output=spent_out,
         reasoning=zero,
-        total=spent_in + spent_out,
+        web_search=Decimal(web_search),
+        total=spent_in + spent_out + Decimal(web_search),
     )
 
 

@@ -72,6 +72,7 @@ class Call:
     properties: dict[str, str] = field(default_factory=dict)
     tenant: str = "acme"
     usage_missing: bool = False  # then cost must be None: unknown, but not unpriced
+    searches: tuple[int, str] = (0, "0")  # web searches the provider ran, and their fee
 
     @property
     def ts_end(self) -> datetime:
@@ -83,7 +84,9 @@ class Call:
 
     @property
     def total(self) -> Decimal | None:
-        return None if self.cost is None else Decimal(self.cost[0]) + Decimal(self.cost[1])
+        if self.cost is None:
+            return None
+        return Decimal(self.cost[0]) + Decimal(self.cost[1]) + Decimal(self.searches[1])
 
     @property
     def tokens(self) -> int:
@@ -103,6 +106,7 @@ class Call:
                 input_tokens=self.input_tokens,
                 output_tokens=self.output_tokens,
                 usage_missing=self.usage_missing,
+                web_search_requests=self.searches[0],
             ),
             latency_ms=self.latency_ms,
             ttft_ms=self.ttft_ms,
@@ -119,7 +123,7 @@ class Call:
         return CostedEvent(
             event_id=uuid.uuid4(),
             response=response,
-            cost=None if self.cost is None else sample.cost(*self.cost),
+            cost=None if self.cost is None else sample.cost(*self.cost, self.searches[1]),
             unpriced=self.cost is None and not self.usage_missing,
         )
 
@@ -142,7 +146,8 @@ CALLS = [
          output_tokens=50, cost=("0.00025", "0.0005"), latency_ms=100, ttft_ms=20, properties=C1),
     Call(2 * H, GPT4O, "openai", "bob", "search", status="upstream_error", latency_ms=50),
     Call(5 * H, CLAUDE, "anthropic", "alice", "ads", feature="summarize", input_tokens=200,
-         output_tokens=100, cost=("0.0006", "0.0015"), latency_ms=300, ttft_ms=40, properties=C2),
+         output_tokens=100, cost=("0.0006", "0.0015"), latency_ms=300, ttft_ms=40, properties=C2,
+         searches=(2, "0.02")),
     Call(5 * H + 10 * timedelta(minutes=1), GPT4O, "openai", "alice", "search", input_tokens=40,
          output_tokens=20, cost=("0.0001", "0.0002"), latency_ms=200, ttft_ms=30, properties=C1,
          tenant="globex"),
@@ -299,7 +304,8 @@ async def test_models_written_out(api: TestClient[Any, Any]) -> None:
     assert gpt["error_rate"] == pytest.approx(1 / 3)
     assert (gpt["requests_24h"], gpt["requests_7d"], gpt["requests_30d"]) == (3, 4, 5)
     assert gpt["cost_30d"] == "0.003375000"  # plus the 6- and 29-day-old calls
-    assert rows[0]["cost_7d"] == "0.002100000"  # claude's 10-day-old call is not in 7d
+    # claude's 10-day-old call is not in 7d; its 5-hour-old one ran two searches ($0.02)
+    assert rows[0]["cost_7d"] == "0.022100000"
     llama = (await get(api, "models", range="7d", provider="groq"))["data"]
     assert [(r["model"], r["cost"], r["unpriced_requests"]) for r in llama] == [(LLAMA, None, 1)]
     assert llama[0]["cost_24h"] == "0.000000000"  # no calls in 24h: cost 0, not unknown
@@ -379,7 +385,7 @@ async def test_timeseries_24h_written_out(api: TestClient[Any, Any]) -> None:
     busy = {r["bucket"]: r for r in rows if r["requests"]}
     assert sorted(busy) == ["2026-03-15T07:00:00Z", "2026-03-15T10:00:00Z", "2026-03-15T12:00:00Z"]
     seven = busy["2026-03-15T07:00:00Z"]
-    assert (seven["requests"], seven["cost"]) == (2, "0.002400000")
+    assert (seven["requests"], seven["cost"]) == (2, "0.022400000")  # $0.02 of searches
     assert seven["p95_latency_ms"] == pytest.approx(300.0)  # of 200 and 300 (t-digest)
     empty = rows[1]
     assert empty == {
@@ -463,6 +469,8 @@ async def test_costs_grouped(api: TestClient[Any, Any], group_by: str) -> None:
             )
             assert (row["cost_input"], row["cost_output"]) == tuple(map(money, parts))
             assert row["cost_cached_input"] == row["cost_reasoning"] == "0.000000000"
+            fees = sum((Decimal(c.searches[1]) for c in priced), Decimal(0))
+            assert row["cost_web_search"] == money(fees)
 
 
 async def test_costs_by_day_and_property(api: TestClient[Any, Any]) -> None:
@@ -473,16 +481,16 @@ async def test_costs_by_day_and_property(api: TestClient[Any, Any]) -> None:
         assert row["cost"] == money(cost_of(by_day[date.fromisoformat(row["key"])]))
     rows = (await get(api, "costs", range="90d", group_by="property:customer"))["data"]
     assert [(r["key"], r["requests"], r["cost"]) for r in rows] == [
+        ("c2", 3, "0.026375000"),  # $0.02 of it web searches
         ("", 6, "0.014750000"),  # calls without the property
-        ("c2", 3, "0.006375000"),
         ("c1", 3, "0.001206000"),
     ]
     rows = (await get(api, "costs", group_by="property:no.such-prop_1"))["data"]
     assert [(r["key"], r["requests"]) for r in rows] == [("", len(within("30d")))]
     rows = (await get(api, "costs", range="90d", group_by="user", provider="anthropic"))["data"]
     assert [(r["key"], r["cost"]) for r in rows] == [
+        ("alice", "0.022100000"),
         ("bob", "0.004200000"),
-        ("alice", "0.002100000"),
         ("dave", "0.000000000"),  # errors only: priced at zero
     ]
 
@@ -609,7 +617,7 @@ async def test_users_written_out_and_limited(api: TestClient[Any, Any]) -> None:
     body = await get(api, "users", range="90d", limit="2")
     assert body["limit"] == 2
     assert [(r["user"], r["requests"], r["cost"]) for r in body["data"]] == [
-        ("alice", 6, "0.017900000"),
+        ("alice", 6, "0.037900000"),
         ("bob", 3, "0.004200000"),
     ]
     alice, bob = body["data"]
@@ -877,9 +885,10 @@ async def test_the_migration_backfills_calls_already_stored(
     monkeypatch.setattr(params, "utcnow", lambda: NOW)
     store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
     try:
-        # The schema before 0005, with the `calls` columns today's writer writes (0010's).
+        # The schema before 0005, with the `calls` columns today's writer writes (0010's
+        # and 0011's).
         for migration in available():
-            if migration.version < 5 or migration.name == "output_tokens_counted":
+            if migration.version < 5 or migration.name in ("output_tokens_counted", "web_search"):
                 for statement in migration.statements:
                     store.command(statement)
         assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)

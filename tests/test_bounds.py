@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress.guards.bounds import input_unbounded, max_tokens, prompts
+from ingress.guards.bounds import input_unbounded, max_tokens, prompts, web_searches
 from tests.test_budget_book import MIDNIGHT, book
 
 PNG = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4" * 4
@@ -282,3 +282,40 @@ def test_the_largest_output_ceiling_named_is_the_one_reserved() -> None:
     assert max_tokens({"max_completion_tokens": 1, "max_tokens": 393_216}) == 393_216
     assert max_tokens({"max_output_tokens": 50}) == 50
     assert max_tokens({"max_tokens": True, "max_completion_tokens": -1}) is None
+
+
+SEARCH = {"type": "web_search_20250305", "name": "web_search"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "most"),
+    [
+        ({"tools": [{"type": "function", "name": "f"}]}, 0),
+        ({"web_search_options": {}}, 0),  # chat's search models: not counted, not priced
+        ({"tools": [SEARCH]}, None),
+        ({"tools": [{**SEARCH, "max_uses": 5}]}, 5),
+        ({"tools": [{**SEARCH, "max_uses": 5}, {**SEARCH, "max_uses": 2}]}, 7),
+        ({"tools": [{**SEARCH, "max_uses": 5}, SEARCH]}, None),
+        ({"tools": [{**SEARCH, "max_uses": "5"}]}, None),
+        ({"tools": [{"type": "web_search"}], "max_tool_calls": 3}, 3),  # Responses API
+        ({"tools": [{"type": "web_search_preview"}], "max_tool_calls": 0}, 0),
+        ({"tools": [{**SEARCH, "max_uses": 9}], "max_tool_calls": 4}, 4),
+        ({"tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}]}, 0),  # no fee
+    ],
+)
+def test_the_searches_a_call_allows(payload: dict[str, Any], most: int | None) -> None:
+    assert web_searches(payload) == most
+
+
+def test_a_hard_cap_reserves_the_fee_of_the_searches_a_call_allows() -> None:
+    budgets, _ = book("10")
+    tokens = budgets.worst_case("claude-sonnet-4-5", 200, 100, MIDNIGHT, provider="anthropic")
+    five = budgets.worst_case(
+        "claude-sonnet-4-5", 200, 100, MIDNIGHT, provider="anthropic", web_searches=5
+    )
+    unbounded = budgets.worst_case(
+        "claude-sonnet-4-5", 200, 100, MIDNIGHT, provider="anthropic", web_searches=None
+    )
+    assert tokens is not None and five is not None and unbounded is not None
+    assert five - tokens == Decimal("0.05")  # $10 per 1,000
+    assert unbounded - tokens == Decimal("1.00")  # budget_default_web_searches: 100

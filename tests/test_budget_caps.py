@@ -339,3 +339,28 @@ async def test_each_prompt_of_a_completions_list_may_spend_max_tokens(
     assert len(upstream.provider.received) == asked
     error = refused.value.body
     assert isinstance(error, dict) and error["code"] == "budget_exceeded"
+
+
+async def test_a_call_that_may_search_reserves_the_fee_of_its_searches(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Responses call with the web_search tool reads back what it finds (a whole
+    default context of input, $2.50 at gpt-4o's rate) and pays $10 a thousand searches:
+    under a $2.51 cap, max_tool_calls=0 fits ($2.501 with 100 output tokens), while
+    max_tool_calls=2 adds $0.02 and is refused, the provider never asked."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-s", scope="tenant", value="acme", limit_usd=Decimal("2.51"))
+    search: Any = [{"type": "web_search"}]
+    async with capped_client(ingress_settings, budget) as client:
+        await client.responses.create(
+            model="gpt-4o", input="news?", max_output_tokens=100, tools=search, max_tool_calls=0
+        )
+        asked = len(upstream.provider.received)
+        with pytest.raises(RateLimitError) as refused:
+            await client.responses.create(
+                model="gpt-4o", input="news?", max_output_tokens=100, tools=search, max_tool_calls=2
+            )
+    assert len(upstream.provider.received) == asked
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "budget_exceeded"
+    assert "worst case of this call $2.52" in error["message"]

@@ -17,11 +17,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 
 from sql.store import Store
 from tests.conftest import ADMIN_KEY, PROVIDER_KEY, FakeUpstream, Running, pid_alive, run_llmtap
-from tests.fake_provider import SNAPSHOT
+from tests.fake_provider import ANTHROPIC_SNAPSHOT, SNAPSHOT
 from tests.faults.harness import until
 from tests.prometheus import sample
 
@@ -340,3 +341,43 @@ async def test_up_starts_a_dead_stage_again_and_the_proxy_goes_on(
         assert await asyncio.wait_for(running.process.wait(), 90) == 0
     pids = [*first.values(), *second.values(), *third.values()]
     assert [pid for pid in pids if pid_alive(pid)] == []
+
+
+async def test_web_searches_are_priced_per_search_through_to_the_store(
+    llmtap_up: Running, anthropic_sdk: AsyncAnthropic, upstream: FakeUpstream
+) -> None:
+    """A streamed Messages call whose provider ran two web searches (counted in the last
+    message_delta's server_tool_use): the store holds their $10-a-thousand fee in the
+    call's cost, and the costs endpoint shows it apart from the tokens."""
+    fake = upstream.provider
+    fake.web_searches = 2
+    try:
+        async with anthropic_sdk.messages.stream(
+            model="claude-haiku-4-5",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "what is new?"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}],
+        ) as stream:
+            final = await stream.get_final_message()
+    finally:
+        fake.web_searches = 0
+    assert final.usage.server_tool_use is not None
+    assert final.usage.server_tool_use.web_search_requests == 2  # reached the client as sent
+
+    served = "claude-haiku-4-5" + ANTHROPIC_SNAPSHOT
+    await model_row(llmtap_up.api_url, served, lambda r: r["requests"] >= 1)
+    url = f"{llmtap_up.api_url}/analytics/costs?range=24h&group_by=model"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
+        async with session.get(url) as response:
+            assert response.status == 200
+            rows = (await response.json())["data"]
+    [row] = [r for r in rows if r["key"] == served]
+    assert row["cost_web_search"] == "0.020000000"
+    # Haiku 4.5: $1 input, $0.10 cache reads, $1.25 cache writes, $5 output a million.
+    tokens = (
+        fake.prompt_tokens * Decimal("1.00")
+        + fake.cached_tokens * Decimal("0.10")
+        + fake.cache_write_tokens * Decimal("1.25")
+        + fake.completion_tokens * Decimal("5.00")
+    ) / Decimal(1_000_000)
+    assert Decimal(row["cost"]) == tokens + Decimal("0.02")

@@ -17,7 +17,7 @@ from tests import sample
 
 MILLION = Decimal(1_000_000)
 NANO = Decimal("0.000000001")
-COST_FIELDS = ("input", "cached_input", "cache_write", "output", "reasoning", "total")
+COST_FIELDS = ("input", "cached_input", "cache_write", "output", "reasoning", "web_search", "total")
 
 
 def usd(tokens: int, per_million: Decimal) -> Decimal:
@@ -50,7 +50,7 @@ def assert_all_decimal(cost: Cost) -> None:
         assert type(value) is Decimal, (name, type(value))
         assert value.as_tuple().exponent == -9, (name, value)  # quantised to nano-dollars
     assert cost.total == cost.input + cost.cached_input + cost.cache_write + cost.output + (
-        cost.reasoning
+        cost.reasoning + cost.web_search
     )
 
 
@@ -836,3 +836,52 @@ def test_every_shipped_model_says_how_much_a_call_can_read_and_write() -> None:
         assert entry.context_window is not None and entry.max_output_tokens is not None, key
         embeds = "embed" in key
         assert (entry.max_output_tokens == 0) == embeds, key
+
+
+# -- web searches ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "provider"), [("claude-sonnet-4-5", "anthropic"), ("gpt-5", "openai")]
+)
+def test_web_searches_are_billed_per_search_on_top_of_the_tokens(
+    catalog: Catalog, model: str, provider: str
+) -> None:
+    tokens = Usage(input_tokens=12_000, output_tokens=400)
+    plain = priced(response(model, tokens, provider=provider), catalog)
+    searched = priced(
+        response(model, tokens.model_copy(update={"web_search_requests": 3}), provider=provider),
+        catalog,
+    )
+    assert plain.web_search == Decimal(0)
+    assert searched.web_search == Decimal("0.03")  # $10 per 1,000
+    assert searched.total == plain.total + Decimal("0.03")
+    parts = ("input", "cached_input", "cache_write", "output", "reasoning", "web_search")
+    assert sum(getattr(searched, p) for p in parts) == searched.total
+
+
+def test_a_call_that_only_searched_is_priced(catalog: Catalog) -> None:
+    # A search that found nothing the model read still costs its fee.
+    usage = Usage(web_search_requests=1)
+    assert priced(response("claude-sonnet-4-5", usage, provider="anthropic"), catalog).total == (
+        Decimal("0.01")
+    )
+
+
+def test_searches_without_a_fee_in_the_catalog_are_counted_at_no_fee(tmp_path: Path) -> None:
+    extra = tmp_path / "prices.yaml"
+    extra.write_text(
+        "models:\n"
+        "  vllm/my-model:\n"
+        "    provider: vllm\n"
+        '    prices: [{effective_from: 2025-01-01, input: "1.00", output: "1.00"}]\n'
+        "  acme-search:\n"
+        "    provider: acme\n"
+        '    prices: [{effective_from: 2025-01-01, input: "1.00", output: "1.00",'
+        ' web_search: "5.00"}]\n'
+    )
+    catalog = load_catalog(extra=extra)
+    usage = Usage(input_tokens=1_000_000, web_search_requests=7)
+    assert priced(response("my-model", usage, provider="vllm"), catalog).total == Decimal("1.00")
+    cost = priced(response("acme-search", usage, provider="acme"), catalog)
+    assert (cost.web_search, cost.total) == (Decimal("0.035"), Decimal("1.035"))

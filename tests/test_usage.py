@@ -563,3 +563,66 @@ def test_a_stream_s_error_event_is_the_provider_s_error(
     reading.feed(b'data: {"model":"m","type":"ping"}\n\n')  # the model known: the hot path
     assert reading.feed(event + b"\n\n") == event + b"\n\n"  # forwarded as it came
     assert reading.error == error
+
+
+# Web searches a provider ran, each billed on top of the tokens.
+
+
+def test_anthropic_searches_are_counted_from_server_tool_use() -> None:
+    usage = {**ANTHROPIC_USAGE, "server_tool_use": {"web_search_requests": 3}}
+    assert AnthropicJsonCapture(_message(usage)).usage == ANTHROPIC_EXPECTED.model_copy(
+        update={"web_search_requests": 3}
+    )
+    for odd in ({"web_search_requests": "3"}, {"web_fetch_requests": 2}, None, [3]):
+        captured = anthropic_usage({**ANTHROPIC_USAGE, "server_tool_use": odd})
+        assert captured is not None and captured.web_search_requests == 0
+
+
+def test_anthropic_stream_counts_the_searches_its_last_delta_reports() -> None:
+    # As Anthropic streams a call that searched: message_start has no server_tool_use,
+    # the final message_delta's cumulative usage has it.
+    final = {**ANTHROPIC_USAGE, "server_tool_use": {"web_search_requests": 2}}
+    stream = _anthropic_stream(final)
+    for pieces in _random_pieces(stream):
+        capture = AnthropicStreamCapture()
+        forwarded = b"".join(capture.feed(piece) for piece in pieces) + capture.finish()
+        assert forwarded == stream
+        assert capture.final_usage == ANTHROPIC_EXPECTED.model_copy(
+            update={"web_search_requests": 2}
+        )
+
+
+RESPONSES_USAGE = {"input_tokens": 9000, "output_tokens": 300}
+SEARCH_ITEMS = [
+    {"type": "web_search_call", "id": "ws_1", "status": "completed",
+     "action": {"type": "search", "query": "llm gateways"}},
+    {"type": "web_search_call", "id": "ws_2", "status": "completed",
+     "action": {"type": "open_page", "url": "https://example.com"}},  # not a search
+    {"type": "web_search_call", "id": "ws_3", "status": "completed"},  # no action: a search
+    {"type": "web_search_call", "id": "ws_4", "status": "completed",
+     "action": {"type": "find_in_page", "pattern": "x"}},  # not a search
+    {"type": "message", "id": "msg_1", "role": "assistant",
+     "content": [{"type": "output_text", "text": "web_search_call"}]},
+]  # fmt: skip
+
+
+def test_responses_api_searches_are_its_search_items() -> None:
+    body = orjson.dumps(
+        {"object": "response", "model": "gpt-5", "output": SEARCH_ITEMS, "usage": RESPONSES_USAGE}
+    )
+    assert OpenAIJsonCapture(body).usage == Usage(
+        input_tokens=9000, output_tokens=300, web_search_requests=2
+    )
+    body = orjson.dumps({"object": "response", "model": "gpt-5", "usage": RESPONSES_USAGE})
+    assert OpenAIJsonCapture(body).usage.web_search_requests == 0
+
+
+def test_responses_api_stream_counts_the_searches_of_its_completed_response() -> None:
+    completed = {
+        "type": "response.completed",
+        "response": {"model": "gpt-5", "output": SEARCH_ITEMS, "usage": RESPONSES_USAGE},
+    }
+    stream = b"event: response.completed\n" + _event(completed, b"\n\n")
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    assert capture.feed(stream) + capture.finish() == stream
+    assert capture.final_usage == Usage(input_tokens=9000, output_tokens=300, web_search_requests=2)

@@ -69,6 +69,7 @@ usages = st.builds(
     reasoning_tokens=tokens,
     usage_missing=st.booleans(),
     output_tokens_counted=st.booleans(),
+    web_search_requests=tokens,
 )
 responses = st.builds(
     ResponseEvent,
@@ -97,6 +98,7 @@ costs = st.builds(
     output=money,
     reasoning=money,
     total=money,
+    web_search=money,
 )
 events = st.builds(
     CostedEvent,
@@ -308,6 +310,9 @@ LAX = {
     "money as a number": setting("cost.total", 0.5),
     "utc as +00:00": setting("response.ts_start", "2026-11-29T10:00:00+00:00"),
     "defaults left out": without("response.attribution"),
+    # an event written before web searches were counted and priced
+    "no web searches": without("response.usage.web_search_requests"),
+    "no web search fee": without("cost.web_search"),
 }
 
 

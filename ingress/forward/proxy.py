@@ -25,7 +25,7 @@ from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
-from ingress.guards.bounds import choices, input_unbounded, max_tokens, prompts
+from ingress.guards.bounds import choices, max_tokens, prompts, reach
 from ingress.keys import (
     BUDGETS,
     COUNTING,
@@ -248,7 +248,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         utcnow(),
         provider=route.provider,
         choices=choices(payload),
-        input_unbounded=lambda: input_unbounded(payload),
+        reach=lambda: reach(payload),
         prompts=prompts(payload, endpoint.batched),
     )
     if exhausted is not None:

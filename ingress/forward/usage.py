@@ -57,13 +57,37 @@ def anthropic_usage(usage: Any) -> Usage | None:
     written_5m = _int(split.get("ephemeral_5m_input_tokens"))
     written_1h = _int(split.get("ephemeral_1h_input_tokens"))
     written = _int(usage.get("cache_creation_input_tokens")) or written_5m + written_1h
+    server_tools = usage.get("server_tool_use")
+    searches = (
+        _int(server_tools.get("web_search_requests")) if isinstance(server_tools, dict) else 0
+    )
     return Usage(
         input_tokens=uncached + read + written,
         output_tokens=_int(usage.get("output_tokens")),
         cached_input_tokens=read,
         cache_creation_input_tokens=written,
         cache_creation_1h_input_tokens=min(written_1h, written),
+        web_search_requests=searches,
     )
+
+
+def with_searches(usage: Usage, response: dict[str, Any]) -> Usage:
+    """``usage`` with the web searches a Responses API ``response`` ran: each
+    ``web_search_call`` item of its ``output`` whose action is a search (not opening or
+    reading a page; an item without an action is a search too). Its usage does not
+    count them."""
+    output = response.get("output")
+    if not isinstance(output, list):
+        return usage
+    searches = sum(1 for item in output if _is_search(item))
+    return usage.model_copy(update={"web_search_requests": searches}) if searches else usage
+
+
+def _is_search(item: Any) -> bool:
+    if not isinstance(item, dict) or item.get("type") != "web_search_call":
+        return False
+    action = item.get("action")
+    return not isinstance(action, dict) or action.get("type", "search") == "search"
 
 
 def _str(value: Any) -> str:
@@ -94,7 +118,8 @@ class OpenAIJsonCapture(Capture):
 
     def __init__(self, body: bytes) -> None:
         parsed = parse_json_body(body) or {}
-        self.usage = openai_usage(parsed.get("usage")) or Usage.missing()
+        usage = openai_usage(parsed.get("usage"))
+        self.usage = Usage.missing() if usage is None else with_searches(usage, parsed)
         model = parsed.get("model")
         self.model = model if isinstance(model, str) else ""
 
@@ -269,7 +294,7 @@ class OpenAIStreamCapture(StreamCapture):
         usage = openai_usage(source.get("usage"))
         if usage is None:
             return True
-        self.usage = usage
+        self.usage = with_searches(usage, source)
         self.output_final = True
         self._kept.clear()
         usage_only = chunk.get("choices") == []

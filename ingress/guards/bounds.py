@@ -27,7 +27,7 @@ so a name spelled with JSON escapes is read as the provider reads it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 # Top-level fields naming content kept by the provider, when set.
 _KEPT = ("previous_response_id", "conversation", "web_search_options", "mcp_servers")
@@ -79,6 +79,45 @@ def input_unbounded(payload: dict[str, Any]) -> bool:
     if isinstance(tools, list) and any(_provider_run(tool) for tool in tools):
         return True
     return _fetches(payload)
+
+
+def web_searches(payload: dict[str, Any]) -> int | None:
+    """The most web searches the call lets the provider run, each billed on top of the
+    tokens: 0 without a web search tool; the sum of each search tool's ``max_uses``
+    (Anthropic), at most the Responses API's ``max_tool_calls`` (which bounds every
+    built-in tool call of the response); None when nothing bounds them. (Chat
+    Completions' ``web_search_options`` is not counted: its searches are not priced.)"""
+    tools = payload.get("tools")
+    searching = [
+        tool
+        for tool in (tools if isinstance(tools, list) else ())
+        if isinstance(tool, dict)
+        and isinstance(tool.get("type"), str)
+        and tool["type"].startswith("web_search")
+    ]
+    if not searching:
+        return 0
+    calls = _count(payload.get("max_tool_calls"))
+    uses = [_count(tool.get("max_uses")) for tool in searching]
+    each = None if None in uses else sum(u for u in uses if u is not None)
+    bounds = [bound for bound in (calls, each) if bound is not None]
+    return min(bounds) if bounds else None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+class Reach(NamedTuple):
+    """What a body leaves unbounded: whether its input is all in it
+    (:func:`input_unbounded`), and the most web searches it allows (:func:`web_searches`)."""
+
+    input_unbounded: bool
+    web_searches: int | None
+
+
+def reach(payload: dict[str, Any]) -> Reach:
+    return Reach(input_unbounded(payload), web_searches(payload))
 
 
 def _provider_run(tool: Any) -> bool:

@@ -7,19 +7,21 @@ every byte of the request body as an input token (a token is never shorter than 
 at most the model's context window a prompt, or, when the body does not hold all the
 input (ingress/guards/bounds.py), at least ``budget_default_context_tokens``, plus
 ``max_tokens`` output tokens (or, when the call names none, the most the model writes),
-at the model's price. The pricing catalog gives each model's limits;
-``budget_default_max_tokens`` stands in for a model it gives none for. That worst case
-is reserved at admission — check and reserve happen with no await between them, so
-concurrent calls cannot both take the last dollars — and settled when the call ends: the
-reservation is replaced by the call's real cost, which is held until a published state
-has counted it. "Counted" is exact: once its response event is delivered, the publisher
-tells the cost where it went (partition and offset of the responses topic,
-:meth:`Settled.delivered`), and a state counts it once its ``applied`` offset for that
-partition has passed it; a cost not delivered yet is not counted by any state (a time
-would not do: the stream reads partitions unevenly, and other ingresses' later calls may
-be counted first). A model with no price cannot be bounded and is admitted with nothing
-reserved (its spend is not counted either). What a process holds is announced on the
-reservations topic (:func:`announce`), so the budgets endpoint can show it.
+at the model's price, plus the fee of the most web searches its tools allow (or
+``budget_default_web_searches`` when none bounds them). The pricing catalog gives each
+model's limits; ``budget_default_max_tokens`` stands in for a model it gives none for.
+That worst case is reserved at admission — check and reserve happen with no await
+between them, so concurrent calls cannot both take the last dollars — and settled when
+the call ends: the reservation is replaced by the call's real cost, which is held
+until a published state has counted it. "Counted" is exact: once its response event is
+delivered, the publisher tells the cost where it went (partition and offset of the
+responses topic, :meth:`Settled.delivered`), and a state counts it once its ``applied``
+offset for that partition has passed it; a cost not delivered yet is not counted by any
+state (a time would not do: the stream reads partitions unevenly, and other ingresses'
+later calls may be counted first). A model with no price cannot be bounded and is
+admitted with nothing reserved (its spend is not counted either). What a process holds
+is announced on the reservations topic (:func:`announce`), so the budgets endpoint can
+show it.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ValidationError
 
+from ingress.guards.bounds import Reach
 from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
 from llmtap.kafka import Kafka
 from stream.budgets import current, later_or_larger, matches
-from stream.pricing import PER_MILLION, Catalog, cost_of
+from stream.pricing import PER_MILLION, Catalog, cost_of, search_fee
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +96,15 @@ class BudgetBook:
         catalog: Catalog,
         default_max_tokens: int,
         default_context_tokens: int = 1_000_000,
+        default_web_searches: int = 100,
     ):
         self.budgets = budgets
         self.catalog = catalog
         self.default_max_tokens = default_max_tokens
         # The input of a call whose body does not hold it all (ingress/guards/bounds.py).
         self.default_context_tokens = default_context_tokens
+        # The searches of a call whose web search tool names no max_uses/max_tool_calls.
+        self.default_web_searches = default_web_searches
         self.states: dict[str, BudgetState] = {}
         self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
         self.settled: dict[str, list[Settled]] = defaultdict(list)
@@ -120,6 +126,7 @@ class BudgetBook:
         choices: int = 1,
         input_unbounded: bool = False,
         prompts: int = 1,
+        web_searches: int | None = 0,
     ) -> Decimal | None:
         """The most the call can cost. Its input: the body's bytes, at most the model's
         context window for each of the ``prompts`` the provider answers apart (a list of
@@ -127,7 +134,8 @@ class BudgetBook:
         does not hold all of it (``input_unbounded``), at least ``default_context_tokens``
         and a window a prompt (tools the provider runs read their results each round).
         Its output: ``max_tokens`` for each of ``choices`` answers (OpenAI's ``n``) to
-        each prompt, or the model's most tokens an answer when the call names none. The
+        each prompt, or the model's most tokens an answer when the call names none. And
+        the fee of ``web_searches`` (None: not bounded, ``default_web_searches``). The
         catalog gives both limits (``context_window``, ``max_output_tokens``); for a
         model it gives none for, ``default_context_tokens`` and ``default_max_tokens``
         stand in."""
@@ -159,7 +167,9 @@ class BudgetBook:
         else:
             each = most if most is not None else self.default_max_tokens
         output = each * max(choices, 1) * prompts
-        return (prompt * input_rate + output * output_rate) / PER_MILLION
+        searches = self.default_web_searches if web_searches is None else web_searches
+        tokens = (prompt * input_rate + output * output_rate) / PER_MILLION
+        return tokens + search_fee(searches, rates)
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -205,18 +215,26 @@ class BudgetBook:
         now: datetime,
         provider: str = "",
         choices: int = 1,
-        input_unbounded: Callable[[], bool] | None = None,
+        reach: Callable[[], Reach] | None = None,
         prompts: int = 1,
     ) -> Exhausted | None:
         """Reserve the call's worst case on every hard-capped budget it counts against,
-        or say which budget cannot cover it (and reserve nothing). ``input_unbounded``
-        is asked only then: does the body not hold all the call's input?"""
+        or say which budget cannot cover it (and reserve nothing). ``reach`` is asked
+        only then: what does the body leave unbounded (its input, its searches)?"""
         capped = [b for b in self.budgets if b.hard_cap and matches(b, who)]
         if not capped:
             return None
-        unbounded = input_unbounded is not None and input_unbounded()
+        unbounded = reach() if reach is not None else Reach(False, 0)
         worst = self.worst_case(
-            model, request_bytes, max_tokens, now, provider, choices, unbounded, prompts
+            model,
+            request_bytes,
+            max_tokens,
+            now,
+            provider,
+            choices,
+            unbounded.input_unbounded,
+            prompts,
+            unbounded.web_searches,
         )
         worst = worst or Decimal(0)
         for budget in capped:

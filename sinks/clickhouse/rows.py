@@ -43,6 +43,7 @@ CALLS_COLUMNS = (
     "reasoning_tokens",
     "usage_missing",
     "output_tokens_counted",
+    "web_search_requests",
     "latency_ms",
     "ttft_ms",
     "proxy_overhead_ms",
@@ -51,6 +52,7 @@ CALLS_COLUMNS = (
     "cost_cache_write",
     "cost_output",
     "cost_reasoning",
+    "cost_web_search",
     "cost_total",
     "unpriced",
     "pricing_model",
@@ -111,6 +113,7 @@ def call_row(event: Costed) -> tuple[Any, ...]:
         u.reasoning_tokens,
         u.usage_missing,
         u.output_tokens_counted,
+        u.web_search_requests,
         r.latency_ms,
         r.ttft_ms,
         r.proxy_overhead_ms,
@@ -119,6 +122,7 @@ def call_row(event: Costed) -> tuple[Any, ...]:
         None if c is None else _money(c.cache_write),
         None if c is None else _money(c.output),
         None if c is None else _money(c.reasoning),
+        None if c is None else _money(c.web_search),
         None if c is None else _money(c.total),
         event.unpriced,
         event.pricing_model,
@@ -140,6 +144,7 @@ def unstorable(event: Costed) -> str:
         u.cached_input_tokens,
         u.cache_creation_input_tokens,
         u.reasoning_tokens,
+        u.web_search_requests,
     )
     if most > UINT32_MAX:
         return f"a token count of {most} is more than calls holds (UInt32)"

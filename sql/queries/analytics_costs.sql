@@ -3,7 +3,9 @@
 -- form the group ''). Days are UTC, oldest first; other groups costliest first.
 -- From the rollups (rollup_parts.sql; by property, the property rollup and every call
 -- less those with the property for the '' group). A cost is null when no call could be
--- priced.
+-- priced. The rollups hold the token parts and the total, not the web search fee
+-- (migration 0011): it is what the total holds beyond the parts, exactly (each call's
+-- total is the sum of its parts and its fee, in Decimal).
 {% set groups = {
     'model': 'model',
     'provider': 'provider',
@@ -25,6 +27,9 @@ SELECT
     if(sum(p.priced) = 0, NULL, sum(p.cost_cache_write)) AS cost_cache_write,
     if(sum(p.priced) = 0, NULL, sum(p.cost_output)) AS cost_output,
     if(sum(p.priced) = 0, NULL, sum(p.cost_reasoning)) AS cost_reasoning,
+    if(sum(p.priced) = 0, NULL,
+       sum(p.cost) - sum(p.cost_input) - sum(p.cost_cached_input) - sum(p.cost_cache_write)
+       - sum(p.cost_output) - sum(p.cost_reasoning)) AS cost_web_search,
     if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost
 {% with group = [group_by], property = group_by == 'property', by_model = group_by == 'model',
         need = ['requests', 'unpriced', 'input_tokens', 'output_tokens', 'priced', 'cost',
