@@ -10,6 +10,7 @@
 -- rate limits, budget rejections, disconnects, unreachable), 0.5% have no usage, and
 -- the 5 rarest models have no price (unpriced). 60% stream (TTFT), 70% carry a
 -- `customer` property.
+-- Positional: one value for each column of `calls`, in its order (migrations 0001-0011).
 INSERT INTO calls
 SELECT
     generateUUIDv4(number) AS event_id,
@@ -39,6 +40,8 @@ SELECT
     0 AS cache_creation_input_tokens,
     0 AS reasoning_tokens,
     usage_missing,
+    false AS output_tokens_counted,
+    0 AS web_search_requests,
     latency_ms,
     if(stream AND status = 'ok', 80 + 300 * u12, NULL) AS ttft_ms,
     0.3 + u9 AS proxy_overhead_ms,
@@ -47,6 +50,7 @@ SELECT
     if(priced, toDecimal64(0, 9), NULL) AS cost_cache_write,
     if(priced, toDecimal64(rate_in * 4 * output_tokens, 9), NULL) AS cost_output,
     if(priced, toDecimal64(0, 9), NULL) AS cost_reasoning,
+    if(priced, toDecimal64(0, 9), NULL) AS cost_web_search,
     if(priced, cost_input + cost_cached_input + cost_output, NULL) AS cost_total,
     no_price AS unpriced,
     if(unpriced, '', model) AS pricing_model

@@ -172,30 +172,52 @@ class Catalog(BaseModel):
     def merged(self, other: Catalog) -> Catalog:
         """This catalog with ``other``'s entries added, replacing same-named ones.
 
-        A replacing entry's prices replace the shipped ones whole. Its limits
-        (``context_window``, ``max_output_tokens``) are kept from the entry it replaces
-        where it does not name them: an override written to change a price must not
-        drop a hard cap's worst case to the defaults. Naming one as null drops it.
+        An entry's prices replace the shipped ones whole. What it does not name is kept
+        from the shipped entry that would have priced its model (the one of the same
+        name; for ``openai/gpt-4o`` or ``gpt-4o-2024-11-20``, ``gpt-4o``): its limits
+        (``context_window``, ``max_output_tokens``) and, on each of its prices, the web
+        search fee in force on that price's date. An override written to change a token
+        price must not drop a hard cap's worst case to the defaults, nor a fee to zero.
+        Naming one as null drops it.
         """
         replaced = {key.casefold() for key in other.models}
         kept = {k: v for k, v in self.models.items() if k.casefold() not in replaced}
-        shipped = {k.casefold(): v for k, v in self.models.items()}
-        added = {
-            key: _with_limits_of(shipped.get(key.casefold()), entry)
-            for key, entry in other.models.items()
-        }
+        added = {}
+        for key, entry in other.models.items():
+            found = self._resolve(key, entry.provider)
+            added[key] = entry if found is None else _inheriting(found[1], entry)
         return Catalog(models={**kept, **added})
 
 
 _LIMITS = ("context_window", "max_output_tokens")
 
 
-def _with_limits_of(shipped: ModelPrice | None, entry: ModelPrice) -> ModelPrice:
-    """``entry`` with the limits it does not name taken from ``shipped``."""
-    if shipped is None:
-        return entry
-    inherited = {f: getattr(shipped, f) for f in _LIMITS if f not in entry.model_fields_set}
-    return entry.model_copy(update=inherited) if inherited else entry
+def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
+    """``entry`` with the limits and search fees it does not name taken from ``shipped``."""
+    update: dict[str, Any] = {
+        f: getattr(shipped, f) for f in _LIMITS if f not in entry.model_fields_set
+    }
+    if any("web_search" not in rates.model_fields_set for rates in entry.prices):
+        earliest = min(shipped.prices, key=lambda r: r.effective_from)
+        update["prices"] = [
+            rates
+            if "web_search" in rates.model_fields_set
+            else rates.model_copy(
+                update={"web_search": _in_force(shipped, rates.effective_from, earliest)}
+            )
+            for rates in entry.prices
+        ]
+    return entry.model_copy(update=update) if update else entry
+
+
+def _in_force(shipped: ModelPrice, day: date, earliest: Rates) -> Decimal | None:
+    """The shipped web search fee on ``day`` (before its first price: that price's)."""
+    in_force = [r for r in shipped.prices if r.effective_from <= day]
+    return (
+        max(in_force, key=lambda r: r.effective_from).web_search
+        if in_force
+        else (earliest.web_search)
+    )
 
 
 def _candidates(model: str, providers: frozenset[str]) -> list[str]:

@@ -885,3 +885,48 @@ def test_searches_without_a_fee_in_the_catalog_are_counted_at_no_fee(tmp_path: P
     assert priced(response("my-model", usage, provider="vllm"), catalog).total == Decimal("1.00")
     cost = priced(response("acme-search", usage, provider="acme"), catalog)
     assert (cost.web_search, cost.total) == (Decimal("0.035"), Decimal("1.035"))
+
+
+def test_an_override_keeps_the_search_fee_and_limits_of_the_entry_it_shadows(
+    tmp_path: Path,
+) -> None:
+    """An override of a token price (by its name, or scoped to its provider, which is
+    looked up first) keeps the shipped search fee on each of its prices, and the
+    shipped limits; a fee it names (null included) is its own."""
+    extra = tmp_path / "prices.yaml"
+    extra.write_text(
+        "models:\n"
+        "  gpt-4o:\n"
+        "    provider: openai\n"
+        "    prices:\n"
+        '      - {effective_from: 2020-01-01, input: "2.00", output: "8.00"}\n'
+        '      - {effective_from: 2027-01-01, input: "1.00", output: "4.00", web_search: "5.00"}\n'
+        "  anthropic/claude-haiku-4-5:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2025-10-01, input: "0.80", output: "4.00"}]\n'
+        "  claude-sonnet-4-5:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2025-09-29, input: "3.00", output: "15.00",'
+        " web_search: null}]\n"
+    )
+    shipped, catalog = load_catalog(), load_catalog(extra=extra)
+
+    def entry(cat: Catalog, model: str, provider: str) -> ModelPrice:
+        found = cat.lookup(model, provider)
+        assert found is not None
+        return found[1]
+
+    gpt = entry(catalog, "gpt-4o", "openai")
+    assert [r.web_search for r in gpt.prices] == [Decimal("10.00"), Decimal("5.00")]
+    haiku = entry(catalog, "claude-haiku-4-5-20251001", "anthropic")
+    assert haiku.prices[0].input == Decimal("0.80")  # the operator's entry, found first
+    assert haiku.prices[0].web_search == Decimal("10.00")
+    shipped_haiku = entry(shipped, "claude-haiku-4-5", "anthropic")
+    assert (haiku.context_window, haiku.max_output_tokens) == (
+        shipped_haiku.context_window,
+        shipped_haiku.max_output_tokens,
+    )
+    assert entry(catalog, "claude-sonnet-4-5", "anthropic").prices[0].web_search is None
+    searched = Usage(input_tokens=1000, web_search_requests=4)
+    cost = priced(response("gpt-4o", searched, provider="openai"), catalog)
+    assert cost.web_search == Decimal("0.04")

@@ -20,6 +20,7 @@ from llmtap.events import Attribution, CostedEvent, Usage
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
+from sql.migrate import available, migrate
 from sql.retention import apply_retention, current_ttl_days
 from sql.sqlapi import SqlError, SqlLimits, SqlRunner, json_row
 from sql.store import Store
@@ -196,3 +197,36 @@ async def test_an_https_dsn_trusts_a_private_ca_named_in_it(tmp_path: Path) -> N
         server.close()
         await server.wait_closed()
     assert requests and requests[0].split(b" ", 1)[0] in (b"GET", b"POST")
+
+
+def test_calls_stored_before_web_searches_were_priced_read_a_fee_as_their_costs_do(
+    tmp_path: Path,
+) -> None:
+    """0011 on a store holding calls: a priced call's search fee reads 0 (its costs
+    still add up to its total), an unpriced call's null like its other costs."""
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    try:
+        for migration in available():
+            if migration.version < 11:
+                for statement in migration.statements:
+                    store.command(statement)
+        store.command(
+            "INSERT INTO calls (event_id, request_id, ts_start, ts_end, tenant, model, "
+            "cost_input, cost_output, cost_total, unpriced) VALUES "
+            "(generateUUIDv4(), generateUUIDv4(), now64(3), now64(3), 'acme', 'gpt-4o', "
+            "0.25, 0.5, 0.75, false), "
+            "(generateUUIDv4(), generateUUIDv4(), now64(3), now64(3), 'acme', 'mystery', "
+            "NULL, NULL, NULL, true)"
+        )
+        assert 11 in migrate(store)
+        rows = store.rows(
+            "SELECT model, web_search_requests AS searches, cost_web_search AS fee, "
+            "cost_input + cost_output + cost_web_search = cost_total AS adds_up "
+            "FROM calls ORDER BY model"
+        )
+        assert rows == [
+            {"model": "gpt-4o", "searches": 0, "fee": Decimal(0), "adds_up": True},
+            {"model": "mystery", "searches": 0, "fee": None, "adds_up": None},
+        ]
+    finally:
+        store.close()

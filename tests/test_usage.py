@@ -626,3 +626,51 @@ def test_responses_api_stream_counts_the_searches_of_its_completed_response() ->
     capture = OpenAIStreamCapture(strip_usage_chunk=False)
     assert capture.feed(stream) + capture.finish() == stream
     assert capture.final_usage == Usage(input_tokens=9000, output_tokens=300, web_search_requests=2)
+
+
+def test_responses_api_stream_whose_final_output_is_empty_counts_the_searches_streamed() -> None:
+    # Some upstreams stream the items and leave the completed response's output empty.
+    created: dict[str, Any] = {
+        "type": "response.created",
+        "response": {"model": "gpt-5", "usage": None},
+    }
+    items: list[dict[str, Any]] = [
+        {"type": "response.output_item.done", "output_index": i, "item": item}
+        for i, item in enumerate(SEARCH_ITEMS)
+    ]
+    completed: dict[str, Any] = {
+        "type": "response.completed",
+        "response": {"model": "gpt-5", "output": [], "usage": RESPONSES_USAGE},
+    }
+    stream = b"".join(_event(e, b"\n\n") for e in [created, *items, completed])
+    for pieces in _random_pieces(stream):
+        capture = OpenAIStreamCapture(strip_usage_chunk=False)
+        forwarded = b"".join(capture.feed(piece) for piece in pieces) + capture.finish()
+        assert forwarded == stream
+        assert capture.final_usage.web_search_requests == 2
+
+
+def _search_result(index: int, content: Any) -> dict[str, Any]:
+    block = {"type": "web_search_tool_result", "tool_use_id": f"srvtoolu_{index}"}
+    return {"type": "content_block_start", "index": index, "content_block": {**block,
+            "content": content}}  # fmt: skip
+
+
+def test_anthropic_stream_cut_before_its_last_delta_counts_the_search_results_streamed() -> None:
+    found = [{"type": "web_search_result", "url": "https://example.com", "title": "x"}]
+    failed = {"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}
+    whole = _anthropic_stream({**ANTHROPIC_USAGE, "server_tool_use": {"web_search_requests": 2}})
+    start, rest = whole.split(b"\n\n", 1)
+    results = b"".join(
+        b"event: content_block_start\n" + _event(_search_result(i, content), b"\n\n")
+        for i, content in enumerate([found, failed, found], start=5)
+    )
+    # Cut short after the results: two searches ran (the error is not billed).
+    capture = AnthropicStreamCapture()
+    capture.feed(start + b"\n\n" + results)
+    assert capture.final_usage.web_search_requests == 2
+    # Whole: the last delta's count wins, whatever was streamed.
+    capture = AnthropicStreamCapture()
+    head, tail = rest.rsplit(b"event: message_delta", 1)
+    capture.feed(start + b"\n\n" + results + results + head + b"event: message_delta" + tail)
+    assert capture.final_usage.web_search_requests == 2

@@ -71,15 +71,17 @@ def anthropic_usage(usage: Any) -> Usage | None:
     )
 
 
-def with_searches(usage: Usage, response: dict[str, Any]) -> Usage:
+def with_searches(usage: Usage, response: dict[str, Any], streamed: int = 0) -> Usage:
     """``usage`` with the web searches a Responses API ``response`` ran: each
     ``web_search_call`` item of its ``output`` whose action is a search (not opening or
     reading a page; an item without an action is a search too). Its usage does not
-    count them."""
+    count them. A stream's final response may come with its ``output`` left empty (some
+    upstreams send the items only as they stream): then the ``streamed`` count."""
     output = response.get("output")
-    if not isinstance(output, list):
-        return usage
-    searches = sum(1 for item in output if _is_search(item))
+    if isinstance(output, list) and output:
+        searches = sum(1 for item in output if _is_search(item))
+    else:
+        searches = streamed
     return usage.model_copy(update={"web_search_requests": searches}) if searches else usage
 
 
@@ -282,19 +284,22 @@ class OpenAIStreamCapture(StreamCapture):
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         super().__init__()
         self._strip = strip_usage_chunk
+        self._searches = 0  # search items streamed (response.output_item.done)
 
     def _out(self, events: bytes) -> bytes:
         return _without_usage_null(events) if self._strip else events
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         # Responses API events carry the response object: {"type": ..., "response": {...}}
+        if chunk.get("type") == "response.output_item.done" and _is_search(chunk.get("item")):
+            self._searches += 1
         response = chunk.get("response")
         source = response if isinstance(response, dict) else chunk
         self._model(source)
         usage = openai_usage(source.get("usage"))
         if usage is None:
             return True
-        self.usage = with_searches(usage, source)
+        self.usage = with_searches(usage, source, self._searches)
         self.output_final = True
         self._kept.clear()
         usage_only = chunk.get("choices") == []
@@ -325,10 +330,10 @@ class OpenAIStreamCapture(StreamCapture):
 
 
 def _may_tell(data: bytes) -> bool:
-    """Whether an event's data may carry usage or an error ("usage":null tells nothing;
-    a quote in a JSON string is escaped, so the text streamed cannot look like either
-    key, only like the value "error")."""
-    if b'"error"' in data:
+    """Whether an event's data may carry usage, an error or a web search ("usage":null
+    tells nothing; a quote in a JSON string is escaped, so the text streamed cannot look
+    like any of these keys or types, only like the value "error")."""
+    if b'"error"' in data or b'"web_search_call"' in data or b'"web_search_tool_result"' in data:
         return True
     usages = data.count(b'"usage"')
     return usages > 1 or (usages == 1 and b'"usage":null' not in data)
@@ -369,6 +374,7 @@ class AnthropicStreamCapture(StreamCapture):
     def __init__(self) -> None:
         super().__init__()
         self._raw: dict[str, Any] = {}
+        self._searches = 0  # web search results streamed (their content_block_start)
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         kind = chunk.get("type")
@@ -378,15 +384,28 @@ class AnthropicStreamCapture(StreamCapture):
             usage = message.get("usage") if isinstance(message, dict) else None
         elif kind == "message_delta":
             usage = chunk.get("usage")
+        elif kind == "content_block_start":
+            if _searched(chunk.get("content_block")):
+                self._searches += 1
+                self._count()
+            return True
         else:
             return True
         if isinstance(usage, dict):
             self._raw.update({k: v for k, v in usage.items() if v is not None})
-            self.usage = anthropic_usage(self._raw)
+            self._count()
             if kind == "message_delta" and "output_tokens" in usage:
                 self.output_final = True
                 self._kept.clear()
         return True
+
+    def _count(self) -> None:
+        """The usage so far. Searches are counted by the final message_delta; until it
+        comes (a stream cut short), by the search results streamed."""
+        usage = anthropic_usage(self._raw) if self._raw else None
+        if usage is not None and self._searches and "server_tool_use" not in self._raw:
+            usage = usage.model_copy(update={"web_search_requests": self._searches})
+        self.usage = usage
 
     def _texts(self, chunk: dict[str, Any]) -> list[str]:
         delta = chunk.get("delta") if chunk.get("type") == "content_block_delta" else None
@@ -394,6 +413,15 @@ class AnthropicStreamCapture(StreamCapture):
             return []
         texts = (_str(delta.get(key)) for key in ("text", "partial_json", "thinking"))
         return [text for text in texts if text]
+
+
+def _searched(block: Any) -> bool:
+    """A web search's result block (a list of results; an error is not billed)."""
+    return (
+        isinstance(block, dict)
+        and block.get("type") == "web_search_tool_result"
+        and isinstance(block.get("content"), list)
+    )
 
 
 def _event_end(buffer: bytes) -> tuple[int, int]:

@@ -147,7 +147,7 @@ def unstorable(event: Costed) -> str:
         u.web_search_requests,
     )
     if most > UINT32_MAX:
-        return f"a token count of {most} is more than calls holds (UInt32)"
+        return f"a token or search count of {most} is more than calls holds (UInt32)"
     return ""
 
 
