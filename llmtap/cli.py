@@ -28,13 +28,13 @@ CONFIG_HELP = "YAML config file (see README)"
 async def _wait_for_topics(settings: Settings) -> bool:
     """Block until the broker answers and llmtap's topics exist (True), or the broker
     refuses to make them (False, said)."""
-    from llmtap.supervisor import topics_ready
+    from llmtap.probes import broker_problem
     from llmtap.topics import TopicsRefused
 
     replicas = settings.topic_replication_factor
     try:
-        while not await topics_ready(settings.kafka, settings.topic_partitions, replicas):
-            log.info("waiting for the broker at %s", settings.kafka_bootstrap)
+        while problem := await broker_problem(settings.kafka, settings.topic_partitions, replicas):
+            log.info("waiting for the broker at %s: %s", settings.kafka_bootstrap, problem)
             await asyncio.sleep(1.0)
     except TopicsRefused as exc:
         log.error("%s", exc)

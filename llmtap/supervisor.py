@@ -35,6 +35,7 @@ import aiohttp
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.kafka import Kafka
+from llmtap.probes import topics_ready
 from stream.app import ready_file
 
 log = logging.getLogger("llmtap.up")
@@ -318,19 +319,6 @@ def broker_argv(bootstrap: str, advertised: str | None = None) -> list[str]:
     ]
 
 
-async def topics_ready(kafka: Kafka, partitions: int, replicas: int = 1) -> bool:
-    if not await listening(kafka.bootstrap):
-        return False  # asked before it listens, aiokafka logs a refused connection as ERROR
-    try:
-        await topics.ensure_topics(kafka, partitions, replicas)
-    except topics.TopicsRefused:
-        raise  # for good: said, not waited on
-    except Exception as exc:  # the broker is still starting: any other failure means "not yet"
-        log.debug("broker not ready: %s", exc)
-        return False
-    return True
-
-
 @contextlib.asynccontextmanager
 async def embedded_broker(
     bootstrap: str, partitions: int, timeout_s: float = 30.0, replicas: int = 1
@@ -356,20 +344,6 @@ async def embedded_broker(
         if process.returncode is None:
             process.terminate()
         await process.wait()
-
-
-async def listening(bootstrap: str) -> bool:
-    """Whether the first broker of ``bootstrap`` accepts a TCP connection."""
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    try:
-        connecting = asyncio.open_connection(host.strip("[]"), int(port))
-        _, writer = await asyncio.wait_for(connecting, 2)
-    except (OSError, TimeoutError, ValueError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 async def http_ok(url: str) -> bool:

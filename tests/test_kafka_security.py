@@ -18,6 +18,7 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from llmtap import topics
 from llmtap.kafka import Kafka
+from llmtap.probes import broker_problem
 from tests.conftest import FakeUpstream, run_llmtap
 from tests.fake_provider import SNAPSHOT
 from tests.test_e2e import expected_cost, model_row
@@ -86,6 +87,9 @@ async def test_a_broker_certificate_from_another_ca_is_refused(
         with pytest.raises(KafkaConnectionError):
             await topics.ensure_topics(trusting_other, 2)
         assert len(broker.front.subjects) == before  # no session was opened
+        # What `llmtap` says while it waits: the reason, not a bare "waiting".
+        problem = await broker_problem(trusting_other, 2)
+        assert "TLS with" in problem and "CERTIFICATE_VERIFY_FAILED" in problem
 
 
 async def test_a_client_without_its_certificate_is_refused(certificates: Certificates) -> None:
@@ -95,6 +99,8 @@ async def test_a_client_without_its_certificate_is_refused(certificates: Certifi
         with pytest.raises(KafkaConnectionError):
             await topics.ensure_topics(no_certificate, 2)
         assert len(broker.front.subjects) == before
+        problem = await broker_problem(no_certificate, 2)
+        assert "TLS with" in problem and "CERTIFICATE" in problem.upper(), problem
         # The same client with its certificate gets through.
         await topics.ensure_topics(client_of(broker.front, certificates), 2)
         assert broker.front.subjects[before:] and set(broker.front.subjects[before:]) == {CLIENT}
@@ -122,6 +128,9 @@ async def test_sasl_scram_credentials_reach_a_broker_that_requires_authenticatio
         # a SCRAM error message that aiokafka fails to parse (KeyError 'v').
         with pytest.raises((KafkaError, KeyError)):
             await topics.ensure_topics(scram, 2)
+        problem = await broker_problem(scram, 2)
+        assert "SASL SCRAM-SHA-256 authentication failed" in problem, problem
+        assert "'ledger-svc'" in problem and "not-a-known-password" not in problem
     assert b"SCRAM-SHA-256" in broker.front.sent  # the handshake's mechanism
     assert b"n=ledger-svc,r=" in broker.front.sent  # SCRAM's client-first message
     assert b"not-a-known-password" not in broker.front.sent  # SCRAM never sends it

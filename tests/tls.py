@@ -21,7 +21,8 @@ from pathlib import Path
 import trustme
 
 from llmtap.kafka import Kafka
-from llmtap.supervisor import broker_argv, topics_ready
+from llmtap.probes import topics_ready
+from llmtap.supervisor import broker_argv
 from tests.fake_provider import free_port
 
 HOST = "127.0.0.1"

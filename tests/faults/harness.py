@@ -36,7 +36,8 @@ import aiohttp
 from ingress.guards.keys import create_key
 from llmtap import topics
 from llmtap.config import Settings
-from llmtap.supervisor import broker_argv, topics_ready
+from llmtap.probes import topics_ready
+from llmtap.supervisor import broker_argv
 from stream.app import ready_file
 from tests.fake_provider import free_port
 

@@ -15,7 +15,7 @@ import pytest
 from openai import APIConnectionError, AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
-from llmtap.supervisor import listening
+from llmtap.probes import listening
 from tests.faults.conftest import MakeCluster, Upstream
 from tests.faults.harness import Cluster, until
 
