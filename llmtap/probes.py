@@ -34,7 +34,7 @@ async def broker_problem(kafka: Kafka, partitions: int, replicas: int = 1) -> st
     by us), SASL credentials refused, or what the Kafka client said. A broker that
     refuses to make the topics raises :class:`topics.TopicsRefused`: that is for good."""
     if not await listening(kafka.bootstrap):
-        return f"nothing accepts a connection at {_first(kafka.bootstrap)} yet"
+        return f"nothing accepts a connection at {kafka.bootstrap} yet"
     try:
         await topics.ensure_topics(kafka, partitions, replicas)
     except topics.TopicsRefused:
@@ -43,7 +43,7 @@ async def broker_problem(kafka: Kafka, partitions: int, replicas: int = 1) -> st
         log.debug("broker not ready: %r", exc)
         if kafka.tls and (refused := await tls_refusal(kafka)):
             return refused
-        if kafka.sasl and isinstance(exc, KeyError):
+        if _scram_refused(kafka, exc):
             # aiokafka reads SCRAM's server-final message for its proof ("v="); a
             # broker that refused the client's proof sent an error ("e=") instead.
             return (
@@ -53,6 +53,17 @@ async def broker_problem(kafka: Kafka, partitions: int, replicas: int = 1) -> st
             )
         return f"{type(exc).__name__}: {exc}"
     return ""
+
+
+def _scram_refused(kafka: Kafka, exc: Exception) -> bool:
+    """aiokafka (0.14) reading a SCRAM refusal: the server-final message's proof
+    (``params["v"]``) is missing."""
+    return (
+        kafka.sasl
+        and (kafka.sasl_mechanism or "").startswith("SCRAM")
+        and isinstance(exc, KeyError)
+        and exc.args == ("v",)
+    )
 
 
 async def tls_refusal(kafka: Kafka) -> str:
@@ -72,36 +83,42 @@ async def tls_refusal(kafka: Kafka) -> str:
                 f"TLS with {host}:{port}: the broker closed the session after the handshake, "
                 f"as one that requires a client certificate does{hint}"
             )
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS with {host}:{port} failed: {exc.reason}: {exc.verify_message}"
     except ssl.SSLError as exc:
         return f"TLS with {host}:{port} failed: {exc.reason or exc}"
     except (OSError, TimeoutError, ValueError):
         return ""
     finally:
         if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
+            # Nothing to flush; a graceful TLS close would wait for the peer's answer
+            # (up to 30 s from a broker that hangs).
+            writer.transport.abort()
     return ""
 
 
 async def listening(bootstrap: str) -> bool:
-    """Whether the first broker of ``bootstrap`` accepts a TCP connection."""
-    try:
-        host, port = _host_port(bootstrap)
-        connecting = asyncio.open_connection(host, port)
-        _, writer = await asyncio.wait_for(connecting, 2)
-    except (OSError, TimeoutError, ValueError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    """Whether a broker of ``bootstrap`` accepts a TCP connection (any: the client
+    bootstraps from whichever answers)."""
+    for address in bootstrap.split(","):
+        try:
+            host, port = _host_port(address)
+            connecting = asyncio.open_connection(host, port)
+            _, writer = await asyncio.wait_for(connecting, 2)
+        except (OSError, TimeoutError, ValueError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
 
 
 def _first(bootstrap: str) -> str:
     return bootstrap.split(",")[0].strip()
 
 
-def _host_port(bootstrap: str) -> tuple[str, int]:
-    host, _, port = _first(bootstrap).rpartition(":")
+def _host_port(address: str) -> tuple[str, int]:
+    """Host and port of a ``host:port`` (the first of a bootstrap list)."""
+    host, _, port = _first(address).rpartition(":")
     return host.strip("[]"), int(port)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmtap.config import Settings
+from llmtap.probes import listening
 from llmtap.supervisor import (
     RESTART_MAX_S,
     RESTART_MIN_S,
@@ -20,6 +21,7 @@ from llmtap.supervisor import (
     Supervisor,
 )
 from llmtap.topics import TopicsRefused
+from tests.fake_provider import free_port
 
 
 def test_a_stage_that_keeps_dying_waits_twice_as_long_each_time_up_to_the_most() -> None:
@@ -74,3 +76,17 @@ async def test_a_broker_that_refuses_llmtap_s_topics_fails_the_start_saying_why(
     supervisor = Supervisor(Settings(data_dir=tmp_path))
     with pytest.raises(StartupFailed, match=r"broker: .*llmtap\.requests: PolicyViolationError"):
         await supervisor.wait_ready("broker", refused)
+
+
+async def test_a_broker_listens_when_any_of_the_bootstrap_list_does() -> None:
+    """Clients bootstrap from whichever broker answers: the first being down is not
+    "nothing listens"."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    up = server.sockets[0].getsockname()[1]
+    down = free_port()
+    try:
+        assert await listening(f"127.0.0.1:{down}, 127.0.0.1:{up}")
+        assert not await listening(f"127.0.0.1:{down}")
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -669,6 +669,14 @@ def test_anthropic_stream_cut_before_its_last_delta_counts_the_search_results_st
     capture = AnthropicStreamCapture()
     capture.feed(start + b"\n\n" + results)
     assert capture.final_usage.web_search_requests == 2
+    # The same when message_start said 0 searches, before any ran.
+    said_none = start.replace(
+        b'"usage":{', b'"usage":{"server_tool_use":{"web_search_requests":0},'
+    )
+    assert said_none != start
+    capture = AnthropicStreamCapture()
+    capture.feed(said_none + b"\n\n" + results)
+    assert capture.final_usage.web_search_requests == 2
     # Whole: the last delta's count wins, whatever was streamed.
     capture = AnthropicStreamCapture()
     head, tail = rest.rsplit(b"event: message_delta", 1)

@@ -375,6 +375,7 @@ class AnthropicStreamCapture(StreamCapture):
         super().__init__()
         self._raw: dict[str, Any] = {}
         self._searches = 0  # web search results streamed (their content_block_start)
+        self._searches_told = False  # a message_delta carried the provider's count
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         kind = chunk.get("type")
@@ -393,6 +394,8 @@ class AnthropicStreamCapture(StreamCapture):
             return True
         if isinstance(usage, dict):
             self._raw.update({k: v for k, v in usage.items() if v is not None})
+            if kind == "message_delta" and isinstance(usage.get("server_tool_use"), dict):
+                self._searches_told = True
             self._count()
             if kind == "message_delta" and "output_tokens" in usage:
                 self.output_final = True
@@ -400,11 +403,14 @@ class AnthropicStreamCapture(StreamCapture):
         return True
 
     def _count(self) -> None:
-        """The usage so far. Searches are counted by the final message_delta; until it
-        comes (a stream cut short), by the search results streamed."""
+        """The usage so far. Searches are counted by a message_delta's usage; until one
+        does (a stream cut short), the search results streamed count too (message_start
+        may say 0 before any search ran)."""
         usage = anthropic_usage(self._raw) if self._raw else None
-        if usage is not None and self._searches and "server_tool_use" not in self._raw:
-            usage = usage.model_copy(update={"web_search_requests": self._searches})
+        if usage is not None and not self._searches_told:
+            searches = max(usage.web_search_requests, self._searches)
+            if searches != usage.web_search_requests:
+                usage = usage.model_copy(update={"web_search_requests": searches})
         self.usage = usage
 
     def _texts(self, chunk: dict[str, Any]) -> list[str]:
