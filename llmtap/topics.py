@@ -69,8 +69,8 @@ async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> Non
     """Create llmtap's topics if they do not exist yet (idempotent); TopicsRefused if
     the broker will not."""
     admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
-    await admin.start()
     try:
+        await admin.start()  # in the try: a start that fails is closed too (asked again)
         existing = set(await admin.list_topics())
         names = kafka.names
         missing = [name for name in names.topics if name not in existing]
