@@ -44,6 +44,13 @@ def catalog() -> Catalog:
     return load_catalog()
 
 
+def with_operator_file(tmp_path: Path, text: str) -> Catalog:
+    """The shipped catalog merged with an operator's ``pricing_file`` holding ``text``."""
+    extra = tmp_path / "prices.yaml"
+    extra.write_text(text)
+    return load_catalog(extra=extra)
+
+
 def assert_all_decimal(cost: Cost) -> None:
     for name in COST_FIELDS:
         value = getattr(cost, name)
@@ -339,8 +346,8 @@ def test_price_is_deterministic(catalog: Catalog) -> None:
 
 
 def test_an_operator_file_overrides_and_adds_models(tmp_path: Path) -> None:
-    extra = tmp_path / "prices.yaml"
-    extra.write_text(
+    catalog = with_operator_file(
+        tmp_path,
         "models:\n"
         "  gpt-4o:\n"
         "    provider: openai\n"
@@ -350,9 +357,8 @@ def test_an_operator_file_overrides_and_adds_models(tmp_path: Path) -> None:
         "  acme-large:\n"
         "    provider: acme\n"
         "    prices:\n"
-        '      - {effective_from: 2024-01-01, input: "0.70", output: "2.10"}\n'
+        '      - {effective_from: 2024-01-01, input: "0.70", output: "2.10"}\n',
     )
-    catalog = load_catalog(extra=extra)
     usage = Usage(input_tokens=1000, cached_input_tokens=400, output_tokens=200)
 
     overridden = priced(response("gpt-4o-2024-08-06", usage), catalog)
@@ -376,8 +382,8 @@ def test_an_operator_file_overrides_and_adds_models(tmp_path: Path) -> None:
 def test_an_override_keeps_the_limits_it_does_not_name(tmp_path: Path) -> None:
     """An entry copied to change a price keeps the shipped limits a hard cap's worst
     case rests on; limits it names replace them, and a null drops one."""
-    extra = tmp_path / "prices.yaml"
-    extra.write_text(
+    catalog = with_operator_file(
+        tmp_path,
         "models:\n"
         "  GPT-4o:\n"  # matched case-insensitively, as lookups are
         "    provider: openai\n"
@@ -389,10 +395,9 @@ def test_an_override_keeps_the_limits_it_does_not_name(tmp_path: Path) -> None:
         "  o4-mini:\n"
         "    provider: openai\n"
         "    context_window: null\n"
-        '    prices: [{effective_from: 2024-01-01, input: "1.10", output: "4.40"}]\n'
+        '    prices: [{effective_from: 2024-01-01, input: "1.10", output: "4.40"}]\n',
     )
     shipped = load_catalog()
-    catalog = load_catalog(extra=extra)
 
     def limits(cat: Catalog, model: str) -> tuple[int | None, int | None]:
         found = cat.lookup(model)
@@ -782,8 +787,8 @@ def test_two_prices_on_one_day_are_refused() -> None:
 
 
 def test_an_operator_file_overrides_per_provider_and_adds_providers(tmp_path: Path) -> None:
-    extra = tmp_path / "prices.yaml"
-    extra.write_text(
+    catalog = with_operator_file(
+        tmp_path,
         "models:\n"
         "  GROQ/llama-3.3-70b-versatile:\n"  # replaces the shipped entry, whatever the case
         "    provider: groq\n"
@@ -792,9 +797,8 @@ def test_an_operator_file_overrides_per_provider_and_adds_providers(tmp_path: Pa
         "  fireworks/meta-llama/llama-4-scout-17b-16e-instruct:\n"
         "    provider: fireworks\n"
         "    prices:\n"
-        '      - {effective_from: 2024-01-01, input: "0.15", output: "0.60"}\n'
+        '      - {effective_from: 2024-01-01, input: "0.15", output: "0.60"}\n',
     )
-    catalog = load_catalog(extra=extra)
     assert "groq/llama-3.3-70b-versatile" not in catalog.models
     usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
     groq, family = costed_at(catalog, "llama-3.3-70b-versatile", usage, "groq")
@@ -810,8 +814,8 @@ def test_an_operator_file_overrides_per_provider_and_adds_providers(tmp_path: Pa
 def test_an_operator_file_can_date_a_new_price_without_repricing_history(
     tmp_path: Path,
 ) -> None:
-    extra = tmp_path / "prices.yaml"
-    extra.write_text(
+    catalog = with_operator_file(
+        tmp_path,
         "models:\n"
         "  gpt-4.1:\n"
         "    provider: openai\n"
@@ -819,9 +823,8 @@ def test_an_operator_file_can_date_a_new_price_without_repricing_history(
         '      - {effective_from: 2025-04-14, input: "2.00", cached_input: "0.50",'
         ' output: "8.00"}\n'
         '      - {effective_from: 2026-12-01, input: "1.00", cached_input: "0.25",'
-        ' output: "4.00"}\n'
+        ' output: "4.00"}\n',
     )
-    catalog = load_catalog(extra=extra)
     usage = Usage(input_tokens=1_000, output_tokens=1_000)
     old, _ = costed_at(catalog, "gpt-4.1", usage, "openai", ts=datetime(2026, 11, 30, tzinfo=UTC))
     assert old.total == Decimal("0.01")  # 1,000 x 2.00 + 1,000 x 8.00
@@ -869,8 +872,8 @@ def test_a_call_that_only_searched_is_priced(catalog: Catalog) -> None:
 
 
 def test_searches_without_a_fee_in_the_catalog_are_counted_at_no_fee(tmp_path: Path) -> None:
-    extra = tmp_path / "prices.yaml"
-    extra.write_text(
+    catalog = with_operator_file(
+        tmp_path,
         "models:\n"
         "  vllm/my-model:\n"
         "    provider: vllm\n"
@@ -878,9 +881,8 @@ def test_searches_without_a_fee_in_the_catalog_are_counted_at_no_fee(tmp_path: P
         "  acme-search:\n"
         "    provider: acme\n"
         '    prices: [{effective_from: 2025-01-01, input: "1.00", output: "1.00",'
-        ' web_search: "5.00"}]\n'
+        ' web_search: "5.00"}]\n',
     )
-    catalog = load_catalog(extra=extra)
     usage = Usage(input_tokens=1_000_000, web_search_requests=7)
     assert priced(response("my-model", usage, provider="vllm"), catalog).total == Decimal("1.00")
     cost = priced(response("acme-search", usage, provider="acme"), catalog)
@@ -893,8 +895,8 @@ def test_an_override_keeps_the_search_fee_and_limits_of_the_entry_it_shadows(
     """An override of a token price (by its name, or scoped to its provider, which is
     looked up first) keeps the shipped search fee on each of its prices, and the
     shipped limits; a fee it names (null included) is its own."""
-    extra = tmp_path / "prices.yaml"
-    extra.write_text(
+    catalog = with_operator_file(
+        tmp_path,
         "models:\n"
         "  gpt-4o:\n"
         "    provider: openai\n"
@@ -907,9 +909,9 @@ def test_an_override_keeps_the_search_fee_and_limits_of_the_entry_it_shadows(
         "  claude-sonnet-4-5:\n"
         "    provider: anthropic\n"
         '    prices: [{effective_from: 2025-09-29, input: "3.00", output: "15.00",'
-        " web_search: null}]\n"
+        " web_search: null}]\n",
     )
-    shipped, catalog = load_catalog(), load_catalog(extra=extra)
+    shipped = load_catalog()
 
     def entry(cat: Catalog, model: str, provider: str) -> ModelPrice:
         found = cat.lookup(model, provider)
