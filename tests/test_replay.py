@@ -212,6 +212,31 @@ async def test_an_insert_whose_messages_are_gone_is_counted_not_guessed(
     assert calls(store) == 0
 
 
+async def test_inserts_committed_before_the_broker_forgot_them_are_not_lost(
+    store: Store,
+) -> None:
+    """The embedded broker keeps nothing over a restart, commits included. A writer
+    started on a fresh broker, with the store of one that wrote and committed, finds
+    the recorded inserts, the broker knowing none of their commits: they were
+    committed (calls_commits says so), not lost; nothing is repeated or reported."""
+    async with start_broker() as broker:
+        await produce(broker.bootstrap, [call() for _ in range(12)])
+        first = ClickHouseWriter(Settings(kafka_bootstrap=broker.bootstrap), store)
+        async with running(first):
+            await until(lambda: commits(store) >= 1 and calls(store) == 12, "written, committed")
+    assert replay.latest(store, Settings().kafka.names.sink_group) == []  # all committed
+    async with start_broker() as fresh:
+        await produce(fresh.bootstrap, [call()])
+        second = ClickHouseWriter(Settings(kafka_bootstrap=fresh.bootstrap), store)
+        async with running(second):
+            await until(lambda: calls(store) == 13, "the new call stored")
+    assert (second.inserts_repeated, second.inserts_lost) == (0, 0)
+
+
+def commits(store: Store) -> int:
+    return int(store.command("SELECT count() FROM calls_commits"))
+
+
 def test_uncommitted_inserts_are_those_past_the_groups_commit_on_its_partitions() -> None:
     a, b = TopicPartition(Names().costed, 0), TopicPartition(Names().costed, 1)
     done = replay.Recorded("t1", ((Names().costed, 0, 0, 10),), ())

@@ -8,6 +8,8 @@ would never get them. So before each insert the writer records it (``calls_inser
 its offset ranges, its token, the ids it left out), and a writer given partitions
 first repeats every recorded insert its consumer group has not committed: it reads the
 same ranges, rebuilds the same rows, and makes the insert again with the same token.
+"Committed" is what the broker says, or what the writer recorded after its commit
+(``calls_commits``): a broker that kept nothing over a restart forgets its commits.
 ``calls`` drops it; each view's table drops it or, if it lacks it, takes it
 (sinks/clickhouse/write.py, sql/migrations/0009_exact_replay.sql).
 
@@ -72,8 +74,16 @@ def record(store: Store, group: str, insert: CallsInsert, ranges: tuple[Range, .
     )
 
 
+def record_commit(store: Store, group: str, token: str) -> None:
+    """Record that a recorded insert's offsets were committed: it needs no repeat,
+    even once the broker has forgotten the commit (a broker that kept nothing)."""
+    store.insert(
+        "calls_commits", [(utcnow(), group, token)], ("committed", "consumer_group", "token")
+    )
+
+
 def latest(store: Store, group: str) -> list[Recorded]:
-    """The group's latest recorded inserts, oldest first."""
+    """The group's latest recorded inserts not recorded as committed, oldest first."""
     rows = store.rows(render("calls_inserts_latest"), {"consumer_group": group, "latest": LATEST})
     return [
         Recorded(

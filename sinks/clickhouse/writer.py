@@ -226,29 +226,39 @@ class ClickHouseWriter:
         self, consumer: AIOKafkaConsumer, decoding: asyncio.Future[Batch]
     ) -> None:
         batch = await decoding
-        await self._write(batch)
+        recorded = await self._write(batch)
         try:
             await consumer.commit(batch.offsets)
         except CommitFailedError as exc:
             # Partitions moved to another writer: it re-reads them, and the
             # duplicate check keeps the rows we wrote from being written twice.
             log.warning("commit after write failed (%s)", exc)
+            return
+        if recorded is not None:
+            try:
+                await asyncio.to_thread(replay.record_commit, self._store, self._group_id, recorded)
+            except Exception as exc:  # only a later start's check is the poorer for it
+                log.warning("could not record the commit of insert %s (%s)", recorded, exc)
 
-    def _prepare(self, batch: Batch) -> CallsInsert:
+    def _prepare(self, batch: Batch) -> tuple[CallsInsert, bool]:
+        """The batch's insert into ``calls``, and whether it was recorded."""
         insert = prepare_calls(self._store, batch)
         if insert.rows and batch.costed_ranges:
             replay.record(self._store, self._group_id, insert, batch.costed_ranges)
-        return insert
+            return insert, True
+        return insert, False
 
-    async def _write(self, batch: Batch) -> None:
+    async def _write(self, batch: Batch) -> str | None:
         """Write a batch, retrying until it is written: its insert into ``calls`` is
-        decided (and recorded) once, then repeated as it is."""
+        decided (and recorded) once, then repeated as it is. Returns the recorded
+        insert's token (None if none was recorded)."""
         backoff = 0.5
-        insert: CallsInsert | None = None
+        prepared: tuple[CallsInsert, bool] | None = None
         while True:
             try:
-                if insert is None:
-                    insert = await asyncio.to_thread(self._prepare, batch)
+                if prepared is None:
+                    prepared = await asyncio.to_thread(self._prepare, batch)
+                insert, recorded = prepared
                 written = await asyncio.to_thread(insert_calls, self._store, insert)
                 await asyncio.to_thread(write_others, self._store, batch)
             except Exception as exc:
@@ -261,7 +271,7 @@ class ClickHouseWriter:
             self.batches_written += 1
             self.dead_letters += len(batch.dead_letters)
             self.last_written_at = time.time()
-            return
+            return insert.token if recorded else None
 
 
 class _RepeatOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
