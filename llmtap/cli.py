@@ -102,14 +102,18 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             rpm=args.rpm,
             tpm=args.tpm,
         )
-        print(f"{secret}\n(key id {key.id}, tenant {key.tenant!r}; shown once, stored as a hash)")
+        print(
+            f"{secret}\n(key id {key.id}, tenant {key.tenant!r}; shown once, stored as a hash "
+            f"in {path.resolve()}, read by an llmtap run from here or with the same config)"
+        )
     elif args.action == "admin":
         secret = "lta_" + secrets.token_urlsafe(32)
         digest = hashlib.sha256(secret.encode()).hexdigest()
         print(
             f"{secret}\n(shown once; llmtap stores only its SHA-256 digest. Add it to the "
             f"config as\n  admin_key_hashes: [{digest}]\nor the environment as\n"
-            f"  LLMTAP_ADMIN_KEY_HASHES='[\"{digest}\"]')"
+            f"  LLMTAP_ADMIN_KEY_HASHES='[\"{digest}\"]'\nand restart the store process, "
+            "or `llmtap up`)"
         )
     elif args.action == "list":
         for key in keys.read_keys(path).keys:
