@@ -193,6 +193,10 @@ async def cut_short_then_taken_over(broker: Broker, store: Store) -> None:
         written = second.batches_written
         await produce(broker.bootstrap, [call()])
         await until(lambda: second.batches_written > written and calls(store) == 66, "one more")
+        # The repeated insert is committed past by the batches after it, and recorded so:
+        # a broker that forgot every commit would find nothing to repeat or count lost.
+        group = settings.kafka.names.sink_group
+        await until(lambda: not replay.latest(store, group), "every insert's commit recorded")
     assert rollup_requests(store) == dict.fromkeys(rollup_requests(store), 66)
     assert second.inserts_repeated == 1 and second.inserts_lost == 0
     assert int(store.command("SELECT uniqExact(event_id) FROM calls")) == 66
@@ -208,7 +212,7 @@ async def test_an_insert_whose_messages_are_gone_is_counted_not_guessed(
     replay.record(store, "a-group", insert, ((Names().costed, 0, 1000, 1003),))
     assigned = {TopicPartition(Names().costed, 0)}
     redone = await replay.repeat_uncommitted(store, Kafka(broker.bootstrap), "a-group", assigned)
-    assert redone == (0, 1)
+    assert redone == ([], 1)
     assert calls(store) == 0
 
 
@@ -223,7 +227,9 @@ async def test_inserts_committed_before_the_broker_forgot_them_are_not_lost(
         await produce(broker.bootstrap, [call() for _ in range(12)])
         first = ClickHouseWriter(Settings(kafka_bootstrap=broker.bootstrap), store)
         async with running(first):
-            await until(lambda: commits(store) >= 1 and calls(store) == 12, "written, committed")
+            await until(
+                lambda: calls(store) == 12 and commits(store) == inserts(store), "committed"
+            )
     assert replay.latest(store, Settings().kafka.names.sink_group) == []  # all committed
     async with start_broker() as fresh:
         await produce(fresh.bootstrap, [call()])
@@ -235,6 +241,10 @@ async def test_inserts_committed_before_the_broker_forgot_them_are_not_lost(
 
 def commits(store: Store) -> int:
     return int(store.command("SELECT count() FROM calls_commits"))
+
+
+def inserts(store: Store) -> int:
+    return int(store.command("SELECT count() FROM calls_inserts"))
 
 
 def test_uncommitted_inserts_are_those_past_the_groups_commit_on_its_partitions() -> None:
@@ -255,3 +265,18 @@ def test_costed_ranges_are_the_costed_partitions_spans_in_order() -> None:
         TopicPartition(Names().costed, 0): (2, 3),
     }
     assert replay.costed_ranges(spans) == ((Names().costed, 0, 2, 3), (Names().costed, 1, 5, 8))
+
+
+def test_an_insert_is_known_committed_once_commits_pass_every_range_it_holds() -> None:
+    a, b = TopicPartition("costed", 0), TopicPartition("costed", 1)
+    held = replay.Uncommitted()
+    held.add("t1", (("costed", 0, 0, 10), ("costed", 1, 0, 5)))
+    held.add("t2", (("costed", 0, 10, 20),))
+    assert held.commit({a: 10}) == []  # t1's partition 1 not yet
+    assert held.commit({b: 5}) == ["t1"]  # the commits so far pass both its ranges
+    assert held.commit({a: 15}) == []
+    held.keep(["t0"])  # its record failed: asked again at the next commit
+    assert held.commit({a: 20}) == ["t2", "t0"]
+    held.add("t3", (("costed", 1, 5, 9),))
+    held.forget([b])  # moved to another writer: its commits are its own
+    assert held.commit({b: 100}) == []

@@ -74,12 +74,58 @@ def record(store: Store, group: str, insert: CallsInsert, ranges: tuple[Range, .
     )
 
 
-def record_commit(store: Store, group: str, token: str) -> None:
-    """Record that a recorded insert's offsets were committed: it needs no repeat,
-    even once the broker has forgotten the commit (a broker that kept nothing)."""
+def record_commits(store: Store, group: str, tokens: Iterable[str]) -> None:
+    """Record that recorded inserts' offsets were committed: they need no repeat, even
+    once the broker has forgotten the commit (a broker that kept nothing)."""
+    now = utcnow()
     store.insert(
-        "calls_commits", [(utcnow(), group, token)], ("committed", "consumer_group", "token")
+        "calls_commits",
+        [(now, group, token) for token in tokens],
+        ("committed", "consumer_group", "token"),
     )
+
+
+class Uncommitted:
+    """A writer's recorded inserts (made, or repeated) whose offsets it has not yet
+    committed, by token: each is known committed once the group's commits pass the end
+    of every range it holds, by the batch that made it or by a later one (a repeated
+    insert, or one whose own commit failed, is committed past by the batches after)."""
+
+    def __init__(self) -> None:
+        self._ranges: dict[str, tuple[Range, ...]] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def add(self, token: str, ranges: tuple[Range, ...]) -> None:
+        self._ranges[token] = ranges
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> list[str]:
+        """The group committed ``offsets`` (partition: next offset): the tokens now
+        committed past, no longer held."""
+        self._committed.update(offsets)
+        done = [
+            token
+            for token, ranges in self._ranges.items()
+            if all(nxt <= self._committed.get(TopicPartition(t, p), -1) for t, p, _, nxt in ranges)
+        ]
+        for token in done:
+            del self._ranges[token]
+        return done
+
+    def keep(self, tokens: Iterable[str]) -> None:
+        """Hold ``tokens`` again: recording their commit failed (asked again next time)."""
+        for token in tokens:
+            self._ranges.setdefault(token, ())
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Partitions moved to another writer: what it commits there is its own."""
+        gone = set(partitions)
+        for tp in gone:
+            self._committed.pop(tp, None)
+        self._ranges = {
+            token: ranges
+            for token, ranges in self._ranges.items()
+            if not any(TopicPartition(t, p) in gone for t, p, _, _ in ranges)
+        }
 
 
 def latest(store: Store, group: str) -> list[Recorded]:
@@ -146,15 +192,16 @@ def rebuilt(recorded: Recorded, records: list[Record]) -> CallsInsert | None:
 
 async def repeat_uncommitted(
     store: Store, kafka: Kafka, group: str, assigned: set[TopicPartition]
-) -> tuple[int, int]:
+) -> tuple[list[Recorded], int]:
     """Repeat the group's uncommitted recorded inserts on ``assigned`` partitions;
-    return how many were repeated and how many could not be (their messages gone)."""
+    return those repeated and how many could not be (their messages gone)."""
     recorded = await asyncio.to_thread(latest, store, group)
     if not recorded:
-        return 0, 0
+        return [], 0
     partitions = {TopicPartition(t, p) for r in recorded for t, p, _, _ in r.ranges}
     committed = await committed_offsets(kafka, group, partitions)
-    repeated = lost = 0
+    repeated: list[Recorded] = []
+    lost = 0
     for r in uncommitted(recorded, committed, assigned):
         records = await read_ranges(kafka, r.ranges)
         insert = rebuilt(r, records) if records is not None else None
@@ -169,7 +216,7 @@ async def repeat_uncommitted(
             )
             continue
         await asyncio.to_thread(insert_calls, store, insert)
-        repeated += 1
+        repeated.append(r)
     if repeated:
-        log.warning("repeated %d uncommitted inserts into calls", repeated)
+        log.warning("repeated %d uncommitted inserts into calls", len(repeated))
     return repeated, lost

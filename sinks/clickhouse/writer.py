@@ -69,6 +69,7 @@ class ClickHouseWriter:
         self.rows_written = 0
         self.batches_written = 0
         self.write_failures = 0
+        self._uncommitted = replay.Uncommitted()  # recorded inserts not yet committed past
         self.inserts_repeated = 0  # recorded, uncommitted inserts made again
         self.inserts_lost = 0  # ... that could not be: their messages gone
         self.dead_letters = 0  # messages that could not be decoded, kept aside
@@ -99,9 +100,15 @@ class ClickHouseWriter:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            self.inserts_repeated += repeated
+            for r in repeated:  # committed past by the batches that follow
+                self._uncommitted.add(r.token, r.ranges)
+            self.inserts_repeated += len(repeated)
             self.inserts_lost += lost
             return
+
+    def forget(self, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away: what is committed there is no longer ours to record."""
+        self._uncommitted.forget(partitions)
 
     async def run(self) -> None:
         """Consume until cancelled; reconnect if the broker goes away."""
@@ -226,7 +233,7 @@ class ClickHouseWriter:
         self, consumer: AIOKafkaConsumer, decoding: asyncio.Future[Batch]
     ) -> None:
         batch = await decoding
-        recorded = await self._write(batch)
+        await self._write(batch)
         try:
             await consumer.commit(batch.offsets)
         except CommitFailedError as exc:
@@ -234,31 +241,31 @@ class ClickHouseWriter:
             # duplicate check keeps the rows we wrote from being written twice.
             log.warning("commit after write failed (%s)", exc)
             return
-        if recorded is not None:
+        done = self._uncommitted.commit(batch.offsets)
+        if done:
             try:
-                await asyncio.to_thread(replay.record_commit, self._store, self._group_id, recorded)
-            except Exception as exc:  # only a later start's check is the poorer for it
-                log.warning("could not record the commit of insert %s (%s)", recorded, exc)
+                await asyncio.to_thread(replay.record_commits, self._store, self._group_id, done)
+            except Exception as exc:  # asked again at the next commit
+                self._uncommitted.keep(done)
+                log.warning("could not record the commit of %d inserts (%s)", len(done), exc)
 
-    def _prepare(self, batch: Batch) -> tuple[CallsInsert, bool]:
-        """The batch's insert into ``calls``, and whether it was recorded."""
+    def _prepare(self, batch: Batch) -> CallsInsert:
         insert = prepare_calls(self._store, batch)
-        if insert.rows and batch.costed_ranges:
+        if _recorded(insert, batch):
             replay.record(self._store, self._group_id, insert, batch.costed_ranges)
-            return insert, True
-        return insert, False
+        return insert
 
-    async def _write(self, batch: Batch) -> str | None:
+    async def _write(self, batch: Batch) -> None:
         """Write a batch, retrying until it is written: its insert into ``calls`` is
-        decided (and recorded) once, then repeated as it is. Returns the recorded
-        insert's token (None if none was recorded)."""
+        decided (and recorded) once, then repeated as it is."""
         backoff = 0.5
-        prepared: tuple[CallsInsert, bool] | None = None
+        insert: CallsInsert | None = None
         while True:
             try:
-                if prepared is None:
-                    prepared = await asyncio.to_thread(self._prepare, batch)
-                insert, recorded = prepared
+                if insert is None:
+                    insert = await asyncio.to_thread(self._prepare, batch)
+                    if _recorded(insert, batch):  # here, on the loop that reads it
+                        self._uncommitted.add(insert.token, batch.costed_ranges)
                 written = await asyncio.to_thread(insert_calls, self._store, insert)
                 await asyncio.to_thread(write_others, self._store, batch)
             except Exception as exc:
@@ -271,7 +278,13 @@ class ClickHouseWriter:
             self.batches_written += 1
             self.dead_letters += len(batch.dead_letters)
             self.last_written_at = time.time()
-            return insert.token if recorded else None
+            return
+
+
+def _recorded(insert: CallsInsert, batch: Batch) -> bool:
+    """Whether the batch's insert into ``calls`` is recorded (replay.record) before it
+    is made: one with rows, from the costed topic."""
+    return bool(insert.rows and batch.costed_ranges)
 
 
 class _RepeatOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -281,7 +294,7 @@ class _RepeatOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
         self._writer = writer
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        return None
+        self._writer.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self._writer.repeat_uncommitted(set(assigned))
