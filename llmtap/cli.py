@@ -6,6 +6,7 @@ llmtap worker    the Faust stream worker
 llmtap store     ClickHouse migrations + writer + analytics API
 llmtap migrate   apply ClickHouse migrations and exit
 llmtap keys      virtual keys (create/list/revoke) and analytics admin keys (admin)
+llmtap alerts    alert webhooks: send a signed sample to an endpoint (test)
 """
 
 from __future__ import annotations

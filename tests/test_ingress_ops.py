@@ -301,3 +301,27 @@ async def test_a_provider_set_not_to_be_asked_for_stream_usage_is_not(
     event = await response_event(broker.bootstrap, request_id)
     assert event.status == "ok"
     assert event.usage.output_tokens_counted and event.usage.output_tokens > 0
+
+
+async def test_a_key_refused_for_a_false_claim_is_recorded_under_its_own_tenant(
+    ingress: str, ingress_settings: Settings, broker: Broker
+) -> None:
+    """A valid key claiming another team is refused (403), and the refusal is recorded
+    under the key's tenant and team, not the claim, nor no one: its tenant sees it."""
+    secret, key = create_key(ingress_settings.key_file, tenant="acme", team="search")
+    async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+        while True:
+            async with session.post(
+                f"{ingress}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": []},
+                headers={"Authorization": f"Bearer {secret}", "x-llmtap-team": "billing"},
+            ) as response:
+                if response.status != 401:  # the ingress has loaded the new key
+                    break
+            await asyncio.sleep(0.1)
+        assert response.status == 403
+        refused = response.headers["x-request-id"]
+    event = await response_event(broker.bootstrap, refused)
+    assert (event.status, event.error_class) == ("refused", "attribution_conflict")
+    who = event.attribution
+    assert (who.tenant, who.team, who.key_id) == ("acme", "search", key.id)

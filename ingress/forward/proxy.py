@@ -173,6 +173,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     try:
         identity = authenticate(request.headers, settings, request.app[KEYS])
     except Refusal as refusal:
+        if refusal.attribution is not None:
+            call.attribution = refusal.attribution
         return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
     call.attribution = identity.attribution
     try:

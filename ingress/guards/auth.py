@@ -20,6 +20,9 @@ class Refusal(Exception):
     message: str
     error_class: str
     code: str | None = None
+    # Who is refused, when that is known (a valid key making a false claim): the call is
+    # recorded under the key's tenant, team and user, so its tenant sees it.
+    attribution: Attribution | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
                 403,
                 f"this key is bound to {field} {bound!r}; x-llmtap-{field} cannot claim {wanted!r}",
                 "attribution_conflict",
+                attribution=Attribution(
+                    tenant=key.tenant, team=key.team, user=key.user, key_id=key.id
+                ),
             )
     attribution = Attribution(
         tenant=key.tenant,
