@@ -103,8 +103,11 @@ class ModelPrice(BaseModel):
         return self
 
     def at(self, when: datetime) -> Rates | None:
-        """The rates in force at ``when``: the latest entry not after it."""
-        day = when.date()
+        """The rates in force at ``when``: the latest entry not after its day."""
+        return self.on(when.date())
+
+    def on(self, day: date) -> Rates | None:
+        """The rates in force on ``day``: the latest entry not after it."""
         in_force = [r for r in self.prices if r.effective_from <= day]
         return max(in_force, key=lambda r: r.effective_from) if in_force else None
 
@@ -198,26 +201,17 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
         f: getattr(shipped, f) for f in _LIMITS if f not in entry.model_fields_set
     }
     if any("web_search" not in rates.model_fields_set for rates in entry.prices):
+        # The shipped fee on each price's day; before the shipped prices, their first.
         earliest = min(shipped.prices, key=lambda r: r.effective_from)
         update["prices"] = [
             rates
             if "web_search" in rates.model_fields_set
             else rates.model_copy(
-                update={"web_search": _in_force(shipped, rates.effective_from, earliest)}
+                update={"web_search": (shipped.on(rates.effective_from) or earliest).web_search}
             )
             for rates in entry.prices
         ]
     return entry.model_copy(update=update) if update else entry
-
-
-def _in_force(shipped: ModelPrice, day: date, earliest: Rates) -> Decimal | None:
-    """The shipped web search fee on ``day`` (before its first price: that price's)."""
-    in_force = [r for r in shipped.prices if r.effective_from <= day]
-    return (
-        max(in_force, key=lambda r: r.effective_from).web_search
-        if in_force
-        else (earliest.web_search)
-    )
 
 
 def _candidates(model: str, providers: frozenset[str]) -> list[str]:
@@ -275,15 +269,18 @@ _ZERO = Decimal(0)
 _NO_USD = _ZERO.quantize(MONEY_QUANTUM)
 
 
-def _usd(tokens: int, rate: Decimal, *more: tuple[int, Decimal]) -> Decimal:
-    """Tokens times USD-per-million rates, summed, then rounded once to a nano-dollar."""
+def _usd(
+    tokens: int, rate: Decimal, *more: tuple[int, Decimal], per: Decimal = PER_MILLION
+) -> Decimal:
+    """Tokens (or searches) times USD rates ``per`` million (or thousand), summed, then
+    rounded once to a nano-dollar."""
     exact = tokens * rate if tokens else _ZERO
     for more_tokens, more_rate in more:
         if more_tokens:
             exact += more_tokens * more_rate
     if not exact:
         return _NO_USD  # what rounding a zero gives: 0E-9
-    return (exact / PER_MILLION).quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
+    return (exact / per).quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
 def cost_of(usage: Usage | wire.Usage, rates: Rates) -> Cost:
@@ -335,10 +332,9 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
 def search_fee(searches: int, rates: Rates) -> Decimal:
     """The fee for ``searches`` web searches at the rates' per-thousand price, rounded
     once to a nano-dollar like the token costs."""
-    if not searches or rates.web_search is None:
+    if rates.web_search is None:
         return _NO_USD
-    exact = searches * rates.web_search / PER_THOUSAND
-    return exact.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
+    return _usd(searches, rates.web_search, per=PER_THOUSAND)
 
 
 class Rating(NamedTuple):

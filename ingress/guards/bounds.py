@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+# The fields naming a call's output ceiling, by API (the largest named is reserved).
+_OUTPUT_CEILINGS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 # Top-level fields naming content kept by the provider, when set.
 _KEPT = ("previous_response_id", "conversation", "web_search_options", "mcp_servers")
 # Tools the provider runs on its own side, by type (dated versions too, as Anthropic's
@@ -44,8 +46,8 @@ _PROVIDER_TOOLS = (
 def choices(payload: dict[str, Any]) -> int:
     """How many answers the call asks for (OpenAI's ``n``; ``best_of`` on completions
     generates that many): each may spend up to ``max_tokens``."""
-    asked = [payload.get(name) for name in ("n", "best_of")]
-    return max([1, *(v for v in asked if isinstance(v, int) and not isinstance(v, bool))])
+    asked = (_count(payload.get(name)) for name in ("n", "best_of"))
+    return max([1, *(v for v in asked if v is not None)])
 
 
 def prompts(payload: dict[str, Any], field: str | None) -> int:
@@ -62,10 +64,8 @@ def prompts(payload: dict[str, Any], field: str | None) -> int:
 def max_tokens(payload: dict[str, Any]) -> int | None:
     """The output ceiling the call names: the largest of the fields present, as an
     upstream may honour one and ignore another."""
-    named = [
-        payload.get(name) for name in ("max_completion_tokens", "max_output_tokens", "max_tokens")
-    ]
-    valid = [v for v in named if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    named = (_count(payload.get(name)) for name in _OUTPUT_CEILINGS)
+    valid = [v for v in named if v is not None]
     return max(valid) if valid else None
 
 
@@ -105,6 +105,7 @@ def web_searches(payload: dict[str, Any]) -> int | None:
 
 
 def _count(value: Any) -> int | None:
+    """A count the body gives: a non-negative integer (not a bool), else None."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
