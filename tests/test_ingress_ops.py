@@ -12,7 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from ingress.forward import tokens
-from ingress.guards.keys import create_key
+from ingress.guards.keys import create_key, read_keys
 from llmtap.config import ProviderConfig, Settings
 from llmtap.events import ResponseEvent
 from llmtap.names import Names
@@ -21,9 +21,9 @@ from tests.fake_provider import PROVIDER_REQUEST_ID
 from tests.prometheus import sample
 
 
-async def make_key(ingress: str, key_file: Path) -> str:
-    """A fresh virtual key, once the ingress has loaded it."""
-    secret, _ = create_key(key_file, tenant="acme")
+async def make_key(ingress: str, key_file: Path, team: str = "") -> str:
+    """A fresh virtual key of tenant acme (and ``team``), once the ingress has loaded it."""
+    secret, _ = create_key(key_file, tenant="acme", team=team)
     async with aiohttp.ClientSession() as session, asyncio.timeout(10):
         while True:
             async with session.post(
@@ -308,19 +308,16 @@ async def test_a_key_refused_for_a_false_claim_is_recorded_under_its_own_tenant(
 ) -> None:
     """A valid key claiming another team is refused (403), and the refusal is recorded
     under the key's tenant and team, not the claim, nor no one: its tenant sees it."""
-    secret, key = create_key(ingress_settings.key_file, tenant="acme", team="search")
-    async with aiohttp.ClientSession() as session, asyncio.timeout(10):
-        while True:
-            async with session.post(
-                f"{ingress}/v1/chat/completions",
-                json={"model": "gpt-4o", "messages": []},
-                headers={"Authorization": f"Bearer {secret}", "x-llmtap-team": "billing"},
-            ) as response:
-                if response.status != 401:  # the ingress has loaded the new key
-                    break
-            await asyncio.sleep(0.1)
-        assert response.status == 403
-        refused = response.headers["x-request-id"]
+    secret = await make_key(ingress, ingress_settings.key_file, team="search")
+    [key] = [k for k in read_keys(ingress_settings.key_file).keys if k.team == "search"]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{ingress}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": []},
+            headers={"Authorization": f"Bearer {secret}", "x-llmtap-team": "billing"},
+        ) as response:
+            assert response.status == 403
+            refused = response.headers["x-request-id"]
     event = await response_event(broker.bootstrap, refused)
     assert (event.status, event.error_class) == ("refused", "attribution_conflict")
     who = event.attribution
