@@ -39,6 +39,9 @@ class FakeProvider:
     web_searches: int = 0
     words: tuple[str, ...] = ("Hello", " from", " the", " fake", " provider")
     chunk_delay_s: float = 0.0
+    # Set: a chat stream's first event is written in two halves, the second only once
+    # this event is set (by a test that has seen the first half arrive).
+    second_half: asyncio.Event | None = None
     # Anthropic streams end in an "overloaded_error" event after the text, as Anthropic's
     # do when it is overloaded mid-answer (the 200 already sent).
     overloaded_mid_stream: bool = False
@@ -112,8 +115,13 @@ class FakeProvider:
             headers={"Content-Type": "text/event-stream", "x-request-id": PROVIDER_REQUEST_ID}
         )
         await response.prepare(request)
-        for c in chunks:
-            await response.write(b"data: " + orjson.dumps(c) + b"\n\n")
+        for i, c in enumerate(chunks):
+            event = b"data: " + orjson.dumps(c) + b"\n\n"
+            if i == 0 and self.second_half is not None:
+                await response.write(event[: len(event) // 2])
+                await self.second_half.wait()
+                event = event[len(event) // 2 :]
+            await response.write(event)
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
         await response.write(b"data: [DONE]\n\n")

@@ -188,6 +188,52 @@ async def test_streamed_bytes_are_forwarded_as_sent_when_client_asks_for_usage(
     )
 
 
+async def test_a_streamed_read_is_forwarded_before_its_event_ends(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    """A client that asked for usage gets every read as the provider wrote it, half an
+    event included: the proxy does not wait for an event's end to pass it on."""
+    body = {
+        "model": "gpt-4.1-nano",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    upstream.provider.second_half = asyncio.Event()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{llmtap_up.proxy_url}/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {llmtap_up.api_key}"},
+            ) as response,
+        ):
+            assert response.status == 200
+            # The provider holds the rest until this half has reached the client.
+            first = await asyncio.wait_for(response.content.readany(), timeout=10)
+            upstream.provider.second_half.set()
+            rest = await response.content.read()
+    finally:
+        upstream.provider.second_half.set()
+        upstream.provider.second_half = None
+    sent = upstream.provider.sent_chunks[-1]
+    expected = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in sent) + b"data: [DONE]\n\n"
+    assert first and b"\n\n" not in first
+    assert first + rest == expected
+    row = await model_row(
+        llmtap_up.api_url,
+        "gpt-4.1-nano" + SNAPSHOT,
+        lambda r: r["requests"] >= 1,
+    )
+    # Its usage was still read from the events, after they went out.
+    assert (row["requests"], row["input_tokens"], row["output_tokens"]) == (
+        1,
+        upstream.provider.prompt_tokens,
+        upstream.provider.completion_tokens,
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "param", "fragment"),
     [

@@ -280,34 +280,48 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 )
                 capture = api.stream_capture(strip_usage_chunk)
                 await response.prepare(request)
-                async for data in upstream.content.iter_any():
-                    out = capture.feed(data)
-                    if out:
-                        await response.write(out)
-                call.mark_upstream_done()
-                tail = capture.finish()
-                if tail:
-                    await response.write(tail)
+                if capture.verbatim:
+                    # The client gets each read as it comes; its events are read after.
+                    async for data in upstream.content.iter_any():
+                        try:
+                            await response.write(data)
+                        finally:  # a read the client missed was still generated
+                            capture.feed(data)
+                    call.mark_upstream_done()
+                    capture.finish()
+                else:
+                    async for data in upstream.content.iter_any():
+                        out = capture.feed(data)
+                        if out:
+                            await response.write(out)
+                    call.mark_upstream_done()
+                    tail = capture.finish()
+                    if tail:
+                        await response.write(tail)
                 if capture.error and status == "ok":  # it failed after the 200 went out
                     status, error_class = "upstream_error", capture.error
             else:
                 data = await upstream.read()
                 call.mark_upstream_done()
-                if upstream.status < 400:
-                    captured = api.json_capture(data)
-                    usage, model_served = captured.usage, captured.model
-                else:
-                    error_class = _provider_error_type(data) or error_class
-                    usage = Usage()
-                # The whole answer is here (its usage had to be read): one write sends
-                # the head and the body, with a Content-Length.
+                # The whole answer is here: one write sends the head and the body, with
+                # a Content-Length; its usage is read once the client has it.
                 response = web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
                     headers=answer_headers,
                     body=data,
                 )
-                await response.prepare(request)
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                finally:  # an answer the client missed was still generated
+                    if upstream.status < 400:
+                        captured = api.json_capture(data)
+                        usage, model_served = captured.usage, captured.model
+                    else:
+                        error_class = _provider_error_type(data) or error_class
+                        usage = Usage()
+                return response
             await response.write_eof()
             return response
     except ConnectionResetError:

@@ -147,7 +147,9 @@ class StreamCapture:
 
     ``feed`` takes raw bytes from the provider and returns the bytes to forward now:
     whole SSE events, byte for byte as received. A partial event waits for its end.
-    Subclasses read each event's JSON in ``_chunk`` and may hold one back.
+    Subclasses read each event's JSON in ``_chunk`` and may hold one back; one that
+    never does is :attr:`verbatim`, and the proxy then forwards each read as it comes
+    and feeds it here after (what it returns is not needed).
 
     Until the provider's final count of output tokens arrives, the events' data is kept
     as it came (not parsed: that is the hot path), so that a stream that breaks off, or
@@ -205,6 +207,12 @@ class StreamCapture:
     def _out(self, events: bytes) -> bytes:
         """The whole events to forward, as the client should get them (as received)."""
         return events
+
+    @property
+    def verbatim(self) -> bool:
+        """Every byte fed goes out unchanged: the proxy may forward what it reads before
+        feeding it here, instead of waiting for each event's end."""
+        return True
 
     @property
     def final_usage(self) -> Usage:
@@ -288,6 +296,10 @@ class OpenAIStreamCapture(StreamCapture):
 
     def _out(self, events: bytes) -> bytes:
         return _without_usage_null(events) if self._strip else events
+
+    @property
+    def verbatim(self) -> bool:
+        return not self._strip
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         # Responses API events carry the response object: {"type": ..., "response": {...}}
