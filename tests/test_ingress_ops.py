@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from ingress.forward import tokens
 from ingress.guards.keys import create_key, read_keys
 from llmtap.config import ProviderConfig, Settings
-from llmtap.events import ResponseEvent
+from llmtap.events import RequestEvent, ResponseEvent
 from llmtap.names import Names
 from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream, serve_ingress
 from tests.fake_provider import PROVIDER_REQUEST_ID
@@ -38,9 +38,14 @@ async def make_key(ingress: str, key_file: Path, team: str = "") -> str:
 
 async def response_event(bootstrap: str, request_id: str) -> ResponseEvent:
     """Read llmtap.responses from the start until the call's response event shows."""
-    consumer = AIOKafkaConsumer(
-        Names().responses, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    return ResponseEvent.model_validate_json(
+        await event_of(bootstrap, Names().responses, request_id)
     )
+
+
+async def event_of(bootstrap: str, topic: str, request_id: str) -> bytes:
+    """Read ``topic`` from the start until an event of the call shows; its JSON."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     await consumer.start()
     try:
         async with asyncio.timeout(30):
@@ -48,12 +53,52 @@ async def response_event(bootstrap: str, request_id: str) -> ResponseEvent:
                 batches = await consumer.getmany(timeout_ms=500)
                 for records in batches.values():
                     for record in records:
-                        assert record.value is not None
-                        event = ResponseEvent.model_validate_json(record.value)
-                        if str(event.request_id) == request_id:
-                            return event
+                        value: bytes | None = record.value
+                        assert value is not None
+                        if orjson.loads(value)["request_id"] == request_id:
+                            return value
     finally:
         await consumer.stop()
+
+
+async def test_a_call_forwarded_or_refused_after_its_route_has_its_request_event(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request event is published once the request has left for the provider, or,
+    for a call refused once its route is known (here: llmtap holds no key for that
+    provider), before its refusal's response event."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    keyless = ProviderConfig(base_url=upstream.base_url, api_key_env="LLMTAP_TEST_UNSET_KEY")
+    settings = ingress_settings.model_copy(
+        update={"providers": {"keyless": keyless}, "model_routes": {"keyless-*": "keyless"}}
+    )
+    monkeypatch.delenv("LLMTAP_TEST_UNSET_KEY", raising=False)
+    server = await serve_ingress(settings)
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        secret = await make_key(base, settings.key_file)
+        sent = {}
+        async with aiohttp.ClientSession() as session:
+            for model, status in (("gpt-4o", 200), ("keyless-model", 500)):
+                body = orjson.dumps({"model": model, "max_tokens": 7, "messages": []})
+                async with session.post(
+                    f"{base}/v1/chat/completions",
+                    data=body,
+                    headers={"Authorization": f"Bearer {secret}"},
+                ) as response:
+                    assert response.status == status
+                    sent[response.headers["x-request-id"]] = (model, len(body))
+    finally:
+        await server.close()
+    for request_id, (model, size) in sent.items():
+        event = RequestEvent.model_validate_json(
+            await event_of(broker.bootstrap, Names().requests, request_id)
+        )
+        assert (event.model_requested, event.request_bytes, event.max_tokens) == (model, size, 7)
+        assert event.attribution.tenant == "acme"
 
 
 async def test_metrics_count_calls_overhead_and_rejections(

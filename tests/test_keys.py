@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from ingress.guards.keys import create_key, read_keys, revoke_key
+from ingress.guards.auth import Refusal, authenticate
+from ingress.guards.keys import KeyStore, create_key, read_keys, revoke_key
 from llmtap.config import Settings
+from llmtap.events import Attribution
 from tests.conftest import INGRESS_PROVIDER_KEY as PROVIDER_KEY
 from tests.conftest import FakeUpstream, serve_ingress
 
@@ -141,3 +145,42 @@ async def test_passthrough_forwards_the_clients_own_key(
         await server.close()
     assert status == 200
     assert upstream.provider.received[-1].headers["Authorization"] == "Bearer sk-the-clients-own"
+
+
+def test_an_identity_follows_the_headers_and_the_key_file_of_each_call(tmp_path: Path) -> None:
+    """authenticate() keeps the identity it made for a key and its x-llmtap-* headers:
+    another header, a key edited in its file, a revoked key each get theirs."""
+    settings = Settings(data_dir=tmp_path)
+    secret, _ = create_key(settings.key_file, tenant="acme", team="search")
+    store = KeyStore(settings.key_file)
+    store.reload()
+
+    def who(**claims: str) -> Attribution:
+        headers = {"Authorization": f"Bearer {secret}"}
+        headers.update(
+            {"X-LLMTAP-" + name.upper().replace("_", "-"): value for name, value in claims.items()}
+        )
+        return authenticate(CIMultiDictProxy(CIMultiDict(headers)), settings, store).attribution
+
+    assert (who().team, who().feature) == ("search", "")
+    assert who(feature="chat").feature == "chat"
+    assert who(feature="mail").feature == "mail"
+    assert who(property_run="7").properties == {"run": "7"}
+    assert who(feature="chat").feature == "chat"
+    with pytest.raises(Refusal) as refused:
+        who(team="billing")
+    assert refused.value.status == 403
+
+    # The same key (same hash), given another team in its file: the new team.
+    settings.key_file.write_text(
+        settings.key_file.read_text().replace("team: search", "team: growth")
+    )
+    store.reload()
+    assert who(feature="chat").team == "growth"
+    assert who(team="growth").team == "growth"
+
+    assert revoke_key(settings.key_file, read_keys(settings.key_file).keys[0].id)
+    store.reload()
+    with pytest.raises(Refusal) as revoked:
+        who(feature="chat")
+    assert revoked.value.status == 401

@@ -37,6 +37,7 @@ from ingress.keys import (
     SETTINGS,
     UPSTREAM,
 )
+from ingress.publisher import EventPublisher
 from ingress.routing import NoRoute, resolve
 from ingress.spool import Delivered
 from llmtap import logs, topics, wire
@@ -106,6 +107,31 @@ def record_outcome(
     app[METRICS].observe(event)
 
 
+@dataclass
+class Announcement:
+    """A call's request event, published once: when its request has left for the
+    provider, or before its response event if the call ends first."""
+
+    publisher: EventPublisher
+    call: Call
+    request_bytes: int
+    max_tokens: int | None
+    done: bool = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        event = self.call.request_event(
+            request_bytes=self.request_bytes, max_tokens=self.max_tokens
+        )
+        self.publisher.publish(
+            self.publisher.names.requests,
+            topics.partition_key(self.call.request_id),
+            wire.encode(event),
+        )
+
+
 def upstream_credential(
     api: Api, name: str, provider: ProviderConfig, identity: Identity
 ) -> tuple[str, str] | None:
@@ -150,6 +176,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     ) -> None:
         record_outcome(request.app, call, status, http_status, usage, model, error, settle)
 
+    announce: Announcement | None = None  # the request event, once there is one
+
     def refuse(
         status: int,
         message: str,
@@ -158,6 +186,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         code: str | None = None,
     ) -> web.Response:
         """Answer without contacting the provider, and still record the call."""
+        if announce is not None:  # before the response event, as for every call
+            announce()
         response = api.error(status, message, param=param, code=code)
         response.headers["x-request-id"] = request_id
         outcome: Status = "refused"
@@ -216,11 +246,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         return refuse(400, str(exc), "no_route", "model")
     call.provider = route.provider
     most_tokens = max_tokens(payload)
-    publisher.publish(
-        publisher.names.requests,
-        topics.partition_key(call.request_id),
-        wire.encode(call.request_event(request_bytes=len(body), max_tokens=most_tokens)),
-    )
+    announce = announced = Announcement(publisher, call, len(body), most_tokens)
 
     rewritten = route.upstream_model != model
     if rewritten:
@@ -267,6 +293,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     response: web.StreamResponse | None = None
     capture: StreamCapture | None = None
     try:
+        # The request event is made once the request is on its way, while the provider
+        # works (two hops: before Python 3.12 aiohttp sends the body in a task of its own,
+        # scheduled by the post below).
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, announced)
         call.mark_sent()
         async with request.app[UPSTREAM].post(url, data=body, headers=headers) as upstream:
             call.mark_first_byte()
@@ -366,6 +397,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 # state that has counted past there has counted it.
                 return held.delivered if held is not None else None
 
+            announced()  # if the call ended before its turn came
             record(status, http_status, usage, model_served, error_class, settle)
             if key is not None and key.tpm:
                 used = usage.input_tokens + usage.output_tokens

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
-from ingress.forward.call import Claims, attribution_from, credential_of
+from ingress.forward.call import ATTRIBUTION_PREFIX, Claims, attribution_from, credential_of
 from ingress.guards.keys import KeyStore, VirtualKey
 from llmtap.config import Settings
 from llmtap.events import Attribution
@@ -33,6 +33,14 @@ class Identity:
 
 _BOUND = ("tenant", "team", "user")
 
+# A key's identity for the x-llmtap-* headers it came with, as made last time: most
+# calls repeat both, and making it (claims, checks, the attribution model) is most of
+# what authenticating costs. An entry serves only the very key object the store
+# returns now, so a key re-read from its file (revoked, edited) is judged afresh.
+_Claimed = tuple[tuple[str, str], ...]
+_made: dict[tuple[str, _Claimed], tuple[VirtualKey, Identity]] = {}
+_MADE_MAX = 4096
+
 
 def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeyStore) -> Identity:
     """The caller's identity, or a :class:`Refusal` (401 unknown key, 403 false claim).
@@ -51,7 +59,22 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
             "invalid_key",
             code="invalid_api_key",
         )
-    claimed = Claims.of(headers)
+    raw: _Claimed = tuple(
+        (name.lower(), value)
+        for name, value in headers.items()
+        if name[:9].lower() == ATTRIBUTION_PREFIX
+    )
+    made = _made.get((key.hash, raw))
+    if made is not None and made[0] is key:
+        return made[1]
+    identity = _identity(key, Claims.of(headers))
+    if len(_made) >= _MADE_MAX:
+        _made.clear()
+    _made[(key.hash, raw)] = (key, identity)
+    return identity
+
+
+def _identity(key: VirtualKey, claimed: Claims) -> Identity:
     for field in _BOUND:
         bound, wanted = getattr(key, field), getattr(claimed, field)
         if bound and wanted and wanted != bound:
