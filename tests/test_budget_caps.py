@@ -295,6 +295,17 @@ async def capped_client(settings: Settings, budget: BudgetConfig) -> AsyncIterat
         await server.close()
 
 
+def refusal_of(
+    refused: pytest.ExceptionInfo[RateLimitError], upstream: FakeUpstream, asked: int
+) -> str:
+    """The message of a budget refusal, checked to be one, with the provider not asked
+    past the ``asked`` calls it had before."""
+    assert len(upstream.provider.received) == asked
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "budget_exceeded"
+    return str(error["message"])
+
+
 async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_context(
     ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,13 +325,8 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
                 max_output_tokens=100,
                 previous_response_id=first.id,
             )
-    assert len(upstream.provider.received) == asked
-    error = refused.value.body
-    assert isinstance(error, dict) and error["code"] == "budget_exceeded"
-    assert (
-        "budget 'acme-1'" in error["message"]
-        and "worst case of this call $2.50" in (error["message"])
-    )
+    message = refusal_of(refused, upstream, asked)
+    assert "budget 'acme-1'" in message and "worst case of this call $2.50" in message
 
 
 async def test_each_prompt_of_a_completions_list_may_spend_max_tokens(
@@ -336,9 +342,7 @@ async def test_each_prompt_of_a_completions_list_may_spend_max_tokens(
         asked = len(upstream.provider.received)
         with pytest.raises(RateLimitError) as refused:
             await client.completions.create(model="gpt-4o", prompt=["hi"] * 8, max_tokens=200)
-    assert len(upstream.provider.received) == asked
-    error = refused.value.body
-    assert isinstance(error, dict) and error["code"] == "budget_exceeded"
+    refusal_of(refused, upstream, asked)
 
 
 async def test_a_call_that_may_search_reserves_the_fee_of_its_searches(
@@ -360,7 +364,4 @@ async def test_a_call_that_may_search_reserves_the_fee_of_its_searches(
             await client.responses.create(
                 model="gpt-4o", input="news?", max_output_tokens=100, tools=search, max_tool_calls=2
             )
-    assert len(upstream.provider.received) == asked
-    error = refused.value.body
-    assert isinstance(error, dict) and error["code"] == "budget_exceeded"
-    assert "worst case of this call $2.52" in error["message"]
+    assert "worst case of this call $2.52" in refusal_of(refused, upstream, asked)
