@@ -127,7 +127,9 @@ class Usage(_Model):
 
 
 class RequestEvent(_Model):
-    """Published by the ingress when a call arrives, before it is forwarded."""
+    """Published by the ingress for a call it routes to a provider, once the request
+    has left for it (a call refused after routing: before the refusal's response event;
+    one refused before routing, by its key or body, has only a response event)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["request"] = "request"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -143,13 +144,22 @@ async def test_readyz_follows_the_providers(ingress: str, upstream: FakeUpstream
     assert body["broker"] == "connected"
 
 
+@pytest.mark.parametrize("asks_usage", [False, True])
 async def test_a_client_hanging_up_mid_stream_is_still_recorded(
-    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+    ingress: str,
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    asks_usage: bool,
 ) -> None:
     """The client reads three words of five and hangs up: the provider's usage (last)
     never comes, and the event holds llmtap's count of what was streamed
-    (tests/test_counted_output.py)."""
+    (tests/test_counted_output.py). Asking for usage itself, the client gets the stream
+    read by read, and the reads are counted once the call is over."""
     secret = await make_key(ingress, ingress_settings.key_file)
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": [], "stream": True}
+    if asks_usage:
+        body["stream_options"] = {"include_usage": True}
     upstream.provider.chunk_delay_s = 0.2
     seen = ""
     try:
@@ -157,7 +167,7 @@ async def test_a_client_hanging_up_mid_stream_is_still_recorded(
             aiohttp.ClientSession() as session,
             session.post(
                 f"{ingress}/v1/chat/completions",
-                json={"model": "gpt-4o", "messages": [], "stream": True},
+                json=body,
                 headers={"Authorization": f"Bearer {secret}"},
             ) as response,
         ):

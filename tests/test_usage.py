@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ingress.forward.usage import (
+    HOLD_BYTES,
     AnthropicJsonCapture,
     AnthropicStreamCapture,
     OpenAIJsonCapture,
@@ -215,6 +216,41 @@ def test_stream_is_forwarded_byte_for_byte_and_usage_captured(
         assert _run(capture, pieces, sep) == expected, [len(p) for p in pieces]
         assert capture.final_usage == EXPECTED
         assert capture.model == SERVED
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+@pytest.mark.parametrize("split", SPLITS, ids=lambda f: f.__name__.strip("_"))
+def test_reads_held_and_read_after_capture_what_reads_fed_as_they_come(
+    sep: bytes, split: Any
+) -> None:
+    """A verbatim stream's reads go out first and are held (StreamCapture.hold), read
+    at the end: the same usage, model and text as feeding each read at once."""
+    stream, _ = _stream(sep)
+    for pieces in split(stream):
+        fed, held = (OpenAIStreamCapture(strip_usage_chunk=False) for _ in range(2))
+        assert fed.verbatim and held.verbatim
+        for piece in pieces:
+            fed.feed(piece)
+            held.hold(piece)
+        assert held.model == ""  # nothing read yet
+        fed.finish()
+        held.finish()
+        assert (held.final_usage, held.model, held.streamed_text()) == (
+            fed.final_usage,
+            fed.model,
+            fed.streamed_text(),
+        )
+    assert not OpenAIStreamCapture(strip_usage_chunk=True).verbatim
+
+
+def test_a_long_held_stream_is_read_as_it_goes() -> None:
+    """Held reads are read once HOLD_BYTES wait, so a long stream is not all in memory."""
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    event = _event(_chunk([_delta({"content": "x" * 1000})]), b"\n\n")
+    for _ in range(HOLD_BYTES // len(event) + 1):
+        capture.hold(event)
+    assert capture.model == SERVED  # read before the end
+    assert capture._held_bytes <= HOLD_BYTES
 
 
 # Lines of LF-only SSE events: content and usage-only chunks, [DONE], JSON that is not

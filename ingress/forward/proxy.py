@@ -1,8 +1,8 @@
 """The one forwarding path every metered route shares.
 
-Read and check the body, publish the request event, resolve the provider, forward,
-stream the answer back byte for byte while capturing usage, publish the response
-event, whatever happened. A route differs only by its :class:`Endpoint`.
+Read and check the body, resolve the provider, forward (publishing the request event
+while the provider works), stream the answer back byte for byte while capturing usage,
+publish the response event, whatever happened. A route differs only by its :class:`Endpoint`.
 """
 
 from __future__ import annotations
@@ -247,6 +247,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     call.provider = route.provider
     most_tokens = max_tokens(payload)
     announce = announced = Announcement(publisher, call, len(body), most_tokens)
+    # Made once the request is on its way, while the provider works: nothing below
+    # waits before the post, whose body aiohttp sends from a task of its own before
+    # Python 3.12, hence two hops. A refusal before then publishes it first, itself.
+    loop = asyncio.get_running_loop()
+    loop.call_soon(loop.call_soon, announced)
 
     rewritten = route.upstream_model != model
     if rewritten:
@@ -293,11 +298,6 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     response: web.StreamResponse | None = None
     capture: StreamCapture | None = None
     try:
-        # The request event is made once the request is on its way, while the provider
-        # works (two hops: before Python 3.12 aiohttp sends the body in a task of its own,
-        # scheduled by the post below).
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, announced)
         call.mark_sent()
         async with request.app[UPSTREAM].post(url, data=body, headers=headers) as upstream:
             call.mark_first_byte()
@@ -312,13 +312,14 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 capture = api.stream_capture(strip_usage_chunk)
                 await response.prepare(request)
                 if capture.verbatim:
-                    # The client gets each read as it comes; its events are read after.
+                    # The client gets each read as it comes; the events are read once
+                    # the whole answer is out (a read the client missed was generated
+                    # all the same, so it is held before it is written).
                     async for data in upstream.content.iter_any():
-                        try:
-                            await response.write(data)
-                        finally:  # a read the client missed was still generated
-                            capture.feed(data)
+                        capture.hold(data)
+                        await response.write(data)
                     call.mark_upstream_done()
+                    await response.write_eof()
                     capture.finish()
                 else:
                     async for data in upstream.content.iter_any():
@@ -329,8 +330,10 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                     tail = capture.finish()
                     if tail:
                         await response.write(tail)
+                    await response.write_eof()
                 if capture.error and status == "ok":  # it failed after the 200 went out
                     status, error_class = "upstream_error", capture.error
+                return response
             else:
                 data = await upstream.read()
                 call.mark_upstream_done()
@@ -353,8 +356,6 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                         error_class = _provider_error_type(data) or error_class
                         usage = Usage()
                 return response
-            await response.write_eof()
-            return response
     except ConnectionResetError:
         # The client went away mid-answer, or the proxy, stopping, closed the connection
         # once its grace ran out. What was streamed so far is still metered.
@@ -406,6 +407,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         if capture is None:
             finish(usage)
         else:  # a stream, finished or not: usage as far as it was seen
+            capture.catch_up()
             model_served = capture.model
             if capture.output_uncounted:  # broken off before the provider counted it
                 seen = capture

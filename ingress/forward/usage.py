@@ -140,6 +140,7 @@ class AnthropicJsonCapture(Capture):
 # before the provider counts them: this much at most (~15,000 tokens of chat chunks);
 # past it, the count is scaled by the bytes seen.
 KEEP_STREAMED_BYTES = 2 * 1024 * 1024
+HOLD_BYTES = 256 * 1024  # forwarded, not read yet (StreamCapture.hold)
 
 
 class StreamCapture:
@@ -148,8 +149,9 @@ class StreamCapture:
     ``feed`` takes raw bytes from the provider and returns the bytes to forward now:
     whole SSE events, byte for byte as received. A partial event waits for its end.
     Subclasses read each event's JSON in ``_chunk`` and may hold one back; one that
-    never does is :attr:`verbatim`, and the proxy then forwards each read as it comes
-    and feeds it here after (what it returns is not needed).
+    never does is :attr:`verbatim`, and the proxy then forwards each read as it comes,
+    gives it here with :meth:`hold`, and has it all read once the answer is out
+    (:meth:`catch_up`, which :meth:`finish` does first).
 
     Until the provider's final count of output tokens arrives, the events' data is kept
     as it came (not parsed: that is the hot path), so that a stream that breaks off, or
@@ -165,6 +167,22 @@ class StreamCapture:
         self._kept: list[bytes] = []
         self._kept_bytes = 0
         self._seen_bytes = 0
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+
+    def hold(self, data: bytes) -> None:
+        """Bytes already forwarded as they came (:attr:`verbatim`), to read later: at
+        the end, or once ``HOLD_BYTES`` wait (a long stream is read as it goes)."""
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > HOLD_BYTES:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Read what :meth:`hold` kept; the state then covers every byte given here."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        for data in held:
+            self.feed(data)
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._pending + data if self._pending else data
@@ -199,6 +217,7 @@ class StreamCapture:
 
     def finish(self) -> bytes:
         """The stream ended: whatever is left (an unterminated last event) goes out."""
+        self.catch_up()
         tail, self._pending = self._pending, b""
         if tail and not self._inspect(tail):
             return b""

@@ -36,10 +36,13 @@ _BOUND = ("tenant", "team", "user")
 # A key's identity for the x-llmtap-* headers it came with, as made last time: most
 # calls repeat both, and making it (claims, checks, the attribution model) is most of
 # what authenticating costs. An entry serves only the very key object the store
-# returns now, so a key re-read from its file (revoked, edited) is judged afresh.
+# returns now, so a key re-read from its file (revoked, edited) is judged afresh. Only
+# claims of up to _CLAIMS_KEPT bytes are kept (a header may hold 8 KB: 4,096 entries
+# of large ones would be gigabytes); a claim unique to each call is made each time.
 _Claimed = tuple[tuple[str, str], ...]
 _made: dict[tuple[str, _Claimed], tuple[VirtualKey, Identity]] = {}
 _MADE_MAX = 4096
+_CLAIMS_KEPT = 1024
 
 
 def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeyStore) -> Identity:
@@ -68,9 +71,10 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
     if made is not None and made[0] is key:
         return made[1]
     identity = _identity(key, Claims.of(headers))
-    if len(_made) >= _MADE_MAX:
-        _made.clear()
-    _made[(key.hash, raw)] = (key, identity)
+    if sum(len(name) + len(value) for name, value in raw) <= _CLAIMS_KEPT:
+        if len(_made) >= _MADE_MAX:
+            _made.clear()
+        _made[(key.hash, raw)] = (key, identity)
     return identity
 
 
