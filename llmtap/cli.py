@@ -131,18 +131,30 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _alerts_test(settings: Settings, name: str) -> int:
+    import jinja2
+
     from sinks.webhooks.guard import Refused
     from sinks.webhooks.probe import probe
 
     endpoint = next((e for e in settings.webhooks if e.name == name), None)
     if endpoint is None:
-        known = ", ".join(e.name for e in settings.webhooks) or "none configured"
+        known = ", ".join(e.name for e in settings.webhooks) or (
+            "none configured; give the configuration `llmtap up` runs with: "
+            "--config FILE or LLMTAP_CONFIG"
+        )
         print(f"no webhook endpoint named {name!r} (endpoints: {known})", file=sys.stderr)
         return 2
     try:
         alert, response = asyncio.run(probe(endpoint, allow_private=settings.webhook_allow_private))
     except Refused as exc:
         print(f"refused, nothing sent: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, jinja2.TemplateError) as exc:  # the template: none, or broken
+        kind = type(exc).__name__
+        print(
+            f"template {endpoint.template!r} of {name}: {kind}: {exc}; nothing sent",
+            file=sys.stderr,
+        )
         return 1
     if response.ok:
         print(f"delivered sample alert {alert.event_id} to {name}: HTTP {response.status}")

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from llmtap.config import Settings
 from llmtap.events import utcnow
 from llmtap.runtime import tune_gc
-from sinks.budget_seed import publish_states, rebuilt_state
+from sinks.budget_seed import publish_states, rebuilt_state, unraised
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.metrics import store_registry
 from sinks.webhooks.dispatcher import WebhookDispatcher
@@ -53,8 +53,19 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
         states = await asyncio.to_thread(
             lambda: [rebuilt_state(store, b, now) for b in settings.budgets]
         )
-        await publish_states(settings.kafka, states)
-        log.info("budget states rebuilt from ClickHouse: %d", len(states))
+        alerts = await asyncio.to_thread(
+            lambda: [
+                alert
+                for budget, state in zip(settings.budgets, states, strict=True)
+                for alert in unraised(store, budget, state)
+            ]
+        )
+        await publish_states(settings.kafka, states, alerts)
+        log.info(
+            "budget states rebuilt from ClickHouse: %d (thresholds never alerted: %d)",
+            len(states),
+            len(alerts),
+        )
     yield
     store.close()
 

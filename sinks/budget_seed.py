@@ -11,6 +11,7 @@ the topic and keep, per period, the largest spend seen.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -18,10 +19,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from llmtap.config import BudgetConfig
-from llmtap.events import BudgetState
+from llmtap.events import Alert, BudgetState
 from llmtap.kafka import Kafka
 from sql.store import Store, render
-from stream.budgets import fresh, status_of
+from stream.budgets import fresh, status_of, threshold_alert
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,36 @@ def rebuilt_state(store: Store, budget: BudgetConfig, now: datetime) -> BudgetSt
     )
 
 
-async def publish_states(kafka: Kafka, states: list[BudgetState]) -> None:
+def unraised(store: Store, budget: BudgetConfig, state: BudgetState) -> list[Alert]:
+    """The alerts of thresholds a rebuilt state has crossed that were never raised: a
+    budget added to the configuration (or its limit lowered) when its spend was already
+    past them. The stream raises a threshold only as a call crosses it, and a hard cap
+    refuses the calls that would: without these, a budget could refuse every call and
+    nobody hear of it. Each has the id the stream would give it, so one raised twice
+    (the stream too, or one not stored yet) is stored and delivered once."""
+    at = state.last_event_at or state.updated_at
+    alerts = [threshold_alert(budget, state, t, at) for t in state.crossed]
+    if not alerts:
+        return []
+    ids = [alert.event_id for alert in alerts]
+    stored = {row["event_id"] for row in store.rows(render("alerts_existing"), {"alert_ids": ids})}
+    return [alert for alert in alerts if alert.event_id not in stored]
+
+
+async def publish_states(
+    kafka: Kafka, states: list[BudgetState], alerts: Sequence[Alert] = ()
+) -> None:
+    """Publish rebuilt states to the budgets topic, and ``alerts`` to the alerts topic."""
     producer = AIOKafkaProducer(
         **kafka.producer_options("store-budgets"), request_timeout_ms=10_000
     )
     try:
         await producer.start()
+        for alert in alerts:
+            log.warning("%s", alert.message)
+            await producer.send_and_wait(
+                kafka.names.alerts, alert.model_dump_json().encode(), key=alert.event_id.bytes
+            )
         for state in states:
             await producer.send_and_wait(
                 kafka.names.budgets, state.model_dump_json().encode(), key=state.budget.encode()

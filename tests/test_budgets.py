@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 from llmtap.config import BudgetConfig
 from llmtap.events import Alert, Attribution, BudgetState, CostedEvent, Usage
-from sinks.budget_seed import rebuilt_state
+from sinks.budget_seed import rebuilt_state, unraised
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
+from sinks.webhooks.records import store_batch
 from sql.store import Store
-from stream.budgets import current, matches, period_bounds, spend
+from stream.budgets import current, matches, period_bounds, spend, threshold_alert
 from stream.ledger import Ledger
 from tests import sample
 
@@ -228,6 +229,31 @@ def test_a_state_rebuilt_from_clickhouse_is_one_every_reader_accepts(store: Stor
     assert state.last_event_at is not None and state.last_event_at.tzinfo is not None
     again = BudgetState.model_validate_json(state.model_dump_json())
     assert again == state
+
+
+def test_thresholds_a_rebuilt_state_crossed_unalerted_are_raised_once(store: Store) -> None:
+    """A budget configured when its spend is already past thresholds: the store raises
+    their alerts at start (the stream only raises a threshold as a call crosses it, and
+    a hard cap refuses those calls), with the ids the stream would give them, and not
+    again once they are stored."""
+    b = budget(name="late-added", limit_usd=Decimal("4"), period="day")
+    now = datetime.now(UTC)
+    write_batch(store, Batch(events=[costed("3.5", now - timedelta(minutes=1))]))
+    state = rebuilt_state(store, b, now)
+    assert state.crossed == (50, 80)
+    raised = unraised(store, b, state)
+    assert [(a.threshold, a.severity) for a in raised] == [
+        (Decimal(50), "info"),
+        (Decimal(80), "warning"),
+    ]
+    assert [a.event_id for a in raised] == [
+        threshold_alert(b, state, t, now).event_id for t in (50, 80)
+    ]
+    assert raised[1].observed == Decimal("3.5") and "passed 80%" in raised[1].message
+
+    store_batch(store, raised[:1], [], [])  # the first one was delivered and stored
+    assert unraised(store, b, state) == raised[1:]
+    assert unraised(store, b, rebuilt_state(store, budget(name="untouched"), now)) == []
 
 
 def test_a_repeat_or_an_unpriced_call_adds_nothing_but_is_counted_past() -> None:

@@ -575,7 +575,20 @@ async def test_alerts_test_command_sends_a_signed_sample(tmp_path: Path) -> None
         hooks = [
             {"name": "ops", "url": f"{rec.base_url}/ops", "secret": SECRET, "template": "text"},
             {"name": "closed", "url": f"{rec.base_url}/closed", "secret": SECRET},
+            {
+                "name": "gone",
+                "url": f"{rec.base_url}/ops",
+                "secret": SECRET,
+                "template": str(tmp_path / "missing.j2"),
+            },
+            {
+                "name": "typo",
+                "url": f"{rec.base_url}/ops",
+                "secret": SECRET,
+                "template": str(tmp_path / "typo.j2"),
+            },
         ]
+        (tmp_path / "typo.j2").write_text("{{ alert.rul }}")
         rec.behaviours["closed"] = Behaviour(always=403)
         env = {
             **os.environ,
@@ -603,3 +616,8 @@ async def test_alerts_test_command_sends_a_signed_sample(tmp_path: Path) -> None
         assert len(rec.accepted) == 1 and rec.bad_signatures == 0
         assert (await cli("closed"))[0] == 1
         assert (await cli("nope"))[0] == 2
+        # A template missing or broken: said in a line, not a traceback; nothing sent.
+        for name, error in (("gone", "no such file"), ("typo", "UndefinedError")):
+            code, out = await cli(name)
+            assert code == 1 and error in out and "Traceback" not in out, out
+        assert len(rec.accepted) == 1
