@@ -47,6 +47,7 @@ import orjson
 from aiohttp import web
 from clickhouse_connect.driver.exceptions import (
     ClickHouseError,
+    DatabaseError,
     OperationalError,
     StreamFailureError,
 )
@@ -341,11 +342,23 @@ class SqlRunner:
             self._client = connect(self.dsn, self.limits.session_settings())
         return self._client
 
-    def explain(self, text: str) -> Node:
+    def explain(self, text: str, lead: int = 0) -> Node:
+        """``text``'s tree; a syntax error's positions are given in the query it was
+        trimmed from (``lead``: the characters trimmed before it)."""
         # A command, not a query: query() would append "FORMAT Native", which the
         # parser may attach to the statement inside the EXPLAIN. The answer is
         # TabSeparated (escaping only inside a line: one line per node).
-        result = self._connection().command(f"EXPLAIN AST {text}")
+        try:
+            result = self._connection().command(EXPLAIN + text)
+        except DatabaseError as exc:
+            # A syntax error's position counts from the start of the EXPLAIN: give it
+            # in the caller's query.
+            message = _clickhouse_error(exc).message
+            if not _POSITION.search(message):
+                raise
+            shift = lead - len(EXPLAIN)
+            shifted = _POSITION.sub(lambda m: f"{m[1]}{int(m[2]) + shift}", message)
+            raise SqlError("clickhouse_error", shifted) from None
         body = "\t".join(map(str, result)) if isinstance(result, list) else str(result)
         return parse_ast(body.split("\n"))
 
@@ -376,11 +389,11 @@ class SqlRunner:
     def answer(self, query: str, max_rows: int, encode: Encode) -> Answer:
         text = precheck(query, self.limits)
         with self._session:
-            return self._answer(text, max_rows, encode)
+            return self._answer(text, max_rows, encode, len(query) - len(query.lstrip()))
 
-    def _answer(self, text: str, max_rows: int, encode: Encode) -> Answer:
+    def _answer(self, text: str, max_rows: int, encode: Encode, lead: int = 0) -> Answer:
         try:
-            root = self.explain(text)
+            root = self.explain(text, lead)
             check_tree(root, text)
             started = time.perf_counter()
             columns, rows, truncated_by = self.execute(
@@ -464,8 +477,14 @@ def _encoded(
 TIMEOUT_EXCEEDED = 159
 
 
+EXPLAIN = "EXPLAIN AST "
+_POSITION = re.compile(r"(\bat position )(\d+)")
+_REPEATED_CODE = re.compile(r"^(Code: \d+\. DB::Exception: )(?:\1)+")
+
+
 def _clickhouse_error(exc: ClickHouseError) -> SqlError:
-    message = str(exc).strip() or type(exc).__name__
+    # chDB may give the code twice ("Code: 164. DB::Exception: Code: 164. DB::...").
+    message = _REPEATED_CODE.sub(r"\1", str(exc).strip()) or type(exc).__name__
     if len(message) > 2000:
         message = message[:2000] + "…"
     if getattr(exc, "code", None) == TIMEOUT_EXCEEDED or "TIMEOUT_EXCEEDED" in message:
@@ -487,6 +506,13 @@ class SqlRequest:
     max_rows: int
 
 
+def _bad_body(param: str, message: str) -> BadParameter:
+    """A request body the endpoint cannot take: a 400 naming the field, code bad_request."""
+    error = BadParameter(param, message)
+    error.code = "bad_request"
+    return error
+
+
 async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise SqlError("too_long", f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
@@ -497,22 +523,18 @@ async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise BadParameter(
-            "body", 'the body must be a JSON object: {"query": "SELECT ..."}'
-        ) from None
+        raise _bad_body("body", 'the body must be a JSON object: {"query": "SELECT ..."}') from None
     if not isinstance(body, dict):
-        raise BadParameter("body", 'the body must be a JSON object: {"query": "SELECT ..."}')
+        raise _bad_body("body", 'the body must be a JSON object: {"query": "SELECT ..."}')
     for name in body:
         if name not in ("query", "format", "max_rows"):
-            raise BadParameter(
-                name, f"unknown field {name!r}: the body takes query, format, max_rows"
-            )
+            raise _bad_body(name, f"unknown field {name!r}: the body takes query, format, max_rows")
     query = body.get("query")
     if not isinstance(query, str) or not query.strip():
-        raise BadParameter("query", "'query' must be a non-empty string of SQL")
+        raise _bad_body("query", "'query' must be a non-empty string of SQL")
     fmt = body.get("format", "json")
     if fmt not in FORMATS:
-        raise BadParameter("format", f"invalid 'format' {fmt!r}: expected one of json, csv")
+        raise _bad_body("format", f"invalid 'format' {fmt!r}: expected one of json, csv")
     max_rows = body.get("max_rows", limits.default_rows)
     if isinstance(max_rows, float) and max_rows.is_integer():
         max_rows = int(max_rows)  # 100.0 is an integer to JSON Schema
@@ -521,7 +543,7 @@ async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
         or not isinstance(max_rows, int)
         or not (1 <= max_rows <= limits.max_rows)
     ):
-        raise BadParameter(
+        raise _bad_body(
             "max_rows", f"invalid 'max_rows' {max_rows!r}: expected an integer 1..{limits.max_rows}"
         )
     return SqlRequest(query=query, format=fmt, max_rows=max_rows)

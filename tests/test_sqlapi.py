@@ -349,7 +349,7 @@ async def test_bad_bodies_are_400_naming_the_field(api: Client, body: bytes, par
     ) as response:
         assert response.status == 400
         error = (await response.json())["error"]
-    assert error["param"] == param
+    assert (error["param"], error["code"]) == (param, "bad_request")
 
 
 async def test_a_body_over_1_mib_is_413(api: Client) -> None:
@@ -464,6 +464,22 @@ async def test_nothing_refused_was_done(api: Client, store: Store) -> None:
         await sql(api, query, expect=400)
     assert not await asyncio.to_thread(OUTFILE.exists)
     assert (await store.arows("SELECT count() AS n FROM calls"))[0]["n"] == len(CALLS)
+
+
+async def test_a_syntax_error_gives_its_position_in_the_query_sent(api: Client) -> None:
+    """ClickHouse's parser counts from the start of what it parsed (llmtap's EXPLAIN
+    before the query): the message gives positions in the caller's query."""
+    for query, position in (("SELEC 1", 7), ("SELECT 1 +", 11), ("  SELECT 1 +", 13)):
+        message = await refused(api, query, "clickhouse_error")
+        assert f"failed at position {position} " in message, message
+        assert "EXPLAIN" not in message and message.count("DB::Exception") == 1
+    message = await refused(api, " SELECT (1 ", "clickhouse_error")
+    assert "'(' at position 9 is never closed" in message, message
+
+
+def test_a_code_chdb_gives_twice_is_said_once() -> None:
+    twice = DatabaseError("Code: 164. DB::Exception: Code: 164. DB::Exception: readonly. (X)")
+    assert sqlapi._clickhouse_error(twice).message == "Code: 164. DB::Exception: readonly. (X)"
 
 
 async def test_settings_cannot_be_changed_from_the_query(api: Client) -> None:
