@@ -104,7 +104,10 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             tpm=args.tpm,
         )
         print(
-            f"{secret}\n(key id {key.id}, tenant {key.tenant!r}; shown once, stored as a hash "
+            f"{secret}\n(key id {key.id}, tenant {key.tenant!r}"
+            + (f", team {key.team!r}" if key.team else "")
+            + (f", user {key.user!r}" if key.user else "")
+            + "; shown once, stored as a hash "
             f"in {path.resolve()}, read by an llmtap run from here or with the same config)"
         )
     elif args.action == "admin":
@@ -127,6 +130,8 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     elif not keys.revoke_key(path, args.key_id):
         print(f"no key with id {args.key_id!r} in {path}", file=sys.stderr)
         return 1
+    else:
+        print(f"revoked {args.key_id} (a running llmtap refuses it within about a second)")
     return 0
 
 

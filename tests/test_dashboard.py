@@ -549,6 +549,8 @@ async def test_an_empty_store_says_so_instead_of_drawing_empty_charts(
         assert f'<p class="empty" data-chart="{name}">No data in this range.</p>' in body
     assert "No budgets are configured" in body
     assert "No alerts in this range." in body
+    # No requests: no share of them, and nothing unpriced to explain.
+    assert "of requests" not in body and "cost unknown" not in body
 
 
 # -- budgets, alone -----------------------------------------------------------------------

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +187,20 @@ def test_an_identity_follows_the_headers_and_the_key_file_of_each_call(tmp_path:
     with pytest.raises(Refusal) as revoked:
         who(feature="chat")
     assert revoked.value.status == 401
+
+
+def test_the_keys_commands_say_what_they_did(tmp_path: Path) -> None:
+    env = {**os.environ, "LLMTAP_DATA_DIR": str(tmp_path)}
+
+    def llmtap(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "llmtap", *args]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+    made = llmtap("keys", "create", "--tenant", "acme", "--team", "search")
+    assert made.returncode == 0 and "tenant 'acme', team 'search';" in made.stdout
+    key_id = read_keys(tmp_path / "keys.yaml").keys[0].id
+    assert key_id in made.stdout
+    revoked = llmtap("keys", "revoke", key_id)
+    assert revoked.returncode == 0 and revoked.stdout.startswith(f"revoked {key_id}")
+    assert read_keys(tmp_path / "keys.yaml").keys[0].revoked
+    assert llmtap("keys", "revoke", "key_nope").returncode == 1
