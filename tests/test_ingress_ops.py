@@ -362,7 +362,8 @@ async def test_a_key_refused_for_a_false_claim_is_recorded_under_its_own_tenant(
     ingress: str, ingress_settings: Settings, broker: Broker
 ) -> None:
     """A valid key claiming another team is refused (403), and the refusal is recorded
-    under the key's tenant and team, not the claim, nor no one: its tenant sees it."""
+    under the key's tenant and team, not the claim, nor no one: its tenant sees it, with
+    the model the call asked for."""
     secret = await make_key(ingress, ingress_settings.key_file, team="search")
     [key] = [k for k in read_keys(ingress_settings.key_file).keys if k.team == "search"]
     async with aiohttp.ClientSession() as session:
@@ -375,5 +376,6 @@ async def test_a_key_refused_for_a_false_claim_is_recorded_under_its_own_tenant(
             refused = response.headers["x-request-id"]
     event = await response_event(broker.bootstrap, refused)
     assert (event.status, event.error_class) == ("refused", "attribution_conflict")
+    assert event.model_requested == "gpt-4o"
     who = event.attribution
     assert (who.tenant, who.team, who.key_id) == ("acme", "search", key.id)

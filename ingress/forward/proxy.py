@@ -203,8 +203,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     try:
         identity = authenticate(request.headers, settings, request.app[KEYS])
     except Refusal as refusal:
-        if refusal.attribution is not None:
+        if refusal.attribution is not None:  # a valid key's false claim: its tenant's call
             call.attribution = refusal.attribution
+            call.model_requested = await _model_named(request)
         return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
     call.attribution = identity.attribution
     try:
@@ -416,6 +417,16 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 )
             else:
                 finish(capture.final_usage)
+
+
+async def _model_named(request: web.Request) -> str:
+    """The model a refused call's body names, for its record; "" if it names none."""
+    try:
+        payload = parse_json_body(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+        return ""
+    model = payload.get("model") if payload is not None else None
+    return model if isinstance(model, str) else ""
 
 
 def _cut_by(request: web.Request) -> Status:
