@@ -35,7 +35,7 @@ from sinks.clickhouse.write import write_batch
 from sinks.webhooks.records import store_batch
 from sql import analytics, auth, dashboard, params
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, budget_rows
-from sql.dashboard import charts
+from sql.dashboard import charts, views
 from sql.dashboard.charts import Point, Series
 from sql.dashboard.sessions import COOKIE, Sessions
 from sql.params import Scope
@@ -711,3 +711,14 @@ def test_counts_and_latencies() -> None:
     assert charts.count(Decimal("2.5")) == "2.5"
     assert charts.millis(Decimal("95.4")) == "95 ms"
     assert charts.millis(Decimal(1500)) == "1.50 s"
+
+
+def test_a_model_with_no_name_is_none_in_every_chart() -> None:
+    """Refused calls recorded before their model was read have no model: "(none)", as
+    the cost rankings say, not an empty label."""
+    rows = [
+        {"model": "", "provider": "openai", "requests": 2, "p95_latency_ms": 1.5},
+        {"model": "gpt-4o", "provider": "openai", "requests": 1, "p95_latency_ms": 9.0},
+    ]
+    html = views.latency_chart(rows).html
+    assert "(none) (openai)" in html and "gpt-4o (openai)" in html

@@ -188,7 +188,7 @@ def time_charts(rows: Sequence[Mapping[str, Any]], granularity: str) -> tuple[Ch
 def latency_chart(rows: Sequence[Mapping[str, Any]]) -> Chart:
     """p95 latency per model (and provider), slowest first, from analytics_models."""
     points = [
-        Point(f"{r['model']} ({r['provider']})", _decimal(r["p95_latency_ms"]))
+        Point(f"{_named(r['model'], '(none)')} ({r['provider']})", _decimal(r["p95_latency_ms"]))
         for r in rows
         if r["requests"]
     ]
