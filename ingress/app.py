@@ -180,17 +180,27 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: config loaded, every provider reachable, events have somewhere to go."""
+    """Ready: config loaded, a provider reachable, events have somewhere to go.
+
+    What every replica suffers alike does not take this one out of rotation: a provider
+    that cannot be reached (its calls get a 502 from any replica; pulling them all would
+    stop the calls to the providers that work), and a broker that is down while the
+    spool has room (calls go on, their events wait on disk: the point of the spool).
+    A replica that reaches no provider at all, or has nowhere to put events, is not
+    ready. The JSON says which check is which."""
     app = request.app
+    publisher = app[PUBLISHER]
     providers = app[SETTINGS].all_providers()
     reachable = await asyncio.gather(*(tcp_reachable(p.base_url) for p in providers.values()))
+    events = publisher.connected or publisher.spool_room
     checks = {
         "config": True,
         "keys_loaded": len(app[KEYS]),
-        "broker": "connected" if app[PUBLISHER].connected else "unreachable",
+        "broker": "connected" if publisher.connected else "unreachable",
+        "spool_room": publisher.spool_room,
         "providers": dict(zip(providers, reachable, strict=True)),
     }
-    ready = app[PUBLISHER].connected and all(reachable)
+    ready = events and any(reachable)
     return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
 
 

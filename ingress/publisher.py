@@ -172,6 +172,11 @@ class EventPublisher:
         return self._producer is not None
 
     @property
+    def spool_room(self) -> bool:
+        """The spool is open and below its limit: events have somewhere to wait."""
+        return self._spool is not None and self.spool_bytes < self._spool.max_bytes
+
+    @property
     def backlog(self) -> int:
         """Events waiting in memory (the spool's are counted in ``spool_bytes``)."""
         return len(self._queue)

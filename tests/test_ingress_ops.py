@@ -10,15 +10,17 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
 
+from ingress.app import create_app
 from ingress.forward import tokens
 from ingress.guards.keys import create_key, read_keys
 from llmtap.config import ProviderConfig, Settings
 from llmtap.events import RequestEvent, ResponseEvent
 from llmtap.names import Names
 from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream, serve_ingress
-from tests.fake_provider import PROVIDER_REQUEST_ID
+from tests.fake_provider import PROVIDER_REQUEST_ID, free_port
 from tests.prometheus import sample
 
 
@@ -142,6 +144,41 @@ async def test_readyz_follows_the_providers(ingress: str, upstream: FakeUpstream
     assert body["ready"] is False
     assert body["providers"]["openai"] is False
     assert body["broker"] == "connected"
+
+
+async def readiness(base: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/readyz") as response:
+        return response.status, await response.json()
+
+
+async def test_what_every_replica_suffers_alike_does_not_make_one_unready(
+    ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """One provider down (here: Anthropic on a port nothing listens on), or the broker
+    down while the spool has room: still ready, and the JSON says what is down. Pulling
+    every replica would stop the calls that work, and the spool exists for the broker's
+    outages. With the spool full too, nowhere for events: not ready."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    one_down = ingress_settings.model_copy(update={"anthropic_base_url": closed})
+    server = await serve_ingress(one_down)
+    try:
+        status, body = await readiness(str(server.make_url("")).rstrip("/"))
+    finally:
+        await server.close()
+    assert status == 200 and body["ready"] is True
+    assert body["providers"] == {"openai": True, "anthropic": False}
+
+    no_broker = ingress_settings.model_copy(update={"kafka_bootstrap": closed[7:]})
+    for spool_max_bytes, ready in ((64 * 1024 * 1024, True), (0, False)):
+        app = create_app(no_broker.model_copy(update={"spool_max_bytes": spool_max_bytes}))
+        async with TestServer(app, host="127.0.0.1") as offline, asyncio.timeout(20):
+            while True:  # the spool opens once the publisher has started
+                status, body = await readiness(str(offline.make_url("")).rstrip("/"))
+                if body["spool_room"] or not ready:
+                    break
+                await asyncio.sleep(0.05)
+        assert (status, body["ready"]) == ((200, True) if ready else (503, False))
+        assert (body["broker"], body["spool_room"]) == ("unreachable", ready)
 
 
 @pytest.mark.parametrize("asks_usage", [False, True])

@@ -6,8 +6,9 @@ one at a time, with the readiness checks `llmtap up` uses (llmtap/supervisor.py)
 | broker  | ``supervisor.broker_argv``       | it answers, llmtap's topics exist            |
 | store   | ``python -m llmtap store``       | ``GET /healthz`` on the API port is 200      |
 | worker  | ``python -m llmtap worker``      | its ready file exists (``ready_file``)       |
-| ingress | ``python -m llmtap ingress``     | ``GET /readyz`` is 200 (``/healthz`` if the  |
-|         |                                  | broker is meant to be down: /readyz is 503)  |
+| ingress | ``python -m llmtap ingress``     | ``GET /readyz`` is 200 and ``/healthz`` says |
+|         |                                  | the producer is connected (``/healthz`` if   |
+|         |                                  | the broker is meant to be down)              |
 
 Every process gets the environment `llmtap up` would give it: ``LLMTAP_*`` settings
 (here as environment variables, as a config file would be inherited) on ports of its
@@ -176,8 +177,8 @@ class Cluster:
 
     async def start(self, name: str, *, ready: bool = True, broker_up: bool = True) -> None:
         """Spawn ``name`` and (with ``ready``) wait for its readiness check. An ingress
-        started with ``broker_up=False`` is ready when it answers /healthz: /readyz says
-        503 until the broker is back, by design."""
+        started with ``broker_up=False`` is ready when it answers /healthz (its /readyz
+        is 200 too while the spool has room); otherwise once its producer is connected."""
         proc = self.processes[name]
         assert not proc.running, f"{name} is already running"
         if name == "broker" and self.shared_broker:  # another cluster's: make our topics
@@ -219,9 +220,7 @@ class Cluster:
             "broker": lambda: topics_ready(self.settings.kafka, self.settings.topic_partitions),
             "store": lambda: self.http_ok(f"{self.api_root}/healthz"),
             "worker": lambda: asyncio.to_thread(ready_file(self.settings).exists),
-            "ingress": lambda: self.http_ok(
-                f"{self.proxy_root}/{'readyz' if broker_up else 'healthz'}"
-            ),
+            "ingress": self.ingress_connected if broker_up else self.ingress_answers,
         }
 
     async def kill(self, name: str) -> None:
@@ -284,6 +283,15 @@ class Cluster:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+
+    async def ingress_answers(self) -> bool:
+        return await self.http_ok(f"{self.proxy_root}/healthz")
+
+    async def ingress_connected(self) -> bool:
+        """Ready, and its producer connected (/readyz alone is 200 while it spools)."""
+        if not await self.http_ok(f"{self.proxy_root}/readyz"):
+            return False
+        return bool((await self.ingress_health()).get("broker_connected"))
 
     async def ingress_health(self) -> dict[str, Any]:
         async with (
