@@ -62,7 +62,7 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
         )
         await publish_states(settings.kafka, states, alerts)
         log.info(
-            "budget states rebuilt from ClickHouse: %d (thresholds never alerted: %d)",
+            "budget states rebuilt from ClickHouse: %d (thresholds crossed with no alert yet: %d)",
             len(states),
             len(alerts),
         )

@@ -79,22 +79,24 @@ def unraised(store: Store, budget: BudgetConfig, state: BudgetState) -> list[Ale
 async def publish_states(
     kafka: Kafka, states: list[BudgetState], alerts: Sequence[Alert] = ()
 ) -> None:
-    """Publish rebuilt states to the budgets topic, and ``alerts`` to the alerts topic."""
+    """Publish rebuilt states to the budgets topic (first: hard caps follow them), then
+    ``alerts`` to the alerts topic. An alert not published is raised again at the next
+    start of the store in its period (ClickHouse will not have it)."""
     producer = AIOKafkaProducer(
         **kafka.producer_options("store-budgets"), request_timeout_ms=10_000
     )
     try:
         await producer.start()
-        for alert in alerts:
-            log.warning("%s", alert.message)
-            await producer.send_and_wait(
-                kafka.names.alerts, alert.model_dump_json().encode(), key=alert.event_id.bytes
-            )
         for state in states:
             await producer.send_and_wait(
                 kafka.names.budgets, state.model_dump_json().encode(), key=state.budget.encode()
             )
+        for alert in alerts:
+            await producer.send_and_wait(
+                kafka.names.alerts, alert.model_dump_json().encode(), key=alert.event_id.bytes
+            )
+            log.warning("%s", alert.message)
     except KafkaError as exc:
-        log.error("could not publish rebuilt budget states: %s", exc)
+        log.error("could not publish rebuilt budget states or their alerts: %s", exc)
     finally:
         await producer.stop()

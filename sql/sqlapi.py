@@ -342,23 +342,20 @@ class SqlRunner:
             self._client = connect(self.dsn, self.limits.session_settings())
         return self._client
 
-    def explain(self, text: str, lead: int = 0) -> Node:
+    def explain(self, text: str, lead: str = "") -> Node:
         """``text``'s tree; a syntax error's positions are given in the query it was
-        trimmed from (``lead``: the characters trimmed before it)."""
+        trimmed from (``lead``: what was trimmed before it)."""
         # A command, not a query: query() would append "FORMAT Native", which the
         # parser may attach to the statement inside the EXPLAIN. The answer is
         # TabSeparated (escaping only inside a line: one line per node).
         try:
             result = self._connection().command(EXPLAIN + text)
         except DatabaseError as exc:
-            # A syntax error's position counts from the start of the EXPLAIN: give it
-            # in the caller's query.
             message = _clickhouse_error(exc).message
-            if not _POSITION.search(message):
+            placed = _in_query(message, lead)
+            if placed == message:
                 raise
-            shift = lead - len(EXPLAIN)
-            shifted = _POSITION.sub(lambda m: f"{m[1]}{int(m[2]) + shift}", message)
-            raise SqlError("clickhouse_error", shifted) from None
+            raise SqlError("clickhouse_error", placed) from None
         body = "\t".join(map(str, result)) if isinstance(result, list) else str(result)
         return parse_ast(body.split("\n"))
 
@@ -389,9 +386,9 @@ class SqlRunner:
     def answer(self, query: str, max_rows: int, encode: Encode) -> Answer:
         text = precheck(query, self.limits)
         with self._session:
-            return self._answer(text, max_rows, encode, len(query) - len(query.lstrip()))
+            return self._answer(text, max_rows, encode, query[: len(query) - len(query.lstrip())])
 
-    def _answer(self, text: str, max_rows: int, encode: Encode, lead: int = 0) -> Answer:
+    def _answer(self, text: str, max_rows: int, encode: Encode, lead: str = "") -> Answer:
         try:
             root = self.explain(text, lead)
             check_tree(root, text)
@@ -478,7 +475,29 @@ TIMEOUT_EXCEEDED = 159
 
 
 EXPLAIN = "EXPLAIN AST "
-_POSITION = re.compile(r"(\bat position )(\d+)")
+# What ClickHouse's parser says of where it failed (bytes from the start of what it
+# parsed, 1-based): each said once, before or after the query text it echoes.
+_FAILED_AT = re.compile(r"(Syntax error: failed at position )(\d+)")
+_NEVER_CLOSED = re.compile(r"('.' at position )(\d+)( is never closed)")
+_LINE_COL = re.compile(r"\(line (\d+), col (\d+)\)")
+
+
+def _in_query(message: str, lead: str) -> str:
+    """A parser error's positions, lines and columns in the query as sent: not counting
+    llmtap's ``EXPLAIN AST`` before it, counting what was trimmed (``lead``)."""
+    shift = len(lead.encode()) - len(EXPLAIN)
+    first_line = len(lead[lead.rfind("\n") + 1 :].encode()) - len(EXPLAIN)
+    newlines = lead.count("\n")
+
+    def line_col(m: re.Match[str]) -> str:
+        line, col = int(m[1]), int(m[2])
+        return f"(line {line + newlines}, col {col + first_line if line == 1 else col})"
+
+    message = _FAILED_AT.sub(lambda m: f"{m[1]}{int(m[2]) + shift}", message, count=1)
+    message = _NEVER_CLOSED.sub(lambda m: f"{m[1]}{int(m[2]) + shift}{m[3]}", message, count=1)
+    return _LINE_COL.sub(line_col, message, count=1)
+
+
 _REPEATED_CODE = re.compile(r"^(Code: \d+\. DB::Exception: )(?:\1)+")
 
 

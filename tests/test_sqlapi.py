@@ -475,6 +475,14 @@ async def test_a_syntax_error_gives_its_position_in_the_query_sent(api: Client) 
         assert "EXPLAIN" not in message and message.count("DB::Exception") == 1
     message = await refused(api, " SELECT (1 ", "clickhouse_error")
     assert "'(' at position 9 is never closed" in message, message
+    # The query's own text, echoed back, is left alone.
+    message = await refused(api, "SELECT 1 1 'at position 5'", "clickhouse_error")
+    assert "failed at position 10 " in message and "'at position 5'" in message, message
+    # Lines and columns agree with the position, counting the lines trimmed before it.
+    message = await refused(api, "SELECT 1 1\nFROM calls", "clickhouse_error")
+    assert "failed at position 10 " in message and "(line 1, col 10)" in message, message
+    message = await refused(api, "\n\nSELECT 1\nFROM calls\nWHERE", "clickhouse_error")
+    assert "failed at position 28 " in message and "(line 5, col 6)" in message, message
 
 
 def test_a_code_chdb_gives_twice_is_said_once() -> None:

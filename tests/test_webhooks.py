@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -111,6 +112,19 @@ def test_a_custom_template_file(tmp_path: Path) -> None:
     assert body.content_type == "application/json"
     with pytest.raises(FileNotFoundError):
         render.load(str(tmp_path / "missing.j2"))
+
+
+def test_any_error_a_template_raises_is_a_template_error(tmp_path: Path) -> None:
+    """What Python raises inside a template, or a file that is not text, is a
+    TemplateError, which a delivery dead-letters (it does not stop the worker)."""
+    adds = tmp_path / "adds.j2"
+    adds.write_text("{{ alert.observed + 1 }}")  # observed is a decimal string
+    with pytest.raises(jinja2.TemplateError, match="TypeError"):
+        render.render(render.load(str(adds)), make_alert())
+    binary = tmp_path / "binary.j2"
+    binary.write_bytes(b"\xff\xfe\x00{{")
+    with pytest.raises(jinja2.TemplateError, match="not UTF-8"):
+        render.load(str(binary))
 
 
 # -- signing, config, guard, retries, filters --------------------------------------

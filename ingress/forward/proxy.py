@@ -320,8 +320,10 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                         capture.hold(data)
                         await response.write(data)
                     call.mark_upstream_done()
-                    await response.write_eof()
-                    capture.finish()
+                    try:
+                        await response.write_eof()
+                    finally:  # the whole stream came: its last event too, ended or not
+                        capture.finish()
                 else:
                     async for data in upstream.content.iter_any():
                         out = capture.feed(data)

@@ -65,7 +65,10 @@ def load(spec: str) -> Template:
     if not path.is_file():
         raise FileNotFoundError(f"webhook template {spec!r}: not a built-in, and no such file")
     env = _environment(jinja2.FileSystemLoader(path.parent))
-    return Template(str(path), env.get_template(path.name), None)
+    try:
+        return Template(str(path), env.get_template(path.name), None)
+    except UnicodeDecodeError as exc:
+        raise jinja2.TemplateError(f"webhook template {spec!r} is not UTF-8 text: {exc}") from exc
 
 
 def _sniff(text: str) -> str:
@@ -77,6 +80,12 @@ def _sniff(text: str) -> str:
 
 
 def render(template: Template, alert: Alert) -> Body:
-    """The body for one alert (raises jinja2.TemplateError on a template error)."""
-    text = template.jinja.render(alert=alert.model_dump(mode="json")).strip()
+    """The body for one alert (raises jinja2.TemplateError on a template error, also
+    one Python raises inside it: ``{{ alert.observed + 1 }}`` adds to a string)."""
+    try:
+        text = template.jinja.render(alert=alert.model_dump(mode="json")).strip()
+    except jinja2.TemplateError:
+        raise
+    except Exception as exc:
+        raise jinja2.TemplateRuntimeError(f"{type(exc).__name__}: {exc}") from exc
     return Body(text.encode(), template.content_type or _sniff(text))
