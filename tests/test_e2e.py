@@ -9,7 +9,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import ClientResponse
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 
 from sql.store import Store
 from tests.conftest import ADMIN_KEY, PROVIDER_KEY, FakeUpstream, Running, pid_alive, run_llmtap
-from tests.fake_provider import ANTHROPIC_SNAPSHOT, SNAPSHOT
+from tests.fake_provider import ANTHROPIC_SNAPSHOT, SNAPSHOT, FakeProvider
 from tests.faults.harness import until
 from tests.prometheus import sample
 
@@ -147,26 +149,44 @@ async def test_streamed_chunks_reach_the_client_unchanged(
     assert Decimal(row["cost"]) == want
 
 
-async def test_streamed_bytes_are_forwarded_as_sent_when_client_asks_for_usage(
-    llmtap_up: Running, upstream: FakeUpstream
-) -> None:
-    body = {
-        "model": "gpt-4.1-mini",
+@asynccontextmanager
+async def chat_answer(running: Running, body: dict[str, Any]) -> AsyncIterator[ClientResponse]:
+    """A chat completions call through ``running``'s proxy with its key, answered 200."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{running.proxy_url}/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {running.api_key}"},
+        ) as response,
+    ):
+        assert response.status == 200
+        yield response
+
+
+def asking_usage(model: str) -> dict[str, Any]:
+    """A streamed chat body whose client asks for usage itself: passed on unchanged."""
+    return {
+        "model": model,
         "messages": [{"role": "user", "content": "hi"}],
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def last_stream(provider: FakeProvider) -> bytes:
+    """The bytes of the last chat stream the fake provider wrote."""
+    sent = provider.sent_chunks[-1]
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in sent) + b"data: [DONE]\n\n"
+
+
+async def test_streamed_bytes_are_forwarded_as_sent_when_client_asks_for_usage(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    body = asking_usage("gpt-4.1-mini")
     upstream.provider.chunk_delay_s = 0.05
     try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{llmtap_up.proxy_url}/chat/completions",
-                json=body,
-                headers={"Authorization": f"Bearer {llmtap_up.api_key}"},
-            ) as response,
-        ):
-            assert response.status == 200
+        async with chat_answer(llmtap_up, body) as response:
             assert response.headers["Content-Type"].startswith("text/event-stream")
             assert response.headers["x-request-id"]
             arrivals = []
@@ -176,8 +196,7 @@ async def test_streamed_bytes_are_forwarded_as_sent_when_client_asks_for_usage(
                 raw += piece
     finally:
         upstream.provider.chunk_delay_s = 0.0
-    sent = upstream.provider.sent_chunks[-1]
-    expected = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in sent) + b"data: [DONE]\n\n"
+    expected = last_stream(upstream.provider)
     assert raw == expected
     # Not buffered: the pieces arrived spread over the fake's 50 ms pauses.
     assert len(arrivals) >= 3 and arrivals[-1] - arrivals[0] > 0.1
@@ -193,23 +212,10 @@ async def test_a_streamed_read_is_forwarded_before_its_event_ends(
 ) -> None:
     """A client that asked for usage gets every read as the provider wrote it, half an
     event included: the proxy does not wait for an event's end to pass it on."""
-    body = {
-        "model": "gpt-4.1-nano",
-        "messages": [{"role": "user", "content": "hi"}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = asking_usage("gpt-4.1-nano")
     upstream.provider.second_half = asyncio.Event()
     try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{llmtap_up.proxy_url}/chat/completions",
-                json=body,
-                headers={"Authorization": f"Bearer {llmtap_up.api_key}"},
-            ) as response,
-        ):
-            assert response.status == 200
+        async with chat_answer(llmtap_up, body) as response:
             # The provider holds the rest until this half has reached the client.
             first = await asyncio.wait_for(response.content.readany(), timeout=10)
             upstream.provider.second_half.set()
@@ -217,8 +223,7 @@ async def test_a_streamed_read_is_forwarded_before_its_event_ends(
     finally:
         upstream.provider.second_half.set()
         upstream.provider.second_half = None
-    sent = upstream.provider.sent_chunks[-1]
-    expected = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in sent) + b"data: [DONE]\n\n"
+    expected = last_stream(upstream.provider)
     assert first and b"\n\n" not in first
     assert first + rest == expected
     row = await model_row(
