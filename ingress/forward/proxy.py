@@ -422,10 +422,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
 
 
 async def _model_named(request: web.Request) -> str:
-    """The model a refused call's body names, for its record; "" if it names none."""
+    """The model a refused call's body names, for its record; "" if it names none, or
+    its body cannot be read (too large, cut off): the refusal is recorded either way."""
     try:
         payload = parse_json_body(await request.read())
-    except web.HTTPRequestEntityTooLarge:
+    except Exception:
         return ""
     model = payload.get("model") if payload is not None else None
     return model if isinstance(model, str) else ""
