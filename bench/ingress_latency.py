@@ -492,7 +492,7 @@ def start_all(fleet: Fleet, tmp: Path) -> Bench:
     ingress = fleet.start("ingress", [python, "-m", "llmtap", "ingress"], env=ingress_env)
     wait_until(fake, "fake upstream", lambda: http_ok(f"{fake_url}/healthz"))
     wait_until(bare, "bare proxy", lambda: http_ok(f"http://127.0.0.1:{bare_port}/healthz"))
-    # Not /readyz: it also wants the (unused) Anthropic provider reachable.
+    # Not /readyz: it is 200 before the producer connects (events would wait in the spool).
     wait_until(
         ingress, "llmtap ingress", lambda: broker_connected(f"http://127.0.0.1:{ingress_port}")
     )
