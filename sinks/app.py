@@ -16,8 +16,8 @@ from typing import Protocol, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from llmtap.config import Settings
-from llmtap.events import utcnow
+from llmtap.config import BudgetConfig, Settings
+from llmtap.events import Alert, BudgetState, utcnow
 from llmtap.runtime import tune_gc
 from sinks.budget_seed import publish_states, rebuilt_state, unraised
 from sinks.clickhouse.writer import ClickHouseWriter
@@ -50,16 +50,14 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
     )
     if settings.budgets:
         now = utcnow()
-        states = await asyncio.to_thread(
-            lambda: [rebuilt_state(store, b, now) for b in settings.budgets]
-        )
-        alerts = await asyncio.to_thread(
-            lambda: [
-                alert
-                for budget, state in zip(settings.budgets, states, strict=True)
-                for alert in unraised(store, budget, state)
-            ]
-        )
+
+        def rebuild(budget: BudgetConfig) -> tuple[BudgetState, list[Alert]]:
+            state = rebuilt_state(store, budget, now)
+            return state, unraised(store, budget, state)
+
+        rebuilt = await asyncio.to_thread(lambda: [rebuild(b) for b in settings.budgets])
+        states = [state for state, _ in rebuilt]
+        alerts = [alert for _, raised in rebuilt for alert in raised]
         await publish_states(settings.kafka, states, alerts)
         log.info(
             "budget states rebuilt from ClickHouse: %d (thresholds crossed with no alert yet: %d)",

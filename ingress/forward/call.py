@@ -65,18 +65,38 @@ class Claims:
 
     @classmethod
     def of(cls, headers: CIMultiDictProxy[str]) -> Claims:
+        return cls.from_pairs(claimed(headers))
+
+    @classmethod
+    def from_pairs(cls, pairs: Claimed) -> Claims:
+        """From :func:`claimed`'s pairs: a field's first header, as ``headers.get``."""
+        first: dict[str, str] = {}
+        for name, value in pairs:
+            first.setdefault(name, value)
         return cls(
-            tenant=headers.get("x-llmtap-tenant", ""),
-            team=headers.get("x-llmtap-team", ""),
-            user=headers.get("x-llmtap-user", ""),
-            feature=headers.get("x-llmtap-feature", ""),
-            env=headers.get("x-llmtap-env", ""),
+            tenant=first.get("x-llmtap-tenant", ""),
+            team=first.get("x-llmtap-team", ""),
+            user=first.get("x-llmtap-user", ""),
+            feature=first.get("x-llmtap-feature", ""),
+            env=first.get("x-llmtap-env", ""),
             properties={
-                name[len(PROPERTY_PREFIX) :].lower(): value
-                for name, value in headers.items()
-                if name.lower().startswith(PROPERTY_PREFIX)
+                name[len(PROPERTY_PREFIX) :]: value
+                for name, value in pairs
+                if name.startswith(PROPERTY_PREFIX)
             },
         )
+
+
+Claimed = tuple[tuple[str, str], ...]
+
+
+def claimed(headers: CIMultiDictProxy[str]) -> Claimed:
+    """Every ``x-llmtap-*`` header, its name in lower case, in order."""
+    return tuple(
+        (name.lower(), value)
+        for name, value in headers.items()
+        if name[: len(ATTRIBUTION_PREFIX)].lower() == ATTRIBUTION_PREFIX
+    )
 
 
 def attribution_from(headers: CIMultiDictProxy[str], *, user_field: str = "") -> Attribution:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
-from ingress.forward.call import ATTRIBUTION_PREFIX, Claims, attribution_from, credential_of
+from ingress.forward.call import Claimed, Claims, attribution_from, claimed, credential_of
 from ingress.guards.keys import KeyStore, VirtualKey
 from llmtap.config import Settings
 from llmtap.events import Attribution
@@ -39,8 +39,7 @@ _BOUND = ("tenant", "team", "user")
 # returns now, so a key re-read from its file (revoked, edited) is judged afresh. Only
 # claims of up to _CLAIMS_KEPT bytes are kept (a header may hold 8 KB: 4,096 entries
 # of large ones would be gigabytes); a claim unique to each call is made each time.
-_Claimed = tuple[tuple[str, str], ...]
-_made: dict[tuple[str, _Claimed], tuple[VirtualKey, Identity]] = {}
+_made: dict[tuple[str, Claimed], tuple[VirtualKey, Identity]] = {}
 _MADE_MAX = 4096
 _CLAIMS_KEPT = 1024
 
@@ -62,15 +61,11 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
             "invalid_key",
             code="invalid_api_key",
         )
-    raw: _Claimed = tuple(
-        (name.lower(), value)
-        for name, value in headers.items()
-        if name[:9].lower() == ATTRIBUTION_PREFIX
-    )
+    raw = claimed(headers)
     made = _made.get((key.hash, raw))
     if made is not None and made[0] is key:
         return made[1]
-    identity = _identity(key, Claims.of(headers))
+    identity = _identity(key, Claims.from_pairs(raw))
     if sum(len(name) + len(value) for name, value in raw) <= _CLAIMS_KEPT:
         if len(_made) >= _MADE_MAX:
             _made.clear()
