@@ -202,13 +202,13 @@ class StreamCapture:
         return self._out(b"".join(out) if dropped else buffer[:start])
 
     def _feed_any(self, buffer: bytes) -> bytes:
-        """:meth:`feed` for a buffer with CR in it: events may end at any of the three
-        blank-line forms SSE allows."""
+        """:meth:`feed` for a buffer with CR in it: lines may end with CRLF, LF or CR,
+        mixed, and an event ends at its first empty line."""
         out: list[bytes] = []
         while True:
             end, sep_len = _event_end(buffer)
-            if end < 0:
-                break
+            if end < 0 or (end + sep_len == len(buffer) and buffer.endswith(b"\r")):
+                break  # at the end, a CR may be the first half of a CRLF still to come
             if self._inspect(buffer[:end]):
                 out.append(buffer[: end + sep_len])
             buffer = buffer[end + sep_len :]
@@ -461,12 +461,14 @@ def _searched(block: Any) -> bool:
     )
 
 
+# A line's end (CRLF, LF, or a CR not starting a CRLF) followed by an empty line's.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+
+
 def _event_end(buffer: bytes) -> tuple[int, int]:
-    """Index and length of the first blank-line separator in ``buffer``, or (-1, 0)."""
-    candidates = [
-        (idx, len(sep)) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if (idx := buffer.find(sep)) >= 0
-    ]
-    return min(candidates) if candidates else (-1, 0)
+    """Index and length of the first event end in ``buffer``, or (-1, 0)."""
+    found = _EVENT_END.search(buffer)
+    return (found.start(), found.end() - found.start()) if found else (-1, 0)
 
 
 def _sse_data(event: bytes) -> bytes | None:
