@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import Alert, BudgetState, utcnow
 from llmtap.runtime import tune_gc
-from sinks.budget_seed import publish_states, rebuilt_state, unraised
+from sinks.budget_seed import publish_states, publish_until_sent, rebuilt_state, unraised
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.metrics import store_registry
 from sinks.webhooks.dispatcher import WebhookDispatcher
@@ -48,6 +48,7 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
         raw_days=settings.raw_retention_days,
         rollup_days=settings.rollup_retention_days,
     )
+    retrying: asyncio.Task[None] | None = None
     if settings.budgets:
         now = utcnow()
 
@@ -58,13 +59,21 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
         rebuilt = await asyncio.to_thread(lambda: [rebuild(b) for b in settings.budgets])
         states = [state for state, _ in rebuilt]
         alerts = [alert for _, raised in rebuilt for alert in raised]
-        await publish_states(settings.kafka, states, alerts)
         log.info(
             "budget states rebuilt from ClickHouse: %d (thresholds crossed with no alert yet: %d)",
             len(states),
             len(alerts),
         )
+        if not await publish_states(settings.kafka, states, alerts):
+            # Kept trying while the store runs (the broker is down, not gone).
+            retrying = asyncio.create_task(
+                publish_until_sent(settings.kafka, states, alerts), name="budget-seed"
+            )
     yield
+    if retrying is not None:
+        retrying.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retrying
     store.close()
 
 

@@ -10,6 +10,7 @@ the topic and keep, per period, the largest spend seen.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -78,10 +79,10 @@ def unraised(store: Store, budget: BudgetConfig, state: BudgetState) -> list[Ale
 
 async def publish_states(
     kafka: Kafka, states: list[BudgetState], alerts: Sequence[Alert] = ()
-) -> None:
+) -> bool:
     """Publish rebuilt states to the budgets topic (first: hard caps follow them), then
-    ``alerts`` to the alerts topic. An alert not published is raised again at the next
-    start of the store in its period (ClickHouse will not have it)."""
+    ``alerts`` to the alerts topic; whether all were published. Publishing them again is
+    harmless: readers keep a period's largest spend, and an alert's id is the stream's."""
     producer = AIOKafkaProducer(
         **kafka.producer_options("store-budgets"), request_timeout_ms=10_000
     )
@@ -98,5 +99,23 @@ async def publish_states(
             log.warning("%s", alert.message)
     except KafkaError as exc:
         log.error("could not publish rebuilt budget states or their alerts: %s", exc)
+        return False
     finally:
         await producer.stop()
+    return True
+
+
+async def publish_until_sent(
+    kafka: Kafka,
+    states: list[BudgetState],
+    alerts: Sequence[Alert],
+    backoff: float = 1.0,
+    max_backoff: float = 30.0,
+) -> None:
+    """:func:`publish_states` again, with backoff, until all are published: the broker
+    was down when the store started (with ClickHouse up, calls can still be refused by
+    a hard cap whose threshold alerts nobody would otherwise hear of)."""
+    while not await publish_states(kafka, states, alerts):
+        log.info("publishing rebuilt budget states again in %.0fs", backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, max_backoff)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmtap.config import BudgetConfig
 from llmtap.events import Alert, Attribution, BudgetState, CostedEvent, Usage
-from sinks.budget_seed import rebuilt_state, unraised
+from llmtap.kafka import Kafka
+from llmtap.supervisor import embedded_broker
+from sinks.budget_seed import publish_states, publish_until_sent, rebuilt_state, unraised
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sinks.webhooks.records import store_batch
@@ -19,6 +23,7 @@ from sql.store import Store
 from stream.budgets import current, matches, period_bounds, spend, threshold_alert
 from stream.ledger import Ledger
 from tests import sample
+from tests.fake_provider import free_port
 
 
 def at(day: int, hour: int = 12, month: int = 11) -> datetime:
@@ -274,3 +279,46 @@ def test_a_repeat_or_an_unpriced_call_adds_nothing_but_is_counted_past() -> None
     ledger.record(first, at(3), (1, 3))  # the same event, sent again: another offset
     state = ledger.states[b.name]
     assert (state.spent_usd, state.applied) == (Decimal("1.25"), {0: 10, 1: 4})
+
+
+async def test_rebuilt_states_and_alerts_wait_for_a_broker_that_is_down(store: Store) -> None:
+    """The store rebuilds budget states at start; with the broker down then, it keeps
+    publishing them, and the alerts of thresholds crossed, until the broker is back
+    (a hard cap could otherwise refuse calls with nobody told, until the next start)."""
+    b = budget(name="seed-retry", limit_usd=Decimal("4"), period="day")
+    now = datetime.now(UTC)
+    write_batch(store, Batch(events=[costed("3.5", now - timedelta(minutes=1))]))
+    state = rebuilt_state(store, b, now)
+    alerts = unraised(store, b, state)
+    assert len(alerts) == 2
+
+    kafka = Kafka(f"127.0.0.1:{free_port()}")  # no broker there yet
+    assert not await publish_states(kafka, [state], alerts)
+    retrying = asyncio.create_task(
+        publish_until_sent(kafka, [state], alerts, backoff=0.05, max_backoff=0.2)
+    )
+    try:
+        async with embedded_broker(kafka.bootstrap, 1):
+            async with asyncio.timeout(60):
+                await retrying
+            published = await topic_values(kafka.bootstrap, kafka.names.budgets, 1)
+            assert [BudgetState.model_validate_json(v) for v in published] == [state]
+            raised = await topic_values(kafka.bootstrap, kafka.names.alerts, 2)
+            assert [Alert.model_validate_json(v) for v in raised] == alerts
+    finally:
+        retrying.cancel()
+
+
+async def topic_values(bootstrap: str, topic: str, n: int) -> list[bytes]:
+    """The first ``n`` values on ``topic``, read from its start."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(values) < n:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    values.extend(r.value for r in records if r.value is not None)
+    finally:
+        await consumer.stop()
+    return values[:n]
