@@ -696,6 +696,21 @@ def test_responses_api_stream_whose_final_output_is_empty_counts_the_searches_st
         assert capture.final_usage.web_search_requests == 2
 
 
+def test_responses_api_stream_cut_short_keeps_the_searches_it_ran() -> None:
+    """A stream that ends before its response completed (the client or the provider went
+    away): its usage is unknown, but the searches streamed were run, and billed."""
+    items = [
+        {"type": "response.output_item.done", "output_index": i, "item": item}
+        for i, item in enumerate(SEARCH_ITEMS)
+    ]
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    for item in items:
+        capture.hold(_event(item, b"\n\n"))
+    capture.finish()
+    assert capture.final_usage == Usage(usage_missing=True, web_search_requests=2)
+    assert OpenAIStreamCapture(strip_usage_chunk=False).final_usage == Usage.missing()
+
+
 def _search_result(index: int, content: Any) -> dict[str, Any]:
     block = {"type": "web_search_tool_result", "tool_use_id": f"srvtoolu_{index}"}
     return {"type": "content_block_start", "index": index, "content_block": {**block,

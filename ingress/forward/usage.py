@@ -320,6 +320,12 @@ class OpenAIStreamCapture(StreamCapture):
     def verbatim(self) -> bool:
         return not self._strip
 
+    @property
+    def final_usage(self) -> Usage:
+        if self.usage is None and self._searches:  # cut short: the searches it ran
+            return Usage(usage_missing=True, web_search_requests=self._searches)
+        return super().final_usage
+
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         # Responses API events carry the response object: {"type": ..., "response": {...}}
         if chunk.get("type") == "response.output_item.done" and _is_search(chunk.get("item")):
