@@ -101,6 +101,10 @@ def test_text_template_is_one_short_line() -> None:
     assert "\n" not in text
     for fact in ("cost-spike", "search", "12.50", "FIRING"):
         assert fact in text
+    # a value from a call (a model name is the client's) with line breaks in it
+    broken = make_alert(rule="cost-spike", value="gpt\r\n4\u2028x", message="a\nb")
+    text = render.render(render.load("text"), broken).data.decode()
+    assert text.splitlines() == [text] and "=gpt 4 x:" in text and text.endswith(". a b")
 
 
 def test_a_custom_template_file(tmp_path: Path) -> None:
@@ -181,6 +185,18 @@ def test_endpoint_names_are_unique_and_urls_http() -> None:
         "http://224.0.0.1/",
         "ftp://93.184.215.14/",
         "file:///etc/passwd",
+        # what the HTTP client reads as an IP: Unicode digits and dots (NFKC), and the
+        # old IPv4 forms (decimal, octal, short, hex); IPv6 that reaches IPv4 inside
+        "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:8080/",
+        "http://127。0。0。1/",
+        "http://①⑥⑨.②⑤④.①⑥⑨.②⑤④/",
+        "http://2130706433/",
+        "http://0177.0.0.1/",
+        "http://127.1/",
+        "http://0x7f.1/",
+        "http://127.0.0.1./",
+        "http://[64:ff9b::a9fe:a9fe]/",
+        "http://[2002:a00:1::1]/",
     ],
 )
 def test_guard_refuses_private_and_non_http_targets(url: str) -> None:
@@ -209,8 +225,13 @@ def test_retry_after_is_honoured_and_backoff_doubles_with_jitter() -> None:
     assert deliver.parse_retry_after("0") == 0
     assert deliver.parse_retry_after("120") == 120
     now = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
+    # the three forms of an HTTP date (RFC 9110 5.6.7), all GMT
     assert deliver.parse_retry_after("Thu, 01 May 2025 10:00:30 GMT", now) == 30
-    assert deliver.parse_retry_after("soon") is None
+    assert deliver.parse_retry_after("Thursday, 01-May-25 10:00:30 GMT", now) == 30
+    assert deliver.parse_retry_after("Thu May  1 10:00:30 2025", now) == 30
+    assert deliver.parse_retry_after("Thu, 01 May 2025 10:00:30 -0000", now) == 30
+    for bad in ("soon", "²", "١٢", "-5", "1.5e3", ""):
+        assert deliver.parse_retry_after(bad) is None, bad
     assert deliver.retry_delay(3, 1.0, retry_after=0) == 0  # the receiver's word wins
     assert deliver.retry_delay(1, 1.0, rand=lambda: 0.0) == 0.5
     assert deliver.retry_delay(3, 1.0, rand=lambda: 1.0) == 4.0
@@ -236,6 +257,7 @@ class Behaviour:
     always: int | None = None  # answer every request with this status
     redirect_to: str | None = None  # answer 302 to there
     hold: asyncio.Event | None = None  # a slow receiver: answers once this is set
+    retry_after: str | None = None  # sent with each failure (429s get "0" without it)
 
 
 @dataclass
@@ -293,6 +315,8 @@ class Receiver:
                 await how.hold.wait()
             arrival.status = 200
             self.accepted.append(arrival)
+        if arrival.status != 200 and how.retry_after is not None:
+            headers["retry-after"] = how.retry_after
         return web.Response(status=arrival.status, headers=headers, text="ok")
 
 
@@ -485,17 +509,20 @@ async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
         rec.behaviours["dead"] = Behaviour(always=500)
         rec.behaviours["moved"] = Behaviour(redirect_to=f"{rec.base_url}/elsewhere")
         rec.behaviours["gone"] = Behaviour(always=410)
+        # A retry-after that is no number ("²" passes str.isdigit): ignored, not a crash.
+        rec.behaviours["odd"] = Behaviour(always=503, retry_after="²")
+        names = ("dead", "moved", "gone", "odd")
         settings = Settings(
             kafka_bootstrap=broker.bootstrap,
             webhook_allow_private=True,
             webhooks=[
                 endpoint(name, f"{rec.base_url}/{name}", rules=[rule], max_attempts=3)
-                for name in ("dead", "moved", "gone")
+                for name in names
             ],
         )
         await publish(broker.bootstrap, [*poison, alert])
         async with dispatching(settings, store) as dispatcher:
-            await until(finished(store, [alert.event_id], pairs=3))
+            await until(finished(store, [alert.event_id], pairs=len(names)))
             metrics = scrape(dispatcher)
 
     steps = attempts(store, [alert.event_id])
@@ -507,6 +534,13 @@ async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
         (3, 500, "dead_lettered"),
     ]
     assert len(rec.requests("dead")) == 3
+    assert [s[:3] for s in steps["odd", i]] == [
+        (0, None, "pending"),
+        (1, 503, "retrying"),
+        (2, 503, "retrying"),
+        (3, 503, "dead_lettered"),
+    ]
+    assert len(rec.requests("odd")) == 3
     for name, retried in (("dead", 2), ("moved", 0), ("gone", 0)):
         given_up = {"endpoint": name, "outcome": "dead_lettered"}
         assert sample(metrics, "llmtap_webhook_deliveries_total", **given_up) == 1
@@ -538,6 +572,8 @@ async def test_private_targets_are_refused_and_never_contacted(
         targets = {
             "loopback": f"{rec.base_url}/loopback",
             "by-name": f"http://localhost:{port}/by-name",  # refused where it is resolved
+            # 127.0.0.1 in full-width digits: the HTTP client reads it as that IP
+            "unicode": f"http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:{port}/unicode",
             "private": "http://10.20.30.40/hook",
             "metadata": "http://169.254.169.254/latest/meta-data/",
         }

@@ -57,18 +57,19 @@ def client_session(*, allow_private: bool) -> aiohttp.ClientSession:
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """``retry-after`` in seconds (delta-seconds or an HTTP date); None if absent or bad."""
+    """``retry-after`` in seconds (delta-seconds or an HTTP date, in any of the three
+    forms RFC 9110 has receivers read; always GMT); None if absent or bad."""
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²": str.isdigit takes it
         return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        return None
+    if when.tzinfo is None:  # the asctime form, or "-0000": an HTTP date is GMT
+        when = when.replace(tzinfo=UTC)
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
@@ -128,6 +129,10 @@ async def send(
     except aiohttp.InvalidURL as exc:
         return Response(None, f"invalid URL: {exc}", retryable=False)
     except aiohttp.ClientError as exc:
+        return Response(None, f"{type(exc).__name__}: {exc}")
+    except guard.Refused:
+        raise  # an address the resolver gave (GuardedResolver)
+    except Exception as exc:  # anything else the answer made fail: an attempt all the same
         return Response(None, f"{type(exc).__name__}: {exc}")
 
 

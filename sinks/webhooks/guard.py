@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+from yarl import URL
 
 _KINDS = ("loopback", "link_local", "unspecified", "multicast", "reserved", "private")
 
@@ -32,11 +32,25 @@ def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return "not globally routable"
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one reaches: mapped, 6to4 (2002::/16) or NAT64."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return None
+
+
 def check_address(address: str, *, allow_private: bool) -> None:
     """Raise :class:`Refused` unless a request may be sent to ``address``."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(ip, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(ip)) is not None:
+        ip = v4  # ::ffff:127.0.0.1 is 127.0.0.1; 6to4 and NAT64 reach the IPv4 inside
     if ip.is_multicast or ip.is_unspecified:
         raise Refused(f"{address} is a {_kind(ip)} address")
     if not allow_private and not ip.is_global:
@@ -44,21 +58,35 @@ def check_address(address: str, *, allow_private: bool) -> None:
 
 
 def _ip(host: str) -> str | None:
+    """The IP address a host names, if it is one: in any form an IPv4 address may be
+    written (``2130706433``, ``0177.0.0.1``, ``127.1``, ``0x7f.1``: what the C
+    library's ``inet_aton`` reads, which a resolver may honour too)."""
+    host = host.removesuffix(".")
     try:
-        ipaddress.ip_address(host)
+        return str(ipaddress.ip_address(host))
     except ValueError:
+        pass
+    if not host or host.strip("0123456789abcdefABCDEFxX.") != "":
         return None
-    return host
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def check_url(url: str, *, allow_private: bool) -> None:
-    """Refuse a URL that is not http(s), or whose host is a refused IP address."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise Refused(f"scheme {parts.scheme!r} is not http or https")
-    if not parts.hostname:
+    """Refuse a URL that is not http(s), or whose host is a refused IP address. The
+    host is read as the HTTP client reads it (yarl: 127.0.0.1 in full-width digits is 127.0.0.1,
+    and an IP there is connected to without asking the resolver)."""
+    try:
+        parsed = URL(url)
+    except ValueError as exc:
+        raise Refused(f"not a URL ({exc})") from None
+    if parsed.scheme not in ("http", "https"):
+        raise Refused(f"scheme {parsed.scheme!r} is not http or https")
+    if not parsed.raw_host:
         raise Refused("the URL has no host")
-    literal = _ip(parts.hostname)
+    literal = _ip(parsed.raw_host)
     if literal is not None:
         check_address(literal, allow_private=allow_private)
 

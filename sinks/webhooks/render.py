@@ -4,7 +4,7 @@ Built-ins ship as package data (``templates/*.j2``): ``json`` (the full alert, a
 published), ``slack`` (an incoming-webhook message with Block Kit ``blocks``) and
 ``text`` (one short line). Any other name is the path of a Jinja2 file. A template
 sees ``alert``: the alert as JSON-ready values (decimals and times as strings), and
-has the filters ``tojson`` and ``slack_escape``. An undefined name is an error, not "".
+has the filters ``tojson``, ``slack_escape`` and ``oneline``. An undefined name is an error, not "".
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def slack_escape(text: str) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def oneline(text: str) -> str:
+    """The text on one line: each line break (any Unicode one) a space."""
+    return " ".join(str(text).splitlines())
+
+
 def _environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=loader,
@@ -50,6 +55,7 @@ def _environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["slack_escape"] = slack_escape
+    env.filters["oneline"] = oneline
     return env
 
 
