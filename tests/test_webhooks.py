@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -219,6 +220,36 @@ async def test_guard_resolver_refuses_a_name_that_resolves_to_loopback() -> None
             await resolver.resolve("localhost", 80)
     finally:
         await resolver.close()
+
+
+class _NoDefaultExecutor(ThreadPoolExecutor):
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the event loop's default executor was used")
+
+
+def test_guard_resolver_looks_up_names_on_its_own_thread() -> None:
+    """A receiver whose DNS hangs must not hold up the store's writes, which run on the
+    event loop's default executor: the resolver does not use it. And what it resolves
+    connects (a name, to a receiver on the loopback)."""
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def main() -> int:
+        asyncio.get_running_loop().set_default_executor(_NoDefaultExecutor(1))
+        app = web.Application()
+        app.router.add_post("/", ok)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with deliver.client_session(allow_private=True) as session:
+                url = f"http://localhost:{server.port}/"
+                async with session.post(url, data=b"{}") as resp:
+                    return resp.status
+        finally:
+            await server.close()
+
+    assert asyncio.run(main()) == 200
 
 
 def test_retry_after_is_honoured_and_backoff_doubles_with_jitter() -> None:

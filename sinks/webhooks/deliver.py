@@ -12,9 +12,10 @@ same request would get the same answer. A target the SSRF guard refuses is recor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -50,10 +51,16 @@ class Response:
         return self.status is not None and 200 <= self.status < 300
 
 
-def client_session(*, allow_private: bool) -> aiohttp.ClientSession:
+@contextlib.asynccontextmanager
+async def client_session(*, allow_private: bool) -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client whose every resolved address passes the SSRF guard; no env proxies."""
-    connector = aiohttp.TCPConnector(resolver=guard.GuardedResolver(allow_private=allow_private))
-    return aiohttp.ClientSession(connector=connector, trust_env=False)
+    resolver = guard.GuardedResolver(allow_private=allow_private)
+    try:
+        connector = aiohttp.TCPConnector(resolver=resolver)
+        async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+            yield session
+    finally:
+        await resolver.close()  # the connector closes only a resolver it made
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

@@ -11,11 +11,13 @@ DNS rebinding — cannot slip through).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 _KINDS = ("loopback", "link_local", "unspecified", "multicast", "reserved", "private")
@@ -92,22 +94,46 @@ def check_url(url: str, *, allow_private: bool) -> None:
 
 
 class GuardedResolver(AbstractResolver):
-    """aiohttp's default resolver, refusing any answer that holds a refused address."""
+    """A host name's addresses, as aiohttp's threaded resolver finds them (the C
+    library's ``getaddrinfo``), refusing any answer that holds a refused address. Looked
+    up on a thread of its own, not the event loop's default executor: a receiver whose
+    DNS hangs holds up only its own deliveries, never the store's writes (which run
+    there)."""
 
     def __init__(self, *, allow_private: bool) -> None:
-        self._inner = ThreadedResolver()
         self._allow_private = allow_private
+        self._threads = ThreadPoolExecutor(1, thread_name_prefix="webhook-dns")
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        answers = await self._inner.resolve(host, port, family)
-        for answer in answers:
+        lookup = functools.partial(
+            socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG
+        )
+        infos = await asyncio.get_running_loop().run_in_executor(self._threads, lookup)
+        answers: list[ResolveResult] = []
+        for found, _, proto, _, address in infos:
+            ip = str(address[0])
+            if found == socket.AF_INET6:
+                if len(address) != 4:
+                    continue  # this Python has no IPv6
+                if address[3]:
+                    ip = f"{ip}%{address[3]}"  # a link-local address's scope
             try:
-                check_address(answer["host"], allow_private=self._allow_private)
+                check_address(ip, allow_private=self._allow_private)
             except Refused as exc:
                 raise Refused(f"{host} -> {exc}") from None
+            answers.append(
+                ResolveResult(
+                    hostname=host,
+                    host=ip,
+                    port=int(address[1]),
+                    family=found,
+                    proto=proto,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
         return answers
 
     async def close(self) -> None:
-        await self._inner.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
