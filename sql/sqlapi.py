@@ -167,9 +167,17 @@ def precheck(query: str, limits: SqlLimits) -> str:
             "one statement per request: a ';' may only end the query "
             "(inside a string, write char(59))",
         )
-    if "outfile" in text.lower():
+    if _INTO_OUTFILE.search(text):  # even inside a string, as ";" above
         raise _refuse("not_read_only", "INTO OUTFILE is not allowed: the answer is the response")
     return text
+
+
+# INTO OUTFILE, with any spaces or comments between (the syntax tree catches it after a
+# SELECT; after a SHOW it is only a literal there). Not the word alone: a column or a
+# value may be called "outfile".
+_INTO_OUTFILE = re.compile(
+    r"\binto(?:\s|/\*.*?\*/|(?:--|#)[^\n]*(?:\n|$))+outfile\b", re.IGNORECASE | re.DOTALL
+)
 
 
 @dataclass
@@ -295,9 +303,10 @@ def check_tree(root: Node, text: str) -> None:
                     "forbidden_table",
                     f"{node.name!r}: system and information_schema tables are not available",
                 )
-    if root.kind == "Explain" and (
-        len(root.children) != 1 or root.children[0].kind != "SelectWithUnionQuery"
-    ):
+    # EXPLAIN [kind] [options] SELECT: its options (indexes = 1, header = 1...) are a Set.
+    if root.kind == "Explain" and [c.kind for c in root.children if c.kind != "Set"] != [
+        "SelectWithUnionQuery"
+    ]:
         raise _refuse("not_read_only", "EXPLAIN runs here for a SELECT only, without FORMAT")
     if root.kind in ("SelectWithUnionQuery", "DescribeQuery") and len(root.children) != 1:
         raise _refuse(

@@ -215,6 +215,9 @@ async def test_an_empty_answer_still_names_its_columns(api: Client) -> None:
         "(SELECT tenant, count() AS n FROM calls GROUP BY tenant ORDER BY tenant)",
         "SELECT tenant, count() AS n FROM calls WHERE tenant IN (SELECT tenant FROM calls) "
         "GROUP BY tenant ORDER BY tenant",
+        # "outfile" as a name or a value (INTO OUTFILE alone is refused)
+        "SELECT tenant, count() AS outfile FROM calls WHERE feature != 'into-outfile' "
+        "GROUP BY tenant ORDER BY tenant",
     ],
 )
 async def test_read_only_forms_run(api: Client, query: str) -> None:
@@ -231,6 +234,8 @@ async def test_read_only_forms_run(api: Client, query: str) -> None:
         ("SHOW COLUMNS FROM calls", "field"),
         ("SHOW CREATE TABLE calls", "statement"),
         ("EXPLAIN SELECT count() FROM calls", "explain"),
+        ("EXPLAIN indexes = 1 SELECT count() FROM calls", "explain"),  # with options
+        ("EXPLAIN PLAN header = 1 SELECT 1", "explain"),
         ("SELECT sum(number) AS s FROM numbers(10)", "s"),
     ],
 )
@@ -449,6 +454,9 @@ async def test_a_clickhouse_error_is_a_400_with_its_message(api: Client) -> None
         ("SELECT * FROM null('a Int8')", "forbidden_function", "null"),
         # output elsewhere than the response
         (f"SELECT 1 INTO OUTFILE '{OUTFILE}'", "not_read_only", "OUTFILE"),
+        (f"SELECT 1 into /* x */ -- y\n outfile '{OUTFILE}'", "not_read_only", "OUTFILE"),
+        (f"SHOW TABLES INTO OUTFILE '{OUTFILE}'", "not_read_only", "OUTFILE"),
+        ("EXPLAIN indexes = 1 SELECT 1 FORMAT JSON", "not_read_only", "EXPLAIN"),
         ("SELECT 1 FORMAT JSON", "bad_query", "format"),
         ("EXPLAIN SELECT 1 FORMAT JSON", "not_read_only", "EXPLAIN"),
     ],
