@@ -237,6 +237,9 @@ class Settings(BaseSettings):
     proxy_port: int = Field(default=8080, ge=0, le=65535)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8081, ge=0, le=65535)
+    # Requests of the analytics API, SQL and dashboard one key may have in flight; past
+    # it, a 429 (sql/admission.py).
+    api_requests_per_key: int = Field(default=8, ge=1)
     # Serve both over HTTPS with this certificate (PEM, with its chain) and key (PEM;
     # none: in the certificate file). None: plain HTTP, TLS ended in front of llmtap.
     tls_certfile: FilePath | None = None

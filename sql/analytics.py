@@ -15,6 +15,7 @@ that describes them all (sql/openapi.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from decimal import Decimal
@@ -22,9 +23,11 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from llmtap.config import BudgetConfig, Settings
 from sql import openapi, params, sqlapi
+from sql.admission import ADMISSION, Admission, TooMany
 from sql.auth import AUTH, CALLER, Unauthorized, api_auth
 from sql.budgets import (
     BUDGET_BOOK,
@@ -46,7 +49,9 @@ from sql.params import (
     Filters,
     Query,
 )
-from sql.store import Store, render
+from sql.store import READ_TIMEOUT_S, Store, render
+
+log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", Store)
 # Where the endpoints over calls read them: "rollup" (the rollups, plus the edges of the
@@ -328,6 +333,16 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         )
 
 
+def store_problem(exc: ClickHouseError) -> tuple[str, str]:
+    """What to tell of a read the store could not answer (a 503): its message and code.
+    Past its time limit, or failed (logged)."""
+    if getattr(exc, "code", None) == sqlapi.TIMEOUT_EXCEEDED or "TIMEOUT_EXCEEDED" in str(exc):
+        took = f"the query took longer than {READ_TIMEOUT_S:g} s"
+        return f"{took}: narrow the range or the filters", "timeout"
+    log.error("an analytics read failed: %s", exc)
+    return "the store could not answer; try again", "store_unavailable"
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SQL_ADMIN_ONLY = (
@@ -352,9 +367,15 @@ def guarded(handler: Handler, *, admin_only: bool = False) -> Handler:
             return api_error(403, SQL_ADMIN_ONLY)
         request[CALLER] = caller
         try:
-            return await handler(request)
+            with request.app[ADMISSION].admit(caller):
+                return await handler(request)
+        except TooMany as exc:
+            return api_error(429, str(exc), code="too_many_requests", headers={"Retry-After": "1"})
         except BadParameter as exc:
             return api_error(exc.status, exc.message, exc.param, code=exc.code)
+        except ClickHouseError as exc:
+            message, code = store_problem(exc)
+            return api_error(503, message, code=code)
 
     return wrapper
 
@@ -397,6 +418,7 @@ def add_routes(
     app[SOURCE] = source
     app[BUDGETS] = list(settings.budgets)
     app[OPENAPI] = orjson.dumps(openapi.document(limits))
+    app[ADMISSION] = Admission(settings.api_requests_per_key)
     app.cleanup_ctx.append(api_auth(settings.admin_key_hashes, settings.key_file))
     app.cleanup_ctx.append(sqlapi.sql_runner(STORE, limits))
     app.cleanup_ctx.append(budget_follower(settings))  # app[BUDGET_BOOK]: the dashboard's too

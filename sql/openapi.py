@@ -355,9 +355,20 @@ def _error(description: str, *, authenticate: bool = False) -> Schema:
     return response
 
 
+def _too_many() -> Schema:
+    response = _error("the key has `api_requests_per_key` requests in flight already")
+    response["headers"] = {"Retry-After": {"schema": {"type": "string"}, "required": True}}
+    return response
+
+
 ERRORS: dict[str, Schema] = {
     "400": _error("a bad or unknown parameter, named in `param`"),
     "401": _error("no key, or an unknown or revoked one", authenticate=True),
+    "429": _too_many(),
+    "503": _error(
+        "the store could not answer: a read past its time limit (code `timeout`), "
+        "or a store that failed (code `store_unavailable`)"
+    ),
 }
 
 
@@ -439,6 +450,7 @@ def _sql(limits: sqlapi.SqlLimits) -> Schema:
                 "401": ERRORS["401"],
                 "403": _error("a virtual key: SQL is for admin keys only"),
                 "413": _error("a body larger than 1 MiB"),
+                "429": ERRORS["429"],
                 "503": _error("ClickHouse is unavailable"),
             },
         }

@@ -102,8 +102,8 @@ class SqlLimits:
 class SqlError(BadParameter):
     """A query that is refused or failed: 400, naming the ``query`` field, with a code."""
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
-        super().__init__("query", message)
+    def __init__(self, code: str, message: str, status: int = 400, param: str = "query") -> None:
+        super().__init__(param, message)
         self.code = code
         self.status = status
 
@@ -542,16 +542,19 @@ def _bad_body(param: str, message: str) -> BadParameter:
 
 
 async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
+    too_long = SqlError("too_long", f"the body is larger than {MAX_BODY_BYTES} bytes", 413, "body")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise SqlError("too_long", f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
+        raise too_long
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise SqlError("too_long", f"the body is larger than {MAX_BODY_BYTES} bytes", 413) from None
+        raise too_long from None
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise _bad_body("body", 'the body must be a JSON object: {"query": "SELECT ..."}') from None
+    except orjson.JSONDecodeError as exc:  # 1e400 too: orjson reads no infinite number
+        raise _bad_body(
+            "body", f'the body is not JSON ({exc}): send {{"query": "SELECT ..."}}'
+        ) from None
     if not isinstance(body, dict):
         raise _bad_body("body", 'the body must be a JSON object: {"query": "SELECT ..."}')
     for name in body:

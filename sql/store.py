@@ -8,8 +8,10 @@ one chDB path, so calls run in a thread and one lock serialises them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -59,6 +61,12 @@ def connect(dsn: str, settings: dict[str, Any]) -> Any:
     return clickhouse_connect.get_client(dsn=dsn, interface=_interface(dsn), settings=settings)
 
 
+# The API's reads (Store.arows): how many run at once, and how long one may take.
+READERS = 2
+READ_TIMEOUT_S = 30.0
+READ_SETTINGS = {"max_execution_time": READ_TIMEOUT_S, "timeout_overflow_mode": "throw"}
+
+
 class Store:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -68,14 +76,20 @@ class Store:
         self._client = connect(dsn, {"insert_deduplicate": 0})
         self._lock = threading.Lock()
         self._column_types: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+        self._readers: ThreadPoolExecutor | None = None  # arows's, made at its first use
 
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         with self._lock:
             return self._client.command(sql, parameters=parameters)
 
-    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def rows(
+        self,
+        sql: str,
+        parameters: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
         with self._lock:
-            result = self._client.query(sql, parameters=parameters)
+            result = self._client.query(sql, parameters=parameters, settings=settings)
         return list(result.named_results())
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
@@ -125,8 +139,17 @@ class Store:
     async def arows(
         self, sql: str, parameters: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.rows, sql, parameters)
+        """A read for the API (the analytics endpoints, the dashboard), on the store's
+        own reader threads: reads queue there, not in the event loop's default executor
+        where the writer's inserts run, and the writer waits for the lock behind at most
+        READERS of them, each stopped after READ_TIMEOUT_S (ClickHouse error 159)."""
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="store-read")
+        read = functools.partial(self.rows, sql, parameters, READ_SETTINGS)
+        return await asyncio.get_running_loop().run_in_executor(self._readers, read)
 
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._client.close()

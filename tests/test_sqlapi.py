@@ -345,6 +345,7 @@ async def test_a_long_query_does_not_hold_the_store(serve: ServeFn, store: Store
         (b'{"query": "SELECT 1", "max_rows": "5"}', "max_rows"),
         (b'{"query": "SELECT 1", "max_rows": true}', "max_rows"),
         (b'{"query": "SELECT 1", "max_rows": 2.5}', "max_rows"),
+        (b'{"query": "SELECT 1", "max_rows": 1e400}', "body"),  # not JSON orjson reads
         (b'{"query": "SELECT 1", "tenant": "acme"}', "tenant"),
     ],
 )
@@ -363,6 +364,7 @@ async def test_a_body_over_1_mib_is_413(api: Client) -> None:
         assert response.status == 413
         error = (await response.json())["error"]
     assert error["code"] == "too_long" and "1048576 bytes" in error["message"]
+    assert error["param"] == "body"
 
 
 async def test_the_answer_headers_come_with_json_too(api: Client) -> None:

@@ -21,11 +21,13 @@ from typing import Any
 
 import jinja2
 from aiohttp import web
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from yarl import URL
 
 from llmtap.config import Settings
 from llmtap.events import BudgetState, utcnow
-from sql.analytics import ROLLING, STORE, select
+from sql.admission import ADMISSION, TooMany
+from sql.analytics import ROLLING, STORE, select, store_problem
 from sql.auth import AUTH, Caller, Unauthorized
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, BudgetRow, budget_rows
 from sql.dashboard import charts
@@ -366,27 +368,36 @@ class Views:
         if caller is None:
             return login_page(_range_of(request.query.get("range")))
         who = describe(caller)
-        try:
-            filters = Query(request.query).filters(caller.scope)
-        except BadParameter as exc:
+
+        def failed(status: int, message: str) -> web.Response:
             return html(
                 "dashboard.html.j2",
-                status=exc.status,
+                status=status,
                 who=who,
-                error=exc.message,
+                error=message,
                 ranges=range_links({}, ""),
                 page=None,
                 shown_filters=[],
                 generated_at=utcnow(),
             )
-        page = await build(
-            request.app[STORE],
-            filters,
-            caller,
-            self.settings,
-            request.app[BUDGET_BOOK].states,
-            request.app[RESERVATION_BOOK].reserved(filters.until),
-        )
+
+        try:
+            filters = Query(request.query).filters(caller.scope)
+            with request.app[ADMISSION].admit(caller):
+                page = await build(
+                    request.app[STORE],
+                    filters,
+                    caller,
+                    self.settings,
+                    request.app[BUDGET_BOOK].states,
+                    request.app[RESERVATION_BOOK].reserved(filters.until),
+                )
+        except BadParameter as exc:
+            return failed(exc.status, exc.message)
+        except TooMany as exc:
+            return failed(429, str(exc))
+        except ClickHouseError as exc:
+            return failed(503, store_problem(exc)[0])
         shown = [(k, v) for k, v in request.query.items() if k != "range" and v]
         return html(
             "dashboard.html.j2",
