@@ -24,6 +24,7 @@ from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.metrics import store_registry
 from sinks.webhooks.dispatcher import WebhookDispatcher
 from sql import analytics, dashboard
+from sql.admission import ADMISSION
 from sql.migrate import migrate
 from sql.retention import apply_retention
 from sql.store import Store
@@ -137,7 +138,9 @@ def create_app(settings: Settings) -> web.Application:
             "webhook-dispatcher",
         )
     )
-    app[REGISTRY] = store_registry(lambda: app.get(WRITER), lambda: app.get(DISPATCHER))
+    app[REGISTRY] = store_registry(
+        lambda: app.get(WRITER), lambda: app.get(DISPATCHER), lambda: app.get(ADMISSION)
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     analytics.add_routes(app, settings)

@@ -6,7 +6,8 @@ scraped: nothing is counted twice, and nothing on the write path waits on Promet
 The writer's: ``llmtap_store_*`` (rows and batches written, failed writes, inserts
 repeated at a takeover or lost, dead letters, and when a batch was last written: alert
 on it going stale). The webhook dispatcher's: ``llmtap_webhook_*`` (alerts read, HTTP
-attempts and finished deliveries by endpoint and outcome, each endpoint's queue).
+attempts and finished deliveries by endpoint and outcome, each endpoint's queue). The
+API's: ``llmtap_api_*`` (requests in flight, and refused for too many of one key's).
 
 Kafka consumer lag is the broker's to tell (consumer groups ``<namespace>-sink`` and
 ``<namespace>-webhooks``): a Kafka exporter or the managed Kafka's metrics read it.
@@ -22,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.webhooks.dispatcher import WebhookDispatcher
+from sql.admission import Admission
 
 _WRITER_COUNTERS = {
     "rows_written": "call rows inserted into calls",
@@ -41,9 +43,11 @@ class StoreCollector(Collector):
         self,
         writer: Callable[[], ClickHouseWriter | None],
         dispatcher: Callable[[], WebhookDispatcher | None],
+        admission: Callable[[], Admission | None] = lambda: None,
     ) -> None:
         self._writer = writer
         self._dispatcher = dispatcher
+        self._admission = admission
 
     def collect(self) -> Iterator[Metric]:
         writer = self._writer()
@@ -61,6 +65,19 @@ class StoreCollector(Collector):
         dispatcher = self._dispatcher()
         if dispatcher is not None:
             yield from _webhooks(dispatcher)
+        admission = self._admission()
+        if admission is not None:
+            refused = CounterMetricFamily(
+                "llmtap_api_requests_refused",
+                "API, SQL and dashboard requests refused with a 429: their key had "
+                "api_requests_per_key in flight",
+            )
+            refused.add_metric([], float(admission.refused))
+            in_flight = GaugeMetricFamily(
+                "llmtap_api_requests_in_flight", "API, SQL and dashboard requests being answered"
+            )
+            in_flight.add_metric([], float(admission.total_in_flight))
+            yield from (refused, in_flight)
 
 
 def _webhooks(dispatcher: WebhookDispatcher) -> Iterator[Metric]:
@@ -92,8 +109,9 @@ def _webhooks(dispatcher: WebhookDispatcher) -> Iterator[Metric]:
 def store_registry(
     writer: Callable[[], ClickHouseWriter | None],
     dispatcher: Callable[[], WebhookDispatcher | None],
+    admission: Callable[[], Admission | None] = lambda: None,
 ) -> CollectorRegistry:
     """A registry of the store's metrics (one per app: tests make several)."""
     registry = CollectorRegistry()
-    registry.register(StoreCollector(writer, dispatcher))
+    registry.register(StoreCollector(writer, dispatcher, admission))
     return registry

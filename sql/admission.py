@@ -25,6 +25,7 @@ class Admission:
     def __init__(self, per_caller: int) -> None:
         self.per_caller = per_caller
         self._in_flight: Counter[str] = Counter()
+        self.refused = 0  # requests refused so far (llmtap_api_requests_refused_total)
 
     @staticmethod
     def who(caller: Caller) -> str:
@@ -34,11 +35,16 @@ class Admission:
     def in_flight(self, who: str) -> int:
         return self._in_flight[who]
 
+    @property
+    def total_in_flight(self) -> int:
+        return sum(self._in_flight.values())
+
     @contextlib.contextmanager
     def admit(self, caller: Caller) -> Iterator[None]:
         """Hold a place for one request of ``caller``; raises :class:`TooMany`."""
         who = self.who(caller)
         if self._in_flight[who] >= self.per_caller:
+            self.refused += 1
             raise TooMany(
                 f"this key has {self.per_caller} requests in flight, the most it may: "
                 "wait for one to finish"

@@ -17,11 +17,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from clickhouse_connect.driver.exceptions import ClickHouseError
+from prometheus_client import generate_latest
 
 from ingress.guards.keys import create_key
 from llmtap.config import Settings
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
+from sinks.metrics import store_registry
 from sql import analytics, params
 from sql.admission import ADMISSION
 from sql.store import READ_SETTINGS, READERS, Store
@@ -92,6 +94,9 @@ async def test_a_key_past_its_requests_in_flight_is_429_and_others_are_served(
         assert "2 requests in flight" in body["error"]["message"]
         other = asyncio.create_task(models(client, keys["b"]))  # another key: taken
         await until(lambda: admission.in_flight(keys["b id"]) == 1)
+        metrics = generate_latest(store_registry(lambda: None, lambda: None, lambda: admission))
+        assert b"llmtap_api_requests_refused_total 1.0" in metrics
+        assert b"llmtap_api_requests_in_flight 3.0" in metrics
     answers = await asyncio.gather(*held, other)
     assert [status for status, _, _ in answers] == [200, 200, 200]
     assert answers[0][1]["data"][0]["model"] == "gpt-4o"
