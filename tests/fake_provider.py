@@ -321,7 +321,13 @@ class FakeProvider:
         app.router.add_post("/v1/responses", self.responses)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.models)
+        app.router.add_get("/{anything:.*}", self.not_found)  # recorded: nothing else is asked
         return app
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        self.received.append(Received(request.path, dict(request.headers), {}))
+        return web.json_response({"error": {"message": "not found"}}, status=404)
 
 
 def free_port() -> int:

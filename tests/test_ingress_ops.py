@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
+from yarl import URL
 
 from ingress.app import create_app
 from ingress.forward import tokens
@@ -416,3 +417,30 @@ async def test_a_key_refused_for_a_false_claim_is_recorded_under_its_own_tenant(
     assert event.model_requested == "gpt-4o"
     who = event.attribution
     assert (who.tenant, who.team, who.key_id) == ("acme", "search", key.id)
+
+
+async def test_models_passes_one_model_on_and_no_other_path(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """GET /v1/models/<model> goes out with llmtap's provider key: a model name that
+    decodes to more of a path ("x/../../files") must not take that key to any other
+    endpoint of the provider (its files, stored responses...)."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    before = len(upstream.provider.received)
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.get(f"{ingress}/v1/models/ft:gpt-4o-mini:acme::x1") as response:
+            assert response.status == 200
+        for sneaky in (
+            "x%2F..%2F..%2Ffiles",
+            "..%2Ffiles",
+            "%2E%2E",
+            "x%2F..%2F..%2Fchat%2Fcompletions%3Flimit%3D100",
+            "x/../../files",
+        ):
+            url = URL(f"{ingress}/v1/models/{sneaky}", encoded=True)
+            async with session.get(url) as response:
+                assert response.status == 404, sneaky
+                assert "error" in await response.json()  # the provider's shape
+    asked = [received.path for received in upstream.provider.received[before:]]
+    assert asked == ["/v1/models/ft:gpt-4o-mini:acme::x1"]

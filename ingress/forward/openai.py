@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from ingress.errors import openai_error
 from ingress.forward.call import downstream_headers, upstream_headers
@@ -63,10 +65,18 @@ async def models(request: web.Request) -> web.StreamResponse:
         credential = upstream_credential(OPENAI, "openai", provider, identity)
     except Refusal as refusal:
         return refused(refusal.status, refusal.message, refusal.code or refusal.error_class)
+    # One model, by a name of one path segment, sent encoded: a decoded "/" or ".." would
+    # take the provider's key to any other endpoint of it (files, stored responses).
+    path = "/models"
+    if "model" in request.match_info:
+        model = request.match_info["model"]
+        if "/" in model or model in (".", ".."):
+            return refused(404, f"The model '{model}' does not exist", "model_not_found")
+        path += "/" + quote(model, safe=":")
     headers = upstream_headers(request.headers, credential=credential)
     try:
         async with request.app[UPSTREAM].get(
-            provider.base_url + request.path.removeprefix("/v1"), headers=headers
+            URL(provider.base_url.rstrip("/") + path, encoded=True), headers=headers
         ) as upstream:
             body = await upstream.read()
             return web.Response(
@@ -89,4 +99,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/embeddings", metered(EMBEDDINGS))
     app.router.add_post("/v1/responses", metered(RESPONSES))
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/models/{model:.+}", models)
+    app.router.add_get("/v1/models/{model}", models)
