@@ -186,3 +186,28 @@ def test_a_cost_told_where_it_went_after_the_state_that_counted_it_is_let_go() -
     assert budgets.held(now) == {"acme-day": Decimal(0)}
     # $0.60 left: a $0.60 worst case fits.
     assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 0, 60_000, now) is None
+
+
+def test_a_call_whose_usage_is_unknown_holds_its_worst_case_until_its_period_ends() -> None:
+    """A client that hangs up before the provider's count: the stream cannot price the
+    call and counts nothing for it, so letting its worst case go once a state is past
+    its event would erase its spend from the cap (calls cut short could spend without
+    end). It is held until the period ends."""
+    budgets, budget = book("0.015")
+    now = MIDNIGHT + timedelta(hours=9)
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 10, 1000, now) is None
+    worst = budgets.held(now)["acme-day"]
+    assert Decimal("0.0075") < worst < Decimal("0.015")
+    settled = budgets.settle(call, "gpt-4o", Usage.missing(), now)
+    assert settled is not None and settled.cost == worst
+    settled.delivered(0, 5)
+    past_it = fresh(budget, now, now).model_copy(update={"applied": {0: 10}, "last_event_at": now})
+    budgets.update(past_it)  # the stream read the event, and counted nothing
+    later = now + timedelta(hours=2)  # past SETTLED_MAX_AGE too
+    assert budgets.held(later) == {"acme-day": worst}
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 1000, later)
+    assert refused is not None  # a second such call does not fit the cap
+    tomorrow = MIDNIGHT + timedelta(days=1, hours=1)
+    assert budgets.held(tomorrow) == {"acme-day": Decimal(0)}
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 1000, tomorrow) is None

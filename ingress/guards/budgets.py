@@ -13,7 +13,8 @@ model's limits; ``budget_default_max_tokens`` stands in for a model it gives non
 That worst case is reserved at admission — check and reserve happen with no await
 between them, so concurrent calls cannot both take the last dollars — and settled when
 the call ends: the reservation is replaced by the call's real cost, which is held
-until a published state has counted it. "Counted" is exact: once its response event is
+until a published state has counted it (a call whose usage is unknown, which the stream
+cannot price: its worst case, until its period ends). "Counted" is exact: once its response event is
 delivered, the publisher tells the cost where it went (partition and offset of the
 responses topic, :meth:`Settled.delivered`), and a state counts it once its ``applied``
 offset for that partition has passed it; a cost not delivered yet is not counted by any
@@ -62,12 +63,18 @@ class Settled:
     ended: datetime
     cost: Decimal
     at: tuple[int, int] | None = None  # (partition, offset) of its event on the responses topic
+    # Its usage is unknown (a client that hung up before the provider's count): the stream
+    # cannot price it and counts nothing, so its worst case is held for the rest of its
+    # period, not let go once a state is past its event.
+    uncountable: bool = False
 
     def delivered(self, partition: int, offset: int) -> None:
         """The publisher's word that the call's response event is in Kafka, there."""
         self.at = (partition, offset)
 
     def counted_by(self, state: BudgetState) -> bool:
+        if self.uncountable:
+            return False
         return self.at is not None and state.applied.get(self.at[0], 0) > self.at[1]
 
 
@@ -194,7 +201,7 @@ class BudgetBook:
         kept = self.settled[name] = [
             c
             for c in self.settled[name]
-            if c.ended > cutoff
+            if (c.ended > cutoff or c.uncountable)
             and (since is None or c.ended >= since)
             and (published is None or not c.counted_by(published))
         ]
@@ -203,7 +210,13 @@ class BudgetBook:
     def held(self, now: datetime) -> dict[str, Decimal]:
         """What this process holds against each hard-capped budget beyond its published
         spend (what :meth:`committed` adds): in-flight worst cases and uncounted costs."""
-        return {b.name: self._holding(b.name, now) for b in self.budgets if b.hard_cap}
+        return {
+            b.name: self._holding(
+                b.name, now, current(b, self.states.get(b.name), now).period_start
+            )
+            for b in self.budgets
+            if b.hard_cap
+        }
 
     def admit(
         self,
@@ -267,9 +280,13 @@ class BudgetBook:
             cost = cost_of(usage, rates).total
         # Every budget reserved the same worst case, and holds the same cost.
         worst = next(iter(held.values()))
-        # Unknown usage: hold the worst case (the stream cannot price the call; it lets
-        # it go once it has read the call's event, counting past its offset).
-        holding = Settled(ended, worst if usage.usage_missing else cost or Decimal(0))
+        # Unknown usage: hold the worst case until the period ends (the stream cannot
+        # price the call, and counts nothing for it: let go, its spend would vanish from
+        # the cap, and a client hanging up mid-stream could spend without end).
+        if usage.usage_missing:
+            holding = Settled(ended, worst, uncountable=True)
+        else:
+            holding = Settled(ended, cost or Decimal(0))
         if not holding.cost:
             return None
         for name in held:
