@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ingress.forward.call import upstream_headers
 from ingress.guards.auth import Refusal, authenticate
 from ingress.guards.keys import KeyStore, create_key, read_keys, revoke_key
 from llmtap.config import Settings
@@ -204,3 +205,34 @@ def test_the_keys_commands_say_what_they_did(tmp_path: Path) -> None:
     assert revoked.returncode == 0 and revoked.stdout.startswith(f"revoked {key_id}")
     assert read_keys(tmp_path / "keys.yaml").keys[0].revoked
     assert llmtap("keys", "revoke", "key_nope").returncode == 1
+
+
+def test_the_provider_key_replaces_every_credential_the_client_sent() -> None:
+    """With llmtap's key injected, nothing the client says of who it is to the provider
+    goes on: its key in any header a provider reads one from (Azure's api-key too), nor
+    the OpenAI organization or project that would pick what llmtap's key bills. In
+    pass-through (no credential injected) they are the caller's own, and go on."""
+    sent = CIMultiDictProxy(
+        CIMultiDict(
+            {
+                "Authorization": "Bearer ltk_client",
+                "x-api-key": "ltk_client",
+                "api-key": "ltk_client",
+                "OpenAI-Organization": "org-other",
+                "OpenAI-Project": "proj-other",
+                "x-llmtap-team": "search",
+                "x_llmtap_team": "search",  # not read as a claim: not passed on either
+                "traceparent": "00-abc-def-01",
+                "User-Agent": "OpenAI/Python",
+            }
+        )
+    )
+    out = upstream_headers(sent, credential=("Authorization", f"Bearer {PROVIDER_KEY}"))
+    assert dict(out) == {
+        "traceparent": "00-abc-def-01",
+        "User-Agent": "OpenAI/Python",
+        "Authorization": f"Bearer {PROVIDER_KEY}",
+    }
+    kept = upstream_headers(sent, credential=None)  # pass-through: the caller's own
+    assert {"Authorization", "api-key", "OpenAI-Organization", "OpenAI-Project"} <= set(kept)
+    assert not any("llmtap" in name.lower() for name in kept)

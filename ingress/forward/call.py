@@ -115,7 +115,12 @@ def attribution_from(headers: CIMultiDictProxy[str], *, user_field: str = "") ->
 
 NOBODY = Attribution()
 
-CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+# What a client sends to say who it is to the provider: replaced by llmtap's own key.
+# Azure's api-key too (a client may send its key there as well), and the OpenAI
+# organization and project, which would pick what llmtap's key bills.
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "x-api-key", "api-key", "openai-organization", "openai-project"}
+)
 
 
 def upstream_headers(
@@ -125,13 +130,15 @@ def upstream_headers(
 
     Hop-by-hop headers and llmtap's own ``x-llmtap-*`` headers are dropped. With a
     ``credential`` (header, value), the provider key replaces every credential the
-    client sent, so the client's key never reaches the provider.
+    client sent (CREDENTIAL_HEADERS), so the client's key never reaches the provider.
     """
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
         if lower in _HOP_BY_HOP or lower.startswith(ATTRIBUTION_PREFIX):
             continue
+        if lower.startswith("x_") and lower.replace("_", "-").startswith(ATTRIBUTION_PREFIX):
+            continue  # x_llmtap_*: not read (no underscores in ours), not passed on either
         if credential is not None and lower in CREDENTIAL_HEADERS:
             continue
         out.add(name, value)
