@@ -70,12 +70,16 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
             retrying = asyncio.create_task(
                 publish_until_sent(settings.kafka, states, alerts), name="budget-seed"
             )
-    yield
-    if retrying is not None:
-        retrying.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await retrying
-    store.close()
+    try:
+        yield
+    finally:
+        if retrying is not None:
+            retrying.cancel()
+            # Not raised here (the store is closed whatever it ended with), but logged.
+            (failed,) = await asyncio.gather(retrying, return_exceptions=True)
+            if isinstance(failed, Exception):
+                log.error("publishing rebuilt budget states failed: %r", failed)
+        store.close()
 
 
 class Service(Protocol):

@@ -144,7 +144,8 @@ class Store:
         where the writer's inserts run, and the writer waits for the lock behind at most
         READERS of them, each stopped after READ_TIMEOUT_S (ClickHouse error 159)."""
         if self._readers is None:
-            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="store-read")
+            prefix = f"store-read-{id(self):x}"  # this store's, among others' (tests)
+            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix=prefix)
         read = functools.partial(self.rows, sql, parameters, READ_SETTINGS)
         return await asyncio.get_running_loop().run_in_executor(self._readers, read)
 

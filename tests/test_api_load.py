@@ -25,6 +25,7 @@ from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sinks.metrics import store_registry
 from sql import analytics, params
+from sql import store as sql_store
 from sql.admission import ADMISSION
 from sql.store import READ_SETTINGS, READERS, Store
 from tests.test_analytics import NOW, Call
@@ -43,8 +44,9 @@ def store_held(store: Store) -> Iterator[None]:
         store._lock.release()
 
 
-def reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("store-read")]
+def reader_threads(store: Store) -> list[threading.Thread]:
+    """The store's reader threads (named after it: not another test's store's)."""
+    return [t for t in threading.enumerate() if t.name.startswith(f"store-read-{id(store):x}_")]
 
 
 async def until(condition: Any) -> None:
@@ -110,19 +112,25 @@ async def test_reads_queue_on_the_stores_own_threads_a_few_at_a_time(store: Stor
     loop = asyncio.get_running_loop()
     with store_held(store):
         reads = [asyncio.create_task(store.arows("SELECT 1 AS one")) for _ in range(READERS + 3)]
-        await until(lambda: len(reader_threads()) == READERS)
+        await until(lambda: len(reader_threads(store)) == READERS)
         # the default executor is free: an insert would only wait for the lock
         assert await loop.run_in_executor(None, lambda: "free") == "free"
-        assert len(reader_threads()) == READERS and not any(r.done() for r in reads)
+        assert len(reader_threads(store)) == READERS and not any(r.done() for r in reads)
     assert [rows for rows in await asyncio.gather(*reads)] == [[{"one": 1}]] * (READERS + 3)
 
 
-def test_a_read_past_its_time_limit_is_a_503_that_says_so(store: Store) -> None:
+async def test_a_read_past_its_time_limit_or_a_failing_store_is_a_503_that_says_so(
+    app_client: tuple[web.Application, TestClient[Any, Any], dict[str, str]],
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, client, keys = app_client
+    monkeypatch.setattr(sql_store, "READ_SETTINGS", {**READ_SETTINGS, "max_execution_time": 0.2})
     slow = "SELECT sleepEachRow(0.05) FROM numbers(100) SETTINGS max_block_size = 1"
     with pytest.raises(ClickHouseError) as raised:
-        store.rows(slow, settings={**READ_SETTINGS, "max_execution_time": 0.2})
+        await store.arows(slow)  # the API's reads are stopped at READ_SETTINGS' limit
     message, code = analytics.store_problem(raised.value)
     assert code == "timeout" and "took longer than 30 s" in message
-    with pytest.raises(ClickHouseError) as raised:
-        store.rows("SELECT * FROM no_such_table")
-    assert analytics.store_problem(raised.value)[1] == "store_unavailable"
+    store.command("RENAME TABLE calls TO calls_gone")  # a store that cannot answer
+    status, body, _ = await models(client, keys["a"])
+    assert (status, body["error"]["code"]) == (503, "store_unavailable")

@@ -11,7 +11,7 @@ stylesheet and no script, and names no other host.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -218,7 +218,7 @@ async def gather(
         scoped=scope.tenant is not None,
         tenant_spikes=scope.team is None and scope.user is None,
     )
-    queries: list[Awaitable[list[dict[str, Any]]]] = [
+    queries: list[Coroutine[Any, Any, list[dict[str, Any]]]] = [
         select(store, "analytics_usage", filters, structure={"by_model": False}),
         select(store, "analytics_performance", filters, values={"range_minutes": minutes}),
         select(
@@ -246,7 +246,14 @@ async def gather(
             },
         ),
     ]
-    return list(await asyncio.gather(*queries))
+    # A task group: should one fail, the others are cancelled, so those still queued for
+    # the store's reader threads never run for a page already answered with its error.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(query) for query in queries]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 async def build(
@@ -370,7 +377,7 @@ class Views:
         who = describe(caller)
 
         def failed(status: int, message: str) -> web.Response:
-            return html(
+            response = html(
                 "dashboard.html.j2",
                 status=status,
                 who=who,
@@ -380,6 +387,9 @@ class Views:
                 shown_filters=[],
                 generated_at=utcnow(),
             )
+            if status == 429:
+                response.headers["Retry-After"] = "1"
+            return response
 
         try:
             filters = Query(request.query).filters(caller.scope)
