@@ -317,6 +317,9 @@ class Settings(BaseSettings):
     budgets: Annotated[list[BudgetConfig], _unique_names("budget")] = Field(default_factory=list)
     budget_default_max_tokens: int = Field(default=4096, ge=1)
     budget_default_context_tokens: int = Field(default=1_000_000, ge=1)
+    # The most input tokens one image may count in a hard cap's worst case: providers
+    # count pixels, not bytes (gpt-4o-mini's largest high-detail image is ~48,000).
+    budget_image_tokens: int = Field(default=50_000, ge=1)
     # The web searches reserved for a call whose web search tool names no bound
     # (Anthropic's max_uses, the Responses API's max_tool_calls), each at its model's fee.
     budget_default_web_searches: int = Field(default=100, ge=0)

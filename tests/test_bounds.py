@@ -9,7 +9,14 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress.guards.bounds import input_unbounded, max_tokens, prompts, web_searches
+from ingress.guards.bounds import (
+    images,
+    input_unbounded,
+    max_tokens,
+    prompts,
+    reach,
+    web_searches,
+)
 from tests.test_budget_book import MIDNIGHT, book
 
 PNG = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4" * 4
@@ -30,7 +37,6 @@ TEXT = {"type": "text", "text": "what is in the picture?"}
     "payload",
     [
         chat(TEXT),
-        chat(TEXT, {"type": "image_url", "image_url": {"url": PNG}}),  # its bytes are here
         # A user's words that look like keys are inside a string: their quotes escaped.
         chat({"type": "text", "text": 'set "file_id": "file-1" and "url": "https://x.io"'}),
         {"model": "gpt-4o", "prompt": "once upon a time"},  # completions: prompt is text
@@ -49,6 +55,7 @@ TEXT = {"type": "text", "text": "what is in the picture?"}
                 }
             ],
         ),
+        # A document of plain text is its bytes.
         {
             "model": "claude-sonnet-4-5",
             "max_tokens": 10,
@@ -57,12 +64,8 @@ TEXT = {"type": "text", "text": "what is in the picture?"}
                     "role": "user",
                     "content": [
                         {
-                            "type": "image",
-                            "source": {
-                                "type": "base64",
-                                "media_type": "image/png",
-                                "data": PNG[22:],
-                            },
+                            "type": "document",
+                            "source": {"type": "text", "media_type": "text/plain", "data": "x"},
                         }
                     ],
                 }
@@ -148,14 +151,25 @@ def test_the_bytes_bound_the_input(payload: dict[str, Any]) -> None:
         {"model": "gpt-4.1", "input": "and then?", "previous_response_id": "resp_123"},
         {"model": "gpt-4.1", "input": "hi", "conversation": "conv_123"},
         {"model": "gpt-4.1", "prompt": {"id": "pmpt_123", "version": "2"}},
-        chat(TEXT, {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}),
         chat(TEXT, {"type": "file", "file": {"file_id": "file-123"}}),
+        # Documents held inline: the provider counts their pages as images, not bytes.
+        chat(TEXT, {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:..."}}),
         {
-            "model": "gpt-4.1",
-            "input": [
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 10,
+            "messages": [
                 {
                     "role": "user",
-                    "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}],
+                    "content": [
+                        {
+                            "type": "document",
+                            "source": {
+                                "type": "base64",
+                                "media_type": "application/pdf",
+                                "data": "x",
+                            },
+                        },
+                    ],
                 }
             ],
         },
@@ -186,18 +200,6 @@ def test_the_bytes_bound_the_input(payload: dict[str, Any]) -> None:
                             "type": "document",
                             "source": {"type": "url", "url": "https://example.com/a.pdf"},
                         }
-                    ],
-                }
-            ],
-        },
-        {
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 10,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image", "source": {"type": "file", "file_id": "file_011"}}
                     ],
                 }
             ],
@@ -244,6 +246,68 @@ def test_a_name_spelled_with_escapes_is_still_found() -> None:
     assert payload["input"][0]["type"] == "item_reference"
     assert b"item_reference" not in body
     assert input_unbounded(payload)
+
+
+def _anthropic(*parts: dict[str, Any]) -> dict[str, Any]:
+    content = [{"type": "tool_result", "tool_use_id": "t", "content": list(parts)}]
+    return {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": content}]}
+
+
+@pytest.mark.parametrize(
+    ("payload", "count"),
+    [
+        (chat(TEXT, {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}), 1),
+        (chat(TEXT, *[{"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}] * 40), 40),
+        (
+            {
+                "model": "gpt-4.1",
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_image", "image_url": PNG},
+                            {"type": "input_image", "image_url": "https://example.com/a.png"},
+                            {"type": "input_image", "file_id": "file-1"},
+                        ],
+                    }
+                ],
+            },
+            3,
+        ),
+        # Anthropic's, inline or by file, in a tool result's parts too
+        (
+            _anthropic(
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": "x"},
+                },
+                {"type": "image", "source": {"type": "file", "file_id": "file_011"}},
+            ),
+            2,
+        ),
+        (chat(TEXT), 0),
+    ],
+)
+def test_images_are_counted_apart_from_the_bytes(payload: dict[str, Any], count: int) -> None:
+    """A provider counts an image's pixels, not its bytes (a 1x1 GIF of 43 bytes is
+    2,833 tokens on gpt-4o-mini): each adds budget_image_tokens to the worst case,
+    wherever it comes from; the rest of the input stays bounded by the bytes."""
+    assert images(payload) == count
+    assert not unbounded(payload)
+    assert reach(payload).images == count
+
+
+def test_each_image_adds_its_most_tokens_to_the_worst_case() -> None:
+    budgets, _ = book("10")
+    plain = budgets.worst_case("gpt-4o-mini", 5_000, 1, MIDNIGHT)
+    two = budgets.worst_case("gpt-4o-mini", 5_000, 1, MIDNIGHT, images=2)
+    forty = budgets.worst_case("gpt-4o-mini", 5_000, 1, MIDNIGHT, images=40)
+    assert plain is not None and two is not None and forty is not None
+    # two images of 50,000 tokens (budget_image_tokens) at gpt-4o-mini's $0.15 a million
+    assert two - plain == 2 * 50_000 * Decimal("0.15") / 1_000_000
+    # forty: the prompt is still at most the model's context window (128,000 tokens)
+    output = Decimal("0.60") / 1_000_000
+    assert forty == 128_000 * Decimal("0.15") / 1_000_000 + output
 
 
 def test_an_unbounded_input_is_reserved_as_a_whole_context() -> None:

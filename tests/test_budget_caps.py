@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 from openai import AsyncOpenAI, RateLimitError
+from openai.types.chat import ChatCompletionContentPartParam
 from standardwebhooks import Webhook
 
 from llmtap.config import BudgetConfig, Settings
@@ -327,6 +328,35 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
             )
     message = refusal_of(refused, upstream, asked)
     assert "budget 'acme-1'" in message and "worst case of this call $2.50" in message
+
+
+GIF = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"
+
+
+async def test_images_reserve_their_most_tokens_not_their_bytes(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty 1x1 GIFs (5 kB of body) are 113,000 input tokens on gpt-4o-mini: a provider
+    counts an image's pixels, not its bytes. Each image is reserved as
+    budget_image_tokens, so a $0.002 cap refuses the call the bytes alone would admit."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-1", scope="tenant", value="acme", limit_usd=Decimal("0.002"))
+    image: ChatCompletionContentPartParam = {
+        "type": "image_url",
+        "image_url": {"url": GIF, "detail": "low"},
+    }
+    text: ChatCompletionContentPartParam = {"type": "text", "text": "?"}
+    async with capped_client(ingress_settings, budget) as client:
+        asked = len(upstream.provider.received)
+        with pytest.raises(RateLimitError) as refused:
+            await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": [text, *[image] * 40]}],
+                max_tokens=1,
+            )
+    message = refusal_of(refused, upstream, asked)
+    # the prompt: 40 x 50,000 tokens, at most gpt-4o-mini's 128,000-token window
+    assert "budget 'acme-1'" in message and "worst case of this call $0.0192006" in message
 
 
 async def test_each_prompt_of_a_completions_list_may_spend_max_tokens(

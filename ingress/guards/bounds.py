@@ -7,19 +7,24 @@ A body that makes the provider add content of its own to the prompt does not:
 
 - a conversation kept by the provider: OpenAI's Responses API ``previous_response_id``
   or ``conversation``, or a stored prompt (``prompt: {"id": ...}``);
-- a file, an image or an earlier item the provider fetches: a content part that names
-  one by id or URL rather than holding it (OpenAI's chat ``image_url`` with a URL that
-  is not ``data:``, ``file`` with a ``file_id``; the Responses API's ``input_image`` and
-  ``input_file`` by URL or id, ``item_reference``, a ``reasoning`` item without its
-  ``encrypted_content``; chat's ``audio`` of an earlier answer by id; Anthropic's
-  ``source`` of type ``url`` or ``file``, ``container_upload``);
+- a file or an earlier item the provider fetches: a content part that names one by id
+  or URL rather than holding it (the Responses API's ``item_reference``, a
+  ``reasoning`` item without its ``encrypted_content``; chat's ``audio`` of an earlier
+  answer by id; Anthropic's ``source`` of type ``url`` or ``file``,
+  ``container_upload``);
+- a document (a PDF), held inline too: the provider counts its pages as images, not
+  its bytes. Chat's ``file``, the Responses API's ``input_file``, Anthropic's
+  ``document`` (but a document of plain text, which is its bytes);
 - tools the provider runs itself, whose results it reads back as input: the Responses
   API's built-in tools (web and file search, code interpreter, MCP), chat's
   ``web_search_options``, Anthropic's server tools (``web_search_...``, ``web_fetch_...``,
   ``code_execution_...``) and ``mcp_servers``.
 
 Such a call's input is bounded by ``budget_default_context_tokens`` instead (or the
-model's context window, if larger) whatever its bytes. Only the parts of the messages
+model's context window, if larger) whatever its bytes. An image, held inline or named
+by URL or id, is counted apart (:func:`images`): the provider counts its tokens by its
+pixels, not its bytes (a 1x1 GIF of 43 bytes is 2,833 input tokens on gpt-4o-mini), up
+to a most for an image, ``budget_image_tokens`` each. Only the parts of the messages
 (``messages``, ``input``, and the content lists inside them) are looked at: a ``url`` in
 a tool call's arguments, a citation or metadata is not fetched. A payload is as parsed,
 so a name spelled with JSON escapes is read as the provider reads it.
@@ -111,14 +116,16 @@ def _count(value: Any) -> int | None:
 
 class Reach(NamedTuple):
     """What a body leaves unbounded: whether its input is all in it
-    (:func:`input_unbounded`), and the most web searches it allows (:func:`web_searches`)."""
+    (:func:`input_unbounded`), the most web searches it allows (:func:`web_searches`),
+    and the images it holds or names (:func:`images`)."""
 
     input_unbounded: bool
     web_searches: int | None
+    images: int = 0
 
 
 def reach(payload: dict[str, Any]) -> Reach:
-    return Reach(input_unbounded(payload), web_searches(payload))
+    return Reach(input_unbounded(payload), web_searches(payload), images(payload))
 
 
 def _provider_run(tool: Any) -> bool:
@@ -148,28 +155,49 @@ def _holds_reference(item: dict[str, Any], depth: int) -> bool:
     )
 
 
+# Parts whose tokens their bytes do not bound: documents, by id, URL or inline (chat,
+# the Responses API; Anthropic's are read by their source below).
+_DOCUMENTS = ("input_file", "file")
+# Image parts: chat, the Responses API, Anthropic (counted by images()).
+_IMAGES = ("image_url", "input_image", "image")
+
+
 def _refers(part: dict[str, Any]) -> bool:
-    """One part that names content by id or URL instead of holding it."""
+    """One part whose input its bytes do not bound: content named by id or URL instead
+    of held, or a document (an image is counted apart)."""
     kind = part.get("type")
-    if kind == "image_url":  # chat: {"image_url": {"url": ...}}
-        image = part.get("image_url")
-        return isinstance(image, dict) and _fetched(image.get("url"))
-    if kind == "input_image":  # Responses: an image_url string, or a file_id
-        return _fetched(part.get("image_url")) or bool(part.get("file_id"))
-    if kind == "input_file":  # Responses: file_data is inline; file_id, file_url are not
-        return bool(part.get("file_id") or part.get("file_url"))
-    if kind == "file":  # chat: {"file": {"file_id": ...}} (or file_data, inline)
-        file = part.get("file")
-        return isinstance(file, dict) and bool(file.get("file_id"))
-    if kind in ("item_reference", "container_upload"):
+    if kind in _DOCUMENTS or kind in ("item_reference", "container_upload"):
         return True
+    if kind in _IMAGES:
+        return False
     if kind == "reasoning":  # passed back by id: the provider reads it from its store
         return not part.get("encrypted_content")
     if part.get("role") == "assistant" and isinstance(part.get("audio"), dict):
         return bool(part["audio"].get("id"))  # chat: an earlier answer's audio, by id
-    source = part.get("source")  # Anthropic: images and documents
-    return isinstance(source, dict) and source.get("type") in ("url", "file")
+    source = part.get("source")  # Anthropic: documents, inline or not
+    if not isinstance(source, dict):
+        return False
+    if source.get("type") in ("url", "file"):
+        return True
+    return kind == "document" and source.get("type") not in ("text", "content")
 
 
-def _fetched(url: Any) -> bool:
-    return isinstance(url, str) and bool(url) and not url.startswith("data:")
+def images(payload: dict[str, Any]) -> int:
+    """How many images the messages (or input items) hold or name, their parts and a
+    tool result's parts included."""
+    return sum(
+        _images_in(item, 0)
+        for items in (payload.get("messages"), payload.get("input"))
+        if isinstance(items, list)
+        for item in items
+        if isinstance(item, dict)
+    )
+
+
+def _images_in(item: dict[str, Any], depth: int) -> int:
+    if item.get("type") in _IMAGES:
+        return 1
+    content = item.get("content")
+    if not isinstance(content, list) or depth >= 3:
+        return 0
+    return sum(_images_in(part, depth + 1) for part in content if isinstance(part, dict))

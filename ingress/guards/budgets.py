@@ -104,6 +104,7 @@ class BudgetBook:
         default_max_tokens: int,
         default_context_tokens: int = 1_000_000,
         default_web_searches: int = 100,
+        image_tokens: int = 50_000,
     ):
         self.budgets = budgets
         self.catalog = catalog
@@ -112,6 +113,8 @@ class BudgetBook:
         self.default_context_tokens = default_context_tokens
         # The searches of a call whose web search tool names no max_uses/max_tool_calls.
         self.default_web_searches = default_web_searches
+        # The most input tokens one image counts (bounds.images).
+        self.image_tokens = image_tokens
         self.states: dict[str, BudgetState] = {}
         self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
         self.settled: dict[str, list[Settled]] = defaultdict(list)
@@ -134,6 +137,7 @@ class BudgetBook:
         input_unbounded: bool = False,
         prompts: int = 1,
         web_searches: int | None = 0,
+        images: int = 0,
     ) -> Decimal | None:
         """The most the call can cost. Its input: the body's bytes, at most the model's
         context window for each of the ``prompts`` the provider answers apart (a list of
@@ -145,7 +149,8 @@ class BudgetBook:
         the fee of ``web_searches`` (None: not bounded, ``default_web_searches``). The
         catalog gives both limits (``context_window``, ``max_output_tokens``); for a
         model it gives none for, ``default_context_tokens`` and ``default_max_tokens``
-        stand in."""
+        stand in. Each of ``images`` adds ``image_tokens`` of input (its tokens are the
+        provider's count of its pixels, not its bytes)."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if entry is None or rates is None:
@@ -156,7 +161,7 @@ class BudgetBook:
         # prompt could pass its threshold, and every output token at the dearer of the
         # output and reasoning rates.
         prompts = max(prompts, 1)
-        prompt = request_bytes
+        prompt = request_bytes + images * self.image_tokens
         if input_unbounded:
             # Not one window: a provider running tools reads each round's results again
             # (a window each round), so such a call keeps the default context at least.
@@ -248,6 +253,7 @@ class BudgetBook:
             unbounded.input_unbounded,
             prompts,
             unbounded.web_searches,
+            unbounded.images,
         )
         worst = worst or Decimal(0)
         for budget in capped:
