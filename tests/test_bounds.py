@@ -152,6 +152,17 @@ def test_the_bytes_bound_the_input(payload: dict[str, Any]) -> None:
         {"model": "gpt-4.1", "input": "hi", "conversation": "conv_123"},
         {"model": "gpt-4.1", "prompt": {"id": "pmpt_123", "version": "2"}},
         chat(TEXT, {"type": "file", "file": {"file_id": "file-123"}}),
+        # A file in a Responses function call's output
+        {
+            "model": "gpt-4.1",
+            "input": [
+                {
+                    "type": "function_call_output",
+                    "call_id": "c1",
+                    "output": [{"type": "input_file", "file_id": "file-1"}],
+                }
+            ],
+        },
         # Documents held inline: the provider counts their pages as images, not bytes.
         chat(TEXT, {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:..."}}),
         {
@@ -283,6 +294,50 @@ def _anthropic(*parts: dict[str, Any]) -> dict[str, Any]:
                 },
                 {"type": "image", "source": {"type": "file", "file_id": "file_011"}},
             ),
+            2,
+        ),
+        # in a Responses tool call's output: a function's parts, a computer's screenshot
+        (
+            {
+                "model": "gpt-4o-mini",
+                "input": [
+                    {
+                        "type": "function_call_output",
+                        "call_id": "c1",
+                        "output": [{"type": "input_image", "image_url": PNG}] * 15,
+                    },
+                    {
+                        "type": "computer_call_output",
+                        "call_id": "c2",
+                        "output": {"type": "computer_screenshot", "file_id": "file-1"},
+                    },
+                ],
+            },
+            16,
+        ),
+        # in an Anthropic document of content blocks
+        (
+            {
+                "model": "claude-sonnet-4-5",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "document",
+                                "source": {
+                                    "type": "content",
+                                    "content": [
+                                        {"type": "text", "text": "x"},
+                                        {"type": "image", "source": {"type": "url", "url": "u"}},
+                                        {"type": "image", "source": {"type": "url", "url": "v"}},
+                                    ],
+                                },
+                            }
+                        ],
+                    }
+                ],
+            },
             2,
         ),
         (chat(TEXT), 0),

@@ -147,19 +147,32 @@ def _fetches(payload: dict[str, Any]) -> bool:
 def _holds_reference(item: dict[str, Any], depth: int) -> bool:
     if _refers(item):
         return True
-    content = item.get("content")  # parts; a tool result's parts hold parts in turn
-    return (
-        isinstance(content, list)
-        and depth < 3
-        and any(isinstance(part, dict) and _holds_reference(part, depth + 1) for part in content)
-    )
+    return depth < 3 and any(_holds_reference(part, depth + 1) for part in _parts(item))
+
+
+def _parts(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parts an item or part holds: its ``content`` (a tool result's parts hold
+    parts in turn); a Responses tool call's ``output`` (a function's parts, a computer
+    call's screenshot); an Anthropic document's ``source`` of type ``content``."""
+    held: list[Any] = []
+    for name in ("content", "output"):
+        value = item.get(name)
+        if isinstance(value, list):
+            held.extend(value)
+        elif name == "output" and isinstance(value, dict):
+            held.append(value)
+    source = item.get("source")
+    if isinstance(source, dict) and isinstance(source.get("content"), list):
+        held.extend(source["content"])
+    return [part for part in held if isinstance(part, dict)]
 
 
 # Parts whose tokens their bytes do not bound: documents, by id, URL or inline (chat,
 # the Responses API; Anthropic's are read by their source below).
 _DOCUMENTS = ("input_file", "file")
-# Image parts: chat, the Responses API, Anthropic (counted by images()).
-_IMAGES = ("image_url", "input_image", "image")
+# Image parts: chat, the Responses API (a computer call's screenshot too), Anthropic
+# (counted by images()).
+_IMAGES = ("image_url", "input_image", "image", "computer_screenshot")
 
 
 def _refers(part: dict[str, Any]) -> bool:
@@ -183,8 +196,8 @@ def _refers(part: dict[str, Any]) -> bool:
 
 
 def images(payload: dict[str, Any]) -> int:
-    """How many images the messages (or input items) hold or name, their parts and a
-    tool result's parts included."""
+    """How many images the messages (or input items) hold or name, in their parts at
+    any depth :func:`_parts` reads (a tool result's, a tool call's output...)."""
     return sum(
         _images_in(item, 0)
         for items in (payload.get("messages"), payload.get("input"))
@@ -197,7 +210,4 @@ def images(payload: dict[str, Any]) -> int:
 def _images_in(item: dict[str, Any], depth: int) -> int:
     if item.get("type") in _IMAGES:
         return 1
-    content = item.get("content")
-    if not isinstance(content, list) or depth >= 3:
-        return 0
-    return sum(_images_in(part, depth + 1) for part in content if isinstance(part, dict))
+    return sum(_images_in(part, depth + 1) for part in _parts(item)) if depth < 3 else 0
