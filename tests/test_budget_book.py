@@ -192,22 +192,37 @@ def test_a_call_whose_usage_is_unknown_holds_its_worst_case_until_its_period_end
     """A client that hangs up before the provider's count: the stream cannot price the
     call and counts nothing for it, so letting its worst case go once a state is past
     its event would erase its spend from the cap (calls cut short could spend without
-    end). It is held until the period ends."""
+    end). It is held until the period ends, as one sum a budget (not an entry a call:
+    they could be millions)."""
     budgets, budget = book("0.015")
     now = MIDNIGHT + timedelta(hours=9)
     call = uuid.uuid4()
     assert budgets.admit(call, ACME, "gpt-4o", 10, 1000, now) is None
     worst = budgets.held(now)["acme-day"]
     assert Decimal("0.0075") < worst < Decimal("0.015")
-    settled = budgets.settle(call, "gpt-4o", Usage.missing(), now)
-    assert settled is not None and settled.cost == worst
-    settled.delivered(0, 5)
+    assert budgets.settle(call, "gpt-4o", Usage.missing(), now) is None  # nothing to locate
     past_it = fresh(budget, now, now).model_copy(update={"applied": {0: 10}, "last_event_at": now})
     budgets.update(past_it)  # the stream read the event, and counted nothing
     later = now + timedelta(hours=2)  # past SETTLED_MAX_AGE too
     assert budgets.held(later) == {"acme-day": worst}
+    assert budgets.settled["acme-day"] == []
     refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 1000, later)
     assert refused is not None  # a second such call does not fit the cap
     tomorrow = MIDNIGHT + timedelta(days=1, hours=1)
     assert budgets.held(tomorrow) == {"acme-day": Decimal(0)}
     assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 1000, tomorrow) is None
+
+
+def test_a_stream_cut_short_holds_what_it_wrote_not_all_it_might_have() -> None:
+    """The stop button: the output was counted from what streamed (the provider stops
+    when the connection goes), so the call holds its input's worst case and that, not
+    all of max_tokens (a few stops would fill a cap while real spend is cents)."""
+    budgets, _ = book("10")
+    now = MIDNIGHT + timedelta(hours=9)
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 1_000, 100_000, now) is None
+    worst = budgets.held(now)["acme-day"]
+    assert worst == (1_000 * Decimal("2.50") + 100_000 * Decimal("10.00")) / 1_000_000
+    cut = Usage.missing().model_copy(update={"output_tokens": 200, "output_tokens_counted": True})
+    budgets.settle(call, "gpt-4o", cut, now)
+    assert budgets.held(now) == {"acme-day": (1_000 * Decimal("2.50") + 200 * 10) / 1_000_000}

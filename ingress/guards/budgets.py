@@ -63,18 +63,12 @@ class Settled:
     ended: datetime
     cost: Decimal
     at: tuple[int, int] | None = None  # (partition, offset) of its event on the responses topic
-    # Its usage is unknown (a client that hung up before the provider's count): the stream
-    # cannot price it and counts nothing, so its worst case is held for the rest of its
-    # period, not let go once a state is past its event.
-    uncountable: bool = False
 
     def delivered(self, partition: int, offset: int) -> None:
         """The publisher's word that the call's response event is in Kafka, there."""
         self.at = (partition, offset)
 
     def counted_by(self, state: BudgetState) -> bool:
-        if self.uncountable:
-            return False
         return self.at is not None and state.applied.get(self.at[0], 0) > self.at[1]
 
 
@@ -118,6 +112,14 @@ class BudgetBook:
         self.states: dict[str, BudgetState] = {}
         self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
         self.settled: dict[str, list[Settled]] = defaultdict(list)
+        # What ended calls whose usage is unknown hold, a sum per budget for its period
+        # (the period's start, the sum): the stream cannot price them, so it is held
+        # until the period ends (:meth:`settle`).
+        self.unpriced: dict[str, tuple[datetime, Decimal]] = {}
+        # The output part of each call's reserved worst case: its cost, and the rate of
+        # a token of it (for a call cut short, :meth:`settle`).
+        self._output: dict[uuid.UUID, tuple[Decimal, Decimal]] = {}
+        self._by_name = {b.name: b for b in budgets}
 
     def update(self, state: BudgetState) -> None:
         """A state from the topic: keep it unless it is older than what we hold (the
@@ -139,9 +141,39 @@ class BudgetBook:
         web_searches: int | None = 0,
         images: int = 0,
     ) -> Decimal | None:
-        """The most the call can cost. Its input: the body's bytes, at most the model's
-        context window for each of the ``prompts`` the provider answers apart (a list of
-        prompts to the completions API, of inputs to the embeddings API); when the body
+        """The most the call can cost (:meth:`_worst`)."""
+        worst = self._worst(
+            model,
+            request_bytes,
+            max_tokens,
+            now,
+            provider,
+            choices,
+            input_unbounded,
+            prompts,
+            web_searches,
+            images,
+        )
+        return None if worst is None else worst[0]
+
+    def _worst(
+        self,
+        model: str,
+        request_bytes: int,
+        max_tokens: int | None,
+        now: datetime,
+        provider: str = "",
+        choices: int = 1,
+        input_unbounded: bool = False,
+        prompts: int = 1,
+        web_searches: int | None = 0,
+        images: int = 0,
+    ) -> tuple[Decimal, Decimal, Decimal] | None:
+        """The most the call can cost; and of that, what its output may cost, and the
+        price of one output token (what a call cut short holds, :meth:`settle`). Its
+        input: the body's bytes, at most the model's context window for each of the
+        ``prompts`` the provider answers apart (a list of prompts to the completions
+        API, of inputs to the embeddings API); when the body
         does not hold all of it (``input_unbounded``), at least ``default_context_tokens``
         and a window a prompt (tools the provider runs read their results each round).
         Its output: ``max_tokens`` for each of ``choices`` answers (OpenAI's ``n``) to
@@ -180,8 +212,9 @@ class BudgetBook:
             each = most if most is not None else self.default_max_tokens
         output = each * max(choices, 1) * prompts
         searches = self.default_web_searches if web_searches is None else web_searches
-        tokens = (prompt * input_rate + output * output_rate) / PER_MILLION
-        return tokens + search_fee(searches, rates)
+        written = output * output_rate / PER_MILLION
+        total = prompt * input_rate / PER_MILLION + written + search_fee(searches, rates)
+        return total, written, output_rate / PER_MILLION
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -193,7 +226,11 @@ class BudgetBook:
     def _holding(self, name: str, now: datetime, since: datetime | None = None) -> Decimal:
         """In-flight worst cases plus the costs :meth:`_uncounted` still holds."""
         in_flight = sum(self.reserved[name].values(), Decimal(0))
-        return in_flight + sum((c.cost for c in self._uncounted(name, now, since)), Decimal(0))
+        ended = sum((c.cost for c in self._uncounted(name, now, since)), Decimal(0))
+        period, unpriced = self.unpriced.get(name, (None, Decimal(0)))
+        if since is not None and (period is None or period < since):
+            unpriced = Decimal(0)  # an earlier period's
+        return in_flight + ended + unpriced
 
     def _uncounted(self, name: str, now: datetime, since: datetime | None) -> list[Settled]:
         """The costs of ended calls (since ``since``, when given) that the state held now
@@ -206,7 +243,7 @@ class BudgetBook:
         kept = self.settled[name] = [
             c
             for c in self.settled[name]
-            if (c.ended > cutoff or c.uncountable)
+            if c.ended > cutoff
             and (since is None or c.ended >= since)
             and (published is None or not c.counted_by(published))
         ]
@@ -243,7 +280,7 @@ class BudgetBook:
         if not capped:
             return None
         unbounded = reach() if reach is not None else Reach(False, 0)
-        worst = self.worst_case(
+        parts = self._worst(
             model,
             request_bytes,
             max_tokens,
@@ -255,13 +292,15 @@ class BudgetBook:
             unbounded.web_searches,
             unbounded.images,
         )
-        worst = worst or Decimal(0)
+        worst = parts[0] if parts is not None else Decimal(0)
         for budget in capped:
             state, committed = self.committed(budget, now)
             if committed + worst > budget.limit_usd:
                 return Exhausted(budget, state, worst)
         for budget in capped:
             self.reserved[budget.name][call_id] = worst
+        if parts is not None:
+            self._output[call_id] = parts[1:]
         return None
 
     def settle(
@@ -279,6 +318,7 @@ class BudgetBook:
         }
         if not held:
             return None
+        output = self._output.pop(call_id, None)
         cost = None
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(ended) if entry is not None else None
@@ -286,18 +326,41 @@ class BudgetBook:
             cost = cost_of(usage, rates).total
         # Every budget reserved the same worst case, and holds the same cost.
         worst = next(iter(held.values()))
-        # Unknown usage: hold the worst case until the period ends (the stream cannot
-        # price the call, and counts nothing for it: let go, its spend would vanish from
-        # the cap, and a client hanging up mid-stream could spend without end).
         if usage.usage_missing:
-            holding = Settled(ended, worst, uncountable=True)
-        else:
-            holding = Settled(ended, cost or Decimal(0))
+            self._hold_unpriced(held, worst, usage, output, ended)
+            return None
+        holding = Settled(ended, cost or Decimal(0))
         if not holding.cost:
             return None
         for name in held:
             self.settled[name].append(holding)
         return holding
+
+    def _hold_unpriced(
+        self,
+        held: dict[str, Decimal],
+        worst: Decimal,
+        usage: Usage,
+        output: tuple[Decimal, Decimal] | None,
+        ended: datetime,
+    ) -> None:
+        """A call whose usage is unknown (a client that hung up before the provider's
+        count): the stream cannot price it and counts nothing for it, so what it may
+        have cost is held until its period ends (let go, it would vanish from the cap,
+        and calls cut short could spend without end). Its worst case, or, when its output
+        was counted from what it streamed, the worst case of its input (and searches)
+        with that output: a stream stopped early does not hold all it might have written."""
+        hold = worst
+        if usage.output_tokens_counted and output is not None:
+            written, per_token = output
+            hold = min(worst, worst - written + usage.output_tokens * per_token)
+        for name in held:
+            budget = self._by_name[name]
+            period = current(budget, self.states.get(name), ended).period_start
+            start, total = self.unpriced.get(name, (period, Decimal(0)))
+            if period < start:
+                continue  # an earlier period's: no longer counted
+            self.unpriced[name] = (period, (total if start == period else Decimal(0)) + hold)
 
 
 async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
