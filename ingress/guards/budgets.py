@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -128,35 +128,12 @@ class BudgetBook:
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
 
-    def worst_case(
-        self,
-        model: str,
-        request_bytes: int,
-        max_tokens: int | None,
-        now: datetime,
-        provider: str = "",
-        choices: int = 1,
-        input_unbounded: bool = False,
-        prompts: int = 1,
-        web_searches: int | None = 0,
-        images: int = 0,
-    ) -> Decimal | None:
-        """The most the call can cost (:meth:`_worst`)."""
-        worst = self._worst(
-            model,
-            request_bytes,
-            max_tokens,
-            now,
-            provider,
-            choices,
-            input_unbounded,
-            prompts,
-            web_searches,
-            images,
-        )
-        return None if worst is None else worst[0]
+    def worst_case(self, *args: Any, **kwargs: Any) -> Decimal | None:
+        """The most the call can cost: :meth:`worst_parts`'s total (its arguments)."""
+        parts = self.worst_parts(*args, **kwargs)
+        return None if parts is None else parts[0]
 
-    def _worst(
+    def worst_parts(
         self,
         model: str,
         request_bytes: int,
@@ -280,7 +257,7 @@ class BudgetBook:
         if not capped:
             return None
         unbounded = reach() if reach is not None else Reach(False, 0)
-        parts = self._worst(
+        parts = self.worst_parts(
             model,
             request_bytes,
             max_tokens,
