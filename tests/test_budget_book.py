@@ -213,16 +213,28 @@ def test_a_call_whose_usage_is_unknown_holds_its_worst_case_until_its_period_end
     assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 1000, tomorrow) is None
 
 
-def test_a_stream_cut_short_holds_what_it_wrote_not_all_it_might_have() -> None:
-    """The stop button: the output was counted from what streamed (the provider stops
-    when the connection goes), so the call holds its input's worst case and that, not
-    all of max_tokens (a few stops would fill a cap while real spend is cents)."""
+def test_a_stream_cut_short_holds_its_whole_worst_case_whatever_it_streamed() -> None:
+    """What streamed does not bound what was billed: a reasoning model's hidden tokens
+    are billed at the output rate and never streamed (o3 may bill 25,000 for a "Hello"),
+    and a background response goes on after the connection. So the text counted from a
+    cut-short stream is no bound: the whole worst case is held."""
     budgets, _ = book("10")
     now = MIDNIGHT + timedelta(hours=9)
     call = uuid.uuid4()
     assert budgets.admit(call, ACME, "gpt-4o", 1_000, 100_000, now) is None
     worst = budgets.held(now)["acme-day"]
-    assert worst == (1_000 * Decimal("2.50") + 100_000 * Decimal("10.00")) / 1_000_000
-    cut = Usage.missing().model_copy(update={"output_tokens": 200, "output_tokens_counted": True})
+    cut = Usage.missing().model_copy(update={"output_tokens": 2, "output_tokens_counted": True})
     budgets.settle(call, "gpt-4o", cut, now)
-    assert budgets.held(now) == {"acme-day": (1_000 * Decimal("2.50") + 200 * 10) / 1_000_000}
+    assert budgets.held(now) == {"acme-day": worst}
+
+
+def test_a_call_that_ended_before_midnight_holds_nothing_against_the_new_day() -> None:
+    """Settled after the stream's state rolled over to the new day: its period is the
+    day it ended in, which is over."""
+    budgets, budget = book("10")
+    before = MIDNIGHT - timedelta(seconds=1)
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 1_000, 1_000, before) is None
+    budgets.update(fresh(budget, MIDNIGHT, MIDNIGHT))  # today's state arrived first
+    budgets.settle(call, "gpt-4o", Usage.missing(), before)
+    assert budgets.held(MIDNIGHT + timedelta(hours=12)) == {"acme-day": Decimal(0)}

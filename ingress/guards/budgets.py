@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -46,7 +46,7 @@ from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
 from llmtap.kafka import Kafka
-from stream.budgets import current, later_or_larger, matches
+from stream.budgets import current, later_or_larger, matches, period_bounds
 from stream.pricing import PER_MILLION, Catalog, cost_of, search_fee
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,6 @@ class BudgetBook:
         # (the period's start, the sum): the stream cannot price them, so it is held
         # until the period ends (:meth:`settle`).
         self.unpriced: dict[str, tuple[datetime, Decimal]] = {}
-        # The output part of each call's reserved worst case: its cost, and the rate of
-        # a token of it (for a call cut short, :meth:`settle`).
-        self._output: dict[uuid.UUID, tuple[Decimal, Decimal]] = {}
         self._by_name = {b.name: b for b in budgets}
 
     def update(self, state: BudgetState) -> None:
@@ -128,12 +125,7 @@ class BudgetBook:
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
 
-    def worst_case(self, *args: Any, **kwargs: Any) -> Decimal | None:
-        """The most the call can cost: :meth:`worst_parts`'s total (its arguments)."""
-        parts = self.worst_parts(*args, **kwargs)
-        return None if parts is None else parts[0]
-
-    def worst_parts(
+    def worst_case(
         self,
         model: str,
         request_bytes: int,
@@ -145,12 +137,10 @@ class BudgetBook:
         prompts: int = 1,
         web_searches: int | None = 0,
         images: int = 0,
-    ) -> tuple[Decimal, Decimal, Decimal] | None:
-        """The most the call can cost; and of that, what its output may cost, and the
-        price of one output token (what a call cut short holds, :meth:`settle`). Its
-        input: the body's bytes, at most the model's context window for each of the
-        ``prompts`` the provider answers apart (a list of prompts to the completions
-        API, of inputs to the embeddings API); when the body
+    ) -> Decimal | None:
+        """The most the call can cost. Its input: the body's bytes, at most the model's
+        context window for each of the ``prompts`` the provider answers apart (a list of
+        prompts to the completions API, of inputs to the embeddings API); when the body
         does not hold all of it (``input_unbounded``), at least ``default_context_tokens``
         and a window a prompt (tools the provider runs read their results each round).
         Its output: ``max_tokens`` for each of ``choices`` answers (OpenAI's ``n``) to
@@ -189,9 +179,8 @@ class BudgetBook:
             each = most if most is not None else self.default_max_tokens
         output = each * max(choices, 1) * prompts
         searches = self.default_web_searches if web_searches is None else web_searches
-        written = output * output_rate / PER_MILLION
-        total = prompt * input_rate / PER_MILLION + written + search_fee(searches, rates)
-        return total, written, output_rate / PER_MILLION
+        tokens = (prompt * input_rate + output * output_rate) / PER_MILLION
+        return tokens + search_fee(searches, rates)
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -257,7 +246,7 @@ class BudgetBook:
         if not capped:
             return None
         unbounded = reach() if reach is not None else Reach(False, 0)
-        parts = self.worst_parts(
+        worst = self.worst_case(
             model,
             request_bytes,
             max_tokens,
@@ -269,15 +258,13 @@ class BudgetBook:
             unbounded.web_searches,
             unbounded.images,
         )
-        worst = parts[0] if parts is not None else Decimal(0)
+        worst = worst or Decimal(0)
         for budget in capped:
             state, committed = self.committed(budget, now)
             if committed + worst > budget.limit_usd:
                 return Exhausted(budget, state, worst)
         for budget in capped:
             self.reserved[budget.name][call_id] = worst
-        if parts is not None:
-            self._output[call_id] = parts[1:]
         return None
 
     def settle(
@@ -295,7 +282,6 @@ class BudgetBook:
         }
         if not held:
             return None
-        output = self._output.pop(call_id, None)
         cost = None
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(ended) if entry is not None else None
@@ -304,7 +290,7 @@ class BudgetBook:
         # Every budget reserved the same worst case, and holds the same cost.
         worst = next(iter(held.values()))
         if usage.usage_missing:
-            self._hold_unpriced(held, worst, usage, output, ended)
+            self._hold_unpriced(held, worst, ended)
             return None
         holding = Settled(ended, cost or Decimal(0))
         if not holding.cost:
@@ -313,31 +299,18 @@ class BudgetBook:
             self.settled[name].append(holding)
         return holding
 
-    def _hold_unpriced(
-        self,
-        held: dict[str, Decimal],
-        worst: Decimal,
-        usage: Usage,
-        output: tuple[Decimal, Decimal] | None,
-        ended: datetime,
-    ) -> None:
+    def _hold_unpriced(self, held: dict[str, Decimal], worst: Decimal, ended: datetime) -> None:
         """A call whose usage is unknown (a client that hung up before the provider's
-        count): the stream cannot price it and counts nothing for it, so what it may
-        have cost is held until its period ends (let go, it would vanish from the cap,
-        and calls cut short could spend without end). Its worst case, or, when its output
-        was counted from what it streamed, the worst case of its input (and searches)
-        with that output: a stream stopped early does not hold all it might have written."""
-        hold = worst
-        if usage.output_tokens_counted and output is not None:
-            written, per_token = output
-            hold = min(worst, worst - written + usage.output_tokens * per_token)
+        count): the stream cannot price it and counts nothing for it, so its worst case
+        is held until its period ends (let go, it would vanish from the cap, and calls
+        cut short could spend without end). All of it: what streamed does not bound what
+        was billed (a reasoning model's hidden tokens; a background response goes on)."""
         for name in held:
-            budget = self._by_name[name]
-            period = current(budget, self.states.get(name), ended).period_start
+            period = period_bounds(self._by_name[name].period, ended)[0]
             start, total = self.unpriced.get(name, (period, Decimal(0)))
             if period < start:
                 continue  # an earlier period's: no longer counted
-            self.unpriced[name] = (period, (total if start == period else Decimal(0)) + hold)
+            self.unpriced[name] = (period, (total if start == period else Decimal(0)) + worst)
 
 
 async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
