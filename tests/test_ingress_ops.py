@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import uuid
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,23 @@ async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
             ) as response:
                 assert response.status == 413
                 assert response.headers["x-request-id"]
+            # A compressed body is refused before it is inflated (a gzip bomb would be).
+            bomb = gzip.compress(b"\0" * 50_000_000)
+            async with session.post(
+                f"{base}/v1/chat/completions",
+                data=bomb,
+                headers={
+                    "Authorization": "Bearer anything",
+                    "Content-Type": "application/json",
+                    "Content-Encoding": "gzip",
+                },
+            ) as response:
+                assert response.status == 415
+                error = (await response.json())["error"]
+                assert (
+                    error["code"] == "unsupported_encoding" and "uncompressed" in error["message"]
+                )
+                compressed = response.headers["x-request-id"]
     finally:
         await server.close()
     assert len(upstream.provider.received) == before
@@ -271,6 +289,8 @@ async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
         404,
         "unknown_url",
     )
+    event = await response_event(broker.bootstrap, compressed)
+    assert (event.status, event.http_status) == ("bad_request", 415)
 
 
 async def test_trace_context_reaches_the_provider_and_its_request_id_the_client(

@@ -191,7 +191,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         response = api.error(status, message, param=param, code=code)
         response.headers["x-request-id"] = request_id
         outcome: Status = "refused"
-        if status in (400, 404, 413):
+        if status in (400, 404, 413, 415):
             outcome = "bad_request"
         elif error_class == "rate_limited":
             outcome = "rate_limited"
@@ -208,6 +208,15 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             call.model_requested = await _model_named(request)
         return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
     call.attribution = identity.attribution
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        # The SDKs send bodies as they are; a compressed one would be inflated here, a
+        # chunk at a time, before its size could be judged (a 1 MB gzip bomb: 330 MB).
+        return refuse(
+            415,
+            "llmtap takes request bodies uncompressed: send them without Content-Encoding",
+            "unsupported_encoding",
+            code="unsupported_encoding",
+        )
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
