@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from llmtap.config import ProviderConfig, Settings
 from llmtap.events import RequestEvent, ResponseEvent
 from llmtap.names import Names
 from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream, serve_ingress
-from tests.fake_provider import PROVIDER_REQUEST_ID, free_port
+from tests.fake_provider import PROVIDER_REQUEST_ID
 from tests.prometheus import sample
 
 
@@ -160,7 +161,17 @@ async def test_what_every_replica_suffers_alike_does_not_make_one_unready(
     down while the spool has room: still ready, and the JSON says what is down. Pulling
     every replica would stop the calls that work, and the spool exists for the broker's
     outages. With the spool full too, nowhere for events: not ready."""
-    closed = f"http://127.0.0.1:{free_port()}"
+    # A port bound and never listened on: connections to it are refused, and no server
+    # a test starts meanwhile can be given it (a port merely free once could be).
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    try:
+        await _every_replica_alike(ingress_settings, f"http://127.0.0.1:{held.getsockname()[1]}")
+    finally:
+        held.close()
+
+
+async def _every_replica_alike(ingress_settings: Settings, closed: str) -> None:
     one_down = ingress_settings.model_copy(update={"anthropic_base_url": closed})
     server = await serve_ingress(one_down)
     try:
