@@ -336,7 +336,7 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 def store_problem(exc: ClickHouseError) -> tuple[str, str]:
     """What to tell of a read the store could not answer (a 503): its message and code.
     Past its time limit, or failed (logged)."""
-    if getattr(exc, "code", None) == sqlapi.TIMEOUT_EXCEEDED or "TIMEOUT_EXCEEDED" in str(exc):
+    if sqlapi.timed_out(exc):
         took = f"the query took longer than {READ_TIMEOUT_S:g} s"
         return f"{took}: narrow the range or the filters", "timeout"
     log.error("an analytics read failed: %s", exc)

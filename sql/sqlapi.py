@@ -486,6 +486,12 @@ def _encoded(
 TIMEOUT_EXCEEDED = 159
 
 
+def timed_out(exc: ClickHouseError) -> bool:
+    """Whether the store stopped ``exc``'s query at its time limit (code 159; chDB gives
+    the code only in the message)."""
+    return getattr(exc, "code", None) == TIMEOUT_EXCEEDED or "TIMEOUT_EXCEEDED" in str(exc)
+
+
 EXPLAIN = "EXPLAIN AST "
 # What ClickHouse's parser says of where it failed (bytes from the start of what it
 # parsed, 1-based): each said once, before or after the query text it echoes.
@@ -518,7 +524,7 @@ def _clickhouse_error(exc: ClickHouseError) -> SqlError:
     message = _REPEATED_CODE.sub(r"\1", str(exc).strip()) or type(exc).__name__
     if len(message) > 2000:
         message = message[:2000] + "…"
-    if getattr(exc, "code", None) == TIMEOUT_EXCEEDED or "TIMEOUT_EXCEEDED" in message:
+    if timed_out(exc):
         return SqlError("timeout", f"the query ran past its time limit: {message}")
     return SqlError("clickhouse_error", message)
 
