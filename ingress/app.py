@@ -14,9 +14,10 @@ from yarl import URL
 
 from ingress.errors import anthropic_error, openai_error
 from ingress.forward import anthropic, openai
-from ingress.forward.call import Call, attribution_from
+from ingress.forward.call import NOBODY, Call
 from ingress.forward.proxy import record_outcome
 from ingress.forward.tokens import Counting
+from ingress.guards.auth import Refusal, authenticate
 from ingress.guards.budgets import BudgetBook, announce, follow
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
@@ -34,7 +35,7 @@ from ingress.keys import (
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
-from llmtap.events import Usage
+from llmtap.events import Attribution, Usage
 from stream.pricing import load_catalog
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -152,12 +153,22 @@ async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.
         status, code, headers = 405, "method_not_allowed", {"Allow": exc.headers["Allow"]}
         message = f"Method {request.method} not allowed on {request.path}"
     call = Call(provider="", endpoint="unknown")
-    call.attribution = attribution_from(request.headers)
+    call.attribution = _caller(request)
     record_outcome(request.app, call, "bad_request", status, Usage(), error_class=code)
     headers["x-request-id"] = str(call.request_id)
     anthropic = request.path.startswith("/v1/messages") or "anthropic-version" in request.headers
     shape = anthropic_error if anthropic else openai_error
     return shape(status, message, code=code, headers=headers)
+
+
+def _caller(request: web.Request) -> Attribution:
+    """Whom a refused route is recorded under: as a call there would be, by its key.
+    Claims of a missing or unknown key are not taken: anyone could file errors under
+    any tenant's name (a false claim of a valid key goes under the key's own)."""
+    try:
+        return authenticate(request.headers, request.app[SETTINGS], request.app[KEYS]).attribution
+    except Refusal as refusal:
+        return refusal.attribution or NOBODY
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -475,3 +475,34 @@ async def test_models_passes_one_model_on_and_no_other_path(
                 assert "error" in await response.json()  # the provider's shape
     asked = [received.path for received in upstream.provider.received[before:]]
     assert asked == ["/v1/models/ft:gpt-4o-mini:acme::x1"]
+
+
+async def test_a_refused_route_is_recorded_under_its_key_never_under_a_claim(
+    ingress: str, ingress_settings: Settings, broker: Broker
+) -> None:
+    """Claims come with a key: without one, anyone could file errors under any tenant."""
+    secret = await make_key(ingress, ingress_settings.key_file, team="search")
+    claims = {"x-llmtap-tenant": "globex", "x-llmtap-team": "billing"}
+    sent = {
+        "no key": claims,
+        "unknown key": {**claims, "Authorization": "Bearer sk-llmtap-nobody"},
+        "false claim": {**claims, "Authorization": f"Bearer {secret}"},
+        "valid key": {"Authorization": f"Bearer {secret}", "x-llmtap-feature": "export"},
+    }
+    ids = {}
+    async with aiohttp.ClientSession() as session:
+        for name, headers in sent.items():
+            async with session.get(f"{ingress}/v1/nope", headers=headers) as response:
+                assert response.status == 404
+                ids[name] = response.headers["x-request-id"]
+    recorded = {}
+    for name, request_id in ids.items():
+        event = await response_event(broker.bootstrap, request_id)
+        a = event.attribution
+        recorded[name] = (a.tenant, a.team, a.feature, event.error_class)
+    assert recorded == {
+        "no key": ("", "", "", "unknown_url"),
+        "unknown key": ("", "", "", "unknown_url"),
+        "false claim": ("acme", "search", "", "unknown_url"),
+        "valid key": ("acme", "search", "export", "unknown_url"),
+    }
