@@ -443,11 +443,25 @@ async def test_a_key_refused_for_a_false_claim_is_recorded_under_its_own_tenant(
         ) as response:
             assert response.status == 403
             refused = response.headers["x-request-id"]
+        # A compressed body is not inflated to find its model (a gzip bomb would be).
+        async with session.post(
+            f"{ingress}/v1/chat/completions",
+            data=gzip.compress(orjson.dumps({"model": "gpt-4o", "messages": []})),
+            headers={
+                "Authorization": f"Bearer {secret}",
+                "x-llmtap-team": "billing",
+                "Content-Encoding": "gzip",
+            },
+        ) as response:
+            assert response.status == 403
+            compressed = response.headers["x-request-id"]
     event = await response_event(broker.bootstrap, refused)
     assert (event.status, event.error_class) == ("refused", "attribution_conflict")
     assert event.model_requested == "gpt-4o"
     who = event.attribution
     assert (who.tenant, who.team, who.key_id) == ("acme", "search", key.id)
+    event = await response_event(broker.bootstrap, compressed)
+    assert (event.error_class, event.model_requested) == ("attribution_conflict", "")
 
 
 async def test_models_passes_one_model_on_and_no_other_path(

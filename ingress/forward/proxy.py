@@ -208,7 +208,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             call.model_requested = await _model_named(request)
         return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
     call.attribution = identity.attribution
-    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+    if compressed(request):
         # The SDKs send bodies as they are; a compressed one would be inflated here, a
         # chunk at a time, before its size could be judged (a 1 MB gzip bomb: 330 MB).
         return refuse(
@@ -430,9 +430,17 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 finish(capture.final_usage)
 
 
+def compressed(request: web.Request) -> bool:
+    """Whether the request's body comes with a Content-Encoding."""
+    return request.headers.get("Content-Encoding", "identity").lower() != "identity"
+
+
 async def _model_named(request: web.Request) -> str:
     """The model a refused call's body names, for its record; "" if it names none, or
-    its body cannot be read (too large, cut off): the refusal is recorded either way."""
+    its body cannot be read (too large, cut off, compressed: it would be inflated first):
+    the refusal is recorded either way."""
+    if compressed(request):
+        return ""
     try:
         payload = parse_json_body(await request.read())
     except Exception:
