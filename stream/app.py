@@ -60,6 +60,7 @@ def create_app(
     stage.steps.append(counting)
     stage.positions.holding = counting
     if settings.budgets:
+        stage.whole = True
         stage.steps.append(
             budgets.BudgetsStep(
                 app,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import uuid
@@ -41,6 +42,10 @@ async def stream_worker(bootstrap: str, data_dir: Path) -> AsyncIterator[None]:
         "LLMTAP_WINDOW_SIZES_S": "[1]",
         # Grace for the rebalance when the second worker joins (partitions pause meanwhile).
         "LLMTAP_WINDOW_GRACE_S": "5",
+        # Kept by one worker: each of two says so (README, Budgets).
+        "LLMTAP_BUDGETS": json.dumps(
+            [{"name": "all", "scope": "tenant", "value": "acme", "limit_usd": "1000"}]
+        ),
     }
     ready = Settings(data_dir=data_dir).run_dir / "worker.ready"
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
@@ -144,3 +149,7 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
         owners.setdefault(checkpoint.writer, set()).add(partition)
     assert sorted(map(len, owners.values())) == [PARTITIONS // 2, PARTITIONS // 2], latest
     assert sum(c.done for c in latest.values()) == sent
+    # Budgets are counted by one worker: given a share of the partitions, each says so.
+    for worker in ("w1", "w2"):
+        log = (tmp_path / worker / "worker.log").read_text()
+        assert "budgets counted on a share of the calls" in log, worker

@@ -92,6 +92,9 @@ class CostStage(GroupStage):
         self._same_partitions = False
         self._checkpoints: Batches | None = None
         self._warned: set[str] = set()  # models already logged as unpriced
+        self._partitions = 0  # of the responses topic
+        # Steps that count every call or none (budgets: a state is the whole spend).
+        self.whole = False
 
     async def on_start(self) -> None:
         producer = await self._start_producer(max_batch_size=1 << 20, linger_ms=0)
@@ -102,6 +105,7 @@ class CostStage(GroupStage):
         # Both topics keyed by request id: with as many partitions on each, a costed
         # event's key hashes to the partition its response came from.
         responses = await producer.partitions_for(self.topic)
+        self._partitions = len(responses)
         self._same_partitions = len(responses) == self._costed.partitions
         if self._checkpoints.partitions < len(responses):
             raise RuntimeError(
@@ -120,6 +124,16 @@ class CostStage(GroupStage):
         consumer = self._consumer
         assert consumer is not None
         tps = {tp.partition: tp for tp in assigned}
+        missing = sorted(set(range(self._partitions)) - tps.keys())
+        if self.whole and missing:
+            log.error(
+                "budgets counted on a share of the calls: another stream worker holds "
+                "partitions %s of %s, and a budget's spend is kept by one worker, so each "
+                "publishes its share as the whole and hard caps admit past their limits. "
+                "Run one stream worker when budgets are configured.",
+                missing,
+                self.topic,
+            )
         async with self._busy:
             starts = await self.positions.take_over(tps)
             for partition, tp in tps.items():
