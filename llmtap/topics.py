@@ -258,8 +258,25 @@ async def read_consumed(
         await admin.close()
     if not ends:
         return []
-    records, _ = await read_spans(kafka, {tp: (0, end) for tp, end in ends.items()}, idle_ms)
+    starts = await _offsets_at(kafka, since_ms, ends) if since_ms > 0 else {}
+    spans = {tp: (min(starts.get(tp, 0), end), end) for tp, end in ends.items()}
+    records, _ = await read_spans(kafka, spans, idle_ms)
     return [r.value for r in records if r.timestamp >= since_ms and r.value]
+
+
+async def _offsets_at(
+    kafka: Kafka, since_ms: int, ends: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    """Each partition's first offset written at or after ``since_ms``, so a reader of
+    the last hour does not fetch the week the topic keeps; its end where nothing was,
+    and 0 where the broker cannot find offsets by time (Tansu answers 0)."""
+    consumer = _reader(kafka)
+    try:
+        await consumer.start()
+        found = await consumer.offsets_for_times(dict.fromkeys(ends, since_ms))
+    finally:
+        await consumer.stop()
+    return {tp: ends[tp] if at is None else at.offset for tp, at in found.items()}
 
 
 async def _committed(

@@ -25,9 +25,10 @@ from llmtap.config import SpikeMetric, SpikeRule
 from llmtap.events import Alert
 from llmtap.wire import Window
 from stream.aggregates import merge_windows, sketch_of
-from stream.spikes import SeriesState, observe
+from stream.spikes import SeriesState, horizon, observe, went_quiet
 
 MS = Decimal("0.001")
+SWEEP_EVERY = timedelta(minutes=1)
 
 
 def metric_value(metric: SpikeMetric, window: Window) -> Decimal | None:
@@ -62,10 +63,12 @@ class Detector:
         self._rules: dict[tuple[int, str], list[SpikeRule]] = defaultdict(list)
         for rule in rules:
             self._rules[(rule.window_s, rule.dimension)].append(rule)
-        self._partitions = partitions
+        self._named = {rule.name: rule for rule in rules}
+        self.partitions = partitions  # of llmtap.responses: one share of a window each
         self._settle = settle
         self._pending: dict[str, dict[datetime, _Pending]] = {}  # series -> start -> shares
         self.states: dict[tuple[str, str], SeriesState] = {}  # (rule, value) -> state
+        self._swept: datetime | None = None
 
     def judges(self, size_s: int, dimension: str) -> bool:
         """Whether any rule looks at windows of this length and dimension."""
@@ -83,8 +86,34 @@ class Detector:
         return self._ready(window.series, now)
 
     def tick(self, now: datetime) -> list[Alert]:
-        """Judge the windows whose shares have had ``settle`` to arrive."""
-        return [alert for series in list(self._pending) for alert in self._ready(series, now)]
+        """Judge the windows whose shares have had ``settle`` to arrive; once a minute,
+        :meth:`sweep` too."""
+        alerts = [alert for series in list(self._pending) for alert in self._ready(series, now)]
+        if self._swept is None or now - self._swept >= SWEEP_EVERY:
+            self._swept = now
+            alerts += self.sweep(now)
+        return alerts
+
+    def sweep(self, now: datetime) -> list[Alert]:
+        """Series that went quiet: a firing one whose next window would have been judged
+        by now had it had calls is resolved (spikes.went_quiet); one past its rule's
+        horizon is forgotten, so the states of a million one-off users do not pile up.
+        The ``resolved`` comes from the series' last judged window, so a restarted
+        worker that finds it again raises it with the same id."""
+        alerts: list[Alert] = []
+        for key, state in list(self.states.items()):
+            rule = self._named.get(key[0])
+            if rule is None or state.last_window is None:
+                continue
+            window = timedelta(seconds=rule.window_s)
+            idle = now - (state.last_window + window)  # since its last window ended
+            if state.firing and idle > window + 2 * self._settle:
+                state, raised = went_quiet(rule, key[1], state, window)
+                self.states[key] = state
+                alerts += raised
+            if not state.firing and idle > horizon([rule]):
+                del self.states[key]
+        return alerts
 
     def _ready(self, series: str, now: datetime) -> list[Alert]:
         """Judge the series' windows, oldest first, while each is complete or settled."""
@@ -92,7 +121,7 @@ class Detector:
         alerts: list[Alert] = []
         for start in sorted(windows):
             pending = windows[start]
-            if not pending.covers(self._partitions) and now - pending.received < self._settle:
+            if not pending.covers(self.partitions) and now - pending.received < self._settle:
                 break
             del windows[start]
             alerts += self._judge(pending)

@@ -49,6 +49,7 @@ tokens) must pass the 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Literal
@@ -154,6 +155,7 @@ def _alert(
     first_seen: datetime,
     value: Decimal,
     baseline: Baseline,
+    quiet: bool = False,
 ) -> Alert:
     where = f"{rule.dimension}={series}"
     if state == "firing":
@@ -161,6 +163,11 @@ def _alert(
             f"{rule.metric} spike on {where}: {_fmt(value)} against a baseline of "
             f"{_fmt(baseline.center)} (alert above {_fmt(baseline.upper(rule.sensitivity))}, "
             f"robust z {baseline.z(value):.1f})"
+        )
+    elif quiet:
+        message = (
+            f"{rule.metric} back to normal on {where}: no calls in the window from "
+            f"{window_start.isoformat()}; spike since {first_seen.isoformat()}"
         )
     else:
         message = (
@@ -207,6 +214,11 @@ def observe(
     state = state or SeriesState()
     if state.last_window is not None and window_start <= state.last_window:
         return state, []
+    quieted: list[Alert] = []
+    if state.firing and state.last_window is not None:
+        length = window_end - window_start
+        if window_start > state.last_window + length:  # a window with no calls between
+            state, quieted = went_quiet(rule, series, state, length)
     observed = as_decimal(value)
     if rule.seasonality == "hour_of_day":
         state = _roll_profile(rule, state, window_start)
@@ -270,7 +282,47 @@ def observe(
         # Until an hour has a seasonal baseline, its profile learns every value: the
         # recent baseline is no judge of what is usual at this hour.
         update["hour_values"] = (*state.hour_values, observed)[-rule.history_windows :]
-    return state.model_copy(update=update), alerts
+    return state.model_copy(update=update), quieted + alerts
+
+
+def went_quiet(
+    rule: SpikeRule, series: str, state: SeriesState, window: timedelta
+) -> tuple[SeriesState, list[Alert]]:
+    """End the episode of a firing series whose next window had no calls (a runaway
+    job stopped): a ``resolved`` alert for that window, whose id is the same whoever
+    finds it (the detector's sweep, or :func:`observe` at the series' next window).
+    Otherwise the series stayed firing, and its next spike, days later, raised nothing.
+    A series not firing is returned as it is."""
+    if not state.firing or state.last_window is None:
+        return state, []
+    start = state.last_window + window
+    baseline = baseline_for(rule, state, start) or Baseline(Decimal(0), Decimal(1), 0)
+    resolved = _alert(
+        rule,
+        series,
+        "resolved",
+        state.severity or "warning",
+        window_start=start,
+        window_end=start + window,
+        first_seen=state.first_seen or state.last_window,
+        value=Decimal(0),
+        baseline=baseline,
+        quiet=True,
+    )
+    return state.model_copy(update={"firing": False}), [resolved]
+
+
+def horizon(rules: Iterable[SpikeRule]) -> timedelta:
+    """How far back the rules look: every rule's history and cooldown, its days of
+    hour-of-day profile when seasonal, and one window more."""
+    longest = timedelta(0)
+    for rule in rules:
+        windows = max(rule.history_windows, rule.cooldown_windows) + 1
+        back = timedelta(seconds=rule.window_s * windows)
+        if rule.seasonality == "hour_of_day":
+            back = max(back, timedelta(days=rule.seasonal_days + 1))
+        longest = max(longest, back)
+    return longest
 
 
 def cooldown_span(rule: SpikeRule, window: timedelta) -> timedelta:

@@ -27,25 +27,13 @@ import msgspec
 from aiokafka.errors import KafkaError
 
 from llmtap import topics, wire
-from llmtap.config import Settings, SpikeRule
+from llmtap.config import Settings
 from llmtap.events import utcnow
 from stream.agents.spikes import TICK_S
 from stream.detector import Detector
+from stream.spikes import horizon
 
 log = logging.getLogger(__name__)
-
-
-def horizon(rules: Iterable[SpikeRule]) -> timedelta:
-    """How far back the rules look: every rule's history and cooldown, its days of
-    hour-of-day profile when seasonal, and one window more."""
-    longest = timedelta(0)
-    for rule in rules:
-        windows = max(rule.history_windows, rule.cooldown_windows) + 1
-        back = timedelta(seconds=rule.window_s * windows)
-        if rule.seasonality == "hour_of_day":
-            back = max(back, timedelta(days=rule.seasonal_days + 1))
-        longest = max(longest, back)
-    return longest
 
 
 def spike_settle(settings: Settings) -> timedelta:

@@ -14,9 +14,11 @@ from llmtap import wire
 from llmtap.config import Settings, SpikeRule
 from llmtap.events import utcnow
 from llmtap.names import Names
+from stream.agents.spikes import SpikesStage
 from stream.aggregates import Aggregate
 from stream.detector import Detector
-from stream.warmup import horizon, spike_settle, warmed_detector
+from stream.spikes import horizon
+from stream.warmup import spike_settle, warmed_detector
 from tests.conftest import start_broker
 from tests.fake_provider import free_port
 
@@ -116,3 +118,17 @@ async def test_nothing_is_read_back_for_a_group_that_committed_nothing() -> None
 async def test_a_worker_whose_broker_is_not_up_yet_starts_with_empty_baselines() -> None:
     settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", spike_rules=[RULE])
     assert (await warmed_detector(settings)).states == {}
+
+
+async def test_the_spikes_stage_waits_for_as_many_shares_as_the_topic_has_partitions() -> None:
+    """A responses topic made earlier, or grown to scale out, need not have the
+    configured count: a window judged on 2 shares of 4 would miss half its calls."""
+    async with start_broker(2) as broker:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, topic_partitions=4)
+        detector = Detector([RULE], settings.topic_partitions, spike_settle(settings))
+        stage = SpikesStage(settings, detector)
+        await stage.start()
+        try:
+            assert detector.partitions == 2
+        finally:
+            await stage.stop()

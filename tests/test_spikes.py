@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from llmtap.config import SpikeMetric, SpikeRule
 from llmtap.events import Alert, stable_id
 from stream.baselines import qn, robust
-from stream.spikes import SeriesState, baseline_for, observe
+from stream.spikes import SeriesState, baseline_for, observe, went_quiet
 
 T0 = datetime(2025, 3, 3, tzinfo=UTC)  # a Monday, midnight UTC
 MINUTE = timedelta(minutes=1)
@@ -211,6 +211,31 @@ def test_cooldown_counts_time_not_observations() -> None:
     # No windows at all for 20 minutes (no traffic), then a spike: past the cooldown.
     _, alerts = feed(r, [Decimal(500)], state=state, first=62)
     assert firing(alerts) == [62]
+
+
+def test_a_series_that_went_quiet_while_firing_fires_at_its_next_spike() -> None:
+    """A runaway job stopped: its series has no windows, so none ends its episode.
+    The first window after a gap does, with a resolved for the quiet window, before it
+    is judged itself: the next spike, a day later, fires (it raised nothing before)."""
+    r = rule(cooldown_windows=10)
+    state, alerts = feed(r, noisy(40, 100, 0.05, seed=2) + [Decimal(500)] * 3)
+    assert firing(alerts) == [40] and state.firing
+    quiet, [ended] = went_quiet(r, "search", state, MINUTE)  # what a sweep raises
+    assert not quiet.firing
+    day = 24 * 60
+    state, alerts = feed(r, [Decimal(500), Decimal(100)], state=state, first=day)
+    assert [(i, a.state) for i, a in alerts] == [
+        (day, "resolved"),
+        (day, "firing"),
+        (day + 1, "resolved"),
+    ]
+    resolved_quiet = alerts[0][1]
+    assert resolved_quiet.window_start == T0 + 43 * MINUTE  # the first window with no calls
+    assert resolved_quiet.first_seen == T0 + 40 * MINUTE
+    assert resolved_quiet.observed == 0 and "no calls" in resolved_quiet.message
+    assert resolved_quiet.event_id == ended.event_id  # whoever finds it: one alert
+    # A series not firing, or a window right after the last, has no quiet to end.
+    assert went_quiet(r, "search", quiet, MINUTE) == (quiet, [])
 
 
 def test_a_long_spike_stays_one_episode_and_a_level_shift_is_learned() -> None:

@@ -19,6 +19,7 @@ from stream.agents.spikes import judged
 from stream.aggregates import merge_windows, sketch_of
 from stream.detector import Detector, metric_value
 from stream.sketches import LatencySketch
+from stream.spikes import horizon
 from stream.windows import Windower, window_start
 from tests import sample
 
@@ -201,6 +202,46 @@ def test_a_spike_fires_on_its_first_window_and_resolves_after() -> None:
     d2 = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
     again = [a for m, lv in enumerate(levels) for w in minute(lv, m) for a in d2.offer(w, now)]
     assert [a.event_id for a in again] == [a.event_id for _, a in raised]
+
+
+def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten() -> None:
+    """A series with no calls has no windows: the detector's sweep ends its episode once
+    its next window would have been judged, with the id its next window would give it;
+    and forgets a series idle past its rule's horizon (a million one-off users)."""
+    settle = timedelta(seconds=15)
+    d = Detector([RULE], partitions=2, settle=settle)
+    levels = [10, 11, 9, 10, 12, 10, 9, 11, 60]
+    for m, level in enumerate(levels):
+        for w in minute(level, m):
+            d.offer(w, T0)
+    key = ("team-requests", "search")
+    assert d.states[key].firing
+    ended = T0 + 9 * MIN  # minute 8's end: minute 9 had no calls
+    assert d.sweep(ended + MIN + 2 * settle) == []  # minute 9 may still be on its way
+    [done] = d.tick(ended + MIN + 2 * settle + S)  # the first tick sweeps
+    assert (done.state, done.window_start, done.observed) == ("resolved", ended, Decimal(0))
+    assert not d.states[key].firing
+    # Had minute 10 come instead, observing it would have raised the same alert.
+    other = Detector([RULE], partitions=2, settle=settle)
+    for m, level in enumerate(levels):
+        for w in minute(level, m):
+            other.offer(w, T0)
+    raised = [a for w in minute(10, 10) for a in other.offer(w, T0)]
+    assert [(a.state, a.event_id) for a in raised] == [("resolved", done.event_id)]
+    assert d.sweep(ended + horizon([RULE])) == [] and key in d.states
+    d.sweep(ended + horizon([RULE]) + S)
+    assert d.states == {}
+
+
+def test_the_detector_waits_for_a_share_of_each_partition_the_topic_has() -> None:
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    d.partitions = 3  # as the spikes stage finds the responses topic
+    for share in minute(5, 0, (0,)) + minute(5, 0, (1,)):
+        d.offer(share, T0)
+    assert d.pending == 1  # partition 2's share may still come
+    for share in minute(5, 0, (2,)):
+        d.offer(share, T0)
+    assert d.pending == 0
 
 
 def test_a_window_is_judged_when_its_shares_cover_every_partition_or_after_settle() -> None:

@@ -76,7 +76,10 @@ class SpikesStage(GroupStage):
         self._tick_at = 0.0
 
     async def on_start(self) -> None:
-        await self._start_producer(linger_ms=0)
+        producer = await self._start_producer(linger_ms=0)
+        # A window is whole once it has a share from each partition the topic has, not
+        # the configured count (a topic made earlier, or grown to scale out, differs).
+        self.detector.partitions = len(await producer.partitions_for(self.names.responses))
         await self._start_consuming()
 
     async def handle(self, fetched: Fetched) -> None:
