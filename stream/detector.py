@@ -68,6 +68,9 @@ class Detector:
         self._settle = settle
         self._pending: dict[str, dict[datetime, _Pending]] = {}  # series -> start -> shares
         self.states: dict[tuple[str, str], SeriesState] = {}  # (rule, value) -> state
+        # The series this detector judged a window of itself (not read back at warmup,
+        # which knows other workers' series too): only those can it find quiet.
+        self.judged: set[tuple[str, str]] = set()
         self._swept: datetime | None = None
 
     def judges(self, size_s: int, dimension: str) -> bool:
@@ -99,7 +102,9 @@ class Detector:
         by now had it had calls is resolved (spikes.went_quiet); one past its rule's
         horizon is forgotten, so the states of a million one-off users do not pile up.
         The ``resolved`` comes from the series' last judged window, so a restarted
-        worker that finds it again raises it with the same id."""
+        worker that finds it again raises it with the same id. A series known only from
+        the warmup may be another worker's, still firing there: it is not resolved here
+        (its next window here, if it comes, ends a quiet episode)."""
         alerts: list[Alert] = []
         for key, state in list(self.states.items()):
             rule = self._named.get(key[0])
@@ -107,12 +112,13 @@ class Detector:
                 continue
             window = timedelta(seconds=rule.window_s)
             idle = now - (state.last_window + window)  # since its last window ended
-            if state.firing and idle > window + 2 * self._settle:
+            if state.firing and idle > window + 2 * self._settle and key in self.judged:
                 state, raised = went_quiet(rule, key[1], state, window)
                 self.states[key] = state
                 alerts += raised
-            if not state.firing and idle > horizon([rule]):
+            if idle > horizon([rule]):
                 del self.states[key]
+                self.judged.discard(key)
         return alerts
 
     def _ready(self, series: str, now: datetime) -> list[Alert]:
@@ -146,6 +152,7 @@ class Detector:
                 value,
             )
             self.states[state_key] = state
+            self.judged.add(state_key)
             alerts.extend(raised)
         return alerts
 

@@ -53,6 +53,7 @@ def warmed(detector: Detector, windows: Iterable[bytes], now: datetime) -> int:
             continue  # the stage logged it when it skipped it
         detector.offer(window, now)
         taken += 1
+    detector.judged.clear()  # judged before, maybe by another worker
     return taken
 
 
