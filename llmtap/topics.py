@@ -245,23 +245,32 @@ async def _read_to_end(
 
 
 async def read_consumed(
-    kafka: Kafka, group_id: str, topic: str, since_ms: int = 0, idle_ms: int = 500
-) -> list[bytes]:
-    """The messages of ``topic`` that consumer group ``group_id`` has consumed (before
-    its committed offsets), written at or after ``since_ms`` (epoch milliseconds, by
-    the records' timestamps), in offset order per partition. Commits nothing."""
+    kafka: Kafka,
+    group_id: str,
+    topic: str,
+    since_ms: int = 0,
+    idle_ms: int = 500,
+    partitions: Iterable[int] | None = None,
+) -> list[tuple[int, bytes]]:
+    """The messages of ``topic`` (of ``partitions``, or all) that consumer group
+    ``group_id`` has consumed (before its committed offsets), written at or after
+    ``since_ms`` (epoch milliseconds, by the records' timestamps), each with its
+    partition, in offset order per partition. Commits nothing."""
     admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
     try:
         await admin.start()
         ends = await _committed(admin, group_id, topic)
     finally:
         await admin.close()
+    if partitions is not None:
+        wanted = set(partitions)
+        ends = {tp: end for tp, end in ends.items() if tp.partition in wanted}
     if not ends:
         return []
     starts = await _offsets_at(kafka, since_ms, ends) if since_ms > 0 else {}
     spans = {tp: (min(starts.get(tp, 0), end), end) for tp, end in ends.items()}
     records, _ = await read_spans(kafka, spans, idle_ms)
-    return [r.value for r in records if r.timestamp >= since_ms and r.value]
+    return [(r.partition, r.value) for r in records if r.timestamp >= since_ms and r.value]
 
 
 async def _offsets_at(

@@ -28,7 +28,11 @@ from stream.aggregates import merge_windows, sketch_of
 from stream.spikes import SeriesState, horizon, observe, went_quiet
 
 MS = Decimal("0.001")
+TICK_S = 1.0  # how often windows still waiting for shares are looked at again
 SWEEP_EVERY = timedelta(minutes=1)
+# A series with no window while others of its length had this many later ones went
+# quiet (one more than it takes: a share fetched late from another partition).
+QUIET_AFTER = 3
 
 
 def metric_value(metric: SpikeMetric, window: Window) -> Decimal | None:
@@ -50,6 +54,7 @@ def metric_value(metric: SpikeMetric, window: Window) -> Decimal | None:
 class _Pending:
     received: datetime  # wall time of the first share
     shares: dict[uuid.UUID, Window] = field(default_factory=dict)
+    home: int | None = None  # the windows topic's partition the series comes on
 
     def covers(self, partitions: int) -> bool:
         seen = {p for share in self.shares.values() for p in share.partitions}
@@ -68,25 +73,43 @@ class Detector:
         self._settle = settle
         self._pending: dict[str, dict[datetime, _Pending]] = {}  # series -> start -> shares
         self.states: dict[tuple[str, str], SeriesState] = {}  # (rule, value) -> state
-        # The series this detector judged a window of itself (not read back at warmup,
-        # which knows other workers' series too): only those can it find quiet.
-        self.judged: set[tuple[str, str]] = set()
+        # The series this detector judges (not those read back at warmup, which knows
+        # other workers' series too), with the windows partition each comes on: only
+        # those can it find quiet.
+        self.judged: dict[tuple[str, str], int | None] = {}
         self._swept: datetime | None = None
+        self._latest: dict[int, datetime] = {}  # window length -> latest start judged
 
     def judges(self, size_s: int, dimension: str) -> bool:
         """Whether any rule looks at windows of this length and dimension."""
         return (size_s, dimension) in self._rules
 
-    def offer(self, window: Window, now: datetime) -> list[Alert]:
-        """Take one share of a window; the alerts of any window this completes."""
+    def offer(self, window: Window, now: datetime, home: int | None = None) -> list[Alert]:
+        """Take one share of a window (that came on partition ``home`` of the windows
+        topic); the alerts of any window this completes."""
         if not self.judges(window.size_s, window.dimension):
             return []
         series = self._pending.setdefault(window.series, {})
         pending = series.get(window.window_start)
         if pending is None:
-            pending = series[window.window_start] = _Pending(received=now)
+            pending = series[window.window_start] = _Pending(received=now, home=home)
         pending.shares[window.event_id] = window  # a replayed share replaces itself
         return self._ready(window.series, now)
+
+    def give_up(self, partitions: set[int]) -> None:
+        """The windows partitions another worker judges from now: their series are no
+        longer this one's to find quiet (their states stay, until taken back)."""
+        for key, home in list(self.judged.items()):
+            if home in partitions:
+                del self.judged[key]
+
+    def adopt(self, taken: Detector) -> None:
+        """Take over series judged elsewhere until now: ``taken`` was warmed with the
+        windows of the partitions this worker was just given, judged by their previous
+        owner; their states replace what this one knew (judged by it before it gave them
+        up: a spike fired since would fire again, one resolved since stay firing)."""
+        self.states.update(taken.states)
+        self.judged.update(taken.judged)
 
     def tick(self, now: datetime) -> list[Alert]:
         """Judge the windows whose shares have had ``settle`` to arrive; once a minute,
@@ -94,31 +117,39 @@ class Detector:
         alerts = [alert for series in list(self._pending) for alert in self._ready(series, now)]
         if self._swept is None or now - self._swept >= SWEEP_EVERY:
             self._swept = now
-            alerts += self.sweep(now)
+            alerts += self.sweep()
         return alerts
 
-    def sweep(self, now: datetime) -> list[Alert]:
-        """Series that went quiet: a firing one whose next window would have been judged
-        by now had it had calls is resolved (spikes.went_quiet); one past its rule's
-        horizon is forgotten, so the states of a million one-off users do not pile up.
-        The ``resolved`` comes from the series' last judged window, so a restarted
-        worker that finds it again raises it with the same id. A series known only from
-        the warmup may be another worker's, still firing there: it is not resolved here
-        (its next window here, if it comes, ends a quiet episode)."""
+    def sweep(self) -> list[Alert]:
+        """Series that went quiet, in event time (a worker catching up on hours of
+        windows judges them as they were): a firing one whose next QUIET_AFTER windows
+        had no calls while other series of its length had (judged here) is resolved
+        (spikes.went_quiet); one idle past its rule's horizon is forgotten, so the
+        states of a million one-off users do not pile up. The ``resolved`` is for the
+        window after the series' last, so its next window, should it come late, raises
+        the same id. A series known only from the warmup may be another worker's, still
+        firing there: it is not resolved here (its next window here ends a quiet
+        episode). With no calls at all nothing moves: the next window does it."""
         alerts: list[Alert] = []
         for key, state in list(self.states.items()):
             rule = self._named.get(key[0])
-            if rule is None or state.last_window is None:
+            latest = self._latest.get(rule.window_s) if rule is not None else None
+            if rule is None or latest is None or state.last_window is None:
                 continue
             window = timedelta(seconds=rule.window_s)
-            idle = now - (state.last_window + window)  # since its last window ended
-            if state.firing and idle > window + 2 * self._settle and key in self.judged:
+            behind = latest - state.last_window
+            quiet = behind >= QUIET_AFTER * window and key in self.judged
+            if (
+                quiet
+                and state.firing
+                and f"{rule.window_s}|{rule.dimension}|{key[1]}" not in self._pending
+            ):
                 state, raised = went_quiet(rule, key[1], state, window)
                 self.states[key] = state
                 alerts += raised
-            if idle > horizon([rule]):
+            if behind > horizon([rule]):
                 del self.states[key]
-                self.judged.discard(key)
+                self.judged.pop(key, None)
         return alerts
 
     def _ready(self, series: str, now: datetime) -> list[Alert]:
@@ -137,6 +168,9 @@ class Detector:
 
     def _judge(self, pending: _Pending) -> list[Alert]:
         window = merge_windows(list(pending.shares.values()))
+        latest = self._latest.get(window.size_s)
+        if latest is None or window.window_start > latest:
+            self._latest[window.size_s] = window.window_start
         alerts: list[Alert] = []
         for rule in self._rules[(window.size_s, window.dimension)]:
             value = metric_value(rule.metric, window)
@@ -152,7 +186,7 @@ class Detector:
                 value,
             )
             self.states[state_key] = state
-            self.judged.add(state_key)
+            self.judged[state_key] = pending.home
             alerts.extend(raised)
         return alerts
 

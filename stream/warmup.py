@@ -29,8 +29,7 @@ from aiokafka.errors import KafkaError
 from llmtap import topics, wire
 from llmtap.config import Settings
 from llmtap.events import utcnow
-from stream.agents.spikes import TICK_S
-from stream.detector import Detector
+from stream.detector import TICK_S, Detector
 from stream.spikes import horizon
 
 log = logging.getLogger(__name__)
@@ -42,23 +41,24 @@ def spike_settle(settings: Settings) -> timedelta:
     return timedelta(seconds=settings.window_grace_s + 3 * TICK_S)
 
 
-def warmed(detector: Detector, windows: Iterable[bytes], now: datetime) -> int:
-    """Feed a detector windows already judged, dropping the alerts they raise again;
-    return how many it took."""
+def warmed(detector: Detector, windows: Iterable[tuple[int, bytes]], now: datetime) -> int:
+    """Feed a detector windows already judged (each with its partition), dropping the
+    alerts they raise again; return how many it took."""
     taken = 0
-    for raw in windows:
+    for home, raw in windows:
         try:
             window = wire.decode_window(raw)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # the stage logged it when it skipped it
-        detector.offer(window, now)
+        detector.offer(window, now, home)
         taken += 1
-    detector.judged.clear()  # judged before, maybe by another worker
     return taken
 
 
-async def warmed_detector(settings: Settings) -> Detector:
-    """A detector that knows the windows the spikes group has already judged."""
+async def warmed_detector(settings: Settings, partitions: set[int] | None = None) -> Detector:
+    """A detector that knows the windows the spikes group has already judged: of every
+    partition at start (and then its own to judge only once it judges them), or of
+    ``partitions``, just given to this worker at a rebalance (its own from now)."""
     detector = Detector(settings.spike_rules, settings.topic_partitions, spike_settle(settings))
     now = utcnow()
     since = now - horizon(settings.spike_rules)
@@ -68,10 +68,13 @@ async def warmed_detector(settings: Settings) -> Detector:
             settings.kafka.names.spikes_group,
             settings.kafka.names.windows,
             since_ms=int(since.timestamp() * 1000),
+            partitions=partitions,
         )
     except KafkaError as exc:  # the worker still starts; its baselines start empty
         log.warning("windows judged before could not be read back (%r)", exc)
         return detector
     taken = warmed(detector, judged, now)
+    if partitions is None:
+        detector.judged.clear()  # some may be another worker's
     log.info("spike baselines warmed with %d windows judged before", taken)
     return detector

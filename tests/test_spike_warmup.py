@@ -5,14 +5,16 @@ group's offsets)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from llmtap import wire
+from llmtap import topics, wire
 from llmtap.config import Settings, SpikeRule
-from llmtap.events import utcnow
+from llmtap.events import Alert, utcnow
+from llmtap.kafka import Kafka
 from llmtap.names import Names
 from stream.agents.spikes import SpikesStage
 from stream.aggregates import Aggregate
@@ -132,3 +134,68 @@ async def test_the_spikes_stage_waits_for_as_many_shares_as_the_topic_has_partit
             assert detector.partitions == 2
         finally:
             await stage.stop()
+
+
+async def test_a_spike_fired_by_one_worker_is_not_fired_again_by_the_next_owner() -> None:
+    """A series' windows partition moves to another worker (a rebalance): that worker
+    reads back what the group judged of it, so the spike its previous owner fired is
+    ongoing there, not new (it fired again, a second page for one incident), and its
+    end is resolved."""
+    async with start_broker(2) as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            topic_partitions=2,
+            spike_rules=[RULE],
+            stream_session_timeout_s=6,
+        )
+        start = utcnow().replace(second=0, microsecond=0) - 20 * MINUTE
+        levels = [100 + i % 3 for i in range(10)]
+        stages: list[SpikesStage] = []
+
+        async def join() -> SpikesStage:
+            stage = SpikesStage(settings, await warmed_detector(settings))
+            await stage.start()
+            stages.append(stage)
+            return stage
+
+        async def judged_through(minute: int) -> SpikesStage:
+            """The stage that judged ``minute`` of the series, once one has."""
+            at = start + minute * MINUTE
+            async with asyncio.timeout(30):
+                while True:
+                    for stage in stages:
+                        state = stage.detector.states.get((RULE.name, "search"))
+                        if state is not None and state.last_window == at:
+                            return stage
+                    await asyncio.sleep(0.05)
+
+        async def send(minute: int, requests: int) -> None:
+            w = window(start + minute * MINUTE, requests, 2)
+            await publish(broker.bootstrap, [w], utcnow())
+
+        try:
+            await join()
+            for m, level in enumerate(levels):
+                await send(m, level)
+            await judged_through(9)
+            await join()  # the group splits the partitions
+            await send(10, 1_000)
+            owner = await judged_through(10)
+            await send(11, 1_000)
+            await judged_through(11)
+            await owner.stop()  # its partitions go to the other worker
+            stages.remove(owner)
+            await send(12, 1_000)  # the spike goes on
+            await send(13, 100)  # and ends
+            await judged_through(13)
+        finally:
+            for stage in stages:
+                await stage.stop()
+        alerts = [
+            Alert.model_validate_json(raw)
+            for raw in await topics.read_all(Kafka(broker.bootstrap), Names().alerts)
+        ]
+        seen = sorted((a.window_start, a.state) for a in alerts)
+        assert seen == [(start + 10 * MINUTE, "firing"), (start + 13 * MINUTE, "resolved")], [
+            ((w - start) / MINUTE, s) for w, s in seen
+        ]

@@ -174,11 +174,13 @@ def test_window_lengths_must_nest() -> None:
     assert window_start(T0 + 3601 * S, timedelta(hours=1)) == T0 + timedelta(hours=1)
 
 
-def minute(team_requests: int, at: int, partitions: tuple[int, ...] = (0, 1)) -> list:  # type: ignore[type-arg]
+def minute(
+    team_requests: int, at: int, partitions: tuple[int, ...] = (0, 1), team: str = "search"
+) -> list:  # type: ignore[type-arg]
     """The closed minute ``at`` of one worker owning ``partitions``, with N calls."""
     w = Windower((60,), GRACE)
     for i in range(team_requests):
-        w.add(call(at * MIN + (i % 50) * S), T0)
+        w.add(call(at * MIN + (i % 50) * S, team=team), T0)
     return [x for x in w.advance(T0 + (at + 5) * MIN, partitions) if x.dimension == "team"]
 
 
@@ -206,34 +208,45 @@ def test_a_spike_fires_on_its_first_window_and_resolves_after() -> None:
 
 def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten() -> None:
     """A series with no calls has no windows: the detector's sweep ends its episode once
-    its next window would have been judged, with the id its next window would give it;
-    and forgets a series idle past its rule's horizon (a million one-off users)."""
-    settle = timedelta(seconds=15)
-    d = Detector([RULE], partitions=2, settle=settle)
+    other series had windows three minutes on (event time: a worker catching up judges
+    as it was), with the id its next window would give it; and forgets a series idle
+    past its rule's horizon (a million one-off users)."""
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
     levels = [10, 11, 9, 10, 12, 10, 9, 11, 60]
     for m, level in enumerate(levels):
-        for w in minute(level, m):
+        for w in minute(level, m) + minute(10, m, team="ads"):
             d.offer(w, T0)
     key = ("team-requests", "search")
     assert d.states[key].firing
-    ended = T0 + 9 * MIN  # minute 8's end: minute 9 had no calls
-    assert d.sweep(ended + MIN + 2 * settle) == []  # minute 9 may still be on its way
+    for m in (9, 10):  # search has no calls, ads goes on
+        for w in minute(10, m, team="ads"):
+            d.offer(w, T0)
+    assert d.sweep() == []  # a share of minute 9 may yet come from another partition
+    for w in minute(10, 11, team="ads"):
+        d.offer(w, T0)
     d.judged.clear()  # as after a warmup: known from the topic, maybe another worker's
-    assert d.sweep(ended + MIN + 2 * settle + S) == []
-    d.judged.add(key)
-    [done] = d.tick(ended + MIN + 2 * settle + S)  # the first tick sweeps
-    assert (done.state, done.window_start, done.observed) == ("resolved", ended, Decimal(0))
-    assert not d.states[key].firing
-    # Had minute 10 come instead, observing it would have raised the same alert.
-    other = Detector([RULE], partitions=2, settle=settle)
+    assert d.sweep() == []
+    d.judged[key] = None
+    [done] = d.tick(T0)  # the first tick sweeps
+    assert (done.state, done.window_start, done.observed) == ("resolved", T0 + 9 * MIN, Decimal(0))
+    assert not d.states[key].firing and d.sweep() == []
+    # Had minute 10 of search come instead, observing it would have raised the same.
+    other = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
     for m, level in enumerate(levels):
         for w in minute(level, m):
             other.offer(w, T0)
     raised = [a for w in minute(10, 10) for a in other.offer(w, T0)]
     assert [(a.state, a.event_id) for a in raised] == [("resolved", done.event_id)]
-    assert d.sweep(ended + horizon([RULE])) == [] and key in d.states
-    d.sweep(ended + horizon([RULE]) + S)
-    assert d.states == {}
+    # Forgotten once the others are past its horizon, not before.
+    last = 8 + horizon([RULE]) // MIN
+    for w in minute(10, last, team="ads"):
+        d.offer(w, T0)
+    d.sweep()
+    assert key in d.states
+    for w in minute(10, last + 1, team="ads"):
+        d.offer(w, T0)
+    d.sweep()
+    assert list(d.states) == [("team-requests", "ads")]
 
 
 def test_the_detector_waits_for_a_share_of_each_partition_the_topic_has() -> None:

@@ -14,23 +14,25 @@ store take once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 import msgspec
+from aiokafka.structs import TopicPartition
 
 from llmtap import wire
 from llmtap.config import Settings
 from llmtap.events import Alert, utcnow
 from llmtap.names import Names
 from stream.agents.stage import Fetched, GroupStage
-from stream.detector import Detector
+from stream.detector import TICK_S, Detector
+from stream.warmup import warmed_detector
 
 log = logging.getLogger(__name__)
-
-TICK_S = 1.0  # how often windows still waiting for shares are looked at again
 
 
 class _Head(msgspec.Struct):
@@ -43,7 +45,7 @@ class _Head(msgspec.Struct):
 _decode_head = msgspec.json.Decoder(_Head).decode
 
 
-def judged(detector: Detector, raw: bytes, now: datetime) -> list[Alert]:
+def judged(detector: Detector, raw: bytes, now: datetime, home: int | None = None) -> list[Alert]:
     """Offer one window, as it came off the topic, to ``detector``; the alerts it
     completes. Most windows are of series no rule looks at: a glance at two fields
     (~1 µs) spares them the full decoding. An undecodable window is logged and passed
@@ -56,7 +58,7 @@ def judged(detector: Detector, raw: bytes, now: datetime) -> list[Alert]:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         log.error("undecodable window skipped: %s", exc)
         return []
-    return detector.offer(window, now)
+    return detector.offer(window, now, home)
 
 
 class SpikesStage(GroupStage):
@@ -74,6 +76,55 @@ class SpikesStage(GroupStage):
         super().__init__(settings, **kwargs)
         self.detector = detector
         self._tick_at = 0.0
+        self._held: set[int] | None = None  # None until the first assignment
+        self._adopting: asyncio.Task[None] | None = None
+        self._adopted: set[int] = set()  # the partitions _adopting reads back
+
+    def gave_up(self, revoked: Iterable[TopicPartition]) -> None:
+        """(Kafka's eager rebalance takes every partition and gives back the kept ones:
+        which were lost is known at :meth:`take_over`.)"""
+        if self._adopting is not None and not self._adopting.done():
+            self._adopting.cancel()
+            if self._held is not None:  # not read back: read again if given again
+                self._held -= self._adopted
+
+    async def take_over(self, assigned: list[TopicPartition]) -> None:
+        """Partitions given to this worker were judged elsewhere since it knew them (or
+        never by it): their series' states are read back from what the group judged,
+        as at start (stream/warmup.py), so an ongoing spike the previous owner fired
+        does not fire again here, nor one it resolved stay firing. Read beside the
+        group's rebalance (hours of windows may take longer than it waits), with those
+        partitions paused meanwhile. The first assignment has the warmup of the start."""
+        held = {tp.partition for tp in assigned}
+        before = held if self._held is None else self._held
+        self.detector.give_up(before - held)
+        given = held - before
+        self._held = held
+        if given:
+            paused = [tp for tp in assigned if tp.partition in given]
+            assert self._consumer is not None
+            self._consumer.pause(*paused)
+            self._adopted = given
+            self._adopting = asyncio.create_task(self._adopt(given, paused))
+
+    async def _adopt(self, given: set[int], paused: list[TopicPartition]) -> None:
+        try:
+            taken = await warmed_detector(self._settings, given)
+        except Exception:  # judged with what this worker knew, rather than not at all
+            log.exception("spike states of partitions %s could not be read back", given)
+            taken = None
+        async with self._busy:
+            if taken is not None:
+                self.detector.adopt(taken)
+            assert self._consumer is not None
+            self._consumer.resume(*paused)
+
+    async def on_stop(self) -> None:
+        if self._adopting is not None:
+            self._adopting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopting
+        await super().on_stop()
 
     async def on_start(self) -> None:
         producer = await self._start_producer(linger_ms=0)
@@ -85,9 +136,9 @@ class SpikesStage(GroupStage):
     async def handle(self, fetched: Fetched) -> None:
         now = utcnow()
         raised: list[Alert] = []
-        for records in fetched.values():
+        for tp, records in fetched.items():
             for record in records:
-                raised += judged(self.detector, record.value or b"", now)
+                raised += judged(self.detector, record.value or b"", now, tp.partition)
         if time.monotonic() >= self._tick_at:
             raised += self.detector.tick(now)
             self._tick_at = time.monotonic() + TICK_S
