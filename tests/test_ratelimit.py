@@ -7,13 +7,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from multidict import CIMultiDict
 
 from ingress.guards.keys import create_key
-from ingress.guards.ratelimit import RateLimiter, TokenBucket
+from ingress.guards.ratelimit import Estimate, RateLimiter, Ticket, TokenBucket, estimate, spent
 from llmtap.config import Settings
-from tests.conftest import FakeUpstream
+from llmtap.events import Usage
+from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream
+from tests.fake_provider import FakeProvider
+from tests.test_ingress_ops import response_event
 
 
 def test_a_bucket_refills_at_its_capacity_per_minute() -> None:
@@ -26,26 +30,106 @@ def test_a_bucket_refills_at_its_capacity_per_minute() -> None:
     assert bucket.level == 60  # never above capacity
 
 
+NOTHING = Estimate(0, 0)
+
+
+def admitted(limiter: RateLimiter, rpm: int | None, tpm: int | None, tokens: int) -> Ticket:
+    ticket = limiter.admit("k", rpm, tpm, Estimate(tokens, 0), now=0.0)
+    assert isinstance(ticket, Ticket)
+    return ticket
+
+
 def test_requests_per_minute() -> None:
     limiter = RateLimiter()
-    assert [limiter.admit("k", 3, None, now=0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert limiter.admit("k", 3, None, now=0.0) == pytest.approx(20.0)  # 3/min: one per 20 s
-    assert limiter.admit("other", 3, None, now=0.0) == 0.0  # per key
+    assert all(isinstance(limiter.admit("k", 3, None, NOTHING, now=0.0), Ticket) for _ in range(3))
+    assert limiter.admit("k", 3, None, NOTHING, now=0.0) == pytest.approx(20.0)  # one per 20 s
+    assert isinstance(limiter.admit("other", 3, None, NOTHING, now=0.0), Ticket)  # per key
 
 
 def test_tokens_are_settled_when_a_call_ends() -> None:
     limiter = RateLimiter()
-    assert limiter.admit("k", None, 600, now=0.0) == 0.0
-    limiter.settle("k", 900, now=0.0)  # more than the whole minute: in debt by 300
-    assert limiter.admit("k", None, 600, now=0.0) == pytest.approx(30.0)  # 10 tokens/s
-    assert limiter.admit("k", None, 600, now=30.0) == 0.0
+    ticket = admitted(limiter, None, 600, 100)
+    limiter.settle(ticket, Usage(input_tokens=800, output_tokens=100), now=0.0)
+    # 900 in all, more than the whole minute: in debt by 300.
+    assert limiter.admit("k", None, 600, NOTHING, now=0.0) == pytest.approx(30.0)  # 10/s
+    assert isinstance(limiter.admit("k", None, 600, NOTHING, now=30.0), Ticket)
 
 
-def test_changed_limits_take_effect() -> None:
+def test_calls_in_flight_at_once_are_admitted_only_as_far_as_the_bucket_covers() -> None:
     limiter = RateLimiter()
-    assert limiter.admit("k", 1, None, now=0.0) == 0.0
-    assert limiter.admit("k", 1, None, now=0.0) > 0
-    assert limiter.admit("k", 100, None, now=0.0) == 0.0
+    tickets = [limiter.admit("k", None, 1000, Estimate(50, 200), now=0.0) for _ in range(5)]
+    assert [isinstance(t, Ticket) for t in tickets] == [True] * 4 + [False]
+    assert tickets[4] == pytest.approx(15.0)  # 250 at 1000/min
+    # One ends having spent less than reserved: the rest is given back.
+    first = tickets[0]
+    assert isinstance(first, Ticket)
+    limiter.settle(first, Usage(input_tokens=40, output_tokens=10), now=0.0)
+    assert isinstance(limiter.admit("k", None, 1000, Estimate(50, 150), now=0.0), Ticket)
+    assert limiter.admit("k", None, 1000, Estimate(1, 0), now=0.0) == pytest.approx(0.06)
+
+
+def test_a_call_larger_than_the_limit_goes_once_the_bucket_is_full() -> None:
+    limiter = RateLimiter()
+    big = limiter.admit("k", None, 1000, Estimate(5000, 0), now=0.0)
+    assert isinstance(big, Ticket)  # not forever refused
+    # Its whole estimate is held while it runs: 4000 in debt, five minutes to a full bucket.
+    assert limiter.admit("k", None, 1000, Estimate(5000, 0), now=0.0) == pytest.approx(300.0)
+    limiter.settle(big, Usage(input_tokens=1000), now=0.0)
+    assert isinstance(limiter.admit("k", None, 1000, Estimate(5000, 0), now=60.0), Ticket)
+
+
+def test_a_settlement_or_a_release_counts_once() -> None:
+    limiter = RateLimiter()
+    first, _ = admitted(limiter, 3, 100, 40), admitted(limiter, 3, 100, 40)
+    limiter.release(first, now=0.0)
+    limiter.release(first, now=0.0)
+    limiter.settle(first, Usage(input_tokens=100), now=0.0)
+    # 60 tokens and 2 requests left, as if the first had never come.
+    assert limiter.admit("k", 3, 100, Estimate(61, 0), now=0.0) == pytest.approx(0.6)
+    went = [isinstance(limiter.admit("k", 3, 100, NOTHING, now=0.0), Ticket) for _ in range(3)]
+    assert went == [True, True, False]
+
+
+def test_a_call_refused_after_admission_gives_back_its_request_and_tokens() -> None:
+    limiter = RateLimiter()
+    limiter.release(admitted(limiter, 1, 100, 100), now=0.0)
+    assert isinstance(limiter.admit("k", 1, 100, Estimate(100, 0), now=0.0), Ticket)
+
+
+def test_the_estimate_is_the_body_by_its_bytes_and_the_output_it_may_ask() -> None:
+    assert estimate(4003, 100, answers=2) == Estimate(1000, 200)
+    assert estimate(400, None) == Estimate(100, 0)
+
+
+def test_a_call_whose_prompt_went_uncounted_keeps_its_estimate() -> None:
+    reckoned = Estimate(1000, 200)
+    assert spent(reckoned, Usage(input_tokens=12, output_tokens=5)) == 17  # counted: refunded
+    assert spent(reckoned, Usage.missing()) == 1200
+    # A stream cut short: its output counted by llmtap, its prompt not at all.
+    cut = Usage(output_tokens=50, output_tokens_counted=True, usage_missing=True)
+    assert spent(reckoned, cut) == 1200
+    assert spent(Estimate(1000, 0), cut) == 1050
+    # The input known (Anthropic's comes first), the count stands.
+    counted = Usage(input_tokens=900, output_tokens=50, output_tokens_counted=True)
+    assert spent(reckoned, counted) == 950
+
+
+def test_changed_limits_keep_what_the_bucket_held() -> None:
+    limiter = RateLimiter()
+    assert all(isinstance(limiter.admit("k", 5, None, NOTHING, now=0.0), Ticket) for _ in range(5))
+    # Lowered: no fresh bucket, still empty, refilled at the new rate.
+    assert limiter.admit("k", 3, None, NOTHING, now=0.0) == pytest.approx(20.0)
+    # Raised: refilled faster, from what it held.
+    assert limiter.admit("k", 60, None, NOTHING, now=0.0) == pytest.approx(1.0)
+    assert isinstance(limiter.admit("k", 60, None, NOTHING, now=1.0), Ticket)
+
+
+def test_a_changed_token_limit_keeps_the_debt() -> None:
+    limiter = RateLimiter()
+    limiter.settle(admitted(limiter, 10, 600, 0), Usage(input_tokens=1200), now=0.0)
+    # 600 in debt: the lower limit refills it at 5 a second, the request bucket untouched.
+    assert limiter.admit("k", 10, 300, NOTHING, now=0.0) == pytest.approx(120.0)
+    assert limiter.admit("k", 10, 6000, NOTHING, now=0.0) == pytest.approx(6.0)
 
 
 @dataclass
@@ -55,12 +139,12 @@ class Answer:
     body: dict[str, Any]
 
 
-async def call(ingress: str, key: str) -> Answer:
+async def call(ingress: str, key: str, model: str = "gpt-4o") -> Answer:
     async with (
         aiohttp.ClientSession() as session,
         session.post(
             f"{ingress}/v1/chat/completions",
-            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
             headers={"Authorization": f"Bearer {key}"},
         ) as response,
     ):
@@ -91,8 +175,113 @@ async def test_a_key_over_its_request_rate_gets_429_with_retry_after(
 async def test_a_key_over_its_token_rate_is_held_back_after_the_call_that_spent_it(
     ingress: str, ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:
-    per_call = upstream.provider.prompt_tokens + upstream.provider.completion_tokens
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme", tpm=per_call + 1)
-    # The first two calls are admitted (the bucket is not in debt before either); the
-    # second's tokens put it in debt, so the third waits.
-    assert await statuses_of_new_key(ingress, secret, 3) == [200, 200, 429]
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", tpm=1000)
+    upstream.provider.prompt_tokens = 1000  # far past the call's estimate
+    try:
+        # The first is admitted on its estimate; its real count puts the key in debt.
+        assert await statuses_of_new_key(ingress, secret, 2) == [200, 429]
+    finally:
+        upstream.provider.prompt_tokens = FakeProvider.prompt_tokens
+
+
+async def key_known(ingress: str, secret: str) -> None:
+    """Once the ingress has loaded the key: asked with a body that is not JSON, refused
+    before its limits are looked at."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+        while True:
+            async with session.post(
+                f"{ingress}/v1/chat/completions",
+                data=b"{",
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response:
+                if response.status != 401:
+                    return
+            await asyncio.sleep(0.05)
+
+
+async def test_calls_at_once_are_admitted_only_as_far_as_the_tokens_per_minute_cover(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    body = orjson.dumps(
+        {"model": "gpt-4o", "messages": messages, "max_tokens": 200, "stream": True}
+    )
+    each = estimate(len(body), 200).tokens
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", tpm=3 * each + each // 2)
+    await key_known(ingress, secret)
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    provider = upstream.provider
+    provider.second_half = asyncio.Event()  # the admitted are held at the provider
+    before = len(provider.received)
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def one() -> int:
+                async with session.post(
+                    f"{ingress}/v1/chat/completions", data=body, headers=headers
+                ) as response:
+                    await response.read()
+                    return response.status
+
+            calls = [asyncio.create_task(one()) for _ in range(10)]
+            async with asyncio.timeout(10):  # each held at the provider, or answered
+                while len(provider.received) - before + sum(c.done() for c in calls) < 10:
+                    await asyncio.sleep(0.02)
+            assert len(provider.received) - before == 3
+            provider.second_half.set()
+            statuses = await asyncio.gather(*calls)
+    finally:
+        provider.second_half.set()
+        provider.second_half = None
+    assert sorted(statuses) == [200] * 3 + [429] * 7
+
+
+async def test_a_stream_the_client_hangs_up_on_keeps_its_prompt_counted(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """The provider's usage comes last and never arrives: the prompt, all billed, is
+    counted as estimated."""
+    prompt = "word " * 800
+    body = orjson.dumps(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    )
+    each = estimate(len(body), None).tokens
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", tpm=each * 3 // 2)
+    await key_known(ingress, secret)
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    upstream.provider.chunk_delay_s = 0.2
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{ingress}/v1/chat/completions", data=body, headers=headers) as cut,
+        ):
+            async for line in cut.content:
+                if b'"Hello"' in line:
+                    break
+            cut.close()  # hang up
+        event = await response_event(broker.bootstrap, cut.headers["x-request-id"])
+        assert (event.status, event.usage.usage_missing) == ("client_disconnected", True)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{ingress}/v1/chat/completions", data=body, headers=headers) as after,
+        ):
+            assert after.status == 429
+    finally:
+        upstream.provider.chunk_delay_s = 0.0
+
+
+async def test_a_call_refused_before_the_provider_does_not_spend_a_request(
+    ingress: str,
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", rpm=1)
+    await key_known(ingress, secret)
+    routed_nowhere = await call(ingress, secret, model="anthropic/claude-3-5-haiku")
+    assert routed_nowhere.status == 400
+    assert routed_nowhere.body["error"]["message"].endswith("not the openai API of this route")
+    monkeypatch.delenv("LLMTAP_TEST_OPENAI_KEY")  # refused after admission
+    assert (await call(ingress, secret)).status == 500
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    assert [(await call(ingress, secret)).status for _ in range(2)] == [200, 429]

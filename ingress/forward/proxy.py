@@ -26,6 +26,7 @@ from ingress.forward.call import Call, downstream_headers, upstream_headers
 from ingress.forward.usage import Capture, StreamCapture, parse_json_body
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach
+from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import (
     BUDGETS,
     COUNTING,
@@ -177,6 +178,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         record_outcome(request.app, call, status, http_status, usage, model, error, settle)
 
     announce: Announcement | None = None  # the request event, once there is one
+    ticket: Ticket | None = None  # the key's rate limits, once admitted by them
 
     def refuse(
         status: int,
@@ -188,6 +190,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         """Answer without contacting the provider, and still record the call."""
         if announce is not None:  # before the response event, as for every call
             announce()
+        if ticket is not None:  # the provider was not contacted: nothing was spent
+            request.app[LIMITER].release(ticket, time.monotonic())
         response = api.error(status, message, param=param, code=code)
         response.headers["x-request-id"] = request_id
         outcome: Status = "refused"
@@ -234,19 +238,6 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     except Refusal as refusal:
         return refuse(refusal.status, refusal.message, refusal.error_class, "model", refusal.code)
     key = identity.key
-    if key is not None and (key.rpm or key.tpm):
-        wait = request.app[LIMITER].admit(key.id, key.rpm, key.tpm, time.monotonic())
-        if wait > 0:
-            retry_after = math.ceil(wait)
-            limited = refuse(
-                429,
-                f"rate limit of key {key.id} reached (requests/min: {key.rpm or 'unlimited'}, "
-                f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s",
-                "rate_limited",
-                code="rate_limit_exceeded",
-            )
-            limited.headers["retry-after"] = str(retry_after)
-            return limited
     user_field = payload.get("user")
     if isinstance(user_field, str) and not call.attribution.user:
         call.attribution = call.attribution.model_copy(update={"user": user_field})
@@ -256,6 +247,28 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         return refuse(400, str(exc), "no_route", "model")
     call.provider = route.provider
     most_tokens = max_tokens(payload)
+    answers, batched = choices(payload), prompts(payload, endpoint.batched)
+    # Once routed (a call with no route spends nothing), before anything costly.
+    if key is not None and (key.rpm or key.tpm):
+        admitted = request.app[LIMITER].admit(
+            key.id,
+            key.rpm,
+            key.tpm,
+            estimate(len(body), most_tokens, answers * batched),
+            time.monotonic(),
+        )
+        if not isinstance(admitted, Ticket):
+            retry_after = math.ceil(admitted)
+            limited = refuse(
+                429,
+                f"rate limit of key {key.id} reached (requests/min: {key.rpm or 'unlimited'}, "
+                f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s",
+                "rate_limited",
+                code="rate_limit_exceeded",
+            )
+            limited.headers["retry-after"] = str(retry_after)
+            return limited
+        ticket = admitted
     announce = announced = Announcement(publisher, call, len(body), most_tokens)
     # Made once the request is on its way, while the provider works: nothing below
     # waits before the post, whose body aiohttp sends from a task of its own before
@@ -290,9 +303,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         most_tokens,
         utcnow(),
         provider=route.provider,
-        choices=choices(payload),
+        choices=answers,
         reach=lambda: reach(payload),
-        prompts=prompts(payload, endpoint.batched),
+        prompts=batched,
     )
     if exhausted is not None:
         refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
@@ -410,11 +423,10 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 # state that has counted past there has counted it.
                 return held.delivered if held is not None else None
 
+            if ticket is not None:  # first: its response event says it is settled
+                request.app[LIMITER].settle(ticket, usage, time.monotonic())
             announced()  # if the call ended before its turn came
             record(status, http_status, usage, model_served, error_class, settle)
-            if key is not None and key.tpm:
-                used = usage.input_tokens + usage.output_tokens
-                request.app[LIMITER].settle(key.id, used, time.monotonic())
 
         if capture is None:
             finish(usage)

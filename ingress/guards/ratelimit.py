@@ -1,14 +1,23 @@
 """Per-key rate limits: requests per minute and tokens per minute, as token buckets.
 
-Requests are taken when a call is admitted. Tokens are unknown until a call ends, so
-a call is admitted while the key's token bucket is not in debt, and its real token
-count is settled when it ends (the bucket may go negative, holding back the calls
-after it until the debt is refilled). Pure arithmetic over a clock passed in.
+A call's tokens are unknown until it ends, so it is admitted on an estimate, as
+OpenAI's own limiter does (:func:`estimate`: its prompt by its body's bytes, its output
+by the most it names), and a request and the estimate are taken then: calls in flight
+at once cannot spend past the limit. It goes only if the bucket holds the estimate, or
+is full (a call larger than the limit could never go otherwise). When it ends, its real
+count is settled against the estimate, the difference given back or taken (the bucket
+may go negative, holding back the calls after it until the debt is refilled); a call
+refused after admission, before it reached the provider, gives back both. Pure
+arithmetic over a clock passed in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from llmtap.events import Usage
+
+BYTES_PER_TOKEN = 4  # about, in English text and JSON (OpenAI's rule of thumb)
 
 
 @dataclass
@@ -41,6 +50,62 @@ class TokenBucket:
         self.refill(now)
         self.level -= amount
 
+    def give(self, amount: float, now: float) -> None:
+        """Put back ``amount`` taken before, never above capacity."""
+        self.refill(now)
+        self.level = min(self.capacity, self.level + amount)
+
+
+def remade(bucket: TokenBucket | None, capacity: int | None, now: float) -> TokenBucket | None:
+    """A bucket of a changed ``capacity`` (None: no limit), holding what ``bucket`` held
+    at most: a new limit neither refills a key nor forgives its debt."""
+    if not capacity:
+        return None
+    new = TokenBucket(capacity)
+    if bucket is not None:
+        bucket.refill(now)
+        new.level, new.stamp = min(new.capacity, bucket.level), bucket.stamp
+    return new
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A call's tokens, reckoned before it goes."""
+
+    prompt: int
+    output: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt + self.output
+
+
+def estimate(request_bytes: int, max_tokens: int | None, answers: int = 1) -> Estimate:
+    """The prompt by the body's bytes, the output by ``max_tokens`` for each of
+    ``answers`` (none if the call names no ceiling)."""
+    return Estimate(request_bytes // BYTES_PER_TOKEN, (max_tokens or 0) * max(answers, 1))
+
+
+def spent(estimate: Estimate, usage: Usage) -> int:
+    """The tokens an ended call counts: its usage; when that lacks the prompt (no usage
+    reported, or a stream cut before its usage came, its output counted by llmtap), the
+    prompt as estimated, and at least the whole estimate (the provider bills it all)."""
+    counted = usage.input_tokens + usage.output_tokens
+    if usage.usage_missing or (usage.output_tokens_counted and usage.input_tokens == 0):
+        return max(estimate.prompt + counted, estimate.tokens)
+    return counted
+
+
+@dataclass
+class Ticket:
+    """An admitted call's hold on its key's buckets, settled or given back once."""
+
+    key_id: str
+    estimate: Estimate
+    reserved: int  # tokens taken at admission
+    request: bool  # a request taken
+    done: bool = False
+
 
 @dataclass
 class KeyLimits:
@@ -51,33 +116,63 @@ class KeyLimits:
 
 
 class RateLimiter:
-    """Buckets per key id, made on first use and remade when the key's limits change."""
+    """Buckets per key id, made on first use; one is remade, holding what it held, when
+    its limit changes."""
 
     def __init__(self) -> None:
         self._keys: dict[str, KeyLimits] = {}
 
-    def _limits(self, key_id: str, rpm: int | None, tpm: int | None) -> KeyLimits:
+    def _limits(self, key_id: str, rpm: int | None, tpm: int | None, now: float) -> KeyLimits:
         limits = self._keys.get(key_id)
-        if limits is None or (limits.rpm, limits.tpm) != (rpm, tpm):
-            limits = KeyLimits(
-                rpm, tpm, TokenBucket(rpm) if rpm else None, TokenBucket(tpm) if tpm else None
-            )
+        if limits is None:
+            limits = KeyLimits(rpm, tpm, remade(None, rpm, now), remade(None, tpm, now))
             self._keys[key_id] = limits
+        if limits.rpm != rpm:
+            limits.rpm, limits.requests = rpm, remade(limits.requests, rpm, now)
+        if limits.tpm != tpm:
+            limits.tpm, limits.tokens = tpm, remade(limits.tokens, tpm, now)
         return limits
 
-    def admit(self, key_id: str, rpm: int | None, tpm: int | None, now: float) -> float:
-        """0 and one request taken if the call may go; else seconds to wait (retry-after)."""
-        limits = self._limits(key_id, rpm, tpm)
-        waits = [
-            limits.requests.wait_for(1, now) if limits.requests else 0.0,
-            limits.tokens.wait_for(0, now) if limits.tokens else 0.0,
-        ]
-        wait = max(waits)
-        if wait == 0 and limits.requests:
-            limits.requests.take(1, now)
-        return wait
+    def admit(
+        self, key_id: str, rpm: int | None, tpm: int | None, estimate: Estimate, now: float
+    ) -> Ticket | float:
+        """A ticket, one request and the estimated tokens taken, if the call may go; else
+        seconds to wait (retry-after)."""
+        limits = self._limits(key_id, rpm, tpm, now)
+        requests, tokens = limits.requests, limits.tokens
+        reserved = estimate.tokens if tokens else 0
+        wait = max(
+            requests.wait_for(1, now) if requests else 0.0,
+            tokens.wait_for(min(reserved, tokens.capacity), now) if tokens else 0.0,
+        )
+        if wait > 0:
+            return wait
+        if requests:
+            requests.take(1, now)
+        if tokens:
+            tokens.take(reserved, now)
+        return Ticket(key_id, estimate, reserved, requests is not None)
 
-    def settle(self, key_id: str, tokens: int, now: float) -> None:
-        limits = self._keys.get(key_id)
+    def settle(self, ticket: Ticket, usage: Usage, now: float) -> None:
+        """The call ended: charge what it spent instead of its reservation."""
+        if ticket.done:
+            return
+        ticket.done = True
+        limits = self._keys.get(ticket.key_id)
         if limits is not None and limits.tokens is not None:
-            limits.tokens.take(tokens, now)
+            extra = spent(ticket.estimate, usage) - ticket.reserved
+            if extra >= 0:
+                limits.tokens.take(extra, now)
+            else:
+                limits.tokens.give(-extra, now)
+
+    def release(self, ticket: Ticket, now: float) -> None:
+        """The call was refused before it reached the provider: give back what it took."""
+        if ticket.done:
+            return
+        ticket.done = True
+        limits = self._keys.get(ticket.key_id)
+        if limits is not None and limits.requests is not None and ticket.request:
+            limits.requests.give(1, now)
+        if limits is not None and limits.tokens is not None:
+            limits.tokens.give(ticket.reserved, now)
