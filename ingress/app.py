@@ -124,8 +124,9 @@ KEY_RELOAD_S = 1.0
 
 
 async def key_store(app: web.Application) -> AsyncIterator[None]:
-    """Virtual keys, re-read whenever the key file changes."""
+    """Virtual keys, re-read (in a thread) whenever the key file changes."""
     keys = app[KEYS] = KeyStore(app[SETTINGS].key_file)
+    await asyncio.to_thread(keys.reload)
 
     async def follow() -> None:
         while True:

@@ -109,6 +109,7 @@ def api_auth(
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         auth = app[AUTH] = ApiAuth(hashes, key_file)
+        await asyncio.to_thread(auth.keys.reload)
 
         async def follow() -> None:
             while True:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ingress.forward.call import upstream_headers
 from ingress.guards.auth import Refusal, authenticate
-from ingress.guards.keys import KeyStore, create_key, read_keys, revoke_key
+from ingress.guards.keys import KeyStore, create_key, hash_key, read_keys, revoke_key
 from llmtap.config import Settings
 from llmtap.events import Attribution
 from tests.conftest import INGRESS_PROVIDER_KEY as PROVIDER_KEY
@@ -67,8 +70,7 @@ async def test_a_key_works_until_revoked_and_only_its_hash_is_stored(
     assert secret not in ingress_settings.key_file.read_text()
     assert read_keys(ingress_settings.key_file).keys[0].id == key.id
 
-    # A key made a moment ago works at once: an unknown key makes the ingress look at
-    # the key file again before it answers 401.
+    await known(ingress, secret)  # within about a second: the file is re-read in a thread
     assert (await chat(ingress, secret))[0] == 200
     seen = upstream.provider.received[-1]
     assert seen.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"  # never the virtual key
@@ -205,6 +207,100 @@ def test_the_keys_commands_say_what_they_did(tmp_path: Path) -> None:
     assert revoked.returncode == 0 and revoked.stdout.startswith(f"revoked {key_id}")
     assert read_keys(tmp_path / "keys.yaml").keys[0].revoked
     assert llmtap("keys", "revoke", "key_nope").returncode == 1
+
+
+def _create(path: Path, start: Any, team: str, count: int) -> None:
+    start.wait()
+    for _ in range(count):
+        create_key(path, tenant="acme", team=team)
+
+
+def _revoke(path: Path, start: Any, ids: list[str]) -> None:
+    start.wait()
+    for key_id in ids:
+        assert revoke_key(path, key_id)
+
+
+def test_concurrent_writers_of_the_key_file_lose_nothing(tmp_path: Path) -> None:
+    """Processes creating keys while another revokes some: every key made is in the
+    file, every revocation kept (each rewrites the file under its lock)."""
+    path = tmp_path / "keys.yaml"
+    victims = [create_key(path, tenant="acme", team="victims")[1].id for _ in range(10)]
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(4)
+    workers = [
+        *(context.Process(target=_create, args=(path, start, f"w{i}", 10)) for i in range(3)),
+        context.Process(target=_revoke, args=(path, start, victims)),
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    keys = read_keys(path).keys
+    assert sorted(k.team for k in keys if not k.revoked) == sorted(["w0", "w1", "w2"] * 10)
+    assert sorted(k.id for k in keys if k.revoked) == sorted(victims)
+
+
+def test_a_broken_key_file_is_read_once_until_it_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bad hand edit is logged once, not at every call with an unknown key (anyone can
+    send one); the previous keys stay in use until the file is fixed."""
+    path = tmp_path / "keys.yaml"
+    secret, _ = create_key(path, tenant="acme")
+    good = path.read_text()
+    store = KeyStore(path)
+    store.reload()
+    assert store.lookup(secret) is not None
+    caplog.set_level(logging.ERROR, logger="ingress.guards.keys")
+
+    def broken() -> int:
+        for _ in range(5):
+            store.reload()
+            assert store.lookup("ltk_" + secrets.token_urlsafe(32)) is None
+        assert store.lookup(secret) is not None
+        return len([r for r in caplog.records if "unreadable" in r.getMessage()])
+
+    path.write_text(good + "  colour: red\n")  # not a field of a key
+    assert broken() == 1
+    path.write_text(good + "  colour: blue\n")  # another change, another error
+    assert broken() == 2
+    path.write_text(good.replace("tenant: acme", "tenant: globex"))
+    assert store.reload()
+    key = store.lookup(secret)
+    assert key is not None and key.tenant == "globex"
+
+
+async def test_the_ingress_loop_never_waits_for_a_large_key_file(
+    ingress: str, ingress_settings: Settings
+) -> None:
+    """A key file of thousands of keys is re-read in a thread: calls, a new key's first
+    among them, do not stall the ingress's event loop while it loads."""
+    secret = "ltk_" + secrets.token_urlsafe(32)
+    lines = [f"- {{id: key_{i}, hash: '{i:064x}', tenant: acme}}" for i in range(5000)]
+    lines.append(f"- {{id: key_new, hash: '{hash_key(secret)}', tenant: acme}}")
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    ticker = asyncio.create_task(tick())
+    try:
+        staged = ingress_settings.key_file.with_suffix(".new")
+        staged.write_text("keys:\n" + "\n".join(lines) + "\n")
+        staged.replace(ingress_settings.key_file)
+        async with asyncio.timeout(20):
+            while (await chat(ingress, secret))[0] == 401:
+                assert (await chat(ingress, "ltk_unknown"))[0] == 401
+    finally:
+        ticker.cancel()
+    assert max(gaps) < 0.5  # parsed on the loop, as it was: seconds
 
 
 def test_the_provider_key_replaces_every_credential_the_client_sent() -> None:
