@@ -32,10 +32,11 @@ from sql.auth import AUTH, CALLER, Unauthorized, api_auth
 from sql.budgets import (
     BUDGET_BOOK,
     RESERVATION_BOOK,
+    alert_keys,
     budget_follower,
     budget_rows,
+    may_see,
     owner_of,
-    visible_budgets,
 )
 from sql.params import (
     ALERT_STATES,
@@ -272,7 +273,8 @@ async def alerts(request: web.Request) -> web.Response:
     values: dict[str, Any] = {"since": filters.since, "limit": limit, **active}
     if scope.tenant is not None:
         values["tenant"] = scope.tenant
-        values["budgets"] = visible_budgets(request.app.get(BUDGETS, []), scope)
+        mine = [b for b in request.app.get(BUDGETS, []) if may_see(b, scope)]
+        values["budgets"] = alert_keys(mine)
     rows = await request.app[STORE].arows(sql, values)
     return json_response({"range": filters.range, "limit": limit, "data": rows})
 

@@ -6,10 +6,11 @@ The stream publishes each budget's period-to-date spend on the compacted topic
 (:func:`ingress.guards.budgets.follow`) into a :class:`BudgetBook` (one per app, set up
 by :func:`sql.analytics.add_routes`), of which only the states are used here (same rule
 for which state to keep as the ingress). The configuration says which budgets exist and
-whom they belong to, and :func:`visible_budgets` which of them a key may see (the same
-rule decides which budget alerts it sees); a budget whose state has not been seen yet is
-unknown, never $0 spent. What the ingress processes hold against the hard caps (their
-calls in flight) comes from the reservations topic (:class:`ReservationBook`).
+whom they belong to, and :func:`may_see` which of them a key may see (the same rule,
+with :func:`alert_keys`, decides which budget alerts it sees); a budget whose state has
+not been seen yet (or whose state counts another owner's calls) is unknown, never $0
+spent. What the ingress processes hold against the hard caps (their calls in flight)
+comes from the reservations topic (:class:`ReservationBook`).
 """
 
 from __future__ import annotations
@@ -70,24 +71,39 @@ RESERVATION_BOOK = web.AppKey("reservation_book", ReservationBook)
 
 
 def visible_budgets(budgets: list[BudgetConfig], scope: Scope) -> list[str]:
-    """The names of the budgets a caller of ``scope`` may see: an admin every budget; a
-    virtual key those confined to its tenant (a tenant budget on it, or one whose
-    ``tenant`` is it); a key bound to a team only that team's budgets, a key bound to a
-    user only that user's."""
+    """The names of the budgets a caller of ``scope`` may see (:func:`may_see`)."""
+    return [b.name for b in budgets if may_see(b, scope)]
 
-    def visible(budget: BudgetConfig) -> bool:
-        if scope.tenant is None:
-            return True
-        owner = owner_of(budget)
-        if not owner or owner != scope.tenant:  # "": every tenant's, for admins only
-            return False
-        if scope.user is not None:
-            return budget.scope == "user" and budget.value == scope.user
-        if scope.team is not None:
-            return budget.scope == "team" and budget.value == scope.team
+
+def may_see(budget: BudgetConfig, scope: Scope) -> bool:
+    """Whether a caller of ``scope`` may see ``budget``: an admin every budget; a virtual
+    key those confined to its tenant (a tenant budget on it, or one whose ``tenant`` is
+    it); a key bound to a team only that team's budgets, a key bound to a user only that
+    user's."""
+    if scope.tenant is None:
         return True
+    owner = owner_of(budget)
+    if not owner or owner != scope.tenant:  # "": every tenant's, for admins only
+        return False
+    if scope.user is not None:
+        return budget.scope == "user" and budget.value == scope.user
+    if scope.team is not None:
+        return budget.scope == "team" and budget.value == scope.team
+    return True
 
-    return [b.name for b in budgets if visible(b)]
+
+def alert_keys(budgets: Iterable[BudgetConfig | BudgetRow]) -> list[tuple[str, str, str]]:
+    """What the alerts of ``budgets`` carry as (rule, dimension, value): each one's
+    (name, scope, value). Matched on all three, not the name alone: a name once given to
+    another owner would bring that owner's alerts. (Alerts name no tenant: a team, user
+    or feature budget's name and value both reused for another tenant still match.)"""
+    return [(b.name, b.scope, b.value) for b in budgets]
+
+
+def is_of(state: BudgetState, budget: BudgetConfig) -> bool:
+    """Whether ``state`` (published under ``budget``'s name) counts ``budget``'s scope
+    and value: one published while the name was another owner's does not."""
+    return (state.scope, state.value) == (budget.scope, budget.value)
 
 
 def owner_of(budget: BudgetConfig) -> str:
@@ -181,16 +197,17 @@ def budget_rows(
     now: datetime,
     reserved: Mapping[str, Decimal] | None = None,
 ) -> list[BudgetRow]:
-    """The budgets ``scope`` may see (:func:`visible_budgets`), in configuration order,
-    each with its state as of ``now`` (a period that has ended rolls over to a fresh
+    """The budgets ``scope`` may see (:func:`may_see`), in configuration order, each
+    with its state as of ``now`` (none: unknown, also when the state held is another
+    owner's, :func:`is_of`) (a period that has ended rolls over to a fresh
     one, as the stream's does) and what is ``reserved`` against it (None: unknown)."""
-    configured = list(budgets)
-    seen = set(visible_budgets(configured, scope))
     rows = []
-    for budget in configured:
-        if budget.name not in seen:
+    for budget in budgets:
+        if not may_see(budget, scope):
             continue
         held = states.get(budget.name)
+        if held is not None and not is_of(held, budget):
+            held = None  # another owner's spend: unknown, not shown as this one's
         state = current(budget, held, now) if held is not None else None
         rows.append(
             BudgetRow(

@@ -67,18 +67,20 @@ ROWS: dict[str, Schema] = {
             "cost": COST,
             "unpriced_requests": INT,
             "usage_missing_requests": INT,
-            "avg_latency_ms": NUMBER,
-            "p95_latency_ms": NUMBER,
-            "p99_latency_ms": NUMBER,
-            "error_rate": NUMBER,
-            "success_rate": NUMBER,
+            # null: no call in the range (a row for the rolling windows only)
+            "avg_latency_ms": MAYBE_NUMBER,
+            "p95_latency_ms": MAYBE_NUMBER,
+            "p99_latency_ms": MAYBE_NUMBER,
+            "error_rate": MAYBE_NUMBER,
+            "success_rate": MAYBE_NUMBER,
             **{
                 f"{metric}_{window}": schema
                 for window in ("24h", "7d", "30d")
                 for metric, schema in (("requests", INT), ("tokens", INT), ("cost", COST))
             },
         },
-        "per model and provider; the rolling *_24h/_7d/_30d whatever the range",
+        "per model and provider seen in the range or a rolling window (none in the range:"
+        " requests 0, latencies and rates null); the rolling *_24h/_7d/_30d whatever the range",
     ),
     "timeseries": _object(
         {
@@ -300,7 +302,9 @@ PARAMETERS: dict[str, Schema] = {
     },
     "group_by": {
         "schema": {"type": "string", "pattern": GROUP_BY_PATTERN, "default": "model"},
-        "description": "one of " + ", ".join(params.GROUP_BY) + ", or property:<name>",
+        "description": "one of "
+        + ", ".join(params.GROUP_BY)
+        + ", or property:<name> (any case: names are recorded in lower case)",
     },
     "limit": {
         "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},

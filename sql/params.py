@@ -196,7 +196,8 @@ class Query:
         return self._choice("granularity", GRANULARITIES, DEFAULT_GRANULARITY[range_])
 
     def group_by(self) -> tuple[str, str | None]:
-        """The grouping, and the property name when it is ``property:<name>``."""
+        """The grouping, and the property name when it is ``property:<name>``: in lower
+        case, as the ingress records it (header names are case-insensitive)."""
         value = self._query.get("group_by", "model")
         if value.startswith(PROPERTY_PREFIX):
             prop = value.removeprefix(PROPERTY_PREFIX)
@@ -205,7 +206,7 @@ class Query:
                     "group_by",
                     f"invalid 'group_by' property name {prop!r}: 1 to 64 of A-Z a-z 0-9 _ . -",
                 )
-            return "property", prop
+            return "property", prop.lower()
         if value not in GROUP_BY:
             expected = ", ".join((*GROUP_BY, f"{PROPERTY_PREFIX}<name>"))
             raise BadParameter(

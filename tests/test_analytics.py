@@ -268,25 +268,44 @@ async def test_models_per_range_with_rolling_windows(
     body = await get(api, "models", range=range_)
     assert body["range"] == range_
     by_model = groups(within(range_), lambda c: (c.model, c.provider))
-    assert [(r["model"], r["provider"]) for r in body["data"]] == costliest_first(by_model)
+    # The rows: every model seen in the range or a rolling window (the widest of them);
+    # those with no call in the range last.
+    widest = range_ if RANGE[range_] >= RANGE["30d"] else "30d"
+    absent = sorted({(c.model, c.provider) for c in within(widest)} - set(by_model))
+    assert [(r["model"], r["provider"]) for r in body["data"]] == [
+        *costliest_first(by_model),
+        *absent,
+    ]
+    for window in ("24h", "7d", "30d"):  # every model's, so the totals are the window's
+        assert sum(r[f"requests_{window}"] for r in body["data"]) == len(within(window))
     for row in body["data"]:
-        calls = by_model[row["model"], row["provider"]]
-        errors = sum(c.status != "ok" for c in calls)
-        latencies = [c.latency_ms for c in calls]
-        assert row["requests"] == len(calls)
-        assert row["errors"] == errors
-        assert row["input_tokens"] == sum(c.input_tokens for c in calls)
-        assert row["output_tokens"] == sum(c.output_tokens for c in calls)
-        assert row["total_tokens"] == sum(c.tokens for c in calls)
-        assert row["cached_input_tokens"] == row["reasoning_tokens"] == 0
-        assert row["cost"] == money(cost_of(calls))
-        assert row["unpriced_requests"] == sum(c.cost is None for c in calls)
-        assert row["usage_missing_requests"] == 0
-        assert row["avg_latency_ms"] == pytest.approx(mean(latencies))
-        assert row["p95_latency_ms"] == pytest.approx(quantile(latencies, 0.95))
-        assert row["p99_latency_ms"] == pytest.approx(quantile(latencies, 0.99))
-        assert row["error_rate"] == pytest.approx(errors / len(calls))
-        assert row["success_rate"] == pytest.approx(1 - errors / len(calls))
+        calls = by_model.get((row["model"], row["provider"]), [])
+        if not calls:
+            assert [row[k] for k in ("requests", "errors", "total_tokens", "cost")] == [
+                0,
+                0,
+                0,
+                "0.000000000",
+            ]
+            for unknown in ("avg_latency_ms", "p95_latency_ms", "error_rate", "success_rate"):
+                assert row[unknown] is None, unknown
+        else:
+            errors = sum(c.status != "ok" for c in calls)
+            latencies = [c.latency_ms for c in calls]
+            assert row["requests"] == len(calls)
+            assert row["errors"] == errors
+            assert row["input_tokens"] == sum(c.input_tokens for c in calls)
+            assert row["output_tokens"] == sum(c.output_tokens for c in calls)
+            assert row["total_tokens"] == sum(c.tokens for c in calls)
+            assert row["cached_input_tokens"] == row["reasoning_tokens"] == 0
+            assert row["cost"] == money(cost_of(calls))
+            assert row["unpriced_requests"] == sum(c.cost is None for c in calls)
+            assert row["usage_missing_requests"] == 0
+            assert row["avg_latency_ms"] == pytest.approx(mean(latencies))
+            assert row["p95_latency_ms"] == pytest.approx(quantile(latencies, 0.95))
+            assert row["p99_latency_ms"] == pytest.approx(quantile(latencies, 0.99))
+            assert row["error_rate"] == pytest.approx(errors / len(calls))
+            assert row["success_rate"] == pytest.approx(1 - errors / len(calls))
         for window in ("24h", "7d", "30d"):  # whatever the range
             rolling = within(window, model=row["model"], provider=row["provider"])
             assert row[f"requests_{window}"] == len(rolling)
@@ -297,7 +316,13 @@ async def test_models_per_range_with_rolling_windows(
 async def test_models_written_out(api: TestClient[Any, Any]) -> None:
     """A few of the numbers above, by hand, so the helpers cannot hide a shared mistake."""
     rows = (await get(api, "models", range="24h"))["data"]
-    assert [(r["model"], r["requests"]) for r in rows] == [(CLAUDE, 1), (GPT4O, 3)]
+    assert [(r["model"], r["requests"]) for r in rows] == [
+        (CLAUDE, 1),
+        (GPT4O, 3),
+        (MINI, 0),
+        (LLAMA, 0),
+    ]
+    assert (rows[2]["requests_30d"], rows[3]["requests_7d"]) == (2, 1)  # none in 24h
     gpt = rows[1]
     assert gpt["cost"] == "0.001050000"  # 0.00075 + 0.0003; the error cost 0
     assert (gpt["errors"], gpt["total_tokens"]) == (1, 210)
@@ -484,6 +509,12 @@ async def test_costs_by_day_and_property(api: TestClient[Any, Any]) -> None:
         ("c2", 3, "0.026375000"),  # $0.02 of it web searches
         ("", 6, "0.014750000"),  # calls without the property
         ("c1", 3, "0.001206000"),
+    ]
+    # The ingress records a property's name in lower case: asked for in any case, it is.
+    upper = await get(api, "costs", range="90d", group_by="property:Customer")
+    assert upper["group_by"] == "property:customer"
+    assert [(r["key"], r["requests"]) for r in upper["data"]] == [
+        (r["key"], r["requests"]) for r in rows
     ]
     rows = (await get(api, "costs", group_by="property:no.such-prop_1"))["data"]
     assert [(r["key"], r["requests"]) for r in rows] == [("", len(within("30d")))]
@@ -1102,6 +1133,28 @@ async def test_a_virtual_key_sees_its_own_alerts(alerts_api: AlertsApi) -> None:
     assert await api.names("acme_search", range="90d") == [("acme-search", "search")]
     assert await api.names("acme_alice", range="90d") == [("alice-cap", "alice")]
     assert await api.names("acme_alice", range="90d", alert_type="spike") == []
+
+
+async def test_a_budget_name_once_anothers_brings_none_of_its_alerts(
+    alerts_api: AlertsApi, store: Store
+) -> None:
+    """Budget alerts are a key's by the budget's name, scope and value: alerts raised
+    while a name now configured for acme was another owner's stay that owner's."""
+    api = alerts_api
+    before = {key: await api.names(key, range="90d") for key in ("acme", "acme_search")}
+    others = [
+        alert("acme-monthly", 7 * H, alert_type="budget", value="globex"),
+        alert("acme-search", 8 * H, alert_type="budget", dimension="team", value="ml"),
+        alert("alice-cap", 9 * H, alert_type="budget", dimension="feature", value="alice"),
+    ]
+    store_batch(store, others, [], [])
+    for key, seen in before.items():
+        assert await api.names(key, range="90d") == seen, key
+    assert await api.names("globex", range="90d") == [
+        ("cost-spike", "globex"),
+        ("globex-all", "globex"),
+    ]
+    assert len(await api.names("admin", range="90d")) == 8 + len(others)
 
 
 @pytest.mark.parametrize(

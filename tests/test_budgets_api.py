@@ -31,7 +31,7 @@ from llmtap.kafka import Kafka
 from llmtap.names import Names
 from sinks.budget_seed import publish_states
 from sql import analytics, auth, dashboard, params
-from sql.budgets import BUDGET_BOOK, visible_budgets
+from sql.budgets import BUDGET_BOOK, budget_rows, visible_budgets
 from sql.params import Scope
 from sql.store import Store
 from stream.budgets import fresh, status_of
@@ -308,3 +308,16 @@ def test_a_budget_of_every_tenant_is_an_admin_s_even_for_a_key_of_no_tenant() ->
     assert visible_budgets(budgets, Scope()) == ["org-search", "acme-search"]  # admin
     assert visible_budgets(budgets, Scope(tenant="acme")) == ["acme-search"]
     assert visible_budgets(budgets, Scope(tenant="")) == []
+
+
+def test_a_state_published_while_the_name_was_anothers_is_unknown() -> None:
+    """The topic is keyed by budget name: a state counting globex's calls, published
+    before the name was given to acme's budget, is not acme's spend."""
+    old = BudgetConfig(name="monthly", scope="tenant", value="globex", limit_usd=Decimal(100))
+    new = BudgetConfig(name="monthly", scope="tenant", value="acme", limit_usd=Decimal(10))
+    states = {"monthly": state_of(old, Decimal("81.5"))}
+    for scope in (Scope(), Scope(tenant="acme")):
+        [row] = budget_rows([new], states, scope, NOW)
+        assert (row.value, row.state, row.status, row.spent_usd) == ("acme", None, "unknown", None)
+    [row] = budget_rows([old], states, Scope(), NOW)  # its own owner's: shown
+    assert row.spent_usd == Decimal("81.5")

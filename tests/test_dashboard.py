@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import re
 import uuid
@@ -37,7 +38,7 @@ from sql import analytics, auth, dashboard, params
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, budget_rows
 from sql.dashboard import charts, views
 from sql.dashboard.charts import Point, Series
-from sql.dashboard.sessions import COOKIE, Sessions
+from sql.dashboard.sessions import COOKIE, PER_KEY, Sessions, TooManySessions
 from sql.params import Scope
 from sql.store import Store
 from stream.budgets import fresh, period_bounds, status_of, threshold_alert
@@ -444,6 +445,39 @@ async def test_revoking_the_key_ends_its_sessions(dash: Dash) -> None:
             await asyncio.sleep(0.1)
 
 
+async def test_one_keys_logins_end_no_other_keys_session(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions are bounded per key (its own oldest go) and in all (then a login is
+    refused): a flood of logins with globex's key never logs acme out."""
+    limit = 1 + PER_KEY + 9
+    monkeypatch.setattr(views, "Sessions", functools.partial(Sessions, limit=limit))
+    async with serve(store, tmp_path, monkeypatch, broker=None, calls=[]) as dash:
+
+        async def login(name: str) -> tuple[int, str]:
+            async with dash.client.post(
+                "/dashboard/login", data={"key": dash.keys[name]}, allow_redirects=False
+            ) as response:
+                cookie = response.cookies.get(COOKIE)
+                return response.status, cookie.value if cookie is not None else ""
+
+        async def logged_in(token: str) -> bool:
+            dash.client.session.cookie_jar.clear()
+            async with dash.client.get("/dashboard", cookies={COOKIE: token}) as response:
+                return 'name="key"' not in await response.text()
+
+        status, acme = await login("acme")
+        assert status == 303 and await logged_in(acme)
+        globex = [await login("globex") for _ in range(limit * 2)]
+        assert {status for status, _ in globex} == {303}
+        assert await logged_in(acme)
+        assert not await logged_in(globex[-PER_KEY - 1][1])  # its own oldest went
+        assert await logged_in(globex[-PER_KEY][1])
+        search = [(await login("acme_search"))[0] for _ in range(10)]
+        assert search == [303] * 9 + [503]  # full: refused, no one else's session ends
+        assert await logged_in(acme)
+
+
 # -- what each key sees -------------------------------------------------------------------
 
 
@@ -492,6 +526,22 @@ async def test_a_virtual_key_sees_its_own_share(
     assert users_on(body) <= {c.user for c in mine}
     if not budgets:
         assert "No budget applies to this key." in body
+
+
+async def test_a_budget_name_once_anothers_shows_none_of_its_alerts(
+    dash: Dash, store: Store
+) -> None:
+    """An alert raised while acme's budget's name was globex's names globex's spend: it
+    is not acme's (the alerts endpoint's rule, tests/test_analytics.py)."""
+    reused = dash.budgets[0]
+    old = BudgetConfig(name=reused.name, scope="tenant", value="globex", limit_usd=Decimal(9))
+    state = fresh(old, NOW, NOW).model_copy(update={"spent_usd": Decimal("7.5")})
+    leaked = threshold_alert(old, state, 80, NOW - H)
+    store_batch(store, [leaked], [], [])
+    await dash.login(dash.keys["acme"])
+    body = await dash.page()
+    assert body.count('<tr class="alert') == 2  # its spike and its budget alert, as before
+    assert "globex" not in body
 
 
 async def test_a_bad_range_is_a_400_on_the_page(dash: Dash) -> None:
@@ -593,16 +643,21 @@ def test_which_budgets_a_scope_sees(scope: Scope, expected: set[str]) -> None:
 
 
 def test_sessions_expire_and_are_bounded() -> None:
-    sessions = Sessions(ttl=timedelta(minutes=5), limit=2)
+    sessions = Sessions(ttl=timedelta(minutes=5), limit=3, per_key=2)
     first = sessions.open("key-1", NOW)
     assert sessions.get(first, NOW + 4 * M) is not None
     assert sessions.get(first, NOW + 5 * M) is None  # expired, and dropped
-    a, b = sessions.open("key-a", NOW), sessions.open("key-b", NOW)
-    c = sessions.open("key-c", NOW)  # over the limit: the oldest goes
-    assert sessions.get(a, NOW) is None
-    kept = [sessions.get(t, NOW) for t in (b, c)]
-    assert [s.secret if s is not None else None for s in kept] == ["key-b", "key-c"]
-    assert len(sessions) == 2
+    a1, a2, b = (sessions.open(k, NOW) for k in ("key-a", "key-a", "key-b"))
+    a3 = sessions.open("key-a", NOW)  # past per_key: key-a's own oldest goes
+    assert sessions.get(a1, NOW) is None
+    kept = [sessions.get(t, NOW) for t in (a2, a3, b)]
+    assert [s.secret if s is not None else None for s in kept] == ["key-a", "key-a", "key-b"]
+    with pytest.raises(TooManySessions):  # full: refused, no other key's session ends
+        sessions.open("key-c", NOW)
+    assert all(sessions.get(t, NOW) is not None for t in (a2, a3, b))
+    assert len(sessions) == 3
+    assert sessions.get(sessions.open("key-c", NOW + 5 * M), NOW + 5 * M) is not None
+    assert len(sessions) == 1  # the expired dropped first
     assert sessions.get("", NOW) is None
 
 

@@ -23,7 +23,15 @@ from sql.auth import AUTH, ApiAuth, Caller, Unauthorized
 COOKIE = "llmtap_dashboard"
 COOKIE_PATH = "/dashboard"
 SESSION_TTL = timedelta(hours=12)  # from login; then the key is asked for again
-MAX_SESSIONS = 10_000  # past this, the oldest sessions are dropped first
+PER_KEY = 20  # one key's sessions (its browsers); past this, that key's oldest go first
+# Every key's: past this, a login is refused (TooManySessions) until sessions expire or
+# close, never let evict another key's. A key holds PER_KEY at most, so filling it takes
+# MAX_SESSIONS / PER_KEY keys, which only the operator can make.
+MAX_SESSIONS = 10_000
+
+
+class TooManySessions(Exception):
+    """MAX_SESSIONS are open: no new one until some expire or close."""
 
 
 @dataclass(frozen=True)
@@ -39,21 +47,33 @@ def _digest(token: str) -> str:
 class Sessions:
     """Open sessions by the SHA-256 of their token (the token itself is not kept)."""
 
-    def __init__(self, ttl: timedelta = SESSION_TTL, limit: int = MAX_SESSIONS) -> None:
+    def __init__(
+        self, ttl: timedelta = SESSION_TTL, limit: int = MAX_SESSIONS, per_key: int = PER_KEY
+    ) -> None:
         self.ttl = ttl
         self.limit = limit
-        self._open: dict[str, Session] = {}  # insertion order: oldest first
+        self.per_key = per_key
+        self._open: dict[str, Session] = {}
+        # By the SHA-256 of the key: its sessions' digests, oldest first.
+        self._of_key: dict[str, dict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
     def open(self, secret: str, now: datetime) -> str:
-        """A new session for an authenticated key; returns its token (for the cookie)."""
+        """A new session for an authenticated key; returns its token (for the cookie).
+        Past ``per_key``, the key's own oldest session is closed; with ``limit`` open
+        (after the expired are dropped), raises :class:`TooManySessions`."""
         self._expire(now)
-        while len(self._open) >= self.limit:
-            del self._open[next(iter(self._open))]
+        mine = self._of_key.get(_digest(secret), {})
+        while len(mine) >= self.per_key:
+            self._drop(next(iter(mine)))
+        if len(self._open) >= self.limit:
+            raise TooManySessions
         token = secrets.token_urlsafe(32)
-        self._open[_digest(token)] = Session(secret, now + self.ttl)
+        digest = _digest(token)
+        self._open[digest] = Session(secret, now + self.ttl)
+        self._of_key.setdefault(_digest(secret), {})[digest] = None
         return token
 
     def get(self, token: str, now: datetime) -> Session | None:
@@ -66,11 +86,21 @@ class Sessions:
         return session
 
     def close(self, token: str) -> None:
-        self._open.pop(_digest(token), None)
+        self._drop(_digest(token))
+
+    def _drop(self, digest: str) -> None:
+        session = self._open.pop(digest, None)
+        if session is None:
+            return
+        key = _digest(session.secret)
+        mine = self._of_key[key]
+        del mine[digest]
+        if not mine:
+            del self._of_key[key]
 
     def _expire(self, now: datetime) -> None:
         for digest in [d for d, s in self._open.items() if now >= s.expires]:
-            del self._open[digest]
+            self._drop(digest)
 
 
 def authenticate(auth: ApiAuth, secret: str) -> Caller:

@@ -29,12 +29,13 @@ from llmtap.events import BudgetState, utcnow
 from sql.admission import ADMISSION, TooMany
 from sql.analytics import ROLLING, STORE, select, store_problem
 from sql.auth import AUTH, Caller, Unauthorized
-from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, BudgetRow, budget_rows
+from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, BudgetRow, alert_keys, budget_rows
 from sql.dashboard import charts
 from sql.dashboard.charts import Chart, Point, Series
 from sql.dashboard.sessions import (
     COOKIE,
     Sessions,
+    TooManySessions,
     authenticate,
     caller_of,
     clear_cookie,
@@ -240,7 +241,7 @@ async def gather(
             alerts,
             {
                 "since": filters.since,
-                "budgets": [b.name for b in budgets],
+                "budgets": alert_keys(budgets),
                 "tenant": scope.tenant or "",
                 "limit": ALERTS,
             },
@@ -432,7 +433,14 @@ class Views:
             return login_page(
                 range_, "Unknown or revoked key: use an admin key or a virtual key.", 401
             )
-        token = request.app[SESSIONS].open(secret, utcnow())
+        try:
+            token = request.app[SESSIONS].open(secret, utcnow())
+        except TooManySessions:
+            response = login_page(
+                range_, "Too many dashboard sessions are open: try again later.", 503
+            )
+            response.headers["Retry-After"] = "60"
+            return response
         response = web.Response(
             status=303, headers={**HEADERS, "Location": str(URL(PATH).with_query(range=range_))}
         )

@@ -3,8 +3,9 @@
 -- collapses the rare duplicate a dispatcher rebalance can leave (0002_alerts.sql).
 -- Alerts carry no tenant, so a virtual key (`scoped`) sees only the alerts that are
 -- its own, as the dashboard shows them: budget alerts of the budgets it may see
--- ({budgets}, from the configuration), and (`tenant_spikes`: a key bound to no team or
--- user) spike alerts on its tenant. Spikes on a team, user, key, model, provider or
+-- ({budgets}, from the configuration: (name, scope, value), so an alert raised while a
+-- name was another owner's is not this one's), and (`tenant_spikes`: a key bound to no
+-- team or user) spike alerts on its tenant. Spikes on a team, user, key, model, provider or
 -- feature count every tenant's calls: admin keys only.
 SELECT
     event_id,
@@ -38,7 +39,10 @@ WHERE first_seen >= {since:DateTime64(3, 'UTC')}
 {% endif %}
 {% if scoped %}
   AND (
-    (alert_type = 'budget' AND has({budgets:Array(String)}, rule))
+    (
+      alert_type = 'budget'
+      AND has({budgets:Array(Tuple(String, String, String))}, (rule, dimension, value))
+    )
 {% if tenant_spikes %}
     OR (alert_type = 'spike' AND dimension = 'tenant' AND value = {tenant:String})
 {% endif %}

@@ -3,32 +3,51 @@
 -- tokens and cost whatever the range (since {since_24h}, {since_7d}, {since_30d}).
 -- Each is one read of the rollups (rollup_parts.sql), joined by model and provider; the
 -- window that is the range (`range_name`, when given) is the range's read, not another.
+-- The rows: every model seen in the range or a window. All of them run to now, so that
+-- is the widest one's: the range's, or the 30d window's when the range is narrower (a
+-- model with no call in the range then has requests 0, cost 0, and no latency or rates).
 -- cost is null when none of the calls it sums could be priced (unknown, never $0);
--- a rolling window without calls cost 0. total_tokens = input + output (the other
+-- a range or window without calls cost 0. total_tokens = input + output (the other
 -- token counts are subsets of those two). p95/p99 are t-digest estimates.
+{% set range_name = range_name | default('') %}
+{% set rows_from = 'w30d' if range_name in ['24h', '7d'] else 'r' %}
+{% set no_calls = 'ifNull(r.requests, 0) = 0' %}
+{% macro window_read(window) %}
+    SELECT
+        model,
+        provider,
+        sum(p.requests) AS requests,
+        sum(p.input_tokens + p.output_tokens) AS tokens,
+        if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost
+    {% with span = 'since_' ~ window,
+            need = ['requests', 'input_tokens', 'output_tokens', 'priced', 'cost'] %}
+    FROM {% include "rollup_parts" %} AS p
+    {% endwith %}
+    GROUP BY model, provider
+{% endmacro %}
 SELECT
-    r.model AS model,
-    r.provider AS provider,
-    r.requests AS requests,
-    r.errors AS errors,
-    r.input_tokens AS input_tokens,
-    r.output_tokens AS output_tokens,
-    r.input_tokens + r.output_tokens AS total_tokens,
-    r.cached_input_tokens AS cached_input_tokens,
-    r.reasoning_tokens AS reasoning_tokens,
-    r.cost AS cost,
-    r.unpriced_requests AS unpriced_requests,
-    r.usage_missing_requests AS usage_missing_requests,
-    r.avg_latency_ms AS avg_latency_ms,
-    r.latency[2] AS p95_latency_ms,
-    r.latency[3] AS p99_latency_ms,
-    r.errors / r.requests AS error_rate,
-    (r.requests - r.errors) / r.requests AS success_rate,
+    {{ rows_from }}.model AS model,
+    {{ rows_from }}.provider AS provider,
+    ifNull(r.requests, 0) AS requests,
+    ifNull(r.errors, 0) AS errors,
+    ifNull(r.input_tokens, 0) AS input_tokens,
+    ifNull(r.output_tokens, 0) AS output_tokens,
+    ifNull(r.input_tokens + r.output_tokens, 0) AS total_tokens,
+    ifNull(r.cached_input_tokens, 0) AS cached_input_tokens,
+    ifNull(r.reasoning_tokens, 0) AS reasoning_tokens,
+    if({{ no_calls }}, 0, r.cost) AS cost,
+    ifNull(r.unpriced_requests, 0) AS unpriced_requests,
+    ifNull(r.usage_missing_requests, 0) AS usage_missing_requests,
+    if({{ no_calls }}, NULL, r.avg_latency_ms) AS avg_latency_ms,
+    if({{ no_calls }}, NULL, r.latency[2]) AS p95_latency_ms,
+    if({{ no_calls }}, NULL, r.latency[3]) AS p99_latency_ms,
+    if({{ no_calls }}, NULL, r.errors / r.requests) AS error_rate,
+    if({{ no_calls }}, NULL, (r.requests - r.errors) / r.requests) AS success_rate,
 {% for window in ['24h', '7d', '30d'] %}
-{% if window == range_name | default('') %}
-    r.requests AS requests_{{ window }},
-    r.input_tokens + r.output_tokens AS tokens_{{ window }},
-    r.cost AS cost_{{ window }}{{ "," if not loop.last }}
+{% if window == range_name %}
+    ifNull(r.requests, 0) AS requests_{{ window }},
+    ifNull(r.input_tokens + r.output_tokens, 0) AS tokens_{{ window }},
+    if({{ no_calls }}, 0, r.cost) AS cost_{{ window }}{{ "," if not loop.last }}
 {% else %}
     ifNull(w{{ window }}.requests, 0) AS requests_{{ window }},
     ifNull(w{{ window }}.tokens, 0) AS tokens_{{ window }},
@@ -36,6 +55,13 @@ SELECT
 {% endif %}
 {% endfor %}
 FROM
+{% if rows_from == 'w30d' %}
+(
+{{ window_read('30d') }}
+    HAVING requests > 0
+) AS w30d
+LEFT JOIN
+{% endif %}
 (
     SELECT
         model,
@@ -60,20 +86,14 @@ FROM
     GROUP BY model, provider
     HAVING requests > 0
 ) AS r
-{% for window in ['24h', '7d', '30d'] if window != range_name | default('') %}
+{% if rows_from == 'w30d' %}
+ON r.model = w30d.model AND r.provider = w30d.provider
+{% endif %}
+{% for window in ['24h', '7d', '30d'] if window != range_name and 'w' ~ window != rows_from %}
 LEFT JOIN
 (
-    SELECT
-        model,
-        provider,
-        sum(p.requests) AS requests,
-        sum(p.input_tokens + p.output_tokens) AS tokens,
-        if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost
-    {% with span = 'since_' ~ window,
-            need = ['requests', 'input_tokens', 'output_tokens', 'priced', 'cost'] %}
-    FROM {% include "rollup_parts" %} AS p
-    {% endwith %}
-    GROUP BY model, provider
-) AS w{{ window }} ON w{{ window }}.model = r.model AND w{{ window }}.provider = r.provider
+{{ window_read(window) }}
+) AS w{{ window }}
+    ON w{{ window }}.model = {{ rows_from }}.model AND w{{ window }}.provider = {{ rows_from }}.provider
 {% endfor %}
-ORDER BY cost DESC, requests DESC, model
+ORDER BY requests = 0, cost DESC, requests DESC, model, provider
