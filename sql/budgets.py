@@ -28,7 +28,7 @@ from ingress.guards.budgets import BudgetBook, follow, follow_topic
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import BudgetState, Reservations
 from sql.params import Scope
-from stream.budgets import current
+from stream.budgets import current, is_of
 from stream.pricing import Catalog
 
 BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
@@ -98,12 +98,6 @@ def alert_keys(budgets: Iterable[BudgetConfig | BudgetRow]) -> list[tuple[str, s
     another owner would bring that owner's alerts. (Alerts name no tenant: a team, user
     or feature budget's name and value both reused for another tenant still match.)"""
     return [(b.name, b.scope, b.value) for b in budgets]
-
-
-def is_of(state: BudgetState, budget: BudgetConfig) -> bool:
-    """Whether ``state`` (published under ``budget``'s name) counts ``budget``'s scope
-    and value: one published while the name was another owner's does not."""
-    return (state.scope, state.value) == (budget.scope, budget.value)
 
 
 def owner_of(budget: BudgetConfig) -> str:

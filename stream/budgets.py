@@ -139,7 +139,15 @@ def threshold_alert(
 ) -> Alert:
     severity = "critical" if threshold >= 100 else "warning" if threshold >= 80 else "info"
     return Alert(
-        event_id=stable_id("budget", budget.name, state.period_start.isoformat(), str(threshold)),
+        # Its owner too: a name given to another budget within the period raises its own.
+        event_id=stable_id(
+            "budget",
+            budget.name,
+            budget.scope,
+            budget.value,
+            state.period_start.isoformat(),
+            str(threshold),
+        ),
         alert_type="budget",
         state="firing",
         severity=severity,
@@ -182,3 +190,10 @@ def later_or_larger(new: BudgetState, old: BudgetState) -> bool:
     if new.period_start != old.period_start:
         return new.period_start > old.period_start
     return new.spent_usd > old.spent_usd
+
+
+def is_of(state: BudgetState, budget: BudgetConfig) -> bool:
+    """Whether ``state`` (published under ``budget``'s name) counts ``budget``'s scope
+    and value: one published while the name was another owner's does not (its spend is
+    not this budget's, to count on from or to cap by)."""
+    return (state.scope, state.value) == (budget.scope, budget.value)

@@ -38,6 +38,7 @@ from stream.budgets import (
     SCOPE_FIELDS,
     applied_with,
     current,
+    is_of,
     later_or_larger,
     matches,
     spend,
@@ -98,7 +99,8 @@ class Ledger:
         return state
 
     def seed(self, state: BudgetState) -> None:
-        if state.budget not in self.budgets:
+        budget = self.budgets.get(state.budget)
+        if budget is None or not is_of(state, budget):  # its name was another's
             return
         mine = self.states.get(state.budget)
         if mine is None or later_or_larger(state, mine):

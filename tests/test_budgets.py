@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingress.guards.budgets import BudgetBook
 from llmtap.config import BudgetConfig
 from llmtap.events import Alert, Attribution, BudgetState, CostedEvent, Usage
 from llmtap.kafka import Kafka
@@ -22,6 +23,7 @@ from sinks.webhooks.records import store_batch
 from sql.store import Store
 from stream.budgets import current, matches, period_bounds, spend, threshold_alert
 from stream.ledger import Ledger
+from stream.pricing import load_catalog
 from tests import sample
 from tests.fake_provider import free_port
 
@@ -210,6 +212,28 @@ def test_a_worker_restarted_from_older_offsets_counts_nothing_twice() -> None:
         restarted.record(event, at(3), position)
     assert restarted.states[b.name].spent_usd == Decimal("12.50")  # 10 x 1.25, once each
     assert restarted.states[b.name].applied == {0: 5, 1: 5}
+
+
+def test_a_state_published_while_the_name_was_anothers_is_not_counted_on() -> None:
+    """An operator gives a budget's name to another owner mid-period: the states and
+    alerts of the old one are not the new one's (its spend carried over capped acme
+    for globex's calls; its alerts' ids dropped acme's as repeats)."""
+    old = budget(scope="tenant", value="globex")
+    new = budget(scope="tenant", value="acme", limit_usd=Decimal("10"))
+    stale = Ledger([old])
+    stale.record(costed("9", at(3)), at(3), (0, 1))  # not globex's: counts nothing
+    globex = current(old, None, at(3)).model_copy(
+        update={"spent_usd": Decimal("9"), "crossed": (50, 80)}
+    )
+    ledger = Ledger([new])
+    ledger.seed(globex)
+    _, raised = ledger.record(costed("6", at(3)), at(3), (0, 2))
+    assert ledger.states[new.name].spent_usd == Decimal("6")
+    assert [a.threshold for a in raised] == [Decimal(50)]
+    assert raised[0].event_id != threshold_alert(old, globex, 50, at(3)).event_id
+    book = BudgetBook([new], load_catalog(), default_max_tokens=4096)
+    book.update(globex)
+    assert new.name not in book.states
 
 
 def test_offsets_carry_into_a_new_period() -> None:

@@ -46,7 +46,7 @@ from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
 from llmtap.kafka import Kafka
-from stream.budgets import current, later_or_larger, matches, period_bounds
+from stream.budgets import current, is_of, later_or_larger, matches, period_bounds
 from stream.pricing import PER_MILLION, Catalog, cost_of, search_fee
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class BudgetBook:
         image_tokens: int = 50_000,
     ):
         self.budgets = budgets
+        self._named = {b.name: b for b in budgets}
         self.catalog = catalog
         self.default_max_tokens = default_max_tokens
         # The input of a call whose body does not hold it all (ingress/guards/bounds.py).
@@ -121,6 +122,9 @@ class BudgetBook:
     def update(self, state: BudgetState) -> None:
         """A state from the topic: keep it unless it is older than what we hold (the
         costs it has counted are let go when next looked at: :meth:`_uncounted`)."""
+        budget = self._named.get(state.budget)
+        if budget is not None and not is_of(state, budget):
+            return  # published while its name was another budget's: not this one's spend
         held = self.states.get(state.budget)
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
