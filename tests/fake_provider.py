@@ -42,6 +42,8 @@ class FakeProvider:
     # Set: a chat stream's first event is written in two halves, the second only once
     # this event is set (by a test that has seen the first half arrive).
     second_half: asyncio.Event | None = None
+    # Set: a chat answer that is not a stream waits for this event before it is sent.
+    answer_held: asyncio.Event | None = None
     # Anthropic streams end in an "overloaded_error" event after the text, as Anthropic's
     # do when it is overloaded mid-answer (the 200 already sent).
     overloaded_mid_stream: bool = False
@@ -64,6 +66,8 @@ class FakeProvider:
         created = int(time.time())
         served = body["model"] + SNAPSHOT
         if not body.get("stream"):
+            if self.answer_held is not None:
+                await self.answer_held.wait()
             return web.json_response(
                 {
                     "id": "chatcmpl-fake",

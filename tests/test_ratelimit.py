@@ -15,7 +15,7 @@ from ingress.guards.keys import create_key
 from ingress.guards.ratelimit import Estimate, RateLimiter, Ticket, TokenBucket, estimate, spent
 from llmtap.config import Settings
 from llmtap.events import Usage
-from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream
+from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream, serve_ingress
 from tests.fake_provider import FakeProvider
 from tests.test_ingress_ops import response_event
 
@@ -285,3 +285,41 @@ async def test_a_call_refused_before_the_provider_does_not_spend_a_request(
     assert (await call(ingress, secret)).status == 500
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
     assert [(await call(ingress, secret)).status for _ in range(2)] == [200, 429]
+
+
+async def test_a_call_the_provider_took_but_never_answered_keeps_its_estimate(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No answer within the read timeout: the provider has the request and may bill it,
+    so its usage is unknown (not none), and the key keeps what it reserved."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    server = await serve_ingress(
+        ingress_settings.model_copy(update={"upstream_read_timeout_s": 0.3})
+    )
+    ingress = str(server.make_url("")).rstrip("/")
+    body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi " * 500}]})
+    each = estimate(len(body), None).tokens
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", tpm=each * 3 // 2)
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    upstream.provider.answer_held = asyncio.Event()  # held at the provider
+    try:
+        await key_known(ingress, secret)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{ingress}/v1/chat/completions", data=body, headers=headers
+            ) as late:
+                assert late.status == 504
+            event = await response_event(broker.bootstrap, late.headers["x-request-id"])
+            assert (event.status, event.usage.usage_missing) == ("upstream_unreachable", True)
+            upstream.provider.answer_held.set()
+            async with session.post(
+                f"{ingress}/v1/chat/completions", data=body, headers=headers
+            ) as after:
+                assert after.status == 429
+    finally:
+        upstream.provider.answer_held.set()
+        upstream.provider.answer_held = None
+        await server.close()
