@@ -25,13 +25,14 @@ from llmtap.config import SpikeMetric, SpikeRule
 from llmtap.events import Alert
 from llmtap.wire import Window
 from stream.aggregates import merge_windows, sketch_of
-from stream.spikes import SeriesState, horizon, observe, went_quiet
+from stream.spikes import SeriesState, horizon, observe, quiet_span, went_quiet
 
 MS = Decimal("0.001")
 TICK_S = 1.0  # how often windows still waiting for shares are looked at again
 SWEEP_EVERY = timedelta(minutes=1)
-# A series with no window while others of its length had this many later ones went
-# quiet (one more than it takes: a share fetched late from another partition).
+# A firing series went quiet when others of its window length are this many windows
+# past its quiet_span (one more than it takes: a share fetched late from another
+# partition): 3 windows for a count.
 QUIET_AFTER = 3
 
 
@@ -77,6 +78,7 @@ class Detector:
         # other workers' series too), with the windows partition each comes on: only
         # those can it find quiet.
         self.judged: dict[tuple[str, str], int | None] = {}
+        self._away: set[int] = set()  # windows partitions given up
         self._swept: datetime | None = None
         self._latest: dict[int, datetime] = {}  # window length -> latest start judged
 
@@ -98,18 +100,33 @@ class Detector:
 
     def give_up(self, partitions: set[int]) -> None:
         """The windows partitions another worker judges from now: their series are no
-        longer this one's to find quiet (their states stay, until taken back)."""
+        longer this one's to find quiet (their states stay, until taken back), also when
+        a window of theirs still pending here is judged (its offset was committed: its
+        alerts are this worker's to raise)."""
+        self._away |= partitions
         for key, home in list(self.judged.items()):
             if home in partitions:
                 del self.judged[key]
 
-    def adopt(self, taken: Detector) -> None:
-        """Take over series judged elsewhere until now: ``taken`` was warmed with the
-        windows of the partitions this worker was just given, judged by their previous
-        owner; their states replace what this one knew (judged by it before it gave them
-        up: a spike fired since would fire again, one resolved since stay firing)."""
-        self.states.update(taken.states)
-        self.judged.update(taken.judged)
+    def adopt(self, taken: Detector | None, partitions: set[int]) -> None:
+        """Take over ``partitions``, judged elsewhere until now: ``taken`` was warmed with
+        their windows, judged by their previous owner; its states replace what this one
+        knew (judged by it before it gave them up: a spike fired since would fire again,
+        one resolved since stay firing). None: they could not be read back."""
+        self._away -= partitions
+        if taken is not None:
+            self.states.update(taken.states)
+            self.judged.update(taken.judged)
+
+    def judge_pending(self) -> list[Alert]:
+        """Judge every window still waiting for shares, as they are: for windows read
+        back (:mod:`stream.warmup`), judged before, whose missing shares are not coming."""
+        alerts: list[Alert] = []
+        for windows in self._pending.values():
+            for start in sorted(windows):
+                alerts += self._judge(windows[start])
+        self._pending.clear()
+        return alerts
 
     def tick(self, now: datetime) -> list[Alert]:
         """Judge the windows whose shares have had ``settle`` to arrive; once a minute,
@@ -122,8 +139,8 @@ class Detector:
 
     def sweep(self) -> list[Alert]:
         """Series that went quiet, in event time (a worker catching up on hours of
-        windows judges them as they were): a firing one whose next QUIET_AFTER windows
-        had no calls while other series of its length had (judged here) is resolved
+        windows judges them as they were): a firing one with no windows while other series
+        of its length (judged here) went QUIET_AFTER windows past its quiet span is resolved
         (spikes.went_quiet); one idle past its rule's horizon is forgotten, so the
         states of a million one-off users do not pile up. The ``resolved`` is for the
         window after the series' last, so its next window, should it come late, raises
@@ -138,7 +155,8 @@ class Detector:
                 continue
             window = timedelta(seconds=rule.window_s)
             behind = latest - state.last_window
-            quiet = behind >= QUIET_AFTER * window and key in self.judged
+            quiet = behind >= (quiet_span(rule) + QUIET_AFTER - 1) * window
+            quiet = quiet and key in self.judged
             if (
                 quiet
                 and state.firing
@@ -186,7 +204,8 @@ class Detector:
                 value,
             )
             self.states[state_key] = state
-            self.judged[state_key] = pending.home
+            if pending.home not in self._away:
+                self.judged[state_key] = pending.home
             alerts.extend(raised)
         return alerts
 

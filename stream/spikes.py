@@ -217,7 +217,7 @@ def observe(
     quieted: list[Alert] = []
     if state.firing and state.last_window is not None:
         length = window_end - window_start
-        if window_start > state.last_window + length:  # a window with no calls between
+        if window_start > state.last_window + quiet_span(rule) * length:
             state, quieted = went_quiet(rule, series, state, length)
     observed = as_decimal(value)
     if rule.seasonality == "hour_of_day":
@@ -285,11 +285,23 @@ def observe(
     return state.model_copy(update=update), quieted + alerts
 
 
+# Metrics a window without calls has as 0 (below any spike): the others have no value.
+COUNTS = frozenset({"cost", "requests", "tokens"})
+
+
+def quiet_span(rule: SpikeRule) -> int:
+    """How many windows without calls end a firing episode: one for a count (none is 0:
+    normal); for an error rate or a latency, which have no value without calls, the
+    rule's cooldown (a gap in a failing service's traffic is not its recovery)."""
+    return 1 if rule.metric in COUNTS else max(rule.cooldown_windows, 1)
+
+
 def went_quiet(
     rule: SpikeRule, series: str, state: SeriesState, window: timedelta
 ) -> tuple[SeriesState, list[Alert]]:
-    """End the episode of a firing series whose next window had no calls (a runaway
-    job stopped): a ``resolved`` alert for that window, whose id is the same whoever
+    """End the episode of a firing series whose next windows had no calls (a runaway
+    job stopped; :func:`quiet_span` of them): a ``resolved`` alert for the first of
+    them, whose id is the same whoever
     finds it (the detector's sweep, or :func:`observe` at the series' next window).
     Otherwise the series stayed firing, and its next spike, days later, raised nothing.
     A series not firing is returned as it is."""

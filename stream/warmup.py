@@ -52,6 +52,7 @@ def warmed(detector: Detector, windows: Iterable[tuple[int, bytes]], now: dateti
             continue  # the stage logged it when it skipped it
         detector.offer(window, now, home)
         taken += 1
+    detector.judge_pending()  # a window judged before on the shares it had
     return taken
 
 

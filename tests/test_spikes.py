@@ -238,6 +238,21 @@ def test_a_series_that_went_quiet_while_firing_fires_at_its_next_spike() -> None
     assert went_quiet(r, "search", quiet, MINUTE) == (quiet, [])
 
 
+def test_a_rate_or_a_latency_is_not_back_to_normal_for_a_gap_in_its_traffic() -> None:
+    """Without calls an error rate has no value: a minute without traffic in a failing
+    service is not its recovery (a resolved, then a second page). A gap as long as the
+    cooldown ends the episode."""
+    r = rule(metric="error_rate", cooldown_windows=5, min_value=Decimal("0.1"))
+    calm = [Decimal("0.01"), Decimal("0.02")] * 10
+    state, alerts = feed(r, calm + [Decimal("0.9")] * 12)
+    assert firing(alerts) == [20]
+    after_gap, alerts = feed(r, [Decimal("0.9")] * 2, state=state, first=33)  # 32 empty
+    assert alerts == [] and after_gap.firing
+    _, alerts = feed(r, [Decimal("0.9")], state=state, first=38)  # 32..37: 6 empty
+    assert [(i, a.state) for i, a in alerts] == [(38, "resolved"), (38, "firing")]
+    assert alerts[0][1].window_start == T0 + 32 * MINUTE
+
+
 def test_a_long_spike_stays_one_episode_and_a_level_shift_is_learned() -> None:
     values = noisy(40, 100, 0.05, seed=4) + noisy(80, 300, 0.05, seed=5)
     state, alerts = feed(rule(cooldown_windows=0), values)

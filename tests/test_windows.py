@@ -20,6 +20,7 @@ from stream.aggregates import merge_windows, sketch_of
 from stream.detector import Detector, metric_value
 from stream.sketches import LatencySketch
 from stream.spikes import horizon
+from stream.warmup import warmed
 from stream.windows import Windower, window_start
 from tests import sample
 
@@ -247,6 +248,41 @@ def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten()
         d.offer(w, T0)
     d.sweep()
     assert list(d.states) == [("team-requests", "ads")]
+
+
+def test_a_series_given_up_is_not_found_quiet_by_its_old_worker() -> None:
+    """A window still waiting for a share when its partition went to another worker is
+    judged here (its offset was committed), but the series is the other's to resolve."""
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    levels = [10, 11, 9, 10, 12, 10, 9, 11, 60]
+    for m, level in enumerate(levels):
+        for w in minute(level, m) + minute(10, m, team="ads"):
+            d.offer(w, T0, home=1 if w.value == "search" else 0)
+    [share] = minute(60, 9, (0,))
+    d.offer(share, T0, home=1)  # minute 9: one share of two
+    d.give_up({1})
+    d.tick(T0 + timedelta(seconds=15))  # minute 9 judged on its share
+    for m in range(9, 14):
+        for w in minute(10, m, team="ads"):
+            d.offer(w, T0, home=0)
+    assert d.sweep() == []  # search's new owner resolves it, or not
+
+
+def test_windows_read_back_are_judged_on_the_shares_they_had() -> None:
+    """A window its previous owner judged after settle (one share): read back, it is
+    judged too, and those after it, so an adopted state is as its owner left it."""
+    taken = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    levels = [10, 11, 9, 10, 12, 10, 9, 6, 60, 61]
+    shares = [(0,) if m == 7 else (0, 1) for m in range(len(levels))]
+    raw = [
+        (1, wire.encode(w)) for m, level in enumerate(levels) for w in minute(level, m, shares[m])
+    ]
+    warmed(taken, raw, T0)
+    state = taken.states[("team-requests", "search")]
+    assert state.last_window == T0 + 9 * MIN and state.firing
+    mine = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    mine.adopt(taken, {1})
+    assert [a.state for w in minute(62, 10) for a in mine.offer(w, T0, home=1)] == []
 
 
 def test_the_detector_waits_for_a_share_of_each_partition_the_topic_has() -> None:

@@ -114,8 +114,7 @@ class SpikesStage(GroupStage):
             log.exception("spike states of partitions %s could not be read back", given)
             taken = None
         async with self._busy:
-            if taken is not None:
-                self.detector.adopt(taken)
+            self.detector.adopt(taken, given)
             assert self._consumer is not None
             self._consumer.resume(*paused)
 
