@@ -248,6 +248,9 @@ class BudgetState(_Model):
     budget: str
     scope: BudgetScope
     value: str
+    # The tenant whose calls it counts as configured ("": every tenant's; None: not said,
+    # by a state published before it was carried).
+    tenant: str | None = None
     period: BudgetPeriod
     period_start: UtcDatetime
     period_end: UtcDatetime

@@ -68,6 +68,7 @@ def fresh(budget: BudgetConfig, at: datetime, now: datetime) -> BudgetState:
         budget=budget.name,
         scope=budget.scope,
         value=budget.value,
+        tenant=budget.tenant,
         period=budget.period,
         period_start=start,
         period_end=end,
@@ -145,6 +146,7 @@ def threshold_alert(
             budget.name,
             budget.scope,
             budget.value,
+            budget.tenant,
             state.period_start.isoformat(),
             str(threshold),
         ),
@@ -193,7 +195,9 @@ def later_or_larger(new: BudgetState, old: BudgetState) -> bool:
 
 
 def is_of(state: BudgetState, budget: BudgetConfig) -> bool:
-    """Whether ``state`` (published under ``budget``'s name) counts ``budget``'s scope
-    and value: one published while the name was another owner's does not (its spend is
-    not this budget's, to count on from or to cap by)."""
-    return (state.scope, state.value) == (budget.scope, budget.value)
+    """Whether ``state`` (published under ``budget``'s name) counts ``budget``'s calls:
+    its scope, value and tenant. One published while the name was another owner's does
+    not (its spend is not this budget's, to count on from or to cap by)."""
+    if (state.scope, state.value) != (budget.scope, budget.value):
+        return False
+    return state.tenant is None or state.tenant == budget.tenant

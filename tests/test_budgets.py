@@ -234,6 +234,19 @@ def test_a_state_published_while_the_name_was_anothers_is_not_counted_on() -> No
     book = BudgetBook([new], load_catalog(), default_max_tokens=4096)
     book.update(globex)
     assert new.name not in book.states
+    # A team's budget given to the same team name of another tenant: the same.
+    acme_eng = budget(scope="team", value="eng", tenant="acme")
+    globex_eng = budget(scope="team", value="eng", tenant="globex")
+    counted = current(acme_eng, None, at(3)).model_copy(update={"spent_usd": Decimal("9")})
+    ledger = Ledger([globex_eng])
+    ledger.seed(counted)
+    assert globex_eng.name not in ledger.states
+    assert threshold_alert(acme_eng, counted, 50, at(3)).event_id != (
+        threshold_alert(globex_eng, counted, 50, at(3)).event_id
+    )
+    # A state from before states said their tenant is taken as it was.
+    ledger.seed(counted.model_copy(update={"tenant": None}))
+    assert ledger.states[globex_eng.name].spent_usd == Decimal("9")
 
 
 def test_offsets_carry_into_a_new_period() -> None:

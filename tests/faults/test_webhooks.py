@@ -107,7 +107,7 @@ async def test_alerts_reach_a_receiver_that_was_down_exactly_once(
     )
     period_start, _ = period_bounds("month", utcnow())
     expected = {
-        str(stable_id("budget", FEATURE, "feature", FEATURE, period_start.isoformat(), str(t)))
+        str(stable_id("budget", FEATURE, "feature", FEATURE, "", period_start.isoformat(), str(t)))
         for t in THRESHOLDS
     }
     await cluster.start_all()
