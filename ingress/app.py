@@ -128,12 +128,7 @@ async def key_store(app: web.Application) -> AsyncIterator[None]:
     keys = app[KEYS] = KeyStore(app[SETTINGS].key_file)
     await asyncio.to_thread(keys.reload)
 
-    async def follow() -> None:
-        while True:
-            await asyncio.sleep(KEY_RELOAD_S)
-            await asyncio.to_thread(keys.reload)
-
-    task = asyncio.create_task(follow(), name="key-reload")
+    task = asyncio.create_task(keys.follow(KEY_RELOAD_S), name="key-reload")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

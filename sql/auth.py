@@ -111,12 +111,7 @@ def api_auth(
         auth = app[AUTH] = ApiAuth(hashes, key_file)
         await asyncio.to_thread(auth.keys.reload)
 
-        async def follow() -> None:
-            while True:
-                await asyncio.sleep(KEY_RELOAD_S)
-                await asyncio.to_thread(auth.keys.reload)
-
-        task = asyncio.create_task(follow(), name="api-key-reload")
+        task = asyncio.create_task(auth.keys.follow(KEY_RELOAD_S), name="api-key-reload")
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

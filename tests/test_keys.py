@@ -332,3 +332,32 @@ def test_the_provider_key_replaces_every_credential_the_client_sent() -> None:
     kept = upstream_headers(sent, credential=None)  # pass-through: the caller's own
     assert {"Authorization", "api-key", "OpenAI-Organization", "OpenAI-Project"} <= set(kept)
     assert not any("llmtap" in name.lower() for name in kept)
+
+
+async def test_the_key_file_is_followed_past_a_reload_that_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload failing in a way nobody foresaw is logged, and the file still followed:
+    a follower that died would stop revocations taking effect, silently."""
+    path = tmp_path / "keys.yaml"
+    store = KeyStore(path)
+    tries = 0
+    reload = store.reload
+
+    def failing_once() -> bool:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            raise RuntimeError("unforeseen")
+        return reload()
+
+    monkeypatch.setattr(store, "reload", failing_once)
+    secret, _ = create_key(path, tenant="acme")
+    following = asyncio.create_task(store.follow(0.01))
+    try:
+        async with asyncio.timeout(10):
+            while store.lookup(secret) is None:
+                await asyncio.sleep(0.01)
+    finally:
+        following.cancel()
+    assert tries >= 2 and "reloading the key file" in caplog.text

@@ -9,6 +9,7 @@ file beside it (``keys.yaml.lock``), so concurrent ones never lose each other's 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import gc
@@ -188,6 +189,17 @@ class KeyStore:
             return None
         key = self._by_hash.get(hash_key(secret))
         return None if key is None or key.revoked else key
+
+    async def follow(self, every_s: float) -> None:
+        """Reload every ``every_s`` seconds, in a thread, until cancelled. A reload that
+        fails in a way :meth:`reload` does not foresee is logged and tried again: the
+        keys must not stop following the file (revocations with them)."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await asyncio.to_thread(self.reload)
+            except Exception:
+                log.exception("reloading the key file %s failed", self.path)
 
     def reload(self) -> bool:
         """Re-read the file if it changed; keep the last good version if it is broken.
