@@ -412,8 +412,18 @@ async def test_the_session_cookie_holds_a_token_not_the_key(dash: Dash) -> None:
     assert cookie["httponly"] is True
     assert cookie["samesite"] == "Strict"
     assert cookie["path"] == "/dashboard"
+    assert not cookie["secure"]  # plain HTTP (localhost): a Secure cookie is not kept
     body = await dash.page(range="7d")
     assert "tenant acme" in body and dash.keys["acme"] not in body
+    # Behind a proxy that ended TLS and says so, the cookie is Secure.
+    for said in ({"X-Forwarded-Proto": "https"}, {"Forwarded": "for=1.2.3.4;proto=https"}):
+        async with dash.client.post(
+            "/dashboard/login",
+            data={"key": dash.keys["acme"]},
+            headers=said,
+            allow_redirects=False,
+        ) as response:
+            assert response.cookies[COOKIE]["secure"] is True, said
 
 
 async def test_a_login_posted_from_another_site_is_refused(dash: Dash) -> None:

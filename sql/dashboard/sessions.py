@@ -126,6 +126,19 @@ def caller_of(request: web.Request, sessions: Sessions, now: datetime) -> Caller
         return None
 
 
+def over_https(request: web.Request) -> bool:
+    """Whether the browser reached the dashboard over HTTPS: to llmtap itself, or to a
+    proxy that ended TLS in front of it and says so (X-Forwarded-Proto, Forwarded), as
+    production deployments do; its cookie is then Secure. A client claiming it falsely
+    only gets a cookie its browser will not send back over plain HTTP."""
+    if request.secure:
+        return True
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+    if forwarded.lower() == "https":
+        return True
+    return any(str(hop.get("proto", "")).lower() == "https" for hop in request.forwarded[:1])
+
+
 def set_cookie(
     response: web.StreamResponse, request: web.Request, token: str, ttl: timedelta
 ) -> None:
@@ -136,11 +149,11 @@ def set_cookie(
         max_age=int(ttl.total_seconds()),
         httponly=True,
         samesite="Strict",
-        secure=request.secure,  # over plain HTTP on localhost a Secure cookie is not kept
+        secure=over_https(request),  # over plain HTTP on localhost a Secure one is not kept
     )
 
 
 def clear_cookie(response: web.StreamResponse, request: web.Request) -> None:
     response.del_cookie(
-        COOKIE, path=COOKIE_PATH, httponly=True, samesite="Strict", secure=request.secure
+        COOKIE, path=COOKIE_PATH, httponly=True, samesite="Strict", secure=over_https(request)
     )
