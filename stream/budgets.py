@@ -201,3 +201,11 @@ def is_of(state: BudgetState, budget: BudgetConfig) -> bool:
     if (state.scope, state.value) != (budget.scope, budget.value):
         return False
     return state.tenant is None or state.tenant == budget.tenant
+
+
+def owned(state: BudgetState, budget: BudgetConfig) -> BudgetState:
+    """``state`` (:func:`is_of` ``budget``) saying the tenant it counts: one from before
+    states said so would go on saying nothing, and match any tenant all its period."""
+    if state.tenant is not None:
+        return state
+    return state.model_copy(update={"tenant": budget.tenant})

@@ -41,6 +41,7 @@ from stream.budgets import (
     is_of,
     later_or_larger,
     matches,
+    owned,
     spend,
     status_of,
 )
@@ -102,6 +103,7 @@ class Ledger:
         budget = self.budgets.get(state.budget)
         if budget is None or not is_of(state, budget):  # its name was another's
             return
+        state = owned(state, budget)
         mine = self.states.get(state.budget)
         if mine is None or later_or_larger(state, mine):
             self._states[state.budget] = state

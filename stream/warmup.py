@@ -52,7 +52,6 @@ def warmed(detector: Detector, windows: Iterable[tuple[int, bytes]], now: dateti
             continue  # the stage logged it when it skipped it
         detector.offer(window, now, home)
         taken += 1
-    detector.judge_pending()  # a window judged before on the shares it had
     return taken
 
 
@@ -77,5 +76,10 @@ async def warmed_detector(settings: Settings, partitions: set[int] | None = None
     taken = warmed(detector, judged, now)
     if partitions is None:
         detector.judged.clear()  # some may be another worker's
+    else:
+        # At a rebalance, a window read back still waiting for shares is judged on those
+        # it has, for the state handed over: its previous owner, which has it pending,
+        # raises its alerts. (At start one stays pending, its missing shares to come.)
+        detector.judge_pending()
     log.info("spike baselines warmed with %d windows judged before", taken)
     return detector

@@ -244,9 +244,14 @@ def test_a_state_published_while_the_name_was_anothers_is_not_counted_on() -> No
     assert threshold_alert(acme_eng, counted, 50, at(3)).event_id != (
         threshold_alert(globex_eng, counted, 50, at(3)).event_id
     )
-    # A state from before states said their tenant is taken as it was.
+    # A state from before states said their tenant is taken as it was, and says it
+    # from then on (else it would match any tenant all its period).
     ledger.seed(counted.model_copy(update={"tenant": None}))
     assert ledger.states[globex_eng.name].spent_usd == Decimal("9")
+    assert ledger.states[globex_eng.name].tenant == "globex"
+    book = BudgetBook([globex_eng], load_catalog(), default_max_tokens=4096)
+    book.update(counted.model_copy(update={"tenant": None}))
+    assert book.states[globex_eng.name].tenant == "globex"
 
 
 def test_offsets_carry_into_a_new_period() -> None:

@@ -9,6 +9,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from ingress.guards.keys import create_key
@@ -323,3 +325,39 @@ async def test_a_call_the_provider_took_but_never_answered_keeps_its_estimate(
         upstream.provider.answer_held.set()
         upstream.provider.answer_held = None
         await server.close()
+
+
+async def test_an_error_answer_cut_off_spends_nothing(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider's 429 whose body breaks off: an error is not billed, so nothing is
+    held for it (a call sent and never answered is: the test above)."""
+
+    async def cut_off(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=429, headers={"Content-Length": "200"})
+        await response.prepare(request)
+        await response.write(b'{"error":')
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", cut_off)
+    upstream = TestServer(provider, host="127.0.0.1")
+    await upstream.start_server()
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    settings = ingress_settings.model_copy(
+        update={"openai_base_url": str(upstream.make_url("/v1")).rstrip("/")}
+    )
+    server = await serve_ingress(settings)
+    ingress = str(server.make_url("")).rstrip("/")
+    secret, _ = create_key(settings.key_file, tenant="acme")
+    try:
+        await key_known(ingress, secret)
+        answer = await call(ingress, secret)
+        event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
+        assert (event.status, event.usage.usage_missing) == ("upstream_unreachable", False)
+    finally:
+        await server.close()
+        await upstream.close()

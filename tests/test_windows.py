@@ -269,8 +269,9 @@ def test_a_series_given_up_is_not_found_quiet_by_its_old_worker() -> None:
 
 
 def test_windows_read_back_are_judged_on_the_shares_they_had() -> None:
-    """A window its previous owner judged after settle (one share): read back, it is
-    judged too, and those after it, so an adopted state is as its owner left it."""
+    """A window its previous owner judged after settle (one share): read back at a
+    rebalance, it is judged too, and those after it, so an adopted state is as its
+    owner left it."""
     taken = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
     levels = [10, 11, 9, 10, 12, 10, 9, 6, 60, 61]
     shares = [(0,) if m == 7 else (0, 1) for m in range(len(levels))]
@@ -278,11 +279,26 @@ def test_windows_read_back_are_judged_on_the_shares_they_had() -> None:
         (1, wire.encode(w)) for m, level in enumerate(levels) for w in minute(level, m, shares[m])
     ]
     warmed(taken, raw, T0)
+    taken.judge_pending()  # as the read-back of a rebalance does
     state = taken.states[("team-requests", "search")]
     assert state.last_window == T0 + 9 * MIN and state.firing
     mine = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
     mine.adopt(taken, {1})
     assert [a.state for w in minute(62, 10) for a in mine.offer(w, T0, home=1)] == []
+
+
+def test_a_window_read_back_at_start_still_waits_for_its_shares() -> None:
+    """A restarted worker reads back a share whose offset was committed while its window
+    waited for the other: the window stays pending, and the share that comes live
+    completes it (judged on the first alone, its spike would never be raised)."""
+    levels = [10, 11, 9, 10, 12, 10, 9, 11]
+    raw = [(0, wire.encode(w)) for m, level in enumerate(levels) for w in minute(level, m)]
+    [first] = minute(20, 8, (0,))
+    [second] = minute(40, 8, (1,))
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    warmed(d, [*raw, (0, wire.encode(first))], T0)
+    late = d.offer(second, T0, home=0)
+    assert [(a.state, a.observed) for a in late] == [("firing", Decimal(60))]
 
 
 def test_the_detector_waits_for_a_share_of_each_partition_the_topic_has() -> None:

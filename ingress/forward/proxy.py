@@ -404,7 +404,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         # Never connected: nothing was sent, nothing spent. Else (no answer in time, the
         # connection dropped) the provider may be working on it, and bill it: unknown.
         unsent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
-        usage = Usage() if unsent else Usage.missing()
+        errored = http_status >= 400  # its error answer cut off: an error is not billed
+        usage = Usage() if unsent or errored else Usage.missing()
         timed_out = isinstance(exc, TimeoutError)
         http_status = 504 if timed_out else 502
         log.warning("provider %s unreachable: %s", route.provider, error_class)

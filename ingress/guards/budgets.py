@@ -46,7 +46,7 @@ from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
 from llmtap.kafka import Kafka
-from stream.budgets import current, is_of, later_or_larger, matches, period_bounds
+from stream.budgets import current, is_of, later_or_larger, matches, owned, period_bounds
 from stream.pricing import PER_MILLION, Catalog, cost_of, search_fee
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,10 @@ class BudgetBook:
         """A state from the topic: keep it unless it is older than what we hold (the
         costs it has counted are let go when next looked at: :meth:`_uncounted`)."""
         budget = self._named.get(state.budget)
-        if budget is not None and not is_of(state, budget):
-            return  # published while its name was another budget's: not this one's spend
+        if budget is not None:
+            if not is_of(state, budget):
+                return  # published while its name was another budget's: not its spend
+            state = owned(state, budget)
         held = self.states.get(state.budget)
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
