@@ -35,8 +35,8 @@ from sql.budgets import (
     alert_keys,
     budget_follower,
     budget_rows,
-    may_see,
     owner_of,
+    visible_budgets,
 )
 from sql.params import (
     ALERT_STATES,
@@ -273,8 +273,8 @@ async def alerts(request: web.Request) -> web.Response:
     values: dict[str, Any] = {"since": filters.since, "limit": limit, **active}
     if scope.tenant is not None:
         values["tenant"] = scope.tenant
-        mine = [b for b in request.app.get(BUDGETS, []) if may_see(b, scope)]
-        values["budgets"] = alert_keys(mine)
+        configured = request.app.get(BUDGETS, [])
+        values["budgets"] = alert_keys(visible_budgets(configured, scope))
     rows = await request.app[STORE].arows(sql, values)
     return json_response({"range": filters.range, "limit": limit, "data": rows})
 

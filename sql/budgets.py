@@ -70,9 +70,9 @@ class ReservationBook:
 RESERVATION_BOOK = web.AppKey("reservation_book", ReservationBook)
 
 
-def visible_budgets(budgets: list[BudgetConfig], scope: Scope) -> list[str]:
-    """The names of the budgets a caller of ``scope`` may see (:func:`may_see`)."""
-    return [b.name for b in budgets if may_see(b, scope)]
+def visible_budgets(budgets: Iterable[BudgetConfig], scope: Scope) -> list[BudgetConfig]:
+    """The budgets a caller of ``scope`` may see (:func:`may_see`), in their order."""
+    return [b for b in budgets if may_see(b, scope)]
 
 
 def may_see(budget: BudgetConfig, scope: Scope) -> bool:
@@ -191,14 +191,12 @@ def budget_rows(
     now: datetime,
     reserved: Mapping[str, Decimal] | None = None,
 ) -> list[BudgetRow]:
-    """The budgets ``scope`` may see (:func:`may_see`), in configuration order, each
+    """The budgets ``scope`` may see (:func:`visible_budgets`), in configuration order, each
     with its state as of ``now`` (none: unknown, also when the state held is another
     owner's, :func:`is_of`) (a period that has ended rolls over to a fresh
     one, as the stream's does) and what is ``reserved`` against it (None: unknown)."""
     rows = []
-    for budget in budgets:
-        if not may_see(budget, scope):
-            continue
+    for budget in visible_budgets(budgets, scope):
         held = states.get(budget.name)
         if held is not None and not is_of(held, budget):
             held = None  # another owner's spend: unknown, not shown as this one's
