@@ -73,7 +73,7 @@ Status = Literal[
     "client_disconnected",  # the client went away before the answer was complete
     "proxy_stopped",  # the ingress stopped (its shutdown grace ran out) mid-answer
     "bad_request",  # malformed call (400, 404, 413): no provider was contacted
-    "refused",  # refused by a guard (key, model access, config): no provider was contacted
+    "refused",  # by a guard (key, model, config) or llmtap's own bug: no provider was contacted
     "rate_limited",  # the key's requests or tokens per minute were spent: 429
     "budget_exceeded",  # a hard-capped budget could not cover the call's worst case: 429
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
 from yarl import URL
@@ -381,6 +383,71 @@ async def test_a_stream_that_fails_after_its_200_is_recorded_as_the_provider_s_e
         "overloaded_error",
     )
     assert event.usage.input_tokens > 0  # message_start's count is kept
+
+
+async def test_a_provider_resetting_its_connection_mid_stream_is_its_error(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider resets its connection (TCP RST) once the 200 and a chunk went out.
+    aiohttp raises a reset of a connection it reads from as ClientPayloadError, never as
+    the ConnectionResetError a write to a client gone away raises (aiohttp 3.10+'s
+    ClientConnectionResetError is both): the call is the provider's error, not a client
+    that left, and the client sees the stream broken, as the provider left it."""
+    first_read = asyncio.Event()
+
+    async def resetting(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {
+            "id": "chatcmpl-reset",
+            "object": "chat.completion.chunk",
+            "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}],
+        }
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await first_read.wait()
+        assert request.transport is not None
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        request.transport.abort()  # closed without lingering: a reset, not an end
+        return response
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", resetting)
+    upstream = TestServer(provider, host="127.0.0.1")
+    await upstream.start_server()
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    settings = ingress_settings.model_copy(
+        update={"openai_base_url": str(upstream.make_url("/v1")).rstrip("/")}
+    )
+    secret, _ = create_key(settings.key_file, tenant="acme")  # read as the ingress starts
+    server = await serve_ingress(settings)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.make_url("/v1/chat/completions"),
+                json={"model": "gpt-4o", "messages": [], "stream": True},
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response,
+        ):
+            assert response.status == 200
+            assert b'"Hello"' in await response.content.readline()
+            first_read.set()
+            with pytest.raises(aiohttp.ClientPayloadError):  # no end of the stream
+                await response.read()
+            request_id = response.headers["x-request-id"]
+    finally:
+        first_read.set()
+        await server.close()
+        await upstream.close()
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.error_class) == (
+        "upstream_error",
+        200,
+        "ClientPayloadError",
+    )
 
 
 async def test_a_provider_set_not_to_be_asked_for_stream_usage_is_not(

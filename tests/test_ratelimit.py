@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,6 +287,41 @@ async def test_a_call_refused_before_the_provider_does_not_spend_a_request(
     monkeypatch.delenv("LLMTAP_TEST_OPENAI_KEY")  # refused after admission
     assert (await call(ingress, secret)).status == 500
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    assert [(await call(ingress, secret)).status for _ in range(2)] == [200, 429]
+
+
+async def test_a_call_that_fails_in_llmtap_before_the_provider_is_answered_and_recorded(
+    ingress: str,
+    ingress_settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug between admission and the provider: the caller gets a 500 in its provider's
+    shape, the call its response event, and the key its request back (nothing was sent)."""
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", rpm=1)
+    await key_known(ingress, secret)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in building the provider's headers")
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.ERROR):
+        patched.setattr("ingress.forward.proxy.upstream_headers", broken)
+        failed = await call(ingress, secret)
+    assert failed.status == 500
+    assert failed.body["error"]["type"] == "api_error"
+    assert failed.body["error"]["code"] == "internal_error"
+    event = await response_event(broker.bootstrap, failed.headers["x-request-id"])
+    assert (event.status, event.http_status, event.error_class) == (
+        "refused",
+        500,
+        "internal_error",
+    )
+    assert event.attribution.tenant == "acme"
+    logged = [r for r in caplog.records if r.exc_info and r.name == "ingress.forward.proxy"]
+    assert len(logged) == 1 and "a bug in building" in caplog.text
+    assert secret not in caplog.text and INGRESS_PROVIDER_KEY not in caplog.text
+    assert '"hi"' not in caplog.text  # nor the prompt
     assert [(await call(ingress, secret)).status for _ in range(2)] == [200, 429]
 
 

@@ -269,49 +269,65 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             limited.headers["retry-after"] = str(retry_after)
             return limited
         ticket = admitted
-    announce = announced = Announcement(publisher, call, len(body), most_tokens)
-    # Made once the request is on its way, while the provider works: nothing below
-    # waits before the post, whose body aiohttp sends from a task of its own before
-    # Python 3.12, hence two hops. A refusal before then publishes it first, itself.
-    loop = asyncio.get_running_loop()
-    loop.call_soon(loop.call_soon, announced)
-
-    rewritten = route.upstream_model != model
-    if rewritten:
-        payload["model"] = route.upstream_model
-    strip_usage_chunk = bool(
-        call.stream and endpoint.prepare and route.config.stream_usage and endpoint.prepare(payload)
-    )
-    if rewritten or strip_usage_chunk:
-        body = orjson.dumps(payload)
-
     try:
-        credential = upstream_credential(api, route.provider, route.config, identity)
-    except Refusal as refusal:
-        return refuse(refusal.status, refusal.message, refusal.error_class)
-    headers = upstream_headers(request.headers, credential=credential)
-    url = route.config.base_url + endpoint.upstream_path
-    if request.query_string:
-        url += "?" + request.query_string
+        announce = announced = Announcement(publisher, call, len(body), most_tokens)
+        # Made once the request is on its way, while the provider works: nothing below
+        # waits before the post, whose body aiohttp sends from a task of its own before
+        # Python 3.12, hence two hops. A refusal before then publishes it first, itself.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, announced)
 
-    budgets = request.app[BUDGETS]
-    exhausted = budgets.admit(
-        call.request_id,
-        call.attribution,
-        model,
-        len(body),
-        most_tokens,
-        utcnow(),
-        provider=route.provider,
-        choices=answers,
-        reach=lambda: reach(payload),
-        prompts=batched,
-    )
-    if exhausted is not None:
-        refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
-        resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
-        refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
-        return refused
+        rewritten = route.upstream_model != model
+        if rewritten:
+            payload["model"] = route.upstream_model
+        strip_usage_chunk = bool(
+            call.stream
+            and endpoint.prepare
+            and route.config.stream_usage
+            and endpoint.prepare(payload)
+        )
+        if rewritten or strip_usage_chunk:
+            body = orjson.dumps(payload)
+
+        try:
+            credential = upstream_credential(api, route.provider, route.config, identity)
+        except Refusal as refusal:
+            return refuse(refusal.status, refusal.message, refusal.error_class)
+        headers = upstream_headers(request.headers, credential=credential)
+        url = route.config.base_url + endpoint.upstream_path
+        if request.query_string:
+            url += "?" + request.query_string
+
+        budgets = request.app[BUDGETS]
+        exhausted = budgets.admit(
+            call.request_id,
+            call.attribution,
+            model,
+            len(body),
+            most_tokens,
+            utcnow(),
+            provider=route.provider,
+            choices=answers,
+            reach=lambda: reach(payload),
+            prompts=batched,
+        )
+        if exhausted is not None:
+            refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
+            resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
+            refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
+            return refused
+    except Exception:
+        # A bug here (not a refusal) would escape as aiohttp's bare 500, with no
+        # response event and the key's reservation kept: the call was not sent, so it
+        # is answered and recorded as refused, and gives back what it took. The try
+        # costs nothing until something in it raises.
+        log.exception("the call failed before it was forwarded to %s", route.provider)
+        return refuse(
+            500,
+            "llmtap failed before forwarding the call; it was not sent to the provider",
+            "internal_error",
+            code="internal_error",
+        )
 
     status: Status = "ok"
     http_status = 0
