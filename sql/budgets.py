@@ -24,9 +24,10 @@ from decimal import Decimal
 
 from aiohttp import web
 
-from ingress.guards.budgets import BudgetBook, follow, follow_topic
+from ingress.guards.budgets import BudgetBook, follow
 from llmtap.config import BudgetConfig, Settings
 from llmtap.events import BudgetState, Reservations
+from llmtap.following import follow_topic
 from sql.params import Scope
 from stream.budgets import current, is_of
 from stream.pricing import Catalog

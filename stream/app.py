@@ -13,11 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from pydantic import ValidationError
 
-from llmtap import topics
 from llmtap.config import Settings
-from llmtap.events import BudgetState
 from llmtap.runtime import tune_gc
 from stream.agents import budgets, windows
 from stream.agents.costs import CostStage
@@ -36,7 +33,7 @@ def ready_file(settings: Settings) -> Path:
 
 
 def create_app(
-    settings: Settings, ledger: Ledger | None = None, detector: Detector | None = None
+    settings: Settings, detector: Detector | None = None
 ) -> tuple[faust.App, CostStage, SpikesStage]:
     """The Faust app and the stages its worker runs beside it."""
     app = StreamApp(
@@ -61,29 +58,11 @@ def create_app(
     stage.positions.holding = counting
     if settings.budgets:
         stage.whole = True
-        stage.steps.append(
-            budgets.BudgetsStep(
-                app,
-                ledger if ledger is not None else Ledger(settings.budgets),
-                settings.kafka.names,
-            )
-        )
+        stage.steps.append(budgets.BudgetsStep(app, Ledger(settings.budgets), settings.kafka))
     if detector is None:
         settle = spike_settle(settings)
         detector = Detector(settings.spike_rules, settings.topic_partitions, settle)
     return app, stage, SpikesStage(settings, detector)
-
-
-async def load_budget_states(settings: Settings) -> Ledger:
-    """A ledger seeded with the budgets topic's latest states (the worker's own earlier
-    output, or the store's rebuild from ClickHouse), read before any event is counted."""
-    ledger = Ledger(settings.budgets)
-    for raw in await topics.read_all(settings.kafka, settings.kafka.names.budgets):
-        try:
-            ledger.seed(BudgetState.model_validate_json(raw))
-        except ValidationError as exc:
-            log.error("unreadable budget state skipped: %s", exc.errors()[:1])
-    return ledger
 
 
 class StreamWorker(faust.Worker):
@@ -129,8 +108,7 @@ class StreamWorker(faust.Worker):
 
 
 def run(settings: Settings) -> None:
-    ledger = asyncio.run(load_budget_states(settings)) if settings.budgets else None
     detector = asyncio.run(warmed_detector(settings)) if settings.spike_rules else None
-    app, stage, spikes = create_app(settings, ledger, detector)
+    app, stage, spikes = create_app(settings, detector)
     tune_gc()
     StreamWorker(app, stage, spikes, settings).execute_from_commandline()

@@ -107,6 +107,15 @@ class Ledger:
         mine = self.states.get(state.budget)
         if mine is None or later_or_larger(state, mine):
             self._states[state.budget] = state
+        elif later_or_larger(mine, state):
+            return
+        elif not state.applied.items() <= mine.applied.items():
+            # The same spend, counted further (past calls that cost nothing): offsets
+            # only grow.
+            applied = {**mine.applied}
+            for partition, offset in state.applied.items():
+                applied[partition] = max(applied.get(partition, 0), offset)
+            self._states[state.budget] = mine.model_copy(update={"applied": applied})
 
     def record(
         self, event: wire.Costed, now: datetime, position: tuple[int, int] | None = None

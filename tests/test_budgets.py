@@ -254,6 +254,34 @@ def test_a_state_published_while_the_name_was_anothers_is_not_counted_on() -> No
     assert book.states[globex_eng.name].tenant == "globex"
 
 
+def test_a_worker_given_the_partitions_back_goes_on_from_the_holder_since() -> None:
+    """Worker A counts, hands every partition to B (a rebalance), and gets them back:
+    it takes up B's latest state over its own, older one, and counts nothing twice. A
+    state with the same spend counted further (calls that cost nothing) moves only the
+    offsets, which an ingress holding a call's cost waits for."""
+    b = budget(limit_usd=Decimal("100"))
+    events = [(costed("1.25", at(3)), (0, i)) for i in range(6)]
+    a, other = Ledger([b]), Ledger([b])
+    for event, position in events[:2]:
+        a.record(event, at(3), position)
+    other.seed(a.states[b.name])
+    for event, position in events[:4]:  # B reads from A's last commit: offset 0
+        other.record(event, at(3), position)
+    a.seed(a.states[b.name])  # its own, read back: no change
+    a.seed(other.states[b.name])
+    assert a.states[b.name] == other.states[b.name]
+    assert a.states[b.name].spent_usd == Decimal("5") and a.states[b.name].applied == {0: 4}
+    free = costed("0", at(3))
+    other.record(free, at(3), (0, 4))
+    a.seed(other.states[b.name])
+    assert a.states[b.name].spent_usd == Decimal("5") and a.states[b.name].applied == {0: 5}
+    a.seed(other.states[b.name].model_copy(update={"applied": {0: 3}}))  # an older one
+    assert a.states[b.name].applied == {0: 5}
+    for event, position in events:  # read again from B's checkpoint, and on
+        a.record(event, at(3), position)
+    assert a.states[b.name].spent_usd == Decimal("6.25") and a.states[b.name].applied == {0: 6}
+
+
 def test_offsets_carry_into_a_new_period() -> None:
     b = budget(limit_usd=Decimal("100"), period="day")
     ledger = Ledger([b])

@@ -1,6 +1,8 @@
-"""Two stream workers in the same consumer groups: they split the partitions, both make
-progress, and the windows they publish (a share per partition) add up to every call
-once."""
+"""Two stream workers in the same consumer groups. Without budgets they split the
+partitions, both make progress, and the windows they publish (a share per partition)
+add up to every call once. With budgets one holds every partition, and when it dies
+the other takes them over and goes on from the budget states it published: every
+call counted once (stream/agents/assignment.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,21 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
 from llmtap import topics
 from llmtap.config import Settings
-from llmtap.events import Attribution, CostedEvent, ResponseEvent, Usage, WindowEvent
+from llmtap.events import (
+    Attribution,
+    BudgetState,
+    CostedEvent,
+    ResponseEvent,
+    Usage,
+    WindowEvent,
+)
 from llmtap.kafka import Kafka
 from llmtap.names import Names
 from stream import checkpoints
@@ -31,8 +41,15 @@ WAIT_S = 60.0
 FINAL_BURST = 60  # calls sent at once at the end
 
 
+BUDGETS = [{"name": "all", "scope": "tenant", "value": "acme", "limit_usd": "1000"}]
+SHARE_ERROR = "budgets counted on a share of the calls"
+TAKEN_OVER = "more published states"  # logged by a worker given partitions
+
+
 @contextlib.asynccontextmanager
-async def stream_worker(bootstrap: str, data_dir: Path) -> AsyncIterator[None]:
+async def stream_worker(
+    bootstrap: str, data_dir: Path, budgets: bool = False
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`llmtap worker` as its own process; entered once it reports ready."""
     env = {
         **os.environ,
@@ -42,10 +59,9 @@ async def stream_worker(bootstrap: str, data_dir: Path) -> AsyncIterator[None]:
         "LLMTAP_WINDOW_SIZES_S": "[1]",
         # Grace for the rebalance when the second worker joins (partitions pause meanwhile).
         "LLMTAP_WINDOW_GRACE_S": "5",
-        # Kept by one worker: each of two says so (README, Budgets).
-        "LLMTAP_BUDGETS": json.dumps(
-            [{"name": "all", "scope": "tenant", "value": "acme", "limit_usd": "1000"}]
-        ),
+        # A dead worker's partitions go to the other after this long.
+        "LLMTAP_STREAM_SESSION_TIMEOUT_S": "6",
+        "LLMTAP_BUDGETS": json.dumps(BUDGETS if budgets else []),
     }
     ready = Settings(data_dir=data_dir).run_dir / "worker.ready"
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
@@ -60,7 +76,7 @@ async def stream_worker(bootstrap: str, data_dir: Path) -> AsyncIterator[None]:
             assert process.returncode is None, f"worker exited; see {data_dir / 'worker.log'}"
             assert loop.time() < deadline, "worker not ready in time"
             await asyncio.sleep(0.05)
-        yield
+        yield process
     finally:
         if process.returncode is None:
             process.terminate()
@@ -149,7 +165,80 @@ async def test_two_workers_split_the_partitions_and_count_every_call_once(
         owners.setdefault(checkpoint.writer, set()).add(partition)
     assert sorted(map(len, owners.values())) == [PARTITIONS // 2, PARTITIONS // 2], latest
     assert sum(c.done for c in latest.values()) == sent
-    # Budgets are counted by one worker: given a share of the partitions, each says so.
     for worker in ("w1", "w2"):
         log = (tmp_path / worker / "worker.log").read_text()
-        assert "budgets counted on a share of the calls" in log, worker
+        assert SHARE_ERROR not in log and TAKEN_OVER not in log, worker
+
+
+async def send(bootstrap: str, calls: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for i in range(calls):
+            event = response(i)
+            await producer.send(
+                Names().responses,
+                event.model_dump_json().encode(),
+                key=topics.partition_key(event.request_id),
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def counted(bootstrap: str, calls: int) -> tuple[Decimal, list[BudgetState]]:
+    """Once ``calls`` costed events are out and the budget's latest state has counted
+    them all: their total cost and every state published."""
+    kafka = Kafka(bootstrap)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while True:
+        costs: dict[uuid.UUID, Decimal] = {}
+        for raw in await topics.read_all(kafka, Names().costed):
+            event = CostedEvent.model_validate_json(raw)
+            assert event.cost is not None
+            costs[event.event_id] = event.cost.total
+        states = [
+            BudgetState.model_validate_json(raw)
+            for raw in await topics.read_all(kafka, Names().budgets)
+        ]
+        total = sum(costs.values(), Decimal(0))
+        done = [s for s in states if s.applied and sum(s.applied.values()) >= calls]
+        if len(costs) >= calls and done and done[-1].spent_usd == total:
+            return total, states
+        assert loop.time() < deadline, (len(costs), total, states[-1:] if states else None)
+        await asyncio.sleep(0.25)
+
+
+async def test_with_budgets_one_worker_holds_every_partition_and_the_other_takes_over(
+    tmp_path: Path,
+) -> None:
+    """Two workers with budgets: the first holds every partition and the one joining
+    stands by (a budget's state is its whole spend). Killed, the holder's partitions go
+    to the other, which takes up the states it published and counts every call once:
+    before, each counted a share of the calls and published it as the whole."""
+    async with start_broker(PARTITIONS) as broker:
+        async with (
+            stream_worker(broker.bootstrap, tmp_path / "w1", budgets=True) as first,
+            stream_worker(broker.bootstrap, tmp_path / "w2", budgets=True),
+        ):
+            await send(broker.bootstrap, 200)
+            total, states = await counted(broker.bootstrap, 200)
+            latest = await checkpoints.latest(Kafka(broker.bootstrap), range(PARTITIONS))
+            assert len({c.writer for c in latest.values()}) == 1, latest
+            assert sorted(latest) == list(range(PARTITIONS))
+            assert TAKEN_OVER in (tmp_path / "w1" / "worker.log").read_text()
+            assert TAKEN_OVER not in (tmp_path / "w2" / "worker.log").read_text()
+            first.kill()  # no handover: it may have published states past its commits
+            await first.wait()
+            await send(broker.bootstrap, 200)
+            total, states = await counted(broker.bootstrap, 400)
+            taken = await checkpoints.latest(Kafka(broker.bootstrap), range(PARTITIONS))
+    assert len(total.as_tuple().digits) > 3  # costs to the nano-dollar, summed exactly
+    # Spend only grew, and never past the cost of the calls: none counted twice.
+    spends = [s.spent_usd for s in states]
+    assert spends == sorted(spends) and spends[-1] == total
+    assert {c.writer for c in taken.values()} - {c.writer for c in latest.values()}
+    assert TAKEN_OVER in (tmp_path / "w2" / "worker.log").read_text()
+    for worker in ("w1", "w2"):
+        assert SHARE_ERROR not in (tmp_path / worker / "worker.log").read_text(), worker

@@ -28,30 +28,20 @@ show it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
-from pydantic import BaseModel, ValidationError
 
 from ingress.guards.bounds import Reach
-from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
+from llmtap.following import follow_topic
 from llmtap.kafka import Kafka
 from stream.budgets import current, is_of, later_or_larger, matches, owned, period_bounds
 from stream.pricing import PER_MILLION, Catalog, cost_of, search_fee
-
-log = logging.getLogger(__name__)
-
-E = TypeVar("E", bound=BaseModel)
 
 SETTLED_MAX_AGE = timedelta(hours=1)  # a cost no state has counted by then is let go
 
@@ -322,40 +312,6 @@ class BudgetBook:
 async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
     """Keep ``book`` up to date with the budgets topic, from its beginning, forever."""
     await follow_topic(kafka.names.budgets, BudgetState, book.update, kafka, client)
-
-
-async def follow_topic(
-    topic: str, model: type[E], on_event: Callable[[E], None], kafka: Kafka, client: str
-) -> None:
-    """Hand every event of a compacted ``topic`` to ``on_event``, from its beginning,
-    forever (reconnecting when the broker goes away), as Kafka client ``client``."""
-    while True:
-        consumer = AIOKafkaConsumer(
-            **kafka.client_options(client),
-            enable_auto_commit=False,
-            fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,  # how soon a new state is enforced
-        )
-        try:
-            await consumer.start()
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                raise KafkaError(f"topic {topic} not found yet")
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            while True:
-                records = await consumer.getmany(timeout_ms=1000)
-                for batch in records.values():
-                    for record in batch:
-                        try:
-                            on_event(model.model_validate_json(record.value or b""))
-                        except ValidationError as exc:
-                            log.error("unreadable %s event skipped: %s", topic, exc.errors()[:1])
-        except (KafkaError, OSError) as exc:
-            log.warning("%s unavailable (%s); retrying", topic, exc)
-            await asyncio.sleep(1.0)
-        finally:
-            await consumer.stop()
 
 
 Publish = Callable[[str, bytes, bytes], None]  # topic, key, the event's JSON

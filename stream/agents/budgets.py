@@ -1,6 +1,14 @@
 """The budgets step: costed events counted against budgets (stream/budgets.py); budget
 states (compacted topic) and budget alerts out.
 
+It counts on the worker holding every partition of ``llmtap.responses``
+(stream/agents/assignment.py). Every worker follows the budgets topic: at its start it
+takes up the states published so far (its own before a restart, or the store's rebuild
+from ClickHouse) before it joins the group, and while standing by, those the holder
+publishes. Given partitions it did not hold, it first takes up what it has not yet
+followed, before any of them is read. States carry the offsets they counted, so the
+events it reads again from the partitions' checkpoints are not counted twice.
+
 Each batch's states and alerts are delivered (acknowledged by the broker) in ``flush``,
 before the batch's offsets can be committed, so a committed offset never runs ahead of
 a state that counted it; states carry the offsets they counted, so a restart from older
@@ -9,15 +17,18 @@ offsets counts nothing twice (stream/ledger.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime
 
 import faust
 from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
 
 from llmtap import wire
 from llmtap.events import Alert, BudgetState, utcnow
-from llmtap.names import Names
+from llmtap.following import Follower
+from llmtap.kafka import Kafka
 from stream.agents.costs import Position
 from stream.ledger import Ledger
 
@@ -27,8 +38,15 @@ ROLL_EVERY_S = 1.0
 
 
 class BudgetsStep:
-    def __init__(self, app: faust.App, ledger: Ledger, names: Names) -> None:
+    def __init__(self, app: faust.App, ledger: Ledger, kafka: Kafka) -> None:
         self.ledger = ledger
+        names = kafka.names
+        # Whether the group gave this worker the partitions: it counts the budgets, and
+        # passes over the states it follows (its own).
+        self.holding = False
+        self._follower = Follower(kafka, names.budgets, "worker-budgets", self._followed)
+        self._following: asyncio.Task[None] | None = None
+        self._seeded = 0
         self._states = app.topic(names.budgets, key_serializer="raw", value_serializer="raw")
         self._alerts = app.topic(names.alerts, key_serializer="raw", value_serializer="raw")
         self._changed: set[str] = set()  # budgets whose state the batch changed
@@ -36,11 +54,45 @@ class BudgetsStep:
 
         @app.timer(ROLL_EVERY_S)  # type: ignore[untyped-decorator]
         async def roll_periods() -> None:
-            """New periods start on time (and every budget has a state) without a call."""
-            await self._publish(self.ledger.roll(utcnow()), [])
+            """New periods start on time (and every budget has a state) without a call,
+            by the worker counting them (one standing by has nothing to say)."""
+            if self.holding:
+                await self._publish(self.ledger.roll(utcnow()), [])
 
     async def start(self, producer: AIOKafkaProducer) -> None:
-        """Nothing to do: states and alerts (a few a second) go through the app's topics."""
+        """Before the stage joins its group: every state published so far, taken up,
+        and the topic followed from then on (states go through the app's topics)."""
+        self._following = asyncio.create_task(self._follower.run(), name="budget-states")
+        await self._follower.caught_up()
+        log.info("budgets taken up from %d published states", self._seeded)
+
+    async def stop(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
+
+    def _followed(self, raw: bytes) -> None:
+        """A state on the budgets topic: taken up by a worker standing by (the worker
+        counting the budgets published it, or the store's rebuild before it started)."""
+        if self.holding:
+            return
+        try:
+            self.ledger.seed(BudgetState.model_validate_json(raw))
+        except ValidationError as exc:
+            log.error("unreadable budget state skipped: %s", exc.errors()[:1])
+            return
+        self._seeded += 1
+
+    async def taken(self, held: set[int], new: set[int]) -> None:
+        """Before the partitions ``held`` are read: with any ``new`` to this worker, what
+        was published on the budgets topic since it last followed it, taken up."""
+        self.holding = False  # taking up states, and rolling no period meanwhile
+        if new:  # else what it counted is all there is: nobody else read these
+            before = self._seeded
+            await self._follower.caught_up()
+            log.info("budgets taken up from %d more published states", self._seeded - before)
+        self.holding = bool(held)
 
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         changed, raised = self.ledger.record(event, now, position)

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import msgspec
 from aiokafka import AIOKafkaProducer
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
@@ -49,6 +50,7 @@ from llmtap.config import Settings
 from llmtap.events import utcnow
 from llmtap.names import Names
 from stream import checkpoints
+from stream.agents.assignment import one_holder
 from stream.agents.stage import Fetched, GroupStage
 from stream.pricing import Catalog, price_wire
 
@@ -67,9 +69,18 @@ class Step(Protocol):
         """The stage's producer, started: for a step's own high-volume output."""
         ...
 
+    async def taken(self, held: set[int], new: set[int]) -> None:
+        """The partitions the group gave the worker (``new``: those it did not hold
+        before the rebalance), before any of them is read."""
+        ...
+
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None: ...
 
     async def flush(self) -> None: ...
+
+    async def stop(self) -> None:
+        """The stage stopped: nothing more is added."""
+        ...
 
 
 class CostStage(GroupStage):
@@ -93,8 +104,11 @@ class CostStage(GroupStage):
         self._checkpoints: Batches | None = None
         self._warned: set[str] = set()  # models already logged as unpriced
         self._partitions = 0  # of the responses topic
-        # Steps that count every call or none (budgets: a state is the whole spend).
+        # Steps that count every call or none (budgets: a state is the whole spend):
+        # then one worker of the group holds every partition.
         self.whole = False
+        self._one_holder = one_holder()
+        self._held: set[int] = set()  # partitions given at the last rebalance
 
     async def on_start(self) -> None:
         producer = await self._start_producer(max_batch_size=1 << 20, linger_ms=0)
@@ -115,6 +129,16 @@ class CostStage(GroupStage):
             )
         await self._start_consuming()
 
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        for step in self.steps:
+            await step.stop()
+
+    def assignors(self) -> Sequence[type[AbstractPartitionAssignor]]:
+        if self.whole:
+            return (self._one_holder, *super().assignors())
+        return super().assignors()
+
     def gave_up(self, revoked: Iterable[TopicPartition]) -> None:
         self.positions.give_up(tp.partition for tp in revoked)
 
@@ -125,16 +149,20 @@ class CostStage(GroupStage):
         assert consumer is not None
         tps = {tp.partition: tp for tp in assigned}
         missing = sorted(set(range(self._partitions)) - tps.keys())
-        if self.whole and missing:
+        if self.whole and tps and missing:
             log.error(
                 "budgets counted on a share of the calls: another stream worker holds "
                 "partitions %s of %s, and a budget's spend is kept by one worker, so each "
                 "publishes its share as the whole and hard caps admit past their limits. "
-                "Run one stream worker when budgets are configured.",
+                "A worker of this group does not offer llmtap's one-holder assignment "
+                "(an earlier llmtap?): run only this version's workers.",
                 missing,
                 self.topic,
             )
         async with self._busy:
+            held, self._held = self._held, set(tps)
+            for step in self.steps:
+                await step.taken(set(tps), set(tps) - held)
             starts = await self.positions.take_over(tps)
             for partition, tp in tps.items():
                 if partition not in starts:  # no checkpoint: from the committed offset

@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import CommitFailedError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 from mode import Service
@@ -45,14 +47,21 @@ STOP_TIMEOUT_S = 30.0
 Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
-def group_consumer(settings: Settings, group_id: str, client: str) -> AIOKafkaConsumer:
+def group_consumer(
+    settings: Settings,
+    group_id: str,
+    client: str,
+    assignors: Sequence[type[AbstractPartitionAssignor]] = (RoundRobinPartitionAssignor,),
+) -> AIOKafkaConsumer:
     """A consumer in ``group_id`` that commits only when told, starts a group with no
     offsets at the beginning, and joins and leaves as fast as the worker's settings say
-    (Tansu and a small Kafka answer fast)."""
+    (Tansu and a small Kafka answer fast); the group shares partitions by the first of
+    ``assignors`` every member offers."""
     session_ms = int(settings.stream_session_timeout_s * 1000)
     return AIOKafkaConsumer(
         **settings.kafka.client_options(client),
         group_id=group_id,
+        partition_assignment_strategy=tuple(assignors),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         session_timeout_ms=session_ms,
@@ -99,10 +108,16 @@ class GroupStage(Service):
 
     async def _start_consuming(self) -> None:
         """Join the group and start the loop (once the subclass is ready for batches)."""
-        consumer = self._consumer = group_consumer(self._settings, self.group, self.client)
+        consumer = self._consumer = group_consumer(
+            self._settings, self.group, self.client, self.assignors()
+        )
         consumer.subscribe([self.topic], listener=_Listener(self))
         await consumer.start()
         self._loop_task = asyncio.create_task(self._consume())
+
+    def assignors(self) -> Sequence[type[AbstractPartitionAssignor]]:
+        """How the stage's group shares its topic's partitions: evenly, by default."""
+        return (RoundRobinPartitionAssignor,)
 
     async def on_stop(self) -> None:
         self._stopping = True

@@ -59,6 +59,12 @@ class WindowsStep:
         partition: thousands a minute with many users or keys), keyed by series."""
         self._windows = await Batches.of(producer, self._kafka.names.windows)
 
+    async def taken(self, held: set[int], new: set[int]) -> None:
+        """Nothing: the windows take partitions over from their checkpoints (take_over)."""
+
+    async def stop(self) -> None:
+        """Nothing: what is open is taken over from the checkpoints."""
+
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None:
         partition, offset = position
         counting = self._counting.get(partition)

@@ -1,0 +1,115 @@
+"""Following a compacted topic (budget states, reservations) from its beginning, for as
+long as a process runs, with no consumer group: every process that follows it sees
+every message. Used by the ingress and the API (the budget book) and by the stream
+worker (a standby's ledger, kept current for the partitions it may be given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
+from pydantic import BaseModel, ValidationError
+
+from llmtap import topics
+from llmtap.kafka import Kafka
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=BaseModel)
+
+RETRY_S = 1.0
+
+
+class Follower:
+    """Hands every message of ``topic`` to ``on_message``, in offset order per
+    partition, from the beginning; after a broker outage it goes on where it was.
+    :meth:`caught_up` waits until it has handed over everything on the topic now."""
+
+    def __init__(
+        self, kafka: Kafka, topic: str, client: str, on_message: Callable[[bytes], None]
+    ) -> None:
+        self._kafka = kafka
+        self.topic = topic
+        self._client = client
+        self._on_message = on_message
+        self._next: dict[TopicPartition, int] = {}  # offsets handed over up to
+        self._read = asyncio.Event()  # set after each fetch handed over
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def run(self) -> None:
+        """Follow the topic, forever (reconnecting when the broker goes away)."""
+        while True:
+            consumer = self._consumer = AIOKafkaConsumer(
+                **self._kafka.client_options(self._client),
+                enable_auto_commit=False,
+                fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,  # how soon a new state counts
+            )
+            try:
+                await consumer.start()
+                partitions = consumer.partitions_for_topic(self.topic) or set()
+                if not partitions:
+                    raise KafkaError(f"topic {self.topic} not found yet")
+                tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+                consumer.assign(tps)
+                for tp in tps:
+                    if tp in self._next:
+                        consumer.seek(tp, self._next[tp])
+                    else:
+                        await consumer.seek_to_beginning(tp)
+                while True:
+                    fetched = await consumer.getmany(timeout_ms=1000)
+                    for tp, records in fetched.items():
+                        for record in records:
+                            try:
+                                self._on_message(record.value or b"")
+                            except Exception:  # a bug with one must not stop the rest
+                                log.exception("%s: a message could not be taken", self.topic)
+                        self._next[tp] = records[-1].offset + 1
+                    self._read.set()
+            except (KafkaError, OSError) as exc:
+                log.warning("%s unavailable (%s); retrying", self.topic, exc)
+                await asyncio.sleep(RETRY_S)
+            finally:
+                self._consumer = None
+                await consumer.stop()
+
+    async def caught_up(self) -> None:
+        """Return once every message on the topic when called was handed over."""
+        while True:
+            consumer = self._consumer
+            if consumer is not None and consumer.assignment():
+                try:
+                    ends = await consumer.end_offsets(list(consumer.assignment()))
+                except KafkaError as exc:
+                    log.warning("%s: end offsets unknown (%s); asking again", self.topic, exc)
+                else:
+                    # On Tansu an end offset is the last record batch's first offset plus
+                    # one (llmtap/topics.py: read_latest): a fetch hands over whole
+                    # batches, so reaching it is reaching the end there too.
+                    while any(self._next.get(tp, 0) < end for tp, end in ends.items()):
+                        self._read.clear()
+                        await self._read.wait()
+                    return
+            await asyncio.sleep(0.05)  # not connected yet, or again
+
+
+async def follow_topic(
+    topic: str, model: type[E], on_event: Callable[[E], None], kafka: Kafka, client: str
+) -> None:
+    """Hand every event of a compacted ``topic`` to ``on_event``, from its beginning,
+    forever, as Kafka client ``client``; an event that is not a ``model`` is logged and
+    passed over."""
+
+    def handle(raw: bytes) -> None:
+        try:
+            on_event(model.model_validate_json(raw))
+        except ValidationError as exc:
+            log.error("unreadable %s event skipped: %s", topic, exc.errors()[:1])
+
+    await Follower(kafka, topic, client, handle).run()
