@@ -112,21 +112,22 @@ class Detector:
         """Take over ``partitions``, judged elsewhere until now: ``taken`` was warmed with
         their windows, judged by their previous owner; its states replace what this one
         knew (judged by it before it gave them up: a spike fired since would fire again,
-        one resolved since stay firing). None: they could not be read back."""
+        one resolved since stay firing). Its windows still waiting for shares wait here,
+        for the shares still to come, and are judged here: the previous owner may have
+        died with them pending (alive, it judges them too, and raises the same ids). None:
+        they could not be read back."""
         self._away -= partitions
-        if taken is not None:
-            self.states.update(taken.states)
-            self.judged.update(taken.judged)
-
-    def judge_pending(self) -> list[Alert]:
-        """Judge every window still waiting for shares, as they are: for windows read
-        back (:mod:`stream.warmup`), judged before, whose missing shares are not coming."""
-        alerts: list[Alert] = []
-        for windows in self._pending.values():
-            for start in sorted(windows):
-                alerts += self._judge(windows[start])
-        self._pending.clear()
-        return alerts
+        if taken is None:
+            return
+        self.states.update(taken.states)
+        self.judged.update(taken.judged)
+        for series, windows in taken._pending.items():
+            mine = self._pending.setdefault(series, {})
+            for start, pending in windows.items():
+                if start in mine:
+                    mine[start].shares.update(pending.shares)
+                else:
+                    mine[start] = pending
 
     def tick(self, now: datetime) -> list[Alert]:
         """Judge the windows whose shares have had ``settle`` to arrive; once a minute,

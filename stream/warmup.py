@@ -76,10 +76,8 @@ async def warmed_detector(settings: Settings, partitions: set[int] | None = None
     taken = warmed(detector, judged, now)
     if partitions is None:
         detector.judged.clear()  # some may be another worker's
-    else:
-        # At a rebalance, a window read back still waiting for shares is judged on those
-        # it has, for the state handed over: its previous owner, which has it pending,
-        # raises its alerts. (At start one stays pending, its missing shares to come.)
-        detector.judge_pending()
+    # A window read back still waiting for shares stays pending, its missing shares to
+    # come (past the committed offsets): judged on the committed ones alone, a spike
+    # split across a restart or a rebalance would never be raised.
     log.info("spike baselines warmed with %d windows judged before", taken)
     return detector

@@ -268,23 +268,39 @@ def test_a_series_given_up_is_not_found_quiet_by_its_old_worker() -> None:
     assert d.sweep() == []  # search's new owner resolves it, or not
 
 
-def test_windows_read_back_are_judged_on_the_shares_they_had() -> None:
-    """A window its previous owner judged after settle (one share): read back at a
-    rebalance, it is judged too, and those after it, so an adopted state is as its
-    owner left it."""
-    taken = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
-    levels = [10, 11, 9, 10, 12, 10, 9, 6, 60, 61]
-    shares = [(0,) if m == 7 else (0, 1) for m in range(len(levels))]
-    raw = [
-        (1, wire.encode(w)) for m, level in enumerate(levels) for w in minute(level, m, shares[m])
-    ]
-    warmed(taken, raw, T0)
-    taken.judge_pending()  # as the read-back of a rebalance does
-    state = taken.states[("team-requests", "search")]
-    assert state.last_window == T0 + 9 * MIN and state.firing
-    mine = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+def test_windows_read_back_at_a_rebalance_are_judged_by_the_new_owner() -> None:
+    """A window its previous owner had pending when it gave the partition up (one share
+    of two committed; it may have died with it): read back, it waits here for the share
+    still to come and is judged here, with those after it, raising what the previous
+    owner would have, under the same ids. Before, it was judged on the committed share
+    at the read-back and its alerts dropped, so a dead owner's spike was never raised."""
+    settle = timedelta(seconds=15)
+    levels = [10, 11, 9, 10, 12, 10, 9, 11]
+    raw = [(1, wire.encode(w)) for m, level in enumerate(levels) for w in minute(level, m)]
+    [first] = minute(20, 8, (0,))
+    [second] = minute(40, 8, (1,))
+    owner = Detector([RULE], partitions=2, settle=settle)
+    warmed(owner, raw, T0)
+    owner.offer(first, T0, home=1)
+    [fired] = owner.offer(second, T0, home=1)
+    taken = Detector([RULE], partitions=2, settle=settle)
+    warmed(taken, [*raw, (1, wire.encode(first))], T0)  # what the group committed
+    mine = Detector([RULE], partitions=2, settle=settle)
+    mine.give_up({1})
     mine.adopt(taken, {1})
-    assert [a.state for w in minute(62, 10) for a in mine.offer(w, T0, home=1)] == []
+    assert mine.pending == 1
+    [alert] = mine.offer(second, T0, home=1)  # came after the committed offset
+    assert (alert.state, alert.observed, alert.event_id) == ("firing", Decimal(60), fired.event_id)
+    assert mine.judged[("team-requests", "search")] == 1  # this worker's to resolve now
+    # Its share never comes (the previous owner's partition had no more): judged after
+    # settle on the one it has, and a window after it waits for it, not past it.
+    taken = Detector([RULE], partitions=2, settle=settle)
+    warmed(taken, [*raw, (1, wire.encode(first))], T0)
+    mine = Detector([RULE], partitions=2, settle=settle)
+    mine.adopt(taken, {1})
+    assert [a.state for w in minute(80, 9) for a in mine.offer(w, T0, home=1)] == []
+    raised = mine.tick(T0 + settle)
+    assert [(a.state, a.observed) for a in raised] == [("firing", Decimal(80))]
 
 
 def test_a_window_read_back_at_start_still_waits_for_its_shares() -> None:
