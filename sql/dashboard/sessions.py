@@ -65,7 +65,8 @@ class Sessions:
         Past ``per_key``, the key's own oldest session is closed; with ``limit`` open
         (after the expired are dropped), raises :class:`TooManySessions`."""
         self._expire(now)
-        mine = self._of_key.get(_digest(secret), {})
+        key = _digest(secret)
+        mine = self._of_key.get(key, {})
         while len(mine) >= self.per_key:
             self._drop(next(iter(mine)))
         if len(self._open) >= self.limit:
@@ -73,7 +74,7 @@ class Sessions:
         token = secrets.token_urlsafe(32)
         digest = _digest(token)
         self._open[digest] = Session(secret, now + self.ttl)
-        self._of_key.setdefault(_digest(secret), {})[digest] = None
+        self._of_key.setdefault(key, {})[digest] = None
         return token
 
     def get(self, token: str, now: datetime) -> Session | None:
