@@ -48,6 +48,9 @@ class Follower:
             consumer = self._consumer = AIOKafkaConsumer(
                 **self._kafka.client_options(self._client),
                 enable_auto_commit=False,
+                # A position the topic no longer has (a broker that lost it: the embedded
+                # one restarted) reads it again from its start, not from its end.
+                auto_offset_reset="earliest",
                 fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,  # how soon a new state counts
             )
             try:
@@ -74,6 +77,9 @@ class Follower:
                     self._read.set()
             except (KafkaError, OSError) as exc:
                 log.warning("%s unavailable (%s); retrying", self.topic, exc)
+                await asyncio.sleep(RETRY_S)
+            except Exception:  # unforeseen: a follower that died would stop silently
+                log.exception("following %s failed; again", self.topic)
                 await asyncio.sleep(RETRY_S)
             finally:
                 self._consumer = None

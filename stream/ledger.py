@@ -109,13 +109,14 @@ class Ledger:
             self._states[state.budget] = state
         elif later_or_larger(mine, state):
             return
-        elif not state.applied.items() <= mine.applied.items():
-            # The same spend, counted further (past calls that cost nothing): offsets
-            # only grow.
-            applied = {**mine.applied}
-            for partition, offset in state.applied.items():
-                applied[partition] = max(applied.get(partition, 0), offset)
-            self._states[state.budget] = mine.model_copy(update={"applied": applied})
+        elif state.applied != mine.applied and all(
+            state.applied.get(partition, 0) >= offset for partition, offset in mine.applied.items()
+        ):
+            # The same spend, counted further (past calls that cost nothing). Not offsets
+            # merged from two states that each counted what the other had not (two
+            # workers counting for a while: one whose membership lapsed unseen): the
+            # same spend by chance, and the calls only one of them counted lost.
+            self._states[state.budget] = mine.model_copy(update={"applied": state.applied})
 
     def record(
         self, event: wire.Costed, now: datetime, position: tuple[int, int] | None = None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -21,6 +23,7 @@ from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sinks.webhooks.records import store_batch
 from sql.store import Store
+from stream.agents.budgets import BudgetsStep
 from stream.budgets import current, matches, period_bounds, spend, threshold_alert
 from stream.ledger import Ledger
 from stream.pricing import load_catalog
@@ -393,3 +396,81 @@ async def topic_values(bootstrap: str, topic: str, n: int) -> list[bytes]:
     finally:
         await consumer.stop()
     return values[:n]
+
+
+T = TypeVar("T")
+
+
+class _App:
+    """What the budgets step asks of the Faust app here: its topics and a timer."""
+
+    def topic(self, *args: object, **kwargs: object) -> object:
+        return object()
+
+    def timer(self, seconds: float) -> Callable[[T], T]:
+        return lambda f: f
+
+
+class _Followed:
+    """A follower already caught up with the budgets topic."""
+
+    async def caught_up(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("stood_by", [False, True])
+async def test_a_worker_that_lost_the_partitions_unaware_takes_up_what_the_next_counted(
+    stood_by: bool,
+) -> None:
+    """Worker A holds the partitions and counts two calls; its membership lapses while it
+    lives (a network cut, a paused process), so the group gives the partitions to B,
+    which counts on from A's commit. A, still holding as far as it knows, follows B's
+    state. Then A is given the partitions back: at once (as partitions it held: no new
+    ones), or after standing by. Either way it goes on from B's state: reading from B's
+    checkpoint (offset 3), it counts every call once. Before, it passed over B's state
+    for good and counted on from its own: the call B alone counted was lost."""
+    b = budget(limit_usd=Decimal("100"))
+    events = [(costed("1.25", at(3)), (0, i)) for i in range(6)]
+    step = BudgetsStep(_App(), Ledger([b]), Kafka("127.0.0.1:1"))  # type: ignore[arg-type]
+    step._follower = _Followed()  # type: ignore[assignment]
+    await step.taken({0}, {0})
+    for event, position in events[:2]:
+        step.ledger.record(event, at(3), position)
+    other = Ledger([b])
+    other.seed(step.ledger.states[b.name])
+    for event, position in events[:5]:  # B reads from A's last commit: offset 0
+        other.record(event, at(3), position)
+    step._followed(other.states[b.name].model_dump_json().encode())
+    if stood_by:
+        await step.taken(set(), set())
+        await step.taken({0}, {0})
+    else:
+        await step.taken({0}, set())
+    assert step.ledger.states[b.name] == other.states[b.name]
+    for event, position in events[3:]:  # from B's checkpoint's hold, and on
+        step.ledger.record(event, at(3), position)
+    assert step.ledger.states[b.name].spent_usd == Decimal("7.50")
+
+
+def test_two_states_with_the_same_spend_by_chance_are_not_merged() -> None:
+    """Two workers counted on from one state for a while (one of them unaware that it
+    had lost the partitions): each a call of the same cost, on another partition. Their
+    states have the same spend, but neither counted the other's call: a worker seeded
+    with both keeps one, and counts the other's call when it reads it again. Merging
+    their offsets, it passed over both calls with the cost of one."""
+    b = budget(limit_usd=Decimal("100"))
+    base = Ledger([b])
+    base.record(costed("1.00", at(3)), at(3), (0, 0))
+    base.record(costed("1.00", at(3)), at(3), (1, 0))
+    calls = [(costed("0.50", at(3)), (0, 1)), (costed("0.50", at(3)), (1, 1))]
+    one, other = Ledger([b]), Ledger([b])
+    for ledger, (event, position) in zip((one, other), calls, strict=True):
+        ledger.seed(base.states[b.name])
+        ledger.record(event, at(3), position)
+    assert one.states[b.name].spent_usd == other.states[b.name].spent_usd
+    standby = Ledger([b])
+    standby.seed(one.states[b.name])
+    standby.seed(other.states[b.name])
+    for event, position in calls:  # read again from the partitions' checkpoints
+        standby.record(event, at(3), position)
+    assert standby.states[b.name].spent_usd == Decimal("3.00")

@@ -11,10 +11,13 @@ stage, in its own group, still spreads over all of them.
 
 The holder is sticky: each member says in its join metadata whether it holds the
 partitions, and the group's leader keeps them with it, so a worker joining, or leaving
-while standing by, moves nothing. Members also offer Kafka's round-robin assignment
-after this one: a group whose members do not all offer this one (a worker of an
-earlier llmtap, mid-upgrade) falls back to it, and the cost stage says so in an ERROR
-(stream/agents/costs.py).
+while standing by, moves nothing. A member that lost its membership while it lived (a
+network cut, a paused process) may come back still saying so, beside the one given the
+partitions meanwhile: either may get them, and the budgets step takes up what the
+other counted (stream/agents/budgets.py). Members offer no other assignment: a worker
+offering Kafka's round robin (one without budgets, or of an earlier llmtap, mid-upgrade)
+is refused by the group at once ("inconsistent group protocol") rather than counting a
+share of the calls.
 """
 
 from __future__ import annotations

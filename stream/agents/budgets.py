@@ -30,6 +30,7 @@ from llmtap.events import Alert, BudgetState, utcnow
 from llmtap.following import Follower
 from llmtap.kafka import Kafka
 from stream.agents.costs import Position
+from stream.budgets import later_or_larger
 from stream.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ class BudgetsStep:
         self._follower = Follower(kafka, names.budgets, "worker-budgets", self._followed)
         self._following: asyncio.Task[None] | None = None
         self._seeded = 0
+        # The latest state of each budget followed while holding: its own, read back, or
+        # another worker's, counted while this one held the partitions without knowing
+        # it had lost them (its group membership lost while it lived: a network cut, a
+        # paused process). Taken up at its next takeover, or when it stands by.
+        self._passed: dict[str, BudgetState] = {}
         self._states = app.topic(names.budgets, key_serializer="raw", value_serializer="raw")
         self._alerts = app.topic(names.alerts, key_serializer="raw", value_serializer="raw")
         self._changed: set[str] = set()  # budgets whose state the batch changed
@@ -75,20 +81,31 @@ class BudgetsStep:
     def _followed(self, raw: bytes) -> None:
         """A state on the budgets topic: taken up by a worker standing by (the worker
         counting the budgets published it, or the store's rebuild before it started)."""
-        if self.holding:
-            return
         try:
-            self.ledger.seed(BudgetState.model_validate_json(raw))
+            state = BudgetState.model_validate_json(raw)
         except ValidationError as exc:
             log.error("unreadable budget state skipped: %s", exc.errors()[:1])
             return
+        if self.holding:
+            kept = self._passed.get(state.budget)
+            if kept is None or not later_or_larger(kept, state):
+                self._passed[state.budget] = state
+            return
+        self.ledger.seed(state)
         self._seeded += 1
 
     async def taken(self, held: set[int], new: set[int]) -> None:
-        """Before the partitions ``held`` are read: with any ``new`` to this worker, what
-        was published on the budgets topic since it last followed it, taken up."""
+        """Before the partitions ``held`` are read: what was published on the budgets
+        topic since it last took states up (passed over while holding, or not yet
+        followed), taken up. Not only for ``new`` partitions: a worker whose membership
+        lapsed may be given back, as held, partitions another counted meanwhile."""
         self.holding = False  # taking up states, and rolling no period meanwhile
-        if new:  # else what it counted is all there is: nobody else read these
+        passed, self._passed = self._passed, {}
+        for state in passed.values():
+            self.ledger.seed(state)
+        # Partitions it held before may have been another's meanwhile (this worker lost
+        # its membership and the group gave them on): what it has not followed, too.
+        if held:
             before = self._seeded
             await self._follower.caught_up()
             log.info("budgets taken up from %d more published states", self._seeded - before)

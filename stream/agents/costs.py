@@ -135,9 +135,10 @@ class CostStage(GroupStage):
             await step.stop()
 
     def assignors(self) -> Sequence[type[AbstractPartitionAssignor]]:
-        if self.whole:
-            return (self._one_holder, *super().assignors())
-        return super().assignors()
+        # Only that one with budgets: a worker that offers round robin (without budgets,
+        # or of an earlier llmtap) fails to join at once instead of counting a share.
+        # (aiokafka 0.14 would also send a join request per assignment offered.)
+        return (self._one_holder,) if self.whole else super().assignors()
 
     def gave_up(self, revoked: Iterable[TopicPartition]) -> None:
         self.positions.give_up(tp.partition for tp in revoked)
@@ -154,8 +155,7 @@ class CostStage(GroupStage):
                 "budgets counted on a share of the calls: another stream worker holds "
                 "partitions %s of %s, and a budget's spend is kept by one worker, so each "
                 "publishes its share as the whole and hard caps admit past their limits. "
-                "A worker of this group does not offer llmtap's one-holder assignment "
-                "(an earlier llmtap?): run only this version's workers.",
+                "Give every worker of the group the same budgets.",
                 missing,
                 self.topic,
             )
