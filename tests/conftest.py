@@ -11,7 +11,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,6 +292,32 @@ async def ingress(
     server = await serve_ingress(ingress_settings)
     yield str(server.make_url("")).rstrip("/")
     await server.close()
+
+
+@contextlib.asynccontextmanager
+async def ingress_before(
+    chat: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[TestServer]:
+    """An ingress (:func:`serve_ingress`) whose OpenAI provider answers chat completions
+    with ``chat``: a provider made to fail in one precise way."""
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", chat)
+    upstream = TestServer(provider, host="127.0.0.1")
+    await upstream.start_server()
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    settings = settings.model_copy(
+        update={"openai_base_url": str(upstream.make_url("/v1")).rstrip("/")}
+    )
+    try:
+        server = await serve_ingress(settings)
+        try:
+            yield server
+        finally:
+            await server.close()
+    finally:
+        await upstream.close()
 
 
 async def serve_ingress(settings: Settings) -> TestServer:

@@ -24,7 +24,13 @@ from ingress.guards.keys import create_key, read_keys
 from llmtap.config import ProviderConfig, Settings
 from llmtap.events import RequestEvent, ResponseEvent
 from llmtap.names import Names
-from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream, serve_ingress
+from tests.conftest import (
+    INGRESS_PROVIDER_KEY,
+    Broker,
+    FakeUpstream,
+    ingress_before,
+    serve_ingress,
+)
 from tests.fake_provider import PROVIDER_REQUEST_ID
 from tests.prometheus import sample
 
@@ -413,18 +419,10 @@ async def test_a_provider_resetting_its_connection_mid_stream_is_its_error(
         request.transport.abort()  # closed without lingering: a reset, not an end
         return response
 
-    provider = web.Application()
-    provider.router.add_post("/v1/chat/completions", resetting)
-    upstream = TestServer(provider, host="127.0.0.1")
-    await upstream.start_server()
-    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    settings = ingress_settings.model_copy(
-        update={"openai_base_url": str(upstream.make_url("/v1")).rstrip("/")}
-    )
-    secret, _ = create_key(settings.key_file, tenant="acme")  # read as the ingress starts
-    server = await serve_ingress(settings)
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
     try:
         async with (
+            ingress_before(resetting, ingress_settings, monkeypatch) as server,
             aiohttp.ClientSession() as session,
             session.post(
                 server.make_url("/v1/chat/completions"),
@@ -439,9 +437,7 @@ async def test_a_provider_resetting_its_connection_mid_stream_is_its_error(
                 await response.read()
             request_id = response.headers["x-request-id"]
     finally:
-        first_read.set()
-        await server.close()
-        await upstream.close()
+        first_read.set()  # the provider's handler ends, whatever failed
     event = await response_event(broker.bootstrap, request_id)
     assert (event.status, event.http_status, event.error_class) == (
         "upstream_error",

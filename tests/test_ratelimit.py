@@ -11,14 +11,19 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from ingress.guards.keys import create_key
 from ingress.guards.ratelimit import Estimate, RateLimiter, Ticket, TokenBucket, estimate, spent
 from llmtap.config import Settings
 from llmtap.events import Usage
-from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream, serve_ingress
+from tests.conftest import (
+    INGRESS_PROVIDER_KEY,
+    Broker,
+    FakeUpstream,
+    ingress_before,
+    serve_ingress,
+)
 from tests.fake_provider import FakeProvider
 from tests.test_ingress_ops import response_event
 
@@ -378,22 +383,10 @@ async def test_an_error_answer_cut_off_spends_nothing(
         request.transport.close()
         return response
 
-    provider = web.Application()
-    provider.router.add_post("/v1/chat/completions", cut_off)
-    upstream = TestServer(provider, host="127.0.0.1")
-    await upstream.start_server()
-    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    settings = ingress_settings.model_copy(
-        update={"openai_base_url": str(upstream.make_url("/v1")).rstrip("/")}
-    )
-    server = await serve_ingress(settings)
-    ingress = str(server.make_url("")).rstrip("/")
-    secret, _ = create_key(settings.key_file, tenant="acme")
-    try:
+    async with ingress_before(cut_off, ingress_settings, monkeypatch) as server:
+        ingress = str(server.make_url("")).rstrip("/")
+        secret, _ = create_key(ingress_settings.key_file, tenant="acme")
         await key_known(ingress, secret)
         answer = await call(ingress, secret)
         event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
         assert (event.status, event.usage.usage_missing) == ("upstream_unreachable", False)
-    finally:
-        await server.close()
-        await upstream.close()
