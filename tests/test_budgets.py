@@ -433,7 +433,7 @@ async def test_a_worker_that_lost_the_partitions_unaware_takes_up_what_the_next_
     events = [(costed("1.25", at(3)), (0, i)) for i in range(6)]
     step = BudgetsStep(_App(), Ledger([b]), Kafka("127.0.0.1:1"))  # type: ignore[arg-type]
     step._follower = _Followed()  # type: ignore[assignment]
-    await step.taken({0}, {0})
+    await step.taken({0})
     for event, position in events[:2]:
         step.ledger.record(event, at(3), position)
     other = Ledger([b])
@@ -442,10 +442,10 @@ async def test_a_worker_that_lost_the_partitions_unaware_takes_up_what_the_next_
         other.record(event, at(3), position)
     step._followed(other.states[b.name].model_dump_json().encode())
     if stood_by:
-        await step.taken(set(), set())
-        await step.taken({0}, {0})
+        await step.taken(set())
+        await step.taken({0})
     else:
-        await step.taken({0}, set())
+        await step.taken({0})
     assert step.ledger.states[b.name] == other.states[b.name]
     for event, position in events[3:]:  # from B's checkpoint's hold, and on
         step.ledger.record(event, at(3), position)

@@ -43,7 +43,8 @@ class BudgetsStep:
         self.ledger = ledger
         names = kafka.names
         # Whether the group gave this worker the partitions: it counts the budgets, and
-        # passes over the states it follows (its own).
+        # keeps the states it follows aside (its own, as a rule) until its next
+        # assignment.
         self.holding = False
         self._follower = Follower(kafka, names.budgets, "worker-budgets", self._followed)
         self._following: asyncio.Task[None] | None = None
@@ -94,11 +95,11 @@ class BudgetsStep:
         self.ledger.seed(state)
         self._seeded += 1
 
-    async def taken(self, held: set[int], new: set[int]) -> None:
+    async def taken(self, held: set[int]) -> None:
         """Before the partitions ``held`` are read: what was published on the budgets
-        topic since it last took states up (passed over while holding, or not yet
-        followed), taken up. Not only for ``new`` partitions: a worker whose membership
-        lapsed may be given back, as held, partitions another counted meanwhile."""
+        topic since it last took states up (kept aside while holding, or not yet
+        followed), taken up. Also for partitions it held before the rebalance: a worker
+        whose membership lapsed may be given back partitions another counted meanwhile."""
         self.holding = False  # taking up states, and rolling no period meanwhile
         passed, self._passed = self._passed, {}
         for state in passed.values():

@@ -69,9 +69,8 @@ class Step(Protocol):
         """The stage's producer, started: for a step's own high-volume output."""
         ...
 
-    async def taken(self, held: set[int], new: set[int]) -> None:
-        """The partitions the group gave the worker (``new``: those it did not hold
-        before the rebalance), before any of them is read."""
+    async def taken(self, held: set[int]) -> None:
+        """The partitions the group gave the worker, before any of them is read."""
         ...
 
     def add(self, event: wire.CostedEvent, position: Position, now: datetime) -> None: ...
@@ -108,7 +107,6 @@ class CostStage(GroupStage):
         # then one worker of the group holds every partition.
         self.whole = False
         self._one_holder = one_holder()
-        self._held: set[int] = set()  # partitions given at the last rebalance
 
     async def on_start(self) -> None:
         producer = await self._start_producer(max_batch_size=1 << 20, linger_ms=0)
@@ -160,9 +158,8 @@ class CostStage(GroupStage):
                 self.topic,
             )
         async with self._busy:
-            held, self._held = self._held, set(tps)
             for step in self.steps:
-                await step.taken(set(tps), set(tps) - held)
+                await step.taken(set(tps))
             starts = await self.positions.take_over(tps)
             for partition, tp in tps.items():
                 if partition not in starts:  # no checkpoint: from the committed offset

@@ -59,7 +59,7 @@ class WindowsStep:
         partition: thousands a minute with many users or keys), keyed by series."""
         self._windows = await Batches.of(producer, self._kafka.names.windows)
 
-    async def taken(self, held: set[int], new: set[int]) -> None:
+    async def taken(self, held: set[int]) -> None:
         """Nothing: the windows take partitions over from their checkpoints (take_over)."""
 
     async def stop(self) -> None:
