@@ -155,6 +155,29 @@ class GroupStage(Service):
         """What taking partitions over takes: nothing, when a partition is read from the
         group's committed offset."""
 
+    def heartbeat_meanwhile(self) -> None:
+        """Keep the group's heartbeats going while partitions are taken over.
+
+        aiokafka stops them for a whole join and starts them again only once the
+        assignment callback returned, so a takeover longer than the session (the windows
+        step reads an hour of windows back, more on a busy deployment) got the worker
+        expelled as it finished: it rejoined, was given partitions again and did the same
+        long takeover again, for ever. Kafka's Java client heartbeats during its
+        callbacks; its heartbeat task is started early here, as it would be right after
+        the callback (aiokafka has no public switch for it; without that method a
+        takeover is as before, and that is logged)."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        start = getattr(coordinator, "_start_heartbeat_task", None)
+        if start is None:
+            log.warning(
+                "%s: no heartbeats while partitions are taken over (this aiokafka has no "
+                "_start_heartbeat_task): a takeover longer than stream_session_timeout_s "
+                "gets the worker expelled from its group",
+                self.group,
+            )
+            return
+        start()
+
     async def _commit(self) -> None:
         """Commit what was handled since the last commit."""
         if self._done and self._consumer is not None:
@@ -200,6 +223,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._guarded(self._stage.revoked(revoked), "giving partitions up")
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._stage.heartbeat_meanwhile()
         await self._guarded(self._stage.take_over(assigned), "taking partitions over")
 
     async def _guarded(self, handover: Awaitable[None], what: str) -> None:
