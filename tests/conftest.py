@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -320,10 +321,25 @@ async def ingress_before(
         await upstream.close()
 
 
-async def serve_ingress(settings: Settings) -> TestServer:
-    """An ingress app on a free port, once its producer is connected to the broker
-    (before that, its events would go to the spool, to be sent by a later run)."""
-    server = TestServer(create_app(settings), host="127.0.0.1")
+class _IngressServer(TestServer):
+    """aiohttp's test server, but with ``handler_cancellation`` as asked: the test
+    server cancels a handler whose client went away, ``web.run_app`` (the ingress in
+    production) does not, and the handler learns of it from a read or a write."""
+
+    def __init__(self, app: web.Application, handler_cancellation: bool) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self._handler_cancellation = handler_cancellation
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        kwargs["handler_cancellation"] = self._handler_cancellation
+        return await super()._make_runner(**kwargs)
+
+
+async def serve_ingress(settings: Settings, handler_cancellation: bool = False) -> TestServer:
+    """An ingress app on a free port, served as in production unless
+    ``handler_cancellation``, once its producer is connected to the broker (before
+    that, its events would go to the spool, to be sent by a later run)."""
+    server = _IngressServer(create_app(settings), handler_cancellation)
     await server.start_server()
     async with aiohttp.ClientSession() as session, asyncio.timeout(30):
         while True:

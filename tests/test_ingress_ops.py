@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import socket
 import struct
+import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from ingress.app import create_app
 from ingress.forward import tokens
 from ingress.guards.keys import create_key, read_keys
 from llmtap.config import ProviderConfig, Settings
-from llmtap.events import RequestEvent, ResponseEvent
+from llmtap.events import RequestEvent, ResponseEvent, Usage
 from llmtap.names import Names
 from tests.conftest import (
     INGRESS_PROVIDER_KEY,
@@ -59,6 +62,22 @@ async def response_event(bootstrap: str, request_id: str) -> ResponseEvent:
 
 async def event_of(bootstrap: str, topic: str, request_id: str) -> bytes:
     """Read ``topic`` from the start until an event of the call shows; its JSON."""
+    return await _first_of(
+        bootstrap, topic, lambda value: orjson.loads(value)["request_id"] == request_id
+    )
+
+
+async def response_event_where(
+    bootstrap: str, wanted: Callable[[ResponseEvent], bool]
+) -> ResponseEvent:
+    """Read llmtap.responses from the start until a response event ``wanted`` shows."""
+    value = await _first_of(
+        bootstrap, Names().responses, lambda value: wanted(ResponseEvent.model_validate_json(value))
+    )
+    return ResponseEvent.model_validate_json(value)
+
+
+async def _first_of(bootstrap: str, topic: str, wanted: Callable[[bytes], bool]) -> bytes:
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     await consumer.start()
     try:
@@ -69,7 +88,7 @@ async def event_of(bootstrap: str, topic: str, request_id: str) -> bytes:
                     for record in records:
                         value: bytes | None = record.value
                         assert value is not None
-                        if orjson.loads(value)["request_id"] == request_id:
+                        if wanted(value):
                             return value
     finally:
         await consumer.stop()
@@ -248,6 +267,70 @@ async def test_a_client_hanging_up_mid_stream_is_still_recorded(
     assert event.usage.output_tokens_counted
     everything = "".join(upstream.provider.words)
     assert tokens.count(seen) <= event.usage.output_tokens <= tokens.count(everything)
+
+
+@pytest.mark.parametrize("handler_cancellation", [False, True])
+async def test_a_client_hanging_up_while_it_sends_its_request_is_recorded_quietly(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    handler_cancellation: bool,
+) -> None:
+    """Half a body, then the connection closed: nothing reaches the provider, the call is
+    recorded as broken off by its client, and no error is logged. Served as in
+    production, it escaped as an unrecorded ConnectionResetError, which aiohttp logged
+    with its traceback; on a server that cancels handlers, it went unrecorded."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    server = await serve_ingress(ingress_settings, handler_cancellation)
+    try:
+        await _hang_up_while_sending(server, ingress_settings, upstream, broker, caplog)
+    finally:
+        await server.close()
+
+
+async def _hang_up_while_sending(
+    server: TestServer,
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ingress = str(server.make_url("")).rstrip("/")
+    secret = await make_key(ingress, ingress_settings.key_file)
+    feature = f"cut-upload-{uuid.uuid4().hex}"
+    url = URL(ingress)
+    before = len(upstream.provider.received)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmtap\r\n"
+        b"Authorization: Bearer %s\r\nx-llmtap-feature: %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n"
+        b"Expect: 100-continue\r\n\r\n" % (secret.encode(), feature.encode())
+    )
+    # aiohttp says to go on right before the handler runs: the call is being handled
+    assert await reader.readline() == b"HTTP/1.1 100 Continue\r\n"
+    writer.write(b'{"model": "gpt-4o", "messages": [')
+    await writer.drain()
+    writer.close()
+    event = await response_event_where(broker.bootstrap, lambda e: e.attribution.feature == feature)
+    assert (event.status, event.error_class, event.http_status) == (
+        "client_disconnected",
+        "client_disconnected",
+        499,
+    )
+    assert event.attribution.tenant == "acme"
+    assert event.usage == Usage()  # nothing was sent: nothing spent
+    assert len(upstream.provider.received) == before
+    # (the fake provider's own errors, from calls of earlier tests, are not llmtap's)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and _in_ingress(r)]
+
+
+def _in_ingress(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is the ingress's, or of an exception raised through it."""
+    stack = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
+    return record.name.startswith("ingress") or any("/ingress/" in f.filename for f in stack)
 
 
 async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(

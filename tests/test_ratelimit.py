@@ -295,23 +295,30 @@ async def test_a_call_refused_before_the_provider_does_not_spend_a_request(
     assert [(await call(ingress, secret)).status for _ in range(2)] == [200, 429]
 
 
+@pytest.mark.parametrize(
+    "broken_step",
+    # before the key's rate limits (routing, the call's bounds), and after them
+    ["resolve", "max_tokens", "upstream_headers"],
+)
 async def test_a_call_that_fails_in_llmtap_before_the_provider_is_answered_and_recorded(
     ingress: str,
     ingress_settings: Settings,
     broker: Broker,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    broken_step: str,
 ) -> None:
-    """A bug between admission and the provider: the caller gets a 500 in its provider's
-    shape, the call its response event, and the key its request back (nothing was sent)."""
+    """A bug in llmtap before the provider is contacted: the caller gets a 500 in its
+    provider's shape, the call its response event, and the key its request back
+    (nothing was sent). Before admission it escaped as aiohttp's bare 500, unrecorded."""
     secret, _ = create_key(ingress_settings.key_file, tenant="acme", rpm=1)
     await key_known(ingress, secret)
 
     def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("a bug in building the provider's headers")
+        raise RuntimeError(f"a bug in {broken_step}")
 
     with monkeypatch.context() as patched, caplog.at_level(logging.ERROR):
-        patched.setattr("ingress.forward.proxy.upstream_headers", broken)
+        patched.setattr(f"ingress.forward.proxy.{broken_step}", broken)
         failed = await call(ingress, secret)
     assert failed.status == 500
     assert failed.body["error"]["type"] == "api_error"
@@ -324,7 +331,7 @@ async def test_a_call_that_fails_in_llmtap_before_the_provider_is_answered_and_r
     )
     assert event.attribution.tenant == "acme"
     logged = [r for r in caplog.records if r.exc_info and r.name == "ingress.forward.proxy"]
-    assert len(logged) == 1 and "a bug in building" in caplog.text
+    assert len(logged) == 1 and f"a bug in {broken_step}" in caplog.text
     assert secret not in caplog.text and INGRESS_PROVIDER_KEY not in caplog.text
     assert '"hi"' not in caplog.text  # nor the prompt
     assert [(await call(ingress, secret)).status for _ in range(2)] == [200, 429]

@@ -180,6 +180,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     announce: Announcement | None = None  # the request event, once there is one
     ticket: Ticket | None = None  # the key's rate limits, once admitted by them
 
+    answered = False  # by refuse()
+
     def refuse(
         status: int,
         message: str,
@@ -188,6 +190,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         code: str | None = None,
     ) -> web.Response:
         """Answer without contacting the provider, and still record the call."""
+        nonlocal answered
+        answered = True
         if announce is not None:  # before the response event, as for every call
             announce()
         if ticket is not None:  # the provider was not contacted: nothing was spent
@@ -205,71 +209,82 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         return response
 
     try:
-        identity = authenticate(request.headers, settings, request.app[KEYS])
-    except Refusal as refusal:
-        if refusal.attribution is not None:  # a valid key's false claim: its tenant's call
-            call.attribution = refusal.attribution
-            call.model_requested = await _model_named(request)
-        return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
-    call.attribution = identity.attribution
-    if compressed(request):
-        # The SDKs send bodies as they are; a compressed one would be inflated here, a
-        # chunk at a time, before its size could be judged (a 1 MB gzip bomb: 330 MB).
-        return refuse(
-            415,
-            "llmtap takes request bodies uncompressed: send them without Content-Encoding",
-            "unsupported_encoding",
-            code="unsupported_encoding",
-        )
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        return refuse(413, exc.text or "request body too large", "body_too_large")
-    payload = parse_json_body(body)
-    if payload is None:
-        return refuse(400, "We could not parse the JSON body of your request.", "invalid_json")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        return refuse(400, "you must provide a model parameter", "missing_model", "model")
-    call.model_requested = model
-    call.stream = payload.get("stream") is True
-    try:
-        check_model(identity, model)
-    except Refusal as refusal:
-        return refuse(refusal.status, refusal.message, refusal.error_class, "model", refusal.code)
-    key = identity.key
-    user_field = payload.get("user")
-    if isinstance(user_field, str) and not call.attribution.user:
-        call.attribution = call.attribution.model_copy(update={"user": user_field})
-    try:
-        route = resolve(model, api.kind, settings)
-    except NoRoute as exc:
-        return refuse(400, str(exc), "no_route", "model")
-    call.provider = route.provider
-    most_tokens = max_tokens(payload)
-    answers, batched = choices(payload), prompts(payload, endpoint.batched)
-    # Once routed (a call with no route spends nothing), before anything costly.
-    if key is not None and (key.rpm or key.tpm):
-        admitted = request.app[LIMITER].admit(
-            key.id,
-            key.rpm,
-            key.tpm,
-            estimate(len(body), most_tokens, answers * batched),
-            time.monotonic(),
-        )
-        if not isinstance(admitted, Ticket):
-            retry_after = math.ceil(admitted)
-            limited = refuse(
-                429,
-                f"rate limit of key {key.id} reached (requests/min: {key.rpm or 'unlimited'}, "
-                f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s",
-                "rate_limited",
-                code="rate_limit_exceeded",
+        try:
+            identity = authenticate(request.headers, settings, request.app[KEYS])
+        except Refusal as refusal:
+            if refusal.attribution is not None:  # a valid key's false claim: its tenant's call
+                call.attribution = refusal.attribution
+                call.model_requested = await _model_named(request)
+            return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
+        call.attribution = identity.attribution
+        if compressed(request):
+            # The SDKs send bodies as they are; a compressed one would be inflated here, a
+            # chunk at a time, before its size could be judged (a 1 MB gzip bomb: 330 MB).
+            return refuse(
+                415,
+                "llmtap takes request bodies uncompressed: send them without Content-Encoding",
+                "unsupported_encoding",
+                code="unsupported_encoding",
             )
-            limited.headers["retry-after"] = str(retry_after)
-            return limited
-        ticket = admitted
-    try:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return refuse(413, exc.text or "request body too large", "body_too_large")
+        except (ConnectionResetError, asyncio.CancelledError) as gone:
+            # The client went away before its request was read whole (the handler is
+            # cancelled where the server is set to): nothing was sent, nothing to
+            # answer; recorded as a call it broke off.
+            cut = _cut_by(request)
+            record(cut, 499, Usage(), "", cut)
+            if isinstance(gone, asyncio.CancelledError):
+                raise
+            return web.Response(status=499)
+        payload = parse_json_body(body)
+        if payload is None:
+            return refuse(400, "We could not parse the JSON body of your request.", "invalid_json")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            return refuse(400, "you must provide a model parameter", "missing_model", "model")
+        call.model_requested = model
+        call.stream = payload.get("stream") is True
+        try:
+            check_model(identity, model)
+        except Refusal as refusal:
+            return refuse(
+                refusal.status, refusal.message, refusal.error_class, "model", refusal.code
+            )
+        key = identity.key
+        user_field = payload.get("user")
+        if isinstance(user_field, str) and not call.attribution.user:
+            call.attribution = call.attribution.model_copy(update={"user": user_field})
+        try:
+            route = resolve(model, api.kind, settings)
+        except NoRoute as exc:
+            return refuse(400, str(exc), "no_route", "model")
+        call.provider = route.provider
+        most_tokens = max_tokens(payload)
+        answers, batched = choices(payload), prompts(payload, endpoint.batched)
+        # Once routed (a call with no route spends nothing), before anything costly.
+        if key is not None and (key.rpm or key.tpm):
+            admitted = request.app[LIMITER].admit(
+                key.id,
+                key.rpm,
+                key.tpm,
+                estimate(len(body), most_tokens, answers * batched),
+                time.monotonic(),
+            )
+            if not isinstance(admitted, Ticket):
+                retry_after = math.ceil(admitted)
+                limited = refuse(
+                    429,
+                    f"rate limit of key {key.id} reached (requests/min: {key.rpm or 'unlimited'}, "
+                    f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s",
+                    "rate_limited",
+                    code="rate_limit_exceeded",
+                )
+                limited.headers["retry-after"] = str(retry_after)
+                return limited
+            ticket = admitted
         announce = announced = Announcement(publisher, call, len(body), most_tokens)
         # Made once the request is on its way, while the provider works: nothing below
         # waits before the post, whose body aiohttp sends from a task of its own before
@@ -317,11 +332,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
             return refused
     except Exception:
+        if answered:  # the refusal itself failed: answering again would record it twice
+            raise
         # A bug here (not a refusal) would escape as aiohttp's bare 500, with no
         # response event and the key's reservation kept: the call was not sent, so it
         # is answered and recorded as refused, and gives back what it took. The try
         # costs nothing until something in it raises.
-        log.exception("the call failed before it was forwarded to %s", route.provider)
+        log.exception("the call failed before it was forwarded to %s", call.provider)
         return refuse(
             500,
             "llmtap failed before forwarding the call; it was not sent to the provider",
