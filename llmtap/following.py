@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -26,18 +26,25 @@ E = TypeVar("E", bound=BaseModel)
 RETRY_S = 1.0
 
 
-class Follower:
-    """Hands every message of ``topic`` to ``on_message``, in offset order per
-    partition, from the beginning; after a broker outage it goes on where it was.
-    :meth:`caught_up` waits until it has handed over everything on the topic now."""
+class Follower(Generic[E]):
+    """Hands every event of ``topic``, read as a ``model``, to ``on_event``, in offset
+    order per partition, from the beginning, as Kafka client ``client``; a message that
+    is not one is logged and passed over. After a broker outage it goes on where it
+    was. :meth:`caught_up` waits until it has handed over everything on the topic now."""
 
     def __init__(
-        self, kafka: Kafka, topic: str, client: str, on_message: Callable[[bytes], None]
+        self,
+        kafka: Kafka,
+        topic: str,
+        client: str,
+        model: type[E],
+        on_event: Callable[[E], None],
     ) -> None:
         self._kafka = kafka
         self.topic = topic
         self._client = client
-        self._on_message = on_message
+        self._model = model
+        self._on_event = on_event
         self._next: dict[TopicPartition, int] = {}  # offsets handed over up to
         self._read = asyncio.Event()  # set after each fetch handed over
         self._consumer: AIOKafkaConsumer | None = None
@@ -69,10 +76,7 @@ class Follower:
                     fetched = await consumer.getmany(timeout_ms=1000)
                     for tp, records in fetched.items():
                         for record in records:
-                            try:
-                                self._on_message(record.value or b"")
-                            except Exception:  # a bug with one must not stop the rest
-                                log.exception("%s: a message could not be taken", self.topic)
+                            self._take(record.value or b"")
                         self._next[tp] = records[-1].offset + 1
                     self._read.set()
             except (KafkaError, OSError) as exc:
@@ -84,6 +88,17 @@ class Follower:
             finally:
                 self._consumer = None
                 await consumer.stop()
+
+    def _take(self, raw: bytes) -> None:
+        try:
+            event = self._model.model_validate_json(raw)
+        except ValidationError as exc:
+            log.error("unreadable %s event skipped: %s", self.topic, exc.errors()[:1])
+            return
+        try:
+            self._on_event(event)
+        except Exception:  # a bug with one must not stop the rest
+            log.exception("%s: an event could not be taken", self.topic)
 
     async def caught_up(self) -> None:
         """Return once every message on the topic when called was handed over."""
@@ -109,13 +124,5 @@ async def follow_topic(
     topic: str, model: type[E], on_event: Callable[[E], None], kafka: Kafka, client: str
 ) -> None:
     """Hand every event of a compacted ``topic`` to ``on_event``, from its beginning,
-    forever, as Kafka client ``client``; an event that is not a ``model`` is logged and
-    passed over."""
-
-    def handle(raw: bytes) -> None:
-        try:
-            on_event(model.model_validate_json(raw))
-        except ValidationError as exc:
-            log.error("unreadable %s event skipped: %s", topic, exc.errors()[:1])
-
-    await Follower(kafka, topic, client, handle).run()
+    forever (:class:`Follower`)."""
+    await Follower(kafka, topic, client, model, on_event).run()

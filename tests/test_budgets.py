@@ -440,7 +440,7 @@ async def test_a_worker_that_lost_the_partitions_unaware_takes_up_what_the_next_
     other.seed(step.ledger.states[b.name])
     for event, position in events[:5]:  # B reads from A's last commit: offset 0
         other.record(event, at(3), position)
-    step._followed(other.states[b.name].model_dump_json().encode())
+    step._followed(other.states[b.name])
     if stood_by:
         await step.taken(set())
         await step.taken({0})

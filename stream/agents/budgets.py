@@ -23,7 +23,6 @@ from datetime import datetime
 
 import faust
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
 
 from llmtap import wire
 from llmtap.events import Alert, BudgetState, utcnow
@@ -46,7 +45,9 @@ class BudgetsStep:
         # keeps the states it follows aside (its own, as a rule) until its next
         # assignment.
         self.holding = False
-        self._follower = Follower(kafka, names.budgets, "worker-budgets", self._followed)
+        self._follower = Follower(
+            kafka, names.budgets, "worker-budgets", BudgetState, self._followed
+        )
         self._following: asyncio.Task[None] | None = None
         self._seeded = 0
         # The latest state of each budget followed while holding: its own, read back, or
@@ -79,14 +80,9 @@ class BudgetsStep:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._following
 
-    def _followed(self, raw: bytes) -> None:
+    def _followed(self, state: BudgetState) -> None:
         """A state on the budgets topic: taken up by a worker standing by (the worker
         counting the budgets published it, or the store's rebuild before it started)."""
-        try:
-            state = BudgetState.model_validate_json(raw)
-        except ValidationError as exc:
-            log.error("unreadable budget state skipped: %s", exc.errors()[:1])
-            return
         if self.holding:
             kept = self._passed.get(state.budget)
             if kept is None or not later_or_larger(kept, state):
