@@ -95,6 +95,9 @@ class Follower(Generic[E]):
         except ValidationError as exc:
             log.error("unreadable %s event skipped: %s", self.topic, exc.errors()[:1])
             return
+        except Exception:  # a validator's own error: escaping, it would stop the rest
+            log.exception("%s: an event could not be read", self.topic)
+            return
         try:
             self._on_event(event)
         except Exception:  # a bug with one must not stop the rest

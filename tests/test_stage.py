@@ -13,7 +13,7 @@ from aiokafka.structs import TopicPartition
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.names import Names
-from stream.agents.stage import Fetched, GroupStage
+from stream.agents.stage import Fetched, GroupStage, group_consumer
 from tests.conftest import Broker
 
 SESSION_S = 1.0
@@ -93,3 +93,18 @@ async def test_a_takeover_longer_than_the_session_keeps_the_worker_in_its_group(
             await second.stop()
     finally:
         await first.stop()
+
+
+async def test_a_rebalance_waits_for_a_member_taking_partitions_over() -> None:
+    """Kafka drops a live member that has not rejoined within the rebalance timeout, and
+    one taking partitions over cannot rejoin before its callback returns: with the
+    timeout at the 10 s session, a worker joining while another took over for longer
+    got that one expelled, and the two could expel each other in turn (not seen on
+    Tansu, which waits). aiokafka's heartbeat leaves the group after as long without a
+    fetch, and a takeover does not fetch."""
+    consumer = group_consumer(Settings(), "g", "test")
+    try:
+        assert consumer._rebalance_timeout_ms >= 300_000
+        assert consumer._max_poll_interval_ms >= consumer._rebalance_timeout_ms
+    finally:
+        await consumer.stop()

@@ -43,6 +43,7 @@ POLL_MS = 50  # how long a fetch waits for records before the loop looks around
 # takes once (derived ids, budget states' offsets, alert ids).
 COMMIT_EVERY_S = 1.0
 STOP_TIMEOUT_S = 30.0
+REBALANCE_TIMEOUT_MS = 300_000  # Kafka's Java client's default (max.poll.interval.ms)
 
 Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
@@ -65,7 +66,13 @@ def group_consumer(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         session_timeout_ms=session_ms,
-        rebalance_timeout_ms=session_ms,
+        # How long a rebalance waits for a live member to rejoin: one taking partitions
+        # over cannot before its callback returns, and one not back by then is expelled
+        # (real Kafka; Tansu waits). Dead members go at the session timeout regardless.
+        rebalance_timeout_ms=max(session_ms, REBALANCE_TIMEOUT_MS),
+        # aiokafka's heartbeat leaves the group after this long without a fetch (a
+        # takeover holding the stage's lock does not fetch).
+        max_poll_interval_ms=max(session_ms, REBALANCE_TIMEOUT_MS),
         heartbeat_interval_ms=int(settings.stream_heartbeat_interval_s * 1000),
         fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
     )
