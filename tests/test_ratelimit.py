@@ -379,11 +379,15 @@ async def test_an_error_answer_cut_off_spends_nothing(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A provider's 429 whose body breaks off: an error is not billed, so nothing is
-    held for it (a call sent and never answered is: the test above)."""
+    held for it (a call sent and never answered is: the test above); and the caller
+    gets the provider's 429 and when to retry (it got a 502, as if the provider could
+    not be reached)."""
 
     async def cut_off(request: web.Request) -> web.StreamResponse:
         await request.read()
-        response = web.StreamResponse(status=429, headers={"Content-Length": "200"})
+        response = web.StreamResponse(
+            status=429, headers={"Content-Length": "200", "Retry-After": "7"}
+        )
         await response.prepare(request)
         await response.write(b'{"error":')
         assert request.transport is not None
@@ -396,4 +400,11 @@ async def test_an_error_answer_cut_off_spends_nothing(
         await key_known(ingress, secret)
         answer = await call(ingress, secret)
         event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
-        assert (event.status, event.usage.usage_missing) == ("upstream_unreachable", False)
+        assert (answer.status, answer.headers.get("retry-after")) == (429, "7")
+        assert answer.body["error"]["code"] == "upstream_error_cut_off"
+        assert (event.status, event.http_status, event.error_class) == (
+            "upstream_error",
+            429,
+            "http_429",
+        )
+        assert event.usage == Usage()  # an error is not billed

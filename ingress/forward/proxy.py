@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ingress.errors import ErrorShape
 from ingress.forward.call import Call, downstream_headers, upstream_headers
@@ -352,6 +353,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     usage = Usage.missing()
     model_served = ""
     response: web.StreamResponse | None = None
+    answer_headers: CIMultiDict[str] | None = None
     capture: StreamCapture | None = None
     try:
         call.mark_sent()
@@ -433,12 +435,26 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             if request.transport is not None:
                 request.transport.abort()
             return response
+        if http_status >= 400:
+            # The provider answered an error, whose body broke off: an error is not
+            # billed, and the caller gets its status (a 429 stays one, with when to retry).
+            status, error_class, usage = "upstream_error", f"http_{http_status}", Usage()
+            log.warning("provider %s answered %d, its body cut off", route.provider, http_status)
+            error = api.error(
+                http_status,
+                f"the provider {route.provider!r} answered {http_status}; its error body "
+                f"was cut off ({type(exc).__name__})",
+                code="upstream_error_cut_off",
+            )
+            error.headers["x-request-id"] = request_id
+            if answer_headers is not None and "retry-after" in answer_headers:
+                error.headers["retry-after"] = answer_headers["retry-after"]
+            return error
         status = "upstream_unreachable"
         # Never connected: nothing was sent, nothing spent. Else (no answer in time, the
         # connection dropped) the provider may be working on it, and bill it: unknown.
         unsent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
-        errored = http_status >= 400  # its error answer cut off: an error is not billed
-        usage = Usage() if unsent or errored else Usage.missing()
+        usage = Usage() if unsent else Usage.missing()
         timed_out = isinstance(exc, TimeoutError)
         http_status = 504 if timed_out else 502
         log.warning("provider %s unreachable: %s", route.provider, error_class)
