@@ -272,6 +272,26 @@ def test_a_broken_key_file_is_read_once_until_it_changes(
     assert key is not None and key.tenant == "globex"
 
 
+def test_a_key_file_edited_twice_within_one_mtime_tick_is_read_again(tmp_path: Path) -> None:
+    """Revoked in place, to the same size, within the filesystem's timestamp tick: the
+    file's inode, mtime and size are those of the version already loaded. The key must
+    still stop working (it went on until the file changed again)."""
+    path = tmp_path / "keys.yaml"
+    secret, _ = create_key(path, tenant="acme")
+    store = KeyStore(path)
+    assert store.reload()
+    stat = path.stat()
+    text = path.read_text()
+    assert "revoked: false" in text
+    with path.open("r+") as file:  # in place: same inode
+        file.write(text.replace("revoked: false", "revoked: true "))  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same tick
+    assert (path.stat().st_ino, path.stat().st_size) == (stat.st_ino, stat.st_size)
+    assert store.reload()
+    assert store.lookup(secret) is None
+    assert not store.reload()  # unchanged since: not loaded again
+
+
 async def test_the_ingress_loop_never_waits_for_a_large_key_file(
     ingress: str, ingress_settings: Settings
 ) -> None:

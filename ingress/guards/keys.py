@@ -19,6 +19,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +166,11 @@ def _gc_paused() -> Iterator[None]:
 
 # What a reload compares: inode (a write replaces the file), mtime and size; None: no file.
 Stamp = tuple[int, int, int] | None
+# A file edited again within its mtime's resolution (a filesystem tick, up to seconds)
+# keeps its mtime, and edited in place to the same size its whole stamp: one read
+# while its mtime was this recent is read again at each reload, and its content
+# compared, until it is older (git's "racily clean" entries).
+RACY_NS = 2_000_000_000
 
 
 class KeyStore:
@@ -177,6 +183,8 @@ class KeyStore:
         self.path = path
         self._by_hash: dict[str, VirtualKey] = {}
         self._stamp: Stamp = None  # of the file last read, loaded or not
+        self._digest = b""  # of its content
+        self._racy = False  # read within RACY_NS of its mtime: its stamp may not move
         self._reloading = threading.Lock()
 
     def __len__(self) -> int:
@@ -209,18 +217,23 @@ class KeyStore:
         once, not again until it changes."""
         with self._reloading:
             try:
-                with self.path.open() as file:
+                with self.path.open("rb") as file:
                     stat = os.fstat(file.fileno())
                     stamp: Stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-                    if stamp == self._stamp:
+                    if stamp == self._stamp and not self._racy:
                         return False
-                    self._stamp = stamp
+                    content = file.read()
+                    self._racy = time.time_ns() - stat.st_mtime_ns < RACY_NS
+                    digest = hashlib.sha256(content).digest()
+                    if stamp == self._stamp and digest == self._digest:
+                        return False
+                    self._stamp, self._digest = stamp, digest
                     with _gc_paused():
-                        keys = parse_keys(file.read())
+                        keys = parse_keys(content.decode())
             except FileNotFoundError:
                 if self._stamp is None:
                     return False
-                self._stamp, keys = None, KeyFile()
+                self._stamp, self._digest, keys = None, b"", KeyFile()
             except (OSError, ValueError, yaml.YAMLError) as exc:
                 log.error("key file %s unreadable, keeping the previous keys: %s", self.path, exc)
                 return False
