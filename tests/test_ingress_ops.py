@@ -474,6 +474,45 @@ async def test_a_stream_that_fails_after_its_200_is_recorded_as_the_provider_s_e
     assert event.usage.input_tokens > 0  # message_start's count is kept
 
 
+async def test_a_body_with_a_byte_order_mark_is_the_provider_s_to_judge(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON body led by a UTF-8 byte order mark (some Windows tools write one): a JSON
+    parser may pass it over (RFC 8259, and Python's does), so llmtap reads it and
+    forwards it byte for byte, leaving the provider to accept it or not (llmtap answered
+    400 invalid_json, its parser refusing it)."""
+    got: list[bytes] = []
+
+    async def provider(request: web.Request) -> web.StreamResponse:
+        got.append(await request.read())
+        return web.json_response(
+            {
+                "id": "chatcmpl-bom",
+                "object": "chat.completion",
+                "model": "gpt-4o-2024-08-06",
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+        )
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    body = b"\xef\xbb\xbf" + orjson.dumps({"model": "gpt-4o", "messages": []})
+    async with (
+        ingress_before(provider, ingress_settings, monkeypatch) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"),
+            data=body,
+            headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+        ) as response,
+    ):
+        assert response.status == 200
+        request_id = response.headers["x-request-id"]
+    assert got == [body]
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.model_requested, event.usage.input_tokens) == ("ok", "gpt-4o", 3)
+
+
 async def test_a_provider_resetting_its_connection_mid_stream_is_its_error(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -101,6 +101,11 @@ def _int(value: Any) -> int:
 
 
 def parse_json_body(body: bytes) -> dict[str, Any] | None:
+    """A JSON object, or None. A leading UTF-8 byte order mark is passed over, as RFC
+    8259 lets a parser do and Python's own does (orjson refuses it): whether the body is
+    acceptable is then for the provider to say, as it would without llmtap."""
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
