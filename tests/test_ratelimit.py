@@ -386,7 +386,8 @@ async def test_an_error_answer_cut_off_spends_nothing(
     async def cut_off(request: web.Request) -> web.StreamResponse:
         await request.read()
         response = web.StreamResponse(
-            status=429, headers={"Content-Length": "200", "Retry-After": "7"}
+            status=429,
+            headers={"Content-Length": "200", "Retry-After": "7", "x-should-retry": "false"},
         )
         await response.prepare(request)
         await response.write(b'{"error":')
@@ -401,6 +402,8 @@ async def test_an_error_answer_cut_off_spends_nothing(
         answer = await call(ingress, secret)
         event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
         assert (answer.status, answer.headers.get("retry-after")) == (429, "7")
+        assert answer.headers.get("x-should-retry") == "false"  # the SDKs follow it
+        assert len(answer.headers.getall("x-request-id")) == 1
         assert answer.body["error"]["code"] == "upstream_error_cut_off"
         assert (event.status, event.http_status, event.error_class) == (
             "upstream_error",

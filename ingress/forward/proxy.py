@@ -48,6 +48,9 @@ from llmtap.events import Status, Usage, utcnow
 
 log = logging.getLogger(__name__)
 
+# Headers that describe a body: not passed on with one llmtap writes instead.
+_BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding"})
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Settle = Callable[[datetime], Delivered | None]  # a call's end time -> who hears of its event
 
@@ -446,9 +449,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 f"was cut off ({type(exc).__name__})",
                 code="upstream_error_cut_off",
             )
-            error.headers["x-request-id"] = request_id
-            if answer_headers is not None and "retry-after" in answer_headers:
-                error.headers["retry-after"] = answer_headers["retry-after"]
+            # With the provider's headers (when to retry, whether to, its rate limits),
+            # but those of the body it sent; x-request-id is llmtap's among them.
+            error.headers.extend(
+                (name, value)
+                for name, value in (answer_headers or {"x-request-id": request_id}).items()
+                if name.lower() not in _BODY_HEADERS
+            )
             return error
         status = "upstream_unreachable"
         # Never connected: nothing was sent, nothing spent. Else (no answer in time, the
