@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -272,24 +273,50 @@ def test_a_broken_key_file_is_read_once_until_it_changes(
     assert key is not None and key.tenant == "globex"
 
 
-def test_a_key_file_edited_twice_within_one_mtime_tick_is_read_again(tmp_path: Path) -> None:
+def _revoke_in_place(path: Path) -> None:
+    """Revoke the file's one key, in place (same inode) and to the same size."""
+    text = path.read_text()
+    assert "revoked: false" in text
+    with path.open("r+") as file:
+        file.write(text.replace("revoked: false", "revoked: true "))
+
+
+def test_a_key_file_edited_twice_within_one_timestamp_tick_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Revoked in place, to the same size, within the filesystem's timestamp tick: the
-    file's inode, mtime and size are those of the version already loaded. The key must
-    still stop working (it went on until the file changed again)."""
+    file reports the inode, times and size of the version already loaded (made so here:
+    a tick is milliseconds to seconds). The key must still stop working; it went on
+    until the file changed again."""
     path = tmp_path / "keys.yaml"
     secret, _ = create_key(path, tenant="acme")
     store = KeyStore(path)
     assert store.reload()
-    stat = path.stat()
-    text = path.read_text()
-    assert "revoked: false" in text
-    with path.open("r+") as file:  # in place: same inode
-        file.write(text.replace("revoked: false", "revoked: true "))  # same size
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same tick
-    assert (path.stat().st_ino, path.stat().st_size) == (stat.st_ino, stat.st_size)
+    loaded = os.stat(path)
+    _revoke_in_place(path)
+    monkeypatch.setattr("ingress.guards.keys.os.fstat", lambda fd: loaded)
     assert store.reload()
     assert store.lookup(secret) is None
     assert not store.reload()  # unchanged since: not loaded again
+
+
+def test_a_key_file_edited_with_its_mtime_kept_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revoked in place, to the same size, by a tool that keeps the file's mtime (`cp
+    -p`, `rsync -t`), after the file was loaded long enough ago not to be read again for
+    its recent time: its ctime, which no tool sets back, shows the change."""
+    path = tmp_path / "keys.yaml"
+    secret, _ = create_key(path, tenant="acme")
+    store = KeyStore(path)
+    later = time.time_ns() + 60_000_000_000
+    monkeypatch.setattr("ingress.guards.keys.time.time_ns", lambda: later)  # a minute on
+    assert store.reload()
+    loaded = os.stat(path)
+    _revoke_in_place(path)
+    os.utime(path, ns=(loaded.st_atime_ns, loaded.st_mtime_ns))
+    assert store.reload()
+    assert store.lookup(secret) is None
 
 
 async def test_the_ingress_loop_never_waits_for_a_large_key_file(

@@ -164,11 +164,12 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-# What a reload compares: inode (a write replaces the file), mtime and size; None: no file.
-Stamp = tuple[int, int, int] | None
-# A file edited again within its mtime's resolution (a filesystem tick, up to seconds)
-# keeps its mtime, and edited in place to the same size its whole stamp: one read
-# while its mtime was this recent is read again at each reload, and its content
+# What a reload compares: inode (a write replaces the file), mtime, ctime (which no tool
+# can set back, as `cp -p` or `rsync -t` set mtime) and size; None: no file.
+Stamp = tuple[int, int, int, int] | None
+# A file edited again within its ctime's resolution (a filesystem tick, up to seconds)
+# keeps its ctime, and edited in place to the same size its whole stamp: one read
+# while its ctime was this recent is read again at each reload, and its content
 # compared, until it is older (git's "racily clean" entries).
 RACY_NS = 2_000_000_000
 
@@ -184,7 +185,7 @@ class KeyStore:
         self._by_hash: dict[str, VirtualKey] = {}
         self._stamp: Stamp = None  # of the file last read, loaded or not
         self._digest = b""  # of its content
-        self._racy = False  # read within RACY_NS of its mtime: its stamp may not move
+        self._racy = False  # read within RACY_NS of its ctime: its stamp may not move
         self._reloading = threading.Lock()
 
     def __len__(self) -> int:
@@ -219,11 +220,11 @@ class KeyStore:
             try:
                 with self.path.open("rb") as file:
                     stat = os.fstat(file.fileno())
-                    stamp: Stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                    stamp: Stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
                     if stamp == self._stamp and not self._racy:
                         return False
                     content = file.read()
-                    self._racy = time.time_ns() - stat.st_mtime_ns < RACY_NS
+                    self._racy = time.time_ns() - stat.st_ctime_ns < RACY_NS
                     digest = hashlib.sha256(content).digest()
                     if stamp == self._stamp and digest == self._digest:
                         return False
