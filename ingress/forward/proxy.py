@@ -48,9 +48,6 @@ from llmtap.events import Status, Usage, utcnow
 
 log = logging.getLogger(__name__)
 
-# Headers that describe a body: not passed on with one llmtap writes instead.
-_BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding"})
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Settle = Callable[[datetime], Delivered | None]  # a call's end time -> who hears of its event
 
@@ -438,7 +435,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             if request.transport is not None:
                 request.transport.abort()
             return response
-        if http_status >= 400:
+        if answer_headers is not None and http_status >= 400:
             # The provider answered an error, whose body broke off: an error is not
             # billed, and the caller gets its status (a 429 stays one, with when to retry).
             status, error_class, usage = "upstream_error", f"http_{http_status}", Usage()
@@ -449,12 +446,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 f"was cut off ({type(exc).__name__})",
                 code="upstream_error_cut_off",
             )
-            # With the provider's headers (when to retry, whether to, its rate limits),
-            # but those of the body it sent; x-request-id is llmtap's among them.
+            # With the provider's headers (when to retry, whether to, its rate limits;
+            # x-request-id is llmtap's among them), but the type of the body it sent:
+            # downstream_headers already left out its length and encoding.
             error.headers.extend(
                 (name, value)
-                for name, value in (answer_headers or {"x-request-id": request_id}).items()
-                if name.lower() not in _BODY_HEADERS
+                for name, value in answer_headers.items()
+                if name.lower() != "content-type"
             )
             return error
         status = "upstream_unreachable"
