@@ -84,6 +84,7 @@ class WebhookEndpoint(BaseModel):
     rules: tuple[str, ...] = ()
     dimensions: tuple[str, ...] = ()
     values: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()  # the alert's tenant (Alert.tenant); "" names none
     template: str = Field(default="json", min_length=1)
     timeout_s: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=8, ge=1)
@@ -145,6 +146,11 @@ class BudgetConfig(BaseModel):
     limit_usd: Decimal = Field(gt=0)
     thresholds: tuple[int, ...] = (50, 80, 100)  # percent of the limit; one alert each
     hard_cap: bool = True  # refuse calls that could overshoot the limit
+
+    @property
+    def owner(self) -> str:
+        """The tenant the budget belongs to; "": none (it counts every tenant's calls)."""
+        return self.value if self.scope == "tenant" else self.tenant
 
 
 SpikeMetric = Literal["cost", "requests", "tokens", "error_rate", "p95_latency"]

@@ -56,6 +56,12 @@ def derived_id(source: uuid.UUID, stage: str) -> uuid.UUID:
     return _uuid5(f"{stage}:{source}")
 
 
+def series_key(size_s: int, dimension: str, tenant: str, value: str) -> str:
+    """The key of a window series: its length, dimension, tenant and value. The tenant
+    goes with its length, so no tenant name and value can spell another pair's key."""
+    return f"{size_s}|{dimension}|{len(tenant)}:{tenant}|{value}"
+
+
 def stable_id(*parts: str) -> uuid.UUID:
     """A deterministic id for a thing named by ``parts`` (e.g. one budget's threshold in
     one period), so every replay that produces it produces the same id."""
@@ -225,6 +231,10 @@ class Alert(_Model):
     rule: str  # the spike rule's or the budget's name
     dimension: str  # tenant, team, key, user, model, provider, feature
     value: str  # which tenant, team...
+    # The tenant the alert is about: a spike's series' (WindowEvent.tenant), a budget's
+    # (its configured tenant, or its value for a tenant budget). "": every tenant's (a
+    # model or provider series, a budget counting every tenant).
+    tenant: str = ""
     metric: str  # cost, requests, tokens, error_rate, p95_latency, spend
     observed: Decimal
     baseline: Decimal | None = None  # spike: the learned baseline; budget: the limit
@@ -315,6 +325,10 @@ class WindowEvent(_Model):
     size_s: int = Field(gt=0)
     dimension: WindowDimension
     value: str
+    # Whose calls it counts: the tenant for the dimensions named within a tenant (a
+    # tenant's team "search" and another's are two series; a key and the tenant itself
+    # too, for their alerts' sake), "" for model and provider (every tenant's calls).
+    tenant: str = ""
     window_start: UtcDatetime
     window_end: UtcDatetime
     partitions: tuple[int, ...]
@@ -333,5 +347,5 @@ class WindowEvent(_Model):
 
     @property
     def series(self) -> str:
-        """The key of this window's series: size, dimension and value."""
-        return f"{self.size_s}|{self.dimension}|{self.value}"
+        """The key of this window's series: size, dimension, tenant and value."""
+        return series_key(self.size_s, self.dimension, self.tenant, self.value)

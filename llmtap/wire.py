@@ -171,6 +171,7 @@ class Window(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     size_s: Annotated[int, msgspec.Meta(gt=0)]
     dimension: events.WindowDimension
     value: str
+    tenant: str = ""
     window_start: Timestamp
     window_end: Timestamp
     partitions: tuple[int, ...]
@@ -193,8 +194,8 @@ class Window(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     @property
     def series(self) -> str:
-        """The key of this window's series: size, dimension and value."""
-        return f"{self.size_s}|{self.dimension}|{self.value}"
+        """The key of this window's series: size, dimension, tenant and value."""
+        return events.series_key(self.size_s, self.dimension, self.tenant, self.value)
 
 
 # Either spelling of an event: the same fields, read the same way.

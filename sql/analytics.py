@@ -35,7 +35,6 @@ from sql.budgets import (
     alert_keys,
     budget_follower,
     budget_rows,
-    owner_of,
     visible_budgets,
 )
 from sql.params import (
@@ -49,6 +48,7 @@ from sql.params import (
     BadParameter,
     Filters,
     Query,
+    Scope,
 )
 from sql.store import READ_TIMEOUT_S, Store, render
 
@@ -253,6 +253,20 @@ async def users(request: web.Request) -> web.Response:
     return json_response({"range": filters.range, "limit": limit, "data": rows})
 
 
+def alert_scope(scope: Scope) -> tuple[dict[str, Any], dict[str, Any]]:
+    """How ``analytics_alerts.sql`` confines a caller of ``scope`` to its own alerts: the
+    query's structure and the values it binds for it (none for an admin)."""
+    if scope.tenant is None:
+        return {"scoped": False, "spikes_of": None}, {}
+    spikes_of, spikes_value = "tenant", scope.tenant
+    if scope.user is not None:
+        spikes_of, spikes_value = "user", scope.user
+    elif scope.team is not None:
+        spikes_of, spikes_value = "team", scope.team
+    values = {"tenant": scope.tenant, "spikes_dimension": spikes_of, "spikes_value": spikes_value}
+    return {"scoped": True, "spikes_of": spikes_of}, values
+
+
 async def alerts(request: web.Request) -> web.Response:
     query, filters = parse(request, "alerts")
     chosen = {
@@ -264,15 +278,10 @@ async def alerts(request: web.Request) -> web.Response:
     limit = query.limit()
     scope = request[CALLER].scope
     active = {name: value for name, value in chosen.items() if value is not None}
-    sql = render(
-        "analytics_alerts",
-        alert_filters=frozenset(active),
-        scoped=scope.tenant is not None,
-        tenant_spikes=scope.team is None and scope.user is None,
-    )
-    values: dict[str, Any] = {"since": filters.since, "limit": limit, **active}
+    structure, confined = alert_scope(scope)
+    sql = render("analytics_alerts", alert_filters=frozenset(active), **structure)
+    values: dict[str, Any] = {"since": filters.since, "limit": limit, **active, **confined}
     if scope.tenant is not None:
-        values["tenant"] = scope.tenant
         configured = request.app.get(BUDGETS, [])
         values["budgets"] = alert_keys(visible_budgets(configured, scope))
     rows = await request.app[STORE].arows(sql, values)
@@ -296,7 +305,7 @@ async def budgets(request: web.Request) -> web.Response:
             "budget": row.name,
             "scope": row.scope,
             "value": row.value,
-            "tenant": owner_of(by_name[row.name]) or None,
+            "tenant": by_name[row.name].owner or None,
             "period": row.period,
             "limit_usd": row.limit_usd,
             "spent_usd": row.spent_usd,

@@ -83,7 +83,7 @@ def may_see(budget: BudgetConfig, scope: Scope) -> bool:
     user's."""
     if scope.tenant is None:
         return True
-    owner = owner_of(budget)
+    owner = budget.owner
     if not owner or owner != scope.tenant:  # "": every tenant's, for admins only
         return False
     if scope.user is not None:
@@ -96,14 +96,9 @@ def may_see(budget: BudgetConfig, scope: Scope) -> bool:
 def alert_keys(budgets: Iterable[BudgetConfig | BudgetRow]) -> list[tuple[str, str, str]]:
     """What the alerts of ``budgets`` carry as (rule, dimension, value): each one's
     (name, scope, value). Matched on all three, not the name alone: a name once given to
-    another owner would bring that owner's alerts. (Alerts name no tenant: a team, user
-    or feature budget's name and value both reused for another tenant still match.)"""
+    another owner would bring that owner's alerts; and the query matches the alert's
+    tenant too (one stored before alerts had tenants has none, and matches on these)."""
     return [(b.name, b.scope, b.value) for b in budgets]
-
-
-def owner_of(budget: BudgetConfig) -> str:
-    """The tenant a budget belongs to; "": none (it counts every tenant's calls)."""
-    return budget.value if budget.scope == "tenant" else budget.tenant
 
 
 def budget_follower(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -172,6 +172,12 @@ ROWS: dict[str, Schema] = {
             "rule": STRING,
             "dimension": STRING,
             "value": STRING,
+            "tenant": {
+                "type": "string",
+                "description": "the tenant the alert is about; empty: every tenant's "
+                "(a model or provider spike, a budget on every tenant, an alert from "
+                "before alerts had tenants)",
+            },
             "metric": STRING,
             "observed": DECIMAL,
             "baseline": _nullable(DECIMAL),

@@ -23,21 +23,26 @@ from llmtap.events import WindowDimension, stable_id
 from llmtap.wire import Costed
 from stream.sketches import LatencySketch, Tally, bin_of
 
-Series = tuple[WindowDimension, str]  # (dimension, value), e.g. ("team", "search")
+# (dimension, tenant, value), e.g. ("team", "acme", "search"); the tenant is "" for the
+# dimensions counted over every tenant (model, provider).
+Series = tuple[WindowDimension, str, str]
 
 
 def dimension_values(event: Costed) -> tuple[Series, ...]:
-    """The dimension values a call is counted under."""
+    """The dimension values a call is counted under: teams, users and features are
+    named within a tenant (two tenants' team "search" are two teams), keys belong to
+    one; models and providers are every tenant's."""
     r = event.response
     a = r.attribution
+    tenant = a.tenant
     return (
-        ("tenant", a.tenant),
-        ("team", a.team),
-        ("key", a.key_id),
-        ("user", a.user),
-        ("model", r.model),
-        ("provider", r.provider),
-        ("feature", a.feature),
+        ("tenant", tenant, tenant),
+        ("team", tenant, a.team),
+        ("key", tenant, a.key_id),
+        ("user", tenant, a.user),
+        ("model", "", r.model),
+        ("provider", "", r.provider),
+        ("feature", tenant, a.feature),
     )
 
 
@@ -163,21 +168,19 @@ class Aggregate:
     ) -> wire.Window:
         """The window's event, built without validation (what it is built from was
         checked when counted; tests/test_wire.py holds the two spellings together)."""
-        dimension, value = series
+        dimension, tenant, value = series
         owned = tuple(sorted(set(partitions)))
         size_s = int(size.total_seconds())
+        # A window of no tenant keeps the id it had before windows had tenants.
+        named = (dimension, value) if not tenant else (dimension, value, "tenant", tenant)
         return wire.Window(
             event_id=stable_id(
-                "window",
-                str(size_s),
-                dimension,
-                value,
-                start.isoformat(),
-                ",".join(map(str, owned)),
+                "window", str(size_s), *named, start.isoformat(), ",".join(map(str, owned))
             ),
             size_s=size_s,
             dimension=dimension,
             value=value,
+            tenant=tenant,
             window_start=start,
             window_end=start + size,
             partitions=owned,
@@ -207,7 +210,7 @@ def merge_windows(shares: Sequence[wire.Window]) -> wire.Window:
         total.merge(Aggregate.of(share))
     partitions = {p for share in shares for p in share.partitions}
     return total.to_event(
-        (first.dimension, first.value),
+        (first.dimension, first.tenant, first.value),
         first.window_start,
         timedelta(seconds=first.size_s),
         partitions,

@@ -156,6 +156,7 @@ def threshold_alert(
         rule=budget.name,
         dimension=budget.scope,
         value=budget.value,
+        tenant=budget.owner,
         metric="spend",
         observed=state.spent_usd,
         baseline=budget.limit_usd,

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from llmtap.config import SpikeMetric, SpikeRule
-from llmtap.events import Alert
+from llmtap.events import Alert, series_key
 from llmtap.wire import Window
 from stream.aggregates import merge_windows, sketch_of
 from stream.spikes import SeriesState, horizon, observe, quiet_span, went_quiet
@@ -34,6 +34,8 @@ SWEEP_EVERY = timedelta(minutes=1)
 # past its quiet_span (one more than it takes: a share fetched late from another
 # partition): 3 windows for a count.
 QUIET_AFTER = 3
+
+StateKey = tuple[str, str, str]  # a series as one rule judges it: (rule, tenant, value)
 
 
 def metric_value(metric: SpikeMetric, window: Window) -> Decimal | None:
@@ -73,11 +75,11 @@ class Detector:
         self.partitions = partitions  # of llmtap.responses: one share of a window each
         self._settle = settle
         self._pending: dict[str, dict[datetime, _Pending]] = {}  # series -> start -> shares
-        self.states: dict[tuple[str, str], SeriesState] = {}  # (rule, value) -> state
+        self.states: dict[StateKey, SeriesState] = {}
         # The series this detector judges (not those read back at warmup, which knows
         # other workers' series too), with the windows partition each comes on: only
         # those can it find quiet.
-        self.judged: dict[tuple[str, str], int | None] = {}
+        self.judged: dict[StateKey, int | None] = {}
         self._away: set[int] = set()  # windows partitions given up
         self._swept: datetime | None = None
         self._latest: dict[int, datetime] = {}  # window length -> latest start judged
@@ -158,12 +160,13 @@ class Detector:
             behind = latest - state.last_window
             quiet = behind >= (quiet_span(rule) + QUIET_AFTER - 1) * window
             quiet = quiet and key in self.judged
+            _, tenant, value = key
             if (
                 quiet
                 and state.firing
-                and f"{rule.window_s}|{rule.dimension}|{key[1]}" not in self._pending
+                and series_key(rule.window_s, rule.dimension, tenant, value) not in self._pending
             ):
-                state, raised = went_quiet(rule, key[1], state, window)
+                state, raised = went_quiet(rule, value, state, window, tenant=tenant)
                 self.states[key] = state
                 alerts += raised
             if behind > horizon([rule]):
@@ -195,7 +198,7 @@ class Detector:
             value = metric_value(rule.metric, window)
             if value is None:
                 continue
-            state_key = (rule.name, window.value)
+            state_key = (rule.name, window.tenant, window.value)
             state, raised = observe(
                 rule,
                 window.value,
@@ -203,6 +206,7 @@ class Detector:
                 window.window_start,
                 window.window_end,
                 value,
+                tenant=window.tenant,
             )
             self.states[state_key] = state
             if pending.home not in self._away:

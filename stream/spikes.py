@@ -155,9 +155,12 @@ def _alert(
     first_seen: datetime,
     value: Decimal,
     baseline: Baseline,
+    tenant: str,
     quiet: bool = False,
 ) -> Alert:
     where = f"{rule.dimension}={series}"
+    if tenant and rule.dimension != "tenant":
+        where += f" of tenant {tenant}"
     if state == "firing":
         message = (
             f"{rule.metric} spike on {where}: {_fmt(value)} against a baseline of "
@@ -175,8 +178,14 @@ def _alert(
             f"{_fmt(baseline.center)}; spike since {first_seen.isoformat()}"
         )
     return Alert(
+        # A series of no tenant keeps the id it had before series had tenants.
         event_id=stable_id(
-            "spike", rule.name, rule.dimension, series, window_start.isoformat(), state
+            "spike",
+            rule.name,
+            rule.dimension,
+            *((series,) if not tenant else (series, "tenant", tenant)),
+            window_start.isoformat(),
+            state,
         ),
         alert_type="spike",
         state=state,
@@ -184,6 +193,7 @@ def _alert(
         rule=rule.name,
         dimension=rule.dimension,
         value=series,
+        tenant=tenant,
         metric=rule.metric,
         observed=_q(value),
         baseline=_q(baseline.center),
@@ -201,8 +211,11 @@ def observe(
     window_start: datetime,
     window_end: datetime,
     value: Decimal | int | float,
+    *,
+    tenant: str = "",
 ) -> tuple[SeriesState, list[Alert]]:
-    """Judge one closed window of ``series`` (the dimension's value, e.g. a team name).
+    """Judge one closed window of ``series`` (the dimension's value, e.g. a team name,
+    of ``tenant``: WindowEvent.tenant).
 
     Returns the series' new state and the alerts to publish (none, one firing, or one
     resolved). A window not after the last one observed changes nothing.
@@ -218,7 +231,7 @@ def observe(
     if state.firing and state.last_window is not None:
         length = window_end - window_start
         if window_start > state.last_window + quiet_span(rule) * length:
-            state, quieted = went_quiet(rule, series, state, length)
+            state, quieted = went_quiet(rule, series, state, length, tenant=tenant)
     observed = as_decimal(value)
     if rule.seasonality == "hour_of_day":
         state = _roll_profile(rule, state, window_start)
@@ -253,6 +266,7 @@ def observe(
                         first_seen=window_start,
                         value=observed,
                         baseline=baseline,
+                        tenant=tenant,
                     )
                 )
                 update |= {
@@ -273,6 +287,7 @@ def observe(
                     first_seen=state.first_seen or window_start,
                     value=observed,
                     baseline=baseline,
+                    tenant=tenant,
                 )
             )
             update["firing"] = False
@@ -297,7 +312,7 @@ def quiet_span(rule: SpikeRule) -> int:
 
 
 def went_quiet(
-    rule: SpikeRule, series: str, state: SeriesState, window: timedelta
+    rule: SpikeRule, series: str, state: SeriesState, window: timedelta, *, tenant: str = ""
 ) -> tuple[SeriesState, list[Alert]]:
     """End the episode of a firing series whose next windows had no calls (a runaway
     job stopped; :func:`quiet_span` of them): a ``resolved`` alert for the first of
@@ -319,6 +334,7 @@ def went_quiet(
         first_seen=state.first_seen or state.last_window,
         value=Decimal(0),
         baseline=baseline,
+        tenant=tenant,
         quiet=True,
     )
     return state.model_copy(update={"firing": False}), [resolved]

@@ -193,7 +193,7 @@ class Windower:
             if window.event_id in seen:
                 continue
             seen.add(window.event_id)
-            series: Series = (window.dimension, window.value)
+            series: Series = (window.dimension, window.tenant, window.value)
             self._roll_up(series, window.window_start, Aggregate.of(window), self.watermark)
         return len(seen)
 

@@ -978,6 +978,7 @@ def alert(
     value: str = "acme",
     state: Literal["firing", "resolved"] = "firing",
     severity: Literal["info", "warning", "critical"] = "warning",
+    tenant: str = "",
 ) -> Alert:
     seen = NOW - age
     return Alert(
@@ -988,6 +989,7 @@ def alert(
         rule=name,
         dimension=dimension,
         value=value,
+        tenant=tenant,
         metric="spend" if alert_type == "budget" else "cost",
         observed=Decimal("12.5"),
         baseline=Decimal("10") if alert_type == "budget" else None,
@@ -1083,6 +1085,7 @@ async def test_alerts_newest_first_with_every_field(alerts_api: AlertsApi) -> No
         "rule": "acme-monthly",
         "dimension": "tenant",
         "value": "acme",
+        "tenant": "",  # stored before alerts had tenants
         "metric": "spend",
         "observed": "12.500000000",
         "baseline": "10.000000000",
@@ -1155,6 +1158,49 @@ async def test_a_budget_name_once_anothers_brings_none_of_its_alerts(
         ("globex-all", "globex"),
     ]
     assert len(await api.names("admin", range="90d")) == 8 + len(others)
+
+
+async def test_a_virtual_key_sees_the_spikes_on_its_tenants_series(
+    alerts_api: AlertsApi, store: Store
+) -> None:
+    """Spikes carry their series' tenant: a key sees those on its tenant's teams, users,
+    features and keys (two tenants' team "search" are two series), a key bound to a
+    team or user only its team's or user's; spikes on a model or provider count every
+    tenant's calls (tenant ""): admins only. A budget alert carries its budget's tenant:
+    another tenant's budget of the same name, scope and value is not this key's."""
+    api = alerts_api
+    before = {key: await api.names(key, range="90d") for key in api.keys}
+    new = [
+        alert("team-spike", 7 * H, dimension="team", value="search", tenant="acme"),
+        alert("team-spike", 8 * H, dimension="team", value="search", tenant="globex"),
+        alert("user-spike", 9 * H, dimension="user", value="alice", tenant="acme"),
+        alert("feature-spike", 10 * H, dimension="feature", value="chat", tenant="acme"),
+        alert("tenant-spike", 11 * H, dimension="tenant", value="acme", tenant="acme"),
+        alert("model-spike", 12 * H, dimension="model", value="gpt-4o"),
+        alert(
+            "acme-search",
+            13 * H,
+            alert_type="budget",
+            dimension="team",
+            value="search",
+            tenant="globex",
+        ),
+    ]
+    store_batch(store, new, [], [])
+
+    async def added(key: str) -> list[Any]:
+        return [row for row in await api.names(key, range="90d") if row not in before[key]]
+
+    assert await added("acme") == [
+        ("team-spike", "search"),
+        ("user-spike", "alice"),
+        ("feature-spike", "chat"),
+        ("tenant-spike", "acme"),
+    ]
+    assert await added("globex") == [("team-spike", "search")]
+    assert await added("acme_search") == [("team-spike", "search")]
+    assert await added("acme_alice") == [("user-spike", "alice")]
+    assert len(await api.names("admin", range="90d")) == len(before["admin"]) + len(new)
 
 
 @pytest.mark.parametrize(

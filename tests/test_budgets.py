@@ -247,6 +247,10 @@ def test_a_state_published_while_the_name_was_anothers_is_not_counted_on() -> No
     assert threshold_alert(acme_eng, counted, 50, at(3)).event_id != (
         threshold_alert(globex_eng, counted, 50, at(3)).event_id
     )
+    # Each alert names its budget's tenant: its configured one, or a tenant budget's own.
+    assert threshold_alert(acme_eng, counted, 50, at(3)).tenant == "acme"
+    assert raised[0].tenant == "acme"
+    assert threshold_alert(budget(scope="team", value="eng"), counted, 50, at(3)).tenant == ""
     # A state from before states said their tenant is taken as it was, and says it
     # from then on (else it would match any tenant all its period).
     ledger.seed(counted.model_copy(update={"tenant": None}))

@@ -37,7 +37,7 @@ MINUTE = timedelta(minutes=1)
 
 def window(start: datetime, requests: int, partitions: int) -> wire.Window:
     return Aggregate(requests=requests).to_event(
-        ("team", "search"), start, MINUTE, range(partitions)
+        ("team", "acme", "search"), start, MINUTE, range(partitions)
     )
 
 
@@ -97,7 +97,7 @@ async def test_a_restarted_detector_judges_a_spike_with_what_was_judged_before()
         await publish(broker.bootstrap, [spike], now)  # not consumed yet: not read back
 
         warm = await warmed_detector(settings)
-        state = warm.states[(RULE.name, "search")]
+        state = warm.states[(RULE.name, "acme", "search")]
         assert len(state.history) == 10  # the steady windows, not the old one
         assert state.last_window == steady[-1].window_start  # nor the spike
 
@@ -164,7 +164,7 @@ async def test_a_spike_fired_by_one_worker_is_not_fired_again_by_the_next_owner(
             async with asyncio.timeout(30):
                 while True:
                     for stage in stages:
-                        state = stage.detector.states.get((RULE.name, "search"))
+                        state = stage.detector.states.get((RULE.name, "acme", "search"))
                         if state is not None and state.last_window == at:
                             return stage
                     await asyncio.sleep(0.05)

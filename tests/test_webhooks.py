@@ -91,6 +91,10 @@ def test_slack_template_is_blocks_with_the_facts_escaped() -> None:
     fields = [f["text"] for b in message["blocks"] if "fields" in b for f in b["fields"]]
     assert "*Scope*\nteam = r&amp;d &lt;all&gt;" in fields
     assert "*Observed*\n12.50" in fields and "*Baseline*\n3.10" in fields
+    assert not any(f.startswith("*Tenant*") for f in fields)
+    acme = json.loads(render.render(render.load("slack"), make_alert(tenant="a&b")).data)
+    assert acme["text"].endswith("(team=search of tenant a&amp;b)")
+    assert "*Tenant*\na&amp;b" in [f["text"] for f in acme["blocks"][2]["fields"]]
     assert "spend &lt;doubled&gt; &amp; more" in message["blocks"][1]["text"]["text"]
 
 
@@ -102,6 +106,9 @@ def test_text_template_is_one_short_line() -> None:
     assert "\n" not in text
     for fact in ("cost-spike", "search", "12.50", "FIRING"):
         assert fact in text
+    assert "of tenant" not in text  # an alert of no tenant
+    mine = render.render(render.load("text"), make_alert(tenant="acme")).data.decode()
+    assert "on team=search of tenant acme: cost" in mine
     # a value from a call (a model name is the client's) with line breaks in it
     broken = make_alert(rule="cost-spike", value="gpt\r\n4\u2028x", message="a\nb")
     text = render.render(render.load("text"), broken).data.decode()
@@ -277,6 +284,10 @@ def test_filters_empty_means_all() -> None:
     assert matches(endpoint("rule", url, rules=["cost-spike", "x"]), spike)
     assert not matches(endpoint("other-team", url, dimensions=["team"], values=["ads"]), spike)
     assert matches(endpoint("team", url, dimensions=["team"], values=["search"]), spike)
+    acme = make_alert(rule="cost-spike", dimension="team", value="search", tenant="acme")
+    assert matches(endpoint("acme", url, tenants=["acme"]), acme)
+    assert not matches(endpoint("globex", url, tenants=["globex"]), acme)
+    assert not matches(endpoint("acme", url, tenants=["acme"]), spike)  # of no tenant
 
 
 # -- delivery on real parts ---------------------------------------------------------

@@ -34,6 +34,7 @@ def call(
     at: timedelta,
     *,
     team: str = "search",
+    tenant: str = "acme",
     model: str = "gpt-4o",
     status: Status = "ok",
     error_class: str = "",
@@ -55,7 +56,7 @@ def call(
         latency_ms=latency_ms,
         ttft_ms=ttft_ms,
         proxy_overhead_ms=0.1,
-        attribution=Attribution(tenant="acme", team=team, user="u1", key_id="k1", feature="f"),
+        attribution=Attribution(tenant=tenant, team=team, user="u1", key_id="k1", feature="f"),
     )
     return sample.costed(response, None if cost is None else sample.cost(cost))
 
@@ -207,6 +208,41 @@ def test_a_spike_fires_on_its_first_window_and_resolves_after() -> None:
     assert [a.event_id for a in again] == [a.event_id for _, a in raised]
 
 
+def test_two_tenants_teams_of_one_name_are_two_series_and_a_spike_names_its_tenant() -> None:
+    """Teams (users, features) are named within a tenant: acme's team "search" and
+    globex's are counted, judged and alerted on apart; a model is every tenant's. Here
+    globex's search triples while acme's falls by as much: counted as one series, the
+    team's calls held steady and nothing fired."""
+    acme = [30, 33, 27, 30, 36, 30, 27, 33, 10]
+    globex = [10, 11, 9, 10, 12, 10, 9, 11, 30]
+    d = Detector([RULE], partitions=1, settle=timedelta(seconds=15))
+    raised = []
+    for m, levels in enumerate(zip(acme, globex, strict=True)):
+        w = Windower((60,), GRACE)
+        for tenant, level in zip(("acme", "globex"), levels, strict=True):
+            for i in range(level):
+                w.add(call(m * MIN + (i % 50) * S, tenant=tenant), T0)
+        closed = w.advance(T0 + (m + 5) * MIN, [0])
+        counted = {(x.dimension, x.tenant, x.value): x.requests for x in closed}
+        assert counted[("team", "acme", "search")] == levels[0]
+        assert counted[("team", "globex", "search")] == levels[1]
+        assert counted[("tenant", "globex", "globex")] == levels[1]
+        assert counted[("model", "", "gpt-4o")] == sum(levels)
+        raised += [a for x in closed for a in d.offer(x, T0)]
+    [alert] = raised
+    assert (alert.state, alert.tenant, alert.value, alert.observed) == (
+        "firing",
+        "globex",
+        "search",
+        Decimal(30),
+    )
+    assert "team=search of tenant globex" in alert.message
+    assert set(d.states) == {
+        ("team-requests", "acme", "search"),
+        ("team-requests", "globex", "search"),
+    }
+
+
 def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten() -> None:
     """A series with no calls has no windows: the detector's sweep ends its episode once
     other series had windows three minutes on (event time: a worker catching up judges
@@ -217,7 +253,7 @@ def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten()
     for m, level in enumerate(levels):
         for w in minute(level, m) + minute(10, m, team="ads"):
             d.offer(w, T0)
-    key = ("team-requests", "search")
+    key = ("team-requests", "acme", "search")
     assert d.states[key].firing
     for m in (9, 10):  # search has no calls, ads goes on
         for w in minute(10, m, team="ads"):
@@ -247,7 +283,7 @@ def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten()
     for w in minute(10, last + 1, team="ads"):
         d.offer(w, T0)
     d.sweep()
-    assert list(d.states) == [("team-requests", "ads")]
+    assert list(d.states) == [("team-requests", "acme", "ads")]
 
 
 def test_a_series_given_up_is_not_found_quiet_by_its_old_worker() -> None:
@@ -291,7 +327,7 @@ def test_windows_read_back_at_a_rebalance_are_judged_by_the_new_owner() -> None:
     assert mine.pending == 1
     [alert] = mine.offer(second, T0, home=1)  # came after the committed offset
     assert (alert.state, alert.observed, alert.event_id) == ("firing", Decimal(60), fired.event_id)
-    assert mine.judged[("team-requests", "search")] == 1  # this worker's to resolve now
+    assert mine.judged[("team-requests", "acme", "search")] == 1  # this worker's to resolve now
     # Its share never comes (the previous owner's partition had no more): judged after
     # settle on the one it has, and a window after it waits for it, not past it.
     taken = Detector([RULE], partitions=2, settle=settle)
@@ -338,7 +374,7 @@ def test_a_window_is_judged_when_its_shares_cover_every_partition_or_after_settl
         assert d.pending == 1
         d.offer(right, T0)  # both shares: judged now
         assert d.pending == 0
-    assert d.states[("team-requests", "search")].history[-1] == Decimal(10)
+    assert d.states[("team-requests", "acme", "search")].history[-1] == Decimal(10)
     # Only one worker had calls in minute 8: judged once settle has passed.
     [left] = minute(60, 8, (0,))
     assert d.offer(left, T0) == []
@@ -410,10 +446,14 @@ def test_the_writer_stores_each_window_once(store: Store) -> None:
     assert write_batch(store, Batch(windows=closed + closed[:2])) == 0  # no call rows
     write_batch(store, Batch(windows=closed))  # a replay after a crash
     rows = store.rows(
-        "SELECT dimension, value, requests, cost, partitions, latency_p50_ms, ttft_p50_ms "
-        "FROM windows ORDER BY dimension"
+        "SELECT dimension, value, tenant, requests, cost, partitions, latency_p50_ms, "
+        "ttft_p50_ms FROM windows ORDER BY dimension"
     )
     assert len(rows) == 7
+    assert {r["dimension"]: r["tenant"] for r in rows} == {
+        "tenant": "acme", "team": "acme", "key": "acme", "user": "acme", "feature": "acme",
+        "model": "", "provider": "",
+    }  # fmt: skip
     team = next(r for r in rows if r["dimension"] == "team")
     assert team["value"] == "search" and team["requests"] == 1
     assert team["cost"] == Decimal("0.000123456") and team["partitions"] == [0, 1]

@@ -45,6 +45,7 @@ def matches(endpoint: WebhookEndpoint, alert: Alert) -> bool:
         and (not endpoint.rules or alert.rule in endpoint.rules)
         and (not endpoint.dimensions or alert.dimension in endpoint.dimensions)
         and (not endpoint.values or alert.value in endpoint.values)
+        and (not endpoint.tenants or alert.tenant in endpoint.tenants)
     )
 
 

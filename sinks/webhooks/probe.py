@@ -3,7 +3,7 @@ check a receiver (its URL, its secret, its template) without waiting for a real 
 
 One attempt, no retries, the same guard, template, signature and no-redirect rule as
 real deliveries. The sample gets a fresh id each time, so a receiver that drops
-duplicates still shows it; its rule, dimension and value are taken from the endpoint's
+duplicates still shows it; its rule, dimension, value and tenant are taken from the endpoint's
 filters where it has them, so it looks like what the endpoint would receive.
 """
 
@@ -29,6 +29,7 @@ def sample_alert(endpoint: WebhookEndpoint) -> Alert:
         rule=endpoint.rules[0] if endpoint.rules else "llmtap-test",
         dimension=endpoint.dimensions[0] if endpoint.dimensions else "team",
         value=endpoint.values[0] if endpoint.values else "example",
+        tenant=endpoint.tenants[0] if endpoint.tenants else "example",
         metric="spend" if budget else "cost",
         observed=Decimal("85.00") if budget else Decimal("12.50"),
         baseline=Decimal("100") if budget else Decimal("3.10"),

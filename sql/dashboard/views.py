@@ -27,7 +27,7 @@ from yarl import URL
 from llmtap.config import Settings
 from llmtap.events import BudgetState, utcnow
 from sql.admission import ADMISSION, TooMany
-from sql.analytics import ROLLING, STORE, select, store_problem
+from sql.analytics import ROLLING, STORE, alert_scope, select, store_problem
 from sql.auth import AUTH, Caller, Unauthorized
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, BudgetRow, alert_keys, budget_rows
 from sql.dashboard import charts
@@ -212,13 +212,9 @@ async def gather(
     store runs them one at a time; a ClickHouse server at once)."""
     windows = {f"since_{w}": filters.until - RANGES[w] for w in ROLLING}
     minutes = RANGES[filters.range].total_seconds() / 60
-    scope = caller.scope
-    alerts = render(  # as GET /analytics/alerts asks it, with no optional filter
-        "analytics_alerts",
-        alert_filters=frozenset(),
-        scoped=scope.tenant is not None,
-        tenant_spikes=scope.team is None and scope.user is None,
-    )
+    structure, confined = alert_scope(caller.scope)
+    # As GET /analytics/alerts asks it, with no optional filter.
+    alerts = render("analytics_alerts", alert_filters=frozenset(), **structure)
     queries: list[Coroutine[Any, Any, list[dict[str, Any]]]] = [
         select(store, "analytics_usage", filters, structure={"by_model": False}),
         select(store, "analytics_performance", filters, values={"range_minutes": minutes}),
@@ -242,8 +238,8 @@ async def gather(
             {
                 "since": filters.since,
                 "budgets": alert_keys(budgets),
-                "tenant": scope.tenant or "",
                 "limit": ALERTS,
+                **confined,
             },
         ),
     ]

@@ -1,12 +1,14 @@
 -- Alert history, spike and budget: alerts first seen in the range, newest first, with
 -- the optional filters (`alert_filters` names those that apply; values bound). FINAL
 -- collapses the rare duplicate a dispatcher rebalance can leave (0002_alerts.sql).
--- Alerts carry no tenant, so a virtual key (`scoped`) sees only the alerts that are
--- its own, as the dashboard shows them: budget alerts of the budgets it may see
--- ({budgets}, from the configuration: (name, scope, value), so an alert raised while a
--- name was another owner's is not this one's), and (`tenant_spikes`: a key bound to no
--- team or user) spike alerts on its tenant. Spikes on a team, user, key, model, provider or
--- feature count every tenant's calls: admin keys only.
+-- A virtual key (`scoped`) sees only the alerts that are its own, as the dashboard shows
+-- them: budget alerts of the budgets it may see ({budgets}, from the configuration:
+-- (name, scope, value), so an alert raised while a name was another owner's is not this
+-- one's) and, by `spikes_of` (sql/analytics.py, alert_structure), spike alerts on its
+-- tenant's series: all of them (a key bound to no team or user), or its team's or its
+-- user's. Spikes on a model or provider count every tenant's calls: admin keys only.
+-- An alert stored before alerts had a tenant (0013) has tenant '': a budget alert is
+-- matched on its budget alone, a spike only on a tenant series.
 SELECT
     event_id,
     first_seen,
@@ -16,6 +18,7 @@ SELECT
     rule,
     dimension,
     value,
+    tenant,
     metric,
     observed,
     baseline,
@@ -42,9 +45,23 @@ WHERE first_seen >= {since:DateTime64(3, 'UTC')}
     (
       alert_type = 'budget'
       AND has({budgets:Array(Tuple(String, String, String))}, (rule, dimension, value))
+      AND tenant IN ({tenant:String}, '')
     )
-{% if tenant_spikes %}
-    OR (alert_type = 'spike' AND dimension = 'tenant' AND value = {tenant:String})
+{% if spikes_of == 'tenant' %}
+    OR (
+      alert_type = 'spike'
+      AND (
+        (tenant = {tenant:String} AND dimension NOT IN ('model', 'provider'))
+        OR (tenant = '' AND dimension = 'tenant' AND value = {tenant:String})
+      )
+    )
+{% elif spikes_of %}
+    OR (
+      alert_type = 'spike'
+      AND tenant = {tenant:String}
+      AND dimension = {spikes_dimension:String}
+      AND value = {spikes_value:String}
+    )
 {% endif %}
   )
 {% endif %}
