@@ -15,7 +15,7 @@ from yarl import URL
 from ingress.errors import anthropic_error, openai_error
 from ingress.forward import anthropic, openai
 from ingress.forward.call import NOBODY, Call
-from ingress.forward.proxy import record_outcome
+from ingress.forward.outcome import record_outcome
 from ingress.forward.tokens import Counting
 from ingress.guards.auth import Refusal, authenticate
 from ingress.guards.budgets import BudgetBook, announce, follow

@@ -318,7 +318,7 @@ async def test_a_call_that_fails_in_llmtap_before_the_provider_is_answered_and_r
         raise RuntimeError(f"a bug in {broken_step}")
 
     with monkeypatch.context() as patched, caplog.at_level(logging.ERROR):
-        patched.setattr(f"ingress.forward.proxy.{broken_step}", broken)
+        patched.setattr(f"ingress.forward.admission.{broken_step}", broken)
         failed = await call(ingress, secret)
     assert failed.status == 500
     assert failed.body["error"]["type"] == "api_error"
@@ -330,7 +330,7 @@ async def test_a_call_that_fails_in_llmtap_before_the_provider_is_answered_and_r
         "internal_error",
     )
     assert event.attribution.tenant == "acme"
-    logged = [r for r in caplog.records if r.exc_info and r.name == "ingress.forward.proxy"]
+    logged = [r for r in caplog.records if r.exc_info and r.name == "ingress.forward.admission"]
     assert len(logged) == 1 and f"a bug in {broken_step}" in caplog.text
     assert secret not in caplog.text and INGRESS_PROVIDER_KEY not in caplog.text
     assert '"hi"' not in caplog.text  # nor the prompt

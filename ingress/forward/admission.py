@@ -1,0 +1,275 @@
+"""Everything a call passes before it is forwarded: its key, its body, its model and
+route, the key's rate limits and the budgets' hard caps.
+
+Each may refuse the call: answered in its provider's error shape without contacting
+it, and recorded (a response event; the request event first once it was routed). A bug
+anywhere here is answered and recorded the same way, as ``refused`` (500
+``internal_error``), and gives back what the call took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ingress.forward.call import Call, upstream_headers
+from ingress.forward.endpoint import Api, Endpoint
+from ingress.forward.outcome import Announcement, cut_by, record_outcome
+from ingress.forward.usage import parse_json_body
+from ingress.guards.auth import Identity, Refusal, authenticate, check_model
+from ingress.guards.bounds import choices, max_tokens, prompts, reach
+from ingress.guards.ratelimit import Ticket, estimate
+from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
+from ingress.routing import NoRoute, Route, resolve
+from llmtap.config import ProviderConfig
+from llmtap.events import Status, Usage, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Admitted:
+    """A call cleared to go, and what forwarding it needs."""
+
+    route: Route
+    model: str  # as the client named it
+    payload: dict[str, Any]
+    body: bytes  # what goes to the provider
+    url: str
+    headers: CIMultiDict[str]
+    strip_usage_chunk: bool  # llmtap asked the stream for a usage chunk the client did not
+    announced: Announcement  # the request event, made once the request has left
+
+
+class Admission:
+    """One call's way through the guards, and its refusal if it ends there."""
+
+    def __init__(self, request: web.Request, endpoint: Endpoint, call: Call) -> None:
+        self.request = request
+        self.endpoint = endpoint
+        self.call = call
+        self.announce: Announcement | None = None  # the request event, once there is one
+        self.ticket: Ticket | None = None  # the key's rate limits, once admitted by them
+        self.answered = False  # by refuse()
+
+    def refuse(
+        self,
+        status: int,
+        message: str,
+        error_class: str,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> web.Response:
+        """Answer without contacting the provider, and still record the call."""
+        self.answered = True
+        if self.announce is not None:  # before the response event, as for every call
+            self.announce()
+        app = self.request.app
+        if self.ticket is not None:  # the provider was not contacted: nothing was spent
+            app[LIMITER].release(self.ticket, time.monotonic())
+        response = self.endpoint.api.error(status, message, param=param, code=code)
+        response.headers["x-request-id"] = str(self.call.request_id)
+        outcome: Status = "refused"
+        if status in (400, 404, 413, 415):
+            outcome = "bad_request"
+        elif error_class == "rate_limited":
+            outcome = "rate_limited"
+        elif error_class == "budget_exceeded":
+            outcome = "budget_exceeded"
+        record_outcome(app, self.call, outcome, status, Usage(), "", error_class)
+        return response
+
+    async def admit(self) -> Admitted | web.StreamResponse:
+        """The call cleared to go, or the answer that ends it here."""
+        try:
+            return await self._checked()
+        except Exception:
+            if self.answered:  # the refusal itself failed: answering again would record it twice
+                raise
+            # A bug here (not a refusal) would escape as aiohttp's bare 500, with no
+            # response event and the key's reservation kept: the call was not sent, so it
+            # is answered and recorded as refused, and gives back what it took. The try
+            # costs nothing until something in it raises.
+            log.exception("the call failed before it was forwarded to %s", self.call.provider)
+            return self.refuse(
+                500,
+                "llmtap failed before forwarding the call; it was not sent to the provider",
+                "internal_error",
+                code="internal_error",
+            )
+
+    async def _checked(self) -> Admitted | web.StreamResponse:
+        request, endpoint, call, refuse = self.request, self.endpoint, self.call, self.refuse
+        api = endpoint.api
+        settings = request.app[SETTINGS]
+        try:
+            identity = authenticate(request.headers, settings, request.app[KEYS])
+        except Refusal as refusal:
+            if refusal.attribution is not None:  # a valid key's false claim: its tenant's call
+                call.attribution = refusal.attribution
+                call.model_requested = await _model_named(request)
+            return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
+        call.attribution = identity.attribution
+        if compressed(request):
+            # The SDKs send bodies as they are; a compressed one would be inflated here, a
+            # chunk at a time, before its size could be judged (a 1 MB gzip bomb: 330 MB).
+            return refuse(
+                415,
+                "llmtap takes request bodies uncompressed: send them without Content-Encoding",
+                "unsupported_encoding",
+                code="unsupported_encoding",
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return refuse(413, exc.text or "request body too large", "body_too_large")
+        except (ConnectionResetError, asyncio.CancelledError) as gone:
+            # The client went away before its request was read whole (the handler is
+            # cancelled where the server is set to): nothing was sent, nothing to
+            # answer; recorded as a call it broke off.
+            cut = cut_by(request)
+            record_outcome(request.app, call, cut, 499, Usage(), "", cut)
+            if isinstance(gone, asyncio.CancelledError):
+                raise
+            return web.Response(status=499)
+        payload = parse_json_body(body)
+        if payload is None:
+            return refuse(400, "We could not parse the JSON body of your request.", "invalid_json")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            return refuse(400, "you must provide a model parameter", "missing_model", "model")
+        call.model_requested = model
+        call.stream = payload.get("stream") is True
+        try:
+            check_model(identity, model)
+        except Refusal as refusal:
+            return refuse(
+                refusal.status, refusal.message, refusal.error_class, "model", refusal.code
+            )
+        key = identity.key
+        user_field = payload.get("user")
+        if isinstance(user_field, str) and not call.attribution.user:
+            call.attribution = call.attribution.model_copy(update={"user": user_field})
+        try:
+            route = resolve(model, api.kind, settings)
+        except NoRoute as exc:
+            return refuse(400, str(exc), "no_route", "model")
+        call.provider = route.provider
+        most_tokens = max_tokens(payload)
+        answers, batched = choices(payload), prompts(payload, endpoint.batched)
+        # Once routed (a call with no route spends nothing), before anything costly.
+        if key is not None and (key.rpm or key.tpm):
+            admitted = request.app[LIMITER].admit(
+                key.id,
+                key.rpm,
+                key.tpm,
+                estimate(len(body), most_tokens, answers * batched),
+                time.monotonic(),
+            )
+            if not isinstance(admitted, Ticket):
+                retry_after = math.ceil(admitted)
+                limited = refuse(
+                    429,
+                    f"rate limit of key {key.id} reached (requests/min: {key.rpm or 'unlimited'}, "
+                    f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s",
+                    "rate_limited",
+                    code="rate_limit_exceeded",
+                )
+                limited.headers["retry-after"] = str(retry_after)
+                return limited
+            self.ticket = admitted
+        self.announce = announced = Announcement(
+            request.app[PUBLISHER], call, len(body), most_tokens
+        )
+        # Made once the request is on its way, while the provider works: nothing below
+        # waits before the post, whose body aiohttp sends from a task of its own before
+        # Python 3.12, hence two hops. A refusal before then publishes it first, itself.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, announced)
+
+        rewritten = route.upstream_model != model
+        if rewritten:
+            payload["model"] = route.upstream_model
+        strip_usage_chunk = bool(
+            call.stream
+            and endpoint.prepare
+            and route.config.stream_usage
+            and endpoint.prepare(payload)
+        )
+        if rewritten or strip_usage_chunk:
+            body = orjson.dumps(payload)
+
+        try:
+            credential = upstream_credential(api, route.provider, route.config, identity)
+        except Refusal as refusal:
+            return refuse(refusal.status, refusal.message, refusal.error_class)
+        headers = upstream_headers(request.headers, credential=credential)
+        url = route.config.base_url + endpoint.upstream_path
+        if request.query_string:
+            url += "?" + request.query_string
+
+        exhausted = request.app[BUDGETS].admit(
+            call.request_id,
+            call.attribution,
+            model,
+            len(body),
+            most_tokens,
+            utcnow(),
+            provider=route.provider,
+            choices=answers,
+            reach=lambda: reach(payload),
+            prompts=batched,
+        )
+        if exhausted is not None:
+            refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
+            resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
+            refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
+            return refused
+        return Admitted(route, model, payload, body, url, headers, strip_usage_chunk, announced)
+
+
+def upstream_credential(
+    api: Api, name: str, provider: ProviderConfig, identity: Identity
+) -> tuple[str, str] | None:
+    """What the provider gets as its credential: llmtap's key for it, or None (forward
+    the caller's own, in passthrough). A virtual key must never reach a provider: with
+    one and no provider key, a Refusal."""
+    key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
+    if key:
+        return api.credential_header, api.credential_prefix + key
+    if identity.key is not None:
+        raise Refusal(
+            500,
+            f"llmtap holds no API key for provider {name!r} "
+            f"(set the {provider.api_key_env or 'api_key_env'} environment variable)",
+            "no_provider_key",
+        )
+    return None
+
+
+def compressed(request: web.Request) -> bool:
+    """Whether the request's body comes with a Content-Encoding."""
+    return request.headers.get("Content-Encoding", "identity").lower() != "identity"
+
+
+async def _model_named(request: web.Request) -> str:
+    """The model a refused call's body names, for its record; "" if it names none, or
+    its body cannot be read (too large, cut off, compressed: it would be inflated first):
+    the refusal is recorded either way."""
+    if compressed(request):
+        return ""
+    try:
+        payload = parse_json_body(await request.read())
+    except Exception:
+        return ""
+    model = payload.get("model") if payload is not None else None
+    return model if isinstance(model, str) else ""
