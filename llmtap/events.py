@@ -62,6 +62,14 @@ def series_key(size_s: int, dimension: str, tenant: str, value: str) -> str:
     return f"{size_s}|{dimension}|{len(tenant)}:{tenant}|{value}"
 
 
+def of_tenant(kind: str, tenant: str) -> tuple[str, ...]:
+    """The first parts of the :func:`stable_id` of a window or alert of ``tenant``: just
+    ``kind`` for none (the ids they had before they had tenants), else a kind of its own
+    and the tenant with its length, so no value of a series of no tenant (a client's
+    ``user``, say) can spell the id of another tenant's."""
+    return (kind,) if not tenant else (f"{kind}+tenant", f"{len(tenant)}:{tenant}")
+
+
 def stable_id(*parts: str) -> uuid.UUID:
     """A deterministic id for a thing named by ``parts`` (e.g. one budget's threshold in
     one period), so every replay that produces it produces the same id."""

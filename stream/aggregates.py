@@ -19,7 +19,7 @@ from decimal import Decimal
 import msgspec
 
 from llmtap import wire
-from llmtap.events import WindowDimension, stable_id
+from llmtap.events import WindowDimension, of_tenant, stable_id
 from llmtap.wire import Costed
 from stream.sketches import LatencySketch, Tally, bin_of
 
@@ -171,11 +171,14 @@ class Aggregate:
         dimension, tenant, value = series
         owned = tuple(sorted(set(partitions)))
         size_s = int(size.total_seconds())
-        # A window of no tenant keeps the id it had before windows had tenants.
-        named = (dimension, value) if not tenant else (dimension, value, "tenant", tenant)
         return wire.Window(
             event_id=stable_id(
-                "window", str(size_s), *named, start.isoformat(), ",".join(map(str, owned))
+                *of_tenant("window", tenant),
+                str(size_s),
+                dimension,
+                value,
+                start.isoformat(),
+                ",".join(map(str, owned)),
             ),
             size_s=size_s,
             dimension=dimension,

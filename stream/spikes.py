@@ -37,7 +37,8 @@ How a window is judged (see :mod:`stream.baselines` for the statistics):
    ramp's rise over about ``history_windows / 2`` windows) stays well inside
    ``sensitivity x scale``.
 
-Alert ids are ``stable_id("spike", rule, dimension, value, window_start, state)``: a
+Alert ids are ``stable_id("spike", rule, dimension, value, window_start, state)``
+(a tenant's series: ``events.of_tenant`` in place of ``"spike"``): a
 replay of the same windows yields the same alerts with the same ids, and a window at
 or before the last one a state has seen is ignored (a duplicate changes nothing).
 
@@ -57,7 +58,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmtap.config import SpikeRule
-from llmtap.events import Alert, UtcDatetime, stable_id
+from llmtap.events import Alert, UtcDatetime, of_tenant, stable_id
 from stream.baselines import Baseline, HourSummary, robust, seasonal, summarise_hour
 
 Severity = Literal["warning", "critical"]
@@ -178,12 +179,11 @@ def _alert(
             f"{_fmt(baseline.center)}; spike since {first_seen.isoformat()}"
         )
     return Alert(
-        # A series of no tenant keeps the id it had before series had tenants.
         event_id=stable_id(
-            "spike",
+            *of_tenant("spike", tenant),
             rule.name,
             rule.dimension,
-            *((series,) if not tenant else (series, "tenant", tenant)),
+            series,
             window_start.isoformat(),
             state,
         ),

@@ -1058,6 +1058,7 @@ async def alerts_api(
         ("globex", "globex", "", ""),
         ("acme_search", "acme", "search", ""),
         ("acme_alice", "acme", "search", "alice"),
+        ("nobody", "", "", ""),  # a key of no tenant (a key file written by hand)
     ]:
         keys[name], _ = create_key(settings.key_file, tenant=tenant, team=team, user=user)
     app = web.Application(middlewares=[analytics.api_errors])
@@ -1200,6 +1201,9 @@ async def test_a_virtual_key_sees_the_spikes_on_its_tenants_series(
     assert await added("globex") == [("team-spike", "search")]
     assert await added("acme_search") == [("team-spike", "search")]
     assert await added("acme_alice") == [("user-spike", "alice")]
+    # Of no tenant: no spike but on the tenant "" itself, before as after (every spike
+    # stored before alerts had tenants has tenant "", whoever's calls it counted).
+    assert before["nobody"] == [] and await added("nobody") == []
     assert len(await api.names("admin", range="90d")) == len(before["admin"]) + len(new)
 
 

@@ -11,15 +11,15 @@ from pydantic import ValidationError
 
 from llmtap import wire
 from llmtap.config import Settings, SpikeRule
-from llmtap.events import Attribution, CostedEvent, Status, Usage
+from llmtap.events import Attribution, CostedEvent, Status, Usage, stable_id
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sql.store import Store
 from stream.agents.spikes import judged
-from stream.aggregates import merge_windows, sketch_of
+from stream.aggregates import Aggregate, merge_windows, sketch_of
 from stream.detector import Detector, metric_value
 from stream.sketches import LatencySketch
-from stream.spikes import horizon
+from stream.spikes import SeriesState, horizon, observe
 from stream.warmup import warmed
 from stream.windows import Windower, window_start
 from tests import sample
@@ -241,6 +241,24 @@ def test_two_tenants_teams_of_one_name_are_two_series_and_a_spike_names_its_tena
         ("team-requests", "acme", "search"),
         ("team-requests", "globex", "search"),
     }
+
+
+def test_no_value_of_a_series_of_no_tenant_spells_the_id_of_a_tenants() -> None:
+    """A tenant's window and alert ids have parts of their own (a client's ``user`` is
+    any string, separators included), and a window of no tenant keeps its old id."""
+    agg, size = Aggregate(requests=1), timedelta(minutes=1)
+    acme = agg.to_event(("user", "acme", "alice"), T0, size, [0])
+    for spelled in ("alice\x1ftenant\x1facme", "\x1f4:acme\x1falice", "alice\x1f4:acme"):
+        assert agg.to_event(("user", "", spelled), T0, size, [0]).event_id != acme.event_id
+    old = stable_id("window", "60", "user", "alice", T0.isoformat(), "0")
+    assert agg.to_event(("user", "", "alice"), T0, size, [0]).event_id == old
+    rule = RULE.model_copy(update={"dimension": "user"})
+    state = SeriesState(history=(Decimal(10),) * 10, last_window=T0 - MIN)
+    alerts = {
+        tenant: observe(rule, value, state, T0, T0 + MIN, 100, tenant=tenant)[1][0].event_id
+        for tenant, value in (("acme", "alice"), ("", "alice\x1ftenant\x1facme"))
+    }
+    assert alerts["acme"] != alerts[""]
 
 
 def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten() -> None:

@@ -21,6 +21,7 @@ from sinks.webhooks import deliver, render
 def sample_alert(endpoint: WebhookEndpoint) -> Alert:
     now = utcnow().replace(microsecond=0)
     budget = endpoint.alert_types == ("budget",)
+    every_tenant = bool(endpoint.dimensions) and endpoint.dimensions[0] in ("model", "provider")
     return Alert(
         event_id=uuid.uuid4(),
         alert_type="budget" if budget else "spike",
@@ -29,7 +30,7 @@ def sample_alert(endpoint: WebhookEndpoint) -> Alert:
         rule=endpoint.rules[0] if endpoint.rules else "llmtap-test",
         dimension=endpoint.dimensions[0] if endpoint.dimensions else "team",
         value=endpoint.values[0] if endpoint.values else "example",
-        tenant=endpoint.tenants[0] if endpoint.tenants else "example",
+        tenant=endpoint.tenants[0] if endpoint.tenants else "" if every_tenant else "example",
         metric="spend" if budget else "cost",
         observed=Decimal("85.00") if budget else Decimal("12.50"),
         baseline=Decimal("100") if budget else Decimal("3.10"),

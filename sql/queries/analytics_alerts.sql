@@ -4,11 +4,14 @@
 -- A virtual key (`scoped`) sees only the alerts that are its own, as the dashboard shows
 -- them: budget alerts of the budgets it may see ({budgets}, from the configuration:
 -- (name, scope, value), so an alert raised while a name was another owner's is not this
--- one's) and, by `spikes_of` (sql/analytics.py, alert_structure), spike alerts on its
+-- one's) and, by `spikes_of` (sql/analytics.py, alert_scope), spike alerts on its
 -- tenant's series: all of them (a key bound to no team or user), or its team's or its
 -- user's. Spikes on a model or provider count every tenant's calls: admin keys only.
 -- An alert stored before alerts had a tenant (0013) has tenant '': a budget alert is
--- matched on its budget alone, a spike only on a tenant series.
+-- matched on its budget alone (as is one raised while its budget counted every
+-- tenant: '' says both), a spike only on a tenant series. A key of no tenant ('') sees
+-- no spike on any other series: those of tenant '' count every tenant-less caller's
+-- calls, and those stored before 0013 every tenant's.
 SELECT
     event_id,
     first_seen,
@@ -51,7 +54,7 @@ WHERE first_seen >= {since:DateTime64(3, 'UTC')}
     OR (
       alert_type = 'spike'
       AND (
-        (tenant = {tenant:String} AND dimension NOT IN ('model', 'provider'))
+        (tenant = {tenant:String} AND tenant != '' AND dimension NOT IN ('model', 'provider'))
         OR (tenant = '' AND dimension = 'tenant' AND value = {tenant:String})
       )
     )
@@ -59,6 +62,7 @@ WHERE first_seen >= {since:DateTime64(3, 'UTC')}
     OR (
       alert_type = 'spike'
       AND tenant = {tenant:String}
+      AND tenant != ''
       AND dimension = {spikes_dimension:String}
       AND value = {spikes_value:String}
     )
