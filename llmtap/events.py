@@ -246,7 +246,9 @@ class Alert(_Model):
     metric: str  # cost, requests, tokens, error_rate, p95_latency, spend
     observed: Decimal
     baseline: Decimal | None = None  # spike: the learned baseline; budget: the limit
-    threshold: Decimal | None = None  # budget: the percentage crossed
+    # budget: the percentage of the limit crossed; spike: the level the window had to
+    # pass to fire (stream.spikes.alert_level; none in alerts raised before it was set)
+    threshold: Decimal | None = None
     window_start: UtcDatetime  # the closed window, or the budget period's start
     window_end: UtcDatetime
     first_seen: UtcDatetime

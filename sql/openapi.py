@@ -187,7 +187,8 @@ ROWS: dict[str, Schema] = {
             "message": STRING,
         },
         "one spike or budget alert; baseline: the learned baseline (spike) or the "
-        "budget's limit; threshold: the percentage of the limit crossed (budget)",
+        "budget's limit; threshold: the percentage of the limit crossed (budget), or the "
+        "level the window had to pass to fire (spike)",
     ),
 }
 # A budget's money is as configured and as the stream counted it: exact, any precision.

@@ -145,6 +145,15 @@ def _fmt(value: Decimal) -> str:
     return format(_q(value).normalize(), "f")
 
 
+def alert_level(rule: SpikeRule, baseline: Baseline) -> Decimal:
+    """The level a window of the series must pass to fire: the baseline's upper bound
+    at the rule's sensitivity, or the rule's floors (``min_value``, ``min_increase``
+    over the baseline) where they are higher."""
+    return max(
+        baseline.upper(rule.sensitivity), rule.min_value, baseline.center + rule.min_increase
+    )
+
+
 def _alert(
     rule: SpikeRule,
     series: str,
@@ -162,10 +171,11 @@ def _alert(
     where = f"{rule.dimension}={series}"
     if tenant and rule.dimension != "tenant":
         where += f" of tenant {tenant}"
+    above = alert_level(rule, baseline)
     if state == "firing":
         message = (
             f"{rule.metric} spike on {where}: {_fmt(value)} against a baseline of "
-            f"{_fmt(baseline.center)} (alert above {_fmt(baseline.upper(rule.sensitivity))}, "
+            f"{_fmt(baseline.center)} (alert above {_fmt(above)}, "
             f"robust z {baseline.z(value):.1f})"
         )
     elif quiet:
@@ -197,6 +207,7 @@ def _alert(
         metric=rule.metric,
         observed=_q(value),
         baseline=_q(baseline.center),
+        threshold=_q(above),
         window_start=window_start,
         window_end=window_end,
         first_seen=first_seen,

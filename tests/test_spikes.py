@@ -143,9 +143,10 @@ def test_min_value_stops_an_alert_on_a_tenth_of_a_cent_to_a_cent() -> None:
     # ...but not one worth waking anyone for.
     _, alerts = feed(rule(min_value=Decimal("1.00")), values)
     assert alerts == []
-    # The same 10x on a series that matters does fire.
-    _, alerts = feed(rule(min_value=Decimal("1.00")), [Decimal(2)] * 30 + [Decimal(20)])
+    # The same 10x on a series that matters does fire, above the floor: its threshold.
+    _, alerts = feed(rule(min_value=Decimal("10.00")), [Decimal(2)] * 30 + [Decimal(20)])
     assert firing(alerts) == [30]
+    assert alerts[0][1].threshold == Decimal(10) and "alert above 10," in alerts[0][1].message
 
 
 def test_min_increase_is_an_absolute_floor_over_the_baseline() -> None:
@@ -154,6 +155,7 @@ def test_min_increase_is_an_absolute_floor_over_the_baseline() -> None:
     assert alerts == []
     _, alerts = feed(rule(min_increase=Decimal("0.5")), values)
     assert firing(alerts) == [30]
+    assert alerts[0][1].threshold == Decimal("1.00")  # the baseline and the increase
 
 
 # -- firing, resolving, cooldown ---------------------------------------------------------
@@ -174,6 +176,11 @@ def test_a_spike_fires_once_and_resolved_follows_when_it_ends() -> None:
     # The spike was kept out of the history: the baseline at its end is the one before.
     assert done.baseline == fire.baseline
     assert fire.baseline is not None and abs(fire.baseline - 100) < 5
+    # The level it had to pass: sensitivity robust deviations above the baseline.
+    assert fire.threshold is not None and fire.baseline < fire.threshold < fire.observed
+    assert done.threshold == fire.threshold and f"alert above {fire.threshold.normalize():f}" in (
+        fire.message
+    )
     assert (fire.alert_type, fire.rule, fire.dimension, fire.value, fire.metric) == (
         "spike",
         "cost-spike",

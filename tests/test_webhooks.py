@@ -92,6 +92,8 @@ def test_slack_template_is_blocks_with_the_facts_escaped() -> None:
     assert "*Scope*\nteam = r&amp;d &lt;all&gt;" in fields
     assert "*Observed*\n12.50" in fields and "*Baseline*\n3.10" in fields
     assert not any(f.startswith("*Tenant*") for f in fields)
+    above = json.loads(render.render(render.load("slack"), make_alert(threshold=Decimal(5))).data)
+    assert "*Alert above*\n5" in [f["text"] for f in above["blocks"][2]["fields"]]
     acme = json.loads(render.render(render.load("slack"), make_alert(tenant="a&b")).data)
     assert acme["text"].endswith("(team=search of tenant a&amp;b)")
     assert "*Tenant*\na&amp;b" in [f["text"] for f in acme["blocks"][2]["fields"]]
@@ -109,6 +111,13 @@ def test_text_template_is_one_short_line() -> None:
     assert "of tenant" not in text  # an alert of no tenant
     mine = render.render(render.load("text"), make_alert(tenant="acme")).data.decode()
     assert "on team=search of tenant acme: cost" in mine
+    above = make_alert(threshold=Decimal("5.2"))
+    assert (
+        "vs baseline 3.10 (alert above 5.2), window"
+        in render.render(render.load("text"), above).data.decode()
+    )
+    budget = make_alert(alert_type="budget", threshold=Decimal(80))
+    assert "(80% threshold)" in render.render(render.load("text"), budget).data.decode()
     # a value from a call (a model name is the client's) with line breaks in it
     broken = make_alert(rule="cost-spike", value="gpt\r\n4\u2028x", message="a\nb")
     text = render.render(render.load("text"), broken).data.decode()
