@@ -2,9 +2,9 @@
 route, the key's rate limits and the budgets' hard caps.
 
 Each may refuse the call: answered in its provider's error shape without contacting
-it, and recorded (a response event; the request event first once it was routed). A bug
-anywhere here is answered and recorded the same way, as ``refused`` (500
-``internal_error``), and gives back what the call took.
+it, and recorded (a response event; the request event first once it passed the key's
+rate limits). A bug anywhere here is answered and recorded the same way, as
+``refused`` (500 ``internal_error``), and gives back what the call took.
 """
 
 from __future__ import annotations
@@ -12,25 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from ingress.forward.call import Call, upstream_headers
-from ingress.forward.endpoint import Api, Endpoint
+from ingress.forward.endpoint import Endpoint, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.forward.usage import parse_json_body
-from ingress.guards.auth import Identity, Refusal, authenticate, check_model
+from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach
 from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
 from ingress.routing import NoRoute, Route, resolve
-from llmtap.config import ProviderConfig
 from llmtap.events import Status, Usage, utcnow
 
 log = logging.getLogger(__name__)
@@ -42,12 +39,12 @@ class Admitted:
 
     route: Route
     model: str  # as the client named it
-    payload: dict[str, Any]
     body: bytes  # what goes to the provider
     url: str
     headers: CIMultiDict[str]
     strip_usage_chunk: bool  # llmtap asked the stream for a usage chunk the client did not
     announced: Announcement  # the request event, made once the request has left
+    ticket: Ticket | None  # the key's rate limits' hold on the call, if it has any
 
 
 class Admission:
@@ -234,26 +231,7 @@ class Admission:
             resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
             refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
             return refused
-        return Admitted(route, model, payload, body, url, headers, strip_usage_chunk, announced)
-
-
-def upstream_credential(
-    api: Api, name: str, provider: ProviderConfig, identity: Identity
-) -> tuple[str, str] | None:
-    """What the provider gets as its credential: llmtap's key for it, or None (forward
-    the caller's own, in passthrough). A virtual key must never reach a provider: with
-    one and no provider key, a Refusal."""
-    key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
-    if key:
-        return api.credential_header, api.credential_prefix + key
-    if identity.key is not None:
-        raise Refusal(
-            500,
-            f"llmtap holds no API key for provider {name!r} "
-            f"(set the {provider.api_key_env or 'api_key_env'} environment variable)",
-            "no_provider_key",
-        )
-    return None
+        return Admitted(route, model, body, url, headers, strip_usage_chunk, announced, self.ticket)
 
 
 def compressed(request: web.Request) -> bool:

@@ -1,15 +1,18 @@
-"""What a metered route is: the API family it speaks (:class:`Api`) and where it goes
-(:class:`Endpoint`). ``openai.py`` and ``anthropic.py`` declare theirs."""
+"""What a metered route is: the API family it speaks (:class:`Api`, and the provider
+credential it sends: :func:`upstream_credential`) and where it goes (:class:`Endpoint`).
+``openai.py`` and ``anthropic.py`` declare theirs."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ingress.errors import ErrorShape
 from ingress.forward.usage import Capture, StreamCapture
-from llmtap.config import ApiKind
+from ingress.guards.auth import Identity, Refusal
+from llmtap.config import ApiKind, ProviderConfig
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,22 @@ class Endpoint:
     # The body field whose list items the provider answers apart, each a prompt of its
     # own (ingress/guards/bounds.py: prompts).
     batched: str | None = None
+
+
+def upstream_credential(
+    api: Api, name: str, provider: ProviderConfig, identity: Identity
+) -> tuple[str, str] | None:
+    """What the provider gets as its credential: llmtap's key for it, or None (forward
+    the caller's own, in passthrough). A virtual key must never reach a provider: with
+    one and no provider key, a Refusal."""
+    key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
+    if key:
+        return api.credential_header, api.credential_prefix + key
+    if identity.key is not None:
+        raise Refusal(
+            500,
+            f"llmtap holds no API key for provider {name!r} "
+            f"(set the {provider.api_key_env or 'api_key_env'} environment variable)",
+            "no_provider_key",
+        )
+    return None

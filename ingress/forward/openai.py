@@ -11,9 +11,8 @@ from aiohttp import web
 from yarl import URL
 
 from ingress.errors import openai_error
-from ingress.forward.admission import upstream_credential
 from ingress.forward.call import downstream_headers, upstream_headers
-from ingress.forward.endpoint import Api, Endpoint
+from ingress.forward.endpoint import Api, Endpoint, upstream_credential
 from ingress.forward.proxy import metered
 from ingress.forward.usage import OpenAIJsonCapture, OpenAIStreamCapture
 from ingress.guards.auth import Refusal, authenticate

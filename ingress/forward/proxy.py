@@ -45,11 +45,17 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     call = Call(provider=api.kind, endpoint=endpoint.name)
     request_id = str(call.request_id)
     logs.request_id.set(request_id)
-    admission = Admission(request, endpoint, call)
-    admitted = await admission.admit()
+    admitted = await Admission(request, endpoint, call).admit()
     if isinstance(admitted, web.StreamResponse):
         return admitted
-    route, ticket, announced = admitted.route, admission.ticket, admitted.announced
+    # Not the admitted call itself: a stream cut short is finished later (its output
+    # counted in a thread), and its body need not wait with it.
+    route, model, ticket, announced = (
+        admitted.route,
+        admitted.model,
+        admitted.ticket,
+        admitted.announced,
+    )
 
     status: Status = "ok"
     http_status = 0
@@ -182,7 +188,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             def settle(ended: datetime) -> Delivered | None:
                 held = request.app[BUDGETS].settle(
                     call.request_id,
-                    model_served or admitted.model,
+                    model_served or model,
                     usage,
                     ended,
                     provider=route.provider,
