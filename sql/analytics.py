@@ -26,7 +26,7 @@ from aiohttp import web
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from llmtap.config import BudgetConfig, Settings
-from sql import openapi, params, sqlapi
+from sql import openapi, params, sqlapi, sqlguard, sqlrun
 from sql.admission import ADMISSION, Admission, TooMany
 from sql.auth import AUTH, CALLER, Unauthorized, api_auth
 from sql.budgets import (
@@ -347,7 +347,7 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 def store_problem(exc: ClickHouseError) -> tuple[str, str]:
     """What to tell of a read the store could not answer (a 503): its message and code.
     Past its time limit, or failed (logged)."""
-    if sqlapi.timed_out(exc):
+    if sqlrun.timed_out(exc):
         took = f"the query took longer than {READ_TIMEOUT_S:g} s"
         return f"{took}: narrow the range or the filters", "timeout"
     log.error("an analytics read failed: %s", exc)
@@ -413,7 +413,7 @@ def add_routes(
     app: web.Application,
     settings: Settings,
     *,
-    sql_limits: sqlapi.SqlLimits | None = None,
+    sql_limits: sqlguard.SqlLimits | None = None,
     source: str = "rollup",
 ) -> None:
     """Mount the API on an app that holds a STORE (set by a cleanup context appended
@@ -424,7 +424,7 @@ def add_routes(
     ``source="raw"`` answers from `calls` alone (tests and benchmarks compare the two)."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
-    limits = sql_limits or sqlapi.SqlLimits()
+    limits = sql_limits or sqlguard.SqlLimits()
     app[sqlapi.SQL_LIMITS] = limits
     app[SOURCE] = source
     app[BUDGETS] = list(settings.budgets)

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the API, served at GET /api/v1/openapi.json.
 
-Built from the constants the API checks requests with (sql/params.py, sql/sqlapi.py),
+Built from the constants the API checks requests with (sql/params.py, sql/sqlguard.py),
 so a range, an enum or a limit cannot say one thing here and do another there.
 tests/test_openapi.py runs schemathesis against the served document.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from llmtap.events import BudgetPeriod, BudgetScope, BudgetState
-from sql import params, sqlapi
+from sql import params, sqlapi, sqlguard
 
 Schema = dict[str, Any]
 BUDGET_STATUS = BudgetState.model_fields["status"].annotation
@@ -412,7 +412,7 @@ def _analytics(endpoint: str) -> Schema:
     }
 
 
-def _sql(limits: sqlapi.SqlLimits) -> Schema:
+def _sql(limits: sqlguard.SqlLimits) -> Schema:
     count_header = {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True}
     headers = {
         "X-Rows-Returned": count_header,
@@ -428,10 +428,10 @@ def _sql(limits: sqlapi.SqlLimits) -> Schema:
             "operationId": "sql",
             "summary": "Run one read-only query (admin keys only)",
             "description": (
-                "Statements: " + sqlapi.ALLOWED + ". Refused with a 400 before they run: "
+                "Statements: " + sqlguard.ALLOWED + ". Refused with a 400 before they run: "
                 "writes and DDL, more than one statement, FORMAT and INTO OUTFILE, system "
                 "and information_schema tables, table functions other than "
-                + ", ".join(sorted(sqlapi.TABLE_FUNCTIONS))
+                + ", ".join(sorted(sqlguard.TABLE_FUNCTIONS))
                 + ", and functions that read files, the network or dictionaries. "
                 "It runs in a ClickHouse session with readonly=1, "
                 f"max_execution_time={limits.timeout_s:g} s and at most "
@@ -468,7 +468,7 @@ def _sql(limits: sqlapi.SqlLimits) -> Schema:
     }
 
 
-def _components(limits: sqlapi.SqlLimits) -> Schema:
+def _components(limits: sqlguard.SqlLimits) -> Schema:
     return {
         "securitySchemes": {
             "bearer": {
@@ -545,8 +545,8 @@ def _components(limits: sqlapi.SqlLimits) -> Schema:
     }
 
 
-def document(limits: sqlapi.SqlLimits | None = None) -> Schema:
-    limits = limits or sqlapi.SqlLimits()
+def document(limits: sqlguard.SqlLimits | None = None) -> Schema:
+    limits = limits or sqlguard.SqlLimits()
     paths: dict[str, Schema] = {
         f"/api/v1/analytics/{endpoint}": _analytics(endpoint) for endpoint in params.EXTRA
     }

@@ -27,7 +27,7 @@ from llmtap.events import Reservations
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sinks.webhooks.records import store_batch
-from sql import analytics, openapi, params, sqlapi
+from sql import analytics, openapi, params, sqlapi, sqlguard
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK
 from sql.store import Store
 from stream.budgets import fresh
@@ -91,7 +91,7 @@ def test_enums_and_ranges_are_the_ones_checked() -> None:
         assert pattern.match(good), good
     for bad in ("colour", "property:", "property:bad name", "property:" + "a" * 65):
         assert not pattern.match(bad), bad
-    limits = sqlapi.SqlLimits()
+    limits = sqlguard.SqlLimits()
     body = openapi.document(limits)["components"]["schemas"]["SqlRequest"]["properties"]
     assert body["max_rows"]["maximum"] == limits.max_rows
     assert body["format"]["enum"] == list(sqlapi.FORMATS)
@@ -156,7 +156,7 @@ def served(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 # The document as the app builds it (pytest 9 breaks schemathesis's lazy fixture loader):
 # test_the_served_document_is_this_one checks the app serves exactly this.
-LIMITS = sqlapi.SqlLimits(timeout_s=5)
+LIMITS = sqlguard.SqlLimits(timeout_s=5)
 DOCUMENT = openapi.document(LIMITS)
 schema = schemathesis.openapi.from_dict(DOCUMENT)
 schema.config.generation.update(

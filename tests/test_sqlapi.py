@@ -25,7 +25,7 @@ from ingress.guards.keys import create_key
 from llmtap.config import Settings
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
-from sql import analytics, sqlapi
+from sql import analytics, sqlapi, sqlguard, sqlrun
 from sql.store import Store
 from tests.test_analytics import Call
 
@@ -60,7 +60,7 @@ def serve(store: Store, tmp_path: Path, virtual_key: str) -> ServeFn:
 
     @asynccontextmanager
     async def serving(
-        limits: sqlapi.SqlLimits | None = None,
+        limits: sqlguard.SqlLimits | None = None,
     ) -> AsyncIterator[tuple[Client, web.Application]]:
         app = web.Application(middlewares=[analytics.api_errors])
         app[analytics.STORE] = store
@@ -274,7 +274,7 @@ async def test_an_answer_stops_at_its_byte_limit(serve: ServeFn, fmt: str) -> No
     which limit cut it, and the store goes on (10,000 rows of 100 kB would be 1 GB)."""
     limit = 1024 * 1024
     wide = "SELECT number, repeat('x', 100000) AS wide FROM numbers(10000)"
-    async with serve(sqlapi.SqlLimits(max_answer_bytes=limit)) as (api, _):
+    async with serve(sqlguard.SqlLimits(max_answer_bytes=limit)) as (api, _):
         async with api.post(
             "/api/v1/sql", json={"query": wide, "max_rows": 10_000, "format": fmt}
         ) as response:
@@ -303,7 +303,7 @@ async def test_an_answer_stops_at_its_byte_limit(serve: ServeFn, fmt: str) -> No
 
 
 async def test_a_query_past_its_time_limit_is_a_clear_400(serve: ServeFn) -> None:
-    async with serve(sqlapi.SqlLimits(timeout_s=1)) as (api, _):
+    async with serve(sqlguard.SqlLimits(timeout_s=1)) as (api, _):
         started = time.monotonic()
         message = await refused(api, "SELECT count() FROM numbers(1e11)", "timeout")
         assert time.monotonic() - started < 15
@@ -314,7 +314,7 @@ async def test_a_query_past_its_time_limit_is_a_clear_400(serve: ServeFn) -> Non
 
 async def test_a_long_query_does_not_hold_the_store(serve: ServeFn, store: Store) -> None:
     """The SQL session is its own: the writer and the analytics go on meanwhile."""
-    async with serve(sqlapi.SqlLimits(timeout_s=2)) as (api, _):
+    async with serve(sqlguard.SqlLimits(timeout_s=2)) as (api, _):
         heavy = asyncio.create_task(refused(api, "SELECT count() FROM numbers(1e11)", "timeout"))
         await asyncio.sleep(0.3)
         started = time.monotonic()
@@ -501,7 +501,7 @@ async def test_a_syntax_error_gives_its_position_in_the_query_sent(api: Client) 
 
 def test_a_code_chdb_gives_twice_is_said_once() -> None:
     twice = DatabaseError("Code: 164. DB::Exception: Code: 164. DB::Exception: readonly. (X)")
-    assert sqlapi._clickhouse_error(twice).message == "Code: 164. DB::Exception: readonly. (X)"
+    assert sqlrun._clickhouse_error(twice).message == "Code: 164. DB::Exception: readonly. (X)"
 
 
 async def test_settings_cannot_be_changed_from_the_query(api: Client) -> None:
@@ -558,11 +558,11 @@ async def test_the_sql_endpoint_is_post_only(api: Client) -> None:
 
 
 def test_every_documented_table_function_is_allowed_and_none_denied() -> None:
-    assert not sqlapi.TABLE_FUNCTIONS & sqlapi.DENIED_FUNCTIONS
+    assert not sqlguard.TABLE_FUNCTIONS & sqlguard.DENIED_FUNCTIONS
     assert {"file", "url", "s3", "hdfs", "remote", "remotesecure", "mysql", "postgresql", "jdbc",
             "odbc", "mongodb", "redis", "sqlite", "input", "cluster", "clusterallreplicas",
             "azureblobstorage", "gcs", "iceberg", "deltalake", "hudi", "executable",
-            "dictionary"} <= sqlapi.DENIED_FUNCTIONS  # fmt: skip
+            "dictionary"} <= sqlguard.DENIED_FUNCTIONS  # fmt: skip
 
 
 def readme_examples() -> list[str]:

@@ -22,7 +22,9 @@ from sinks.clickhouse.write import write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sql.migrate import available, migrate
 from sql.retention import apply_retention, current_ttl_days
-from sql.sqlapi import SqlError, SqlLimits, SqlRunner, json_row
+from sql.sqlapi import json_row
+from sql.sqlguard import SqlError, SqlLimits
+from sql.sqlrun import SqlRunner
 from sql.store import Store
 from tests import sample
 from tests.conftest import Broker

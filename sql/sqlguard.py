@@ -1,0 +1,286 @@
+"""What a query sent to POST /api/v1/sql may be, judged before it runs: the first two
+of the endpoint's three lines of defence (sql/sqlapi.py).
+
+1. Before ClickHouse sees the text (:func:`precheck`): exactly one statement (a ``;``
+   may only end it), and no ``INTO OUTFILE`` (which chDB, running in this process,
+   would write).
+2. ClickHouse's own parser (:func:`check_tree`, over ``EXPLAIN AST``'s tree, read by
+   :func:`parse_ast`): one SELECT (or WITH ... SELECT), SHOW TABLES / COLUMNS /
+   CREATE TABLE, DESCRIBE or EXPLAIN of a SELECT, without a FORMAT clause; no
+   ``system`` or ``information_schema`` table, no table function but the generators in
+   :data:`TABLE_FUNCTIONS`, no function that reads files, the network or dictionaries
+   (:data:`DENIED_FUNCTIONS`).
+
+And what a query may take (:class:`SqlLimits`), which the read-only session it runs on
+sets as ClickHouse settings (the third line, sql/sqlrun.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sql.params import BadParameter
+
+
+@dataclass(frozen=True)
+class SqlLimits:
+    """What one query may take. The time, row and memory limits are ClickHouse's."""
+
+    timeout_s: float = 30.0  # max_execution_time
+    max_rows: int = 10_000  # the most rows a request may ask for
+    default_rows: int = 1_000  # when it does not say
+    max_query_chars: int = 100_000
+    max_memory_bytes: int = 2 * 1024**3  # max_memory_usage (chDB runs in this process)
+    # The most bytes of rows an answer holds, as encoded for the response. The store
+    # process (writer and API) holds the answer: without this, 10,000 wide rows could
+    # take gigabytes of it. Rows are read a block at a time and the answer stops short.
+    max_answer_bytes: int = 64 * 1024**2
+
+    def session_settings(self) -> dict[str, Any]:
+        """The read-only session's settings; ``readonly`` last (it freezes the rest)."""
+        return {
+            "max_execution_time": self.timeout_s,
+            "timeout_overflow_mode": "throw",
+            # One row more than any request may ask for: more than that, and the
+            # answer says truncated. "break" stops reading once it is exceeded.
+            "max_result_rows": self.max_rows + 1,
+            "result_overflow_mode": "break",
+            "max_memory_usage": self.max_memory_bytes,
+            # A ClickHouse server stops sending past this (chDB: the stream is cancelled
+            # once the answer is full). ClickHouse counts a row's bytes in memory, which
+            # for rows wide enough to matter is about what they take encoded: four times
+            # the answer's limit is never reached first.
+            "max_result_bytes": 4 * self.max_answer_bytes,
+            # No max_block_size: the answer is read a block at a time, so a block is what
+            # is held beyond it, but smaller blocks slow every query down (2,048: GROUP
+            # BY over 50M rows ~1.9x). ClickHouse's own are 65,409 rows, and rows read
+            # from a table come in blocks of about 1 MB (preferred_block_size_bytes).
+            "session_timezone": "UTC",
+            "readonly": 1,
+        }
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+
+class SqlError(BadParameter):
+    """A query that is refused or failed: 400, naming the ``query`` field, with a code."""
+
+    def __init__(self, code: str, message: str, status: int = 400, param: str = "query") -> None:
+        super().__init__(param, message)
+        self.code = code
+        self.status = status
+
+
+ALLOWED = (
+    "SELECT (or WITH ... SELECT), SHOW TABLES, SHOW COLUMNS, SHOW CREATE TABLE, DESCRIBE, EXPLAIN"
+)
+
+# The root node of each statement this endpoint runs, as EXPLAIN AST names it.
+READ_ROOTS = frozenset(
+    {"SelectWithUnionQuery", "Explain", "DescribeQuery", "ShowTables", "ShowColumns",
+     "ShowCreateTableQuery"}
+)  # fmt: skip
+# "SHOW DATABASES", "SHOW SETTINGS"... share ShowTables' node: only these forms pass.
+SHOW_FORMS = re.compile(r"\s*SHOW\s+(?:(?:FULL|EXTENDED)\s+)*(?:TABLES|COLUMNS|CREATE)\b", re.I)
+SYSTEM_WORD = re.compile(r"\b(?:system|information_schema)\b", re.I)
+SYSTEM_DATABASES = frozenset({"system", "information_schema"})
+
+# Table functions that only generate rows (no files, network, other tables' engines).
+TABLE_FUNCTIONS = frozenset(
+    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries",
+     "values", "generaterandom", "view"}
+)  # fmt: skip
+# Functions that read files, the network, other servers or dictionaries: refused
+# wherever they appear (as a table function or in an expression).
+DENIED_FUNCTIONS = frozenset(
+    name.lower()
+    for name in (
+        "file", "fileCluster", "url", "urlCluster", "s3", "s3Cluster", "gcs", "oss", "cosn",
+        "hdfs", "hdfsCluster", "azureBlobStorage", "azureBlobStorageCluster", "remote",
+        "remoteSecure", "cluster", "clusterAllReplicas", "mysql", "postgresql", "jdbc",
+        "odbc", "mongodb", "redis", "sqlite", "input", "executable", "executablePool",
+        "dictionary", "iceberg", "icebergS3", "icebergAzure", "icebergHDFS",
+        "icebergLocal", "icebergS3Cluster", "icebergAzureCluster", "icebergHDFSCluster",
+        "deltaLake", "deltaLakeS3", "deltaLakeAzure", "deltaLakeLocal", "deltaLakeCluster",
+        "hudi", "hudiCluster", "paimon", "arrowFlight", "ytsaurus",
+        "catboostEvaluate", "filesystemAvailable", "filesystemCapacity", "filesystemUnreserved",
+    )
+)  # fmt: skip
+DENIED_PREFIXES = ("dict",)  # dictGet, dictHas, dictGetOrDefault, dictGetHierarchy...
+
+
+def _refuse(code: str, message: str) -> SqlError:
+    return SqlError(code, message)
+
+
+def precheck(query: str, limits: SqlLimits) -> str:
+    """The statement to parse: one, trimmed of whitespace and a final ``;``."""
+    if len(query) > limits.max_query_chars:
+        raise _refuse("too_long", f"the query is longer than {limits.max_query_chars} characters")
+    if "\x00" in query:
+        raise _refuse("bad_query", "the query contains a NUL character")
+    text = query.strip()
+    while text.endswith(";"):
+        text = text[:-1].rstrip()
+    if not text:
+        raise _refuse("bad_query", "the query is empty")
+    if ";" in text:  # even inside a string: one statement per request, no guessing
+        raise _refuse(
+            "multiple_statements",
+            "one statement per request: a ';' may only end the query "
+            "(inside a string, write char(59))",
+        )
+    if _OUTFILE.search(text):  # even inside a string, as ";" above
+        raise _refuse(
+            "not_read_only",
+            "INTO OUTFILE is not allowed: the answer is the response (the word OUTFILE is "
+            "refused anywhere; in a string, write concat('out', 'file'))",
+        )
+    return text
+
+
+# The word OUTFILE, wherever it is: after a SHOW, INTO OUTFILE is only a literal in the
+# syntax tree, and ClickHouse takes characters Python's \s does not (U+200B...) as
+# spaces between INTO and OUTFILE, so no pattern of the two words is safe. Only the
+# word: "outfile_count" or 'into_outfile' are other words.
+_OUTFILE = re.compile(r"\boutfile\b", re.IGNORECASE)
+
+
+@dataclass
+class Node:
+    """One node of ``EXPLAIN AST``'s tree: its kind, the rest of its line, its children."""
+
+    kind: str
+    detail: str
+    parent: Node | None = None
+    children: list[Node] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """A Function's or Identifier's name (the detail's first word)."""
+        return self.detail.split(" ", 1)[0] if self.detail else ""
+
+    def walk(self) -> list[Node]:
+        nodes, stack = [], [self]
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(reversed(node.children))
+        return nodes
+
+
+_NODE = re.compile(r" *[A-Za-z]")
+_SUFFIX = re.compile(r"\s*\((?:children \d+|alias [^)]*)\)\s*$")
+
+
+def parse_ast(lines: Sequence[str]) -> Node:
+    """The tree printed by ``EXPLAIN AST``: one node per line, one space of indent per level.
+
+    An alias or identifier holding a newline prints as more than one line, which reads
+    as extra nodes. They can only add to the tree (a second root, more children: both
+    refused), never hide a real node or come between a TableExpression and its table,
+    which is always the very next line: a crafted name makes the checks stricter only.
+    """
+    root: Node | None = None
+    stack: list[Node] = []
+    for line in lines:
+        if not line.strip():
+            continue
+        if not _NODE.match(line):  # not a tree (EXPLAIN options can change its form)
+            raise _refuse("bad_query", "ClickHouse's syntax tree of this query is unreadable")
+        depth = len(line) - len(line.lstrip(" "))
+        text = line.strip()
+        while True:  # drop "(children N)" and "(alias x)", in whichever order
+            stripped = _SUFFIX.sub("", text)
+            if stripped == text:
+                break
+            text = stripped
+        kind, _, detail = text.partition(" ")
+        del stack[depth:]
+        parent = stack[-1] if stack else None
+        node = Node(kind, detail.strip(), parent)
+        if parent is None:
+            if root is not None:
+                raise _refuse("multiple_statements", "one statement per request")
+            root = node
+        else:
+            parent.children.append(node)
+        stack.append(node)
+    if root is None:
+        raise _refuse("bad_query", "the query is empty")
+    return root
+
+
+_LEADING = re.compile(r"\s+|--[^\n]*|#[^\n]*|/\*.*?\*/", re.S)
+
+
+def _first_word(text: str) -> str:
+    """The statement's first keyword, past comments (for messages only)."""
+    at = 0
+    while match := _LEADING.match(text, at):
+        if match.end() == at:
+            break
+        at = match.end()
+    word = re.match(r"[A-Za-z]+", text[at:])
+    return word[0].upper() if word else ""
+
+
+def check_tree(root: Node, text: str) -> None:
+    """Refuse (:class:`SqlError`) anything but one read-only statement on user tables."""
+    first = _first_word(text)
+    if root.kind not in READ_ROOTS:
+        raise _refuse(
+            "not_read_only",
+            f"only read-only statements run here ({ALLOWED}); this one is {first or root.kind}",
+        )
+    if root.kind.startswith("Show"):
+        if not SHOW_FORMS.match(text):
+            raise _refuse(
+                "not_read_only",
+                "of the SHOW statements, only SHOW TABLES, SHOW COLUMNS and SHOW CREATE TABLE "
+                "run here",
+            )
+        if SYSTEM_WORD.search(text):
+            raise _refuse(
+                "forbidden_table", "system and information_schema tables are not available"
+            )
+        if "\\" in text:  # a name spelled with escapes could hide the word from the check
+            raise _refuse("forbidden_table", "escape sequences are not allowed in SHOW statements")
+    for node in root.walk():
+        if node.kind == "Function":
+            name = node.name.lower()
+            in_from = node.parent is not None and node.parent.kind == "TableExpression"
+            if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
+                raise _refuse(
+                    "forbidden_function",
+                    f"function {node.name!r} is not allowed: it reads files, the network, "
+                    "other servers or dictionaries",
+                )
+            if in_from and name not in TABLE_FUNCTIONS:
+                raise _refuse(
+                    "forbidden_function",
+                    f"table function {node.name!r} is not allowed; only "
+                    "numbers, zeros, generate_series, values, generateRandom and view are",
+                )
+        elif node.kind in ("TableIdentifier", "Identifier"):
+            database = node.name.strip('`"').split(".", 1)[0].strip('`"').lower()
+            if database in SYSTEM_DATABASES:
+                raise _refuse(
+                    "forbidden_table",
+                    f"{node.name!r}: system and information_schema tables are not available",
+                )
+    # EXPLAIN [kind] [options] SELECT: its options (indexes = 1, header = 1...) are a Set.
+    if root.kind == "Explain" and [c.kind for c in root.children if c.kind != "Set"] != [
+        "SelectWithUnionQuery"
+    ]:
+        raise _refuse("not_read_only", "EXPLAIN runs here for a SELECT only, without FORMAT")
+    if root.kind in ("SelectWithUnionQuery", "DescribeQuery") and len(root.children) != 1:
+        raise _refuse(
+            "bad_query",
+            "FORMAT and INTO OUTFILE clauses are not allowed: choose the output with the "
+            'request\'s "format" field',
+        )

@@ -1,0 +1,232 @@
+"""Running a vetted query on its own read-only ClickHouse session, the third line of
+POST /api/v1/sql's defence: :class:`SqlRunner` parses it (``EXPLAIN AST``, judged by
+sql/sqlguard.py), runs it with the limits as session settings, reads its rows a block
+at a time, encodes them as they come and stops once the answer is full; ClickHouse's
+errors become :class:`~sql.sqlguard.SqlError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from clickhouse_connect.driver.exceptions import (
+    ClickHouseError,
+    DatabaseError,
+    OperationalError,
+    StreamFailureError,
+)
+
+from sql.sqlguard import Node, SqlError, SqlLimits, check_tree, parse_ast, precheck
+from sql.store import connect
+
+Encode = Callable[[Sequence[Any]], bytes]  # one row, as the answer's format writes it
+TruncatedBy = Literal["max_rows", "max_answer_bytes"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    columns: list[dict[str, str]]
+    rows: list[bytes]  # each row encoded (Encode), in order
+    truncated_by: TruncatedBy | None  # which limit cut the answer short, if one did
+    elapsed_ms: float
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncated_by is not None
+
+
+class SqlRunner:
+    """The read-only session, opened on first use; one query at a time."""
+
+    def __init__(self, dsn: str, limits: SqlLimits) -> None:
+        self.dsn = dsn
+        self.limits = limits
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+        # Also per thread: a request cancelled mid-query leaves its thread running.
+        self._session = threading.Lock()
+
+    def _connection(self) -> Any:
+        if self._client is None:
+            self._client = connect(self.dsn, self.limits.session_settings())
+        return self._client
+
+    def explain(self, text: str, lead: str = "") -> Node:
+        """``text``'s tree; a syntax error's positions are given in the query it was
+        trimmed from (``lead``: what was trimmed before it)."""
+        # A command, not a query: query() would append "FORMAT Native", which the
+        # parser may attach to the statement inside the EXPLAIN. The answer is
+        # TabSeparated (escaping only inside a line: one line per node).
+        try:
+            result = self._connection().command(EXPLAIN + text)
+        except DatabaseError as exc:
+            message = _clickhouse_error(exc).message
+            placed = _in_query(message, lead)
+            if placed == message:
+                raise
+            raise SqlError("clickhouse_error", placed) from None
+        body = "\t".join(map(str, result)) if isinstance(result, list) else str(result)
+        return parse_ast(body.split("\n"))
+
+    def execute(
+        self, text: str, *, select: bool, encode: Encode, max_rows: int
+    ) -> tuple[list[dict[str, str]], list[bytes], TruncatedBy | None]:
+        """Run ``text`` as is (the checks are the caller's): its columns, and its rows
+        encoded until ``max_rows`` rows or the answer's bytes (``max_answer_bytes``)
+        would be passed. A SELECT is read a block at a time and cancelled there; the
+        other statements (SHOW, DESCRIBE, EXPLAIN: small answers, which chDB does not
+        stream) are read whole."""
+        client = self._connection()
+        if not select:
+            result = client.query(text, query_tz="UTC")
+            columns = _columns(result.column_names, result.column_types)
+            return (columns, *_encoded([result.result_rows], encode, max_rows, self.limits))
+        with client.query_row_block_stream(text, query_tz="UTC") as stream:
+            columns = _columns(stream.source.column_names, stream.source.column_types)
+            wide = [i for i, c in enumerate(columns) if _WIDE_INT.search(c["type"])]
+            blocks = stream if not wide else ([_text_ints(r, wide) for r in b] for b in stream)
+            rows, truncated_by = _encoded(blocks, encode, max_rows, self.limits)
+        if not columns:
+            # No rows, and chDB's Native output then has no columns either: ask for them.
+            described = client.query(f"DESCRIBE TABLE (\n{text}\n)")
+            columns = [{"name": str(r[0]), "type": str(r[1])} for r in described.result_rows]
+        return columns, rows, truncated_by
+
+    def answer(self, query: str, max_rows: int, encode: Encode) -> Answer:
+        text = precheck(query, self.limits)
+        with self._session:
+            return self._answer(text, max_rows, encode, query[: len(query) - len(query.lstrip())])
+
+    def _answer(self, text: str, max_rows: int, encode: Encode, lead: str = "") -> Answer:
+        try:
+            root = self.explain(text, lead)
+            check_tree(root, text)
+            started = time.perf_counter()
+            columns, rows, truncated_by = self.execute(
+                text, select=root.kind == "SelectWithUnionQuery", encode=encode, max_rows=max_rows
+            )
+            elapsed_ms = (time.perf_counter() - started) * 1000
+        except StreamFailureError as exc:  # ClickHouse failed with part of the rows sent
+            raise _clickhouse_error(exc) from None
+        except OperationalError as exc:
+            if getattr(exc, "code", None) is not None:
+                raise _clickhouse_error(exc) from None
+            raise SqlError("unavailable", f"ClickHouse is unavailable: {exc}", 503) from None
+        except ClickHouseError as exc:
+            raise _clickhouse_error(exc) from None
+        except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as exc:
+            # e.g. a column type the client cannot decode (AggregateFunction states)
+            raise SqlError(
+                "unreadable_result", f"the result could not be read: {type(exc).__name__}: {exc}"
+            ) from None
+        return Answer(columns, rows, truncated_by, round(elapsed_ms, 3))
+
+    async def run(self, query: str, max_rows: int, encode: Encode) -> Answer:
+        """The answer, its rows encoded with ``encode`` (in the query's thread: a large
+        answer takes seconds to encode, and the event loop serves the writer meanwhile)."""
+        async with self._lock:  # one query at a time on the session; others wait here
+            return await asyncio.to_thread(self.answer, query, max_rows, encode)
+
+    def close(self) -> None:
+        with self._session:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+# 128- and 256-bit integers: JSON numbers past 64 bits are written as strings, so such a
+# column is written as strings throughout, not a number in one row and a string in the
+# next (ClickHouse's own JSON quotes them all too).
+_WIDE_INT = re.compile(r"\bU?Int(?:128|256)\b")
+
+
+def _text_ints(row: Sequence[Any], wide: list[int]) -> list[Any]:
+    out = list(row)
+    for i in wide:
+        out[i] = _ints_as_text(out[i])
+    return out
+
+
+def _ints_as_text(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_ints_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _ints_as_text(v) for k, v in value.items()}
+    return value
+
+
+def _columns(names: Sequence[str], types: Sequence[Any]) -> list[dict[str, str]]:
+    return [{"name": n, "type": t.name} for n, t in zip(names, types, strict=True)]
+
+
+def _encoded(
+    blocks: Iterable[Sequence[Sequence[Any]]], encode: Encode, max_rows: int, limits: SqlLimits
+) -> tuple[list[bytes], TruncatedBy | None]:
+    """The rows of ``blocks`` encoded, up to ``max_rows`` of them and
+    ``limits.max_answer_bytes`` bytes; and which limit cut them short, if one did."""
+    room = limits.max_answer_bytes
+    rows: list[bytes] = []
+    for block in blocks:
+        for row in block:
+            if len(rows) == max_rows:
+                return rows, "max_rows"
+            line = encode(row)
+            room -= len(line)
+            if room < 0:
+                return rows, "max_answer_bytes"
+            rows.append(line)
+    return rows, None
+
+
+TIMEOUT_EXCEEDED = 159
+
+
+def timed_out(exc: ClickHouseError) -> bool:
+    """Whether the store stopped ``exc``'s query at its time limit (code 159; chDB gives
+    the code only in the message)."""
+    return getattr(exc, "code", None) == TIMEOUT_EXCEEDED or "TIMEOUT_EXCEEDED" in str(exc)
+
+
+EXPLAIN = "EXPLAIN AST "
+# What ClickHouse's parser says of where it failed (bytes from the start of what it
+# parsed, 1-based): each said once, before or after the query text it echoes.
+_FAILED_AT = re.compile(r"(Syntax error: failed at position )(\d+)")
+_NEVER_CLOSED = re.compile(r"('.' at position )(\d+)( is never closed)")
+_LINE_COL = re.compile(r"\(line (\d+), col (\d+)\)")
+
+
+def _in_query(message: str, lead: str) -> str:
+    """A parser error's positions, lines and columns in the query as sent: not counting
+    llmtap's ``EXPLAIN AST`` before it, counting what was trimmed (``lead``)."""
+    shift = len(lead.encode()) - len(EXPLAIN)
+    first_line = len(lead[lead.rfind("\n") + 1 :].encode()) - len(EXPLAIN)
+    newlines = lead.count("\n")
+
+    def line_col(m: re.Match[str]) -> str:
+        line, col = int(m[1]), int(m[2])
+        return f"(line {line + newlines}, col {col + first_line if line == 1 else col})"
+
+    message = _FAILED_AT.sub(lambda m: f"{m[1]}{int(m[2]) + shift}", message, count=1)
+    message = _NEVER_CLOSED.sub(lambda m: f"{m[1]}{int(m[2]) + shift}{m[3]}", message, count=1)
+    return _LINE_COL.sub(line_col, message, count=1)
+
+
+_REPEATED_CODE = re.compile(r"^(Code: \d+\. DB::Exception: )(?:\1)+")
+
+
+def _clickhouse_error(exc: ClickHouseError) -> SqlError:
+    # chDB may give the code twice ("Code: 164. DB::Exception: Code: 164. DB::...").
+    message = _REPEATED_CODE.sub(r"\1", str(exc).strip()) or type(exc).__name__
+    if len(message) > 2000:
+        message = message[:2000] + "…"
+    if timed_out(exc):
+        return SqlError("timeout", f"the query ran past its time limit: {message}")
+    return SqlError("clickhouse_error", message)
