@@ -173,9 +173,10 @@ class SpikeRule(BaseModel):
     sensitivity: Decimal = Field(default=Decimal(5), gt=0)
     # The observed value must reach this (in the metric's unit: USD, requests, tokens,
     # a 0..1 error rate, milliseconds).
-    min_value: Decimal = Field(default=Decimal(0), ge=0)
+    # (At most 10^18: an alert's values are exact to 9 places in Decimal(38, 9).)
+    min_value: Decimal = Field(default=Decimal(0), ge=0, le=Decimal("1e18"))
     # ...and exceed the baseline by at least this much.
-    min_increase: Decimal = Field(default=Decimal(0), ge=0)
+    min_increase: Decimal = Field(default=Decimal(0), ge=0, le=Decimal("1e18"))
     # At most one firing alert per this many windows.
     cooldown_windows: int = Field(default=10, ge=0)
     # How many recent closed windows the baseline is learned from (the scale costs

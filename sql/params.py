@@ -75,7 +75,7 @@ class BadParameter(Exception):
     """A 400: a parameter that is unknown, repeated or invalid."""
 
     status = 400
-    code: str | None = None  # set by the SQL endpoint's errors (sql/sqlguard.py)
+    code: str | None = None  # set by the SQL endpoint's errors (sql/sqlguard.py, sql/sqlapi.py)
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)

@@ -167,6 +167,7 @@ def _alert(
     baseline: Baseline,
     tenant: str,
     quiet: bool = False,
+    learned: bool = True,  # False: ``baseline`` stands in for none (no level to give)
 ) -> Alert:
     where = f"{rule.dimension}={series}"
     if tenant and rule.dimension != "tenant":
@@ -207,7 +208,7 @@ def _alert(
         metric=rule.metric,
         observed=_q(value),
         baseline=_q(baseline.center),
-        threshold=_q(above),
+        threshold=_q(above) if learned else None,
         window_start=window_start,
         window_end=window_end,
         first_seen=first_seen,
@@ -334,7 +335,8 @@ def went_quiet(
     if not state.firing or state.last_window is None:
         return state, []
     start = state.last_window + window
-    baseline = baseline_for(rule, state, start) or Baseline(Decimal(0), Decimal(1), 0)
+    learned = baseline_for(rule, state, start)
+    baseline = learned or Baseline(Decimal(0), Decimal(1), 0)
     resolved = _alert(
         rule,
         series,
@@ -347,6 +349,7 @@ def went_quiet(
         baseline=baseline,
         tenant=tenant,
         quiet=True,
+        learned=learned is not None,
     )
     return state.model_copy(update={"firing": False}), [resolved]
 

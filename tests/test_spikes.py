@@ -227,6 +227,7 @@ def test_a_series_that_went_quiet_while_firing_fires_at_its_next_spike() -> None
     r = rule(cooldown_windows=10)
     state, alerts = feed(r, noisy(40, 100, 0.05, seed=2) + [Decimal(500)] * 3)
     assert firing(alerts) == [40] and state.firing
+    fired = alerts[0][1]
     quiet, [ended] = went_quiet(r, "search", state, MINUTE)  # what a sweep raises
     assert not quiet.firing
     day = 24 * 60
@@ -243,6 +244,12 @@ def test_a_series_that_went_quiet_while_firing_fires_at_its_next_spike() -> None
     assert resolved_quiet.event_id == ended.event_id  # whoever finds it: one alert
     # A series not firing, or a window right after the last, has no quiet to end.
     assert went_quiet(r, "search", quiet, MINUTE) == (quiet, [])
+    # Its level is the firing one's; with no baseline to give one (here: its history
+    # forgotten), none, rather than one in no unit of the metric.
+    assert ended.threshold is not None and ended.threshold == fired.threshold
+    blind = state.model_copy(update={"firing": True, "history": ()})
+    _, [unknown] = went_quiet(r, "search", blind, MINUTE)
+    assert unknown.threshold is None
 
 
 def test_a_rate_or_a_latency_is_not_back_to_normal_for_a_gap_in_its_traffic() -> None:
