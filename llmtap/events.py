@@ -122,7 +122,10 @@ class Usage(_Model):
     OpenAI's tokenizer for its current models; an estimate for other providers').
     ``web_search_requests`` counts the web searches the provider ran for the call
     (Anthropic's ``server_tool_use.web_search_requests``; the Responses API's
-    ``web_search_call`` output items), each billed on top of the tokens.
+    ``web_search_call`` output items), each billed on top of the tokens;
+    ``web_search_preview_requests`` those of them run by the Responses API's older
+    ``web_search_preview`` tool (the call's only web search tool), which OpenAI bills
+    apart on some models.
     """
 
     input_tokens: int = Field(default=0, ge=0)
@@ -134,6 +137,7 @@ class Usage(_Model):
     usage_missing: bool = False
     output_tokens_counted: bool = False
     web_search_requests: int = Field(default=0, ge=0)
+    web_search_preview_requests: int = Field(default=0, ge=0)  # within the above
 
     @classmethod
     def missing(cls) -> Usage:

@@ -63,6 +63,7 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     usage_missing: bool = False
     output_tokens_counted: bool = False
     web_search_requests: Tokens = 0
+    web_search_preview_requests: Tokens = 0
 
 
 def attribution_of(a: events.Attribution) -> Attribution:
@@ -80,6 +81,7 @@ def usage_of(u: events.Usage) -> Usage:
         u.usage_missing,
         u.output_tokens_counted,
         u.web_search_requests,
+        u.web_search_preview_requests,
     )
 
 

@@ -76,6 +76,9 @@ class Rates(_RateFields):
     # billed on top of the tokens its results add to the prompt). None: not priced, the
     # searches are counted and their fee is zero.
     web_search: Decimal | None = Field(default=None, ge=0)
+    # USD per 1,000 searches by the Responses API's older web_search_preview tool, where
+    # it is priced apart (OpenAI's non-reasoning models). None: as web_search.
+    web_search_preview: Decimal | None = Field(default=None, ge=0)
 
     def for_prompt(self, input_tokens: int) -> _RateFields:
         """The rates for a call with this many prompt tokens (long-context tier or not)."""
@@ -179,8 +182,9 @@ class Catalog(BaseModel):
         from the shipped entry that would have priced its model (the one of the same
         name; for ``openai/gpt-4o`` or ``gpt-4o-2024-11-20``, ``gpt-4o``): its limits
         (``context_window``, ``max_output_tokens``) and, on each of its prices, the web
-        search fee in force on that price's date. An override written to change a token
-        price must not drop a hard cap's worst case to the defaults, nor a fee to zero.
+        search fees (``web_search``, ``web_search_preview``) in force on that price's
+        date. An override written to change a token price must not drop a hard cap's
+        worst case to the defaults, nor a fee to zero.
         Naming one as null drops it.
         """
         replaced = {key.casefold() for key in other.models}
@@ -193,6 +197,7 @@ class Catalog(BaseModel):
 
 
 _LIMITS = ("context_window", "max_output_tokens")
+_FEES = frozenset({"web_search", "web_search_preview"})
 
 
 def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
@@ -200,17 +205,16 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
     update: dict[str, Any] = {
         f: getattr(shipped, f) for f in _LIMITS if f not in entry.model_fields_set
     }
-    if any("web_search" not in rates.model_fields_set for rates in entry.prices):
-        # The shipped fee on each price's day; before the shipped prices, their first.
+    if any(not _FEES <= rates.model_fields_set for rates in entry.prices):
+        # The shipped fees on each price's day; before the shipped prices, their first.
         earliest = min(shipped.prices, key=lambda r: r.effective_from)
-        update["prices"] = [
-            rates
-            if "web_search" in rates.model_fields_set
-            else rates.model_copy(
-                update={"web_search": (shipped.on(rates.effective_from) or earliest).web_search}
-            )
-            for rates in entry.prices
-        ]
+
+        def with_fees(rates: Rates) -> Rates:
+            then = shipped.on(rates.effective_from) or earliest
+            unnamed = _FEES - rates.model_fields_set
+            return rates.model_copy(update={f: getattr(then, f) for f in unnamed})
+
+        update["prices"] = [with_fees(rates) for rates in entry.prices]
     return entry.model_copy(update=update) if update else entry
 
 
@@ -317,7 +321,7 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     cost_write = _usd(written - written_1h, write_rate, (written_1h, write_1h_rate))
     cost_output = _usd(usage.output_tokens - reasoning, tier.output)
     cost_reasoning = _usd(reasoning, tier.reasoning or Decimal(0))
-    cost_search = search_fee(usage.web_search_requests, rates)
+    cost_search = search_fee(usage.web_search_requests, rates, usage.web_search_preview_requests)
     return {
         "input": cost_input,
         "cached_input": cost_cached,
@@ -329,12 +333,16 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     }
 
 
-def search_fee(searches: int, rates: Rates) -> Decimal:
-    """The fee for ``searches`` web searches at the rates' per-thousand price, rounded
-    once to a nano-dollar like the token costs."""
-    if rates.web_search is None:
-        return _NO_USD
-    return _usd(searches, rates.web_search, per=PER_THOUSAND)
+def search_fee(searches: int, rates: Rates, preview: int = 0) -> Decimal:
+    """The fee for ``searches`` web searches at the rates' per-thousand prices, rounded
+    once to a nano-dollar like the token costs: ``preview`` of them (at most all) at the
+    ``web_search_preview`` price where the rates give one, the rest at ``web_search``."""
+    preview_rate = rates.web_search_preview
+    if preview_rate is None:
+        preview, preview_rate = 0, _ZERO
+    preview = min(preview, searches)
+    rate = _ZERO if rates.web_search is None else rates.web_search
+    return _usd(searches - preview, rate, (preview, preview_rate), per=PER_THOUSAND)
 
 
 class Rating(NamedTuple):

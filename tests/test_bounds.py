@@ -15,6 +15,7 @@ from ingress.guards.bounds import (
     max_tokens,
     prompts,
     reach,
+    searches_by_preview,
     web_searches,
 )
 from tests.test_budget_book import MIDNIGHT, book
@@ -438,3 +439,44 @@ def test_a_hard_cap_reserves_the_fee_of_the_searches_a_call_allows() -> None:
     assert tokens is not None and five is not None and unbounded is not None
     assert five - tokens == Decimal("0.05")  # $10 per 1,000
     assert unbounded - tokens == Decimal("1.00")  # budget_default_web_searches: 100
+
+
+@pytest.mark.parametrize(
+    ("tools", "preview"),
+    [
+        ([{"type": "web_search_preview"}], True),
+        ([{"type": "web_search_preview_2025_03_11"}, {"type": "function", "name": "f"}], True),
+        ([{"type": "web_search"}], False),
+        ([{"type": "web_search_2025_08_26"}], False),
+        ([{"type": "web_search_preview"}, {"type": "web_search"}], False),  # cannot be told
+        ([{"type": "function", "name": "web_search_preview"}], False),
+        ([], False),
+        ("web_search_preview", False),
+    ],
+)
+def test_searches_are_the_preview_tool_s_when_it_is_the_only_search_tool(
+    tools: Any, preview: bool
+) -> None:
+    assert searches_by_preview({"tools": tools}) is preview
+    assert reach({"tools": tools}).searches_by_preview is preview
+
+
+def test_a_hard_cap_reserves_searches_by_the_preview_tool_at_its_fee() -> None:
+    budgets, _ = book("10")
+
+    def worst(searches: int, by_preview: bool) -> Decimal:
+        cost = budgets.worst_case(
+            "gpt-4o",
+            200,
+            100,
+            MIDNIGHT,
+            provider="openai",
+            web_searches=searches,
+            searches_by_preview=by_preview,
+        )
+        assert cost is not None
+        return cost
+
+    tokens = worst(0, True)
+    assert worst(4, False) - tokens == Decimal("0.04")  # web_search: $10 per 1,000
+    assert worst(4, True) - tokens == Decimal("0.1")  # web_search_preview on gpt-4o: $25

@@ -395,3 +395,29 @@ async def test_a_call_that_may_search_reserves_the_fee_of_its_searches(
                 model="gpt-4o", input="news?", max_output_tokens=100, tools=search, max_tool_calls=2
             )
     assert "worst case of this call $2.52" in refusal_of(refused, upstream, asked)
+
+
+async def test_searches_by_the_preview_tool_reserve_its_fee(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On gpt-4o the older web_search_preview tool costs $25 a thousand searches, not
+    web_search's $10: under a $2.52 cap ($2.501 of tokens, as above), a call that may
+    search once with web_search fits ($2.511), with web_search_preview it is refused
+    ($2.526), the provider never asked."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-p", scope="tenant", value="acme", limit_usd=Decimal("2.52"))
+    async with capped_client(ingress_settings, budget) as client:
+        for tool in ("web_search", "web_search_preview"):
+            search: Any = [{"type": tool}]
+            asked = len(upstream.provider.received)
+            try:
+                await client.responses.create(
+                    model="gpt-4o", input="news?", max_output_tokens=100, tools=search,
+                    max_tool_calls=1,
+                )  # fmt: skip
+            except RateLimitError as error:
+                assert tool == "web_search_preview"
+                assert len(upstream.provider.received) == asked
+                assert "worst case of this call $2.526" in str(error)
+            else:
+                assert tool == "web_search"

@@ -36,6 +36,7 @@ RATES = {
     "gpt-4o-mini": (Decimal("0.15"), Decimal("0.075"), Decimal("0.60")),
     "gpt-4o": (Decimal("2.50"), Decimal("1.25"), Decimal("10.00")),
     "gpt-4.1-mini": (Decimal("0.40"), Decimal("0.10"), Decimal("1.60")),
+    "gpt-4.1": (Decimal("2.00"), Decimal("0.50"), Decimal("8.00")),
 }
 
 
@@ -432,3 +433,38 @@ async def test_web_searches_are_priced_per_search_through_to_the_store(
         + fake.completion_tokens * Decimal("5.00")
     ) / Decimal(1_000_000)
     assert Decimal(row["cost"]) == tokens + Decimal("0.02")
+
+
+async def test_searches_by_the_preview_tool_are_priced_at_its_fee_through_to_the_store(
+    llmtap_up: Running, openai_sdk: AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    """Two Responses calls on gpt-4.1, each with two searches: a streamed one with the
+    older web_search_preview tool ($25 a thousand on a non-reasoning model) and one
+    with web_search ($10). The store holds $0.07 of search fees on top of the tokens."""
+    fake = upstream.provider
+    fake.web_searches = 2
+    try:
+        stream = await openai_sdk.responses.create(
+            model="gpt-4.1", input="news?", tools=[{"type": "web_search_preview"}], stream=True
+        )
+        async for _ in stream:
+            pass
+        await openai_sdk.responses.create(
+            model="gpt-4.1", input="news?", tools=[{"type": "web_search"}]
+        )
+    finally:
+        fake.web_searches = 0
+    served = "gpt-4.1" + SNAPSHOT
+    await model_row(llmtap_up.api_url, served, lambda r: r["requests"] >= 2)
+    url = f"{llmtap_up.api_url}/analytics/costs?range=24h&group_by=model"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
+        async with session.get(url) as response:
+            assert response.status == 200
+            rows = (await response.json())["data"]
+    [row] = [r for r in rows if r["key"] == served]
+    assert row["requests"] == 2
+    assert row["cost_web_search"] == "0.070000000"
+    tokens = expected_cost(
+        "gpt-4.1", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
+    )
+    assert Decimal(row["cost"]) == 2 * tokens + Decimal("0.07")

@@ -863,6 +863,40 @@ def test_web_searches_are_billed_per_search_on_top_of_the_tokens(
     assert sum(getattr(searched, p) for p in parts) == searched.total
 
 
+def test_web_search_preview_searches_cost_their_own_fee_where_the_model_gives_one(
+    catalog: Catalog,
+) -> None:
+    """OpenAI bills the older web_search_preview tool $25 a thousand on non-reasoning
+    models (gpt-4o, gpt-4.1), $10 on reasoning ones (as web_search)."""
+
+    def fee(model: str, searches: int, preview: int) -> Decimal:
+        usage = Usage(
+            input_tokens=1000, web_search_requests=searches, web_search_preview_requests=preview
+        )
+        return priced(response(model, usage, provider="openai"), catalog).web_search
+
+    assert fee("gpt-4o-2024-08-06", 3, 0) == Decimal("0.03")
+    assert fee("gpt-4o-2024-08-06", 3, 3) == Decimal("0.075")
+    assert fee("gpt-4.1-mini", 3, 2) == Decimal("0.06")  # 1 x $10 + 2 x $25 a thousand
+    assert fee("gpt-4o-mini", 1, 5) == Decimal("0.025")  # never more than the searches
+    assert fee("gpt-5", 3, 3) == Decimal("0.03")  # no preview fee: web_search's
+    assert fee("o3", 2, 2) == Decimal("0.02")
+
+
+def test_an_entry_with_a_preview_fee_alone_prices_those_searches_alone(tmp_path: Path) -> None:
+    catalog = with_operator_file(
+        tmp_path,
+        "models:\n"
+        "  acme-search:\n"
+        "    provider: acme\n"
+        '    prices: [{effective_from: 2025-01-01, input: "1.00", output: "1.00",'
+        ' web_search_preview: "20.00"}]\n',
+    )
+    usage = Usage(web_search_requests=5, web_search_preview_requests=2)
+    cost = priced(response("acme-search", usage, provider="acme"), catalog)
+    assert (cost.web_search, cost.total) == (Decimal("0.04"), Decimal("0.04"))
+
+
 def test_a_call_that_only_searched_is_priced(catalog: Catalog) -> None:
     # A search that found nothing the model read still costs its fee.
     usage = Usage(web_search_requests=1)
@@ -920,6 +954,7 @@ def test_an_override_keeps_the_search_fee_and_limits_of_the_entry_it_shadows(
 
     gpt = entry(catalog, "gpt-4o", "openai")
     assert [r.web_search for r in gpt.prices] == [Decimal("10.00"), Decimal("5.00")]
+    assert [r.web_search_preview for r in gpt.prices] == [Decimal("25.00")] * 2
     haiku = entry(catalog, "claude-haiku-4-5-20251001", "anthropic")
     assert haiku.prices[0].input == Decimal("0.80")  # the operator's entry, found first
     assert haiku.prices[0].web_search == Decimal("10.00")
@@ -928,7 +963,8 @@ def test_an_override_keeps_the_search_fee_and_limits_of_the_entry_it_shadows(
         shipped_haiku.context_window,
         shipped_haiku.max_output_tokens,
     )
-    assert entry(catalog, "claude-sonnet-4-5", "anthropic").prices[0].web_search is None
+    sonnet = entry(catalog, "claude-sonnet-4-5", "anthropic").prices[0]
+    assert (sonnet.web_search, sonnet.web_search_preview) == (None, None)
     searched = Usage(input_tokens=1000, web_search_requests=4)
     cost = priced(response("gpt-4o", searched, provider="openai"), catalog)
     assert cost.web_search == Decimal("0.04")

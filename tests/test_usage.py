@@ -19,6 +19,7 @@ from ingress.forward.usage import (
     OpenAIJsonCapture,
     OpenAIStreamCapture,
     anthropic_usage,
+    by_preview,
     openai_usage,
 )
 from llmtap.events import Usage
@@ -743,3 +744,12 @@ def test_anthropic_stream_cut_before_its_last_delta_counts_the_search_results_st
     head, tail = rest.rsplit(b"event: message_delta", 1)
     capture.feed(start + b"\n\n" + results + results + head + b"event: message_delta" + tail)
     assert capture.final_usage.web_search_requests == 2
+
+
+def test_searches_by_the_preview_tool_are_all_the_call_s_searches() -> None:
+    searched = Usage(input_tokens=10, web_search_requests=3)
+    assert by_preview(searched) == Usage(
+        input_tokens=10, web_search_requests=3, web_search_preview_requests=3
+    )
+    assert by_preview(Usage(input_tokens=10)) == Usage(input_tokens=10)
+    assert by_preview(Usage.missing()) == Usage.missing()

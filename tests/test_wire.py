@@ -70,6 +70,7 @@ usages = st.builds(
     usage_missing=st.booleans(),
     output_tokens_counted=st.booleans(),
     web_search_requests=tokens,
+    web_search_preview_requests=tokens,
 )
 responses = st.builds(
     ResponseEvent,
@@ -313,6 +314,7 @@ LAX = {
     # an event written before web searches were counted and priced
     "no web searches": without("response.usage.web_search_requests"),
     "no web search fee": without("cost.web_search"),
+    "no preview searches": without("response.usage.web_search_preview_requests"),
 }
 
 

@@ -24,7 +24,7 @@ from ingress.forward.endpoint import Endpoint, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.forward.usage import parse_json_body
 from ingress.guards.auth import Refusal, authenticate, check_model
-from ingress.guards.bounds import choices, max_tokens, prompts, reach
+from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
 from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
 from ingress.routing import NoRoute, Route, resolve
@@ -43,6 +43,7 @@ class Admitted:
     url: str
     headers: CIMultiDict[str]
     strip_usage_chunk: bool  # llmtap asked the stream for a usage chunk the client did not
+    searches_by_preview: bool  # its web searches are web_search_preview's (bounds.py)
     announced: Announcement  # the request event, made once the request has left
     ticket: Ticket | None  # the key's rate limits' hold on the call, if it has any
 
@@ -231,7 +232,17 @@ class Admission:
             resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
             refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
             return refused
-        return Admitted(route, model, body, url, headers, strip_usage_chunk, announced, self.ticket)
+        return Admitted(
+            route,
+            model,
+            body,
+            url,
+            headers,
+            strip_usage_chunk,
+            searches_by_preview(payload),
+            announced,
+            self.ticket,
+        )
 
 
 def compressed(request: web.Request) -> bool:

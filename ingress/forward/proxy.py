@@ -22,7 +22,7 @@ from ingress.forward.admission import Admission
 from ingress.forward.call import Call, downstream_headers
 from ingress.forward.endpoint import Endpoint
 from ingress.forward.outcome import cut_by, record_outcome
-from ingress.forward.usage import StreamCapture, parse_json_body
+from ingress.forward.usage import StreamCapture, by_preview, parse_json_body
 from ingress.keys import BUDGETS, COUNTING, LIMITER, UPSTREAM
 from ingress.spool import Delivered
 from llmtap import logs
@@ -50,11 +50,12 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         return admitted
     # Not the admitted call itself: a stream cut short is finished later (its output
     # counted in a thread), and its body need not wait with it.
-    route, model, ticket, announced = (
+    route, model, ticket, announced, by_preview_tool = (
         admitted.route,
         admitted.model,
         admitted.ticket,
         admitted.announced,
+        admitted.searches_by_preview,
     )
 
     status: Status = "ok"
@@ -185,6 +186,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     finally:
 
         def finish(usage: Usage) -> None:
+            if by_preview_tool:
+                usage = by_preview(usage)
+
             def settle(ended: datetime) -> Delivered | None:
                 held = request.app[BUDGETS].settle(
                     call.request_id,

@@ -85,6 +85,15 @@ def with_searches(usage: Usage, response: dict[str, Any], streamed: int = 0) -> 
     return usage.model_copy(update={"web_search_requests": searches}) if searches else usage
 
 
+def by_preview(usage: Usage) -> Usage:
+    """``usage`` with its web searches counted as run by the Responses API's older
+    ``web_search_preview`` tool (the call's only web search tool), priced apart."""
+    searches = usage.web_search_requests
+    if not searches or usage.web_search_preview_requests == searches:
+        return usage
+    return usage.model_copy(update={"web_search_preview_requests": searches})
+
+
 def _is_search(item: Any) -> bool:
     if not isinstance(item, dict) or item.get("type") != "web_search_call":
         return False

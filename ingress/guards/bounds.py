@@ -92,14 +92,7 @@ def web_searches(payload: dict[str, Any]) -> int | None:
     (Anthropic), at most the Responses API's ``max_tool_calls`` (which bounds every
     built-in tool call of the response); None when nothing bounds them. (Chat
     Completions' ``web_search_options`` is not counted: its searches are not priced.)"""
-    tools = payload.get("tools")
-    searching = [
-        tool
-        for tool in (tools if isinstance(tools, list) else ())
-        if isinstance(tool, dict)
-        and isinstance(tool.get("type"), str)
-        and tool["type"].startswith("web_search")
-    ]
+    searching = _search_tools(payload)
     if not searching:
         return 0
     calls = _count(payload.get("max_tool_calls"))
@@ -107,6 +100,30 @@ def web_searches(payload: dict[str, Any]) -> int | None:
     each = None if None in uses else sum(u for u in uses if u is not None)
     bounds = [bound for bound in (calls, each) if bound is not None]
     return min(bounds) if bounds else None
+
+
+def searches_by_preview(payload: dict[str, Any]) -> bool:
+    """Whether the call's web searches are run by the Responses API's older
+    ``web_search_preview`` tool (``web_search_preview_2025_03_11`` too), which OpenAI
+    prices apart on some models: it is the call's only kind of web search tool. (With
+    the current ``web_search`` beside it, which tool ran a search cannot be told: its
+    ``web_search_call`` items are alike. They count as ``web_search``'s.)"""
+    kinds = {tool["type"].startswith("web_search_preview") for tool in _search_tools(payload)}
+    return kinds == {True}
+
+
+def _search_tools(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The web search tools the call names (any version: ``web_search_20250305``)."""
+    tools = payload.get("tools")
+    if not isinstance(tools, list):
+        return []
+    return [
+        tool
+        for tool in tools
+        if isinstance(tool, dict)
+        and isinstance(tool.get("type"), str)
+        and tool["type"].startswith("web_search")
+    ]
 
 
 def _count(value: Any) -> int | None:
@@ -117,15 +134,22 @@ def _count(value: Any) -> int | None:
 class Reach(NamedTuple):
     """What a body leaves unbounded: whether its input is all in it
     (:func:`input_unbounded`), the most web searches it allows (:func:`web_searches`),
-    and the images it holds or names (:func:`images`)."""
+    and by which tool (:func:`searches_by_preview`), and the images it holds or names
+    (:func:`images`)."""
 
     input_unbounded: bool
     web_searches: int | None
     images: int = 0
+    searches_by_preview: bool = False
 
 
 def reach(payload: dict[str, Any]) -> Reach:
-    return Reach(input_unbounded(payload), web_searches(payload), images(payload))
+    return Reach(
+        input_unbounded(payload),
+        web_searches(payload),
+        images(payload),
+        searches_by_preview(payload),
+    )
 
 
 def _provider_run(tool: Any) -> bool:
