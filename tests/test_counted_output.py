@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress.forward import tokens, usage
-from ingress.forward.usage import AnthropicStreamCapture, OpenAIStreamCapture, StreamCapture
+from ingress.forward import capture as capturing
+from ingress.forward import tokens
+from ingress.forward.capture import AnthropicStreamCapture, OpenAIStreamCapture, StreamCapture
 
 
 def sse(*chunks: dict[str, Any] | str) -> bytes:
@@ -131,7 +132,7 @@ def test_past_what_is_kept_the_count_is_scaled_by_the_bytes_seen(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     one = sse(chat({"content": "word "}))
-    monkeypatch.setattr(usage, "KEEP_STREAMED_BYTES", 10 * len(one) - 20)  # data, not "data: "
+    monkeypatch.setattr(capturing, "KEEP_STREAMED_BYTES", 10 * len(one) - 20)  # data, not "data: "
     capture = fed(OpenAIStreamCapture(strip_usage_chunk=False), one * 20)
     assert capture.streamed_text() == "word " * 10  # ten kept of twenty
     assert capture.counted_usage(10).output_tokens == 20

@@ -12,16 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingress.forward.usage import (
+from ingress.forward.capture import (
     HOLD_BYTES,
     AnthropicJsonCapture,
     AnthropicStreamCapture,
     OpenAIJsonCapture,
     OpenAIStreamCapture,
-    anthropic_usage,
-    by_preview,
-    openai_usage,
 )
+from ingress.forward.usage import anthropic_usage, by_preview, openai_usage
 from llmtap.events import Usage
 
 SERVED = "gpt-4o-mini-2024-07-18"

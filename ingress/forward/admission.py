@@ -20,9 +20,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ingress.forward.call import Call, upstream_headers
+from ingress.forward.capture import parse_json_body
 from ingress.forward.endpoint import Endpoint, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
-from ingress.forward.usage import parse_json_body
 from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
 from ingress.guards.ratelimit import Ticket, estimate

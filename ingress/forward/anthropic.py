@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from ingress.errors import anthropic_error
+from ingress.forward.capture import AnthropicJsonCapture, AnthropicStreamCapture
 from ingress.forward.endpoint import Api, Endpoint
 from ingress.forward.proxy import metered
-from ingress.forward.usage import AnthropicJsonCapture, AnthropicStreamCapture
 
 ANTHROPIC = Api(
     kind="anthropic",

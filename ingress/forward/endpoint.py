@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingress.errors import ErrorShape
-from ingress.forward.usage import Capture, StreamCapture
+from ingress.forward.capture import Capture, StreamCapture
 from ingress.guards.auth import Identity, Refusal
 from llmtap.config import ApiKind, ProviderConfig
 

@@ -12,9 +12,9 @@ from yarl import URL
 
 from ingress.errors import openai_error
 from ingress.forward.call import downstream_headers, upstream_headers
+from ingress.forward.capture import OpenAIJsonCapture, OpenAIStreamCapture
 from ingress.forward.endpoint import Api, Endpoint, upstream_credential
 from ingress.forward.proxy import metered
-from ingress.forward.usage import OpenAIJsonCapture, OpenAIStreamCapture
 from ingress.guards.auth import Refusal, authenticate
 from ingress.keys import KEYS, SETTINGS, UPSTREAM
 

@@ -20,9 +20,10 @@ from multidict import CIMultiDict
 
 from ingress.forward.admission import Admission
 from ingress.forward.call import Call, downstream_headers
+from ingress.forward.capture import StreamCapture, parse_json_body
 from ingress.forward.endpoint import Endpoint
 from ingress.forward.outcome import cut_by, record_outcome
-from ingress.forward.usage import StreamCapture, by_preview, parse_json_body
+from ingress.forward.usage import by_preview
 from ingress.keys import BUDGETS, COUNTING, LIMITER, UPSTREAM
 from ingress.spool import Delivered
 from llmtap import logs

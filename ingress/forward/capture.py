@@ -1,0 +1,410 @@
+"""Pure capture of usage from what a provider sent: a JSON body or an SSE stream.
+
+Nothing here does I/O; the handlers feed bytes in and forward what comes out.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from ingress.forward.usage import anthropic_usage, is_search, openai_usage, with_searches
+from llmtap.events import Usage
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def parse_json_body(body: bytes) -> dict[str, Any] | None:
+    """A JSON object, or None. A leading UTF-8 byte order mark is passed over, as RFC
+    8259 lets a parser do and Python's own does (orjson refuses it): whether the body is
+    acceptable is then for the provider to say, as it would without llmtap."""
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+class Capture:
+    """What a complete (non-streaming) response body tells: usage and served model."""
+
+    usage: Usage
+    model: str
+
+
+class OpenAIJsonCapture(Capture):
+    """Chat completions, completions, embeddings and responses bodies."""
+
+    def __init__(self, body: bytes) -> None:
+        parsed = parse_json_body(body) or {}
+        usage = openai_usage(parsed.get("usage"))
+        self.usage = Usage.missing() if usage is None else with_searches(usage, parsed)
+        model = parsed.get("model")
+        self.model = model if isinstance(model, str) else ""
+
+
+class AnthropicJsonCapture(Capture):
+    """A Messages API body."""
+
+    def __init__(self, body: bytes) -> None:
+        parsed = parse_json_body(body) or {}
+        self.usage = anthropic_usage(parsed.get("usage")) or Usage.missing()
+        model = parsed.get("model")
+        self.model = model if isinstance(model, str) else ""
+
+
+# What a stream keeps of its events' data, for counting its output tokens should it end
+# before the provider counts them: this much at most (~15,000 tokens of chat chunks);
+# past it, the count is scaled by the bytes seen.
+KEEP_STREAMED_BYTES = 2 * 1024 * 1024
+HOLD_BYTES = 256 * 1024  # forwarded, not read yet (StreamCapture.hold)
+
+
+class StreamCapture:
+    """Reads an SSE stream as it passes through, one event at a time.
+
+    ``feed`` takes raw bytes from the provider and returns the bytes to forward now:
+    whole SSE events, byte for byte as received. A partial event waits for its end.
+    Subclasses read each event's JSON in ``_chunk`` and may hold one back; one that
+    never does is :attr:`verbatim`, and the proxy then forwards each read as it comes,
+    gives it here with :meth:`hold`, and has it all read once the answer is out
+    (:meth:`catch_up`, which :meth:`finish` does first).
+
+    Until the provider's final count of output tokens arrives, the events' data is kept
+    as it came (not parsed: that is the hot path), so that a stream that breaks off, or
+    whose client goes away, can still have its output counted (:meth:`counted_usage`).
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.usage: Usage | None = None
+        self.model = ""
+        self.output_final = False  # the provider's own count of output tokens arrived
+        self.error = ""  # the provider's error type, when an event of the stream is one
+        self._kept: list[bytes] = []
+        self._kept_bytes = 0
+        self._seen_bytes = 0
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+
+    def hold(self, data: bytes) -> None:
+        """Bytes already forwarded as they came (:attr:`verbatim`), to read later: at
+        the end, or once ``HOLD_BYTES`` wait (a long stream is read as it goes)."""
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > HOLD_BYTES:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Read what :meth:`hold` kept; the state then covers every byte given here."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        for data in held:
+            self.feed(data)
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self._pending + data if self._pending else data
+        if b"\r" in buffer:
+            return self._feed_any(buffer)
+        # Lines end with LF alone (every provider's streams): events end at "\n\n".
+        out: list[bytes] = []
+        start = 0
+        dropped = False
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            if self._inspect(buffer[start:end]):
+                out.append(buffer[start : end + 2])
+            else:
+                dropped = True
+            start = end + 2
+        self._pending = buffer[start:]
+        return self._out(b"".join(out) if dropped else buffer[:start])
+
+    def _feed_any(self, buffer: bytes) -> bytes:
+        """:meth:`feed` for a buffer with CR in it: lines may end with CRLF, LF or CR,
+        mixed, and an event ends at its first empty line."""
+        out: list[bytes] = []
+        while True:
+            end, sep_len = _event_end(buffer)
+            if end < 0 or (end + sep_len == len(buffer) and buffer.endswith(b"\r")):
+                break  # at the end, a CR may be the first half of a CRLF still to come
+            if self._inspect(buffer[:end]):
+                out.append(buffer[: end + sep_len])
+            buffer = buffer[end + sep_len :]
+        self._pending = buffer
+        return self._out(b"".join(out))
+
+    def finish(self) -> bytes:
+        """The stream ended: whatever is left (an unterminated last event) goes out."""
+        self.catch_up()
+        tail, self._pending = self._pending, b""
+        if tail and not self._inspect(tail):
+            return b""
+        return self._out(tail)
+
+    def _out(self, events: bytes) -> bytes:
+        """The whole events to forward, as the client should get them (as received)."""
+        return events
+
+    @property
+    def verbatim(self) -> bool:
+        """Every byte fed goes out unchanged: the proxy may forward what it reads before
+        feeding it here, instead of waiting for each event's end."""
+        return True
+
+    @property
+    def final_usage(self) -> Usage:
+        return self.usage or Usage.missing()
+
+    @property
+    def output_uncounted(self) -> bool:
+        """Text was streamed and the provider did not count its tokens."""
+        return bool(self._kept) and not self.output_final
+
+    def streamed_text(self) -> str:
+        """The text the kept events carried (content, reasoning, tool arguments)."""
+        parts: list[str] = []
+        for data in self._kept:
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(chunk, dict):
+                parts.extend(self._texts(chunk))
+        return "".join(parts)
+
+    def counted_usage(self, tokens: int) -> Usage:
+        """The usage seen, with ``tokens`` (the count of :meth:`streamed_text`, scaled
+        up if not all was kept) as its output when that is more than the provider said."""
+        if self._kept_bytes and self._seen_bytes > self._kept_bytes:
+            tokens = round(tokens * self._seen_bytes / self._kept_bytes)
+        seen = self.final_usage
+        if tokens <= seen.output_tokens:
+            return seen
+        return seen.model_copy(update={"output_tokens": tokens, "output_tokens_counted": True})
+
+    def _inspect(self, event: bytes) -> bool:
+        """Record what the event tells; return whether to forward it."""
+        data = _sse_data(event)
+        if data is None or data == b"[DONE]":
+            return True
+        if not self.output_final:
+            self._seen_bytes += len(data)
+            if self._kept_bytes + len(data) <= KEEP_STREAMED_BYTES:
+                self._kept.append(data)
+                self._kept_bytes += len(data)
+        if self.model and not _may_tell(data):
+            return True  # nothing new to learn: content chunks are not parsed (hot path)
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True  # not ours to judge: forward as is
+        if not isinstance(chunk, dict):
+            return True
+        if not self.error:
+            self.error = stream_error(chunk)
+        return self._chunk(chunk)
+
+    def _chunk(self, chunk: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _texts(self, chunk: dict[str, Any]) -> list[str]:
+        """The generated text one event carries."""
+        raise NotImplementedError
+
+    def _model(self, source: Any) -> None:
+        model = source.get("model") if isinstance(source, dict) else None
+        if isinstance(model, str) and model:
+            self.model = model
+
+
+class OpenAIStreamCapture(StreamCapture):
+    """OpenAI chat/completions chunks, and Responses API events.
+
+    With ``strip_usage_chunk`` (the proxy asked for usage the client did not ask
+    for), the usage-only chunk (``"choices": []`` with ``usage``) is captured and not
+    forwarded, and the ``"usage": null`` that asking puts in every other chunk is taken
+    out of them, so the client sees exactly what it would have seen without the proxy.
+    """
+
+    def __init__(self, *, strip_usage_chunk: bool) -> None:
+        super().__init__()
+        self._strip = strip_usage_chunk
+        self._searches = 0  # search items streamed (response.output_item.done)
+
+    def _out(self, events: bytes) -> bytes:
+        return _without_usage_null(events) if self._strip else events
+
+    @property
+    def verbatim(self) -> bool:
+        return not self._strip
+
+    @property
+    def final_usage(self) -> Usage:
+        if self.usage is None and self._searches:  # cut short: the searches it ran
+            return Usage(usage_missing=True, web_search_requests=self._searches)
+        return super().final_usage
+
+    def _chunk(self, chunk: dict[str, Any]) -> bool:
+        # Responses API events carry the response object: {"type": ..., "response": {...}}
+        if chunk.get("type") == "response.output_item.done" and is_search(chunk.get("item")):
+            self._searches += 1
+        response = chunk.get("response")
+        source = response if isinstance(response, dict) else chunk
+        self._model(source)
+        usage = openai_usage(source.get("usage"))
+        if usage is None:
+            return True
+        self.usage = with_searches(usage, source, self._searches)
+        self.output_final = True
+        self._kept.clear()
+        usage_only = chunk.get("choices") == []
+        return not (self._strip and usage_only)
+
+    def _texts(self, chunk: dict[str, Any]) -> list[str]:
+        delta = chunk.get("delta")
+        if isinstance(delta, str):  # Responses API: response.output_text.delta and others
+            return [delta] if str(chunk.get("type", "")).endswith(".delta") else []
+        texts: list[str] = []
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
+            texts.append(_str(choice.get("text")))  # completions
+            message = choice.get("delta")  # chat completions
+            if not isinstance(message, dict):
+                continue
+            for key in ("content", "reasoning_content", "refusal"):
+                texts.append(_str(message.get(key)))
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    texts.append(_str(function.get("name")))
+                    texts.append(_str(function.get("arguments")))
+        return [text for text in texts if text]
+
+
+def _may_tell(data: bytes) -> bool:
+    """Whether an event's data may carry usage, an error or a web search ("usage":null
+    tells nothing; a quote in a JSON string is escaped, so the text streamed cannot look
+    like any of these keys or types, only like the value "error")."""
+    if b'"error"' in data or b'"web_search_call"' in data or b'"web_search_tool_result"' in data:
+        return True
+    usages = data.count(b'"usage"')
+    return usages > 1 or (usages == 1 and b'"usage":null' not in data)
+
+
+def stream_error(event: dict[str, Any]) -> str:
+    """The provider's error type if a stream's event says the answer failed (HTTP 200 was
+    sent before it did): Anthropic's ``error`` event, an OpenAI chunk holding only an
+    ``error``, the Responses API's ``error`` and ``response.failed``; else ""."""
+    kind = event.get("type")
+    error = event.get("error")
+    if kind == "response.failed":
+        response = event.get("response")
+        error = response.get("error") if isinstance(response, dict) else None
+    elif kind != "error" and not isinstance(error, dict):
+        return ""
+    found = error.get("type") or error.get("code") if isinstance(error, dict) else None
+    found = found or event.get("code")  # the Responses API's error event
+    return found if isinstance(found, str) and found else str(kind or "error")
+
+
+# A chunk's "usage": null member, with the comma that joins it to the one before (or,
+# first in its object, to the one after). A quote inside a JSON string is escaped, so
+# this is never text a model wrote.
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,')
+
+
+def _without_usage_null(events: bytes) -> bytes:
+    return _USAGE_NULL.sub(b"", events) if b'"usage"' in events else events
+
+
+class AnthropicStreamCapture(StreamCapture):
+    """Messages API events: usage from ``message_start``, updated by ``message_delta``.
+
+    ``message_delta`` usage is cumulative: its counts replace those seen before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._raw: dict[str, Any] = {}
+        self._searches = 0  # web search results streamed (their content_block_start)
+        self._searches_told = False  # a message_delta carried the provider's count
+
+    def _chunk(self, chunk: dict[str, Any]) -> bool:
+        kind = chunk.get("type")
+        if kind == "message_start":
+            message = chunk.get("message")
+            self._model(message)
+            usage = message.get("usage") if isinstance(message, dict) else None
+        elif kind == "message_delta":
+            usage = chunk.get("usage")
+        elif kind == "content_block_start":
+            if _searched(chunk.get("content_block")):
+                self._searches += 1
+                self._count()
+            return True
+        else:
+            return True
+        if isinstance(usage, dict):
+            self._raw.update({k: v for k, v in usage.items() if v is not None})
+            if kind == "message_delta" and isinstance(usage.get("server_tool_use"), dict):
+                self._searches_told = True
+            self._count()
+            if kind == "message_delta" and "output_tokens" in usage:
+                self.output_final = True
+                self._kept.clear()
+        return True
+
+    def _count(self) -> None:
+        """The usage so far. Searches are counted by a message_delta's usage; until one
+        does (a stream cut short), the search results streamed count too (message_start
+        may say 0 before any search ran)."""
+        usage = anthropic_usage(self._raw) if self._raw else None
+        if usage is not None and not self._searches_told:
+            searches = max(usage.web_search_requests, self._searches)
+            if searches != usage.web_search_requests:
+                usage = usage.model_copy(update={"web_search_requests": searches})
+        self.usage = usage
+
+    def _texts(self, chunk: dict[str, Any]) -> list[str]:
+        delta = chunk.get("delta") if chunk.get("type") == "content_block_delta" else None
+        if not isinstance(delta, dict):
+            return []
+        texts = (_str(delta.get(key)) for key in ("text", "partial_json", "thinking"))
+        return [text for text in texts if text]
+
+
+def _searched(block: Any) -> bool:
+    """A web search's result block (a list of results; an error is not billed)."""
+    return (
+        isinstance(block, dict)
+        and block.get("type") == "web_search_tool_result"
+        and isinstance(block.get("content"), list)
+    )
+
+
+# A line's end (CRLF, LF, or a CR not starting a CRLF) followed by an empty line's.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+
+
+def _event_end(buffer: bytes) -> tuple[int, int]:
+    """Index and length of the first event end in ``buffer``, or (-1, 0)."""
+    found = _EVENT_END.search(buffer)
+    return (found.start(), found.end() - found.start()) if found else (-1, 0)
+
+
+def _sse_data(event: bytes) -> bytes | None:
+    """The joined ``data:`` lines of one SSE event, or None if it has none."""
+    if event.startswith(b"data: ") and b"\n" not in event and b"\r" not in event:
+        return event[6:]  # the usual event: one data line
+    lines = [
+        line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None
