@@ -181,10 +181,11 @@ class Catalog(BaseModel):
         An entry's prices replace the shipped ones whole. What it does not name is kept
         from the shipped entry that would have priced its model (the one of the same
         name; for ``openai/gpt-4o`` or ``gpt-4o-2024-11-20``, ``gpt-4o``): its limits
-        (``context_window``, ``max_output_tokens``) and, on each of its prices, the web
-        search fees (``web_search``, ``web_search_preview``) in force on that price's
-        date. An override written to change a token price must not drop a hard cap's
-        worst case to the defaults, nor a fee to zero.
+        (``context_window``, ``max_output_tokens``) and, on each of its prices that names
+        neither search fee, the search fees (``web_search``, ``web_search_preview``) in
+        force on that price's date. An override written to change a token price must not
+        drop a hard cap's worst case to the defaults, nor a fee to zero; one that names a
+        search fee (``web_search: null``: searches are free) says what searches cost.
         Naming one as null drops it.
         """
         replaced = {key.casefold() for key in other.models}
@@ -205,14 +206,17 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
     update: dict[str, Any] = {
         f: getattr(shipped, f) for f in _LIMITS if f not in entry.model_fields_set
     }
-    if any(not _FEES <= rates.model_fields_set for rates in entry.prices):
+    if any(not _FEES & rates.model_fields_set for rates in entry.prices):
         # The shipped fees on each price's day; before the shipped prices, their first.
+        # A price naming either fee names the searches' fees: one it leaves out is none
+        # (a preview search then costs the web_search fee it names, null included).
         earliest = min(shipped.prices, key=lambda r: r.effective_from)
 
         def with_fees(rates: Rates) -> Rates:
+            if _FEES & rates.model_fields_set:
+                return rates
             then = shipped.on(rates.effective_from) or earliest
-            unnamed = _FEES - rates.model_fields_set
-            return rates.model_copy(update={f: getattr(then, f) for f in unnamed})
+            return rates.model_copy(update={f: getattr(then, f) for f in _FEES})
 
         update["prices"] = [with_fees(rates) for rates in entry.prices]
     return entry.model_copy(update=update) if update else entry

@@ -448,7 +448,6 @@ def test_a_hard_cap_reserves_the_fee_of_the_searches_a_call_allows() -> None:
         ([{"type": "web_search_preview_2025_03_11"}, {"type": "function", "name": "f"}], True),
         ([{"type": "web_search"}], False),
         ([{"type": "web_search_2025_08_26"}], False),
-        ([{"type": "web_search_preview"}, {"type": "web_search"}], False),  # cannot be told
         ([{"type": "function", "name": "web_search_preview"}], False),
         ([], False),
         ("web_search_preview", False),
@@ -458,21 +457,27 @@ def test_searches_are_the_preview_tool_s_when_it_is_the_only_search_tool(
     tools: Any, preview: bool
 ) -> None:
     assert searches_by_preview({"tools": tools}) is preview
-    assert reach({"tools": tools}).searches_by_preview is preview
+    assert reach({"tools": tools}).preview_named is preview
+
+
+def test_searches_beside_both_tools_are_web_search_s_but_may_cost_the_preview_fee() -> None:
+    both = {"tools": [{"type": "web_search_preview"}, {"type": "web_search"}]}
+    assert searches_by_preview(both) is False  # which tool ran a search cannot be told
+    assert reach(both).preview_named is True  # a hard cap reserves the dearer fee
 
 
 def test_a_hard_cap_reserves_searches_by_the_preview_tool_at_its_fee() -> None:
     budgets, _ = book("10")
 
-    def worst(searches: int, by_preview: bool) -> Decimal:
+    def worst(searches: int, preview_named: bool, model: str = "gpt-4o") -> Decimal:
         cost = budgets.worst_case(
-            "gpt-4o",
+            model,
             200,
             100,
             MIDNIGHT,
             provider="openai",
             web_searches=searches,
-            searches_by_preview=by_preview,
+            preview_named=preview_named,
         )
         assert cost is not None
         return cost
@@ -480,3 +485,4 @@ def test_a_hard_cap_reserves_searches_by_the_preview_tool_at_its_fee() -> None:
     tokens = worst(0, True)
     assert worst(4, False) - tokens == Decimal("0.04")  # web_search: $10 per 1,000
     assert worst(4, True) - tokens == Decimal("0.1")  # web_search_preview on gpt-4o: $25
+    assert worst(4, True, "o3") - worst(0, True, "o3") == Decimal("0.04")  # no fee of its own

@@ -438,9 +438,10 @@ async def test_web_searches_are_priced_per_search_through_to_the_store(
 async def test_searches_by_the_preview_tool_are_priced_at_its_fee_through_to_the_store(
     llmtap_up: Running, openai_sdk: AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
-    """Two Responses calls on gpt-4.1, each with two searches: a streamed one with the
-    older web_search_preview tool ($25 a thousand on a non-reasoning model) and one
-    with web_search ($10). The store holds $0.07 of search fees on top of the tokens."""
+    """Three Responses calls on gpt-4.1, each with two searches: with the older
+    web_search_preview tool ($25 a thousand on a non-reasoning model) streamed and not,
+    and with web_search ($10). The store holds $0.12 of search fees on top of the
+    tokens."""
     fake = upstream.provider
     fake.web_searches = 2
     try:
@@ -449,22 +450,22 @@ async def test_searches_by_the_preview_tool_are_priced_at_its_fee_through_to_the
         )
         async for _ in stream:
             pass
-        await openai_sdk.responses.create(
-            model="gpt-4.1", input="news?", tools=[{"type": "web_search"}]
-        )
+        for tool in ("web_search_preview", "web_search"):
+            tools: Any = [{"type": tool}]
+            await openai_sdk.responses.create(model="gpt-4.1", input="news?", tools=tools)
     finally:
         fake.web_searches = 0
     served = "gpt-4.1" + SNAPSHOT
-    await model_row(llmtap_up.api_url, served, lambda r: r["requests"] >= 2)
+    await model_row(llmtap_up.api_url, served, lambda r: r["requests"] >= 3)
     url = f"{llmtap_up.api_url}/analytics/costs?range=24h&group_by=model"
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
         async with session.get(url) as response:
             assert response.status == 200
             rows = (await response.json())["data"]
     [row] = [r for r in rows if r["key"] == served]
-    assert row["requests"] == 2
-    assert row["cost_web_search"] == "0.070000000"
+    assert row["requests"] == 3
+    assert row["cost_web_search"] == "0.120000000"
     tokens = expected_cost(
         "gpt-4.1", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
     )
-    assert Decimal(row["cost"]) == 2 * tokens + Decimal("0.07")
+    assert Decimal(row["cost"]) == 3 * tokens + Decimal("0.12")

@@ -897,6 +897,23 @@ def test_an_entry_with_a_preview_fee_alone_prices_those_searches_alone(tmp_path:
     assert (cost.web_search, cost.total) == (Decimal("0.04"), Decimal("0.04"))
 
 
+def test_an_override_that_makes_searches_free_makes_preview_searches_free(
+    tmp_path: Path,
+) -> None:
+    """``web_search: null`` in an override (written before the preview fee existed,
+    meaning: searches cost nothing here) does not leave the shipped $25 preview fee."""
+    catalog = with_operator_file(
+        tmp_path,
+        "models:\n"
+        "  gpt-4o-mini:\n"
+        "    provider: openai\n"
+        '    prices: [{effective_from: 2024-07-18, input: "0.15", output: "0.60",'
+        " web_search: null}]\n",
+    )
+    usage = Usage(web_search_requests=4, web_search_preview_requests=4)
+    assert priced(response("gpt-4o-mini", usage, provider="openai"), catalog).total == 0
+
+
 def test_a_call_that_only_searched_is_priced(catalog: Catalog) -> None:
     # A search that found nothing the model read still costs its fee.
     usage = Usage(web_search_requests=1)
@@ -954,7 +971,8 @@ def test_an_override_keeps_the_search_fee_and_limits_of_the_entry_it_shadows(
 
     gpt = entry(catalog, "gpt-4o", "openai")
     assert [r.web_search for r in gpt.prices] == [Decimal("10.00"), Decimal("5.00")]
-    assert [r.web_search_preview for r in gpt.prices] == [Decimal("25.00")] * 2
+    # naming one search fee names both: a preview search costs the $5 it names
+    assert [r.web_search_preview for r in gpt.prices] == [Decimal("25.00"), None]
     haiku = entry(catalog, "claude-haiku-4-5-20251001", "anthropic")
     assert haiku.prices[0].input == Decimal("0.80")  # the operator's entry, found first
     assert haiku.prices[0].web_search == Decimal("10.00")
@@ -965,6 +983,11 @@ def test_an_override_keeps_the_search_fee_and_limits_of_the_entry_it_shadows(
     )
     sonnet = entry(catalog, "claude-sonnet-4-5", "anthropic").prices[0]
     assert (sonnet.web_search, sonnet.web_search_preview) == (None, None)
+    later = Usage(input_tokens=1000, web_search_requests=4, web_search_preview_requests=4)
+    cost = priced(
+        response("gpt-4o", later, provider="openai", ts=datetime(2027, 2, 1, tzinfo=UTC)), catalog
+    )
+    assert cost.web_search == Decimal("0.02")  # the $5 the override names, not $25
     searched = Usage(input_tokens=1000, web_search_requests=4)
     cost = priced(response("gpt-4o", searched, provider="openai"), catalog)
     assert cost.web_search == Decimal("0.04")

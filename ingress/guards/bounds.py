@@ -108,8 +108,18 @@ def searches_by_preview(payload: dict[str, Any]) -> bool:
     prices apart on some models: it is the call's only kind of web search tool. (With
     the current ``web_search`` beside it, which tool ran a search cannot be told: its
     ``web_search_call`` items are alike. They count as ``web_search``'s.)"""
-    kinds = {tool["type"].startswith("web_search_preview") for tool in _search_tools(payload)}
-    return kinds == {True}
+    return _preview_kinds(payload) == {True}
+
+
+def preview_named(payload: dict[str, Any]) -> bool:
+    """Whether the call names the ``web_search_preview`` tool, alone or not: its
+    searches may cost that tool's fee (what a hard cap reserves for them)."""
+    return True in _preview_kinds(payload)
+
+
+def _preview_kinds(payload: dict[str, Any]) -> set[bool]:
+    """For each web search tool the call names, whether it is ``web_search_preview``."""
+    return {tool["type"].startswith("web_search_preview") for tool in _search_tools(payload)}
 
 
 def _search_tools(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -134,13 +144,13 @@ def _count(value: Any) -> int | None:
 class Reach(NamedTuple):
     """What a body leaves unbounded: whether its input is all in it
     (:func:`input_unbounded`), the most web searches it allows (:func:`web_searches`),
-    and by which tool (:func:`searches_by_preview`), and the images it holds or names
-    (:func:`images`)."""
+    the images it holds or names (:func:`images`), and whether its searches may cost
+    the ``web_search_preview`` tool's fee (:func:`preview_named`)."""
 
     input_unbounded: bool
     web_searches: int | None
     images: int = 0
-    searches_by_preview: bool = False
+    preview_named: bool = False
 
 
 def reach(payload: dict[str, Any]) -> Reach:
@@ -148,7 +158,7 @@ def reach(payload: dict[str, Any]) -> Reach:
         input_unbounded(payload),
         web_searches(payload),
         images(payload),
-        searches_by_preview(payload),
+        preview_named(payload),
     )
 
 

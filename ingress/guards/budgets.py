@@ -133,7 +133,7 @@ class BudgetBook:
         prompts: int = 1,
         web_searches: int | None = 0,
         images: int = 0,
-        searches_by_preview: bool = False,
+        preview_named: bool = False,
     ) -> Decimal | None:
         """The most the call can cost. Its input: the body's bytes, at most the model's
         context window for each of the ``prompts`` the provider answers apart (a list of
@@ -143,7 +143,8 @@ class BudgetBook:
         Its output: ``max_tokens`` for each of ``choices`` answers (OpenAI's ``n``) to
         each prompt, or the model's most tokens an answer when the call names none. And
         the fee of ``web_searches`` (None: not bounded, ``default_web_searches``), at the
-        ``web_search_preview`` fee when they are that tool's (``searches_by_preview``). The
+        dearer of the two search fees when the call names the ``web_search_preview``
+        tool (``preview_named``: which tool ran a search cannot be told). The
         catalog gives both limits (``context_window``, ``max_output_tokens``); for a
         model it gives none for, ``default_context_tokens`` and ``default_max_tokens``
         stand in. Each of ``images`` adds ``image_tokens`` of input (its tokens are the
@@ -178,7 +179,10 @@ class BudgetBook:
         output = each * max(choices, 1) * prompts
         searches = self.default_web_searches if web_searches is None else web_searches
         tokens = (prompt * input_rate + output * output_rate) / PER_MILLION
-        return tokens + search_fee(searches, rates, searches if searches_by_preview else 0)
+        fee = search_fee(searches, rates)
+        if preview_named:
+            fee = max(fee, search_fee(searches, rates, preview=searches))
+        return tokens + fee
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -255,7 +259,7 @@ class BudgetBook:
             prompts,
             unbounded.web_searches,
             unbounded.images,
-            unbounded.searches_by_preview,
+            unbounded.preview_named,
         )
         worst = worst or Decimal(0)
         for budget in capped:
