@@ -53,7 +53,11 @@ class Attribution(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=Fa
     properties: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+# Its counts are written only when not their defaults (most are 0 for most calls): an
+# event whose call used nothing a later field counts reads the same to a reader from
+# before that field (web_search_preview_requests, say), which refuses fields it does
+# not know, so a rolling upgrade loses no call that does not use it.
+class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
     cached_input_tokens: Tokens = 0

@@ -212,6 +212,21 @@ def test_the_cost_stage_writes_the_event_the_contract_would(
     assert decode_costed(written) == price_wire(read, CATALOG)
 
 
+def test_usage_counts_left_at_their_defaults_are_not_written() -> None:
+    """A reader from before a usage field refuses it; a call that does not use it must
+    read to it as before (the field left out), so a rolling upgrade loses only calls
+    that use it."""
+    plain = wire.usage_of(Usage(input_tokens=10, web_search_requests=2))
+    assert json.loads(msgspec.json.encode(plain)) == {"input_tokens": 10, "web_search_requests": 2}
+    preview = wire.usage_of(
+        Usage(input_tokens=10, web_search_requests=2, web_search_preview_requests=2)
+    )
+    assert json.loads(msgspec.json.encode(preview))["web_search_preview_requests"] == 2
+    assert Usage.model_validate_json(msgspec.json.encode(plain)) == Usage(
+        input_tokens=10, web_search_requests=2
+    )
+
+
 def mutated(mutate: Callable[[dict[str, Any]], None]) -> bytes:
     """The JSON of a sample costed event, changed by ``mutate``."""
     doc = json.loads(costed().model_dump_json())
