@@ -421,6 +421,10 @@ SEARCH = {"type": "web_search_20250305", "name": "web_search"}
         ({"tools": [{"type": "web_search_preview"}], "max_tool_calls": 0}, 0),
         ({"tools": [{**SEARCH, "max_uses": 9}], "max_tool_calls": 4}, 4),
         ({"tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}]}, 0),  # no fee
+        # a stored prompt's tools are not in the body: it may search
+        ({"prompt": {"id": "pmpt_1"}}, None),
+        ({"prompt": {"id": "pmpt_1"}, "max_tool_calls": 2}, 2),
+        ({"prompt": "Once upon", "max_tool_calls": 2}, 0),  # completions: no tools
     ],
 )
 def test_the_searches_a_call_allows(payload: dict[str, Any], most: int | None) -> None:
@@ -464,6 +468,8 @@ def test_searches_beside_both_tools_are_web_search_s_but_may_cost_the_preview_fe
     both = {"tools": [{"type": "web_search_preview"}, {"type": "web_search"}]}
     assert searches_by_preview(both) is False  # which tool ran a search cannot be told
     assert reach(both).preview_named is True  # a hard cap reserves the dearer fee
+    stored = {"prompt": {"id": "pmpt_1"}}  # its tools are the provider's to add
+    assert (searches_by_preview(stored), reach(stored).preview_named) == (False, True)
 
 
 def test_a_hard_cap_reserves_searches_by_the_preview_tool_at_its_fee() -> None:

@@ -78,7 +78,7 @@ def input_unbounded(payload: dict[str, Any]) -> bool:
     """True if the provider may add to the call's prompt content its body does not hold."""
     if any(payload.get(name) not in (None, "", []) for name in _KEPT):
         return True  # (web_search_options: {} asks for a search with the defaults)
-    if isinstance(payload.get("prompt"), dict):  # a stored prompt (a string: completions)
+    if _stored_prompt(payload):
         return True
     tools = payload.get("tools")
     if isinstance(tools, list) and any(_provider_run(tool) for tool in tools):
@@ -90,12 +90,14 @@ def web_searches(payload: dict[str, Any]) -> int | None:
     """The most web searches the call lets the provider run, each billed on top of the
     tokens: 0 without a web search tool; the sum of each search tool's ``max_uses``
     (Anthropic), at most the Responses API's ``max_tool_calls`` (which bounds every
-    built-in tool call of the response); None when nothing bounds them. (Chat
-    Completions' ``web_search_options`` is not counted: its searches are not priced.)"""
+    built-in tool call of the response); None when nothing bounds them. A stored
+    prompt's tools are not in the body: such a call may search, up to
+    ``max_tool_calls``. (Chat Completions' ``web_search_options`` is not counted: its
+    searches are not priced.)"""
     searching = _search_tools(payload)
-    if not searching:
-        return 0
     calls = _count(payload.get("max_tool_calls"))
+    if not searching:
+        return calls if _stored_prompt(payload) else 0
     uses = [_count(tool.get("max_uses")) for tool in searching]
     each = None if None in uses else sum(u for u in uses if u is not None)
     bounds = [bound for bound in (calls, each) if bound is not None]
@@ -112,9 +114,16 @@ def searches_by_preview(payload: dict[str, Any]) -> bool:
 
 
 def preview_named(payload: dict[str, Any]) -> bool:
-    """Whether the call names the ``web_search_preview`` tool, alone or not: its
-    searches may cost that tool's fee (what a hard cap reserves for them)."""
-    return True in _preview_kinds(payload)
+    """Whether the call names the ``web_search_preview`` tool, alone or not, or may have
+    it from a stored prompt: its searches may cost that tool's fee (what a hard cap
+    reserves for them)."""
+    return True in _preview_kinds(payload) or _stored_prompt(payload)
+
+
+def _stored_prompt(payload: dict[str, Any]) -> bool:
+    """A Responses API call of a stored prompt (``prompt: {"id": ...}``; a string is
+    the completions API's prompt), whose input and tools the provider adds."""
+    return isinstance(payload.get("prompt"), dict)
 
 
 def _preview_kinds(payload: dict[str, Any]) -> set[bool]:
