@@ -36,7 +36,7 @@ RATES = {
     "gpt-4o-mini": (Decimal("0.15"), Decimal("0.075"), Decimal("0.60")),
     "gpt-4o": (Decimal("2.50"), Decimal("1.25"), Decimal("10.00")),
     "gpt-4.1-mini": (Decimal("0.40"), Decimal("0.10"), Decimal("1.60")),
-    "gpt-4.1": (Decimal("2.00"), Decimal("0.50"), Decimal("8.00")),
+    "gpt-4o-2024-05-13": (Decimal("5.00"), Decimal("5.00"), Decimal("15.00")),  # no cache rate
 }
 
 
@@ -435,10 +435,13 @@ async def test_web_searches_are_priced_per_search_through_to_the_store(
     assert Decimal(row["cost"]) == tokens + Decimal("0.02")
 
 
+PREVIEW_MODEL = "gpt-4o-2024-05-13"  # a snapshot priced apart: no other test's rows
+
+
 async def test_searches_by_the_preview_tool_are_priced_at_its_fee_through_to_the_store(
     llmtap_up: Running, openai_sdk: AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
-    """Three Responses calls on gpt-4.1, each with two searches: with the older
+    """Three Responses calls on gpt-4o-2024-05-13, each with two searches: with the older
     web_search_preview tool ($25 a thousand on a non-reasoning model) streamed and not,
     and with web_search ($10). The store holds $0.12 of search fees on top of the
     tokens."""
@@ -446,16 +449,16 @@ async def test_searches_by_the_preview_tool_are_priced_at_its_fee_through_to_the
     fake.web_searches = 2
     try:
         stream = await openai_sdk.responses.create(
-            model="gpt-4.1", input="news?", tools=[{"type": "web_search_preview"}], stream=True
+            model=PREVIEW_MODEL, input="news?", tools=[{"type": "web_search_preview"}], stream=True
         )
         async for _ in stream:
             pass
         for tool in ("web_search_preview", "web_search"):
             tools: Any = [{"type": tool}]
-            await openai_sdk.responses.create(model="gpt-4.1", input="news?", tools=tools)
+            await openai_sdk.responses.create(model=PREVIEW_MODEL, input="news?", tools=tools)
     finally:
         fake.web_searches = 0
-    served = "gpt-4.1" + SNAPSHOT
+    served = PREVIEW_MODEL + SNAPSHOT
     await model_row(llmtap_up.api_url, served, lambda r: r["requests"] >= 3)
     url = f"{llmtap_up.api_url}/analytics/costs?range=24h&group_by=model"
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
@@ -466,6 +469,6 @@ async def test_searches_by_the_preview_tool_are_priced_at_its_fee_through_to_the
     assert row["requests"] == 3
     assert row["cost_web_search"] == "0.120000000"
     tokens = expected_cost(
-        "gpt-4.1", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
+        PREVIEW_MODEL, fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
     )
     assert Decimal(row["cost"]) == 3 * tokens + Decimal("0.12")
