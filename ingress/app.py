@@ -135,6 +135,14 @@ async def key_store(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+_ROUTES = (
+    "llmtap forwards OpenAI's chat completions, completions, embeddings and Responses "
+    "API calls and Anthropic's Messages API calls, and passes models lists, token counts "
+    "and moderations; not what the provider account stores (files, batches, stored "
+    "responses), which every tenant's calls share."
+)
+
+
 @web.middleware
 async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Routing errors in the caller's provider's error shape (Anthropic's for its paths
@@ -144,7 +152,7 @@ async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.
         return await handler(request)
     except web.HTTPNotFound:
         status, code, headers = 404, "unknown_url", {}
-        message = f"Unknown route: {request.method} {request.path}"
+        message = f"Unknown route: {request.method} {request.path}. {_ROUTES}"
     except web.HTTPMethodNotAllowed as exc:
         status, code, headers = 405, "method_not_allowed", {"Allow": exc.headers["Allow"]}
         message = f"Method {request.method} not allowed on {request.path}"

@@ -317,8 +317,27 @@ class FakeProvider:
             }
         )
 
+    async def counted(self, request: web.Request) -> web.Response:
+        """Anthropic's count_tokens, the Responses API's input_tokens and a moderation:
+        free answers about a call, none made."""
+        body = await request.json()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        if request.path.endswith("/moderations"):
+            flagged = {"flagged": False, "categories": {}, "category_scores": {}}
+            return web.json_response(
+                {"id": "modr-fake", "model": body.get("model", "omni-moderation-latest"),
+                 "results": [{**flagged, "category_applied_input_types": {}}]}
+            )  # fmt: skip
+        counted = {"input_tokens": self.prompt_tokens}
+        if request.path.endswith("/input_tokens"):
+            counted["object"] = "response.input_tokens"  # type: ignore[assignment]
+        return web.json_response(counted)
+
     def app(self) -> web.Application:
         app = web.Application()
+        app.router.add_post("/v1/messages/count_tokens", self.counted)
+        app.router.add_post("/v1/responses/input_tokens", self.counted)
+        app.router.add_post("/v1/moderations", self.counted)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)

@@ -272,13 +272,25 @@ async def test_bad_input_gets_openai_shaped_400_without_contacting_the_provider(
     assert len(upstream.provider.received) == before
 
 
-async def test_unknown_route_is_an_openai_shaped_404(llmtap_up: Running) -> None:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{llmtap_up.proxy_url}/no/such/route") as response,
-    ):
-        assert response.status == 404
-        assert "Unknown route" in (await response.json())["error"]["message"]
+async def test_unknown_route_is_an_openai_shaped_404(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    """Also a route of the provider's that reaches what its account stores (files):
+    every tenant's calls share that account. The provider is never asked."""
+    asked = len(upstream.provider.received)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{llmtap_up.proxy_url}/no/such/route") as response:
+            assert response.status == 404
+            assert "Unknown route" in (await response.json())["error"]["message"]
+        async with session.post(
+            f"{llmtap_up.proxy_url}/files",
+            data=b"x",
+            headers={"Authorization": f"Bearer {llmtap_up.api_key}"},
+        ) as response:
+            assert response.status == 404
+            message = (await response.json())["error"]["message"]
+            assert "POST /v1/files" in message and "provider account stores" in message
+    assert len(upstream.provider.received) == asked
 
 
 async def test_upstream_unreachable_is_a_502_and_still_recorded(

@@ -351,7 +351,7 @@ async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
                 assert response.status == 405 and "POST" in response.headers["Allow"]
                 refused = await response.json()
                 assert refused["type"] == "error" and refused["error"]["type"] == "api_error"
-            async with session.post(f"{base}/v1/messages/count_tokens", json={}) as response:
+            async with session.post(f"{base}/v1/messages/batches", json={}) as response:
                 assert response.status == 404
                 assert (await response.json())["error"]["type"] == "not_found_error"
             async with session.get(

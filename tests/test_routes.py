@@ -11,6 +11,7 @@ from decimal import Decimal
 import aiohttp
 import pytest
 from anthropic import AsyncAnthropic
+from anthropic import AuthenticationError as AnthropicAuthenticationError
 from openai import AsyncOpenAI, AuthenticationError, BadRequestError
 
 from tests.conftest import ANTHROPIC_KEY, GROQ_KEY, PROVIDER_KEY, FakeUpstream, Running
@@ -205,3 +206,61 @@ async def test_a_model_served_by_another_api_is_refused_clearly(openai_sdk: Asyn
             model="anthropic/claude-3-5-sonnet", messages=[{"role": "user", "content": "hi"}]
         )
     assert "speaks the anthropic API" in raised.value.message
+
+
+async def test_free_counts_and_moderations_pass_through_with_the_provider_key(
+    openai_sdk: AsyncOpenAI, anthropic_sdk: AsyncAnthropic, upstream: FakeUpstream
+) -> None:
+    """What an SDK asks besides calls, all free: a prompt's tokens (Anthropic's
+    count_tokens, the Responses API's input_tokens) and a moderation. Each reaches the
+    provider serving its model, with llmtap's key for it and the model's upstream name."""
+    fake = upstream.provider
+    counted = await anthropic_sdk.messages.count_tokens(
+        model="claude-3-5-haiku", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert counted.input_tokens == fake.prompt_tokens
+    seen = fake.received[-1]
+    assert (seen.path, seen.headers["x-api-key"]) == ("/v1/messages/count_tokens", ANTHROPIC_KEY)
+    assert seen.body["messages"] == [{"role": "user", "content": "hello"}]
+
+    tokens = await openai_sdk.responses.input_tokens.count(model="groq/house-model-8b", input="hi")
+    assert tokens.input_tokens == fake.prompt_tokens
+    seen = fake.received[-1]
+    assert seen.path == "/v1/responses/input_tokens"
+    assert seen.headers["Authorization"] == f"Bearer {GROQ_KEY}"  # the model's provider
+    assert seen.body == {"model": "house-model-8b", "input": "hi"}
+
+    moderation = await openai_sdk.moderations.create(input="hi")
+    assert moderation.results[0].flagged is False
+    seen = fake.received[-1]
+    assert (seen.path, seen.headers["Authorization"]) == (
+        "/v1/moderations",
+        f"Bearer {PROVIDER_KEY}",
+    )
+
+
+async def test_free_counts_want_a_key_and_a_model_the_key_may_use(
+    llmtap_up: Running, upstream: FakeUpstream
+) -> None:
+    """As every route: no key is a 401 in the API's shape, a body that is not JSON a
+    400, and the provider is never asked."""
+    asked = len(upstream.provider.received)
+    async with AsyncAnthropic(
+        base_url=llmtap_up.proxy_root, api_key="ltk_unknown", max_retries=0
+    ) as stranger:
+        with pytest.raises(AnthropicAuthenticationError):
+            await stranger.messages.count_tokens(
+                model="claude-3-5-haiku", messages=[{"role": "user", "content": "hello"}]
+            )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{llmtap_up.proxy_url}/responses/input_tokens",
+            data=b"{not json",
+            headers={"Authorization": f"Bearer {llmtap_up.api_key}"},
+        ) as response,
+    ):
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_json"
+        assert response.headers["x-request-id"]
+    assert len(upstream.provider.received) == asked

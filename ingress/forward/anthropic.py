@@ -1,10 +1,11 @@
-"""Anthropic's Messages API: /v1/messages, stream and non-stream."""
+"""Anthropic's Messages API: /v1/messages, stream and non-stream, and its free token count."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from ingress.errors import anthropic_error
+from ingress.forward import unmetered
 from ingress.forward.capture import AnthropicJsonCapture, AnthropicStreamCapture
 from ingress.forward.endpoint import Api, Endpoint
 from ingress.forward.proxy import metered
@@ -24,3 +25,7 @@ MESSAGES = Endpoint("messages", ANTHROPIC, "/v1/messages")
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/messages", metered(MESSAGES))
+    # Free, not metered (unmetered.py):
+    app.router.add_post(
+        "/v1/messages/count_tokens", unmetered.counted(ANTHROPIC, "/v1/messages/count_tokens")
+    )

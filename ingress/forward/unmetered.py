@@ -1,0 +1,166 @@
+"""Routes passed through and not metered: what a client asks a provider about calls
+without making one, all free: the models it serves (``GET /v1/models``), how many
+tokens a prompt is (Anthropic's ``POST /v1/messages/count_tokens``, the Responses
+API's ``POST /v1/responses/input_tokens``), and a moderation (``POST /v1/moderations``).
+
+An SDK switched to llmtap's URL asks these too, and would fail on a 404. Each wants a
+key as every route does, and goes out with llmtap's provider key (a virtual key never
+reaches a provider). A body naming a model goes to the provider that serves it, as a
+metered call would (the model allowed to the key, its name rewritten for a
+``<provider>/<model>`` route); one naming none to the provider named like the API.
+Nothing is published: no tokens are generated, nothing is billed. Endpoints that reach
+what the provider account stores (files, batches, stored responses, vector stores) are
+not passed: every tenant's calls share that account.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from ingress.forward.admission import compressed
+from ingress.forward.call import downstream_headers, upstream_headers
+from ingress.forward.capture import parse_json_body
+from ingress.forward.endpoint import Api, upstream_credential
+from ingress.guards.auth import Identity, Refusal, authenticate, check_model
+from ingress.keys import KEYS, SETTINGS, UPSTREAM
+from ingress.routing import NoRoute, resolve
+from llmtap.config import ProviderConfig
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Refused(Exception):
+    """Answer the caller with this error, without asking the provider."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    @classmethod
+    def by(cls, refusal: Refusal, param: str | None = None) -> _Refused:
+        return cls(refusal.status, refusal.message, refusal.code or refusal.error_class, param)
+
+
+def models(api: Api) -> Handler:
+    """``GET /v1/models`` and ``GET /v1/models/{model}``, from the provider named like
+    the API. One model is asked by a name of one path segment, sent encoded: a decoded
+    "/" or ".." would take the provider's key to any other endpoint of it."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        path = "/models"
+        if "model" in request.match_info:
+            model = request.match_info["model"]
+            if "/" in model or model in (".", ".."):
+                missing = _Refused(404, f"The model '{model}' does not exist", "model_not_found")
+                return _answer_refused(api, missing, str(uuid.uuid4()))
+            path += "/" + quote(model, safe=":")
+        return await _passed(request, api, path, read_body=False)
+
+    return handle
+
+
+def counted(api: Api, path: str) -> Handler:
+    """A ``POST`` whose JSON body names the model it is about (or none): ``path`` on the
+    provider serving that model."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await _passed(request, api, path, read_body=True)
+
+    return handle
+
+
+async def _passed(
+    request: web.Request, api: Api, path: str, *, read_body: bool
+) -> web.StreamResponse:
+    request_id = str(uuid.uuid4())
+    settings = request.app[SETTINGS]
+    try:
+        try:
+            identity = authenticate(request.headers, settings, request.app[KEYS])
+        except Refusal as refusal:
+            raise _Refused.by(refusal) from None
+        body, name = b"", str(api.kind)
+        provider = settings.providers_by_name[api.kind]
+        if read_body:
+            body, name, provider = await _routed_body(request, api, identity)
+        try:
+            credential = upstream_credential(api, name, provider, identity)
+        except Refusal as refusal:
+            raise _Refused.by(refusal) from None
+    except _Refused as refused:
+        return _answer_refused(api, refused, request_id)
+    url = provider.base_url.rstrip("/") + path
+    if request.query_string:
+        url += "?" + request.query_string
+    headers = upstream_headers(request.headers, credential=credential)
+    try:
+        async with request.app[UPSTREAM].request(
+            request.method, URL(url, encoded=True), data=body if read_body else None,
+            headers=headers,
+        ) as upstream:  # fmt: skip
+            answer = await upstream.read()
+            return web.Response(
+                status=upstream.status,
+                body=answer,
+                headers=downstream_headers(upstream.headers, request_id),
+            )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        timed_out = isinstance(exc, TimeoutError)
+        return _answer_refused(
+            api,
+            _Refused(
+                504 if timed_out else 502,
+                f"llmtap could not reach the provider {name!r} ({type(exc).__name__})",
+                "upstream_timeout" if timed_out else "upstream_unreachable",
+            ),
+            request_id,
+        )
+
+
+async def _routed_body(
+    request: web.Request, api: Api, identity: Identity
+) -> tuple[bytes, str, ProviderConfig]:
+    """The body to send, and the provider (its name and config) that serves its model."""
+    settings = request.app[SETTINGS]
+    if compressed(request):
+        raise _Refused(
+            415,
+            "llmtap takes request bodies uncompressed: send them without Content-Encoding",
+            "unsupported_encoding",
+        )
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise _Refused(413, exc.text or "request body too large", "body_too_large") from None
+    payload = parse_json_body(body)
+    if payload is None:
+        raise _Refused(400, "We could not parse the JSON body of your request.", "invalid_json")
+    model = payload.get("model")
+    if model is None:
+        return body, api.kind, settings.providers_by_name[api.kind]
+    if not isinstance(model, str) or not model:
+        raise _Refused(400, "model must be a non-empty string", "invalid_model", "model")
+    try:
+        check_model(identity, model)
+        route = resolve(model, api.kind, settings)
+    except Refusal as refusal:
+        raise _Refused.by(refusal, "model") from None
+    except NoRoute as exc:
+        raise _Refused(400, str(exc), "no_route", "model") from None
+    if route.upstream_model != model:
+        payload["model"] = route.upstream_model
+        body = orjson.dumps(payload)
+    return body, route.provider, route.config
+
+
+def _answer_refused(api: Api, refused: _Refused, request_id: str) -> web.Response:
+    response = api.error(refused.status, refused.message, param=refused.param, code=refused.code)
+    response.headers["x-request-id"] = request_id
+    return response
