@@ -138,8 +138,8 @@ async def key_store(app: web.Application) -> AsyncIterator[None]:
 _ROUTES = (
     "llmtap forwards OpenAI's chat completions, completions, embeddings and Responses "
     "API calls and Anthropic's Messages API calls, and passes models lists, token counts "
-    "and moderations; not what the provider account stores (files, batches, stored "
-    "responses), which every tenant's calls share."
+    "and moderations; not the endpoints of what the provider account stores (files, "
+    "batches, stored responses), which every tenant's calls share."
 )
 
 

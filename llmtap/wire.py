@@ -1,6 +1,7 @@
 """The event contract's request, response, costed and window events (``llmtap.events``)
 as msgspec structs: decoded ~10x faster than pydantic validates them, built without
-validation, and encoded to the same JSON.
+validation, and encoded to JSON the models read as the same event (a usage count at its
+default is left out, where pydantic writes it).
 
 The high-volume stages use these: the ingress builds and writes the request and
 response events of every call (ingress/forward/call.py; ~13 us a call instead of ~25),

@@ -26,6 +26,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    query: str = ""  # as sent, still encoded
 
 
 @dataclass
@@ -62,7 +63,9 @@ class FakeProvider:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.received.append(Received(request.path, dict(request.headers), body))
+        self.received.append(
+            Received(request.path, dict(request.headers), body, request.rel_url.raw_query_string)
+        )
         created = int(time.time())
         served = body["model"] + SNAPSHOT
         if not body.get("stream"):
@@ -321,7 +324,9 @@ class FakeProvider:
         """Anthropic's count_tokens, the Responses API's input_tokens and a moderation:
         free answers about a call, none made."""
         body = await request.json()
-        self.received.append(Received(request.path, dict(request.headers), body))
+        self.received.append(
+            Received(request.path, dict(request.headers), body, request.rel_url.raw_query_string)
+        )
         if request.path.endswith("/moderations"):
             flagged = {"flagged": False, "categories": {}, "category_scores": {}}
             return web.json_response(

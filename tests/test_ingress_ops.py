@@ -705,3 +705,64 @@ async def test_a_refused_route_is_recorded_under_its_key_never_under_a_claim(
         "false claim": ("acme", "search", "", "unknown_url"),
         "valid key": ("acme", "search", "export", "unknown_url"),
     }
+
+
+async def test_a_query_string_reaches_the_provider_as_the_client_sent_it(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """Still encoded, on a metered route and a free one: decoded, a %23 ended it (the
+    rest was a fragment), and a %00 made the free route fail with a bare 500."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    query = "api-version=1&x=%23a%20b&y=%00&z=%C3%A9"
+    bodies = {
+        "/v1/chat/completions": {"model": "gpt-4o", "messages": []},
+        "/v1/moderations": {"input": "hi"},
+    }
+    async with aiohttp.ClientSession() as session:
+        for path, body in bodies.items():
+            async with session.post(
+                URL(f"{ingress}{path}?{query}", encoded=True),
+                json=body,
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response:
+                assert response.status == 200, await response.text()
+            seen = upstream.provider.received[-1]
+            assert (seen.path, seen.query) == (path, query)
+
+
+async def test_a_key_of_some_models_names_one_on_a_free_route(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """A moderation names its model or the provider picks one: a key that may use only
+    gpt-4o models must name one it may use (400 without, 403 for another), the
+    provider not asked; naming one, it goes."""
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", allowed_models=("gpt-4o*",))
+    asked = len(upstream.provider.received)
+    headers = {"Authorization": f"Bearer {secret}"}
+    answers = []
+    async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+        for body in ({"input": "hi"}, {"input": "hi", "model": None}):
+            while True:  # until the ingress has read the new key
+                async with session.post(
+                    f"{ingress}/v1/moderations", json=body, headers=headers
+                ) as response:
+                    if response.status != 401:
+                        answers.append((response.status, (await response.json())["error"]))
+                        break
+                await asyncio.sleep(0.1)
+        async with session.post(
+            f"{ingress}/v1/moderations",
+            json={"input": "hi", "model": "omni-moderation-latest"},
+            headers=headers,
+        ) as response:
+            answers.append((response.status, (await response.json())["error"]))
+        assert len(upstream.provider.received) == asked
+        async with session.post(
+            f"{ingress}/v1/moderations", json={"input": "hi", "model": "gpt-4o"}, headers=headers
+        ) as response:
+            assert response.status == 200
+    assert [(status, error["param"]) for status, error in answers] == [
+        (400, "model"),
+        (400, "model"),
+        (403, "model"),
+    ]

@@ -212,8 +212,8 @@ class Admission:
             return refuse(refusal.status, refusal.message, refusal.error_class)
         headers = upstream_headers(request.headers, credential=credential)
         url = route.config.base_url + endpoint.upstream_path
-        if request.query_string:
-            url += "?" + request.query_string
+        if request.rel_url.raw_query_string:  # as sent: decoded, a %23 would end it
+            url += "?" + request.rel_url.raw_query_string
 
         exhausted = request.app[BUDGETS].admit(
             call.request_id,

@@ -8,9 +8,12 @@ key as every route does, and goes out with llmtap's provider key (a virtual key 
 reaches a provider). A body naming a model goes to the provider that serves it, as a
 metered call would (the model allowed to the key, its name rewritten for a
 ``<provider>/<model>`` route); one naming none to the provider named like the API.
-Nothing is published: no tokens are generated, nothing is billed. Endpoints that reach
-what the provider account stores (files, batches, stored responses, vector stores) are
-not passed: every tenant's calls share that account.
+Nothing is published: no tokens are generated, nothing is billed; refusals are answered
+and not recorded. Not counted against a key's rate limits: the providers limit these
+apart from calls. The endpoints that list, read or change what the provider account
+stores (files, batches, stored responses, vector stores) are not passed: every tenant's
+calls share that account. (A body may still name a stored object by its id, as a
+metered call's may: llmtap does not track which tenant made which.)
 """
 
 from __future__ import annotations
@@ -54,13 +57,13 @@ def models(api: Api) -> Handler:
     "/" or ".." would take the provider's key to any other endpoint of it."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        path = "/models"
+        path: str | _Refused = "/models"
         if "model" in request.match_info:
             model = request.match_info["model"]
             if "/" in model or model in (".", ".."):
-                missing = _Refused(404, f"The model '{model}' does not exist", "model_not_found")
-                return _answer_refused(api, missing, str(uuid.uuid4()))
-            path += "/" + quote(model, safe=":")
+                path = _Refused(404, f"The model '{model}' does not exist", "model_not_found")
+            else:
+                path = "/models/" + quote(model, safe=":")
         return await _passed(request, api, path, read_body=False)
 
     return handle
@@ -77,8 +80,10 @@ def counted(api: Api, path: str) -> Handler:
 
 
 async def _passed(
-    request: web.Request, api: Api, path: str, *, read_body: bool
+    request: web.Request, api: Api, path: str | _Refused, *, read_body: bool
 ) -> web.StreamResponse:
+    """Forward the request to ``path`` of its provider, or answer why not (``path`` may
+    be that answer, given once the caller is known to hold a key)."""
     request_id = str(uuid.uuid4())
     settings = request.app[SETTINGS]
     try:
@@ -86,6 +91,8 @@ async def _passed(
             identity = authenticate(request.headers, settings, request.app[KEYS])
         except Refusal as refusal:
             raise _Refused.by(refusal) from None
+        if isinstance(path, _Refused):
+            raise path
         body, name = b"", str(api.kind)
         provider = settings.providers_by_name[api.kind]
         if read_body:
@@ -96,21 +103,26 @@ async def _passed(
             raise _Refused.by(refusal) from None
     except _Refused as refused:
         return _answer_refused(api, refused, request_id)
+    # The query as the client sent it, still encoded (decoded, a %23 would end it, a
+    # %20 would be a space in the request line).
     url = provider.base_url.rstrip("/") + path
-    if request.query_string:
-        url += "?" + request.query_string
+    if request.rel_url.raw_query_string:
+        url += "?" + request.rel_url.raw_query_string
     headers = upstream_headers(request.headers, credential=credential)
     try:
         async with request.app[UPSTREAM].request(
-            request.method, URL(url, encoded=True), data=body if read_body else None,
-            headers=headers,
-        ) as upstream:  # fmt: skip
+            request.method, URL(url), data=body if read_body else None, headers=headers
+        ) as upstream:
             answer = await upstream.read()
             return web.Response(
                 status=upstream.status,
                 body=answer,
                 headers=downstream_headers(upstream.headers, request_id),
             )
+    except ValueError as exc:  # a URL the client library will not send (a control character)
+        return _answer_refused(
+            api, _Refused(400, f"invalid request URL: {exc}", "invalid_request_url"), request_id
+        )
     except (aiohttp.ClientError, TimeoutError) as exc:
         timed_out = isinstance(exc, TimeoutError)
         return _answer_refused(
@@ -144,6 +156,12 @@ async def _routed_body(
         raise _Refused(400, "We could not parse the JSON body of your request.", "invalid_json")
     model = payload.get("model")
     if model is None:
+        if identity.key is not None and identity.key.allowed_models:
+            # The provider would pick one: a key that may use only some must name it.
+            raise _Refused(
+                400, "this key may use only some models: name one in model", "missing_model",
+                "model",
+            )  # fmt: skip
         return body, api.kind, settings.providers_by_name[api.kind]
     if not isinstance(model, str) or not model:
         raise _Refused(400, "model must be a non-empty string", "invalid_model", "model")
