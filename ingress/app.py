@@ -13,7 +13,7 @@ from aiohttp import web
 from yarl import URL
 
 from ingress.errors import anthropic_error, openai_error
-from ingress.forward import anthropic, openai
+from ingress.forward import anthropic, openai, unmetered
 from ingress.forward.call import NOBODY, Call
 from ingress.forward.outcome import record_outcome
 from ingress.forward.tokens import Counting
@@ -252,6 +252,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(token_counting)  # last: cleaned up first
     openai.add_routes(app)
     anthropic.add_routes(app)
+    models = unmetered.models(openai.OPENAI, anthropic.ANTHROPIC)  # both APIs list them
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

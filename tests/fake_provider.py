@@ -313,6 +313,17 @@ class FakeProvider:
 
     async def models(self, request: web.Request) -> web.Response:
         self.received.append(Received(request.path, dict(request.headers), {}))
+        if "anthropic-version" in request.headers:  # Anthropic's shape
+            claude = {
+                "type": "model",
+                "id": "claude-3-5-haiku" + ANTHROPIC_SNAPSHOT,
+                "display_name": "Claude Haiku 3.5",
+                "created_at": "2024-10-22T00:00:00Z",
+            }
+            return web.json_response(
+                {"data": [claude], "has_more": False, "first_id": claude["id"],
+                 "last_id": claude["id"]}
+            )  # fmt: skip
         return web.json_response(
             {
                 "object": "list",

@@ -148,6 +148,18 @@ async def test_models_list_is_passed_through(
     assert upstream.provider.received[-1].headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
 
 
+async def test_anthropic_s_models_list_comes_from_anthropic(
+    anthropic_sdk: AsyncAnthropic, upstream: FakeUpstream
+) -> None:
+    """Both APIs list models at /v1/models: asked by Anthropic's SDK (anthropic-version),
+    the list is Anthropic's, with llmtap's Anthropic key; it was OpenAI's."""
+    page = await anthropic_sdk.models.list()
+    assert [m.id for m in page.data] == ["claude-3-5-haiku" + ANTHROPIC_SNAPSHOT]
+    seen = upstream.provider.received[-1]
+    assert (seen.path, seen.headers["x-api-key"]) == ("/v1/models", ANTHROPIC_KEY)
+    assert "Authorization" not in seen.headers
+
+
 async def test_models_list_wants_a_key_as_every_route(
     llmtap_up: Running, upstream: FakeUpstream
 ) -> None:

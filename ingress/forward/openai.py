@@ -48,9 +48,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", metered(COMPLETIONS))
     app.router.add_post("/v1/embeddings", metered(EMBEDDINGS))
     app.router.add_post("/v1/responses", metered(RESPONSES))
-    # Free, not metered (unmetered.py):
-    app.router.add_get("/v1/models", unmetered.models(OPENAI))
-    app.router.add_get("/v1/models/{model}", unmetered.models(OPENAI))
+    # Free, not metered (unmetered.py; /v1/models, of both APIs, in app.py):
     app.router.add_post(
         "/v1/responses/input_tokens", unmetered.counted(OPENAI, "/responses/input_tokens")
     )

@@ -1,5 +1,5 @@
 """Routes passed through and not metered: what a client asks a provider about calls
-without making one, all free: the models it serves (``GET /v1/models``), how many
+without making one, all free: the models it serves (``GET /v1/models``, of either API), how many
 tokens a prompt is (Anthropic's ``POST /v1/messages/count_tokens``, the Responses
 API's ``POST /v1/responses/input_tokens``), and a moderation (``POST /v1/moderations``).
 
@@ -51,20 +51,27 @@ class _Refused(Exception):
         return cls(refusal.status, refusal.message, refusal.code or refusal.error_class, param)
 
 
-def models(api: Api) -> Handler:
-    """``GET /v1/models`` and ``GET /v1/models/{model}``, from the provider named like
-    the API. One model is asked by a name of one path segment, sent encoded: a decoded
-    "/" or ".." would take the provider's key to any other endpoint of it."""
+def models(openai: Api, anthropic: Api) -> Handler:
+    """``GET /v1/models`` and ``GET /v1/models/{model}``: both APIs have them, at the same
+    path. Anthropic's SDK sends ``anthropic-version`` (as every Anthropic call must):
+    asked so, they come from the Anthropic provider, else from the OpenAI one. One model
+    is asked by a name of one path segment, sent encoded: a decoded "/" or ".." would
+    take the provider's key to any other endpoint of it."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        path: str | _Refused = "/models"
+        api, path = (
+            (anthropic, "/v1/models")
+            if "anthropic-version" in request.headers
+            else (openai, "/models")  # the OpenAI base URL ends in /v1
+        )
+        asked: str | _Refused = path
         if "model" in request.match_info:
             model = request.match_info["model"]
             if "/" in model or model in (".", ".."):
-                path = _Refused(404, f"The model '{model}' does not exist", "model_not_found")
+                asked = _Refused(404, f"The model '{model}' does not exist", "model_not_found")
             else:
-                path = "/models/" + quote(model, safe=":")
-        return await _passed(request, api, path, read_body=False)
+                asked = path + "/" + quote(model, safe=":")
+        return await _passed(request, api, asked, read_body=False)
 
     return handle
 
