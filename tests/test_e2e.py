@@ -40,6 +40,18 @@ RATES = {
 }
 
 
+async def cost_row(running: Running, served: str, requests: int) -> dict[str, Any]:
+    """The costs endpoint's row of model ``served``, once it counts ``requests`` calls."""
+    await model_row(running.api_url, served, lambda r: r["requests"] >= requests)
+    url = f"{running.api_url}/analytics/costs?range=24h&group_by=model"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
+        async with session.get(url) as response:
+            assert response.status == 200
+            rows: list[dict[str, Any]] = (await response.json())["data"]
+    [row] = [r for r in rows if r["key"] == served]
+    return row
+
+
 def expected_cost(model: str, prompt: int, cached: int, completion: int) -> Decimal:
     rate_in, rate_cached, rate_out = RATES[model]
     per = Decimal(1_000_000)
@@ -428,14 +440,7 @@ async def test_web_searches_are_priced_per_search_through_to_the_store(
     assert final.usage.server_tool_use is not None
     assert final.usage.server_tool_use.web_search_requests == 2  # reached the client as sent
 
-    served = "claude-haiku-4-5" + ANTHROPIC_SNAPSHOT
-    await model_row(llmtap_up.api_url, served, lambda r: r["requests"] >= 1)
-    url = f"{llmtap_up.api_url}/analytics/costs?range=24h&group_by=model"
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
-        async with session.get(url) as response:
-            assert response.status == 200
-            rows = (await response.json())["data"]
-    [row] = [r for r in rows if r["key"] == served]
+    row = await cost_row(llmtap_up, "claude-haiku-4-5" + ANTHROPIC_SNAPSHOT, 1)
     assert row["cost_web_search"] == "0.020000000"
     # Haiku 4.5: $1 input, $0.10 cache reads, $1.25 cache writes, $5 output a million.
     tokens = (
@@ -470,14 +475,7 @@ async def test_searches_by_the_preview_tool_are_priced_at_its_fee_through_to_the
             await openai_sdk.responses.create(model=PREVIEW_MODEL, input="news?", tools=tools)
     finally:
         fake.web_searches = 0
-    served = PREVIEW_MODEL + SNAPSHOT
-    await model_row(llmtap_up.api_url, served, lambda r: r["requests"] >= 3)
-    url = f"{llmtap_up.api_url}/analytics/costs?range=24h&group_by=model"
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as session:
-        async with session.get(url) as response:
-            assert response.status == 200
-            rows = (await response.json())["data"]
-    [row] = [r for r in rows if r["key"] == served]
+    row = await cost_row(llmtap_up, PREVIEW_MODEL + SNAPSHOT, 3)
     assert row["requests"] == 3
     assert row["cost_web_search"] == "0.120000000"
     tokens = expected_cost(

@@ -1,7 +1,8 @@
 """Routes passed through and not metered: what a client asks a provider about calls
-without making one, all free: the models it serves (``GET /v1/models``, of either API), how many
-tokens a prompt is (Anthropic's ``POST /v1/messages/count_tokens``, the Responses
-API's ``POST /v1/responses/input_tokens``), and a moderation (``POST /v1/moderations``).
+without making one, all free: the models it serves (``GET /v1/models``, of either API),
+how many tokens a prompt is (Anthropic's ``POST /v1/messages/count_tokens``, the
+Responses API's ``POST /v1/responses/input_tokens``), and a moderation
+(``POST /v1/moderations``).
 
 An SDK switched to llmtap's URL asks these too, and would fail on a 404. Each wants a
 key as every route does, and goes out with llmtap's provider key (a virtual key never
