@@ -32,6 +32,10 @@ from llmtap.events import Status, Usage, utcnow
 
 log = logging.getLogger(__name__)
 
+# Refusals of a body, the same on every route that reads one (unmetered.py too).
+UNCOMPRESSED = "llmtap takes request bodies uncompressed: send them without Content-Encoding"
+INVALID_JSON = "We could not parse the JSON body of your request."
+
 
 @dataclass
 class Admitted:
@@ -120,12 +124,7 @@ class Admission:
         if compressed(request):
             # The SDKs send bodies as they are; a compressed one would be inflated here, a
             # chunk at a time, before its size could be judged (a 1 MB gzip bomb: 330 MB).
-            return refuse(
-                415,
-                "llmtap takes request bodies uncompressed: send them without Content-Encoding",
-                "unsupported_encoding",
-                code="unsupported_encoding",
-            )
+            return refuse(415, UNCOMPRESSED, "unsupported_encoding", code="unsupported_encoding")
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
@@ -141,7 +140,7 @@ class Admission:
             return web.Response(status=499)
         payload = parse_json_body(body)
         if payload is None:
-            return refuse(400, "We could not parse the JSON body of your request.", "invalid_json")
+            return refuse(400, INVALID_JSON, "invalid_json")
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             return refuse(400, "you must provide a model parameter", "missing_model", "model")

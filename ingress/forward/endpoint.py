@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 from ingress.errors import ErrorShape
 from ingress.forward.capture import Capture, StreamCapture
 from ingress.guards.auth import Identity, Refusal
@@ -57,3 +59,16 @@ def upstream_credential(
             "no_provider_key",
         )
     return None
+
+
+def unreachable(api: Api, provider: str, exc: BaseException, request_id: str) -> web.Response:
+    """The answer to a call the provider could not take (``exc``: a connection error,
+    or no answer in time): 502, or 504 on a timeout, in the API's shape."""
+    timed_out = isinstance(exc, TimeoutError)
+    error = api.error(
+        504 if timed_out else 502,
+        f"llmtap could not reach the provider {provider!r} ({type(exc).__name__})",
+        code="upstream_timeout" if timed_out else "upstream_unreachable",
+    )
+    error.headers["x-request-id"] = request_id
+    return error

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from ingress.forward.admission import Admission
 from ingress.forward.call import Call, downstream_headers
 from ingress.forward.capture import StreamCapture, parse_json_body
-from ingress.forward.endpoint import Endpoint
+from ingress.forward.endpoint import Endpoint, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
 from ingress.keys import BUDGETS, COUNTING, LIMITER, UPSTREAM
@@ -174,15 +174,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         # connection dropped) the provider may be working on it, and bill it: unknown.
         unsent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
         usage = Usage() if unsent else Usage.missing()
-        timed_out = isinstance(exc, TimeoutError)
-        http_status = 504 if timed_out else 502
         log.warning("provider %s unreachable: %s", route.provider, error_class)
-        error = api.error(
-            http_status,
-            f"llmtap could not reach the provider {route.provider!r} ({error_class})",
-            code="upstream_timeout" if timed_out else "upstream_unreachable",
-        )
-        error.headers["x-request-id"] = request_id
+        error = unreachable(api, route.provider, exc, request_id)
+        http_status = error.status
         return error
     finally:
 

@@ -20,7 +20,6 @@ metered call's may: llmtap does not track which tenant made which.)
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 import aiohttp
@@ -28,16 +27,15 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from ingress.forward.admission import compressed
+from ingress.forward.admission import INVALID_JSON, UNCOMPRESSED, compressed
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.capture import parse_json_body
-from ingress.forward.endpoint import Api, upstream_credential
+from ingress.forward.endpoint import Api, unreachable, upstream_credential
+from ingress.forward.proxy import Handler
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
 from ingress.keys import KEYS, SETTINGS, UPSTREAM
 from ingress.routing import NoRoute, resolve
 from llmtap.config import ProviderConfig
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _Refused(Exception):
@@ -132,16 +130,7 @@ async def _passed(
             api, _Refused(400, f"invalid request URL: {exc}", "invalid_request_url"), request_id
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
-        timed_out = isinstance(exc, TimeoutError)
-        return _answer_refused(
-            api,
-            _Refused(
-                504 if timed_out else 502,
-                f"llmtap could not reach the provider {name!r} ({type(exc).__name__})",
-                "upstream_timeout" if timed_out else "upstream_unreachable",
-            ),
-            request_id,
-        )
+        return unreachable(api, name, exc, request_id)
 
 
 async def _routed_body(
@@ -150,18 +139,14 @@ async def _routed_body(
     """The body to send, and the provider (its name and config) that serves its model."""
     settings = request.app[SETTINGS]
     if compressed(request):
-        raise _Refused(
-            415,
-            "llmtap takes request bodies uncompressed: send them without Content-Encoding",
-            "unsupported_encoding",
-        )
+        raise _Refused(415, UNCOMPRESSED, "unsupported_encoding")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise _Refused(413, exc.text or "request body too large", "body_too_large") from None
     payload = parse_json_body(body)
     if payload is None:
-        raise _Refused(400, "We could not parse the JSON body of your request.", "invalid_json")
+        raise _Refused(400, INVALID_JSON, "invalid_json")
     model = payload.get("model")
     if model is None:
         if identity.key is not None and identity.key.allowed_models:
