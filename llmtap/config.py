@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import os
 import ssl
+from collections.abc import Mapping
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -414,6 +416,20 @@ class Settings(BaseSettings):
         if self.tls_certfile is None:
             return None
         return server_context(self.tls_certfile, self.tls_keyfile)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update`` applied, validated as settings are at start.
+
+        pydantic's copy validates nothing and keeps the original's cached properties:
+        a copy given another ``kafka_bootstrap`` still reached the original's broker
+        (``kafka``), and one given another provider URL could still route to the old
+        one (``providers_by_name``). Here every field is validated again, so what is
+        derived from them is made from the copy's own values, and a bad update fails.
+        """
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        if deep:
+            fields = copy.deepcopy(fields)
+        return self.model_validate(fields | dict(update or {}))
 
     @property
     def scheme(self) -> str:

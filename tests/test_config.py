@@ -153,6 +153,24 @@ def test_kafka_security_settings_make_the_clients_connection(tmp_path: Path) -> 
     assert "s3cret" not in repr(settings) + repr(settings.kafka)  # never in a log line
 
 
+def test_a_copy_of_the_settings_is_made_from_its_own_values() -> None:
+    """What is derived from the settings (the Kafka connection, the providers) follows
+    a copy's update, and an update that cannot work is refused as at start: pydantic's
+    copy kept the original's, so a test's ingress given another broker reached the
+    original's."""
+    settings = Settings(kafka_bootstrap="a.example:9092", openai_base_url="http://a.example/v1")
+    assert settings.providers_by_name["openai"].base_url == "http://a.example/v1"
+    moved = settings.model_copy(
+        update={"kafka_bootstrap": "b.example:9092", "openai_base_url": "http://b.example/v1/"}
+    )
+    assert moved.kafka.bootstrap == "b.example:9092"
+    assert moved.providers_by_name["openai"].base_url == "http://b.example/v1"
+    assert settings.kafka.bootstrap == "a.example:9092"  # the original is untouched
+    assert moved.model_copy(deep=True).kafka.bootstrap == "b.example:9092"
+    with pytest.raises(ValidationError, match="embedded broker speaks PLAINTEXT only"):
+        settings.model_copy(update={"kafka_security_protocol": "SASL_SSL"})
+
+
 def test_readme_documents_every_setting() -> None:
     documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)?", README.read_text(), re.M))
     names = {name for pair in documented for name in pair if name}
