@@ -89,7 +89,8 @@ class WebhookEndpoint(BaseModel):
     tenants: tuple[str, ...] = ()  # the alert's tenant (Alert.tenant); "" names none
     template: str = Field(default="json", min_length=1)
     timeout_s: float = Field(default=10.0, gt=0)
-    max_attempts: int = Field(default=8, ge=1)
+    # At most 10,000 (deliveries.attempt is a UInt16; a week at the 300 s cap is ~2,000).
+    max_attempts: int = Field(default=8, ge=1, le=10_000)
     # The first retry waits about this long; each retry doubles it (jittered, capped).
     backoff_s: float = Field(default=1.0, ge=0)
 

@@ -142,6 +142,14 @@ def test_any_error_a_template_raises_is_a_template_error(tmp_path: Path) -> None
     adds.write_text("{{ alert.observed + 1 }}")  # observed is a decimal string
     with pytest.raises(jinja2.TemplateError, match="TypeError"):
         render.render(render.load(str(adds)), make_alert())
+    escapes = tmp_path / "escapes.j2"
+    escapes.write_text("{{ cycler.__init__.__globals__.os.getcwd() }}")
+    with pytest.raises(jinja2.TemplateError, match="unsafe"):  # the sandbox: no Python inside
+        render.render(render.load(str(escapes)), make_alert())
+    endless = tmp_path / "endless.j2"
+    endless.write_text("{% for i in range(10 ** 9) %}.{% endfor %}")
+    with pytest.raises(jinja2.TemplateError, match="Range too big"):
+        render.render(render.load(str(endless)), make_alert())
     binary = tmp_path / "binary.j2"
     binary.write_bytes(b"\xff\xfe\x00{{")
     with pytest.raises(jinja2.TemplateError, match="not UTF-8"):
@@ -182,6 +190,12 @@ def test_a_secret_must_be_whsec_base64_of_24_to_64_bytes(secret: str) -> None:
         WebhookEndpoint(name="a", url="https://example.com/", secret=secret)
 
 
+def test_max_attempts_fit_the_deliveries_table() -> None:
+    """Attempts are numbered in a UInt16 column: a limit past it would wedge the worker."""
+    with pytest.raises(ValidationError, match="max_attempts"):
+        WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, max_attempts=70_000)
+
+
 def test_endpoint_names_are_unique_and_urls_http() -> None:
     ok = {"url": "https://example.com/", "secret": SECRET}
     with pytest.raises(ValidationError, match="unique"):
@@ -214,6 +228,13 @@ def test_endpoint_names_are_unique_and_urls_http() -> None:
         "http://127.0.0.1./",
         "http://[64:ff9b::a9fe:a9fe]/",
         "http://[2002:a00:1::1]/",
+        # not global, though this Python's ipaddress (3.11.7) calls them so: site-local
+        # (routable on Linux), IPv4-compatible and -translated, local-use NAT64
+        "http://[fec0::1]/",
+        "http://[::7f00:1]/",
+        "http://[::ffff:0:7f00:1]/",
+        "http://[64:ff9b:1::7f00:1]/",
+        "http://192.0.0.8/",
     ],
 )
 def test_guard_refuses_private_and_non_http_targets(url: str) -> None:
@@ -283,6 +304,8 @@ def test_retry_after_is_honoured_and_backoff_doubles_with_jitter() -> None:
     assert deliver.retry_delay(1, 1.0, rand=lambda: 0.0) == 0.5
     assert deliver.retry_delay(3, 1.0, rand=lambda: 1.0) == 4.0
     assert deliver.retry_delay(30, 1.0, rand=lambda: 1.0) == deliver.BACKOFF_CAP_S
+    # a week of retries at the cap (2.0 ** 1024 overflowed: retried at once, every second)
+    assert deliver.retry_delay(5000, 1.0, rand=lambda: 1.0) == deliver.BACKOFF_CAP_S
 
 
 def test_filters_empty_means_all() -> None:

@@ -89,7 +89,8 @@ def retry_delay(
     """How long to wait after failed attempt number ``attempt`` (1-based)."""
     if retry_after is not None:
         return min(retry_after, RETRY_AFTER_CAP_S)
-    delay = min(BACKOFF_CAP_S, backoff_s * 2.0 ** (attempt - 1))
+    # The exponent capped too: 2.0 ** 1024 overflows (a week of retries is ~2,000).
+    delay = min(BACKOFF_CAP_S, backoff_s * 2.0 ** min(attempt - 1, 64))
     return delay / 2 + rand() * delay / 2
 
 

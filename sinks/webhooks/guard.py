@@ -22,6 +22,42 @@ from yarl import URL
 
 _KINDS = ("loopback", "link_local", "unspecified", "multicast", "reserved", "private")
 
+# Not globally reachable per IANA's special-purpose address registries, listed here as
+# well as asked of ``ipaddress``: its tables differ between Python patch releases
+# (3.11.7 calls site-local fec0::/10, routable on Linux, and ::7f00:1 global).
+_NOT_GLOBAL: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]] = {
+    "private": tuple(
+        ipaddress.ip_network(n)
+        for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fec0::/10")
+    ),
+    "shared or special-purpose": tuple(
+        ipaddress.ip_network(n)
+        for n in (
+            "0.0.0.0/8",
+            "100.64.0.0/10",
+            "192.0.0.0/24",
+            "198.18.0.0/15",
+            "::/96",  # IPv4-compatible (deprecated), the old spelling of ::ffff:a.b.c.d
+            "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+            "64:ff9b:1::/48",  # NAT64 for local use: which IPv4 it reaches is the network's
+            "100::/64",
+            "2001::/23",
+            "5f00::/16",
+        )
+    ),
+    "documentation": tuple(
+        ipaddress.ip_network(n)
+        for n in (
+            "192.0.2.0/24",
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "2001:db8::/32",
+            "3fff::/20",
+        )
+    ),
+    "reserved": (ipaddress.ip_network("240.0.0.0/4"),),
+}
+
 
 class Refused(Exception):
     """The target is not allowed; nothing was sent."""
@@ -31,7 +67,16 @@ def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     for kind in _KINDS:
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
+    for kind, networks in _NOT_GLOBAL.items():
+        if any(ip in network for network in networks):
+            return kind
     return "not globally routable"
+
+
+def _is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not any(
+        ip in network for networks in _NOT_GLOBAL.values() for network in networks
+    )
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
@@ -55,7 +100,7 @@ def check_address(address: str, *, allow_private: bool) -> None:
         ip = v4  # ::ffff:127.0.0.1 is 127.0.0.1; 6to4 and NAT64 reach the IPv4 inside
     if ip.is_multicast or ip.is_unspecified:
         raise Refused(f"{address} is a {_kind(ip)} address")
-    if not allow_private and not ip.is_global:
+    if not allow_private and not _is_global(ip):
         raise Refused(f"{address} is a {_kind(ip)} address (set webhook_allow_private to allow)")
 
 

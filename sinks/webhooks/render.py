@@ -5,6 +5,9 @@ published), ``slack`` (an incoming-webhook message with Block Kit ``blocks``) an
 ``text`` (one short line). Any other name is the path of a Jinja2 file. A template
 sees ``alert``: the alert as JSON-ready values (decimals and times as strings), and
 has the filters ``tojson``, ``slack_escape`` and ``oneline``. An undefined name is an error, not "".
+Templates run in Jinja2's immutable sandbox: a template file reaches no Python internals
+(``cycler.__init__.__globals__`` would reach ``os``) and changes nothing, and ``range``
+is bounded; what it breaks is a ``TemplateError`` (the delivery is dead-lettered).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmtap.events import Alert
 
@@ -47,7 +51,7 @@ def oneline(text: str) -> str:
 
 
 def _environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
-    env = jinja2.Environment(
+    env = ImmutableSandboxedEnvironment(
         loader=loader,
         undefined=jinja2.StrictUndefined,
         autoescape=False,
