@@ -73,7 +73,9 @@ class Store:
         # No insert is deduplicated unless it asks to be, with its own token (the
         # writer's inserts into `calls`, sinks/clickhouse/replay.py): a table with a
         # deduplication window would otherwise drop a block equal to a recent one.
-        self._client = connect(dsn, {"insert_deduplicate": 0})
+        # UTC whatever the server's (or chDB's process's) time zone: what a date function
+        # without a zone of its own buckets by, and (query_tz) the zone of every time read.
+        self._client = connect(dsn, {"insert_deduplicate": 0, "session_timezone": "UTC"})
         self._lock = threading.Lock()
         self._column_types: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._readers: ThreadPoolExecutor | None = None  # arows's, made at its first use
@@ -89,7 +91,9 @@ class Store:
         settings: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         with self._lock:
-            result = self._client.query(sql, parameters=parameters, settings=settings)
+            result = self._client.query(
+                sql, parameters=parameters, settings=settings, query_tz="UTC"
+            )
         return list(result.named_results())
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:

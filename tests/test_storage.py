@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -92,6 +95,29 @@ def test_rollups_agree_with_the_raw_calls(store: Store) -> None:
     # 0003's wider rollups are gone (0006): nothing read them, and their views cost ingest.
     gone = "SELECT count() FROM system.tables WHERE name IN ('calls_hourly', 'calls_daily')"
     assert int(store.command(gone)) == 0
+
+
+def test_reads_are_in_utc_whatever_the_servers_time_zone(tmp_path: Path) -> None:
+    """A store whose ClickHouse runs in New York (chDB takes the process's TZ) buckets a
+    day from UTC midnight and reads times as UTC: it bucketed New York's days, and read
+    times with an offset of -05:00, which the analytics answers then carried."""
+    script = (
+        "import sys\n"
+        "from sql.store import Store\n"
+        "store = Store(sys.argv[1])\n"
+        # 03:00 UTC on 2026-03-14: 23:00 on the 13th in New York
+        "[row] = store.rows('SELECT toDateTime(1773457200) AS t, toStartOfDay(t) AS day')\n"
+        "print(row['t'].isoformat(), row['day'].isoformat())\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script, f"chdb://{tmp_path / 'ny'}"],
+        env={**os.environ, "TZ": "America/New_York"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert ran.stdout.split() == ["2026-03-14T03:00:00", "2026-03-14T00:00:00"]
 
 
 def test_retention_follows_the_settings(store: Store) -> None:
