@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from clickhouse_connect.driver.exceptions import (
@@ -60,18 +61,20 @@ class SqlRunner:
     def explain(self, text: str, lead: str = "") -> Node:
         """``text``'s tree; a syntax error's positions are given in the query it was
         trimmed from (``lead``: what was trimmed before it)."""
-        # A command, not a query: query() would append "FORMAT Native", which the
-        # parser may attach to the statement inside the EXPLAIN. The answer is
-        # TabSeparated (escaping only inside a line: one line per node).
+        # Not query(): it would append "FORMAT Native", which the parser may attach to
+        # the statement inside the EXPLAIN. The answer is TabSeparated (escaping only
+        # inside a line: one line per node).
         try:
-            result = self._connection().command(EXPLAIN + text)
+            # Raw bytes: command() gives a tree holding a literal that is no UTF-8
+            # ('\xc3') as the repr of its bytes, on one line.
+            raw = self._connection().raw_query(EXPLAIN + text)
         except DatabaseError as exc:
             message = _clickhouse_error(exc).message
             placed = _in_query(message, lead)
             if placed == message:
                 raise
             raise SqlError("clickhouse_error", placed) from None
-        body = "\t".join(map(str, result)) if isinstance(result, list) else str(result)
+        body = raw.decode("utf-8", "backslashreplace").removesuffix("\n")
         return parse_ast(body.split("\n"))
 
     def execute(
@@ -89,8 +92,13 @@ class SqlRunner:
             return (columns, *_encoded([result.result_rows], encode, max_rows, self.limits))
         with client.query_row_block_stream(text, query_tz="UTC") as stream:
             columns = _columns(stream.source.column_names, stream.source.column_types)
-            wide = [i for i, c in enumerate(columns) if _WIDE_INT.search(c["type"])]
-            blocks = stream if not wide else ([_text_ints(r, wide) for r in b] for b in stream)
+            fixes = [
+                (i, fix)
+                for i, c in enumerate(columns)
+                for pattern, fix in _FIXES
+                if pattern.search(c["type"])
+            ]
+            blocks = stream if not fixes else ([_fixed(r, fixes) for r in b] for b in stream)
             rows, truncated_by = _encoded(blocks, encode, max_rows, self.limits)
         if not columns:
             # No rows, and chDB's Native output then has no columns either: ask for them.
@@ -144,13 +152,25 @@ class SqlRunner:
 # column is written as strings throughout, not a number in one row and a string in the
 # next (ClickHouse's own JSON quotes them all too).
 _WIDE_INT = re.compile(r"\bU?Int(?:128|256)\b")
+# A time in a zone of its own (toTimeZone(ts, 'Europe/Berlin')): read in that zone.
+_ZONED = re.compile(r"\bDateTime(?:64)?\([^)]*'(?!UTC')[^']*'")
 
 
-def _text_ints(row: Sequence[Any], wide: list[int]) -> list[Any]:
+def _fixed(row: Sequence[Any], fixes: list[tuple[int, Callable[[Any], Any]]]) -> list[Any]:
     out = list(row)
-    for i in wide:
-        out[i] = _ints_as_text(out[i])
+    for i, fix in fixes:
+        out[i] = fix(out[i])
     return out
+
+
+def _times_in_utc(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value if value.tzinfo is None else value.astimezone(UTC)
+    if isinstance(value, (list, tuple)):
+        return [_times_in_utc(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _times_in_utc(v) for k, v in value.items()}
+    return value
 
 
 def _ints_as_text(value: Any) -> Any:
@@ -161,6 +181,14 @@ def _ints_as_text(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _ints_as_text(v) for k, v in value.items()}
     return value
+
+
+# What a column of such a type needs before it is encoded: a 128- or 256-bit integer
+# as text (a JSON number would lose digits), a time in UTC as every other.
+_FIXES: tuple[tuple[re.Pattern[str], Callable[[Any], Any]], ...] = (
+    (_WIDE_INT, _ints_as_text),
+    (_ZONED, _times_in_utc),
+)
 
 
 def _columns(names: Sequence[str], types: Sequence[Any]) -> list[dict[str, str]]:

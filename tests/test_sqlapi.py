@@ -155,6 +155,23 @@ async def test_values_of_many_types_as_json(api: Client) -> None:
     ]
 
 
+async def test_a_time_in_a_zone_of_its_own_is_given_in_utc(api: Client) -> None:
+    """As every time is, also in an array, and in the JSON answer's fast path (no value
+    that needs the slow one): it kept its zone's offset there."""
+    body = await sql(
+        api,
+        "SELECT toTimeZone(ts_end, 'Europe/Berlin') AS berlin,"
+        " [toDateTime64(ts_end, 3, 'Asia/Tokyo')] AS tokyo FROM calls"
+        " WHERE user = 'alice'",
+    )
+    assert body["rows"] == [["2026-03-15T11:30:00Z", ["2026-03-15T11:30:00Z"]]]
+
+
+async def test_a_literal_that_is_no_utf_8_is_read_only_still(api: Client) -> None:
+    body = await sql(api, "SELECT count() AS n FROM calls WHERE position(user, '\\xc3') > 0")
+    assert body["rows"] == [[0]]
+
+
 async def test_a_128_bit_column_is_strings_in_every_row(api: Client) -> None:
     """Past 64 bits a JSON number would lose digits: such a column is strings throughout,
     small values too, so a client reads one type per column."""
