@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,14 +18,19 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer
+from aiohttp.test_utils import TestServer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from openai import AsyncOpenAI, RateLimitError
 from openai.types.chat import ChatCompletionContentPartParam
 from standardwebhooks import Webhook
 
+from ingress.app import create_app
+from ingress.forward import admission
+from ingress.guards.keys import create_key
 from llmtap.config import BudgetConfig, Settings
-from llmtap.events import Reservations
+from llmtap.events import Reservations, utcnow
 from llmtap.names import Names
+from stream.budgets import fresh
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
 from tests.fake_provider import FakeProvider, free_port, serve
 from tests.test_ingress_ops import make_key
@@ -281,6 +287,83 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
         upstream.provider.chunk_delay_s = 0.0
         if not closed:
             await server.close()
+
+
+async def post_once(base: str, secret: str) -> tuple[int, dict[str, Any], str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{base}/v1/chat/completions",
+            data=BODY,
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as response,
+    ):
+        text = await response.text()
+        answer = json.loads(text) if response.status != 200 else {}
+        return response.status, answer, response.headers.get("retry-after", "")
+
+
+async def test_a_starting_ingress_judges_a_cap_on_the_spend_already_counted(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budgets topic says the cap is all but spent: the very first call of an
+    ingress just started is refused, not judged against nothing spent (the state was
+    not read yet, and read as a fresh period's)."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(
+        name=f"spent-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(1)
+    )
+    now = utcnow()
+    spent = fresh(budget, now, now).model_copy(update={"spent_usd": Decimal("0.999")})
+    producer = AIOKafkaProducer(bootstrap_servers=ingress_settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            Names().budgets, spent.model_dump_json().encode(), key=budget.name.encode()
+        )
+    finally:
+        await producer.stop()
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read at start
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    asked = len(upstream.provider.received)
+    async with TestServer(create_app(settings), host="127.0.0.1") as server:  # called at once
+        status, body, _ = await post_once(str(server.make_url("")).rstrip("/"), secret)
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded"), body
+    assert "$0.999 of $1 spent" in body["error"]["message"]
+    assert len(upstream.provider.received) == asked
+
+
+async def test_a_cap_is_not_judged_before_its_spend_is_read(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started with the broker unreachable, an ingress cannot read what its capped
+    budgets have spent: their calls get a 503 saying so (to retry), and reach no
+    provider; the calls no cap counts go on."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    monkeypatch.setattr(admission, "BUDGET_STATES_WAIT_S", 0.3)
+    held = socket.socket()  # bound, never listening: connections to it are refused
+    held.bind(("127.0.0.1", 0))
+    budget = BudgetConfig(name="acme-cap", scope="tenant", value="acme", limit_usd=Decimal(100))
+    settings = ingress_settings.model_copy(
+        update={"budgets": [budget], "kafka_bootstrap": f"127.0.0.1:{held.getsockname()[1]}"}
+    )
+    capped, _ = create_key(settings.key_file, tenant="acme")
+    free, _ = create_key(settings.key_file, tenant="globex")
+    asked = len(upstream.provider.received)
+    try:
+        async with TestServer(create_app(settings), host="127.0.0.1") as server:
+            base = str(server.make_url("")).rstrip("/")
+            status, body, retry_after = await post_once(base, capped)
+            assert (status, body["error"]["code"], retry_after) == (
+                503,
+                "budget_state_unavailable",
+                "1",
+            ), body
+            assert "has not read its budgets' spend yet" in body["error"]["message"]
+            assert len(upstream.provider.received) == asked
+            assert (await post_once(base, free))[0] == 200
+    finally:
+        held.close()
 
 
 @asynccontextmanager

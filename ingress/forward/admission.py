@@ -32,6 +32,9 @@ from llmtap.events import Status, Usage, utcnow
 
 log = logging.getLogger(__name__)
 
+# How long a hard-capped call waits, at an ingress's start, for the budgets' spend to be
+# read before it is refused (503, retry-after); read in well under a second normally.
+BUDGET_STATES_WAIT_S = 5.0
 # Refusals of a body, the same on every route that reads one (unmetered.py too).
 UNCOMPRESSED = "llmtap takes request bodies uncompressed: send them without Content-Encoding"
 INVALID_JSON = "We could not parse the JSON body of your request."
@@ -214,7 +217,25 @@ class Admission:
         if request.rel_url.raw_query_string:  # as sent: decoded, a %23 would end it
             url += "?" + request.rel_url.raw_query_string
 
-        exhausted = request.app[BUDGETS].admit(
+        book = request.app[BUDGETS]
+        if not book.states_read.is_set() and book.caps(call.attribution):
+            # Just started: the budgets' spend is still being read. Judged now, a
+            # budget not read yet would look unspent.
+            try:
+                async with asyncio.timeout(BUDGET_STATES_WAIT_S):
+                    await book.states_read.wait()
+            except TimeoutError:
+                unknown = refuse(
+                    503,
+                    "this llmtap ingress has not read its budgets' spend yet (the broker "
+                    "is unreachable or slow), so a call against a hard-capped budget "
+                    "cannot be judged; retry shortly",
+                    "budget_unknown",
+                    code="budget_state_unavailable",
+                )
+                unknown.headers["retry-after"] = "1"
+                return unknown
+        exhausted = book.admit(
             call.request_id,
             call.attribution,
             model,

@@ -28,6 +28,7 @@ show it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from decimal import Decimal
 from ingress.guards.bounds import Reach
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
-from llmtap.following import follow_topic
+from llmtap.following import Follower
 from llmtap.kafka import Kafka
 from stream.budgets import current, is_of, later_or_larger, matches, owned, period_bounds
 from stream.pricing import PER_MILLION, Catalog, cost_of, search_fee
@@ -108,6 +109,16 @@ class BudgetBook:
         # until the period ends (:meth:`settle`).
         self.unpriced: dict[str, tuple[datetime, Decimal]] = {}
         self._by_name = {b.name: b for b in budgets}
+        # Set once the states the budgets topic held when this process started are read
+        # (:func:`follow`). Before, a budget not read yet looks unspent: a hard-capped
+        # call waits for them (ingress/forward/admission.py), not judged on nothing.
+        self.states_read = asyncio.Event()
+        if not budgets:
+            self.states_read.set()
+
+    def caps(self, who: Attribution) -> bool:
+        """Does a hard-capped budget count this caller's calls?"""
+        return any(b.hard_cap and matches(b, who) for b in self.budgets)
 
     def update(self, state: BudgetState) -> None:
         """A state from the topic: keep it unless it is older than what we hold (the
@@ -317,8 +328,18 @@ class BudgetBook:
 
 
 async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
-    """Keep ``book`` up to date with the budgets topic, from its beginning, forever."""
-    await follow_topic(kafka.names.budgets, BudgetState, book.update, kafka, client)
+    """Keep ``book`` up to date with the budgets topic, from its beginning, forever;
+    ``book.states_read`` is set once what the topic held when it started was read."""
+    follower = Follower(kafka, kafka.names.budgets, client, BudgetState, book.update)
+    following = asyncio.create_task(follower.run(), name=f"{client}-follow")
+    try:
+        await follower.caught_up()
+        book.states_read.set()
+        await following
+    finally:
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
 
 
 Publish = Callable[[str, bytes, bytes], None]  # topic, key, the event's JSON
