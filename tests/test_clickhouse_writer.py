@@ -6,13 +6,18 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
+import msgspec
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from clickhouse_connect.driver.exceptions import DataError
 from prometheus_client import generate_latest
 
+from llmtap import wire
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
 from llmtap.names import Names
@@ -186,6 +191,65 @@ def test_an_event_calls_cannot_hold_is_a_dead_letter(store: Store) -> None:
     assert write_batch(store, batch) == 1
     assert count(store, "dead_letters") == 1
     assert store.rows("SELECT event_id FROM calls")[0]["event_id"] == fine.event_id
+
+
+@pytest.mark.parametrize("amount", ["NaN", "-Infinity", "1234567890.5"])
+def test_a_cost_calls_cannot_hold_is_a_dead_letter(store: Store, amount: str) -> None:
+    """Past Decimal(18, 9), or no number at all: ClickHouse stored NULL, a call neither
+    priced nor said to be unpriced, and no error said so."""
+    event = orjson.loads(costed().model_dump_json())
+    event["cost"]["total"] = amount
+    records = [(Names().costed, 0, 0, orjson.dumps(event))]
+    batch = decode_batch(records, calls_types(store))
+    assert [d.offset for d in batch.dead_letters] == [0], batch.dead_letters
+    assert "Decimal(18, 9)" in batch.dead_letters[0].error
+
+
+def a_window(**change: Any) -> bytes:
+    """A window message as the stream publishes it, with ``change``."""
+    empty = wire.Sketch(relative_accuracy=0.01, zero_count=0, count=0)
+    window = wire.Window(
+        event_id=uuid.uuid4(),
+        size_s=60,
+        dimension="team",
+        value="search",
+        window_start=datetime(2026, 3, 15, 11, 0, tzinfo=UTC),
+        window_end=datetime(2026, 3, 15, 11, 1, tzinfo=UTC),
+        partitions=(0,),
+        requests=1,
+        errors=0,
+        input_tokens=10,
+        output_tokens=5,
+        cached_input_tokens=0,
+        cost=Decimal("0.01"),
+        unpriced=0,
+        usage_missing=0,
+        latency_ms=empty,
+        ttft_ms=empty,
+    )
+    return wire.encode(msgspec.structs.replace(window, **change))
+
+
+def test_a_window_windows_cannot_hold_is_a_dead_letter(store: Store) -> None:
+    """The contract reads these; the table cannot hold them. Each went into the batch,
+    failed every insert of it, and stopped the writer for good."""
+    bad = wire.Sketch(relative_accuracy=0.01, zero_count=0, keys=(1, 2), counts=(1,), count=1)
+    records = [
+        (Names().windows, 0, offset, raw)
+        for offset, raw in enumerate(
+            [
+                a_window(latency_ms=bad),
+                a_window(errors_by_class={"x": -1}),
+                a_window(partitions=(70_000,)),
+                a_window(cost=Decimal("1e10")),
+                a_window(),
+            ]
+        )
+    ]
+    batch = decode_batch(records, calls_types(store))
+    assert [d.offset for d in batch.dead_letters] == [0, 1, 2, 3]
+    write_batch(store, batch)
+    assert (count(store, "windows"), count(store, "dead_letters")) == (1, 4)
 
 
 def test_a_body_the_encoder_refuses_is_left_to_the_write(store: Store) -> None:

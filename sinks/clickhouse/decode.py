@@ -34,6 +34,7 @@ from sinks.clickhouse.rows import (
     call_columns,
     ts_end_range,
     unstorable,
+    window_unstorable,
 )
 from sql.native import native_body
 
@@ -112,7 +113,10 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
     for topic, partition, offset, raw in records:
         try:
             if names.kind(topic) == "windows":
-                batch.windows.append(wire.decode_window(raw))
+                window = wire.decode_window(raw)
+                if problem := window_unstorable(window):
+                    raise ValueError(problem)
+                batch.windows.append(window)
             else:
                 event = wire.decode_costed(raw)
                 if problem := unstorable(event):

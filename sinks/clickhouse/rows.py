@@ -134,9 +134,22 @@ def call_row(event: Costed) -> tuple[Any, ...]:
 UINT32_MAX = 2**32 - 1
 
 
+UINT16_MAX = 2**16 - 1
+UINT64_MAX = 2**64 - 1
+MONEY_LIMIT = Decimal(10**9)  # Decimal(18, 9): nine digits before the point
+
+
+def _unstorable_money(value: Decimal) -> str:
+    """Why a Decimal(18, 9) column cannot hold ``value`` ("" if it can: ClickHouse
+    would store NULL, or nothing, for the rest, and no error said so)."""
+    if not value.is_finite() or abs(value) >= MONEY_LIMIT:
+        return f"an amount of {value} is more than Decimal(18, 9) holds"
+    return ""
+
+
 def unstorable(event: Costed) -> str:
     """Why ``calls`` cannot hold the event ("" if it can): a dead letter, not a batch
-    the store refuses again and again."""
+    the store refuses again and again, nor a cost stored as unknown."""
     u = event.response.usage
     most = max(
         u.input_tokens,
@@ -148,6 +161,41 @@ def unstorable(event: Costed) -> str:
     )
     if most > UINT32_MAX:
         return f"a token or search count of {most} is more than calls holds (UInt32)"
+    if event.cost is not None:
+        c = event.cost
+        amounts = (c.input, c.cached_input, c.cache_write, c.output, c.reasoning, c.total)
+        for amount in (*amounts, c.web_search):
+            if problem := _unstorable_money(amount):
+                return f"cost: {problem}"
+    return ""
+
+
+def window_unstorable(window: wire.Window) -> str:
+    """Why ``windows`` cannot hold the window ("" if it can): as :func:`unstorable`,
+    a dead letter, not a batch that stops the writer for good."""
+    try:
+        window_row(window)  # its sketches read
+    except (ValueError, TypeError, IndexError) as exc:
+        return f"its sketches cannot be read: {exc}"
+    counts = (
+        window.requests,
+        window.errors,
+        window.input_tokens,
+        window.output_tokens,
+        window.cached_input_tokens,
+        window.unpriced,
+        window.usage_missing,
+        window.late_events,
+        *window.errors_by_class.values(),
+    )
+    if any(not 0 <= count <= UINT64_MAX for count in counts):
+        return "a count is negative or more than windows holds (UInt64)"
+    if any(not 0 <= p <= UINT16_MAX for p in window.partitions):
+        return "a partition number is more than windows holds (UInt16)"
+    if window.size_s > UINT32_MAX:
+        return f"a window of {window.size_s}s is more than windows holds (UInt32)"
+    if problem := _unstorable_money(window.cost):
+        return f"cost: {problem}"
     return ""
 
 
