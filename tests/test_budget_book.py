@@ -7,6 +7,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
+
 from ingress.guards.bounds import choices
 from ingress.guards.budgets import BudgetBook
 from llmtap.config import BudgetConfig
@@ -213,17 +215,25 @@ def test_a_call_whose_usage_is_unknown_holds_its_worst_case_until_its_period_end
     assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 1000, tomorrow) is None
 
 
-def test_a_stream_cut_short_holds_its_whole_worst_case_whatever_it_streamed() -> None:
+@pytest.mark.parametrize(
+    "cut",
+    [
+        Usage.missing().model_copy(update={"output_tokens": 2, "output_tokens_counted": True}),
+        # Anthropic's: message_start gave the input, so it is priced, on the count
+        Usage(input_tokens=12, output_tokens=2, output_tokens_counted=True),
+    ],
+)
+def test_a_stream_cut_short_holds_its_whole_worst_case_whatever_it_streamed(cut: Usage) -> None:
     """What streamed does not bound what was billed: a reasoning model's hidden tokens
-    are billed at the output rate and never streamed (o3 may bill 25,000 for a "Hello"),
-    and a background response goes on after the connection. So the text counted from a
-    cut-short stream is no bound: the whole worst case is held."""
+    are billed at the output rate and never streamed (o3 may bill 25,000 for a "Hello";
+    Claude's thinking, omitted or summarised, is billed in full), and a background
+    response goes on after the connection. So the text counted from a cut-short stream
+    is no bound: the whole worst case is held, also when the input is known."""
     budgets, _ = book("10")
     now = MIDNIGHT + timedelta(hours=9)
     call = uuid.uuid4()
     assert budgets.admit(call, ACME, "gpt-4o", 1_000, 100_000, now) is None
     worst = budgets.held(now)["acme-day"]
-    cut = Usage.missing().model_copy(update={"output_tokens": 2, "output_tokens_counted": True})
     budgets.settle(call, "gpt-4o", cut, now)
     assert budgets.held(now) == {"acme-day": worst}
 

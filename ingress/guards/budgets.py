@@ -303,7 +303,9 @@ class BudgetBook:
             cost = cost_of(usage, rates).total
         # Every budget reserved the same worst case, and holds the same cost.
         worst = next(iter(held.values()))
-        if usage.usage_missing:
+        if usage.usage_missing or usage.output_tokens_counted:
+            # Unknown, or llmtap's count of a stream cut short, which is no bound (an
+            # Anthropic one knows its input; its thinking may be billed, not streamed).
             self._hold_unpriced(held, worst, ended)
             return None
         holding = Settled(ended, cost or Decimal(0))
