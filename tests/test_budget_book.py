@@ -162,6 +162,36 @@ def test_a_cost_not_yet_in_kafka_is_held_whatever_a_state_says() -> None:
     assert budgets.held(now + timedelta(minutes=1)) == {"acme-day": Decimal("0.40")}
 
 
+def test_a_cost_is_held_past_an_hour_while_the_stream_lags_or_the_broker_is_down() -> None:
+    """Costs no state has counted an hour on were let go: a stream two hours behind, or
+    events in the spool through a broker outage, let the cap be spent again every hour.
+    Aged, a cost Kafka has is held in its partition's sum until a state has counted past
+    it; one Kafka has not (spooled, or dropped), until its period ends."""
+    budgets, budget = book("1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    usage = Usage(input_tokens=0, output_tokens=40_000)  # gpt-4o: $0.40
+    costs = []
+    for _ in range(2):
+        call = uuid.uuid4()
+        assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, now) is None
+        costs.append(budgets.settle(call, "gpt-4o", usage, now))
+    in_kafka, spooled = costs
+    assert in_kafka is not None and spooled is not None
+    in_kafka.delivered(0, 7)
+    later = now + timedelta(hours=2)
+    assert budgets.held(later) == {"acme-day": Decimal("0.80")}
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 30_000, later) is not None
+    assert budgets.settled["acme-day"] == []  # no entry a call kept past the hour
+    # The stream catches up on partition 0: the cost in Kafka is counted, and let go.
+    caught_up = fresh(budget, now, now).model_copy(
+        update={"spent_usd": Decimal("0.40"), "last_event_at": later, "applied": {0: 8}}
+    )
+    budgets.update(caught_up)
+    assert budgets.held(later) == {"acme-day": Decimal("0.40")}
+    tomorrow = MIDNIGHT + timedelta(days=1, hours=1)
+    assert budgets.held(tomorrow) == {"acme-day": Decimal(0)}
+
+
 def test_a_call_that_reserved_nothing_holds_nothing() -> None:
     budgets, _ = book("1.00")
     usage = Usage(input_tokens=0, output_tokens=40_000)

@@ -44,7 +44,12 @@ from llmtap.kafka import Kafka
 from stream.budgets import current, is_of, later_or_larger, matches, owned, period_bounds
 from stream.pricing import PER_MILLION, Catalog, cost_of, search_fee
 
-SETTLED_MAX_AGE = timedelta(hours=1)  # a cost no state has counted by then is let go
+# A cost no state has counted this long after its call ended is no longer held on its
+# own (memory: one entry a call, while a broker outage or a lagging stream lasts): one
+# whose event Kafka has is added to a sum of its partition's, let go once a state has
+# counted past the latest of them; one whose event Kafka has not (in the spool, or
+# dropped) is held until its period ends, as the unpriced are.
+SETTLED_MAX_AGE = timedelta(hours=1)
 
 
 @dataclass(slots=True)
@@ -108,6 +113,9 @@ class BudgetBook:
         # (the period's start, the sum): the stream cannot price them, so it is held
         # until the period ends (:meth:`settle`).
         self.unpriced: dict[str, tuple[datetime, Decimal]] = {}
+        # Costs held past SETTLED_MAX_AGE whose events Kafka has, per budget and
+        # partition: (their period's start, the latest one's offset, their sum).
+        self.aged: dict[str, dict[int, tuple[datetime, int, Decimal]]] = defaultdict(dict)
         self._by_name = {b.name: b for b in budgets}
         # Set once the states the budgets topic held when this process started are read
         # (:func:`follow`). Before, a budget not read yet looks unspent: a hard-capped
@@ -206,27 +214,57 @@ class BudgetBook:
         """In-flight worst cases plus the costs :meth:`_uncounted` still holds."""
         in_flight = sum(self.reserved[name].values(), Decimal(0))
         ended = sum((c.cost for c in self._uncounted(name, now, since)), Decimal(0))
+        aged = self._aged(name, since)
         period, unpriced = self.unpriced.get(name, (None, Decimal(0)))
         if since is not None and (period is None or period < since):
             unpriced = Decimal(0)  # an earlier period's
-        return in_flight + ended + unpriced
+        return in_flight + ended + aged + unpriced
 
     def _uncounted(self, name: str, now: datetime, since: datetime | None) -> list[Settled]:
         """The costs of ended calls (since ``since``, when given) that the state held now
-        has not counted, and that are younger than SETTLED_MAX_AGE; the rest let go. The
-        state held now, not the one that arrived last: a cost may learn where its event
-        went after the state that counted it (the stream read the event while the rest
-        of its flight was still unacked)."""
+        has not counted, the rest let go; those older than SETTLED_MAX_AGE are moved to
+        sums (:meth:`_aged`, or the period's with the unpriced). The state held now, not
+        the one that arrived last: a cost may learn where its event went after the state
+        that counted it (the stream read the event while the rest of its flight was
+        still unacked)."""
         cutoff = now - SETTLED_MAX_AGE
         published = self.states.get(name)
-        kept = self.settled[name] = [
-            c
-            for c in self.settled[name]
-            if c.ended > cutoff
-            and (since is None or c.ended >= since)
-            and (published is None or not c.counted_by(published))
-        ]
+        kept: list[Settled] = []
+        for c in self.settled[name]:
+            if (since is not None and c.ended < since) or (
+                published is not None and c.counted_by(published)
+            ):
+                continue
+            if c.ended > cutoff:
+                kept.append(c)
+            elif c.at is None:  # not in Kafka an hour on: in the spool, or dropped
+                self._hold_unpriced({name: c.cost}, c.cost, c.ended)
+            else:
+                self._age(name, c, c.at)
+        self.settled[name] = kept
         return kept
+
+    def _age(self, name: str, cost: Settled, at: tuple[int, int]) -> None:
+        partition, offset = at
+        period = period_bounds(self._by_name[name].period, cost.ended)[0]
+        start, latest, total = self.aged[name].get(partition, (period, -1, Decimal(0)))
+        if period < start:
+            return  # an earlier period's: no longer counted
+        if start < period:
+            latest, total = -1, Decimal(0)
+        self.aged[name][partition] = (period, max(latest, offset), total + cost.cost)
+
+    def _aged(self, name: str, since: datetime | None) -> Decimal:
+        """The sums of aged costs no state has counted yet (those counted let go)."""
+        published = self.states.get(name)
+        total = Decimal(0)
+        for partition, (period, latest, amount) in list(self.aged[name].items()):
+            counted = published is not None and published.applied.get(partition, 0) > latest
+            if counted or (since is not None and period < since):
+                del self.aged[name][partition]
+            else:
+                total += amount
+        return total
 
     def held(self, now: datetime) -> dict[str, Decimal]:
         """What this process holds against each hard-capped budget beyond its published
