@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from ingress.guards.bounds import (
+    choices,
     images,
     input_unbounded,
     max_tokens,
@@ -404,6 +405,17 @@ def test_the_largest_output_ceiling_named_is_the_one_reserved() -> None:
     assert max_tokens({"max_tokens": True, "max_completion_tokens": -1}) is None
 
 
+def test_a_count_written_as_a_float_or_a_string_is_read_as_servers_read_it() -> None:
+    """OpenAI-compatible servers built on pydantic (vLLM...) read "100000" and 1e5 as
+    100000: skipped, a max_completion_tokens of "100000" left 16 reserved."""
+    assert max_tokens({"max_tokens": 16, "max_completion_tokens": "100000"}) == 100_000
+    assert max_tokens({"max_tokens": 1e5}) == 100_000
+    assert max_tokens({"max_tokens": "2.0e3"}) == 2_000
+    assert choices({"n": "8"}) == 8 and choices({"n": 8.0}) == 8
+    assert max_tokens({"max_tokens": "many", "max_output_tokens": 0.5}) is None
+    assert max_tokens({"max_tokens": float("inf")}) is None
+
+
 SEARCH = {"type": "web_search_20250305", "name": "web_search"}
 
 
@@ -416,7 +428,8 @@ SEARCH = {"type": "web_search_20250305", "name": "web_search"}
         ({"tools": [{**SEARCH, "max_uses": 5}]}, 5),
         ({"tools": [{**SEARCH, "max_uses": 5}, {**SEARCH, "max_uses": 2}]}, 7),
         ({"tools": [{**SEARCH, "max_uses": 5}, SEARCH]}, None),
-        ({"tools": [{**SEARCH, "max_uses": "5"}]}, None),
+        ({"tools": [{**SEARCH, "max_uses": "5"}]}, 5),  # read as pydantic servers read it
+        ({"tools": [{**SEARCH, "max_uses": "five"}]}, None),
         ({"tools": [{"type": "web_search"}], "max_tool_calls": 3}, 3),  # Responses API
         ({"tools": [{"type": "web_search_preview"}], "max_tool_calls": 0}, 0),
         ({"tools": [{**SEARCH, "max_uses": 9}], "max_tool_calls": 4}, 4),

@@ -146,8 +146,19 @@ def _search_tools(payload: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _count(value: Any) -> int | None:
-    """A count the body gives: a non-negative integer (not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A count the body gives: a non-negative integer (not a bool), else None. Also
+    written as an integral float (``1e5``) or a string of one (``"8"``): OpenAI refuses
+    them, but OpenAI-compatible servers built on pydantic (vLLM...) read them so."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return None
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else None
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 class Reach(NamedTuple):
