@@ -267,6 +267,9 @@ def check_tree(root: Node, text: str) -> None:
                     "numbers, zeros, generate_series, values, generateRandom and view are",
                 )
         elif node.kind in ("TableIdentifier", "Identifier"):
+            if node.kind == "TableIdentifier" and "/" in node.name:
+                # chDB's default database reads a file named as a table ('/etc/hostname')
+                raise _refuse("forbidden_table", f"{node.name!r}: a file is not a table here")
             database = node.name.strip('`"').split(".", 1)[0].strip('`"').lower()
             if database in SYSTEM_DATABASES:
                 raise _refuse(

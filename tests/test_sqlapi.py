@@ -471,6 +471,9 @@ async def test_a_clickhouse_error_is_a_400_with_its_message(api: Client) -> None
         ("DESCRIBE file('/etc/passwd', 'LineAsString')", "forbidden_function", "file"),
         ("SELECT * FROM loop(numbers(3))", "forbidden_function", "loop"),
         ("SELECT * FROM null('a Int8')", "forbidden_function", "null"),
+        # a file named as a table (chDB's default database reads it)
+        ("SELECT * FROM '/etc/hostname'", "forbidden_table", "file"),
+        ("SELECT * FROM default.`/etc/hostname`", "forbidden_table", "file"),
         # output elsewhere than the response
         (f"SELECT 1 INTO OUTFILE '{OUTFILE}'", "not_read_only", "OUTFILE"),
         (f"SELECT 1 into /* x */ -- y\n outfile '{OUTFILE}'", "not_read_only", "OUTFILE"),
