@@ -205,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         store = Store(settings.store_dsn)
         applied = migrate(store)
         print(f"applied migrations: {applied or 'none (schema up to date)'}")
-        changed = apply_retention(
+        tables = apply_retention(
             store, raw_days=settings.raw_retention_days, rollup_days=settings.rollup_retention_days
         )
-        print(f"retention changed on: {', '.join(changed) or 'nothing'}")
+        print(
+            f"retention applied to: {', '.join(tables) or 'nothing (up to date)'}"
+            + (" (stored rows are rewritten to it in the background)" if tables else "")
+        )
     return 0
 
 

@@ -1,7 +1,15 @@
 """Retention: how long raw calls and rollups are kept (TTLs), from the settings.
 
-Applied at every start after the migrations, and only where the configured number of
-days differs from the table's current TTL, so a restart costs one small query a table.
+Applied at every start after the migrations, and by ``llmtap migrate``. A table's TTL
+is set where the configured days differ from it, and its stored parts are then brought
+to it (MATERIALIZE TTL, a mutation that rewrites them, run in the background): a part
+keeps the expiry it was written with, so without it a cut from 90 to 30 days deleted
+nothing stored for 60 more days, and a raise from 30 to 90 still deleted what was stored
+at 30. Only parts whose expiry is not the configured one are counted, so the same
+mutation also runs, once, where a table has the right TTL but parts written under
+another (a start stopped between the two statements; a TTL set by an earlier llmtap,
+which did not materialize), unless one is running already. A start with nothing to do
+costs one small query a table and rewrites nothing.
 """
 
 from __future__ import annotations
@@ -15,35 +23,54 @@ log = logging.getLogger(__name__)
 
 _TTL_DAYS = re.compile(r"TTL .*?toIntervalDay\((?:_CAST\()?'?(\d+)")
 
+# The tables whose TTL follows the settings, and the column their rows expire by.
+RAW_TABLES = {"calls": "ts_end"}
+ROLLUP_TABLES = {
+    "windows": "window_start",
+    # The analytics rollups (migration 0005).
+    "analytics_by_model_hourly": "bucket",
+    "analytics_by_model_daily": "bucket",
+    "analytics_by_team_daily": "bucket",
+    "analytics_by_user_daily": "bucket",
+    # ... and those of migration 0007.
+    "analytics_by_property_daily": "bucket",
+    "analytics_by_provider_hourly": "bucket",
+    # ... and of migration 0008.
+    "analytics_by_tenant_hourly": "bucket",
+    "analytics_by_user_provider_daily": "bucket",
+}
 
-def current_ttl_days(store: Store, table: str) -> int | None:
-    rows = store.rows(render("table_engine"), {"table": table})
-    match = _TTL_DAYS.search(rows[0]["engine_full"]) if rows else None
+
+def _ttl_days(engine_full: str | None) -> int | None:
+    match = _TTL_DAYS.search(engine_full) if engine_full else None
     return int(match[1]) if match else None
 
 
+def current_ttl_days(store: Store, table: str) -> int | None:
+    rows = store.rows(render("table_engine"), {"table": table})
+    return _ttl_days(rows[0]["engine_full"]) if rows else None
+
+
 def apply_retention(store: Store, *, raw_days: int, rollup_days: int) -> list[str]:
-    """Set each table's TTL to its configured days; return the tables changed."""
-    wanted = {
-        "calls": ("ts_end", raw_days),
-        "windows": ("window_start", rollup_days),
-        # The analytics rollups (migration 0005).
-        "analytics_by_model_hourly": ("bucket", rollup_days),
-        "analytics_by_model_daily": ("bucket", rollup_days),
-        "analytics_by_team_daily": ("bucket", rollup_days),
-        "analytics_by_user_daily": ("bucket", rollup_days),
-        # ... and those of migration 0007.
-        "analytics_by_property_daily": ("bucket", rollup_days),
-        "analytics_by_provider_hourly": ("bucket", rollup_days),
-        # ... and of migration 0008.
-        "analytics_by_tenant_hourly": ("bucket", rollup_days),
-        "analytics_by_user_provider_daily": ("bucket", rollup_days),
-    }
-    changed = []
+    """Set each table's TTL to its configured days and start bringing its stored parts to
+    it; return the tables where either was done (the rewrite goes on in the background:
+    system.mutations)."""
+    wanted = {table: (column, raw_days) for table, column in RAW_TABLES.items()}
+    wanted |= {table: (column, rollup_days) for table, column in ROLLUP_TABLES.items()}
+    applied = []
     for table, (column, days) in wanted.items():
-        if current_ttl_days(store, table) == days:
-            continue
-        store.command(render("set_ttl", table=table, column=column), {"days": days})
-        log.info("retention of %s set to %d days", table, days)
-        changed.append(table)
-    return changed
+        [state] = store.rows(render("ttl_state"), {"table": table, "days": days})
+        changed = _ttl_days(state["engine_full"]) != days
+        if changed:
+            store.command(render("set_ttl", table=table, column=column), {"days": days})
+            log.info("retention of %s set to %d days", table, days)
+        # Parts written under another expiry, this TTL's set now or not. After a change,
+        # one more rewrite even if one runs: it may have rewritten parts to the TTL before.
+        stale = state["stale_parts"]
+        rewrite = stale > 0 and (changed or not state["materializing"])
+        if rewrite:
+            store.command(render("materialize_ttl", table=table))
+            log.info("%s: %d parts being rewritten to a TTL of %d days", table, stale, days)
+        if changed or rewrite:
+            applied.append(table)
+    return applied

@@ -24,7 +24,7 @@ from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sql.migrate import available, migrate
-from sql.retention import apply_retention, current_ttl_days
+from sql.retention import RAW_TABLES, ROLLUP_TABLES, apply_retention, current_ttl_days
 from sql.sqlapi import json_row
 from sql.sqlguard import SqlError, SqlLimits
 from sql.sqlrun import SqlRunner
@@ -134,6 +134,68 @@ def test_retention_follows_the_settings(store: Store) -> None:
     changed = apply_retention(store, raw_days=30, rollup_days=200)
     assert "analytics_by_user_daily" in changed and len(changed) == 9
     assert current_ttl_days(store, "analytics_by_model_hourly") == 200
+
+
+def store_days_ago(store: Store, days_ago: list[int]) -> None:
+    """A call, and so a row of every rollup, and a window, ended that many days ago."""
+    now = datetime.now(UTC)
+    for days in days_ago:
+        at = now - timedelta(days=days)
+        attribution = Attribution(tenant="acme", properties={"app": "chat"})  # of every rollup
+        event = sample.costed(sample.response(at, attribution=attribution), sample.cost("1"))
+        write_batch(store, Batch(events=[event]))
+        store.command(
+            "INSERT INTO windows (event_id, size_s, dimension, value, window_start, window_end) "
+            "SELECT generateUUIDv4(), 60, 'team', 't', {at:DateTime64(3)}, {at:DateTime64(3)}",
+            {"at": at},
+        )
+
+
+def stored_ages(store: Store) -> dict[str, list[int]]:
+    """How many days old (rounded down) each table's rows are, as a read finds them."""
+    return {
+        table: sorted(
+            row["days"]
+            for row in store.rows(
+                f"SELECT DISTINCT intDiv(dateDiff('second', {column}, now()), 86400) AS days "
+                f"FROM {table}"
+            )
+        )
+        for table, column in (RAW_TABLES | ROLLUP_TABLES).items()
+    }
+
+
+async def test_a_lower_retention_deletes_what_is_stored_already(store: Store) -> None:
+    """Rows stored under 90 and 400 days, older than a new 30 and 50, are deleted: each
+    part kept the expiry it was written with, even through OPTIMIZE FINAL, so a cut from
+    90 to 30 days deleted nothing stored for 60 more days."""
+    apply_retention(store, raw_days=90, rollup_days=400)
+    store_days_ago(store, [1, 40, 60])
+    everything = {table: [1, 40, 60] for table in RAW_TABLES | ROLLUP_TABLES}
+    assert stored_ages(store) == everything
+    assert apply_retention(store, raw_days=30, rollup_days=50) == list(everything)
+    kept = {table: [1] for table in RAW_TABLES} | {table: [1, 40] for table in ROLLUP_TABLES}
+    await wait_for(lambda: stored_ages(store) == kept)  # rewritten in the background
+    assert apply_retention(store, raw_days=30, rollup_days=50) == []  # nothing left to do
+
+
+async def test_a_ttl_set_without_rewriting_the_rows_is_applied_at_the_next_start(
+    store: Store,
+) -> None:
+    """A table whose TTL is as configured but whose parts were written under another (as
+    an earlier llmtap left a lowered retention, or a start stopped after setting it) has
+    them rewritten, once."""
+    apply_retention(store, raw_days=90, rollup_days=400)
+    store_days_ago(store, [1, 60])
+    store.command(
+        "ALTER TABLE calls MODIFY TTL toDateTime(ts_end) + toIntervalDay(30) "
+        "SETTINGS materialize_ttl_after_modify = 0"
+    )
+    store.command("OPTIMIZE TABLE calls FINAL")
+    assert stored_ages(store)["calls"] == [1, 60]  # the part kept its expiry
+    assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls"]
+    await wait_for(lambda: stored_ages(store)["calls"] == [1])
+    assert apply_retention(store, raw_days=30, rollup_days=400) == []
 
 
 async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(

@@ -1,5 +1,7 @@
--- How long a table keeps rows. Existing parts are not rewritten now
--- (materialize_ttl_after_modify = 0): they expire as merges reach them.
+-- How long a table keeps rows: the table's TTL only (materialize_ttl_after_modify = 0),
+-- a change of metadata that returns at once. A part keeps the expiry it was written with
+-- (a shorter one still deletes its rows early, a longer one keeps them past the new
+-- TTL), so sql/retention.py follows it with materialize_ttl.sql, which recomputes them.
 ALTER TABLE {{ table }}
     MODIFY TTL toDateTime({{ column }}) + toIntervalDay({days:UInt32})
     SETTINGS materialize_ttl_after_modify = 0
