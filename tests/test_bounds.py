@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from ingress.guards.bounds import (
+    MAX_COUNT,
     choices,
     images,
     input_unbounded,
@@ -414,6 +415,10 @@ def test_a_count_written_as_a_float_or_a_string_is_read_as_servers_read_it() -> 
     assert choices({"n": "8"}) == 8 and choices({"n": 8.0}) == 8
     assert max_tokens({"max_tokens": "many", "max_output_tokens": 0.5}) is None
     assert max_tokens({"max_tokens": float("inf")}) is None
+    # past any model's ceiling, a count is taken as the most there is (1e308 tokens
+    # overflowed the float of a key's rate-limit bucket, and every later call was a 500)
+    assert max_tokens({"max_tokens": 1e308}) == MAX_COUNT
+    assert choices({"n": 10**30}) == MAX_COUNT
 
 
 SEARCH = {"type": "web_search_20250305", "name": "web_search"}

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ingress.guards.bounds import choices, max_tokens
 from ingress.guards.keys import create_key
 from ingress.guards.ratelimit import Estimate, RateLimiter, Ticket, TokenBucket, estimate, spent
 from llmtap.config import Settings
@@ -84,6 +85,18 @@ def test_a_call_larger_than_the_limit_goes_once_the_bucket_is_full() -> None:
     assert limiter.admit("k", None, 1000, Estimate(5000, 0), now=0.0) == pytest.approx(300.0)
     limiter.settle(big, Usage(input_tokens=1000), now=0.0)
     assert isinstance(limiter.admit("k", None, 1000, Estimate(5000, 0), now=60.0), Ticket)
+
+
+def test_a_ceiling_past_any_model_s_does_not_break_the_key() -> None:
+    """max_tokens 1e308 (n 2): its estimate took the bucket past what a float holds, the
+    call's settlement raised (its event lost) and every later call of the key was a 500."""
+    limiter = RateLimiter()
+    body = {"max_tokens": 1e308, "n": 2}
+    huge = estimate(100, max_tokens(body), choices(body))
+    call = limiter.admit("k", None, 100_000, huge, now=0.0)
+    assert isinstance(call, Ticket)
+    limiter.settle(call, Usage(input_tokens=10, output_tokens=5), now=0.0)
+    assert isinstance(limiter.admit("k", None, 100_000, Estimate(100, 0), now=1.0), Ticket)
 
 
 def test_a_settlement_or_a_release_counts_once() -> None:

@@ -197,7 +197,10 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 return held.delivered if held is not None else None
 
             if ticket is not None:  # first: its response event says it is settled
-                request.app[LIMITER].settle(ticket, usage, time.monotonic())
+                try:
+                    request.app[LIMITER].settle(ticket, usage, time.monotonic())
+                except Exception:  # a bug here must not lose the call's event
+                    log.exception("settling the rate limits of call %s failed", call.request_id)
             announced()  # if the call ended before its turn came
             record_outcome(
                 request.app, call, status, http_status, usage, model_served, error_class, settle

@@ -145,10 +145,16 @@ def _search_tools(payload: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+# The most a count is taken for: past it, no model's ceiling (nor anyone's intent), and
+# an arithmetic with 1e308 tokens overflows a float (a key's rate-limit bucket).
+MAX_COUNT = 2**31 - 1
+
+
 def _count(value: Any) -> int | None:
-    """A count the body gives: a non-negative integer (not a bool), else None. Also
-    written as an integral float (``1e5``) or a string of one (``"8"``): OpenAI refuses
-    them, but OpenAI-compatible servers built on pydantic (vLLM...) read them so."""
+    """A count the body gives: a non-negative integer (not a bool), at most MAX_COUNT,
+    else None. Also written as an integral float (``1e5``) or a string of one (``"8"``):
+    OpenAI refuses them, but OpenAI-compatible servers built on pydantic (vLLM...) read
+    them so."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -158,7 +164,7 @@ def _count(value: Any) -> int | None:
             return None
     if isinstance(value, float):
         value = int(value) if value.is_integer() else None
-    return value if isinstance(value, int) and value >= 0 else None
+    return min(value, MAX_COUNT) if isinstance(value, int) and value >= 0 else None
 
 
 class Reach(NamedTuple):
