@@ -273,6 +273,24 @@ def test_a_broken_key_file_is_read_once_until_it_changes(
     assert key is not None and key.tenant == "globex"
 
 
+def test_a_key_file_emptied_to_be_rewritten_keeps_the_keys(tmp_path: Path) -> None:
+    """Rewritten in place (a shell's >, an editor, a config tool), the file is empty for
+    a moment: read then, it dropped every key (401 for every client) until the next
+    reload. Only a file that says so has no keys."""
+    path = tmp_path / "keys.yaml"
+    secret, _ = create_key(path, tenant="acme")
+    good = path.read_text()
+    store = KeyStore(path)
+    store.reload()
+    for moment in ("", "\n", "# being written\n", "version: 2\n"):
+        path.write_text(moment)
+        assert not store.reload(), moment
+        assert store.lookup(secret) is not None
+    path.write_text(good)
+    path.write_text("keys: []\n")
+    assert store.reload() and store.lookup(secret) is None
+
+
 def _revoke_in_place(path: Path) -> None:
     """Revoke the file's one key, in place (same inode) and to the same size."""
     text = path.read_text()

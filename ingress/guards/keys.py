@@ -72,13 +72,22 @@ class KeyFile(BaseModel):
 
 
 def parse_keys(text: str) -> KeyFile:
-    return KeyFile.model_validate(yaml.load(text, Loader=_Loader) or {})
+    """The keys of a key file's text. One with no top-level ``keys`` (an empty file: one
+    rewritten in place, read before it was written) is refused, not read as no keys:
+    a reload would drop every key for as long. ``keys: []`` names none."""
+    data = yaml.load(text, Loader=_Loader)
+    if not isinstance(data, dict) or "keys" not in data:
+        raise ValueError("no top-level 'keys:' list (empty, or still being written?)")
+    return KeyFile.model_validate(data)
 
 
 def read_keys(path: Path) -> KeyFile:
+    """The key file's keys, for the commands that edit it: an empty file (made by hand)
+    has none; the proxy's reload refuses one (:func:`parse_keys`)."""
     if not path.exists():
         return KeyFile()
-    return parse_keys(path.read_text())
+    text = path.read_text()
+    return parse_keys(text) if text.strip() else KeyFile()
 
 
 def write_keys(path: Path, keys: KeyFile) -> None:
