@@ -17,10 +17,12 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ingress.forward.call import upstream_headers
-from ingress.guards.auth import Refusal, authenticate
+from ingress.forward.call import downstream_headers, upstream_headers
+from ingress.forward.endpoint import upstream_credential
+from ingress.forward.openai import OPENAI
+from ingress.guards.auth import Identity, Refusal, authenticate
 from ingress.guards.keys import KeyStore, create_key, hash_key, read_keys, revoke_key
-from llmtap.config import Settings
+from llmtap.config import ProviderConfig, Settings
 from llmtap.events import Attribution
 from tests.conftest import INGRESS_PROVIDER_KEY as PROVIDER_KEY
 from tests.conftest import FakeUpstream, serve_ingress
@@ -397,6 +399,31 @@ def test_the_provider_key_replaces_every_credential_the_client_sent() -> None:
     kept = upstream_headers(sent, credential=None)  # pass-through: the caller's own
     assert {"Authorization", "api-key", "OpenAI-Organization", "OpenAI-Project"} <= set(kept)
     assert not any("llmtap" in name.lower() for name in kept)
+
+
+def test_headers_the_connection_header_names_are_not_passed_on() -> None:
+    """They are that hop's own (RFC 9110 §7.6.1), either way."""
+    sent = CIMultiDictProxy(
+        CIMultiDict(
+            [("Connection", "close, X-Hop-Secret"), ("x-hop-secret", "1"), ("Accept", "*/*")]
+        )
+    )
+    assert dict(upstream_headers(sent, credential=None)) == {"Accept": "*/*"}
+    answered = CIMultiDictProxy(
+        CIMultiDict([("Connection", "keep-alive, x-edge"), ("X-Edge", "1"), ("X-Kept", "2")])
+    )
+    assert dict(downstream_headers(answered, "rid")) == {"X-Kept": "2", "x-request-id": "rid"}
+
+
+def test_a_provider_key_read_with_its_newline_is_sent_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key from a file (a Kubernetes secret) often ends in a newline, which no header
+    may hold: every call was a bare 500, recorded as ok."""
+    monkeypatch.setenv("LLMTAP_TEST_KEY_NEWLINE", "sk-provider\n")
+    provider = ProviderConfig(base_url="http://x", api_key_env="LLMTAP_TEST_KEY_NEWLINE")
+    credential = upstream_credential(OPENAI, "openai", provider, Identity(Attribution(), None))
+    assert credential == ("Authorization", "Bearer sk-provider")
 
 
 async def test_the_key_file_is_followed_past_a_reload_that_fails(

@@ -37,6 +37,15 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+def _hop_by_hop(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The headers not to pass on: the hop-by-hop ones, and those the message's
+    ``Connection`` names as this hop's own (RFC 9110 §7.6.1)."""
+    named = headers.getall("connection", ())
+    if not named:
+        return _HOP_BY_HOP
+    return _HOP_BY_HOP | {t.strip().lower() for value in named for t in value.split(",")}
+
+
 def key_id(credential: str) -> str:
     """A stable, non-reversible id for a credential: first 16 hex chars of SHA-256."""
     return hashlib.sha256(credential.encode()).hexdigest()[:16] if credential else ""
@@ -133,9 +142,10 @@ def upstream_headers(
     client sent (CREDENTIAL_HEADERS), so the client's key never reaches the provider.
     """
     out: CIMultiDict[str] = CIMultiDict()
+    hop = _hop_by_hop(incoming)
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in _HOP_BY_HOP or lower.startswith(ATTRIBUTION_PREFIX):
+        if lower in hop or lower.startswith(ATTRIBUTION_PREFIX):
             continue
         if lower.startswith("x_") and lower.replace("_", "-").startswith(ATTRIBUTION_PREFIX):
             continue  # x_llmtap_*: not read (no underscores in ours), not passed on either
@@ -150,8 +160,9 @@ def upstream_headers(
 def downstream_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """The provider's response headers as the client should see them: llmtap's
     ``x-request-id``, and the provider's own, if it sent one, as ``x-provider-request-id``."""
+    hop = _hop_by_hop(upstream)
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in upstream.items() if name.lower() not in _HOP_BY_HOP
+        (name, value) for name, value in upstream.items() if name.lower() not in hop
     )
     provider_id = out.get("x-request-id")
     if provider_id is not None:  # OpenAI's: what its support asks for, kept under a name

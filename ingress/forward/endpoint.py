@@ -48,7 +48,9 @@ def upstream_credential(
     """What the provider gets as its credential: llmtap's key for it, or None (forward
     the caller's own, in passthrough). A virtual key must never reach a provider: with
     one and no provider key, a Refusal."""
-    key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
+    # Stripped: a key read from a file (a Kubernetes secret) often ends in a newline,
+    # which no header may hold (every call was a bare 500).
+    key = os.environ.get(provider.api_key_env, "").strip() if provider.api_key_env else ""
     if key:
         return api.credential_header, api.credential_prefix + key
     if identity.key is not None:
