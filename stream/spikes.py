@@ -308,7 +308,10 @@ def observe(
     if rule.seasonality == "hour_of_day" and (admit or baseline is None or not baseline.seasonal):
         # Until an hour has a seasonal baseline, its profile learns every value: the
         # recent baseline is no judge of what is usual at this hour.
-        update["hour_values"] = (*state.hour_values, observed)[-rule.history_windows :]
+        # Every window of the hour (not history_windows of them: with minute windows, a
+        # profile learned only each hour's last 30 minutes).
+        per_hour = max(1, math.ceil(3600 / rule.window_s))
+        update["hour_values"] = (*state.hour_values, observed)[-per_hour:]
     return state.model_copy(update=update), quieted + alerts
 
 

@@ -344,6 +344,24 @@ def daily(days: int, seed: int) -> list[Decimal]:
     return out
 
 
+def test_an_hour_s_profile_learns_every_minute_of_it() -> None:
+    """Busy for the first 40 minutes of 09:00 every day, quiet the rest: 09:00's usual
+    level is the busy one, and from the third day on its mornings raise nothing. The
+    profile kept only each hour's last history_windows (30) minutes: quiet, so every
+    morning fired."""
+    seasonal = rule(metric="requests", seasonality="hour_of_day", min_value=Decimal(10))
+    state, fired = None, []
+    for minute in range(4 * 24 * 60):
+        start = T0 + minute * MINUTE
+        busy = start.hour == 9 and start.minute < 40
+        state, alerts = observe(
+            seasonal, "search", state, start, start + MINUTE, 100 if busy else 10
+        )
+        fired += [start for a in alerts if a.state == "firing"]
+    assert state is not None and [s[1] for s in state.profile[9]] == [Decimal(100)] * 4
+    assert [at for at in fired if at >= T0 + timedelta(days=2)] == []
+
+
 def test_hour_of_day_seasonality_learns_the_working_day() -> None:
     values = daily(6, seed=10)
     learned = 2 * 24  # seasonal_min_days earlier days are needed per hour
