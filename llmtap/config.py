@@ -180,6 +180,9 @@ class SpikeRule(BaseModel):
     min_value: Decimal = Field(default=Decimal(0), ge=0, le=Decimal("1e18"))
     # ...and exceed the baseline by at least this much.
     min_increase: Decimal = Field(default=Decimal(0), ge=0, le=Decimal("1e18"))
+    # error_rate and p95_latency: a window of fewer calls has no value (as one without
+    # calls): one call failing of one is no 100% error rate, one slow call no p95.
+    min_requests: int = Field(default=10, ge=1)
     # At most one firing alert per this many windows.
     cooldown_windows: int = Field(default=10, ge=0)
     # How many recent closed windows the baseline is learned from (the scale costs

@@ -38,9 +38,12 @@ QUIET_AFTER = 3
 StateKey = tuple[str, str, str]  # a series as one rule judges it: (rule, tenant, value)
 
 
-def metric_value(metric: SpikeMetric, window: Window) -> Decimal | None:
+def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> Decimal | None:
     """The value a rule's metric takes in a window; None when it has none (no latency
-    measured, no calls for an error rate)."""
+    measured, no calls for an error rate), as an error rate or a p95 latency of fewer
+    than ``min_requests`` calls has none (1 of 1 failed is no 100% error rate)."""
+    if metric in ("error_rate", "p95_latency") and window.requests < min_requests:
+        return None
     if metric == "cost":
         return window.cost
     if metric == "requests":
@@ -195,7 +198,7 @@ class Detector:
             self._latest[window.size_s] = window.window_start
         alerts: list[Alert] = []
         for rule in self._rules[(window.size_s, window.dimension)]:
-            value = metric_value(rule.metric, window)
+            value = metric_value(rule.metric, window, rule.min_requests)
             if value is None:
                 continue
             state_key = (rule.name, window.tenant, window.value)

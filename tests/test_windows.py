@@ -455,6 +455,29 @@ def test_metric_values() -> None:
     assert metric_value("error_rate", team) == Decimal("0.1")
     p95 = metric_value("p95_latency", team)
     assert p95 is not None and abs(p95 - 300) <= 3
+    # Of fewer calls than a rule's min_requests (default 10), a rate and a p95 have none.
+    assert metric_value("error_rate", team, min_requests=11) is None
+    assert metric_value("p95_latency", team, min_requests=11) is None
+    assert metric_value("requests", team, min_requests=11) == 10
+
+
+def test_one_failing_call_of_one_is_no_error_rate_spike() -> None:
+    """A quiet series that never failed, then one window of a single call, failed: an
+    error rate of 100%, critical at a z of 10^9. Below min_requests it is no value."""
+    error_rule = SpikeRule(
+        name="errors", dimension="team", metric="error_rate", min_value=Decimal("0.2")
+    )
+    d = Detector([error_rule], partitions=1, settle=timedelta(seconds=15))
+    raised = []
+    for m in range(31):
+        w = Windower((60,), GRACE)
+        if m < 30:
+            for i in range(10):
+                w.add(call(m * MIN + i * S), T0)
+        else:
+            w.add(call(m * MIN + S, status="upstream_error"), T0)
+        raised += [a for x in w.advance(T0 + (m + 5) * MIN, [0]) for a in d.offer(x, T0)]
+    assert raised == []
 
 
 def test_the_writer_stores_each_window_once(store: Store) -> None:
