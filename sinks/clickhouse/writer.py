@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from llmtap.config import Settings
 from sinks.clickhouse import replay
@@ -234,20 +234,41 @@ class ClickHouseWriter:
     ) -> None:
         batch = await decoding
         await self._write(batch)
-        try:
-            await consumer.commit(batch.offsets)
-        except CommitFailedError as exc:
-            # Partitions moved to another writer: it re-reads them, and the
-            # duplicate check keeps the rows we wrote from being written twice.
-            log.warning("commit after write failed (%s)", exc)
+        committed = await self.commit(consumer, batch.offsets)
+        if not committed:
             return
-        done = self._uncommitted.commit(batch.offsets)
+        done = self._uncommitted.commit(committed)
         if done:
             try:
                 await asyncio.to_thread(replay.record_commits, self._store, self._group_id, done)
             except Exception as exc:  # asked again at the next commit
                 self._uncommitted.keep(done)
                 log.warning("could not record the commit of %d inserts (%s)", len(done), exc)
+
+    async def commit(
+        self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """Commit a written batch's ``offsets`` on the partitions the consumer still
+        holds; return what was committed. Those a rebalance took away meanwhile are
+        another writer's: it re-reads them from the group's last commit. Committing
+        them was refused (aiokafka's IllegalStateError), and that tore the consumer
+        down: the partitions it still held went uncommitted too, and it left the
+        group and rejoined, a rebalance more."""
+        held = consumer.assignment()
+        mine = {tp: offset for tp, offset in offsets.items() if tp in held}
+        if len(mine) < len(offsets):
+            gone = sorted(f"{tp.topic}-{tp.partition}" for tp in offsets.keys() - mine.keys())
+            log.warning("partitions %s were taken away before their batch's commit", gone)
+        if not mine:
+            return {}
+        try:
+            await consumer.commit(mine)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group rebalanced under the commit: the partitions' next owner re-reads
+            # them, and the duplicate check keeps what we wrote from being written twice.
+            log.warning("commit after write failed (%s)", exc)
+            return {}
+        return mine
 
     def _prepare(self, batch: Batch) -> CallsInsert:
         insert = prepare_calls(self._store, batch)
