@@ -13,6 +13,7 @@ import copy
 import os
 import ssl
 from collections.abc import Mapping
+from contextvars import ContextVar
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +43,10 @@ from llmtap.names import NAMESPACE_PATTERN, Names
 from llmtap.tls import UnusableFile, server_context
 
 CONFIG_ENV = "LLMTAP_CONFIG"
+# Set while Settings.model_copy builds a copy: its values are the original's and the
+# update, read from nowhere else (the environment may have changed since, and a dict
+# setting would be merged with it).
+_COPYING: ContextVar[bool] = ContextVar("llmtap_settings_copying", default=False)
 
 ApiKind = Literal["openai", "anthropic"]
 
@@ -433,7 +438,11 @@ class Settings(BaseSettings):
         fields = {name: getattr(self, name) for name in type(self).model_fields}
         if deep:
             fields = copy.deepcopy(fields)
-        return self.model_validate(fields | dict(update or {}))
+        token = _COPYING.set(True)  # from these values alone: no environment, no file
+        try:
+            return type(self)(**(fields | dict(update or {})))
+        finally:
+            _COPYING.reset(token)
 
     @property
     def scheme(self) -> str:
@@ -523,6 +532,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _COPYING.get():
+            return (init_settings,)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get(CONFIG_ENV)
         if config_file:

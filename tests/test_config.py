@@ -153,12 +153,17 @@ def test_kafka_security_settings_make_the_clients_connection(tmp_path: Path) -> 
     assert "s3cret" not in repr(settings) + repr(settings.kafka)  # never in a log line
 
 
-def test_a_copy_of_the_settings_is_made_from_its_own_values() -> None:
+def test_a_copy_of_the_settings_is_made_from_its_own_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """What is derived from the settings (the Kafka connection, the providers) follows
     a copy's update, and an update that cannot work is refused as at start: pydantic's
     copy kept the original's, so a test's ingress given another broker reached the
-    original's."""
+    original's. The environment and the config file are not read again."""
+    monkeypatch.setenv("LLMTAP_MODEL_ROUTES", '{"gpt-*": "openai"}')
     settings = Settings(kafka_bootstrap="a.example:9092", openai_base_url="http://a.example/v1")
+    monkeypatch.setenv("LLMTAP_CONFIG", "/nonexistent/llmtap.yaml")  # gone since the start
+    assert settings.model_copy(update={"model_routes": {}}).model_routes == {}
     assert settings.providers_by_name["openai"].base_url == "http://a.example/v1"
     moved = settings.model_copy(
         update={"kafka_bootstrap": "b.example:9092", "openai_base_url": "http://b.example/v1/"}
