@@ -244,6 +244,8 @@ def test_guard_refuses_private_and_non_http_targets(url: str) -> None:
 
 def test_guard_allows_public_addresses_and_private_ones_when_allowed() -> None:
     guard.check_url("https://93.184.215.14/hook", allow_private=False)
+    # an IPv6-only network's local NAT64 (DNS64) to a public IPv4 receiver
+    guard.check_url("https://[64:ff9b:1::5db8:d70e]/hook", allow_private=False)
     guard.check_url("https://hooks.example.com/x", allow_private=False)  # names: at resolve
     guard.check_url("http://127.0.0.1:9/", allow_private=True)
     with pytest.raises(guard.Refused):  # never a valid target, allowed or not

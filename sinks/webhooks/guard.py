@@ -39,7 +39,6 @@ _NOT_GLOBAL: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
             "198.18.0.0/15",
             "::/96",  # IPv4-compatible (deprecated), the old spelling of ::ffff:a.b.c.d
             "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
-            "64:ff9b:1::/48",  # NAT64 for local use: which IPv4 it reaches is the network's
             "100::/64",
             "2001::/23",
             "5f00::/16",
@@ -79,7 +78,12 @@ def _is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
+_NAT64 = (
+    ipaddress.IPv6Network("64:ff9b::/96"),  # RFC 6052's well-known prefix
+    # RFC 8215's for local use, as DNS64 on IPv6-only networks gives every IPv4-only
+    # receiver: the IPv4 in its last 32 bits (a /96 of it, as networks use it).
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -88,7 +92,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
-    if ip in _NAT64:
+    if any(ip in prefix for prefix in _NAT64):
         return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
     return None
 
