@@ -103,6 +103,9 @@ def as_decimal(value: Decimal | int | float) -> Decimal:
     return result
 
 
+MAX_HOUR_VALUES = 120  # as history_windows' most
+
+
 def _hour(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
@@ -309,8 +312,9 @@ def observe(
         # Until an hour has a seasonal baseline, its profile learns every value: the
         # recent baseline is no judge of what is usual at this hour.
         # Every window of the hour (not history_windows of them: with minute windows, a
-        # profile learned only each hour's last 30 minutes).
-        per_hour = max(1, math.ceil(3600 / rule.window_s))
+        # profile learned only each hour's last 30 minutes), up to 120 (the scale is
+        # O(n^2 log n) at each hour's end: windows under 30 s learn its last 120).
+        per_hour = min(max(1, math.ceil(3600 / rule.window_s)), MAX_HOUR_VALUES)
         update["hour_values"] = (*state.hour_values, observed)[-per_hour:]
     return state.model_copy(update=update), quieted + alerts
 
