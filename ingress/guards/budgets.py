@@ -32,7 +32,7 @@ import contextlib
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -59,10 +59,17 @@ class Settled:
     ended: datetime
     cost: Decimal
     at: tuple[int, int] | None = None  # (partition, offset) of its event on the responses topic
+    # Aged before Kafka had its event: the budgets whose period sums hold it, and who
+    # moves it to its partition's sum once Kafka has it (BudgetBook._unfold).
+    folded: list[str] = field(default_factory=list)
+    unfold: Callable[[Settled], None] | None = None
 
     def delivered(self, partition: int, offset: int) -> None:
         """The publisher's word that the call's response event is in Kafka, there."""
         self.at = (partition, offset)
+        if self.unfold is not None:
+            unfold, self.unfold = self.unfold, None
+            unfold(self)
 
     def counted_by(self, state: BudgetState) -> bool:
         return self.at is not None and state.applied.get(self.at[0], 0) > self.at[1]
@@ -239,10 +246,25 @@ class BudgetBook:
                 kept.append(c)
             elif c.at is None:  # not in Kafka an hour on: in the spool, or dropped
                 self._hold_unpriced({name: c.cost}, c.cost, c.ended)
+                c.folded.append(name)
+                c.unfold = self._unfold
             else:
                 self._age(name, c, c.at)
         self.settled[name] = kept
         return kept
+
+    def _unfold(self, cost: Settled) -> None:
+        """Kafka has the event of a cost held to its period's end (spooled an hour or
+        more): held in its partition's sum instead, let go once a state counts it, not
+        held twice to the period's end once the stream has counted it."""
+        assert cost.at is not None
+        for name in cost.folded:
+            period = period_bounds(self._by_name[name].period, cost.ended)[0]
+            start, total = self.unpriced.get(name, (period, Decimal(0)))
+            if start == period:
+                self.unpriced[name] = (start, max(Decimal(0), total - cost.cost))
+                self._age(name, cost, cost.at)
+        cost.folded.clear()
 
     def _age(self, name: str, cost: Settled, at: tuple[int, int]) -> None:
         partition, offset = at
