@@ -31,6 +31,8 @@ _WRITER_COUNTERS = {
     "write_failures": "ClickHouse writes that failed (each retried until it succeeds)",
     "inserts_repeated": "recorded, uncommitted inserts made again when partitions were taken over",
     "inserts_lost": "recorded inserts that could not be made again: their messages were gone",
+    "batches_given_up": "batches given up unwritten: their partitions were taken away and "
+    "the wait for them ran out (read again by the partitions' next owner)",
     "dead_letters": "messages that could not be decoded, kept in the dead_letters table",
 }
 

@@ -4,14 +4,16 @@ while a batch is being written. Real broker (Tansu), real store (chDB)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from prometheus_client import generate_latest
 
 from llmtap.config import Settings
 from llmtap.kafka import Kafka
@@ -20,26 +22,36 @@ from sinks.clickhouse import replay
 from sinks.clickhouse.write import insert_calls
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.consumer import sink_consumer
-from sql.store import Store
+from sinks.metrics import store_registry
+from sql.store import Store, render
+from tests import prometheus
 from tests.conftest import Broker, start_broker
-from tests.test_clickhouse_writer import costed
-from tests.test_replay import calls, running, until
+from tests.test_replay import call, calls, rollup_requests, running, until
 
 HELD_S = 30.0  # the longest a store step is held back (a test that waits this long fails)
 
 
-async def produce(bootstrap: str, count: int) -> dict[TopicPartition, int]:
-    """``count`` costed events, keyed at random (so on both partitions); return each
-    partition's next offset."""
+def distinct_calls(store: Store) -> int:
+    return int(store.command("SELECT uniqExact(event_id) FROM calls"))
+
+
+async def produce(
+    bootstrap: str, count: int, partitions: tuple[int, ...] = ()
+) -> dict[TopicPartition, int]:
+    """``count`` costed calls (one property each: every rollup counts each once) to
+    ``partitions`` in turn, or keyed at random; return each partition's next offset."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     ends: dict[TopicPartition, int] = {}
     try:
         sent = [
             await producer.send(
-                Names().costed, costed().model_dump_json().encode(), key=uuid.uuid4().bytes
+                Names().costed,
+                call().model_dump_json().encode(),
+                key=uuid.uuid4().bytes,
+                partition=partitions[i % len(partitions)] if partitions else None,
             )
-            for _ in range(count)
+            for i in range(count)
         ]
         for meta in await asyncio.gather(*sent):
             tp = TopicPartition(meta.topic, meta.partition)
@@ -61,18 +73,72 @@ async def until_committed(bootstrap: str, group: str, ends: dict[TopicPartition,
             await asyncio.sleep(0.1)
 
 
+async def within(predicate: Callable[[], bool]) -> bool:
+    """Whether ``predicate`` holds within 30 s (polled)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(30):
+            while not predicate():
+                await asyncio.sleep(0.05)
+            return True
+    return False
+
+
 def held_first_time(real: Callable[..., Any], release: threading.Event) -> Callable[..., Any]:
-    """``real``, whose first call (a store step, in a thread) waits for ``release``: a
-    slow store (a big table, a busy server) holding the first writer's batch."""
+    """``real``, whose first call (a store step, in a thread) returns only once
+    ``release`` is set: a slow store (a big table, a busy server) holding the first
+    writer's batch after the step itself was done."""
     calls_made = []
 
     def held(*args: Any) -> Any:
         calls_made.append(args)
+        done = real(*args)
         if len(calls_made) == 1:
             release.wait(HELD_S)
-        return real(*args)
+        return done
 
     return held
+
+
+def revocation_waits(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether a writer has said it waits, at a revocation, for the batch it writes."""
+    return any("waiting up to" in r.getMessage() for r in caplog.records)
+
+
+def consuming(caplog: pytest.LogCaptureFixture) -> int:
+    """How many consumers the writers started."""
+    return [r.getMessage() for r in caplog.records].count("ClickHouse writer consuming")
+
+
+class Counting(ClickHouseWriter):
+    """A writer that counts the batches it has read (each is decoded once)."""
+
+    read = 0
+
+    async def _decode(self, *args: Any) -> Any:
+        self.read += 1
+        return await super()._decode(*args)
+
+
+class HeldChecks:
+    """A writer's store whose duplicate checks (in a thread) return, each in turn,
+    only once its event is set: a slow store (a big table, a busy server) holding the
+    writer's batch after deciding what it inserts."""
+
+    def __init__(self, store: Store, releases: list[threading.Event]) -> None:
+        self._store = store
+        self._releases = releases
+        self._check = render("existing_call_ids")
+        self.holding = threading.Event()  # a check is held
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def rows(self, sql: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        found = self._store.rows(sql, *args, **kwargs)
+        if sql == self._check and self._releases:
+            self.holding.set()
+            self._releases.pop(0).wait(HELD_S)
+        return found
 
 
 async def test_a_commit_leaves_out_the_partitions_taken_away(broker: Broker, store: Store) -> None:
@@ -132,13 +198,100 @@ async def test_a_writer_whose_partitions_move_mid_write_goes_on(
             await until(lambda: a.first_read_at is not None, "the first writer reading")
             b = ClickHouseWriter(settings, store)
             async with running(b):
-                try:  # the second writer takes its share, the first's insert held
-                    await until(lambda: b.batches_written > 0, "the second writer writing")
+                try:  # until the second writer writes, or the first waits for its batch
+                    await until(
+                        lambda: b.batches_written > 0 or revocation_waits(caplog),
+                        "the second writer writing",
+                    )
                 finally:
                     release.set()
                 await until_committed(broker.bootstrap, group, ends)
                 await until(lambda: a.batches_written >= 1, "the first writer's batch written")
-    assert calls(store) >= 40
+                await until(lambda: consuming(caplog) >= 2, "both writers consuming")
+    assert calls(store) == distinct_calls(store) == 40
+    assert a.batches_given_up == 0
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("sinks.")]
     assert not [m for m in messages if "lost the broker" in m]
-    assert messages.count("ClickHouse writer consuming") == 2  # each writer's one consumer
+    assert consuming(caplog) == 2  # each writer's one consumer
+
+
+async def test_two_writers_count_each_call_once_across_a_rebalance(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first writer's duplicate checks are slow; a second writer joins while it
+    writes one batch and holds the next, read already, and is given some of its
+    partitions. The first finishes the batch it writes (its insert and its commit)
+    before giving them up, and drops the one it held: its partitions' owners read it
+    from the last commit. Every call is counted once, in calls and in every rollup.
+    The second writer had read them from the last commit, checked them before the
+    first one's inserts and written them too (50 calls as ~75 rows); without the
+    batch held dropped, it and the first wrote some of those again."""
+    caplog.set_level(logging.INFO)
+    first, second = threading.Event(), threading.Event()
+    held = HeldChecks(store, [first, second])
+    async with start_broker() as broker:
+        # A batch is 40 calls, or what came within 2 s of its first (time to send more).
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap, sink_batch_seconds=2.0, sink_batch_rows=40
+        )
+        group = settings.kafka.names.sink_group
+        ends = await produce(broker.bootstrap, 40, (0, 1))
+        a = Counting(settings, cast(Store, held))
+        async with running(a):
+            await until(held.holding.is_set, "the first writer's first batch in its check")
+            ends |= await produce(broker.bootstrap, 10, (0, 1))  # on the partitions of both
+            await until(lambda: a.read == 2, "the first writer holding its next batch")
+            b = ClickHouseWriter(settings, store)
+            async with running(b):
+                try:  # until the second writer writes, or the first waits for its batch
+                    await until(
+                        lambda: b.batches_written > 0 or revocation_waits(caplog),
+                        "the second writer writing",
+                    )
+                    first.set()
+                    await until(lambda: b.batches_written > 0, "the second writer writing")
+                finally:
+                    first.set()
+                    second.set()
+                await until_committed(broker.bootstrap, group, ends)
+                settled = await within(lambda: not replay.latest(store, group))
+    assert calls(store) == distinct_calls(store) == 50
+    assert set(rollup_requests(store).values()) == {50}
+    assert settled, "an insert recorded and never committed"
+    assert a.rows_written >= 40 and a.batches_given_up == 0  # its batch finished
+
+
+async def test_a_batch_outlasting_the_revocations_wait_is_given_up(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first writer's duplicate check outlasts what a revocation waits for it: the
+    batch is given up, neither recorded nor inserted (its partitions' owners read it
+    from the last commit), and the group goes on without it. Every call is counted
+    once, and no insert is left recorded and never committed (one recorded after its
+    partitions moved on would be repeated by a later owner, over rows stored since)."""
+    monkeypatch.setattr("sinks.clickhouse.writer.REVOKE_WAIT_S", 1.0)
+    release = threading.Event()
+    async with start_broker() as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3, sink_batch_rows=40
+        )
+        group = settings.kafka.names.sink_group
+        ends = await produce(broker.bootstrap, 50)
+        held = HeldChecks(store, [release])
+        a = Counting(settings, cast(Store, held))
+        async with running(a):
+            await until(held.holding.is_set, "the first writer's first batch in its check")
+            await until(lambda: a.read == 2, "the first writer holding its next batch")
+            b = ClickHouseWriter(settings, store)
+            async with running(b):
+                try:  # the second writer writes, the first's check still held
+                    await until(lambda: b.rows_written > 0, "the second writer writing")
+                finally:
+                    release.set()
+                await until_committed(broker.bootstrap, group, ends)
+                settled = await within(lambda: not replay.latest(store, group))
+    assert calls(store) == distinct_calls(store) == 50
+    assert set(rollup_requests(store).values()) == {50}
+    assert settled, "an insert recorded and never committed"
+    metrics = generate_latest(store_registry(lambda: a, lambda: None)).decode()
+    assert prometheus.sample(metrics, "llmtap_store_batches_given_up_total") == 1

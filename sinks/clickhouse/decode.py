@@ -94,6 +94,7 @@ class Batch:
     costed_ranges: tuple[Range, ...] = ()  # where its costed events came from
     calls_body: CallsBody | None = None
     source: list[Record] = field(default_factory=list)
+    epoch: int = 0  # the writer's revocations before its messages were read
 
     def __len__(self) -> int:
         calls = len(self.calls[0]) if self.calls else 0

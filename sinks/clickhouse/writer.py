@@ -19,6 +19,15 @@ A pipeline of small steps, commit always last:
 When given partitions, before reading them, the writer repeats the recorded inserts
 its group has not committed (one cut short by a crash may have filled ``calls`` and
 not every view on it).
+
+When partitions are taken away (a rebalance, which waits for it), the writer first
+lets the batch being written finish, insert and commit, for up to ``REVOKE_WAIT_S``,
+and drops every message read before, written or not: the partitions' next owner (this
+writer again, maybe) reads them from the last commit. Its duplicate check would
+otherwise race this writer's insert: both checked, neither found the other's rows,
+both inserted. A batch still unwritten then is given up: its insert into ``calls`` is
+recorded before the partitions move or never (the next owner repeats it, with the
+same token, or decides its own), and it writes nothing more.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -48,6 +58,16 @@ from sinks.consumer import consume_forever, sink_consumer
 from sql.store import Store
 
 log = logging.getLogger(__name__)
+
+# The longest a revocation waits for the batch being written. The writer's consumer
+# gives a rebalance its session's 10 s to rejoin in (aiokafka's default), and Kafka
+# drops a member that takes longer (Tansu waits): this leaves room for the heartbeat
+# that tells of the rebalance (1 s) and for the join.
+REVOKE_WAIT_S = 5.0
+
+
+class _GivenUp(Exception):
+    """The batch's partitions moved on while it was written; it writes nothing more."""
 
 
 class ClickHouseWriter:
@@ -75,6 +95,11 @@ class ClickHouseWriter:
         self.dead_letters = 0  # messages that could not be decoded, kept aside
         self.last_written_at: float | None = None  # Unix time of the last batch written
         self.first_read_at: float | None = None  # loop time of the first message read
+        self.batches_given_up = 0  # still unwritten when a revocation stopped waiting
+        self._epoch = 0  # revocations so far: a batch read before the last one is dropped
+        self._given_up = -1  # batches of epochs up to this one write nothing more
+        self._handover = threading.Lock()  # taken to give up, and to record or write
+        self._writing: asyncio.Task[None] | None = None  # the batch being written
 
     def _consumer(self) -> AIOKafkaConsumer:
         return sink_consumer(
@@ -83,7 +108,7 @@ class ClickHouseWriter:
             self._group_id,
             "store-writer",
             max_poll_records=self._settings.sink_batch_rows,
-            listener=_RepeatOnAssign(self),
+            listener=_Handover(self),
         )
 
     async def repeat_uncommitted(self, assigned: set[TopicPartition]) -> None:
@@ -106,9 +131,42 @@ class ClickHouseWriter:
             self.inserts_lost += lost
             return
 
-    def forget(self, partitions: list[TopicPartition]) -> None:
-        """Partitions taken away: what is committed there is no longer ours to record."""
+    async def revoke(self, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away (every one this writer held, as aiokafka rebalances):
+        drop what was read before, let the batch being written finish (insert and
+        commit) or give it up after ``REVOKE_WAIT_S``; then what is committed there is
+        no longer ours to record."""
+        # aiokafka began the reassignment in this step: getmany returns nothing more of
+        # the old assignment, nor of the new one before it is made.
+        self._epoch += 1
+        read_before = self._epoch - 1
+        writing = self._writing
+        if writing is not None and not writing.done():
+            log.info(
+                "partitions revoked: waiting up to %.0f s for the batch being written",
+                REVOKE_WAIT_S,
+            )
+            await asyncio.wait({writing}, timeout=REVOKE_WAIT_S)
+            if not writing.done():
+                # Once no recording or write is under way (one is a few ms), none starts.
+                await asyncio.to_thread(self._give_up, read_before)
+            if writing.cancel():
+                self.batches_given_up += 1
+                log.warning(
+                    "partitions revoked: the batch being written was given up after %.0f s;"
+                    " its messages are read again from the last commit",
+                    REVOKE_WAIT_S,
+                )
         self._uncommitted.forget(partitions)
+
+    def _give_up(self, epoch: int) -> None:
+        with self._handover:
+            self._given_up = epoch
+
+    def _still_ours(self, batch: Batch) -> None:
+        """Called holding ``_handover``: raise if the batch was given up."""
+        if batch.epoch <= self._given_up:
+            raise _GivenUp
 
     async def run(self) -> None:
         """Consume until cancelled; reconnect if the broker goes away."""
@@ -142,14 +200,17 @@ class ClickHouseWriter:
         decoding: asyncio.Future[Batch] | None = None
         try:
             while True:
-                records, spans = await self._read_batch(consumer)
+                records, spans, epoch = await self._read_batch(consumer)
                 if records:
-                    decoding = asyncio.ensure_future(self._decode(records, spans))
+                    decoding = asyncio.ensure_future(self._decode(records, spans, epoch))
                 if previous is not None:
-                    await previous
+                    await asyncio.wait({previous})
+                    if not previous.cancelled():  # cancelled: given up at a revocation
+                        previous.result()
                     previous = None
                 if decoding is not None:
                     previous = asyncio.create_task(self._write_and_commit(consumer, decoding))
+                    self._writing = previous
                     decoding = None
         finally:
             for task in (decoding, previous):
@@ -160,16 +221,20 @@ class ClickHouseWriter:
 
     async def _read_batch(
         self, consumer: AIOKafkaConsumer
-    ) -> tuple[list[Record], dict[TopicPartition, tuple[int, int]]]:
+    ) -> tuple[list[Record], dict[TopicPartition, tuple[int, int]], int]:
         """Up to ``sink_batch_rows`` messages, or what arrived within ``sink_batch_seconds``
         of the first one; none after ``sink_batch_seconds`` with nothing to read. Also
-        the offsets they span: for each partition, the first and the next to read."""
+        the offsets they span: for each partition, the first and the next to read; and
+        the revocations before they were read. Those read before a revocation met
+        during the read are dropped: a getmany that returns after it (aiokafka returns
+        nothing while a reassignment is under way) returns the new assignment's."""
         loop = asyncio.get_running_loop()
         max_rows = self._settings.sink_batch_rows
         max_age = self._settings.sink_batch_seconds
         records: list[Record] = []
         spans: dict[TopicPartition, tuple[int, int]] = {}
         first_at: float | None = None
+        epoch = self._epoch
         while len(records) < max_rows:
             wait = max_age if first_at is None else first_at + max_age - loop.time()
             if wait <= 0:
@@ -177,6 +242,8 @@ class ClickHouseWriter:
             fetched = await consumer.getmany(
                 timeout_ms=max(1, int(wait * 1000)), max_records=max_rows - len(records)
             )
+            if epoch != self._epoch:
+                records, spans, first_at, epoch = [], {}, None, self._epoch
             for tp, partition_records in fetched.items():
                 for record in partition_records:
                     records.append(
@@ -191,10 +258,10 @@ class ClickHouseWriter:
                 if self.first_read_at is None:
                     self.first_read_at = first_at
         records.sort(key=replay.position)  # as a replay of them reads them
-        return records, spans
+        return records, spans, epoch
 
     async def _decode(
-        self, records: list[Record], spans: dict[TopicPartition, tuple[int, int]]
+        self, records: list[Record], spans: dict[TopicPartition, tuple[int, int]], epoch: int
     ) -> Batch:
         """Decode in a decode process (or here, without one), into the body of the
         ``calls`` insert."""
@@ -216,6 +283,7 @@ class ClickHouseWriter:
         batch.source = records
         batch.offsets = {tp: next_offset for tp, (_, next_offset) in spans.items()}
         batch.costed_ranges = replay.costed_ranges(spans)
+        batch.epoch = epoch
         return batch
 
     async def _body_types(self) -> tuple[str, ...] | None:
@@ -233,7 +301,13 @@ class ClickHouseWriter:
         self, consumer: AIOKafkaConsumer, decoding: asyncio.Future[Batch]
     ) -> None:
         batch = await decoding
-        await self._write(batch)
+        if batch.epoch != self._epoch:
+            return  # read before a revocation: read again, by whoever holds it now
+        try:
+            await self._write(batch)
+        except _GivenUp:  # a revocation stopped waiting for it: neither written nor committed
+            self.batches_given_up += 1
+            return
         committed = await self.commit(consumer, batch.offsets)
         if not committed:
             return
@@ -273,8 +347,15 @@ class ClickHouseWriter:
     def _prepare(self, batch: Batch) -> CallsInsert:
         insert = prepare_calls(self._store, batch)
         if _recorded(insert, batch):
-            replay.record(self._store, self._group_id, insert, batch.costed_ranges)
+            with self._handover:  # recorded before its partitions move on, or never
+                self._still_ours(batch)
+                replay.record(self._store, self._group_id, insert, batch.costed_ranges)
         return insert
+
+    def _write_others(self, batch: Batch) -> None:
+        with self._handover:  # no check-then-insert racing the next owner's
+            self._still_ours(batch)
+            write_others(self._store, batch)
 
     async def _write(self, batch: Batch) -> None:
         """Write a batch, retrying until it is written: its insert into ``calls`` is
@@ -288,7 +369,9 @@ class ClickHouseWriter:
                     if _recorded(insert, batch):  # here, on the loop that reads it
                         self._uncommitted.add(insert.token, batch.costed_ranges)
                 written = await asyncio.to_thread(insert_calls, self._store, insert)
-                await asyncio.to_thread(write_others, self._store, batch)
+                await asyncio.to_thread(self._write_others, batch)
+            except _GivenUp:
+                raise
             except Exception as exc:
                 self.write_failures += 1
                 log.error("ClickHouse write failed (%s); retrying in %.1fs", exc, backoff)
@@ -308,14 +391,16 @@ def _recorded(insert: CallsInsert, batch: Batch) -> bool:
     return bool(insert.rows and batch.costed_ranges)
 
 
-class _RepeatOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Given partitions, the writer first repeats their uncommitted inserts."""
+class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Losing partitions, the writer first finishes (or gives up) the batch it writes;
+    given partitions, it first repeats their uncommitted inserts. aiokafka waits for
+    both before the rebalance goes on."""
 
     def __init__(self, writer: ClickHouseWriter) -> None:
         self._writer = writer
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self._writer.forget(revoked)
+        await self._writer.revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self._writer.repeat_uncommitted(set(assigned))
