@@ -66,16 +66,19 @@ def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     for kind in _KINDS:
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
+    return _listed(ip) or "not globally routable"
+
+
+def _listed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """The kind ``_NOT_GLOBAL`` lists ``ip`` as, if any."""
     for kind, networks in _NOT_GLOBAL.items():
         if any(ip in network for network in networks):
             return kind
-    return "not globally routable"
+    return None
 
 
 def _is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return ip.is_global and not any(
-        ip in network for networks in _NOT_GLOBAL.values() for network in networks
-    )
+    return ip.is_global and _listed(ip) is None
 
 
 _NAT64 = (
