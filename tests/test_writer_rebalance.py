@@ -104,6 +104,14 @@ def revocation_waits(caplog: pytest.LogCaptureFixture) -> bool:
     return any("waiting up to" in r.getMessage() for r in caplog.records)
 
 
+async def joined(second: ClickHouseWriter, caplog: pytest.LogCaptureFixture) -> None:
+    """Until the second writer writes, or the first waits, at a revocation, for its batch."""
+    await until(
+        lambda: second.batches_written > 0 or revocation_waits(caplog),
+        "the second writer writing",
+    )
+
+
 def consuming(caplog: pytest.LogCaptureFixture) -> int:
     """How many consumers the writers started."""
     return [r.getMessage() for r in caplog.records].count("ClickHouse writer consuming")
@@ -198,11 +206,8 @@ async def test_a_writer_whose_partitions_move_mid_write_goes_on(
             await until(lambda: a.first_read_at is not None, "the first writer reading")
             b = ClickHouseWriter(settings, store)
             async with running(b):
-                try:  # until the second writer writes, or the first waits for its batch
-                    await until(
-                        lambda: b.batches_written > 0 or revocation_waits(caplog),
-                        "the second writer writing",
-                    )
+                try:
+                    await joined(b, caplog)
                 finally:
                     release.set()
                 await until_committed(broker.bootstrap, group, ends)
@@ -243,11 +248,8 @@ async def test_two_writers_count_each_call_once_across_a_rebalance(
             await until(lambda: a.read == 2, "the first writer holding its next batch")
             b = ClickHouseWriter(settings, store)
             async with running(b):
-                try:  # until the second writer writes, or the first waits for its batch
-                    await until(
-                        lambda: b.batches_written > 0 or revocation_waits(caplog),
-                        "the second writer writing",
-                    )
+                try:
+                    await joined(b, caplog)
                     first.set()
                     await until(lambda: b.batches_written > 0, "the second writer writing")
                 finally:
