@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from openai import AsyncOpenAI, RateLimitError
+from openai import AsyncOpenAI, BadRequestError, RateLimitError
 from openai.types.chat import ChatCompletionContentPartParam
 from standardwebhooks import Webhook
 
@@ -33,6 +33,7 @@ from llmtap.names import Names
 from stream.budgets import fresh
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
 from tests.fake_provider import FakeProvider, free_port, serve
+from tests.prometheus import sample
 from tests.test_ingress_ops import make_key
 
 MAX_TOKENS = 1000
@@ -187,6 +188,56 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
         ("budget", "20"),
     ]
     assert [Decimal(str(a["observed"])) for a in budget_alerts] == [per_call, 2 * per_call]
+
+
+async def test_a_call_no_period_could_cover_gets_a_400_not_a_429_to_retry(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call whose worst case fits the limit but not what is left of it is told to
+    retry at the reset (429, retry-after). One whose worst case is more than the whole
+    limit would not fit then either: a 400 saying to ask for less, with no retry-after
+    (the SDKs retry a 429), still recorded as refused by the budget."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(
+        name=f"whole-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(1)
+    )
+    now = utcnow()
+    spent = fresh(budget, now, now).model_copy(update={"spent_usd": Decimal("0.999")})
+    producer = AIOKafkaProducer(bootstrap_servers=ingress_settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            Names().budgets, spent.model_dump_json().encode(), key=budget.name.encode()
+        )
+    finally:
+        await producer.stop()
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    # gpt-4o writes at $10 a million: 200,000 tokens may cost $2, past the whole $1.
+    larger = orjson.dumps({**orjson.loads(BODY), "max_tokens": 200_000})
+    asked = len(upstream.provider.received)
+    answers = []
+    async with (
+        TestServer(create_app(settings), host="127.0.0.1") as server,
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {secret}"}) as session,
+    ):
+        for body in (larger, BODY):  # BODY's worst case is $0.0103: not the $0.001 left
+            async with session.post(server.make_url("/v1/chat/completions"), data=body) as answer:
+                answers.append(
+                    (answer.status, answer.headers.get("retry-after"), await answer.read())
+                )
+        async with session.get(server.make_url("/metrics")) as answer:
+            metrics = await answer.text()
+    (never, never_retry, never_body), (later, later_retry, later_body) = answers
+    assert (never, never_retry, later) == (400, None, 429)
+    assert later_retry is not None and int(later_retry) >= 1
+    never_error, later_error = orjson.loads(never_body)["error"], orjson.loads(later_body)["error"]
+    assert never_error["code"] == later_error["code"] == "budget_exceeded"
+    assert "cannot cover this call in any month" in never_error["message"]
+    assert "more than its whole limit of $1" in never_error["message"]
+    assert "$0.999 of $1 spent" in later_error["message"]
+    assert len(upstream.provider.received) == asked
+    assert sample(metrics, "llmtap_requests_total", status="budget_exceeded") == 2
 
 
 async def budget_row(api_url: str, key: str, name: str) -> dict[str, Any]:
@@ -369,10 +420,10 @@ async def capped_client(settings: Settings, budget: BudgetConfig) -> AsyncIterat
 
 
 def refusal_of(
-    refused: pytest.ExceptionInfo[RateLimitError], upstream: FakeUpstream, asked: int
+    refused: pytest.ExceptionInfo[BadRequestError], upstream: FakeUpstream, asked: int
 ) -> str:
-    """The message of a budget refusal, checked to be one, with the provider not asked
-    past the ``asked`` calls it had before."""
+    """The message of a budget refusal of a call more than the whole limit (a 400),
+    checked to be one, with the provider not asked past the ``asked`` calls it had before."""
     assert len(upstream.provider.received) == asked
     error = refused.value.body
     assert isinstance(error, dict) and error["code"] == "budget_exceeded"
@@ -391,7 +442,7 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
     async with capped_client(ingress_settings, budget) as client:
         first = await client.responses.create(model="gpt-4o", input="hi", max_output_tokens=100)
         asked = len(upstream.provider.received)
-        with pytest.raises(RateLimitError) as refused:
+        with pytest.raises(BadRequestError) as refused:
             await client.responses.create(
                 model="gpt-4o",
                 input="and then?",
@@ -420,7 +471,7 @@ async def test_images_reserve_their_most_tokens_not_their_bytes(
     text: ChatCompletionContentPartParam = {"type": "text", "text": "?"}
     async with capped_client(ingress_settings, budget) as client:
         asked = len(upstream.provider.received)
-        with pytest.raises(RateLimitError) as refused:
+        with pytest.raises(BadRequestError) as refused:
             await client.chat.completions.create(
                 model="gpt-4o-mini",
                 messages=[{"role": "user", "content": [text, *[image] * 40]}],
@@ -442,7 +493,7 @@ async def test_each_prompt_of_a_completions_list_may_spend_max_tokens(
     async with capped_client(ingress_settings, budget) as client:
         await client.completions.create(model="gpt-4o", prompt=["hi"], max_tokens=200)
         asked = len(upstream.provider.received)
-        with pytest.raises(RateLimitError) as refused:
+        with pytest.raises(BadRequestError) as refused:
             await client.completions.create(model="gpt-4o", prompt=["hi"] * 8, max_tokens=200)
     refusal_of(refused, upstream, asked)
 
@@ -462,7 +513,7 @@ async def test_a_call_that_may_search_reserves_the_fee_of_its_searches(
             model="gpt-4o", input="news?", max_output_tokens=100, tools=search, max_tool_calls=0
         )
         asked = len(upstream.provider.received)
-        with pytest.raises(RateLimitError) as refused:
+        with pytest.raises(BadRequestError) as refused:
             await client.responses.create(
                 model="gpt-4o", input="news?", max_output_tokens=100, tools=search, max_tool_calls=2
             )
@@ -487,7 +538,7 @@ async def test_searches_by_the_preview_tool_reserve_its_fee(
                     model="gpt-4o", input="news?", max_output_tokens=100, tools=search,
                     max_tool_calls=1,
                 )  # fmt: skip
-            except RateLimitError as error:
+            except BadRequestError as error:
                 assert tool == "web_search_preview"
                 assert len(upstream.provider.received) == asked
                 assert "worst case of this call $2.526" in str(error)

@@ -84,12 +84,12 @@ class Admission:
         response = self.endpoint.api.error(status, message, param=param, code=code)
         response.headers["x-request-id"] = str(self.call.request_id)
         outcome: Status = "refused"
-        if status in (400, 404, 413, 415):
+        if error_class == "budget_exceeded":
+            outcome = "budget_exceeded"
+        elif status in (400, 404, 413, 415):
             outcome = "bad_request"
         elif error_class == "rate_limited":
             outcome = "rate_limited"
-        elif error_class == "budget_exceeded":
-            outcome = "budget_exceeded"
         record_outcome(app, self.call, outcome, status, Usage(), "", error_class)
         return response
 
@@ -248,6 +248,8 @@ class Admission:
             prompts=batched,
         )
         if exhausted is not None:
+            if exhausted.never_fits:  # a 429 would have it retried at the reset, in vain
+                return refuse(400, exhausted.message(), "budget_exceeded", code="budget_exceeded")
             refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
             resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
             refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))

@@ -83,8 +83,21 @@ class Exhausted:
     state: BudgetState
     worst_case: Decimal
 
+    @property
+    def never_fits(self) -> bool:
+        """The call's worst case is more than the budget's whole limit: no period, however
+        little spent, could admit it, so waiting for the reset is no answer."""
+        return self.worst_case > self.budget.limit_usd
+
     def message(self) -> str:
         b, s = self.budget, self.state
+        if self.never_fits:
+            return (
+                f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call in any "
+                f"{b.period}: the worst case of this call ${self.worst_case} is more than its "
+                f"whole limit of ${b.limit_usd}; name a smaller max_tokens (the most the call "
+                f"may write) or ask for a larger limit"
+            )
         return (
             f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call: "
             f"${s.spent_usd} of ${b.limit_usd} spent this {b.period}, "
@@ -333,7 +346,8 @@ class BudgetBook:
             unbounded.preview_named,
         )
         worst = worst or Decimal(0)
-        for budget in capped:
+        # One the call can never fit is its answer, rather than one it fits once reset.
+        for budget in sorted(capped, key=lambda b: worst <= b.limit_usd):
             state, committed = self.committed(budget, now)
             if committed + worst > budget.limit_usd:
                 return Exhausted(budget, state, worst)
