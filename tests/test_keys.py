@@ -293,6 +293,27 @@ def test_a_key_file_emptied_to_be_rewritten_keeps_the_keys(tmp_path: Path) -> No
     assert store.reload() and store.lookup(secret) is None
 
 
+def test_a_key_file_gone_keeps_the_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Deleted (a tool that deletes before it writes, a volume remounted, a mistake), the
+    file dropped every key: 401 for every client until it was back. The keys are kept,
+    the loss logged once; the file written again is read again."""
+    path = tmp_path / "keys.yaml"
+    secret, _ = create_key(path, tenant="acme")
+    good = path.read_text()
+    store = KeyStore(path)
+    store.reload()
+    caplog.set_level(logging.ERROR, logger="ingress.guards.keys")
+    path.unlink()
+    for _ in range(3):
+        assert not store.reload()
+        assert store.lookup(secret) is not None
+    assert len([r for r in caplog.records if "is gone" in r.getMessage()]) == 1
+    path.write_text(good.replace("tenant: acme", "tenant: globex"))
+    assert store.reload()
+    key = store.lookup(secret)
+    assert key is not None and key.tenant == "globex"
+
+
 def _revoke_in_place(path: Path) -> None:
     """Revoke the file's one key, in place (same inode) and to the same size."""
     text = path.read_text()

@@ -241,9 +241,18 @@ class KeyStore:
                     with _gc_paused():
                         keys = parse_keys(content.decode())
             except FileNotFoundError:
-                if self._stamp is None:
-                    return False
-                self._stamp, self._digest, keys = None, b"", KeyFile()
+                # Gone for a moment (a tool that deletes before it writes, a volume
+                # remounted), or by mistake: dropping every key would answer every client
+                # 401. Kept, as for a broken file; `keys: []` (or revoke) drops them.
+                if self._stamp is not None:
+                    log.error(
+                        "key file %s is gone, keeping the %d keys last read (write "
+                        "'keys: []' to drop them)",
+                        self.path,
+                        len(self._by_hash),
+                    )
+                    self._stamp, self._digest = None, b""
+                return False
             except (OSError, ValueError, yaml.YAMLError) as exc:
                 log.error("key file %s unreadable, keeping the previous keys: %s", self.path, exc)
                 return False
