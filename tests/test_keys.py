@@ -436,6 +436,28 @@ def test_headers_the_connection_header_names_are_not_passed_on() -> None:
     assert dict(downstream_headers(answered, "rid")) == {"X-Kept": "2", "x-request-id": "rid"}
 
 
+def test_the_provider_account_is_not_named_to_callers() -> None:
+    """Every tenant's calls share llmtap's provider account: its organisation and project
+    are not passed on to them; what the answer says about the call (its rate limits, its
+    processing time) is."""
+    answered = CIMultiDictProxy(
+        CIMultiDict(
+            [
+                ("OpenAI-Organization", "org-platform"),
+                ("openai-project", "proj_platform"),
+                ("anthropic-organization-id", "0b1c-platform"),
+                ("openai-processing-ms", "312"),
+                ("x-ratelimit-remaining-requests", "4999"),
+            ]
+        )
+    )
+    assert dict(downstream_headers(answered, "rid")) == {
+        "openai-processing-ms": "312",
+        "x-ratelimit-remaining-requests": "4999",
+        "x-request-id": "rid",
+    }
+
+
 def test_a_provider_key_read_with_its_newline_is_sent_without_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -157,12 +157,20 @@ def upstream_headers(
     return out
 
 
+# What a provider's answer says about the account llmtap's key belongs to: not the
+# caller's business (every tenant's calls share that account).
+ACCOUNT_HEADERS = frozenset({"openai-organization", "openai-project", "anthropic-organization-id"})
+
+
 def downstream_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    """The provider's response headers as the client should see them: llmtap's
-    ``x-request-id``, and the provider's own, if it sent one, as ``x-provider-request-id``."""
+    """The provider's response headers as the client should see them: without what names
+    llmtap's account (ACCOUNT_HEADERS), with llmtap's ``x-request-id``, and the provider's
+    own, if it sent one, as ``x-provider-request-id``."""
     hop = _hop_by_hop(upstream)
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in upstream.items() if name.lower() not in hop
+        (name, value)
+        for name, value in upstream.items()
+        if (lower := name.lower()) not in hop and lower not in ACCOUNT_HEADERS
     )
     provider_id = out.get("x-request-id")
     if provider_id is not None:  # OpenAI's: what its support asks for, kept under a name
