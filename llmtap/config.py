@@ -352,7 +352,9 @@ class Settings(BaseSettings):
         default_factory=list
     )
 
-    # Retention in ClickHouse: raw calls, the hourly/daily rollups and the windows.
+    # Retention in ClickHouse (sql/retention.py), in days: raw, the calls and the dead
+    # letters (undecodable or unstorable messages, raw bytes); rollup, the hourly/daily
+    # rollups, the windows, and the alerts with their webhook deliveries.
     raw_retention_days: int = Field(default=90, ge=1)
     rollup_retention_days: int = Field(default=400, ge=1)
 

@@ -1,4 +1,4 @@
-"""Retention: how long raw calls and rollups are kept (TTLs), from the settings.
+"""Retention: how long every stored table keeps rows (TTLs), from the settings.
 
 Applied at every start after the migrations, and by ``llmtap migrate``. A table's TTL
 is set where the configured days differ from it, and its stored parts are then brought
@@ -9,7 +9,8 @@ at 30. Only parts whose expiry is not the configured one are counted, so the sam
 mutation also runs, once, where a table has the right TTL but parts written under
 another (a start stopped between the two statements; a TTL set by an earlier llmtap,
 which did not materialize), unless one is running already. A start with nothing to do
-costs one small query a table and rewrites nothing.
+costs one small query a table (of dead_letters and alerts, a read of their time columns:
+see UNPARTITIONED) and rewrites nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ log = logging.getLogger(__name__)
 
 _TTL_DAYS = re.compile(r"TTL .*?toIntervalDay\((?:_CAST\()?'?(\d+)")
 
-# The tables whose TTL follows the settings, and the column their rows expire by.
-RAW_TABLES = {"calls": "ts_end"}
+# The tables whose TTL follows the settings, and the time their rows expire by: a column
+# of each (DateTime64, not Nullable: a TTL needs a time), or an expression of its columns.
+# raw_retention_days: the raw events, and those that could not be decoded or stored
+# (raw bytes: as many and as large as the calls under a buggy producer).
+RAW_TABLES = {"calls": "ts_end", "dead_letters": "ts"}
+# rollup_retention_days: the rollups and windows...
 ROLLUP_TABLES = {
     "windows": "window_start",
     # The analytics rollups (migration 0005).
@@ -39,6 +44,18 @@ ROLLUP_TABLES = {
     "analytics_by_tenant_hourly": "bucket",
     "analytics_by_user_provider_daily": "bucket",
 }
+# ... and the alert history, which an operator reads over as long (few rows): the alerts
+# and each step of their webhook deliveries. An alert expires that long after it was
+# stored, never sooner (a delivery resumed after a restart renders the stored alert,
+# webhook_unfinished.sql; a resolved spike's first_seen can be older than any
+# retention), and a budget alert no sooner than that after its period ends (window_end):
+# a store starting within the period raises again each threshold alert of it it does
+# not find stored (sinks/budget_seed.py, unraised), so one gone early is sent twice.
+ALERT_TABLES = {"alerts": "greatest(stored_at, window_end)", "webhook_deliveries": "ts"}
+# The tables not partitioned by the month of the time their rows expire by (all others
+# are): system.parts keeps no latest time of their parts, so ttl_state.sql reads it from
+# their rows.
+UNPARTITIONED = frozenset({"dead_letters", "alerts"})
 
 
 def _ttl_days(engine_full: str | None) -> int | None:
@@ -56,10 +73,14 @@ def apply_retention(store: Store, *, raw_days: int, rollup_days: int) -> list[st
     it; return the tables where either was done (the rewrite goes on in the background:
     system.mutations)."""
     wanted = {table: (column, raw_days) for table, column in RAW_TABLES.items()}
-    wanted |= {table: (column, rollup_days) for table, column in ROLLUP_TABLES.items()}
+    wanted |= {
+        table: (column, rollup_days) for table, column in (ROLLUP_TABLES | ALERT_TABLES).items()
+    }
     applied = []
     for table, (column, days) in wanted.items():
-        [state] = store.rows(render("ttl_state"), {"table": table, "days": days})
+        by_month = table not in UNPARTITIONED
+        query = render("ttl_state", table=table, column=column, partitioned=by_month)
+        [state] = store.rows(query, {"table": table, "days": days})
         changed = _ttl_days(state["engine_full"]) != days
         if changed:
             store.command(render("set_ttl", table=table, column=column), {"days": days})

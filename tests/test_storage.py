@@ -8,7 +8,9 @@ import os
 import ssl
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
+from dataclasses import astuple
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,11 +22,20 @@ from pydantic import ValidationError
 
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
-from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.decode import Batch, DeadLetter
+from sinks.clickhouse.rows import DEAD_LETTER_COLUMNS
 from sinks.clickhouse.write import write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
+from sinks.webhooks.records import ALERT_COLUMNS, Attempt, alert_row, record
 from sql.migrate import available, migrate
-from sql.retention import RAW_TABLES, ROLLUP_TABLES, apply_retention, current_ttl_days
+from sql.retention import (
+    ALERT_TABLES,
+    RAW_TABLES,
+    ROLLUP_TABLES,
+    UNPARTITIONED,
+    apply_retention,
+    current_ttl_days,
+)
 from sql.sqlapi import json_row
 from sql.sqlguard import SqlError, SqlLimits
 from sql.sqlrun import SqlRunner
@@ -32,6 +43,9 @@ from sql.store import Store
 from tests import sample
 from tests.conftest import Broker
 from tests.test_clickhouse_writer import produce, wait_for
+from tests.test_webhooks import make_alert
+
+RETAINED = RAW_TABLES | ROLLUP_TABLES | ALERT_TABLES  # every table a setting bounds
 
 
 def call(
@@ -123,21 +137,70 @@ def test_reads_are_in_utc_whatever_the_servers_time_zone(tmp_path: Path) -> None
 def test_retention_follows_the_settings(store: Store) -> None:
     assert apply_retention(store, raw_days=90, rollup_days=400) == [
         "calls",
+        "dead_letters",
         "windows",
+        "alerts",
+        "webhook_deliveries",
     ]  # the analytics rollups are made with 400 days already
     assert current_ttl_days(store, "calls") == 90
+    assert current_ttl_days(store, "dead_letters") == 90
     assert current_ttl_days(store, "analytics_by_model_daily") == 400
     assert current_ttl_days(store, "windows") == 400
+    assert current_ttl_days(store, "alerts") == 400
+    assert current_ttl_days(store, "webhook_deliveries") == 400
     assert apply_retention(store, raw_days=90, rollup_days=400) == []  # nothing to change
-    assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls"]
+    assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls", "dead_letters"]
     assert current_ttl_days(store, "calls") == 30
+    assert current_ttl_days(store, "dead_letters") == 30
     changed = apply_retention(store, raw_days=30, rollup_days=200)
-    assert "analytics_by_user_daily" in changed and len(changed) == 9
+    assert "analytics_by_user_daily" in changed and len(changed) == 11
     assert current_ttl_days(store, "analytics_by_model_hourly") == 200
+    assert current_ttl_days(store, "alerts") == 200
+    assert current_ttl_days(store, "webhook_deliveries") == 200
+
+
+def test_every_table_is_bounded(store: Store) -> None:
+    """After the retention is applied, every table of the store has a TTL: none grows
+    forever (dead_letters, alerts and webhook_deliveries had none). Only the record of
+    the migrations, a row each, is kept whole."""
+    apply_retention(store, raw_days=90, rollup_days=400)
+    tables = store.rows(
+        "SELECT name, engine_full FROM system.tables "
+        "WHERE database = currentDatabase() AND engine LIKE '%MergeTree'"
+    )
+    unbounded = sorted(t["name"] for t in tables if " TTL " not in t["engine_full"])
+    assert unbounded == ["schema_migrations"]
+    assert {"dead_letters", "alerts", "webhook_deliveries"} <= {t["name"] for t in tables}
+
+
+def test_the_tables_partitioned_by_the_month_their_rows_expire_in_are_known(
+    store: Store,
+) -> None:
+    """ttl_state.sql finds a part's latest time in system.parts only where the table is
+    partitioned by its month; UNPARTITIONED names the others, whose rows it reads."""
+    keys = {
+        row["name"]: row["partition_key"]
+        for row in store.rows(
+            "SELECT name, partition_key FROM system.tables WHERE database = currentDatabase()"
+        )
+    }
+    for table, column in RETAINED.items():
+        assert keys[table] == ("" if table in UNPARTITIONED else f"toYYYYMM({column})"), table
+
+
+def store_alert(store: Store, stored_at: datetime, **changes: object) -> uuid.UUID:
+    """An alert stored at that time (a spike of a window that ended then, unless
+    ``changes`` say otherwise), and the first step of its delivery, recorded then."""
+    alert = make_alert(window_start=stored_at, window_end=stored_at, first_seen=stored_at)
+    alert = alert.model_copy(update=changes)
+    store.insert("alerts", [(*alert_row(alert)[:-1], stored_at)], ALERT_COLUMNS)
+    record(store, [Attempt(alert.event_id, "ops", 0, stored_at, None, "", "pending")])
+    return alert.event_id
 
 
 def store_days_ago(store: Store, days_ago: list[int]) -> None:
-    """A call, and so a row of every rollup, and a window, ended that many days ago."""
+    """A call, and so a row of every rollup, a window, a dead letter and an alert with
+    its delivery, stored (or ended) that many days ago."""
     now = datetime.now(UTC)
     for days in days_ago:
         at = now - timedelta(days=days)
@@ -149,6 +212,9 @@ def store_days_ago(store: Store, days_ago: list[int]) -> None:
             "SELECT generateUUIDv4(), 60, 'team', 't', {at:DateTime64(3)}, {at:DateTime64(3)}",
             {"at": at},
         )
+        letter = DeadLetter(at, "llmtap.responses", 0, days, b"{not json", "invalid JSON")
+        store.insert("dead_letters", [astuple(letter)], DEAD_LETTER_COLUMNS)
+        store_alert(store, at)
 
 
 def stored_ages(store: Store) -> dict[str, list[int]]:
@@ -161,7 +227,7 @@ def stored_ages(store: Store) -> dict[str, list[int]]:
                 f"FROM {table}"
             )
         )
-        for table, column in (RAW_TABLES | ROLLUP_TABLES).items()
+        for table, column in RETAINED.items()
     }
 
 
@@ -171,10 +237,12 @@ async def test_a_lower_retention_deletes_what_is_stored_already(store: Store) ->
     90 to 30 days deleted nothing stored for 60 more days."""
     apply_retention(store, raw_days=90, rollup_days=400)
     store_days_ago(store, [1, 40, 60])
-    everything = {table: [1, 40, 60] for table in RAW_TABLES | ROLLUP_TABLES}
+    everything = {table: [1, 40, 60] for table in RETAINED}
     assert stored_ages(store) == everything
     assert apply_retention(store, raw_days=30, rollup_days=50) == list(everything)
-    kept = {table: [1] for table in RAW_TABLES} | {table: [1, 40] for table in ROLLUP_TABLES}
+    kept = {table: [1] for table in RAW_TABLES} | {
+        table: [1, 40] for table in ROLLUP_TABLES | ALERT_TABLES
+    }
     await wait_for(lambda: stored_ages(store) == kept)  # rewritten in the background
     assert apply_retention(store, raw_days=30, rollup_days=50) == []  # nothing left to do
 
@@ -184,18 +252,66 @@ async def test_a_ttl_set_without_rewriting_the_rows_is_applied_at_the_next_start
 ) -> None:
     """A table whose TTL is as configured but whose parts were written under another (as
     an earlier llmtap left a lowered retention, or a start stopped after setting it) has
-    them rewritten, once."""
+    them rewritten, once: a table partitioned by the month its rows expire in, whose
+    parts' latest times ClickHouse keeps, as one that is not (dead_letters)."""
     apply_retention(store, raw_days=90, rollup_days=400)
     store_days_ago(store, [1, 60])
-    store.command(
-        "ALTER TABLE calls MODIFY TTL toDateTime(ts_end) + toIntervalDay(30) "
-        "SETTINGS materialize_ttl_after_modify = 0"
-    )
-    store.command("OPTIMIZE TABLE calls FINAL")
-    assert stored_ages(store)["calls"] == [1, 60]  # the part kept its expiry
-    assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls"]
-    await wait_for(lambda: stored_ages(store)["calls"] == [1])
+    for table, column in RAW_TABLES.items():
+        store.command(
+            f"ALTER TABLE {table} MODIFY TTL toDateTime({column}) + toIntervalDay(30) "
+            "SETTINGS materialize_ttl_after_modify = 0"
+        )
+        store.command(f"OPTIMIZE TABLE {table} FINAL")
+    raw = {table: stored_ages(store)[table] for table in RAW_TABLES}
+    assert raw == {"calls": [1, 60], "dead_letters": [1, 60]}  # the parts kept their expiry
+    assert apply_retention(store, raw_days=30, rollup_days=400) == ["calls", "dead_letters"]
+    await wait_for(lambda: all(stored_ages(store)[table] == [1] for table in RAW_TABLES))
     assert apply_retention(store, raw_days=30, rollup_days=400) == []
+
+
+async def test_old_dead_letters_alerts_and_deliveries_are_deleted_at_the_next_start(
+    store: Store,
+) -> None:
+    """Stored before these tables had a TTL, the dead letters, alerts and delivery steps
+    older than their retention are deleted once it is applied; those younger stay, and
+    so does a budget alert of a period not over yet, stored longer ago than the
+    retention (a store starting within its period would raise it again, were it gone),
+    while the step of its delivery recorded then goes."""
+    now = datetime.now(UTC)
+    old, fresh = now - timedelta(days=120), now - timedelta(days=1)
+    for offset, at in enumerate((old, fresh)):
+        letter = DeadLetter(at, "llmtap.responses", 0, offset, b"{not json", "invalid JSON")
+        store.insert("dead_letters", [astuple(letter)], DEAD_LETTER_COLUMNS)
+    old_spike, fresh_spike = store_alert(store, old), store_alert(store, fresh)
+    budget = store_alert(
+        store, old, alert_type="budget", window_start=old, window_end=now + timedelta(days=10)
+    )
+
+    def stored() -> dict[str, list[object]]:
+        ids = {"dead_letters": "offset", "alerts": "event_id", "webhook_deliveries": "alert_id"}
+        return {
+            table: sorted(r["id"] for r in store.rows(f"SELECT {column} AS id FROM {table}"))
+            for table, column in ids.items()
+        }
+
+    assert stored() == {
+        "dead_letters": [0, 1],
+        "alerts": sorted([old_spike, fresh_spike, budget]),
+        "webhook_deliveries": sorted([old_spike, fresh_spike, budget]),
+    }
+    changed = apply_retention(store, raw_days=90, rollup_days=100)
+    assert {"dead_letters", "alerts", "webhook_deliveries"} <= set(changed)
+    assert current_ttl_days(store, "dead_letters") == 90
+    assert current_ttl_days(store, "alerts") == current_ttl_days(store, "webhook_deliveries") == 100
+    kept = {
+        "dead_letters": [1],
+        "alerts": sorted([fresh_spike, budget]),
+        "webhook_deliveries": [fresh_spike],
+    }
+    await wait_for(lambda: stored() == kept)  # rewritten in the background
+    store.command("OPTIMIZE TABLE alerts FINAL")  # a merge keeps them as well
+    assert stored() == kept
+    assert apply_retention(store, raw_days=90, rollup_days=100) == []  # nothing left to do
 
 
 async def test_the_writer_waits_out_a_store_outage_and_loses_nothing(

@@ -2,8 +2,13 @@
 -- hold rows whose recorded expiry is not the one {days} days gives (written under
 -- another TTL, or none), and whether a MATERIALIZE TTL of it is still running. The
 -- expiry of a part's last row (delete_ttl_info_max) is that of its latest time
--- (max_time, of the partition key's column: every table with a TTL is partitioned by
--- toYYYYMM of the column its rows expire by), in UTC as the columns are.
+-- ({{ column }}, the time its rows expire by), in UTC as the columns are:
+--   - of a table partitioned by toYYYYMM of that time (`partitioned`), the part's
+--     max_time, which system.parts keeps (the partition key's min and max);
+--   - of one that is not (retention.UNPARTITIONED: dead_letters, alerts, where max_time
+--     is 1970, so every part would count at every start), read from its rows: only
+--     the columns of that time, 8 bytes a row each. A part a merge replaced between
+--     the two reads counts too, and costs one rewrite more at most.
 SELECT
     (
         SELECT engine_full
@@ -14,7 +19,16 @@ SELECT
         SELECT count()
         FROM system.parts
         WHERE database = currentDatabase() AND table = {table:String} AND active AND rows > 0
+{% if partitioned %}
             AND delete_ttl_info_max != toTimeZone(max_time, 'UTC') + toIntervalDay({days:UInt32})
+{% else %}
+            AND (name, delete_ttl_info_max) NOT IN
+            (
+                SELECT toString(_part), max(toDateTime({{ column }})) + toIntervalDay({days:UInt32})
+                FROM {{ table }}
+                GROUP BY _part
+            )
+{% endif %}
     ) AS stale_parts,
     (
         SELECT count()
