@@ -381,6 +381,21 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _budget_periods_kept(self) -> Settings:
+        # A budget's spend is rebuilt from the calls stored in its period (after a restart
+        # of the embedded broker: sinks/budget_seed.py); calls deleted by then are spend
+        # forgotten, and a hard cap spent again.
+        longest = {"day": 1, "week": 7, "month": 31}
+        for budget in self.budgets:
+            if self.raw_retention_days < longest[budget.period]:
+                raise ValueError(
+                    f"budget {budget.name!r} counts a {budget.period}: raw_retention_days "
+                    f"({self.raw_retention_days}) must keep the calls of a whole one "
+                    f"(at least {longest[budget.period]})"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _kafka_security(self) -> Settings:
         kafka = self.kafka
         if self.embedded_broker and kafka.security_protocol != "PLAINTEXT":

@@ -46,6 +46,19 @@ def test_two_budgets_of_one_name_are_refused() -> None:
         Settings(budgets=[budget, {**budget, "value": "ads"}])
 
 
+def test_calls_are_kept_for_a_whole_period_of_every_budget() -> None:
+    """A budget's spend is rebuilt from its period's stored calls: deleted before the
+    period ends, they would be spend forgotten and a hard cap spent again."""
+    monthly = {"name": "m", "scope": "team", "value": "search", "limit_usd": "10"}
+    weekly = {**monthly, "name": "w", "period": "week"}
+    assert Settings(budgets=[weekly], raw_retention_days=7).raw_retention_days == 7
+    Settings(budgets=[monthly], raw_retention_days=31)
+    with pytest.raises(ValidationError, match=r"budget 'm' counts a month: raw_retention_days"):
+        Settings(budgets=[monthly], raw_retention_days=30)
+    with pytest.raises(ValidationError, match=r"at least 7"):
+        Settings(budgets=[weekly], raw_retention_days=6)
+
+
 def test_two_spike_rules_of_one_name_are_refused() -> None:
     rule = {"name": "x", "dimension": "team", "metric": "cost"}
     Settings(spike_rules=[rule, {**rule, "name": "y"}])
