@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import uuid
 from collections.abc import Callable
@@ -191,6 +192,29 @@ def test_an_event_calls_cannot_hold_is_a_dead_letter(store: Store) -> None:
     assert write_batch(store, batch) == 1
     assert count(store, "dead_letters") == 1
     assert store.rows("SELECT event_id FROM calls")[0]["event_id"] == fine.event_id
+
+
+def test_a_dead_letter_at_an_offset_given_again_is_stored_too(store: Store) -> None:
+    """A broker that lost its log (the embedded one, restarted) gives its offsets again:
+    another bad message at an offset a stored dead letter has is stored too (it was
+    taken for that one, replayed, and lost); the same message again is not."""
+
+    def written(raw: bytes) -> None:
+        records = [(Names().costed, 0, 7, raw)]
+        batch = decode_batch(records, calls_types(store))
+        batch.source = records
+        assert len(batch.dead_letters) == 1
+        write_batch(store, batch)
+
+    written(b"not json")
+    written(b"not json")  # a replay: already stored
+    assert count(store, "dead_letters") == 1
+    written(b"\xff other")  # the same place, after the broker's restart
+    stored = store.rows("SELECT offset, base64Encode(raw) AS raw FROM dead_letters")
+    assert sorted((r["offset"], base64.b64decode(r["raw"])) for r in stored) == [
+        (7, b"not json"),
+        (7, b"\xff other"),
+    ]
 
 
 @pytest.mark.parametrize("amount", ["NaN", "-Infinity", "1234567890.5"])

@@ -195,7 +195,8 @@ def new_windows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ..
 
 
 def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter]:
-    """The dead letters of a batch not stored yet (keyed by topic, partition, offset)."""
+    """The dead letters of a batch not stored yet (keyed by topic, partition, offset and
+    the message's digest: a broker that lost its log gives offsets again)."""
     fresh: list[DeadLetter] = []
     for topic in {d.topic for d in letters}:
         mine = [d for d in letters if d.topic == topic]
@@ -207,8 +208,10 @@ def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter
                 "offset_to": max(d.offset for d in mine),
             },
         )
-        stored = {(r["partition"], r["offset"]) for r in rows}
-        fresh.extend(d for d in mine if (d.partition, d.offset) not in stored)
+        stored = {(r["partition"], r["offset"], r["digest"]) for r in rows}
+        fresh.extend(
+            d for d in mine if (d.partition, d.offset, hashlib.md5(d.raw).hexdigest()) not in stored
+        )
     return fresh
 
 
