@@ -406,6 +406,7 @@ def test_the_provider_key_replaces_every_credential_the_client_sent() -> None:
                 "OpenAI-Project": "proj-other",
                 "x-llmtap-team": "search",
                 "x_llmtap_team": "search",  # not read as a claim: not passed on either
+                "x-llmtap_user": "ann",  # nor with its separators mixed
                 "traceparent": "00-abc-def-01",
                 "User-Agent": "OpenAI/Python",
             }

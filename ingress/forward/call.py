@@ -147,8 +147,8 @@ def upstream_headers(
         lower = name.lower()
         if lower in hop or lower.startswith(ATTRIBUTION_PREFIX):
             continue
-        if lower.startswith("x_") and lower.replace("_", "-").startswith(ATTRIBUTION_PREFIX):
-            continue  # x_llmtap_*: not read (no underscores in ours), not passed on either
+        if "_" in lower and lower.replace("_", "-").startswith(ATTRIBUTION_PREFIX):
+            continue  # x_llmtap_*, x-llmtap_*: not read (no underscores in ours), not passed
         if credential is not None and lower in CREDENTIAL_HEADERS:
             continue
         out.add(name, value)
