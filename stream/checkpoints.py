@@ -6,9 +6,11 @@ The group's committed offset says which calls were priced, delivered and counted
 budgets; open windows live in memory, and the calls they counted are behind it. So
 before each commit the cost stage writes, per partition, a :class:`Checkpoint`: the
 offset of the first call counted in a window still open (``hold``), the committed
-offset to be (``done``), and the watermark its windows were published up to
-(``through``). Written and acknowledged before the offsets are committed, a partition's
-latest checkpoint is never behind its committed offset.
+offset to be (``done``), the watermark its windows were published up to
+(``through``), and how far its calls had moved the windows' event time
+(``event_time``: a call read again after a takeover moves it no further than it did
+the first time, stream/windows.py). Written and acknowledged before the offsets are
+committed, a partition's latest checkpoint is never behind its committed offset.
 
 A worker given a partition reads its latest checkpoint: if it wrote it itself and the
 partition's windows are still in its memory (a rebalance that gave the partition back),
@@ -46,6 +48,9 @@ class Checkpoint(BaseModel):
     done: int  # the calls below were priced, delivered and counted
     through: AwareDatetime | None  # its windows ending at or before were published
     writer: uuid.UUID  # the worker that wrote it
+    # The windows' event time the calls below ``done`` had moved (None: none counted, or
+    # written by a worker that did not keep it).
+    event_time: AwareDatetime | None = None
 
     @property
     def key(self) -> bytes:
@@ -59,13 +64,21 @@ def of(
     held: int | None,
     through: datetime | None,
     writer: uuid.UUID,
+    event_time: datetime | None = None,
 ) -> Checkpoint:
     """The checkpoint of a partition processed up to offset ``processed``, taken over
     from a worker that had counted below ``counted_below`` (0: not taken over), whose
     open windows hold calls from offset ``held`` on (None: no window open)."""
     hold = processed if held is None else min(held, processed)
     done = max(processed, counted_below)
-    return Checkpoint(partition=partition, hold=hold, done=done, through=through, writer=writer)
+    return Checkpoint(
+        partition=partition,
+        hold=hold,
+        done=done,
+        through=through,
+        writer=writer,
+        event_time=event_time,
+    )
 
 
 async def latest(kafka: Kafka, partitions: Iterable[int]) -> dict[int, Checkpoint]:
@@ -92,6 +105,10 @@ class Holding(Protocol):
 
     def through(self, partition: int) -> datetime | None:
         """The watermark up to which the partition's windows were published."""
+        ...
+
+    def event_time(self, partition: int) -> datetime | None:
+        """How far the partition's calls moved its windows' event time."""
         ...
 
     def park(self, partitions: Iterable[int]) -> None:
@@ -142,6 +159,7 @@ class Positions:
                 None if holding is None else holding.held(partition),
                 None if holding is None else holding.through(partition),
                 self._id,
+                None if holding is None else holding.event_time(partition),
             )
             if checkpoint != self._written.get(partition):
                 changed.append(checkpoint)

@@ -21,6 +21,19 @@ time the watermark follows the wall clock instead (now minus grace), so a quiet
 series still closes its windows on time. A worker catching up on a backlog replays
 the calls in order and closes windows as their event time passes, not all at once.
 
+**Calls stamped ahead of the worker's clock.** A call's times are its ingress's clock:
+one that runs minutes ahead (not synced yet after a boot, a VM resumed) stamps calls in
+the worker's future. Such a call counts in the window of its own end, as every call
+does (so windows stay the sum of the calls stored, and a call read again counts where
+it did), but moves the watermark no further than the worker's clock when it was read,
+plus :data:`ALLOWED_SKEW`: the calls after it, stamped right, are not late, and its
+window closes once the worker's clock passes it, not before (the spikes detector takes
+its time from the windows it is given). The clock that bounds a call read again after
+a takeover is the old owner's, kept in the checkpoint (:meth:`Windower.resume`'s
+``event_time``), not the later one reading it again. A worker reading a backlog (behind,
+or taking a partition over) reads it at a clock later than the calls: there a call
+stamped ahead is bounded only by as much as it is ahead of that clock.
+
 **Late calls.** A call whose window has already closed is not added to it (the
 window was published once and stays as published); it is counted, and the count rides
 on the next window its dimension values publish (``late_events``).
@@ -30,7 +43,7 @@ first call counted in a window still open is :meth:`Windower.held`: a worker tha
 takes the partition over reads it again from there, with the watermark the windows it
 had published stopped at (``through``). Calls read again whose windows were published
 are passed over, not counted as late; the open larger windows are made again from the
-published smaller ones.
+published smaller ones, and the event time is the old owner's as of its checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +57,10 @@ from llmtap.wire import Costed
 from stream.aggregates import Aggregate, Call, Series, dimension_values
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# How far past the worker's clock a call's end moves the windows' event time: hosts kept
+# in sync by NTP are milliseconds apart. A call stamped further ahead is counted (and
+# logged: its ingress's clock is off).
+ALLOWED_SKEW = timedelta(seconds=1)
 
 
 def window_start(at: datetime, size: timedelta) -> datetime:
@@ -68,10 +85,15 @@ class Windower:
         self.grace = grace
         self.watermark: datetime | None = None
         self.late_events = 0  # in all, since start
+        self.ahead_events = 0  # calls stamped over ALLOWED_SKEW past the clock, since start
+        self._ahead: tuple[int, timedelta] = (0, timedelta(0))  # since take_ahead
         self._open: dict[datetime, dict[Series, Aggregate]] = {}  # by base window start
         self._rollups: dict[tuple[timedelta, Series, datetime], Aggregate] = {}
         self._late: Counter[Series] = Counter()
+        # The latest call end counted, each no further than the clock it was read at
+        # allowed: where the calls move the watermark (grace behind it).
         self._latest_event: datetime | None = None
+        self._marked_below = -1  # calls below this offset are in _latest_event already
         self._last_arrival: datetime | None = since
         self._current = (EPOCH, EPOCH)  # the base window of the last call added
         self._first: dict[datetime, int] = {}  # open base window -> first offset counted
@@ -84,6 +106,11 @@ class Windower:
         if self._replaying and offset + 1 >= self._counted_below:
             self._replaying = False  # the last call the old owner had read
         at = event.response.ts_end
+        bound = now + ALLOWED_SKEW
+        if at > bound and offset >= self._counted_below:  # read again: reported before
+            count, furthest = self._ahead
+            self._ahead = (count + 1, max(furthest, at - now))
+            self.ahead_events += 1
         start, end = self._current
         if not start <= at < end:  # calls mostly come in order: the same window again
             start = window_start(at, self.base)
@@ -106,8 +133,10 @@ class Windower:
             if aggregate is None:
                 aggregate = windows[series] = Aggregate()
             aggregate.add(call)
-        if self._latest_event is None or at > self._latest_event:
-            self._latest_event = at
+        if offset >= self._marked_below:
+            mark = min(at, bound)
+            if self._latest_event is None or mark > self._latest_event:
+                self._latest_event = mark
         return True
 
     def advance(self, now: datetime, partitions: Iterable[int]) -> list[wire.Window]:
@@ -169,13 +198,37 @@ class Windower:
         open): where a worker taking this partition over reads it again from."""
         return min(self._first.values(), default=None)
 
-    def resume(self, through: datetime | None, counted_below: int, reading_from: int) -> None:
+    @property
+    def event_time(self) -> datetime | None:
+        """How far the calls counted moved the windows' event time (the watermark is
+        grace behind it): kept in the checkpoint for :meth:`resume`."""
+        return self._latest_event
+
+    def take_ahead(self) -> tuple[int, timedelta]:
+        """The calls read stamped over ALLOWED_SKEW past the clock since the last time
+        this was asked, and the furthest ahead of them."""
+        ahead, self._ahead = self._ahead, (0, timedelta(0))
+        return ahead
+
+    def resume(
+        self,
+        through: datetime | None,
+        counted_below: int,
+        reading_from: int,
+        event_time: datetime | None = None,
+    ) -> None:
         """Take over from a worker whose windows ending at or before ``through`` were
-        published, and who had read the calls below offset ``counted_below``; the
-        partition is read again from offset ``reading_from``. Until the calls below
-        ``counted_below`` are read again, no window closes."""
+        published, and who had read the calls below offset ``counted_below``, which had
+        moved its event time to ``event_time``; the partition is read again from offset
+        ``reading_from``. Until the calls below ``counted_below`` are read again, no
+        window closes. With ``event_time`` (None: a checkpoint of a worker that did not
+        keep it), the calls read again leave the event time where the old owner had it,
+        each bounded by the clock it read them at, not by the later one here."""
         if through is not None:
             self.watermark = through if self.watermark is None else max(self.watermark, through)
+        if event_time is not None:
+            self._latest_event = event_time
+            self._marked_below = counted_below
         self._counted_below = counted_below
         self._replaying = reading_from < counted_below
 

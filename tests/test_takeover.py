@@ -9,7 +9,7 @@ same window both times (but for its count of late calls: see _dump)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -135,6 +135,100 @@ def test_a_partition_taken_over_after_a_crash_publishes_what_one_worker_would(
     # Late calls read again that the old worker had seen are passed over, not counted
     # as late a second time.
     assert new.late_events == sum(_late(i) for i in range(checkpoint.done, CALLS))
+
+
+# An ingress whose clock runs ten minutes ahead serves three calls in a row.
+AHEAD = timedelta(minutes=10)
+SKEWED = (50, 51, 52)
+SKEW_CALLS = 300
+
+
+def _read_at(i: int) -> datetime:
+    """The worker's clock as it reads call ``i``, three seconds after its slot."""
+    return T0 + timedelta(seconds=5 * i + 3)
+
+
+def _skew_calls() -> list[CostedEvent]:
+    """25 minutes of calls, every 5 s, each ending within 3 s of its slot (before it is
+    read) but SKEWED's, stamped ten minutes ahead."""
+    out = []
+    for i in range(SKEW_CALLS):
+        end = T0 + timedelta(seconds=5 * i + (i * 7919) % 2, milliseconds=(i * 31) % 1000)
+        response = sample.response(
+            end + AHEAD if i in SKEWED else end,
+            usage=Usage(input_tokens=10 + i % 17, output_tokens=i % 5),
+            latency_ms=50.0 + (i * 13) % 400,
+            attribution=Attribution(tenant="acme", team=f"team{i % 3}"),
+        )
+        out.append(sample.costed(response, sample.cost(f"0.00000{i % 9 + 1}")))
+    return out
+
+
+SKEW_EVENTS = _skew_calls()
+
+
+def _read(
+    windower: Windower,
+    offsets: Iterable[int],
+    published: list[wire.Window],
+    clock: Callable[[int], datetime] = _read_at,
+) -> None:
+    for offset in offsets:
+        now = clock(offset)
+        windower.add(SKEW_EVENTS[offset], now, offset)
+        published += windower.advance(now, [0])
+
+
+def _skew_reference() -> tuple[list[wire.Window], int]:
+    published: list[wire.Window] = []
+    windower = Windower(SIZES, GRACE)
+    _read(windower, range(SKEW_CALLS), published)
+    published += windower.advance(_read_at(SKEW_CALLS) + AHEAD + timedelta(hours=1), [0])
+    return published, windower.late_events
+
+
+SKEW_REFERENCE, SKEW_LATE = _skew_reference()
+
+
+def test_calls_stamped_ahead_count_once_and_make_none_late() -> None:
+    minutes = [w for w in SKEW_REFERENCE if w.size_s == SIZES[0] and w.dimension == "tenant"]
+    assert SKEW_LATE == 0
+    assert sum(w.requests for w in minutes) == SKEW_CALLS
+    assert len({w.event_id for w in SKEW_REFERENCE}) == len(SKEW_REFERENCE)
+
+
+@settings(max_examples=40, deadline=None)
+@given(commit=st.integers(max(SKEWED), SKEW_CALLS - 1), crash_after=st.integers(0, 80))
+def test_calls_stamped_ahead_read_again_later_count_as_they_did(
+    commit: int, crash_after: int
+) -> None:
+    """The calls stamped ahead were read before the checkpoint and are read again by the
+    worker taking over, whose clock is later than the old owner's was (they are not ahead
+    of it any more): they count where they did, and the windows' event time is where the
+    old owner's was, so the calls after them are judged as one worker would have."""
+    assert SKEW_LATE == 0
+    published: list[wire.Window] = []
+    old = Windower(SIZES, GRACE)
+    _read(old, range(commit + 1), published)
+    checkpoint = checkpoints.of(
+        0, commit + 1, 0, old.held(), old.watermark, uuid.uuid4(), old.event_time
+    )
+    last = min(SKEW_CALLS, commit + 1 + crash_after)
+    _read(old, range(commit + 1, last), published)
+
+    taken_at = _read_at(last) + timedelta(seconds=5)  # after the old owner's session
+    new = Windower(SIZES, GRACE, since=taken_at)
+    new.resume(checkpoint.through, checkpoint.done, checkpoint.hold, checkpoint.event_time)
+    new.restore(published)
+    _read(new, range(checkpoint.hold, SKEW_CALLS), published, lambda i: max(_read_at(i), taken_at))
+    published += new.advance(_read_at(SKEW_CALLS) + AHEAD + timedelta(hours=1), [0])
+
+    stored: dict[uuid.UUID, dict[str, Any]] = {}
+    for window in published:
+        copy = _dump(window)
+        assert stored.setdefault(window.event_id, copy) == copy, "a window published twice differs"
+    assert stored == {w.event_id: _dump(w) for w in SKEW_REFERENCE}
+    assert new.late_events == 0
 
 
 def test_a_checkpoint_holds_no_further_than_what_was_processed() -> None:

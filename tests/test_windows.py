@@ -6,16 +6,20 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import msgspec
 import pytest
+from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from llmtap import wire
 from llmtap.config import Settings, SpikeRule
-from llmtap.events import Attribution, CostedEvent, Status, Usage, stable_id
+from llmtap.events import Attribution, CostedEvent, Status, Usage, stable_id, utcnow
+from llmtap.kafka import Kafka
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sql.store import Store
 from stream.agents.spikes import judged
+from stream.agents.windows import WindowsStep
 from stream.aggregates import Aggregate, merge_windows, sketch_of
 from stream.detector import Detector, metric_value
 from stream.sketches import LatencySketch
@@ -23,6 +27,7 @@ from stream.spikes import SeriesState, horizon, observe
 from stream.warmup import warmed
 from stream.windows import Windower, window_start
 from tests import sample
+from tests.conftest import Broker
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # on an hour
 GRACE = timedelta(seconds=10)
@@ -166,6 +171,60 @@ def test_window_ids_are_stable_across_a_replay() -> None:
         return {x.event_id for x in w.advance(T0 + 5 * MIN, [3])}
 
     assert run() == run()
+
+
+AHEAD = timedelta(minutes=10)  # how far ahead of the worker's clock an ingress's runs
+
+
+def test_a_call_stamped_minutes_ahead_makes_no_call_after_it_late() -> None:
+    """An ingress whose clock runs ten minutes ahead (NTP not synced yet after a boot, a
+    VM resumed) stamps a call ten minutes into the worker's future. It counts once, in
+    the window of its own end, but moves the watermark no further than the worker's
+    clock: the calls after it, stamped right, are not late."""
+    w = Windower((60,), GRACE)
+    clock = T0 + 30 * S
+    assert w.add(call(30 * S + AHEAD, team="skewed"), clock, 0)
+    published = w.advance(clock, [0])
+    for i in range(1, 121):  # two minutes of other ingresses' calls, read a second after
+        clock = T0 + (30 + i) * S
+        assert w.add(call((29 + i) * S), clock, i)
+        published += w.advance(clock, [0])
+    assert w.late_events == 0
+    # The minutes the worker's clock passed closed on time.
+    assert {x.window_start for x in published} == {T0, T0 + MIN}
+    # The call ahead counts once, in its own minute, once the clock gets there.
+    published += w.advance(T0 + 11 * MIN + GRACE, [0])
+    teams = [(x.value, x.window_start, x.requests) for x in published if x.dimension == "team"]
+    assert sorted(teams) == [
+        ("search", T0, 30),
+        ("search", T0 + MIN, 60),
+        ("search", T0 + 2 * MIN, 30),
+        ("skewed", T0 + 10 * MIN, 1),
+    ]
+    assert w.ahead_events == 1  # for the worker to log: an ingress's clock is off
+
+
+def test_no_window_closes_ahead_of_the_workers_clock_while_an_ingress_runs_ahead() -> None:
+    """Two ingresses each serve a call a second, one with its clock ten minutes ahead:
+    that one's minutes close as the worker's clock passes their end, as the others' do,
+    not ten minutes early (the spikes detector takes its time from the windows it is
+    given: one ten minutes early moved it ten minutes on, and found series quiet)."""
+    w = Windower((60,), GRACE)
+    published = []
+    for i in range(5 * 60):
+        clock = T0 + (i + 1) * S
+        w.add(call(i * S + AHEAD, team="skewed"), clock, 2 * i)
+        w.add(call(i * S), clock, 2 * i + 1)
+        for window in w.advance(clock, [0]):
+            assert window.window_end <= clock
+            published.append(window)
+    assert w.late_events == 0
+    published += w.advance(T0 + 16 * MIN + GRACE, [0])
+    teams = [(x.value, x.window_start, x.requests) for x in published if x.dimension == "team"]
+    assert sorted(teams) == sorted(
+        [("search", T0 + m * MIN, 60) for m in range(5)]
+        + [("skewed", T0 + AHEAD + m * MIN, 60) for m in range(5)]
+    )
 
 
 def test_window_lengths_must_nest() -> None:
@@ -500,3 +559,31 @@ def test_the_writer_stores_each_window_once(store: Store) -> None:
     assert team["cost"] == Decimal("0.000123456") and team["partitions"] == [0, 1]
     assert team["latency_p50_ms"] == pytest.approx(200, rel=0.01)
     assert team["ttft_p50_ms"] == pytest.approx(40, rel=0.01)
+
+
+async def test_calls_stamped_ahead_are_logged_at_most_once_a_minute(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The windows step tells the operator an ingress's clock is off, once a minute at
+    most however many calls come stamped ahead, with how many and how far."""
+    step = WindowsStep(Kafka(broker.bootstrap), (60,), GRACE)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        await step.start(producer)
+        now = utcnow()
+        for offset in range(3):  # a call a second from an ingress ten minutes ahead
+            ahead = call(timedelta(0)).model_dump_json().encode()
+            event = wire.decode_costed(ahead)
+            moved = msgspec.structs.replace(
+                event.response, ts_end=now + AHEAD, ts_start=now + AHEAD - S
+            )
+            step.add(msgspec.structs.replace(event, response=moved), (0, offset), now)
+            await step.close(now)
+            now += S
+    finally:
+        await producer.stop()
+    [line] = [r.getMessage() for r in caplog.records if "ahead of this worker's clock" in r.message]
+    assert line.startswith("1 calls ended up to 600.0 s ahead")
+    through = step.through(0)  # the watermark its windows were published up to
+    assert through is not None and through < now

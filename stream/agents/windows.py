@@ -28,11 +28,12 @@ from llmtap.events import utcnow
 from llmtap.kafka import Kafka
 from stream.agents.costs import Position
 from stream.checkpoints import Checkpoint
-from stream.windows import Windower
+from stream.windows import ALLOWED_SKEW, Windower
 
 log = logging.getLogger(__name__)
 
 CLOSE_EVERY_S = 1.0
+AHEAD_LOG_EVERY_S = 60.0  # calls stamped ahead of the clock: logged at most this often
 
 
 @dataclass
@@ -50,6 +51,9 @@ class WindowsStep:
         self._counting: dict[int, _Counting] = {}  # by partition of llmtap.responses
         self._parked: dict[int, _Counting] = {}  # given up at a rebalance, maybe given back
         self._close_at = 0.0
+        self._ahead = 0  # calls stamped ahead of the clock, not logged yet
+        self._furthest = timedelta(0)  # the furthest ahead of them
+        self._ahead_log_at = 0.0
 
     def _windower(self) -> Windower:
         return Windower(self._sizes_s, self._grace, since=utcnow())
@@ -93,6 +97,9 @@ class WindowsStep:
                     log.error("window %s not published, %s", window.event_id, exc)
             late += windower.late_events - before
             marks[partition] = windower.watermark
+            ahead, furthest = windower.take_ahead()
+            self._ahead += ahead
+            self._furthest = max(self._furthest, furthest)
         # Delivered, not just queued, before `through` moves (a failure stops the stage).
         await asyncio.gather(*await out.send())
         for partition, mark in marks.items():
@@ -103,6 +110,17 @@ class WindowsStep:
                 late,
                 self._grace.total_seconds(),
             )
+        if self._ahead and time.monotonic() >= self._ahead_log_at:
+            self._ahead_log_at = time.monotonic() + AHEAD_LOG_EVERY_S
+            log.warning(
+                "%d calls ended up to %.1f s ahead of this worker's clock: an ingress's clock "
+                "runs ahead (or this worker's behind). Each counts in the window of its end; "
+                "the windows' event time goes no further than this clock plus %ss",
+                self._ahead,
+                self._furthest.total_seconds(),
+                ALLOWED_SKEW.total_seconds(),
+            )
+            self._ahead, self._furthest = 0, timedelta(0)
 
     def held(self, partition: int) -> int | None:
         """The offset of the partition's first call in a window still open (Holding)."""
@@ -113,6 +131,11 @@ class WindowsStep:
         """The watermark up to which the partition's windows were published."""
         counting = self._counting.get(partition)
         return None if counting is None else counting.through
+
+    def event_time(self, partition: int) -> datetime | None:
+        """How far the partition's calls moved its windows' event time."""
+        counting = self._counting.get(partition)
+        return None if counting is None else counting.windower.event_time
 
     def park(self, partitions: Iterable[int]) -> None:
         """Stop counting ``partitions`` (a rebalance took them), keeping what was counted
@@ -137,7 +160,7 @@ class WindowsStep:
             windower = self._windower()
             through = None if checkpoint is None else checkpoint.through
             if checkpoint is not None:
-                windower.resume(through, checkpoint.done, checkpoint.hold)
+                windower.resume(through, checkpoint.done, checkpoint.hold, checkpoint.event_time)
                 resumed[partition] = windower
             self._counting[partition] = _Counting(windower, through)
         if resumed:
