@@ -10,6 +10,12 @@ and a window judged after a later one would be ignored). A share that arrives af
 its window was judged still reaches ClickHouse (the sink stores every share) but does
 not re-judge it.
 
+The detector's event time, by which a series is found quiet, is the latest window
+judged, each window no further than the detector's clock allowed when it was judged
+(its end at most ``stream.windows.ALLOWED_SKEW`` past it): a window ending ahead of the
+clock (counted by a worker whose clock, or whose calls' ingress's, runs ahead) is
+judged, but moves it no further.
+
 The statistics are in :mod:`stream.spikes`; this module only feeds them.
 """
 
@@ -26,6 +32,7 @@ from llmtap.events import Alert, series_key
 from llmtap.wire import Window
 from stream.aggregates import merge_windows, sketch_of
 from stream.spikes import SeriesState, horizon, observe, quiet_span, went_quiet
+from stream.windows import ALLOWED_SKEW
 
 MS = Decimal("0.001")
 TICK_S = 1.0  # how often windows still waiting for shares are looked at again
@@ -85,7 +92,9 @@ class Detector:
         self.judged: dict[StateKey, int | None] = {}
         self._away: set[int] = set()  # windows partitions given up
         self._swept: datetime | None = None
-        self._latest: dict[int, datetime] = {}  # window length -> latest start judged
+        # window length -> latest start judged, no further than the clock allowed
+        self._latest: dict[int, datetime] = {}
+        self.ahead_windows = 0  # judged ending over ALLOWED_SKEW past the clock, since start
 
     def judges(self, size_s: int, dimension: str) -> bool:
         """Whether any rule looks at windows of this length and dimension."""
@@ -186,16 +195,20 @@ class Detector:
             if not pending.covers(self.partitions) and now - pending.received < self._settle:
                 break
             del windows[start]
-            alerts += self._judge(pending)
+            alerts += self._judge(pending, now)
         if not windows:
             del self._pending[series]
         return alerts
 
-    def _judge(self, pending: _Pending) -> list[Alert]:
+    def _judge(self, pending: _Pending, now: datetime) -> list[Alert]:
         window = merge_windows(list(pending.shares.values()))
+        at = window.window_start
+        if window.window_end > now + ALLOWED_SKEW:
+            self.ahead_windows += 1
+            at = now + ALLOWED_SKEW - (window.window_end - window.window_start)
         latest = self._latest.get(window.size_s)
-        if latest is None or window.window_start > latest:
-            self._latest[window.size_s] = window.window_start
+        if latest is None or at > latest:
+            self._latest[window.size_s] = at
         alerts: list[Alert] = []
         for rule in self._rules[(window.size_s, window.dimension)]:
             value = metric_value(rule.metric, window, rule.min_requests)

@@ -245,6 +245,11 @@ def minute(
     return [x for x in w.advance(T0 + (at + 5) * MIN, partitions) if x.dimension == "team"]
 
 
+def closed(at: int) -> datetime:
+    """The clock as minute ``at`` closes (its windows come to the detector)."""
+    return T0 + (at + 1) * MIN + GRACE
+
+
 RULE = SpikeRule(
     name="team-requests", dimension="team", metric="requests", window_s=60, min_value=Decimal(20)
 )
@@ -329,19 +334,19 @@ def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten()
     levels = [10, 11, 9, 10, 12, 10, 9, 11, 60]
     for m, level in enumerate(levels):
         for w in minute(level, m) + minute(10, m, team="ads"):
-            d.offer(w, T0)
+            d.offer(w, closed(m))
     key = ("team-requests", "acme", "search")
     assert d.states[key].firing
     for m in (9, 10):  # search has no calls, ads goes on
         for w in minute(10, m, team="ads"):
-            d.offer(w, T0)
+            d.offer(w, closed(m))
     assert d.sweep() == []  # a share of minute 9 may yet come from another partition
     for w in minute(10, 11, team="ads"):
-        d.offer(w, T0)
+        d.offer(w, closed(11))
     d.judged.clear()  # as after a warmup: known from the topic, maybe another worker's
     assert d.sweep() == []
     d.judged[key] = None
-    [done] = d.tick(T0)  # the first tick sweeps
+    [done] = d.tick(closed(11))  # the first tick sweeps
     assert (done.state, done.window_start, done.observed) == ("resolved", T0 + 9 * MIN, Decimal(0))
     assert not d.states[key].firing and d.sweep() == []
     # Had minute 10 of search come instead, observing it would have raised the same.
@@ -354,13 +359,31 @@ def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten()
     # Forgotten once the others are past its horizon, not before.
     last = 8 + horizon([RULE]) // MIN
     for w in minute(10, last, team="ads"):
-        d.offer(w, T0)
+        d.offer(w, closed(last))
     d.sweep()
     assert key in d.states
     for w in minute(10, last + 1, team="ads"):
-        d.offer(w, T0)
+        d.offer(w, closed(last + 1))
     d.sweep()
     assert list(d.states) == [("team-requests", "acme", "ads")]
+
+
+def test_a_window_ahead_of_the_detectors_clock_does_not_move_its_time_on() -> None:
+    """A window ending ten minutes past the detector's clock (its calls stamped by an
+    ingress, or counted by a worker, whose clock runs ahead) is judged, but moves the
+    detector's event time no further than its clock: a firing series whose last window
+    closed a minute ago is not found quiet ("no calls in the window") for it."""
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    levels = [10, 11, 9, 10, 12, 10, 9, 11, 60]
+    for m, level in enumerate(levels):
+        for w in minute(level, m) + minute(10, m, team="ads"):
+            d.offer(w, closed(m))
+    key = ("team-requests", "acme", "search")
+    assert d.states[key].firing
+    for w in minute(10, 8 + AHEAD // MIN, team="ads"):
+        d.offer(w, closed(8))
+    assert d.tick(closed(8)) == []  # the first tick sweeps
+    assert d.states[key].firing
 
 
 def test_a_series_given_up_is_not_found_quiet_by_its_old_worker() -> None:

@@ -31,8 +31,11 @@ from llmtap.names import Names
 from stream.agents.stage import Fetched, GroupStage
 from stream.detector import TICK_S, Detector
 from stream.warmup import warmed_detector
+from stream.windows import ALLOWED_SKEW
 
 log = logging.getLogger(__name__)
+
+AHEAD_LOG_EVERY_S = 60.0  # windows ending ahead of the clock: logged at most this often
 
 
 class _Head(msgspec.Struct):
@@ -79,6 +82,8 @@ class SpikesStage(GroupStage):
         self._held: set[int] | None = None  # None until the first assignment
         self._adopting: asyncio.Task[None] | None = None
         self._adopted: set[int] = set()  # the partitions _adopting reads back
+        self._ahead_logged = 0  # of the detector's ahead_windows
+        self._ahead_log_at = 0.0
 
     def gave_up(self, revoked: Iterable[TopicPartition]) -> None:
         """(Kafka's eager rebalance takes every partition and gives back the kept ones:
@@ -141,9 +146,24 @@ class SpikesStage(GroupStage):
         if time.monotonic() >= self._tick_at:
             raised += self.detector.tick(now)
             self._tick_at = time.monotonic() + TICK_S
+        self._log_ahead()
         await self._publish(raised)
         for tp, records in fetched.items():
             self._done[tp] = records[-1].offset + 1
+
+    def _log_ahead(self) -> None:
+        """Say, once a minute at most, that windows came ending ahead of this clock."""
+        ahead = self.detector.ahead_windows - self._ahead_logged
+        if ahead > 0 and time.monotonic() >= self._ahead_log_at:
+            self._ahead_log_at = time.monotonic() + AHEAD_LOG_EVERY_S
+            self._ahead_logged += ahead
+            log.warning(
+                "%d windows judged before their end by this worker's clock: a stream "
+                "worker's clock, or an ingress's, runs ahead (or this one's behind). They "
+                "move the detector's time no further than this clock plus %ss",
+                ahead,
+                ALLOWED_SKEW.total_seconds(),
+            )
 
     async def _publish(self, raised: list[Alert]) -> None:
         """Send the alerts and wait until the broker has them (before their windows'
