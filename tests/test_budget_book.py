@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from ingress.guards.bounds import choices
+from ingress.guards.bounds import Reach, choices
 from ingress.guards.budgets import BudgetBook
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Usage
@@ -292,3 +292,20 @@ def test_a_call_that_ended_before_midnight_holds_nothing_against_the_new_day() -
     budgets.update(fresh(budget, MIDNIGHT, MIDNIGHT))  # today's state arrived first
     budgets.settle(call, "gpt-4o", Usage.missing(), before)
     assert budgets.held(MIDNIGHT + timedelta(hours=12)) == {"acme-day": Decimal(0)}
+
+
+def test_a_call_whose_input_alone_passes_the_whole_limit_is_not_told_to_lower_max_tokens() -> None:
+    """Refused as more than a budget's whole limit, a call is told what would make it
+    fit: a smaller max_tokens when its output makes the worst case, not when its input
+    alone (a conversation the body does not hold, images, searches) is past the limit."""
+    budgets, _ = book("0.30")
+    output_bound = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 100_000, MIDNIGHT)
+    assert output_bound is not None and output_bound.never_fits
+    assert "name a smaller max_tokens" in output_bound.message()
+    input_bound = budgets.admit(
+        uuid.uuid4(), ACME, "gpt-4o", 10, 1, MIDNIGHT, reach=lambda: Reach(True, 0)
+    )
+    assert input_bound is not None and input_bound.never_fits
+    message = input_bound.message()
+    assert "name a smaller max_tokens" not in message
+    assert "its input and searches alone may cost $2.5" in message

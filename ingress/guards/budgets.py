@@ -82,6 +82,9 @@ class Exhausted:
     budget: BudgetConfig
     state: BudgetState
     worst_case: Decimal
+    # The worst case with no output at all (its input, images, searches): more than the
+    # whole limit, no max_tokens would make the call fit. Reckoned only for a refusal.
+    without_output: Decimal | None = None
 
     @property
     def never_fits(self) -> bool:
@@ -92,11 +95,17 @@ class Exhausted:
     def message(self) -> str:
         b, s = self.budget, self.state
         if self.never_fits:
+            remedy = "name a smaller max_tokens (the most the call may write)"
+            if self.without_output is not None and self.without_output > b.limit_usd:
+                remedy = (
+                    f"its input and searches alone may cost ${self.without_output}, so a "
+                    "smaller max_tokens would not do: send less input (each image, and a "
+                    "conversation the body does not hold, count in full) or bound its searches"
+                )
             return (
                 f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call in any "
                 f"{b.period}: the worst case of this call ${self.worst_case} is more than its "
-                f"whole limit of ${b.limit_usd}; name a smaller max_tokens (the most the call "
-                f"may write) or ask for a larger limit"
+                f"whole limit of ${b.limit_usd}; {remedy}, or ask for a larger limit"
             )
         return (
             f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call: "
@@ -332,25 +341,29 @@ class BudgetBook:
         if not capped:
             return None
         unbounded = reach() if reach is not None else Reach(False, 0)
-        worst = self.worst_case(
-            model,
-            request_bytes,
-            max_tokens,
-            now,
-            provider,
-            choices,
-            unbounded.input_unbounded,
-            prompts,
-            unbounded.web_searches,
-            unbounded.images,
-            unbounded.preview_named,
-        )
-        worst = worst or Decimal(0)
+
+        def reckoned(most_tokens: int | None) -> Decimal:
+            return self.worst_case(
+                model,
+                request_bytes,
+                most_tokens,
+                now,
+                provider,
+                choices,
+                unbounded.input_unbounded,
+                prompts,
+                unbounded.web_searches,
+                unbounded.images,
+                unbounded.preview_named,
+            ) or Decimal(0)
+
+        worst = reckoned(max_tokens)
         # One the call can never fit is its answer, rather than one it fits once reset.
         for budget in sorted(capped, key=lambda b: worst <= b.limit_usd):
             state, committed = self.committed(budget, now)
             if committed + worst > budget.limit_usd:
-                return Exhausted(budget, state, worst)
+                floor = reckoned(0) if worst > budget.limit_usd else None
+                return Exhausted(budget, state, worst, floor)
         for budget in capped:
             self.reserved[budget.name][call_id] = worst
         return None
