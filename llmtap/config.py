@@ -382,11 +382,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _budget_periods_kept(self) -> Settings:
-        # A budget's spend is rebuilt from the calls stored in its period (after a restart
-        # of the embedded broker: sinks/budget_seed.py); calls deleted by then are spend
-        # forgotten, and a hard cap spent again.
+        # The embedded broker forgets the budgets' spend when it stops: it is rebuilt from
+        # the calls stored in the period (sinks/budget_seed.py), so calls deleted by then
+        # are spend forgotten, and a hard cap spent again. (Kafka's compacted budgets
+        # topic keeps it; readers keep the larger of the two.)
         longest = {"day": 1, "week": 7, "month": 31}
-        for budget in self.budgets:
+        for budget in self.budgets if self.embedded_broker else ():
             if self.raw_retention_days < longest[budget.period]:
                 raise ValueError(
                     f"budget {budget.name!r} counts a {budget.period}: raw_retention_days "

@@ -90,6 +90,7 @@ Status = Literal[
     "refused",  # by a guard (key, model, config) or llmtap's own bug: no provider was contacted
     "rate_limited",  # the key's requests or tokens per minute were spent: 429
     "budget_exceeded",  # a hard-capped budget could not cover the call's worst case: 429
+    # (400 if it is more than the budget's whole limit: it would not fit after the reset)
 ]
 
 

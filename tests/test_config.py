@@ -47,8 +47,9 @@ def test_two_budgets_of_one_name_are_refused() -> None:
 
 
 def test_calls_are_kept_for_a_whole_period_of_every_budget() -> None:
-    """A budget's spend is rebuilt from its period's stored calls: deleted before the
-    period ends, they would be spend forgotten and a hard cap spent again."""
+    """On the embedded broker, which forgets it when it stops, a budget's spend is rebuilt
+    from its period's stored calls: deleted before the period ends, they would be spend
+    forgotten and a hard cap spent again."""
     monthly = {"name": "m", "scope": "team", "value": "search", "limit_usd": "10"}
     weekly = {**monthly, "name": "w", "period": "week"}
     assert Settings(budgets=[weekly], raw_retention_days=7).raw_retention_days == 7
@@ -57,6 +58,8 @@ def test_calls_are_kept_for_a_whole_period_of_every_budget() -> None:
         Settings(budgets=[monthly], raw_retention_days=30)
     with pytest.raises(ValidationError, match=r"at least 7"):
         Settings(budgets=[weekly], raw_retention_days=6)
+    # On Kafka, the compacted budgets topic keeps the spend.
+    Settings(budgets=[monthly], raw_retention_days=14, embedded_broker=False)
 
 
 def test_two_spike_rules_of_one_name_are_refused() -> None:
