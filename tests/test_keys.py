@@ -20,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.endpoint import upstream_credential
 from ingress.forward.openai import OPENAI
+from ingress.guards import keys as key_files
 from ingress.guards.auth import Identity, Refusal, authenticate
 from ingress.guards.keys import KeyStore, create_key, hash_key, read_keys, revoke_key
 from llmtap.config import ProviderConfig, Settings
@@ -293,16 +294,19 @@ def test_a_key_file_emptied_to_be_rewritten_keeps_the_keys(tmp_path: Path) -> No
     assert store.reload() and store.lookup(secret) is None
 
 
-def test_a_key_file_gone_keeps_the_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Deleted (a tool that deletes before it writes, a volume remounted, a mistake), the
-    file dropped every key: 401 for every client until it was back. The keys are kept,
-    the loss logged once; the file written again is read again."""
+def test_a_key_file_gone_for_a_moment_keeps_the_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted for a moment (a tool that deletes before it writes), the file dropped every
+    key: 401 for every client until it was back. The keys are kept GONE_GRACE_S for it
+    to return (logged once); gone for longer, every key is dropped, since the commands
+    cannot revoke a key of a file that is not there."""
     path = tmp_path / "keys.yaml"
     secret, _ = create_key(path, tenant="acme")
     good = path.read_text()
     store = KeyStore(path)
     store.reload()
-    caplog.set_level(logging.ERROR, logger="ingress.guards.keys")
+    caplog.set_level(logging.WARNING, logger="ingress.guards.keys")
     path.unlink()
     for _ in range(3):
         assert not store.reload()
@@ -312,6 +316,10 @@ def test_a_key_file_gone_keeps_the_keys(tmp_path: Path, caplog: pytest.LogCaptur
     assert store.reload()
     key = store.lookup(secret)
     assert key is not None and key.tenant == "globex"
+    path.unlink()
+    assert not store.reload() and store.lookup(secret) is not None
+    monkeypatch.setattr(key_files, "GONE_GRACE_S", 0.0)  # the grace over
+    assert store.reload() and store.lookup(secret) is None
 
 
 def _revoke_in_place(path: Path) -> None:

@@ -181,6 +181,9 @@ Stamp = tuple[int, int, int, int] | None
 # while its ctime was this recent is read again at each reload, and its content
 # compared, until it is older (git's "racily clean" entries).
 RACY_NS = 2_000_000_000
+# How long the keys of a key file found gone are kept for it to come back (a tool that
+# deletes it before it writes it anew), before every key is dropped.
+GONE_GRACE_S = 5.0
 
 
 class KeyStore:
@@ -195,6 +198,7 @@ class KeyStore:
         self._stamp: Stamp = None  # of the file last read, loaded or not
         self._digest = b""  # of its content
         self._racy = False  # read within RACY_NS of its ctime: its stamp may not move
+        self._gone_at: float | None = None  # monotonic time the file was first found gone
         self._reloading = threading.Lock()
 
     def __len__(self) -> int:
@@ -228,6 +232,7 @@ class KeyStore:
         with self._reloading:
             try:
                 with self.path.open("rb") as file:
+                    self._gone_at = None
                     stat = os.fstat(file.fileno())
                     stamp: Stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
                     if stamp == self._stamp and not self._racy:
@@ -241,18 +246,24 @@ class KeyStore:
                     with _gc_paused():
                         keys = parse_keys(content.decode())
             except FileNotFoundError:
-                # Gone for a moment (a tool that deletes before it writes, a volume
-                # remounted), or by mistake: dropping every key would answer every client
-                # 401. Kept, as for a broken file; `keys: []` (or revoke) drops them.
-                if self._stamp is not None:
-                    log.error(
-                        "key file %s is gone, keeping the %d keys last read (write "
-                        "'keys: []' to drop them)",
+                # Gone for a moment (a tool that deletes before it writes) is no reason
+                # to answer every client 401: the keys are kept GONE_GRACE_S. Gone for
+                # longer, they are dropped: the commands cannot revoke a key of a file
+                # that is not there (and one made then would be the file's only key).
+                if self._stamp is None:
+                    return False
+                if self._gone_at is None:
+                    self._gone_at = time.monotonic()
+                    log.warning(
+                        "key file %s is gone: its %d keys are kept %.0f s for it to return",
                         self.path,
                         len(self._by_hash),
+                        GONE_GRACE_S,
                     )
-                    self._stamp, self._digest = None, b""
-                return False
+                if time.monotonic() - self._gone_at < GONE_GRACE_S:
+                    return False
+                log.error("key file %s is gone: every key is dropped", self.path)
+                self._stamp, self._digest, keys = None, b"", KeyFile()
             except (OSError, ValueError, yaml.YAMLError) as exc:
                 log.error("key file %s unreadable, keeping the previous keys: %s", self.path, exc)
                 return False
