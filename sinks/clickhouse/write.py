@@ -204,6 +204,7 @@ def new_dead_letters(store: Store, letters: list[DeadLetter]) -> list[DeadLetter
             render("existing_dead_letters"),
             {
                 "topic": topic,
+                "partitions": sorted({d.partition for d in mine}),
                 "offset_from": min(d.offset for d in mine),
                 "offset_to": max(d.offset for d in mine),
             },

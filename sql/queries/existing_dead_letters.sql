@@ -5,4 +5,5 @@
 SELECT partition, offset, lower(hex(MD5(raw))) AS digest
 FROM dead_letters
 WHERE topic = {topic:String}
+  AND partition IN {partitions:Array(UInt32)}
   AND offset BETWEEN {offset_from:UInt64} AND {offset_to:UInt64}
