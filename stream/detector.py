@@ -45,11 +45,33 @@ QUIET_AFTER = 3
 StateKey = tuple[str, str, str]  # a series as one rule judges it: (rule, tenant, value)
 
 
+# Calls llmtap's guards refused by design (a key's rate limit, a hard-capped budget spent:
+# the provider never asked) and calls their caller broke off: not failures of the
+# service. An error rate leaves them out (each status is its own error class in a
+# window), so a tenant reaching its cap, or users stopping answers, pages no one.
+GUARDED = ("rate_limited", "budget_exceeded")
+LEFT = ("client_disconnected",)
+
+
+def error_rate(window: Window) -> tuple[int, int]:
+    """A window's failed calls and the calls they are out of, for its error rate: calls
+    the guards refused are in neither, calls their caller broke off are not failed."""
+    by_class = window.errors_by_class
+    guarded = sum(by_class.get(name, 0) for name in GUARDED)
+    left = sum(by_class.get(name, 0) for name in LEFT)
+    return window.errors - guarded - left, window.requests - guarded
+
+
 def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> Decimal | None:
     """The value a rule's metric takes in a window; None when it has none (no latency
     measured, no calls for an error rate), as an error rate or a p95 latency of fewer
     than ``min_requests`` calls has none (1 of 1 failed is no 100% error rate)."""
-    if metric in ("error_rate", "p95_latency") and window.requests < min_requests:
+    if metric == "error_rate":
+        failed, out_of = error_rate(window)
+        if out_of < min_requests or out_of <= 0:
+            return None
+        return Decimal(failed) / Decimal(out_of)
+    if metric == "p95_latency" and window.requests < min_requests:
         return None
     if metric == "cost":
         return window.cost
@@ -57,8 +79,6 @@ def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> 
         return Decimal(window.requests)
     if metric == "tokens":
         return Decimal(window.input_tokens + window.output_tokens)
-    if metric == "error_rate":
-        return Decimal(window.errors) / Decimal(window.requests) if window.requests else None
     p95 = sketch_of(window.latency_ms).quantile(0.95)
     return None if p95 is None else Decimal(repr(p95)).quantize(MS)
 

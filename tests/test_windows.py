@@ -543,6 +543,36 @@ def test_metric_values() -> None:
     assert metric_value("requests", team, min_requests=11) == 10
 
 
+def test_an_error_rate_leaves_out_what_the_guards_refused_and_callers_broke_off() -> None:
+    """A tenant reaching its hard cap (every call refused, 429), a key's rate limit, users
+    stopping answers: llmtap and its callers doing what they meant, not the service
+    failing. Of 30 calls, 12 refused by the guards and 6 broken off, 3 failed at the
+    provider: 3 of the 18 calls that went, not 21 of 30."""
+    counts: list[tuple[Status, int]] = [
+        ("budget_exceeded", 8),
+        ("rate_limited", 4),
+        ("client_disconnected", 6),
+        ("upstream_error", 3),
+        ("ok", 9),
+    ]
+    statuses = [status for status, n in counts for _ in range(n)]
+    w = Windower((60,), GRACE)
+    for i, status in enumerate(statuses):
+        w.add(
+            call(i * S, status=status, error_class=status if status != "upstream_error" else ""), T0
+        )
+    [team] = [x for x in w.advance(T0 + 5 * MIN, [0]) if x.dimension == "team"]
+    assert (team.requests, team.errors) == (30, 21)
+    assert metric_value("error_rate", team) == Decimal(3) / Decimal(18)
+    assert metric_value("error_rate", team, min_requests=18) is not None
+    assert metric_value("error_rate", team, min_requests=19) is None  # 18 went
+    refused = Windower((60,), GRACE)
+    for i in range(20):
+        refused.add(call(i * S, status="budget_exceeded", error_class="budget_exceeded"), T0)
+    [capped] = [x for x in refused.advance(T0 + 5 * MIN, [0]) if x.dimension == "team"]
+    assert metric_value("error_rate", capped) is None  # none went: no rate at all
+
+
 def test_one_failing_call_of_one_is_no_error_rate_spike() -> None:
     """A quiet series that never failed, then one window of a single call, failed: an
     error rate of 100%, critical at a z of 10^9. Below min_requests it is no value."""
