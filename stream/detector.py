@@ -55,7 +55,8 @@ LEFT = ("client_disconnected",)
 
 def error_rate(window: Window) -> tuple[int, int]:
     """A window's failed calls and the calls they are out of, for its error rate: calls
-    the guards refused are in neither, calls their caller broke off are not failed."""
+    the guards refused by design are in neither, calls their caller broke off are not
+    failed (a provider's error type of one of those names would be taken for it)."""
     by_class = window.errors_by_class
     guarded = sum(by_class.get(name, 0) for name in GUARDED)
     left = sum(by_class.get(name, 0) for name in LEFT)
