@@ -45,6 +45,7 @@ from stream.budgets import (
     spend,
     status_of,
 )
+from stream.windows import ALLOWED_SKEW
 
 
 @dataclass(slots=True)
@@ -139,7 +140,10 @@ class Ledger:
         changed: set[str] = set()
         alerts: list[Alert] = []
         response = event.response
-        at = response.ts_end
+        # A call stamped ahead of this worker's clock (its ingress's runs ahead) ended
+        # now, by this clock: counted at a later period's time, it opened that period
+        # here early, and the calls of the current one after it were dropped as late.
+        at = min(response.ts_end, now + ALLOWED_SKEW)
         for budget in self._matching(response.attribution):
             name = budget.name
             before = self._states.get(name)
