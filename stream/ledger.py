@@ -45,7 +45,6 @@ from stream.budgets import (
     spend,
     status_of,
 )
-from stream.windows import ALLOWED_SKEW
 
 
 @dataclass(slots=True)
@@ -140,10 +139,7 @@ class Ledger:
         changed: set[str] = set()
         alerts: list[Alert] = []
         response = event.response
-        # A call stamped ahead of this worker's clock (its ingress's runs ahead) ended
-        # now, by this clock: counted at a later period's time, it opened that period
-        # here early, and the calls of the current one after it were dropped as late.
-        at = min(response.ts_end, now + ALLOWED_SKEW)
+        at = response.ts_end
         for budget in self._matching(response.attribution):
             name = budget.name
             before = self._states.get(name)

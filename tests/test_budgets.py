@@ -119,20 +119,6 @@ def costed(cost: str, ended: datetime, team: str = "search") -> CostedEvent:
     return sample.costed(call, sample.cost(cost))
 
 
-def test_a_call_stamped_ahead_does_not_open_the_next_period_early() -> None:
-    """An ingress whose clock runs five minutes ahead stamps a call at 00:03 while it is
-    23:58 by the worker's: the call ended now, in today's period. Counted at its stamp,
-    it opened tomorrow's period, and every call of today's last minutes after it was
-    dropped as late for a closed period (and ingresses judged caps on tomorrow's)."""
-    ledger = Ledger([budget(period="day")])
-    now = at(23, 23) + timedelta(minutes=58)
-    ledger.record(costed("1", now + timedelta(minutes=5)), now, (0, 0))
-    ledger.record(costed("2", now + timedelta(seconds=30)), now + timedelta(seconds=31), (0, 1))
-    state = ledger.state("acme-monthly")
-    assert (state.period_start, state.spent_usd) == (at(23, 0), Decimal(3))
-    assert state.last_event_at == now + timedelta(seconds=30)
-
-
 def folded(
     budgets: list[BudgetConfig], calls: list[tuple[CostedEvent, datetime, tuple[int, int]]]
 ) -> tuple[dict[str, BudgetState], list[Alert]]:
