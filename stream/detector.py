@@ -143,13 +143,6 @@ class Detector:
             if home in partitions:
                 del self.judged[key]
 
-    def keep_only(self, partitions: set[int]) -> None:
-        """At the first assignment: the windows partitions not among ``partitions`` are
-        another worker's (a detector warmed at start read every partition back)."""
-        homes = set(self.judged.values())
-        homes |= {p.home for windows in self._pending.values() for p in windows.values()}
-        self.give_up({home for home in homes if home is not None} - partitions)
-
     def adopt(self, taken: Detector | None, partitions: set[int]) -> None:
         """Take over ``partitions``, judged elsewhere until now: ``taken`` was warmed with
         their windows, judged by their previous owner; its states replace what this one

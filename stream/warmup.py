@@ -74,9 +74,8 @@ async def warmed_detector(settings: Settings, partitions: set[int] | None = None
         log.warning("windows judged before could not be read back (%r)", exc)
         return detector
     taken = warmed(detector, judged, now)
-    # At start, some may be another worker's: the first assignment says which
-    # (Detector.keep_only). Forgotten here, a spike firing when the worker stopped
-    # was never resolved if its series went quiet meanwhile.
+    if partitions is None:
+        detector.judged.clear()  # some may be another worker's
     # A window read back still waiting for shares stays pending, its missing shares to
     # come (past the committed offsets): judged on the committed ones alone, a spike
     # split across a restart or a rebalance would never be raised.

@@ -109,41 +109,6 @@ async def test_a_restarted_detector_judges_a_spike_with_what_was_judged_before()
         assert cold.offer(spike, now) == []
 
 
-async def test_a_spike_firing_at_a_restart_is_resolved_when_its_series_went_quiet() -> None:
-    """The series that spiked stops while the worker is down: once other series' windows
-    show it quiet, the restarted worker resolves it (it forgot which series it judged,
-    so the spike stayed firing at every receiver). Only if its windows come on a
-    partition this worker is given: another worker's series are resolved there."""
-    async with start_broker() as broker:
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap, topic_partitions=2, spike_rules=[RULE]
-        )
-        now = utcnow()
-        first = now.replace(second=0, microsecond=0) - 20 * MINUTE
-        steady = [window(first + i * MINUTE, 100 + (i % 3), 2) for i in range(10)]
-        spike = window(first + 10 * MINUTE, 1_000, 2)
-        await publish(broker.bootstrap, [*steady, spike], now)
-        await commit_all(broker.bootstrap, Names().spikes_group)
-        key = (RULE.name, "acme", "search")
-
-        def other(start: datetime) -> wire.Window:  # another series, calls going on
-            return Aggregate(requests=50).to_event(("team", "acme", "ads"), start, MINUTE, range(2))
-
-        async def resolved(held: set[int]) -> list[Alert]:
-            detector = await warmed_detector(settings)
-            assert detector.states[key].firing  # as the worker left it
-            detector.keep_only(held)  # its first assignment
-            for minute in range(11, 15):
-                detector.offer(other(first + minute * MINUTE), now)
-            return [a for a in detector.sweep() if a.state == "resolved"]
-
-        [alert] = await resolved({0, 1})
-        assert alert.alert_type == "spike" and "no calls in the window" in alert.message
-        home = (await warmed_detector(settings)).judged[key]
-        assert home is not None
-        assert await resolved({0, 1} - {home}) == []
-
-
 async def test_nothing_is_read_back_for_a_group_that_committed_nothing() -> None:
     async with start_broker() as broker:
         settings = Settings(kafka_bootstrap=broker.bootstrap, spike_rules=[RULE])

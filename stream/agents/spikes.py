@@ -101,8 +101,6 @@ class SpikesStage(GroupStage):
         group's rebalance (hours of windows may take longer than it waits), with those
         partitions paused meanwhile. The first assignment has the warmup of the start."""
         held = {tp.partition for tp in assigned}
-        if self._held is None:  # the first: warmed at start with every partition
-            self.detector.keep_only(held)
         before = held if self._held is None else self._held
         self.detector.give_up(before - held)
         given = held - before
