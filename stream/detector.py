@@ -46,21 +46,19 @@ StateKey = tuple[str, str, str]  # a series as one rule judges it: (rule, tenant
 
 
 # Calls llmtap's guards refused by design (a key's rate limit, a hard-capped budget spent:
-# the provider never asked) and calls their caller broke off: not failures of the
-# service. An error rate leaves them out (each status is its own error class in a
-# window), so a tenant reaching its cap, or users stopping answers, pages no one.
+# the provider never asked): not failures of the service, nor calls it served. An error
+# rate leaves them out (each status is its own error class in a window), so a tenant
+# reaching its cap pages no one. Calls their caller broke off stay failures: a provider
+# that hangs shows as clients giving up.
 GUARDED = ("rate_limited", "budget_exceeded")
-LEFT = ("client_disconnected",)
 
 
 def error_rate(window: Window) -> tuple[int, int]:
     """A window's failed calls and the calls they are out of, for its error rate: calls
-    the guards refused by design are in neither, calls their caller broke off are not
-    failed (a provider's error type of one of those names would be taken for it)."""
-    by_class = window.errors_by_class
-    guarded = sum(by_class.get(name, 0) for name in GUARDED)
-    left = sum(by_class.get(name, 0) for name in LEFT)
-    return window.errors - guarded - left, window.requests - guarded
+    the guards refused by design are in neither (a provider's error type of one of those
+    names would be taken for one)."""
+    guarded = sum(window.errors_by_class.get(name, 0) for name in GUARDED)
+    return window.errors - guarded, window.requests - guarded
 
 
 def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> Decimal | None:
