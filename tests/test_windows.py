@@ -507,7 +507,8 @@ def test_the_spikes_stage_offers_windows_as_they_come_off_the_topic(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """What the spikes stage does with each record: a window no rule judges is passed
-    over, one a rule judges reaches the detector, an undecodable one is logged."""
+    over, one a rule judges reaches the detector, an undecodable one is logged (and
+    told apart, None, for the stage to count)."""
     d = Detector([RULE], partitions=1, settle=timedelta(seconds=15))
     raised = []
     for m, level in enumerate([10, 11, 9, 10, 12, 10, 9, 11, 60]):
@@ -515,12 +516,15 @@ def test_the_spikes_stage_offers_windows_as_they_come_off_the_topic(
         for i in range(level):
             w.add(call(m * MIN + (i % 50) * S), T0)
         for window in w.advance(T0 + (m + 5) * MIN, (0,)):
-            raised += judged(d, wire.encode(window), T0)
+            alerts = judged(d, wire.encode(window), T0)
+            assert alerts is not None
+            raised += alerts
     assert [(a.state, a.observed) for a in raised] == [("firing", Decimal(60))]
     assert d.pending == 0
     assert len(d.states) == 1  # the team's series only: the other dimensions passed over
-    assert judged(d, b'{"size_s": 60, "dimension": "team"}', T0) == []
-    assert judged(d, b"not json", T0) == []
+    assert judged(d, b'{"size_s": 60, "dimension": "bogus"}', T0) == []  # no rule's
+    assert judged(d, b'{"size_s": 60, "dimension": "team"}', T0) is None
+    assert judged(d, b"not json", T0) is None
     assert sum("undecodable window skipped" in r.message for r in caplog.records) == 2
 
 

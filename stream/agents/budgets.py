@@ -59,6 +59,9 @@ class BudgetsStep:
         self._alerts = app.topic(names.alerts, key_serializer="raw", value_serializer="raw")
         self._changed: set[str] = set()  # budgets whose state the batch changed
         self._raised: list[Alert] = []
+        # For the worker's /metrics: budget alerts and states delivered to the broker.
+        self.alerts_raised = 0
+        self.states_published = 0
 
         @app.timer(ROLL_EVERY_S)  # type: ignore[untyped-decorator]
         async def roll_periods() -> None:
@@ -135,3 +138,5 @@ class BudgetsStep:
             for state in changed
         ]
         await asyncio.gather(*sent)  # delivered, not just queued
+        self.alerts_raised += len(raised)
+        self.states_published += len(changed)

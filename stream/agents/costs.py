@@ -102,6 +102,11 @@ class CostStage(GroupStage):
         self._same_partitions = False
         self._checkpoints: Batches | None = None
         self._warned: set[str] = set()  # models already logged as unpriced
+        # Read at each scrape of the worker's /metrics: costed events sent (a call read
+        # again after a takeover, whose costed event the old owner sent, is not), and of
+        # those, the unpriced (no price known for the model).
+        self.costed = 0
+        self.unpriced = 0
         self._partitions = 0  # of the responses topic
         # Steps that count every call or none (budgets: a state is the whole spend):
         # then one worker of the group holds every partition.
@@ -204,23 +209,32 @@ class CostStage(GroupStage):
                     event = wire.decode_response(message.value or b"")
                 except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                     log.error("undecodable response event skipped: %s", exc)
+                    self.skipped += 1
                     continue
                 out = price_wire(event, self._catalog)
-                if out.unpriced and event.model not in self._warned:
-                    self._warned.add(event.model)
-                    log.warning("no price for model %r (provider %s)", event.model, event.provider)
+                if out.unpriced:
+                    self._unpriced(event, message.offset >= below)
                 if message.offset >= below:
                     key = topics.partition_key(event.request_id)
                     records.append((key, wire.encode(out), partition))
                 position = (tp.partition, message.offset)
                 for step in steps:
                     step.add(out, position, now)
+        self.costed += len(records)
         sent = await self._send(records)
         for step in steps:
             await step.flush()
         # Delivered, not just queued, before the batch's offsets are committed: a
         # worker killed after the commit must not take costed events with it.
         await self._delivered(records, sent)
+
+    def _unpriced(self, event: wire.Response, sent: bool) -> None:
+        """A call whose model has no price: counted if its costed event is sent here, and
+        its model logged once."""
+        self.unpriced += sent
+        if event.model not in self._warned:
+            self._warned.add(event.model)
+            log.warning("no price for model %r (provider %s)", event.model, event.provider)
 
     async def _send(self, records: Sequence[Record]) -> list[asyncio.Future[Any]]:
         costed = self._costed

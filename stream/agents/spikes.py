@@ -48,11 +48,13 @@ class _Head(msgspec.Struct):
 _decode_head = msgspec.json.Decoder(_Head).decode
 
 
-def judged(detector: Detector, raw: bytes, now: datetime, home: int | None = None) -> list[Alert]:
+def judged(
+    detector: Detector, raw: bytes, now: datetime, home: int | None = None
+) -> list[Alert] | None:
     """Offer one window, as it came off the topic, to ``detector``; the alerts it
     completes. Most windows are of series no rule looks at: a glance at two fields
     (~1 µs) spares them the full decoding. An undecodable window is logged and passed
-    over."""
+    over (None)."""
     try:
         head = _decode_head(raw)
         if not detector.judges(head.size_s, head.dimension):
@@ -60,7 +62,7 @@ def judged(detector: Detector, raw: bytes, now: datetime, home: int | None = Non
         window = wire.decode_window(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         log.error("undecodable window skipped: %s", exc)
-        return []
+        return None
     return detector.offer(window, now, home)
 
 
@@ -84,6 +86,8 @@ class SpikesStage(GroupStage):
         self._adopted: set[int] = set()  # the partitions _adopting reads back
         self._ahead_logged = 0  # of the detector's ahead_windows
         self._ahead_log_at = 0.0
+        # For the worker's /metrics: spike alerts delivered to the broker, by state.
+        self.alerts_raised: dict[str, int] = {"firing": 0, "resolved": 0}
 
     def gave_up(self, revoked: Iterable[TopicPartition]) -> None:
         """(Kafka's eager rebalance takes every partition and gives back the kept ones:
@@ -142,7 +146,11 @@ class SpikesStage(GroupStage):
         raised: list[Alert] = []
         for tp, records in fetched.items():
             for record in records:
-                raised += judged(self.detector, record.value or b"", now, tp.partition)
+                alerts = judged(self.detector, record.value or b"", now, tp.partition)
+                if alerts is None:
+                    self.skipped += 1
+                else:
+                    raised += alerts
         if time.monotonic() >= self._tick_at:
             raised += self.detector.tick(now)
             self._tick_at = time.monotonic() + TICK_S
@@ -176,3 +184,5 @@ class SpikesStage(GroupStage):
             value = alert.model_dump_json().encode()
             sent.append(await producer.send(self.names.alerts, value, key=alert.event_id.bytes))
         await asyncio.gather(*sent)
+        for alert in raised:
+            self.alerts_raised[alert.state] += 1

@@ -99,6 +99,10 @@ class GroupStage(Service):
         self._commit_at = 0.0
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
+        # Read at each scrape of the worker's /metrics (stream/metrics.py):
+        self.skipped = 0  # records that could not be decoded, passed over
+        self.last_batch_at = 0.0  # unix time a batch of records was last handled
+        self.last_poll_at = 0.0  # unix time the loop last went round (records or none)
 
     @staticmethod
     def reads(names: Names) -> tuple[str, str]:
@@ -209,9 +213,13 @@ class GroupStage(Service):
                 # returns records of the new assignment, which are this stage's to handle.
                 generation = self._generation
                 async with self._busy:
-                    await self.handle(fetched if generation == self._generation else {})
+                    handled = fetched if generation == self._generation else {}
+                    await self.handle(handled)
                     if time.monotonic() >= self._commit_at:
                         await self._commit()
+                self.last_poll_at = time.time()
+                if handled:
+                    self.last_batch_at = self.last_poll_at
             async with self._busy:
                 await self._commit()
         except Exception as exc:

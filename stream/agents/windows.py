@@ -54,6 +54,11 @@ class WindowsStep:
         self._ahead = 0  # calls stamped ahead of the clock, not logged yet
         self._furthest = timedelta(0)  # the furthest ahead of them
         self._ahead_log_at = 0.0
+        # For the worker's /metrics: windows published; and what the windowers dropped
+        # at a takeover had counted (late_events, ahead_events add the live ones).
+        self.published = 0
+        self._retired_late = 0
+        self._retired_ahead = 0
 
     def _windower(self) -> Windower:
         return Windower(self._sizes_s, self._grace, since=utcnow())
@@ -85,7 +90,7 @@ class WindowsStep:
     async def close(self, now: datetime) -> None:
         out = self._windows
         assert out is not None, "started by the cost stage"
-        late = 0
+        late = published = 0
         marks: dict[int, datetime | None] = {}
         for partition, counting in self._counting.items():
             windower = counting.windower
@@ -95,6 +100,8 @@ class WindowsStep:
                     out.add(window.series.encode(), wire.encode(window))
                 except ValueError as exc:  # too large for Kafka: no retry can send it
                     log.error("window %s not published, %s", window.event_id, exc)
+                    continue
+                published += 1
             late += windower.late_events - before
             marks[partition] = windower.watermark
             ahead, furthest = windower.take_ahead()
@@ -102,6 +109,7 @@ class WindowsStep:
             self._furthest = max(self._furthest, furthest)
         # Delivered, not just queued, before `through` moves (a failure stops the stage).
         await asyncio.gather(*await out.send())
+        self.published += published
         for partition, mark in marks.items():
             self._counting[partition].through = mark
         if late:
@@ -121,6 +129,24 @@ class WindowsStep:
                 ALLOWED_SKEW.total_seconds(),
             )
             self._ahead, self._furthest = 0, timedelta(0)
+
+    @property
+    def late_events(self) -> int:
+        """Calls counted late (their window had closed) since the worker started."""
+        live = (*self._counting.values(), *self._parked.values())
+        return self._retired_late + sum(c.windower.late_events for c in live)
+
+    @property
+    def ahead_events(self) -> int:
+        """Calls stamped over ALLOWED_SKEW past the worker's clock since it started."""
+        live = (*self._counting.values(), *self._parked.values())
+        return self._retired_ahead + sum(c.windower.ahead_events for c in live)
+
+    def _retire(self, counting: _Counting | None) -> None:
+        """A windower is dropped: what it counted stays in the totals."""
+        if counting is not None:
+            self._retired_late += counting.windower.late_events
+            self._retired_ahead += counting.windower.ahead_events
 
     def held(self, partition: int) -> int | None:
         """The offset of the partition's first call in a window still open (Holding)."""
@@ -154,15 +180,18 @@ class WindowsStep:
         resumed: dict[int, Windower] = {}
         for partition, (checkpoint, mine) in given.items():
             if mine and partition in parked:
-                self._counting[partition] = parked[partition]
+                self._counting[partition] = parked.pop(partition)
                 kept.add(partition)
                 continue
+            self._retire(self._counting.pop(partition, None))
             windower = self._windower()
             through = None if checkpoint is None else checkpoint.through
             if checkpoint is not None:
                 windower.resume(through, checkpoint.done, checkpoint.hold, checkpoint.event_time)
                 resumed[partition] = windower
             self._counting[partition] = _Counting(windower, through)
+        for counting in parked.values():  # not given back, or read again from a checkpoint
+            self._retire(counting)
         if resumed:
             await self._restore(resumed)
         return kept
