@@ -14,5 +14,5 @@ RUN pip install --no-cache-dir . \
     && chown llmtap:llmtap /data /keys
 
 USER llmtap
-EXPOSE 8080 8081
+EXPOSE 8080 8081 8082
 CMD ["llmtap", "up"]

@@ -143,6 +143,7 @@ async def main() -> int:
             "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
             "LLMTAP_PROXY_PORT": str(proxy_port),
             "LLMTAP_API_PORT": str(api_port),
+            "LLMTAP_WORKER_METRICS_PORT": str(free_port()),
             "LLMTAP_OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
             "LLMTAP_OPENAI_API_KEY_ENV": "SOAK_PROVIDER_KEY",
             "SOAK_PROVIDER_KEY": "sk-soak",

@@ -102,6 +102,7 @@ def worker_env(bootstrap: str, data_dir: Path) -> dict[str, str]:
         "LLMTAP_BUDGETS": json.dumps(BUDGETS),
         "LLMTAP_SPIKE_RULES": json.dumps(SPIKE_RULES),
         "LLMTAP_LOG_LEVEL": "WARNING",
+        "LLMTAP_WORKER_METRICS_PORT": "0",  # not scraped here
     }
 
 

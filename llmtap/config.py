@@ -258,8 +258,12 @@ class Settings(BaseSettings):
     # Requests of the analytics API, SQL and dashboard one key may have in flight; past
     # it, a 429 (sql/admission.py).
     api_requests_per_key: int = Field(default=8, ge=1)
-    # Serve both over HTTPS with this certificate (PEM, with its chain) and key (PEM;
-    # none: in the certificate file). None: plain HTTP, TLS ended in front of llmtap.
+    # The stream worker's /metrics and /healthz (stream/web.py). 0: not served.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=8082, ge=0, le=65535)
+    # Serve the proxy, the API and the worker's metrics over HTTPS with this certificate
+    # (PEM, with its chain) and key (PEM; none: in the certificate file). None: plain
+    # HTTP, TLS ended in front of llmtap.
     tls_certfile: FilePath | None = None
     tls_keyfile: FilePath | None = None
     # Admin keys of the analytics API (every tenant, and SQL): the SHA-256 hex digests
@@ -439,7 +443,8 @@ class Settings(BaseSettings):
 
     @cached_property
     def server_ssl_context(self) -> ssl.SSLContext | None:
-        """What the proxy and the analytics API serve HTTPS with; None: plain HTTP."""
+        """What the proxy, the analytics API and the worker's metrics serve HTTPS with;
+        None: plain HTTP."""
         if self.tls_certfile is None:
             return None
         return server_context(self.tls_certfile, self.tls_keyfile)

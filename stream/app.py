@@ -24,6 +24,7 @@ from stream.ledger import Ledger
 from stream.pricing import load_catalog
 from stream.transport import StreamApp
 from stream.warmup import spike_settle, warmed_detector
+from stream.web import WorkerWeb
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,26 @@ def create_app(
 
 
 class StreamWorker(faust.Worker):
-    """A Faust worker running the stages too, that leaves a ready file once the cost
-    stage has its partitions."""
+    """A Faust worker running the stages too, and their /metrics and /healthz
+    (stream/web.py; none when worker_metrics_port is 0), that leaves a ready file once
+    the cost stage has its partitions."""
 
     def __init__(
         self, app: faust.App, stage: CostStage, spikes: SpikesStage, settings: Settings
     ) -> None:
+        # Before the stages: it answers while they start, and serves their last counts
+        # until they stopped (services stop in reverse).
+        served = [WorkerWeb(settings, stage, spikes)] if settings.worker_metrics_port else []
         # The JSON lines every llmtap process logs (llmtap/logs.py, set up by the CLI),
         # not mode's colored ones, and no terminal spinner.
         super().__init__(
-            app, stage, spikes, loglevel=settings.log_level, quiet=True, override_logging=False
+            app,
+            *served,
+            stage,
+            spikes,
+            loglevel=settings.log_level,
+            quiet=True,
+            override_logging=False,
         )
         self.spinner = None
         self._stage = stage

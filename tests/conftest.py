@@ -114,6 +114,7 @@ class Running:
     data_dir: Path
     process: asyncio.subprocess.Process
     api_key: str  # a virtual key for tenant TENANT, team "search"
+    worker_url: str = ""  # the stream worker's /metrics and /healthz
     output: list[str] = field(default_factory=list)
 
     @property
@@ -146,12 +147,14 @@ async def run_llmtap(
     Ready when it prints "llmtap is up"; stopped with SIGTERM on exit (if still running).
     """
     proxy_port, api_port, broker_port = free_port(), free_port(), free_port()
+    worker_port = free_port()
     env = {
         **os.environ,
         "LLMTAP_DATA_DIR": str(data_dir),
         "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
         "LLMTAP_PROXY_PORT": str(proxy_port),
         "LLMTAP_API_PORT": str(api_port),
+        "LLMTAP_WORKER_METRICS_PORT": str(worker_port),
         "LLMTAP_OPENAI_BASE_URL": upstream.base_url,
         "LLMTAP_OPENAI_API_KEY_ENV": "TEST_PROVIDER_KEY",
         "TEST_PROVIDER_KEY": PROVIDER_KEY,
@@ -193,6 +196,7 @@ async def run_llmtap(
         data_dir=data_dir,
         process=process,
         api_key=api_key,
+        worker_url=f"{scheme}://127.0.0.1:{worker_port}",
     )
     log_path = data_dir / "up.log"
     is_up = asyncio.Event()

@@ -38,6 +38,23 @@ def test_a_bad_value_names_the_setting(tmp_path: Path, monkeypatch: pytest.Monke
         Settings()
 
 
+def test_the_worker_serves_its_metrics_on_a_port_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`llmtap up` runs every process on one host: on the defaults, the worker's
+    /metrics takes no port the proxy, the API or the embedded broker has."""
+    defaults = Settings()
+    assert (defaults.worker_metrics_host, defaults.worker_metrics_port) == ("127.0.0.1", 8082)
+    broker_port = int(defaults.kafka_bootstrap.rsplit(":", 1)[1])
+    taken = {defaults.proxy_port, defaults.api_port, broker_port}
+    assert len(taken | {defaults.worker_metrics_port}) == len(taken) + 1
+    monkeypatch.setenv("LLMTAP_WORKER_METRICS_PORT", "0")  # not served
+    assert Settings().worker_metrics_port == 0
+    monkeypatch.setenv("LLMTAP_WORKER_METRICS_PORT", "65536")
+    with pytest.raises(ValidationError, match="worker_metrics_port"):
+        Settings()
+
+
 def test_two_budgets_of_one_name_are_refused() -> None:
     """A budget's state is published, enforced and stored by its name: two budgets of one
     name would count into one state with either's limit."""
@@ -242,6 +259,22 @@ def test_compose_services_give_valid_settings(name: str, monkeypatch: pytest.Mon
         monkeypatch.setenv(key, value)
     settings = Settings()
     assert not settings.embedded_broker
+
+
+def test_compose_exposes_each_workers_metrics_to_the_network(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker serves /metrics on every address of its container, on the port
+    compose exposes (to the network, not the host: `--scale worker=N` would have N
+    containers bind one host port)."""
+    env, _ = compose_service("worker")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]
+    assert settings.worker_metrics_host == "0.0.0.0"
+    assert str(settings.worker_metrics_port) in service["expose"]
+    assert "ports" not in service
 
 
 def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(

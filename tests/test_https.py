@@ -1,6 +1,6 @@
-"""The proxy and the analytics API served over HTTPS (``tls_certfile``): the official
-SDK and the API's clients reach them with a certificate from a test CA, and plain HTTP
-gets no answer."""
+"""The proxy, the analytics API and the worker's metrics served over HTTPS
+(``tls_certfile``): the official SDK, the API's clients and a scraper reach them with a
+certificate from a test CA, and plain HTTP gets no answer."""
 
 from __future__ import annotations
 
@@ -56,4 +56,13 @@ async def test_the_proxy_and_the_api_serve_https_with_the_certificate_given(
             plain = running.proxy_url.replace("https://", "http://", 1)
             with pytest.raises(aiohttp.ClientError):  # no plain-HTTP answer on the port
                 async with session.get(plain.removesuffix("/v1") + "/healthz") as response:
+                    await response.read()
+
+            assert running.worker_url.startswith("https://")
+            metrics = f"{running.worker_url}/metrics"
+            async with session.get(metrics, ssl=trusting) as response:
+                assert response.status == 200
+                assert "llmtap_worker_events_costed_total 1.0" in await response.text()
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(metrics.replace("https://", "http://", 1)) as response:
                     await response.read()

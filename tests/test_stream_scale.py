@@ -34,6 +34,7 @@ from llmtap.names import Names
 from stream import checkpoints
 from tests import sample
 from tests.conftest import start_broker
+from tests.fake_provider import free_port
 
 PARTITIONS = 4
 READY_TIMEOUT_S = 60.0
@@ -48,9 +49,14 @@ TAKEN_OVER = "more published states"  # logged by a worker given partitions
 
 @contextlib.asynccontextmanager
 async def stream_worker(
-    bootstrap: str, data_dir: Path, budgets: bool = False
+    bootstrap: str,
+    data_dir: Path,
+    budgets: bool = False,
+    metrics_port: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`llmtap worker` as its own process; entered once it reports ready."""
+    """`llmtap worker` as its own process, its /metrics on ``metrics_port`` (a free
+    one by default: several run at once); entered once it reports ready."""
     env = {
         **os.environ,
         "LLMTAP_DATA_DIR": str(data_dir),
@@ -62,6 +68,8 @@ async def stream_worker(
         # A dead worker's partitions go to the other after this long.
         "LLMTAP_STREAM_SESSION_TIMEOUT_S": "6",
         "LLMTAP_BUDGETS": json.dumps(BUDGETS if budgets else []),
+        "LLMTAP_WORKER_METRICS_PORT": str(metrics_port or free_port()),
+        **(extra_env or {}),
     }
     ready = Settings(data_dir=data_dir).run_dir / "worker.ready"
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)

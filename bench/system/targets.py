@@ -116,7 +116,10 @@ def start_system(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> System:
     python = sys.executable
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")}
     base_env["PYTHONUNBUFFERED"] = "1"
-    ports = {name: free_port() for name in ("fake", "bare", "proxy", "api", "broker", "litellm")}
+    ports = {
+        name: free_port()
+        for name in ("fake", "bare", "proxy", "api", "worker", "broker", "litellm")
+    }
     fake_url = f"http://127.0.0.1:{ports['fake']}"
 
     progress(f"starting the fake upstream ({args.upstream_latency_ms:g} ms) and the bare proxy")
@@ -189,6 +192,7 @@ def start_system(fleet: Fleet, tmp: Path, args: argparse.Namespace) -> System:
         "kafka_bootstrap": f"127.0.0.1:{ports['broker']}",
         "proxy_port": ports["proxy"],
         "api_port": ports["api"],
+        "worker_metrics_port": ports["worker"],
         "openai_base_url": f"{fake_url}/v1",
         "anthropic_base_url": fake_url,
         "log_level": "WARNING",

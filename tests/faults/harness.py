@@ -117,6 +117,7 @@ class Cluster:
         self.logs.mkdir(exist_ok=True)
         self.bootstrap = self.shared_broker or f"127.0.0.1:{free_port()}"
         self.proxy_port, self.api_port = free_port(), free_port()
+        self.worker_port = free_port()
         self.env: dict[str, str] = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
@@ -124,6 +125,7 @@ class Cluster:
             "LLMTAP_KAFKA_BOOTSTRAP": self.bootstrap,
             "LLMTAP_PROXY_PORT": str(self.proxy_port),
             "LLMTAP_API_PORT": str(self.api_port),
+            "LLMTAP_WORKER_METRICS_PORT": str(self.worker_port),
             "LLMTAP_OPENAI_BASE_URL": f"{self.upstream_url}/v1",
             "LLMTAP_OPENAI_API_KEY_ENV": "FAULTS_OPENAI_KEY",
             "FAULTS_OPENAI_KEY": PROVIDER_KEY,
