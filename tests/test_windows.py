@@ -644,3 +644,34 @@ async def test_calls_stamped_ahead_are_logged_at_most_once_a_minute(
     assert line.startswith("1 calls ended up to 600.0 s ahead")
     through = step.through(0)  # the watermark its windows were published up to
     assert through is not None and through < now
+
+
+async def test_calls_that_came_after_their_window_closed_are_logged(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The windows step says how many calls came too late for their window (grace too
+    short for how late the ingresses' events come), at the next close."""
+    step = WindowsStep(Kafka(broker.bootstrap), (60,), GRACE)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        await step.start(producer)
+        now = utcnow()
+
+        def ended(at: datetime) -> wire.CostedEvent:
+            event = wire.decode_costed(call(timedelta(0)).model_dump_json().encode())
+            return msgspec.structs.replace(
+                event, response=msgspec.structs.replace(event.response, ts_end=at, ts_start=at)
+            )
+
+        step.add(ended(now), (0, 0), now)
+        await step.close(now)  # the watermark: grace behind that call
+        step.add(ended(now - 10 * MIN), (0, 1), now)
+        step.add(ended(now - 10 * MIN), (0, 2), now)
+        await step.close(now)
+        await step.close(now)  # nothing more came late
+    finally:
+        await producer.stop()
+    lines = [r.getMessage() for r in caplog.records if "after their window closed" in r.message]
+    assert lines == ["2 calls arrived after their window closed (grace 10.0s); counted as late"]
+    assert step.late_events == 2

@@ -40,6 +40,7 @@ AHEAD_LOG_EVERY_S = 60.0  # calls stamped ahead of the clock: logged at most thi
 class _Counting:
     windower: Windower
     through: datetime | None = None  # its windows ending at or before were published
+    late_logged: int = 0  # of the windower's late_events, those said in a log line
 
 
 class WindowsStep:
@@ -94,7 +95,6 @@ class WindowsStep:
         marks: dict[int, datetime | None] = {}
         for partition, counting in self._counting.items():
             windower = counting.windower
-            before = windower.late_events
             for window in windower.advance(now, (partition,)):
                 try:
                     out.add(window.series.encode(), wire.encode(window))
@@ -102,7 +102,8 @@ class WindowsStep:
                     log.error("window %s not published, %s", window.event_id, exc)
                     continue
                 published += 1
-            late += windower.late_events - before
+            late += windower.late_events - counting.late_logged
+            counting.late_logged = windower.late_events
             marks[partition] = windower.watermark
             ahead, furthest = windower.take_ahead()
             self._ahead += ahead
