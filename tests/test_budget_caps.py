@@ -190,6 +190,25 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
     assert [Decimal(str(a["observed"])) for a in budget_alerts] == [per_call, 2 * per_call]
 
 
+async def all_but_spent(settings: Settings, prefix: str) -> BudgetConfig:
+    """A $1 budget of tenant acme, new (named ``prefix``-...), whose state on the budgets
+    topic says $0.999 of it is spent this period."""
+    budget = BudgetConfig(
+        name=f"{prefix}-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(1)
+    )
+    now = utcnow()
+    spent = fresh(budget, now, now).model_copy(update={"spent_usd": Decimal("0.999")})
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            Names().budgets, spent.model_dump_json().encode(), key=budget.name.encode()
+        )
+    finally:
+        await producer.stop()
+    return budget
+
+
 async def test_a_call_no_period_could_cover_gets_a_400_not_a_429_to_retry(
     ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,19 +217,7 @@ async def test_a_call_no_period_could_cover_gets_a_400_not_a_429_to_retry(
     limit would not fit then either: a 400 saying to ask for less, with no retry-after
     (the SDKs retry a 429), still recorded as refused by the budget."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    budget = BudgetConfig(
-        name=f"whole-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(1)
-    )
-    now = utcnow()
-    spent = fresh(budget, now, now).model_copy(update={"spent_usd": Decimal("0.999")})
-    producer = AIOKafkaProducer(bootstrap_servers=ingress_settings.kafka_bootstrap)
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            Names().budgets, spent.model_dump_json().encode(), key=budget.name.encode()
-        )
-    finally:
-        await producer.stop()
+    budget = await all_but_spent(ingress_settings, "whole")
     secret, _ = create_key(ingress_settings.key_file, tenant="acme")
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
     # gpt-4o writes at $10 a million: 200,000 tokens may cost $2, past the whole $1.
@@ -350,19 +357,7 @@ async def test_a_starting_ingress_judges_a_cap_on_the_spend_already_counted(
     ingress just started is refused, not judged against nothing spent (the state was
     not read yet, and read as a fresh period's)."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    budget = BudgetConfig(
-        name=f"spent-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(1)
-    )
-    now = utcnow()
-    spent = fresh(budget, now, now).model_copy(update={"spent_usd": Decimal("0.999")})
-    producer = AIOKafkaProducer(bootstrap_servers=ingress_settings.kafka_bootstrap)
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            Names().budgets, spent.model_dump_json().encode(), key=budget.name.encode()
-        )
-    finally:
-        await producer.stop()
+    budget = await all_but_spent(ingress_settings, "spent")
     secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read at start
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
     asked = len(upstream.provider.received)

@@ -325,18 +325,26 @@ def test_no_value_of_a_series_of_no_tenant_spells_the_id_of_a_tenants() -> None:
     assert alerts["acme"] != alerts[""]
 
 
+LEVELS = [10, 11, 9, 10, 12, 10, 9, 11, 60]  # requests of team search a minute: a spike
+
+
+def spiking() -> Detector:
+    """A detector that saw team search spike in minute 8, team ads steady beside it."""
+    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+    for m, level in enumerate(LEVELS):
+        for w in minute(level, m) + minute(10, m, team="ads"):
+            d.offer(w, closed(m))
+    assert d.states[("team-requests", "acme", "search")].firing
+    return d
+
+
 def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten() -> None:
     """A series with no calls has no windows: the detector's sweep ends its episode once
     other series had windows three minutes on (event time: a worker catching up judges
     as it was), with the id its next window would give it; and forgets a series idle
     past its rule's horizon (a million one-off users)."""
-    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
-    levels = [10, 11, 9, 10, 12, 10, 9, 11, 60]
-    for m, level in enumerate(levels):
-        for w in minute(level, m) + minute(10, m, team="ads"):
-            d.offer(w, closed(m))
+    d = spiking()
     key = ("team-requests", "acme", "search")
-    assert d.states[key].firing
     for m in (9, 10):  # search has no calls, ads goes on
         for w in minute(10, m, team="ads"):
             d.offer(w, closed(m))
@@ -351,7 +359,7 @@ def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten()
     assert not d.states[key].firing and d.sweep() == []
     # Had minute 10 of search come instead, observing it would have raised the same.
     other = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
-    for m, level in enumerate(levels):
+    for m, level in enumerate(LEVELS):
         for w in minute(level, m):
             other.offer(w, T0)
     raised = [a for w in minute(10, 10) for a in other.offer(w, T0)]
@@ -373,13 +381,8 @@ def test_a_window_ahead_of_the_detectors_clock_does_not_move_its_time_on() -> No
     ingress, or counted by a worker, whose clock runs ahead) is judged, but moves the
     detector's event time no further than its clock: a firing series whose last window
     closed a minute ago is not found quiet ("no calls in the window") for it."""
-    d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
-    levels = [10, 11, 9, 10, 12, 10, 9, 11, 60]
-    for m, level in enumerate(levels):
-        for w in minute(level, m) + minute(10, m, team="ads"):
-            d.offer(w, closed(m))
+    d = spiking()
     key = ("team-requests", "acme", "search")
-    assert d.states[key].firing
     for w in minute(10, 8 + AHEAD // MIN, team="ads"):
         d.offer(w, closed(8))
     assert d.tick(closed(8)) == []  # the first tick sweeps
