@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -621,16 +623,25 @@ def test_the_writer_stores_each_window_once(store: Store) -> None:
     assert team["ttft_p50_ms"] == pytest.approx(40, rel=0.01)
 
 
-async def test_calls_stamped_ahead_are_logged_at_most_once_a_minute(
-    broker: Broker, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The windows step tells the operator an ingress's clock is off, once a minute at
-    most however many calls come stamped ahead, with how many and how far."""
+@asynccontextmanager
+async def started_step(broker: Broker) -> AsyncIterator[WindowsStep]:
+    """A windows step of one-minute windows, publishing on ``broker``."""
     step = WindowsStep(Kafka(broker.bootstrap), (60,), GRACE)
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
     await producer.start()
     try:
         await step.start(producer)
+        yield step
+    finally:
+        await producer.stop()
+
+
+async def test_calls_stamped_ahead_are_logged_at_most_once_a_minute(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The windows step tells the operator an ingress's clock is off, once a minute at
+    most however many calls come stamped ahead, with how many and how far."""
+    async with started_step(broker) as step:
         now = utcnow()
         for offset in range(3):  # a call a second from an ingress ten minutes ahead
             ahead = call(timedelta(0)).model_dump_json().encode()
@@ -641,8 +652,6 @@ async def test_calls_stamped_ahead_are_logged_at_most_once_a_minute(
             step.add(msgspec.structs.replace(event, response=moved), (0, offset), now)
             await step.close(now)
             now += S
-    finally:
-        await producer.stop()
     [line] = [r.getMessage() for r in caplog.records if "ahead of this worker's clock" in r.message]
     assert line.startswith("1 calls ended up to 600.0 s ahead")
     through = step.through(0)  # the watermark its windows were published up to
@@ -654,11 +663,7 @@ async def test_calls_that_came_after_their_window_closed_are_logged(
 ) -> None:
     """The windows step says how many calls came too late for their window (grace too
     short for how late the ingresses' events come), at the next close."""
-    step = WindowsStep(Kafka(broker.bootstrap), (60,), GRACE)
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
-    await producer.start()
-    try:
-        await step.start(producer)
+    async with started_step(broker) as step:
         now = utcnow()
 
         def ended(at: datetime) -> wire.CostedEvent:
@@ -673,8 +678,6 @@ async def test_calls_that_came_after_their_window_closed_are_logged(
         step.add(ended(now - 10 * MIN), (0, 2), now)
         await step.close(now)
         await step.close(now)  # nothing more came late
-    finally:
-        await producer.stop()
     lines = [r.getMessage() for r in caplog.records if "after their window closed" in r.message]
     assert lines == ["2 calls arrived after their window closed (grace 10.0s); counted as late"]
     assert step.late_events == 2
