@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import time
 from collections import OrderedDict, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
@@ -55,6 +54,7 @@ from aiokafka.errors import (
 )
 
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Spool
+from llmtap import logs
 from llmtap.batches import Batches
 from llmtap.kafka import Kafka
 
@@ -160,7 +160,7 @@ class EventPublisher:
         self._awaiting: OrderedDict[tuple[str, bytes], Delivered] = OrderedDict()
         self._closing = False
         self._abandon = False
-        self._last_drop_log = -DROP_LOG_INTERVAL_S
+        self._drop_log = logs.AtMostEvery(DROP_LOG_INTERVAL_S)
         self.published = 0
         self.spooled = 0
         self.replayed = 0
@@ -541,9 +541,7 @@ class EventPublisher:
     def _drop_queue_full(self) -> None:
         """Count a new event the full queue cannot take; log at most once a second."""
         self.dropped += 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
-            self._last_drop_log = now
+        if self._drop_log.due():
             log.error(
                 "publish queue full (%d events, spool full or broker away): new events are "
                 "dropped; %d dropped so far",

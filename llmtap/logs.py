@@ -18,6 +18,22 @@ import orjson
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
+class AtMostEvery:
+    """Says yes at most once every ``seconds`` (the first time at once): for a log line
+    about something that may happen many times a second."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._next = 0.0  # time.monotonic() from which the next yes is due
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.seconds
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, process_name: str) -> None:
         super().__init__()

@@ -86,7 +86,7 @@ class Windower:
         self.watermark: datetime | None = None
         self.late_events = 0  # in all, since start
         self.ahead_events = 0  # calls stamped over ALLOWED_SKEW past the clock, since start
-        self._ahead: tuple[int, timedelta] = (0, timedelta(0))  # since take_ahead
+        self._furthest_ahead = timedelta(0)  # of those, since take_furthest_ahead
         self._open: dict[datetime, dict[Series, Aggregate]] = {}  # by base window start
         self._rollups: dict[tuple[timedelta, Series, datetime], Aggregate] = {}
         self._late: Counter[Series] = Counter()
@@ -108,9 +108,8 @@ class Windower:
         at = event.response.ts_end
         bound = now + ALLOWED_SKEW
         if at > bound and offset >= self._counted_below:  # read again: reported before
-            count, furthest = self._ahead
-            self._ahead = (count + 1, max(furthest, at - now))
             self.ahead_events += 1
+            self._furthest_ahead = max(self._furthest_ahead, at - now)
         start, end = self._current
         if not start <= at < end:  # calls mostly come in order: the same window again
             start = window_start(at, self.base)
@@ -204,11 +203,11 @@ class Windower:
         grace behind it): kept in the checkpoint for :meth:`resume`."""
         return self._latest_event
 
-    def take_ahead(self) -> tuple[int, timedelta]:
-        """The calls read stamped over ALLOWED_SKEW past the clock since the last time
-        this was asked, and the furthest ahead of them."""
-        ahead, self._ahead = self._ahead, (0, timedelta(0))
-        return ahead
+    def take_furthest_ahead(self) -> timedelta:
+        """How far ahead of the clock the call furthest ahead was stamped, of those read
+        since the last time this was asked."""
+        furthest, self._furthest_ahead = self._furthest_ahead, timedelta(0)
+        return furthest
 
     def resume(
         self,

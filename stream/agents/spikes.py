@@ -24,18 +24,17 @@ from typing import Any
 import msgspec
 from aiokafka.structs import TopicPartition
 
-from llmtap import wire
+from llmtap import logs, wire
 from llmtap.config import Settings
 from llmtap.events import Alert, utcnow
 from llmtap.names import Names
 from stream.agents.stage import Fetched, GroupStage
+from stream.agents.windows import AHEAD_LOG_EVERY_S
 from stream.detector import TICK_S, Detector
 from stream.warmup import warmed_detector
 from stream.windows import ALLOWED_SKEW
 
 log = logging.getLogger(__name__)
-
-AHEAD_LOG_EVERY_S = 60.0  # windows ending ahead of the clock: logged at most this often
 
 
 class _Head(msgspec.Struct):
@@ -85,7 +84,7 @@ class SpikesStage(GroupStage):
         self._adopting: asyncio.Task[None] | None = None
         self._adopted: set[int] = set()  # the partitions _adopting reads back
         self._ahead_logged = 0  # of the detector's ahead_windows
-        self._ahead_log_at = 0.0
+        self._ahead_log = logs.AtMostEvery(AHEAD_LOG_EVERY_S)
         # For the worker's /metrics: spike alerts delivered to the broker, by state.
         self.alerts_raised: dict[str, int] = {"firing": 0, "resolved": 0}
 
@@ -162,8 +161,7 @@ class SpikesStage(GroupStage):
     def _log_ahead(self) -> None:
         """Say, once a minute at most, that windows came ending ahead of this clock."""
         ahead = self.detector.ahead_windows - self._ahead_logged
-        if ahead > 0 and time.monotonic() >= self._ahead_log_at:
-            self._ahead_log_at = time.monotonic() + AHEAD_LOG_EVERY_S
+        if ahead > 0 and self._ahead_log.due():
             self._ahead_logged += ahead
             log.warning(
                 "%d windows judged before their end by this worker's clock: a stream "

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from llmtap import topics, wire
+from llmtap import logs, topics, wire
 from llmtap.batches import Batches
 from llmtap.events import utcnow
 from llmtap.kafka import Kafka
@@ -33,7 +33,9 @@ from stream.windows import ALLOWED_SKEW, Windower
 log = logging.getLogger(__name__)
 
 CLOSE_EVERY_S = 1.0
-AHEAD_LOG_EVERY_S = 60.0  # calls stamped ahead of the clock: logged at most this often
+# Calls (and, at the spikes stage, windows) stamped ahead of the clock: logged at most
+# this often.
+AHEAD_LOG_EVERY_S = 60.0
 
 
 @dataclass
@@ -52,9 +54,9 @@ class WindowsStep:
         self._counting: dict[int, _Counting] = {}  # by partition of llmtap.responses
         self._parked: dict[int, _Counting] = {}  # given up at a rebalance, maybe given back
         self._close_at = 0.0
-        self._ahead = 0  # calls stamped ahead of the clock, not logged yet
-        self._furthest = timedelta(0)  # the furthest ahead of them
-        self._ahead_log_at = 0.0
+        self._ahead_logged = 0  # of ahead_events, those said in a log line
+        self._furthest = timedelta(0)  # the furthest ahead of those not said yet
+        self._ahead_log = logs.AtMostEvery(AHEAD_LOG_EVERY_S)
         # For the worker's /metrics: windows published; and what the windowers dropped
         # at a takeover had counted (late_events, ahead_events add the live ones).
         self.published = 0
@@ -105,9 +107,7 @@ class WindowsStep:
             late += windower.late_events - counting.late_logged
             counting.late_logged = windower.late_events
             marks[partition] = windower.watermark
-            ahead, furthest = windower.take_ahead()
-            self._ahead += ahead
-            self._furthest = max(self._furthest, furthest)
+            self._furthest = max(self._furthest, windower.take_furthest_ahead())
         # Delivered, not just queued, before `through` moves (a failure stops the stage).
         await asyncio.gather(*await out.send())
         self.published += published
@@ -119,17 +119,18 @@ class WindowsStep:
                 late,
                 self._grace.total_seconds(),
             )
-        if self._ahead and time.monotonic() >= self._ahead_log_at:
-            self._ahead_log_at = time.monotonic() + AHEAD_LOG_EVERY_S
+        ahead = self.ahead_events - self._ahead_logged
+        if ahead and self._ahead_log.due():
             log.warning(
                 "%d calls ended up to %.1f s ahead of this worker's clock: an ingress's clock "
                 "runs ahead (or this worker's behind). Each counts in the window of its end; "
                 "the windows' event time goes no further than this clock plus %ss",
-                self._ahead,
+                ahead,
                 self._furthest.total_seconds(),
                 ALLOWED_SKEW.total_seconds(),
             )
-            self._ahead, self._furthest = 0, timedelta(0)
+            self._ahead_logged += ahead
+            self._furthest = timedelta(0)
 
     @property
     def late_events(self) -> int:
