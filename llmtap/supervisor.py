@@ -32,7 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
-from llmtap import topics
+from llmtap import ports, topics
 from llmtap.config import Settings
 from llmtap.kafka import Kafka
 from llmtap.probes import topics_ready
@@ -224,6 +224,8 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stopping.set)
         backoff = Backoff()
         try:
+            if problems := ports.problems(self.settings):
+                raise StartupFailed("; ".join(problems))
             await self.start_all()
             print(
                 f"llmtap is up\n"

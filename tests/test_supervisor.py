@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from llmtap import ports
 from llmtap.config import Settings
 from llmtap.probes import listening
 from llmtap.supervisor import (
@@ -90,3 +91,73 @@ async def test_a_broker_listens_when_any_of_the_bootstrap_list_does() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def _free_ports(tmp_path: Path, **overrides: object) -> Settings:
+    ports = {
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+        "api_port": free_port(),
+        "worker_metrics_port": free_port(),
+        "proxy_port": free_port(),
+    }
+    return Settings.model_validate({"data_dir": tmp_path, **ports, **overrides})
+
+
+def test_up_listens_on_the_broker_s_the_api_s_the_worker_s_and_the_proxy_s_port(
+    tmp_path: Path,
+) -> None:
+    settings = _free_ports(tmp_path)
+    assert [(listener.setting, listener.port) for listener in ports.listeners(settings)] == [
+        ("kafka_bootstrap", int(settings.kafka_bootstrap.rsplit(":", 1)[1])),
+        ("api_port", settings.api_port),
+        ("worker_metrics_port", settings.worker_metrics_port),
+        ("proxy_port", settings.proxy_port),
+    ]
+    assert ports.problems(settings) == []
+    # No worker metrics, and a Kafka of its own: neither is up's to listen on.
+    alone = _free_ports(tmp_path, worker_metrics_port=0, embedded_broker=False)
+    assert [listener.setting for listener in ports.listeners(alone)] == ["api_port", "proxy_port"]
+
+
+async def test_two_settings_naming_one_port_fail_the_start_before_anything_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, the worker took the proxy's port, its /healthz answered the ingress's
+    readiness check, and the ingress, unable to bind, was restarted for ever."""
+    settings = _free_ports(tmp_path)
+    clash = settings.model_copy(update={"worker_metrics_port": settings.proxy_port})
+    supervisor = Supervisor(clash)
+    with caplog.at_level("ERROR", logger="llmtap.up"):
+        assert await supervisor.run() == 1
+    assert supervisor.children == []
+    assert f"worker_metrics_port and proxy_port both name port {settings.proxy_port}" in caplog.text
+    # On every address (0.0.0.0) it clashes with one address; on two others, not.
+    anywhere = settings.model_copy(
+        update={"api_host": "0.0.0.0", "worker_metrics_port": settings.api_port}
+    )
+    assert ports.clashes(ports.listeners(anywhere)) == [
+        f"api_port and worker_metrics_port both name port {settings.api_port}"
+    ]
+    apart = settings.model_copy(
+        update={"api_host": "127.0.0.2", "worker_metrics_port": settings.api_port}
+    )
+    assert ports.clashes(ports.listeners(apart)) == []
+
+
+async def test_a_port_another_program_listens_on_fails_the_start_naming_its_setting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second `llmtap up` (or anything else) on the API's port: said at once, rather
+    than its /healthz taken for our store's."""
+    settings = _free_ports(tmp_path)
+    other = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", settings.api_port)
+    try:
+        supervisor = Supervisor(settings)
+        with caplog.at_level("ERROR", logger="llmtap.up"):
+            assert await supervisor.run() == 1
+        assert supervisor.children == []
+        assert f"api_port: cannot listen on 127.0.0.1:{settings.api_port}" in caplog.text
+    finally:
+        other.close()
+        await other.wait_closed()
+    assert ports.problems(settings) == []  # let go: free again
