@@ -277,6 +277,24 @@ def test_compose_exposes_each_workers_metrics_to_the_network(
     assert "ports" not in service
 
 
+@pytest.mark.parametrize(
+    ("name", "port"),
+    [("store", "api_port"), ("worker", "worker_metrics_port"), ("ingress", "proxy_port")],
+)
+def test_compose_checks_each_service_s_health_at_its_own_healthz(
+    name: str, port: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's too: its ready file is left only by the worker given the cost
+    stage's partitions, so with budgets the replicas standing by would show unhealthy
+    for good."""
+    env, _ = compose_service(name)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    test = " ".join(yaml.safe_load(COMPOSE.read_text())["services"][name]["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{getattr(settings, port)}/healthz" in test
+
+
 def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
