@@ -36,13 +36,13 @@ CLOSE_EVERY_S = 1.0
 # Calls (and, at the spikes stage, windows) stamped ahead of the clock: logged at most
 # this often.
 AHEAD_LOG_EVERY_S = 60.0
+LATE_LOG_EVERY_S = 60.0
 
 
 @dataclass
 class _Counting:
     windower: Windower
     through: datetime | None = None  # its windows ending at or before were published
-    late_logged: int = 0  # of the windower's late_events, those said in a log line
 
 
 class WindowsStep:
@@ -54,6 +54,8 @@ class WindowsStep:
         self._counting: dict[int, _Counting] = {}  # by partition of llmtap.responses
         self._parked: dict[int, _Counting] = {}  # given up at a rebalance, maybe given back
         self._close_at = 0.0
+        self._late_logged = 0  # of late_events, those said in a log line
+        self._late_log = logs.AtMostEvery(LATE_LOG_EVERY_S)
         self._ahead_logged = 0  # of ahead_events, those said in a log line
         self._furthest = timedelta(0)  # the furthest ahead of those not said yet
         self._ahead_log = logs.AtMostEvery(AHEAD_LOG_EVERY_S)
@@ -93,7 +95,7 @@ class WindowsStep:
     async def close(self, now: datetime) -> None:
         out = self._windows
         assert out is not None, "started by the cost stage"
-        late = published = 0
+        published = 0
         marks: dict[int, datetime | None] = {}
         for partition, counting in self._counting.items():
             windower = counting.windower
@@ -104,8 +106,6 @@ class WindowsStep:
                     log.error("window %s not published, %s", window.event_id, exc)
                     continue
                 published += 1
-            late += windower.late_events - counting.late_logged
-            counting.late_logged = windower.late_events
             marks[partition] = windower.watermark
             self._furthest = max(self._furthest, windower.take_furthest_ahead())
         # Delivered, not just queued, before `through` moves (a failure stops the stage).
@@ -113,12 +113,14 @@ class WindowsStep:
         self.published += published
         for partition, mark in marks.items():
             self._counting[partition].through = mark
-        if late:
+        late = self.late_events - self._late_logged
+        if late and self._late_log.due():
             log.warning(
                 "%d calls arrived after their window closed (grace %ss); counted as late",
                 late,
                 self._grace.total_seconds(),
             )
+            self._late_logged += late
         ahead = self.ahead_events - self._ahead_logged
         if ahead and self._ahead_log.due():
             log.warning(
