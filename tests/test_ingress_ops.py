@@ -568,6 +568,57 @@ async def test_a_provider_resetting_its_connection_mid_stream_is_its_error(
     )
 
 
+async def test_a_provider_error_whose_client_left_before_it_came_stays_the_provider_s(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider answers 500 after the client hung up: the call is the provider's
+    error (what an error rate counts and an operator looks for), not a client that
+    left, which writing the answer to the gone client had made it."""
+    asked, client_gone = asyncio.Event(), asyncio.Event()
+
+    async def failing(request: web.Request) -> web.Response:
+        await request.read()
+        asked.set()
+        await client_gone.wait()
+        return web.json_response(
+            {"error": {"message": "boom", "type": "server_error", "code": None}}, status=500
+        )
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    feature = f"left-{uuid.uuid4().hex}"
+    body = b'{"model": "gpt-4o", "messages": []}'
+    try:
+        async with ingress_before(failing, ingress_settings, monkeypatch) as server:
+            _, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmtap\r\n"
+                b"Authorization: Bearer %s\r\nx-llmtap-feature: %s\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (secret.encode(), feature.encode(), len(body), body)
+            )
+            await writer.drain()
+            await asyncio.wait_for(asked.wait(), 10)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # a reset: the ingress learns of it at once
+            assert server.runner is not None and server.runner.server is not None
+            [connection] = server.runner.server.connections  # kept while its handler runs
+            while connection.transport is not None:  # until the ingress has seen it go
+                await asyncio.sleep(0.01)
+            client_gone.set()
+            event = await response_event_where(
+                broker.bootstrap, lambda e: e.attribution.feature == feature
+            )
+    finally:
+        client_gone.set()
+    assert (event.status, event.http_status, event.error_class) == (
+        "upstream_error",
+        500,
+        "server_error",
+    )
+    assert event.usage == Usage()  # an error is not billed
+
+
 async def test_a_provider_set_not_to_be_asked_for_stream_usage_is_not(
     ingress_settings: Settings,
     upstream: FakeUpstream,

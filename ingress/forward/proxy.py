@@ -132,11 +132,14 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 return response
     except ConnectionResetError:
         # The client went away mid-answer, or the proxy, stopping, closed the connection
-        # once its grace ran out. What was streamed so far is still metered.
-        status = error_class = cut_by(request)
+        # once its grace ran out. What was streamed so far is still metered. A provider
+        # error stays the call's status: the client leaving did not cause it.
+        if status == "ok":
+            status = error_class = cut_by(request)
         return response if response is not None else web.Response(status=499)
     except asyncio.CancelledError:
-        status = error_class = cut_by(request)
+        if status == "ok":
+            status = error_class = cut_by(request)
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
         error_class = type(exc).__name__
