@@ -44,7 +44,10 @@ or before the last one a state has seen is ignored (a duplicate changes nothing)
 
 Missing windows are not filled in: a series with no traffic in a window simply has no
 value for it. A caller that wants "no calls" to count as 0 (cost, requests,
-tokens) must pass the 0.
+tokens) must pass the 0. A window with calls but no value (an error rate of calls the
+guards all refused, a rate or a p95 of fewer than ``min_requests`` calls) is observed
+as ``None``: no evidence either way, it neither fires, resolves nor enters the history,
+but the series had calls, so it is not quiet either.
 """
 
 from __future__ import annotations
@@ -225,7 +228,7 @@ def observe(
     state: SeriesState | None,
     window_start: datetime,
     window_end: datetime,
-    value: Decimal | int | float,
+    value: Decimal | int | float | None,
     *,
     tenant: str = "",
 ) -> tuple[SeriesState, list[Alert]]:
@@ -233,7 +236,9 @@ def observe(
     of ``tenant``: WindowEvent.tenant).
 
     Returns the series' new state and the alerts to publish (none, one firing, or one
-    resolved). A window not after the last one observed changes nothing.
+    resolved). A window not after the last one observed changes nothing. ``value``
+    None: the window had calls but no value (see the module's docstring); it is only
+    the series' latest window, so a firing one is not found quiet for it.
     """
     if window_start.utcoffset() != timedelta(0) or window_end.utcoffset() != timedelta(0):
         raise ValueError("window bounds must be timezone-aware UTC")
@@ -247,9 +252,11 @@ def observe(
         length = window_end - window_start
         if window_start > state.last_window + quiet_span(rule) * length:
             state, quieted = went_quiet(rule, series, state, length, tenant=tenant)
-    observed = as_decimal(value)
     if rule.seasonality == "hour_of_day":
         state = _roll_profile(rule, state, window_start)
+    if value is None:
+        return state.model_copy(update={"last_window": window_start}), quieted
+    observed = as_decimal(value)
     baseline = baseline_for(rule, state, window_start)
     update: dict[str, object] = {"last_window": window_start}
     alerts: list[Alert] = []

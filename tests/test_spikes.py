@@ -29,7 +29,7 @@ def rule(**changes: object) -> SpikeRule:
 
 def feed(
     spike_rule: SpikeRule,
-    values: Sequence[Decimal | int | float],
+    values: Sequence[Decimal | int | float | None],
     *,
     series: str = "search",
     state: SeriesState | None = None,
@@ -265,6 +265,36 @@ def test_a_rate_or_a_latency_is_not_back_to_normal_for_a_gap_in_its_traffic() ->
     _, alerts = feed(r, [Decimal("0.9")], state=state, first=38)  # 32..37: 6 empty
     assert [(i, a.state) for i, a in alerts] == [(38, "resolved"), (38, "firing")]
     assert alerts[0][1].window_start == T0 + 32 * MINUTE
+
+
+def test_a_window_with_calls_but_no_value_is_no_evidence_either_way() -> None:
+    """An error rate of calls the guards all refused, or of fewer than min_requests: the
+    window has calls but no value (None). It neither resolves a firing spike, nor lets
+    it be found quiet (the series had calls), nor fires, nor enters the history; the
+    quiet that ends an episode is counted from the first window with no calls at all."""
+    r = rule(metric="error_rate", cooldown_windows=5, min_value=Decimal("0.1"))
+    calm = [Decimal("0.01"), Decimal("0.02")] * 10
+    state, alerts = feed(r, [*calm, Decimal("0.9")])
+    assert firing(alerts) == [20]
+    held, alerts = feed(r, [None] * 12, state=state, first=21)
+    assert alerts == [] and held.firing
+    assert (held.history, held.last_window) == (state.history, T0 + 32 * MINUTE)
+    assert feed(r, [None], state=held, first=32) == (held, [])  # a replay: nothing
+    _, alerts = feed(r, [Decimal("0.01")], state=held, first=33)
+    assert [(i, a.state) for i, a in alerts] == [(33, "resolved")]
+    assert "no calls" not in alerts[0][1].message
+    _, alerts = feed(r, [Decimal("0.01")], state=held, first=39)  # 33..38: 6 empty
+    assert [(i, a.state) for i, a in alerts] == [(39, "resolved")]
+    assert alerts[0][1].window_start == T0 + 33 * MINUTE
+    assert "no calls" in alerts[0][1].message
+    # Calm, it stays calm; seasonal, an hour's values still go to its profile when the
+    # next hour starts with such a window.
+    quiet, alerts = feed(r, [None] * 3, state=SeriesState(history=(Decimal("0.01"),) * 20))
+    assert alerts == [] and not quiet.firing
+    seasonal = rule(metric="error_rate", seasonality="hour_of_day")
+    hour, _ = feed(seasonal, [Decimal("0.01")] * 60)
+    rolled, _ = feed(seasonal, [None], state=hour, first=60)
+    assert (rolled.hour_values, [s[1] for s in rolled.profile[0]]) == ((), [Decimal("0.01")])
 
 
 def test_a_long_spike_stays_one_episode_and_a_level_shift_is_learned() -> None:
