@@ -231,13 +231,14 @@ class Detector:
         alerts: list[Alert] = []
         for rule in self._rules[(window.size_s, window.dimension)]:
             value = metric_value(rule.metric, window, rule.min_requests)
-            if value is None:
-                continue
             state_key = (rule.name, window.tenant, window.value)
+            known = self.states.get(state_key)
+            if value is None and known is None:
+                continue  # calls, but nothing to judge, nor a series to hold
             state, raised = observe(
                 rule,
                 window.value,
-                self.states.get(state_key),
+                known,
                 window.window_start,
                 window.window_end,
                 value,

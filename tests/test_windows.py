@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from llmtap import wire
 from llmtap.config import Settings, SpikeRule
-from llmtap.events import Attribution, CostedEvent, Status, Usage, stable_id, utcnow
+from llmtap.events import Alert, Attribution, CostedEvent, Status, Usage, stable_id, utcnow
 from llmtap.kafka import Kafka
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
@@ -599,6 +599,84 @@ def test_one_failing_call_of_one_is_no_error_rate_spike() -> None:
             w.add(call(m * MIN + S, status="upstream_error"), T0)
         raised += [a for x in w.advance(T0 + (m + 5) * MIN, [0]) for a in d.offer(x, T0)]
     assert raised == []
+
+
+ERROR_RULE = SpikeRule(
+    name="team-errors",
+    dimension="team",
+    metric="error_rate",
+    window_s=60,
+    min_value=Decimal("0.2"),
+    cooldown_windows=3,
+)
+
+
+def statuses(at: int, *counts: tuple[Status, int], team: str = "search") -> list[wire.Window]:
+    """The closed minute ``at`` of one worker, with so many calls of each status."""
+    w = Windower((60,), GRACE)
+    each = [status for status, n in counts for _ in range(n)]
+    for i, status in enumerate(each):
+        w.add(call(at * MIN + (i % 50) * S, team=team, status=status), T0)
+    return [x for x in w.advance(T0 + (at + 5) * MIN, [0]) if x.dimension == "team"]
+
+
+def failing() -> Detector:
+    """A detector whose error rate of team search fired in minute 20 (all its calls
+    failed; 1 of 10 before, every other minute), team ads steady beside it."""
+    d = Detector([ERROR_RULE], partitions=1, settle=timedelta(seconds=15))
+    raised: list[Alert] = []
+    for m in range(21):
+        failed = 10 if m == 20 else m % 2
+        search = statuses(m, ("ok", 10 - failed), ("upstream_error", failed))
+        for w in search + statuses(m, ("ok", 10), team="ads"):
+            raised += d.offer(w, closed(m))
+        raised += d.tick(closed(m))
+    assert [(a.state, a.value, a.window_start) for a in raised] == [
+        ("firing", "search", T0 + 20 * MIN)
+    ]
+    return d
+
+
+def test_a_failing_error_rate_is_not_resolved_while_the_guards_refuse_its_calls() -> None:
+    """An error-rate spike, then a series whose calls the guards all refuse (its
+    tenant's hard cap spent, its key rate-limited), or all but a few: those windows
+    have calls but no error rate, so nothing tells the provider's errors are over.
+    They neither resolve it ("no calls in the window", as they did after the cooldown:
+    on-call told the errors had stopped while every call was still refused), nor fire,
+    nor teach the baseline. Once calls reach the provider again, the first window of
+    min_requests of them at a normal rate resolves it as usual."""
+    d = failing()
+    key = ("team-errors", "acme", "search")
+    history = d.states[key].history
+    raised: list[Alert] = []
+    for m in range(21, 33):  # 12 minutes, 4 times the cooldown
+        calls: list[tuple[Status, int]] = [("budget_exceeded", 15), ("rate_limited", 5)]
+        if m >= 27:  # a few reach the provider, and fail: fewer than min_requests
+            calls.append(("upstream_error", 3))
+        for w in statuses(m, *calls) + statuses(m, ("ok", 10), team="ads"):
+            raised += d.offer(w, closed(m))
+        raised += d.tick(closed(m))
+    assert raised == []
+    assert d.states[key].firing and d.states[key].history == history
+    back = statuses(33, ("ok", 10), ("budget_exceeded", 5))
+    [done] = [a for w in back for a in d.offer(w, closed(33))]
+    assert (done.state, done.window_start, done.observed) == ("resolved", T0 + 33 * MIN, Decimal(0))
+    assert "no calls" not in done.message and not d.states[key].firing
+
+
+def test_a_failing_error_rate_whose_calls_stop_is_resolved_from_its_first_empty_window() -> None:
+    """Refused calls, then none at all: the quiet that resolves it is counted from the
+    first window with no calls, and says so."""
+    d = failing()
+    raised: list[Alert] = []
+    for m in range(21, 40):
+        refused = statuses(m, ("budget_exceeded", 20)) if m < 30 else []
+        for w in refused + statuses(m, ("ok", 10), team="ads"):
+            raised += d.offer(w, closed(m))
+        raised += d.tick(closed(m))
+    [done] = raised
+    assert (done.state, done.window_start) == ("resolved", T0 + 30 * MIN)
+    assert "no calls in the window" in done.message
 
 
 def test_the_writer_stores_each_window_once(store: Store) -> None:
