@@ -57,26 +57,31 @@ def clashes(found: list[Listener]) -> list[str]:
 def taken(listener: Listener) -> str:
     """Why ``listener`` cannot be bound now ("" when it can). Bound as the servers bind
     (SO_REUSEADDR, so a port a stopped run left in TIME_WAIT is free), then let go."""
+    where = f"{listener.setting} {listener.host}:{listener.port}"
     try:
         infos = socket.getaddrinfo(
             listener.host or None, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
-        return f"{listener.setting}: cannot resolve host {listener.host!r} ({exc})"
+        return f"{where} (cannot resolve the host: {exc.strerror})"
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            return (
-                f"{listener.setting}: cannot listen on {listener.host}:{listener.port} "
-                f"({exc.strerror}; is another llmtap up, or another program, using it?)"
-            )
+            return f"{where} ({exc.strerror})"
     return ""
 
 
 def problems(settings: Settings) -> list[str]:
     """Everything that stops `llmtap up` listening where its settings say."""
     found = listeners(settings)
-    return clashes(found) or [why for listener in found if (why := taken(listener))]
+    if clashing := clashes(found):
+        return clashing
+    if held := [why for listener in found if (why := taken(listener))]:
+        return [
+            f"cannot listen on {', '.join(held)}: is another llmtap up, or another "
+            "program, using it?"
+        ]
+    return []

@@ -156,7 +156,7 @@ async def test_a_port_another_program_listens_on_fails_the_start_naming_its_sett
         with caplog.at_level("ERROR", logger="llmtap.up"):
             assert await supervisor.run() == 1
         assert supervisor.children == []
-        assert f"api_port: cannot listen on 127.0.0.1:{settings.api_port}" in caplog.text
+        assert f"cannot listen on api_port 127.0.0.1:{settings.api_port} (" in caplog.text
     finally:
         other.close()
         await other.wait_closed()
