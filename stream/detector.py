@@ -110,6 +110,10 @@ class Detector:
         # those can it find quiet.
         self.judged: dict[StateKey, int | None] = {}
         self._away: set[int] = set()  # windows partitions given up
+        # The windows partitions of this worker not read yet up to where they ended when
+        # it was given them (:meth:`catching_up`), each with that end once asked. While
+        # any is, no series is found quiet.
+        self.behind: dict[int, int | None] = {}
         self._swept: datetime | None = None
         # window length -> latest start judged, no further than the clock allowed
         self._latest: dict[int, datetime] = {}
@@ -140,6 +144,31 @@ class Detector:
         for key, home in list(self.judged.items()):
             if home in partitions:
                 del self.judged[key]
+
+    def catching_up(self, held: set[int], given: set[int]) -> None:
+        """At an assignment: this worker has windows partitions ``held``, ``given`` to it
+        just now (at the first assignment, all). Until those and the ones held still
+        behind are read up to where they end now (:meth:`read_up_to`), no series is
+        found quiet. The event time is every partition's: a backlog read on one moves
+        it on while another's windows wait to be read, and would find a series of that
+        one quiet (resolved, then fired again by its next window)."""
+        behind = {p for p in self.behind if p in held} | given
+        self.behind = dict.fromkeys(behind)  # ends asked again: a log lost ends elsewhere
+        if not behind:
+            self._swept = None  # the next tick sweeps
+
+    def read_up_to(self, partition: int, offset: int, end: int | None = None) -> None:
+        """``partition`` is read up to ``offset`` (the next to read); ``end``: where it
+        ends, asked at an assignment. Read up to there, it is no longer behind."""
+        if not self.behind or partition not in self.behind:
+            return
+        if end is not None:
+            self.behind[partition] = end
+        end = self.behind[partition]
+        if end is not None and offset >= end:
+            del self.behind[partition]
+            if not self.behind:
+                self._swept = None  # the next tick sweeps
 
     def adopt(self, taken: Detector | None, partitions: set[int]) -> None:
         """Take over ``partitions``, judged elsewhere until now: ``taken`` was warmed with
@@ -180,8 +209,13 @@ class Detector:
         window after the series' last, so its next window, should it come late, raises
         the same id. A series known only from the warmup may be another worker's, still
         firing there: it is not resolved here (its next window here ends a quiet
-        episode). With no calls at all nothing moves: the next window does it."""
+        episode). Nor is any series while a
+        partition of this worker is not read yet up to where it ended when given
+        (:meth:`catching_up`). With no calls at all nothing moves: the next window does
+        it."""
         alerts: list[Alert] = []
+        if self.behind:
+            return alerts
         for key, state in list(self.states.items()):
             rule = self._named.get(key[0])
             latest = self._latest.get(rule.window_s) if rule is not None else None

@@ -391,6 +391,41 @@ def test_a_window_ahead_of_the_detectors_clock_does_not_move_its_time_on() -> No
     assert d.states[key].firing
 
 
+def test_no_series_is_found_quiet_before_the_partitions_given_are_read_up() -> None:
+    """The windows partitions given to a worker (at start, or at a takeover) may hold a
+    backlog: until each is read up to where it ended when given, no series is found
+    quiet. The event time is every partition's: another partition's backlog, read
+    first, found a firing series quiet while its next window waited to be read (it was
+    resolved, then fired again). A partition taken away meanwhile is not waited for."""
+    d = spiking()
+    key = ("team-requests", "acme", "search")
+    d.catching_up({0, 1}, {0, 1})
+    for m in (9, 10, 11):  # ads goes on, on partition 0
+        for w in minute(10, m, team="ads"):
+            d.offer(w, closed(m), home=0)
+    assert d.tick(closed(11)) == []  # the first tick sweeps: nothing yet
+    d.read_up_to(0, 7, end=7)  # nothing more to read
+    d.read_up_to(1, 3, end=5)  # two windows left: search's next, maybe
+    assert d.sweep() == [] and d.states[key].firing
+    d.catching_up({0, 1, 2}, {2})  # partition 2 taken over, 1 still behind
+    d.read_up_to(1, 5)  # its end is asked again at each assignment
+    assert d.behind == {1: None, 2: None}
+    d.read_up_to(1, 4, end=5)
+    d.read_up_to(2, 0, end=0)  # nothing to read there
+    assert d.sweep() == []
+    d.read_up_to(1, 5)
+    [done] = d.tick(closed(11))  # read up: the next tick sweeps, within the minute
+    assert (done.state, done.window_start) == ("resolved", T0 + 9 * MIN)
+    d = spiking()
+    d.catching_up({0, 1}, {0, 1})
+    for m in (9, 10, 11):
+        for w in minute(10, m, team="ads"):
+            d.offer(w, closed(m), home=0)
+    d.catching_up({0}, set())  # 1 given to another worker before it was read up
+    d.read_up_to(0, 7, end=7)  # 0 read up (its end asked again)
+    assert [a.state for a in d.tick(closed(11))] == ["resolved"]
+
+
 def test_a_series_given_up_is_not_found_quiet_by_its_old_worker() -> None:
     """A window still waiting for a share when its partition went to another worker is
     judged here (its offset was committed), but the series is the other's to resolve."""

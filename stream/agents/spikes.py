@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from llmtap import logs, wire
@@ -102,18 +103,39 @@ class SpikesStage(GroupStage):
         as at start (stream/warmup.py), so an ongoing spike the previous owner fired
         does not fire again here, nor one it resolved stay firing. Read beside the
         group's rebalance (hours of windows may take longer than it waits), with those
-        partitions paused meanwhile. The first assignment has the warmup of the start."""
+        partitions paused meanwhile. The first assignment has the warmup of the start.
+
+        No series is found quiet until the partitions given (at the first assignment,
+        all) are read up to where they end now: their backlog may hold the next window
+        of a series firing, while another partition's moves the event time on."""
         held = {tp.partition for tp in assigned}
         before = held if self._held is None else self._held
         self.detector.give_up(before - held)
         given = held - before
+        self.detector.catching_up(held, held if self._held is None else given)
         self._held = held
+        assert self._consumer is not None
         if given:
             paused = [tp for tp in assigned if tp.partition in given]
-            assert self._consumer is not None
             self._consumer.pause(*paused)
             self._adopted = given
             self._adopting = asyncio.create_task(self._adopt(given, paused))
+        behind = [tp for tp in assigned if tp.partition in self.detector.behind]
+        if behind:
+            await self._ask_ends(behind)
+
+    async def _ask_ends(self, behind: list[TopicPartition]) -> None:
+        """Tell the detector where the partitions not read up yet end now, and where
+        their reading is (those with no backlog are read up already)."""
+        assert self._consumer is not None
+        try:
+            ends = await self._consumer.end_offsets(behind)
+        except KafkaError as exc:  # judged as if read up, rather than never found quiet
+            log.warning("end offsets of %s unknown (%r): not waited for", behind, exc)
+            ends = dict.fromkeys(behind, 0)
+        for tp, end in ends.items():
+            position = await self._consumer.position(tp)
+            self.detector.read_up_to(tp.partition, position, end)
 
     async def _adopt(self, given: set[int], paused: list[TopicPartition]) -> None:
         try:
@@ -150,6 +172,10 @@ class SpikesStage(GroupStage):
                     self.skipped += 1
                 else:
                     raised += alerts
+        for tp, records in fetched.items():
+            # On Tansu an end offset is the last record batch's first offset plus one: a
+            # fetch hands whole batches over, so reaching it is reaching the end there too.
+            self.detector.read_up_to(tp.partition, records[-1].offset + 1)
         if time.monotonic() >= self._tick_at:
             raised += self.detector.tick(now)
             self._tick_at = time.monotonic() + TICK_S
