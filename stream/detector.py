@@ -105,15 +105,16 @@ class Detector:
         self._settle = settle
         self._pending: dict[str, dict[datetime, _Pending]] = {}  # series -> start -> shares
         self.states: dict[StateKey, SeriesState] = {}
-        # The series this detector judges (not those read back at warmup, which knows
-        # other workers' series too), with the windows partition each comes on: only
-        # those can it find quiet.
+        # The series this detector judges, or read back from its own partitions (a
+        # warmup knows other workers' series too: :meth:`keep_only`, :meth:`give_up`),
+        # with the windows partition each comes on: only those can it find quiet.
         self.judged: dict[StateKey, int | None] = {}
         self._away: set[int] = set()  # windows partitions given up
         # The windows partitions of this worker not read yet up to where they ended when
-        # it was given them (:meth:`catching_up`), each with that end once asked. While
-        # any is, no series is found quiet.
-        self.behind: dict[int, int | None] = {}
+        # it was given them (:meth:`catching_up`), each with that end once asked; None:
+        # not told yet which are its own (warmed at start, before the first assignment).
+        # While any is, no series is found quiet.
+        self.behind: dict[int, int | None] | None = {}
         self._swept: datetime | None = None
         # window length -> latest start judged, no further than the clock allowed
         self._latest: dict[int, datetime] = {}
@@ -145,6 +146,13 @@ class Detector:
             if home in partitions:
                 del self.judged[key]
 
+    def keep_only(self, partitions: set[int]) -> None:
+        """At the first assignment: the windows partitions not among ``partitions`` are
+        another worker's (a detector warmed at start read every partition back)."""
+        homes = set(self.judged.values())
+        homes |= {p.home for windows in self._pending.values() for p in windows.values()}
+        self.give_up({home for home in homes if home is not None} - partitions)
+
     def catching_up(self, held: set[int], given: set[int]) -> None:
         """At an assignment: this worker has windows partitions ``held``, ``given`` to it
         just now (at the first assignment, all). Until those and the ones held still
@@ -152,7 +160,7 @@ class Detector:
         found quiet. The event time is every partition's: a backlog read on one moves
         it on while another's windows wait to be read, and would find a series of that
         one quiet (resolved, then fired again by its next window)."""
-        behind = {p for p in self.behind if p in held} | given
+        behind = {p for p in self.behind or () if p in held} | given
         self.behind = dict.fromkeys(behind)  # ends asked again: a log lost ends elsewhere
         if not behind:
             self._swept = None  # the next tick sweeps
@@ -207,14 +215,14 @@ class Detector:
         (spikes.went_quiet); one idle past its rule's horizon is forgotten, so the
         states of a million one-off users do not pile up. The ``resolved`` is for the
         window after the series' last, so its next window, should it come late, raises
-        the same id. A series known only from the warmup may be another worker's, still
-        firing there: it is not resolved here (its next window here ends a quiet
-        episode). Nor is any series while a
+        the same id. A series of another worker's partition (given up, or read back at
+        start from one this worker was not given) may be firing there: it is not resolved
+        here (its next window here ends a quiet episode). Nor is any series while a
         partition of this worker is not read yet up to where it ended when given
         (:meth:`catching_up`). With no calls at all nothing moves: the next window does
         it."""
         alerts: list[Alert] = []
-        if self.behind:
+        if self.behind is None or self.behind:
             return alerts
         for key, state in list(self.states.items()):
             rule = self._named.get(key[0])

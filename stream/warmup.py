@@ -14,7 +14,8 @@ What it cannot bring back: windows the broker no longer has (Kafka's retention; 
 embedded broker keeps nothing over its own restart), and so nothing after a full
 `llmtap up` restart on embedded defaults. With several workers, each reads every
 partition's windows, so it also knows series another worker judges (harmless: a
-window it is not given is never judged twice).
+window it is not given is never judged twice, and a series of a partition it is not
+given is not its to resolve).
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ async def warmed_detector(settings: Settings, partitions: set[int] | None = None
         return detector
     taken = warmed(detector, judged, now)
     if partitions is None:
-        detector.judged.clear()  # some may be another worker's
+        # Some may be another worker's: the first assignment says which are this one's
+        # (Detector.keep_only), and until their backlog is read none is found quiet.
+        detector.behind = None
     # A window read back still waiting for shares stays pending, its missing shares to
     # come (past the committed offsets): judged on the committed ones alone, a spike
     # split across a restart or a rebalance would never be raised.

@@ -9,6 +9,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from llmtap import topics, wire
@@ -35,13 +36,16 @@ RULE = SpikeRule(
 MINUTE = timedelta(minutes=1)
 
 
-def window(start: datetime, requests: int, partitions: int) -> wire.Window:
+def window(start: datetime, requests: int, partitions: int, team: str = "search") -> wire.Window:
     return Aggregate(requests=requests).to_event(
-        ("team", "acme", "search"), start, MINUTE, range(partitions)
+        ("team", "acme", team), start, MINUTE, range(partitions)
     )
 
 
-async def publish(bootstrap: str, windows: list[wire.Window], at: datetime) -> None:
+async def publish(
+    bootstrap: str, windows: list[wire.Window], at: datetime, partition: int | None = None
+) -> None:
+    """On the windows topic, keyed by series (or on ``partition``, each one's home)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
@@ -50,6 +54,7 @@ async def publish(bootstrap: str, windows: list[wire.Window], at: datetime) -> N
                 Names().windows,
                 wire.encode(w),
                 key=w.series.encode(),
+                partition=partition,
                 timestamp_ms=int(at.timestamp() * 1000),
             )
     finally:
@@ -107,6 +112,150 @@ async def test_a_restarted_detector_judges_a_spike_with_what_was_judged_before()
         # Without them, a restarted worker would have judged nothing yet:
         cold = Detector([RULE], 2, spike_settle(settings))
         assert cold.offer(spike, now) == []
+
+
+SEARCH, ADS = 0, 1  # the windows partitions of team search's series and team ads'
+
+
+class HoldingBack(SpikesStage):
+    """A spikes stage that reads team search's windows partition only once let through:
+    the other's backlog is fetched first (as a fetch may hand one partition's over
+    before another's)."""
+
+    async def take_over(self, assigned: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        self._consumer.pause(TopicPartition(self.topic, SEARCH))
+        await super().take_over(assigned)
+
+    def let_through(self) -> None:
+        assert self._consumer is not None
+        self._consumer.resume(TopicPartition(self.topic, SEARCH))
+
+
+async def spiked(bootstrap: str, first: datetime, now: datetime) -> None:
+    """What the group judged before the worker stopped: team search spiked in minute 10
+    (firing), team ads steady beside it."""
+    steady = [window(first + i * MINUTE, 100 + (i % 3), 2) for i in range(10)]
+    await publish(bootstrap, [*steady, window(first + 10 * MINUTE, 1_000, 2)], now, SEARCH)
+    ads = [window(first + i * MINUTE, 50, 2, team="ads") for i in range(11)]
+    await publish(bootstrap, ads, now, ADS)
+
+
+async def judged_through(stage: SpikesStage, team: str, at: datetime) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            state = stage.detector.states.get((RULE.name, "acme", team))
+            if state is not None and state.last_window == at:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def alerts_of(bootstrap: str) -> list[Alert]:
+    return [
+        Alert.model_validate_json(raw)
+        for raw in await topics.read_all(Kafka(bootstrap), Names().alerts)
+    ]
+
+
+@pytest.mark.parametrize("backlog", [False, True])
+async def test_a_spike_firing_at_a_restart_is_resolved_once_when_its_series_went_quiet(
+    backlog: bool,
+) -> None:
+    """Team search spiked, then stopped around the restart while team ads went on: the
+    restarted worker resolves the spike, once. It forgot which series it had judged
+    (some may be another worker's), and only those are found quiet, so the spike stayed
+    firing at every receiver. Team ads' minutes after it were judged before the stop
+    (the worker stopped before its next sweep), or are a backlog read after the restart."""
+    async with start_broker() as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            topic_partitions=2,
+            spike_rules=[RULE],
+            stream_session_timeout_s=6,
+        )
+        now = utcnow()
+        first = now.replace(second=0, microsecond=0) - 20 * MINUTE
+        await spiked(broker.bootstrap, first, now)
+        ads = [window(first + m * MINUTE, 50, 2, team="ads") for m in range(11, 15)]
+        if not backlog:
+            await publish(broker.bootstrap, ads, now, ADS)
+        await commit_all(broker.bootstrap, Names().spikes_group)
+        if backlog:
+            await publish(broker.bootstrap, ads, now, ADS)
+        stage = SpikesStage(settings, await warmed_detector(settings))
+        assert stage.detector.states[(RULE.name, "acme", "search")].firing
+        await stage.start()
+        try:
+            async with asyncio.timeout(30):
+                while not stage.alerts_raised["resolved"]:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(2)  # a tick or two more: nothing else is raised
+        finally:
+            await stage.stop()
+        seen = [(a.value, a.state, a.window_start) for a in await alerts_of(broker.bootstrap)]
+        assert seen == [("search", "resolved", first + 11 * MINUTE)]
+
+
+async def test_a_restarted_worker_resolves_only_the_spikes_of_its_own_partitions() -> None:
+    """At its first assignment a restarted worker is told which windows partitions are
+    its own: a series read back from another is that worker's to resolve."""
+    async with start_broker() as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap, topic_partitions=2, spike_rules=[RULE]
+        )
+        now = utcnow()
+        first = now.replace(second=0, microsecond=0) - 20 * MINUTE
+        await spiked(broker.bootstrap, first, now)
+        await commit_all(broker.bootstrap, Names().spikes_group)
+
+        async def resolved(held: set[int]) -> list[str]:
+            detector = await warmed_detector(settings)
+            detector.keep_only(held)  # its first assignment
+            detector.catching_up(held, held)
+            for partition in held:
+                detector.read_up_to(partition, 0, end=0)  # no backlog
+            for m in range(11, 15):
+                detector.offer(window(first + m * MINUTE, 50, 2, team="ads"), now, ADS)
+            return [a.value for a in detector.sweep() if a.state == "resolved"]
+
+        assert await resolved({SEARCH, ADS}) == ["search"]
+        assert await resolved({ADS}) == []
+
+
+async def test_a_backlog_read_first_does_not_resolve_a_spike_still_firing() -> None:
+    """At a restart, team ads' backlog is fetched before team search's, which holds the
+    spike's next minutes: the spike is not found quiet meanwhile (the event time is
+    every partition's, and three minutes of ads moved it past search's last). Handed
+    the warmed series at its first assignment, the worker resolved it, and search's
+    next minute, read later, fired it again: a second page for one incident."""
+    async with start_broker() as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            topic_partitions=2,
+            spike_rules=[RULE],
+            stream_session_timeout_s=6,
+        )
+        now = utcnow()
+        first = now.replace(second=0, microsecond=0) - 20 * MINUTE
+        await spiked(broker.bootstrap, first, now)
+        await commit_all(broker.bootstrap, Names().spikes_group)
+        ads = [window(first + m * MINUTE, 50, 2, team="ads") for m in range(11, 15)]
+        await publish(broker.bootstrap, ads, now, ADS)
+        search = [window(first + m * MINUTE, 1_000, 2) for m in range(11, 14)]  # goes on
+        await publish(broker.bootstrap, search, now, SEARCH)
+        stage = HoldingBack(settings, await warmed_detector(settings))
+        await stage.start()
+        try:
+            await judged_through(stage, "ads", first + 14 * MINUTE)
+            await asyncio.sleep(2)  # a tick or two: a sweep would have found search quiet
+            stage.let_through()
+            await judged_through(stage, "search", first + 13 * MINUTE)
+            await asyncio.sleep(2)
+            assert stage.detector.states[(RULE.name, "acme", "search")].firing
+        finally:
+            await stage.stop()
+        seen = [(a.value, a.state, a.window_start) for a in await alerts_of(broker.bootstrap)]
+        assert seen == []
 
 
 async def test_nothing_is_read_back_for_a_group_that_committed_nothing() -> None:

@@ -353,7 +353,7 @@ def test_a_firing_series_that_goes_quiet_is_resolved_and_an_idle_one_forgotten()
     assert d.sweep() == []  # a share of minute 9 may yet come from another partition
     for w in minute(10, 11, team="ads"):
         d.offer(w, closed(11))
-    d.judged.clear()  # as after a warmup: known from the topic, maybe another worker's
+    d.judged.clear()  # as given up: known here, another worker's to resolve
     assert d.sweep() == []
     d.judged[key] = None
     [done] = d.tick(closed(11))  # the first tick sweeps
@@ -396,14 +396,16 @@ def test_no_series_is_found_quiet_before_the_partitions_given_are_read_up() -> N
     backlog: until each is read up to where it ended when given, no series is found
     quiet. The event time is every partition's: another partition's backlog, read
     first, found a firing series quiet while its next window waited to be read (it was
-    resolved, then fired again). A partition taken away meanwhile is not waited for."""
+    resolved, then fired again). A partition taken away meanwhile is not waited for; a
+    detector warmed at start sweeps nothing before its first assignment."""
     d = spiking()
     key = ("team-requests", "acme", "search")
-    d.catching_up({0, 1}, {0, 1})
+    d.behind = None  # warmed at start
     for m in (9, 10, 11):  # ads goes on, on partition 0
         for w in minute(10, m, team="ads"):
             d.offer(w, closed(m), home=0)
-    assert d.tick(closed(11)) == []  # the first tick sweeps: nothing yet
+    assert d.tick(closed(11)) == []  # the first tick sweeps: nothing, not assigned yet
+    d.catching_up({0, 1}, {0, 1})
     d.read_up_to(0, 7, end=7)  # nothing more to read
     d.read_up_to(1, 3, end=5)  # two windows left: search's next, maybe
     assert d.sweep() == [] and d.states[key].firing

@@ -103,12 +103,15 @@ class SpikesStage(GroupStage):
         as at start (stream/warmup.py), so an ongoing spike the previous owner fired
         does not fire again here, nor one it resolved stay firing. Read beside the
         group's rebalance (hours of windows may take longer than it waits), with those
-        partitions paused meanwhile. The first assignment has the warmup of the start.
+        partitions paused meanwhile. The first assignment has the warmup of the start,
+        of every partition: the others are another worker's.
 
         No series is found quiet until the partitions given (at the first assignment,
         all) are read up to where they end now: their backlog may hold the next window
         of a series firing, while another partition's moves the event time on."""
         held = {tp.partition for tp in assigned}
+        if self._held is None:
+            self.detector.keep_only(held)
         before = held if self._held is None else self._held
         self.detector.give_up(before - held)
         given = held - before
@@ -120,7 +123,7 @@ class SpikesStage(GroupStage):
             self._consumer.pause(*paused)
             self._adopted = given
             self._adopting = asyncio.create_task(self._adopt(given, paused))
-        behind = [tp for tp in assigned if tp.partition in self.detector.behind]
+        behind = [tp for tp in assigned if tp.partition in (self.detector.behind or ())]
         if behind:
             await self._ask_ends(behind)
 
