@@ -568,28 +568,50 @@ async def test_a_provider_resetting_its_connection_mid_stream_is_its_error(
     )
 
 
+CHUNK = {
+    "id": "chatcmpl-left",
+    "object": "chat.completion.chunk",
+    "model": "gpt-4o",
+    "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+}
+SERVER_ERROR = {"error": {"message": "boom", "type": "server_error", "code": None}}
+
+
+@pytest.mark.parametrize("answer", ["a 500", "an error event in a stream", "one, usage asked"])
 async def test_a_provider_error_whose_client_left_before_it_came_stays_the_provider_s(
-    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch, answer: str
 ) -> None:
-    """The provider answers 500 after the client hung up: the call is the provider's
-    error (what an error rate counts and an operator looks for), not a client that
-    left, which writing the answer to the gone client had made it."""
+    """The provider answers an error after the client hung up (a 500, or an error event
+    in a stream that had begun, as Anthropic's overloaded_error): the call is the
+    provider's error (what an error rate counts and an operator looks for), not a
+    client that left, which writing the error to the gone client had made it."""
     asked, client_gone = asyncio.Event(), asyncio.Event()
 
-    async def failing(request: web.Request) -> web.Response:
+    async def failing(request: web.Request) -> web.StreamResponse:
         await request.read()
+        if answer == "a 500":
+            asked.set()
+            await client_gone.wait()
+            return web.json_response(SERVER_ERROR, status=500)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + orjson.dumps(CHUNK) + b"\n\n")
         asked.set()
         await client_gone.wait()
-        return web.json_response(
-            {"error": {"message": "boom", "type": "server_error", "code": None}}, status=500
-        )
+        await response.write(b"data: " + orjson.dumps(SERVER_ERROR) + b"\n\n")
+        return response
 
     secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
     feature = f"left-{uuid.uuid4().hex}"
-    body = b'{"model": "gpt-4o", "messages": []}'
+    call: dict[str, Any] = {"model": "gpt-4o", "messages": []}
+    if answer != "a 500":
+        call["stream"] = True
+    if answer == "one, usage asked":  # passed on read by read, read after
+        call["stream_options"] = {"include_usage": True}
+    body = orjson.dumps(call)
     try:
         async with ingress_before(failing, ingress_settings, monkeypatch) as server:
-            _, writer = await asyncio.open_connection(server.host, server.port)
+            reader, writer = await asyncio.open_connection(server.host, server.port)
             writer.write(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmtap\r\n"
                 b"Authorization: Bearer %s\r\nx-llmtap-feature: %s\r\n"
@@ -597,26 +619,27 @@ async def test_a_provider_error_whose_client_left_before_it_came_stays_the_provi
                 % (secret.encode(), feature.encode(), len(body), body)
             )
             await writer.drain()
-            await asyncio.wait_for(asked.wait(), 10)
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()  # a reset: the ingress learns of it at once
-            assert server.runner is not None and server.runner.server is not None
-            [connection] = server.runner.server.connections  # kept while its handler runs
-            while connection.transport is not None:  # until the ingress has seen it go
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(10):
+                await asked.wait()
+                if answer != "a 500":  # the stream has begun: its first chunk came
+                    await reader.readuntil(b'"Hi"')
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()  # a reset: the ingress learns of it at once
+                assert server.runner is not None and server.runner.server is not None
+                [connection] = server.runner.server.connections  # kept while it runs
+                while connection.transport is not None:  # until the ingress saw it go
+                    await asyncio.sleep(0.01)
             client_gone.set()
             event = await response_event_where(
                 broker.bootstrap, lambda e: e.attribution.feature == feature
             )
     finally:
         client_gone.set()
-    assert (event.status, event.http_status, event.error_class) == (
-        "upstream_error",
-        500,
-        "server_error",
-    )
-    assert event.usage == Usage()  # an error is not billed
+    assert (event.status, event.error_class) == ("upstream_error", "server_error")
+    assert event.http_status == (500 if answer == "a 500" else 200)
+    if answer == "a 500":
+        assert event.usage == Usage()  # an error is not billed
 
 
 async def test_a_provider_set_not_to_be_asked_for_stream_usage_is_not(

@@ -132,14 +132,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 return response
     except ConnectionResetError:
         # The client went away mid-answer, or the proxy, stopping, closed the connection
-        # once its grace ran out. What was streamed so far is still metered. A provider
-        # error stays the call's status: the client leaving did not cause it.
-        if status == "ok":
-            status = error_class = cut_by(request)
+        # once its grace ran out. What was streamed so far is still metered.
+        status, error_class = _broken_off(request, status, error_class, capture)
         return response if response is not None else web.Response(status=499)
     except asyncio.CancelledError:
-        if status == "ok":
-            status = error_class = cut_by(request)
+        status, error_class = _broken_off(request, status, error_class, capture)
+        if capture is None and http_status >= 400:  # an error body cut: not billed
+            usage = Usage()
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
         error_class = type(exc).__name__
@@ -221,6 +220,22 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 )
             else:
                 finish(capture.final_usage)
+
+
+def _broken_off(
+    request: web.Request, status: Status, error_class: str, capture: StreamCapture | None
+) -> tuple[Status, str]:
+    """A call's status and error class once its client left (or the proxy, stopping,
+    cut it): a provider error it had already answered stays the call's, the answer's
+    status or an error event of its stream (the leaving did not cause it)."""
+    if status != "ok":
+        return status, error_class
+    if capture is not None:
+        capture.catch_up()  # the reads held, the one the client missed included
+        if capture.error:
+            return "upstream_error", capture.error
+    cut = cut_by(request)
+    return cut, cut
 
 
 def _provider_error_type(body: bytes) -> str:
