@@ -8,13 +8,21 @@ whatever answers on that port, may find the other program and call it ready.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from llmtap.config import Settings
 
-_ANY_HOST = frozenset({"", "0.0.0.0", "::", "*"})
+# Hosts that bind every address of a family (asyncio binds an IPv6 socket for IPv6
+# alone, so "::" and "0.0.0.0" on one port do not clash); "" binds every family's.
+_ANY_HOST = {
+    "": {socket.AF_INET, socket.AF_INET6},
+    "0.0.0.0": {socket.AF_INET},
+    "::": {socket.AF_INET6},
+}
 
 
 @dataclass(frozen=True)
@@ -23,15 +31,21 @@ class Listener:
     host: str
     port: int
 
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host or "*"
+        return f"{self.setting} {host}:{self.port}"
+
 
 def listeners(settings: Settings) -> list[Listener]:
     """What `llmtap up` will bind, in the order it starts them (a port of 0 is the
-    system's choice: nothing to check)."""
+    system's choice: nothing to check; a bootstrap address that names no port is the
+    broker's to refuse)."""
     found: list[Listener] = []
     if settings.embedded_broker:
         bootstrap = urlsplit(f"//{settings.kafka_bootstrap.split(',')[0].strip()}")
-        if bootstrap.port:
-            found.append(Listener("kafka_bootstrap", bootstrap.hostname or "", bootstrap.port))
+        with contextlib.suppress(ValueError):  # a port out of range
+            if bootstrap.port:
+                found.append(Listener("kafka_bootstrap", bootstrap.hostname or "", bootstrap.port))
     found.append(Listener("api_port", settings.api_host, settings.api_port))
     found.append(
         Listener("worker_metrics_port", settings.worker_metrics_host, settings.worker_metrics_port)
@@ -40,8 +54,23 @@ def listeners(settings: Settings) -> list[Listener]:
     return [listener for listener in found if listener.port]
 
 
+def _families(host: str) -> set[int]:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            socket.inet_pton(family, host)
+            return {family}
+    return {socket.AF_INET, socket.AF_INET6}  # a name: either
+
+
 def _overlap(a: Listener, b: Listener) -> bool:
-    return a.port == b.port and (a.host == b.host or {a.host, b.host} & _ANY_HOST != set())
+    if a.port != b.port:
+        return False
+    if a.host == b.host:
+        return True
+    return any(
+        host in _ANY_HOST and _ANY_HOST[host] & _families(other)
+        for host, other in ((a.host, b.host), (b.host, a.host))
+    )
 
 
 def clashes(found: list[Listener]) -> list[str]:
@@ -54,24 +83,28 @@ def clashes(found: list[Listener]) -> list[str]:
     ]
 
 
-def taken(listener: Listener) -> str:
-    """Why ``listener`` cannot be bound now ("" when it can). Bound as the servers bind
-    (SO_REUSEADDR, so a port a stopped run left in TIME_WAIT is free), then let go."""
-    where = f"{listener.setting} {listener.host}:{listener.port}"
+def taken(listener: Listener) -> tuple[str, bool]:
+    """Why ``listener`` cannot be bound now ("" when it can), and whether it is that
+    something holds it. Every address its host resolves to is bound at once, as the
+    servers bind (SO_REUSEADDR, so a port a stopped run left in TIME_WAIT is free; an
+    IPv6 socket for IPv6 alone, as asyncio's), then let go."""
     try:
         infos = socket.getaddrinfo(
             listener.host or None, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-    except socket.gaierror as exc:
-        return f"{where} (cannot resolve the host: {exc.strerror})"
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            return f"{where} ({exc.strerror})"
-    return ""
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"{listener} (cannot resolve the host: {exc})", False
+    with contextlib.ExitStack() as held:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                probe = held.enter_context(socket.socket(family, kind, proto))
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+            except OSError as exc:
+                return f"{listener} ({exc.strerror or exc})", exc.errno == errno.EADDRINUSE
+    return "", False
 
 
 def problems(settings: Settings) -> list[str]:
@@ -79,9 +112,12 @@ def problems(settings: Settings) -> list[str]:
     found = listeners(settings)
     if clashing := clashes(found):
         return clashing
-    if held := [why for listener in found if (why := taken(listener))]:
-        return [
-            f"cannot listen on {', '.join(held)}: is another llmtap up, or another "
-            "program, using it?"
-        ]
+    refused = [taken(listener) for listener in found]
+    if why := [reason for reason, _ in refused if reason]:
+        hint = (
+            ": is another llmtap up, or another program, using it?"
+            if any(in_use for _, in_use in refused)
+            else ""
+        )
+        return [f"cannot listen on {', '.join(why)}{hint}"]
     return []

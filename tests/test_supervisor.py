@@ -142,6 +142,15 @@ async def test_two_settings_naming_one_port_fail_the_start_before_anything_start
         update={"api_host": "127.0.0.2", "worker_metrics_port": settings.api_port}
     )
     assert ports.clashes(ports.listeners(apart)) == []
+    # Every IPv6 address and every IPv4 one: asyncio binds the two apart.
+    families = settings.model_copy(
+        update={
+            "api_host": "::",
+            "worker_metrics_host": "0.0.0.0",
+            "worker_metrics_port": settings.api_port,
+        }
+    )
+    assert ports.clashes(ports.listeners(families)) == []
 
 
 async def test_a_port_another_program_listens_on_fails_the_start_naming_its_setting(
@@ -161,3 +170,14 @@ async def test_a_port_another_program_listens_on_fails_the_start_naming_its_sett
         other.close()
         await other.wait_closed()
     assert ports.problems(settings) == []  # let go: free again
+
+
+def test_what_is_no_port_in_use_gets_no_hint_of_one_and_a_bad_bootstrap_is_the_broker_s(
+    tmp_path: Path,
+) -> None:
+    settings = _free_ports(tmp_path, proxy_host="192.0.2.1")  # not this machine's
+    [problem] = ports.problems(settings)
+    assert problem.startswith(f"cannot listen on proxy_port 192.0.2.1:{settings.proxy_port} (")
+    assert "another llmtap up" not in problem
+    odd = _free_ports(tmp_path, kafka_bootstrap="127.0.0.1:99999")
+    assert "kafka_bootstrap" not in [listener.setting for listener in ports.listeners(odd)]
