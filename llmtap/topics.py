@@ -38,6 +38,7 @@ from llmtap.kafka import Kafka
 # when the wait is over, so it is the latency of every hop through it (aiokafka's
 # default, 500 ms, measured a median of 146 ms per message; 50 ms, 2 ms).
 FETCH_MAX_WAIT_MS = 50
+POLL_MS = 200  # how often a reader of spans looks at what the broker answered
 
 COMPACT = {"cleanup.policy": "compact"}  # the budgets, reservations and checkpoints topics
 
@@ -128,12 +129,17 @@ async def lag(kafka: Kafka, group_id: str, topic: str) -> int:
 
 
 async def read_spans(
-    kafka: Kafka, spans: dict[TopicPartition, tuple[int, int]], idle_ms: int = 500
+    kafka: Kafka,
+    spans: dict[TopicPartition, tuple[int, int]],
+    idle_ms: int = 500,
+    patient: bool = False,
 ) -> tuple[list[ConsumerRecord[bytes, bytes]], bool]:
     """The records of each partition from its first offset up to (not including) its
     end, in offset order per partition, read with no consumer group (nothing committed);
-    and whether every span was read to its end (False after ``idle_ms`` of silence:
-    some are not there any more)."""
+    and whether every span was read to its end. False once the broker answered that the
+    rest of one is not there (a fetch's high watermark at or below the reader's
+    position), or after ``idle_ms`` of silence; ``patient``: such a silence raises
+    TimeoutError instead (a slow broker is not taken for one that lost the messages)."""
     consumer = _reader(kafka)
     try:
         await consumer.start()
@@ -142,10 +148,19 @@ async def read_spans(
             consumer.seek(tp, first)
         found: list[ConsumerRecord[bytes, bytes]] = []
         left = dict(spans)
+        loop = asyncio.get_running_loop()
+        heard_at = loop.time()
         while left:
-            fetched = await consumer.getmany(*left, timeout_ms=idle_ms)
+            fetched = await consumer.getmany(*left, timeout_ms=min(idle_ms, POLL_MS))
             if not fetched:
+                if await _nothing_past(consumer, left):
+                    return found, False
+                if loop.time() - heard_at < idle_ms / 1000:
+                    continue
+                if patient:
+                    raise TimeoutError(f"{sorted(map(str, left))}: no answer in {idle_ms} ms")
                 return found, False
+            heard_at = loop.time()
             for tp, records in fetched.items():
                 first, end = spans[tp]
                 found.extend(r for r in records if first <= r.offset < end)
@@ -155,6 +170,16 @@ async def read_spans(
         return found, True
     finally:
         await consumer.stop()
+
+
+async def _nothing_past(consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]) -> bool:
+    """Whether the broker answered a fetch of one of ``partitions`` with a high
+    watermark at or below the consumer's position there: nothing follows."""
+    for tp in partitions:
+        high = consumer.highwater(tp)
+        if high is not None and await consumer.position(tp) >= high:
+            return True
+    return False
 
 
 async def read_latest(

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent
 from llmtap.kafka import Kafka
@@ -200,6 +204,45 @@ async def cut_short_then_taken_over(broker: Broker, store: Store) -> None:
     assert rollup_requests(store) == dict.fromkeys(rollup_requests(store), 66)
     assert second.inserts_repeated == 1 and second.inserts_lost == 0
     assert int(store.command("SELECT uniqExact(event_id) FROM calls")) == 66
+
+
+STALL_S = 4.0  # the broker answers nothing for this long
+
+
+def stalling_reader(pid: int) -> Callable[[Kafka], AIOKafkaConsumer]:
+    """llmtap.topics' reader (a consumer of no group), whose first fetch finds the
+    broker (process ``pid``) stalled for STALL_S: a broker slow to answer, as under a
+    long pause, a leader moving or a loaded disk."""
+    reader = topics._reader
+    stalled: list[int] = []
+
+    def make(kafka: Kafka) -> AIOKafkaConsumer:
+        consumer = reader(kafka)
+        fetch = consumer.getmany
+
+        async def getmany(*partitions: TopicPartition, **kwargs: Any) -> Any:
+            if not stalled:
+                stalled.append(pid)
+                os.kill(pid, signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(STALL_S, os.kill, pid, signal.SIGCONT)
+            return await fetch(*partitions, **kwargs)
+
+        consumer.getmany = getmany
+        return consumer
+
+    return make
+
+
+async def test_a_broker_slow_to_answer_the_repeat_does_not_make_its_insert_lost(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the takeover above, the broker stalling just as the successor reads back the
+    insert cut short: the successor waits for the broker and repeats it, and every view
+    counts every call. A read that took a silence of 2 s for the end of the messages
+    counted the insert lost and read on; the rollups never got its rows."""
+    async with start_broker() as broker:
+        monkeypatch.setattr(topics, "_reader", stalling_reader(broker.process.pid))
+        await cut_short_then_taken_over(broker, store)
 
 
 async def test_an_insert_whose_messages_are_gone_is_counted_not_guessed(

@@ -39,7 +39,10 @@ from sql.store import Store, render
 log = logging.getLogger(__name__)
 
 LATEST = 100
-IDLE_S = 2.0  # a range read that gets nothing for this long is incomplete
+# A broker that answers nothing for this long while a range is read back is slow, not
+# empty: the read fails, and the writer tries the repeat again (messages are gone only
+# when the broker says so). Within the 10 s the writer's consumer gives a rebalance.
+SILENCE_S = 5.0
 
 # Records in one order whatever order they were fetched in: the same messages give the
 # same rows, in the same order, to a first insert and to its replay.
@@ -173,9 +176,12 @@ async def committed_offsets(
 
 async def read_ranges(kafka: Kafka, ranges: Iterable[Range]) -> list[Record] | None:
     """The messages in ``ranges`` (no consumer group), in :data:`position` order; None
-    if some are not there any more."""
+    if the broker says some are not there any more. A broker silent for ``SILENCE_S``
+    raises TimeoutError: its messages may all be there."""
     spans = {TopicPartition(t, p): (first, nxt) for t, p, first, nxt in ranges}
-    found, complete = await topics.read_spans(kafka, spans, idle_ms=int(IDLE_S * 1000))
+    found, complete = await topics.read_spans(
+        kafka, spans, idle_ms=int(SILENCE_S * 1000), patient=True
+    )
     if not complete:
         return None
     records = [(r.topic, r.partition, r.offset, r.value or b"") for r in found]
