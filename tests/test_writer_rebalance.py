@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, cast
@@ -19,7 +20,8 @@ from llmtap.config import Settings
 from llmtap.kafka import Kafka
 from llmtap.names import Names
 from sinks.clickhouse import replay
-from sinks.clickhouse.write import insert_calls
+from sinks.clickhouse.decode import decode_batch
+from sinks.clickhouse.write import calls_insert, insert_calls
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.consumer import sink_consumer
 from sinks.metrics import store_registry
@@ -29,6 +31,7 @@ from tests.conftest import Broker, start_broker
 from tests.test_replay import call, calls, rollup_requests, running, until
 
 HELD_S = 30.0  # the longest a store step is held back (a test that waits this long fails)
+HELD_UNTIL_S = 5.0  # the longest a store step waits for what it is held until
 
 
 def distinct_calls(store: Store) -> int:
@@ -95,6 +98,19 @@ def held_first_time(real: Callable[..., Any], release: threading.Event) -> Calla
         if len(calls_made) == 1:
             release.wait(HELD_S)
         return done
+
+    return held
+
+
+def held_until(real: Callable[..., Any], ready: Callable[[], bool]) -> Callable[..., Any]:
+    """``real`` (a store step, in a thread), made once ``ready()`` holds or after
+    HELD_UNTIL_S: a slow store."""
+
+    def held(*args: Any) -> Any:
+        deadline = time.monotonic() + HELD_UNTIL_S
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return real(*args)
 
     return held
 
@@ -297,3 +313,36 @@ async def test_a_batch_outlasting_the_revocations_wait_is_given_up(
     assert settled, "an insert recorded and never committed"
     metrics = generate_latest(store_registry(lambda: a, lambda: None)).decode()
     assert prometheus.sample(metrics, "llmtap_store_batches_given_up_total") == 1
+
+
+async def test_a_writer_given_partitions_writes_nothing_before_their_repeat(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer recorded its insert of 40 calls and died before making it. Its successor,
+    given the partitions, repeats it on a slow store (the repeat's insert held until the
+    successor wrote a batch, or 5 s), and reads them only then: its batch finds those
+    calls stored and leaves them out. Every call is stored once, each rollup counts it
+    once. It read on meanwhile (aiokafka hands the partitions out before the callback
+    that repeats returns): its batch found none stored and inserted all 65, and the
+    repeat then inserted the 40 again (105 rows)."""
+    async with start_broker() as broker:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
+        group = settings.kafka.names.sink_group
+        ends = await produce(broker.bootstrap, 40, (0, 1))
+        ranges = replay.costed_ranges({tp: (0, end) for tp, end in ends.items()})
+        records = await replay.read_ranges(settings.kafka, ranges)
+        assert records is not None and len(records) == 40
+        replay.record(store, group, calls_insert(decode_batch(records).calls, ()), ranges)
+        ends = await produce(broker.bootstrap, 25, (0, 1))
+        writer = ClickHouseWriter(settings, store)
+        monkeypatch.setattr(
+            "sinks.clickhouse.replay.insert_calls",
+            held_until(insert_calls, lambda: writer.batches_written > 0),
+        )
+        async with running(writer):
+            await until_committed(broker.bootstrap, group, ends)
+            await until(lambda: writer.inserts_repeated == 1, "the insert repeated")
+            assert (calls(store), distinct_calls(store)) == (65, 65)
+            assert set(rollup_requests(store).values()) == {65}
+            await until(lambda: not replay.latest(store, group), "every insert's commit recorded")
+    assert writer.inserts_lost == 0

@@ -16,9 +16,9 @@ A pipeline of small steps, commit always last:
    keeps the data) (sinks/clickhouse/write.py);
 5. commit: the batch's offsets, only after its write succeeded.
 
-When given partitions, before reading them, the writer repeats the recorded inserts
-its group has not committed (one cut short by a crash may have filled ``calls`` and
-not every view on it).
+When given partitions, before reading them (they are paused until then), the writer
+repeats the recorded inserts its group has not committed (one cut short by a crash may
+have filled ``calls`` and not every view on it).
 
 When partitions are taken away (a rebalance, which waits for it), the writer first
 lets the batch being written finish, insert and commit, for up to ``REVOKE_WAIT_S``,
@@ -102,14 +102,16 @@ class ClickHouseWriter:
         self._writing: asyncio.Task[None] | None = None  # the batch being written
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return sink_consumer(
+        handover = _Handover(self)
+        handover.consumer = sink_consumer(
             [self._settings.kafka.names.costed, self._settings.kafka.names.windows],
             self._settings.kafka,
             self._group_id,
             "store-writer",
             max_poll_records=self._settings.sink_batch_rows,
-            listener=_Handover(self),
+            listener=handover,
         )
+        return handover.consumer
 
     async def repeat_uncommitted(self, assigned: set[TopicPartition]) -> None:
         """Repeat the recorded inserts not committed on ``assigned`` partitions, before
@@ -394,13 +396,18 @@ def _recorded(insert: CallsInsert, batch: Batch) -> bool:
 class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
     """Losing partitions, the writer first finishes (or gives up) the batch it writes;
     given partitions, it first repeats their uncommitted inserts. aiokafka waits for
-    both before the rebalance goes on."""
+    both before the rebalance goes on, but hands the partitions given out before the
+    repeat is done: they are paused until then (``consumer``, the one listened to)."""
 
     def __init__(self, writer: ClickHouseWriter) -> None:
         self._writer = writer
+        self.consumer: AIOKafkaConsumer | None = None
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self._writer.revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        assert self.consumer is not None
+        self.consumer.pause(*assigned)  # before anything is fetched from them
         await self._writer.repeat_uncommitted(set(assigned))
+        self.consumer.resume(*assigned)
