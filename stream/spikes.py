@@ -47,7 +47,13 @@ value for it. A caller that wants "no calls" to count as 0 (cost, requests,
 tokens) must pass the 0. A window with calls but no value (an error rate of calls the
 guards all refused, a rate or a p95 of fewer than ``min_requests`` calls) is observed
 as ``None``: no evidence either way, it neither fires, resolves nor enters the history,
-but the series had calls, so it is not quiet either.
+but the series had calls, so it is not quiet either. That holds for as long as the
+rule looks back (:func:`look_back` windows from the series' last window with a value),
+no longer: a restarted worker reads back only that much (:func:`horizon`), so it would
+not know the series. Then a firing series is resolved ("no longer judged"), and its
+recent baseline forgotten, firing or not: it learns afresh once windows have a value
+again. Its hour-of-day profile is forgotten after the rule's whole :func:`horizon`
+(its days), as a series with no windows at all is.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ class SeriesState(BaseModel):
     # The values of the last history_windows closed windows, outliers left out.
     history: tuple[Decimal, ...] = ()
     last_window: UtcDatetime | None = None  # the latest window_start observed
+    # The latest window_start observed with a value (None: none yet, or a state from
+    # before it was kept: last_window stands in).
+    last_valued: UtcDatetime | None = None
     firing: bool = False
     severity: Severity | None = None  # the current (or last) episode's
     first_seen: UtcDatetime | None = None  # the current (or last) episode's first window
@@ -173,6 +182,7 @@ def _alert(
     baseline: Baseline,
     tenant: str,
     quiet: bool = False,
+    unjudged: datetime | None = None,  # held past look_back since this valued window
     learned: bool = True,  # False: ``baseline`` stands in for none (no level to give)
 ) -> Alert:
     where = f"{rule.dimension}={series}"
@@ -184,6 +194,13 @@ def _alert(
             f"{rule.metric} spike on {where}: {_fmt(value)} against a baseline of "
             f"{_fmt(baseline.center)} (alert above {_fmt(above)}, "
             f"robust z {baseline.z(value):.1f})"
+        )
+    elif unjudged is not None:
+        let_through = " the guards let through" if rule.metric == "error_rate" else ""
+        message = (
+            f"{rule.metric} no longer judged on {where}: no window of {rule.min_requests} "
+            f"calls{let_through} since the one from {unjudged.isoformat()}; "
+            f"spike since {first_seen.isoformat()}"
         )
     elif quiet:
         message = (
@@ -238,7 +255,8 @@ def observe(
     Returns the series' new state and the alerts to publish (none, one firing, or one
     resolved). A window not after the last one observed changes nothing. ``value``
     None: the window had calls but no value (see the module's docstring); it is only
-    the series' latest window, so a firing one is not found quiet for it.
+    the series' latest window, so a firing one is not found quiet for it, until the
+    series has had no value for :func:`look_back` windows (:func:`unjudged`).
     """
     if window_start.utcoffset() != timedelta(0) or window_end.utcoffset() != timedelta(0):
         raise ValueError("window bounds must be timezone-aware UTC")
@@ -255,10 +273,15 @@ def observe(
     if rule.seasonality == "hour_of_day":
         state = _roll_profile(rule, state, window_start)
     if value is None:
-        return state.model_copy(update={"last_window": window_start}), quieted
+        valued = state.last_valued or state.last_window  # kept from here on
+        if valued is None:
+            return state.model_copy(update={"last_window": window_start}), quieted
+        held = state.model_copy(update={"last_window": window_start, "last_valued": valued})
+        held, capped = unjudged(rule, series, held, valued, window_end, tenant=tenant)
+        return held, quieted + capped
     observed = as_decimal(value)
     baseline = baseline_for(rule, state, window_start)
-    update: dict[str, object] = {"last_window": window_start}
+    update: dict[str, object] = {"last_window": window_start, "last_valued": window_start}
     alerts: list[Alert] = []
     if baseline is None:
         admit = True
@@ -330,6 +353,58 @@ def observe(
 COUNTS = frozenset({"cost", "requests", "tokens"})
 
 
+def look_back(rule: SpikeRule) -> int:
+    """How many windows a rule looks back (its history, its cooldown, and one more); at
+    most :func:`horizon`, so a restarted worker reads back what it judges."""
+    return max(rule.history_windows, rule.cooldown_windows) + 1
+
+
+def unjudged(
+    rule: SpikeRule,
+    series: str,
+    state: SeriesState,
+    valued: datetime,
+    window_end: datetime,
+    *,
+    tenant: str = "",
+) -> tuple[SeriesState, list[Alert]]:
+    """A series observed a window with no value (``state.last_window``, ending at
+    ``window_end``), its last with one starting at ``valued``. Held as it is while
+    that is within :func:`look_back` windows; past it, a firing series is resolved at
+    this window (its id as any resolve's) and the recent baseline is forgotten, and
+    past the rule's :func:`horizon` the hour-of-day profile too: a restarted worker
+    reading back that far would not know them. Otherwise a tenant at its hard cap for a
+    month kept its spike firing for the month, and a restart lost it for good (the
+    warmup leaves out the windows with no value of a series it does not know)."""
+    start = state.last_window or valued
+    since = start - valued
+    if since < look_back(rule) * (window_end - start):
+        return state, []
+    alerts: list[Alert] = []
+    if state.firing:
+        learned = baseline_for(rule, state, start)
+        alerts.append(
+            _alert(
+                rule,
+                series,
+                "resolved",
+                state.severity or "warning",
+                window_start=start,
+                window_end=window_end,
+                first_seen=state.first_seen or valued,
+                value=Decimal(0),
+                baseline=learned or Baseline(Decimal(0), Decimal(1), 0),
+                tenant=tenant,
+                unjudged=valued,
+                learned=learned is not None,
+            )
+        )
+    update: dict[str, object] = {"firing": False, "history": (), "outliers": 0}
+    if since >= horizon([rule]):
+        update |= {"hour_values": (), "profile": {}}
+    return state.model_copy(update=update), alerts
+
+
 def quiet_span(rule: SpikeRule) -> int:
     """How many windows without calls end a firing episode: one for a count (none is 0:
     normal); for an error rate or a latency, which have no value without calls, the
@@ -373,8 +448,7 @@ def horizon(rules: Iterable[SpikeRule]) -> timedelta:
     hour-of-day profile when seasonal, and one window more."""
     longest = timedelta(0)
     for rule in rules:
-        windows = max(rule.history_windows, rule.cooldown_windows) + 1
-        back = timedelta(seconds=rule.window_s * windows)
+        back = timedelta(seconds=rule.window_s * look_back(rule))
         if rule.seasonality == "hour_of_day":
             back = max(back, timedelta(days=rule.seasonal_days + 1))
         longest = max(longest, back)

@@ -297,6 +297,68 @@ def test_a_window_with_calls_but_no_value_is_no_evidence_either_way() -> None:
     assert (rolled.hour_values, [s[1] for s in rolled.profile[0]]) == ((), [Decimal("0.01")])
 
 
+def test_a_spike_held_by_windows_with_no_value_is_resolved_once_past_the_look_back() -> None:
+    """Windows with calls but no value hold a firing spike only as long as the rule
+    looks back (history_windows + 1 windows from its last window with a value: what a
+    restarted worker reads back). The window that reaches it resolves the spike, once,
+    saying why; it had held for good (a tenant at its hard cap for a month, a month)."""
+    r = rule(metric="error_rate", cooldown_windows=5, min_value=Decimal("0.1"))
+    calm = [Decimal("0.01"), Decimal("0.02")] * 10
+    state, alerts = feed(r, [*calm, Decimal("0.9")])
+    assert firing(alerts) == [20]
+    held, alerts = feed(r, [None] * 30, state=state, first=21)  # to 50: 30 windows
+    assert alerts == [] and held.firing and held.history == state.history
+    done, alerts = feed(r, [None] * 20, state=held, first=51)
+    assert resolved(alerts) == [51] and not done.firing and done.history == ()
+    [(_, alert)] = alerts
+    assert alert.event_id == stable_id(
+        "spike", r.name, "team", "search", (T0 + 51 * MINUTE).isoformat(), "resolved"
+    )
+    assert alert.message == (
+        "error_rate no longer judged on team=search: no window of 10 calls the guards let "
+        f"through since the one from {(T0 + 20 * MINUTE).isoformat()}; "
+        f"spike since {(T0 + 20 * MINUTE).isoformat()}"
+    )
+    assert feed(r, [None], state=held, first=51)[1] == alerts  # a replay: the same id
+    # Calls back: nothing to resolve again, and a baseline learned afresh.
+    back, alerts = feed(r, [Decimal("0.9")] * 5, state=done, first=71)
+    assert alerts == [] and back.history == (Decimal("0.9"),) * 5
+
+
+def test_a_calm_series_with_no_value_past_the_look_back_learns_afresh() -> None:
+    """A calm series whose windows keep having no value forgets its recent baseline once
+    the rule's look-back holds none with a value (a restarted worker would not know
+    it), instead of judging its next value against history of any age; its hour-of-day
+    profile goes after the rule's whole horizon (its days), as a series' with no windows."""
+    r = rule(metric="error_rate", min_value=Decimal("0.1"))
+    calm = [Decimal("0.01"), Decimal("0.02")] * 10
+    state, _ = feed(r, calm)
+    kept, _ = feed(r, [None] * 30, state=state, first=20)
+    assert kept.history == state.history
+    fresh, alerts = feed(r, [None], state=kept, first=50)
+    assert alerts == [] and fresh.history == () and not fresh.firing
+    _, alerts = feed(r, [Decimal("0.9")], state=kept, first=50)
+    assert firing(alerts) == [50]  # judged against the old history until then
+    _, alerts = feed(r, [Decimal("0.9")], state=fresh, first=51)
+    assert alerts == []  # learned afresh: no baseline yet
+    # A state from before last_valued was kept counts from its last window.
+    old = SeriesState(history=state.history, last_window=T0 + 19 * MINUTE)
+    assert feed(r, [None] * 30, state=old, first=20)[0].history == state.history
+    assert feed(r, [None] * 31, state=old, first=20)[0].history == ()
+    # Seasonal: hourly windows, a profile of the 9 o'clock hour.
+    hour = timedelta(hours=1)
+    seasonal = rule(metric="error_rate", seasonality="hour_of_day", window_s=3600)
+    learned, _ = feed(seasonal, [Decimal("0.01")] * 48, window=hour)
+    state, _ = feed(seasonal, [None] * 31, state=learned, first=48, window=hour)
+    profile = state.profile  # two days of every hour (the last one's at the first None)
+    assert [len(profile[h]) for h in range(24)] == [2] * 24
+    assert state.history == () and learned.history != ()
+    state, _ = feed(seasonal, [None] * 160, state=state, first=79, window=hour)
+    assert state.profile == profile  # 7 days + 1, less an hour, since the last value
+    state, _ = feed(seasonal, [None], state=state, first=239, window=hour)
+    assert state.profile == {}
+
+
 def test_a_long_spike_stays_one_episode_and_a_level_shift_is_learned() -> None:
     values = noisy(40, 100, 0.05, seed=4) + noisy(80, 300, 0.05, seed=5)
     state, alerts = feed(rule(cooldown_windows=0), values)

@@ -716,6 +716,63 @@ def test_a_failing_error_rate_whose_calls_stop_is_resolved_from_its_first_empty_
     assert "no calls in the window" in done.message
 
 
+def capped_minutes() -> list[list[bytes]]:
+    """The reviewer's scenario, minute by minute: team search's error rate fires in
+    minute 20 (as in failing()), then for 40 minutes every call of it is refused by the
+    guards (its tenant's hard cap spent), then calls reach the provider again, fine;
+    team ads steady beside it."""
+    minutes = []
+    for m in range(63):
+        if m <= 20:
+            failed = 10 if m == 20 else m % 2
+            search = statuses(m, ("ok", 10 - failed), ("upstream_error", failed))
+        elif m <= 60:
+            search = statuses(m, ("budget_exceeded", 20))
+        else:
+            search = statuses(m, ("ok", 10))
+        minutes.append([wire.encode(w) for w in search + statuses(m, ("ok", 10), team="ads")])
+    return minutes
+
+
+def run(d: Detector, minutes: list[list[bytes]], span: range) -> list[Alert]:
+    raised: list[Alert] = []
+    for m in span:
+        for raw in minutes[m]:
+            raised += d.offer(wire.decode_window(raw), closed(m))
+        raised += d.tick(closed(m))
+    return raised
+
+
+def test_a_spike_held_by_windows_with_no_value_is_resolved_alike_by_a_restarted_worker() -> None:
+    """Refused calls hold a firing error rate only as long as the rule looks back
+    (history_windows + 1 = 31 minutes after its last window with a value): a restarted
+    worker reads back no more (warmup: horizon), and knows no series from windows with
+    no value alone. Unbounded, the live worker resolved it when calls came back, and a
+    worker restarted after minute 51 never did (the receivers' incident stayed open).
+    Now both resolve it at minute 51, once; the calls back raise nothing."""
+    minutes = capped_minutes()
+    live = run(Detector([ERROR_RULE], 1, timedelta(seconds=15)), minutes, range(63))
+    assert [(a.state, a.window_start) for a in live] == [
+        ("firing", T0 + 20 * MIN),
+        ("resolved", T0 + 51 * MIN),
+    ]
+    assert live[1].message.startswith("error_rate no longer judged on team=search")
+    window = horizon([ERROR_RULE])
+    # From minute 47 to 51 the read-back holds fewer than min_history windows before the
+    # spike, so a restarted worker does not fire it again, and cannot resolve it: the
+    # warmup's limit for any episode older than that, capped or not.
+    for restart in [r for r in range(21, 63) if not 47 <= r <= 51]:
+        before = run(Detector([ERROR_RULE], 1, timedelta(seconds=15)), minutes, range(restart))
+        now = closed(restart - 1) + S  # stopped after its last minute, started again
+        read_back = [
+            (0, raw) for m in range(restart) if closed(m) >= now - window for raw in minutes[m]
+        ]
+        warm = Detector([ERROR_RULE], 1, timedelta(seconds=15))
+        warmed(warm, read_back, now)
+        after = run(warm, minutes, range(restart, 63))
+        assert [a.event_id for a in before + after] == [a.event_id for a in live], restart
+
+
 def test_the_writer_stores_each_window_once(store: Store) -> None:
     w = Windower((60,), GRACE)
     w.add(call(5 * S, ttft_ms=40), T0)
