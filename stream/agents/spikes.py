@@ -123,7 +123,13 @@ class SpikesStage(GroupStage):
             self._consumer.pause(*paused)
             self._adopted = given
             self._adopting = asyncio.create_task(self._adopt(given, paused))
-        behind = [tp for tp in assigned if tp.partition in (self.detector.behind or ())]
+        # A partition taken over is paused while its states are read back (minutes,
+        # maybe): its end is asked when it is resumed (_adopt), not now.
+        behind = [
+            tp
+            for tp in assigned
+            if tp.partition in (self.detector.behind or ()) and tp.partition not in given
+        ]
         if behind:
             await self._ask_ends(behind)
 
@@ -131,13 +137,20 @@ class SpikesStage(GroupStage):
         """Tell the detector where the partitions not read up yet end now, and where
         their reading is (those with no backlog are read up already)."""
         assert self._consumer is not None
+        behind = [tp for tp in behind if tp.partition in (self.detector.behind or ())]
+        if not behind:
+            return
         try:
             ends = await self._consumer.end_offsets(behind)
         except KafkaError as exc:  # judged as if read up, rather than never found quiet
             log.warning("end offsets of %s unknown (%r): not waited for", behind, exc)
             ends = dict.fromkeys(behind, 0)
         for tp, end in ends.items():
-            position = await self._consumer.position(tp)
+            try:
+                position = await self._consumer.position(tp)
+            except KafkaError as exc:  # taken away meanwhile: the next assignment says
+                log.warning("position on %s unknown (%r): not waited for", tp, exc)
+                position = end
             self.detector.read_up_to(tp.partition, position, end)
 
     async def _adopt(self, given: set[int], paused: list[TopicPartition]) -> None:
@@ -150,6 +163,7 @@ class SpikesStage(GroupStage):
             self.detector.adopt(taken, given)
             assert self._consumer is not None
             self._consumer.resume(*paused)
+        await self._ask_ends(paused)
 
     async def on_stop(self) -> None:
         if self._adopting is not None:
@@ -175,10 +189,15 @@ class SpikesStage(GroupStage):
                     self.skipped += 1
                 else:
                     raised += alerts
+        assert self._consumer is not None
         for tp, records in fetched.items():
-            # On Tansu an end offset is the last record batch's first offset plus one: a
-            # fetch hands whole batches over, so reaching it is reaching the end there too.
-            self.detector.read_up_to(tp.partition, records[-1].offset + 1)
+            # Read up to where the broker's answer ended (its high watermark), or it may
+            # not be the end: on Tansu an end offset asked is the last record batch's
+            # first offset plus one, and a fetch of at most BATCH records may hand that
+            # batch over in parts.
+            after, high = records[-1].offset + 1, self._consumer.highwater(tp)
+            if high is None or after >= high:
+                self.detector.read_up_to(tp.partition, after)
         if time.monotonic() >= self._tick_at:
             raised += self.detector.tick(now)
             self._tick_at = time.monotonic() + TICK_S
