@@ -258,6 +258,110 @@ async def test_a_backlog_read_first_does_not_resolve_a_spike_still_firing() -> N
         assert seen == []
 
 
+class TakingOver(SpikesStage):
+    """A spikes stage that says which partitions it has, once it took them over (its
+    ends asked, the read-back of those taken over begun)."""
+
+    def __init__(self, settings: Settings, detector: Detector) -> None:
+        super().__init__(settings, detector)
+        self.taken_over: set[int] = set()
+
+    async def take_over(self, assigned: list[TopicPartition]) -> None:
+        await super().take_over(assigned)
+        self.taken_over = {tp.partition for tp in assigned}
+
+
+async def test_a_partition_taken_over_is_waited_for_from_when_it_is_resumed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Team search spiked on another worker's windows partition, which a rebalance gives
+    to this one with no backlog (its owner committed all it read). It stays paused while
+    its states are read back (minutes, maybe), and the spike's next minutes wait on it
+    meanwhile, while team ads' move the event time on here. The gate waits for those:
+    when the partition was waited for from its assignment (read up at once), the sweep
+    after the read-back found the spike quiet and resolved it, and its next minute fired
+    it again. Resumed, the partition is read only after a tick (as a fetch may hand one
+    partition's over before another's)."""
+    async with start_broker() as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            topic_partitions=2,
+            spike_rules=[RULE],
+            stream_session_timeout_s=6,
+        )
+        now = utcnow()
+        first = now.replace(second=0, microsecond=0) - 20 * MINUTE
+        previous = TakingOver(settings, await warmed_detector(settings))
+        this = TakingOver(settings, await warmed_detector(settings))
+        stages = [previous, this]
+        try:
+            await previous.start()
+            await this.start()  # the group splits the partitions
+            async with asyncio.timeout(30):
+                while len(this.taken_over) != 1 or len(previous.taken_over) != 1:
+                    await asyncio.sleep(0.05)
+            (theirs,), (mine,) = previous.taken_over, this.taken_over
+            steady = [window(first + m * MINUTE, 100 + (m % 3), 2) for m in range(10)]
+            spike = window(first + 10 * MINUTE, 1_000, 2)
+            await publish(broker.bootstrap, [*steady, spike], now, theirs)
+            ads = [window(first + m * MINUTE, 50, 2, team="ads") for m in range(11)]
+            await publish(broker.bootstrap, ads, now, mine)
+            await judged_through(previous, "search", first + 10 * MINUTE)  # fired there
+            await judged_through(this, "ads", first + 10 * MINUTE)
+
+            # Reading the states of the partition taken over back takes minutes: until
+            # let go. Once resumed, it is read only once let through.
+            let_go = asyncio.Event()
+
+            async def read_back_slowly(
+                settings: Settings, partitions: set[int] | None = None
+            ) -> Detector:
+                await let_go.wait()
+                return await warmed_detector(settings, partitions)
+
+            monkeypatch.setattr("stream.agents.spikes.warmed_detector", read_back_slowly)
+            consumer = this._consumer
+            assert consumer is not None
+            held, resume = TopicPartition(Names().windows, theirs), consumer.resume
+            monkeypatch.setattr(
+                consumer, "resume", lambda *tps: resume(*(tp for tp in tps if tp != held))
+            )
+            await previous.stop()  # committed all it read: its partition goes to this one
+            stages.remove(previous)
+            async with asyncio.timeout(30):
+                while this.taken_over != {0, 1}:
+                    await asyncio.sleep(0.05)
+            # Meanwhile the spike goes on (waiting on the paused partition), and team
+            # ads' minutes move the event time three past its last read.
+            search = [window(first + m * MINUTE, 1_000, 2) for m in range(11, 14)]
+            await publish(broker.bootstrap, search, utcnow(), theirs)
+            ads = [window(first + m * MINUTE, 50, 2, team="ads") for m in range(11, 14)]
+            await publish(broker.bootstrap, ads, utcnow(), mine)
+            await judged_through(this, "ads", first + 13 * MINUTE)
+
+            # The read-back ends minutes on: a sweep is due at every tick from then.
+            monkeypatch.setattr("stream.detector.SWEEP_EVERY", timedelta(0))
+            let_go.set()
+            assert this._adopting is not None
+            async with asyncio.timeout(30):
+                await this._adopting
+                assert this.detector.states[(RULE.name, "acme", "search")].firing
+                ticked = this._tick_at
+                while this._tick_at == ticked:  # a tick (and a sweep) since
+                    await asyncio.sleep(0.05)
+            resume(held)
+            await judged_through(this, "search", first + 13 * MINUTE)
+            await asyncio.sleep(2)  # a tick or two: nothing else is raised
+            assert this.detector.states[(RULE.name, "acme", "search")].firing
+        finally:
+            for stage in stages:
+                await stage.stop()
+        seen = sorted((a.window_start, a.value, a.state) for a in await alerts_of(broker.bootstrap))
+        assert seen == [(first + 10 * MINUTE, "search", "firing")], [
+            ((w - first) / MINUTE, v, s) for w, v, s in seen
+        ]
+
+
 async def test_nothing_is_read_back_for_a_group_that_committed_nothing() -> None:
     async with start_broker() as broker:
         settings = Settings(kafka_bootstrap=broker.bootstrap, spike_rules=[RULE])
