@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 LATEST = 100
 # A broker that answers nothing for this long while a range is read back is slow, not
 # empty: the read fails, and the writer tries the repeat again (messages are gone only
-# when the broker says so). Within the 10 s the writer's consumer gives a rebalance.
+# when the broker says so). The writer's group heartbeats meanwhile (llmtap/heartbeats.py).
 SILENCE_S = 5.0
 
 # Records in one order whatever order they were fetched in: the same messages give the

@@ -45,6 +45,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from llmtap.config import Settings
+from llmtap.heartbeats import heartbeat_meanwhile
 from sinks.clickhouse import replay
 from sinks.clickhouse.decode import Batch, Record, decode_batch, ready, start_decode_process
 from sinks.clickhouse.write import (
@@ -409,5 +410,8 @@ class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self.consumer is not None
         self.consumer.pause(*assigned)  # before anything is fetched from them
+        # A repeat may take longer than the session (a broker slow to give its range
+        # back, a store failing): expelled meanwhile, the writer would read on as owner.
+        heartbeat_meanwhile(self.consumer, "store-writer")
         await self._writer.repeat_uncommitted(set(assigned))
         self.consumer.resume(*assigned)

@@ -32,6 +32,7 @@ from mode import Service
 
 from llmtap import topics
 from llmtap.config import Settings
+from llmtap.heartbeats import heartbeat_meanwhile
 from llmtap.names import Names
 
 log = logging.getLogger(__name__)
@@ -167,27 +168,10 @@ class GroupStage(Service):
         group's committed offset."""
 
     def heartbeat_meanwhile(self) -> None:
-        """Keep the group's heartbeats going while partitions are taken over.
-
-        aiokafka stops them for a whole join and starts them again only once the
-        assignment callback returned, so a takeover longer than the session (the windows
-        step reads an hour of windows back, more on a busy deployment) got the worker
-        expelled as it finished: it rejoined, was given partitions again and did the same
-        long takeover again, for ever. Kafka's Java client heartbeats during its
-        callbacks; its heartbeat task is started early here, as it would be right after
-        the callback (aiokafka has no public switch for it; without that method a
-        takeover is as before, and that is logged)."""
-        coordinator = getattr(self._consumer, "_coordinator", None)
-        start = getattr(coordinator, "_start_heartbeat_task", None)
-        if start is None:
-            log.warning(
-                "%s: no heartbeats while partitions are taken over (this aiokafka has no "
-                "_start_heartbeat_task): a takeover longer than stream_session_timeout_s "
-                "gets the worker expelled from its group",
-                self.group,
-            )
-            return
-        start()
+        """Keep the group's heartbeats going while partitions are taken over (the
+        windows step reads an hour of windows back, more on a busy deployment):
+        llmtap/heartbeats.py."""
+        heartbeat_meanwhile(self._consumer, self.group)
 
     async def _commit(self) -> None:
         """Commit what was handled since the last commit."""
