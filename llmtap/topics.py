@@ -136,10 +136,11 @@ async def read_spans(
 ) -> tuple[list[ConsumerRecord[bytes, bytes]], bool]:
     """The records of each partition from its first offset up to (not including) its
     end, in offset order per partition, read with no consumer group (nothing committed);
-    and whether every span was read to its end. False once the broker answered that the
-    rest of one is not there (a fetch's high watermark at or below the reader's
-    position), or after ``idle_ms`` of silence; ``patient``: such a silence raises
-    TimeoutError instead (a slow broker is not taken for one that lost the messages)."""
+    and whether every span was read to its end. A span whose rest the broker says is not
+    there (a fetch's high watermark at or below the reader's position) ends there, the
+    others are read on; after ``idle_ms`` of silence the read ends, incomplete, or with
+    ``patient`` raises TimeoutError (a slow broker is not taken for one that lost the
+    messages)."""
     consumer = _reader(kafka)
     try:
         await consumer.start()
@@ -147,39 +148,45 @@ async def read_spans(
         for tp, (first, _) in spans.items():
             consumer.seek(tp, first)
         found: list[ConsumerRecord[bytes, bytes]] = []
-        left = dict(spans)
+        left = {tp: span for tp, span in spans.items() if span[0] < span[1]}
+        complete = True
         loop = asyncio.get_running_loop()
         heard_at = loop.time()
         while left:
             fetched = await consumer.getmany(*left, timeout_ms=min(idle_ms, POLL_MS))
-            if not fetched:
-                if await _nothing_past(consumer, left):
-                    return found, False
-                if loop.time() - heard_at < idle_ms / 1000:
-                    continue
-                if patient:
-                    raise TimeoutError(f"{sorted(map(str, left))}: no answer in {idle_ms} ms")
-                return found, False
-            heard_at = loop.time()
+            if fetched:
+                heard_at = loop.time()
             for tp, records in fetched.items():
                 first, end = spans[tp]
                 found.extend(r for r in records if first <= r.offset < end)
                 if records[-1].offset + 1 >= end:
                     consumer.pause(tp)
                     left.pop(tp, None)
-        return found, True
+            for tp in await _nothing_past(consumer, left):
+                consumer.pause(tp)
+                left.pop(tp)
+                complete = False
+            if fetched or not left or loop.time() - heard_at < idle_ms / 1000:
+                continue
+            if patient:
+                raise TimeoutError(f"{sorted(map(str, left))}: no answer in {idle_ms} ms")
+            return found, False
+        return found, complete
     finally:
         await consumer.stop()
 
 
-async def _nothing_past(consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]) -> bool:
-    """Whether the broker answered a fetch of one of ``partitions`` with a high
-    watermark at or below the consumer's position there: nothing follows."""
+async def _nothing_past(
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
+) -> list[TopicPartition]:
+    """Those of ``partitions`` the broker answered a fetch of with a high watermark at
+    or below the consumer's position there: nothing follows."""
+    gone = []
     for tp in partitions:
         high = consumer.highwater(tp)
         if high is not None and await consumer.position(tp) >= high:
-            return True
-    return False
+            gone.append(tp)
+    return gone
 
 
 async def read_latest(

@@ -3,15 +3,21 @@ said rather than waited on."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import InvalidReplicationFactorError, PolicyViolationError
+from aiokafka.structs import TopicPartition
 from pydantic import ValidationError
 
 from llmtap import topics
 from llmtap.config import Settings
+from llmtap.kafka import Kafka
 from llmtap.names import TOPICS, Names, kind
 from llmtap.supervisor import embedded_broker
+from tests.conftest import Broker
 from tests.fake_provider import free_port
 
 
@@ -78,3 +84,36 @@ def test_a_namespace_kafka_cannot_name_topics_with_is_refused_naming_the_setting
     with pytest.raises(ValidationError) as refused:
         Settings(kafka_namespace=namespace)
     assert refused.value.errors()[0]["loc"] == ("kafka_namespace",)
+
+
+async def test_spans_are_read_whole_beside_an_empty_one_and_a_span_past_the_log_is_incomplete(
+    broker: Broker,
+) -> None:
+    """A span with nothing to read (a partition with no windows since the warmup's
+    horizon) is not a partition whose messages are gone: it ended every read at the
+    first quiet poll, the others' records unread, and made the writer's every repeat
+    of a range "lost". A span past what the broker has is incomplete at once, patient
+    or not (the broker says so)."""
+    topic = f"spans-{uuid.uuid4().hex}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        for n in range(3):
+            await producer.send_and_wait(topic, b"%d" % n, partition=1)
+    finally:
+        await producer.stop()
+    empty, full = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    kafka = Kafka(broker.bootstrap)
+    for patient in (False, True):
+        found, complete = await topics.read_spans(
+            kafka, {empty: (0, 0), full: (0, 3)}, patient=patient
+        )
+        assert ([r.value for r in found], complete) == ([b"0", b"1", b"2"], True)
+        found, complete = await topics.read_spans(kafka, {full: (1, 10)}, patient=patient)
+        assert ([r.value for r in found], complete) == ([b"1", b"2"], False)
