@@ -165,15 +165,16 @@ class Detector:
         if not behind:
             self._swept = None  # the next tick sweeps
 
-    def read_up_to(self, partition: int, offset: int, end: int | None = None) -> None:
-        """``partition`` is read up to ``offset`` (the next to read); ``end``: where it
-        ends, asked at an assignment. Read up to there, it is no longer behind."""
+    def read_up_to(self, partition: int, offset: int | None, end: int | None = None) -> None:
+        """``partition`` is read up to ``offset`` (the next to read; None: not said);
+        ``end``: where it ends, asked at an assignment. Read up to there, it is no longer
+        behind."""
         if not self.behind or partition not in self.behind:
             return
         if end is not None:
             self.behind[partition] = end
         end = self.behind[partition]
-        if end is not None and offset >= end:
+        if end is not None and offset is not None and offset >= end:
             del self.behind[partition]
             if not self.behind:
                 self._swept = None  # the next tick sweeps

@@ -458,3 +458,60 @@ async def test_a_spike_fired_by_one_worker_is_not_fired_again_by_the_next_owner(
         assert seen == [(start + 10 * MINUTE, "firing"), (start + 13 * MINUTE, "resolved")], [
             ((w - start) / MINUTE, s) for w, s in seen
         ]
+
+
+class Assigned(SpikesStage):
+    """A spikes stage that says which partitions its detector waited for once its first
+    assignment was over."""
+
+    def __init__(self, settings: Settings, detector: Detector) -> None:
+        super().__init__(settings, detector)
+        self.behind_at_first: dict[int, int | None] | None = None
+
+    async def take_over(self, assigned: list[TopicPartition]) -> None:
+        await super().take_over(assigned)
+        if self.behind_at_first is None:
+            self.behind_at_first = dict(self.detector.behind or {})
+
+
+async def test_a_committed_offset_inside_tansu_s_last_record_batch_is_not_its_end() -> None:
+    """Tansu's end offset is its last record batch's first offset plus one, and the
+    spikes group may have committed inside that batch (a fetch of at most BATCH records
+    stops anywhere): that offset was taken as read up at the assignment, and the gate
+    opened with the rest of the batch (a firing series' next windows, maybe) unread.
+    Read up is where a fetch reached the broker's high watermark."""
+    async with start_broker() as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap, topic_partitions=2, spike_rules=[RULE]
+        )
+        windows = TopicPartition(Names().windows, ADS)
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=200)
+        await producer.start()
+        try:
+            for _ in range(3):  # three record batches of 50
+                sent = [await producer.send(windows.topic, b"{}", partition=ADS) for _ in range(50)]
+                await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+        group = AIOKafkaConsumer(
+            bootstrap_servers=broker.bootstrap,
+            group_id=Names().spikes_group,
+            enable_auto_commit=False,
+        )
+        await group.start()
+        try:
+            group.assign([windows])
+            await group.commit({windows: 120})  # inside the last batch
+            assert (await group.end_offsets([windows]))[windows] <= 120  # Tansu's end
+        finally:
+            await group.stop()
+        stage = Assigned(settings, Detector([RULE], 2, spike_settle(settings)))
+        await stage.start()
+        try:
+            async with asyncio.timeout(30):
+                while stage.behind_at_first is None or stage.detector.behind:
+                    await asyncio.sleep(0.05)
+        finally:
+            await stage.stop()
+        assert stage.behind_at_first is not None and ADS in stage.behind_at_first
+        assert stage.skipped == 30  # the rest of the batch, read before the gate opened

@@ -134,8 +134,8 @@ class SpikesStage(GroupStage):
             await self._ask_ends(behind)
 
     async def _ask_ends(self, behind: list[TopicPartition]) -> None:
-        """Tell the detector where the partitions not read up yet end now, and where
-        their reading is (those with no backlog are read up already)."""
+        """Tell the detector where the partitions not read up yet end now (each poll
+        then says whether it is read up to there: :meth:`_read_up`)."""
         assert self._consumer is not None
         behind = [tp for tp in behind if tp.partition in (self.detector.behind or ())]
         if not behind:
@@ -144,14 +144,30 @@ class SpikesStage(GroupStage):
             ends = await self._consumer.end_offsets(behind)
         except KafkaError as exc:  # judged as if read up, rather than never found quiet
             log.warning("end offsets of %s unknown (%r): not waited for", behind, exc)
-            ends = dict.fromkeys(behind, 0)
+            for tp in behind:
+                self.detector.read_up_to(tp.partition, 0, 0)
+            return
         for tp, end in ends.items():
+            self.detector.read_up_to(tp.partition, None, end)
+
+    async def _read_up(self) -> None:
+        """Tell the detector which partitions behind are read up to where the broker's
+        last answer on them ended (its high watermark; an idle partition's comes too).
+        Not a position at or past the end asked alone: on Tansu that end is the last
+        record batch's first offset plus one, and a committed offset, or a fetch of at
+        most BATCH records, may stop inside that batch."""
+        assert self._consumer is not None
+        for partition, end in list((self.detector.behind or {}).items()):
+            tp = TopicPartition(self.topic, partition)
+            high = self._consumer.highwater(tp)
+            if end is None or high is None:  # its end not asked yet, or not fetched yet
+                continue
             try:
                 position = await self._consumer.position(tp)
-            except KafkaError as exc:  # taken away meanwhile: the next assignment says
-                log.warning("position on %s unknown (%r): not waited for", tp, exc)
-                position = end
-            self.detector.read_up_to(tp.partition, position, end)
+            except KafkaError:  # taken away meanwhile: the next assignment says
+                continue
+            if position >= high:
+                self.detector.read_up_to(partition, position)
 
     async def _adopt(self, given: set[int], paused: list[TopicPartition]) -> None:
         try:
@@ -189,15 +205,8 @@ class SpikesStage(GroupStage):
                     self.skipped += 1
                 else:
                     raised += alerts
-        assert self._consumer is not None
-        for tp, records in fetched.items():
-            # Read up to where the broker's answer ended (its high watermark), or it may
-            # not be the end: on Tansu an end offset asked is the last record batch's
-            # first offset plus one, and a fetch of at most BATCH records may hand that
-            # batch over in parts.
-            after, high = records[-1].offset + 1, self._consumer.highwater(tp)
-            if high is None or after >= high:
-                self.detector.read_up_to(tp.partition, after)
+        if self.detector.behind:
+            await self._read_up()
         if time.monotonic() >= self._tick_at:
             raised += self.detector.tick(now)
             self._tick_at = time.monotonic() + TICK_S
