@@ -36,6 +36,10 @@ def sink_consumer(
         fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
+        # A member repeating inserts a crash cut short, heartbeating meanwhile
+        # (llmtap/heartbeats.py), cannot rejoin before that is done: a rebalance waits
+        # for it as long as Kafka's Java client would, not the session's 10 s.
+        rebalance_timeout_ms=300_000,
         max_poll_interval_ms=3_600_000,  # a long ClickHouse outage must not evict the sink
     )
     consumer.subscribe([topic] if isinstance(topic, str) else topic, listener=listener)

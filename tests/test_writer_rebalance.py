@@ -346,3 +346,16 @@ async def test_a_writer_given_partitions_writes_nothing_before_their_repeat(
             assert set(rollup_requests(store).values()) == {65}
             await until(lambda: not replay.latest(store, group), "every insert's commit recorded")
     assert writer.inserts_lost == 0
+
+
+async def test_a_rebalance_waits_for_a_writer_repeating_inserts() -> None:
+    """A writer repeating the inserts a crash cut short cannot rejoin before that is
+    done: with the 10 s session as the limit, a store joining meanwhile got it expelled
+    on Kafka, and it read on as owner of partitions given to the other (Tansu waits).
+    It heartbeats meanwhile (llmtap/heartbeats.py), as the stream's stages do."""
+    consumer = sink_consumer("t", Kafka("127.0.0.1:9"), "g", "store-writer")
+    try:
+        assert consumer._rebalance_timeout_ms >= 300_000
+        assert consumer._max_poll_interval_ms >= consumer._rebalance_timeout_ms
+    finally:
+        await consumer.stop()
