@@ -149,6 +149,8 @@ async def read_spans(
             consumer.seek(tp, first)
         found: list[ConsumerRecord[bytes, bytes]] = []
         left = {tp: span for tp, span in spans.items() if span[0] < span[1]}
+        if empty := [tp for tp in spans if tp not in left]:
+            consumer.pause(*empty)  # nothing to read there
         complete = True
         loop = asyncio.get_running_loop()
         heard_at = loop.time()
@@ -166,6 +168,8 @@ async def read_spans(
                 consumer.pause(tp)
                 left.pop(tp)
                 complete = False
+            if patient and not complete:  # the answer already: no need to read on
+                return found, False
             if fetched or not left or loop.time() - heard_at < idle_ms / 1000:
                 continue
             if patient:

@@ -157,8 +157,11 @@ class SpikesStage(GroupStage):
         record batch's first offset plus one, and a committed offset, or a fetch of at
         most BATCH records, may stop inside that batch."""
         assert self._consumer is not None
+        assigned = self._consumer.assignment()
         for partition, end in list((self.detector.behind or {}).items()):
             tp = TopicPartition(self.topic, partition)
+            if tp not in assigned:  # taken away, before the listener hears: it says
+                continue
             high = self._consumer.highwater(tp)
             if end is None or high is None:  # its end not asked yet, or not fetched yet
                 continue
