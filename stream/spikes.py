@@ -382,27 +382,47 @@ def unjudged(
         return state, []
     alerts: list[Alert] = []
     if state.firing:
-        learned = baseline_for(rule, state, start)
         alerts.append(
-            _alert(
-                rule,
-                series,
-                "resolved",
-                state.severity or "warning",
-                window_start=start,
-                window_end=window_end,
-                first_seen=state.first_seen or valued,
-                value=Decimal(0),
-                baseline=learned or Baseline(Decimal(0), Decimal(1), 0),
-                tenant=tenant,
-                unjudged=valued,
-                learned=learned is not None,
-            )
+            _ended(rule, series, state, start, window_end, valued, tenant=tenant, unjudged=valued)
         )
     update: dict[str, object] = {"firing": False, "history": (), "outliers": 0}
     if since >= horizon([rule]):
         update |= {"hour_values": (), "profile": {}}
     return state.model_copy(update=update), alerts
+
+
+def _ended(
+    rule: SpikeRule,
+    series: str,
+    state: SeriesState,
+    start: datetime,
+    end: datetime,
+    since: datetime,
+    *,
+    tenant: str,
+    quiet: bool = False,
+    unjudged: datetime | None = None,
+) -> Alert:
+    """The ``resolved`` of a firing series' episode at the window from ``start`` to
+    ``end``, which had no value to judge (no calls: ``quiet``; none judged for the
+    look-back: ``unjudged``): observed 0, against the baseline learned if any
+    (``since``: the episode's first window, if the state does not say)."""
+    learned = baseline_for(rule, state, start)
+    return _alert(
+        rule,
+        series,
+        "resolved",
+        state.severity or "warning",
+        window_start=start,
+        window_end=end,
+        first_seen=state.first_seen or since,
+        value=Decimal(0),
+        baseline=learned or Baseline(Decimal(0), Decimal(1), 0),
+        tenant=tenant,
+        quiet=quiet,
+        unjudged=unjudged,
+        learned=learned is not None,
+    )
 
 
 def quiet_span(rule: SpikeRule) -> int:
@@ -424,21 +444,8 @@ def went_quiet(
     if not state.firing or state.last_window is None:
         return state, []
     start = state.last_window + window
-    learned = baseline_for(rule, state, start)
-    baseline = learned or Baseline(Decimal(0), Decimal(1), 0)
-    resolved = _alert(
-        rule,
-        series,
-        "resolved",
-        state.severity or "warning",
-        window_start=start,
-        window_end=start + window,
-        first_seen=state.first_seen or state.last_window,
-        value=Decimal(0),
-        baseline=baseline,
-        tenant=tenant,
-        quiet=True,
-        learned=learned is not None,
+    resolved = _ended(
+        rule, series, state, start, start + window, state.last_window, tenant=tenant, quiet=True
     )
     return state.model_copy(update={"firing": False}), [resolved]
 
