@@ -141,6 +141,25 @@ async def spiked(bootstrap: str, first: datetime, now: datetime) -> None:
     await publish(bootstrap, ads, now, ADS)
 
 
+def stages_settings(bootstrap: str) -> Settings:
+    """Two windows partitions judged by RULE, for spikes stages that join and leave a
+    group (a stage stopped leaves it within a session of 6 s)."""
+    return Settings(
+        kafka_bootstrap=bootstrap,
+        topic_partitions=2,
+        spike_rules=[RULE],
+        stream_session_timeout_s=6,
+    )
+
+
+async def spiked_20_minutes_ago(bootstrap: str) -> tuple[datetime, datetime]:
+    """:func:`spiked`, its first minute 20 minutes back: now, and that minute."""
+    now = utcnow()
+    first = now.replace(second=0, microsecond=0) - 20 * MINUTE
+    await spiked(bootstrap, first, now)
+    return now, first
+
+
 async def judged_through(stage: SpikesStage, team: str, at: datetime) -> None:
     async with asyncio.timeout(30):
         while True:
@@ -167,15 +186,8 @@ async def test_a_spike_firing_at_a_restart_is_resolved_once_when_its_series_went
     firing at every receiver. Team ads' minutes after it were judged before the stop
     (the worker stopped before its next sweep), or are a backlog read after the restart."""
     async with start_broker() as broker:
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            topic_partitions=2,
-            spike_rules=[RULE],
-            stream_session_timeout_s=6,
-        )
-        now = utcnow()
-        first = now.replace(second=0, microsecond=0) - 20 * MINUTE
-        await spiked(broker.bootstrap, first, now)
+        settings = stages_settings(broker.bootstrap)
+        now, first = await spiked_20_minutes_ago(broker.bootstrap)
         ads = [window(first + m * MINUTE, 50, 2, team="ads") for m in range(11, 15)]
         if not backlog:
             await publish(broker.bootstrap, ads, now, ADS)
@@ -203,9 +215,7 @@ async def test_a_restarted_worker_resolves_only_the_spikes_of_its_own_partitions
         settings = Settings(
             kafka_bootstrap=broker.bootstrap, topic_partitions=2, spike_rules=[RULE]
         )
-        now = utcnow()
-        first = now.replace(second=0, microsecond=0) - 20 * MINUTE
-        await spiked(broker.bootstrap, first, now)
+        now, first = await spiked_20_minutes_ago(broker.bootstrap)
         await commit_all(broker.bootstrap, Names().spikes_group)
 
         async def resolved(held: set[int]) -> list[str]:
@@ -229,15 +239,8 @@ async def test_a_backlog_read_first_does_not_resolve_a_spike_still_firing() -> N
     the warmed series at its first assignment, the worker resolved it, and search's
     next minute, read later, fired it again: a second page for one incident."""
     async with start_broker() as broker:
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            topic_partitions=2,
-            spike_rules=[RULE],
-            stream_session_timeout_s=6,
-        )
-        now = utcnow()
-        first = now.replace(second=0, microsecond=0) - 20 * MINUTE
-        await spiked(broker.bootstrap, first, now)
+        settings = stages_settings(broker.bootstrap)
+        now, first = await spiked_20_minutes_ago(broker.bootstrap)
         await commit_all(broker.bootstrap, Names().spikes_group)
         ads = [window(first + m * MINUTE, 50, 2, team="ads") for m in range(11, 15)]
         await publish(broker.bootstrap, ads, now, ADS)
@@ -283,12 +286,7 @@ async def test_a_partition_taken_over_is_waited_for_from_when_it_is_resumed(
     it again. Resumed, the partition is read only after a tick (as a fetch may hand one
     partition's over before another's)."""
     async with start_broker() as broker:
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            topic_partitions=2,
-            spike_rules=[RULE],
-            stream_session_timeout_s=6,
-        )
+        settings = stages_settings(broker.bootstrap)
         now = utcnow()
         first = now.replace(second=0, microsecond=0) - 20 * MINUTE
         previous = TakingOver(settings, await warmed_detector(settings))
@@ -395,12 +393,7 @@ async def test_a_spike_fired_by_one_worker_is_not_fired_again_by_the_next_owner(
     ongoing there, not new (it fired again, a second page for one incident), and its
     end is resolved."""
     async with start_broker(2) as broker:
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            topic_partitions=2,
-            spike_rules=[RULE],
-            stream_session_timeout_s=6,
-        )
+        settings = stages_settings(broker.bootstrap)
         start = utcnow().replace(second=0, microsecond=0) - 20 * MINUTE
         levels = [100 + i % 3 for i in range(10)]
         stages: list[SpikesStage] = []
