@@ -76,7 +76,7 @@ class Call:
         r = event.response
         u = r.usage
         return cls(
-            error_class=None if r.status == "ok" else (r.error_class or r.status),
+            error_class=error_class_of(r.status, r.error_class),
             input_tokens=u.input_tokens,
             output_tokens=u.output_tokens,
             cached_input_tokens=u.cached_input_tokens,
@@ -88,6 +88,27 @@ class Call:
             ttft_ms=r.ttft_ms,
             ttft_bin=None if r.ttft_ms is None else bin_of(r.ttft_ms),
         )
+
+
+# Calls llmtap's guards refused by design (a key's rate limit, a hard-capped budget spent:
+# the provider never asked): not failures of the service, nor calls it served. Each is
+# its own error class in a window, named by its status, which an error rate leaves out
+# (stream/detector.py), so a tenant reaching its cap pages no one.
+GUARDED = ("rate_limited", "budget_exceeded")
+
+
+def error_class_of(status: str, error_class: str) -> str | None:
+    """A call's error class in a window: None for a call that succeeded, else the
+    provider's error type or llmtap's code, or the status when it has neither. A
+    provider's error type that reads as a guard's (an upstream gateway's
+    ``budget_exceeded``) is prefixed with its status, so that it counts as the failure it
+    is, not as a call llmtap's own guards refused."""
+    if status == "ok":
+        return None
+    klass = error_class or status
+    if klass in GUARDED and status not in GUARDED:
+        return f"{status}:{klass}"
+    return klass
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ from decimal import Decimal
 from llmtap.config import SpikeMetric, SpikeRule
 from llmtap.events import Alert, series_key
 from llmtap.wire import Window
-from stream.aggregates import merge_windows, sketch_of
+from stream.aggregates import GUARDED, merge_windows, sketch_of
 from stream.spikes import SeriesState, horizon, observe, quiet_span, went_quiet
 from stream.windows import ALLOWED_SKEW
 
@@ -45,18 +45,10 @@ QUIET_AFTER = 3
 StateKey = tuple[str, str, str]  # a series as one rule judges it: (rule, tenant, value)
 
 
-# Calls llmtap's guards refused by design (a key's rate limit, a hard-capped budget spent:
-# the provider never asked): not failures of the service, nor calls it served. An error
-# rate leaves them out (each status is its own error class in a window), so a tenant
-# reaching its cap pages no one. Calls their caller broke off stay failures: a provider
-# that hangs shows as clients giving up.
-GUARDED = ("rate_limited", "budget_exceeded")
-
-
 def error_rate(window: Window) -> tuple[int, int]:
     """A window's failed calls and the calls they are out of, for its error rate: calls
-    the guards refused by design are in neither (a provider's error type of one of those
-    names would be taken for one)."""
+    the guards refused by design (classes ``GUARDED``) are in neither. Calls their caller
+    broke off stay failures: a provider that hangs shows as clients giving up."""
     guarded = sum(window.errors_by_class.get(name, 0) for name in GUARDED)
     return window.errors - guarded, window.requests - guarded
 

@@ -619,6 +619,25 @@ def test_an_error_rate_leaves_out_what_the_guards_refused() -> None:
     assert metric_value("error_rate", capped) is None  # none went: no rate at all
 
 
+def test_a_provider_error_named_like_a_guard_is_a_failure() -> None:
+    """An upstream gateway (LiteLLM) answers ``budget_exceeded`` when its own budget is
+    spent, a provider may say ``rate_limited``: the provider failing, not llmtap's guards
+    refusing. 10 calls, 6 such errors: 60%, not 0 of 4."""
+    w = Windower((60,), GRACE)
+    for i in range(10):
+        if i < 6:
+            klass = "budget_exceeded" if i % 2 else "rate_limited"
+            w.add(call(i * S, status="upstream_error", error_class=klass), T0)
+        else:
+            w.add(call(i * S), T0)
+    [team] = [x for x in w.advance(T0 + 5 * MIN, [0]) if x.dimension == "team"]
+    assert team.errors_by_class == {
+        "upstream_error:budget_exceeded": 3,
+        "upstream_error:rate_limited": 3,
+    }
+    assert metric_value("error_rate", team) == Decimal("0.6")
+
+
 def test_one_failing_call_of_one_is_no_error_rate_spike() -> None:
     """A quiet series that never failed, then one window of a single call, failed: an
     error rate of 100%, critical at a z of 10^9. Below min_requests it is no value."""
