@@ -125,17 +125,11 @@ class SpikesStage(GroupStage):
             self._adopting = asyncio.create_task(self._adopt(given, paused))
         # A partition taken over is paused while its states are read back (minutes,
         # maybe): its end is asked when it is resumed (_adopt), not now.
-        behind = [
-            tp
-            for tp in assigned
-            if tp.partition in (self.detector.behind or ()) and tp.partition not in given
-        ]
-        if behind:
-            await self._ask_ends(behind)
+        await self._ask_ends([tp for tp in assigned if tp.partition not in given])
 
     async def _ask_ends(self, behind: list[TopicPartition]) -> None:
-        """Tell the detector where the partitions not read up yet end now (each poll
-        then says whether it is read up to there: :meth:`_read_up`)."""
+        """Tell the detector where those of the partitions not read up yet end now
+        (each poll then says whether it is read up to there: :meth:`_read_up`)."""
         assert self._consumer is not None
         behind = [tp for tp in behind if tp.partition in (self.detector.behind or ())]
         if not behind:

@@ -36,6 +36,8 @@ CLOSE_EVERY_S = 1.0
 # Calls (and, at the spikes stage, windows) stamped ahead of the clock: logged at most
 # this often.
 AHEAD_LOG_EVERY_S = 60.0
+# Calls that came after their window closed (a backlog after a stall brings them every
+# second): logged at most this often, with how many since the last line.
 LATE_LOG_EVERY_S = 60.0
 
 
