@@ -16,13 +16,9 @@ from urllib.parse import urlsplit
 
 from llmtap.config import Settings
 
-# Hosts that bind every address of a family (asyncio binds an IPv6 socket for IPv6
-# alone, so "::" and "0.0.0.0" on one port do not clash); "" binds every family's.
-_ANY_HOST = {
-    "": {socket.AF_INET, socket.AF_INET6},
-    "0.0.0.0": {socket.AF_INET},
-    "::": {socket.AF_INET6},
-}
+# The address that binds every address of its family (asyncio binds an IPv6 socket for
+# IPv6 alone, so "::" and "0.0.0.0" on one port do not clash).
+_ANY: dict[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 
 
 @dataclass(frozen=True)
@@ -54,12 +50,17 @@ def listeners(settings: Settings) -> list[Listener]:
     return [listener for listener in found if listener.port]
 
 
-def _families(host: str) -> set[int]:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            socket.inet_pton(family, host)
-            return {family}
-    return {socket.AF_INET, socket.AF_INET6}  # a name: either
+def _addresses(host: str) -> set[tuple[int, str]]:
+    """What a server binds for ``host``: each address it resolves to, with its family
+    (an empty host: every address of both). A name that does not resolve stands for
+    itself (binding it will fail, and say why)."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError):
+        return {(0, host)}
+    return {(int(family), str(address[0])) for family, _, _, _, address in infos}
 
 
 def _overlap(a: Listener, b: Listener) -> bool:
@@ -68,8 +69,9 @@ def _overlap(a: Listener, b: Listener) -> bool:
     if a.host == b.host:
         return True
     return any(
-        host in _ANY_HOST and _ANY_HOST[host] & _families(other)
-        for host, other in ((a.host, b.host), (b.host, a.host))
+        fa == fb and (ip_a == ip_b or _ANY.get(fa) in (ip_a, ip_b))
+        for fa, ip_a in _addresses(a.host)
+        for fb, ip_b in _addresses(b.host)
     )
 
 

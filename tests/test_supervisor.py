@@ -142,6 +142,13 @@ async def test_two_settings_naming_one_port_fail_the_start_before_anything_start
         update={"api_host": "127.0.0.2", "worker_metrics_port": settings.api_port}
     )
     assert ports.clashes(ports.listeners(apart)) == []
+    # A name and an address it resolves to are one address.
+    named = settings.model_copy(
+        update={"api_host": "localhost", "worker_metrics_port": settings.api_port}
+    )
+    assert ports.clashes(ports.listeners(named)) == [
+        f"api_port and worker_metrics_port both name port {settings.api_port}"
+    ]
     # Every IPv6 address and every IPv4 one: asyncio binds the two apart.
     families = settings.model_copy(
         update={
