@@ -539,3 +539,50 @@ async def test_searches_by_the_preview_tool_reserve_its_fee(
                 assert "worst case of this call $2.526" in str(error)
             else:
                 assert tool == "web_search"
+
+
+async def test_anthropic_tools_reserve_the_tokens_anthropic_adds_for_them(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Messages call with tools is billed a tool-use system prompt (496 tokens on
+    Claude Haiku 4.5 with tool_choice auto) and, for the bash tool, 325 tokens of its
+    definition, none of them in the body. Under a $0.001 cap, the call's bytes and
+    max_tokens alone would fit; with the 821 tokens Anthropic adds, at Haiku 4.5's
+    dearest input rate ($2.00 a million: 1-hour cache writes), it is refused before
+    the provider is asked. The same call without tools goes through."""
+    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-t", scope="tenant", value="acme", limit_usd=Decimal("0.001"))
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")
+    plain = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "list the files here"}],
+    }
+    with_bash = orjson.dumps({**plain, "tools": [{"type": "bash_20250124", "name": "bash"}]})
+
+    def worst(prompt_tokens: int) -> Decimal:  # input at $2.00, output at $5.00 a million
+        return (prompt_tokens * Decimal("2.00") + 10 * Decimal("5.00")) / Decimal(1_000_000)
+
+    assert worst(len(with_bash)) < budget.limit_usd < worst(len(with_bash) + 496 + 325)
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    async with (
+        TestServer(create_app(settings), host="127.0.0.1") as server,
+        aiohttp.ClientSession(headers={"x-api-key": secret}) as session,
+    ):
+        async with asyncio.timeout(10):  # the key is loaded, the budgets' spend read
+            while True:
+                async with session.post(server.make_url("/v1/messages"), json=plain) as answer:
+                    if answer.status != 401:
+                        assert answer.status == 200, await answer.text()
+                        break
+                await asyncio.sleep(0.1)
+        asked = len(upstream.provider.received)
+        async with session.post(server.make_url("/v1/messages"), data=with_bash) as answer:
+            status, body = answer.status, await answer.json()
+    assert status == 400, body
+    error = body["error"]
+    assert error["type"] == "invalid_request_error", error
+    assert "budget 'acme-t'" in error["message"]
+    reserved = error["message"].split("worst case of this call $")[1].split()[0]
+    assert Decimal(reserved) == worst(len(with_bash) + 496 + 325)
+    assert len(upstream.provider.received) == asked

@@ -244,7 +244,7 @@ class Admission:
             utcnow(),
             provider=route.provider,
             choices=answers,
-            reach=lambda: reach(payload),
+            reach=lambda: reach(payload, endpoint.added_tokens),
             prompts=batched,
         )
         if exhausted is not None:

@@ -9,6 +9,7 @@ from ingress.forward import unmetered
 from ingress.forward.capture import AnthropicJsonCapture, AnthropicStreamCapture
 from ingress.forward.endpoint import Api, Endpoint
 from ingress.forward.proxy import metered
+from ingress.forward.tool_tokens import added_tokens
 
 ANTHROPIC = Api(
     kind="anthropic",
@@ -19,8 +20,10 @@ ANTHROPIC = Api(
     credential_prefix="",
 )
 
-# Usage arrives unasked (message_start, message_delta): nothing to prepare.
-MESSAGES = Endpoint("messages", ANTHROPIC, "/v1/messages")
+# Usage arrives unasked (message_start, message_delta): nothing to prepare. A call with
+# tools is billed a tool-use system prompt and Anthropic's tools' definitions on top of
+# its body: a hard cap's worst case counts them (tool_tokens.py).
+MESSAGES = Endpoint("messages", ANTHROPIC, "/v1/messages", added_tokens=added_tokens)
 
 
 def add_routes(app: web.Application) -> None:

@@ -40,6 +40,10 @@ class Endpoint:
     # The body field whose list items the provider answers apart, each a prompt of its
     # own (ingress/guards/bounds.py: prompts).
     batched: str | None = None
+    # The input tokens the provider adds to what the body holds (Anthropic's tool-use
+    # system prompt and its tools' definitions: tool_tokens.py), for a hard cap's worst
+    # case; None: none.
+    added_tokens: Callable[[dict[str, Any]], int] | None = None
 
 
 def upstream_credential(

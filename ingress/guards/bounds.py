@@ -32,6 +32,7 @@ so a name spelled with JSON escapes is read as the provider reads it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 # The fields naming a call's output ceiling, by API (the largest named is reserved).
@@ -170,21 +171,29 @@ def _count(value: Any) -> int | None:
 class Reach(NamedTuple):
     """What a body leaves unbounded: whether its input is all in it
     (:func:`input_unbounded`), the most web searches it allows (:func:`web_searches`),
-    the images it holds or names (:func:`images`), and whether its searches may cost
-    the ``web_search_preview`` tool's fee (:func:`preview_named`)."""
+    the images it holds or names (:func:`images`), whether its searches may cost the
+    ``web_search_preview`` tool's fee (:func:`preview_named`), and the input tokens the
+    provider adds to its bytes (Anthropic's tool-use system prompt and its tools'
+    definitions: ingress/forward/tool_tokens.py)."""
 
     input_unbounded: bool
     web_searches: int | None
     images: int = 0
     preview_named: bool = False
+    added_tokens: int = 0
 
 
-def reach(payload: dict[str, Any]) -> Reach:
+def reach(
+    payload: dict[str, Any], added_tokens: Callable[[dict[str, Any]], int] | None = None
+) -> Reach:
+    """What ``payload`` leaves unbounded; ``added_tokens``: the endpoint's count of the
+    input tokens its provider adds (:attr:`Endpoint.added_tokens`)."""
     return Reach(
         input_unbounded(payload),
         web_searches(payload),
         images(payload),
         preview_named(payload),
+        added_tokens(payload) if added_tokens is not None else 0,
     )
 
 

@@ -345,7 +345,7 @@ class BudgetBook:
         def reckoned(most_tokens: int | None) -> Decimal:
             return self.worst_case(
                 model,
-                request_bytes,
+                request_bytes + unbounded.added_tokens,  # the provider's own (bounds.Reach)
                 most_tokens,
                 now,
                 provider,
