@@ -437,6 +437,42 @@ async def test_a_login_posted_from_another_site_is_refused(dash: Dash) -> None:
         assert COOKIE not in response.cookies
 
 
+async def test_a_login_through_a_proxy_that_names_the_host_it_was_asked_for_is_taken(
+    dash: Dash,
+) -> None:
+    """nginx's proxy_pass sends its upstream's address as Host: the browser's Origin is
+    the site's name, which the proxy passes on as X-Forwarded-Host or Forwarded."""
+    site = "https://llmtap.example.com"
+    for said in (
+        {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "llmtap.example.com"},
+        {"Forwarded": "for=1.2.3.4;proto=https;host=llmtap.example.com"},
+    ):
+        async with dash.client.post(
+            "/dashboard/login",
+            data={"key": ADMIN_KEY},
+            headers={"Origin": site, **said},
+            allow_redirects=False,
+        ) as response:
+            assert response.status == 303, said
+            assert COOKIE in response.cookies
+        # A proxy that keeps the Host asked for: the Origin names no port, as the Host.
+        async with dash.client.post(
+            "/dashboard/login",
+            data={"key": ADMIN_KEY},
+            headers={"Origin": site, "Host": "llmtap.example.com", "X-Forwarded-Proto": "https"},
+            allow_redirects=False,
+        ) as response:
+            assert response.status == 303
+        # Another site's form, through the same proxy, is still refused.
+        async with dash.client.post(
+            "/dashboard/login",
+            data={"key": ADMIN_KEY},
+            headers={"Origin": "https://evil.example", **said},
+            allow_redirects=False,
+        ) as response:
+            assert response.status == 403, said
+
+
 async def test_logout_ends_the_session(dash: Dash) -> None:
     await dash.login(ADMIN_KEY)
     assert "<svg" in await dash.page()

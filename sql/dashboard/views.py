@@ -349,11 +349,25 @@ def login_page(range_: str, message: str = "", status: int = 200) -> web.Respons
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A form post from this site: no Origin (not a browser) or this host's."""
+    """A form post from this site: no Origin (not a browser), or this host's: the Host
+    asked for, or the one a proxy in front says the browser asked for (X-Forwarded-Host,
+    Forwarded's host: nginx sends its upstream's address as Host unless told otherwise).
+    A form another site posts cannot set either header."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True
-    return URL(origin).authority == request.host if origin != "null" else False
+    if origin == "null":
+        return False
+    hosts = [request.host]
+    if forwarded := request.headers.get("X-Forwarded-Host", "").split(",")[0].strip():
+        hosts.append(forwarded)
+    hosts += [str(hop["host"]) for hop in request.forwarded[:1] if hop.get("host")]
+    site = URL(origin)
+    # A host named without a port is on the origin's scheme's default one.
+    return any(
+        (named.host, named.port) == (site.host, site.port)
+        for named in (URL(f"{site.scheme}://{host}") for host in hosts)
+    )
 
 
 def _range_of(value: object) -> str:
