@@ -107,6 +107,10 @@ class Attribution(_Model):
     properties: dict[str, str] = Field(default_factory=dict)
 
 
+# The speed a provider served a call at: Anthropic's fast mode, or its standard speed.
+Speed = Literal["standard", "fast"]
+
+
 class Usage(_Model):
     """Tokens of one call, normalised across providers.
 
@@ -126,7 +130,11 @@ class Usage(_Model):
     ``web_search_call`` output items), each billed on top of the tokens;
     ``web_search_preview_requests`` those of them run by the Responses API's older
     ``web_search_preview`` tool (the call's only web search tool), which OpenAI bills
-    apart on some models.
+    apart on some models. ``speed`` is the speed that served the call, as the provider
+    reports it (Anthropic's ``usage.speed``): ``"fast"`` for Anthropic's fast mode,
+    billed at a premium on every token; ``"standard"`` otherwise, and for every call
+    whose provider reports none (a call that asked for fast mode and was served at
+    standard speed is billed at standard rates, and says so).
     """
 
     input_tokens: int = Field(default=0, ge=0)
@@ -139,6 +147,7 @@ class Usage(_Model):
     output_tokens_counted: bool = False
     web_search_requests: int = Field(default=0, ge=0)
     web_search_preview_requests: int = Field(default=0, ge=0)  # within the above
+    speed: Speed = "standard"
 
     @classmethod
     def missing(cls) -> Usage:

@@ -56,8 +56,9 @@ class Attribution(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=Fa
 
 # Its counts are written only when not their defaults (most are 0 for most calls): an
 # event whose call used nothing a later field counts reads the same to a reader from
-# before that field (web_search_preview_requests, say), which refuses fields it does
-# not know, so a rolling upgrade loses no call that does not use it.
+# before that field (web_search_preview_requests, say; speed, written only for a call
+# served in fast mode), which refuses fields it does not know, so a rolling upgrade
+# loses no call that does not use it.
 class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
@@ -69,6 +70,7 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, o
     output_tokens_counted: bool = False
     web_search_requests: Tokens = 0
     web_search_preview_requests: Tokens = 0
+    speed: events.Speed = "standard"
 
 
 def attribution_of(a: events.Attribution) -> Attribution:
@@ -87,6 +89,7 @@ def usage_of(u: events.Usage) -> Usage:
         u.output_tokens_counted,
         u.web_search_requests,
         u.web_search_preview_requests,
+        u.speed,
     )
 
 

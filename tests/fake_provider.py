@@ -48,6 +48,10 @@ class FakeProvider:
     # Anthropic streams end in an "overloaded_error" event after the text, as Anthropic's
     # do when it is overloaded mid-answer (the 200 already sent).
     overloaded_mid_stream: bool = False
+    # The speed a Messages call is served at, reported in its usage ("fast" or
+    # "standard"); None: the speed its body asks for, if it names one (as Anthropic's
+    # fast mode does when it has the capacity), else none reported.
+    served_speed: str | None = None
     received: list[Received] = field(default_factory=list)
     sent_chunks: list[list[dict[str, Any]]] = field(default_factory=list)
     sent_events: list[list[tuple[str, dict[str, Any]]]] = field(default_factory=list)
@@ -224,6 +228,9 @@ class FakeProvider:
         searched = {"web_search_requests": self.web_searches} if self.web_searches else None
         if searched:
             usage["server_tool_use"] = searched
+        speed = self.served_speed or body.get("speed")
+        if speed:
+            usage["speed"] = speed  # in message_start's usage, when streamed
         text = "".join(self.words)
         if not body.get("stream"):
             return web.json_response(

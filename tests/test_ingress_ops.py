@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
+from anthropic import AsyncAnthropic
 from yarl import URL
 
 from ingress.app import create_app
@@ -472,6 +473,48 @@ async def test_a_stream_that_fails_after_its_200_is_recorded_as_the_provider_s_e
         "overloaded_error",
     )
     assert event.usage.input_tokens > 0  # message_start's count is kept
+
+
+async def test_the_speed_that_served_an_anthropic_call_is_in_its_response_event(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """A call Anthropic served in fast mode (billed at its premium) says so in its usage,
+    answered whole or streamed (message_start's usage tells it); the response event
+    carries it. One that asked for fast mode and was served at standard speed (Opus 4.6
+    does so) is standard, and so is one that did not ask."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    fake = upstream.provider
+    ask: Any = {
+        "model": "claude-opus-5",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}],
+        "speed": "fast",
+        "betas": ["fast-mode-2026-02-01"],
+    }
+    speeds: dict[str, str] = {}
+    async with AsyncAnthropic(base_url=ingress, api_key=secret, max_retries=0) as sdk:
+        raw = await sdk.beta.messages.with_raw_response.create(**ask)
+        assert (await raw.parse()).usage.speed == "fast"  # reached the client as sent
+        speeds[raw.headers["x-request-id"]] = "fast"
+        async with sdk.beta.messages.stream(**ask) as stream:
+            assert (await stream.get_final_message()).usage.speed == "fast"
+        speeds[stream.response.headers["x-request-id"]] = "fast"
+        fake.served_speed = "standard"
+        try:
+            raw = await sdk.beta.messages.with_raw_response.create(**ask)
+            speeds[raw.headers["x-request-id"]] = "standard"
+            async with sdk.beta.messages.stream(**ask) as stream:
+                await stream.get_final_message()
+            speeds[stream.response.headers["x-request-id"]] = "standard"
+        finally:
+            fake.served_speed = None
+        plain: Any = {k: v for k, v in ask.items() if k not in ("speed", "betas")}
+        raw = await sdk.messages.with_raw_response.create(**plain)
+        speeds[raw.headers["x-request-id"]] = "standard"
+    for request_id, speed in speeds.items():
+        event = await response_event(broker.bootstrap, request_id)
+        assert (event.status, event.usage.speed) == ("ok", speed)
+        assert event.usage.output_tokens == fake.completion_tokens
 
 
 async def test_a_body_with_a_byte_order_mark_is_the_provider_s_to_judge(

@@ -503,8 +503,8 @@ def test_anthropic_one_hour_writes_are_a_subset_of_the_writes(split: Any, one_ho
     assert captured.cache_creation_1h_input_tokens == one_hour
 
 
-def _anthropic_stream(final_usage: dict[str, Any]) -> bytes:
-    start_usage = {**ANTHROPIC_USAGE, "output_tokens": 1}
+def _anthropic_stream(final_usage: dict[str, Any], **started: Any) -> bytes:
+    start_usage = {**ANTHROPIC_USAGE, "output_tokens": 1, **started}
     events: list[tuple[str, dict[str, Any]]] = [
         (
             "message_start",
@@ -635,6 +635,31 @@ def test_anthropic_stream_counts_the_searches_its_last_delta_reports() -> None:
         assert capture.final_usage == ANTHROPIC_EXPECTED.model_copy(
             update={"web_search_requests": 2}
         )
+
+
+# The speed that served the call: Anthropic's fast mode is billed at a premium.
+
+
+def test_anthropic_usage_says_which_speed_served_the_call() -> None:
+    fast = {**ANTHROPIC_USAGE, "speed": "fast"}
+    assert AnthropicJsonCapture(_message(fast)).usage == ANTHROPIC_EXPECTED.model_copy(
+        update={"speed": "fast"}
+    )
+    # Asked for fast mode and served at standard speed (Opus 4.6), said or not.
+    for odd in ("standard", None, "FAST", "turbo", 1):
+        captured = anthropic_usage({**ANTHROPIC_USAGE, "speed": odd})
+        assert captured is not None and captured.speed == "standard"
+
+
+def test_anthropic_stream_keeps_the_speed_its_message_start_reports() -> None:
+    # Anthropic's message_start carries the message's usage, speed included; the
+    # message_delta's usage after it does not repeat it.
+    stream = _anthropic_stream({"output_tokens": 800}, speed="fast")
+    for pieces in _random_pieces(stream):
+        capture = AnthropicStreamCapture()
+        forwarded = b"".join(capture.feed(piece) for piece in pieces) + capture.finish()
+        assert forwarded == stream
+        assert capture.final_usage == ANTHROPIC_EXPECTED.model_copy(update={"speed": "fast"})
 
 
 RESPONSES_USAGE = {"input_tokens": 9000, "output_tokens": 300}

@@ -71,6 +71,7 @@ usages = st.builds(
     output_tokens_counted=st.booleans(),
     web_search_requests=tokens,
     web_search_preview_requests=tokens,
+    speed=st.sampled_from(["standard", "fast"]),
 )
 responses = st.builds(
     ResponseEvent,
@@ -225,6 +226,10 @@ def test_usage_counts_left_at_their_defaults_are_not_written() -> None:
     assert Usage.model_validate_json(msgspec.json.encode(plain)) == Usage(
         input_tokens=10, web_search_requests=2
     )
+    # The speed is written for a call served in fast mode only.
+    fast = wire.usage_of(Usage(input_tokens=10, speed="fast"))
+    assert json.loads(msgspec.json.encode(fast)) == {"input_tokens": 10, "speed": "fast"}
+    assert Usage.model_validate_json(msgspec.json.encode(fast)).speed == "fast"
 
 
 def mutated(mutate: Callable[[dict[str, Any]], None]) -> bytes:
@@ -285,6 +290,7 @@ BAD = {
     "negative latency": setting("response.latency_ms", -0.5),
     "negative ttft": setting("response.ttft_ms", -1),
     "unknown status": setting("response.status", "exploded"),
+    "unknown speed": setting("response.usage.speed", "ludicrous"),
     "wrong kind": setting("kind", "response"),
     "future schema": setting("schema_version", 2),
     "naive timestamp": setting("response.ts_end", LATER.isoformat()),
@@ -330,6 +336,8 @@ LAX = {
     "no web searches": without("response.usage.web_search_requests"),
     "no web search fee": without("cost.web_search"),
     "no preview searches": without("response.usage.web_search_preview_requests"),
+    # an event written before the speed that served a call was read
+    "no speed": without("response.usage.speed"),
 }
 
 

@@ -42,7 +42,10 @@ def anthropic_usage(usage: Any) -> Usage | None:
     includes both (see :class:`llmtap.events.Usage`), so they are added back. The
     writes are split by lifetime in ``cache_creation`` (``ephemeral_5m_input_tokens``,
     ``ephemeral_1h_input_tokens``): the one-hour part is kept, as it is priced higher.
-    When only the split is reported, the writes are its sum.
+    When only the split is reported, the writes are its sum. ``speed`` is the speed
+    that served the call (fast mode's ``"fast"``, billed at its premium rates; a call
+    that asked for it may be served at ``"standard"``); any other value, or none, is
+    standard.
     """
     if not isinstance(usage, dict):
         return None
@@ -64,6 +67,7 @@ def anthropic_usage(usage: Any) -> Usage | None:
         cache_creation_input_tokens=written,
         cache_creation_1h_input_tokens=min(written_1h, written),
         web_search_requests=searches,
+        speed="fast" if usage.get("speed") == "fast" else "standard",
     )
 
 
