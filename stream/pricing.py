@@ -79,11 +79,21 @@ class Rates(_RateFields):
     # USD per 1,000 searches by the Responses API's older web_search_preview tool, where
     # it is priced apart (OpenAI's non-reasoning models). None: as web_search.
     web_search_preview: Decimal | None = Field(default=None, ge=0)
+    # Anthropic's fast mode: a call served at fast speed (Usage.speed) has every token
+    # rate above (cache reads and writes, the long-context tier) multiplied by this; its
+    # search fees are not. None: no fast price known, and a call served fast is unpriced.
+    fast_multiplier: Decimal | None = Field(default=None, ge=1)
 
     def for_prompt(self, input_tokens: int) -> _RateFields:
         """The rates for a call with this many prompt tokens (long-context tier or not)."""
         tier = self.long_context
         return tier if tier is not None and input_tokens > tier.above_input_tokens else self
+
+    def speed(self, speed: str) -> Decimal | None:
+        """What the token rates are multiplied by for a call served at ``speed`` (the
+        contract's ``Usage.speed``): 1 at standard speed, :attr:`fast_multiplier` in fast
+        mode; None when these rates give no fast price (such a call cannot be priced)."""
+        return self.fast_multiplier if speed == "fast" else _ONE
 
 
 class ModelPrice(BaseModel):
@@ -186,7 +196,9 @@ class Catalog(BaseModel):
         force on that price's date. An override written to change a token price must not
         drop a hard cap's worst case to the defaults, nor a fee to zero; one that names a
         search fee (``web_search: null``: searches are free) says what searches cost.
-        Naming one as null drops it.
+        Naming one as null drops it. So does fast mode's multiplier (``fast_multiplier``)
+        on each price that does not name it: a negotiated rate is still dearer in fast
+        mode; ``fast_multiplier: null`` leaves a call served fast unpriced.
         """
         replaced = {key.casefold() for key in other.models}
         kept = {k: v for k, v in self.models.items() if k.casefold() not in replaced}
@@ -199,6 +211,7 @@ class Catalog(BaseModel):
 
 _LIMITS = ("context_window", "max_output_tokens")
 _FEES = frozenset({"web_search", "web_search_preview"})
+_FAST = "fast_multiplier"
 
 
 def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
@@ -206,17 +219,23 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
     update: dict[str, Any] = {
         f: getattr(shipped, f) for f in _LIMITS if f not in entry.model_fields_set
     }
-    if any(not _FEES & rates.model_fields_set for rates in entry.prices):
-        # The shipped fees on each price's day; before the shipped prices, their first.
-        # A price naming either fee names the searches' fees: one it leaves out is none
-        # (a preview search then costs the web_search fee it names, null included).
+    if any(
+        not _FEES & rates.model_fields_set or _FAST not in rates.model_fields_set
+        for rates in entry.prices
+    ):
+        # The shipped fees and fast mode's multiplier on each price's day; before the
+        # shipped prices, their first. A price naming either fee names the searches'
+        # fees: one it leaves out is none (a preview search then costs the web_search
+        # fee it names, null included).
         earliest = min(shipped.prices, key=lambda r: r.effective_from)
 
         def with_fees(rates: Rates) -> Rates:
-            if _FEES & rates.model_fields_set:
-                return rates
             then = shipped.on(rates.effective_from) or earliest
-            return rates.model_copy(update={f: getattr(then, f) for f in _FEES})
+            named = rates.model_fields_set
+            kept = {f: getattr(then, f) for f in _FEES} if not _FEES & named else {}
+            if _FAST not in named:
+                kept[_FAST] = then.fast_multiplier
+            return rates.model_copy(update=kept) if kept else rates
 
         update["prices"] = [with_fees(rates) for rates in entry.prices]
     return entry.model_copy(update=update) if update else entry
@@ -274,6 +293,7 @@ def load_catalog(extra: Path | None = None) -> Catalog:
 
 
 _ZERO = Decimal(0)
+_ONE = Decimal(1)
 _NO_USD = _ZERO.quantize(MONEY_QUANTUM)
 
 
@@ -306,9 +326,13 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     model prices them apart they are carved out too. Omitted rates fall back: cached
     input and cache writes to input, 1-hour cache writes to cache writes (then input),
     reasoning to output. A prompt past the model's long-context threshold prices the
-    whole call at the long-context rates.
+    whole call at the long-context rates. A call served in fast mode (``usage.speed``)
+    has each of those token rates multiplied by the rates' ``fast_multiplier``, its
+    search fee not; a caller first checks that the rates give one
+    (:meth:`Rates.speed`), as without one a fast call is priced at standard rates here.
     """
     tier = rates.for_prompt(usage.input_tokens)
+    times = rates.speed(usage.speed) or _ONE
     cached = min(usage.cached_input_tokens, usage.input_tokens)
     written = min(usage.cache_creation_input_tokens, usage.input_tokens - cached)
     written_1h = min(usage.cache_creation_1h_input_tokens, written)
@@ -316,15 +340,21 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     reasoning = usage.reasoning_tokens if tier.reasoning is not None else 0
     reasoning = min(reasoning, usage.output_tokens)
 
-    cached_rate = tier.input if tier.cached_input is None else tier.cached_input
-    write_rate = tier.input if tier.cache_write is None else tier.cache_write
+    input_rate = tier.input
+    cached_rate = input_rate if tier.cached_input is None else tier.cached_input
+    write_rate = input_rate if tier.cache_write is None else tier.cache_write
     write_1h_rate = write_rate if tier.cache_write_1h is None else tier.cache_write_1h
+    output_rate, reasoning_rate = tier.output, tier.reasoning or _ZERO
+    if times != _ONE:  # fast mode: every token rate, cache reads and writes too
+        input_rate, cached_rate = input_rate * times, cached_rate * times
+        write_rate, write_1h_rate = write_rate * times, write_1h_rate * times
+        output_rate, reasoning_rate = output_rate * times, reasoning_rate * times
 
-    cost_input = _usd(uncached, tier.input)
+    cost_input = _usd(uncached, input_rate)
     cost_cached = _usd(cached, cached_rate)
     cost_write = _usd(written - written_1h, write_rate, (written_1h, write_1h_rate))
-    cost_output = _usd(usage.output_tokens - reasoning, tier.output)
-    cost_reasoning = _usd(reasoning, tier.reasoning or Decimal(0))
+    cost_output = _usd(usage.output_tokens - reasoning, output_rate)
+    cost_reasoning = _usd(reasoning, reasoning_rate)
     cost_search = search_fee(usage.web_search_requests, rates, usage.web_search_preview_requests)
     return {
         "input": cost_input,
@@ -368,7 +398,9 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
         return _NO_COST
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
-    if entry is None or rates is None:
+    if entry is None or rates is None or rates.speed(event.usage.speed) is None:
+        # No price for the model, or none for the speed that served it (fast mode on a
+        # model the catalog gives no fast price): unknown, never a standard-rate guess.
         return Rating(None, unpriced=True)
     if event.usage.usage_missing:
         # Tokens unknown: the cost is unknown too, and the event says so; never $0.

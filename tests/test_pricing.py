@@ -991,3 +991,130 @@ def test_an_override_keeps_the_search_fee_and_limits_of_the_entry_it_shadows(
     searched = Usage(input_tokens=1000, web_search_requests=4)
     cost = priced(response("gpt-4o", searched, provider="openai"), catalog)
     assert cost.web_search == Decimal("0.04")
+
+
+# -- Anthropic's fast mode ---------------------------------------------------------------
+
+# Every kind of token (uncached, cache reads, 5-minute and 1-hour writes, output) and
+# two searches, as Anthropic reports them.
+FAST_USAGE = {
+    "input_tokens": 1_000,
+    "cache_read_input_tokens": 20_000,
+    "cache_creation_input_tokens": 5_000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 3_000, "ephemeral_1h_input_tokens": 2_000},
+    "output_tokens": 800,
+    "server_tool_use": {"web_search_requests": 2},
+}
+
+
+def anthropic_call(speed: str | None) -> Usage:
+    usage = anthropic_usage({**FAST_USAGE, "speed": speed})
+    assert usage is not None
+    return usage
+
+
+@pytest.mark.parametrize(
+    "model", ["claude-opus-4-6", "claude-opus-4-7", "claude-opus-4-8", "claude-opus-5",
+              "claude-opus-5-5-20260922"],
+)  # fmt: skip
+def test_a_call_served_in_fast_mode_costs_every_token_at_the_fast_rates(
+    catalog: Catalog, model: str
+) -> None:
+    """Fast mode multiplies every token rate, cache reads and writes included; the
+    search fee is per search and stays. Billing follows the speed that served the call:
+    a fast request served at standard speed costs the standard rates."""
+    fast = priced(response(model, anthropic_call("fast"), provider="anthropic"), catalog)
+    standard = priced(response(model, anthropic_call("standard"), provider="anthropic"), catalog)
+    assert standard == priced(response(model, anthropic_call(None), provider="anthropic"), catalog)
+    found = catalog.lookup(model, "anthropic")
+    assert found is not None
+    rates = found[1].at(datetime.now(UTC))
+    assert rates is not None and rates.cached_input and rates.cache_write and rates.cache_write_1h
+    times = rates.fast_multiplier
+    assert times is not None and times > 1
+    assert fast.input == usd(1_000, rates.input * times)
+    assert fast.cached_input == usd(20_000, rates.cached_input * times)
+    assert fast.cache_write == usd(3_000, rates.cache_write * times) + usd(
+        2_000, rates.cache_write_1h * times
+    )
+    assert fast.output == usd(800, rates.output * times)
+    assert fast.web_search == standard.web_search == Decimal("0.02")  # $10 per 1,000
+    for part in ("input", "cached_input", "cache_write", "output"):
+        assert getattr(fast, part) == getattr(standard, part) * times
+    assert fast.total == (standard.total - standard.web_search) * times + fast.web_search
+
+
+def test_the_fast_rates_are_anthropic_s(catalog: Catalog) -> None:
+    """The fast mode page's table: Opus 5.5 $8/$40, Opus 5 and Opus 4.8 $10/$50 a
+    million; Claude Code's: Opus 4.7 and 4.6 $30/$150."""
+    table = {
+        "claude-opus-5-5": ("8", "40"),
+        "claude-opus-5": ("10", "50"),
+        "claude-opus-4-8": ("10", "50"),
+        "claude-opus-4-7": ("30", "150"),
+        "claude-opus-4-6": ("30", "150"),
+    }
+    for model, (fast_in, fast_out) in table.items():
+        rates = catalog.models[model].prices[-1]
+        assert rates.fast_multiplier is not None
+        assert rates.input * rates.fast_multiplier == Decimal(fast_in), model
+        assert rates.output * rates.fast_multiplier == Decimal(fast_out), model
+
+
+def test_a_call_served_fast_on_a_model_with_no_fast_price_is_unpriced(catalog: Catalog) -> None:
+    """Not a standard-rate guess: its cost is unknown, and counted as such."""
+    costed = price(
+        response("claude-sonnet-5", anthropic_call("fast"), provider="anthropic"), catalog
+    )
+    assert (costed.cost, costed.unpriced, costed.pricing_model) == (None, True, "")
+    standard = price(
+        response("claude-sonnet-5", anthropic_call("standard"), provider="anthropic"), catalog
+    )
+    assert standard.cost is not None and not standard.unpriced
+
+
+def test_fast_mode_multiplies_the_long_context_rates_too(tmp_path: Path) -> None:
+    """ "Across the full context window": a prompt past the tier's threshold is priced at
+    the long-context rates, times the multiplier."""
+    catalog = with_operator_file(
+        tmp_path,
+        "models:\n"
+        "  acme-opus:\n"
+        "    provider: acme\n"
+        '    prices: [{effective_from: 2025-01-01, input: "2.00", output: "10.00",'
+        ' fast_multiplier: "2.5", long_context: {above_input_tokens: 1000, input: "4.00",'
+        ' cached_input: "0.40", output: "15.00"}}]\n',
+    )
+    usage = Usage(input_tokens=3_000, cached_input_tokens=1_000, output_tokens=100, speed="fast")
+    tier = catalog.models["acme-opus"].prices[0].long_context
+    assert tier is not None and tier.cached_input is not None
+    cost = priced(response("acme-opus", usage, provider="acme"), catalog)
+    times = Decimal("2.5")
+    assert cost.input == usd(2_000, tier.input * times)
+    assert cost.cached_input == usd(1_000, tier.cached_input * times)
+    assert cost.output == usd(100, tier.output * times)
+
+
+def test_an_override_keeps_the_fast_multiplier_it_does_not_name(tmp_path: Path) -> None:
+    """A negotiated rate is still dearer in fast mode; ``fast_multiplier: null`` says
+    the override knows no fast price (a call served fast is then unpriced)."""
+    catalog = with_operator_file(
+        tmp_path,
+        "models:\n"
+        "  claude-opus-5:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2026-07-24, input: "4.00", output: "20.00"}]\n'
+        "  claude-opus-4-8:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2026-05-01, input: "4.00", output: "20.00",'
+        " fast_multiplier: null}]\n",
+    )
+    shipped = load_catalog().models["claude-opus-5"].prices[0].fast_multiplier
+    assert catalog.models["claude-opus-5"].prices[0].fast_multiplier == shipped
+    usage = Usage(input_tokens=1_000, output_tokens=1_000, speed="fast")
+    assert shipped is not None
+    cost = priced(response("claude-opus-5", usage, provider="anthropic"), catalog)
+    assert cost.total == usd(1_000, Decimal("4.00") * shipped) + usd(
+        1_000, Decimal("20.00") * shipped
+    )
+    assert price(response("claude-opus-4-8", usage, provider="anthropic"), catalog).unpriced

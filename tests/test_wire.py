@@ -201,7 +201,10 @@ CATALOG = load_catalog()
 
 
 @settings(max_examples=300, deadline=None)
-@given(responses, st.sampled_from(["gpt-4o", "claude-3-5-sonnet", "o3-mini", "no-such-model"]))
+@given(
+    responses,
+    st.sampled_from(["gpt-4o", "claude-3-5-sonnet", "claude-opus-5", "o3-mini", "no-such-model"]),
+)
 def test_the_cost_stage_writes_the_event_the_contract_would(
     response: ResponseEvent, model: str
 ) -> None:

@@ -101,7 +101,7 @@ class CostStage(GroupStage):
         self._costed: Batches | None = None
         self._same_partitions = False
         self._checkpoints: Batches | None = None
-        self._warned: set[str] = set()  # models already logged as unpriced
+        self._warned: set[tuple[str, str]] = set()  # models (and speeds) logged as unpriced
         # Read at each scrape of the worker's /metrics: costed events sent (a call read
         # again after a takeover, whose costed event the old owner sent, is not), and of
         # those, the unpriced (no price known for the model).
@@ -229,12 +229,18 @@ class CostStage(GroupStage):
         await self._delivered(records, sent)
 
     def _unpriced(self, event: wire.Response, sent: bool) -> None:
-        """A call whose model has no price: counted if its costed event is sent here, and
-        its model logged once."""
+        """A call whose model has no price (or none for fast mode, which served it):
+        counted if its costed event is sent here, and its model logged once."""
         self.unpriced += sent
-        if event.model not in self._warned:
-            self._warned.add(event.model)
-            log.warning("no price for model %r (provider %s)", event.model, event.provider)
+        speed = event.usage.speed
+        if (event.model, speed) not in self._warned:
+            self._warned.add((event.model, speed))
+            log.warning(
+                "no price for model %r (provider %s)%s",
+                event.model,
+                event.provider,
+                " in fast mode: give its entry a fast_multiplier" if speed == "fast" else "",
+            )
 
     async def _send(self, records: Sequence[Record]) -> list[asyncio.Future[Any]]:
         costed = self._costed
