@@ -3,6 +3,7 @@ cost at worst, and what a hard cap counts across a period's rollover."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -309,3 +310,70 @@ def test_a_call_whose_input_alone_passes_the_whole_limit_is_not_told_to_lower_ma
     message = input_bound.message()
     assert "name a smaller max_tokens" not in message
     assert "its input and searches alone may cost $2.5" in message
+
+
+# Anthropic's fast mode: every token at a premium when it serves the call.
+NINE = MIDNIGHT + timedelta(hours=9)
+
+
+def fast_rates(model: str) -> tuple[Rates, Decimal]:
+    found = load_catalog().lookup(model, "anthropic")
+    assert found is not None
+    rates = found[1].at(NINE)
+    assert rates is not None and rates.fast_multiplier is not None
+    return rates, rates.fast_multiplier
+
+
+def test_a_call_asking_for_fast_mode_reserves_its_tokens_at_the_fast_rates() -> None:
+    """Its worst case is the standard one times the model's fast multiplier (its search
+    fee, per search, is not). A model with no fast price is reserved at the standard
+    rates: Anthropic refuses fast mode there."""
+    budgets, _ = book("100")
+    rates, times = fast_rates("claude-opus-5")
+    dearest = max(r for r in (rates.input, rates.cache_write, rates.cache_write_1h) if r)
+    standard = budgets.worst_case("claude-opus-5", 2_000, 8_000, NINE, "anthropic")
+    assert standard == (2_000 * dearest + 8_000 * rates.output) / 1_000_000
+    fast = budgets.worst_case("claude-opus-5", 2_000, 8_000, NINE, "anthropic", fast=True)
+    assert fast == standard * times
+    searching = budgets.worst_case(
+        "claude-opus-5", 2_000, 8_000, NINE, "anthropic", web_searches=3, fast=True
+    )
+    assert searching == fast + Decimal("0.03")  # $10 a thousand
+    assert budgets.worst_case(
+        "claude-sonnet-5", 2_000, 8_000, NINE, "anthropic", fast=True
+    ) == budgets.worst_case("claude-sonnet-5", 2_000, 8_000, NINE, "anthropic")
+    # What admit reserves: the body's speed: "fast" (bounds.reach) says which.
+    for asks_fast, worst in ((False, standard), (True, fast)):
+        call = uuid.uuid4()
+        body = functools.partial(Reach, False, 0, fast=asks_fast)
+        admitted = budgets.admit(
+            call, ACME, "claude-opus-5", 2_000, 8_000, NINE, "anthropic", reach=body
+        )
+        assert admitted is None
+        assert budgets.reserved["acme-day"].pop(call) == worst
+
+
+def test_a_call_served_fast_holds_its_fast_cost_or_without_a_fast_price_its_worst_case() -> None:
+    """Its real cost is at the fast rates; a model the catalog gives no fast price
+    (Anthropic added fast mode to it since) cannot be priced by the stream, which counts
+    nothing for it, so its worst case is held until the period ends, as for a call whose
+    usage is unknown."""
+    budgets, _ = book("10")
+    rates, times = fast_rates("claude-opus-5")
+    fast = Reach(False, 0, fast=True)
+    served = Usage(input_tokens=3_000, output_tokens=1_000, speed="fast")
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "claude-opus-5", 100, 1_000, NINE, reach=lambda: fast) is None
+    held = budgets.settle(call, "claude-opus-5", served, NINE, "anthropic")
+    assert held is not None
+    assert held.cost == (3_000 * rates.input + 1_000 * rates.output) * times / 1_000_000
+
+    budgets, _ = book("10")
+    call = uuid.uuid4()
+    assert (
+        budgets.admit(call, ACME, "claude-sonnet-5", 100, 1_000, NINE, reach=lambda: fast) is None
+    )
+    worst = budgets.reserved["acme-day"][call]
+    assert budgets.settle(call, "claude-sonnet-5", served, NINE, "anthropic") is None
+    assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}
+    assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}

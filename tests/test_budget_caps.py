@@ -20,6 +20,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from anthropic import AsyncAnthropic
+from anthropic import BadRequestError as AnthropicBadRequestError
 from openai import AsyncOpenAI, BadRequestError, RateLimitError
 from openai.types.chat import ChatCompletionContentPartParam
 from standardwebhooks import Webhook
@@ -586,3 +588,37 @@ async def test_anthropic_tools_reserve_the_tokens_anthropic_adds_for_them(
     reserved = error["message"].split("worst case of this call $")[1].split()[0]
     assert Decimal(reserved) == worst(len(with_bash) + 496 + 325)
     assert len(upstream.provider.received) == asked
+
+
+async def test_a_call_asking_for_fast_mode_reserves_at_the_fast_rates(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claude Opus 5 in fast mode bills every token at twice its standard rates: with
+    8,000 output tokens asked, its worst case is ~$0.20 ($25 a million) at standard
+    speed and ~$0.40 in fast mode. Under a $0.30 cap the standard call goes through, the
+    same call asking speed "fast" is refused, the provider never asked."""
+    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-f", scope="tenant", value="acme", limit_usd=Decimal("0.30"))
+    server = await serve_ingress(ingress_settings.model_copy(update={"budgets": [budget]}))
+    base = str(server.make_url("")).rstrip("/")
+    ask: Any = {
+        "model": "claude-opus-5",
+        "max_tokens": 8_000,
+        "messages": [{"role": "user", "content": "hi"}],
+        "betas": ["fast-mode-2026-02-01"],
+    }
+    try:
+        secret = await make_key(base, ingress_settings.key_file)
+        async with AsyncAnthropic(base_url=base, api_key=secret, max_retries=0) as client:
+            await client.beta.messages.create(**ask, speed="standard")
+            asked = len(upstream.provider.received)
+            with pytest.raises(AnthropicBadRequestError) as refused:
+                await client.beta.messages.create(**ask, speed="fast")
+    finally:
+        await server.close()
+    assert len(upstream.provider.received) == asked
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["error"]["type"] == "invalid_request_error"
+    worst = Decimal(error["error"]["message"].split("worst case of this call $")[1].split()[0])
+    assert Decimal("0.40") < worst < Decimal("0.41")  # 8,000 at $50 a million, and the body

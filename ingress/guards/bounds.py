@@ -168,18 +168,27 @@ def _count(value: Any) -> int | None:
     return min(value, MAX_COUNT) if isinstance(value, int) and value >= 0 else None
 
 
+def fast(payload: dict[str, Any]) -> bool:
+    """Whether the call asks for Anthropic's fast mode (``speed: "fast"``), which bills
+    every token at a premium when it serves the call (it may serve it at standard speed:
+    the answer's usage says which)."""
+    return payload.get("speed") == "fast"
+
+
 class Reach(NamedTuple):
     """What a body leaves unbounded: whether its input is all in it
     (:func:`input_unbounded`), the most web searches it allows (:func:`web_searches`),
     the images it holds or names (:func:`images`), whether its searches may cost the
-    ``web_search_preview`` tool's fee (:func:`preview_named`), and the input tokens the
-    provider adds to its bytes (Anthropic's tool-use system prompt and its tools'
-    definitions: ingress/forward/tool_tokens.py)."""
+    ``web_search_preview`` tool's fee (:func:`preview_named`), whether its tokens may
+    cost fast mode's rates (:func:`fast`), and the input tokens the provider adds to its
+    bytes (Anthropic's tool-use system prompt and its tools' definitions:
+    ingress/forward/tool_tokens.py)."""
 
     input_unbounded: bool
     web_searches: int | None
     images: int = 0
     preview_named: bool = False
+    fast: bool = False
     added_tokens: int = 0
 
 
@@ -193,6 +202,7 @@ def reach(
         web_searches(payload),
         images(payload),
         preview_named(payload),
+        fast(payload),
         added_tokens(payload) if added_tokens is not None else 0,
     )
 

@@ -7,14 +7,16 @@ every byte of the request body as an input token (a token is never shorter than 
 at most the model's context window a prompt, or, when the body does not hold all the
 input (ingress/guards/bounds.py), at least ``budget_default_context_tokens``, plus
 ``max_tokens`` output tokens (or, when the call names none, the most the model writes),
-at the model's price, plus the fee of the most web searches its tools allow (or
-``budget_default_web_searches`` when none bounds them). The pricing catalog gives each
+at the model's price (its fast mode's, when the call asks for it), plus the fee of the
+most web searches its tools allow (or ``budget_default_web_searches`` when none bounds
+them). The pricing catalog gives each
 model's limits; ``budget_default_max_tokens`` stands in for a model it gives none for.
 That worst case is reserved at admission — check and reserve happen with no await
 between them, so concurrent calls cannot both take the last dollars — and settled when
 the call ends: the reservation is replaced by the call's real cost, which is held
-until a published state has counted it (a call whose usage is unknown, which the stream
-cannot price: its worst case, until its period ends). "Counted" is exact: once its response event is
+until a published state has counted it (a call the stream cannot price, its usage
+unknown or served in fast mode with no fast price: its worst case, until its period
+ends). "Counted" is exact: once its response event is
 delivered, the publisher tells the cost where it went (partition and offset of the
 responses topic, :meth:`Settled.delivered`), and a state counts it once its ``applied``
 offset for that partition has passed it; a cost not delivered yet is not counted by any
@@ -182,6 +184,7 @@ class BudgetBook:
         web_searches: int | None = 0,
         images: int = 0,
         preview_named: bool = False,
+        fast: bool = False,
     ) -> Decimal | None:
         """The most the call can cost. Its input: the body's bytes, at most the model's
         context window for each of the ``prompts`` the provider answers apart (a list of
@@ -196,7 +199,11 @@ class BudgetBook:
         catalog gives both limits (``context_window``, ``max_output_tokens``); for a
         model it gives none for, ``default_context_tokens`` and ``default_max_tokens``
         stand in. Each of ``images`` adds ``image_tokens`` of input (its tokens are the
-        provider's count of its pixels, not its bytes)."""
+        provider's count of its pixels, not its bytes). A call that asks for Anthropic's
+        fast mode (``fast``) has its tokens at the fast rates (its price's
+        ``fast_multiplier`` times the standard ones), where the catalog gives them; for
+        a model it gives none for, Anthropic refuses fast mode, and the standard rates
+        stand (a call served fast all the same is held so: :meth:`settle`)."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if entry is None or rates is None:
@@ -219,6 +226,9 @@ class BudgetBook:
             r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
         )
         output_rate = max(tier.output, tier.reasoning or Decimal(0))
+        if fast and rates.fast_multiplier is not None:
+            input_rate *= rates.fast_multiplier
+            output_rate *= rates.fast_multiplier
         # A max_tokens the call names is reserved in full (a catalog limit may be low).
         if max_tokens is not None:
             each = max_tokens
@@ -355,6 +365,7 @@ class BudgetBook:
                 unbounded.web_searches,
                 unbounded.images,
                 unbounded.preview_named,
+                unbounded.fast,
             ) or Decimal(0)
 
         worst = reckoned(max_tokens)
@@ -386,13 +397,15 @@ class BudgetBook:
         cost = None
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(ended) if entry is not None else None
-        if rates is not None and not usage.usage_missing:
+        unpriceable = rates is not None and rates.speed(usage.speed) is None
+        if rates is not None and not usage.usage_missing and not unpriceable:
             cost = cost_of(usage, rates).total
         # Every budget reserved the same worst case, and holds the same cost.
         worst = next(iter(held.values()))
-        if usage.usage_missing or usage.output_tokens_counted:
+        if usage.usage_missing or usage.output_tokens_counted or unpriceable:
             # Unknown, or llmtap's count of a stream cut short, which is no bound (an
-            # Anthropic one knows its input; its thinking may be billed, not streamed).
+            # Anthropic one knows its input; its thinking may be billed, not streamed);
+            # or served in fast mode with no fast price, which the stream cannot price.
             self._hold_unpriced(held, worst, ended)
             return None
         holding = Settled(ended, cost or Decimal(0))
