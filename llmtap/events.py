@@ -111,6 +111,21 @@ class Attribution(_Model):
 Speed = Literal["standard", "fast"]
 
 
+class AdvisorUsage(_Model):
+    """The tokens of one call of Anthropic's advisor tool (``advisor_20260301``): a
+    sub-inference of another ``model`` within the call, billed at that model's rates
+    (an ``advisor_message`` entry of Anthropic's ``usage.iterations``, left out of its
+    top-level counts). Normalised as :class:`Usage` is: ``input_tokens`` includes the
+    cache reads and writes."""
+
+    model: str
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    cached_input_tokens: int = Field(default=0, ge=0)
+    cache_creation_input_tokens: int = Field(default=0, ge=0)
+    cache_creation_1h_input_tokens: int = Field(default=0, ge=0)  # within the above
+
+
 class Usage(_Model):
     """Tokens of one call, normalised across providers.
 
@@ -134,7 +149,9 @@ class Usage(_Model):
     reports it (Anthropic's ``usage.speed``): ``"fast"`` for Anthropic's fast mode,
     billed at a premium on every token; ``"standard"`` otherwise, and for every call
     whose provider reports none (a call that asked for fast mode and was served at
-    standard speed is billed at standard rates, and says so).
+    standard speed is billed at standard rates, and says so). ``advisor`` holds the
+    calls of Anthropic's advisor tool, one entry each, apart from the other counts
+    (which are the executor model's).
     """
 
     input_tokens: int = Field(default=0, ge=0)
@@ -148,6 +165,7 @@ class Usage(_Model):
     web_search_requests: int = Field(default=0, ge=0)
     web_search_preview_requests: int = Field(default=0, ge=0)  # within the above
     speed: Speed = "standard"
+    advisor: tuple[AdvisorUsage, ...] = ()
 
     @classmethod
     def missing(cls) -> Usage:

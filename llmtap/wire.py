@@ -54,6 +54,17 @@ class Attribution(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=Fa
     properties: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class AdvisorUsage(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True
+):
+    model: str
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    cached_input_tokens: Tokens = 0
+    cache_creation_input_tokens: Tokens = 0
+    cache_creation_1h_input_tokens: Tokens = 0
+
+
 # Its counts are written only when not their defaults (most are 0 for most calls): an
 # event whose call used nothing a later field counts reads the same to a reader from
 # before that field (web_search_preview_requests, say; speed, written only for a call
@@ -71,6 +82,7 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, o
     web_search_requests: Tokens = 0
     web_search_preview_requests: Tokens = 0
     speed: events.Speed = "standard"
+    advisor: tuple[AdvisorUsage, ...] = ()
 
 
 def attribution_of(a: events.Attribution) -> Attribution:
@@ -90,6 +102,17 @@ def usage_of(u: events.Usage) -> Usage:
         u.web_search_requests,
         u.web_search_preview_requests,
         u.speed,
+        tuple(
+            AdvisorUsage(
+                a.model,
+                a.input_tokens,
+                a.output_tokens,
+                a.cached_input_tokens,
+                a.cache_creation_input_tokens,
+                a.cache_creation_1h_input_tokens,
+            )
+            for a in u.advisor
+        ),
     )
 
 

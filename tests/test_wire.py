@@ -23,6 +23,7 @@ from ingress.forward.call import Call
 from llmtap import wire
 from llmtap.events import (
     _DERIVED_NS,
+    AdvisorUsage,
     Attribution,
     Cost,
     CostedEvent,
@@ -72,6 +73,18 @@ usages = st.builds(
     web_search_requests=tokens,
     web_search_preview_requests=tokens,
     speed=st.sampled_from(["standard", "fast"]),
+    advisor=st.lists(
+        st.builds(
+            AdvisorUsage,
+            model=st.sampled_from(["claude-opus-4-6", "claude-sonnet-4-6", "no-model"]) | names,
+            input_tokens=tokens,
+            output_tokens=tokens,
+            cached_input_tokens=tokens,
+            cache_creation_input_tokens=tokens,
+            cache_creation_1h_input_tokens=tokens,
+        ),
+        max_size=2,
+    ).map(tuple),
 )
 responses = st.builds(
     ResponseEvent,
@@ -233,6 +246,13 @@ def test_usage_counts_left_at_their_defaults_are_not_written() -> None:
     fast = wire.usage_of(Usage(input_tokens=10, speed="fast"))
     assert json.loads(msgspec.json.encode(fast)) == {"input_tokens": 10, "speed": "fast"}
     assert Usage.model_validate_json(msgspec.json.encode(fast)).speed == "fast"
+    advised = Usage(input_tokens=10, advisor=(AdvisorUsage(model="m", output_tokens=3),))
+    written = msgspec.json.encode(wire.usage_of(advised))
+    assert json.loads(written) == {
+        "input_tokens": 10,
+        "advisor": [{"model": "m", "output_tokens": 3}],
+    }
+    assert Usage.model_validate_json(written) == advised
 
 
 def mutated(mutate: Callable[[dict[str, Any]], None]) -> bytes:
@@ -305,6 +325,12 @@ BAD = {
     "money not a number": setting("cost.total", "a lot"),
     "property value not a string": setting("response.attribution.properties", {"k": 1}),
     "tokens as a fraction": setting("response.usage.output_tokens", 1.5),
+    "advisor call without its model": setting("response.usage.advisor", [{"input_tokens": 1}]),
+    "unknown advisor field": setting("response.usage.advisor", [{"model": "m", "surprise": 1}]),
+    "negative advisor tokens": setting(
+        "response.usage.advisor", [{"model": "m", "output_tokens": -1}]
+    ),
+    "advisor not a list": setting("response.usage.advisor", {"model": "m"}),
     "stream not a bool": setting("response.stream", "sometimes"),
     "cost a list": setting("cost", []),
 }
@@ -341,6 +367,8 @@ LAX = {
     "no preview searches": without("response.usage.web_search_preview_requests"),
     # an event written before the speed that served a call was read
     "no speed": without("response.usage.speed"),
+    "no advisor": without("response.usage.advisor"),
+    "advisor tokens left out": setting("response.usage.advisor", [{"model": "claude-opus-4-6"}]),
 }
 
 
