@@ -40,6 +40,13 @@ class FakeProvider:
     web_searches: int = 0
     words: tuple[str, ...] = ("Hello", " from", " the", " fake", " provider")
     chunk_delay_s: float = 0.0
+    # Tokens of each call of Anthropic's advisor tool, for a Messages call naming one
+    # (its advisor runs advisor_calls times), reported as Anthropic does: in the usage's
+    # iterations, of type advisor_message, left out of its top-level counts.
+    advisor_calls: int = 1
+    advisor_input_tokens: int = 900
+    advisor_cached_tokens: int = 300
+    advisor_output_tokens: int = 1500
     # Set: a chat stream's first event is written in two halves, the second only once
     # this event is set (by a test that has seen the first half arrive).
     second_half: asyncio.Event | None = None
@@ -231,6 +238,9 @@ class FakeProvider:
         speed = self.served_speed or body.get("speed")
         if speed:
             usage["speed"] = speed  # in message_start's usage, when streamed
+        advice = self._advice(body)
+        if advice:
+            usage["iterations"] = advice[1]
         text = "".join(self.words)
         if not body.get("stream"):
             return web.json_response(
@@ -239,7 +249,7 @@ class FakeProvider:
                     "type": "message",
                     "role": "assistant",
                     "model": served,
-                    "content": [{"type": "text", "text": text}],
+                    "content": [*(advice[0] if advice else []), {"type": "text", "text": text}],
                     "stop_reason": "end_turn",
                     "stop_sequence": None,
                     "usage": usage,
@@ -247,6 +257,7 @@ class FakeProvider:
             )
         start = {**usage, "output_tokens": 1}
         start.pop("server_tool_use", None)  # Anthropic counts searches in the last delta
+        start.pop("iterations", None)  # and the advisor's calls in a message_delta
         events: list[tuple[str, dict[str, Any]]] = [
             (
                 "message_start",
@@ -264,21 +275,33 @@ class FakeProvider:
                     },
                 },
             ),
+        ]
+        for index, block in enumerate(advice[0] if advice else []):
+            # The advisor's call, then its result whole in one content_block_start.
+            events.append(
+                (
+                    "content_block_start",
+                    {"type": "content_block_start", "index": index, "content_block": block},
+                )
+            )
+            events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+        text_index = len(advice[0]) if advice else 0
+        events.append(
             (
                 "content_block_start",
                 {
                     "type": "content_block_start",
-                    "index": 0,
+                    "index": text_index,
                     "content_block": {"type": "text", "text": ""},
                 },
-            ),
-        ]
+            )
+        )
         events.extend(
             (
                 "content_block_delta",
                 {
                     "type": "content_block_delta",
-                    "index": 0,
+                    "index": text_index,
                     "delta": {"type": "text_delta", "text": word},
                 },
             )
@@ -289,7 +312,7 @@ class FakeProvider:
             events.append(("error", {"type": "error", "error": overloaded}))
             return await self._sse(request, events)
         events += [
-            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("content_block_stop", {"type": "content_block_stop", "index": text_index}),
             (
                 "message_delta",
                 {
@@ -298,12 +321,65 @@ class FakeProvider:
                     "usage": {
                         "output_tokens": self.completion_tokens,
                         **({"server_tool_use": searched} if searched else {}),
+                        **({"iterations": advice[1]} if advice else {}),
                     },
                 },
             ),
             ("message_stop", {"type": "message_stop"}),
         ]
         return await self._sse(request, events)
+
+    def _advice(
+        self, body: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """For a Messages call naming the advisor tool: the content blocks of its
+        advisor's calls (server_tool_use, advisor_tool_result) and the usage's
+        iterations (the executor's, then each advisor call's at the tool's model)."""
+        tools = body.get("tools") or []
+        named = [t for t in tools if str(t.get("type", "")).startswith("advisor_")]
+        if not named:
+            return None
+        blocks: list[dict[str, Any]] = []
+        iterations: list[dict[str, Any]] = [
+            {
+                "type": "message",
+                "input_tokens": self.prompt_tokens,
+                "cache_read_input_tokens": self.cached_tokens,
+                "cache_creation_input_tokens": self.cache_write_tokens,
+                "output_tokens": 1,
+            }
+        ]
+        for i in range(self.advisor_calls):
+            blocks.append(
+                {"type": "server_tool_use", "id": f"srvtoolu_{i}", "name": "advisor", "input": {}}
+            )
+            blocks.append(
+                {
+                    "type": "advisor_tool_result",
+                    "tool_use_id": f"srvtoolu_{i}",
+                    "content": {"type": "advisor_result", "text": "Plan it first."},
+                }
+            )
+            iterations.append(
+                {
+                    "type": "advisor_message",
+                    "model": named[0]["model"],
+                    "input_tokens": self.advisor_input_tokens,
+                    "cache_read_input_tokens": self.advisor_cached_tokens,
+                    "cache_creation_input_tokens": 0,
+                    "output_tokens": self.advisor_output_tokens,
+                }
+            )
+        iterations.append(
+            {
+                "type": "message",
+                "input_tokens": self.prompt_tokens + 100,
+                "cache_read_input_tokens": self.cached_tokens,
+                "cache_creation_input_tokens": 0,
+                "output_tokens": max(self.completion_tokens - 1, 0),
+            }
+        )
+        return blocks, iterations
 
     async def _sse(
         self, request: web.Request, events: list[tuple[str, dict[str, Any]]]

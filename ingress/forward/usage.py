@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmtap.events import Usage
+from llmtap.events import AdvisorUsage, Usage
 
 
 def openai_usage(usage: Any) -> Usage | None:
@@ -45,7 +45,9 @@ def anthropic_usage(usage: Any) -> Usage | None:
     When only the split is reported, the writes are its sum. ``speed`` is the speed
     that served the call (fast mode's ``"fast"``, billed at its premium rates; a call
     that asked for it may be served at ``"standard"``); any other value, or none, is
-    standard.
+    standard. The calls of the advisor tool are its ``iterations`` of type
+    ``advisor_message``, each with its model, and are not in the top-level counts
+    (:func:`advisor_usage`).
     """
     if not isinstance(usage, dict):
         return None
@@ -68,7 +70,36 @@ def anthropic_usage(usage: Any) -> Usage | None:
         cache_creation_1h_input_tokens=min(written_1h, written),
         web_search_requests=searches,
         speed="fast" if usage.get("speed") == "fast" else "standard",
+        advisor=advisor_usage(usage.get("iterations")),
     )
+
+
+def advisor_usage(iterations: Any) -> tuple[AdvisorUsage, ...]:
+    """The advisor tool's calls in an Anthropic usage's ``iterations``: each entry of
+    type ``advisor_message`` (a sub-inference of the tool's ``model``, billed at its
+    rates), its tokens normalised as :func:`anthropic_usage` does the call's. Entries
+    of other types (the executor's own ``message`` iterations, already in the
+    top-level counts; a ``compaction``) are not."""
+    if not isinstance(iterations, list):
+        return ()
+    found = []
+    for entry in iterations:
+        if not isinstance(entry, dict) or entry.get("type") != "advisor_message":
+            continue
+        model = entry.get("model")
+        tokens = anthropic_usage({k: v for k, v in entry.items() if k != "iterations"})
+        assert tokens is not None
+        found.append(
+            AdvisorUsage(
+                model=model if isinstance(model, str) else "",
+                input_tokens=tokens.input_tokens,
+                output_tokens=tokens.output_tokens,
+                cached_input_tokens=tokens.cached_input_tokens,
+                cache_creation_input_tokens=tokens.cache_creation_input_tokens,
+                cache_creation_1h_input_tokens=tokens.cache_creation_1h_input_tokens,
+            )
+        )
+    return tuple(found)
 
 
 def with_searches(usage: Usage, response: dict[str, Any], streamed: int = 0) -> Usage:

@@ -1,0 +1,128 @@
+"""Anthropic's advisor tool (``advisor_20260301``): an executor model consults an advisor
+model within one Messages call, and the advisor's tokens are billed at the advisor
+model's rates. Anthropic reports each advisor call in ``usage.iterations`` (type
+``advisor_message``, with its model), apart from the top-level counts, which are the
+executor's. The ingress captures them (through the official SDK, streamed and not)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anthropic import AsyncAnthropic
+
+from ingress.forward.usage import anthropic_usage
+from llmtap.config import Settings
+from llmtap.events import AdvisorUsage, Usage
+from tests.conftest import Broker, FakeUpstream
+from tests.test_ingress_ops import make_key, response_event
+
+EXECUTOR, ADVISOR = "claude-sonnet-4-6", "claude-opus-4-6"
+BETA = "advisor-tool-2026-03-01"
+
+
+# -- the ingress, through the official SDK ------------------------------------------------
+
+
+def test_anthropic_usage_takes_the_advisor_s_calls_from_its_iterations() -> None:
+    """Only the ``advisor_message`` iterations, each with its model, normalised as the
+    call's usage is (cache reads and writes within the input); the executor's own
+    ``message`` iterations are already in the top-level counts."""
+    usage = anthropic_usage(
+        {
+            "input_tokens": 412,
+            "output_tokens": 531,
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 0,
+            "iterations": [
+                {"type": "message", "input_tokens": 412, "output_tokens": 89},
+                {"type": "advisor_message", "model": ADVISOR, "input_tokens": 823,
+                 "cache_read_input_tokens": 10, "cache_creation_input_tokens": 30,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 0,
+                                    "ephemeral_1h_input_tokens": 30},
+                 "output_tokens": 1612},
+                {"type": "message", "input_tokens": 1348, "cache_read_input_tokens": 412,
+                 "output_tokens": 442},
+            ],
+        }
+    )  # fmt: skip
+    assert usage == Usage(
+        input_tokens=412,
+        output_tokens=531,
+        advisor=(
+            AdvisorUsage(
+                model=ADVISOR,
+                input_tokens=823 + 10 + 30,
+                cached_input_tokens=10,
+                cache_creation_input_tokens=30,
+                cache_creation_1h_input_tokens=30,
+                output_tokens=1612,
+            ),
+        ),
+    )
+
+
+ADVISOR_TOOL: Any = {"type": "advisor_20260301", "name": "advisor", "model": ADVISOR}
+
+
+def expected_advice(upstream: FakeUpstream) -> tuple[AdvisorUsage, ...]:
+    fake = upstream.provider
+    return (
+        AdvisorUsage(
+            model=ADVISOR,
+            input_tokens=fake.advisor_input_tokens + fake.advisor_cached_tokens,
+            cached_input_tokens=fake.advisor_cached_tokens,
+            output_tokens=fake.advisor_output_tokens,
+        ),
+    ) * fake.advisor_calls
+
+
+async def test_the_ingress_captures_the_advisor_s_usage_of_an_answer(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    secret = await make_key(ingress, ingress_settings.key_file)
+    async with AsyncAnthropic(base_url=ingress, api_key=secret, max_retries=0) as client:
+        raw = await client.beta.messages.with_raw_response.create(
+            model=EXECUTOR,
+            max_tokens=100,
+            betas=[BETA],
+            tools=[ADVISOR_TOOL],
+            messages=[{"role": "user", "content": "plan a worker pool"}],
+        )
+        message = await raw.parse()
+    assert upstream.provider.received[-1].headers["anthropic-beta"] == BETA
+    assert message.usage.iterations is not None  # reached the client as sent
+    assert [i.type for i in message.usage.iterations] == ["message", "advisor_message", "message"]
+    event = await response_event(broker.bootstrap, raw.headers["x-request-id"])
+    assert event.usage.advisor == expected_advice(upstream)
+    fake = upstream.provider
+    assert event.usage.output_tokens == fake.completion_tokens  # the executor's, as before
+
+
+async def test_the_ingress_captures_the_advisor_s_usage_of_a_stream(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """Streamed, the advisor's calls come in a message_delta's usage.iterations (its
+    result whole in one content_block_start); message_start has none."""
+    upstream.provider.advisor_calls = 2
+    secret = await make_key(ingress, ingress_settings.key_file)
+    try:
+        async with (
+            AsyncAnthropic(base_url=ingress, api_key=secret, max_retries=0) as client,
+            client.beta.messages.stream(
+                model=EXECUTOR,
+                max_tokens=100,
+                betas=[BETA],
+                tools=[ADVISOR_TOOL | {"max_uses": 2}],
+                messages=[{"role": "user", "content": "plan a worker pool"}],
+            ) as stream,
+        ):
+            final = await stream.get_final_message()
+            request_id = stream.response.headers["x-request-id"]
+        event = await response_event(broker.bootstrap, request_id)
+        assert event.usage.advisor == expected_advice(upstream)
+        assert len(event.usage.advisor) == 2
+    finally:
+        upstream.provider.advisor_calls = 1
+    assert final.usage.iterations is not None
+    assert [i.type for i in final.usage.iterations].count("advisor_message") == 2
+    assert event.stream and event.usage.output_tokens == upstream.provider.completion_tokens
