@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from llmtap import wire
-from llmtap.events import Cost, CostedEvent, ResponseEvent, Usage, derived_id
+from llmtap.events import AdvisorUsage, Cost, CostedEvent, ResponseEvent, Usage, derived_id
 
 PER_MILLION = Decimal(1_000_000)
 PER_THOUSAND = Decimal(1_000)
@@ -280,6 +280,7 @@ def _no_tokens(usage: Usage | wire.Usage) -> bool:
         and usage.input_tokens == 0
         and usage.output_tokens == 0
         and usage.web_search_requests == 0
+        and not usage.advisor
     )
 
 
@@ -379,6 +380,34 @@ def search_fee(searches: int, rates: Rates, preview: int = 0) -> Decimal:
     return _usd(searches - preview, rate, (preview, preview_rate), per=PER_THOUSAND)
 
 
+def advisor_breakdown(
+    calls: tuple[AdvisorUsage | wire.AdvisorUsage, ...],
+    catalog: Catalog,
+    when: datetime,
+    provider: str = "",
+) -> dict[str, Decimal] | None:
+    """The cost of the advisor tool's ``calls`` (Anthropic's ``advisor_20260301``), each
+    priced as a call of its own model (:func:`breakdown`: its long-context tier too), at
+    the rates in force ``when``, summed into one breakdown; None when a call's model has
+    no price (the whole call's cost is then unknown, as for an unpriced model)."""
+    summed = dict.fromkeys(ZERO_COST.model_dump(), _NO_USD)
+    for call in calls:
+        entry = catalog.lookup(call.model, provider)
+        rates = entry[1].at(when) if entry is not None else None
+        if rates is None:
+            return None
+        tokens = Usage(
+            input_tokens=call.input_tokens,
+            output_tokens=call.output_tokens,
+            cached_input_tokens=call.cached_input_tokens,
+            cache_creation_input_tokens=call.cache_creation_input_tokens,
+            cache_creation_1h_input_tokens=call.cache_creation_1h_input_tokens,
+        )
+        for part, usd in breakdown(tokens, rates).items():
+            summed[part] += usd
+    return summed
+
+
 class Rating(NamedTuple):
     """How a call is priced: its cost breakdown (None when unknown), whether its model
     has no price, and the catalog entry that priced it."""
@@ -405,7 +434,14 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
     if event.usage.usage_missing:
         # Tokens unknown: the cost is unknown too, and the event says so; never $0.
         return Rating(None, unpriced=False, pricing_model=entry[0])
-    return Rating(breakdown(event.usage, rates), unpriced=False, pricing_model=entry[0])
+    cost = breakdown(event.usage, rates)
+    if event.usage.advisor:
+        # Its advisor's calls, at their model's rates, in the same parts of the cost.
+        advised = advisor_breakdown(event.usage.advisor, catalog, event.ts_start, event.provider)
+        if advised is None:
+            return Rating(None, unpriced=True)
+        cost = {part: usd + advised[part] for part, usd in cost.items()}
+    return Rating(cost, unpriced=False, pricing_model=entry[0])
 
 
 def price(event: ResponseEvent, catalog: Catalog) -> CostedEvent:

@@ -2,10 +2,12 @@
 model within one Messages call, and the advisor's tokens are billed at the advisor
 model's rates. Anthropic reports each advisor call in ``usage.iterations`` (type
 ``advisor_message``, with its model), apart from the top-level counts, which are the
-executor's. The ingress captures them (through the official SDK, streamed and not)."""
+executor's. The ingress captures them (through the official SDK, streamed and not), the
+stream prices them at the advisor model's catalog prices."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from anthropic import AsyncAnthropic
@@ -13,9 +15,13 @@ from anthropic import AsyncAnthropic
 from ingress.forward.usage import anthropic_usage
 from llmtap.config import Settings
 from llmtap.events import AdvisorUsage, Usage
+from stream.pricing import Rates, load_catalog, price
 from tests.conftest import Broker, FakeUpstream
 from tests.test_ingress_ops import make_key, response_event
+from tests.test_pricing import response, usd
 
+CATALOG = load_catalog()
+WHEN = datetime(2026, 11, 30, 12, tzinfo=UTC)
 EXECUTOR, ADVISOR = "claude-sonnet-4-6", "claude-opus-4-6"
 BETA = "advisor-tool-2026-03-01"
 
@@ -126,3 +132,56 @@ async def test_the_ingress_captures_the_advisor_s_usage_of_a_stream(
     assert final.usage.iterations is not None
     assert [i.type for i in final.usage.iterations].count("advisor_message") == 2
     assert event.stream and event.usage.output_tokens == upstream.provider.completion_tokens
+
+
+# -- pricing ------------------------------------------------------------------------------
+
+
+def rates_of(model: str) -> Rates:
+    entry = CATALOG.lookup(model, "anthropic")
+    assert entry is not None
+    rates = entry[1].at(WHEN)
+    assert rates is not None
+    return rates
+
+
+def test_the_advisor_s_calls_are_priced_at_the_advisor_model_s_rates() -> None:
+    """Two advisor calls (one reading its cache, one writing it for an hour) on an
+    Opus advisor, beside a Sonnet executor's own tokens: each part of the cost holds the
+    executor's tokens at Sonnet's rates and the advisor's at Opus's."""
+    usage = Usage(
+        input_tokens=1000,  # 700 uncached, 200 read, 100 written
+        cached_input_tokens=200,
+        cache_creation_input_tokens=100,
+        output_tokens=400,
+        advisor=(
+            AdvisorUsage(model=ADVISOR, input_tokens=1200, cached_input_tokens=300,
+                         output_tokens=1500),
+            AdvisorUsage(model=ADVISOR, input_tokens=5000, cache_creation_input_tokens=2000,
+                         cache_creation_1h_input_tokens=2000, output_tokens=700),
+        ),
+    )  # fmt: skip
+    costed = price(response(EXECUTOR, usage, ts=WHEN), CATALOG)
+    ex, adv = rates_of(EXECUTOR), rates_of(ADVISOR)
+    assert ex.cached_input and ex.cache_write and adv.cached_input and adv.cache_write_1h
+    assert adv.output != ex.output  # else the test could not tell them apart
+    assert costed.unpriced is False and costed.cost is not None
+    cost = costed.cost
+    assert cost.input == usd(700, ex.input) + usd(900, adv.input) + usd(3000, adv.input)
+    assert cost.cached_input == usd(200, ex.cached_input) + usd(300, adv.cached_input)
+    assert cost.cache_write == usd(100, ex.cache_write) + usd(2000, adv.cache_write_1h)
+    assert cost.output == usd(400, ex.output) + usd(1500 + 700, adv.output)
+    assert cost.total == cost.input + cost.cached_input + cost.cache_write + cost.output
+    assert costed.pricing_model == EXECUTOR  # the call's entry: the executor's
+
+
+def test_an_advisor_model_with_no_price_leaves_the_call_unpriced_never_cheaper() -> None:
+    """As a call of a model with no price: cost null and unpriced, not the executor's
+    tokens alone."""
+    usage = Usage(
+        input_tokens=10,
+        output_tokens=5,
+        advisor=(AdvisorUsage(model="claude-unknown-9", input_tokens=100, output_tokens=50),),
+    )
+    costed = price(response(EXECUTOR, usage, ts=WHEN), CATALOG)
+    assert (costed.cost, costed.unpriced) == (None, True)
