@@ -93,6 +93,7 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
         settings.budget_default_context_tokens,
         settings.budget_default_web_searches,
         settings.budget_image_tokens,
+        settings.budget_default_advisor_uses,
     )
     tasks = []
     if settings.budgets:

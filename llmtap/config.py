@@ -345,6 +345,9 @@ class Settings(BaseSettings):
     # The web searches reserved for a call whose web search tool names no bound
     # (Anthropic's max_uses, the Responses API's max_tool_calls), each at its model's fee.
     budget_default_web_searches: int = Field(default=100, ge=0)
+    # The calls reserved for an Anthropic advisor tool that names no max_uses, each at
+    # the advisor model's prices (ingress/guards/budgets.py: advisor_worst_case).
+    budget_default_advisor_uses: int = Field(default=100, ge=0)
 
     # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of
     # the smallest (larger windows are merged from closed smaller ones), and how long

@@ -3,20 +3,25 @@ model within one Messages call, and the advisor's tokens are billed at the advis
 model's rates. Anthropic reports each advisor call in ``usage.iterations`` (type
 ``advisor_message``, with its model), apart from the top-level counts, which are the
 executor's. The ingress captures them (through the official SDK, streamed and not), the
-stream prices them at the advisor model's catalog prices."""
+stream prices them at the advisor model's catalog prices, and a hard cap's worst case
+bounds them."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from anthropic import AsyncAnthropic
 
 from ingress.forward.usage import anthropic_usage
+from ingress.guards.bounds import Advisor, reach
 from llmtap.config import Settings
-from llmtap.events import AdvisorUsage, Usage
+from llmtap.events import AdvisorUsage, Attribution, Usage
 from stream.pricing import Rates, load_catalog, price
 from tests.conftest import Broker, FakeUpstream
+from tests.test_budget_book import MIDNIGHT, book
 from tests.test_ingress_ops import make_key, response_event
 from tests.test_pricing import response, usd
 
@@ -185,3 +190,93 @@ def test_an_advisor_model_with_no_price_leaves_the_call_unpriced_never_cheaper()
     )
     costed = price(response(EXECUTOR, usage, ts=WHEN), CATALOG)
     assert (costed.cost, costed.unpriced) == (None, True)
+
+
+# -- a hard cap's worst case --------------------------------------------------------------
+
+
+def messages_call(**tool: Any) -> dict[str, Any]:
+    return {
+        "model": EXECUTOR,
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "plan a worker pool"}],
+        "tools": [{**ADVISOR_TOOL, **tool}],
+    }
+
+
+def test_a_call_naming_the_advisor_tool_reads_its_advice_back_as_input() -> None:
+    """The advice is read back into the executor's prompt, as a provider-run tool's
+    result is: the body's bytes do not bound the call's input."""
+    seen = reach(messages_call(max_uses=2, max_tokens=2048))
+    assert seen.input_unbounded
+    assert seen.advisor == Advisor(ADVISOR, 2, 2048)
+    assert reach(messages_call()).advisor == Advisor(ADVISOR, None, None)
+    assert reach({"model": EXECUTOR, "messages": []}).advisor is None
+
+
+def test_a_hard_cap_reserves_the_advisor_s_calls_at_its_model_s_prices() -> None:
+    """max_uses calls, each reading at least the default context (or the advisor's
+    window, if larger) at its dearest prompt rate and writing its max_tokens (else the
+    advisor model's most) at its output rate; without max_uses, the default count."""
+    budgets, _ = book("10")
+    entry = CATALOG.lookup(ADVISOR, "anthropic")
+    assert entry is not None and entry[1].max_output_tokens is not None
+    adv = rates_of(ADVISOR)
+    assert adv.cache_write_1h is not None
+    prompt = max(budgets.default_context_tokens, entry[1].context_window or 0)
+    prompt_rate = max(adv.input, adv.cache_write or adv.input, adv.cache_write_1h)
+
+    def worst(advisor: Advisor | None) -> Decimal:
+        cost = budgets.worst_case(
+            EXECUTOR, 200, 100, MIDNIGHT, "anthropic", input_unbounded=True, advisor=advisor
+        )
+        assert cost is not None
+        return cost
+
+    alone = worst(None)
+    two = worst(Advisor(ADVISOR, 2, 2048)) - alone
+    assert two == 2 * (usd(prompt, prompt_rate) + usd(2048, adv.output))
+    most = entry[1].max_output_tokens
+    unbounded = worst(Advisor(ADVISOR, None, None)) - alone
+    assert budgets.default_advisor_uses == 100
+    assert unbounded == 100 * (usd(prompt, prompt_rate) + usd(most, adv.output))
+    # An advisor model with no price cannot be bounded: as a model with no price.
+    assert (
+        budgets.worst_case(
+            EXECUTOR, 200, 100, MIDNIGHT, "anthropic", advisor=Advisor("claude-unknown-9", 1, 1)
+        )
+        is None
+    )
+
+
+def test_a_hard_cap_refuses_a_call_whose_advisor_could_overshoot_it() -> None:
+    """$20 covers the executor's worst case, not two Opus advisor calls on top; once the
+    call ends it holds what it cost, the advisor's calls included."""
+    budgets, _ = book("20")
+    who = Attribution(tenant="acme")
+    plain = {"model": EXECUTOR, "max_tokens": 100, "messages": [], "tools": [
+        {"type": "web_fetch_20250910", "name": "web_fetch"}]}  # fmt: skip
+    call = messages_call(max_uses=2, max_tokens=2048)
+    refused = budgets.admit(
+        uuid.uuid4(), who, EXECUTOR, 200, 100, MIDNIGHT, "anthropic", reach=lambda: reach(call)
+    )
+    assert refused is not None and refused.worst_case > Decimal(20)
+    call_id = uuid.uuid4()
+    assert (
+        budgets.admit(
+            call_id, who, EXECUTOR, 200, 100, MIDNIGHT, "anthropic", reach=lambda: reach(plain)
+        )
+        is None
+    )
+    usage = Usage(
+        input_tokens=100,
+        output_tokens=50,
+        advisor=(AdvisorUsage(model=ADVISOR, input_tokens=2000, output_tokens=900),),
+    )
+    held = budgets.settle(call_id, EXECUTOR, usage, MIDNIGHT, "anthropic")
+    costed = price(response(EXECUTOR, usage, ts=MIDNIGHT), CATALOG)
+    assert held is not None and costed.cost is not None
+    assert held.cost == costed.cost.total
+    alone = Usage(input_tokens=100, output_tokens=50)
+    executor_alone = price(response(EXECUTOR, alone, ts=MIDNIGHT), CATALOG)
+    assert executor_alone.cost is not None and held.cost > executor_alone.cost.total

@@ -18,7 +18,7 @@ A body that makes the provider add content of its own to the prompt does not:
 - tools the provider runs itself, whose results it reads back as input: the Responses
   API's built-in tools (web and file search, code interpreter, MCP), chat's
   ``web_search_options``, Anthropic's server tools (``web_search_...``, ``web_fetch_...``,
-  ``code_execution_...``) and ``mcp_servers``.
+  ``code_execution_...``, ``advisor_...``: the advice) and ``mcp_servers``.
 
 Such a call's input is bounded by ``budget_default_context_tokens`` instead (or the
 model's context window, if larger) whatever its bytes. An image, held inline or named
@@ -45,7 +45,7 @@ _KEPT = ("previous_response_id", "conversation", "web_search_options", "mcp_serv
 # send their results back in a later request's body, bounded by its bytes.
 _PROVIDER_TOOLS = (
     "web_search", "web_fetch", "file_search", "code_interpreter", "code_execution", "mcp",
-    "tool_search",
+    "tool_search", "advisor",
 )  # fmt: skip
 
 
@@ -175,14 +175,40 @@ def fast(payload: dict[str, Any]) -> bool:
     return payload.get("speed") == "fast"
 
 
+class Advisor(NamedTuple):
+    """Anthropic's advisor tool (``advisor_20260301``) as a call names it: the advisor
+    ``model``, billed at its own rates, the most calls of it (``max_uses``; None:
+    unlimited) and the most output tokens a call (``max_tokens``; None: the model's
+    own cap). Each call reads the whole transcript as its input."""
+
+    model: str
+    max_uses: int | None
+    max_tokens: int | None
+
+
+def advisor(payload: dict[str, Any]) -> Advisor | None:
+    """The advisor tool the call names, or None (the API takes one, named ``advisor``)."""
+    tools = payload.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith("advisor_"):
+            model = tool.get("model")
+            return Advisor(
+                model if isinstance(model, str) else "",
+                _count(tool.get("max_uses")),
+                _count(tool.get("max_tokens")),
+            )
+    return None
+
+
 class Reach(NamedTuple):
     """What a body leaves unbounded: whether its input is all in it
     (:func:`input_unbounded`), the most web searches it allows (:func:`web_searches`),
     the images it holds or names (:func:`images`), whether its searches may cost the
     ``web_search_preview`` tool's fee (:func:`preview_named`), whether its tokens may
-    cost fast mode's rates (:func:`fast`), and the input tokens the provider adds to its
+    cost fast mode's rates (:func:`fast`), the input tokens the provider adds to its
     bytes (Anthropic's tool-use system prompt and its tools' definitions:
-    ingress/forward/tool_tokens.py)."""
+    ingress/forward/tool_tokens.py), and the advisor tool it names (:func:`advisor`)."""
 
     input_unbounded: bool
     web_searches: int | None
@@ -190,6 +216,7 @@ class Reach(NamedTuple):
     preview_named: bool = False
     fast: bool = False
     added_tokens: int = 0
+    advisor: Advisor | None = None
 
 
 def reach(
@@ -204,6 +231,7 @@ def reach(
         preview_named(payload),
         fast(payload),
         added_tokens(payload) if added_tokens is not None else 0,
+        advisor(payload),
     )
 
 

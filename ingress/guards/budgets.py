@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from ingress.guards.bounds import Reach
+from ingress.guards.bounds import Advisor, Reach
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
 from llmtap.following import Follower
 from llmtap.kafka import Kafka
 from stream.budgets import current, is_of, later_or_larger, matches, owned, period_bounds
-from stream.pricing import PER_MILLION, Catalog, cost_of, search_fee
+from stream.pricing import PER_MILLION, Catalog, advisor_breakdown, cost_of, search_fee
 
 # A cost no state has counted this long after its call ended is no longer held on its
 # own (memory: one entry a call, while a broker outage or a lagging stream lasts): one
@@ -103,6 +103,7 @@ class Exhausted:
                     f"its input and searches alone may cost ${self.without_output}, so a "
                     "smaller max_tokens would not do: send less input (each image, and a "
                     "conversation the body does not hold, count in full) or bound its searches"
+                    " and advisor calls (max_uses)"
                 )
             return (
                 f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call in any "
@@ -126,6 +127,7 @@ class BudgetBook:
         default_context_tokens: int = 1_000_000,
         default_web_searches: int = 100,
         image_tokens: int = 50_000,
+        default_advisor_uses: int = 100,
     ):
         self.budgets = budgets
         self._named = {b.name: b for b in budgets}
@@ -137,6 +139,8 @@ class BudgetBook:
         self.default_web_searches = default_web_searches
         # The most input tokens one image counts (bounds.images).
         self.image_tokens = image_tokens
+        # The calls of an advisor tool that names no max_uses (advisor_worst_case).
+        self.default_advisor_uses = default_advisor_uses
         self.states: dict[str, BudgetState] = {}
         self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
         self.settled: dict[str, list[Settled]] = defaultdict(list)
@@ -185,6 +189,7 @@ class BudgetBook:
         images: int = 0,
         preview_named: bool = False,
         fast: bool = False,
+        advisor: Advisor | None = None,
     ) -> Decimal | None:
         """The most the call can cost. Its input: the body's bytes, at most the model's
         context window for each of the ``prompts`` the provider answers apart (a list of
@@ -240,7 +245,42 @@ class BudgetBook:
         fee = search_fee(searches, rates)
         if preview_named:
             fee = max(fee, search_fee(searches, rates, preview=searches))
+        if advisor is not None:
+            advice = self.advisor_worst_case(advisor, request_bytes, images, now, provider)
+            if advice is None:
+                return None  # an advisor model with no price: the call cannot be bounded
+            return tokens + fee + advice
         return tokens + fee
+
+    def advisor_worst_case(
+        self, advisor: Advisor, request_bytes: int, images: int, now: datetime, provider: str = ""
+    ) -> Decimal | None:
+        """The most a call's advisor tool (Anthropic's ``advisor_20260301``) can cost, at
+        its model's prices (None: it has none): ``max_uses`` calls (when it names none,
+        ``default_advisor_uses``), each reading the whole transcript, an input bounded
+        as a provider-run tool's is (at least ``default_context_tokens`` and the
+        advisor's context window), and writing its ``max_tokens`` (else the advisor
+        model's most, else ``default_max_tokens``), each token at the dearest rate as in
+        :meth:`worst_case`. The call's own ``max_tokens`` does not bound the advisor."""
+        entry = self.catalog.lookup(advisor.model, provider)
+        rates = entry[1].at(now) if entry is not None else None
+        if entry is None or rates is None:
+            return None
+        window, most = entry[1].context_window, entry[1].max_output_tokens
+        uses = self.default_advisor_uses if advisor.max_uses is None else advisor.max_uses
+        prompt = max(
+            request_bytes + images * self.image_tokens, self.default_context_tokens, window or 0
+        )
+        if advisor.max_tokens is not None:
+            each = advisor.max_tokens
+        else:
+            each = most if most is not None else self.default_max_tokens
+        tier = rates.for_prompt(prompt)
+        input_rate = max(
+            r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
+        )
+        output_rate = max(tier.output, tier.reasoning or Decimal(0))
+        return uses * (prompt * input_rate + each * output_rate) / PER_MILLION
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -366,6 +406,7 @@ class BudgetBook:
                 unbounded.images,
                 unbounded.preview_named,
                 unbounded.fast,
+                unbounded.advisor,
             ) or Decimal(0)
 
         worst = reckoned(max_tokens)
@@ -400,6 +441,9 @@ class BudgetBook:
         unpriceable = rates is not None and rates.speed(usage.speed) is None
         if rates is not None and not usage.usage_missing and not unpriceable:
             cost = cost_of(usage, rates).total
+            if usage.advisor:  # its advisor's calls, at their model's prices (or unpriced)
+                advised = advisor_breakdown(usage.advisor, self.catalog, ended, provider)
+                cost = None if advised is None else cost + advised["total"]
         # Every budget reserved the same worst case, and holds the same cost.
         worst = next(iter(held.values()))
         if usage.usage_missing or usage.output_tokens_counted or unpriceable:
