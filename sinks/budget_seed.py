@@ -23,7 +23,7 @@ from llmtap.config import BudgetConfig
 from llmtap.events import Alert, BudgetState
 from llmtap.kafka import Kafka
 from sql.store import Store, render
-from stream.budgets import fresh, status_of, threshold_alert
+from stream.budgets import fresh, passed, status_of, threshold_alert
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def rebuilt_state(store: Store, budget: BudgetConfig, now: datetime) -> BudgetSt
     spent = Decimal(rows[0]["spent"] or 0) if rows else Decimal(0)
     if not spent:
         return state
-    crossed = tuple(t for t in sorted(budget.thresholds) if spent * 100 >= budget.limit_usd * t)
+    crossed = passed(budget, spent)  # of the limit configured now
     last: datetime = rows[0]["last_event_at"]
     # Validated (not model_copy): what every reader of the topic will validate too.
     return BudgetState.model_validate(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from decimal import Decimal
+from uuid import UUID
 
 from llmtap import wire
 from llmtap.config import BudgetConfig
@@ -61,6 +62,47 @@ def status_of(spent: Decimal, limit: Decimal, crossed: tuple[int, ...]) -> str:
     return "warning" if crossed else "ok"
 
 
+def passed(budget: BudgetConfig, spent: Decimal) -> tuple[int, ...]:
+    """The thresholds of ``budget`` that ``spent`` has reached of its limit as configured:
+    a state's ``crossed`` (the limit in force, not one the state was counted under)."""
+    return tuple(t for t in sorted(budget.thresholds) if spent * 100 >= budget.limit_usd * t)
+
+
+def due(before: BudgetState | None, after: BudgetState) -> list[int]:
+    """The thresholds ``after`` has crossed whose alerts ``before`` had not raised: those
+    it had not crossed, or all of them when ``before`` was another period's or counted
+    under another limit (a threshold's alert is of one limit: threshold_alert's id)."""
+    if (
+        before is None
+        or before.period_start != after.period_start
+        or before.limit_usd != after.limit_usd
+    ):
+        return list(after.crossed)
+    return [t for t in after.crossed if t not in before.crossed]
+
+
+def rejudged(budget: BudgetConfig, state: BudgetState) -> BudgetState:
+    """``state`` under ``budget``'s limit, hard cap and thresholds as configured now (the
+    same object when they are the state's): its thresholds crossed and status those of
+    its spend against the limit in force. A limit raised after a warning leaves the
+    state ``ok``; one lowered below the spend makes it ``exhausted``."""
+    crossed = passed(budget, state.spent_usd)
+    if (state.limit_usd, state.hard_cap, state.crossed) == (
+        budget.limit_usd,
+        budget.hard_cap,
+        crossed,
+    ):
+        return state
+    return state.model_copy(
+        update={
+            "limit_usd": budget.limit_usd,
+            "hard_cap": budget.hard_cap,
+            "crossed": crossed,
+            "status": status_of(state.spent_usd, budget.limit_usd, crossed),
+        }
+    )
+
+
 def fresh(budget: BudgetConfig, at: datetime, now: datetime) -> BudgetState:
     """The state at the start of the period that contains ``at``."""
     start, end = period_bounds(budget.period, at)
@@ -81,19 +123,12 @@ def fresh(budget: BudgetConfig, at: datetime, now: datetime) -> BudgetState:
 
 
 def current(budget: BudgetConfig, state: BudgetState | None, now: datetime) -> BudgetState:
-    """``state`` if it is still this period's (with the budget's current settings), else
-    a fresh one: a period rolls over without any call having to arrive."""
+    """``state`` if it is still this period's (judged by the budget's current settings:
+    :func:`rejudged`), else a fresh one: a period rolls over without any call having to
+    arrive."""
     if state is None or now >= state.period_end or state.period != budget.period:
         return fresh(budget, now, now)
-    if (state.limit_usd, state.hard_cap) != (budget.limit_usd, budget.hard_cap):
-        return state.model_copy(
-            update={
-                "limit_usd": budget.limit_usd,
-                "hard_cap": budget.hard_cap,
-                "status": status_of(state.spent_usd, budget.limit_usd, state.crossed),
-            }
-        )
-    return state
+    return rejudged(budget, state)
 
 
 def spend(
@@ -107,23 +142,22 @@ def spend(
     """Count a call's cost (ended at ``at``; at ``position`` on the responses topic, when
     it came from there). Returns the new state (None if the call belongs to an already
     closed period and changes nothing) and the alerts it raises: one per threshold
-    crossed, once per period. The new state keeps the offsets ``state`` had counted
-    (a new period too: offsets only grow), and ``position``'s."""
+    crossed, once per period and limit (:func:`due`: a state counted under another limit
+    raises those the spend is already past of this one at once). The new state keeps the
+    offsets ``state`` had counted (a new period too: offsets only grow), and
+    ``position``'s."""
     before = state
     if state is None or at >= state.period_end:
         state = fresh(budget, at, now)  # first call, or the first of a new period
     elif at < state.period_start:
         return None, []  # late for a closed period
     spent = state.spent_usd + cost
-    newly = [
-        t
-        for t in sorted(budget.thresholds)
-        if t not in state.crossed and spent * 100 >= budget.limit_usd * t
-    ]
-    crossed = tuple(sorted((*state.crossed, *newly)))
+    crossed = passed(budget, spent)
     last = at if state.last_event_at is None else max(at, state.last_event_at)
     updated = state.model_copy(
         update={
+            "limit_usd": budget.limit_usd,
+            "hard_cap": budget.hard_cap,
             "spent_usd": spent,
             "crossed": crossed,
             "status": status_of(spent, budget.limit_usd, crossed),
@@ -132,7 +166,7 @@ def spend(
             "applied": applied_with(state, before, position),
         }
     )
-    return updated, [threshold_alert(budget, updated, t, at) for t in newly]
+    return updated, [threshold_alert(budget, updated, t, at) for t in due(state, updated)]
 
 
 def threshold_alert(
@@ -140,16 +174,7 @@ def threshold_alert(
 ) -> Alert:
     severity = "critical" if threshold >= 100 else "warning" if threshold >= 80 else "info"
     return Alert(
-        # Its owner too: a name given to another budget within the period raises its own.
-        event_id=stable_id(
-            "budget",
-            budget.name,
-            budget.scope,
-            budget.value,
-            budget.tenant,
-            state.period_start.isoformat(),
-            str(threshold),
-        ),
+        event_id=threshold_alert_id(budget, state.period_start, threshold),
         alert_type="budget",
         state="firing",
         severity=severity,
@@ -168,6 +193,23 @@ def threshold_alert(
             f"budget {budget.name!r} ({budget.scope} {budget.value!r}) passed {threshold}% "
             f"of ${budget.limit_usd}: ${state.spent_usd} spent this {budget.period}"
         ),
+    )
+
+
+def threshold_alert_id(budget: BudgetConfig, period_start: datetime, threshold: int) -> UUID:
+    """One per budget, period, limit and threshold: a replay of the same calls under the
+    same configuration raises the same ids (sent once); a limit changed mid-period raises
+    its own thresholds' alerts (50% of $1000 is not 50% of $100, alerted already). Its
+    owner too: a name given to another budget within the period raises its own."""
+    return stable_id(
+        "budget",
+        budget.name,
+        budget.scope,
+        budget.value,
+        budget.tenant,
+        period_start.isoformat(),
+        str(threshold),
+        format(budget.limit_usd.normalize(), "f"),  # "100", "100.0" and "1E+2" alike
     )
 
 

@@ -38,12 +38,14 @@ from stream.budgets import (
     SCOPE_FIELDS,
     applied_with,
     current,
+    due,
     is_of,
     later_or_larger,
     matches,
     owned,
     spend,
     status_of,
+    threshold_alert,
 )
 
 
@@ -72,6 +74,10 @@ class Ledger:
         self._rank = {name: i for i, name in enumerate(self.budgets)}
         self._states: dict[str, BudgetState] = {}
         self._counted: dict[str, _Counted] = {}
+        # Budgets whose state was seeded (the topic's) and not judged yet by the limit
+        # and thresholds configured here (it may have been counted under others): their
+        # next call goes through spend, and the next roll judges them.
+        self._unjudged: set[str] = set()
         # Ids in arrival order; OrderedDict drops its oldest in O(1) (a dict's
         # `del d[next(iter(d))]` rescans the deleted slots: ~40 µs a call at 200,000).
         self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
@@ -107,6 +113,7 @@ class Ledger:
         mine = self.states.get(state.budget)
         if mine is None or later_or_larger(state, mine):
             self._states[state.budget] = state
+            self._unjudged.add(state.budget)
         elif later_or_larger(mine, state):
             return
         elif state.applied != mine.applied and all(
@@ -149,7 +156,11 @@ class Ledger:
                 applied = before.applied if counted is None else counted.applied
                 if offset < applied.get(partition, 0):
                     continue  # counted before a restart: this state says so
-            if before is not None and self._count(budget, before, counted, cost, at, now, position):
+            if (
+                before is not None
+                and name not in self._unjudged
+                and self._count(budget, before, counted, cost, at, now, position)
+            ):
                 changed.add(name)
                 continue
             if before is not None:
@@ -157,6 +168,7 @@ class Ledger:
             state, raised = spend(budget, before, cost, at, now, position)
             if state is not None:
                 self._states[name] = state
+                self._unjudged.discard(name)
                 changed.add(name)
             alerts.extend(raised)
         return changed, alerts
@@ -207,17 +219,22 @@ class Ledger:
                 counted.applied[partition] = offset + 1
         return True
 
-    def roll(self, now: datetime) -> list[BudgetState]:
-        """Budgets whose period ended (or that have no state yet): their new states."""
-        rolled = []
+    def roll(self, now: datetime) -> tuple[list[BudgetState], list[Alert]]:
+        """Budgets whose period ended (or that have no state yet), or whose state was
+        counted under another limit or thresholds: their new states, and the alerts of
+        the thresholds the spend is already past of a limit changed mid-period (raised
+        at once: a limit lowered below the spend is news)."""
+        rolled, alerts = [], []
         for name, budget in self.budgets.items():
             before = self.state(name) if name in self._states else None
             after = current(budget, before, now)
+            self._unjudged.discard(name)
             if after is not before:
                 after = _carry_applied(after, before)
                 self._states[name] = after
                 rolled.append(after)
-        return rolled
+                alerts += [threshold_alert(budget, after, t, now) for t in due(before, after)]
+        return rolled, alerts
 
 
 def _carry_applied(state: BudgetState, before: BudgetState | None) -> BudgetState:

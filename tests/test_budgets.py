@@ -24,7 +24,13 @@ from sinks.clickhouse.write import write_batch
 from sinks.webhooks.records import store_batch
 from sql.store import Store
 from stream.agents.budgets import BudgetsStep
-from stream.budgets import current, matches, period_bounds, spend, threshold_alert
+from stream.budgets import (
+    current,
+    matches,
+    period_bounds,
+    spend,
+    threshold_alert,
+)
 from stream.ledger import Ledger
 from stream.pricing import load_catalog
 from tests import sample
@@ -92,6 +98,79 @@ def test_each_threshold_alerts_once_per_period_with_a_stable_id() -> None:
 
     _, replayed = spend(b, None, Decimal("5"), at(3), at(9))  # a replay: same ids
     assert replayed[0].event_id == first.event_id
+
+
+def test_a_limit_raised_mid_period_is_judged_by_its_own_thresholds() -> None:
+    """An operator raises a limit after its warnings (90 of 100 spent: 50% and 80%
+    alerted). The state is judged by the new limit (9%: ok, nothing crossed), not left
+    warning with the old limit's thresholds; and the new limit's 50%, crossed later in
+    the period, raises its own alert (another id than the old limit's 50%), the same id
+    again when the same calls are replayed under the same configuration. Before, the
+    old limit's thresholds kept the new one's from ever alerting this period."""
+    old, new = budget(limit_usd=Decimal("100")), budget(limit_usd=Decimal("1000"))
+    state, alerts = spend(old, None, Decimal("90"), at(3), at(3))
+    assert state is not None and state.crossed == (50, 80) and len(alerts) == 2
+    now = current(new, state, at(4))
+    assert (now.limit_usd, now.status, now.crossed) == (Decimal("1000"), "ok", ())
+    later, raised = spend(new, state, Decimal("410"), at(5), at(5))  # 500 of 1000
+    assert later is not None and (later.status, later.crossed) == ("warning", (50,))
+    assert [(a.threshold, a.baseline) for a in raised] == [(Decimal(50), Decimal("1000"))]
+    assert raised[0].event_id != alerts[0].event_id
+    # The same calls again, counted under the new limit from the start: the same id.
+    replayed, quiet = spend(new, None, Decimal("90"), at(3), at(9))
+    assert quiet == []
+    _, again = spend(new, replayed, Decimal("410"), at(5), at(9))
+    assert [a.event_id for a in again] == [raised[0].event_id]
+    # A limit spelled otherwise is the same limit: the same ids.
+    same = budget(limit_usd=Decimal("1000.00"))
+    assert threshold_alert(same, later, 50, at(5)).event_id == raised[0].event_id
+
+    # The ledger: a state seeded from the topic (the worker's own, counted under the
+    # old limit) is judged by the new one at its first call, not counted on as it was.
+    ledger = Ledger([new])
+    ledger.seed(state)
+    changed, none = ledger.record(costed("1", at(4)), at(4), (0, 1))
+    assert none == [] and changed == {new.name}
+    judged = ledger.states[new.name]
+    assert (judged.limit_usd, judged.spent_usd, judged.status, judged.crossed) == (
+        Decimal("1000"),
+        Decimal("91"),
+        "ok",
+        (),
+    )
+    _, raised = ledger.record(costed("409", at(5)), at(5), (0, 2))
+    assert [a.event_id for a in raised] == [again[0].event_id]
+    # And without a call: the roll judges it (the worker publishes it on its timer).
+    ledger = Ledger([new])
+    ledger.seed(state)
+    [rolled], none = ledger.roll(at(4))
+    assert none == [] and (rolled.status, rolled.crossed) == ("ok", ())
+    assert ledger.roll(at(4)) == ([], [])
+
+
+def test_a_limit_lowered_below_the_spend_alerts_at_once() -> None:
+    """Lowered mid-period below what was spent (90 of 1000, nothing crossed, now a limit
+    of 80): the state is exhausted, and the thresholds the spend is already past of the
+    new limit are alerted at once, by the worker's roll or the first call, whichever
+    comes first (the same ids: sent once), not never (a hard cap refuses the calls that
+    would cross them)."""
+    old, new = budget(limit_usd=Decimal("1000")), budget(limit_usd=Decimal("80"))
+    state, alerts = spend(old, None, Decimal("90"), at(3), at(3))
+    assert state is not None and alerts == []
+    ledger = Ledger([new])
+    ledger.seed(state)
+    [rolled], raised = ledger.roll(at(4))
+    assert (rolled.status, rolled.crossed) == ("exhausted", (50, 80, 100))
+    assert [(a.threshold, a.severity) for a in raised] == [
+        (Decimal(50), "info"),
+        (Decimal(80), "warning"),
+        (Decimal(100), "critical"),
+    ]
+    assert "of $80: $90 spent" in raised[2].message
+    assert ledger.roll(at(4)) == ([], [])
+    assert ledger.record(costed("1", at(4)), at(4), (0, 1))[1] == []  # alerted already
+    _, at_call = spend(new, state, Decimal("0"), at(4), at(4))
+    assert [a.event_id for a in at_call] == [a.event_id for a in raised]
 
 
 def test_a_new_period_starts_from_zero_and_late_calls_do_not_count() -> None:
@@ -293,7 +372,8 @@ def test_offsets_carry_into_a_new_period() -> None:
     b = budget(limit_usd=Decimal("100"), period="day")
     ledger = Ledger([b])
     ledger.record(costed("1", at(3)), at(3), (0, 41))
-    [rolled] = ledger.roll(at(4))
+    [rolled], alerts = ledger.roll(at(4))
+    assert alerts == []
     assert rolled.spent_usd == 0 and rolled.applied == {0: 42}
     ledger.record(costed("2", at(4)), at(4), (0, 41))  # a replay of an old offset
     assert ledger.states[b.name].spent_usd == 0

@@ -325,3 +325,20 @@ def test_a_state_published_while_the_name_was_anothers_is_unknown() -> None:
         assert (row.value, row.state, row.status, row.spent_usd) == ("acme", None, "unknown", None)
     [row] = budget_rows([old], states, Scope(), NOW)  # its own owner's: shown
     assert row.spent_usd == Decimal("81.5")
+
+
+def test_a_limit_changed_mid_period_is_shown_judged_by_the_new_one() -> None:
+    """The state on the topic was counted under a limit of 100 (90 spent: 50% and 80%
+    crossed, warning); the limit is now 1000. The endpoint and the dashboard show 9%
+    used, ok, nothing crossed: not a warning with the old limit's thresholds. Lowered
+    below the spend, exhausted with every threshold crossed."""
+    old = BudgetConfig(name="monthly", scope="tenant", value="acme", limit_usd=Decimal(100))
+    states = {"monthly": state_of(old, Decimal("90"))}
+    assert (states["monthly"].status, states["monthly"].crossed) == ("warning", (50, 80))
+    raised = old.model_copy(update={"limit_usd": Decimal(1000)})
+    [row] = budget_rows([raised], states, Scope(), NOW)
+    shown = (row.limit_usd, row.spent_usd, row.used_percent, row.status, row.thresholds_crossed)
+    assert shown == (Decimal(1000), Decimal(90), Decimal("9.0"), "ok", [])
+    lowered = old.model_copy(update={"limit_usd": Decimal(80)})
+    [row] = budget_rows([lowered], states, Scope(), NOW)
+    assert (row.status, row.thresholds_crossed) == ("exhausted", [50, 80, 100])

@@ -66,9 +66,13 @@ class BudgetsStep:
         @app.timer(ROLL_EVERY_S)  # type: ignore[untyped-decorator]
         async def roll_periods() -> None:
             """New periods start on time (and every budget has a state) without a call,
-            by the worker counting them (one standing by has nothing to say)."""
+            by the worker counting them (one standing by has nothing to say); a state
+            counted under another limit is judged by this one's, its alerts raised."""
             if self.holding:
-                await self._publish(self.ledger.roll(utcnow()), [])
+                rolled, raised = self.ledger.roll(utcnow())
+                for alert in raised:
+                    log.warning("%s", alert.message)
+                await self._publish(rolled, raised)
 
     async def start(self, producer: AIOKafkaProducer) -> None:
         """Before the stage joins its group: every state published so far, taken up,
