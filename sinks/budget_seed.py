@@ -23,7 +23,13 @@ from llmtap.config import BudgetConfig
 from llmtap.events import Alert, BudgetState
 from llmtap.kafka import Kafka
 from sql.store import Store, render
-from stream.budgets import fresh, passed, status_of, threshold_alert
+from stream.budgets import (
+    fresh,
+    passed,
+    status_of,
+    threshold_alert,
+    threshold_alert_id_before_limits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +69,28 @@ def rebuilt_state(store: Store, budget: BudgetConfig, now: datetime) -> BudgetSt
 
 def unraised(store: Store, budget: BudgetConfig, state: BudgetState) -> list[Alert]:
     """The alerts of thresholds a rebuilt state has crossed that were never raised: a
-    budget added to the configuration (or its limit lowered) when its spend was already
+    budget added to the configuration (or its limit changed) when its spend was already
     past them. The stream raises a threshold only as a call crosses it, and a hard cap
     refuses the calls that would: without these, a budget could refuse every call and
     nobody hear of it. Each has the id the stream would give it, so one raised twice
-    (the stream too, or one not stored yet) is stored and delivered once."""
+    (the stream too, or one not stored yet) is stored and delivered once. One stored
+    with the id alerts had before ids named the limit counts as raised if it was of the
+    same limit (its baseline): an upgrade sends none of the period's alerts again."""
     at = state.last_event_at or state.updated_at
     alerts = [threshold_alert(budget, state, t, at) for t in state.crossed]
     if not alerts:
         return []
-    ids = [alert.event_id for alert in alerts]
-    stored = {row["event_id"] for row in store.rows(render("alerts_existing"), {"alert_ids": ids})}
+    earlier = {
+        threshold_alert_id_before_limits(budget, state.period_start, t): alert.event_id
+        for t, alert in zip(state.crossed, alerts, strict=True)
+    }
+    ids = [alert.event_id for alert in alerts] + list(earlier)
+    stored = set()
+    for row in store.rows(render("alerts_baselines"), {"alert_ids": ids}):
+        if row["event_id"] not in earlier:
+            stored.add(row["event_id"])
+        elif row["baseline"] is not None and Decimal(row["baseline"]) == budget.limit_usd:
+            stored.add(earlier[row["event_id"]])
     return [alert for alert in alerts if alert.event_id not in stored]
 
 

@@ -213,6 +213,23 @@ def threshold_alert_id(budget: BudgetConfig, period_start: datetime, threshold: 
     )
 
 
+def threshold_alert_id_before_limits(
+    budget: BudgetConfig, period_start: datetime, threshold: int
+) -> UUID:
+    """The id :func:`threshold_alert_id` gave before it named the limit: the store's
+    rebuild takes one stored, of the same limit (the alert's baseline), as raised, so an
+    upgrade sends no alert of the period again. Of no use once a period has passed."""
+    return stable_id(
+        "budget",
+        budget.name,
+        budget.scope,
+        budget.value,
+        budget.tenant,
+        period_start.isoformat(),
+        str(threshold),
+    )
+
+
 def remaining(state: BudgetState) -> Decimal:
     return state.limit_usd - state.spent_usd
 

@@ -30,6 +30,7 @@ from stream.budgets import (
     period_bounds,
     spend,
     threshold_alert,
+    threshold_alert_id_before_limits,
 )
 from stream.ledger import Ledger
 from stream.pricing import load_catalog
@@ -416,6 +417,30 @@ def test_thresholds_a_rebuilt_state_crossed_unalerted_are_raised_once(store: Sto
     store_batch(store, raised[:1], [], [])  # the first one was delivered and stored
     assert unraised(store, b, state) == raised[1:]
     assert unraised(store, b, rebuilt_state(store, budget(name="untouched"), now)) == []
+
+
+def test_an_alert_stored_before_ids_named_the_limit_is_not_raised_again(store: Store) -> None:
+    """Threshold alerts' ids name the limit since a limit changed mid-period must raise
+    its own. One stored under the id it had before (an upgrade within the period) is
+    raised already if it was of the limit in force (its baseline), and not if of
+    another."""
+    b = budget(name="upgraded", limit_usd=Decimal("4"), period="day")
+    now = datetime.now(UTC)
+    write_batch(store, Batch(events=[costed("3.5", now - timedelta(minutes=1))]))
+    state = rebuilt_state(store, b, now)
+    assert state.crossed == (50, 80)
+
+    def stored_before(threshold: int, limit: str) -> Alert:
+        alert = threshold_alert(b, state, threshold, now)
+        return alert.model_copy(
+            update={
+                "event_id": threshold_alert_id_before_limits(b, state.period_start, threshold),
+                "baseline": Decimal(limit),
+            }
+        )
+
+    store_batch(store, [stored_before(50, "4"), stored_before(80, "10")], [], [])
+    assert [a.threshold for a in unraised(store, b, state)] == [Decimal(80)]
 
 
 def test_a_repeat_or_an_unpriced_call_adds_nothing_but_is_counted_past() -> None:

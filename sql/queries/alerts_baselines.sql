@@ -1,0 +1,6 @@
+-- Which of these alert ids are stored already, with the baseline each was raised against
+-- (a budget alert's: the limit; sinks/budget_seed.py tells a threshold's alert of an
+-- earlier limit from one of the limit in force).
+SELECT DISTINCT event_id, baseline
+FROM alerts
+WHERE event_id IN {alert_ids:Array(UUID)}
