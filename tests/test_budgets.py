@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingress.guards.budgets import BudgetBook
+from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import Alert, Attribution, BudgetState, CostedEvent, Usage
 from llmtap.kafka import Kafka
@@ -30,12 +33,15 @@ from stream.budgets import (
     period_bounds,
     spend,
     threshold_alert,
+    threshold_alert_id,
     threshold_alert_id_before_limits,
 )
 from stream.ledger import Ledger
 from stream.pricing import load_catalog
 from tests import sample
+from tests.conftest import start_broker
 from tests.fake_provider import free_port
+from tests.test_stream_scale import PARTITIONS, stream_worker
 
 
 def at(day: int, hour: int = 12, month: int = 11) -> datetime:
@@ -583,3 +589,90 @@ def test_two_states_with_the_same_spend_by_chance_are_not_merged() -> None:
     for event, position in calls:  # read again from the partitions' checkpoints
         standby.record(event, at(3), position)
     assert standby.states[b.name].spent_usd == Decimal("3.00")
+
+
+def on_topic(raw: list[bytes]) -> dict[str, BudgetState]:
+    """The latest state of each budget among ``raw`` (the budgets topic, keyed by budget:
+    each one's states in the order published)."""
+    states = [BudgetState.model_validate_json(value) for value in raw]
+    return {s.budget: s for s in states}
+
+
+async def test_a_worker_given_a_changed_limit_judges_and_alerts_by_it(tmp_path: Path) -> None:
+    """A real `llmtap worker` restarted with changed limits, on a real broker holding
+    the states it published before: "raised" (90% of its old limit spent, 50% and 80%
+    alerted) publishes itself judged by its new limit (9%: ok), and alerts the new
+    limit's 50% once calls cross it; "lowered" (below its spend) is published exhausted,
+    its three thresholds alerted at once, with no call."""
+    now = datetime.now(UTC)
+    old_raised = budget(
+        name="raised", scope="team", value="search", tenant="acme", limit_usd=Decimal("0.00001")
+    )
+    new_raised = old_raised.model_copy(update={"limit_usd": Decimal("0.0001")})
+    old_lowered = budget(
+        name="lowered", scope="team", value="ads", tenant="acme", limit_usd=Decimal("0.001")
+    )
+    new_lowered = old_lowered.model_copy(update={"limit_usd": Decimal("0.000008")})
+    before: list[BudgetState] = []
+    for b in (old_raised, old_lowered):
+        state, _ = spend(b, None, Decimal("0.000009"), now, now)
+        assert state is not None
+        before.append(state)
+    assert (before[0].status, before[0].crossed) == ("warning", (50, 80))
+    configured = [json.loads(b.model_dump_json()) for b in (new_raised, new_lowered)]
+    async with start_broker(PARTITIONS) as broker:
+        kafka = Kafka(broker.bootstrap)
+        assert await publish_states(kafka, before)
+        env = {"LLMTAP_BUDGETS": json.dumps(configured)}
+        async with stream_worker(broker.bootstrap, tmp_path / "w", extra_env=env):
+
+            async def published(done: Callable[[dict[str, BudgetState]], bool]) -> None:
+                async with asyncio.timeout(60):
+                    while not done(on_topic(await topics.read_all(kafka, kafka.names.budgets))):
+                        await asyncio.sleep(0.2)
+
+            await published(lambda s: s["raised"].limit_usd == new_raised.limit_usd)
+            judged = on_topic(await topics.read_all(kafka, kafka.names.budgets))
+            assert (judged["raised"].status, judged["raised"].crossed) == ("ok", ())
+            assert (judged["lowered"].status, judged["lowered"].crossed) == (
+                "exhausted",
+                (50, 80, 100),
+            )
+            # Two calls of $0.000021 (gpt-4o-mini, 100 tokens in, 10 out): 51% of the new.
+            calls = [
+                sample.response(
+                    now,
+                    model_requested="gpt-4o-mini",
+                    usage=Usage(input_tokens=100, output_tokens=10),
+                    attribution=Attribution(tenant="acme", team="search"),
+                )
+                for _ in range(2)
+            ]
+            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+            await producer.start()
+            try:
+                for c in calls:
+                    await producer.send_and_wait(
+                        kafka.names.responses, c.model_dump_json().encode(), key=b"limits"
+                    )
+            finally:
+                await producer.stop()
+            await published(lambda s: s["raised"].spent_usd == Decimal("0.000051"))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15  # the alerts go out with the states, maybe later
+            while True:
+                raw = await topics.read_all(kafka, kafka.names.alerts)
+                alerts = [Alert.model_validate_json(value) for value in raw]
+                if len(alerts) >= 4 or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+    by_budget = {
+        name: sorted((int(a.threshold or 0), a.event_id) for a in alerts if a.rule == name)
+        for name in ("raised", "lowered")
+    }
+    start = before[0].period_start
+    assert by_budget["raised"] == [(50, threshold_alert_id(new_raised, start, 50))]
+    assert by_budget["raised"][0][1] != threshold_alert_id(old_raised, start, 50)
+    assert by_budget["lowered"] == [
+        (t, threshold_alert_id(new_lowered, start, t)) for t in (50, 80, 100)
+    ]
