@@ -50,9 +50,12 @@ async def consume_forever(
     make: Callable[[], AIOKafkaConsumer],
     consume: Callable[[AIOKafkaConsumer], Awaitable[None]],
     what: str,
+    closing: Callable[[], None] = lambda: None,
 ) -> None:
     """Run ``consume`` on a fresh, started consumer until cancelled; when the broker goes
-    away, start over (uncommitted messages are read again)."""
+    away, start over (uncommitted messages are read again). ``closing`` is called as
+    each consumer is about to stop: aiokafka's stop waits for a rebalance callback under
+    way, which must end then."""
     while True:
         consumer = make()
         try:
@@ -63,4 +66,5 @@ async def consume_forever(
             log.warning("%s lost the broker (%s); reconnecting", what, exc)
             await asyncio.sleep(RECONNECT_S)
         finally:
+            closing()
             await consumer.stop()

@@ -206,6 +206,51 @@ async def cut_short_then_taken_over(broker: Broker, store: Store) -> None:
     assert int(store.command("SELECT uniqExact(event_id) FROM calls")) == 66
 
 
+STOP_S = 5.0  # a stopping writer is gone within this (its process has 15 s: supervisor.py)
+
+
+def repeat_failures(caplog: pytest.LogCaptureFixture) -> int:
+    """How many times a writer's repeat of uncommitted inserts has failed so far."""
+    return sum("repeating uncommitted inserts failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stop_ends_a_repeat_the_store_keeps_failing(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The successor of a writer whose insert was cut short is stopped while its repeat
+    of that insert keeps failing (the view still failing): it stops at once, committing
+    nothing past the insert, and the next writer repeats it; every view counts every
+    call once. aiokafka's stop waits for the assignment callback, which retried for as
+    long as the store failed: the stop hung (SIGTERM, Ctrl-C) until the process was
+    killed."""
+    async with start_broker() as broker:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
+        arm_trap(store)
+        await produce(broker.bootstrap, [call() for _ in range(40)])
+        first = ClickHouseWriter(settings, store)
+        async with running(first):
+            await until(lambda: first.write_failures >= 1, "an insert cut short")
+
+        second = asyncio.create_task(ClickHouseWriter(settings, store).run())
+        try:
+            await until(lambda: repeat_failures(caplog) >= 1, "the repeat failing")
+            second.cancel()
+            done, _ = await asyncio.wait({second}, timeout=STOP_S)
+            assert done, f"the writer still stopping after {STOP_S:.0f} s"
+        finally:
+            disarm_trap(store)  # else a hung stop never ends
+            second.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await second
+
+        third = ClickHouseWriter(settings, store)
+        async with running(third):
+            await until(lambda: third.inserts_repeated == 1, "the insert repeated")
+    assert calls(store) == 40
+    assert rollup_requests(store) == dict.fromkeys(rollup_requests(store), 40)
+    assert third.inserts_lost == 0
+
+
 STALL_S = 4.0  # the broker answers nothing for this long
 
 

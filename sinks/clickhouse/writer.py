@@ -18,7 +18,9 @@ A pipeline of small steps, commit always last:
 
 When given partitions, before reading them (they are paused until then), the writer
 repeats the recorded inserts its group has not committed (one cut short by a crash may
-have filled ``calls`` and not every view on it).
+have filled ``calls`` and not every view on it). A stop ends a repeat under way (a
+store still failing): nothing is committed past its insert, so the partitions' next
+owner repeats it.
 
 When partitions are taken away (a rebalance, which waits for it), the writer first
 lets the batch being written finish, insert and commit, for up to ``REVOKE_WAIT_S``,
@@ -101,9 +103,10 @@ class ClickHouseWriter:
         self._given_up = -1  # batches of epochs up to this one write nothing more
         self._handover = threading.Lock()  # taken to give up, and to record or write
         self._writing: asyncio.Task[None] | None = None  # the batch being written
+        self._listener: _Handover | None = None  # that of the consumer in use
 
     def _consumer(self) -> AIOKafkaConsumer:
-        handover = _Handover(self)
+        handover = self._listener = _Handover(self)
         handover.consumer = sink_consumer(
             [self._settings.kafka.names.costed, self._settings.kafka.names.windows],
             self._settings.kafka,
@@ -175,11 +178,16 @@ class ClickHouseWriter:
         """Consume until cancelled; reconnect if the broker goes away."""
         try:
             await self._start_pool()
-            await consume_forever(self._consumer, self._consume, "ClickHouse writer")
+            await consume_forever(self._consumer, self._consume, "ClickHouse writer", self._closing)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
+
+    def _closing(self) -> None:
+        """The consumer is about to stop: a repeat its assignment callback makes ends."""
+        if self._listener is not None:
+            self._listener.close()
 
     async def _start_pool(self) -> None:
         if self._decode_processes <= 0:
@@ -398,11 +406,22 @@ class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
     """Losing partitions, the writer first finishes (or gives up) the batch it writes;
     given partitions, it first repeats their uncommitted inserts. aiokafka waits for
     both before the rebalance goes on, but hands the partitions given out before the
-    repeat is done: they are paused until then (``consumer``, the one listened to)."""
+    repeat is done: they are paused until then (``consumer``, the one listened to).
+    aiokafka's stop waits for them too: closing the consumer ends a repeat."""
 
     def __init__(self, writer: ClickHouseWriter) -> None:
         self._writer = writer
         self.consumer: AIOKafkaConsumer | None = None
+        self._closed = False
+        self._repeating: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        """The consumer is stopping: a repeat under way (a store failing, retried until
+        it no longer does) ends, and none starts. Its partitions stay paused, nothing
+        committed past the insert: their next owner repeats it."""
+        self._closed = True
+        if self._repeating is not None:
+            self._repeating.cancel()
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self._writer.revoke(revoked)
@@ -410,8 +429,20 @@ class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self.consumer is not None
         self.consumer.pause(*assigned)  # before anything is fetched from them
+        if self._closed:
+            return
         # A repeat may take longer than the session (a broker slow to give its range
         # back, a store failing): expelled meanwhile, the writer would read on as owner.
         heartbeat_meanwhile(self.consumer, "store-writer")
-        await self._writer.repeat_uncommitted(set(assigned))
+        repeating = self._repeating = asyncio.create_task(
+            self._writer.repeat_uncommitted(set(assigned))
+        )
+        try:
+            await asyncio.wait({repeating})  # ended by close() too, not only by itself
+        finally:
+            repeating.cancel()  # this callback cancelled
+            self._repeating = None
+        if self._closed:
+            return
+        repeating.result()
         self.consumer.resume(*assigned)
