@@ -92,17 +92,36 @@ S = TypeVar("S", bound=Service)
 def in_background(
     key: web.AppKey[S], make: Callable[[web.Application], S], name: str
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context that runs a service's ``run()`` as a task for the app's life."""
+    """A cleanup context that runs a service's ``run()`` as a task for the app's life;
+    a service that ends before (it failed) stops the process (:func:`exit_on_failure`)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         service = app[key] = make(app)
         task = asyncio.create_task(service.run(), name=name)
+        task.add_done_callback(exit_on_failure)
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        task.remove_done_callback(exit_on_failure)  # stopping: its end is ours
+        if not task.done():  # else it failed, and said so
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     return context
+
+
+def exit_on_failure(task: asyncio.Task[None]) -> None:
+    """A service's task ended on its own: the store process exits with status 1, as
+    the worker does when a stage crashes, so that whoever runs it (`llmtap up`,
+    compose's restart policy) starts it again rather than it serving on without the
+    service (a writer that failed writes nothing more). Raised out of the event loop,
+    as aiohttp's own stop on SIGTERM is: web.run_app cleans up, then it exits."""
+    if task.cancelled():
+        return
+    failure = task.exception()
+    log.critical(
+        "%s stopped (%r): the store process exits", task.get_name(), failure, exc_info=failure
+    )
+    raise SystemExit(1)
 
 
 async def metrics(request: web.Request) -> web.Response:

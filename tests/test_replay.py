@@ -28,9 +28,9 @@ from llmtap.events import Attribution, CostedEvent
 from llmtap.kafka import Kafka
 from llmtap.names import Names
 from sinks.clickhouse import replay
-from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.decode import Batch, Range
 from sinks.clickhouse.write import insert_calls, prepare_calls
-from sinks.clickhouse.writer import ClickHouseWriter
+from sinks.clickhouse.writer import ClickHouseWriter, HandoverFailed
 from sql.store import Store
 from tests import sample
 from tests.conftest import Broker, start_broker
@@ -249,6 +249,44 @@ async def test_a_stop_ends_a_repeat_the_store_keeps_failing(
     assert calls(store) == 40
     assert rollup_requests(store) == dict.fromkeys(rollup_requests(store), 40)
     assert third.inserts_lost == 0
+
+
+class Bug(Exception):
+    """A bug in the writer's own code."""
+
+
+class BuggyUncommitted(replay.Uncommitted):
+    """The writer's book of uncommitted inserts, with a bug: adding one raises."""
+
+    def add(self, token: str, ranges: tuple[Range, ...]) -> None:
+        raise Bug("a bug in taking partitions over")
+
+
+async def test_a_takeover_that_raises_fails_the_writer(store: Store) -> None:
+    """The successor of a writer whose insert was cut short repeats it, and then a bug
+    raises in its assignment callback: the writer fails (its run raises, and the store
+    process exits to be started again: tests/test_store_process.py). aiokafka logged it
+    and went on, the partitions given still paused: the writer lived on, reading
+    nothing, for good."""
+    async with start_broker() as broker:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
+        arm_trap(store)
+        await produce(broker.bootstrap, [call() for _ in range(40)])
+        first = ClickHouseWriter(settings, store)
+        async with running(first):
+            await until(lambda: first.write_failures >= 1, "an insert cut short")
+        disarm_trap(store)
+
+        second = ClickHouseWriter(settings, store)
+        second._uncommitted = BuggyUncommitted()
+        task = asyncio.create_task(second.run())
+        done, _ = await asyncio.wait({task}, timeout=30)
+        task.cancel()
+        (ended,) = await asyncio.gather(task, return_exceptions=True)
+        assert done, "the writer still running 30 s after its takeover raised"
+        assert isinstance(ended, HandoverFailed), ended
+        assert "taking partitions over" in str(ended) and isinstance(ended.__cause__, Bug)
+    assert rollup_requests(store) == dict.fromkeys(rollup_requests(store), 40)  # repeated
 
 
 STALL_S = 4.0  # the broker answers nothing for this long

@@ -20,7 +20,9 @@ When given partitions, before reading them (they are paused until then), the wri
 repeats the recorded inserts its group has not committed (one cut short by a crash may
 have filled ``calls`` and not every view on it). A stop ends a repeat under way (a
 store still failing): nothing is committed past its insert, so the partitions' next
-owner repeats it.
+owner repeats it. A handover that raises (at either end of a rebalance) fails the
+writer: ``run`` raises, and the store process exits (sinks/app.py) to be started again,
+rather than read nothing more.
 
 When partitions are taken away (a rebalance, which waits for it), the writer first
 lets the batch being written finish, insert and commit, for up to ``REVOKE_WAIT_S``,
@@ -40,6 +42,7 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -73,6 +76,11 @@ class _GivenUp(Exception):
     """The batch's partitions moved on while it was written; it writes nothing more."""
 
 
+class HandoverFailed(Exception):
+    """Giving partitions up or taking them over raised: the writer cannot go on (the
+    partitions given would stay paused, read by no one)."""
+
+
 class ClickHouseWriter:
     """Kafka -> ClickHouse. ``sink_decode_processes`` > 0 (default 1) decodes in that
     many separate processes (spawned, so a forked copy of this process's threads and
@@ -104,6 +112,8 @@ class ClickHouseWriter:
         self._handover = threading.Lock()  # taken to give up, and to record or write
         self._writing: asyncio.Task[None] | None = None  # the batch being written
         self._listener: _Handover | None = None  # that of the consumer in use
+        self._running: asyncio.Task[None] | None = None  # run()'s task
+        self._failed: tuple[str, BaseException] | None = None  # a handover that raised
 
     def _consumer(self) -> AIOKafkaConsumer:
         handover = self._listener = _Handover(self)
@@ -175,14 +185,29 @@ class ClickHouseWriter:
             raise _GivenUp
 
     async def run(self) -> None:
-        """Consume until cancelled; reconnect if the broker goes away."""
+        """Consume until cancelled; reconnect if the broker goes away. Raises
+        HandoverFailed once a handover raised (:meth:`fail`)."""
+        self._running = asyncio.current_task()
         try:
             await self._start_pool()
             await consume_forever(self._consumer, self._consume, "ClickHouse writer", self._closing)
+        except asyncio.CancelledError:
+            if self._failed is None:
+                raise
+            what, exc = self._failed
+            raise HandoverFailed(f"{what} failed: {exc!r}") from exc
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        """A handover raised: stop, ``run`` raising (aiokafka would log it and go on)."""
+        log.critical("%s failed (%r): the writer stops", what, exc, exc_info=exc)
+        if self._failed is None:
+            self._failed = (what, exc)
+            if self._running is not None:
+                self._running.cancel()
 
     def _closing(self) -> None:
         """The consumer is about to stop: a repeat its assignment callback makes ends."""
@@ -407,7 +432,8 @@ class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
     given partitions, it first repeats their uncommitted inserts. aiokafka waits for
     both before the rebalance goes on, but hands the partitions given out before the
     repeat is done: they are paused until then (``consumer``, the one listened to).
-    aiokafka's stop waits for them too: closing the consumer ends a repeat."""
+    aiokafka's stop waits for them too: closing the consumer ends a repeat. If either
+    raises, the writer fails (aiokafka would log it and go on)."""
 
     def __init__(self, writer: ClickHouseWriter) -> None:
         self._writer = writer
@@ -424,9 +450,20 @@ class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
             self._repeating.cancel()
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self._writer.revoke(revoked)
+        await self._guarded(self._writer.revoke(revoked), "giving partitions up")
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._guarded(self._take_over(assigned), "taking partitions over")
+
+    async def _guarded(self, handover: Awaitable[None], what: str) -> None:
+        try:
+            await handover
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and self._closed:
+                raise  # the stop's own
+            self._writer.fail(what, exc)
+
+    async def _take_over(self, assigned: list[TopicPartition]) -> None:
         assert self.consumer is not None
         self.consumer.pause(*assigned)  # before anything is fetched from them
         if self._closed:
