@@ -19,7 +19,7 @@ from ingress.forward.usage import anthropic_usage
 from ingress.guards.bounds import Advisor, reach
 from llmtap.config import Settings
 from llmtap.events import AdvisorUsage, Attribution, Usage
-from stream.pricing import Rates, load_catalog, price
+from stream.pricing import Rates, load_catalog, missing_price, price
 from tests.conftest import Broker, FakeUpstream
 from tests.test_budget_book import MIDNIGHT, book
 from tests.test_ingress_ops import make_key, response_event
@@ -204,6 +204,20 @@ def messages_call(**tool: Any) -> dict[str, Any]:
     }
 
 
+def test_what_had_no_price_is_named_for_the_operator() -> None:
+    """The cost stage logs what to add to the catalog: an advisor model with no price,
+    not the executor's model, which has one (before: "no price for model
+    'claude-sonnet-4-6'")."""
+    unknown = AdvisorUsage(model="claude-unknown-9", input_tokens=10, output_tokens=5)
+    advised = response(EXECUTOR, Usage(input_tokens=10, advisor=(unknown,)), ts=MIDNIGHT)
+    assert price(advised, CATALOG).unpriced
+    assert missing_price(advised, CATALOG) == (
+        f"advisor model 'claude-unknown-9' (consulted by {EXECUTOR!r})"
+    )
+    alone = response("claude-unknown-9", Usage(input_tokens=10), ts=MIDNIGHT)
+    assert missing_price(alone, CATALOG) == "model 'claude-unknown-9'"
+
+
 def test_a_call_naming_the_advisor_tool_reads_its_advice_back_as_input() -> None:
     """The advice is read back into the executor's prompt, as a provider-run tool's
     result is: the body's bytes do not bound the call's input."""
@@ -240,13 +254,41 @@ def test_a_hard_cap_reserves_the_advisor_s_calls_at_its_model_s_prices() -> None
     unbounded = worst(Advisor(ADVISOR, None, None)) - alone
     assert budgets.default_advisor_uses == 100
     assert unbounded == 100 * (usd(prompt, prompt_rate) + usd(most, adv.output))
-    # An advisor model with no price cannot be bounded: as a model with no price.
+    # An advisor model with no price cannot be bounded, but the executor's calls can:
+    # never less than the call without the advisor (before: nothing at all).
+    assert budgets.worst_case(
+        EXECUTOR, 200, 100, MIDNIGHT, "anthropic", advisor=Advisor("claude-unknown-9", 1, 1)
+    ) == budgets.worst_case(EXECUTOR, 200, 100, MIDNIGHT, "anthropic")
+
+
+def test_a_call_whose_advisor_has_no_price_holds_its_worst_case_for_the_period() -> None:
+    """The stream cannot price such a call (cost null, unpriced): once it ends, the cap
+    holds its worst case until the period ends, as a call whose usage is unknown, rather
+    than let it go (before: reserved nothing and held nothing, the executor's tokens
+    free against the cap)."""
+    budgets, _ = book("10")
+    who = Attribution(tenant="acme")
+    call = messages_call(max_uses=1, max_tokens=1024)
+    call["tools"][0]["model"] = "claude-unknown-9"
+    call_id = uuid.uuid4()
     assert (
-        budgets.worst_case(
-            EXECUTOR, 200, 100, MIDNIGHT, "anthropic", advisor=Advisor("claude-unknown-9", 1, 1)
+        budgets.admit(
+            call_id, who, EXECUTOR, 200, 100, MIDNIGHT, "anthropic", reach=lambda: reach(call)
         )
         is None
     )
+    worst = budgets.worst_case(EXECUTOR, 200, 100, MIDNIGHT, "anthropic", input_unbounded=True)
+    assert worst is not None and worst > 0
+    assert sum(sum(held.values()) for held in budgets.reserved.values()) == worst
+    usage = Usage(
+        input_tokens=100,
+        output_tokens=50,
+        advisor=(AdvisorUsage(model="claude-unknown-9", input_tokens=2000, output_tokens=900),),
+    )
+    assert budgets.settle(call_id, EXECUTOR, usage, MIDNIGHT, "anthropic") is None
+    assert price(response(EXECUTOR, usage, ts=MIDNIGHT), CATALOG).unpriced
+    _, committed = budgets.committed(budgets.budgets[0], MIDNIGHT)
+    assert committed == worst
 
 
 def test_a_hard_cap_refuses_a_call_whose_advisor_could_overshoot_it() -> None:

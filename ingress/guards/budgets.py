@@ -246,10 +246,11 @@ class BudgetBook:
         if preview_named:
             fee = max(fee, search_fee(searches, rates, preview=searches))
         if advisor is not None:
+            # An advisor model with no price cannot be bounded: the executor's worst case
+            # is reserved all the same, and held until the period ends (settle), as the
+            # stream cannot price the call.
             advice = self.advisor_worst_case(advisor, request_bytes, images, now, provider)
-            if advice is None:
-                return None  # an advisor model with no price: the call cannot be bounded
-            return tokens + fee + advice
+            return tokens + fee + (advice or Decimal(0))
         return tokens + fee
 
     def advisor_worst_case(
@@ -438,18 +439,22 @@ class BudgetBook:
         cost = None
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(ended) if entry is not None else None
-        unpriceable = rates is not None and rates.speed(usage.speed) is None
-        if rates is not None and not usage.usage_missing and not unpriceable:
-            cost = cost_of(usage, rates).total
-            if usage.advisor:  # its advisor's calls, at their model's prices (or unpriced)
-                advised = advisor_breakdown(usage.advisor, self.catalog, ended, provider)
-                cost = None if advised is None else cost + advised["total"]
+        # Its advisor's calls, at their model's prices (None: one has none).
+        advised = (
+            advisor_breakdown(usage.advisor, self.catalog, ended, provider)
+            if usage.advisor
+            else {"total": Decimal(0)}
+        )
+        unpriceable = rates is not None and (rates.speed(usage.speed) is None or advised is None)
+        if rates is not None and advised is not None and not usage.usage_missing:
+            cost = cost_of(usage, rates).total + advised["total"]
         # Every budget reserved the same worst case, and holds the same cost.
         worst = next(iter(held.values()))
         if usage.usage_missing or usage.output_tokens_counted or unpriceable:
             # Unknown, or llmtap's count of a stream cut short, which is no bound (an
             # Anthropic one knows its input; its thinking may be billed, not streamed);
-            # or served in fast mode with no fast price, which the stream cannot price.
+            # or served in fast mode with no fast price, or with an advisor model with
+            # none, which the stream cannot price.
             self._hold_unpriced(held, worst, ended)
             return None
         holding = Settled(ended, cost or Decimal(0))
