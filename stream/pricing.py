@@ -444,6 +444,21 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
     return Rating(cost, unpriced=False, pricing_model=entry[0])
 
 
+def missing_price(event: wire.Responded, catalog: Catalog) -> str:
+    """What :func:`rate` found no price for, for an operator to add: the call's model,
+    its fast mode, or an advisor model it consulted."""
+    entry = catalog.lookup(event.model, event.provider)
+    rates = entry[1].at(event.ts_start) if entry is not None else None
+    if rates is not None and rates.speed(event.usage.speed) is None:
+        return f"model {event.model!r} in fast mode: give its entry a fast_multiplier"
+    if rates is not None:
+        for call in event.usage.advisor:
+            advisor = catalog.lookup(call.model, event.provider)
+            if advisor is None or advisor[1].at(event.ts_start) is None:
+                return f"advisor model {call.model!r} (consulted by {event.model!r})"
+    return f"model {event.model!r}"
+
+
 def price(event: ResponseEvent, catalog: Catalog) -> CostedEvent:
     """The costed event of a response event (the contract's models)."""
     rating = rate(event, catalog)

@@ -52,7 +52,7 @@ from llmtap.names import Names
 from stream import checkpoints
 from stream.agents.assignment import one_holder
 from stream.agents.stage import Fetched, GroupStage
-from stream.pricing import Catalog, price_wire
+from stream.pricing import Catalog, missing_price, price_wire
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class CostStage(GroupStage):
         self._costed: Batches | None = None
         self._same_partitions = False
         self._checkpoints: Batches | None = None
-        self._warned: set[tuple[str, str]] = set()  # models (and speeds) logged as unpriced
+        self._warned: set[tuple[str, str]] = set()  # what had no price, and its provider: logged
         # Read at each scrape of the worker's /metrics: costed events sent (a call read
         # again after a takeover, whose costed event the old owner sent, is not), and of
         # those, the unpriced (no price known for the model).
@@ -229,18 +229,14 @@ class CostStage(GroupStage):
         await self._delivered(records, sent)
 
     def _unpriced(self, event: wire.Response, sent: bool) -> None:
-        """A call whose model has no price (or none for fast mode, which served it):
-        counted if its costed event is sent here, and its model logged once."""
+        """A call whose model has no price (or none for fast mode, which served it, or an
+        advisor model it consulted has none): counted if its costed event is sent here,
+        and what has no price logged once."""
         self.unpriced += sent
-        speed = event.usage.speed
-        if (event.model, speed) not in self._warned:
-            self._warned.add((event.model, speed))
-            log.warning(
-                "no price for model %r (provider %s)%s",
-                event.model,
-                event.provider,
-                " in fast mode: give its entry a fast_multiplier" if speed == "fast" else "",
-            )
+        missing = missing_price(event, self._catalog)
+        if (missing, event.provider) not in self._warned:
+            self._warned.add((missing, event.provider))
+            log.warning("no price for %s (provider %s)", missing, event.provider)
 
     async def _send(self, records: Sequence[Record]) -> list[asyncio.Future[Any]]:
         costed = self._costed
