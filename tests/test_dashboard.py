@@ -463,6 +463,15 @@ async def test_a_login_through_a_proxy_that_names_the_host_it_was_asked_for_is_t
             allow_redirects=False,
         ) as response:
             assert response.status == 303
+        # An Origin with no scheme or host is no site's (before: it matched any Host).
+        for odd in ("site.example", "llmtap.example.com"):
+            async with dash.client.post(
+                "/dashboard/login",
+                data={"key": ADMIN_KEY},
+                headers={"Origin": odd, **said},
+                allow_redirects=False,
+            ) as response:
+                assert response.status == 403, (odd, said)
         # Another site's form, through the same proxy, is still refused.
         async with dash.client.post(
             "/dashboard/login",

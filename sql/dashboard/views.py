@@ -363,6 +363,8 @@ def _same_origin(request: web.Request) -> bool:
         hosts.append(forwarded)
     hosts += [str(hop["host"]) for hop in request.forwarded[:1] if hop.get("host")]
     site = URL(origin)
+    if site.scheme not in ("http", "https") or not site.host:
+        return False  # no browser's origin
     # A host named without a port is on the origin's scheme's default one.
     return any(
         (named.host, named.port) == (site.host, site.port)
