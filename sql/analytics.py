@@ -5,8 +5,8 @@ sql/queries/analytics_*.sql through :func:`select`, and returns JSON. The querie
 calls read the rollups (sql/queries/rollup_parts.sql: whole buckets from the hourly
 and daily rollups, the partial buckets at either end of the range from ``calls``), so
 their counts and sums equal the raw table's. Every query shares one WHERE clause
-(sql/queries/_filters.sql), tenant filter included: the caller's key sets it
-(sql/auth.py), never the query string. Alerts (``analytics_alerts.sql``) carry no
+(sql/queries/_filters.sql), tenant filter included: a virtual key's tenant always
+(sql/auth.py), an admin key's only the one it asks for. Alerts (``analytics_alerts.sql``) carry no
 tenant: a virtual key sees the ones that are its own. Budgets are answered from the
 budgets topic's latest states (sql/budgets.py). :func:`add_routes` mounts these
 endpoints, POST /api/v1/sql (sql/sqlapi.py, admin keys only) and the OpenAPI document
@@ -101,8 +101,8 @@ def api_error(
 def parse(request: web.Request, endpoint: str) -> tuple[Query, Filters]:
     """The request's parameters (the common ones plus the endpoint's) and its filters.
 
-    The scope (tenant, and team and user for a key bound to them) is not a query
-    parameter: it comes from the caller's key; an admin key's scope is every tenant.
+    The scope (tenant, and team and user for a key bound to them) comes from the
+    caller's key, and no parameter widens it; an admin key's scope is every tenant.
     """
     query = Query(request.query, *EXTRA[endpoint], common=COMMON_OF.get(endpoint, COMMON))
     return query, query.filters(request[CALLER].scope)

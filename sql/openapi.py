@@ -110,6 +110,13 @@ ROWS: dict[str, Schema] = {
     "costs": _object(
         {
             "key": {"type": "string", "description": "the group; a UTC date for day"},
+            "tenant": {
+                "type": ["string", "null"],
+                "description": "grouped by tenant, team, user, feature or property: the "
+                "tenant the group is of (they exist within their tenant: two tenants' team "
+                "`search` are two rows); by model, provider or day: the tenant filtered on "
+                "(a virtual key's own), null for every tenant",
+            },
             "requests": INT,
             "unpriced_requests": INT,
             **TOKENS,
@@ -142,6 +149,10 @@ ROWS: dict[str, Schema] = {
     "users": _object(
         {
             "user": STRING,
+            "tenant": {
+                "type": "string",
+                "description": "the user's tenant (two tenants' `alice` are two users)",
+            },
             "requests": INT,
             "errors": INT,
             **TOKENS,
@@ -290,6 +301,10 @@ PARAMETERS: dict[str, Schema] = {
         "schema": {**RANGE, "default": params.DEFAULT_RANGE},
         "description": "calls that ended within the last 24 hours, 7, 30 or 90 days",
     },
+    "tenant": {
+        "schema": STRING,
+        "description": FILTER_TEXT + " (a virtual key: its own tenant only, else 403)",
+    },
     "provider": {"schema": STRING, "description": FILTER_TEXT},
     "team": {
         "schema": STRING,
@@ -311,7 +326,8 @@ PARAMETERS: dict[str, Schema] = {
         "schema": {"type": "string", "pattern": GROUP_BY_PATTERN, "default": "model"},
         "description": "one of "
         + ", ".join(params.GROUP_BY)
-        + ", or property:<name> (any case: names are recorded in lower case)",
+        + ", or property:<name> (any case: names are recorded in lower case); "
+        "a tenant, team, user, feature or property value is one tenant's",
     },
     "limit": {
         "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
@@ -347,10 +363,10 @@ SUMMARIES = {
     "models": "Per model and provider: requests, errors, tokens, cost, latency, rolling windows",
     "timeseries": "Requests, tokens, cost and p95 latency per UTC hour or day",
     "providers": "Per provider: models, requests, tokens, cost, latency, success rate",
-    "costs": "Cost per model, provider, day, team, user, feature or custom property",
+    "costs": "Cost per model, provider, day, tenant, team, user, feature or custom property",
     "usage": "Usage totals, and per model and provider",
     "performance": "Latency, time to first token and throughput over the range",
-    "users": "Per user, costliest first",
+    "users": "Per user of a tenant, costliest first",
     "alerts": "Alert history (spike and budget), newest first",
     "budgets": "Every budget's current state: spend, limit, remaining, period end, status",
 }
@@ -391,8 +407,8 @@ def _analytics(endpoint: str) -> Schema:
         },
         **ERRORS,
     }
-    if endpoint not in ("alerts", "budgets"):  # they take no team or user filter
-        responses["403"] = _error("a filter outside the key's team or user")
+    if endpoint not in ("alerts", "budgets"):  # they take no tenant, team or user filter
+        responses["403"] = _error("a filter outside the key's tenant, team or user")
     return {
         "get": {
             "operationId": f"analytics_{endpoint}",

@@ -31,7 +31,7 @@ DEFAULT_RANGE = "30d"
 GRANULARITIES = ("hour", "day")
 DEFAULT_GRANULARITY = {"24h": "hour", "7d": "day", "30d": "day", "90d": "day"}
 
-GROUP_BY = ("model", "provider", "day", "team", "user", "feature")
+GROUP_BY = ("model", "provider", "day", "tenant", "team", "user", "feature")
 PROPERTY_PREFIX = "property:"
 PROPERTY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -43,7 +43,8 @@ ALERT_STATES: tuple[str, ...] = get_args(Alert.model_fields["state"].annotation)
 SEVERITIES: tuple[str, ...] = get_args(Alert.model_fields["severity"].annotation)
 
 # Every endpoint over calls takes these; an endpoint may take a few more (see Query).
-COMMON = ("range", "provider", "team", "feature", "env")
+# `tenant` narrows an admin key's answer to one tenant; a virtual key's is its own.
+COMMON = ("range", "tenant", "provider", "team", "feature", "env")
 # The few more, per endpoint (sql/analytics.py's routes, and the OpenAPI document).
 EXTRA: dict[str, tuple[str, ...]] = {
     "models": (),
@@ -66,8 +67,8 @@ def parameters(endpoint: str) -> tuple[str, ...]:
     return (*COMMON_OF.get(endpoint, COMMON), *EXTRA[endpoint])
 
 
-# The optional equality filters, named as sql/queries/_filters.sql names them. All but
-# tenant are query parameters of the same name; tenant comes from the caller's key.
+# The optional equality filters, named as sql/queries/_filters.sql names them, each a
+# query parameter of the same name (a key's scope sets those it is bound to).
 FILTERS = ("tenant", "provider", "team", "feature", "env", "model_id", "user_id")
 
 

@@ -465,13 +465,16 @@ async def test_providers_written_out(api: TestClient[Any, Any]) -> None:
 
 # -- costs ----------------------------------------------------------------------------
 
-KEYS: dict[str, Callable[[Call], Any]] = {
-    "model": lambda c: c.model,
-    "provider": lambda c: c.provider,
-    "team": lambda c: c.team,
-    "user": lambda c: c.user,
-    "feature": lambda c: c.feature,
-    "property:customer": lambda c: c.properties.get("customer", ""),
+# A row's group: (key, tenant). Teams, users, features and property values are one
+# tenant's (CALLS has globex's alice of team search); models and providers every one's.
+KEYS: dict[str, Callable[[Call], tuple[str, str | None]]] = {
+    "model": lambda c: (c.model, None),
+    "provider": lambda c: (c.provider, None),
+    "tenant": lambda c: (c.tenant, c.tenant),
+    "team": lambda c: (c.team, c.tenant),
+    "user": lambda c: (c.user, c.tenant),
+    "feature": lambda c: (c.feature, c.tenant),
+    "property:customer": lambda c: (c.properties.get("customer", ""), c.tenant),
 }
 
 
@@ -480,9 +483,9 @@ async def test_costs_grouped(api: TestClient[Any, Any], group_by: str) -> None:
     body = await get(api, "costs", range="90d", group_by=group_by)
     assert body["group_by"] == group_by
     by_key = groups(within("90d"), KEYS[group_by])
-    assert [r["key"] for r in body["data"]] == costliest_first(by_key)
+    assert [(r["key"], r["tenant"]) for r in body["data"]] == costliest_first(by_key)
     for row in body["data"]:
-        calls = by_key[row["key"]]
+        calls = by_key[row["key"], row["tenant"]]
         priced = [c for c in calls if c.cost is not None]
         assert row["requests"] == len(calls)
         assert row["unpriced_requests"] == len(calls) - len(priced)
@@ -505,10 +508,11 @@ async def test_costs_by_day_and_property(api: TestClient[Any, Any]) -> None:
     for row in body["data"]:
         assert row["cost"] == money(cost_of(by_day[date.fromisoformat(row["key"])]))
     rows = (await get(api, "costs", range="90d", group_by="property:customer"))["data"]
-    assert [(r["key"], r["requests"], r["cost"]) for r in rows] == [
-        ("c2", 3, "0.026375000"),  # $0.02 of it web searches
-        ("", 6, "0.014750000"),  # calls without the property
-        ("c1", 3, "0.001206000"),
+    assert [(r["key"], r["tenant"], r["requests"], r["cost"]) for r in rows] == [
+        ("c2", "acme", 3, "0.026375000"),  # $0.02 of it web searches
+        ("", "acme", 6, "0.014750000"),  # calls without the property
+        ("c1", "acme", 2, "0.000906000"),
+        ("c1", "globex", 1, "0.000300000"),  # another tenant's c1
     ]
     # The ingress records a property's name in lower case: asked for in any case, it is.
     upper = await get(api, "costs", range="90d", group_by="property:Customer")
@@ -517,7 +521,9 @@ async def test_costs_by_day_and_property(api: TestClient[Any, Any]) -> None:
         (r["key"], r["requests"]) for r in rows
     ]
     rows = (await get(api, "costs", group_by="property:no.such-prop_1"))["data"]
-    assert [(r["key"], r["requests"]) for r in rows] == [("", len(within("30d")))]
+    assert [(r["key"], r["tenant"], r["requests"]) for r in rows] == [
+        ("", tenant, len(within("30d", tenant=tenant))) for tenant in ("acme", "globex")
+    ]
     rows = (await get(api, "costs", range="90d", group_by="user", provider="anthropic"))["data"]
     assert [(r["key"], r["cost"]) for r in rows] == [
         ("alice", "0.022100000"),
@@ -613,10 +619,10 @@ async def test_performance_written_out(api: TestClient[Any, Any]) -> None:
 async def test_users(api: TestClient[Any, Any], range_: str) -> None:
     body = await get(api, "users", range=range_)
     assert body["limit"] == 100
-    by_user = groups(within(range_), lambda c: c.user)
-    assert [r["user"] for r in body["data"]] == costliest_first(by_user)
+    by_user = groups(within(range_), lambda c: (c.user, c.tenant))  # a user is a tenant's
+    assert [(r["user"], r["tenant"]) for r in body["data"]] == costliest_first(by_user)
     for row in body["data"]:
-        calls = by_user[row["user"]]
+        calls = by_user[row["user"], row["tenant"]]
         ok = sum(c.status == "ok" for c in calls)
         priced = [c for c in calls if c.total is not None]
         cost = cost_of(calls)
@@ -647,9 +653,9 @@ async def test_users(api: TestClient[Any, Any], range_: str) -> None:
 async def test_users_written_out_and_limited(api: TestClient[Any, Any]) -> None:
     body = await get(api, "users", range="90d", limit="2")
     assert body["limit"] == 2
-    assert [(r["user"], r["requests"], r["cost"]) for r in body["data"]] == [
-        ("alice", 6, "0.037900000"),
-        ("bob", 3, "0.004200000"),
+    assert [(r["user"], r["tenant"], r["requests"], r["cost"]) for r in body["data"]] == [
+        ("alice", "acme", 5, "0.037600000"),  # not globex's alice's $0.0003 too
+        ("bob", "acme", 3, "0.004200000"),
     ]
     alice, bob = body["data"]
     assert alice["providers"] == ["anthropic", "openai"] and alice["unique_models"] == 3
@@ -855,9 +861,10 @@ async def test_rollup_counts_tokens_and_cost_are_the_calls(both: Both, range_: s
         assert row["cost"] == money(cost_of(mine))
         assert row["usage_missing_requests"] == sum(c.usage_missing for c in mine)
     users = (await get(both.rollup, "users", range=range_, limit="1000"))["data"]
-    by_user = groups(calls, lambda c: c.user)
+    by_user = groups(calls, lambda c: (c.user, c.tenant))
+    assert len(users) == len(by_user)
     for row in users:
-        mine = by_user[row["user"]]
+        mine = by_user[row["user"], row["tenant"]]
         assert row["requests"] == len(mine)
         assert row["budget_rejections"] == sum(c.status == "budget_exceeded" for c in mine)
         assert row["max_tokens_per_request"] == max(c.tokens for c in mine)
@@ -1267,7 +1274,7 @@ def test_every_analytics_query_takes_the_shared_filters(
             assert set(reads) == {"calls"}, name
         for condition in ("tenant = {tenant:String}", "provider = {provider:String}"):
             assert sql.count(condition) == len(reads), (name, condition)
-        assert "tenant" not in render(name, filters=frozenset(), **structure)
+        assert "{tenant:String}" not in render(name, filters=frozenset(), **structure)
 
 
 async def test_tenant_filter_scopes_a_query(api: TestClient[Any, Any], store: Store) -> None:
@@ -1308,7 +1315,7 @@ async def test_tenant_filter_scopes_a_query(api: TestClient[Any, Any], store: St
         ("performance", "user_id=alice", "user_id"),
         ("users", "user_id=alice", "user_id"),
         ("models", "granularity=day", "granularity"),
-        ("usage", "tenant=acme", "tenant"),  # never from the query string
+        ("alerts", "tenant=acme", "tenant"),  # alerts take the range only
     ],
 )
 async def test_bad_parameters_are_400_naming_the_parameter(

@@ -147,10 +147,74 @@ async def test_the_scheme_is_case_insensitive(api: Api) -> None:
 async def test_an_admin_key_sees_every_tenant(api: Api) -> None:
     body = await api.get("usage", ADMIN_KEY, range="24h")
     assert body["totals"]["requests"] == len(CALLS)
+
+
+def rows_of(body: dict[str, Any], key: str = "key") -> list[tuple[Any, ...]]:
+    return [(r[key], r["tenant"], r["requests"], r["cost"]) for r in body["data"]]
+
+
+async def test_an_admin_sees_each_tenants_teams_users_and_features_apart(api: Api) -> None:
+    """Teams, users and features exist within their tenant: globex's team `search` and
+    user `alice` are not acme's, and an admin's rows keep them apart, saying whose."""
     users = await api.get("users", ADMIN_KEY, range="24h")
-    assert sorted(r["user"] for r in users["data"]) == ["alice", "bob", "carol", "zed"]
-    alice = next(r for r in users["data"] if r["user"] == "alice")
-    assert alice["requests"] == 2  # acme's alice and globex's alice: one user name
+    assert rows_of(users, "user") == [
+        ("alice", "globex", 1, "0.300000000"),
+        ("bob", "acme", 1, "0.007000000"),
+        ("alice", "acme", 1, "0.003000000"),
+        ("carol", "acme", 1, "0.000000000"),
+        ("zed", "globex", 1, None),  # unpriced: unknown, last
+    ]
+    teams = await api.get("costs", ADMIN_KEY, range="24h", group_by="team")
+    assert rows_of(teams) == [
+        ("search", "globex", 1, "0.300000000"),
+        ("search", "acme", 2, "0.010000000"),
+        ("ads", "acme", 1, "0.000000000"),
+        ("core", "globex", 1, None),
+    ]
+    by_user = await api.get("costs", ADMIN_KEY, range="24h", group_by="user")
+    assert [(k, t, n) for k, t, n, _ in rows_of(by_user)] == [
+        (k, t, n) for k, t, n, _ in rows_of(users, "user")
+    ]
+    features = await api.get("costs", ADMIN_KEY, range="24h", group_by="feature")
+    assert rows_of(features) == [
+        ("chat", "globex", 2, "0.300000000"),
+        ("chat", "acme", 3, "0.010000000"),
+    ]
+    # A property's values too (here every call lacks it: one '' group per tenant).
+    props = await api.get("costs", ADMIN_KEY, range="24h", group_by="property:customer")
+    assert rows_of(props) == [("", "globex", 2, "0.300000000"), ("", "acme", 3, "0.010000000")]
+    # Models are every tenant's: one row each, of no one tenant.
+    models = await api.get("costs", ADMIN_KEY, range="24h", group_by="model")
+    assert rows_of(models)[0] == ("gpt-4o", None, 3, "0.310000000")
+
+
+async def test_spend_per_tenant(api: Api) -> None:
+    body = await api.get("costs", ADMIN_KEY, range="24h", group_by="tenant")
+    assert body["group_by"] == "tenant"
+    assert rows_of(body) == [
+        ("globex", "globex", 2, "0.300000000"),
+        ("acme", "acme", 3, "0.010000000"),
+    ]
+    for tenant in ("acme", "globex"):
+        mine = await api.get("costs", api.keys[tenant], range="24h", group_by="tenant")
+        assert [(r["key"], r["requests"]) for r in mine["data"]] == [(tenant, requests_of(tenant))]
+
+
+async def test_an_admin_may_filter_by_tenant(api: Api) -> None:
+    for tenant in ("acme", "globex"):
+        usage = await api.get("usage", ADMIN_KEY, range="24h", tenant=tenant)
+        assert usage["totals"]["requests"] == requests_of(tenant)
+        users = await api.get("users", ADMIN_KEY, range="24h", tenant=tenant)
+        assert {(r["user"], r["tenant"]) for r in users["data"]} == {
+            (c.user, tenant) for c in CALLS if c.tenant == tenant
+        }
+        models = await api.get("costs", ADMIN_KEY, range="24h", group_by="model", tenant=tenant)
+        assert {r["tenant"] for r in models["data"]} == {tenant}
+        assert sum(r["requests"] for r in models["data"]) == requests_of(tenant)
+    # Empty: every tenant, as for the other filters.
+    assert (await api.get("usage", ADMIN_KEY, tenant=""))["totals"]["requests"] == len(CALLS)
+    nobody = await api.get("users", ADMIN_KEY, range="24h", tenant="initech")
+    assert nobody["data"] == []
 
 
 @pytest.mark.parametrize("tenant", ["acme", "globex"])
@@ -167,10 +231,14 @@ async def test_a_virtual_key_sees_only_its_tenant(api: Api, tenant: str) -> None
     assert sum(r["requests"] for r in models["data"]) == len(mine)
     providers = await api.get("providers", key, range="24h")
     assert {r["provider"] for r in providers["data"]} == {c.provider for c in mine}
+    for group_by in ("team", "user", "feature", "model", "day"):
+        rows = (await api.get("costs", key, range="24h", group_by=group_by))["data"]
+        assert sum(r["requests"] for r in rows) == len(mine)
+        assert {r["tenant"] for r in rows} == {tenant}  # its own, even by model or day
     teams = await api.get("costs", key, range="24h", group_by="team")
     assert {r["key"] for r in teams["data"]} == {c.team for c in mine}
     users = await api.get("users", key, range="24h")
-    assert {r["user"] for r in users["data"]} == {c.user for c in mine}
+    assert {(r["user"], r["tenant"]) for r in users["data"]} == {(c.user, tenant) for c in mine}
     series = await api.get("timeseries", key, range="24h")
     assert sum(r["requests"] for r in series["data"]) == len(mine)
     performance = await api.get("performance", key, range="24h")
@@ -200,11 +268,15 @@ async def test_filters_never_reach_past_the_tenant(
     assert admin["totals"]["requests"] == requests_of(None, **where)
 
 
-@pytest.mark.parametrize("key", [None, "acme", "acme_alice"])
-async def test_tenant_is_never_a_query_parameter(api: Api, key: str | None) -> None:
-    secret = ADMIN_KEY if key is None else api.keys[key]
-    body = await api.get("usage", secret, expect=400, tenant="globex")
-    assert body["error"]["param"] == "tenant"
+@pytest.mark.parametrize("key", ["acme", "acme_search", "acme_alice"])
+async def test_a_virtual_key_asking_for_another_tenant_is_403(api: Api, key: str) -> None:
+    """As for a team or user it is bound to: another tenant is refused, naming it."""
+    refused = await api.get("usage", api.keys[key], expect=403, tenant="globex")
+    assert refused["error"]["param"] == "tenant"
+    assert "bound to tenant 'acme'" in refused["error"]["message"]
+    mine = await api.get("usage", api.keys[key], range="24h", tenant="acme")
+    alone = await api.get("usage", api.keys[key], range="24h")
+    assert mine["totals"] == alone["totals"]
 
 
 # -- keys bound to a team or a user -----------------------------------------------------

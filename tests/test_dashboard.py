@@ -552,6 +552,38 @@ async def test_an_admin_sees_every_tenant_budget_and_alert(dash: Dash) -> None:
     assert f'id="total-requests">{len(priced):,}<' in body
 
 
+def spend_by(calls: Iterable[Call], key: str) -> dict[tuple[str, str], Decimal]:
+    spend: dict[tuple[str, str], Decimal] = {}
+    for c in calls:
+        if c.total is not None:
+            group = (getattr(c, key), c.tenant)
+            spend[group] = spend.get(group, Decimal(0)) + c.total
+    return spend
+
+
+async def test_an_admin_sees_each_tenants_users_teams_and_features_apart(dash: Dash) -> None:
+    """Teams, users and features exist within their tenant: acme's team search and
+    globex's are two bars, each named with its tenant, each with its own spend."""
+    await dash.login(ADMIN_KEY)
+    body = await dash.page()
+    recent = [c for c in CALLS if c.ts_end >= NOW - 30 * D]
+    for key in ("team", "feature"):
+        spend = spend_by(recent, key)
+        assert {k for k, _ in spend} == {getattr(c, key) for c in recent}
+        for (value, tenant), cost in spend.items():  # 3 teams and 4 features, 2 tenants
+            assert f"<title>{value} ({tenant}): {charts.usd(cost)}</title>" in body
+    top = sorted(spend_by(recent, "user").items(), key=lambda kv: -kv[1])[: views.TOP]
+    for (user, tenant), cost in top:
+        assert f"<title>{user} ({tenant}): {charts.usd(cost)}</title>" in body
+    # One tenant asked for: its rows alone, named as they are.
+    body = await dash.page(tenant="globex")
+    mine = [c for c in recent if c.tenant == "globex"]
+    assert f'id="total-requests">{len(mine):,}<' in body
+    for (team, _), cost in spend_by(mine, "team").items():
+        assert f"<title>{team}: {charts.usd(cost)}</title>" in body
+    assert "(acme)" not in body and "(globex)" not in body
+
+
 @pytest.mark.parametrize(
     ("name", "budgets", "alerts"),
     [

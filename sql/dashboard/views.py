@@ -199,9 +199,18 @@ def latency_chart(rows: Sequence[Mapping[str, Any]]) -> Chart:
     return charts.bars("latency", "p95 latency by model", points[:TOP], charts.millis, "latency")
 
 
-def cost_chart(name: str, title: str, rows: Sequence[Mapping[str, Any]], key: str) -> Chart:
-    """A ranking by cost (rows come costliest first); a group with no key is "(none)"."""
-    points = [Point(_named(str(r[key]), "(none)"), _decimal(r["cost"])) for r in rows[:TOP]]
+def cost_chart(
+    name: str, title: str, rows: Sequence[Mapping[str, Any]], key: str, tenants: bool = False
+) -> Chart:
+    """A ranking by cost (rows come costliest first); a group with no key is "(none)".
+    With ``tenants`` (the rows are several tenants': users, teams and features exist
+    within theirs) each label says whose: "search (acme)"."""
+
+    def label(row: Mapping[str, Any]) -> str:
+        named = _named(str(row[key]), "(none)")
+        return f"{named} ({_named(row['tenant'], '(none)')})" if tenants else named
+
+    points = [Point(label(r), _decimal(r["cost"])) for r in rows[:TOP]]
     return charts.bars(name, title, points, charts.usd, "spend")
 
 
@@ -267,6 +276,7 @@ async def build(
     )
     granularity = DEFAULT_GRANULARITY[filters.range]
     total = usage[0]
+    tenants = filters.tenant is None  # an admin's page of every tenant: name each row's
     spend, traffic = time_charts(series, granularity)
     return Page(
         range=filters.range,
@@ -281,9 +291,9 @@ async def build(
         spend=spend,
         traffic=traffic,
         latency=latency_chart(models),
-        top_users=cost_chart("users", "Top users by cost", users, "user"),
-        top_teams=cost_chart("teams", "Top teams by cost", teams, "key"),
-        top_features=cost_chart("features", "Top features by cost", features, "key"),
+        top_users=cost_chart("users", "Top users by cost", users, "user", tenants),
+        top_teams=cost_chart("teams", "Top teams by cost", teams, "key", tenants),
+        top_features=cost_chart("features", "Top features by cost", features, "key", tenants),
         budgets=budgets,
         budgets_configured=bool(settings.budgets),
         alerts=[AlertRow.of(r) for r in alerts],

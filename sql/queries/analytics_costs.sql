@@ -1,6 +1,10 @@
 -- Cost breakdown, one row per group. The group expression comes from this fixed list,
 -- picked by name; a property's name is a bound parameter (calls without that property
 -- form the group ''). Days are UTC, oldest first; other groups costliest first.
+-- Teams, users, features and property values exist within their tenant: grouped by one
+-- of them, a row is one tenant's (two tenants' team `search` are two rows) and says
+-- which. Models, providers and days are every tenant's: `tenant` is the tenant filtered
+-- on (a virtual key's own), else null.
 -- From the rollups (rollup_parts.sql; by property, the property rollup and every call
 -- less those with the property for the '' group). A cost is null when no call could be
 -- priced. The rollups hold the token parts and the total, not the web search fee
@@ -10,13 +14,22 @@
     'model': 'model',
     'provider': 'provider',
     'day': 'toDate(p.bucket)',
+    'tenant': 'tenant',
     'team': 'team',
     'user': 'user',
     'feature': 'feature',
     'property': 'property',
 } %}
+{% set per_tenant = group_by in ['tenant', 'team', 'user', 'feature', 'property'] %}
 SELECT
     {{ groups[group_by] }} AS key,
+{% if per_tenant %}
+    p.tenant AS tenant,
+{% elif 'tenant' in filters %}
+    toNullable({tenant:String}) AS tenant,
+{% else %}
+    CAST(NULL AS Nullable(String)) AS tenant,
+{% endif %}
     sum(p.requests) AS requests,
     sum(p.unpriced) AS unpriced_requests,
     sum(p.input_tokens) AS input_tokens,
@@ -31,16 +44,17 @@ SELECT
        sum(p.cost) - sum(p.cost_input) - sum(p.cost_cached_input) - sum(p.cost_cache_write)
        - sum(p.cost_output) - sum(p.cost_reasoning)) AS cost_web_search,
     if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost
-{% with group = [group_by], property = group_by == 'property', by_model = group_by == 'model',
+{% with group = [group_by] + (['tenant'] if per_tenant else []),
+        property = group_by == 'property', by_model = group_by == 'model',
         need = ['requests', 'unpriced', 'input_tokens', 'output_tokens', 'priced', 'cost',
                 'cost_input', 'cost_cached_input', 'cost_cache_write', 'cost_output',
                 'cost_reasoning'] %}
 FROM {% include "rollup_parts" %} AS p
 {% endwith %}
-GROUP BY key
+GROUP BY {{ "tenant, " if per_tenant }}key
 HAVING requests > 0  -- the '' group of a property every call has nets to none
 {% if group_by == 'day' %}
 ORDER BY key
 {% else %}
-ORDER BY cost DESC, requests DESC, key
+ORDER BY cost DESC, requests DESC, key{{ ", tenant" if per_tenant }}
 {% endif %}

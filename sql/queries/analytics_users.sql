@@ -1,11 +1,14 @@
--- Per user (the attribution's user; '' for calls without one), costliest first, from
--- the rollups that keep the user (rollup_parts.sql). Activity is by request
--- start: first and last request, distinct UTC days with one (exact: the rollups keep
--- the set of days). Cost per request and per 1K tokens divide by the priced calls only
--- (the others have no known cost); both are null when no call was priced. Budget
--- rejections: calls refused because a hard-capped budget could not cover them.
+-- Per user (the attribution's user; '' for calls without one) of a tenant, costliest
+-- first, from the rollups that keep the user (rollup_parts.sql). Users exist within
+-- their tenant: two tenants' `alice` are two rows, each saying its tenant. Activity is
+-- by request start: first and last request, distinct UTC days with one (exact: the
+-- rollups keep the set of days). Cost per request and per 1K tokens divide by the
+-- priced calls only (the others have no known cost); both are null when no call was
+-- priced. Budget rejections: calls refused because a hard-capped budget could not
+-- cover them.
 SELECT
     user,
+    p.tenant AS tenant,
     sum(p.requests) AS requests,
     sum(p.errors) AS errors,
     sum(p.input_tokens) AS input_tokens,
@@ -26,12 +29,12 @@ SELECT
     cost / nullIf(sum(p.priced), 0) AS cost_per_request,
     cost * 1000 / nullIf(sum(p.priced_tokens), 0) AS cost_per_1k_tokens,
     max(p.max_tokens) AS max_tokens_per_request
-{% with group = ['user'], by_model = false,
+{% with group = ['user', 'tenant'], by_model = false,
         need = ['models', 'requests', 'errors', 'input_tokens', 'output_tokens', 'priced', 'cost',
                 'unpriced', 'budget_rejections', 'latency_ms_sum', 'first_start', 'last_start',
                 'start_days', 'priced_tokens', 'max_tokens'] %}
 FROM {% include "rollup_parts" %} AS p
 {% endwith %}
-GROUP BY user
-ORDER BY cost DESC, requests DESC, user
+GROUP BY tenant, user
+ORDER BY cost DESC, requests DESC, user, tenant
 LIMIT {limit:UInt16}

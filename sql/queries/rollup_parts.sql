@@ -36,6 +36,10 @@
     feature, env or model filter reads `calls` (no rollup keeps both), and the property
     rollup holds only what costs read (counts, tokens, cost and its parts).
 
+    `group` may also hold 'tenant': the rows then keep the tenant (every rollup has
+    it), which a query grouping by a team, user, feature or property groups by too
+    (they exist within their tenant: two tenants' team `search` are two teams).
+
     `need` names the measures the query uses (default: all). Every branch takes the
     shared filters (_filters.sql). -#}
 {% set span = span | default('since') %}
@@ -45,6 +49,7 @@
 {% set with_team = 'team' in group or 'feature' in group
     or 'team' in filters or 'feature' in filters or 'env' in filters %}
 {% set with_feature = 'feature' in group or 'feature' in filters or 'env' in filters %}
+{% set with_tenant = 'tenant' in group %}
 {% set with_model = by_model | default(true) or 'model_id' in filters %}
 {% set with_provider = with_model or 'provider' in group or 'provider' in filters %}
 {% set level = 'property' if by_property
@@ -68,7 +73,7 @@
     or (with_user and with_feature) or not (daily or hourly)
     else source | default('rollup') %}
 {% set dims = {
-    'tenant': ['tenant'],
+    'tenant': [],
     'provider': ['provider'],
     'model': ['provider', 'model'],
     'team': ['provider', 'model', 'team', 'feature', 'env'],
@@ -76,6 +81,9 @@
     'user_provider': ['provider', 'team', 'user'],
     'property': ['provider', 'team'],
 }[level] if source == 'rollup' else ['provider', 'model', 'team', 'feature', 'env', 'user'] %}
+{% set dims = (['tenant'] if with_tenant or (level == 'tenant' and source == 'rollup') else []) + dims %}
+{#- What the property branches keep besides the bucket and the property. #}
+{% set kept = ['tenant'] if with_tenant else [] %}
 {% set since = "{" ~ span ~ ":DateTime64(3, 'UTC')}" %}
 {#- The first boundaries at or after the start (times have millisecond precision). #}
 {% set h_from = "toStartOfHour(" ~ since ~ " + toIntervalMillisecond(3599999))" %}
@@ -131,14 +139,20 @@
 (
     SELECT
         bucket,
+{% for name in kept %}
+        {{ name }},
+{% endfor %}
         '' AS property,
 {% for name in names %}
         {{ signed(name) }} AS {{ name }}{{ "," if not loop.last }}
 {% endfor %}
-    FROM {% with property = false, group = [] %}{% include "rollup_parts" %}{% endwith %}
+    FROM {% with property = false, group = kept %}{% include "rollup_parts" %}{% endwith %}
     UNION ALL
     SELECT
         bucket,
+{% for name in kept %}
+        {{ name }},
+{% endfor %}
         if(sign = 1, property, '') AS property,
 {% for name in names %}
         sign * {{ signed(name) }} AS {{ name }}{{ "," if not loop.last }}
