@@ -180,15 +180,16 @@ async def providers(request: web.Request) -> web.Response:
 async def costs(request: web.Request) -> web.Response:
     query, filters = parse(request, "costs")
     group_by, prop = query.group_by()
+    limit = query.limit()
     rows = await select(
         request.app[STORE],
         "analytics_costs",
         filters,
         structure={"group_by": group_by, **_source(request)},
-        values={"prop": prop} if prop is not None else None,
+        values={"limit": limit, **({"prop": prop} if prop is not None else {})},
     )
     shown = group_by if prop is None else f"property:{prop}"
-    return json_response({"range": filters.range, "group_by": shown, "data": rows})
+    return json_response({"range": filters.range, "group_by": shown, "limit": limit, "data": rows})
 
 
 NANO = Decimal("0.000000001")

@@ -277,7 +277,7 @@ def _answer(endpoint: str) -> Schema:
             "data": rows,
         },
         "providers": {"data": rows},
-        "costs": {"group_by": STRING, "data": rows},
+        "costs": {"group_by": STRING, "limit": LIMIT, "data": rows},
         "usage": {"totals": {"$ref": "#/components/schemas/usage_totals"}, "data": rows},
         "performance": {"data": {"$ref": f"#/components/schemas/{endpoint}_row"}},
         "users": {"limit": LIMIT, "data": rows},
@@ -356,6 +356,10 @@ PARAMETER_OF: dict[tuple[str, str], Schema] = {
     ("alerts", "limit"): {
         "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
         "description": "how many alerts, newest first",
+    },
+    ("costs", "limit"): {
+        "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
+        "description": "how many groups: the costliest (days among them oldest first)",
     },
 }
 

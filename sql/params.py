@@ -50,7 +50,7 @@ EXTRA: dict[str, tuple[str, ...]] = {
     "models": (),
     "timeseries": ("granularity",),
     "providers": (),
-    "costs": ("group_by",),
+    "costs": ("group_by", "limit"),
     "usage": ("model_id", "user_id"),
     "performance": ("model_id",),
     "users": ("limit",),

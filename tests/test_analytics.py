@@ -532,6 +532,26 @@ async def test_costs_by_day_and_property(api: TestClient[Any, Any]) -> None:
     ]
 
 
+async def test_costs_keep_the_costliest_groups_up_to_the_limit(api: TestClient[Any, Any]) -> None:
+    every = await get(api, "costs", range="90d", group_by="user")
+    assert every["limit"] == 100 and len(every["data"]) == 5  # acme's 4 users, globex's 1
+    top = await get(api, "costs", range="90d", group_by="user", limit="2")
+    assert top["limit"] == 2
+    assert top["data"] == every["data"][:2]
+    assert [(r["key"], r["tenant"], r["cost"]) for r in top["data"]] == [
+        ("alice", "acme", "0.037600000"),
+        ("bob", "acme", "0.004200000"),
+    ]
+    # Days: the costliest days kept, shown oldest first.
+    days = (await get(api, "costs", range="90d", group_by="day"))["data"]
+    costliest = sorted(days, key=lambda r: -Decimal(r["cost"] or 0))[:3]
+    kept = (await get(api, "costs", range="90d", group_by="day", limit="3"))["data"]
+    assert kept == sorted(costliest, key=lambda r: r["key"])
+    assert [r["key"] for r in kept] == ["2026-02-08", "2026-03-05", "2026-03-15"]
+    one = await get(api, "costs", range="90d", group_by="property:customer", limit="1")
+    assert [(r["key"], r["requests"]) for r in one["data"]] == [("c2", 3)]
+
+
 # -- usage ----------------------------------------------------------------------------
 
 
@@ -1310,6 +1330,9 @@ async def test_tenant_filter_scopes_a_query(api: TestClient[Any, Any], store: St
         ("users", "limit=ten", "limit"),
         ("users", "limit=-5", "limit"),
         ("users", "limit=2.5", "limit"),
+        ("costs", "limit=0", "limit"),
+        ("costs", "limit=1001", "limit"),
+        ("costs", "group_by=day&limit=x", "limit"),
         ("models", "foo=1", "foo"),
         ("providers", "model_id=gpt-4o", "model_id"),
         ("performance", "user_id=alice", "user_id"),

@@ -240,8 +240,16 @@ async def gather(
             values={"range_since": filters.since, **windows},
         ),
         select(store, "analytics_users", filters, values={"limit": TOP}),
-        select(store, "analytics_costs", filters, structure={"group_by": "team"}),
-        select(store, "analytics_costs", filters, structure={"group_by": "feature"}),
+        *(
+            select(
+                store,
+                "analytics_costs",
+                filters,
+                structure={"group_by": by},
+                values={"limit": TOP},
+            )
+            for by in ("team", "feature")
+        ),
         store.arows(
             alerts,
             {

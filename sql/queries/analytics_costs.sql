@@ -1,6 +1,8 @@
 -- Cost breakdown, one row per group. The group expression comes from this fixed list,
 -- picked by name; a property's name is a bound parameter (calls without that property
--- form the group ''). Days are UTC, oldest first; other groups costliest first.
+-- form the group ''). The `limit` costliest groups are kept (cost desc, unknown cost
+-- last, then requests desc); days are then shown oldest first, other groups costliest
+-- first.
 -- Teams, users, features and property values exist within their tenant: grouped by one
 -- of them, a row is one tenant's (two tenants' team `search` are two rows) and says
 -- which. Models, providers and days are every tenant's: `tenant` is the tenant filtered
@@ -21,6 +23,11 @@
     'property': 'property',
 } %}
 {% set per_tenant = group_by in ['tenant', 'team', 'user', 'feature', 'property'] %}
+{% if group_by == 'day' %}
+SELECT *
+FROM
+(
+{% endif %}
 SELECT
     {{ groups[group_by] }} AS key,
 {% if per_tenant %}
@@ -53,8 +60,9 @@ FROM {% include "rollup_parts" %} AS p
 {% endwith %}
 GROUP BY {{ "tenant, " if per_tenant }}key
 HAVING requests > 0  -- the '' group of a property every call has nets to none
-{% if group_by == 'day' %}
-ORDER BY key
-{% else %}
 ORDER BY cost DESC, requests DESC, key{{ ", tenant" if per_tenant }}
+LIMIT {limit:UInt16}
+{% if group_by == 'day' %}
+)
+ORDER BY key
 {% endif %}
