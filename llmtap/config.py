@@ -361,7 +361,8 @@ class Settings(BaseSettings):
 
     # Retention in ClickHouse (sql/retention.py), in days: raw, the calls and the dead
     # letters (undecodable or unstorable messages, raw bytes); rollup, the hourly/daily
-    # rollups, the windows, and the alerts with their webhook deliveries.
+    # rollups, the windows, and the alerts with their webhook deliveries. The analytics
+    # API refuses a range longer than the smaller of the two (sql/params.Kept).
     raw_retention_days: int = Field(default=90, ge=1)
     rollup_retention_days: int = Field(default=400, ge=1)
 

@@ -47,6 +47,7 @@ from sql.params import (
     SEVERITIES,
     BadParameter,
     Filters,
+    Kept,
     Query,
     Scope,
 )
@@ -61,6 +62,8 @@ SOURCE = web.AppKey("analytics_source", str)
 SOURCES = ("rollup", "raw")
 # The configured budgets: which budget alerts a virtual key may see.
 BUDGETS = web.AppKey("analytics_budgets", list[BudgetConfig])
+# How many days the store keeps: a range reaching back further is refused.
+KEPT = web.AppKey("analytics_kept", Kept)
 
 ROLLING = ("24h", "7d", "30d")  # the models endpoint's rolling windows
 
@@ -103,9 +106,13 @@ def parse(request: web.Request, endpoint: str) -> tuple[Query, Filters]:
 
     The scope (tenant, and team and user for a key bound to them) comes from the
     caller's key, and no parameter widens it; an admin key's scope is every tenant.
+    A range longer than the store keeps what the endpoint reads (calls and rollups;
+    alerts: the rollups' retention) is a 400.
     """
     query = Query(request.query, *EXTRA[endpoint], common=COMMON_OF.get(endpoint, COMMON))
-    return query, query.filters(request[CALLER].scope)
+    filters = query.filters(request[CALLER].scope)
+    request.app.get(KEPT, Kept()).check(filters.range, raw=endpoint != "alerts")
+    return query, filters
 
 
 def shape(source: str = "rollup") -> dict[str, Any]:
@@ -142,19 +149,40 @@ def _source(request: web.Request) -> dict[str, Any]:
     return {"source": request.app.get(SOURCE, "rollup")}
 
 
-async def models(request: web.Request) -> web.Response:
-    _, filters = parse(request, "models")
-    windows = {f"since_{w}": filters.until - RANGES[w] for w in ROLLING}
+def rolling_windows(filters: Filters, kept: Kept) -> tuple[Filters, dict[str, Any], list[str]]:
+    """The models query's scan (the range and every rolling window: from the earliest),
+    each window's start, and the windows the store does not keep whole: those are read
+    no further back than the widest one kept (the rows stay every model seen in the
+    range or a window kept), and answered null (unknown, not short)."""
+    unkept = [w for w in ROLLING if not kept.covers(RANGES[w])]
+    starts = {w: filters.until - RANGES[w] for w in ROLLING if w not in unkept}
+    widest = min(filters.since, *starts.values())
+    windows = {f"since_{w}": starts.get(w, widest) for w in ROLLING}
     # The range from {range_since}, each window from its {since_*} ({since}: the earliest).
     scan = replace(filters, since=min(filters.since, *windows.values()))
+    return scan, {"range_since": filters.since, **windows}, unkept
+
+
+def forget(rows: list[dict[str, Any]], unkept: list[str]) -> list[dict[str, Any]]:
+    """Each row's figures of the windows in ``unkept`` set to null (unknown)."""
+    for row in rows:
+        for window in unkept:
+            for measure in ("requests", "tokens", "cost"):
+                row[f"{measure}_{window}"] = None
+    return rows
+
+
+async def models(request: web.Request) -> web.Response:
+    _, filters = parse(request, "models")
+    scan, values, unkept = rolling_windows(filters, request.app.get(KEPT, Kept()))
     rows = await select(
         request.app[STORE],
         "analytics_models",
         scan,
         structure=_source(request),
-        values={"range_since": filters.since, **windows},
+        values=values,
     )
-    return json_response({"range": filters.range, "data": rows})
+    return json_response({"range": filters.range, "data": forget(rows, unkept)})
 
 
 async def timeseries(request: web.Request) -> web.Response:
@@ -429,6 +457,7 @@ def add_routes(
     app[sqlapi.SQL_LIMITS] = limits
     app[SOURCE] = source
     app[BUDGETS] = list(settings.budgets)
+    app[KEPT] = Kept(settings.raw_retention_days, settings.rollup_retention_days)
     app[OPENAPI] = orjson.dumps(openapi.document(limits))
     app[ADMISSION] = Admission(settings.api_requests_per_key)
     app.cleanup_ctx.append(api_auth(settings.admin_key_hashes, settings.key_file))

@@ -76,11 +76,17 @@ ROWS: dict[str, Schema] = {
             **{
                 f"{metric}_{window}": schema
                 for window in ("24h", "7d", "30d")
-                for metric, schema in (("requests", INT), ("tokens", INT), ("cost", COST))
+                for metric, schema in (
+                    ("requests", _nullable(INT)),
+                    ("tokens", _nullable(INT)),
+                    ("cost", COST),
+                )
             },
         },
         "per model and provider seen in the range or a rolling window (none in the range:"
-        " requests 0, latencies and rates null); the rolling *_24h/_7d/_30d whatever the range",
+        " requests 0, latencies and rates null); the rolling *_24h/_7d/_30d whatever the range"
+        " (null: a window longer than the store keeps, raw_retention_days or"
+        " rollup_retention_days)",
     ),
     "timeseries": _object(
         {
@@ -393,7 +399,10 @@ def _too_many() -> Schema:
 
 
 ERRORS: dict[str, Schema] = {
-    "400": _error("a bad or unknown parameter, named in `param`"),
+    "400": _error(
+        "a bad or unknown parameter, named in `param`; a `range` reaching back further "
+        "than the store keeps (raw_retention_days, rollup_retention_days)"
+    ),
     "401": _error("no key, or an unknown or revoked one", authenticate=True),
     "429": _too_many(),
     "503": _error(

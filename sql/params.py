@@ -133,6 +133,49 @@ class Filters:
         return {"since": self.since, "until": self.until, **values}
 
 
+@dataclass(frozen=True)
+class Kept:
+    """How many days the store keeps (llmtap.config, sql/retention.py's TTLs): the raw
+    calls (``raw_retention_days``) and the rollups, windows and alerts
+    (``rollup_retention_days``).
+
+    An answer over calls reads both: whole buckets from the rollups, a range's first
+    partial hour or day (and some filter combinations, all of it) from `calls`. So a
+    range that reaches back further than either keeps is refused, never answered short.
+    A range of exactly the days kept is answered: its calls expire from now on (a call's
+    TTL is its end, to the second, plus the days), and a TTL merge deletes them only
+    after that, so what it may miss is the calls of its first second, and only should a
+    merge of their partition run in that very second.
+    """
+
+    raw_days: int = 90
+    rollup_days: int = 400
+
+    def setting(self, *, raw: bool = True) -> tuple[str, int]:
+        """The setting that bounds an answer (over calls: the smaller of the two; over
+        alerts, ``raw=False``: the rollups'), and its days."""
+        if raw and self.raw_days <= self.rollup_days:
+            return "raw_retention_days", self.raw_days
+        return "rollup_retention_days", self.rollup_days
+
+    def covers(self, span: timedelta, *, raw: bool = True) -> bool:
+        return span <= timedelta(days=self.setting(raw=raw)[1])
+
+    def check(self, range_: str, *, raw: bool = True) -> None:
+        """A 400 naming ``range`` if it reaches back past what the store keeps."""
+        if self.covers(RANGES[range_], raw=raw):
+            return
+        name, days = self.setting(raw=raw)
+        what = "calls" if name == "raw_retention_days" else "rollups and alerts"
+        shorter = [r for r, span in RANGES.items() if self.covers(span, raw=raw)]
+        raise BadParameter(
+            "range",
+            f"range {range_!r} reaches back {RANGES[range_].days} days, but the store keeps "
+            f"{what} {days} days ({name}: {days}): an answer would leave out what is "
+            f"deleted; use {', '.join(shorter) or 'a shorter range'}",
+        )
+
+
 class Query:
     """One request's query string, checked against the parameters its endpoint takes."""
 

@@ -6,6 +6,7 @@ the clock pinned at NOW; every expected number is computed here from that datase
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import re
@@ -38,6 +39,7 @@ from sinks.webhooks.records import store_batch
 from sql import analytics, params
 from sql.migrate import available, migrate
 from sql.params import Filters
+from sql.retention import apply_retention
 from sql.store import Store, render
 from tests import sample
 
@@ -1308,6 +1310,127 @@ async def test_tenant_filter_scopes_a_query(api: TestClient[Any, Any], store: St
         assert rows[0]["requests"] == expected
     # The API, with an admin key, answers for every tenant.
     assert (await get(api, "usage", range="90d"))["totals"]["requests"] == 12
+
+
+# -- retention: a range longer than the store keeps ------------------------------------
+
+
+async def serve_kept(
+    store: Store, tmp_path: Path, calls: list[Call], raw: int = 90, rollup: int = 400
+) -> TestClient[Any, Any]:
+    assert write_batch(store, Batch(events=[c.event() for c in calls])) == len(calls)
+    admin = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
+    settings = Settings(
+        data_dir=tmp_path,
+        admin_key_hashes=[admin],
+        raw_retention_days=raw,
+        rollup_retention_days=rollup,
+    )
+    app = web.Application(middlewares=[analytics.api_errors])
+    app[analytics.STORE] = store
+    analytics.add_routes(app, settings)
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    return TestClient(TestServer(app, host="127.0.0.1"), headers=headers)
+
+
+ENDPOINT_QUERIES: list[tuple[str, dict[str, str]]] = [
+    ("usage", {}),
+    ("usage", {"team": "search"}),
+    ("usage", {"user_id": "alice", "feature": "chat"}),  # raw `calls` only
+    ("models", {}),
+    ("timeseries", {"granularity": "hour", "team": "search"}),
+    ("providers", {}),
+    ("costs", {"group_by": "user"}),
+    ("performance", {}),
+    ("users", {}),
+]
+
+
+async def test_a_range_longer_than_raw_retention_is_refused(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept 7 days, calls no longer answer a 30d range right (the review's case: from
+    the rollups 3 calls, by team 2, by user and feature 1, once `calls` lost the older
+    two): every endpoint over calls refuses it, naming the range and the setting."""
+    monkeypatch.setattr(params, "utcnow", lambda: NOW)
+    async with await serve_kept(store, tmp_path, CALLS, raw=7) as api:
+        for endpoint, query in ENDPOINT_QUERIES:
+            for range_ in ("30d", "90d"):
+                async with api.get(
+                    f"/api/v1/analytics/{endpoint}", params={"range": range_, **query}
+                ) as response:
+                    assert response.status == 400, (endpoint, query)
+                    error = (await response.json())["error"]
+                assert error["param"] == "range"
+                assert "keeps calls 7 days (raw_retention_days: 7)" in error["message"]
+                assert error["message"].endswith("use 24h, 7d")
+            await get(api, endpoint, range="7d", **query)  # what it keeps: answered
+        # The default range (30d) too; alerts are kept as long as the rollups.
+        async with api.get("/api/v1/analytics/usage") as response:
+            assert response.status == 400
+        await get(api, "alerts", range="90d")
+        # Models' rolling windows past 7 days are unknown (null), not short.
+        rows = (await get(api, "models", range="24h"))["data"]
+        assert {r["requests_30d"] for r in rows} == {r["cost_30d"] for r in rows} == {None}
+        assert sum(r["requests_7d"] for r in rows) == len(within("7d"))
+        assert sum(r["requests_24h"] for r in rows) == len(within("24h"))
+        assert sum(r["requests"] for r in rows) == len(within("24h"))
+        assert {(r["model"], r["provider"]) for r in rows} == {
+            (c.model, c.provider) for c in within("7d")
+        }
+
+
+async def test_a_range_longer_than_rollup_retention_is_refused(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(params, "utcnow", lambda: NOW)
+    async with await serve_kept(store, tmp_path, CALLS, rollup=20) as api:
+        for endpoint in ("usage", "alerts"):
+            async with api.get(f"/api/v1/analytics/{endpoint}", params={"range": "30d"}) as r:
+                assert r.status == 400
+                error = (await r.json())["error"]
+            assert error["param"] == "range"
+            assert "(rollup_retention_days: 20)" in error["message"]
+        assert (await get(api, "usage", range="7d"))["totals"]["requests"] == len(within("7d"))
+        rows = (await get(api, "models", range="7d"))["data"]
+        assert {r["tokens_30d"] for r in rows} == {None}
+
+
+def test_the_default_retention_keeps_the_longest_range() -> None:
+    kept = params.Kept(Settings().raw_retention_days, Settings().rollup_retention_days)
+    assert kept == params.Kept()
+    for range_ in RANGE:
+        kept.check(range_)
+        kept.check(range_, raw=False)
+
+
+async def test_a_90d_range_over_a_90_day_ttl_counts_its_first_partial_day(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge, on real TTLs (set as `llmtap store` sets them, then applied by a merge):
+    a 90d range starts where a 90-day retention cuts, and the calls of its first partial
+    day, which it reads from `calls` alone, are still there; those just before it are
+    gone. TTLs run on the wall clock, so this test's clock is the real one."""
+    now = datetime.now(UTC)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    monkeypatch.setattr(params, "utcnow", lambda: now)
+    since = now - RANGE["90d"]
+
+    def at(ts_end: datetime, cost: str) -> Call:  # (a Call's age is from NOW)
+        return Call(NOW - ts_end, GPT4O, "openai", "alice", "search", cost=(cost, "0"))
+
+    inside = [at(since + timedelta(minutes=2), "1"), at(since + H, "2"), at(now - D, "4")]
+    before = [at(since - timedelta(minutes=2), "8"), at(since - D, "16")]
+    async with await serve_kept(store, tmp_path, inside + before) as api:
+        apply_retention(store, raw_days=90, rollup_days=400)
+        async with asyncio.timeout(60):
+            while store.rows("SELECT count() AS n FROM system.mutations WHERE NOT is_done")[0]["n"]:
+                await asyncio.sleep(0.2)
+        store.command("OPTIMIZE TABLE calls FINAL")
+        assert store.rows("SELECT count() AS n FROM calls")[0]["n"] == len(inside)
+        for query in ({}, {"team": "search"}, {"user_id": "alice", "feature": "chat"}):
+            totals = (await get(api, "usage", range="90d", **query))["totals"]
+            assert (totals["requests"], totals["cost"]) == (3, "7.000000000"), query
 
 
 # -- bad parameters -------------------------------------------------------------------

@@ -231,6 +231,7 @@ async def serve(
     broker: Broker | None,
     calls: list[Call],
     alerts: list[Alert] | None = None,
+    raw_retention_days: int = 90,
 ) -> AsyncIterator[Dash]:
     """The API and the dashboard composed as sinks/app.py composes them, over ``calls``,
     with budget states published on ``broker`` (no budgets without one)."""
@@ -244,6 +245,7 @@ async def serve(
         admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()],
         kafka_bootstrap=broker.bootstrap if broker is not None else "127.0.0.1:9",
         budgets=configured,
+        raw_retention_days=raw_retention_days,
     )
     keys, ids = make_keys(settings)
     if broker is not None:
@@ -673,6 +675,21 @@ async def test_the_page_names_no_other_host_and_sends_a_strict_policy(dash: Dash
         assert response.status == 200
     async with dash.client.get("/dashboard/static/..%2Fviews.py") as response:
         assert response.status == 404
+
+
+async def test_a_range_longer_than_the_store_keeps_is_a_400_on_the_page(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the API: kept 7 days, the default 30d page would leave out what is deleted."""
+    async with serve(
+        store, tmp_path, monkeypatch, broker=None, calls=CALLS, raw_retention_days=7
+    ) as served:
+        await served.login(ADMIN_KEY)
+        body = await served.page(expect=400)
+        assert "keeps calls 7 days (raw_retention_days: 7)" in body
+        assert "<svg" not in body
+        body = await served.page(range="7d")
+        assert f'id="total-requests">{sum(c.ts_end >= NOW - 7 * D for c in CALLS):,}<' in body
 
 
 async def test_an_empty_store_says_so_instead_of_drawing_empty_charts(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from functools import cache
@@ -27,7 +27,7 @@ from yarl import URL
 from llmtap.config import Settings
 from llmtap.events import BudgetState, utcnow
 from sql.admission import ADMISSION, TooMany
-from sql.analytics import ROLLING, STORE, alert_scope, select, store_problem
+from sql.analytics import KEPT, STORE, alert_scope, rolling_windows, select, store_problem
 from sql.auth import AUTH, Caller, Unauthorized
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, BudgetRow, alert_keys, budget_rows
 from sql.dashboard import charts
@@ -48,6 +48,7 @@ from sql.params import (
     RANGES,
     BadParameter,
     Filters,
+    Kept,
     Query,
 )
 from sql.store import Store, render
@@ -215,11 +216,11 @@ def cost_chart(
 
 
 async def gather(
-    store: Store, filters: Filters, caller: Caller, budgets: Sequence[BudgetRow]
+    store: Store, filters: Filters, caller: Caller, budgets: Sequence[BudgetRow], kept: Kept
 ) -> list[list[dict[str, Any]]]:
     """Every query the page needs, in the order :func:`build` unpacks them (the embedded
     store runs them one at a time; a ClickHouse server at once)."""
-    windows = {f"since_{w}": filters.until - RANGES[w] for w in ROLLING}
+    scan, windows, _ = rolling_windows(filters, kept)  # as GET /analytics/models reads
     minutes = RANGES[filters.range].total_seconds() / 60
     structure, confined = alert_scope(caller.scope)
     # As GET /analytics/alerts asks it, with no optional filter.
@@ -233,12 +234,7 @@ async def gather(
             filters,
             structure={"granularity": DEFAULT_GRANULARITY[filters.range]},
         ),
-        select(
-            store,
-            "analytics_models",  # as GET /analytics/models asks it: one scan, all windows
-            replace(filters, since=min(filters.since, *windows.values())),
-            values={"range_since": filters.since, **windows},
-        ),
+        select(store, "analytics_models", scan, values=windows),  # the range's p95 only
         select(store, "analytics_users", filters, values={"limit": TOP}),
         *(
             select(
@@ -279,8 +275,9 @@ async def build(
     reserved: Mapping[str, Decimal] | None = None,
 ) -> Page:
     budgets = budget_rows(settings.budgets, states, caller.scope, filters.until, reserved)
+    kept = Kept(settings.raw_retention_days, settings.rollup_retention_days)
     usage, performance, series, models, users, teams, features, alerts = await gather(
-        store, filters, caller, budgets
+        store, filters, caller, budgets, kept
     )
     granularity = DEFAULT_GRANULARITY[filters.range]
     total = usage[0]
@@ -424,6 +421,7 @@ class Views:
 
         try:
             filters = Query(request.query).filters(caller.scope)
+            request.app[KEPT].check(filters.range)  # what the API refuses, the page too
             with request.app[ADMISSION].admit(caller):
                 page = await build(
                     request.app[STORE],
