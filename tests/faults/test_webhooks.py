@@ -2,7 +2,7 @@
 
 Real alerts: a tiny budget (no hard cap, so no call is refused) whose thresholds the
 load crosses; the stream raises one budget alert per threshold, with an id derived
-from the budget, the period and the threshold. The receiver's port is closed at first,
+from the budget, the period, its limit and the threshold. The receiver's port is closed at first,
 so every delivery fails (connection refused) and is retried; once the store has
 recorded a failed attempt for every alert, the receiver starts, verifying each request
 with the Standard Webhooks library as a user's receiver would.
@@ -23,8 +23,9 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from llmtap.events import stable_id, utcnow
-from stream.budgets import period_bounds
+from llmtap.config import BudgetConfig
+from llmtap.events import utcnow
+from stream.budgets import period_bounds, threshold_alert_id
 from tests.fake_provider import free_port, serve
 from tests.faults.conftest import MakeCluster
 from tests.faults.harness import Cluster, until
@@ -106,10 +107,8 @@ async def test_alerts_reach_a_receiver_that_was_down_exactly_once(
         }
     )
     period_start, _ = period_bounds("month", utcnow())
-    expected = {
-        str(stable_id("budget", FEATURE, "feature", FEATURE, "", period_start.isoformat(), str(t)))
-        for t in THRESHOLDS
-    }
+    config = BudgetConfig.model_validate(budget)
+    expected = {str(threshold_alert_id(config, period_start, t)) for t in THRESHOLDS}
     await cluster.start_all()
     load = Load(cluster.proxy_url, cluster.proxy_root, cluster.api_key, FEATURE)
     receiver = Receiver()
