@@ -201,16 +201,8 @@ def threshold_alert_id(budget: BudgetConfig, period_start: datetime, threshold: 
     same configuration raises the same ids (sent once); a limit changed mid-period raises
     its own thresholds' alerts (50% of $1000 is not 50% of $100, alerted already). Its
     owner too: a name given to another budget within the period raises its own."""
-    return stable_id(
-        "budget",
-        budget.name,
-        budget.scope,
-        budget.value,
-        budget.tenant,
-        period_start.isoformat(),
-        str(threshold),
-        format(budget.limit_usd.normalize(), "f"),  # "100", "100.0" and "1E+2" alike
-    )
+    limit = format(budget.limit_usd.normalize(), "f")  # "100", "100.0" and "1E+2" alike
+    return stable_id(*_threshold_of(budget, period_start, threshold), limit)
 
 
 def threshold_alert_id_before_limits(
@@ -219,7 +211,12 @@ def threshold_alert_id_before_limits(
     """The id :func:`threshold_alert_id` gave before it named the limit: the store's
     rebuild takes one stored, of the same limit (the alert's baseline), as raised, so an
     upgrade sends no alert of the period again. Of no use once a period has passed."""
-    return stable_id(
+    return stable_id(*_threshold_of(budget, period_start, threshold))
+
+
+def _threshold_of(budget: BudgetConfig, period_start: datetime, threshold: int) -> tuple[str, ...]:
+    """What names a threshold of a budget's period, its owner included (both ids')."""
+    return (
         "budget",
         budget.name,
         budget.scope,
