@@ -445,43 +445,28 @@ async def test_a_login_through_a_proxy_that_names_the_host_it_was_asked_for_is_t
     """nginx's proxy_pass sends its upstream's address as Host: the browser's Origin is
     the site's name, which the proxy passes on as X-Forwarded-Host or Forwarded."""
     site = "https://llmtap.example.com"
+
+    async def login(headers: dict[str, str]) -> tuple[int, bool]:
+        """The status of an admin's login posted with ``headers``, and whether a cookie
+        came with it."""
+        async with dash.client.post(
+            "/dashboard/login", data={"key": ADMIN_KEY}, headers=headers, allow_redirects=False
+        ) as response:
+            return response.status, COOKIE in response.cookies
+
     for said in (
         {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "llmtap.example.com"},
         {"Forwarded": "for=1.2.3.4;proto=https;host=llmtap.example.com"},
     ):
-        async with dash.client.post(
-            "/dashboard/login",
-            data={"key": ADMIN_KEY},
-            headers={"Origin": site, **said},
-            allow_redirects=False,
-        ) as response:
-            assert response.status == 303, said
-            assert COOKIE in response.cookies
+        assert await login({"Origin": site, **said}) == (303, True), said
         # A proxy that keeps the Host asked for: the Origin names no port, as the Host.
-        async with dash.client.post(
-            "/dashboard/login",
-            data={"key": ADMIN_KEY},
-            headers={"Origin": site, "Host": "llmtap.example.com", "X-Forwarded-Proto": "https"},
-            allow_redirects=False,
-        ) as response:
-            assert response.status == 303
+        kept = {"Origin": site, "Host": "llmtap.example.com", "X-Forwarded-Proto": "https"}
+        assert (await login(kept))[0] == 303
         # An Origin with no scheme or host is no site's (before: it matched any Host).
         for odd in ("site.example", "llmtap.example.com"):
-            async with dash.client.post(
-                "/dashboard/login",
-                data={"key": ADMIN_KEY},
-                headers={"Origin": odd, **said},
-                allow_redirects=False,
-            ) as response:
-                assert response.status == 403, (odd, said)
+            assert (await login({"Origin": odd, **said}))[0] == 403, (odd, said)
         # Another site's form, through the same proxy, is still refused.
-        async with dash.client.post(
-            "/dashboard/login",
-            data={"key": ADMIN_KEY},
-            headers={"Origin": "https://evil.example", **said},
-            allow_redirects=False,
-        ) as response:
-            assert response.status == 403, said
+        assert (await login({"Origin": "https://evil.example", **said}))[0] == 403, said
 
 
 async def test_logout_ends_the_session(dash: Dash) -> None:

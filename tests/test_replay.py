@@ -177,14 +177,19 @@ async def test_a_writer_repeats_the_insert_its_crashed_predecessor_cut_short(sto
         await cut_short_then_taken_over(broker, store)
 
 
-async def cut_short_then_taken_over(broker: Broker, store: Store) -> None:
-    settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
+async def cut_short(bootstrap: str, settings: Settings, store: Store) -> None:
+    """40 calls, whose writer's insert is cut short (the trap left armed) before it dies
+    without committing."""
     arm_trap(store)
-    first_calls = [call() for _ in range(40)]
-    await produce(broker.bootstrap, first_calls)
+    await produce(bootstrap, [call() for _ in range(40)])
     first = ClickHouseWriter(settings, store)
     async with running(first):
         await until(lambda: first.write_failures >= 1, "an insert cut short")
+
+
+async def cut_short_then_taken_over(broker: Broker, store: Store) -> None:
+    settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
+    await cut_short(broker.bootstrap, settings, store)
     assert calls(store) == 40
     assert set(rollup_requests(store).values()) != {40}
 
@@ -225,11 +230,7 @@ async def test_a_stop_ends_a_repeat_the_store_keeps_failing(
     killed."""
     async with start_broker() as broker:
         settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
-        arm_trap(store)
-        await produce(broker.bootstrap, [call() for _ in range(40)])
-        first = ClickHouseWriter(settings, store)
-        async with running(first):
-            await until(lambda: first.write_failures >= 1, "an insert cut short")
+        await cut_short(broker.bootstrap, settings, store)
 
         second = asyncio.create_task(ClickHouseWriter(settings, store).run())
         try:
@@ -270,11 +271,7 @@ async def test_a_takeover_that_raises_fails_the_writer(store: Store) -> None:
     nothing, for good."""
     async with start_broker() as broker:
         settings = Settings(kafka_bootstrap=broker.bootstrap, sink_batch_seconds=0.3)
-        arm_trap(store)
-        await produce(broker.bootstrap, [call() for _ in range(40)])
-        first = ClickHouseWriter(settings, store)
-        async with running(first):
-            await until(lambda: first.write_failures >= 1, "an insert cut short")
+        await cut_short(broker.bootstrap, settings, store)
         disarm_trap(store)
 
         second = ClickHouseWriter(settings, store)
