@@ -208,16 +208,20 @@ async def providers(request: web.Request) -> web.Response:
 async def costs(request: web.Request) -> web.Response:
     query, filters = parse(request, "costs")
     group_by, prop = query.group_by()
-    limit = query.limit()
-    rows = await select(
-        request.app[STORE],
-        "analytics_costs",
-        filters,
-        structure={"group_by": group_by, **_source(request)},
-        values={"limit": limit, **({"prop": prop} if prop is not None else {})},
+    page = query.page()
+    rows, paged = page.cut(
+        await select(
+            request.app[STORE],
+            "analytics_costs",
+            filters,
+            structure={"group_by": group_by, **_source(request)},
+            values={**page.values(), **({"prop": prop} if prop is not None else {})},
+        )
     )
+    if group_by == "day":  # the page's days, costliest first from the store: oldest first
+        rows.sort(key=lambda row: row["key"])
     shown = group_by if prop is None else f"property:{prop}"
-    return json_response({"range": filters.range, "group_by": shown, "limit": limit, "data": rows})
+    return json_response({"range": filters.range, "group_by": shown, **paged, "data": rows})
 
 
 NANO = Decimal("0.000000001")
@@ -271,15 +275,17 @@ async def performance(request: web.Request) -> web.Response:
 
 async def users(request: web.Request) -> web.Response:
     query, filters = parse(request, "users")
-    limit = query.limit()
-    rows = await select(
-        request.app[STORE],
-        "analytics_users",
-        filters,
-        structure=_source(request),
-        values={"limit": limit},
+    page = query.page()
+    rows, paged = page.cut(
+        await select(
+            request.app[STORE],
+            "analytics_users",
+            filters,
+            structure=_source(request),
+            values=page.values(),
+        )
     )
-    return json_response({"range": filters.range, "limit": limit, "data": rows})
+    return json_response({"range": filters.range, **paged, "data": rows})
 
 
 def alert_scope(scope: Scope) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -304,17 +310,17 @@ async def alerts(request: web.Request) -> web.Response:
         "severity": query.optional_choice("severity", SEVERITIES),
         "rule": query.text("rule"),
     }
-    limit = query.limit()
+    page = query.page()
     scope = request[CALLER].scope
     active = {name: value for name, value in chosen.items() if value is not None}
     structure, confined = alert_scope(scope)
     sql = render("analytics_alerts", alert_filters=frozenset(active), **structure)
-    values: dict[str, Any] = {"since": filters.since, "limit": limit, **active, **confined}
+    values: dict[str, Any] = {"since": filters.since, **page.values(), **active, **confined}
     if scope.tenant is not None:
         configured = request.app.get(BUDGETS, [])
         values["budgets"] = alert_keys(visible_budgets(configured, scope))
-    rows = await request.app[STORE].arows(sql, values)
-    return json_response({"range": filters.range, "limit": limit, "data": rows})
+    rows, paged = page.cut(await request.app[STORE].arows(sql, values))
+    return json_response({"range": filters.range, **paged, "data": rows})
 
 
 async def budgets(request: web.Request) -> web.Response:

@@ -269,6 +269,16 @@ ROWS["usage"] = _object({"model": STRING, "provider": STRING, **USAGE_TOTALS["pr
 
 RANGE: Schema = {"type": "string", "enum": list(params.RANGES)}
 LIMIT: Schema = {"type": "integer", "minimum": params.LIMIT_MIN, "maximum": params.LIMIT_MAX}
+OFFSET: Schema = {"type": "integer", "minimum": 0, "maximum": params.OFFSET_MAX}
+# A ranked answer's page (params.Page): where it starts, and where the next one does.
+PAGE: dict[str, Schema] = {
+    "limit": LIMIT,
+    "offset": OFFSET,
+    "next_offset": {
+        **_nullable(OFFSET),
+        "description": "the offset of the next page; null on the last",
+    },
+}
 
 
 def _answer(endpoint: str) -> Schema:
@@ -283,11 +293,11 @@ def _answer(endpoint: str) -> Schema:
             "data": rows,
         },
         "providers": {"data": rows},
-        "costs": {"group_by": STRING, "limit": LIMIT, "data": rows},
+        "costs": {"group_by": STRING, **PAGE, "data": rows},
         "usage": {"totals": {"$ref": "#/components/schemas/usage_totals"}, "data": rows},
         "performance": {"data": {"$ref": f"#/components/schemas/{endpoint}_row"}},
-        "users": {"limit": LIMIT, "data": rows},
-        "alerts": {"limit": LIMIT, "data": rows},
+        "users": {**PAGE, "data": rows},
+        "alerts": {**PAGE, "data": rows},
     }[endpoint]
     return _object({"range": RANGE, **extra})
 
@@ -338,6 +348,11 @@ PARAMETERS: dict[str, Schema] = {
     "limit": {
         "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
         "description": "how many users, costliest first",
+    },
+    "offset": {
+        "schema": {**OFFSET, "default": 0},
+        "description": "how many of the ranked rows to skip: the answer's `next_offset` "
+        "reads the next page",
     },
     "alert_type": {
         "schema": {"type": "string", "enum": ["", *params.ALERT_TYPES]},

@@ -36,6 +36,7 @@ PROPERTY_PREFIX = "property:"
 PROPERTY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 LIMIT_MIN, LIMIT_MAX, DEFAULT_LIMIT = 1, 1000, 100
+OFFSET_MAX = 1_000_000  # the rows a ranked answer may skip (costs, users, alerts)
 
 # The alerts endpoint's choices (llmtap.events.Alert).
 ALERT_TYPES: tuple[str, ...] = get_args(Alert.model_fields["alert_type"].annotation)
@@ -50,11 +51,11 @@ EXTRA: dict[str, tuple[str, ...]] = {
     "models": (),
     "timeseries": ("granularity",),
     "providers": (),
-    "costs": ("group_by", "limit"),
+    "costs": ("group_by", "limit", "offset"),
     "usage": ("model_id", "user_id"),
     "performance": ("model_id",),
-    "users": ("limit",),
-    "alerts": ("alert_type", "state", "severity", "rule", "limit"),
+    "users": ("limit", "offset"),
+    "alerts": ("alert_type", "state", "severity", "rule", "limit", "offset"),
     "budgets": (),
 }
 # Alerts are not calls: of the common parameters they take the range only. Budgets are
@@ -131,6 +132,31 @@ class Filters:
         """The bound values for the shared WHERE clause."""
         values = {name: getattr(self, name) for name in self.active()}
         return {"since": self.since, "until": self.until, **values}
+
+
+@dataclass(frozen=True)
+class Page:
+    """Which rows of a ranked answer (costs, users, alerts) a request asks for: ``limit``
+    of them after the first ``offset``. The query is asked for one row more, so the
+    answer can say where the next page starts (``next_offset``; null on the last)."""
+
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+
+    def values(self) -> dict[str, int]:
+        """The values the query binds: ``limit`` (one more than asked) and ``offset``."""
+        return {"limit": self.limit + 1, "offset": self.offset}
+
+    def cut(self, rows: list[Any]) -> tuple[list[Any], dict[str, int | None]]:
+        """The page's rows, and what the answer says of it: its limit and offset, and the
+        offset of the next page when there are rows past this one (else None)."""
+        more = len(rows) > self.limit
+        shown = {
+            "limit": self.limit,
+            "offset": self.offset,
+            "next_offset": self.offset + self.limit if more else None,
+        }
+        return rows[: self.limit], shown
 
 
 @dataclass(frozen=True)
@@ -258,10 +284,17 @@ class Query:
             )
         return value, None
 
-    def limit(self) -> int:
-        value = self._query.get("limit", str(DEFAULT_LIMIT))
-        if not re.fullmatch(r"[0-9]{1,7}", value) or not LIMIT_MIN <= int(value) <= LIMIT_MAX:
+    def page(self) -> Page:
+        """``limit`` (1..1000, default 100) and ``offset`` (0..1,000,000, default 0)."""
+        return Page(
+            self._integer("limit", LIMIT_MIN, LIMIT_MAX, DEFAULT_LIMIT),
+            self._integer("offset", 0, OFFSET_MAX, 0),
+        )
+
+    def _integer(self, name: str, low: int, high: int, default: int) -> int:
+        value = self._query.get(name, str(default))
+        if not re.fullmatch(r"[0-9]{1,7}", value) or not low <= int(value) <= high:
             raise BadParameter(
-                "limit", f"invalid 'limit' {value!r}: expected an integer {LIMIT_MIN}..{LIMIT_MAX}"
+                name, f"invalid {name!r} {value!r}: expected an integer {low}..{high}"
             )
         return int(value)

@@ -554,6 +554,45 @@ async def test_costs_keep_the_costliest_groups_up_to_the_limit(api: TestClient[A
     assert [(r["key"], r["requests"]) for r in one["data"]] == [("c2", 3)]
 
 
+async def pages(api: TestClient[Any, Any], endpoint: str, limit: int, **query: str) -> list[Any]:
+    """Every row of a ranked answer, read a page of ``limit`` at a time by following
+    ``next_offset``, each page saying its limit and offset."""
+    rows: list[Any] = []
+    offset: int | None = 0
+    while offset is not None:
+        body = await get(api, endpoint, limit=str(limit), offset=str(offset), **query)
+        assert (body["limit"], body["offset"]) == (limit, offset)
+        assert 0 < len(body["data"]) <= limit or (offset == 0 and not body["data"])
+        rows += body["data"]
+        offset = body["next_offset"]
+        assert offset is None or (offset == body["offset"] + limit and len(body["data"]) == limit)
+    return rows
+
+
+@pytest.mark.parametrize("group_by", ["user", "model", "day", "property:customer"])
+async def test_costs_read_page_by_page(api: TestClient[Any, Any], group_by: str) -> None:
+    every = await get(api, "costs", range="90d", group_by=group_by, limit="1000")
+    assert every["next_offset"] is None and len(every["data"]) > 2
+    paged = await pages(api, "costs", 2, range="90d", group_by=group_by)
+    if group_by == "day":  # each page's days oldest first; the pages costliest first
+        assert sorted(paged, key=lambda r: r["key"]) == every["data"]
+        first = (await get(api, "costs", range="90d", group_by="day", limit="2"))["data"]
+        assert first == sorted(first, key=lambda r: r["key"])
+    else:
+        assert paged == every["data"]
+    past = await get(api, "costs", range="90d", group_by=group_by, offset="1000")
+    assert (past["data"], past["next_offset"]) == ([], None)
+
+
+async def test_users_read_page_by_page(api: TestClient[Any, Any]) -> None:
+    every = (await get(api, "users", range="90d", limit="1000"))["data"]
+    assert len(every) == 5
+    for limit in (1, 2, 5):
+        assert await pages(api, "users", limit, range="90d") == every
+    assert (await get(api, "users", range="90d", limit="5"))["next_offset"] is None
+    assert (await get(api, "users", range="90d", limit="4"))["next_offset"] == 4
+
+
 # -- usage ----------------------------------------------------------------------------
 
 
@@ -969,7 +1008,7 @@ async def test_the_migration_backfills_calls_already_stored(
                             query,
                             filters,
                             structure={**structure, "source": source},
-                            values={"limit": 1000},
+                            values={"limit": 1000, "offset": 0},
                         )
                         for source in ("rollup", "raw")
                     ]
@@ -1145,6 +1184,19 @@ async def test_alerts_filters(alerts_api: AlertsApi) -> None:
     ]
     assert await api.names("admin", alert_type="", state="", rule="") == await api.names("admin")
     assert await api.names("admin", rule="cost-spike' OR 1=1 --") == []
+
+
+async def test_alerts_read_page_by_page(alerts_api: AlertsApi) -> None:
+    api = alerts_api
+    every = await api.names("admin", range="90d")
+    paged: list[Any] = []
+    for offset in range(0, len(every) + 3, 3):
+        paged += await api.names("admin", range="90d", limit="3", offset=str(offset))
+    assert paged == every and len(every) == 8
+    assert (
+        await api.names("acme", range="90d", offset="1")
+        == (await api.names("acme", range="90d"))[1:]
+    )
 
 
 async def test_a_virtual_key_sees_its_own_alerts(alerts_api: AlertsApi) -> None:
@@ -1456,6 +1508,11 @@ async def test_a_90d_range_over_a_90_day_ttl_counts_its_first_partial_day(
         ("costs", "limit=0", "limit"),
         ("costs", "limit=1001", "limit"),
         ("costs", "group_by=day&limit=x", "limit"),
+        ("costs", "offset=-1", "offset"),
+        ("users", "offset=1000001", "offset"),
+        ("users", "offset=two", "offset"),
+        ("alerts", "offset=1.5", "offset"),
+        ("models", "offset=0", "offset"),  # only ranked answers take one
         ("models", "foo=1", "foo"),
         ("providers", "model_id=gpt-4o", "model_id"),
         ("performance", "user_id=alice", "user_id"),

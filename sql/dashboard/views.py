@@ -235,14 +235,14 @@ async def gather(
             structure={"granularity": DEFAULT_GRANULARITY[filters.range]},
         ),
         select(store, "analytics_models", scan, values=windows),  # the range's p95 only
-        select(store, "analytics_users", filters, values={"limit": TOP}),
+        select(store, "analytics_users", filters, values={"limit": TOP, "offset": 0}),
         *(
             select(
                 store,
                 "analytics_costs",
                 filters,
                 structure={"group_by": by},
-                values={"limit": TOP},
+                values={"limit": TOP, "offset": 0},
             )
             for by in ("team", "feature")
         ),
@@ -252,6 +252,7 @@ async def gather(
                 "since": filters.since,
                 "budgets": alert_keys(budgets),
                 "limit": ALERTS,
+                "offset": 0,
                 **confined,
             },
         ),

@@ -70,4 +70,4 @@ WHERE first_seen >= {since:DateTime64(3, 'UTC')}
   )
 {% endif %}
 ORDER BY first_seen DESC, event_id
-LIMIT {limit:UInt16}
+LIMIT {limit:UInt16} OFFSET {offset:UInt32}

@@ -1,8 +1,9 @@
 -- Cost breakdown, one row per group. The group expression comes from this fixed list,
 -- picked by name; a property's name is a bound parameter (calls without that property
--- form the group ''). The `limit` costliest groups are kept (cost desc, unknown cost
--- last, then requests desc); days are then shown oldest first, other groups costliest
--- first.
+-- form the group ''). Groups are ranked costliest first (cost desc, unknown cost last,
+-- then requests desc, then key: a total order), and `limit` of them are kept after the
+-- first `offset` (sql/analytics.py asks one more, to tell whether a next page exists,
+-- and shows a page's days oldest first).
 -- Teams, users, features and property values exist within their tenant: grouped by one
 -- of them, a row is one tenant's (two tenants' team `search` are two rows) and says
 -- which. Models, providers and days are every tenant's: `tenant` is the tenant filtered
@@ -23,11 +24,6 @@
     'property': 'property',
 } %}
 {% set per_tenant = group_by in ['tenant', 'team', 'user', 'feature', 'property'] %}
-{% if group_by == 'day' %}
-SELECT *
-FROM
-(
-{% endif %}
 SELECT
     {{ groups[group_by] }} AS key,
 {% if per_tenant %}
@@ -61,8 +57,4 @@ FROM {% include "rollup_parts" %} AS p
 GROUP BY {{ "tenant, " if per_tenant }}key
 HAVING requests > 0  -- the '' group of a property every call has nets to none
 ORDER BY cost DESC, requests DESC, key{{ ", tenant" if per_tenant }}
-LIMIT {limit:UInt16}
-{% if group_by == 'day' %}
-)
-ORDER BY key
-{% endif %}
+LIMIT {limit:UInt16} OFFSET {offset:UInt32}

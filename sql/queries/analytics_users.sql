@@ -1,11 +1,11 @@
 -- Per user (the attribution's user; '' for calls without one) of a tenant, costliest
--- first, from the rollups that keep the user (rollup_parts.sql). Users exist within
--- their tenant: two tenants' `alice` are two rows, each saying its tenant. Activity is
--- by request start: first and last request, distinct UTC days with one (exact: the
--- rollups keep the set of days). Cost per request and per 1K tokens divide by the
--- priced calls only (the others have no known cost); both are null when no call was
--- priced. Budget rejections: calls refused because a hard-capped budget could not
--- cover them.
+-- first (a total order: `limit` users after the first `offset` are a page), from the
+-- rollups that keep the user (rollup_parts.sql). Users exist within their tenant: two
+-- tenants' `alice` are two rows, each saying its tenant. Activity is by request start:
+-- first and last request, distinct UTC days with one (exact: the rollups keep the set
+-- of days). Cost per request and per 1K tokens divide by the priced calls only (the
+-- others have no known cost); both are null when no call was priced. Budget
+-- rejections: calls refused because a hard-capped budget could not cover them.
 SELECT
     user,
     p.tenant AS tenant,
@@ -37,4 +37,4 @@ FROM {% include "rollup_parts" %} AS p
 {% endwith %}
 GROUP BY tenant, user
 ORDER BY cost DESC, requests DESC, user, tenant
-LIMIT {limit:UInt16}
+LIMIT {limit:UInt16} OFFSET {offset:UInt32}
