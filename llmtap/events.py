@@ -110,6 +110,13 @@ class Attribution(_Model):
 # The speed a provider served a call at: Anthropic's fast mode, or its standard speed.
 Speed = Literal["standard", "fast"]
 
+# Where a provider ran a call's inference (Anthropic's usage.inference_geo): "global"
+# (any geography, standard rates) or a geography it was pinned to ("us", billed at a
+# premium). A name, not a closed list: a geography the catalog gives no price for is
+# carried as served, so its cost is unknown rather than guessed at standard rates.
+GLOBAL_GEO = "global"
+GEO_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+
 
 class AdvisorUsage(_Model):
     """The tokens of one call of Anthropic's advisor tool (``advisor_20260301``): a
@@ -151,7 +158,10 @@ class Usage(_Model):
     whose provider reports none (a call that asked for fast mode and was served at
     standard speed is billed at standard rates, and says so). ``advisor`` holds the
     calls of Anthropic's advisor tool, one entry each, apart from the other counts
-    (which are the executor model's).
+    (which are the executor model's). ``inference_geo`` is where the provider ran the
+    call's inference, as it reports it (Anthropic's ``usage.inference_geo``): ``"us"``
+    for US-only inference, billed at a premium on every token; ``"global"`` for any
+    geography, and for every call whose provider reports none (or ``"not_available"``).
     """
 
     input_tokens: int = Field(default=0, ge=0)
@@ -166,6 +176,7 @@ class Usage(_Model):
     web_search_preview_requests: int = Field(default=0, ge=0)  # within the above
     speed: Speed = "standard"
     advisor: tuple[AdvisorUsage, ...] = ()
+    inference_geo: str = Field(default=GLOBAL_GEO, pattern=GEO_PATTERN)
 
     @classmethod
     def missing(cls) -> Usage:

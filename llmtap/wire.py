@@ -37,6 +37,7 @@ from llmtap.events import Status
 Tokens = Annotated[int, msgspec.Meta(ge=0)]
 Millis = Annotated[float, msgspec.Meta(ge=0)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+Geo = Annotated[str, msgspec.Meta(pattern=events.GEO_PATTERN)]
 ZERO = timedelta(0)
 
 # The costed event's structs are made with gc=False: a decoded event is a tree of
@@ -68,8 +69,8 @@ class AdvisorUsage(
 # Its counts are written only when not their defaults (most are 0 for most calls): an
 # event whose call used nothing a later field counts reads the same to a reader from
 # before that field (web_search_preview_requests, say; speed, written only for a call
-# served in fast mode), which refuses fields it does not know, so a rolling upgrade
-# loses no call that does not use it.
+# served in fast mode; inference_geo, only for one not served "global"), which refuses
+# fields it does not know, so a rolling upgrade loses no call that does not use it.
 class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
@@ -83,6 +84,7 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, o
     web_search_preview_requests: Tokens = 0
     speed: events.Speed = "standard"
     advisor: tuple[AdvisorUsage, ...] = ()
+    inference_geo: Geo = events.GLOBAL_GEO
 
 
 def attribution_of(a: events.Attribution) -> Attribution:
@@ -113,6 +115,7 @@ def usage_of(u: events.Usage) -> Usage:
             )
             for a in u.advisor
         ),
+        u.inference_geo,
     )
 
 

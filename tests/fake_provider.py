@@ -59,6 +59,11 @@ class FakeProvider:
     # "standard"); None: the speed its body asks for, if it names one (as Anthropic's
     # fast mode does when it has the capacity), else none reported.
     served_speed: str | None = None
+    # Where a Messages call's inference runs, reported in its usage's inference_geo
+    # ("us", "global", ...); None: the geography its body asks for, if it names one (as
+    # Anthropic's data residency does), else none reported (a workspace default "us"
+    # is set here).
+    served_geo: str | None = None
     received: list[Received] = field(default_factory=list)
     sent_chunks: list[list[dict[str, Any]]] = field(default_factory=list)
     sent_events: list[list[tuple[str, dict[str, Any]]]] = field(default_factory=list)
@@ -238,6 +243,9 @@ class FakeProvider:
         speed = self.served_speed or body.get("speed")
         if speed:
             usage["speed"] = speed  # in message_start's usage, when streamed
+        geo = self.served_geo or body.get("inference_geo")
+        if geo:
+            usage["inference_geo"] = geo  # as speed: message_start's, not message_delta's
         advice = self._advice(body)
         if advice:
             usage["iterations"] = advice[1]

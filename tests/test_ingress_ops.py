@@ -517,6 +517,51 @@ async def test_the_speed_that_served_an_anthropic_call_is_in_its_response_event(
         assert event.usage.output_tokens == fake.completion_tokens
 
 
+async def test_where_an_anthropic_call_s_inference_ran_is_in_its_response_event(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """A call Anthropic ran in US-only infrastructure (billed at 1.1x) says so in its
+    usage's inference_geo, answered whole or streamed (message_start's usage tells
+    it); the response event carries it. One asking for none is served where its
+    workspace's default says (here "us"), and one served anywhere is "global", as is
+    one whose answer says "not_available" or nothing."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    fake = upstream.provider
+    ask: Any = {
+        "model": "claude-opus-4-6",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}],
+        "inference_geo": "us",
+    }
+    plain: Any = {k: v for k, v in ask.items() if k != "inference_geo"}
+    geos: dict[str, str] = {}
+    async with AsyncAnthropic(base_url=ingress, api_key=secret, max_retries=0) as sdk:
+        raw = await sdk.messages.with_raw_response.create(**ask)
+        assert (await raw.parse()).usage.inference_geo == "us"  # reached the client as sent
+        geos[raw.headers["x-request-id"]] = "us"
+        async with sdk.messages.stream(**ask) as stream:
+            assert (await stream.get_final_message()).usage.inference_geo == "us"
+        geos[stream.response.headers["x-request-id"]] = "us"
+        for served, seen in (("us", "us"), ("not_available", "global")):
+            fake.served_geo = served  # the workspace's default, or no geography told
+            try:
+                raw = await sdk.messages.with_raw_response.create(**plain)
+                geos[raw.headers["x-request-id"]] = seen
+                async with sdk.messages.stream(**plain) as stream:
+                    await stream.get_final_message()
+                geos[stream.response.headers["x-request-id"]] = seen
+            finally:
+                fake.served_geo = None
+        raw = await sdk.messages.with_raw_response.create(**{**ask, "inference_geo": "global"})
+        geos[raw.headers["x-request-id"]] = "global"
+        raw = await sdk.messages.with_raw_response.create(**plain)
+        geos[raw.headers["x-request-id"]] = "global"
+    for request_id, geo in geos.items():
+        event = await response_event(broker.bootstrap, request_id)
+        assert (event.status, event.usage.inference_geo) == ("ok", geo)
+        assert event.usage.output_tokens == fake.completion_tokens
+
+
 async def test_a_body_with_a_byte_order_mark_is_the_provider_s_to_judge(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -662,6 +662,38 @@ def test_anthropic_stream_keeps_the_speed_its_message_start_reports() -> None:
         assert capture.final_usage == ANTHROPIC_EXPECTED.model_copy(update={"speed": "fast"})
 
 
+# Where the call's inference ran: Anthropic bills US-only inference at a premium.
+
+
+def test_anthropic_usage_says_where_the_call_s_inference_ran() -> None:
+    us = {**ANTHROPIC_USAGE, "inference_geo": "us"}
+    assert AnthropicJsonCapture(_message(us)).usage == ANTHROPIC_EXPECTED.model_copy(
+        update={"inference_geo": "us"}
+    )
+    # A geography the catalog may not know is kept as told, so it is not priced as global.
+    for told, kept in (("eu", "eu"), ("US", "us"), (" us ", "us"), ("ap-south", "ap-south")):
+        captured = anthropic_usage({**ANTHROPIC_USAGE, "inference_geo": told})
+        assert captured is not None and captured.inference_geo == kept
+    # None told, or none that can be: billed as global is.
+    for odd in ("global", "not_available", None, "", "US West", "a" * 40, 1, ["us"]):
+        captured = anthropic_usage({**ANTHROPIC_USAGE, "inference_geo": odd})
+        assert captured is not None and captured.inference_geo == "global"
+    assert ANTHROPIC_EXPECTED.inference_geo == "global"
+
+
+def test_anthropic_stream_keeps_the_geo_its_message_start_reports() -> None:
+    # message_start's usage says where the inference ran; message_delta's does not
+    # repeat it (the SDK's MessageDeltaUsage has no inference_geo).
+    stream = _anthropic_stream({"output_tokens": 800}, inference_geo="us")
+    for pieces in _random_pieces(stream):
+        capture = AnthropicStreamCapture()
+        forwarded = b"".join(capture.feed(piece) for piece in pieces) + capture.finish()
+        assert forwarded == stream
+        usage = capture.final_usage
+        assert usage is not None and usage.inference_geo == "us"
+        assert usage == ANTHROPIC_EXPECTED.model_copy(update={"inference_geo": "us"})
+
+
 RESPONSES_USAGE = {"input_tokens": 9000, "output_tokens": 300}
 SEARCH_ITEMS = [
     {"type": "web_search_call", "id": "ws_1", "status": "completed",

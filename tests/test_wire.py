@@ -73,6 +73,7 @@ usages = st.builds(
     web_search_requests=tokens,
     web_search_preview_requests=tokens,
     speed=st.sampled_from(["standard", "fast"]),
+    inference_geo=st.sampled_from(["global", "us", "eu", "not_available"]),
     advisor=st.lists(
         st.builds(
             AdvisorUsage,
@@ -246,6 +247,12 @@ def test_usage_counts_left_at_their_defaults_are_not_written() -> None:
     fast = wire.usage_of(Usage(input_tokens=10, speed="fast"))
     assert json.loads(msgspec.json.encode(fast)) == {"input_tokens": 10, "speed": "fast"}
     assert Usage.model_validate_json(msgspec.json.encode(fast)).speed == "fast"
+    # The inference geography for a call not served "global" only.
+    us = wire.usage_of(Usage(input_tokens=10, inference_geo="us"))
+    assert json.loads(msgspec.json.encode(us)) == {"input_tokens": 10, "inference_geo": "us"}
+    assert Usage.model_validate_json(msgspec.json.encode(us)).inference_geo == "us"
+    anywhere = wire.usage_of(Usage(input_tokens=10, inference_geo="global"))
+    assert json.loads(msgspec.json.encode(anywhere)) == {"input_tokens": 10}
     advised = Usage(input_tokens=10, advisor=(AdvisorUsage(model="m", output_tokens=3),))
     written = msgspec.json.encode(wire.usage_of(advised))
     assert json.loads(written) == {
@@ -314,6 +321,9 @@ BAD = {
     "negative ttft": setting("response.ttft_ms", -1),
     "unknown status": setting("response.status", "exploded"),
     "unknown speed": setting("response.usage.speed", "ludicrous"),
+    "geo not a name": setting("response.usage.inference_geo", "US West"),
+    "empty geo": setting("response.usage.inference_geo", ""),
+    "geo not a string": setting("response.usage.inference_geo", 1),
     "wrong kind": setting("kind", "response"),
     "future schema": setting("schema_version", 2),
     "naive timestamp": setting("response.ts_end", LATER.isoformat()),
@@ -367,6 +377,8 @@ LAX = {
     "no preview searches": without("response.usage.web_search_preview_requests"),
     # an event written before the speed that served a call was read
     "no speed": without("response.usage.speed"),
+    # an event written before where a call's inference ran was read
+    "no inference geo": without("response.usage.inference_geo"),
     "no advisor": without("response.usage.advisor"),
     "advisor tokens left out": setting("response.usage.advisor", [{"model": "claude-opus-4-6"}]),
 }

@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from llmtap.events import AdvisorUsage, Usage
+from llmtap.events import GEO_PATTERN, GLOBAL_GEO, AdvisorUsage, Usage
 
 
 def openai_usage(usage: Any) -> Usage | None:
@@ -47,7 +48,8 @@ def anthropic_usage(usage: Any) -> Usage | None:
     that asked for it may be served at ``"standard"``); any other value, or none, is
     standard. The calls of the advisor tool are its ``iterations`` of type
     ``advisor_message``, each with its model, and are not in the top-level counts
-    (:func:`advisor_usage`).
+    (:func:`advisor_usage`). ``inference_geo`` is where the call's inference ran
+    (:func:`inference_geo`).
     """
     if not isinstance(usage, dict):
         return None
@@ -71,7 +73,25 @@ def anthropic_usage(usage: Any) -> Usage | None:
         web_search_requests=searches,
         speed="fast" if usage.get("speed") == "fast" else "standard",
         advisor=advisor_usage(usage.get("iterations")),
+        inference_geo=inference_geo(usage.get("inference_geo")),
     )
+
+
+_GEO = re.compile(GEO_PATTERN)
+# Said when no geography can be told (a model that takes no inference_geo): billed as
+# "global" is, at standard rates.
+_NO_GEO = frozenset({GLOBAL_GEO, "not_available"})
+
+
+def inference_geo(value: Any) -> str:
+    """Where Anthropic ran a call's inference, from its usage's ``inference_geo``:
+    ``"us"`` (US-only, billed at a premium), ``"global"``, or another geography's name,
+    kept as told so that pricing can refuse to guess at it. None, ``"not_available"``
+    and anything that is not a geography's name are ``"global"``."""
+    if not isinstance(value, str):
+        return GLOBAL_GEO
+    geo = value.strip().casefold()
+    return geo if geo not in _NO_GEO and _GEO.fullmatch(geo) else GLOBAL_GEO
 
 
 def advisor_usage(iterations: Any) -> tuple[AdvisorUsage, ...]:
