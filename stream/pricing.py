@@ -16,13 +16,21 @@ from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from llmtap import wire
-from llmtap.events import AdvisorUsage, Cost, CostedEvent, ResponseEvent, Usage, derived_id
+from llmtap.events import (
+    GLOBAL_GEO,
+    AdvisorUsage,
+    Cost,
+    CostedEvent,
+    ResponseEvent,
+    Usage,
+    derived_id,
+)
 
 PER_MILLION = Decimal(1_000_000)
 PER_THOUSAND = Decimal(1_000)
@@ -83,6 +91,12 @@ class Rates(_RateFields):
     # rate above (cache reads and writes, the long-context tier) multiplied by this; its
     # search fees are not. None: no fast price known, and a call served fast is unpriced.
     fast_multiplier: Decimal | None = Field(default=None, ge=1)
+    # Anthropic's data residency: a call whose inference ran in one of these geographies
+    # (Usage.inference_geo: "us" for US-only inference) has every token rate above
+    # multiplied by its multiplier, on top of fast mode's; its search fees are not. A
+    # call run "global" is at the rates above. A geography not named here (all of them,
+    # when None) has no price known, and a call run there is unpriced.
+    geo_multipliers: dict[str, Annotated[Decimal, Field(ge=1)]] | None = None
 
     def for_prompt(self, input_tokens: int) -> _RateFields:
         """The rates for a call with this many prompt tokens (long-context tier or not)."""
@@ -94,6 +108,19 @@ class Rates(_RateFields):
         contract's ``Usage.speed``): 1 at standard speed, :attr:`fast_multiplier` in fast
         mode; None when these rates give no fast price (such a call cannot be priced)."""
         return self.fast_multiplier if speed == "fast" else _ONE
+
+    def geo(self, geo: str) -> Decimal | None:
+        """What the token rates are multiplied by for a call whose inference ran in
+        ``geo`` (the contract's ``Usage.inference_geo``): 1 for ``"global"``, else its
+        :attr:`geo_multipliers` entry; None when these rates give it none (such a call
+        cannot be priced)."""
+        if geo == GLOBAL_GEO:
+            return _ONE
+        return None if self.geo_multipliers is None else self.geo_multipliers.get(geo)
+
+    def dearest_geo(self) -> Decimal:
+        """The most any geography these rates price multiplies them by (1 if none)."""
+        return max((self.geo_multipliers or {}).values(), default=_ONE)
 
 
 class ModelPrice(BaseModel):
@@ -198,7 +225,9 @@ class Catalog(BaseModel):
         search fee (``web_search: null``: searches are free) says what searches cost.
         Naming one as null drops it. So does fast mode's multiplier (``fast_multiplier``)
         on each price that does not name it: a negotiated rate is still dearer in fast
-        mode; ``fast_multiplier: null`` leaves a call served fast unpriced.
+        mode; ``fast_multiplier: null`` leaves a call served fast unpriced. So do the
+        data-residency multipliers (``geo_multipliers``): ``null`` leaves a call run
+        outside ``"global"`` unpriced.
         """
         replaced = {key.casefold() for key in other.models}
         kept = {k: v for k, v in self.models.items() if k.casefold() not in replaced}
@@ -212,6 +241,7 @@ class Catalog(BaseModel):
 _LIMITS = ("context_window", "max_output_tokens")
 _FEES = frozenset({"web_search", "web_search_preview"})
 _FAST = "fast_multiplier"
+_GEO = "geo_multipliers"
 
 
 def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
@@ -220,10 +250,13 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
         f: getattr(shipped, f) for f in _LIMITS if f not in entry.model_fields_set
     }
     if any(
-        not _FEES & rates.model_fields_set or _FAST not in rates.model_fields_set
+        not _FEES & rates.model_fields_set
+        or _FAST not in rates.model_fields_set
+        or _GEO not in rates.model_fields_set
         for rates in entry.prices
     ):
-        # The shipped fees and fast mode's multiplier on each price's day; before the
+        # The shipped fees and fast mode's and data residency's multipliers on each
+        # price's day; before the
         # shipped prices, their first. A price naming either fee names the searches'
         # fees: one it leaves out is none (a preview search then costs the web_search
         # fee it names, null included).
@@ -235,6 +268,8 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
             kept = {f: getattr(then, f) for f in _FEES} if not _FEES & named else {}
             if _FAST not in named:
                 kept[_FAST] = then.fast_multiplier
+            if _GEO not in named:
+                kept[_GEO] = then.geo_multipliers
             return rates.model_copy(update=kept) if kept else rates
 
         update["prices"] = [with_fees(rates) for rates in entry.prices]
@@ -331,9 +366,11 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     has each of those token rates multiplied by the rates' ``fast_multiplier``, its
     search fee not; a caller first checks that the rates give one
     (:meth:`Rates.speed`), as without one a fast call is priced at standard rates here.
+    So for a call whose inference ran outside ``"global"`` (``usage.inference_geo``):
+    its geography's multiplier (:meth:`Rates.geo`), on top of fast mode's.
     """
     tier = rates.for_prompt(usage.input_tokens)
-    times = rates.speed(usage.speed) or _ONE
+    times = (rates.speed(usage.speed) or _ONE) * (rates.geo(usage.inference_geo) or _ONE)
     cached = min(usage.cached_input_tokens, usage.input_tokens)
     written = min(usage.cache_creation_input_tokens, usage.input_tokens - cached)
     written_1h = min(usage.cache_creation_1h_input_tokens, written)
@@ -346,7 +383,7 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     write_rate = input_rate if tier.cache_write is None else tier.cache_write
     write_1h_rate = write_rate if tier.cache_write_1h is None else tier.cache_write_1h
     output_rate, reasoning_rate = tier.output, tier.reasoning or _ZERO
-    if times != _ONE:  # fast mode: every token rate, cache reads and writes too
+    if times != _ONE:  # fast mode, data residency: every token rate, cache reads and writes too
         input_rate, cached_rate = input_rate * times, cached_rate * times
         write_rate, write_1h_rate = write_rate * times, write_1h_rate * times
         output_rate, reasoning_rate = output_rate * times, reasoning_rate * times
@@ -385,16 +422,19 @@ def advisor_breakdown(
     catalog: Catalog,
     when: datetime,
     provider: str = "",
+    geo: str = GLOBAL_GEO,
 ) -> dict[str, Decimal] | None:
     """The cost of the advisor tool's ``calls`` (Anthropic's ``advisor_20260301``), each
     priced as a call of its own model (:func:`breakdown`: its long-context tier too), at
     the rates in force ``when``, summed into one breakdown; None when a call's model has
-    no price (the whole call's cost is then unknown, as for an unpriced model)."""
+    no price (the whole call's cost is then unknown, as for an unpriced model). The
+    calls ran where the call did (``geo``, its ``Usage.inference_geo``): at their
+    model's multiplier for it, and None when it gives none."""
     summed = dict.fromkeys(ZERO_COST.model_dump(), _NO_USD)
     for call in calls:
         entry = catalog.lookup(call.model, provider)
         rates = entry[1].at(when) if entry is not None else None
-        if rates is None:
+        if rates is None or rates.geo(geo) is None:
             return None
         tokens = Usage(
             input_tokens=call.input_tokens,
@@ -402,6 +442,7 @@ def advisor_breakdown(
             cached_input_tokens=call.cached_input_tokens,
             cache_creation_input_tokens=call.cache_creation_input_tokens,
             cache_creation_1h_input_tokens=call.cache_creation_1h_input_tokens,
+            inference_geo=geo,
         )
         for part, usd in breakdown(tokens, rates).items():
             summed[part] += usd
@@ -427,9 +468,15 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
         return _NO_COST
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
-    if entry is None or rates is None or rates.speed(event.usage.speed) is None:
+    if (
+        entry is None
+        or rates is None
+        or rates.speed(event.usage.speed) is None
+        or rates.geo(event.usage.inference_geo) is None
+    ):
         # No price for the model, or none for the speed that served it (fast mode on a
-        # model the catalog gives no fast price): unknown, never a standard-rate guess.
+        # model the catalog gives no fast price) or the geography its inference ran in
+        # (data residency): unknown, never a standard-rate guess.
         return Rating(None, unpriced=True)
     if event.usage.usage_missing:
         # Tokens unknown: the cost is unknown too, and the event says so; never $0.
@@ -437,7 +484,13 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
     cost = breakdown(event.usage, rates)
     if event.usage.advisor:
         # Its advisor's calls, at their model's rates, in the same parts of the cost.
-        advised = advisor_breakdown(event.usage.advisor, catalog, event.ts_start, event.provider)
+        advised = advisor_breakdown(
+            event.usage.advisor,
+            catalog,
+            event.ts_start,
+            event.provider,
+            event.usage.inference_geo,
+        )
         if advised is None:
             return Rating(None, unpriced=True)
         cost = {part: usd + advised[part] for part, usd in cost.items()}
@@ -446,16 +499,29 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
 
 def missing_price(event: wire.Responded, catalog: Catalog) -> str:
     """What :func:`rate` found no price for, for an operator to add: the call's model,
-    its fast mode, or an advisor model it consulted."""
+    its fast mode, the geography its inference ran in, or an advisor model it consulted
+    (or its geography)."""
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
+    geo = event.usage.inference_geo
     if rates is not None and rates.speed(event.usage.speed) is None:
         return f"model {event.model!r} in fast mode: give its entry a fast_multiplier"
+    if rates is not None and rates.geo(geo) is None:
+        return (
+            f"model {event.model!r} run in inference geo {geo!r}: give its entry"
+            f" geo_multipliers for {geo!r}"
+        )
     if rates is not None:
         for call in event.usage.advisor:
             advisor = catalog.lookup(call.model, event.provider)
-            if advisor is None or advisor[1].at(event.ts_start) is None:
+            then = advisor[1].at(event.ts_start) if advisor is not None else None
+            if then is None:
                 return f"advisor model {call.model!r} (consulted by {event.model!r})"
+            if then.geo(geo) is None:
+                return (
+                    f"advisor model {call.model!r} (consulted by {event.model!r}) run in"
+                    f" inference geo {geo!r}: give its entry geo_multipliers for {geo!r}"
+                )
     return f"model {event.model!r}"
 
 

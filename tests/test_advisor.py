@@ -192,6 +192,27 @@ def test_an_advisor_model_with_no_price_leaves_the_call_unpriced_never_cheaper()
     assert (costed.cost, costed.unpriced) == (None, True)
 
 
+def test_a_call_run_in_the_us_has_its_advisor_s_calls_priced_there_too() -> None:
+    """The advisor's calls are inference of the same request, run where it ran (no page
+    says otherwise): at the advisor model's 1.1x too. An advisor model whose price names
+    no such geography leaves the call unpriced, and is named for the operator."""
+    call = AdvisorUsage(model=ADVISOR, input_tokens=1200, output_tokens=1500)
+    usage = Usage(input_tokens=1000, output_tokens=400, advisor=(call,))
+    us = usage.model_copy(update={"inference_geo": "us"})
+    standard = price(response(EXECUTOR, usage, ts=WHEN), CATALOG).cost
+    there = price(response(EXECUTOR, us, ts=WHEN), CATALOG).cost
+    assert standard is not None and there is not None
+    assert there.input == standard.input * Decimal("1.1")
+    assert there.output == standard.output * Decimal("1.1")
+    older = AdvisorUsage(model="claude-opus-4-5", input_tokens=10, output_tokens=5)
+    advised = response(EXECUTOR, us.model_copy(update={"advisor": (older,)}), ts=WHEN)
+    assert price(advised, CATALOG).unpriced
+    assert missing_price(advised, CATALOG) == (
+        f"advisor model 'claude-opus-4-5' (consulted by {EXECUTOR!r}) run in inference geo"
+        " 'us': give its entry geo_multipliers for 'us'"
+    )
+
+
 # -- a hard cap's worst case --------------------------------------------------------------
 
 

@@ -12,7 +12,15 @@ import pytest
 
 from ingress.forward.usage import anthropic_usage
 from llmtap.events import Cost, ResponseEvent, Usage
-from stream.pricing import Catalog, ModelPrice, Rates, cost_of, load_catalog, price
+from stream.pricing import (
+    Catalog,
+    ModelPrice,
+    Rates,
+    cost_of,
+    load_catalog,
+    missing_price,
+    price,
+)
 from tests import sample
 
 MILLION = Decimal(1_000_000)
@@ -1118,3 +1126,128 @@ def test_an_override_keeps_the_fast_multiplier_it_does_not_name(tmp_path: Path) 
         1_000, Decimal("20.00") * shipped
     )
     assert price(response("claude-opus-4-8", usage, provider="anthropic"), catalog).unpriced
+
+
+# -- Anthropic's data residency (inference_geo) --------------------------------------------
+
+# "For Claude 4.6 and later models": the catalog's entries of those, and no others.
+US_PREMIUM = (
+    "claude-opus-4-6", "claude-sonnet-4-6", "claude-opus-4-7", "claude-opus-4-8",
+    "claude-sonnet-5", "claude-opus-5", "claude-opus-5-5", "claude-sonnet-5-5",
+    "claude-haiku-5-5",
+)  # fmt: skip
+
+
+def anthropic_geo(geo: str | None, speed: str | None = None) -> Usage:
+    usage = anthropic_usage({**FAST_USAGE, "inference_geo": geo, "speed": speed})
+    assert usage is not None
+    return usage
+
+
+def test_every_claude_4_6_or_later_price_and_only_those_bill_us_inference_at_1_1x(
+    catalog: Catalog,
+) -> None:
+    premium = {
+        key
+        for key, entry in catalog.models.items()
+        if any(r.geo_multipliers is not None for r in entry.prices)
+    }
+    assert premium == set(US_PREMIUM)
+    for key in US_PREMIUM:
+        for rates in catalog.models[key].prices:
+            assert rates.geo_multipliers == {"us": Decimal("1.1")}, key
+
+
+@pytest.mark.parametrize("model", US_PREMIUM)
+def test_a_call_run_in_the_us_costs_every_token_at_1_1x(catalog: Catalog, model: str) -> None:
+    """ "A 1.1x multiplier on all token pricing categories, including input tokens,
+    output tokens, cache writes, and cache reads"; the search fee is per search and
+    stays. Run "global", told "not_available" or nothing: the standard rates."""
+    us = priced(response(model, anthropic_geo("us"), provider="anthropic"), catalog)
+    standard = priced(response(model, anthropic_geo("global"), provider="anthropic"), catalog)
+    for told in (None, "not_available"):
+        assert priced(response(model, anthropic_geo(told), provider="anthropic"), catalog) == (
+            standard
+        )
+    times = Decimal("1.1")
+    for part in ("input", "cached_input", "cache_write", "output"):
+        assert getattr(us, part) == getattr(standard, part) * times, part
+        assert getattr(us, part) > getattr(standard, part)
+    assert us.web_search == standard.web_search == Decimal("0.02")  # $10 per 1,000
+    assert us.total == (standard.total - standard.web_search) * times + us.web_search
+
+
+def test_us_inference_stacks_with_fast_mode(catalog: Catalog) -> None:
+    """ "Data residency multipliers apply on top of fast mode pricing": Claude Opus 5 in
+    fast mode, run in the US, is $11 / $55 a million in and out (2 x 1.1 x $5 / $25)."""
+    both = anthropic_usage(
+        {"input_tokens": 1_000_000, "output_tokens": 1_000_000, "speed": "fast",
+         "inference_geo": "us"}
+    )  # fmt: skip
+    assert both is not None
+    cost = priced(response("claude-opus-5", both, provider="anthropic"), catalog)
+    assert (cost.input, cost.output) == (Decimal("11"), Decimal("55"))
+    fast = priced(response("claude-opus-5", anthropic_geo(None, "fast"), provider="anthropic"),
+                  catalog)  # fmt: skip
+    fast_us = priced(response("claude-opus-5", anthropic_geo("us", "fast"), provider="anthropic"),
+                     catalog)  # fmt: skip
+    for part in ("input", "cached_input", "cache_write", "output"):
+        assert getattr(fast_us, part) == getattr(fast, part) * Decimal("1.1"), part
+
+
+def test_us_inference_multiplies_the_long_context_rates_too(catalog: Catalog) -> None:
+    """Caching's "multipliers stack with other pricing modifiers, including ... long
+    context pricing, and data residency": Haiku 5.5 past 100K prompt tokens is priced at
+    its long-context rates, times 1.1."""
+    usage = Usage(input_tokens=150_000, cached_input_tokens=50_000, output_tokens=1_000,
+                  inference_geo="us")  # fmt: skip
+    tier = catalog.models["claude-haiku-5-5"].prices[0].long_context
+    assert tier is not None and tier.cached_input is not None
+    cost = priced(response("claude-haiku-5-5", usage, provider="anthropic"), catalog)
+    times = Decimal("1.1")
+    assert cost.input == usd(100_000, tier.input * times)
+    assert cost.cached_input == usd(50_000, tier.cached_input * times)
+    assert cost.output == usd(1_000, tier.output * times)
+
+
+def test_a_call_run_in_a_geo_its_price_does_not_name_is_unpriced(catalog: Catalog) -> None:
+    """Not a standard-rate guess: a geography the catalog gives no multiplier ("eu", or
+    "us" on a model from before Claude 4.6, which Anthropic would have refused) leaves
+    the cost unknown, and the cost stage's warning names what to add."""
+    for model, geo in (("claude-opus-5", "eu"), ("claude-opus-4-5", "us")):
+        event = response(model, anthropic_geo(geo), provider="anthropic")
+        costed = price(event, catalog)
+        assert (costed.cost, costed.unpriced, costed.pricing_model) == (None, True, "")
+        assert missing_price(event, catalog) == (
+            f"model {model!r} run in inference geo {geo!r}: give its entry geo_multipliers"
+            f" for {geo!r}"
+        )
+    assert not price(response("claude-opus-4-5", anthropic_geo(None)), catalog).unpriced
+
+
+def test_an_override_keeps_the_geo_multipliers_it_does_not_name(tmp_path: Path) -> None:
+    """A negotiated rate is still dearer run in the US; ``geo_multipliers: null`` says
+    the override knows no such price (a call run there is then unpriced)."""
+    catalog = with_operator_file(
+        tmp_path,
+        "models:\n"
+        "  claude-opus-5:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2026-07-24, input: "4.00", output: "20.00"}]\n'
+        "  claude-opus-4-8:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2026-05-01, input: "4.00", output: "20.00",'
+        " geo_multipliers: null}]\n"
+        "  claude-sonnet-5:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2026-06-30, input: "2.00", output: "10.00",'
+        ' geo_multipliers: {us: "1.2", eu: "1.05"}}]\n',
+    )
+    assert catalog.models["claude-opus-5"].prices[0].geo_multipliers == {"us": Decimal("1.1")}
+    usage = Usage(input_tokens=1_000, output_tokens=1_000, inference_geo="us")
+    cost = priced(response("claude-opus-5", usage, provider="anthropic"), catalog)
+    assert cost.total == usd(1_000, Decimal("4.40")) + usd(1_000, Decimal("22.00"))
+    assert price(response("claude-opus-4-8", usage, provider="anthropic"), catalog).unpriced
+    eu = usage.model_copy(update={"inference_geo": "eu"})
+    cost = priced(response("claude-sonnet-5", eu, provider="anthropic"), catalog)
+    assert cost.total == usd(1_000, Decimal("2.10")) + usd(1_000, Decimal("10.50"))
