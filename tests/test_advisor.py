@@ -263,8 +263,9 @@ def test_a_hard_cap_reserves_the_advisor_s_calls_at_its_model_s_prices() -> None
 
     def worst(advisor: Advisor | None) -> Decimal:
         cost = budgets.worst_case(
-            EXECUTOR, 200, 100, MIDNIGHT, "anthropic", input_unbounded=True, advisor=advisor
-        )
+            EXECUTOR, 200, 100, MIDNIGHT, "anthropic", input_unbounded=True, advisor=advisor,
+            geo="global",
+        )  # fmt: skip
         assert cost is not None
         return cost
 

@@ -510,3 +510,13 @@ def test_a_hard_cap_reserves_searches_by_the_preview_tool_at_its_fee() -> None:
     assert worst(4, False) - tokens == Decimal("0.04")  # web_search: $10 per 1,000
     assert worst(4, True) - tokens == Decimal("0.1")  # web_search_preview on gpt-4o: $25
     assert worst(4, True, "o3") - worst(0, True, "o3") == Decimal("0.04")  # no fee of its own
+
+
+def test_the_geography_a_body_asks_its_inference_to_run_in() -> None:
+    """Anthropic's inference_geo, as named (cased as Anthropic's own values); None when
+    the body names none, as its workspace's default then decides."""
+    assert reach({"inference_geo": "us"}).geo == "us"
+    assert reach({"inference_geo": " US "}).geo == "us"
+    assert reach({"inference_geo": "global"}).geo == "global"
+    for body in ({}, {"inference_geo": None}, {"inference_geo": 1}):
+        assert reach(body).geo is None

@@ -7,6 +7,7 @@ import functools
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -327,25 +328,28 @@ def fast_rates(model: str) -> tuple[Rates, Decimal]:
 def test_a_call_asking_for_fast_mode_reserves_its_tokens_at_the_fast_rates() -> None:
     """Its worst case is the standard one times the model's fast multiplier (its search
     fee, per search, is not). A model with no fast price is reserved at the standard
-    rates: Anthropic refuses fast mode there."""
+    rates: Anthropic refuses fast mode there. (Run "global": see the data residency
+    tests for the rest.)"""
     budgets, _ = book("100")
     rates, times = fast_rates("claude-opus-5")
     dearest = max(r for r in (rates.input, rates.cache_write, rates.cache_write_1h) if r)
-    standard = budgets.worst_case("claude-opus-5", 2_000, 8_000, NINE, "anthropic")
+    standard = budgets.worst_case("claude-opus-5", 2_000, 8_000, NINE, "anthropic", geo="global")
     assert standard == (2_000 * dearest + 8_000 * rates.output) / 1_000_000
-    fast = budgets.worst_case("claude-opus-5", 2_000, 8_000, NINE, "anthropic", fast=True)
+    fast = budgets.worst_case(
+        "claude-opus-5", 2_000, 8_000, NINE, "anthropic", fast=True, geo="global"
+    )
     assert fast == standard * times
     searching = budgets.worst_case(
-        "claude-opus-5", 2_000, 8_000, NINE, "anthropic", web_searches=3, fast=True
+        "claude-opus-5", 2_000, 8_000, NINE, "anthropic", web_searches=3, fast=True, geo="global"
     )
     assert searching == fast + Decimal("0.03")  # $10 a thousand
     assert budgets.worst_case(
-        "claude-sonnet-5", 2_000, 8_000, NINE, "anthropic", fast=True
-    ) == budgets.worst_case("claude-sonnet-5", 2_000, 8_000, NINE, "anthropic")
+        "claude-sonnet-5", 2_000, 8_000, NINE, "anthropic", fast=True, geo="global"
+    ) == budgets.worst_case("claude-sonnet-5", 2_000, 8_000, NINE, "anthropic", geo="global")
     # What admit reserves: the body's speed: "fast" (bounds.reach) says which.
     for asks_fast, worst in ((False, standard), (True, fast)):
         call = uuid.uuid4()
-        body = functools.partial(Reach, False, 0, fast=asks_fast)
+        body = functools.partial(Reach, False, 0, fast=asks_fast, geo="global")
         admitted = budgets.admit(
             call, ACME, "claude-opus-5", 2_000, 8_000, NINE, "anthropic", reach=body
         )
@@ -375,5 +379,67 @@ def test_a_call_served_fast_holds_its_fast_cost_or_without_a_fast_price_its_wors
     )
     worst = budgets.reserved["acme-day"][call]
     assert budgets.settle(call, "claude-sonnet-5", served, NINE, "anthropic") is None
+    assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}
+    assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}
+
+
+# Anthropic's data residency: every token at 1.1x when a Claude 4.6+ call runs in the US.
+
+
+def test_a_call_that_may_run_in_the_us_reserves_its_tokens_at_1_1x() -> None:
+    """Asking inference_geo "us", 1.1x the standard worst case (search fees apart);
+    "global", the standard one. Asking none, the workspace's default_inference_geo
+    decides, which llmtap cannot see: 1.1x too, as the call can be billed so. A model
+    with no geography priced (before Claude 4.6) is at the standard rates. It stacks
+    with fast mode's."""
+    budgets, _ = book("100")
+    rates, _ = fast_rates("claude-opus-5")
+    times = Decimal("1.1")
+    dearest = max(r for r in (rates.input, rates.cache_write, rates.cache_write_1h) if r)
+    standard = (2_000 * dearest + 8_000 * rates.output) / 1_000_000
+
+    def worst(model: str = "claude-opus-5", **asked: Any) -> Decimal | None:
+        return budgets.worst_case(model, 2_000, 8_000, NINE, "anthropic", **asked)
+
+    assert worst(geo="global") == standard
+    assert worst(geo="us") == worst(geo=None) == worst() == standard * times
+    assert worst(geo="eu") == standard * times  # no price for it: the dearest named
+    assert worst(geo="us", web_searches=3) == standard * times + Decimal("0.03")
+    assert worst(geo="us", fast=True) == standard * 2 * times
+    older = worst("claude-opus-4-5", geo="global")
+    assert (
+        older is not None
+        and worst("claude-opus-4-5", geo="us") == worst("claude-opus-4-5") == older
+    )
+    # What admit reserves: the body's inference_geo (bounds.reach) says which.
+    for geo, reserved in (("global", standard), ("us", standard * times), (None, standard * times)):
+        call = uuid.uuid4()
+        body = functools.partial(Reach, False, 0, geo=geo)
+        admitted = budgets.admit(
+            call, ACME, "claude-opus-5", 2_000, 8_000, NINE, "anthropic", reach=body
+        )
+        assert admitted is None
+        assert budgets.reserved["acme-day"].pop(call) == reserved
+
+
+def test_a_call_run_in_the_us_holds_its_cost_at_1_1x_or_in_an_unpriced_geo_its_worst_case() -> None:
+    """Its real cost is at 1.1x; one run in a geography its price names no multiplier
+    for cannot be priced by the stream, which counts nothing for it, so its worst case
+    is held until the period ends, as for a call whose usage is unknown."""
+    budgets, _ = book("10")
+    rates, _ = fast_rates("claude-opus-5")
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "claude-opus-5", 100, 1_000, NINE) is None
+    served = Usage(input_tokens=3_000, output_tokens=1_000, inference_geo="us")
+    held = budgets.settle(call, "claude-opus-5", served, NINE, "anthropic")
+    assert held is not None
+    assert held.cost == (3_000 * rates.input + 1_000 * rates.output) * Decimal("1.1") / 1_000_000
+
+    budgets, _ = book("10")
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "claude-opus-5", 100, 1_000, NINE) is None
+    worst = budgets.reserved["acme-day"][call]
+    elsewhere = served.model_copy(update={"inference_geo": "eu"})
+    assert budgets.settle(call, "claude-opus-5", elsewhere, NINE, "anthropic") is None
     assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}
     assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}

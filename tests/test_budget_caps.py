@@ -606,6 +606,7 @@ async def test_a_call_asking_for_fast_mode_reserves_at_the_fast_rates(
         "max_tokens": 8_000,
         "messages": [{"role": "user", "content": "hi"}],
         "betas": ["fast-mode-2026-02-01"],
+        "inference_geo": "global",  # run anywhere: the standard rates, fast mode's apart
     }
     try:
         secret = await make_key(base, ingress_settings.key_file)
@@ -622,3 +623,43 @@ async def test_a_call_asking_for_fast_mode_reserves_at_the_fast_rates(
     assert error["error"]["type"] == "invalid_request_error"
     worst = Decimal(error["error"]["message"].split("worst case of this call $")[1].split()[0])
     assert Decimal("0.40") < worst < Decimal("0.41")  # 8,000 at $50 a million, and the body
+
+
+async def test_a_call_that_may_run_in_the_us_reserves_at_1_1x(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claude Opus 5 run in the US bills every token at 1.1x: with 8,000 output tokens
+    asked, its worst case is ~$0.20 ($25 a million) run "global" and ~$0.22 in the US.
+    Under a $0.21 cap the call asking "global" goes through; the same call asking "us"
+    is refused, and so is one asking none (its workspace's default may be "us"), the
+    provider never asked."""
+    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-g", scope="tenant", value="acme", limit_usd=Decimal("0.21"))
+    server = await serve_ingress(ingress_settings.model_copy(update={"budgets": [budget]}))
+    base = str(server.make_url("")).rstrip("/")
+    ask: Any = {
+        "model": "claude-opus-5",
+        "max_tokens": 8_000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    refusals = []
+    try:
+        secret = await make_key(base, ingress_settings.key_file)
+        async with AsyncAnthropic(base_url=base, api_key=secret, max_retries=0) as client:
+            await client.messages.create(**ask, inference_geo="global")
+            asked = len(upstream.provider.received)
+            geos: list[Any] = [{"inference_geo": "us"}, {}]
+            for geo in geos:
+                with pytest.raises(AnthropicBadRequestError) as refused:
+                    await client.messages.create(**ask, **geo)
+                refusals.append(refused.value.body)
+    finally:
+        await server.close()
+    assert len(upstream.provider.received) == asked
+    for error in refusals:
+        assert isinstance(error, dict)
+        assert error["error"]["type"] == "invalid_request_error"
+        message = error["error"]["message"]
+        worst = Decimal(message.split("worst case of this call $")[1].split()[0])
+        # 8,000 at $27.50 a million, and the body's bytes at $11 (1-hour writes, 1.1x)
+        assert Decimal("0.22") < worst < Decimal("0.222")

@@ -175,6 +175,15 @@ def fast(payload: dict[str, Any]) -> bool:
     return payload.get("speed") == "fast"
 
 
+def inference_geo(payload: dict[str, Any]) -> str | None:
+    """Where the call asks Anthropic to run its inference (``inference_geo``: ``"us"``
+    bills every token at a premium, ``"global"`` at standard rates), or None when it
+    names none: its workspace's ``default_inference_geo`` then decides, which llmtap
+    cannot see (the answer's usage says where it ran)."""
+    geo = payload.get("inference_geo")
+    return geo.strip().casefold() if isinstance(geo, str) else None
+
+
 class Advisor(NamedTuple):
     """Anthropic's advisor tool (``advisor_20260301``) as a call names it: the advisor
     ``model``, billed at its own rates, the most calls of it (``max_uses``; None:
@@ -208,7 +217,9 @@ class Reach(NamedTuple):
     ``web_search_preview`` tool's fee (:func:`preview_named`), whether its tokens may
     cost fast mode's rates (:func:`fast`), the input tokens the provider adds to its
     bytes (Anthropic's tool-use system prompt and its tools' definitions:
-    ingress/forward/tool_tokens.py), and the advisor tool it names (:func:`advisor`)."""
+    ingress/forward/tool_tokens.py), the advisor tool it names (:func:`advisor`), and
+    where it asks its inference to run (:func:`inference_geo`; None: its workspace's
+    default)."""
 
     input_unbounded: bool
     web_searches: int | None
@@ -217,6 +228,7 @@ class Reach(NamedTuple):
     fast: bool = False
     added_tokens: int = 0
     advisor: Advisor | None = None
+    geo: str | None = None
 
 
 def reach(
@@ -232,6 +244,7 @@ def reach(
         fast(payload),
         added_tokens(payload) if added_tokens is not None else 0,
         advisor(payload),
+        inference_geo(payload),
     )
 
 

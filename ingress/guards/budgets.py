@@ -7,7 +7,8 @@ every byte of the request body as an input token (a token is never shorter than 
 at most the model's context window a prompt, or, when the body does not hold all the
 input (ingress/guards/bounds.py), at least ``budget_default_context_tokens``, plus
 ``max_tokens`` output tokens (or, when the call names none, the most the model writes),
-at the model's price (its fast mode's, when the call asks for it), plus the fee of the
+at the model's price (its fast mode's, when the call asks for it; times its data
+residency multiplier where the call may run in a dearer geography), plus the fee of the
 most web searches its tools allow (or ``budget_default_web_searches`` when none bounds
 them). The pricing catalog gives each
 model's limits; ``budget_default_max_tokens`` stands in for a model it gives none for.
@@ -15,7 +16,8 @@ That worst case is reserved at admission — check and reserve happen with no aw
 between them, so concurrent calls cannot both take the last dollars — and settled when
 the call ends: the reservation is replaced by the call's real cost, which is held
 until a published state has counted it (a call the stream cannot price, its usage
-unknown or served in fast mode with no fast price: its worst case, until its period
+unknown, served in fast mode with no fast price or run in a geography with none: its
+worst case, until its period
 ends). "Counted" is exact: once its response event is
 delivered, the publisher tells the cost where it went (partition and offset of the
 responses topic, :meth:`Settled.delivered`), and a state counts it once its ``applied``
@@ -44,7 +46,14 @@ from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
 from llmtap.following import Follower
 from llmtap.kafka import Kafka
 from stream.budgets import current, is_of, later_or_larger, matches, owned, period_bounds
-from stream.pricing import PER_MILLION, Catalog, advisor_breakdown, cost_of, search_fee
+from stream.pricing import (
+    PER_MILLION,
+    Catalog,
+    Rates,
+    advisor_breakdown,
+    cost_of,
+    search_fee,
+)
 
 # A cost no state has counted this long after its call ended is no longer held on its
 # own (memory: one entry a call, while a broker outage or a lagging stream lasts): one
@@ -116,6 +125,17 @@ class Exhausted:
             f"worst case of this call ${self.worst_case}; it resets at "
             f"{s.period_end.isoformat()}"
         )
+
+
+def geo_times(rates: Rates, geo: str | None) -> Decimal:
+    """What a worst case's token rates are multiplied by for a call asking to run its
+    inference in ``geo`` (Anthropic's ``inference_geo``): that geography's multiplier
+    (``"global"``: 1); when it names none, its workspace's ``default_inference_geo``
+    decides, which llmtap cannot see, so the dearest geography the price names (a worst
+    case covers what the call can be billed); one the price does not name cannot be
+    bounded, so the dearest too (a call run there is held as unpriced: ``settle``)."""
+    times = rates.geo(geo) if geo is not None else None
+    return rates.dearest_geo() if times is None else times
 
 
 class BudgetBook:
@@ -190,6 +210,7 @@ class BudgetBook:
         preview_named: bool = False,
         fast: bool = False,
         advisor: Advisor | None = None,
+        geo: str | None = None,
     ) -> Decimal | None:
         """The most the call can cost. Its input: the body's bytes, at most the model's
         context window for each of the ``prompts`` the provider answers apart (a list of
@@ -208,7 +229,12 @@ class BudgetBook:
         fast mode (``fast``) has its tokens at the fast rates (its price's
         ``fast_multiplier`` times the standard ones), where the catalog gives them; for
         a model it gives none for, Anthropic refuses fast mode, and the standard rates
-        stand (a call served fast all the same is held so: :meth:`settle`)."""
+        stand (a call served fast all the same is held so: :meth:`settle`). Its tokens
+        are times the multiplier of the geography it asks its inference to run in
+        (``geo``, Anthropic's ``inference_geo``: ``"global"`` 1, ``"us"`` 1.1 on Claude
+        4.6 and later); asking for none (its workspace's default decides, unseen here)
+        or for one the price does not name, the dearest the price names
+        (:func:`geo_times`)."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if entry is None or rates is None:
@@ -234,6 +260,8 @@ class BudgetBook:
         if fast and rates.fast_multiplier is not None:
             input_rate *= rates.fast_multiplier
             output_rate *= rates.fast_multiplier
+        times = geo_times(rates, geo)
+        input_rate, output_rate = input_rate * times, output_rate * times
         # A max_tokens the call names is reserved in full (a catalog limit may be low).
         if max_tokens is not None:
             each = max_tokens
@@ -249,12 +277,18 @@ class BudgetBook:
             # An advisor model with no price cannot be bounded: the executor's worst case
             # is reserved all the same, and held until the period ends (settle), as the
             # stream cannot price the call.
-            advice = self.advisor_worst_case(advisor, request_bytes, images, now, provider)
+            advice = self.advisor_worst_case(advisor, request_bytes, images, now, provider, geo)
             return tokens + fee + (advice or Decimal(0))
         return tokens + fee
 
     def advisor_worst_case(
-        self, advisor: Advisor, request_bytes: int, images: int, now: datetime, provider: str = ""
+        self,
+        advisor: Advisor,
+        request_bytes: int,
+        images: int,
+        now: datetime,
+        provider: str = "",
+        geo: str | None = None,
     ) -> Decimal | None:
         """The most a call's advisor tool (Anthropic's ``advisor_20260301``) can cost, at
         its model's prices (None: it has none): ``max_uses`` calls (when it names none,
@@ -262,7 +296,8 @@ class BudgetBook:
         as a provider-run tool's is (at least ``default_context_tokens`` and the
         advisor's context window), and writing its ``max_tokens`` (else the advisor
         model's most, else ``default_max_tokens``), each token at the dearest rate as in
-        :meth:`worst_case`. The call's own ``max_tokens`` does not bound the advisor."""
+        :meth:`worst_case`, in the call's geography (``geo``) as there. The call's own
+        ``max_tokens`` does not bound the advisor."""
         entry = self.catalog.lookup(advisor.model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if entry is None or rates is None:
@@ -281,7 +316,8 @@ class BudgetBook:
             r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
         )
         output_rate = max(tier.output, tier.reasoning or Decimal(0))
-        return uses * (prompt * input_rate + each * output_rate) / PER_MILLION
+        times = geo_times(rates, geo)
+        return uses * (prompt * input_rate + each * output_rate) * times / PER_MILLION
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -408,6 +444,7 @@ class BudgetBook:
                 unbounded.preview_named,
                 unbounded.fast,
                 unbounded.advisor,
+                unbounded.geo,
             ) or Decimal(0)
 
         worst = reckoned(max_tokens)
@@ -441,11 +478,15 @@ class BudgetBook:
         rates = entry[1].at(ended) if entry is not None else None
         # Its advisor's calls, at their model's prices (None: one has none).
         advised = (
-            advisor_breakdown(usage.advisor, self.catalog, ended, provider)
+            advisor_breakdown(usage.advisor, self.catalog, ended, provider, usage.inference_geo)
             if usage.advisor
             else {"total": Decimal(0)}
         )
-        unpriceable = rates is not None and (rates.speed(usage.speed) is None or advised is None)
+        unpriceable = rates is not None and (
+            rates.speed(usage.speed) is None
+            or rates.geo(usage.inference_geo) is None
+            or advised is None
+        )
         if rates is not None and advised is not None and not usage.usage_missing:
             cost = cost_of(usage, rates).total + advised["total"]
         # Every budget reserved the same worst case, and holds the same cost.
@@ -453,8 +494,8 @@ class BudgetBook:
         if usage.usage_missing or usage.output_tokens_counted or unpriceable:
             # Unknown, or llmtap's count of a stream cut short, which is no bound (an
             # Anthropic one knows its input; its thinking may be billed, not streamed);
-            # or served in fast mode with no fast price, or with an advisor model with
-            # none, which the stream cannot price.
+            # or served in fast mode with no fast price, or run in a geography with none,
+            # or with an advisor model with none, which the stream cannot price.
             self._hold_unpriced(held, worst, ended)
             return None
         holding = Settled(ended, cost or Decimal(0))
