@@ -116,6 +116,9 @@ Speed = Literal["standard", "fast"]
 # carried as served, so its cost is unknown rather than guessed at standard rates.
 GLOBAL_GEO = "global"
 GEO_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+# The service tier an OpenAI call was served at (its answer's ``service_tier``): flex
+# (about half the standard rates), priority (a per-model premium), or standard.
+ServiceTier = Literal["standard", "flex", "priority"]
 
 
 class AdvisorUsage(_Model):
@@ -162,6 +165,11 @@ class Usage(_Model):
     call's inference, as it reports it (Anthropic's ``usage.inference_geo``): ``"us"``
     for US-only inference, billed at a premium on every token; ``"global"`` for any
     geography, and for every call whose provider reports none (or ``"not_available"``).
+    ``service_tier`` is the tier that served the call
+    as the answer says (OpenAI's ``service_tier``, not the one asked for): ``"flex"`` and
+    ``"priority"``, billed at their own rates; ``"standard"`` for OpenAI's
+    ``"default"``, its ``"scale"`` (Scale Tier's prepaid units, valued at standard
+    rates), any other value and an answer that names none.
     """
 
     input_tokens: int = Field(default=0, ge=0)
@@ -177,6 +185,7 @@ class Usage(_Model):
     speed: Speed = "standard"
     advisor: tuple[AdvisorUsage, ...] = ()
     inference_geo: str = Field(default=GLOBAL_GEO, pattern=GEO_PATTERN)
+    service_tier: ServiceTier = "standard"
 
     @classmethod
     def missing(cls) -> Usage:

@@ -69,8 +69,9 @@ class AdvisorUsage(
 # Its counts are written only when not their defaults (most are 0 for most calls): an
 # event whose call used nothing a later field counts reads the same to a reader from
 # before that field (web_search_preview_requests, say; speed, written only for a call
-# served in fast mode; inference_geo, only for one not served "global"), which refuses
-# fields it does not know, so a rolling upgrade loses no call that does not use it.
+# served in fast mode; inference_geo, only for one not served "global"; service_tier,
+# only for one served at flex or priority), which refuses fields it does not know, so a
+# rolling upgrade loses no call that does not use it.
 class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
@@ -85,6 +86,7 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, o
     speed: events.Speed = "standard"
     advisor: tuple[AdvisorUsage, ...] = ()
     inference_geo: Geo = events.GLOBAL_GEO
+    service_tier: events.ServiceTier = "standard"
 
 
 def attribution_of(a: events.Attribution) -> Attribution:
@@ -116,6 +118,7 @@ def usage_of(u: events.Usage) -> Usage:
             for a in u.advisor
         ),
         u.inference_geo,
+        u.service_tier,
     )
 
 

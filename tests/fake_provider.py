@@ -64,6 +64,12 @@ class FakeProvider:
     # Anthropic's data residency does), else none reported (a workspace default "us"
     # is set here).
     served_geo: str | None = None
+    # The service tier an OpenAI call (chat, Responses) is served at, reported as the
+    # answer's service_tier (every chat chunk's too); None: the tier its body asks for
+    # ("flex", "priority", "default"), else "default", as OpenAI serves a project whose
+    # own tier is standard. A Responses stream's response.created echoes what the body
+    # asked ("auto" when nothing), as the final response.completed tells the served.
+    served_tier: str | None = None
     received: list[Received] = field(default_factory=list)
     sent_chunks: list[list[dict[str, Any]]] = field(default_factory=list)
     sent_events: list[list[tuple[str, dict[str, Any]]]] = field(default_factory=list)
@@ -77,6 +83,13 @@ class FakeProvider:
             "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
         }
 
+    def tier(self, body: dict[str, Any]) -> str:
+        """The service tier a call's answer says served it."""
+        if self.served_tier is not None:
+            return self.served_tier
+        asked = body.get("service_tier")
+        return asked if asked in ("flex", "priority", "default") else "default"
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append(
@@ -84,6 +97,7 @@ class FakeProvider:
         )
         created = int(time.time())
         served = body["model"] + SNAPSHOT
+        tier = self.tier(body)
         if not body.get("stream"):
             if self.answer_held is not None:
                 await self.answer_held.wait()
@@ -101,6 +115,7 @@ class FakeProvider:
                         }
                     ],
                     "usage": self.usage(),
+                    "service_tier": tier,
                 },
                 headers={"x-request-id": PROVIDER_REQUEST_ID},
             )
@@ -116,6 +131,7 @@ class FakeProvider:
                 "created": created,
                 "model": served,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "service_tier": tier,
                 **usage_null,
             }
 
@@ -131,6 +147,7 @@ class FakeProvider:
                     "model": served,
                     "choices": [],
                     "usage": self.usage(),
+                    "service_tier": tier,
                 }
             )
         self.sent_chunks.append(chunks)
@@ -201,15 +218,23 @@ class FakeProvider:
                 },
             ],
             "usage": self.responses_usage(),
+            "service_tier": self.tier(body),
         }
         if not body.get("stream"):
             return web.json_response(response)
+        asked = body.get("service_tier") or "auto"
         events: list[tuple[str, dict[str, Any]]] = [
             (
                 "response.created",
                 {
                     "type": "response.created",
-                    "response": {**response, "status": "in_progress", "output": [], "usage": None},
+                    "response": {
+                        **response,
+                        "status": "in_progress",
+                        "output": [],
+                        "usage": None,
+                        "service_tier": asked,
+                    },
                 },
             ),
             (

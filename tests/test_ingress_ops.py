@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
 from anthropic import AsyncAnthropic
+from openai import AsyncOpenAI
 from yarl import URL
 
 from ingress.app import create_app
@@ -559,6 +560,55 @@ async def test_where_an_anthropic_call_s_inference_ran_is_in_its_response_event(
     for request_id, geo in geos.items():
         event = await response_event(broker.bootstrap, request_id)
         assert (event.status, event.usage.inference_geo) == ("ok", geo)
+
+
+async def test_the_service_tier_that_served_an_openai_call_is_in_its_response_event(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """OpenAI's answer says the tier that served the call (chat completions: the body's
+    service_tier, every chunk's; the Responses API: its response's, response.completed's
+    when streamed); the response event carries it. A priority request served at the
+    default tier is standard, and so is one that asked for nothing."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    fake = upstream.provider
+    chat: Any = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}
+    tiers: dict[str, str] = {}
+    async with AsyncOpenAI(base_url=f"{ingress}/v1", api_key=secret, max_retries=0) as sdk:
+        for asked in ("flex", "priority"):
+            raw = await sdk.chat.completions.with_raw_response.create(**chat, service_tier=asked)
+            assert raw.parse().service_tier == asked  # reached the client as sent
+            tiers[raw.headers["x-request-id"]] = asked
+            # Streamed without asking for usage: the usage chunk llmtap strips says it too.
+            raw = await sdk.chat.completions.with_raw_response.create(
+                **chat, service_tier=asked, stream=True
+            )
+            chunks = [chunk async for chunk in raw.parse()]
+            assert {c.service_tier for c in chunks} == {asked} and not chunks[-1].usage
+            tiers[raw.headers["x-request-id"]] = asked
+            raw = await sdk.responses.with_raw_response.create(
+                model="gpt-5", input="hi", service_tier=asked
+            )
+            tiers[raw.headers["x-request-id"]] = asked
+            raw = await sdk.responses.with_raw_response.create(
+                model="gpt-5", input="hi", service_tier=asked, stream=True
+            )
+            events = [event async for event in raw.parse()]
+            assert events[-1].type == "response.completed"
+            tiers[raw.headers["x-request-id"]] = asked
+        fake.served_tier = "default"  # no priority capacity left: served at default
+        try:
+            raw = await sdk.chat.completions.with_raw_response.create(
+                **chat, service_tier="priority", stream=True
+            )
+            _ = [chunk async for chunk in raw.parse()]
+            tiers[raw.headers["x-request-id"]] = "standard"
+        finally:
+            fake.served_tier = None
+        raw = await sdk.chat.completions.with_raw_response.create(**chat)
+        tiers[raw.headers["x-request-id"]] = "standard"
+    for request_id, tier in tiers.items():
+        event = await response_event(broker.bootstrap, request_id)
+        assert (event.status, event.usage.service_tier) == ("ok", tier), request_id
         assert event.usage.output_tokens == fake.completion_tokens
 
 

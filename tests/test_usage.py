@@ -808,3 +808,76 @@ def test_searches_by_the_preview_tool_are_all_the_call_s_searches() -> None:
     )
     assert by_preview(Usage(input_tokens=10)) == Usage(input_tokens=10)
     assert by_preview(Usage.missing()) == Usage.missing()
+
+
+# -- The service tier that served an OpenAI call: flex and priority have rates of their own.
+
+
+@pytest.mark.parametrize(
+    ("said", "tier"),
+    [("flex", "flex"), ("priority", "priority"), ("default", "standard"), ("scale", "standard"),
+     ("auto", "standard"), (None, "standard"), ("PRIORITY", "standard"), (1, "standard")],
+)  # fmt: skip
+def test_an_openai_answer_says_which_tier_served_the_call(said: Any, tier: str) -> None:
+    """Chat completions and the Responses API put it at the top of the answer."""
+    chat = OpenAIJsonCapture(_completion(usage=USAGE, service_tier=said))
+    assert chat.usage == EXPECTED.model_copy(update={"service_tier": tier})
+    response = orjson.dumps(
+        {"object": "response", "model": "gpt-5", "usage": RESPONSES_USAGE, "service_tier": said}
+    )
+    assert OpenAIJsonCapture(response).usage.service_tier == tier
+    # Told nothing (an older answer, another OpenAI-compatible API): standard.
+    assert OpenAIJsonCapture(_completion(usage=USAGE)).usage.service_tier == "standard"
+
+
+def _tiered(chunk: dict[str, Any], tier: str) -> dict[str, Any]:
+    return {**chunk, "service_tier": tier}
+
+
+@pytest.mark.parametrize("strip", [False, True], ids=["keep", "strip"])
+def test_a_chat_stream_s_chunks_say_the_tier_that_served_it(strip: bool) -> None:
+    """Every chunk names it, the usage chunk too, which llmtap takes out when the client
+    did not ask for usage: the tier is read from it, stripped or not, as from the first."""
+    sep = b"\n\n"
+    before = [
+        _event(_tiered(_chunk([_delta({"role": "assistant", "content": ""})]), "priority"), sep),
+        _event(_tiered(_chunk([_delta({"content": "Hi"})]), "priority"), sep),
+        _event(_tiered(_chunk([_delta({}, finish="stop")]), "priority"), sep),
+    ]
+    usage_event = _event(_tiered(_chunk([], USAGE), "priority"), sep)
+    stream = b"".join([*before, usage_event, _event("[DONE]", sep)])
+    unasked = stream.replace(usage_event, b"").replace(b',"usage":null', b"")
+    for pieces in _random_pieces(stream):
+        capture = OpenAIStreamCapture(strip_usage_chunk=strip)
+        forwarded = b"".join(capture.feed(piece) for piece in pieces) + capture.finish()
+        assert forwarded == (unasked if strip else stream)
+        assert capture.final_usage == EXPECTED.model_copy(update={"service_tier": "priority"})
+    # Cut short before its usage: the count of its text is still the tier's.
+    capture = OpenAIStreamCapture(strip_usage_chunk=strip)
+    capture.feed(b"".join(before))
+    capture.finish()
+    assert capture.counted_usage(2).service_tier == "priority"
+
+
+def test_a_responses_stream_s_completed_response_says_the_tier_that_served_it() -> None:
+    """response.created echoes the tier asked ("auto"); response.completed's is the
+    served one."""
+    created: dict[str, Any] = {
+        "type": "response.created",
+        "response": {"model": "gpt-5", "usage": None, "service_tier": "auto"},
+    }
+    completed: dict[str, Any] = {
+        "type": "response.completed",
+        "response": {"model": "gpt-5", "usage": RESPONSES_USAGE, "service_tier": "flex"},
+    }
+    stream = b"".join(_event(e, b"\n\n") for e in [created, completed])
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    assert capture.feed(stream) + capture.finish() == stream
+    assert capture.final_usage == Usage(input_tokens=9000, output_tokens=300, service_tier="flex")
+    # A priority request served at the default tier (no priority capacity left) is billed so.
+    asked = {**created, "response": {**created["response"], "service_tier": "priority"}}
+    served = {**completed, "response": {**completed["response"], "service_tier": "default"}}
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    capture.feed(b"".join(_event(e, b"\n\n") for e in [asked, served]))
+    capture.finish()
+    assert capture.final_usage.service_tier == "standard"

@@ -74,6 +74,7 @@ usages = st.builds(
     web_search_preview_requests=tokens,
     speed=st.sampled_from(["standard", "fast"]),
     inference_geo=st.sampled_from(["global", "us", "eu", "not_available"]),
+    service_tier=st.sampled_from(["standard", "flex", "priority"]),
     advisor=st.lists(
         st.builds(
             AdvisorUsage,
@@ -253,6 +254,10 @@ def test_usage_counts_left_at_their_defaults_are_not_written() -> None:
     assert Usage.model_validate_json(msgspec.json.encode(us)).inference_geo == "us"
     anywhere = wire.usage_of(Usage(input_tokens=10, inference_geo="global"))
     assert json.loads(msgspec.json.encode(anywhere)) == {"input_tokens": 10}
+    # The service tier, for a call served at flex or priority only.
+    flex = wire.usage_of(Usage(input_tokens=10, service_tier="flex"))
+    assert json.loads(msgspec.json.encode(flex)) == {"input_tokens": 10, "service_tier": "flex"}
+    assert Usage.model_validate_json(msgspec.json.encode(flex)).service_tier == "flex"
     advised = Usage(input_tokens=10, advisor=(AdvisorUsage(model="m", output_tokens=3),))
     written = msgspec.json.encode(wire.usage_of(advised))
     assert json.loads(written) == {
@@ -324,6 +329,7 @@ BAD = {
     "geo not a name": setting("response.usage.inference_geo", "US West"),
     "empty geo": setting("response.usage.inference_geo", ""),
     "geo not a string": setting("response.usage.inference_geo", 1),
+    "unknown service tier": setting("response.usage.service_tier", "default"),
     "wrong kind": setting("kind", "response"),
     "future schema": setting("schema_version", 2),
     "naive timestamp": setting("response.ts_end", LATER.isoformat()),
@@ -379,6 +385,8 @@ LAX = {
     "no speed": without("response.usage.speed"),
     # an event written before where a call's inference ran was read
     "no inference geo": without("response.usage.inference_geo"),
+    # an event written before the service tier that served a call was read
+    "no service tier": without("response.usage.service_tier"),
     "no advisor": without("response.usage.advisor"),
     "advisor tokens left out": setting("response.usage.advisor", [{"model": "claude-opus-4-6"}]),
 }

@@ -10,8 +10,15 @@ from typing import Any
 
 import orjson
 
-from ingress.forward.usage import anthropic_usage, is_search, openai_usage, with_searches
-from llmtap.events import Usage
+from ingress.forward.usage import (
+    anthropic_usage,
+    is_search,
+    openai_usage,
+    served_tier,
+    with_searches,
+    with_tier,
+)
+from llmtap.events import ServiceTier, Usage
 
 
 def _str(value: Any) -> str:
@@ -39,12 +46,17 @@ class Capture:
 
 
 class OpenAIJsonCapture(Capture):
-    """Chat completions, completions, embeddings and responses bodies."""
+    """Chat completions, completions, embeddings and responses bodies (the tier that
+    served the call is the body's ``service_tier``)."""
 
     def __init__(self, body: bytes) -> None:
         parsed = parse_json_body(body) or {}
         usage = openai_usage(parsed.get("usage"))
-        self.usage = Usage.missing() if usage is None else with_searches(usage, parsed)
+        self.usage = (
+            Usage.missing()
+            if usage is None
+            else with_tier(with_searches(usage, parsed), served_tier(parsed.get("service_tier")))
+        )
         model = parsed.get("model")
         self.model = model if isinstance(model, str) else ""
 
@@ -229,12 +241,18 @@ class OpenAIStreamCapture(StreamCapture):
     for), the usage-only chunk (``"choices": []`` with ``usage``) is captured and not
     forwarded, and the ``"usage": null`` that asking puts in every other chunk is taken
     out of them, so the client sees exactly what it would have seen without the proxy.
+
+    The tier that served the call is the last ``service_tier`` an event told: every chat
+    chunk carries it (the usage chunk too, stripped or not), a Responses API stream's
+    response objects (``response.completed``'s is the served one; ``response.created``'s
+    may echo the request's).
     """
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         super().__init__()
         self._strip = strip_usage_chunk
         self._searches = 0  # search items streamed (response.output_item.done)
+        self._tier: ServiceTier = "standard"
 
     def _out(self, events: bytes) -> bytes:
         return _without_usage_null(events) if self._strip else events
@@ -246,8 +264,10 @@ class OpenAIStreamCapture(StreamCapture):
     @property
     def final_usage(self) -> Usage:
         if self.usage is None and self._searches:  # cut short: the searches it ran
-            return Usage(usage_missing=True, web_search_requests=self._searches)
-        return super().final_usage
+            usage = Usage(usage_missing=True, web_search_requests=self._searches)
+        else:
+            usage = super().final_usage
+        return with_tier(usage, self._tier)
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         # Responses API events carry the response object: {"type": ..., "response": {...}}
@@ -256,6 +276,8 @@ class OpenAIStreamCapture(StreamCapture):
         response = chunk.get("response")
         source = response if isinstance(response, dict) else chunk
         self._model(source)
+        if "service_tier" in source:
+            self._tier = served_tier(source["service_tier"])
         usage = openai_usage(source.get("usage"))
         if usage is None:
             return True

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from llmtap.events import GEO_PATTERN, GLOBAL_GEO, AdvisorUsage, Usage
+from llmtap.events import GEO_PATTERN, GLOBAL_GEO, AdvisorUsage, ServiceTier, Usage
 
 
 def openai_usage(usage: Any) -> Usage | None:
@@ -34,6 +34,19 @@ def openai_usage(usage: Any) -> Usage | None:
         cached_input_tokens=min(cached, prompt),
         reasoning_tokens=min(reasoning, completion),
     )
+
+
+def served_tier(value: Any) -> ServiceTier:
+    """The tier an OpenAI answer's ``service_tier`` says served the call: ``"flex"`` and
+    ``"priority"`` as said; ``"default"``, ``"scale"`` (Scale Tier's prepaid units,
+    valued at standard rates), ``"auto"`` (a request's value, not a served tier), any
+    other value, or none: standard."""
+    return value if value in ("flex", "priority") else "standard"
+
+
+def with_tier(usage: Usage, tier: ServiceTier) -> Usage:
+    """``usage`` served at ``tier`` (a copy only when it is not standard)."""
+    return usage.model_copy(update={"service_tier": tier}) if tier != "standard" else usage
 
 
 def anthropic_usage(usage: Any) -> Usage | None:
