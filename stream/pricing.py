@@ -75,6 +75,14 @@ class LongContext(_RateFields):
     above_input_tokens: int = Field(gt=0)
 
 
+class TierRates(_RateFields):
+    """The rates of a call an OpenAI service tier other than the standard one served
+    (``flex``, ``priority``: Usage.service_tier), given whole, as OpenAI prices each
+    model's tiers apart (priority is no one multiple of the standard rates). Omitted
+    rates fall back within the tier, as in the base tier. No long-context tier: OpenAI
+    publishes none for a service tier."""
+
+
 class Rates(_RateFields):
     """The rates in force from ``effective_from`` (UTC date) until the next entry."""
 
@@ -97,11 +105,28 @@ class Rates(_RateFields):
     # call run "global" is at the rates above. A geography not named here (all of them,
     # when None) has no price known, and a call run there is unpriced.
     geo_multipliers: dict[str, Annotated[Decimal, Field(ge=1)]] | None = None
+    # OpenAI's service tiers: the rates of a call its answer says flex or priority served
+    # (Usage.service_tier). None: no price known for that tier, and such a call is unpriced.
+    flex: TierRates | None = None
+    priority: TierRates | None = None
 
     def for_prompt(self, input_tokens: int) -> _RateFields:
         """The rates for a call with this many prompt tokens (long-context tier or not)."""
         tier = self.long_context
         return tier if tier is not None and input_tokens > tier.above_input_tokens else self
+
+    def served(self, input_tokens: int, service_tier: str = "standard") -> _RateFields | None:
+        """The rates for a call with this many prompt tokens that ``service_tier`` served
+        (the contract's ``Usage.service_tier``): the standard ones (:meth:`for_prompt`),
+        or the tier's (:attr:`flex`, :attr:`priority`); None when these rates give the
+        tier no price, or the prompt passes the long-context threshold, which no tier
+        price covers (such a call cannot be priced)."""
+        if service_tier == "standard":
+            return self.for_prompt(input_tokens)
+        tier = self.flex if service_tier == "flex" else self.priority
+        if tier is None or self.for_prompt(input_tokens) is not self:
+            return None
+        return tier
 
     def speed(self, speed: str) -> Decimal | None:
         """What the token rates are multiplied by for a call served at ``speed`` (the
@@ -227,7 +252,9 @@ class Catalog(BaseModel):
         on each price that does not name it: a negotiated rate is still dearer in fast
         mode; ``fast_multiplier: null`` leaves a call served fast unpriced. So do the
         data-residency multipliers (``geo_multipliers``): ``null`` leaves a call run
-        outside ``"global"`` unpriced.
+        outside ``"global"`` unpriced. And so do OpenAI's service tiers' rates
+        (``flex``, ``priority``), the list prices in force on that price's date: a price
+        naming one gives its own (null: none, a call that tier served is unpriced).
         """
         replaced = {key.casefold() for key in other.models}
         kept = {k: v for k, v in self.models.items() if k.casefold() not in replaced}
@@ -242,6 +269,7 @@ _LIMITS = ("context_window", "max_output_tokens")
 _FEES = frozenset({"web_search", "web_search_preview"})
 _FAST = "fast_multiplier"
 _GEO = "geo_multipliers"
+_TIERS = ("flex", "priority")
 
 
 def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
@@ -253,13 +281,13 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
         not _FEES & rates.model_fields_set
         or _FAST not in rates.model_fields_set
         or _GEO not in rates.model_fields_set
+        or not set(_TIERS) <= rates.model_fields_set
         for rates in entry.prices
     ):
-        # The shipped fees and fast mode's and data residency's multipliers on each
-        # price's day; before the
-        # shipped prices, their first. A price naming either fee names the searches'
-        # fees: one it leaves out is none (a preview search then costs the web_search
-        # fee it names, null included).
+        # The shipped fees, fast mode's and data residency's multipliers and the service
+        # tiers' rates on each price's day; before the shipped prices, their first. A
+        # price naming either fee names the searches' fees: one it leaves out is none (a
+        # preview search then costs the web_search fee it names, null included).
         earliest = min(shipped.prices, key=lambda r: r.effective_from)
 
         def with_fees(rates: Rates) -> Rates:
@@ -270,6 +298,7 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
                 kept[_FAST] = then.fast_multiplier
             if _GEO not in named:
                 kept[_GEO] = then.geo_multipliers
+            kept.update({t: getattr(then, t) for t in _TIERS if t not in named})
             return rates.model_copy(update=kept) if kept else rates
 
         update["prices"] = [with_fees(rates) for rates in entry.prices]
@@ -362,14 +391,19 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     model prices them apart they are carved out too. Omitted rates fall back: cached
     input and cache writes to input, 1-hour cache writes to cache writes (then input),
     reasoning to output. A prompt past the model's long-context threshold prices the
-    whole call at the long-context rates. A call served in fast mode (``usage.speed``)
-    has each of those token rates multiplied by the rates' ``fast_multiplier``, its
-    search fee not; a caller first checks that the rates give one
-    (:meth:`Rates.speed`), as without one a fast call is priced at standard rates here.
-    So for a call whose inference ran outside ``"global"`` (``usage.inference_geo``):
-    its geography's multiplier (:meth:`Rates.geo`), on top of fast mode's.
+    whole call at the long-context rates. A call an OpenAI service tier served
+    (``usage.service_tier``: flex, priority) has its tokens at that tier's rates
+    (:meth:`Rates.served`). A call served in fast mode (``usage.speed``) has each of
+    those token rates multiplied by the rates' ``fast_multiplier``, its search fee not;
+    so for a call whose inference ran outside ``"global"`` (``usage.inference_geo``):
+    its geography's multiplier (:meth:`Rates.geo`), on top of fast mode's. A caller
+    first checks that the rates price the tier, speed and geography
+    (:func:`_priced_as_served`), as without one the call is priced at standard rates
+    here.
     """
-    tier = rates.for_prompt(usage.input_tokens)
+    tier = rates.served(usage.input_tokens, usage.service_tier) or rates.for_prompt(
+        usage.input_tokens
+    )
     times = (rates.speed(usage.speed) or _ONE) * (rates.geo(usage.inference_geo) or _ONE)
     cached = min(usage.cached_input_tokens, usage.input_tokens)
     written = min(usage.cache_creation_input_tokens, usage.input_tokens - cached)
@@ -468,15 +502,11 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
         return _NO_COST
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
-    if (
-        entry is None
-        or rates is None
-        or rates.speed(event.usage.speed) is None
-        or rates.geo(event.usage.inference_geo) is None
-    ):
-        # No price for the model, or none for the speed that served it (fast mode on a
-        # model the catalog gives no fast price) or the geography its inference ran in
-        # (data residency): unknown, never a standard-rate guess.
+    if entry is None or rates is None or not _priced_as_served(event.usage, rates):
+        # No price for the model, or none for the speed or tier that served it or the
+        # geography its inference ran in (fast mode, OpenAI's flex or priority tier,
+        # Anthropic's data residency, on a model the catalog gives no price for it):
+        # unknown, never a standard-rate guess.
         return Rating(None, unpriced=True)
     if event.usage.usage_missing:
         # Tokens unknown: the cost is unknown too, and the event says so; never $0.
@@ -497,10 +527,20 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
     return Rating(cost, unpriced=False, pricing_model=entry[0])
 
 
+def _priced_as_served(usage: Usage | wire.Usage, rates: Rates) -> bool:
+    """Whether ``rates`` price the speed and the service tier that served the call, and
+    the geography its inference ran in."""
+    return (
+        rates.speed(usage.speed) is not None
+        and rates.served(usage.input_tokens, usage.service_tier) is not None
+        and rates.geo(usage.inference_geo) is not None
+    )
+
+
 def missing_price(event: wire.Responded, catalog: Catalog) -> str:
     """What :func:`rate` found no price for, for an operator to add: the call's model,
-    its fast mode, the geography its inference ran in, or an advisor model it consulted
-    (or its geography)."""
+    its fast mode, the service tier that served it, the geography its inference ran in,
+    or an advisor model it consulted (or its geography)."""
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
     geo = event.usage.inference_geo
@@ -511,6 +551,14 @@ def missing_price(event: wire.Responded, catalog: Catalog) -> str:
             f"model {event.model!r} run in inference geo {geo!r}: give its entry"
             f" geo_multipliers for {geo!r}"
         )
+    tier = event.usage.service_tier
+    if rates is not None and rates.served(event.usage.input_tokens, tier) is None:
+        if getattr(rates, tier) is not None:  # a prompt past the long-context threshold
+            return (
+                f"model {event.model!r} at the {tier} service tier with a prompt past its"
+                f" long-context threshold (no {tier} price covers one)"
+            )
+        return f"model {event.model!r} at the {tier} service tier: give its entry a {tier} price"
     if rates is not None:
         for call in event.usage.advisor:
             advisor = catalog.lookup(call.model, event.provider)

@@ -1251,3 +1251,136 @@ def test_an_override_keeps_the_geo_multipliers_it_does_not_name(tmp_path: Path) 
     eu = usage.model_copy(update={"inference_geo": "eu"})
     cost = priced(response("claude-sonnet-5", eu, provider="anthropic"), catalog)
     assert cost.total == usd(1_000, Decimal("2.10")) + usd(1_000, Decimal("10.50"))
+
+
+# -- OpenAI's service tiers ----------------------------------------------------------------
+
+# openai.com/api-priority-processing and the pricing page's Flex table: (input, cached
+# input, output) USD a million, per model; flex is "priced at Batch API rates".
+PRIORITY = {
+    "gpt-5.4": ("5.00", "0.50", "30.00"),
+    "gpt-5.4-mini": ("1.50", "0.15", "9.00"),
+    "gpt-5.2": ("3.50", "0.35", "28.00"),
+    "gpt-5.1": ("2.50", "0.25", "20.00"),
+    "gpt-5": ("2.50", "0.25", "20.00"),
+    "gpt-5-mini": ("0.45", "0.045", "3.60"),
+    "gpt-4.1": ("3.50", "0.875", "14.00"),
+    "gpt-4.1-mini": ("0.70", "0.175", "2.80"),
+    "gpt-4.1-nano": ("0.20", "0.05", "0.80"),
+    "gpt-4o": ("4.25", "2.125", "17.00"),
+    "gpt-4o-2024-05-13": ("8.75", "8.75", "26.25"),  # no cache discount
+    "gpt-4o-mini": ("0.25", "0.125", "1.00"),
+    "o3": ("3.50", "0.875", "14.00"),
+    "o4-mini": ("2.00", "0.50", "8.00"),
+}
+FLEX = {
+    "gpt-5.1": ("0.625", "0.0625", "5.00"),
+    "gpt-5": ("0.625", "0.0625", "5.00"),
+    "gpt-5-mini": ("0.125", "0.0125", "1.00"),
+    "gpt-5-nano": ("0.025", "0.0025", "0.20"),
+    "o3": ("1.00", "0.25", "4.00"),
+    "o4-mini": ("0.55", "0.138", "2.20"),
+}
+# 20,000 prompt tokens (8,000 of them cache reads), 1,500 output (1,000 reasoning).
+TIERED = Usage(input_tokens=20_000, cached_input_tokens=8_000, output_tokens=1_500,
+               reasoning_tokens=1_000)  # fmt: skip
+
+
+def openai_call(model: str, tier: str, usage: Usage = TIERED) -> ResponseEvent:
+    return response(model, usage.model_copy(update={"service_tier": tier}), provider="openai")
+
+
+@pytest.mark.parametrize(("tier", "table"), [("priority", PRIORITY), ("flex", FLEX)])
+def test_a_call_a_service_tier_served_costs_that_tier_s_rates(
+    catalog: Catalog, tier: str, table: dict[str, tuple[str, str, str]]
+) -> None:
+    """Each token at the tier's own rate for the model (priority is no one multiple of
+    the standard rates); the parts of the cost are the same as at standard."""
+    for model, (fresh, cached, out) in table.items():
+        cost = priced(openai_call(model, tier), catalog)
+        assert cost.input == usd(12_000, Decimal(fresh)), model
+        assert cost.cached_input == usd(8_000, Decimal(cached)), model
+        assert cost.output == usd(1_500, Decimal(out)), model
+        assert cost.total == cost.input + cost.cached_input + cost.output, model
+
+
+def test_gpt_4_1_at_priority_costs_what_openai_bills_not_the_standard_rates(
+    catalog: Catalog,
+) -> None:
+    """$3.50 / $0.875 / $14 a million against $2 / $0.50 / $8: 1.75 times, here; GPT-5's
+    priority is 2 times, GPT-4o's 1.7 (so no multiplier could stand for them)."""
+    standard = priced(openai_call("gpt-4.1-2025-04-14", "standard"), catalog)
+    priority = priced(openai_call("gpt-4.1-2025-04-14", "priority"), catalog)
+    assert standard.total == Decimal("0.024") + Decimal("0.004") + Decimal("0.012")
+    assert priority.total == Decimal("0.042") + Decimal("0.007") + Decimal("0.021")
+    flex = priced(openai_call("gpt-5", "flex"), catalog)
+    assert flex.total * 2 == priced(openai_call("gpt-5", "standard"), catalog).total
+
+
+def test_a_call_served_at_a_tier_its_model_has_no_price_for_is_unpriced(
+    catalog: Catalog,
+) -> None:
+    """Not a standard-rate guess: gpt-4.1 has no flex price, gpt-5-nano no priority price
+    (and gpt-5-chat neither, though it shares gpt-5's standard rates)."""
+    for model, tier in (("gpt-4.1", "flex"), ("gpt-5-nano", "priority"), ("gpt-5-chat", "flex")):
+        costed = price(openai_call(model, tier), catalog)
+        assert (costed.cost, costed.unpriced, costed.pricing_model) == (None, True, ""), model
+        assert missing_price(openai_call(model, tier), catalog) == (
+            f"model {model!r} at the {tier} service tier: give its entry a {tier} price"
+        )
+        assert not price(openai_call(model, "standard"), catalog).unpriced
+
+
+def test_no_tier_price_covers_a_prompt_past_the_long_context_threshold(
+    catalog: Catalog,
+) -> None:
+    """GPT-5.4's priority price "excludes long context": past its 272K threshold (where
+    its standard rates double) no priority rate is published, so such a call is unpriced;
+    below it, the priority rates."""
+    long = Usage(input_tokens=300_000, output_tokens=1_000)
+    assert price(openai_call("gpt-5.4", "priority", long), catalog).unpriced
+    assert "long-context" in missing_price(openai_call("gpt-5.4", "priority", long), catalog)
+    standard = priced(openai_call("gpt-5.4", "standard", long), catalog)
+    assert standard.input == usd(300_000, Decimal("5.00"))  # the long-context tier
+    short = Usage(input_tokens=100_000, output_tokens=1_000)
+    assert priced(openai_call("gpt-5.4", "priority", short), catalog).input == usd(
+        100_000, Decimal("5.00")
+    )
+
+
+def test_an_override_keeps_the_tier_rates_it_does_not_name(tmp_path: Path) -> None:
+    """A negotiated standard rate leaves the tiers' list prices in force on its date; a
+    price naming a tier's rates gives its own; null drops them (unpriced)."""
+    catalog = with_operator_file(
+        tmp_path,
+        "models:\n"
+        "  gpt-5:\n"
+        "    provider: openai\n"
+        '    prices: [{effective_from: 2025-08-07, input: "1.00", output: "8.00"}]\n'
+        "  gpt-4.1:\n"
+        "    provider: openai\n"
+        '    prices: [{effective_from: 2025-04-14, input: "1.50", output: "6.00",'
+        ' priority: {input: "3.00", output: "12.00"}, flex: {input: "0.75", output: "3.00"}}]\n'
+        "  o3:\n"
+        "    provider: openai\n"
+        '    prices: [{effective_from: 2025-06-10, input: "2.00", output: "8.00",'
+        " priority: null}]\n",
+    )
+    usage = Usage(input_tokens=1_000, output_tokens=100)
+    assert priced(openai_call("gpt-5", "priority", usage), catalog).total == usd(
+        1_000, Decimal("2.50")
+    ) + usd(100, Decimal("20.00"))
+    assert priced(openai_call("gpt-5", "flex", usage), catalog).input == usd(
+        1_000, Decimal("0.625")
+    )
+    assert priced(openai_call("gpt-5", "standard", usage), catalog).input == usd(
+        1_000, Decimal("1.00")
+    )
+    assert priced(openai_call("gpt-4.1", "priority", usage), catalog).input == usd(
+        1_000, Decimal("3.00")
+    )
+    assert priced(openai_call("gpt-4.1", "flex", usage), catalog).output == usd(
+        100, Decimal("3.00")
+    )
+    assert price(openai_call("o3", "priority", usage), catalog).unpriced
+    assert not price(openai_call("o3", "flex", usage), catalog).unpriced

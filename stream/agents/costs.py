@@ -229,9 +229,9 @@ class CostStage(GroupStage):
         await self._delivered(records, sent)
 
     def _unpriced(self, event: wire.Response, sent: bool) -> None:
-        """A call whose model has no price (or none for fast mode, which served it, or an
-        advisor model it consulted has none): counted if its costed event is sent here,
-        and what has no price logged once."""
+        """A call whose model has no price (or none for fast mode or the OpenAI service
+        tier which served it, or an advisor model it consulted has none): counted if its
+        costed event is sent here, and what has no price logged once."""
         self.unpriced += sent
         missing = missing_price(event, self._catalog)
         if (missing, event.provider) not in self._warned:
