@@ -63,6 +63,11 @@ class ProviderConfig(BaseModel):
     # false for a provider that refuses fields it does not know. Its streams are then
     # counted from their text, unless it sends usage unasked.
     stream_usage: bool = True
+    # The service tier OpenAI serves this provider's calls that name none (or "auto"):
+    # the project's own (its Settings' Service Tier), which llmtap cannot see. "priority"
+    # has a hard cap reserve such calls at the priority rates; billing follows the tier
+    # each answer says served it either way.
+    default_service_tier: Literal["standard", "priority"] = "standard"
 
     @field_validator("base_url")
     @classmethod

@@ -502,7 +502,7 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
         return _NO_COST
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
-    if entry is None or rates is None or not _priced_as_served(event.usage, rates):
+    if entry is None or rates is None or not priced_as_served(event.usage, rates):
         # No price for the model, or none for the speed or tier that served it or the
         # geography its inference ran in (fast mode, OpenAI's flex or priority tier,
         # Anthropic's data residency, on a model the catalog gives no price for it):
@@ -527,7 +527,7 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
     return Rating(cost, unpriced=False, pricing_model=entry[0])
 
 
-def _priced_as_served(usage: Usage | wire.Usage, rates: Rates) -> bool:
+def priced_as_served(usage: Usage | wire.Usage, rates: Rates) -> bool:
     """Whether ``rates`` price the speed and the service tier that served the call, and
     the geography its inference ran in."""
     return (

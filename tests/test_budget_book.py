@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ingress.guards.bounds import Reach, choices
+from ingress.guards.bounds import Reach, choices, reach
 from ingress.guards.budgets import BudgetBook
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Usage
@@ -441,5 +441,68 @@ def test_a_call_run_in_the_us_holds_its_cost_at_1_1x_or_in_an_unpriced_geo_its_w
     worst = budgets.reserved["acme-day"][call]
     elsewhere = served.model_copy(update={"inference_geo": "eu"})
     assert budgets.settle(call, "claude-opus-5", elsewhere, NINE, "anthropic") is None
+    assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}
+    assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}
+
+
+# OpenAI's priority tier: each token at the model's priority rate when it serves the call.
+
+
+def test_a_call_openai_may_serve_at_priority_reserves_the_priority_rates() -> None:
+    """Asked (service_tier "priority"), or named by no tier on a provider whose project's
+    own tier is priority: GPT-4.1's worst case at $3.50 in and $14 out, not $2 and $8. A
+    call asking for flex or the default tier, or none on a standard project, reserves the
+    standard rates (flex can only cost less). A model with no priority price reserves
+    the standard ones."""
+    budgets, _ = book("100")
+    standard = budgets.worst_case("gpt-4.1", 2_000, 8_000, NINE, "openai")
+    assert standard == (2_000 * Decimal("2.00") + 8_000 * Decimal("8.00")) / 1_000_000
+    priority = budgets.worst_case("gpt-4.1", 2_000, 8_000, NINE, "openai", priority=True)
+    assert priority == (2_000 * Decimal("3.50") + 8_000 * Decimal("14.00")) / 1_000_000
+    assert budgets.worst_case(
+        "gpt-5-nano", 2_000, 8_000, NINE, "openai", priority=True
+    ) == budgets.worst_case("gpt-5-nano", 2_000, 8_000, NINE, "openai")
+    # A prompt past GPT-5.4's 272K threshold may be served at standard, at its
+    # long-context rates ($22.50 out, not priority's $30 but more than its $15).
+    long = budgets.worst_case("gpt-5.4", 300_000, 1_000, NINE, "openai", priority=True)
+    assert long == (300_000 * Decimal("5.00") + 1_000 * Decimal("30.00")) / 1_000_000
+    asked: list[tuple[dict[str, str], str, Decimal | None]] = [
+        ({"service_tier": "priority"}, "standard", priority),
+        ({}, "priority", priority),
+        ({"service_tier": "auto"}, "priority", priority),
+        ({"service_tier": "default"}, "priority", standard),
+        ({"service_tier": "flex"}, "priority", standard),
+        ({}, "standard", standard),
+        ({"service_tier": "auto"}, "standard", standard),
+        ({"service_tier": "flex"}, "standard", standard),
+    ]
+    for body, project, worst in asked:
+        call = uuid.uuid4()
+        bounded = functools.partial(reach, {"model": "gpt-4.1", **body}, project_tier=project)
+        admitted = budgets.admit(call, ACME, "gpt-4.1", 2_000, 8_000, NINE, "openai", reach=bounded)
+        assert admitted is None
+        assert budgets.reserved["acme-day"].pop(call) == worst, (body, project)
+
+
+def test_a_call_served_at_a_tier_holds_its_cost_or_without_a_price_its_worst_case() -> None:
+    """Its real cost is at the tier that served it (priority dearer, flex cheaper); a
+    model the catalog gives no price for that tier cannot be priced by the stream, which
+    counts nothing for it, so its worst case is held until the period ends."""
+    for tier, rate_in, rate_out in (("priority", "3.50", "14.00"), ("flex", "0.625", "5.00")):
+        budgets, _ = book("10")
+        model = "gpt-4.1" if tier == "priority" else "gpt-5"
+        call = uuid.uuid4()
+        assert budgets.admit(call, ACME, model, 100, 1_000, NINE, "openai") is None
+        served = Usage(input_tokens=3_000, output_tokens=1_000, service_tier=tier)
+        held = budgets.settle(call, model, served, NINE, "openai")
+        assert held is not None, tier
+        assert held.cost == (3_000 * Decimal(rate_in) + 1_000 * Decimal(rate_out)) / 1_000_000
+
+    budgets, _ = book("10")
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4.1", 100, 1_000, NINE, "openai") is None
+    worst = budgets.reserved["acme-day"][call]
+    flex = Usage(input_tokens=3_000, output_tokens=1_000, service_tier="flex")
+    assert budgets.settle(call, "gpt-4.1", flex, NINE, "openai") is None  # no flex price
     assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}
     assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}

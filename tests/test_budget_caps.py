@@ -29,7 +29,7 @@ from standardwebhooks import Webhook
 from ingress.app import create_app
 from ingress.forward import admission
 from ingress.guards.keys import create_key
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import BudgetConfig, ProviderConfig, Settings
 from llmtap.events import Reservations, utcnow
 from llmtap.names import Names
 from stream.budgets import fresh
@@ -663,3 +663,51 @@ async def test_a_call_that_may_run_in_the_us_reserves_at_1_1x(
         worst = Decimal(message.split("worst case of this call $")[1].split()[0])
         # 8,000 at $27.50 a million, and the body's bytes at $11 (1-hour writes, 1.1x)
         assert Decimal("0.22") < worst < Decimal("0.222")
+
+
+async def test_a_call_openai_may_serve_at_priority_reserves_at_the_priority_rates(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPT-4.1 at OpenAI's priority tier bills $14 a million output tokens, not $8: with
+    8,000 asked, its worst case is ~$0.064 at the standard tier and ~$0.112 at priority.
+    Under a $0.09 cap the call asking for priority is refused, the provider never asked,
+    and the same call asking for the flex tier goes through (flex can only cost less);
+    and so is one naming no tier (or "auto") refused on a provider whose project's own
+    tier is priority (default_service_tier), which llmtap cannot see in the call, where
+    one asking for the default tier goes through."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = BudgetConfig(name="acme-p", scope="tenant", value="acme", limit_usd=Decimal("0.09"))
+    ask: Any = {
+        "model": "gpt-4.1",
+        "max_tokens": 8_000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+
+    def reserved(refused: pytest.ExceptionInfo[BadRequestError], asked: int) -> Decimal:
+        message = refusal_of(refused, upstream, asked)
+        return Decimal(message.split("worst case of this call $")[1].split()[0])
+
+    async with capped_client(ingress_settings, budget) as client:
+        asked = len(upstream.provider.received)
+        with pytest.raises(BadRequestError) as refused:
+            await client.chat.completions.create(**ask, service_tier="priority")
+        assert Decimal("0.112") < reserved(refused, asked) < Decimal("0.113")  # and the body
+        flex = await client.chat.completions.create(**ask, service_tier="flex")
+        assert flex.service_tier == "flex"
+
+    priority_project = ProviderConfig(
+        kind="openai",
+        base_url=upstream.base_url,
+        api_key_env="LLMTAP_TEST_OPENAI_KEY",
+        default_service_tier="priority",
+    )
+    settings = ingress_settings.model_copy(update={"providers": {"openai": priority_project}})
+    async with capped_client(settings, budget) as client:
+        asked = len(upstream.provider.received)
+        with pytest.raises(BadRequestError) as refused:
+            await client.chat.completions.create(**ask)
+        assert Decimal("0.112") < reserved(refused, asked) < Decimal("0.113")
+        with pytest.raises(BadRequestError) as refused:
+            await client.chat.completions.create(**ask, service_tier="auto")
+        assert Decimal("0.112") < reserved(refused, asked) < Decimal("0.113")
+        await client.chat.completions.create(**ask, service_tier="default")

@@ -244,7 +244,7 @@ class Admission:
             utcnow(),
             provider=route.provider,
             choices=answers,
-            reach=lambda: reach(payload, endpoint.added_tokens),
+            reach=lambda: reach(payload, endpoint.added_tokens, route.config.default_service_tier),
             prompts=batched,
         )
         if exhausted is not None:

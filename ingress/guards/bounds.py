@@ -184,6 +184,18 @@ def inference_geo(payload: dict[str, Any]) -> str | None:
     return geo.strip().casefold() if isinstance(geo, str) else None
 
 
+def priority(payload: dict[str, Any], project_tier: str = "standard") -> bool:
+    """Whether OpenAI may serve the call at its priority tier, and bill it so: it asks
+    for it (``service_tier: "priority"``), or names no tier (or ``"auto"``) on a provider
+    whose project's own tier is priority (``project_tier``:
+    ProviderConfig.default_service_tier), which llmtap cannot see otherwise. A call
+    asking for flex or the default tier cannot be billed above the standard rates."""
+    asked = payload.get("service_tier")
+    if asked is None or asked == "auto":
+        return project_tier == "priority"
+    return isinstance(asked, str) and asked == "priority"
+
+
 class Advisor(NamedTuple):
     """Anthropic's advisor tool (``advisor_20260301``) as a call names it: the advisor
     ``model``, billed at its own rates, the most calls of it (``max_uses``; None:
@@ -217,9 +229,10 @@ class Reach(NamedTuple):
     ``web_search_preview`` tool's fee (:func:`preview_named`), whether its tokens may
     cost fast mode's rates (:func:`fast`), the input tokens the provider adds to its
     bytes (Anthropic's tool-use system prompt and its tools' definitions:
-    ingress/forward/tool_tokens.py), the advisor tool it names (:func:`advisor`), and
+    ingress/forward/tool_tokens.py), the advisor tool it names (:func:`advisor`),
     where it asks its inference to run (:func:`inference_geo`; None: its workspace's
-    default)."""
+    default), and whether its tokens may cost OpenAI's priority tier rates
+    (:func:`priority`)."""
 
     input_unbounded: bool
     web_searches: int | None
@@ -229,13 +242,17 @@ class Reach(NamedTuple):
     added_tokens: int = 0
     advisor: Advisor | None = None
     geo: str | None = None
+    priority: bool = False
 
 
 def reach(
-    payload: dict[str, Any], added_tokens: Callable[[dict[str, Any]], int] | None = None
+    payload: dict[str, Any],
+    added_tokens: Callable[[dict[str, Any]], int] | None = None,
+    project_tier: str = "standard",
 ) -> Reach:
     """What ``payload`` leaves unbounded; ``added_tokens``: the endpoint's count of the
-    input tokens its provider adds (:attr:`Endpoint.added_tokens`)."""
+    input tokens its provider adds (:attr:`Endpoint.added_tokens`); ``project_tier``:
+    the tier its provider serves a call naming none (:func:`priority`)."""
     return Reach(
         input_unbounded(payload),
         web_searches(payload),
@@ -245,6 +262,7 @@ def reach(
         added_tokens(payload) if added_tokens is not None else 0,
         advisor(payload),
         inference_geo(payload),
+        priority=priority(payload, project_tier),
     )
 
 

@@ -7,24 +7,25 @@ every byte of the request body as an input token (a token is never shorter than 
 at most the model's context window a prompt, or, when the body does not hold all the
 input (ingress/guards/bounds.py), at least ``budget_default_context_tokens``, plus
 ``max_tokens`` output tokens (or, when the call names none, the most the model writes),
-at the model's price (its fast mode's, when the call asks for it; times its data
-residency multiplier where the call may run in a dearer geography), plus the fee of the
-most web searches its tools allow (or ``budget_default_web_searches`` when none bounds
-them). The pricing catalog gives each
+at the model's price (its fast mode's, when the call asks for it; the dearer of its
+standard and priority rates, when OpenAI may serve it at its priority tier; times its
+data residency multiplier where the call may run in a dearer geography), plus the fee
+of the most web searches its tools allow (or ``budget_default_web_searches`` when none
+bounds them). The pricing catalog gives each
 model's limits; ``budget_default_max_tokens`` stands in for a model it gives none for.
 That worst case is reserved at admission — check and reserve happen with no await
 between them, so concurrent calls cannot both take the last dollars — and settled when
 the call ends: the reservation is replaced by the call's real cost, which is held
 until a published state has counted it (a call the stream cannot price, its usage
-unknown, served in fast mode with no fast price or run in a geography with none: its
-worst case, until its period
-ends). "Counted" is exact: once its response event is
-delivered, the publisher tells the cost where it went (partition and offset of the
-responses topic, :meth:`Settled.delivered`), and a state counts it once its ``applied``
-offset for that partition has passed it; a cost not delivered yet is not counted by any
-state (a time would not do: the stream reads partitions unevenly, and other ingresses'
-later calls may be counted first). A model with no price cannot be bounded and is
-admitted with nothing reserved (its spend is not counted either). What a process holds
+unknown, or served in fast mode, at an OpenAI service tier or in a geography its
+price gives no rates for: its worst case, until its period ends). "Counted" is exact:
+once its response event is delivered, the publisher tells the cost where it went
+(partition and offset of the responses topic, :meth:`Settled.delivered`), and a state
+counts it once its ``applied`` offset for that partition has passed it; a cost not
+delivered yet is not counted by any state (a time would not do: the stream reads
+partitions unevenly, and other ingresses' later calls may be counted first). A model
+with no price cannot be bounded and is admitted with nothing reserved (its spend is not
+counted either). What a process holds
 is announced on the reservations topic (:func:`announce`), so the budgets endpoint can
 show it.
 """
@@ -52,6 +53,7 @@ from stream.pricing import (
     Rates,
     advisor_breakdown,
     cost_of,
+    priced_as_served,
     search_fee,
 )
 
@@ -211,6 +213,7 @@ class BudgetBook:
         fast: bool = False,
         advisor: Advisor | None = None,
         geo: str | None = None,
+        priority: bool = False,
     ) -> Decimal | None:
         """The most the call can cost. Its input: the body's bytes, at most the model's
         context window for each of the ``prompts`` the provider answers apart (a list of
@@ -234,7 +237,12 @@ class BudgetBook:
         (``geo``, Anthropic's ``inference_geo``: ``"global"`` 1, ``"us"`` 1.1 on Claude
         4.6 and later); asking for none (its workspace's default decides, unseen here)
         or for one the price does not name, the dearest the price names
-        (:func:`geo_times`)."""
+        (:func:`geo_times`). A call OpenAI may serve at its priority tier (``priority``:
+        bounds.priority) has each token at the dearer of the standard rate and the
+        priority one, where the catalog gives priority rates (OpenAI serves a prompt past
+        128K tokens at the standard tier, long-context rates included); for a model it
+        gives none for, the standard rates stand (a call served at priority all the same
+        is held so: :meth:`settle`)."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if entry is None or rates is None:
@@ -260,6 +268,9 @@ class BudgetBook:
         if fast and rates.fast_multiplier is not None:
             input_rate *= rates.fast_multiplier
             output_rate *= rates.fast_multiplier
+        if priority and (dearer := rates.priority) is not None:
+            input_rate = max(input_rate, dearer.input, dearer.cached_input or Decimal(0))
+            output_rate = max(output_rate, dearer.output, dearer.reasoning or Decimal(0))
         times = geo_times(rates, geo)
         input_rate, output_rate = input_rate * times, output_rate * times
         # A max_tokens the call names is reserved in full (a catalog limit may be low).
@@ -445,6 +456,7 @@ class BudgetBook:
                 unbounded.fast,
                 unbounded.advisor,
                 unbounded.geo,
+                unbounded.priority,
             ) or Decimal(0)
 
         worst = reckoned(max_tokens)
@@ -482,11 +494,7 @@ class BudgetBook:
             if usage.advisor
             else {"total": Decimal(0)}
         )
-        unpriceable = rates is not None and (
-            rates.speed(usage.speed) is None
-            or rates.geo(usage.inference_geo) is None
-            or advised is None
-        )
+        unpriceable = rates is not None and (not priced_as_served(usage, rates) or advised is None)
         if rates is not None and advised is not None and not usage.usage_missing:
             cost = cost_of(usage, rates).total + advised["total"]
         # Every budget reserved the same worst case, and holds the same cost.
@@ -494,8 +502,9 @@ class BudgetBook:
         if usage.usage_missing or usage.output_tokens_counted or unpriceable:
             # Unknown, or llmtap's count of a stream cut short, which is no bound (an
             # Anthropic one knows its input; its thinking may be billed, not streamed);
-            # or served in fast mode with no fast price, or run in a geography with none,
-            # or with an advisor model with none, which the stream cannot price.
+            # or served in fast mode, at an OpenAI service tier or in a geography with no
+            # price for it, or with an advisor model with none, which the stream cannot
+            # price.
             self._hold_unpriced(held, worst, ended)
             return None
         holding = Settled(ended, cost or Decimal(0))
