@@ -10,7 +10,7 @@
 -- rate limits, budget rejections, disconnects, unreachable), 0.5% have no usage, and
 -- the 5 rarest models have no price (unpriced). 60% stream (TTFT), 70% carry a
 -- `customer` property.
--- Positional: one value for each column of `calls`, in its order (migrations 0001-0011).
+-- Positional: one value for each column of `calls`, in its order (migrations 0001-0014).
 INSERT INTO calls
 SELECT
     generateUUIDv4(number) AS event_id,
@@ -42,6 +42,9 @@ SELECT
     usage_missing,
     false AS output_tokens_counted,
     0 AS web_search_requests,
+    'standard' AS speed,
+    'standard' AS service_tier,
+    'global' AS inference_geo,
     latency_ms,
     if(stream AND status = 'ok', 80 + 300 * u12, NULL) AS ttft_ms,
     0.3 + u9 AS proxy_overhead_ms,

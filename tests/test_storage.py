@@ -22,9 +22,9 @@ from pydantic import ValidationError
 
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
-from sinks.clickhouse.decode import Batch, DeadLetter
+from sinks.clickhouse.decode import Batch, DeadLetter, decode_batch
 from sinks.clickhouse.rows import DEAD_LETTER_COLUMNS
-from sinks.clickhouse.write import write_batch
+from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.webhooks.records import ALERT_COLUMNS, Attempt, alert_row, record
 from sql.migrate import available, migrate
@@ -433,6 +433,62 @@ def test_calls_stored_before_web_searches_were_priced_read_a_fee_as_their_costs_
         assert rows == [
             {"model": "gpt-4o", "searches": 0, "fee": Decimal(0), "adds_up": True},
             {"model": "mystery", "searches": 0, "fee": None, "adds_up": None},
+        ]
+    finally:
+        store.close()
+
+
+def test_calls_say_the_terms_their_cost_was_computed_on(store: Store) -> None:
+    """speed, service_tier and inference_geo (0014), as the call's usage said, through
+    the writer's own path (the wire's decode, the Native body); the standard terms for a
+    call that says none."""
+    at = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+    def billed(user: str, **terms: str) -> bytes:
+        response = sample.response(
+            at,
+            usage=Usage(input_tokens=100, output_tokens=10, **terms),
+            attribution=Attribution(tenant="acme", user=user),
+        )
+        return sample.costed(response, sample.cost("0.01")).model_dump_json().encode()
+
+    raw = [
+        billed("a-plain"),
+        billed("b-fast-us", speed="fast", inference_geo="us"),
+        billed("c-flex", service_tier="flex"),
+        billed("d-priority", service_tier="priority"),
+    ]
+    records = [("llmtap.costed", 0, offset, value) for offset, value in enumerate(raw)]
+    batch = decode_batch(records, calls_types(store))
+    assert batch.calls_body is not None and not batch.dead_letters  # the writer's path
+    assert write_batch(store, batch) == 4
+    rows = store.rows("SELECT user, speed, service_tier, inference_geo FROM calls ORDER BY user")
+    assert [tuple(row.values()) for row in rows] == [
+        ("a-plain", "standard", "standard", "global"),
+        ("b-fast-us", "fast", "standard", "us"),
+        ("c-flex", "standard", "flex", "global"),
+        ("d-priority", "standard", "priority", "global"),
+    ]
+
+
+def test_calls_stored_before_their_terms_were_kept_read_the_standard_ones(
+    tmp_path: Path,
+) -> None:
+    """0014 on a store holding calls: they were priced at the standard rates, and say so."""
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    try:
+        for migration in available():
+            if migration.version < 14:
+                for statement in migration.statements:
+                    store.command(statement)
+        store.command(
+            "INSERT INTO calls (event_id, request_id, ts_start, ts_end, tenant, model) VALUES "
+            "(generateUUIDv4(), generateUUIDv4(), now64(3), now64(3), 'acme', 'gpt-4o')"
+        )
+        assert 14 in migrate(store)
+        rows = store.rows("SELECT speed, service_tier, inference_geo FROM calls")
+        assert rows == [
+            {"speed": "standard", "service_tier": "standard", "inference_geo": "global"}
         ]
     finally:
         store.close()
