@@ -4,14 +4,15 @@
                            [--compare-batch-rows N] [--out bench/results/ingest.md]
 
 Starts the embedded Tansu broker, fills `llmtap.costed` with synthetic costed events
-(before the clock starts), then runs the real ClickHouse writer (read -> decode, in
-decode processes with --decode-processes -> duplicate check -> columnar insert ->
-commit) against a fresh chDB store and times it until every row is queryable: with the
-settings' batch size and one decode process (the default; or as many as given) and,
-run by run in turn, with the writer decoding in its own process (0), so the two are
-measured side by side (with --compare-batch-rows N, batches of N rows too, in the same
-turns). It also times the writer's steps alone, in one process, on the same events
-(decode, columns, duplicate check + insert), so the report says where time goes.
+encoded as the worker writes them (before the clock starts), then runs the real
+ClickHouse writer (read -> decode, in decode processes with --decode-processes ->
+duplicate check -> columnar insert -> commit) against a fresh chDB store and times it
+until every row is queryable: with the settings' batch size and one decode process (the
+default; or as many as given) and, run by run in turn, with the writer decoding in its
+own process (0), so the two are measured side by side (with --compare-batch-rows N,
+batches of N rows too, in the same turns). It also times the writer's steps alone, in
+one process, on the same events (decode, columns, duplicate check + insert), so the
+report says where time goes.
 Target (issue): >= 50,000 rows/s on this machine.
 """
 
@@ -39,7 +40,7 @@ from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
 from llmtap.names import Names
 from llmtap.runtime import tune_gc
 from llmtap.supervisor import embedded_broker
-from llmtap.wire import decode_costed
+from llmtap.wire import decode_costed, encode
 from sinks.clickhouse.decode import decode_batch
 from sinks.clickhouse.rows import call_columns
 from sinks.clickhouse.write import calls_types, write_batch
@@ -58,6 +59,9 @@ MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "claude-3-5-sonnet", "o3-mini")
 
 
 def synthetic(n: int) -> list[bytes]:
+    """``n`` costed events as the worker's cost stage writes them: llmtap.wire's encoding,
+    which leaves out a usage count at its default (the pydantic model's JSON writes every
+    field, each one more for the writer to read and check)."""
     start = datetime.now(UTC) - timedelta(hours=1)
     out = []
     for i in range(n):
@@ -88,7 +92,10 @@ def synthetic(n: int) -> list[bytes]:
             total=cost,
         )
         event = CostedEvent(event_id=uuid.uuid4(), response=response, cost=priced, unpriced=False)
-        out.append(event.model_dump_json().encode())
+        # Read back into the wire's structs from JSON without defaults, so each usage
+        # count at its default is the wire's own (msgspec leaves out a str default by
+        # identity, not equality: "global" read from JSON would be written again).
+        out.append(encode(decode_costed(event.model_dump_json(exclude_defaults=True).encode())))
     return out
 
 

@@ -71,7 +71,9 @@ class AdvisorUsage(
 # before that field (web_search_preview_requests, say; speed, written only for a call
 # served in fast mode; inference_geo, only for one not served "global"; service_tier,
 # only for one served at flex or priority), which refuses fields it does not know, so a
-# rolling upgrade loses no call that does not use it.
+# rolling upgrade loses no call that does not use it. (msgspec tells a str default by
+# identity: inference_geo "global" read from JSON that wrote it is written again.
+# llmtap's producers never write it: the ingress's is the default itself.)
 class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
