@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from llmtap.config import ApiKind, ProviderConfig, Settings
+
+OPENAI_HOST = "api.openai.com"
 
 
 @dataclass(frozen=True)
@@ -12,6 +15,14 @@ class Route:
     provider: str
     config: ProviderConfig
     upstream_model: str  # the model name the provider is sent
+
+
+def openai_tiers(provider: str, config: ProviderConfig) -> bool:
+    """Whether the tier an answer of ``provider`` names is OpenAI's (ProviderConfig.
+    service_tiers; unset: the provider named ``openai``, or one on OpenAI's own API)."""
+    if config.service_tiers is not None:
+        return config.service_tiers
+    return provider == "openai" or urlsplit(config.base_url).hostname == OPENAI_HOST
 
 
 class NoRoute(ValueError):

@@ -612,6 +612,49 @@ async def test_the_service_tier_that_served_an_openai_call_is_in_its_response_ev
         assert event.usage.output_tokens == fake.completion_tokens
 
 
+async def test_another_provider_s_tier_of_the_same_name_is_not_openai_s(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An OpenAI-compatible provider answering service_tier "flex" (Groq's flex, priced
+    as its on-demand tier) is served at the standard rates: its call is not OpenAI's
+    flex, which its catalog entry has no rates for (it was recorded unpriced, and a hard
+    cap held its worst case to the period's end). service_tiers: true on a provider
+    takes its answers' tiers as OpenAI's (one fronting OpenAI's API elsewhere)."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    seen: dict[bool, str] = {}
+    for tiers in (False, True):
+        groq = ProviderConfig(
+            base_url=upstream.base_url,
+            api_key_env="LLMTAP_TEST_OPENAI_KEY",
+            service_tiers=True if tiers else None,
+        )
+        settings = ingress_settings.model_copy(
+            update={"providers": {"groq": groq}, "model_routes": {"llama-*": "groq"}}
+        )
+        server = await serve_ingress(settings)
+        base = str(server.make_url("")).rstrip("/")
+        upstream.provider.served_tier = "flex"
+        try:
+            secret = await make_key(base, settings.key_file)
+            async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as sdk:
+                raw = await sdk.chat.completions.with_raw_response.create(
+                    model="llama-3.3-70b-versatile",
+                    messages=[{"role": "user", "content": "hi"}],
+                    service_tier="flex",
+                )
+                assert raw.parse().service_tier == "flex"  # the answer reached the client as sent
+        finally:
+            upstream.provider.served_tier = None
+            await server.close()
+        event = await response_event(broker.bootstrap, raw.headers["x-request-id"])
+        assert event.provider == "groq"
+        seen[tiers] = event.usage.service_tier
+    assert seen == {False: "standard", True: "flex"}
+
+
 async def test_a_body_with_a_byte_order_mark_is_the_provider_s_to_judge(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

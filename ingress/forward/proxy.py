@@ -25,6 +25,7 @@ from ingress.forward.endpoint import Endpoint, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
 from ingress.keys import BUDGETS, COUNTING, LIMITER, UPSTREAM
+from ingress.routing import openai_tiers
 from ingress.spool import Delivered
 from llmtap import logs
 from llmtap.events import Status, Usage
@@ -185,6 +186,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         def finish(usage: Usage) -> None:
             if by_preview_tool:
                 usage = by_preview(usage)
+            if usage.service_tier != "standard" and not openai_tiers(route.provider, route.config):
+                # Another provider's tier of the same name: priced at the standard rates.
+                usage = usage.model_copy(update={"service_tier": "standard"})
 
             def settle(ended: datetime) -> Delivered | None:
                 held = request.app[BUDGETS].settle(
