@@ -276,7 +276,7 @@ PAGE: dict[str, Schema] = {
     "offset": OFFSET,
     "next_offset": {
         **_nullable(OFFSET),
-        "description": "the offset of the next page; null on the last",
+        "description": "the offset of the next page; null on the last (or past the largest offset)",
     },
 }
 

@@ -138,7 +138,8 @@ class Filters:
 class Page:
     """Which rows of a ranked answer (costs, users, alerts) a request asks for: ``limit``
     of them after the first ``offset``. The query is asked for one row more, so the
-    answer can say where the next page starts (``next_offset``; null on the last)."""
+    answer can say where the next page starts (``next_offset``; null on the last, and
+    past OFFSET_MAX, which no request may ask for: the SQL endpoint reads further)."""
 
     limit: int = DEFAULT_LIMIT
     offset: int = 0
@@ -150,11 +151,12 @@ class Page:
     def cut(self, rows: list[Any]) -> tuple[list[Any], dict[str, int | None]]:
         """The page's rows, and what the answer says of it: its limit and offset, and the
         offset of the next page when there are rows past this one (else None)."""
-        more = len(rows) > self.limit
+        following = self.offset + self.limit
+        more = len(rows) > self.limit and following <= OFFSET_MAX  # else none can be asked
         shown = {
             "limit": self.limit,
             "offset": self.offset,
-            "next_offset": self.offset + self.limit if more else None,
+            "next_offset": following if more else None,
         }
         return rows[: self.limit], shown
 

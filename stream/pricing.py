@@ -398,7 +398,7 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     so for a call whose inference ran outside ``"global"`` (``usage.inference_geo``):
     its geography's multiplier (:meth:`Rates.geo`), on top of fast mode's. A caller
     first checks that the rates price the tier, speed and geography
-    (:func:`_priced_as_served`), as without one the call is priced at standard rates
+    (:func:`priced_as_served`), as without one the call is priced at standard rates
     here.
     """
     tier = rates.served(usage.input_tokens, usage.service_tier) or rates.for_prompt(

@@ -569,6 +569,15 @@ async def pages(api: TestClient[Any, Any], endpoint: str, limit: int, **query: s
     return rows
 
 
+def test_no_next_page_is_offered_past_the_largest_offset() -> None:
+    """A next_offset is one a request may ask for: none past OFFSET_MAX (it was offered,
+    and asking for it was a 400)."""
+    rows, shown = params.Page(1000, params.OFFSET_MAX - 1000).cut(list(range(1001)))
+    assert len(rows) == 1000 and shown["next_offset"] == params.OFFSET_MAX
+    rows, shown = params.Page(1000, params.OFFSET_MAX - 500).cut(list(range(1001)))
+    assert len(rows) == 1000 and shown["next_offset"] is None
+
+
 @pytest.mark.parametrize("group_by", ["user", "model", "day", "property:customer"])
 async def test_costs_read_page_by_page(api: TestClient[Any, Any], group_by: str) -> None:
     every = await get(api, "costs", range="90d", group_by=group_by, limit="1000")
