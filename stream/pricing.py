@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from llmtap import wire
 from llmtap.events import (
+    GEO_PATTERN,
     GLOBAL_GEO,
     AdvisorUsage,
     Cost,
@@ -104,11 +105,21 @@ class Rates(_RateFields):
     # multiplied by its multiplier, on top of fast mode's; its search fees are not. A
     # call run "global" is at the rates above. A geography not named here (all of them,
     # when None) has no price known, and a call run there is unpriced.
-    geo_multipliers: dict[str, Annotated[Decimal, Field(ge=1)]] | None = None
+    # Named as the answer names them (lower case: "us"); "global" is the rates above.
+    geo_multipliers: (
+        dict[Annotated[str, Field(pattern=GEO_PATTERN)], Annotated[Decimal, Field(ge=1)]] | None
+    ) = None
     # OpenAI's service tiers: the rates of a call its answer says flex or priority served
     # (Usage.service_tier). None: no price known for that tier, and such a call is unpriced.
     flex: TierRates | None = None
     priority: TierRates | None = None
+
+    @field_validator("geo_multipliers")
+    @classmethod
+    def _not_global(cls, value: dict[str, Decimal] | None) -> dict[str, Decimal] | None:
+        if value is not None and GLOBAL_GEO in value:
+            raise ValueError(f"{GLOBAL_GEO!r} is priced at the standard rates: name no multiplier")
+        return value
 
     def for_prompt(self, input_tokens: int) -> _RateFields:
         """The rates for a call with this many prompt tokens (long-context tier or not)."""

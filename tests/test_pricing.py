@@ -788,6 +788,18 @@ def test_catalog_keys_must_differ_by_more_than_case() -> None:
         Catalog(models={"acme-1": one, "ACME-1": one})
 
 
+@pytest.mark.parametrize(
+    ("multipliers", "error"),
+    [({"US": "1.1"}, "should match pattern"), ({"global": "1.1"}, "standard")],
+)
+def test_a_geography_is_named_as_answers_name_it(multipliers: dict[str, str], error: str) -> None:
+    """geo_multipliers' keys are matched against the answer's usage.inference_geo, which
+    is lower case: a key "US" never matched, and its calls went unpriced; "global" is
+    the standard rates. Both are refused where the catalog is read."""
+    with pytest.raises(ValueError, match=error):
+        Rates(effective_from=date(2026, 1, 1), input=1, output=1, geo_multipliers=multipliers)
+
+
 def test_two_prices_on_one_day_are_refused() -> None:
     rates = Rates(effective_from=date(2024, 1, 1), input=Decimal(1), output=Decimal(1))
     with pytest.raises(ValueError, match="same day"):
