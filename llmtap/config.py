@@ -49,15 +49,21 @@ CONFIG_ENV = "LLMTAP_CONFIG"
 _COPYING: ContextVar[bool] = ContextVar("llmtap_settings_copying", default=False)
 
 ApiKind = Literal["openai", "anthropic"]
+BUILT_IN_PROVIDERS = ("openai", "anthropic")
 
 
 class ProviderConfig(BaseModel):
-    """An upstream provider: which API it speaks, where, and the env var of its key."""
+    """An upstream provider: which API it speaks, where, and the env var of its key.
+
+    One named like a built-in provider (openai, anthropic) changes it: what it does not
+    set is the built-in's (its kind, URL and key's variable). Another needs a
+    ``base_url``; with no ``api_key_env`` it takes no key (a local server's), and calls
+    go to it without one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: ApiKind = "openai"
-    base_url: str
+    base_url: str = ""
     api_key_env: str = ""
     # Ask for a stream's usage (stream_options.include_usage) when the client did not:
     # false for a provider that refuses fields it does not know. Its streams are then
@@ -390,6 +396,16 @@ class Settings(BaseSettings):
         return ordered
 
     @model_validator(mode="after")
+    def _providers_located(self) -> Settings:
+        for name, provider in self.providers.items():
+            if name not in BUILT_IN_PROVIDERS and not provider.base_url:
+                raise ValueError(
+                    f"providers.{name}: base_url is required (only a provider named like a "
+                    f"built-in one, {' or '.join(BUILT_IN_PROVIDERS)}, takes the built-in's)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _rules_on_known_windows(self) -> Settings:
         for rule in self.spike_rules:
             if rule.window_s not in self.window_sizes_s:
@@ -520,8 +536,10 @@ class Settings(BaseSettings):
         return self.all_providers()
 
     def all_providers(self) -> dict[str, ProviderConfig]:
-        """The built-in providers, then those configured (which may replace them)."""
-        return {
+        """The built-in providers, then those configured: one named like a built-in
+        changes it, keeping what it does not set (a provider ``openai`` naming only its
+        ``default_service_tier`` still has OpenAI's URL and the key in OPENAI_API_KEY)."""
+        built_in = {
             "openai": ProviderConfig(
                 kind="openai", base_url=self.openai_base_url, api_key_env=self.openai_api_key_env
             ),
@@ -530,8 +548,18 @@ class Settings(BaseSettings):
                 base_url=self.anthropic_base_url,
                 api_key_env=self.anthropic_api_key_env,
             ),
-            **self.providers,
         }
+        configured = {
+            name: (
+                built_in[name].model_copy(
+                    update={field: getattr(provider, field) for field in provider.model_fields_set}
+                )
+                if name in built_in
+                else provider
+            )
+            for name, provider in self.providers.items()
+        }
+        return built_in | configured
 
     @property
     def store_dsn(self) -> str:

@@ -327,3 +327,41 @@ def test_compose_gives_the_ingress_longer_to_stop_than_its_calls_in_flight_may_r
     seconds = re.fullmatch(r"(\d+)s", period)
     assert seconds is not None
     assert int(seconds[1]) > Settings().shutdown_grace_s + 10  # and its events flushed after
+
+
+def test_a_provider_named_like_a_built_in_one_changes_only_what_it_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`openai: {default_service_tier: priority}` under providers (as the README says to
+    set it on the built-in one) keeps OpenAI's URL and the key in OPENAI_API_KEY: it
+    replaced the built-in whole, with no key, and every OpenAI call was a 500. A
+    provider named otherwise needs a base_url, and the error says so."""
+    config = tmp_path / "llmtap.yaml"
+    config.write_text(
+        "providers:\n"
+        "  openai: {default_service_tier: priority}\n"
+        "  anthropic: {base_url: http://relay.example/}\n"
+        "  local: {base_url: http://127.0.0.1:11434/v1}\n"
+    )
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    providers = Settings().providers_by_name
+    openai = providers["openai"]
+    assert (openai.kind, openai.base_url, openai.api_key_env) == (
+        "openai",
+        "https://api.openai.com/v1",
+        "OPENAI_API_KEY",
+    )
+    assert openai.default_service_tier == "priority"
+    anthropic = providers["anthropic"]
+    assert (anthropic.kind, anthropic.base_url, anthropic.api_key_env) == (
+        "anthropic",
+        "http://relay.example",
+        "ANTHROPIC_API_KEY",
+    )
+    assert (providers["local"].base_url, providers["local"].api_key_env) == (
+        "http://127.0.0.1:11434/v1",
+        "",
+    )
+    config.write_text("providers:\n  groq: {api_key_env: GROQ_API_KEY}\n")
+    with pytest.raises(ValidationError, match=r"providers\.groq: base_url is required"):
+        Settings()

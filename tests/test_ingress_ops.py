@@ -440,6 +440,32 @@ async def test_without_the_provider_s_key_a_virtual_key_is_refused_never_forward
     assert len(upstream.provider.received) == before  # the virtual key went nowhere
 
 
+async def test_a_provider_that_takes_no_key_gets_none_never_the_virtual_key(
+    ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """A provider configured with no api_key_env (the README's local Ollama) takes no
+    key: a call with a virtual key goes to it with no credential at all (it was refused
+    with a 500, "llmtap holds no API key"); the virtual key never reaches it."""
+    local = ProviderConfig(base_url=upstream.base_url)  # no api_key_env
+    settings = ingress_settings.model_copy(
+        update={"providers": {"local": local}, "model_routes": {"llama-*": "local"}}
+    )
+    server = await serve_ingress(settings)
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        secret = await make_key(base, settings.key_file)
+        async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as sdk:
+            answer = await sdk.chat.completions.create(
+                model="llama-3.2", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert answer.choices
+    finally:
+        await server.close()
+    sent = {name.lower(): value for name, value in upstream.provider.received[-1].headers.items()}
+    assert "authorization" not in sent and "x-api-key" not in sent
+    assert not any(secret in value for value in sent.values())
+
+
 async def test_a_stream_that_fails_after_its_200_is_recorded_as_the_provider_s_error(
     ingress: str, ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
 ) -> None:

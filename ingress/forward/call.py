@@ -132,6 +132,11 @@ CREDENTIAL_HEADERS = frozenset(
 )
 
 
+# The credential of a provider that takes no key (a local server's): the client's are
+# dropped all the same, and none is sent.
+NO_CREDENTIAL = ("", "")
+
+
 def upstream_headers(
     incoming: CIMultiDictProxy[str], *, credential: tuple[str, str] | None
 ) -> CIMultiDict[str]:
@@ -139,7 +144,8 @@ def upstream_headers(
 
     Hop-by-hop headers and llmtap's own ``x-llmtap-*`` headers are dropped. With a
     ``credential`` (header, value), the provider key replaces every credential the
-    client sent (CREDENTIAL_HEADERS), so the client's key never reaches the provider.
+    client sent (CREDENTIAL_HEADERS), so the client's key never reaches the provider
+    (:data:`NO_CREDENTIAL`: nothing replaces them).
     """
     out: CIMultiDict[str] = CIMultiDict()
     hop = _hop_by_hop(incoming)
@@ -152,7 +158,7 @@ def upstream_headers(
         if credential is not None and lower in CREDENTIAL_HEADERS:
             continue
         out.add(name, value)
-    if credential is not None:
+    if credential is not None and credential != NO_CREDENTIAL:
         out[credential[0]] = credential[1]
     return out
 

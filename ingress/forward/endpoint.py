@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from ingress.errors import ErrorShape
+from ingress.forward.call import NO_CREDENTIAL
 from ingress.forward.capture import Capture, StreamCapture
 from ingress.guards.auth import Identity, Refusal
 from llmtap.config import ApiKind, ProviderConfig
@@ -51,13 +52,16 @@ def upstream_credential(
 ) -> tuple[str, str] | None:
     """What the provider gets as its credential: llmtap's key for it, or None (forward
     the caller's own, in passthrough). A virtual key must never reach a provider: with
-    one and no provider key, a Refusal."""
+    one, a provider that takes no key (no ``api_key_env``: a local server) gets none
+    (:data:`NO_CREDENTIAL`), and one whose key is not set, a Refusal."""
     # Stripped: a key read from a file (a Kubernetes secret) often ends in a newline,
     # which no header may hold (every call was a bare 500).
     key = os.environ.get(provider.api_key_env, "").strip() if provider.api_key_env else ""
     if key:
         return api.credential_header, api.credential_prefix + key
     if identity.key is not None:
+        if not provider.api_key_env:
+            return NO_CREDENTIAL
         raise Refusal(
             500,
             f"llmtap holds no API key for provider {name!r} "
