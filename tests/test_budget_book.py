@@ -506,3 +506,18 @@ def test_a_call_served_at_a_tier_holds_its_cost_or_without_a_price_its_worst_cas
     assert budgets.settle(call, "gpt-4.1", flex, NINE, "openai") is None  # no flex price
     assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}
     assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}
+
+
+def test_a_refusal_says_what_is_held_beyond_the_published_spend() -> None:
+    """A refusal's message adds what this ingress holds (calls in flight, costs not
+    counted yet) to the spend: "$0 of $0.015 spent" and a $0.01025 call refused read as
+    if $0.015 were left."""
+    budgets, _ = book("0.015")
+    first = uuid.uuid4()
+    assert budgets.admit(first, ACME, "gpt-4o", 100, 1_000, NINE) is None
+    held = budgets.reserved["acme-day"][first]
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 100, 1_000, NINE)
+    assert refused is not None and refused.held == held == Decimal("0.01025")
+    message = refused.message()
+    assert "$0 of $0.015 spent this day, $0.010250000 held for calls in flight" in message
+    assert "worst case of this call $0.010250000;" in message

@@ -98,6 +98,9 @@ class Exhausted:
     # The worst case with no output at all (its input, images, searches): more than the
     # whole limit, no max_tokens would make the call fit. Reckoned only for a refusal.
     without_output: Decimal | None = None
+    # What this ingress holds against the budget beyond its published spend: worst cases
+    # of calls in flight, and costs of ended calls not counted yet (or unpriced).
+    held: Decimal = Decimal(0)
 
     @property
     def never_fits(self) -> bool:
@@ -124,7 +127,8 @@ class Exhausted:
         return (
             f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call: "
             f"${s.spent_usd} of ${b.limit_usd} spent this {b.period}, "
-            f"worst case of this call ${self.worst_case}; it resets at "
+            + (f"${self.held} held for calls in flight or not yet counted, " if self.held else "")
+            + f"worst case of this call ${self.worst_case}; it resets at "
             f"{s.period_end.isoformat()}"
         )
 
@@ -465,7 +469,7 @@ class BudgetBook:
             state, committed = self.committed(budget, now)
             if committed + worst > budget.limit_usd:
                 floor = reckoned(0) if worst > budget.limit_usd else None
-                return Exhausted(budget, state, worst, floor)
+                return Exhausted(budget, state, worst, floor, committed - state.spent_usd)
         for budget in capped:
             self.reserved[budget.name][call_id] = worst
         return None
