@@ -993,10 +993,11 @@ async def test_the_migration_backfills_calls_already_stored(
     monkeypatch.setattr(params, "utcnow", lambda: NOW)
     store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
     try:
-        # The schema before 0005, with the `calls` columns today's writer writes (0010's
-        # and 0011's).
+        # The schema before 0005, with the `calls` columns today's writer writes (0010's,
+        # 0011's and 0014's).
+        later_columns = ("output_tokens_counted", "web_search", "pricing_terms")
         for migration in available():
-            if migration.version < 5 or migration.name in ("output_tokens_counted", "web_search"):
+            if migration.version < 5 or migration.name in later_columns:
                 for statement in migration.statements:
                     store.command(statement)
         assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
