@@ -96,6 +96,18 @@ async def _first_of(bootstrap: str, topic: str, wanted: Callable[[bytes], bool])
         await consumer.stop()
 
 
+async def serve_with_provider(
+    settings: Settings, name: str, provider: ProviderConfig, models: str
+) -> tuple[TestServer, str, Settings]:
+    """An ingress with one more provider, ``name``, serving the models ``models`` names
+    (a model_routes pattern): its server, base URL and settings."""
+    routed = settings.model_copy(
+        update={"providers": {name: provider}, "model_routes": {models: name}}
+    )
+    server = await serve_ingress(routed)
+    return server, str(server.make_url("")).rstrip("/"), routed
+
+
 async def test_a_call_forwarded_or_refused_after_its_route_has_its_request_event(
     ingress_settings: Settings,
     upstream: FakeUpstream,
@@ -107,12 +119,10 @@ async def test_a_call_forwarded_or_refused_after_its_route_has_its_request_event
     provider), before its refusal's response event."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
     keyless = ProviderConfig(base_url=upstream.base_url, api_key_env="LLMTAP_TEST_UNSET_KEY")
-    settings = ingress_settings.model_copy(
-        update={"providers": {"keyless": keyless}, "model_routes": {"keyless-*": "keyless"}}
-    )
     monkeypatch.delenv("LLMTAP_TEST_UNSET_KEY", raising=False)
-    server = await serve_ingress(settings)
-    base = str(server.make_url("")).rstrip("/")
+    server, base, settings = await serve_with_provider(
+        ingress_settings, "keyless", keyless, "keyless-*"
+    )
     try:
         secret = await make_key(base, settings.key_file)
         sent = {}
@@ -447,11 +457,7 @@ async def test_a_provider_that_takes_no_key_gets_none_never_the_virtual_key(
     key: a call with a virtual key goes to it with no credential at all (it was refused
     with a 500, "llmtap holds no API key"); the virtual key never reaches it."""
     local = ProviderConfig(base_url=upstream.base_url)  # no api_key_env
-    settings = ingress_settings.model_copy(
-        update={"providers": {"local": local}, "model_routes": {"llama-*": "local"}}
-    )
-    server = await serve_ingress(settings)
-    base = str(server.make_url("")).rstrip("/")
+    server, base, settings = await serve_with_provider(ingress_settings, "local", local, "llama-*")
     try:
         secret = await make_key(base, settings.key_file)
         async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as sdk:
@@ -657,11 +663,9 @@ async def test_another_provider_s_tier_of_the_same_name_is_not_openai_s(
             api_key_env="LLMTAP_TEST_OPENAI_KEY",
             service_tiers=True if tiers else None,
         )
-        settings = ingress_settings.model_copy(
-            update={"providers": {"groq": groq}, "model_routes": {"llama-*": "groq"}}
+        server, base, settings = await serve_with_provider(
+            ingress_settings, "groq", groq, "llama-*"
         )
-        server = await serve_ingress(settings)
-        base = str(server.make_url("")).rstrip("/")
         upstream.provider.served_tier = "flex"
         try:
             secret = await make_key(base, settings.key_file)
@@ -861,11 +865,7 @@ async def test_a_provider_set_not_to_be_asked_for_stream_usage_is_not(
     plain = ProviderConfig(
         base_url=upstream.base_url, api_key_env="LLMTAP_TEST_OPENAI_KEY", stream_usage=False
     )
-    settings = ingress_settings.model_copy(
-        update={"providers": {"plain": plain}, "model_routes": {"plain-*": "plain"}}
-    )
-    server = await serve_ingress(settings)
-    base = str(server.make_url("")).rstrip("/")
+    server, base, settings = await serve_with_provider(ingress_settings, "plain", plain, "plain-*")
     try:
         secret = await make_key(base, settings.key_file)
         sent = {

@@ -405,6 +405,15 @@ async def test_an_https_dsn_trusts_a_private_ca_named_in_it(tmp_path: Path) -> N
     assert requests and requests[0].split(b" ", 1)[0] in (b"GET", b"POST")
 
 
+def schema_before(version: int, store: Store) -> None:
+    """Apply to ``store`` every migration before ``version`` (and none recorded as
+    applied), as a store made by an earlier release is."""
+    for migration in available():
+        if migration.version < version:
+            for statement in migration.statements:
+                store.command(statement)
+
+
 def test_calls_stored_before_web_searches_were_priced_read_a_fee_as_their_costs_do(
     tmp_path: Path,
 ) -> None:
@@ -412,10 +421,7 @@ def test_calls_stored_before_web_searches_were_priced_read_a_fee_as_their_costs_
     still add up to its total), an unpriced call's null like its other costs."""
     store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
     try:
-        for migration in available():
-            if migration.version < 11:
-                for statement in migration.statements:
-                    store.command(statement)
+        schema_before(11, store)
         store.command(
             "INSERT INTO calls (event_id, request_id, ts_start, ts_end, tenant, model, "
             "cost_input, cost_output, cost_total, unpriced) VALUES "
@@ -477,10 +483,7 @@ def test_calls_stored_before_their_terms_were_kept_read_the_standard_ones(
     """0014 on a store holding calls: they were priced at the standard rates, and say so."""
     store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
     try:
-        for migration in available():
-            if migration.version < 14:
-                for statement in migration.statements:
-                    store.command(statement)
+        schema_before(14, store)
         store.command(
             "INSERT INTO calls (event_id, request_id, ts_start, ts_end, tenant, model) VALUES "
             "(generateUUIDv4(), generateUUIDv4(), now64(3), now64(3), 'acme', 'gpt-4o')"
