@@ -6,8 +6,9 @@ calls read the rollups (sql/queries/rollup_parts.sql: whole buckets from the hou
 and daily rollups, the partial buckets at either end of the range from ``calls``), so
 their counts and sums equal the raw table's. Every query shares one WHERE clause
 (sql/queries/_filters.sql), tenant filter included: a virtual key's tenant always
-(sql/auth.py), an admin key's only the one it asks for. Alerts (``analytics_alerts.sql``) carry no
-tenant: a virtual key sees the ones that are its own. Budgets are answered from the
+(sql/auth.py), an admin key's only the one it asks for. A virtual key sees the alerts
+(``analytics_alerts.sql``) that are its own, an admin key naming a tenant those a key of
+that tenant sees. Budgets are answered from the
 budgets topic's latest states (sql/budgets.py). :func:`add_routes` mounts these
 endpoints, POST /api/v1/sql (sql/sqlapi.py, admin keys only) and the OpenAPI document
 that describes them all (sql/openapi.py).
@@ -312,6 +313,10 @@ async def alerts(request: web.Request) -> web.Response:
     }
     page = query.page()
     scope = request[CALLER].scope
+    if scope.tenant is None and filters.tenant is not None:
+        # An admin naming a tenant sees what a key of that tenant (bound to no team or
+        # user) sees: its tenant's spikes and the budget alerts of its budgets.
+        scope = Scope(tenant=filters.tenant)
     active = {name: value for name, value in chosen.items() if value is not None}
     structure, confined = alert_scope(scope)
     sql = render("analytics_alerts", alert_filters=frozenset(active), **structure)

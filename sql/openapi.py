@@ -374,6 +374,12 @@ PARAMETER_OF: dict[tuple[str, str], Schema] = {
         "schema": {**RANGE, "default": params.DEFAULT_RANGE},
         "description": "alerts first seen within the last 24 hours, 7, 30 or 90 days",
     },
+    ("alerts", "tenant"): {
+        "schema": STRING,
+        "description": "the alerts a key of this tenant sees: its tenant's spikes and its "
+        "budgets' alerts; absent or empty: every alert the key sees (a virtual key: its "
+        "own tenant only, else 403)",
+    },
     ("alerts", "limit"): {
         "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
         "description": "how many alerts, newest first",
@@ -435,7 +441,7 @@ def _analytics(endpoint: str) -> Schema:
         },
         **ERRORS,
     }
-    if endpoint not in ("alerts", "budgets"):  # they take no tenant, team or user filter
+    if endpoint != "budgets":  # it takes no tenant, team or user filter
         responses["403"] = _error("a filter outside the key's tenant, team or user")
     return {
         "get": {

@@ -60,7 +60,7 @@ EXTRA: dict[str, tuple[str, ...]] = {
 }
 # Alerts are not calls: of the common parameters they take the range only. Budgets are
 # their current state: no parameter at all.
-COMMON_OF: dict[str, tuple[str, ...]] = {"alerts": ("range",), "budgets": ()}
+COMMON_OF: dict[str, tuple[str, ...]] = {"alerts": ("range", "tenant"), "budgets": ()}
 
 
 def parameters(endpoint: str) -> tuple[str, ...]:

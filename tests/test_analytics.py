@@ -1298,6 +1298,38 @@ async def test_a_virtual_key_sees_the_spikes_on_its_tenants_series(
     assert len(await api.names("admin", range="90d")) == len(before["admin"]) + len(new)
 
 
+async def test_an_admin_naming_a_tenant_sees_what_its_key_sees(
+    alerts_api: AlertsApi, store: Store
+) -> None:
+    """An admin's ``tenant`` filter: that tenant's spikes (not those on a model or
+    provider, which count every tenant's calls, nor another tenant's team of the same
+    name) and its budgets' alerts, those stored before alerts had tenants included; a
+    virtual key may name its own tenant only."""
+    api = alerts_api
+    store_batch(
+        store,
+        [
+            alert("team-spike", 7 * H, dimension="team", value="search", tenant="acme"),
+            alert("team-spike", 8 * H, dimension="team", value="search", tenant="globex"),
+            alert("model-spike", 9 * H, dimension="model", value="gpt-4o"),
+        ],
+        [],
+        [],
+    )
+    for tenant in ("acme", "globex"):
+        own = await api.names(tenant, range="90d")
+        assert await api.names("admin", range="90d", tenant=tenant) == own
+        assert own and len(own) < len(await api.names("admin", range="90d"))
+    assert ("team-spike", "search") in await api.names("admin", range="90d", tenant="acme")
+    assert await api.names("admin", range="90d", tenant="initech") == []
+    assert await api.names("admin", range="90d", tenant="") == await api.names("admin", range="90d")
+    assert await api.names("acme", range="90d", tenant="acme") == await api.names(
+        "acme", range="90d"
+    )
+    refused = await api.names("acme", expect=403, tenant="globex")
+    assert refused["error"]["param"] == "tenant"
+
+
 @pytest.mark.parametrize(
     ("query", "param"),
     [
@@ -1528,7 +1560,7 @@ async def test_a_90d_range_over_a_90_day_ttl_counts_its_first_partial_day(
         ("performance", "user_id=alice", "user_id"),
         ("users", "user_id=alice", "user_id"),
         ("models", "granularity=day", "granularity"),
-        ("alerts", "tenant=acme", "tenant"),  # alerts take the range only
+        ("alerts", "provider=openai", "provider"),  # alerts are not calls
     ],
 )
 async def test_bad_parameters_are_400_naming_the_parameter(

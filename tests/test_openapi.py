@@ -68,12 +68,11 @@ def test_every_endpoint_is_documented_with_its_parameters() -> None:
         operation = doc["paths"][f"/api/v1/analytics/{name}"]["get"]
         documented = [p["name"] for p in operation["parameters"]]
         assert documented == list(params.parameters(name)), name
-        # Every endpoint over calls may be narrowed to a tenant; alerts and budgets not.
-        assert ("tenant" in documented) == (name not in ("alerts", "budgets")), name
+        # Every endpoint over calls, and alerts, may be narrowed to a tenant; budgets not.
+        assert ("tenant" in documented) == (name != "budgets"), name
         assert {"200", "400", "401"} <= set(operation["responses"])
-        # A 403 is a tenant, team or user filter outside the key's: alerts and budgets
-        # take none.
-        assert ("403" in operation["responses"]) == (name not in ("alerts", "budgets")), name
+        # A 403 is a tenant, team or user filter outside the key's: budgets take none.
+        assert ("403" in operation["responses"]) == (name != "budgets"), name
     assert set(doc["paths"]["/api/v1/sql"]["post"]["responses"]) >= {"200", "400", "401", "403"}
 
 
