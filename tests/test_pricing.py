@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,12 @@ def test_sub_nano_amounts_are_rounded_to_a_nano_dollar() -> None:
         ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # a snapshot priced apart: exact first
         ("gpt-5-2025-08-07", "gpt-5"),
         ("gpt-5-chat-latest", "gpt-5-chat"),
+        ("gpt-5.5-2026-04-23", "gpt-5.5"),  # not gpt-5, nor gpt-5.5-pro
+        ("gpt-5.5-pro-2026-04-23", "gpt-5.5-pro"),
+        ("gpt-5.4-pro-2026-03-05", "gpt-5.4-pro"),
+        ("gpt-5.2-pro-2025-12-11", "gpt-5.2-pro"),
+        ("openai/gpt-5.3-codex", "gpt-5.3-codex"),
+        ("gpt-5.1-codex-max", "gpt-5.1-codex-max"),
         ("o3-2025-04-16", "o3"),
         ("o1-preview", "o1"),
         ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
@@ -1270,12 +1276,16 @@ def test_an_override_keeps_the_geo_multipliers_it_does_not_name(tmp_path: Path) 
 # openai.com/api-priority-processing and the pricing page's Flex table: (input, cached
 # input, output) USD a million, per model; flex is "priced at Batch API rates".
 PRIORITY = {
+    "gpt-5.5": ("12.50", "1.25", "75.00"),  # 2.5 times its standard rates
     "gpt-5.4": ("5.00", "0.50", "30.00"),
     "gpt-5.4-mini": ("1.50", "0.15", "9.00"),
     "gpt-5.2": ("3.50", "0.35", "28.00"),
     "gpt-5.1": ("2.50", "0.25", "20.00"),
     "gpt-5": ("2.50", "0.25", "20.00"),
     "gpt-5-mini": ("0.45", "0.045", "3.60"),
+    "gpt-5.3-codex": ("3.50", "0.35", "28.00"),
+    "gpt-5.1-codex": ("2.50", "0.25", "20.00"),
+    "gpt-5-codex": ("2.50", "0.25", "20.00"),
     "gpt-4.1": ("3.50", "0.875", "14.00"),
     "gpt-4.1-mini": ("0.70", "0.175", "2.80"),
     "gpt-4.1-nano": ("0.20", "0.05", "0.80"),
@@ -1286,6 +1296,7 @@ PRIORITY = {
     "o4-mini": ("2.00", "0.50", "8.00"),
 }
 FLEX = {
+    "gpt-5.5": ("2.50", "0.25", "15.00"),
     "gpt-5.1": ("0.625", "0.0625", "5.00"),
     "gpt-5": ("0.625", "0.0625", "5.00"),
     "gpt-5-mini": ("0.125", "0.0125", "1.00"),
@@ -1334,7 +1345,14 @@ def test_a_call_served_at_a_tier_its_model_has_no_price_for_is_unpriced(
 ) -> None:
     """Not a standard-rate guess: gpt-4.1 has no flex price, gpt-5-nano no priority price
     (and gpt-5-chat neither, though it shares gpt-5's standard rates)."""
-    for model, tier in (("gpt-4.1", "flex"), ("gpt-5-nano", "priority"), ("gpt-5-chat", "flex")):
+    for model, tier in (
+        ("gpt-4.1", "flex"),
+        ("gpt-5-nano", "priority"),
+        ("gpt-5-chat", "flex"),
+        ("gpt-5.5-pro", "flex"),  # LiteLLM lists a flex rate no OpenAI page confirms
+        ("gpt-5.2-codex", "priority"),  # likewise a priority rate
+        ("gpt-5.1-codex-mini", "priority"),
+    ):
         costed = price(openai_call(model, tier), catalog)
         assert (costed.cost, costed.unpriced, costed.pricing_model) == (None, True, ""), model
         assert missing_price(openai_call(model, tier), catalog) == (
@@ -1396,3 +1414,123 @@ def test_an_override_keeps_the_tier_rates_it_does_not_name(tmp_path: Path) -> No
     )
     assert price(openai_call("o3", "priority", usage), catalog).unpriced
     assert not price(openai_call("o3", "flex", usage), catalog).unpriced
+
+
+# -- OpenAI's GPT-5.5, pro and codex models -------------------------------------------------
+
+# (input, cached input, output) USD a million at the standard tier, from stream/pricing.yaml
+# (its comments name the sources). A pro model has no cached-input rate: cache reads are
+# billed as input.
+STANDARD = {
+    "gpt-5.5": ("5.00", "0.50", "30.00"),
+    "gpt-5.5-pro": ("30.00", "30.00", "180.00"),
+    "gpt-5.4-pro": ("30.00", "30.00", "180.00"),
+    "gpt-5.2-pro": ("21.00", "21.00", "168.00"),
+    "gpt-5-codex": ("1.25", "0.125", "10.00"),
+    "gpt-5.1-codex": ("1.25", "0.125", "10.00"),
+    "gpt-5.1-codex-mini": ("0.25", "0.025", "2.00"),
+    "gpt-5.1-codex-max": ("1.25", "0.125", "10.00"),
+    "gpt-5.2-codex": ("1.75", "0.175", "14.00"),
+    "gpt-5.3-codex": ("1.75", "0.175", "14.00"),
+}
+
+
+@pytest.mark.parametrize("model", sorted(STANDARD))
+def test_gpt_5_5_pro_and_codex_calls_are_priced_not_unpriced(catalog: Catalog, model: str) -> None:
+    """These were unpriced (cost unknown, a hard cap holding their worst case): each token
+    at its own rate, each model priced as itself (not as the GPT-5 it was derived from)."""
+    fresh, cached, out = STANDARD[model]
+    cost = priced(openai_call(model, "standard"), catalog)
+    assert price(openai_call(model, "standard"), catalog).pricing_model == model
+    assert cost.input == usd(12_000, Decimal(fresh)), model
+    assert cost.cached_input == usd(8_000, Decimal(cached)), model
+    assert cost.output == usd(1_500, Decimal(out)), model  # reasoning included, once
+    assert cost.reasoning == 0
+    assert cost.total == cost.input + cost.cached_input + cost.output
+
+
+def test_gpt_5_5_costs_by_hand(catalog: Catalog) -> None:
+    """20,000 prompt tokens (8,000 cache reads), 1,500 output, 2 web searches."""
+    usage = TIERED.model_copy(update={"web_search_requests": 2})
+    cost, family = costed_at(catalog, "gpt-5.5-2026-04-23", usage, "openai")
+    assert family == "gpt-5.5"
+    assert cost.input == Decimal("0.06")  # 12,000 x 5.00
+    assert cost.cached_input == Decimal("0.004")  # 8,000 x 0.50
+    assert cost.output == Decimal("0.045")  # 1,500 x 30.00
+    assert cost.web_search == Decimal("0.02")  # 2 x 10.00 / 1,000
+    assert cost.total == Decimal("0.129")
+    # the same call as gpt-5 (the family it used to be mistaken for) costs far less
+    gpt_5 = priced(openai_call("gpt-5", "standard"), catalog)
+    assert gpt_5.total == Decimal("0.031")  # 12,000 x 1.25 + 8,000 x 0.125 + 1,500 x 10.00
+
+
+def test_gpt_5_5_past_272k_prompt_tokens_prices_the_whole_call_higher(catalog: Catalog) -> None:
+    """Past 272,000 prompt tokens every token of the call is at $10 / $1 / $45 a million
+    (not only those past the threshold); at 272,000 exactly, the standard rates."""
+    long = Usage(input_tokens=300_000, cached_input_tokens=100_000, output_tokens=2_000)
+    cost, _ = costed_at(catalog, "gpt-5.5", long, "openai")
+    assert cost.input == Decimal("2.00")  # 200,000 x 10.00
+    assert cost.cached_input == Decimal("0.10")  # 100,000 x 1.00
+    assert cost.output == Decimal("0.09")  # 2,000 x 45.00
+    assert cost.total == Decimal("2.19")  # at the standard rates it would be 1.11
+    edge = Usage(input_tokens=272_000, output_tokens=2_000)
+    cost, _ = costed_at(catalog, "gpt-5.5", edge, "openai")
+    assert cost.total == Decimal("1.36") + Decimal("0.06")  # 272,000 x 5.00 + 2,000 x 30.00
+    # no tier price covers a long prompt: a priority or flex call past it is unpriced
+    for tier in ("priority", "flex"):
+        assert price(openai_call("gpt-5.5", tier, long), catalog).unpriced, tier
+        assert "long-context" in missing_price(openai_call("gpt-5.5", tier, long), catalog)
+
+
+def test_gpt_5_5_served_at_priority_costs_openai_s_priority_rates(catalog: Catalog) -> None:
+    """$12.50 / $1.25 / $75 a million (openai.com/api-priority-processing), not twice the
+    standard rates; served at the default tier, the standard rates."""
+    cost = priced(openai_call("gpt-5.5-2026-04-23", "priority"), catalog)
+    assert cost.input == Decimal("0.15")  # 12,000 x 12.50
+    assert cost.cached_input == Decimal("0.01")  # 8,000 x 1.25
+    assert cost.output == Decimal("0.1125")  # 1,500 x 75.00
+    assert cost.total == Decimal("0.2725")
+    standard = priced(openai_call("gpt-5.5-2026-04-23", "standard"), catalog)
+    assert standard.total == Decimal("0.109")  # 0.06 + 0.004 + 0.045
+    flex = priced(openai_call("gpt-5.5", "flex"), catalog)
+    assert flex.total * 2 == standard.total  # flex: half
+
+
+def test_a_pro_model_gives_no_cache_discount(catalog: Catalog) -> None:
+    """OpenAI prices no cached input for its pro models: a cache read costs as much as a
+    fresh prompt token, and a long prompt doubles the input rate (1.5 times the output's)."""
+    usage = Usage(input_tokens=100_000, cached_input_tokens=90_000, output_tokens=1_000)
+    cost, family = costed_at(catalog, "gpt-5.5-pro-2026-04-23", usage, "openai")
+    assert family == "gpt-5.5-pro"
+    assert cost.input == Decimal("0.30")  # 10,000 x 30.00
+    assert cost.cached_input == Decimal("2.70")  # 90,000 x 30.00, no discount
+    assert cost.output == Decimal("0.18")  # 1,000 x 180.00
+    assert cost.total == Decimal("3.18")
+    uncached = Usage(input_tokens=100_000, output_tokens=1_000)
+    assert costed_at(catalog, "gpt-5.5-pro", uncached, "openai")[0].total == cost.total
+    for model in ("gpt-5.5-pro", "gpt-5.4-pro", "gpt-5.2-pro"):
+        rates = catalog.models[model].prices[0]
+        assert rates.cached_input is None, model
+    long = Usage(input_tokens=300_000, cached_input_tokens=100_000, output_tokens=1_000)
+    cost, _ = costed_at(catalog, "gpt-5.4-pro-2026-03-05", long, "openai")
+    assert cost.input + cost.cached_input == Decimal("18.00")  # 300,000 x 60.00
+    assert cost.output == Decimal("0.27")  # 1,000 x 270.00
+
+
+def test_new_openai_entries_start_at_their_launch(catalog: Catalog) -> None:
+    """A call before a model's first price is unpriced; from that day on, priced. The
+    limits bound a hard cap's worst case."""
+    usage = Usage(input_tokens=1_000, output_tokens=1_000)
+    for model, launch in (
+        ("gpt-5.5", datetime(2026, 4, 23, tzinfo=UTC)),
+        ("gpt-5.4-pro", datetime(2026, 3, 5, tzinfo=UTC)),
+        ("gpt-5-codex", datetime(2025, 9, 15, tzinfo=UTC)),
+        ("gpt-5.3-codex", datetime(2026, 2, 5, tzinfo=UTC)),
+    ):
+        before = response(model, usage, ts=launch - timedelta(seconds=1), provider="openai")
+        assert price(before, catalog).unpriced, model
+        assert not price(response(model, usage, ts=launch, provider="openai"), catalog).unpriced
+    limits = {m: (e.context_window, e.max_output_tokens) for m, e in catalog.models.items()}
+    assert limits["gpt-5.5"] == (1_050_000, 272_000)
+    assert limits["gpt-5.5-pro"] == (1_050_000, 128_000)
+    assert limits["gpt-5.3-codex"] == (400_000, 128_000)
