@@ -1534,3 +1534,39 @@ def test_new_openai_entries_start_at_their_launch(catalog: Catalog) -> None:
     assert limits["gpt-5.5"] == (1_050_000, 272_000)
     assert limits["gpt-5.5-pro"] == (1_050_000, 128_000)
     assert limits["gpt-5.3-codex"] == (400_000, 128_000)
+
+
+# Input, cached input, cache write, output; past 272K prompt tokens x2, x2, x2 and x1.5.
+GPT_5_6 = {
+    "gpt-5.6-sol": ("5.00", "0.50", "6.25", "30.00"),
+    "gpt-5.6-terra": ("2.50", "0.25", "3.125", "15.00"),
+    "gpt-5.6-luna": ("1.00", "0.10", "1.25", "6.00"),
+}
+
+
+@pytest.mark.parametrize("model", list(GPT_5_6))
+def test_gpt_5_6_bills_cache_writes_at_a_quarter_above_input(catalog: Catalog, model: str) -> None:
+    """From GPT-5.6 on OpenAI bills the prompt tokens written to its cache (usage's
+    cache_write_tokens, kept as cache_creation_input_tokens) at 1.25x the input rate;
+    past 272K prompt tokens every rate of the call is the long-context one."""
+    fresh, cached, write, out = (Decimal(r) for r in GPT_5_6[model])
+    usage = Usage(input_tokens=20_000, cached_input_tokens=8_000,
+                  cache_creation_input_tokens=5_000, output_tokens=1_500)  # fmt: skip
+    cost = priced(response(model, usage, provider="openai"), catalog)
+    assert write == fresh * Decimal("1.25")
+    assert cost.input == usd(7_000, fresh)
+    assert cost.cached_input == usd(8_000, cached)
+    assert cost.cache_write == usd(5_000, write)
+    assert cost.output == usd(1_500, out)
+    long = usage.model_copy(update={"input_tokens": 300_000})
+    cost = priced(response(model, long, provider="openai"), catalog)
+    assert cost.input == usd(287_000, 2 * fresh)
+    assert cost.cache_write == usd(5_000, 2 * write)
+    assert cost.output == usd(1_500, out * Decimal("1.5"))
+    assert price(openai_call(model, "priority"), catalog).unpriced  # no tier rates found
+
+
+def test_a_cache_write_on_a_model_before_gpt_5_6_costs_the_input_rate(catalog: Catalog) -> None:
+    usage = Usage(input_tokens=20_000, cache_creation_input_tokens=5_000, output_tokens=10)
+    cost = priced(response("gpt-5.5", usage, provider="openai"), catalog)
+    assert cost.input + cost.cache_write == usd(20_000, Decimal("5.00"))

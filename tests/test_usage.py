@@ -881,3 +881,45 @@ def test_a_responses_stream_s_completed_response_says_the_tier_that_served_it() 
     capture.feed(b"".join(_event(e, b"\n\n") for e in [asked, served]))
     capture.finish()
     assert capture.final_usage.service_tier == "standard"
+
+
+@pytest.mark.parametrize(
+    ("usage", "api"),
+    [
+        (
+            {
+                "prompt_tokens": 18_014,
+                "completion_tokens": 12,
+                "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 18_011},
+            },
+            "chat",
+        ),
+        (
+            {
+                "input_tokens": 18_014,
+                "output_tokens": 12,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 18_011},
+            },
+            "responses",
+        ),
+    ],
+)
+def test_openai_cache_writes_are_cache_creation_tokens(usage: dict[str, Any], api: str) -> None:
+    """GPT-5.6 on: writes are part of the prompt count, as llmtap's input_tokens holds
+    them, and billed apart (at cache_write)."""
+    normalised = openai_usage(usage)
+    assert normalised is not None, api
+    assert (normalised.input_tokens, normalised.cache_creation_input_tokens) == (18_014, 18_011)
+    assert normalised.cached_input_tokens == 0
+
+
+def test_openai_cache_writes_never_exceed_the_prompt_left_after_reads() -> None:
+    normalised = openai_usage(
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 1,
+            "prompt_tokens_details": {"cached_tokens": 70, "cache_write_tokens": 50},
+        }
+    )
+    assert normalised is not None
+    assert (normalised.cached_input_tokens, normalised.cache_creation_input_tokens) == (70, 30)

@@ -11,7 +11,10 @@ from llmtap.events import GEO_PATTERN, GLOBAL_GEO, AdvisorUsage, ServiceTier, Us
 
 
 def openai_usage(usage: Any) -> Usage | None:
-    """Normalise an OpenAI ``usage`` object (chat completions / completions / embeddings)."""
+    """Normalise an OpenAI ``usage`` object (chat completions / completions / embeddings,
+    the Responses API's). Its prompt count includes cache reads (``cached_tokens``) and,
+    from GPT-5.6 on, cache writes (``cache_write_tokens``, billed above the input rate;
+    before GPT-5.6 writes were free and not reported), as llmtap's does."""
     if not isinstance(usage, dict):
         return None
     prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
@@ -23,6 +26,10 @@ def openai_usage(usage: Any) -> Usage | None:
     cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
     if not cached:  # DeepSeek names its cache reads apart
         cached = _int(usage.get("prompt_cache_hit_tokens"))
+    cached = min(cached, prompt)
+    written = (
+        _int(prompt_details.get("cache_write_tokens")) if isinstance(prompt_details, dict) else 0
+    )
     reasoning = (
         _int(completion_details.get("reasoning_tokens"))
         if isinstance(completion_details, dict)
@@ -31,7 +38,8 @@ def openai_usage(usage: Any) -> Usage | None:
     return Usage(
         input_tokens=prompt,
         output_tokens=completion,
-        cached_input_tokens=min(cached, prompt),
+        cached_input_tokens=cached,
+        cache_creation_input_tokens=min(written, prompt - cached),
         reasoning_tokens=min(reasoning, completion),
     )
 
