@@ -1304,6 +1304,21 @@ FLEX = {
     "o3": ("1.00", "0.25", "4.00"),
     "o4-mini": ("0.55", "0.138", "2.20"),
 }
+# (input, cached input, output) USD a million at the standard tier, from stream/pricing.yaml
+# (its comments name the sources). A pro model has no cached-input rate: cache reads are
+# billed as input.
+STANDARD = {
+    "gpt-5.5": ("5.00", "0.50", "30.00"),
+    "gpt-5.5-pro": ("30.00", "30.00", "180.00"),
+    "gpt-5.4-pro": ("30.00", "30.00", "180.00"),
+    "gpt-5.2-pro": ("21.00", "21.00", "168.00"),
+    "gpt-5-codex": ("1.25", "0.125", "10.00"),
+    "gpt-5.1-codex": ("1.25", "0.125", "10.00"),
+    "gpt-5.1-codex-mini": ("0.25", "0.025", "2.00"),
+    "gpt-5.1-codex-max": ("1.25", "0.125", "10.00"),
+    "gpt-5.2-codex": ("1.75", "0.175", "14.00"),
+    "gpt-5.3-codex": ("1.75", "0.175", "14.00"),
+}
 # 20,000 prompt tokens (8,000 of them cache reads), 1,500 output (1,000 reasoning).
 TIERED = Usage(input_tokens=20_000, cached_input_tokens=8_000, output_tokens=1_500,
                reasoning_tokens=1_000)  # fmt: skip
@@ -1313,17 +1328,24 @@ def openai_call(model: str, tier: str, usage: Usage = TIERED) -> ResponseEvent:
     return response(model, usage.model_copy(update={"service_tier": tier}), provider="openai")
 
 
-@pytest.mark.parametrize(("tier", "table"), [("priority", PRIORITY), ("flex", FLEX)])
+@pytest.mark.parametrize(
+    ("tier", "table"), [("priority", PRIORITY), ("flex", FLEX), ("standard", STANDARD)]
+)
 def test_a_call_a_service_tier_served_costs_that_tier_s_rates(
     catalog: Catalog, tier: str, table: dict[str, tuple[str, str, str]]
 ) -> None:
     """Each token at the tier's own rate for the model (priority is no one multiple of
-    the standard rates); the parts of the cost are the same as at standard."""
+    the standard rates); the parts of the cost are the same as at standard. Each model
+    is priced as itself: GPT-5.5, the pro and the codex models were unpriced (cost
+    unknown, a hard cap holding their worst case)."""
     for model, (fresh, cached, out) in table.items():
+        costed = price(openai_call(model, tier), catalog)
+        assert costed.pricing_model == model
         cost = priced(openai_call(model, tier), catalog)
         assert cost.input == usd(12_000, Decimal(fresh)), model
         assert cost.cached_input == usd(8_000, Decimal(cached)), model
-        assert cost.output == usd(1_500, Decimal(out)), model
+        assert cost.output == usd(1_500, Decimal(out)), model  # reasoning included, once
+        assert cost.reasoning == 0, model
         assert cost.total == cost.input + cost.cached_input + cost.output, model
 
 
@@ -1418,36 +1440,6 @@ def test_an_override_keeps_the_tier_rates_it_does_not_name(tmp_path: Path) -> No
 
 # -- OpenAI's GPT-5.5, pro and codex models -------------------------------------------------
 
-# (input, cached input, output) USD a million at the standard tier, from stream/pricing.yaml
-# (its comments name the sources). A pro model has no cached-input rate: cache reads are
-# billed as input.
-STANDARD = {
-    "gpt-5.5": ("5.00", "0.50", "30.00"),
-    "gpt-5.5-pro": ("30.00", "30.00", "180.00"),
-    "gpt-5.4-pro": ("30.00", "30.00", "180.00"),
-    "gpt-5.2-pro": ("21.00", "21.00", "168.00"),
-    "gpt-5-codex": ("1.25", "0.125", "10.00"),
-    "gpt-5.1-codex": ("1.25", "0.125", "10.00"),
-    "gpt-5.1-codex-mini": ("0.25", "0.025", "2.00"),
-    "gpt-5.1-codex-max": ("1.25", "0.125", "10.00"),
-    "gpt-5.2-codex": ("1.75", "0.175", "14.00"),
-    "gpt-5.3-codex": ("1.75", "0.175", "14.00"),
-}
-
-
-@pytest.mark.parametrize("model", sorted(STANDARD))
-def test_gpt_5_5_pro_and_codex_calls_are_priced_not_unpriced(catalog: Catalog, model: str) -> None:
-    """These were unpriced (cost unknown, a hard cap holding their worst case): each token
-    at its own rate, each model priced as itself (not as the GPT-5 it was derived from)."""
-    fresh, cached, out = STANDARD[model]
-    cost = priced(openai_call(model, "standard"), catalog)
-    assert price(openai_call(model, "standard"), catalog).pricing_model == model
-    assert cost.input == usd(12_000, Decimal(fresh)), model
-    assert cost.cached_input == usd(8_000, Decimal(cached)), model
-    assert cost.output == usd(1_500, Decimal(out)), model  # reasoning included, once
-    assert cost.reasoning == 0
-    assert cost.total == cost.input + cost.cached_input + cost.output
-
 
 def test_gpt_5_5_costs_by_hand(catalog: Catalog) -> None:
     """20,000 prompt tokens (8,000 cache reads), 1,500 output, 2 web searches."""
@@ -1459,7 +1451,7 @@ def test_gpt_5_5_costs_by_hand(catalog: Catalog) -> None:
     assert cost.output == Decimal("0.045")  # 1,500 x 30.00
     assert cost.web_search == Decimal("0.02")  # 2 x 10.00 / 1,000
     assert cost.total == Decimal("0.129")
-    # the same call as gpt-5 (the family it used to be mistaken for) costs far less
+    # the same call at gpt-5's rates costs far less
     gpt_5 = priced(openai_call("gpt-5", "standard"), catalog)
     assert gpt_5.total == Decimal("0.031")  # 12,000 x 1.25 + 8,000 x 0.125 + 1,500 x 10.00
 
