@@ -16,7 +16,9 @@ from llmtap.names import Names
 from stream.agents.stage import Fetched, GroupStage, group_consumer
 from tests.conftest import Broker
 
-SESSION_S = 1.0
+# Long enough that a loaded CI machine (2 shared cores, the whole suite in one
+# process) does not miss it between two heartbeats: at 1 s it did, once.
+SESSION_S = 3.0
 
 
 class SlowTakeover(GroupStage):
