@@ -289,6 +289,15 @@ async def users(request: web.Request) -> web.Response:
     return json_response({"range": filters.range, **paged, "data": rows})
 
 
+def seen_as(scope: Scope, filters: Filters) -> Scope:
+    """Whose alerts and budgets a caller of ``scope`` asking ``filters`` sees: its own; an
+    admin naming a tenant, what a key of that tenant (bound to no team or user) sees: its
+    tenant's spikes, its budgets and their alerts."""
+    if scope.tenant is None and filters.tenant is not None:
+        return Scope(tenant=filters.tenant)
+    return scope
+
+
 def alert_scope(scope: Scope) -> tuple[dict[str, Any], dict[str, Any]]:
     """How ``analytics_alerts.sql`` confines a caller of ``scope`` to its own alerts: the
     query's structure and the values it binds for it (none for an admin)."""
@@ -312,11 +321,7 @@ async def alerts(request: web.Request) -> web.Response:
         "rule": query.text("rule"),
     }
     page = query.page()
-    scope = request[CALLER].scope
-    if scope.tenant is None and filters.tenant is not None:
-        # An admin naming a tenant sees what a key of that tenant (bound to no team or
-        # user) sees: its tenant's spikes and the budget alerts of its budgets.
-        scope = Scope(tenant=filters.tenant)
+    scope = seen_as(request[CALLER].scope, filters)
     active = {name: value for name, value in chosen.items() if value is not None}
     structure, confined = alert_scope(scope)
     sql = render("analytics_alerts", alert_filters=frozenset(active), **structure)

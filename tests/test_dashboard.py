@@ -25,6 +25,7 @@ from typing import Any, Literal
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from markupsafe import escape
 
 from ingress.guards.keys import create_key, revoke_key
 from llmtap.config import BudgetConfig, Settings
@@ -600,6 +601,41 @@ async def test_a_virtual_key_sees_its_own_share(
     assert users_on(body) <= {c.user for c in mine}
     if not budgets:
         assert "No budget applies to this key." in body
+
+
+@pytest.mark.parametrize(
+    ("tenant", "budgets", "alerts"),
+    [
+        ("acme", {"acme", "search", "summarize"}, 2),  # its spike and its budget alert
+        ("globex", {"globex"}, 1),  # its spike; not acme's, nor the tenantless team spike
+    ],
+)
+async def test_an_admin_asking_for_a_tenant_sees_its_budgets_and_alerts_alone(
+    dash: Dash, tenant: str, budgets: set[str], alerts: int
+) -> None:
+    """What a key of the tenant sees: the budgets it may see, and the alerts GET
+    /analytics/alerts answers an admin naming that tenant."""
+    await dash.login(ADMIN_KEY)
+    body = await dash.page(tenant=tenant)
+    shown = {b.name.rsplit("-", 1)[1] for b in dash.budgets if b.name in body}
+    assert shown == budgets
+    assert body.count('<tr class="alert') == alerts
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with dash.client.get(
+        "/api/v1/analytics/alerts", params={"tenant": tenant}, headers=headers
+    ) as response:
+        assert response.status == 200
+        answered = (await response.json())["data"]
+    assert len(answered) == alerts
+    assert all(str(escape(a["message"])) in body for a in answered)
+    assert "budgets and alerts by tenant only" in body
+    # The same page of the tenant's own key: the same budgets and alerts.
+    await dash.login(dash.keys[tenant])
+    own = await dash.page()
+    assert {b.name for b in dash.budgets if b.name in own} == {
+        b.name for b in dash.budgets if b.name in body
+    }
+    assert own.count('<tr class="alert') == alerts
 
 
 async def test_a_budget_name_once_anothers_shows_none_of_its_alerts(

@@ -27,7 +27,15 @@ from yarl import URL
 from llmtap.config import Settings
 from llmtap.events import BudgetState, utcnow
 from sql.admission import ADMISSION, TooMany
-from sql.analytics import KEPT, STORE, alert_scope, rolling_windows, select, store_problem
+from sql.analytics import (
+    KEPT,
+    STORE,
+    alert_scope,
+    rolling_windows,
+    seen_as,
+    select,
+    store_problem,
+)
 from sql.auth import AUTH, Caller, Unauthorized
 from sql.budgets import BUDGET_BOOK, RESERVATION_BOOK, BudgetRow, alert_keys, budget_rows
 from sql.dashboard import charts
@@ -50,6 +58,7 @@ from sql.params import (
     Filters,
     Kept,
     Query,
+    Scope,
 )
 from sql.store import Store, render
 
@@ -142,6 +151,7 @@ class Page:
     budgets: list[BudgetRow]
     budgets_configured: bool
     alerts: list[AlertRow]
+    tenant_only: bool  # an admin's page of one tenant: its budgets and alerts alone
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -216,13 +226,14 @@ def cost_chart(
 
 
 async def gather(
-    store: Store, filters: Filters, caller: Caller, budgets: Sequence[BudgetRow], kept: Kept
+    store: Store, filters: Filters, seen: Scope, budgets: Sequence[BudgetRow], kept: Kept
 ) -> list[list[dict[str, Any]]]:
     """Every query the page needs, in the order :func:`build` unpacks them (the embedded
-    store runs them one at a time; a ClickHouse server at once)."""
+    store runs them one at a time; a ClickHouse server at once). The alerts are those
+    ``seen`` sees (:func:`sql.analytics.seen_as`)."""
     scan, windows, _ = rolling_windows(filters, kept)  # as GET /analytics/models reads
     minutes = RANGES[filters.range].total_seconds() / 60
-    structure, confined = alert_scope(caller.scope)
+    structure, confined = alert_scope(seen)
     # As GET /analytics/alerts asks it, with no optional filter.
     alerts = render("analytics_alerts", alert_filters=frozenset(), **structure)
     queries: list[Coroutine[Any, Any, list[dict[str, Any]]]] = [
@@ -275,10 +286,13 @@ async def build(
     states: Mapping[str, BudgetState],
     reserved: Mapping[str, Decimal] | None = None,
 ) -> Page:
-    budgets = budget_rows(settings.budgets, states, caller.scope, filters.until, reserved)
+    # An admin's page of one tenant: what a key of that tenant sees, as GET
+    # /analytics/alerts with that tenant answers.
+    seen = seen_as(caller.scope, filters)
+    budgets = budget_rows(settings.budgets, states, seen, filters.until, reserved)
     kept = Kept(settings.raw_retention_days, settings.rollup_retention_days)
     usage, performance, series, models, users, teams, features, alerts = await gather(
-        store, filters, caller, budgets, kept
+        store, filters, seen, budgets, kept
     )
     granularity = DEFAULT_GRANULARITY[filters.range]
     total = usage[0]
@@ -303,6 +317,7 @@ async def build(
         budgets=budgets,
         budgets_configured=bool(settings.budgets),
         alerts=[AlertRow.of(r) for r in alerts],
+        tenant_only=seen != caller.scope,
     )
 
 
