@@ -217,12 +217,13 @@ def test_a_dead_letter_at_an_offset_given_again_is_stored_too(store: Store) -> N
     ]
 
 
-@pytest.mark.parametrize("amount", ["NaN", "-Infinity", "1234567890.5"])
-def test_a_cost_calls_cannot_hold_is_a_dead_letter(store: Store, amount: str) -> None:
+@pytest.mark.parametrize("field", ["total", "input", "web_search"])
+@pytest.mark.parametrize("amount", ["NaN", "sNaN", "-Infinity", "1234567890.5", "-1E+9"])
+def test_a_cost_calls_cannot_hold_is_a_dead_letter(store: Store, amount: str, field: str) -> None:
     """Past Decimal(18, 9), or no number at all: ClickHouse stored NULL, a call neither
     priced nor said to be unpriced, and no error said so."""
     event = orjson.loads(costed().model_dump_json())
-    event["cost"]["total"] = amount
+    event["cost"][field] = amount
     records = [(Names().costed, 0, 0, orjson.dumps(event))]
     batch = decode_batch(records, calls_types(store))
     assert [d.offset for d in batch.dead_letters] == [0], batch.dead_letters

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from llmtap import wire
@@ -74,8 +74,7 @@ def from_ticks(ms: int) -> datetime:
     return EPOCH + ms * MILLISECOND
 
 
-def _money(value: Decimal) -> str:
-    return str(value)  # exact: sent as this text, parsed by ClickHouse (write.calls_types)
+NO_COST = (None,) * 7  # an unpriced call's money columns
 
 
 def call_row(event: Costed) -> tuple[Any, ...]:
@@ -83,11 +82,25 @@ def call_row(event: Costed) -> tuple[Any, ...]:
     encoder takes without converting them again (sql/native.py), and cheap to pickle
     (a UUID or a Decimal costs ~10x a str to pickle). The event id as its str (the
     duplicate check binds it so), the request id as its int, times as :func:`ticks`,
-    money as the str of its Decimal."""
+    money as the str of its Decimal (sent as this text, parsed by ClickHouse: exact,
+    write.calls_types)."""
     r = event.response
     a = r.attribution
     u = r.usage
     c = event.cost
+    money = (
+        NO_COST
+        if c is None
+        else (
+            str(c.input),
+            str(c.cached_input),
+            str(c.cache_write),
+            str(c.output),
+            str(c.reasoning),
+            str(c.web_search),
+            str(c.total),
+        )
+    )
     return (
         str(event.event_id),
         r.request_id.int,
@@ -123,13 +136,7 @@ def call_row(event: Costed) -> tuple[Any, ...]:
         r.latency_ms,
         r.ttft_ms,
         r.proxy_overhead_ms,
-        None if c is None else _money(c.input),
-        None if c is None else _money(c.cached_input),
-        None if c is None else _money(c.cache_write),
-        None if c is None else _money(c.output),
-        None if c is None else _money(c.reasoning),
-        None if c is None else _money(c.web_search),
-        None if c is None else _money(c.total),
+        *money,
         event.unpriced,
         event.pricing_model,
     )
@@ -167,10 +174,23 @@ def unstorable(event: Costed) -> str:
     )
     if most > UINT32_MAX:
         return f"a token or search count of {most} is more than calls holds (UInt32)"
-    if event.cost is not None:
-        c = event.cost
-        amounts = (c.input, c.cached_input, c.cache_write, c.output, c.reasoning, c.total)
-        for amount in (*amounts, c.web_search):
+    c = event.cost
+    if c is not None:
+        amounts = (
+            c.input,
+            c.cached_input,
+            c.cache_write,
+            c.output,
+            c.reasoning,
+            c.total,
+            c.web_search,
+        )
+        try:  # the usual case, every amount finite and within: two loops in C
+            if -MONEY_LIMIT < min(amounts) and max(amounts) < MONEY_LIMIT:
+                return ""
+        except InvalidOperation:  # a NaN compared (the default context traps it)
+            pass
+        for amount in amounts:  # which one, and why
             if problem := _unstorable_money(amount):
                 return f"cost: {problem}"
     return ""
