@@ -380,6 +380,12 @@ PARAMETER_OF: dict[tuple[str, str], Schema] = {
         "budgets' alerts; absent or empty: every alert the key sees (a virtual key: its "
         "own tenant only, else 403)",
     },
+    ("budgets", "tenant"): {
+        "schema": STRING,
+        "description": "the budgets a key of this tenant (bound to no team or user) sees; "
+        "absent or empty: every budget the key sees (a virtual key: its own tenant only, "
+        "else 403)",
+    },
     ("alerts", "limit"): {
         "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
         "description": "how many alerts, newest first",
@@ -440,9 +446,8 @@ def _analytics(endpoint: str) -> Schema:
             "content": {"application/json": {"schema": _answer(endpoint)}},
         },
         **ERRORS,
+        "403": _error("a filter outside the key's tenant, team or user"),
     }
-    if endpoint != "budgets":  # it takes no tenant, team or user filter
-        responses["403"] = _error("a filter outside the key's tenant, team or user")
     return {
         "get": {
             "operationId": f"analytics_{endpoint}",

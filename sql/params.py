@@ -58,9 +58,9 @@ EXTRA: dict[str, tuple[str, ...]] = {
     "alerts": ("alert_type", "state", "severity", "rule", "limit", "offset"),
     "budgets": (),
 }
-# Alerts are not calls: of the common parameters they take the range only. Budgets are
-# their current state: no parameter at all.
-COMMON_OF: dict[str, tuple[str, ...]] = {"alerts": ("range", "tenant"), "budgets": ()}
+# Alerts are not calls: of the common parameters they take the range and the tenant
+# only. Budgets are their current state: no range; the tenant alone.
+COMMON_OF: dict[str, tuple[str, ...]] = {"alerts": ("range", "tenant"), "budgets": ("tenant",)}
 
 
 def parameters(endpoint: str) -> tuple[str, ...]:

@@ -629,6 +629,13 @@ async def test_an_admin_asking_for_a_tenant_sees_its_budgets_and_alerts_alone(
     assert len(answered) == alerts
     assert all(str(escape(a["message"])) in body for a in answered)
     assert "budgets and alerts by tenant only" in body
+    # The budgets GET /analytics/budgets answers an admin naming that tenant.
+    async with dash.client.get(
+        "/api/v1/analytics/budgets", params={"tenant": tenant}, headers=headers
+    ) as response:
+        assert response.status == 200
+        listed = {row["budget"] for row in (await response.json())["data"]}
+    assert listed == {b.name for b in dash.budgets if b.name in body}
     # The same page of the tenant's own key: the same budgets and alerts.
     await dash.login(dash.keys[tenant])
     own = await dash.page()
@@ -636,6 +643,20 @@ async def test_an_admin_asking_for_a_tenant_sees_its_budgets_and_alerts_alone(
         b.name for b in dash.budgets if b.name in body
     }
     assert own.count('<tr class="alert') == alerts
+
+
+async def test_an_admin_s_page_of_a_tenant_without_budgets_says_so_of_the_tenant(
+    dash: Dash,
+) -> None:
+    """Budgets are configured, none on initech: its page says none applies to the tenant
+    (not to the key: an admin's sees every budget); a key's own page says the key."""
+    await dash.login(ADMIN_KEY)
+    body = await dash.page(tenant="initech")
+    assert not any(b.name in body for b in dash.budgets)
+    assert "No budget applies to this tenant." in body
+    assert "No budget applies to this key." not in body
+    await dash.login(dash.keys["acme_alice"])
+    assert "No budget applies to this key." in await dash.page()
 
 
 async def test_a_budget_name_once_anothers_shows_none_of_its_alerts(

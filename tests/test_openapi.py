@@ -68,11 +68,18 @@ def test_every_endpoint_is_documented_with_its_parameters() -> None:
         operation = doc["paths"][f"/api/v1/analytics/{name}"]["get"]
         documented = [p["name"] for p in operation["parameters"]]
         assert documented == list(params.parameters(name)), name
-        # Every endpoint over calls, and alerts, may be narrowed to a tenant; budgets not.
-        assert ("tenant" in documented) == (name != "budgets"), name
+        # Every endpoint may be narrowed to a tenant: those over calls, alerts and budgets.
+        assert "tenant" in documented, name
         assert {"200", "400", "401"} <= set(operation["responses"])
-        # A 403 is a tenant, team or user filter outside the key's: budgets take none.
-        assert ("403" in operation["responses"]) == (name != "budgets"), name
+        # A 403 is a tenant, team or user filter outside the key's.
+        assert "403" in operation["responses"], name
+    budgets = doc["paths"]["/api/v1/analytics/budgets"]["get"]["parameters"]
+    alerts = doc["paths"]["/api/v1/analytics/alerts"]["get"]["parameters"]
+    [tenant] = [p for p in budgets if p["name"] == "tenant"]
+    [like] = [p for p in alerts if p["name"] == "tenant"]
+    assert {**tenant, "description": ""} == {**like, "description": ""}  # as alerts' is
+    assert "budgets a key of this tenant" in tenant["description"]
+    assert "else 403" in tenant["description"]
     assert set(doc["paths"]["/api/v1/sql"]["post"]["responses"]) >= {"200", "400", "401", "403"}
 
 
