@@ -43,6 +43,9 @@ def openai_error(
     )
 
 
+# Anthropic's error types by status (docs.anthropic.com/en/api/errors). Its
+# invalid_request_error also stands for the 4xx it lists no type of (405, 415 here);
+# api_error is its type for a server error, never for the client's own.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -50,8 +53,6 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
-    502: "api_error",
-    504: "api_error",
 }
 
 
@@ -71,10 +72,10 @@ def anthropic_error(
     del code
     if param and param not in message:
         message = f"{param}: {message}"
-    body = {
-        "type": "error",
-        "error": {"type": type_ or _ANTHROPIC_TYPES.get(status, "api_error"), "message": message},
-    }
+    kind = type_ or _ANTHROPIC_TYPES.get(
+        status, "invalid_request_error" if status < 500 else "api_error"
+    )
+    body = {"type": "error", "error": {"type": kind, "message": message}}
     return web.Response(
         status=status,
         body=orjson.dumps(body),

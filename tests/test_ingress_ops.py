@@ -24,6 +24,7 @@ from openai import AsyncOpenAI
 from yarl import URL
 
 from ingress.app import create_app
+from ingress.errors import anthropic_error, openai_error
 from ingress.forward import tokens
 from ingress.guards.keys import create_key, read_keys
 from llmtap.config import ProviderConfig, Settings
@@ -362,7 +363,11 @@ async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
             async with session.get(f"{base}/v1/messages") as response:
                 assert response.status == 405 and "POST" in response.headers["Allow"]
                 refused = await response.json()
-                assert refused["type"] == "error" and refused["error"]["type"] == "api_error"
+                # Anthropic's type for a client's error, not api_error (its server's).
+                assert refused["error"] == {
+                    "type": "invalid_request_error",
+                    "message": "Method GET not allowed on /v1/messages",
+                }
             async with session.post(f"{base}/v1/messages/batches", json={}) as response:
                 assert response.status == 404
                 assert (await response.json())["error"]["type"] == "not_found_error"
@@ -394,6 +399,20 @@ async def test_unknown_routes_and_oversized_bodies_are_refused_and_recorded(
                     error["code"] == "unsupported_encoding" and "uncompressed" in error["message"]
                 )
                 compressed = response.headers["x-request-id"]
+            for path in ("/v1/messages", "/v1/messages/count_tokens"):  # metered, free
+                async with session.post(
+                    f"{base}{path}",
+                    data=gzip.compress(b"{}"),
+                    headers={
+                        "x-api-key": "anything",
+                        "Content-Type": "application/json",
+                        "Content-Encoding": "gzip",
+                    },
+                ) as response:
+                    assert response.status == 415, path
+                    refused = await response.json()
+                    assert refused["type"] == "error", path
+                    assert refused["error"]["type"] == "invalid_request_error", path
     finally:
         await server.close()
     assert len(upstream.provider.received) == before
@@ -1047,3 +1066,30 @@ async def test_a_key_of_some_models_names_one_on_a_free_route(
         (400, "model"),
         (403, "model"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (405, "invalid_request_error"),
+        (413, "request_too_large"),
+        (415, "invalid_request_error"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (503, "api_error"),
+        (504, "api_error"),
+    ],
+)
+def test_each_status_llmtap_answers_has_anthropic_s_type_for_it(status: int, kind: str) -> None:
+    """Anthropic's documented types (docs.anthropic.com/en/api/errors): a client's error
+    is never api_error, Anthropic's type for its own failures."""
+    body = orjson.loads(anthropic_error(status, "m").body)  # type: ignore[arg-type]
+    assert body == {"type": "error", "error": {"type": kind, "message": "m"}}
+    assert orjson.loads(openai_error(status, "m").body)["error"]["type"] == (  # type: ignore[arg-type]
+        "invalid_request_error" if status < 500 else "api_error"
+    )
