@@ -239,7 +239,14 @@ async def tcp_reachable(url: str) -> bool:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[provider_shaped_errors]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[provider_shaped_errors],
+        # Request bodies are not inflated by aiohttp's parser: a compressed one is refused
+        # (415) by the route, whatever its encoding. Inflating it, the parser answered
+        # one it has no decoder for (br without Brotli) with its own plain 400 before
+        # any route, and broke the connection over an invalid gzip or deflate body
+        # (logged as an unhandled exception), after the route had answered its 415.
+        handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
     app[GRACE_OVER] = asyncio.Event()

@@ -1093,3 +1093,65 @@ def test_each_status_llmtap_answers_has_anthropic_s_type_for_it(status: int, kin
     assert orjson.loads(openai_error(status, "m").body)["error"]["type"] == (  # type: ignore[arg-type]
         "invalid_request_error" if status < 500 else "api_error"
     )
+
+
+async def test_every_content_encoding_is_refused_in_the_route_s_shape_and_recorded(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever the encoding, and whether or not the body is valid in it, the route
+    answers its 415 and records it; nothing is logged as an error. aiohttp's parser
+    inflated bodies before: br (no Brotli installed) was its own plain-text 400 with no
+    x-request-id, before any route, unrecorded; an invalid gzip or deflate body got its
+    415, then an "Unhandled exception" traceback as aiohttp read the rest."""
+    server = await serve_ingress(ingress_settings.model_copy(update={"auth": "passthrough"}))
+    base = str(server.make_url("")).rstrip("/")
+    before = len(upstream.provider.received)
+    bodies = {
+        "br": b"\x1b\x01\x00\xf8\xa5@\x02{}",
+        "zstd": b"not zstd",
+        "gzip": b"not gzip",
+        "deflate": b"not deflate",
+        "x-llmtap-unknown": b"{}",
+    }
+    refused: dict[str, str] = {}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for encoding, body in bodies.items():
+                for path in ("/v1/chat/completions", "/v1/messages"):
+                    async with session.post(
+                        f"{base}{path}",
+                        data=body,
+                        headers={
+                            "Authorization": "Bearer anything",
+                            "x-api-key": "anything",
+                            "Content-Type": "application/json",
+                            "Content-Encoding": encoding,
+                        },
+                    ) as response:
+                        assert response.status == 415, (encoding, path)
+                        answer = await response.json()
+                        if path == "/v1/messages":
+                            assert answer["error"]["type"] == "invalid_request_error"
+                        else:
+                            assert answer["error"]["code"] == "unsupported_encoding"
+                        assert "uncompressed" in answer["error"]["message"]
+                        refused[f"{encoding} {path}"] = response.headers["x-request-id"]
+        for request_id in refused.values():
+            event = await response_event(broker.bootstrap, request_id)
+            assert (event.status, event.http_status, event.error_class) == (
+                "bad_request",
+                415,
+                "unsupported_encoding",
+            )
+    finally:
+        await server.close()
+    assert len(upstream.provider.received) == before
+    assert not [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+        and (_in_ingress(r) or "content-encoding" in str(r.exc_info and r.exc_info[1]))
+    ]
