@@ -25,6 +25,7 @@ from ingress.forward.endpoint import Endpoint, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
+from ingress.guards.fields import stream_malformed
 from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
 from ingress.routing import NoRoute, Route, resolve
@@ -148,6 +149,13 @@ class Admission:
         if not isinstance(model, str) or not model:
             return refuse(400, "you must provide a model parameter", "missing_model", "model")
         call.model_requested = model
+        malformed = stream_malformed(payload) or (
+            endpoint.prepared_fields(payload) if endpoint.prepared_fields else None
+        )
+        if malformed is not None:
+            return refuse(
+                400, malformed.message, malformed.error_class, malformed.param, malformed.code
+            )
         call.stream = payload.get("stream") is True
         try:
             check_model(identity, model)

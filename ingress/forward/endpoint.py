@@ -15,6 +15,7 @@ from ingress.errors import ErrorShape
 from ingress.forward.call import NO_CREDENTIAL
 from ingress.forward.capture import Capture, StreamCapture
 from ingress.guards.auth import Identity, Refusal
+from ingress.guards.fields import Malformed
 from llmtap.config import ApiKind, ProviderConfig
 
 
@@ -38,6 +39,9 @@ class Endpoint:
     # Adjust the payload before forwarding; return True when the proxy added a usage
     # chunk to the stream that the client must not see.
     prepare: Callable[[dict[str, Any]], bool] | None = None
+    # What the body must hold for prepare to read it right (a malformed value it would
+    # replace): refused when malformed, whether or not prepare runs.
+    prepared_fields: Callable[[dict[str, Any]], Malformed | None] | None = None
     # The body field whose list items the provider answers apart, each a prompt of its
     # own (ingress/guards/bounds.py: prompts).
     batched: str | None = None

@@ -11,6 +11,7 @@ from ingress.forward import unmetered
 from ingress.forward.capture import OpenAIJsonCapture, OpenAIStreamCapture
 from ingress.forward.endpoint import Api, Endpoint
 from ingress.forward.proxy import metered
+from ingress.guards.fields import stream_options_malformed
 
 OPENAI = Api(
     kind="openai",
@@ -23,7 +24,8 @@ OPENAI = Api(
 
 
 def ask_for_usage(payload: dict[str, Any]) -> bool:
-    """Ask for the final usage chunk if the client did not; True if we added it."""
+    """Ask for the final usage chunk if the client did not; True if we added it. A
+    malformed ``stream_options`` was refused before (stream_options_malformed)."""
     options = payload.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return False
@@ -34,9 +36,20 @@ def ask_for_usage(payload: dict[str, Any]) -> bool:
     return True
 
 
-CHAT = Endpoint("chat.completions", OPENAI, "/chat/completions", prepare=ask_for_usage)
+CHAT = Endpoint(
+    "chat.completions",
+    OPENAI,
+    "/chat/completions",
+    prepare=ask_for_usage,
+    prepared_fields=stream_options_malformed,
+)
 COMPLETIONS = Endpoint(
-    "completions", OPENAI, "/completions", prepare=ask_for_usage, batched="prompt"
+    "completions",
+    OPENAI,
+    "/completions",
+    prepare=ask_for_usage,
+    prepared_fields=stream_options_malformed,
+    batched="prompt",
 )
 EMBEDDINGS = Endpoint("embeddings", OPENAI, "/embeddings", batched="input")
 # The Responses API reports usage in its response.completed event, unasked.

@@ -1,0 +1,193 @@
+"""The body fields llmtap reads or rewrites (ingress/guards/fields.py): a malformed one is
+refused in its provider's shape, naming it, before the provider is asked, and recorded;
+through the ingress itself, driven by the official SDKs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from openai.types.chat import ChatCompletionMessageParam
+
+from llmtap.config import Settings
+from llmtap.events import ResponseEvent
+from llmtap.names import Names
+from tests.conftest import Broker, FakeUpstream
+from tests.test_ingress_ops import make_key
+
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+async def secret(ingress: str, ingress_settings: Settings) -> str:
+    return await make_key(ingress, ingress_settings.key_file)
+
+
+@pytest.fixture
+async def openai_client(ingress: str, secret: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=f"{ingress}/v1", api_key=secret, max_retries=0
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def anthropic_client(ingress: str, secret: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic.AsyncAnthropic(base_url=ingress, api_key=secret, max_retries=0) as client:
+        yield client
+
+
+async def response_events(bootstrap: str, request_ids: set[str]) -> dict[str, ResponseEvent]:
+    """The response events of these calls, read from the start of llmtap.responses."""
+    found: dict[str, ResponseEvent] = {}
+    consumer = AIOKafkaConsumer(
+        Names().responses, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        async with asyncio.timeout(30):
+            while len(found) < len(request_ids):
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        assert record.value is not None
+                        if orjson.loads(record.value)["request_id"] in request_ids:
+                            event = ResponseEvent.model_validate_json(record.value)
+                            found[str(event.request_id)] = event
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def refused_chat(client: openai.AsyncOpenAI, **body: Any) -> openai.BadRequestError:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, extra_body=body, timeout=10
+        )
+    return refused.value
+
+
+@pytest.mark.parametrize("stream", ["true", 1, 0, "false", {}, []])
+async def test_a_stream_that_is_not_a_boolean_is_refused_and_recorded(
+    openai_client: openai.AsyncOpenAI, upstream: FakeUpstream, broker: Broker, stream: Any
+) -> None:
+    """A lenient provider streams a "stream": "true" (the fake one does): llmtap read it
+    as no stream, did not ask for the usage chunk and recorded the call unmetered."""
+    before = len(upstream.provider.received)
+    error = await refused_chat(openai_client, stream=stream)
+    assert (error.param, error.code, error.type) == (
+        "stream",
+        "invalid_type",
+        "invalid_request_error",
+    )
+    assert "'stream'" in error.message and "expected a boolean" in error.message
+    assert len(upstream.provider.received) == before  # never sent
+    request_id = error.response.headers["x-request-id"]
+    event = (await response_events(broker.bootstrap, {request_id}))[request_id]
+    assert (event.status, event.http_status, event.error_class) == (
+        "bad_request",
+        400,
+        "invalid_stream",
+    )
+    assert event.model_requested == "gpt-4o"
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ("yes", "stream_options"),
+        (["include_usage"], "stream_options"),
+        (True, "stream_options"),
+        ({"include_usage": "true"}, "stream_options.include_usage"),
+        ({"include_usage": 1}, "stream_options.include_usage"),
+    ],
+)
+async def test_malformed_stream_options_are_refused_not_replaced(
+    openai_client: openai.AsyncOpenAI,
+    upstream: FakeUpstream,
+    broker: Broker,
+    options: Any,
+    param: str,
+) -> None:
+    """llmtap replaced them with {"include_usage": true}: a call that fails sent direct
+    succeeded through it. Now refused, on both routes whose streams it asks for usage."""
+    before = len(upstream.provider.received)
+    ids = set()
+    chat = await refused_chat(openai_client, stream=True, stream_options=options)
+    with pytest.raises(openai.BadRequestError) as completion:
+        await openai_client.completions.create(
+            model="gpt-3.5-turbo-instruct",
+            prompt="hi",
+            extra_body={"stream": True, "stream_options": options},
+            timeout=10,
+        )
+    for error in (chat, completion.value):
+        assert (error.param, error.code) == (param, "invalid_type")
+        assert f"'{param}'" in error.message
+        ids.add(error.response.headers["x-request-id"])
+    assert len(upstream.provider.received) == before
+    events = await response_events(broker.bootstrap, ids)
+    assert {(e.status, e.http_status, e.error_class) for e in events.values()} == {
+        ("bad_request", 400, "invalid_stream_options")
+    }
+
+
+async def test_null_stream_and_stream_options_are_absent_ones(
+    openai_client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    fake = upstream.provider
+    answer = await openai_client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, extra_body={"stream": None}, timeout=10
+    )
+    assert answer.usage is not None and answer.usage.prompt_tokens == fake.prompt_tokens
+    stream = await openai_client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        stream=True,
+        extra_body={"stream_options": {"include_usage": None}},
+        timeout=10,
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks and all(chunk.usage is None for chunk in chunks)  # llmtap's, stripped
+    assert fake.received[-1].body["stream_options"] == {"include_usage": True}
+
+
+async def test_the_responses_and_messages_routes_refuse_a_stream_that_is_not_a_boolean(
+    openai_client: openai.AsyncOpenAI,
+    anthropic_client: anthropic.AsyncAnthropic,
+    upstream: FakeUpstream,
+    broker: Broker,
+) -> None:
+    before = len(upstream.provider.received)
+    with pytest.raises(openai.BadRequestError) as responses:
+        await openai_client.responses.create(
+            model="gpt-4.1", input="hi", extra_body={"stream": "true"}, timeout=10
+        )
+    assert (responses.value.param, responses.value.code) == ("stream", "invalid_type")
+    with pytest.raises(anthropic.BadRequestError) as messages:
+        await anthropic_client.messages.create(
+            model="claude-3-5-haiku",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"stream": 1},
+            timeout=10,
+        )
+    body = messages.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "'stream'" in body["error"]["message"]
+    assert len(upstream.provider.received) == before
+    ids = {
+        responses.value.response.headers["x-request-id"],
+        messages.value.response.headers["x-request-id"],
+    }
+    events = await response_events(broker.bootstrap, ids)
+    assert {(e.endpoint, e.status, e.error_class) for e in events.values()} == {
+        ("responses", "bad_request", "invalid_stream"),
+        ("messages", "bad_request", "invalid_stream"),
+    }
