@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import orjson
@@ -15,6 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from openai.types.chat import ChatCompletionMessageParam
 
+from ingress.guards.fields import MAX_MODEL_CHARS, MAX_USER_CHARS
 from llmtap.config import Settings
 from llmtap.events import ResponseEvent
 from llmtap.names import Names
@@ -64,10 +66,12 @@ async def response_events(bootstrap: str, request_ids: set[str]) -> dict[str, Re
     return found
 
 
-async def refused_chat(client: openai.AsyncOpenAI, **body: Any) -> openai.BadRequestError:
+async def refused_chat(
+    client: openai.AsyncOpenAI, model: str = "gpt-4o", **body: Any
+) -> openai.BadRequestError:
     with pytest.raises(openai.BadRequestError) as refused:
         await client.chat.completions.create(
-            model="gpt-4o", messages=MESSAGES, extra_body=body, timeout=10
+            model=model, messages=MESSAGES, extra_body=body, timeout=10
         )
     return refused.value
 
@@ -191,3 +195,92 @@ async def test_the_responses_and_messages_routes_refuse_a_stream_that_is_not_a_b
         ("responses", "bad_request", "invalid_stream"),
         ("messages", "bad_request", "invalid_stream"),
     }
+
+
+async def healthz(ingress: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"{ingress}/healthz") as response:
+        health: dict[str, Any] = await response.json()
+        return health
+
+
+async def test_a_model_or_user_too_long_for_an_event_is_refused_and_recorded(
+    ingress: str,
+    secret: str,
+    openai_client: openai.AsyncOpenAI,
+    anthropic_client: anthropic.AsyncAnthropic,
+    upstream: FakeUpstream,
+    broker: Broker,
+) -> None:
+    """Each was copied whole into the call's events (the body may hold 32 MiB): an event
+    over the broker's 1 MiB was dropped, the call (forwarded) never recorded."""
+    before = len(upstream.provider.received)
+    huge_model = "gpt-4o-" + "m" * 2_000_000
+    model = await refused_chat(openai_client, model=huge_model)
+    assert (model.param, model.code) == ("model", "string_above_max_length")
+    assert f"maximum length {MAX_MODEL_CHARS}, but got a string with length 2000007" in (
+        model.message
+    )
+    with pytest.raises(openai.BadRequestError) as user:
+        await openai_client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, user="u" * 2_000_000, timeout=10
+        )
+    assert (user.value.param, user.value.code) == ("user", "string_above_max_length")
+    assert f"maximum length {MAX_USER_CHARS}," in user.value.message
+    with pytest.raises(anthropic.BadRequestError) as messages:
+        await anthropic_client.messages.create(
+            model="claude-" + "m" * 2_000_000,
+            max_tokens=10,
+            messages=[{"role": "user", "content": "hi"}],
+            timeout=10,
+        )
+    body = messages.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert "'model'" in body["error"]["message"]
+    # A valid key's false claim is refused before the body is judged; still recorded.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{ingress}/v1/chat/completions",
+            json={"model": huge_model, "messages": MESSAGES},
+            headers={"Authorization": f"Bearer {secret}", "x-llmtap-tenant": "globex"},
+        ) as claimed,
+    ):
+        assert claimed.status == 403
+        claim_id = claimed.headers["x-request-id"]
+    assert len(upstream.provider.received) == before  # none was sent
+
+    ids = {
+        model.response.headers["x-request-id"]: ("model_too_long", huge_model[:MAX_MODEL_CHARS]),
+        user.value.response.headers["x-request-id"]: ("user_too_long", "gpt-4o"),
+        messages.value.response.headers["x-request-id"]: (
+            "model_too_long",
+            ("claude-" + "m" * 2_000_000)[:MAX_MODEL_CHARS],
+        ),
+    }
+    events = await response_events(broker.bootstrap, {*ids, claim_id})
+    for request_id, (error_class, recorded) in ids.items():
+        event = events[request_id]
+        assert (event.status, event.http_status, event.error_class) == (
+            "bad_request",
+            400,
+            error_class,
+        )
+        assert event.model_requested == recorded
+        assert event.attribution.user == ""
+    assert events[claim_id].model_requested == huge_model[:MAX_MODEL_CHARS]
+    assert events[claim_id].attribution.tenant == "acme"
+    assert (await healthz(ingress))["events_dropped"] == 0
+
+
+async def test_a_model_and_a_user_at_their_bounds_are_forwarded_and_recorded(
+    openai_client: openai.AsyncOpenAI, upstream: FakeUpstream, broker: Broker
+) -> None:
+    model, user = "gpt-4o-" + "m" * (MAX_MODEL_CHARS - 7), "u" * MAX_USER_CHARS
+    raw = await openai_client.chat.completions.with_raw_response.create(
+        model=model, messages=MESSAGES, user=user, timeout=10
+    )
+    assert raw.status_code == 200
+    assert (upstream.provider.received[-1].body["model"], len(model)) == (model, MAX_MODEL_CHARS)
+    request_id = raw.headers["x-request-id"]
+    event = (await response_events(broker.bootstrap, {request_id}))[request_id]
+    assert (event.status, event.model_requested, event.attribution.user) == ("ok", model, user)

@@ -25,7 +25,12 @@ from ingress.forward.endpoint import Endpoint, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
-from ingress.guards.fields import stream_malformed
+from ingress.guards.fields import (
+    model_too_long,
+    recorded_model,
+    stream_malformed,
+    user_too_long,
+)
 from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
 from ingress.routing import NoRoute, Route, resolve
@@ -148,9 +153,12 @@ class Admission:
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             return refuse(400, "you must provide a model parameter", "missing_model", "model")
-        call.model_requested = model
-        malformed = stream_malformed(payload) or (
-            endpoint.prepared_fields(payload) if endpoint.prepared_fields else None
+        call.model_requested = recorded_model(model)
+        malformed = (
+            model_too_long(model)
+            or stream_malformed(payload)
+            or (endpoint.prepared_fields(payload) if endpoint.prepared_fields else None)
+            or user_too_long(payload)
         )
         if malformed is not None:
             return refuse(
@@ -281,9 +289,9 @@ def compressed(request: web.Request) -> bool:
 
 
 async def _model_named(request: web.Request) -> str:
-    """The model a refused call's body names, for its record; "" if it names none, or
-    its body cannot be read (too large, cut off, compressed: it would be inflated first):
-    the refusal is recorded either way."""
+    """The model a refused call's body names, for its record (cut to its bound, so the
+    record fits the broker); "" if it names none, or its body cannot be read (too large,
+    cut off, compressed: it would be inflated first): the refusal is recorded either way."""
     if compressed(request):
         return ""
     try:
@@ -291,4 +299,4 @@ async def _model_named(request: web.Request) -> str:
     except Exception:
         return ""
     model = payload.get("model") if payload is not None else None
-    return model if isinstance(model, str) else ""
+    return recorded_model(model) if isinstance(model, str) else ""

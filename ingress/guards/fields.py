@@ -6,12 +6,28 @@ usage). A value of the wrong type there would be read wrong (a ``"stream": "true
 that a lenient provider streams, recorded as no stream and its usage lost) or silently
 mended (a call that would fail sent direct succeeding through llmtap), so it is refused
 as OpenAI and Anthropic refuse it: a 400 naming the field, before the provider is asked.
+
+Some it copies into the call's events: ``model`` and a body's ``user`` (the call's user,
+when its key and headers name none). Each is bounded, so that no body makes an event
+larger than the broker takes (1 MiB: such an event was dropped, the call never
+recorded, while the body may hold 32): ``model`` to :data:`MAX_MODEL_CHARS`, ``user`` to
+:data:`MAX_USER_CHARS`. A call refused so is recorded with its model cut to the bound.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+# Model ids are short: OpenAI's, fine-tuned ones included (ft:<base>:<org>:<suffix>:<id>),
+# under 100 characters, OpenRouter's (vendor/name:variant) under 80, a Hugging Face
+# repo id (org/name) under 200. The longest a provider documents are Amazon Bedrock's
+# ARNs: a custom model's reaches about 330 characters by AWS's pattern. 512 leaves
+# room for those and a <provider>/ prefix.
+MAX_MODEL_CHARS = 512
+# An end user's id: Anthropic bounds its metadata.user_id to 256 characters, OpenAI
+# takes less; an email address is at most 254.
+MAX_USER_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -74,4 +90,35 @@ def stream_options_malformed(payload: dict[str, Any]) -> Malformed | None:
         return None
     return wrong_type(
         "stream_options.include_usage", "a boolean", include_usage, "invalid_stream_options"
+    )
+
+
+def too_long(param: str, value: str, most: int, error_class: str) -> Malformed | None:
+    """A string longer than ``most`` characters, refused as OpenAI refuses one."""
+    if len(value) <= most:
+        return None
+    return Malformed(
+        param,
+        f"Invalid '{param}': string too long. Expected a string with maximum length "
+        f"{most}, but got a string with length {len(value)} instead.",
+        error_class,
+        "string_above_max_length",
+    )
+
+
+def model_too_long(model: str) -> Malformed | None:
+    return too_long("model", model, MAX_MODEL_CHARS, "model_too_long")
+
+
+def recorded_model(model: str) -> str:
+    """A model as a call's events hold it: cut to the bound (a call refused for a
+    longer one is recorded with its start)."""
+    return model[:MAX_MODEL_CHARS]
+
+
+def user_too_long(payload: dict[str, Any]) -> Malformed | None:
+    """A body's ``user`` longer than the bound, whether or not the call's user is it."""
+    user = payload.get("user")
+    return (
+        too_long("user", user, MAX_USER_CHARS, "user_too_long") if isinstance(user, str) else None
     )
