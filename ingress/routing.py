@@ -28,6 +28,14 @@ def openai_tiers(provider: str, config: ProviderConfig) -> bool:
 class NoRoute(ValueError):
     """The model cannot be served on this API; the message says why."""
 
+    error_class = "no_route"
+
+
+class NoModel(NoRoute):
+    """``<provider>/`` with no model after it: an empty model, which would be sent as ""."""
+
+    error_class = "missing_model"
+
 
 def resolve(model: str, api: ApiKind, settings: Settings) -> Route:
     """Resolve, in order: ``<provider>/<model>``; ``model_routes`` (exact, then the
@@ -35,6 +43,11 @@ def resolve(model: str, api: ApiKind, settings: Settings) -> Route:
     providers = settings.providers_by_name
     head, slash, rest = model.partition("/")
     if slash and head in providers:
+        if not rest:
+            raise NoModel(
+                f"you must provide a model parameter: {model!r} names the provider "
+                f"{head!r} but no model after it"
+            )
         name, upstream_model = head, rest
     else:
         name, upstream_model = _routed(model, settings.model_routes) or api, model

@@ -284,3 +284,42 @@ async def test_a_model_and_a_user_at_their_bounds_are_forwarded_and_recorded(
     request_id = raw.headers["x-request-id"]
     event = (await response_events(broker.bootstrap, {request_id}))[request_id]
     assert (event.status, event.model_requested, event.attribution.user) == ("ok", model, user)
+
+
+async def test_a_provider_prefix_with_no_model_after_it_is_an_empty_model(
+    openai_client: openai.AsyncOpenAI,
+    anthropic_client: anthropic.AsyncAnthropic,
+    upstream: FakeUpstream,
+    broker: Broker,
+) -> None:
+    """A model of "openai/" passed the empty-model check: sent to OpenAI as model ""."""
+    before = len(upstream.provider.received)
+    chat = await refused_chat(openai_client, model="openai/")
+    assert chat.param == "model" and "model parameter" in chat.message
+    with pytest.raises(anthropic.BadRequestError) as messages:
+        await anthropic_client.messages.create(
+            model="anthropic/",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "hi"}],
+            timeout=10,
+        )
+    body = messages.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
+    assert "model parameter" in body["error"]["message"]
+    # The free routes, unrecorded, refuse it the same way.
+    with pytest.raises(anthropic.BadRequestError) as counted:
+        await anthropic_client.messages.count_tokens(
+            model="anthropic/", messages=[{"role": "user", "content": "hi"}], timeout=10
+        )
+    assert "model parameter" in str(counted.value)
+    assert len(upstream.provider.received) == before  # none was sent
+    ids = {
+        chat.response.headers["x-request-id"],
+        messages.value.response.headers["x-request-id"],
+    }
+    events = await response_events(broker.bootstrap, ids)
+    assert {(e.endpoint, e.model_requested, e.error_class) for e in events.values()} == {
+        ("chat.completions", "openai/", "missing_model"),
+        ("messages", "anthropic/", "missing_model"),
+    }
+    assert {(e.status, e.http_status) for e in events.values()} == {("bad_request", 400)}

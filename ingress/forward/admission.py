@@ -177,8 +177,8 @@ class Admission:
             call.attribution = call.attribution.model_copy(update={"user": user_field})
         try:
             route = resolve(model, api.kind, settings)
-        except NoRoute as exc:
-            return refuse(400, str(exc), "no_route", "model")
+        except NoRoute as exc:  # NoModel: "openai/", an empty model
+            return refuse(400, str(exc), exc.error_class, "model")
         call.provider = route.provider
         most_tokens = max_tokens(payload)
         answers, batched = choices(payload), prompts(payload, endpoint.batched)

@@ -163,8 +163,8 @@ async def _routed_body(
         route = resolve(model, api.kind, settings)
     except Refusal as refusal:
         raise _Refused.by(refusal, "model") from None
-    except NoRoute as exc:
-        raise _Refused(400, str(exc), "no_route", "model") from None
+    except NoRoute as exc:  # NoModel: "openai/", an empty model
+        raise _Refused(400, str(exc), exc.error_class, "model") from None
     if route.upstream_model != model:
         payload["model"] = route.upstream_model
         body = orjson.dumps(payload)
