@@ -25,7 +25,10 @@ _PUBLISHER_COUNTERS = {
     "published": "events delivered to Kafka",
     "spooled": "events written to the on-disk spool while the broker was away",
     "replayed": "events replayed from the spool",
-    "dropped": "events lost because the memory queue or the spool was full",
+    "dropped": (
+        "events lost: the memory queue or the spool was full, Kafka refused one for good, "
+        "or one could not be encoded"
+    ),
 }
 
 

@@ -28,9 +28,11 @@ Counters, plain ints: ``published`` (delivered to Kafka, replays included),
 ERROR in these cases only: the memory queue is full (while the spool is full, or has
 no room, or the disk fails, refused events wait in memory, and the newest are dropped
 when that fills too, never the oldest); the spool cannot take what is left at stop;
-Kafka refuses an event for good (too large). A crash loses the memory queue, never the
-spool. Delivery is at least once: a segment partly delivered when the process stops is
-replayed whole; every stage downstream is idempotent on ``event_id``.
+Kafka refuses an event for good (too large); an event cannot be encoded (a value no
+JSON can carry: a bug before here, :meth:`EventPublisher.drop_unencodable`). A crash
+loses the memory queue, never the spool. Delivery is at least once: a segment partly
+delivered when the process stops is replayed whole; every stage downstream is idempotent
+on ``event_id``.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ class EventPublisher:
         self._closing = False
         self._abandon = False
         self._drop_log = logs.AtMostEvery(DROP_LOG_INTERVAL_S)
+        self._unencodable_log = logs.AtMostEvery(DROP_LOG_INTERVAL_S)
         self.published = 0
         self.spooled = 0
         self.replayed = 0
@@ -192,6 +195,20 @@ class EventPublisher:
             return
         self._queue.append(Record(topic, key, value, delivered))
         self._wakeup.set()
+
+    def drop_unencodable(self, topic: str, error: Exception) -> None:
+        """Count an event that could not be encoded, so never published, as dropped: a
+        bug (a value no JSON can carry) loses the event, but never unseen. Logged at
+        ERROR with its traceback, at most once a second."""
+        self.dropped += 1
+        if self._unencodable_log.due():
+            log.error(
+                "an event to %s could not be encoded and is dropped (%s); %d dropped so far",
+                topic,
+                error,
+                self.dropped,
+                exc_info=error,
+            )
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="event-publisher")

@@ -61,6 +61,39 @@ def credential_of(headers: CIMultiDictProxy[str]) -> str:
     return bearer_token(headers) or headers.get("x-api-key", "")
 
 
+class BadClaim(ValueError):
+    """An ``x-llmtap-*`` header whose claim cannot be recorded: the call is refused (400)
+    before the provider is contacted, its message naming the header."""
+
+    def __init__(self, header: str, message: str) -> None:
+        super().__init__(message)
+        self.header = header
+        self.message = message
+
+
+# The x-llmtap-* headers read as attribution fields; any other is ignored (and dropped).
+_CLAIM_FIELDS = frozenset(
+    ATTRIBUTION_PREFIX + name for name in ("tenant", "team", "user", "feature", "env")
+)
+
+
+def _text(header: str, value: str) -> str:
+    """A claim's value, if it is text an event can carry. aiohttp reads a header's bytes
+    that are not UTF-8 as lone surrogates (surrogateescape), which no event can encode:
+    such a call went through unrecorded. Refused, not repaired: a value made up by
+    replacing its bytes would attribute the call to a name its client never sent."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise BadClaim(
+                header,
+                f"the value of header {header} is not UTF-8 text: llmtap records "
+                "attribution headers as given, so send them as UTF-8",
+            ) from None
+    return value
+
+
 @dataclass(frozen=True)
 class Claims:
     """What ``x-llmtap-*`` headers claim about a call's attribution."""
@@ -78,21 +111,22 @@ class Claims:
 
     @classmethod
     def from_pairs(cls, pairs: Claimed) -> Claims:
-        """From :func:`claimed`'s pairs: a field's first header, as ``headers.get``."""
+        """From :func:`claimed`'s pairs: a field's first header, as ``headers.get``.
+        :class:`BadClaim` for a claim no event could carry."""
         first: dict[str, str] = {}
+        properties: dict[str, str] = {}
         for name, value in pairs:
-            first.setdefault(name, value)
+            if name in _CLAIM_FIELDS:
+                first.setdefault(name, _text(name, value))
+            elif name.startswith(PROPERTY_PREFIX):
+                properties[name[len(PROPERTY_PREFIX) :]] = _text(name, value)
         return cls(
             tenant=first.get("x-llmtap-tenant", ""),
             team=first.get("x-llmtap-team", ""),
             user=first.get("x-llmtap-user", ""),
             feature=first.get("x-llmtap-feature", ""),
             env=first.get("x-llmtap-env", ""),
-            properties={
-                name[len(PROPERTY_PREFIX) :]: value
-                for name, value in pairs
-                if name.startswith(PROPERTY_PREFIX)
-            },
+            properties=properties,
         )
 
 

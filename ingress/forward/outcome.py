@@ -48,10 +48,27 @@ def record_outcome(
             delivered = settle(event.ts_end)
         except Exception:  # a bug in budget code must not cost the call its event
             log.exception("settling the call's budgets failed")
-    key = topics.partition_key(call.request_id)
-    publisher = app[PUBLISHER]
-    publisher.publish(publisher.names.responses, key, wire.encode(event), delivered)
+    publish(app[PUBLISHER], app[PUBLISHER].names.responses, call, event, delivered)
     app[METRICS].observe(event)
+
+
+def publish(
+    publisher: EventPublisher,
+    topic: str,
+    call: Call,
+    event: wire.Request | wire.Response,
+    delivered: Delivered | None = None,
+) -> None:
+    """Queue a call's event. One that cannot be encoded (a bug: a value no JSON can
+    carry) is counted as dropped and logged, never raised: the call has been answered,
+    or is being refused, and an exception here would lose the event unseen (and turn a
+    refusal into a bare 500)."""
+    try:
+        value = wire.encode(event)
+    except Exception as exc:
+        publisher.drop_unencodable(topic, exc)
+        return
+    publisher.publish(topic, topics.partition_key(call.request_id), value, delivered)
 
 
 @dataclass
@@ -72,11 +89,7 @@ class Announcement:
         event = self.call.request_event(
             request_bytes=self.request_bytes, max_tokens=self.max_tokens
         )
-        self.publisher.publish(
-            self.publisher.names.requests,
-            topics.partition_key(self.call.request_id),
-            wire.encode(event),
-        )
+        publish(self.publisher, self.publisher.names.requests, self.call, event)
 
 
 def cut_by(request: web.Request) -> Status:

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
-from ingress.forward.call import Claimed, Claims, attribution_from, claimed, credential_of
+from ingress.forward.call import (
+    BadClaim,
+    Claimed,
+    Claims,
+    attribution_from,
+    claimed,
+    credential_of,
+    key_id,
+)
 from ingress.guards.keys import KeyStore, VirtualKey
 from llmtap.config import Settings
 from llmtap.events import Attribution
@@ -20,8 +28,9 @@ class Refusal(Exception):
     message: str
     error_class: str
     code: str | None = None
-    # Who is refused, when that is known (a valid key making a false claim): the call is
-    # recorded under the key's tenant, team and user, so its tenant sees it.
+    # Who is refused, when that is known (a valid key making a false claim, or one its
+    # event could not carry): the call is recorded under the key's tenant, team and
+    # user, so its tenant sees it.
     attribution: Attribution | None = None
 
 
@@ -45,13 +54,17 @@ _CLAIMS_KEPT = 1024
 
 
 def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeyStore) -> Identity:
-    """The caller's identity, or a :class:`Refusal` (401 unknown key, 403 false claim).
+    """The caller's identity, or a :class:`Refusal` (401 unknown key, 403 false claim,
+    400 a claim no event could carry: :class:`BadClaim`).
 
     A key's tenant, team and user are facts; ``x-llmtap-*`` headers may add what the
     key leaves open (a team on a tenant-wide key) but never contradict it.
     """
     if settings.auth == "passthrough":
-        return Identity(attribution_from(headers), None)
+        try:
+            return Identity(attribution_from(headers), None)
+        except BadClaim as bad:  # recorded under the credential's hash alone
+            raise _bad_claim(bad, Attribution(key_id=key_id(credential_of(headers)))) from None
     key = keys.lookup(credential_of(headers))
     if key is None:
         raise Refusal(
@@ -65,12 +78,31 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
     made = _made.get((key.hash, raw))
     if made is not None and made[0] is key:
         return made[1]
-    identity = _identity(key, Claims.from_pairs(raw))
+    try:
+        identity = _identity(key, Claims.from_pairs(raw))
+    except BadClaim as bad:
+        raise _bad_claim(bad, _own(key)) from None
     if sum(len(name) + len(value) for name, value in raw) <= _CLAIMS_KEPT:
         if len(_made) >= _MADE_MAX:
             _made.clear()
         _made[(key.hash, raw)] = (key, identity)
     return identity
+
+
+def _own(key: VirtualKey) -> Attribution:
+    """Whom a call refused for what its headers claim is recorded under: its key's
+    tenant, team and user, so its tenant sees it."""
+    return Attribution(tenant=key.tenant, team=key.team, user=key.user, key_id=key.id)
+
+
+def _bad_claim(bad: BadClaim, attribution: Attribution) -> Refusal:
+    return Refusal(
+        400,
+        bad.message,
+        "invalid_attribution_header",
+        code="invalid_attribution_header",
+        attribution=attribution,
+    )
 
 
 def _identity(key: VirtualKey, claimed: Claims) -> Identity:
@@ -81,9 +113,7 @@ def _identity(key: VirtualKey, claimed: Claims) -> Identity:
                 403,
                 f"this key is bound to {field} {bound!r}; x-llmtap-{field} cannot claim {wanted!r}",
                 "attribution_conflict",
-                attribution=Attribution(
-                    tenant=key.tenant, team=key.team, user=key.user, key_id=key.id
-                ),
+                attribution=_own(key),
             )
     attribution = Attribution(
         tenant=key.tenant,

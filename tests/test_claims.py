@@ -1,0 +1,169 @@
+"""What a client's headers may put into a call's events: ``x-llmtap-*`` claims an
+event cannot carry are refused (400, recorded under the key's own attribution), no
+other header reaches an event, and an event that still cannot be encoded is counted.
+
+Headers are sent byte for byte on a socket (tests/raw_http.py): aiohttp's server
+reads a value's bytes that are not UTF-8 as lone surrogates (surrogateescape)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ingress.forward.call import Call, key_id
+from ingress.forward.outcome import Announcement, record_outcome
+from ingress.guards.auth import Refusal, authenticate
+from ingress.guards.keys import KeyStore, read_keys
+from ingress.keys import METRICS, PUBLISHER
+from ingress.metrics import IngressMetrics
+from ingress.publisher import EventPublisher
+from llmtap.config import Settings
+from llmtap.events import Attribution, Usage
+from tests.conftest import Broker, FakeUpstream
+from tests.prometheus import sample
+from tests.raw_http import raw_request
+from tests.test_ingress_ops import make_key, response_event
+
+CHAT = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+MESSAGES = orjson.dumps(
+    {"model": "claude-3-5-haiku", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+)
+JSON = ("Content-Type", b"application/json")
+
+
+@pytest.mark.parametrize(
+    ("path", "header", "value"),
+    [
+        ("/v1/chat/completions", "x-llmtap-feature", b"\xff\xfe"),
+        ("/v1/chat/completions", "x-llmtap-team", b"search\xff"),
+        ("/v1/messages", "x-llmtap-property-c", b"\xff"),
+        ("/v1/messages", "x-llmtap-env", b"caf\xe9"),  # Latin-1, not UTF-8
+    ],
+)
+async def test_a_claim_that_is_not_utf8_is_refused_and_recorded_under_the_key(
+    ingress: str,
+    ingress_settings: Settings,
+    broker: Broker,
+    upstream: FakeUpstream,
+    path: str,
+    header: str,
+    value: bytes,
+) -> None:
+    """It went to the provider (200) and was never recorded: its events could not be
+    encoded. Now it is refused before the provider, and recorded as the 403 of a false
+    claim is: under the key's own tenant, team and user, with the model it asked for."""
+    secret = await make_key(ingress, ingress_settings.key_file, team="search")
+    [key] = [k for k in read_keys(ingress_settings.key_file).keys if k.team == "search"]
+    anthropic = path == "/v1/messages"
+    credential = (
+        ("x-api-key", secret.encode())
+        if anthropic
+        else ("Authorization", b"Bearer " + secret.encode())
+    )
+    before = len(upstream.provider.received)
+    answer = await raw_request(
+        ingress, "POST", path, [credential, JSON, (header, value)], MESSAGES if anthropic else CHAT
+    )
+    assert answer.status == 400, answer.body
+    body = answer.json()
+    if anthropic:
+        assert body["type"] == "error"
+        assert body["error"]["type"] == "invalid_request_error"
+        message = body["error"]["message"]
+    else:
+        assert body["error"]["code"] == "invalid_attribution_header"
+        message = body["error"]["message"]
+    assert f"header {header} is not UTF-8" in message
+    assert len(upstream.provider.received) == before  # the provider was not contacted
+
+    event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
+    assert (event.status, event.http_status, event.error_class) == (
+        "bad_request",
+        400,
+        "invalid_attribution_header",
+    )
+    assert event.model_requested == ("claude-3-5-haiku" if anthropic else "gpt-4o")
+    assert event.attribution == Attribution(
+        tenant="acme", team="search", key_id=key.id
+    )  # the claims, none of them, with it
+
+
+async def test_no_other_header_a_client_sends_reaches_an_event(
+    ingress: str, ingress_settings: Settings, broker: Broker
+) -> None:
+    """x-request-id, traceparent, user-agent that are not UTF-8 are passed on as they
+    are: no event holds them (the request id is llmtap's own), so the call is recorded."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    answer = await raw_request(
+        ingress,
+        "POST",
+        "/v1/chat/completions",
+        [
+            ("Authorization", b"Bearer " + secret.encode()),
+            JSON,
+            ("x-request-id", b"\xff"),
+            ("traceparent", b"00-\xfe-\xff-01"),
+            ("User-Agent", b"sdk/\xff"),
+        ],
+        CHAT,
+    )
+    assert answer.status == 200, answer.body
+    request_id = answer.headers["x-request-id"]
+    assert str(uuid.UUID(request_id)) == request_id  # llmtap's, not the client's
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.attribution.tenant) == ("ok", "acme")
+
+
+def test_a_claim_that_is_not_utf8_in_passthrough_is_refused_under_the_credential(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path, auth="passthrough")
+    headers = CIMultiDictProxy(
+        CIMultiDict(
+            {
+                "Authorization": "Bearer sk-own",
+                "x-llmtap-user": b"\xff".decode(errors="surrogateescape"),
+            }
+        )
+    )
+    with pytest.raises(Refusal) as refused:
+        authenticate(headers, settings, KeyStore(settings.key_file))
+    assert refused.value.status == 400
+    assert "x-llmtap-user" in refused.value.message
+    assert refused.value.attribution == Attribution(key_id=key_id("sk-own"))
+
+
+async def test_an_event_that_cannot_be_encoded_is_counted_as_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever else might carry a value no JSON can hold into an event: publishing it
+    neither raises (which lost the event unseen, after the client had its answer) nor
+    passes silently: it is counted in events_dropped (/healthz, /metrics) and logged."""
+    settings = Settings(data_dir=tmp_path)
+    publisher = EventPublisher(
+        settings.kafka,
+        queue_size=10,
+        spool_dir=tmp_path / "spool",
+        spool_max_bytes=1 << 20,
+    )  # not started: what is published waits in its queue
+    app = web.Application()
+    app[PUBLISHER] = publisher
+    app[METRICS] = IngressMetrics(publisher)
+    bad = Call(provider="openai", endpoint="chat.completions")
+    bad.attribution = Attribution(tenant="acme", feature=b"\xff".decode(errors="surrogateescape"))
+    with caplog.at_level(logging.ERROR, logger="ingress.publisher"):
+        Announcement(publisher, bad, request_bytes=10, max_tokens=None)()
+        record_outcome(app, bad, "ok", 200, Usage())
+    assert (publisher.dropped, publisher.backlog) == (2, 0)
+    assert "could not be encoded" in caplog.text
+    assert sample(app[METRICS].render().decode(), "llmtap_events_dropped_total") == 2
+
+    good = Call(provider="openai", endpoint="chat.completions")
+    record_outcome(app, good, "ok", 200, Usage())
+    assert (publisher.dropped, publisher.backlog) == (2, 1)
