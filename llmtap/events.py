@@ -12,6 +12,7 @@ Token accounting is normalised across providers (see :class:`Usage`), money is
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -92,6 +93,13 @@ Status = Literal[
     "budget_exceeded",  # a hard-capped budget could not cover the call's worst case: 429
     # (400 if it is more than the budget's whole limit: it would not fit after the reset)
 ]
+
+
+# A custom property's name (``x-llmtap-property-<name>``): what the analytics API can
+# group by (``group_by=property:<name>``), so the ingress takes no other (one rule for
+# both, sql/params.py reads it). Recorded in lower case, as header names are read.
+PROPERTY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PROPERTY_NAME_RULE = "1 to 64 of A-Z a-z 0-9 _ . -"
 
 
 class Attribution(_Model):

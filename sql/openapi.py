@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from llmtap.events import BudgetPeriod, BudgetScope, BudgetState
+from llmtap.events import PROPERTY_NAME, BudgetPeriod, BudgetScope, BudgetState
 from sql import params, sqlapi, sqlguard
 
 Schema = dict[str, Any]
@@ -304,12 +304,7 @@ def _answer(endpoint: str) -> Schema:
 
 FILTER_TEXT = "exact match; absent or empty: all"
 GROUP_BY_PATTERN = (
-    "^(?:"
-    + "|".join(params.GROUP_BY)
-    + "|"
-    + params.PROPERTY_PREFIX
-    + params.PROPERTY_NAME.pattern
-    + ")$"
+    "^(?:" + "|".join(params.GROUP_BY) + "|" + params.PROPERTY_PREFIX + PROPERTY_NAME.pattern + ")$"
 )
 
 PARAMETERS: dict[str, Schema] = {

@@ -17,7 +17,7 @@ from typing import Any, get_args
 
 from multidict import MultiMapping
 
-from llmtap.events import Alert
+from llmtap.events import PROPERTY_NAME, PROPERTY_NAME_RULE, Alert
 from llmtap.events import utcnow as utcnow  # re-exported: tests and bench pin the clock here
 
 RANGES = {
@@ -33,7 +33,7 @@ DEFAULT_GRANULARITY = {"24h": "hour", "7d": "day", "30d": "day", "90d": "day"}
 
 GROUP_BY = ("model", "provider", "day", "tenant", "team", "user", "feature")
 PROPERTY_PREFIX = "property:"
-PROPERTY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# PROPERTY_NAME (llmtap.events): the ingress takes the property names this can group by.
 
 LIMIT_MIN, LIMIT_MAX, DEFAULT_LIMIT = 1, 1000, 100
 OFFSET_MAX = 1_000_000  # the rows a ranked answer may skip (costs, users, alerts)
@@ -276,7 +276,7 @@ class Query:
             if not PROPERTY_NAME.fullmatch(prop):
                 raise BadParameter(
                     "group_by",
-                    f"invalid 'group_by' property name {prop!r}: 1 to 64 of A-Z a-z 0-9 _ . -",
+                    f"invalid 'group_by' property name {prop!r}: {PROPERTY_NAME_RULE}",
                 )
             return "property", prop.lower()
         if value not in GROUP_BY:

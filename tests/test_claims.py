@@ -1,6 +1,7 @@
 """What a client's headers may put into a call's events: ``x-llmtap-*`` claims an
-event cannot carry are refused (400, recorded under the key's own attribution), no
-other header reaches an event, and an event that still cannot be encoded is counted.
+event cannot carry, or a property the analytics API cannot ask for, are refused (400,
+recorded under the key's own attribution), no other header reaches an event, and an
+event that still cannot be encoded is counted.
 
 Headers are sent byte for byte on a socket (tests/raw_http.py): aiohttp's server
 reads a value's bytes that are not UTF-8 as lone surrogates (surrogateescape)."""
@@ -14,9 +15,9 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 
-from ingress.forward.call import Call, key_id
+from ingress.forward.call import BadClaim, Call, Claims, key_id
 from ingress.forward.outcome import Announcement, record_outcome
 from ingress.guards.auth import Refusal, authenticate
 from ingress.guards.keys import KeyStore, read_keys
@@ -25,6 +26,7 @@ from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
 from llmtap.events import Attribution, Usage
+from sql.params import BadParameter, Query
 from tests.conftest import Broker, FakeUpstream
 from tests.prometheus import sample
 from tests.raw_http import raw_request
@@ -167,3 +169,84 @@ async def test_an_event_that_cannot_be_encoded_is_counted_as_dropped(
     good = Call(provider="openai", endpoint="chat.completions")
     record_outcome(app, good, "ok", 200, Usage())
     assert (publisher.dropped, publisher.backlog) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "taken"),
+    [
+        ("", False),
+        ("a" * 65, False),
+        ("a+b", False),
+        ("a!", False),
+        ("a~b", False),
+        ("a" * 64, True),
+        ("Cust.Id_2-x", True),
+    ],
+)
+def test_the_ingress_takes_the_property_names_the_api_can_group_by(name: str, taken: bool) -> None:
+    """One rule for both (llmtap.events.PROPERTY_NAME): a property the ingress records
+    can be asked for by group_by=property:<name>, and one it cannot be asked for is
+    refused at the ingress, not stored where only SQL reaches it."""
+    headers = CIMultiDictProxy(CIMultiDict({f"x-llmtap-property-{name}": "v"}))
+    try:
+        recorded = Claims.of(headers).properties == {name.lower(): "v"}
+    except BadClaim as bad:
+        assert bad.header == f"x-llmtap-property-{name}".lower()
+        recorded = False
+    try:
+        grouped = Query(MultiDict(group_by=f"property:{name}"), "group_by").group_by()
+    except BadParameter:
+        grouped = None
+    assert recorded is taken
+    assert grouped == (("property", name.lower()) if taken else None)
+
+
+async def test_a_property_name_the_api_cannot_group_by_is_refused_and_recorded(
+    ingress: str, ingress_settings: Settings, broker: Broker, upstream: FakeUpstream
+) -> None:
+    secret = await make_key(ingress, ingress_settings.key_file, team="search")
+    [key] = [k for k in read_keys(ingress_settings.key_file).keys if k.team == "search"]
+    before = len(upstream.provider.received)
+    for header in ("x-llmtap-property-", "x-llmtap-property-a+b", "x-llmtap-property-" + "p" * 65):
+        answer = await raw_request(
+            ingress,
+            "POST",
+            "/v1/chat/completions",
+            [("Authorization", b"Bearer " + secret.encode()), JSON, (header, b"v")],
+            CHAT,
+        )
+        assert answer.status == 400, answer.body
+        error = answer.json()["error"]
+        assert error["code"] == "invalid_attribution_header"
+        assert f"invalid custom property header {header!r}" in error["message"]
+        assert "1 to 64 of A-Z a-z 0-9 _ . -" in error["message"]
+        event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
+        assert (event.status, event.error_class) == ("bad_request", "invalid_attribution_header")
+        assert event.attribution == Attribution(tenant="acme", team="search", key_id=key.id)
+    assert len(upstream.provider.received) == before
+
+
+async def test_a_repeated_claim_keeps_its_first_value_properties_too(
+    ingress: str, ingress_settings: Settings, broker: Broker
+) -> None:
+    """As headers.get reads a header, for every claim: a repeated x-llmtap-feature kept
+    its first value, but a repeated x-llmtap-property-<name> its last."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    answer = await raw_request(
+        ingress,
+        "POST",
+        "/v1/chat/completions",
+        [
+            ("Authorization", b"Bearer " + secret.encode()),
+            JSON,
+            ("x-llmtap-feature", b"first"),
+            ("x-llmtap-property-cust", b"first"),
+            ("x-llmtap-feature", b"second"),
+            ("X-LLMTAP-PROPERTY-CUST", b"second"),
+        ],
+        CHAT,
+    )
+    assert answer.status == 200, answer.body
+    event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
+    assert event.attribution.feature == "first"
+    assert event.attribution.properties == {"cust": "first"}

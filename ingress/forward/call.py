@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from llmtap import wire
-from llmtap.events import Attribution, Status, Usage, utcnow
+from llmtap.events import PROPERTY_NAME, PROPERTY_NAME_RULE, Attribution, Status, Usage, utcnow
 
 ATTRIBUTION_PREFIX = "x-llmtap-"
 PROPERTY_PREFIX = "x-llmtap-property-"
@@ -111,15 +111,25 @@ class Claims:
 
     @classmethod
     def from_pairs(cls, pairs: Claimed) -> Claims:
-        """From :func:`claimed`'s pairs: a field's first header, as ``headers.get``.
-        :class:`BadClaim` for a claim no event could carry."""
+        """From :func:`claimed`'s pairs: a field's first header, as ``headers.get``, and
+        a property's first too (a header repeated: its later values are ignored).
+        :class:`BadClaim` for a claim no event could carry, or a property the analytics
+        API could not group by (its name: :data:`~llmtap.events.PROPERTY_NAME`)."""
         first: dict[str, str] = {}
         properties: dict[str, str] = {}
         for name, value in pairs:
             if name in _CLAIM_FIELDS:
                 first.setdefault(name, _text(name, value))
             elif name.startswith(PROPERTY_PREFIX):
-                properties[name[len(PROPERTY_PREFIX) :]] = _text(name, value)
+                prop = name[len(PROPERTY_PREFIX) :]
+                if not PROPERTY_NAME.fullmatch(prop):
+                    raise BadClaim(
+                        name,
+                        f"invalid custom property header {name!r}: a property's name (after "
+                        f"{PROPERTY_PREFIX}) must be {PROPERTY_NAME_RULE}, as "
+                        "group_by=property:<name> of the analytics API takes",
+                    )
+                properties.setdefault(prop, _text(name, value))
         return cls(
             tenant=first.get("x-llmtap-tenant", ""),
             team=first.get("x-llmtap-team", ""),
