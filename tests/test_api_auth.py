@@ -25,6 +25,7 @@ from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sql import analytics, auth, params
 from sql.store import Store
+from tests.raw_http import raw_request
 from tests.test_analytics import NOW, Call
 
 ADMIN_KEY = "admin-key-for-auth-tests"
@@ -127,6 +128,25 @@ async def test_without_a_known_key_every_endpoint_is_401(
             body = await response.json()
         assert body["error"]["param"] is None
         assert "key" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("token", [b"\xff", b"ltk_\xff\xfe", ADMIN_KEY.encode() + b"\xe9"])
+async def test_a_key_that_is_not_utf8_is_401(api: Api, token: bytes) -> None:
+    """Hashing it raised: aiohttp's bare text 500 on every endpoint. It is an unknown key."""
+    base = str(api.client.make_url("")).rstrip("/")
+    requests = [("GET", f"/api/v1/analytics/{name}") for name in analytics.ROUTES]
+    requests.append(("POST", "/api/v1/sql"))
+    for method, path in requests:
+        answer = await raw_request(
+            base,
+            method,
+            path,
+            [("Authorization", b"Bearer " + token), ("Content-Type", b"application/json")],
+            b'{"query": "SELECT 1"}',
+        )
+        assert answer.status == 401, (path, answer.body)
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "key" in answer.json()["error"]["message"]
 
 
 async def test_the_openapi_document_needs_no_key(api: Api) -> None:

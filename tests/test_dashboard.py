@@ -45,6 +45,7 @@ from sql.store import Store
 from stream.budgets import fresh, period_bounds, status_of, threshold_alert
 from tests import browser
 from tests.conftest import Broker
+from tests.raw_http import raw_request
 from tests.test_analytics import NOW, Call
 
 ADMIN_KEY = "admin-key-for-dashboard-tests"
@@ -390,6 +391,20 @@ async def test_without_a_session_the_page_is_a_login_form(dash: Dash) -> None:
     assert "<svg" not in body and "Budgets" not in body
     async with dash.client.get("/dashboard", cookies={COOKIE: "forged-token"}) as response:
         assert 'name="key"' in await response.text()
+
+
+async def test_a_session_cookie_that_is_not_utf8_is_no_session(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing it raised: aiohttp's bare text 500. It is an unknown session: the login form."""
+    async with serve(store, tmp_path, monkeypatch, broker=None, calls=[]) as served:
+        base = str(served.client.make_url("")).rstrip("/")
+        for cookie in (b"\xff", b"ab\xffcd"):
+            answer = await raw_request(
+                base, "GET", "/dashboard", [("Cookie", COOKIE.encode() + b"=" + cookie)]
+            )
+            assert answer.status == 200, answer.body
+            assert b'name="key"' in answer.body
 
 
 @pytest.mark.parametrize("key", ["", "not-a-key", "ltk_" + "x" * 43])

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ingress.forward import call
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.endpoint import upstream_credential
 from ingress.forward.openai import OPENAI
@@ -26,7 +28,9 @@ from ingress.guards.keys import KeyStore, create_key, hash_key, read_keys, revok
 from llmtap.config import ProviderConfig, Settings
 from llmtap.events import Attribution
 from tests.conftest import INGRESS_PROVIDER_KEY as PROVIDER_KEY
-from tests.conftest import FakeUpstream, serve_ingress
+from tests.conftest import Broker, FakeUpstream, serve_ingress
+from tests.raw_http import raw_request
+from tests.test_ingress_ops import response_event
 
 
 async def chat(
@@ -505,3 +509,50 @@ async def test_the_key_file_is_followed_past_a_reload_that_fails(
     finally:
         following.cancel()
     assert tries >= 2 and "reloading the key file" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "credential", [("Authorization", b"Bearer ltk_\xff\xfe"), ("x-api-key", b"\xffltk_")]
+)
+async def test_a_credential_that_is_not_utf8_is_an_unknown_key(
+    ingress: str, broker: Broker, upstream: FakeUpstream, credential: tuple[str, bytes]
+) -> None:
+    """Hashing it raised (a 500 internal_error on metered routes, aiohttp's bare text 500
+    without x-request-id on the model list and unknown routes, none recorded). It is
+    an unknown key: the 401 every route gives one, recorded under no one as those are."""
+    before = len(upstream.provider.received)
+    body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    json_ = ("Content-Type", b"application/json")
+    chat = await raw_request(ingress, "POST", "/v1/chat/completions", [credential, json_], body)
+    assert chat.status == 401, chat.body
+    assert chat.json()["error"]["code"] == "invalid_api_key"
+    event = await response_event(broker.bootstrap, chat.headers["x-request-id"])
+    assert (event.status, event.http_status, event.error_class) == ("refused", 401, "invalid_key")
+    assert event.attribution == Attribution()
+
+    messages = await raw_request(ingress, "POST", "/v1/messages", [credential, json_], body)
+    assert messages.status == 401, messages.body
+    assert messages.json()["error"]["type"] == "authentication_error"
+    assert "x-request-id" in messages.headers
+
+    models = await raw_request(ingress, "GET", "/v1/models", [credential])
+    assert models.status == 401, models.body
+    assert models.json()["error"]["code"] == "invalid_api_key"
+    assert "x-request-id" in models.headers
+
+    unknown = await raw_request(ingress, "GET", "/v1/files", [credential])
+    assert unknown.status == 404, unknown.body
+    assert unknown.json()["error"]["code"] == "unknown_url"
+    event = await response_event(broker.bootstrap, unknown.headers["x-request-id"])
+    assert (event.status, event.attribution) == ("bad_request", Attribution())
+    assert len(upstream.provider.received) == before
+
+
+def test_a_credential_that_is_not_utf8_has_a_key_id_in_passthrough(tmp_path: Path) -> None:
+    """In passthrough, where its hash is what is recorded of it."""
+    bad = b"Bearer sk-\xff".decode(errors="surrogateescape")
+    headers = CIMultiDictProxy(CIMultiDict({"Authorization": bad}))
+    settings = Settings(data_dir=tmp_path, auth="passthrough")
+    who = authenticate(headers, settings, KeyStore(settings.key_file)).attribution
+    assert len(who.key_id) == 16 and who.key_id != call.key_id("sk-")
+    assert who.key_id == call.key_id(bad.removeprefix("Bearer "))  # stable

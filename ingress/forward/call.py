@@ -47,8 +47,12 @@ def _hop_by_hop(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 
 def key_id(credential: str) -> str:
-    """A stable, non-reversible id for a credential: first 16 hex chars of SHA-256."""
-    return hashlib.sha256(credential.encode()).hexdigest()[:16] if credential else ""
+    """A stable, non-reversible id for a credential: first 16 hex chars of SHA-256 (as
+    :func:`~ingress.guards.keys.hash_key`: one sent with bytes that are not UTF-8 has
+    one too, never an error)."""
+    if not credential:
+        return ""
+    return hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def bearer_token(headers: CIMultiDictProxy[str]) -> str:

@@ -37,7 +37,12 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    """The SHA-256 (hex) a key file keeps of a key's secret. Any string has one: a
+    credential sent with bytes that are not UTF-8 (aiohttp reads them as lone
+    surrogates) is hashed with those encoded as they are (``surrogatepass``), so it is
+    an unknown key, answered 401, not an exception (a bare 500); a UTF-8 secret's hash
+    is as ever."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class VirtualKey(BaseModel):

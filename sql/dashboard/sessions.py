@@ -10,7 +10,6 @@ live in this process's memory only: a restart logs everyone out.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,6 +17,7 @@ from datetime import datetime, timedelta
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ingress.guards.keys import hash_key
 from sql.auth import AUTH, ApiAuth, Caller, Unauthorized
 
 COOKIE = "llmtap_dashboard"
@@ -41,7 +41,9 @@ class Session:
 
 
 def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    """A token's or a key's SHA-256, as the key file's (one from a cookie with bytes that
+    are not UTF-8 too: an unknown session, not an exception)."""
+    return hash_key(token)
 
 
 class Sessions:
