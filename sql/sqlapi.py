@@ -82,6 +82,15 @@ async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_long from None
+    except web.RequestPayloadError as exc:
+        # aiohttp could not read it whole: one that is not what its Content-Encoding
+        # says (gzip, deflate, zstd: inflated as it is read), a broken chunked encoding.
+        # It raised out of the handler: a bare text 500, with a traceback at ERROR.
+        # Ended here (aiohttp would read on after the answer, and log the error again
+        # as unhandled), and the connection with the answer: its parser is broken.
+        request.content.feed_eof()
+        request[UNREADABLE] = True
+        raise _bad_body("body", _unreadable(request, exc)) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:  # 1e400 too: orjson reads no infinite number
@@ -111,6 +120,30 @@ async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
             "max_rows", f"invalid 'max_rows' {max_rows!r}: expected an integer 1..{limits.max_rows}"
         )
     return SqlRequest(query=query, format=fmt, max_rows=max_rows)
+
+
+UNREADABLE = web.RequestKey("sql_body_unreadable", bool)
+
+
+async def close_if_unreadable(request: web.Request, response: web.StreamResponse) -> None:
+    """An ``on_response_prepare`` signal: the answer to a request whose body could not be
+    read closes its connection (the next request on it would wait on a broken parser)."""
+    if request.get(UNREADABLE):
+        response.force_close()
+        # Its headers are made by now (aiohttp 3.14 signals after): said here too.
+        response.headers["Connection"] = "close"
+
+
+def _unreadable(request: web.Request, exc: web.RequestPayloadError) -> str:
+    why = getattr(exc.__cause__, "message", "") or str(exc)
+    message = f"the body could not be read ({' '.join(str(why).split())})"
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is None:
+        return message
+    return (
+        f"{message}: it is not {encoding} as its Content-Encoding says; send it so, or "
+        "uncompressed without Content-Encoding"
+    )
 
 
 def _utc(value: datetime) -> datetime:

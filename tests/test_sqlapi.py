@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
 import hashlib
 import io
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -373,6 +375,40 @@ async def test_bad_bodies_are_400_naming_the_field(api: Client, body: bytes, par
         assert response.status == 400
         error = (await response.json())["error"]
     assert (error["param"], error["code"]) == (param, "bad_request")
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("gzip", b'{"query": "SELECT 1"}'),  # not gzip at all
+        ("gzip", gzip.compress(b'{"query": "SELECT 1"}', mtime=0)[:12] + b"cut, garbled"),
+        ("deflate", b"xx"),
+        ("zstd", b"not zstd"),
+    ],
+)
+async def test_a_body_that_is_not_its_content_encoding_is_400_naming_it(
+    api: Client, caplog: pytest.LogCaptureFixture, encoding: str, body: bytes
+) -> None:
+    """aiohttp inflates a body as it is read, and raised out of read_request for one that
+    is not what its Content-Encoding says: a bare text 500 and a traceback at ERROR.
+    Now the endpoint's own 400 naming the body; the connection closes with it (its
+    parser is broken), and the next request is answered."""
+    headers = {"Content-Encoding": encoding, "Content-Type": "application/json"}
+    with caplog.at_level(logging.ERROR):
+        async with api.post("/api/v1/sql", data=body, headers=headers) as response:
+            assert response.status == 400, await response.text()
+            assert response.headers["Connection"] == "close"
+            error = (await response.json())["error"]
+        assert await sql(api, "SELECT 1") is not None  # on a new connection
+    assert (error["param"], error["code"]) == ("body", "bad_request")
+    assert f"it is not {encoding} as its Content-Encoding says" in error["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+    compressed = gzip.compress(b'{"query": "SELECT 1 AS one"}')  # a gzip body still works
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with api.post("/api/v1/sql", data=compressed, headers=headers) as response:
+        assert response.status == 200
+        assert (await response.json())["rows"] == [[1]]
 
 
 async def test_a_body_over_1_mib_is_413(api: Client) -> None:
