@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
 import secrets
 import sys
@@ -112,7 +111,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
         )
     elif args.action == "admin":
         secret = "lta_" + secrets.token_urlsafe(32)
-        digest = hashlib.sha256(secret.encode()).hexdigest()
+        digest = keys.hash_key(secret)
         print(
             f"{secret}\n(shown once; llmtap stores only its SHA-256 digest. Add it to the "
             f"config as\n  admin_key_hashes: [{digest}]\nor the environment as\n"

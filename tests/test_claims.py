@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 
-from ingress.forward.call import BadClaim, Call, Claims, key_id
+from ingress.forward.call import MAX_CLAIMS_CHARS, BadClaim, Call, Claims, key_id
 from ingress.forward.outcome import Announcement, record_outcome
 from ingress.guards.auth import Refusal, authenticate
 from ingress.guards.keys import KeyStore, read_keys
@@ -250,3 +250,42 @@ async def test_a_repeated_claim_keeps_its_first_value_properties_too(
     event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
     assert event.attribution.feature == "first"
     assert event.attribution.properties == {"cust": "first"}
+
+
+def test_claims_are_taken_up_to_their_bound_in_all() -> None:
+    """Names and values together, up to MAX_CLAIMS_CHARS: a call's claims are copied into
+    both its events, which must fit the broker's 1 MiB limit."""
+    name = "x-llmtap-property-p"
+    at_bound = "v" * (MAX_CLAIMS_CHARS - len(name))
+    claims = Claims.from_pairs(((name, at_bound),))
+    assert claims.properties == {"p": at_bound}
+    with pytest.raises(BadClaim) as refused:
+        Claims.from_pairs(((name, at_bound), ("x-llmtap-feature", "f")))
+    assert refused.value.header == "x-llmtap-feature"
+
+
+async def test_claims_too_large_for_an_event_are_refused_and_recorded(
+    ingress: str, ingress_settings: Settings, broker: Broker, upstream: FakeUpstream
+) -> None:
+    """100 properties of 8,000 quotes each (~1.6 MB once JSON escapes them, in each of
+    the call's events): the call was forwarded and its events refused by Kafka, never
+    recorded. Now it is refused before the provider, and recorded, its claims left out."""
+    secret = await make_key(ingress, ingress_settings.key_file, team="search")
+    [key] = [k for k in read_keys(ingress_settings.key_file).keys if k.team == "search"]
+    before = len(upstream.provider.received)
+    properties = [(f"x-llmtap-property-p{i}", b'"' * 8000) for i in range(100)]
+    answer = await raw_request(
+        ingress,
+        "POST",
+        "/v1/chat/completions",
+        [("Authorization", b"Bearer " + secret.encode()), JSON, *properties],
+        CHAT,
+    )
+    assert answer.status == 400, answer.body
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_attribution_header"
+    assert f"more than {MAX_CLAIMS_CHARS} characters" in error["message"]
+    event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
+    assert (event.status, event.error_class) == ("bad_request", "invalid_attribution_header")
+    assert event.attribution == Attribution(tenant="acme", team="search", key_id=key.id)
+    assert len(upstream.provider.received) == before

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from datetime import datetime, timedelta
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ingress.guards.keys import hash_key
 from llmtap import wire
 from llmtap.events import PROPERTY_NAME, PROPERTY_NAME_RULE, Attribution, Status, Usage, utcnow
 
@@ -47,12 +47,10 @@ def _hop_by_hop(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 
 def key_id(credential: str) -> str:
-    """A stable, non-reversible id for a credential: first 16 hex chars of SHA-256 (as
-    :func:`~ingress.guards.keys.hash_key`: one sent with bytes that are not UTF-8 has
+    """A stable, non-reversible id for a credential: the first 16 hex chars of its
+    :func:`~ingress.guards.keys.hash_key` (one sent with bytes that are not UTF-8 has
     one too, never an error)."""
-    if not credential:
-        return ""
-    return hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return hash_key(credential)[:16] if credential else ""
 
 
 def bearer_token(headers: CIMultiDictProxy[str]) -> str:
@@ -74,6 +72,13 @@ class BadClaim(ValueError):
         self.header = header
         self.message = message
 
+
+# What a call's x-llmtap-* claims may add up to, names and values, in characters. They
+# are copied into both its events, which must fit the broker's 1 MiB message limit:
+# aiohttp takes 128 header lines of 8190 bytes, and JSON escapes can grow a value 6x,
+# so a call claiming that much was forwarded and its events refused by Kafka, never
+# recorded. 64 KiB leaves any event far below the limit.
+MAX_CLAIMS_CHARS = 65_536
 
 # The x-llmtap-* headers read as attribution fields; any other is ignored (and dropped).
 _CLAIM_FIELDS = frozenset(
@@ -121,7 +126,16 @@ class Claims:
         API could not group by (its name: :data:`~llmtap.events.PROPERTY_NAME`)."""
         first: dict[str, str] = {}
         properties: dict[str, str] = {}
+        size = 0
         for name, value in pairs:
+            size += len(name) + len(value)
+            if size > MAX_CLAIMS_CHARS:
+                raise BadClaim(
+                    name,
+                    f"the x-llmtap-* headers claim more than {MAX_CLAIMS_CHARS} characters "
+                    f"(names and values) by header {name}: llmtap records them with the "
+                    "call, so send fewer or shorter",
+                )
             if name in _CLAIM_FIELDS:
                 first.setdefault(name, _text(name, value))
             elif name.startswith(PROPERTY_PREFIX):

@@ -123,7 +123,13 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
                 if problem := unstorable(event):
                     raise ValueError(problem)
                 costed.append(event)
-        except (ValidationError, msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+        except (
+            ValidationError,
+            msgspec.ValidationError,
+            msgspec.DecodeError,
+            ValueError,
+            ArithmeticError,  # a decimal operation on an amount no context holds
+        ) as exc:
             batch.dead_letters.append(DeadLetter(utcnow(), topic, partition, offset, raw, str(exc)))
     if costed:
         columns = call_columns(costed)
