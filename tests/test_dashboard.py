@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -938,3 +939,28 @@ def test_a_model_with_no_name_is_none_in_every_chart() -> None:
     ]
     html = views.latency_chart(rows).html
     assert "(none) (openai)" in html and "gpt-4o (openai)" in html
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({"Content-Encoding": "gzip"}, b"key=not-gzip"),
+        ({}, b"key=\xff\xfe&range=7d"),
+    ],
+)
+async def test_a_login_form_that_cannot_be_read_is_a_400(
+    dash: Dash, caplog: pytest.LogCaptureFixture, headers: dict[str, str], body: bytes
+) -> None:
+    """A form that is not what its Content-Encoding says, or not UTF-8: a bare text 500
+    and a traceback at ERROR. Now the login page again, 400, and the next request is
+    answered."""
+    form = {"Content-Type": "application/x-www-form-urlencoded", **headers}
+    with caplog.at_level(logging.ERROR):
+        async with dash.client.post(
+            "/dashboard/login", data=body, headers=form, allow_redirects=False
+        ) as response:
+            assert response.status == 400, await response.text()
+            assert "could not be read" in (text := await response.text()) or "UTF-8" in text
+            assert COOKIE not in response.cookies
+        assert 'name="key"' in await dash.page()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

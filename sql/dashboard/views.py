@@ -60,6 +60,7 @@ from sql.params import (
     Query,
     Scope,
 )
+from sql.sqlapi import UNREADABLE
 from sql.store import Store, render
 
 PATH = "/dashboard"
@@ -467,7 +468,16 @@ class Views:
     async def login(self, request: web.Request) -> web.Response:
         if not _same_origin(request):
             return login_page(DEFAULT_RANGE, "Log in from this site's own form.", 403)
-        form = await request.post()
+        try:
+            form = await request.post()
+        except web.RequestPayloadError:
+            # Not what its Content-Encoding says (or a broken chunked body): as the SQL
+            # endpoint's, answered here, not a bare 500, and its connection closed.
+            request.content.feed_eof()
+            request[UNREADABLE] = True
+            return login_page(DEFAULT_RANGE, "The form could not be read: send it again.", 400)
+        except UnicodeDecodeError:  # a form whose bytes are not UTF-8
+            return login_page(DEFAULT_RANGE, "The form is not UTF-8 text: send it again.", 400)
         range_ = _range_of(form.get("range"))
         secret = form.get("key")
         secret = secret.strip() if isinstance(secret, str) else ""
