@@ -29,7 +29,7 @@ from llmtap.events import Attribution, Usage
 from sql.params import BadParameter, Query
 from tests.conftest import Broker, FakeUpstream
 from tests.prometheus import sample
-from tests.raw_http import raw_request
+from tests.raw_http import RawAnswer, raw_request
 from tests.test_ingress_ops import make_key, response_event
 
 CHAT = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
@@ -37,6 +37,14 @@ MESSAGES = orjson.dumps(
     {"model": "claude-3-5-haiku", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
 )
 JSON = ("Content-Type", b"application/json")
+
+
+async def chat_with(ingress: str, secret: str, *headers: tuple[str, bytes]) -> RawAnswer:
+    """A chat call with the key ``secret`` and ``headers`` sent byte for byte."""
+    credential = ("Authorization", b"Bearer " + secret.encode())
+    return await raw_request(
+        ingress, "POST", "/v1/chat/completions", [credential, JSON, *headers], CHAT
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,18 +110,12 @@ async def test_no_other_header_a_client_sends_reaches_an_event(
     """x-request-id, traceparent, user-agent that are not UTF-8 are passed on as they
     are: no event holds them (the request id is llmtap's own), so the call is recorded."""
     secret = await make_key(ingress, ingress_settings.key_file)
-    answer = await raw_request(
+    answer = await chat_with(
         ingress,
-        "POST",
-        "/v1/chat/completions",
-        [
-            ("Authorization", b"Bearer " + secret.encode()),
-            JSON,
-            ("x-request-id", b"\xff"),
-            ("traceparent", b"00-\xfe-\xff-01"),
-            ("User-Agent", b"sdk/\xff"),
-        ],
-        CHAT,
+        secret,
+        ("x-request-id", b"\xff"),
+        ("traceparent", b"00-\xfe-\xff-01"),
+        ("User-Agent", b"sdk/\xff"),
     )
     assert answer.status == 200, answer.body
     request_id = answer.headers["x-request-id"]
@@ -208,13 +210,7 @@ async def test_a_property_name_the_api_cannot_group_by_is_refused_and_recorded(
     [key] = [k for k in read_keys(ingress_settings.key_file).keys if k.team == "search"]
     before = len(upstream.provider.received)
     for header in ("x-llmtap-property-", "x-llmtap-property-a+b", "x-llmtap-property-" + "p" * 65):
-        answer = await raw_request(
-            ingress,
-            "POST",
-            "/v1/chat/completions",
-            [("Authorization", b"Bearer " + secret.encode()), JSON, (header, b"v")],
-            CHAT,
-        )
+        answer = await chat_with(ingress, secret, (header, b"v"))
         assert answer.status == 400, answer.body
         error = answer.json()["error"]
         assert error["code"] == "invalid_attribution_header"
@@ -232,19 +228,13 @@ async def test_a_repeated_claim_keeps_its_first_value_properties_too(
     """As headers.get reads a header, for every claim: a repeated x-llmtap-feature kept
     its first value, but a repeated x-llmtap-property-<name> its last."""
     secret = await make_key(ingress, ingress_settings.key_file)
-    answer = await raw_request(
+    answer = await chat_with(
         ingress,
-        "POST",
-        "/v1/chat/completions",
-        [
-            ("Authorization", b"Bearer " + secret.encode()),
-            JSON,
-            ("x-llmtap-feature", b"first"),
-            ("x-llmtap-property-cust", b"first"),
-            ("x-llmtap-feature", b"second"),
-            ("X-LLMTAP-PROPERTY-CUST", b"second"),
-        ],
-        CHAT,
+        secret,
+        ("x-llmtap-feature", b"first"),
+        ("x-llmtap-property-cust", b"first"),
+        ("x-llmtap-feature", b"second"),
+        ("X-LLMTAP-PROPERTY-CUST", b"second"),
     )
     assert answer.status == 200, answer.body
     event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
@@ -274,13 +264,7 @@ async def test_claims_too_large_for_an_event_are_refused_and_recorded(
     [key] = [k for k in read_keys(ingress_settings.key_file).keys if k.team == "search"]
     before = len(upstream.provider.received)
     properties = [(f"x-llmtap-property-p{i}", b'"' * 8000) for i in range(100)]
-    answer = await raw_request(
-        ingress,
-        "POST",
-        "/v1/chat/completions",
-        [("Authorization", b"Bearer " + secret.encode()), JSON, *properties],
-        CHAT,
-    )
+    answer = await chat_with(ingress, secret, *properties)
     assert answer.status == 400, answer.body
     error = answer.json()["error"]
     assert error["code"] == "invalid_attribution_header"
