@@ -88,8 +88,7 @@ async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
         # It raised out of the handler: a bare text 500, with a traceback at ERROR.
         # Ended here (aiohttp would read on after the answer, and log the error again
         # as unhandled), and the connection with the answer: its parser is broken.
-        request.content.feed_eof()
-        request[UNREADABLE] = True
+        stop_reading(request)
         raise _bad_body("body", _unreadable(request, exc)) from None
     try:
         body = orjson.loads(raw)
@@ -123,6 +122,14 @@ async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
 
 
 UNREADABLE = web.RequestKey("sql_body_unreadable", bool)
+
+
+def stop_reading(request: web.Request) -> None:
+    """A request whose body could not be read (``RequestPayloadError``) is answered by
+    its handler: no more of it is read, and the answer closes its connection
+    (:func:`close_if_unreadable`)."""
+    request.content.feed_eof()
+    request[UNREADABLE] = True
 
 
 async def close_if_unreadable(request: web.Request, response: web.StreamResponse) -> None:

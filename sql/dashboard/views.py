@@ -60,7 +60,7 @@ from sql.params import (
     Query,
     Scope,
 )
-from sql.sqlapi import UNREADABLE
+from sql.sqlapi import stop_reading
 from sql.store import Store, render
 
 PATH = "/dashboard"
@@ -473,8 +473,7 @@ class Views:
         except web.RequestPayloadError:
             # Not what its Content-Encoding says (or a broken chunked body): as the SQL
             # endpoint's, answered here, not a bare 500, and its connection closed.
-            request.content.feed_eof()
-            request[UNREADABLE] = True
+            stop_reading(request)
             return login_page(DEFAULT_RANGE, "The form could not be read: send it again.", 400)
         except UnicodeDecodeError:  # a form whose bytes are not UTF-8
             return login_page(DEFAULT_RANGE, "The form is not UTF-8 text: send it again.", 400)
