@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TypeVar, cast
 
@@ -14,6 +15,15 @@ from ingress.publisher import EventPublisher
 from llmtap import wire
 
 M = TypeVar("M", bound=MetricWrapperBase)
+
+log = logging.getLogger(__name__)
+
+# The model label comes from the call (a client may name any model, and a provider
+# answer with any name): past this many distinct models, the rest count as OTHER_MODEL,
+# so a client sending made-up names cannot grow the process's series without end.
+# A company's models, its fine-tunes and local ones included, are far fewer.
+MAX_MODEL_LABELS = 500
+OTHER_MODEL = "_other"
 
 # Latency of LLM calls spans milliseconds to minutes.
 _CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -91,9 +101,12 @@ class IngressMetrics:
         self.registry.register(_PublisherCollector(publisher))
         # Labelled children by (metric, *labels): as many as the metrics hold themselves.
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
+        self._models: set[str] = set()  # the model labels given, at most MAX_MODEL_LABELS
+        self._models_capped = False
 
     def observe(self, event: wire.Response) -> None:
-        self._child(self.requests, event.endpoint, event.provider, event.model, event.status).inc()
+        model = self._model_label(event.model)
+        self._child(self.requests, event.endpoint, event.provider, model, event.status).inc()
         if event.status in ("bad_request", "refused"):
             self._child(self.rejections, event.error_class or event.status).inc()
             return
@@ -101,6 +114,23 @@ class IngressMetrics:
         self._child(self.overhead, event.endpoint).observe(event.proxy_overhead_ms / 1000)
         if event.ttft_ms is not None:
             self._child(self.ttft, event.endpoint, event.provider).observe(event.ttft_ms / 1000)
+
+    def _model_label(self, model: str) -> str:
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model
+        if not self._models_capped:
+            self._models_capped = True
+            log.warning(
+                "calls have named %d models: llmtap_requests_total counts calls of any "
+                "other model as model=%s (first: %.100r)",
+                MAX_MODEL_LABELS,
+                OTHER_MODEL,
+                model,
+            )
+        return OTHER_MODEL
 
     def _child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, remembered: the lookup costs more than the update."""

@@ -10,7 +10,7 @@ import contextvars
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 
 import orjson
@@ -31,6 +31,25 @@ class AtMostEvery:
         if now < self._next:
             return False
         self._next = now + self.seconds
+        return True
+
+
+class Once:
+    """Says yes the first time it is asked about a thing, for a log line worth reading
+    once per thing (a model with no price). What it remembers is bounded: past
+    ``most`` things it forgets them all, so a stream of ever new things (made-up model
+    names) costs a line each and never grows the process."""
+
+    def __init__(self, most: int = 1000) -> None:
+        self.most = most
+        self._seen: set[Hashable] = set()
+
+    def first(self, thing: Hashable) -> bool:
+        if thing in self._seen:
+            return False
+        if len(self._seen) >= self.most:
+            self._seen.clear()
+        self._seen.add(thing)
         return True
 
 

@@ -26,7 +26,11 @@ from yarl import URL
 from ingress.app import create_app
 from ingress.errors import anthropic_error, openai_error
 from ingress.forward import tokens
+from ingress.forward.call import Call
+from ingress.guards.fields import MAX_MODEL_CHARS
 from ingress.guards.keys import create_key, read_keys
+from ingress.metrics import MAX_MODEL_LABELS, OTHER_MODEL, IngressMetrics
+from ingress.publisher import EventPublisher
 from llmtap.config import ProviderConfig, Settings
 from llmtap.events import RequestEvent, ResponseEvent, Usage
 from llmtap.names import Names
@@ -1163,3 +1167,45 @@ async def test_every_content_encoding_is_refused_in_the_route_s_shape_and_record
         if r.levelno >= logging.ERROR
         and (_in_ingress(r) or "content-encoding" in str(r.exc_info and r.exc_info[1]))
     ]
+
+
+def test_the_model_label_is_bounded_and_a_served_model_cut_to_its_bound(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model label and the served model come from clients and providers: past
+    MAX_MODEL_LABELS distinct models, calls count under OTHER_MODEL (a client naming a
+    new model in every call must not grow /metrics and the process without end), and a
+    provider's model name goes into the response event cut to what a request's may be
+    (an event Kafka refuses would lose the call)."""
+    publisher = EventPublisher(
+        Settings(data_dir=tmp_path).kafka,
+        queue_size=10,
+        spool_dir=tmp_path / "spool",
+        spool_max_bytes=1 << 20,
+    )  # not started: nothing is published here
+    metrics = IngressMetrics(publisher)
+    ended = Call(provider="openai", endpoint="chat.completions")
+
+    def observe(model: str) -> None:
+        metrics.observe(
+            ended.response_event(status="ok", http_status=200, usage=Usage(), model_served=model)
+        )
+
+    with caplog.at_level(logging.WARNING, logger="ingress.metrics"):
+        for n in range(MAX_MODEL_LABELS + 50):
+            observe(f"made-up-{n}")
+        observe("made-up-0")  # one labelled before the bound keeps its label
+    text = metrics.render().decode()
+    models = {
+        line.split('model="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("llmtap_requests_total{")
+    }
+    assert len(models) == MAX_MODEL_LABELS + 1
+    assert sample(text, "llmtap_requests_total", model=OTHER_MODEL) == 50
+    assert sample(text, "llmtap_requests_total", model="made-up-0") == 2
+    assert caplog.text.count("model=" + OTHER_MODEL) == 1
+
+    long = "m" * 2_000_000
+    event = ended.response_event(status="ok", http_status=200, usage=Usage(), model_served=long)
+    assert event.model_served == long[:MAX_MODEL_CHARS]

@@ -56,3 +56,11 @@ def test_a_repeating_kafka_line_passes_once_per_interval_then_says_how_many_were
     quiet_since = record("aiokafka", unable, 1, "again")
     assert throttle.filter(quiet_since)
     assert "suppressed" not in orjson.loads(logs.JsonFormatter("store").format(quiet_since))
+
+
+def test_once_says_yes_once_a_thing_and_remembers_a_bounded_number() -> None:
+    once = logs.Once(most=3)
+    assert [once.first(t) for t in ("a", "b", "a", "c", "b")] == [True, True, False, True, False]
+    assert once.first("d")  # a fourth: the three are forgotten, so memory stays bounded
+    assert not once.first("d")
+    assert once.first("a")  # forgotten, so told again

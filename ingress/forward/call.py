@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ingress.guards.fields import recorded_model
 from ingress.guards.keys import hash_key
 from llmtap import wire
 from llmtap.events import PROPERTY_NAME, PROPERTY_NAME_RULE, Attribution, Status, Usage, utcnow
@@ -314,7 +315,7 @@ class Call:
             provider=self.provider,
             endpoint=self.endpoint,
             model_requested=self.model_requested,
-            model_served=model_served,
+            model_served=recorded_model(model_served),  # as the provider named it: bounded
             stream=self.stream,
             status=status,
             http_status=http_status,

@@ -44,7 +44,7 @@ from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
-from llmtap import topics, wire
+from llmtap import logs, topics, wire
 from llmtap.batches import Batches
 from llmtap.config import Settings
 from llmtap.events import utcnow
@@ -101,7 +101,7 @@ class CostStage(GroupStage):
         self._costed: Batches | None = None
         self._same_partitions = False
         self._checkpoints: Batches | None = None
-        self._warned: set[tuple[str, str]] = set()  # what had no price, and its provider: logged
+        self._warned = logs.Once()  # what had no price, and its provider: logged
         # Read at each scrape of the worker's /metrics: costed events sent (a call read
         # again after a takeover, whose costed event the old owner sent, is not), and of
         # those, the unpriced (no price known for the model).
@@ -234,8 +234,7 @@ class CostStage(GroupStage):
         costed event is sent here, and what has no price logged once."""
         self.unpriced += sent
         missing = missing_price(event, self._catalog)
-        if (missing, event.provider) not in self._warned:
-            self._warned.add((missing, event.provider))
+        if self._warned.first((missing, event.provider)):
             log.warning("no price for %s (provider %s)", missing, event.provider)
 
     async def _send(self, records: Sequence[Record]) -> list[asyncio.Future[Any]]:
