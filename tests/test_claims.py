@@ -88,6 +88,7 @@ async def test_a_claim_that_is_not_utf8_is_refused_and_recorded_under_the_key(
         message = body["error"]["message"]
     else:
         assert body["error"]["code"] == "invalid_attribution_header"
+        assert body["error"]["param"] == header  # what the error is about, as OpenAI's say
         message = body["error"]["message"]
     assert f"header {header} is not UTF-8" in message
     assert len(upstream.provider.received) == before  # the provider was not contacted
@@ -215,6 +216,7 @@ async def test_a_property_name_the_api_cannot_group_by_is_refused_and_recorded(
         error = answer.json()["error"]
         assert error["code"] == "invalid_attribution_header"
         assert f"invalid custom property header {header!r}" in error["message"]
+        assert error["param"] == header
         assert "1 to 64 of A-Z a-z 0-9 _ . -" in error["message"]
         event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
         assert (event.status, event.error_class) == ("bad_request", "invalid_attribution_header")

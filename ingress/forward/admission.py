@@ -128,7 +128,9 @@ class Admission:
             if refusal.attribution is not None:  # a valid key's false claim: its tenant's call
                 call.attribution = refusal.attribution
                 call.model_requested = await _model_named(request)
-            return refuse(refusal.status, refusal.message, refusal.error_class, code=refusal.code)
+            return refuse(
+                refusal.status, refusal.message, refusal.error_class, refusal.param, refusal.code
+            )
         call.attribution = identity.attribution
         if compressed(request):
             # The SDKs send bodies as they are; a compressed one would be inflated here, a

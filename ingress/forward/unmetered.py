@@ -47,7 +47,12 @@ class _Refused(Exception):
 
     @classmethod
     def by(cls, refusal: Refusal, param: str | None = None) -> _Refused:
-        return cls(refusal.status, refusal.message, refusal.code or refusal.error_class, param)
+        return cls(
+            refusal.status,
+            refusal.message,
+            refusal.code or refusal.error_class,
+            param or refusal.param,
+        )
 
 
 def models(openai: Api, anthropic: Api) -> Handler:

@@ -32,6 +32,7 @@ class Refusal(Exception):
     # event could not carry): the call is recorded under the key's tenant, team and
     # user, so its tenant sees it.
     attribution: Attribution | None = None
+    param: str | None = None  # what it names: a header, in OpenAI's error's param
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def _bad_claim(bad: BadClaim, attribution: Attribution) -> Refusal:
         "invalid_attribution_header",
         code="invalid_attribution_header",
         attribution=attribution,
+        param=bad.header,
     )
 
 
