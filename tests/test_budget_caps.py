@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from anthropic import AsyncAnthropic
 from anthropic import BadRequestError as AnthropicBadRequestError
+from anthropic import RateLimitError as AnthropicRateLimitError
 from openai import AsyncOpenAI, BadRequestError, RateLimitError
 from openai.types.chat import ChatCompletionContentPartParam
 from standardwebhooks import Webhook
@@ -368,6 +369,33 @@ async def test_a_starting_ingress_judges_a_cap_on_the_spend_already_counted(
     assert (status, body["error"]["code"]) == (429, "budget_exceeded"), body
     assert "$0.999 of $1 spent" in body["error"]["message"]
     assert len(upstream.provider.received) == asked
+
+
+async def test_a_budget_refusal_long_before_its_reset_is_not_retried_by_the_sdk(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDKs retry a 429, twice by default: Anthropic's waited the whole retry-after
+    (days, until the budget's reset), OpenAI's asked again at once, in vain, each
+    refusal recorded. ``x-should-retry: false`` makes them fail at once."""
+    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
+    budget = await all_but_spent(ingress_settings, "retry")
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    async with TestServer(create_app(settings), host="127.0.0.1") as server:
+        base = str(server.make_url("")).rstrip("/")
+        secret = await make_key(base, settings.key_file)
+        async with AsyncAnthropic(base_url=base, api_key=secret) as client:  # retries: 2
+            with pytest.raises(AnthropicRateLimitError) as refused:
+                async with asyncio.timeout(30):  # it slept retry-after: days
+                    await client.messages.create(
+                        model="claude-3-5-haiku",
+                        max_tokens=1_000,  # up to $0.004: fits $1, not the $0.001 left
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as answer:
+            metrics = await answer.text()
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert int(refused.value.response.headers["retry-after"]) > 60
+    assert sample(metrics, "llmtap_requests_total", status="budget_exceeded") == 1
 
 
 async def test_a_cap_is_not_judged_before_its_spend_is_read(

@@ -44,6 +44,10 @@ BUDGET_STATES_WAIT_S = 5.0
 # Refusals of a body, the same on every route that reads one (unmetered.py too).
 UNCOMPRESSED = "llmtap takes request bodies uncompressed: send them without Content-Encoding"
 INVALID_JSON = "We could not parse the JSON body of your request."
+# How long a client's SDK is expected to wait for a 429's retry-after (OpenAI's waits
+# up to a minute, then does not retry); a budget refusal that resets later is not
+# worth retrying at all.
+SDK_RETRY_WAIT_S = 60
 
 
 @dataclass
@@ -271,6 +275,11 @@ class Admission:
             refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
             resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
             refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
+            if resets_in > SDK_RETRY_WAIT_S:
+                # The SDKs retry a 429 (twice by default): Anthropic's waits whatever
+                # retry-after says, days at a month's start; OpenAI's retries at once
+                # past a minute, in vain. Both obey this (not a standard header).
+                refused.headers["x-should-retry"] = "false"
             return refused
         return Admitted(
             route,
