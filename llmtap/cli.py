@@ -16,6 +16,7 @@ import asyncio
 import logging
 import secrets
 import sys
+from typing import Any
 
 from llmtap import logs
 from llmtap.config import Settings, load_settings
@@ -47,16 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="llmtap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
-    # Each subcommand takes --config too (before or after it); SUPPRESS keeps a
-    # subcommand without one from resetting what was given before it.
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("up", "ingress", "worker", "store", "migrate"):
-        sub = commands.add_parser(name)
-        sub.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
-    keys = commands.add_parser("keys", help="virtual keys (stored as SHA-256 hashes)")
-    keys.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        _command(commands, name)
+    keys = _command(commands, "keys", help="virtual keys (stored as SHA-256 hashes)")
     actions = keys.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="make a key and print it once")
+    create = _command(actions, "create", help="make a key and print it once")
     create.add_argument("--tenant", required=True, type=_tenant)
     create.add_argument("--team", default="")
     create.add_argument("--user", default="")
@@ -65,18 +62,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--rpm", type=int, default=None, help="requests per minute")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute")
-    actions.add_parser("list", help="list keys (never their secrets)")
-    actions.add_parser(
-        "admin", help="make an analytics API admin key: print it and the digest to configure"
+    _command(actions, "list", help="list keys (never their secrets)")
+    _command(
+        actions,
+        "admin",
+        help="make an analytics API admin key: print it and the digest to configure",
     )
-    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke = _command(actions, "revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
-    alerts = commands.add_parser("alerts", help="alert webhooks")
-    alerts.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    alerts = _command(commands, "alerts", help="alert webhooks")
     alert_actions = alerts.add_subparsers(dest="action", required=True)
-    test = alert_actions.add_parser("test", help="send a signed sample alert to an endpoint")
+    test = _command(alert_actions, "test", help="send a signed sample alert to an endpoint")
     test.add_argument("--endpoint", required=True, help="the webhook endpoint's name")
     return parser
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A subcommand that takes --config too, before or after its own arguments, as every
+    one does (SUPPRESS: one without it keeps what was given before it)."""
+    command = commands.add_parser(name, **kwargs)
+    command.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    return command
 
 
 def _tenant(value: str) -> str:

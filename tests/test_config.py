@@ -215,14 +215,16 @@ def test_readme_documents_every_setting() -> None:
     assert set(Settings.model_fields) - names == set()
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("where", ["before", "after", "last"])
 def test_config_is_read_wherever_it_is_given(
     where: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     cli: Callable[[list[str]], int],
 ) -> None:
-    """`llmtap --config F keys list` and `llmtap keys --config F list` read the same file."""
+    """`llmtap --config F keys list`, `llmtap keys --config F list` and `llmtap keys
+    list --config F` read the same file (the last, as the README's `alerts test
+    --endpoint E --config F`, was refused)."""
     from ingress.guards.keys import create_key
 
     keys_file = tmp_path / "team-keys.yaml"
@@ -232,6 +234,8 @@ def test_config_is_read_wherever_it_is_given(
     argv = ["--config", str(config), "keys", "list"]
     if where == "after":
         argv = ["keys", "--config", str(config), "list"]
+    if where == "last":
+        argv = ["keys", "list", "--config", str(config)]
     assert cli(argv) == 0
     assert key.id in capsys.readouterr().out
 
