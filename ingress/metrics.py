@@ -80,7 +80,7 @@ class IngressMetrics:
         )
         self.ttft = Histogram(
             "llmtap_time_to_first_token_seconds",
-            "From the call's arrival to the provider's first byte",
+            "Streamed calls: from the call's arrival to the provider's first byte",
             ["endpoint", "provider"],
             buckets=_CALL_BUCKETS,
             registry=self.registry,

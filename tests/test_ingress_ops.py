@@ -1209,3 +1209,25 @@ def test_the_model_label_is_bounded_and_a_served_model_cut_to_its_bound(
     long = "m" * 2_000_000
     event = ended.response_event(status="ok", http_status=200, usage=Usage(), model_served=long)
     assert event.model_served == long[:MAX_MODEL_CHARS]
+
+
+async def test_time_to_first_token_is_a_streamed_call_s(
+    ingress: str, ingress_settings: Settings, broker: Broker
+) -> None:
+    """A whole answer's first byte comes once it is all generated: its TTFT was its
+    latency, averaged into the analytics' and the spikes' time to first token with the
+    streams'. Only a streamed call has one."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    ask: Any = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    async with AsyncOpenAI(base_url=f"{ingress}/v1", api_key=secret, max_retries=0) as client:
+        whole = await client.chat.completions.with_raw_response.create(**ask)
+        async with client.chat.completions.with_streaming_response.create(
+            **ask, stream=True
+        ) as streamed:
+            async for _ in streamed.iter_lines():
+                pass
+    answered = await response_event(broker.bootstrap, whole.headers["x-request-id"])
+    assert (answered.stream, answered.status, answered.ttft_ms) == (False, "ok", None)
+    event = await response_event(broker.bootstrap, streamed.headers["x-request-id"])
+    assert (event.stream, event.status) == (True, "ok")
+    assert event.ttft_ms is not None and 0 < event.ttft_ms <= event.latency_ms

@@ -307,7 +307,14 @@ class Call:
         sent = self.t_upstream_sent if self.t_upstream_sent is not None else t_end
         done = self.t_upstream_done if self.t_upstream_done is not None else t_end
         overhead = max(0.0, (sent - self.t_start) + (t_end - max(done, sent)))
-        ttft = None if self.t_first_byte is None else (self.t_first_byte - self.t_start) * 1000
+        # Time to first token: a stream's first byte (its headers, then its first event,
+        # come as generation starts). A whole answer's first byte comes once it is all
+        # generated: that is its latency, not a time to first token.
+        ttft = (
+            None
+            if self.t_first_byte is None or not self.stream
+            else (self.t_first_byte - self.t_start) * 1000
+        )
         return wire.Response(
             request_id=self.request_id,
             ts_start=self.ts_start,
