@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from llmtap import logs
-from llmtap.config import Settings, load_settings
+from llmtap.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("llmtap")
 
@@ -177,7 +177,11 @@ def _alerts_test(settings: Settings, name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = load_settings(args.config)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:  # the operator's to fix: said plainly, not a traceback
+        print(f"llmtap: {exc}", file=sys.stderr)
+        return 2
     logs.setup(args.command, settings.log_level)
 
     if args.command == "keys":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
+import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -27,6 +28,7 @@ from pydantic import (
     Field,
     FilePath,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -614,8 +616,27 @@ def _refused(settings: Settings, name: str, exc: UnusableFile) -> ValueError:
     return ValueError(f"{name} {getattr(settings, name)}: {exc}")
 
 
+class ConfigError(Exception):
+    """Settings that cannot be used, said for an operator: what is wrong, and where."""
+
+
 def load_settings(config_file: str | None = None) -> Settings:
-    """Load settings; a config file given here is also exported for child processes."""
+    """Load settings; a config file given here is also exported for child processes.
+    Raises :class:`ConfigError` for a file that is missing, not YAML or not a mapping,
+    or a setting that is not valid (each one named)."""
     if config_file:
         os.environ[CONFIG_ENV] = str(Path(config_file).resolve())
-    return Settings()
+    where = os.environ.get(CONFIG_ENV, "")
+    try:
+        return Settings()
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{CONFIG_ENV}: {where} is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        origin = f"{where} and the LLMTAP_* environment" if where else "the LLMTAP_* environment"
+        raise ConfigError(f"invalid settings (from {origin}): {exc}") from None
+    except (ValueError, TypeError) as exc:  # what the file's YAML made is not settings
+        raise ConfigError(
+            f"{CONFIG_ENV}: {where} must be a mapping of setting names to values ({exc})"
+        ) from None

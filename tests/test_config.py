@@ -240,6 +240,36 @@ def test_config_is_read_wherever_it_is_given(
     assert key.id in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (None, "no config file at"),
+        ("proxy_port: [1\n", "is not valid YAML"),
+        ("- proxy_port\n- 8080\n", "must be a mapping of setting names to values"),
+        ("proxy_port: -5\nprox_port: 9000\n", "proxy_port\n  Input should be greater"),
+        ("providers: {groq: {kind: openai}}\n", "providers.groq: base_url is required"),
+    ],
+)
+def test_a_config_that_cannot_be_used_is_said_plainly_not_with_a_traceback(
+    text: str | None,
+    said: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+) -> None:
+    """Every command (`llmtap up` too) read a bad config file by raising: a traceback
+    ending in pyyaml's, pydantic's or pydantic-settings' own error, exit status 1."""
+    config = tmp_path / "llmtap.yaml"
+    if text is not None:
+        config.write_text(text)
+    assert cli(["--config", str(config), "keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmtap: ") and said in err, err
+    assert "Traceback" not in err
+    if "prox_port" in (text or ""):
+        assert "prox_port\n  Extra inputs are not permitted" in err  # each one named
+
+
 def compose_service(name: str) -> tuple[dict[str, str], dict[str, str]]:
     """A docker-compose.yml service's environment, each ``${VAR:-default}`` taken at its
     default (``${VAR}``: empty), and its volumes as mount point -> volume name."""
