@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from llmtap import logs
-from llmtap.config import ConfigError, Settings, load_settings
+from llmtap.config import ConfigError, Settings, load_settings, pin_config
 
 log = logging.getLogger("llmtap")
 
@@ -191,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from llmtap.supervisor import up
 
+        try:
+            settings = pin_config(settings)
+        except (ConfigError, OSError) as exc:
+            print(f"llmtap: {exc}", file=sys.stderr)
+            return 2
         return up(settings)
     if args.command == "ingress":
         from ingress.app import run as run_ingress

@@ -11,6 +11,7 @@ import base64
 import binascii
 import copy
 import os
+import shutil
 import ssl
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -614,6 +615,21 @@ class Settings(BaseSettings):
 
 def _refused(settings: Settings, name: str, exc: UnusableFile) -> ValueError:
     return ValueError(f"{name} {getattr(settings, name)}: {exc}")
+
+
+def pin_config(settings: Settings) -> Settings:
+    """What ``llmtap up``'s children read, pinned: a copy of the config file under the
+    run directory, which they are pointed at. A child restarted after the file was
+    edited (a crash, a broker restart) runs what the others run, not a mix (the edited
+    proxy port, unchecked and unannounced; broken YAML, a crash loop); an edit applies
+    at the next start. The settings are read again from the copy, so they are its."""
+    source = os.environ.get(CONFIG_ENV)
+    if not source:
+        return settings
+    pinned = settings.run_dir / "config.yaml"
+    pinned.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, pinned)
+    return load_settings(str(pinned))
 
 
 class ConfigError(Exception):

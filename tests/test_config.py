@@ -11,7 +11,7 @@ import trustme
 import yaml
 from pydantic import ValidationError
 
-from llmtap.config import CONFIG_ENV, Settings
+from llmtap.config import CONFIG_ENV, Settings, load_settings, pin_config
 
 README = Path(__file__).parent.parent / "README.md"
 COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
@@ -268,6 +268,25 @@ def test_a_config_that_cannot_be_used_is_said_plainly_not_with_a_traceback(
     assert "Traceback" not in err
     if "prox_port" in (text or ""):
         assert "prox_port\n  Extra inputs are not permitted" in err  # each one named
+
+
+def test_up_s_children_read_the_config_as_it_was_at_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child `llmtap up` restarts (a crash, a broker restart) read the config file
+    again: edited meanwhile, the restarted proxy listened on the new port, which `up`
+    neither checked nor announced, and broken YAML made it crash again and again. They
+    now read a copy made at the start."""
+    monkeypatch.setenv(CONFIG_ENV, "")  # recorded, so teardown restores it (or its absence)
+    config = tmp_path / "llmtap.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nproxy_port: 19180\n")
+    settings = pin_config(load_settings(str(config)))
+    config.write_text("proxy_port: 19186\n")  # edited while up runs
+    child = Settings()  # as a child process loads them, from the environment it inherits
+    assert (settings.proxy_port, child.proxy_port) == (19180, 19180)
+    assert child.data_dir == tmp_path / "data"
+    config.write_text("proxy_port: [\n")
+    assert Settings().proxy_port == 19180
 
 
 def compose_service(name: str) -> tuple[dict[str, str], dict[str, str]]:
