@@ -79,7 +79,8 @@ def record(store: Store, group: str, insert: CallsInsert, ranges: tuple[Range, .
 
 def record_commits(store: Store, group: str, tokens: Iterable[str]) -> None:
     """Record that recorded inserts' offsets were committed: they need no repeat, even
-    once the broker has forgotten the commit (a broker that kept nothing)."""
+    once the broker has forgotten the commit (a broker that kept nothing). An insert
+    reported lost is recorded so too: nothing more can be done for it."""
     now = utcnow()
     store.insert(
         "calls_commits",
@@ -207,12 +208,12 @@ async def repeat_uncommitted(
     partitions = {TopicPartition(t, p) for r in recorded for t, p, _, _ in r.ranges}
     committed = await committed_offsets(kafka, group, partitions)
     repeated: list[Recorded] = []
-    lost = 0
+    lost: list[str] = []
     for r in uncommitted(recorded, committed, assigned):
         records = await read_ranges(kafka, r.ranges)
         insert = rebuilt(r, records) if records is not None else None
         if insert is None:
-            lost += 1
+            lost.append(r.token)
             log.error(
                 "an insert into calls (token %s, offsets %s) cannot be repeated: its "
                 "messages are gone from the broker; if it was cut short, a rollup may "
@@ -223,6 +224,8 @@ async def repeat_uncommitted(
             continue
         await asyncio.to_thread(insert_calls, store, insert)
         repeated.append(r)
+    if lost:  # reported once: recorded as done with, so no later start reports it again
+        await asyncio.to_thread(record_commits, store, group, lost)
     if repeated:
         log.warning("repeated %d uncommitted inserts into calls", len(repeated))
-    return repeated, lost
+    return repeated, len(lost)
