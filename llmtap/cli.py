@@ -216,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "migrate":
         from sql.migrate import migrate
         from sql.retention import apply_retention
-        from sql.store import Store
+        from sql.store import Store, StoreInUse
 
-        store = Store(settings.store_dsn)
+        try:
+            store = Store(settings.store_dsn)
+        except StoreInUse as exc:
+            print(f"llmtap: {exc}", file=sys.stderr)
+            return 2
         applied = migrate(store)
         print(f"applied migrations: {applied or 'none (schema up to date)'}")
         tables = apply_retention(

@@ -8,12 +8,14 @@ one chDB path, so calls run in a thread and one lock serialises them.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,6 +69,28 @@ READ_TIMEOUT_S = 30.0
 READ_SETTINGS = {"max_execution_time": READ_TIMEOUT_S, "timeout_overflow_mode": "throw"}
 
 
+class StoreInUse(RuntimeError):
+    """The embedded ClickHouse's data directory is another process's: chDB opens one in
+    one process at a time (a running ``llmtap up``'s store process, say)."""
+
+
+def _held_by_another(dsn: str) -> bool:
+    """Whether a chDB data directory is locked by another process (ClickHouse holds an
+    exclusive lock on its ``status`` file while it runs)."""
+    if not dsn.startswith("chdb://"):
+        return False
+    try:
+        with open(Path(dsn.removeprefix("chdb://")) / "status", "rb") as status:
+            try:
+                fcntl.flock(status, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(status, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
 class Store:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -75,7 +99,16 @@ class Store:
         # deduplication window would otherwise drop a block equal to a recent one.
         # UTC whatever the server's (or chDB's process's) time zone: what a date function
         # without a zone of its own buckets by, and (query_tz) the zone of every time read.
-        self._client = connect(dsn, {"insert_deduplicate": 0, "session_timezone": "UTC"})
+        try:
+            self._client = connect(dsn, {"insert_deduplicate": 0, "session_timezone": "UTC"})
+        except Exception as exc:
+            if not _held_by_another(dsn):
+                raise
+            raise StoreInUse(
+                f"the embedded ClickHouse at {dsn.removeprefix('chdb://')} is in use by "
+                "another process (a running llmtap up?): chDB opens a data directory in "
+                "one process at a time"
+            ) from exc
         self._lock = threading.Lock()
         self._column_types: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._readers: ThreadPoolExecutor | None = None  # arows's, made at its first use

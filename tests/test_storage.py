@@ -495,3 +495,36 @@ def test_calls_stored_before_their_terms_were_kept_read_the_standard_ones(
         ]
     finally:
         store.close()
+
+
+def test_migrate_on_a_data_dir_another_process_holds_says_so(tmp_path: Path) -> None:
+    """chDB opens a data directory in one process at a time: `llmtap migrate` beside a
+    running `llmtap up` ended in a traceback of clickhouse-connect's ProgrammingError
+    (Error initializing EmbeddedServer ... BAD_ARGUMENTS). Now one line saying why."""
+    env = {**os.environ, "LLMTAP_DATA_DIR": str(tmp_path)}
+    hold = (
+        "import sys; from llmtap.config import Settings; from sql.store import Store; "
+        "s = Store(Settings().store_dsn); s.command('SELECT 1'); print('held', flush=True); "
+        "sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        migrating = subprocess.run(
+            [sys.executable, "-m", "llmtap", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        holder.communicate(timeout=60)  # its stdin closed: it exits
+    assert migrating.returncode == 2, migrating.stderr
+    assert "is in use by another process (a running llmtap up?)" in migrating.stderr
+    assert "Traceback" not in migrating.stderr
