@@ -443,6 +443,8 @@ def _analytics(endpoint: str) -> Schema:
         **ERRORS,
         "403": _error("a filter outside the key's tenant, team or user"),
     }
+    if endpoint == "budgets":  # the current state: no range to reach back too far
+        responses["400"] = _error("a bad or unknown parameter, named in `param`")
     return {
         "get": {
             "operationId": f"analytics_{endpoint}",

@@ -73,6 +73,9 @@ def test_every_endpoint_is_documented_with_its_parameters() -> None:
         assert {"200", "400", "401"} <= set(operation["responses"])
         # A 403 is a tenant, team or user filter outside the key's.
         assert "403" in operation["responses"], name
+        # Only the endpoints that take a range can reach back past the retention.
+        too_far = "range" in operation["responses"]["400"]["description"]
+        assert too_far == ("range" in documented), name
     budgets = doc["paths"]["/api/v1/analytics/budgets"]["get"]["parameters"]
     alerts = doc["paths"]["/api/v1/analytics/alerts"]["get"]["parameters"]
     [tenant] = [p for p in budgets if p["name"] == "tenant"]
