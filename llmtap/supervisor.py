@@ -2,9 +2,10 @@
 
 Order: broker (embedded Tansu) -> topics -> store (migrations, ClickHouse writer,
 analytics API) -> stream worker (Faust) -> ingress. Each is started only once the one
-before it answers. Stop is the reverse order, on SIGINT/SIGTERM: SIGTERM, a grace
-period, then SIGKILL. Children also get SIGTERM from the kernel if the supervisor
-itself is killed (PR_SET_PDEATHSIG), so none is orphaned.
+before it answers. Stop is the reverse order, on SIGINT/SIGTERM/SIGHUP (a terminal or
+ssh session closed): SIGTERM, a grace period, then SIGKILL. Children also get SIGTERM
+from the kernel if the supervisor itself is killed (PR_SET_PDEATHSIG), so none is
+orphaned.
 
 Once up, a stage (store, worker, ingress) that exits is started again, as compose's
 ``restart: unless-stopped`` does: after 1 s, doubling to 60 s while it keeps dying,
@@ -220,7 +221,10 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # A hangup (the terminal or ssh session closed) stops as Ctrl-C does: left to its
+        # default it ended `up` at once, its children got SIGTERM all together from the
+        # kernel, and what the broker held was lost undrained.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self.stopping.set)
         backoff = Backoff()
         try:

@@ -327,12 +327,15 @@ async def test_upstream_unreachable_is_a_502_and_still_recorded(
     assert Decimal(row["cost"]) == 0  # nothing reached a model
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 async def test_up_drains_in_flight_events_then_stops_every_child(
-    tmp_path: Path, upstream: FakeUpstream
+    tmp_path: Path, upstream: FakeUpstream, stop: signal.Signals
 ) -> None:
     """Calls made just before SIGTERM still reach ClickHouse: `up` stops the ingress
     first and lets the stream and the writer catch up before stopping them, because
-    the embedded broker's topics die with it. Then no child is left running.
+    the embedded broker's topics die with it. Then no child is left running. A hangup
+    (its terminal or ssh session closed) stops it the same way: before, SIGHUP ended it
+    at once, every child got SIGTERM together, and the calls were lost with the broker.
     """
     async with run_llmtap(tmp_path, upstream) as running:
         async with running.openai() as sdk:
@@ -346,7 +349,7 @@ async def test_up_drains_in_flight_events_then_stops_every_child(
             )
         pids = running.child_pids()
         assert set(pids) == {"broker", "store", "worker", "ingress"}
-        running.process.terminate()
+        running.process.send_signal(stop)
         assert await asyncio.wait_for(running.process.wait(), 90) == 0
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
     secrets = (running.api_key, PROVIDER_KEY)  # no key ever reaches a log line
