@@ -109,6 +109,10 @@ class Supervisor:
         return child
 
     async def _start(self, name: str, argv: list[str], log_file: Path | None) -> Child:
+        if name == "worker":
+            # A worker killed, or stopped as it started, can leave its ready file behind:
+            # never take it for this one's (one that cannot start would pass for ready).
+            ready_file(self.settings).unlink(missing_ok=True)
         stdout = None
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)

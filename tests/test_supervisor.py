@@ -22,7 +22,9 @@ from llmtap.supervisor import (
     Supervisor,
 )
 from llmtap.topics import TopicsRefused
+from stream.app import ready_file
 from tests.fake_provider import free_port
+from tests.faults.harness import until
 
 
 def test_a_stage_that_keeps_dying_waits_twice_as_long_each_time_up_to_the_most() -> None:
@@ -188,3 +190,34 @@ def test_what_is_no_port_in_use_gets_no_hint_of_one_and_a_bad_bootstrap_is_the_b
     assert "another llmtap up" not in problem
     odd = _free_ports(tmp_path, kafka_bootstrap="127.0.0.1:99999")
     assert "kafka_bootstrap" not in [listener.setting for listener in ports.listeners(odd)]
+
+
+async def test_a_ready_file_left_by_an_earlier_worker_is_not_taken_for_the_new_one_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker killed (or stopped just as it started) leaves its ready file behind.
+    Before, `up` saw it at once, said "llmtap is up" and started the ingress while a
+    worker that cannot start (here: a file where its Faust directory goes) was started
+    again and again. Now the file is removed before each start, and the start fails."""
+    settings = _free_ports(tmp_path)
+    for name in ("data_dir", "kafka_bootstrap", "api_port", "worker_metrics_port", "proxy_port"):
+        monkeypatch.setenv(f"LLMTAP_{name.upper()}", str(getattr(settings, name)))  # children's
+    ready_file(settings).parent.mkdir(parents=True)
+    ready_file(settings).touch()
+    (tmp_path / "faust").write_text("x")
+    supervisor = Supervisor(settings)
+    running = asyncio.create_task(supervisor.run())
+
+    async def ended_or_ingress_started() -> bool:
+        return running.done() or any(c.name == "ingress" for c in supervisor.children)
+
+    try:
+        with caplog.at_level("ERROR", logger="llmtap.up"):
+            await until(ended_or_ingress_started, "up ended or started the ingress", 150)
+            assert [c.name for c in supervisor.children] == ["broker", "store", "worker"]
+            assert await running == 1
+    finally:
+        supervisor.stopping.set()
+        await running
+    assert "startup failed: worker exited while waiting for stream worker" in caplog.text
+    assert not [c.name for c in supervisor.children if c.running]
