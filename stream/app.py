@@ -109,6 +109,8 @@ class StreamWorker(faust.Worker):
 
     async def _ready_once_assigned(self) -> None:
         await self._stage.assigned.wait()
+        if self.should_stop:  # set as its stop begins, before on_stop removes the file
+            return  # a file written now would outlive the worker (a Ctrl-C just after start)
         self._ready.parent.mkdir(parents=True, exist_ok=True)
         self._ready.write_text("ready\n")
         log.info("stream worker ready")

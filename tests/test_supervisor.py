@@ -22,7 +22,7 @@ from llmtap.supervisor import (
     Supervisor,
 )
 from llmtap.topics import TopicsRefused
-from stream.app import ready_file
+from stream.app import StreamWorker, create_app, ready_file
 from tests.fake_provider import free_port
 from tests.faults.harness import until
 
@@ -221,3 +221,20 @@ async def test_a_ready_file_left_by_an_earlier_worker_is_not_taken_for_the_new_o
         await running
     assert "startup failed: worker exited while waiting for stream worker" in caplog.text
     assert not [c.name for c in supervisor.children if c.running]
+
+
+async def test_a_worker_given_partitions_once_its_stop_began_leaves_no_ready_file(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C just after `up` started: the worker's partitions came after its stop
+    began, and it wrote its ready file ("stream worker ready" after "Stopping...") after
+    on_stop had removed it, for the next `up` to find."""
+    settings = Settings(data_dir=tmp_path, worker_metrics_port=0)
+    app, stage, spikes = create_app(settings)
+    worker = StreamWorker(app, stage, spikes, settings)
+    ready = asyncio.create_task(worker._ready_once_assigned())
+    worker._stopped_set()  # what Service.stop does first, then on_stop
+    await worker.on_stop()
+    stage.assigned.set()
+    await ready
+    assert not ready_file(settings).exists()
