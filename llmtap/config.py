@@ -171,9 +171,23 @@ class BudgetConfig(BaseModel):
     value: str = Field(min_length=1)  # which tenant, team, key id, user or feature
     tenant: str = ""  # optional: count only this tenant's calls (for team/user/feature)
     period: BudgetPeriod = "month"
-    limit_usd: Decimal = Field(gt=0)
-    thresholds: tuple[int, ...] = (50, 80, 100)  # percent of the limit; one alert each
+    # Below 10^9: money is stored as Decimal(18, 9) (calls' costs), nine digits before the
+    # point; the limit is each of its alerts' baseline.
+    limit_usd: Decimal = Field(gt=0, lt=Decimal(10**9))
+    # Percent of the limit; one alert each. Past 100 is allowed: a soft budget's spend
+    # goes on past its limit, and a hard cap's is past it once the limit is lowered. (At
+    # most 10^18, as the spike rules' values: an alert's are Decimal(38, 9).)
+    thresholds: tuple[Annotated[int, Field(gt=0, le=10**18)], ...] = (50, 80, 100)
     hard_cap: bool = True  # refuse calls that could overshoot the limit
+
+    @field_validator("thresholds")
+    @classmethod
+    def _distinct_thresholds(cls, thresholds: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(thresholds)) != len(thresholds):
+            raise ValueError(
+                "thresholds must be distinct: each percentage of the limit raises one alert"
+            )
+        return thresholds
 
     @property
     def owner(self) -> str:

@@ -79,6 +79,31 @@ def test_calls_are_kept_for_a_whole_period_of_every_budget() -> None:
     Settings(budgets=[monthly], raw_retention_days=14, embedded_broker=False)
 
 
+@pytest.mark.parametrize(
+    ("given", "refused"),
+    [
+        ({"limit_usd": "1e30"}, r"budgets.0.limit_usd\n  Input should be less than 1000000000"),
+        ({"limit_usd": "1000000000"}, r"budgets.0.limit_usd\n  Input should be less than"),
+        ({"limit_usd": "0"}, r"budgets.0.limit_usd\n  Input should be greater than 0"),
+        ({"thresholds": [-5, 0]}, r"budgets.0.thresholds.0\n  Input should be greater than 0"),
+        ({"thresholds": [50, 50]}, r"budgets.0.thresholds\n.*thresholds must be distinct"),
+    ],
+)
+def test_a_budget_whose_limit_or_thresholds_cannot_work_is_refused(
+    given: dict[str, object], refused: str
+) -> None:
+    """A limit of 10^30 was taken, and each of its alerts (the limit is their baseline)
+    went to dead letters; a threshold of -5% alerted at once, and [50, 50] twice."""
+    budget = {"name": "x", "scope": "team", "value": "search", "limit_usd": "10"}
+    with pytest.raises(ValidationError, match=refused):
+        Settings(budgets=[{**budget, **given}])
+    # The largest amount money columns hold, and an overspend alert past 100%.
+    kept = Settings(
+        budgets=[{**budget, "limit_usd": "999999999.999999999", "thresholds": [50, 150]}]
+    ).budgets[0]
+    assert kept.thresholds == (50, 150)
+
+
 def test_two_spike_rules_of_one_name_are_refused() -> None:
     rule = {"name": "x", "dimension": "team", "metric": "cost"}
     Settings(spike_rules=[rule, {**rule, "name": "y"}])
