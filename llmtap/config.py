@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import ipaddress
 import os
+import re
 import shutil
 import ssl
 from collections.abc import Mapping
@@ -535,6 +537,18 @@ class Settings(BaseSettings):
             self.kafka_compression,
         )
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_servers(cls, value: str) -> str:
+        for server in value.split(","):
+            if not _broker_address(server.strip()):
+                raise ValueError(
+                    f"{server.strip()!r} is not host:port: kafka_bootstrap must be a "
+                    "comma-separated list of host:port, each port 1 to 65535 (an IPv6 "
+                    "address in brackets: [::1]:9092)"
+                )
+        return value
+
     @field_validator("clickhouse_dsn")
     @classmethod
     def _clickhouse_scheme(cls, dsn: str) -> str:
@@ -625,6 +639,25 @@ class Settings(BaseSettings):
                 raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def _broker_address(server: str) -> bool:
+    """Whether ``server`` is a ``host:port`` every client of llmtap reaches a broker at
+    (aiokafka, Faust, Tansu's listener and the probes all split it so): a host name or
+    IPv4 address, or an IPv6 address in brackets, and a port 1 to 65535."""
+    host, _, port = server.rpartition(":")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    return bool(_HOST_NAME.fullmatch(host))
 
 
 def _refused(settings: Settings, name: str, exc: UnusableFile) -> ValueError:

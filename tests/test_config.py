@@ -104,6 +104,30 @@ def test_a_budget_whose_limit_or_thresholds_cannot_work_is_refused(
     assert kept.thresholds == (50, 150)
 
 
+@pytest.mark.parametrize(
+    "bootstrap", ["not-a-host", "", "127.0.0.1", "127.0.0.1:99999", "127.0.0.1:0", "::1:9092"]
+)
+def test_a_kafka_bootstrap_that_is_no_list_of_host_port_is_refused(
+    bootstrap: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+) -> None:
+    """Each was taken: `llmtap up` then waited 120 s for a broker at no address, or
+    raised OverflowError for the port 99999."""
+    config = tmp_path / "llmtap.yaml"
+    config.write_text(yaml.safe_dump({"kafka_bootstrap": bootstrap}))
+    assert cli(["--config", str(config), "keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "kafka_bootstrap\n" in err and "comma-separated list of host:port" in err, err
+    assert f"{bootstrap!r} is not host:port" in err
+
+
+def test_kafka_bootstrap_takes_host_names_addresses_and_bracketed_ipv6() -> None:
+    for bootstrap in ("kafka-1:9092, kafka-2.internal:9093", "10.0.0.1:9092", "[::1]:65535"):
+        assert Settings(kafka_bootstrap=bootstrap).kafka_bootstrap == bootstrap
+
+
 def test_two_spike_rules_of_one_name_are_refused() -> None:
     rule = {"name": "x", "dimension": "team", "metric": "cost"}
     Settings(spike_rules=[rule, {**rule, "name": "y"}])
