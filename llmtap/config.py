@@ -89,7 +89,26 @@ class ProviderConfig(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+        return _provider_url(value, required=False)
+
+
+def _provider_url(value: str, *, required: bool = True) -> str:
+    """A provider's base URL, without a trailing slash: an http(s) URL with a host and,
+    if any, a port 1 to 65535 (each call is sent to it plus the endpoint's path). Empty
+    only where not ``required``."""
+    if not value and not required:
+        return value
+    parts = urlsplit(value)
+    try:
+        port_ok = parts.port != 0
+    except ValueError:  # a port that is no number, or out of range
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(
+            "must be an http:// or https:// URL with a host (and, if any, a port 1 to "
+            "65535), as https://api.groq.com/openai/v1"
+        )
+    return value.rstrip("/")
 
 
 AlertType = Literal["spike", "budget"]
@@ -425,6 +444,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _routes_to_known_providers(self) -> Settings:
+        known = self.providers_by_name
+        for pattern, name in self.model_routes.items():
+            if name not in known:
+                raise ValueError(
+                    f"model_routes: {pattern!r} is routed to provider {name!r}, which is not "
+                    f"configured (providers: {', '.join(known)}; add it under providers)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _rules_on_known_windows(self) -> Settings:
         for rule in self.spike_rules:
             if rule.window_s not in self.window_sizes_s:
@@ -559,7 +589,7 @@ class Settings(BaseSettings):
     @field_validator("openai_base_url", "anthropic_base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+        return _provider_url(value)
 
     @cached_property
     def providers_by_name(self) -> dict[str, ProviderConfig]:

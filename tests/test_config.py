@@ -128,6 +128,43 @@ def test_kafka_bootstrap_takes_host_names_addresses_and_bracketed_ipv6() -> None
         assert Settings(kafka_bootstrap=bootstrap).kafka_bootstrap == bootstrap
 
 
+def test_a_route_to_a_provider_that_is_not_configured_is_refused() -> None:
+    """It was taken, and each call it routed got a 400 blaming the client."""
+    groq = {"groq": {"base_url": "https://api.groq.com/openai/v1"}}
+    refused = (
+        r"model_routes: 'llama-\*' is routed to provider 'ghost', which is not configured "
+        r"\(providers: openai, anthropic, groq;"
+    )
+    with pytest.raises(ValidationError, match=refused):
+        Settings(providers=groq, model_routes={"gpt-*": "openai", "llama-*": "ghost"})
+    routes = {"gpt-*": "openai", "claude-*": "anthropic", "llama-*": "groq"}
+    assert Settings(providers=groq, model_routes=routes).model_routes == routes
+
+
+@pytest.mark.parametrize(
+    ("given", "refused"),
+    [
+        ({"providers": {"groq": {"base_url": "not a url"}}}, "providers.groq.base_url"),
+        (
+            {"providers": {"groq": {"base_url": "ftp://files.example/v1"}}},
+            "providers.groq.base_url",
+        ),
+        ({"providers": {"groq": {"base_url": "http://h:99999/v1"}}}, "providers.groq.base_url"),
+        ({"providers": {"openai": {"base_url": "api.openai.com/v1"}}}, "providers.openai.base_url"),
+        ({"openai_base_url": ""}, "openai_base_url"),
+        ({"anthropic_base_url": "api.anthropic.com"}, "anthropic_base_url"),
+    ],
+)
+def test_a_provider_url_that_is_no_http_url_with_a_host_is_refused(
+    given: dict[str, object], refused: str
+) -> None:
+    """Each was taken, and every call to the provider got a 502."""
+    with pytest.raises(ValidationError, match=rf"{refused}\n  Value error, must be an http://"):
+        Settings.model_validate(given)
+    local = Settings(providers={"local": {"base_url": "http://[::1]:11434/v1/"}})
+    assert local.providers_by_name["local"].base_url == "http://[::1]:11434/v1"
+
+
 def test_two_spike_rules_of_one_name_are_refused() -> None:
     rule = {"name": "x", "dimension": "team", "metric": "cost"}
     Settings(spike_rules=[rule, {**rule, "name": "y"}])
