@@ -60,8 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--models", default="", help="comma-separated models it may use (prefix* allowed)"
     )
-    create.add_argument("--rpm", type=int, default=None, help="requests per minute")
-    create.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    create.add_argument(
+        "--rpm", type=_rate, default=None, help="requests per minute (none: unlimited)"
+    )
+    create.add_argument(
+        "--tpm", type=_rate, default=None, help="tokens per minute (none: unlimited)"
+    )
     _command(actions, "list", help="list keys (never their secrets)")
     _command(
         actions,
@@ -93,6 +97,20 @@ def _tenant(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("a key needs a tenant: it may not be empty")
     return value
+
+
+def _rate(value: str) -> int:
+    """A key's rate limit: a whole number of at least 1 (the key file's rule; none given:
+    unlimited)."""
+    try:
+        rate = int(value)
+    except ValueError:
+        rate = 0
+    if rate < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of at least 1, not {value!r} (leave it out: unlimited)"
+        )
+    return rate
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,37 @@ def test_the_keys_commands_say_what_they_did(tmp_path: Path) -> None:
     assert revoked.returncode == 0 and revoked.stdout.startswith(f"revoked {key_id}")
     assert read_keys(tmp_path / "keys.yaml").keys[0].revoked
     assert llmtap("keys", "revoke", "key_nope").returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        (["--rpm", "-1"], "argument --rpm: must be a whole number of at least 1, not '-1'"),
+        (["--rpm", "0", "--tpm", "0"], "argument --rpm: must be a whole number of at least 1"),
+        (["--tpm", "0"], "argument --tpm: must be a whole number of at least 1, not '0'"),
+        (["--tpm", "1.5"], "argument --tpm: must be a whole number of at least 1, not '1.5'"),
+    ],
+)
+def test_a_rate_limit_a_key_cannot_have_is_refused_naming_the_flag(
+    flags: list[str],
+    refused: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+) -> None:
+    """--rpm -1 (or 0: a key's limits are at least 1) printed pydantic's ValidationError
+    as a traceback; now argparse's usage error, exit status 2, and no key made."""
+    monkeypatch.setenv("LLMTAP_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        cli(["keys", "create", "--tenant", "acme", *flags])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"llmtap keys create: error: {refused}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "keys.yaml").exists()
+    assert cli(["keys", "create", "--tenant", "acme", "--rpm", "1", "--tpm", "5000"]) == 0
+    [key] = read_keys(tmp_path / "keys.yaml").keys
+    assert (key.rpm, key.tpm) == (1, 5000)
 
 
 def _create(path: Path, start: Any, team: str, count: int) -> None:
