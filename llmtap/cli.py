@@ -117,25 +117,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from ingress.guards import keys
 
     path = settings.key_file
-    if args.action == "create":
-        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-        secret, key = keys.create_key(
-            path,
-            tenant=args.tenant,
-            team=args.team,
-            user=args.user,
-            allowed_models=models,
-            rpm=args.rpm,
-            tpm=args.tpm,
-        )
-        print(
-            f"{secret}\n(key id {key.id}, tenant {key.tenant!r}"
-            + (f", team {key.team!r}" if key.team else "")
-            + (f", user {key.user!r}" if key.user else "")
-            + "; shown once, stored as a hash "
-            f"in {path.resolve()}, read by an llmtap run from here or with the same config)"
-        )
-    elif args.action == "admin":
+    if args.action == "admin":  # no key file: its digest goes in the config
         secret = "lta_" + secrets.token_urlsafe(32)
         digest = keys.hash_key(secret)
         print(
@@ -144,15 +126,50 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             f"  LLMTAP_ADMIN_KEY_HASHES='[\"{digest}\"]'\nand restart the store process, "
             "or `llmtap up`)"
         )
+        return 0
+    try:
+        if args.action == "create":
+            models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+            secret, key = keys.create_key(
+                path,
+                tenant=args.tenant,
+                team=args.team,
+                user=args.user,
+                allowed_models=models,
+                rpm=args.rpm,
+                tpm=args.tpm,
+            )
+        elif args.action == "list":
+            listed = keys.read_keys(path).keys
+        else:
+            revoked = keys.revoke_key(path, args.key_id)
+    except keys.KEY_FILE_ERRORS as exc:  # the operator's to fix: said plainly
+        done = {"create": "no key was made", "revoke": "nothing was revoked"}.get(args.action)
+        print(
+            f"llmtap: keys_file {path} cannot be used"
+            + (f" ({done})" if done else "")
+            + ": it must be a YAML file of a top-level 'keys:' list, as `llmtap keys "
+            f"create` writes it, or not exist yet; {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.action == "create":
+        print(
+            f"{secret}\n(key id {key.id}, tenant {key.tenant!r}"
+            + (f", team {key.team!r}" if key.team else "")
+            + (f", user {key.user!r}" if key.user else "")
+            + "; shown once, stored as a hash "
+            f"in {path.resolve()}, read by an llmtap run from here or with the same config)"
+        )
     elif args.action == "list":
-        for key in keys.read_keys(path).keys:
+        for key in listed:
             state = "revoked" if key.revoked else "active"
             allowed = ",".join(key.allowed_models) or "*"
             print(
                 f"{key.id}  {state:7}  tenant={key.tenant} team={key.team} "
                 f"user={key.user} models={allowed}"
             )
-    elif not keys.revoke_key(path, args.key_id):
+    elif not revoked:
         print(f"no key with id {args.key_id!r} in {path}", file=sys.stderr)
         return 1
     else:

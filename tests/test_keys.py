@@ -249,6 +249,34 @@ def test_a_rate_limit_a_key_cannot_have_is_refused_naming_the_flag(
     assert (key.rpm, key.tpm) == (1, 5000)
 
 
+@pytest.mark.parametrize("broken", ["bad yaml", "a directory", "not keys"])
+@pytest.mark.parametrize("action", [["list"], ["create", "--tenant", "acme"], ["revoke", "k"]])
+def test_a_key_file_that_cannot_be_used_is_said_plainly(
+    broken: str,
+    action: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+) -> None:
+    """A keys_file of bad YAML, or naming a directory, gave `keys list` and `keys create`
+    a traceback; now one message naming keys_file, exit status 2, the file untouched."""
+    path = tmp_path / "team-keys.yaml"
+    if broken == "a directory":
+        path.mkdir()
+    else:
+        path.write_text("keys: [1\n" if broken == "bad yaml" else "keys: [{id: k}]\n")
+    before = None if path.is_dir() else path.read_text()
+    monkeypatch.setenv("LLMTAP_KEYS_FILE", str(path))
+    assert cli(["keys", *action]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llmtap: keys_file {path} cannot be used"), err
+    assert "a top-level 'keys:' list" in err and "Traceback" not in err
+    if action[0] == "create":
+        assert "(no key was made)" in err
+    assert (None if path.is_dir() else path.read_text()) == before
+
+
 def _create(path: Path, start: Any, team: str, count: int) -> None:
     start.wait()
     for _ in range(count):

@@ -76,6 +76,11 @@ class KeyFile(BaseModel):
     keys: list[VirtualKey] = Field(default_factory=list)
 
 
+# What reading a key file that cannot be used raises: unreadable (a directory, no
+# permission), not YAML, or not a key file's content.
+KEY_FILE_ERRORS = (OSError, ValueError, yaml.YAMLError)
+
+
 def parse_keys(text: str) -> KeyFile:
     """The keys of a key file's text. One with no top-level ``keys`` (an empty file: one
     rewritten in place, read before it was written) is refused, not read as no keys:
@@ -269,7 +274,7 @@ class KeyStore:
                     return False
                 log.error("key file %s is gone: every key is dropped", self.path)
                 self._stamp, self._digest, keys = None, b"", KeyFile()
-            except (OSError, ValueError, yaml.YAMLError) as exc:
+            except KEY_FILE_ERRORS as exc:
                 log.error("key file %s unreadable, keeping the previous keys: %s", self.path, exc)
                 return False
             self._by_hash = {k.hash: k for k in keys.keys}
