@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
 import sys
 from typing import Any
@@ -211,6 +212,22 @@ def _alerts_test(settings: Settings, name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a reader of its output that stops early (``| head -1``) ends it
+    quietly, exit status 1 (Python's documentation, "Note on SIGPIPE"), not with a
+    traceback (what it did, a key made, stays done)."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        # Nothing more can reach the reader: what is left for stdout goes nowhere, so
+        # the interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)

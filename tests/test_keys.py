@@ -277,6 +277,24 @@ def test_a_key_file_that_cannot_be_used_is_said_plainly(
     assert (None if path.is_dir() else path.read_text()) == before
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`llmtap keys create ... | head -1`: a reader gone before the output was written
+    gave a BrokenPipeError traceback after the key was made; now a quiet exit, status 1
+    (Python's "Note on SIGPIPE"), and the key is made all the same."""
+    env = {**os.environ, "LLMTAP_DATA_DIR": str(tmp_path)}
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before anything is written
+    try:
+        argv = [sys.executable, "-m", "llmtap", "keys", "create", "--tenant", "acme"]
+        done = subprocess.run(
+            argv, env=env, stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (1, "")
+    assert len(read_keys(tmp_path / "keys.yaml").keys) == 1
+
+
 def _create(path: Path, start: Any, team: str, count: int) -> None:
     start.wait()
     for _ in range(count):
