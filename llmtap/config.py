@@ -307,9 +307,10 @@ class Settings(BaseSettings):
 
     # The proxy clients point their SDK at, and the analytics API.
     proxy_host: str = "127.0.0.1"
-    proxy_port: int = Field(default=8080, ge=0, le=65535)
+    # Not 0 (any free port): clients, `llmtap up` and compose need to know where.
+    proxy_port: int = Field(default=8080, ge=1, le=65535)
     api_host: str = "127.0.0.1"
-    api_port: int = Field(default=8081, ge=0, le=65535)
+    api_port: int = Field(default=8081, ge=1, le=65535)
     # Requests of the analytics API, SQL and dashboard one key may have in flight; past
     # it, a 429 (sql/admission.py).
     api_requests_per_key: int = Field(default=8, ge=1)

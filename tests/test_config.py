@@ -334,6 +334,8 @@ def test_config_is_read_wherever_it_is_given(
         ("- proxy_port\n- 8080\n", "must be a mapping of setting names to values"),
         ("proxy_port: -5\nprox_port: 9000\n", "proxy_port\n  Input should be greater"),
         ("providers: {groq: {kind: openai}}\n", "providers.groq: base_url is required"),
+        # 0 is any free port: `llmtap up` waited 120 s for a proxy on port 0.
+        ("proxy_port: 0\n", "proxy_port\n  Input should be greater than or equal to 1"),
     ],
 )
 def test_a_config_that_cannot_be_used_is_said_plainly_not_with_a_traceback(
