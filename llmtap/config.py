@@ -130,7 +130,7 @@ class WebhookEndpoint(BaseModel):
     secret: SecretStr
     alert_types: tuple[AlertType, ...] = ()
     rules: tuple[str, ...] = ()
-    dimensions: tuple[str, ...] = ()
+    dimensions: tuple[WindowDimension, ...] = ()  # a spike's series or a budget's scope
     values: tuple[str, ...] = ()
     tenants: tuple[str, ...] = ()  # the alert's tenant (Alert.tenant); "" names none
     template: str = Field(default="json", min_length=1)

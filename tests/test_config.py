@@ -128,6 +128,22 @@ def test_kafka_bootstrap_takes_host_names_addresses_and_bracketed_ipv6() -> None
         assert Settings(kafka_bootstrap=bootstrap).kafka_bootstrap == bootstrap
 
 
+def test_a_webhook_filter_on_a_dimension_no_alert_has_is_refused() -> None:
+    """A typo in `dimensions` ("teams") was taken, and the endpoint silently received
+    no alert at all."""
+    hook = {"name": "oncall", "url": "https://hooks.example.com/x", "secret": "whsec_" + "A" * 32}
+    with pytest.raises(
+        ValidationError, match=r"webhooks\.0\.dimensions\.0\n  Input should be 'tenant'"
+    ):
+        Settings(webhooks=[{**hook, "dimensions": ["teams"]}])
+    assert Settings(webhooks=[{**hook, "dimensions": ["team", "model"]}]).webhooks[
+        0
+    ].dimensions == (
+        "team",
+        "model",
+    )
+
+
 def test_a_route_to_a_provider_that_is_not_configured_is_refused() -> None:
     """It was taken, and each call it routed got a 400 blaming the client."""
     groq = {"groq": {"base_url": "https://api.groq.com/openai/v1"}}
