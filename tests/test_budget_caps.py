@@ -76,7 +76,7 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
     try:
         secret = await make_key(base, settings.key_file)  # one admitted call (non-stream)
 
-        async def call() -> tuple[int, str]:
+        async def call() -> tuple[int, str, tuple[str | None, str | None]]:
             async with (
                 aiohttp.ClientSession() as session,
                 session.post(
@@ -88,7 +88,11 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
                     },
                 ) as response,
             ):
-                return response.status, (await response.text())
+                retry = (
+                    response.headers.get("retry-after"),
+                    response.headers.get("x-should-retry"),
+                )
+                return response.status, (await response.text()), retry
 
         results = await asyncio.gather(*(call() for _ in range(64)))
     finally:
@@ -104,6 +108,9 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
     error = json.loads(refused[0][1])["error"]
     assert error["code"] == "budget_exceeded"
     assert "budget 'acme-cap'" in error["message"] and "resets at" in error["message"]
+    # Refused for what calls in flight hold, not for the spend: worth a retry in a second,
+    # not at the reset (nor never, as a spent budget's x-should-retry: false says).
+    assert {r[2] for r in refused} == {("1", None)}
 
 
 async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(

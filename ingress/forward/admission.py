@@ -48,6 +48,8 @@ INVALID_JSON = "We could not parse the JSON body of your request."
 # up to a minute, then does not retry); a budget refusal that resets later is not
 # worth retrying at all.
 SDK_RETRY_WAIT_S = 60
+# A budget refusal for what calls in flight hold (not its spend): worth a retry soon.
+HELD_RETRY_S = 1
 
 
 @dataclass
@@ -273,6 +275,9 @@ class Admission:
             if exhausted.never_fits:  # a 429 would have it retried at the reset, in vain
                 return refuse(400, exhausted.message(), "budget_exceeded", code="budget_exceeded")
             refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
+            if exhausted.held_back:  # calls in flight hold it: they settle in seconds
+                refused.headers["retry-after"] = str(HELD_RETRY_S)
+                return refused
             resets_in = (exhausted.state.period_end - utcnow()).total_seconds()
             refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
             if resets_in > SDK_RETRY_WAIT_S:

@@ -103,6 +103,13 @@ class Exhausted:
     held: Decimal = Decimal(0)
 
     @property
+    def held_back(self) -> bool:
+        """Refused for what this ingress holds (calls in flight, costs not yet counted),
+        not for the published spend alone: it may fit within seconds, as those settle
+        (at their real cost, and the stream publishes it)."""
+        return self.held > 0 and self.state.spent_usd + self.worst_case <= self.budget.limit_usd
+
+    @property
     def never_fits(self) -> bool:
         """The call's worst case is more than the budget's whole limit: no period, however
         little spent, could admit it, so waiting for the reset is no answer."""
