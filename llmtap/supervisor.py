@@ -225,10 +225,7 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        # A hangup (the terminal or ssh session closed) stops as Ctrl-C does: left to its
-        # default it ended `up` at once, its children got SIGTERM all together from the
-        # kernel, and what the broker held was lost undrained.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self.stopping.set)
         backoff = Backoff()
         try:
@@ -371,6 +368,15 @@ async def http_ok(url: str) -> bool:
 
 async def file_exists(path: Path) -> bool:
     return await asyncio.to_thread(path.exists)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops `up` in order. A hangup (its terminal or ssh session closed) as Ctrl-C
+    does: left to its default it ended `up` at once, its children got SIGTERM all
+    together from the kernel, and what the broker held was lost undrained. Unless it
+    is ignored (`nohup llmtap up`): then a logout leaves `up` running, as it asked."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
 
 
 def up(settings: Settings) -> int:

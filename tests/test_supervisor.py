@@ -4,6 +4,7 @@ end: tests/test_e2e.py)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from llmtap.supervisor import (
     Child,
     StartupFailed,
     Supervisor,
+    stop_signals,
 )
 from llmtap.topics import TopicsRefused
 from stream.app import StreamWorker, create_app, ready_file
@@ -234,3 +236,16 @@ async def test_a_worker_given_partitions_once_its_stop_began_leaves_no_ready_fil
     stage.assigned.set()
     await ready
     assert not ready_file(settings).exists()
+
+
+def test_a_hangup_stops_up_unless_it_runs_under_nohup() -> None:
+    """`nohup llmtap up &` ignores SIGHUP so that a logout leaves it running; the handler
+    that stops `up` in order on a hangup replaced that, and a logout stopped it."""
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert signal.SIGHUP in stop_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves
+        assert stop_signals() == (signal.SIGINT, signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGHUP, before)
