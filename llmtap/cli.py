@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -20,7 +21,7 @@ import sys
 from typing import Any
 
 from llmtap import logs
-from llmtap.config import ConfigError, Settings, load_settings, pin_config
+from llmtap.config import ConfigError, Settings, load_settings, pinned_config
 
 log = logging.getLogger("llmtap")
 
@@ -243,12 +244,13 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "up":
         from llmtap.supervisor import up
 
-        try:
-            settings = pin_config(settings)
-        except (ConfigError, OSError) as exc:
-            print(f"llmtap: {exc}", file=sys.stderr)
-            return 2
-        return up(settings)
+        with contextlib.ExitStack() as pinned:
+            try:
+                settings = pinned.enter_context(pinned_config(settings))
+            except (ConfigError, OSError) as exc:
+                print(f"llmtap: {exc}", file=sys.stderr)
+                return 2
+            return up(settings)
     if args.command == "ingress":
         from ingress.app import run as run_ingress
 

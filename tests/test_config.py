@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import trustme
 import yaml
 from pydantic import ValidationError
 
-from llmtap.config import CONFIG_ENV, Settings, load_settings, pin_config
+from llmtap.config import CONFIG_ENV, Settings, load_settings, pinned_config
 
 README = Path(__file__).parent.parent / "README.md"
 COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
@@ -380,17 +381,31 @@ def test_up_s_children_read_the_config_as_it_was_at_the_start(
     """A child `llmtap up` restarts (a crash, a broker restart) read the config file
     again: edited meanwhile, the restarted proxy listened on the new port, which `up`
     neither checked nor announced, and broken YAML made it crash again and again. They
-    now read a copy made at the start."""
+    now read a copy made at the start: `up`'s own (a second `up`, failing on the same
+    ports, replaces nothing of it), its owner's only (it may hold secrets), gone at the
+    end."""
     monkeypatch.setenv(CONFIG_ENV, "")  # recorded, so teardown restores it (or its absence)
     config = tmp_path / "llmtap.yaml"
     config.write_text(f"data_dir: {tmp_path / 'data'}\nproxy_port: 19180\n")
-    settings = pin_config(load_settings(str(config)))
-    config.write_text("proxy_port: 19186\n")  # edited while up runs
-    child = Settings()  # as a child process loads them, from the environment it inherits
-    assert (settings.proxy_port, child.proxy_port) == (19180, 19180)
-    assert child.data_dir == tmp_path / "data"
-    config.write_text("proxy_port: [\n")
-    assert Settings().proxy_port == 19180
+    config.chmod(0o600)
+    with pinned_config(load_settings(str(config))) as settings:
+        config.write_text("proxy_port: 19186\n")  # edited while up runs
+        child = Settings()  # as a child process loads them, from the environment it inherits
+        assert (settings.proxy_port, child.proxy_port) == (19180, 19180)
+        assert child.data_dir == tmp_path / "data"
+        config.write_text("proxy_port: [\n")
+        assert Settings().proxy_port == 19180
+        [copy] = (tmp_path / "data" / "run").glob("config.*.yaml")
+        assert copy.stat().st_mode & 0o777 == 0o600
+        config.write_text(f"data_dir: {tmp_path / 'data'}\nproxy_port: 19190\n")
+        with monkeypatch.context() as another:  # a second `up`, another process
+            another.setattr(os, "getpid", lambda: 2**22 + 1)  # past Linux's pid_max
+            another.setenv(CONFIG_ENV, "")
+            with pinned_config(load_settings(str(config))) as second:
+                assert second.proxy_port == 19190
+        assert copy.read_text().endswith("proxy_port: 19180\n")  # the first's, untouched
+        assert Settings().proxy_port == 19180
+    assert not copy.exists()
 
 
 def compose_service(name: str) -> tuple[dict[str, str], dict[str, str]]:
