@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import sys
 from typing import Any
 
@@ -215,17 +216,31 @@ def _alerts_test(settings: Settings, name: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a reader of its output that stops early (``| head -1``) ends it
     quietly, exit status 1 (Python's documentation, "Note on SIGPIPE"), not with a
-    traceback (what it did, a key made, stays done)."""
+    traceback (what it did, a key made, stays done). Only a closed stdout is taken so:
+    a broken pipe elsewhere (a socket, a child's) is an error, and says so."""
     try:
         status = _main(argv)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except BrokenPipeError:
+        if not _stdout_closed():
+            raise
         # Nothing more can reach the reader: what is left for stdout goes nowhere, so
         # the interpreter's own flush at exit does not fail again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     return status
+
+
+def _stdout_closed() -> bool:
+    """Whether the reader of stdout is gone: the write end of a pipe whose read end is
+    closed polls as an error (POSIX, Linux)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _main(argv: list[str] | None) -> int:

@@ -39,6 +39,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -754,6 +755,10 @@ def load_settings(config_file: str | None = None) -> Settings:
         return Settings()
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
+    except OSError as exc:  # a file it may not read, say
+        raise ConfigError(f"{CONFIG_ENV}: {where} cannot be read: {exc}") from None
+    except SettingsError as exc:  # a value its setting cannot parse (an LLMTAP_* JSON)
+        raise ConfigError(f"invalid settings: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{CONFIG_ENV}: {where} is not valid YAML: {exc}") from None
     except ValidationError as exc:

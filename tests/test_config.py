@@ -375,6 +375,19 @@ def test_a_config_that_cannot_be_used_is_said_plainly_not_with_a_traceback(
         assert "prox_port\n  Extra inputs are not permitted" in err  # each one named
 
 
+def test_an_environment_variable_that_cannot_be_parsed_is_named_as_such(
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It was said as a config file that is no mapping (LLMTAP_CONFIG empty or not)."""
+    monkeypatch.setenv("LLMTAP_ADMIN_KEY_HASHES", "abc")  # JSON expected
+    assert cli(["keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmtap: invalid settings: error parsing value for field "), err
+    assert '"admin_key_hashes"' in err and "mapping" not in err
+
+
 def test_up_s_children_read_the_config_as_it_was_at_the_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
