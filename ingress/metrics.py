@@ -19,7 +19,8 @@ M = TypeVar("M", bound=MetricWrapperBase)
 log = logging.getLogger(__name__)
 
 # The model label comes from the call (a client may name any model, and a provider
-# answer with any name): past this many distinct models, the rest count as OTHER_MODEL,
+# answer with any name): a model a provider answered no call of yet, and past this many
+# distinct models any other, count as OTHER_MODEL,
 # so a client sending made-up names cannot grow the process's series without end.
 # A company's models, its fine-tunes and local ones included, are far fewer.
 MAX_MODEL_LABELS = 500
@@ -105,7 +106,7 @@ class IngressMetrics:
         self._models_capped = False
 
     def observe(self, event: wire.Response) -> None:
-        model = self._model_label(event.model)
+        model = self._model_label(event.model, event.status == "ok")
         self._child(self.requests, event.endpoint, event.provider, model, event.status).inc()
         if event.status in ("bad_request", "refused"):
             self._child(self.rejections, event.error_class or event.status).inc()
@@ -115,9 +116,14 @@ class IngressMetrics:
         if event.ttft_ms is not None:
             self._child(self.ttft, event.endpoint, event.provider).observe(event.ttft_ms / 1000)
 
-    def _model_label(self, model: str) -> str:
+    def _model_label(self, model: str, answered: bool) -> str:
+        """The model's own label, if it has one or gets one: only a call a provider
+        answered gives a model its label (made-up names, refused, take none of the
+        MAX_MODEL_LABELS from the models deployed after them)."""
         if model in self._models:
             return model
+        if not answered:
+            return OTHER_MODEL
         if len(self._models) < MAX_MODEL_LABELS:
             self._models.add(model)
             return model

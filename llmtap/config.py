@@ -673,7 +673,7 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # FQDN: a final dot
 
 
 def _broker_address(server: str) -> bool:

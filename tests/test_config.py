@@ -125,7 +125,12 @@ def test_a_kafka_bootstrap_that_is_no_list_of_host_port_is_refused(
 
 
 def test_kafka_bootstrap_takes_host_names_addresses_and_bracketed_ipv6() -> None:
-    for bootstrap in ("kafka-1:9092, kafka-2.internal:9093", "10.0.0.1:9092", "[::1]:65535"):
+    for bootstrap in (
+        "kafka-1:9092, kafka-2.internal:9093",
+        "10.0.0.1:9092",
+        "[::1]:65535",
+        "kafka.example.com.:9092",  # a fully qualified name, its final dot written
+    ):
         assert Settings(kafka_bootstrap=bootstrap).kafka_bootstrap == bootstrap
 
 

@@ -32,7 +32,7 @@ from ingress.guards.keys import create_key, read_keys
 from ingress.metrics import MAX_MODEL_LABELS, OTHER_MODEL, IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import ProviderConfig, Settings
-from llmtap.events import RequestEvent, ResponseEvent, Usage
+from llmtap.events import RequestEvent, ResponseEvent, Status, Usage
 from llmtap.names import Names
 from tests.conftest import (
     INGRESS_PROVIDER_KEY,
@@ -1186,12 +1186,14 @@ def test_the_model_label_is_bounded_and_a_served_model_cut_to_its_bound(
     metrics = IngressMetrics(publisher)
     ended = Call(provider="openai", endpoint="chat.completions")
 
-    def observe(model: str) -> None:
+    def observe(model: str, status: Status = "ok") -> None:
         metrics.observe(
-            ended.response_event(status="ok", http_status=200, usage=Usage(), model_served=model)
+            ended.response_event(status=status, http_status=200, usage=Usage(), model_served=model)
         )
 
     with caplog.at_level(logging.WARNING, logger="ingress.metrics"):
+        for n in range(1000):  # made-up names the provider refused take no label
+            observe(f"refused-{n}", "upstream_error")
         for n in range(MAX_MODEL_LABELS + 50):
             observe(f"made-up-{n}")
         observe("made-up-0")  # one labelled before the bound keeps its label
@@ -1202,7 +1204,8 @@ def test_the_model_label_is_bounded_and_a_served_model_cut_to_its_bound(
         if line.startswith("llmtap_requests_total{")
     }
     assert len(models) == MAX_MODEL_LABELS + 1
-    assert sample(text, "llmtap_requests_total", model=OTHER_MODEL) == 50
+    assert sample(text, "llmtap_requests_total", model=OTHER_MODEL, status="ok") == 50
+    assert sample(text, "llmtap_requests_total", model=OTHER_MODEL, status="upstream_error") == 1000
     assert sample(text, "llmtap_requests_total", model="made-up-0") == 2
     assert caplog.text.count("model=" + OTHER_MODEL) == 1
 
