@@ -90,15 +90,12 @@ class ProviderConfig(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
-        return _provider_url(value, required=False)
+        return _provider_url(value)  # given (the default, "", is not checked): a URL
 
 
-def _provider_url(value: str, *, required: bool = True) -> str:
+def _provider_url(value: str) -> str:
     """A provider's base URL, without a trailing slash: an http(s) URL with a host and,
-    if any, a port 1 to 65535 (each call is sent to it plus the endpoint's path). Empty
-    only where not ``required``."""
-    if not value and not required:
-        return value
+    if any, a port 1 to 65535 (each call is sent to it plus the endpoint's path)."""
     parts = urlsplit(value)
     try:
         port_ok = parts.port != 0

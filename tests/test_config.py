@@ -174,6 +174,7 @@ def test_a_route_to_a_provider_that_is_not_configured_is_refused() -> None:
         ({"providers": {"groq": {"base_url": "http://h:99999/v1"}}}, "providers.groq.base_url"),
         ({"providers": {"openai": {"base_url": "api.openai.com/v1"}}}, "providers.openai.base_url"),
         ({"openai_base_url": ""}, "openai_base_url"),
+        ({"providers": {"openai": {"base_url": ""}}}, "providers.openai.base_url"),
         ({"anthropic_base_url": "api.anthropic.com"}, "anthropic_base_url"),
     ],
 )
