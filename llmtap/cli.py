@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -214,13 +213,17 @@ def _alerts_test(settings: Settings, name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; a reader of its output that stops early (``| head -1``) ends it
+    """Run a command. Settings it cannot use (:class:`ConfigError`) are said in one line,
+    exit status 2. A reader of its output that stops early (``| head -1``) ends it
     quietly, exit status 1 (Python's documentation, "Note on SIGPIPE"), not with a
     traceback (what it did, a key made, stays done). Only a closed stdout is taken so:
     a broken pipe elsewhere (a socket, a child's) is an error, and says so."""
     try:
         status = _main(argv)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except ConfigError as exc:  # the operator's to fix: said plainly, not a traceback
+        print(f"llmtap: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         if not _stdout_closed():
             raise
@@ -245,11 +248,7 @@ def _stdout_closed() -> bool:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:  # the operator's to fix: said plainly, not a traceback
-        print(f"llmtap: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config)
     logs.setup(args.command, settings.log_level)
 
     if args.command == "keys":
@@ -259,13 +258,8 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "up":
         from llmtap.supervisor import up
 
-        with contextlib.ExitStack() as pinned:
-            try:
-                settings = pinned.enter_context(pinned_config(settings))
-            except (ConfigError, OSError) as exc:
-                print(f"llmtap: {exc}", file=sys.stderr)
-                return 2
-            return up(settings)
+        with pinned_config(settings) as pinned:
+            return up(pinned)
     if args.command == "ingress":
         from ingress.app import run as run_ingress
 

@@ -703,22 +703,26 @@ def pinned_config(settings: Settings) -> Iterator[Settings]:
 
     The copy is this process's own (named by its pid: a second ``up`` failing on the
     same ports replaces nothing of the first's), readable by its owner only (it may
-    hold secrets), and removed at the end; copies of processes gone are removed too."""
+    hold secrets), and removed at the end; copies of processes gone are removed too.
+    Raises :class:`ConfigError` when the copy cannot be made or read."""
     source = os.environ.get(CONFIG_ENV)
     if not source:
         yield settings
         return
     run_dir = settings.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob("config.*.yaml"):
-        if not _running(stale.name.removeprefix("config.").removesuffix(".yaml")):
-            stale.unlink(missing_ok=True)
     pinned = run_dir / f"config.{os.getpid()}.yaml"
-    text = Path(source).read_bytes()
-    descriptor = os.open(pinned, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as copy:
-        os.fchmod(copy.fileno(), 0o600)
-        copy.write(text)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob("config.*.yaml"):
+            if not _running(stale.name.removeprefix("config.").removesuffix(".yaml")):
+                stale.unlink(missing_ok=True)
+        text = Path(source).read_bytes()
+        descriptor = os.open(pinned, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as copy:
+            os.fchmod(copy.fileno(), 0o600)
+            copy.write(text)
+    except OSError as exc:
+        raise ConfigError(f"{CONFIG_ENV}: {source} cannot be copied to {pinned}: {exc}") from None
     try:
         yield load_settings(str(pinned))
     finally:
