@@ -256,9 +256,10 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "alerts":
         return _alerts_test(settings, args.endpoint)
     if args.command == "up":
+        from llmtap.data_dir import claimed
         from llmtap.supervisor import up
 
-        with pinned_config(settings) as pinned:
+        with claimed(settings), pinned_config(settings) as pinned:
             return up(pinned)
     if args.command == "ingress":
         from ingress.app import run as run_ingress

@@ -8,20 +8,20 @@ one chDB path, so calls run in a thread and one lock serialises them.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import functools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import clickhouse_connect
 import jinja2
 from clickhouse_connect.driver.compression import get_compressor
+
+from llmtap.data_dir import chdb_held
 
 _env = jinja2.Environment(
     loader=jinja2.FunctionLoader(
@@ -74,23 +74,6 @@ class StoreInUse(RuntimeError):
     one process at a time (a running ``llmtap up``'s store process, say)."""
 
 
-def _held_by_another(dsn: str) -> bool:
-    """Whether a chDB data directory is locked by another process (ClickHouse holds an
-    exclusive lock on its ``status`` file while it runs)."""
-    if not dsn.startswith("chdb://"):
-        return False
-    try:
-        with open(Path(dsn.removeprefix("chdb://")) / "status", "rb") as status:
-            try:
-                fcntl.flock(status, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(status, fcntl.LOCK_UN)
-    except OSError:
-        return False
-    return False
-
-
 class Store:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -102,7 +85,7 @@ class Store:
         try:
             self._client = connect(dsn, {"insert_deduplicate": 0, "session_timezone": "UTC"})
         except Exception as exc:
-            if not _held_by_another(dsn):
+            if not chdb_held(dsn):
                 raise
             raise StoreInUse(
                 f"the embedded ClickHouse at {dsn.removeprefix('chdb://')} is in use by "

@@ -1,0 +1,110 @@
+"""A data directory is one `llmtap up`'s at a time (llmtap/data_dir.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from llmtap.config import ConfigError, Settings
+from llmtap.data_dir import claimed
+from tests.fake_provider import free_port
+
+HOLD_DATA_DIR = (
+    "import sys; from llmtap.config import Settings; from llmtap.data_dir import claimed\n"
+    "with claimed(Settings()):\n"
+    "    print('held', flush=True); sys.stdin.read()"
+)
+HOLD_STORE = (
+    "import sys; from llmtap.config import Settings; from sql.store import Store; "
+    "s = Store(Settings().store_dsn); s.command('SELECT 1'); print('held', flush=True); "
+    "sys.stdin.read()"
+)
+
+
+@contextmanager
+def holder(code: str, data_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """A process running ``code`` on ``data_dir`` until the block ends."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "LLMTAP_DATA_DIR": str(data_dir)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "held\n"
+        yield process
+    finally:
+        if process.poll() is None:
+            process.communicate(timeout=60)  # its stdin closed: it exits
+
+
+def up(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`llmtap up` on ports of its own, expected to refuse at once (were it to start,
+    the timeout ends the test)."""
+    ports = {
+        "LLMTAP_PROXY_PORT": str(free_port()),
+        "LLMTAP_API_PORT": str(free_port()),
+        "LLMTAP_WORKER_METRICS_PORT": str(free_port()),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "llmtap", "up"],
+        env={**os.environ, **ports, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_second_up_on_a_data_dir_in_use_is_refused_at_once_naming_the_holder(
+    tmp_path: Path,
+) -> None:
+    """It started everything on its other ports, then said only "startup failed: store
+    exited" (chDB's lock); on the spool or the key file it would have shared, nothing."""
+    with holder(HOLD_DATA_DIR, tmp_path) as first:
+        second = up({"LLMTAP_DATA_DIR": str(tmp_path)})
+    assert second.returncode == 2, second.stderr
+    assert f"is in use by another llmtap up (pid {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_an_embedded_store_another_process_holds_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """A clickhouse_dsn of chdb:// shared by two data directories: the second up's store
+    could not open it, and up said only that the store exited."""
+    store = tmp_path / "shared"
+    with holder(HOLD_STORE, store):
+        second = up(
+            {
+                "LLMTAP_DATA_DIR": str(tmp_path / "other"),
+                "LLMTAP_CLICKHOUSE_DSN": Settings(data_dir=store).store_dsn,
+            }
+        )
+    assert second.returncode == 2, second.stderr
+    assert "is in use by another process" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_the_claim_ends_with_its_holder_however_it_ends(tmp_path: Path) -> None:
+    """Released at the block's end, and by the kernel when the holder is killed: a
+    killed `up` leaves no stale claim behind."""
+    settings = Settings(data_dir=tmp_path)
+    with claimed(settings):
+        pass
+    with holder(HOLD_DATA_DIR, tmp_path) as first:
+        with pytest.raises(ConfigError, match=f"pid {first.pid}"), claimed(settings):
+            pass
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    with claimed(settings):
+        assert (tmp_path / "run" / "up.lock").read_text() == f"{os.getpid()}\n"
