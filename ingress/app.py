@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -38,6 +39,8 @@ from llmtap.config import Settings
 from llmtap.events import Attribution, Usage
 from stream.pricing import load_catalog
 
+log = logging.getLogger(__name__)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -51,6 +54,13 @@ async def token_counting(app: web.Application) -> AsyncIterator[None]:
 
 async def upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    for provider, variable in settings.keys_unset().items():
+        log.warning(
+            "no API key for provider %s: %s is unset, so its calls with llmtap keys are "
+            "refused (500, no_provider_key) until it is set where llmtap starts",
+            provider,
+            variable,
+        )
     timeout = aiohttp.ClientTimeout(
         total=None,
         sock_connect=settings.upstream_connect_timeout_s,
@@ -216,6 +226,9 @@ async def readyz(request: web.Request) -> web.Response:
         "broker": "connected" if publisher.connected else "unreachable",
         "spool_room": publisher.spool_room,
         "providers": dict(zip(providers, reachable, strict=True)),
+        # Each one's calls with llmtap keys are refused until its key is set: a matter
+        # of this replica's environment, said here and logged at start.
+        "provider_keys_unset": app[SETTINGS].keys_unset(),
     }
     ready = events and any(reachable)
     return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)

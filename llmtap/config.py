@@ -595,6 +595,16 @@ class Settings(BaseSettings):
         """``all_providers()``, built once (routing asks on every call)."""
         return self.all_providers()
 
+    def keys_unset(self) -> dict[str, str]:
+        """The providers that take a key whose variable is unset or blank here, each
+        with the variable's name: a call with a virtual key routed to one is refused
+        (500, ``no_provider_key``) until it is set in the environment llmtap starts in."""
+        return {
+            name: provider.api_key_env
+            for name, provider in self.providers_by_name.items()
+            if provider.api_key_env and not os.environ.get(provider.api_key_env, "").strip()
+        }
+
     def all_providers(self) -> dict[str, ProviderConfig]:
         """The built-in providers, then those configured: one named like a built-in
         changes it, keeping what it does not set (a provider ``openai`` naming only its

@@ -236,10 +236,14 @@ class Supervisor:
                 f"llmtap is up\n"
                 f"  proxy:     {self.settings.proxy_url}   (set your SDK's base_url to this)\n"
                 f"  analytics: {self.settings.api_url}/analytics/models?range=24h   (with a key)\n"
-                f"  data:      {self.settings.data_dir.resolve()}\n"
-                f"Ctrl-C to stop.",
-                flush=True,
+                f"  data:      {self.settings.data_dir.resolve()}",
             )
+            for provider, variable in self.settings.keys_unset().items():
+                print(
+                    f"  no key:    {provider}'s {variable} is unset: calls to it with "
+                    "llmtap keys are refused until it is set where llmtap up starts"
+                )
+            print("Ctrl-C to stop.", flush=True)
             while True:
                 started = loop.time()
                 if await self._keep_all():

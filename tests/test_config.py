@@ -556,3 +556,26 @@ def test_a_provider_named_like_a_built_in_one_changes_only_what_it_sets(
     config.write_text("providers:\n  groq: {api_key_env: GROQ_API_KEY}\n")
     with pytest.raises(ValidationError, match=r"providers\.groq: base_url is required"):
         Settings()
+
+
+def test_the_providers_whose_key_is_unset_are_those_that_take_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key's variable unset or blank is unset; a provider that takes no key (no
+    api_key_env: a local server) is never listed."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-set")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", " \n")  # a blank secret file's
+    monkeypatch.delenv("LLMTAP_TEST_GROQ_KEY", raising=False)
+    settings = Settings(
+        providers={
+            "groq": {
+                "base_url": "https://api.groq.com/openai/v1",
+                "api_key_env": "LLMTAP_TEST_GROQ_KEY",
+            },
+            "local": {"base_url": "http://127.0.0.1:11434/v1"},
+        }
+    )
+    assert settings.keys_unset() == {
+        "anthropic": "ANTHROPIC_API_KEY",
+        "groq": "LLMTAP_TEST_GROQ_KEY",
+    }

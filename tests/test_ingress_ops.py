@@ -201,6 +201,35 @@ async def test_readyz_follows_the_providers(ingress: str, upstream: FakeUpstream
     assert body["broker"] == "connected"
 
 
+async def test_a_provider_whose_key_is_unset_is_said_at_start_and_by_readyz(
+    ingress_settings: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its calls with llmtap keys are each refused (500, no_provider_key): before, the
+    first such call was the first sign, while /readyz said nothing of it."""
+    monkeypatch.delenv("LLMTAP_TEST_UNSET_KEY", raising=False)
+    keyless = ingress_settings.model_copy(
+        update={
+            "providers": {
+                "groq": ProviderConfig(
+                    base_url=ingress_settings.openai_base_url, api_key_env="LLMTAP_TEST_UNSET_KEY"
+                ),
+                "local": ProviderConfig(base_url=ingress_settings.openai_base_url),  # none taken
+            }
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="ingress.app"):
+        server = await serve_ingress(keyless)
+    try:
+        status, body = await readiness(str(server.make_url("")).rstrip("/"))
+    finally:
+        await server.close()
+    assert status == 200 and body["ready"] is True  # the other providers' calls go on
+    assert body["provider_keys_unset"]["groq"] == "LLMTAP_TEST_UNSET_KEY"
+    assert "local" not in body["provider_keys_unset"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("groq" in m and "LLMTAP_TEST_UNSET_KEY is unset" in m for m in warned), warned
+
+
 async def readiness(base: str) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as session, session.get(f"{base}/readyz") as response:
         return response.status, await response.json()
