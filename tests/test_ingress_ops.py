@@ -839,6 +839,33 @@ async def test_a_provider_resetting_its_connection_mid_stream_is_its_error(
     )
 
 
+async def test_a_streamed_call_answered_by_an_error_has_no_time_to_first_token(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream asked for and refused (a 429's JSON): no token ever came, yet its TTFT
+    was the error's latency, averaged into the analytics' time to first token."""
+
+    async def refusing(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response(SERVER_ERROR, status=429)
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before(refusing, ingress_settings, monkeypatch) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"),
+            json={"model": "gpt-4o", "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as response,
+    ):
+        assert response.status == 429
+        request_id = response.headers["x-request-id"]
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.stream, event.status, event.http_status) == (True, "upstream_error", 429)
+    assert event.ttft_ms is None
+
+
 CHUNK = {
     "id": "chatcmpl-left",
     "object": "chat.completion.chunk",

@@ -73,7 +73,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         async with request.app[UPSTREAM].post(
             admitted.url, data=admitted.body, headers=admitted.headers
         ) as upstream:
-            call.mark_first_byte()
+            if upstream.content_type == "text/event-stream":
+                call.mark_first_byte()  # a stream's: an error's JSON has no first token
             http_status = upstream.status
             if upstream.status >= 400:
                 status, error_class = "upstream_error", f"http_{upstream.status}"
