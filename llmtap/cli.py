@@ -18,6 +18,7 @@ import os
 import secrets
 import select
 import sys
+import unicodedata
 from typing import Any
 
 from llmtap import logs
@@ -57,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     actions = keys.add_subparsers(dest="action", required=True)
     create = _command(actions, "create", help="make a key and print it once")
     create.add_argument("--tenant", required=True, type=_tenant)
-    create.add_argument("--team", default="")
-    create.add_argument("--user", default="")
+    create.add_argument("--team", default="", type=_name)
+    create.add_argument("--user", default="", type=_name)
     create.add_argument(
         "--models", default="", help="comma-separated models it may use (prefix* allowed)"
     )
@@ -93,12 +94,20 @@ def _command(
     return command
 
 
+def _name(value: str) -> str:
+    """A key's tenant, team or user: no control characters (a newline split `keys
+    list`'s line in two, and no header could claim such a name)."""
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise argparse.ArgumentTypeError(f"may not hold control characters: {value!r}")
+    return value
+
+
 def _tenant(value: str) -> str:
     """A key's tenant: never empty (a key of no tenant would see no tenant's data as its
     own, and an empty one could pass for every tenant's)."""
     if not value.strip():
         raise argparse.ArgumentTypeError("a key needs a tenant: it may not be empty")
-    return value
+    return _name(value)
 
 
 def _rate(value: str) -> int:
@@ -171,9 +180,11 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
                 f"{key.id}  {state:7}  tenant={key.tenant} team={key.team} "
                 f"user={key.user} models={allowed}"
             )
-    elif not revoked:
+    elif revoked is None:
         print(f"no key with id {args.key_id!r} in {path}", file=sys.stderr)
         return 1
+    elif revoked.revoked:
+        print(f"{args.key_id} was already revoked: nothing changed")
     else:
         print(f"revoked {args.key_id} (a running llmtap refuses it within about a second)")
     return 0

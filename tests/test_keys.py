@@ -215,6 +215,8 @@ def test_the_keys_commands_say_what_they_did(tmp_path: Path) -> None:
     revoked = llmtap("keys", "revoke", key_id)
     assert revoked.returncode == 0 and revoked.stdout.startswith(f"revoked {key_id}")
     assert read_keys(tmp_path / "keys.yaml").keys[0].revoked
+    again = llmtap("keys", "revoke", key_id)  # it said "revoked", as if it had just been
+    assert again.returncode == 0 and again.stdout.startswith(f"{key_id} was already revoked")
     assert llmtap("keys", "revoke", "key_nope").returncode == 1
 
 
@@ -225,9 +227,12 @@ def test_the_keys_commands_say_what_they_did(tmp_path: Path) -> None:
         (["--rpm", "0", "--tpm", "0"], "argument --rpm: must be a whole number of at least 1"),
         (["--tpm", "0"], "argument --tpm: must be a whole number of at least 1, not '0'"),
         (["--tpm", "1.5"], "argument --tpm: must be a whole number of at least 1, not '1.5'"),
+        # A newline split `keys list`'s line in two; no header could claim such a name.
+        (["--team", "a\nb"], "argument --team: may not hold control characters: 'a\\nb'"),
+        (["--user", "u\t1"], "argument --user: may not hold control characters: 'u\\t1'"),
     ],
 )
-def test_a_rate_limit_a_key_cannot_have_is_refused_naming_the_flag(
+def test_a_key_a_flag_cannot_make_is_refused_naming_the_flag(
     flags: list[str],
     refused: str,
     tmp_path: Path,

@@ -156,17 +156,18 @@ def create_key(
     return secret, key
 
 
-def revoke_key(path: Path, key_id: str) -> bool:
+def revoke_key(path: Path, key_id: str) -> VirtualKey | None:
+    """Revoke the key ``key_id``; return it as it was (None: no such key). One already
+    revoked is left as it is."""
     with locked(path):
         keys = read_keys(path)
-        found = False
         for i, key in enumerate(keys.keys):
             if key.id == key_id:
-                keys.keys[i] = key.model_copy(update={"revoked": True})
-                found = True
-        if found:
-            write_keys(path, keys)
-    return found
+                if not key.revoked:
+                    keys.keys[i] = key.model_copy(update={"revoked": True})
+                    write_keys(path, keys)
+                return key
+    return None
 
 
 @contextlib.contextmanager
