@@ -240,8 +240,8 @@ class Supervisor:
             )
             for provider, variable in self.settings.keys_unset().items():
                 print(
-                    f"  no key:    {provider}'s {variable} is unset: calls to it with "
-                    "llmtap keys are refused until it is set where llmtap up starts"
+                    f"  no key:    {provider} ({variable} unset): calls to it with llmtap keys "
+                    "get a 500"
                 )
             print("Ctrl-C to stop.", flush=True)
             while True:
