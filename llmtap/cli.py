@@ -223,6 +223,29 @@ def _alerts_test(settings: Settings, name: str) -> int:
     return 1
 
 
+def _check_webhook_templates(settings: Settings) -> None:
+    """Raise :class:`ConfigError` for a webhook endpoint whose template the store could not
+    load (a file missing, not UTF-8 or not Jinja2), before anything starts: the store
+    process loads every template at start, and would exit with a traceback after the
+    broker was started and the migrations run (`llmtap up` then gave up, status 1; a
+    compose deployment restarted it again and again)."""
+    import jinja2
+
+    from sinks.webhooks import render
+
+    for endpoint in settings.webhooks:
+        try:
+            render.load(endpoint.template)
+        except (OSError, jinja2.TemplateError) as exc:
+            where = ""
+            if isinstance(exc, jinja2.TemplateSyntaxError):
+                where = f" (line {exc.lineno})"
+            raise ConfigError(
+                f"webhooks: endpoint {endpoint.name!r}: template {endpoint.template!r} "
+                f"cannot be used{where}: {exc}"
+            ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Settings it cannot use (:class:`ConfigError`) are said in one line,
     exit status 2. A reader of its output that stops early (``| head -1``) ends it
@@ -266,6 +289,8 @@ def _main(argv: list[str] | None) -> int:
         return _keys(settings, args)
     if args.command == "alerts":
         return _alerts_test(settings, args.endpoint)
+    if args.command in ("up", "store"):
+        _check_webhook_templates(settings)
     if args.command == "up":
         from llmtap.data_dir import claimed
         from llmtap.supervisor import up

@@ -41,6 +41,7 @@ from sinks.webhooks import deliver, guard, records, render, sign
 from sinks.webhooks.dispatcher import WebhookDispatcher, matches
 from sql.store import Store
 from tests.conftest import Broker
+from tests.fake_provider import free_port
 from tests.prometheus import sample
 
 SECRET = "whsec_" + base64.b64encode(b"llmtap-tests-webhook-secret-0032").decode()
@@ -688,6 +689,58 @@ async def test_unfinished_deliveries_are_resumed_at_start(broker: Broker, store:
         (1, 503, "retrying"),
         (2, 200, "delivered"),  # numbering goes on from what was recorded
     ]
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        (None, "no such file"),
+        ("{% if %}", "(line 1): Expected an expression"),
+        ("{{ alert.rule | no_such_filter }}", "No filter named 'no_such_filter'"),
+    ],
+)
+async def test_up_refuses_a_template_it_cannot_load_before_starting_anything(
+    tmp_path: Path, source: str | None, error: str
+) -> None:
+    """A template missing or not Jinja2 is a setting `llmtap up` cannot use: one line
+    naming the endpoint, exit status 2, nothing started. It was found by the store process
+    only, after the broker had been started and the migrations run: a traceback, and
+    `up` gave up with status 1 (a compose deployment restarted the store for ever)."""
+    template = tmp_path / "hook.j2"
+    if source is not None:
+        template.write_text(source)
+    hooks = [
+        {"name": "ops", "url": "https://hooks.example.com/llmtap", "secret": SECRET,
+         "template": str(template)},
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path / "data"),
+        "LLMTAP_WEBHOOKS": json.dumps(hooks),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "LLMTAP_PROXY_PORT": str(free_port()),
+        "LLMTAP_API_PORT": str(free_port()),
+        "LLMTAP_WORKER_METRICS_PORT": "0",
+    }
+    env.pop("LLMTAP_CONFIG", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "llmtap", "up"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            out, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = out.decode()
+    assert process.returncode == 2, text
+    assert "endpoint 'ops'" in text and str(template) in text and error in text, text
+    assert "Traceback" not in text and "started broker" not in text, text
 
 
 async def test_alerts_test_command_sends_a_signed_sample(tmp_path: Path) -> None:
