@@ -246,6 +246,24 @@ def _check_webhook_templates(settings: Settings) -> None:
             ) from None
 
 
+def _check_pricing_file(settings: Settings) -> None:
+    """Raise :class:`ConfigError` for a ``pricing_file`` the ingress and the worker could
+    not load (missing, not YAML, not the catalog's format), before anything starts: each
+    loads it at start, and the worker exited with a traceback after the broker and the
+    store had been started (`llmtap up` then gave up, status 1)."""
+    if settings.pricing_file is None:
+        return
+    from pydantic import ValidationError
+    from yaml import YAMLError
+
+    from stream.pricing import load_catalog
+
+    try:
+        load_catalog(settings.pricing_file)
+    except (OSError, UnicodeDecodeError, YAMLError, ValidationError) as exc:
+        raise ConfigError(f"pricing_file {settings.pricing_file}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Settings it cannot use (:class:`ConfigError`) are said in one line,
     exit status 2. A reader of its output that stops early (``| head -1``) ends it
@@ -291,6 +309,8 @@ def _main(argv: list[str] | None) -> int:
         return _alerts_test(settings, args.endpoint)
     if args.command in ("up", "store"):
         _check_webhook_templates(settings)
+    if args.command in ("up", "ingress", "worker"):
+        _check_pricing_file(settings)
     if args.command == "up":
         from llmtap.data_dir import claimed
         from llmtap.supervisor import up

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from llmtap.config import CONFIG_ENV, Settings, load_settings, pinned_config
+from tests.fake_provider import free_port
 
 README = Path(__file__).parent.parent / "README.md"
 COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
@@ -579,3 +582,45 @@ def test_the_providers_whose_key_is_unset_are_those_that_take_one(
         "anthropic": "ANTHROPIC_API_KEY",
         "groq": "LLMTAP_TEST_GROQ_KEY",
     }
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (None, "No such file or directory"),
+        ("models: [", "while parsing"),
+        ("models: {x: {provider: openai, prices: [{input: '1'}]}}", "effective_from"),
+    ],
+)
+def test_up_refuses_a_pricing_file_it_cannot_load_before_starting_anything(
+    tmp_path: Path, content: str | None, error: str
+) -> None:
+    """A pricing_file missing, not YAML or not the catalog's format is a setting `llmtap
+    up` cannot use: one message naming it, exit status 2, nothing started. It was found by
+    the worker only, after the broker and the store had been started: a traceback, and
+    `up` gave up with status 1 (the ingress and a lone `llmtap worker` the same)."""
+    prices = tmp_path / "prices.yaml"
+    if content is not None:
+        prices.write_text(content)
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path / "data"),
+        "LLMTAP_PRICING_FILE": str(prices),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "LLMTAP_PROXY_PORT": str(free_port()),
+        "LLMTAP_API_PORT": str(free_port()),
+        "LLMTAP_WORKER_METRICS_PORT": "0",
+    }
+    env.pop(CONFIG_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "llmtap", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert f"pricing_file {prices}" in out and error in out, out
+    assert "Traceback" not in out and "started broker" not in out, out
