@@ -196,6 +196,46 @@ def threshold_alert(
     )
 
 
+def capped_alert(
+    budget: BudgetConfig, state: BudgetState, worst_case: Decimal, at: datetime
+) -> Alert:
+    """A hard cap's first refusal in a period, for the ingress to raise: the calls of its
+    scope are refused from here on, though the spend may never reach 100% (a call is
+    admitted only if its worst case fits what is left), so no threshold alert says so.
+    One id per budget, period and limit: every replica raises the same, sent once."""
+    limit = format(budget.limit_usd.normalize(), "f")
+    spent = format(state.spent_usd.normalize(), "f")
+    share = state.spent_usd * 100 / budget.limit_usd
+    return Alert(
+        event_id=capped_alert_id(budget, state.period_start),
+        alert_type="budget",
+        state="firing",
+        severity="critical",
+        rule=budget.name,
+        dimension=budget.scope,
+        value=budget.value,
+        tenant=budget.owner,
+        metric="spend",
+        observed=state.spent_usd,
+        baseline=budget.limit_usd,
+        window_start=state.period_start,
+        window_end=state.period_end,
+        first_seen=at,
+        message=(
+            f"budget {budget.name!r} ({budget.scope} {budget.value!r}) is refusing calls: its "
+            f"hard cap is reached with ${spent} of ${limit} spent ({share:.0f}%) this "
+            f"{budget.period} (a call's worst case of ${worst_case} did not fit); calls are "
+            f"admitted again from {state.period_end:%Y-%m-%d %H:%M} UTC"
+        ),
+    )
+
+
+def capped_alert_id(budget: BudgetConfig, period_start: datetime) -> UUID:
+    """:func:`capped_alert`'s id: of a budget's period and limit, as a threshold's."""
+    limit = format(budget.limit_usd.normalize(), "f")
+    return stable_id(*_threshold_of(budget, period_start, 0)[:-1], "capped", limit)
+
+
 def threshold_alert_id(budget: BudgetConfig, period_start: datetime, threshold: int) -> UUID:
     """One per budget, period, limit and threshold: a replay of the same calls under the
     same configuration raises the same ids (sent once); a limit changed mid-period raises

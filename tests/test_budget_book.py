@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ingress.guards.bounds import Reach, choices, reach
-from ingress.guards.budgets import BudgetBook
+from ingress.guards.budgets import BudgetBook, Exhausted
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Usage
 from stream.budgets import fresh
@@ -521,3 +521,33 @@ def test_a_refusal_says_what_is_held_beyond_the_published_spend() -> None:
     message = refused.message()
     assert "$0 of $0.015 spent this day, $0.010250000 held for calls in flight" in message
     assert "worst case of this call $0.010250000;" in message
+
+
+def test_a_cap_s_alert_is_raised_once_a_period_and_only_for_its_spend() -> None:
+    """The first refusal for the published spend raises it; later ones in the period do
+    not; a refusal that calls in flight caused (it may fit within seconds), or of a
+    call no period could cover, raises none; the next period raises its own."""
+    budgets, budget = book("1")
+    today = fresh(budget, MIDNIGHT, MIDNIGHT).model_copy(update={"spent_usd": Decimal("0.99")})
+    spent = Exhausted(budget, today, worst_case=Decimal("0.02"))
+    in_flight = Exhausted(
+        budget,
+        today.model_copy(update={"spent_usd": Decimal("0.5")}),
+        Decimal("0.02"),
+        held=Decimal("0.49"),
+    )
+    too_large = Exhausted(budget, today, worst_case=Decimal(2))
+    assert budgets.capped(in_flight, MIDNIGHT) is None
+    assert budgets.capped(too_large, MIDNIGHT) is None
+    alert = budgets.capped(spent, MIDNIGHT)
+    assert alert is not None and alert.window_start == MIDNIGHT
+    assert budgets.capped(spent, MIDNIGHT + timedelta(hours=1)) is None
+    tomorrow = fresh(budget, MIDNIGHT + timedelta(days=1), MIDNIGHT).model_copy(
+        update={"spent_usd": Decimal("0.99")}
+    )
+    again = budgets.capped(Exhausted(budget, tomorrow, Decimal("0.02")), MIDNIGHT)
+    assert again is not None and again.event_id != alert.event_id
+    # Another process (a replica) raises the very same id: stored and sent once.
+    replica, _ = book("1")
+    other = replica.capped(spent, MIDNIGHT + timedelta(minutes=5))
+    assert other is not None and other.event_id == alert.event_id

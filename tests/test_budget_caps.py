@@ -31,7 +31,7 @@ from ingress.app import create_app
 from ingress.forward import admission
 from ingress.guards.keys import create_key
 from llmtap.config import BudgetConfig, ProviderConfig, Settings
-from llmtap.events import Reservations, utcnow
+from llmtap.events import Alert, Reservations, utcnow
 from llmtap.names import Names
 from stream.budgets import fresh
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
@@ -173,7 +173,8 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
                         message = exc.message
                         break
                     await asyncio.sleep(0.2)
-                while {a["threshold"] for a in received} != {"10", "20"}:
+                # The thresholds' alerts, and the cap's own: its first refusal.
+                while {a["threshold"] for a in received} != {"10", "20", None}:
                     await asyncio.sleep(0.1)
                 # The ingress holds each admitted call's cost until a budget state has
                 # counted that call's own event (its partition's offset passed it): then
@@ -192,12 +193,20 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
     assert len(outcomes) >= 2
     assert len(outcomes) * per_call <= Decimal("0.0004")
     assert "budget 'acme-daily'" in message
-    budget_alerts = sorted(received, key=lambda a: int(str(a["threshold"])))
+    [capped] = [a for a in received if a["threshold"] is None]
+    budget_alerts = sorted(
+        (a for a in received if a["threshold"] is not None), key=lambda a: int(str(a["threshold"]))
+    )
     assert [(a["alert_type"], a["threshold"]) for a in budget_alerts] == [
         ("budget", "10"),
         ("budget", "20"),
     ]
     assert [Decimal(str(a["observed"])) for a in budget_alerts] == [per_call, 2 * per_call]
+    # Refused before 100%: only the cap's own alert says the calls are refused now.
+    assert (capped["alert_type"], capped["severity"]) == ("budget", "critical")
+    # The spend published when it was refused: the last call's may not be counted yet.
+    assert 0 < Decimal(str(capped["observed"])) <= len(outcomes) * per_call
+    assert "is refusing calls" in str(capped["message"])
 
 
 # A test on a budget's state needs its period to last past the test, and one told to
@@ -413,6 +422,64 @@ async def test_a_budget_refusal_long_before_its_reset_is_not_retried_by_the_sdk(
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert int(refused.value.response.headers["retry-after"]) > 60
     assert sample(metrics, "llmtap_requests_total", status="budget_exceeded") == 1
+
+
+async def alerts_of(bootstrap: str, rule: str) -> list[Alert]:
+    """Every alert of ``rule`` the alerts topic holds, read from its start to its end."""
+    consumer = AIOKafkaConsumer(
+        Names().alerts, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    found = []
+    try:
+        async with asyncio.timeout(30):
+            while not consumer.assignment():
+                await consumer.getmany(timeout_ms=100)
+            ends = await consumer.end_offsets(list(consumer.assignment()))
+            await consumer.seek_to_beginning()
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        assert record.value is not None
+                        alert = Alert.model_validate_json(record.value)
+                        if alert.rule == rule:
+                            found.append(alert)
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def test_a_hard_cap_s_first_refusal_in_a_period_raises_an_alert_once(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cap refuses a call once its worst case no longer fits what is left, so the
+    spend may never reach 100%: the team was locked out for the rest of the period and
+    no alert said so (the last was 80%'s). The first refusal raises one, critical; the
+    next refusals none (and every replica gives it the same id: stored and sent once)."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = await all_but_spent(ingress_settings, "capped")
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    async with TestServer(create_app(settings), host="127.0.0.1") as server:
+        base = str(server.make_url("")).rstrip("/")
+        secret = await make_key(base, settings.key_file)
+        for _ in range(3):
+            status, body, _ = await post_once(base, secret)
+            assert (status, body["error"]["code"]) == (429, "budget_exceeded")
+    [alert] = await alerts_of(settings.kafka_bootstrap, budget.name)
+    state = fresh(budget, utcnow(), utcnow())
+    assert (alert.alert_type, alert.state, alert.severity, alert.threshold) == (
+        "budget",
+        "firing",
+        "critical",
+        None,
+    )
+    assert (alert.observed, alert.baseline, alert.window_end) == (
+        Decimal("0.999"),
+        Decimal(1),
+        state.period_end,
+    )
+    assert f"budget {budget.name!r} (tenant 'acme') is refusing calls" in alert.message
+    assert "$0.999 of $1 spent (100%)" in alert.message
 
 
 async def test_a_cap_is_not_judged_before_its_spend_is_read(

@@ -274,6 +274,12 @@ class Admission:
         if exhausted is not None:
             if exhausted.never_fits:  # a 429 would have it retried at the reset, in vain
                 return refuse(400, exhausted.message(), "budget_exceeded", code="budget_exceeded")
+            if (alert := book.capped(exhausted, utcnow())) is not None:
+                # No threshold may say it: a cap refuses before the spend reaches 100%.
+                publisher = request.app[PUBLISHER]
+                publisher.publish(
+                    publisher.names.alerts, alert.event_id.bytes, alert.model_dump_json().encode()
+                )
             refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
             if exhausted.held_back:  # calls in flight hold it: they settle in seconds
                 refused.headers["retry-after"] = str(HELD_RETRY_S)

@@ -43,10 +43,19 @@ from decimal import Decimal
 
 from ingress.guards.bounds import Advisor, Reach
 from llmtap.config import BudgetConfig
-from llmtap.events import Attribution, BudgetState, Reservations, Usage, utcnow
+from llmtap.events import Alert, Attribution, BudgetState, Reservations, Usage, utcnow
 from llmtap.following import Follower
 from llmtap.kafka import Kafka
-from stream.budgets import current, is_of, later_or_larger, matches, owned, period_bounds
+from stream.budgets import (
+    capped_alert,
+    capped_alert_id,
+    current,
+    is_of,
+    later_or_larger,
+    matches,
+    owned,
+    period_bounds,
+)
 from stream.pricing import (
     PER_MILLION,
     Catalog,
@@ -185,6 +194,8 @@ class BudgetBook:
         # partition: (their period's start, the latest one's offset, their sum).
         self.aged: dict[str, dict[int, tuple[datetime, int, Decimal]]] = defaultdict(dict)
         self._by_name = {b.name: b for b in budgets}
+        # The id of the last hard cap's alert this process raised, per budget (capped).
+        self._capped_told: dict[str, uuid.UUID] = {}
         # Set once the states the budgets topic held when this process started are read
         # (:func:`follow`). Before, a budget not read yet looks unspent: a hard-capped
         # call waits for them (ingress/forward/admission.py), not judged on nothing.
@@ -480,6 +491,20 @@ class BudgetBook:
         for budget in capped:
             self.reserved[budget.name][call_id] = worst
         return None
+
+    def capped(self, exhausted: Exhausted, now: datetime) -> Alert | None:
+        """The alert that a budget's hard cap is refusing calls, the first time this
+        process refuses one in the budget's period for its spend (None after, and for a
+        refusal that calls in flight caused, or of a call no period could cover). Every
+        replica raises the same id: storage and webhooks take it once."""
+        if exhausted.never_fits or exhausted.held_back:
+            return None
+        budget, state = exhausted.budget, exhausted.state
+        told = capped_alert_id(budget, state.period_start)
+        if self._capped_told.get(budget.name) == told:
+            return None
+        self._capped_told[budget.name] = told
+        return capped_alert(budget, state, exhausted.worst_case, now)
 
     def settle(
         self, call_id: uuid.UUID, model: str, usage: Usage, ended: datetime, provider: str = ""
