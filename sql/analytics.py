@@ -75,6 +75,10 @@ def _default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
+def _unpadded(amount: Decimal | None) -> Decimal | None:
+    return None if amount is None else amount.normalize()
+
+
 def json_response(payload: Any, status: int = 200) -> web.Response:
     return web.Response(
         # ClickHouse hands back UTC timestamps without a zone: say so (ISO-8601, "Z").
@@ -356,8 +360,9 @@ async def budgets(request: web.Request) -> web.Response:
             "tenant": by_name[row.name].owner or None,
             "period": row.period,
             "limit_usd": row.limit_usd,
-            "spent_usd": row.spent_usd,
-            "remaining_usd": row.remaining_usd,
+            # Unpadded, as counted: a spend read back from ClickHouse has nine places.
+            "spent_usd": _unpadded(row.spent_usd),
+            "remaining_usd": _unpadded(row.remaining_usd),
             "used_percent": row.used_percent,
             "reserved_usd": row.reserved_usd,
             "period_start": row.period_start,

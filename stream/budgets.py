@@ -191,7 +191,8 @@ def threshold_alert(
         first_seen=at,
         message=(
             f"budget {budget.name!r} ({budget.scope} {budget.value!r}) passed {threshold}% "
-            f"of ${budget.limit_usd}: ${state.spent_usd} spent this {budget.period}"
+            f"of ${_plain(budget.limit_usd)}: ${_plain(state.spent_usd)} spent this "
+            f"{budget.period}"
         ),
     )
 
@@ -203,8 +204,7 @@ def capped_alert(
     scope are refused from here on, though the spend may never reach 100% (a call is
     admitted only if its worst case fits what is left), so no threshold alert says so.
     One id per budget, period and limit: every replica raises the same, sent once."""
-    limit = format(budget.limit_usd.normalize(), "f")
-    spent = format(state.spent_usd.normalize(), "f")
+    limit, spent = _plain(budget.limit_usd), _plain(state.spent_usd)
     share = state.spent_usd * 100 / budget.limit_usd
     return Alert(
         event_id=capped_alert_id(budget, state.period_start),
@@ -230,9 +230,15 @@ def capped_alert(
     )
 
 
+def _plain(amount: Decimal) -> str:
+    """An amount as a message says it: exact, unpadded ("0.18", not "0.180000000" as a
+    spend read back from ClickHouse has it; "100", not "1E+2")."""
+    return format(amount.normalize(), "f")
+
+
 def capped_alert_id(budget: BudgetConfig, period_start: datetime) -> UUID:
     """:func:`capped_alert`'s id: of a budget's period and limit, as a threshold's."""
-    limit = format(budget.limit_usd.normalize(), "f")
+    limit = _plain(budget.limit_usd)
     return stable_id(*_threshold_of(budget, period_start, 0)[:-1], "capped", limit)
 
 

@@ -174,6 +174,9 @@ def test_a_limit_lowered_below_the_spend_alerts_at_once() -> None:
         (Decimal(100), "critical"),
     ]
     assert "of $80: $90 spent" in raised[2].message
+    # A spend read back from ClickHouse has nine places: said unpadded.
+    padded = rolled.model_copy(update={"spent_usd": Decimal("90.000000000")})
+    assert "of $80: $90 spent" in threshold_alert(new, padded, 100, at(4)).message
     assert ledger.roll(at(4)) == ([], [])
     assert ledger.record(costed("1", at(4)), at(4), (0, 1))[1] == []  # alerted already
     _, at_call = spend(new, state, Decimal("0"), at(4), at(4))

@@ -91,7 +91,7 @@ def test_slack_template_is_blocks_with_the_facts_escaped() -> None:
     assert message["text"] and message["blocks"][0]["type"] == "header"
     fields = [f["text"] for b in message["blocks"] if "fields" in b for f in b["fields"]]
     assert "*Scope*\nteam = r&amp;d &lt;all&gt;" in fields
-    assert "*Observed*\n12.50" in fields and "*Baseline*\n3.10" in fields
+    assert "*Observed*\n12.5" in fields and "*Baseline*\n3.1" in fields
     assert not any(f.startswith("*Tenant*") for f in fields)
     above = json.loads(render.render(render.load("slack"), make_alert(threshold=Decimal(5))).data)
     assert "*Alert above*\n5" in [f["text"] for f in above["blocks"][2]["fields"]]
@@ -107,16 +107,23 @@ def test_text_template_is_one_short_line() -> None:
     text = body.data.decode()
     assert body.content_type.startswith("text/plain")
     assert "\n" not in text
-    for fact in ("cost-spike", "search", "12.50", "FIRING"):
+    for fact in ("cost-spike", "search", "12.5", "FIRING"):
         assert fact in text
     assert "of tenant" not in text  # an alert of no tenant
     mine = render.render(render.load("text"), make_alert(tenant="acme")).data.decode()
     assert "on team=search of tenant acme: cost" in mine
     above = make_alert(threshold=Decimal("5.2"))
     assert (
-        "vs baseline 3.10 (alert above 5.2), window"
+        "vs baseline 3.1 (alert above 5.2), window"
         in render.render(render.load("text"), above).data.decode()
     )
+    # A spike's decimals are quantized to nine places: shown exact and unpadded.
+    padded = make_alert(observed=Decimal("30.000000000"), baseline=Decimal("2.500000000"))
+    assert "cost observed 30 vs baseline 2.5, window" in (
+        render.render(render.load("text"), padded).data.decode()
+    )
+    shown = json.loads(render.render(render.load("json"), padded).data)
+    assert (shown["observed"], shown["baseline"]) == ("30", "2.5")
     budget = make_alert(alert_type="budget", threshold=Decimal(80))
     assert "(80% threshold)" in render.render(render.load("text"), budget).data.decode()
     # a value from a call (a model name is the client's) with line breaks in it
@@ -251,6 +258,10 @@ def test_guard_allows_public_addresses_and_private_ones_when_allowed() -> None:
     guard.check_url("http://127.0.0.1:9/", allow_private=True)
     with pytest.raises(guard.Refused):  # never a valid target, allowed or not
         guard.check_url("http://224.0.0.1/", allow_private=True)
+    with pytest.raises(guard.Refused, match=r"0\.0\.0\.0 is an unspecified address$"):
+        guard.check_url("http://0.0.0.0/", allow_private=True)
+    with pytest.raises(guard.Refused, match=r"127\.0\.0\.1 is a loopback address"):
+        guard.check_url("http://127.0.0.1/", allow_private=False)
 
 
 async def test_guard_resolver_refuses_a_name_that_resolves_to_loopback() -> None:

@@ -63,10 +63,10 @@ class Refused(Exception):
 
 
 def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    for kind in _KINDS:
-        if getattr(ip, f"is_{kind}"):
-            return kind.replace("_", "-")
-    return _listed(ip) or "not globally routable"
+    """What ``ip`` is, with its article: "a loopback", "an unspecified"."""
+    kind = next((k.replace("_", "-") for k in _KINDS if getattr(ip, f"is_{k}")), None)
+    kind = kind or _listed(ip) or "not globally routable"
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 def _listed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
@@ -106,9 +106,9 @@ def check_address(address: str, *, allow_private: bool) -> None:
     if isinstance(ip, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(ip)) is not None:
         ip = v4  # ::ffff:127.0.0.1 is 127.0.0.1; 6to4 and NAT64 reach the IPv4 inside
     if ip.is_multicast or ip.is_unspecified:
-        raise Refused(f"{address} is a {_kind(ip)} address")
+        raise Refused(f"{address} is {_kind(ip)} address")
     if not allow_private and not _is_global(ip):
-        raise Refused(f"{address} is a {_kind(ip)} address (set webhook_allow_private to allow)")
+        raise Refused(f"{address} is {_kind(ip)} address (set webhook_allow_private to allow)")
 
 
 def _ip(host: str) -> str | None:

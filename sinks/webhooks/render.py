@@ -3,7 +3,7 @@
 Built-ins ship as package data (``templates/*.j2``): ``json`` (the full alert, as
 published), ``slack`` (an incoming-webhook message with Block Kit ``blocks``) and
 ``text`` (one short line). Any other name is the path of a Jinja2 file. A template
-sees ``alert``: the alert as JSON-ready values (decimals and times as strings), and
+sees ``alert``: the alert as JSON-ready values (decimals, unpadded, and times as strings), and
 has the filters ``tojson``, ``slack_escape`` and ``oneline``. An undefined name is an error, not "".
 Templates run in Jinja2's immutable sandbox: a template file reaches no Python internals
 (``cycler.__init__.__globals__`` would reach ``os``) and changes nothing, and ``range``
@@ -89,11 +89,20 @@ def _sniff(text: str) -> str:
     return JSON if isinstance(parsed, dict | list) else TEXT
 
 
+# The alert's decimals, shown unpadded (a spike's are quantized to nine places, a
+# budget's spend read back from ClickHouse has nine).
+_DECIMALS = ("observed", "baseline", "threshold")
+
+
 def render(template: Template, alert: Alert) -> Body:
     """The body for one alert (raises jinja2.TemplateError on a template error, also
     one Python raises inside it: ``{{ alert.observed + 1 }}`` adds to a string)."""
+    fields = alert.model_dump(mode="json")
+    for name in _DECIMALS:  # "30", not "30.000000000": exact, unpadded
+        if (value := getattr(alert, name)) is not None:
+            fields[name] = format(value.normalize(), "f")
     try:
-        text = template.jinja.render(alert=alert.model_dump(mode="json")).strip()
+        text = template.jinja.render(alert=fields).strip()
     except jinja2.TemplateError:
         raise
     except Exception as exc:
