@@ -37,6 +37,10 @@ def create_app(
     settings: Settings, detector: Detector | None = None
 ) -> tuple[faust.App, CostStage, SpikesStage]:
     """The Faust app and the stages its worker runs beside it."""
+    # Faust makes its datadir (<data_dir>/faust) as the worker starts, but not the
+    # directories above it: a data_dir not made yet (no `llmtap up` before, no image
+    # that made it) crashed the worker with FileNotFoundError.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = StreamApp(
         settings.kafka.names.worker_app,
         broker=settings.kafka.faust_brokers(),

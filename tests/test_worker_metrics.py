@@ -183,3 +183,12 @@ def test_a_worker_given_port_0_serves_no_http(tmp_path: Path) -> None:
         settings = Settings(data_dir=tmp_path, worker_metrics_port=port)
         worker = StreamWorker(*create_app(settings), settings)
         assert any(isinstance(s, WorkerWeb) for s in worker.services) is served, port
+
+
+def test_a_worker_makes_its_data_dir_when_it_does_not_exist(tmp_path: Path) -> None:
+    """`llmtap worker` run on its own (as compose runs it) with a data_dir not made yet:
+    Faust makes only the last directory of its datadir as it starts."""
+    settings = Settings(data_dir=tmp_path / "not" / "made", worker_metrics_port=0)
+    app, _, _ = create_app(settings)
+    app.conf.datadir.mkdir(exist_ok=True)  # what Faust's app does as the worker starts
+    assert app.conf.datadir.is_dir()
