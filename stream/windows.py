@@ -38,6 +38,12 @@ stamped ahead is bounded only by as much as it is ahead of that clock.
 window was published once and stays as published); it is counted, and the count rides
 on the next window its dimension values publish (``late_events``).
 
+**Calls delivered twice.** Delivery is at least once: a produce retried after an answer
+that was lost, or a spool replayed after a batch the broker had kept, puts a response
+event on its partition twice, at two offsets. A windower remembers the event ids of the
+last :data:`REMEMBERED_CALLS` calls it was given and passes over one it was given
+already, neither counted again nor late (the budgets' ledger does the same).
+
 **Taking over** (:meth:`Windower.resume`, :meth:`Windower.restore`). The offset of the
 first call counted in a window still open is :meth:`Windower.held`: a worker that
 takes the partition over reads it again from there, with the watermark the windows it
@@ -48,7 +54,8 @@ published smaller ones, and the event time is the old owner's as of its checkpoi
 
 from __future__ import annotations
 
-from collections import Counter
+import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -61,6 +68,10 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # in sync by NTP are milliseconds apart. A call stamped further ahead is counted (and
 # logged: its ingress's clock is off).
 ALLOWED_SKEW = timedelta(seconds=1)
+# Event ids a windower remembers (its partition's latest calls) to pass over a call
+# delivered twice: a retried produce is next to the first; a spool replayed after an
+# outage comes after what the other ingress processes sent meanwhile.
+REMEMBERED_CALLS = 50_000
 
 
 def window_start(at: datetime, size: timedelta) -> datetime:
@@ -99,12 +110,19 @@ class Windower:
         self._first: dict[datetime, int] = {}  # open base window -> first offset counted
         self._counted_below = -1  # calls below this offset were counted before a takeover
         self._replaying = False  # reading those calls again: the watermark stays put
+        self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()  # the latest event ids
 
     def add(self, event: Costed, now: datetime, offset: int = -1) -> bool:
         """Count a call (at ``offset`` of its partition) in its windows; False if they
-        closed (counted as late, unless it was counted before a takeover)."""
+        closed (counted as late, unless it was counted before a takeover), or if it was
+        given already (the same event id: delivered twice)."""
         if self._replaying and offset + 1 >= self._counted_below:
             self._replaying = False  # the last call the old owner had read
+        if event.event_id in self._seen:
+            return False
+        self._seen[event.event_id] = None
+        if len(self._seen) > REMEMBERED_CALLS:
+            self._seen.popitem(last=False)
         at = event.response.ts_end
         bound = now + ALLOWED_SKEW
         if at > bound and offset >= self._counted_below:  # read again: reported before

@@ -117,6 +117,20 @@ def test_a_late_call_is_not_added_to_its_closed_window_but_counted() -> None:
     assert minute.requests == 1 and minute.late_events == 1  # type: ignore[attr-defined]
 
 
+def test_a_call_delivered_twice_counts_once_and_is_not_late() -> None:
+    """A response event on its partition twice (a produce retried after its answer was
+    lost, a spool replayed after a batch the broker kept), at two offsets."""
+    w = Windower((60,), GRACE)
+    twice = call(10 * S)
+    assert w.add(twice, T0 + 10 * S, 0)
+    assert not w.add(twice, T0 + 11 * S, 1)
+    w.add(call(75 * S), T0 + 75 * S, 2)
+    first = by_series(w.advance(T0 + 75 * S, [0]))
+    assert first[(60, "tenant", "acme", T0)].requests == 1  # type: ignore[attr-defined]
+    assert not w.add(twice, T0 + 76 * S, 3)  # its minute closed: still not a late call
+    assert w.late_events == 0
+
+
 def test_a_quiet_series_closes_on_the_wall_clock() -> None:
     w = Windower((60,), GRACE)
     w.add(call(30 * S), T0 + 30 * S)
