@@ -81,6 +81,8 @@ async def event_publisher(app: web.Application) -> AsyncIterator[None]:
         queue_size=settings.publish_queue_size,
         spool_dir=settings.spool_dir,
         spool_max_bytes=settings.spool_max_bytes,
+        topic_partitions=settings.topic_partitions,
+        topic_replicas=settings.topic_replication_factor,
     )
     app[PUBLISHER] = publisher
     await publisher.start()

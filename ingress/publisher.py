@@ -56,7 +56,7 @@ from aiokafka.errors import (
 )
 
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Spool
-from llmtap import logs
+from llmtap import logs, topics
 from llmtap.batches import Batches
 from llmtap.kafka import Kafka
 
@@ -138,8 +138,15 @@ class EventPublisher:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         request_timeout_ms: int = 10_000,
         slow_after_s: float = 1.0,
+        topic_partitions: int | None = None,
+        topic_replicas: int = 1,
     ) -> None:
+        """``topic_partitions``: make llmtap's topics (those missing) with that many
+        partitions and ``topic_replicas`` copies each time it connects, before it sends
+        (None: leave them to the worker and the store)."""
         self._kafka = kafka
+        self._topic_partitions = topic_partitions
+        self._topic_replicas = topic_replicas
         self.names = kafka.names  # the topics events go to
         self._queue_size = queue_size
         self._high_water = max(1, queue_size // 2)
@@ -391,8 +398,36 @@ class EventPublisher:
             with contextlib.suppress(Exception):
                 await producer.stop()
             raise
+        try:
+            made = await self._topics_made()
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        if not made:
+            await producer.stop()
+            return None
         log.info("connected to broker at %s", self._kafka.bootstrap)
         return producer
+
+    async def _topics_made(self) -> bool:
+        """Make llmtap's topics that are missing, as the worker and the store do: an
+        ingress started beside them (compose starts all three at once) would otherwise
+        have its first events make their topics through the broker's auto-creation, with
+        the broker's defaults: the compacted reservations topic not compacted, every
+        topic without ``topic_replication_factor``. False: the broker is not ready (asked
+        again, as a connection is). A broker that refuses to make them (an ACL: topics
+        an operator makes) is said, and the events go on to it."""
+        if self._topic_partitions is None:
+            return True
+        try:
+            await topics.ensure_topics(self._kafka, self._topic_partitions, self._topic_replicas)
+        except topics.TopicsRefused as exc:
+            log.error("%s; events are sent to the broker all the same", exc)
+        except Exception as exc:  # still starting, or refusing us: asked again
+            log.warning("broker at %s not ready for llmtap: %r", self._kafka.bootstrap, exc)
+            return False
+        return True
 
     async def _disconnect(self) -> None:
         producer, self._producer = self._producer, None

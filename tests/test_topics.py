@@ -3,20 +3,27 @@ said rather than waited on."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from decimal import Decimal
+from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import InvalidReplicationFactorError, PolicyViolationError
 from aiokafka.structs import TopicPartition
 from pydantic import ValidationError
 
+from ingress.app import create_app
+from ingress.keys import PUBLISHER
 from llmtap import topics
-from llmtap.config import Settings
+from llmtap.config import BudgetConfig, Settings
 from llmtap.kafka import Kafka
 from llmtap.names import TOPICS, Names, kind
-from llmtap.supervisor import embedded_broker
+from llmtap.probes import listening
+from llmtap.supervisor import broker_argv, embedded_broker
 from tests.conftest import Broker
 from tests.fake_provider import free_port
 
@@ -117,3 +124,48 @@ async def test_spans_are_read_whole_beside_an_empty_one_and_a_span_past_the_log_
         assert ([r.value for r in found], complete) == ([b"0", b"1", b"2"], True)
         found, complete = await topics.read_spans(kafka, {full: (1, 10)}, patient=patient)
         assert ([r.value for r in found], complete) == ([b"1", b"2"], False)
+
+
+async def test_an_ingress_started_before_the_worker_and_the_store_makes_llmtap_s_topics(
+    tmp_path: Path,
+) -> None:
+    """Compose starts the ingress beside the worker and the store, on a broker without
+    llmtap's topics. Its first events (a hard cap's reservations, announced at once)
+    made their topics through the broker's auto-creation, with the broker's defaults:
+    the compacted reservations topic not compacted, the broker's partitions and
+    replication factor, not llmtap's settings. The ingress makes them itself first."""
+    bootstrap = f"127.0.0.1:{free_port()}"
+    tansu = await asyncio.create_subprocess_exec(
+        *broker_argv(bootstrap),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    cap = BudgetConfig(name="cap", scope="tenant", value="acme", limit_usd=Decimal(1))
+    settings = Settings(
+        data_dir=tmp_path,
+        kafka_bootstrap=bootstrap,
+        embedded_broker=False,
+        topic_partitions=3,
+        budgets=[cap],
+    )
+    names = settings.kafka.names.topics
+    try:
+        async with asyncio.timeout(30):
+            while not await listening(bootstrap):
+                await asyncio.sleep(0.1)
+            app = create_app(settings)
+            async with TestServer(app, host="127.0.0.1"):
+                while app[PUBLISHER].published < 1:  # the reservations' announcement
+                    await asyncio.sleep(0.05)
+            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+            await admin.start()
+            try:
+                existing = set(await admin.list_topics())
+                made = await admin.describe_topics([n for n in names if n in existing])
+            finally:
+                await admin.close()
+    finally:
+        tansu.terminate()
+        await tansu.wait()
+    assert existing >= set(names)
+    assert {t["topic"]: len(t["partitions"]) for t in made} == dict.fromkeys(names, 3)
