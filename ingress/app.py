@@ -19,7 +19,7 @@ from ingress.forward.call import NOBODY, Call
 from ingress.forward.outcome import record_outcome
 from ingress.forward.tokens import Counting
 from ingress.guards.auth import Refusal, authenticate
-from ingress.guards.budgets import BudgetBook, announce, follow
+from ingress.guards.budgets import BudgetBook, announce, follow, hear_others
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
 from ingress.keys import (
@@ -113,14 +113,15 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(follow(book, settings.kafka, "ingress-budgets"), name="budgets")
         )
     if any(b.hard_cap for b in settings.budgets):
-        # What this process reserves, for the budgets endpoint (the publisher outlives this).
+        # What this process reserves, for the other ingress processes' caps and the
+        # budgets endpoint (the publisher outlives this); what the others reserve.
+        book.ingress_id = f"ingress-{uuid.uuid4()}"
         held = announce(
-            book,
-            app[PUBLISHER].publish,
-            settings.kafka.names.reservations,
-            f"ingress-{uuid.uuid4()}",
+            book, app[PUBLISHER].publish, settings.kafka.names.reservations, book.ingress_id
         )
         tasks.append(asyncio.create_task(held, name="reservations"))
+        others = hear_others(book, settings.kafka, "ingress-reservations")
+        tasks.append(asyncio.create_task(others, name="others-reservations"))
     yield
     for task in tasks:
         task.cancel()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -359,6 +359,15 @@ class Reservations(_Model):
     at: UtcDatetime
     interval_s: float = Field(gt=0)
     held: dict[str, Decimal] = Field(default_factory=dict)  # budget name -> USD
+
+    def live(self, now: datetime) -> bool:
+        """Whether its process is to be taken as running at ``now``: one that has missed
+        MISSED_ANNOUNCEMENTS announcements died without saying so (what it held with
+        it), and one announced as far ahead of ``now`` is from a clock not to be trusted."""
+        return abs(now - self.at) <= timedelta(seconds=self.interval_s * MISSED_ANNOUNCEMENTS)
+
+
+MISSED_ANNOUNCEMENTS = 3  # an ingress silent for this many intervals is gone
 
 
 class SketchState(_Model):

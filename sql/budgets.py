@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 
 from aiohttp import web
@@ -34,8 +34,6 @@ from stream.pricing import Catalog
 
 BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
 
-MISSED_ANNOUNCEMENTS = 3  # an ingress silent for this many intervals is gone
-
 
 class ReservationBook:
     """The latest :class:`Reservations` of every ingress process."""
@@ -49,16 +47,9 @@ class ReservationBook:
             self.latest[event.ingress_id] = event
 
     def reserved(self, now: datetime) -> dict[str, Decimal] | None:
-        """Per budget, what the live ingress processes hold; None when none is live
-        (nothing known, which is not the same as nothing held). A process that has
-        missed MISSED_ANNOUNCEMENTS announcements is taken to be gone (it died without
-        saying so), and what it held with it; one announced as far ahead of ``now`` is
-        from a clock not to be trusted, and left out too."""
-        live = [
-            r
-            for r in self.latest.values()
-            if abs(now - r.at) <= timedelta(seconds=r.interval_s * MISSED_ANNOUNCEMENTS)
-        ]
+        """Per budget, what the live ingress processes hold (:meth:`Reservations.live`);
+        None when none is live (nothing known, which is not the same as nothing held)."""
+        live = [r for r in self.latest.values() if r.live(now)]
         if not live:
             return None
         total: dict[str, Decimal] = {}

@@ -14,7 +14,7 @@ import pytest
 from ingress.guards.bounds import Reach, choices, reach
 from ingress.guards.budgets import BudgetBook, Exhausted
 from llmtap.config import BudgetConfig
-from llmtap.events import Attribution, Usage
+from llmtap.events import Attribution, Reservations, Usage
 from stream.budgets import fresh
 from stream.pricing import Catalog, ModelPrice, Rates, load_catalog
 
@@ -551,3 +551,24 @@ def test_a_cap_s_alert_is_raised_once_a_period_and_only_for_its_spend() -> None:
     replica, _ = book("1")
     other = replica.capped(spent, MIDNIGHT + timedelta(minutes=5))
     assert other is not None and other.event_id == alert.event_id
+
+
+def test_a_cap_counts_what_the_other_live_replicas_hold() -> None:
+    """The others' announcements count against the cap (not this process's own, which
+    it counts already, nor one from a process silent for three announcements)."""
+    budgets, budget = book("1")
+    budgets.ingress_id = "ingress-me"
+    now = MIDNIGHT + timedelta(hours=1)
+
+    def said(ingress_id: str, at: datetime, held: str) -> Reservations:
+        return Reservations(
+            ingress_id=ingress_id, at=at, interval_s=10, held={budget.name: Decimal(held)}
+        )
+
+    budgets.heard(said("ingress-me", now, "0.5"))  # its own: counted as reserved already
+    budgets.heard(said("ingress-b", now - timedelta(seconds=5), "0.25"))
+    budgets.heard(said("ingress-b", now - timedelta(seconds=9), "0.75"))  # older: passed over
+    budgets.heard(said("ingress-gone", now - timedelta(seconds=31), "0.5"))
+    assert budgets.committed(budget, now)[1] == Decimal("0.25")
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 75_000, now) is not None  # $0.75
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 70_000, now) is None

@@ -30,6 +30,7 @@ from standardwebhooks import Webhook
 from ingress.app import create_app
 from ingress.forward import admission
 from ingress.guards.keys import create_key
+from ingress.keys import BUDGETS
 from llmtap.config import BudgetConfig, ProviderConfig, Settings
 from llmtap.events import Alert, Reservations, utcnow
 from llmtap.names import Names
@@ -480,6 +481,61 @@ async def test_a_hard_cap_s_first_refusal_in_a_period_raises_an_alert_once(
     )
     assert f"budget {budget.name!r} (tenant 'acme') is refusing calls" in alert.message
     assert "$0.999 of $1 spent (100%)" in alert.message
+
+
+async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas each judged a cap against its own calls in flight only: each
+    admitted what was left (a $0.01 cap ended at $0.019 over two). One now counts what
+    the others announce they hold: a call that fits the cap alone, held in flight at
+    replica A, leaves no room at replica B."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    body = orjson.dumps(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    )
+    worst = (len(body) * Decimal("2.50") + 1000 * Decimal("10.00")) / Decimal(1_000_000)
+    budget = BudgetConfig(
+        name=f"replicas-{uuid.uuid4().hex[:8]}",
+        scope="tenant",
+        value="acme",
+        period="day",
+        limit_usd=worst * 3 / 2,  # room for one call's worst case, not two
+    )
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    secret, _ = create_key(settings.key_file, tenant="acme")  # read as they start
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    upstream.provider.answer_held = asyncio.Event()  # A's call stays in flight
+    try:
+        a_app, b_app = create_app(settings), create_app(settings)
+        async with (
+            TestServer(a_app, host="127.0.0.1") as a,
+            TestServer(b_app, host="127.0.0.1") as b,
+            aiohttp.ClientSession() as session,
+        ):
+            held = asyncio.create_task(
+                session.post(a.make_url("/v1/chat/completions"), data=body, headers=headers)
+            )
+            b_book, a_book = b_app[BUDGETS], a_app[BUDGETS]
+            async with asyncio.timeout(20):  # until B has heard what A holds
+                while not any(
+                    r.ingress_id == a_book.ingress_id and r.held.get(budget.name)
+                    for r in b_book.others.values()
+                ):
+                    await asyncio.sleep(0.05)
+            async with session.post(
+                b.make_url("/v1/chat/completions"), data=body, headers=headers
+            ) as refused:
+                answer = await refused.json()
+                assert refused.status == 429, answer
+                assert answer["error"]["code"] == "budget_exceeded"
+                assert refused.headers["retry-after"] == "1"  # A's call settles in seconds
+            upstream.provider.answer_held.set()
+            async with await held as admitted:
+                assert admitted.status == 200
+    finally:
+        upstream.provider.answer_held.set()
+        upstream.provider.answer_held = None
 
 
 async def test_a_cap_is_not_judged_before_its_spend_is_read(

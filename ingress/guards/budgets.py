@@ -196,6 +196,10 @@ class BudgetBook:
         self._by_name = {b.name: b for b in budgets}
         # The id of the last hard cap's alert this process raised, per budget (capped).
         self._capped_told: dict[str, uuid.UUID] = {}
+        # What the other ingress processes announce they hold (the reservations topic,
+        # :meth:`heard`), by their ids; this process's own id, whose it passes over.
+        self.others: dict[str, Reservations] = {}
+        self.ingress_id = ""
         # Set once the states the budgets topic held when this process started are read
         # (:func:`follow`). Before, a budget not read yet looks unspent: a hard-capped
         # call waits for them (ingress/forward/admission.py), not judged on nothing.
@@ -357,7 +361,31 @@ class BudgetBook:
         # A call that ended in an earlier period is not this period's cost; one that
         # ended since is, also while the published state is still last period's (the
         # stream has not rolled it over yet).
-        return state, state.spent_usd + self._holding(budget.name, now, state.period_start)
+        held = self._holding(budget.name, now, state.period_start)
+        return state, state.spent_usd + held + self._others_hold(budget.name, now)
+
+    def heard(self, event: Reservations) -> None:
+        """Another ingress process's announcement of what it holds (its latest counts)."""
+        if event.ingress_id == self.ingress_id:
+            return
+        known = self.others.get(event.ingress_id)
+        if known is None or event.at >= known.at:
+            self.others[event.ingress_id] = event
+
+    def _others_hold(self, name: str, now: datetime) -> Decimal:
+        """What the other live ingress processes last said they hold against budget
+        ``name``: their calls in flight count against a cap here too, or N replicas each
+        admitted what was left (a $0.01 cap ended at $0.019 over two). They are heard
+        within about 0.3 s (announced every 0.2 s when they change), so calls admitted
+        by two processes within that time can still pass it together. Costs a process
+        holds that a state has counted since it announced them count twice meanwhile:
+        stricter, never looser."""
+        if not self.others:
+            return Decimal(0)
+        return sum(
+            (r.held.get(name, Decimal(0)) for r in self.others.values() if r.live(now)),
+            Decimal(0),
+        )
 
     def _holding(self, name: str, now: datetime, since: datetime | None = None) -> Decimal:
         """In-flight worst cases plus the costs :meth:`_uncounted` still holds."""
@@ -580,6 +608,11 @@ async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
 
 
 Publish = Callable[[str, bytes, bytes], None]  # topic, key, the event's JSON
+
+
+async def hear_others(book: BudgetBook, kafka: Kafka, client: str) -> None:
+    """Keep ``book.others`` up to date with the reservations topic, forever."""
+    await Follower(kafka, kafka.names.reservations, client, Reservations, book.heard).run()
 
 
 async def announce(
