@@ -702,6 +702,31 @@ async def test_unfinished_deliveries_are_resumed_at_start(broker: Broker, store:
     ]
 
 
+def test_deliveries_recorded_together_resume_in_the_order_they_were_raised(store: Store) -> None:
+    """A spike's firing and its resolve recorded in one batch (a backlog read at once)
+    share their `since`: they were resumed in the order of their ids, so a receiver
+    could be told of the resolve first."""
+    rule = f"rule-{uuid.uuid4()}"
+    start = datetime(2025, 5, 1, 10, 0, tzinfo=UTC)
+    firing = make_alert(rule, event_id=uuid.UUID(int=2**127 + 1), first_seen=start)
+    resolved = make_alert(
+        rule,
+        event_id=uuid.UUID(int=1),
+        state="resolved",
+        first_seen=start,  # the lower id
+    )
+    earlier = make_alert(rule, event_id=uuid.UUID(int=2), first_seen=start - timedelta(minutes=5))
+    alerts = [resolved, firing, earlier]
+    hook = f"ordered-{uuid.uuid4()}"
+    records.store_batch(store, alerts, [(hook, a) for a in alerts], [])
+    jobs = records.unfinished(store, hook, 10)
+    assert [job.alert.event_id for job in jobs] == [
+        earlier.event_id,
+        firing.event_id,
+        resolved.event_id,
+    ]
+
+
 @pytest.mark.parametrize(
     ("source", "error"),
     [
