@@ -290,6 +290,7 @@ async def time_the_grace(app: web.Application) -> None:
     shutdown_grace_s to finish before aiohttp closes their connections. Those it closes
     are recorded as cut by the proxy, not as the client's leaving."""
     grace_s = app[SETTINGS].shutdown_grace_s
+    log.info("stopping: no new connections; calls in flight have up to %.0fs to finish", grace_s)
     asyncio.get_running_loop().call_later(grace_s, app[GRACE_OVER].set)
 
 

@@ -352,6 +352,9 @@ async def test_up_drains_in_flight_events_then_stops_every_child(
         running.process.send_signal(stop)
         assert await asyncio.wait_for(running.process.wait(), 90) == 0
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
+    # The ingress says it is stopping (it said nothing; a call it refused then looked
+    # like a network fault).
+    assert any('"stopping: no new connections' in line for line in running.output)
     secrets = (running.api_key, PROVIDER_KEY)  # no key ever reaches a log line
     assert not [line for line in running.output if any(k in line for k in secrets)]
 
