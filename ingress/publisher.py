@@ -50,9 +50,13 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidTopicError,
+    KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
+    NodeNotReadyError,
     RecordTooLargeError,
+    RequestTimedOutError,
 )
 
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Spool
@@ -61,6 +65,17 @@ from llmtap.batches import Batches
 from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
+
+# What making the topics raises while the broker is starting or away: asked again at
+# the next connection. Anything else is a refusal, and events go on without them.
+_NOT_YET = (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    OSError,
+    TimeoutError,
+)
 
 T = TypeVar("T")
 
@@ -422,11 +437,12 @@ class EventPublisher:
             return True
         try:
             await topics.ensure_topics(self._kafka, self._topic_partitions, self._topic_replicas)
-        except topics.TopicsRefused as exc:
-            log.error("%s; events are sent to the broker all the same", exc)
-        except Exception as exc:  # still starting, or refusing us: asked again
+        except _NOT_YET as exc:  # still starting, or away again: asked again
             log.warning("broker at %s not ready for llmtap: %r", self._kafka.bootstrap, exc)
             return False
+        except Exception as exc:  # refused (ACLs, a Kafka-compatible service without
+            # CreateTopics): topics are an operator's to make, events go on all the same
+            log.error("cannot make llmtap's topics (%r); events are sent all the same", exc)
         return True
 
     async def _disconnect(self) -> None:

@@ -9,7 +9,7 @@ period is not counted in the current one.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from uuid import UUID
 
 from llmtap import wire
@@ -198,19 +198,21 @@ def threshold_alert(
 
 
 def capped_alert(
-    budget: BudgetConfig, state: BudgetState, worst_case: Decimal, at: datetime
+    budget: BudgetConfig, state: BudgetState, worst_case: Decimal, left: Decimal, at: datetime
 ) -> Alert:
-    """A hard cap's first refusal in a period, for the ingress to raise: the calls of its
-    scope are refused from here on, though the spend may never reach 100% (a call is
-    admitted only if its worst case fits what is left), so no threshold alert says so.
-    One id per budget, period and limit: every replica raises the same, sent once."""
-    limit, spent = _plain(budget.limit_usd), _plain(state.spent_usd)
-    share = state.spent_usd * 100 / budget.limit_usd
+    """A hard cap refusing a call, for the ingress to raise: a cap refuses a call whose
+    worst case does not fit what is ``left``, so the spend may never reach 100% while its
+    calls are refused, and no threshold alert says so. One id per budget, period, limit
+    and highest threshold crossed (:func:`capped_alert_id`): the first refusal at each
+    level raises it (an early one of a very large call, then the lock-out near the top),
+    and every replica raises the same, sent once."""
+    level = max(state.crossed, default=0)
+    share = (state.spent_usd * 100 / budget.limit_usd).quantize(Decimal("0.1"), ROUND_DOWN)
     return Alert(
-        event_id=capped_alert_id(budget, state.period_start),
+        event_id=capped_alert_id(budget, state.period_start, level),
         alert_type="budget",
         state="firing",
-        severity="critical",
+        severity="critical" if share >= 80 else "warning",  # a lock-out, or one large call
         rule=budget.name,
         dimension=budget.scope,
         value=budget.value,
@@ -222,10 +224,12 @@ def capped_alert(
         window_end=state.period_end,
         first_seen=at,
         message=(
-            f"budget {budget.name!r} ({budget.scope} {budget.value!r}) is refusing calls: its "
-            f"hard cap is reached with ${spent} of ${limit} spent ({share:.0f}%) this "
-            f"{budget.period} (a call's worst case of ${worst_case} did not fit); calls are "
-            f"admitted again from {state.period_end:%Y-%m-%d %H:%M} UTC"
+            f"budget {budget.name!r} ({budget.scope} {budget.value!r}) hard cap refused a "
+            f"call: its worst case ${_plain(worst_case)} is more than the "
+            f"${_plain(max(left, Decimal(0)))} left of ${_plain(budget.limit_usd)} "
+            f"(${_plain(state.spent_usd)} spent this {budget.period}, {share}%); calls whose "
+            f"worst case fits are admitted, the rest refused until "
+            f"{state.period_end:%Y-%m-%d %H:%M} UTC"
         ),
     )
 
@@ -236,10 +240,11 @@ def _plain(amount: Decimal) -> str:
     return format(amount.normalize(), "f")
 
 
-def capped_alert_id(budget: BudgetConfig, period_start: datetime) -> UUID:
-    """:func:`capped_alert`'s id: of a budget's period and limit, as a threshold's."""
+def capped_alert_id(budget: BudgetConfig, period_start: datetime, level: int) -> UUID:
+    """:func:`capped_alert`'s id: of a budget's period and limit, as a threshold's, and
+    of the highest threshold its spend had crossed (``level``; 0: none)."""
     limit = _plain(budget.limit_usd)
-    return stable_id(*_threshold_of(budget, period_start, 0)[:-1], "capped", limit)
+    return stable_id(*_threshold_of(budget, period_start, level)[:-1], f"capped-{level}", limit)
 
 
 def threshold_alert_id(budget: BudgetConfig, period_start: datetime, threshold: int) -> UUID:

@@ -528,7 +528,9 @@ def test_a_cap_s_alert_is_raised_once_a_period_and_only_for_its_spend() -> None:
     not; a refusal that calls in flight caused (it may fit within seconds), or of a
     call no period could cover, raises none; the next period raises its own."""
     budgets, budget = book("1")
-    today = fresh(budget, MIDNIGHT, MIDNIGHT).model_copy(update={"spent_usd": Decimal("0.99")})
+    today = fresh(budget, MIDNIGHT, MIDNIGHT).model_copy(
+        update={"spent_usd": Decimal("0.99"), "crossed": (50, 80)}
+    )
     spent = Exhausted(budget, today, worst_case=Decimal("0.02"))
     in_flight = Exhausted(
         budget,
@@ -543,7 +545,7 @@ def test_a_cap_s_alert_is_raised_once_a_period_and_only_for_its_spend() -> None:
     assert alert is not None and alert.window_start == MIDNIGHT
     assert budgets.capped(spent, MIDNIGHT + timedelta(hours=1)) is None
     tomorrow = fresh(budget, MIDNIGHT + timedelta(days=1), MIDNIGHT).model_copy(
-        update={"spent_usd": Decimal("0.99")}
+        update={"spent_usd": Decimal("0.99"), "crossed": (50, 80)}
     )
     again = budgets.capped(Exhausted(budget, tomorrow, Decimal("0.02")), MIDNIGHT)
     assert again is not None and again.event_id != alert.event_id
@@ -551,6 +553,17 @@ def test_a_cap_s_alert_is_raised_once_a_period_and_only_for_its_spend() -> None:
     replica, _ = book("1")
     other = replica.capped(spent, MIDNIGHT + timedelta(minutes=5))
     assert other is not None and other.event_id == alert.event_id
+    assert alert.severity == "critical"
+    # A large call refused early, then the lock-out near the top: one alert each (the
+    # highest threshold crossed names it), the first a warning.
+    fresh_book, _ = book("1")
+    early = today.model_copy(update={"spent_usd": Decimal("0.25"), "crossed": ()})
+    first = fresh_book.capped(Exhausted(budget, early, Decimal("0.9")), MIDNIGHT)
+    assert first is not None and first.severity == "warning"
+    assert "its worst case $0.9 is more than the $0.75 left of $1" in first.message
+    assert fresh_book.capped(Exhausted(budget, early, Decimal("0.8")), MIDNIGHT) is None
+    lockout = fresh_book.capped(spent, MIDNIGHT)
+    assert lockout is not None and lockout.event_id == alert.event_id != first.event_id
 
 
 def test_a_cap_counts_what_the_other_live_replicas_hold() -> None:
@@ -565,10 +578,13 @@ def test_a_cap_counts_what_the_other_live_replicas_hold() -> None:
             ingress_id=ingress_id, at=at, interval_s=10, held={budget.name: Decimal(held)}
         )
 
+    budgets.heard(said("ingress-gone", now - timedelta(seconds=31), "0.5"))
     budgets.heard(said("ingress-me", now, "0.5"))  # its own: counted as reserved already
     budgets.heard(said("ingress-b", now - timedelta(seconds=5), "0.25"))
     budgets.heard(said("ingress-b", now - timedelta(seconds=9), "0.75"))  # older: passed over
-    budgets.heard(said("ingress-gone", now - timedelta(seconds=31), "0.5"))
     assert budgets.committed(budget, now)[1] == Decimal("0.25")
     assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 75_000, now) is not None  # $0.75
     assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 70_000, now) is None
+    # b stops (it says it holds nothing): forgotten, and so is the one gone silent.
+    budgets.heard(Reservations(ingress_id="ingress-b", at=now, interval_s=10))
+    assert budgets.others == {}

@@ -12,7 +12,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import InvalidReplicationFactorError, PolicyViolationError
+from aiokafka.errors import (
+    InvalidReplicationFactorError,
+    PolicyViolationError,
+    UnsupportedVersionError,
+)
 from aiokafka.structs import TopicPartition
 from pydantic import ValidationError
 
@@ -169,3 +173,26 @@ async def test_an_ingress_started_before_the_worker_and_the_store_makes_llmtap_s
         await tansu.wait()
     assert existing >= set(names)
     assert {t["topic"]: len(t["partitions"]) for t in made} == dict.fromkeys(names, 3)
+
+
+async def test_an_ingress_a_broker_will_not_make_topics_for_still_publishes(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker (a Kafka-compatible service) that refuses CreateTopics as a whole, not
+    topic by topic: topics are its operator's to make, and events go on to it. Taken
+    for a broker not ready yet, the ingress never connected: every event went to the
+    spool, and /readyz said the broker was unreachable."""
+
+    async def refusing(*args: object, **kwargs: object) -> None:
+        raise UnsupportedVersionError("CreateTopics")
+
+    monkeypatch.setattr(topics, "ensure_topics", refusing)
+    cap = BudgetConfig(name="cap", scope="tenant", value="acme", limit_usd=Decimal(1))
+    settings = Settings(
+        data_dir=tmp_path, kafka_bootstrap=broker.bootstrap, embedded_broker=False, budgets=[cap]
+    )
+    app = create_app(settings)
+    async with TestServer(app, host="127.0.0.1"), asyncio.timeout(30):
+        while app[PUBLISHER].published < 1:  # the reservations' announcement, sent
+            await asyncio.sleep(0.05)
+    assert app[PUBLISHER].spooled == 0

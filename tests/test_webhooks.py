@@ -716,13 +716,19 @@ def test_deliveries_recorded_together_resume_in_the_order_they_were_raised(store
         first_seen=start,  # the lower id
     )
     earlier = make_alert(rule, event_id=uuid.UUID(int=2), first_seen=start - timedelta(minutes=5))
-    alerts = [resolved, firing, earlier]
+    # A budget's thresholds crossed by one call: 50% before 80%.
+    budget: dict[str, Any] = {"alert_type": "budget", "first_seen": start}
+    eighty = make_alert(**budget, event_id=uuid.UUID(int=3), threshold=Decimal(80))
+    fifty = make_alert(**budget, event_id=uuid.UUID(int=4), threshold=Decimal(50))
+    alerts = [resolved, firing, earlier, eighty, fifty]
     hook = f"ordered-{uuid.uuid4()}"
     records.store_batch(store, alerts, [(hook, a) for a in alerts], [])
     jobs = records.unfinished(store, hook, 10)
     assert [job.alert.event_id for job in jobs] == [
         earlier.event_id,
-        firing.event_id,
+        fifty.event_id,
+        eighty.event_id,
+        firing.event_id,  # no threshold: after those
         resolved.event_id,
     ]
 

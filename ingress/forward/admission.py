@@ -242,12 +242,13 @@ class Admission:
             url += "?" + request.rel_url.raw_query_string
 
         book = request.app[BUDGETS]
-        if not book.states_read.is_set() and book.caps(call.attribution):
-            # Just started: the budgets' spend is still being read. Judged now, a
-            # budget not read yet would look unspent.
+        if not book.read and book.caps(call.attribution):
+            # Just started: the budgets' spend (and what the other ingress processes
+            # hold) is still being read. Judged now, a budget would look unspent.
             try:
                 async with asyncio.timeout(BUDGET_STATES_WAIT_S):
                     await book.states_read.wait()
+                    await book.others_read.wait()
             except TimeoutError:
                 unknown = refuse(
                     503,

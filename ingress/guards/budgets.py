@@ -26,8 +26,9 @@ delivered yet is not counted by any state (a time would not do: the stream reads
 partitions unevenly, and other ingresses' later calls may be counted first). A model
 with no price cannot be bounded and is admitted with nothing reserved (its spend is not
 counted either). What a process holds
-is announced on the reservations topic (:func:`announce`), so the budgets endpoint can
-show it.
+is announced on the reservations topic (:func:`announce`): the other ingress processes
+count it against their caps too (:func:`hear_others`), and the budgets endpoint shows
+it.
 """
 
 from __future__ import annotations
@@ -206,6 +207,16 @@ class BudgetBook:
         self.states_read = asyncio.Event()
         if not budgets:
             self.states_read.set()
+        # Likewise the other ingress processes' reservations (:func:`hear_others`): a
+        # replica just added (in a burst, when caps matter) would judge without them.
+        self.others_read = asyncio.Event()
+        if not any(b.hard_cap for b in budgets):
+            self.others_read.set()
+
+    @property
+    def read(self) -> bool:
+        """Whether what the caps are judged on (spend, others' holds) has been read."""
+        return self.states_read.is_set() and self.others_read.is_set()
 
     def caps(self, who: Attribution) -> bool:
         """Does a hard-capped budget count this caller's calls?"""
@@ -365,12 +376,20 @@ class BudgetBook:
         return state, state.spent_usd + held + self._others_hold(budget.name, now)
 
     def heard(self, event: Reservations) -> None:
-        """Another ingress process's announcement of what it holds (its latest counts)."""
+        """Another ingress process's announcement of what it holds (its latest counts).
+        One holding nothing (a process stopping says so) is forgotten, and so is every
+        one gone silent: the topic keeps an entry for each process ever started."""
         if event.ingress_id == self.ingress_id:
             return
         known = self.others.get(event.ingress_id)
-        if known is None or event.at >= known.at:
+        if known is not None and event.at < known.at:
+            return
+        if event.held:
             self.others[event.ingress_id] = event
+        else:
+            self.others.pop(event.ingress_id, None)
+        for gone in [i for i, r in self.others.items() if not r.live(event.at)]:
+            del self.others[gone]
 
     def _others_hold(self, name: str, now: datetime) -> Decimal:
         """What the other live ingress processes last said they hold against budget
@@ -521,18 +540,20 @@ class BudgetBook:
         return None
 
     def capped(self, exhausted: Exhausted, now: datetime) -> Alert | None:
-        """The alert that a budget's hard cap is refusing calls, the first time this
-        process refuses one in the budget's period for its spend (None after, and for a
-        refusal that calls in flight caused, or of a call no period could cover). Every
-        replica raises the same id: storage and webhooks take it once."""
+        """The alert that a budget's hard cap refused a call for its spend, the first
+        time this process refuses one in the budget's period at its level (the highest
+        threshold crossed): None after, and for a refusal that calls in flight caused, or
+        of a call no period could cover. Every replica raises the same id: storage and
+        webhooks take it once."""
         if exhausted.never_fits or exhausted.held_back:
             return None
         budget, state = exhausted.budget, exhausted.state
-        told = capped_alert_id(budget, state.period_start)
+        told = capped_alert_id(budget, state.period_start, max(state.crossed, default=0))
         if self._capped_told.get(budget.name) == told:
             return None
         self._capped_told[budget.name] = told
-        return capped_alert(budget, state, exhausted.worst_case, now)
+        left = budget.limit_usd - state.spent_usd - exhausted.held
+        return capped_alert(budget, state, exhausted.worst_case, left, now)
 
     def settle(
         self, call_id: uuid.UUID, model: str, usage: Usage, ended: datetime, provider: str = ""
@@ -611,8 +632,18 @@ Publish = Callable[[str, bytes, bytes], None]  # topic, key, the event's JSON
 
 
 async def hear_others(book: BudgetBook, kafka: Kafka, client: str) -> None:
-    """Keep ``book.others`` up to date with the reservations topic, forever."""
-    await Follower(kafka, kafka.names.reservations, client, Reservations, book.heard).run()
+    """Keep ``book.others`` up to date with the reservations topic, forever;
+    ``book.others_read`` is set once what the topic held when it started was read."""
+    follower = Follower(kafka, kafka.names.reservations, client, Reservations, book.heard)
+    following = asyncio.create_task(follower.run(), name=f"{client}-follow")
+    try:
+        await follower.caught_up()
+        book.others_read.set()
+        await following
+    finally:
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
 
 
 async def announce(

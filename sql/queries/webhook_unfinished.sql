@@ -1,7 +1,7 @@
 -- One endpoint's deliveries with no final outcome yet, oldest first, with the alert to
 -- render again and how many attempts were already made (0: only recorded as pending).
 -- Alerts recorded together (one batch: one `since`) go in the order they were raised,
--- a firing before its resolve, not in the order of their ids.
+-- a firing before its resolve, a budget's 50% before its 80%, not in id order.
 WITH unfinished AS
 (
     SELECT alert_id, max(attempt) AS attempts, min(ts) AS since
@@ -14,10 +14,15 @@ SELECT u.alert_id AS alert_id, u.attempts AS attempts, a.payload AS payload
 FROM unfinished AS u
 INNER JOIN
 (
-    SELECT event_id, any(payload) AS payload, any(first_seen) AS first_seen, any(state) AS state
+    SELECT
+        event_id,
+        any(payload) AS payload,
+        any(first_seen) AS first_seen,
+        any(state) AS state,
+        any(threshold) AS threshold
     FROM alerts
     WHERE event_id IN (SELECT alert_id FROM unfinished)
     GROUP BY event_id
 ) AS a ON a.event_id = u.alert_id
-ORDER BY u.since, a.first_seen, a.state = 'resolved', u.alert_id
+ORDER BY u.since, a.first_seen, a.state = 'resolved', a.threshold, u.alert_id
 LIMIT {limit:UInt32}
