@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
@@ -30,7 +31,7 @@ from standardwebhooks import Webhook
 from ingress.app import create_app
 from ingress.forward import admission
 from ingress.guards.keys import create_key
-from ingress.keys import BUDGETS
+from ingress.keys import BUDGETS, PUBLISHER
 from llmtap.config import BudgetConfig, ProviderConfig, Settings
 from llmtap.events import Alert, Reservations, utcnow
 from llmtap.names import Names
@@ -485,13 +486,18 @@ async def test_a_hard_cap_s_first_refusal_in_a_period_raises_an_alert_once(
     assert "is more than the $0.001 left of $1 ($0.999 spent this month, 99.9%)" in alert.message
 
 
+@pytest.mark.parametrize("b_starts", ["beside A", "once A holds the call"])
 async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
-    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    b_starts: str,
 ) -> None:
     """Two replicas each judged a cap against its own calls in flight only: each
     admitted what was left (a $0.01 cap ended at $0.019 over two). One now counts what
     the others announce they hold: a call that fits the cap alone, held in flight at
-    replica A, leaves no room at replica B."""
+    replica A, leaves no room at replica B; also at B's very first call, B started
+    while A held it (a replica added in a burst), which waits until B has read them."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
     body = orjson.dumps(
         {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
@@ -508,23 +514,31 @@ async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
     secret, _ = create_key(settings.key_file, tenant="acme")  # read as they start
     headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
     upstream.provider.answer_held = asyncio.Event()  # A's call stays in flight
+    a_app, b_app = create_app(settings), create_app(settings)
     try:
-        a_app, b_app = create_app(settings), create_app(settings)
         async with (
             TestServer(a_app, host="127.0.0.1") as a,
-            TestServer(b_app, host="127.0.0.1") as b,
             aiohttp.ClientSession() as session,
+            contextlib.AsyncExitStack() as stack,
         ):
+            if b_starts == "beside A":
+                b = await stack.enter_async_context(TestServer(b_app, host="127.0.0.1"))
+            sent = a_app[PUBLISHER].published
             held = asyncio.create_task(
                 session.post(a.make_url("/v1/chat/completions"), data=body, headers=headers)
             )
-            b_book, a_book = b_app[BUDGETS], a_app[BUDGETS]
-            async with asyncio.timeout(20):  # until B has heard what A holds
-                while not any(
-                    r.ingress_id == a_book.ingress_id and r.held.get(budget.name)
-                    for r in b_book.others.values()
-                ):
-                    await asyncio.sleep(0.05)
+            a_book = a_app[BUDGETS]
+            async with asyncio.timeout(20):
+                if b_starts == "beside A":  # until B has heard what A holds
+                    while not any(
+                        r.ingress_id == a_book.ingress_id and r.held.get(budget.name)
+                        for r in b_app[BUDGETS].others.values()
+                    ):
+                        await asyncio.sleep(0.05)
+                else:  # until A has announced it (the call's request event, then that)
+                    while not (a_book.held(utcnow()) and a_app[PUBLISHER].published >= sent + 2):
+                        await asyncio.sleep(0.05)
+                    b = await stack.enter_async_context(TestServer(b_app, host="127.0.0.1"))
             async with (
                 asyncio.timeout(10),  # admitted, it would wait on the held answer
                 session.post(
