@@ -7,6 +7,7 @@ worker (a standby's ledger, kept current for the partitions it may be given).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -121,6 +122,19 @@ class Follower(Generic[E]):
                         await self._read.wait()
                     return
             await asyncio.sleep(0.05)  # not connected yet, or again
+
+    async def run_telling(self, read: asyncio.Event) -> None:
+        """:meth:`run`, setting ``read`` once what the topic held at the start is handed
+        over (:meth:`caught_up`): for a reader that must not judge on a topic half read."""
+        following = asyncio.create_task(self.run(), name=f"{self._client}-follow")
+        try:
+            await self.caught_up()
+            read.set()
+            await following
+        finally:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
 
 
 async def follow_topic(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
+from typing import Literal
 from uuid import UUID
 
 from llmtap import wire
@@ -172,28 +173,19 @@ def spend(
 def threshold_alert(
     budget: BudgetConfig, state: BudgetState, threshold: int, at: datetime
 ) -> Alert:
-    severity = "critical" if threshold >= 100 else "warning" if threshold >= 80 else "info"
-    return Alert(
-        event_id=threshold_alert_id(budget, state.period_start, threshold),
-        alert_type="budget",
-        state="firing",
-        severity=severity,
-        rule=budget.name,
-        dimension=budget.scope,
-        value=budget.value,
-        tenant=budget.owner,
-        metric="spend",
-        observed=state.spent_usd,
-        baseline=budget.limit_usd,
-        threshold=Decimal(threshold),
-        window_start=state.period_start,
-        window_end=state.period_end,
-        first_seen=at,
-        message=(
-            f"budget {budget.name!r} ({budget.scope} {budget.value!r}) passed {threshold}% "
-            f"of ${_plain(budget.limit_usd)}: ${_plain(state.spent_usd)} spent this "
-            f"{budget.period}"
-        ),
+    severity: Literal["info", "warning", "critical"] = (
+        "critical" if threshold >= 100 else "warning" if threshold >= 80 else "info"
+    )
+    return _budget_alert(
+        budget,
+        state,
+        at,
+        threshold_alert_id(budget, state.period_start, threshold),
+        severity,
+        f"budget {budget.name!r} ({budget.scope} {budget.value!r}) passed {threshold}% "
+        f"of ${_plain(budget.limit_usd)}: ${_plain(state.spent_usd)} spent this "
+        f"{budget.period}",
+        Decimal(threshold),
     )
 
 
@@ -208,11 +200,36 @@ def capped_alert(
     and every replica raises the same, sent once."""
     level = max(state.crossed, default=0)
     share = (state.spent_usd * 100 / budget.limit_usd).quantize(Decimal("0.1"), ROUND_DOWN)
+    return _budget_alert(
+        budget,
+        state,
+        at,
+        capped_alert_id(budget, state.period_start, level),
+        "critical" if share >= 80 else "warning",  # a lock-out, or one large call
+        f"budget {budget.name!r} ({budget.scope} {budget.value!r}) hard cap refused a "
+        f"call: its worst case ${_plain(worst_case)} is more than the "
+        f"${_plain(max(left, Decimal(0)))} left of ${_plain(budget.limit_usd)} "
+        f"(${_plain(state.spent_usd)} spent this {budget.period}, {share}%); calls whose "
+        f"worst case fits are admitted, the rest refused until "
+        f"{state.period_end:%Y-%m-%d %H:%M} UTC",
+    )
+
+
+def _budget_alert(
+    budget: BudgetConfig,
+    state: BudgetState,
+    at: datetime,
+    alert_id: UUID,
+    severity: Literal["info", "warning", "critical"],
+    message: str,
+    threshold: Decimal | None = None,
+) -> Alert:
+    """A budget's alert on its period's spend against its limit."""
     return Alert(
-        event_id=capped_alert_id(budget, state.period_start, level),
+        event_id=alert_id,
         alert_type="budget",
         state="firing",
-        severity="critical" if share >= 80 else "warning",  # a lock-out, or one large call
+        severity=severity,
         rule=budget.name,
         dimension=budget.scope,
         value=budget.value,
@@ -220,17 +237,11 @@ def capped_alert(
         metric="spend",
         observed=state.spent_usd,
         baseline=budget.limit_usd,
+        threshold=threshold,
         window_start=state.period_start,
         window_end=state.period_end,
         first_seen=at,
-        message=(
-            f"budget {budget.name!r} ({budget.scope} {budget.value!r}) hard cap refused a "
-            f"call: its worst case ${_plain(worst_case)} is more than the "
-            f"${_plain(max(left, Decimal(0)))} left of ${_plain(budget.limit_usd)} "
-            f"(${_plain(state.spent_usd)} spent this {budget.period}, {share}%); calls whose "
-            f"worst case fits are admitted, the rest refused until "
-            f"{state.period_end:%Y-%m-%d %H:%M} UTC"
-        ),
+        message=message,
     )
 
 

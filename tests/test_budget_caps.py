@@ -32,8 +32,10 @@ from ingress.app import create_app
 from ingress.forward import admission
 from ingress.guards.keys import create_key
 from ingress.keys import BUDGETS, PUBLISHER
+from llmtap import topics
 from llmtap.config import BudgetConfig, ProviderConfig, Settings
 from llmtap.events import Alert, Reservations, utcnow
+from llmtap.kafka import Kafka
 from llmtap.names import Names
 from stream.budgets import fresh
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
@@ -429,28 +431,9 @@ async def test_a_budget_refusal_long_before_its_reset_is_not_retried_by_the_sdk(
 
 
 async def alerts_of(bootstrap: str, rule: str) -> list[Alert]:
-    """Every alert of ``rule`` the alerts topic holds, read from its start to its end."""
-    consumer = AIOKafkaConsumer(
-        Names().alerts, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    found = []
-    try:
-        async with asyncio.timeout(30):
-            while not consumer.assignment():
-                await consumer.getmany(timeout_ms=100)
-            ends = await consumer.end_offsets(list(consumer.assignment()))
-            await consumer.seek_to_beginning()
-            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    for record in records:
-                        assert record.value is not None
-                        alert = Alert.model_validate_json(record.value)
-                        if alert.rule == rule:
-                            found.append(alert)
-    finally:
-        await consumer.stop()
-    return found
+    """Every alert of ``rule`` the alerts topic holds."""
+    alerts = map(Alert.model_validate_json, await topics.read_all(Kafka(bootstrap), Names().alerts))
+    return [alert for alert in alerts if alert.rule == rule]
 
 
 async def test_a_hard_cap_s_first_refusal_in_a_period_raises_an_alert_once(

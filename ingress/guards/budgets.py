@@ -34,7 +34,6 @@ it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -617,15 +616,7 @@ async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
     """Keep ``book`` up to date with the budgets topic, from its beginning, forever;
     ``book.states_read`` is set once what the topic held when it started was read."""
     follower = Follower(kafka, kafka.names.budgets, client, BudgetState, book.update)
-    following = asyncio.create_task(follower.run(), name=f"{client}-follow")
-    try:
-        await follower.caught_up()
-        book.states_read.set()
-        await following
-    finally:
-        following.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await following
+    await follower.run_telling(book.states_read)
 
 
 Publish = Callable[[str, bytes, bytes], None]  # topic, key, the event's JSON
@@ -635,15 +626,7 @@ async def hear_others(book: BudgetBook, kafka: Kafka, client: str) -> None:
     """Keep ``book.others`` up to date with the reservations topic, forever;
     ``book.others_read`` is set once what the topic held when it started was read."""
     follower = Follower(kafka, kafka.names.reservations, client, Reservations, book.heard)
-    following = asyncio.create_task(follower.run(), name=f"{client}-follow")
-    try:
-        await follower.caught_up()
-        book.others_read.set()
-        await following
-    finally:
-        following.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await following
+    await follower.run_telling(book.others_read)
 
 
 async def announce(
