@@ -16,7 +16,7 @@ class ErrorShape(Protocol):
         status: int,
         message: str,
         *,
-        type_: str | None = None,
+        openai_type: str | None = None,
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
@@ -27,13 +27,15 @@ def openai_error(
     status: int,
     message: str,
     *,
-    type_: str | None = None,
+    openai_type: str | None = None,
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """An error shaped like OpenAI's: ``{"error": {"message", "type", "param", "code"}}``."""
-    kind = type_ or ("invalid_request_error" if status < 500 else "api_error")
+    """An error shaped like OpenAI's: ``{"error": {"message", "type", "param", "code"}}``;
+    ``openai_type`` where the status alone does not say it (a 429's ``requests``,
+    ``tokens`` or ``insufficient_quota``, as OpenAI's own)."""
+    kind = openai_type or ("invalid_request_error" if status < 500 else "api_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.Response(
         status=status,
@@ -60,7 +62,7 @@ def anthropic_error(
     status: int,
     message: str,
     *,
-    type_: str | None = None,
+    openai_type: str | None = None,
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
@@ -68,13 +70,12 @@ def anthropic_error(
     """An error shaped like Anthropic's: ``{"type": "error", "error": {"type", "message"}}``.
 
     Anthropic's shape has no ``param``/``code``; a named parameter goes in the message.
+    Its types go by status alone (a 429 is a ``rate_limit_error`` whatever the limit).
     """
-    del code
+    del code, openai_type
     if param and param not in message:
         message = f"{param}: {message}"
-    kind = type_ or _ANTHROPIC_TYPES.get(
-        status, "invalid_request_error" if status < 500 else "api_error"
-    )
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
     body = {"type": "error", "error": {"type": kind, "message": message}}
     return web.Response(
         status=status,

@@ -14,6 +14,7 @@ from typing import Literal
 from uuid import UUID
 
 from llmtap import wire
+from llmtap.amounts import plain
 from llmtap.config import BudgetConfig
 from llmtap.events import (
     Alert,
@@ -183,7 +184,7 @@ def threshold_alert(
         threshold_alert_id(budget, state.period_start, threshold),
         severity,
         f"budget {budget.name!r} ({budget.scope} {budget.value!r}) passed {threshold}% "
-        f"of ${_plain(budget.limit_usd)}: ${_plain(state.spent_usd)} spent this "
+        f"of ${plain(budget.limit_usd)}: ${plain(state.spent_usd)} spent this "
         f"{budget.period}",
         Decimal(threshold),
     )
@@ -207,9 +208,9 @@ def capped_alert(
         capped_alert_id(budget, state.period_start, level),
         "critical" if share >= 80 else "warning",  # a lock-out, or one large call
         f"budget {budget.name!r} ({budget.scope} {budget.value!r}) hard cap refused a "
-        f"call: its worst case ${_plain(worst_case)} is more than the "
-        f"${_plain(max(left, Decimal(0)))} left of ${_plain(budget.limit_usd)} "
-        f"(${_plain(state.spent_usd)} spent this {budget.period}, {share}%); calls whose "
+        f"call: its worst case ${plain(worst_case)} is more than the "
+        f"${plain(max(left, Decimal(0)))} left of ${plain(budget.limit_usd)} "
+        f"(${plain(state.spent_usd)} spent this {budget.period}, {share}%); calls whose "
         f"worst case fits are admitted, the rest refused until "
         f"{state.period_end:%Y-%m-%d %H:%M} UTC",
     )
@@ -245,16 +246,10 @@ def _budget_alert(
     )
 
 
-def _plain(amount: Decimal) -> str:
-    """An amount as a message says it: exact, unpadded ("0.18", not "0.180000000" as a
-    spend read back from ClickHouse has it; "100", not "1E+2")."""
-    return format(amount.normalize(), "f")
-
-
 def capped_alert_id(budget: BudgetConfig, period_start: datetime, level: int) -> UUID:
     """:func:`capped_alert`'s id: of a budget's period and limit, as a threshold's, and
     of the highest threshold its spend had crossed (``level``; 0: none)."""
-    limit = _plain(budget.limit_usd)
+    limit = plain(budget.limit_usd)
     return stable_id(*_threshold_of(budget, period_start, level)[:-1], f"capped-{level}", limit)
 
 
@@ -263,7 +258,7 @@ def threshold_alert_id(budget: BudgetConfig, period_start: datetime, threshold: 
     same configuration raises the same ids (sent once); a limit changed mid-period raises
     its own thresholds' alerts (50% of $1000 is not 50% of $100, alerted already). Its
     owner too: a name given to another budget within the period raises its own."""
-    limit = format(budget.limit_usd.normalize(), "f")  # "100", "100.0" and "1E+2" alike
+    limit = plain(budget.limit_usd)  # "100", "100.0" and "1E+2" alike
     return stable_id(*_threshold_of(budget, period_start, threshold), limit)
 
 

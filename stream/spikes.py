@@ -66,6 +66,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmtap.amounts import plain
 from llmtap.config import SpikeRule
 from llmtap.events import Alert, UtcDatetime, of_tenant, stable_id
 from stream.baselines import Baseline, HourSummary, robust, seasonal, summarise_hour
@@ -157,7 +158,7 @@ def _q(value: Decimal) -> Decimal:
 
 
 def _fmt(value: Decimal) -> str:
-    return format(_q(value).normalize(), "f")
+    return plain(_q(value))
 
 
 def alert_level(rule: SpikeRule, baseline: Baseline) -> Decimal:

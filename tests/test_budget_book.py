@@ -519,8 +519,8 @@ def test_a_refusal_says_what_is_held_beyond_the_published_spend() -> None:
     refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 100, 1_000, NINE)
     assert refused is not None and refused.held == held == Decimal("0.01025")
     message = refused.message()
-    assert "$0 of $0.015 spent this day, $0.010250000 held for calls in flight" in message
-    assert "worst case of this call $0.010250000;" in message
+    assert "$0 of $0.015 spent this day, $0.01025 held for calls in flight" in message
+    assert "worst case of this call $0.01025;" in message
 
 
 def test_a_cap_s_alert_is_raised_once_a_period_and_only_for_its_spend() -> None:

@@ -111,6 +111,7 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
     assert len(admitted) + len(refused) == 64
     error = json.loads(refused[0][1])["error"]
     assert error["code"] == "budget_exceeded"
+    assert error["type"] == "insufficient_quota"  # as OpenAI's own spend limit answers
     assert "budget 'acme-cap'" in error["message"] and "resets at" in error["message"]
     # Refused for what calls in flight hold, not for the spend: worth a retry in a second,
     # not at the reset (nor never, as a spent budget's x-should-retry: false says).
@@ -617,7 +618,7 @@ async def test_a_call_whose_body_does_not_hold_its_input_reserves_a_whole_contex
                 previous_response_id=first.id,
             )
     message = refusal_of(refused, upstream, asked)
-    assert "budget 'acme-1'" in message and "worst case of this call $2.50" in message
+    assert "budget 'acme-1'" in message and "worst case of this call $2.501 " in message
 
 
 GIF = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"

@@ -1158,6 +1158,9 @@ def test_each_status_llmtap_answers_has_anthropic_s_type_for_it(status: int, kin
     is never api_error, Anthropic's type for its own failures."""
     body = orjson.loads(anthropic_error(status, "m").body)  # type: ignore[arg-type]
     assert body == {"type": "error", "error": {"type": kind, "message": "m"}}
+    # An OpenAI type (a 429's "insufficient_quota") is OpenAI's alone.
+    typed = anthropic_error(status, "m", openai_type="insufficient_quota")
+    assert orjson.loads(typed.body) == body  # type: ignore[arg-type]
     assert orjson.loads(openai_error(status, "m").body)["error"]["type"] == (  # type: ignore[arg-type]
         "invalid_request_error" if status < 500 else "api_error"
     )

@@ -15,7 +15,15 @@ from multidict import CIMultiDict
 
 from ingress.guards.bounds import choices, max_tokens
 from ingress.guards.keys import create_key
-from ingress.guards.ratelimit import Estimate, RateLimiter, Ticket, TokenBucket, estimate, spent
+from ingress.guards.ratelimit import (
+    Estimate,
+    RateLimiter,
+    Ticket,
+    TokenBucket,
+    Wait,
+    estimate,
+    spent,
+)
 from llmtap.config import Settings
 from llmtap.events import Usage
 from tests.conftest import (
@@ -42,6 +50,18 @@ def test_a_bucket_refills_at_its_capacity_per_minute() -> None:
 NOTHING = Estimate(0, 0)
 
 
+def waited(result: Ticket | Wait) -> tuple[Any, str]:
+    """A refusal's seconds to wait and the limit that holds the call."""
+    assert isinstance(result, Wait), result
+    return result.seconds, result.limit
+
+
+def refused(
+    limiter: RateLimiter, rpm: int | None, tpm: int | None, estimate: Estimate, now: float
+) -> tuple[Any, str]:
+    return waited(limiter.admit("k", rpm, tpm, estimate, now))
+
+
 def admitted(limiter: RateLimiter, rpm: int | None, tpm: int | None, tokens: int) -> Ticket:
     ticket = limiter.admit("k", rpm, tpm, Estimate(tokens, 0), now=0.0)
     assert isinstance(ticket, Ticket)
@@ -51,7 +71,7 @@ def admitted(limiter: RateLimiter, rpm: int | None, tpm: int | None, tokens: int
 def test_requests_per_minute() -> None:
     limiter = RateLimiter()
     assert all(isinstance(limiter.admit("k", 3, None, NOTHING, now=0.0), Ticket) for _ in range(3))
-    assert limiter.admit("k", 3, None, NOTHING, now=0.0) == pytest.approx(20.0)  # one per 20 s
+    assert refused(limiter, 3, None, NOTHING, now=0.0) == (pytest.approx(20.0), "requests")
     assert isinstance(limiter.admit("other", 3, None, NOTHING, now=0.0), Ticket)  # per key
 
 
@@ -60,7 +80,7 @@ def test_tokens_are_settled_when_a_call_ends() -> None:
     ticket = admitted(limiter, None, 600, 100)
     limiter.settle(ticket, Usage(input_tokens=800, output_tokens=100), now=0.0)
     # 900 in all, more than the whole minute: in debt by 300.
-    assert limiter.admit("k", None, 600, NOTHING, now=0.0) == pytest.approx(30.0)  # 10/s
+    assert refused(limiter, None, 600, NOTHING, now=0.0) == (pytest.approx(30.0), "tokens")
     assert isinstance(limiter.admit("k", None, 600, NOTHING, now=30.0), Ticket)
 
 
@@ -68,13 +88,13 @@ def test_calls_in_flight_at_once_are_admitted_only_as_far_as_the_bucket_covers()
     limiter = RateLimiter()
     tickets = [limiter.admit("k", None, 1000, Estimate(50, 200), now=0.0) for _ in range(5)]
     assert [isinstance(t, Ticket) for t in tickets] == [True] * 4 + [False]
-    assert tickets[4] == pytest.approx(15.0)  # 250 at 1000/min
+    assert waited(tickets[4]) == (pytest.approx(15.0), "tokens")  # 250 at 1000/min
     # One ends having spent less than reserved: the rest is given back.
     first = tickets[0]
     assert isinstance(first, Ticket)
     limiter.settle(first, Usage(input_tokens=40, output_tokens=10), now=0.0)
     assert isinstance(limiter.admit("k", None, 1000, Estimate(50, 150), now=0.0), Ticket)
-    assert limiter.admit("k", None, 1000, Estimate(1, 0), now=0.0) == pytest.approx(0.06)
+    assert refused(limiter, None, 1000, Estimate(1, 0), now=0.0) == (pytest.approx(0.06), "tokens")
 
 
 def test_a_call_larger_than_the_limit_goes_once_the_bucket_is_full() -> None:
@@ -82,7 +102,8 @@ def test_a_call_larger_than_the_limit_goes_once_the_bucket_is_full() -> None:
     big = limiter.admit("k", None, 1000, Estimate(5000, 0), now=0.0)
     assert isinstance(big, Ticket)  # not forever refused
     # Its whole estimate is held while it runs: 4000 in debt, five minutes to a full bucket.
-    assert limiter.admit("k", None, 1000, Estimate(5000, 0), now=0.0) == pytest.approx(300.0)
+    again = refused(limiter, None, 1000, Estimate(5000, 0), now=0.0)
+    assert again == (pytest.approx(300.0), "tokens")
     limiter.settle(big, Usage(input_tokens=1000), now=0.0)
     assert isinstance(limiter.admit("k", None, 1000, Estimate(5000, 0), now=60.0), Ticket)
 
@@ -106,7 +127,8 @@ def test_a_settlement_or_a_release_counts_once() -> None:
     limiter.release(first, now=0.0)
     limiter.settle(first, Usage(input_tokens=100), now=0.0)
     # 60 tokens and 2 requests left, as if the first had never come.
-    assert limiter.admit("k", 3, 100, Estimate(61, 0), now=0.0) == pytest.approx(0.6)
+    held = limiter.admit("k", 3, 100, Estimate(61, 0), now=0.0)
+    assert waited(held) == (pytest.approx(0.6), "tokens")
     went = [isinstance(limiter.admit("k", 3, 100, NOTHING, now=0.0), Ticket) for _ in range(3)]
     assert went == [True, True, False]
 
@@ -139,9 +161,9 @@ def test_changed_limits_keep_what_the_bucket_held() -> None:
     limiter = RateLimiter()
     assert all(isinstance(limiter.admit("k", 5, None, NOTHING, now=0.0), Ticket) for _ in range(5))
     # Lowered: no fresh bucket, still empty, refilled at the new rate.
-    assert limiter.admit("k", 3, None, NOTHING, now=0.0) == pytest.approx(20.0)
+    assert refused(limiter, 3, None, NOTHING, now=0.0) == (pytest.approx(20.0), "requests")
     # Raised: refilled faster, from what it held.
-    assert limiter.admit("k", 60, None, NOTHING, now=0.0) == pytest.approx(1.0)
+    assert refused(limiter, 60, None, NOTHING, now=0.0) == (pytest.approx(1.0), "requests")
     assert isinstance(limiter.admit("k", 60, None, NOTHING, now=1.0), Ticket)
 
 
@@ -149,8 +171,8 @@ def test_a_changed_token_limit_keeps_the_debt() -> None:
     limiter = RateLimiter()
     limiter.settle(admitted(limiter, 10, 600, 0), Usage(input_tokens=1200), now=0.0)
     # 600 in debt: the lower limit refills it at 5 a second, the request bucket untouched.
-    assert limiter.admit("k", 10, 300, NOTHING, now=0.0) == pytest.approx(120.0)
-    assert limiter.admit("k", 10, 6000, NOTHING, now=0.0) == pytest.approx(6.0)
+    assert refused(limiter, 10, 300, NOTHING, now=0.0) == (pytest.approx(120.0), "tokens")
+    assert refused(limiter, 10, 6000, NOTHING, now=0.0) == (pytest.approx(6.0), "tokens")
 
 
 @dataclass
@@ -191,6 +213,7 @@ async def test_a_key_over_its_request_rate_gets_429_with_retry_after(
     assert int(response.headers["retry-after"]) == 30  # 2/min: one every 30 s
     assert "rate limit of key" in response.body["error"]["message"]
     assert response.body["error"]["code"] == "rate_limit_exceeded"
+    assert response.body["error"]["type"] == "requests"  # OpenAI's type: the limit hit
 
 
 async def test_a_key_over_its_token_rate_is_held_back_after_the_call_that_spent_it(
@@ -201,6 +224,8 @@ async def test_a_key_over_its_token_rate_is_held_back_after_the_call_that_spent_
     try:
         # The first is admitted on its estimate; its real count puts the key in debt.
         assert await statuses_of_new_key(ingress, secret, 2) == [200, 429]
+        held = await call(ingress, secret)
+        assert (held.status, held.body["error"]["type"]) == (429, "tokens")
     finally:
         upstream.provider.prompt_tokens = FakeProvider.prompt_tokens
 

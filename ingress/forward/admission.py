@@ -85,6 +85,7 @@ class Admission:
         error_class: str,
         param: str | None = None,
         code: str | None = None,
+        openai_type: str | None = None,
     ) -> web.Response:
         """Answer without contacting the provider, and still record the call."""
         self.answered = True
@@ -93,7 +94,9 @@ class Admission:
         app = self.request.app
         if self.ticket is not None:  # the provider was not contacted: nothing was spent
             app[LIMITER].release(self.ticket, time.monotonic())
-        response = self.endpoint.api.error(status, message, param=param, code=code)
+        response = self.endpoint.api.error(
+            status, message, param=param, code=code, openai_type=openai_type
+        )
         response.headers["x-request-id"] = str(self.call.request_id)
         outcome: Status = "refused"
         if error_class == "budget_exceeded":
@@ -200,13 +203,14 @@ class Admission:
                 time.monotonic(),
             )
             if not isinstance(admitted, Ticket):
-                retry_after = math.ceil(admitted)
+                retry_after = math.ceil(admitted.seconds)
                 limited = refuse(
                     429,
                     f"rate limit of key {key.id} reached (requests/min: {key.rpm or 'unlimited'}, "
                     f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s",
                     "rate_limited",
                     code="rate_limit_exceeded",
+                    openai_type=admitted.limit,
                 )
                 limited.headers["retry-after"] = str(retry_after)
                 return limited
@@ -281,7 +285,15 @@ class Admission:
                 publisher.publish(
                     publisher.names.alerts, alert.event_id.bytes, alert.model_dump_json().encode()
                 )
-            refused = refuse(429, exhausted.message(), "budget_exceeded", code="budget_exceeded")
+            # OpenAI's own answer to an organization past its spend limit: a 429 typed
+            # insufficient_quota (Anthropic's is a rate_limit_error, as every 429).
+            refused = refuse(
+                429,
+                exhausted.message(),
+                "budget_exceeded",
+                code="budget_exceeded",
+                openai_type="insufficient_quota",
+            )
             if exhausted.held_back:  # calls in flight hold it: they settle in seconds
                 refused.headers["retry-after"] = str(HELD_RETRY_S)
                 return refused

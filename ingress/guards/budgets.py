@@ -42,6 +42,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from ingress.guards.bounds import Advisor, Reach
+from llmtap.amounts import plain
 from llmtap.config import BudgetConfig
 from llmtap.events import Alert, Attribution, BudgetState, Reservations, Usage, utcnow
 from llmtap.following import Follower
@@ -130,21 +131,25 @@ class Exhausted:
             remedy = "name a smaller max_tokens (the most the call may write)"
             if self.without_output is not None and self.without_output > b.limit_usd:
                 remedy = (
-                    f"its input and searches alone may cost ${self.without_output}, so a "
+                    f"its input and searches alone may cost ${plain(self.without_output)}, so a "
                     "smaller max_tokens would not do: send less input (each image, and a "
                     "conversation the body does not hold, count in full) or bound its searches"
                     " and advisor calls (max_uses)"
                 )
             return (
                 f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call in any "
-                f"{b.period}: the worst case of this call ${self.worst_case} is more than its "
-                f"whole limit of ${b.limit_usd}; {remedy}, or ask for a larger limit"
+                f"{b.period}: the worst case of this call ${plain(self.worst_case)} is more than "
+                f"its whole limit of ${plain(b.limit_usd)}; {remedy}, or ask for a larger limit"
             )
         return (
             f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call: "
-            f"${s.spent_usd} of ${b.limit_usd} spent this {b.period}, "
-            + (f"${self.held} held for calls in flight or not yet counted, " if self.held else "")
-            + f"worst case of this call ${self.worst_case}; it resets at "
+            f"${plain(s.spent_usd)} of ${plain(b.limit_usd)} spent this {b.period}, "
+            + (
+                f"${plain(self.held)} held for calls in flight or not yet counted, "
+                if self.held
+                else ""
+            )
+            + f"worst case of this call ${plain(self.worst_case)}; it resets at "
             f"{s.period_end.isoformat()}"
         )
 

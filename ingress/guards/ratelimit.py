@@ -14,6 +14,7 @@ arithmetic over a clock passed in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from llmtap.events import Usage
 
@@ -107,6 +108,15 @@ class Ticket:
     done: bool = False
 
 
+@dataclass(frozen=True)
+class Wait:
+    """A call refused: seconds until it would be admitted (retry-after), and the limit
+    that holds it longest (named as OpenAI's rate-limit errors name it, their type)."""
+
+    seconds: float
+    limit: Literal["requests", "tokens"]
+
+
 @dataclass
 class KeyLimits:
     rpm: int | None
@@ -135,18 +145,18 @@ class RateLimiter:
 
     def admit(
         self, key_id: str, rpm: int | None, tpm: int | None, estimate: Estimate, now: float
-    ) -> Ticket | float:
+    ) -> Ticket | Wait:
         """A ticket, one request and the estimated tokens taken, if the call may go; else
-        seconds to wait (retry-after)."""
+        how long to wait, and for which limit."""
         limits = self._limits(key_id, rpm, tpm, now)
         requests, tokens = limits.requests, limits.tokens
         reserved = estimate.tokens if tokens else 0
-        wait = max(
-            requests.wait_for(1, now) if requests else 0.0,
-            tokens.wait_for(min(reserved, tokens.capacity), now) if tokens else 0.0,
-        )
-        if wait > 0:
-            return wait
+        for_request = requests.wait_for(1, now) if requests else 0.0
+        for_tokens = tokens.wait_for(min(reserved, tokens.capacity), now) if tokens else 0.0
+        if for_request > 0 or for_tokens > 0:
+            if for_request >= for_tokens:
+                return Wait(for_request, "requests")
+            return Wait(for_tokens, "tokens")
         if requests:
             requests.take(1, now)
         if tokens:

@@ -20,6 +20,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from llmtap.amounts import plain
 from llmtap.events import Alert
 
 JSON = "application/json"
@@ -100,7 +101,7 @@ def render(template: Template, alert: Alert) -> Body:
     fields = alert.model_dump(mode="json")
     for name in _DECIMALS:  # "30", not "30.000000000": exact, unpadded
         if (value := getattr(alert, name)) is not None:
-            fields[name] = format(value.normalize(), "f")
+            fields[name] = plain(value)
     try:
         text = template.jinja.render(alert=fields).strip()
     except jinja2.TemplateError:
