@@ -114,8 +114,9 @@ async def test_broker_killed_mid_load_loses_no_unacknowledged_event(
     "topic metadata of the old broker and produce before anyone re-creates the topics; "
     "Tansu acknowledges produce requests for topics it does not have (the events are "
     "lost), and batches written that way collide with the re-created topic's offsets "
-    "(AlreadyExists in the broker log, offsets repeated, consumers skip them). Only "
-    "`llmtap up` (at start) and each process at its own start create the topics.",
+    "(AlreadyExists in the broker log, offsets repeated, consumers skip them). `llmtap "
+    "up` (at start) and each process at its own start create the topics, and the ingress"
+    " at each connection too: not before its producer's first sends to the new broker.",
 )
 async def test_broker_restarted_under_running_processes_loses_nothing(
     make_cluster: MakeCluster,
