@@ -70,8 +70,8 @@ def visible_budgets(budgets: Iterable[BudgetConfig], scope: Scope) -> list[Budge
 def may_see(budget: BudgetConfig, scope: Scope) -> bool:
     """Whether a caller of ``scope`` may see ``budget``: an admin every budget; a virtual
     key those confined to its tenant (a tenant budget on it, or one whose ``tenant`` is
-    it); a key bound to a team only that team's budgets, a key bound to a user only that
-    user's."""
+    it); a key bound to a team only that team's budgets, a key bound to a user (to a
+    team too, or not) only that user's."""
     if scope.tenant is None:
         return True
     owner = budget.owner
