@@ -29,6 +29,7 @@ from stream.budgets import (
     status_of,
     threshold_alert,
     threshold_alert_id_before_limits,
+    threshold_alert_id_before_owners,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ def unraised(store: Store, budget: BudgetConfig, state: BudgetState) -> list[Ale
     nobody hear of it. Each has the id the stream would give it, so one raised twice
     (the stream too, or one not stored yet) is stored and delivered once. One stored
     with the id alerts had before ids named the limit counts as raised if it was of the
-    same limit (its baseline): an upgrade sends none of the period's alerts again."""
+    same limit (its baseline), and one stored with the id they had before they named the
+    budget's owner if of the same scope, value and limit: an upgrade sends none of the
+    period's alerts again."""
     at = state.last_event_at or state.updated_at
     alerts = [threshold_alert(budget, state, t, at) for t in state.crossed]
     if not alerts:
@@ -84,13 +87,24 @@ def unraised(store: Store, budget: BudgetConfig, state: BudgetState) -> list[Ale
         threshold_alert_id_before_limits(budget, state.period_start, t): alert.event_id
         for t, alert in zip(state.crossed, alerts, strict=True)
     }
-    ids = [alert.event_id for alert in alerts] + list(earlier)
+    # Before ids named the owner either: stored by the name alone, so of this budget
+    # only if of its scope and value (and limit) too.
+    earliest = {
+        threshold_alert_id_before_owners(budget, state.period_start, t): alert.event_id
+        for t, alert in zip(state.crossed, alerts, strict=True)
+    }
+    ids = [alert.event_id for alert in alerts] + list(earlier) + list(earliest)
     stored = set()
     for row in store.rows(render("alerts_baselines"), {"alert_ids": ids}):
-        if row["event_id"] not in earlier:
+        same_limit = row["baseline"] is not None and Decimal(row["baseline"]) == budget.limit_usd
+        if row["event_id"] in earliest:
+            if same_limit and (row["dimension"], row["value"]) == (budget.scope, budget.value):
+                stored.add(earliest[row["event_id"]])
+        elif row["event_id"] in earlier:
+            if same_limit:
+                stored.add(earlier[row["event_id"]])
+        else:
             stored.add(row["event_id"])
-        elif row["baseline"] is not None and Decimal(row["baseline"]) == budget.limit_usd:
-            stored.add(earlier[row["event_id"]])
     return [alert for alert in alerts if alert.event_id not in stored]
 
 

@@ -271,6 +271,16 @@ def threshold_alert_id_before_limits(
     return stable_id(*_threshold_of(budget, period_start, threshold))
 
 
+def threshold_alert_id_before_owners(
+    budget: BudgetConfig, period_start: datetime, threshold: int
+) -> UUID:
+    """The id threshold alerts had before they named their budget's owner (scope, value,
+    tenant) or limit: of the name, period and threshold only (llmtap before 2026-12-01).
+    The store's rebuild takes one stored, of the same scope, value and limit, as raised,
+    so an upgrade from such a release sends none of the period's alerts again."""
+    return stable_id("budget", budget.name, period_start.isoformat(), str(threshold))
+
+
 def _threshold_of(budget: BudgetConfig, period_start: datetime, threshold: int) -> tuple[str, ...]:
     """What names a threshold of a budget's period, its owner included (both ids')."""
     return (
