@@ -334,16 +334,16 @@ def _main(argv: list[str] | None) -> int:
             return 1
         run_store(settings)
     elif args.command == "migrate":
-        from sql.migrate import migrate
+        from sql.migrate import SchemaAhead, migrate
         from sql.retention import apply_retention
         from sql.store import Store, StoreInUse
 
         try:
             store = Store(settings.store_dsn)
-        except StoreInUse as exc:
+            applied = migrate(store)
+        except (StoreInUse, SchemaAhead) as exc:
             print(f"llmtap: {exc}", file=sys.stderr)
             return 2
-        applied = migrate(store)
         print(f"applied migrations: {applied or 'none (schema up to date)'}")
         tables = apply_retention(
             store, raw_days=settings.raw_retention_days, rollup_days=settings.rollup_retention_days

@@ -158,16 +158,27 @@ class Supervisor:
 
     async def start_all(self) -> None:
         s = self.settings
-        if s.embedded_broker:
-            await self.spawn(
-                "broker",
-                broker_argv(s.kafka_bootstrap),
-                log_file=s.data_dir / "logs" / "broker.log",
-            )
-            replicas = s.topic_replication_factor
-            await self.wait_ready(
-                "broker", lambda: topics_ready(s.kafka, s.topic_partitions, replicas)
-            )
+        # The store's migrations first, while the broker starts, with no deadline: an
+        # upgrade's backfills over a large store take minutes (~11 s for 3M calls here),
+        # and the store, which migrates before it answers, would be killed as not ready.
+        migrating = asyncio.create_task(self.migrate())
+        try:
+            if s.embedded_broker:
+                await self.spawn(
+                    "broker",
+                    broker_argv(s.kafka_bootstrap),
+                    log_file=s.data_dir / "logs" / "broker.log",
+                )
+                replicas = s.topic_replication_factor
+                await self.wait_ready(
+                    "broker", lambda: topics_ready(s.kafka, s.topic_partitions, replicas)
+                )
+            await migrating
+        finally:
+            if not migrating.done():
+                migrating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await migrating
         store = f"{s.scheme}://{s.api_host}:{s.api_port}/healthz"
         await self.spawn_llmtap("store")
         await self.wait_ready("store", lambda: http_ok(store))
@@ -177,6 +188,37 @@ class Supervisor:
         await self.wait_ready(
             "ingress", lambda: http_ok(f"{s.scheme}://{s.proxy_host}:{s.proxy_port}/healthz")
         )
+
+    async def migrate(self) -> None:
+        """`llmtap migrate` in a process of its own (the store opens the embedded
+        ClickHouse once it has exited), waited for until it ends or a stop is asked. Its
+        log goes where the stages' does; what it prints, not (up's banner follows)."""
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "llmtap", "migrate"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.info("applying the store's migrations (pid %d)", process.pid)
+        ended = asyncio.create_task(process.wait())
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait({ended, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if process.returncode is None:  # a stop, or the broker failed: re-run next time
+                process.terminate()
+                await process.wait()
+            await asyncio.gather(ended, stop, return_exceptions=True)
+        if self.stopping.is_set():
+            raise StartupFailed("stopped while applying the store's migrations")
+        if process.returncode != 0:
+            raise StartupFailed(
+                f"applying the store's migrations failed (llmtap migrate exited with code "
+                f"{process.returncode}; its log is above)"
+            )
+        log.info("store's migrations applied")
 
     def kill(self, name: str, why: str) -> None:
         for child in self.children:

@@ -25,7 +25,7 @@ from sinks.metrics import store_registry
 from sinks.webhooks.dispatcher import WebhookDispatcher
 from sql import analytics, dashboard
 from sql.admission import ADMISSION
-from sql.migrate import migrate
+from sql.migrate import SchemaAhead, migrate
 from sql.retention import apply_retention
 from sql.store import Store
 
@@ -40,7 +40,12 @@ REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
     store = app[analytics.STORE] = Store(app[SETTINGS].store_dsn)
     settings = app[SETTINGS]
-    applied = await asyncio.to_thread(migrate, store)
+    try:
+        applied = await asyncio.to_thread(migrate, store)
+    except SchemaAhead as exc:  # a downgrade: nothing of it is written with this schema
+        store.close()
+        log.critical("%s", exc)
+        raise SystemExit(2) from None
     if applied:
         log.info("migrations applied: %s", applied)
     await asyncio.to_thread(

@@ -73,12 +73,26 @@ def available() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+class SchemaAhead(Exception):
+    """The store holds migrations this llmtap does not know: a newer llmtap's schema."""
+
+
 def migrate(store: Store) -> list[int]:
-    """Apply every migration not applied yet; return the versions applied now."""
+    """Apply every migration not applied yet; return the versions applied now. Raises
+    :class:`SchemaAhead` for a store a newer llmtap migrated (a downgrade): this one's
+    writes would miss its columns and tables, or fail on what it dropped."""
     store.command(_VERSION_TABLE)
     done = {row["version"] for row in store.rows("SELECT version FROM schema_migrations")}
+    migrations = available()
+    newest = max((m.version for m in migrations), default=0)
+    if ahead := sorted(v for v in done if v > newest):
+        raise SchemaAhead(
+            f"the store's schema has migrations up to {ahead[-1]:04d}, this llmtap's only up "
+            f"to {newest:04d}: a newer llmtap wrote it. Run that version (or newer): "
+            "llmtap does not migrate a store back"
+        )
     applied = []
-    for migration in available():
+    for migration in migrations:
         if migration.version in done:
             continue
         for statement in migration.statements:

@@ -21,13 +21,13 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from pydantic import ValidationError
 
 from llmtap.config import Settings
-from llmtap.events import Attribution, CostedEvent, Usage
+from llmtap.events import Attribution, CostedEvent, Usage, utcnow
 from sinks.clickhouse.decode import Batch, DeadLetter, decode_batch
 from sinks.clickhouse.rows import DEAD_LETTER_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.webhooks.records import ALERT_COLUMNS, Attempt, alert_row, record
-from sql.migrate import available, migrate
+from sql.migrate import SchemaAhead, available, migrate
 from sql.retention import (
     ALERT_TABLES,
     RAW_TABLES,
@@ -528,3 +528,38 @@ def test_migrate_on_a_data_dir_another_process_holds_says_so(tmp_path: Path) -> 
     assert migrating.returncode == 2, migrating.stderr
     assert "is in use by another process (a running llmtap up?)" in migrating.stderr
     assert "Traceback" not in migrating.stderr
+
+
+async def test_a_store_a_newer_llmtap_migrated_is_refused_not_written(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A downgrade: an llmtap opening a store with migrations it does not know went on
+    writing (the newer columns left at their defaults) or failed in a traceback on a
+    table a newer migration dropped. Now `llmtap migrate`, and the store process with
+    it, refuse it in one line naming both versions."""
+    env = {**os.environ, "LLMTAP_DATA_DIR": str(tmp_path)}
+    store = Store(Settings(data_dir=tmp_path).store_dsn)
+    try:
+        migrate(store)
+        newest = max(m.version for m in available())
+        store.insert(
+            "schema_migrations",
+            [(newest + 1, "from_a_newer_llmtap", utcnow())],
+            ("version", "name", "applied_at"),
+        )
+        with pytest.raises(SchemaAhead, match=f"up to {newest + 1:04d}, this llmtap's only"):
+            migrate(store)
+    finally:
+        store.close()
+    for command in ("migrate", "store"):
+        refused = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "llmtap", command),
+            env={**env, "LLMTAP_KAFKA_BOOTSTRAP": broker.bootstrap},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(refused.communicate(), 120)
+        said = err.decode()
+        assert refused.returncode == 2, (command, said)
+        assert "a newer llmtap wrote it" in said, command
+        assert "Traceback" not in said, command

@@ -4,6 +4,7 @@ end: tests/test_e2e.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from llmtap.supervisor import (
 )
 from llmtap.topics import TopicsRefused
 from stream.app import StreamWorker, create_app, ready_file
+from tests.conftest import FakeUpstream, run_llmtap
 from tests.fake_provider import free_port
 from tests.faults.harness import until
 
@@ -249,3 +251,47 @@ def test_a_hangup_stops_up_unless_it_runs_under_nohup() -> None:
         assert stop_signals() == (signal.SIGINT, signal.SIGTERM)
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+# Loaded by every process of the `up` below (PYTHONPATH): migrations that take their time
+# once they apply anything (an upgrade's backfills over a large store), and an `up` that
+# waits less for a stage to be ready, so that their sum passes it.
+SLOW_MIGRATIONS = """
+import os, time
+import sql.migrate
+import llmtap.supervisor
+
+_migrate = sql.migrate.migrate
+
+
+def slow(store):
+    applied = _migrate(store)
+    if applied:
+        time.sleep(float(os.environ["SLOW_MIGRATIONS_S"]))
+    return applied
+
+
+sql.migrate.migrate = slow
+llmtap.supervisor.STARTUP_TIMEOUT_S = float(os.environ["SHORT_STARTUP_TIMEOUT_S"])
+"""
+
+
+async def test_migrations_longer_than_a_stage_s_start_do_not_fail_up(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """The store migrates before it answers, and `up` gave it STARTUP_TIMEOUT_S: an
+    upgrade of a large store (3M calls: ~11 s here, more with more) had `up` kill the
+    store mid-migration as not ready, again at each start. `up` now migrates first, in
+    a process of its own, with no deadline."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SLOW_MIGRATIONS)
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(shim), *sys.path]),
+        "SLOW_MIGRATIONS_S": "25",
+        "SHORT_STARTUP_TIMEOUT_S": "15",
+    }
+    async with run_llmtap(tmp_path / "data", upstream, env) as running:
+        said = "\n".join(running.output)
+        assert "store's migrations applied" in said
+        assert '"process":"migrate"' in said and "applied migration 0001_calls" in said
