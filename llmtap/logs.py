@@ -2,12 +2,16 @@
 
 Nothing a caller sent (prompts, completions, keys) is ever passed to a logger; the
 request id ties a log line to the call's events and to the client's `x-request-id`.
+What others log is redacted of keys as it is written (:func:`redact`): aiohttp's own
+ERROR for a request it refuses quotes the header line it could not parse, which may be
+the credential itself (a key with a stray byte at its end).
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Hashable
@@ -53,6 +57,25 @@ class Once:
         return True
 
 
+# A credential header's value, as a header line quotes it (aiohttp's parser errors show
+# the line as the repr of its bytes: the value ends at a quote, a backslash or a space),
+# its scheme (Bearer) kept; and llmtap's own keys (ltk_ virtual, lta_ admin) anywhere.
+_CREDENTIAL_HEADER = re.compile(
+    r"(?i)\b((?:proxy-)?authorization\s*:\s*(?:[a-z]+(?:\s|\\t)+)?|(?:x-)?api-key\s*:\s*)"
+    r"[^\s'\"\\]+"
+)
+_LLMTAP_KEY = re.compile(r"\b(lt[ka]_)[A-Za-z0-9_-]+")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """``text`` without the values of credential headers it quotes, nor llmtap keys."""
+    if not text:
+        return text
+    text = _CREDENTIAL_HEADER.sub(lambda m: m[1] + REDACTED, text)
+    return _LLMTAP_KEY.sub(lambda m: m[1] + REDACTED, text)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, process_name: str) -> None:
         super().__init__()
@@ -64,7 +87,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "process": self._process,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         rid = request_id.get()
         if rid:
@@ -73,7 +96,7 @@ class JsonFormatter(logging.Formatter):
         if held_back:
             entry["suppressed"] = held_back
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return orjson.dumps(entry).decode()
 
 

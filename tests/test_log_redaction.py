@@ -1,0 +1,92 @@
+"""No key in the logs, even from a request aiohttp itself refuses.
+
+aiohttp answers a request with a malformed header line (a control character in it, a
+bare LF) with a 400 and logs an ERROR whose traceback quotes that line as it came. When
+that line is the credential (a key read from a file with a stray byte at its end), the
+key was written to the process's log, in clear: a virtual key on the proxy, an admin
+key on the analytics API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import sys
+
+import orjson
+from aiohttp import web
+
+from llmtap import logs
+
+VIRTUAL = "ltk_9w4X1J8Ed3zTDKtADaAZn6Ixc0-lC4ryzB0ICh2_A9A"
+ADMIN = "lta_cA3Pt0NAkZKGT1sRs8iiYQDLOSz8No6GZCH-eVWTp9g"
+PROVIDER = "sk-proj-Zq8mR2vLx7NcT4pWb9YsK1"  # passthrough: a client's own provider key
+
+
+async def _malformed(port: int, header: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+async def test_a_key_in_a_header_line_aiohttp_refuses_is_not_logged() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter("ingress"))
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.addHandler(handler)
+    app = web.Application()
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/v1/models", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        headers = [
+            b"Authorization: Bearer " + VIRTUAL.encode() + b"\x00",
+            b"x-api-key: " + VIRTUAL.encode() + b" \x01",
+            b"authorization: bearer " + ADMIN.encode() + b"\x7f",
+            b"Authorization: Bearer " + PROVIDER.encode() + b"\x00",
+            b"api-key: " + PROVIDER.encode() + b"\x00",
+        ]
+        for header in headers:
+            assert (await _malformed(port, header)).startswith(b"HTTP/1.0 400")
+        await asyncio.sleep(0.1)
+    finally:
+        server_log.removeHandler(handler)
+        await runner.cleanup()
+
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == len(headers)  # each refusal is still logged...
+    text = out.getvalue()
+    for secret in (VIRTUAL, ADMIN, PROVIDER):
+        assert secret not in text  # ...without the key
+        assert secret[:12] not in text
+    assert all("Invalid header value char" in line["exception"] for line in lines)
+
+
+def test_keys_are_redacted_from_messages_and_tracebacks() -> None:
+    formatter = logs.JsonFormatter("store")
+    try:
+        raise ValueError(f"bad header b'Authorization: Bearer {VIRTUAL}\\x00'")
+    except ValueError:
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "refused %s", (ADMIN,), sys.exc_info()
+        )
+    line = formatter.format(record)
+    assert VIRTUAL not in line and ADMIN not in line
+    entry = orjson.loads(line)
+    assert entry["message"].startswith("refused lta_")
+    assert "[redacted]" in entry["exception"]
+    # Words that only look like the prefixes are left alone.
+    plain = logging.LogRecord("x", logging.INFO, __file__, 1, "saltk_ and delta_x", (), None)
+    assert orjson.loads(formatter.format(plain))["message"] == "saltk_ and delta_x"
