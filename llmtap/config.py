@@ -346,6 +346,9 @@ class Settings(BaseSettings):
     model_routes: dict[str, str] = Field(default_factory=dict)
     # Larger request bodies get a 413 without reaching a provider.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # ... and bodies of more JSON values than this (their commas counted), before they
+    # are parsed (ingress/forward/capture.py: too_many_values).
+    max_body_values: int = Field(default=2_000_000, ge=1000)
     upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
     upstream_read_timeout_s: float = Field(default=600.0, gt=0)
     # After SIGTERM (a deploy, `docker stop`), how long calls in flight (a long stream)

@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ingress.forward.call import Call, upstream_headers
-from ingress.forward.capture import parse_json_body
+from ingress.forward.capture import parse_json_body, too_many_values
 from ingress.forward.endpoint import Endpoint, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.guards.auth import Refusal, authenticate, check_model
@@ -158,6 +158,8 @@ class Admission:
             if isinstance(gone, asyncio.CancelledError):
                 raise
             return web.Response(status=499)
+        if (dense := too_many_values(body, settings.max_body_values)) is not None:
+            return refuse(413, dense, "body_too_large")
         payload = parse_json_body(body)
         if payload is None:
             return refuse(400, INVALID_JSON, "invalid_json")

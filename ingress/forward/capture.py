@@ -25,6 +25,20 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def too_many_values(body: bytes, most: int) -> str | None:
+    """Why a body is not parsed: more than ``most`` JSON values, by its commas (counted
+    in C, ~2 ms a MB; a body of ``most`` bytes or fewer cannot hold that many). Parsing
+    runs on the event loop: 8M empty objects in 32 MB took 0.64 s of it, every tenant's
+    calls waiting, and 1 GB. No model's context holds that much (a comma in a string
+    counts too: 2M of them are ~20 MB of dense text)."""
+    if len(body) <= most or body.count(b",") < most:
+        return None
+    return (
+        f"the request body holds more than {most:,} JSON values (its commas counted), "
+        "more than any model's context: it is not parsed nor forwarded"
+    )
+
+
 def parse_json_body(body: bytes) -> dict[str, Any] | None:
     """A JSON object, or None. A leading UTF-8 byte order mark is passed over, as RFC
     8259 lets a parser do and Python's own does (orjson refuses it): whether the body is

@@ -29,7 +29,7 @@ from yarl import URL
 
 from ingress.forward.admission import INVALID_JSON, UNCOMPRESSED, compressed
 from ingress.forward.call import downstream_headers, upstream_headers
-from ingress.forward.capture import parse_json_body
+from ingress.forward.capture import parse_json_body, too_many_values
 from ingress.forward.endpoint import Api, unreachable, upstream_credential
 from ingress.forward.proxy import Handler
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
@@ -149,6 +149,8 @@ async def _routed_body(
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise _Refused(413, exc.text or "request body too large", "body_too_large") from None
+    if (dense := too_many_values(body, settings.max_body_values)) is not None:
+        raise _Refused(413, dense, "body_too_large")
     payload = parse_json_body(body)
     if payload is None:
         raise _Refused(400, INVALID_JSON, "invalid_json")
