@@ -349,6 +349,9 @@ class Settings(BaseSettings):
     # ... and bodies of more JSON values than this (their commas counted), before they
     # are parsed (ingress/forward/capture.py: too_many_values).
     max_body_values: int = Field(default=2_000_000, ge=1000)
+    # The longest a request body may take to arrive whole (a client that stalls mid-body
+    # holds up to max_body_bytes of memory meanwhile): then a 408, not forwarded.
+    body_read_timeout_s: float = Field(default=60.0, gt=0)
     upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
     upstream_read_timeout_s: float = Field(default=600.0, gt=0)
     # After SIGTERM (a deploy, `docker stop`), how long calls in flight (a long stream)

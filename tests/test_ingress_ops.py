@@ -491,7 +491,7 @@ async def test_a_body_of_more_json_values_than_any_context_is_refused_before_par
             ) as response:
                 assert response.status == 413
                 error = (await response.json())["error"]
-                assert "more than 1,000 JSON values" in error["message"], error
+                assert "holds 1,000 commas or more (max_body_values" in error["message"], error
                 dense = response.headers["x-request-id"]
             async with session.post(
                 f"{base}/v1/messages/count_tokens",
@@ -501,7 +501,18 @@ async def test_a_body_of_more_json_values_than_any_context_is_refused_before_par
                 assert response.status == 413
                 refused = await response.json()
                 assert refused["error"]["type"] == "request_too_large", refused
-            assert len(upstream.provider.received) == before  # neither reached it
+            async with session.post(  # refused for a bad claim: its model read unparsed
+                f"{base}/v1/chat/completions",
+                data=body(1500),
+                headers={
+                    "Authorization": "Bearer anything",
+                    "Content-Type": "application/json",
+                    "x-llmtap-property-!!": "x",
+                },
+            ) as response:
+                assert response.status == 400
+                claimed = response.headers["x-request-id"]
+            assert len(upstream.provider.received) == before  # none reached it
             async with session.post(  # fewer values than that: forwarded as ever
                 f"{base}/v1/chat/completions",
                 data=body(900),
@@ -516,6 +527,55 @@ async def test_a_body_of_more_json_values_than_any_context_is_refused_before_par
         "bad_request",
         413,
         "body_too_large",
+    )
+    # Its body held more values than are parsed: no model read from it.
+    assert (await response_event(broker.bootstrap, claimed)).model_requested == ""
+
+
+async def test_a_body_that_stalls_mid_way_gets_a_408_at_the_read_deadline(
+    ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """A client that sends part of a body and stalls held the connection, and up to
+    max_body_bytes of memory, for as long as it liked: ten held 430 MB past 100 s
+    (security probe). The read now has a deadline: a 408 in the route's shape, the
+    call recorded, nothing forwarded."""
+    settings = ingress_settings.model_copy(
+        update={"body_read_timeout_s": 0.5, "auth": "passthrough"}
+    )
+    server = await serve_ingress(settings)
+    before = len(upstream.provider.received)
+    answers = []
+    try:
+        for path, key in (
+            ("/v1/chat/completions", "Authorization: Bearer x"),
+            ("/v1/messages/count_tokens", "x-api-key: x"),
+        ):
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: llmtap\r\n{key}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                '{"model": "gpt-4o", '.encode()
+            )
+            await writer.drain()
+            async with asyncio.timeout(10):  # answered without the rest of the body
+                status, *lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+                head = dict(line.lower().split(": ", 1) for line in lines if line)
+                body = await reader.readexactly(int(head["content-length"]))
+                answers.append((status, head, orjson.loads(body)))
+            writer.close()
+    finally:
+        await server.close()
+    (openai_status, openai_head, openai_body), (anthropic_status, _, anthropic_body) = answers
+    assert openai_status.startswith("HTTP/1.1 408"), openai_status
+    assert "did not arrive whole within 0.5s" in openai_body["error"]["message"]
+    assert anthropic_status.startswith("HTTP/1.1 408"), anthropic_status
+    assert anthropic_body["type"] == "error"
+    assert len(upstream.provider.received) == before
+    event = await response_event(broker.bootstrap, openai_head["x-request-id"])
+    assert (event.status, event.http_status, event.error_class) == (
+        "bad_request",
+        408,
+        "body_timeout",
     )
 
 

@@ -101,7 +101,7 @@ class Admission:
         outcome: Status = "refused"
         if error_class == "budget_exceeded":
             outcome = "budget_exceeded"
-        elif status in (400, 404, 413, 415):
+        elif status in (400, 404, 408, 413, 415):
             outcome = "bad_request"
         elif error_class == "rate_limited":
             outcome = "rate_limited"
@@ -146,9 +146,12 @@ class Admission:
             # chunk at a time, before its size could be judged (a 1 MB gzip bomb: 330 MB).
             return refuse(415, UNCOMPRESSED, "unsupported_encoding", code="unsupported_encoding")
         try:
-            body = await request.read()
+            async with asyncio.timeout(settings.body_read_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             return refuse(413, exc.text or "request body too large", "body_too_large")
+        except TimeoutError:
+            return refuse(408, body_too_slow(settings.body_read_timeout_s), "body_timeout")
         except (ConnectionResetError, asyncio.CancelledError) as gone:
             # The client went away before its request was read whole (the handler is
             # cancelled where the server is set to): nothing was sent, nothing to
@@ -320,6 +323,13 @@ class Admission:
         )
 
 
+def body_too_slow(timeout_s: float) -> str:
+    return (
+        f"the request body did not arrive whole within {timeout_s:g}s "
+        "(body_read_timeout_s); it was not forwarded"
+    )
+
+
 def compressed(request: web.Request) -> bool:
     """Whether the request's body comes with a Content-Encoding."""
     return request.headers.get("Content-Encoding", "identity").lower() != "identity"
@@ -331,9 +341,14 @@ async def _model_named(request: web.Request) -> str:
     cut off, compressed: it would be inflated first): the refusal is recorded either way."""
     if compressed(request):
         return ""
+    settings = request.app[SETTINGS]
     try:
-        payload = parse_json_body(await request.read())
-    except Exception:
+        async with asyncio.timeout(settings.body_read_timeout_s):
+            body = await request.read()
+    except Exception:  # too large, too slow, cut off
         return ""
+    if too_many_values(body, settings.max_body_values) is not None:
+        return ""
+    payload = parse_json_body(body)
     model = payload.get("model") if payload is not None else None
     return recorded_model(model) if isinstance(model, str) else ""

@@ -34,8 +34,9 @@ def too_many_values(body: bytes, most: int) -> str | None:
     if len(body) <= most or body.count(b",") < most:
         return None
     return (
-        f"the request body holds more than {most:,} JSON values (its commas counted), "
-        "more than any model's context: it is not parsed nor forwarded"
+        f"the request body holds {most:,} commas or more (max_body_values: between its JSON "
+        "values, and in its text), more than any model's context takes: it is not parsed "
+        "nor forwarded"
     )
 
 

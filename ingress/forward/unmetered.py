@@ -19,6 +19,7 @@ metered call's may: llmtap does not track which tenant made which.)
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from urllib.parse import quote
 
@@ -27,7 +28,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from ingress.forward.admission import INVALID_JSON, UNCOMPRESSED, compressed
+from ingress.forward.admission import INVALID_JSON, UNCOMPRESSED, body_too_slow, compressed
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.capture import parse_json_body, too_many_values
 from ingress.forward.endpoint import Api, unreachable, upstream_credential
@@ -146,9 +147,12 @@ async def _routed_body(
     if compressed(request):
         raise _Refused(415, UNCOMPRESSED, "unsupported_encoding")
     try:
-        body = await request.read()
+        async with asyncio.timeout(settings.body_read_timeout_s):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise _Refused(413, exc.text or "request body too large", "body_too_large") from None
+    except TimeoutError:
+        raise _Refused(408, body_too_slow(settings.body_read_timeout_s), "body_timeout") from None
     if (dense := too_many_values(body, settings.max_body_values)) is not None:
         raise _Refused(413, dense, "body_too_large")
     payload = parse_json_body(body)
