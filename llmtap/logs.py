@@ -57,23 +57,36 @@ class Once:
         return True
 
 
-# A credential header's value, as a header line quotes it (aiohttp's parser errors show
-# the line as the repr of its bytes: the value ends at a quote, a backslash or a space),
-# its scheme (Bearer) kept; and llmtap's own keys (ltk_ virtual, lta_ admin) anywhere.
-_CREDENTIAL_HEADER = re.compile(
-    r"(?i)\b((?:proxy-)?authorization\s*:\s*(?:[a-z]+(?:\s|\\t)+)?|(?:x-)?api-key\s*:\s*)"
-    r"[^\s'\"\\]+"
-)
-_LLMTAP_KEY = re.compile(r"\b(lt[ka]_)[A-Za-z0-9_-]+")
+# What a log line may quote of a request aiohttp refused: its parser's errors show a
+# header line, or only its value, as the repr of its bytes. A value ends at a quote, a
+# backslash or a blank; a blank may be its repr ("\t"); what comes before may be a
+# repr's "\n" (so no word boundaries). Kept: a header's name, a credential's scheme, a
+# key's prefix.
+_VALUE = r"[^\s'\"\\]+"
+_BLANK = r"(?:\s|\\t)"
 REDACTED = "[redacted]"
+_SECRETS = (
+    # A credential header's value (one after a scheme: the next one's).
+    (
+        re.compile(
+            rf"(?i)((?:proxy-)?authorization|(?:x-)?api-key){_BLANK}*:{_BLANK}*"
+            rf"(?!(?:bearer|basic){_BLANK}){_VALUE}"
+        ),
+        rf"\1: {REDACTED}",
+    ),
+    # A credential after its scheme, wherever it is quoted.
+    (re.compile(rf"(?i)(bearer|basic){_BLANK}+{_VALUE}"), rf"\1 {REDACTED}"),
+    # llmtap's own keys (ltk_ virtual, lta_ admin) and providers' (OpenAI's and
+    # Anthropic's begin sk-: a passthrough client's own), anywhere.
+    (re.compile(r"(lt[ka]_|sk-)[A-Za-z0-9_-]{16,}"), rf"\1{REDACTED}"),
+)
 
 
 def redact(text: str) -> str:
-    """``text`` without the values of credential headers it quotes, nor llmtap keys."""
-    if not text:
-        return text
-    text = _CREDENTIAL_HEADER.sub(lambda m: m[1] + REDACTED, text)
-    return _LLMTAP_KEY.sub(lambda m: m[1] + REDACTED, text)
+    """``text`` without the credentials it quotes."""
+    for secret, kept in _SECRETS:
+        text = secret.sub(kept, text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):

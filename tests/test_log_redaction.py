@@ -15,6 +15,7 @@ import logging
 import sys
 
 import orjson
+import pytest
 from aiohttp import web
 
 from llmtap import logs
@@ -90,3 +91,26 @@ def test_keys_are_redacted_from_messages_and_tracebacks() -> None:
     # Words that only look like the prefixes are left alone.
     plain = logging.LogRecord("x", logging.INFO, __file__, 1, "saltk_ and delta_x", (), None)
     assert orjson.loads(formatter.format(plain))["message"] == "saltk_ and delta_x"
+
+
+@pytest.mark.parametrize(
+    ("said", "written"),
+    [
+        # A tab after the colon (valid HTTP), in the repr of the line's bytes.
+        (f"b'x-api-key:\\t{VIRTUAL}\\x00'", "b'x-api-key: [redacted]\\x00'"),
+        # aiohttp's pure-Python parser quotes the value alone.
+        (f"Invalid HTTP header: b'Bearer {PROVIDER}\\nX: y'", "b'Bearer [redacted]\\nX: y'"),
+        (f"b'\\r\\nAuthorization: Bearer {ADMIN}'", "b'\\r\\nAuthorization: Bearer [redacted]'"),
+        (f"{{'Authorization': 'Basic {PROVIDER}'}}", "{'Authorization': 'Basic [redacted]'}"),
+        # A key after a repr's "\n": no word boundary there.
+        (f"b'X\\n{VIRTUAL}'", "b'X\\nltk_[redacted]'"),
+        (f"proxy-authorization:{ADMIN}", "proxy-authorization: [redacted]"),
+        ("api-key: abc123secret", "api-key: [redacted]"),
+        ("nothing to hide, bearer", "nothing to hide, bearer"),
+    ],
+)
+def test_every_way_a_credential_is_quoted_is_redacted(said: str, written: str) -> None:
+    redacted = logs.redact(said)
+    assert written in redacted, redacted
+    for secret in (VIRTUAL.removeprefix("ltk_"), ADMIN.removeprefix("lta_"), PROVIDER[3:]):
+        assert secret not in redacted
