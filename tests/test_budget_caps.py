@@ -111,7 +111,7 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
     assert len(admitted) + len(refused) == 64
     error = json.loads(refused[0][1])["error"]
     assert error["code"] == "budget_exceeded"
-    assert error["type"] == "insufficient_quota"  # as OpenAI's own spend limit answers
+    assert error["type"] == "requests"  # held back, not spent: retried, not a lasting quota
     assert "budget 'acme-cap'" in error["message"] and "resets at" in error["message"]
     # Refused for what calls in flight hold, not for the spend: worth a retry in a second,
     # not at the reset (nor never, as a spent budget's x-should-retry: false says).
@@ -401,6 +401,8 @@ async def test_a_starting_ingress_judges_a_cap_on_the_spend_already_counted(
         status, body, _ = await post_once(str(server.make_url("")).rstrip("/"), secret)
     assert (status, body["error"]["code"]) == (429, "budget_exceeded"), body
     assert "$0.999 of $1 spent" in body["error"]["message"]
+    # Spent: typed as OpenAI's own spend limit answers, a lasting quota.
+    assert body["error"]["type"] == "insufficient_quota"
     assert len(upstream.provider.received) == asked
 
 

@@ -290,14 +290,16 @@ class Admission:
                 publisher.publish(
                     publisher.names.alerts, alert.event_id.bytes, alert.model_dump_json().encode()
                 )
-            # OpenAI's own answer to an organization past its spend limit: a 429 typed
-            # insufficient_quota (Anthropic's is a rate_limit_error, as every 429).
+            # Spent: OpenAI's own answer to an organization past its spend limit, a 429
+            # typed insufficient_quota, which clients take as lasting. Held back by calls
+            # in flight, it clears within seconds: a request rate's type, as retried.
+            # (Anthropic's is a rate_limit_error, as every 429.)
             refused = refuse(
                 429,
                 exhausted.message(),
                 "budget_exceeded",
                 code="budget_exceeded",
-                openai_type="insufficient_quota",
+                openai_type="requests" if exhausted.held_back else "insufficient_quota",
             )
             if exhausted.held_back:  # calls in flight hold it: they settle in seconds
                 refused.headers["retry-after"] = str(HELD_RETRY_S)
