@@ -340,14 +340,22 @@ def _main(argv: list[str] | None) -> int:
 
         try:
             store = Store(settings.store_dsn)
-            applied = migrate(store)
-        except (StoreInUse, SchemaAhead) as exc:
+        except StoreInUse as exc:
             print(f"llmtap: {exc}", file=sys.stderr)
             return 2
-        print(f"applied migrations: {applied or 'none (schema up to date)'}")
-        tables = apply_retention(
-            store, raw_days=settings.raw_retention_days, rollup_days=settings.rollup_retention_days
-        )
+        try:
+            applied = migrate(store)
+            print(f"applied migrations: {applied or 'none (schema up to date)'}")
+            tables = apply_retention(
+                store,
+                raw_days=settings.raw_retention_days,
+                rollup_days=settings.rollup_retention_days,
+            )
+        except SchemaAhead as exc:
+            print(f"llmtap: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            store.close()
         print(
             f"retention applied to: {', '.join(tables) or 'nothing (up to date)'}"
             + (" (stored rows are rewritten to it in the background)" if tables else "")

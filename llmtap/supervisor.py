@@ -161,24 +161,16 @@ class Supervisor:
         # The store's migrations first, while the broker starts, with no deadline: an
         # upgrade's backfills over a large store take minutes (~11 s for 3M calls here),
         # and the store, which migrates before it answers, would be killed as not ready.
-        migrating = asyncio.create_task(self.migrate())
+        # The first of the two to fail fails the start at once, the other cancelled.
+        first = [asyncio.create_task(self.migrate())]
+        if s.embedded_broker:
+            first.append(asyncio.create_task(self._start_broker()))
         try:
-            if s.embedded_broker:
-                await self.spawn(
-                    "broker",
-                    broker_argv(s.kafka_bootstrap),
-                    log_file=s.data_dir / "logs" / "broker.log",
-                )
-                replicas = s.topic_replication_factor
-                await self.wait_ready(
-                    "broker", lambda: topics_ready(s.kafka, s.topic_partitions, replicas)
-                )
-            await migrating
+            await asyncio.gather(*first)
         finally:
-            if not migrating.done():
-                migrating.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await migrating
+            for task in first:
+                task.cancel()
+            await asyncio.gather(*first, return_exceptions=True)
         store = f"{s.scheme}://{s.api_host}:{s.api_port}/healthz"
         await self.spawn_llmtap("store")
         await self.wait_ready("store", lambda: http_ok(store))
@@ -188,6 +180,14 @@ class Supervisor:
         await self.wait_ready(
             "ingress", lambda: http_ok(f"{s.scheme}://{s.proxy_host}:{s.proxy_port}/healthz")
         )
+
+    async def _start_broker(self) -> None:
+        s = self.settings
+        await self.spawn(
+            "broker", broker_argv(s.kafka_bootstrap), log_file=s.data_dir / "logs" / "broker.log"
+        )
+        replicas = s.topic_replication_factor
+        await self.wait_ready("broker", lambda: topics_ready(s.kafka, s.topic_partitions, replicas))
 
     async def migrate(self) -> None:
         """`llmtap migrate` in a process of its own (the store opens the embedded
@@ -209,7 +209,11 @@ class Supervisor:
             stop.cancel()
             if process.returncode is None:  # a stop, or the broker failed: re-run next time
                 process.terminate()
-                await process.wait()
+                try:
+                    await asyncio.wait_for(asyncio.shield(ended), STOP_GRACE_S)
+                except TimeoutError:
+                    process.kill()
+                    await asyncio.shield(ended)
             await asyncio.gather(ended, stop, return_exceptions=True)
         if self.stopping.is_set():
             raise StartupFailed("stopped while applying the store's migrations")

@@ -14,6 +14,9 @@ import pytest
 
 from llmtap.config import ConfigError, Settings
 from llmtap.data_dir import claimed
+from llmtap.events import utcnow
+from sql.migrate import available, migrate
+from sql.store import Store
 from tests.fake_provider import free_port
 
 HOLD_DATA_DIR = (
@@ -108,3 +111,26 @@ def test_the_claim_ends_with_its_holder_however_it_ends(tmp_path: Path) -> None:
         first.wait(timeout=30)
     with claimed(settings):
         assert (tmp_path / "run" / "up.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_up_over_a_store_a_newer_llmtap_migrated_stops_at_once_saying_why(
+    tmp_path: Path,
+) -> None:
+    """`up` migrates first: a downgrade fails the start as the migrations end, with
+    their one line, not once the broker is up nor as "store exited"."""
+    store = Store(Settings(data_dir=tmp_path).store_dsn)
+    try:
+        migrate(store)
+        newest = max(m.version for m in available())
+        store.insert(
+            "schema_migrations",
+            [(newest + 1, "from_a_newer_llmtap", utcnow())],
+            ("version", "name", "applied_at"),
+        )
+    finally:
+        store.close()
+    refused = up({"LLMTAP_DATA_DIR": str(tmp_path)})
+    assert refused.returncode == 1, refused.stderr
+    assert "a newer llmtap wrote it" in refused.stderr
+    assert "applying the store's migrations failed" in refused.stderr
+    assert "started store" not in refused.stderr

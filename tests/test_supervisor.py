@@ -288,8 +288,8 @@ async def test_migrations_longer_than_a_stage_s_start_do_not_fail_up(
     (shim / "sitecustomize.py").write_text(SLOW_MIGRATIONS)
     env = {
         "PYTHONPATH": os.pathsep.join([str(shim), *sys.path]),
-        "SLOW_MIGRATIONS_S": "25",
-        "SHORT_STARTUP_TIMEOUT_S": "15",
+        "SLOW_MIGRATIONS_S": "40",
+        "SHORT_STARTUP_TIMEOUT_S": "30",
     }
     async with run_llmtap(tmp_path / "data", upstream, env) as running:
         said = "\n".join(running.output)
