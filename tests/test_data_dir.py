@@ -14,10 +14,8 @@ import pytest
 
 from llmtap.config import ConfigError, Settings
 from llmtap.data_dir import claimed
-from llmtap.events import utcnow
-from sql.migrate import available, migrate
-from sql.store import Store
 from tests.fake_provider import free_port
+from tests.test_storage import migrated_by_a_newer_llmtap
 
 HOLD_DATA_DIR = (
     "import sys; from llmtap.config import Settings; from llmtap.data_dir import claimed\n"
@@ -118,17 +116,7 @@ def test_up_over_a_store_a_newer_llmtap_migrated_stops_at_once_saying_why(
 ) -> None:
     """`up` migrates first: a downgrade fails the start as the migrations end, with
     their one line, not once the broker is up nor as "store exited"."""
-    store = Store(Settings(data_dir=tmp_path).store_dsn)
-    try:
-        migrate(store)
-        newest = max(m.version for m in available())
-        store.insert(
-            "schema_migrations",
-            [(newest + 1, "from_a_newer_llmtap", utcnow())],
-            ("version", "name", "applied_at"),
-        )
-    finally:
-        store.close()
+    migrated_by_a_newer_llmtap(tmp_path)
     refused = up({"LLMTAP_DATA_DIR": str(tmp_path)})
     assert refused.returncode == 1, refused.stderr
     assert "a newer llmtap wrote it" in refused.stderr

@@ -530,6 +530,23 @@ def test_migrate_on_a_data_dir_another_process_holds_says_so(tmp_path: Path) -> 
     assert "Traceback" not in migrating.stderr
 
 
+def migrated_by_a_newer_llmtap(data_dir: Path) -> int:
+    """Make the embedded store of ``data_dir`` one a newer llmtap migrated: every
+    migration applied, and one more this llmtap does not know (its version returned)."""
+    store = Store(Settings(data_dir=data_dir).store_dsn)
+    try:
+        migrate(store)
+        ahead = max(m.version for m in available()) + 1
+        store.insert(
+            "schema_migrations",
+            [(ahead, "from_a_newer_llmtap", utcnow())],
+            ("version", "name", "applied_at"),
+        )
+    finally:
+        store.close()
+    return ahead
+
+
 async def test_a_store_a_newer_llmtap_migrated_is_refused_not_written(
     tmp_path: Path, broker: Broker
 ) -> None:
@@ -538,16 +555,10 @@ async def test_a_store_a_newer_llmtap_migrated_is_refused_not_written(
     table a newer migration dropped. Now `llmtap migrate`, and the store process with
     it, refuse it in one line naming both versions."""
     env = {**os.environ, "LLMTAP_DATA_DIR": str(tmp_path)}
+    ahead = migrated_by_a_newer_llmtap(tmp_path)
     store = Store(Settings(data_dir=tmp_path).store_dsn)
     try:
-        migrate(store)
-        newest = max(m.version for m in available())
-        store.insert(
-            "schema_migrations",
-            [(newest + 1, "from_a_newer_llmtap", utcnow())],
-            ("version", "name", "applied_at"),
-        )
-        with pytest.raises(SchemaAhead, match=f"up to {newest + 1:04d}, this llmtap's only"):
+        with pytest.raises(SchemaAhead, match=f"up to {ahead:04d}, this llmtap's only"):
             migrate(store)
     finally:
         store.close()
