@@ -141,17 +141,10 @@ class Admission:
                 refusal.status, refusal.message, refusal.error_class, refusal.param, refusal.code
             )
         call.attribution = identity.attribution
-        if compressed(request):
-            # The SDKs send bodies as they are; a compressed one would be inflated here, a
-            # chunk at a time, before its size could be judged (a 1 MB gzip bomb: 330 MB).
-            return refuse(415, UNCOMPRESSED, "unsupported_encoding", code="unsupported_encoding")
         try:
-            async with asyncio.timeout(settings.body_read_timeout_s):
-                body = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            return refuse(413, exc.text or "request body too large", "body_too_large")
-        except TimeoutError:
-            return refuse(408, body_too_slow(settings.body_read_timeout_s), "body_timeout")
+            body = await read_body(request)
+        except BodyRefused as bad:
+            return refuse(bad.status, bad.message, bad.error_class, code=bad.code)
         except (ConnectionResetError, asyncio.CancelledError) as gone:
             # The client went away before its request was read whole (the handler is
             # cancelled where the server is set to): nothing was sent, nothing to
@@ -161,8 +154,6 @@ class Admission:
             if isinstance(gone, asyncio.CancelledError):
                 raise
             return web.Response(status=499)
-        if (dense := too_many_values(body, settings.max_body_values)) is not None:
-            return refuse(413, dense, "body_too_large")
         payload = parse_json_body(body)
         if payload is None:
             return refuse(400, INVALID_JSON, "invalid_json")
@@ -325,11 +316,42 @@ class Admission:
         )
 
 
-def body_too_slow(timeout_s: float) -> str:
-    return (
-        f"the request body did not arrive whole within {timeout_s:g}s "
-        "(body_read_timeout_s); it was not forwarded"
-    )
+class BodyRefused(Exception):
+    """A request body not taken (:func:`read_body`), and the answer that says why."""
+
+    def __init__(
+        self, status: int, message: str, error_class: str, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_class, self.code = status, message, error_class, code
+
+
+async def read_body(request: web.Request) -> bytes:
+    """A request's body, read as every route that reads one reads it, or
+    :class:`BodyRefused`: uncompressed (the SDKs send bodies as they are; a compressed
+    one would be inflated, a chunk at a time, before its size could be judged: a 1 MB
+    gzip bomb took 330 MB), at most ``max_body_bytes``, whole within
+    ``body_read_timeout_s``, and of at most ``max_body_values`` values (before it is
+    parsed: :func:`too_many_values`). A client gone before it was read whole raises as
+    aiohttp raises it (ConnectionResetError, or the handler cancelled)."""
+    settings = request.app[SETTINGS]
+    if compressed(request):
+        raise BodyRefused(415, UNCOMPRESSED, "unsupported_encoding", code="unsupported_encoding")
+    try:
+        async with asyncio.timeout(settings.body_read_timeout_s):
+            body = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BodyRefused(413, exc.text or "request body too large", "body_too_large") from None
+    except TimeoutError:
+        raise BodyRefused(
+            408,
+            f"the request body did not arrive whole within {settings.body_read_timeout_s:g}s "
+            "(body_read_timeout_s); it was not forwarded",
+            "body_timeout",
+        ) from None
+    if (dense := too_many_values(body, settings.max_body_values)) is not None:
+        raise BodyRefused(413, dense, "body_too_large")
+    return body
 
 
 def compressed(request: web.Request) -> bool:
@@ -341,16 +363,9 @@ async def _model_named(request: web.Request) -> str:
     """The model a refused call's body names, for its record (cut to its bound, so the
     record fits the broker); "" if it names none, or its body cannot be read (too large,
     cut off, compressed: it would be inflated first): the refusal is recorded either way."""
-    if compressed(request):
-        return ""
-    settings = request.app[SETTINGS]
     try:
-        async with asyncio.timeout(settings.body_read_timeout_s):
-            body = await request.read()
-    except Exception:  # too large, too slow, cut off
+        payload = parse_json_body(await read_body(request))
+    except Exception:  # refused (read_body), or cut off
         return ""
-    if too_many_values(body, settings.max_body_values) is not None:
-        return ""
-    payload = parse_json_body(body)
     model = payload.get("model") if payload is not None else None
     return recorded_model(model) if isinstance(model, str) else ""

@@ -19,7 +19,6 @@ metered call's may: llmtap does not track which tenant made which.)
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from urllib.parse import quote
 
@@ -28,9 +27,9 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from ingress.forward.admission import INVALID_JSON, UNCOMPRESSED, body_too_slow, compressed
+from ingress.forward.admission import INVALID_JSON, BodyRefused, read_body
 from ingress.forward.call import downstream_headers, upstream_headers
-from ingress.forward.capture import parse_json_body, too_many_values
+from ingress.forward.capture import parse_json_body
 from ingress.forward.endpoint import Api, unreachable, upstream_credential
 from ingress.forward.proxy import Handler
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
@@ -144,17 +143,10 @@ async def _routed_body(
 ) -> tuple[bytes, str, ProviderConfig]:
     """The body to send, and the provider (its name and config) that serves its model."""
     settings = request.app[SETTINGS]
-    if compressed(request):
-        raise _Refused(415, UNCOMPRESSED, "unsupported_encoding")
     try:
-        async with asyncio.timeout(settings.body_read_timeout_s):
-            body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise _Refused(413, exc.text or "request body too large", "body_too_large") from None
-    except TimeoutError:
-        raise _Refused(408, body_too_slow(settings.body_read_timeout_s), "body_timeout") from None
-    if (dense := too_many_values(body, settings.max_body_values)) is not None:
-        raise _Refused(413, dense, "body_too_large")
+        body = await read_body(request)
+    except BodyRefused as bad:
+        raise _Refused(bad.status, bad.message, bad.error_class) from None
     payload = parse_json_body(body)
     if payload is None:
         raise _Refused(400, INVALID_JSON, "invalid_json")
