@@ -1,18 +1,20 @@
 """Ingest benchmark: costed events on a Kafka topic -> queryable rows in chDB.
 
     python bench/ingest.py [--events 400000] [--batch-rows N] [--decode-processes N]
-                           [--compare-batch-rows N] [--out bench/results/ingest.md]
+                           [--compare-decode-processes N ...] [--compare-batch-rows N]
+                           [--out bench/results/ingest.md]
 
 Starts the embedded Tansu broker, fills `llmtap.costed` with synthetic costed events
 encoded as the worker writes them (before the clock starts), then runs the real
 ClickHouse writer (read -> decode, in decode processes with --decode-processes ->
 duplicate check -> columnar insert -> commit) against a fresh chDB store and times it
-until every row is queryable: with the settings' batch size and one decode process (the
-default; or as many as given) and, run by run in turn, with the writer decoding in its
-own process (0), so the two are measured side by side (with --compare-batch-rows N,
-batches of N rows too, in the same turns). It also times the writer's steps alone, in
-one process, on the same events (decode, columns, duplicate check + insert), so the
-report says where time goes.
+until every row is queryable: with the settings' batch size and decode processes (or
+as many as given) and, run by run in turn, with each count of --compare-decode-processes
+(by default every count below the one measured: 1 and 0, the writer decoding in its own
+process, beside the default 2), so they are measured side by side (with
+--compare-batch-rows N, batches of N rows too, in the same turns). It also times the
+writer's steps alone, in one process, on the same events (decode, columns, duplicate
+check + insert), so the report says where time goes.
 Target (issue): >= 50,000 rows/s on this machine.
 """
 
@@ -188,8 +190,15 @@ async def main() -> int:
         "--decode-processes",
         type=int,
         default=defaults.sink_decode_processes,
-        help="the writer's decode processes to measure, side by side with 0 (decode "
-        "in the store process)",
+        help="the writer's decode processes to measure",
+    )
+    parser.add_argument(
+        "--compare-decode-processes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="also measure these counts of decode processes, in turn (default: every "
+        "count below --decode-processes; 0 decodes in the store process)",
     )
     parser.add_argument(
         "--compare-batch-rows",
@@ -210,7 +219,11 @@ async def main() -> int:
             print("filling the topic...", file=sys.stderr)
             await fill_topic(bootstrap, payloads)
 
-            configs = [(args.batch_rows, args.decode_processes), (args.batch_rows, 0)]
+            compared = args.compare_decode_processes
+            if compared is None:
+                compared = range(args.decode_processes - 1, -1, -1)
+            configs = [(args.batch_rows, args.decode_processes)]
+            configs += [(args.batch_rows, n) for n in compared]
             if args.compare_batch_rows is not None:
                 configs.append((args.compare_batch_rows, args.decode_processes))
             configs = list(dict.fromkeys(configs))

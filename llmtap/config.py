@@ -379,9 +379,10 @@ class Settings(BaseSettings):
     # data file; ~59,000 rows of ~176 bytes make it wide). README, Storage.
     sink_batch_rows: int = Field(default=40_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
-    # Processes that decode for the writer, overlapping its inserts (0: the writer's own
-    # process decodes, ~8% slower; README, Storage; bench/results/ingest.md).
-    sink_decode_processes: int = Field(default=1, ge=0, le=16)
+    # Processes that decode for the writer, overlapping its inserts and each other
+    # (one: ~10% slower on two cores; 0: the writer's own process decodes, slower
+    # still; README, Storage; bench/results/ingest.md).
+    sink_decode_processes: int = Field(default=2, ge=0, le=16)
 
     # Alert webhooks (see README, Webhooks), and whether they may target loopback,
     # private, link-local or otherwise reserved addresses (refused by default: SSRF).

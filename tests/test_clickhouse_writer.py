@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import multiprocessing
+import os
+import signal
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -14,7 +17,7 @@ from typing import Any
 import msgspec
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from clickhouse_connect.driver.exceptions import DataError
 from prometheus_client import generate_latest
 
@@ -22,6 +25,7 @@ from llmtap import wire
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
 from llmtap.names import Names
+from sinks.clickhouse import replay
 from sinks.clickhouse.decode import Batch, calls_body, decode_batch
 from sinks.clickhouse.rows import CALLS_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
@@ -323,12 +327,12 @@ class CrashingWriter(ClickHouseWriter):
         raise CrashAfterWrite
 
 
-async def produce(bootstrap: str, payloads: list[bytes]) -> None:
+async def produce(bootstrap: str, payloads: list[bytes], names: Names | None = None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
         for value in payloads:
-            await producer.send(Names().costed, value, key=str(uuid.uuid4()).encode())
+            await producer.send((names or Names()).costed, value, key=str(uuid.uuid4()).encode())
         await producer.flush()
     finally:
         await producer.stop()
@@ -341,7 +345,9 @@ async def wait_for(predicate: Callable[[], bool]) -> None:
             await asyncio.sleep(0.1)
 
 
-@pytest.mark.parametrize("decode_processes", [0, 1], ids=["decode-here", "decode-process"])
+@pytest.mark.parametrize(
+    "decode_processes", [0, 1, 2], ids=["decode-here", "decode-process", "decode-processes"]
+)
 async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_input(
     broker: Broker, store: Store, decode_processes: int
 ) -> None:
@@ -388,3 +394,103 @@ async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_
     dead = store.rows("SELECT raw, topic, error FROM dead_letters")[0]
     assert dead["raw"] in (b"\x00not an event", "\x00not an event")
     assert dead["topic"] == Names().costed and dead["error"]
+
+
+async def test_two_decode_processes_write_many_batches_once_each_and_commit_them(
+    broker: Broker, store: Store
+) -> None:
+    """The default, two decode processes: batches decoded side by side are written
+    and committed in the order read. Every event is stored once, the bad message is a
+    dead letter, the group commits past every message, and a writer of the same
+    group afterwards reads only what came since, with nothing to repeat."""
+    names = Names(f"t{uuid.uuid4().hex[:8]}")  # a topic of this test's own
+    settings = Settings(
+        kafka_bootstrap=broker.bootstrap,
+        kafka_namespace=names.namespace,
+        sink_batch_rows=25,
+        sink_batch_seconds=0.3,
+        sink_decode_processes=2,
+    )
+    events = [costed(output_tokens=i + 1) for i in range(300)]
+    payloads = [e.model_dump_json().encode() for e in events]
+    payloads.insert(150, b"\x00not an event")
+    await produce(broker.bootstrap, payloads, names)
+
+    first = ClickHouseWriter(settings, store)
+    task = asyncio.create_task(first.run())
+    try:
+        await wait_for(lambda: count(store, "calls") == 300 and count(store, "dead_letters") == 1)
+        assert first.batches_written >= 12  # 301 messages in batches of at most 25
+        async with asyncio.timeout(30):  # the last batch's commit follows its write
+            while await committed(settings) < len(payloads):
+                await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    stored = store.rows("SELECT event_id, output_tokens FROM calls")
+    assert sorted(int(r["output_tokens"]) for r in stored) == list(range(1, 301))
+
+    second = ClickHouseWriter(settings, store)
+    task = asyncio.create_task(second.run())
+    try:
+        await produce(
+            broker.bootstrap, [costed(output_tokens=301).model_dump_json().encode()], names
+        )
+        await wait_for(lambda: second.batches_written == 1)
+        assert second.rows_written == 1 and second.inserts_repeated == 0
+        assert count(store, "calls") == 301
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def committed(settings: Settings) -> int:
+    """Messages of the costed topic the writers' group has committed past, on all its
+    partitions (a topic of the test's own: offsets from 0, one a message; Tansu's end
+    offsets are not exact)."""
+    names = settings.kafka.names
+    partitions = {TopicPartition(names.costed, p) for p in range(settings.topic_partitions)}
+    found = await replay.committed_offsets(settings.kafka, names.sink_group, partitions)
+    return sum(max(offset, 0) for offset in found.values())
+
+
+async def test_a_killed_decode_process_is_replaced_and_no_batch_is_lost(
+    broker: Broker, store: Store
+) -> None:
+    """A decode process killed (the OOM killer's pick, say) while batches are being
+    decoded: its batches are decoded in the store process, new decode processes are
+    started once, and every event is stored once."""
+    names = Names(f"t{uuid.uuid4().hex[:8]}")
+    settings = Settings(
+        kafka_bootstrap=broker.bootstrap,
+        kafka_namespace=names.namespace,
+        sink_batch_rows=2_000,
+        sink_batch_seconds=0.3,
+        sink_decode_processes=2,
+    )
+    writer = ClickHouseWriter(settings, store)
+    task = asyncio.create_task(writer.run())
+    try:
+        async with asyncio.timeout(30):  # started: its decode processes are up
+            while not multiprocessing.active_children():
+                await asyncio.sleep(0.05)
+        first = set(multiprocessing.active_children())
+        payloads = [costed(output_tokens=i + 1).model_dump_json().encode() for i in range(12_000)]
+        await produce(broker.bootstrap, payloads, names)
+        await wait_for(lambda: writer.batches_written >= 1)
+        victim = next(iter(first))
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        await wait_for(lambda: count(store, "calls") == 12_000)
+        async with asyncio.timeout(30):  # replaced, once: two new ones
+            while len(set(multiprocessing.active_children()) - first) < 2:
+                await asyncio.sleep(0.05)
+        assert len(set(multiprocessing.active_children()) - first) == 2
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    stored = store.rows("SELECT output_tokens FROM calls")
+    assert sorted(int(r["output_tokens"]) for r in stored) == list(range(1, 12_001))

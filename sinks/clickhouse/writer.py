@@ -82,13 +82,15 @@ class HandoverFailed(Exception):
 
 
 class ClickHouseWriter:
-    """Kafka -> ClickHouse. ``sink_decode_processes`` > 0 (default 1) decodes in that
+    """Kafka -> ClickHouse. ``sink_decode_processes`` > 0 (default 2) decodes in that
     many separate processes (spawned, so a forked copy of this process's threads and
     chDB engine is never made), in parallel with reading and inserting here; 0 decodes
     in this process, on the event loop. A decode process takes the GIL-bound decode and
     the encoding of the insert off this process at the cost of a little more CPU in all
-    (the records to pickle): ~8% more rows/s on two cores, side by side
-    (bench/results/ingest.md)."""
+    (the records to pickle). A batch is decoded as soon as it is read, so with two the
+    next batch's decode does not wait for the one before it, which the write still
+    waits for: writes and commits stay in the order read (bench/results/ingest.md
+    measures 2, 1 and 0 side by side)."""
 
     def __init__(self, settings: Settings, store: Store, group_id: str | None = None) -> None:
         self._settings = settings
@@ -303,17 +305,20 @@ class ClickHouseWriter:
         ``calls`` insert."""
         types = await self._body_types()
         batch: Batch | None = None
-        if self._pool is not None:
+        pool = self._pool
+        if pool is not None:
             try:
                 batch = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, decode_batch, records, types
+                    pool, decode_batch, records, types
                 )
             except BrokenProcessPool:
                 # A decode process died (killed?): decode this batch here, start new ones.
-                log.error("a decode process died; starting new ones")
-                self._pool.shutdown(wait=False)
-                self._pool = None
-                await self._start_pool()
+                # Every batch the pool held fails alike; the first to tell replaces it.
+                if self._pool is pool:
+                    log.error("a decode process died; starting new ones")
+                    pool.shutdown(wait=False)
+                    self._pool = None
+                    await self._start_pool()
         if batch is None:
             batch = decode_batch(records, types)
         batch.source = records
