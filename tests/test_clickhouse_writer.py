@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import multiprocessing
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -396,13 +396,23 @@ async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_
     assert dead["topic"] == Names().costed and dead["error"]
 
 
+def quick_slow_decode_batch(
+    records: list[Any], calls_types: tuple[str, ...] | None = None
+) -> Batch:
+    """decode_batch taking 50 ms more: the decodes of batches read one after another
+    overlap."""
+    time.sleep(0.05)
+    return decode_batch(records, calls_types)
+
+
 async def test_two_decode_processes_write_many_batches_once_each_and_commit_them(
-    broker: Broker, store: Store
+    broker: Broker, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The default, two decode processes: batches decoded side by side are written
     and committed in the order read. Every event is stored once, the bad message is a
     dead letter, the group commits past every message, and a writer of the same
     group afterwards reads only what came since, with nothing to repeat."""
+    monkeypatch.setattr("sinks.clickhouse.writer.decode_batch", quick_slow_decode_batch)
     names = Names(f"t{uuid.uuid4().hex[:8]}")  # a topic of this test's own
     settings = Settings(
         kafka_bootstrap=broker.bootstrap,
@@ -456,41 +466,52 @@ async def committed(settings: Settings) -> int:
     return sum(max(offset, 0) for offset in found.values())
 
 
-async def test_a_killed_decode_process_is_replaced_and_no_batch_is_lost(
-    broker: Broker, store: Store
+def slow_decode_batch(records: list[Any], calls_types: tuple[str, ...] | None = None) -> Batch:
+    """decode_batch taking 0.4 s more, so decodes overlap (imported by the decode
+    processes from this module by name)."""
+    time.sleep(0.4)
+    return decode_batch(records, calls_types)
+
+
+async def test_a_killed_decode_process_is_replaced_once_and_no_batch_is_lost(
+    broker: Broker,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A decode process killed (the OOM killer's pick, say) while batches are being
-    decoded: its batches are decoded in the store process, new decode processes are
-    started once, and every event is stored once."""
+    """A decode process killed (the OOM killer's pick, say) while both decode
+    processes hold a batch: every batch the pool held fails, each is decoded in the
+    store process, the pool is replaced once (not once per batch), and every event
+    is stored once."""
+    monkeypatch.setattr("sinks.clickhouse.writer.decode_batch", slow_decode_batch)
     names = Names(f"t{uuid.uuid4().hex[:8]}")
     settings = Settings(
         kafka_bootstrap=broker.bootstrap,
         kafka_namespace=names.namespace,
-        sink_batch_rows=2_000,
+        sink_batch_rows=1_000,
         sink_batch_seconds=0.3,
         sink_decode_processes=2,
     )
+    payloads = [costed(output_tokens=i + 1).model_dump_json().encode() for i in range(8_000)]
+    await produce(broker.bootstrap, payloads, names)
     writer = ClickHouseWriter(settings, store)
     task = asyncio.create_task(writer.run())
     try:
-        async with asyncio.timeout(30):  # started: its decode processes are up
-            while not multiprocessing.active_children():
-                await asyncio.sleep(0.05)
-        first = set(multiprocessing.active_children())
-        payloads = [costed(output_tokens=i + 1).model_dump_json().encode() for i in range(12_000)]
-        await produce(broker.bootstrap, payloads, names)
-        await wait_for(lambda: writer.batches_written >= 1)
-        victim = next(iter(first))
-        assert victim.pid is not None
-        os.kill(victim.pid, signal.SIGKILL)
-        await wait_for(lambda: count(store, "calls") == 12_000)
-        async with asyncio.timeout(30):  # replaced, once: two new ones
-            while len(set(multiprocessing.active_children()) - first) < 2:
-                await asyncio.sleep(0.05)
-        assert len(set(multiprocessing.active_children()) - first) == 2
+        async with asyncio.timeout(30):  # two batches being decoded, side by side
+            while (
+                writer.first_read_at is None  # not the processes' start
+                or writer._pool is None
+                or len(writer._pool._pending_work_items) < 2
+            ):
+                await asyncio.sleep(0.01)
+        pids = list(writer._pool._processes)
+        os.kill(pids[0], signal.SIGKILL)
+        await wait_for(lambda: count(store, "calls") == 8_000)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    died = [r for r in caplog.records if "a decode process died" in r.getMessage()]
+    assert len(died) == 1
     stored = store.rows("SELECT output_tokens FROM calls")
-    assert sorted(int(r["output_tokens"]) for r in stored) == list(range(1, 12_001))
+    assert sorted(int(r["output_tokens"]) for r in stored) == list(range(1, 8_001))

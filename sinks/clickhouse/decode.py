@@ -116,6 +116,7 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
     # the records, for 40,000 rows), for each decode process.
     rows: list[tuple[Any, ...]] = []
     for topic, partition, offset, raw in records:
+        event: wire.CostedEvent | None = None
         try:
             if names.kind(topic) == "windows":
                 window = wire.decode_window(raw)
@@ -126,7 +127,6 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
                 event = wire.decode_costed(raw)
                 if problem := unstorable(event):
                     raise ValueError(problem)
-                rows.append(call_row(event))
         except (
             ValidationError,
             msgspec.ValidationError,
@@ -135,6 +135,9 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
             ArithmeticError,  # a decimal operation on an amount no context holds
         ) as exc:
             batch.dead_letters.append(DeadLetter(utcnow(), topic, partition, offset, raw, str(exc)))
+            continue
+        if event is not None:  # an event that passed: only a bug raises here, and stops
+            rows.append(call_row(event))  # the writer rather than make a dead letter
     if rows:
         columns = list(zip(*rows, strict=True))
         del rows

@@ -318,7 +318,13 @@ class ClickHouseWriter:
                     log.error("a decode process died; starting new ones")
                     pool.shutdown(wait=False)
                     self._pool = None
-                    await self._start_pool()
+                    try:
+                        await self._start_pool()
+                    except Exception as exc:  # killed again, out of processes...
+                        log.error("decode processes could not be started again (%s)", exc)
+                        if self._pool is not None:  # the next batch tries again
+                            self._pool.shutdown(wait=False)
+                            self._pool = None
         if batch is None:
             batch = decode_batch(records, types)
         batch.source = records
