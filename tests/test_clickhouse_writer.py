@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -396,12 +397,13 @@ async def test_writer_replay_after_crash_has_no_duplicates_and_dead_letters_bad_
     assert dead["topic"] == Names().costed and dead["error"]
 
 
-def quick_slow_decode_batch(
-    records: list[Any], calls_types: tuple[str, ...] | None = None
+def slow_decode_batch(
+    delay: float, records: list[Any], calls_types: tuple[str, ...] | None = None
 ) -> Batch:
-    """decode_batch taking 50 ms more: the decodes of batches read one after another
-    overlap."""
-    time.sleep(0.05)
+    """decode_batch taking ``delay`` seconds more, so the decodes of batches read one
+    after another overlap. Given to the writer as a partial of it, which the decode
+    processes import from this module by name."""
+    time.sleep(delay)
     return decode_batch(records, calls_types)
 
 
@@ -412,7 +414,9 @@ async def test_two_decode_processes_write_many_batches_once_each_and_commit_them
     and committed in the order read. Every event is stored once, the bad message is a
     dead letter, the group commits past every message, and a writer of the same
     group afterwards reads only what came since, with nothing to repeat."""
-    monkeypatch.setattr("sinks.clickhouse.writer.decode_batch", quick_slow_decode_batch)
+    monkeypatch.setattr(
+        "sinks.clickhouse.writer.decode_batch", functools.partial(slow_decode_batch, 0.05)
+    )
     names = Names(f"t{uuid.uuid4().hex[:8]}")  # a topic of this test's own
     settings = Settings(
         kafka_bootstrap=broker.bootstrap,
@@ -466,13 +470,6 @@ async def committed(settings: Settings) -> int:
     return sum(max(offset, 0) for offset in found.values())
 
 
-def slow_decode_batch(records: list[Any], calls_types: tuple[str, ...] | None = None) -> Batch:
-    """decode_batch taking 0.4 s more, so decodes overlap (imported by the decode
-    processes from this module by name)."""
-    time.sleep(0.4)
-    return decode_batch(records, calls_types)
-
-
 async def test_a_killed_decode_process_is_replaced_once_and_no_batch_is_lost(
     broker: Broker,
     store: Store,
@@ -483,7 +480,9 @@ async def test_a_killed_decode_process_is_replaced_once_and_no_batch_is_lost(
     processes hold a batch: every batch the pool held fails, each is decoded in the
     store process, the pool is replaced once (not once per batch), and every event
     is stored once."""
-    monkeypatch.setattr("sinks.clickhouse.writer.decode_batch", slow_decode_batch)
+    monkeypatch.setattr(
+        "sinks.clickhouse.writer.decode_batch", functools.partial(slow_decode_batch, 0.4)
+    )
     names = Names(f"t{uuid.uuid4().hex[:8]}")
     settings = Settings(
         kafka_bootstrap=broker.bootstrap,
