@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -31,6 +32,7 @@ from ingress.keys import (
     METRICS,
     PUBLISHER,
     SETTINGS,
+    STOPPING,
     UPSTREAM,
 )
 from ingress.metrics import IngressMetrics
@@ -217,8 +219,11 @@ async def readyz(request: web.Request) -> web.Response:
     stop the calls to the providers that work), and a broker that is down while the
     spool has room (calls go on, their events wait on disk: the point of the spool).
     A replica that reaches no provider at all, or has nowhere to put events, is not
-    ready. The JSON says which check is which."""
+    ready, nor is one stopping (within shutdown_delay_s of a SIGTERM). The JSON says
+    which check is which."""
     app = request.app
+    if app[STOPPING].is_set():
+        return web.json_response({"ready": False, "stopping": True}, status=503)
     publisher = app[PUBLISHER]
     providers = app[SETTINGS].all_providers()
     reachable = await asyncio.gather(*(tcp_reachable(p.base_url) for p in providers.values()))
@@ -266,6 +271,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[GRACE_OVER] = asyncio.Event()
+    app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(time_the_grace)
     app.cleanup_ctx.append(key_store)
     app.cleanup_ctx.append(upstream_session)
@@ -294,6 +300,33 @@ async def time_the_grace(app: web.Application) -> None:
     asyncio.get_running_loop().call_later(grace_s, app[GRACE_OVER].set)
 
 
+async def delay_the_stop(app: web.Application) -> None:
+    """With shutdown_delay_s, a SIGTERM does not stop the proxy at once: /readyz answers
+    503 and calls are still taken for that long, so a load balancer (or Kubernetes,
+    which sends SIGTERM while endpoints are still being updated) stops sending calls
+    before the listening socket closes. Closing it at once resets the connections
+    already queued on it (their calls fail with a connection error). A second SIGTERM
+    stops at once. Runs at start, after aiohttp has set its own handler, and replaces
+    it for SIGTERM (SIGINT, an operator's Ctrl-C, still stops at once)."""
+    delay_s = app[SETTINGS].shutdown_delay_s
+    if delay_s <= 0:
+        return
+    loop = asyncio.get_running_loop()
+
+    def stop_now() -> None:
+        raise web.GracefulExit  # as aiohttp's own handler: run_app then stops the app
+
+    def on_sigterm() -> None:
+        if app[STOPPING].is_set():
+            log.info("SIGTERM again: stopping now")
+            stop_now()
+        app[STOPPING].set()
+        log.info("SIGTERM: /readyz answers 503; calls are taken for %.0fs more", delay_s)
+        loop.call_later(delay_s, stop_now)
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+
 async def freeze_heap(app: web.Application) -> None:
     """Once started, move everything alive (modules, config, the price catalog, the
     clients) out of the garbage collector's sight: it is kept for the process's life,
@@ -306,6 +339,7 @@ async def freeze_heap(app: web.Application) -> None:
 def run(settings: Settings) -> None:
     app = create_app(settings)
     app.on_startup.append(freeze_heap)  # after the cleanup contexts: they start first
+    app.on_startup.append(delay_the_stop)
     web.run_app(
         app,
         host=settings.proxy_host,

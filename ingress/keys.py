@@ -25,3 +25,5 @@ BUDGETS = web.AppKey("budgets", BudgetBook)
 COUNTING = web.AppKey("counting", Counting)  # output tokens of broken-off streams
 # Set when the shutdown grace has run out: calls still running are cut by the proxy.
 GRACE_OVER = web.AppKey("grace_over", asyncio.Event)
+# Set by a SIGTERM while shutdown_delay_s runs: /readyz answers 503, calls are still taken.
+STOPPING = web.AppKey("stopping", asyncio.Event)

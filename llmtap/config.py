@@ -359,6 +359,10 @@ class Settings(BaseSettings):
     # still recorded). Give the process longer than this to stop (compose's
     # stop_grace_period, Kubernetes' terminationGracePeriodSeconds).
     shutdown_grace_s: float = Field(default=60.0, ge=0)
+    # Before that, how long after SIGTERM the ingress goes on taking new calls while its
+    # /readyz answers 503, for a load balancer to take it out of rotation first (0: it
+    # stops listening at once). A second SIGTERM cuts the delay short.
+    shutdown_delay_s: float = Field(default=0.0, ge=0, le=3600)
 
     # Extra or overriding prices, same format as stream/pricing.yaml.
     pricing_file: Path | None = None

@@ -234,8 +234,10 @@ class Supervisor:
         """Stop in reverse order. With the embedded broker, whose topics die with it,
         let the stream and the writer catch up with what the ingress published first."""
         for child in reversed(self.children):
-            # The ingress lets calls in flight finish first (shutdown_grace_s).
-            extra = self.settings.shutdown_grace_s if child.name == "ingress" else 0.0
+            # The ingress takes calls for shutdown_delay_s, then lets those in flight
+            # finish (shutdown_grace_s).
+            s = self.settings
+            extra = s.shutdown_delay_s + s.shutdown_grace_s if child.name == "ingress" else 0.0
             await child.stop(STOP_GRACE_S + extra)
             if child.name == "ingress" and self.settings.embedded_broker:
                 await self.drain()

@@ -520,7 +520,9 @@ def test_compose_gives_the_ingress_longer_to_stop_than_its_calls_in_flight_may_r
     period = yaml.safe_load(COMPOSE.read_text())["services"]["ingress"]["stop_grace_period"]
     seconds = re.fullmatch(r"(\d+)s", period)
     assert seconds is not None
-    assert int(seconds[1]) > Settings().shutdown_grace_s + 10  # and its events flushed after
+    settings = Settings()
+    # its delay (taking calls while unready), its grace, and its events flushed after
+    assert int(seconds[1]) > settings.shutdown_delay_s + settings.shutdown_grace_s + 10
 
 
 def test_a_provider_named_like_a_built_in_one_changes_only_what_it_sets(

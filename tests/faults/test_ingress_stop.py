@@ -9,8 +9,10 @@ shutdown_grace_s) before the app's cleanup, which flushes the publisher, runs.
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
+import aiohttp
 import pytest
 from openai import APIConnectionError, AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
@@ -101,3 +103,55 @@ async def test_a_stream_longer_than_the_grace_is_cut_and_recorded_as_cut_by_the_
     assert (row["rows"], row["status"], row["error_class"]) == (1, "proxy_stopped", "proxy_stopped")
     # Counted from what was streamed (the usage chunk never came).
     assert (row["output_tokens"] > 0) == bool(text(received))
+
+
+async def readyz_says_stopping(cluster: Cluster) -> bool:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{cluster.proxy_port}/readyz") as response,
+    ):
+        return response.status == 503 and (await response.json()).get("stopping") is True
+
+
+async def asked_while_stopping(cluster: Cluster) -> str:
+    """Once the SIGTERMed ingress says it is stopping, a call on a new connection."""
+    await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
+    async with AsyncOpenAI(
+        base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
+    ) as sdk:
+        reply = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-llmtap-feature": FEATURE},
+        )
+    return reply.choices[0].message.content or ""
+
+
+async def test_with_a_shutdown_delay_a_sigtermed_ingress_is_unready_takes_calls_then_stops(
+    make_cluster: MakeCluster, upstream_faults: Upstream
+) -> None:
+    cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "4"})
+    await cluster.start_all()
+    ingress = cluster.processes["ingress"].process
+    assert ingress is not None
+    ingress.send_signal(signal.SIGTERM)
+    assert await asked_while_stopping(cluster) == "".join(upstream_faults.provider.fake.words)
+    # Then it stops by itself, as a SIGTERM stops it without a delay.
+    assert await asyncio.wait_for(ingress.wait(), 30) == 0
+    await cluster.start("ingress")
+    await cluster.quiet()
+    row = await only_call(cluster)
+    assert (row["rows"], row["status"]) == (1, "ok")
+
+
+async def test_a_second_sigterm_cuts_the_shutdown_delay_short(
+    make_cluster: MakeCluster, upstream_faults: Upstream
+) -> None:
+    cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "600"})
+    await cluster.start_all()
+    ingress = cluster.processes["ingress"].process
+    assert ingress is not None
+    ingress.send_signal(signal.SIGTERM)
+    assert await asked_while_stopping(cluster)
+    ingress.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(ingress.wait(), 30) == 0  # not after 600 s
