@@ -27,7 +27,7 @@ from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
 from llmtap.names import Names
 from sinks.clickhouse import replay
-from sinks.clickhouse.decode import Batch, calls_body, decode_batch
+from sinks.clickhouse.decode import Batch, calls_body, decode_batch, ready
 from sinks.clickhouse.rows import CALLS_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
@@ -514,3 +514,55 @@ async def test_a_killed_decode_process_is_replaced_once_and_no_batch_is_lost(
     assert len(died) == 1
     stored = store.rows("SELECT output_tokens FROM calls")
     assert sorted(int(r["output_tokens"]) for r in stored) == list(range(1, 8_001))
+
+
+def refusing_to_start() -> bool:
+    """A decode process's first task failing, as when one is killed as it starts."""
+    raise RuntimeError("no decode process today")
+
+
+async def test_decode_processes_that_cannot_start_leave_the_store_process_decoding_until_they_can(
+    broker: Broker,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Decode processes that cannot be started, at the writer's start or again after
+    one died, do not stop the writer: the store process decodes (as with none), and
+    tries to start them again a while later, then decodes in them once they start."""
+    monkeypatch.setattr("sinks.clickhouse.writer.ready", refusing_to_start)
+    monkeypatch.setattr(ClickHouseWriter, "POOL_RETRY_S", 0.5)
+    names = Names(f"t{uuid.uuid4().hex[:8]}")
+    settings = Settings(
+        kafka_bootstrap=broker.bootstrap,
+        kafka_namespace=names.namespace,
+        sink_batch_rows=50,
+        sink_batch_seconds=0.2,
+        sink_decode_processes=2,
+    )
+    payloads = [costed(output_tokens=i + 1).model_dump_json().encode() for i in range(400)]
+    await produce(broker.bootstrap, payloads[:200], names)
+    writer = ClickHouseWriter(settings, store)
+    task = asyncio.create_task(writer.run())
+    try:
+        await wait_for(lambda: count(store, "calls") == 200)
+        assert writer._pool is None
+        failed = [r for r in caplog.records if "could not be started" in r.getMessage()]
+        assert failed and all(r.levelname == "ERROR" for r in failed)
+
+        monkeypatch.setattr("sinks.clickhouse.writer.ready", ready)
+        sent = 200
+        async with asyncio.timeout(60):  # a batch after the retry time starts them
+            while writer._pool is None:
+                await produce(broker.bootstrap, payloads[sent : sent + 10], names)
+                sent += 10
+                await asyncio.sleep(0.1)
+        await produce(broker.bootstrap, payloads[sent:], names)
+        await wait_for(lambda: count(store, "calls") == 400)
+        assert writer._pool is not None  # the last batches were decoded in it
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    stored = store.rows("SELECT output_tokens FROM calls")
+    assert sorted(int(r["output_tokens"]) for r in stored) == list(range(1, 401))

@@ -92,12 +92,16 @@ class ClickHouseWriter:
     waits for: writes and commits stay in the order read (bench/results/ingest.md
     measures 2, 1 and 0 side by side)."""
 
+    POOL_RETRY_S = 60.0  # after decode processes could not be started
+
     def __init__(self, settings: Settings, store: Store, group_id: str | None = None) -> None:
         self._settings = settings
         self._store = store
         self._group_id = group_id or settings.kafka.names.sink_group
         self._decode_processes = settings.sink_decode_processes
         self._pool: ProcessPoolExecutor | None = None
+        self._pool_retry_at = 0.0  # loop time: when to try starting decode processes again
+        self._pool_starting = asyncio.Lock()  # two batches decoded at once start one pool
         self._calls_types: tuple[str, ...] | None = None  # read once, at the first batch
         self.rows_written = 0
         self.batches_written = 0
@@ -191,7 +195,7 @@ class ClickHouseWriter:
         HandoverFailed once a handover raised (:meth:`fail`)."""
         self._running = asyncio.current_task()
         try:
-            await self._start_pool()
+            await self._start_pool_or_decode_here()
             await consume_forever(self._consumer, self._consume, "ClickHouse writer", self._closing)
         except asyncio.CancelledError:
             if self._failed is None:
@@ -217,18 +221,44 @@ class ClickHouseWriter:
             self._listener.close()
 
     async def _start_pool(self) -> None:
-        if self._decode_processes <= 0:
-            return
-        self._pool = ProcessPoolExecutor(
+        """Start the decode processes (imports and all), or raise, leaving none."""
+        pool = ProcessPoolExecutor(
             self._decode_processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=start_decode_process,
         )
         loop = asyncio.get_running_loop()
-        # Start them (imports and all) before the first read.
-        await asyncio.gather(
-            *(loop.run_in_executor(self._pool, ready) for _ in range(self._decode_processes))
-        )
+        try:
+            await asyncio.gather(
+                *(loop.run_in_executor(pool, ready) for _ in range(self._decode_processes))
+            )
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        self._pool = pool
+
+    async def _start_pool_or_decode_here(self) -> None:
+        """Start the decode processes if there are to be some and none run; if they
+        cannot be started (one killed as it starts, out of processes or memory...), the
+        store process decodes, as with none, and tries again ``POOL_RETRY_S`` later."""
+        loop = asyncio.get_running_loop()
+        async with self._pool_starting:
+            if (
+                self._decode_processes <= 0
+                or self._pool is not None
+                or loop.time() < self._pool_retry_at
+            ):
+                return
+            try:
+                await self._start_pool()
+            except Exception as exc:
+                self._pool_retry_at = loop.time() + self.POOL_RETRY_S
+                log.error(
+                    "decode processes could not be started (%r): decoding in this "
+                    "process, trying again in %.0fs",
+                    exc,
+                    self.POOL_RETRY_S,
+                )
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         """Read a batch while the previous one is decoded and written: writes and
@@ -305,6 +335,7 @@ class ClickHouseWriter:
         ``calls`` insert."""
         types = await self._body_types()
         batch: Batch | None = None
+        await self._start_pool_or_decode_here()  # none yet: they could not be started
         pool = self._pool
         if pool is not None:
             try:
@@ -318,13 +349,7 @@ class ClickHouseWriter:
                     log.error("a decode process died; starting new ones")
                     pool.shutdown(wait=False)
                     self._pool = None
-                    try:
-                        await self._start_pool()
-                    except Exception as exc:  # killed again, out of processes...
-                        log.error("decode processes could not be started again (%s)", exc)
-                        if self._pool is not None:  # the next batch tries again
-                            self._pool.shutdown(wait=False)
-                            self._pool = None
+                    await self._start_pool_or_decode_here()
         if batch is None:
             batch = decode_batch(records, types)
         batch.source = records
