@@ -302,29 +302,53 @@ async def time_the_grace(app: web.Application) -> None:
 
 async def delay_the_stop(app: web.Application) -> None:
     """With shutdown_delay_s, a SIGTERM does not stop the proxy at once: /readyz answers
-    503 and calls are still taken for that long, so a load balancer (or Kubernetes,
-    which sends SIGTERM while endpoints are still being updated) stops sending calls
-    before the listening socket closes. Closing it at once resets the connections
-    already queued on it (their calls fail with a connection error). A second SIGTERM
-    stops at once. Runs at start, after aiohttp has set its own handler, and replaces
-    it for SIGTERM (SIGINT, an operator's Ctrl-C, still stops at once)."""
+    503 and calls are still taken for that long, each answer saying ``Connection:
+    close`` (the client's next call opens a new connection, through the balancer), so
+    a load balancer (or Kubernetes, which sends SIGTERM while endpoints are still being
+    removed) stops sending calls before the listening socket closes. Closing it at once
+    resets the connections already queued on it. Then the stop runs as without a
+    delay. Another SIGTERM, or SIGINT, cuts the delay short; once the stop runs, signals
+    are ignored (one would cut the calls in flight and their events' flush: SIGKILL
+    does that). Runs at start, after aiohttp has set its own handlers, and replaces
+    them."""
     delay_s = app[SETTINGS].shutdown_delay_s
     if delay_s <= 0:
         return
     loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
+    exiting = False
 
     def stop_now() -> None:
+        nonlocal exiting
+        if timer is not None:
+            timer.cancel()
+        if exiting:
+            log.info("signal ignored: the stop is under way")
+            return
+        exiting = True
         raise web.GracefulExit  # as aiohttp's own handler: run_app then stops the app
 
     def on_sigterm() -> None:
+        nonlocal timer
         if app[STOPPING].is_set():
-            log.info("SIGTERM again: stopping now")
             stop_now()
+            return
         app[STOPPING].set()
         log.info("SIGTERM: /readyz answers 503; calls are taken for %.0fs more", delay_s)
-        loop.call_later(delay_s, stop_now)
+        timer = loop.call_later(delay_s, stop_now)
 
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        loop.add_signal_handler(signal.SIGINT, stop_now)
+    except NotImplementedError:  # an event loop without signal handlers
+        log.warning("shutdown_delay_s is not supported here: a SIGTERM stops at once")
+
+
+async def close_while_stopping(request: web.Request, response: web.StreamResponse) -> None:
+    """While shutdown_delay_s runs, every answer closes its connection after it."""
+    if request.app[STOPPING].is_set():
+        response.force_close()  # this runs once aiohttp has made the head: say it too
+        response.headers["Connection"] = "close"
 
 
 async def freeze_heap(app: web.Application) -> None:
@@ -340,6 +364,8 @@ def run(settings: Settings) -> None:
     app = create_app(settings)
     app.on_startup.append(freeze_heap)  # after the cleanup contexts: they start first
     app.on_startup.append(delay_the_stop)
+    if settings.shutdown_delay_s > 0:
+        app.on_response_prepare.append(close_while_stopping)
     web.run_app(
         app,
         host=settings.proxy_host,

@@ -113,45 +113,80 @@ async def readyz_says_stopping(cluster: Cluster) -> bool:
         return response.status == 503 and (await response.json()).get("stopping") is True
 
 
-async def asked_while_stopping(cluster: Cluster) -> str:
-    """Once the SIGTERMed ingress says it is stopping, a call on a new connection."""
-    await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
-    async with AsyncOpenAI(
-        base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
-    ) as sdk:
-        reply = await sdk.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "hi"}],
-            extra_headers={"x-llmtap-feature": FEATURE},
-        )
-    return reply.choices[0].message.content or ""
-
-
-async def test_with_a_shutdown_delay_a_sigtermed_ingress_is_unready_takes_calls_then_stops(
+async def test_a_sigtermed_ingress_with_a_shutdown_delay_is_unready_and_takes_calls(
     make_cluster: MakeCluster, upstream_faults: Upstream
 ) -> None:
-    cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "4"})
+    """Within the delay: /readyz says stopping, a call on a new connection is answered
+    (and metered), its answer closing the connection; another SIGTERM stops it."""
+    cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "600"})
     await cluster.start_all()
     ingress = cluster.processes["ingress"].process
     assert ingress is not None
     ingress.send_signal(signal.SIGTERM)
-    assert await asked_while_stopping(cluster) == "".join(upstream_faults.provider.fake.words)
-    # Then it stops by itself, as a SIGTERM stops it without a delay.
-    assert await asyncio.wait_for(ingress.wait(), 30) == 0
+    await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
+    async with AsyncOpenAI(
+        base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
+    ) as sdk:
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-llmtap-feature": FEATURE},
+        )
+    assert raw.headers["connection"] == "close"
+    reply = raw.parse()
+    assert reply.choices[0].message.content == "".join(upstream_faults.provider.fake.words)
+    ingress.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(ingress.wait(), 30) == 0  # not after 600 s
     await cluster.start("ingress")
     await cluster.quiet()
     row = await only_call(cluster)
     assert (row["rows"], row["status"]) == (1, "ok")
 
 
-async def test_a_second_sigterm_cuts_the_shutdown_delay_short(
-    make_cluster: MakeCluster, upstream_faults: Upstream
+async def test_a_sigtermed_ingress_stops_by_itself_once_its_shutdown_delay_is_over(
+    make_cluster: MakeCluster,
 ) -> None:
-    cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "600"})
+    cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "2"})
     await cluster.start_all()
     ingress = cluster.processes["ingress"].process
     assert ingress is not None
     ingress.send_signal(signal.SIGTERM)
-    assert await asked_while_stopping(cluster)
-    ingress.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(ingress.wait(), 30) == 0  # not after 600 s
+    await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
+    assert await asyncio.wait_for(ingress.wait(), 30) == 0
+
+
+async def test_a_stream_in_flight_outlives_a_cut_short_delay_and_its_timer(
+    make_cluster: MakeCluster, upstream_faults: Upstream
+) -> None:
+    """SIGTERM, then SIGTERM again within the delay: the stop runs, and the stream in
+    flight ends whole within the grace, though it runs past when the delay would have
+    ended (its timer, left running, stopped the stop halfway: the stream cut, the
+    events not flushed, exit 1)."""
+    fake = upstream_faults.provider.fake
+    fake.chunk_delay_s = 1.0  # five words: ~5 s, past the delay, within the grace
+    cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "2"})
+    await cluster.start_all()
+    ingress = cluster.processes["ingress"].process
+    assert ingress is not None
+    received: list[ChatCompletionChunk] = []
+    async with AsyncOpenAI(
+        base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
+    ) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "a long answer"}],
+            stream=True,
+            extra_headers={"x-llmtap-feature": FEATURE},
+        )
+        chunks = stream.__aiter__()
+        received.append(await chunks.__anext__())
+        ingress.send_signal(signal.SIGTERM)
+        await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
+        ingress.send_signal(signal.SIGTERM)
+        received.extend([chunk async for chunk in chunks])
+    assert text(received) == "".join(fake.words)
+    assert await asyncio.wait_for(ingress.wait(), 30) == 0
+    await cluster.start("ingress")
+    await cluster.quiet()
+    row = await only_call(cluster)
+    assert (row["rows"], row["status"]) == (1, "ok")
