@@ -14,7 +14,9 @@ as many as given) and, run by run in turn, with each count of --compare-decode-p
 process, beside the default 2), so they are measured side by side (with
 --compare-batch-rows N, batches of N rows too, in the same turns). It also times the
 writer's steps alone, in one process, on the same events (decode, columns, duplicate
-check + insert), so the report says where time goes.
+check + insert), so the report says where time goes; and, from /proc, the CPU each
+part used end to end (the store process, the decode processes, the broker) a row, with
+the cores kept busy, which says whether the machine, not the pipeline, is the limit.
 Target (issue): >= 50,000 rows/s on this machine.
 """
 
@@ -112,10 +114,41 @@ async def fill_topic(bootstrap: str, payloads: list[bytes]) -> None:
         await producer.stop()
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user and system, all threads) used so far by this process (the
+    writer's store process: reads, duplicate check, insert in chDB), its decode
+    processes and the broker, read from /proc (Linux; empty elsewhere)."""
+    used = {"store process": 0.0, "decode processes": 0.0, "broker": 0.0}
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ppid, seconds = int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        if pid == me:
+            used["store process"] += seconds
+        elif ppid == me and b"multiprocessing" in cmdline:
+            used["decode processes"] += seconds
+        elif ppid == me and b"tansu" in cmdline:
+            used["broker"] += seconds
+    return used
+
+
 async def end_to_end(
     settings: Settings, store: Store, n: int, batch_rows: int, decode_processes: int
-) -> float:
-    """Seconds from the writer's first message read until n rows are queryable.
+) -> tuple[float, dict[str, float]]:
+    """Seconds from the writer's first message read until n rows are queryable, and
+    the CPU seconds each part used meanwhile (:func:`cpu_seconds`).
 
     A fresh consumer group each time, so every run reads the whole topic; the group
     join and the decode processes' start that come before the first read (seconds) are
@@ -130,13 +163,18 @@ async def end_to_end(
     )
     task = asyncio.create_task(writer.run())
     loop = asyncio.get_running_loop()
+    before: dict[str, float] | None = None
     try:
         while writer.rows_written < n:
+            if before is None and writer.first_read_at is not None:
+                before = cpu_seconds()  # within ~10 ms of the first read
             await asyncio.sleep(0.01)
+        after = cpu_seconds()
         assert writer.first_read_at is not None
         took = loop.time() - writer.first_read_at
         assert int(store.command("SELECT count() FROM calls")) == n  # queryable, once each
-        return took
+        used = {part: after[part] - (before or {}).get(part, 0.0) for part in after}
+        return took, used
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -228,14 +266,18 @@ async def main() -> int:
                 configs.append((args.compare_batch_rows, args.decode_processes))
             configs = list(dict.fromkeys(configs))
             rates: dict[Config, list[float]] = {config: [] for config in configs}
+            cpu: dict[Config, list[dict[str, float]]] = {config: [] for config in configs}
             store = Store(f"chdb:///{tmp}/clickhouse")
             try:
                 migrate(store)
                 for run in range(args.runs):
                     for config in configs:  # side by side: one run of each in turn
                         store.command("TRUNCATE TABLE calls")
-                        took = await end_to_end(settings, store, args.events, *config)
+                        took, used = await end_to_end(settings, store, args.events, *config)
                         rates[config].append(args.events / took)
+                        if used:  # on Linux
+                            used["cores busy"] = sum(used.values()) / took
+                        cpu[config].append(used)
                         print(
                             f"run {run + 1}, {label(config)}: {rates[config][-1]:,.0f} rows/s",
                             file=sys.stderr,
@@ -245,7 +287,7 @@ async def main() -> int:
             finally:
                 store.close()
 
-    report = render(args, rates, step_rates)
+    report = render(args, rates, cpu, step_rates)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)
@@ -260,7 +302,10 @@ def free_port() -> int:
 
 
 def render(
-    args: argparse.Namespace, rates: dict[Config, list[float]], steps: dict[str, float]
+    args: argparse.Namespace,
+    rates: dict[Config, list[float]],
+    cpu: dict[Config, list[dict[str, float]]],
+    steps: dict[str, float],
 ) -> str:
     lines = [
         "# Ingest benchmark: topic -> queryable rows (chDB)",
@@ -279,7 +324,35 @@ def render(
             f"| end to end, {label(config)}, best run | {max(measured):,.0f} |",
         ]
     lines += [f"| step alone: {name} | {rate:,.0f} |" for name, rate in steps.items()]
+    lines += ["", "Each run, in the order run (rows/s):", ""]
+    lines += [
+        f"- {label(config)}: " + ", ".join(f"{rate:,.0f}" for rate in measured)
+        for config, measured in rates.items()
+    ]
     lines += ["", "Target: >= 50,000 rows/s end to end.", ""]
+    if any(used for runs in cpu.values() for used in runs):
+        parts = ("store process", "decode processes", "broker")
+        lines += [
+            "Where the CPU went, end to end (medians of the runs): microseconds of CPU a "
+            "row in each part, from the first read to the last row queryable, and the "
+            f"cores kept busy meanwhile (of {os.cpu_count()}).",
+            "",
+            "| configuration | " + " | ".join(parts) + " | all | cores busy |",
+            "|---|" + "---:|" * (len(parts) + 2),
+        ]
+        for config, runs in cpu.items():
+            per_row = [
+                statistics.median(run[part] for run in runs) / args.events * 1e6 for part in parts
+            ]
+            all_parts = (
+                statistics.median(sum(run[part] for part in parts) for run in runs)
+                / args.events
+                * 1e6
+            )
+            busy = statistics.median(run["cores busy"] for run in runs)
+            cells = " | ".join(f"{value:.1f}" for value in per_row)
+            lines.append(f"| {label(config)} | {cells} | {all_parts:.1f} | {busy:.2f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
