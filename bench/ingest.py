@@ -115,13 +115,14 @@ async def fill_topic(bootstrap: str, payloads: list[bytes]) -> None:
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PARTS = ("store process", "decode processes", "broker")
 
 
-def cpu_seconds() -> dict[str, float]:
+def cpu_seconds() -> dict[int, tuple[str, float]]:
     """CPU seconds (user and system, all threads) used so far by this process (the
     writer's store process: reads, duplicate check, insert in chDB), its decode
-    processes and the broker, read from /proc (Linux; empty elsewhere)."""
-    used = {"store process": 0.0, "decode processes": 0.0, "broker": 0.0}
+    processes and the broker, by pid, read from /proc (Linux; empty elsewhere)."""
+    used: dict[int, tuple[str, float]] = {}
     me = os.getpid()
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -136,11 +137,11 @@ def cpu_seconds() -> dict[str, float]:
         fields = stat[stat.rindex(")") + 2 :].split()
         ppid, seconds = int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
         if pid == me:
-            used["store process"] += seconds
-        elif ppid == me and b"multiprocessing" in cmdline:
-            used["decode processes"] += seconds
+            used[pid] = ("store process", seconds)
+        elif ppid == me and b"spawn_main" in cmdline:  # not the resource tracker
+            used[pid] = ("decode processes", seconds)
         elif ppid == me and b"tansu" in cmdline:
-            used["broker"] += seconds
+            used[pid] = ("broker", seconds)
     return used
 
 
@@ -163,7 +164,7 @@ async def end_to_end(
     )
     task = asyncio.create_task(writer.run())
     loop = asyncio.get_running_loop()
-    before: dict[str, float] | None = None
+    before: dict[int, tuple[str, float]] | None = None
     try:
         while writer.rows_written < n:
             if before is None and writer.first_read_at is not None:
@@ -173,7 +174,10 @@ async def end_to_end(
         assert writer.first_read_at is not None
         took = loop.time() - writer.first_read_at
         assert int(store.command("SELECT count() FROM calls")) == n  # queryable, once each
-        used = {part: after[part] - (before or {}).get(part, 0.0) for part in after}
+        used = dict.fromkeys(PARTS, 0.0) if after else {}
+        for pid, (part, seconds) in after.items():  # what each used since, by pid
+            since = (before or {}).get(pid, (part, 0.0))[1]
+            used[part] = used.get(part, 0.0) + seconds - since
         return took, used
     finally:
         task.cancel()
@@ -331,7 +335,7 @@ def render(
     ]
     lines += ["", "Target: >= 50,000 rows/s end to end.", ""]
     if any(used for runs in cpu.values() for used in runs):
-        parts = ("store process", "decode processes", "broker")
+        parts = PARTS
         lines += [
             "Where the CPU went, end to end (medians of the runs): microseconds of CPU a "
             "row in each part, from the first read to the last row queryable, and the "

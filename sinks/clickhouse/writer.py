@@ -92,7 +92,8 @@ class ClickHouseWriter:
     waits for: writes and commits stay in the order read (bench/results/ingest.md
     measures 2, 1 and 0 side by side)."""
 
-    POOL_RETRY_S = 60.0  # after decode processes could not be started
+    POOL_RETRY_S = 60.0  # after decode processes could not be started, or died young
+    POOL_START_TIMEOUT_S = 60.0
 
     def __init__(self, settings: Settings, store: Store, group_id: str | None = None) -> None:
         self._settings = settings
@@ -101,6 +102,7 @@ class ClickHouseWriter:
         self._decode_processes = settings.sink_decode_processes
         self._pool: ProcessPoolExecutor | None = None
         self._pool_retry_at = 0.0  # loop time: when to try starting decode processes again
+        self._pool_started_at = 0.0  # loop time: when the running ones were started
         self._pool_starting = asyncio.Lock()  # two batches decoded at once start one pool
         self._calls_types: tuple[str, ...] | None = None  # read once, at the first batch
         self.rows_written = 0
@@ -221,21 +223,28 @@ class ClickHouseWriter:
             self._listener.close()
 
     async def _start_pool(self) -> None:
-        """Start the decode processes (imports and all), or raise, leaving none."""
+        """Start the decode processes (imports and all; the pool's first ones have run
+        ``ready``, the pool starts the rest as work comes), or raise, leaving none."""
         pool = ProcessPoolExecutor(
             self._decode_processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=start_decode_process,
         )
         loop = asyncio.get_running_loop()
+        started: list[asyncio.Future[bool]] = []
         try:
-            await asyncio.gather(
-                *(loop.run_in_executor(pool, ready) for _ in range(self._decode_processes))
-            )
+            async with asyncio.timeout(self.POOL_START_TIMEOUT_S):  # a start that hangs
+                started += (
+                    loop.run_in_executor(pool, ready) for _ in range(self._decode_processes)
+                )
+                await asyncio.gather(*started)
         except BaseException:
+            for future in started:
+                future.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         self._pool = pool
+        self._pool_started_at = loop.time()
 
     async def _start_pool_or_decode_here(self) -> None:
         """Start the decode processes if there are to be some and none run; if they
@@ -255,7 +264,7 @@ class ClickHouseWriter:
                 self._pool_retry_at = loop.time() + self.POOL_RETRY_S
                 log.error(
                     "decode processes could not be started (%r): decoding in this "
-                    "process, trying again in %.0fs",
+                    "process, trying again in %gs",
                     exc,
                     self.POOL_RETRY_S,
                 )
@@ -346,9 +355,19 @@ class ClickHouseWriter:
                 # A decode process died (killed?): decode this batch here, start new ones.
                 # Every batch the pool held fails alike; the first to tell replaces it.
                 if self._pool is pool:
-                    log.error("a decode process died; starting new ones")
+                    loop = asyncio.get_running_loop()
                     pool.shutdown(wait=False)
                     self._pool = None
+                    if loop.time() - self._pool_started_at < self.POOL_RETRY_S:
+                        # Died young (killed for its memory at every batch?): not again
+                        # at once, and not at every batch.
+                        self._pool_retry_at = loop.time() + self.POOL_RETRY_S
+                    log.error(
+                        "a decode process died; starting new ones%s",
+                        ""
+                        if loop.time() >= self._pool_retry_at
+                        else f" in {self.POOL_RETRY_S:g}s, decoding in this process meanwhile",
+                    )
                     await self._start_pool_or_decode_here()
         if batch is None:
             batch = decode_batch(records, types)
