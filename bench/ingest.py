@@ -177,7 +177,7 @@ async def end_to_end(
         used = dict.fromkeys(PARTS, 0.0) if after else {}
         for pid, (part, seconds) in after.items():  # what each used since, by pid
             since = (before or {}).get(pid, (part, 0.0))[1]
-            used[part] = used.get(part, 0.0) + seconds - since
+            used[part] += seconds - since
         return took, used
     finally:
         task.cancel()
@@ -335,21 +335,20 @@ def render(
     ]
     lines += ["", "Target: >= 50,000 rows/s end to end.", ""]
     if any(used for runs in cpu.values() for used in runs):
-        parts = PARTS
         lines += [
             "Where the CPU went, end to end (medians of the runs): microseconds of CPU a "
             "row in each part, from the first read to the last row queryable, and the "
             f"cores kept busy meanwhile (of {os.cpu_count()}).",
             "",
-            "| configuration | " + " | ".join(parts) + " | all | cores busy |",
-            "|---|" + "---:|" * (len(parts) + 2),
+            "| configuration | " + " | ".join(PARTS) + " | all | cores busy |",
+            "|---|" + "---:|" * (len(PARTS) + 2),
         ]
         for config, runs in cpu.items():
             per_row = [
-                statistics.median(run[part] for run in runs) / args.events * 1e6 for part in parts
+                statistics.median(run[part] for run in runs) / args.events * 1e6 for part in PARTS
             ]
             all_parts = (
-                statistics.median(sum(run[part] for part in parts) for run in runs)
+                statistics.median(sum(run[part] for part in PARTS) for run in runs)
                 / args.events
                 * 1e6
             )

@@ -9,7 +9,9 @@ shutdown_grace_s) before the app's cleanup, which flushes the publisher, runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -35,19 +37,8 @@ async def stopped_mid_stream(
     killed; a new one is started, as a deploy would."""
     cluster = await make_cluster(env)
     await cluster.start_all()
-    received: list[ChatCompletionChunk] = []
     cut: APIConnectionError | None = None
-    async with AsyncOpenAI(
-        base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
-    ) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "a long answer"}],
-            stream=True,
-            extra_headers={"x-llmtap-feature": FEATURE},
-        )
-        chunks = stream.__aiter__()
-        received.append(await chunks.__anext__())
+    async with a_stream_begun(cluster) as (received, chunks):
         stopping = asyncio.create_task(cluster.terminate("ingress"))
 
         async def refusing() -> bool:
@@ -65,6 +56,25 @@ async def stopped_mid_stream(
     await cluster.start("ingress")
     await cluster.quiet()
     return cluster, received, cut
+
+
+@contextlib.asynccontextmanager
+async def a_stream_begun(
+    cluster: Cluster,
+) -> AsyncIterator[tuple[list[ChatCompletionChunk], AsyncIterator[ChatCompletionChunk]]]:
+    """A streamed call through the ingress, its first chunk received: the chunks
+    received (to add to), and the rest of the stream."""
+    async with AsyncOpenAI(
+        base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
+    ) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "a long answer"}],
+            stream=True,
+            extra_headers={"x-llmtap-feature": FEATURE},
+        )
+        chunks = stream.__aiter__()
+        yield [await chunks.__anext__()], chunks
 
 
 def text(chunks: list[ChatCompletionChunk]) -> str:
@@ -113,6 +123,15 @@ async def readyz_says_stopping(cluster: Cluster) -> bool:
         return response.status == 503 and (await response.json()).get("stopping") is True
 
 
+async def sigtermed(cluster: Cluster) -> asyncio.subprocess.Process:
+    """SIGTERM the ingress (given a shutdown delay), once /readyz says it is stopping."""
+    ingress = cluster.processes["ingress"].process
+    assert ingress is not None
+    ingress.send_signal(signal.SIGTERM)
+    await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
+    return ingress
+
+
 async def test_a_sigtermed_ingress_with_a_shutdown_delay_is_unready_and_takes_calls(
     make_cluster: MakeCluster, upstream_faults: Upstream
 ) -> None:
@@ -120,10 +139,7 @@ async def test_a_sigtermed_ingress_with_a_shutdown_delay_is_unready_and_takes_ca
     (and metered), its answer closing the connection; another SIGTERM stops it."""
     cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "600"})
     await cluster.start_all()
-    ingress = cluster.processes["ingress"].process
-    assert ingress is not None
-    ingress.send_signal(signal.SIGTERM)
-    await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
+    ingress = await sigtermed(cluster)
     async with AsyncOpenAI(
         base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
     ) as sdk:
@@ -148,10 +164,7 @@ async def test_a_sigtermed_ingress_stops_by_itself_once_its_shutdown_delay_is_ov
 ) -> None:
     cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "2"})
     await cluster.start_all()
-    ingress = cluster.processes["ingress"].process
-    assert ingress is not None
-    ingress.send_signal(signal.SIGTERM)
-    await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
+    ingress = await sigtermed(cluster)
     assert await asyncio.wait_for(ingress.wait(), 30) == 0
 
 
@@ -166,22 +179,8 @@ async def test_a_stream_in_flight_outlives_a_cut_short_delay_and_its_timer(
     fake.chunk_delay_s = 1.0  # five words: ~5 s, past the delay, within the grace
     cluster = await make_cluster({"LLMTAP_SHUTDOWN_DELAY_S": "2"})
     await cluster.start_all()
-    ingress = cluster.processes["ingress"].process
-    assert ingress is not None
-    received: list[ChatCompletionChunk] = []
-    async with AsyncOpenAI(
-        base_url=cluster.proxy_url, api_key=cluster.api_key, max_retries=0
-    ) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "a long answer"}],
-            stream=True,
-            extra_headers={"x-llmtap-feature": FEATURE},
-        )
-        chunks = stream.__aiter__()
-        received.append(await chunks.__anext__())
-        ingress.send_signal(signal.SIGTERM)
-        await until(lambda: readyz_says_stopping(cluster), "/readyz says stopping (503)", 10)
+    async with a_stream_begun(cluster) as (received, chunks):
+        ingress = await sigtermed(cluster)
         ingress.send_signal(signal.SIGTERM)
         received.extend([chunk async for chunk in chunks])
     assert text(received) == "".join(fake.words)
