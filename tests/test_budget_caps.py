@@ -30,14 +30,16 @@ from standardwebhooks import Webhook
 
 from ingress.app import create_app
 from ingress.forward import admission
+from ingress.guards.budgets import BudgetBook, hear_others
 from ingress.guards.keys import create_key
-from ingress.keys import BUDGETS, PUBLISHER
+from ingress.keys import BUDGETS
 from llmtap import topics
 from llmtap.config import BudgetConfig, ProviderConfig, Settings
 from llmtap.events import Alert, Reservations, utcnow
 from llmtap.kafka import Kafka
 from llmtap.names import Names
 from stream.budgets import fresh
+from stream.pricing import load_catalog
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
 from tests.fake_provider import FakeProvider, free_port, serve
 from tests.prometheus import sample
@@ -472,6 +474,20 @@ async def test_a_hard_cap_s_first_refusal_in_a_period_raises_an_alert_once(
     assert "is more than the $0.001 left of $1 ($0.999 spent this month, 99.9%)" in alert.message
 
 
+async def until_announced(settings: Settings, ingress_id: str, budget: str) -> None:
+    """Until the reservations topic holds ingress ``ingress_id``'s announcement that it
+    holds something against ``budget``, read as another ingress reads it."""
+    observer = BudgetBook(settings.budgets, load_catalog(settings.pricing_file), 1000)
+    heard = asyncio.create_task(hear_others(observer, settings.kafka, "test-observer"))
+    try:
+        while not ((r := observer.others.get(ingress_id)) is not None and r.held.get(budget)):
+            await asyncio.sleep(0.05)
+    finally:
+        heard.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heard
+
+
 @pytest.mark.parametrize("b_starts", ["beside A", "once A holds the call"])
 async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
     ingress_settings: Settings,
@@ -500,7 +516,11 @@ async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
     secret, _ = create_key(settings.key_file, tenant="acme")  # read as they start
     headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
     upstream.provider.answer_held = asyncio.Event()  # A's call stays in flight
-    a_app, b_app = create_app(settings), create_app(settings)
+    # Each replica its own data dir (its own spool), as two hosts; the same key file.
+    b_settings = settings.model_copy(
+        update={"data_dir": settings.data_dir / "b", "keys_file": settings.key_file}
+    )
+    a_app, b_app = create_app(settings), create_app(b_settings)
     try:
         async with (
             TestServer(a_app, host="127.0.0.1") as a,
@@ -509,7 +529,6 @@ async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
         ):
             if b_starts == "beside A":
                 b = await stack.enter_async_context(TestServer(b_app, host="127.0.0.1"))
-            sent = a_app[PUBLISHER].published
             held = asyncio.create_task(
                 session.post(a.make_url("/v1/chat/completions"), data=body, headers=headers)
             )
@@ -521,9 +540,8 @@ async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
                         for r in b_app[BUDGETS].others.values()
                     ):
                         await asyncio.sleep(0.05)
-                else:  # until A has announced it (the call's request event, then that)
-                    while not (a_book.held(utcnow()) and a_app[PUBLISHER].published >= sent + 2):
-                        await asyncio.sleep(0.05)
+                else:  # until the topic holds A's announcement (read there, as B will)
+                    await until_announced(settings, a_book.ingress_id, budget.name)
                     b = await stack.enter_async_context(TestServer(b_app, host="127.0.0.1"))
             async with (
                 asyncio.timeout(10),  # admitted, it would wait on the held answer
