@@ -6,11 +6,14 @@ import asyncio
 import base64
 import contextlib
 import functools
+import multiprocessing
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -27,7 +30,7 @@ from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
 from llmtap.names import Names
 from sinks.clickhouse import replay
-from sinks.clickhouse.decode import Batch, calls_body, decode_batch, ready
+from sinks.clickhouse.decode import Batch, calls_body, decode_batch, ready, start_decode_process
 from sinks.clickhouse.rows import CALLS_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
@@ -178,6 +181,25 @@ def test_a_body_built_in_a_decode_process_stores_what_its_columns_do(store: Stor
     # Without its messages, a body whose rows are partly stored cannot be cut down.
     with pytest.raises(ValueError, match="needs its messages"):
         write_batch(store, Batch(calls_body=batch.calls_body))
+
+
+def modules_a_first_batch_imports(records: list[Any], types: tuple[str, ...]) -> list[str]:
+    """Run in a decode process: the modules its first batch's decode imported."""
+    before = set(sys.modules)
+    assert decode_batch(records, types).calls_body is not None
+    return sorted(set(sys.modules) - before)
+
+
+def test_a_decode_process_is_ready_for_its_first_batch_when_started(store: Store) -> None:
+    """A decode process's first batch imports nothing: what the insert's encoder
+    imports at its first use (pandas, ~0.3 s) is done as the process starts, not in the
+    first batch's time (in every decode process, at every start of the pool)."""
+    records = [(Names().costed, 0, 0, costed().model_dump_json().encode())]
+    with ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=start_decode_process
+    ) as pool:
+        imported = pool.submit(modules_a_first_batch_imports, records, calls_types(store))
+        assert imported.result(timeout=60) == []
 
 
 def test_an_event_calls_cannot_hold_is_a_dead_letter(store: Store) -> None:

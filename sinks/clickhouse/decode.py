@@ -157,10 +157,14 @@ def start_decode_process() -> None:
     SIGKILLed (the pool cannot tell it then, and it would wait for work forever); and
     its garbage collector is tuned as the writer's process tunes it
     (``llmtap.runtime.tune_gc``: decoding allocates tens of thousands of small objects a
-    batch, and default thresholds make collections cost more than decoding)."""
+    batch, and default thresholds make collections cost more than decoding). The
+    insert's encoder is run once on a row of its own first: clickhouse-connect imports
+    what it needs (pandas, ~0.3 s of CPU) at its first use, which was the first batch's
+    (in every decode process, each time the pool started), and is frozen with the rest."""
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+    native_body("warm_up", ("x",), ("String",), [("x",)])
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
 
