@@ -6,10 +6,10 @@ of the endpoint's three lines of defence (sql/sqlapi.py).
    would write).
 2. ClickHouse's own parser (:func:`check_tree`, over ``EXPLAIN AST``'s tree, read by
    :func:`parse_ast`): one SELECT (or WITH ... SELECT), SHOW TABLES / COLUMNS /
-   CREATE TABLE, DESCRIBE or EXPLAIN of a SELECT, without a FORMAT clause; no
-   ``system`` or ``information_schema`` table, no table function but the generators in
-   :data:`TABLE_FUNCTIONS`, no function that reads files, the network or dictionaries
-   (:data:`DENIED_FUNCTIONS`).
+   CREATE TABLE (in the plain forms of :data:`SHOW_FORM` only), DESCRIBE or EXPLAIN of
+   a SELECT, without a FORMAT clause; no ``system`` or ``information_schema`` table, no
+   table function but the generators in :data:`TABLE_FUNCTIONS`, no function that reads
+   files, the network or dictionaries (:data:`DENIED_FUNCTIONS`).
 
 And what a query may take (:class:`SqlLimits`), which the read-only session it runs on
 sets as ClickHouse settings (the third line, sql/sqlrun.py).
@@ -84,15 +84,37 @@ READ_ROOTS = frozenset(
     {"SelectWithUnionQuery", "Explain", "DescribeQuery", "ShowTables", "ShowColumns",
      "ShowCreateTableQuery"}
 )  # fmt: skip
-# "SHOW DATABASES", "SHOW SETTINGS"... share ShowTables' node: only these forms pass.
-SHOW_FORMS = re.compile(r"\s*SHOW\s+(?:(?:FULL|EXTENDED)\s+)*(?:TABLES|COLUMNS|CREATE)\b", re.I)
+# The SHOW statements that run, whole: names, a LIKE pattern and a LIMIT number, nothing
+# else. "SHOW DATABASES", "SHOW SETTINGS"... share ShowTables' node, and EXPLAIN AST
+# leaves out a SHOW's WHERE and LIMIT, so an expression there (file(...) in
+# "SHOW TABLES WHERE ...") would not be checked: the text itself is held to this form.
+_NAME = r"(?:`[^`\\]*`|\"[^\"\\]*\"|[A-Za-z_][A-Za-z0-9_]*)"
+_TABLE = rf"{_NAME}(?:\s*\.\s*{_NAME})?"
+_IN = r"\s+(?:FROM|IN)\s+"
+SHOW_FORM = re.compile(
+    rf"""\s*SHOW\s+(?:(?:FULL|EXTENDED)\s+)*
+    (?:TABLES(?:{_IN}{_NAME})?
+      |COLUMNS{_IN}{_TABLE}(?:{_IN}{_NAME})?
+      |CREATE\s+(?:TEMPORARY\s+)?(?:TABLE\s+|VIEW\s+)?{_TABLE})
+    (?:\s+(?:NOT\s+)?I?LIKE\s+'[^'\\]*')?
+    (?:\s+LIMIT\s+[0-9]+)?\s*""",
+    re.I | re.X,
+)
+SHOW_FORMS_TEXT = (
+    "SHOW TABLES [FROM db] [[NOT] [I]LIKE 'pattern'] [LIMIT n], "
+    "SHOW COLUMNS FROM table [FROM db] [[NOT] [I]LIKE 'pattern'] [LIMIT n] "
+    "and SHOW CREATE TABLE table"
+)
 SYSTEM_WORD = re.compile(r"\b(?:system|information_schema)\b", re.I)
 SYSTEM_DATABASES = frozenset({"system", "information_schema"})
 
 # Table functions that only generate rows (no files, network, other tables' engines).
+# Not values() or generateRandom(): their structure string declares columns, and a
+# column's ALIAS or DEFAULT is an expression ClickHouse evaluates that the syntax tree
+# holds only as a string ('b String ALIAS file(...)'), possibly built by a function.
 TABLE_FUNCTIONS = frozenset(
     {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries",
-     "values", "generaterandom", "view"}
+     "view"}
 )  # fmt: skip
 # Functions that read files, the network, other servers or dictionaries: refused
 # wherever they appear (as a table function or in an expression).
@@ -238,18 +260,20 @@ def check_tree(root: Node, text: str) -> None:
             f"only read-only statements run here ({ALLOWED}); this one is {first or root.kind}",
         )
     if root.kind.startswith("Show"):
-        if not SHOW_FORMS.match(text):
+        if "\\" in text:  # a name spelled with escapes could hide a word from the checks
+            raise _refuse("forbidden_table", "escape sequences are not allowed in SHOW statements")
+        if not SHOW_FORM.fullmatch(text):
             raise _refuse(
                 "not_read_only",
-                "of the SHOW statements, only SHOW TABLES, SHOW COLUMNS and SHOW CREATE TABLE "
-                "run here",
+                f"of the SHOW statements, only {SHOW_FORMS_TEXT} run here (no WHERE, no "
+                "expressions, no comments; for more, SELECT from the table)",
             )
         if SYSTEM_WORD.search(text):
             raise _refuse(
                 "forbidden_table", "system and information_schema tables are not available"
             )
-        if "\\" in text:  # a name spelled with escapes could hide the word from the check
-            raise _refuse("forbidden_table", "escape sequences are not allowed in SHOW statements")
+        if "/" in text:  # a name with a '/' is a file in chDB's default database
+            raise _refuse("forbidden_table", "a file is not a table here")
     for node in root.walk():
         if node.kind == "Function":
             name = node.name.lower()
@@ -264,7 +288,7 @@ def check_tree(root: Node, text: str) -> None:
                 raise _refuse(
                     "forbidden_function",
                     f"table function {node.name!r} is not allowed; only "
-                    "numbers, zeros, generate_series, values, generateRandom and view are",
+                    "numbers, zeros, generate_series and view are",
                 )
         elif node.kind in ("TableIdentifier", "Identifier"):
             if node.kind == "TableIdentifier" and "/" in node.name:

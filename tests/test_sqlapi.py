@@ -253,6 +253,9 @@ async def test_read_only_forms_run(api: Client, query: str) -> None:
         ("DESC calls", "name"),
         ("SHOW COLUMNS FROM calls", "field"),
         ("SHOW CREATE TABLE calls", "statement"),
+        ("show full tables from default like 'call%' limit 2", "name"),
+        ("SHOW COLUMNS IN default.calls NOT ILIKE 'ts%'", "field"),
+        ("SHOW CREATE `calls`", "statement"),
         ("EXPLAIN SELECT count() FROM calls", "explain"),
         ("EXPLAIN indexes = 1 SELECT count() FROM calls", "explain"),  # with options
         ("EXPLAIN PLAN header = 1 SELECT 1", "explain"),
@@ -531,6 +534,37 @@ async def test_a_clickhouse_error_is_a_400_with_its_message(api: Client) -> None
 async def test_refused_before_it_runs(api: Client, query: str, code: str, words: str) -> None:
     message = await refused(api, query, code)
     assert words.lower() in message.lower(), message
+
+
+async def test_no_statement_reads_a_file_of_the_store_process(
+    api: Client, tmp_path: Path
+) -> None:
+    """Where ClickHouse would evaluate an expression the syntax tree does not show: a
+    SHOW's WHERE and LIMIT (EXPLAIN AST leaves them out), a column's ALIAS or DEFAULT
+    in a structure string. readonly=1 does not stop file() as a function: each of these
+    read the file (or told whether it holds a word) before they were refused."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET\n")
+    for query, code in (
+        (f"SHOW TABLES WHERE file('{secret}') LIKE '%TOP%'", "not_read_only"),
+        (f"SHOW TABLES FROM default WHERE file('{secret}') != ''", "not_read_only"),
+        (f"SHOW TABLES LIMIT length(file('{secret}'))", "not_read_only"),
+        (f"SHOW COLUMNS FROM calls WHERE file('{secret}') != ''", "not_read_only"),
+        (f"SELECT b FROM generateRandom('a Int8, b String ALIAS file(''{secret}'')') LIMIT 1",
+         "forbidden_function"),
+        (f"SELECT b FROM generateRandom(concat('a Int8, b String ALIAS fi', 'le(''{secret}'')'))"
+         " LIMIT 1", "forbidden_function"),
+        (f"SELECT * FROM values('a Int8, b String DEFAULT file(''{secret}'')', 1)",
+         "forbidden_function"),
+        (f"SHOW COLUMNS FROM `{secret}`", "forbidden_table"),
+        (f"SHOW CREATE TABLE `{secret}`", "forbidden_table"),
+        ("SHOW TABLES /* WHERE */", "not_read_only"),
+    ):  # fmt: skip
+        async with api.post("/api/v1/sql", json={"query": query}) as response:
+            text = await response.text()
+            assert response.status == 400, (query, text)
+        assert "TOPSECRET" not in text
+        assert orjson.loads(text)["error"]["code"] == code, (query, text)
 
 
 async def test_nothing_refused_was_done(api: Client, store: Store) -> None:
