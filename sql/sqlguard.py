@@ -39,9 +39,10 @@ class SqlLimits:
     # take gigabytes of it. Rows are read a block at a time and the answer stops short.
     max_answer_bytes: int = 64 * 1024**2
 
-    def session_settings(self) -> dict[str, Any]:
-        """The read-only session's settings; ``readonly`` last (it freezes the rest)."""
-        return {
+    def session_settings(self, *, embedded: bool) -> dict[str, Any]:
+        """The read-only session's settings on chDB (``embedded``) or a ClickHouse
+        server; ``readonly`` last (it freezes the rest)."""
+        settings: dict[str, Any] = {
             "max_execution_time": self.timeout_s,
             "timeout_overflow_mode": "throw",
             # One row more than any request may ask for: more than that, and the
@@ -49,18 +50,21 @@ class SqlLimits:
             "max_result_rows": self.max_rows + 1,
             "result_overflow_mode": "break",
             "max_memory_usage": self.max_memory_bytes,
-            # A ClickHouse server stops sending past this (chDB: the stream is cancelled
-            # once the answer is full). ClickHouse counts a row's bytes in memory, which
-            # for rows wide enough to matter is about what they take encoded: four times
-            # the answer's limit is never reached first.
-            "max_result_bytes": 4 * self.max_answer_bytes,
             # No max_block_size: the answer is read a block at a time, so a block is what
             # is held beyond it, but smaller blocks slow every query down (2,048: GROUP
             # BY over 50M rows ~1.9x). ClickHouse's own are 65,409 rows, and rows read
             # from a table come in blocks of about 1 MB (preferred_block_size_bytes).
             "session_timezone": "UTC",
-            "readonly": 1,
         }
+        if not embedded:
+            # What a server sends past a full answer is read and dropped (clickhouse-
+            # connect drains the response it closes): it stops sending past this. It
+            # counts rows as they are in memory, and "break" stops without a word, so a
+            # few rows far wider in memory than encoded (NULLs of a wide Nullable tuple)
+            # can end an answer here that says it is whole. chDB has no such limit: its
+            # stream is cancelled at once, and this one cut 8,000 such rows to 4,500.
+            settings["max_result_bytes"] = 4 * self.max_answer_bytes
+        return {**settings, "readonly": 1}
 
 
 # -- refusals ---------------------------------------------------------------------------

@@ -55,7 +55,8 @@ class SqlRunner:
 
     def _connection(self) -> Any:
         if self._client is None:
-            self._client = connect(self.dsn, self.limits.session_settings())
+            embedded = self.dsn.startswith("chdb://")
+            self._client = connect(self.dsn, self.limits.session_settings(embedded=embedded))
         return self._client
 
     def explain(self, text: str, lead: str = "") -> Node:

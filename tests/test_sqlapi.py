@@ -325,6 +325,26 @@ async def test_an_answer_stops_at_its_byte_limit(serve: ServeFn, fmt: str) -> No
         assert (body["rows_returned"], body["truncated_by"]) == (5000, None)
 
 
+async def test_rows_wide_in_memory_but_not_encoded_are_all_answered(
+    serve: ServeFn, store: Store
+) -> None:
+    """8,000 NULLs of a 32 x UInt256 tuple: ~8 MB as ClickHouse holds them, ~90 kB as
+    encoded. A result limit counted in memory (max_result_bytes, 4 MB here) cut them at
+    4,500 and the answer said it was whole: the answer's own limit is what cuts."""
+    wide = "Nullable(Tuple(" + ", ".join(["UInt256"] * 32) + "))"
+    store.command(f"CREATE TABLE wide (n UInt32, a {wide}) ENGINE = MergeTree ORDER BY n")
+    store.command("SYSTEM STOP MERGES wide")  # 16 parts: more than one block
+    for part in range(16):
+        store.command(
+            "INSERT INTO wide SELECT number, NULL FROM numbers({start:UInt32}, 500)",
+            {"start": part * 500},
+        )
+    async with serve(sqlguard.SqlLimits(max_answer_bytes=1024 * 1024)) as (api, _):
+        body = await sql(api, "SELECT n, a FROM wide ORDER BY n", max_rows=10_000)
+    assert (body["rows_returned"], body["truncated"], body["truncated_by"]) == (8000, False, None)
+    assert [row[0] for row in body["rows"]] == list(range(8000))
+
+
 async def test_a_query_past_its_time_limit_is_a_clear_400(serve: ServeFn) -> None:
     async with serve(sqlguard.SqlLimits(timeout_s=1)) as (api, _):
         started = time.monotonic()
@@ -536,9 +556,7 @@ async def test_refused_before_it_runs(api: Client, query: str, code: str, words:
     assert words.lower() in message.lower(), message
 
 
-async def test_no_statement_reads_a_file_of_the_store_process(
-    api: Client, tmp_path: Path
-) -> None:
+async def test_no_statement_reads_a_file_of_the_store_process(api: Client, tmp_path: Path) -> None:
     """Where ClickHouse would evaluate an expression the syntax tree does not show: a
     SHOW's WHERE and LIMIT (EXPLAIN AST leaves them out), a column's ALIAS or DEFAULT
     in a structure string. readonly=1 does not stop file() as a function: each of these
