@@ -9,9 +9,12 @@ whose file I/O it runs in worker threads):
 - broker down (a connect or a delivery failed), slow (a batch in flight longer than
   ``slow_after_s``), or the queue past its high-water mark (half its size): the queue
   is moved to the spool;
-- while the spool holds anything, queued events go behind it, so order is kept; when
-  the broker is back the spool is replayed oldest segment first, each segment deleted
-  once all of it was delivered;
+- while the spool holds anything, queued events wait behind it (in memory, or on disk
+  when one of the above says so), so order is kept; when the broker is back the spool
+  is replayed oldest segment first, each segment deleted once all of it was delivered,
+  and then the queue is sent. A spool being replayed does not send the queue to disk by
+  itself: with a broker answering in more than ``POLL_S``, it did, so every event went
+  through the disk for good;
 - on start, whatever a previous run (or a crash) left in the spool is replayed first;
 - :meth:`stop` gives the broker ``drain_timeout`` seconds, then spools what is left;
 - an event published with a ``delivered`` listener (a hard-capped call's response
@@ -336,7 +339,8 @@ class EventPublisher:
             )
 
     def _should_spool(self) -> bool:
-        """Move the queue to disk now? (While the spool has anything, always: order.)"""
+        """Move the queue to disk now? Not only because the spool holds something: the
+        queue is sent only once the spool is empty, so order holds without it."""
         if not self._queue or self._spool is None or self._spool.max_bytes == 0:
             return False
         now = asyncio.get_running_loop().time()
@@ -346,7 +350,6 @@ class EventPublisher:
         slow = flight is not None and now - flight.started > self._slow_after_s
         return (
             self._broker_down
-            or not self._spool.empty
             or self._reservation is not None
             or len(self._queue) >= self._high_water
             or slow

@@ -26,6 +26,7 @@ from llmtap.names import Names
 from llmtap.supervisor import broker_argv
 from tests.conftest import Broker
 from tests.fake_provider import free_port
+from tests.tls import tansu_behind_front
 
 TOPIC = Names().requests
 KEY = b"one-key-one-partition"  # so order holds on a many-partition topic too
@@ -322,6 +323,42 @@ async def test_a_restart_replays_what_the_last_run_spooled(tmp_path: Path, broke
         )
     sent = spooled + in_memory
     assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in sent}), sent)
+
+
+async def test_a_slow_broker_does_not_keep_new_events_going_through_the_disk(
+    tmp_path: Path,
+) -> None:
+    """A spool left by an outage, replayed to a broker that answers in 150 ms: events
+    published meanwhile wait in memory behind it, and once it is empty they go straight
+    to Kafka. Sent to disk because the spool was not yet empty, as they were, every
+    event went through it for good: each replay outlasted the 50 ms the policy waits,
+    and what it spooled meanwhile was the next segment to replay."""
+    spool_dir = tmp_path / "spool"
+    earlier = pings(0, 200)
+    first = publisher(f"127.0.0.1:{free_port()}", spool_dir)  # nothing listens there
+    async with running(first):
+        publish_all(first, earlier)
+        await wait_for(lambda: first.spooled == len(earlier))
+
+    later: list[Ping] = []
+    async with tansu_behind_front(None) as broker:
+        broker.front.delay_s = 0.15
+        bootstrap = broker.front.bootstrap
+        async with running(publisher(bootstrap, spool_dir)) as events_out:
+            for seq in range(len(earlier), len(earlier) + 300, 10):  # ~3 s, from its start
+                later += pings(seq, 10)
+                publish_all(events_out, later[-10:])
+                await asyncio.sleep(0.1)
+            await wait_for(
+                lambda: (
+                    events_out.published == len(earlier) + len(later) and not events_out.spool_bytes
+                )
+            )
+            assert (events_out.replayed, events_out.spooled) == (len(earlier), 0)
+            assert events_out.dropped == 0
+        sent = earlier + later
+        got = await read_all(bootstrap, {e.event_id for e in sent})
+    assert_exactly_once_in_order(got, sent)
 
 
 async def test_events_spooled_under_another_namespace_go_to_this_one_s_topics(

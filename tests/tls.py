@@ -62,6 +62,7 @@ class Front:
     port: int
     subjects: list[str] = field(default_factory=list)
     sent: bytearray = field(default_factory=bytearray)
+    delay_s: float = 0.0  # held back before each read of the broker's answers is passed on
 
     @property
     def bootstrap(self) -> str:
@@ -69,12 +70,17 @@ class Front:
 
 
 async def _pipe(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: bytearray | None
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    seen: bytearray | None,
+    front: Front | None = None,
 ) -> None:
     try:
         while data := await reader.read(65536):
             if seen is not None:
                 seen.extend(data)
+            if front is not None and front.delay_s:
+                await asyncio.sleep(front.delay_s)  # a broker that is slow to answer
             writer.write(data)
             await writer.drain()
     except OSError:
@@ -104,7 +110,7 @@ async def front_of(target_port: int, server: ssl.SSLContext | None) -> AsyncIter
             return
         open_writers.add(broker_writer)
         await asyncio.gather(
-            _pipe(reader, broker_writer, front.sent), _pipe(broker_reader, writer, None)
+            _pipe(reader, broker_writer, front.sent), _pipe(broker_reader, writer, None, front)
         )
 
     listener = await asyncio.start_server(session, HOST, front.port, ssl=server)
