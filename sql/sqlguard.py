@@ -134,9 +134,21 @@ DENIED_FUNCTIONS = frozenset(
         "deltaLake", "deltaLakeS3", "deltaLakeAzure", "deltaLakeLocal", "deltaLakeCluster",
         "hudi", "hudiCluster", "paimon", "arrowFlight", "ytsaurus",
         "catboostEvaluate", "filesystemAvailable", "filesystemCapacity", "filesystemUnreserved",
+        # the server's configuration and what tables exist, system ones included
+        "getServerSetting", "hasColumnInTable", "getMaxTableNameLengthForDatabase",
+        "showCertificate", "getMacro", "generateSerialID",
     )
 )  # fmt: skip
-DENIED_PREFIXES = ("dict",)  # dictGet, dictHas, dictGetOrDefault, dictGetHierarchy...
+# dictGet, dictHas, dictGetOrDefault...; aiGenerate, aiEmbed... (an LLM provider's API,
+# given a named collection of credentials).
+DENIED_PREFIXES = ("dict", "ai")
+# Nodes that stand for expressions EXPLAIN AST does not print: "* APPLY file" shows as
+# a bare ColumnsApplyTransformer, its function, lambda (and any subquery in it) and
+# parameters left out, so nothing inside could be checked.
+DENIED_NODES = {
+    "ColumnsApplyTransformer": "APPLY is not allowed (ClickHouse's syntax tree does not show "
+    "the function it applies): write the function around each column instead",
+}
 
 
 def _refuse(code: str, message: str) -> SqlError:
@@ -279,6 +291,8 @@ def check_tree(root: Node, text: str) -> None:
         if "/" in text:  # a name with a '/' is a file in chDB's default database
             raise _refuse("forbidden_table", "a file is not a table here")
     for node in root.walk():
+        if node.kind in DENIED_NODES:
+            raise _refuse("forbidden_function", DENIED_NODES[node.kind])
         if node.kind == "Function":
             name = node.name.lower()
             in_from = node.parent is not None and node.parent.kind == "TableExpression"
@@ -286,7 +300,7 @@ def check_tree(root: Node, text: str) -> None:
                 raise _refuse(
                     "forbidden_function",
                     f"function {node.name!r} is not allowed: it reads files, the network, "
-                    "other servers or dictionaries",
+                    "other servers, dictionaries or the server's configuration",
                 )
             if in_from and name not in TABLE_FUNCTIONS:
                 raise _refuse(

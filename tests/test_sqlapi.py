@@ -529,6 +529,12 @@ async def test_a_clickhouse_error_is_a_400_with_its_message(api: Client) -> None
         ("SELECT * FROM merge(REGEXP('sys'), '.*')", "forbidden_function", "merge"),
         ("SELECT * FROM dictionary('d')", "forbidden_function", "dictionary"),
         ("SELECT dictGet('d', 'x', toUInt64(1))", "forbidden_function", "dictGet"),
+        ("SELECT getServerSetting('path')", "forbidden_function", "getServerSetting"),
+        ("SELECT hasColumnInTable('system', 'users', 'name')", "forbidden_function",
+         "hasColumnInTable"),
+        ("SELECT aiGenerate('hello')", "forbidden_function", "aiGenerate"),
+        ("SELECT toString(number) FROM numbers(2) AS t WHERE AIFilter(toString(number))",
+         "forbidden_function", "AIFilter"),
         ("SELECT * FROM input('a String')", "forbidden_function", "input"),
         ("SELECT * FROM calls WHERE tenant IN (SELECT * FROM url('http://x/', CSV, 'a String'))",
          "forbidden_function", "url"),
@@ -577,6 +583,15 @@ async def test_no_statement_reads_a_file_of_the_store_process(api: Client, tmp_p
         (f"SHOW COLUMNS FROM `{secret}`", "forbidden_table"),
         (f"SHOW CREATE TABLE `{secret}`", "forbidden_table"),
         ("SHOW TABLES /* WHERE */", "not_read_only"),
+        # APPLY's function, lambda and parameters are not in the tree
+        (f"SELECT * APPLY file FROM (SELECT '{secret}' AS p)", "forbidden_function"),
+        (f"SELECT t.* APPLY(x -> file(x)) FROM (SELECT '{secret}' AS p) AS t",
+         "forbidden_function"),
+        (f"SELECT COLUMNS('p') APPLY(file) FROM (SELECT '{secret}' AS p)", "forbidden_function"),
+        (f"SELECT * APPLY(quantile(if(startsWith(file('{secret}'), 'X'), 0.5, 2)))"
+         " FROM numbers(3)", "forbidden_function"),
+        ("SELECT * APPLY(x -> (SELECT count() FROM system.tables)) FROM (SELECT 1 AS p)",
+         "forbidden_function"),
     ):  # fmt: skip
         async with api.post("/api/v1/sql", json={"query": query}) as response:
             text = await response.text()
