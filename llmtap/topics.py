@@ -6,7 +6,7 @@
 | llmtap.responses   | ResponseEvent | request_id  | ingress    | stream (costs)               |
 | llmtap.costed      | CostedEvent   | request_id  | stream     | sink                         |
 | llmtap.windows     | WindowEvent   | series      | stream     | stream (spikes), sink        |
-| llmtap.alerts      | Alert         | alert id    | stream     | sinks (webhooks)             |
+| llmtap.alerts      | Alert         | its series  | stream     | sinks (webhooks)             |
 | llmtap.budgets     | BudgetState   | budget name | stream     | ingress (caps), store        |
 | llmtap.reservations | Reservations | ingress id  | ingress    | store (budgets' reserved_usd) |
 | llmtap.checkpoints | Checkpoint    | partition   | stream     | stream (at start)            |
@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from llmtap.events import Alert
 from llmtap.kafka import Kafka
 
 # How long a consumer's fetch may wait for data. Kafka answers a fetch as soon as there
@@ -47,6 +48,17 @@ log = logging.getLogger(__name__)
 
 def partition_key(request_id: uuid.UUID) -> bytes:
     return str(request_id).encode()
+
+
+def alert_key(alert: Alert) -> bytes:
+    """What an alert is about (its type, rule, scope and tenant), not its id: a series'
+    alerts share a partition, so they are read, and delivered, in the order they were
+    raised: a spike's firing before its resolve, a budget's 50% before its 80%. Keyed by
+    id, they were spread over partitions, and a dispatcher taking a batch partition by
+    partition could send the resolve first."""
+    return "\x1f".join(
+        (alert.alert_type, alert.rule, alert.dimension, alert.value, alert.tenant)
+    ).encode()
 
 
 class TopicsRefused(RuntimeError):

@@ -19,6 +19,7 @@ from decimal import Decimal
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from llmtap import topics
 from llmtap.config import BudgetConfig
 from llmtap.events import Alert, BudgetState
 from llmtap.kafka import Kafka
@@ -125,7 +126,7 @@ async def publish_states(
             )
         for alert in alerts:
             await producer.send_and_wait(
-                kafka.names.alerts, alert.model_dump_json().encode(), key=alert.event_id.bytes
+                kafka.names.alerts, alert.model_dump_json().encode(), key=topics.alert_key(alert)
             )
             log.warning("%s", alert.message)
     except KafkaError as exc:

@@ -15,7 +15,7 @@ import os
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -442,15 +442,16 @@ async def dispatching(
             await task
 
 
-async def publish(bootstrap: str, items: list[Alert | bytes]) -> dict[TopicPartition, int]:
-    """Publish alerts keyed by id (or raw bytes); return each partition's end offset."""
+async def publish(bootstrap: str, items: Sequence[Alert | bytes]) -> dict[TopicPartition, int]:
+    """Publish alerts keyed as llmtap keys them (or raw bytes); return each partition's
+    end offset."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
         sent = []
         for item in items:
             if isinstance(item, Alert):
-                value, key = item.model_dump_json().encode(), str(item.event_id).encode()
+                value, key = item.model_dump_json().encode(), topics.alert_key(item)
             else:
                 value, key = item, str(uuid.uuid4()).encode()
             sent.append(await producer.send(Names().alerts, value, key=key))
@@ -717,6 +718,60 @@ async def test_unfinished_deliveries_are_resumed_at_start(broker: Broker, store:
         (1, 503, "retrying"),
         (2, 200, "delivered"),  # numbering goes on from what was recorded
     ]
+
+
+def test_a_series_alerts_share_a_partition_key_and_other_series_do_not() -> None:
+    firing = make_alert("cost-spike")
+    resolved = make_alert("cost-spike", state="resolved", observed=Decimal(1))
+    assert topics.alert_key(firing) == topics.alert_key(resolved)
+    budget: dict[str, Any] = {"alert_type": "budget", "metric": "spend"}
+    fifty = make_alert("monthly", **budget, threshold=Decimal(50))
+    eighty = make_alert("monthly", **budget, threshold=Decimal(80))
+    assert topics.alert_key(fifty) == topics.alert_key(eighty)
+    others = [
+        make_alert("cost-spike", value="ads"),
+        make_alert("cost-spike", dimension="user"),
+        make_alert("cost-spike", tenant="globex"),
+        make_alert("other-rule"),
+        make_alert("cost-spike", alert_type="budget"),
+    ]
+    assert len({topics.alert_key(a) for a in [firing, fifty, *others]}) == 2 + len(others)
+
+
+async def test_a_series_alerts_are_delivered_in_the_order_they_were_raised(
+    broker: Broker, store: Store
+) -> None:
+    """Spikes fired then resolved, budgets past 50% then 80%, on a two-partition topic.
+    Keyed by alert id, a series' two alerts were on either partition, and a batch read
+    partition by partition gave the resolve first about as often as not."""
+    rule = f"rule-{uuid.uuid4()}"
+    pairs: list[tuple[Alert, Alert]] = []
+    for n in range(12):
+        series = {"value": f"team-{n}"}
+        pairs.append((make_alert(rule, **series), make_alert(rule, **series, state="resolved")))
+    for n in range(6):
+        budget = {"alert_type": "budget", "metric": "spend", "value": f"budget-{n}"}
+        pairs.append(
+            (
+                make_alert(rule, **budget, threshold=Decimal(50)),
+                make_alert(rule, **budget, threshold=Decimal(80)),
+            )
+        )
+    raised = [alert for pair in pairs for alert in pair]
+    async with receiver({}) as rec:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            webhook_allow_private=True,
+            webhooks=[endpoint("ordered", f"{rec.base_url}/ordered", rules=[rule])],
+        )
+        ends = await publish(broker.bootstrap, raised)
+        assert len(ends) == 2  # both partitions hold some
+        async with dispatching(settings, store):
+            await until(finished(store, [a.event_id for a in raised], pairs=len(raised)))
+    order = [a.webhook_id for a in rec.accepted]
+    assert sorted(order) == sorted(str(a.event_id) for a in raised)
+    for first, then in pairs:
+        assert order.index(str(first.event_id)) < order.index(str(then.event_id))
 
 
 def test_deliveries_recorded_together_resume_in_the_order_they_were_raised(store: Store) -> None:

@@ -34,6 +34,7 @@ from ingress.guards.fields import (
 from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
 from ingress.routing import NoRoute, Route, resolve
+from llmtap import topics
 from llmtap.events import Status, Usage, utcnow
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,9 @@ class Admission:
                 # No threshold may say it: a cap refuses before the spend reaches 100%.
                 publisher = request.app[PUBLISHER]
                 publisher.publish(
-                    publisher.names.alerts, alert.event_id.bytes, alert.model_dump_json().encode()
+                    publisher.names.alerts,
+                    topics.alert_key(alert),
+                    alert.model_dump_json().encode(),
                 )
             # Spent: OpenAI's own answer to an organization past its spend limit, a 429
             # typed insufficient_quota, which clients take as lasting. Held back by calls

@@ -24,7 +24,7 @@ from datetime import datetime
 import faust
 from aiokafka import AIOKafkaProducer
 
-from llmtap import wire
+from llmtap import topics, wire
 from llmtap.events import Alert, BudgetState, utcnow
 from llmtap.following import Follower
 from llmtap.kafka import Kafka
@@ -131,7 +131,7 @@ class BudgetsStep:
     async def _publish(self, changed: list[BudgetState], raised: list[Alert]) -> None:
         sent = [
             await self._alerts.send(
-                key=alert.event_id.bytes, value=alert.model_dump_json().encode()
+                key=topics.alert_key(alert), value=alert.model_dump_json().encode()
             )
             for alert in raised
         ]

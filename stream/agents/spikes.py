@@ -25,7 +25,7 @@ import msgspec
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
-from llmtap import logs, wire
+from llmtap import logs, topics, wire
 from llmtap.config import Settings
 from llmtap.events import Alert, utcnow
 from llmtap.names import Names
@@ -234,7 +234,7 @@ class SpikesStage(GroupStage):
         for alert in raised:
             log.warning("%s", alert.message)
             value = alert.model_dump_json().encode()
-            sent.append(await producer.send(self.names.alerts, value, key=alert.event_id.bytes))
+            sent.append(await producer.send(self.names.alerts, value, key=topics.alert_key(alert)))
         await asyncio.gather(*sent)
         for alert in raised:
             self.alerts_raised[alert.state] += 1
