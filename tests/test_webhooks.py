@@ -694,6 +694,48 @@ async def test_private_targets_are_refused_and_never_contacted(
         assert refused[1:3] == (None, "refused") and refused[3].startswith("refused: ")
 
 
+async def test_two_store_processes_send_each_delivery_once(broker: Broker, store: Store) -> None:
+    """Two dispatchers in one group, on one ClickHouse, as two store processes are: the
+    first has every alert's delivery retrying (the receiver answers 503) when the second
+    joins. Each resumed every unfinished delivery, so each alert was sent, accepted and
+    recorded as delivered twice; now each process sends its partitions' only, and the
+    first stops sending the ones it gives up."""
+    rule = f"rule-{uuid.uuid4()}"
+    alerts = [make_alert(rule, value=f"team-{n}") for n in range(8)]
+    ids = [str(a.event_id) for a in alerts]
+    async with receiver({"shared": Behaviour(always=503)}) as rec:
+        hook = endpoint("shared", f"{rec.base_url}/shared", rules=[rule], max_attempts=1000)
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap, webhook_allow_private=True, webhooks=[hook]
+        )
+        ends = await publish(broker.bootstrap, alerts)
+        assert len(ends) == 2  # both partitions hold some
+        group = f"webhooks-test-{uuid.uuid4()}"
+        async with dispatching(settings, store, group) as first:
+            await until(lambda: len(rec.requests("shared")) >= 3)  # retrying
+            await until(lambda: all_committed(broker.bootstrap, group, ends))
+            async with dispatching(settings, store, group) as second:
+                await until(
+                    lambda: (
+                        bool(first.owned.partitions)
+                        and bool(second.owned.partitions)
+                        and first.owned.partitions | second.owned.partitions == {0, 1}
+                    )
+                )
+                assert not first.owned.partitions & second.owned.partitions
+                rec.behaviours["shared"].always = None  # the receiver is back
+                await until(finished(store, [a.event_id for a in alerts], pairs=len(alerts)))
+                # Both done with everything they took (each took every delivery, and
+                # sent each once more, before).
+                workers = [first.workers["shared"], second.workers["shared"]]
+                await until(lambda: all(w.idle for w in workers))
+    assert rec.accepted_ids("shared") == Counter(ids)
+    steps = attempts(store, [a.event_id for a in alerts])
+    for i in ids:
+        final = [s for s in steps["shared", i] if s[2] in records.FINAL]
+        assert [s[2] for s in final] == ["delivered"], steps["shared", i]
+
+
 async def test_unfinished_deliveries_are_resumed_at_start(broker: Broker, store: Store) -> None:
     """A process stopped mid-delivery: the alert and two steps are recorded, nothing final."""
     rule = f"rule-{uuid.uuid4()}"
@@ -774,6 +816,27 @@ async def test_a_series_alerts_are_delivered_in_the_order_they_were_raised(
         assert order.index(str(first.event_id)) < order.index(str(then.event_id))
 
 
+def test_a_process_resumes_the_deliveries_of_its_partitions_only(store: Store) -> None:
+    rule = f"rule-{uuid.uuid4()}"
+    hook = f"owned-{uuid.uuid4()}"
+    on = {n: make_alert(rule, value=f"team-{n}") for n in (0, 1, 2)}
+    unknown = make_alert(rule, value="before partitions were recorded")
+    records.store_batch(
+        store, list(on.values()), [(hook, a) for a in on.values()], [],
+        {a.event_id: n for n, a in on.items()},
+    )  # fmt: skip
+    records.store_batch(store, [unknown], [(hook, unknown)], [])
+
+    def resumed(partitions: set[int]) -> set[uuid.UUID]:
+        jobs = records.unfinished(store, hook, 10, partitions)
+        assert all(job.partition in partitions | {-1} for job in jobs)
+        return {job.alert.event_id for job in jobs}
+
+    assert resumed({1}) == {on[1].event_id}
+    assert resumed({0, 2}) == {on[0].event_id, on[2].event_id, unknown.event_id}
+    assert resumed(set()) == set()
+
+
 def test_deliveries_recorded_together_resume_in_the_order_they_were_raised(store: Store) -> None:
     """A spike's firing and its resolve recorded in one batch (a backlog read at once)
     share their `since`: they were resumed in the order of their ids, so a receiver
@@ -795,7 +858,7 @@ def test_deliveries_recorded_together_resume_in_the_order_they_were_raised(store
     alerts = [resolved, firing, earlier, eighty, fifty]
     hook = f"ordered-{uuid.uuid4()}"
     records.store_batch(store, alerts, [(hook, a) for a in alerts], [])
-    jobs = records.unfinished(store, hook, 10)
+    jobs = records.unfinished(store, hook, 10, {0})  # no partition given: partition 0's
     assert [job.alert.event_id for job in jobs] == [
         earlier.event_id,
         fifty.event_id,

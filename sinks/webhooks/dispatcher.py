@@ -9,9 +9,11 @@
 4. commit the offsets, only after step 2 is durable.
 
 Restarts: a delivery recorded without a final outcome (pending, or retrying) is resumed
-by its endpoint's worker when the dispatcher starts, counting the attempts already made.
+by its endpoint's worker when the dispatcher is given its alert's partition, counting
+the attempts already made. Each delivery is recorded with that partition, and only its
+owner sends it (worker.py): with several store processes, each sends its partitions'.
 Delivery is at least once: an attempt sent but not yet recorded when the process stops
-is sent again, with the same ``webhook-id``.
+(or gives its partition up) is sent again, with the same ``webhook-id``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
+from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError
 from pydantic import ValidationError
 
@@ -30,7 +34,7 @@ from sinks.clickhouse.decode import DeadLetter
 from sinks.consumer import consume_forever, sink_consumer
 from sinks.webhooks import records
 from sinks.webhooks.records import Job
-from sinks.webhooks.worker import EndpointWorker
+from sinks.webhooks.worker import EndpointWorker, Owned
 from sql.store import Store
 
 log = logging.getLogger(__name__)
@@ -49,12 +53,17 @@ def matches(endpoint: WebhookEndpoint, alert: Alert) -> bool:
     )
 
 
-def decode(
-    batch: list[ConsumerRecord[bytes, bytes]],
-) -> tuple[list[Alert], list[DeadLetter], dict[TopicPartition, int]]:
-    alerts: list[Alert] = []
-    letters: list[DeadLetter] = []
-    offsets: dict[TopicPartition, int] = {}
+@dataclass
+class Decoded:
+    alerts: list[Alert] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # to commit
+    partitions: dict[uuid.UUID, int] = field(default_factory=dict)  # alert id: read from
+
+
+def decode(batch: list[ConsumerRecord[bytes, bytes]]) -> Decoded:
+    decoded = Decoded()
+    alerts, letters, offsets = decoded.alerts, decoded.letters, decoded.offsets
     for record in batch:
         offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
         raw = record.value or b""
@@ -69,7 +78,29 @@ def decode(
             )
         else:
             alerts.append(alert)
-    return alerts, letters, offsets
+            decoded.partitions.setdefault(alert.event_id, record.partition)
+    return decoded
+
+
+class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Keeps :class:`Owned` to the alerts partitions the group gives this dispatcher.
+    aiokafka waits for both before the rebalance goes on: losing partitions, every
+    worker has stopped sending their deliveries before another process is given them."""
+
+    def __init__(self, owned: Owned, workers: list[EndpointWorker]) -> None:
+        self._owned = owned
+        self._workers = workers
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        gone = {tp.partition for tp in revoked}
+        self._owned.partitions = self._owned.partitions - gone
+        for worker in self._workers:
+            await worker.revoke()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._owned.partitions = frozenset(tp.partition for tp in assigned)
+        for worker in self._workers:
+            worker.reassigned()
 
 
 class WebhookDispatcher:
@@ -78,14 +109,19 @@ class WebhookDispatcher:
         self._store = store
         self._group_id = group_id or settings.kafka.names.webhook_group
         allow = settings.webhook_allow_private
+        self.owned = Owned()  # the alerts partitions this dispatcher is given
         self.workers = {
-            e.name: EndpointWorker(e, store, allow_private=allow) for e in settings.webhooks
+            e.name: EndpointWorker(e, store, allow_private=allow, owned=self.owned)
+            for e in settings.webhooks
         }
         self.alerts_read = 0
 
     def _consumer(self) -> AIOKafkaConsumer:
         kafka = self._settings.kafka
-        return sink_consumer(kafka.names.alerts, kafka, self._group_id, "store-webhooks")
+        handover = _Handover(self.owned, list(self.workers.values()))
+        return sink_consumer(
+            kafka.names.alerts, kafka, self._group_id, "store-webhooks", listener=handover
+        )
 
     async def run(self) -> None:
         """Consume until cancelled (reconnecting if the broker goes away); workers alongside."""
@@ -107,20 +143,28 @@ class WebhookDispatcher:
             batch = [r for partition in fetched.values() for r in partition]
             if not batch:
                 continue
-            alerts, letters, offsets = decode(batch)
+            decoded = decode(batch)
+            alerts, partitions = decoded.alerts, decoded.partitions
             wanted = [(e.name, a) for a in alerts for e in self._settings.webhooks if matches(e, a)]
             stored = await records.durably(
-                "storing alerts", records.store_batch, self._store, alerts, wanted, letters
+                "storing alerts",
+                records.store_batch,
+                self._store,
+                alerts,
+                wanted,
+                decoded.letters,
+                partitions,
             )
             self.alerts_read += len(alerts)
-            for name, alert in stored.new:
-                self.workers[name].offer(Job(alert))
+            for name, alert in stored.new:  # each partition's in the order read
+                self.workers[name].offer(Job(alert, partition=partitions[alert.event_id]))
             for name, alert_id in stored.unfinished:
                 if name in self.workers:
                     self.workers[name].resume(alert_id)
             try:
-                await consumer.commit(offsets)
+                await consumer.commit(decoded.offsets)
             except CommitFailedError as exc:
                 # Another dispatcher owns these partitions now; it re-reads them, and the
-                # stored rows keep it from storing or delivering anything twice.
+                # stored rows keep it from storing anything twice. Their deliveries are
+                # its to send: this one's workers dropped them when they were revoked.
                 log.warning("commit after storing alerts failed (%s)", exc)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
 from datetime import datetime
 from decimal import Decimal
@@ -63,6 +63,9 @@ class Attempt:
     status_code: int | None
     error: str
     outcome: Outcome
+    # The alerts-topic partition its alert was read from: its owner delivers it (-1:
+    # not known, recorded before deliveries had one).
+    alert_partition: int = -1
 
 
 DELIVERY_COLUMNS = tuple(f.name for f in fields(Attempt))
@@ -74,6 +77,7 @@ class Job:
 
     alert: Alert
     attempts: int = 0
+    partition: int = -1  # the alerts-topic partition it belongs to (Attempt.alert_partition)
 
 
 @dataclass
@@ -132,8 +136,11 @@ def store_batch(
     alerts: list[Alert],
     wanted: list[tuple[str, Alert]],
     dead_letters: list[DeadLetter],
+    partitions: Mapping[uuid.UUID, int] | None = None,
 ) -> Stored:
-    """Store new alerts (insert-if-absent) and a pending row per new delivery wanted."""
+    """Store new alerts (insert-if-absent) and a pending row per new delivery wanted,
+    with the partition each alert was read from (``partitions``; -1 if not given)."""
+    partitions = partitions or {}
     unique = list({a.event_id: a for a in alerts}.values())
     ids = [a.event_id for a in unique]
     if ids:
@@ -151,7 +158,11 @@ def store_batch(
         {(e, a.event_id): (e, a) for e, a in wanted if (a.event_id, e) not in states}.values()
     )
     now = utcnow()
-    record(store, [Attempt(a.event_id, e, 0, now, None, "", "pending") for e, a in new])
+    pending = [
+        Attempt(a.event_id, e, 0, now, None, "", "pending", partitions.get(a.event_id, -1))
+        for e, a in new
+    ]
+    record(store, pending)
     letters = new_dead_letters(store, dead_letters) if dead_letters else []
     if letters:
         store.insert("dead_letters", [astuple(d) for d in letters], DEAD_LETTER_COLUMNS)
@@ -160,11 +171,18 @@ def store_batch(
     return Stored(new, left)
 
 
-def unfinished(store: Store, endpoint: str, limit: int) -> list[Job]:
-    """One endpoint's deliveries with no final outcome, oldest first."""
-    rows = store.rows(
-        render("webhook_unfinished"), {"endpoint": endpoint, "final": list(FINAL), "limit": limit}
-    )
+def unfinished(store: Store, endpoint: str, limit: int, partitions: Collection[int]) -> list[Job]:
+    """One endpoint's deliveries with no final outcome, of alerts read from
+    ``partitions`` (and those of no known partition, with partition 0), oldest first."""
+    if not partitions:
+        return []
+    values = {
+        "endpoint": endpoint,
+        "final": list(FINAL),
+        "limit": limit,
+        "partitions": sorted(partitions),
+    }
+    rows = store.rows(render("webhook_unfinished"), values)
     jobs = []
     for row in rows:
         try:
@@ -183,11 +201,12 @@ def unfinished(store: Store, endpoint: str, limit: int) -> list[Job]:
                         None,
                         error,
                         "dead_lettered",
+                        row["alert_partition"],
                     )
                 ],
             )
             continue
-        jobs.append(Job(alert, int(row["attempts"])))
+        jobs.append(Job(alert, int(row["attempts"]), int(row["alert_partition"])))
     return jobs
 
 

@@ -5,13 +5,22 @@ it is full, or at start, or when an unfinished delivery it does not hold is seen
 worker rescans ClickHouse (``webhook_unfinished``) once its queue runs dry. A slow or
 dead receiver therefore fills only its own queue and never holds up another endpoint,
 nor the Kafka consumer.
+
+A delivery belongs to the alerts-topic partition its alert was read from, and only the
+store process that owns that partition (:class:`Owned`, kept by the dispatcher's
+rebalance listener) queues, resumes or sends it. Losing partitions, the worker drops
+their queued deliveries and stops the one it is sending before the rebalance goes on
+(an attempt being recorded is recorded first): the next owner resumes them, counting
+the attempts recorded, so no two processes send one delivery or record its outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from dataclasses import dataclass, replace
 
 import aiohttp
 import jinja2
@@ -28,6 +37,17 @@ QUEUE_SIZE = 1000
 ERROR_PAUSE_S = 1.0  # after an unexpected error, before going on
 
 
+@dataclass
+class Owned:
+    """The alerts-topic partitions this store process owns in the webhooks group."""
+
+    partitions: frozenset[int] = frozenset()
+
+    def holds(self, job: Job) -> bool:
+        """A job of no known partition (-1: recorded before they had one) is partition 0's."""
+        return max(job.partition, 0) in self.partitions
+
+
 class EndpointWorker:
     def __init__(
         self,
@@ -35,21 +55,26 @@ class EndpointWorker:
         store: Store,
         *,
         allow_private: bool,
+        owned: Owned,
         queue_size: int = QUEUE_SIZE,
     ) -> None:
         self.endpoint = endpoint
         self._store = store
         self._allow_private = allow_private
+        self._owned = owned
         self._template = render.load(endpoint.template)  # a broken template fails at start
         self._queue: asyncio.Queue[Job | None] = asyncio.Queue(queue_size)
         self._held: set[uuid.UUID] = set()  # alert ids queued or being delivered
-        self._rescan = True  # at start: resume deliveries a previous run left unfinished
+        # Deliveries a previous run (or owner) left unfinished are resumed once the
+        # worker is given partitions (:meth:`reassigned`), and only theirs.
+        self._rescan = False
+        self._sending: tuple[Job, asyncio.Task[None]] | None = None
         self.outcomes: dict[records.Outcome, int] = {}  # deliveries finished
         self.attempts: dict[records.Outcome, int] = {}  # HTTP attempts, by result
 
     def offer(self, job: Job) -> None:
         """Queue a delivery recorded as pending; never blocks."""
-        if job.alert.event_id in self._held:
+        if job.alert.event_id in self._held or not self._owned.holds(job):
             return
         try:
             self._queue.put_nowait(job)
@@ -66,6 +91,37 @@ class EndpointWorker:
         if self._queue.empty():
             self._queue.put_nowait(None)  # wake an idle worker
 
+    def reassigned(self) -> None:
+        """Partitions were given: resume their unfinished deliveries."""
+        self._rescan = True
+        if self._queue.empty():
+            self._queue.put_nowait(None)  # wake an idle worker
+
+    async def revoke(self) -> None:
+        """Partitions were taken (:class:`Owned` says which are left): drop what is
+        queued of the others, and stop sending theirs, before their next owner starts."""
+        kept = []
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is None:
+                continue
+            if self._owned.holds(job):
+                kept.append(job)
+            else:
+                self._held.discard(job.alert.event_id)
+        for job in kept:
+            self._queue.put_nowait(job)
+        if self._sending is not None and not self._owned.holds(self._sending[0]):
+            job, task = self._sending
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            log.info(
+                "webhook %s: alert %s handed over with its partition",
+                self.endpoint.name,
+                job.alert.event_id,
+            )
+
     async def run(self) -> None:
         async with deliver.client_session(allow_private=self._allow_private) as session:
             while True:
@@ -74,8 +130,18 @@ class EndpointWorker:
                 job = await self._queue.get()
                 if job is None:
                     continue
+                if not self._owned.holds(job):  # its partition was taken meanwhile
+                    self._held.discard(job.alert.event_id)
+                    continue
+                sending = asyncio.create_task(self._deliver(session, job))
+                self._sending = (job, sending)
                 try:
-                    await self._deliver(session, job)
+                    await sending
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the worker's own stop
+                    # revoke(): its partition is another process's now
                 except Exception:
                     # A bug must not stop this endpoint for good: the delivery is still
                     # unfinished in ClickHouse, and is picked up again by a rescan.
@@ -83,14 +149,21 @@ class EndpointWorker:
                     self._rescan = True
                     await asyncio.sleep(ERROR_PAUSE_S)
                 finally:
+                    self._sending = None
                     self._held.discard(job.alert.event_id)
 
     async def _refill(self) -> None:
         self._rescan = False
         limit = self._queue.maxsize
         name = self.endpoint.name
+        partitions = self._owned.partitions
         jobs = await records.durably(
-            "reading unfinished deliveries", records.unfinished, self._store, name, limit
+            "reading unfinished deliveries",
+            records.unfinished,
+            self._store,
+            name,
+            limit,
+            partitions,
         )
         if jobs:
             log.info("webhook %s: %d unfinished deliveries resumed", name, len(jobs))
@@ -102,12 +175,30 @@ class EndpointWorker:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing being sent, no rescan due."""
+        return self._queue.empty() and self._sending is None and not self._rescan
+
     async def _record(self, attempt: Attempt) -> None:
+        """Record an attempt; a delivery stopped meanwhile (revoke) stops once it is
+        recorded, so the next owner counts it."""
         self.attempts[attempt.outcome] = self.attempts.get(attempt.outcome, 0) + 1
-        await records.durably("recording an attempt", records.record, self._store, [attempt])
+        recording = asyncio.ensure_future(
+            records.durably("recording an attempt", records.record, self._store, [attempt])
+        )
+        try:
+            await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            await recording
+            raise
 
     async def _deliver(self, session: aiohttp.ClientSession, job: Job) -> None:
         alert = job.alert
+
+        async def record(attempt: Attempt) -> None:
+            await self._record(replace(attempt, alert_partition=job.partition))
+
         try:
             body = render.render(self._template, alert)
         except jinja2.TemplateError as exc:
@@ -116,7 +207,7 @@ class EndpointWorker:
             attempt = Attempt(
                 alert.event_id, name, job.attempts, utcnow(), None, error, "dead_lettered"
             )
-            await self._record(attempt)
+            await record(attempt)
             outcome: records.Outcome = "dead_lettered"
         else:
             outcome = await deliver.deliver(
@@ -125,7 +216,7 @@ class EndpointWorker:
                 alert.event_id,
                 body,
                 allow_private=self._allow_private,
-                record=self._record,
+                record=record,
                 attempts_made=job.attempts,
             )
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1

@@ -1,16 +1,28 @@
--- One endpoint's deliveries with no final outcome yet, oldest first, with the alert to
--- render again and how many attempts were already made (0: only recorded as pending).
+-- One endpoint's deliveries with no final outcome yet, of the alerts-topic partitions
+-- this store process owns (and those recorded before deliveries had one, -1, with
+-- partition 0), oldest first, with the alert to render again and how many attempts
+-- were already made (0: only recorded as pending).
 -- Alerts recorded together (one batch: one `since`) go in the order they were raised,
 -- a firing before its resolve, a budget's 50% before its 80%, not in id order.
 WITH unfinished AS
 (
-    SELECT alert_id, max(attempt) AS attempts, min(ts) AS since
+    SELECT
+        alert_id,
+        max(attempt) AS attempts,
+        min(ts) AS since,
+        max(alert_partition) AS alert_partition
     FROM webhook_deliveries
     WHERE endpoint = {endpoint:String}
     GROUP BY alert_id
     HAVING countIf(outcome IN {final:Array(String)}) = 0
+        AND (has({partitions:Array(Int32)}, alert_partition)
+             OR (alert_partition = -1 AND has({partitions:Array(Int32)}, 0)))
 )
-SELECT u.alert_id AS alert_id, u.attempts AS attempts, a.payload AS payload
+SELECT
+    u.alert_id AS alert_id,
+    u.attempts AS attempts,
+    u.alert_partition AS alert_partition,
+    a.payload AS payload
 FROM unfinished AS u
 INNER JOIN
 (
