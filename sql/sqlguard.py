@@ -55,6 +55,7 @@ class SqlLimits:
             # BY over 50M rows ~1.9x). ClickHouse's own are 65,409 rows, and rows read
             # from a table come in blocks of about 1 MB (preferred_block_size_bytes).
             "session_timezone": "UTC",
+            "allow_introspection_functions": 0,
         }
         if not embedded:
             # What a server sends past a full answer is read and dropped (clickhouse-
@@ -135,20 +136,58 @@ DENIED_FUNCTIONS = frozenset(
         "hudi", "hudiCluster", "paimon", "arrowFlight", "ytsaurus",
         "catboostEvaluate", "filesystemAvailable", "filesystemCapacity", "filesystemUnreserved",
         # the server's configuration and what tables exist, system ones included
-        "getServerSetting", "hasColumnInTable", "getMaxTableNameLengthForDatabase",
-        "showCertificate", "getMacro", "generateSerialID",
+        "getServerSetting", "getMergeTreeSetting", "hasColumnInTable",
+        "getMaxTableNameLengthForDatabase", "showCertificate", "getMacro",
+        # writes: to Keeper, to the server's log
+        "generateSerialID", "logTrace",
+        # a table or model named by a string (not a table the tree shows)
+        "joinGet", "joinGetOrNull", "naiveBayesClassifier",
+        # the server's own binary (introspection; also off in the session)
+        "addressToLine", "addressToLineWithInlines", "addressToSymbol", "demangle",
     )
 )  # fmt: skip
 # dictGet, dictHas, dictGetOrDefault...; aiGenerate, aiEmbed... (an LLM provider's API,
 # given a named collection of credentials).
 DENIED_PREFIXES = ("dict", "ai")
-# Nodes that stand for expressions EXPLAIN AST does not print: "* APPLY file" shows as
-# a bare ColumnsApplyTransformer, its function, lambda (and any subquery in it) and
-# parameters left out, so nothing inside could be checked.
-DENIED_NODES = {
+# The syntax tree's nodes a query may hold: each of these prints every expression under
+# it. A node that does not (or a syntax added by a later ClickHouse) is refused, not
+# trusted: "* APPLY file" shows as a bare ColumnsApplyTransformer, its function, lambda
+# (and any subquery in it) and parameters left out. Found by running EXPLAIN AST over
+# llmtap's own analytics queries and over a battery of every SELECT clause.
+ALLOWED_NODES = frozenset(
+    {
+        # roots (READ_ROOTS)
+        "SelectWithUnionQuery", "Explain", "DescribeQuery", "ShowTables", "ShowColumns",
+        "ShowCreateTableQuery",
+        # query structure
+        "SelectQuery", "SelectIntersectExceptQuery", "Subquery", "WithElement",
+        "ExpressionList", "TablesInSelectQuery", "TablesInSelectQueryElement",
+        "TableExpression", "TableIdentifier", "TableJoin", "ArrayJoin", "SampleRatio",
+        "OrderByElement", "InterpolateElement", "WindowDefinition", "WindowListElement",
+        # SETTINGS and EXPLAIN's options: values only (readonly=1 refuses any change)
+        "Set",
+        # expressions
+        "Function", "Identifier", "Literal", "Asterisk", "QualifiedAsterisk",
+        "ColumnsRegexpMatcher", "QualifiedColumnsRegexpMatcher", "ColumnsListMatcher",
+        "QualifiedColumnsListMatcher", "ColumnsTransformerList", "ColumnsExceptTransformer",
+        "ColumnsReplaceTransformer", "ColumnsReplaceTransformer::Replacement",
+    }
+)  # fmt: skip
+NODE_REFUSALS = {
     "ColumnsApplyTransformer": "APPLY is not allowed (ClickHouse's syntax tree does not show "
     "the function it applies): write the function around each column instead",
 }
+# Functions that take an aggregate function as a string and parse it when they run, its
+# parameters with it (arrayReduce('groupConcat(file(...))', ...) read the file): only a
+# bare name is allowed ('sum', 'uniqIf'), as a literal.
+AGGREGATE_BY_NAME = frozenset({"arrayreduce", "arrayreduceinranges", "initializeaggregation"})
+_BARE_NAME = re.compile(r"\\'[A-Za-z_][A-Za-z0-9_]*\\'")  # as EXPLAIN AST prints 'sum'
+
+
+def _aggregate_named(node: Node) -> bool:
+    """Whether an arrayReduce-like call's first argument is a bare name, literally."""
+    args = node.children[0].children if node.children else []
+    return bool(args) and args[0].kind == "Literal" and bool(_BARE_NAME.fullmatch(args[0].detail))
 
 
 def _refuse(code: str, message: str) -> SqlError:
@@ -290,11 +329,26 @@ def check_tree(root: Node, text: str) -> None:
             )
         if "/" in text:  # a name with a '/' is a file in chDB's default database
             raise _refuse("forbidden_table", "a file is not a table here")
+    # EXPLAIN [kind] [options] SELECT: its options (indexes = 1, header = 1...) are a Set.
+    if root.kind == "Explain" and [c.kind for c in root.children if c.kind != "Set"] != [
+        "SelectWithUnionQuery"
+    ]:
+        raise _refuse("not_read_only", "EXPLAIN runs here for a SELECT only, without FORMAT")
     for node in root.walk():
-        if node.kind in DENIED_NODES:
-            raise _refuse("forbidden_function", DENIED_NODES[node.kind])
+        if node.kind in NODE_REFUSALS:
+            raise _refuse("forbidden_function", NODE_REFUSALS[node.kind])
+        if node.kind not in ALLOWED_NODES:
+            raise _refuse(
+                "bad_query", f"this syntax ({node.kind} in ClickHouse's tree) is not allowed here"
+            )
         if node.kind == "Function":
             name = node.name.lower()
+            if name in AGGREGATE_BY_NAME and not _aggregate_named(node):
+                raise _refuse(
+                    "forbidden_function",
+                    f"{node.name}'s aggregate function must be a bare name in a string literal "
+                    "('sum', 'uniqIf'), without parameters: ClickHouse runs that string as SQL",
+                )
             in_from = node.parent is not None and node.parent.kind == "TableExpression"
             if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
                 raise _refuse(
@@ -318,11 +372,6 @@ def check_tree(root: Node, text: str) -> None:
                     "forbidden_table",
                     f"{node.name!r}: system and information_schema tables are not available",
                 )
-    # EXPLAIN [kind] [options] SELECT: its options (indexes = 1, header = 1...) are a Set.
-    if root.kind == "Explain" and [c.kind for c in root.children if c.kind != "Set"] != [
-        "SelectWithUnionQuery"
-    ]:
-        raise _refuse("not_read_only", "EXPLAIN runs here for a SELECT only, without FORMAT")
     if root.kind in ("SelectWithUnionQuery", "DescribeQuery") and len(root.children) != 1:
         raise _refuse(
             "bad_query",
