@@ -102,6 +102,7 @@ CLOSE_TIMEOUT_S = 5.0  # for the producer to stop
 ABANDON_TIMEOUT_S = 10.0  # for the task to wind down once stop() gives up on the broker
 DROP_LOG_INTERVAL_S = 1.0
 SPOOL_RETRY_S = 1.0  # after the spool refused events (full, or a disk error)
+SPOOL_OPEN_RETRY_S = 5.0  # after the spool could not be opened (another process holds it)
 # Spooled records whose delivery someone waits to hear of (hard-capped calls' response
 # events); past this many, the oldest stop waiting (their costs age out in the budget book).
 MAX_AWAITING = 100_000
@@ -179,6 +180,8 @@ class EventPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._spool: Spool | None = None
         self._spool_retry_at = 0.0  # after a refusal, try the spool again from then (or an ack)
+        self._spool_open_at = 0.0  # after a failed open, open it again from then
+        self._open_log = logs.AtMostEvery(60.0)
         self._broker_down = False  # the last connect or delivery failed
         self._in_flight: _InFlight | None = None
         self._reservation: int | None = None  # the spool's place for the batch in flight
@@ -258,6 +261,8 @@ class EventPublisher:
                     await self._task
         await self._disconnect()  # settles what was in flight: delivered, or not
         await self._settle()
+        if self._queue and self._spool is None:
+            await self._open_spool()  # one last try: what is left has nowhere else to go
         if self._queue and self._spool is not None:
             await self._spool_queue()
         if self._queue:
@@ -289,12 +294,9 @@ class EventPublisher:
                 await asyncio.sleep(1.0)
 
     async def _run(self) -> None:
-        if self._spool is None:
-            await self._open_spool()
         backoff = BACKOFF_MIN_S
         while True:
-            if self._should_spool():
-                await self._spool_queue()
+            await self._spool_policy()
             if self._closing and (not self._queue or self._producer is None):
                 return
             if self._producer is None:
@@ -318,7 +320,16 @@ class EventPublisher:
                 self._broker_down = True
                 await self._disconnect()
 
+    async def _spool_policy(self) -> None:
+        """Open the spool if it is not (yet) open; move the queue to it if it should be."""
+        if self._spool is None and asyncio.get_running_loop().time() >= self._spool_open_at:
+            await self._open_spool()
+        if self._should_spool():
+            await self._spool_queue()
+
     async def _open_spool(self) -> None:
+        """Open the spool; failing (another process holds it, the disk), try again in
+        ``SPOOL_OPEN_RETRY_S``: events wait in memory meanwhile."""
         try:
             spool = await asyncio.to_thread(
                 Spool,
@@ -326,8 +337,19 @@ class EventPublisher:
                 max_bytes=self._spool_max_bytes,
                 segment_bytes=self._segment_bytes,
             )
-        except OSError:
-            log.exception("cannot open the spool at %s: events wait in memory", self._spool_dir)
+        except OSError as exc:
+            self._spool_open_at = asyncio.get_running_loop().time() + SPOOL_OPEN_RETRY_S
+            if self._open_log.due():
+                log.error(
+                    "cannot open the spool at %s (%s): events wait in memory; tried again "
+                    "every %.0f s",
+                    self._spool_dir,
+                    exc,
+                    SPOOL_OPEN_RETRY_S,
+                )
+            return
+        if self._spool is not None:  # stop()'s own try, while the loop's was under way
+            await asyncio.to_thread(spool.close)
             return
         self._spool = spool
         self.spool_bytes = spool.size
@@ -391,8 +413,7 @@ class EventPublisher:
                     return task.result()
                 if self._abandon:
                     raise _Abandoned
-                if self._should_spool():
-                    await self._spool_queue()
+                await self._spool_policy()
         finally:
             task.cancel()
 
@@ -580,8 +601,21 @@ class EventPublisher:
         self.spooled += len(records) - refused
         self.spool_bytes = self._spool.size
         if refused:
-            self.dropped += refused
-            log.error("spool write failed: %d events dropped", refused)
+            # A disk error: they wait in memory, in front (after what the spool holds,
+            # now: later events overtake them, which every stage downstream takes, as
+            # it takes a replay), as far as the queue has room; the rest are lost.
+            back = records[len(records) - refused :]
+            room = max(0, self._queue_size - len(self._queue))
+            kept = back[:room]
+            self._queue.extendleft(reversed(kept))
+            self._spool_retry_at = asyncio.get_running_loop().time() + SPOOL_RETRY_S
+            lost = len(back) - len(kept)
+            self.dropped += lost
+            log.error(
+                "spool write failed: %d events wait in memory, %d dropped (memory queue full)",
+                len(kept),
+                lost,
+            )
 
     def _await_in_spool(self, records: list[Record]) -> None:
         """The spool keeps records' bytes, not who waits to hear where they went: keep

@@ -361,6 +361,62 @@ async def test_a_slow_broker_does_not_keep_new_events_going_through_the_disk(
     assert_exactly_once_in_order(got, sent)
 
 
+async def test_a_spool_another_process_holds_is_opened_once_it_lets_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process (a replica on the same volume, one still stopping) holds the
+    spool: events wait in memory, and go to the spool once it is free. The spool was
+    opened once, at start: never after, and events waited in memory for good."""
+    spool_dir = tmp_path / "spool"
+    held = Spool(spool_dir, max_bytes=1 << 30)
+    events = pings(0, 100)
+    nowhere = f"127.0.0.1:{free_port()}"
+    async with running(publisher(nowhere, spool_dir)) as events_out:
+        publish_all(events_out, events)
+        await wait_for(lambda: "cannot open the spool" in caplog.text)
+        assert events_out.backlog == len(events)
+        assert not events_out.spool_room and events_out.spooled == 0
+        await asyncio.to_thread(held.close)
+        await wait_for(lambda: events_out.spooled == len(events))
+        assert events_out.dropped == 0
+    assert await spooled_events(spool_dir) == events
+
+
+async def test_a_batch_the_spool_cannot_write_waits_in_memory(tmp_path: Path) -> None:
+    """A batch in flight when spooling starts keeps a place in the spool; when it then
+    fails and that place cannot be written (a disk error: here a directory in the way),
+    it waits in memory, where there is room, and is delivered. It was dropped."""
+    spool_dir = tmp_path / "spool"
+    first, stuck, behind = pings(0, 1), pings(1, 50), pings(51, 50)
+    async with tansu_behind_front(None) as broker:
+        bootstrap = broker.front.bootstrap
+        async with running(publisher(bootstrap, spool_dir)) as events_out:
+            publish_all(events_out, first)
+            await wait_for(lambda: events_out.published == 1)
+            # The spool's first place, which the batch in flight will reserve, unwritable.
+            (spool_dir / f"{1:020d}.seg").mkdir()
+            broker.front.delay_s = 6.0  # past the publisher's 2 s request timeout
+            publish_all(events_out, stuck)
+            await wait_for(lambda: events_out.backlog == 0)  # in flight
+            publish_all(events_out, behind)  # spooled once the flight is slow, behind it
+            await wait_for(lambda: events_out.spooled >= len(behind))
+            # The flight fails, its place is not written: in memory, then spooled again.
+            await wait_for(
+                lambda: events_out.spooled == len(stuck) + len(behind) or events_out.dropped > 0
+            )
+            assert events_out.dropped == 0
+            broker.front.delay_s = 0.0
+            await wait_for(
+                lambda: (
+                    events_out.published == len(first + stuck + behind)
+                    and not events_out.spool_bytes
+                )
+            )
+        sent = first + stuck + behind
+        got = await read_all(bootstrap, {e.event_id for e in sent})
+    assert {e.event_id for e in got} == {e.event_id for e in sent}  # at least once each
+
+
 async def test_events_spooled_under_another_namespace_go_to_this_one_s_topics(
     tmp_path: Path, broker: Broker
 ) -> None:
