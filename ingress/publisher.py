@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Coroutine
@@ -62,7 +63,7 @@ from aiokafka.errors import (
     RequestTimedOutError,
 )
 
-from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Spool
+from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Segment, Spool
 from llmtap import logs, topics
 from llmtap.batches import Batches
 from llmtap.kafka import Kafka
@@ -186,6 +187,7 @@ class EventPublisher:
         self._in_flight: _InFlight | None = None
         self._reservation: int | None = None  # the spool's place for the batch in flight
         self._replay_done: dict[int, set[int]] = {}  # segment -> records already delivered
+        self._replaying: Segment | None = None  # the segment being replayed, read once
         # (topic, key) -> who waits to hear where a spooled record went (_await_in_spool)
         self._awaiting: OrderedDict[tuple[str, bytes], Delivered] = OrderedDict()
         self._closing = False
@@ -498,14 +500,20 @@ class EventPublisher:
         return record if topic == record.topic else replace(record, topic=topic)
 
     async def _replay(self, producer: AIOKafkaProducer) -> bool:
-        """Send the oldest spool segment (what of it is not yet delivered); ack it if done."""
+        """Send the next ``MAX_BATCH`` records of the oldest spool segment not yet
+        delivered; ack the segment once all of it is. A flight at a time, as from the
+        queue: one of a whole segment (100,000 records, as stop() spools them) held the
+        event loop ~150 ms to account for."""
         spool = self._spool
         assert spool is not None
-        segment = await asyncio.to_thread(spool.oldest)
+        segment = self._replaying
         if segment is None:
-            return True
+            segment = self._replaying = await asyncio.to_thread(spool.oldest)
+            if segment is None:
+                return True
         done = self._replay_done.setdefault(segment.number, set())
-        indices = [i for i in range(len(segment.records)) if i not in done]
+        left = (i for i in range(len(segment.records)) if i not in done)
+        indices = list(itertools.islice(left, MAX_BATCH))
         self._in_flight = _InFlight(
             [self._renamed(segment.records[i]) for i in indices],
             started=asyncio.get_running_loop().time(),
@@ -515,6 +523,9 @@ class EventPublisher:
         await self._meanwhile(self._deliver(producer, self._in_flight))
         if not await self._settle():
             return False
+        if len(done) < len(segment.records):
+            return True  # the next flight of it
+        self._replaying = None
         await asyncio.to_thread(spool.ack, segment.number)
         del self._replay_done[segment.number]
         self.spool_bytes = spool.size

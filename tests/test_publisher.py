@@ -18,7 +18,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel
 
-from ingress.publisher import EventPublisher
+from ingress.publisher import MAX_BATCH, EventPublisher
 from ingress.spool import Record, Spool, SpoolBusy, decode, encode
 from llmtap import topics
 from llmtap.kafka import Kafka
@@ -415,6 +415,29 @@ async def test_a_batch_the_spool_cannot_write_waits_in_memory(tmp_path: Path) ->
         sent = first + stuck + behind
         got = await read_all(bootstrap, {e.event_id for e in sent})
     assert {e.event_id for e in got} == {e.event_id for e in sent}  # at least once each
+
+
+async def test_a_segment_larger_than_a_flight_is_replayed_a_flight_at_a_time(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """What stop() spools goes to one segment (here 12,000 events); its replay sends
+    MAX_BATCH at a time, each flight accounted for on the event loop: once each, in
+    order, and the segment is deleted only once all of it went."""
+    assert MAX_BATCH < 12_000
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 12_000)
+    first = publisher(f"127.0.0.1:{free_port()}", spool_dir, queue_size=20_000)
+    async with running(first):
+        publish_all(first, events)
+    assert first.spooled == len(events) and len(segment_files(spool_dir)) == 1
+
+    second = publisher(broker.bootstrap, spool_dir)
+    async with running(second):
+        await wait_for(lambda: second.replayed == len(events) and not second.spool_bytes)
+    assert second.dropped == 0 and segment_files(spool_dir) == []
+    assert_exactly_once_in_order(
+        await read_all(broker.bootstrap, {e.event_id for e in events}), events
+    )
 
 
 async def test_events_spooled_under_another_namespace_go_to_this_one_s_topics(
