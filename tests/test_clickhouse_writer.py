@@ -6,14 +6,12 @@ import asyncio
 import base64
 import contextlib
 import functools
-import multiprocessing
 import os
 import signal
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -30,7 +28,7 @@ from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
 from llmtap.names import Names
 from sinks.clickhouse import replay
-from sinks.clickhouse.decode import Batch, calls_body, decode_batch, ready, start_decode_process
+from sinks.clickhouse.decode import Batch, calls_body, decode_batch, decode_pool, ready
 from sinks.clickhouse.rows import CALLS_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
@@ -195,9 +193,7 @@ def test_a_decode_process_is_ready_for_its_first_batch_when_started(store: Store
     imports at its first use (pandas, ~0.3 s) is done as the process starts, not in the
     first batch's time (in every decode process, at every start of the pool)."""
     records = [(Names().costed, 0, 0, costed().model_dump_json().encode())]
-    with ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn"), initializer=start_decode_process
-    ) as pool:
+    with decode_pool(1) as pool:
         imported = pool.submit(modules_a_first_batch_imports, records, calls_types(store))
         assert imported.result(timeout=60) == []
 

@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -150,6 +151,16 @@ def decode_batch(records: list[Record], calls_types: tuple[str, ...] | None = No
             batch.calls = []
             batch.calls_body = CallsBody(native, columns[EVENT_ID], ts_end_range(columns))
     return batch
+
+
+def decode_pool(processes: int) -> ProcessPoolExecutor:
+    """The decode processes: spawned, not forked from a process holding chDB's threads,
+    each started by :func:`start_decode_process` (the pool starts them as work comes)."""
+    return ProcessPoolExecutor(
+        processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=start_decode_process,
+    )
 
 
 def start_decode_process() -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import threading
 import time
 from collections.abc import Awaitable
@@ -52,7 +51,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from llmtap.config import Settings
 from llmtap.heartbeats import heartbeat_meanwhile
 from sinks.clickhouse import replay
-from sinks.clickhouse.decode import Batch, Record, decode_batch, ready, start_decode_process
+from sinks.clickhouse.decode import Batch, Record, decode_batch, decode_pool, ready
 from sinks.clickhouse.write import (
     CallsInsert,
     calls_types,
@@ -225,11 +224,7 @@ class ClickHouseWriter:
     async def _start_pool(self) -> None:
         """Start the decode processes (imports and all; the pool's first ones have run
         ``ready``, the pool starts the rest as work comes), or raise, leaving none."""
-        pool = ProcessPoolExecutor(
-            self._decode_processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=start_decode_process,
-        )
+        pool = decode_pool(self._decode_processes)
         loop = asyncio.get_running_loop()
         started: list[asyncio.Future[bool]] = []
         try:
