@@ -177,17 +177,29 @@ def forget(rows: list[dict[str, Any]], unkept: list[str]) -> list[dict[str, Any]
     return rows
 
 
+MODEL_ROWS = params.MODEL_ROWS
+
+
+def first_models(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """The first MODEL_ROWS of ``rows`` (read with one more), and whether there were more."""
+    return rows[:MODEL_ROWS], len(rows) > MODEL_ROWS
+
+
 async def models(request: web.Request) -> web.Response:
     _, filters = parse(request, "models")
     scan, values, unkept = rolling_windows(filters, request.app.get(KEPT, Kept()))
-    rows = await select(
-        request.app[STORE],
-        "analytics_models",
-        scan,
-        structure=_source(request),
-        values=values,
+    rows, truncated = first_models(
+        await select(
+            request.app[STORE],
+            "analytics_models",
+            scan,
+            structure=_source(request),
+            values={**values, "limit": MODEL_ROWS + 1},
+        )
     )
-    return json_response({"range": filters.range, "data": forget(rows, unkept)})
+    return json_response(
+        {"range": filters.range, "truncated": truncated, "data": forget(rows, unkept)}
+    )
 
 
 async def timeseries(request: web.Request) -> web.Response:
@@ -255,14 +267,24 @@ def usage_totals(per_model: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def usage(request: web.Request) -> web.Response:
     _, filters = parse(request, "usage")
-    per_model = await select(
-        request.app[STORE],
-        "analytics_usage",
-        filters,
-        structure={"by_model": True, **_source(request)},
+    store = request.app[STORE]
+    per_model, truncated = first_models(
+        await select(
+            store,
+            "analytics_usage",
+            filters,
+            structure={"by_model": True, **_source(request)},
+            values={"limit": MODEL_ROWS + 1},
+        )
     )
-    totals = usage_totals(per_model)
-    return json_response({"range": filters.range, "totals": totals, "data": per_model})
+    if truncated:  # the rows are not all: the totals are counted by the store
+        structure = {"by_model": False, **_source(request)}
+        (totals,) = await select(store, "analytics_usage", filters, structure=structure)
+    else:
+        totals = usage_totals(per_model)
+    return json_response(
+        {"range": filters.range, "totals": totals, "truncated": truncated, "data": per_model}
+    )
 
 
 async def performance(request: web.Request) -> web.Response:

@@ -281,20 +281,31 @@ PAGE: dict[str, Schema] = {
 }
 
 
+TRUNCATED: Schema = {
+    "type": "boolean",
+    "description": f"more models than the answer holds ({params.MODEL_ROWS} rows, the "
+    "costliest); usage's totals count them all",
+}
+
+
 def _answer(endpoint: str) -> Schema:
     """The 200 body of an analytics endpoint."""
     rows: Schema = {"type": "array", "items": {"$ref": f"#/components/schemas/{endpoint}_row"}}
     if endpoint == "budgets":  # the current state: no range
         return _object({"data": rows})
     extra: dict[str, Schema] = {
-        "models": {"data": rows},
+        "models": {"truncated": TRUNCATED, "data": rows},
         "timeseries": {
             "granularity": {"type": "string", "enum": list(params.GRANULARITIES)},
             "data": rows,
         },
         "providers": {"data": rows},
         "costs": {"group_by": STRING, **PAGE, "data": rows},
-        "usage": {"totals": {"$ref": "#/components/schemas/usage_totals"}, "data": rows},
+        "usage": {
+            "totals": {"$ref": "#/components/schemas/usage_totals"},
+            "truncated": TRUNCATED,
+            "data": rows,
+        },
         "performance": {"data": {"$ref": f"#/components/schemas/{endpoint}_row"}},
         "users": {**PAGE, "data": rows},
         "alerts": {**PAGE, "data": rows},

@@ -37,6 +37,10 @@ PROPERTY_PREFIX = "property:"
 
 LIMIT_MIN, LIMIT_MAX, DEFAULT_LIMIT = 1, 1000, 100
 OFFSET_MAX = 1_000_000  # the rows a ranked answer may skip (costs, users, alerts)
+# The most rows of models and usage (one per model and provider): model names are what
+# callers send, and a key allowed any model could send a million names. Past it, the
+# answer says ``truncated`` (its rows are the costliest; usage's totals still count all).
+MODEL_ROWS = 1000
 
 # The alerts endpoint's choices (llmtap.events.Alert).
 ALERT_TYPES: tuple[str, ...] = get_args(Alert.model_fields["alert_type"].annotation)

@@ -142,6 +142,8 @@ DENIED_FUNCTIONS = frozenset(
         "generateSerialID", "logTrace",
         # a table or model named by a string (not a table the tree shows)
         "joinGet", "joinGetOrNull", "naiveBayesClassifier",
+        # chDB's: a query run from a string, files, Python, a stream; other tables
+        "eval", "filesystem", "python", "arrowstream", "merge", "loop",
         # the server's own binary (introspection; also off in the session)
         "addressToLine", "addressToLineWithInlines", "addressToSymbol", "demangle",
     )

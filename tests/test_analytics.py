@@ -643,6 +643,23 @@ async def test_usage_written_out(api: TestClient[Any, Any]) -> None:
     assert body["data"] == []
 
 
+async def test_models_and_usage_answer_at_most_model_rows(
+    api: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model names are the callers': the answers hold the costliest MODEL_ROWS (here 2)
+    and say they were cut; usage's totals still count every model."""
+    whole = await get(api, "usage", range="90d")
+    models_whole = await get(api, "models", range="90d")
+    assert len(whole["data"]) == len(models_whole["data"]) == 4
+    assert whole["truncated"] is models_whole["truncated"] is False
+    monkeypatch.setattr(analytics, "MODEL_ROWS", 2)
+    cut = await get(api, "usage", range="90d")
+    assert cut["truncated"] is True and cut["data"] == whole["data"][:2]
+    assert cut["totals"] == whole["totals"]  # counted by the store, not from the rows
+    models_cut = await get(api, "models", range="90d")
+    assert models_cut["truncated"] is True and models_cut["data"] == models_whole["data"][:2]
+
+
 # -- performance ----------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@
 -- model with no call in the range then has requests 0, cost 0, and no latency or rates).
 -- cost is null when none of the calls it sums could be priced (unknown, never $0);
 -- a range or window without calls cost 0. total_tokens = input + output (the other
--- token counts are subsets of those two). p95/p99 are t-digest estimates.
+-- token counts are subsets of those two). p95/p99 are t-digest estimates. At most
+-- {limit} rows: model names are the callers' to choose.
 {% set range_name = range_name | default('') %}
 {% set rows_from = 'w30d' if range_name in ['24h', '7d'] else 'r' %}
 {% set no_calls = 'ifNull(r.requests, 0) = 0' %}
@@ -97,3 +98,4 @@ LEFT JOIN
     ON w{{ window }}.model = {{ rows_from }}.model AND w{{ window }}.provider = {{ rows_from }}.provider
 {% endfor %}
 ORDER BY requests = 0, cost DESC, requests DESC, model, provider
+LIMIT {limit:UInt32}

@@ -22,5 +22,6 @@ FROM {% include "rollup_parts" %} AS p
 {% endwith %}
 {% if by_model %}
 GROUP BY model, provider
-ORDER BY cost DESC, requests DESC, model
+ORDER BY cost DESC, requests DESC, model, provider
+LIMIT {limit:UInt32}
 {% endif %}
