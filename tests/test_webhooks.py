@@ -736,6 +736,41 @@ async def test_two_store_processes_send_each_delivery_once(broker: Broker, store
         assert [s[2] for s in final] == ["delivered"], steps["shared", i]
 
 
+async def test_a_delivery_whose_partition_is_not_given_again_stops(store: Store) -> None:
+    """A consumer made again (the broker went away) is given partitions without any
+    being revoked first: a delivery of one it is not given any more stops there, and is
+    resumed once its partition is given back."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    hold = asyncio.Event()
+    alerts_topic = Names().alerts
+    async with receiver({"held": Behaviour(hold=hold)}) as rec:
+        hook = endpoint("held", f"{rec.base_url}/held", rules=[rule], timeout_s=TIMEOUT_S)
+        settings = Settings(webhook_allow_private=True, webhooks=[hook])
+        records.store_batch(store, [alert], [("held", alert)], [], {alert.event_id: 1})
+        dispatcher = WebhookDispatcher(settings, store)
+        worker = dispatcher.workers["held"]
+        running = asyncio.create_task(worker.run())
+        try:
+            both = [TopicPartition(alerts_topic, p) for p in (0, 1)]
+            await dispatcher.handover.on_partitions_assigned(both)
+            await until(lambda: len(rec.requests("held")) == 1)  # held by the receiver
+            await dispatcher.handover.on_partitions_assigned(both[:1])
+            assert dispatcher.owned.partitions == {0}
+            await until(lambda: worker.idle)  # stopped, and its rescan found nothing of 0
+            assert len(rec.requests("held")) == 1
+            await dispatcher.handover.on_partitions_assigned(both)  # given back: resumed
+            await until(lambda: len(rec.requests("held")) == 2)
+            hold.set()
+            await until(finished(store, [alert.event_id], pairs=1))
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    steps = attempts(store, [alert.event_id])["held", str(alert.event_id)]
+    assert [s[2] for s in steps] == ["pending", "delivered"]  # the stopped one: no record
+
+
 async def test_unfinished_deliveries_are_resumed_at_start(broker: Broker, store: Store) -> None:
     """A process stopped mid-delivery: the alert and two steps are recorded, nothing final."""
     rule = f"rule-{uuid.uuid4()}"

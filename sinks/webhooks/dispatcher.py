@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from pydantic import ValidationError
 
 from llmtap.config import Settings, WebhookEndpoint
@@ -92,15 +92,19 @@ class _Handover(ConsumerRebalanceListener):  # type: ignore[misc]
         self._workers = workers
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        gone = {tp.partition for tp in revoked}
-        self._owned.partitions = self._owned.partitions - gone
-        for worker in self._workers:
-            await worker.revoke()
+        await self.own(self._owned.partitions - {tp.partition for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self._owned.partitions = frozenset(tp.partition for tp in assigned)
+        # Also what a consumer made again (consume_forever) is given: its first join
+        # revokes nothing, so what the last one held and this one is not given goes here.
+        await self.own(frozenset(tp.partition for tp in assigned))
         for worker in self._workers:
             worker.reassigned()
+
+    async def own(self, partitions: frozenset[int]) -> None:
+        """Own ``partitions`` only: every worker stops sending the others' deliveries."""
+        self._owned.partitions = partitions
+        await asyncio.gather(*(worker.revoke() for worker in self._workers))
 
 
 class WebhookDispatcher:
@@ -114,13 +118,13 @@ class WebhookDispatcher:
             e.name: EndpointWorker(e, store, allow_private=allow, owned=self.owned)
             for e in settings.webhooks
         }
+        self.handover = _Handover(self.owned, list(self.workers.values()))
         self.alerts_read = 0
 
     def _consumer(self) -> AIOKafkaConsumer:
         kafka = self._settings.kafka
-        handover = _Handover(self.owned, list(self.workers.values()))
         return sink_consumer(
-            kafka.names.alerts, kafka, self._group_id, "store-webhooks", listener=handover
+            kafka.names.alerts, kafka, self._group_id, "store-webhooks", listener=self.handover
         )
 
     async def run(self) -> None:
@@ -138,6 +142,14 @@ class WebhookDispatcher:
                     await task
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            await self._consume_batches(consumer)
+        finally:
+            # The consumer stops (the broker went away, or the dispatcher does): aiokafka
+            # revokes nothing then, but the group gives its partitions to others.
+            await self.handover.own(frozenset())
+
+    async def _consume_batches(self, consumer: AIOKafkaConsumer) -> None:
         while True:
             fetched = await consumer.getmany(timeout_ms=1000, max_records=MAX_BATCH)
             batch = [r for partition in fetched.values() for r in partition]
@@ -161,9 +173,14 @@ class WebhookDispatcher:
             for name, alert_id in stored.unfinished:
                 if name in self.workers:
                     self.workers[name].resume(alert_id)
+            # Only the partitions still held: committing one a rebalance took meanwhile
+            # is refused (IllegalStateError), which would tear the consumer down.
+            held = consumer.assignment()
+            offsets = {tp: o for tp, o in decoded.offsets.items() if tp in held}
             try:
-                await consumer.commit(decoded.offsets)
-            except CommitFailedError as exc:
+                if offsets:
+                    await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
                 # Another dispatcher owns these partitions now; it re-reads them, and the
                 # stored rows keep it from storing anything twice. Their deliveries are
                 # its to send: this one's workers dropped them when they were revoked.

@@ -11,13 +11,14 @@ store process that owns that partition (:class:`Owned`, kept by the dispatcher's
 rebalance listener) queues, resumes or sends it. Losing partitions, the worker drops
 their queued deliveries and stops the one it is sending before the rebalance goes on
 (an attempt being recorded is recorded first): the next owner resumes them, counting
-the attempts recorded, so no two processes send one delivery or record its outcome.
+the attempts recorded, so no two members of the group send one delivery or record its
+outcome. (A process the broker expelled but still running is not fenced off: until it
+hears so, it may send what the group gave another. Delivery stays at least once.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, replace
@@ -114,8 +115,7 @@ class EndpointWorker:
         if self._sending is not None and not self._owned.holds(self._sending[0]):
             job, task = self._sending
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task])  # stopped (or failed: the run loop logs that)
             log.info(
                 "webhook %s: alert %s handed over with its partition",
                 self.endpoint.name,
@@ -146,6 +146,7 @@ class EndpointWorker:
                     # A bug must not stop this endpoint for good: the delivery is still
                     # unfinished in ClickHouse, and is picked up again by a rescan.
                     log.exception("webhook %s: delivery failed unexpectedly", self.endpoint.name)
+                    self._sending = None
                     self._rescan = True
                     await asyncio.sleep(ERROR_PAUSE_S)
                 finally:
