@@ -29,6 +29,7 @@ from llmtap.events import BudgetState, utcnow
 from sql.admission import ADMISSION, TooMany
 from sql.analytics import (
     KEPT,
+    MODEL_ROWS,
     STORE,
     alert_scope,
     rolling_windows,
@@ -246,7 +247,8 @@ async def gather(
             filters,
             structure={"granularity": DEFAULT_GRANULARITY[filters.range]},
         ),
-        select(store, "analytics_models", scan, values=windows),  # the range's p95 only
+        # the range's p95 only, of the costliest models (the slowest of those charted)
+        select(store, "analytics_models", scan, values={**windows, "limit": MODEL_ROWS}),
         select(store, "analytics_users", filters, values={"limit": TOP, "offset": 0}),
         *(
             select(
