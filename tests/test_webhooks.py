@@ -356,6 +356,7 @@ class Arrival:
     route: str
     webhook_id: str
     status: int = 0  # what the receiver answered (0 until it answered)
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 @dataclass
@@ -769,6 +770,48 @@ async def test_a_delivery_whose_partition_is_not_given_again_stops(store: Store)
                 await running
     steps = attempts(store, [alert.event_id])["held", str(alert.event_id)]
     assert [s[2] for s in steps] == ["pending", "delivered"]  # the stopped one: no record
+
+
+async def test_a_delivery_handed_over_keeps_waiting_out_its_retry_after(store: Store) -> None:
+    """A delivery stopped by a rebalance while it waits out the receiver's retry-after
+    is resumed by the partition's next owner no sooner than the retry was due: it was
+    sent again at once."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    alerts_topic = Names().alerts
+    async with receiver({"busy": Behaviour(fail_first=(429,), retry_after="2")}) as rec:
+        hook = endpoint("busy", f"{rec.base_url}/busy", rules=[rule])
+        settings = Settings(webhook_allow_private=True, webhooks=[hook])
+        records.store_batch(store, [alert], [("busy", alert)], [], {alert.event_id: 1})
+        dispatcher = WebhookDispatcher(settings, store)
+        worker = dispatcher.workers["busy"]
+        running = asyncio.create_task(worker.run())
+        both = [TopicPartition(alerts_topic, p) for p in (0, 1)]
+
+        def steps() -> list[Any]:
+            return attempts(store, [alert.event_id]).get(("busy", str(alert.event_id)), [])
+
+        try:
+            await dispatcher.handover.on_partitions_assigned(both)
+            await until(lambda: len(steps()) == 2)  # pending, then the 429 recorded
+            await dispatcher.handover.on_partitions_assigned(both[:1])  # taken, then
+            await until(lambda: worker.idle)
+            await dispatcher.handover.on_partitions_assigned(both)  # given back
+            await until(finished(store, [alert.event_id], pairs=1))
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    (due,) = store.rows(
+        "SELECT retry_at FROM webhook_deliveries WHERE alert_id = {id:UUID} AND attempt = 1",
+        {"id": alert.event_id},
+    )
+    due_at = due["retry_at"].replace(tzinfo=UTC)
+    first, second = rec.requests("busy")
+    assert [first.status, second.status] == [429, 200]
+    assert due_at >= first.at + timedelta(seconds=1.9)  # its retry-after: 2
+    assert second.at >= due_at
+    assert [s[2] for s in steps()] == ["pending", "retrying", "delivered"]
 
 
 async def test_unfinished_deliveries_are_resumed_at_start(broker: Broker, store: Store) -> None:

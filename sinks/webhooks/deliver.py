@@ -17,7 +17,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import aiohttp
@@ -144,6 +144,10 @@ async def send(
         return Response(None, f"{type(exc).__name__}: {exc}")
 
 
+async def _until(when: datetime) -> None:
+    await asyncio.sleep(max(0.0, (when - utcnow()).total_seconds()))
+
+
 def _outcome(response: Response, last: bool) -> Outcome:
     if response.ok:
         return "delivered"
@@ -159,12 +163,17 @@ async def deliver(
     allow_private: bool,
     record: Record,
     attempts_made: int = 0,
+    not_before: datetime | None = None,
 ) -> Outcome:
-    """Deliver until a final outcome; ``record`` stores each attempt before the next.
+    """Deliver until a final outcome; ``record`` stores each attempt before the next,
+    a failed one with when the next is due (its ``retry_at``). A delivery resumed
+    (``attempts_made``) waits for the retry its last attempt was due at, ``not_before``.
 
     The alert id is the ``webhook-id`` of every attempt: the receiver's idempotency key.
     """
     name, msg_id = endpoint.name, str(alert_id)
+    if not_before is not None and attempts_made < endpoint.max_attempts:
+        await _until(not_before)
     for n in range(attempts_made + 1, endpoint.max_attempts + 1):
         try:
             response = await send(session, endpoint, msg_id, body, allow_private=allow_private)
@@ -172,10 +181,15 @@ async def deliver(
             await record(Attempt(alert_id, name, n, utcnow(), None, f"refused: {exc}", "refused"))
             return "refused"
         outcome = _outcome(response, last=n == endpoint.max_attempts)
-        await record(Attempt(alert_id, name, n, utcnow(), response.status, response.error, outcome))
+        now = utcnow()
         if outcome != "retrying":
+            await record(Attempt(alert_id, name, n, now, response.status, response.error, outcome))
             return outcome
-        await asyncio.sleep(retry_delay(n, endpoint.backoff_s, response.retry_after))
+        delay = retry_delay(n, endpoint.backoff_s, response.retry_after)
+        retry_at = now + timedelta(seconds=delay)
+        status, error = response.status, response.error
+        await record(Attempt(alert_id, name, n, now, status, error, outcome, retry_at=retry_at))
+        await _until(retry_at)
     # Resumed with no attempt left (max_attempts was lowered since the last one).
     error = f"no attempt left ({attempts_made} made, max_attempts {endpoint.max_attempts})"
     await record(Attempt(alert_id, name, attempts_made, utcnow(), None, error, "dead_lettered"))

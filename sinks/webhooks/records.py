@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -66,6 +66,8 @@ class Attempt:
     # The alerts-topic partition its alert was read from: its owner delivers it (-1:
     # not known, recorded before deliveries had one).
     alert_partition: int = -1
+    # When the next attempt is due, on a `retrying` row (its backoff or retry-after).
+    retry_at: datetime | None = None
 
 
 DELIVERY_COLUMNS = tuple(f.name for f in fields(Attempt))
@@ -78,6 +80,7 @@ class Job:
     alert: Alert
     attempts: int = 0
     partition: int = -1  # the alerts-topic partition it belongs to (Attempt.alert_partition)
+    not_before: datetime | None = None  # the last failed attempt's retry_at
 
 
 @dataclass
@@ -206,7 +209,9 @@ def unfinished(store: Store, endpoint: str, limit: int, partitions: Collection[i
                 ],
             )
             continue
-        jobs.append(Job(alert, int(row["attempts"]), int(row["alert_partition"])))
+        due = row["retry_at"]  # naive when read from the store's own time zone, UTC
+        due = due.replace(tzinfo=UTC) if due is not None and due.tzinfo is None else due
+        jobs.append(Job(alert, int(row["attempts"]), int(row["alert_partition"]), due))
     return jobs
 
 

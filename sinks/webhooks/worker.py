@@ -11,9 +11,10 @@ store process that owns that partition (:class:`Owned`, kept by the dispatcher's
 rebalance listener) queues, resumes or sends it. Losing partitions, the worker drops
 their queued deliveries and stops the one it is sending before the rebalance goes on
 (an attempt being recorded is recorded first): the next owner resumes them, counting
-the attempts recorded, so no two members of the group send one delivery or record its
-outcome. (A process the broker expelled but still running is not fenced off: until it
-hears so, it may send what the group gave another. Delivery stays at least once.)
+the attempts recorded and waiting for the retry the last one was due at, so no two
+members of the group send one delivery or record its outcome. (A process the broker
+expelled but still running is not fenced off: until it hears so, it may send what the
+group gave another. Delivery stays at least once.)
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ class EndpointWorker:
                 allow_private=self._allow_private,
                 record=record,
                 attempts_made=job.attempts,
+                not_before=job.not_before,
             )
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         level = logging.INFO if outcome == "delivered" else logging.WARNING

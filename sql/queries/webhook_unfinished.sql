@@ -1,7 +1,8 @@
 -- One endpoint's deliveries with no final outcome yet, of the alerts-topic partitions
 -- this store process owns (and those recorded before deliveries had one, -1, with
--- partition 0), oldest first, with the alert to render again and how many attempts
--- were already made (0: only recorded as pending).
+-- partition 0), oldest first, with the alert to render again, how many attempts
+-- were already made (0: only recorded as pending) and when the next one is due
+-- (the last failed attempt's retry_at: each is later than the one before; NULL: now).
 -- Alerts recorded together (one batch: one `since`) go in the order they were raised,
 -- a firing before its resolve, a budget's 50% before its 80%, not in id order.
 WITH unfinished AS
@@ -10,7 +11,8 @@ WITH unfinished AS
         alert_id,
         max(attempt) AS attempts,
         min(ts) AS since,
-        max(alert_partition) AS alert_partition
+        max(alert_partition) AS alert_partition,
+        max(retry_at) AS retry_at
     FROM webhook_deliveries
     WHERE endpoint = {endpoint:String}
     GROUP BY alert_id
@@ -22,6 +24,7 @@ SELECT
     u.alert_id AS alert_id,
     u.attempts AS attempts,
     u.alert_partition AS alert_partition,
+    u.retry_at AS retry_at,
     a.payload AS payload
 FROM unfinished AS u
 INNER JOIN
