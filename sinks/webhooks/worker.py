@@ -87,14 +87,14 @@ class EndpointWorker:
 
     def resume(self, alert_id: uuid.UUID) -> None:
         """An unfinished delivery was seen: rescan unless this worker holds it."""
-        if alert_id in self._held:
-            return
-        self._rescan = True
-        if self._queue.empty():
-            self._queue.put_nowait(None)  # wake an idle worker
+        if alert_id not in self._held:
+            self._rescan_soon()
 
     def reassigned(self) -> None:
         """Partitions were given: resume their unfinished deliveries."""
+        self._rescan_soon()
+
+    def _rescan_soon(self) -> None:
         self._rescan = True
         if self._queue.empty():
             self._queue.put_nowait(None)  # wake an idle worker
