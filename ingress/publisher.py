@@ -147,6 +147,12 @@ class _Abandoned(Exception):
     """stop() gave up waiting for the broker."""
 
 
+def _retrieved(opening: asyncio.Future[Spool]) -> None:
+    """An open whose try was cancelled may fail with no one left to hear it."""
+    if not opening.cancelled():
+        opening.exception()
+
+
 class EventPublisher:
     def __init__(
         self,
@@ -182,11 +188,13 @@ class EventPublisher:
         self._spool: Spool | None = None
         self._spool_retry_at = 0.0  # after a refusal, try the spool again from then (or an ack)
         self._spool_open_at = 0.0  # after a failed open, open it again from then
+        self._opening: asyncio.Future[Spool] | None = None  # an open under way, in its thread
         self._open_log = logs.AtMostEvery(60.0)
         self._broker_down = False  # the last connect or delivery failed
         self._in_flight: _InFlight | None = None
         self._reservation: int | None = None  # the spool's place for the batch in flight
         self._replay_done: dict[int, set[int]] = {}  # segment -> records already delivered
+        self._replay_from = 0  # below it, every record of the segment replayed is delivered
         self._replaying: Segment | None = None  # the segment being replayed, read once
         # (topic, key) -> who waits to hear where a spooled record went (_await_in_spool)
         self._awaiting: OrderedDict[tuple[str, bytes], Delivered] = OrderedDict()
@@ -263,8 +271,10 @@ class EventPublisher:
                     await self._task
         await self._disconnect()  # settles what was in flight: delivered, or not
         await self._settle()
-        if self._queue and self._spool is None:
-            await self._open_spool()  # one last try: what is left has nowhere else to go
+        if self._spool is None and (self._queue or self._opening is not None):
+            # One last try (what is left has nowhere else to go), or the one under way
+            # when the loop was cancelled: its spool is closed below.
+            await self._open_spool()
         if self._queue and self._spool is not None:
             await self._spool_queue()
         if self._queue:
@@ -331,15 +341,26 @@ class EventPublisher:
 
     async def _open_spool(self) -> None:
         """Open the spool; failing (another process holds it, the disk), try again in
-        ``SPOOL_OPEN_RETRY_S``: events wait in memory meanwhile."""
-        try:
-            spool = await asyncio.to_thread(
-                Spool,
-                self._spool_dir,
-                max_bytes=self._spool_max_bytes,
-                segment_bytes=self._segment_bytes,
+        ``SPOOL_OPEN_RETRY_S``: events wait in memory meanwhile.
+
+        One open at a time, which goes on in its thread if the try is cancelled (stop()
+        cancelling the loop): the next try takes its spool. A second open raced the
+        first for the directory's lock, and the loser took it for another process's."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(
+                asyncio.to_thread(
+                    Spool,
+                    self._spool_dir,
+                    max_bytes=self._spool_max_bytes,
+                    segment_bytes=self._segment_bytes,
+                )
             )
+            self._opening.add_done_callback(_retrieved)
+        opening = self._opening
+        try:
+            spool = await asyncio.shield(opening)
         except OSError as exc:
+            self._opening = None
             self._spool_open_at = asyncio.get_running_loop().time() + SPOOL_OPEN_RETRY_S
             if self._open_log.due():
                 log.error(
@@ -350,8 +371,8 @@ class EventPublisher:
                     SPOOL_OPEN_RETRY_S,
                 )
             return
-        if self._spool is not None:  # stop()'s own try, while the loop's was under way
-            await asyncio.to_thread(spool.close)
+        self._opening = None
+        if self._spool is spool:  # stop()'s own try took it while the loop's was under way
             return
         self._spool = spool
         self.spool_bytes = spool.size
@@ -512,7 +533,11 @@ class EventPublisher:
             if segment is None:
                 return True
         done = self._replay_done.setdefault(segment.number, set())
-        left = (i for i in range(len(segment.records)) if i not in done)
+        start = self._replay_from
+        while start in done:  # each delivered record passed once, not once a flight
+            start += 1
+        self._replay_from = start
+        left = (i for i in range(start, len(segment.records)) if i not in done)
         indices = list(itertools.islice(left, MAX_BATCH))
         self._in_flight = _InFlight(
             [self._renamed(segment.records[i]) for i in indices],
@@ -526,6 +551,7 @@ class EventPublisher:
         if len(done) < len(segment.records):
             return True  # the next flight of it
         self._replaying = None
+        self._replay_from = 0
         await asyncio.to_thread(spool.ack, segment.number)
         del self._replay_done[segment.number]
         self.spool_bytes = spool.size
@@ -622,11 +648,8 @@ class EventPublisher:
             self._spool_retry_at = asyncio.get_running_loop().time() + SPOOL_RETRY_S
             lost = len(back) - len(kept)
             self.dropped += lost
-            log.error(
-                "spool write failed: %d events wait in memory, %d dropped (memory queue full)",
-                len(kept),
-                lost,
-            )
+            full = f", {lost} dropped (memory queue full)" if lost else ""
+            log.error("spool write failed: %d events wait in memory%s", len(kept), full)
 
     def _await_in_spool(self, records: list[Record]) -> None:
         """The spool keeps records' bytes, not who waits to hear where they went: keep

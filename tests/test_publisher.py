@@ -382,6 +382,38 @@ async def test_a_spool_another_process_holds_is_opened_once_it_lets_go(
     assert await spooled_events(spool_dir) == events
 
 
+def _locked(path: Path) -> bool:
+    """Whether a process holds a lock on ``path`` (read from /proc/locks: trying the
+    lock ourselves would take it from whoever is about to)."""
+    try:
+        inode = path.stat().st_ino
+    except FileNotFoundError:
+        return False
+    with open("/proc/locks") as locks:
+        return any(line.split()[5].endswith(f":{inode}") for line in locks)
+
+
+async def test_a_spool_open_cut_off_by_stop_is_taken_not_tried_again(tmp_path: Path) -> None:
+    """stop() cancels a loop that overruns it; cancelled while the spool opens in its
+    thread, that open goes on and locks the directory. stop() takes that spool for what
+    is in memory, and closes it. It opened another, which raced the first for the lock
+    (the loser took the spool for another process's, and stop() lost the events), and
+    the first spool was left to the garbage collector to close: here it never held the
+    lock long enough to be seen."""
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 100)
+    events_out = publisher(f"127.0.0.1:{free_port()}", spool_dir)
+    publish_all(events_out, events)  # in memory: the publisher was never started
+    opening = asyncio.ensure_future(events_out._open_spool())
+    await asyncio.sleep(0)  # the open is in its thread
+    opening.cancel()
+    await wait_for(lambda: _locked(spool_dir / "LOCK"))  # and went on, to lock the spool
+    await events_out.stop(drain_timeout=0)
+    assert events_out.dropped == 0
+    assert await spooled_events(spool_dir) == events
+    assert not _locked(spool_dir / "LOCK")  # closed at stop
+
+
 async def test_a_batch_the_spool_cannot_write_waits_in_memory(tmp_path: Path) -> None:
     """A batch in flight when spooling starts keeps a place in the spool; when it then
     fails and that place cannot be written (a disk error: here a directory in the way),
