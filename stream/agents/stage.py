@@ -184,6 +184,9 @@ class GroupStage(Service):
             except CommitFailedError as exc:
                 # The group moved on without this member: the partitions' new owner
                 # handles these records again (each stage's output is idempotent).
+                # (Never IllegalStateError, a partition not held, as the writer can
+                # meet: revoked() commits ``_done`` under the lock before the group
+                # changes the assignment, and batches fetched before are dropped.)
                 log.warning("%s: offsets not committed (%s); %s", self.group, exc, self.redone)
         self._commit_at = time.monotonic() + COMMIT_EVERY_S
 
