@@ -148,7 +148,7 @@ class Spool:
         self._owner = _claim(directory)
         self._sizes: dict[int, int] = {}  # every segment file, by number
         for path in directory.glob(f"*{_SUFFIX}"):
-            if path.stem.isdigit():
+            if path.stem.isascii() and path.stem.isdigit():  # not "²": int() refuses it
                 self._sizes[int(path.stem)] = path.stat().st_size
         self._next = max(self._sizes, default=0) + 1
         self._reserved: set[int] = set()

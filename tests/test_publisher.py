@@ -86,6 +86,16 @@ def test_spool_keeps_order_across_segments_and_restarts(tmp_path: Path) -> None:
     assert drained == records
 
 
+def test_spool_opens_past_a_file_not_its_own(tmp_path: Path) -> None:
+    """A stray file named like a segment but for its digits ("²³.seg": str.isdigit
+    takes them, int() does not) is left alone; opening the spool raised ValueError."""
+    (tmp_path / "²³.seg").write_bytes(b"not a segment")
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    assert spool.append([record(1)]) == 0
+    assert list(spool) == [record(1)]
+    assert (tmp_path / "²³.seg").read_bytes() == b"not a segment"
+
+
 def test_spool_skips_a_torn_tail_and_keeps_what_precedes_it(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1 << 20)
     records = [record(i, size=50) for i in range(10)]
