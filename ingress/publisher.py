@@ -360,7 +360,6 @@ class EventPublisher:
         try:
             spool = await asyncio.shield(opening)
         except OSError as exc:
-            self._opening = None
             self._spool_open_at = asyncio.get_running_loop().time() + SPOOL_OPEN_RETRY_S
             if self._open_log.due():
                 log.error(
@@ -371,7 +370,9 @@ class EventPublisher:
                     SPOOL_OPEN_RETRY_S,
                 )
             return
-        self._opening = None
+        finally:
+            if opening.done():  # whatever its outcome: the next try opens anew
+                self._opening = None
         if self._spool is spool:  # stop()'s own try took it while the loop's was under way
             return
         self._spool = spool
