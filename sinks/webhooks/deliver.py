@@ -173,7 +173,11 @@ async def deliver(
     """
     name, msg_id = endpoint.name, str(alert_id)
     if not_before is not None and attempts_made < endpoint.max_attempts:
-        await _until(not_before)
+        # Recorded by another process, perhaps: its clock ahead of this one's (a VM
+        # restored from a snapshot) holds the endpoint's queue no longer than the
+        # longest wait llmtap records.
+        longest = timedelta(seconds=max(RETRY_AFTER_CAP_S, BACKOFF_CAP_S))
+        await _until(min(not_before, utcnow() + longest))
     for n in range(attempts_made + 1, endpoint.max_attempts + 1):
         try:
             response = await send(session, endpoint, msg_id, body, allow_private=allow_private)

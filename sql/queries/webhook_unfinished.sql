@@ -2,7 +2,7 @@
 -- this store process owns (and those recorded before deliveries had one, -1, with
 -- partition 0), oldest first, with the alert to render again, how many attempts
 -- were already made (0: only recorded as pending) and when the next one is due
--- (the last failed attempt's retry_at: each is later than the one before; NULL: now).
+-- (the latest retry_at of its failed attempts; NULL, none recorded: now).
 -- Alerts recorded together (one batch: one `since`) go in the order they were raised,
 -- a firing before its resolve, a budget's 50% before its 80%, not in id order.
 WITH unfinished AS
