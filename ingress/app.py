@@ -108,6 +108,7 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
         settings.budget_default_web_searches,
         settings.budget_image_tokens,
         settings.budget_default_advisor_uses,
+        admit_unpriced=settings.budget_unpriced == "admit",
     )
     tasks = []
     if settings.budgets:

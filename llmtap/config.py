@@ -413,6 +413,10 @@ class Settings(BaseSettings):
     # The calls reserved for an Anthropic advisor tool that names no max_uses, each at
     # the advisor model's prices (ingress/guards/budgets.py: advisor_worst_case).
     budget_default_advisor_uses: int = Field(default=100, ge=0)
+    # A call of a model with no price (not in the catalog, nor the pricing_file) under a
+    # hard cap has no worst case to reserve: "refuse" it (a 400 naming the model), or
+    # "admit" it with nothing reserved, its spend not counted.
+    budget_unpriced: Literal["refuse", "admit"] = "refuse"
 
     # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of
     # the smallest (larger windows are merged from closed smaller ones), and how long

@@ -17,6 +17,7 @@ from anthropic import AsyncAnthropic
 
 from ingress.forward.usage import anthropic_usage
 from ingress.guards.bounds import Advisor, reach
+from ingress.guards.budgets import Exhausted
 from llmtap.config import Settings
 from llmtap.events import AdvisorUsage, Attribution, Usage
 from stream.pricing import Rates, load_catalog, missing_price, price
@@ -324,7 +325,7 @@ def test_a_hard_cap_refuses_a_call_whose_advisor_could_overshoot_it() -> None:
     refused = budgets.admit(
         uuid.uuid4(), who, EXECUTOR, 200, 100, MIDNIGHT, "anthropic", reach=lambda: reach(call)
     )
-    assert refused is not None and refused.worst_case > Decimal(20)
+    assert isinstance(refused, Exhausted) and refused.worst_case > Decimal(20)
     call_id = uuid.uuid4()
     assert (
         budgets.admit(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ingress.guards.bounds import Reach, choices, reach
-from ingress.guards.budgets import BudgetBook, Exhausted
+from ingress.guards.budgets import BudgetBook, Exhausted, Unpriced
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Reservations, Usage
 from stream.budgets import fresh
@@ -302,12 +302,12 @@ def test_a_call_whose_input_alone_passes_the_whole_limit_is_not_told_to_lower_ma
     alone (a conversation the body does not hold, images, searches) is past the limit."""
     budgets, _ = book("0.30")
     output_bound = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 100_000, MIDNIGHT)
-    assert output_bound is not None and output_bound.never_fits
+    assert isinstance(output_bound, Exhausted) and output_bound.never_fits
     assert "name a smaller max_tokens" in output_bound.message()
     input_bound = budgets.admit(
         uuid.uuid4(), ACME, "gpt-4o", 10, 1, MIDNIGHT, reach=lambda: Reach(True, 0)
     )
-    assert input_bound is not None and input_bound.never_fits
+    assert isinstance(input_bound, Exhausted) and input_bound.never_fits
     message = input_bound.message()
     assert "name a smaller max_tokens" not in message
     assert "its input and searches alone may cost $2.5" in message
@@ -508,6 +508,21 @@ def test_a_call_served_at_a_tier_holds_its_cost_or_without_a_price_its_worst_cas
     assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}
 
 
+def test_a_model_with_no_price_is_refused_under_a_hard_cap_with_nothing_reserved() -> None:
+    budget = BudgetConfig(
+        name="acme-day", scope="tenant", value="acme", period="day", limit_usd=Decimal(100)
+    )
+    strict = BudgetBook([budget], load_catalog(), default_max_tokens=4096)
+    refused = strict.admit(uuid.uuid4(), ACME, "no-such-model", 100, 10, NINE)
+    assert isinstance(refused, Unpriced) and refused.budget == budget
+    assert "'no-such-model'" in refused.message() and "'acme-day'" in refused.message()
+    assert not strict.reserved["acme-day"]
+    elsewhere = Attribution(tenant="other")  # no hard cap counts it: no price needed
+    assert strict.admit(uuid.uuid4(), elsewhere, "no-such-model", 100, 10, NINE) is None
+    lax = BudgetBook([budget], load_catalog(), default_max_tokens=4096, admit_unpriced=True)
+    assert lax.admit(uuid.uuid4(), ACME, "no-such-model", 100, 10, NINE) is None
+
+
 def test_a_refusal_says_what_is_held_beyond_the_published_spend() -> None:
     """A refusal's message adds what this ingress holds (calls in flight, costs not
     counted yet) to the spend: "$0 of $0.015 spent" and a $0.01025 call refused read as
@@ -517,7 +532,7 @@ def test_a_refusal_says_what_is_held_beyond_the_published_spend() -> None:
     assert budgets.admit(first, ACME, "gpt-4o", 100, 1_000, NINE) is None
     held = budgets.reserved["acme-day"][first]
     refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 100, 1_000, NINE)
-    assert refused is not None and refused.held == held == Decimal("0.01025")
+    assert isinstance(refused, Exhausted) and refused.held == held == Decimal("0.01025")
     message = refused.message()
     assert "$0 of $0.015 spent this day, $0.01025 held for calls in flight" in message
     assert "worst case of this call $0.01025;" in message

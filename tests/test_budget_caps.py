@@ -25,7 +25,7 @@ from anthropic import AsyncAnthropic
 from anthropic import BadRequestError as AnthropicBadRequestError
 from anthropic import RateLimitError as AnthropicRateLimitError
 from openai import AsyncOpenAI, BadRequestError, RateLimitError
-from openai.types.chat import ChatCompletionContentPartParam
+from openai.types.chat import ChatCompletionContentPartParam, ChatCompletionMessageParam
 from standardwebhooks import Webhook
 
 from ingress.app import create_app
@@ -433,6 +433,54 @@ async def test_a_budget_refusal_long_before_its_reset_is_not_retried_by_the_sdk(
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert int(refused.value.response.headers["retry-after"]) > 60
     assert sample(metrics, "llmtap_requests_total", status="budget_exceeded") == 1
+
+
+async def test_a_model_with_no_price_under_a_hard_cap_is_refused_unless_admitted(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model the catalog has no price for gives no worst case to reserve: under a hard
+    cap it is refused with a 400 naming the model (it was admitted with nothing
+    reserved, and nothing counted: the cap did not hold at all). budget_unpriced: admit
+    lets it through; a priced model goes as before."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget = await all_but_spent(ingress_settings, "unpriced")
+    unpriced = "acme-finetune-with-no-price"
+    hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    outcomes: dict[str, tuple[str, float]] = {}
+    for policy in ("refuse", "admit"):
+        settings = ingress_settings.model_copy(
+            update={"budgets": [budget], "budget_unpriced": policy}
+        )
+        async with TestServer(create_app(settings), host="127.0.0.1") as server:
+            base = str(server.make_url("")).rstrip("/")
+            secret = await make_key(base, settings.key_file)
+            refusals = await budget_refusals(base)
+            asked = len(upstream.provider.received)
+            async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
+                try:
+                    await client.chat.completions.create(model=unpriced, messages=hi)
+                    outcome = "answered"
+                except BadRequestError as exc:
+                    assert isinstance(exc.body, dict)
+                    outcome = exc.body["code"]
+                    assert exc.body["param"] == "model"
+                    assert unpriced in exc.body["message"] and budget.name in exc.body["message"]
+                    assert "pricing_file" in exc.body["message"]
+                cheap = await client.chat.completions.create(
+                    model="gpt-4o-mini", max_tokens=10, messages=hi
+                )
+                assert cheap.choices
+            outcomes[policy] = (outcome, await budget_refusals(base) - refusals)
+            sent = [r.body["model"] for r in upstream.provider.received[asked:]]
+            assert sent == ([unpriced] if policy == "admit" else []) + ["gpt-4o-mini"]
+    assert outcomes == {"refuse": ("model_not_priced", 1), "admit": ("answered", 0)}
+
+
+async def budget_refusals(base: str) -> float:
+    """The calls an ingress has refused for a budget so far (its /metrics)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as answer:
+        metrics = await answer.text()
+    return sample(metrics, "llmtap_requests_total", status="budget_exceeded")
 
 
 async def alerts_of(bootstrap: str, rule: str) -> list[Alert]:

@@ -25,6 +25,7 @@ from ingress.forward.endpoint import Endpoint, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
+from ingress.guards.budgets import Unpriced
 from ingress.guards.fields import (
     model_too_long,
     recorded_model,
@@ -273,6 +274,10 @@ class Admission:
             reach=lambda: reach(payload, endpoint.added_tokens, route.config.default_service_tier),
             prompts=batched,
         )
+        if isinstance(exhausted, Unpriced):  # a 400: no wait makes the model priced
+            return refuse(
+                400, exhausted.message(), "budget_exceeded", "model", code="model_not_priced"
+            )
         if exhausted is not None:
             if exhausted.never_fits:  # a 429 would have it retried at the reset, in vain
                 return refuse(400, exhausted.message(), "budget_exceeded", code="budget_exceeded")

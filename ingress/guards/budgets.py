@@ -154,6 +154,25 @@ class Exhausted:
         )
 
 
+@dataclass(frozen=True)
+class Unpriced:
+    """Why a call was refused: a hard-capped budget counts it, and its model has no
+    price to bound it by (``budget_unpriced: refuse``)."""
+
+    budget: BudgetConfig
+    model: str
+    provider: str
+
+    def message(self) -> str:
+        b = self.budget
+        return (
+            f"budget {b.name!r} ({b.scope} {b.value!r}) has a hard cap, and model "
+            f"{self.model!r} (provider {self.provider!r}) has no price in llmtap's catalog "
+            "to bound this call's cost by; add the model to the pricing_file (a model of "
+            "your own at 0), or ask for it to be admitted unbounded (budget_unpriced: admit)"
+        )
+
+
 def geo_times(rates: Rates, geo: str | None) -> Decimal:
     """What a worst case's token rates are multiplied by for a call asking to run its
     inference in ``geo`` (Anthropic's ``inference_geo``): that geography's multiplier
@@ -175,6 +194,7 @@ class BudgetBook:
         default_web_searches: int = 100,
         image_tokens: int = 50_000,
         default_advisor_uses: int = 100,
+        admit_unpriced: bool = False,
     ):
         self.budgets = budgets
         self._named = {b.name: b for b in budgets}
@@ -188,6 +208,9 @@ class BudgetBook:
         self.image_tokens = image_tokens
         # The calls of an advisor tool that names no max_uses (advisor_worst_case).
         self.default_advisor_uses = default_advisor_uses
+        # A hard cap admits a call of a model with no price, reserving nothing for it
+        # (its spend is not counted either), rather than refuse it.
+        self.admit_unpriced = admit_unpriced
         self.states: dict[str, BudgetState] = {}
         self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
         self.settled: dict[str, list[Settled]] = defaultdict(list)
@@ -504,16 +527,18 @@ class BudgetBook:
         choices: int = 1,
         reach: Callable[[], Reach] | None = None,
         prompts: int = 1,
-    ) -> Exhausted | None:
+    ) -> Exhausted | Unpriced | None:
         """Reserve the call's worst case on every hard-capped budget it counts against,
         or say which budget cannot cover it (and reserve nothing). ``reach`` is asked
-        only then: what does the body leave unbounded (its input, its searches)?"""
+        only then: what does the body leave unbounded (its input, its searches)? A
+        model with no price has no worst case: refused (:class:`Unpriced`), unless
+        ``admit_unpriced``."""
         capped = [b for b in self.budgets if b.hard_cap and matches(b, who)]
         if not capped:
             return None
         unbounded = reach() if reach is not None else Reach(False, 0)
 
-        def reckoned(most_tokens: int | None) -> Decimal:
+        def reckoned(most_tokens: int | None) -> Decimal | None:
             return self.worst_case(
                 model,
                 request_bytes + unbounded.added_tokens,  # the provider's own (bounds.Reach)
@@ -530,9 +555,13 @@ class BudgetBook:
                 unbounded.advisor,
                 unbounded.geo,
                 unbounded.priority,
-            ) or Decimal(0)
+            )
 
         worst = reckoned(max_tokens)
+        if worst is None:
+            if not self.admit_unpriced:
+                return Unpriced(capped[0], model, provider)
+            worst = Decimal(0)
         # One the call can never fit is its answer, rather than one it fits once reset.
         for budget in sorted(capped, key=lambda b: worst <= b.limit_usd):
             state, committed = self.committed(budget, now)
