@@ -4,7 +4,8 @@ Nothing a caller sent (prompts, completions, keys) is ever passed to a logger; t
 request id ties a log line to the call's events and to the client's `x-request-id`.
 What others log is redacted of keys as it is written (:func:`redact`): aiohttp's own
 ERROR for a request it refuses quotes the header line it could not parse, which may be
-the credential itself (a key with a stray byte at its end).
+the credential itself (a key with a stray byte at its end), or the body's bytes (a
+prompt's): those it quotes are left out.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import sys
 import time
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
+from types import TracebackType
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
+
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -109,8 +114,19 @@ class JsonFormatter(logging.Formatter):
         if held_back:
             entry["suppressed"] = held_back
         if record.exc_info:
-            entry["exception"] = redact(self.formatException(record.exc_info))
+            entry["exception"] = redact(_format_exception(self, record.exc_info))
         return orjson.dumps(entry).decode()
+
+
+def _format_exception(formatter: logging.Formatter, exc_info: _ExcInfo) -> str:
+    """A traceback; of a request aiohttp could not parse, what failed, without the bytes
+    its message goes on to quote (a header line, a key; a body's, a prompt)."""
+    exc = exc_info[1]
+    if isinstance(exc, HttpProcessingError):
+        what = exc.message.split("\n", 1)[0]
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return f"{kind}: {exc.code}, message: {what} (the bytes quoted are not logged)"
+    return formatter.formatException(exc_info)
 
 
 # Loggers whose lines repeat for as long as a broker is down: aiokafka logs each

@@ -75,6 +75,46 @@ async def test_a_key_in_a_header_line_aiohttp_refuses_is_not_logged() -> None:
     assert all("Invalid header value char" in line["exception"] for line in lines)
 
 
+async def test_a_body_aiohttp_refuses_is_not_quoted_in_the_log() -> None:
+    """A chunked body whose chunk-size line is not one (a client or proxy that got a
+    length wrong): aiohttp answers 400 and logs an ERROR whose exception quoted the
+    bytes it could not parse, ~500 of them, a prompt's. The log keeps what failed."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter("ingress"))
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.addHandler(handler)
+    app = web.Application()
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read())
+
+    app.router.add_post("/v1/chat/completions", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    prompt = b"MY SECRET PROMPT patient SSN 123-45-6789 " * 10
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n" + prompt + b"\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+    finally:
+        server_log.removeHandler(handler)
+        await runner.cleanup()
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer
+    (line,) = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert "SECRET" not in out.getvalue() and "123-45" not in out.getvalue()
+    assert "BadHttpMessage" in line["exception"] or "TransferEncodingError" in line["exception"]
+
+
 def test_keys_are_redacted_from_messages_and_tracebacks() -> None:
     formatter = logs.JsonFormatter("store")
     try:
