@@ -197,6 +197,34 @@ async def test_the_responses_and_messages_routes_refuse_a_stream_that_is_not_a_b
     }
 
 
+async def test_a_background_response_is_refused_and_recorded(
+    openai_client: openai.AsyncOpenAI, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """A background response answers queued, with no usage, and is read later from the
+    stored response llmtap does not pass: never metered, nor held against a cap or a
+    rate limit. Refused before the provider is asked; background false goes."""
+    before = len(upstream.provider.received)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await openai_client.responses.create(
+            model="o3", input="write a long novel", background=True, timeout=10
+        )
+    assert (refused.value.param, refused.value.code) == ("background", "unsupported_parameter")
+    assert "background responses are not supported" in refused.value.message
+    assert len(upstream.provider.received) == before
+    answered = await openai_client.responses.create(
+        model="gpt-4.1", input="hi", background=False, timeout=10
+    )
+    assert answered.id
+    assert len(upstream.provider.received) == before + 1
+    request_id = refused.value.response.headers["x-request-id"]
+    (event,) = (await response_events(broker.bootstrap, {request_id})).values()
+    assert (event.endpoint, event.status, event.error_class) == (
+        "responses",
+        "bad_request",
+        "background_unsupported",
+    )
+
+
 async def healthz(ingress: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session, session.get(f"{ingress}/healthz") as response:
         health: dict[str, Any] = await response.json()

@@ -166,7 +166,7 @@ class Admission:
         malformed = (
             model_too_long(model)
             or stream_malformed(payload)
-            or (endpoint.prepared_fields(payload) if endpoint.prepared_fields else None)
+            or (endpoint.checked_fields(payload) if endpoint.checked_fields else None)
             or user_too_long(payload)
         )
         if malformed is not None:

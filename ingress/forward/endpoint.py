@@ -39,9 +39,10 @@ class Endpoint:
     # Adjust the payload before forwarding; return True when the proxy added a usage
     # chunk to the stream that the client must not see.
     prepare: Callable[[dict[str, Any]], bool] | None = None
-    # What the body must hold for prepare to read it right (a malformed value it would
-    # replace): refused when malformed, whether or not prepare runs.
-    prepared_fields: Callable[[dict[str, Any]], Malformed | None] | None = None
+    # What the body must hold for llmtap to read or meter it right (a malformed value
+    # prepare would replace, a mode whose usage never comes): refused when it does not,
+    # whether or not prepare runs.
+    checked_fields: Callable[[dict[str, Any]], Malformed | None] | None = None
     # The body field whose list items the provider answers apart, each a prompt of its
     # own (ingress/guards/bounds.py: prompts).
     batched: str | None = None

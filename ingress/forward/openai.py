@@ -11,7 +11,7 @@ from ingress.forward import unmetered
 from ingress.forward.capture import OpenAIJsonCapture, OpenAIStreamCapture
 from ingress.forward.endpoint import Api, Endpoint
 from ingress.forward.proxy import metered
-from ingress.guards.fields import stream_options_malformed
+from ingress.guards.fields import background_refused, stream_options_malformed
 
 OPENAI = Api(
     kind="openai",
@@ -41,19 +41,19 @@ CHAT = Endpoint(
     OPENAI,
     "/chat/completions",
     prepare=ask_for_usage,
-    prepared_fields=stream_options_malformed,
+    checked_fields=stream_options_malformed,
 )
 COMPLETIONS = Endpoint(
     "completions",
     OPENAI,
     "/completions",
     prepare=ask_for_usage,
-    prepared_fields=stream_options_malformed,
+    checked_fields=stream_options_malformed,
     batched="prompt",
 )
 EMBEDDINGS = Endpoint("embeddings", OPENAI, "/embeddings", batched="input")
 # The Responses API reports usage in its response.completed event, unasked.
-RESPONSES = Endpoint("responses", OPENAI, "/responses")
+RESPONSES = Endpoint("responses", OPENAI, "/responses", checked_fields=background_refused)
 
 
 def add_routes(app: web.Application) -> None:

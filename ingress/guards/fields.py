@@ -93,6 +93,24 @@ def stream_options_malformed(payload: dict[str, Any]) -> Malformed | None:
     )
 
 
+def background_refused(payload: dict[str, Any]) -> Malformed | None:
+    """A Responses call run in the background (``background: true``) answers at once,
+    queued, with no usage: what it generates is read later from the stored response,
+    which llmtap does not pass (one provider account holds every tenant's), and its
+    tokens would never be metered nor held against a cap or a rate limit. Refused, as
+    OpenAI refuses a parameter it does not support; a long run can stream instead."""
+    if payload.get("background") is not True:
+        return None
+    return Malformed(
+        "background",
+        "background responses are not supported through llmtap: their usage is never "
+        "reported to it, and the stored response they are read from is not passed; send "
+        "the call without background (stream it for a long run)",
+        "background_unsupported",
+        "unsupported_parameter",
+    )
+
+
 def too_long(param: str, value: str, most: int, error_class: str) -> Malformed | None:
     """A string longer than ``most`` characters, refused as OpenAI refuses one."""
     if len(value) <= most:
