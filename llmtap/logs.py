@@ -119,13 +119,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def _format_exception(formatter: logging.Formatter, exc_info: _ExcInfo) -> str:
-    """A traceback; of a request aiohttp could not parse, what failed, without the bytes
-    its message goes on to quote (a header line, a key; a body's, a prompt)."""
+    """A traceback; of a request aiohttp could not parse, only its kind and status: its
+    message quotes the request's bytes (a header line, a key; a body's, a prompt), on
+    its first line too (a header value too long; with aiohttp's pure-Python parser, a
+    chunk-size line, which is the body's)."""
     exc = exc_info[1]
     if isinstance(exc, HttpProcessingError):
-        what = exc.message.split("\n", 1)[0]
         kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        return f"{kind}: {exc.code}, message: {what} (the bytes quoted are not logged)"
+        return f"{kind}: {exc.code} (its message, which quotes the request, is not logged)"
     return formatter.formatException(exc_info)
 
 
