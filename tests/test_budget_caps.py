@@ -439,7 +439,8 @@ async def test_a_model_with_no_price_under_a_hard_cap_is_refused_unless_admitted
     ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model the catalog has no price for gives no worst case to reserve: under a hard
-    cap it is refused with a 400 naming the model (it was admitted with nothing
+    cap it is refused with a 400 naming the model, recorded as a bad request of error
+    class model_not_priced, not as the budget spent (it was admitted with nothing
     reserved, and nothing counted: the cap did not hold at all). budget_unpriced: admit
     lets it through; a priced model goes as before."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
@@ -454,7 +455,7 @@ async def test_a_model_with_no_price_under_a_hard_cap_is_refused_unless_admitted
         async with TestServer(create_app(settings), host="127.0.0.1") as server:
             base = str(server.make_url("")).rstrip("/")
             secret = await make_key(base, settings.key_file)
-            refusals = await budget_refusals(base)
+            unpriced_before, spent_before = await refusals_by_budget(base)
             asked = len(upstream.provider.received)
             async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
                 try:
@@ -470,17 +471,23 @@ async def test_a_model_with_no_price_under_a_hard_cap_is_refused_unless_admitted
                     model="gpt-4o-mini", max_tokens=10, messages=hi
                 )
                 assert cheap.choices
-            outcomes[policy] = (outcome, await budget_refusals(base) - refusals)
+            unpriced_after, spent_after = await refusals_by_budget(base)
+            outcomes[policy] = (outcome, unpriced_after - unpriced_before)
+            assert spent_after == spent_before
             sent = [r.body["model"] for r in upstream.provider.received[asked:]]
             assert sent == ([unpriced] if policy == "admit" else []) + ["gpt-4o-mini"]
     assert outcomes == {"refuse": ("model_not_priced", 1), "admit": ("answered", 0)}
 
 
-async def budget_refusals(base: str) -> float:
-    """The calls an ingress has refused for a budget so far (its /metrics)."""
+async def refusals_by_budget(base: str) -> tuple[float, float]:
+    """The calls an ingress has refused so far (its /metrics) for a model with no price,
+    and for a budget's spend."""
     async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as answer:
         metrics = await answer.text()
-    return sample(metrics, "llmtap_requests_total", status="budget_exceeded")
+    return (
+        sample(metrics, "llmtap_rejections_total", reason="model_not_priced"),
+        sample(metrics, "llmtap_requests_total", status="budget_exceeded"),
+    )
 
 
 async def alerts_of(bootstrap: str, rule: str) -> list[Alert]:

@@ -35,10 +35,11 @@ from ingress.guards.fields import (
 from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
 from ingress.routing import NoRoute, Route, resolve
-from llmtap import topics
+from llmtap import logs, topics
 from llmtap.events import Status, Usage, utcnow
 
 log = logging.getLogger(__name__)
+_unpriced_told = logs.Once()  # models refused under a hard cap for want of a price
 
 # How long a hard-capped call waits, at an ingress's start, for the budgets' spend to be
 # read before it is refused (503, retry-after); read in well under a second normally.
@@ -275,8 +276,16 @@ class Admission:
             prompts=batched,
         )
         if isinstance(exhausted, Unpriced):  # a 400: no wait makes the model priced
+            if _unpriced_told.first((model, route.provider)):
+                log.warning(
+                    "calls of model %r (provider %s) are refused under hard cap %r: it has "
+                    "no price; add it to the pricing_file",
+                    model,
+                    route.provider,
+                    exhausted.budget.name,
+                )
             return refuse(
-                400, exhausted.message(), "budget_exceeded", "model", code="model_not_priced"
+                400, exhausted.message(), "model_not_priced", "model", code="model_not_priced"
             )
         if exhausted is not None:
             if exhausted.never_fits:  # a 429 would have it retried at the reset, in vain

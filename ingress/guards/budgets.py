@@ -24,8 +24,9 @@ once its response event is delivered, the publisher tells the cost where it went
 counts it once its ``applied`` offset for that partition has passed it; a cost not
 delivered yet is not counted by any state (a time would not do: the stream reads
 partitions unevenly, and other ingresses' later calls may be counted first). A model
-with no price cannot be bounded and is admitted with nothing reserved (its spend is not
-counted either). What a process holds
+with no price cannot be bounded: refused (:class:`Unpriced`), or, with
+``admit_unpriced``, admitted with nothing reserved (its spend is not counted either).
+What a process holds
 is announced on the reservations topic (:func:`announce`): the other ingress processes
 count it against their caps too (:func:`hear_others`), and the budgets endpoint shows
 it.
