@@ -86,6 +86,10 @@ class ProviderConfig(BaseModel):
     # tiers are its own (Groq answers "flex" for a tier priced as its on-demand one):
     # its calls are priced at the standard rates, whatever tier the answer names.
     service_tiers: bool | None = None
+    # What a hard cap does with a call of a model this provider serves that has no
+    # price (budget_unpriced, for this provider): "admit" for a local server whose
+    # models cost nothing, rather than price each at 0. None: budget_unpriced.
+    unpriced: Literal["refuse", "admit"] | None = None
 
     @field_validator("base_url")
     @classmethod

@@ -521,6 +521,12 @@ def test_a_model_with_no_price_is_refused_under_a_hard_cap_with_nothing_reserved
     assert strict.admit(uuid.uuid4(), elsewhere, "no-such-model", 100, 10, NINE) is None
     lax = BudgetBook([budget], load_catalog(), default_max_tokens=4096, admit_unpriced=True)
     assert lax.admit(uuid.uuid4(), ACME, "no-such-model", 100, 10, NINE) is None
+    # The call's provider's word wins over the book's.
+    assert (
+        strict.admit(uuid.uuid4(), ACME, "no-such-model", 100, 10, NINE, unpriced="admit") is None
+    )
+    by_provider = lax.admit(uuid.uuid4(), ACME, "no-such-model", 100, 10, NINE, unpriced="refuse")
+    assert isinstance(by_provider, Unpriced)
 
 
 def test_a_refusal_says_what_is_held_beyond_the_published_spend() -> None:

@@ -442,15 +442,26 @@ async def test_a_model_with_no_price_under_a_hard_cap_is_refused_unless_admitted
     cap it is refused with a 400 naming the model, recorded as a bad request of error
     class model_not_priced, not as the budget spent (it was admitted with nothing
     reserved, and nothing counted: the cap did not hold at all). budget_unpriced: admit
-    lets it through; a priced model goes as before."""
+    lets it through, as does unpriced: admit on its provider (a local server's models);
+    a priced model goes as before."""
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
     budget = await all_but_spent(ingress_settings, "unpriced")
+    free_provider = ProviderConfig(
+        kind="openai",
+        base_url=upstream.base_url,
+        api_key_env="LLMTAP_TEST_OPENAI_KEY",
+        unpriced="admit",
+    )
     unpriced = "acme-finetune-with-no-price"
     hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     outcomes: dict[str, tuple[str, float]] = {}
-    for policy in ("refuse", "admit"):
+    for policy in ("refuse", "admit", "provider admits"):
         settings = ingress_settings.model_copy(
-            update={"budgets": [budget], "budget_unpriced": policy}
+            update={
+                "budgets": [budget],
+                "budget_unpriced": "admit" if policy == "admit" else "refuse",
+                "providers": {"openai": free_provider} if policy == "provider admits" else {},
+            }
         )
         async with TestServer(create_app(settings), host="127.0.0.1") as server:
             base = str(server.make_url("")).rstrip("/")
@@ -475,8 +486,12 @@ async def test_a_model_with_no_price_under_a_hard_cap_is_refused_unless_admitted
             outcomes[policy] = (outcome, unpriced_after - unpriced_before)
             assert spent_after == spent_before
             sent = [r.body["model"] for r in upstream.provider.received[asked:]]
-            assert sent == ([unpriced] if policy == "admit" else []) + ["gpt-4o-mini"]
-    assert outcomes == {"refuse": ("model_not_priced", 1), "admit": ("answered", 0)}
+            assert sent == ([unpriced] if policy != "refuse" else []) + ["gpt-4o-mini"]
+    assert outcomes == {
+        "refuse": ("model_not_priced", 1),
+        "admit": ("answered", 0),
+        "provider admits": ("answered", 0),
+    }
 
 
 async def refusals_by_budget(base: str) -> tuple[float, float]:

@@ -274,6 +274,7 @@ class Admission:
             choices=answers,
             reach=lambda: reach(payload, endpoint.added_tokens, route.config.default_service_tier),
             prompts=batched,
+            unpriced=route.config.unpriced,
         )
         if isinstance(exhausted, Unpriced):  # a 400: no wait makes the model priced
             if _unpriced_told.first((model, route.provider)):

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Literal
 
 from ingress.guards.bounds import Advisor, Reach
 from llmtap.amounts import plain
@@ -528,11 +529,13 @@ class BudgetBook:
         choices: int = 1,
         reach: Callable[[], Reach] | None = None,
         prompts: int = 1,
+        unpriced: Literal["refuse", "admit"] | None = None,
     ) -> Exhausted | Unpriced | None:
         """Reserve the call's worst case on every hard-capped budget it counts against,
         or say which budget cannot cover it (and reserve nothing). ``reach`` is asked
         only then: what does the body leave unbounded (its input, its searches)? A
         model with no price has no worst case: refused (:class:`Unpriced`), unless
+        the call's provider says ``unpriced: admit``, or says nothing and the book
         ``admit_unpriced``."""
         capped = [b for b in self.budgets if b.hard_cap and matches(b, who)]
         if not capped:
@@ -560,7 +563,7 @@ class BudgetBook:
 
         worst = reckoned(max_tokens)
         if worst is None:
-            if not self.admit_unpriced:
+            if not (self.admit_unpriced if unpriced is None else unpriced == "admit"):
                 return Unpriced(capped[0], model, provider)
             worst = Decimal(0)
         # One the call can never fit is its answer, rather than one it fits once reset.
