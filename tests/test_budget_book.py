@@ -14,7 +14,7 @@ import pytest
 from ingress.guards.bounds import Reach, choices, reach
 from ingress.guards.budgets import BudgetBook, Exhausted, Unpriced
 from llmtap.config import BudgetConfig
-from llmtap.events import Attribution, Reservations, Usage
+from llmtap.events import Attribution, Reservations, Usage, utcnow
 from stream.budgets import fresh
 from stream.pricing import Catalog, ModelPrice, Rates, load_catalog
 
@@ -609,3 +609,23 @@ def test_a_cap_counts_what_the_other_live_replicas_hold() -> None:
     # b stops (it says it holds nothing): forgotten, and so is the one gone silent.
     budgets.heard(Reservations(ingress_id="ingress-b", at=now, interval_s=10))
     assert budgets.others == {}
+
+
+def test_a_live_replica_is_kept_when_a_long_gone_one_is_read_after_it() -> None:
+    """The reservations topic is read a partition at a time: a process gone for ten
+    minutes, read after a live one on another partition, made the live one look ten
+    minutes ahead of it, and dropped it (a replica just started, as in a burst, then did
+    not count what the live one held). The gone one counts for nothing."""
+    budgets, budget = book("1")
+    budgets.ingress_id = "ingress-me"
+    now = utcnow()
+
+    def said(ingress_id: str, at: datetime, held: str) -> Reservations:
+        return Reservations(
+            ingress_id=ingress_id, at=at, interval_s=10, held={budget.name: Decimal(held)}
+        )
+
+    budgets.heard(said("ingress-live", now, "0.25"))
+    budgets.heard(said("ingress-gone", now - timedelta(minutes=10), "0.5"))
+    assert set(budgets.others) == {"ingress-live"}
+    assert budgets.committed(budget, now)[1] == Decimal("0.25")

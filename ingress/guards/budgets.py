@@ -230,6 +230,9 @@ class BudgetBook:
         # :meth:`heard`), by their ids; this process's own id, whose it passes over.
         self.others: dict[str, Reservations] = {}
         self.ingress_id = ""
+        # The latest announcement time heard (none past this process's clock): who has
+        # gone silent is judged against it, not against the announcement in hand.
+        self._heard_at: datetime | None = None
         # Set once the states the budgets topic held when this process started are read
         # (:func:`follow`). Before, a budget not read yet looks unspent: a hard-capped
         # call waits for them (ingress/forward/admission.py), not judged on nothing.
@@ -407,17 +410,25 @@ class BudgetBook:
     def heard(self, event: Reservations) -> None:
         """Another ingress process's announcement of what it holds (its latest counts).
         One holding nothing (a process stopping says so) is forgotten, and so is every
-        one gone silent: the topic keeps an entry for each process ever started."""
+        one gone silent: the topic keeps an entry for each process ever started.
+
+        Silence is judged against the latest announcement heard, not the one in hand:
+        the topic is read a partition at a time, so a process long gone, read after a
+        live one of another partition, made the live one look ten minutes ahead, and
+        it was dropped (a replica starting then did not count what it held)."""
         if event.ingress_id == self.ingress_id:
             return
+        latest = min(event.at, utcnow())  # a clock running ahead moves nothing
+        if self._heard_at is None or latest > self._heard_at:
+            self._heard_at = latest
         known = self.others.get(event.ingress_id)
         if known is not None and event.at < known.at:
             return
-        if event.held:
+        if event.held and event.live(self._heard_at):
             self.others[event.ingress_id] = event
         else:
             self.others.pop(event.ingress_id, None)
-        for gone in [i for i, r in self.others.items() if not r.live(event.at)]:
+        for gone in [i for i, r in self.others.items() if not r.live(self._heard_at)]:
             del self.others[gone]
 
     def _others_hold(self, name: str, now: datetime) -> Decimal:
