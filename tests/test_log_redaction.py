@@ -10,9 +10,11 @@ key on the analytics API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
@@ -34,37 +36,45 @@ async def _malformed(port: int, header: bytes) -> bytes:
     return answer
 
 
-async def test_a_key_in_a_header_line_aiohttp_refuses_is_not_logged() -> None:
+@contextlib.asynccontextmanager
+async def logged_server(
+    method: str, path: str, handle: Callable[[web.Request], Awaitable[web.Response]]
+) -> AsyncIterator[tuple[int, io.StringIO]]:
+    """An aiohttp server on 127.0.0.1 with one route, and what aiohttp's server logger
+    writes meanwhile, as llmtap formats it: (its port, the log)."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logs.JsonFormatter("ingress"))
     server_log = logging.getLogger("aiohttp.server")
     server_log.addHandler(handler)
     app = web.Application()
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app.router.add_get("/v1/models", ok)
+    app.router.add_route(method, path, handle)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
     try:
-        headers = [
-            b"Authorization: Bearer " + VIRTUAL.encode() + b"\x00",
-            b"x-api-key: " + VIRTUAL.encode() + b" \x01",
-            b"authorization: bearer " + ADMIN.encode() + b"\x7f",
-            b"Authorization: Bearer " + PROVIDER.encode() + b"\x00",
-            b"api-key: " + PROVIDER.encode() + b"\x00",
-        ]
-        for header in headers:
-            assert (await _malformed(port, header)).startswith(b"HTTP/1.0 400")
-        await asyncio.sleep(0.1)
+        yield runner.addresses[0][1], out
     finally:
         server_log.removeHandler(handler)
         await runner.cleanup()
+
+
+async def test_a_key_in_a_header_line_aiohttp_refuses_is_not_logged() -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    headers = [
+        b"Authorization: Bearer " + VIRTUAL.encode() + b"\x00",
+        b"x-api-key: " + VIRTUAL.encode() + b" \x01",
+        b"authorization: bearer " + ADMIN.encode() + b"\x7f",
+        b"Authorization: Bearer " + PROVIDER.encode() + b"\x00",
+        b"api-key: " + PROVIDER.encode() + b"\x00",
+    ]
+    async with logged_server("GET", "/v1/models", ok) as (port, out):
+        for header in headers:
+            assert (await _malformed(port, header)).startswith(b"HTTP/1.0 400")
+        await asyncio.sleep(0.1)
 
     lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert len(lines) == len(headers)  # each refusal is still logged...
@@ -79,24 +89,12 @@ async def test_a_body_aiohttp_refuses_is_not_quoted_in_the_log() -> None:
     """A chunked body whose chunk-size line is not one (a client or proxy that got a
     length wrong): aiohttp answers 400 and logs an ERROR whose exception quoted the
     bytes it could not parse, ~500 of them, a prompt's. The log keeps what failed."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logs.JsonFormatter("ingress"))
-    server_log = logging.getLogger("aiohttp.server")
-    server_log.addHandler(handler)
-    app = web.Application()
 
     async def echo(request: web.Request) -> web.Response:
         return web.Response(body=await request.read())
 
-    app.router.add_post("/v1/chat/completions", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     prompt = b"MY SECRET PROMPT patient SSN 123-45-6789 " * 10
-    try:
+    async with logged_server("POST", "/v1/chat/completions", echo) as (port, out):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
@@ -106,9 +104,6 @@ async def test_a_body_aiohttp_refuses_is_not_quoted_in_the_log() -> None:
         await writer.drain()
         answer = await reader.read()
         writer.close()
-    finally:
-        server_log.removeHandler(handler)
-        await runner.cleanup()
     assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer
     (line,) = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert "SECRET" not in out.getvalue() and "123-45" not in out.getvalue()
