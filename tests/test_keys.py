@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -458,10 +459,12 @@ def test_a_key_file_edited_with_its_mtime_kept_is_read_again(
 async def test_the_ingress_loop_never_waits_for_a_large_key_file(
     ingress: str, ingress_settings: Settings
 ) -> None:
-    """A key file of thousands of keys is re-read in a thread: calls, a new key's first
-    among them, do not stall the ingress's event loop while it loads."""
+    """A key file of tens of thousands of keys is re-read in a thread: calls, a new key's
+    first among them, do not stall the ingress's event loop while it loads (parsed on
+    the loop, 20,000 keys stall it ~0.45 s here, ~1.2 s with collections; in the thread,
+    the longest gap is ~0.04 s)."""
     secret = "ltk_" + secrets.token_urlsafe(32)
-    lines = [f"- {{id: key_{i}, hash: '{i:064x}', tenant: acme}}" for i in range(5000)]
+    lines = [f"- {{id: key_{i}, hash: '{i:064x}', tenant: acme}}" for i in range(20_000)]
     lines.append(f"- {{id: key_new, hash: '{hash_key(secret)}', tenant: acme}}")
     loop = asyncio.get_running_loop()
     gaps: list[float] = []
@@ -473,17 +476,22 @@ async def test_the_ingress_loop_never_waits_for_a_large_key_file(
             gaps.append(loop.time() - last)
             last = loop.time()
 
+    # What earlier tests left on this process's heap is set aside, as the ingress sets
+    # aside its own at start (gc.freeze): a collection over it is no part of a reload.
+    gc.collect()
+    gc.freeze()
     ticker = asyncio.create_task(tick())
     try:
         staged = ingress_settings.key_file.with_suffix(".new")
         staged.write_text("keys:\n" + "\n".join(lines) + "\n")
         staged.replace(ingress_settings.key_file)
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(30):
             while (await chat(ingress, secret))[0] == 401:
                 assert (await chat(ingress, "ltk_unknown"))[0] == 401
     finally:
         ticker.cancel()
-    assert max(gaps) < 0.5  # parsed on the loop, as it was: seconds
+        gc.unfreeze()
+    assert max(gaps) < 0.25  # parsed on the loop, as it was: 0.45 s and more
 
 
 def test_the_provider_key_replaces_every_credential_the_client_sent() -> None:
