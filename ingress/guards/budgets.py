@@ -171,7 +171,8 @@ class Unpriced:
             f"budget {b.name!r} ({b.scope} {b.value!r}) has a hard cap, and model "
             f"{self.model!r} (provider {self.provider!r}) has no price in llmtap's catalog "
             "to bound this call's cost by; add the model to the pricing_file (a model of "
-            "your own at 0), or ask for it to be admitted unbounded (budget_unpriced: admit)"
+            "your own at 0), or ask for its calls to be admitted unbounded (unpriced: admit "
+            "on the provider, or budget_unpriced: admit for every provider)"
         )
 
 
