@@ -8,6 +8,8 @@ of the endpoint's three lines of defence (sql/sqlapi.py).
    :func:`parse_ast`): one SELECT (or WITH ... SELECT), SHOW TABLES / COLUMNS /
    CREATE TABLE (in the plain forms of :data:`SHOW_FORM` only), DESCRIBE or EXPLAIN of
    a SELECT, without a FORMAT clause; no ``system`` or ``information_schema`` table, no
+   table of a database but the store's own (:class:`Databases`: a ClickHouse server
+   may hold other applications' data), no
    table function but the generators in :data:`TABLE_FUNCTIONS`, no function that reads
    files, the network or dictionaries (:data:`DENIED_FUNCTIONS`).
 
@@ -98,9 +100,9 @@ _TABLE = rf"{_NAME}(?:\s*\.\s*{_NAME})?"
 _IN = r"\s+(?:FROM|IN)\s+"
 SHOW_FORM = re.compile(
     rf"""\s*SHOW\s+(?:(?:FULL|EXTENDED)\s+)*
-    (?:TABLES(?:{_IN}{_NAME})?
-      |COLUMNS{_IN}{_TABLE}(?:{_IN}{_NAME})?
-      |CREATE\s+(?:TEMPORARY\s+)?(?:TABLE\s+|VIEW\s+)?{_TABLE})
+    (?:TABLES(?:{_IN}(?P<tables_db>{_NAME}))?
+      |COLUMNS{_IN}(?P<columns_of>{_TABLE})(?:{_IN}(?P<columns_db>{_NAME}))?
+      |CREATE\s+(?:TEMPORARY\s+)?(?:TABLE\s+|VIEW\s+)?(?P<create_of>{_TABLE}))
     (?:\s+(?:NOT\s+)?I?LIKE\s+'[^'\\]*')?
     (?:\s+LIMIT\s+[0-9]+)?\s*""",
     re.I | re.X,
@@ -112,6 +114,37 @@ SHOW_FORMS_TEXT = (
 )
 SYSTEM_WORD = re.compile(r"\b(?:system|information_schema)\b", re.I)
 SYSTEM_DATABASES = frozenset({"system", "information_schema"})
+_TABLE_PARTS = re.compile(rf"({_NAME})(?:\s*\.\s*({_NAME}))?")
+
+
+@dataclass(frozen=True)
+class Databases:
+    """The store's database (``current``) and the others the session can see: a query
+    may name tables of the store's database only. On a ClickHouse server the store's
+    user may read other applications' databases; the endpoint is for llmtap's tables."""
+
+    current: str
+    others: frozenset[str]
+
+    def named(self, database: str) -> bool:
+        """Whether ``database`` is one of the others (names compared without case, so
+        a spelling ClickHouse would not resolve is refused too)."""
+        return database.lower() in {name.lower() for name in self.others}
+
+
+def _unquoted(name: str) -> str:
+    return name[1:-1] if name[:1] in '`"' and name[-1:] == name[:1] and len(name) > 1 else name
+
+
+def _show_databases(show: re.Match[str]) -> list[str]:
+    """The databases a SHOW statement (held to SHOW_FORM) names."""
+    named = [show["tables_db"], show["columns_db"]]
+    for table in (show["columns_of"], show["create_of"]):
+        parts = _TABLE_PARTS.fullmatch(table) if table else None
+        if parts is not None and parts[2] is not None:  # database.table
+            named.append(parts[1])
+    return [_unquoted(name) for name in named if name]
+
 
 # Table functions that only generate rows (no files, network, other tables' engines).
 # Not values() or generateRandom(): their structure string declares columns, and a
@@ -308,8 +341,18 @@ def _first_word(text: str) -> str:
     return word[0].upper() if word else ""
 
 
-def check_tree(root: Node, text: str) -> None:
-    """Refuse (:class:`SqlError`) anything but one read-only statement on user tables."""
+def _not_ours(name: str, databases: Databases) -> SqlError:
+    return _refuse(
+        "forbidden_table",
+        f"{name!r}: only the tables of llmtap's own database ({databases.current!r}) are "
+        "available here (a table alias named like another database is refused too: "
+        "rename it)",
+    )
+
+
+def check_tree(root: Node, text: str, databases: Databases) -> None:
+    """Refuse (:class:`SqlError`) anything but one read-only statement on the tables of
+    the store's database (``databases``)."""
     first = _first_word(text)
     if root.kind not in READ_ROOTS:
         raise _refuse(
@@ -319,7 +362,8 @@ def check_tree(root: Node, text: str) -> None:
     if root.kind.startswith("Show"):
         if "\\" in text:  # a name spelled with escapes could hide a word from the checks
             raise _refuse("forbidden_table", "escape sequences are not allowed in SHOW statements")
-        if not SHOW_FORM.fullmatch(text):
+        show = SHOW_FORM.fullmatch(text)
+        if show is None:
             raise _refuse(
                 "not_read_only",
                 f"of the SHOW statements, only {SHOW_FORMS_TEXT} run here (no WHERE, no "
@@ -331,6 +375,9 @@ def check_tree(root: Node, text: str) -> None:
             )
         if "/" in text:  # a name with a '/' is a file in chDB's default database
             raise _refuse("forbidden_table", "a file is not a table here")
+        for database in _show_databases(show):
+            if databases.named(database):
+                raise _not_ours(database, databases)
     # EXPLAIN [kind] [options] SELECT: its options (indexes = 1, header = 1...) are a Set.
     if root.kind == "Explain" and [c.kind for c in root.children if c.kind != "Set"] != [
         "SelectWithUnionQuery"
@@ -368,12 +415,16 @@ def check_tree(root: Node, text: str) -> None:
             if node.kind == "TableIdentifier" and "/" in node.name:
                 # chDB's default database reads a file named as a table ('/etc/hostname')
                 raise _refuse("forbidden_table", f"{node.name!r}: a file is not a table here")
-            database = node.name.strip('`"').split(".", 1)[0].strip('`"').lower()
-            if database in SYSTEM_DATABASES:
+            database = node.name.strip('`"').split(".", 1)[0].strip('`"')
+            if database.lower() in SYSTEM_DATABASES:
                 raise _refuse(
                     "forbidden_table",
                     f"{node.name!r}: system and information_schema tables are not available",
                 )
+            # database.table (or, in an expression, database.table.column; the tree
+            # prints a table named `a.b` so too, and it is refused with them)
+            if "." in node.name and databases.named(database):
+                raise _not_ours(node.name, databases)
     if root.kind in ("SelectWithUnionQuery", "DescribeQuery") and len(root.children) != 1:
         raise _refuse(
             "bad_query",

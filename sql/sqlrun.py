@@ -23,8 +23,8 @@ from clickhouse_connect.driver.exceptions import (
     StreamFailureError,
 )
 
-from sql.sqlguard import Node, SqlError, SqlLimits, check_tree, parse_ast, precheck
-from sql.store import connect
+from sql.sqlguard import Databases, Node, SqlError, SqlLimits, check_tree, parse_ast, precheck
+from sql.store import connect, render
 
 Encode = Callable[[Sequence[Any]], bytes]  # one row, as the answer's format writes it
 TruncatedBy = Literal["max_rows", "max_answer_bytes"]
@@ -78,6 +78,13 @@ class SqlRunner:
         body = raw.decode("utf-8", "backslashreplace").removesuffix("\n")
         return parse_ast(body.split("\n"))
 
+    def databases(self) -> Databases:
+        """The session's database and the others it can see, as they are now (one made
+        since the last query is among them)."""
+        rows = self._connection().query(render("sql_databases")).result_rows
+        current = str(rows[0][0]) if rows else ""
+        return Databases(current, frozenset(str(row[1]) for row in rows if row[1] != current))
+
     def execute(
         self, text: str, *, select: bool, encode: Encode, max_rows: int
     ) -> tuple[list[dict[str, str]], list[bytes], TruncatedBy | None]:
@@ -115,7 +122,7 @@ class SqlRunner:
     def _answer(self, text: str, max_rows: int, encode: Encode, lead: str = "") -> Answer:
         try:
             root = self.explain(text, lead)
-            check_tree(root, text)
+            check_tree(root, text, self.databases())
             started = time.perf_counter()
             columns, rows, truncated_by = self.execute(
                 text, select=root.kind == "SelectWithUnionQuery", encode=encode, max_rows=max_rows
