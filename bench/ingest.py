@@ -38,6 +38,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
+from ingress_latency import machine_busy_seconds  # bench/, beside this script
 
 from llmtap.config import Settings
 from llmtap.events import Attribution, Cost, CostedEvent, ResponseEvent, Usage
@@ -149,7 +150,8 @@ async def end_to_end(
     settings: Settings, store: Store, n: int, batch_rows: int, decode_processes: int
 ) -> tuple[float, dict[str, float]]:
     """Seconds from the writer's first message read until n rows are queryable, and
-    the CPU seconds each part used meanwhile (:func:`cpu_seconds`).
+    the CPU seconds each part used meanwhile (:func:`cpu_seconds`), and the machine's
+    in all (``machine``: the other load is what the parts did not use of it).
 
     A fresh consumer group each time, so every run reads the whole topic; the group
     join and the decode processes' start that come before the first read (seconds) are
@@ -165,12 +167,15 @@ async def end_to_end(
     task = asyncio.create_task(writer.run())
     loop = asyncio.get_running_loop()
     before: dict[int, tuple[str, float]] | None = None
+    busy_before = 0.0
     try:
         while writer.rows_written < n:
             if before is None and writer.first_read_at is not None:
                 before = cpu_seconds()  # within ~10 ms of the first read
+                busy_before = machine_busy_seconds()
             await asyncio.sleep(0.01)
         after = cpu_seconds()
+        busy_after = machine_busy_seconds()
         assert writer.first_read_at is not None
         took = loop.time() - writer.first_read_at
         assert int(store.command("SELECT count() FROM calls")) == n  # queryable, once each
@@ -178,6 +183,8 @@ async def end_to_end(
         for pid, (part, seconds) in after.items():  # what each used since, by pid
             since = (before or {}).get(pid, (part, 0.0))[1]
             used[part] += seconds - since
+        if used:
+            used["machine"] = busy_after - busy_before
         return took, used
     finally:
         task.cancel()
@@ -280,7 +287,9 @@ async def main() -> int:
                         took, used = await end_to_end(settings, store, args.events, *config)
                         rates[config].append(args.events / took)
                         if used:  # on Linux
-                            used["cores busy"] = sum(used.values()) / took
+                            ours = sum(used[part] for part in PARTS)
+                            used["other load"] = max(0.0, used.pop("machine") - ours) / took
+                            used["cores busy"] = ours / took
                         cpu[config].append(used)
                         print(
                             f"run {run + 1}, {label(config)}: {rates[config][-1]:,.0f} rows/s",
@@ -337,11 +346,13 @@ def render(
     if any(used for runs in cpu.values() for used in runs):
         lines += [
             "Where the CPU went, end to end (medians of the runs): microseconds of CPU a "
-            "row in each part, from the first read to the last row queryable, and the "
-            f"cores kept busy meanwhile (of {os.cpu_count()}).",
+            "row in each part, from the first read to the last row queryable, the "
+            f"cores they kept busy meanwhile (of {os.cpu_count()}), and the other load: the "
+            "cores busy with what this benchmark did not start (the machine is shared; "
+            "rows/s falls as it rises).",
             "",
-            "| configuration | " + " | ".join(PARTS) + " | all | cores busy |",
-            "|---|" + "---:|" * (len(PARTS) + 2),
+            "| configuration | " + " | ".join(PARTS) + " | all | cores busy | other load |",
+            "|---|" + "---:|" * (len(PARTS) + 3),
         ]
         for config, runs in cpu.items():
             per_row = [
@@ -353,8 +364,11 @@ def render(
                 * 1e6
             )
             busy = statistics.median(run["cores busy"] for run in runs)
+            other = statistics.median(run["other load"] for run in runs)
             cells = " | ".join(f"{value:.1f}" for value in per_row)
-            lines.append(f"| {label(config)} | {cells} | {all_parts:.1f} | {busy:.2f} |")
+            lines.append(
+                f"| {label(config)} | {cells} | {all_parts:.1f} | {busy:.2f} | {other:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
