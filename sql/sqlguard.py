@@ -131,6 +131,13 @@ class Databases:
         a spelling ClickHouse would not resolve is refused too)."""
         return database.lower() in {name.lower() for name in self.others}
 
+    def qualifies(self, identifier: str) -> bool:
+        """Whether an identifier as the syntax tree prints it (``db.table``, or
+        ``db.table.column``, unquoted: a name may hold spaces and dots) begins with one of
+        the others."""
+        lowered = identifier.lower()
+        return any(lowered.startswith(f"{name.lower()}.") for name in self.others)
+
 
 def _unquoted(name: str) -> str:
     return name[1:-1] if name[:1] in '`"' and name[-1:] == name[:1] and len(name) > 1 else name
@@ -422,9 +429,10 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
                     f"{node.name!r}: system and information_schema tables are not available",
                 )
             # database.table (or, in an expression, database.table.column; the tree
-            # prints a table named `a.b` so too, and it is refused with them)
-            if "." in node.name and databases.named(database):
-                raise _not_ours(node.name, databases)
+            # prints a table named `a.b` so too, and it is refused with them). The whole
+            # detail: `other app`.t prints as "other app.t".
+            if databases.qualifies(node.detail):
+                raise _not_ours(node.detail, databases)
     if root.kind in ("SelectWithUnionQuery", "DescribeQuery") and len(root.children) != 1:
         raise _refuse(
             "bad_query",

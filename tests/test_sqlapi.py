@@ -576,6 +576,8 @@ async def test_only_the_stores_own_database_is_read(serve: ServeFn, store: Store
     reads it. The store's own tables still run, qualified by its database too."""
     store.command("CREATE DATABASE IF NOT EXISTS other_app")
     store.command("CREATE TABLE other_app.secret (x String) ENGINE = MergeTree ORDER BY x")
+    store.command("CREATE DATABASE IF NOT EXISTS `other app.v2`")
+    store.command("CREATE TABLE `other app.v2`.secret (x String) ENGINE = Memory")
     try:
         store.command("INSERT INTO other_app.secret VALUES ('TOPSECRET')")
         async with serve() as (api, app):
@@ -597,6 +599,10 @@ async def test_only_the_stores_own_database_is_read(serve: ServeFn, store: Store
                 "SHOW COLUMNS FROM secret FROM other_app",
                 "SHOW COLUMNS FROM other_app.secret",
                 "SHOW CREATE TABLE other_app.secret",
+                # a name with a space and a dot (the tree prints it unquoted)
+                "SELECT * FROM `other app.v2`.secret AS t",
+                "SELECT 1 WHERE 1 IN `other app.v2`.secret",
+                "SHOW TABLES FROM `other app.v2`",
             ):
                 message = await refused(api, query, "forbidden_table")
                 assert "own database ('default')" in message, (query, message)
@@ -610,6 +616,7 @@ async def test_only_the_stores_own_database_is_read(serve: ServeFn, store: Store
             assert (await sql(api, "SELECT c.tenant FROM calls AS c LIMIT 1"))["rows"]
     finally:
         store.command("DROP DATABASE other_app SYNC")
+        store.command("DROP DATABASE `other app.v2` SYNC")
 
 
 async def test_no_statement_reads_a_file_of_the_store_process(api: Client, tmp_path: Path) -> None:
