@@ -306,6 +306,11 @@ class Settings(BaseSettings):
     # ClickHouse: `http://user:pass@host:8123/db` for a server, or `chdb:///path`.
     # Empty means the embedded chDB store under data_dir.
     clickhouse_dsn: str = ""
+    # The SQL endpoint's own ClickHouse user on a server (`http://reader:pass@host:8123/db`,
+    # the store's database): one granted SELECT on it alone, so the server itself holds
+    # what the endpoint's checks hold (no other database, no file(), url()...). Empty: the
+    # store's DSN, on a session of its own set readonly.
+    sql_dsn: str = ""
 
     # The proxy clients point their SDK at, and the analytics API.
     proxy_host: str = "127.0.0.1"
@@ -603,6 +608,25 @@ class Settings(BaseSettings):
         if dsn and urlsplit(dsn).scheme not in ("http", "https", "chdb"):
             raise ValueError("must be http://, https:// (ClickHouse's HTTP interface) or chdb://")
         return dsn
+
+    @field_validator("sql_dsn")
+    @classmethod
+    def _sql_scheme(cls, dsn: str) -> str:
+        if dsn and urlsplit(dsn).scheme not in ("http", "https"):
+            raise ValueError(
+                "must be http:// or https:// (a ClickHouse server's user; chDB has no users)"
+            )
+        return dsn
+
+    @model_validator(mode="after")
+    def _sql_on_the_server(self) -> Settings:
+        if self.sql_dsn and self.embedded_store:
+            raise ValueError(
+                "sql_dsn needs clickhouse_dsn to be a ClickHouse server (http:// or https://): "
+                "the embedded store (chDB) has no users, and the SQL endpoint must read the "
+                "store's tables"
+            )
+        return self
 
     @field_validator("openai_base_url", "anthropic_base_url")
     @classmethod

@@ -507,7 +507,7 @@ def add_routes(
     app[OPENAPI] = orjson.dumps(openapi.document(limits))
     app[ADMISSION] = Admission(settings.api_requests_per_key)
     app.cleanup_ctx.append(api_auth(settings.admin_key_hashes, settings.key_file))
-    app.cleanup_ctx.append(sqlapi.sql_runner(STORE, limits))
+    app.cleanup_ctx.append(sqlapi.sql_runner(STORE, limits, settings.sql_dsn))
     app.on_response_prepare.append(sqlapi.close_if_unreadable)
     app.cleanup_ctx.append(budget_follower(settings))  # app[BUDGET_BOOK]: the dashboard's too
     for name, handler in ROUTES.items():

@@ -284,12 +284,13 @@ async def run_sql(request: web.Request) -> web.Response:
 
 
 def sql_runner(
-    store: web.AppKey[Store], limits: SqlLimits
+    store: web.AppKey[Store], limits: SqlLimits, dsn: str = ""
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context: the app's :class:`SqlRunner` on the DSN of ``app[store]``."""
+    """A cleanup context: the app's :class:`SqlRunner` on ``dsn`` (the ``sql_dsn``
+    setting), or, without one, on the DSN of ``app[store]``."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        runner = app[SQL] = SqlRunner(app[store].dsn, limits)
+        runner = app[SQL] = SqlRunner(dsn or app[store].dsn, limits)
         yield
         await asyncio.to_thread(runner.close)
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.compression_utils import HAS_ZSTD
 from aiohttp.test_utils import TestClient, TestServer
 from clickhouse_connect.driver.exceptions import DatabaseError
+from pydantic import ValidationError
 
 from ingress.guards.keys import create_key
 from llmtap.config import Settings
@@ -749,6 +750,40 @@ async def test_clickhouse_itself_refuses_writes_on_the_session(
     # ... and the store's own session was never made read-only.
     store.command("CREATE TABLE scratch (x Int8) ENGINE = Memory")
     store.command("DROP TABLE scratch")
+
+
+async def test_sql_dsn_is_the_sql_endpoints_own_connection(store: Store, tmp_path: Path) -> None:
+    """With sql_dsn (a reading user on the ClickHouse server), the SQL endpoint connects
+    there and nowhere else: here a server that is down, so it answers 503 naming the
+    server's address and no password, while the analytics endpoints read the store as
+    ever. (No ClickHouse server runs here to grant a user on; chDB has no users.)"""
+    assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
+    settings = Settings(
+        data_dir=tmp_path,
+        admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()],
+        clickhouse_dsn="http://llmtap:store-secret@127.0.0.1:1/llmtap",
+        sql_dsn="http://reader:reader-secret@127.0.0.1:1/llmtap",
+    )
+    app = web.Application(middlewares=[analytics.api_errors])
+    app[analytics.STORE] = store  # the store's own client: chDB, as in every test here
+    analytics.add_routes(app, settings)
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=headers) as api:
+        assert app[sqlapi.SQL].dsn == settings.sql_dsn
+        async with api.post("/api/v1/sql", json={"query": "SELECT 1"}) as response:
+            assert response.status == 503
+            error = (await response.json())["error"]
+        assert error["code"] == "unavailable" and "unavailable" in error["message"]
+        assert "secret" not in error["message"], error
+        async with api.get("/api/v1/analytics/usage") as response:
+            assert response.status == 200, await response.text()
+
+
+def test_sql_dsn_needs_a_clickhouse_server() -> None:
+    with pytest.raises(ValidationError, match="sql_dsn needs clickhouse_dsn"):
+        Settings(sql_dsn="http://reader:pw@127.0.0.1:8123/llmtap")
+    with pytest.raises(ValidationError, match="chDB has no users"):
+        Settings(clickhouse_dsn="http://h:8123/db", sql_dsn="chdb:///tmp/x")
 
 
 async def test_a_virtual_key_is_403(api: Client, virtual_key: str) -> None:
