@@ -348,6 +348,68 @@ def _first_word(text: str) -> str:
     return word[0].upper() if word else ""
 
 
+def _quoted_names(formatted: str) -> list[str]:
+    """The backquoted names of a query as ``formatQuerySingleLine`` gives it (strings in
+    single quotes, names in backquotes, each with backslash escapes; no comments)."""
+    names: list[str] = []
+    at, end = 0, len(formatted)
+    while at < end:
+        quote = formatted[at]
+        if quote not in "'`":
+            at += 1
+            continue
+        start = at = at + 1
+        while at < end and formatted[at] != quote:
+            at += 2 if formatted[at] == "\\" else 1
+        if quote == "`":
+            names.append(formatted[start:at])
+        at += 1
+    return names
+
+
+def _plain(name: str) -> bool:
+    """A quoted name the tree prints as it is: ``EXPLAIN AST`` prints names unescaped (a
+    line break in one adds lines that read as nodes of the tree), and its TabSeparated
+    answer escapes a tab, a backslash or a quote; a name with leading or trailing spaces
+    reads as another once its line is trimmed."""
+    return (
+        name == name.strip()
+        and "\\" not in name
+        and "'" not in name
+        and all(ch == " " or (ch.isprintable() and not ch.isspace()) for ch in name)
+    )
+
+
+def check_names(formatted: str) -> None:
+    """Refuse a query with a quoted name that is not :func:`_plain` (``formatted``: the
+    query as ClickHouse formats it on one line). Such a name let a query add nodes of its
+    own to the tree the checks read, and hide an arrayReduce's real argument."""
+    for name in _quoted_names(formatted):
+        if not _plain(name):
+            raise _refuse(
+                "bad_query",
+                f"the name `{name}` is not allowed here: a quoted name may not hold a line "
+                "break, a tab or another control character, a backslash or a quote, nor "
+                "begin or end with a space",
+            )
+
+
+_HINT = re.compile(r"\s*Maybe you meant\b.*?(?=\s*\([A-Z_]+\)\s*$|$)", re.S)
+
+
+def without_hints(message: str, databases: Databases) -> str:
+    """A ClickHouse error's message without its "Maybe you meant ..." hint when the hint
+    names another database (or a table of one): an error would tell what other databases
+    hold. A hint of a column or of the store's own tables stays."""
+    hint = _HINT.search(message)
+    if hint is None or not databases.others:
+        return message
+    told = hint.group(0).lower()
+    if any(name.lower() in told for name in databases.others):
+        return message[: hint.start()] + message[hint.end() :]
+    return message
+
+
 def _not_ours(name: str, databases: Databases) -> SqlError:
     return _refuse(
         "forbidden_table",

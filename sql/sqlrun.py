@@ -23,7 +23,17 @@ from clickhouse_connect.driver.exceptions import (
     StreamFailureError,
 )
 
-from sql.sqlguard import Databases, Node, SqlError, SqlLimits, check_tree, parse_ast, precheck
+from sql.sqlguard import (
+    Databases,
+    Node,
+    SqlError,
+    SqlLimits,
+    check_names,
+    check_tree,
+    parse_ast,
+    precheck,
+    without_hints,
+)
 from sql.store import connect, render
 
 Encode = Callable[[Sequence[Any]], bytes]  # one row, as the answer's format writes it
@@ -61,7 +71,9 @@ class SqlRunner:
 
     def explain(self, text: str, lead: str = "") -> Node:
         """``text``'s tree; a syntax error's positions are given in the query it was
-        trimmed from (``lead``: what was trimmed before it)."""
+        trimmed from (``lead``: what was trimmed before it). Its quoted names are checked
+        (:func:`check_names`) before its lines are read as a tree: a line break in one
+        prints as more lines."""
         # Not query(): it would append "FORMAT Native", which the parser may attach to
         # the statement inside the EXPLAIN. The answer is TabSeparated (escaping only
         # inside a line: one line per node).
@@ -75,8 +87,17 @@ class SqlRunner:
             if placed == message:
                 raise
             raise SqlError("clickhouse_error", placed) from None
+        check_names(self.formatted(text))
         body = raw.decode("utf-8", "backslashreplace").removesuffix("\n")
         return parse_ast(body.split("\n"))
+
+    def formatted(self, text: str) -> str:
+        """``text`` as ClickHouse formats it on one line (parsed, not run; the text is
+        a bound value): its quoted names with their escapes, for :func:`check_names`."""
+        raw = self._connection().raw_query(
+            render("sql_format"), parameters={"query": text}, fmt="RowBinary"
+        )
+        return _row_binary_string(raw).decode("utf-8", "backslashreplace")
 
     def databases(self) -> Databases:
         """The session's database and the others it can see, as they are now (one made
@@ -120,22 +141,24 @@ class SqlRunner:
             return self._answer(text, max_rows, encode, query[: len(query) - len(query.lstrip())])
 
     def _answer(self, text: str, max_rows: int, encode: Encode, lead: str = "") -> Answer:
+        databases = NO_DATABASES
         try:
             root = self.explain(text, lead)
-            check_tree(root, text, self.databases())
+            databases = self.databases()
+            check_tree(root, text, databases)
             started = time.perf_counter()
             columns, rows, truncated_by = self.execute(
                 text, select=root.kind == "SelectWithUnionQuery", encode=encode, max_rows=max_rows
             )
             elapsed_ms = (time.perf_counter() - started) * 1000
         except StreamFailureError as exc:  # ClickHouse failed with part of the rows sent
-            raise _clickhouse_error(exc) from None
+            raise _clickhouse_error(exc, databases) from None
         except OperationalError as exc:
             if getattr(exc, "code", None) is not None:
-                raise _clickhouse_error(exc) from None
+                raise _clickhouse_error(exc, databases) from None
             raise SqlError("unavailable", f"ClickHouse is unavailable: {exc}", 503) from None
         except ClickHouseError as exc:
-            raise _clickhouse_error(exc) from None
+            raise _clickhouse_error(exc, databases) from None
         except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as exc:
             # e.g. a column type the client cannot decode (AggregateFunction states)
             raise SqlError(
@@ -258,9 +281,25 @@ def _in_query(message: str, lead: str) -> str:
 _REPEATED_CODE = re.compile(r"^(Code: \d+\. DB::Exception: )(?:\1)+")
 
 
-def _clickhouse_error(exc: ClickHouseError) -> SqlError:
+def _row_binary_string(raw: bytes) -> bytes:
+    """The one String of a one-row RowBinary answer (its length, LEB128, then bytes)."""
+    length, shift, at = 0, 0, 0
+    while True:
+        byte = raw[at]
+        at += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return raw[at : at + length]
+
+
+NO_DATABASES = Databases("", frozenset())  # before they are known: no hint is dropped
+
+
+def _clickhouse_error(exc: ClickHouseError, databases: Databases = NO_DATABASES) -> SqlError:
     # chDB may give the code twice ("Code: 164. DB::Exception: Code: 164. DB::...").
     message = _REPEATED_CODE.sub(r"\1", str(exc).strip()) or type(exc).__name__
+    message = without_hints(message, databases)
     if len(message) > 2000:
         message = message[:2000] + "…"
     if timed_out(exc):
