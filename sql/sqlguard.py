@@ -186,6 +186,10 @@ DENIED_FUNCTIONS = frozenset(
         "eval", "filesystem", "python", "arrowstream", "merge", "loop",
         # the server's own binary (introspection; also off in the session)
         "addressToLine", "addressToLineWithInlines", "addressToSymbol", "demangle",
+        # a column list in a string, whose DEFAULT / ALIAS expressions ClickHouse
+        # evaluates while it builds the schema (file(), a subquery: a red-team pass read
+        # a file and other databases' tables through the Enum names it prints)
+        "structureToProtobufSchema", "structureToCapnProtoSchema",
     )
 )  # fmt: skip
 # dictGet, dictHas, dictGetOrDefault...; aiGenerate, aiEmbed... (an LLM provider's API,
@@ -227,8 +231,11 @@ _BARE_NAME = re.compile(r"\\'[A-Za-z_][A-Za-z0-9_]*\\'")  # as EXPLAIN AST print
 
 
 def _aggregate_named(node: Node) -> bool:
-    """Whether an arrayReduce-like call's first argument is a bare name, literally."""
-    args = node.children[0].children if node.children else []
+    """Whether an arrayReduce-like call's first argument is a bare name, literally, and
+    the call has no parameters (a second list, which would hold the string instead)."""
+    if len(node.children) != 1:
+        return False
+    args = node.children[0].children
     return bool(args) and args[0].kind == "Literal" and bool(_BARE_NAME.fullmatch(args[0].detail))
 
 
@@ -481,9 +488,23 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
                     "numbers, zeros, generate_series and view are",
                 )
         elif node.kind in ("TableIdentifier", "Identifier"):
-            if node.kind == "TableIdentifier" and "/" in node.name:
-                # chDB's default database reads a file named as a table ('/etc/hostname')
-                raise _refuse("forbidden_table", f"{node.name!r}: a file is not a table here")
+            if "/" in node.detail:
+                # chDB's default database reads a file named as a table ('/etc/hostname'),
+                # in FROM or as the set of an IN
+                raise _refuse("forbidden_table", f"{node.detail!r}: a file is not a table here")
+            if node.kind == "TableIdentifier" and "." in node.detail:
+                # database.table: the store's own database, or it is a file's name
+                # (chDB reads 'secret.csv' in its default database) or no table at all
+                first = node.detail.split(".", 1)[0]
+                if first.lower() != databases.current.lower() and not databases.qualifies(
+                    node.detail
+                ):
+                    raise _refuse(
+                        "forbidden_table",
+                        f"{node.detail!r}: not a table of llmtap's database "
+                        f"({databases.current!r}); a name with a dot is read as a database "
+                        "and a table, or a file",
+                    )
             database = node.name.strip('`"').split(".", 1)[0].strip('`"')
             if database.lower() in SYSTEM_DATABASES:
                 raise _refuse(

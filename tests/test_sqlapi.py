@@ -632,7 +632,7 @@ async def test_only_the_stores_own_database_is_read(serve: ServeFn, store: Store
             ):
                 message = await refused(api, query, "forbidden_table")
                 assert "own database ('default')" in message, (query, message)
-            for query in ("SELECT * FROM secret", "SELECT * FROM other_ap.secret"):
+            for query in ("SELECT * FROM secret", "SHOW TABLES FROM other_ap"):
                 message = await refused(api, query, "clickhouse_error")
                 assert "other_app" not in message and "meant" not in message, message
             message = await refused(api, "SELECT tenantt FROM calls", "clickhouse_error")
@@ -691,6 +691,20 @@ async def test_no_statement_reads_a_file_of_the_store_process(api: Client, tmp_p
          "forbidden_function"),
         ("SELECT arrayReduce('groupConcat((SELECT groupConcat(name) FROM system.databases))',"
          " ['<', '>'])", "forbidden_function"),
+        # ... or in its parameters, where the check read a bare 'sum' (red team, round 2)
+        (f"SELECT arrayReduce('groupConcat(file(''{secret}''))', ['<'])('sum')",
+         "forbidden_function"),
+        # a column list whose DEFAULT ClickHouse evaluates to build a schema: the file
+        # came back as an Enum's name in it (red team, round 2)
+        (f"SELECT structureToProtobufSchema('x DEFAULT CAST(1, concat(''Enum8('''''', "
+         f"replaceRegexpAll(file(''{secret}'', ''LineAsString''), ''[^A-Z]'', ''''), "
+         "'''''' = 1)''))')", "forbidden_function"),
+        (f"SELECT structureToCapnProtoSchema('x UInt8 DEFAULT toUInt8(file(''{secret}''))')",
+         "forbidden_function"),
+        # a file named as the set of an IN, or by a relative name with a dot (chDB reads
+        # its default database's files so; readonly also refuses them)
+        (f"SELECT 'TOPSECRET' IN `{secret}`", "forbidden_table"),
+        (f"SELECT * FROM `{secret.name}`", "forbidden_table"),
     ):  # fmt: skip
         async with api.post("/api/v1/sql", json={"query": query}) as response:
             text = await response.text()
