@@ -269,6 +269,11 @@ class SpikeRule(BaseModel):
         return self
 
 
+def _dsn_database(dsn: str) -> str:
+    """The database a ClickHouse server DSN names (its path; ``default`` without one)."""
+    return urlsplit(dsn).path.strip("/") or "default"
+
+
 class Settings(BaseSettings):
     # An error names the setting and what is wrong, never the values given: they hold
     # secrets (a SASL password, a DSN's), and an error of the whole model shows them all.
@@ -625,6 +630,12 @@ class Settings(BaseSettings):
                 "sql_dsn needs clickhouse_dsn to be a ClickHouse server (http:// or https://): "
                 "the embedded store (chDB) has no users, and the SQL endpoint must read the "
                 "store's tables"
+            )
+        if self.sql_dsn and _dsn_database(self.sql_dsn) != _dsn_database(self.clickhouse_dsn):
+            raise ValueError(
+                "sql_dsn must name the store's database, as clickhouse_dsn does (its path: "
+                "http://user:pass@host:8123/<database>): the SQL endpoint reads the tables "
+                "of its session's database only"
             )
         return self
 

@@ -9,9 +9,11 @@ answer):
 2. ClickHouse's own parser: ``EXPLAIN AST <query>`` (parsing only, nothing runs) gives
    the syntax tree, which must be one SELECT (or WITH ... SELECT), SHOW TABLES /
    COLUMNS / CREATE TABLE, DESCRIBE or EXPLAIN of a SELECT, without a FORMAT clause;
-   it may not name a ``system`` or ``information_schema`` table, a table function
-   other than the generators in ``TABLE_FUNCTIONS``, or any function that reads
-   files, the network or dictionaries (``DENIED_FUNCTIONS``).
+   it may not name a ``system`` or ``information_schema`` table, a table of another
+   database than the store's, a table function other than the generators in
+   ``TABLE_FUNCTIONS``, or any function that reads files, the network or dictionaries
+   (``DENIED_FUNCTIONS``); its quoted names may not hold line breaks (they would add
+   lines to the tree).
 3. The query runs on its own ClickHouse session, opened with ``readonly=1`` and the
    limits (time, result rows and bytes, memory) as session settings: ClickHouse
    itself refuses any write, DDL or settings change, whatever got past 1 and 2.
@@ -21,8 +23,9 @@ a block at a time and encoded as they come, and the query is cancelled once the 
 holds ``max_rows`` rows or ``max_answer_bytes`` bytes of them; the answer says which.
 
 That session is a second client on the store's DSN (for chDB, a second handle on the
-same engine), so a long query never holds the store's lock (the writer and the
-analytics endpoints go on), and the writer's session never carries these settings.
+same engine), or on ``sql_dsn`` (a ClickHouse user of its own) when set, so a long
+query never holds the store's lock (the writer and the analytics endpoints go on), and
+the writer's session never carries these settings.
 SQL is admin-only: chDB has no users or row policies, so a query cannot be confined
 to one tenant by the server; virtual keys use the analytics endpoints instead.
 """

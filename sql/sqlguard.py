@@ -131,6 +131,12 @@ class Databases:
         a spelling ClickHouse would not resolve is refused too)."""
         return database.lower() in {name.lower() for name in self.others}
 
+    def ours(self, qualified: str) -> bool:
+        """Whether a name with a dot (as the tree prints it) is a table of the store's
+        database: ``default.calls``; not ``secret.csv``, which chDB's default database
+        reads as a file, nor another database's table."""
+        return qualified.lower().startswith(f"{self.current.lower()}.")
+
     def qualifies(self, identifier: str) -> bool:
         """Whether an identifier as the syntax tree prints it (``db.table``, or
         ``db.table.column``, unquoted: a name may hold spaces and dots) begins with one of
@@ -144,13 +150,19 @@ def _unquoted(name: str) -> str:
 
 
 def _show_databases(show: re.Match[str]) -> list[str]:
-    """The databases a SHOW statement (held to SHOW_FORM) names."""
-    named = [show["tables_db"], show["columns_db"]]
+    """The databases a SHOW statement (held to SHOW_FORM) names: a table named with a
+    dot (`secret.csv`, a file to chDB's default database) is read as database.table,
+    as the tree prints it."""
+    named = [_unquoted(name) for name in (show["tables_db"], show["columns_db"]) if name]
     for table in (show["columns_of"], show["create_of"]):
         parts = _TABLE_PARTS.fullmatch(table) if table else None
-        if parts is not None and parts[2] is not None:  # database.table
-            named.append(parts[1])
-    return [_unquoted(name) for name in named if name]
+        if parts is None:
+            continue
+        if parts[2] is not None:  # database.table
+            named.append(_unquoted(parts[1]))
+        elif "." in _unquoted(parts[1]):
+            named.append(_unquoted(parts[1]).split(".", 1)[0])
+    return named
 
 
 # Table functions that only generate rows (no files, network, other tables' engines).
@@ -226,6 +238,11 @@ NODE_REFUSALS = {
 # Functions that take an aggregate function as a string and parse it when they run, its
 # parameters with it (arrayReduce('groupConcat(file(...))', ...) read the file): only a
 # bare name is allowed ('sum', 'uniqIf'), as a literal.
+# Functions whose second argument, a bare name, is a table whose rows are the set.
+IN_FUNCTIONS = frozenset(
+    {"in", "notin", "globalin", "globalnotin", "nullin", "notnullin", "globalnullin",
+     "globalnotnullin"}
+)  # fmt: skip
 AGGREGATE_BY_NAME = frozenset({"arrayreduce", "arrayreduceinranges", "initializeaggregation"})
 _BARE_NAME = re.compile(r"\\'[A-Za-z_][A-Za-z0-9_]*\\'")  # as EXPLAIN AST prints 'sum'
 
@@ -307,9 +324,9 @@ def parse_ast(lines: Sequence[str]) -> Node:
     """The tree printed by ``EXPLAIN AST``: one node per line, one space of indent per level.
 
     An alias or identifier holding a newline prints as more than one line, which reads
-    as extra nodes. They can only add to the tree (a second root, more children: both
-    refused), never hide a real node or come between a TableExpression and its table,
-    which is always the very next line: a crafted name makes the checks stricter only.
+    as extra nodes of the query's choosing: enough to hide a real one (a red-team pass
+    hid an arrayReduce's SQL argument behind a fake 'sum'). So a query's quoted names
+    are checked first (:func:`check_names`): none holds a line break.
     """
     root: Node | None = None
     stack: list[Node] = []
@@ -396,12 +413,13 @@ def check_names(formatted: str) -> None:
             raise _refuse(
                 "bad_query",
                 f"the name `{name}` is not allowed here: a quoted name may not hold a line "
-                "break, a tab or another control character, a backslash or a quote, nor "
-                "begin or end with a space",
+                "break, a tab or another control character, a backslash or a single quote, "
+                "nor begin or end with a space",
             )
 
 
-_HINT = re.compile(r"\s*Maybe you meant\b.*?(?=\s*\([A-Z_]+\)\s*$|$)", re.S)
+# Up to the error's name, "(UNKNOWN_TABLE)", which a server follows with its version.
+_HINT = re.compile(r"\s*Maybe you meant\b.*?(?=\s*\([A-Z_]+\)|$)", re.S)
 
 
 def without_hints(message: str, databases: Databases) -> str:
@@ -451,8 +469,8 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
             )
         if "/" in text:  # a name with a '/' is a file in chDB's default database
             raise _refuse("forbidden_table", "a file is not a table here")
-        for database in _show_databases(show):
-            if databases.named(database):
+        for database in _show_databases(show):  # a database it names: the store's only
+            if database.lower() != databases.current.lower():
                 raise _not_ours(database, databases)
     # EXPLAIN [kind] [options] SELECT: its options (indexes = 1, header = 1...) are a Set.
     if root.kind == "Explain" and [c.kind for c in root.children if c.kind != "Set"] != [
@@ -475,6 +493,11 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
                     "('sum', 'uniqIf'), without parameters: ClickHouse runs that string as SQL",
                 )
             in_from = node.parent is not None and node.parent.kind == "TableExpression"
+            args = node.children[0].children if node.children else []
+            if name in IN_FUNCTIONS and len(args) == 2 and args[1].kind == "Identifier":
+                table = args[1].detail  # x IN t: a table's rows are the set
+                if "." in table and not databases.ours(table):
+                    raise _not_ours(table, databases)
             if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
                 raise _refuse(
                     "forbidden_function",
@@ -492,29 +515,21 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
                 # chDB's default database reads a file named as a table ('/etc/hostname'),
                 # in FROM or as the set of an IN
                 raise _refuse("forbidden_table", f"{node.detail!r}: a file is not a table here")
-            if node.kind == "TableIdentifier" and "." in node.detail:
-                # database.table: the store's own database, or it is a file's name
-                # (chDB reads 'secret.csv' in its default database) or no table at all
-                first = node.detail.split(".", 1)[0]
-                if first.lower() != databases.current.lower() and not databases.qualifies(
-                    node.detail
-                ):
-                    raise _refuse(
-                        "forbidden_table",
-                        f"{node.detail!r}: not a table of llmtap's database "
-                        f"({databases.current!r}); a name with a dot is read as a database "
-                        "and a table, or a file",
-                    )
             database = node.name.strip('`"').split(".", 1)[0].strip('`"')
             if database.lower() in SYSTEM_DATABASES:
                 raise _refuse(
                     "forbidden_table",
                     f"{node.name!r}: system and information_schema tables are not available",
                 )
-            # database.table (or, in an expression, database.table.column; the tree
-            # prints a table named `a.b` so too, and it is refused with them). The whole
-            # detail: `other app`.t prints as "other app.t".
-            if databases.qualifies(node.detail):
+            # A table named with a dot is database.table: the store's database only (the
+            # tree prints a table named `a.b` so too, and chDB reads 'secret.csv' in its
+            # default database as a file). In an expression, database.table.column of
+            # another database is refused too. The whole detail: `other app`.t prints as
+            # "other app.t".
+            if node.kind == "TableIdentifier" and "." in node.detail:
+                if not databases.ours(node.detail):
+                    raise _not_ours(node.detail, databases)
+            elif databases.qualifies(node.detail):
                 raise _not_ours(node.detail, databases)
     if root.kind in ("SelectWithUnionQuery", "DescribeQuery") and len(root.children) != 1:
         raise _refuse(

@@ -94,17 +94,21 @@ class SqlRunner:
     def formatted(self, text: str) -> str:
         """``text`` as ClickHouse formats it on one line (parsed, not run; the text is
         a bound value): its quoted names with their escapes, for :func:`check_names`."""
-        raw = self._connection().raw_query(
-            render("sql_format"), parameters={"query": text}, fmt="RowBinary"
-        )
-        return _row_binary_string(raw).decode("utf-8", "backslashreplace")
+        try:
+            raw = self._connection().raw_query(
+                render("sql_format"), parameters={"query": text}, fmt="RowBinary"
+            )
+            formatted = _row_binary_string(raw)
+        except (DatabaseError, ValueError) as exc:  # parsed by EXPLAIN AST already
+            raise SqlError("bad_query", f"the query's names could not be checked: {exc}") from None
+        return formatted.decode("utf-8", "backslashreplace")
 
     def databases(self) -> Databases:
         """The session's database and the others it can see, as they are now (one made
         since the last query is among them)."""
-        rows = self._connection().query(render("sql_databases")).result_rows
-        current = str(rows[0][0]) if rows else ""
-        return Databases(current, frozenset(str(row[1]) for row in rows if row[1] != current))
+        current, names = self._connection().query(render("sql_databases")).result_rows[0]
+        others = frozenset(str(name) for name in names if str(name).lower() != current.lower())
+        return Databases(str(current), others)
 
     def execute(
         self, text: str, *, select: bool, encode: Encode, max_rows: int
@@ -282,15 +286,17 @@ _REPEATED_CODE = re.compile(r"^(Code: \d+\. DB::Exception: )(?:\1)+")
 
 
 def _row_binary_string(raw: bytes) -> bytes:
-    """The one String of a one-row RowBinary answer (its length, LEB128, then bytes)."""
-    length, shift, at = 0, 0, 0
-    while True:
-        byte = raw[at]
-        at += 1
+    """The one String of a one-row RowBinary answer (its length, LEB128, then bytes);
+    ValueError for anything else (none, or cut short)."""
+    length, shift = 0, 0
+    for at, byte in enumerate(raw[:10]):
         length |= (byte & 0x7F) << shift
         shift += 7
         if byte < 0x80:
-            return raw[at : at + length]
+            if len(raw) != at + 1 + length:
+                break
+            return raw[at + 1 :]
+    raise ValueError(f"not one String in RowBinary ({len(raw)} bytes)")
 
 
 NO_DATABASES = Databases("", frozenset())  # before they are known: no hint is dropped
