@@ -359,7 +359,7 @@ async def close_while_stopping(request: web.Request, response: web.StreamRespons
 # each), 0.5 s of the loop's time over a bench/ingress_latency.py run (~30,000 calls).
 # At 10,000 about five ran once started in such a run, 0.03 s in all (two runs each,
 # side by side; the latency ratios moved within the run-to-run noise).
-# Garbage in cycles still starts one, once 10,000 objects of it are left.
+# Garbage in reference cycles (never freed by counts) still counts towards it.
 YOUNG_COLLECTION_THRESHOLD = 10_000
 
 
