@@ -478,7 +478,7 @@ async def test_a_model_with_no_price_under_a_hard_cap_is_refused_unless_admitted
                     assert exc.body["param"] == "model"
                     assert unpriced in exc.body["message"] and budget.name in exc.body["message"]
                     assert "pricing_file" in exc.body["message"]
-                    assert "unpriced: admit" in exc.body["message"]
+                    assert "unpriced: admit on the provider" in exc.body["message"]
                 cheap = await client.chat.completions.create(
                     model="gpt-4o-mini", max_tokens=10, messages=hi
                 )
