@@ -126,11 +126,6 @@ class Databases:
     current: str
     others: frozenset[str]
 
-    def named(self, database: str) -> bool:
-        """Whether ``database`` is one of the others (names compared without case, so
-        a spelling ClickHouse would not resolve is refused too)."""
-        return database.lower() in {name.lower() for name in self.others}
-
     def ours(self, qualified: str) -> bool:
         """Whether a name with a dot (as the tree prints it) is a table of the store's
         database: ``default.calls``; not ``secret.csv``, which chDB's default database
