@@ -11,8 +11,9 @@ answer):
    COLUMNS / CREATE TABLE, DESCRIBE or EXPLAIN of a SELECT, without a FORMAT clause;
    it may not name a ``system`` or ``information_schema`` table, a table of another
    database than the store's, a table function other than the generators in
-   ``TABLE_FUNCTIONS``, or any function that reads files, the network or dictionaries
-   (``DENIED_FUNCTIONS``); its quoted names may not hold line breaks (they would add
+   ``TABLE_FUNCTIONS``, or any function off the allowlist in sql/sql_functions.txt
+   (those that compute on values; none that reads files, the network, dictionaries or
+   the server's state); its quoted names may not hold line breaks (they would add
    lines to the tree).
 3. The query runs on its own ClickHouse session, opened with ``readonly=1`` and the
    limits (time, result rows and bytes, memory) as session settings: ClickHouse

@@ -10,8 +10,9 @@ of the endpoint's three lines of defence (sql/sqlapi.py).
    a SELECT, without a FORMAT clause; no ``system`` or ``information_schema`` table, no
    table of a database but the store's own (:class:`Databases`: a ClickHouse server
    may hold other applications' data), no
-   table function but the generators in :data:`TABLE_FUNCTIONS`, no function that reads
-   files, the network or dictionaries (:data:`DENIED_FUNCTIONS`).
+   table function but the generators in :data:`TABLE_FUNCTIONS`, no function but those
+   of the allowlist in sql/sql_functions.txt (:data:`FUNCTIONS`): those that compute
+   on values, none that reads files, the network, dictionaries or the server's state.
 
 And what a query may take (:class:`SqlLimits`), which the read-only session it runs on
 sets as ClickHouse settings (the third line, sql/sqlrun.py).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from sql.params import BadParameter
@@ -168,40 +170,53 @@ TABLE_FUNCTIONS = frozenset(
     {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries",
      "view"}
 )  # fmt: skip
-# Functions that read files, the network, other servers or dictionaries: refused
-# wherever they appear (as a table function or in an expression).
-DENIED_FUNCTIONS = frozenset(
-    name.lower()
-    for name in (
-        "file", "fileCluster", "url", "urlCluster", "s3", "s3Cluster", "gcs", "oss", "cosn",
-        "hdfs", "hdfsCluster", "azureBlobStorage", "azureBlobStorageCluster", "remote",
-        "remoteSecure", "cluster", "clusterAllReplicas", "mysql", "postgresql", "jdbc",
-        "odbc", "mongodb", "redis", "sqlite", "input", "executable", "executablePool",
-        "dictionary", "iceberg", "icebergS3", "icebergAzure", "icebergHDFS",
-        "icebergLocal", "icebergS3Cluster", "icebergAzureCluster", "icebergHDFSCluster",
-        "deltaLake", "deltaLakeS3", "deltaLakeAzure", "deltaLakeLocal", "deltaLakeCluster",
-        "hudi", "hudiCluster", "paimon", "arrowFlight", "ytsaurus",
-        "catboostEvaluate", "filesystemAvailable", "filesystemCapacity", "filesystemUnreserved",
-        # the server's configuration and what tables exist, system ones included
-        "getServerSetting", "getMergeTreeSetting", "hasColumnInTable",
-        "getMaxTableNameLengthForDatabase", "showCertificate", "getMacro",
-        # writes: to Keeper, to the server's log
-        "generateSerialID", "logTrace",
-        # a table or model named by a string (not a table the tree shows)
-        "joinGet", "joinGetOrNull", "naiveBayesClassifier",
-        # chDB's: a query run from a string, files, Python, a stream; other tables
-        "eval", "filesystem", "python", "arrowstream", "merge", "loop",
-        # the server's own binary (introspection; also off in the session)
-        "addressToLine", "addressToLineWithInlines", "addressToSymbol", "demangle",
-        # a column list in a string, whose DEFAULT / ALIAS expressions ClickHouse
-        # evaluates while it builds the schema (file(), a subquery: a red-team pass read
-        # a file and other databases' tables through the Enum names it prints)
-        "structureToProtobufSchema", "structureToCapnProtoSchema",
-    )
+# Aggregate function combinators, as system.aggregate_function_combinators lists them:
+# sumIf, uniqArrayIf, quantilesStateMerge, countOrNull...
+COMBINATORS = (
+    "SimpleState", "OrDefault", "Distinct", "Resample", "ForEach", "ArgMax", "ArgMin",
+    "OrNull", "Tuple", "Merge", "State", "Array", "Null", "Map", "If",
 )  # fmt: skip
-# dictGet, dictHas, dictGetOrDefault...; aiGenerate, aiEmbed... (an LLM provider's API,
-# given a named collection of credentials).
-DENIED_PREFIXES = ("dict", "ai")
+
+
+@dataclass(frozen=True)
+class Functions:
+    """The functions a query may call (sql/sql_functions.txt), an allowlist: each name
+    lowercased, and which of them are aggregates (those a combinator may follow)."""
+
+    names: frozenset[str]
+    aggregates: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Functions:
+        names: set[str] = set()
+        aggregates: set[str] = set()
+        category = ""
+        for line in text.splitlines():
+            if line.startswith("## "):
+                category = line[3:].strip()
+            elif not line.startswith("#"):
+                words = {word.lower() for word in line.split()}
+                names |= words
+                if category == "Aggregate Functions":
+                    aggregates |= words
+        return cls(frozenset(names), frozenset(aggregates))
+
+    def allows(self, name: str) -> bool:
+        """Whether ``name`` is on the list, or is an aggregate on it with combinators."""
+        lowered = name.lower()
+        return lowered in self.names or self._combined(lowered)
+
+    def _combined(self, lowered: str) -> bool:
+        for combinator in COMBINATORS:
+            suffix = combinator.lower()
+            if lowered.endswith(suffix) and len(lowered) > len(suffix):
+                base = lowered[: -len(suffix)]
+                if base in self.aggregates or self._combined(base):
+                    return True
+        return False
+
+
+FUNCTIONS = Functions.parse(resources.files("sql").joinpath("sql_functions.txt").read_text())
 # The syntax tree's nodes a query may hold: each of these prints every expression under
 # it. A node that does not (or a syntax added by a later ClickHouse) is refused, not
 # trusted: "* APPLY file" shows as a bare ColumnsApplyTransformer, its function, lambda
@@ -487,23 +502,34 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
                     f"{node.name}'s aggregate function must be a bare name in a string literal "
                     "('sum', 'uniqIf'), without parameters: ClickHouse runs that string as SQL",
                 )
+            if name in AGGREGATE_BY_NAME:  # the name in the string: on the list too
+                named = node.children[0].children[0].detail[2:-2]
+                if not FUNCTIONS.allows(named):
+                    raise _refuse(
+                        "forbidden_function",
+                        f"{node.name}'s aggregate function {named!r} is not allowed here "
+                        "(sql/sql_functions.txt)",
+                    )
             in_from = node.parent is not None and node.parent.kind == "TableExpression"
             args = node.children[0].children if node.children else []
             if name in IN_FUNCTIONS and len(args) == 2 and args[1].kind == "Identifier":
                 table = args[1].detail  # x IN t: a table's rows are the set
                 if "." in table and not databases.ours(table):
                     raise _not_ours(table, databases)
-            if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
+            if in_from:
+                if name not in TABLE_FUNCTIONS:
+                    raise _refuse(
+                        "forbidden_function",
+                        f"table function {node.name!r} is not allowed; only "
+                        "numbers, zeros, generate_series and view are",
+                    )
+            elif not FUNCTIONS.allows(node.name):
                 raise _refuse(
                     "forbidden_function",
-                    f"function {node.name!r} is not allowed: it reads files, the network, "
-                    "other servers, dictionaries or the server's configuration",
-                )
-            if in_from and name not in TABLE_FUNCTIONS:
-                raise _refuse(
-                    "forbidden_function",
-                    f"table function {node.name!r} is not allowed; only "
-                    "numbers, zeros, generate_series and view are",
+                    f"function {node.name!r} is not allowed here: the SQL endpoint runs the "
+                    "functions of its list (sql/sql_functions.txt), which compute on values; "
+                    "none that reads files, the network, other servers, dictionaries or the "
+                    "server's state",
                 )
         elif node.kind in ("TableIdentifier", "Identifier"):
             if "/" in node.detail:
