@@ -246,6 +246,28 @@ async def test_read_only_forms_run(api: Client, query: str) -> None:
     assert body["rows"] == [["acme", 2], ["globex", 1]]
 
 
+async def test_sql_syntax_written_as_functions_runs(api: Client) -> None:
+    """What the parser turns into function calls passes the function list: EXISTS,
+    grouping(), untuple() and lambdas are not in system.functions, and were refused
+    until added by name; the rest (CASE, BETWEEN, ::, INTERVAL, AT TIME ZONE...) are."""
+    body = await sql(
+        api,
+        "SELECT tenant, grouping(tenant) AS g, EXISTS (SELECT 1) AS e, 1 = ANY (SELECT 1)"
+        " AS a, CASE WHEN count() > 1 THEN 'many' ELSE 'one' END AS c,"
+        " count() BETWEEN 1 AND 2 AS b, untuple((1, 2)), arrayMap(x -> x * 2, [count()]) AS m,"
+        " toDate('2026-01-02') - INTERVAL 1 DAY AS d, 1::String AS s,"
+        " EXTRACT(DAY FROM d) AS day, now() AT TIME ZONE 'UTC' IS NOT NULL AS z"
+        " FROM calls GROUP BY GROUPING SETS ((tenant), ()) ORDER BY tenant",
+    )
+    columns = [column["name"] for column in body["columns"]]
+    rows = [dict(zip(columns, row, strict=True)) for row in body["rows"]]
+    assert [(row["tenant"], row["m"], row["c"], row["e"]) for row in rows] == [
+        ("", [6], "many", True),
+        ("acme", [4], "many", True),
+        ("globex", [2], "one", True),
+    ]
+
+
 @pytest.mark.parametrize(
     ("query", "first_column"),
     [
