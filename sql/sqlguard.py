@@ -176,6 +176,7 @@ COMBINATORS = (
     "SimpleState", "OrDefault", "Distinct", "Resample", "ForEach", "ArgMax", "ArgMin",
     "OrNull", "Tuple", "Merge", "State", "Array", "Null", "Map", "If",
 )  # fmt: skip
+_SUFFIXES = tuple(combinator.lower() for combinator in COMBINATORS)
 
 
 @dataclass(frozen=True)
@@ -207,12 +208,19 @@ class Functions:
         return lowered in self.names or self._combined(lowered)
 
     def _combined(self, lowered: str) -> bool:
-        for combinator in COMBINATORS:
-            suffix = combinator.lower()
-            if lowered.endswith(suffix) and len(lowered) > len(suffix):
-                base = lowered[: -len(suffix)]
-                if base in self.aggregates or self._combined(base):
-                    return True
+        """Whether taking combinators off the end leaves an aggregate on the list
+        (sumIfArray, or sum and If 5,000 times: by a loop, not recursion)."""
+        bases, seen = [lowered], {lowered}
+        while bases:
+            name = bases.pop()
+            for suffix in _SUFFIXES:
+                if name.endswith(suffix) and len(name) > len(suffix):
+                    base = name[: -len(suffix)]
+                    if base in self.aggregates:
+                        return True
+                    if base not in seen:
+                        seen.add(base)
+                        bases.append(base)
         return False
 
 

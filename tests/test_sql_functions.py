@@ -69,6 +69,11 @@ def test_what_analytics_need_is_on_the_list(name: str) -> None:
     assert FUNCTIONS.allows(name)
 
 
+def test_combinators_stacked_thousands_deep_are_judged() -> None:
+    assert FUNCTIONS.allows("sum" + "If" * 5_000)  # not a RecursionError (a 500)
+    assert not FUNCTIONS.allows("hostName" + "If" * 5_000)
+
+
 def test_no_table_function_but_the_generators(store: Store) -> None:
     table_functions = {name.lower() for name in catalogue(store, "table_functions")}
     assert sqlguard.TABLE_FUNCTIONS <= table_functions
