@@ -13,7 +13,10 @@ answer):
    database than the store's, a table function other than the generators in
    ``TABLE_FUNCTIONS``, or any function off the allowlist in sql/sql_functions.txt
    (those that compute on values; none that reads files, the network, dictionaries or
-   the server's state); its quoted names may not hold line breaks (they would add
+   the server's state), nor a table of its database that system.tables does not list;
+   a bare name ClickHouse may call as a function off the list (``user``) or a table
+   named without its database that is not one (a WITH's) is judged on the analyzer's
+   resolution (``EXPLAIN QUERY TREE``); its quoted names may not hold line breaks (they would add
    lines to the tree).
 3. The query runs on its own ClickHouse session, opened with ``readonly=1`` and the
    limits (time, result rows and bytes, memory) as session settings: ClickHouse

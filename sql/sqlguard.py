@@ -8,11 +8,15 @@ of the endpoint's three lines of defence (sql/sqlapi.py).
    :func:`parse_ast`): one SELECT (or WITH ... SELECT), SHOW TABLES / COLUMNS /
    CREATE TABLE (in the plain forms of :data:`SHOW_FORM` only), DESCRIBE or EXPLAIN of
    a SELECT, without a FORMAT clause; no ``system`` or ``information_schema`` table, no
-   table of a database but the store's own (:class:`Databases`: a ClickHouse server
-   may hold other applications' data), no
+   table of a database but the store's own, nor of the store's database one its
+   system.tables does not list (:class:`Databases`: a ClickHouse server may hold other
+   applications' data, chDB reads files as tables), no
    table function but the generators in :data:`TABLE_FUNCTIONS`, no function but those
    of the allowlist in sql/sql_functions.txt (:data:`FUNCTIONS`): those that compute
    on values, none that reads files, the network, dictionaries or the server's state.
+   What only ClickHouse's analyzer can resolve (:func:`unresolved`: a bare name it may
+   call as a function off the list, ``user``; a table named without its database) is
+   judged on its resolution too (:func:`check_resolved`, over ``EXPLAIN QUERY TREE``).
 
 And what a query may take (:class:`SqlLimits`), which the read-only session it runs on
 sets as ClickHouse settings (the third line, sql/sqlrun.py).
@@ -127,6 +131,14 @@ class Databases:
 
     current: str
     others: frozenset[str]
+    # The tables of the store's database, as system.tables lists them: on chDB, its
+    # default database also reads the files of the process's directory as tables
+    # (default.`.env`), which no check but readonly would stop otherwise.
+    tables: frozenset[str] = frozenset()
+
+    def table(self, qualified: str) -> bool:
+        """Whether a name with a dot is one of the store's tables (``default.calls``)."""
+        return self.ours(qualified) and qualified[len(self.current) + 1 :] in self.tables
 
     def ours(self, qualified: str) -> bool:
         """Whether a name with a dot (as the tree prints it) is a table of the store's
@@ -225,6 +237,17 @@ class Functions:
 
 
 FUNCTIONS = Functions.parse(resources.files("sql").joinpath("sql_functions.txt").read_text())
+# Names ClickHouse calls as a function when written bare, without parentheses, where no
+# column, alias or lambda argument of the query has the name: ``SELECT user`` is
+# ``currentUser()``, yet the syntax tree shows an Identifier, not a Function. Found by
+# trying each function's name as a bare identifier (a red-team pass found the first);
+# tests/test_sql_functions.py holds this to chDB's answer. Those off the list are checked
+# on the query as ClickHouse's analyzer resolves it (:func:`check_resolved`).
+BARE_FUNCTIONS = frozenset(
+    {"curdate", "current_database", "current_date", "current_timestamp", "current_user",
+     "currentdatabase", "currenthandler", "currentrequesturl", "currentuser", "database",
+     "localtime", "localtimestamp", "now", "schema", "session_user", "today", "user"}
+)  # fmt: skip
 # The syntax tree's nodes a query may hold: each of these prints every expression under
 # it. A node that does not (or a syntax added by a later ClickHouse) is refused, not
 # trusted: "* APPLY file" shows as a bare ColumnsApplyTransformer, its function, lambda
@@ -457,8 +480,84 @@ def _not_ours(name: str, databases: Databases) -> SqlError:
     return _refuse(
         "forbidden_table",
         f"{name!r}: only the tables of llmtap's own database ({databases.current!r}) are "
-        "available here (a table alias named like another database is refused too: "
-        "rename it)",
+        "available here, by their names (SHOW TABLES), not files (a table alias named like "
+        "another database is refused too, and inside view() a WITH's name: rename it, or "
+        "write a subquery)",
+    )
+
+
+def _in_view(node: Node) -> bool:
+    parent = node.parent
+    while parent is not None:
+        if parent.kind == "Function" and parent.name.lower() == "view":
+            return True
+        parent = parent.parent
+    return False
+
+
+def unresolved(root: Node, databases: Databases) -> bool:
+    """Whether the query holds a name only ClickHouse's analyzer can resolve, and it
+    may resolve to what the checks refuse: a bare name it may call as a function off the
+    list (:func:`bare_calls`), or a table or IN's set named without a database that is
+    not one of the store's tables (a WITH's name, an alias; or, on chDB, a file of the
+    process's directory)."""
+    if bare_calls(root):
+        return True
+    for node in root.walk():
+        if node.kind == "TableIdentifier" and "." not in node.detail:
+            if node.detail not in databases.tables:
+                return True
+        elif node.kind == "Function" and node.name.lower() in IN_FUNCTIONS and node.children:
+            args = node.children[0].children
+            if len(args) == 2 and args[1].kind == "Identifier" and "." not in args[1].detail:
+                if args[1].detail not in databases.tables:
+                    return True
+    return False
+
+
+def bare_calls(root: Node) -> set[str]:
+    """The query's bare names that ClickHouse may call as a function off the list
+    (``user``: a column of ``calls``, or ``currentUser()`` where no column has the name)."""
+    return {
+        node.detail
+        for node in root.walk()
+        if node.kind == "Identifier"
+        and node.detail.lower() in BARE_FUNCTIONS
+        and not FUNCTIONS.allows(node.detail)
+    }
+
+
+# A function the analyzer calls, or a name it left unresolved (in a view()'s query,
+# which it prints as written), as EXPLAIN QUERY TREE prints them; and each table it
+# reads, database.table (up to a comma: a name's own commas can add entries, not hide
+# the real one, which comes first).
+_RESOLVED = re.compile(r"\b(?:function_name|identifier): ([^,\s]+)")
+_RESOLVED_TABLE = re.compile(r"\btable_name: ([^,\n]+)")
+_NO_TABLE = "system.one"  # what a SELECT without FROM reads
+
+
+def check_resolved(tree: str, root: Node, databases: Databases) -> None:
+    """Refuse a query whose tree as the analyzer resolves it (``tree``: ``EXPLAIN QUERY
+    TREE``'s text, of the query whose syntax tree is ``root``) calls a function off the
+    list for a bare name (:func:`bare_calls`), or leaves one unresolved (a view()'s
+    query: what it will be cannot be told), or reads a table that is not one of the
+    store's (:func:`unresolved`). The analyzer names the functions it calls and the
+    tables it reads, and does not evaluate these functions (they are not
+    constant-folded): their value is never computed."""
+    for name in _RESOLVED.findall(tree):
+        if name.lower() in BARE_FUNCTIONS and not FUNCTIONS.allows(name):
+            raise _refuse("forbidden_function", _bare_message(bare_calls(root)))
+    for table in _RESOLVED_TABLE.findall(tree):
+        if table != _NO_TABLE and not databases.table(table):
+            raise _not_ours(table, databases)
+
+
+def _bare_message(bare: set[str]) -> str:
+    names = ", ".join(sorted(bare))
+    return (
+        f"{names}: where no column or alias of the query has the name, ClickHouse reads "
+        "it as a function (user as currentUser()), which is not allowed here; for a "
+        "column, name it with its table (calls.user)"
     )
 
 
@@ -522,7 +621,7 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
             args = node.children[0].children if node.children else []
             if name in IN_FUNCTIONS and len(args) == 2 and args[1].kind == "Identifier":
                 table = args[1].detail  # x IN t: a table's rows are the set
-                if "." in table and not databases.ours(table):
+                if "." in table and not databases.table(table):
                     raise _not_ours(table, databases)
             if in_from:
                 if name not in TABLE_FUNCTIONS:
@@ -556,10 +655,25 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
             # another database is refused too. The whole detail: `other app`.t prints as
             # "other app.t".
             if node.kind == "TableIdentifier" and "." in node.detail:
-                if not databases.ours(node.detail):
+                if not databases.table(node.detail):
+                    raise _not_ours(node.detail, databases)
+            elif node.kind == "TableIdentifier" and _in_view(node):
+                if node.detail not in databases.tables:
+                    # view()'s query is not resolved where the analyzer's check reads it
                     raise _not_ours(node.detail, databases)
             elif databases.qualifies(node.detail):
                 raise _not_ours(node.detail, databases)
+    if root.kind != "SelectWithUnionQuery" and unresolved(root, databases):
+        # An EXPLAIN (PLAN, QUERY TREE...) or DESCRIBE: the analyzer's check
+        # (check_resolved) runs on a SELECT only.
+        if bare := bare_calls(root):
+            raise _refuse("forbidden_function", _bare_message(bare))
+        raise _refuse(
+            "forbidden_table",
+            f"{first or root.kind} here names the store's tables by name and database only "
+            "(SHOW TABLES), not a WITH's name, an alias or a file: to explain or describe "
+            "more, SELECT it",
+        )
     if root.kind in ("SelectWithUnionQuery", "DescribeQuery") and len(root.children) != 1:
         raise _refuse(
             "bad_query",

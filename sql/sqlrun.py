@@ -29,9 +29,11 @@ from sql.sqlguard import (
     SqlError,
     SqlLimits,
     check_names,
+    check_resolved,
     check_tree,
     parse_ast,
     precheck,
+    unresolved,
     without_hints,
 )
 from sql.store import connect, render
@@ -91,6 +93,13 @@ class SqlRunner:
         body = raw.decode("utf-8", "backslashreplace").removesuffix("\n")
         return parse_ast(body.split("\n"))
 
+    def query_tree(self, text: str) -> str:
+        """``text`` as ClickHouse's analyzer resolves it (``EXPLAIN QUERY TREE``, its
+        first pass: names resolved, nothing run but constant expressions), for
+        :func:`check_resolved`."""
+        raw = self._connection().raw_query(QUERY_TREE + text)
+        return str(raw.decode("utf-8", "backslashreplace"))
+
     def formatted(self, text: str) -> str:
         """``text`` as ClickHouse formats it on one line (parsed, not run; the text is
         a bound value): its quoted names with their escapes, for :func:`check_names`."""
@@ -106,9 +115,10 @@ class SqlRunner:
     def databases(self) -> Databases:
         """The session's database and the others it can see, as they are now (one made
         since the last query is among them)."""
-        current, names = self._connection().query(render("sql_databases")).result_rows[0]
+        query = self._connection().query(render("sql_databases"))
+        current, names, tables = query.result_rows[0]
         others = frozenset(str(name) for name in names if str(name).lower() != current.lower())
-        return Databases(str(current), others)
+        return Databases(str(current), others, frozenset(str(table) for table in tables))
 
     def execute(
         self, text: str, *, select: bool, encode: Encode, max_rows: int
@@ -150,6 +160,8 @@ class SqlRunner:
             root = self.explain(text, lead)
             databases = self.databases()
             check_tree(root, text, databases)
+            if root.kind == "SelectWithUnionQuery" and unresolved(root, databases):
+                check_resolved(self.query_tree(text), root, databases)
             started = time.perf_counter()
             columns, rows, truncated_by = self.execute(
                 text, select=root.kind == "SelectWithUnionQuery", encode=encode, max_rows=max_rows
@@ -259,6 +271,7 @@ def timed_out(exc: ClickHouseError) -> bool:
 
 
 EXPLAIN = "EXPLAIN AST "
+QUERY_TREE = "EXPLAIN QUERY TREE passes = 1 "
 # What ClickHouse's parser says of where it failed (bytes from the start of what it
 # parsed, 1-based): each said once, before or after the query text it echoes.
 _FAILED_AT = re.compile(r"(Syntax error: failed at position )(\d+)")

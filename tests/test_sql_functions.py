@@ -7,6 +7,7 @@ from __future__ import annotations
 from importlib import resources
 
 import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from sql import sqlguard
 from sql.sqlguard import FUNCTIONS
@@ -67,6 +68,22 @@ def test_functions_that_read_beyond_the_query_are_off_the_list(name: str) -> Non
 )  # fmt: skip
 def test_what_analytics_need_is_on_the_list(name: str) -> None:
     assert FUNCTIONS.allows(name)
+
+
+def test_the_bare_names_clickhouse_calls_are_known(store: Store) -> None:
+    """Which function names ClickHouse calls when written bare (SELECT user): each
+    name, in its case, lower and upper, tried alone, as the red team found them."""
+    names = catalogue(store, "functions")
+    called = set()
+    for name in sorted(
+        {spelled for known in names for spelled in (known, known.lower(), known.upper())}
+    ):
+        try:
+            store.command(f"SELECT `{name}`")
+        except DatabaseError:
+            continue
+        called.add(name.lower())
+    assert called == sqlguard.BARE_FUNCTIONS
 
 
 def test_combinators_stacked_thousands_deep_are_judged() -> None:

@@ -792,6 +792,87 @@ def test_a_node_the_checks_do_not_know_is_refused() -> None:
     assert refused.value.code == "bad_query"
 
 
+async def test_a_bare_name_clickhouse_calls_as_a_function_off_the_list(api: Client) -> None:
+    """ClickHouse reads some bare names as function calls where no column, alias or
+    lambda argument has the name (SELECT user is currentUser()): the syntax tree shows
+    an Identifier, so the function list never saw them, and each of these answered with
+    the session's user (red team, round 3). They are judged on the query as the
+    analyzer resolves it, so a column named so still reads."""
+    for query in (
+        "SELECT CURRENT_USER",
+        "SELECT currentUser, user, session_user",
+        "SELECT `currentUser` AS u, currentHandler AS h, currentRequestURL AS url",
+        "SELECT upper(current_user) FROM numbers(1) WHERE user = 'default'",
+        "SELECT * FROM view(SELECT CURRENT_USER AS u, session_user AS s)",
+        "SELECT * FROM calls WHERE user = currentUser",
+        "EXPLAIN SELECT user",
+        "DESCRIBE (SELECT user)",
+    ):
+        message = await refused(api, query, "forbidden_function")
+        assert "calls.user" in message, message
+    body = await sql(api, "SELECT user, count() AS n FROM calls GROUP BY user ORDER BY user")
+    assert body["rows"] == [["alice", 1], ["bob", 1], ["zed", 1]]
+    for query in (
+        "SELECT calls.user FROM calls WHERE user = 'alice'",
+        "SELECT * FROM view(SELECT calls.user FROM calls WHERE calls.user = 'alice')",
+        "SELECT user FROM (SELECT 'alice' AS user)",
+        "WITH 'alice' AS user SELECT user",
+        "SELECT arrayJoin(arrayMap(user -> 'alice', [1])) AS user",
+    ):
+        assert (await sql(api, query))["rows"] == [["alice"]], query
+    assert (await sql(api, "SELECT now = now(), today = today()"))["rows"] == [[True, True]]
+
+
+@pytest.fixture
+def files_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with files that look like secrets, the process's own before the
+    store (and chDB's engine) starts: chDB reads its files relative to it."""
+    here = tmp_path / "cwd"
+    here.mkdir()
+    (here / "noext").write_text("TOPSECRET\n")
+    (here / ".env").write_text("OPENAI_API_KEY=TOPSECRET\n")
+    monkeypatch.chdir(here)
+    return here
+
+
+async def test_files_of_the_process_directory_are_not_tables(
+    files_here: Path, api: Client, store: Store
+) -> None:
+    """chDB's default database reads the files of the process's directory as tables
+    (default.`.env`, or plain noext): only readonly stopped them (red team, round 3).
+    The store's tables are named as system.tables lists them; others are refused."""
+    assert "TOPSECRET" in str(store.command("SELECT * FROM default.noext"))  # a table, to chDB
+    for query in (
+        "SELECT * FROM default.noext",
+        "SELECT * FROM `.env`",
+        "SELECT * FROM default.`.env`",
+        "SELECT 'TOPSECRET' IN default.noext",
+        "SELECT * FROM view(SELECT * FROM noext)",
+        "DESCRIBE noext",
+        "EXPLAIN SELECT * FROM noext",
+    ):
+        await refused(api, query, "forbidden_table")
+    for query in ("SELECT * FROM noext", "SELECT 'TOPSECRET' IN noext"):
+        body = await sql(api, query, expect=400)  # readonly, in the analyzer's check
+        assert "TOPSECRET" not in str(body), body
+    # ... and the check itself refuses what the analyzer resolves to a file
+    for query in ("SELECT * FROM noext", "SELECT 'TOPSECRET' IN noext"):
+        root = sqlguard.parse_ast(store.command(f"EXPLAIN AST {query}").split("\n"))
+        tree = store.command(f"EXPLAIN QUERY TREE passes = 1 {query}")
+        databases = sqlguard.Databases("default", frozenset(), frozenset({"calls"}))
+        assert sqlguard.unresolved(root, databases)
+        with pytest.raises(sqlguard.SqlError, match="noext") as refusal:
+            sqlguard.check_resolved(tree, root, databases)
+        assert refusal.value.code == "forbidden_table"
+    # WITH's names, aliases and the store's own tables still read
+    for query in (
+        "WITH per AS (SELECT count() AS n FROM calls) SELECT n FROM per",
+        "WITH [3] AS arr SELECT count() AS n FROM default.calls WHERE 3 IN arr",
+        "SELECT count() AS n FROM calls WHERE tenant IN (SELECT tenant FROM calls)",
+    ):
+        assert (await sql(api, query))["rows"] == [[3]], query
+
+
 def test_a_code_chdb_gives_twice_is_said_once() -> None:
     twice = DatabaseError("Code: 164. DB::Exception: Code: 164. DB::Exception: readonly. (X)")
     assert sqlrun._clickhouse_error(twice).message == "Code: 164. DB::Exception: readonly. (X)"
