@@ -1,6 +1,7 @@
-"""The SQL endpoint's function allowlist (sql/sql_functions.txt) held to chDB's own
-catalogue of functions: every name on it is a function ClickHouse has, and no function
-off it passes, by its case or by combinators."""
+"""The SQL endpoint's function allowlist (sql/sql_functions.txt, read by
+sql/sqlfunctions.py) held to chDB's own catalogue of functions: every name on it is a
+function ClickHouse has, no function off it passes, by its case or by combinators, and
+the names ClickHouse calls bare are those it calls."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from sql import sqlguard
-from sql.sqlguard import FUNCTIONS
+from sql.sqlfunctions import BARE_FUNCTIONS, FUNCTIONS
 from sql.store import Store
 
 
@@ -83,7 +84,7 @@ def test_the_bare_names_clickhouse_calls_are_known(store: Store) -> None:
         except DatabaseError:
             continue
         called.add(name.lower())
-    assert called == sqlguard.BARE_FUNCTIONS
+    assert called == BARE_FUNCTIONS
 
 
 def test_combinators_stacked_thousands_deep_are_judged() -> None:
