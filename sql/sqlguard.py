@@ -178,9 +178,11 @@ def _show_databases(show: re.Match[str]) -> list[str]:
 # Not values() or generateRandom(): their structure string declares columns, and a
 # column's ALIAS or DEFAULT is an expression ClickHouse evaluates that the syntax tree
 # holds only as a string ('b String ALIAS file(...)'), possibly built by a function.
+# Not view(): its query is what a subquery in FROM does, but the analyzer's tree
+# (check_resolved) leaves it unresolved, so what its names are could not be told (a
+# red-team pass read a file as the set of an IN inside one).
 TABLE_FUNCTIONS = frozenset(
-    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries",
-     "view"}
+    {"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries"}
 )  # fmt: skip
 # The syntax tree's nodes a query may hold: each of these prints every expression under
 # it. A node that does not (or a syntax added by a later ClickHouse) is refused, not
@@ -366,30 +368,47 @@ def _quoted_names(formatted: str) -> list[str]:
     return names
 
 
+# What parse_ast strips from the end of a node's line: in a name, it would read as
+# another name (`calls (alias x)`, a file, read as the table calls).
+_FORGED_SUFFIX = re.compile(r"\((?:children|alias)\b")
+
+
 def _plain(name: str) -> bool:
     """A quoted name the tree prints as it is: ``EXPLAIN AST`` prints names unescaped (a
     line break in one adds lines that read as nodes of the tree), and its TabSeparated
     answer escapes a tab, a backslash or a quote; a name with leading or trailing spaces
-    reads as another once its line is trimmed."""
+    reads as another once its line is trimmed, one with "(alias" or "(children" once
+    parse_ast strips its line's end."""
     return (
         name == name.strip()
         and "\\" not in name
         and "'" not in name
+        and not _FORGED_SUFFIX.search(name)
         and all(ch == " " or (ch.isprintable() and not ch.isspace()) for ch in name)
     )
 
 
-def check_names(formatted: str) -> None:
+def check_names(formatted: str, databases: Databases) -> None:
     """Refuse a query with a quoted name that is not :func:`_plain` (``formatted``: the
-    query as ClickHouse formats it on one line). Such a name let a query add nodes of its
-    own to the tree the checks read, and hide an arrayReduce's real argument."""
+    query as ClickHouse formats it on one line), or that holds a dot. Such a name let a
+    query add nodes of its own to the tree the checks read, and hide an arrayReduce's
+    real argument; the tree prints `default.calls`, one name (a file of chDB's
+    directory, to ClickHouse), as it prints default.calls, the store's table."""
     for name in _quoted_names(formatted):
         if not _plain(name):
             raise _refuse(
                 "bad_query",
                 f"the name `{name}` is not allowed here: a quoted name may not hold a line "
-                "break, a tab or another control character, a backslash or a single quote, "
-                "nor begin or end with a space",
+                "break, a tab or another control character, a backslash, a single quote, "
+                '"(alias" or "(children", nor begin or end with a space',
+            )
+        if "." in name:
+            raise _refuse(
+                "forbidden_table",
+                f"the name `{name}` is not allowed here: a quoted name may not hold a dot "
+                "(ClickHouse reads it as one name, the checks as database.table); only the "
+                f"tables of llmtap's own database ({databases.current!r}) are available, by "
+                "their names",
             )
 
 
@@ -415,18 +434,8 @@ def _not_ours(name: str, databases: Databases) -> SqlError:
         "forbidden_table",
         f"{name!r}: only the tables of llmtap's own database ({databases.current!r}) are "
         "available here, by their names (SHOW TABLES), not files (a table alias named like "
-        "another database is refused too, and inside view() a WITH's name: rename it, or "
-        "write a subquery)",
+        "another database is refused too: rename it)",
     )
-
-
-def _in_view(node: Node) -> bool:
-    parent = node.parent
-    while parent is not None:
-        if parent.kind == "Function" and parent.name.lower() == "view":
-            return True
-        parent = parent.parent
-    return False
 
 
 def unresolved(root: Node, databases: Databases) -> bool:
@@ -461,8 +470,8 @@ def bare_calls(root: Node) -> set[str]:
     }
 
 
-# A function the analyzer calls, or a name it left unresolved (in a view()'s query,
-# which it prints as written), as EXPLAIN QUERY TREE prints them; and each table it
+# A function the analyzer calls, or a name it left unresolved (as it prints a view()'s
+# query, were one to get here), as EXPLAIN QUERY TREE prints them; and each table it
 # reads, database.table (up to a comma: a name's own commas can add entries, not hide
 # the real one, which comes first).
 _RESOLVED = re.compile(r"\b(?:function_name|identifier): ([^,\s]+)")
@@ -473,8 +482,8 @@ _NO_TABLE = "system.one"  # what a SELECT without FROM reads
 def check_resolved(tree: str, root: Node, databases: Databases) -> None:
     """Refuse a query whose tree as the analyzer resolves it (``tree``: ``EXPLAIN QUERY
     TREE``'s text, of the query whose syntax tree is ``root``) calls a function off the
-    list for a bare name (:func:`bare_calls`), or leaves one unresolved (a view()'s
-    query: what it will be cannot be told), or reads a table that is not one of the
+    list for a bare name (:func:`bare_calls`), or leaves one unresolved (what it will
+    be cannot be told), or reads a table that is not one of the
     store's (:func:`unresolved`). The analyzer names the functions it calls and the
     tables it reads, and does not evaluate these functions (they are not
     constant-folded): their value is never computed."""
@@ -562,7 +571,8 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
                     raise _refuse(
                         "forbidden_function",
                         f"table function {node.name!r} is not allowed; only "
-                        "numbers, zeros, generate_series and view are",
+                        "numbers, zeros and generate_series are (for view(...), write the "
+                        "subquery itself: FROM (SELECT ...))",
                     )
             elif not FUNCTIONS.allows(node.name):
                 raise _refuse(
@@ -590,10 +600,6 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
             # "other app.t".
             if node.kind == "TableIdentifier" and "." in node.detail:
                 if not databases.table(node.detail):
-                    raise _not_ours(node.detail, databases)
-            elif node.kind == "TableIdentifier" and _in_view(node):
-                if node.detail not in databases.tables:
-                    # view()'s query is not resolved where the analyzer's check reads it
                     raise _not_ours(node.detail, databases)
             elif databases.qualifies(node.detail):
                 raise _not_ours(node.detail, databases)

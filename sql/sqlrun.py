@@ -71,7 +71,7 @@ class SqlRunner:
             self._client = connect(self.dsn, self.limits.session_settings(embedded=embedded))
         return self._client
 
-    def explain(self, text: str, lead: str = "") -> Node:
+    def explain(self, text: str, databases: Databases, lead: str = "") -> Node:
         """``text``'s tree; a syntax error's positions are given in the query it was
         trimmed from (``lead``: what was trimmed before it). Its quoted names are checked
         (:func:`check_names`) before its lines are read as a tree: a line break in one
@@ -89,7 +89,7 @@ class SqlRunner:
             if placed == message:
                 raise
             raise SqlError("clickhouse_error", placed) from None
-        check_names(self.formatted(text))
+        check_names(self.formatted(text), databases)
         body = raw.decode("utf-8", "backslashreplace").removesuffix("\n")
         return parse_ast(body.split("\n"))
 
@@ -157,8 +157,8 @@ class SqlRunner:
     def _answer(self, text: str, max_rows: int, encode: Encode, lead: str = "") -> Answer:
         databases = NO_DATABASES
         try:
-            root = self.explain(text, lead)
             databases = self.databases()
+            root = self.explain(text, databases, lead)
             check_tree(root, text, databases)
             if root.kind == "SelectWithUnionQuery" and unresolved(root, databases):
                 check_resolved(self.query_tree(text), root, databases)

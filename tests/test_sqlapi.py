@@ -626,8 +626,8 @@ async def test_a_quoted_name_cannot_add_nodes_to_the_tree(api: Client) -> None:
 
 async def test_only_the_stores_own_database_is_read(serve: ServeFn, store: Store) -> None:
     """A ClickHouse server may hold other applications' databases, which the store's user
-    can read: however a query names one of their tables (joined, in IN, in view(), a
-    SHOW or DESCRIBE, quoted), it is refused. With the check bypassed, the same session
+    can read: however a query names one of their tables (joined, in IN, a SHOW or
+    DESCRIBE, quoted), it is refused. With the check bypassed, the same session
     reads it. The store's own tables still run, qualified by its database too."""
     try:
         store.command("CREATE DATABASE IF NOT EXISTS other_app")
@@ -647,7 +647,6 @@ async def test_only_the_stores_own_database_is_read(serve: ServeFn, store: Store
                 "SELECT tenant FROM calls WHERE tenant IN (SELECT x FROM other_app.secret)",
                 "SELECT 1 FROM calls AS c JOIN other_app.secret AS s ON c.tenant = s.x",
                 "WITH t AS (SELECT * FROM other_app.secret) SELECT * FROM t",
-                "SELECT * FROM view(SELECT * FROM other_app.secret)",
                 "SELECT other_app.secret.x FROM calls",
                 "DESCRIBE other_app.secret",
                 "EXPLAIN SELECT * FROM other_app.secret",
@@ -803,7 +802,6 @@ async def test_a_bare_name_clickhouse_calls_as_a_function_off_the_list(api: Clie
         "SELECT currentUser, user, session_user",
         "SELECT `currentUser` AS u, currentHandler AS h, currentRequestURL AS url",
         "SELECT upper(current_user) FROM numbers(1) WHERE user = 'default'",
-        "SELECT * FROM view(SELECT CURRENT_USER AS u, session_user AS s)",
         "SELECT * FROM calls WHERE user = currentUser",
         "EXPLAIN SELECT user",
         "DESCRIBE (SELECT user)",
@@ -814,7 +812,6 @@ async def test_a_bare_name_clickhouse_calls_as_a_function_off_the_list(api: Clie
     assert body["rows"] == [["alice", 1], ["bob", 1], ["zed", 1]]
     for query in (
         "SELECT calls.user FROM calls WHERE user = 'alice'",
-        "SELECT * FROM view(SELECT calls.user FROM calls WHERE calls.user = 'alice')",
         "SELECT user FROM (SELECT 'alice' AS user)",
         "WITH 'alice' AS user SELECT user",
         "SELECT arrayJoin(arrayMap(user -> 'alice', [1])) AS user",
@@ -831,6 +828,8 @@ def files_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     here.mkdir()
     (here / "noext").write_text("TOPSECRET\n")
     (here / ".env").write_text("OPENAI_API_KEY=TOPSECRET\n")
+    (here / "default.calls").write_text("TOPSECRET\n")  # one name, with a dot
+    (here / "calls (alias x)").write_text("TOPSECRET\n")  # read as calls by the tree
     monkeypatch.chdir(here)
     return here
 
@@ -839,19 +838,31 @@ async def test_files_of_the_process_directory_are_not_tables(
     files_here: Path, api: Client, store: Store
 ) -> None:
     """chDB's default database reads the files of the process's directory as tables
-    (default.`.env`, or plain noext): only readonly stopped them (red team, round 3).
-    The store's tables are named as system.tables lists them; others are refused."""
-    assert "TOPSECRET" in str(store.command("SELECT * FROM default.noext"))  # a table, to chDB
+    (default.`.env`, or plain noext): readonly stopped them only until chDB had read one
+    as a table (here the store's own client does first), and the endpoint then answered
+    with it (red team, rounds 3 and 4). The store's tables are named as system.tables
+    lists them, by names the checks read as ClickHouse does; others are refused."""
+    for name in ("noext", "`default.calls`", "`calls (alias x)`"):
+        assert "TOPSECRET" in str(store.command(f"SELECT * FROM {name}"))  # a table, to chDB
     for query in (
         "SELECT * FROM default.noext",
         "SELECT * FROM `.env`",
         "SELECT * FROM default.`.env`",
         "SELECT 'TOPSECRET' IN default.noext",
-        "SELECT * FROM view(SELECT * FROM noext)",
+        "SELECT * FROM `default.calls`",  # printed as default.calls in the tree
+        "SELECT 1 WHERE 'TOPSECRET' IN `default.calls`",
+        "DESCRIBE `default.calls`",
+        "SHOW COLUMNS FROM `default.calls`",
         "DESCRIBE noext",
         "EXPLAIN SELECT * FROM noext",
     ):
         await refused(api, query, "forbidden_table")
+    for query in ("SELECT * FROM `calls (alias x)`", "SELECT 1 IN `calls (alias x)`"):
+        await refused(api, query, "bad_query")  # parse_ast would strip " (alias x)"
+    # view()'s query is left unresolved by the analyzer's tree: an IN's set there read
+    # the file, a yes or no a guess (red team, round 4); view() is refused
+    await refused(api, "SELECT * FROM view(SELECT 1 AS hit WHERE 'TOPSECRET' IN noext)",
+                  "forbidden_function")  # fmt: skip
     for query in ("SELECT * FROM noext", "SELECT 'TOPSECRET' IN noext"):
         body = await sql(api, query, expect=400)  # readonly, in the analyzer's check
         assert "TOPSECRET" not in str(body), body
