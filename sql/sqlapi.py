@@ -14,10 +14,9 @@ answer):
    ``TABLE_FUNCTIONS``, or any function off the allowlist in sql/sql_functions.txt
    (those that compute on values; none that reads files, the network, dictionaries or
    the server's state), nor a table of its database that system.tables does not list;
-   a bare name ClickHouse may call as a function off the list (``user``) or a table
-   named without its database that is not one (a WITH's) is judged on the analyzer's
-   resolution (``EXPLAIN QUERY TREE``); its quoted names may not hold line breaks (they would add
-   lines to the tree).
+   and a SELECT as the analyzer resolves it (``EXPLAIN QUERY TREE``) may not call a
+   function off the list by a bare name (``user``) nor read another table; its quoted
+   names may not hold line breaks (they would add lines to the tree), nor dots.
 3. The query runs on its own ClickHouse session, opened with ``readonly=1`` and the
    limits (time, result rows and bytes, memory) as session settings: ClickHouse
    itself refuses any write, DDL or settings change, whatever got past 1 and 2.

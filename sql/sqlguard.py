@@ -14,9 +14,10 @@ of the endpoint's three lines of defence (sql/sqlapi.py).
    table function but the generators in :data:`TABLE_FUNCTIONS`, no function but those
    of the allowlist in sql/sql_functions.txt (:data:`FUNCTIONS`): those that compute
    on values, none that reads files, the network, dictionaries or the server's state.
-   What only ClickHouse's analyzer can resolve (:func:`unresolved`: a bare name it may
-   call as a function off the list, ``user``; a table named without its database) is
-   judged on its resolution too (:func:`check_resolved`, over ``EXPLAIN QUERY TREE``).
+   A SELECT is judged on the analyzer's resolution too (:func:`check_resolved`, over
+   ``EXPLAIN QUERY TREE``): a bare name it calls as a function off the list (``user``),
+   a table not the store's; what only the analyzer can resolve (:func:`unresolved`)
+   decides whether its errors are told, and refuses an EXPLAIN or DESCRIBE.
 
 And what a query may take (:class:`SqlLimits`), which the read-only session it runs on
 sets as ClickHouse settings (the third line, sql/sqlrun.py).
@@ -278,6 +279,7 @@ class Node:
     detail: str
     parent: Node | None = None
     children: list[Node] = field(default_factory=list)
+    alias: str = ""  # "(alias x)": the name it is given
 
     @property
     def name(self) -> str:
@@ -294,7 +296,7 @@ class Node:
 
 
 _NODE = re.compile(r" *[A-Za-z]")
-_SUFFIX = re.compile(r"\s*\((?:children \d+|alias [^)]*)\)\s*$")
+_SUFFIX = re.compile(r"\s*\((?:children \d+|alias (?P<alias>[^)]*))\)\s*$")
 
 
 def parse_ast(lines: Sequence[str]) -> Node:
@@ -314,15 +316,14 @@ def parse_ast(lines: Sequence[str]) -> Node:
             raise _refuse("bad_query", "ClickHouse's syntax tree of this query is unreadable")
         depth = len(line) - len(line.lstrip(" "))
         text = line.strip()
-        while True:  # drop "(children N)" and "(alias x)", in whichever order
-            stripped = _SUFFIX.sub("", text)
-            if stripped == text:
-                break
-            text = stripped
+        alias = ""
+        while suffix := _SUFFIX.search(text):  # "(children N)", "(alias x)", either order
+            alias = suffix["alias"] if suffix["alias"] is not None else alias
+            text = text[: suffix.start()]
         kind, _, detail = text.partition(" ")
         del stack[depth:]
         parent = stack[-1] if stack else None
-        node = Node(kind, detail.strip(), parent)
+        node = Node(kind, detail.strip(), parent, alias=alias)
         if parent is None:
             if root is not None:
                 raise _refuse("multiple_statements", "one statement per request")
@@ -416,15 +417,17 @@ def check_names(formatted: str, databases: Databases) -> None:
 _HINT = re.compile(r"\s*Maybe you meant\b.*?(?=\s*\([A-Z_]+\)|$)", re.S)
 
 
-def without_hints(message: str, databases: Databases) -> str:
+def without_hints(message: str, databases: Databases, *, every: bool = False) -> str:
     """A ClickHouse error's message without its "Maybe you meant ..." hint when the hint
     names another database (or a table of one): an error would tell what other databases
-    hold. A hint of a column or of the store's own tables stays."""
+    hold. A hint of a column or of the store's own tables stays; unless ``every`` (the
+    query may name a file as a table: a hint of its columns tells what its first line
+    says)."""
     hint = _HINT.search(message)
-    if hint is None or not databases.others:
+    if hint is None or not (databases.others or every):
         return message
     told = hint.group(0).lower()
-    if any(name.lower() in told for name in databases.others):
+    if every or any(name.lower() in told for name in databases.others):
         return message[: hint.start()] + message[hint.end() :]
     return message
 
@@ -443,17 +446,20 @@ def unresolved(root: Node, databases: Databases) -> bool:
     may resolve to what the checks refuse: a bare name it may call as a function off the
     list (:func:`bare_calls`), or a table or IN's set named without a database that is
     not one of the store's tables (a WITH's name, an alias; or, on chDB, a file of the
-    process's directory)."""
+    process's directory), or that an alias of the query shadows (``WITH noext AS calls
+    ... IN calls``: the set of an IN is an expression first, here a file)."""
     if bare_calls(root):
         return True
-    for node in root.walk():
+    nodes = root.walk()
+    aliases = {node.alias for node in nodes if node.alias}
+    for node in nodes:
         if node.kind == "TableIdentifier" and "." not in node.detail:
-            if node.detail not in databases.tables:
+            if node.detail not in databases.tables or node.detail in aliases:
                 return True
         elif node.kind == "Function" and node.name.lower() in IN_FUNCTIONS and node.children:
             args = node.children[0].children
             if len(args) == 2 and args[1].kind == "Identifier" and "." not in args[1].detail:
-                if args[1].detail not in databases.tables:
+                if args[1].detail not in databases.tables or args[1].detail in aliases:
                     return True
     return False
 
@@ -472,10 +478,10 @@ def bare_calls(root: Node) -> set[str]:
 
 # A function the analyzer calls, or a name it left unresolved (as it prints a view()'s
 # query, were one to get here), as EXPLAIN QUERY TREE prints them; and each table it
-# reads, database.table (up to a comma: a name's own commas can add entries, not hide
-# the real one, which comes first).
+# reads, database.table: the last field of its line, read to the line's end (a file
+# named `calls, x` printed as "table_name: default.calls, x").
 _RESOLVED = re.compile(r"\b(?:function_name|identifier): ([^,\s]+)")
-_RESOLVED_TABLE = re.compile(r"\btable_name: ([^,\n]+)")
+_RESOLVED_TABLE = re.compile(r"\btable_name: (.+)$", re.M)
 _NO_TABLE = "system.one"  # what a SELECT without FROM reads
 
 
@@ -483,10 +489,10 @@ def check_resolved(tree: str, root: Node, databases: Databases) -> None:
     """Refuse a query whose tree as the analyzer resolves it (``tree``: ``EXPLAIN QUERY
     TREE``'s text, of the query whose syntax tree is ``root``) calls a function off the
     list for a bare name (:func:`bare_calls`), or leaves one unresolved (what it will
-    be cannot be told), or reads a table that is not one of the
-    store's (:func:`unresolved`). The analyzer names the functions it calls and the
-    tables it reads, and does not evaluate these functions (they are not
-    constant-folded): their value is never computed."""
+    be cannot be told), or reads a table that is not one of the store's (a file, one
+    an alias shadows). The analyzer names the functions it calls and the tables it
+    reads, and does not evaluate these functions (they are not constant-folded): their
+    value is never computed."""
     for name in _RESOLVED.findall(tree):
         if name.lower() in BARE_FUNCTIONS and not FUNCTIONS.allows(name):
             raise _refuse("forbidden_function", _bare_message(bare_calls(root)))

@@ -830,6 +830,7 @@ def files_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (here / ".env").write_text("OPENAI_API_KEY=TOPSECRET\n")
     (here / "default.calls").write_text("TOPSECRET\n")  # one name, with a dot
     (here / "calls (alias x)").write_text("TOPSECRET\n")  # read as calls by the tree
+    (here / "calls, x").write_text("TOPSECRET\n")  # "table_name: default.calls, x"
     monkeypatch.chdir(here)
     return here
 
@@ -842,7 +843,7 @@ async def test_files_of_the_process_directory_are_not_tables(
     as a table (here the store's own client does first), and the endpoint then answered
     with it (red team, rounds 3 and 4). The store's tables are named as system.tables
     lists them, by names the checks read as ClickHouse does; others are refused."""
-    for name in ("noext", "`default.calls`", "`calls (alias x)`"):
+    for name in ("noext", "`default.calls`", "`calls (alias x)`", "`calls, x`"):
         assert "TOPSECRET" in str(store.command(f"SELECT * FROM {name}"))  # a table, to chDB
     for query in (
         "SELECT * FROM default.noext",
@@ -855,8 +856,22 @@ async def test_files_of_the_process_directory_are_not_tables(
         "SHOW COLUMNS FROM `default.calls`",
         "DESCRIBE noext",
         "EXPLAIN SELECT * FROM noext",
+        # an alias shadows a table's name: an IN's set is an expression first, here
+        # the file (red team, round 5: a yes or no a guess, a million guesses a query)
+        "WITH noext AS calls SELECT 'TOPSECRET' IN calls",
+        "EXPLAIN SYNTAX run_query_tree_passes = 1 WITH noext AS calls SELECT 'x' IN calls",
+        "SELECT * FROM `calls, x`",  # its line: "table_name: default.calls, x"
     ):
         await refused(api, query, "forbidden_table")
+    # The analyzer evaluates scalar subqueries: when it fails on a query naming what
+    # may not be the store's, its error is not told (it could hold what that holds),
+    # but for an unknown name, without a hint (a file's columns: its first line)
+    message = await refused(api, "SELECT sum(c1) FROM noext", "bad_query")
+    assert "not told" in message and "c1" not in message, message
+    message = await refused(api, "SELECT c2 FROM noext", "clickhouse_error")
+    assert "c2" in message and "c1" not in message and "meant" not in message, message
+    message = await refused(api, "SELECT tenantt FROM calls", "clickhouse_error")
+    assert "Maybe you meant" in message, message  # the store's own: told as ever
     for query in ("SELECT * FROM `calls (alias x)`", "SELECT 1 IN `calls (alias x)`"):
         await refused(api, query, "bad_query")  # parse_ast would strip " (alias x)"
     # view()'s query is left unresolved by the analyzer's tree: an IN's set there read
