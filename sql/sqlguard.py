@@ -414,21 +414,26 @@ def check_names(formatted: str, databases: Databases) -> None:
 
 
 # Up to the error's name, "(UNKNOWN_TABLE)", which a server follows with its version.
-_HINT = re.compile(r"\s*Maybe you meant\b.*?(?=\s*\([A-Z_]+\)|$)", re.S)
+_HINT = re.compile(r"\s*Maybe you meant\b")
+# An error's name, "(UNKNOWN_TABLE)": the real one is the message's last (a query's own
+# text, in a hint or in "In scope ...", comes before it, so a "(A)" of its choosing
+# cannot end a hint early).
+_ERROR_NAME = re.compile(r"\s*\([A-Z_]+\)")
 
 
-def without_hints(message: str, databases: Databases, *, every: bool = False) -> str:
+def without_hints(message: str, databases: Databases) -> str:
     """A ClickHouse error's message without its "Maybe you meant ..." hint when the hint
     names another database (or a table of one): an error would tell what other databases
-    hold. A hint of a column or of the store's own tables stays; unless ``every`` (the
-    query may name a file as a table: a hint of its columns tells what its first line
-    says)."""
+    hold. A hint of a column or of the store's own tables stays. The hint runs to the
+    error's name, the last "(NAME)"."""
     hint = _HINT.search(message)
-    if hint is None or not (databases.others or every):
+    if hint is None or not databases.others:
         return message
-    told = hint.group(0).lower()
-    if every or any(name.lower() in told for name in databases.others):
-        return message[: hint.start()] + message[hint.end() :]
+    names = [found.start() for found in _ERROR_NAME.finditer(message, hint.end())]
+    end = names[-1] if names else len(message)
+    told = message[hint.start() : end].lower()
+    if any(other.lower() in told for other in databases.others):
+        return message[: hint.start()] + message[end:]
     return message
 
 
@@ -441,27 +446,26 @@ def _not_ours(name: str, databases: Databases) -> SqlError:
     )
 
 
-def unresolved(root: Node, databases: Databases) -> bool:
-    """Whether the query holds a name only ClickHouse's analyzer can resolve, and it
-    may resolve to what the checks refuse: a bare name it may call as a function off the
-    list (:func:`bare_calls`), or a table or IN's set named without a database that is
-    not one of the store's tables (a WITH's name, an alias; or, on chDB, a file of the
+def unresolved(root: Node, databases: Databases) -> set[str]:
+    """The query's names only ClickHouse's analyzer can resolve, which may resolve to
+    what the checks refuse: a bare name it may call as a function off the list
+    (:func:`bare_calls`), or a table or IN's set named without a database that is not
+    one of the store's tables (a WITH's name, an alias; or, on chDB, a file of the
     process's directory), or that an alias of the query shadows (``WITH noext AS calls
     ... IN calls``: the set of an IN is an expression first, here a file)."""
-    if bare_calls(root):
-        return True
+    names = bare_calls(root)
     nodes = root.walk()
     aliases = {node.alias for node in nodes if node.alias}
     for node in nodes:
         if node.kind == "TableIdentifier" and "." not in node.detail:
             if node.detail not in databases.tables or node.detail in aliases:
-                return True
+                names.add(node.detail)
         elif node.kind == "Function" and node.name.lower() in IN_FUNCTIONS and node.children:
             args = node.children[0].children
             if len(args) == 2 and args[1].kind == "Identifier" and "." not in args[1].detail:
                 if args[1].detail not in databases.tables or args[1].detail in aliases:
-                    return True
-    return False
+                    names.add(args[1].detail)
+    return names
 
 
 def bare_calls(root: Node) -> set[str]:

@@ -98,26 +98,24 @@ class SqlRunner:
         first pass: names resolved, nothing run but constant expressions, scalar
         subqueries among them), for :func:`check_resolved`. Its error is not told for a
         query that names what may not be the store's (:func:`unresolved`): a scalar
-        subquery of a file, evaluated here, could put what it holds in the message;
-        but for an unknown name (a typo: UNKNOWN_TABLE...), which names what the query
-        does, told without a hint (one of a file's columns would tell its first line)."""
+        subquery of a file, evaluated here, could put what it holds in the message (a
+        red-team pass read a file through a "Maybe you meant" hint of a column named by
+        a folded constant). Only its code is told, and what may be a typo."""
         try:
             raw = self._connection().raw_query(QUERY_TREE + text)
         except DatabaseError as exc:
             connection_lost = isinstance(exc, OperationalError) and exc.code is None
-            if connection_lost or not unresolved(root, databases):
+            names = set() if connection_lost else unresolved(root, databases)
+            if not names:
                 raise
-            told = _ERROR_CODE.match(str(exc).strip())
-            if told is not None and told[1] in UNKNOWN_NAME_CODES:
-                message = _clickhouse_error(exc, databases).message
-                told_message = without_hints(message, databases, every=True)
-                raise SqlError("clickhouse_error", told_message) from None
+            code = _ERROR_CODE.match(str(exc).strip())
             raise SqlError(
-                "bad_query",
-                "ClickHouse could not resolve this query's names; as it names a table, an "
-                "IN's set or a bare name that is not one of the store's tables (a WITH's, "
-                "an alias's, a file's), its error is not told here (it could tell what "
-                "such a name holds): name the store's tables by their names (SHOW TABLES)",
+                "clickhouse_error",
+                f"ClickHouse refused this query (code {code[1] if code else '?'}); as it "
+                f"names {', '.join(sorted(names))}, not one of llmtap's tables (a WITH's "
+                "name, an alias, a file...), ClickHouse's message is not told: it could "
+                "carry what such a name holds. The store's tables: "
+                f"{', '.join(sorted(databases.tables))}",
             ) from None
         return str(raw.decode("utf-8", "backslashreplace"))
 
@@ -293,10 +291,6 @@ def timed_out(exc: ClickHouseError) -> bool:
 
 EXPLAIN = "EXPLAIN AST "
 _ERROR_CODE = re.compile(r"Code: (\d+)\.")
-# Errors of a name the query gives that ClickHouse does not know: UNKNOWN_FUNCTION,
-# UNKNOWN_IDENTIFIER, UNKNOWN_TABLE, UNKNOWN_DATABASE; their messages name what the
-# query names (and hints, of the store's own only: without_hints).
-UNKNOWN_NAME_CODES = frozenset({"46", "47", "60", "81"})
 QUERY_TREE = "EXPLAIN QUERY TREE passes = 1 "
 # What ClickHouse's parser says of where it failed (bytes from the start of what it
 # parsed, 1-based): each said once, before or after the query text it echoes.

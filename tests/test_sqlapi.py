@@ -864,12 +864,24 @@ async def test_files_of_the_process_directory_are_not_tables(
     ):
         await refused(api, query, "forbidden_table")
     # The analyzer evaluates scalar subqueries: when it fails on a query naming what
-    # may not be the store's, its error is not told (it could hold what that holds),
-    # but for an unknown name, without a hint (a file's columns: its first line)
-    message = await refused(api, "SELECT sum(c1) FROM noext", "bad_query")
-    assert "not told" in message and "c1" not in message, message
-    message = await refused(api, "SELECT c2 FROM noext", "clickhouse_error")
-    assert "c2" in message and "c1" not in message and "meant" not in message, message
+    # may not be the store's, only its code is told. A red-team pass (round 6) read the
+    # whole file through a hint: a column named by the file's text, folded into a type
+    # string, and a near miss of that name (a "(A)" in it ended the hint's cut early).
+    pad = "P" * 150 + " (A) "
+    inner = (
+        f"SELECT untuple(CAST(tuple('{pad}'), concat('Tuple(`', ifNull((SELECT "
+        "arrayStringConcat(groupArray(toString(tuple(*))), '|') FROM noext), ''), "
+        "'` String)')))"
+    )
+    near = (
+        f"tupleElement(CAST((_{pad}_), concat(_Tuple(__, ifNull(_subquery_2, __), __ "
+        "String)_)), __)"
+    )
+    for query in (f"SELECT `{near}` FROM ({inner})", "SELECT sum(c1) FROM noext",
+                  "SELECT c2 FROM noext"):  # fmt: skip
+        message = await refused(api, query, "clickhouse_error")
+        assert "not told" in message and "noext" in message, message
+        assert "TOPSECRET" not in message and "c1" not in message, message
     message = await refused(api, "SELECT tenantt FROM calls", "clickhouse_error")
     assert "Maybe you meant" in message, message  # the store's own: told as ever
     for query in ("SELECT * FROM `calls (alias x)`", "SELECT 1 IN `calls (alias x)`"):
@@ -990,6 +1002,9 @@ def test_a_servers_hint_is_left_out_to_the_error_name() -> None:
     assert "billing" not in kept and "(UNKNOWN_TABLE) (version 24.8" in kept, kept
     column = "Unknown expression identifier `tenantt`. Maybe you meant: ['tenant']. (X)"
     assert sqlguard.without_hints(column, databases) == column
+    # a "(A)" of the query's own in the hint does not end it: the error's name, last, does
+    forged = "Unknown identifier `x`. Maybe you meant: ['x (A) billing.invoices']. (Y)"
+    assert sqlguard.without_hints(forged, databases) == "Unknown identifier `x`. (Y)"
 
 
 def test_the_formatted_query_is_read_whole_or_not_at_all() -> None:
