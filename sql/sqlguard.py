@@ -453,7 +453,19 @@ def unresolved(root: Node, databases: Databases) -> set[str]:
     one of the store's tables (a WITH's name, an alias; or, on chDB, a file of the
     process's directory), or that an alias of the query shadows (``WITH noext AS calls
     ... IN calls``: the set of an IN is an expression first, here a file)."""
-    names = bare_calls(root)
+    return bare_calls(root) | unresolved_tables(root, databases)
+
+
+def settings_refusal() -> SqlError:
+    """The answer to a SETTINGS clause, whatever its values."""
+    return _refuse(
+        "not_read_only", "SETTINGS is not allowed here: the session's settings are fixed"
+    )
+
+
+def unresolved_tables(root: Node, databases: Databases) -> set[str]:
+    """:func:`unresolved`'s tables and IN sets: those through which a file may be read."""
+    names: set[str] = set()
     nodes = root.walk()
     aliases = {node.alias for node in nodes if node.alias}
     for node in nodes:
@@ -496,13 +508,37 @@ def check_resolved(tree: str, root: Node, databases: Databases) -> None:
     be cannot be told), or reads a table that is not one of the store's (a file, one
     an alias shadows). The analyzer names the functions it calls and the tables it
     reads, and does not evaluate these functions (they are not constant-folded): their
-    value is never computed."""
+    value is never computed. A query that names tables the analyzer may resolve to a
+    file (:func:`unresolved_tables`) gets one answer, :func:`unresolved_refusal`."""
+    tables = unresolved_tables(root, databases)
     for name in _RESOLVED.findall(tree):
         if name.lower() in BARE_FUNCTIONS and not FUNCTIONS.allows(name):
+            if tables:
+                raise unresolved_refusal(root, databases)
             raise _refuse("forbidden_function", _bare_message(bare_calls(root)))
     for table in _RESOLVED_TABLE.findall(tree):
         if table != _NO_TABLE and not databases.table(table):
-            raise _not_ours(table, databases)
+            raise unresolved_refusal(root, databases) if tables else _not_ours(table, databases)
+
+
+def unresolved_refusal(root: Node, databases: Databases) -> SqlError:
+    """The one answer to a query naming tables the analyzer may resolve to a file
+    (:func:`unresolved_tables`), when it fails on the query or resolves one to what is
+    not the store's: built from the query's names alone. The analyzer evaluates scalar
+    subqueries as it resolves names, so whether it fails, with which error, or what it
+    resolves could tell what a file holds (red team, rounds 6 and 7: a whole file,
+    through a hint, then by its error's code)."""
+    names = unresolved(root, databases)
+    bare = bare_calls(root)
+    return _refuse(
+        "forbidden_table",
+        f"{', '.join(sorted(names))}: not one of llmtap's tables "
+        f"({', '.join(sorted(databases.tables))}), or ClickHouse could not resolve the "
+        "query. A query naming a WITH's name, an alias named like a table, or what is not "
+        "the store's table is refused alike whatever ClickHouse says of it (its answer "
+        "could tell what such a name holds): write a WITH as a subquery to see "
+        "ClickHouse's own error" + (f"; {_bare_message(bare)}" if bare else ""),
+    )
 
 
 def _bare_message(bare: set[str]) -> str:
@@ -554,6 +590,11 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
             raise _refuse(
                 "bad_query", f"this syntax ({node.kind} in ClickHouse's tree) is not allowed here"
             )
+        if node.kind == "Set" and node.parent is not root:
+            # EXPLAIN's options are its root's; a SETTINGS clause changes nothing on the
+            # read-only session, but a value equal to the session's is accepted, another
+            # refused: a test of guesses at its settings (red team, round 7)
+            raise settings_refusal()
         if node.kind == "Function":
             name = node.name.lower()
             if name in AGGREGATE_BY_NAME and not _aggregate_named(node):

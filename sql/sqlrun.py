@@ -33,7 +33,9 @@ from sql.sqlguard import (
     check_tree,
     parse_ast,
     precheck,
-    unresolved,
+    settings_refusal,
+    unresolved_refusal,
+    unresolved_tables,
     without_hints,
 )
 from sql.store import connect, render
@@ -85,6 +87,11 @@ class SqlRunner:
             raw = self._connection().raw_query(EXPLAIN + text)
         except DatabaseError as exc:
             message = _clickhouse_error(exc).message
+            if _SETTING_REFUSED.search(message):
+                # A SETTINGS clause applies to the EXPLAIN too: ClickHouse refused a
+                # change of the read-only session's. The same answer as a value equal
+                # to the session's, which passes here (no test of guesses).
+                raise settings_refusal() from None
             placed = _in_query(message, lead)
             if placed == message:
                 raise
@@ -100,23 +107,15 @@ class SqlRunner:
         query that names what may not be the store's (:func:`unresolved`): a scalar
         subquery of a file, evaluated here, could put what it holds in the message (a
         red-team pass read a file through a "Maybe you meant" hint of a column named by
-        a folded constant). Only its code is told, and what may be a typo."""
+        a folded constant), or in which error it is (another, by its code): the answer
+        is :func:`unresolved_refusal`, as when the tree resolves a file."""
         try:
             raw = self._connection().raw_query(QUERY_TREE + text)
         except DatabaseError as exc:
             connection_lost = isinstance(exc, OperationalError) and exc.code is None
-            names = set() if connection_lost else unresolved(root, databases)
-            if not names:
-                raise
-            code = _ERROR_CODE.match(str(exc).strip())
-            raise SqlError(
-                "clickhouse_error",
-                f"ClickHouse refused this query (code {code[1] if code else '?'}); as it "
-                f"names {', '.join(sorted(names))}, not one of llmtap's tables (a WITH's "
-                "name, an alias, a file...), ClickHouse's message is not told: it could "
-                "carry what such a name holds. The store's tables: "
-                f"{', '.join(sorted(databases.tables))}",
-            ) from None
+            if connection_lost or not unresolved_tables(root, databases):
+                raise  # told: no file can be read (a bare name's function is not folded)
+            raise unresolved_refusal(root, databases) from None
         return str(raw.decode("utf-8", "backslashreplace"))
 
     def formatted(self, text: str) -> str:
@@ -290,7 +289,7 @@ def timed_out(exc: ClickHouseError) -> bool:
 
 
 EXPLAIN = "EXPLAIN AST "
-_ERROR_CODE = re.compile(r"Code: (\d+)\.")
+_SETTING_REFUSED = re.compile(r"Cannot modify '[^']*' setting in readonly mode")
 QUERY_TREE = "EXPLAIN QUERY TREE passes = 1 "
 # What ClickHouse's parser says of where it failed (bytes from the start of what it
 # parsed, 1-based): each said once, before or after the query text it echoes.

@@ -671,7 +671,7 @@ async def test_only_the_stores_own_database_is_read(serve: ServeFn, store: Store
                 message = await refused(api, query, "forbidden_table")
                 assert "own database ('default')" in message, (query, message)
             for query in ("SELECT * FROM secret", "SELECT * FROM secrets"):
-                message = await refused(api, query, "clickhouse_error")
+                message = await refused(api, query, "forbidden_table")  # not the store's
                 assert "other_app" not in message and "meant" not in message, message
             message = await refused(api, "SELECT tenantt FROM calls", "clickhouse_error")
             assert "Maybe you meant" in message and "tenant" in message  # its own: kept
@@ -863,10 +863,12 @@ async def test_files_of_the_process_directory_are_not_tables(
         "SELECT * FROM `calls, x`",  # its line: "table_name: default.calls, x"
     ):
         await refused(api, query, "forbidden_table")
-    # The analyzer evaluates scalar subqueries: when it fails on a query naming what
-    # may not be the store's, only its code is told. A red-team pass (round 6) read the
-    # whole file through a hint: a column named by the file's text, folded into a type
-    # string, and a near miss of that name (a "(A)" in it ended the hint's cut early).
+    # The analyzer evaluates scalar subqueries: a query naming what may not be the
+    # store's gets one answer, whether it fails, how, or what it resolves. A red-team
+    # pass read the whole file through a hint (round 6: a column named by the file's
+    # text, folded into a type string, and a near miss of that name; a "(A)" in it
+    # ended the hint's cut early), then by the error's code (round 7: which type
+    # string a byte of the file picks).
     pad = "P" * 150 + " (A) "
     inner = (
         f"SELECT untuple(CAST(tuple('{pad}'), concat('Tuple(`', ifNull((SELECT "
@@ -879,9 +881,15 @@ async def test_files_of_the_process_directory_are_not_tables(
     )
     for query in (f"SELECT `{near}` FROM ({inner})", "SELECT sum(c1) FROM noext",
                   "SELECT c2 FROM noext"):  # fmt: skip
-        message = await refused(api, query, "clickhouse_error")
-        assert "not told" in message and "noext" in message, message
+        message = await refused(api, query, "forbidden_table")
+        assert "refused alike" in message and "noext" in message, message
         assert "TOPSECRET" not in message and "c1" not in message, message
+    answers = set()
+    for guess in "TX":  # the file's first byte is T: Foo, an unknown type, else UInt8
+        first = "substring((SELECT c1 FROM noext), 1, 1)"
+        query = f"SELECT CAST(1, if({first} = '{guess}', 'Foo', 'UInt8'))"
+        answers.add(await refused(api, query, "forbidden_table"))
+    assert len(answers) == 1, answers
     message = await refused(api, "SELECT tenantt FROM calls", "clickhouse_error")
     assert "Maybe you meant" in message, message  # the store's own: told as ever
     for query in ("SELECT * FROM `calls (alias x)`", "SELECT 1 IN `calls (alias x)`"):
@@ -917,14 +925,19 @@ def test_a_code_chdb_gives_twice_is_said_once() -> None:
 
 
 async def test_settings_cannot_be_changed_from_the_query(api: Client) -> None:
-    """ClickHouse refuses them itself: the session is readonly=1."""
+    """Refused by the checks (ClickHouse refuses a change itself: the session is
+    readonly=1, test_clickhouse_itself_refuses_writes_on_the_session), and a value
+    equal to the session's too: it was accepted where another was refused, a test of
+    guesses at the session's settings (red team, round 7)."""
     for query in (
         "SELECT 1 SETTINGS readonly = 0",
         "SELECT count() FROM numbers(1e11) SETTINGS max_execution_time = 0",
         "SELECT number FROM numbers(100000) SETTINGS max_result_rows = 0",
+        "SELECT 1 SETTINGS max_execution_time = 30",  # the session's own value
+        "SELECT 1 SETTINGS readonly = 1",
     ):
-        message = await refused(api, query, "clickhouse_error")
-        assert "readonly" in message.lower()
+        assert await refused(api, query, "not_read_only") == sqlguard.settings_refusal().message
+    assert (await sql(api, "EXPLAIN indexes = 1 SELECT count() FROM calls"))["rows"]
 
 
 async def test_clickhouse_itself_refuses_writes_on_the_session(
@@ -939,6 +952,8 @@ async def test_clickhouse_itself_refuses_writes_on_the_session(
             "CREATE TABLE evil (x Int8) ENGINE = Memory",
             "DROP TABLE calls",
             "SET readonly = 0",
+            "SELECT 1 SETTINGS readonly = 0",
+            "SELECT count() FROM numbers(10) SETTINGS max_execution_time = 0",
             "SELECT * FROM file('/etc/hostname', 'LineAsString')",
         ):
             with pytest.raises(DatabaseError, match=r"readonly|READONLY"):
