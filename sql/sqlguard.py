@@ -16,8 +16,9 @@ of the endpoint's three lines of defence (sql/sqlapi.py).
    on values, none that reads files, the network, dictionaries or the server's state.
    A SELECT is judged on the analyzer's resolution too (:func:`check_resolved`, over
    ``EXPLAIN QUERY TREE``): a bare name it calls as a function off the list (``user``),
-   a table not the store's; what only the analyzer can resolve (:func:`unresolved`)
-   decides whether its errors are told, and refuses an EXPLAIN or DESCRIBE.
+   a table not the store's. A table or IN set only the analyzer can resolve
+   (:func:`unresolved_tables`) makes its answer one refusal, whatever it does; such a
+   name, or a bare one (:func:`unresolved`), refuses an EXPLAIN or DESCRIBE.
 
 And what a query may take (:class:`SqlLimits`), which the read-only session it runs on
 sets as ClickHouse settings (the third line, sql/sqlrun.py).

@@ -104,8 +104,8 @@ class SqlRunner:
         """``text`` as ClickHouse's analyzer resolves it (``EXPLAIN QUERY TREE``, its
         first pass: names resolved, nothing run but constant expressions, scalar
         subqueries among them), for :func:`check_resolved`. Its error is not told for a
-        query that names what may not be the store's (:func:`unresolved`): a scalar
-        subquery of a file, evaluated here, could put what it holds in the message (a
+        query naming tables that may not be the store's (:func:`unresolved_tables`): a
+        scalar subquery of a file, evaluated here, could put what it holds in the message (a
         red-team pass read a file through a "Maybe you meant" hint of a column named by
         a folded constant), or in which error it is (another, by its code): the answer
         is :func:`unresolved_refusal`, as when the tree resolves a file."""
