@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,8 +63,51 @@ def _interface(dsn: str) -> str | None:
 
 def connect(dsn: str, settings: dict[str, Any]) -> Any:
     """A clickhouse-connect client for ``dsn``, over TLS when its scheme is https
-    (:func:`_interface`): every client llmtap makes, the store's and the SQL endpoint's."""
+    (:func:`_interface`): every client llmtap makes, the store's and the SQL endpoint's
+    (on chDB, a second handle on the engine the store's started: :func:`engine_start`)."""
     return clickhouse_connect.get_client(dsn=dsn, interface=_interface(dsn), settings=settings)
+
+
+# chDB's default database is clickhouse-local's: it also reads the files of the
+# directory the engine started in as tables (`SELECT * FROM noext`, `` `.env` ``): the
+# process's working directory then, wherever llmtap was run from. The SQL endpoint's
+# checks refuse such names, and its read-only session stops a read of a file chDB has
+# not read before; with nothing there, there is no file to read at all.
+_engine_start = threading.Lock()
+FILES_ROOT = "no_files"  # in a chDB data directory
+
+
+@contextmanager
+def engine_start(dsn: str) -> Iterator[None]:
+    """Around the store's client's start: on chDB, in :func:`files_root`, the
+    directory the engine then reads as its default database's files. The working
+    directory is the process's (the store's start is before it serves, or a command's);
+    this one change of it is serialised and undone at once, even to a directory since
+    removed."""
+    if not dsn.startswith("chdb:"):
+        yield
+        return
+    with _engine_start:
+        back = os.open(".", os.O_RDONLY)
+        try:
+            os.chdir(files_root(dsn))
+            yield
+        finally:
+            os.fchdir(back)
+            os.close(back)
+
+
+def files_root(dsn: str) -> Path:
+    """The empty directory chDB's engine starts in, so its default database holds no
+    file: ``no_files`` in the data directory of ``chdb:///path``, made private (0700)
+    and left empty; a directory of its own in the system's temporary one for a store in
+    memory."""
+    parts = urlsplit(dsn)
+    if parts.netloc or not parts.path:  # chdb://memory, chdb://memory/database
+        return Path(tempfile.mkdtemp(prefix="llmtap-chdb-"))
+    root = Path("/", parts.path.lstrip("/")) / FILES_ROOT  # chdb:////abs, as made of a Path
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return root
 
 
 # The API's reads (Store.arows): how many run at once, and how long one may take.
@@ -83,7 +130,8 @@ class Store:
         # UTC whatever the server's (or chDB's process's) time zone: what a date function
         # without a zone of its own buckets by, and (query_tz) the zone of every time read.
         try:
-            self._client = connect(dsn, {"insert_deduplicate": 0, "session_timezone": "UTC"})
+            with engine_start(dsn):
+                self._client = connect(dsn, {"insert_deduplicate": 0, "session_timezone": "UTC"})
         except Exception as exc:
             if not chdb_held(dsn):
                 raise

@@ -30,6 +30,7 @@ from llmtap.config import Settings
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
 from sql import analytics, sqlapi, sqlguard, sqlrun
+from sql import store as sql_store
 from sql.store import Store
 from tests.test_analytics import Call
 
@@ -822,8 +823,11 @@ async def test_a_bare_name_clickhouse_calls_as_a_function_off_the_list(api: Clie
 
 @pytest.fixture
 def files_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory with files that look like secrets, the process's own before the
-    store (and chDB's engine) starts: chDB reads its files relative to it."""
+    """A directory with files that look like secrets, the process's own, and the one
+    chDB's engine starts in: its default database reads them as tables. llmtap starts
+    the engine in an empty directory (sql.store.files_root); this puts files there, as
+    a store started from this directory before that change had them, so that the
+    endpoint's checks are tested on their own."""
     here = tmp_path / "cwd"
     here.mkdir()
     (here / "noext").write_text("TOPSECRET\n")
@@ -832,7 +836,33 @@ def files_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (here / "calls (alias x)").write_text("TOPSECRET\n")  # read as calls by the tree
     (here / "calls, x").write_text("TOPSECRET\n")  # "table_name: default.calls, x"
     monkeypatch.chdir(here)
+    monkeypatch.setattr(sql_store, "files_root", lambda dsn: here)
     return here
+
+
+def test_chdb_starts_in_a_directory_with_no_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chDB's default database reads the files of the directory its engine started in
+    as tables, the store's own client and readonly sessions alike once one had: the
+    process's working directory, wherever llmtap was started (a project's .env, say).
+    The engine starts in an empty directory of its own; the process's stays its own."""
+    here = tmp_path / "project"
+    here.mkdir()
+    (here / "noext").write_text("TOPSECRET\n")
+    (here / ".env").write_text("OPENAI_API_KEY=TOPSECRET\n")
+    monkeypatch.chdir(here)
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    try:
+        assert Path.cwd() == here
+        for name in ("noext", "`.env`", "default.noext"):
+            with pytest.raises(DatabaseError, match="UNKNOWN_TABLE"):
+                store.command(f"SELECT * FROM {name}")
+        root = sql_store.files_root(store.dsn)
+        assert root == tmp_path / "clickhouse" / "no_files"
+        assert list(root.iterdir()) == [] and root.stat().st_mode & 0o777 == 0o700
+    finally:
+        store.close()
 
 
 async def test_files_of_the_process_directory_are_not_tables(
