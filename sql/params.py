@@ -81,12 +81,22 @@ class BadParameter(Exception):
     """A 400: a parameter that is unknown, repeated or invalid."""
 
     status = 400
-    code: str | None = None  # set by the SQL endpoint's errors (sql/sqlguard.py, sql/sqlapi.py)
+    code: str | None = None  # set by the SQL endpoint's errors (SqlError, below)
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
         self.message = message
+
+
+class SqlError(BadParameter):
+    """A query that is refused or failed: 400, naming the ``query`` field, with a code
+    (POST /api/v1/sql: sql/sqlguard.py, sql/sqlnames.py, sql/sqlrun.py)."""
+
+    def __init__(self, code: str, message: str, status: int = 400, param: str = "query") -> None:
+        super().__init__(param, message)
+        self.code = code
+        self.status = status
 
 
 class OutOfScope(BadParameter):

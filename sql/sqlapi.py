@@ -1,8 +1,8 @@
 """POST /api/v1/sql: one read-only query on ClickHouse, for admin keys, as JSON or CSV.
 
 Three lines of defence, each enough on its own for what it covers (1 and 2 in
-sql/sqlguard.py, 3 in sql/sqlrun.py; this module reads the request and writes the
-answer):
+sql/sqlguard.py with sql/sqlnames.py, 3 in sql/sqlrun.py; this module reads the
+request and writes the answer):
 
 1. Before ClickHouse sees the text: exactly one statement (a ``;`` may only end it),
    and no ``INTO OUTFILE`` (which chDB, running in this process, would write).
@@ -51,8 +51,8 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
-from sql.params import BadParameter
-from sql.sqlguard import SqlError, SqlLimits
+from sql.params import BadParameter, SqlError
+from sql.sqlguard import SqlLimits
 from sql.sqlrun import Answer, Encode, SqlRunner
 from sql.store import Store
 

@@ -2,7 +2,7 @@
 POST /api/v1/sql's defence: :class:`SqlRunner` parses it (``EXPLAIN AST``, judged by
 sql/sqlguard.py), runs it with the limits as session settings, reads its rows a block
 at a time, encodes them as they come and stops once the answer is full; ClickHouse's
-errors become :class:`~sql.sqlguard.SqlError`.
+errors become :class:`~sql.params.SqlError`.
 """
 
 from __future__ import annotations
@@ -23,21 +23,18 @@ from clickhouse_connect.driver.exceptions import (
     StreamFailureError,
 )
 
-from sql.sqlguard import (
+from sql.params import SqlError
+from sql.sqlguard import SqlLimits, check_tree, precheck
+from sql.sqlnames import (
     Databases,
-    Node,
-    SqlError,
-    SqlLimits,
     check_names,
     check_resolved,
-    check_tree,
-    parse_ast,
-    precheck,
     settings_refusal,
     unresolved_refusal,
     unresolved_tables,
     without_hints,
 )
+from sql.sqltree import Node, parse_ast
 from sql.store import connect, render
 
 Encode = Callable[[Sequence[Any]], bytes]  # one row, as the answer's format writes it

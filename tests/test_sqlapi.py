@@ -29,8 +29,9 @@ from ingress.guards.keys import create_key
 from llmtap.config import Settings
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
-from sql import analytics, sqlapi, sqlguard, sqlrun
+from sql import analytics, sqlapi, sqlguard, sqlnames, sqlrun, sqltree
 from sql import store as sql_store
+from sql.params import SqlError
 from sql.store import Store
 from tests.test_analytics import Call
 
@@ -782,13 +783,13 @@ async def test_a_syntax_error_gives_its_position_in_the_query_sent(api: Client) 
 def test_a_node_the_checks_do_not_know_is_refused() -> None:
     """A syntax ClickHouse adds later, or one whose tree hides what it runs: refused by
     the list of nodes the checks know, not trusted."""
-    root = sqlguard.parse_ast(
+    root = sqltree.parse_ast(
         ["SelectWithUnionQuery (children 1)", " ExpressionList (children 1)",
          "  SelectQuery (children 1)", "   ExpressionList (children 1)",
          "    SomethingNew (children 1)", "     Literal UInt64_1"]
     )  # fmt: skip
-    with pytest.raises(sqlguard.SqlError, match="SomethingNew") as refused:
-        sqlguard.check_tree(root, "SELECT new", sqlguard.Databases("default", frozenset()))
+    with pytest.raises(SqlError, match="SomethingNew") as refused:
+        sqlguard.check_tree(root, "SELECT new", sqlnames.Databases("default", frozenset()))
     assert refused.value.code == "bad_query"
 
 
@@ -933,12 +934,12 @@ async def test_files_of_the_process_directory_are_not_tables(
         assert "TOPSECRET" not in str(body), body
     # ... and the check itself refuses what the analyzer resolves to a file
     for query in ("SELECT * FROM noext", "SELECT 'TOPSECRET' IN noext"):
-        root = sqlguard.parse_ast(store.command(f"EXPLAIN AST {query}").split("\n"))
+        root = sqltree.parse_ast(store.command(f"EXPLAIN AST {query}").split("\n"))
         tree = store.command(f"EXPLAIN QUERY TREE passes = 1 {query}")
-        databases = sqlguard.Databases("default", frozenset(), frozenset({"calls"}))
-        assert sqlguard.unresolved(root, databases)
-        with pytest.raises(sqlguard.SqlError, match="noext") as refusal:
-            sqlguard.check_resolved(tree, root, databases)
+        databases = sqlnames.Databases("default", frozenset(), frozenset({"calls"}))
+        assert sqlnames.unresolved(root, databases)
+        with pytest.raises(SqlError, match="noext") as refusal:
+            sqlnames.check_resolved(tree, root, databases)
         assert refusal.value.code == "forbidden_table"
     # WITH's names, aliases and the store's own tables still read
     for query in (
@@ -966,7 +967,7 @@ async def test_settings_cannot_be_changed_from_the_query(api: Client) -> None:
         "SELECT 1 SETTINGS max_execution_time = 30",  # the session's own value
         "SELECT 1 SETTINGS readonly = 1",
     ):
-        assert await refused(api, query, "not_read_only") == sqlguard.settings_refusal().message
+        assert await refused(api, query, "not_read_only") == sqlnames.settings_refusal().message
     assert (await sql(api, "EXPLAIN indexes = 1 SELECT count() FROM calls"))["rows"]
 
 
@@ -1038,18 +1039,18 @@ def test_sql_dsn_needs_a_clickhouse_server() -> None:
 
 def test_a_servers_hint_is_left_out_to_the_error_name() -> None:
     """A server follows the error's name with its version: the hint ends before it."""
-    databases = sqlguard.Databases("llmtap", frozenset({"billing"}))
+    databases = sqlnames.Databases("llmtap", frozenset({"billing"}))
     told = (
         "Code: 60. DB::Exception: Unknown table expression identifier 'invoices'. Maybe you "
         "meant billing.invoices?. (UNKNOWN_TABLE) (version 24.8.14.39 (official build))"
     )
-    kept = sqlguard.without_hints(told, databases)
+    kept = sqlnames.without_hints(told, databases)
     assert "billing" not in kept and "(UNKNOWN_TABLE) (version 24.8" in kept, kept
     column = "Unknown expression identifier `tenantt`. Maybe you meant: ['tenant']. (X)"
-    assert sqlguard.without_hints(column, databases) == column
+    assert sqlnames.without_hints(column, databases) == column
     # a "(A)" of the query's own in the hint does not end it: the error's name, last, does
     forged = "Unknown identifier `x`. Maybe you meant: ['x (A) billing.invoices']. (Y)"
-    assert sqlguard.without_hints(forged, databases) == "Unknown identifier `x`. (Y)"
+    assert sqlnames.without_hints(forged, databases) == "Unknown identifier `x`. (Y)"
 
 
 def test_the_formatted_query_is_read_whole_or_not_at_all() -> None:

@@ -28,6 +28,7 @@ from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.webhooks.records import ALERT_COLUMNS, Attempt, alert_row, record
 from sql.migrate import SchemaAhead, available, migrate
+from sql.params import SqlError
 from sql.retention import (
     ALERT_TABLES,
     RAW_TABLES,
@@ -37,7 +38,7 @@ from sql.retention import (
     current_ttl_days,
 )
 from sql.sqlapi import json_row
-from sql.sqlguard import SqlError, SqlLimits
+from sql.sqlguard import SqlLimits
 from sql.sqlrun import SqlRunner
 from sql.store import Store
 from tests import sample
