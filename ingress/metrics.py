@@ -61,6 +61,12 @@ class _PublisherCollector(Collector):
         yield connected
 
 
+# A call's ends that are llmtap's answer, the provider not asked: rejections, by reason
+# (the event's error class: invalid_key, budget_exceeded, rate_limited...), not calls
+# whose latency the histograms measure.
+REJECTED = frozenset({"bad_request", "refused", "budget_exceeded", "rate_limited"})
+
+
 class IngressMetrics:
     """One registry per app, so several apps (tests) never share counters."""
 
@@ -108,7 +114,7 @@ class IngressMetrics:
     def observe(self, event: wire.Response) -> None:
         model = self._model_label(event.model, event.status == "ok")
         self._child(self.requests, event.endpoint, event.provider, model, event.status).inc()
-        if event.status in ("bad_request", "refused"):
+        if event.status in REJECTED:
             self._child(self.rejections, event.error_class or event.status).inc()
             return
         self._child(self.latency, event.endpoint, event.provider).observe(event.latency_ms / 1000)

@@ -283,6 +283,9 @@ async def test_a_call_no_period_could_cover_gets_a_400_not_a_429_to_retry(
     assert "$0.999 of $1 spent" in later_error["message"]
     assert len(upstream.provider.received) == asked
     assert sample(metrics, "llmtap_requests_total", status="budget_exceeded") == 2
+    # refused before reaching the provider: rejections, not calls the histograms time
+    assert sample(metrics, "llmtap_rejections_total", reason="budget_exceeded") == 2
+    assert sample(metrics, "llmtap_request_duration_seconds_count") == 0
 
 
 async def budget_row(api_url: str, key: str, name: str) -> dict[str, Any]:

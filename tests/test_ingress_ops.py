@@ -181,6 +181,36 @@ async def test_metrics_count_calls_overhead_and_rejections(
     assert "llmtap_events_backlog" in text
 
 
+async def test_a_rate_limited_call_is_a_rejection(ingress: str, ingress_settings: Settings) -> None:
+    """A key's rate limit refuses before the provider is asked: a rejection by reason,
+    as the metric's help says, and not a call the latency histograms time."""
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", rpm=1)
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{ingress}/metrics") as response:
+            before = await response.text()
+        async with asyncio.timeout(10):  # the first call once the key is loaded; then one more
+            while len(statuses) < 2:
+                async with session.post(
+                    f"{ingress}/v1/chat/completions",
+                    json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": f"Bearer {secret}"},
+                ) as response:
+                    if response.status != 401:
+                        statuses.append(response.status)
+                    else:
+                        await asyncio.sleep(0.1)
+        async with session.get(f"{ingress}/metrics") as response:
+            text = await response.text()
+    assert statuses == [200, 429]
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(text, name, **labels) - sample(before, name, **labels)
+
+    assert grew("llmtap_rejections_total", reason="rate_limited") == 1
+    assert grew("llmtap_request_duration_seconds_count") == 1  # the call answered only
+
+
 async def test_readyz_follows_the_providers(ingress: str, upstream: FakeUpstream) -> None:
     async with aiohttp.ClientSession() as session:
         async with asyncio.timeout(20):  # ready once the producer has connected
