@@ -185,7 +185,7 @@ async def test_a_rate_limited_call_is_a_rejection(ingress: str, ingress_settings
     """A key's rate limit refuses before the provider is asked: a rejection by reason,
     as the metric's help says, and not a call the latency histograms time."""
     secret, _ = create_key(ingress_settings.key_file, tenant="acme", rpm=1)
-    statuses = []
+    statuses: list[int] = []
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{ingress}/metrics") as response:
             before = await response.text()
