@@ -425,7 +425,7 @@ class Settings(BaseSettings):
     # (Anthropic's max_uses, the Responses API's max_tool_calls), each at its model's fee.
     budget_default_web_searches: int = Field(default=100, ge=0)
     # The calls reserved for an Anthropic advisor tool that names no max_uses, each at
-    # the advisor model's prices (ingress/guards/budgets.py: advisor_worst_case).
+    # the advisor model's prices (ingress/guards/worst_case.py: WorstCase.advisor_cost).
     budget_default_advisor_uses: int = Field(default=100, ge=0)
     # A call of a model with no price (not in the catalog, nor the pricing_file) under a
     # hard cap has no worst case to reserve: "refuse" it (a 400 naming the model), or

@@ -259,11 +259,11 @@ def test_a_hard_cap_reserves_the_advisor_s_calls_at_its_model_s_prices() -> None
     assert entry is not None and entry[1].max_output_tokens is not None
     adv = rates_of(ADVISOR)
     assert adv.cache_write_1h is not None
-    prompt = max(budgets.default_context_tokens, entry[1].context_window or 0)
+    prompt = max(budgets.worst.default_context_tokens, entry[1].context_window or 0)
     prompt_rate = max(adv.input, adv.cache_write or adv.input, adv.cache_write_1h)
 
     def worst(advisor: Advisor | None) -> Decimal:
-        cost = budgets.worst_case(
+        cost = budgets.worst.cost(
             EXECUTOR, 200, 100, MIDNIGHT, "anthropic", input_unbounded=True, advisor=advisor,
             geo="global",
         )  # fmt: skip
@@ -275,13 +275,13 @@ def test_a_hard_cap_reserves_the_advisor_s_calls_at_its_model_s_prices() -> None
     assert two == 2 * (usd(prompt, prompt_rate) + usd(2048, adv.output))
     most = entry[1].max_output_tokens
     unbounded = worst(Advisor(ADVISOR, None, None)) - alone
-    assert budgets.default_advisor_uses == 100
+    assert budgets.worst.default_advisor_uses == 100
     assert unbounded == 100 * (usd(prompt, prompt_rate) + usd(most, adv.output))
     # An advisor model with no price cannot be bounded, but the executor's calls can:
     # never less than the call without the advisor (before: nothing at all).
-    assert budgets.worst_case(
+    assert budgets.worst.cost(
         EXECUTOR, 200, 100, MIDNIGHT, "anthropic", advisor=Advisor("claude-unknown-9", 1, 1)
-    ) == budgets.worst_case(EXECUTOR, 200, 100, MIDNIGHT, "anthropic")
+    ) == budgets.worst.cost(EXECUTOR, 200, 100, MIDNIGHT, "anthropic")
 
 
 def test_a_call_whose_advisor_has_no_price_holds_its_worst_case_for_the_period() -> None:
@@ -300,7 +300,7 @@ def test_a_call_whose_advisor_has_no_price_holds_its_worst_case_for_the_period()
         )
         is None
     )
-    worst = budgets.worst_case(EXECUTOR, 200, 100, MIDNIGHT, "anthropic", input_unbounded=True)
+    worst = budgets.worst.cost(EXECUTOR, 200, 100, MIDNIGHT, "anthropic", input_unbounded=True)
     assert worst is not None and worst > 0
     assert sum(sum(held.values()) for held in budgets.reserved.values()) == worst
     usage = Usage(

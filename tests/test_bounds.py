@@ -357,9 +357,9 @@ def test_images_are_counted_apart_from_the_bytes(payload: dict[str, Any], count:
 
 def test_each_image_adds_its_most_tokens_to_the_worst_case() -> None:
     budgets, _ = book("10")
-    plain = budgets.worst_case("gpt-4o-mini", 5_000, 1, MIDNIGHT)
-    two = budgets.worst_case("gpt-4o-mini", 5_000, 1, MIDNIGHT, images=2)
-    forty = budgets.worst_case("gpt-4o-mini", 5_000, 1, MIDNIGHT, images=40)
+    plain = budgets.worst.cost("gpt-4o-mini", 5_000, 1, MIDNIGHT)
+    two = budgets.worst.cost("gpt-4o-mini", 5_000, 1, MIDNIGHT, images=2)
+    forty = budgets.worst.cost("gpt-4o-mini", 5_000, 1, MIDNIGHT, images=40)
     assert plain is not None and two is not None and forty is not None
     # two images of 50,000 tokens (budget_image_tokens) at gpt-4o-mini's $0.15 a million
     assert two - plain == 2 * 50_000 * Decimal("0.15") / 1_000_000
@@ -370,8 +370,8 @@ def test_each_image_adds_its_most_tokens_to_the_worst_case() -> None:
 
 def test_an_unbounded_input_is_reserved_as_a_whole_context() -> None:
     budgets, _ = book("10")
-    bounded = budgets.worst_case("gpt-4o", 200, 100, MIDNIGHT)
-    whole = budgets.worst_case("gpt-4o", 200, 100, MIDNIGHT, input_unbounded=True)
+    bounded = budgets.worst.cost("gpt-4o", 200, 100, MIDNIGHT)
+    whole = budgets.worst.cost("gpt-4o", 200, 100, MIDNIGHT, input_unbounded=True)
     assert bounded is not None and whole is not None
     output = 100 * Decimal("10.00") / 1_000_000
     assert bounded - output == 200 * Decimal("2.50") / 1_000_000
@@ -391,8 +391,8 @@ def test_the_prompts_a_call_sends_at_once_are_counted_where_the_api_answers_each
 
 def test_each_prompt_may_fill_a_context_window_and_spend_max_tokens_per_answer() -> None:
     budgets, _ = book("10")
-    one = budgets.worst_case("gpt-4o", 1_000_000, 100, MIDNIGHT, choices=2)
-    four = budgets.worst_case("gpt-4o", 1_000_000, 100, MIDNIGHT, choices=2, prompts=4)
+    one = budgets.worst.cost("gpt-4o", 1_000_000, 100, MIDNIGHT, choices=2)
+    four = budgets.worst.cost("gpt-4o", 1_000_000, 100, MIDNIGHT, choices=2, prompts=4)
     assert one is not None and four is not None
     # gpt-4o reads at most 128,000 tokens a prompt ($0.32) and writes 100 an answer.
     assert one == Decimal("0.32") + 2 * 100 * Decimal("10.00") / 1_000_000
@@ -451,11 +451,11 @@ def test_the_searches_a_call_allows(payload: dict[str, Any], most: int | None) -
 
 def test_a_hard_cap_reserves_the_fee_of_the_searches_a_call_allows() -> None:
     budgets, _ = book("10")
-    tokens = budgets.worst_case("claude-sonnet-4-5", 200, 100, MIDNIGHT, provider="anthropic")
-    five = budgets.worst_case(
+    tokens = budgets.worst.cost("claude-sonnet-4-5", 200, 100, MIDNIGHT, provider="anthropic")
+    five = budgets.worst.cost(
         "claude-sonnet-4-5", 200, 100, MIDNIGHT, provider="anthropic", web_searches=5
     )
-    unbounded = budgets.worst_case(
+    unbounded = budgets.worst.cost(
         "claude-sonnet-4-5", 200, 100, MIDNIGHT, provider="anthropic", web_searches=None
     )
     assert tokens is not None and five is not None and unbounded is not None
@@ -494,7 +494,7 @@ def test_a_hard_cap_reserves_searches_by_the_preview_tool_at_its_fee() -> None:
     budgets, _ = book("10")
 
     def worst(searches: int, preview_named: bool, model: str = "gpt-4o") -> Decimal:
-        cost = budgets.worst_case(
+        cost = budgets.worst.cost(
             model,
             200,
             100,

@@ -31,8 +31,8 @@ def book(limit: str) -> tuple[BudgetBook, BudgetConfig]:
 
 def test_every_answer_a_call_asks_for_may_spend_max_tokens() -> None:
     budgets, _ = book("10")
-    one = budgets.worst_case("gpt-4o", 100, 1000, MIDNIGHT)
-    eight = budgets.worst_case("gpt-4o", 100, 1000, MIDNIGHT, choices=8)
+    one = budgets.worst.cost("gpt-4o", 100, 1000, MIDNIGHT)
+    eight = budgets.worst.cost("gpt-4o", 100, 1000, MIDNIGHT, choices=8)
     assert one is not None and eight is not None
     prompt = 100 * Decimal("2.50") / 1_000_000  # every body byte a token, at gpt-4o input
     assert eight - prompt == 8 * (one - prompt)
@@ -52,28 +52,28 @@ def test_a_call_without_max_tokens_may_write_the_most_its_model_writes() -> None
     let a model that writes more (o3: 100,000) overshoot it."""
     capped = limited_book(max_output_tokens=100_000)
     unknown = limited_book()
-    assert capped.worst_case("acme-1", 0, None, MIDNIGHT) == Decimal("1.00")  # 100k at $10/M
-    assert unknown.worst_case("acme-1", 0, None, MIDNIGHT) == Decimal("0.04096")  # the default
+    assert capped.worst.cost("acme-1", 0, None, MIDNIGHT) == Decimal("1.00")  # 100k at $10/M
+    assert unknown.worst.cost("acme-1", 0, None, MIDNIGHT) == Decimal("0.04096")  # the default
     # A max_tokens the call names is reserved in full, past the catalog's limit too.
-    assert capped.worst_case("acme-1", 0, 500_000, MIDNIGHT) == Decimal("5.00")
-    assert capped.worst_case("acme-1", 0, 1_000, MIDNIGHT) == Decimal("0.01")
-    assert capped.worst_case("acme-1", 0, None, MIDNIGHT, choices=3) == Decimal("3.00")
+    assert capped.worst.cost("acme-1", 0, 500_000, MIDNIGHT) == Decimal("5.00")
+    assert capped.worst.cost("acme-1", 0, 1_000, MIDNIGHT) == Decimal("0.01")
+    assert capped.worst.cost("acme-1", 0, None, MIDNIGHT, choices=3) == Decimal("3.00")
 
 
 def test_a_prompt_is_bounded_by_its_model_s_context_window() -> None:
     windowed = limited_book(context_window=128_000, max_output_tokens=0)
     unknown = limited_book(max_output_tokens=0)
     # A body's bytes past the window cannot all be tokens the model reads.
-    assert windowed.worst_case("acme-1", 500_000, None, MIDNIGHT) == Decimal("0.128")
-    assert windowed.worst_case("acme-1", 1_000, None, MIDNIGHT) == Decimal("0.001")
-    assert unknown.worst_case("acme-1", 500_000, None, MIDNIGHT) == Decimal("0.5")
+    assert windowed.worst.cost("acme-1", 500_000, None, MIDNIGHT) == Decimal("0.128")
+    assert windowed.worst.cost("acme-1", 1_000, None, MIDNIGHT) == Decimal("0.001")
+    assert unknown.worst.cost("acme-1", 500_000, None, MIDNIGHT) == Decimal("0.5")
     # A body that does not hold its input reserves the default context (1,000,000
     # tokens) at least (tools run by the provider read a window each round), or more
     # when a window is larger.
-    assert windowed.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(1)
-    assert unknown.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(1)
+    assert windowed.worst.cost("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(1)
+    assert unknown.worst.cost("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(1)
     wide = limited_book(context_window=2_000_000)
-    assert wide.worst_case("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(2)
+    assert wide.worst.cost("acme-1", 10, 0, MIDNIGHT, input_unbounded=True) == Decimal(2)
 
 
 def test_after_midnight_the_cap_counts_calls_before_the_stream_rolls_the_period_over() -> None:
@@ -333,19 +333,19 @@ def test_a_call_asking_for_fast_mode_reserves_its_tokens_at_the_fast_rates() -> 
     budgets, _ = book("100")
     rates, times = fast_rates("claude-opus-5")
     dearest = max(r for r in (rates.input, rates.cache_write, rates.cache_write_1h) if r)
-    standard = budgets.worst_case("claude-opus-5", 2_000, 8_000, NINE, "anthropic", geo="global")
+    standard = budgets.worst.cost("claude-opus-5", 2_000, 8_000, NINE, "anthropic", geo="global")
     assert standard == (2_000 * dearest + 8_000 * rates.output) / 1_000_000
-    fast = budgets.worst_case(
+    fast = budgets.worst.cost(
         "claude-opus-5", 2_000, 8_000, NINE, "anthropic", fast=True, geo="global"
     )
     assert fast == standard * times
-    searching = budgets.worst_case(
+    searching = budgets.worst.cost(
         "claude-opus-5", 2_000, 8_000, NINE, "anthropic", web_searches=3, fast=True, geo="global"
     )
     assert searching == fast + Decimal("0.03")  # $10 a thousand
-    assert budgets.worst_case(
+    assert budgets.worst.cost(
         "claude-sonnet-5", 2_000, 8_000, NINE, "anthropic", fast=True, geo="global"
-    ) == budgets.worst_case("claude-sonnet-5", 2_000, 8_000, NINE, "anthropic", geo="global")
+    ) == budgets.worst.cost("claude-sonnet-5", 2_000, 8_000, NINE, "anthropic", geo="global")
     # What admit reserves: the body's speed: "fast" (bounds.reach) says which.
     for asks_fast, worst in ((False, standard), (True, fast)):
         call = uuid.uuid4()
@@ -399,7 +399,7 @@ def test_a_call_that_may_run_in_the_us_reserves_its_tokens_at_1_1x() -> None:
     standard = (2_000 * dearest + 8_000 * rates.output) / 1_000_000
 
     def worst(model: str = "claude-opus-5", **asked: Any) -> Decimal | None:
-        return budgets.worst_case(model, 2_000, 8_000, NINE, "anthropic", **asked)
+        return budgets.worst.cost(model, 2_000, 8_000, NINE, "anthropic", **asked)
 
     assert worst(geo="global") == standard
     assert worst(geo="us") == worst(geo=None) == worst() == standard * times
@@ -455,16 +455,16 @@ def test_a_call_openai_may_serve_at_priority_reserves_the_priority_rates() -> No
     standard rates (flex can only cost less). A model with no priority price reserves
     the standard ones."""
     budgets, _ = book("100")
-    standard = budgets.worst_case("gpt-4.1", 2_000, 8_000, NINE, "openai")
+    standard = budgets.worst.cost("gpt-4.1", 2_000, 8_000, NINE, "openai")
     assert standard == (2_000 * Decimal("2.00") + 8_000 * Decimal("8.00")) / 1_000_000
-    priority = budgets.worst_case("gpt-4.1", 2_000, 8_000, NINE, "openai", priority=True)
+    priority = budgets.worst.cost("gpt-4.1", 2_000, 8_000, NINE, "openai", priority=True)
     assert priority == (2_000 * Decimal("3.50") + 8_000 * Decimal("14.00")) / 1_000_000
-    assert budgets.worst_case(
+    assert budgets.worst.cost(
         "gpt-5-nano", 2_000, 8_000, NINE, "openai", priority=True
-    ) == budgets.worst_case("gpt-5-nano", 2_000, 8_000, NINE, "openai")
+    ) == budgets.worst.cost("gpt-5-nano", 2_000, 8_000, NINE, "openai")
     # A prompt past GPT-5.4's 272K threshold may be served at standard, at its
     # long-context rates ($22.50 out, not priority's $30 but more than its $15).
-    long = budgets.worst_case("gpt-5.4", 300_000, 1_000, NINE, "openai", priority=True)
+    long = budgets.worst.cost("gpt-5.4", 300_000, 1_000, NINE, "openai", priority=True)
     assert long == (300_000 * Decimal("5.00") + 1_000 * Decimal("30.00")) / 1_000_000
     asked: list[tuple[dict[str, str], str, Decimal | None]] = [
         ({"service_tier": "priority"}, "standard", priority),

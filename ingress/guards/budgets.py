@@ -2,19 +2,10 @@
 
 The stream owns each budget's spend and publishes it on the compacted budgets topic; the
 ingress follows that topic (:func:`follow`). A call that counts against a hard-capped
-budget is admitted only if the budget's remaining amount covers the call's worst case:
-every byte of the request body as an input token (a token is never shorter than a byte),
-at most the model's context window a prompt, or, when the body does not hold all the
-input (ingress/guards/bounds.py), at least ``budget_default_context_tokens``, plus
-``max_tokens`` output tokens (or, when the call names none, the most the model writes),
-at the model's price (its fast mode's, when the call asks for it; the dearer of its
-standard and priority rates, when OpenAI may serve it at its priority tier; times its
-data residency multiplier where the call may run in a dearer geography), plus the fee
-of the most web searches its tools allow (or ``budget_default_web_searches`` when none
-bounds them). The pricing catalog gives each
-model's limits; ``budget_default_max_tokens`` stands in for a model it gives none for.
-That worst case is reserved at admission — check and reserve happen with no await
-between them, so concurrent calls cannot both take the last dollars — and settled when
+budget is admitted only if the budget's remaining amount covers the call's worst case,
+the most it can cost (ingress/guards/worst_case.py). That worst case is reserved at
+admission — check and reserve happen with no await between them, so concurrent calls
+cannot both take the last dollars — and settled when
 the call ends: the reservation is replaced by the call's real cost, which is held
 until a published state has counted it (a call the stream cannot price, its usage
 unknown, or served in fast mode, at an OpenAI service tier or in a geography its
@@ -43,7 +34,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
-from ingress.guards.bounds import Advisor, Reach
+from ingress.guards.bounds import Reach
+from ingress.guards.worst_case import WorstCase
 from llmtap.amounts import plain
 from llmtap.config import BudgetConfig
 from llmtap.events import Alert, Attribution, BudgetState, Reservations, Usage, utcnow
@@ -60,13 +52,10 @@ from stream.budgets import (
     period_bounds,
 )
 from stream.pricing import (
-    PER_MILLION,
     Catalog,
-    Rates,
     advisor_breakdown,
     cost_of,
     priced_as_served,
-    search_fee,
 )
 
 # A cost no state has counted this long after its call ended is no longer held on its
@@ -176,17 +165,6 @@ class Unpriced:
         )
 
 
-def geo_times(rates: Rates, geo: str | None) -> Decimal:
-    """What a worst case's token rates are multiplied by for a call asking to run its
-    inference in ``geo`` (Anthropic's ``inference_geo``): that geography's multiplier
-    (``"global"``: 1); when it names none, its workspace's ``default_inference_geo``
-    decides, which llmtap cannot see, so the dearest geography the price names (a worst
-    case covers what the call can be billed); one the price does not name cannot be
-    bounded, so the dearest too (a call run there is held as unpriced: ``settle``)."""
-    times = rates.geo(geo) if geo is not None else None
-    return rates.dearest_geo() if times is None else times
-
-
 class BudgetBook:
     def __init__(
         self,
@@ -202,15 +180,14 @@ class BudgetBook:
         self.budgets = budgets
         self._named = {b.name: b for b in budgets}
         self.catalog = catalog
-        self.default_max_tokens = default_max_tokens
-        # The input of a call whose body does not hold it all (ingress/guards/bounds.py).
-        self.default_context_tokens = default_context_tokens
-        # The searches of a call whose web search tool names no max_uses/max_tool_calls.
-        self.default_web_searches = default_web_searches
-        # The most input tokens one image counts (bounds.images).
-        self.image_tokens = image_tokens
-        # The calls of an advisor tool that names no max_uses (advisor_worst_case).
-        self.default_advisor_uses = default_advisor_uses
+        self.worst = WorstCase(
+            catalog,
+            default_max_tokens,
+            default_context_tokens,
+            default_web_searches,
+            image_tokens,
+            default_advisor_uses,
+        )
         # A hard cap admits a call of a model with no price, reserving nothing for it
         # (its spend is not counted either), rather than refuse it.
         self.admit_unpriced = admit_unpriced
@@ -266,139 +243,6 @@ class BudgetBook:
         held = self.states.get(state.budget)
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
-
-    def worst_case(
-        self,
-        model: str,
-        request_bytes: int,
-        max_tokens: int | None,
-        now: datetime,
-        provider: str = "",
-        choices: int = 1,
-        input_unbounded: bool = False,
-        prompts: int = 1,
-        web_searches: int | None = 0,
-        images: int = 0,
-        preview_named: bool = False,
-        fast: bool = False,
-        advisor: Advisor | None = None,
-        geo: str | None = None,
-        priority: bool = False,
-    ) -> Decimal | None:
-        """The most the call can cost. Its input: the body's bytes, at most the model's
-        context window for each of the ``prompts`` the provider answers apart (a list of
-        prompts to the completions API, of inputs to the embeddings API); when the body
-        does not hold all of it (``input_unbounded``), at least ``default_context_tokens``
-        and a window a prompt (tools the provider runs read their results each round).
-        Its output: ``max_tokens`` for each of ``choices`` answers (OpenAI's ``n``) to
-        each prompt, or the model's most tokens an answer when the call names none. And
-        the fee of ``web_searches`` (None: not bounded, ``default_web_searches``), at the
-        dearer of the two search fees when the call names the ``web_search_preview``
-        tool (``preview_named``: which tool ran a search cannot be told). The
-        catalog gives both limits (``context_window``, ``max_output_tokens``); for a
-        model it gives none for, ``default_context_tokens`` and ``default_max_tokens``
-        stand in. Each of ``images`` adds ``image_tokens`` of input (its tokens are the
-        provider's count of its pixels, not its bytes). A call that asks for Anthropic's
-        fast mode (``fast``) has its tokens at the fast rates (its price's
-        ``fast_multiplier`` times the standard ones), where the catalog gives them; for
-        a model it gives none for, Anthropic refuses fast mode, and the standard rates
-        stand (a call served fast all the same is held so: :meth:`settle`). Its tokens
-        are times the multiplier of the geography it asks its inference to run in
-        (``geo``, Anthropic's ``inference_geo``: ``"global"`` 1, ``"us"`` 1.1 on Claude
-        4.6 and later); asking for none (its workspace's default decides, unseen here)
-        or for one the price does not name, the dearest the price names
-        (:func:`geo_times`). A call OpenAI may serve at its priority tier (``priority``:
-        bounds.priority) has each token at the dearer of the standard rate and the
-        priority one, where the catalog gives priority rates (OpenAI serves a prompt past
-        128K tokens at the standard tier, long-context rates included); for a model it
-        gives none for, the standard rates stand (a call served at priority all the same
-        is held so: :meth:`settle`)."""
-        entry = self.catalog.lookup(model, provider)
-        rates = entry[1].at(now) if entry is not None else None
-        if entry is None or rates is None:
-            return None
-        window, most = entry[1].context_window, entry[1].max_output_tokens
-        # An upper bound: no more prompt tokens than bytes, each at the dearest prompt
-        # rate (a cache write costs more than input), the long-context tier if the
-        # prompt could pass its threshold, and every output token at the dearer of the
-        # output and reasoning rates.
-        prompts = max(prompts, 1)
-        prompt = request_bytes + images * self.image_tokens
-        if input_unbounded:
-            # Not one window: a provider running tools reads each round's results again
-            # (a window each round), so such a call keeps the default context at least.
-            prompt = max(prompt, self.default_context_tokens, (window or 0) * prompts)
-        elif window is not None:
-            prompt = min(prompt, window * prompts)
-        tier = rates.for_prompt(prompt)
-        input_rate = max(
-            r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
-        )
-        output_rate = max(tier.output, tier.reasoning or Decimal(0))
-        if fast and rates.fast_multiplier is not None:
-            input_rate *= rates.fast_multiplier
-            output_rate *= rates.fast_multiplier
-        if priority and (dearer := rates.priority) is not None:
-            input_rate = max(input_rate, dearer.input, dearer.cached_input or Decimal(0))
-            output_rate = max(output_rate, dearer.output, dearer.reasoning or Decimal(0))
-        times = geo_times(rates, geo)
-        input_rate, output_rate = input_rate * times, output_rate * times
-        # A max_tokens the call names is reserved in full (a catalog limit may be low).
-        if max_tokens is not None:
-            each = max_tokens
-        else:
-            each = most if most is not None else self.default_max_tokens
-        output = each * max(choices, 1) * prompts
-        searches = self.default_web_searches if web_searches is None else web_searches
-        tokens = (prompt * input_rate + output * output_rate) / PER_MILLION
-        fee = search_fee(searches, rates)
-        if preview_named:
-            fee = max(fee, search_fee(searches, rates, preview=searches))
-        if advisor is not None:
-            # An advisor model with no price cannot be bounded: the executor's worst case
-            # is reserved all the same, and held until the period ends (settle), as the
-            # stream cannot price the call.
-            advice = self.advisor_worst_case(advisor, request_bytes, images, now, provider, geo)
-            return tokens + fee + (advice or Decimal(0))
-        return tokens + fee
-
-    def advisor_worst_case(
-        self,
-        advisor: Advisor,
-        request_bytes: int,
-        images: int,
-        now: datetime,
-        provider: str = "",
-        geo: str | None = None,
-    ) -> Decimal | None:
-        """The most a call's advisor tool (Anthropic's ``advisor_20260301``) can cost, at
-        its model's prices (None: it has none): ``max_uses`` calls (when it names none,
-        ``default_advisor_uses``), each reading the whole transcript, an input bounded
-        as a provider-run tool's is (at least ``default_context_tokens`` and the
-        advisor's context window), and writing its ``max_tokens`` (else the advisor
-        model's most, else ``default_max_tokens``), each token at the dearest rate as in
-        :meth:`worst_case`, in the call's geography (``geo``) as there. The call's own
-        ``max_tokens`` does not bound the advisor."""
-        entry = self.catalog.lookup(advisor.model, provider)
-        rates = entry[1].at(now) if entry is not None else None
-        if entry is None or rates is None:
-            return None
-        window, most = entry[1].context_window, entry[1].max_output_tokens
-        uses = self.default_advisor_uses if advisor.max_uses is None else advisor.max_uses
-        prompt = max(
-            request_bytes + images * self.image_tokens, self.default_context_tokens, window or 0
-        )
-        if advisor.max_tokens is not None:
-            each = advisor.max_tokens
-        else:
-            each = most if most is not None else self.default_max_tokens
-        tier = rates.for_prompt(prompt)
-        input_rate = max(
-            r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
-        )
-        output_rate = max(tier.output, tier.reasoning or Decimal(0))
-        times = geo_times(rates, geo)
-        return uses * (prompt * input_rate + each * output_rate) * times / PER_MILLION
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -555,7 +399,7 @@ class BudgetBook:
         unbounded = reach() if reach is not None else Reach(False, 0)
 
         def reckoned(most_tokens: int | None) -> Decimal | None:
-            return self.worst_case(
+            return self.worst.cost(
                 model,
                 request_bytes + unbounded.added_tokens,  # the provider's own (bounds.Reach)
                 most_tokens,
