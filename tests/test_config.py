@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import trustme
@@ -487,6 +488,17 @@ def test_compose_checks_each_service_s_health_at_its_own_healthz(
     settings = Settings()
     test = " ".join(yaml.safe_load(COMPOSE.read_text())["services"][name]["healthcheck"]["test"])
     assert f"http://127.0.0.1:{getattr(settings, port)}/healthz" in test
+
+
+def test_compose_s_clickhouse_user_can_make_the_sql_endpoint_s_own() -> None:
+    """The ClickHouse image removes its default user and makes CLICKHOUSE_USER without
+    ACCESS MANAGEMENT unless told: no user could then run the README's CREATE USER for
+    the SQL endpoint's user (sql_dsn), which the compose file offers to enable."""
+    env, _ = compose_service("clickhouse")
+    assert env["CLICKHOUSE_USER"] == "llmtap"
+    assert env["CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT"] == "1"
+    store, _ = compose_service("store")
+    assert urlsplit(store["LLMTAP_CLICKHOUSE_DSN"]).username == env["CLICKHOUSE_USER"]
 
 
 def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(
