@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import chdb
 import pytest
 import trustme
 import yaml
@@ -488,6 +489,16 @@ def test_compose_checks_each_service_s_health_at_its_own_healthz(
     settings = Settings()
     test = " ".join(yaml.safe_load(COMPOSE.read_text())["services"][name]["healthcheck"]["test"])
     assert f"http://127.0.0.1:{getattr(settings, port)}/healthz" in test
+
+
+def test_compose_runs_the_clickhouse_release_the_tests_run() -> None:
+    """chDB embeds ClickHouse's engine: the server of docker-compose.yml is its release,
+    so what the tests check (migrations, EXPLAIN's output the SQL endpoint reads, its
+    function list) is what production runs. A chDB upgrade (pyproject.toml pins its
+    release) moves the compose file's with it."""
+    image = yaml.safe_load(COMPOSE.read_text())["services"]["clickhouse"]["image"]
+    release = ".".join(chdb.engine_version.split(".")[:2])
+    assert image == f"clickhouse/clickhouse-server:{release}"
 
 
 def test_compose_s_clickhouse_user_can_make_the_sql_endpoint_s_own() -> None:
