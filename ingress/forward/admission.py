@@ -355,6 +355,16 @@ async def read_body(request: web.Request) -> bytes:
     settings = request.app[SETTINGS]
     if compressed(request):
         raise BodyRefused(415, UNCOMPRESSED, "unsupported_encoding", code="unsupported_encoding")
+    declared = request.content_length
+    if declared is not None and declared > settings.max_body_bytes:
+        # Said before it is sent: refused now, not once that many bytes came (a client
+        # declaring more than it sends was held until the read's deadline).
+        raise BodyRefused(
+            413,
+            f"the request body is {declared} bytes (Content-Length), more than "
+            f"max_body_bytes ({settings.max_body_bytes}); it was not forwarded",
+            "body_too_large",
+        )
     try:
         async with asyncio.timeout(settings.body_read_timeout_s):
             body = await request.read()
