@@ -209,8 +209,8 @@ def precheck(query: str, limits: SqlLimits) -> str:
     text = query.strip()
     while text.endswith(";"):
         text = text[:-1].rstrip()
-    if not text:
-        raise _refuse("bad_query", "the query is empty")
+    if not text or _past_comments(text) == len(text):  # ClickHouse would say less
+        raise _refuse("bad_query", "the query is empty (comments alone are no statement)")
     if ";" in text:  # even inside a string: one statement per request, no guessing
         raise _refuse(
             "multiple_statements",
@@ -236,14 +236,19 @@ _OUTFILE = re.compile(r"\boutfile\b", re.IGNORECASE)
 _LEADING = re.compile(r"\s+|--[^\n]*|#[^\n]*|/\*.*?\*/", re.S)
 
 
-def _first_word(text: str) -> str:
-    """The statement's first keyword, past comments (for messages only)."""
+def _past_comments(text: str) -> int:
+    """Where the statement begins: past leading whitespace and comments."""
     at = 0
     while match := _LEADING.match(text, at):
         if match.end() == at:
             break
         at = match.end()
-    word = re.match(r"[A-Za-z]+", text[at:])
+    return at
+
+
+def _first_word(text: str) -> str:
+    """The statement's first keyword, past comments (for messages only)."""
+    word = re.match(r"[A-Za-z]+", text[_past_comments(text) :])
     return word[0].upper() if word else ""
 
 
