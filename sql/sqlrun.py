@@ -19,6 +19,7 @@ from typing import Any, Literal
 from clickhouse_connect.driver.exceptions import (
     ClickHouseError,
     DatabaseError,
+    NotSupportedError,
     OperationalError,
     StreamFailureError,
 )
@@ -188,6 +189,18 @@ class SqlRunner:
             if getattr(exc, "code", None) is not None:
                 raise _clickhouse_error(exc, databases) from None
             raise SqlError("unavailable", f"ClickHouse is unavailable: {exc}", 503) from None
+        except NotSupportedError as exc:  # the client's: a type it cannot decode
+            state = "AggregateFunction" in str(exc)
+            raise SqlError(
+                "unreadable_result",
+                f"the result could not be read: {exc}"
+                + (
+                    " (an aggregate function's state: select its value instead, with "
+                    "sumMerge(...) or finalizeAggregation(...))"
+                    if state
+                    else ""
+                ),
+            ) from None
         except ClickHouseError as exc:
             raise _clickhouse_error(exc, databases) from None
         except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as exc:

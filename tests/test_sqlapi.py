@@ -493,6 +493,17 @@ async def test_a_clickhouse_error_is_a_400_with_its_message(api: Client) -> None
     assert "x" in message
 
 
+async def test_a_result_the_client_cannot_read_says_so(api: Client) -> None:
+    """An aggregate function's state is a type clickhouse-connect does not decode: the
+    endpoint's unreadable_result, saying how to read its value (it was reported as
+    ClickHouse's error, clickhouse_error)."""
+    digest = "SELECT quantilesTDigestState(0.5)(number) FROM numbers(9)"
+    for query in ("SELECT sumState(1)", digest):
+        message = await refused(api, query, "unreadable_result")
+        assert "deserialization not supported" in message and "finalizeAggregation" in message
+    assert (await sql(api, "SELECT finalizeAggregation(sumState(2))"))["rows"] == [[2]]
+
+
 # -- refusals ---------------------------------------------------------------------------
 
 
