@@ -172,9 +172,31 @@ class Throttle(logging.Filter):
         return True
 
 
+class ClientFaults(logging.Filter):
+    """aiohttp logs a request it could not parse (a control character in a header, a
+    bad chunk size, too many headers...) as an ERROR, traceback and all: the client's
+    fault, answered with a 400, which anyone who can reach the port can send. Such a
+    line is a WARNING, and one of them is written per ``interval`` seconds (the next
+    one through carries how many were held back)."""
+
+    def __init__(self, interval: float = REPEAT_S, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self._throttle = Throttle(("aiohttp.server",), interval, clock)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.name != "aiohttp.server" or not isinstance(exc, HttpProcessingError):
+            return True
+        if not 400 <= (exc.code or 0) < 500:
+            return True
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return self._throttle.filter(record)
+
+
 def setup(process_name: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(process_name))
+    handler.addFilter(ClientFaults())
     handler.addFilter(Throttle())
     root = logging.getLogger()
     root.handlers[:] = [handler]

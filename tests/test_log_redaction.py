@@ -38,13 +38,18 @@ async def _malformed(port: int, header: bytes) -> bytes:
 
 @contextlib.asynccontextmanager
 async def logged_server(
-    method: str, path: str, handle: Callable[[web.Request], Awaitable[web.Response]]
+    method: str,
+    path: str,
+    handle: Callable[[web.Request], Awaitable[web.Response]],
+    *filters: logging.Filter,
 ) -> AsyncIterator[tuple[int, io.StringIO]]:
     """An aiohttp server on 127.0.0.1 with one route, and what aiohttp's server logger
-    writes meanwhile, as llmtap formats it: (its port, the log)."""
+    writes meanwhile, as llmtap formats it (through ``filters``): (its port, the log)."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logs.JsonFormatter("ingress"))
+    for kept in filters:
+        handler.addFilter(kept)
     server_log = logging.getLogger("aiohttp.server")
     server_log.addHandler(handler)
     app = web.Application()
@@ -83,6 +88,31 @@ async def test_a_key_in_a_header_line_aiohttp_refuses_is_not_logged() -> None:
         assert secret not in text  # ...without the key
         assert secret[:12] not in text
     assert all(": 400 (its message" in line["exception"] for line in lines)
+
+
+async def test_requests_aiohttp_cannot_parse_are_warnings_and_few() -> None:
+    """The client's fault, a 400 anyone can cause: logged by aiohttp as an ERROR, one
+    line a request (a fuzzing pass wrote 65). A WARNING, one a while, the rest counted;
+    the server's own errors stay ERRORs."""
+    now = [0.0]
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    faults = logs.ClientFaults(interval=10.0, clock=lambda: now[0])
+    async with logged_server("GET", "/v1/models", ok, faults) as (port, out):
+        for header in (b"x-llmtap-team: a\x01b", b"x-llmtap-team: a\x1bb", b"x: \x7f"):
+            assert (await _malformed(port, header)).startswith(b"HTTP/1.0 400")
+        now[0] = 11.0
+        assert (await _malformed(port, b"x: \x00")).startswith(b"HTTP/1.0 400")
+        await asyncio.sleep(0.1)
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [(line["level"], line.get("suppressed", 0)) for line in lines] == [
+        ("WARNING", 0),
+        ("WARNING", 2),
+    ]
+    server_error = logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "x", (), None)
+    assert faults.filter(server_error) and server_error.levelname == "ERROR"
 
 
 async def test_a_body_aiohttp_refuses_is_not_quoted_in_the_log() -> None:
