@@ -8,8 +8,10 @@ one chDB path, so calls run in a thread and one lock serialises them.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -88,7 +90,8 @@ def engine_start(dsn: str) -> Iterator[None]:
         yield
         return
     with _engine_start:
-        back = os.open(".", os.O_RDONLY)
+        # O_PATH: the way back, even from a directory that may be entered, not listed
+        back = os.open(".", getattr(os, "O_PATH", os.O_RDONLY))
         try:
             os.chdir(files_root(dsn))
             yield
@@ -97,17 +100,49 @@ def engine_start(dsn: str) -> Iterator[None]:
             os.close(back)
 
 
+_IN_MEMORY = ("", "memory", ":memory:")
+
+
+def _location(dsn: str) -> str:
+    """A chDB DSN's data directory as clickhouse-connect reads it (or an in-memory
+    one's name): ``chdb:///abs/path``, ``chdb://relative``, ``chdb:relative``."""
+    parts = urlsplit(dsn)
+    return parts.netloc.rpartition("@")[2] if parts.netloc else parts.path
+
+
+def absolute(dsn: str) -> str:
+    """``dsn`` with an embedded store's data directory made absolute (a relative one is
+    the process's directory's), as every client of the store names it: the engine
+    starts in another directory (:func:`engine_start`), where a relative path would
+    name another store."""
+    if not dsn.startswith("chdb:"):
+        return dsn
+    location = _location(dsn)
+    if location in _IN_MEMORY:
+        return dsn
+    path = "/" + os.path.abspath(location).lstrip("/")  # chdb:////abs, as made of a Path
+    query = urlsplit(dsn).query
+    return f"chdb://{path}" + (f"?{query}" if query else "")
+
+
 def files_root(dsn: str) -> Path:
     """The empty directory chDB's engine starts in, so its default database holds no
-    file: ``no_files`` in the data directory of ``chdb:///path``, made private (0700)
-    and left empty; a directory of its own in the system's temporary one for a store in
-    memory."""
-    parts = urlsplit(dsn)
-    if parts.netloc or not parts.path:  # chdb://memory, chdb://memory/database
-        return Path(tempfile.mkdtemp(prefix="llmtap-chdb-"))
-    root = Path("/", parts.path.lstrip("/")) / FILES_ROOT  # chdb:////abs, as made of a Path
+    file: ``no_files`` in the data directory of ``dsn`` (an absolute one: :func:`absolute`),
+    made private (0700) and left empty; for a store in memory, one in the system's
+    temporary directory, the process's, removed as it exits."""
+    location = _location(dsn)
+    if location in _IN_MEMORY:
+        return _memory_root()
+    root = Path(location) / FILES_ROOT
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     return root
+
+
+@functools.cache
+def _memory_root() -> Path:
+    root = tempfile.mkdtemp(prefix="llmtap-chdb-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return Path(root)
 
 
 # The API's reads (Store.arows): how many run at once, and how long one may take.
@@ -123,7 +158,7 @@ class StoreInUse(RuntimeError):
 
 class Store:
     def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
+        self.dsn = dsn = absolute(dsn)
         # No insert is deduplicated unless it asks to be, with its own token (the
         # writer's inserts into `calls`, sinks/clickhouse/replay.py): a table with a
         # deduplication window would otherwise drop a block equal to a recent one.
