@@ -535,6 +535,7 @@ async def test_a_result_the_client_cannot_read_says_so(api: Client) -> None:
         # comments alone: ClickHouse's error named the endpoint's own EXPLAIN (fuzzing)
         ("-- x", "bad_query", "the query is empty"),
         ("/* x */ \n # y", "bad_query", "the query is empty"),
+        ("/* a /* b */ c */", "bad_query", "the query is empty"),  # they nest
         # system tables, however spelled or nested
         ("SELECT * FROM system.tables", "forbidden_table", "system"),
         ("SELECT * FROM `system`.`tables`", "forbidden_table", "system"),
@@ -876,6 +877,23 @@ def test_chdb_starts_in_a_directory_with_no_files(
         root = sql_store.files_root(store.dsn)
         assert root == tmp_path / "clickhouse" / "no_files"
         assert list(root.iterdir()) == [] and root.stat().st_mode & 0o777 == 0o700
+    finally:
+        store.close()
+
+
+def test_a_relative_store_path_is_the_process_directory_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chdb://data names data in the process's directory: the engine starts in another
+    (no_files), so the store names it absolutely, and the SQL endpoint's client with it
+    (it opened a second store's path before, and failed)."""
+    monkeypatch.chdir(tmp_path)
+    store = Store("chdb://data")
+    try:
+        assert store.dsn == f"chdb://{tmp_path / 'data'}"
+        assert (tmp_path / "data" / "no_files").is_dir()
+        runner = sqlrun.SqlRunner(store.dsn, sqlguard.SqlLimits())
+        assert runner.answer("SELECT 1 AS one", 1, lambda row: repr(row).encode()).rows == [b"(1,)"]
     finally:
         store.close()
 
