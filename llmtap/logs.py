@@ -187,8 +187,10 @@ class ClientFaults(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if record.name != "aiohttp.server" or not isinstance(exc, HttpProcessingError):
             return True
-        if not 400 <= (exc.code or 0) < 500:
-            return True
+        if not 400 <= (exc.code or 0) < 500 or record.levelno <= logging.WARNING:
+            return True  # a server's error; or one aiohttp logs lower itself (DEBUG)
+        if not logging.getLogger(record.name).isEnabledFor(logging.WARNING):
+            return False  # past the logger's level check as an ERROR, not as a WARNING
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         return self._throttle.filter(record)
 

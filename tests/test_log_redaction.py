@@ -111,7 +111,11 @@ async def test_requests_aiohttp_cannot_parse_are_warnings_and_few() -> None:
         ("WARNING", 0),
         ("WARNING", 2),
     ]
-    server_error = logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "x", (), None)
+    try:
+        raise RuntimeError("the server's own")
+    except RuntimeError:
+        own = sys.exc_info()
+    server_error = logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "x", (), own)
     assert faults.filter(server_error) and server_error.levelname == "ERROR"
 
 
