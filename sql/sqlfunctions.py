@@ -67,7 +67,7 @@ FUNCTIONS = Functions.parse(resources.files("sql").joinpath("sql_functions.txt")
 # ``currentUser()``, yet the syntax tree shows an Identifier, not a Function. Found by
 # trying each function's name as a bare identifier (a red-team pass found the first);
 # tests/test_sql_functions.py holds this to chDB's answer. Those off the list are checked
-# on the query as ClickHouse's analyzer resolves it (:func:`check_resolved`).
+# on the query as ClickHouse's analyzer resolves it (:func:`sql.sqlnames.check_resolved`).
 BARE_FUNCTIONS = frozenset(
     {"curdate", "current_database", "current_date", "current_timestamp", "current_user",
      "currentdatabase", "currenthandler", "currentrequesturl", "currentuser", "database",

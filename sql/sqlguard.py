@@ -233,17 +233,30 @@ def precheck(query: str, limits: SqlLimits) -> str:
 _OUTFILE = re.compile(r"\boutfile\b", re.IGNORECASE)
 
 
-_LEADING = re.compile(r"\s+|--[^\n]*|#[^\n]*|/\*.*?\*/", re.S)
+_LEADING = re.compile(r"\s+|--[^\n]*|#[^\n]*")
 
 
 def _past_comments(text: str) -> int:
-    """Where the statement begins: past leading whitespace and comments."""
+    """Where the statement begins: past leading whitespace and comments (ClickHouse's
+    ``/* */`` nest)."""
     at = 0
-    while match := _LEADING.match(text, at):
-        if match.end() == at:
-            break
+    while True:
+        if text.startswith("/*", at):
+            start, depth, at = at, 1, at + 2
+            while depth and at < len(text):
+                if text.startswith("/*", at):
+                    depth, at = depth + 1, at + 2
+                elif text.startswith("*/", at):
+                    depth, at = depth - 1, at + 2
+                else:
+                    at += 1
+            if depth:
+                return start  # unclosed: ClickHouse says so
+            continue
+        match = _LEADING.match(text, at)
+        if match is None or match.end() == at:
+            return at
         at = match.end()
-    return at
 
 
 def _first_word(text: str) -> str:

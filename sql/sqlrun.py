@@ -189,7 +189,9 @@ class SqlRunner:
             if getattr(exc, "code", None) is not None:
                 raise _clickhouse_error(exc, databases) from None
             raise SqlError("unavailable", f"ClickHouse is unavailable: {exc}", 503) from None
-        except NotSupportedError as exc:  # the client's: a type it cannot decode
+        except NotSupportedError as exc:  # the client's: a type it cannot decode?
+            if "deserialization not supported" not in str(exc):
+                raise _clickhouse_error(exc, databases) from None  # as before
             state = "AggregateFunction" in str(exc)
             raise SqlError(
                 "unreadable_result",
@@ -204,7 +206,7 @@ class SqlRunner:
         except ClickHouseError as exc:
             raise _clickhouse_error(exc, databases) from None
         except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as exc:
-            # e.g. a column type the client cannot decode (AggregateFunction states)
+            # what the client could not make of an answer (a value it cannot convert)
             raise SqlError(
                 "unreadable_result", f"the result could not be read: {type(exc).__name__}: {exc}"
             ) from None
