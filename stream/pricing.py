@@ -66,6 +66,13 @@ class _RateFields(BaseModel):
     cache_write_1h: Decimal | None = Field(default=None, ge=0)  # Anthropic: the 1-hour tier
     reasoning: Decimal | None = Field(default=None, ge=0)
 
+    def dearest(self) -> tuple[Decimal, Decimal]:
+        """The most an input token and an output token may be billed at (a worst case,
+        ingress/guards/worst_case.py): input or a cache write, which costs more; output
+        or reasoning."""
+        writes = [r for r in (self.cache_write, self.cache_write_1h) if r is not None]
+        return max([self.input, *writes]), max(self.output, self.reasoning or Decimal(0))
+
 
 class LongContext(_RateFields):
     """Rates for a whole call whose prompt (``input_tokens``, cache reads and writes

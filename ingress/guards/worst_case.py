@@ -110,11 +110,7 @@ class WorstCase:
             prompt = max(prompt, self.default_context_tokens, (window or 0) * prompts)
         elif window is not None:
             prompt = min(prompt, window * prompts)
-        tier = rates.for_prompt(prompt)
-        input_rate = max(
-            r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
-        )
-        output_rate = max(tier.output, tier.reasoning or Decimal(0))
+        input_rate, output_rate = rates.for_prompt(prompt).dearest()
         if fast and rates.fast_multiplier is not None:
             input_rate *= rates.fast_multiplier
             output_rate *= rates.fast_multiplier
@@ -172,10 +168,6 @@ class WorstCase:
             each = advisor.max_tokens
         else:
             each = most if most is not None else self.default_max_tokens
-        tier = rates.for_prompt(prompt)
-        input_rate = max(
-            r for r in (tier.input, tier.cache_write, tier.cache_write_1h) if r is not None
-        )
-        output_rate = max(tier.output, tier.reasoning or Decimal(0))
+        input_rate, output_rate = rates.for_prompt(prompt).dearest()
         times = geo_times(rates, geo)
         return uses * (prompt * input_rate + each * output_rate) * times / PER_MILLION
