@@ -562,6 +562,29 @@ async def test_a_body_of_more_json_values_than_any_context_is_refused_before_par
     assert (await response_event(broker.bootstrap, claimed)).model_requested == ""
 
 
+async def raw_post(
+    server: TestServer, path: str, key: str, length: int, sent: bytes, within: float
+) -> tuple[str, dict[str, str], Any]:
+    """A POST of ``sent`` declaring ``length`` bytes, written by hand (a client would
+    send what it declares): the answer's status line, headers (lower-cased) and JSON,
+    read within ``within`` seconds."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: llmtap\r\n{key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode()
+        + sent
+    )
+    await writer.drain()
+    try:
+        async with asyncio.timeout(within):
+            status, *lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+            head = dict(line.lower().split(": ", 1) for line in lines if line)
+            body = orjson.loads(await reader.readexactly(int(head["content-length"])))
+    finally:
+        writer.close()
+    return status, head, body
+
+
 async def test_a_body_that_stalls_mid_way_gets_a_408_at_the_read_deadline(
     ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
 ) -> None:
@@ -580,19 +603,8 @@ async def test_a_body_that_stalls_mid_way_gets_a_408_at_the_read_deadline(
             ("/v1/chat/completions", "Authorization: Bearer x"),
             ("/v1/messages/count_tokens", "x-api-key: x"),
         ):
-            reader, writer = await asyncio.open_connection(server.host, server.port)
-            writer.write(
-                f"POST {path} HTTP/1.1\r\nHost: llmtap\r\n{key}\r\n"
-                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-                '{"model": "gpt-4o", '.encode()
-            )
-            await writer.drain()
-            async with asyncio.timeout(10):  # answered without the rest of the body
-                status, *lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
-                head = dict(line.lower().split(": ", 1) for line in lines if line)
-                body = await reader.readexactly(int(head["content-length"]))
-                answers.append((status, head, orjson.loads(body)))
-            writer.close()
+            # answered without the rest of the body
+            answers.append(await raw_post(server, path, key, 1000, b'{"model": "gpt-4o", ', 10))
     finally:
         await server.close()
     (openai_status, openai_head, openai_body), (anthropic_status, _, anthropic_body) = answers
@@ -619,18 +631,10 @@ async def test_a_body_declared_too_large_is_refused_before_it_is_read(
     server = await serve_ingress(settings)
     before = len(upstream.provider.received)
     try:
-        reader, writer = await asyncio.open_connection(server.host, server.port)
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmtap\r\nAuthorization: Bearer x\r\n"
-            + f"Content-Type: application/json\r\nContent-Length: {10**11}\r\n\r\n".encode()
-            + b'{"model": "gpt-4o"}'
-        )
-        await writer.drain()
-        async with asyncio.timeout(5):  # the read's deadline is 60 s
-            status, *lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
-            head = dict(line.lower().split(": ", 1) for line in lines if line)
-            body = orjson.loads(await reader.readexactly(int(head["content-length"])))
-        writer.close()
+        status, head, body = await raw_post(  # within 5 s: the read's deadline is 60 s
+            server, "/v1/chat/completions", "Authorization: Bearer x", 10**11,
+            b'{"model": "gpt-4o"}', 5,
+        )  # fmt: skip
     finally:
         await server.close()
     assert status.startswith("HTTP/1.1 413"), status
