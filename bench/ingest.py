@@ -46,7 +46,7 @@ from llmtap.names import Names
 from llmtap.runtime import tune_gc
 from llmtap.supervisor import embedded_broker
 from llmtap.wire import decode_costed, encode
-from sinks.clickhouse.decode import decode_batch
+from sinks.clickhouse.decode import decode_batch, runs_of
 from sinks.clickhouse.rows import call_columns
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
@@ -195,7 +195,7 @@ async def end_to_end(
 def steps(store: Store, payloads: list[bytes], batch_rows: int) -> dict[str, float]:
     """Rows/s of the writer's steps alone, in this process, over the same payloads."""
     n = len(payloads)
-    records = [(Names().costed, 0, i, p) for i, p in enumerate(payloads)]
+    messages = [(Names().costed, 0, i, p) for i, p in enumerate(payloads)]
     types = calls_types(store)
     t0 = time.perf_counter()
     events = [CostedEvent.model_validate_json(p) for p in payloads]
@@ -207,12 +207,12 @@ def steps(store: Store, payloads: list[bytes], batch_rows: int) -> dict[str, flo
         call_columns(events[start : start + batch_rows])
     t3 = time.perf_counter()
     batches = [
-        decode_batch(records[start : start + batch_rows], types)
+        decode_batch(runs_of(messages[start : start + batch_rows]), types)
         for start in range(0, n, batch_rows)
     ]
     t4 = time.perf_counter()
     for start, batch in zip(range(0, n, batch_rows), batches, strict=True):
-        batch.source = records[start : start + batch_rows]
+        batch.source = runs_of(messages[start : start + batch_rows])
         write_batch(store, batch)
     t5 = time.perf_counter()
     return {

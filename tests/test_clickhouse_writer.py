@@ -28,7 +28,7 @@ from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage
 from llmtap.names import Names
 from sinks.clickhouse import replay
-from sinks.clickhouse.decode import Batch, calls_body, decode_batch, decode_pool, ready
+from sinks.clickhouse.decode import Batch, calls_body, decode_batch, decode_pool, ready, runs_of
 from sinks.clickhouse.rows import CALLS_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
@@ -108,14 +108,35 @@ def test_an_id_sharing_a_stored_ids_prefix_is_still_written(store: Store) -> Non
     assert ids == {stored.event_id, twin.event_id}
 
 
+def test_messages_in_any_order_are_runs_in_the_order_a_batch_reads_them() -> None:
+    """A batch is a run per partition, in topic, partition and offset order, however its
+    messages came (a replay reads them in another order than the writer did)."""
+    costed_, windows = Names().costed, Names().windows
+    messages = [
+        (windows, 0, 4, b"w4"),
+        (costed_, 1, 9, b"c9"),
+        (costed_, 0, 3, b"a3"),
+        (windows, 0, 2, b"w2"),
+        (costed_, 0, 1, b"a1"),
+    ]
+    runs = runs_of(messages)
+    assert [(r.topic, r.partition, r.offsets, r.values) for r in runs] == [
+        (costed_, 0, [1, 3], [b"a1", b"a3"]),
+        (costed_, 1, [9], [b"c9"]),
+        (windows, 0, [2, 4], [b"w2", b"w4"]),
+    ]
+    assert runs == runs_of(reversed(messages)) and sum(map(len, runs)) == 5
+    assert runs_of([]) == []
+
+
 def test_decoded_columns_write_what_the_events_say(store: Store) -> None:
     """A batch decoded in a decode process (plain values: str ids, int times, str money)
     stores exactly what the same events stored as models do; a message that is no
     event is a dead letter, whichever way."""
     events = [costed() for _ in range(5)]
-    records = [(Names().costed, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
-    records.append((Names().costed, 0, 5, b"{}"))
-    decoded = decode_batch(records)
+    messages = [(Names().costed, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
+    messages.append((Names().costed, 0, 5, b"{}"))
+    decoded = decode_batch(runs_of(messages))
     assert len(decoded) == 6 and len(decoded.dead_letters) == 1
     assert decoded.dead_letters[0].offset == 5 and decoded.dead_letters[0].raw == b"{}"
     # Half as columns, half as models, in one batch; then the same events again.
@@ -151,7 +172,8 @@ def test_a_body_built_in_a_decode_process_stores_what_its_columns_do(store: Stor
         sample.costed(sample.response(attribution=who), None if i == 2 else sample.cost("0.1"))
         for i in range(6)
     ]
-    records = [(Names().costed, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
+    messages = [(Names().costed, 0, i, e.model_dump_json().encode()) for i, e in enumerate(events)]
+    records = runs_of(messages)
     types = calls_types(store)
     assert "LowCardinality" not in "".join(types)  # plain strings: converted in ClickHouse
     batch = decode_batch(records, types)
@@ -167,7 +189,7 @@ def test_a_body_built_in_a_decode_process_stores_what_its_columns_do(store: Stor
     assert {r["properties"]["plan"] for r in from_body} == {"pro"}
     assert sum(r["cost_total"] is None for r in from_body) == 1
 
-    twice = [*records, records[3]]
+    twice = runs_of([*messages, messages[3]])
     for stored_before, written in ((0, 6), (2, 4)):
         store.command("TRUNCATE TABLE calls")
         assert write_batch(store, Batch(events=events[:stored_before])) == stored_before
@@ -192,7 +214,7 @@ def test_a_decode_process_is_ready_for_its_first_batch_when_started(store: Store
     """A decode process's first batch imports nothing: what the insert's encoder
     imports at its first use (pandas, ~0.3 s) is done as the process starts, not in the
     first batch's time (in every decode process, at every start of the pool)."""
-    records = [(Names().costed, 0, 0, costed().model_dump_json().encode())]
+    records = runs_of([(Names().costed, 0, 0, costed().model_dump_json().encode())])
     with decode_pool(1) as pool:
         imported = pool.submit(modules_a_first_batch_imports, records, calls_types(store))
         assert imported.result(timeout=60) == []
@@ -204,10 +226,12 @@ def test_an_event_calls_cannot_hold_is_a_dead_letter(store: Store) -> None:
     would otherwise fail every insert of the batch, forever)."""
     huge = sample.costed(sample.response(usage=Usage(input_tokens=2**32)), None)
     fine = costed()
-    records = [
-        (Names().costed, 0, 0, huge.model_dump_json().encode()),
-        (Names().costed, 0, 1, fine.model_dump_json().encode()),
-    ]
+    records = runs_of(
+        [
+            (Names().costed, 0, 0, huge.model_dump_json().encode()),
+            (Names().costed, 0, 1, fine.model_dump_json().encode()),
+        ]
+    )
     batch = decode_batch(records, calls_types(store))
     batch.source = records
     assert [d.offset for d in batch.dead_letters] == [0]
@@ -223,7 +247,7 @@ def test_a_dead_letter_at_an_offset_given_again_is_stored_too(store: Store) -> N
     taken for that one, replayed, and lost); the same message again is not."""
 
     def written(raw: bytes) -> None:
-        records = [(Names().costed, 0, 7, raw)]
+        records = runs_of([(Names().costed, 0, 7, raw)])
         batch = decode_batch(records, calls_types(store))
         batch.source = records
         assert len(batch.dead_letters) == 1
@@ -247,7 +271,7 @@ def test_a_cost_calls_cannot_hold_is_a_dead_letter(store: Store, amount: str, fi
     priced nor said to be unpriced, and no error said so."""
     event = orjson.loads(costed().model_dump_json())
     event["cost"][field] = amount
-    records = [(Names().costed, 0, 0, orjson.dumps(event))]
+    records = runs_of([(Names().costed, 0, 0, orjson.dumps(event))])
     batch = decode_batch(records, calls_types(store))
     assert [d.offset for d in batch.dead_letters] == [0], batch.dead_letters
     assert "Decimal(18, 9)" in batch.dead_letters[0].error
@@ -282,7 +306,7 @@ def test_a_window_windows_cannot_hold_is_a_dead_letter(store: Store) -> None:
     """The contract reads these; the table cannot hold them. Each went into the batch,
     failed every insert of it, and stopped the writer for good."""
     bad = wire.Sketch(relative_accuracy=0.01, zero_count=0, keys=(1, 2), counts=(1,), count=1)
-    records = [
+    records = runs_of(
         (Names().windows, 0, offset, raw)
         for offset, raw in enumerate(
             [
@@ -293,7 +317,7 @@ def test_a_window_windows_cannot_hold_is_a_dead_letter(store: Store) -> None:
                 a_window(),
             ]
         )
-    ]
+    )
     batch = decode_batch(records, calls_types(store))
     assert [d.offset for d in batch.dead_letters] == [0, 1, 2, 3]
     write_batch(store, batch)
@@ -307,7 +331,7 @@ def test_a_body_the_encoder_refuses_is_left_to_the_write(store: Store) -> None:
     with pytest.raises(DataError):
         native_body("t", ["a"], ["UInt16"], [(70_000,)])
     events = [costed(output_tokens=300)]
-    records = [(Names().costed, 0, 0, events[0].model_dump_json().encode())]
+    records = runs_of([(Names().costed, 0, 0, events[0].model_dump_json().encode())])
     narrow = tuple(
         "UInt8" if name == "output_tokens" else kind
         for name, kind in zip(CALLS_COLUMNS, calls_types(store), strict=True)
@@ -322,7 +346,9 @@ def test_a_compressed_body_stores_the_same_rows(store: Store) -> None:
     """Over HTTP the client compresses what it sends (lz4 or zstd, as negotiated); the
     body of the calls insert is compressed alike. chDB takes a compressed body too, so
     the path runs here."""
-    records = [(Names().costed, 0, i, costed().model_dump_json().encode()) for i in range(3)]
+    records = runs_of(
+        [(Names().costed, 0, i, costed().model_dump_json().encode()) for i in range(3)]
+    )
     batch = decode_batch(records, calls_types(store))
     batch.source = records
     store._client.write_compression = "lz4"

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from llmtap.config import Settings
 from llmtap.events import Attribution, CostedEvent, Usage, utcnow
-from sinks.clickhouse.decode import Batch, DeadLetter, decode_batch
+from sinks.clickhouse.decode import Batch, DeadLetter, decode_batch, runs_of
 from sinks.clickhouse.rows import DEAD_LETTER_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
@@ -465,7 +465,7 @@ def test_calls_say_the_terms_their_cost_was_computed_on(store: Store) -> None:
         billed("c-flex", service_tier="flex"),
         billed("d-priority", service_tier="priority"),
     ]
-    records = [("llmtap.costed", 0, offset, value) for offset, value in enumerate(raw)]
+    records = runs_of(("llmtap.costed", 0, offset, value) for offset, value in enumerate(raw))
     batch = decode_batch(records, calls_types(store))
     assert batch.calls_body is not None and not batch.dead_letters  # the writer's path
     assert write_batch(store, batch) == 4

@@ -24,7 +24,6 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from operator import itemgetter
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -32,7 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from llmtap import names, topics
 from llmtap.events import utcnow
 from llmtap.kafka import Kafka
-from sinks.clickhouse.decode import Range, Record, decode_batch
+from sinks.clickhouse.decode import Range, Run, decode_batch, runs_of
 from sinks.clickhouse.write import CallsInsert, calls_insert, insert_calls
 from sql.store import Store, render
 
@@ -43,10 +42,6 @@ LATEST = 100
 # empty: the read fails, and the writer tries the repeat again (messages are gone only
 # when the broker says so). The writer's group heartbeats meanwhile (llmtap/heartbeats.py).
 SILENCE_S = 5.0
-
-# Records in one order whatever order they were fetched in: the same messages give the
-# same rows, in the same order, to a first insert and to its replay.
-position = itemgetter(0, 1, 2)
 
 
 def costed_ranges(spans: Mapping[TopicPartition, tuple[int, int]]) -> tuple[Range, ...]:
@@ -175,8 +170,9 @@ async def committed_offsets(
         await admin.close()
 
 
-async def read_ranges(kafka: Kafka, ranges: Iterable[Range]) -> list[Record] | None:
-    """The messages in ``ranges`` (no consumer group), in :data:`position` order; None
+async def read_ranges(kafka: Kafka, ranges: Iterable[Range]) -> list[Run] | None:
+    """The messages in ``ranges`` (no consumer group), as runs in the order the writer
+    reads them (:class:`sinks.clickhouse.decode.Run`); None
     if the broker says some are not there any more. A broker silent for ``SILENCE_S``
     raises TimeoutError: its messages may all be there."""
     spans = {TopicPartition(t, p): (first, nxt) for t, p, first, nxt in ranges}
@@ -185,15 +181,13 @@ async def read_ranges(kafka: Kafka, ranges: Iterable[Range]) -> list[Record] | N
     )
     if not complete:
         return None
-    records = [(r.topic, r.partition, r.offset, r.value or b"") for r in found]
-    records.sort(key=position)
-    return records
+    return runs_of((r.topic, r.partition, r.offset, r.value or b"") for r in found)
 
 
-def rebuilt(recorded: Recorded, records: list[Record]) -> CallsInsert | None:
+def rebuilt(recorded: Recorded, runs: list[Run]) -> CallsInsert | None:
     """The recorded insert made again from its messages; None if they give other rows
     (the broker lost them and its offsets now hold other messages)."""
-    insert = calls_insert(decode_batch(records).calls, recorded.left_out)
+    insert = calls_insert(decode_batch(runs).calls, recorded.left_out)
     return insert if insert.token == recorded.token else None
 
 
@@ -210,8 +204,8 @@ async def repeat_uncommitted(
     repeated: list[Recorded] = []
     lost: list[str] = []
     for r in uncommitted(recorded, committed, assigned):
-        records = await read_ranges(kafka, r.ranges)
-        insert = rebuilt(r, records) if records is not None else None
+        runs = await read_ranges(kafka, r.ranges)
+        insert = rebuilt(r, runs) if runs is not None else None
         if insert is None:
             lost.append(r.token)
             log.error(

@@ -51,7 +51,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from llmtap.config import Settings
 from llmtap.heartbeats import heartbeat_meanwhile
 from sinks.clickhouse import replay
-from sinks.clickhouse.decode import Batch, Record, decode_batch, decode_pool, ready
+from sinks.clickhouse.decode import Batch, Run, decode_batch, decode_pool, ready
 from sinks.clickhouse.write import (
     CallsInsert,
     calls_types,
@@ -272,9 +272,9 @@ class ClickHouseWriter:
         decoding: asyncio.Future[Batch] | None = None
         try:
             while True:
-                records, spans, epoch = await self._read_batch(consumer)
-                if records:
-                    decoding = asyncio.ensure_future(self._decode(records, spans, epoch))
+                runs, spans, epoch = await self._read_batch(consumer)
+                if runs:
+                    decoding = asyncio.ensure_future(self._decode(runs, spans, epoch))
                 if previous is not None:
                     await asyncio.wait({previous})
                     if not previous.cancelled():  # cancelled: given up at a revocation
@@ -293,47 +293,50 @@ class ClickHouseWriter:
 
     async def _read_batch(
         self, consumer: AIOKafkaConsumer
-    ) -> tuple[list[Record], dict[TopicPartition, tuple[int, int]], int]:
+    ) -> tuple[list[Run], dict[TopicPartition, tuple[int, int]], int]:
         """Up to ``sink_batch_rows`` messages, or what arrived within ``sink_batch_seconds``
-        of the first one; none after ``sink_batch_seconds`` with nothing to read. Also
-        the offsets they span: for each partition, the first and the next to read; and
+        of the first one; none after ``sink_batch_seconds`` with nothing to read; a run
+        of each partition read, in topic and partition order. Also the offsets they
+        span: for each partition, the first and the next to read; and
         the revocations before they were read. Those read before a revocation met
         during the read are dropped: a getmany that returns after it (aiokafka returns
         nothing while a reassignment is under way) returns the new assignment's."""
         loop = asyncio.get_running_loop()
         max_rows = self._settings.sink_batch_rows
         max_age = self._settings.sink_batch_seconds
-        records: list[Record] = []
+        runs: dict[TopicPartition, Run] = {}
+        read = 0
         spans: dict[TopicPartition, tuple[int, int]] = {}
         first_at: float | None = None
         epoch = self._epoch
-        while len(records) < max_rows:
+        while read < max_rows:
             wait = max_age if first_at is None else first_at + max_age - loop.time()
             if wait <= 0:
                 break
             fetched = await consumer.getmany(
-                timeout_ms=max(1, int(wait * 1000)), max_records=max_rows - len(records)
+                timeout_ms=max(1, int(wait * 1000)), max_records=max_rows - read
             )
             if epoch != self._epoch:
-                records, spans, first_at, epoch = [], {}, None, self._epoch
+                runs, read, spans, first_at, epoch = {}, 0, {}, None, self._epoch
             for tp, partition_records in fetched.items():
-                for record in partition_records:
-                    records.append(
-                        (record.topic, record.partition, record.offset, record.value or b"")
-                    )
+                run = runs.get(tp)
+                if run is None:
+                    run = runs[tp] = Run(tp.topic, tp.partition, [], [])
+                run.offsets.extend([record.offset for record in partition_records])
+                run.values.extend([record.value or b"" for record in partition_records])
+                read += len(partition_records)
                 first = spans[tp][0] if tp in spans else partition_records[0].offset
                 spans[tp] = (first, partition_records[-1].offset + 1)
-            if not records:
+            if not read:
                 break  # idle: let the caller look at the write in flight
             if first_at is None:
                 first_at = loop.time()
                 if self.first_read_at is None:
                     self.first_read_at = first_at
-        records.sort(key=replay.position)  # as a replay of them reads them
-        return records, spans, epoch
+        return [runs[tp] for tp in sorted(runs)], spans, epoch  # as a replay reads them
 
     async def _decode(
-        self, records: list[Record], spans: dict[TopicPartition, tuple[int, int]], epoch: int
+        self, runs: list[Run], spans: dict[TopicPartition, tuple[int, int]], epoch: int
     ) -> Batch:
         """Decode in a decode process (or here, without one), into the body of the
         ``calls`` insert."""
@@ -344,7 +347,7 @@ class ClickHouseWriter:
         if pool is not None:
             try:
                 batch = await asyncio.get_running_loop().run_in_executor(
-                    pool, decode_batch, records, types
+                    pool, decode_batch, runs, types
                 )
             except BrokenProcessPool:
                 # A decode process died (killed?): decode this batch here, start new ones.
@@ -365,8 +368,8 @@ class ClickHouseWriter:
                     )
                     await self._start_pool_or_decode_here()
         if batch is None:
-            batch = decode_batch(records, types)
-        batch.source = records
+            batch = decode_batch(runs, types)
+        batch.source = runs
         batch.offsets = {tp: next_offset for tp, (_, next_offset) in spans.items()}
         batch.costed_ranges = replay.costed_ranges(spans)
         batch.epoch = epoch
