@@ -165,6 +165,43 @@ class HeldChecks:
         return found
 
 
+async def test_the_batches_read_are_the_runs_their_replay_reads(
+    broker: Broker, store: Store
+) -> None:
+    """The writer's batches, read from two partitions and cut by its row limit (one
+    partition's messages split between batches), are the runs a replay of their offset
+    ranges reads back, in the same order (so the same rows, and the same token), and
+    hold every message once."""
+    settings = Settings(
+        kafka_bootstrap=broker.bootstrap, sink_batch_rows=50, sink_batch_seconds=0.3
+    )
+    ends = {
+        **await produce(broker.bootstrap, 60, (0,)),
+        **await produce(broker.bootstrap, 45, (1,)),
+    }
+    writer = ClickHouseWriter(settings, store, group_id=f"runs-{uuid.uuid4().hex[:8]}")
+    consumer = writer._consumer()
+    await consumer.start()
+    try:
+        seen: dict[TopicPartition, list[int]] = {tp: [] for tp in ends}
+        batches = 0
+        async with asyncio.timeout(30):
+            while sum(map(len, seen.values())) < sum(ends.values()):
+                runs, spans, _ = await writer._read_batch(consumer)
+                if not runs:
+                    continue  # not assigned yet, or its partitions paused for the repeat
+                batches += 1
+                assert sum(map(len, runs)) <= 50
+                back = await replay.read_ranges(settings.kafka, replay.costed_ranges(spans))
+                assert back == runs
+                for run in runs:
+                    seen[TopicPartition(run.topic, run.partition)] += run.offsets
+        assert batches >= 3  # 105 messages, at most 50 a batch
+        assert seen == {tp: list(range(end)) for tp, end in ends.items()}
+    finally:
+        await consumer.stop()
+
+
 async def test_a_commit_leaves_out_the_partitions_taken_away(broker: Broker, store: Store) -> None:
     """A batch read before a rebalance spans partitions now another member's: the
     writer commits those it still holds and not the others (committing them was
