@@ -28,7 +28,7 @@ from llmtap.config import CONFIG_ENV, Settings
 from llmtap.supervisor import embedded_broker
 from sql.migrate import migrate
 from sql.store import Store
-from tests.fake_provider import FakeProvider, free_port, serve
+from tests.fake_provider import FakeProvider, free_port, free_ports, serve
 
 UP_TIMEOUT_S = 150.0
 PROVIDER_KEY = "sk-provider-secret-for-tests"
@@ -146,8 +146,7 @@ async def run_llmtap(
 
     Ready when it prints "llmtap is up"; stopped with SIGTERM on exit (if still running).
     """
-    proxy_port, api_port, broker_port = free_port(), free_port(), free_port()
-    worker_port = free_port()
+    proxy_port, api_port, broker_port, worker_port = free_ports(4)
     env = {
         **os.environ,
         "LLMTAP_DATA_DIR": str(data_dir),

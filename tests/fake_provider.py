@@ -8,6 +8,7 @@ can compare both ends of the proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from dataclasses import dataclass, field
@@ -486,10 +487,18 @@ class FakeProvider:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket is held until all are bound (one
+    closed before the next is asked for can be handed out again, and `llmtap up` then
+    refused two of its services the same port)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 async def serve(app: web.Application, port: int) -> web.AppRunner:

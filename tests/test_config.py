@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from llmtap.config import CONFIG_ENV, Settings, load_settings, pinned_config
-from tests.fake_provider import free_port
+from tests.fake_provider import free_ports
 
 README = Path(__file__).parent.parent / "README.md"
 COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
@@ -627,13 +627,14 @@ def test_up_refuses_a_pricing_file_it_cannot_load_before_starting_anything(
     prices = tmp_path / "prices.yaml"
     if content is not None:
         prices.write_text(content)
+    broker_port, proxy_port, api_port = free_ports(3)
     env = {
         **os.environ,
         "LLMTAP_DATA_DIR": str(tmp_path / "data"),
         "LLMTAP_PRICING_FILE": str(prices),
-        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
-        "LLMTAP_PROXY_PORT": str(free_port()),
-        "LLMTAP_API_PORT": str(free_port()),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_PROXY_PORT": str(proxy_port),
+        "LLMTAP_API_PORT": str(api_port),
         "LLMTAP_WORKER_METRICS_PORT": "0",
     }
     env.pop(CONFIG_ENV, None)

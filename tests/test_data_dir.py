@@ -14,7 +14,7 @@ import pytest
 
 from llmtap.config import ConfigError, Settings
 from llmtap.data_dir import claimed
-from tests.fake_provider import free_port
+from tests.fake_provider import free_ports
 from tests.test_storage import migrated_by_a_newer_llmtap
 
 HOLD_DATA_DIR = (
@@ -50,11 +50,12 @@ def holder(code: str, data_dir: Path) -> Iterator[subprocess.Popen[str]]:
 def up(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`llmtap up` on ports of its own, expected to refuse at once (were it to start,
     the timeout ends the test)."""
+    proxy, api, worker, broker = free_ports(4)
     ports = {
-        "LLMTAP_PROXY_PORT": str(free_port()),
-        "LLMTAP_API_PORT": str(free_port()),
-        "LLMTAP_WORKER_METRICS_PORT": str(free_port()),
-        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "LLMTAP_PROXY_PORT": str(proxy),
+        "LLMTAP_API_PORT": str(api),
+        "LLMTAP_WORKER_METRICS_PORT": str(worker),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker}",
     }
     return subprocess.run(
         [sys.executable, "-m", "llmtap", "up"],
