@@ -131,8 +131,8 @@ class StreamCapture:
     def catch_up(self) -> None:
         """Read what :meth:`hold` kept; the state then covers every byte given here."""
         held, self._held, self._held_bytes = self._held, [], 0
-        for data in held:
-            self.feed(data)
+        if held:  # one buffer: its events are found in one pass, not read by read
+            self.feed(held[0] if len(held) == 1 else b"".join(held))
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._pending + data if self._pending else data
