@@ -65,7 +65,7 @@ from aiokafka.errors import (
 
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Segment, Spool
 from llmtap import logs, topics
-from llmtap.batches import Batches
+from llmtap.batches import Batches, key_hash
 from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,10 @@ T = TypeVar("T")
 LINGER_MS = 50
 # Records appended to a flight's batches between two turns of the event loop: a large
 # flight (a burst, a spool segment replayed) must not hold up the calls being served.
-# At 500 calls/s (flights of ~45 records) 32 took the p99 of the loop's longest
-# publisher callback from ~820-880 us to ~390-500, at the same CPU (alternating runs).
-APPEND_SLICE = 32
+# At 500 calls/s (flights of ~50 records) 32 took the p99 of the loop's longest
+# publisher callback from ~820-880 us to ~390-500, at the same CPU (alternating runs),
+# and 8 the calls' added p99 a further ~0.05-0.13 ms down (README, proxy overhead).
+APPEND_SLICE = 8
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 POLL_S = 0.05  # how often the spool policy is looked at while Kafka is awaited
@@ -565,6 +566,7 @@ class EventPublisher:
         loop = asyncio.get_running_loop()
         by_topic: dict[str, Batches] = {}
         placed: list[tuple[Batches, int] | asyncio.Future[Any]] = []
+        hashes: dict[bytes, int] = {}  # a call's two events share a key: hashed once
         for i, record in enumerate(flight.records):
             if i and not i % APPEND_SLICE:
                 await asyncio.sleep(0)
@@ -576,7 +578,10 @@ class EventPublisher:
                     log.warning("send to %s failed: %r", record.topic, exc)
                     break  # what follows waits: sending it now would overtake this record
             try:
-                number, offset = batches.add(record.key, record.value)
+                hashed = hashes.get(record.key)
+                if hashed is None:
+                    hashed = hashes[record.key] = key_hash(record.key)
+                number, offset = batches.add(record.key, record.value, hashed=hashed)
                 placed.append((batches, number))
             except ValueError:  # too large: no retry can send it
                 refused = loop.create_future()

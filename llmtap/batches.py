@@ -48,10 +48,17 @@ def murmur2(data: bytes) -> int:
     return h ^ h >> 15
 
 
+def key_hash(key: bytes) -> int:
+    """What Kafka's default partitioner picks a key's partition by: its murmur2, made
+    positive. The same for a key whatever its topic: a caller sending one key to several
+    topics may hash it once (:meth:`Batches.add`)."""
+    return murmur2(key) & 0x7FFFFFFF
+
+
 def partition_of(key: bytes, partitions: Sequence[int]) -> int:
     """The partition a producer's ``send`` picks for ``key`` (Kafka's default
     partitioner, as aiokafka's ``DefaultPartitioner``); ``partitions`` sorted."""
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    return partitions[key_hash(key) % len(partitions)]
 
 
 # What a producer's send refuses (aiokafka's max_request_size default, and the broker's
@@ -87,16 +94,21 @@ class Batches:
     def partitions(self) -> int:
         return len(self._partitions)
 
-    def add(self, key: bytes, value: bytes, partition: int | None = None) -> tuple[int, int]:
+    def add(
+        self, key: bytes, value: bytes, partition: int | None = None, hashed: int | None = None
+    ) -> tuple[int, int]:
         """Append a record (timestamped now) to its partition's batch: ``partition``
-        when the caller knows where the key hashes to (saves the hash, ~3 µs), else
-        the key's. Returns the batch's number and the record's offset in it (its offset
-        in the partition: the delivered batch's base offset plus that); raises
-        ValueError for a record larger than MAX_RECORD_BYTES."""
+        when the caller knows where the key hashes to, else the key's, from its
+        :func:`key_hash` if the caller has it (either saves the hash, ~3 µs). Returns
+        the batch's number and the record's offset in it (its offset in the partition:
+        the delivered batch's base offset plus that); raises ValueError for a record
+        larger than MAX_RECORD_BYTES."""
         if len(key) + len(value) > MAX_RECORD_BYTES:
             raise ValueError(f"a record of {len(key) + len(value)} bytes is too large")
         if partition is None:
-            partition = partition_of(key, self._partitions)
+            if hashed is None:
+                hashed = key_hash(key)
+            partition = self._partitions[hashed % len(self._partitions)]
         number = self._open.get(partition)
         if number is not None:
             appended = self._batches[number][1].append(key=key, value=value, timestamp=None)
