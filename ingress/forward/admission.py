@@ -366,8 +366,13 @@ async def read_body(request: web.Request) -> bytes:
             "body_too_large",
         )
     try:
-        async with asyncio.timeout(settings.body_read_timeout_s):
+        if request.content.is_eof():
+            # Here whole already (a small body comes with its head): nothing to wait
+            # for, so no deadline to set (~4 us a call).
             body = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_read_timeout_s):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyRefused(413, exc.text or "request body too large", "body_too_large") from None
     except TimeoutError:
