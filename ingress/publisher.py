@@ -94,8 +94,14 @@ LINGER_MS = 50
 # flight (a burst, a spool segment replayed) must not hold up the calls being served.
 # At 500 calls/s (flights of ~50 records) 32 took the p99 of the loop's longest
 # publisher callback from ~820-880 us to ~390-500, at the same CPU (alternating runs),
-# and 8 the calls' added p99 a further ~0.05-0.13 ms down (README, proxy overhead).
+# and 8 (with a key hashed once a flight) the calls' added p99 further down (README,
+# proxy overhead). But a turn of a saturated loop takes milliseconds: a flight takes at
+# most FLIGHT_TURNS of them, in larger slices when it is larger. Sliced by 8 whatever
+# its size, a flight at ~3,000 calls/s outlasted the next 50 ms, the next flight was
+# larger, and so on until one passed slow_after_s and the queue went to the spool with
+# the broker up (~73,000 events of a bench/ingress_latency.py run; none with this bound).
 APPEND_SLICE = 8
+FLIGHT_TURNS = 16
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 POLL_S = 0.05  # how often the spool policy is looked at while Kafka is awaited
@@ -142,6 +148,12 @@ def _outcome(future: asyncio.Future[Any]) -> _Outcome:
     if error is None:
         return _Outcome.SENT
     return _Outcome.DROP if isinstance(error, UNDELIVERABLE) else _Outcome.RETRY
+
+
+def append_slice(records: int) -> int:
+    """How many of a flight's ``records`` are appended between two turns of the event
+    loop: APPEND_SLICE, or more, so that the flight takes at most FLIGHT_TURNS turns."""
+    return max(APPEND_SLICE, -(-records // FLIGHT_TURNS))
 
 
 class _Abandoned(Exception):
@@ -567,8 +579,9 @@ class EventPublisher:
         by_topic: dict[str, Batches] = {}
         placed: list[tuple[Batches, int] | asyncio.Future[Any]] = []
         hashes: dict[bytes, int] = {}  # a call's two events share a key: hashed once
+        per_turn = append_slice(len(flight.records))
         for i, record in enumerate(flight.records):
-            if i and not i % APPEND_SLICE:
+            if i and not i % per_turn:
                 await asyncio.sleep(0)
             batches = by_topic.get(record.topic)
             if batches is None:

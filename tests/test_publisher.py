@@ -18,7 +18,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel
 
-from ingress.publisher import MAX_BATCH, EventPublisher
+from ingress.publisher import (
+    APPEND_SLICE,
+    FLIGHT_TURNS,
+    MAX_BATCH,
+    EventPublisher,
+    append_slice,
+)
 from ingress.spool import Record, Spool, SpoolBusy, decode, encode
 from llmtap import topics
 from llmtap.kafka import Kafka
@@ -655,3 +661,18 @@ async def test_an_event_that_waited_in_the_spool_is_still_told_where_it_went(
     finally:
         if broker is not None:
             await stop_tansu(broker)
+
+
+@pytest.mark.parametrize("records", [1, 7, 8, 50, 128, 129, 300, 4_999, MAX_BATCH])
+def test_a_flight_takes_a_bounded_number_of_turns_of_the_loop(records: int) -> None:
+    """Small flights give way every APPEND_SLICE records; a large one in larger slices,
+    never more than FLIGHT_TURNS turns of the loop: each turn of a saturated loop takes
+    milliseconds, and a flight sliced finely whatever its size outlasted the next one's
+    gathering, which then was larger, until the queue went to the spool with the broker
+    up."""
+    per_turn = append_slice(records)
+    assert -(-records // per_turn) <= FLIGHT_TURNS  # turns, the last slice maybe short
+    if records <= APPEND_SLICE * FLIGHT_TURNS:
+        assert per_turn == APPEND_SLICE
+    else:  # the finest slices that keep the bound
+        assert -(-records // (per_turn - 1)) > FLIGHT_TURNS
