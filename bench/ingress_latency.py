@@ -448,6 +448,18 @@ def render(
         f"Ingress event counters at the end (metering was on): "
         f"{', '.join(f'{k} {v:,}' for k, v in health.items())}.",
         "",
+    ]
+    if health["events_spooled"] or health["events_dropped"]:
+        # The broker was up all along: the publisher fell behind (or lost events), and
+        # the run measured that, not the ingress as it runs.
+        warning = (
+            "**Warning: events went to the spool or were dropped with the broker up; "
+            "the publisher fell behind, and these numbers are not the ingress's normal "
+            "path.**"
+        )
+        print(warning.strip("*"), file=sys.stderr)
+        lines += [warning, ""]
+    lines += [
         "Added latency = target minus direct, computed in each round from that round's p50 "
         "(or p99), then the median over rounds. Proxy CPU us/req = CPU time of the proxy "
         "process over the run divided by the requests it served (warm-up included); for "
