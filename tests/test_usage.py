@@ -296,6 +296,38 @@ def test_the_lf_fast_path_splits_and_judges_events_as_the_general_path(
     )
 
 
+_LINE_ENDS = st.sampled_from([b"\n", b"\r\n", b"\r"])
+
+
+@given(
+    st.lists(st.tuples(_LINES, _LINE_ENDS), max_size=24),
+    st.lists(st.integers(min_value=0, max_value=2_000), max_size=6),
+    st.booleans(),
+)
+def test_reads_held_and_read_as_one_buffer_are_read_as_they_came(
+    lines: list[tuple[bytes, bytes]], cuts: list[int], strip: bool
+) -> None:
+    """catch_up reads a stream's held reads as one buffer: the same events, judged the
+    same, as feeding the reads one by one, whatever their line ends (CR, LF and CRLF
+    mixed, a CRLF cut between two reads)."""
+    stream = b"".join(line + end for line, end in lines)
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    by_read = OpenAIStreamCapture(strip_usage_chunk=strip)
+    for piece in pieces:
+        by_read.feed(piece)
+    by_read.finish()
+    held = OpenAIStreamCapture(strip_usage_chunk=strip)
+    held._held = list(pieces)  # as hold() keeps them (forwarded already), read at the end
+    held.finish()
+    assert (held.final_usage, held.model, held.streamed_text(), held.error) == (
+        by_read.final_usage,
+        by_read.model,
+        by_read.streamed_text(),
+        by_read.error,
+    )
+
+
 @pytest.mark.parametrize("sep", SEPARATORS)
 def test_an_event_whose_data_spans_lines_is_read_as_their_join(sep: bytes) -> None:
     line_end = sep[: len(sep) // 2]

@@ -153,16 +153,18 @@ class StreamCapture:
 
     def _feed_any(self, buffer: bytes) -> bytes:
         """:meth:`feed` for a buffer with CR in it: lines may end with CRLF, LF or CR,
-        mixed, and an event ends at its first empty line."""
+        mixed, and an event ends at its first empty line. One pass: the buffer may be a
+        whole stream's held reads (:meth:`catch_up`), never copied event by event."""
         out: list[bytes] = []
-        while True:
-            end, sep_len = _event_end(buffer)
-            if end < 0 or (end + sep_len == len(buffer) and buffer.endswith(b"\r")):
+        start = 0
+        while (found := _EVENT_END.search(buffer, start)) is not None:
+            end, stop = found.span()
+            if stop == len(buffer) and buffer.endswith(b"\r"):
                 break  # at the end, a CR may be the first half of a CRLF still to come
-            if self._inspect(buffer[:end]):
-                out.append(buffer[: end + sep_len])
-            buffer = buffer[end + sep_len :]
-        self._pending = buffer
+            if self._inspect(buffer[start:end]):
+                out.append(buffer[start:stop])
+            start = stop
+        self._pending = buffer[start:]
         return self._out(b"".join(out))
 
     def finish(self) -> bytes:
@@ -429,12 +431,6 @@ def _searched(block: Any) -> bool:
 
 # A line's end (CRLF, LF, or a CR not starting a CRLF) followed by an empty line's.
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
-
-
-def _event_end(buffer: bytes) -> tuple[int, int]:
-    """Index and length of the first event end in ``buffer``, or (-1, 0)."""
-    found = _EVENT_END.search(buffer)
-    return (found.start(), found.end() - found.start()) if found else (-1, 0)
 
 
 def _sse_data(event: bytes) -> bytes | None:
