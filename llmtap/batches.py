@@ -49,16 +49,11 @@ def murmur2(data: bytes) -> int:
 
 
 def key_hash(key: bytes) -> int:
-    """What Kafka's default partitioner picks a key's partition by: its murmur2, made
-    positive. The same for a key whatever its topic: a caller sending one key to several
-    topics may hash it once (:meth:`Batches.add`)."""
+    """What Kafka's default partitioner (aiokafka's ``DefaultPartitioner``) picks a key's
+    partition by: its murmur2, made positive, modulo the partition count. The same for a
+    key whatever its topic: a caller sending one key to several topics may hash it once
+    (:meth:`Batches.add`)."""
     return murmur2(key) & 0x7FFFFFFF
-
-
-def partition_of(key: bytes, partitions: Sequence[int]) -> int:
-    """The partition a producer's ``send`` picks for ``key`` (Kafka's default
-    partitioner, as aiokafka's ``DefaultPartitioner``); ``partitions`` sorted."""
-    return partitions[key_hash(key) % len(partitions)]
 
 
 # What a producer's send refuses (aiokafka's max_request_size default, and the broker's

@@ -132,7 +132,7 @@ class StreamCapture:
         """Read what :meth:`hold` kept; the state then covers every byte given here."""
         held, self._held, self._held_bytes = self._held, [], 0
         if held:  # one buffer: its events are found in one pass, not read by read
-            self.feed(held[0] if len(held) == 1 else b"".join(held))
+            self.feed(b"".join(held))  # (a single read is joined as itself, not copied)
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._pending + data if self._pending else data
