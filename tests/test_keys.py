@@ -26,7 +26,14 @@ from ingress.forward.endpoint import upstream_credential
 from ingress.forward.openai import OPENAI
 from ingress.guards import keys as key_files
 from ingress.guards.auth import Identity, Refusal, authenticate
-from ingress.guards.keys import KeyStore, create_key, hash_key, read_keys, revoke_key
+from ingress.guards.keys import (
+    KeyStore,
+    VirtualKey,
+    create_key,
+    hash_key,
+    read_keys,
+    revoke_key,
+)
 from llmtap.config import ProviderConfig, Settings
 from llmtap.events import Attribution
 from tests.conftest import INGRESS_PROVIDER_KEY as PROVIDER_KEY
@@ -161,6 +168,36 @@ async def test_passthrough_forwards_the_clients_own_key(
         await server.close()
     assert status == 200
     assert upstream.provider.received[-1].headers["Authorization"] == "Bearer sk-the-clients-own"
+
+
+async def test_passthrough_forwards_the_clients_own_key_when_llmtap_holds_one_too(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the provider's key set where llmtap runs, as it usually is: each caller's
+    own key still goes (not llmtap's, which would bill every team's calls, and calls
+    with any key or none, to llmtap's account), and a caller with none sends none on
+    (the provider answers it: a real one with its 401)."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", PROVIDER_KEY)
+    passthrough = ingress_settings.model_copy(update={"auth": "passthrough"})
+    server = await serve_ingress(passthrough)
+    root = str(server.make_url("")).rstrip("/")
+    try:
+        status, _ = await chat(root, "sk-the-clients-own")
+        assert status == 200
+        assert upstream.provider.received[-1].headers["Authorization"] == (
+            "Bearer sk-the-clients-own"
+        )
+        before = len(upstream.provider.received)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{root}/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            ):
+                pass
+        assert len(upstream.provider.received) == before + 1
+        assert "Authorization" not in upstream.provider.received[-1].headers
+    finally:
+        await server.close()
 
 
 def test_an_identity_follows_the_headers_and_the_key_file_of_each_call(tmp_path: Path) -> None:
@@ -569,7 +606,8 @@ def test_a_provider_key_read_with_its_newline_is_sent_without_it(
     may hold: every call was a bare 500, recorded as ok."""
     monkeypatch.setenv("LLMTAP_TEST_KEY_NEWLINE", "sk-provider\n")
     provider = ProviderConfig(base_url="http://x", api_key_env="LLMTAP_TEST_KEY_NEWLINE")
-    credential = upstream_credential(OPENAI, "openai", provider, Identity(Attribution(), None))
+    key = VirtualKey(id="k1", hash="0" * 64, tenant="acme")
+    credential = upstream_credential(OPENAI, "openai", provider, Identity(Attribution(), key))
     assert credential == ("Authorization", "Bearer sk-provider")
 
 

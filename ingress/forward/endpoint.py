@@ -56,24 +56,27 @@ def upstream_credential(
     api: Api, name: str, provider: ProviderConfig, identity: Identity
 ) -> tuple[str, str] | None:
     """What the provider gets as its credential: llmtap's key for it, or None (forward
-    the caller's own, in passthrough). A virtual key must never reach a provider: with
-    one, a provider that takes no key (no ``api_key_env``: a local server) gets none
-    (:data:`NO_CREDENTIAL`), and one whose key is not set, a Refusal."""
+    the caller's own, in passthrough, whether or not llmtap holds a key for the
+    provider: each team's calls go on its own account, and a caller without a key of
+    its own gets the provider's 401, not llmtap's key). A virtual key must never reach
+    a provider: with one, a provider that takes no key (no ``api_key_env``: a local
+    server) gets none (:data:`NO_CREDENTIAL`), and one whose key is not set, a
+    Refusal."""
+    if identity.key is None:  # passthrough
+        return None
     # Stripped: a key read from a file (a Kubernetes secret) often ends in a newline,
     # which no header may hold (every call was a bare 500).
     key = os.environ.get(provider.api_key_env, "").strip() if provider.api_key_env else ""
     if key:
         return api.credential_header, api.credential_prefix + key
-    if identity.key is not None:
-        if not provider.api_key_env:
-            return NO_CREDENTIAL
-        raise Refusal(
-            500,
-            f"llmtap holds no API key for provider {name!r} "
-            f"(set the {provider.api_key_env or 'api_key_env'} environment variable)",
-            "no_provider_key",
-        )
-    return None
+    if not provider.api_key_env:
+        return NO_CREDENTIAL
+    raise Refusal(
+        500,
+        f"llmtap holds no API key for provider {name!r} "
+        f"(set the {provider.api_key_env or 'api_key_env'} environment variable)",
+        "no_provider_key",
+    )
 
 
 def unreachable(api: Api, provider: str, exc: BaseException, request_id: str) -> web.Response:
