@@ -356,7 +356,8 @@ ZERO_COST = Cost(
 )
 
 
-def _no_tokens(usage: Usage | wire.Usage) -> bool:
+def no_tokens(usage: Usage | wire.Usage) -> bool:
+    """Nothing reached a model (refused, unreachable): zero at any price, or none."""
     return (
         not usage.usage_missing
         and usage.input_tokens == 0
@@ -515,7 +516,7 @@ _NO_COST = Rating(ZERO_COST.model_dump(), unpriced=False)
 
 def rate(event: wire.Responded, catalog: Catalog) -> Rating:
     """Price a response event. Deterministic: a replay yields the same."""
-    if _no_tokens(event.usage):
+    if no_tokens(event.usage):
         # Nothing reached a model (refused, unreachable): zero at any price.
         return _NO_COST
     entry = catalog.lookup(event.model, event.provider)

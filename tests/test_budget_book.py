@@ -13,10 +13,11 @@ import pytest
 
 from ingress.guards.bounds import Reach, choices, reach
 from ingress.guards.budgets import BudgetBook, Exhausted, Unpriced
+from llmtap import wire
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Reservations, Usage, utcnow
 from stream.budgets import fresh
-from stream.pricing import Catalog, ModelPrice, Rates, load_catalog
+from stream.pricing import Catalog, ModelPrice, Rates, load_catalog, rate
 
 ACME = Attribution(tenant="acme")
 MIDNIGHT = datetime(2026, 11, 30, tzinfo=UTC)
@@ -506,6 +507,44 @@ def test_a_call_served_at_a_tier_holds_its_cost_or_without_a_price_its_worst_cas
     assert budgets.settle(call, "gpt-4.1", flex, NINE, "openai") is None  # no flex price
     assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}
     assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}
+
+
+def test_a_call_served_under_a_name_with_no_price_holds_its_worst_case() -> None:
+    """Admitted at the price of the model asked for, answered under a name the catalog
+    has none for (an OpenAI-compatible server's own id, a deployment's name): the stream
+    prices by that name and cannot, so it counts nothing, and the cap holds the worst
+    case until the period ends (let go, the call's spend vanished from the cap). One
+    that spent no tokens is let go: the stream counts it as zero at any price."""
+    budgets, _ = book("10")
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 100, 1_000, NINE, "openai") is None
+    worst = budgets.reserved["acme-day"][call]
+    usage = Usage(input_tokens=3_000, output_tokens=1_000)
+    event = wire.Response(
+        request_id=call,
+        ts_start=NINE,
+        ts_end=NINE,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested="gpt-4o",
+        model_served="my-gpt-4o-deployment",
+        stream=False,
+        status="ok",
+        http_status=200,
+        usage=wire.usage_of(usage),
+        latency_ms=1.0,
+        proxy_overhead_ms=0.0,
+    )
+    assert rate(event, load_catalog()).unpriced
+    assert budgets.settle(call, event.model, usage, NINE, "openai") is None
+    assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}
+    assert budgets.held(MIDNIGHT + timedelta(days=1, hours=1)) == {"acme-day": Decimal(0)}
+
+    budgets, _ = book("10")
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 100, 1_000, NINE, "openai") is None
+    assert budgets.settle(call, "my-gpt-4o-deployment", Usage(), NINE, "openai") is None
+    assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": Decimal(0)}
 
 
 def test_a_model_with_no_price_is_refused_under_a_hard_cap_with_nothing_reserved() -> None:

@@ -55,6 +55,7 @@ from stream.pricing import (
     Catalog,
     advisor_breakdown,
     cost_of,
+    no_tokens,
     priced_as_served,
 )
 
@@ -461,8 +462,8 @@ class BudgetBook:
             for name, reservations in self.reserved.items()
             if (worst := reservations.pop(call_id, None)) is not None
         }
-        if not held:
-            return None
+        if not held or no_tokens(usage):
+            return None  # nothing reached a model: zero, as the stream prices it
         cost = None
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(ended) if entry is not None else None
@@ -472,7 +473,10 @@ class BudgetBook:
             if usage.advisor
             else {"total": Decimal(0)}
         )
-        unpriceable = rates is not None and (not priced_as_served(usage, rates) or advised is None)
+        # No price for the model the provider says it served (an OpenAI-compatible
+        # server's own id for it, a deployment's name), though the one asked for had
+        # one: the stream prices by the served name too, and cannot.
+        unpriceable = rates is None or not priced_as_served(usage, rates) or advised is None
         if rates is not None and advised is not None and not usage.usage_missing:
             cost = cost_of(usage, rates).total + advised["total"]
         # Every budget reserved the same worst case, and holds the same cost.
@@ -480,9 +484,9 @@ class BudgetBook:
         if usage.usage_missing or usage.output_tokens_counted or unpriceable:
             # Unknown, or llmtap's count of a stream cut short, which is no bound (an
             # Anthropic one knows its input; its thinking may be billed, not streamed);
-            # or served in fast mode, at an OpenAI service tier or in a geography with no
-            # price for it, or with an advisor model with none, which the stream cannot
-            # price.
+            # or served under a model name, in fast mode, at an OpenAI service tier or in
+            # a geography with no price for it, or with an advisor model with none, which
+            # the stream cannot price.
             self._hold_unpriced(held, worst, ended)
             return None
         holding = Settled(ended, cost or Decimal(0))
