@@ -117,6 +117,24 @@ def test_an_anthropic_stream_cut_before_message_delta_counts_its_output() -> Non
     assert counted.output_tokens_counted
 
 
+def test_an_anthropic_stream_cut_before_any_text_is_flagged_as_counted() -> None:
+    """Cut off in a redacted thinking block (nothing streamed has text): its output is
+    message_start's placeholder, not the provider's count, and must not pass for one (a
+    hard cap settled it at one output token and let its worst case go, while the
+    thinking was billed)."""
+    redacted = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "redacted_thinking", "data": "EmwKAhgBEgy"},
+    }
+    capture = fed(AnthropicStreamCapture(), sse(anthropic_start(), redacted, {"type": "ping"}))
+    assert capture.output_uncounted
+    counted = capture.counted_usage(tokens.count(capture.streamed_text()))
+    assert counted.input_tokens == 20 and not counted.usage_missing
+    assert counted.output_tokens == 1  # the placeholder, now flagged as no count
+    assert counted.output_tokens_counted
+
+
 def test_an_anthropic_stream_that_ends_is_not_counted() -> None:
     delta = {
         "type": "message_delta",

@@ -208,13 +208,18 @@ class StreamCapture:
 
     def counted_usage(self, tokens: int) -> Usage:
         """The usage seen, with ``tokens`` (the count of :meth:`streamed_text`, scaled
-        up if not all was kept) as its output when that is more than the provider said."""
+        up if not all was kept) as its output when that is more than the provider said,
+        flagged as llmtap's count either way: the provider's own never came (what it
+        said of its output before, Anthropic's ``message_start``, is a placeholder),
+        and a stream cut short may have been billed for what it did not stream
+        (thinking, redacted or not shown). Usage not seen at all stays missing."""
         if self._kept_bytes and self._seen_bytes > self._kept_bytes:
             tokens = round(tokens * self._seen_bytes / self._kept_bytes)
         seen = self.final_usage
-        if tokens <= seen.output_tokens:
+        if seen.usage_missing and tokens <= seen.output_tokens:
             return seen
-        return seen.model_copy(update={"output_tokens": tokens, "output_tokens_counted": True})
+        output = max(tokens, seen.output_tokens)
+        return seen.model_copy(update={"output_tokens": output, "output_tokens_counted": True})
 
     def _inspect(self, event: bytes) -> bool:
         """Record what the event tells; return whether to forward it."""
