@@ -1048,6 +1048,56 @@ async def test_a_streamed_call_answered_by_an_error_has_no_time_to_first_token(
     assert event.ttft_ms is None
 
 
+async def test_a_provider_redirect_is_passed_on_not_followed(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider (or a misconfigured base URL) answering a redirect to another origin:
+    following it sent the prompt there, with llmtap's provider key in any header aiohttp
+    does not strip across origins (Anthropic's x-api-key), and a 302 or 303 turned the
+    call into a GET whose answer passed for the provider's. The client gets the redirect
+    as sent, recorded as the provider's error, and the other origin gets nothing."""
+    elsewhere: list[web.Request] = []
+
+    async def other_origin(request: web.Request) -> web.Response:
+        elsewhere.append(request)
+        return web.json_response({"choices": [], "usage": {"prompt_tokens": 1}})
+
+    other = web.Application()
+    other.router.add_route("*", "/{anything:.*}", other_origin)
+    target = TestServer(other, host="127.0.0.1")
+    await target.start_server()
+
+    async def redirecting(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        raise web.HTTPTemporaryRedirect(str(target.make_url("/v1/chat/completions")))
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    try:
+        async with (
+            ingress_before(redirecting, ingress_settings, monkeypatch) as server,
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.make_url("/v1/chat/completions"),
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": "secret"}]},
+                headers={"Authorization": f"Bearer {secret}", "x-api-key": secret},
+                allow_redirects=False,
+            ) as response,
+        ):
+            assert response.status == 307
+            assert response.headers["location"] == str(target.make_url("/v1/chat/completions"))
+            request_id = response.headers["x-request-id"]
+    finally:
+        await target.close()
+    assert elsewhere == []
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.error_class) == (
+        "upstream_error",
+        307,
+        "http_307",
+    )
+    assert not event.usage.usage_missing and event.usage.input_tokens == 0
+
+
 CHUNK = {
     "id": "chatcmpl-left",
     "object": "chat.completion.chunk",

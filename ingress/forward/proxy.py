@@ -70,13 +70,17 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     capture: StreamCapture | None = None
     try:
         call.mark_sent()
+        # A redirect is not followed: it would take the prompt, and llmtap's provider key
+        # in any header aiohttp does not strip across origins (Anthropic's x-api-key),
+        # wherever it points. It goes to the client as the provider sent it, recorded as
+        # the provider's error, as a client calling the provider directly would see it.
         async with request.app[UPSTREAM].post(
-            admitted.url, data=admitted.body, headers=admitted.headers
+            admitted.url, data=admitted.body, headers=admitted.headers, allow_redirects=False
         ) as upstream:
             if upstream.content_type == "text/event-stream":
                 call.mark_first_byte()  # a stream's: an error's JSON has no first token
             http_status = upstream.status
-            if upstream.status >= 400:
+            if upstream.status >= 300:
                 status, error_class = "upstream_error", f"http_{upstream.status}"
             answer_headers = downstream_headers(upstream.headers, request_id)
             if upstream.content_type == "text/event-stream":
@@ -125,7 +129,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                     await response.prepare(request)
                     await response.write_eof()
                 finally:  # an answer the client missed was still generated
-                    if upstream.status < 400:
+                    if upstream.status < 300:
                         captured = api.json_capture(data)
                         usage, model_served = captured.usage, captured.model
                     else:
@@ -139,7 +143,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         return response if response is not None else web.Response(status=499)
     except asyncio.CancelledError:
         status, error_class = _broken_off(request, status, error_class, capture)
-        if capture is None and http_status >= 400:  # an error body cut: not billed
+        if capture is None and http_status >= 300:  # an error body cut: not billed
             usage = Usage()
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -153,7 +157,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             if request.transport is not None:
                 request.transport.abort()
             return response
-        if answer_headers is not None and http_status >= 400:
+        if answer_headers is not None and http_status >= 300:
             # The provider answered an error, whose body broke off: an error is not
             # billed, and the caller gets its status (a 429 stays one, with when to retry).
             status, error_class, usage = "upstream_error", f"http_{http_status}", Usage()

@@ -122,7 +122,11 @@ async def _passed(
     headers = upstream_headers(request.headers, credential=credential)
     try:
         async with request.app[UPSTREAM].request(
-            request.method, URL(url), data=body if read_body else None, headers=headers
+            request.method,
+            URL(url),
+            data=body if read_body else None,
+            headers=headers,
+            allow_redirects=False,  # as a metered call's (proxy.py): passed on, not followed
         ) as upstream:
             answer = await upstream.read()
             return web.Response(
