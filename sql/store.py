@@ -156,17 +156,26 @@ class StoreInUse(RuntimeError):
     one process at a time (a running ``llmtap up``'s store process, say)."""
 
 
+# No insert is deduplicated unless it asks to be, with its own token (the writer's
+# inserts into `calls`, sinks/clickhouse/replay.py): a table with a deduplication window
+# would otherwise drop a block equal to a recent one. UTC whatever the server's (or
+# chDB's process's) time zone: what a date function without a zone of its own buckets
+# by, and (query_tz) the zone of every time read. An insert may touch any number of
+# monthly partitions: past ClickHouse's default (100), a batch of calls spanning more
+# months (a backfill, a clock gone wrong) failed every time it was written.
+SESSION_SETTINGS = {
+    "insert_deduplicate": 0,
+    "session_timezone": "UTC",
+    "max_partitions_per_insert_block": 0,
+}
+
+
 class Store:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn = absolute(dsn)
-        # No insert is deduplicated unless it asks to be, with its own token (the
-        # writer's inserts into `calls`, sinks/clickhouse/replay.py): a table with a
-        # deduplication window would otherwise drop a block equal to a recent one.
-        # UTC whatever the server's (or chDB's process's) time zone: what a date function
-        # without a zone of its own buckets by, and (query_tz) the zone of every time read.
         try:
             with engine_start(dsn):
-                self._client = connect(dsn, {"insert_deduplicate": 0, "session_timezone": "UTC"})
+                self._client = connect(dsn, SESSION_SETTINGS)
         except Exception as exc:
             if not chdb_held(dsn):
                 raise

@@ -36,6 +36,7 @@ call counts in seven windows (one per dimension), so its duration is binned once
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -47,6 +48,18 @@ from ddsketch.store import DenseStore
 FORMAT_VERSION = 1
 DEFAULT_RELATIVE_ACCURACY = 0.01
 DEFAULT_QUANTILES = (0.5, 0.95, 0.99)
+# The most bins from a sketch's lowest key to its highest that one read may hold: its
+# store is a list spanning them (8 bytes a bin). A sketch at 1% spans at most ~71,000,
+# every finite value; keys further apart (a message made elsewhere, or corrupted) would
+# have a read allocate gigabytes.
+MAX_KEY_SPAN = 1 << 20
+
+
+@functools.lru_cache(maxsize=16)  # one accuracy in practice; any a message names
+def _key_range(relative_accuracy: float) -> tuple[int, int]:
+    """The lowest and highest keys of values a float holds, at ``relative_accuracy``."""
+    mapping = LogarithmicMapping(relative_accuracy)
+    return int(mapping.key(mapping.min_possible)), int(mapping.key(mapping.max_possible))
 
 
 def _duration(ms: float) -> float:
@@ -59,15 +72,19 @@ def _duration(ms: float) -> float:
 class LatencySketch:
     """A distribution of durations (ms), answering quantiles within ``relative_accuracy``."""
 
-    __slots__ = ("_max", "_min", "_sketch", "_store", "_sum", "relative_accuracy")
+    __slots__ = ("_largest", "_max", "_min", "_sketch", "_store", "_sum", "relative_accuracy")
 
     def __init__(self, relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
         if not 0 < relative_accuracy < 1:
             raise ValueError(f"relative_accuracy must be in (0, 1), got {relative_accuracy!r}")
         self.relative_accuracy = relative_accuracy
         self._store = DenseStore()
+        mapping = LogarithmicMapping(relative_accuracy)
+        # A duration past the largest value the mapping maps (~1.8e308) counts in its
+        # top bin: in a bin past it, no quantile could be read, nor the sketch read back.
+        self._largest = mapping.max_possible
         self._sketch = BaseDDSketch(
-            mapping=LogarithmicMapping(relative_accuracy),
+            mapping=mapping,
             store=self._store,
             negative_store=DenseStore(),
             zero_count=0.0,
@@ -91,7 +108,7 @@ class LatencySketch:
 
     def add(self, ms: float) -> None:
         value = _duration(ms)
-        self._sketch.add(value)
+        self._sketch.add(min(value, self._largest))
         self._sum += value
         self._min = min(self._min, value)
         self._max = max(self._max, value)
@@ -191,6 +208,15 @@ class LatencySketch:
         if zero_count + sum(int(c) for c in counts) != int(data["count"]):
             raise ValueError("a sketch's bin counts do not add up to its count")
         sketch = cls(float(data["relative_accuracy"]))
+        if keys:
+            # Keys of values a float holds (past them, a quantile overflows), and not so
+            # far apart that the store could not hold them (MAX_KEY_SPAN).
+            lowest, highest = min(keys), max(keys)
+            least, most = _key_range(sketch.relative_accuracy)
+            if lowest < least or highest > most:
+                raise ValueError("a sketch's keys must be of finite values at its accuracy")
+            if highest - lowest >= MAX_KEY_SPAN:
+                raise ValueError(f"a sketch's keys must be less than {MAX_KEY_SPAN} apart")
         for key, bin_count in zip(keys, counts, strict=True):
             sketch._store.add(int(key), float(bin_count))
         sketch._sketch = BaseDDSketch(
@@ -219,6 +245,7 @@ class LatencySketch:
 
 _MAPPING = LogarithmicMapping(DEFAULT_RELATIVE_ACCURACY)
 _SMALLEST = _MAPPING.min_possible
+_LARGEST = _MAPPING.max_possible
 ZERO_BIN: int | None = None  # the bin of 0 (and of values too small to tell from it)
 
 
@@ -226,7 +253,7 @@ def bin_of(ms: float) -> int | None:
     """The bin a duration counts in, at the default accuracy (ZERO_BIN for zero).
     Refuses what :meth:`LatencySketch.add` refuses."""
     value = _duration(ms)
-    return _MAPPING.key(value) if value > _SMALLEST else ZERO_BIN
+    return _MAPPING.key(min(value, _LARGEST)) if value > _SMALLEST else ZERO_BIN
 
 
 class Tally:

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -307,6 +307,19 @@ def test_a_window_windows_cannot_hold_is_a_dead_letter(store: Store) -> None:
     """The contract reads these; the table cannot hold them. Each went into the batch,
     failed every insert of it, and stopped the writer for good."""
     bad = wire.Sketch(relative_accuracy=0.01, zero_count=0, keys=(1, 2), counts=(1,), count=1)
+
+    def sketch(*keys: int) -> wire.Sketch:
+        return wire.Sketch(
+            relative_accuracy=0.01,
+            zero_count=0,
+            keys=keys,
+            counts=(1,) * len(keys),
+            count=len(keys),
+            sum=1.0,
+            min=1.0,
+            max=2.0,
+        )
+
     records = runs_of(
         (Names().windows, 0, offset, raw)
         for offset, raw in enumerate(
@@ -315,14 +328,62 @@ def test_a_window_windows_cannot_hold_is_a_dead_letter(store: Store) -> None:
                 a_window(errors_by_class={"x": -1}),
                 a_window(partitions=(70_000,)),
                 a_window(cost=Decimal("1e10")),
+                # A bin past what a float holds: its quantile overflowed, in the write.
+                a_window(ttft_ms=sketch(1_000_000)),
+                # Bins 10**12 apart: reading them allocated a list spanning both
+                # (MemoryError, in decode: the store process exited, to meet it again).
+                a_window(latency_ms=sketch(0, 10**12)),
+                a_window(window_start=datetime(999, 6, 1, 12, tzinfo=UTC)),
                 a_window(),
             ]
         )
     )
     batch = decode_batch(records, calls_types(store))
-    assert [d.offset for d in batch.dead_letters] == [0, 1, 2, 3]
+    assert [d.offset for d in batch.dead_letters] == [0, 1, 2, 3, 4, 5, 6]
     write_batch(store, batch)
-    assert (count(store, "windows"), count(store, "dead_letters")) == (1, 4)
+    assert (count(store, "windows"), count(store, "dead_letters")) == (1, 7)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        datetime(999, 6, 1, 12, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(2200, 1, 1, tzinfo=UTC),
+    ],
+)
+def test_a_call_at_a_time_the_store_cannot_hold_is_a_dead_letter(
+    store: Store, at: datetime
+) -> None:
+    """The contract takes any UTC time. Before year 1000 the duplicate check bound one
+    ClickHouse refused (written unpadded), at year 1 it could not make one, and past
+    2106 the rollups' buckets clamp it: the first two failed every write of the batch."""
+    raws = [sample.costed(sample.response(at=at), None), costed()]
+    records = runs_of(
+        [(Names().costed, 0, i, event.model_dump_json().encode()) for i, event in enumerate(raws)]
+    )
+    batch = decode_batch(records, calls_types(store))
+    batch.source = records
+    assert [d.offset for d in batch.dead_letters] == [0]
+    assert "1970-2106" in batch.dead_letters[0].error
+    assert write_batch(store, batch) == 1
+
+
+def test_a_batch_of_calls_over_more_than_100_months_is_written(store: Store) -> None:
+    """``calls`` and every rollup are partitioned by month, and ClickHouse refuses an
+    insert touching more than 100 partitions by default (a backfill, a clock gone
+    wrong): the same batch failed every write."""
+    start = datetime(2015, 1, 15, tzinfo=UTC)
+    events = [
+        sample.costed(sample.response(at=start + timedelta(days=31 * m)), None) for m in range(101)
+    ]
+    records = runs_of(
+        [(Names().costed, 0, i, event.model_dump_json().encode()) for i, event in enumerate(events)]
+    )
+    batch = decode_batch(records, calls_types(store))
+    batch.source = records
+    assert write_batch(store, batch) == 101
+    assert count(store, "calls") == 101
 
 
 def test_a_body_the_encoder_refuses_is_left_to_the_write(store: Store) -> None:

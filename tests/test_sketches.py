@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -171,6 +172,32 @@ def test_from_dict_refuses_inconsistent_data() -> None:
         LatencySketch.from_dict({**data, "v": 99})
     with pytest.raises(ValueError):
         LatencySketch.from_dict({**data, "counts": [1]})
+
+
+def test_from_dict_refuses_keys_no_float_holds_or_too_far_apart() -> None:
+    """Read from a message: a key past what a float holds made every quantile
+    overflow, and keys far apart had the read allocate a list spanning them."""
+    data = LatencySketch.of([1.0, 2.0]).to_dict()
+    with pytest.raises(ValueError, match="finite"):
+        LatencySketch.from_dict({**data, "keys": [1, 1_000_000]})
+    with pytest.raises(ValueError, match="finite"):
+        LatencySketch.from_dict({**data, "keys": [-1_000_000, 1]})
+    with pytest.raises(ValueError, match="apart"):
+        LatencySketch.from_dict({**data, "relative_accuracy": 1e-7, "keys": [0, 10**9]})
+
+
+def test_the_largest_durations_count_in_the_top_bin_and_are_read_back() -> None:
+    """A duration past the largest the mapping maps is counted in its top bin, by a
+    sketch and by bin_of alike, and its sketch reads back: sum, min and max exact."""
+    largest = sys.float_info.max
+    sketch = LatencySketch.of([1.0, largest])
+    back = LatencySketch.from_dict(json.loads(json.dumps(sketch.to_dict())))
+    assert back == sketch and back.max == largest and back.quantiles(1.0) == (largest,)
+    assert sketch.to_dict()["keys"][-1] == bin_of(largest)
+    tally = Tally()
+    for value in (1.0, largest):
+        tally.add(value, bin_of(value))
+    assert tally.to_dict() == sketch.to_dict()
 
 
 def test_a_tally_is_the_sketch_of_the_same_values() -> None:

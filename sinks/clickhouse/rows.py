@@ -163,10 +163,28 @@ def _unstorable_money(value: Decimal) -> str:
     return ""
 
 
+# The times a call or window may have: what a DateTime holds (the rollups' buckets;
+# ``calls``' DateTime64(3) holds 1900-2299). Outside it, the rollups store a clamped
+# time, and the writer's duplicate check binds one ClickHouse refuses (before year
+# 1000) or cannot make (year 1): its batch failed every write, the writer stuck on it.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2106, 2, 7, tzinfo=UTC)
+
+
+def _unstorable_time(*stamps: datetime) -> str:
+    for ts in stamps:
+        if not EARLIEST <= ts < LATEST:
+            return f"a time of {ts.isoformat()} is out of what the store holds (1970-2106)"
+    return ""
+
+
 def unstorable(event: Costed) -> str:
     """Why ``calls`` cannot hold the event ("" if it can): a dead letter, not a batch
     the store refuses again and again, nor a cost stored as unknown."""
-    u = event.response.usage
+    r = event.response
+    if problem := _unstorable_time(r.ts_start, r.ts_end):
+        return problem
+    u = r.usage
     most = max(
         u.input_tokens,
         u.output_tokens,
@@ -202,11 +220,13 @@ def unstorable(event: Costed) -> str:
 def window_unstorable(window: wire.Window) -> str:
     """Why ``windows`` cannot hold the window ("" if it can): as :func:`unstorable`,
     a dead letter, not a batch that stops the writer for good."""
-    try:  # its sketches read (the row, quantiles and all, is made once, by the write)
-        sketch_of(window.latency_ms)
-        sketch_of(window.ttft_ms)
-    except (ValueError, TypeError, IndexError) as exc:
-        return f"its sketches cannot be read: {exc}"
+    if problem := _unstorable_time(window.window_start, window.window_end):
+        return problem
+    try:  # its sketches read, and their quantiles, as the write makes its row
+        sketch_of(window.latency_ms).quantiles()
+        sketch_of(window.ttft_ms).quantiles()
+    except (ValueError, TypeError, IndexError, ArithmeticError, MemoryError) as exc:
+        return f"its sketches cannot be read: {exc!r}"
     counts = (
         window.requests,
         window.errors,
