@@ -1098,6 +1098,40 @@ async def test_a_provider_redirect_is_passed_on_not_followed(
     assert not event.usage.usage_missing and event.usage.input_tokens == 0
 
 
+async def test_an_error_answered_as_a_stream_is_not_billed(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider answering an error with an event stream (a 500 whose body is an SSE
+    error event) and no usage: recorded with no tokens, as an error's JSON is, not as
+    usage unknown (which a hard cap holds at its worst case until its period ends)."""
+
+    async def failing(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=500, headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + orjson.dumps(SERVER_ERROR) + b"\n\n")
+        await response.write_eof()
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before(failing, ingress_settings, monkeypatch) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"),
+            json={"model": "gpt-4o", "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as response,
+    ):
+        assert response.status == 500
+        await response.read()
+        request_id = response.headers["x-request-id"]
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status) == ("upstream_error", 500)
+    assert not event.usage.usage_missing
+    assert (event.usage.input_tokens, event.usage.output_tokens) == (0, 0)
+
+
 CHUNK = {
     "id": "chatcmpl-left",
     "object": "chat.completion.chunk",

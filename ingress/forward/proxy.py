@@ -222,7 +222,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         else:  # a stream, finished or not: usage as far as it was seen
             capture.catch_up()
             model_served = capture.model
-            if capture.output_uncounted:  # broken off before the provider counted it
+            if http_status >= 300 and capture.usage is None:
+                # An error answered as a stream, with no usage: not billed, as an error's
+                # JSON is not (held as unknown, a hard cap kept its worst case all period).
+                finish(Usage())
+            elif capture.output_uncounted:  # broken off before the provider counted it
                 seen = capture
                 request.app[COUNTING].then(
                     seen.streamed_text, lambda tokens: finish(seen.counted_usage(tokens))
