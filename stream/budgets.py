@@ -133,6 +133,15 @@ def current(budget: BudgetConfig, state: BudgetState | None, now: datetime) -> B
     return rejudged(budget, state)
 
 
+def period_time(at: datetime, now: datetime) -> datetime:
+    """The time a call ended at ``at`` is counted at: ``at``, or the worker's ``now``
+    if ``at`` is ahead of it. Periods move forward by the worker's clock only: one call
+    stamped by an ingress whose clock runs ahead, seconds before midnight, started the
+    next day early, and the day's spend (what a hard cap holds calls to) went from the
+    state, and every call after it, stamped right, counted in no period."""
+    return at if at <= now else now
+
+
 def spend(
     budget: BudgetConfig,
     state: BudgetState | None,
@@ -147,11 +156,15 @@ def spend(
     crossed, once per period and limit (:func:`due`: a state counted under another limit
     raises those the spend is already past of this one at once). The new state keeps the
     offsets ``state`` had counted (a new period too: offsets only grow), and
-    ``position``'s."""
+    ``position``'s.
+
+    The period a call counts in is judged by :func:`period_time`: a call stamped
+    ahead of the worker's clock counts in the period the worker is in."""
     before = state
-    if state is None or at >= state.period_end:
-        state = fresh(budget, at, now)  # first call, or the first of a new period
-    elif at < state.period_start:
+    when = period_time(at, now)
+    if state is None or when >= state.period_end:
+        state = fresh(budget, when, now)  # first call, or the first of a new period
+    elif when < state.period_start:
         return None, []  # late for a closed period
     spent = state.spent_usd + cost
     crossed = passed(budget, spent)

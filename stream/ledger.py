@@ -43,6 +43,7 @@ from stream.budgets import (
     later_or_larger,
     matches,
     owned,
+    period_time,
     spend,
     status_of,
     threshold_alert,
@@ -196,7 +197,7 @@ class Ledger:
         """Count the call into the budget's running total if all it changes is the
         spend, the latest call and the offsets; False (nothing counted) if it does more
         (a new or closed period, a threshold, a change of status)."""
-        if not state.period_start <= at < state.period_end:
+        if not state.period_start <= period_time(at, now) < state.period_end:
             return False
         spent = (state.spent_usd if counted is None else counted.spent) + cost
         limit = budget.limit_usd

@@ -197,6 +197,28 @@ def test_a_new_period_starts_from_zero_and_late_calls_do_not_count() -> None:
     assert current(b, state, at(2, 23)) is state
 
 
+def test_a_call_stamped_ahead_of_the_clock_counts_in_the_period_now() -> None:
+    """An ingress whose clock runs 2 s fast ends a call at 00:00:01 by it, at 23:59:59
+    by the worker's: it counts in the day the worker is in. It started the next day,
+    the day's spend left the state (a hard cap then held calls to the next day's
+    nothing), and the calls after it, stamped right, counted in no period."""
+    b = budget(period="day", limit_usd=Decimal("100"))
+    ledger = Ledger([b])
+    midnight = at(3, 0)
+    now = midnight - timedelta(seconds=2)
+    ledger.roll(now)
+    ledger.record(costed("10", midnight - timedelta(seconds=30)), now, (0, 0))
+    ledger.record(costed("1", midnight + timedelta(seconds=1)), now, (0, 1))  # fast clock
+    ledger.record(costed("5", midnight - timedelta(seconds=1)), now, (0, 2))
+    state = ledger.state(b.name)
+    assert (state.period_start, state.spent_usd) == (at(2, 0), Decimal("16"))
+    alone, _ = spend(b, None, Decimal("1"), midnight + timedelta(seconds=1), now)
+    assert alone is not None and alone.period_start == at(2, 0)
+    # Once the worker's clock is past midnight, the day rolls over as before.
+    rolled, _ = ledger.roll(midnight + timedelta(seconds=1))
+    assert [(r.period_start, r.spent_usd) for r in rolled] == [(midnight, Decimal(0))]
+
+
 def costed(cost: str, ended: datetime, team: str = "search") -> CostedEvent:
     call = sample.response(
         ended,
