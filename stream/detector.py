@@ -55,8 +55,9 @@ def error_rate(window: Window) -> tuple[int, int]:
 
 def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> Decimal | None:
     """The value a rule's metric takes in a window; None when it has none (no latency
-    measured, no calls for an error rate), as an error rate or a p95 latency of fewer
-    than ``min_requests`` calls has none (1 of 1 failed is no 100% error rate)."""
+    measured, no calls for an error rate, no call's cost known), as an error rate or a
+    p95 latency of fewer than ``min_requests`` calls has none (1 of 1 failed is no 100%
+    error rate)."""
     if metric == "error_rate":
         failed, out_of = error_rate(window)
         if out_of < min_requests or out_of <= 0:
@@ -65,7 +66,10 @@ def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> 
     if metric == "p95_latency" and window.requests < min_requests:
         return None
     if metric == "cost":
-        return window.cost
+        # None when no call of the window has a known cost (its model not priced yet,
+        # or its usage unknown): a cost of $0 to learn from, a spike once it is priced.
+        unknown = window.unpriced + window.usage_missing
+        return None if window.requests and unknown >= window.requests else window.cost
     if metric == "requests":
         return Decimal(window.requests)
     if metric == "tokens":

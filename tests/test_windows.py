@@ -671,6 +671,31 @@ def test_one_failing_call_of_one_is_no_error_rate_spike() -> None:
     assert raised == []
 
 
+def test_a_cost_no_call_of_a_window_has_is_no_value_and_no_baseline_of_zero() -> None:
+    """A model not priced yet: its calls' cost is unknown ("never recorded as $0").
+    Once priced, with the same traffic, no cost spike may fire against the $0 its
+    unpriced windows would have made a baseline of."""
+    cost_rule = SpikeRule(
+        name="model-cost",
+        dimension="model",
+        metric="cost",
+        window_s=60,
+        min_value=Decimal("0.10"),
+    )
+    w = Windower((60,), GRACE)
+    d = Detector([cost_rule], partitions=1, settle=timedelta(seconds=15))
+    raised = []
+    for m in range(20):
+        priced = m >= 15
+        for i in range(5):
+            w.add(call(m * MIN + i * S, model="gpt-new", cost="0.05" if priced else None), T0)
+        for window in w.advance(T0 + (m + 1) * MIN + GRACE, [0]):
+            if window.dimension == "model" and not priced:
+                assert metric_value("cost", window) is None
+            raised += d.offer(window, T0 + (m + 1) * MIN + GRACE)
+    assert [a.message for a in raised] == []
+
+
 ERROR_RULE = SpikeRule(
     name="team-errors",
     dimension="team",
