@@ -291,7 +291,7 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
         if "/" in text:  # a name with a '/' is a file in chDB's default database
             raise _refuse("forbidden_table", "a file is not a table here")
         for database in _show_databases(show):  # a database it names: the store's only
-            if database.lower() != databases.current.lower():
+            if database != databases.current:  # case-sensitive, as ClickHouse's names
                 raise not_ours(database, databases)
     # EXPLAIN [kind] [options] SELECT: its options (indexes = 1, header = 1...) are a Set.
     if root.kind == "Explain" and [c.kind for c in root.children if c.kind != "Set"] != [

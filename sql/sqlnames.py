@@ -37,8 +37,9 @@ class Databases:
     def ours(self, qualified: str) -> bool:
         """Whether a name with a dot (as the tree prints it) is a table of the store's
         database: ``default.calls``; not ``secret.csv``, which chDB's default database
-        reads as a file, nor another database's table."""
-        return qualified.lower().startswith(f"{self.current.lower()}.")
+        reads as a file, nor another database's table. Exact: ClickHouse's database
+        names are case-sensitive (``Default.calls`` is another database's table)."""
+        return qualified.startswith(f"{self.current}.")
 
     def qualifies(self, identifier: str) -> bool:
         """Whether an identifier as the syntax tree prints it (``db.table``, or

@@ -133,7 +133,8 @@ class SqlRunner:
         since the last query is among them)."""
         query = self._connection().query(render("sql_databases"))
         current, names, tables = query.result_rows[0]
-        others = frozenset(str(name) for name in names if str(name).lower() != current.lower())
+        # Case-sensitive, as ClickHouse's names are: `Default` is another database.
+        others = frozenset(str(name) for name in names if str(name) != current)
         return Databases(str(current), others, frozenset(str(table) for table in tables))
 
     def execute(

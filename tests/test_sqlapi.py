@@ -641,6 +641,33 @@ async def test_a_quoted_name_cannot_add_nodes_to_the_tree(api: Client) -> None:
         assert (await sql(api, query))["rows"], query
 
 
+async def test_a_database_named_as_the_stores_but_for_case_is_not_read(
+    serve: ServeFn, store: Store
+) -> None:
+    """ClickHouse's database names are case-sensitive: `Default` is another database
+    than `default`, whose table of the same name as the store's was read (the checks
+    compared names without case), its tables listed and its schema shown."""
+    try:
+        store.command("CREATE DATABASE IF NOT EXISTS Default")
+        store.command(
+            "CREATE TABLE IF NOT EXISTS Default.calls (secret String) "
+            "ENGINE = MergeTree ORDER BY secret"
+        )
+        store.command("INSERT INTO Default.calls VALUES ('OTHER-APP-SECRET')")
+        async with serve() as (api, _):
+            for query in (
+                "SELECT * FROM Default.calls",
+                "SHOW TABLES FROM Default",
+                "SHOW CREATE TABLE Default.calls",
+                "SELECT tenant FROM calls WHERE tenant IN (SELECT secret FROM Default.calls)",
+            ):
+                message = await refused(api, query, "forbidden_table")
+                assert "OTHER-APP-SECRET" not in message and "meant" not in message, message
+            assert await sql(api, "SELECT count() AS n FROM default.calls")
+    finally:
+        store.command("DROP DATABASE IF EXISTS Default SYNC")
+
+
 async def test_only_the_stores_own_database_is_read(serve: ServeFn, store: Store) -> None:
     """A ClickHouse server may hold other applications' databases, which the store's user
     can read: however a query names one of their tables (joined, in IN, a SHOW or
