@@ -1059,3 +1059,179 @@ async def test_alerts_test_command_sends_a_signed_sample(tmp_path: Path) -> None
             code, out = await cli(name)
             assert code == 1 and error in out and "Traceback" not in out, out
         assert len(rec.accepted) == 1
+
+
+async def test_a_firing_dropped_on_a_full_queue_is_sent_after_its_resolve(store: Store) -> None:
+    """A delivery dropped when its endpoint's queue was full (it is pending in
+    ClickHouse, for a rescan) was overtaken by a later alert offered once there was
+    room: a spike's resolve reached the receiver before its firing, and the incident
+    stayed open there. While a rescan is due, later deliveries wait for it too."""
+    arrived: list[str] = []
+    holds: dict[str, asyncio.Event] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        webhook_id = request.headers["webhook-id"]
+        arrived.append(webhook_id)
+        if webhook_id in holds:
+            await holds[webhook_id].wait()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    rule = "order-rule"
+    other_a = make_alert(rule, value="other-a")
+    other_b = make_alert(rule, value="other-b")
+    firing = make_alert(rule, value="search")
+    resolved = make_alert(rule, value="search", state="resolved", observed=Decimal(1))
+    holds[str(other_a.event_id)] = asyncio.Event()
+    holds[str(other_b.event_id)] = asyncio.Event()
+    hook = endpoint("ordered", str(server.make_url("/hook")), rules=[rule], timeout_s=30)
+    settings = Settings(webhook_allow_private=True, webhooks=[hook])
+    dispatcher = WebhookDispatcher(settings, store)
+    worker = dispatcher.workers["ordered"]
+    worker._queue = asyncio.Queue(1)  # QUEUE_SIZE (1000) made small for the test
+    running = asyncio.create_task(worker.run())
+    try:
+        await dispatcher.handover.on_partitions_assigned([TopicPartition(Names().alerts, 0)])
+
+        def offer(
+            alert: Alert,
+        ) -> None:  # what WebhookDispatcher._consume_batches does with a new alert
+            stored = records.store_batch(
+                store, [alert], [("ordered", alert)], [], {alert.event_id: 0}
+            )
+            for name, new in stored.new:
+                dispatcher.workers[name].offer(records.Job(new, partition=0))
+
+        offer(other_a)
+        await until(lambda: arrived == [str(other_a.event_id)])  # being sent, held
+        offer(other_b)  # queued: the queue is full now
+        offer(firing)  # dropped (QueueFull), left to a rescan
+        holds[str(other_a.event_id)].set()
+        await until(lambda: len(arrived) == 2)  # other_b being sent; the queue has room
+        offer(resolved)  # the spike's resolve, raised a little later
+        holds[str(other_b.event_id)].set()
+        await until(lambda: len(arrived) == 4)
+    finally:
+        for event in holds.values():
+            event.set()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await server.close()
+    order = arrived[2:]
+    assert order == [str(firing.event_id), str(resolved.event_id)], (
+        "the resolve reached the receiver before its firing"
+    )
+
+
+async def test_a_resolve_read_as_a_rebalance_ends_overtakes_its_retrying_firing(
+    store: Store,
+) -> None:
+    """Default queue size: the firing is retrying (503, retry-after 1) when a rebalance
+    gives the partition back; the dispatcher's first batch after it holds the resolve,
+    offered before the worker's rescan has queued the firing again."""
+    arrived: list[tuple[str, int]] = []
+    firing = make_alert("order-rule-2", value="search")
+    resolved = make_alert("order-rule-2", value="search", state="resolved", observed=Decimal(1))
+
+    async def handle(request: web.Request) -> web.Response:
+        webhook_id = request.headers["webhook-id"]
+        first = webhook_id == str(firing.event_id) and not arrived
+        status = 503 if first else 200
+        arrived.append((webhook_id, status))
+        return web.Response(status=status, headers={"retry-after": "1"} if first else {})
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    hook = endpoint("ordered2", str(server.make_url("/hook")), rules=["order-rule-2"])
+    settings = Settings(webhook_allow_private=True, webhooks=[hook])
+    dispatcher = WebhookDispatcher(settings, store)
+    worker = dispatcher.workers["ordered2"]
+    running = asyncio.create_task(worker.run())
+    tp = TopicPartition(Names().alerts, 0)
+    try:
+        records.store_batch(store, [firing], [("ordered2", firing)], [], {firing.event_id: 0})
+        await dispatcher.handover.on_partitions_assigned([tp])
+        await until(lambda: arrived == [(str(firing.event_id), 503)])  # retrying
+        await dispatcher.handover.on_partitions_revoked([tp])  # a rebalance: eager
+        await dispatcher.handover.on_partitions_assigned([tp])  # given back
+        # The dispatcher's first batch after the rebalance: the resolve, stored and offered.
+        stored = records.store_batch(
+            store, [resolved], [("ordered2", resolved)], [], {resolved.event_id: 0}
+        )
+        for name, new in stored.new:
+            dispatcher.workers[name].offer(records.Job(new, partition=0))
+        await until(lambda: len(arrived) == 3)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await server.close()
+    assert [i for i, s in arrived if s == 200] == [str(firing.event_id), str(resolved.event_id)]
+
+
+def test_a_body_that_starts_with_a_deep_bracket_run_is_a_template_error(tmp_path: Path) -> None:
+    """Past the template itself, what render() raised (json.loads's RecursionError on a
+    body led by ~1,000 brackets, which a user's name can hold) was no template error:
+    the worker neither sent nor dead-lettered the delivery, and resumed it every second
+    for ever (the next test)."""
+    # A chat-style custom template that leads with the series' value; a client's
+    # x-llmtap-user header (up to ~8 KB) chose that value.
+    chat = tmp_path / "chat.j2"
+    chat.write_text("{{ alert.value }} spent {{ alert.observed }}")
+    alert = make_alert(dimension="user", value="[" * 2000)
+    try:  # a body (sent as text), or a template error (dead-lettered): nothing else
+        body = render.render(render.load(str(chat)), alert)
+    except jinja2.TemplateError:
+        return
+    assert body.content_type.startswith("text/plain")
+
+
+async def test_such_a_delivery_is_dead_lettered_not_resumed_for_ever(
+    store: Store, tmp_path: Path
+) -> None:
+    chat = tmp_path / "chat.j2"
+    chat.write_text("{{ alert.value }} spent {{ alert.observed }}")
+    alert = make_alert("poison-rule", dimension="user", value="[" * 2000)
+    hook = endpoint(
+        "chat",
+        "http://127.0.0.1:9/",
+        rules=["poison-rule"],
+        template=str(chat),
+        max_attempts=1,
+    )
+    dispatcher = WebhookDispatcher(Settings(webhook_allow_private=True, webhooks=[hook]), store)
+    worker = dispatcher.workers["chat"]
+    records.store_batch(store, [alert], [("chat", alert)], [], {alert.event_id: 0})
+    running = asyncio.create_task(worker.run())
+    try:
+        await dispatcher.handover.on_partitions_assigned([TopicPartition(Names().alerts, 0)])
+
+        def outcomes() -> list[str]:
+            rows = store.rows(
+                "SELECT outcome FROM webhook_deliveries WHERE alert_id = {id:UUID} ORDER BY ts",
+                {"id": alert.event_id},
+            )
+            return [r["outcome"] for r in rows]
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await until(lambda: outcomes()[-1] in records.FINAL)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    # dead-lettered: as a template error, or after its one attempt (nothing listens on :9)
+    assert outcomes() == ["pending", "dead_lettered"]
+
+
+def test_a_lone_surrogate_a_template_writes_is_a_template_error(tmp_path: Path) -> None:
+    odd = tmp_path / "odd.j2"
+    odd.write_text('{"t": "{{ "\\ud83d" }}{{ alert.rule }}"}')
+    with pytest.raises(jinja2.TemplateError):
+        render.render(render.load(str(odd)), make_alert())

@@ -85,7 +85,7 @@ def load(spec: str) -> Template:
 def _sniff(text: str) -> str:
     try:
         parsed = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a run of brackets too deep: not JSON to send
         return TEXT
     return JSON if isinstance(parsed, dict | list) else TEXT
 
@@ -104,8 +104,9 @@ def render(template: Template, alert: Alert) -> Body:
             fields[name] = plain(value)
     try:
         text = template.jinja.render(alert=fields).strip()
+        data = text.encode()  # a lone surrogate (a "\ud83d" literal) does not encode
     except jinja2.TemplateError:
         raise
     except Exception as exc:
         raise jinja2.TemplateRuntimeError(f"{type(exc).__name__}: {exc}") from exc
-    return Body(text.encode(), template.content_type or _sniff(text))
+    return Body(data, template.content_type or _sniff(text))

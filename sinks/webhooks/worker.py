@@ -70,6 +70,7 @@ class EndpointWorker:
         # Deliveries a previous run (or owner) left unfinished are resumed once the
         # worker is given partitions (:meth:`reassigned`), and only theirs.
         self._rescan = False
+        self._refilling = False
         self._sending: tuple[Job, asyncio.Task[None]] | None = None
         self.outcomes: dict[records.Outcome, int] = {}  # deliveries finished
         self.attempts: dict[records.Outcome, int] = {}  # HTTP attempts, by result
@@ -78,6 +79,15 @@ class EndpointWorker:
         """Queue a delivery recorded as pending; never blocks."""
         if job.alert.event_id in self._held or not self._owned.holds(job):
             return
+        if self._rescan or self._refilling:
+            # A rescan is due or under way: it finds this delivery (recorded as pending
+            # before it is offered) in the order alerts were raised; queued now, it
+            # would overtake the deliveries the rescan is to queue.
+            self._rescan_soon()
+            return
+        self._put(job)
+
+    def _put(self, job: Job) -> None:
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -156,22 +166,27 @@ class EndpointWorker:
 
     async def _refill(self) -> None:
         self._rescan = False
+        self._refilling = True
         limit = self._queue.maxsize
         name = self.endpoint.name
         partitions = self._owned.partitions
-        jobs = await records.durably(
-            "reading unfinished deliveries",
-            records.unfinished,
-            self._store,
-            name,
-            limit,
-            partitions,
-        )
+        try:
+            jobs = await records.durably(
+                "reading unfinished deliveries",
+                records.unfinished,
+                self._store,
+                name,
+                limit,
+                partitions,
+            )
+        finally:
+            self._refilling = False
         if jobs:
             log.info("webhook %s: %d unfinished deliveries resumed", name, len(jobs))
         self._rescan = self._rescan or len(jobs) >= limit
         for job in jobs:
-            self.offer(job)
+            if job.alert.event_id not in self._held and self._owned.holds(job):
+                self._put(job)
 
     @property
     def queued(self) -> int:
