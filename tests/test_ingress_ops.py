@@ -1098,6 +1098,53 @@ async def test_a_provider_redirect_is_passed_on_not_followed(
     assert not event.usage.usage_missing and event.usage.input_tokens == 0
 
 
+async def test_a_provider_redirect_on_an_unmetered_route_is_passed_on_not_followed(
+    ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a metered call's: /v1/models answered with a redirect to another origin goes to
+    the client as sent, and the other origin gets nothing."""
+    elsewhere: list[web.Request] = []
+
+    async def other_origin(request: web.Request) -> web.Response:
+        elsewhere.append(request)
+        return web.json_response({"object": "list", "data": []})
+
+    other = web.Application()
+    other.router.add_route("*", "/{anything:.*}", other_origin)
+    target = TestServer(other, host="127.0.0.1")
+    await target.start_server()
+
+    async def redirecting(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(target.make_url("/v1/models")))
+
+    provider = web.Application()
+    provider.router.add_get("/v1/models", redirecting)
+    upstream = TestServer(provider, host="127.0.0.1")
+    await upstream.start_server()
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    settings = ingress_settings.model_copy(
+        update={"openai_base_url": str(upstream.make_url("/v1")).rstrip("/")}
+    )
+    secret, _ = create_key(settings.key_file, tenant="acme")
+    server = await serve_ingress(settings)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                server.make_url("/v1/models"),
+                headers={"Authorization": f"Bearer {secret}"},
+                allow_redirects=False,
+            ) as response,
+        ):
+            assert response.status == 302
+            assert response.headers["location"] == str(target.make_url("/v1/models"))
+    finally:
+        await server.close()
+        await upstream.close()
+        await target.close()
+    assert elsewhere == []
+
+
 async def test_an_error_answered_as_a_stream_is_not_billed(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
