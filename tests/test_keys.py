@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import time
@@ -399,6 +400,46 @@ def test_a_broken_key_file_is_read_once_until_it_changes(
     assert store.reload()
     key = store.lookup(secret)
     assert key is not None and key.tenant == "globex"
+
+
+def test_a_key_file_rewritten_keeps_its_owner_and_mode_and_is_made_private(
+    tmp_path: Path,
+) -> None:
+    """A key file the proxy's user owns, rewritten by a command run as another user
+    (``sudo llmtap keys revoke``): it was made the writer's, 0600, which the proxy could
+    not read; keeping the keys it had, it went on taking the key revoked. A new file is
+    0600; what others could read of the old is not kept."""
+    path = tmp_path / "keys.yaml"
+    _, first = create_key(path, tenant="acme")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    os.chmod(path, 0o644)
+    owner = (path.stat().st_uid, path.stat().st_gid)
+    if os.geteuid() == 0:  # as root, as sudo runs it: the file is given back
+        os.chown(path, 65534, 65534)
+        owner = (65534, 65534)
+    revoke_key(path, first.id)
+    after = path.stat()
+    assert (after.st_uid, after.st_gid) == owner
+    assert stat.S_IMODE(after.st_mode) == 0o640
+    assert read_keys(path).keys[0].revoked
+
+
+def test_a_key_file_written_is_durable_with_its_directory_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revocation said done must survive a power loss: the rename is synced too (its
+    directory), not only the new file."""
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    create_key(tmp_path / "keys.yaml", tenant="acme")
+    assert synced == [False, True]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".keys-")] == []
 
 
 def test_a_key_file_emptied_to_be_rewritten_keeps_the_keys(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -101,17 +102,45 @@ def read_keys(path: Path) -> KeyFile:
 
 
 def write_keys(path: Path, keys: KeyFile) -> None:
-    """Replace the key file atomically: readers see the old file or the new, never half.
-    A writer that read the file first holds :func:`locked` across both."""
+    """Replace the key file atomically and durably: readers see the old file or the
+    new, never half, and a crash after it returns keeps the new (its directory synced:
+    a revocation said done must not come undone at a power loss). A writer that read
+    the file first holds :func:`locked` across both.
+
+    The new file keeps the old one's owner and mode, never readable by others (a new
+    one: 0600, its writer's): a command run as another user (``sudo llmtap keys
+    revoke``) left a file the proxy's user could not read, and the proxy, keeping the
+    keys it had, went on taking the key revoked."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_dump(keys.model_dump(mode="json"), sort_keys=False)
+    try:
+        before = path.stat()
+    except FileNotFoundError:
+        before = None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".keys-", suffix=".yaml")
-    with os.fdopen(fd, "w") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(data)
+            out.flush()
+            if before is not None:
+                os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode) & 0o770)
+                mine = os.fstat(out.fileno())
+                if (mine.st_uid, mine.st_gid) != (before.st_uid, before.st_gid):
+                    with contextlib.suppress(PermissionError):  # only root may give it
+                        os.fchown(out.fileno(), before.st_uid, before.st_gid)
+            else:
+                os.fchmod(out.fileno(), 0o600)
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 @contextlib.contextmanager
