@@ -127,7 +127,7 @@ class WebhookEndpoint(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    url: str
+    url: str = Field(repr=False)  # a Slack incoming webhook's path is its secret
     # Standard Webhooks form: "whsec_" + base64 of 24 to 64 random bytes.
     secret: SecretStr
     alert_types: tuple[AlertType, ...] = ()
@@ -310,12 +310,12 @@ class Settings(BaseSettings):
 
     # ClickHouse: `http://user:pass@host:8123/db` for a server, or `chdb:///path`.
     # Empty means the embedded chDB store under data_dir.
-    clickhouse_dsn: str = ""
+    clickhouse_dsn: str = Field(default="", repr=False)  # its password: never shown
     # The SQL endpoint's own ClickHouse user on a server (`http://reader:pass@host:8123/db`,
     # the store's database): one granted SELECT on it alone, so the server itself holds
     # what the endpoint's checks hold (no other database, no file(), url()...). Empty: the
     # store's DSN, on a session of its own set readonly.
-    sql_dsn: str = ""
+    sql_dsn: str = Field(default="", repr=False)
 
     # The proxy clients point their SDK at, and the analytics API.
     proxy_host: str = "127.0.0.1"
@@ -343,7 +343,7 @@ class Settings(BaseSettings):
     # How clients authenticate. "keys": each call must present a virtual key (from
     # `llmtap keys create`); the provider key comes from the env var named below.
     # "passthrough": the client's own provider key is forwarded (recorded only as a
-    # hash), unless llmtap holds a provider key, which then replaces it.
+    # hash), never llmtap's (ingress/forward/endpoint.py: upstream_credential).
     auth: Literal["keys", "passthrough"] = "keys"
     # The virtual key file (hashes only). Empty: <data_dir>/keys.yaml.
     keys_file: Path | None = None
@@ -450,6 +450,13 @@ class Settings(BaseSettings):
     rollup_retention_days: int = Field(default=400, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("keys_file", "pricing_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty file setting (compose's ``${VAR:-}``) is its default, not the
+        current directory (``Path("")``): every call was a 401 for want of the keys."""
+        return None if value == "" else value
 
     @field_validator("window_sizes_s")
     @classmethod
@@ -579,6 +586,16 @@ class Settings(BaseSettings):
     def scheme(self) -> str:
         return "https" if self.tls_certfile else "http"
 
+    def _origin(self, host: str, port: int) -> str:
+        """``scheme://host:port``, an IPv6 host bracketed (``http://::1:8081`` is no URL)."""
+        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def health_url(self, service: Literal["store", "ingress"]) -> str:
+        """Where ``llmtap up`` asks whether the store or the ingress is up."""
+        if service == "store":
+            return self._origin(self.api_host, self.api_port) + "/healthz"
+        return self._origin(self.proxy_host, self.proxy_port) + "/healthz"
+
     @cached_property
     def kafka(self) -> Kafka:
         """How every client of this process reaches Kafka."""
@@ -707,11 +724,11 @@ class Settings(BaseSettings):
 
     @property
     def proxy_url(self) -> str:
-        return f"{self.scheme}://{self.proxy_host}:{self.proxy_port}/v1"
+        return self._origin(self.proxy_host, self.proxy_port) + "/v1"
 
     @property
     def api_url(self) -> str:
-        return f"{self.scheme}://{self.api_host}:{self.api_port}/api/v1"
+        return self._origin(self.api_host, self.api_port) + "/api/v1"
 
     @classmethod
     def settings_customise_sources(
@@ -724,14 +741,40 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         if _COPYING.get():
             return (init_settings,)
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        env = _Overridden(settings_cls, env_settings, (init_settings,))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env]
         config_file = os.environ.get(CONFIG_ENV)
         if config_file:
             path = Path(config_file)
             if not path.is_file():
                 raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            file = YamlConfigSettingsSource(settings_cls, yaml_file=path)
+            sources.append(_Overridden(settings_cls, file, (init_settings, env_settings)))
         return tuple(sources)
+
+
+class _Overridden(PydanticBaseSettingsSource):
+    """A source's settings less those a source above it sets: those replace its whole.
+    pydantic-settings merges maps across sources, so a map in the file (``model_routes``,
+    ``providers``) kept its entries under the environment's, and
+    ``LLMTAP_PROVIDERS='{}'`` could remove none (README: the environment wins)."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        source: PydanticBaseSettingsSource,
+        above: tuple[PydanticBaseSettingsSource, ...],
+    ) -> None:
+        super().__init__(settings_cls)
+        self._source = source
+        self._above = above
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        taken = {name for source in self._above for name in source()}
+        return {name: value for name, value in self._source().items() if name not in taken}
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # FQDN: a final dot

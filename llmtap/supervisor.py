@@ -171,15 +171,12 @@ class Supervisor:
             for task in first:
                 task.cancel()
             await asyncio.gather(*first, return_exceptions=True)
-        store = f"{s.scheme}://{s.api_host}:{s.api_port}/healthz"
         await self.spawn_llmtap("store")
-        await self.wait_ready("store", lambda: http_ok(store))
+        await self.wait_ready("store", lambda: http_ok(s.health_url("store")))
         await self.spawn_llmtap("worker")
         await self.wait_ready("stream worker", lambda: file_exists(ready_file(s)))
         await self.spawn_llmtap("ingress")
-        await self.wait_ready(
-            "ingress", lambda: http_ok(f"{s.scheme}://{s.proxy_host}:{s.proxy_port}/healthz")
-        )
+        await self.wait_ready("ingress", lambda: http_ok(s.health_url("ingress")))
 
     async def _start_broker(self) -> None:
         s = self.settings

@@ -244,6 +244,71 @@ def test_kafka_security_that_cannot_work_is_refused_naming_the_setting(
         Settings.model_validate(given)
 
 
+def test_the_environment_replaces_a_map_of_the_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydantic-settings merges maps across sources: the file's routes stayed under the
+    environment's (a more specific one of the file beating the environment's), and
+    ``LLMTAP_PROVIDERS='{}'`` removed none of the file's providers."""
+    config = tmp_path / "llmtap.yaml"
+    config.write_text(
+        "providers:\n  groq:\n    base_url: https://api.groq.com/openai/v1\n"
+        "model_routes:\n  'gpt-4o*': groq\n"
+        "proxy_port: 9000\n"
+    )
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    monkeypatch.setenv("LLMTAP_MODEL_ROUTES", '{"gpt-*": "openai"}')
+    monkeypatch.setenv("LLMTAP_PROVIDERS", "{}")
+    settings = Settings()
+    assert settings.model_routes == {"gpt-*": "openai"}
+    assert settings.providers == {}
+    assert settings.proxy_port == 9000  # what the environment leaves alone: the file's
+    assert Settings(model_routes={"x*": "openai"}).model_routes == {"x*": "openai"}
+
+
+def test_an_empty_file_setting_means_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LLMTAP_KEYS_FILE=""`` (compose's ``${VAR:-}``) was the current directory: every
+    call 401, the proxy logging the file unreadable every second."""
+    monkeypatch.setenv("LLMTAP_KEYS_FILE", "")
+    monkeypatch.setenv("LLMTAP_PRICING_FILE", "")
+    settings = Settings(data_dir=tmp_path)
+    assert settings.key_file == tmp_path / "keys.yaml"
+    assert settings.pricing_file is None
+
+
+def test_urls_of_ipv6_hosts_are_bracketed() -> None:
+    """``http://::1:8081/healthz`` is no URL: ``llmtap up`` on an IPv6 host never saw its
+    store ready, and gave up after two minutes."""
+    settings = Settings(proxy_host="::1", api_host="::", proxy_port=8080, api_port=8081)
+    assert settings.proxy_url == "http://[::1]:8080/v1"
+    assert settings.api_url == "http://[::]:8081/api/v1"
+    assert urlsplit(settings.health_url("store")).hostname == "::"
+    assert Settings().health_url("ingress") == "http://127.0.0.1:8080/healthz"
+
+
+def test_the_clickhouse_passwords_are_never_in_the_settings_repr() -> None:
+    """As the SASL password is not: a settings object shown in a log line, a traceback
+    with its locals or an error report must not carry the store's password, nor a
+    webhook URL (a Slack one's path is its secret)."""
+    settings = Settings(
+        clickhouse_dsn="http://llmtap:hunter2@ch:8123/llmtap",
+        sql_dsn="http://llmtap_sql:swordfish@ch:8123/llmtap",
+        webhooks=[
+            {
+                "name": "slack",
+                "url": "https://hooks.slack.com/services/T0/B0/s3cr3t",
+                "secret": "whsec_" + "A" * 32,
+            }
+        ],
+    )
+    shown = repr(settings) + str(settings)
+    for secret in ("hunter2", "swordfish", "s3cr3t"):
+        assert secret not in shown
+    assert settings.clickhouse_dsn.endswith("@ch:8123/llmtap")
+
+
 def test_a_refused_setting_never_shows_the_secrets_given_with_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
