@@ -424,6 +424,34 @@ def test_a_key_file_rewritten_keeps_its_owner_and_mode_and_is_made_private(
     assert read_keys(path).keys[0].revoked
 
 
+def test_a_key_file_the_proxy_may_not_open_is_said_once_until_that_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reloaded every second, a file the proxy's user may not open was logged every
+    second for as long as it lasted; now once, again once it is read or fails else."""
+    path = tmp_path / "keys.yaml"
+    secret, _ = create_key(path, tenant="acme")
+    store = KeyStore(path)
+    assert store.reload()
+    real_open = Path.open
+    refusal = "Permission denied"
+
+    def as_another_user(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == path:
+            raise PermissionError(13, refusal, str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", as_another_user)
+    with caplog.at_level(logging.ERROR, logger="ingress.guards.keys"):
+        for _ in range(5):
+            assert not store.reload()
+        refusal = "Operation not permitted"
+        store.reload()
+    said = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(said) == 2 and "Permission denied" in said[0] and "not permitted" in said[1]
+    assert store.lookup(secret) is not None  # the keys it had are kept (README)
+
+
 def test_a_key_file_written_is_durable_with_its_directory_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -239,6 +239,7 @@ class KeyStore:
         self._digest = b""  # of its content
         self._racy = False  # read within RACY_NS of its ctime: its stamp may not move
         self._gone_at: float | None = None  # monotonic time the file was first found gone
+        self._unreadable = ""  # why the file could not be opened, as last logged
         self._reloading = threading.Lock()
 
     def __len__(self) -> int:
@@ -273,6 +274,7 @@ class KeyStore:
             try:
                 with self.path.open("rb") as file:
                     self._gone_at = None
+                    self._unreadable = ""
                     stat = os.fstat(file.fileno())
                     stamp: Stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
                     if stamp == self._stamp and not self._racy:
@@ -305,7 +307,13 @@ class KeyStore:
                 log.error("key file %s is gone: every key is dropped", self.path)
                 self._stamp, self._digest, keys = None, b"", KeyFile()
             except KEY_FILE_ERRORS as exc:
-                log.error("key file %s unreadable, keeping the previous keys: %s", self.path, exc)
+                # Said once until what is wrong changes: a file the proxy's user may not
+                # open was logged every second, for as long as it lasted.
+                if str(exc) != self._unreadable:
+                    self._unreadable = str(exc)
+                    log.error(
+                        "key file %s unreadable, keeping the previous keys: %s", self.path, exc
+                    )
                 return False
             self._by_hash = {k.hash: k for k in keys.keys}
             log.info("loaded %d virtual keys from %s", len(self._by_hash), self.path)
