@@ -694,7 +694,12 @@ class EventPublisher:
                 continue  # never in Kafka: the held cost ages out
             where = future.result()  # the batch's RecordMetadata: its base offset
             if delivered is not None and where.offset >= 0:
-                delivered(where.partition, where.offset + offset)
+                try:
+                    delivered(where.partition, where.offset + offset)
+                except Exception:  # a listener's bug: the flight is settled all the same
+                    # (raised here, what was to be retried was lost uncounted, and a
+                    # reserved spool segment left unfilled stopped the replay for good)
+                    log.exception("a delivery listener of an event to %s failed", record.topic)
 
     def _drop_queue_full(self) -> None:
         """Count a new event the full queue cannot take; log at most once a second."""

@@ -640,6 +640,29 @@ async def test_each_event_s_listener_is_told_its_partition_and_offset(
     assert len({partition for partition, _ in found.values()}) > 1
 
 
+async def test_a_listener_that_fails_fails_alone(tmp_path: Path, broker: Broker) -> None:
+    """A listener raising stopped the flight's settling: what was to be retried was
+    lost, uncounted, and a reserved spool segment left unfilled stopped the replay for
+    good. The others are told, and every event is published."""
+    events = pings(0, 100)
+    heard: dict[uuid.UUID, tuple[int, int]] = {}
+
+    def failing(partition: int, offset: int) -> None:
+        raise RuntimeError("a listener's bug")
+
+    async with running(publisher(broker.bootstrap, tmp_path / "spool")) as events_out:
+        for event in events[:10]:
+            events_out.publish(
+                TOPIC, event.event_id.bytes, event.model_dump_json().encode(), failing
+            )
+        publish_told(events_out, events[10:], heard)
+        await wait_for(lambda: len(heard) == 90)
+        await wait_for(lambda: events_out.published >= 100)
+    assert set(heard) == {e.event_id for e in events[10:]}
+    found = await placements(broker.bootstrap, {e.event_id for e in events})
+    assert set(found) == {e.event_id for e in events}
+
+
 async def test_an_event_that_waited_in_the_spool_is_still_told_where_it_went(
     tmp_path: Path,
 ) -> None:
