@@ -17,7 +17,7 @@ from llmtap import wire
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Reservations, Usage, utcnow
 from stream.budgets import fresh
-from stream.pricing import Catalog, ModelPrice, Rates, load_catalog, rate
+from stream.pricing import Catalog, ModelPrice, Rates, TierRates, cost_of, load_catalog, rate
 
 ACME = Attribution(tenant="acme")
 MIDNIGHT = datetime(2026, 11, 30, tzinfo=UTC)
@@ -483,6 +483,33 @@ def test_a_call_openai_may_serve_at_priority_reserves_the_priority_rates() -> No
         admitted = budgets.admit(call, ACME, "gpt-4.1", 2_000, 8_000, NINE, "openai", reach=bounded)
         assert admitted is None
         assert budgets.reserved["acme-day"].pop(call) == worst, (body, project)
+
+
+def test_a_priority_worst_case_covers_the_tier_s_cache_writes() -> None:
+    """A priority price whose cache writes cost more than its input (GPT-5.6 bills
+    writes at 1.25x input; a pricing_file may give its priority tier so): a call served
+    at priority, its whole prompt written to the cache, cost 25% more than its worst
+    case, which took the tier's input but not its writes."""
+    rates = Rates(
+        effective_from=MIDNIGHT.date(),
+        input=Decimal("5.00"),
+        cached_input=Decimal("0.50"),
+        cache_write=Decimal("6.25"),
+        output=Decimal("30.00"),
+        priority=TierRates(
+            input=Decimal("10.00"),
+            cached_input=Decimal("1.00"),
+            cache_write=Decimal("12.50"),
+            output=Decimal("60.00"),
+        ),
+    )
+    price = ModelPrice(provider="openai", prices=[rates], context_window=10**6)
+    budgets = BudgetBook([], Catalog(models={"gpt-x": price}), default_max_tokens=1000)
+    prompt = 100_000  # bytes: at most as many tokens
+    reserved = budgets.worst.cost("gpt-x", prompt, 0, NINE, "openai", priority=True)
+    served = Usage(input_tokens=prompt, cache_creation_input_tokens=prompt, service_tier="priority")
+    billed = cost_of(served, rates).total
+    assert reserved == billed == prompt * Decimal("12.50") / 1_000_000
 
 
 def test_a_call_served_at_a_tier_holds_its_cost_or_without_a_price_its_worst_case() -> None:
