@@ -47,7 +47,7 @@ def openai_error(
 
 # Anthropic's error types by status (docs.anthropic.com/en/api/errors). Its
 # invalid_request_error also stands for the 4xx it lists no type of (405, 415 here);
-# api_error is its type for a server error, never for the client's own.
+# api_error is its type for another server error, never for the client's own.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -55,6 +55,8 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    504: "timeout_error",  # a provider that did not answer in time
+    529: "overloaded_error",
 }
 
 

@@ -1463,7 +1463,8 @@ async def test_a_key_of_some_models_names_one_on_a_free_route(
         (500, "api_error"),
         (502, "api_error"),
         (503, "api_error"),
-        (504, "api_error"),
+        (504, "timeout_error"),  # a provider that did not answer in time
+        (529, "overloaded_error"),
     ],
 )
 def test_each_status_llmtap_answers_has_anthropic_s_type_for_it(status: int, kind: str) -> None:
