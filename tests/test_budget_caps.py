@@ -668,6 +668,33 @@ async def test_a_cap_is_not_judged_before_its_spend_is_read(
         held.close()
 
 
+async def test_a_call_cut_while_it_waits_for_the_spend_gives_back_its_rate_limit(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capped call whose client leaves while the ingress still reads its budgets'
+    spend (its handler cancelled): it kept its key's request of the minute, so the
+    key's next call was refused as rate limited; nor was it recorded."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    monkeypatch.setattr(admission, "BUDGET_STATES_WAIT_S", 2.0)
+    held = socket.socket()  # bound, never listening: the budgets are never read
+    held.bind(("127.0.0.1", 0))
+    budget = BudgetConfig(name="acme-cap", scope="tenant", value="acme", limit_usd=Decimal(100))
+    settings = ingress_settings.model_copy(
+        update={"budgets": [budget], "kafka_bootstrap": f"127.0.0.1:{held.getsockname()[1]}"}
+    )
+    once, _ = create_key(settings.key_file, tenant="acme", rpm=1)
+    try:
+        async with TestServer(create_app(settings), host="127.0.0.1") as server:
+            base = str(server.make_url("")).rstrip("/")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):  # gone, mid-wait
+                    await post_once(base, once)
+            status, body, _ = await post_once(base, once)
+            assert (status, body["error"]["code"]) == (503, "budget_state_unavailable"), body
+    finally:
+        held.close()
+
+
 @asynccontextmanager
 async def capped_client(settings: Settings, budget: BudgetConfig) -> AsyncIterator[AsyncOpenAI]:
     """The official SDK on an ingress with ``budget`` alone, through a key of tenant acme."""

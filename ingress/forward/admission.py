@@ -252,6 +252,16 @@ class Admission:
                 async with asyncio.timeout(BUDGET_STATES_WAIT_S):
                     await book.states_read.wait()
                     await book.others_read.wait()
+            except asyncio.CancelledError:
+                # Cut while it waited (its client gone, where the server cancels handlers
+                # so; the proxy stopping in its first seconds): never sent. Recorded, and
+                # the key's rate limits given back, as a call cut while its body was read.
+                if self.ticket is not None:
+                    request.app[LIMITER].release(self.ticket, time.monotonic())
+                    self.ticket = None
+                cut = cut_by(request)
+                record_outcome(request.app, call, cut, 499, Usage(), "", cut)
+                raise
             except TimeoutError:
                 unknown = refuse(
                     503,
