@@ -294,6 +294,19 @@ async def _read_to_end(
     return read
 
 
+async def partition_count(kafka: Kafka, topic: str) -> int | None:
+    """How many partitions ``topic`` has, as the broker's metadata says; None if it has
+    none (no such topic). Made by nobody here: a metadata request."""
+    admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
+    try:  # closed even when a start fails (the broker gone)
+        await admin.start()
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    count = sum(len(t.get("partitions", ())) for t in described if t.get("topic") == topic)
+    return count or None
+
+
 async def read_consumed(
     kafka: Kafka,
     group_id: str,

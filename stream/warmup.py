@@ -56,13 +56,29 @@ def warmed(detector: Detector, windows: Iterable[tuple[int, bytes]], now: dateti
     return taken
 
 
-async def warmed_detector(settings: Settings, partitions: set[int] | None = None) -> Detector:
+async def warmed_detector(
+    settings: Settings, partitions: set[int] | None = None, shares: int | None = None
+) -> Detector:
     """A detector that knows the windows the spikes group has already judged: of every
     partition at start (and then its own to judge only once it judges them), or of
-    ``partitions``, just given to this worker at a rebalance (its own from now)."""
-    detector = Detector(settings.spike_rules, settings.topic_partitions, spike_settle(settings))
+    ``partitions``, just given to this worker at a rebalance (its own from now).
+
+    A window is whole with a share from each partition of the responses topic:
+    ``shares`` of them, or as many as the broker says it has. Not the configured count,
+    which a topic made earlier or grown differs from: with fewer partitions, no window
+    read back was ever whole, and each was judged again as new once settled, its alerts
+    raised again."""
     now = utcnow()
     since = now - horizon(settings.spike_rules)
+    try:
+        if shares is None:
+            names = settings.kafka.names
+            shares = await topics.partition_count(settings.kafka, names.responses)
+    except KafkaError as exc:
+        log.warning("the responses topic's partitions could not be counted (%r)", exc)
+    detector = Detector(
+        settings.spike_rules, shares or settings.topic_partitions, spike_settle(settings)
+    )
     try:
         judged = await topics.read_consumed(
             settings.kafka,

@@ -312,10 +312,10 @@ async def test_a_partition_taken_over_is_waited_for_from_when_it_is_resumed(
             let_go = asyncio.Event()
 
             async def read_back_slowly(
-                settings: Settings, partitions: set[int] | None = None
+                settings: Settings, partitions: set[int] | None = None, shares: int | None = None
             ) -> Detector:
                 await let_go.wait()
-                return await warmed_detector(settings, partitions)
+                return await warmed_detector(settings, partitions, shares)
 
             monkeypatch.setattr("stream.agents.spikes.warmed_detector", read_back_slowly)
             consumer = this._consumer
@@ -508,3 +508,83 @@ async def test_a_committed_offset_inside_tansu_s_last_record_batch_is_not_its_en
             await stage.stop()
         assert stage.behind_at_first is not None and ADS in stage.behind_at_first
         assert stage.skipped == 30  # the rest of the batch, read before the gate opened
+
+
+async def test_warmup_on_a_topic_with_fewer_partitions_than_configured_knows_the_baseline() -> None:
+    """The warmup judged with the configured partition count: on a topic with fewer
+    (made earlier), no window read back was whole, none judged, every one pending, to
+    be judged again as new once settled and its alerts raised again."""
+    # Broker topics have 2 partitions; topic_partitions left at its default (4), as for a
+    # topic made earlier (the spikes stage itself corrects detector.partitions in on_start).
+    async with start_broker(2) as broker:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, spike_rules=[RULE])
+        assert settings.topic_partitions == 4
+        now = utcnow()
+        first = now.replace(second=0, microsecond=0) - 12 * MINUTE
+        steady = [window(first + i * MINUTE, 100 + (i % 3), 2) for i in range(10)]
+        await publish(broker.bootstrap, steady, now)
+        await commit_all(broker.bootstrap, Names().spikes_group)
+        warm = await warmed_detector(settings)
+        # Every window read back is whole (shares of both responses partitions): judged.
+        assert (RULE.name, "acme", "search") in warm.states, (warm.states, warm.pending)
+
+
+class _EndsHeld:
+    """A consumer whose end_offsets waits until released."""
+
+    def __init__(self) -> None:
+        self.ends_asked = asyncio.Event()
+        self.release = asyncio.Event()
+        self.paused: set[TopicPartition] = set()
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused |= set(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused -= set(tps)
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.ends_asked.set()
+        await self.release.wait()
+        return dict.fromkeys(tps, 0)
+
+
+async def test_a_partition_adopted_then_revoked_while_its_end_is_asked_is_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebalance while the stage asked the end of a partition it had just adopted:
+    the partition was dropped from what it held but never given up, so this worker went
+    on judging (and resolving) the series of a partition another worker now judges."""
+    settings = Settings(topic_partitions=2, spike_rules=[RULE])
+    detector = Detector([RULE], 2, spike_settle(settings))
+    stage = SpikesStage(settings, detector)
+    consumer = _EndsHeld()
+    stage._consumer = consumer
+
+    async def warmed(
+        settings: Settings, partitions: set[int] | None = None, shares: int | None = None
+    ) -> Detector:
+        return Detector([RULE], 2, spike_settle(settings))
+
+    monkeypatch.setattr("stream.agents.spikes.warmed_detector", warmed)
+    tp0, tp1 = TopicPartition(stage.topic, 0), TopicPartition(stage.topic, 1)
+
+    consumer.release.set()
+    await stage.take_over([tp0])  # first assignment: partition 0
+    await stage.revoked([tp0])
+    consumer.release.clear()
+    consumer.ends_asked.clear()
+    # Partition 0's end asked synchronously here (behind): let it through, then block.
+    consumer.release.set()
+    await stage.take_over([tp0, tp1])  # partition 1 given: adopted in a task
+    consumer.release.clear()
+    consumer.ends_asked.clear()
+    # _adopt: warmed, adopted, resumed; now blocked asking partition 1's end.
+    async with asyncio.timeout(5):
+        await consumer.ends_asked.wait()
+    assert stage._adopting is not None and not stage._adopting.done()
+    # A new rebalance now: partition 1 goes to another worker.
+    await stage.revoked([tp0, tp1])
+    consumer.release.set()
+    await stage.take_over([tp0])
+    assert 1 in detector._away, "partition 1 is another worker's now, but not given up"

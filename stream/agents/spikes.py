@@ -168,7 +168,7 @@ class SpikesStage(GroupStage):
 
     async def _adopt(self, given: set[int], paused: list[TopicPartition]) -> None:
         try:
-            taken = await warmed_detector(self._settings, given)
+            taken = await warmed_detector(self._settings, given, self.detector.partitions)
         except Exception:  # judged with what this worker knew, rather than not at all
             log.exception("spike states of partitions %s could not be read back", given)
             taken = None
@@ -176,6 +176,11 @@ class SpikesStage(GroupStage):
             self.detector.adopt(taken, given)
             assert self._consumer is not None
             self._consumer.resume(*paused)
+            # Adopted: this worker's now, given up at a rebalance as any other. (Left
+            # among those being read back while their ends were asked, a revocation then
+            # dropped them from what it held, and never gave them up: their series were
+            # judged here, another worker's.)
+            self._adopted = set()
         await self._ask_ends(paused)
 
     async def on_stop(self) -> None:
