@@ -55,7 +55,7 @@ def error_rate(window: Window) -> tuple[int, int]:
 
 def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> Decimal | None:
     """The value a rule's metric takes in a window; None when it has none (no latency
-    measured, no calls for an error rate, no call's cost known), as an error rate or a
+    measured, no calls for an error rate, no cost known but $0), as an error rate or a
     p95 latency of fewer than ``min_requests`` calls has none (1 of 1 failed is no 100%
     error rate)."""
     if metric == "error_rate":
@@ -66,10 +66,11 @@ def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> 
     if metric == "p95_latency" and window.requests < min_requests:
         return None
     if metric == "cost":
-        # None when no call of the window has a known cost (its model not priced yet,
-        # or its usage unknown): a cost of $0 to learn from, a spike once it is priced.
+        # None when the window's calls of known cost cost nothing and others' cost is
+        # unknown (a model not priced yet, usage unknown; its errors, known at $0): a
+        # cost of $0 to learn from, and a spike once the model is priced.
         unknown = window.unpriced + window.usage_missing
-        return None if window.requests and unknown >= window.requests else window.cost
+        return None if unknown and not window.cost else window.cost
     if metric == "requests":
         return Decimal(window.requests)
     if metric == "tokens":

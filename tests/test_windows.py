@@ -671,7 +671,7 @@ def test_one_failing_call_of_one_is_no_error_rate_spike() -> None:
     assert raised == []
 
 
-def test_a_cost_no_call_of_a_window_has_is_no_value_and_no_baseline_of_zero() -> None:
+def test_a_window_of_unknown_costs_and_errors_has_no_cost_value_nor_a_baseline_of_zero() -> None:
     """A model not priced yet: its calls' cost is unknown ("never recorded as $0").
     Once priced, with the same traffic, no cost spike may fire against the $0 its
     unpriced windows would have made a baseline of."""
@@ -689,6 +689,8 @@ def test_a_cost_no_call_of_a_window_has_is_no_value_and_no_baseline_of_zero() ->
         priced = m >= 15
         for i in range(5):
             w.add(call(m * MIN + i * S, model="gpt-new", cost="0.05" if priced else None), T0)
+        # and a call refused upstream: no tokens, a known cost of $0, every minute
+        w.add(call(m * MIN + 10 * S, model="gpt-new", cost="0", status="upstream_error"), T0)
         for window in w.advance(T0 + (m + 1) * MIN + GRACE, [0]):
             if window.dimension == "model" and not priced:
                 assert metric_value("cost", window) is None
