@@ -424,6 +424,31 @@ def test_a_key_file_rewritten_keeps_its_owner_and_mode_and_is_made_private(
     assert read_keys(path).keys[0].revoked
 
 
+def test_a_key_file_rewritten_by_a_member_of_its_group_keeps_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written by a user who may not give the file away (not root) but belongs to its
+    group (an operator of group llmtap, the file 0660): giving it back whole failed, and
+    the group went with the owner; the proxy's user could no longer read it."""
+    path = tmp_path / "keys.yaml"
+    _, first = create_key(path, tenant="acme")
+    me = os.getuid()
+    group = 65534 if me == 0 else os.getgid()  # another group, where one may be given
+    os.chown(path, me, group)
+    os.chmod(path, 0o660)
+    real_fchown = os.fchown
+
+    def as_a_member(fd: int, uid: int, gid: int) -> None:
+        if uid != -1:  # a user who is not root may not give the file to another
+            raise PermissionError(1, "Operation not permitted")
+        real_fchown(fd, uid, gid)
+
+    monkeypatch.setattr(os, "fchown", as_a_member)
+    revoke_key(path, first.id)
+    after = path.stat()
+    assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (group, 0o660)
+
+
 def test_a_key_file_the_proxy_may_not_open_is_said_once_until_that_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

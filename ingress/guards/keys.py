@@ -107,10 +107,11 @@ def write_keys(path: Path, keys: KeyFile) -> None:
     a revocation said done must not come undone at a power loss). A writer that read
     the file first holds :func:`locked` across both.
 
-    The new file keeps the old one's owner and mode, never readable by others (a new
-    one: 0600, its writer's): a command run as another user (``sudo llmtap keys
-    revoke``) left a file the proxy's user could not read, and the proxy, keeping the
-    keys it had, went on taking the key revoked."""
+    The new file keeps the old one's owner (when written as root), group (when its
+    writer may give it) and mode, never readable by others (a new one: 0600, its
+    writer's): a command run as another user (``sudo llmtap keys revoke``, an operator
+    of the file's group) left a file the proxy's user could not read, and the proxy,
+    keeping the keys it had, went on taking the key revoked."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_dump(keys.model_dump(mode="json"), sort_keys=False)
     try:
@@ -126,8 +127,11 @@ def write_keys(path: Path, keys: KeyFile) -> None:
                 os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode) & 0o770)
                 mine = os.fstat(out.fileno())
                 if (mine.st_uid, mine.st_gid) != (before.st_uid, before.st_gid):
-                    with contextlib.suppress(PermissionError):  # only root may give it
+                    try:  # only root may give the file to another user
                         os.fchown(out.fileno(), before.st_uid, before.st_gid)
+                    except PermissionError:  # its group, at least (a member may)
+                        with contextlib.suppress(PermissionError):
+                            os.fchown(out.fileno(), -1, before.st_gid)
             else:
                 os.fchmod(out.fileno(), 0o600)
             os.fsync(out.fileno())
