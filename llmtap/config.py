@@ -274,6 +274,11 @@ def _dsn_database(dsn: str) -> str:
     return urlsplit(dsn).path.strip("/") or "default"
 
 
+# File settings an empty value leaves unset (compose's ``${VAR:-}``): their default, or
+# the config file's.
+_EMPTY_IS_UNSET = ("keys_file", "pricing_file")
+
+
 class Settings(BaseSettings):
     # An error names the setting and what is wrong, never the values given: they hold
     # secrets (a SASL password, a DSN's), and an error of the whole model shows them all.
@@ -451,7 +456,7 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("keys_file", "pricing_file", mode="before")
+    @field_validator(*_EMPTY_IS_UNSET, mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """An empty file setting (compose's ``${VAR:-}``) is its default, not the
@@ -773,8 +778,14 @@ class _Overridden(PydanticBaseSettingsSource):
         return self._source.get_field_value(field, field_name)
 
     def __call__(self) -> dict[str, Any]:
-        taken = {name for source in self._above for name in source()}
-        return {name: value for name, value in self._source().items() if name not in taken}
+        taken = {name for source in self._above for name, value in _set(source())}
+        return {name: value for name, value in _set(self._source()) if name not in taken}
+
+
+def _set(settings: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """What a source sets: an empty value of _EMPTY_IS_UNSET is no setting (the file's,
+    or the default, holds)."""
+    return ((n, v) for n, v in settings.items() if not (v == "" and n in _EMPTY_IS_UNSET))
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # FQDN: a final dot

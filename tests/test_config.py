@@ -276,6 +276,11 @@ def test_an_empty_file_setting_means_its_default(
     settings = Settings(data_dir=tmp_path)
     assert settings.key_file == tmp_path / "keys.yaml"
     assert settings.pricing_file is None
+    # Empty in the environment, set in the file: the file's (an empty value is unset).
+    config = tmp_path / "llmtap.yaml"
+    config.write_text(f"keys_file: {tmp_path / 'team-keys.yaml'}\n")
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    assert Settings(data_dir=tmp_path).key_file == tmp_path / "team-keys.yaml"
 
 
 def test_urls_of_ipv6_hosts_are_bracketed() -> None:
