@@ -259,6 +259,8 @@ class Admission:
                 if self.ticket is not None:
                     request.app[LIMITER].release(self.ticket, time.monotonic())
                     self.ticket = None
+                if self.announce is not None:  # before the response event, as refuse()
+                    self.announce()
                 cut = cut_by(request)
                 record_outcome(request.app, call, cut, 499, Usage(), "", cut)
                 raise
