@@ -303,11 +303,13 @@ async def ingress_before(
     chat: Callable[[web.Request], Awaitable[web.StreamResponse]],
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
+    route: tuple[str, str] = ("POST", "/v1/chat/completions"),
 ) -> AsyncIterator[TestServer]:
     """An ingress (:func:`serve_ingress`) whose OpenAI provider answers chat completions
-    with ``chat``: a provider made to fail in one precise way."""
+    (or another ``route``: method, path) with ``chat``: a provider made to fail in one
+    precise way."""
     provider = web.Application()
-    provider.router.add_post("/v1/chat/completions", chat)
+    provider.router.add_route(*route, chat)
     upstream = TestServer(provider, host="127.0.0.1")
     await upstream.start_server()
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import socket
 import struct
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -1048,6 +1049,25 @@ async def test_a_streamed_call_answered_by_an_error_has_no_time_to_first_token(
     assert event.ttft_ms is None
 
 
+@contextlib.asynccontextmanager
+async def another_origin() -> AsyncIterator[tuple[TestServer, list[web.Request]]]:
+    """A server on another origin, and every request it gets, whatever its path."""
+    elsewhere: list[web.Request] = []
+
+    async def record(request: web.Request) -> web.Response:
+        elsewhere.append(request)
+        return web.json_response({})
+
+    other = web.Application()
+    other.router.add_route("*", "/{anything:.*}", record)
+    target = TestServer(other, host="127.0.0.1")
+    await target.start_server()
+    try:
+        yield target, elsewhere
+    finally:
+        await target.close()
+
+
 async def test_a_provider_redirect_is_passed_on_not_followed(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1056,23 +1076,13 @@ async def test_a_provider_redirect_is_passed_on_not_followed(
     does not strip across origins (Anthropic's x-api-key), and a 302 or 303 turned the
     call into a GET whose answer passed for the provider's. The client gets the redirect
     as sent, recorded as the provider's error, and the other origin gets nothing."""
-    elsewhere: list[web.Request] = []
-
-    async def other_origin(request: web.Request) -> web.Response:
-        elsewhere.append(request)
-        return web.json_response({"choices": [], "usage": {"prompt_tokens": 1}})
-
-    other = web.Application()
-    other.router.add_route("*", "/{anything:.*}", other_origin)
-    target = TestServer(other, host="127.0.0.1")
-    await target.start_server()
 
     async def redirecting(request: web.Request) -> web.StreamResponse:
         await request.read()
         raise web.HTTPTemporaryRedirect(str(target.make_url("/v1/chat/completions")))
 
     secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    try:
+    async with another_origin() as (target, elsewhere):
         async with (
             ingress_before(redirecting, ingress_settings, monkeypatch) as server,
             aiohttp.ClientSession() as session,
@@ -1086,8 +1096,6 @@ async def test_a_provider_redirect_is_passed_on_not_followed(
             assert response.status == 307
             assert response.headers["location"] == str(target.make_url("/v1/chat/completions"))
             request_id = response.headers["x-request-id"]
-    finally:
-        await target.close()
     assert elsewhere == []
     event = await response_event(broker.bootstrap, request_id)
     assert (event.status, event.http_status, event.error_class) == (
@@ -1103,32 +1111,15 @@ async def test_a_provider_redirect_on_an_unmetered_route_is_passed_on_not_follow
 ) -> None:
     """As a metered call's: /v1/models answered with a redirect to another origin goes to
     the client as sent, and the other origin gets nothing."""
-    elsewhere: list[web.Request] = []
-
-    async def other_origin(request: web.Request) -> web.Response:
-        elsewhere.append(request)
-        return web.json_response({"object": "list", "data": []})
-
-    other = web.Application()
-    other.router.add_route("*", "/{anything:.*}", other_origin)
-    target = TestServer(other, host="127.0.0.1")
-    await target.start_server()
 
     async def redirecting(request: web.Request) -> web.Response:
         raise web.HTTPFound(str(target.make_url("/v1/models")))
 
-    provider = web.Application()
-    provider.router.add_get("/v1/models", redirecting)
-    upstream = TestServer(provider, host="127.0.0.1")
-    await upstream.start_server()
-    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    settings = ingress_settings.model_copy(
-        update={"openai_base_url": str(upstream.make_url("/v1")).rstrip("/")}
-    )
-    secret, _ = create_key(settings.key_file, tenant="acme")
-    server = await serve_ingress(settings)
-    try:
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    models = ("GET", "/v1/models")
+    async with another_origin() as (target, elsewhere):
         async with (
+            ingress_before(redirecting, ingress_settings, monkeypatch, models) as server,
             aiohttp.ClientSession() as session,
             session.get(
                 server.make_url("/v1/models"),
@@ -1138,10 +1129,6 @@ async def test_a_provider_redirect_on_an_unmetered_route_is_passed_on_not_follow
         ):
             assert response.status == 302
             assert response.headers["location"] == str(target.make_url("/v1/models"))
-    finally:
-        await server.close()
-        await upstream.close()
-        await target.close()
     assert elsewhere == []
 
 
