@@ -635,37 +635,46 @@ async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
         upstream.provider.answer_held = None
 
 
+@asynccontextmanager
+async def spend_never_read(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, wait_s: float
+) -> AsyncIterator[str]:
+    """An ingress capping tenant acme whose broker is unreachable, so its budgets'
+    spend is never read; a capped call waits ``wait_s`` for it. Yields its base URL."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    monkeypatch.setattr(admission, "BUDGET_STATES_WAIT_S", wait_s)
+    held = socket.socket()  # bound, never listening: connections to it are refused
+    held.bind(("127.0.0.1", 0))
+    budget = BudgetConfig(name="acme-cap", scope="tenant", value="acme", limit_usd=Decimal(100))
+    unreachable = settings.model_copy(
+        update={"budgets": [budget], "kafka_bootstrap": f"127.0.0.1:{held.getsockname()[1]}"}
+    )
+    try:
+        async with TestServer(create_app(unreachable), host="127.0.0.1") as server:
+            yield str(server.make_url("")).rstrip("/")
+    finally:
+        held.close()
+
+
 async def test_a_cap_is_not_judged_before_its_spend_is_read(
     ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Started with the broker unreachable, an ingress cannot read what its capped
     budgets have spent: their calls get a 503 saying so (to retry), and reach no
     provider; the calls no cap counts go on."""
-    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    monkeypatch.setattr(admission, "BUDGET_STATES_WAIT_S", 0.3)
-    held = socket.socket()  # bound, never listening: connections to it are refused
-    held.bind(("127.0.0.1", 0))
-    budget = BudgetConfig(name="acme-cap", scope="tenant", value="acme", limit_usd=Decimal(100))
-    settings = ingress_settings.model_copy(
-        update={"budgets": [budget], "kafka_bootstrap": f"127.0.0.1:{held.getsockname()[1]}"}
-    )
-    capped, _ = create_key(settings.key_file, tenant="acme")
-    free, _ = create_key(settings.key_file, tenant="globex")
+    capped, _ = create_key(ingress_settings.key_file, tenant="acme")
+    free, _ = create_key(ingress_settings.key_file, tenant="globex")
     asked = len(upstream.provider.received)
-    try:
-        async with TestServer(create_app(settings), host="127.0.0.1") as server:
-            base = str(server.make_url("")).rstrip("/")
-            status, body, retry_after = await post_once(base, capped)
-            assert (status, body["error"]["code"], retry_after) == (
-                503,
-                "budget_state_unavailable",
-                "1",
-            ), body
-            assert "has not read its budgets' spend yet" in body["error"]["message"]
-            assert len(upstream.provider.received) == asked
-            assert (await post_once(base, free))[0] == 200
-    finally:
-        held.close()
+    async with spend_never_read(ingress_settings, monkeypatch, wait_s=0.3) as base:
+        status, body, retry_after = await post_once(base, capped)
+        assert (status, body["error"]["code"], retry_after) == (
+            503,
+            "budget_state_unavailable",
+            "1",
+        ), body
+        assert "has not read its budgets' spend yet" in body["error"]["message"]
+        assert len(upstream.provider.received) == asked
+        assert (await post_once(base, free))[0] == 200
 
 
 async def test_a_call_cut_while_it_waits_for_the_spend_gives_back_its_rate_limit(
@@ -674,25 +683,13 @@ async def test_a_call_cut_while_it_waits_for_the_spend_gives_back_its_rate_limit
     """A capped call whose client leaves while the ingress still reads its budgets'
     spend (its handler cancelled): it kept its key's request of the minute, so the
     key's next call was refused as rate limited; nor was it recorded."""
-    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    monkeypatch.setattr(admission, "BUDGET_STATES_WAIT_S", 2.0)
-    held = socket.socket()  # bound, never listening: the budgets are never read
-    held.bind(("127.0.0.1", 0))
-    budget = BudgetConfig(name="acme-cap", scope="tenant", value="acme", limit_usd=Decimal(100))
-    settings = ingress_settings.model_copy(
-        update={"budgets": [budget], "kafka_bootstrap": f"127.0.0.1:{held.getsockname()[1]}"}
-    )
-    once, _ = create_key(settings.key_file, tenant="acme", rpm=1)
-    try:
-        async with TestServer(create_app(settings), host="127.0.0.1") as server:
-            base = str(server.make_url("")).rstrip("/")
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.5):  # gone, mid-wait
-                    await post_once(base, once)
-            status, body, _ = await post_once(base, once)
-            assert (status, body["error"]["code"]) == (503, "budget_state_unavailable"), body
-    finally:
-        held.close()
+    once, _ = create_key(ingress_settings.key_file, tenant="acme", rpm=1)
+    async with spend_never_read(ingress_settings, monkeypatch, wait_s=2.0) as base:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):  # gone, mid-wait
+                await post_once(base, once)
+        status, body, _ = await post_once(base, once)
+        assert (status, body["error"]["code"]) == (503, "budget_state_unavailable"), body
 
 
 @asynccontextmanager
