@@ -300,11 +300,9 @@ async def partition_count(kafka: Kafka, topic: str) -> int | None:
     admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
     try:  # closed even when a start fails (the broker gone)
         await admin.start()
-        described = await admin.describe_topics([topic])
+        return len(await _partitions(admin, topic)) or None
     finally:
         await admin.close()
-    count = sum(len(t.get("partitions", ())) for t in described if t.get("topic") == topic)
-    return count or None
 
 
 async def read_consumed(
@@ -351,13 +349,17 @@ async def _offsets_at(
     return {tp: ends[tp] if at is None else at.offset for tp, at in found.items()}
 
 
+async def _partitions(admin: AIOKafkaAdminClient, topic: str) -> list[int]:
+    """The topic's partitions, as the broker's metadata lists them (none: no topic)."""
+    described = await admin.describe_topics([topic])
+    return sorted(p["partition"] for t in described for p in t.get("partitions", ()))
+
+
 async def _committed(
     admin: AIOKafkaAdminClient, group_id: str, topic: str
 ) -> dict[TopicPartition, int]:
     """The group's committed offsets on the topic's partitions (those it committed)."""
-    described = await admin.describe_topics([topic])
-    partitions = [p["partition"] for t in described for p in t.get("partitions", ())]
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = [TopicPartition(topic, p) for p in await _partitions(admin, topic)]
     found = await admin.list_consumer_group_offsets(group_id, partitions=tps)
     return {tp: meta.offset for tp, meta in found.items() if meta.offset > 0}
 
