@@ -77,7 +77,7 @@ class EndpointWorker:
 
     def offer(self, job: Job) -> None:
         """Queue a delivery recorded as pending; never blocks."""
-        if job.alert.event_id in self._held or not self._owned.holds(job):
+        if not self._wanted(job):
             return
         if self._rescan or self._refilling:
             # A rescan is due or under way: it finds this delivery (recorded as pending
@@ -86,6 +86,10 @@ class EndpointWorker:
             self._rescan_soon()
             return
         self._put(job)
+
+    def _wanted(self, job: Job) -> bool:
+        """Whether a delivery is to be queued: not held already, of a partition owned."""
+        return job.alert.event_id not in self._held and self._owned.holds(job)
 
     def _put(self, job: Job) -> None:
         try:
@@ -185,7 +189,7 @@ class EndpointWorker:
             log.info("webhook %s: %d unfinished deliveries resumed", name, len(jobs))
         self._rescan = self._rescan or len(jobs) >= limit
         for job in jobs:
-            if job.alert.event_id not in self._held and self._owned.holds(job):
+            if self._wanted(job):
                 self._put(job)
 
     @property
