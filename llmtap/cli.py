@@ -22,7 +22,13 @@ import unicodedata
 from typing import Any
 
 from llmtap import logs
-from llmtap.config import ConfigError, Settings, load_settings, pinned_config
+from llmtap.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    pinned_config,
+    unknown_variables,
+)
 
 log = logging.getLogger("llmtap")
 
@@ -302,6 +308,8 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     settings = load_settings(args.config)
     logs.setup(args.command, settings.log_level)
+    for name in unknown_variables(settings, os.environ):
+        log.warning("%s is not a setting: it is ignored", name)
 
     if args.command == "keys":
         return _keys(settings, args)

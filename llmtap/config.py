@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import difflib
 import ipaddress
 import os
 import re
@@ -857,6 +858,24 @@ def _running(pid: str) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
+
+
+def unknown_variables(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """What of ``environ`` looks like a setting but is none: an ``LLMTAP_*`` variable
+    that names no setting (a typo: ``LLMTAP_BUDGET`` for ``LLMTAP_BUDGETS``), each with
+    the setting it most likely meant. The environment source ignores such a variable,
+    so a budget given so was no budget at all. A provider's key variable
+    (``api_key_env``) may start with ``LLMTAP_`` too, and is not one."""
+    prefix = "LLMTAP_"
+    known = {prefix + name.upper() for name in Settings.model_fields} | {CONFIG_ENV}
+    known |= {provider.api_key_env.upper() for provider in settings.all_providers().values()}
+    said = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(prefix) and upper not in known:
+            close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
+            said.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return said
 
 
 class ConfigError(Exception):

@@ -469,6 +469,33 @@ def test_an_environment_variable_that_cannot_be_parsed_is_named_as_such(
     assert '"admin_key_hashes"' in err and "mapping" not in err
 
 
+def test_an_environment_variable_that_names_no_setting_is_said(
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The environment source ignores an LLMTAP_* variable it has no setting for: a
+    budget given as LLMTAP_BUDGET (for LLMTAP_BUDGETS) was no budget, silently. Such a
+    variable is now logged at WARNING with the setting it likely meant; a provider's
+    key variable named LLMTAP_* is not one."""
+    monkeypatch.setenv("LLMTAP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMTAP_BUDGET", '[{"scope": "tenant", "owner": "acme"}]')
+    monkeypatch.setenv("LLMTAP_NOTHING_LIKE_IT", "1")
+    monkeypatch.setenv(
+        "LLMTAP_PROVIDERS",
+        '{"groq": {"kind": "openai", '
+        '"base_url": "https://api.groq.com/openai/v1", "api_key_env": "LLMTAP_GROQ"}}',
+    )
+    monkeypatch.setenv("LLMTAP_GROQ", "gsk-secret")
+    assert cli(["keys", "list"]) == 0
+    err = capsys.readouterr().err
+    assert "LLMTAP_BUDGET (did you mean LLMTAP_BUDGETS?) is not a setting" in err, err
+    assert "LLMTAP_NOTHING_LIKE_IT is not a setting" in err
+    assert "LLMTAP_GROQ " not in err and "LLMTAP_DATA_DIR" not in err
+    assert "gsk-secret" not in err and "acme" not in err  # names only, never values
+
+
 def test_up_s_children_read_the_config_as_it_was_at_the_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
