@@ -513,6 +513,30 @@ def test_a_key_file_emptied_to_be_rewritten_keeps_the_keys(tmp_path: Path) -> No
     assert store.reload() and store.lookup(secret) is None
 
 
+def test_a_key_listed_twice_is_revoked_by_either_entry(tmp_path: Path) -> None:
+    """A key file merged by hand (two branches of a config repo) may list a key twice,
+    one copy revoked: the last entry won, so the revoked key was live whenever a live
+    copy came after it. Any revoked entry now revokes the key, and `keys revoke`
+    revokes every entry of its id."""
+    path = tmp_path / "keys.yaml"
+    secret, key = create_key(path, tenant="acme", team="search")
+    entry = path.read_text().removeprefix("keys:\n")
+    revoke_key(path, key.id)
+    path.write_text(path.read_text() + entry)  # a live copy after the revoked one
+    assert [k.revoked for k in read_keys(path).keys] == [True, False]
+    store = KeyStore(path)
+    assert store.reload() and store.lookup(secret) is None
+
+    path.write_text("keys:\n" + entry + entry)  # both live: the key works
+    assert store.reload() and store.lookup(secret) == key
+    was = revoke_key(path, key.id)
+    assert was is not None and not was.revoked
+    assert [k.revoked for k in read_keys(path).keys] == [True, True]
+    assert store.reload() and store.lookup(secret) is None
+    again = revoke_key(path, key.id)
+    assert again is not None and again.revoked  # "already revoked"
+
+
 def test_a_key_file_gone_for_a_moment_keeps_the_keys(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

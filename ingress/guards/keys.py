@@ -191,16 +191,29 @@ def create_key(
 
 def revoke_key(path: Path, key_id: str) -> VirtualKey | None:
     """Revoke the key ``key_id``; return it as it was (None: no such key). One already
-    revoked is left as it is."""
+    revoked is left as it is. Every entry of that id is revoked: a file merged by hand
+    may list a key twice, and the one left live was taken."""
     with locked(path):
         keys = read_keys(path)
-        for i, key in enumerate(keys.keys):
-            if key.id == key_id:
-                if not key.revoked:
-                    keys.keys[i] = key.model_copy(update={"revoked": True})
-                    write_keys(path, keys)
-                return key
-    return None
+        found = [i for i, key in enumerate(keys.keys) if key.id == key_id]
+        live = [i for i in found if not keys.keys[i].revoked]
+        for i in live:
+            keys.keys[i] = keys.keys[i].model_copy(update={"revoked": True})
+        if live:
+            write_keys(path, keys)
+        return keys.keys[found[0]].model_copy(update={"revoked": not live}) if found else None
+
+
+def by_hash(keys: KeyFile) -> dict[str, VirtualKey]:
+    """The keys by hash. A hash listed more than once (a file merged by hand) is its
+    first entry, revoked if any entry of it is: the last one won, so a revoked key was
+    taken as long as a live copy of it followed."""
+    found: dict[str, VirtualKey] = {}
+    for key in keys.keys:
+        first = found.setdefault(key.hash, key)
+        if key.revoked and not first.revoked:
+            found[key.hash] = first.model_copy(update={"revoked": True})
+    return found
 
 
 @contextlib.contextmanager
@@ -319,6 +332,6 @@ class KeyStore:
                         "key file %s unreadable, keeping the previous keys: %s", self.path, exc
                     )
                 return False
-            self._by_hash = {k.hash: k for k in keys.keys}
+            self._by_hash = by_hash(keys)
             log.info("loaded %d virtual keys from %s", len(self._by_hash), self.path)
             return True
