@@ -120,6 +120,39 @@ async def test_a_key_limited_to_some_models_gets_403_for_others(
     assert "may not use model 'gpt-4o'" in body["error"]["message"]
 
 
+async def test_a_key_limited_to_some_models_cannot_name_another_for_a_tool(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """Anthropic's advisor tool names a model of its own, which the provider runs and
+    bills: a key limited to Haiku named Opus there and was forwarded (only the call's
+    own model was checked)."""
+    secret, _ = create_key(
+        ingress_settings.key_file, tenant="acme", allowed_models=("claude-3-5-haiku*",)
+    )
+    await known(ingress, secret)
+    before = len(upstream.provider.received)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{ingress}/v1/messages",
+            json={
+                "model": "claude-3-5-haiku",
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [
+                    {"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4"}
+                ],
+            },
+            headers={"x-api-key": secret, "anthropic-version": "2023-06-01"},
+        ) as response,
+    ):
+        status, body = response.status, await response.json()
+    assert status == 403, body
+    assert body["error"]["type"] == "permission_error"
+    assert "may not use model (named by a tool) 'claude-opus-4'" in body["error"]["message"]
+    assert len(upstream.provider.received) == before
+
+
 async def test_headers_cannot_contradict_the_key_but_may_add_to_it(
     ingress: str, ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:

@@ -176,7 +176,7 @@ class Admission:
             )
         call.stream = payload.get("stream") is True
         try:
-            check_model(identity, model)
+            check_model(identity, model, payload)
         except Refusal as refusal:
             return refuse(
                 refusal.status, refusal.message, refusal.error_class, "model", refusal.code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from multidict import CIMultiDictProxy
 
@@ -129,11 +130,29 @@ def _identity(key: VirtualKey, claimed: Claims) -> Identity:
     return Identity(attribution, key)
 
 
-def check_model(identity: Identity, model: str) -> None:
-    if identity.key is not None and not identity.key.allows(model):
-        raise Refusal(
-            403,
-            f"this key may not use model {model!r}",
-            "model_not_allowed",
-            code="model_not_allowed",
-        )
+def check_model(identity: Identity, model: str, payload: dict[str, Any] | None = None) -> None:
+    """Refuse a model the key may not use: the call's own, and any a tool of its body
+    names (Anthropic's advisor tool, OpenAI's image generation tool), which the
+    provider runs and bills as well."""
+    if identity.key is None:
+        return
+    for i, each in enumerate([model, *tool_models(payload or {})]):
+        if not identity.key.allows(each):
+            what = "model (named by a tool)" if i else "model"
+            raise Refusal(
+                403,
+                f"this key may not use {what} {each!r}",
+                "model_not_allowed",
+                code="model_not_allowed",
+            )
+
+
+def tool_models(payload: dict[str, Any]) -> list[str]:
+    """The models the tools of a body name (a tool the provider runs on a model of its
+    own: ``{"type": "advisor_20260301", "model": ...}``)."""
+    tools = payload.get("tools")
+    return [
+        tool["model"]
+        for tool in (tools if isinstance(tools, list) else ())
+        if isinstance(tool, dict) and isinstance(tool.get("model"), str)
+    ]
