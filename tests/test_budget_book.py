@@ -595,6 +595,23 @@ def test_a_model_with_no_price_is_refused_under_a_hard_cap_with_nothing_reserved
     assert isinstance(by_provider, Unpriced)
 
 
+def test_a_refusal_for_what_is_held_until_the_period_ends_is_not_told_to_retry_soon() -> None:
+    """A call whose usage never came (its client hung up) holds its worst case until the
+    period ends: a refusal for it will not clear as calls in flight settle, so it is no
+    "held back" refusal (retry-after: 1, retried by the SDKs, no alert) but one for the
+    spend: retry-after until the reset, and the cap's alert."""
+    budgets, _ = book("0.015")
+    now = MIDNIGHT + timedelta(hours=9)
+    cut = uuid.uuid4()
+    assert budgets.admit(cut, ACME, "gpt-4o", 10, 1000, now) is None
+    budgets.settle(cut, "gpt-4o", Usage.missing(), now)  # held until midnight
+    later = now + timedelta(minutes=5)
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 1000, later)
+    assert isinstance(refused, Exhausted)
+    assert not refused.held_back  # nothing in flight: it will not fit until the reset
+    assert budgets.capped(refused, later) is not None
+
+
 def test_a_refusal_says_what_is_held_beyond_the_published_spend() -> None:
     """A refusal's message adds what this ingress holds (calls in flight, costs not
     counted yet) to the spend: "$0 of $0.015 spent" and a $0.01025 call refused read as

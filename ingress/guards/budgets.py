@@ -103,13 +103,18 @@ class Exhausted:
     # What this ingress holds against the budget beyond its published spend: worst cases
     # of calls in flight, and costs of ended calls not counted yet (or unpriced).
     held: Decimal = Decimal(0)
+    # Of ``held``, what is held until the period ends (the worst cases of ended calls
+    # the stream cannot price): spent as far as the cap can tell, never settled sooner.
+    lasting: Decimal = Decimal(0)
 
     @property
     def held_back(self) -> bool:
         """Refused for what this ingress holds (calls in flight, costs not yet counted),
         not for the published spend alone: it may fit within seconds, as those settle
-        (at their real cost, and the stream publishes it)."""
-        return self.held > 0 and self.state.spent_usd + self.worst_case <= self.budget.limit_usd
+        (at their real cost, and the stream publishes it). What is held until the period
+        ends does not settle so: it counts as the spend."""
+        spent = self.state.spent_usd + self.lasting
+        return self.held > self.lasting and spent + self.worst_case <= self.budget.limit_usd
 
     @property
     def never_fits(self) -> bool:
@@ -363,6 +368,12 @@ class BudgetBook:
                 total += amount
         return total
 
+    def _lasting(self, name: str, since: datetime) -> Decimal:
+        """What budget ``name`` holds until its period (from ``since``) ends: the worst
+        cases of ended calls the stream cannot price (:meth:`_hold_unpriced`)."""
+        period, total = self.unpriced.get(name, (None, Decimal(0)))
+        return total if period is not None and period >= since else Decimal(0)
+
     def held(self, now: datetime) -> dict[str, Decimal]:
         """What this process holds against each hard-capped budget beyond its published
         spend (what :meth:`committed` adds): in-flight worst cases and uncounted costs."""
@@ -428,7 +439,8 @@ class BudgetBook:
             state, committed = self.committed(budget, now)
             if committed + worst > budget.limit_usd:
                 floor = reckoned(0) if worst > budget.limit_usd else None
-                return Exhausted(budget, state, worst, floor, committed - state.spent_usd)
+                lasting = self._lasting(budget.name, state.period_start)
+                return Exhausted(budget, state, worst, floor, committed - state.spent_usd, lasting)
         for budget in capped:
             self.reserved[budget.name][call_id] = worst
         return None
