@@ -211,6 +211,7 @@ async def test_a_key_over_its_request_rate_gets_429_with_retry_after(
     response = await call(ingress, secret)
     assert response.status == 429
     assert int(response.headers["retry-after"]) == 30  # 2/min: one every 30 s
+    assert "x-should-retry" not in response.headers  # the SDKs wait and retry
     assert "rate limit of key" in response.body["error"]["message"]
     assert response.body["error"]["code"] == "rate_limit_exceeded"
     assert response.body["error"]["type"] == "requests"  # OpenAI's type: the limit hit
@@ -226,6 +227,24 @@ async def test_a_key_over_its_token_rate_is_held_back_after_the_call_that_spent_
         assert await statuses_of_new_key(ingress, secret, 2) == [200, 429]
         held = await call(ingress, secret)
         assert (held.status, held.body["error"]["type"]) == (429, "tokens")
+    finally:
+        upstream.provider.prompt_tokens = FakeProvider.prompt_tokens
+
+
+async def test_a_key_held_back_for_minutes_is_told_not_to_retry(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """A call of 10,000 tokens on a 1,000 tokens/min key leaves it ~9 minutes in debt:
+    the 429 said so in retry-after alone, and Anthropic's SDK sleeps whatever that
+    says (twice). Past a minute it also says x-should-retry: false, as a budget's does."""
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", tpm=1000)
+    upstream.provider.prompt_tokens = 10_000
+    try:
+        assert await statuses_of_new_key(ingress, secret, 2) == [200, 429]
+        held = await call(ingress, secret)
+        assert held.status == 429
+        assert int(held.headers["retry-after"]) > 8 * 60
+        assert held.headers["x-should-retry"] == "false"
     finally:
         upstream.provider.prompt_tokens = FakeProvider.prompt_tokens
 

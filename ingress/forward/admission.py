@@ -212,6 +212,8 @@ class Admission:
                     openai_type=admitted.limit,
                 )
                 limited.headers["retry-after"] = str(retry_after)
+                if retry_after > SDK_RETRY_WAIT_S:  # a key deep in debt: as a budget's
+                    limited.headers["x-should-retry"] = "false"
                 return limited
             self.ticket = admitted
         self.announce = announced = Announcement(
