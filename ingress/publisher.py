@@ -333,6 +333,18 @@ class EventPublisher:
                     continue
                 self._broker_down = False
                 backoff = BACKOFF_MIN_S
+            if (
+                self._spool is None
+                and self._spool_max_bytes > 0
+                and not self._closing
+                and len(self._queue) < self._high_water
+            ):
+                # Not open yet (another process holds it: a run still stopping): what it
+                # holds goes before anything new, so events wait in memory meanwhile (up
+                # to the high-water mark: a spool that stays shut must not cost events),
+                # and the open is tried again when due (_spool_policy).
+                await self._meanwhile(asyncio.sleep(POLL_S))
+                continue
             if self._spool is not None and not self._spool.empty:
                 delivered = await self._replay(self._producer)
             elif self._queue:

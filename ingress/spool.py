@@ -148,7 +148,9 @@ class Spool:
         self._owner = _claim(directory)
         self._sizes: dict[int, int] = {}  # every segment file, by number
         for path in directory.glob(f"*{_SUFFIX}"):
-            if path.stem.isascii() and path.stem.isdigit():  # not "²": int() refuses it
+            # Its own names only: not "²" (int() refuses it), nor "7.seg" (the spool
+            # would read and delete 00000000000000000007.seg, not that file).
+            if path.stem.isascii() and path.stem.isdigit() and path == self._path(int(path.stem)):
                 self._sizes[int(path.stem)] = path.stat().st_size
         self._next = max(self._sizes, default=0) + 1
         self._reserved: set[int] = set()
