@@ -1594,3 +1594,43 @@ async def test_time_to_first_token_is_a_streamed_call_s(
     event = await response_event(broker.bootstrap, streamed.headers["x-request-id"])
     assert (event.stream, event.status) == (True, "ok")
     assert event.ttft_ms is not None and 0 < event.ttft_ms <= event.latency_ms
+
+
+@pytest.mark.parametrize("asks_usage", [False, True])
+async def test_time_to_first_token_waits_for_the_stream_s_first_event(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch, asks_usage: bool
+) -> None:
+    """A provider that sends its stream's headers (and a comment) at once and its first
+    event once the prompt is read (vLLM's Starlette sends the head before the generator
+    yields; OpenRouter comments while it waits): the time to first token is the first
+    event's, not the head's."""
+
+    async def slow_first_token(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)  # the head goes out now
+        await response.write(b": PROCESSING\n\n")  # a comment, as OpenRouter's, no event
+        await asyncio.sleep(0.5)  # prefill: no token yet
+        await response.write(b"data: " + orjson.dumps(CHUNK) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    call: dict[str, Any] = {"model": "gpt-4o", "messages": [], "stream": True}
+    if asks_usage:
+        call["stream_options"] = {"include_usage": True}
+    async with (
+        ingress_before(slow_first_token, ingress_settings, monkeypatch) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"),
+            json=call,
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as response,
+    ):
+        assert response.status == 200
+        await response.read()
+        request_id = response.headers["x-request-id"]
+    event = await response_event(broker.bootstrap, request_id)
+    assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms

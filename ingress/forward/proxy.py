@@ -77,8 +77,6 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         async with request.app[UPSTREAM].post(
             admitted.url, data=admitted.body, headers=admitted.headers, allow_redirects=False
         ) as upstream:
-            if upstream.content_type == "text/event-stream":
-                call.mark_first_byte()  # a stream's: an error's JSON has no first token
             http_status = upstream.status
             if upstream.status >= 300:
                 status, error_class = "upstream_error", f"http_{upstream.status}"
@@ -94,6 +92,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                     # the whole answer is out (a read the client missed was generated
                     # all the same, so it is held before it is written).
                     async for data in upstream.content.iter_any():
+                        if call.t_first_byte is None and b"data:" in data:
+                            call.mark_first_byte()  # its first event's, not its head's
                         capture.hold(data)
                         await response.write(data)
                     call.mark_upstream_done()
@@ -103,6 +103,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                         capture.finish()
                 else:
                     async for data in upstream.content.iter_any():
+                        if call.t_first_byte is None and b"data:" in data:
+                            call.mark_first_byte()  # its first event's, not its head's
                         out = capture.feed(data)
                         if out:
                             await response.write(out)
