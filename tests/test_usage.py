@@ -91,6 +91,47 @@ def test_json_responses_api_usage_is_normalised() -> None:
     assert capture.model == "o3-mini"
 
 
+@pytest.mark.parametrize(
+    ("usage", "output"),
+    [
+        # xAI's (Grok): reasoning counted apart from completion_tokens, in total_tokens
+        (
+            {
+                "prompt_tokens": 10120,
+                "completion_tokens": 1499,
+                "total_tokens": 14428,
+                "prompt_tokens_details": {"cached_tokens": 128},
+                "completion_tokens_details": {"reasoning_tokens": 2809},
+            },
+            1499 + 2809,
+        ),
+        # a thinking answer with no visible text (no total_tokens said)
+        (
+            {
+                "prompt_tokens": 21,
+                "completion_tokens": 0,
+                "completion_tokens_details": {"reasoning_tokens": 60},
+            },
+            60,
+        ),
+    ],
+)
+def test_reasoning_reported_apart_from_the_completion_is_output(
+    usage: dict[str, Any], output: int
+) -> None:
+    """OpenAI-compatible providers that count reasoning tokens outside
+    ``completion_tokens`` (xAI: "counted separately from completion_tokens, but counted
+    in the total_tokens") bill them as output all the same: they are output tokens,
+    never cut down to the completion's count."""
+    capture = OpenAIJsonCapture(_completion(usage=usage))
+    reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+    assert (capture.usage.output_tokens, capture.usage.reasoning_tokens) == (output, reasoning)
+    stream = OpenAIStreamCapture(strip_usage_chunk=True)
+    chunk = {"model": "grok-4", "choices": [], "usage": usage}
+    stream.feed(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    assert stream.final_usage == capture.usage
+
+
 def test_json_body_without_usage_is_usage_missing() -> None:
     capture = OpenAIJsonCapture(_completion())
     assert capture.usage.usage_missing is True

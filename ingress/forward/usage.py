@@ -35,6 +35,12 @@ def openai_usage(usage: Any) -> Usage | None:
         if isinstance(completion_details, dict)
         else 0
     )
+    if reasoning and (
+        reasoning > completion or _int(usage.get("total_tokens")) == prompt + completion + reasoning
+    ):
+        # Counted apart from the completion (xAI's; total_tokens holds both), not within
+        # it as OpenAI's is: output all the same, billed as such.
+        completion += reasoning
     return Usage(
         input_tokens=prompt,
         output_tokens=completion,
