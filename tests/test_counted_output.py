@@ -154,3 +154,20 @@ def test_past_what_is_kept_the_count_is_scaled_by_the_bytes_seen(
     capture = fed(OpenAIStreamCapture(strip_usage_chunk=False), one * 20)
     assert capture.streamed_text() == "word " * 10  # ten kept of twenty
     assert capture.counted_usage(10).output_tokens == 20
+
+
+def test_reasoning_streamed_as_delta_reasoning_is_counted() -> None:
+    """Groq (reasoning_format "parsed"), OpenRouter, Ollama and vLLM stream a reasoning
+    model's thinking as ``delta.reasoning`` (DeepSeek's name is reasoning_content): it is
+    generated, billed output, counted when the stream is cut before its usage."""
+    capture = fed(
+        OpenAIStreamCapture(strip_usage_chunk=True),
+        sse(
+            chat({"role": "assistant", "content": ""}),
+            chat({"reasoning": "The user greets me; I should greet them back politely."}),
+            chat({"reasoning": "Then greet.", "reasoning_content": "Then greet."}),
+            chat({"content": "Hi"}),
+        ),
+    )
+    thought = "The user greets me; I should greet them back politely.Then greet."
+    assert capture.streamed_text() == thought + "Hi"

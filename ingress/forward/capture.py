@@ -322,8 +322,11 @@ class OpenAIStreamCapture(StreamCapture):
             message = choice.get("delta")  # chat completions
             if not isinstance(message, dict):
                 continue
-            for key in ("content", "reasoning_content", "refusal"):
+            for key in ("content", "refusal"):
                 texts.append(_str(message.get(key)))
+            # Thinking: DeepSeek's reasoning_content; Groq's, OpenRouter's, Ollama's and
+            # vLLM's reasoning (some send both, the same text): one of them.
+            texts.append(_str(message.get("reasoning_content")) or _str(message.get("reasoning")))
             calls = message.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 function = call.get("function") if isinstance(call, dict) else None
