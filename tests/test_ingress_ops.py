@@ -1166,6 +1166,49 @@ async def test_an_error_answered_as_a_stream_is_not_billed(
     assert (event.usage.input_tokens, event.usage.output_tokens) == (0, 0)
 
 
+@pytest.mark.parametrize("role_first", [False, True])
+async def test_a_stream_failing_before_any_token_is_not_billed(
+    ingress_settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    role_first: bool,
+) -> None:
+    """A 200 stream whose first event, or first after a role chunk with no text, is an
+    error (a provider overloaded: Anthropic's overloaded_error, OpenAI's server_error):
+    nothing was generated, and it is recorded with no tokens. It was usage unknown, which
+    a hard cap holds at its worst case until the period ends: a burst of such errors
+    could lock a budget out for the day."""
+
+    async def failing(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if role_first:
+            role = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+            await response.write(b"data: " + orjson.dumps(role) + b"\n\n")
+        await response.write(b"data: " + orjson.dumps(SERVER_ERROR) + b"\n\n")
+        await response.write_eof()
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before(failing, ingress_settings, monkeypatch) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"),
+            json={"model": "gpt-4o", "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as response,
+    ):
+        assert response.status == 200
+        await response.read()
+        request_id = response.headers["x-request-id"]
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.error_class) == ("upstream_error", "server_error")
+    assert not event.usage.usage_missing and not event.usage.output_tokens_counted
+    assert (event.usage.input_tokens, event.usage.output_tokens) == (0, 0)
+
+
 CHUNK = {
     "id": "chatcmpl-left",
     "object": "chat.completion.chunk",

@@ -224,9 +224,13 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         else:  # a stream, finished or not: usage as far as it was seen
             capture.catch_up()
             model_served = capture.model
-            if http_status >= 300 and capture.usage is None:
-                # An error answered as a stream, with no usage: not billed, as an error's
-                # JSON is not (held as unknown, a hard cap kept its worst case all period).
+            if capture.usage is None and (
+                http_status >= 300 or (capture.error and not capture.streamed_text())
+            ):
+                # An error answered as a stream, or a stream that failed before any
+                # token (Anthropic's overloaded_error as its first event), with no
+                # usage: not billed, as an error's JSON is not (held as unknown, a hard
+                # cap kept its worst case all period).
                 finish(Usage())
             elif capture.output_uncounted:  # broken off before the provider counted it
                 seen = capture
