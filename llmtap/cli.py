@@ -310,7 +310,19 @@ def _main(argv: list[str] | None) -> int:
     logs.setup(args.command, settings.log_level)
     for name in unknown_variables(settings, os.environ):
         log.warning("%s is not a setting: it is ignored", name)
+    try:
+        return _run(args, settings)
+    except (ConfigError, BrokenPipeError):
+        raise  # said by main()
+    except Exception as exc:
+        # Whatever else ends the command (a port another program holds, a ClickHouse
+        # server that cannot be reached): one JSON line, redacted, as every other, not
+        # Python's bare traceback on stderr; exit status 1, as before.
+        log.critical("llmtap %s failed: %s", args.command, exc, exc_info=True)
+        return 1
 
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "keys":
         return _keys(settings, args)
     if args.command == "alerts":

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import orjson
 
 from llmtap import logs
+from tests.fake_provider import free_port
 
 
 def test_a_log_line_is_json_with_the_request_id() -> None:
@@ -64,3 +70,34 @@ def test_once_says_yes_once_a_thing_and_remembers_a_bounded_number() -> None:
     assert once.first("d")  # a fourth: the three are forgotten, so memory stays bounded
     assert not once.first("d")
     assert once.first("a")  # forgotten, so told again
+
+
+def test_a_process_that_fails_says_so_in_a_json_line_not_a_bare_traceback(
+    tmp_path: Path,
+) -> None:
+    """`llmtap ingress` (as compose runs it, alone) whose port another program holds:
+    it exits, status 1. What it wrote on its way out was Python's own traceback, ~25
+    lines that are not JSON (a log pipeline reading JSON lines drops or mangles them)
+    and not redacted. Now one JSON line, at CRITICAL, with the traceback in it."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {
+            **os.environ,
+            "LLMTAP_DATA_DIR": str(tmp_path),
+            "LLMTAP_PROXY_PORT": str(port),
+            "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # nothing there
+        }
+        ran = subprocess.run(
+            [sys.executable, "-m", "llmtap", "ingress"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert ran.returncode == 1, ran.stderr
+    lines = [orjson.loads(line) for line in ran.stderr.splitlines()]  # every one JSON
+    (failed,) = [line for line in lines if line["level"] == "CRITICAL"]
+    assert "address already in use" in failed["message"]
+    assert "Traceback" in failed["exception"]
