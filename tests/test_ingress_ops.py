@@ -1677,3 +1677,49 @@ async def test_time_to_first_token_waits_for_the_stream_s_first_event(
         request_id = response.headers["x-request-id"]
     event = await response_event(broker.bootstrap, request_id)
     assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
+
+
+async def test_counting_a_stream_s_output_is_not_the_call_s_latency_nor_overhead(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream that ends without the provider's usage has its output counted by llmtap
+    once the client has the whole answer (in a thread: the encoding's first load takes
+    ~0.2 s, a long answer's tokenizing more, on a busy executor longer). The client saw
+    the call end at its last byte: that is its latency (and the event's end), and the
+    count, which no client waits for, is not proxy overhead either."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    real_count = tokens.count
+
+    def slow_count(text: str) -> int:
+        import time
+
+        time.sleep(1.0)
+        return real_count(text)
+
+    monkeypatch.setattr(tokens, "count", slow_count)
+    plain = ProviderConfig(
+        base_url=upstream.base_url, api_key_env="LLMTAP_TEST_OPENAI_KEY", stream_usage=False
+    )
+    server, base, settings = await serve_with_provider(ingress_settings, "plain", plain, "plain-*")
+    try:
+        secret = await make_key(base, settings.key_file)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{base}/v1/chat/completions",
+                json={"model": "plain-model", "stream": True, "messages": []},
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response,
+        ):
+            assert response.status == 200
+            await response.read()
+            request_id = response.headers["x-request-id"]
+    finally:
+        await server.close()
+    event = await response_event(broker.bootstrap, request_id)
+    assert event.usage.output_tokens_counted and event.usage.output_tokens > 0
+    assert event.latency_ms < 1000, event.latency_ms
+    assert event.proxy_overhead_ms < 1000, event.proxy_overhead_ms

@@ -263,6 +263,7 @@ class Call:
     t_upstream_sent: float | None = None
     t_first_byte: float | None = None
     t_upstream_done: float | None = None
+    t_end: float | None = None  # when the call ended, if before its event is made
 
     def request_event(self, *, request_bytes: int, max_tokens: int | None) -> wire.Request:
         """The contract's ``RequestEvent``, as its msgspec mirror: built and encoded in
@@ -290,6 +291,11 @@ class Call:
     def mark_upstream_done(self) -> None:
         self.t_upstream_done = time.perf_counter()
 
+    def mark_end(self) -> None:
+        """The call ended now, for the client, though its event is made later (once
+        llmtap has counted its output)."""
+        self.t_end = time.perf_counter()
+
     def response_event(
         self,
         *,
@@ -300,7 +306,7 @@ class Call:
         error_class: str = "",
     ) -> wire.Response:
         """The contract's ``ResponseEvent``, as its msgspec mirror: ~9 us instead of ~15."""
-        t_end = time.perf_counter()
+        t_end = self.t_end if self.t_end is not None else time.perf_counter()
         latency = t_end - self.t_start
         # Time spent in the proxy itself: before the provider was asked, and after its
         # last byte arrived. The wait on the provider is not ours.

@@ -233,6 +233,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 # cap kept its worst case all period).
                 finish(Usage())
             elif capture.output_uncounted:  # broken off before the provider counted it
+                call.mark_end()  # the count, after, is no part of the call the client saw
                 seen = capture
                 request.app[COUNTING].then(
                     seen.streamed_text, lambda tokens: finish(seen.counted_usage(tokens))
