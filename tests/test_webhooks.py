@@ -1235,3 +1235,40 @@ def test_a_lone_surrogate_a_template_writes_is_a_template_error(tmp_path: Path) 
     odd.write_text('{"t": "{{ "\\ud83d" }}{{ alert.rule }}"}')
     with pytest.raises(jinja2.TemplateError):
         render.render(render.load(str(odd)), make_alert())
+
+
+async def test_an_endpoint_s_url_is_never_in_what_an_attempt_says(tmp_path: Path) -> None:
+    """A webhook URL is a secret (a Slack incoming webhook's path is its key): settings
+    are shown without it. A receiver answering something that is not HTTP made
+    aiohttp's ClientResponseError, whose text ends in the URL, the attempt's error:
+    printed by `llmtap alerts test`, and kept in `webhook_deliveries.error`."""
+    path = "/services/T000/B000/k3ep-th1s-s3cret"
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 2000 OK\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    endpoint = {"name": "ops", "url": f"http://127.0.0.1:{port}{path}", "secret": SECRET}
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_WEBHOOKS": json.dumps([endpoint]),
+        "LLMTAP_WEBHOOK_ALLOW_PRIVATE": "true",
+    }
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "llmtap", "alerts", "test", "--endpoint", "ops"),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        server.close()
+    said = out.decode()
+    assert process.returncode == 1 and "failed" in said, said
+    assert "k3ep-th1s-s3cret" not in said, said

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+import yarl
 
 from llmtap.config import WebhookEndpoint
 from llmtap.events import utcnow
@@ -134,14 +135,25 @@ async def send(
             return Response(resp.status, error, retry_after, retryable)
     except TimeoutError:
         return Response(None, f"timeout after {endpoint.timeout_s:g}s")
-    except aiohttp.InvalidURL as exc:
-        return Response(None, f"invalid URL: {exc}", retryable=False)
+    except aiohttp.InvalidURL:  # its text is the URL: a secret, never said
+        return Response(None, "invalid URL", retryable=False)
+    except aiohttp.ClientResponseError as exc:  # its text ends in the URL
+        return Response(None, f"{type(exc).__name__}: {exc.status}, {exc.message}")
     except aiohttp.ClientError as exc:
-        return Response(None, f"{type(exc).__name__}: {exc}")
+        return Response(None, _unquoted(f"{type(exc).__name__}: {exc}", endpoint.url))
     except guard.Refused:
         raise  # an address the resolver gave (GuardedResolver)
     except Exception as exc:  # anything else the answer made fail: an attempt all the same
-        return Response(None, f"{type(exc).__name__}: {exc}")
+        return Response(None, _unquoted(f"{type(exc).__name__}: {exc}", endpoint.url))
+
+
+def _unquoted(error: str, url: str) -> str:
+    """``error`` without the endpoint's URL (a Slack incoming webhook's path is its
+    secret), as settings are shown: kept in webhook_deliveries, printed by `llmtap
+    alerts test`."""
+    for quoted in {url, str(yarl.URL(url))}:
+        error = error.replace(quoted, "[webhook url]")
+    return error
 
 
 async def _until(when: datetime) -> None:
