@@ -125,7 +125,7 @@ class WebhookEndpoint(BaseModel):
     Jinja2 file, rendered with ``alert`` (the alert as JSON-ready values).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     url: str = Field(repr=False)  # a Slack incoming webhook's path is its secret
@@ -149,6 +149,12 @@ class WebhookEndpoint(BaseModel):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
+        try:
+            port_ok = parts.port != 0  # read: a port out of range or no number raises
+        except ValueError:
+            port_ok = False
+        if not port_ok:
+            raise ValueError("must be an http:// or https:// URL whose port is 1 to 65535")
         return value
 
     @field_validator("secret")
@@ -284,7 +290,7 @@ class Settings(BaseSettings):
     # An error names the setting and what is wrong, never the values given: they hold
     # secrets (a SASL password, a DSN's), and an error of the whole model shows them all.
     model_config = SettingsConfigDict(
-        env_prefix="LLMTAP_", extra="forbid", hide_input_in_errors=True
+        env_prefix="LLMTAP_", extra="forbid", hide_input_in_errors=True, allow_inf_nan=False
     )
 
     # Where embedded state lives: the chDB store, logs, and run files.

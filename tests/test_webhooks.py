@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import sys
 import uuid
@@ -205,6 +206,38 @@ def test_max_attempts_fit_the_deliveries_table() -> None:
     """Attempts are numbered in a UInt16 column: a limit past it would wedge the worker."""
     with pytest.raises(ValidationError, match="max_attempts"):
         WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, max_attempts=70_000)
+
+
+def test_an_endpoint_timeout_must_be_finite() -> None:
+    """`timeout_s: .inf` (YAML's infinity, or JSON's Infinity in LLMTAP_WEBHOOKS: "no
+    timeout") was taken, and every attempt then failed inside the HTTP client before
+    anything was sent ("OverflowError: cannot convert float infinity to integer"): each
+    alert was retried max_attempts times and dead-lettered, and `llmtap alerts test`
+    printed that error. A finite timeout, however large, delivers."""
+    with pytest.raises(ValidationError, match="timeout_s"):
+        WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, timeout_s=math.inf)
+    with pytest.raises(ValidationError, match="timeout_s"):
+        Settings(
+            webhooks=json.loads(
+                '[{"name": "a", "url": "https://example.com/", "timeout_s": Infinity, '
+                f'"secret": "{SECRET}"}}]'
+            )
+        )
+    WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, timeout_s=1e300)
+    # Nor any other setting's: an endless upstream timeout, batch age or grace.
+    with pytest.raises(ValidationError, match="upstream_read_timeout_s"):
+        Settings(upstream_read_timeout_s=math.inf)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://hooks.example.com:99999/x", "http://hooks.example.com:x/", "http://h.example:0/"],
+)
+def test_an_endpoint_url_with_a_bad_port_is_a_config_error(url: str) -> None:
+    """Taken by the config (and by `llmtap up`'s checks), such a URL had every alert to
+    the endpoint recorded as `refused`, the SSRF guard's outcome ("not a URL")."""
+    with pytest.raises(ValidationError, match="url"):
+        WebhookEndpoint(name="a", url=url, secret=SECRET)
 
 
 def test_endpoint_names_are_unique_and_urls_http() -> None:
