@@ -677,3 +677,50 @@ async def test_decode_processes_that_cannot_start_leave_the_store_process_decodi
             await task
     stored = store.rows("SELECT output_tokens FROM calls")
     assert sorted(int(r["output_tokens"]) for r in stored) == list(range(1, 401))
+
+
+# Spellings the contract's pydantic models read (lax mode) that msgspec's lax mode does not.
+SPELLED_OTHERWISE = {
+    "stream as 'yes'": ("response.stream", "yes"),
+    "usage_missing as 'off'": ("response.usage.usage_missing", "off"),
+    "tokens with a space": ("response.usage.input_tokens", " 10"),
+    "tokens with an underscore": ("response.usage.output_tokens", "1_000"),
+    "event id in braces": ("event_id", "{12345678-1234-5678-1234-567812345678}"),
+    "time without seconds": ("response.ts_end", "2026-11-29T10:00Z"),
+    "time in milliseconds": ("response.ts_start", 1795946400123),
+    "schema version 1.0": ("schema_version", 1.0),
+}
+
+
+@pytest.mark.parametrize("path,value", SPELLED_OTHERWISE.values(), ids=SPELLED_OTHERWISE.keys())
+def test_an_event_the_contract_accepts_in_any_spelling_is_stored_not_dead_lettered(
+    store: Store, path: str, value: Any
+) -> None:
+    """The writer reads events with msgspec structs that promise to read what the
+    contract's models read ("a message the contract accepts is not refused for its
+    spelling"): an event the contract accepts is a call, never a dead letter, and is
+    stored as the contract reads it."""
+    doc = orjson.loads(costed().model_dump_json())
+    *parents, key = path.split(".")
+    holder = doc
+    for parent in parents:
+        holder = holder[parent]
+    holder[key] = value
+    raw = orjson.dumps(doc)
+    contract = CostedEvent.model_validate_json(raw)  # the contract takes it
+    records = runs_of([(Names().costed, 0, 0, raw)])
+    batch = decode_batch(records, calls_types(store))
+    batch.source = records
+    assert [d.error for d in batch.dead_letters] == []
+    assert write_batch(store, batch) == 1
+    assert count(store, "dead_letters") == 0
+    [row] = store.rows("SELECT event_id, stream, input_tokens, ts_start, ts_end FROM calls")
+    r = contract.response
+    assert (row["event_id"], row["stream"], row["input_tokens"]) == (
+        contract.event_id,
+        r.stream,
+        r.usage.input_tokens,
+    )
+    assert row["ts_end"] == r.ts_end.replace(
+        microsecond=r.ts_end.microsecond // 1000 * 1000, tzinfo=None
+    )

@@ -18,20 +18,20 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import groupby
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiokafka import TopicPartition
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from llmtap import names, wire
-from llmtap.events import CostedEvent, utcnow
+from llmtap.events import CostedEvent, WindowEvent, utcnow
 from sinks.clickhouse.rows import (
     CALLS_COLUMNS,
     EVENT_ID,
@@ -41,6 +41,8 @@ from sinks.clickhouse.rows import (
     window_unstorable,
 )
 from sql.native import native_body
+
+T = TypeVar("T")
 
 # A raw message: topic, partition, offset, value.
 Record = tuple[str, int, int, bytes]
@@ -174,12 +176,12 @@ def _decode_run(run: Run, batch: Batch) -> list[tuple[Any, ...]]:
         event: wire.CostedEvent | None = None
         try:
             if windows:
-                window = wire.decode_window(raw)
+                window = _as_contract(raw, wire.decode_window, WindowEvent)
                 if problem := window_unstorable(window):
                     raise ValueError(problem)
                 batch.windows.append(window)
             else:
-                event = wire.decode_costed(raw)
+                event = _as_contract(raw, wire.decode_costed, CostedEvent)
                 if problem := unstorable(event):
                     raise ValueError(problem)
         except (
@@ -196,6 +198,21 @@ def _decode_run(run: Run, batch: Batch) -> list[tuple[Any, ...]]:
         if event is not None:  # an event that passed: only a bug raises here, and stops
             rows.append(call_row(event))  # the writer rather than make a dead letter
     return rows
+
+
+def _as_contract(raw: bytes, decode: Callable[[bytes], T], model: type[BaseModel]) -> T:
+    """``decode(raw)``; a message msgspec refuses that the contract's model reads (in a
+    spelling pydantic's lax mode takes and msgspec's does not: a bool as "yes", an
+    int with a space or an underscore, a UUID in braces, a time in milliseconds...) is
+    read as the model reads it, not dead-lettered. Refused by both: msgspec's error."""
+    try:
+        return decode(raw)
+    except msgspec.ValidationError as refused:
+        try:
+            read = model.model_validate_json(raw)
+        except ValidationError:
+            raise refused from None
+        return decode(read.model_dump_json().encode())
 
 
 def decode_pool(processes: int) -> ProcessPoolExecutor:
