@@ -676,6 +676,32 @@ def test_deepseek_cache_hits_at_the_price_in_force(
     assert cost.input + cost.cached_input + cost.output == expected
 
 
+@pytest.mark.parametrize(
+    ("model", "ts", "rates"),
+    [
+        # cache miss, cache hit, output (the peak rates from 2026-08-16 16:00 UTC on)
+        ("deepseek-v4-pro", datetime(2026, 7, 1, tzinfo=UTC), ("0.435", "0.003625", "0.87")),
+        ("deepseek-v4-pro", datetime(2026, 8, 20, tzinfo=UTC), ("1.32", "0.044", "3.96")),
+        ("deepseek-v4-flash", datetime(2026, 7, 1, tzinfo=UTC), ("0.14", "0.0028", "0.28")),
+        ("deepseek-v4-flash", datetime(2026, 8, 20, tzinfo=UTC), ("0.44", "0.014", "1.32")),
+        ("deepseek-v4-flash", datetime(2026, 10, 1, tzinfo=UTC), ("0.30", "0.006", "1.20")),
+        ("deepseek-flash", datetime(2026, 10, 1, tzinfo=UTC), ("0.30", "0.006", "1.20")),
+    ],
+)
+def test_deepseek_v4_at_the_price_in_force(
+    catalog: Catalog, model: str, ts: datetime, rates: tuple[str, str, str]
+) -> None:
+    """V4 Pro's launch price held until the peak/off-peak prices of 2026-08-16 (the
+    official page still listed it in August); Flash went to V4.1 Flash's price."""
+    miss, hit, out = (Decimal(r) for r in rates)
+    usage = Usage(input_tokens=100_000, cached_input_tokens=80_000, output_tokens=1_000)
+    cost, family = costed_at(catalog, model, usage, "deepseek", ts=ts)
+    assert family == model
+    assert cost.input == usd(20_000, miss)
+    assert cost.cached_input == usd(80_000, hit)
+    assert cost.output == usd(1_000, out)
+
+
 def test_deepseek_before_its_first_listed_price_is_unpriced(catalog: Catalog) -> None:
     event = response(
         "deepseek-chat",
@@ -1529,33 +1555,64 @@ def test_new_openai_entries_start_at_their_launch(catalog: Catalog) -> None:
 
 
 # Input, cached input, cache write, output; past 272K prompt tokens x2, x2, x2 and x1.5.
+# At launch, and since the cuts (Luna and Terra 2026-07-30, Sol's promotion 2026-08-21).
 GPT_5_6 = {
     "gpt-5.6-sol": ("5.00", "0.50", "6.25", "30.00"),
     "gpt-5.6-terra": ("2.50", "0.25", "3.125", "15.00"),
     "gpt-5.6-luna": ("1.00", "0.10", "1.25", "6.00"),
 }
+GPT_5_6_CUT = {
+    "gpt-5.6-sol": ("4.00", "0.40", "5.00", "20.00"),
+    "gpt-5.6-terra": ("2.00", "0.20", "2.50", "12.00"),
+    "gpt-5.6-luna": ("0.20", "0.02", "0.25", "1.20"),
+}
+AT_GPT_5_6_LAUNCH = datetime(2026, 7, 10, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("model", list(GPT_5_6))
-def test_gpt_5_6_bills_cache_writes_at_a_quarter_above_input(catalog: Catalog, model: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "ts", "table"),
+    [(m, AT_GPT_5_6_LAUNCH, GPT_5_6) for m in GPT_5_6]
+    + [(m, LATE_2026, GPT_5_6_CUT) for m in GPT_5_6_CUT],
+)
+def test_gpt_5_6_bills_cache_writes_at_a_quarter_above_input(
+    catalog: Catalog, model: str, ts: datetime, table: dict[str, tuple[str, ...]]
+) -> None:
     """From GPT-5.6 on OpenAI bills the prompt tokens written to its cache (usage's
     cache_write_tokens, kept as cache_creation_input_tokens) at 1.25x the input rate;
     past 272K prompt tokens every rate of the call is the long-context one."""
-    fresh, cached, write, out = (Decimal(r) for r in GPT_5_6[model])
+    fresh, cached, write, out = (Decimal(r) for r in table[model])
     usage = Usage(input_tokens=20_000, cached_input_tokens=8_000,
                   cache_creation_input_tokens=5_000, output_tokens=1_500)  # fmt: skip
-    cost = priced(response(model, usage, provider="openai"), catalog)
+    cost = priced(response(model, usage, ts=ts, provider="openai"), catalog)
     assert write == fresh * Decimal("1.25")
     assert cost.input == usd(7_000, fresh)
     assert cost.cached_input == usd(8_000, cached)
     assert cost.cache_write == usd(5_000, write)
     assert cost.output == usd(1_500, out)
     long = usage.model_copy(update={"input_tokens": 300_000})
-    cost = priced(response(model, long, provider="openai"), catalog)
+    cost = priced(response(model, long, ts=ts, provider="openai"), catalog)
     assert cost.input == usd(287_000, 2 * fresh)
     assert cost.cache_write == usd(5_000, 2 * write)
     assert cost.output == usd(1_500, out * Decimal("1.5"))
-    assert price(openai_call(model, "priority"), catalog).unpriced  # no tier rates found
+
+
+def test_gpt_5_6_priority_is_fast_mode_s_rates(catalog: Catalog) -> None:
+    """Priority processing, renamed Fast mode on 2026-07-30, lists Terra and Luna at twice
+    their cut rates (openai.com/api-fast-mode); Sol's listed rate predates its promotion,
+    and no tier had rates at launch: a call either served then is unpriced."""
+    usage = TIERED.model_copy(update={"service_tier": "priority"})
+    for model, (fresh, cached, out) in {
+        "gpt-5.6-terra": ("4.00", "0.40", "24.00"),
+        "gpt-5.6-luna": ("0.40", "0.04", "2.40"),
+    }.items():
+        cost = priced(response(model, usage, ts=LATE_2026, provider="openai"), catalog)
+        assert cost.input == usd(12_000, Decimal(fresh)), model
+        assert cost.cached_input == usd(8_000, Decimal(cached)), model
+        assert cost.output == usd(1_500, Decimal(out)), model
+        early = response(model, usage, ts=AT_GPT_5_6_LAUNCH, provider="openai")
+        assert price(early, catalog).unpriced, model
+    sol = response("gpt-5.6-sol", usage, ts=LATE_2026, provider="openai")
+    assert price(sol, catalog).unpriced
 
 
 def test_a_cache_write_on_a_model_before_gpt_5_6_costs_the_input_rate(catalog: Catalog) -> None:
