@@ -469,6 +469,7 @@ def test_a_call_openai_may_serve_at_priority_reserves_the_priority_rates() -> No
     assert long == (300_000 * Decimal("5.00") + 1_000 * Decimal("30.00")) / 1_000_000
     asked: list[tuple[dict[str, str], str, Decimal | None]] = [
         ({"service_tier": "priority"}, "standard", priority),
+        ({"service_tier": "fast"}, "standard", priority),  # Fast mode: priority's new name
         ({}, "priority", priority),
         ({"service_tier": "auto"}, "priority", priority),
         ({"service_tier": "default"}, "priority", standard),

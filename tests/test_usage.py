@@ -888,7 +888,8 @@ def test_searches_by_the_preview_tool_are_all_the_call_s_searches() -> None:
 
 @pytest.mark.parametrize(
     ("said", "tier"),
-    [("flex", "flex"), ("priority", "priority"), ("default", "standard"), ("scale", "standard"),
+    [("flex", "flex"), ("priority", "priority"), ("fast", "priority"), ("default", "standard"),
+     ("scale", "standard"),
      ("auto", "standard"), (None, "standard"), ("PRIORITY", "standard"), (1, "standard")],
 )  # fmt: skip
 def test_an_openai_answer_says_which_tier_served_the_call(said: Any, tier: str) -> None:

@@ -52,9 +52,12 @@ def openai_usage(usage: Any) -> Usage | None:
 
 def served_tier(value: Any) -> ServiceTier:
     """The tier an OpenAI answer's ``service_tier`` says served the call: ``"flex"`` and
-    ``"priority"`` as said; ``"default"``, ``"scale"`` (Scale Tier's prepaid units,
-    valued at standard rates), ``"auto"`` (a request's value, not a served tier), any
-    other value, or none: standard."""
+    ``"priority"`` as said, ``"fast"`` as priority (OpenAI renamed Priority processing
+    Fast mode on 2026-07-30, one tier by either name); ``"default"``, ``"scale"`` (Scale
+    Tier's prepaid units, valued at standard rates), ``"auto"`` (a request's value, not a
+    served tier), any other value, or none: standard."""
+    if value == "fast":
+        return "priority"
     return value if value in ("flex", "priority") else "standard"
 
 

@@ -186,14 +186,15 @@ def inference_geo(payload: dict[str, Any]) -> str | None:
 
 def priority(payload: dict[str, Any], project_tier: str = "standard") -> bool:
     """Whether OpenAI may serve the call at its priority tier, and bill it so: it asks
-    for it (``service_tier: "priority"``), or names no tier (or ``"auto"``) on a provider
+    for it (``service_tier: "priority"``, or ``"fast"``: Priority processing's name since
+    2026-07-30), or names no tier (or ``"auto"``) on a provider
     whose project's own tier is priority (``project_tier``:
     ProviderConfig.default_service_tier), which llmtap cannot see otherwise. A call
     asking for flex or the default tier cannot be billed above the standard rates."""
     asked = payload.get("service_tier")
     if asked is None or asked == "auto":
         return project_tier == "priority"
-    return isinstance(asked, str) and asked == "priority"
+    return asked in ("priority", "fast")
 
 
 class Advisor(NamedTuple):
