@@ -310,11 +310,10 @@ async def delay_the_stop(app: web.Application) -> None:
     resets the connections already queued on it. Then the stop runs as without a
     delay. Another SIGTERM, or SIGINT, cuts the delay short; once the stop runs, signals
     are ignored (one would cut the calls in flight and their events' flush: SIGKILL
-    does that). Runs at start, after aiohttp has set its own handlers, and replaces
-    them."""
+    does that), with no delay too (aiohttp's own handlers, left in place, stopped the
+    stop halfway at a second signal: a second Ctrl-C, a supervisor's repeated SIGTERM).
+    Runs at start, after aiohttp has set its own handlers, and replaces them."""
     delay_s = app[SETTINGS].shutdown_delay_s
-    if delay_s <= 0:
-        return
     loop = asyncio.get_running_loop()
     timer: asyncio.TimerHandle | None = None
     exiting = False
@@ -331,7 +330,7 @@ async def delay_the_stop(app: web.Application) -> None:
 
     def on_sigterm() -> None:
         nonlocal timer
-        if app[STOPPING].is_set():
+        if delay_s <= 0 or app[STOPPING].is_set():
             stop_now()
             return
         app[STOPPING].set()
@@ -342,7 +341,8 @@ async def delay_the_stop(app: web.Application) -> None:
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         loop.add_signal_handler(signal.SIGINT, stop_now)
     except NotImplementedError:  # an event loop without signal handlers
-        log.warning("shutdown_delay_s is not supported here: a SIGTERM stops at once")
+        if delay_s > 0:
+            log.warning("shutdown_delay_s is not supported here: a SIGTERM stops at once")
 
 
 async def close_while_stopping(request: web.Request, response: web.StreamResponse) -> None:

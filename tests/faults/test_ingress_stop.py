@@ -115,6 +115,36 @@ async def test_a_stream_longer_than_the_grace_is_cut_and_recorded_as_cut_by_the_
     assert (row["output_tokens"] > 0) == bool(text(received))
 
 
+async def test_a_second_signal_while_the_ingress_stops_cuts_nothing(
+    make_cluster: MakeCluster, upstream_faults: Upstream
+) -> None:
+    """No shutdown delay: SIGTERM, then SIGINT once the stop runs (a second Ctrl-C, a
+    supervisor's repeated signal). aiohttp's own handler, still in place, stopped the
+    stop halfway: the stream in flight cut, its events not flushed, exit 1. The second
+    signal is now ignored, as with a delay: the stream ends whole, and is metered."""
+    fake = upstream_faults.provider.fake
+    fake.chunk_delay_s = 1.0  # five words: ~5 s, within the grace
+    cluster = await make_cluster({})
+    await cluster.start_all()
+    async with a_stream_begun(cluster) as (received, chunks):
+        ingress = cluster.processes["ingress"].process
+        assert ingress is not None
+        ingress.send_signal(signal.SIGTERM)
+
+        async def refusing() -> bool:
+            return not await listening(f"127.0.0.1:{cluster.proxy_port}")
+
+        await until(refusing, "the stopping ingress refuses new connections", 5)
+        ingress.send_signal(signal.SIGINT)
+        received.extend([chunk async for chunk in chunks])
+    assert text(received) == "".join(fake.words)
+    assert await asyncio.wait_for(ingress.wait(), 30) == 0
+    await cluster.start("ingress")
+    await cluster.quiet()
+    row = await only_call(cluster)
+    assert (row["rows"], row["status"]) == (1, "ok")
+
+
 async def readyz_says_stopping(cluster: Cluster) -> bool:
     async with (
         aiohttp.ClientSession() as session,
