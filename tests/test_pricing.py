@@ -466,6 +466,17 @@ def test_openai_cached_input_is_not_also_charged_at_the_input_rate(catalog: Cata
     # charging the cached tokens at the input rate too would have cost 0.1575
 
 
+def test_gpt_3_5_turbo_1106_is_priced_apart_from_its_family(catalog: Catalog) -> None:
+    """gpt-3.5-turbo-1106 kept its launch price ($1 input, $2 output a million, beside
+    gpt-3.5-turbo-0125 at $0.50 / $1.50): its "-1106" is no date, and it resolved to
+    the family, billed at half its input price."""
+    usage = Usage(input_tokens=1_000, output_tokens=1_000)
+    cost, family = costed_at(catalog, "gpt-3.5-turbo-1106", usage, "openai")
+    assert (family, cost.total) == ("gpt-3.5-turbo-1106", Decimal("0.003"))
+    cost, family = costed_at(catalog, "gpt-3.5-turbo-0125", usage, "openai")
+    assert (family, cost.total) == ("gpt-3.5-turbo", Decimal("0.002"))
+
+
 def test_openai_snapshot_priced_apart_from_its_family(catalog: Catalog) -> None:
     usage = Usage(input_tokens=1_000, output_tokens=1_000)
     old, old_family = costed_at(catalog, "gpt-4o-2024-05-13", usage, "openai")
@@ -1178,7 +1189,8 @@ def test_an_override_keeps_the_fast_multiplier_it_does_not_name(tmp_path: Path) 
 US_PREMIUM = (
     "claude-opus-4-6", "claude-sonnet-4-6", "claude-opus-4-7", "claude-opus-4-8",
     "claude-sonnet-5", "claude-opus-5", "claude-opus-5-5", "claude-sonnet-5-5",
-    "claude-haiku-5-5",
+    "claude-haiku-5-5", "claude-fable-5", "claude-mythos-5", "claude-fable-5-1",
+    "claude-mythos-5-1",
 )  # fmt: skip
 
 
@@ -1619,3 +1631,116 @@ def test_a_cache_write_on_a_model_before_gpt_5_6_costs_the_input_rate(catalog: C
     usage = Usage(input_tokens=20_000, cache_creation_input_tokens=5_000, output_tokens=10)
     cost = priced(response("gpt-5.5", usage, provider="openai"), catalog)
     assert cost.input + cost.cache_write == usd(20_000, Decimal("5.00"))
+
+
+# -- OpenAI's GPT-6, Claude Fable and Mythos, Gemini 3 Flash ---------------------------------
+
+# Input, cached input, cache write, output (USD a million) at the standard tier; past 272K
+# prompt tokens x2, x2, x2 and x1.5; flex half, Fast (priority) twice (the model pages).
+GPT_6 = {
+    "gpt-6-astra": ("10.00", "1.00", "12.50", "50.00"),
+    "gpt-6-sol": ("2.00", "0.20", "2.50", "10.00"),
+    "gpt-6-luna": ("0.10", "0.01", "0.125", "0.50"),
+    "gpt-6.1-sol": ("2.00", "0.10", "2.50", "10.00"),
+    "gpt-6.2-sol": ("2.00", "0.10", "2.50", "10.00"),
+}
+DEC_2026 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+# 20,000 prompt tokens (8,000 cache reads, 5,000 cache writes), 1,500 output.
+GPT_6_USAGE = Usage(input_tokens=20_000, cached_input_tokens=8_000,
+                    cache_creation_input_tokens=5_000, output_tokens=1_500)  # fmt: skip
+
+
+@pytest.mark.parametrize("model", GPT_6)
+def test_gpt_6_costs_its_model_page_s_rates_at_every_tier(catalog: Catalog, model: str) -> None:
+    """Each model priced as itself (they were unpriced: refused under a hard cap); past
+    272K prompt tokens every rate is the long-context one; Fast twice, Flex half."""
+    fresh, cached, write, out = (Decimal(r) for r in GPT_6[model])
+    assert write == fresh * Decimal("1.25")
+    costed = price(response(model, GPT_6_USAGE, ts=DEC_2026, provider="openai"), catalog)
+    assert costed.pricing_model == model
+    cost = priced(response(model, GPT_6_USAGE, ts=DEC_2026, provider="openai"), catalog)
+    assert cost.input == usd(7_000, fresh)
+    assert cost.cached_input == usd(8_000, cached)
+    assert cost.cache_write == usd(5_000, write)
+    assert cost.output == usd(1_500, out)
+    long = GPT_6_USAGE.model_copy(update={"input_tokens": 300_000})
+    cost = priced(response(model, long, ts=DEC_2026, provider="openai"), catalog)
+    assert cost.input == usd(287_000, 2 * fresh)
+    assert cost.cached_input == usd(8_000, 2 * cached)
+    assert cost.cache_write == usd(5_000, 2 * write)
+    assert cost.output == usd(1_500, out * Decimal("1.5"))
+    standard = priced(response(model, GPT_6_USAGE, ts=DEC_2026, provider="openai"), catalog)
+    fast = GPT_6_USAGE.model_copy(update={"service_tier": "priority"})
+    assert priced(response(model, fast, ts=DEC_2026, provider="openai"), catalog).total == (
+        2 * standard.total
+    )
+    flex = response(model, GPT_6_USAGE.model_copy(update={"service_tier": "flex"}),
+                    ts=DEC_2026, provider="openai")  # fmt: skip
+    if model == "gpt-6.2-sol":  # its page names no Flex price
+        assert price(flex, catalog).unpriced
+    else:
+        assert priced(flex, catalog).total * 2 == standard.total
+
+
+def test_gpt_6_by_hand(catalog: Catalog) -> None:
+    """OpenAI's GPT-6 Sol and Luna prices of 2026-09-22; unpriced before that day."""
+    sol, family = costed_at(catalog, "gpt-6-sol-2026-09-22", GPT_6_USAGE, "openai", ts=DEC_2026)
+    assert family == "gpt-6-sol"
+    # 7,000 x 2.00 + 8,000 x 0.20 + 5,000 x 2.50 + 1,500 x 10.00
+    assert sol.total == Decimal("0.014") + Decimal("0.0016") + Decimal("0.0125") + Decimal("0.015")
+    luna, _ = costed_at(catalog, "gpt-6-luna", GPT_6_USAGE, "openai", ts=DEC_2026)
+    # 7,000 x 0.10 + 8,000 x 0.01 + 5,000 x 0.125 + 1,500 x 0.50
+    assert luna.total == Decimal("0.0007") + Decimal("0.00008") + Decimal("0.000625") + Decimal(
+        "0.00075"
+    )
+    for model, launch in (
+        ("gpt-6-sol", datetime(2026, 9, 22, tzinfo=UTC)),
+        ("gpt-6-luna", datetime(2026, 9, 22, tzinfo=UTC)),
+        ("gpt-6-astra", datetime(2026, 9, 3, tzinfo=UTC)),
+        ("gpt-6.1-sol", datetime(2026, 9, 29, tzinfo=UTC)),
+        ("gpt-6.2-sol", datetime(2026, 11, 17, tzinfo=UTC)),
+    ):
+        before = response(model, GPT_6_USAGE, ts=launch - timedelta(seconds=1), provider="openai")
+        assert price(before, catalog).unpriced, model
+        assert not price(
+            response(model, GPT_6_USAGE, ts=launch, provider="openai"), catalog
+        ).unpriced
+        entry = catalog.models[model]
+        assert (entry.context_window, entry.max_output_tokens) == (1_050_000, 128_000), model
+
+
+def test_a_gpt_6_1_sol_snapshot_is_priced_as_6_1_not_as_gpt_6_sol(catalog: Catalog) -> None:
+    """gpt-6.1-sol-2026-09-29 resolves to its own entry: cache reads at $0.10, not 6 Sol's
+    $0.20."""
+    usage = Usage(input_tokens=100_000, cached_input_tokens=100_000)
+    cost, family = costed_at(catalog, "gpt-6.1-sol-2026-09-29", usage, "openai", ts=DEC_2026)
+    assert family == "gpt-6.1-sol"
+    assert cost.total == Decimal("0.01")  # 100,000 x 0.10
+    assert costed_at(catalog, "gpt-6-sol", usage, "openai", ts=DEC_2026)[0].total == Decimal("0.02")
+
+
+@pytest.mark.parametrize(
+    ("model", "hit"),
+    [("claude-fable-5", "1.00"), ("claude-mythos-5", "1.00"),
+     ("claude-fable-5-1", "0.25"), ("claude-mythos-5-1", "0.25")],
+)  # fmt: skip
+def test_claude_fable_and_mythos_cost_the_pricing_page_s_rates(
+    catalog: Catalog, model: str, hit: str
+) -> None:
+    usage = Usage(input_tokens=10_000, cached_input_tokens=4_000, cache_creation_input_tokens=3_000,
+                  cache_creation_1h_input_tokens=1_000, output_tokens=1_000)  # fmt: skip
+    cost, family = costed_at(catalog, f"{model}-20260901", usage, "anthropic", ts=DEC_2026)
+    assert family == model
+    assert cost.input == usd(3_000, Decimal("10.00"))
+    assert cost.cached_input == usd(4_000, Decimal(hit))
+    assert cost.cache_write == usd(2_000, Decimal("12.50")) + usd(1_000, Decimal("20.00"))
+    assert cost.output == usd(1_000, Decimal("50.00"))
+    early = response(model, usage, ts=datetime(2026, 6, 8, tzinfo=UTC), provider="anthropic")
+    assert price(early, catalog).unpriced
+
+
+def test_gemini_3_flash(catalog: Catalog) -> None:
+    usage = Usage(input_tokens=100_000, cached_input_tokens=40_000, output_tokens=2_000)
+    cost, family = costed_at(catalog, "models/gemini-3-flash-preview", usage, "gemini")
+    assert family == "gemini-3-flash-preview"
+    assert cost.total == Decimal("0.03") + Decimal("0.002") + Decimal("0.006")  # 0.50/0.05/3.00
