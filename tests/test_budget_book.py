@@ -114,6 +114,36 @@ def test_the_answers_a_call_asks_for_are_read_from_n_and_best_of() -> None:
     assert choices({"best_of": "9"}) == 9  # as a server built on pydantic reads it
 
 
+def test_a_call_across_a_price_change_is_held_at_the_price_it_started_at() -> None:
+    """GPT-5.6 Luna's price fell 80% at midnight of 2026-07-30: a call started before
+    and ended after is billed (the stream prices it) at the old price, its start's. The
+    ingress held it at the new one, a fifth of its cost, until a state counted it."""
+    budgets, _ = book("100")
+    started = datetime(2026, 7, 29, 23, 59, 50, tzinfo=UTC)
+    ended = started + timedelta(seconds=20)
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-5.6-luna", 10, 1_000_000, started) is None
+    usage = Usage(input_tokens=0, output_tokens=1_000_000)
+    settled = budgets.settle(call, "gpt-5.6-luna", usage, ended, "openai", started=started)
+    assert settled is not None and settled.cost == Decimal("6.00")  # not $1.20
+    event = wire.Response(
+        request_id=call,
+        ts_start=started,
+        ts_end=ended,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested="gpt-5.6-luna",
+        stream=False,
+        status="ok",
+        http_status=200,
+        usage=wire.usage_of(usage),
+        latency_ms=20_000.0,
+        proxy_overhead_ms=0.0,
+    )
+    counted = rate(event, budgets.catalog).cost
+    assert counted is not None and counted["total"] == settled.cost  # the stream's
+
+
 def test_a_cost_is_held_until_a_state_has_counted_its_own_event() -> None:
     """The stream reads the responses topic's partitions unevenly: a state may count a
     call that ended after ours (another partition, another ingress) before ours. Ours

@@ -204,6 +204,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                     usage,
                     ended,
                     provider=route.provider,
+                    started=call.ts_start,
                 )
                 # A cost held against a hard cap learns where its event went: a budget
                 # state that has counted past there has counted it.

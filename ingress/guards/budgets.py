@@ -462,13 +462,21 @@ class BudgetBook:
         return capped_alert(budget, state, exhausted.worst_case, left, now)
 
     def settle(
-        self, call_id: uuid.UUID, model: str, usage: Usage, ended: datetime, provider: str = ""
+        self,
+        call_id: uuid.UUID,
+        model: str,
+        usage: Usage,
+        ended: datetime,
+        provider: str = "",
+        started: datetime | None = None,
     ) -> Settled | None:
         """The call ended: its reservation becomes its real cost (when it can be priced),
-        held until a state counts it. Returns what is held, for the publisher to tell
-        where the call's response event went (:meth:`Settled.delivered`); None if nothing
-        is. A call that reserved nothing (no hard cap applied) costs a dict lookup a
-        budget."""
+        held until a state counts it. Priced at the rates in force when it ``started``
+        (None: ``ended``), as the stream prices it: a call across a price change's
+        midnight was held at the new price and counted at the old. Returns what is held,
+        for the publisher to tell where the call's response event went
+        (:meth:`Settled.delivered`); None if nothing is. A call that reserved nothing
+        (no hard cap applied) costs a dict lookup a budget."""
         held = {
             name: worst
             for name, reservations in self.reserved.items()
@@ -478,10 +486,11 @@ class BudgetBook:
             return None  # nothing reached a model: zero, as the stream prices it
         cost = None
         entry = self.catalog.lookup(model, provider)
-        rates = entry[1].at(ended) if entry is not None else None
+        priced_at = ended if started is None else started
+        rates = entry[1].at(priced_at) if entry is not None else None
         # Its advisor's calls, at their model's prices (None: one has none).
         advised = (
-            advisor_breakdown(usage.advisor, self.catalog, ended, provider, usage.inference_geo)
+            advisor_breakdown(usage.advisor, self.catalog, priced_at, provider, usage.inference_geo)
             if usage.advisor
             else {"total": Decimal(0)}
         )
