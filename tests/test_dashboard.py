@@ -964,3 +964,84 @@ async def test_a_login_form_that_cannot_be_read_is_a_400(
             assert COOKIE not in response.cookies
         assert 'name="key"' in await dash.page()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+PART = b'--zz\r\nContent-Disposition: form-data; name="key"\r\n\r\n'  # its value follows
+UNNAMED = b"--zz\r\nContent-Disposition: form-data\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"key=x"),  # no boundary
+        ("multipart/form-data; boundary=zz", b"key=x"),  # no part
+        ("multipart/form-data; boundary=zz", PART + b"x\r\n"),  # never closed
+        ("multipart/form-data; boundary=zz", UNNAMED + b"x\r\n--zz--\r\n"),  # no name
+        ("multipart/form-data; boundary=zz", b"--zz\r\nno end to the part's headers"),
+        (
+            "multipart/form-data; boundary=zz",
+            PART[:-2] + b"Content-Type: text/plain; charset=bogus\r\n\r\nx\r\n--zz--\r\n",
+        ),
+        ("application/x-www-form-urlencoded; charset=bogus", b"key=x"),
+    ],
+)  # fmt: skip
+async def test_a_login_form_aiohttp_cannot_parse_is_a_400(
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    content_type: str,
+    body: bytes,
+) -> None:
+    """Anyone may post the login form: one that is not a form aiohttp can parse (a
+    multipart body without its boundary, a part with no name or broken headers, a
+    charset Python does not know) was a bare text 500 and a traceback at ERROR. It is
+    the login page again, 400, and the next request is answered."""
+    async with serve(store, tmp_path, monkeypatch, broker=None, calls=[]) as served:
+        with caplog.at_level(logging.ERROR):
+            async with served.client.post(
+                "/dashboard/login",
+                data=body,
+                headers={"Content-Type": content_type},
+                allow_redirects=False,
+            ) as response:
+                text = await response.text()
+                assert response.status == 400, text
+                assert response.content_type == "text/html"
+                assert "The form could not be read" in text
+                assert COOKIE not in response.cookies
+            assert 'name="key"' in await served.page()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Origin", b"http://[::1")],  # a broken IPv6 literal
+        [("Origin", b"http://site.example:99999")],  # a port past 65535
+        [("Origin", b"http://\xff.example")],  # a name IDNA cannot encode
+        [("Origin", b"http://site.example"), ("X-Forwarded-Host", b"site.example:99999")],
+        [("Origin", b"http://site.example"), ("X-Forwarded-Host", b"[site")],
+        [("Origin", b"http://site.example"), ("Forwarded", b'host="[site"')],
+    ],
+)
+async def test_an_origin_or_forwarded_host_that_is_no_url_is_refused_not_a_500(
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    headers: list[tuple[str, bytes]],
+) -> None:
+    """yarl raised on these (ValueError, UnicodeError): any client got a bare text 500 on
+    the login and logout forms, and a traceback at ERROR. They are no browser's: a 403,
+    the page saying so."""
+    async with serve(store, tmp_path, monkeypatch, broker=None, calls=[]) as served:
+        base = str(served.client.make_url("")).rstrip("/")
+        form = [*headers, ("Content-Type", b"application/x-www-form-urlencoded")]
+        with caplog.at_level(logging.ERROR):
+            for path in ("/dashboard/login", "/dashboard/logout"):
+                answer = await raw_request(base, "POST", path, form, f"key={ADMIN_KEY}".encode())
+                assert answer.status == 403, (path, answer.body)
+                assert b"this site&#39;s own" in answer.body
+                assert COOKIE.encode() not in answer.headers.get("Set-Cookie", "").encode()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

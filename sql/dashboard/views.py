@@ -21,6 +21,7 @@ from typing import Any
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from yarl import URL
 
@@ -396,14 +397,23 @@ def _same_origin(request: web.Request) -> bool:
     if forwarded := request.headers.get("X-Forwarded-Host", "").split(",")[0].strip():
         hosts.append(forwarded)
     hosts += [str(hop["host"]) for hop in request.forwarded[:1] if hop.get("host")]
-    site = URL(origin)
-    if site.scheme not in ("http", "https") or not site.host:
+    site = _address(origin)
+    if site is None or site.scheme not in ("http", "https") or not site.host:
         return False  # no browser's origin
     # A host named without a port is on the origin's scheme's default one.
     return any(
-        (named.host, named.port) == (site.host, site.port)
-        for named in (URL(f"{site.scheme}://{host}") for host in hosts)
+        named is not None and (named.host, named.port) == (site.host, site.port)
+        for named in (_address(f"{site.scheme}://{host}") for host in hosts)
     )
+
+
+def _address(text: str) -> URL | None:
+    """``text`` as a URL, or None when yarl cannot read it (a port past 65535, a broken
+    IPv6 literal, a name IDNA cannot encode): such an Origin or host is no browser's."""
+    try:
+        return URL(text)
+    except ValueError:  # UnicodeError (IDNA) too
+        return None
 
 
 def _range_of(value: object) -> str:
@@ -479,6 +489,11 @@ class Views:
             return login_page(DEFAULT_RANGE, "The form could not be read: send it again.", 400)
         except UnicodeDecodeError:  # a form whose bytes are not UTF-8
             return login_page(DEFAULT_RANGE, "The form is not UTF-8 text: send it again.", 400)
+        except (ValueError, LookupError, HttpProcessingError):
+            # Not a form aiohttp can parse: multipart without its boundary or end, a part
+            # with no name or broken headers, a charset Python does not know. Answered
+            # here, not a bare 500 with a traceback at ERROR.
+            return login_page(DEFAULT_RANGE, "The form could not be read: send it again.", 400)
         range_ = _range_of(form.get("range"))
         secret = form.get("key")
         secret = secret.strip() if isinstance(secret, str) else ""
