@@ -103,6 +103,10 @@ class Holding(Protocol):
         """The offset of the partition's first call counted in something still open."""
         ...
 
+    def read_up_to(self, partition: int, following: int) -> None:
+        """The partition was read up to ``following`` (records passed over included)."""
+        ...
+
     def through(self, partition: int) -> datetime | None:
         """The watermark up to which the partition's windows were published."""
         ...
@@ -145,6 +149,8 @@ class Positions:
         """Record the partition processed up to ``following``; return the offset to
         commit (never behind what the previous owner committed)."""
         self._next[partition] = following
+        if self.holding is not None:
+            self.holding.read_up_to(partition, following)
         return max(following, self._counted_below.get(partition, 0))
 
     async def write(self, batches: Batches) -> None:

@@ -157,6 +157,13 @@ class Windower:
                 self._latest_event = mark
         return True
 
+    def read_up_to(self, following: int) -> None:
+        """The partition was read up to offset ``following`` (next to read), calls that
+        could not be decoded (never added) included: once past the calls the old owner
+        had read, the windows close again, traffic or none."""
+        if self._replaying and following >= self._counted_below:
+            self._replaying = False
+
     def advance(self, now: datetime, partitions: Iterable[int]) -> list[wire.Window]:
         """Move the watermark and return the windows it closed, oldest end first.
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from llmtap import topics
@@ -250,3 +251,107 @@ async def test_with_budgets_one_worker_holds_every_partition_and_the_other_takes
     assert TAKEN_OVER in (tmp_path / "w2" / "worker.log").read_text()
     for worker in ("w1", "w2"):
         assert SHARE_ERROR not in (tmp_path / worker / "worker.log").read_text(), worker
+
+
+async def test_a_partition_taken_over_closes_its_windows_when_its_last_record_was_skipped(
+    tmp_path: Path,
+) -> None:
+    """The worker stops with a window open on a partition whose last record could not be
+    decoded (passed over). The next worker reads the partition again from the window's
+    first call: with no traffic after, its windows must still close (by the wall clock,
+    as any idle partition's do)."""
+    grace = {"LLMTAP_WINDOW_GRACE_S": "10"}  # the window stays open until the first stops
+    names = Names()
+    async with start_broker(PARTITIONS) as broker:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await producer.start()
+        try:
+            for i in range(5):  # one key: one partition, in order
+                value = response(i).model_dump_json().encode()
+                await producer.send_and_wait(names.responses, value, key=b"one")
+            await producer.send_and_wait(names.responses, b"not a response event", key=b"one")
+        finally:
+            await producer.stop()
+        async with stream_worker(broker.bootstrap, tmp_path / "w1", extra_env=grace):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT_S
+            while True:
+                latest = await checkpoints.latest(Kafka(broker.bootstrap), range(PARTITIONS))
+                if [c.done for c in latest.values()] == [6]:
+                    break
+                assert loop.time() < deadline, latest
+                await asyncio.sleep(0.2)
+        # Stopped before its grace ended: the window is open in the checkpoint.
+        latest = await checkpoints.latest(Kafka(broker.bootstrap), range(PARTITIONS))
+        (checkpoint,) = latest.values()
+        assert checkpoint.hold < checkpoint.done == 6, checkpoint
+        async with stream_worker(broker.bootstrap, tmp_path / "w2", extra_env=grace):
+            deadline = loop.time() + 30  # grace (10 s) and a few
+            tenant: list[WindowEvent] = []
+            while loop.time() < deadline:
+                windows = [
+                    WindowEvent.model_validate_json(raw)
+                    for raw in await topics.read_all(Kafka(broker.bootstrap), names.windows)
+                ]
+                tenant = [w for w in windows if w.dimension == "tenant"]
+                if sum(w.requests for w in tenant) >= 5:
+                    break
+                await asyncio.sleep(0.5)
+    assert sum(w.requests for w in tenant) == 5, tenant
+
+
+def _timed(at: datetime) -> ResponseEvent:
+    return response(0, at)
+
+
+def _tokens(tokens: int) -> ResponseEvent:
+    return response(0).model_copy(update={"usage": Usage(input_tokens=tokens)})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _timed(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+        _timed(datetime(1, 1, 1, 0, 0, 1, tzinfo=UTC)),
+        _tokens(10**27),
+    ],
+    ids=["year-9999", "year-1", "10^27-tokens"],
+)
+async def test_a_call_the_steps_cannot_count_does_not_stop_the_worker(
+    tmp_path: Path, bad: ResponseEvent
+) -> None:
+    """A response event the contract takes, but timed at an end of the calendar (an
+    ingress whose clock is broken) or with more tokens than exact decimals price (the
+    ingress takes any count a provider answers): the writer dead-letters such a call
+    (sinks/clickhouse/rows.py: 1970-2106, UInt32 tokens). The worker must go on with the
+    calls after it, not crash on it again at every restart."""
+    names = Names()
+
+    async def produce(bootstrap: str, event: ResponseEvent) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                names.responses, event.model_dump_json().encode(), key=b"one"
+            )
+        finally:
+            await producer.stop()
+
+    async with start_broker(PARTITIONS) as broker:
+        # Sent before the worker starts: read alone, before its windows' first watermark.
+        await produce(broker.bootstrap, bad)
+        async with stream_worker(broker.bootstrap, tmp_path / "w", budgets=True) as worker:
+            await asyncio.sleep(2)  # its windows closed once (every second) with it alone
+            await produce(broker.bootstrap, response(1))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            costed: list[bytes] = []
+            while loop.time() < deadline and worker.returncode is None:
+                costed = await topics.read_all(Kafka(broker.bootstrap), names.costed)
+                if len(costed) == 2:
+                    break
+                await asyncio.sleep(0.25)
+            await asyncio.sleep(2)  # its windows closed meanwhile (every second)
+            running = worker.returncode is None
+    assert running, (tmp_path / "w" / "worker.log").read_text()[-2000:]
+    assert len(costed) == 2

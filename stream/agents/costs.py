@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import msgspec
@@ -47,7 +47,7 @@ from aiokafka.structs import TopicPartition
 from llmtap import logs, topics, wire
 from llmtap.batches import Batches
 from llmtap.config import Settings
-from llmtap.events import utcnow
+from llmtap.events import derived_id, utcnow
 from llmtap.names import Names
 from stream import checkpoints
 from stream.agents.assignment import one_holder
@@ -57,6 +57,12 @@ from stream.pricing import Catalog, missing_price, price_wire
 log = logging.getLogger(__name__)
 
 RESEND_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+# The call ends the windows and budgets steps count (and the store holds: the writer
+# dead-letters a call timed outside them, sinks/clickhouse/rows.py). One stamped by a
+# broken clock near the calendar's ends overflowed the steps' date arithmetic: the
+# stage crashed on it, and again at every restart.
+COUNTABLE_FROM = datetime(1970, 1, 1, tzinfo=UTC)
+COUNTABLE_UNTIL = datetime(2106, 2, 7, tzinfo=UTC)
 
 Position = tuple[int, int]  # (partition, offset) on llmtap.responses
 Record = tuple[bytes, bytes, int | None]  # a costed event's key, value and partition
@@ -211,12 +217,34 @@ class CostStage(GroupStage):
                     log.error("undecodable response event skipped: %s", exc)
                     self.skipped += 1
                     continue
-                out = price_wire(event, self._catalog)
+                try:
+                    out = price_wire(event, self._catalog)
+                except ArithmeticError as exc:  # more tokens than exact decimals price
+                    log.error(
+                        "call %s could not be priced (%r): cost unknown", event.request_id, exc
+                    )
+                    out = wire.CostedEvent(
+                        event_id=derived_id(event.event_id, "costed"),
+                        response=event,
+                        cost=None,
+                        unpriced=False,
+                    )
                 if out.unpriced:
                     self._unpriced(event, message.offset >= below)
                 if message.offset >= below:
                     key = topics.partition_key(event.request_id)
                     records.append((key, wire.encode(out), partition))
+                if not (
+                    COUNTABLE_FROM <= event.ts_start < COUNTABLE_UNTIL
+                    and COUNTABLE_FROM <= event.ts_end < COUNTABLE_UNTIL
+                ):
+                    log.error(
+                        "call %s timed %s to %s: not counted in windows or budgets",
+                        event.request_id,
+                        event.ts_start.isoformat(),
+                        event.ts_end.isoformat(),
+                    )
+                    continue
                 position = (tp.partition, message.offset)
                 for step in steps:
                     step.add(out, position, now)

@@ -154,6 +154,12 @@ class WindowsStep:
             self._retired_late += counting.windower.late_events
             self._retired_ahead += counting.windower.ahead_events
 
+    def read_up_to(self, partition: int, following: int) -> None:
+        """The partition was read up to offset ``following``, undecodable records too."""
+        counting = self._counting.get(partition)
+        if counting is not None:
+            counting.windower.read_up_to(following)
+
     def held(self, partition: int) -> int | None:
         """The offset of the partition's first call in a window still open (Holding)."""
         counting = self._counting.get(partition)
