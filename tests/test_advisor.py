@@ -345,3 +345,20 @@ def test_a_hard_cap_refuses_a_call_whose_advisor_could_overshoot_it() -> None:
     alone = Usage(input_tokens=100, output_tokens=50)
     executor_alone = price(response(EXECUTOR, alone, ts=MIDNIGHT), CATALOG)
     assert executor_alone.cost is not None and held.cost > executor_alone.cost.total
+
+
+def test_a_hard_cap_holds_the_advisor_s_calls_in_an_ended_call_s_cost() -> None:
+    """Settled, a call's cost is held until a state counts it: its advisor's calls
+    included, as the stream prices them (else the cap forgets them meanwhile)."""
+    budgets, _ = book("10")
+    call = uuid.uuid4()
+    acme = Attribution(tenant="acme")
+    assert budgets.admit(call, acme, EXECUTOR, 200, 100, WHEN, "anthropic") is None
+    advice = AdvisorUsage(model=ADVISOR, input_tokens=5_000, output_tokens=500)
+    usage = Usage(input_tokens=1_000, output_tokens=100, advisor=(advice,))
+    held = budgets.settle(call, EXECUTOR, usage, WHEN, "anthropic")
+    ex, adv = rates_of(EXECUTOR), rates_of(ADVISOR)
+    expected = usd(1_000, ex.input) + usd(100, ex.output) + usd(5_000, adv.input)
+    expected += usd(500, adv.output)
+    assert held is not None and held.cost == expected
+    assert budgets.held(WHEN) == {"acme-day": expected}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ingress.guards.bounds import Reach, choices, reach
+from ingress.guards.bounds import Advisor, Reach, choices, reach
 from ingress.guards.budgets import BudgetBook, Exhausted, Unpriced
 from llmtap import wire
 from llmtap.config import BudgetConfig
@@ -743,3 +743,189 @@ def test_a_live_replica_is_kept_when_a_long_gone_one_is_read_after_it() -> None:
     budgets.heard(said("ingress-gone", now - timedelta(minutes=10), "0.5"))
     assert set(budgets.others) == {"ingress-live"}
     assert budgets.committed(budget, now)[1] == Decimal("0.25")
+
+
+def priced_book(**entries: Rates | tuple[Rates, dict[str, Any]]) -> BudgetBook:
+    """A book over the models ``entries`` (their rates, and ModelPrice fields)."""
+    models = {}
+    for name, entry in entries.items():
+        rates, limits = entry if isinstance(entry, tuple) else (entry, {})
+        models[name] = ModelPrice(provider="acme", prices=[rates], **limits)
+    return BudgetBook([], Catalog(models=models), default_max_tokens=4096)
+
+
+def test_a_worst_case_bills_every_output_token_at_the_reasoning_rate_when_dearer() -> None:
+    rates = Rates(
+        effective_from=MIDNIGHT.date(), input=Decimal(1), output=Decimal(10), reasoning=Decimal(30)
+    )
+    budgets = priced_book(m=rates)
+    # all 1,000 output tokens may be reasoning, at $30 a million (not the $10 output rate)
+    assert budgets.worst.cost("m", 0, 1_000, MIDNIGHT) == Decimal("0.03")
+
+
+def test_a_worst_case_prices_a_prompt_past_the_threshold_at_the_long_context_rates() -> None:
+    long_context = {"above_input_tokens": 1_000, "input": "2", "output": "40"}
+    priority = TierRates(input=Decimal(3), output=Decimal(20))
+    rates = Rates(
+        effective_from=MIDNIGHT.date(),
+        input=Decimal(1),
+        output=Decimal(10),
+        long_context=long_context,
+        priority=priority,
+    )
+    budgets = priced_book(m=rates)
+    # 5,000 body bytes may be 5,000 prompt tokens: past 1,000, every token at the tier's
+    assert budgets.worst.cost("m", 5_000, 100, MIDNIGHT) == Decimal("0.014")  # 5k x 2 + 100 x 40
+    assert budgets.worst.cost("m", 500, 100, MIDNIGHT) == Decimal("0.0015")  # 500 x 1 + 100 x 10
+    # at priority: each token at the dearer of the tier's rate and the standard one,
+    # long-context included (OpenAI serves a long prompt at the standard tier)
+    assert budgets.worst.cost("m", 5_000, 100, MIDNIGHT, priority=True) == Decimal("0.019")
+    assert budgets.worst.cost("m", 500, 100, MIDNIGHT, priority=True) == Decimal("0.0035")
+
+
+def test_a_call_whose_input_is_unbounded_reserves_a_window_for_each_prompt() -> None:
+    rates = Rates(effective_from=MIDNIGHT.date(), input=Decimal(1), output=Decimal(10))
+    budgets = priced_book(m=(rates, {"context_window": 400_000}))
+    # three prompts, a 400k window each, past the 1M default context: 1.2M tokens at $1/M
+    worst = budgets.worst.cost("m", 0, 0, MIDNIGHT, input_unbounded=True, prompts=3)
+    assert worst == Decimal("1.2")
+
+
+def test_an_advisor_s_worst_case_is_at_its_long_context_and_geo_rates_plus_the_fees() -> None:
+    day = MIDNIGHT.date()
+    executor = Rates(
+        effective_from=day, input=Decimal(1), output=Decimal(10), web_search=Decimal(10)
+    )
+    advisor_rates = Rates(
+        effective_from=day,
+        input=Decimal(1),
+        output=Decimal(10),
+        long_context={"above_input_tokens": 500_000, "input": "2", "output": "20"},
+        geo_multipliers={"us": Decimal("1.5")},
+    )
+    budgets = priced_book(ex=executor, adv=advisor_rates)
+    one_call = Advisor("adv", 1, 0)
+    # searches: 10 at $10 a thousand = 0.1; the advisor's one call reads at least the
+    # default context (1M tokens), past its threshold: 1M x $2/M = 2.0
+    worst = functools.partial(budgets.worst.cost, "ex", 0, 0, MIDNIGHT, web_searches=10)
+    assert worst(advisor=one_call, geo="global") == Decimal("2.1")
+    # run in the US (or anywhere the call does not name): the advisor's tokens at 1.5x,
+    # the searches' fee not
+    assert worst(advisor=one_call, geo="us") == Decimal("3.1")
+    assert worst(advisor=one_call) == Decimal("3.1")
+
+
+def test_a_state_whose_offset_reaches_a_cost_s_event_has_not_counted_it() -> None:
+    """A state's ``applied`` is the next offset it has not counted: equal to a cost's
+    event's offset, it has not counted it yet (held fresh, or aged in its partition's
+    sum); past it, it has."""
+    budgets, budget = book("1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    later = now + timedelta(hours=2)
+    usage = Usage(input_tokens=0, output_tokens=40_000)  # gpt-4o: $0.40
+    costs = []
+    for ended in (now, later):  # the first aged past the hour by `later`
+        call = uuid.uuid4()
+        assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, ended) is None
+        costs.append(budgets.settle(call, "gpt-4o", usage, ended))
+    aged, recent = costs
+    assert aged is not None and recent is not None
+    aged.delivered(1, 5)
+    recent.delivered(0, 5)
+    reached = fresh(budget, now, now).model_copy(
+        update={"spent_usd": Decimal("0.10"), "last_event_at": later, "applied": {0: 5, 1: 5}}
+    )
+    budgets.update(reached)
+    assert budgets.held(later) == {"acme-day": Decimal("0.80")}
+    budgets.update(
+        reached.model_copy(update={"spent_usd": Decimal("0.90"), "applied": {0: 6, 1: 6}})
+    )
+    assert budgets.held(later) == {"acme-day": Decimal(0)}
+
+
+def test_an_aged_sum_is_held_until_a_state_passes_the_latest_of_its_events() -> None:
+    budgets, budget = book("1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    usage = Usage(input_tokens=0, output_tokens=40_000)  # gpt-4o: $0.40
+    for offset in (9, 4):  # delivered out of offset order
+        call = uuid.uuid4()
+        assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, now) is None
+        settled = budgets.settle(call, "gpt-4o", usage, now)
+        assert settled is not None
+        settled.delivered(0, offset)
+    later = now + timedelta(hours=2)
+    assert budgets.held(later) == {"acme-day": Decimal("0.80")}  # both aged into one sum
+    # A state past offset 4 only: the call at offset 9 is not counted, the sum is held.
+    past_4 = fresh(budget, now, now).model_copy(
+        update={"spent_usd": Decimal("0.40"), "last_event_at": later, "applied": {0: 5}}
+    )
+    budgets.update(past_4)
+    assert budgets.held(later) == {"acme-day": Decimal("0.80")}
+    budgets.update(past_4.model_copy(update={"spent_usd": Decimal("0.80"), "applied": {0: 10}}))
+    assert budgets.held(later) == {"acme-day": Decimal(0)}
+
+
+def test_a_call_that_ended_at_midnight_is_today_s_spend() -> None:
+    budgets, _ = book("1.00")
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 10, 90_000, MIDNIGHT - timedelta(minutes=1)) is None
+    budgets.settle(call, "gpt-4o", Usage(input_tokens=0, output_tokens=90_000), MIDNIGHT)
+    assert budgets.held(MIDNIGHT + timedelta(seconds=30)) == {"acme-day": Decimal("0.90")}
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 16_000, MIDNIGHT)
+    assert refused is not None  # $0.90 + a $0.16 worst case pass today's $1.00
+
+
+def two_caps(day_limit: str, month_limit: str) -> tuple[BudgetBook, BudgetConfig, BudgetConfig]:
+    day = BudgetConfig(
+        name="acme-day", scope="tenant", value="acme", period="day", limit_usd=Decimal(day_limit)
+    )
+    month = BudgetConfig(
+        name="acme-month",
+        scope="tenant",
+        value="acme",
+        period="month",
+        limit_usd=Decimal(month_limit),
+    )
+    return BudgetBook([day, month], load_catalog(), default_max_tokens=4096), day, month
+
+
+def test_a_call_reserves_its_worst_case_on_every_hard_cap_that_counts_it() -> None:
+    budgets, _, _ = two_caps("1.00", "1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 60_000, now) is None
+    held = budgets.held(now)
+    assert held["acme-day"] == held["acme-month"] > Decimal("0.60")
+    # the month's cap counts it too: a second one fits neither
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 60_000, now)
+    assert refused is not None
+
+
+def test_a_cap_the_call_can_never_fit_is_named_before_one_it_fits_once_reset() -> None:
+    budgets, day, _ = two_caps("1.00", "0.01")
+    now = MIDNIGHT + timedelta(hours=9)
+    spent = fresh(day, now, now).model_copy(update={"spent_usd": Decimal("0.99")})
+    budgets.update(spent)
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 2_000, now)  # ~$0.02
+    assert isinstance(refused, Exhausted)
+    assert refused.budget.name == "acme-month"
+    assert refused.never_fits
+
+
+def test_what_is_held_to_a_period_s_end_is_that_period_s_alone() -> None:
+    budgets, _ = book("10")
+    yesterday = MIDNIGHT - timedelta(hours=1)
+    today = MIDNIGHT + timedelta(hours=1)
+    first = uuid.uuid4()
+    assert budgets.admit(first, ACME, "gpt-4o", 1_000, 1_000, yesterday) is None
+    worst = budgets.held(yesterday)["acme-day"]
+    budgets.settle(first, "gpt-4o", Usage.missing(), yesterday)
+    second = uuid.uuid4()
+    assert budgets.admit(second, ACME, "gpt-4o", 1_000, 1_000, today) is None
+    budgets.settle(second, "gpt-4o", Usage.missing(), today)
+    assert budgets.held(today) == {"acme-day": worst}  # yesterday's is not today's
+    # A call that ended yesterday, settled only now, holds nothing against today, and
+    # does not let go of what today holds.
+    late = uuid.uuid4()
+    assert budgets.admit(late, ACME, "gpt-4o", 1_000, 1_000, yesterday) is None
+    budgets.settle(late, "gpt-4o", Usage.missing(), yesterday)
+    assert budgets.held(today) == {"acme-day": worst}

@@ -701,3 +701,47 @@ async def test_a_worker_given_a_changed_limit_judges_and_alerts_by_it(tmp_path: 
     assert by_budget["lowered"] == [
         (t, threshold_alert_id(new_lowered, start, t)) for t in (50, 80, 100)
     ]
+
+
+def test_a_call_counts_in_the_period_it_ended_in_from_midnight_on() -> None:
+    """A period is [start, end): a call that started in November and ended at the
+    stroke of midnight is December's spend, counted on a running November state too."""
+    b = budget(limit_usd=Decimal("100"))
+    ledger = Ledger([b])
+    ledger.record(costed("1.00", at(30, 23)), at(30, 23), (0, 0))
+    december = datetime(2026, 12, 1, tzinfo=UTC)
+    call = sample.costed(
+        sample.response(
+            december,
+            ts_start=december - timedelta(minutes=5),
+            usage=Usage(input_tokens=10, output_tokens=1),
+            latency_ms=1,
+            proxy_overhead_ms=0.1,
+            attribution=Attribution(tenant="acme", team="search"),
+        ),
+        sample.cost("2.00"),
+    )
+    ledger.record(call, december + timedelta(seconds=1), (0, 1))
+    state = ledger.states[b.name]
+    assert state.period_start == december
+    assert state.spent_usd == Decimal("2.00")
+    assert state.applied == {0: 2}
+
+
+def test_a_seeded_state_takes_offsets_only_with_the_same_spend_counted_further() -> None:
+    b = budget(limit_usd=Decimal("100"))
+    ledger = Ledger([b])
+    ledger.record(costed("1.00", at(3)), at(3), (0, 0))
+    ledger.record(costed("1.00", at(3)), at(3), (1, 0))
+    mine = ledger.states[b.name]
+    assert mine.applied == {0: 1, 1: 1}
+    # Less spend, further offsets (a worker behind on spend, ahead on a partition): its
+    # offsets are not taken, or the calls it had not counted are passed over.
+    ledger.seed(mine.model_copy(update={"spent_usd": Decimal("1.00"), "applied": {0: 5, 1: 1}}))
+    assert ledger.states[b.name].applied == {0: 1, 1: 1}
+    # The same spend, counted further on one partition and as far on the other (past
+    # calls that cost nothing): taken.
+    ledger.seed(mine.model_copy(update={"applied": {0: 4, 1: 1}}))
+    assert ledger.states[b.name].applied == {0: 4, 1: 1}
+    ledger.record(costed("0.50", at(3)), at(3), (1, 1))
+    assert ledger.states[b.name].spent_usd == Decimal("2.50")

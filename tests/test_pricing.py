@@ -1744,3 +1744,86 @@ def test_gemini_3_flash(catalog: Catalog) -> None:
     cost, family = costed_at(catalog, "models/gemini-3-flash-preview", usage, "gemini")
     assert family == "gemini-3-flash-preview"
     assert cost.total == Decimal("0.03") + Decimal("0.002") + Decimal("0.006")  # 0.50/0.05/3.00
+
+
+# -- malformed counts and tier fallbacks (mutation-testing gaps) -------------------------
+
+
+def test_cache_reads_and_writes_never_exceed_the_prompt() -> None:
+    # a malformed Usage (more cache reads, or reads and writes, than prompt tokens) cannot
+    # charge a token twice, nor make a part of the cost negative
+    rates = Rates(
+        effective_from=date(2024, 1, 1),
+        input=Decimal("1.00"),
+        output=Decimal("0"),
+        cached_input=Decimal("0.50"),
+        cache_write=Decimal("2.00"),
+    )
+    reads = cost_of(Usage(input_tokens=1_000, cached_input_tokens=1_500), rates)
+    assert reads.input == 0
+    assert reads.cached_input == Decimal("0.0005")  # 1,000 x 0.50: every prompt token, once
+    assert reads.total == Decimal("0.0005")
+    both = Usage(input_tokens=1_000, cached_input_tokens=600, cache_creation_input_tokens=600)
+    cost = cost_of(both, rates)
+    assert cost.input == 0
+    assert cost.cached_input == Decimal("0.0003")  # 600 x 0.50
+    assert cost.cache_write == Decimal("0.0008")  # the 400 left, x 2.00
+    assert cost.total == Decimal("0.0011")
+
+
+def test_reasoning_tokens_never_exceed_the_output() -> None:
+    # a malformed Usage (more reasoning than output tokens): no negative output cost
+    rates = Rates(
+        effective_from=date(2024, 1, 1),
+        input=Decimal("1.00"),
+        output=Decimal("4.00"),
+        reasoning=Decimal("20.00"),
+    )
+    cost = cost_of(Usage(input_tokens=0, output_tokens=100, reasoning_tokens=300), rates)
+    assert cost.output == 0
+    assert cost.reasoning == Decimal("0.002")  # the 100 output tokens, at 20.00
+    assert cost.total == Decimal("0.002")
+
+
+def test_a_long_context_tier_without_a_reasoning_rate_bills_reasoning_at_its_output_rate() -> None:
+    # omitted rates fall back within the long-context tier: its reasoning to its output,
+    # not to nothing because the base tier prices reasoning apart
+    rates = Rates(
+        effective_from=date(2024, 1, 1),
+        input=Decimal("1.00"),
+        output=Decimal("4.00"),
+        reasoning=Decimal("20.00"),
+        long_context={"above_input_tokens": 1_000, "input": "2.00", "output": "8.00"},
+    )
+    usage = Usage(input_tokens=2_000, output_tokens=500, reasoning_tokens=300)
+    cost = cost_of(usage, rates)
+    assert cost.input == Decimal("0.004")  # 2,000 x 2.00
+    assert cost.output == Decimal("0.004")  # all 500 at the tier's 8.00, reasoning included
+    assert cost.reasoning == 0
+    assert cost.total == Decimal("0.008")
+
+
+def test_a_model_prefixed_with_a_provider_the_catalog_does_not_know_is_priced() -> None:
+    # the call's own provider (a name under `providers:`) is stripped like a known one
+    rates = Rates(effective_from=date(2024, 1, 1), input=Decimal("1.00"), output=Decimal("2.00"))
+    cat = Catalog(models={"gpt-4o": ModelPrice(provider="openai", prices=[rates])})
+    found = cat.lookup("my-gateway/gpt-4o", "my-gateway")
+    assert found is not None
+    assert found[0] == "gpt-4o"
+
+
+def test_a_scoped_price_found_for_one_provider_is_not_reused_for_another() -> None:
+    # lookups are remembered per (model, provider): the same name served by two providers
+    # at two prices must not be priced at whichever was looked up first
+    def at(usd: str) -> ModelPrice:
+        day = date(2024, 1, 1)
+        return ModelPrice(
+            provider="x", prices=[Rates(effective_from=day, input=Decimal(usd), output=Decimal(0))]
+        )
+
+    cat = Catalog(models={"groq/llama-x": at("1.00"), "together/llama-x": at("3.00")})
+    groq = cat.lookup("llama-x", "groq")
+    together = cat.lookup("llama-x", "together")
+    assert groq is not None and groq[0] == "groq/llama-x"
+    assert together is not None and together[0] == "together/llama-x"
+    assert cat.lookup("llama-x") is None  # no unscoped entry: no provider, no price

@@ -175,6 +175,15 @@ def test_a_changed_token_limit_keeps_the_debt() -> None:
     assert refused(limiter, 10, 6000, NOTHING, now=0.0) == (pytest.approx(6.0), "tokens")
 
 
+def test_a_changed_limit_keeps_what_the_old_one_refilled_before_the_change() -> None:
+    limiter = RateLimiter()
+    emptied = [limiter.admit("k", 60, None, NOTHING, now=0.0) for _ in range(60)]
+    assert all(isinstance(t, Ticket) for t in emptied)
+    # 30 s at one a second refilled 30 under the old limit; the new one holds 6 at most
+    admitted_now = [limiter.admit("k", 6, None, NOTHING, now=30.0) for _ in range(7)]
+    assert [isinstance(a, Ticket) for a in admitted_now] == [True] * 6 + [False]
+
+
 @dataclass
 class Answer:
     status: int

@@ -28,8 +28,8 @@ from llmtap.events import Attribution, CostedEvent
 from llmtap.kafka import Kafka
 from llmtap.names import Names
 from sinks.clickhouse import replay
-from sinks.clickhouse.decode import Batch, Range
-from sinks.clickhouse.write import insert_calls, prepare_calls
+from sinks.clickhouse.decode import Batch, Range, Run, decode_batch, runs_of
+from sinks.clickhouse.write import calls_insert, insert_calls, prepare_calls
 from sinks.clickhouse.writer import ClickHouseWriter, HandoverFailed
 from sql.store import Store
 from tests import sample
@@ -406,3 +406,20 @@ def test_an_insert_is_known_committed_once_commits_pass_every_range_it_holds() -
     held.add("t3", (("costed", 1, 5, 9),))
     held.forget([b])  # moved to another writer: its commits are its own
     assert held.commit({b: 100}) == []
+
+
+def test_an_insert_rebuilt_from_messages_not_its_own_is_not_repeated() -> None:
+    """A broker that lost its log gives the recorded offsets to other messages: the
+    insert rebuilt from them has other rows, and is not made under the recorded token."""
+    topic = Names().costed
+
+    def runs(events: list[CostedEvent]) -> list[Run]:
+        raw = [e.model_dump_json().encode() for e in events]
+        return runs_of((topic, 0, offset, value) for offset, value in enumerate(raw))
+
+    mine = [call(), call()]
+    insert = calls_insert(decode_batch(runs(mine)).calls, ())
+    recorded = replay.Recorded(insert.token, ((topic, 0, 0, 2),), ())
+    again = replay.rebuilt(recorded, runs(mine))
+    assert again is not None and again.token == insert.token and again.rows == 2
+    assert replay.rebuilt(recorded, runs([call(), call()])) is None
