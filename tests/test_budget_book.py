@@ -114,6 +114,32 @@ def test_the_answers_a_call_asks_for_are_read_from_n_and_best_of() -> None:
     assert choices({"best_of": "9"}) == 9  # as a server built on pydantic reads it
 
 
+def responded(
+    call: uuid.UUID,
+    model: str,
+    usage: Usage,
+    started: datetime,
+    ended: datetime,
+    served: str = "",
+) -> wire.Response:
+    """The response event of an OpenAI chat call, as the stream prices it."""
+    return wire.Response(
+        request_id=call,
+        ts_start=started,
+        ts_end=ended,
+        provider="openai",
+        endpoint="chat.completions",
+        model_requested=model,
+        model_served=served,
+        stream=False,
+        status="ok",
+        http_status=200,
+        usage=wire.usage_of(usage),
+        latency_ms=(ended - started).total_seconds() * 1000,
+        proxy_overhead_ms=0.0,
+    )
+
+
 def test_a_call_across_a_price_change_is_held_at_the_price_it_started_at() -> None:
     """GPT-5.6 Luna's price fell 80% at midnight of 2026-07-30: a call started before
     and ended after is billed (the stream prices it) at the old price, its start's. The
@@ -126,20 +152,7 @@ def test_a_call_across_a_price_change_is_held_at_the_price_it_started_at() -> No
     usage = Usage(input_tokens=0, output_tokens=1_000_000)
     settled = budgets.settle(call, "gpt-5.6-luna", usage, ended, "openai", started=started)
     assert settled is not None and settled.cost == Decimal("6.00")  # not $1.20
-    event = wire.Response(
-        request_id=call,
-        ts_start=started,
-        ts_end=ended,
-        provider="openai",
-        endpoint="chat.completions",
-        model_requested="gpt-5.6-luna",
-        stream=False,
-        status="ok",
-        http_status=200,
-        usage=wire.usage_of(usage),
-        latency_ms=20_000.0,
-        proxy_overhead_ms=0.0,
-    )
+    event = responded(call, "gpt-5.6-luna", usage, started, ended)
     counted = rate(event, budgets.catalog).cost
     assert counted is not None and counted["total"] == settled.cost  # the stream's
 
@@ -578,21 +591,7 @@ def test_a_call_served_under_a_name_with_no_price_holds_its_worst_case() -> None
     assert budgets.admit(call, ACME, "gpt-4o", 100, 1_000, NINE, "openai") is None
     worst = budgets.reserved["acme-day"][call]
     usage = Usage(input_tokens=3_000, output_tokens=1_000)
-    event = wire.Response(
-        request_id=call,
-        ts_start=NINE,
-        ts_end=NINE,
-        provider="openai",
-        endpoint="chat.completions",
-        model_requested="gpt-4o",
-        model_served="my-gpt-4o-deployment",
-        stream=False,
-        status="ok",
-        http_status=200,
-        usage=wire.usage_of(usage),
-        latency_ms=1.0,
-        proxy_overhead_ms=0.0,
-    )
+    event = responded(call, "gpt-4o", usage, NINE, NINE, served="my-gpt-4o-deployment")
     assert rate(event, load_catalog()).unpriced
     assert budgets.settle(call, event.model, usage, NINE, "openai") is None
     assert budgets.held(NINE + timedelta(hours=2)) == {"acme-day": worst}

@@ -10,7 +10,7 @@ import socket
 import struct
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -1132,6 +1132,35 @@ async def test_a_provider_redirect_on_an_unmetered_route_is_passed_on_not_follow
     assert elsewhere == []
 
 
+async def streamed_through(
+    provider: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    call: dict[str, Any] | None = None,
+) -> tuple[int, ResponseEvent]:
+    """A streamed chat call (``call``, else a bare one) through an ingress whose provider
+    answers with ``provider``: the status the client got, read to its end, and the
+    call's response event."""
+    secret, _ = create_key(settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before(provider, settings, monkeypatch) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"),
+            json=call or {"model": "gpt-4o", "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as response,
+    ):
+        await response.read()
+        status, request_id = response.status, response.headers["x-request-id"]
+    return status, await response_event(broker.bootstrap, request_id)
+
+
+def sse_data(event: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
 async def test_an_error_answered_as_a_stream_is_not_billed(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1143,24 +1172,12 @@ async def test_an_error_answered_as_a_stream_is_not_billed(
         await request.read()
         response = web.StreamResponse(status=500, headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(b"data: " + orjson.dumps(SERVER_ERROR) + b"\n\n")
+        await response.write(sse_data(SERVER_ERROR))
         await response.write_eof()
         return response
 
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    async with (
-        ingress_before(failing, ingress_settings, monkeypatch) as server,
-        aiohttp.ClientSession() as session,
-        session.post(
-            server.make_url("/v1/chat/completions"),
-            json={"model": "gpt-4o", "messages": [], "stream": True},
-            headers={"Authorization": f"Bearer {secret}"},
-        ) as response,
-    ):
-        assert response.status == 500
-        await response.read()
-        request_id = response.headers["x-request-id"]
-    event = await response_event(broker.bootstrap, request_id)
+    status, event = await streamed_through(failing, ingress_settings, broker, monkeypatch)
+    assert status == 500
     assert (event.status, event.http_status) == ("upstream_error", 500)
     assert not event.usage.usage_missing
     assert (event.usage.input_tokens, event.usage.output_tokens) == (0, 0)
@@ -1185,25 +1202,13 @@ async def test_a_stream_failing_before_any_token_is_not_billed(
         await response.prepare(request)
         if role_first:
             role = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
-            await response.write(b"data: " + orjson.dumps(role) + b"\n\n")
-        await response.write(b"data: " + orjson.dumps(SERVER_ERROR) + b"\n\n")
+            await response.write(sse_data(role))
+        await response.write(sse_data(SERVER_ERROR))
         await response.write_eof()
         return response
 
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    async with (
-        ingress_before(failing, ingress_settings, monkeypatch) as server,
-        aiohttp.ClientSession() as session,
-        session.post(
-            server.make_url("/v1/chat/completions"),
-            json={"model": "gpt-4o", "messages": [], "stream": True},
-            headers={"Authorization": f"Bearer {secret}"},
-        ) as response,
-    ):
-        assert response.status == 200
-        await response.read()
-        request_id = response.headers["x-request-id"]
-    event = await response_event(broker.bootstrap, request_id)
+    status, event = await streamed_through(failing, ingress_settings, broker, monkeypatch)
+    assert status == 200
     assert (event.status, event.error_class) == ("upstream_error", "server_error")
     assert not event.usage.usage_missing and not event.usage.output_tokens_counted
     assert (event.usage.input_tokens, event.usage.output_tokens) == (0, 0)
@@ -1654,28 +1659,18 @@ async def test_time_to_first_token_waits_for_the_stream_s_first_event(
         await response.prepare(request)  # the head goes out now
         await response.write(b": PROCESSING\n\n")  # a comment, as OpenRouter's, no event
         await asyncio.sleep(0.5)  # prefill: no token yet
-        await response.write(b"data: " + orjson.dumps(CHUNK) + b"\n\n")
+        await response.write(sse_data(CHUNK))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
     call: dict[str, Any] = {"model": "gpt-4o", "messages": [], "stream": True}
     if asks_usage:
         call["stream_options"] = {"include_usage": True}
-    async with (
-        ingress_before(slow_first_token, ingress_settings, monkeypatch) as server,
-        aiohttp.ClientSession() as session,
-        session.post(
-            server.make_url("/v1/chat/completions"),
-            json=call,
-            headers={"Authorization": f"Bearer {secret}"},
-        ) as response,
-    ):
-        assert response.status == 200
-        await response.read()
-        request_id = response.headers["x-request-id"]
-    event = await response_event(broker.bootstrap, request_id)
+    status, event = await streamed_through(
+        slow_first_token, ingress_settings, broker, monkeypatch, call
+    )
+    assert status == 200
     assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
 
 

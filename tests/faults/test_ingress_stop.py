@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -40,11 +40,7 @@ async def stopped_mid_stream(
     cut: APIConnectionError | None = None
     async with a_stream_begun(cluster) as (received, chunks):
         stopping = asyncio.create_task(cluster.terminate("ingress"))
-
-        async def refusing() -> bool:
-            return not await listening(f"127.0.0.1:{cluster.proxy_port}")
-
-        await until(refusing, "the stopping ingress refuses new connections", 5)
+        await refusing_connections(cluster)
         try:
             async for chunk in chunks:
                 received.append(chunk)
@@ -56,6 +52,31 @@ async def stopped_mid_stream(
     await cluster.start("ingress")
     await cluster.quiet()
     return cluster, received, cut
+
+
+async def refusing_connections(cluster: Cluster) -> None:
+    """Wait until the stopping ingress refuses new connections (its stop runs)."""
+
+    async def refusing() -> bool:
+        return not await listening(f"127.0.0.1:{cluster.proxy_port}")
+
+    await until(refusing, "the stopping ingress refuses new connections", 5)
+
+
+async def ended_whole_and_metered(
+    cluster: Cluster,
+    ingress: asyncio.subprocess.Process,
+    received: list[ChatCompletionChunk],
+    words: Sequence[str],
+) -> None:
+    """The stream reached the client whole, the ingress stopped by itself (exit 0), and
+    the call is metered once, ok, as read by an ingress started again."""
+    assert text(received) == "".join(words)
+    assert await asyncio.wait_for(ingress.wait(), 30) == 0
+    await cluster.start("ingress")
+    await cluster.quiet()
+    row = await only_call(cluster)
+    assert (row["rows"], row["status"]) == (1, "ok")
 
 
 @contextlib.asynccontextmanager
@@ -130,19 +151,10 @@ async def test_a_second_signal_while_the_ingress_stops_cuts_nothing(
         ingress = cluster.processes["ingress"].process
         assert ingress is not None
         ingress.send_signal(signal.SIGTERM)
-
-        async def refusing() -> bool:
-            return not await listening(f"127.0.0.1:{cluster.proxy_port}")
-
-        await until(refusing, "the stopping ingress refuses new connections", 5)
+        await refusing_connections(cluster)
         ingress.send_signal(signal.SIGINT)
         received.extend([chunk async for chunk in chunks])
-    assert text(received) == "".join(fake.words)
-    assert await asyncio.wait_for(ingress.wait(), 30) == 0
-    await cluster.start("ingress")
-    await cluster.quiet()
-    row = await only_call(cluster)
-    assert (row["rows"], row["status"]) == (1, "ok")
+    await ended_whole_and_metered(cluster, ingress, received, fake.words)
 
 
 async def readyz_says_stopping(cluster: Cluster) -> bool:
@@ -213,9 +225,4 @@ async def test_a_stream_in_flight_outlives_a_cut_short_delay_and_its_timer(
         ingress = await sigtermed(cluster)
         ingress.send_signal(signal.SIGTERM)
         received.extend([chunk async for chunk in chunks])
-    assert text(received) == "".join(fake.words)
-    assert await asyncio.wait_for(ingress.wait(), 30) == 0
-    await cluster.start("ingress")
-    await cluster.quiet()
-    row = await only_call(cluster)
-    assert (row["rows"], row["status"]) == (1, "ok")
+    await ended_whole_and_metered(cluster, ingress, received, fake.words)
