@@ -25,7 +25,7 @@ the number), so a message the contract accepts is not refused for its spelling.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -33,6 +33,19 @@ import msgspec
 
 from llmtap import events
 from llmtap.events import Status
+
+# The call times every stage can count and the store can hold (ClickHouse's DateTime:
+# 1970 to 2106-02-07). A call timed outside them (an ingress with a broken clock) is
+# dead-lettered by the writer and left out of the stream's windows and budgets, whose
+# date arithmetic overflows near the calendar's ends.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2106, 2, 7, tzinfo=UTC)
+
+
+def countable(*stamps: datetime) -> bool:
+    """Whether every one of ``stamps`` is within EARLIEST and LATEST."""
+    return all(EARLIEST <= ts < LATEST for ts in stamps)
+
 
 Tokens = Annotated[int, msgspec.Meta(ge=0)]
 Millis = Annotated[float, msgspec.Meta(ge=0)]

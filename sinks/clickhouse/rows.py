@@ -167,13 +167,9 @@ def _unstorable_money(value: Decimal) -> str:
 # ``calls``' DateTime64(3) holds 1900-2299). Outside it, the rollups store a clamped
 # time, and the writer's duplicate check binds one ClickHouse refuses (before year
 # 1000) or cannot make (year 1): its batch failed every write, the writer stuck on it.
-EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST = datetime(2106, 2, 7, tzinfo=UTC)
-
-
 def _unstorable_time(*stamps: datetime) -> str:
     for ts in stamps:
-        if not EARLIEST <= ts < LATEST:
+        if not wire.countable(ts):
             return f"a time of {ts.isoformat()} is out of what the store holds (1970-2106)"
     return ""
 

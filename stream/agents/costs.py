@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
@@ -57,12 +57,6 @@ from stream.pricing import Catalog, missing_price, price_wire
 log = logging.getLogger(__name__)
 
 RESEND_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
-# The call ends the windows and budgets steps count (and the store holds: the writer
-# dead-letters a call timed outside them, sinks/clickhouse/rows.py). One stamped by a
-# broken clock near the calendar's ends overflowed the steps' date arithmetic: the
-# stage crashed on it, and again at every restart.
-COUNTABLE_FROM = datetime(1970, 1, 1, tzinfo=UTC)
-COUNTABLE_UNTIL = datetime(2106, 2, 7, tzinfo=UTC)
 
 Position = tuple[int, int]  # (partition, offset) on llmtap.responses
 Record = tuple[bytes, bytes, int | None]  # a costed event's key, value and partition
@@ -234,10 +228,9 @@ class CostStage(GroupStage):
                 if message.offset >= below:
                     key = topics.partition_key(event.request_id)
                     records.append((key, wire.encode(out), partition))
-                if not (
-                    COUNTABLE_FROM <= event.ts_start < COUNTABLE_UNTIL
-                    and COUNTABLE_FROM <= event.ts_end < COUNTABLE_UNTIL
-                ):
+                if not wire.countable(event.ts_start, event.ts_end):
+                    # The steps' date arithmetic overflowed on it: the stage crashed,
+                    # and again at every restart.
                     log.error(
                         "call %s timed %s to %s: not counted in windows or budgets",
                         event.request_id,
