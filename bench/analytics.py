@@ -69,6 +69,7 @@ ROLLUPS = (
     "analytics_by_provider_hourly",
     "analytics_by_tenant_hourly",
     "analytics_by_user_provider_daily",
+    "analytics_by_key_daily",
 )
 
 

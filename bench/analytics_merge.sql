@@ -8,3 +8,4 @@ OPTIMIZE TABLE analytics_by_property_daily FINAL;
 OPTIMIZE TABLE analytics_by_provider_hourly FINAL;
 OPTIMIZE TABLE analytics_by_tenant_hourly FINAL;
 OPTIMIZE TABLE analytics_by_user_provider_daily FINAL;
+OPTIMIZE TABLE analytics_by_key_daily FINAL;

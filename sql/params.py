@@ -31,7 +31,7 @@ DEFAULT_RANGE = "30d"
 GRANULARITIES = ("hour", "day")
 DEFAULT_GRANULARITY = {"24h": "hour", "7d": "day", "30d": "day", "90d": "day"}
 
-GROUP_BY = ("model", "provider", "day", "tenant", "team", "user", "feature")
+GROUP_BY = ("model", "provider", "day", "tenant", "team", "user", "feature", "key")
 PROPERTY_PREFIX = "property:"
 # PROPERTY_NAME (llmtap.events): the ingress takes the property names this can group by.
 

@@ -43,6 +43,8 @@ ROLLUP_TABLES = {
     # ... and of migration 0008.
     "analytics_by_tenant_hourly": "bucket",
     "analytics_by_user_provider_daily": "bucket",
+    # ... and of migration 0017.
+    "analytics_by_key_daily": "bucket",
 }
 # ... and the alert history, which an operator reads over as long (few rows): the alerts
 # and each step of their webhook deliveries. An alert expires that long after it was

@@ -75,6 +75,7 @@ class Call:
     tenant: str = "acme"
     usage_missing: bool = False  # then cost must be None: unknown, but not unpriced
     searches: tuple[int, str] = (0, "0")  # web searches the provider ran, and their fee
+    key_id: str = "k1"  # the virtual key it was made with
 
     @property
     def ts_end(self) -> datetime:
@@ -119,6 +120,7 @@ class Call:
                 user=self.user,
                 feature=self.feature,
                 env=self.env,
+                key_id=self.key_id,
                 properties=self.properties,
             ),
         )
@@ -154,7 +156,7 @@ CALLS = [
          output_tokens=20, cost=("0.0001", "0.0002"), latency_ms=200, ttft_ms=30, properties=C1,
          tenant="globex"),
     Call(30 * H, MINI, "openai", "carol", "ads", env="dev", input_tokens=1000, output_tokens=10,
-         cost=("0.00015", "0.000006"), latency_ms=200, properties=C1),
+         cost=("0.00015", "0.000006"), latency_ms=200, properties=C1, key_id="k2"),
     Call(3 * D, LLAMA, "groq", "bob", "search", input_tokens=50, output_tokens=50, cost=None,
          latency_ms=400),
     Call(6 * D, GPT4O, "openai", "alice", "search", input_tokens=300, output_tokens=150,
@@ -163,7 +165,7 @@ CALLS = [
          output_tokens=200, cost=("0.0012", "0.003"), latency_ms=500, ttft_ms=60, properties=C2),
     Call(20 * D, MINI, "openai", "alice", "ads", env="dev", status="rate_limited", latency_ms=5),
     Call(29 * D, GPT4O, "openai", "carol", "search", input_tokens=10, output_tokens=5,
-         cost=("0.000025", "0.00005"), latency_ms=80, properties=C2),
+         cost=("0.000025", "0.00005"), latency_ms=80, properties=C2, key_id="k2"),
     Call(35 * D, GPT4O, "openai", "alice", "search", input_tokens=1000, output_tokens=1000,
          cost=("0.0025", "0.01"), latency_ms=1000),
     Call(39 * D, CLAUDE, "anthropic", "dave", "ads", feature="summarize",
@@ -476,6 +478,7 @@ KEYS: dict[str, Callable[[Call], tuple[str, str | None]]] = {
     "team": lambda c: (c.team, c.tenant),
     "user": lambda c: (c.user, c.tenant),
     "feature": lambda c: (c.feature, c.tenant),
+    "key": lambda c: (c.key_id, c.tenant),
     "property:customer": lambda c: (c.properties.get("customer", ""), c.tenant),
 }
 
@@ -833,6 +836,7 @@ def edge_calls(now: datetime, seed: int) -> list[Call]:
                 ),
                 tenant=rng.choice(["acme", "globex"]),
                 usage_missing=kind == "usage_missing",
+                key_id=rng.choice(["k1", "k2", ""]),
             )
         )
     return calls
@@ -914,6 +918,9 @@ EDGE_QUERIES: list[tuple[str, dict[str, str]]] = [
     ("models", {"team": "ads"}),
     ("timeseries", {"env": "dev", "granularity": "hour"}),
     ("costs", {"group_by": "user", "team": "search"}),
+    ("costs", {"group_by": "key", "provider": "openai"}),
+    ("costs", {"group_by": "key", "team": "search"}),  # no rollup keeps both: `calls`
+    ("costs", {"group_by": "key", "env": "dev", "provider": "groq"}),
     ("providers", {"feature": "summarize"}),
 ]
 
@@ -997,6 +1004,13 @@ async def test_whole_buckets_come_from_the_rollups(both: Both, store: Store, ran
     )
     users = (await get(both.rollup, "users", range=range_, limit="1000"))["data"]
     assert sum(r["requests"] for r in users) == sum(c.ts_end >= day for c in both.calls)
+    keys = (await get(both.rollup, "costs", range=range_, group_by="key", limit="1000"))["data"]
+    assert sorted((r["key"], r["tenant"], r["requests"]) for r in keys) == sorted(
+        (key, tenant, len(calls))
+        for (key, tenant), calls in groups(
+            [c for c in both.calls if c.ts_end >= day], lambda c: (c.key_id, c.tenant)
+        ).items()
+    )
     # Hourly buckets of one team: no hourly rollup keeps teams, so `calls` only.
     series = await get(both.rollup, "timeseries", range=range_, granularity="hour", team="ads")
     assert sum(r["requests"] for r in series["data"]) == 0
@@ -1027,6 +1041,7 @@ async def test_the_migration_backfills_calls_already_stored(
                     ("analytics_usage", {"by_model": True}),
                     ("analytics_users", {}),
                     ("analytics_costs", {"group_by": "team"}),
+                    ("analytics_costs", {"group_by": "key"}),  # 0017's rollup
                 ]
                 for query, structure in queries:
                     rollup, raw = [

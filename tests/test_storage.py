@@ -154,7 +154,7 @@ def test_retention_follows_the_settings(store: Store) -> None:
     assert current_ttl_days(store, "calls") == 30
     assert current_ttl_days(store, "dead_letters") == 30
     changed = apply_retention(store, raw_days=30, rollup_days=200)
-    assert "analytics_by_user_daily" in changed and len(changed) == 11
+    assert "analytics_by_key_daily" in changed and len(changed) == 12
     assert current_ttl_days(store, "analytics_by_model_hourly") == 200
     assert current_ttl_days(store, "alerts") == 200
     assert current_ttl_days(store, "webhook_deliveries") == 200

@@ -4,7 +4,7 @@
 -- then requests desc, then key: a total order), and `limit` of them are kept after the
 -- first `offset` (sql/analytics.py asks one more, to tell whether a next page exists,
 -- and shows a page's days oldest first).
--- Teams, users, features and property values exist within their tenant: grouped by one
+-- Teams, users, features, property values and keys exist within their tenant: grouped by one
 -- of them, a row is one tenant's (two tenants' team `search` are two rows) and says
 -- which. Models, providers and days are every tenant's: `tenant` is the tenant filtered
 -- on (a virtual key's own), else null.
@@ -22,8 +22,9 @@
     'user': 'user',
     'feature': 'feature',
     'property': 'property',
+    'key': 'key_id',
 } %}
-{% set per_tenant = group_by in ['tenant', 'team', 'user', 'feature', 'property'] %}
+{% set per_tenant = group_by in ['tenant', 'team', 'user', 'feature', 'property', 'key'] %}
 SELECT
     {{ groups[group_by] }} AS key,
 {% if per_tenant %}

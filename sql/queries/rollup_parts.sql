@@ -27,6 +27,10 @@
     (provider, team, user, and the measure `models`: the set of models used). A user
     with a feature or env is in none: those read `calls`.
 
+    Grouped by key (`group` holds 'key'): analytics_by_key_daily (0017: the key id and
+    provider; what costs read only), or `calls` with a team, user, feature, env or
+    model filter (no rollup keeps both).
+
     `property` (costs by the custom property {prop}) adds the column `property`: its
     value, '' for calls without it. Its rollup, analytics_by_property_daily (0007:
     provider, team, and one row per property a call has), holds only the calls with
@@ -50,9 +54,10 @@
     or 'team' in filters or 'feature' in filters or 'env' in filters %}
 {% set with_feature = 'feature' in group or 'feature' in filters or 'env' in filters %}
 {% set with_tenant = 'tenant' in group %}
+{% set with_key = 'key' in group %}
 {% set with_model = by_model | default(true) or 'model_id' in filters %}
 {% set with_provider = with_model or 'provider' in group or 'provider' in filters %}
-{% set level = 'property' if by_property
+{% set level = 'property' if by_property else 'key' if with_key
     else ('user' if with_model else 'user_provider') if with_user
     else 'team' if with_team else 'model' if with_model
     else 'provider' if with_provider else 'tenant' %}
@@ -66,10 +71,12 @@
     'user': ('analytics_by_user_daily', none),
     'user_provider': ('analytics_by_user_provider_daily', none),
     'property': ('analytics_by_property_daily', none),
+    'key': ('analytics_by_key_daily', none),
 }[level] %}
 {% set hourly = hourly_table is not none %}
 {% set source = 'raw'
     if (by_property and (with_user or with_feature or 'model_id' in filters))
+    or (with_key and (with_user or with_team or 'model_id' in filters))
     or (with_user and with_feature) or not (daily or hourly)
     else source | default('rollup') %}
 {% set dims = {
@@ -80,7 +87,9 @@
     'user': ['provider', 'model', 'team', 'user'],
     'user_provider': ['provider', 'team', 'user'],
     'property': ['provider', 'team'],
-}[level] if source == 'rollup' else ['provider', 'model', 'team', 'feature', 'env', 'user'] %}
+    'key': ['key_id', 'provider'],
+}[level] if source == 'rollup'
+    else ['provider', 'model', 'team', 'feature', 'env', 'user'] + (['key_id'] if with_key else []) %}
 {% set dims = (['tenant'] if with_tenant or (level == 'tenant' and source == 'rollup') else []) + dims %}
 {#- What the property branches keep besides the bucket and the property. #}
 {% set kept = ['tenant'] if with_tenant else [] %}
