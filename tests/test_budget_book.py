@@ -928,3 +928,24 @@ def test_what_is_held_to_a_period_s_end_is_that_period_s_alone() -> None:
     assert budgets.admit(late, ACME, "gpt-4o", 1_000, 1_000, yesterday) is None
     budgets.settle(late, "gpt-4o", Usage.missing(), yesterday)
     assert budgets.held(today) == {"acme-day": worst}
+
+
+def test_a_budget_of_every_tenant_tells_no_tenant_what_the_others_spent() -> None:
+    """A budget with no tenant (team `search` of every tenant) counts globex's calls too:
+    the budgets endpoint shows its spend to admins only. Its refusal of an acme call
+    named the spend and what was held: globex's spend, read off by acme (less its own,
+    which the API shows it)."""
+    budget = BudgetConfig(
+        name="search-day", scope="team", value="search", period="day", limit_usd=Decimal("1")
+    )
+    budgets = BudgetBook([budget], load_catalog(), default_max_tokens=4096)
+    budgets.update(fresh(budget, NINE, NINE).model_copy(update={"spent_usd": Decimal("0.876543")}))
+    globex = Attribution(tenant="globex", team="search")
+    assert budgets.admit(uuid.uuid4(), globex, "gpt-4o", 100, 10_000, NINE) is None
+    acme = Attribution(tenant="acme", team="search")
+    refused = budgets.admit(uuid.uuid4(), acme, "gpt-4o", 100, 4_000, NINE)
+    assert isinstance(refused, Exhausted)
+    message = refused.message()
+    assert "'search-day'" in message and "resets at" in message  # still told why, and when
+    assert "0.876543" not in message  # every tenant's spend
+    assert "held" not in message  # globex's call in flight

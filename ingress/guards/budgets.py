@@ -138,6 +138,15 @@ class Exhausted:
                 f"{b.period}: the worst case of this call ${plain(self.worst_case)} is more than "
                 f"its whole limit of ${plain(b.limit_usd)}; {remedy}, or ask for a larger limit"
             )
+        if not b.owner and b.scope != "key":
+            # It counts every tenant's calls (a key's are one tenant's): its spend, and
+            # what is held against it, are other tenants' too (the budgets endpoint shows
+            # them to admins only).
+            return (
+                f"budget {b.name!r} ({b.scope} {b.value!r}, of every tenant) cannot cover "
+                f"this call: worst case of this call ${plain(self.worst_case)}; it resets at "
+                f"{s.period_end.isoformat()}"
+            )
         return (
             f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call: "
             f"${plain(s.spent_usd)} of ${plain(b.limit_usd)} spent this {b.period}, "
