@@ -334,8 +334,10 @@ def later_or_larger(new: BudgetState, old: BudgetState) -> bool:
 def is_of(state: BudgetState, budget: BudgetConfig) -> bool:
     """Whether ``state`` (published under ``budget``'s name) counts ``budget``'s calls:
     its scope, value and tenant. One published while the name was another owner's does
-    not (its spend is not this budget's, to count on from or to cap by)."""
-    if (state.scope, state.value) != (budget.scope, budget.value):
+    not (its spend is not this budget's, to count on from or to cap by), nor one counted
+    over another period (a daily budget made monthly: a day's spend is not the month's,
+    and a later period start must not win over the month's state)."""
+    if (state.scope, state.value, state.period) != (budget.scope, budget.value, budget.period):
         return False
     return state.tenant is None or state.tenant == budget.tenant
 

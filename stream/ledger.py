@@ -126,6 +126,29 @@ class Ledger:
             # same spend by chance, and the calls only one of them counted lost.
             self._states[state.budget] = mine.model_copy(update={"applied": state.applied})
 
+    def rebuilt(self, state: BudgetState) -> bool:
+        """A state that counted no partition (no offsets: the store's rebuild from
+        ClickHouse, published as it starts), followed while this worker counts: its
+        spend taken if larger in the same period (the largest spend seen wins), with the
+        offsets this ledger counted kept (it reads the partitions on from them). False
+        if this ledger has no state of that period to judge it by."""
+        budget = self.budgets.get(state.budget)
+        if budget is None or not is_of(state, budget):
+            return True  # not this budget's: nothing to take, now or later
+        mine = self.states.get(state.budget)
+        if mine is None or mine.period_start != state.period_start:
+            return False
+        if state.spent_usd <= mine.spent_usd:
+            return True
+        last = mine.last_event_at
+        if state.last_event_at is not None and (last is None or state.last_event_at > last):
+            last = state.last_event_at
+        self._states[state.budget] = owned(state, budget).model_copy(
+            update={"applied": mine.applied, "last_event_at": last}
+        )
+        self._unjudged.add(state.budget)
+        return True
+
     def record(
         self, event: wire.Costed, now: datetime, position: tuple[int, int] | None = None
     ) -> tuple[set[str], list[Alert]]:

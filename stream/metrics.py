@@ -119,6 +119,11 @@ def _budgets(step: BudgetsStep) -> Iterator[Metric]:
         "budget states published to the budgets topic",
         step.states_published,
     )
+    yield _counter(
+        "budget_states_followed",
+        "budget states read from the budgets topic (this worker's own, the store's rebuilds)",
+        step.states_followed,
+    )
 
 
 def worker_registry(costs: CostStage, spikes: SpikesStage) -> CollectorRegistry:

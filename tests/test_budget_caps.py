@@ -38,6 +38,7 @@ from llmtap.config import BudgetConfig, ProviderConfig, Settings
 from llmtap.events import Alert, Reservations, utcnow
 from llmtap.kafka import Kafka
 from llmtap.names import Names
+from sinks.budget_seed import publish_states
 from stream.budgets import fresh
 from stream.pricing import load_catalog
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
@@ -1000,3 +1001,35 @@ async def test_a_call_openai_may_serve_at_priority_reserves_at_the_priority_rate
             await client.chat.completions.create(**ask, service_tier="auto")
         assert Decimal("0.112") < reserved(refused, asked) < Decimal("0.113")
         await client.chat.completions.create(**ask, service_tier="default")
+
+
+async def test_a_budget_made_monthly_is_capped_by_the_month_s_spend(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator turns a daily $1 budget into a monthly one mid-month. The budgets
+    topic holds its daily state from before (today's spend), then its monthly one
+    ($0.999 this month). An ingress started with the monthly budget kept the daily state
+    (its period starts later than the month's), took it for another period's, and judged
+    the cap against a fresh month: $0 spent, the call admitted. (On the 1st both periods
+    start together: the larger, the month's, was kept anyway.)"""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    now = utcnow()
+    daily = BudgetConfig(
+        name=f"made-monthly-{uuid.uuid4().hex[:8]}",
+        scope="tenant",
+        value="acme",
+        period="day",
+        limit_usd=Decimal(1),
+    )
+    monthly = daily.model_copy(update={"period": "month"})
+    today = fresh(daily, now, now).model_copy(update={"spent_usd": Decimal("0.2")})
+    month = fresh(monthly, now, now).model_copy(update={"spent_usd": Decimal("0.999")})
+    assert await publish_states(Kafka(ingress_settings.kafka_bootstrap), [today, month])
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")
+    settings = ingress_settings.model_copy(update={"budgets": [monthly]})
+    asked = len(upstream.provider.received)
+    async with TestServer(create_app(settings), host="127.0.0.1") as server:
+        status, body, _ = await post_once(str(server.make_url("")).rstrip("/"), secret)
+    assert (status, body.get("error", {}).get("code")) == (429, "budget_exceeded"), body
+    assert "$0.999 of $1 spent this month" in body["error"]["message"]
+    assert len(upstream.provider.received) == asked

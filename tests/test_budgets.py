@@ -10,6 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
+import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import given, settings
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from ingress.guards.budgets import BudgetBook
 from llmtap import topics
 from llmtap.config import BudgetConfig
-from llmtap.events import Alert, Attribution, BudgetState, CostedEvent, Usage
+from llmtap.events import Alert, Attribution, BudgetState, CostedEvent, ResponseEvent, Usage
 from llmtap.kafka import Kafka
 from llmtap.supervisor import embedded_broker
 from sinks.budget_seed import publish_states, publish_until_sent, rebuilt_state, unraised
@@ -41,6 +42,7 @@ from stream.pricing import load_catalog
 from tests import sample
 from tests.conftest import start_broker
 from tests.fake_provider import free_port
+from tests.prometheus import sample as metric
 from tests.test_stream_scale import PARTITIONS, stream_worker
 
 
@@ -623,6 +625,38 @@ def on_topic(raw: list[bytes]) -> dict[str, BudgetState]:
     return {s.budget: s for s in states}
 
 
+def search_call(now: datetime) -> ResponseEvent:
+    """A call of acme's team search: $0.000021 (gpt-4o-mini, 100 tokens in, 10 out)."""
+    return sample.response(
+        now,
+        model_requested="gpt-4o-mini",
+        usage=Usage(input_tokens=100, output_tokens=10),
+        attribution=Attribution(tenant="acme", team="search"),
+    )
+
+
+async def send_calls(kafka: Kafka, calls: list[ResponseEvent], key: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        for call in calls:
+            await producer.send_and_wait(
+                kafka.names.responses, call.model_dump_json().encode(), key=key
+            )
+    finally:
+        await producer.stop()
+
+
+async def published(
+    kafka: Kafka, done: Callable[[dict[str, BudgetState]], bool]
+) -> dict[str, BudgetState]:
+    """The latest state of each budget on the topic, once ``done`` holds of them."""
+    async with asyncio.timeout(60):
+        while not done(states := on_topic(await topics.read_all(kafka, kafka.names.budgets))):
+            await asyncio.sleep(0.2)
+    return states
+
+
 async def test_a_worker_given_a_changed_limit_judges_and_alerts_by_it(tmp_path: Path) -> None:
     """A real `llmtap worker` restarted with changed limits, on a real broker holding
     the states it published before: "raised" (90% of its old limit spent, 50% and 80%
@@ -650,39 +684,15 @@ async def test_a_worker_given_a_changed_limit_judges_and_alerts_by_it(tmp_path: 
         assert await publish_states(kafka, before)
         env = {"LLMTAP_BUDGETS": json.dumps(configured)}
         async with stream_worker(broker.bootstrap, tmp_path / "w", extra_env=env):
-
-            async def published(done: Callable[[dict[str, BudgetState]], bool]) -> None:
-                async with asyncio.timeout(60):
-                    while not done(on_topic(await topics.read_all(kafka, kafka.names.budgets))):
-                        await asyncio.sleep(0.2)
-
-            await published(lambda s: s["raised"].limit_usd == new_raised.limit_usd)
-            judged = on_topic(await topics.read_all(kafka, kafka.names.budgets))
+            judged = await published(kafka, lambda s: s["raised"].limit_usd == new_raised.limit_usd)
             assert (judged["raised"].status, judged["raised"].crossed) == ("ok", ())
             assert (judged["lowered"].status, judged["lowered"].crossed) == (
                 "exhausted",
                 (50, 80, 100),
             )
-            # Two calls of $0.000021 (gpt-4o-mini, 100 tokens in, 10 out): 51% of the new.
-            calls = [
-                sample.response(
-                    now,
-                    model_requested="gpt-4o-mini",
-                    usage=Usage(input_tokens=100, output_tokens=10),
-                    attribution=Attribution(tenant="acme", team="search"),
-                )
-                for _ in range(2)
-            ]
-            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
-            await producer.start()
-            try:
-                for c in calls:
-                    await producer.send_and_wait(
-                        kafka.names.responses, c.model_dump_json().encode(), key=b"limits"
-                    )
-            finally:
-                await producer.stop()
-            await published(lambda s: s["raised"].spent_usd == Decimal("0.000051"))
+            # Two calls of $0.000021: 51% of the new limit.
+            await send_calls(kafka, [search_call(now) for _ in range(2)], key=b"limits")
+            await published(kafka, lambda s: s["raised"].spent_usd == Decimal("0.000051"))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 15  # the alerts go out with the states, maybe later
             while True:
@@ -745,3 +755,86 @@ def test_a_seeded_state_takes_offsets_only_with_the_same_spend_counted_further()
     assert ledger.states[b.name].applied == {0: 4, 1: 1}
     ledger.record(costed("0.50", at(3)), at(3), (1, 1))
     assert ledger.states[b.name].spent_usd == Decimal("2.50")
+
+
+async def test_a_worker_given_a_changed_period_counts_on_from_the_new_period_s_spend(
+    tmp_path: Path,
+) -> None:
+    """An operator turns a daily budget into a monthly one mid-month and restarts. The
+    budgets topic holds the daily state the worker published before (today's spend) and
+    then the monthly one the store rebuilt from ClickHouse (the month's spend so far).
+    The worker must count on from the month's spend: it kept the daily state (its period
+    starts later than the month's), judged it another period's, and started the month
+    from $0 (a hard cap lifted, thresholds alerted again). (On the 1st both periods
+    start together: the larger, the month's, was kept anyway.)"""
+    now = datetime.now(UTC)
+    daily = budget(
+        name="to-monthly",
+        scope="team",
+        value="search",
+        tenant="acme",
+        limit_usd=Decimal("1"),
+        period="day",
+    )
+    monthly = daily.model_copy(update={"period": "month"})
+    today = current(daily, None, now).model_copy(update={"spent_usd": Decimal("0.2")})
+    month = current(monthly, None, now).model_copy(
+        update={"spent_usd": Decimal("0.6"), "crossed": (50,)}
+    )
+    async with start_broker(PARTITIONS) as broker:
+        kafka = Kafka(broker.bootstrap)
+        assert await publish_states(kafka, [today])  # the worker's, before the change
+        assert await publish_states(kafka, [month])  # the store's rebuild, at its start
+        env = {"LLMTAP_BUDGETS": json.dumps([json.loads(monthly.model_dump_json())])}
+        async with stream_worker(broker.bootstrap, tmp_path / "w", extra_env=env):
+            await send_calls(kafka, [search_call(now)], key=b"period")
+            states = await published(kafka, lambda s: bool(s["to-monthly"].applied))
+    state = states["to-monthly"]
+    assert (state.period, state.period_start) == ("month", month.period_start)
+    assert state.spent_usd == Decimal("0.600021")
+
+
+async def test_a_budget_added_mid_period_counts_on_from_the_store_s_rebuild_published_late(
+    tmp_path: Path,
+) -> None:
+    """A budget added mid-period (docker-compose: the worker does not wait for the store).
+    The worker starts first and counts the new budget from $0; the store, started
+    beside it, then publishes the month's spend so far, read from ClickHouse. The
+    worker must count on from that spend ("within a period, the largest spend seen
+    wins"): it kept the rebuild aside while it held the partitions and counted on from
+    its own $0, and the ingress, taking the larger state, dropped to the worker's once
+    it passed the rebuild's: the spend before the budget was added, lost to the cap."""
+    now = datetime.now(UTC)
+    added = budget(
+        name="added", scope="team", value="search", tenant="acme", limit_usd=Decimal("1")
+    )
+    env = {"LLMTAP_BUDGETS": json.dumps([json.loads(added.model_dump_json())])}
+    port = free_port()
+    followed = "llmtap_worker_budget_states_followed_total"
+    async with (
+        start_broker(PARTITIONS) as broker,
+        stream_worker(broker.bootstrap, tmp_path / "w", metrics_port=port, extra_env=env),
+        aiohttp.ClientSession() as session,
+    ):
+        kafka = Kafka(broker.bootstrap)
+
+        async def states_followed() -> float:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                return metric(await response.text(), followed)
+
+        await published(kafka, lambda s: "added" in s)  # the worker holds it: a new period
+        # Every state on the topic followed (its own): the next one followed is the store's.
+        async with asyncio.timeout(60):
+            while await states_followed() < len(await topics.read_all(kafka, kafka.names.budgets)):
+                await asyncio.sleep(0.1)
+        before = await states_followed()
+        rebuilt = current(added, None, now).model_copy(
+            update={"spent_usd": Decimal("0.6"), "crossed": (50,), "status": "warning"}
+        )
+        assert await publish_states(kafka, [rebuilt])  # the store's, as it starts
+        async with asyncio.timeout(60):
+            while await states_followed() <= before:
+                await asyncio.sleep(0.1)
+        await send_calls(kafka, [search_call(now)], key=b"added")
+        states = await published(kafka, lambda s: bool(s["added"].applied))
+    assert states["added"].spent_usd == Decimal("0.600021")

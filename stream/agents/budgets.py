@@ -62,6 +62,7 @@ class BudgetsStep:
         # For the worker's /metrics: budget alerts and states delivered to the broker.
         self.alerts_raised = 0
         self.states_published = 0
+        self.states_followed = 0  # read from the budgets topic (its own among them)
 
         @app.timer(ROLL_EVERY_S)  # type: ignore[untyped-decorator]
         async def roll_periods() -> None:
@@ -90,7 +91,11 @@ class BudgetsStep:
     def _followed(self, state: BudgetState) -> None:
         """A state on the budgets topic: taken up by a worker standing by (the worker
         counting the budgets published it, or the store's rebuild before it started)."""
+        self.states_followed += 1
         if self.holding:
+            # The store's rebuild (no offsets), started beside this worker: taken now.
+            if not state.applied and self.ledger.rebuilt(state):
+                return
             kept = self._passed.get(state.budget)
             if kept is None or not later_or_larger(kept, state):
                 self._passed[state.budget] = state
