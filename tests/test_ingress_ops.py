@@ -20,8 +20,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
+from anthropic import APIStatusError as AnthropicStatusError
 from anthropic import AsyncAnthropic
-from openai import AsyncOpenAI
+from anthropic import DefaultAsyncHttpxClient as AnthropicHttpxClient
+from anthropic import InternalServerError as AnthropicServerError
+from openai import APIStatusError, AsyncOpenAI, DefaultAsyncHttpxClient, InternalServerError
 from yarl import URL
 
 from ingress.app import create_app
@@ -693,6 +696,45 @@ async def test_without_the_provider_s_key_a_virtual_key_is_refused_never_forward
     assert len(upstream.provider.received) == before  # the virtual key went nowhere
 
 
+async def test_a_missing_provider_key_is_not_retried_by_the_sdks(
+    ingress: str, ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llmtap holding no key for a provider is its configuration: no retry mends it.
+    The SDKs retry a 500 twice by default (~1.5 s of backoff, each attempt another call
+    refused and recorded): the answer says x-should-retry: false, which both obey, and
+    names its code, no_provider_key, on a metered route as on a free one."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    monkeypatch.delenv("LLMTAP_TEST_OPENAI_KEY")
+    monkeypatch.delenv("LLMTAP_TEST_ANTHROPIC_KEY")
+    sent: list[object] = []
+
+    async def count(request: object) -> None:
+        sent.append(request)
+
+    hooks = {"request": [count]}
+    async with AsyncOpenAI(
+        base_url=f"{ingress}/v1",
+        api_key=secret,
+        http_client=DefaultAsyncHttpxClient(event_hooks=hooks),
+    ) as sdk:
+        with pytest.raises(InternalServerError) as refused:
+            await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert refused.value.code == "no_provider_key"
+        with pytest.raises(InternalServerError) as listed:
+            await sdk.models.list()
+        assert listed.value.code == "no_provider_key"
+    async with AsyncAnthropic(
+        base_url=ingress, api_key=secret, http_client=AnthropicHttpxClient(event_hooks=hooks)
+    ) as claude:
+        with pytest.raises(AnthropicServerError):
+            await claude.messages.create(
+                model="claude-3-5-haiku", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+    assert len(sent) == 3  # one attempt each: none retried
+
+
 async def test_a_provider_that_takes_no_key_gets_none_never_the_virtual_key(
     ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:
@@ -1068,7 +1110,7 @@ async def another_origin() -> AsyncIterator[tuple[TestServer, list[web.Request]]
         await target.close()
 
 
-async def test_a_provider_redirect_is_passed_on_not_followed(
+async def test_a_provider_redirect_is_answered_not_followed_nor_passed_on(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A provider (or a misconfigured base URL) answering a redirect to another origin:
@@ -1094,7 +1136,10 @@ async def test_a_provider_redirect_is_passed_on_not_followed(
             ) as response,
         ):
             assert response.status == 307
-            assert response.headers["location"] == str(target.make_url("/v1/chat/completions"))
+            assert "location" not in response.headers  # an SDK would follow it (httpx)
+            error = (await response.json())["error"]
+            assert error["code"] == "upstream_redirect"
+            assert str(target.make_url("/v1/chat/completions")) in error["message"]
             request_id = response.headers["x-request-id"]
     assert elsewhere == []
     event = await response_event(broker.bootstrap, request_id)
@@ -1106,7 +1151,61 @@ async def test_a_provider_redirect_is_passed_on_not_followed(
     assert not event.usage.usage_missing and event.usage.input_tokens == 0
 
 
-async def test_a_provider_redirect_on_an_unmetered_route_is_passed_on_not_followed(
+async def test_an_sdk_does_not_follow_a_provider_redirect_around_llmtap(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The official SDKs follow redirects (httpx's follow_redirects=True): a provider's
+    redirect passed on as sent (its Location kept) took the call to its target all the
+    same, prompt and all, around llmtap, and the SDK took the target's answer for the
+    call's while llmtap recorded a 307 with no tokens. The SDKs get an error naming the
+    redirect instead, and the other origin nothing."""
+
+    async def redirecting(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        raise web.HTTPTemporaryRedirect(str(target.make_url(request.path)))
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", redirecting)
+    provider.router.add_post("/v1/messages", redirecting)
+    redirector = TestServer(provider, host="127.0.0.1")
+    await redirector.start_server()
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
+    root = str(redirector.make_url("")).rstrip("/")
+    settings = ingress_settings.model_copy(
+        update={"openai_base_url": f"{root}/v1", "anthropic_base_url": root}
+    )
+    secret, _ = create_key(settings.key_file, tenant="acme")  # read as it starts
+    prompt: Any = [{"role": "user", "content": "secret"}]
+    async with another_origin() as (target, elsewhere):
+        server = await serve_ingress(settings)
+        base = str(server.make_url("")).rstrip("/")
+        try:
+            async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as sdk:
+                with pytest.raises(APIStatusError) as refused:
+                    await sdk.chat.completions.create(model="gpt-4o", messages=prompt)
+            assert refused.value.status_code == 307
+            assert refused.value.code == "upstream_redirect"
+            assert str(target.make_url("/v1/chat/completions")) in refused.value.message
+            async with AsyncAnthropic(base_url=base, api_key=secret, max_retries=0) as claude:
+                with pytest.raises(AnthropicStatusError) as raised:
+                    await claude.messages.create(
+                        model="claude-3-5-haiku", max_tokens=10, messages=prompt
+                    )
+            assert raised.value.status_code == 307
+        finally:
+            await server.close()
+            await redirector.close()
+    assert [(r.method, r.path) for r in elsewhere] == []
+    event = await response_event(broker.bootstrap, refused.value.response.headers["x-request-id"])
+    assert (event.status, event.http_status, event.error_class) == (
+        "upstream_error",
+        307,
+        "http_307",
+    )
+
+
+async def test_a_provider_redirect_on_an_unmetered_route_is_answered_not_passed_on(
     ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As a metered call's: /v1/models answered with a redirect to another origin goes to
@@ -1128,7 +1227,8 @@ async def test_a_provider_redirect_on_an_unmetered_route_is_passed_on_not_follow
             ) as response,
         ):
             assert response.status == 302
-            assert response.headers["location"] == str(target.make_url("/v1/models"))
+            assert "location" not in response.headers
+            assert (await response.json())["error"]["code"] == "upstream_redirect"
     assert elsewhere == []
 
 

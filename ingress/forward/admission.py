@@ -240,7 +240,11 @@ class Admission:
         try:
             credential = upstream_credential(api, route.provider, route.config, identity)
         except Refusal as refusal:
-            return refuse(refusal.status, refusal.message, refusal.error_class)
+            unkeyed = refuse(
+                refusal.status, refusal.message, refusal.error_class, code=refusal.code
+            )
+            unkeyed.headers["x-should-retry"] = "false"  # llmtap's config: no retry mends it
+            return unkeyed
         headers = upstream_headers(request.headers, credential=credential)
         url = route.config.base_url + endpoint.upstream_path
         if request.rel_url.raw_query_string:  # as sent: decoded, a %23 would end it

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ingress.errors import ErrorShape
 from ingress.forward.call import NO_CREDENTIAL
@@ -76,6 +77,7 @@ def upstream_credential(
         f"llmtap holds no API key for provider {name!r} "
         f"(set the {provider.api_key_env or 'api_key_env'} environment variable)",
         "no_provider_key",
+        code="no_provider_key",
     )
 
 
@@ -89,4 +91,33 @@ def unreachable(api: Api, provider: str, exc: BaseException, request_id: str) ->
         code="upstream_timeout" if timed_out else "upstream_unreachable",
     )
     error.headers["x-request-id"] = request_id
+    return error
+
+
+def redirected(
+    api: Api, provider: str, status: int, headers: CIMultiDict[str]
+) -> web.Response | None:
+    """The answer to a provider's redirect (a 3xx with a ``Location``), or None for any
+    other answer. llmtap does not follow it (it would take the call, and llmtap's
+    provider key, wherever it points), and must not pass it on as sent either: the
+    official SDKs follow redirects (httpx's follow_redirects), so the call went there
+    all the same, around llmtap: its prompt sent on, its answer (a target taking no key:
+    a completion) never metered. The client gets the status and the provider's other
+    headers, without the ``Location``, and an error in the API's shape naming it."""
+    location = headers.get("location")
+    if location is None or not 300 <= status < 400:
+        return None
+    error = api.error(
+        status,
+        f"the provider {provider!r} answered {status}, a redirect to {location}: llmtap "
+        "neither follows a provider's redirect nor passes it on to be followed (the call "
+        "would go there unmetered); check the provider's base_url",
+        openai_type="api_error",
+        code="upstream_redirect",
+    )
+    error.headers.extend(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in ("content-type", "location")
+    )
     return error

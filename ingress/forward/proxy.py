@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from ingress.forward.admission import Admission
 from ingress.forward.call import Call, downstream_headers
 from ingress.forward.capture import StreamCapture, parse_json_body
-from ingress.forward.endpoint import Endpoint, unreachable
+from ingress.forward.endpoint import Endpoint, redirected, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
 from ingress.keys import BUDGETS, COUNTING, LIMITER, UPSTREAM
@@ -121,7 +121,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 call.mark_upstream_done()
                 # The whole answer is here: one write sends the head and the body, with
                 # a Content-Length; its usage is read once the client has it.
-                response = web.Response(
+                response = redirected(
+                    api, route.provider, upstream.status, answer_headers
+                ) or web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
                     headers=answer_headers,

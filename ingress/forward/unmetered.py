@@ -30,7 +30,7 @@ from yarl import URL
 from ingress.forward.admission import INVALID_JSON, BodyRefused, read_body
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.capture import parse_json_body
-from ingress.forward.endpoint import Api, unreachable, upstream_credential
+from ingress.forward.endpoint import Api, redirected, unreachable, upstream_credential
 from ingress.forward.proxy import Handler
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
 from ingress.keys import KEYS, SETTINGS, UPSTREAM
@@ -129,10 +129,9 @@ async def _passed(
             allow_redirects=False,  # as a metered call's (proxy.py): passed on, not followed
         ) as upstream:
             answer = await upstream.read()
-            return web.Response(
-                status=upstream.status,
-                body=answer,
-                headers=downstream_headers(upstream.headers, request_id),
+            headers = downstream_headers(upstream.headers, request_id)
+            return redirected(api, name, upstream.status, headers) or web.Response(
+                status=upstream.status, body=answer, headers=headers
             )
     except ValueError as exc:  # a URL the client library will not send (a control character)
         return _answer_refused(
@@ -181,4 +180,6 @@ async def _routed_body(
 def _answer_refused(api: Api, refused: _Refused, request_id: str) -> web.Response:
     response = api.error(refused.status, refused.message, param=refused.param, code=refused.code)
     response.headers["x-request-id"] = request_id
+    if refused.code == "no_provider_key":  # llmtap's config: no retry mends it
+        response.headers["x-should-retry"] = "false"
     return response
