@@ -58,6 +58,15 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 ADDED_P99_TARGET_MS = 2.0
 RATIO_TARGET = 1.5
+# A hard cap on the bench key's tenant that the run never reaches (budget checks on).
+BENCH_BUDGET = {
+    "name": "bench-monthly",
+    "scope": "tenant",
+    "value": "bench",
+    "period": "month",
+    "limit_usd": "1000000",
+    "hard_cap": True,
+}
 
 
 # --- processes ------------------------------------------------------------------------
@@ -351,8 +360,10 @@ def render(
         f"of {args.throughput_duration / args.rounds:.1f} s (after 0.5 s warm-up) per target "
         "and mode",
         "- every process on 127.0.0.1, each its own OS process: fake upstream (no delay), "
-        "load generator, bare proxy, llmtap ingress (virtual-key auth, usage capture, "
-        "request + response events to the embedded Tansu broker, Prometheus metrics)",
+        "load generator, bare proxy, llmtap ingress (virtual-key auth, a hard-capped "
+        "budget, never reached, checked and settled on every call, usage capture, "
+        "request + response events to the embedded Tansu broker, Prometheus metrics) "
+        "and the stream worker that publishes the budget's state",
         f"- other processes on this shared machine (not started by the benchmark) used a "
         f"median of {median(other):.2f} cores (max {max(other, default=0):.2f}) during the "
         "measurements; see 'other load' per round below",
@@ -492,16 +503,27 @@ def start_all(fleet: Fleet, tmp: Path) -> Bench:
     data_dir.mkdir()
     secret, _ = create_key(data_dir / "keys.yaml", tenant="bench", team="latency")
     wait_until(broker, "broker", lambda: topics_created(bootstrap))
-    ingress_env = {
+    # Issue #3's target is "with metering, auth, and budget checks on": a hard cap on
+    # the key's tenant, never reached, so every call is admitted against it and settled;
+    # and the stream worker, as in production, whose budget states let settled costs go.
+    pipeline_env = {
         **base_env,
-        "LLMTAP_PROXY_PORT": str(ingress_port),
         "LLMTAP_KAFKA_BOOTSTRAP": bootstrap,
-        "LLMTAP_OPENAI_BASE_URL": f"{fake_url}/v1",
         "LLMTAP_LOG_LEVEL": "WARNING",
         "LLMTAP_DATA_DIR": str(data_dir),
+        "LLMTAP_BUDGETS": json.dumps([BENCH_BUDGET]),
+    }
+    worker_env = {**pipeline_env, "LLMTAP_WORKER_METRICS_PORT": "0"}
+    worker = fleet.start("worker", [python, "-m", "llmtap", "worker"], env=worker_env)
+    ingress_env = {
+        **pipeline_env,
+        "LLMTAP_PROXY_PORT": str(ingress_port),
+        "LLMTAP_OPENAI_BASE_URL": f"{fake_url}/v1",
         "OPENAI_API_KEY": "sk-provider-key-held-by-llmtap",
     }
     ingress = fleet.start("ingress", [python, "-m", "llmtap", "ingress"], env=ingress_env)
+    ready = data_dir / "run" / "worker.ready"
+    wait_until(worker, "stream worker", ready.exists)
     wait_until(fake, "fake upstream", lambda: http_ok(f"{fake_url}/healthz"))
     wait_until(bare, "bare proxy", lambda: http_ok(f"http://127.0.0.1:{bare_port}/healthz"))
     # Not /readyz: it is 200 before the producer connects (events would wait in the spool).

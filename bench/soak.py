@@ -76,6 +76,33 @@ def children(pid: int) -> dict[str, int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid``'s child processes, theirs, and so on (read from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(kids.get(pid, ()))
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(kids.get(current, ()))
+    return found
+
+
+def rss_by_role(roles: dict[str, int]) -> dict[str, float]:
+    """Resident memory (MB) of each role's process with its own child processes (the
+    store's decode processes, started with its first batch, are the store's)."""
+    return {
+        role: sum(rss_mb(p) or 0.0 for p in [pid, *descendants(pid)]) for role, pid in roles.items()
+    }
+
+
 @dataclass
 class Sample:
     at_s: float
@@ -221,7 +248,7 @@ async def drive(
             if loop.time() >= next_sample:
                 next_sample += SAMPLE_EVERY_S
                 sample = Sample(loop.time() - start, sent, failed, await stored(admin, api))
-                sample.rss = {r: rss_mb(p) or 0.0 for r, p in roles.items()}
+                sample.rss = rss_by_role(roles)
                 samples.append(sample)
                 print(
                     f"{sample.at_s:6.0f}s sent {sent:,} failed {failed} stored {sample.stored:,} "
@@ -235,7 +262,7 @@ async def drive(
             await asyncio.sleep(1)
             final = await stored(admin, api)
         last = Sample(loop.time() - start, sent, failed, final)
-        last.rss = {r: rss_mb(p) or 0.0 for r, p in roles.items()}
+        last.rss = rss_by_role(roles)
         samples.append(last)
     return samples, errors
 
@@ -260,7 +287,8 @@ def render(args: argparse.Namespace, samples: list[Sample], errors: dict[str, in
         f"- lag (sent minus stored, sampled every {SAMPLE_EVERY_S:g} s): median "
         f"{statistics.median(lags) if lags else 0:,.0f}, max {max(lags, default=0):,}",
         "",
-        "| process | RSS after warm-up (MB) | RSS at the end (MB) | max after warm-up (MB) |",
+        "| process (with its child processes) | RSS after warm-up (MB) | RSS at the end (MB) "
+        "| max after warm-up (MB) |",
         "|---|---:|---:|---:|",
     ]
     for role in roles:

@@ -44,6 +44,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from ingress_latency import percentile as ingress_percentile  # bench/, beside this script
 
 from llmtap import topics
 from llmtap.config import Settings
@@ -270,8 +271,8 @@ def free_port() -> int:
 
 
 def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    """``q`` in 0..1, interpolated between closest ranks as the other reports' are."""
+    return ingress_percentile(values, q * 100)
 
 
 async def main() -> int:
