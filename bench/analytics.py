@@ -289,7 +289,7 @@ def render(
         f"{ALERTS:,} alerts"
         + (
             f"; filled in {fill_s:.0f} s ({args.rows / fill_s:,.0f} calls/s into `calls`, "
-            "its 6 materialized views and its by_time projection)"
+            f"its {len(ROLLUPS)} materialized views and its by_time projection)"
             if fill_s
             else "; store reused"
         ),
