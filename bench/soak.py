@@ -191,6 +191,9 @@ async def main() -> int:
             roles = children(up.pid)
             print(f"up: {roles}", file=sys.stderr)
             samples, errors = await drive(args, key, proxy_port, api_port, up.pid, roles)
+        logged = logged_errors((Path(tmp) / "up.log").read_text(errors="replace"))
+        if logged:  # what the processes logged at ERROR or worse is an error too
+            errors["logged ERROR/CRITICAL lines"] = logged
     report = render(args, samples, errors)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
@@ -230,7 +233,7 @@ async def drive(
                     if response.status != expected:
                         failed += 1
                         errors[str(response.status)] = errors.get(str(response.status), 0) + 1
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 failed += 1
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
@@ -265,6 +268,19 @@ async def drive(
         last.rss = rss_by_role(roles)
         samples.append(last)
     return samples, errors
+
+
+def logged_errors(log: str) -> int:
+    """Lines of ``log`` (llmtap's JSON logs) at ERROR or CRITICAL, and tracebacks."""
+    found = 0
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            found += line.startswith("Traceback")
+            continue
+        found += isinstance(entry, dict) and entry.get("level") in ("ERROR", "CRITICAL")
+    return found
 
 
 def render(args: argparse.Namespace, samples: list[Sample], errors: dict[str, int]) -> str:

@@ -147,3 +147,19 @@ def test_stream_floor_rate_counts_what_arrived_on_the_clock(
     # 3 batches of 1,000 came in the ~150 ms between the first and the last: ~20,000/s,
     # not 4,000 / 0.15 s = ~26,700/s.
     assert rate == pytest.approx(20_000, rel=0.12)
+
+
+def test_soak_counts_what_the_processes_logged_as_errors() -> None:
+    import soak
+
+    log = "\n".join(
+        [
+            '{"ts":"2026-12-05T00:00:00.000+00:00","level":"INFO","message":"llmtap is up"}',
+            '{"ts":"2026-12-05T00:00:01.000+00:00","level":"ERROR","message":"insert failed"}',
+            '{"level":"WARNING","message":"slow"}',
+            '{"level":"CRITICAL","message":"crashed"}',
+            "Traceback (most recent call last):",
+            "not json at all",
+        ]
+    )
+    assert soak.logged_errors(log) == 3
