@@ -69,8 +69,15 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         sock_read=settings.upstream_read_timeout_s,
     )
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    # No cookie jar: the session serves every tenant's calls. A provider's Set-Cookie
+    # goes to the client that made the call (which sends it back, or not); kept here,
+    # it went with every later call, of any tenant.
     async with aiohttp.ClientSession(
-        timeout=timeout, connector=connector, auto_decompress=True, raise_for_status=False
+        timeout=timeout,
+        connector=connector,
+        auto_decompress=True,
+        raise_for_status=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         app[UPSTREAM] = session
         yield

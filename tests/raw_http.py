@@ -45,6 +45,8 @@ async def raw_request(
     finally:
         writer.close()
     head_bytes, _, rest = answer.partition(b"\r\n\r\n")
+    while head_bytes.split(b" ", 2)[1:2] == [b"100"]:  # an interim answer: the final follows
+        head_bytes, _, rest = rest.partition(b"\r\n\r\n")
     status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
     parsed: CIMultiDict[str] = CIMultiDict()
     for line in lines:

@@ -47,6 +47,7 @@ from tests.conftest import (
 )
 from tests.fake_provider import PROVIDER_REQUEST_ID
 from tests.prometheus import sample
+from tests.raw_http import raw_request
 
 
 async def make_key(ingress: str, key_file: Path, team: str = "") -> str:
@@ -1818,3 +1819,149 @@ async def test_counting_a_stream_s_output_is_not_the_call_s_latency_nor_overhead
     assert event.usage.output_tokens_counted and event.usage.output_tokens > 0
     assert event.latency_ms < 1000, event.latency_ms
     assert event.proxy_overhead_ms < 1000, event.proxy_overhead_ms
+
+
+@contextlib.asynccontextmanager
+async def ingress_at(
+    provider_app: web.Application,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    host: str = "127.0.0.1",
+) -> AsyncIterator[TestServer]:
+    """An ingress whose OpenAI provider is ``provider_app``, reached by ``host`` (a name,
+    not an address, where a client keeps what it keeps by host name: cookies)."""
+    upstream = TestServer(provider_app, host="127.0.0.1")
+    await upstream.start_server()
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    settings = settings.model_copy(update={"openai_base_url": f"http://{host}:{upstream.port}/v1"})
+    try:
+        server = await serve_ingress(settings)
+        try:
+            yield server
+        finally:
+            await server.close()
+    finally:
+        await upstream.close()
+
+
+CHAT_ANSWER = {
+    "id": "chatcmpl-w",
+    "object": "chat.completion",
+    "model": "gpt-4o-2024-08-06",
+    "choices": [],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+async def test_a_provider_s_cookie_never_reaches_another_call(
+    ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider setting a cookie (Cloudflare's __cf_bm in front of OpenAI, a load
+    balancer's sticky session in front of a vLLM) sets it for the client that made the
+    call, which may send it back or not. The ingress's one upstream session kept it in
+    its own cookie jar and sent it with every later call, of every tenant: tenant B's
+    call carried what the provider told tenant A, a header B never sent."""
+    cookies: list[list[str]] = []
+
+    async def provider(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        cookies.append(request.headers.getall("Cookie", []))
+        answer = web.json_response(CHAT_ANSWER)
+        answer.set_cookie("sticky", f"backend-of-call-{len(cookies)}")
+        return answer
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", provider)
+    acme, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    globex, _ = create_key(ingress_settings.key_file, tenant="globex")
+    async with ingress_at(app, ingress_settings, monkeypatch, host="localhost") as server:
+        for key in (acme, globex):
+            async with (
+                aiohttp.ClientSession() as session,  # a client of its own, each
+                session.post(
+                    server.make_url("/v1/chat/completions"),
+                    json={"model": "gpt-4o", "messages": []},
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response,
+            ):
+                assert response.status == 200
+                # The client gets the provider's cookie, as it would without llmtap.
+                assert response.cookies["sticky"].value == f"backend-of-call-{len(cookies)}"
+    assert cookies == [[], []]  # neither call sent one
+
+
+async def test_a_client_s_expect_100_continue_is_not_passed_to_the_provider(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """curl sends ``Expect: 100-continue`` with a large body. aiohttp's server answers
+    the client's 100 itself and the ingress reads the body whole; passed on, the
+    expectation made aiohttp's client wait for the provider's 100 before sending the
+    body. A server may read a body without a 100 (one of HTTP/1.0 does, and RFC 9110
+    lets a client go on without it): the provider waited for the body, the ingress for
+    the 100, and the call hung (no read timeout runs before the body is sent)."""
+    expectations: list[str | None] = []
+
+    async def without_interim_answer(request: web.Request) -> None:
+        return None  # no 100 (Continue): the handler just reads the body
+
+    async def provider(request: web.Request) -> web.StreamResponse:
+        expectations.append(request.headers.get("Expect"))
+        await request.read()
+        return web.json_response(CHAT_ANSWER)
+
+    app = web.Application()
+    app.router.add_route(
+        "POST", "/v1/chat/completions", provider, expect_handler=without_interim_answer
+    )
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 2000}]})
+    async with ingress_at(app, ingress_settings, monkeypatch) as server:
+        base = str(server.make_url("")).rstrip("/")
+        async with asyncio.timeout(10):
+            answer = await raw_request(
+                base,
+                "POST",
+                "/v1/chat/completions",
+                [
+                    ("Authorization", f"Bearer {secret}".encode()),
+                    ("Content-Type", b"application/json"),
+                    ("Expect", b"100-continue"),
+                ],
+                body,
+            )
+    assert answer.status == 200, answer.body
+    assert answer.json() == CHAT_ANSWER
+    assert expectations == [None]
+    event = await response_event(broker.bootstrap, answer.headers["x-request-id"])
+    assert (event.status, event.usage.input_tokens) == ("ok", 3)
+
+
+async def test_a_base_url_s_query_goes_with_every_call_after_its_path(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Azure-style gateway wants its api-version on every call: a base URL that holds
+    it (accepted by the config) had the endpoint's path appended after its query, so
+    each call went to the base path with the path inside its query value. The client's
+    own query joins the base URL's."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    settings = ingress_settings.model_copy(
+        update={"openai_base_url": f"{upstream.base_url}?api-version=2024-06-01"}
+    )
+    secret, _ = create_key(settings.key_file, tenant="acme")  # read as it starts
+    server = await serve_ingress(settings)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for path, body in (
+                ("/v1/chat/completions", {"model": "gpt-4o", "messages": []}),
+                ("/v1/moderations", {"input": "hi"}),
+            ):
+                async with session.post(
+                    URL(f"{server.make_url(path)}?x=%23a", encoded=True),
+                    json=body,
+                    headers={"Authorization": f"Bearer {secret}"},
+                ) as response:
+                    assert response.status == 200, await response.text()
+                seen = upstream.provider.received[-1]
+                assert (seen.path, seen.query) == (path, "api-version=2024-06-01&x=%23a")
+    finally:
+        await server.close()

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from ingress.forward.call import Call, upstream_headers
 from ingress.forward.capture import parse_json_body, too_many_values
-from ingress.forward.endpoint import Endpoint, upstream_credential
+from ingress.forward.endpoint import Endpoint, provider_url, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
@@ -246,9 +246,9 @@ class Admission:
             unkeyed.headers["x-should-retry"] = "false"  # llmtap's config: no retry mends it
             return unkeyed
         headers = upstream_headers(request.headers, credential=credential)
-        url = route.config.base_url + endpoint.upstream_path
-        if request.rel_url.raw_query_string:  # as sent: decoded, a %23 would end it
-            url += "?" + request.rel_url.raw_query_string
+        url = provider_url(
+            route.config.base_url, endpoint.upstream_path, request.rel_url.raw_query_string
+        )
 
         book = request.app[BUDGETS]
         if not book.read and book.caps(call.attribution):

@@ -81,6 +81,18 @@ def upstream_credential(
     )
 
 
+def provider_url(base_url: str, path: str, query: str) -> str:
+    """``path`` on the provider at ``base_url``, with the base URL's own query (an
+    Azure-style gateway's ``api-version``), then the client's ``query`` as it sent it,
+    still encoded (decoded, a %23 would end it, a %20 would be a space in the request
+    line). Appended to the whole base URL, the path went inside its query."""
+    if "?" in base_url:
+        base_url, _, base_query = base_url.partition("?")
+        query = f"{base_query}&{query}" if query and base_query else base_query or query
+    url = base_url.rstrip("/") + path
+    return f"{url}?{query}" if query else url
+
+
 def unreachable(api: Api, provider: str, exc: BaseException, request_id: str) -> web.Response:
     """The answer to a call the provider could not take (``exc``: a connection error,
     or no answer in time): 502, or 504 on a timeout, in the API's shape."""

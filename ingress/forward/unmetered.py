@@ -30,7 +30,7 @@ from yarl import URL
 from ingress.forward.admission import INVALID_JSON, BodyRefused, read_body
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.capture import parse_json_body
-from ingress.forward.endpoint import Api, redirected, unreachable, upstream_credential
+from ingress.forward.endpoint import Api, provider_url, redirected, unreachable, upstream_credential
 from ingress.forward.proxy import Handler
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
 from ingress.keys import KEYS, SETTINGS, UPSTREAM
@@ -114,11 +114,7 @@ async def _passed(
             raise _Refused.by(refusal) from None
     except _Refused as refused:
         return _answer_refused(api, refused, request_id)
-    # The query as the client sent it, still encoded (decoded, a %23 would end it, a
-    # %20 would be a space in the request line).
-    url = provider.base_url.rstrip("/") + path
-    if request.rel_url.raw_query_string:
-        url += "?" + request.rel_url.raw_query_string
+    url = provider_url(provider.base_url, path, request.rel_url.raw_query_string)
     headers = upstream_headers(request.headers, credential=credential)
     try:
         async with request.app[UPSTREAM].request(
