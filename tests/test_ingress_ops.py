@@ -1239,16 +1239,17 @@ async def streamed_through(
     broker: Broker,
     monkeypatch: pytest.MonkeyPatch,
     call: dict[str, Any] | None = None,
+    path: str = "/v1/chat/completions",
 ) -> tuple[int, ResponseEvent]:
-    """A streamed chat call (``call``, else a bare one) through an ingress whose provider
-    answers with ``provider``: the status the client got, read to its end, and the
-    call's response event."""
+    """A streamed chat call (``call``, else a bare one; or a call to another ``path``)
+    through an ingress whose provider answers with ``provider``: the status the client
+    got, read to its end, and the call's response event."""
     secret, _ = create_key(settings.key_file, tenant="acme")  # read as it starts
     async with (
-        ingress_before(provider, settings, monkeypatch) as server,
+        ingress_before(provider, settings, monkeypatch, ("POST", path)) as server,
         aiohttp.ClientSession() as session,
         session.post(
-            server.make_url("/v1/chat/completions"),
+            server.make_url(path),
             json=call or {"model": "gpt-4o", "messages": [], "stream": True},
             headers={"Authorization": f"Bearer {secret}"},
         ) as response,
@@ -1772,6 +1773,42 @@ async def test_time_to_first_token_waits_for_the_stream_s_first_event(
         slow_first_token, ingress_settings, broker, monkeypatch, call
     )
     assert status == 200
+    assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
+
+
+async def test_a_responses_stream_s_first_token_is_not_its_response_created(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Responses API sends response.created and response.in_progress as it takes the
+    call, before the model generates anything: the time to first token is its first
+    event after those (here the text's first delta), not ~0 for every model."""
+
+    async def slow_first_token(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        started: dict[str, Any] = {
+            "id": "resp_1",
+            "status": "in_progress",
+            "output": [],
+            "usage": None,
+        }
+        for kind in ("response.created", "response.in_progress"):  # at once
+            await response.write(sse_data({"type": kind, "response": started}))
+        await asyncio.sleep(0.5)  # prefill: no token yet
+        delta = {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hi"}
+        await response.write(sse_data(delta))
+        usage = {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
+        done = {**started, "status": "completed", "usage": usage, "model": "gpt-4o"}
+        await response.write(sse_data({"type": "response.completed", "response": done}))
+        await response.write_eof()
+        return response
+
+    call = {"model": "gpt-4o", "input": "hi", "stream": True}
+    status, event = await streamed_through(
+        slow_first_token, ingress_settings, broker, monkeypatch, call, "/v1/responses"
+    )
+    assert (status, event.status, event.usage.output_tokens) == (200, "ok", 1)
     assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
 
 

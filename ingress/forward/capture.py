@@ -336,6 +336,26 @@ class OpenAIStreamCapture(StreamCapture):
         return [text for text in texts if text]
 
 
+# An event's type: the first "type" of its data, which OpenAI's Responses events open with.
+_EVENT_TYPE = re.compile(rb'"type"\s*:\s*"([^"]*)"')
+
+
+def generated(data: bytes, preamble: frozenset[bytes]) -> bool:
+    """Whether a read of an event stream holds an event of what the model generated: a
+    ``data:`` line (not a comment, nor only the head), of a type not in ``preamble``
+    (the events an API sends before generating anything)."""
+    if b"data:" not in data:
+        return False
+    if not preamble:
+        return True
+    for line in data.splitlines():
+        if line.startswith(b"data:"):
+            found = _EVENT_TYPE.search(line)
+            if found is None or found[1] not in preamble:
+                return True
+    return False
+
+
 def _may_tell(data: bytes) -> bool:
     """Whether an event's data may carry usage, an error or a web search ("usage":null
     tells nothing; a quote in a JSON string is escaped, so the text streamed cannot look

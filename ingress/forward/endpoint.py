@@ -51,6 +51,9 @@ class Endpoint:
     # system prompt and its tools' definitions: tool_tokens.py), for a hard cap's worst
     # case; None: none.
     added_tokens: Callable[[dict[str, Any]], int] | None = None
+    # The types of the events a stream of it sends before the model generates anything
+    # (the Responses API's response.created, at once): not its first token.
+    preamble: frozenset[bytes] = frozenset()
 
 
 def upstream_credential(

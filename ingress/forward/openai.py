@@ -53,7 +53,13 @@ COMPLETIONS = Endpoint(
 )
 EMBEDDINGS = Endpoint("embeddings", OPENAI, "/embeddings", batched="input")
 # The Responses API reports usage in its response.completed event, unasked.
-RESPONSES = Endpoint("responses", OPENAI, "/responses", checked_fields=background_refused)
+RESPONSES = Endpoint(
+    "responses",
+    OPENAI,
+    "/responses",
+    checked_fields=background_refused,
+    preamble=frozenset((b"response.created", b"response.queued", b"response.in_progress")),
+)
 
 
 def add_routes(app: web.Application) -> None:
