@@ -312,11 +312,11 @@ async def read_consumed(
     since_ms: int = 0,
     idle_ms: int = 500,
     partitions: Iterable[int] | None = None,
-) -> list[tuple[int, bytes]]:
+) -> list[tuple[int, bytes, int]]:
     """The messages of ``topic`` (of ``partitions``, or all) that consumer group
     ``group_id`` has consumed (before its committed offsets), written at or after
     ``since_ms`` (epoch milliseconds, by the records' timestamps), each with its
-    partition, in offset order per partition. Commits nothing."""
+    partition and timestamp, in offset order per partition. Commits nothing."""
     admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
     try:
         await admin.start()
@@ -331,7 +331,9 @@ async def read_consumed(
     starts = await _offsets_at(kafka, since_ms, ends) if since_ms > 0 else {}
     spans = {tp: (min(starts.get(tp, 0), end), end) for tp, end in ends.items()}
     records, _ = await read_spans(kafka, spans, idle_ms)
-    return [(r.partition, r.value) for r in records if r.timestamp >= since_ms and r.value]
+    return [
+        (r.partition, r.value, r.timestamp) for r in records if r.timestamp >= since_ms and r.value
+    ]
 
 
 async def _offsets_at(

@@ -63,8 +63,18 @@ def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> 
         if out_of < min_requests or out_of <= 0:
             return None
         return Decimal(failed) / Decimal(out_of)
-    if metric == "p95_latency" and window.requests < min_requests:
-        return None
+    if metric == "p95_latency":
+        # Of the calls the guards let through: those refused (a tenant at its hard cap)
+        # answered in well under a millisecond, the fastest of the window's, and never
+        # reached the provider. Their latency is no more the service's than their errors.
+        _, served = error_rate(window)
+        if served < min_requests or served <= 0:
+            return None
+        # The guarded calls are the lowest of the sketch: the p95 of the rest is there.
+        guarded = window.requests - served
+        quantile = 0.95 if not guarded else 1 - 0.05 * served / window.requests
+    else:
+        quantile = 0.95
     if metric == "cost":
         # None when the window's calls of known cost cost nothing and others' cost is
         # unknown (a model not priced yet, usage unknown; its errors, known at $0): a
@@ -75,7 +85,7 @@ def metric_value(metric: SpikeMetric, window: Window, min_requests: int = 1) -> 
         return Decimal(window.requests)
     if metric == "tokens":
         return Decimal(window.input_tokens + window.output_tokens)
-    p95 = sketch_of(window.latency_ms).quantile(0.95)
+    p95 = sketch_of(window.latency_ms).quantile(quantile)
     return None if p95 is None else Decimal(repr(p95)).quantize(MS)
 
 
@@ -132,6 +142,23 @@ class Detector:
             pending = series[window.window_start] = _Pending(received=now, home=home)
         pending.shares[window.event_id] = window  # a replayed share replaces itself
         return self._ready(window.series, now)
+
+    @property
+    def settle(self) -> timedelta:
+        """How long after its first share a window is judged on the shares it has."""
+        return self._settle
+
+    def settled(self, series: str, now: datetime) -> list[Alert]:
+        """Judge the series' windows complete or settled by ``now``: what the ticks up to
+        then judged (a warm-up replaying windows by the times they were published)."""
+        return self._ready(series, now) if series in self._pending else []
+
+    def wait_from(self, now: datetime) -> None:
+        """The windows still waiting for shares wait ``settle`` from ``now`` (a warm-up's
+        end: their missing shares are past the committed offsets, still to be read)."""
+        for windows in self._pending.values():
+            for pending in windows.values():
+                pending.received = max(pending.received, now)
 
     def give_up(self, partitions: set[int]) -> None:
         """The windows partitions another worker judges from now: their series are no

@@ -198,9 +198,15 @@ def _alert(
         )
     elif unjudged is not None:
         let_through = " the guards let through" if rule.metric == "error_rate" else ""
+        # A cost has no min_requests: its windows had calls, none of a known cost.
+        lacking = (
+            "of known cost"
+            if rule.metric == "cost"
+            else f"of {rule.min_requests} calls{let_through}"
+        )
         message = (
-            f"{rule.metric} no longer judged on {where}: no window of {rule.min_requests} "
-            f"calls{let_through} since the one from {unjudged.isoformat()}; "
+            f"{rule.metric} no longer judged on {where}: no window {lacking} "
+            f"since the one from {unjudged.isoformat()}; "
             f"spike since {first_seen.isoformat()}"
         )
     elif quiet:
@@ -271,6 +277,13 @@ def observe(
         length = window_end - window_start
         if window_start > state.last_window + quiet_span(rule) * length:
             state, quieted = went_quiet(rule, series, state, length, tenant=tenant)
+    if state.last_window is not None and window_start - state.last_window > idle_span(
+        rule, window_end - window_start
+    ):
+        # Idle past what its rule looks back: forgotten, as the detector's sweep forgets
+        # it once other series' windows move on, and as a restarted worker, reading back
+        # no further, never knew it. Not judged against history of any age.
+        state = SeriesState()
     if rule.seasonality == "hour_of_day":
         state = _roll_profile(rule, state, window_start)
     if value is None:
@@ -449,6 +462,15 @@ def went_quiet(
         rule, series, state, start, start + window, state.last_window, tenant=tenant, quiet=True
     )
     return state.model_copy(update={"firing": False}), [resolved]
+
+
+def idle_span(rule: SpikeRule, window: timedelta) -> timedelta:
+    """How long a series of windows of ``window`` may have none before it is forgotten:
+    :func:`horizon`, for windows of that length."""
+    back = look_back(rule) * window
+    if rule.seasonality == "hour_of_day":
+        back = max(back, timedelta(days=rule.seasonal_days + 1))
+    return back
 
 
 def horizon(rules: Iterable[SpikeRule]) -> timedelta:

@@ -21,8 +21,9 @@ given is not its to resolve).
 from __future__ import annotations
 
 import logging
+from collections import defaultdict, deque
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from aiokafka.errors import KafkaError
@@ -42,17 +43,35 @@ def spike_settle(settings: Settings) -> timedelta:
     return timedelta(seconds=settings.window_grace_s + 3 * TICK_S)
 
 
-def warmed(detector: Detector, windows: Iterable[tuple[int, bytes]], now: datetime) -> int:
-    """Feed a detector windows already judged (each with its partition), dropping the
-    alerts they raise again; return how many it took."""
+def warmed(
+    detector: Detector,
+    windows: Iterable[tuple[int, bytes] | tuple[int, bytes, datetime]],
+    now: datetime,
+) -> int:
+    """Feed a detector windows already judged (each with its partition, and when it was
+    published if known), dropping the alerts they raise again; return how many it took.
+
+    Replayed by their publish times: a window whose other shares came only after its
+    settle was judged live on the shares it had (the later ones judged nothing), and
+    is judged so again, not whole: judged whole, it fired here unseen (its alert dropped
+    as raised before, which it never was), and the restarted worker took the series for
+    firing (its next spike raised nothing). Windows still waiting at the end wait
+    ``settle`` from ``now``."""
     taken = 0
-    for home, raw in windows:
+    waiting: dict[int, deque[tuple[datetime, str]]] = defaultdict(deque)  # by partition
+    for home, raw, *published in windows:
         try:
             window = wire.decode_window(raw)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # the stage logged it when it skipped it
-        detector.offer(window, now, home)
+        at = published[0] if published else now
+        queue = waiting[home]
+        while queue and queue[0][0] + detector.settle <= at:
+            detector.settled(queue.popleft()[1], at)
+        detector.offer(window, at, home)
+        queue.append((at, window.series))
         taken += 1
+    detector.wait_from(now)
     return taken
 
 
@@ -90,7 +109,8 @@ async def warmed_detector(
     except KafkaError as exc:  # the worker still starts; its baselines start empty
         log.warning("windows judged before could not be read back (%r)", exc)
         return detector
-    taken = warmed(detector, judged, now)
+    published = [(home, raw, datetime.fromtimestamp(ms / 1000, UTC)) for home, raw, ms in judged]
+    taken = warmed(detector, published, now)
     if partitions is None:
         # Some may be another worker's: the first assignment says which are this one's
         # (Detector.keep_only), and until their backlog is read none is found quiet.

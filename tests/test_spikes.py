@@ -223,14 +223,16 @@ def test_cooldown_counts_time_not_observations() -> None:
 def test_a_series_that_went_quiet_while_firing_fires_at_its_next_spike() -> None:
     """A runaway job stopped: its series has no windows, so none ends its episode.
     The first window after a gap does, with a resolved for the quiet window, before it
-    is judged itself: the next spike, a day later, fires (it raised nothing before)."""
+    is judged itself: the next spike, twenty minutes later, fires (it raised nothing
+    before). (A day later, the series is forgotten: it learns afresh, as a restarted
+    worker would.)"""
     r = rule(cooldown_windows=10)
     state, alerts = feed(r, noisy(40, 100, 0.05, seed=2) + [Decimal(500)] * 3)
     assert firing(alerts) == [40] and state.firing
     fired = alerts[0][1]
     quiet, [ended] = went_quiet(r, "search", state, MINUTE)  # what a sweep raises
     assert not quiet.firing
-    day = 24 * 60
+    day = 60  # within the rule's look-back (31 windows) of the last window, 42
     state, alerts = feed(r, [Decimal(500), Decimal(100)], state=state, first=day)
     assert [(i, a.state) for i, a in alerts] == [
         (day, "resolved"),
@@ -656,3 +658,20 @@ def test_labelled_evaluation_on_synthetic_traffic() -> None:
     assert max(default.resolve_lags) == 0
     # The neighbouring sensitivities meet the recall target too.
     assert all(s.recall >= 0.9 for s in scores.values())
+
+
+def test_a_cost_spike_no_longer_judged_says_its_costs_are_unknown() -> None:
+    """A cost spike whose team's calls then go on, but all to a model not priced yet:
+    windows with calls and no cost to judge. Resolved past the look-back, its message
+    says why: no window of known cost (a cost has no min_requests; the windows had
+    calls), not "no window of 10 calls", which sends on-call looking for lost traffic."""
+    r = rule(cooldown_windows=10)
+    state, alerts = feed(r, [*noisy(30, 100, 0.05, seed=2), Decimal(500)])
+    assert firing(alerts) == [30]
+    _, alerts = feed(r, [None] * 40, state=state, first=31)
+    [(i, alert)] = alerts
+    assert (i, alert.state) == (61, "resolved")
+    assert alert.message == (
+        "cost no longer judged on team=search: no window of known cost since the one "
+        f"from {(T0 + 30 * MINUTE).isoformat()}; spike since {(T0 + 30 * MINUTE).isoformat()}"
+    )

@@ -916,3 +916,94 @@ async def test_calls_that_came_after_their_window_closed_are_logged(
     lines = [r.getMessage() for r in caplog.records if "after their window closed" in r.message]
     assert lines == ["2 calls arrived after their window closed (grace 10.0s); counted as late"]
     assert step.late_events == 3
+
+
+def test_a_p95_latency_leaves_out_what_the_guards_refused() -> None:
+    """A tenant at its hard cap: its calls are refused in well under a millisecond,
+    without reaching the provider. Those are not the service's latency (as they are not
+    its errors): an hour at the cap taught the baseline a p95 of 0.4 ms, and the cap's
+    period rolling over (the provider's latency unchanged, ~2 s) paged a p95 spike."""
+    latency_rule = SpikeRule(
+        name="team-latency", dimension="team", metric="p95_latency", min_value=Decimal(1000)
+    )
+    d = Detector([latency_rule], partitions=1, settle=timedelta(seconds=15))
+    raised = []
+    for m in range(100):
+        w = Windower((60,), GRACE)
+        for i in range(20):
+            if 20 <= m < 80:  # the tenant's budget spent: every call refused
+                refused = call(
+                    m * MIN + i * S,
+                    status="budget_exceeded",
+                    error_class="budget_exceeded",
+                    cost=None,
+                    latency_ms=0.4,
+                )
+                w.add(refused, T0)
+            else:
+                w.add(call(m * MIN + i * S, latency_ms=1900 + 10 * (i % 20)), T0)
+        raised += [a for x in w.advance(T0 + (m + 5) * MIN, [0]) for a in d.offer(x, T0)]
+    assert raised == []
+    # The p95 of the calls that reached the provider, the refused ones left out; and
+    # none of fewer than min_requests such calls.
+    w = Windower((60,), GRACE)
+    for i in range(10):
+        w.add(call(i * S, latency_ms=2000), T0)
+    for i in range(390):
+        w.add(
+            call(i * S / 10, status="rate_limited", error_class="rate_limited", latency_ms=0.4), T0
+        )
+    [team] = [x for x in w.advance(T0 + 5 * MIN, [0]) if x.dimension == "team"]
+    p95 = metric_value("p95_latency", team)
+    assert p95 is not None and abs(p95 - 2000) <= 20
+    assert metric_value("p95_latency", team, min_requests=11) is None
+
+
+def test_a_series_back_after_longer_than_its_rule_looks_back_is_judged_as_new() -> None:
+    """A series with no window for longer than its rule looks back is forgotten: with
+    other series' windows going on, the sweep forgets it, and a restarted worker, which
+    reads back no more than that, never knew it. Alone (a nightly job, nothing else
+    judged meanwhile) it was judged against its history of hours before: the same
+    traffic fired a spike or not depending on other teams' calls, or on a restart."""
+    for others in (False, True):
+        d = Detector([RULE], partitions=2, settle=timedelta(seconds=15))
+        raised = []
+        for m, level in enumerate(LEVELS[:-1]):  # team search, steady
+            raised += [a for w in minute(level, m) for a in d.offer(w, closed(m))]
+        for m in range(8, 128):  # two hours without a call of search
+            if others:
+                raised += [a for w in minute(10, m, team="ads") for a in d.offer(w, closed(m))]
+                raised += d.tick(closed(m) + m * MIN)
+        raised += [a for w in minute(60, 128) for a in d.offer(w, closed(128))]
+        assert raised == [], f"others={others}"
+
+
+def test_a_share_that_came_after_its_window_was_judged_is_not_judged_at_a_restart() -> None:
+    """Minute 8's share of partition 1 came after settle (its worker behind, or taking
+    the partition over): the window was judged on partition 0's share (normal), and the
+    late share, stored, judged nothing. A restart reads both back: judged whole, the
+    window fired in the warm-up, its alert dropped as raised before, which it never was.
+    The restarted worker then believed a spike was firing: minute 9's real spike raised
+    nothing (missed page) where the worker that never stopped fired."""
+    settle = timedelta(seconds=15)
+    levels = [10, 11, 9, 10, 12, 10, 9, 11]
+    before = [w for m, level in enumerate(levels) for w in minute(level, m)]
+    [early] = minute(10, 8, (0,))
+    [late] = minute(50, 8, (1,))
+    live = Detector([RULE], partitions=2, settle=settle)
+    raised = [a for w in before for a in live.offer(w, closed(7), home=0)]
+    raised += live.offer(early, closed(8), home=0)
+    raised += live.tick(closed(8) + settle)  # judged on partition 0's share
+    raised += live.offer(late, closed(8) + 40 * S, home=0)  # not judged again
+    assert raised == []
+    restarted = Detector([RULE], partitions=2, settle=settle)
+    published = [(w, w.window_end + GRACE) for w in before]  # as each closed
+    published += [(early, closed(8)), (late, closed(8) + 40 * S)]
+    warmed(restarted, [(0, wire.encode(w), at) for w, at in published], closed(8) + 50 * S)
+    spike = minute(60, 9)
+    fired = [a for w in spike for a in live.offer(w, closed(9), home=0)]
+    fired += live.tick(closed(9) + settle)
+    assert [a.state for a in fired] == ["firing"]
+    again = [a for w in spike for a in restarted.offer(w, closed(9), home=0)]
+    again += restarted.tick(closed(9) + settle)
+    assert again == fired
