@@ -1827,3 +1827,41 @@ def test_a_scoped_price_found_for_one_provider_is_not_reused_for_another() -> No
     assert groq is not None and groq[0] == "groq/llama-x"
     assert together is not None and together[0] == "together/llama-x"
     assert cat.lookup("llama-x") is None  # no unscoped entry: no provider, no price
+
+
+def test_gemini_thoughts_reported_in_total_tokens_only_are_billed_as_output(
+    catalog: Catalog,
+) -> None:
+    """A gemini-2.5-flash answer through Google's OpenAI-compatible endpoint: 3 visible
+    tokens, 650 thinking tokens counted only in total_tokens. Google bills all 653 as
+    output ($2.50 / M)."""
+    from ingress.forward.capture import OpenAIJsonCapture
+
+    body = orjson.dumps(
+        {
+            "object": "chat.completion",
+            "model": "gemini-2.5-flash",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}}],
+            "usage": {"completion_tokens": 3, "prompt_tokens": 18, "total_tokens": 671},
+        }
+    )
+    usage = OpenAIJsonCapture(body).usage
+    cost, family = costed_at(catalog, "gemini-2.5-flash", usage, "gemini")
+    assert family == "gemini-2.5-flash"
+    assert cost.input == usd(18, Decimal("0.30"))
+    assert cost.output + cost.reasoning == usd(653, Decimal("2.50"))
+
+
+def test_mistral_cache_reads_cost_a_tenth_of_the_input_rate(catalog: Catalog) -> None:
+    """Mistral reports cache reads in usage.prompt_tokens_details.cached_tokens, "billed at
+    10% of the standard input token price" (docs.mistral.ai, prompt caching)."""
+    usage = Usage(input_tokens=1_000_000, cached_input_tokens=800_000, output_tokens=0)
+    for model, input_rate in (
+        ("mistral-small-latest", "0.10"),
+        ("mistral-large-2411", "2.00"),
+        ("mistral-medium-2508", "0.40"),
+        ("codestral-2501", "0.30"),
+    ):
+        cost, _ = costed_at(catalog, model, usage, "mistral")
+        assert cost.input == usd(200_000, Decimal(input_rate)), model
+        assert cost.cached_input == usd(800_000, Decimal(input_rate) / 10), model

@@ -997,3 +997,97 @@ def test_openai_cache_writes_never_exceed_the_prompt_left_after_reads() -> None:
     )
     assert normalised is not None
     assert (normalised.cached_input_tokens, normalised.cache_creation_input_tokens) == (70, 30)
+
+
+# -- Gemini's OpenAI-compatible endpoint: thoughts counted in total_tokens only --------
+
+
+@pytest.mark.parametrize(
+    ("usage", "output", "reasoning"),
+    [
+        # live answers of gemini-2.5-flash through /v1beta/openai (content "The Social
+        # Network": 3 tokens; the other 650 are thoughts, in total_tokens only)
+        ({"completion_tokens": 3, "prompt_tokens": 18, "total_tokens": 671}, 653, 650),
+        ({"completion_tokens": 24, "prompt_tokens": 11, "total_tokens": 561}, 550, 526),
+        # a thinking answer cut by max_tokens before any visible text
+        ({"completion_tokens": 0, "prompt_tokens": 21, "total_tokens": 81}, 60, 60),
+        # no thinking: nothing added
+        ({"completion_tokens": 13, "prompt_tokens": 8, "total_tokens": 21}, 13, 0),
+        # cache reads are within prompt_tokens, not a gap
+        (
+            {
+                "completion_tokens": 19,
+                "prompt_tokens": 4634,
+                "prompt_tokens_details": {"cached_tokens": 4088},
+                "total_tokens": 4653,
+            },
+            19,
+            0,
+        ),
+    ],
+)
+def test_thoughts_counted_in_total_tokens_only_are_output(
+    usage: dict[str, Any], output: int, reasoning: int
+) -> None:
+    """Gemini's OpenAI-compatible endpoint reports the visible answer as
+    ``completion_tokens`` and its thinking tokens only in ``total_tokens`` (no
+    ``reasoning_tokens``); Google bills thinking as output, so they are output."""
+    capture = OpenAIJsonCapture(_completion(usage=usage, model="gemini-2.5-flash"))
+    assert (capture.usage.output_tokens, capture.usage.reasoning_tokens) == (output, reasoning)
+    assert capture.usage.input_tokens == usage["prompt_tokens"]
+    stream = OpenAIStreamCapture(strip_usage_chunk=True)
+    chunk = {
+        "model": "gemini-2.5-flash",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+    stream.feed(b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+    assert stream.final_usage == capture.usage
+
+
+def test_an_embeddings_usage_with_a_total_alone_adds_no_output() -> None:
+    """The thinking gap is read only from an answer that counts its completion."""
+    usage = openai_usage({"prompt_tokens": 8, "total_tokens": 8})
+    assert usage == Usage(input_tokens=8)
+    usage = openai_usage({"total_tokens": 10})
+    assert usage is not None and usage.output_tokens == 0
+
+
+def test_groq_s_usage_in_x_groq_is_captured_from_a_stream_that_did_not_ask() -> None:
+    """Groq streams its usage unasked, in the last chunk's ``x_groq.usage`` (a provider
+    set ``stream_usage: false``, or a stream sent as the client sent it): it is the
+    call's usage, not a stream to count from its text."""
+    first = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": "llama-3.3-70b-versatile",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}],
+        "x_groq": {"id": "req_1"},
+    }
+    last = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": "llama-3.3-70b-versatile",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "x_groq": {
+            "id": "req_1",
+            "usage": {
+                "queue_time": 0.09,
+                "prompt_tokens": 38,
+                "prompt_time": 0.003,
+                "completion_tokens": 4,
+                "completion_time": 0.027,
+                "total_tokens": 42,
+                "total_time": 0.03,
+            },
+        },
+    }
+    stream = (
+        b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in (first, last))
+        + b"data: [DONE]\n\n"
+    )
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    assert capture.feed(stream) + capture.finish() == stream
+    assert capture.final_usage == Usage(input_tokens=38, output_tokens=4)
+    assert capture.output_uncounted is False

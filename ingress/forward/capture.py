@@ -302,6 +302,10 @@ class OpenAIStreamCapture(StreamCapture):
             self._tier = served_tier(source["service_tier"])
         usage = openai_usage(source.get("usage"))
         if usage is None:
+            # Groq's streams say their usage unasked in the last chunk's x_groq.usage.
+            groq = source.get("x_groq")
+            usage = openai_usage(groq.get("usage")) if isinstance(groq, dict) else None
+        if usage is None:
             return True
         self.usage = with_searches(usage, source, self._searches)
         self.output_final = True

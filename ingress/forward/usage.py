@@ -35,11 +35,20 @@ def openai_usage(usage: Any) -> Usage | None:
         if isinstance(completion_details, dict)
         else 0
     )
-    if reasoning and (
-        reasoning > completion or _int(usage.get("total_tokens")) == prompt + completion + reasoning
-    ):
+    total = _int(usage.get("total_tokens"))
+    if reasoning and (reasoning > completion or total == prompt + completion + reasoning):
         # Counted apart from the completion (xAI's; total_tokens holds both), not within
         # it as OpenAI's is: output all the same, billed as such.
+        completion += reasoning
+    elif (
+        not reasoning
+        and total > prompt + completion
+        and ("completion_tokens" in usage or "output_tokens" in usage)
+    ):
+        # Thinking counted in total_tokens alone (Gemini's OpenAI-compatible endpoint:
+        # completion_tokens is the visible answer, no reasoning_tokens): output, billed
+        # as such by the provider.
+        reasoning = total - prompt - completion
         completion += reasoning
     return Usage(
         input_tokens=prompt,
