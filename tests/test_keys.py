@@ -836,3 +836,32 @@ def test_a_credential_that_is_not_utf8_has_a_key_id_in_passthrough(tmp_path: Pat
     who = authenticate(headers, settings, KeyStore(settings.key_file)).attribution
     assert len(who.key_id) == 16 and who.key_id != call.key_id("sk-")
     assert who.key_id == call.key_id(bad.removeprefix("Bearer "))  # stable
+
+
+def test_a_key_file_read_half_rewritten_never_frees_a_key_of_its_bounds(tmp_path: Path) -> None:
+    """Rewritten in place (a shell's >, a config tool), a file read half written holds
+    the keys written so far: one entry cut short became a key of the fields it had, the
+    rest defaults. A key revoked, or bound to some models or rates, cut before those
+    lines was live, of every model, unlimited, until the next reload. An entry cut
+    anywhere must not pass for a key."""
+    path = tmp_path / "keys.yaml"
+    live, _ = create_key(path, tenant="acme")
+    revoked, gone = create_key(path, tenant="acme")
+    bound, _ = create_key(path, tenant="acme", allowed_models=("gpt-4o-mini",), rpm=1, tpm=10)
+    revoke_key(path, gone.id)
+    good = path.read_text()
+    store = KeyStore(path)
+    assert store.reload() and store.lookup(revoked) is None
+    for cut in range(len(good)):
+        path.write_text(good[:cut])  # as a reader may find it while it is rewritten
+        store.reload()
+        assert store.lookup(revoked) is None, good[:cut]
+        key = store.lookup(bound)
+        assert key is None or (key.allowed_models, key.rpm, key.tpm) == (
+            ("gpt-4o-mini",),
+            1,
+            10,
+        ), good[:cut]
+    path.write_text(good)
+    store.reload()
+    assert store.lookup(live) is not None and store.lookup(bound) is not None

@@ -88,7 +88,9 @@ def test_calls_in_flight_at_once_are_admitted_only_as_far_as_the_bucket_covers()
     limiter = RateLimiter()
     tickets = [limiter.admit("k", None, 1000, Estimate(50, 200), now=0.0) for _ in range(5)]
     assert [isinstance(t, Ticket) for t in tickets] == [True] * 4 + [False]
-    assert waited(tickets[4]) == (pytest.approx(15.0), "tokens")  # 250 at 1000/min
+    # 250 at 1000/min (15 s) were they to spend all they reserved; held back by them
+    # alone, it is told to retry in a second, as they settle.
+    assert waited(tickets[4]) == (pytest.approx(1.0), "tokens")
     # One ends having spent less than reserved: the rest is given back.
     first = tickets[0]
     assert isinstance(first, Ticket)
@@ -101,9 +103,10 @@ def test_a_call_larger_than_the_limit_goes_once_the_bucket_is_full() -> None:
     limiter = RateLimiter()
     big = limiter.admit("k", None, 1000, Estimate(5000, 0), now=0.0)
     assert isinstance(big, Ticket)  # not forever refused
-    # Its whole estimate is held while it runs: 4000 in debt, five minutes to a full bucket.
+    # Its whole estimate is held while it runs (the bucket 4000 below empty), not spent:
+    # the next is told to retry in a second, not in five minutes.
     again = refused(limiter, None, 1000, Estimate(5000, 0), now=0.0)
-    assert again == (pytest.approx(300.0), "tokens")
+    assert again == (pytest.approx(1.0), "tokens")
     limiter.settle(big, Usage(input_tokens=1000), now=0.0)
     assert isinstance(limiter.admit("k", None, 1000, Estimate(5000, 0), now=60.0), Ticket)
 
@@ -477,3 +480,48 @@ async def test_an_error_answer_cut_off_spends_nothing(
             "http_429",
         )
         assert event.usage == Usage()  # an error is not billed
+
+
+async def test_a_call_held_back_only_by_a_call_in_flight_is_told_to_retry_soon(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """A call whose estimate passes the limit goes on a full bucket, and takes it into
+    what looks like minutes of debt until it ends; the next call was told to retry in
+    minutes, and not to retry at all (x-should-retry: false), though the first settled
+    at a few tokens a moment later and the second was then admitted at once."""
+    body = orjson.dumps(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000}
+    )
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", tpm=1000)
+    await key_known(ingress, secret)
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    provider = upstream.provider
+    provider.answer_held = asyncio.Event()
+    before = len(provider.received)
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def one() -> Answer:
+                async with session.post(
+                    f"{ingress}/v1/chat/completions", data=body, headers=headers
+                ) as response:
+                    return Answer(
+                        response.status, CIMultiDict(response.headers), await response.json()
+                    )
+
+            first = asyncio.create_task(one())
+            async with asyncio.timeout(10):
+                while len(provider.received) == before:
+                    await asyncio.sleep(0.02)
+            held = await one()
+            assert held.status == 429
+            provider.answer_held.set()
+            assert (await first).status == 200  # it spent 17 tokens
+            await asyncio.sleep(1.5)  # the bucket is full again
+            again = await one()
+    finally:
+        provider.answer_held.set()
+        provider.answer_held = None
+    assert again.status == 200  # admitted: the 429 said to wait minutes, not to retry
+    assert "x-should-retry" not in held.headers, held.headers
+    assert int(held.headers["retry-after"]) <= 1

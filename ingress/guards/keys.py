@@ -50,7 +50,6 @@ class VirtualKey(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
-    hash: str
     tenant: str
     team: str = ""
     user: str = ""
@@ -61,6 +60,11 @@ class VirtualKey(BaseModel):
     tpm: int | None = Field(default=None, ge=1)
     revoked: bool = False
     created_at: UtcDatetime = Field(default_factory=utcnow)
+    # Last, as the key file lists it: an entry read cut short (a file rewritten in place,
+    # read half written) has no hash yet, and is refused with its file, the previous
+    # keys kept. Listed second, a key cut before its `revoked:`, `allowed_models:` or
+    # rates (or mid-tenant) was a key of the defaults: live, of every model, unlimited.
+    hash: str
 
     def allows(self, model: str) -> bool:
         if not self.allowed_models:

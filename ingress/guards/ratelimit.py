@@ -19,6 +19,9 @@ from typing import Literal
 from llmtap.events import Usage
 
 BYTES_PER_TOKEN = 4  # about, in English text and JSON (OpenAI's rule of thumb)
+# The retry-after of a call held back by what the key's calls in flight reserved (not
+# by what it spent): they settle, most at far less, within seconds.
+HELD_RETRY_S = 1.0
 
 
 @dataclass
@@ -123,6 +126,7 @@ class KeyLimits:
     tpm: int | None
     requests: TokenBucket | None
     tokens: TokenBucket | None
+    held: int = 0  # tokens reserved by its calls in flight, not settled yet
 
 
 class RateLimiter:
@@ -153,6 +157,16 @@ class RateLimiter:
         reserved = estimate.tokens if tokens else 0
         for_request = requests.wait_for(1, now) if requests else 0.0
         for_tokens = tokens.wait_for(min(reserved, tokens.capacity), now) if tokens else 0.0
+        if for_tokens > 0 and limits.held > 0:
+            assert tokens is not None
+            # Held back (in part) by its calls in flight: what they reserved comes back
+            # as they end, most of it. Told the wait their debt would leave, at least
+            # HELD_RETRY_S: the wait as if they spent all they reserved was minutes (the
+            # SDKs told not to retry), for a call admitted a second later.
+            free = min(tokens.capacity, tokens.level + limits.held)
+            missing = min(reserved, tokens.capacity) - free
+            unheld = max(0.0, missing) / tokens.per_second
+            for_tokens = min(for_tokens, max(unheld, HELD_RETRY_S))
         if for_request > 0 or for_tokens > 0:
             if for_request >= for_tokens:
                 return Wait(for_request, "requests")
@@ -161,6 +175,7 @@ class RateLimiter:
             requests.take(1, now)
         if tokens:
             tokens.take(reserved, now)
+            limits.held += reserved
         return Ticket(key_id, estimate, reserved, requests is not None)
 
     def settle(self, ticket: Ticket, usage: Usage, now: float) -> None:
@@ -169,6 +184,8 @@ class RateLimiter:
             return
         ticket.done = True
         limits = self._keys.get(ticket.key_id)
+        if limits is not None:
+            limits.held -= ticket.reserved
         if limits is not None and limits.tokens is not None:
             extra = spent(ticket.estimate, usage) - ticket.reserved
             if extra >= 0:
@@ -182,6 +199,8 @@ class RateLimiter:
             return
         ticket.done = True
         limits = self._keys.get(ticket.key_id)
+        if limits is not None:
+            limits.held -= ticket.reserved
         if limits is not None and limits.requests is not None and ticket.request:
             limits.requests.give(1, now)
         if limits is not None and limits.tokens is not None:
