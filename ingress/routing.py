@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from llmtap.config import ApiKind, ProviderConfig, Settings
 
 OPENAI_HOST = "api.openai.com"
+MISTRAL_HOST = "api.mistral.ai"
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,14 @@ def openai_tiers(provider: str, config: ProviderConfig) -> bool:
     if config.service_tiers is not None:
         return config.service_tiers
     return provider == "openai" or urlsplit(config.base_url).hostname == OPENAI_HOST
+
+
+def asks_stream_usage(config: ProviderConfig) -> bool:
+    """Whether a stream's usage is asked of the provider (ProviderConfig.stream_usage;
+    unset: of any but one on Mistral's API, which refuses the field)."""
+    if config.stream_usage is not None:
+        return config.stream_usage
+    return urlsplit(config.base_url).hostname != MISTRAL_HOST
 
 
 class NoRoute(ValueError):

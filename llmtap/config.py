@@ -74,8 +74,10 @@ class ProviderConfig(BaseModel):
     api_key_env: str = ""
     # Ask for a stream's usage (stream_options.include_usage) when the client did not:
     # false for a provider that refuses fields it does not know. Its streams are then
-    # counted from their text, unless it sends usage unasked.
-    stream_usage: bool = True
+    # counted from their text, unless it sends usage unasked. None: true, but for one on
+    # Mistral's API (api.mistral.ai), which refuses stream_options (a 422 for every
+    # stream) and sends a stream's usage in its last chunk unasked.
+    stream_usage: bool | None = None
     # The service tier OpenAI serves this provider's calls that name none (or "auto"):
     # the project's own (its Settings' Service Tier), which llmtap cannot see. "priority"
     # has a hard cap reserve such calls at the priority rates; billing follows the tier

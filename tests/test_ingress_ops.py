@@ -35,6 +35,7 @@ from ingress.guards.fields import MAX_MODEL_CHARS
 from ingress.guards.keys import create_key, read_keys
 from ingress.metrics import MAX_MODEL_LABELS, OTHER_MODEL, IngressMetrics
 from ingress.publisher import EventPublisher
+from ingress.routing import asks_stream_usage
 from llmtap.config import ProviderConfig, Settings
 from llmtap.events import RequestEvent, ResponseEvent, Status, Usage
 from llmtap.names import Names
@@ -1388,6 +1389,18 @@ async def test_a_provider_error_whose_client_left_before_it_came_stays_the_provi
     assert event.http_status == (500 if answer == "a 500" else 200)
     if answer == "a 500":
         assert event.usage == Usage()  # an error is not billed
+
+
+def test_a_provider_on_mistral_s_api_is_not_asked_for_stream_usage_unless_set() -> None:
+    """Mistral's API refuses stream_options (a 422, "extra_forbidden", for every stream)
+    and sends a stream's usage unasked: a provider on it is not asked, unless set to be.
+    Any other is asked, unless set not to be."""
+    mistral = ProviderConfig(base_url="https://api.mistral.ai/v1", api_key_env="MISTRAL_API_KEY")
+    assert not asks_stream_usage(mistral)
+    assert asks_stream_usage(mistral.model_copy(update={"stream_usage": True}))
+    groq = ProviderConfig(base_url="https://api.groq.com/openai/v1")
+    assert asks_stream_usage(groq)
+    assert not asks_stream_usage(groq.model_copy(update={"stream_usage": False}))
 
 
 async def test_a_provider_set_not_to_be_asked_for_stream_usage_is_not(

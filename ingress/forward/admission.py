@@ -34,7 +34,7 @@ from ingress.guards.fields import (
 )
 from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
-from ingress.routing import NoRoute, Route, resolve
+from ingress.routing import NoRoute, Route, asks_stream_usage, resolve
 from llmtap import logs, topics
 from llmtap.events import Status, Usage, utcnow
 
@@ -231,7 +231,7 @@ class Admission:
         strip_usage_chunk = bool(
             call.stream
             and endpoint.prepare
-            and route.config.stream_usage
+            and asks_stream_usage(route.config)
             and endpoint.prepare(payload)
         )
         if rewritten or strip_usage_chunk:
