@@ -103,7 +103,7 @@ def test_every_view_on_calls_writes_to_a_table_that_remembers_tokens(store: Stor
     """A repeated insert is dropped only by a table with a deduplication window: one
     without would count the repeat twice (sql/migrations/0009_exact_replay.sql)."""
     tables = view_tables(store)
-    assert len(tables) == 8
+    assert len(tables) == 9
     for table in ["calls", *tables]:
         engine = described(store, table, "engine_full")
         window = re.search(r"non_replicated_deduplication_window = (\d+)", engine)

@@ -15,6 +15,11 @@
 {% set key_dims = ["tenant", "key_id", "provider"] %}
 {{ rollup_table("analytics_by_key_daily", key_dims, false, costs_only=true,
                 order_by="(tenant, bucket, key_id, provider)") }}
+-- Like every table a view on `calls` writes to, it remembers the last inserts' tokens
+-- (0009): an insert into `calls` repeated after a crash (sinks/clickhouse/replay.py) is
+-- dropped by `calls` and by every rollup, this one too.
+ALTER TABLE analytics_by_key_daily MODIFY SETTING non_replicated_deduplication_window = 1000;
+
 TRUNCATE TABLE analytics_by_key_daily;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS analytics_by_key_daily_mv
