@@ -49,6 +49,11 @@ from llmtap.kafka import Compression, Kafka, SaslMechanism, SecurityProtocol
 from llmtap.names import NAMESPACE_PATTERN, Names
 from llmtap.tls import UnusableFile, server_context
 
+# The longest retention, in days (~27 years): a TTL (sql/retention.py) is a DateTime,
+# whose last second is in 2106; a row's time plus more days than are left until then
+# wraps around to the 1970s, so the row is expired as soon as it is stored.
+MAX_RETENTION_DAYS = 10_000
+
 CONFIG_ENV = "LLMTAP_CONFIG"
 # Set while Settings.model_copy builds a copy: its values are the original's and the
 # update, read from nowhere else (the environment may have changed since, and a dict
@@ -459,9 +464,11 @@ class Settings(BaseSettings):
     # Retention in ClickHouse (sql/retention.py), in days: raw, the calls and the dead
     # letters (undecodable or unstorable messages, raw bytes); rollup, the hourly/daily
     # rollups, the windows, and the alerts with their webhook deliveries. The analytics
-    # API refuses a range longer than the smaller of the two (sql/params.Kept).
-    raw_retention_days: int = Field(default=90, ge=1)
-    rollup_retention_days: int = Field(default=400, ge=1)
+    # API refuses a range longer than the smaller of the two (sql/params.Kept). At most
+    # MAX_RETENTION_DAYS: a TTL is a DateTime, which ends in 2106, and a row's time plus
+    # more days wraps around to the past: every row expired, deleted at once.
+    raw_retention_days: int = Field(default=90, ge=1, le=MAX_RETENTION_DAYS)
+    rollup_retention_days: int = Field(default=400, ge=1, le=MAX_RETENTION_DAYS)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 
 import jinja2
 
 from llmtap.events import utcnow
-from sql.store import Store
+from sql.store import Store, render
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,30 @@ class SchemaAhead(Exception):
     """The store holds migrations this llmtap does not know: a newer llmtap's schema."""
 
 
+class MutationFailed(Exception):
+    """A migration's mutation left unfinished by an earlier run fails."""
+
+
+def _wait_for_projection_mutations(store: Store, poll_s: float = 0.2) -> None:
+    """Wait for what a run killed while it materialized a projection (0005, 0007) left:
+    its mutation, kept on disk and resumed in the background. A projection a mutation
+    still builds cannot be dropped, so 0007 applied again failed ("affected by mutation
+    ... not finished yet") at every start; on chDB, whose mutations run only while a
+    process holds the store, each start exited before giving it the time to finish."""
+    waiting = False
+    while unfinished := store.rows(render("projection_mutations")):
+        if failed := [row for row in unfinished if row["latest_fail_reason"]]:
+            row = failed[0]
+            raise MutationFailed(
+                f"{row['table']}: mutation {row['mutation_id']} ({row['command']}) fails: "
+                f"{row['latest_fail_reason']}"
+            )
+        if not waiting:
+            log.info("waiting for an unfinished projection mutation before migrating")
+            waiting = True
+        time.sleep(poll_s)
+
+
 def migrate(store: Store) -> list[int]:
     """Apply every migration not applied yet; return the versions applied now. Raises
     :class:`SchemaAhead` for a store a newer llmtap migrated (a downgrade): this one's
@@ -91,6 +116,8 @@ def migrate(store: Store) -> list[int]:
             f"to {newest:04d}: a newer llmtap wrote it. Run that version (or newer): "
             "llmtap does not migrate a store back"
         )
+    if any(m.version not in done for m in migrations):
+        _wait_for_projection_mutations(store)
     applied = []
     for migration in migrations:
         if migration.version in done:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 
+from llmtap.config import MAX_RETENTION_DAYS
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ def apply_retention(store: Store, *, raw_days: int, rollup_days: int) -> list[st
     """Set each table's TTL to its configured days and start bringing its stored parts to
     it; return the tables where either was done (the rewrite goes on in the background:
     system.mutations)."""
+    for days in (raw_days, rollup_days):
+        if not 1 <= days <= MAX_RETENTION_DAYS:  # past it, a TTL wraps: every row expired
+            raise ValueError(f"a retention is 1 to {MAX_RETENTION_DAYS} days, not {days}")
     wanted = {table: (column, raw_days) for table, column in RAW_TABLES.items()}
     wanted |= {
         table: (column, rollup_days) for table, column in (ROLLUP_TABLES | ALERT_TABLES).items()

@@ -575,3 +575,97 @@ async def test_a_store_a_newer_llmtap_migrated_is_refused_not_written(
         assert refused.returncode == 2, (command, said)
         assert "a newer llmtap wrote it" in said, command
         assert "Traceback" not in said, command
+
+
+def test_a_retention_of_a_lifetime_keeps_the_rows_it_says_it_keeps(
+    store: Store, tmp_path: Path
+) -> None:
+    """A retention long enough to keep everything (a century: `raw_retention_days:
+    36500`) must not expire anything stored today. A TTL is a DateTime, which ends in
+    2106: a row's time plus that many days wrapped around to 1990, so every row of every
+    table was already expired and the rewrite to the new TTL deleted them all. Such a
+    retention is refused, by the settings and by apply_retention, and nothing is lost."""
+    apply_retention(store, raw_days=90, rollup_days=400)
+    store_days_ago(store, [1])
+    everything = stored_ages(store)
+    assert everything == {table: [1] for table in RETAINED}
+    with pytest.raises(ValueError, match="10000"):
+        apply_retention(store, raw_days=36500, rollup_days=36500)
+    # Nothing of it applied: no rewrite started, the TTLs as they were.
+    assert (current_ttl_days(store, "calls"), current_ttl_days(store, "alerts")) == (90, 400)
+    store.command("OPTIMIZE TABLE calls FINAL")
+    assert stored_ages(store) == everything
+    with pytest.raises(ValidationError, match="raw_retention_days"):
+        Settings(data_dir=tmp_path, raw_retention_days=36500)
+    with pytest.raises(ValidationError, match="rollup_retention_days"):
+        Settings(data_dir=tmp_path, rollup_retention_days=36500)
+
+
+# A store one migration short of 0007 holding calls, then killed while 0007 materialized
+# the remade projection (a Ctrl-C under `llmtap up` during an upgrade's migrations: the
+# mutation is kept on disk, unfinished). Merges are stopped so it is still unfinished
+# when the process dies; run in a process of its own, as `llmtap migrate` is.
+KILLED_IN_0007 = """
+import os, sys
+from sql import migrate as m
+from sql.store import Store
+
+store = Store(f"chdb:///{sys.argv[1]}")
+every = m.available()
+m.available = lambda: [x for x in every if x.version < 7]
+m.migrate(store)  # as the release before 0007 left it
+store.command(
+    "INSERT INTO calls (event_id, request_id, ts_start, ts_end, tenant, provider, model, "
+    "user, status, input_tokens, output_tokens, latency_ms, cost_total, properties) "
+    "SELECT generateUUIDv4(), generateUUIDv4(), "
+    "toDateTime64('2026-10-01 00:00:00', 3) + number, "
+    "toDateTime64('2026-10-01 00:00:00', 3) + number, "
+    "'acme', 'openai', ['m1', 'm2'][number % 2 + 1], toString(number % 100), 'ok', 10, 5, 1, "
+    "toDecimal64(0.001, 9), map('app', 'chat') FROM numbers(2000000)"
+)
+[m7] = [x for x in every if x.version == 7]
+[drop, add, materialize] = [
+    s for s in m7.statements if s.startswith("ALTER TABLE calls") and "PROJECTION" in s
+]
+store.command(drop)
+store.command(add)
+store.command("SYSTEM STOP MERGES calls")
+store.command(materialize.replace("mutations_sync = 1", "mutations_sync = 0"))
+os._exit(0)  # killed: 0007 not recorded, its mutation unfinished
+"""
+
+
+def test_a_migration_killed_while_it_remade_the_projection_is_applied_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """0007 drops and remakes `calls`' projection. Killed while it materialized it, the
+    next start resumes that mutation in the background, and 0007 applied again could not
+    drop the projection ("affected by mutation ... which is not finished yet"): the
+    start failed, and on chDB (whose mutations run only while a process holds the
+    store) so did the next ones, each giving the mutation a moment before it exited."""
+    data = tmp_path / "clickhouse"
+    subprocess.run([sys.executable, "-c", KILLED_IN_0007, str(data)], check=True, timeout=120)
+    store = Store(f"chdb:///{data}")
+    try:
+        newest = max(m.version for m in available())
+        assert migrate(store) == list(range(7, newest + 1))
+        counts = store.rows(
+            "SELECT (SELECT count() FROM calls) AS calls, "
+            "(SELECT sum(requests) FROM analytics_by_property_daily) AS by_property, "
+            "(SELECT sum(requests) FROM analytics_by_provider_hourly) AS by_provider, "
+            "(SELECT count() FROM system.parts WHERE database = currentDatabase() "
+            "AND table = 'calls' AND active) AS parts, "
+            "(SELECT count() FROM system.projection_parts WHERE database = currentDatabase() "
+            "AND table = 'calls' AND name = 'by_time' AND active) AS projected"
+        )
+        assert counts == [
+            {
+                "calls": 2_000_000,
+                "by_property": 2_000_000,
+                "by_provider": 2_000_000,
+                "parts": counts[0]["parts"],
+                "projected": counts[0]["parts"],
+            }
+        ]
+    finally:
+        store.close()
