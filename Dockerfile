@@ -7,7 +7,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LLMTAP_DATA_DIR=/data
 
 WORKDIR /app
-COPY . .
+# What `pip install .` builds from, and nothing else: the directory the image is built
+# from is the compose file's, where a `.env` (provider keys, CLICKHOUSE_PASSWORD), a
+# config file with secrets or a client key may be kept; `COPY . .` put them in a layer.
+COPY pyproject.toml README.md ./
+COPY llmtap ./llmtap
+COPY ingress ./ingress
+COPY stream ./stream
+COPY sinks ./sinks
+COPY sql ./sql
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin llmtap \
     && mkdir -p /data /keys \

@@ -29,6 +29,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from llmtap.events import Alert
@@ -105,8 +106,39 @@ async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> Non
             log.info(
                 "created topics %s with %d partitions, %d replicas", missing, partitions, replicas
             )
+        found = sorted(names.compacted & existing)
+        if found and (uncompacted := await _not_compacted(admin, found)):
+            raise TopicsRefused(
+                "; ".join(f"{name}: cleanup.policy {policy}" for name, policy in uncompacted)
+                + ": these topics must be compacted (each key's latest value kept; with "
+                "delete, a budget's state goes after retention.ms). Set cleanup.policy=compact "
+                "on them (kafka-configs.sh --alter --entity-type topics --entity-name <topic> "
+                "--add-config cleanup.policy=compact)"
+            )
     finally:
         await admin.close()
+
+
+async def _not_compacted(admin: AIOKafkaAdminClient, names: list[str]) -> list[tuple[str, str]]:
+    """Those of ``names`` whose cleanup.policy has no ``compact``, each with its policy
+    (``delete``: the broker's default, which a broker may leave unsaid). A broker that
+    does not answer (no DescribeConfigs, not allowed to) is taken at its word: none."""
+    try:
+        described = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+        )
+    except Exception as exc:
+        log.debug("topic configs not described: %r", exc)
+        return []
+    wrong = []
+    for response in described:
+        for code, _, _, name, entries in response.resources:
+            if code != 0:
+                continue
+            policy = next((e[1] for e in entries if e[0] == "cleanup.policy"), None) or "delete"
+            if "compact" not in policy.split(","):
+                wrong.append((name, policy))
+    return wrong
 
 
 async def lag(kafka: Kafka, group_id: str, topic: str) -> int:

@@ -747,3 +747,80 @@ def test_up_refuses_a_pricing_file_it_cannot_load_before_starting_anything(
     assert done.returncode == 2, out
     assert f"pricing_file {prices}" in out and error in out, out
     assert "Traceback" not in out and "started broker" not in out, out
+
+
+def _dockerignore_patterns(text: str) -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore's rules as Docker reads them (moby/patternmatcher): one a line,
+    ``#`` a comment, ``!`` an exception, ``**`` any number of directories, ``*`` and
+    ``?`` within one; each (is exception, regex of a context-relative path)."""
+    rules = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        exception = line.startswith("!")
+        pattern = os.path.normpath(line.removeprefix("!").strip()).lstrip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pattern[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            else:
+                regex, i = regex + re.escape(pattern[i]), i + 1
+        rules.append((exception, re.compile(regex)))
+    return rules
+
+
+def _in_build_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Whether Docker sends ``path`` to the build: the last rule matching it (or one of
+    its parent directories) decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    excluded = False
+    for exception, regex in rules:
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            excluded = not exception
+    return not excluded
+
+
+def _copied_into_image(paths: list[str]) -> set[str]:
+    """Of ``paths`` (beside the Dockerfile), those its COPY instructions put in the image."""
+    root = COMPOSE.parent
+    rules = _dockerignore_patterns((root / ".dockerignore").read_text())
+    context = [p for p in paths if _in_build_context(p, rules)]
+    copied: set[str] = set()
+    for line in (root / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if not words or words[0].upper() != "COPY":
+            continue
+        *sources, _ = [w for w in words[1:] if not w.startswith("--")]
+        for source in sources:
+            source = os.path.normpath(source)
+            copied |= {
+                p for p in context if source == "." or p == source or p.startswith(source + "/")
+            }
+    return copied
+
+
+def test_the_image_holds_what_pip_install_needs_and_no_file_of_secrets_beside_it() -> None:
+    """docker-compose.yml builds the image from the directory it is in, where the README
+    has the operator keep a `.env` (compose reads OPENAI_API_KEY, CLICKHOUSE_PASSWORD...
+    from it), and likely the config file mounted as LLMTAP_CONFIG (webhook secrets, a
+    SASL password) and Kafka's client key: none of it may end in an image layer."""
+    root = COMPOSE.parent
+    shipped = [
+        str(path.relative_to(root))
+        for top in ("llmtap", "ingress", "stream", "sinks", "sql")
+        for path in (root / top).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ] + ["pyproject.toml", "README.md"]
+    secrets_beside = [".env", "llmtap.yaml", "config/llmtap.yaml", "certs/client.key"]
+    image = _copied_into_image(shipped + secrets_beside)
+    assert set(shipped) <= image
+    assert image & set(secrets_beside) == set()

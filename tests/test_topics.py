@@ -196,3 +196,28 @@ async def test_an_ingress_a_broker_will_not_make_topics_for_still_publishes(
         while app[PUBLISHER].published < 1:  # the reservations' announcement, sent
             await asyncio.sleep(0.05)
     assert app[PUBLISHER].spooled == 0
+
+
+async def test_a_compacted_topic_found_made_without_compaction_is_said_not_used_as_is(
+    broker: Broker,
+) -> None:
+    """llmtap.budgets, .reservations and .checkpoints hold each key's latest value for
+    as long as it is the latest: on a Kafka whose topic was made before llmtap made it
+    (by an operator, an older ingress's events through the broker's auto-creation, a
+    broker that refused llmtap's CreateTopics) with the broker's default policy,
+    `delete`, a budget's state was deleted once older than retention.ms (7 days by
+    default) and a restarted worker or ingress counted its period from nothing. The
+    topic existing, llmtap went on with it, silently."""
+    kafka = Kafka(broker.bootstrap, names=Names(f"pre{uuid.uuid4().hex[:8]}"))
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(kafka.names.budgets, 2, 1)])  # not compacted
+    finally:
+        await admin.close()
+    with pytest.raises(topics.TopicsRefused, match=rf"{kafka.names.budgets}.*cleanup\.policy"):
+        await topics.ensure_topics(kafka, 2)
+    # The topics llmtap made itself are compacted and pass.
+    other = Kafka(broker.bootstrap, names=Names(f"new{uuid.uuid4().hex[:8]}"))
+    await topics.ensure_topics(other, 2)
+    await topics.ensure_topics(other, 2)
