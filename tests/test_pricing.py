@@ -1865,3 +1865,40 @@ def test_mistral_cache_reads_cost_a_tenth_of_the_input_rate(catalog: Catalog) ->
         cost, _ = costed_at(catalog, model, usage, "mistral")
         assert cost.input == usd(200_000, Decimal(input_rate)), model
         assert cost.cached_input == usd(800_000, Decimal(input_rate) / 10), model
+
+
+# -- Anthropic's threshold compaction (beta compact-2026-01-12) ---------------------------
+# The API summarises the conversation in a sampling step of its own, at the call's model,
+# before answering: that step's tokens are in usage.iterations (type "compaction"), left
+# out of the top-level counts (the answer's), and billed all the same.
+COMPACTED = {
+    "input_tokens": 23_000,
+    "output_tokens": 1_000,
+    "iterations": [
+        {"type": "compaction", "input_tokens": 180_000, "output_tokens": 3_500},
+        {"type": "message", "input_tokens": 23_000, "output_tokens": 1_000},
+    ],
+}
+
+
+def test_anthropic_compaction_iterations_are_billed(catalog: Catalog) -> None:
+    from ingress.forward.capture import AnthropicJsonCapture, AnthropicStreamCapture
+
+    model = "claude-opus-4-6"
+    # 203,000 input x 5.00 + 4,500 output x 25.00, the summary's tokens included.
+    expected = Decimal("1.1275")
+    body = orjson.dumps({"type": "message", "model": model, "content": [], "usage": COMPACTED})
+    captured = AnthropicJsonCapture(body)
+    event = response(model, captured.usage, ts=LATE_2026, provider="anthropic",
+                     model_served=captured.model)  # fmt: skip
+    assert priced(event, catalog).total == expected
+    # Streamed: the iterations come in the message_delta's cumulative usage.
+    start = {"type": "message_start", "message": {"model": model, "content": [],
+             "usage": {"input_tokens": 23_000, "output_tokens": 1}}}  # fmt: skip
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": COMPACTED}
+    stream = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in (start, delta))
+    capture = AnthropicStreamCapture()
+    assert capture.feed(stream) + capture.finish() == stream
+    event = response(model, capture.final_usage, ts=LATE_2026, provider="anthropic",
+                     model_served=capture.model)  # fmt: skip
+    assert priced(event, catalog).total == expected

@@ -81,9 +81,9 @@ class AnthropicJsonCapture(Capture):
 
     def __init__(self, body: bytes) -> None:
         parsed = parse_json_body(body) or {}
-        self.usage = anthropic_usage(parsed.get("usage")) or Usage.missing()
         model = parsed.get("model")
         self.model = model if isinstance(model, str) else ""
+        self.usage = anthropic_usage(parsed.get("usage"), self.model) or Usage.missing()
 
 
 # What a stream keeps of its events' data, for counting its output tokens should it end
@@ -344,20 +344,48 @@ class OpenAIStreamCapture(StreamCapture):
 _EVENT_TYPE = re.compile(rb'"type"\s*:\s*"([^"]*)"')
 
 
-def generated(data: bytes, preamble: frozenset[bytes]) -> bool:
-    """Whether a read of an event stream holds an event of what the model generated: a
-    ``data:`` line (not a comment, nor only the head), of a type not in ``preamble``
-    (the events an API sends before generating anything)."""
-    if b"data:" not in data:
-        return False
-    if not preamble:
-        return True
-    for line in data.splitlines():
-        if line.startswith(b"data:"):
-            found = _EVENT_TYPE.search(line)
-            if found is None or found[1] not in preamble:
+class FirstEvent:
+    """Finds the read of an event stream that holds its first event of what the model
+    generated: a ``data:`` line (not a comment, nor only the head), of a type not in
+    ``preamble`` (the events an API sends before generating anything). An event's type
+    is its ``event:`` line's, else its data's first "type" (OpenAI's opens its data; a
+    server dumping the SDK's own event models writes it last, after the response's).
+    A line a read cuts is judged with the reads that go on with it: cut inside its
+    type, a response.created was not yet known to be one."""
+
+    HEAD = 256  # the start of a cut line kept: an event's "type" opens its data
+
+    def __init__(self, preamble: frozenset[bytes]) -> None:
+        self._preamble = preamble
+        self._head = b""  # the start of the line the last read cut
+        self._event: bytes | None = None  # the event: line of the event being read
+
+    def generated(self, data: bytes) -> bool:
+        if not self._preamble:
+            return b"data:" in data
+        lines = data.split(b"\n")
+        lines[0] = self._head + lines[0]
+        cut = lines.pop()  # not ended in this read ("" if it ended with a line)
+        self._head = cut[: self.HEAD]
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line:
+                self._event = None  # the event ended
+            elif line.startswith(b"event:"):
+                self._event = line[6:].strip()
+            elif self._generates(line, True):
                 return True
-    return False
+        return self._generates(self._head, False)
+
+    def _generates(self, line: bytes, whole: bool) -> bool:
+        if not line.startswith(b"data:"):
+            return False
+        if self._event is not None:
+            return self._event not in self._preamble
+        found = _EVENT_TYPE.search(line)
+        if found is None:
+            return whole  # a cut line's type may be in the reads to come
+        return found[1] not in self._preamble
 
 
 def _may_tell(data: bytes) -> bool:
@@ -437,7 +465,7 @@ class AnthropicStreamCapture(StreamCapture):
         """The usage so far. Searches are counted by a message_delta's usage; until one
         does (a stream cut short), the search results streamed count too (message_start
         may say 0 before any search ran)."""
-        usage = anthropic_usage(self._raw) if self._raw else None
+        usage = anthropic_usage(self._raw, self.model) if self._raw else None
         if usage is not None and not self._searches_told:
             searches = max(usage.web_search_requests, self._searches)
             if searches != usage.web_search_requests:

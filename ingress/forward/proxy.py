@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from ingress.forward.admission import Admission
 from ingress.forward.call import Call, downstream_headers
-from ingress.forward.capture import StreamCapture, generated, parse_json_body
+from ingress.forward.capture import FirstEvent, StreamCapture, parse_json_body
 from ingress.forward.endpoint import Endpoint, redirected, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
@@ -86,13 +86,14 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                     status=upstream.status, reason=upstream.reason, headers=answer_headers
                 )
                 capture = api.stream_capture(admitted.strip_usage_chunk)
+                first = FirstEvent(endpoint.preamble)
                 await response.prepare(request)
                 if capture.verbatim:
                     # The client gets each read as it comes; the events are read once
                     # the whole answer is out (a read the client missed was generated
                     # all the same, so it is held before it is written).
                     async for data in upstream.content.iter_any():
-                        if call.t_first_byte is None and generated(data, endpoint.preamble):
+                        if call.t_first_byte is None and first.generated(data):
                             call.mark_first_byte()  # its first event's, not its head's
                         capture.hold(data)
                         await response.write(data)
@@ -103,7 +104,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                         capture.finish()
                 else:
                     async for data in upstream.content.iter_any():
-                        if call.t_first_byte is None and generated(data, endpoint.preamble):
+                        if call.t_first_byte is None and first.generated(data):
                             call.mark_first_byte()  # its first event's, not its head's
                         out = capture.feed(data)
                         if out:

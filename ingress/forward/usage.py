@@ -75,7 +75,7 @@ def with_tier(usage: Usage, tier: ServiceTier) -> Usage:
     return usage.model_copy(update={"service_tier": tier}) if tier != "standard" else usage
 
 
-def anthropic_usage(usage: Any) -> Usage | None:
+def anthropic_usage(usage: Any, model: str = "") -> Usage | None:
     """Normalise an Anthropic ``usage`` object.
 
     Anthropic's ``input_tokens`` excludes cache reads and cache writes; llmtap's
@@ -87,8 +87,9 @@ def anthropic_usage(usage: Any) -> Usage | None:
     that asked for it may be served at ``"standard"``); any other value, or none, is
     standard. The calls of the advisor tool are its ``iterations`` of type
     ``advisor_message``, each with its model, and are not in the top-level counts
-    (:func:`advisor_usage`). ``inference_geo`` is where the call's inference ran
-    (:func:`inference_geo`).
+    (:func:`advisor_usage`); nor are those of threshold compaction (``compaction``
+    iterations, run at the call's ``model``), kept with them to be priced as calls of
+    their own. ``inference_geo`` is where the call's inference ran (:func:`inference_geo`).
     """
     if not isinstance(usage, dict):
         return None
@@ -111,7 +112,7 @@ def anthropic_usage(usage: Any) -> Usage | None:
         cache_creation_1h_input_tokens=min(written_1h, written),
         web_search_requests=searches,
         speed="fast" if usage.get("speed") == "fast" else "standard",
-        advisor=advisor_usage(usage.get("iterations")),
+        advisor=advisor_usage(usage.get("iterations"), model),
         inference_geo=inference_geo(usage.get("inference_geo")),
     )
 
@@ -133,19 +134,24 @@ def inference_geo(value: Any) -> str:
     return geo if geo not in _NO_GEO and _GEO.fullmatch(geo) else GLOBAL_GEO
 
 
-def advisor_usage(iterations: Any) -> tuple[AdvisorUsage, ...]:
-    """The advisor tool's calls in an Anthropic usage's ``iterations``: each entry of
-    type ``advisor_message`` (a sub-inference of the tool's ``model``, billed at its
-    rates), its tokens normalised as :func:`anthropic_usage` does the call's. Entries
-    of other types (the executor's own ``message`` iterations, already in the
-    top-level counts; a ``compaction``) are not."""
+def advisor_usage(iterations: Any, called: str = "") -> tuple[AdvisorUsage, ...]:
+    """The sub-inferences in an Anthropic usage's ``iterations`` left out of its
+    top-level counts: each entry of type ``advisor_message`` (the advisor tool's, of the
+    tool's ``model``, billed at its rates) or ``compaction`` (threshold compaction's
+    summary, run at the ``called`` model and billed at its rates), its tokens
+    normalised as :func:`anthropic_usage` does the call's. The executor's own
+    ``message`` iterations are not (already in the top-level counts)."""
     if not isinstance(iterations, list):
         return ()
     found = []
     for entry in iterations:
-        if not isinstance(entry, dict) or entry.get("type") != "advisor_message":
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind == "advisor_message":
+            model = entry.get("model")
+        elif kind == "compaction":
+            model = called
+        else:
             continue
-        model = entry.get("model")
         tokens = anthropic_usage({k: v for k, v in entry.items() if k != "iterations"})
         assert tokens is not None
         found.append(
