@@ -608,7 +608,9 @@ class Settings(BaseSettings):
         return "https" if self.tls_certfile else "http"
 
     def _origin(self, host: str, port: int) -> str:
-        """``scheme://host:port``, an IPv6 host bracketed (``http://::1:8081`` is no URL)."""
+        """``scheme://host:port``, an IPv6 host bracketed (``http://::1:8081`` is no URL);
+        an empty host (every address) is reached on this machine's."""
+        host = host or "127.0.0.1"
         return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     def health_url(self, service: Literal["store", "ingress"]) -> str:

@@ -248,8 +248,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT_S
         for group, topic, name in stages:
-            if not any(c.name == name and c.running for c in self.children):
+            index = next((i for i, c in enumerate(self.children) if c.name == name), None)
+            if index is None:
                 continue
+            restarted = False
             while True:
                 try:
                     behind = await topics.lag(s.kafka, group, topic)
@@ -258,6 +260,23 @@ class Supervisor:
                     return
                 if behind <= 0:
                     break
+                child = self.children[index]
+                if not child.running:
+                    # Down between two restarts: what it has not read would die with
+                    # the broker. Started again (once), for stop_all to stop once caught
+                    # up; its group waits out the dead member's session first.
+                    if restarted:
+                        log.error("%s exited again; %d events behind are lost", name, behind)
+                        break
+                    restarted = True
+                    log.warning("%s is down, %d events behind: started to catch up", name, behind)
+                    try:
+                        self.children[index] = await self._start(name, child.argv, child.log_file)
+                    except OSError as exc:
+                        log.error("%s could not be started: %s; %d events lost", name, exc, behind)
+                        break
+                    extra = DRAIN_TIMEOUT_S + s.stream_session_timeout_s
+                    deadline = max(deadline, loop.time() + extra)
                 if loop.time() > deadline:
                     log.error(
                         "%s still %d events behind; stopping anyway (they are lost "
@@ -355,6 +374,8 @@ class Supervisor:
             except asyncio.CancelledError:  # a stop came meanwhile: stop_all stops it too
                 self.children[index] = await starting
                 raise
+            except OSError as exc:  # fork or exec refused (ENOMEM, EAGAIN...): tried again
+                log.error("%s could not be started again: %s", child.name, exc)
 
 
 def broker_argv(bootstrap: str, advertised: str | None = None) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from llmtap import ports
 from llmtap.config import Settings
@@ -22,12 +23,14 @@ from llmtap.supervisor import (
     Child,
     StartupFailed,
     Supervisor,
+    http_ok,
     stop_signals,
 )
 from llmtap.topics import TopicsRefused
+from sql.store import Store
 from stream.app import StreamWorker, create_app, ready_file
-from tests.conftest import FakeUpstream, run_llmtap
-from tests.fake_provider import free_port
+from tests.conftest import FakeUpstream, pid_alive, run_llmtap
+from tests.fake_provider import SNAPSHOT, free_port
 from tests.faults.harness import until
 
 
@@ -295,3 +298,117 @@ async def test_migrations_longer_than_a_stage_s_start_do_not_fail_up(
         said = "\n".join(running.output)
         assert "store's migrations applied" in said
         assert '"process":"migrate"' in said and "applied migration 0001_calls" in said
+
+
+# Loaded by every process of the `up` below (PYTHONPATH): a stage that exits is started
+# again only after 30 s, so that a stop comes while it is down.
+SLOW_RESTARTS = """
+import llmtap.supervisor
+
+llmtap.supervisor.Backoff.after = lambda self, ran_s: 30.0
+"""
+
+
+async def test_a_stop_while_the_worker_is_down_still_meters_what_the_proxy_published(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """The worker died (between two restarts) when Ctrl-C came: the calls the proxy had
+    published meanwhile were never costed, and died with the embedded broker, without
+    a word (the drain passed over a stage not running)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SLOW_RESTARTS)
+    env = {"PYTHONPATH": os.pathsep.join([str(shim), *sys.path])}
+    async with run_llmtap(tmp_path / "data", upstream, env) as running:
+        os.kill(running.child_pids()["worker"], signal.SIGKILL)
+
+        async def worker_down() -> bool:
+            return any("worker exited with code -9" in line for line in running.output)
+
+        await until(worker_down, "up saw the worker die", 30)
+        async with running.openai() as sdk:
+            for _ in range(5):
+                await sdk.chat.completions.create(
+                    model="gpt-4o-mini-while-down", messages=[{"role": "user", "content": "x"}]
+                )
+        running.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(running.process.wait(), 90) == 0
+    assert [name for name, pid in running.child_pids().items() if pid_alive(pid)] == []
+    store = Store(f"chdb:///{tmp_path / 'data' / 'clickhouse'}")  # ours now: `up` is gone
+    try:
+        rows = store.rows(
+            "SELECT count() AS n FROM calls WHERE model = {m:String}",
+            {"m": "gpt-4o-mini-while-down" + SNAPSHOT},
+        )
+    finally:
+        store.close()
+    assert rows == [{"n": 5}]
+
+
+async def test_a_stage_that_cannot_be_started_again_is_tried_again_not_taken_for_the_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stage died, and starting it again failed (fork or exec refused: ENOMEM under
+    the memory pressure that killed it, EAGAIN, EMFILE). Its keeper raised, and `up`
+    took that for the broker's exit: it said "killing worker: its broker is gone",
+    stopped everything, the healthy broker too (and with it every event not yet
+    stored), and started it all over. The start is tried again instead."""
+    monkeypatch.setattr(Backoff, "after", lambda self, ran_s: 0.0)
+    supervisor = Supervisor(Settings(data_dir=tmp_path))
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    broker = await supervisor.spawn("broker", sleeper)
+    first = await supervisor.spawn("stage", [sys.executable, "-c", "pass"])  # exits at once
+    start = supervisor._start
+    refused = 0
+
+    async def fork_refused_once(name: str, argv: list[str], log_file: Path | None) -> Child:
+        nonlocal refused
+        if refused == 0:
+            refused += 1
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return await start(name, sleeper, log_file)
+
+    monkeypatch.setattr(supervisor, "_start", fork_refused_once)
+    keeping = asyncio.create_task(supervisor._keep_all())
+    try:
+
+        async def started_again() -> bool:
+            return keeping.done() or supervisor.children[1] is not first
+
+        with caplog.at_level("ERROR", logger="llmtap.up"):
+            await until(started_again, "the stage started again, or up gave up", 30)
+            assert not keeping.done(), "taken for the broker's exit"
+        assert broker.running
+        assert "stage could not be started again" in caplog.text
+    finally:
+        supervisor.stopping.set()
+        await keeping
+        await supervisor.stop_all()
+    assert not [c.name for c in supervisor.children if c.running]
+
+
+async def test_an_empty_host_served_on_every_address_is_asked_on_this_machine_s(
+    tmp_path: Path,
+) -> None:
+    """An empty proxy_host (or api_host) binds every address, as the port check reads it
+    and as the servers bind it; `up` asked http://:PORT/healthz, no URL, waited out its
+    120 s for a proxy that was serving, and failed the start ("ingress not ready"), and
+    its banner said http://:PORT/v1."""
+    port = free_port()
+    app = web.Application()
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "", port).start()  # what the ingress does with proxy_host ""
+    try:
+        settings = _free_ports(tmp_path, proxy_host="", proxy_port=port, api_host="")
+        assert ports.problems(settings.model_copy(update={"proxy_port": free_port()})) == []
+        assert await http_ok(settings.health_url("ingress"))
+        assert settings.proxy_url == f"http://127.0.0.1:{port}/v1"
+        assert settings.api_url == f"http://127.0.0.1:{settings.api_port}/api/v1"
+    finally:
+        await runner.cleanup()
