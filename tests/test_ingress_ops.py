@@ -1789,30 +1789,77 @@ async def test_time_to_first_token_waits_for_the_stream_s_first_event(
     assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
 
 
+RESPONSE_STARTED: dict[str, Any] = {
+    "id": "resp_1",
+    "status": "in_progress",
+    "output": [],
+    "usage": None,
+}
+
+
+async def created_then_in_progress(response: web.StreamResponse) -> None:
+    """OpenAI's: response.created and response.in_progress, their type opening the data."""
+    for kind in ("response.created", "response.in_progress"):
+        await response.write(sse_data({"type": kind, "response": RESPONSE_STARTED}))
+
+
+async def created_cut_in_its_type(response: web.StreamResponse) -> None:
+    """response.created in two reads (TCP splits where it likes), cut inside its type."""
+    created = {"type": "response.created", "response": RESPONSE_STARTED}
+    event = b"event: response.created\n" + sse_data(created)
+    cut = event.index(b'"type"') + 4  # data: {"typ | e":"response.created",...
+    await response.write(event[:cut])
+    await asyncio.sleep(0.1)  # the first half read alone
+    await response.write(event[cut:])
+
+
+async def created_as_the_sdk_dumps_it(response: web.StreamResponse) -> None:
+    """A server writing the openai SDK's own event models (vLLM's Responses API: an
+    ``event:`` line, then the model's JSON): ``type`` last, after the response object
+    and its nested types ("text")."""
+    from openai.types.responses import Response, ResponseCreatedEvent
+
+    started = Response.model_validate(
+        {
+            **RESPONSE_STARTED,
+            "created_at": 0,
+            "model": "gpt-4o",
+            "object": "response",
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "text": {"format": {"type": "text"}},
+        }
+    )
+    created = ResponseCreatedEvent(response=started, sequence_number=0, type="response.created")
+    data = created.model_dump_json().encode()
+    await response.write(b"event: response.created\ndata: " + data + b"\n\n")
+
+
+@pytest.mark.parametrize(
+    "preamble", [created_then_in_progress, created_cut_in_its_type, created_as_the_sdk_dumps_it]
+)
 async def test_a_responses_stream_s_first_token_is_not_its_response_created(
-    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+    ingress_settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    preamble: Callable[[web.StreamResponse], Awaitable[None]],
 ) -> None:
-    """The Responses API sends response.created and response.in_progress as it takes the
-    call, before the model generates anything: the time to first token is its first
-    event after those (here the text's first delta), not ~0 for every model."""
+    """The Responses API sends response.created (and response.in_progress) as it takes
+    the call, before the model generates anything: the time to first token is its first
+    event after those (here the text's first delta), not ~0 for every model; however
+    the reads cut it, wherever its type is."""
 
     async def slow_first_token(request: web.Request) -> web.StreamResponse:
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        started: dict[str, Any] = {
-            "id": "resp_1",
-            "status": "in_progress",
-            "output": [],
-            "usage": None,
-        }
-        for kind in ("response.created", "response.in_progress"):  # at once
-            await response.write(sse_data({"type": kind, "response": started}))
+        await preamble(response)  # at once
         await asyncio.sleep(0.5)  # prefill: no token yet
         delta = {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hi"}
         await response.write(sse_data(delta))
         usage = {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
-        done = {**started, "status": "completed", "usage": usage, "model": "gpt-4o"}
+        done = {**RESPONSE_STARTED, "status": "completed", "usage": usage, "model": "gpt-4o"}
         await response.write(sse_data({"type": "response.completed", "response": done}))
         await response.write_eof()
         return response
@@ -1820,89 +1867,6 @@ async def test_a_responses_stream_s_first_token_is_not_its_response_created(
     call = {"model": "gpt-4o", "input": "hi", "stream": True}
     status, event = await streamed_through(
         slow_first_token, ingress_settings, broker, monkeypatch, call, "/v1/responses"
-    )
-    assert (status, event.status, event.usage.output_tokens) == (200, "ok", 1)
-    assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
-
-
-async def test_a_responses_stream_s_created_event_split_across_reads_is_not_its_first_token(
-    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A read may end inside an event (TCP splits where it likes): response.created cut
-    before its type is whole is still not the model's first token."""
-
-    async def split_created(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        started: dict[str, Any] = {"id": "resp_1", "status": "in_progress", "usage": None}
-        created = b"event: response.created\n" + sse_data(
-            {"type": "response.created", "response": started}
-        )
-        cut = created.index(b'"type"') + 4  # data: {"typ | e":"response.created",...
-        await response.write(created[:cut])
-        await asyncio.sleep(0.1)
-        await response.write(created[cut:])
-        await asyncio.sleep(0.5)  # prefill: no token yet
-        delta = {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hi"}
-        await response.write(sse_data(delta))
-        usage = {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
-        done = {**started, "status": "completed", "usage": usage, "model": "gpt-4o"}
-        await response.write(sse_data({"type": "response.completed", "response": done}))
-        await response.write_eof()
-        return response
-
-    call = {"model": "gpt-4o", "input": "hi", "stream": True}
-    status, event = await streamed_through(
-        split_created, ingress_settings, broker, monkeypatch, call, "/v1/responses"
-    )
-    assert (status, event.status, event.usage.output_tokens) == (200, "ok", 1)
-    assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
-
-
-async def test_a_responses_stream_of_the_sdk_s_own_event_models_finds_its_first_token(
-    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A server that writes the openai SDK's own event models (vLLM's Responses API:
-    ``event: <type>`` then the model's JSON) puts ``type`` last, after the response
-    object and its nested types ("text", a tool's "function"): response.created is
-    still not the first token."""
-    from openai.types.responses import Response, ResponseCreatedEvent
-
-    async def sdk_events(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        started = Response.model_validate(
-            {
-                "id": "resp_1",
-                "created_at": 0,
-                "model": "gpt-4o",
-                "object": "response",
-                "output": [],
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "text": {"format": {"type": "text"}},
-                "status": "in_progress",
-            }
-        )
-        created = ResponseCreatedEvent(response=started, sequence_number=0, type="response.created")
-        await response.write(
-            b"event: response.created\ndata: " + created.model_dump_json().encode() + b"\n\n"
-        )
-        await asyncio.sleep(0.5)  # prefill: no token yet
-        delta = {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hi"}
-        await response.write(b"event: response.output_text.delta\n" + sse_data(delta))
-        usage = {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
-        done = {"id": "resp_1", "status": "completed", "usage": usage, "model": "gpt-4o"}
-        await response.write(sse_data({"type": "response.completed", "response": done}))
-        await response.write_eof()
-        return response
-
-    call = {"model": "gpt-4o", "input": "hi", "stream": True}
-    status, event = await streamed_through(
-        sdk_events, ingress_settings, broker, monkeypatch, call, "/v1/responses"
     )
     assert (status, event.status, event.usage.output_tokens) == (200, "ok", 1)
     assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
