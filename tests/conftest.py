@@ -310,12 +310,23 @@ async def ingress_before(
     precise way."""
     provider = web.Application()
     provider.router.add_route(*route, chat)
+    async with ingress_at(provider, settings, monkeypatch) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def ingress_at(
+    provider: web.Application,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    host: str = "127.0.0.1",
+) -> AsyncIterator[TestServer]:
+    """An ingress whose OpenAI provider is the app ``provider``, reached by ``host`` (a
+    name, not an address, where a client keeps what it keeps by host name: cookies)."""
     upstream = TestServer(provider, host="127.0.0.1")
     await upstream.start_server()
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    settings = settings.model_copy(
-        update={"openai_base_url": str(upstream.make_url("/v1")).rstrip("/")}
-    )
+    settings = settings.model_copy(update={"openai_base_url": f"http://{host}:{upstream.port}/v1"})
     try:
         server = await serve_ingress(settings)
         try:

@@ -43,6 +43,7 @@ from tests.conftest import (
     INGRESS_PROVIDER_KEY,
     Broker,
     FakeUpstream,
+    ingress_at,
     ingress_before,
     serve_ingress,
 )
@@ -1916,29 +1917,6 @@ async def test_counting_a_stream_s_output_is_not_the_call_s_latency_nor_overhead
     assert event.usage.output_tokens_counted and event.usage.output_tokens > 0
     assert event.latency_ms < 1000, event.latency_ms
     assert event.proxy_overhead_ms < 1000, event.proxy_overhead_ms
-
-
-@contextlib.asynccontextmanager
-async def ingress_at(
-    provider_app: web.Application,
-    settings: Settings,
-    monkeypatch: pytest.MonkeyPatch,
-    host: str = "127.0.0.1",
-) -> AsyncIterator[TestServer]:
-    """An ingress whose OpenAI provider is ``provider_app``, reached by ``host`` (a name,
-    not an address, where a client keeps what it keeps by host name: cookies)."""
-    upstream = TestServer(provider_app, host="127.0.0.1")
-    await upstream.start_server()
-    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    settings = settings.model_copy(update={"openai_base_url": f"http://{host}:{upstream.port}/v1"})
-    try:
-        server = await serve_ingress(settings)
-        try:
-            yield server
-        finally:
-            await server.close()
-    finally:
-        await upstream.close()
 
 
 CHAT_ANSWER = {
