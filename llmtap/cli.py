@@ -19,6 +19,7 @@ import secrets
 import select
 import sys
 import unicodedata
+from pathlib import Path
 from typing import Any
 
 from llmtap import logs
@@ -252,6 +253,27 @@ def _check_webhook_templates(settings: Settings) -> None:
             ) from None
 
 
+def _check_data_dir(settings: Settings, command: str) -> None:
+    """Raise :class:`ConfigError` for a directory the command keeps its state in (the
+    worker's under ``data_dir``; the embedded store's) that cannot be made or written
+    (a file of that name, no permission), before anything starts: each failed with an
+    OSError naming no setting, the worker and the store once the broker answered."""
+    if command == "worker":
+        where, setting = settings.data_dir, "data_dir"
+    elif settings.embedded_store:  # store, migrate
+        where = Path(settings.store_dsn.removeprefix("chdb://"))
+        setting = "clickhouse_dsn" if settings.clickhouse_dsn else "data_dir"
+    else:
+        return
+    shown = settings.clickhouse_dsn if setting == "clickhouse_dsn" else settings.data_dir
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise PermissionError(f"{where} is not writable by this user")
+    except OSError as exc:
+        raise ConfigError(f"{setting} {shown}: cannot be used: {exc}") from None
+
+
 def _check_pricing_file(settings: Settings) -> None:
     """Raise :class:`ConfigError` for a ``pricing_file`` the ingress and the worker could
     not load (missing, not YAML, not the catalog's format), before anything starts: each
@@ -331,6 +353,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         _check_webhook_templates(settings)
     if args.command in ("up", "ingress", "worker"):
         _check_pricing_file(settings)
+    if args.command in ("worker", "store", "migrate"):
+        _check_data_dir(settings, args.command)
     if args.command == "up":
         from llmtap.data_dir import claimed
         from llmtap.supervisor import up

@@ -283,6 +283,22 @@ class SpikeRule(BaseModel):
         return self
 
 
+def _server_dsn(dsn: str) -> str:
+    """A ClickHouse server's DSN with a host and, if any, a port 1 to 65535 (without a
+    host, clickhouse-connect went to localhost:8123, whatever was there)."""
+    parts = urlsplit(dsn)
+    try:
+        port_ok = parts.port != 0
+    except ValueError:  # a port that is no number, or out of range
+        port_ok = False
+    if not parts.hostname or not port_ok:
+        raise ValueError(
+            "must name the server's host and, if any, a port 1 to 65535 "
+            "(http://user:pass@host:8123/database)"
+        )
+    return dsn
+
+
 def _dsn_database(dsn: str) -> str:
     """The database a ClickHouse server DSN names (its path; ``default`` without one)."""
     return urlsplit(dsn).path.strip("/") or "default"
@@ -291,6 +307,8 @@ def _dsn_database(dsn: str) -> str:
 # File settings an empty value leaves unset (compose's ``${VAR:-}``): their default, or
 # the config file's.
 _EMPTY_IS_UNSET = ("keys_file", "pricing_file")
+# The longest window, and window grace, the stream worker can keep: 366 days.
+WINDOW_MAX_S = 366 * 86400
 
 
 class Settings(BaseSettings):
@@ -306,10 +324,12 @@ class Settings(BaseSettings):
     # Kafka. With embedded_broker, `llmtap up` starts Tansu on kafka_bootstrap.
     kafka_bootstrap: str = "127.0.0.1:9092"
     embedded_broker: bool = True
-    topic_partitions: int = Field(default=4, ge=1)
+    # Kafka's CreateTopics carries partitions as an int32 and replicas as an int16: past
+    # them, the topics could not even be asked for (a wait for the broker for ever).
+    topic_partitions: int = Field(default=4, ge=1, le=2**31 - 1)
     # Copies of each topic llmtap makes: 1 for one broker; 3 on a production cluster
     # (a managed Kafka may refuse fewer), so a lost broker loses no event.
-    topic_replication_factor: int = Field(default=1, ge=1)
+    topic_replication_factor: int = Field(default=1, ge=1, le=2**15 - 1)
     # How to connect (llmtap/kafka.py; README, Production: Kafka security): PLAINTEXT,
     # or TLS (SSL) and/or SASL for a managed Kafka. The CA file is None to trust the
     # system's CAs; a certificate and key present a client certificate (mutual TLS).
@@ -406,7 +426,9 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(default=1_073_741_824, ge=0)
 
     # The stream worker's consumer groups: kept short so a worker joins in seconds on Tansu.
-    stream_session_timeout_s: float = Field(default=10.0, gt=0)
+    # At most 30 minutes: Kafka refuses a join past its group.max.session.timeout.ms
+    # (1,800,000 by default), and the client cannot send one past 2^31 - 1 ms at all.
+    stream_session_timeout_s: float = Field(default=10.0, gt=0, le=1800)
     stream_heartbeat_interval_s: float = Field(default=1.0, gt=0)
 
     # ClickHouse writer: a batch is written when it has this many rows or is this old.
@@ -454,8 +476,10 @@ class Settings(BaseSettings):
     # Tumbling windows (stream/windows.py): their lengths in seconds, each a multiple of
     # the smallest (larger windows are merged from closed smaller ones), and how long
     # after a window ends (in event time) calls may still arrive to be counted in it.
+    # Each at most WINDOW_MAX_S (a window's end, the watermark less the grace, stay dates;
+    # windows.size_s is a UInt32): longer ones stopped the worker with an OverflowError.
     window_sizes_s: tuple[int, ...] = (60, 3600)
-    window_grace_s: float = Field(default=10.0, ge=0)
+    window_grace_s: float = Field(default=10.0, ge=0, le=WINDOW_MAX_S)
     # Spike rules judged on closed windows (README, Spike detection).
     spike_rules: Annotated[list[SpikeRule], _unique_names("spike rule")] = Field(
         default_factory=list
@@ -479,6 +503,25 @@ class Settings(BaseSettings):
         current directory (``Path("")``): every call was a 401 for want of the keys."""
         return None if value == "" else value
 
+    @field_validator(
+        "data_dir",
+        "keys_file",
+        "pricing_file",
+        "tls_certfile",
+        "tls_keyfile",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        mode="before",
+    )
+    @classmethod
+    def _home(cls, value: object) -> object:
+        """``~/llmtap`` is under the home directory, as a shell reads it: given in the
+        config file (YAML expands no ~) it was a directory named "~" in the current one."""
+        if isinstance(value, str | Path) and str(value).startswith("~"):
+            return Path(value).expanduser()
+        return value
+
     @field_validator("window_sizes_s")
     @classmethod
     def _nested_windows(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -487,6 +530,8 @@ class Settings(BaseSettings):
             raise ValueError("window_sizes_s needs at least one positive length")
         if any(size % ordered[0] for size in ordered):
             raise ValueError(f"every window length must be a multiple of {ordered[0]}s")
+        if ordered[-1] > WINDOW_MAX_S:
+            raise ValueError(f"a window may last at most {WINDOW_MAX_S}s (366 days)")
         return ordered
 
     @model_validator(mode="after")
@@ -650,9 +695,23 @@ class Settings(BaseSettings):
     @field_validator("clickhouse_dsn")
     @classmethod
     def _clickhouse_scheme(cls, dsn: str) -> str:
-        if dsn and urlsplit(dsn).scheme not in ("http", "https", "chdb"):
+        if not dsn:
+            return dsn
+        parts = urlsplit(dsn)
+        if parts.scheme not in ("http", "https", "chdb"):
             raise ValueError("must be http://, https:// (ClickHouse's HTTP interface) or chdb://")
-        return dsn
+        if parts.scheme == "chdb":
+            # As sql/store.py reads it: none, "memory" or ":memory:" is chDB's in-memory
+            # store, every call in it lost when the store process stops.
+            location = parts.netloc.rpartition("@")[2] if parts.netloc else parts.path
+            if location in ("", "memory", ":memory:"):
+                raise ValueError(
+                    "chdb:// names no data directory (chDB would keep the store in memory, "
+                    "every call lost when it stops): give chdb:///absolute/path, or leave "
+                    "clickhouse_dsn empty for <data_dir>/clickhouse"
+                )
+            return dsn
+        return _server_dsn(dsn)
 
     @field_validator("sql_dsn")
     @classmethod
@@ -661,7 +720,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must be http:// or https:// (a ClickHouse server's user; chDB has no users)"
             )
-        return dsn
+        return _server_dsn(dsn) if dsn else dsn
 
     @model_validator(mode="after")
     def _sql_on_the_server(self) -> Settings:
@@ -771,9 +830,43 @@ class Settings(BaseSettings):
             path = Path(config_file)
             if not path.is_file():
                 raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
-            file = YamlConfigSettingsSource(settings_cls, yaml_file=path)
+            file = _YamlFile(settings_cls, yaml_file=path)
             sources.append(_Overridden(settings_cls, file, (init_settings, env_settings)))
         return tuple(sources)
+
+
+class UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping key given twice (YAML 1.2 requires them
+    unique; PyYAML kept the last without a word: a second ``budgets:`` block dropped
+    the first's budgets, a provider defined twice its first definition)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<": merged keys may be overridden, as YAML's merge allows
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                again = key in seen
+            except TypeError:  # unhashable: the loader's own error says so below
+                continue
+            if again:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _YamlFile(YamlConfigSettingsSource):
+    """The config file, read by :class:`UniqueKeys`."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        with open(file_path, encoding=self.yaml_file_encoding or "utf-8") as yaml_file:
+            return yaml.load(yaml_file, Loader=UniqueKeys) or {}
 
 
 class _Overridden(PydanticBaseSettingsSource):

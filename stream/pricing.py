@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from llmtap import wire
+from llmtap.config import UniqueKeys
 from llmtap.events import (
     GEO_PATTERN,
     GLOBAL_GEO,
@@ -372,7 +373,9 @@ def load_catalog(extra: Path | None = None) -> Catalog:
     shipped = resources.files("stream").joinpath("pricing.yaml").read_text()
     catalog = Catalog.model_validate(yaml.safe_load(shipped))
     if extra is not None:
-        catalog = catalog.merged(Catalog.model_validate(yaml.safe_load(extra.read_text())))
+        # A model priced twice in it is refused, not its first price dropped.
+        operators = yaml.load(extra.read_text(), Loader=UniqueKeys)
+        catalog = catalog.merged(Catalog.model_validate(operators))
     return catalog
 
 

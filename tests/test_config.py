@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from llmtap.config import CONFIG_ENV, Settings, load_settings, pinned_config
+from tests.conftest import Broker
 from tests.fake_provider import free_ports
 
 README = Path(__file__).parent.parent / "README.md"
@@ -712,6 +713,15 @@ def test_the_providers_whose_key_is_unset_are_those_that_take_one(
         (None, "No such file or directory"),
         ("models: [", "while parsing"),
         ("models: {x: {provider: openai, prices: [{input: '1'}]}}", "effective_from"),
+        # A model priced twice: the first price was dropped without a word.
+        (
+            "models:\n"
+            "  my-model: {provider: openai, prices: [{effective_from: 2025-01-01,\n"
+            "             input: '1', output: '2'}]}\n"
+            "  my-model: {provider: openai, prices: [{effective_from: 2025-01-01,\n"
+            "             input: '0.1', output: '0.2'}]}\n",
+            "found duplicate key 'my-model'",
+        ),
     ],
 )
 def test_up_refuses_a_pricing_file_it_cannot_load_before_starting_anything(
@@ -824,3 +834,174 @@ def test_the_image_holds_what_pip_install_needs_and_no_file_of_secrets_beside_it
     image = _copied_into_image(shipped + secrets_beside)
     assert set(shipped) <= image
     assert image & set(secrets_beside) == set()
+
+
+@pytest.mark.parametrize(
+    ("text", "twice"),
+    [
+        # A second budgets block (added at the end of the file) dropped the first's
+        # budgets and their hard caps, with no word.
+        (
+            "budgets:\n  - {name: a, scope: tenant, value: acme, limit_usd: 10}\n"
+            "proxy_port: 9000\n"
+            "budgets:\n  - {name: b, scope: tenant, value: beta, limit_usd: 10}\n",
+            "budgets",
+        ),
+        # A provider defined twice: the first definition was silently dropped.
+        (
+            "providers:\n  groq: {base_url: https://api.groq.com/openai/v1}\n"
+            "  groq: {base_url: http://127.0.0.1:11434/v1}\n",
+            "groq",
+        ),
+        # Inside an entry too: which limit holds?
+        (
+            "budgets:\n  - {name: a, scope: tenant, value: acme, limit_usd: 10, limit_usd: 1000}\n",
+            "limit_usd",
+        ),
+    ],
+)
+def test_a_setting_given_twice_in_the_file_is_refused_naming_it(
+    text: str,
+    twice: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+) -> None:
+    """YAML's mapping keys are unique (YAML 1.2, 3.2.1.1); PyYAML keeps the last of
+    a repeated one without a word, so half of what the operator wrote was not run."""
+    config = tmp_path / "llmtap.yaml"
+    config.write_text(text)
+    assert cli(["--config", str(config), "keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmtap: ") and f"duplicate key {twice!r}" in err, err
+    assert "Traceback" not in err
+    # YAML's merge keys still merge (an entry given by an anchor, a field overridden).
+    config.write_text(
+        "budgets:\n  - &a {name: a, scope: tenant, value: acme, limit_usd: 10}\n"
+        "  - {<<: *a, name: b, value: beta}\n"
+    )
+    assert [b.value for b in load_settings(str(config)).budgets] == ["acme", "beta"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("window_grace_s", 1e11),  # now - grace: before year 1 (OverflowError at the first tick)
+        ("window_grace_s", 1e14),  # timedelta(seconds=...): the worker exits as it starts
+        ("window_sizes_s", [60, 60 * 10**10]),  # a window's end after year 9999
+        ("window_sizes_s", [60, 60 * 71_582_789]),  # past 2^32: windows.size_s is a UInt32
+    ],
+)
+def test_window_lengths_and_grace_the_worker_cannot_keep_are_refused(
+    setting: str, value: object
+) -> None:
+    """They were taken, and the stream worker died on them, started again and again
+    by `llmtap up` (or compose), with an OverflowError for the only word."""
+    from datetime import UTC, datetime, timedelta
+
+    from stream.windows import Windower
+
+    with pytest.raises(ValidationError, match=setting):
+        Settings.model_validate({setting: value})
+    # The longest of each that is taken, the windows count and close with.
+    longest = Settings(window_sizes_s=(60, 366 * 86400), window_grace_s=366 * 86400)
+    windower = Windower(longest.window_sizes_s, timedelta(seconds=longest.window_grace_s))
+    assert windower.advance(datetime.now(UTC), [0]) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        # The worker started, and died at its group's join with aiokafka's "'i' format
+        # requires -2147483648 <= n <= 2147483647" (an int32 of milliseconds), started
+        # again and again by `llmtap up`. (Kafka refuses a join past its
+        # group.max.session.timeout.ms, 30 minutes by default, too.)
+        ("stream_session_timeout_s", "1e7"),
+        # Each waited for the broker for ever, saying "waiting for the broker at ...:
+        # ValueError: ... 'h' format requires -32768 <= number <= 32767" every second
+        # (CreateTopics carries an int32 of partitions and an int16 of replicas).
+        ("topic_replication_factor", "40000"),
+        ("topic_partitions", "3000000000"),
+    ],
+)
+async def test_a_number_kafka_cannot_carry_is_refused_before_the_worker_starts(
+    setting: str, value: str, tmp_path: Path, broker: Broker
+) -> None:
+    import asyncio
+
+    from tests.fake_provider import free_port
+
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "LLMTAP_KAFKA_NAMESPACE": f"refused-{setting}",  # no topics of the session's made
+        "LLMTAP_TOPIC_PARTITIONS": "2",
+        "LLMTAP_WORKER_METRICS_PORT": str(free_port()),
+        f"LLMTAP_{setting.upper()}": value,
+    }
+    env.pop(CONFIG_ENV, None)
+    worker = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "llmtap", "worker"),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(worker.communicate(), 30)
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+    assert worker.returncode == 2, err.decode()[-2000:]
+    assert err.decode().startswith("llmtap: invalid settings") and setting in err.decode()
+    # Kafka's own most, by default; and the protocol's.
+    Settings(stream_session_timeout_s=1800, topic_replication_factor=32767)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "said"),
+    [
+        # No data directory: chDB's in-memory store. `llmtap up` ran on it, every call
+        # stored was gone when the store stopped, and `llmtap migrate` applied every
+        # migration again each time, exit 0.
+        ("chdb://", "no data directory"),
+        ("chdb://memory", "no data directory"),
+        # No host: clickhouse-connect's default, localhost:8123, whatever is there.
+        ("http://", "host"),
+        ("http://:8123/llmtap", "host"),
+        # Taken, then "Port out of range 0-65535" from the store process at its start.
+        ("http://clickhouse:99999/llmtap", "port"),
+    ],
+)
+def test_a_clickhouse_dsn_that_names_no_store_is_refused(
+    dsn: str, said: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "LLMTAP_DATA_DIR": str(tmp_path), "LLMTAP_CLICKHOUSE_DSN": dsn}
+    env.pop(CONFIG_ENV, None)
+    migrate = [sys.executable, "-m", "llmtap", "migrate"]
+    done = subprocess.run(migrate, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr[-2000:])
+    assert done.stderr.startswith("llmtap: invalid settings"), done.stderr
+    assert "clickhouse_dsn" in done.stderr and said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    Settings(clickhouse_dsn=f"chdb:///{tmp_path / 'clickhouse'}")  # a directory: taken
+    Settings(clickhouse_dsn="https://user:pass@clickhouse:8443/llmtap")
+
+
+def test_a_path_under_the_home_directory_is_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data_dir: ~/llmtap` in the config file made a directory named "~" in the current
+    one and kept the store, the spool and the keys there (the shell expands a ~ in an
+    environment variable; YAML does not; the webhook templates' paths were expanded)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "llmtap.yaml"
+    config.write_text("data_dir: ~/llmtap\nkeys_file: ~/keys.yaml\n")
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    settings = Settings()
+    assert settings.data_dir == home / "llmtap"
+    assert settings.key_file == home / "keys.yaml"
+    assert settings.store_dsn == f"chdb:///{home / 'llmtap' / 'clickhouse'}"

@@ -123,3 +123,31 @@ def test_up_over_a_store_a_newer_llmtap_migrated_stops_at_once_saying_why(
     assert "a newer llmtap wrote it" in refused.stderr
     assert "applying the store's migrations failed" in refused.stderr
     assert "started store" not in refused.stderr
+
+
+@pytest.mark.parametrize("command", ["migrate", "store", "worker"])
+def test_a_data_dir_that_cannot_be_used_is_said_naming_it(tmp_path: Path, command: str) -> None:
+    """`llmtap up` said "data_dir ...: cannot be used" (exit status 2); the commands
+    compose runs said "llmtap worker failed: [Errno 17] File exists: '...'" in a JSON
+    line with a traceback, exit 1, naming no setting (the store and the worker once
+    the broker answered: a container restarted for ever)."""
+    data_dir = tmp_path / "a-file"
+    data_dir.write_text("not a directory\n")
+    [broker_port] = free_ports(1)  # nothing listens: neither may wait for a broker
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(data_dir),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_WORKER_METRICS_PORT": "0",
+    }
+    env.pop("LLMTAP_CONFIG", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "llmtap", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(f"llmtap: data_dir {data_dir}: cannot be used"), done.stderr
+    assert "Traceback" not in done.stderr

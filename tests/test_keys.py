@@ -326,7 +326,7 @@ def test_a_key_a_flag_cannot_make_is_refused_naming_the_flag(
     assert (key.rpm, key.tpm) == (1, 5000)
 
 
-@pytest.mark.parametrize("broken", ["bad yaml", "a directory", "not keys"])
+@pytest.mark.parametrize("broken", ["bad yaml", "a directory", "not keys", "under a file"])
 @pytest.mark.parametrize("action", [["list"], ["create", "--tenant", "acme"], ["revoke", "k"]])
 def test_a_key_file_that_cannot_be_used_is_said_plainly(
     broken: str,
@@ -337,13 +337,18 @@ def test_a_key_file_that_cannot_be_used_is_said_plainly(
     cli: Callable[[list[str]], int],
 ) -> None:
     """A keys_file of bad YAML, or naming a directory, gave `keys list` and `keys create`
-    a traceback; now one message naming keys_file, exit status 2, the file untouched."""
+    a traceback; now one message naming keys_file, exit status 2, the file untouched.
+    One under a file (a data_dir that is a file) was listed as no keys, exit status 0,
+    and `revoke` found no key there (exit 1), while `create` said it cannot be used."""
     path = tmp_path / "team-keys.yaml"
     if broken == "a directory":
         path.mkdir()
+    elif broken == "under a file":
+        path.write_text("keys: []\n")
+        path = path / "keys.yaml"
     else:
         path.write_text("keys: [1\n" if broken == "bad yaml" else "keys: [{id: k}]\n")
-    before = None if path.is_dir() else path.read_text()
+    before = None if path.is_dir() or broken == "under a file" else path.read_text()
     monkeypatch.setenv("LLMTAP_KEYS_FILE", str(path))
     assert cli(["keys", *action]) == 2
     err = capsys.readouterr().err
@@ -351,7 +356,8 @@ def test_a_key_file_that_cannot_be_used_is_said_plainly(
     assert "a top-level 'keys:' list" in err and "Traceback" not in err
     if action[0] == "create":
         assert "(no key was made)" in err
-    assert (None if path.is_dir() else path.read_text()) == before
+    if broken != "under a file":
+        assert (None if path.is_dir() else path.read_text()) == before
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path: Path) -> None:

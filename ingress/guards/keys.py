@@ -99,9 +99,10 @@ def parse_keys(text: str) -> KeyFile:
 def read_keys(path: Path) -> KeyFile:
     """The key file's keys, for the commands that edit it: an empty file (made by hand)
     has none; the proxy's reload refuses one (:func:`parse_keys`)."""
-    if not path.exists():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:  # not made yet (a path under a file is no such file: said)
         return KeyFile()
-    text = path.read_text()
     return parse_keys(text) if text.strip() else KeyFile()
 
 
