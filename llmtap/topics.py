@@ -108,12 +108,15 @@ async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> Non
             )
         found = sorted(names.compacted & existing)
         if found and (uncompacted := await _not_compacted(admin, found)):
-            raise TopicsRefused(
-                "; ".join(f"{name}: cleanup.policy {policy}" for name, policy in uncompacted)
-                + ": these topics must be compacted (each key's latest value kept; with "
+            # Said loudly, not refused: a topic a producer's send made before the topics
+            # were (the broker's auto-creation) would otherwise stop every process at
+            # each start, where a budget's state is lost only after retention.ms.
+            log.error(
+                "%s: these topics must be compacted (each key's latest value kept; with "
                 "delete, a budget's state goes after retention.ms). Set cleanup.policy=compact "
                 "on them (kafka-configs.sh --alter --entity-type topics --entity-name <topic> "
-                "--add-config cleanup.policy=compact)"
+                "--add-config cleanup.policy=compact)",
+                "; ".join(f"{name}: cleanup.policy {policy}" for name, policy in uncompacted),
             )
     finally:
         await admin.close()

@@ -198,8 +198,8 @@ async def test_an_ingress_a_broker_will_not_make_topics_for_still_publishes(
     assert app[PUBLISHER].spooled == 0
 
 
-async def test_a_compacted_topic_found_made_without_compaction_is_said_not_used_as_is(
-    broker: Broker,
+async def test_a_compacted_topic_found_made_without_compaction_is_said_not_used_silently(
+    broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
     """llmtap.budgets, .reservations and .checkpoints hold each key's latest value for
     as long as it is the latest: on a Kafka whose topic was made before llmtap made it
@@ -207,7 +207,8 @@ async def test_a_compacted_topic_found_made_without_compaction_is_said_not_used_
     broker that refused llmtap's CreateTopics) with the broker's default policy,
     `delete`, a budget's state was deleted once older than retention.ms (7 days by
     default) and a restarted worker or ingress counted its period from nothing. The
-    topic existing, llmtap went on with it, silently."""
+    topic existing, llmtap went on with it, silently: now it says so at ERROR, with the
+    command that mends it."""
     kafka = Kafka(broker.bootstrap, names=Names(f"pre{uuid.uuid4().hex[:8]}"))
     admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
     await admin.start()
@@ -215,9 +216,15 @@ async def test_a_compacted_topic_found_made_without_compaction_is_said_not_used_
         await admin.create_topics([NewTopic(kafka.names.budgets, 2, 1)])  # not compacted
     finally:
         await admin.close()
-    with pytest.raises(topics.TopicsRefused, match=rf"{kafka.names.budgets}.*cleanup\.policy"):
+    with caplog.at_level("ERROR", logger="llmtap.topics"):
         await topics.ensure_topics(kafka, 2)
-    # The topics llmtap made itself are compacted and pass.
+    [said] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"{kafka.names.budgets}: cleanup.policy delete" in said
+    assert "cleanup.policy=compact" in said
+    # The topics llmtap made itself are compacted and pass without a word.
+    caplog.clear()
     other = Kafka(broker.bootstrap, names=Names(f"new{uuid.uuid4().hex[:8]}"))
-    await topics.ensure_topics(other, 2)
-    await topics.ensure_topics(other, 2)
+    with caplog.at_level("ERROR", logger="llmtap.topics"):
+        await topics.ensure_topics(other, 2)
+        await topics.ensure_topics(other, 2)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
