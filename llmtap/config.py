@@ -22,7 +22,7 @@ from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, Self, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -109,11 +109,7 @@ def _provider_url(value: str) -> str:
     """A provider's base URL, without a trailing slash: an http(s) URL with a host and,
     if any, a port 1 to 65535 (each call is sent to it plus the endpoint's path)."""
     parts = urlsplit(value)
-    try:
-        port_ok = parts.port != 0
-    except ValueError:  # a port that is no number, or out of range
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+    if parts.scheme not in ("http", "https") or not parts.hostname or not _port_ok(parts):
         raise ValueError(
             "must be an http:// or https:// URL with a host (and, if any, a port 1 to "
             "65535), as https://api.groq.com/openai/v1"
@@ -283,15 +279,27 @@ class SpikeRule(BaseModel):
         return self
 
 
+def _port_ok(parts: SplitResult) -> bool:
+    """Whether a URL's port, if it names one, is 1 to 65535."""
+    try:
+        return parts.port != 0
+    except ValueError:  # a port that is no number, or out of range
+        return False
+
+
+def chdb_location(dsn: str) -> str:
+    """A chDB DSN's data directory as clickhouse-connect reads it (or an in-memory
+    one's name: none, ``memory``, ``:memory:``): ``chdb:///abs/path``,
+    ``chdb://relative``, ``chdb:relative``."""
+    parts = urlsplit(dsn)
+    return parts.netloc.rpartition("@")[2] if parts.netloc else parts.path
+
+
 def _server_dsn(dsn: str) -> str:
     """A ClickHouse server's DSN with a host and, if any, a port 1 to 65535 (without a
     host, clickhouse-connect went to localhost:8123, whatever was there)."""
     parts = urlsplit(dsn)
-    try:
-        port_ok = parts.port != 0
-    except ValueError:  # a port that is no number, or out of range
-        port_ok = False
-    if not parts.hostname or not port_ok:
+    if not parts.hostname or not _port_ok(parts):
         raise ValueError(
             "must name the server's host and, if any, a port 1 to 65535 "
             "(http://user:pass@host:8123/database)"
@@ -701,10 +709,9 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https", "chdb"):
             raise ValueError("must be http://, https:// (ClickHouse's HTTP interface) or chdb://")
         if parts.scheme == "chdb":
-            # As sql/store.py reads it: none, "memory" or ":memory:" is chDB's in-memory
-            # store, every call in it lost when the store process stops.
-            location = parts.netloc.rpartition("@")[2] if parts.netloc else parts.path
-            if location in ("", "memory", ":memory:"):
+            # None, "memory" or ":memory:" is chDB's in-memory store, every call in it
+            # lost when the store process stops.
+            if chdb_location(dsn) in ("", "memory", ":memory:"):
                 raise ValueError(
                     "chdb:// names no data directory (chDB would keep the store in memory, "
                     "every call lost when it stops): give chdb:///absolute/path, or leave "

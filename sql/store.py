@@ -27,6 +27,7 @@ import clickhouse_connect
 import jinja2
 from clickhouse_connect.driver.compression import get_compressor
 
+from llmtap.config import chdb_location
 from llmtap.data_dir import chdb_held
 
 _env = jinja2.Environment(
@@ -103,13 +104,6 @@ def engine_start(dsn: str) -> Iterator[None]:
 _IN_MEMORY = ("", "memory", ":memory:")
 
 
-def _location(dsn: str) -> str:
-    """A chDB DSN's data directory as clickhouse-connect reads it (or an in-memory
-    one's name): ``chdb:///abs/path``, ``chdb://relative``, ``chdb:relative``."""
-    parts = urlsplit(dsn)
-    return parts.netloc.rpartition("@")[2] if parts.netloc else parts.path
-
-
 def absolute(dsn: str) -> str:
     """``dsn`` with an embedded store's data directory made absolute (a relative one is
     the process's directory's), as every client of the store names it: the engine
@@ -117,7 +111,7 @@ def absolute(dsn: str) -> str:
     name another store."""
     if not dsn.startswith("chdb:"):
         return dsn
-    location = _location(dsn)
+    location = chdb_location(dsn)
     if location in _IN_MEMORY:
         return dsn
     path = "/" + os.path.abspath(location).lstrip("/")  # chdb:////abs, as made of a Path
@@ -130,7 +124,7 @@ def files_root(dsn: str) -> Path:
     file: ``no_files`` in the data directory of ``dsn`` (an absolute one: :func:`absolute`),
     made private (0700) and left empty; for a store in memory, one in the system's
     temporary directory, the process's, removed as it exits."""
-    location = _location(dsn)
+    location = chdb_location(dsn)
     if location in _IN_MEMORY:
         return _memory_root()
     root = Path(location) / FILES_ROOT
