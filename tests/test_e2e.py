@@ -52,6 +52,17 @@ async def cost_row(running: Running, served: str, requests: int) -> dict[str, An
     return row
 
 
+def stored_calls(data_dir: Path, model: str) -> int:
+    """The calls of ``model`` in the embedded store of ``data_dir``, once `up` is gone
+    (the store is ours to open then)."""
+    store = Store(f"chdb:///{data_dir / 'clickhouse'}")
+    try:
+        rows = store.rows("SELECT count() AS n FROM calls WHERE model = {m:String}", {"m": model})
+    finally:
+        store.close()
+    return int(rows[0]["n"])
+
+
 def expected_cost(model: str, prompt: int, cached: int, completion: int) -> Decimal:
     rate_in, rate_cached, rate_out = RATES[model]
     per = Decimal(1_000_000)
@@ -358,15 +369,7 @@ async def test_up_drains_in_flight_events_then_stops_every_child(
     secrets = (running.api_key, PROVIDER_KEY)  # no key ever reaches a log line
     assert not [line for line in running.output if any(k in line for k in secrets)]
 
-    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")  # ours now: `up` is gone
-    try:
-        rows = store.rows(
-            "SELECT count() AS n FROM calls WHERE model = {m:String}",
-            {"m": "gpt-4o-mini-last-call" + SNAPSHOT},
-        )
-    finally:
-        store.close()
-    assert rows == [{"n": LAST_CALLS}]
+    assert stored_calls(tmp_path, "gpt-4o-mini-last-call" + SNAPSHOT) == LAST_CALLS
 
 
 async def test_up_starts_a_dead_stage_again_and_the_proxy_goes_on(

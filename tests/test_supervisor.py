@@ -27,11 +27,11 @@ from llmtap.supervisor import (
     stop_signals,
 )
 from llmtap.topics import TopicsRefused
-from sql.store import Store
 from stream.app import StreamWorker, create_app, ready_file
 from tests.conftest import FakeUpstream, pid_alive, run_llmtap
 from tests.fake_provider import SNAPSHOT, free_port
 from tests.faults.harness import until
+from tests.test_e2e import stored_calls
 
 
 def test_a_stage_that_keeps_dying_waits_twice_as_long_each_time_up_to_the_most() -> None:
@@ -334,15 +334,7 @@ async def test_a_stop_while_the_worker_is_down_still_meters_what_the_proxy_publi
         running.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(running.process.wait(), 90) == 0
     assert [name for name, pid in running.child_pids().items() if pid_alive(pid)] == []
-    store = Store(f"chdb:///{tmp_path / 'data' / 'clickhouse'}")  # ours now: `up` is gone
-    try:
-        rows = store.rows(
-            "SELECT count() AS n FROM calls WHERE model = {m:String}",
-            {"m": "gpt-4o-mini-while-down" + SNAPSHOT},
-        )
-    finally:
-        store.close()
-    assert rows == [{"n": 5}]
+    assert stored_calls(tmp_path / "data", "gpt-4o-mini-while-down" + SNAPSHOT) == 5
 
 
 async def test_a_stage_that_cannot_be_started_again_is_tried_again_not_taken_for_the_broker(
