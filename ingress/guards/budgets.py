@@ -29,12 +29,13 @@ import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
 from ingress.guards.bounds import Reach
+from ingress.guards.settled import Settled, Uncounted
 from ingress.guards.worst_case import WorstCase
 from llmtap.amounts import plain
 from llmtap.config import BudgetConfig
@@ -65,29 +66,6 @@ from stream.pricing import (
 # counted past the latest of them; one whose event Kafka has not (in the spool, or
 # dropped) is held until its period ends, as the unpriced are.
 SETTLED_MAX_AGE = timedelta(hours=1)
-
-
-@dataclass(slots=True)
-class Settled:
-    """An ended call's cost, held against its budgets until a published state counts it."""
-
-    ended: datetime
-    cost: Decimal
-    at: tuple[int, int] | None = None  # (partition, offset) of its event on the responses topic
-    # Aged before Kafka had its event: the budgets whose period sums hold it, and who
-    # moves it to its partition's sum once Kafka has it (BudgetBook._unfold).
-    folded: list[str] = field(default_factory=list)
-    unfold: Callable[[Settled], None] | None = None
-
-    def delivered(self, partition: int, offset: int) -> None:
-        """The publisher's word that the call's response event is in Kafka, there."""
-        self.at = (partition, offset)
-        if self.unfold is not None:
-            unfold, self.unfold = self.unfold, None
-            unfold(self)
-
-    def counted_by(self, state: BudgetState) -> bool:
-        return self.at is not None and state.applied.get(self.at[0], 0) > self.at[1]
 
 
 @dataclass(frozen=True)
@@ -208,7 +186,7 @@ class BudgetBook:
         self.admit_unpriced = admit_unpriced
         self.states: dict[str, BudgetState] = {}
         self.reserved: dict[str, dict[uuid.UUID, Decimal]] = defaultdict(dict)
-        self.settled: dict[str, list[Settled]] = defaultdict(list)
+        self.settled: dict[str, Uncounted] = defaultdict(Uncounted)
         # What ended calls whose usage is unknown hold, a sum per budget for its period
         # (the period's start, the sum): the stream cannot price them, so it is held
         # until the period ends (:meth:`settle`).
@@ -258,6 +236,8 @@ class BudgetBook:
         held = self.states.get(state.budget)
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
+            if budget is not None:
+                self.settled[state.budget].counting(state)
 
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
         state = current(budget, self.states.get(budget.name), now)
@@ -309,38 +289,31 @@ class BudgetBook:
     def _holding(self, name: str, now: datetime, since: datetime | None = None) -> Decimal:
         """In-flight worst cases plus the costs :meth:`_uncounted` still holds."""
         in_flight = sum(self.reserved[name].values(), Decimal(0))
-        ended = sum((c.cost for c in self._uncounted(name, now, since)), Decimal(0))
+        ended = self._uncounted(name, now, since)
         aged = self._aged(name, since)
         period, unpriced = self.unpriced.get(name, (None, Decimal(0)))
         if since is not None and (period is None or period < since):
             unpriced = Decimal(0)  # an earlier period's
         return in_flight + ended + aged + unpriced
 
-    def _uncounted(self, name: str, now: datetime, since: datetime | None) -> list[Settled]:
+    def _uncounted(self, name: str, now: datetime, since: datetime | None) -> Decimal:
         """The costs of ended calls (since ``since``, when given) that the state held now
-        has not counted, the rest let go; those older than SETTLED_MAX_AGE are moved to
-        sums (:meth:`_aged`, or the period's with the unpriced). The state held now, not
-        the one that arrived last: a cost may learn where its event went after the state
-        that counted it (the stream read the event while the rest of its flight was
-        still unacked)."""
-        cutoff = now - SETTLED_MAX_AGE
-        published = self.states.get(name)
-        kept: list[Settled] = []
-        for c in self.settled[name]:
-            if (since is not None and c.ended < since) or (
-                published is not None and c.counted_by(published)
-            ):
-                continue
-            if c.ended > cutoff:
-                kept.append(c)
-            elif c.at is None:  # not in Kafka an hour on: in the spool, or dropped
-                self._hold_unpriced({name: c.cost}, c.cost, c.ended)
-                c.folded.append(name)
-                c.unfold = self._unfold
+        has not counted (:class:`Uncounted`); those older than SETTLED_MAX_AGE are moved
+        to sums (:meth:`_aged`, or the period's with the unpriced)."""
+        held = self.settled[name]
+        if since is not None:
+            held.since(since)
+
+        def age(cost: Settled) -> None:
+            if cost.at is None:  # not in Kafka an hour on: in the spool, or dropped
+                self._hold_unpriced({name: cost.cost}, cost.cost, cost.ended)
+                cost.folded.append(name)
+                cost.unfold = self._unfold
             else:
-                self._age(name, c, c.at)
-        self.settled[name] = kept
-        return kept
+                self._age(name, cost, cost.at)
+
+        held.expire(now - SETTLED_MAX_AGE, age)
+        return held.total
 
     def _unfold(self, cost: Settled) -> None:
         """Kafka has the event of a cost held to its period's end (spooled an hour or
@@ -523,7 +496,7 @@ class BudgetBook:
         if not holding.cost:
             return None
         for name in held:
-            self.settled[name].append(holding)
+            self.settled[name].add(holding)
         return holding
 
     def _hold_unpriced(self, held: dict[str, Decimal], worst: Decimal, ended: datetime) -> None:
