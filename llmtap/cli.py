@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--team", default="", type=_name)
     create.add_argument("--user", default="", type=_name)
     create.add_argument(
-        "--models", default="", help="comma-separated models it may use (prefix* allowed)"
+        "--models",
+        type=_models,
+        default=(),
+        help="comma-separated models it may use (prefix* allowed; none given: every model)",
     )
     create.add_argument(
         "--rpm", type=_rate, default=None, help="requests per minute (none: unlimited)"
@@ -117,6 +120,21 @@ def _tenant(value: str) -> str:
     return _name(value)
 
 
+def _models(value: str) -> tuple[str, ...]:
+    """The models a key may use, comma-separated, each stripped: an empty one (``","``,
+    ``"a,,b"``, ``" "``, an unset variable's ``""``) is refused, not dropped: dropped,
+    the key had no models named, which is a key of every model."""
+    models = tuple(model.strip() for model in value.split(","))
+    if not all(models):
+        raise argparse.ArgumentTypeError(
+            f"names an empty model in {value!r}: name each model it may use, or leave "
+            "--models out for a key of every model"
+        )
+    for model in models:
+        _name(model)
+    return models
+
+
 def _rate(value: str) -> int:
     """A key's rate limit: a whole number of at least 1 (the key file's rule; none given:
     unlimited)."""
@@ -147,13 +165,12 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     try:
         if args.action == "create":
-            models = tuple(m.strip() for m in args.models.split(",") if m.strip())
             secret, key = keys.create_key(
                 path,
                 tenant=args.tenant,
                 team=args.team,
                 user=args.user,
-                allowed_models=models,
+                allowed_models=args.models,
                 rpm=args.rpm,
                 tpm=args.tpm,
             )
@@ -212,7 +229,14 @@ def _alerts_test(settings: Settings, name: str) -> int:
         print(f"no webhook endpoint named {name!r} (endpoints: {known})", file=sys.stderr)
         return 2
     try:
-        alert, response = asyncio.run(probe(endpoint, allow_private=settings.webhook_allow_private))
+        alert, response = asyncio.run(
+            probe(
+                endpoint,
+                allow_private=settings.webhook_allow_private,
+                spike_rules=settings.spike_rules,
+                budgets=settings.budgets,
+            )
+        )
     except Refused as exc:
         print(f"refused, nothing sent: {exc}", file=sys.stderr)
         return 1

@@ -1508,6 +1508,33 @@ async def test_models_passes_one_model_on_and_no_other_path(
     assert asked == ["/v1/models/ft:gpt-4o-mini:acme::x1"]
 
 
+async def test_head_on_the_models_list_keeps_the_provider_s_content_length(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """HEAD /v1/models (aiohttp answers HEAD on a GET route) went to the provider as HEAD,
+    whose Content-Length, of the list it did not send, was dropped with the hop-by-hop
+    headers: the client was told 0. It keeps the provider's length, of the list as a GET
+    gets it (asked unencoded: a compressed length is not what llmtap sends)."""
+    secret = await make_key(ingress, ingress_settings.key_file)
+    headers = {"Authorization": f"Bearer {secret}"}
+    before = len(upstream.provider.received)
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for path in ("/v1/models", "/v1/models/gpt-4o"):
+            async with session.get(f"{ingress}{path}") as response:
+                assert response.status == 200
+                listed = await response.read()
+            async with session.head(f"{ingress}{path}") as response:
+                assert response.status == 200, path
+                assert response.headers["Content-Length"] == str(len(listed)), path
+                assert response.headers["Content-Type"].startswith("application/json")
+                assert response.headers["x-request-id"]
+                assert await response.read() == b""
+    asked = upstream.provider.received[before:]
+    assert [r.path for r in asked] == ["/v1/models"] * 2 + ["/v1/models/gpt-4o"] * 2
+    assert asked[1].headers.get("Accept-Encoding") == "identity"
+    assert asked[1].headers["Authorization"] == f"Bearer {INGRESS_PROVIDER_KEY}"
+
+
 async def test_a_refused_route_is_recorded_under_its_key_never_under_a_claim(
     ingress: str, ingress_settings: Settings, broker: Broker
 ) -> None:

@@ -302,6 +302,13 @@ def test_the_keys_commands_say_what_they_did(tmp_path: Path) -> None:
         # A newline split `keys list`'s line in two; no header could claim such a name.
         (["--team", "a\nb"], "argument --team: may not hold control characters: 'a\\nb'"),
         (["--user", "u\t1"], "argument --user: may not hold control characters: 'u\\t1'"),
+        # An empty model name: the key was made for every model, the restriction lost.
+        (["--models", ","], "argument --models: names an empty model in ','"),
+        (["--models", "gpt-4o,,o3"], "argument --models: names an empty model in 'gpt-4o,,o3'"),
+        (["--models", " "], "argument --models: names an empty model in ' '"),
+        (["--models", ""], "argument --models: names an empty model in ''"),
+        (["--models", "gpt-4o,"], "argument --models: names an empty model in 'gpt-4o,'"),
+        (["--models", "gpt\n4o"], "argument --models: may not hold control characters"),
     ],
 )
 def test_a_key_a_flag_cannot_make_is_refused_naming_the_flag(
@@ -321,9 +328,10 @@ def test_a_key_a_flag_cannot_make_is_refused_naming_the_flag(
     err = capsys.readouterr().err
     assert f"llmtap keys create: error: {refused}" in err and "Traceback" not in err, err
     assert not (tmp_path / "keys.yaml").exists()
-    assert cli(["keys", "create", "--tenant", "acme", "--rpm", "1", "--tpm", "5000"]) == 0
+    made = ["--rpm", "1", "--tpm", "5000", "--models", " gpt-4o* , o3"]
+    assert cli(["keys", "create", "--tenant", "acme", *made]) == 0
     [key] = read_keys(tmp_path / "keys.yaml").keys
-    assert (key.rpm, key.tpm) == (1, 5000)
+    assert (key.rpm, key.tpm, key.allowed_models) == (1, 5000, ("gpt-4o*", "o3"))
 
 
 @pytest.mark.parametrize("broken", ["bad yaml", "a directory", "not keys", "under a file"])
@@ -550,6 +558,38 @@ def test_a_key_file_emptied_to_be_rewritten_keeps_the_keys(tmp_path: Path) -> No
     path.write_text(good)
     path.write_text("keys: []\n")
     assert store.reload() and store.lookup(secret) is None
+
+
+def test_a_key_file_that_is_a_link_is_written_through_it(tmp_path: Path) -> None:
+    """A keys_file that is a symbolic link (config management, a mount that links the
+    file in): `keys create` and `keys revoke` replaced the link with a file of their own,
+    so the file it pointed to (what the tool manages, or another link to it reads) kept
+    the revoked key live. They write to the link's target, atomically as ever, and lock
+    beside it; the link stays a link."""
+    real = tmp_path / "managed" / "keys.yaml"
+    real.parent.mkdir()
+    _, first = create_key(real, tenant="acme")
+    link = tmp_path / "keys.yaml"
+    link.symlink_to(Path("managed") / "keys.yaml")  # relative, as a mount's are
+    also = tmp_path / "also.yaml"
+    also.symlink_to(link)  # a link to the link
+    store = KeyStore(real)
+    assert store.reload()
+    secret, second = create_key(link, tenant="acme")
+    revoke_key(also, first.id)
+    assert link.is_symlink() and also.is_symlink()
+    assert [(k.id, k.revoked) for k in read_keys(real).keys] == [
+        (first.id, True),
+        (second.id, False),
+    ]
+    assert store.reload() and store.lookup(secret) is not None
+    assert sorted(p.name for p in real.parent.iterdir()) == ["keys.yaml", "keys.yaml.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["also.yaml", "keys.yaml", "managed"]
+    # A link to nothing yet: the file is made where it points.
+    dangling = tmp_path / "later.yaml"
+    dangling.symlink_to(Path("managed") / "later.yaml")
+    create_key(dangling, tenant="acme")
+    assert dangling.is_symlink() and len(read_keys(real.parent / "later.yaml").keys) == 1
 
 
 def test_a_key_listed_twice_is_revoked_by_either_entry(tmp_path: Path) -> None:
@@ -842,6 +882,28 @@ def test_a_credential_that_is_not_utf8_has_a_key_id_in_passthrough(tmp_path: Pat
     who = authenticate(headers, settings, KeyStore(settings.key_file)).attribution
     assert len(who.key_id) == 16 and who.key_id != call.key_id("sk-")
     assert who.key_id == call.key_id(bad.removeprefix("Bearer "))  # stable
+
+
+@pytest.mark.parametrize("header", ["Authorization", "x-api-key", "api-key"])
+def test_passthrough_attributes_a_call_to_the_key_of_any_credential_header(
+    header: str, tmp_path: Path
+) -> None:
+    """Azure OpenAI's SDK sends its key as `api-key`: in passthrough such a call went on
+    with it, recorded under no key (key_id ""), so `group_by=key` could not tell one
+    Azure team's calls from another's. Its hash is its key_id, as a bearer token's."""
+    value = "Bearer sk-team-a" if header == "Authorization" else "sk-team-a"
+    settings = Settings(data_dir=tmp_path, auth="passthrough")
+    headers = CIMultiDictProxy(CIMultiDict({header: value}))
+    who = authenticate(headers, settings, KeyStore(settings.key_file)).attribution
+    assert who.key_id == call.key_id("sk-team-a") != ""
+    # With llmtap's keys, a virtual key sent there is known as in the others.
+    keys_settings = Settings(data_dir=tmp_path)
+    secret, key = create_key(keys_settings.key_file, tenant="acme")
+    store = KeyStore(keys_settings.key_file)
+    store.reload()
+    value = f"Bearer {secret}" if header == "Authorization" else secret
+    headers = CIMultiDictProxy(CIMultiDict({header: value}))
+    assert authenticate(headers, keys_settings, store).attribution.key_id == key.id
 
 
 def test_a_key_file_read_half_rewritten_never_frees_a_key_of_its_bounds(tmp_path: Path) -> None:

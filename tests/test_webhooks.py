@@ -36,14 +36,15 @@ from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from llmtap import topics
-from llmtap.config import Settings, WebhookEndpoint
+from llmtap.config import BudgetConfig, Settings, SpikeRule, WebhookEndpoint
 from llmtap.events import Alert
 from llmtap.kafka import Kafka
 from llmtap.names import Names
 from sinks.metrics import store_registry
-from sinks.webhooks import deliver, guard, records, render, sign
+from sinks.webhooks import deliver, guard, probe, records, render, sign
 from sinks.webhooks.dispatcher import WebhookDispatcher, matches
 from sql.store import Store
+from stream.budgets import period_bounds
 from tests.conftest import Broker
 from tests.fake_provider import free_port
 from tests.prometheus import sample
@@ -1092,6 +1093,95 @@ async def test_alerts_test_command_sends_a_signed_sample(tmp_path: Path) -> None
             code, out = await cli(name)
             assert code == 1 and error in out and "Traceback" not in out, out
         assert len(rec.accepted) == 1
+
+
+@pytest.mark.parametrize(
+    ("filters", "dimension", "tenant"),
+    [
+        ({}, "team", "example"),
+        ({"dimensions": ["model"], "values": ["gpt-4o"]}, "model", ""),
+        ({"dimensions": ["tenant"], "values": ["acme"]}, "tenant", "acme"),
+        ({"tenants": ["acme"], "rules": ["latency"]}, "model", ""),
+    ],
+)
+def test_the_sample_spike_alert_is_one_a_rule_raises(
+    filters: dict[str, Any], dimension: str, tenant: str
+) -> None:
+    """`llmtap alerts test` sent a spike alert with no threshold (real ones carry the
+    level the window passed, since 2026-12-01) and severity info (a spike is warning or
+    critical): a receiver's parser written against the sample broke on the first real
+    alert. It is a firing alert as the spike rule makes one (the configured rule the
+    endpoint names, or a cost rule), its window the rule's."""
+    latency = SpikeRule(name="latency", dimension="model", metric="p95_latency", window_s=300)
+    hook = endpoint("ops", "http://127.0.0.1:9/", **filters)
+    alert = probe.sample_alert(hook, spike_rules=[latency])
+    assert (alert.alert_type, alert.state, alert.dimension, alert.tenant) == (
+        "spike",
+        "firing",
+        dimension,
+        tenant,
+    )
+    assert alert.severity in ("warning", "critical")
+    assert alert.baseline is not None and alert.threshold is not None
+    assert alert.observed > alert.threshold > alert.baseline
+    rule = latency if "rules" in filters else SpikeRule(name="x", dimension="team", metric="cost")
+    assert alert.metric == rule.metric
+    assert alert.window_end - alert.window_start == timedelta(seconds=rule.window_s)
+    assert alert.first_seen == alert.window_start
+    assert "alert above" in alert.message and "not real" in alert.message
+    sent = render.render(render.load("json"), alert).data
+    assert Alert.model_validate_json(sent) == alert and json.loads(sent)["threshold"]
+
+
+@pytest.mark.parametrize(
+    ("filters", "scope", "value", "tenant"),
+    [
+        ({"alert_types": ["budget"]}, "team", "example", "example"),
+        (
+            {"alert_types": ["budget"], "dimensions": ["model", "team"]},
+            "team",
+            "example",
+            "example",
+        ),
+        ({"alert_types": ["budget"], "rules": ["ads-daily"]}, "team", "ads", "acme"),
+    ],
+)
+def test_the_sample_budget_alert_is_one_a_budget_raises(
+    filters: dict[str, Any], scope: str, value: str, tenant: str
+) -> None:
+    """The budget sample was severity info at 80% (a budget says warning there), over a
+    five-minute window (a budget's is its period), and of any dimension the endpoint
+    named first, model too (no budget has that scope). It is a threshold alert as the
+    budget (the configured one the endpoint names, or a monthly one) raises it."""
+    ads = BudgetConfig(
+        name="ads-daily", scope="team", value="ads", tenant="acme", period="day", limit_usd=50
+    )
+    hook = endpoint("ops", "http://127.0.0.1:9/", **filters)
+    alert = probe.sample_alert(hook, budgets=[ads])
+    budget = ads if "rules" in filters else None
+    assert (alert.alert_type, alert.state, alert.dimension, alert.value, alert.tenant) == (
+        "budget",
+        "firing",
+        scope,
+        value,
+        tenant,
+    )
+    assert alert.metric == "spend" and alert.threshold == Decimal(80)
+    assert alert.severity == "warning"  # as at 80% of a real budget
+    assert alert.baseline == (ads.limit_usd if budget else alert.baseline)
+    assert alert.baseline is not None and alert.observed >= alert.baseline * 80 / 100
+    period = budget.period if budget else "month"
+    assert (alert.window_start, alert.window_end) == period_bounds(period, alert.first_seen)
+    assert matches(hook, alert) and "not real" in alert.message
+
+
+def test_the_sample_of_a_budget_with_no_thresholds_is_at_80_percent() -> None:
+    """A budget may raise no threshold alerts (``thresholds: []``, a hard cap alone):
+    its sample is still a budget alert, at 80%, not a crash of the command."""
+    quiet = BudgetConfig(name="quiet", scope="tenant", value="acme", limit_usd=10, thresholds=[])
+    hook = endpoint("ops", "http://127.0.0.1:9/", alert_types=["budget"], rules=["quiet"])
+    alert = probe.sample_alert(hook, budgets=[quiet])
+    assert (alert.rule, alert.threshold, alert.severity) == ("quiet", Decimal(80), "warning")
 
 
 async def test_a_firing_dropped_on_a_full_queue_is_sent_after_its_resolve(store: Store) -> None:

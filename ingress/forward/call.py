@@ -64,8 +64,10 @@ def bearer_token(headers: CIMultiDictProxy[str]) -> str:
 
 
 def credential_of(headers: CIMultiDictProxy[str]) -> str:
-    """The credential a client presented: its bearer token, or its ``x-api-key``."""
-    return bearer_token(headers) or headers.get("x-api-key", "")
+    """The credential a client presented: its bearer token, its ``x-api-key``
+    (Anthropic's), or its ``api-key`` (what Azure OpenAI's SDK sends): in passthrough
+    its hash is the call's key_id, which one sent as ``api-key`` was recorded without."""
+    return bearer_token(headers) or headers.get("x-api-key", "") or headers.get("api-key", "")
 
 
 class BadClaim(ValueError):

@@ -116,6 +116,9 @@ async def _passed(
         return _answer_refused(api, refused, request_id)
     url = provider_url(provider.base_url, path, request.rel_url.raw_query_string)
     headers = upstream_headers(request.headers, credential=credential)
+    head = request.method == "HEAD"  # aiohttp answers HEAD on a GET route (the models)
+    if head:  # its length as a GET's answer is sent (decoded): of the list unencoded
+        headers["Accept-Encoding"] = "identity"
     try:
         async with request.app[UPSTREAM].request(
             request.method,
@@ -126,9 +129,15 @@ async def _passed(
         ) as upstream:
             answer = await upstream.read()
             headers = downstream_headers(upstream.headers, request_id)
-            return redirected(api, name, upstream.status, headers) or web.Response(
-                status=upstream.status, body=answer, headers=headers
-            )
+            redirect = redirected(api, name, upstream.status, headers)
+            if redirect is not None:
+                return redirect
+            length = upstream.headers.get("Content-Length")
+            if head and length is not None and "Content-Encoding" not in upstream.headers:
+                # Of the body a GET gets: dropped with the hop-by-hop headers, the
+                # client was told none (aiohttp sends a HEAD's as it is set).
+                headers["Content-Length"] = length
+            return web.Response(status=upstream.status, body=answer, headers=headers)
     except ValueError as exc:  # a URL the client library will not send (a control character)
         return _answer_refused(
             api, _Refused(400, f"invalid request URL: {exc}", "invalid_request_url"), request_id

@@ -116,7 +116,11 @@ def write_keys(path: Path, keys: KeyFile) -> None:
     writer may give it) and mode, never readable by others (a new one: 0600, its
     writer's): a command run as another user (``sudo llmtap keys revoke``, an operator
     of the file's group) left a file the proxy's user could not read, and the proxy,
-    keeping the keys it had, went on taking the key revoked."""
+    keeping the keys it had, went on taking the key revoked.
+
+    A ``path`` that is a symbolic link (config management's, a mount's) is written
+    through: its target is replaced, the link kept (:func:`real_path`)."""
+    path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_dump(keys.model_dump(mode="json"), sort_keys=False)
     try:
@@ -152,10 +156,20 @@ def write_keys(path: Path, keys: KeyFile) -> None:
         os.close(directory)
 
 
+def real_path(path: Path) -> Path:
+    """The file a key file's path names, its symbolic links followed (to where one
+    points, made or not): replaced by a rename, the link itself became a file of its
+    own, and what it pointed to (the file config management keeps, what another link
+    to it reads) kept every key it had, the revoked one live."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold the key file's writer lock (an flock on ``<file>.lock``, beside it): every
-    read-modify-write of the file goes under it, or concurrent writers lose changes."""
+    """Hold the key file's writer lock (an flock on ``<file>.lock``, beside it, a linked
+    one's beside its target): every read-modify-write of the file goes under it, or
+    concurrent writers lose changes."""
+    path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
