@@ -30,6 +30,7 @@ from llmtap.config import (
     pinned_config,
     unknown_variables,
 )
+from llmtap.stopping import Stopped, unless_stopped
 
 log = logging.getLogger("llmtap")
 
@@ -38,7 +39,8 @@ CONFIG_HELP = "YAML config file (see README)"
 
 async def _wait_for_topics(settings: Settings) -> bool:
     """Block until the broker answers and llmtap's topics exist (True), or the broker
-    refuses to make them (False, said)."""
+    refuses to make them (False, said); :class:`Stopped` if SIGTERM or SIGINT comes
+    first (run under :func:`unless_stopped`)."""
     from llmtap.probes import broker_problem
     from llmtap.topics import TopicsRefused
 
@@ -360,6 +362,9 @@ def _main(argv: list[str] | None) -> int:
         return _run(args, settings)
     except (ConfigError, BrokenPipeError):
         raise  # said by main()
+    except Stopped as exc:  # before it started anything: a clean stop
+        log.info("llmtap %s stopped (%s) before it started", args.command, exc)
+        return 0
     except Exception as exc:
         # Whatever else ends the command (a port another program holds, a ClickHouse
         # server that cannot be reached): one JSON line, redacted, as every other, not
@@ -392,13 +397,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "worker":
         from stream.app import run as run_worker
 
-        if not asyncio.run(_wait_for_topics(settings)):
+        if not asyncio.run(unless_stopped(_wait_for_topics(settings))):
             return 1
         run_worker(settings)
     elif args.command == "store":
         from sinks.app import run as run_store
 
-        if not asyncio.run(_wait_for_topics(settings)):
+        if not asyncio.run(unless_stopped(_wait_for_topics(settings))):
             return 1
         run_store(settings)
     elif args.command == "migrate":

@@ -22,7 +22,7 @@ from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, Self, TypeVar
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 import yaml
 from pydantic import (
@@ -297,12 +297,21 @@ def chdb_location(dsn: str) -> str:
 
 def _server_dsn(dsn: str) -> str:
     """A ClickHouse server's DSN with a host and, if any, a port 1 to 65535 (without a
-    host, clickhouse-connect went to localhost:8123, whatever was there)."""
+    host, clickhouse-connect went to localhost:8123, whatever was there), whose scheme
+    alone says whether it is TLS: ``?secure=`` (clickhouse-driver's and clickhouse-go's
+    way) is not clickhouse-connect's, which refused the option as the store started, a
+    TypeError naming no setting, after the broker was waited for."""
     parts = urlsplit(dsn)
     if not parts.hostname or not _port_ok(parts):
         raise ValueError(
             "must name the server's host and, if any, a port 1 to 65535 "
             "(http://user:pass@host:8123/database)"
+        )
+    if any(name.lower() == "secure" for name, _ in parse_qsl(parts.query)):
+        raise ValueError(
+            "?secure= is not an option of llmtap's ClickHouse client: the scheme says "
+            "whether TLS is used (https://user:pass@host:8443/database for TLS, http:// "
+            "without it)"
         )
     return dsn
 

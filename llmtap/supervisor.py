@@ -66,6 +66,13 @@ class Child:
     def running(self) -> bool:
         return self.process.returncode is None
 
+    def exited(self) -> str:
+        """That it exited, and, for one whose output goes to a file (the broker's), its
+        status and where to read why: nothing of it reaches the terminal."""
+        if self.log_file is None:
+            return f"{self.name} exited"
+        return f"{self.name} exited (code {self.process.returncode}; its log: {self.log_file})"
+
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         if not self.running:
             return
@@ -138,9 +145,9 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STARTUP_TIMEOUT_S
         while not await self._check(what, check):
-            dead = [c.name for c in self.children if not c.running]
+            dead = [c.exited() for c in self.children if not c.running]
             if dead:
-                raise StartupFailed(f"{', '.join(dead)} exited while waiting for {what}")
+                raise StartupFailed(f"{', '.join(dead)} while waiting for {what}")
             if self.stopping.is_set():
                 raise StartupFailed(f"stopped while waiting for {what}")
             if loop.time() > deadline:
@@ -158,6 +165,11 @@ class Supervisor:
 
     async def start_all(self) -> None:
         s = self.settings
+        # At every start, the first and each after the broker died: while everything
+        # was stopped, another program (a second `llmtap up`) may have taken a port,
+        # and its /healthz passed for our store's while ours could not bind.
+        if problems := ports.problems(s):
+            raise StartupFailed("; ".join(problems))
         # The store's migrations first, while the broker starts, with no deadline: an
         # upgrade's backfills over a large store take minutes (~11 s for 3M calls here),
         # and the store, which migrates before it answers, would be killed as not ready.
@@ -293,8 +305,6 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stopping.set)
         backoff = Backoff()
         try:
-            if problems := ports.problems(self.settings):
-                raise StartupFailed("; ".join(problems))
             await self.start_all()
             print(
                 f"llmtap is up\n"
@@ -361,8 +371,8 @@ class Supervisor:
             started = loop.time()
             await child.process.wait()
             code = child.process.returncode
-            if child.name == "broker":
-                log.error("broker exited with code %s; stopping everything", code)  # to start over
+            if child.name == "broker":  # to start over
+                log.error("%s; stopping everything", child.exited())
                 return
             delay = backoff.after(loop.time() - started)
             log.error("%s exited with code %s; starting it again in %.0fs", child.name, code, delay)

@@ -16,6 +16,7 @@ import faust
 
 from llmtap.config import Settings
 from llmtap.runtime import tune_gc
+from llmtap.stopping import unless_stopped
 from stream.agents import budgets, windows
 from stream.agents.costs import CostStage
 from stream.agents.spikes import SpikesStage
@@ -125,7 +126,11 @@ class StreamWorker(faust.Worker):
 
 
 def run(settings: Settings) -> None:
-    detector = asyncio.run(warmed_detector(settings)) if settings.spike_rules else None
+    """The worker, until stopped; :class:`Stopped` if SIGTERM or SIGINT comes before
+    Faust's worker has handlers of its own (while the spike baselines are read back)."""
+    detector = None
+    if settings.spike_rules:
+        detector = asyncio.run(unless_stopped(warmed_detector(settings)))
     app, stage, spikes = create_app(settings, detector)
     tune_gc()
     StreamWorker(app, stage, spikes, settings).execute_from_commandline()

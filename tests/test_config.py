@@ -599,6 +599,26 @@ def test_compose_runs_the_clickhouse_release_the_tests_run() -> None:
     assert image == f"clickhouse/clickhouse-server:{release}"
 
 
+def test_compose_s_kafka_makes_no_topic_a_client_names_before_llmtap_made_it() -> None:
+    """Kafka's auto.create.topics.enable is on unless told: a send, or a consumer's
+    metadata request (aiokafka asks the broker to make what it names), that came before
+    llmtap had made its topics made them with the broker's defaults, cleanup.policy
+    delete for llmtap.budgets, .reservations and .checkpoints, which must be compacted
+    (a budget's state gone after retention.ms). The apache/kafka image reads a property
+    from KAFKA_ and its name with '.' as '_', '_' as '__' and '-' as '___'.
+    (tests/test_topics.py: `llmtap up` on a broker that makes no topic itself.)"""
+    env, _ = compose_service("kafka")
+    properties = {
+        re.sub(
+            "_+", lambda m: {1: ".", 2: "_", 3: "-"}[len(m[0])], key.removeprefix("KAFKA_")
+        ).lower(): value
+        for key, value in env.items()
+        if key.startswith("KAFKA_")
+    }
+    assert properties["auto.create.topics.enable"] == "false"
+    assert properties["log.dirs"] == "/var/lib/kafka/data"  # the reading holds
+
+
 def test_compose_s_clickhouse_user_can_make_the_sql_endpoint_s_own() -> None:
     """The ClickHouse image removes its default user and makes CLICKHOUSE_USER without
     ACCESS MANAGEMENT unless told: no user could then run the README's CREATE USER for

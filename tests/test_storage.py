@@ -40,7 +40,7 @@ from sql.retention import (
 from sql.sqlapi import json_row
 from sql.sqlguard import SqlLimits
 from sql.sqlrun import SqlRunner
-from sql.store import Store
+from sql.store import Store, connect
 from tests import sample
 from tests.conftest import Broker
 from tests.test_clickhouse_writer import produce, wait_for
@@ -378,6 +378,27 @@ def test_a_clickhouse_dsn_of_another_scheme_is_refused_naming_the_setting() -> N
         Settings(clickhouse_dsn="clickhouse://llmtap@ch:9000/llmtap")
 
 
+@pytest.mark.parametrize("setting", ["clickhouse_dsn", "sql_dsn"])
+@pytest.mark.parametrize("query", ["secure=true", "Secure=1", "ca_cert=/ca.pem&secure=false"])
+def test_secure_in_a_dsn_is_refused_naming_the_setting_and_the_scheme_that_is_tls(
+    setting: str, query: str
+) -> None:
+    """``?secure=true`` asks clickhouse-driver and clickhouse-go for TLS; clickhouse-connect
+    does not read it (nor does it for its own DSNs): its client refused the option when
+    the store started, a TypeError naming no setting, after the broker was waited for, and
+    the store was restarted for ever. The scheme says whether TLS is used."""
+    dsn = f"http://llmtap:s3cret@ch:8123/llmtap?{query}"
+    given = {"clickhouse_dsn": "https://llmtap:s3cret@ch:8443/llmtap", setting: dsn}
+    with pytest.raises(ValidationError) as refused:
+        Settings.model_validate(given)
+    said = str(refused.value)
+    assert said.startswith(f"1 validation error for Settings\n{setting}\n"), said
+    assert "?secure=" in said and "https://" in said
+    assert "s3cret" not in said
+    with pytest.raises(TypeError, match=r"(?i)secure"):  # what the store met at its start
+        connect(dsn, {})
+
+
 async def test_an_https_dsn_trusts_a_private_ca_named_in_it(tmp_path: Path) -> None:
     """``?ca_cert=`` in the DSN: a ClickHouse server whose certificate a private CA
     signed. The handshake completes and the client's first request arrives over TLS."""
@@ -608,7 +629,7 @@ def test_a_retention_of_a_lifetime_keeps_the_rows_it_says_it_keeps(
 KILLED_IN_0007 = """
 import os, sys
 from sql import migrate as m
-from sql.store import Store
+from sql.store import Store, connect
 
 store = Store(f"chdb:///{sys.argv[1]}")
 every = m.available()

@@ -404,3 +404,76 @@ async def test_an_empty_host_served_on_every_address_is_asked_on_this_machine_s(
         assert settings.api_url == f"http://127.0.0.1:{settings.api_port}/api/v1"
     finally:
         await runner.cleanup()
+
+
+async def test_a_broker_that_dies_as_it_starts_fails_the_start_pointing_at_its_log(
+    tmp_path: Path,
+) -> None:
+    """The embedded broker's output goes to its log file alone. One that could not
+    start (here its port, free at up's check, taken since: Tansu logs AddrInUse and
+    exits, status 0) failed the start with "broker exited while waiting for broker",
+    and nothing said where to read why."""
+    settings = _free_ports(tmp_path)
+    port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
+    other = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+    supervisor = Supervisor(settings)
+    try:
+        with pytest.raises(StartupFailed) as failed:
+            await supervisor._start_broker()
+    finally:
+        other.close()
+        await other.wait_closed()
+        await supervisor.stop_all()
+    broker_log = tmp_path / "logs" / "broker.log"
+    assert str(failed.value) == (
+        f"broker exited (code 0; its log: {broker_log}) while waiting for broker"
+    )
+    assert "Address in use" in broker_log.read_text()
+
+
+async def test_a_port_taken_while_everything_restarts_fails_the_start_naming_its_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker died, and `up` stopped everything to start it all again. Meanwhile
+    another program (a second `llmtap up`, its own ports checked while ours were free)
+    took the API's port. Only the first start checked the ports: our store could not
+    bind and was restarted again and again, while the other's /healthz passed for it,
+    and `up` said "llmtap is up again". Every start checks them now."""
+    monkeypatch.setattr(Backoff, "after", lambda self, ran_s: 2.0)
+    settings = _free_ports(tmp_path)
+    for name in ("data_dir", "kafka_bootstrap", "api_port", "worker_metrics_port", "proxy_port"):
+        monkeypatch.setenv(f"LLMTAP_{name.upper()}", str(getattr(settings, name)))  # children's
+    supervisor = Supervisor(settings)
+    other = web.Application()
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})  # as another llmtap's store answers
+
+    other.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(other)
+    await runner.setup()
+    with caplog.at_level("INFO", logger="llmtap.up"):
+        running = asyncio.create_task(supervisor.run())
+        try:
+
+            async def up() -> bool:
+                return running.done() or "ingress ready" in caplog.text
+
+            await until(up, "llmtap up started", 150)
+            assert not running.done()
+            supervisor.children[0].process.kill()  # the broker
+
+            async def restarting() -> bool:
+                return running.done() or "starting everything again in" in caplog.text
+
+            await until(restarting, "up stopped everything to start again", 60)
+            await web.TCPSite(runner, "127.0.0.1", settings.api_port).start()
+            async with asyncio.timeout(60):
+                assert await running == 1
+        finally:
+            supervisor.stopping.set()
+            await asyncio.gather(running, return_exceptions=True)
+            await runner.cleanup()
+    assert f"cannot listen on api_port 127.0.0.1:{settings.api_port} (" in caplog.text
+    assert "llmtap is up again" not in caplog.text
+    assert not [c.name for c in supervisor.children if c.running]

@@ -4,6 +4,7 @@ said rather than waited on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -28,8 +29,10 @@ from llmtap.kafka import Kafka
 from llmtap.names import TOPICS, Names, kind
 from llmtap.probes import listening
 from llmtap.supervisor import broker_argv, embedded_broker
-from tests.conftest import Broker
-from tests.fake_provider import free_port
+from tests.conftest import Broker, FakeUpstream, run_llmtap
+from tests.fake_provider import SNAPSHOT, free_port
+from tests.test_e2e import expected_cost, model_row
+from tests.tls import tansu_behind_front
 
 
 async def test_topics_are_made_with_the_replication_factor_asked() -> None:
@@ -228,3 +231,44 @@ async def test_a_compacted_topic_found_made_without_compaction_is_said_not_used_
         await topics.ensure_topics(other, 2)
         await topics.ensure_topics(other, 2)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_up_on_a_kafka_that_makes_no_topic_itself_makes_every_topic_it_uses(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """docker-compose.yml's Kafka makes no topic a client names
+    (auto.create.topics.enable false: left on, a send or a consumer's metadata request
+    naming a topic before llmtap had made it made it with the broker's defaults,
+    cleanup.policy delete where llmtap needs compaction). So every topic llmtap uses
+    must be one it made first: behind a front asking the broker to make no topic for
+    any Metadata request, `llmtap up` (a hard-capped budget on: the budgets and
+    reservations topics in use too) meters and costs a call, and the broker holds
+    llmtap's topics, the compacted ones compacted, and no other."""
+    async with tansu_behind_front(None, make_topics=False, auto_create=False) as broker:
+        kafka = Kafka(broker.front.bootstrap)
+        budget = {"name": "acme-daily", "scope": "tenant", "value": "acme", "limit_usd": "100"}
+        env = {
+            "LLMTAP_EMBEDDED_BROKER": "false",
+            "LLMTAP_KAFKA_BOOTSTRAP": broker.front.bootstrap,
+            "LLMTAP_BUDGETS": json.dumps([budget]),
+        }
+        async with run_llmtap(tmp_path, upstream, env) as running, running.openai() as sdk:
+            await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "no auto-creation"}]
+            )
+            row = await model_row(running.api_url, "gpt-4o" + SNAPSHOT, lambda r: r["requests"])
+            fake = upstream.provider
+            cost = expected_cost(
+                "gpt-4o", fake.prompt_tokens, fake.cached_tokens, fake.completion_tokens
+            )
+            assert Decimal(row["cost"]) == cost
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.front.bootstrap)
+        await admin.start()
+        try:
+            await admin.describe_topics(["llmtap.named-never-made"])  # the front holds
+            listed = {name for name in await admin.list_topics() if not name.startswith("__")}
+            assert listed == set(kafka.names.topics)
+            assert await topics._not_compacted(admin, sorted(kafka.names.compacted)) == []
+        finally:
+            await admin.close()
+    assert broker.front.metadata_versions and max(broker.front.metadata_versions) < 8

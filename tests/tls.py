@@ -6,7 +6,9 @@ each other), so the front terminates TLS, as a load balancer or stunnel would, a
 passes the bytes on to Tansu's plaintext listener. Tansu advertises the front's address,
 so every connection a client makes, bootstrap and broker alike, crosses the front. The
 certificates come from a test CA (trustme). Without certificates, the front is plain
-TCP.
+TCP. Without ``auto_create``, it makes Tansu a Kafka of ``auto.create.topics.enable=
+false`` (as docker-compose.yml's): each Metadata request reaches it asking that no
+topic be made for it (Tansu, as Kafka, makes one a client names unless asked not to).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +66,8 @@ class Front:
     subjects: list[str] = field(default_factory=list)
     sent: bytearray = field(default_factory=bytearray)
     delay_s: float = 0.0  # held back before each read of the broker's answers is passed on
+    auto_create: bool = True  # False: Metadata requests reach the broker making no topic
+    metadata_versions: set[int] = field(default_factory=set)  # of those passed on so
 
     @property
     def bootstrap(self) -> str:
@@ -89,11 +94,45 @@ async def _pipe(
         writer.close()
 
 
+METADATA = 3  # the Metadata request's API key
+# Its versions whose last field is allow_auto_topic_creation (v8 adds two after it,
+# v9 is of the flexible encoding); aiokafka asks v0 to v5.
+AUTO_CREATE_LAST = range(4, 8)
+
+
+async def _pipe_requests(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, front: Front
+) -> None:
+    """Pass a client's requests on, frame by frame (a 4-byte size, then the request:
+    API key, version...), each Metadata request with allow_auto_topic_creation false."""
+    held = bytearray()
+    try:
+        while data := await reader.read(65536):
+            front.sent.extend(data)
+            held.extend(data)
+            while len(held) >= 4 and len(held) >= 4 + (size := struct.unpack_from(">i", held)[0]):
+                frame, held[:] = bytearray(held[: 4 + size]), held[4 + size :]
+                api_key, version = struct.unpack_from(">hh", frame, 4)
+                if api_key == METADATA:
+                    front.metadata_versions.add(version)
+                    if version in AUTO_CREATE_LAST:
+                        frame[-1] = 0
+                writer.write(frame)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
 @contextlib.asynccontextmanager
-async def front_of(target_port: int, server: ssl.SSLContext | None) -> AsyncIterator[Front]:
+async def front_of(
+    target_port: int, server: ssl.SSLContext | None, auto_create: bool = True
+) -> AsyncIterator[Front]:
     """A listener (TLS with ``server``) on a free port passing each session on to
-    ``target_port``."""
-    front = Front(free_port())
+    ``target_port``; without ``auto_create``, each Metadata request asking that no
+    topic be made."""
+    front = Front(free_port(), auto_create=auto_create)
     open_writers: set[asyncio.StreamWriter] = set()
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -109,9 +148,12 @@ async def front_of(target_port: int, server: ssl.SSLContext | None) -> AsyncIter
             writer.close()
             return
         open_writers.add(broker_writer)
-        await asyncio.gather(
-            _pipe(reader, broker_writer, front.sent), _pipe(broker_reader, writer, None, front)
+        requests = (
+            _pipe(reader, broker_writer, front.sent)
+            if front.auto_create
+            else _pipe_requests(reader, broker_writer, front)
         )
+        await asyncio.gather(requests, _pipe(broker_reader, writer, None, front))
 
     listener = await asyncio.start_server(session, HOST, front.port, ssl=server)
     try:
@@ -132,15 +174,19 @@ class FrontedBroker:
 
 @contextlib.asynccontextmanager
 async def tansu_behind_front(
-    certificates: Certificates | None, *options: str, make_topics: bool = True
+    certificates: Certificates | None,
+    *options: str,
+    make_topics: bool = True,
+    auto_create: bool = True,
 ) -> AsyncIterator[FrontedBroker]:
     """Tansu on a plaintext port only the front knows, advertising the front (over
-    mutual TLS given ``certificates``). Entered once llmtap's topics are made through
-    the front, or without ``make_topics`` (a broker that wants credentials), once it
-    says it is ready."""
+    mutual TLS given ``certificates``; making no topic a client names, without
+    ``auto_create``). Entered once llmtap's topics are made through the front, or
+    without ``make_topics`` (a broker that wants credentials, one whose topics are left
+    to llmtap), once it says it is ready."""
     plain = free_port()
     server = certificates.server if certificates is not None else None
-    async with front_of(plain, server) as front:
+    async with front_of(plain, server, auto_create) as front:
         process = await asyncio.create_subprocess_exec(
             *broker_argv(f"{HOST}:{plain}", advertised=front.bootstrap),
             *options,
