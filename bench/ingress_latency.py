@@ -47,8 +47,12 @@ import aiohttp
 
 from ingress.guards.keys import create_key
 from llmtap import topics
+from llmtap.config import BudgetConfig
+from llmtap.events import utcnow
 from llmtap.kafka import Kafka
 from llmtap.supervisor import broker_argv
+from sinks.budget_seed import publish_states
+from stream.budgets import fresh
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -182,6 +186,15 @@ def topics_created(bootstrap: str) -> bool:
     except Exception:  # the broker is still starting: any failure means "not yet"
         return False
     return True
+
+
+def budget_stated(bootstrap: str) -> bool:
+    """BENCH_BUDGET's state published as the store publishes it at its start (the bench
+    runs no store): nothing spent. A hard cap judges no call before its budget has one
+    holding its period's spend (the stream worker's counts from its own start)."""
+    budget = BudgetConfig.model_validate(BENCH_BUDGET)
+    now = utcnow()
+    return asyncio.run(publish_states(Kafka(bootstrap), [fresh(budget, now, now)]))
 
 
 def get_json(url: str) -> dict[str, Any]:
@@ -503,6 +516,7 @@ def start_all(fleet: Fleet, tmp: Path) -> Bench:
     data_dir.mkdir()
     secret, _ = create_key(data_dir / "keys.yaml", tenant="bench", team="latency")
     wait_until(broker, "broker", lambda: topics_created(bootstrap))
+    wait_until(broker, "the budget's state", lambda: budget_stated(bootstrap))
     # Issue #3's target is "with metering, auth, and budget checks on": a hard cap on
     # the key's tenant, never reached, so every call is admitted against it and settled;
     # and the stream worker, as in production, whose budget states let settled costs go.

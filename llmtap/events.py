@@ -344,6 +344,11 @@ class BudgetState(_Model):
     # Per llmtap.responses partition, the next offset not yet counted in spent_usd: a
     # worker restarted from older committed offsets skips what this state has counted.
     applied: dict[int, int] = Field(default_factory=dict)
+    # Counted by a stream worker from when it first had the budget, not from the period's
+    # start: a budget new to it, before the store's rebuild of its spend from ClickHouse
+    # reached it (the spend before is not in it). A hard cap is not judged on it alone.
+    # Written only when true: an older reader reads every other state.
+    partial: bool = Field(default=False, exclude_if=lambda partial: not partial)
 
 
 class Reservations(_Model):

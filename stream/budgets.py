@@ -156,14 +156,17 @@ def spend(
     crossed, once per period and limit (:func:`due`: a state counted under another limit
     raises those the spend is already past of this one at once). The new state keeps the
     offsets ``state`` had counted (a new period too: offsets only grow), and
-    ``position``'s.
+    ``position``'s. A first state (``state`` None) is ``partial``: the period's calls
+    before this one are not in it.
 
     The period a call counts in is judged by :func:`period_time`: a call stamped
     ahead of the worker's clock counts in the period the worker is in."""
     before = state
     when = period_time(at, now)
-    if state is None or when >= state.period_end:
-        state = fresh(budget, when, now)  # first call, or the first of a new period
+    if state is None:  # the first call counted: those before it are not
+        state = fresh(budget, when, now).model_copy(update={"partial": True})
+    elif when >= state.period_end:
+        state = fresh(budget, when, now)  # the first of a new period
     elif when < state.period_start:
         return None, []  # late for a closed period
     spent = state.spent_usd + cost

@@ -79,6 +79,10 @@ class Ledger:
         # and thresholds configured here (it may have been counted under others): their
         # next call goes through spend, and the next roll judges them.
         self._unjudged: set[str] = set()
+        # Budgets whose state the store's rebuild made whole (no longer ``partial``) or
+        # larger: published at the next roll, with or without a call (an ingress judges a
+        # hard cap only on a whole state).
+        self._restated: set[str] = set()
         # Ids in arrival order; OrderedDict drops its oldest in O(1) (a dict's
         # `del d[next(iter(d))]` rescans the deleted slots: ~40 µs a call at 200,000).
         self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
@@ -113,10 +117,10 @@ class Ledger:
         state = owned(state, budget)
         mine = self.states.get(state.budget)
         if mine is None or later_or_larger(state, mine):
-            self._states[state.budget] = state
+            self._states[state.budget] = _whole_if(state, mine)
             self._unjudged.add(state.budget)
         elif later_or_larger(mine, state):
-            return
+            self._states[state.budget] = _whole_if(mine, state)
         elif state.applied != mine.applied and all(
             state.applied.get(partition, 0) >= offset for partition, offset in mine.applied.items()
         ):
@@ -124,21 +128,35 @@ class Ledger:
             # merged from two states that each counted what the other had not (two
             # workers counting for a while: one whose membership lapsed unseen): the
             # same spend by chance, and the calls only one of them counted lost.
-            self._states[state.budget] = mine.model_copy(update={"applied": state.applied})
+            further = mine.model_copy(update={"applied": state.applied})
+            self._states[state.budget] = _whole_if(further, state)
+        else:
+            self._states[state.budget] = _whole_if(mine, state)
 
     def rebuilt(self, state: BudgetState) -> bool:
         """A state that counted no partition (no offsets: the store's rebuild from
         ClickHouse, published as it starts), followed while this worker counts: its
         spend taken if larger in the same period (the largest spend seen wins), with the
-        offsets this ledger counted kept (it reads the partitions on from them). False
-        if this ledger has no state of that period to judge it by."""
+        offsets this ledger counted kept (it reads the partitions on from them); its own,
+        counted from its first call (``partial``), made whole by it. The first state of
+        a budget this ledger has none of yet (its first roll to come) is taken as it is.
+        False if this ledger has no state of that period to judge it by, or ``state`` is
+        no rebuild (a worker's first, ``partial``)."""
         budget = self.budgets.get(state.budget)
         if budget is None or not is_of(state, budget):
             return True  # not this budget's: nothing to take, now or later
+        if state.partial:
+            return False
         mine = self.states.get(state.budget)
-        if mine is None or mine.period_start != state.period_start:
+        if mine is None:
+            self.seed(state)
+            return True
+        if mine.period_start != state.period_start:
             return False
         if state.spent_usd <= mine.spent_usd:
+            if mine.partial:  # the largest spend seen wins: its own, now whole
+                self._states[state.budget] = mine.model_copy(update={"partial": False})
+                self._restated.add(state.budget)
             return True
         last = mine.last_event_at
         if state.last_event_at is not None and (last is None or state.last_event_at > last):
@@ -147,6 +165,7 @@ class Ledger:
             update={"applied": mine.applied, "last_event_at": last}
         )
         self._unjudged.add(state.budget)
+        self._restated.add(state.budget)
         return True
 
     def record(
@@ -244,21 +263,39 @@ class Ledger:
         return True
 
     def roll(self, now: datetime) -> tuple[list[BudgetState], list[Alert]]:
-        """Budgets whose period ended (or that have no state yet), or whose state was
-        counted under another limit or thresholds: their new states, and the alerts of
-        the thresholds the spend is already past of a limit changed mid-period (raised
-        at once: a limit lowered below the spend is news)."""
+        """Budgets whose period ended (or that have no state yet: ``partial``), whose
+        state was counted under another limit or thresholds, or that took the store's
+        rebuild (:meth:`rebuilt`): their new states, and the alerts of the thresholds the
+        spend is already past of a limit changed mid-period (raised at once: a limit
+        lowered below the spend is news)."""
         rolled, alerts = [], []
+        restated, self._restated = self._restated, set()
         for name, budget in self.budgets.items():
             before = self.state(name) if name in self._states else None
             after = current(budget, before, now)
+            if before is None:  # its first state: the period's spend so far is not in it
+                after = after.model_copy(update={"partial": True})
             self._unjudged.discard(name)
-            if after is not before:
+            if after is not before or name in restated:
                 after = _carry_applied(after, before)
                 self._states[name] = after
                 rolled.append(after)
                 alerts += [threshold_alert(budget, after, t, now) for t in due(before, after)]
         return rolled, alerts
+
+
+def _whole_if(kept: BudgetState, other: BudgetState | None) -> BudgetState:
+    """``kept`` (of two states of a budget, the one kept), no longer ``partial`` when
+    ``other``, of the same period, is not: the larger spend seen wins, and one of the
+    two counted the period from its start."""
+    if (
+        kept.partial
+        and other is not None
+        and not other.partial
+        and other.period_start == kept.period_start
+    ):
+        return kept.model_copy(update={"partial": False})
+    return kept
 
 
 def _carry_applied(state: BudgetState, before: BudgetState | None) -> BudgetState:

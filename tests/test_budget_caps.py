@@ -11,6 +11,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,17 @@ from ingress.guards.keys import create_key
 from ingress.keys import BUDGETS
 from llmtap import topics
 from llmtap.config import BudgetConfig, ProviderConfig, Settings
-from llmtap.events import Alert, Reservations, utcnow
+from llmtap.events import Alert, Attribution, Reservations, Usage, utcnow
 from llmtap.kafka import Kafka
 from llmtap.names import Names
-from sinks.budget_seed import publish_states
+from sinks.budget_seed import publish_states, rebuilt_state
+from sinks.clickhouse.decode import Batch
+from sinks.clickhouse.write import write_batch
+from sql.store import Store
 from stream.budgets import fresh
+from stream.ledger import Ledger
 from stream.pricing import load_catalog
+from tests import sample as made
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
 from tests.fake_provider import FakeProvider, free_port, serve
 from tests.prometheus import sample
@@ -77,6 +83,7 @@ async def test_64_concurrent_calls_against_a_budget_for_10_admit_exactly_10(
         name="acme-cap", scope="tenant", value="acme", period="day", limit_usd=WORST * 10
     )
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    await unspent(settings, budget)
     server = await serve_ingress(settings)
     base = str(server.make_url("")).rstrip("/")
     upstream.provider.chunk_delay_s = 0.05  # every admitted call stays in flight a while
@@ -225,9 +232,9 @@ async def test_spend_reaches_the_cap_and_the_alert_arrives_signed(
 PERIOD_MARGIN_S = 180
 
 
-async def all_but_spent(settings: Settings, prefix: str) -> BudgetConfig:
-    """A $1 budget of tenant acme, new (named ``prefix``-...), whose state on the budgets
-    topic says $0.999 of it is spent this period."""
+async def new_budget(prefix: str) -> tuple[BudgetConfig, datetime]:
+    """A $1 monthly budget of tenant acme, new (named ``prefix``-...), and now: a time
+    at least PERIOD_MARGIN_S before its period ends."""
     budget = BudgetConfig(
         name=f"{prefix}-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(1)
     )
@@ -236,6 +243,20 @@ async def all_but_spent(settings: Settings, prefix: str) -> BudgetConfig:
     if left_s < PERIOD_MARGIN_S:  # the period would turn mid-test, its spend with it
         await asyncio.sleep(left_s + 1)  # a wait on the clock itself: into the next one
         now = utcnow()
+    return budget, now
+
+
+async def unspent(settings: Settings, budget: BudgetConfig) -> None:
+    """The state the store publishes as it starts of a budget with no call in its
+    period: nothing spent (a hard cap judges no call before it has its budget's state)."""
+    now = utcnow()
+    assert await publish_states(settings.kafka, [fresh(budget, now, now)])
+
+
+async def all_but_spent(settings: Settings, prefix: str) -> BudgetConfig:
+    """A $1 budget of tenant acme, new (named ``prefix``-...), whose state on the budgets
+    topic says $0.999 of it is spent this period."""
+    budget, now = await new_budget(prefix)
     spent = fresh(budget, now, now).model_copy(update={"spent_usd": Decimal("0.999")})
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await producer.start()
@@ -342,6 +363,7 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
     budget = BudgetConfig(name=name, scope="tenant", value="acme", limit_usd=Decimal(100))
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
     bootstrap = settings.kafka_bootstrap
+    await unspent(settings, budget)
     server = await serve_ingress(settings)
     base = str(server.make_url("")).rstrip("/")
     upstream.provider.chunk_delay_s = 0.3  # the call stays in flight for a second or more
@@ -588,6 +610,7 @@ async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
         limit_usd=worst * 3 / 2,  # room for one call's worst case, not two
     )
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    await unspent(settings, budget)
     secret, _ = create_key(settings.key_file, tenant="acme")  # read as they start
     headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
     upstream.provider.answer_held = asyncio.Event()  # A's call stays in flight
@@ -696,6 +719,7 @@ async def test_a_call_cut_while_it_waits_for_the_spend_gives_back_its_rate_limit
 @asynccontextmanager
 async def capped_client(settings: Settings, budget: BudgetConfig) -> AsyncIterator[AsyncOpenAI]:
     """The official SDK on an ingress with ``budget`` alone, through a key of tenant acme."""
+    await unspent(settings, budget)
     server = await serve_ingress(settings.model_copy(update={"budgets": [budget]}))
     base = str(server.make_url("")).rstrip("/")
     try:
@@ -857,6 +881,7 @@ async def test_anthropic_tools_reserve_the_tokens_anthropic_adds_for_them(
 
     assert worst(len(with_bash)) < budget.limit_usd < worst(len(with_bash) + 496 + 325)
     settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    await unspent(settings, budget)
     async with (
         TestServer(create_app(settings), host="127.0.0.1") as server,
         aiohttp.ClientSession(headers={"x-api-key": secret}) as session,
@@ -889,6 +914,7 @@ async def test_a_call_asking_for_fast_mode_reserves_at_the_fast_rates(
     same call asking speed "fast" is refused, the provider never asked."""
     monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
     budget = BudgetConfig(name="acme-f", scope="tenant", value="acme", limit_usd=Decimal("0.30"))
+    await unspent(ingress_settings, budget)
     server = await serve_ingress(ingress_settings.model_copy(update={"budgets": [budget]}))
     base = str(server.make_url("")).rstrip("/")
     ask: Any = {
@@ -925,6 +951,7 @@ async def test_a_call_that_may_run_in_the_us_reserves_at_1_1x(
     provider never asked."""
     monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
     budget = BudgetConfig(name="acme-g", scope="tenant", value="acme", limit_usd=Decimal("0.21"))
+    await unspent(ingress_settings, budget)
     server = await serve_ingress(ingress_settings.model_copy(update={"budgets": [budget]}))
     base = str(server.make_url("")).rstrip("/")
     ask: Any = {
@@ -1033,3 +1060,78 @@ async def test_a_budget_made_monthly_is_capped_by_the_month_s_spend(
     assert (status, body.get("error", {}).get("code")) == (429, "budget_exceeded"), body
     assert "$0.999 of $1 spent this month" in body["error"]["message"]
     assert len(upstream.provider.received) == asked
+
+
+async def until_read(app: web.Application, budget: BudgetConfig) -> None:
+    """Until the ingress app ``app`` has read a state of ``budget`` off the topic."""
+    async with asyncio.timeout(20):
+        while budget.name not in app[BUDGETS].states:
+            await asyncio.sleep(0.05)
+
+
+async def test_a_budget_new_to_the_config_is_judged_on_the_spend_the_store_rebuilds(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    store: Store,
+) -> None:
+    """A hard-capped budget added mid-period: ClickHouse holds $0.999 of its $1 already
+    spent (calls made before it was configured), and the budgets topic has no state of
+    it (the store rebuilds it from ClickHouse as it starts: after the ingress, or not
+    while it is down). The ingress judged it unspent and admitted its calls against a
+    spent cap. Now they wait for a state holding the period's spend: with none (the
+    store down) a 503 naming the budget, also with only a state a stream worker counted
+    from its own start (it has none of the spend before); the store's rebuild, arriving
+    while a call waits, refuses it as spent."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    monkeypatch.setattr(admission, "BUDGET_STATES_WAIT_S", 0.5)
+    budget, now = await new_budget("added")
+    before = made.response(
+        now, usage=Usage(input_tokens=10, output_tokens=1), attribution=Attribution(tenant="acme")
+    )
+    write_batch(store, Batch(events=[made.costed(before, made.cost("0.999"))]))
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    asked = len(upstream.provider.received)
+    app = create_app(settings)
+    async with TestServer(app, host="127.0.0.1") as server:
+        base = str(server.make_url("")).rstrip("/")
+        status, body, retry_after = await post_once(base, secret)
+        assert (status, body.get("error", {}).get("code"), retry_after) == (
+            503,
+            "budget_state_unavailable",
+            "1",
+        ), body
+        assert f"budget {budget.name!r} (tenant 'acme') has no spend" in body["error"]["message"]
+        # A worker started with the budget before the store rebuilt it: from $0.
+        (counted,), _ = Ledger([budget]).roll(utcnow())
+        assert await publish_states(settings.kafka, [counted])
+        await until_read(app, budget)
+        status, body, _ = await post_once(base, secret)
+        assert (status, body["error"]["code"]) == (503, "budget_state_unavailable"), body
+        monkeypatch.setattr(admission, "BUDGET_STATES_WAIT_S", 30.0)
+        waiting = asyncio.create_task(post_once(base, secret))
+        assert await publish_states(settings.kafka, [rebuilt_state(store, budget, utcnow())])
+        status, body, _ = await waiting
+        assert (status, body["error"]["code"]) == (429, "budget_exceeded"), body
+        assert "$0.999 of $1 spent" in body["error"]["message"]
+    assert len(upstream.provider.received) == asked
+
+
+async def test_a_fresh_install_s_cap_admits_once_the_store_says_nothing_is_spent(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    store: Store,
+) -> None:
+    """No call ever made: the store still publishes each budget's state ($0), so a
+    capped call is judged (admitted), not kept waiting for a spend that never comes."""
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    budget, _ = await new_budget("fresh")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    async with TestServer(create_app(settings), host="127.0.0.1") as server:
+        waiting = asyncio.create_task(post_once(str(server.make_url("")).rstrip("/"), secret))
+        assert await publish_states(settings.kafka, [rebuilt_state(store, budget, utcnow())])
+        status, body, _ = await waiting
+    assert status == 200, body

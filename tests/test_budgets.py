@@ -738,6 +738,48 @@ def test_a_call_counts_in_the_period_it_ended_in_from_midnight_on() -> None:
     assert state.applied == {0: 2}
 
 
+def test_a_budget_new_to_a_worker_is_partial_until_the_store_s_rebuild_reaches_it() -> None:
+    """A worker given a budget it has no state of (added to the configuration, the
+    store's rebuild not published yet) counts it from its first roll or call: a state
+    without the period's spend before, said ``partial`` (an ingress judges no hard cap
+    on it). The store's rebuild makes it whole, larger or not (the largest spend seen
+    wins), published at the next roll with or without a call; so does a new period."""
+    b = budget(limit_usd=Decimal("100"))
+    ledger = Ledger([b])
+    (first,), _ = ledger.roll(at(3))
+    assert (first.spent_usd, first.partial) == (Decimal(0), True)
+    assert ledger.roll(at(3)) == ([], [])
+    assert not ledger.rebuilt(first)  # its own, read back: no rebuild
+    ledger.record(costed("0.70", at(3)), at(3), (0, 0))
+    counted = ledger.states[b.name]
+    assert counted.partial
+    rebuild = current(b, None, at(3)).model_copy(update={"spent_usd": Decimal("0.60")})
+    assert ledger.rebuilt(rebuild)
+    (whole,), _ = ledger.roll(at(3))
+    assert (whole.spent_usd, whole.partial, whole.applied) == (Decimal("0.70"), False, {0: 1})
+    # Said only when true: a whole state is read by an llmtap that knows no `partial`.
+    assert "partial" not in whole.model_dump_json()
+    assert BudgetState.model_validate_json(first.model_dump_json()) == first
+    # A standby seeded with the holder's partial state, then the (smaller) rebuild.
+    standby = Ledger([b])
+    standby.seed(counted)
+    standby.seed(rebuild)
+    assert (standby.states[b.name].spent_usd, standby.states[b.name].partial) == (
+        Decimal("0.70"),
+        False,
+    )
+    # The rebuild reaching a worker before its first roll: its first state, whole.
+    holder = Ledger([b])
+    assert holder.rebuilt(rebuild)
+    assert holder.states[b.name] == rebuild
+    # A first call counted from nothing is partial; a period rolled into is whole.
+    ledger = Ledger([b])
+    ledger.record(costed("1", at(30, 23)), at(30, 23), (0, 0))
+    assert ledger.states[b.name].partial
+    (december,), _ = ledger.roll(at(1, month=12))
+    assert (december.spent_usd, december.partial) == (Decimal(0), False)
+
+
 def test_a_seeded_state_takes_offsets_only_with_the_same_spend_counted_further() -> None:
     b = budget(limit_usd=Decimal("100"))
     ledger = Ledger([b])
@@ -803,7 +845,10 @@ async def test_a_budget_added_mid_period_counts_on_from_the_store_s_rebuild_publ
     worker must count on from that spend ("within a period, the largest spend seen
     wins"): it kept the rebuild aside while it held the partitions and counted on from
     its own $0, and the ingress, taking the larger state, dropped to the worker's once
-    it passed the rebuild's: the spend before the budget was added, lost to the cap."""
+    it passed the rebuild's: the spend before the budget was added, lost to the cap.
+    Until the rebuild, its states say they are ``partial`` (a hard cap is not judged on
+    them); taken, it publishes its state whole, without waiting for a call (an ingress
+    started later may find only the worker's latest on the compacted topic)."""
     now = datetime.now(UTC)
     added = budget(
         name="added", scope="team", value="search", tenant="acme", limit_usd=Decimal("1")
@@ -822,7 +867,8 @@ async def test_a_budget_added_mid_period_counts_on_from_the_store_s_rebuild_publ
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
                 return metric(await response.text(), followed)
 
-        await published(kafka, lambda s: "added" in s)  # the worker holds it: a new period
+        first = await published(kafka, lambda s: "added" in s)  # the worker holds it
+        assert (first["added"].spent_usd, first["added"].partial) == (Decimal(0), True)
         # Every state on the topic followed (its own): the next one followed is the store's.
         async with asyncio.timeout(60):
             while await states_followed() < len(await topics.read_all(kafka, kafka.names.budgets)):
@@ -835,6 +881,15 @@ async def test_a_budget_added_mid_period_counts_on_from_the_store_s_rebuild_publ
         async with asyncio.timeout(60):
             while await states_followed() <= before:
                 await asyncio.sleep(0.1)
+
+        async def whole() -> int:  # states of the rebuild's spend, whole: its and the worker's
+            raw = await topics.read_all(kafka, kafka.names.budgets)
+            states = map(BudgetState.model_validate_json, raw)
+            return sum(s.spent_usd == Decimal("0.6") and not s.partial for s in states)
+
+        async with asyncio.timeout(60):  # the worker's own, after the rebuild, no call
+            while await whole() < 2:
+                await asyncio.sleep(0.1)
         await send_calls(kafka, [search_call(now)], key=b"added")
         states = await published(kafka, lambda s: bool(s["added"].applied))
-    assert states["added"].spent_usd == Decimal("0.600021")
+    assert (states["added"].spent_usd, states["added"].partial) == (Decimal("0.600021"), False)

@@ -253,11 +253,12 @@ class Admission:
         book = request.app[BUDGETS]
         if not book.read and book.caps(call.attribution):
             # Just started: the budgets' spend (and what the other ingress processes
-            # hold) is still being read. Judged now, a budget would look unspent.
+            # hold) is still being read; or a budget new to the configuration has no
+            # state holding its period's spend yet (the store publishes it as it starts).
+            # Judged now, a budget would look unspent.
             try:
                 async with asyncio.timeout(BUDGET_STATES_WAIT_S):
-                    await book.states_read.wait()
-                    await book.others_read.wait()
+                    await book.readied(call.attribution)
             except asyncio.CancelledError:
                 # Cut while it waited (its client gone, where the server cancels handlers
                 # so; the proxy stopping in its first seconds): never sent. Recorded, and
@@ -271,14 +272,22 @@ class Admission:
                 record_outcome(request.app, call, cut, 499, Usage(), "", cut)
                 raise
             except TimeoutError:
-                unknown = refuse(
-                    503,
+                unstated = book.unstated(call.attribution)
+                message = (
                     "this llmtap ingress has not read its budgets' spend yet (the broker "
                     "is unreachable or slow), so a call against a hard-capped budget "
-                    "cannot be judged; retry shortly",
-                    "budget_unknown",
-                    code="budget_state_unavailable",
+                    "cannot be judged; retry shortly"
                 )
+                if book.states_read.is_set() and book.others_read.is_set() and unstated:
+                    b = unstated[0]
+                    message = (
+                        f"budget {b.name!r} ({b.scope} {b.value!r}) has no spend published "
+                        "for its period yet: the store publishes it, read from ClickHouse, "
+                        "as it starts (a budget new to the configuration has none before; "
+                        "is the store running?), so a call against its hard cap cannot be "
+                        "judged; retry shortly"
+                    )
+                unknown = refuse(503, message, "budget_unknown", code="budget_state_unavailable")
                 unknown.headers["retry-after"] = "1"
                 return unknown
         exhausted = book.admit(

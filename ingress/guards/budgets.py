@@ -210,6 +210,12 @@ class BudgetBook:
         self.states_read = asyncio.Event()
         if not budgets:
             self.states_read.set()
+        # Set, per hard-capped budget, once a state of it that holds its period's spend
+        # has been read: the store's rebuild from ClickHouse, or the stream's counted on
+        # from one (not ``partial``). Before, it would look unspent, or spent only since
+        # a worker first counted it (a budget new to the configuration): its calls wait.
+        self.stated = {b.name: asyncio.Event() for b in budgets if b.hard_cap}
+        self._unstated = set(self.stated)
         # Likewise the other ingress processes' reservations (:func:`hear_others`): a
         # replica just added (in a burst, when caps matter) would judge without them.
         self.others_read = asyncio.Event()
@@ -219,7 +225,18 @@ class BudgetBook:
     @property
     def read(self) -> bool:
         """Whether what the caps are judged on (spend, others' holds) has been read."""
-        return self.states_read.is_set() and self.others_read.is_set()
+        return self.states_read.is_set() and self.others_read.is_set() and not self._unstated
+
+    def unstated(self, who: Attribution) -> list[BudgetConfig]:
+        """The hard-capped budgets counting ``who``'s calls with no whole state read."""
+        return [b for b in self.budgets if b.name in self._unstated and matches(b, who)]
+
+    async def readied(self, who: Attribution) -> None:
+        """Return once what a call of ``who`` is judged on has been read (:attr:`read`)."""
+        await self.states_read.wait()
+        await self.others_read.wait()
+        for budget in self.unstated(who):
+            await self.stated[budget.name].wait()
 
     def caps(self, who: Attribution) -> bool:
         """Does a hard-capped budget count this caller's calls?"""
@@ -233,6 +250,9 @@ class BudgetBook:
             if not is_of(state, budget):
                 return  # published while its name was another budget's: not its spend
             state = owned(state, budget)
+            if not state.partial and state.budget in self._unstated:
+                self._unstated.discard(state.budget)
+                self.stated[state.budget].set()
         held = self.states.get(state.budget)
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
             self.states[state.budget] = state
