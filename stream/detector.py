@@ -21,6 +21,8 @@ The statistics are in :mod:`stream.spikes`; this module only feeds them.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -108,9 +110,19 @@ class Detector:
         for rule in rules:
             self._rules[(rule.window_s, rule.dimension)].append(rule)
         self._named = {rule.name: rule for rule in rules}
-        self.partitions = partitions  # of llmtap.responses: one share of a window each
+        self._partitions = partitions  # of llmtap.responses: one share of a window each
         self._settle = settle
         self._pending: dict[str, dict[datetime, _Pending]] = {}  # series -> start -> shares
+        # When each window waiting for shares is judged without them (its first share's
+        # arrival plus settle), soonest first, with its series: a tick looks at the series
+        # of the windows due, not at every series waiting (~1.5 µs each: 145 ms a second
+        # with 100,000 users' windows waiting out their settle). Those judged sooner (whole)
+        # are passed over when due. And the order series came to wait in, in which a tick
+        # judges them.
+        self._due: list[tuple[datetime, int, str]] = []
+        self._waiting_since: dict[str, int] = {}
+        self._count = itertools.count()
+        self._all_due = False  # a window may be whole unoffered: the next tick looks at all
         self.states: dict[StateKey, SeriesState] = {}
         # The series this detector judges, or read back from its own partitions (a
         # warmup knows other workers' series too: :meth:`keep_only`, :meth:`give_up`),
@@ -127,6 +139,29 @@ class Detector:
         self._latest: dict[int, datetime] = {}
         self.ahead_windows = 0  # judged ending over ALLOWED_SKEW past the clock, since start
 
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    @partitions.setter
+    def partitions(self, count: int) -> None:
+        """The responses topic's partitions: a window waiting may be whole with fewer."""
+        if count != self._partitions:
+            self._all_due = True
+        self._partitions = count
+
+    def _waiting(self, series: str) -> dict[datetime, _Pending]:
+        """The series' windows waiting for shares (made waiting, if none was)."""
+        windows = self._pending.get(series)
+        if windows is None:
+            windows = self._pending[series] = {}
+            self._waiting_since[series] = next(self._count)
+        return windows
+
+    def _wait(self, series: str, pending: _Pending) -> None:
+        """A window of ``series`` waits for its shares until ``settle`` after its first."""
+        heapq.heappush(self._due, (pending.received + self._settle, next(self._count), series))
+
     def judges(self, size_s: int, dimension: str) -> bool:
         """Whether any rule looks at windows of this length and dimension."""
         return (size_s, dimension) in self._rules
@@ -136,10 +171,11 @@ class Detector:
         topic); the alerts of any window this completes."""
         if not self.judges(window.size_s, window.dimension):
             return []
-        series = self._pending.setdefault(window.series, {})
+        series = self._waiting(window.series)
         pending = series.get(window.window_start)
         if pending is None:
             pending = series[window.window_start] = _Pending(received=now, home=home)
+            self._wait(window.series, pending)
         pending.shares[window.event_id] = window  # a replayed share replaces itself
         return self._ready(window.series, now)
 
@@ -156,9 +192,11 @@ class Detector:
     def wait_from(self, now: datetime) -> None:
         """The windows still waiting for shares wait ``settle`` from ``now`` (a warm-up's
         end: their missing shares are past the committed offsets, still to be read)."""
-        for windows in self._pending.values():
+        self._due = []
+        for series, windows in self._pending.items():
             for pending in windows.values():
                 pending.received = max(pending.received, now)
+                self._wait(series, pending)
 
     def give_up(self, partitions: set[int]) -> None:
         """The windows partitions another worker judges from now: their series are no
@@ -217,17 +255,30 @@ class Detector:
         self.states.update(taken.states)
         self.judged.update(taken.judged)
         for series, windows in taken._pending.items():
-            mine = self._pending.setdefault(series, {})
+            mine = self._waiting(series)
             for start, pending in windows.items():
                 if start in mine:
                     mine[start].shares.update(pending.shares)
+                    self._all_due = True  # whole now, maybe
                 else:
                     mine[start] = pending
+                    self._wait(series, pending)
 
     def tick(self, now: datetime) -> list[Alert]:
         """Judge the windows whose shares have had ``settle`` to arrive; once a minute,
-        :meth:`sweep` too."""
-        alerts = [alert for series in list(self._pending) for alert in self._ready(series, now)]
+        :meth:`sweep` too. The series looked at are those of the windows due (a series
+        whose first window waiting is not due has nothing to judge: its whole windows
+        were judged when their last share came, up to the first not whole), in the order
+        they came to wait."""
+        if self._all_due:
+            self._all_due = False
+            due = list(self._pending)
+        else:
+            found = set()
+            while self._due and self._due[0][0] <= now:
+                found.add(heapq.heappop(self._due)[2])
+            due = sorted(found & self._pending.keys(), key=self._waiting_since.__getitem__)
+        alerts = [alert for series in due for alert in self._ready(series, now)]
         if self._swept is None or now - self._swept >= SWEEP_EVERY:
             self._swept = now
             alerts += self.sweep()
@@ -284,6 +335,7 @@ class Detector:
             alerts += self._judge(pending, now)
         if not windows:
             del self._pending[series]
+            del self._waiting_since[series]
         return alerts
 
     def _judge(self, pending: _Pending, now: datetime) -> list[Alert]:

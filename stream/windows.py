@@ -98,7 +98,9 @@ class Windower:
         self.ahead_events = 0  # calls stamped over ALLOWED_SKEW past the clock, since start
         self._furthest_ahead = timedelta(0)  # of those, since take_furthest_ahead
         self._open: dict[datetime, dict[Series, Aggregate]] = {}  # by base window start
-        self._rollups: dict[tuple[timedelta, Series, datetime], Aggregate] = {}
+        # The larger windows open, by their end: closing them looks at those that end,
+        # not at every series' (7 ms a second with 100,000 series' hours open).
+        self._rollups: dict[datetime, dict[tuple[timedelta, Series, datetime], Aggregate]] = {}
         self._late: Counter[Series] = Counter()
         # The latest call end counted, each no further than the clock it was read at
         # allowed: where the calls move the watermark (grace behind it).
@@ -192,10 +194,9 @@ class Windower:
                 self._roll_up(series, start, aggregate, None)
         for start in [s for s in self._first if s + self.base <= self.watermark]:
             del self._first[start]
-        for outer in [k for k in self._rollups if k[2] + k[0] <= self.watermark]:
-            size, series, start = outer
-            aggregate = self._rollups.pop(outer)
-            closed.append((start + size, size, aggregate.to_event(series, start, size, owned)))
+        for end in [e for e in self._rollups if e <= self.watermark]:
+            for (size, series, start), aggregate in self._rollups.pop(end).items():
+                closed.append((end, size, aggregate.to_event(series, start, size, owned)))
         closed.sort(key=lambda c: (c[0], c[1]))
         return [window for _, _, window in closed]
 
@@ -207,16 +208,20 @@ class Windower:
         shared = False
         for size in self.larger:
             outer = (size, series, window_start(start, size))
-            if closed_by is not None and outer[2] + size <= closed_by:
+            end = outer[2] + size
+            if closed_by is not None and end <= closed_by:
                 continue
-            into = self._rollups.get(outer)
+            ending = self._rollups.get(end)
+            if ending is None:
+                ending = self._rollups[end] = {}
+            into = ending.get(outer)
             if into is not None:
                 into.merge(aggregate)
             elif not shared:  # the first rollup of its own takes it, later ones a copy
-                self._rollups[outer] = aggregate
+                ending[outer] = aggregate
                 shared = True
             else:
-                self._rollups[outer] = aggregate.copy()
+                ending[outer] = aggregate.copy()
 
     def held(self) -> int | None:
         """The offset of the first call counted in a window still open (None: none
@@ -277,4 +282,4 @@ class Windower:
 
     @property
     def open_windows(self) -> int:
-        return sum(map(len, self._open.values())) + len(self._rollups)
+        return sum(map(len, self._open.values())) + sum(map(len, self._rollups.values()))
