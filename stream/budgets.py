@@ -8,8 +8,10 @@ period is not counted in the current one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
+from operator import itemgetter
 from typing import Literal
 from uuid import UUID
 
@@ -56,6 +58,29 @@ SCOPE_FIELDS = {
     "user": "user",
     "feature": "feature",
 }
+
+
+class Matching:
+    """Which of ``budgets`` a call counts against (:func:`matches`), in their order: found
+    by a lookup per attribution field they are scoped on, not by matching each of them
+    (with 200 budgets, ~35 µs a call)."""
+
+    def __init__(self, budgets: Iterable[BudgetConfig]) -> None:
+        # Attribution field -> its value -> the budgets of that scope and value, ranked.
+        self._scoped: dict[str, dict[str, list[tuple[int, BudgetConfig]]]] = {}
+        for rank, budget in enumerate(budgets):
+            by_value = self._scoped.setdefault(SCOPE_FIELDS[budget.scope], {})
+            by_value.setdefault(budget.value, []).append((rank, budget))
+
+    def __call__(self, who: Attribution | wire.Attribution) -> list[BudgetConfig]:
+        found: list[tuple[int, BudgetConfig]] = []
+        for field, by_value in self._scoped.items():
+            found += by_value.get(getattr(who, field), ())
+        if len(found) > 1 and len(self._scoped) > 1:
+            found.sort(key=itemgetter(0))
+        # Of its scope's value, found so: :func:`matches` has only its tenant to ask.
+        tenant = who.tenant
+        return [budget for _, budget in found if not budget.tenant or budget.tenant == tenant]
 
 
 def status_of(spent: Decimal, limit: Decimal, crossed: tuple[int, ...]) -> str:

@@ -33,15 +33,14 @@ from decimal import Decimal
 
 from llmtap import wire
 from llmtap.config import BudgetConfig
-from llmtap.events import Alert, Attribution, BudgetState
+from llmtap.events import Alert, BudgetState
 from stream.budgets import (
-    SCOPE_FIELDS,
+    Matching,
     applied_with,
     current,
     due,
     is_of,
     later_or_larger,
-    matches,
     owned,
     period_time,
     spend,
@@ -66,13 +65,8 @@ ZERO = Decimal(0)
 class Ledger:
     def __init__(self, budgets: list[BudgetConfig], remember: int = 200_000) -> None:
         self.budgets = {b.name: b for b in budgets}
-        # Attribution field -> its value -> the budgets of that scope and value: a call's
-        # budgets are found by a lookup per field, not by matching every budget.
-        self._scoped: dict[str, dict[str, list[BudgetConfig]]] = {}
-        for budget in self.budgets.values():
-            by_value = self._scoped.setdefault(SCOPE_FIELDS[budget.scope], {})
-            by_value.setdefault(budget.value, []).append(budget)
-        self._rank = {name: i for i, name in enumerate(self.budgets)}
+        # A call's budgets, found by a lookup per field, not by matching every budget.
+        self._matching = Matching(self.budgets.values())
         self._states: dict[str, BudgetState] = {}
         self._counted: dict[str, _Counted] = {}
         # Budgets whose state was seeded (the topic's) and not judged yet by the limit
@@ -215,16 +209,6 @@ class Ledger:
                 changed.add(name)
             alerts.extend(raised)
         return changed, alerts
-
-    def _matching(self, who: wire.Attribution | Attribution) -> list[BudgetConfig]:
-        """The budgets a call made by ``who`` counts against, in their configured order:
-        those of its scope values, as :func:`stream.budgets.matches` decides for each."""
-        found: list[BudgetConfig] = []
-        for field, by_value in self._scoped.items():
-            found += by_value.get(getattr(who, field), ())
-        if len(self._scoped) > 1:
-            found.sort(key=lambda budget: self._rank[budget.name])
-        return [b for b in found if matches(b, who)]
 
     def _count(
         self,
