@@ -375,6 +375,25 @@ class Reservations(_Model):
 MISSED_ANNOUNCEMENTS = 3  # an ingress silent for this many intervals is gone
 
 
+class LatestHeard:
+    """The latest announcement time heard (:class:`Reservations`), none past this
+    process's clock (a clock running ahead moves nothing). Who has gone silent is judged
+    against it, not against the announcement in hand: the topic is read a partition at
+    a time, so one long gone, read after a live one, made the live one look ahead."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at: datetime | None = None
+
+    def hear(self, event: Reservations) -> datetime:
+        """Take ``event``'s time in; the latest heard, after it."""
+        latest = min(event.at, utcnow())
+        if self.at is None or latest > self.at:
+            self.at = latest
+        return self.at
+
+
 class SketchState(_Model):
     """A latency distribution as a mergeable DDSketch (``stream.sketches.LatencySketch``,
     whose ``to_dict``/``from_dict`` this is): the keys and counts of its bins."""

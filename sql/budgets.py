@@ -26,7 +26,7 @@ from aiohttp import web
 
 from ingress.guards.budgets import BudgetBook, follow
 from llmtap.config import BudgetConfig, Settings
-from llmtap.events import BudgetState, Reservations, utcnow
+from llmtap.events import BudgetState, LatestHeard, Reservations
 from llmtap.following import follow_topic
 from sql.params import Scope
 from stream.budgets import current, is_of
@@ -48,20 +48,17 @@ class ReservationBook:
 
     def __init__(self) -> None:
         self.latest: dict[str, Reservations] = {}
-        # The latest announcement time heard (none past this process's clock), and how
-        # many were kept when those gone were last forgotten (then again at twice as many).
-        self._heard: datetime | None = None
+        self._heard = LatestHeard()  # who has gone silent is judged against it
+        # How many were kept when those gone were last forgotten (then again at twice as many).
         self._kept = 0
 
     def update(self, event: Reservations) -> None:
         held = self.latest.get(event.ingress_id)
         if held is None or event.at >= held.at:
             self.latest[event.ingress_id] = event
-        heard = min(event.at, utcnow())  # a clock running ahead moves nothing
-        if self._heard is None or heard > self._heard:
-            self._heard = heard
+        heard = self._heard.hear(event)
         if len(self.latest) > 2 * self._kept + self.slack:
-            self._forget_gone(self._heard)
+            self._forget_gone(heard)
 
     def _forget_gone(self, heard: datetime) -> None:
         """Forget the processes silent since before ``heard`` for longer than they may

@@ -45,6 +45,7 @@ from llmtap.events import (
     Alert,
     Attribution,
     BudgetState,
+    LatestHeard,
     Reservations,
     Usage,
     utcnow,
@@ -221,9 +222,7 @@ class BudgetBook:
         # times between which every one of them is live (then the sums are what is live).
         self._others_held: dict[str, RunningSum] = defaultdict(RunningSum)
         self._all_live: tuple[datetime, datetime] | None = None
-        # The latest announcement time heard (none past this process's clock): who has
-        # gone silent is judged against it, not against the announcement in hand.
-        self._heard_at: datetime | None = None
+        self._heard = LatestHeard()  # who has gone silent is judged against it
         # Set once the states the budgets topic held when this process started are read
         # (:func:`follow`). Before, a budget not read yet looks unspent: a hard-capped
         # call waits for them (ingress/forward/admission.py), not judged on nothing.
@@ -298,17 +297,15 @@ class BudgetBook:
         it was dropped (a replica starting then did not count what it held)."""
         if event.ingress_id == self.ingress_id:
             return
-        latest = min(event.at, utcnow())  # a clock running ahead moves nothing
-        if self._heard_at is None or latest > self._heard_at:
-            self._heard_at = latest
+        heard = self._heard.hear(event)
         known = self.others.get(event.ingress_id)
         if known is not None and event.at < known.at:
             return
-        if event.held and event.live(self._heard_at):
+        if event.held and event.live(heard):
             self._hear(event.ingress_id, event)
         else:
             self._hear(event.ingress_id, None)
-        for gone in [i for i, r in self.others.items() if not r.live(self._heard_at)]:
+        for gone in [i for i, r in self.others.items() if not r.live(heard)]:
             self._hear(gone, None)
         self._all_live = _live_together(self.others.values())
 
@@ -375,8 +372,9 @@ class BudgetBook:
         def age(cost: Settled) -> None:
             if cost.at is None:  # not in Kafka an hour on: in the spool, or dropped
                 self._hold_unpriced({name: cost.cost}, cost.cost, cost.ended)
+                if not cost.folded:
+                    cost.listeners.append(self._unfold)
                 cost.folded.append(name)
-                cost.unfold = self._unfold
             else:
                 self._age(name, cost, cost.at)
 

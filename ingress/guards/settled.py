@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
+from ingress.guards.sums import RunningSum
 from llmtap.events import BudgetState
 
 
@@ -29,22 +30,18 @@ class Settled:
     ended: datetime
     cost: Decimal
     at: tuple[int, int] | None = None  # (partition, offset) of its event on the responses topic
-    # Aged before Kafka had its event: the budgets whose period sums hold it, and who
-    # moves it to its partition's sum once Kafka has it (BudgetBook._unfold).
+    # Aged before Kafka had its event: the budgets whose period sums hold it (moved to
+    # its partition's sum once Kafka has it, BudgetBook._unfold).
     folded: list[str] = field(default_factory=list)
-    unfold: Callable[[Settled], None] | None = None
-    # The budgets' books that hold it, told where its event went.
-    holders: list[Uncounted] = field(default_factory=list)
+    # Who is told where its event went, once (the budgets' books that hold it).
+    listeners: list[Callable[[Settled], None]] = field(default_factory=list)
 
     def delivered(self, partition: int, offset: int) -> None:
         """The publisher's word that the call's response event is in Kafka, there."""
         self.at = (partition, offset)
-        for holder in self.holders:
-            holder.placed(self)
-        self.holders = []
-        if self.unfold is not None:
-            unfold, self.unfold = self.unfold, None
-            unfold(self)
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener(self)
 
     def counted_by(self, state: BudgetState) -> bool:
         return self.at is not None and state.applied.get(self.at[0], 0) > self.at[1]
@@ -61,8 +58,8 @@ class Uncounted:
     reach their front, and the queues rebuilt when they hold mostly such."""
 
     def __init__(self) -> None:
-        self.total = Decimal(0)
         self._held: dict[int, Settled] = {}  # by id(): what the sum is of
+        self._amounts = RunningSum()  # their costs, by id(), and the sum
         self._by_end: deque[Settled] = deque()  # as they were held: by when they ended
         # Those Kafka has, a heap per partition by offset (ties broken by id()).
         self._placed: dict[int, list[tuple[int, int, Settled]]] = {}
@@ -73,6 +70,10 @@ class Uncounted:
     def __len__(self) -> int:
         return len(self._held)
 
+    @property
+    def total(self) -> Decimal:
+        return self._amounts.total
+
     def costs(self) -> list[Settled]:
         """Those held, in the order they were."""
         return [c for c in self._by_end if id(c) in self._held]
@@ -81,11 +82,11 @@ class Uncounted:
         if self._since is not None and cost.ended < self._since:
             return  # an earlier period's
         self._held[id(cost)] = cost
-        self.total += cost.cost
+        self._amounts[id(cost)] = cost.cost
         self._by_end.append(cost)
         self._queued += 1
         if cost.at is None:
-            cost.holders.append(self)
+            cost.listeners.append(self.placed)
         else:
             self.placed(cost)
 
@@ -138,11 +139,9 @@ class Uncounted:
 
     def _let_go(self, cost: Settled) -> None:
         del self._held[id(cost)]
-        # Nothing held is Decimal(0) as a sum of nothing is, not the 0E-9 left by
-        # subtracting (which the budgets endpoint would show).
-        self.total = self.total - cost.cost if self._held else Decimal(0)
-        if self in cost.holders:
-            cost.holders.remove(self)
+        del self._amounts[id(cost)]
+        if self.placed in cost.listeners:
+            cost.listeners.remove(self.placed)
 
     def _compact(self) -> None:
         if self._queued <= 2 * len(self._held) + 1024:
