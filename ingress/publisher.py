@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 # What making the topics raises while the broker is starting or away: asked again at
 # the next connection. Anything else is a refusal, and events go on without them.
 _NOT_YET = (
+    topics.TopicsNotYet,
     KafkaConnectionError,
     KafkaTimeoutError,
     NodeNotReadyError,

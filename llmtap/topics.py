@@ -30,7 +30,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from llmtap.events import Alert
 from llmtap.kafka import Kafka
@@ -67,21 +67,51 @@ class TopicsRefused(RuntimeError):
     factor, no permission): waiting will not help."""
 
 
+class TopicsNotYet(KafkaError):
+    """The broker could not make a topic now (its controller moved, the request timed
+    out, a quota throttled it): asked again, as a broker still starting is."""
+
+    retriable = True
+
+
+THROTTLING_QUOTA_EXCEEDED = 89  # KIP-599's, which aiokafka does not name
+
+
+def _transient(code: int) -> bool:
+    return code == THROTTLING_QUOTA_EXCEEDED or bool(getattr(for_code(code), "retriable", False))
+
+
+def _said(name: str, code: int, message: list[Any]) -> str:
+    throttled = code == THROTTLING_QUOTA_EXCEEDED
+    why = "ThrottlingQuotaExceeded" if throttled else for_code(code).__name__
+    return f"{name}: {why}" + (f" ({message[0]})" if message and message[0] else "")
+
+
 def refusals(topic_errors: Iterable[tuple[Any, ...]]) -> list[str]:
-    """What a CreateTopics response refused, one line a topic; a topic that already
-    exists (another process made it first) is not refused."""
-    refused = []
-    for name, code, *message in topic_errors:
-        if code in (0, TopicAlreadyExistsError.errno):
-            continue
-        why = for_code(code).__name__
-        refused.append(f"{name}: {why}" + (f" ({message[0]})" if message and message[0] else ""))
-    return refused
+    """What a CreateTopics response refused for good, one line a topic; a topic that
+    already exists (another process made it first) is not refused, nor one the broker
+    could not make now (:func:`not_yet`)."""
+    return [
+        _said(name, code, message)
+        for name, code, *message in topic_errors
+        if code not in (0, TopicAlreadyExistsError.errno) and not _transient(code)
+    ]
+
+
+def not_yet(topic_errors: Iterable[tuple[Any, ...]]) -> list[str]:
+    """What a CreateTopics response could not make now but may on asking again (a
+    retriable error: NOT_CONTROLLER while the controller moves, REQUEST_TIMED_OUT,
+    THROTTLING_QUOTA_EXCEEDED), one line a topic."""
+    return [
+        _said(name, code, message)
+        for name, code, *message in topic_errors
+        if code not in (0, TopicAlreadyExistsError.errno) and _transient(code)
+    ]
 
 
 async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> None:
     """Create llmtap's topics if they do not exist yet (idempotent); TopicsRefused if
-    the broker will not."""
+    the broker will not, TopicsNotYet if it could not now (ask again)."""
     admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=10_000)
     try:
         await admin.start()  # in the try: a start that fails is closed too (asked again)
@@ -103,6 +133,8 @@ async def ensure_topics(kafka: Kafka, partitions: int, replicas: int = 1) -> Non
             refused = refusals(response.topic_errors)
             if refused:
                 raise TopicsRefused("the broker refused to create " + "; ".join(refused))
+            if later := not_yet(response.topic_errors):
+                raise TopicsNotYet("the broker could not create these now: " + "; ".join(later))
             log.info(
                 "created topics %s with %d partitions, %d replicas", missing, partitions, replicas
             )

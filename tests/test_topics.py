@@ -15,7 +15,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     InvalidReplicationFactorError,
+    NotControllerError,
     PolicyViolationError,
+    RequestTimedOutError,
     UnsupportedVersionError,
 )
 from aiokafka.structs import TopicPartition
@@ -27,7 +29,7 @@ from llmtap import topics
 from llmtap.config import BudgetConfig, Settings
 from llmtap.kafka import Kafka
 from llmtap.names import TOPICS, Names, kind
-from llmtap.probes import listening
+from llmtap.probes import broker_problem, listening
 from llmtap.supervisor import broker_argv, embedded_broker
 from tests.conftest import Broker, FakeUpstream, run_llmtap
 from tests.fake_provider import SNAPSHOT, free_port
@@ -62,6 +64,42 @@ def test_a_refusal_names_the_topic_and_why_and_a_topic_made_meanwhile_is_none() 
         "llmtap.requests: InvalidReplicationFactorError (larger than brokers: 1)",
         "llmtap.windows: PolicyViolationError",
     ]
+
+
+def test_an_error_that_may_pass_on_asking_again_is_not_a_refusal() -> None:
+    """A controller moving (NOT_CONTROLLER), a request timing out, a quota throttling
+    (THROTTLING_QUOTA_EXCEEDED, 89) are asked again, not a reason to stop for good."""
+    errors = [
+        ("llmtap.requests", NotControllerError.errno, "controller moved"),
+        ("llmtap.costed", RequestTimedOutError.errno, None),
+        ("llmtap.alerts", 89, "throttled"),
+        ("llmtap.windows", PolicyViolationError.errno, "no"),
+    ]
+    assert topics.refusals(errors) == ["llmtap.windows: PolicyViolationError (no)"]
+    assert topics.not_yet(errors) == [
+        "llmtap.requests: NotControllerError (controller moved)",
+        "llmtap.costed: RequestTimedOutError",
+        "llmtap.alerts: ThrottlingQuotaExceeded (throttled)",
+    ]
+
+
+async def test_a_broker_that_cannot_make_the_topics_now_is_waited_for_not_refused() -> None:
+    """The broker answers CreateTopics with NOT_CONTROLLER (its controller moving, as
+    in a Kafka cluster's rolling restart): not ready, said, and asked again; then made.
+    Before, every process that waits for the broker stopped at start, as refused."""
+    async with tansu_behind_front(None, make_topics=False) as broker:
+        kafka = Kafka(broker.front.bootstrap)
+        broker.front.create_topics_errors.append(NotControllerError.errno)
+        problem = await broker_problem(kafka, 2)
+        assert "TopicsNotYet" in problem and "NotControllerError" in problem, problem
+        assert not broker.front.create_topics_errors  # the front did answer it
+        assert await broker_problem(kafka, 2) == ""  # asked again: made
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.front.bootstrap)
+        await admin.start()
+        try:
+            assert set(kafka.names.topics) <= set(await admin.list_topics())
+        finally:
+            await admin.close()
 
 
 def test_the_default_namespace_keeps_the_names_llmtap_always_used() -> None:

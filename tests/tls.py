@@ -19,9 +19,11 @@ import ssl
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import trustme
+from aiokafka.protocol import admin
 
 from llmtap.kafka import Kafka
 from llmtap.probes import topics_ready
@@ -68,6 +70,9 @@ class Front:
     delay_s: float = 0.0  # held back before each read of the broker's answers is passed on
     auto_create: bool = True  # False: Metadata requests reach the broker making no topic
     metadata_versions: set[int] = field(default_factory=set)  # of those passed on so
+    # Error codes the front answers the next CreateTopics requests with, one a request,
+    # each topic's (a broker whose controller moved: NOT_CONTROLLER), not passing them on.
+    create_topics_errors: list[int] = field(default_factory=list)
 
     @property
     def bootstrap(self) -> str:
@@ -100,11 +105,38 @@ METADATA = 3  # the Metadata request's API key
 AUTO_CREATE_LAST = range(4, 8)
 
 
+CREATE_TOPICS = 19  # the CreateTopics request's API key (aiokafka asks v0 to v3)
+
+
+def _create_topics_answer(frame: bytes, version: int, code: int) -> bytes:
+    """A CreateTopics response to the request ``frame``, ``code`` for each topic."""
+    (correlation_id,) = struct.unpack_from(">i", frame, 8)
+    (client_id_size,) = struct.unpack_from(">h", frame, 12)
+    body = BytesIO(frame[14 + max(client_id_size, 0) :])
+    request = getattr(admin, f"CreateTopicsRequest_v{version}").decode(body)
+    names = [topic[0] for topic in request.create_topic_requests]
+    answer = getattr(admin, f"CreateTopicsResponse_v{version}")
+    if version == 0:
+        response = answer(topic_errors=[(name, code) for name in names])
+    elif version == 1:
+        response = answer(topic_errors=[(name, code, "from the test front") for name in names])
+    else:
+        errors = [(name, code, "from the test front") for name in names]
+        response = answer(throttle_time_ms=0, topic_errors=errors)
+    payload = struct.pack(">i", correlation_id) + response.encode()
+    return struct.pack(">i", len(payload)) + payload
+
+
 async def _pipe_requests(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, front: Front
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    front: Front,
+    client: asyncio.StreamWriter,
 ) -> None:
     """Pass a client's requests on, frame by frame (a 4-byte size, then the request:
-    API key, version...), each Metadata request with allow_auto_topic_creation false."""
+    API key, version...); without ``front.auto_create``, each Metadata request with
+    allow_auto_topic_creation false; a CreateTopics request answered to ``client``
+    with the next of ``front.create_topics_errors``, when there is one."""
     held = bytearray()
     try:
         while data := await reader.read(65536):
@@ -113,7 +145,11 @@ async def _pipe_requests(
             while len(held) >= 4 and len(held) >= 4 + (size := struct.unpack_from(">i", held)[0]):
                 frame, held[:] = bytearray(held[: 4 + size]), held[4 + size :]
                 api_key, version = struct.unpack_from(">hh", frame, 4)
-                if api_key == METADATA:
+                if api_key == CREATE_TOPICS and front.create_topics_errors:
+                    code = front.create_topics_errors.pop(0)
+                    client.write(_create_topics_answer(frame, version, code))
+                    continue
+                if api_key == METADATA and not front.auto_create:
                     front.metadata_versions.add(version)
                     if version in AUTO_CREATE_LAST:
                         frame[-1] = 0
@@ -148,12 +184,10 @@ async def front_of(
             writer.close()
             return
         open_writers.add(broker_writer)
-        requests = (
-            _pipe(reader, broker_writer, front.sent)
-            if front.auto_create
-            else _pipe_requests(reader, broker_writer, front)
+        await asyncio.gather(
+            _pipe_requests(reader, broker_writer, front, writer),
+            _pipe(broker_reader, writer, None, front),
         )
-        await asyncio.gather(requests, _pipe(broker_reader, writer, None, front))
 
     listener = await asyncio.start_server(session, HOST, front.port, ssl=server)
     try:
