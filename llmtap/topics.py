@@ -30,7 +30,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from llmtap.events import Alert
 from llmtap.kafka import Kafka
@@ -67,11 +67,9 @@ class TopicsRefused(RuntimeError):
     factor, no permission): waiting will not help."""
 
 
-class TopicsNotYet(KafkaError):
+class TopicsNotYet(RuntimeError):
     """The broker could not make a topic now (its controller moved, the request timed
     out, a quota throttled it): asked again, as a broker still starting is."""
-
-    retriable = True
 
 
 THROTTLING_QUOTA_EXCEEDED = 89  # KIP-599's, which aiokafka does not name

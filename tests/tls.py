@@ -123,7 +123,7 @@ def _create_topics_answer(frame: bytes, version: int, code: int) -> bytes:
     else:
         errors = [(name, code, "from the test front") for name in names]
         response = answer(throttle_time_ms=0, topic_errors=errors)
-    payload = struct.pack(">i", correlation_id) + response.encode()
+    payload: bytes = struct.pack(">i", correlation_id) + response.encode()
     return struct.pack(">i", len(payload)) + payload
 
 
@@ -147,7 +147,7 @@ async def _pipe_requests(
                 api_key, version = struct.unpack_from(">hh", frame, 4)
                 if api_key == CREATE_TOPICS and front.create_topics_errors:
                     code = front.create_topics_errors.pop(0)
-                    client.write(_create_topics_answer(frame, version, code))
+                    client.write(_create_topics_answer(bytes(frame), version, code))
                     continue
                 if api_key == METADATA and not front.auto_create:
                     front.metadata_versions.add(version)
