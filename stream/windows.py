@@ -36,7 +36,10 @@ stamped ahead is bounded only by as much as it is ahead of that clock.
 
 **Late calls.** A call whose window has already closed is not added to it (the
 window was published once and stays as published); it is counted, and the count rides
-on the next window its dimension values publish (``late_events``).
+on the next window its dimension values publish (``late_events``) within
+:data:`LATE_KEPT` of event time. A series late once and never again (a one-off user,
+feature or key) has no next window: its count is let go then (the worker's count,
+:attr:`Windower.late_events`, keeps it), not kept for the life of the worker.
 
 **Calls delivered twice.** Delivery is at least once: a produce retried after an answer
 that was lost, or a spool replayed after a batch the broker had kept, puts a response
@@ -71,6 +74,9 @@ ALLOWED_SKEW = timedelta(seconds=1)
 # delivered twice: a retried produce is next to the first; a spool replayed after an
 # outage comes after what the other ingress processes sent meanwhile.
 REMEMBERED_CALLS = 50_000
+# How long (event time: the watermark's move) a series' late count waits for its next
+# window; then, the series having no window open, it is let go.
+LATE_KEPT = timedelta(hours=1)
 
 
 def window_start(at: datetime, size: timedelta) -> datetime:
@@ -102,6 +108,8 @@ class Windower:
         # not at every series' (7 ms a second with 100,000 series' hours open).
         self._rollups: dict[datetime, dict[tuple[timedelta, Series, datetime], Aggregate]] = {}
         self._late: Counter[Series] = Counter()
+        # The watermark when each of those was first late, oldest first (it only moves on).
+        self._late_since: dict[Series, datetime] = {}
         # The latest call end counted, each no further than the clock it was read at
         # allowed: where the calls move the watermark (grace behind it).
         self._latest_event: datetime | None = None
@@ -140,7 +148,9 @@ class Windower:
             if offset < self._counted_below:
                 return False  # read again after a takeover: in a window published then
             self.late_events += 1
-            self._late.update(dimension_values(event))
+            for series in dimension_values(event):
+                self._late[series] += 1
+                self._late_since.setdefault(series, self.watermark)
             return False
         if start not in self._first:
             self._first[start] = offset
@@ -189,16 +199,32 @@ class Windower:
         for start in [s for s in self._open if s + self.base <= self.watermark]:
             end = start + self.base
             for series, aggregate in self._open.pop(start).items():
-                aggregate.late_events += self._late.pop(series, 0)
+                late = self._late.pop(series, 0)
+                if late:
+                    aggregate.late_events += late
+                    del self._late_since[series]
                 closed.append((end, self.base, aggregate.to_event(series, start, self.base, owned)))
                 self._roll_up(series, start, aggregate, None)
         for start in [s for s in self._first if s + self.base <= self.watermark]:
             del self._first[start]
+        self._let_late_go(self.watermark - LATE_KEPT)
         for end in [e for e in self._rollups if e <= self.watermark]:
             for (size, series, start), aggregate in self._rollups.pop(end).items():
                 closed.append((end, size, aggregate.to_event(series, start, size, owned)))
         closed.sort(key=lambda c: (c[0], c[1]))
         return [window for _, _, window in closed]
+
+    def _let_late_go(self, before: datetime) -> None:
+        """Let go the late counts first counted before ``before`` of series with no
+        window open: late once and not seen again since."""
+        gone = []
+        for series, since in self._late_since.items():
+            if since >= before:
+                break
+            if not any(series in windows for windows in self._open.values()):
+                gone.append(series)
+        for series in gone:
+            del self._late[series], self._late_since[series]
 
     def _roll_up(
         self, series: Series, start: datetime, aggregate: Aggregate, closed_by: datetime | None

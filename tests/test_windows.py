@@ -119,6 +119,25 @@ def test_a_late_call_is_not_added_to_its_closed_window_but_counted() -> None:
     assert minute.requests == 1 and minute.late_events == 1  # type: ignore[attr-defined]
 
 
+def test_a_late_count_of_a_series_not_seen_again_is_not_kept_for_ever() -> None:
+    """A series late once and never again (a one-off user, feature, key: here a team)
+    keeps its count for its next window only LATE_KEPT of event time: the worker then
+    holds the late counts of an hour's one-off series, not of every one since its start,
+    and still counts every late call (late_events, the metric)."""
+    w = Windower((60,), GRACE)
+    for m in range(1, 181):  # three hours, a one-off series late in each minute
+        at = m * MIN + 30 * S
+        w.add(call(at), T0 + at)
+        w.advance(T0 + at, [0])  # the minute before closes
+        assert not w.add(call(at - MIN, team=f"once-{m}"), T0 + at)
+    assert w.late_events == 180
+    assert len(w._late) <= 61 + 6  # an hour's one-off teams, the steady series' 6
+    # One back within the hour: its count rides on its next window, as ever.
+    w.add(call(181 * MIN, team="once-180"), T0 + 181 * MIN)
+    windows = by_series(w.advance(T0 + 183 * MIN, [0]))
+    assert windows[(60, "team", "once-180", T0 + 181 * MIN)].late_events == 1  # type: ignore[attr-defined]
+
+
 def test_a_call_delivered_twice_counts_once_and_is_not_late() -> None:
     """A response event on its partition twice (a produce retried after its answer was
     lost, a spool replayed after a batch the broker kept), at two offsets."""
