@@ -403,6 +403,10 @@ class Settings(BaseSettings):
     auth: Literal["keys", "passthrough"] = "keys"
     # The virtual key file (hashes only). Empty: <data_dir>/keys.yaml.
     keys_file: Path | None = None
+    # Identities the ingress keeps made (ingress/guards/auth.py): one per virtual key and
+    # x-llmtap-* headers it came with, ~1.4 KB each (~2.8 KB with 1 KB of claims, the
+    # most kept). More in rotation than this, and each call makes its own again.
+    identity_cache_size: int = Field(default=4096, ge=1)
 
     # Upstream providers, and the env vars holding their keys.
     openai_base_url: str = "https://api.openai.com/v1"

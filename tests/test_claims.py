@@ -19,8 +19,9 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 
 from ingress.forward.call import MAX_CLAIMS_CHARS, BadClaim, Call, Claims, key_id
 from ingress.forward.outcome import Announcement, record_outcome
+from ingress.guards import auth
 from ingress.guards.auth import Refusal, authenticate
-from ingress.guards.keys import KeyStore, read_keys
+from ingress.guards.keys import KeyStore, create_key, read_keys
 from ingress.keys import METRICS, PUBLISHER
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
@@ -142,6 +143,29 @@ def test_a_claim_that_is_not_utf8_in_passthrough_is_refused_under_the_credential
     assert refused.value.status == 400
     assert "x-llmtap-user" in refused.value.message
     assert refused.value.attribution == Attribution(key_id=key_id("sk-own"))
+
+
+def test_the_identities_kept_made_are_as_many_as_the_setting_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """identity_cache_size: one identity kept per key and claims in rotation (each user
+    of a tenant-wide key is one); more than the default 4,096 in rotation are all kept
+    when it says so, each made once, not again at every call."""
+    monkeypatch.setattr(auth, "_made", {})
+    settings = Settings(data_dir=tmp_path, identity_cache_size=5000)
+    secret, _ = create_key(settings.key_file, tenant="acme")
+    keys = KeyStore(settings.key_file)
+    keys.reload()
+
+    def headers(user: int) -> CIMultiDictProxy[str]:
+        return CIMultiDictProxy(
+            CIMultiDict({"Authorization": f"Bearer {secret}", "x-llmtap-user": f"u{user}"})
+        )
+
+    made = [authenticate(headers(user), settings, keys) for user in range(5000)]
+    again = [authenticate(headers(user), settings, keys) for user in range(5000)]
+    assert all(second is first for first, second in zip(made, again, strict=True))
+    assert again[4999].attribution.user == "u4999"
 
 
 async def test_an_event_that_cannot_be_encoded_is_counted_as_dropped(

@@ -47,11 +47,12 @@ _BOUND = ("tenant", "team", "user")
 # A key's identity for the x-llmtap-* headers it came with, as made last time: most
 # calls repeat both, and making it (claims, checks, the attribution model) is most of
 # what authenticating costs. An entry serves only the very key object the store
-# returns now, so a key re-read from its file (revoked, edited) is judged afresh. Only
-# claims of up to _CLAIMS_KEPT bytes are kept (a header may hold 8 KB: 4,096 entries
-# of large ones would be gigabytes); a claim unique to each call is made each time.
+# returns now, so a key re-read from its file (revoked, edited) is judged afresh. At
+# most Settings.identity_cache_size of them (~1.4 KB each, ~2.8 KB with the largest
+# claims kept); when full, all go. Only claims of up to _CLAIMS_KEPT bytes are kept (a
+# header may hold 8 KB: 4,096 entries of large ones would be gigabytes); a claim unique
+# to each call is made each time.
 _made: dict[tuple[str, Claimed], tuple[VirtualKey, Identity]] = {}
-_MADE_MAX = 4096
 _CLAIMS_KEPT = 1024
 
 
@@ -85,7 +86,7 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
     except BadClaim as bad:
         raise _bad_claim(bad, _own(key)) from None
     if sum(len(name) + len(value) for name, value in raw) <= _CLAIMS_KEPT:
-        if len(_made) >= _MADE_MAX:
+        if len(_made) >= settings.identity_cache_size:
             _made.clear()
         _made[(key.hash, raw)] = (key, identity)
     return identity
