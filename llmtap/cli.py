@@ -30,7 +30,7 @@ from llmtap.config import (
     pinned_config,
     unknown_variables,
 )
-from llmtap.stopping import Stopped, unless_stopped
+from llmtap.stopping import Stopped, stopped_at_once, unless_stopped
 
 log = logging.getLogger("llmtap")
 
@@ -411,24 +411,37 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from sql.retention import apply_retention
         from sql.store import Store, StoreInUse
 
+        # A stop ends it at once, status 1 (not done: a Job or a compose service waited
+        # for is not taken as migrated): a migration under way is not recorded (its
+        # version is, in one insert, once all its statements ran), and the next run
+        # applies it again, as it does one of a killed run.
         try:
-            store = Store(settings.store_dsn)
-        except StoreInUse as exc:
-            print(f"llmtap: {exc}", file=sys.stderr)
-            return 2
-        try:
-            applied = migrate(store)
-            print(f"applied migrations: {applied or 'none (schema up to date)'}")
-            tables = apply_retention(
-                store,
-                raw_days=settings.raw_retention_days,
-                rollup_days=settings.rollup_retention_days,
+            with stopped_at_once():
+                try:
+                    store = Store(settings.store_dsn)
+                except StoreInUse as exc:
+                    print(f"llmtap: {exc}", file=sys.stderr)
+                    return 2
+                try:
+                    applied = migrate(store)
+                    print(f"applied migrations: {applied or 'none (schema up to date)'}")
+                    tables = apply_retention(
+                        store,
+                        raw_days=settings.raw_retention_days,
+                        rollup_days=settings.rollup_retention_days,
+                    )
+                except SchemaAhead as exc:
+                    print(f"llmtap: {exc}", file=sys.stderr)
+                    return 2
+                finally:
+                    store.close()
+        except Stopped as exc:
+            log.warning(
+                "llmtap migrate stopped (%s) before it was done: the migrations it did not "
+                "finish are applied by the next llmtap migrate (or llmtap store)",
+                exc,
             )
-        except SchemaAhead as exc:
-            print(f"llmtap: {exc}", file=sys.stderr)
-            return 2
-        finally:
-            store.close()
+            return 1
         print(
             f"retention applied to: {', '.join(tables) or 'nothing (up to date)'}"
             + (" (stored rows are rewritten to it in the background)" if tables else "")

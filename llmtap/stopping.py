@@ -6,14 +6,17 @@ signal handlers of their own.
 Left to its default, SIGTERM ended such a process at once (status -15), or, when it is
 a container's first process (compose runs ``llmtap worker`` as PID 1), not at all: the
 kernel drops a signal PID 1 has no handler for, and ``docker stop`` waited out its
-grace period, then killed it.
+grace period, then killed it. ``llmtap migrate`` (synchronous, in the main thread)
+is stopped so too: :func:`stopped_at_once`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -54,3 +57,37 @@ async def unless_stopped(work: Awaitable[T]) -> T:
         for sig, handler in before.items():
             loop.remove_signal_handler(sig)
             signal.signal(sig, handler)
+
+
+class _Asked(BaseException):
+    """A stop, raised where the main thread is: a BaseException, as KeyboardInterrupt is,
+    so that no ``except Exception`` on the way (a client's, wrapping what it meets as
+    its own error) takes it for a failure."""
+
+
+@contextmanager
+def stopped_at_once() -> Iterator[None]:
+    """For synchronous work in the main thread (``llmtap migrate``'s): SIGTERM or
+    SIGINT during the block ends it at once, as :class:`Stopped`: a sleep or a read of
+    a socket (a server that does not answer) is cut short; a call into C (a chDB
+    statement) ends first. Only the main thread can install the handlers, and it runs
+    them. The signals' handlers are put back as they were."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Asked(signal.Signals(signum).name)
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, stop)
+        yield
+    except _Asked as exc:
+        raise Stopped(str(exc)) from None
+    finally:
+        # Held while they are put back: a stop then is the restored handlers' to take.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -1,11 +1,13 @@
-"""A stop asked while `llmtap worker` or `llmtap store` waits for its broker
-(llmtap/stopping.py): a real subprocess, SIGTERM as `docker stop` sends it."""
+"""A stop asked while `llmtap worker` or `llmtap store` waits for its broker, or while
+`llmtap migrate` runs (llmtap/stopping.py): a real subprocess, SIGTERM as `docker stop`
+sends it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from llmtap.config import CONFIG_ENV
+from sql.migrate import available
 from tests.fake_provider import free_port
 
 STOPPED_WITHIN_S = 5.0
@@ -107,3 +110,111 @@ async def test_sigterm_while_waiting_for_the_broker_stops_the_process_at_once_cl
         assert took < STOPPED_WITHIN_S
         assert f"llmtap {command} stopped (SIGTERM) before it started" in "".join(said)
         assert "Traceback" not in "".join(said)
+
+
+@contextlib.asynccontextmanager
+async def silent_clickhouse() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A ClickHouse server that takes a request and answers nothing (one hung, or
+    behind a proxy that holds the request): the client waits on it for its read
+    timeout (300 s). ``reached`` is set once a request came."""
+    reached = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        if await reader.readuntil(b"\r\n\r\n"):
+            reached.set()
+        await reader.read()  # until the client goes
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/llmtap", reached
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def _migrate(env: dict[str, str]) -> asyncio.subprocess.Process:
+    env = {**os.environ, **env}
+    env.pop(CONFIG_ENV, None)
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "llmtap", "migrate"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _stop(process: asyncio.subprocess.Process) -> tuple[str, float]:
+    """SIGTERM, then what the process said on stderr until it ended, and how long that
+    took (killed if it outlasts STOPPED_WITHIN_S)."""
+    assert process.stderr is not None
+    loop = asyncio.get_running_loop()
+    process.send_signal(signal.SIGTERM)
+    asked_at = loop.time()
+    try:
+        rest = await asyncio.wait_for(process.stderr.read(), STOPPED_WITHIN_S)
+        await asyncio.wait_for(process.wait(), STOPPED_WITHIN_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return rest.decode(), loop.time() - asked_at
+
+
+async def test_sigterm_while_migrate_waits_for_clickhouse_stops_it_at_once(
+    tmp_path: Path,
+) -> None:
+    """`llmtap migrate` had no handler for SIGTERM: it ended at once (status -15), or,
+    as a container's first process (a Job's, a one-off compose run's), not at all,
+    `docker stop` waiting out its grace period. Waiting on a ClickHouse server that does
+    not answer, it stops at once, status 1 (not migrated), saying so."""
+    async with silent_clickhouse() as (dsn, reached):
+        process = await _migrate({"LLMTAP_DATA_DIR": str(tmp_path), "LLMTAP_CLICKHOUSE_DSN": dsn})
+        try:
+            async with asyncio.timeout(60):
+                await reached.wait()
+        finally:
+            said, took = await _stop(process)
+    assert process.returncode == 1, said[-2000:]
+    assert took < STOPPED_WITHIN_S
+    assert "llmtap migrate stopped (SIGTERM) before it was done" in said
+    assert "Traceback" not in said
+
+
+async def test_sigterm_while_migrating_leaves_no_migration_half_recorded(
+    tmp_path: Path,
+) -> None:
+    """Stopped between its migrations (chDB: a statement under way ends first), `llmtap
+    migrate` exits 1 at once, and what it did not finish is not recorded: the next run
+    applies the rest, each once, and the schema is whole."""
+    env = {"LLMTAP_DATA_DIR": str(tmp_path)}
+    process = await _migrate(env)
+    assert process.stderr is not None
+    said: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while not any("applied migration 0001_" in line for line in said):
+                line = await process.stderr.readline()
+                assert line, f"migrate ended before it migrated: {said}"
+                said.append(line.decode())
+    finally:
+        rest, took = await _stop(process)
+    said.append(rest)
+    assert process.returncode == 1, "".join(said)[-2000:]
+    assert took < STOPPED_WITHIN_S
+    assert "llmtap migrate stopped (SIGTERM) before it was done" in "".join(said)
+    assert "Traceback" not in "".join(said)
+
+    again = await _migrate(env)
+    out, err = await asyncio.wait_for(again.communicate(), 120)
+    assert again.returncode == 0, err.decode()[-2000:]
+    applied = {int(v) for v in re.findall(r"applied migration (\d{4})_", "".join(said))}
+    rest_applied = re.search(r"applied migrations: \[([\d, ]*)\]", out.decode())
+    assert rest_applied, out.decode()
+    now = {int(v) for v in rest_applied[1].split(",")}
+    every = {m.version for m in available()}
+    assert applied and now and applied | now == every
+    assert applied.isdisjoint(now)  # none applied twice: each recorded once, when done
