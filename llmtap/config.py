@@ -295,6 +295,75 @@ def chdb_location(dsn: str) -> str:
     return parts.netloc.rpartition("@")[2] if parts.netloc else parts.path
 
 
+# What clickhouse-connect's get_client reads of a DSN's query, each name as written (no
+# case folded). A server's: every option is an argument of its HTTP client, not a
+# ClickHouse setting, so any other name (?sslmode=require, ?max_threads=4) failed the
+# store's start, a TypeError naming no setting, after the broker was waited for; these
+# are its arguments a string can give (not those the DSN itself gives: host, port,
+# username, password, database; nor settings, headers, pool_mgr, token_provider), and
+# user, user_name and compression, read for username and compress. chDB's client's
+# arguments, and ch_<name>: a ClickHouse setting (whether ClickHouse has one so named,
+# only its engine says); any other name clickhouse-connect ignores, but for a warning.
+# tests/test_config.py holds both to the library's clients.
+HTTP_DSN_OPTIONS = frozenset(
+    {
+        "access_token",
+        "autogenerate_query_id",
+        "autogenerate_session_id",
+        "ca_cert",
+        "client_cert",
+        "client_cert_key",
+        "client_name",
+        "compress",
+        "compression",
+        "connect_timeout",
+        "dedicated_pool",
+        "form_encode_query_params",
+        "http_proxy",
+        "https_proxy",
+        "native_codec",
+        "proxy_path",
+        "query_limit",
+        "query_retries",
+        "rename_response_column",
+        "send_receive_timeout",
+        "server_host_name",
+        "session_id",
+        "show_clickhouse_errors",
+        "tls_mode",
+        "tz_mode",
+        "tz_source",
+        "user",
+        "user_name",
+        "verify",
+    }
+)
+CHDB_DSN_OPTIONS = frozenset(
+    {
+        "database",
+        "path",
+        "query_limit",
+        "rename_response_column",
+        "show_clickhouse_errors",
+        "tz_mode",
+        "tz_source",
+    }
+)
+
+
+def _known_options(parts: SplitResult, known: frozenset[str], prefix: str) -> None:
+    """Raise ValueError naming the first option of a DSN's query that is not in ``known``
+    and does not start with ``prefix`` (if any)."""
+    for name, _ in parse_qsl(parts.query):
+        if name not in known and not (prefix and name.startswith(prefix)):
+            extra = f", or {prefix}<setting> for a ClickHouse setting" if prefix else ""
+            raise ValueError(
+                f"?{name}= is not an option of llmtap's ClickHouse client (clickhouse-connect) "
+                f"for a {parts.scheme}:// DSN: its options are {', '.join(sorted(known))}"
+                f"{extra}"
+            )
+
+
 def _server_dsn(dsn: str) -> str:
     """A ClickHouse server's DSN with a host and, if any, a port 1 to 65535 (without a
     host, clickhouse-connect went to localhost:8123, whatever was there), whose scheme
@@ -313,6 +382,7 @@ def _server_dsn(dsn: str) -> str:
             "whether TLS is used (https://user:pass@host:8443/database for TLS, http:// "
             "without it)"
         )
+    _known_options(parts, HTTP_DSN_OPTIONS, "")
     return dsn
 
 
@@ -730,6 +800,7 @@ class Settings(BaseSettings):
                     "every call lost when it stops): give chdb:///absolute/path, or leave "
                     "clickhouse_dsn empty for <data_dir>/clickhouse"
                 )
+            _known_options(parts, CHDB_DSN_OPTIONS, "ch_")
             return dsn
         return _server_dsn(dsn)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -14,9 +15,19 @@ import chdb
 import pytest
 import trustme
 import yaml
+from clickhouse_connect.driver._chdbclient import ChdbClient
+from clickhouse_connect.driver.httpclient import HttpClient
 from pydantic import ValidationError
 
-from llmtap.config import CONFIG_ENV, Settings, load_settings, pinned_config
+from llmtap.config import (
+    CHDB_DSN_OPTIONS,
+    CONFIG_ENV,
+    HTTP_DSN_OPTIONS,
+    Settings,
+    load_settings,
+    pinned_config,
+)
+from sql.store import connect
 from tests.conftest import Broker
 from tests.fake_provider import free_ports
 
@@ -1025,3 +1036,66 @@ def test_a_path_under_the_home_directory_is_under_it(
     assert settings.data_dir == home / "llmtap"
     assert settings.key_file == home / "keys.yaml"
     assert settings.store_dsn == f"chdb:///{home / 'llmtap' / 'clickhouse'}"
+
+
+# PostgreSQL's and clickhouse-jdbc's ways to ask for TLS, a ClickHouse setting, a
+# name's case, a part the DSN gives: on a server, every option of a DSN is an argument
+# of clickhouse-connect's HTTP client, none a ClickHouse setting, and the store's start
+# failed with a TypeError naming no setting, after the broker was waited for (compose
+# restarting it for ever).
+_SERVER_OPTIONS_UNKNOWN = [
+    ("https://llmtap:s3cret@ch:8443/llmtap?sslmode=require", "sslmode"),
+    ("http://llmtap:s3cret@ch:8123/llmtap?ssl=true", "ssl"),
+    ("http://llmtap:s3cret@ch:8123/llmtap?max_threads=4", "max_threads"),
+    ("http://llmtap:s3cret@ch:8123/llmtap?ca_cert=/ca.pem&Connect_Timeout=5", "Connect_Timeout"),
+    ("http://llmtap:s3cret@ch:8123/llmtap?password=other", "password"),
+]
+
+
+@pytest.mark.parametrize(
+    ("setting", "dsn", "option"),
+    [
+        *(("clickhouse_dsn", dsn, option) for dsn, option in _SERVER_OPTIONS_UNKNOWN),
+        *(("sql_dsn", dsn, option) for dsn, option in _SERVER_OPTIONS_UNKNOWN),
+        # chDB's: clickhouse-connect ignored it, but for a warning.
+        ("clickhouse_dsn", "chdb:///var/lib/llmtap?sslmode=require", "sslmode"),
+    ],
+)
+def test_an_option_the_clickhouse_client_does_not_know_is_refused_naming_it(
+    setting: str, dsn: str, option: str
+) -> None:
+    given = {"clickhouse_dsn": "http://llmtap:s3cret@ch:8123/llmtap", setting: dsn}
+    with pytest.raises(ValidationError) as refused:
+        Settings.model_validate(given)
+    said = str(refused.value)
+    assert said.startswith(f"1 validation error for Settings\n{setting}\n"), said
+    assert f"?{option}= is not an option" in said, said
+    assert "s3cret" not in said
+    if dsn.startswith("http"):
+        with pytest.raises(TypeError, match=option):  # what the store met at its start
+            connect(dsn, {})
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "https://llmtap:s3cret@ch:8443/llmtap?ca_cert=/ca.pem&verify=true",
+        "http://ch:8123/llmtap?user=llmtap&connect_timeout=5&send_receive_timeout=60",
+        "http://llmtap:s3cret@ch:8123/llmtap?compression=lz4&client_name=llmtap",
+        "chdb:///var/lib/llmtap?ch_max_threads=4&tz_mode=utc",
+    ],
+)
+def test_an_option_the_clickhouse_client_knows_is_taken(dsn: str) -> None:
+    assert Settings(clickhouse_dsn=dsn).clickhouse_dsn == dsn
+
+
+def test_the_dsn_options_taken_are_those_clickhouse_connect_reads() -> None:
+    """The options taken (llmtap/config.py) are the arguments of clickhouse-connect's
+    clients a DSN's query can give: an upgrade that adds or drops one fails here."""
+    # Given by the DSN itself or by llmtap (a duplicate argument), or not a string.
+    not_from_a_query = {"self", "interface", "host", "port", "username", "password"}
+    not_from_a_query |= {"database", "settings", "headers", "pool_mgr", "token_provider"}
+    http = set(inspect.signature(HttpClient).parameters) - not_from_a_query
+    assert HTTP_DSN_OPTIONS == http | {"user", "user_name", "compression"}
+    chdb = set(inspect.signature(ChdbClient).parameters) - {"self", "settings", "chdb_options"}
+    assert CHDB_DSN_OPTIONS == chdb
