@@ -237,11 +237,12 @@ class EventPublisher:
         return len(self._queue)
 
     def publish(
-        self, topic: str, key: bytes, value: bytes, delivered: Delivered | None = None
+        self, topic: str, key: bytes, value: bytes | None, delivered: Delivered | None = None
     ) -> None:
-        """Queue an event (its JSON) for Kafka. Never blocks, never raises, never waits
-        for the broker. ``delivered`` is told the partition and offset the event went
-        to, once Kafka has it (also after a spell in the spool, within this process)."""
+        """Queue an event (its JSON; None: a tombstone, deleting ``key`` from a compacted
+        topic) for Kafka. Never blocks, never raises, never waits for the broker.
+        ``delivered`` is told the partition and offset the event went to, once Kafka has
+        it (also after a spell in the spool, within this process)."""
         if len(self._queue) >= self._queue_size:
             self._drop_queue_full()
             return

@@ -6,6 +6,10 @@ read in number order. A segment is a run of records, each framed as::
     header: length (u32, big-endian) · crc32 of the payload (u32)
     payload: topic length (u16) · key length (u32) · topic · key · value
 
+A value of no bytes is a tombstone (a null value: a key deleted from a compacted topic,
+as a stopping ingress deletes its entry on the reservations topic). No event is empty
+(each is JSON), so none is taken for one, and the frame needs no flag for it.
+
 A reader stops at the first frame that is short or whose CRC does not match: that is
 a torn last write (a crash mid-append), and what precedes it is kept. After a restart
 appends never go to an old segment, so only the tail of a segment can be torn.
@@ -65,12 +69,13 @@ Delivered = Callable[[int, int], None]  # told the partition and offset a record
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One Kafka message: where it goes, its partition key, its bytes; and, in memory
-    only (never spooled), who to tell where it went once delivered."""
+    """One Kafka message: where it goes, its partition key, its bytes (None: a
+    tombstone); and, in memory only (never spooled), who to tell where it went once
+    delivered."""
 
     topic: str
     key: bytes
-    value: bytes
+    value: bytes | None
     delivered: Delivered | None = field(default=None, compare=False)
 
 
@@ -84,7 +89,8 @@ class Segment:
 
 def encode(record: Record) -> bytes:
     topic = record.topic.encode()
-    payload = b"".join((_FIELDS.pack(len(topic), len(record.key)), topic, record.key, record.value))
+    value = record.value or b""  # None: a tombstone, framed as no bytes
+    payload = b"".join((_FIELDS.pack(len(topic), len(record.key)), topic, record.key, value))
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -108,7 +114,7 @@ def decode(data: bytes) -> tuple[list[Record], int]:
             Record(
                 topic=payload[_FIELDS.size : topic_end].decode(errors="replace"),
                 key=payload[topic_end : topic_end + key_len],
-                value=payload[topic_end + key_len :],
+                value=payload[topic_end + key_len :] or None,  # empty: a tombstone
             )
         )
         offset = end

@@ -90,16 +90,21 @@ class Batches:
         return len(self._partitions)
 
     def add(
-        self, key: bytes, value: bytes, partition: int | None = None, hashed: int | None = None
+        self,
+        key: bytes,
+        value: bytes | None,
+        partition: int | None = None,
+        hashed: int | None = None,
     ) -> tuple[int, int]:
         """Append a record (timestamped now) to its partition's batch: ``partition``
         when the caller knows where the key hashes to, else the key's, from its
         :func:`key_hash` if the caller has it (either saves the hash, ~3 µs). Returns
         the batch's number and the record's offset in it (its offset in the partition:
         the delivered batch's base offset plus that); raises ValueError for a record
-        larger than MAX_RECORD_BYTES."""
-        if len(key) + len(value) > MAX_RECORD_BYTES:
-            raise ValueError(f"a record of {len(key) + len(value)} bytes is too large")
+        larger than MAX_RECORD_BYTES. A ``value`` of None is a tombstone."""
+        size = len(key) + (len(value) if value is not None else 0)
+        if size > MAX_RECORD_BYTES:
+            raise ValueError(f"a record of {size} bytes is too large")
         if partition is None:
             if hashed is None:
                 hashed = key_hash(key)
@@ -113,7 +118,7 @@ class Batches:
         batch = self._producer.create_batch()
         appended = batch.append(key=key, value=value, timestamp=None)
         if appended is None:
-            raise ValueError(f"a record of {len(key) + len(value)} bytes is too large")
+            raise ValueError(f"a record of {size} bytes is too large")
         self._batches.append((partition, batch))
         self._open[partition] = number = len(self._batches) - 1
         return number, appended.offset

@@ -30,8 +30,11 @@ RETRY_S = 1.0
 class Follower(Generic[E]):
     """Hands every event of ``topic``, read as a ``model``, to ``on_event``, in offset
     order per partition, from the beginning, as Kafka client ``client``; a message that
-    is not one is logged and passed over. After a broker outage it goes on where it
-    was. :meth:`caught_up` waits until it has handed over everything on the topic now."""
+    is not one is logged and passed over. A tombstone (no value: its key deleted, as a
+    stopping ingress deletes its entry on the reservations topic) is no event: its key
+    is handed to ``on_gone``, or, with none, it is passed over silently. After a broker
+    outage it goes on where it was. :meth:`caught_up` waits until it has handed over
+    everything on the topic now."""
 
     def __init__(
         self,
@@ -40,12 +43,14 @@ class Follower(Generic[E]):
         client: str,
         model: type[E],
         on_event: Callable[[E], None],
+        on_gone: Callable[[bytes], None] | None = None,
     ) -> None:
         self._kafka = kafka
         self.topic = topic
         self._client = client
         self._model = model
         self._on_event = on_event
+        self._on_gone = on_gone
         self._next: dict[TopicPartition, int] = {}  # offsets handed over up to
         self._read = asyncio.Event()  # set after each fetch handed over
         self._consumer: AIOKafkaConsumer | None = None
@@ -77,7 +82,10 @@ class Follower(Generic[E]):
                     fetched = await consumer.getmany(timeout_ms=1000)
                     for tp, records in fetched.items():
                         for record in records:
-                            self._take(record.value or b"")
+                            if record.value is not None:
+                                self._take(record.value)
+                            elif self._on_gone is not None and record.key is not None:
+                                self._gone(self._on_gone, record.key)
                         self._next[tp] = records[-1].offset + 1
                     self._read.set()
             except (KafkaError, OSError) as exc:
@@ -103,6 +111,12 @@ class Follower(Generic[E]):
             self._on_event(event)
         except Exception:  # a bug with one must not stop the rest
             log.exception("%s: an event could not be taken", self.topic)
+
+    def _gone(self, on_gone: Callable[[bytes], None], key: bytes) -> None:
+        try:
+            on_gone(key)
+        except Exception:  # a bug with one must not stop the rest
+            log.exception("%s: a deletion could not be taken", self.topic)
 
     async def caught_up(self) -> None:
         """Return once every message on the topic when called was handed over."""
@@ -138,8 +152,13 @@ class Follower(Generic[E]):
 
 
 async def follow_topic(
-    topic: str, model: type[E], on_event: Callable[[E], None], kafka: Kafka, client: str
+    topic: str,
+    model: type[E],
+    on_event: Callable[[E], None],
+    kafka: Kafka,
+    client: str,
+    on_gone: Callable[[bytes], None] | None = None,
 ) -> None:
-    """Hand every event of a compacted ``topic`` to ``on_event``, from its beginning,
-    forever (:class:`Follower`)."""
-    await Follower(kafka, topic, client, model, on_event).run()
+    """Hand every event of a compacted ``topic`` to ``on_event``, and every key deleted
+    to ``on_gone``, from its beginning, forever (:class:`Follower`)."""
+    await Follower(kafka, topic, client, model, on_event, on_gone).run()

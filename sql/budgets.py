@@ -38,10 +38,11 @@ BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
 class ReservationBook:
     """The latest :class:`Reservations` of every ingress process that may be live.
 
-    The topic keeps an entry for each process ever started (a new id each start): one
-    silent since before the latest announcement heard is forgotten, as it can never be
-    live again, or each restart of an ingress was kept for good, and scanned at each
-    request (10,000 gone: 40 MB, 33 ms a request)."""
+    The topic keeps an entry for each process started (a new id each start): a stopped
+    one's until compaction removes the key it deleted (its tombstone, :meth:`gone`), a
+    killed one's for good. One silent since before the latest announcement heard is
+    forgotten, as it can never be live again, or each restart of an ingress was kept
+    for good, and scanned at each request (10,000 gone: 40 MB, 33 ms a request)."""
 
     # Those gone are looked for once this many more are kept than twice the last count.
     slack = 64
@@ -59,6 +60,11 @@ class ReservationBook:
         heard = self._heard.hear(event)
         if len(self.latest) > 2 * self._kept + self.slack:
             self._forget_gone(heard)
+
+    def gone(self, key: bytes) -> None:
+        """A process's entry deleted from the topic (its tombstone, after the empty
+        announcement it made as it stopped): forgotten."""
+        self.latest.pop(key.decode(errors="replace"), None)
 
     def _forget_gone(self, heard: datetime) -> None:
         """Forget the processes silent since before ``heard`` for longer than they may
@@ -132,7 +138,12 @@ def budget_follower(settings: Settings) -> Callable[[web.Application], AsyncIter
                 asyncio.create_task(follow(book, kafka, "store-budgets"), name="budget-states")
             )
             reservations = follow_topic(
-                kafka.names.reservations, Reservations, held.update, kafka, "store-reservations"
+                kafka.names.reservations,
+                Reservations,
+                held.update,
+                kafka,
+                "store-reservations",
+                held.gone,
             )
             tasks.append(asyncio.create_task(reservations, name="budget-reservations"))
         yield

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from ingress.guards.budgets import BudgetBook, hear_others
 from ingress.guards.keys import create_key
 from ingress.keys import BUDGETS
 from llmtap import topics
+from llmtap.batches import key_hash
 from llmtap.config import BudgetConfig, ProviderConfig, Settings
 from llmtap.events import Alert, Attribution, Reservations, Usage, utcnow
 from llmtap.kafka import Kafka
@@ -42,6 +44,7 @@ from llmtap.names import Names
 from sinks.budget_seed import publish_states, rebuilt_state
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
+from sql.budgets import RESERVATION_BOOK, budget_follower
 from sql.store import Store
 from stream.budgets import fresh
 from stream.ledger import Ledger
@@ -343,7 +346,9 @@ async def reservations_of(
             while not until(seen):
                 for records in (await consumer.getmany(timeout_ms=200)).values():
                     for record in records:
-                        event = Reservations.model_validate_json(record.value or b"")
+                        if record.value is None:
+                            continue  # a stopped ingress's tombstone
+                        event = Reservations.model_validate_json(record.value)
                         if budget in event.held:
                             mine.add(event.ingress_id)
                         if event.ingress_id in mine:
@@ -397,6 +402,112 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
         upstream.provider.chunk_delay_s = 0.0
         if not closed:
             await server.close()
+
+
+async def records_of(
+    bootstrap: str, key: bytes, until: Callable[[list[bytes | None]], bool]
+) -> list[bytes | None]:
+    """The values of the records keyed ``key`` on the reservations topic (None: a
+    tombstone), read from the beginning until ``until`` holds of them."""
+    consumer = AIOKafkaConsumer(
+        Names().reservations,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        metadata_max_age_ms=500,
+    )
+    await consumer.start()
+    try:
+        seen: list[bytes | None] = []
+        async with asyncio.timeout(30):
+            while not until(seen):
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    seen += [record.value for record in records if record.key == key]
+        return seen
+    finally:
+        await consumer.stop()
+
+
+async def test_a_stopped_ingress_deletes_its_entry_from_the_reservations_topic(
+    ingress_settings: Settings,
+) -> None:
+    """Each start announces under a new id, and the compacted topic kept every one for
+    good (each ingress and the store read them all at start): a stopping ingress now
+    says it holds nothing, then deletes its key (a tombstone), for compaction to remove."""
+    budget = BudgetConfig(
+        name=f"gone-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(100)
+    )
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    server = await serve_ingress(settings)
+    try:
+        key = server.app[BUDGETS].ingress_id.encode()
+        await records_of(settings.kafka_bootstrap, key, lambda seen: bool(seen))
+    finally:
+        await server.close()
+    seen = await records_of(settings.kafka_bootstrap, key, lambda seen: None in seen)
+    assert seen[-1] is None  # the last: the tombstone
+    last = seen[-2]
+    assert last is not None and Reservations.model_validate_json(last).held == {}
+
+
+async def test_a_tombstone_on_the_reservations_topic_is_a_process_gone(
+    ingress_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader of the topic takes a tombstone for its process gone, with no error: the
+    ingress's book (its caps count the others' holds) and the store's (the budgets
+    endpoint's reserved_usd) forget it, also with no empty announcement before it (one
+    compaction removed while the reader was behind)."""
+    budget = BudgetConfig(
+        name=f"gone-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(100)
+    )
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    topic = Names().reservations
+    gone = f"ingress-{uuid.uuid4()}"
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        # A live one read after the tombstone, on its partition: once it is heard, so was that.
+        partitions = sorted(await producer.partitions_for(topic))
+        where = partitions[key_hash(gone.encode()) % len(partitions)]
+        marker = next(
+            m
+            for m in (f"ingress-{uuid.uuid4()}" for _ in range(1000))
+            if partitions[key_hash(m.encode()) % len(partitions)] == where
+        )
+        held = Reservations(
+            ingress_id=gone, at=utcnow(), interval_s=10, held={budget.name: Decimal(1)}
+        )
+        await producer.send_and_wait(topic, held.model_dump_json().encode(), key=gone.encode())
+        await producer.send_and_wait(topic, None, key=gone.encode())
+        live = Reservations(
+            ingress_id=marker, at=utcnow(), interval_s=600, held={budget.name: Decimal(2)}
+        )
+        await producer.send_and_wait(topic, live.model_dump_json().encode(), key=marker.encode())
+    finally:
+        await producer.stop()
+
+    caplog.set_level(logging.INFO, logger="llmtap.following")
+    book = BudgetBook(settings.budgets, load_catalog(settings.pricing_file), 1000)
+    app = web.Application()
+    store = budget_follower(settings)(app)
+    heard = asyncio.create_task(hear_others(book, settings.kafka, "test-tombstone"))
+    await anext(store)
+    try:
+        async with asyncio.timeout(30):
+            while marker not in book.others or marker not in app[RESERVATION_BOOK].latest:
+                await asyncio.sleep(0.05)
+    finally:
+        heard.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heard
+        with contextlib.suppress(StopAsyncIteration):
+            await anext(store)
+    assert gone not in book.others
+    assert gone not in app[RESERVATION_BOOK].latest
+    errors = [
+        r for r in caplog.records if r.name == "llmtap.following" and r.levelno >= logging.ERROR
+    ]
+    assert not errors, caplog.text  # was: "unreadable llmtap.reservations event skipped"
 
 
 async def post_once(base: str, secret: str) -> tuple[int, dict[str, Any], str]:

@@ -77,7 +77,7 @@ def test_spool_append_iterate_ack_round_trip(tmp_path: Path) -> None:
 
 def test_spool_keeps_order_across_segments_and_restarts(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=100)
-    records = [record(i, size=i) for i in range(60)]
+    records = [record(i, size=i + 1) for i in range(60)]  # none empty: a tombstone
     for start in range(0, 40, 7):
         assert spool.append(records[start : min(start + 7, 40)]) == 0
     assert spool.segments > 3
@@ -241,7 +241,7 @@ async def spooled_events(spool_dir: Path) -> list[Ping]:
 
     def read() -> list[Ping]:
         return [
-            Ping.model_validate_json(record.value)
+            Ping.model_validate_json(record.value or b"")
             for path in segment_files(spool_dir)
             for record in decode(path.read_bytes())[0]
         ]
@@ -339,6 +339,42 @@ async def test_a_restart_replays_what_the_last_run_spooled(tmp_path: Path, broke
         )
     sent = spooled + in_memory
     assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in sent}), sent)
+
+
+async def test_a_tombstone_waits_in_the_spool_as_a_tombstone(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A stopping ingress deletes its key on the reservations topic with a tombstone (no
+    value), behind its last announcement: spooled while the broker is away, it is
+    replayed as one, in its place (not as an empty value, nor lost)."""
+    spool_dir = tmp_path / "spool"
+    key = f"stopping-{uuid.uuid4()}".encode()
+    last = pings(0, 1)[0].model_dump_json().encode()
+    first = publisher(f"127.0.0.1:{free_port()}", spool_dir)  # nothing listens there
+    async with running(first):
+        first.publish(TOPIC, key, last)
+        first.publish(TOPIC, key, None)
+        await wait_for(lambda: first.spooled == 2)
+    assert first.dropped == 0
+
+    second = publisher(broker.bootstrap, spool_dir)
+    async with running(second):
+        await wait_for(lambda: second.replayed == 2 and not second.spool_bytes)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        values: list[bytes | None] = []
+        async with asyncio.timeout(30):
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                for messages in (await consumer.getmany(*tps, timeout_ms=500)).values():
+                    values += [m.value for m in messages if m.key == key]
+    finally:
+        await consumer.stop()
+    assert values == [last, None]
 
 
 async def test_a_slow_broker_does_not_keep_new_events_going_through_the_disk(

@@ -288,8 +288,9 @@ class BudgetBook:
 
     def heard(self, event: Reservations) -> None:
         """Another ingress process's announcement of what it holds (its latest counts).
-        One holding nothing (a process stopping says so) is forgotten, and so is every
-        one gone silent: the topic keeps an entry for each process ever started.
+        One holding nothing (a process stopping says so, then deletes its key:
+        :meth:`gone`) is forgotten, and so is every one gone silent: the topic keeps an
+        entry for each process killed, and a stopped one's until compaction removes it.
 
         Silence is judged against the latest announcement heard, not the one in hand:
         the topic is read a partition at a time, so a process long gone, read after a
@@ -308,6 +309,14 @@ class BudgetBook:
         for gone in [i for i, r in self.others.items() if not r.live(heard)]:
             self._hear(gone, None)
         self._all_live = _live_together(self.others.values())
+
+    def gone(self, key: bytes) -> None:
+        """Another ingress process's entry deleted from the topic (its tombstone, after
+        the empty announcement it made as it stopped): forgotten, with what it held."""
+        ingress_id = key.decode(errors="replace")
+        if ingress_id in self.others:
+            self._hear(ingress_id, None)
+            self._all_live = _live_together(self.others.values())
 
     def _hear(self, ingress_id: str, event: Reservations | None) -> None:
         """What process ``ingress_id`` holds is ``event``'s (None: nothing, forgotten).
@@ -607,13 +616,15 @@ async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
     await follower.run_telling(book.states_read)
 
 
-Publish = Callable[[str, bytes, bytes], None]  # topic, key, the event's JSON
+Publish = Callable[[str, bytes, bytes | None], None]  # topic, key, the event's JSON (or None)
 
 
 async def hear_others(book: BudgetBook, kafka: Kafka, client: str) -> None:
     """Keep ``book.others`` up to date with the reservations topic, forever;
     ``book.others_read`` is set once what the topic held when it started was read."""
-    follower = Follower(kafka, kafka.names.reservations, client, Reservations, book.heard)
+    follower = Follower(
+        kafka, kafka.names.reservations, client, Reservations, book.heard, book.gone
+    )
     await follower.run_telling(book.others_read)
 
 
@@ -622,7 +633,12 @@ async def announce(
 ) -> None:
     """Publish what this process holds (:meth:`BudgetBook.held`) on the reservations
     ``topic`` whenever it changes (looked at every 0.2 s) and every ``interval_s`` seconds
-    regardless; on cancellation, once more with nothing held (the process is stopping)."""
+    regardless; on cancellation, once more with nothing held (the process is stopping),
+    then a tombstone for its key: each start announces under a new id, and the compacted
+    topic kept one entry for every process ever started, which every ingress and the
+    store read at start. Kafka's compaction removes the key (after the topic's
+    ``delete.retention.ms``); a reader that sees only the empty announcement, or only
+    the tombstone, forgets the process all the same."""
     key = ingress_id.encode()
     last: dict[str, Decimal] | None = None
     sent_at = 0.0
@@ -641,3 +657,4 @@ async def announce(
     finally:
         gone = Reservations(ingress_id=ingress_id, at=utcnow(), interval_s=interval_s)
         publish(topic, key, gone.model_dump_json().encode())
+        publish(topic, key, None)
