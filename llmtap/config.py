@@ -383,6 +383,19 @@ def _server_dsn(dsn: str) -> str:
             "without it)"
         )
     _known_options(parts, HTTP_DSN_OPTIONS, "")
+    # clickhouse-connect reads user= or user_name= as the user only when the DSN names
+    # none (the first of them), and compression= only without compress=: otherwise it
+    # passes them to its client, which does not take them (the same TypeError).
+    names = {name for name, _ in parse_qsl(parts.query)}
+    users: list[str] = [name for name in ("user", "user_name") if name in names]
+    twice = users if parts.username is not None else users[1:]
+    if "compression" in names and "compress" in names:
+        twice.append("compression")
+    if twice:
+        raise ValueError(
+            f"?{twice[0]}= says again what the DSN says already (its user, or ?compress=): "
+            "give it once"
+        )
     return dsn
 
 

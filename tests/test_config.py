@@ -1099,3 +1099,22 @@ def test_the_dsn_options_taken_are_those_clickhouse_connect_reads() -> None:
     assert HTTP_DSN_OPTIONS == http | {"user", "user_name", "compression"}
     chdb = set(inspect.signature(ChdbClient).parameters) - {"self", "settings", "chdb_options"}
     assert CHDB_DSN_OPTIONS == chdb
+
+
+@pytest.mark.parametrize(
+    ("dsn", "option"),
+    [
+        ("http://llmtap:s3cret@ch:8123/llmtap?user=other", "user"),
+        ("http://ch:8123/llmtap?user=llmtap&user_name=other", "user_name"),
+        ("http://ch:8123/llmtap?compress=true&compression=lz4", "compression"),
+    ],
+)
+def test_an_option_said_twice_is_refused_as_the_client_would_fail_on_it(
+    dsn: str, option: str
+) -> None:
+    """user=, user_name= and compression= stand in for the DSN's user and compress= only
+    when those are not given; otherwise clickhouse-connect passes them to its client."""
+    with pytest.raises(ValidationError, match=rf"\?{option}= says again"):
+        Settings(clickhouse_dsn=dsn)
+    with pytest.raises(TypeError, match=option):  # what the store met at its start
+        connect(dsn, {})
