@@ -11,7 +11,7 @@ from decimal import Decimal
 import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -29,7 +29,7 @@ from stream.detector import Detector, _Pending, metric_value
 from stream.sketches import LatencySketch
 from stream.spikes import SeriesState, horizon, observe
 from stream.warmup import warmed
-from stream.windows import Windower, window_start
+from stream.windows import LATE_KEPT, Windower, window_start
 from tests import sample
 from tests.conftest import Broker
 
@@ -1201,11 +1201,15 @@ class ScanningWindower(Windower):
         for start in [s for s in self._open if s + self.base <= self.watermark]:
             end = start + self.base
             for series, aggregate in self._open.pop(start).items():
-                aggregate.late_events += self._late.pop(series, 0)
+                late = self._late.pop(series, 0)
+                if late:  # late counts as the windower keeps them (LATE_KEPT), not at issue
+                    aggregate.late_events += late
+                    del self._late_since[series]
                 closed.append((end, self.base, aggregate.to_event(series, start, self.base, owned)))
                 self._roll_up(series, start, aggregate, None)
         for start in [s for s in self._first if s + self.base <= self.watermark]:
             del self._first[start]
+        self._let_late_go(self.watermark - LATE_KEPT)
         for outer in [k for k in self._flat if k[2] + k[0] <= self.watermark]:
             size, series, start = outer
             aggregate = self._flat.pop(outer)
@@ -1240,6 +1244,16 @@ class ScanningWindower(Windower):
 
 
 @settings(max_examples=150, deadline=None)
+@example(  # a late count held past LATE_KEPT, its series back afterwards: let go in both
+    [
+        ("call", "a", 0),
+        ("advance", "", 120),
+        ("call", "a", 30),
+        ("advance", "", 7200),
+        ("call", "a", 7230),
+        ("advance", "", 10000),
+    ]
+)
 @given(
     st.lists(
         st.one_of(
