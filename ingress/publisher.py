@@ -242,7 +242,12 @@ class EventPublisher:
         """Queue an event (its JSON; None: a tombstone, deleting ``key`` from a compacted
         topic) for Kafka. Never blocks, never raises, never waits for the broker.
         ``delivered`` is told the partition and offset the event went to, once Kafka has
-        it (also after a spell in the spool, within this process)."""
+        it (also after a spell in the spool, within this process). An empty value is
+        refused (counted as dropped, logged): the spool frames a tombstone as no bytes,
+        so it would reach Kafka as one once spooled, and as an empty value if not."""
+        if value == b"":
+            self.drop_unencodable(topic, ValueError("an empty value (no event is empty)"))
+            return
         if len(self._queue) >= self._queue_size:
             self._drop_queue_full()
             return

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel
 
 from ingress.publisher import (
@@ -203,31 +204,39 @@ async def running(target: EventPublisher) -> AsyncIterator[EventPublisher]:
         await target.stop()
 
 
-async def read_all(bootstrap: str, ids: set[uuid.UUID]) -> list[Ping]:
-    """Every event of ours on TOPIC, start to end, in order (one key: one partition)."""
+async def read_topic(bootstrap: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record on TOPIC, start to end: each partition's in order."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000
     )
     await consumer.start()
     try:
-        partitions = sorted(consumer.partitions_for_topic(TOPIC) or ())
-        tps = [TopicPartition(TOPIC, p) for p in partitions]
+        tps = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or ())]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        found: list[Ping] = []
+        records: list[ConsumerRecord[bytes, bytes]] = []
         async with asyncio.timeout(30):
             while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                batches = await consumer.getmany(*tps, timeout_ms=500)
-                for messages in batches.values():
-                    for message in messages:
-                        with contextlib.suppress(ValueError):
-                            ping = Ping.model_validate_json(message.value)
-                            if ping.event_id in ids:
-                                found.append(ping)
-        return found
+                for messages in (await consumer.getmany(*tps, timeout_ms=500)).values():
+                    records += messages
+        return records
     finally:
         await consumer.stop()
+
+
+def ours(record: ConsumerRecord[bytes, bytes], ids: set[uuid.UUID]) -> Ping | None:
+    """The record's event, if it is one of ``ids``."""
+    try:
+        ping = Ping.model_validate_json(record.value or b"")
+    except ValueError:
+        return None
+    return ping if ping.event_id in ids else None
+
+
+async def read_all(bootstrap: str, ids: set[uuid.UUID]) -> list[Ping]:
+    """Every event of ours on TOPIC, start to end, in order (one key: one partition)."""
+    return [ping for record in await read_topic(bootstrap) if (ping := ours(record, ids))]
 
 
 def assert_exactly_once_in_order(got: list[Ping], sent: list[Ping]) -> None:
@@ -360,21 +369,29 @@ async def test_a_tombstone_waits_in_the_spool_as_a_tombstone(
     second = publisher(broker.bootstrap, spool_dir)
     async with running(second):
         await wait_for(lambda: second.replayed == 2 and not second.spool_bytes)
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or ())]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        values: list[bytes | None] = []
-        async with asyncio.timeout(30):
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                for messages in (await consumer.getmany(*tps, timeout_ms=500)).values():
-                    values += [m.value for m in messages if m.key == key]
-    finally:
-        await consumer.stop()
+    values = [record.value for record in await read_topic(broker.bootstrap) if record.key == key]
     assert values == [last, None]
+
+
+async def test_an_empty_value_is_refused_not_sent_nor_spooled_as_a_tombstone(
+    tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No event is empty, and the spool frames a tombstone as no bytes: an empty value
+    would reach Kafka as an empty value sent at once, and as a tombstone (deleting its
+    key from a compacted topic) after a spell in the spool. It is refused, counted as
+    dropped and logged; the events around it go out."""
+    key = f"empty-{uuid.uuid4()}".encode()
+    before, after = (ping.model_dump_json().encode() for ping in pings(0, 2))
+    target = publisher(broker.bootstrap, tmp_path / "spool")
+    async with running(target):
+        target.publish(TOPIC, key, before)
+        target.publish(TOPIC, key, b"")
+        target.publish(TOPIC, key, after)
+        await wait_for(lambda: target.published + target.dropped == 3)
+    assert (target.published, target.dropped) == (2, 1)
+    assert "an empty value" in caplog.text
+    values = [record.value for record in await read_topic(broker.bootstrap) if record.key == key]
+    assert values == [before, after]
 
 
 async def test_a_slow_broker_does_not_keep_new_events_going_through_the_disk(
@@ -620,27 +637,11 @@ async def test_an_event_too_large_for_kafka_is_dropped_and_the_rest_delivered(
 async def placements(bootstrap: str, ids: set[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
     """Where each of our events is on TOPIC: its partition and offset, as a consumer
     reads them."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5_000
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or ())]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        found: dict[uuid.UUID, tuple[int, int]] = {}
-        async with asyncio.timeout(30):
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                for tp, messages in (await consumer.getmany(*tps, timeout_ms=500)).items():
-                    for message in messages:
-                        with contextlib.suppress(ValueError):
-                            ping = Ping.model_validate_json(message.value)
-                            if ping.event_id in ids:
-                                found[ping.event_id] = (tp.partition, message.offset)
-        return found
-    finally:
-        await consumer.stop()
+    return {
+        ping.event_id: (record.partition, record.offset)
+        for record in await read_topic(bootstrap)
+        if (ping := ours(record, ids))
+    }
 
 
 def publish_told(
