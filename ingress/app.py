@@ -23,6 +23,7 @@ from ingress.guards.auth import Refusal, authenticate
 from ingress.guards.budgets import BudgetBook, announce, follow, hear_others
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
+from ingress.guards.reaping import Reaper, reap
 from ingress.keys import (
     BUDGETS,
     COUNTING,
@@ -130,8 +131,14 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
             book, app[PUBLISHER].publish, settings.kafka.names.reservations, book.ingress_id
         )
         tasks.append(asyncio.create_task(held, name="reservations"))
-        others = hear_others(book, settings.kafka, "ingress-reservations")
+        # And deletes the entries that processes killed left there (ingress/guards/reaping.py).
+        reaper = Reaper(book.ingress_id)
+        others = hear_others(book, settings.kafka, "ingress-reservations", reaper)
         tasks.append(asyncio.create_task(others, name="others-reservations"))
+        deleting = reap(
+            reaper, book.others_read, app[PUBLISHER].publish, settings.kafka.names.reservations
+        )
+        tasks.append(asyncio.create_task(deleting, name="reap-reservations"))
     yield
     for task in tasks:
         task.cancel()

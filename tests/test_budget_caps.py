@@ -12,7 +12,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from ingress.app import create_app
 from ingress.forward import admission
 from ingress.guards.budgets import BudgetBook, hear_others
 from ingress.guards.keys import create_key
+from ingress.guards.reaping import REAP_AFTER
 from ingress.keys import BUDGETS
 from llmtap import topics
 from llmtap.batches import key_hash
@@ -508,6 +509,44 @@ async def test_a_tombstone_on_the_reservations_topic_is_a_process_gone(
         r for r in caplog.records if r.name == "llmtap.following" and r.levelno >= logging.ERROR
     ]
     assert not errors, caplog.text  # was: "unreadable llmtap.reservations event skipped"
+
+
+async def test_an_ingress_deletes_the_entries_processes_killed_left_on_the_topic(
+    ingress_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed never deletes its key: its last announcement stayed on the
+    compacted topic for good, read by every ingress and the store at each start. An
+    ingress deletes the entries silent for an hour once it has read the topic to its
+    end; not one whose process announced since (its older announcement read first)."""
+    budget = BudgetConfig(
+        name=f"reap-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(100)
+    )
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    topic = Names().reservations
+    killed, live = f"ingress-{uuid.uuid4()}", f"ingress-{uuid.uuid4()}"
+    long_ago = utcnow() - REAP_AFTER - timedelta(minutes=5)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        for ingress_id, at in ((killed, long_ago), (live, long_ago), (live, utcnow())):
+            event = Reservations(
+                ingress_id=ingress_id, at=at, interval_s=600, held={budget.name: Decimal(1)}
+            )
+            await producer.send_and_wait(
+                topic, event.model_dump_json().encode(), key=ingress_id.encode()
+            )
+    finally:
+        await producer.stop()
+
+    caplog.set_level(logging.INFO, logger="ingress.guards.reaping")
+    server = await serve_ingress(settings)
+    try:
+        seen = await records_of(settings.kafka_bootstrap, killed.encode(), lambda s: None in s)
+    finally:
+        await server.close()
+    assert seen[-1] is None and len(seen) == 2  # its entry, then its deletion
+    assert killed in caplog.text
+    assert live not in caplog.text  # judged in the same pass, and kept
 
 
 async def post_once(base: str, secret: str) -> tuple[int, dict[str, Any], str]:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ingress.guards.bounds import Reach
 from ingress.guards.settled import Settled, Uncounted
@@ -69,6 +69,9 @@ from stream.pricing import (
     no_tokens,
     priced_as_served,
 )
+
+if TYPE_CHECKING:
+    from ingress.guards.reaping import Reaper
 
 # A cost no state has counted this long after its call ended is no longer held on its
 # own (memory: one entry a call, while a broker outage or a lagging stream lasts): one
@@ -619,12 +622,25 @@ async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
 Publish = Callable[[str, bytes, bytes | None], None]  # topic, key, the event's JSON (or None)
 
 
-async def hear_others(book: BudgetBook, kafka: Kafka, client: str) -> None:
+async def hear_others(
+    book: BudgetBook, kafka: Kafka, client: str, reaper: Reaper | None = None
+) -> None:
     """Keep ``book.others`` up to date with the reservations topic, forever;
-    ``book.others_read`` is set once what the topic held when it started was read."""
-    follower = Follower(
-        kafka, kafka.names.reservations, client, Reservations, book.heard, book.gone
-    )
+    ``book.others_read`` is set once what the topic held when it started was read.
+    ``reaper`` hears every announcement and deletion too."""
+    if reaper is None:
+        heard, gone = book.heard, book.gone
+    else:
+
+        def heard(event: Reservations) -> None:
+            book.heard(event)
+            reaper.heard(event)
+
+        def gone(key: bytes) -> None:
+            book.gone(key)
+            reaper.gone(key)
+
+    follower = Follower(kafka, kafka.names.reservations, client, Reservations, heard, gone)
     await follower.run_telling(book.others_read)
 
 

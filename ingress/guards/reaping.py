@@ -1,0 +1,89 @@
+"""Deleting the entries that ingress processes killed left on the reservations topic.
+
+Each ingress start announces what it holds under a new id, on a compacted topic keyed by
+that id (ingress/guards/budgets.py :func:`~ingress.guards.budgets.announce`), and a
+stopping one deletes its key with a tombstone. One that was killed (SIGKILL after its
+grace, out of memory, a lost machine) never does: its last announcement stayed on the
+topic for good, one entry for every process ever killed, which every ingress and the
+store read at start. Its holds were already let go (a process silent for three
+announcements is gone); its entry is what this deletes.
+
+Every ingress with a hard cap deletes the entries silent for :data:`REAP_AFTER` by its
+own clock, once it has read the topic to its end (an older announcement of a live
+process is then superseded by its latest), and each at most once in its life: a live
+process whose clock runs that far behind is deleted once, heard again at its next
+announcement (within its interval), not deleted at every one. Replicas may each delete
+the same entry: a tombstone more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+
+from ingress.guards.budgets import Publish
+from llmtap.events import Reservations, utcnow
+
+log = logging.getLogger(__name__)
+
+# Silent this long, an entry is deleted: far past the three announcements (30 s by
+# default) after which its holds are let go, so a process paused, or on a clock that
+# lags, is not taken for dead; what an entry costs meanwhile is a few hundred bytes read.
+REAP_AFTER = timedelta(hours=1)
+REAP_EVERY_S = 60.0
+
+
+class Reaper:
+    """The latest announcement heard of each other ingress process (by its id), and
+    which are due for deletion."""
+
+    def __init__(self, own_id: str) -> None:
+        self._own_id = own_id
+        self._latest: dict[str, datetime] = {}
+        self._deleted: set[str] = set()
+
+    def heard(self, event: Reservations) -> None:
+        if event.ingress_id == self._own_id:
+            return
+        latest = self._latest.get(event.ingress_id)
+        if latest is None or event.at > latest:
+            self._latest[event.ingress_id] = event.at
+
+    def gone(self, key: bytes) -> None:
+        """Its key deleted (its own tombstone as it stopped, or one of ours)."""
+        self._latest.pop(key.decode(errors="replace"), None)
+
+    def due(self, now: datetime) -> list[str]:
+        """The processes silent for :data:`REAP_AFTER` at ``now`` and not deleted yet by
+        this one: taken as deleted from here on."""
+        due = [
+            ingress_id
+            for ingress_id, at in self._latest.items()
+            if now - at > REAP_AFTER and ingress_id not in self._deleted
+        ]
+        self._deleted.update(due)
+        return due
+
+
+async def reap(
+    reaper: Reaper,
+    read: asyncio.Event,
+    publish: Publish,
+    topic: str,
+    every_s: float = REAP_EVERY_S,
+) -> None:
+    """Once ``read`` is set (the topic was read to its end), and every ``every_s``
+    seconds after, publish a tombstone on ``topic`` for each process :meth:`Reaper.due`."""
+    await read.wait()
+    while True:
+        for ingress_id in reaper.due(utcnow()):
+            log.info(
+                "deleting ingress %s's entry on %s: silent for %s or more, it stopped "
+                "without deleting it (killed)",
+                ingress_id,
+                topic,
+                REAP_AFTER,
+            )
+            publish(topic, ingress_id.encode(), None)
+        await asyncio.sleep(every_s)
