@@ -31,19 +31,22 @@ async def no_broker() -> AsyncIterator[tuple[str, asyncio.Event]]:
 
 
 @contextlib.asynccontextmanager
-async def silent_broker() -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """A broker that takes connections and answers nothing (one still starting, or
-    hung): the process's probe waits on it, inside the Kafka client. ``reached`` is set
-    once a Kafka client connected (after the probe's bare TCP check)."""
+async def silent_server(
+    *, reached_at_connection: int = 1, reached_after: bytes = b""
+) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A server that takes connections and answers nothing (a peer still starting, hung,
+    or behind a proxy that holds the request): its client waits on it. ``reached`` is
+    set once connection number ``reached_at_connection`` (or a later one) came and sent
+    ``reached_after`` (if any): the client is then waiting on the answer, not still on
+    its way to it, and a stop sent then is one sent mid-wait."""
     reached = asyncio.Event()
-    sessions = 0
     held: list[asyncio.StreamWriter] = []
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sessions
-        sessions += 1
         held.append(writer)
-        if sessions >= 2:
+        if len(held) >= reached_at_connection:
+            if reached_after:
+                await reader.readuntil(reached_after)
             reached.set()
         await reader.read()  # until the client goes
 
@@ -55,6 +58,13 @@ async def silent_broker() -> AsyncIterator[tuple[str, asyncio.Event]]:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+def silent_broker() -> contextlib.AbstractAsyncContextManager[tuple[str, asyncio.Event]]:
+    """A broker that answers nothing: the process's probe waits on it, inside the Kafka
+    client. Reached at the second connection, the Kafka client's (the first is the
+    probe's bare TCP check)."""
+    return silent_server(reached_at_connection=2)
 
 
 @pytest.mark.parametrize("broker", [no_broker, silent_broker])
@@ -112,30 +122,6 @@ async def test_sigterm_while_waiting_for_the_broker_stops_the_process_at_once_cl
         assert "Traceback" not in "".join(said)
 
 
-@contextlib.asynccontextmanager
-async def silent_clickhouse() -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """A ClickHouse server that takes a request and answers nothing (one hung, or
-    behind a proxy that holds the request): the client waits on it for its read
-    timeout (300 s). ``reached`` is set once a request came."""
-    reached = asyncio.Event()
-    held: list[asyncio.StreamWriter] = []
-
-    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        if await reader.readuntil(b"\r\n\r\n"):
-            reached.set()
-        await reader.read()  # until the client goes
-
-    server = await asyncio.start_server(session, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/llmtap", reached
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-
-
 async def _migrate(env: dict[str, str]) -> asyncio.subprocess.Process:
     env = {**os.environ, **env}
     env.pop(CONFIG_ENV, None)
@@ -172,7 +158,10 @@ async def test_sigterm_while_migrate_waits_for_clickhouse_stops_it_at_once(
     as a container's first process (a Job's, a one-off compose run's), not at all,
     `docker stop` waiting out its grace period. Waiting on a ClickHouse server that does
     not answer, it stops at once, status 1 (not migrated), saying so."""
-    async with silent_clickhouse() as (dsn, reached):
+    # Reached once a whole HTTP request came: the client then waits for its read
+    # timeout (300 s).
+    async with silent_server(reached_after=b"\r\n\r\n") as (address, reached):
+        dsn = f"http://{address}/llmtap"
         process = await _migrate({"LLMTAP_DATA_DIR": str(tmp_path), "LLMTAP_CLICKHOUSE_DSN": dsn})
         try:
             async with asyncio.timeout(60):
