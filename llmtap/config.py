@@ -351,10 +351,27 @@ CHDB_DSN_OPTIONS = frozenset(
 )
 
 
+# Options the client takes that would change what llmtap's own queries do.
+CHANGES_LLMTAPS_QUERIES = {
+    "query_limit": (
+        "it puts a LIMIT on every query of llmtap's that has none (the analytics "
+        "endpoints', the SQL endpoint's, the migrations' checks), cutting their answers "
+        "short without saying so"
+    ),
+    "session_id": (
+        "it runs every query of llmtap's in one ClickHouse session, which takes one "
+        "query at a time: those that overlap fail (SESSION_IS_LOCKED)"
+    ),
+}
+
+
 def _known_options(parts: SplitResult, known: frozenset[str], prefix: str) -> None:
     """Raise ValueError naming the first option of a DSN's query that is not in ``known``
-    and does not start with ``prefix`` (if any)."""
+    and does not start with ``prefix`` (if any), or that llmtap refuses
+    (:data:`CHANGES_LLMTAPS_QUERIES`)."""
     for name, _ in parse_qsl(parts.query):
+        if name in CHANGES_LLMTAPS_QUERIES:
+            raise ValueError(f"?{name}= is refused: {CHANGES_LLMTAPS_QUERIES[name]}")
         if name not in known and not (prefix and name.startswith(prefix)):
             extra = f", or {prefix}<setting> for a ClickHouse setting" if prefix else ""
             raise ValueError(

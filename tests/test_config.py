@@ -1104,6 +1104,32 @@ def test_the_dsn_options_taken_are_those_clickhouse_connect_reads() -> None:
 @pytest.mark.parametrize(
     ("dsn", "option"),
     [
+        ("http://llmtap:s3cret@ch:8123/llmtap?query_limit=100", "query_limit"),
+        ("chdb:///var/lib/llmtap/chdb?query_limit=100", "query_limit"),
+        ("http://llmtap:s3cret@ch:8123/llmtap?session_id=llmtap", "session_id"),
+    ],
+)
+def test_an_option_that_changes_llmtaps_own_queries_is_refused(dsn: str, option: str) -> None:
+    """The client takes them, and llmtap's queries would then answer short (a LIMIT on
+    each one with none) or fail when they overlap (one session)."""
+    with pytest.raises(ValidationError, match=rf"\?{option}= is refused: it "):
+        Settings(clickhouse_dsn=dsn)
+
+
+def test_a_query_limit_would_cut_llmtaps_answers_short(tmp_path: Path) -> None:
+    """Why ?query_limit= is refused: the client the store would make puts the limit on
+    a query of llmtap's that has none."""
+    client = connect(f"chdb://{tmp_path / 'chdb'}?query_limit=3", {})
+    try:
+        assert len(client.query("SELECT number FROM system.numbers LIMIT 10").result_rows) == 10
+        assert len(client.query("SELECT number FROM numbers(10)").result_rows) == 3
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("dsn", "option"),
+    [
         ("http://llmtap:s3cret@ch:8123/llmtap?user=other", "user"),
         ("http://ch:8123/llmtap?user=llmtap&user_name=other", "user_name"),
         ("http://ch:8123/llmtap?compress=true&compression=lz4", "compression"),
