@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,7 +29,7 @@ from stream.detector import Detector, _Pending, metric_value
 from stream.sketches import LatencySketch
 from stream.spikes import SeriesState, horizon, observe
 from stream.warmup import warmed
-from stream.windows import LATE_KEPT, Windower, window_start
+from stream.windows import Closed, Windower, window_start
 from tests import sample
 from tests.conftest import Broker
 
@@ -1185,37 +1185,13 @@ class ScanningWindower(Windower):
         super().__init__(sizes_s, grace)
         self._flat: dict[tuple[timedelta, Series, datetime], Aggregate] = {}
 
-    def advance(self, now: datetime, partitions: Iterable[int]) -> list[wire.Window]:
-        if self._replaying:
-            return []
-        marks = [] if self.watermark is None else [self.watermark]
-        if self._latest_event is not None:
-            marks.append(self._latest_event - self.grace)
-        if self._last_arrival is None or now - self._last_arrival >= self.grace:
-            marks.append(now - self.grace)
-        if not marks:
-            return []
-        self.watermark = max(marks)
-        owned = tuple(partitions)
-        closed: list[tuple[datetime, timedelta, wire.Window]] = []
-        for start in [s for s in self._open if s + self.base <= self.watermark]:
-            end = start + self.base
-            for series, aggregate in self._open.pop(start).items():
-                late = self._late.pop(series, 0)
-                if late:  # late counts as the windower keeps them (LATE_KEPT), not at issue
-                    aggregate.late_events += late
-                    del self._late_since[series]
-                closed.append((end, self.base, aggregate.to_event(series, start, self.base, owned)))
-                self._roll_up(series, start, aggregate, None)
-        for start in [s for s in self._first if s + self.base <= self.watermark]:
-            del self._first[start]
-        self._let_late_go(self.watermark - LATE_KEPT)
-        for outer in [k for k in self._flat if k[2] + k[0] <= self.watermark]:
+    def _close_larger(self, watermark: datetime, owned: tuple[int, ...]) -> list[Closed]:
+        closed: list[Closed] = []
+        for outer in [k for k in self._flat if k[2] + k[0] <= watermark]:
             size, series, start = outer
             aggregate = self._flat.pop(outer)
             closed.append((start + size, size, aggregate.to_event(series, start, size, owned)))
-        closed.sort(key=lambda c: (c[0], c[1]))
-        return [window for _, _, window in closed]
+        return closed
 
     def _roll_up(
         self,
