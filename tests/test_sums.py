@@ -8,7 +8,7 @@ the processes or the budgets configured."""
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from ingress.guards import budgets as book_module
 from ingress.guards.budgets import BudgetBook
+from ingress.guards.settled import Settled
 from ingress.guards.sums import RunningSum
 from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Reservations, Usage, utcnow
@@ -281,3 +282,71 @@ def test_what_the_others_hold_is_what_scanning_their_announcements_gave(
             )
             found = budgets._others_hold(name, asked)
             assert (found, str(found)) == (scanned, str(scanned))
+
+
+step = st.one_of(
+    st.tuples(st.just("admit"), st.sampled_from(["acme", "globex"]), st.integers(1, 50_000)),
+    st.tuples(st.just("settle"), st.integers(0, 5), st.sampled_from(["ok", "missing", "none"])),
+    st.tuples(st.just("deliver"), st.integers(0, 5), st.integers(0, 1), st.integers(0, 20)),
+    st.tuples(st.just("state"), st.sampled_from(["acme-day", "acme-month"]), st.integers(0, 20)),
+    st.tuples(st.just("wait"), st.sampled_from([1, 30, 61, 600, 1500])),  # minutes
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(step, max_size=40))
+def test_what_a_budget_holding_nothing_is_said_to_hold_is_what_working_it_out_gives(
+    steps: list[tuple[Any, ...]],
+) -> None:
+    """held(), every 0.2 s on the event loop, gives a budget holding nothing 0 without
+    working it out (it was ~3.5 µs a budget): whatever calls were admitted, ended,
+    delivered, counted by states, aged past the hour or left in an earlier period, each
+    budget's amount is what working it out gives, digits too."""
+    configured = [
+        BudgetConfig(name="acme-day", scope="tenant", value="acme", limit_usd=Decimal(100)),
+        BudgetConfig(
+            name="acme-month", scope="tenant", value="acme", period="month", limit_usd=Decimal(100)
+        ),
+        BudgetConfig(name="globex-day", scope="tenant", value="globex", limit_usd=Decimal(100)),
+    ]
+    budgets = BudgetBook(configured, load_catalog(), default_max_tokens=4096)
+    now = datetime(2026, 11, 30, 22, tzinfo=UTC)
+    open_calls: list[uuid.UUID] = []
+    settled: list[Settled] = []
+    usages = {
+        "ok": Usage(input_tokens=10, output_tokens=1_000),
+        "missing": Usage.missing(),
+        "none": Usage(),
+    }
+    for kind, *args in steps:
+        if kind == "admit":
+            call = uuid.uuid4()
+            who = Attribution(tenant=args[0])
+            if budgets.admit(call, who, "gpt-4o", 100, args[1], now) is None:
+                open_calls.append(call)
+        elif kind == "settle" and open_calls:
+            call = open_calls.pop(args[0] % len(open_calls))
+            cost = budgets.settle(call, "gpt-4o", usages[args[1]], now)
+            if cost is not None:
+                settled.append(cost)
+        elif kind == "deliver" and settled:
+            cost = settled.pop(args[0] % len(settled))
+            cost.delivered(args[1], args[2])
+        elif kind == "state":
+            budget = next(b for b in configured if b.name == args[0])
+            state = budget_math.fresh(budget, now, now).model_copy(
+                update={"last_event_at": now, "applied": {0: args[1], 1: args[1] // 2}}
+            )
+            budgets.update(state)
+        elif kind == "wait":
+            now += timedelta(minutes=args[0])
+        found = budgets.held(now)
+        worked_out = {
+            b.name: budgets._holding(
+                b.name, now, budget_math.current(b, budgets.states.get(b.name), now).period_start
+            )
+            for b in configured
+        }
+        assert {n: (v, str(v)) for n, v in found.items()} == {
+            n: (v, str(v)) for n, v in worked_out.items()
+        }

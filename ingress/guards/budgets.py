@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ingress.guards.bounds import Reach
 from ingress.guards.settled import Settled, Uncounted
-from ingress.guards.sums import RunningSum, exponent_of
+from ingress.guards.sums import ZERO, RunningSum, exponent_of
 from ingress.guards.worst_case import WorstCase
 from llmtap.amounts import plain
 from llmtap.config import BudgetConfig
@@ -436,14 +436,30 @@ class BudgetBook:
 
     def held(self, now: datetime) -> dict[str, Decimal]:
         """What this process holds against each hard-capped budget beyond its published
-        spend (what :meth:`committed` adds): in-flight worst cases and uncounted costs."""
+        spend (what :meth:`committed` adds): in-flight worst cases and uncounted costs.
+        Asked every 0.2 s (:func:`announce`), on the event loop: a budget that holds
+        nothing is known to at a glance (:meth:`_idle`), not worked out (~3.5 µs each:
+        0.7 ms a time with 200 hard-capped budgets, 1.8 with no state of them read)."""
         return {
-            b.name: self._holding(
-                b.name, now, current(b, self.states.get(b.name), now).period_start
-            )
+            b.name: ZERO
+            if self._idle(b.name)
+            else self._holding(b.name, now, current(b, self.states.get(b.name), now).period_start)
             for b in self.budgets
             if b.hard_cap
         }
+
+    def _idle(self, name: str) -> bool:
+        """Whether budget ``name`` holds nothing, so that :meth:`_holding` is 0 (as it
+        gives it: ``Decimal("0")``) with nothing left for it to let go either."""
+        reserved = self.reserved.get(name)
+        settled = self.settled.get(name)
+        unpriced = self.unpriced.get(name)
+        return (
+            (reserved is None or not reserved)
+            and (settled is None or settled.idle)
+            and not self.aged.get(name)
+            and (unpriced is None or not unpriced[1])
+        )
 
     def admit(
         self,

@@ -74,6 +74,11 @@ class Uncounted:
     def total(self) -> Decimal:
         return self._amounts.total
 
+    @property
+    def idle(self) -> bool:
+        """Nothing held, and nothing left in line for :meth:`expire` to let go."""
+        return not self._held and not self._by_end
+
     def costs(self) -> list[Settled]:
         """Those held, in the order they were."""
         return [c for c in self._by_end if id(c) in self._held]
