@@ -27,7 +27,7 @@ from llmtap.config import (
     load_settings,
     pinned_config,
 )
-from sql.store import connect
+from sql.store import Store, connect
 from tests.conftest import Broker
 from tests.fake_provider import free_ports
 
@@ -1119,12 +1119,12 @@ def test_an_option_that_changes_llmtaps_own_queries_is_refused(dsn: str, option:
 def test_a_query_limit_would_cut_llmtaps_answers_short(tmp_path: Path) -> None:
     """Why ?query_limit= is refused: the client the store would make puts the limit on
     a query of llmtap's that has none."""
-    client = connect(f"chdb://{tmp_path / 'chdb'}?query_limit=3", {})
+    store = Store(f"chdb://{tmp_path / 'chdb'}?query_limit=3")
     try:
-        assert len(client.query("SELECT number FROM system.numbers LIMIT 10").result_rows) == 10
-        assert len(client.query("SELECT number FROM numbers(10)").result_rows) == 3
+        assert len(store.rows("SELECT number FROM system.numbers LIMIT 10")) == 10
+        assert len(store.rows("SELECT number FROM numbers(10)")) == 3
     finally:
-        client.close()
+        store.close()
 
 
 @pytest.mark.parametrize(
