@@ -403,49 +403,67 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "store":
         from sinks.app import run as run_store
 
+        # Its migrations first, here: in the app's start (a thread) a stop waited for
+        # them all, a ClickHouse server that did not answer for its read timeout.
+        migrated = _migrate(settings, "store")
+        if migrated:
+            return migrated
         if not asyncio.run(unless_stopped(_wait_for_topics(settings))):
             return 1
         run_store(settings)
     elif args.command == "migrate":
-        from sql.migrate import SchemaAhead, migrate
-        from sql.retention import apply_retention
-        from sql.store import Store, StoreInUse
+        return _migrate(settings, "migrate")
+    return 0
 
-        # A stop ends it at once, status 1 (not done: a Job or a compose service waited
-        # for is not taken as migrated): a migration under way is not recorded (its
-        # version is, in one insert, once all its statements ran), and the next run
-        # applies it again, as it does one of a killed run.
-        try:
-            with stopped_at_once():
-                try:
-                    store = Store(settings.store_dsn)
-                except StoreInUse as exc:
-                    print(f"llmtap: {exc}", file=sys.stderr)
-                    return 2
-                try:
-                    applied = migrate(store)
+
+def _migrate(settings: Settings, command: str) -> int:
+    """Apply the store's migrations and retention, in the main thread, where a stop ends
+    the work at once, status 1 (not done: a Job or a compose service waited for is not
+    taken as migrated): a migration under way is not recorded (its version is, in one
+    insert, once all its statements ran), and the next run applies it again, as it does
+    one of a killed run. 2: the store is another process's, or its schema is ahead of
+    this llmtap's. ``llmtap migrate`` says what it did on stdout; ``llmtap store`` logs it."""
+    from sql.migrate import SchemaAhead, migrate
+    from sql.retention import apply_retention
+    from sql.store import Store, StoreInUse
+
+    try:
+        with stopped_at_once():
+            try:
+                store = Store(settings.store_dsn)
+            except StoreInUse as exc:
+                print(f"llmtap: {exc}", file=sys.stderr)
+                return 2
+            try:
+                applied = migrate(store)
+                if command == "migrate":
                     print(f"applied migrations: {applied or 'none (schema up to date)'}")
-                    tables = apply_retention(
-                        store,
-                        raw_days=settings.raw_retention_days,
-                        rollup_days=settings.rollup_retention_days,
-                    )
-                except SchemaAhead as exc:
-                    print(f"llmtap: {exc}", file=sys.stderr)
-                    return 2
-                finally:
-                    store.close()
-        except Stopped as exc:
-            log.warning(
-                "llmtap migrate stopped (%s) before it was done: the migrations it did not "
-                "finish are applied by the next llmtap migrate (or llmtap store)",
-                exc,
-            )
-            return 1
-        print(
-            f"retention applied to: {', '.join(tables) or 'nothing (up to date)'}"
-            + (" (stored rows are rewritten to it in the background)" if tables else "")
+                elif applied:
+                    log.info("migrations applied: %s", applied)
+                tables = apply_retention(
+                    store,
+                    raw_days=settings.raw_retention_days,
+                    rollup_days=settings.rollup_retention_days,
+                )
+            except SchemaAhead as exc:
+                print(f"llmtap: {exc}", file=sys.stderr)
+                return 2
+            finally:
+                store.close()
+    except Stopped as exc:
+        log.warning(
+            "llmtap %s stopped (%s) before it was done: the migrations it did not finish "
+            "are applied by the next llmtap migrate (or llmtap store)",
+            command,
+            exc,
         )
+        return 1
+    if command != "migrate":
+        return 0
+    print(
+        f"retention applied to: {', '.join(tables) or 'nothing (up to date)'}"
+        + (" (stored rows are rewritten to it in the background)" if tables else "")
+    )
     return 0
 
 

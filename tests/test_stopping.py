@@ -17,6 +17,7 @@ import pytest
 
 from llmtap.config import CONFIG_ENV
 from sql.migrate import available
+from tests.conftest import Broker
 from tests.fake_provider import free_port
 
 STOPPED_WITHIN_S = 5.0
@@ -122,11 +123,11 @@ async def test_sigterm_while_waiting_for_the_broker_stops_the_process_at_once_cl
         assert "Traceback" not in "".join(said)
 
 
-async def _migrate(env: dict[str, str]) -> asyncio.subprocess.Process:
+async def _migrate(env: dict[str, str], command: str = "migrate") -> asyncio.subprocess.Process:
     env = {**os.environ, **env}
     env.pop(CONFIG_ENV, None)
     return await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "llmtap", "migrate"),
+        *(sys.executable, "-m", "llmtap", command),
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -151,18 +152,25 @@ async def _stop(process: asyncio.subprocess.Process) -> tuple[str, float]:
     return rest.decode(), loop.time() - asked_at
 
 
+@pytest.mark.parametrize("command", ["migrate", "store"])
 async def test_sigterm_while_migrate_waits_for_clickhouse_stops_it_at_once(
-    tmp_path: Path,
+    tmp_path: Path, command: str, broker: Broker
 ) -> None:
     """`llmtap migrate` had no handler for SIGTERM: it ended at once (status -15), or,
     as a container's first process (a Job's, a one-off compose run's), not at all,
-    `docker stop` waiting out its grace period. Waiting on a ClickHouse server that does
-    not answer, it stops at once, status 1 (not migrated), saying so."""
+    `docker stop` waiting out its grace period; `llmtap store` migrated in a thread of
+    its app's start, which a stop waited for. Waiting on a ClickHouse server that does
+    not answer, each stops at once, status 1 (not migrated), saying so."""
     # Reached once a whole HTTP request came: the client then waits for its read
     # timeout (300 s).
     async with silent_server(reached_after=b"\r\n\r\n") as (address, reached):
         dsn = f"http://{address}/llmtap"
-        process = await _migrate({"LLMTAP_DATA_DIR": str(tmp_path), "LLMTAP_CLICKHOUSE_DSN": dsn})
+        env = {
+            "LLMTAP_DATA_DIR": str(tmp_path),
+            "LLMTAP_CLICKHOUSE_DSN": dsn,
+            "LLMTAP_KAFKA_BOOTSTRAP": broker.bootstrap,  # the store's is up
+        }
+        process = await _migrate(env, command)
         try:
             async with asyncio.timeout(60):
                 await reached.wait()
@@ -170,7 +178,7 @@ async def test_sigterm_while_migrate_waits_for_clickhouse_stops_it_at_once(
             said, took = await _stop(process)
     assert process.returncode == 1, said[-2000:]
     assert took < STOPPED_WITHIN_S
-    assert "llmtap migrate stopped (SIGTERM) before it was done" in said
+    assert f"llmtap {command} stopped (SIGTERM) before it was done" in said
     assert "Traceback" not in said
 
 
