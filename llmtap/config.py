@@ -362,6 +362,15 @@ CHANGES_LLMTAPS_QUERIES = {
         "it runs every query of llmtap's in one ClickHouse session, which takes one "
         "query at a time: those that overlap fail (SESSION_IS_LOCKED)"
     ),
+    # A chDB DSN's ch_<setting>: ClickHouse's own way to the same end as query_limit.
+    "ch_limit": (
+        "it sets ClickHouse's setting limit, which cuts every answer of llmtap's to that "
+        "many rows, a LIMIT said or not, without saying so"
+    ),
+    "ch_offset": (
+        "it sets ClickHouse's setting offset, which leaves out that many rows of every "
+        "answer of llmtap's, without saying so"
+    ),
 }
 
 
@@ -376,7 +385,8 @@ def _known_options(parts: SplitResult, known: frozenset[str], prefix: str) -> No
             extra = f", or {prefix}<setting> for a ClickHouse setting" if prefix else ""
             raise ValueError(
                 f"?{name}= is not an option of llmtap's ClickHouse client (clickhouse-connect) "
-                f"for a {parts.scheme}:// DSN: its options are {', '.join(sorted(known))}"
+                f"for a {parts.scheme}:// DSN: its options are "
+                f"{', '.join(sorted(known - CHANGES_LLMTAPS_QUERIES.keys()))}"
                 f"{extra}"
             )
 

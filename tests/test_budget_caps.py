@@ -32,6 +32,7 @@ from standardwebhooks import Webhook
 
 from ingress.app import create_app
 from ingress.forward import admission
+from ingress.guards import reaping
 from ingress.guards.budgets import BudgetBook, hear_others
 from ingress.guards.keys import create_key
 from ingress.guards.reaping import REAP_AFTER
@@ -512,7 +513,7 @@ async def test_a_tombstone_on_the_reservations_topic_is_a_process_gone(
 
 
 async def test_an_ingress_deletes_the_entries_processes_killed_left_on_the_topic(
-    ingress_settings: Settings, caplog: pytest.LogCaptureFixture
+    ingress_settings: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process killed never deletes its key: its last announcement stayed on the
     compacted topic for good, read by every ingress and the store at each start. An
@@ -539,6 +540,7 @@ async def test_an_ingress_deletes_the_entries_processes_killed_left_on_the_topic
         await producer.stop()
 
     caplog.set_level(logging.INFO, logger="ingress.guards.reaping")
+    monkeypatch.setattr(reaping, "REAP_EVERY_S", 0.2)  # two looks, a minute apart
     server = await serve_ingress(settings)
     try:
         seen = await records_of(settings.kafka_bootstrap, killed.encode(), lambda s: None in s)

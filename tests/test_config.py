@@ -1070,6 +1070,7 @@ def test_an_option_the_clickhouse_client_does_not_know_is_refused_naming_it(
     said = str(refused.value)
     assert said.startswith(f"1 validation error for Settings\n{setting}\n"), said
     assert f"?{option}= is not an option" in said, said
+    assert "query_limit" not in said, said  # refused: not offered as an option (was)
     assert "s3cret" not in said
     if dsn.startswith("http"):
         with pytest.raises(TypeError, match=option):  # what the store met at its start
@@ -1107,6 +1108,8 @@ def test_the_dsn_options_taken_are_those_clickhouse_connect_reads() -> None:
         ("http://llmtap:s3cret@ch:8123/llmtap?query_limit=100", "query_limit"),
         ("chdb:///var/lib/llmtap/chdb?query_limit=100", "query_limit"),
         ("http://llmtap:s3cret@ch:8123/llmtap?session_id=llmtap", "session_id"),
+        ("chdb:///var/lib/llmtap/chdb?ch_limit=100", "ch_limit"),
+        ("chdb:///var/lib/llmtap/chdb?ch_offset=10", "ch_offset"),
     ],
 )
 def test_an_option_that_changes_llmtaps_own_queries_is_refused(dsn: str, option: str) -> None:
@@ -1123,6 +1126,16 @@ def test_a_query_limit_would_cut_llmtaps_answers_short(tmp_path: Path) -> None:
     try:
         assert len(store.rows("SELECT number FROM system.numbers LIMIT 10")) == 10
         assert len(store.rows("SELECT number FROM numbers(10)")) == 3
+    finally:
+        store.close()
+
+
+def test_a_limit_setting_would_cut_llmtaps_answers_short(tmp_path: Path) -> None:
+    """Why ?ch_limit= is refused on chDB too: ClickHouse's setting ``limit`` cuts every
+    answer, a LIMIT said or not (was: taken, as any ch_<setting>)."""
+    store = Store(f"chdb://{tmp_path / 'chdb'}?ch_limit=3")
+    try:
+        assert len(store.rows("SELECT number FROM system.numbers LIMIT 10")) == 3
     finally:
         store.close()
 

@@ -8,7 +8,7 @@ the processes or the budgets configured."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -24,7 +24,7 @@ from llmtap.config import BudgetConfig
 from llmtap.events import Attribution, Reservations, Usage, utcnow
 from stream import budgets as budget_math
 from stream.budgets import Matching, matches
-from stream.pricing import load_catalog
+from stream.pricing import Catalog, ModelPrice, Rates, load_catalog
 
 # Amounts of every shape a worst case takes: few digits at any exponent, and some
 # with more than a Decimal's 28 (which no addition can keep: summed as summing rounds).
@@ -350,3 +350,22 @@ def test_what_a_budget_holding_nothing_is_said_to_hold_is_what_working_it_out_gi
         assert {n: (v, str(v)) for n, v in found.items()} == {
             n: (v, str(v)) for n, v in worked_out.items()
         }
+
+
+def test_a_budget_holding_a_free_calls_worst_case_is_said_to_hold_it_digits_too() -> None:
+    """A model priced at 0 (one of your own) reserves a worst case of 0E-9; a call of
+    it whose usage is unknown holds that to its period's end: 0, worked out as 0E-9.
+    held() said "0" without working it out, not what the budget holds, digits and all."""
+    free = ModelPrice(
+        provider="self",
+        prices=[Rates(effective_from=date(2020, 1, 1), input=Decimal(0), output=Decimal(0))],
+    )
+    budget = BudgetConfig(name="acme", scope="tenant", value="acme", limit_usd=Decimal(100))
+    budgets = BudgetBook([budget], Catalog(models={"free": free}), default_max_tokens=4096)
+    now, call = utcnow(), uuid.uuid4()
+    assert budgets.admit(call, Attribution(tenant="acme"), "free", 100, 10, now, "self") is None
+    assert budgets.settle(call, "free", Usage.missing(), now, "self") is None
+    found = budgets.held(now)["acme"]
+    since = budget_math.current(budget, None, now).period_start
+    worked_out = budgets._holding("acme", now, since)
+    assert (found, str(found)) == (worked_out, str(worked_out))  # was: "0" for "0E-9"

@@ -450,7 +450,8 @@ class BudgetBook:
 
     def _idle(self, name: str) -> bool:
         """Whether budget ``name`` holds nothing, so that :meth:`_holding` is 0 (as it
-        gives it: ``Decimal("0")``) with nothing left for it to let go either."""
+        gives it: ``Decimal("0")``) with nothing left for it to let go either. A 0 held
+        to its period's end of other digits (a free model's worst case: 0E-9) is not."""
         reserved = self.reserved.get(name)
         settled = self.settled.get(name)
         unpriced = self.unpriced.get(name)
@@ -458,7 +459,7 @@ class BudgetBook:
             (reserved is None or not reserved)
             and (settled is None or settled.idle)
             and not self.aged.get(name)
-            and (unpriced is None or not unpriced[1])
+            and (unpriced is None or (not unpriced[1] and unpriced[1].same_quantum(ZERO)))
         )
 
     def admit(

@@ -8,12 +8,17 @@ topic for good, one entry for every process ever killed, which every ingress and
 store read at start. Its holds were already let go (a process silent for three
 announcements is gone); its entry is what this deletes.
 
-Every ingress with a hard cap deletes the entries silent for :data:`REAP_AFTER` by its
-own clock, once it has read the topic to its end (an older announcement of a live
-process is then superseded by its latest), and each at most once in its life: a live
-process whose clock runs that far behind is deleted once, heard again at its next
-announcement (within its interval), not deleted at every one. Replicas may each delete
-the same entry: a tombstone more.
+Every ingress with a hard cap deletes the entries silent for :data:`REAP_AFTER` before
+the latest announcement it has read (its own, every interval, among them; none past its
+clock), at two looks a minute apart, once it has read the topic to its end (an older
+announcement of a live process is then superseded by its latest), and each at most once
+in its life: a live process
+whose clock runs that far behind is deleted once, heard again at its next announcement
+(within its interval), not deleted at every one. Replicas may each delete the same
+entry: a tombstone more. Judged by its clock alone, a process paused for an hour, or cut
+off from Kafka that long, took every live process for dead as it woke or as Kafka came
+back, before it read their announcements of that hour (the book judges silence against
+what it read too: LatestHeard).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 from datetime import datetime, timedelta
 
 from ingress.guards.budgets import Publish
-from llmtap.events import Reservations, utcnow
+from llmtap.events import LatestHeard, Reservations, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,11 @@ class Reaper:
         self._own_id = own_id
         self._latest: dict[str, datetime] = {}
         self._deleted: set[str] = set()
+        self._silent: set[str] = set()  # found silent at the last look
+        self._read = LatestHeard()  # the latest announcement read, its own too
 
     def heard(self, event: Reservations) -> None:
+        self._read.hear(event)
         if event.ingress_id == self._own_id:
             return
         latest = self._latest.get(event.ingress_id)
@@ -55,13 +63,23 @@ class Reaper:
         self._latest.pop(key.decode(errors="replace"), None)
 
     def due(self, now: datetime) -> list[str]:
-        """The processes silent for :data:`REAP_AFTER` at ``now`` and not deleted yet by
-        this one: taken as deleted from here on."""
-        due = [
+        """The processes silent for :data:`REAP_AFTER` before the latest announcement
+        read (``now`` at the latest), at this look and at the one before, and not deleted
+        yet by this one: taken as deleted from here on. What was read before a pause, or
+        an outage, tells nothing of who has been silent since; and the topic is read a
+        partition at a time, so as it is caught up with, this process's own latest may
+        be read before a live one's (both waited in their spools through an outage):
+        silent at two looks apart, with what came between read, it is not that."""
+        if self._read.at is None:
+            return []
+        read_to = min(now, self._read.at)
+        silent = {
             ingress_id
             for ingress_id, at in self._latest.items()
-            if now - at > REAP_AFTER and ingress_id not in self._deleted
-        ]
+            if read_to - at > REAP_AFTER and ingress_id not in self._deleted
+        }
+        due = sorted(silent & self._silent)
+        self._silent = silent.difference(due)
         self._deleted.update(due)
         return due
 
@@ -71,10 +89,12 @@ async def reap(
     read: asyncio.Event,
     publish: Publish,
     topic: str,
-    every_s: float = REAP_EVERY_S,
+    every_s: float | None = None,
 ) -> None:
     """Once ``read`` is set (the topic was read to its end), and every ``every_s``
-    seconds after, publish a tombstone on ``topic`` for each process :meth:`Reaper.due`."""
+    seconds after (None: :data:`REAP_EVERY_S`), publish a tombstone on ``topic`` for each
+    process :meth:`Reaper.due`."""
+    every_s = REAP_EVERY_S if every_s is None else every_s
     await read.wait()
     while True:
         for ingress_id in reaper.due(utcnow()):
