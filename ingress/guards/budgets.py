@@ -650,12 +650,12 @@ async def hear_others(
     else:
 
         def heard(event: Reservations) -> None:
+            reaper.heard(event)  # first: it cannot fail
             book.heard(event)
-            reaper.heard(event)
 
         def gone(key: bytes) -> None:
-            book.gone(key)
             reaper.gone(key)
+            book.gone(key)
 
     follower = Follower(kafka, kafka.names.reservations, client, Reservations, heard, gone)
     await follower.run_telling(book.others_read)

@@ -12,13 +12,12 @@ Every ingress with a hard cap deletes the entries silent for :data:`REAP_AFTER` 
 the latest announcement it has read (its own, every interval, among them; none past its
 clock), at two looks a minute apart, once it has read the topic to its end (an older
 announcement of a live process is then superseded by its latest), and each at most once
-in its life: a live process
-whose clock runs that far behind is deleted once, heard again at its next announcement
-(within its interval), not deleted at every one. Replicas may each delete the same
-entry: a tombstone more. Judged by its clock alone, a process paused for an hour, or cut
-off from Kafka that long, took every live process for dead as it woke or as Kafka came
-back, before it read their announcements of that hour (the book judges silence against
-what it read too: LatestHeard).
+in its life: a live process whose clock runs that far behind is deleted once, heard again
+at its next announcement (within its interval), not deleted at every one. Replicas may
+each delete the same entry: a tombstone more. Judged by its clock alone, a process paused
+for an hour, or cut off from Kafka that long, took every live process for dead as it woke
+or as Kafka came back, before it read their announcements of that hour (the book judges
+silence against what it read too: LatestHeard).
 """
 
 from __future__ import annotations
