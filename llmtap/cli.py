@@ -403,8 +403,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "store":
         from sinks.app import run as run_store
 
-        # Its migrations first, here: in the app's start (a thread) a stop waited for
-        # them all, a ClickHouse server that did not answer for its read timeout.
+        # Its migrations first, here, and only here: in the app's start (a thread) a stop
+        # waited for them all, a ClickHouse server that did not answer for its read timeout.
         migrated = _migrate(settings, "store")
         if migrated:
             return migrated

@@ -1,8 +1,9 @@
 """The store process: the one process that owns the ClickHouse store.
 
-It runs the migrations, the ClickHouse writer, and serves the analytics API from the
-same client. With embedded chDB this is required (one process owns a chDB path); with
-a ClickHouse server the API and writer could be split, but need not be.
+It runs the ClickHouse writer (on the schema `llmtap store` migrated first), and serves
+the analytics API from the same client. With embedded chDB this is required (one process
+owns a chDB path); with a ClickHouse server the API and writer could be split, but need
+not be.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from sinks.metrics import store_registry
 from sinks.webhooks.dispatcher import WebhookDispatcher
 from sql import analytics, dashboard
 from sql.admission import ADMISSION
-from sql.migrate import SchemaAhead, migrate
-from sql.retention import apply_retention
 from sql.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,22 +37,11 @@ REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 
 async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
+    """The store's client, on a schema migrated before the app is made (`llmtap store`
+    applies the migrations and retention first, in its main thread, where a stop ends
+    them at once: llmtap/cli.py ``_migrate``)."""
     store = app[analytics.STORE] = Store(app[SETTINGS].store_dsn)
     settings = app[SETTINGS]
-    try:
-        applied = await asyncio.to_thread(migrate, store)
-    except SchemaAhead as exc:  # a downgrade: nothing of it is written with this schema
-        store.close()
-        log.critical("%s", exc)
-        raise SystemExit(2) from None
-    if applied:
-        log.info("migrations applied: %s", applied)
-    await asyncio.to_thread(
-        apply_retention,
-        store,
-        raw_days=settings.raw_retention_days,
-        rollup_days=settings.rollup_retention_days,
-    )
     retrying: asyncio.Task[None] | None = None
     if settings.budgets:
         now = utcnow()
