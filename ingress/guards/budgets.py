@@ -452,11 +452,10 @@ class BudgetBook:
         """Whether budget ``name`` holds nothing, so that :meth:`_holding` is 0 (as it
         gives it: ``Decimal("0")``) with nothing left for it to let go either. A 0 held
         to its period's end of other digits (a free model's worst case: 0E-9) is not."""
-        reserved = self.reserved.get(name)
         settled = self.settled.get(name)
         unpriced = self.unpriced.get(name)
         return (
-            (reserved is None or not reserved)
+            not self.reserved.get(name)
             and (settled is None or settled.idle)
             and not self.aged.get(name)
             and (unpriced is None or (not unpriced[1] and unpriced[1].same_quantum(ZERO)))
