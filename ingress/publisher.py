@@ -87,7 +87,7 @@ T = TypeVar("T")
 # How long a flight gathers events before it is sent. Each flight costs the ingress
 # a produce request and a batch per partition of each topic, whatever it holds: a
 # process publishing two events a call at 500 calls/s used ~215 us of CPU a call with
-# 20 ms flights, ~165 with 50 and ~145 with 100 (alternating runs; README, proxy
+# 20 ms flights, ~165 with 50 and ~145 with 100 (alternating runs; bench/NOTES.md, proxy
 # overhead). Events reach Kafka up to that much later; nothing waits on them (budgets
 # hold a settled cost until a published state counts it).
 LINGER_MS = 50
@@ -95,7 +95,7 @@ LINGER_MS = 50
 # flight (a burst, a spool segment replayed) must not hold up the calls being served.
 # At 500 calls/s (flights of ~50 records) 32 took the p99 of the loop's longest
 # publisher callback from ~820-880 us to ~390-500, at the same CPU (alternating runs),
-# and 8 (with a key hashed once a flight) the calls' added p99 further down (README,
+# and 8 (with a key hashed once a flight) the calls' added p99 further down (bench/NOTES.md,
 # proxy overhead). But a turn of a saturated loop takes milliseconds: a flight takes at
 # most FLIGHT_TURNS of them, in larger slices when it is larger. Sliced by 8 whatever
 # its size, a flight at ~3,000 calls/s outlasted the next 50 ms, the next flight was

@@ -4,7 +4,7 @@ judging is in stream/detector.py and stream/spikes.py).
 Like the cost stage, a service the worker runs beside its Faust app, reading whole
 fetched batches with its own consumer in the spikes group (stream/agents/stage.py):
 at the stream bench's window rate, Faust's per-event stream (~70 µs a window) cost
-the worker a good part of its throughput (README, Benchmarks). Offsets are committed
+the worker a good part of its throughput (bench/NOTES.md, Stream). Offsets are committed
 every second, and only those of windows whose alerts the broker acknowledged. Alert
 ids are derived from the rule, the series and the window, so a window judged again
 after a crash or a rebalance raises the same alert, which the webhook stage and the
