@@ -36,6 +36,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,30 @@ async def call(
         return type(exc).__name__
 
 
+async def on_schedule(
+    n_total: int, rate: float, one: Callable[[int, float], Coroutine[Any, Any, None]]
+) -> int:
+    """Start ``one(i, due)`` for i in range(n_total) at its due time, ``rate`` a second
+    (open loop: a late answer delays no later request), and wait for them all; those
+    unfinished DRAIN_TIMEOUT_S after the last start are cancelled. Returns how many."""
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.perf_counter() + 0.01
+    for i in range(n_total):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if not tasks:
+        return 0
+    _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
+    for task in pending:
+        task.cancel()
+    return len(pending)
+
+
 async def open_loop(
     session: aiohttp.ClientSession,
     url: str,
@@ -232,21 +257,8 @@ async def open_loop(
         else:
             results.errors[error] += 1
 
-    tasks: set[asyncio.Task[None]] = set()
-    start = time.perf_counter() + 0.01
-    for i in range(n_total):
-        due = start + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i, due))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
-        results.errors["unfinished"] += len(pending)
+    if unfinished := await on_schedule(n_total, rate, one):
+        results.errors["unfinished"] += unfinished
     return results
 
 
@@ -312,21 +324,8 @@ async def open_loop_mix(
         results.send_lag_ms.append((sent - due) * 1000)
         _count(results, answer, latency_ms)
 
-    tasks: set[asyncio.Task[None]] = set()
-    start = time.perf_counter() + 0.01
-    for i in range(n_total):
-        due = start + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i, due))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
-        results.errors["unfinished"] += len(pending)
+    if unfinished := await on_schedule(n_total, rate, one):
+        results.errors["unfinished"] += unfinished
     return results
 
 
