@@ -30,7 +30,7 @@ from pathlib import Path
 
 from stream_throughput import PARTITIONS, broker, produce, response
 
-from llmtap import topics
+from llmtap.kafka import FETCH_WAIT_MS
 from llmtap.names import Names
 
 AIOKAFKA_BATCH = 2000
@@ -52,11 +52,11 @@ def faust_reader(bootstrap: str, n: int, data_dir: str) -> None:
 
     # Faust builds its consumer with fetch_max_wait_ms=1500, fixed, and the embedded
     # Tansu answers a fetch only when that wait is over: the agent's consumer waits
-    # FETCH_MAX_WAIT_MS, as every llmtap consumer does, so the two readers compare fairly.
+    # FETCH_WAIT_MS, as every llmtap consumer does by default, so the two readers compare fairly.
     class ConsumerThread(driver.AIOKafkaConsumerThread):
         def _create_worker_consumer(self, transport):  # type: ignore[no-untyped-def]
             consumer = super()._create_worker_consumer(transport)
-            consumer._fetch_max_wait_ms = topics.FETCH_MAX_WAIT_MS  # read by start()
+            consumer._fetch_max_wait_ms = FETCH_WAIT_MS  # read by start()
             return consumer
 
     class FloorConsumer(driver.Consumer):
@@ -115,7 +115,7 @@ async def aiokafka_reader(bootstrap: str, n: int, data_dir: str) -> None:
         group_id=f"floor-aiokafka-{time.time_ns()}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=FETCH_WAIT_MS,
     )
     await consumer.start()
     try:

@@ -49,7 +49,7 @@ from ingress_latency import percentile as ingress_percentile  # bench/, beside t
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.events import Attribution, BudgetState, ResponseEvent, Usage
-from llmtap.kafka import Kafka
+from llmtap.kafka import FETCH_WAIT_MS, Kafka
 from llmtap.names import Names
 from llmtap.supervisor import embedded_broker
 from stream.pricing import load_catalog, price
@@ -213,7 +213,7 @@ async def lag_at_rate(bootstrap: str, data_dir: Path, rate: float, seconds: floa
         bootstrap_servers=bootstrap,
         auto_offset_reset="latest",
         group_id=None,
-        fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=FETCH_WAIT_MS,
     )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await consumer.start()

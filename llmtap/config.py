@@ -45,7 +45,7 @@ from pydantic_settings import (
 )
 
 from llmtap.events import BudgetPeriod, BudgetScope, WindowDimension
-from llmtap.kafka import Compression, Kafka, SaslMechanism, SecurityProtocol
+from llmtap.kafka import FETCH_WAIT_MS, Compression, Kafka, SaslMechanism, SecurityProtocol
 from llmtap.names import NAMESPACE_PATTERN, Names
 from llmtap.tls import UnusableFile, server_context
 
@@ -473,6 +473,11 @@ class Settings(BaseSettings):
     # What the producers compress event batches with: none on the embedded broker
     # (nothing to save on a loopback); lz4 or zstd to a Kafka billed by the byte.
     kafka_compression: Compression = "none"
+    # How long each consumer's fetch waits at the broker with nothing to read: on Apache
+    # Kafka (which answers at once when there is data) only idle polls, so 500 there
+    # costs no latency; on the embedded Tansu (which answers when the wait is over) the
+    # latency of every hop (llmtap/kafka.py).
+    kafka_fetch_wait_ms: int = Field(default=FETCH_WAIT_MS, ge=1, le=1000)
 
     # ClickHouse: `http://user:pass@host:8123/db` for a server, or `chdb:///path`.
     # Empty means the embedded chDB store under data_dir.
@@ -809,6 +814,7 @@ class Settings(BaseSettings):
             self.kafka_sasl_password.get_secret_value(),
             Names(self.kafka_namespace),
             self.kafka_compression,
+            self.kafka_fetch_wait_ms,
         )
 
     @field_validator("kafka_bootstrap")

@@ -17,7 +17,6 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel, ValidationError
 
-from llmtap import topics
 from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,12 @@ class Follower(Generic[E]):
         """Follow the topic, forever (reconnecting when the broker goes away)."""
         while True:
             consumer = self._consumer = AIOKafkaConsumer(
-                **self._kafka.client_options(self._client),
+                # fetch_wait_ms: on Tansu, how soon a new state counts
+                **self._kafka.consumer_options(self._client),
                 enable_auto_commit=False,
                 # A position the topic no longer has (a broker that lost it: the embedded
                 # one restarted) reads it again from its start, not from its end.
                 auto_offset_reset="earliest",
-                fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,  # how soon a new state counts
             )
             try:
                 await consumer.start()

@@ -35,11 +35,6 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from llmtap.events import Alert
 from llmtap.kafka import Kafka
 
-# How long a consumer's fetch may wait for data. Kafka answers a fetch as soon as there
-# is data, so this only bounds an idle poll; the embedded Tansu broker answers only
-# when the wait is over, so it is the latency of every hop through it (aiokafka's
-# default, 500 ms, measured a median of 146 ms per message; 50 ms, 2 ms).
-FETCH_MAX_WAIT_MS = 50
 POLL_MS = 200  # how often a reader of spans looks at what the broker answered
 
 COMPACT = {"cleanup.policy": "compact"}  # the budgets, reservations and checkpoints topics
@@ -184,7 +179,7 @@ async def lag(kafka: Kafka, group_id: str, topic: str) -> int:
     """
     admin = AIOKafkaAdminClient(**kafka.client_options("admin"), request_timeout_ms=5_000)
     consumer = AIOKafkaConsumer(
-        **kafka.client_options("admin"), enable_auto_commit=False, request_timeout_ms=5_000
+        **kafka.consumer_options("admin"), enable_auto_commit=False, request_timeout_ms=5_000
     )
     try:  # closed even when a start fails (the broker gone)
         await admin.start()
@@ -321,11 +316,10 @@ async def read_since(
 
 def _reader(kafka: Kafka) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        **kafka.client_options("reader"),
+        **kafka.consumer_options("reader"),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         request_timeout_ms=10_000,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
 
 
@@ -436,10 +430,9 @@ async def read_all(kafka: Kafka, topic: str, idle_ms: int = 500) -> list[bytes]:
     loading a compacted topic's latest values at start. Stops after ``idle_ms`` of
     silence."""
     consumer = AIOKafkaConsumer(
-        **kafka.client_options("reader"),
+        **kafka.consumer_options("reader"),
         enable_auto_commit=False,
         request_timeout_ms=5_000,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
     await consumer.start()
     try:

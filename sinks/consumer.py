@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from llmtap import topics
 from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
@@ -28,12 +27,11 @@ def sink_consumer(
     """A consumer (of one topic or several) whose offsets the sink commits itself, after
     its work is durable; ``listener`` hears of the partitions it is given and loses."""
     consumer = AIOKafkaConsumer(
-        **kafka.client_options(client),
+        **kafka.consumer_options(client),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=max_poll_records,
-        fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
         # A member repeating inserts a crash cut short, heartbeating meanwhile

@@ -30,7 +30,6 @@ from aiokafka.errors import CommitFailedError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 from mode import Service
 
-from llmtap import topics
 from llmtap.config import Settings
 from llmtap.heartbeats import heartbeat_meanwhile
 from llmtap.names import Names
@@ -61,7 +60,7 @@ def group_consumer(
     ``assignors`` every member offers."""
     session_ms = int(settings.stream_session_timeout_s * 1000)
     return AIOKafkaConsumer(
-        **settings.kafka.client_options(client),
+        **settings.kafka.consumer_options(client),
         group_id=group_id,
         partition_assignment_strategy=tuple(assignors),
         enable_auto_commit=False,
@@ -75,7 +74,6 @@ def group_consumer(
         # takeover holding the stage's lock does not fetch).
         max_poll_interval_ms=max(session_ms, REBALANCE_TIMEOUT_MS),
         heartbeat_interval_ms=int(settings.stream_heartbeat_interval_s * 1000),
-        fetch_max_wait_ms=topics.FETCH_MAX_WAIT_MS,
     )
 
 
