@@ -42,30 +42,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
-    InvalidTopicError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
-    MessageSizeTooLargeError,
     NodeNotReadyError,
-    RecordTooLargeError,
     RequestTimedOutError,
 )
 
+from ingress.flight import InFlight, Outcome, deliver, outcome_of
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Segment, Spool
 from llmtap import logs, topics
-from llmtap.batches import Batches, key_hash
 from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
@@ -91,18 +87,6 @@ T = TypeVar("T")
 # overhead). Events reach Kafka up to that much later; nothing waits on them (budgets
 # hold a settled cost until a published state counts it).
 LINGER_MS = 50
-# Records appended to a flight's batches between two turns of the event loop: a large
-# flight (a burst, a spool segment replayed) must not hold up the calls being served.
-# At 500 calls/s (flights of ~50 records) 32 took the p99 of the loop's longest
-# publisher callback from ~820-880 us to ~390-500, at the same CPU (alternating runs),
-# and 8 (with a key hashed once a flight) the calls' added p99 further down (bench/NOTES.md,
-# proxy overhead). But a turn of a saturated loop takes milliseconds: a flight takes at
-# most FLIGHT_TURNS of them, in larger slices when it is larger. Sliced by 8 whatever
-# its size, a flight at ~3,000 calls/s outlasted the next 50 ms, the next flight was
-# larger, and so on until one passed slow_after_s and the queue went to the spool with
-# the broker up (~73,000 events of a bench/ingress_latency.py run; none with this bound).
-APPEND_SLICE = 8
-FLIGHT_TURNS = 16
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 POLL_S = 0.05  # how often the spool policy is looked at while Kafka is awaited
@@ -115,46 +99,6 @@ SPOOL_OPEN_RETRY_S = 5.0  # after the spool could not be opened (another process
 # Spooled records whose delivery someone waits to hear of (hard-capped calls' response
 # events); past this many, the oldest stop waiting (their costs age out in the budget book).
 MAX_AWAITING = 100_000
-
-# No retry can deliver these: the event is dropped rather than block all behind it.
-UNDELIVERABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
-
-
-class _Outcome(enum.Enum):
-    SENT = "sent"
-    DROP = "drop"
-    RETRY = "retry"
-
-
-@dataclass
-class _InFlight:
-    """Records handed to the producer, and what became of each."""
-
-    records: list[Record]
-    started: float
-    segment: int | None = None  # from the spool (and which segment); None: from the queue
-    indices: list[int] = field(default_factory=list)  # the records' places in that segment
-    futures: list[asyncio.Future[Any]] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)  # each record's offset in its batch
-
-    def outcomes(self) -> list[_Outcome]:
-        found = [_outcome(f) for f in self.futures]
-        return found + [_Outcome.RETRY] * (len(self.records) - len(found))
-
-
-def _outcome(future: asyncio.Future[Any]) -> _Outcome:
-    if not future.done() or future.cancelled():
-        return _Outcome.RETRY
-    error = future.exception()
-    if error is None:
-        return _Outcome.SENT
-    return _Outcome.DROP if isinstance(error, UNDELIVERABLE) else _Outcome.RETRY
-
-
-def append_slice(records: int) -> int:
-    """How many of a flight's ``records`` are appended between two turns of the event
-    loop: APPEND_SLICE, or more, so that the flight takes at most FLIGHT_TURNS turns."""
-    return max(APPEND_SLICE, -(-records // FLIGHT_TURNS))
 
 
 class _Abandoned(Exception):
@@ -205,7 +149,7 @@ class EventPublisher:
         self._opening: asyncio.Future[Spool] | None = None  # an open under way, in its thread
         self._open_log = logs.AtMostEvery(60.0)
         self._broker_down = False  # the last connect or delivery failed
-        self._in_flight: _InFlight | None = None
+        self._in_flight: InFlight | None = None
         self._reservation: int | None = None  # the spool's place for the batch in flight
         self._replay_done: dict[int, set[int]] = {}  # segment -> records already delivered
         self._replay_from = 0  # below it, every record of the segment replayed is delivered
@@ -542,8 +486,8 @@ class EventPublisher:
             # two events cost ~350 µs of CPU per call more at 500 calls/s).
             await asyncio.sleep(LINGER_MS / 1000)
         batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
-        self._in_flight = _InFlight(batch, started=asyncio.get_running_loop().time())
-        await self._meanwhile(self._deliver(producer, self._in_flight))
+        self._in_flight = InFlight(batch, started=asyncio.get_running_loop().time())
+        await self._meanwhile(deliver(producer, self._in_flight))
         return await self._settle()
 
     def _renamed(self, record: Record) -> Record:
@@ -572,13 +516,13 @@ class EventPublisher:
         self._replay_from = start
         left = (i for i in range(start, len(segment.records)) if i not in done)
         indices = list(itertools.islice(left, MAX_BATCH))
-        self._in_flight = _InFlight(
+        self._in_flight = InFlight(
             [self._renamed(segment.records[i]) for i in indices],
             started=asyncio.get_running_loop().time(),
             segment=segment.number,
             indices=indices,
         )
-        await self._meanwhile(self._deliver(producer, self._in_flight))
+        await self._meanwhile(deliver(producer, self._in_flight))
         if not await self._settle():
             return False
         if len(done) < len(segment.records):
@@ -590,46 +534,6 @@ class EventPublisher:
         self.spool_bytes = spool.size
         self._spool_retry_at = 0.0  # room was freed
         return True
-
-    async def _deliver(self, producer: AIOKafkaProducer, flight: _InFlight) -> None:
-        """Send the flight's records as whole batches (``llmtap.batches``: an append
-        each, not a ``send``); each record's future is its batch's."""
-        loop = asyncio.get_running_loop()
-        by_topic: dict[str, Batches] = {}
-        placed: list[tuple[Batches, int] | asyncio.Future[Any]] = []
-        hashes: dict[bytes, int] = {}  # a call's two events share a key: hashed once
-        per_turn = append_slice(len(flight.records))
-        for i, record in enumerate(flight.records):
-            if i and not i % per_turn:
-                await asyncio.sleep(0)
-            batches = by_topic.get(record.topic)
-            if batches is None:
-                try:
-                    batches = by_topic[record.topic] = await Batches.of(producer, record.topic)
-                except KafkaError as exc:
-                    log.warning("send to %s failed: %r", record.topic, exc)
-                    break  # what follows waits: sending it now would overtake this record
-            try:
-                hashed = hashes.get(record.key)
-                if hashed is None:
-                    hashed = hashes[record.key] = key_hash(record.key)
-                number, offset = batches.add(record.key, record.value, hashed=hashed)
-                placed.append((batches, number))
-            except ValueError:  # too large: no retry can send it
-                refused = loop.create_future()
-                refused.set_exception(RecordTooLargeError())
-                placed.append(refused)
-                offset = -1
-            flight.offsets.append(offset)
-        sent = {id(batches): await batches.send() for batches in by_topic.values()}
-        for place in placed:
-            if isinstance(place, asyncio.Future):
-                flight.futures.append(place)
-            else:
-                batches, number = place
-                flight.futures.append(sent[id(batches)][number])
-        if flight.futures:
-            await asyncio.wait(set(flight.futures))
 
     async def _settle(self) -> bool:
         """Account for the batch in flight; put back what must be retried. True if none."""
@@ -643,12 +547,12 @@ class EventPublisher:
             flight.outcomes(),
             strict=True,
         ):
-            if outcome is _Outcome.RETRY:
+            if outcome is Outcome.RETRY:
                 retry.append(record)
                 continue
             if flight.segment is not None:
                 self._replay_done[flight.segment].add(index)
-            if outcome is _Outcome.SENT:
+            if outcome is Outcome.SENT:
                 self.published += 1
                 self.replayed += flight.segment is not None
             else:
@@ -698,18 +602,18 @@ class EventPublisher:
                 if len(self._awaiting) > MAX_AWAITING:
                     self._awaiting.popitem(last=False)
 
-    def _tell_delivered(self, flight: _InFlight) -> None:
+    def _tell_delivered(self, flight: InFlight) -> None:
         """Tell each delivered record's listener its partition and offset."""
         for record, future, offset in zip(
             flight.records, flight.futures, flight.offsets, strict=False
         ):
             if record.delivered is None and not self._awaiting:
                 continue
-            outcome = _outcome(future)
-            if outcome is _Outcome.RETRY:
+            outcome = outcome_of(future)
+            if outcome is Outcome.RETRY:
                 continue  # a record to retry keeps its listener
             delivered = record.delivered or self._awaiting.pop((record.topic, record.key), None)
-            if outcome is _Outcome.DROP:
+            if outcome is Outcome.DROP:
                 continue  # never in Kafka: the held cost ages out
             where = future.result()  # the batch's RecordMetadata: its base offset
             if delivered is not None and where.offset >= 0:

@@ -19,13 +19,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel
 
-from ingress.publisher import (
-    APPEND_SLICE,
-    FLIGHT_TURNS,
-    MAX_BATCH,
-    EventPublisher,
-    append_slice,
-)
+from ingress.flight import APPEND_SLICE, FLIGHT_TURNS, append_slice
+from ingress.publisher import MAX_BATCH, EventPublisher
 from ingress.spool import Record, Spool, SpoolBusy, decode, encode
 from llmtap import topics
 from llmtap.kafka import Kafka
