@@ -209,7 +209,7 @@ def spend(
             "applied": applied_with(state, before, position),
         }
     )
-    return updated, [threshold_alert(budget, updated, t, at) for t in due(state, updated)]
+    return updated, [threshold_alert(budget, updated, t, when) for t in due(state, updated)]
 
 
 def threshold_alert(

@@ -9,10 +9,11 @@ publishes. Given partitions it did not hold, it first takes up what it has not y
 followed, before any of them is read. States carry the offsets they counted, so the
 events it reads again from the partitions' checkpoints are not counted twice.
 
-Each batch's states and alerts are delivered (acknowledged by the broker) in ``flush``,
-before the batch's offsets can be committed, so a committed offset never runs ahead of
-a state that counted it; states carry the offsets they counted, so a restart from older
-offsets counts nothing twice (stream/ledger.py)."""
+Each batch's alerts and then its states are delivered (acknowledged by the broker) in
+``flush``, before the batch's offsets can be committed, so a committed offset never runs
+ahead of a state that counted it, nor a state ahead of its alerts; states carry the
+offsets they counted, so a restart from older offsets counts nothing twice
+(stream/ledger.py)."""
 
 from __future__ import annotations
 
@@ -71,9 +72,11 @@ class BudgetsStep:
             counted under another limit is judged by this one's, its alerts raised."""
             if self.holding:
                 rolled, raised = self.ledger.roll(utcnow())
-                for alert in raised:
-                    log.warning("%s", alert.message)
-                await self._publish(rolled, raised)
+                # A batch counted but not flushed yet (the cost stage awaits between):
+                # its alerts go first, as the rolled states may carry its offsets, and a
+                # worker restarted from those would not raise them again.
+                counted, self._raised = self._raised, []
+                await self._publish(rolled, counted + raised)
 
     async def start(self, producer: AIOKafkaProducer) -> None:
         """Before the stage joins its group: every state published so far, taken up,
@@ -129,18 +132,22 @@ class BudgetsStep:
         """Publish the latest state of each budget the batch changed, and its alerts."""
         changed = [self.ledger.state(name) for name in self._changed]
         raised, self._changed, self._raised = self._raised, set(), []
-        for alert in raised:
-            log.warning("%s", alert.message)
         await self._publish(changed, raised)
 
     async def _publish(self, changed: list[BudgetState], raised: list[Alert]) -> None:
-        sent = [
+        for alert in raised:
+            log.warning("%s", alert.message)
+        alerts = [
             await self._alerts.send(
                 key=topics.alert_key(alert), value=alert.model_dump_json().encode()
             )
             for alert in raised
         ]
-        sent += [
+        # Delivered before any state: one that counted their calls, delivered alone (the
+        # alerts' partition leader elsewhere, unreachable), restarts a worker that skips
+        # those calls and raises their alerts never.
+        await asyncio.gather(*alerts)
+        sent = [
             await self._states.send(
                 key=state.budget.encode(), value=state.model_dump_json().encode()
             )
