@@ -120,6 +120,21 @@ def _provider_url(value: str) -> str:
 AlertType = Literal["spike", "budget"]
 
 
+def _standard_secret(value: SecretStr) -> SecretStr:
+    """A Standard Webhooks secret: "whsec_" + base64 of 24 to 64 random bytes."""
+    encoded = value.get_secret_value().removeprefix("whsec_")
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be whsec_ followed by base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError("must hold 24 to 64 bytes (whsec_ + base64)")
+    return value
+
+
+WebhookSecret = Annotated[SecretStr, AfterValidator(_standard_secret)]
+
+
 class WebhookEndpoint(BaseModel):
     """A receiver of alerts (README, Webhooks): where, which alerts, and in what form.
 
@@ -133,7 +148,10 @@ class WebhookEndpoint(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     url: str = Field(repr=False)  # a Slack incoming webhook's path is its secret
     # Standard Webhooks form: "whsec_" + base64 of 24 to 64 random bytes.
-    secret: SecretStr
+    secret: WebhookSecret
+    # Secrets being rotated out: every request is signed with each of them too (after the
+    # current one's signature), so a receiver still verifying with one keeps accepting.
+    previous_secrets: tuple[WebhookSecret, ...] = Field(default=(), max_length=3)
     alert_types: tuple[AlertType, ...] = ()
     rules: tuple[str, ...] = ()
     dimensions: tuple[WindowDimension, ...] = ()  # a spike's series or a budget's scope
@@ -160,17 +178,9 @@ class WebhookEndpoint(BaseModel):
             raise ValueError("must be an http:// or https:// URL whose port is 1 to 65535")
         return value
 
-    @field_validator("secret")
-    @classmethod
-    def _standard_secret(cls, value: SecretStr) -> SecretStr:
-        encoded = value.get_secret_value().removeprefix("whsec_")
-        try:
-            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("must be whsec_ followed by base64") from None
-        if not 24 <= len(key) <= 64:
-            raise ValueError("must hold 24 to 64 bytes (whsec_ + base64)")
-        return value
+    def secrets(self) -> list[str]:
+        """What each request is signed with: the current secret first."""
+        return [s.get_secret_value() for s in (self.secret, *self.previous_secrets)]
 
 
 class _Named(Protocol):

@@ -50,6 +50,7 @@ from tests.fake_provider import free_port
 from tests.prometheus import sample
 
 SECRET = "whsec_" + base64.b64encode(b"llmtap-tests-webhook-secret-0032").decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"llmtap-tests-webhook-secret-new1").decode()
 TIMEOUT_S = 45  # every wait below is bounded by this
 
 
@@ -201,6 +202,36 @@ def test_signed_headers_verify_and_a_changed_body_does_not() -> None:
 def test_a_secret_must_be_whsec_base64_of_24_to_64_bytes(secret: str) -> None:
     with pytest.raises(ValidationError, match="secret"):
         WebhookEndpoint(name="a", url="https://example.com/", secret=secret)
+
+
+def test_a_request_is_signed_with_the_secret_and_each_previous_one() -> None:
+    """A secret being rotated: the receivers still on the old one and those already on
+    the new one both verify the same request (Standard Webhooks: one signature per
+    secret, space-separated, the current one first); any other secret does not."""
+    body = b'{"rule": "cost-spike"}'
+    headers = sign.headers([NEW_SECRET, SECRET], "an-alert-id", body)
+    at = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+    alone = [
+        sign.headers(s, "an-alert-id", body, at)["webhook-signature"] for s in (NEW_SECRET, SECRET)
+    ]
+    assert headers["webhook-signature"] == " ".join(alone)
+    for secret in (NEW_SECRET, SECRET):
+        assert Webhook(secret).verify(body, headers) == {"rule": "cost-spike"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(bytes(32)).decode()).verify(body, headers)
+
+
+def test_a_previous_secret_is_held_to_the_same_form_and_they_are_few() -> None:
+    url = "https://example.com/"
+    with pytest.raises(
+        ValidationError, match=r"previous_secrets\.0\n  Value error, must be whsec_"
+    ):
+        WebhookEndpoint(name="a", url=url, secret=SECRET, previous_secrets=["not base64 !"])
+    with pytest.raises(ValidationError, match="previous_secrets"):
+        WebhookEndpoint(name="a", url=url, secret=SECRET, previous_secrets=[SECRET] * 4)
+    rotating = WebhookEndpoint(name="a", url=url, secret=NEW_SECRET, previous_secrets=[SECRET])
+    assert rotating.secrets() == [NEW_SECRET, SECRET]
+    assert SECRET not in repr(rotating)  # shown as a SecretStr, never in clear
 
 
 def test_max_attempts_fit_the_deliveries_table() -> None:
@@ -644,6 +675,32 @@ async def test_each_alert_is_accepted_once_despite_failures_duplicates_and_a_slo
         {"ids": [a.event_id for a in [*alerts, unmatched]]},
     )
     assert len(stored) == 4  # each alert once, the unmatched one too (stored, not delivered)
+
+
+async def test_a_receiver_still_on_the_previous_secret_takes_alerts_during_a_rotation(
+    broker: Broker, store: Store
+) -> None:
+    """The endpoint's secret changed to a new one, the old kept in previous_secrets: a
+    receiver that verifies with the old secret (every Receiver here) still accepts."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    async with receiver({}) as rec:
+        rotating = WebhookEndpoint(
+            name="rotating",
+            url=f"{rec.base_url}/rotating",
+            secret=NEW_SECRET,
+            previous_secrets=[SECRET],
+            rules=[rule],
+            backoff_s=0.01,
+        )
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap, webhook_allow_private=True, webhooks=[rotating]
+        )
+        await publish(broker.bootstrap, [alert])
+        async with dispatching(settings, store):
+            await until(finished(store, [alert.event_id], pairs=1))
+    assert rec.accepted_ids("rotating") == {str(alert.event_id): 1}
+    assert rec.bad_signatures == 0
 
 
 async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(

@@ -116,7 +116,7 @@ async def send(
     headers = {
         "content-type": body.content_type,
         "user-agent": USER_AGENT,
-        **sign.headers(endpoint.secret.get_secret_value(), msg_id, body.data),
+        **sign.headers(endpoint.secrets(), msg_id, body.data),
     }
     try:
         async with session.post(
