@@ -27,8 +27,8 @@ import clickhouse_connect
 import jinja2
 from clickhouse_connect.driver.compression import get_compressor
 
-from llmtap.config import chdb_location
 from llmtap.data_dir import chdb_held
+from llmtap.dsn import chdb_location
 
 _env = jinja2.Environment(
     loader=jinja2.FunctionLoader(
