@@ -27,6 +27,7 @@ from sql.store import Store, render
 from stream.budgets import (
     fresh,
     passed,
+    period_time,
     status_of,
     threshold_alert,
     threshold_alert_id_before_limits,
@@ -80,7 +81,10 @@ def unraised(store: Store, budget: BudgetConfig, state: BudgetState) -> list[Ale
     same limit (its baseline), and one stored with the id they had before they named the
     budget's owner if of the same scope, value and limit: an upgrade sends none of the
     period's alerts again."""
-    at = state.last_event_at or state.updated_at
+    # Seen when the last call counted ended, or now if a clock ahead stamped it later: a
+    # call ending after midnight by its ingress's clock counts in the day the store is
+    # in (as in the stream: stream.budgets.period_time), and so is its alert seen.
+    at = period_time(state.last_event_at or state.updated_at, state.updated_at)
     alerts = [threshold_alert(budget, state, t, at) for t in state.crossed]
     if not alerts:
         return []

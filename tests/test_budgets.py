@@ -452,6 +452,21 @@ def test_thresholds_a_rebuilt_state_crossed_unalerted_are_raised_once(store: Sto
     assert unraised(store, b, rebuilt_state(store, budget(name="untouched"), now)) == []
 
 
+def test_an_alert_the_store_raises_is_first_seen_within_its_period(store: Store) -> None:
+    """A call stamped by an ingress whose clock runs ahead ends after midnight by it; the
+    store, rebuilding at 23:59:59, counts it in its day (as the stream does), so the
+    alerts it raises are that day's: seen within it, not after its window_end."""
+    b = budget(name="ahead", limit_usd=Decimal("4"), period="day")
+    midnight = datetime(2026, 3, 1, tzinfo=UTC)
+    now = midnight - timedelta(seconds=1)
+    write_batch(store, Batch(events=[costed("3.5", midnight + timedelta(seconds=1))]))
+    state = rebuilt_state(store, b, now)
+    raised = unraised(store, b, state)
+    assert [a.threshold for a in raised] == [Decimal(50), Decimal(80)]
+    for alert in raised:
+        assert alert.window_start <= alert.first_seen < alert.window_end
+
+
 def test_an_alert_stored_before_ids_named_the_limit_is_not_raised_again(store: Store) -> None:
     """Threshold alerts' ids name the limit since a limit changed mid-period must raise
     its own. One stored under the id it had before (an upgrade within the period) is
