@@ -47,11 +47,19 @@ class NoModel(NoRoute):
 
 
 def resolve(model: str, api: ApiKind, settings: Settings) -> Route:
-    """Resolve, in order: ``<provider>/<model>``; ``model_routes`` (exact, then the
-    longest ``prefix*``); the provider named like the API (``openai``, ``anthropic``)."""
+    """Resolve, in order: ``<provider>/<model>``, unless a route of ``model_routes`` is
+    written for the whole name, ``<provider>/`` included, to another provider
+    (``"openai/gpt-oss-*": groq``: Groq and OpenRouter name models so); ``model_routes``
+    (exact, then the longest ``prefix*``); the provider named like the API (``openai``,
+    ``anthropic``)."""
     providers = settings.providers_by_name
+    routes = settings.model_routes
+    pattern = _route_of(model, routes)
     head, slash, rest = model.partition("/")
-    if slash and head in providers:
+    named_whole = (
+        pattern is not None and pattern.startswith(head + slash) and routes[pattern] != head
+    )
+    if slash and head in providers and not named_whole:
         if not rest:
             raise NoModel(
                 f"you must provide a model parameter: {model!r} names the provider "
@@ -59,7 +67,8 @@ def resolve(model: str, api: ApiKind, settings: Settings) -> Route:
             )
         name, upstream_model = head, rest
     else:
-        name, upstream_model = _routed(model, settings.model_routes) or api, model
+        name = routes[pattern] if pattern is not None else api
+        upstream_model = model
     config = providers.get(name)
     if config is None:
         raise NoRoute(f"model {model!r} is routed to provider {name!r}, which is not configured")
@@ -71,8 +80,10 @@ def resolve(model: str, api: ApiKind, settings: Settings) -> Route:
     return Route(name, config, upstream_model)
 
 
-def _routed(model: str, routes: dict[str, str]) -> str | None:
+def _route_of(model: str, routes: dict[str, str]) -> str | None:
+    """The pattern of ``routes`` that routes ``model``: its exact name, else the longest
+    ``prefix*`` it starts with; None if none does."""
     if model in routes:
-        return routes[model]
+        return model
     prefixes = [p for p in routes if p.endswith("*") and model.startswith(p[:-1])]
-    return routes[max(prefixes, key=len)] if prefixes else None
+    return max(prefixes, key=len) if prefixes else None
