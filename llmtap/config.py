@@ -78,6 +78,10 @@ class ProviderConfig(BaseModel):
     kind: ApiKind = "openai"
     base_url: str = ""
     api_key_env: str = ""
+    # The header llmtap's key for it goes in, bare: "api-key" for Azure OpenAI's
+    # deployments API, which reads a key sent as Authorization: Bearer as an Entra ID
+    # token (a 401). None: its API's (Authorization: Bearer, Anthropic's x-api-key).
+    api_key_header: str | None = None
     # Ask for a stream's usage (stream_options.include_usage) when the client did not:
     # false for a provider that refuses fields it does not know. Its streams are then
     # counted from their text, unless it sends usage unasked. None: true, but for one on
@@ -104,6 +108,21 @@ class ProviderConfig(BaseModel):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return _provider_url(value)  # given (the default, "", is not checked): a URL
+
+    @field_validator("api_key_header")
+    @classmethod
+    def _a_header_name(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not _HEADER_NAME.fullmatch(value) or value.lower().startswith("x-llmtap-")
+        ):
+            raise ValueError(
+                f"api_key_header {value!r} is not a header name (letters, digits and "
+                "!#$%&'*+-.^_`|~; not x-llmtap-*, which llmtap takes for its own)"
+            )
+        return value
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token (RFC 9110)
 
 
 def _provider_url(value: str) -> str:

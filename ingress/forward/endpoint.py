@@ -72,6 +72,8 @@ def upstream_credential(
     # which no header may hold (every call was a bare 500).
     key = os.environ.get(provider.api_key_env, "").strip() if provider.api_key_env else ""
     if key:
+        if provider.api_key_header:  # Azure's api-key: the key as it is
+            return provider.api_key_header, key
         return api.credential_header, api.credential_prefix + key
     if not provider.api_key_env:
         return NO_CREDENTIAL
