@@ -200,6 +200,23 @@ def _refuse(code: str, message: str) -> SqlError:
     return SqlError(code, message)
 
 
+# A SELECT ... WITH TOTALS, as the analyzer's tree says it (its syntax tree does not):
+# ClickHouse sends the totals row apart from the rows, and an answer holds the rows
+# only, so the total was left out of an answer that said it was whole.
+_WITH_TOTALS = re.compile(r"\bis_group_by_with_totals: 1\b")
+
+
+def check_totals(tree: str) -> None:
+    """Refuse a SELECT with WITH TOTALS (``tree``: its ``EXPLAIN QUERY TREE``)."""
+    if _WITH_TOTALS.search(tree):
+        raise _refuse(
+            "bad_query",
+            "WITH TOTALS is not answered here: ClickHouse sends its totals apart from the "
+            "rows, and the answer holds rows only; for a total as a row, GROUP BY "
+            "ROLLUP(...) (or GROUPING SETS, or a UNION ALL of the total)",
+        )
+
+
 def precheck(query: str, limits: SqlLimits) -> str:
     """The statement to parse: one, trimmed of whitespace and a final ``;``."""
     if len(query) > limits.max_query_chars:

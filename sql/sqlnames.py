@@ -78,6 +78,9 @@ def _quoted_names(formatted: str) -> list[str]:
 # What parse_ast strips from the end of a node's line: in a name, it would read as
 # another name (`calls (alias x)`, a file, read as the table calls).
 _FORGED_SUFFIX = re.compile(r"\((?:children|alias)\b")
+# What the analyzer's tree prints after a table's name read with FINAL or SAMPLE
+# (check_resolved reads past it): in a name, a file `calls, final: 1` read as calls.
+_FORGED_MODIFIERS = re.compile(r", (?:final|sample_size|sample_offset): ")
 
 
 def _plain(name: str) -> bool:
@@ -85,12 +88,14 @@ def _plain(name: str) -> bool:
     line break in one adds lines that read as nodes of the tree), and its TabSeparated
     answer escapes a tab, a backslash or a quote; a name with leading or trailing spaces
     reads as another once its line is trimmed, one with "(alias" or "(children" once
-    parse_ast strips its line's end."""
+    parse_ast strips its line's end, one with ", final: " (a table's modifiers) once
+    check_resolved reads past them."""
     return (
         name == name.strip()
         and "\\" not in name
         and "'" not in name
         and not _FORGED_SUFFIX.search(name)
+        and not _FORGED_MODIFIERS.search(name)
         and all(ch == " " or (ch.isprintable() and not ch.isspace()) for ch in name)
     )
 
@@ -107,7 +112,7 @@ def check_names(formatted: str, databases: Databases) -> None:
                 "bad_query",
                 f"the name `{name}` is not allowed here: a quoted name may not hold a line "
                 "break, a tab or another control character, a backslash, a single quote, "
-                '"(alias" or "(children", nor begin or end with a space',
+                '"(alias", "(children" or ", final: ", nor begin or end with a space',
             )
         if "." in name:
             raise SqlError(
@@ -204,6 +209,12 @@ def bare_calls(root: Node) -> set[str]:
 # named `calls, x` printed as "table_name: default.calls, x").
 _RESOLVED = re.compile(r"\b(?:function_name|identifier): ([^,\s]+)")
 _RESOLVED_TABLE = re.compile(r"\btable_name: (.+)$", re.M)
+# What the tree prints after a table's name when it is read with FINAL or SAMPLE (its
+# modifiers: "table_name: default.analytics_by_model_daily, final: 1"), at the line's
+# end. Only ClickHouse's own: a quoted name may not hold it (check_names).
+_MODIFIERS = re.compile(
+    r", final: [01](?:, sample_size: \d+ / \d+)?(?:, sample_offset: \d+ / \d+)?$"
+)
 _NO_TABLE = "system.one"  # what a SELECT without FROM reads
 
 
@@ -222,7 +233,8 @@ def check_resolved(tree: str, root: Node, databases: Databases) -> None:
             if tables:
                 raise unresolved_refusal(root, databases)
             raise SqlError("forbidden_function", bare_message(bare_calls(root)))
-    for table in _RESOLVED_TABLE.findall(tree):
+    for line in _RESOLVED_TABLE.findall(tree):
+        table = _MODIFIERS.sub("", line)
         if table != _NO_TABLE and not databases.table(table):
             raise unresolved_refusal(root, databases) if tables else not_ours(table, databases)
 

@@ -25,7 +25,7 @@ from clickhouse_connect.driver.exceptions import (
 )
 
 from sql.params import SqlError
-from sql.sqlguard import SqlLimits, check_tree, precheck
+from sql.sqlguard import SqlLimits, check_totals, check_tree, precheck
 from sql.sqlnames import (
     Databases,
     check_names,
@@ -178,7 +178,9 @@ class SqlRunner:
             root = self.explain(text, databases, lead)
             check_tree(root, text, databases)
             if root.kind == "SelectWithUnionQuery":  # every SELECT: as ClickHouse reads it
-                check_resolved(self.query_tree(text, root, databases), root, databases)
+                tree = self.query_tree(text, root, databases)
+                check_resolved(tree, root, databases)
+                check_totals(tree)
             started = time.perf_counter()
             columns, rows, truncated_by = self.execute(
                 text, select=root.kind == "SelectWithUnionQuery", encode=encode, max_rows=max_rows
