@@ -281,12 +281,13 @@ def _check_webhook_templates(settings: Settings) -> None:
 
 def _check_data_dir(settings: Settings, command: str) -> None:
     """Raise :class:`ConfigError` for a directory the command keeps its state in (the
-    worker's under ``data_dir``; the embedded store's) that cannot be made or written
-    (a file of that name, no permission), before anything starts: each failed with an
-    OSError naming no setting, the worker and the store once the broker answered."""
-    if command == "worker":
+    worker's under ``data_dir``, the ingress's spool; the embedded store's) that cannot be
+    made or written (a file of that name, no permission), before anything starts: each
+    failed with an OSError naming no setting, the worker and the store once the broker
+    answered; the ingress served on, its events in memory only."""
+    if command == "worker" or (command == "ingress" and settings.spool_max_bytes):
         where, setting = settings.data_dir, "data_dir"
-    elif settings.embedded_store:  # store, migrate
+    elif command in ("store", "migrate") and settings.embedded_store:
         where = Path(settings.store_dsn.removeprefix("chdb://"))
         setting = "clickhouse_dsn" if settings.clickhouse_dsn else "data_dir"
     else:
@@ -298,6 +299,27 @@ def _check_data_dir(settings: Settings, command: str) -> None:
             raise PermissionError(f"{where} is not writable by this user")
     except OSError as exc:
         raise ConfigError(f"{setting} {shown}: cannot be used: {exc}") from None
+
+
+def _check_keys_file(settings: Settings, command: str) -> None:
+    """Raise :class:`ConfigError` for a ``keys_file`` that exists but cannot be loaded (a
+    directory, not YAML, no top-level ``keys:`` list), before anything starts: the
+    proxy and the analytics API keep their previous keys when it breaks while they run,
+    but at start there are none, so they served on, ready, each call a 401. Not made
+    yet is no keys (``llmtap keys create`` makes it); with ``auth: passthrough`` the
+    proxy reads none."""
+    if command == "ingress" and settings.auth != "keys":
+        return
+    from ingress.guards import keys
+
+    try:
+        keys.read_keys(settings.key_file)
+    except keys.KEY_FILE_ERRORS as exc:
+        raise ConfigError(
+            f"keys_file {settings.key_file} cannot be used: it must be a YAML file of a "
+            f"top-level 'keys:' list, as `llmtap keys create` writes it, or not exist yet; "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _check_pricing_file(settings: Settings) -> None:
@@ -382,13 +404,16 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         _check_webhook_templates(settings)
     if args.command in ("up", "ingress", "worker"):
         _check_pricing_file(settings)
-    if args.command in ("worker", "store", "migrate"):
+    if args.command in ("ingress", "worker", "store", "migrate"):
         _check_data_dir(settings, args.command)
+    if args.command in ("ingress", "store"):
+        _check_keys_file(settings, args.command)
     if args.command == "up":
         from llmtap.data_dir import claimed
         from llmtap.supervisor import up
 
         with claimed(settings), pinned_config(settings) as pinned:
+            _check_keys_file(settings, "up")  # once its data_dir is known to be usable
             return up(pinned)
     if args.command == "ingress":
         from ingress.app import run as run_ingress

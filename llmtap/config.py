@@ -311,7 +311,18 @@ class SpikeRule(BaseModel):
 
 # File settings an empty value leaves unset (compose's ``${VAR:-}``): their default, or
 # the config file's.
-_EMPTY_IS_UNSET = ("keys_file", "pricing_file")
+_EMPTY_IS_UNSET = (
+    "keys_file",
+    "pricing_file",
+    "tls_certfile",
+    "tls_keyfile",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+)
+# And the directory: in the environment or the file, empty is its default (``.llmtap``),
+# not the current directory (``Path("")``).
+_EMPTY_IS_DEFAULT = (*_EMPTY_IS_UNSET, "data_dir")
 # The longest window, and window grace, the stream worker can keep: 366 days.
 WINDOW_MAX_S = 366 * 86400
 
@@ -577,6 +588,20 @@ class Settings(BaseSettings):
                     f"spike rule {rule.name!r}: window_s {rule.window_s} is not one of "
                     f"window_sizes_s {list(self.window_sizes_s)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeats_within_the_session(self) -> Settings:
+        # Kafka's rule (heartbeat.interval.ms "must be set lower than session.timeout.ms"):
+        # aiokafka checks nothing, and a worker beating no more often than its session
+        # lasts is taken for dead by the coordinator again and again, its partitions
+        # handed round for ever (Tansu does not expire sessions: unseen on it).
+        if self.stream_heartbeat_interval_s >= self.stream_session_timeout_s:
+            raise ValueError(
+                f"stream_heartbeat_interval_s ({self.stream_heartbeat_interval_s:g}) must be "
+                f"lower than stream_session_timeout_s ({self.stream_session_timeout_s:g}); "
+                "Kafka advises at most a third of it"
+            )
         return self
 
     @model_validator(mode="after")
@@ -889,9 +914,9 @@ class _Overridden(PydanticBaseSettingsSource):
 
 
 def _set(settings: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """What a source sets: an empty value of _EMPTY_IS_UNSET is no setting (the file's,
+    """What a source sets: an empty value of _EMPTY_IS_DEFAULT is no setting (the file's,
     or the default, holds)."""
-    return ((n, v) for n, v in settings.items() if not (v == "" and n in _EMPTY_IS_UNSET))
+    return ((n, v) for n, v in settings.items() if not (v == "" and n in _EMPTY_IS_DEFAULT))
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # FQDN: a final dot

@@ -17,6 +17,7 @@ import gc
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -233,7 +234,10 @@ def start_decode_process() -> None:
     batch, and default thresholds make collections cost more than decoding). The
     insert's encoder is run once on a row of its own first: clickhouse-connect imports
     what it needs (pandas, ~0.3 s of CPU) at its first use, which was the first batch's
-    (in every decode process, each time the pool started), and is frozen with the rest."""
+    (in every decode process, each time the pool started), and is frozen with the rest.
+    Ctrl-C in a terminal reaches the whole process group: the writer's process stops the
+    pool, and a decode process took it as a KeyboardInterrupt, its traceback on stderr."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()

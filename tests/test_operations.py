@@ -1,0 +1,209 @@
+"""Operating llmtap as a platform team runs it: each process started on its own (as
+docker-compose.yml runs them), its settings from the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmtap.config import CONFIG_ENV, Settings
+from tests.conftest import Broker
+from tests.fake_provider import free_ports
+
+
+def test_an_ingress_whose_data_dir_cannot_hold_its_spool_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    """`llmtap ingress` keeps its spool under data_dir. One that could not be made (a file
+    of that name, a volume its user cannot write) started and answered calls all the same,
+    ready while the broker answered, its events in memory only (lost by a crash or a
+    broker outage longer than the queue), an ERROR once a minute; the worker, the store
+    and migrate refuse such a data_dir at start, naming it, exit status 2."""
+    data_dir = tmp_path / "a-file"
+    data_dir.write_text("not a directory\n")
+    proxy_port, broker_port = free_ports(2)  # nothing listens there: no broker
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(data_dir),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_PROXY_PORT": str(proxy_port),
+        "LLMTAP_KEYS_FILE": str(tmp_path / "keys.yaml"),
+    }
+    env.pop(CONFIG_ENV, None)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "llmtap", "ingress"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except subprocess.TimeoutExpired as exc:  # it started, and served
+        pytest.fail(f"the ingress started on a data_dir it cannot use: {exc.stderr!r}"[-2000:])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(f"llmtap: data_dir {data_dir}: cannot be used"), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["data_dir", "tls_certfile", "tls_keyfile", "kafka_ssl_cafile", "kafka_ssl_certfile"],
+)
+def test_an_empty_path_setting_in_the_environment_is_its_default(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: "An empty file setting (`LLMTAP_KEYS_FILE=`, compose's `${VAR:-}`) is its
+    default." Only keys_file and pricing_file were: `LLMTAP_DATA_DIR=` put the store,
+    spool and keys in the current directory (not `.llmtap`), and an optional TLS file
+    left empty (`LLMTAP_TLS_CERTFILE: ${TLS_CERT:-}`) refused every start."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setenv(f"LLMTAP_{name.upper()}", "")
+    settings = Settings()
+    assert getattr(settings, name) == Settings.model_fields[name].default
+
+
+def test_a_heartbeat_no_more_often_than_the_session_lasts_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    """Kafka: heartbeat.interval.ms "must be set lower than session.timeout.ms". Lowering
+    `stream_session_timeout_s` to 1 (its heartbeat's default), or raising the heartbeat
+    past it, started a worker whose coordinator would expire it between two heartbeats
+    (aiokafka checks nothing; Tansu expires no session, so no test here saw it)."""
+    [broker_port] = free_ports(1)
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_WORKER_METRICS_PORT": "0",
+        "LLMTAP_STREAM_SESSION_TIMEOUT_S": "1",
+    }
+    env.pop(CONFIG_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "llmtap", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "stream_heartbeat_interval_s" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert Settings(stream_session_timeout_s=3, stream_heartbeat_interval_s=1)
+
+
+@pytest.mark.parametrize("command", ["up", "ingress", "store"])
+def test_a_keys_file_that_cannot_be_loaded_is_refused_at_start(
+    command: str, tmp_path: Path
+) -> None:
+    """A `keys_file` naming a directory (or a file that is not a key file) started the
+    proxy and the analytics API all the same: "unreadable, keeping the previous keys"
+    (none), /readyz 200 with `keys_loaded: 0`, every call a 401, while `llmtap keys`
+    refuses the same file naming keys_file, exit status 2."""
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    proxy_port, api_port, broker_port = free_ports(3)  # no broker: nothing may wait for one
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path / "data"),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_PROXY_PORT": str(proxy_port),
+        "LLMTAP_API_PORT": str(api_port),
+        "LLMTAP_KEYS_FILE": str(keys_dir),
+    }
+    env.pop(CONFIG_ENV, None)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "llmtap", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired as exc:  # it started, and served
+        pytest.fail(f"{command} started on a keys_file it cannot load: {exc.stderr!r}"[-2000:])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(f"llmtap: keys_file {keys_dir} cannot be used"), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing children (decode processes) of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])
+        if parent == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+async def test_ctrl_c_on_a_store_in_a_terminal_ends_it_in_json_lines_only(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """Ctrl-C sends SIGINT to the terminal's whole foreground process group: the store's
+    decode processes (sink_decode_processes) took it too, and each wrote Python's
+    KeyboardInterrupt traceback to stderr among the JSON lines (README: every process
+    logs JSON lines). The store stops them itself, as it does on SIGTERM."""
+    [api_port] = free_ports(1)
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "LLMTAP_EMBEDDED_BROKER": "false",
+        "LLMTAP_API_PORT": str(api_port),
+        "LLMTAP_SINK_DECODE_PROCESSES": "2",
+    }
+    env.pop(CONFIG_ENV, None)
+    store = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmtap",
+        "store",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # a process group of its own, as a terminal's job is
+    )
+    assert store.stderr is not None
+    lines: list[bytes] = []
+
+    async def read() -> None:
+        assert store.stderr is not None
+        async for line in store.stderr:
+            lines.append(line)
+
+    reader = asyncio.create_task(read())
+    try:
+        async with asyncio.timeout(120):
+            while len(_spawned_children(store.pid)) < 2 or not any(
+                b"ClickHouse writer consuming" in line for line in lines
+            ):
+                assert store.returncode is None, b"".join(lines).decode()[-2000:]
+                await asyncio.sleep(0.2)
+        os.killpg(store.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        async with asyncio.timeout(60):
+            await store.wait()
+        await reader
+    finally:
+        if store.returncode is None:
+            store.kill()
+            await store.wait()
+    said = b"".join(lines).decode()
+    assert store.returncode == 0, said[-2000:]
+    assert "Traceback" not in said, said[-3000:]
+    for line in said.splitlines():
+        json.loads(line)  # JSON lines only
