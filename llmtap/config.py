@@ -528,17 +528,7 @@ class Settings(BaseSettings):
         current directory (``Path("")``): every call was a 401 for want of the keys."""
         return None if value == "" else value
 
-    @field_validator(
-        "data_dir",
-        "keys_file",
-        "pricing_file",
-        "tls_certfile",
-        "tls_keyfile",
-        "kafka_ssl_cafile",
-        "kafka_ssl_certfile",
-        "kafka_ssl_keyfile",
-        mode="before",
-    )
+    @field_validator(*_EMPTY_IS_DEFAULT, mode="before")  # every path setting
     @classmethod
     def _home(cls, value: object) -> object:
         """``~/llmtap`` is under the home directory, as a shell reads it: given in the
