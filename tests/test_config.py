@@ -654,6 +654,15 @@ def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(
     assert mounted[0] == mounted[1]
 
 
+@pytest.mark.parametrize("name", LLMTAP_SERVICES)
+def test_compose_runs_llmtap_under_an_init(name: str) -> None:
+    """As PID 1 a process ignores every signal it has no handler for: a SIGTERM in
+    llmtap's first second (its imports, before its handlers) was lost, and `docker
+    stop` waited out the grace, then killed it. Under Docker's init, llmtap is a child
+    and such a signal ends it."""
+    assert yaml.safe_load(COMPOSE.read_text())["services"][name]["init"] is True
+
+
 def test_compose_gives_the_ingress_longer_to_stop_than_its_calls_in_flight_may_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
