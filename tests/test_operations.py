@@ -18,6 +18,25 @@ from tests.conftest import Broker
 from tests.fake_provider import free_ports
 
 
+def refused_at_start(command: str, env: dict[str, str], timeout: float) -> str:
+    """Run ``llmtap <command>`` with ``env`` (and no config file): it must exit at once,
+    status 2, without a traceback, not start and serve. Returns what it said."""
+    env = {name: value for name, value in env.items() if name != CONFIG_ENV}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "llmtap", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:  # it started, and served
+        pytest.fail(f"llmtap {command} started, not refused: {exc.stderr!r}"[-2000:])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    return done.stderr
+
+
 def test_an_ingress_whose_data_dir_cannot_hold_its_spool_is_refused_at_start(
     tmp_path: Path,
 ) -> None:
@@ -36,20 +55,8 @@ def test_an_ingress_whose_data_dir_cannot_hold_its_spool_is_refused_at_start(
         "LLMTAP_PROXY_PORT": str(proxy_port),
         "LLMTAP_KEYS_FILE": str(tmp_path / "keys.yaml"),
     }
-    env.pop(CONFIG_ENV, None)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "llmtap", "ingress"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except subprocess.TimeoutExpired as exc:  # it started, and served
-        pytest.fail(f"the ingress started on a data_dir it cannot use: {exc.stderr!r}"[-2000:])
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.startswith(f"llmtap: data_dir {data_dir}: cannot be used"), done.stderr
-    assert "Traceback" not in done.stderr
+    stderr = refused_at_start("ingress", env, timeout=20)
+    assert stderr.startswith(f"llmtap: data_dir {data_dir}: cannot be used"), stderr
 
 
 @pytest.mark.parametrize(
@@ -85,17 +92,7 @@ def test_a_heartbeat_no_more_often_than_the_session_lasts_is_refused_at_start(
         "LLMTAP_WORKER_METRICS_PORT": "0",
         "LLMTAP_STREAM_SESSION_TIMEOUT_S": "1",
     }
-    env.pop(CONFIG_ENV, None)
-    done = subprocess.run(
-        [sys.executable, "-m", "llmtap", "worker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "stream_heartbeat_interval_s" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert "stream_heartbeat_interval_s" in refused_at_start("worker", env, timeout=20)
     assert Settings(stream_session_timeout_s=3, stream_heartbeat_interval_s=1)
 
 
@@ -118,20 +115,8 @@ def test_a_keys_file_that_cannot_be_loaded_is_refused_at_start(
         "LLMTAP_API_PORT": str(api_port),
         "LLMTAP_KEYS_FILE": str(keys_dir),
     }
-    env.pop(CONFIG_ENV, None)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "llmtap", command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except subprocess.TimeoutExpired as exc:  # it started, and served
-        pytest.fail(f"{command} started on a keys_file it cannot load: {exc.stderr!r}"[-2000:])
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.startswith(f"llmtap: keys_file {keys_dir} cannot be used"), done.stderr
-    assert "Traceback" not in done.stderr
+    stderr = refused_at_start(command, env, timeout=30)
+    assert stderr.startswith(f"llmtap: keys_file {keys_dir} cannot be used"), stderr
 
 
 def _spawned_children(pid: int) -> list[int]:
