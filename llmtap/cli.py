@@ -400,6 +400,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return _keys(settings, args)
     if args.command == "alerts":
         return _alerts_test(settings, args.endpoint)
+    if args.command in ("up", "ingress", "worker", "store"):
+        from llmtap.ports import unresolved
+
+        if hosts := unresolved(settings, args.command):
+            raise ConfigError("; ".join(hosts))
     if args.command in ("up", "store"):
         _check_webhook_templates(settings)
     if args.command in ("up", "ingress", "worker"):
@@ -417,8 +422,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             return up(pinned)
     if args.command == "ingress":
         from ingress.app import run as run_ingress
+        from llmtap.data_dir import ingress_claimed
 
-        run_ingress(settings)
+        with ingress_claimed(settings):
+            run_ingress(settings)
     elif args.command == "worker":
         from stream.app import run as run_worker
 

@@ -55,6 +55,10 @@ from llmtap.tls import UnusableFile, server_context
 # wraps around to the 1970s, so the row is expired as soon as it is stored.
 MAX_RETENTION_DAYS = 10_000
 
+# Kafka's group.min.session.timeout.ms by default (6000): the shortest stream worker
+# session a Kafka broker takes (stream_session_timeout_s; the embedded broker has none).
+KAFKA_MIN_SESSION_S = 6.0
+
 CONFIG_ENV = "LLMTAP_CONFIG"
 # Set while Settings.model_copy builds a copy: its values are the original's and the
 # update, read from nowhere else (the environment may have changed since, and a dict
@@ -591,6 +595,20 @@ class Settings(BaseSettings):
                 f"stream_heartbeat_interval_s ({self.stream_heartbeat_interval_s:g}) must be "
                 f"lower than stream_session_timeout_s ({self.stream_session_timeout_s:g}); "
                 "Kafka advises at most a third of it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _session_a_kafka_takes(self) -> Settings:
+        # A Kafka broker refuses a join whose session is below its
+        # group.min.session.timeout.ms (6 s by default; Redpanda's and MSK's alike):
+        # INVALID_SESSION_TIMEOUT, from the worker's consumer once the broker answered,
+        # naming no setting. The embedded broker (Tansu) has no such minimum.
+        if not self.embedded_broker and self.stream_session_timeout_s < KAFKA_MIN_SESSION_S:
+            raise ValueError(
+                f"stream_session_timeout_s ({self.stream_session_timeout_s:g}) must be at "
+                f"least {KAFKA_MIN_SESSION_S:g}: a Kafka broker refuses a consumer group's "
+                "join below its group.min.session.timeout.ms (6000 by default)"
             )
         return self
 

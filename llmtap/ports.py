@@ -26,6 +26,7 @@ class Listener:
     setting: str  # what names it, for the message
     host: str
     port: int
+    host_setting: str = ""  # what names its host (the same as ``setting`` when empty)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host or "*"
@@ -42,12 +43,41 @@ def listeners(settings: Settings) -> list[Listener]:
         with contextlib.suppress(ValueError):  # a port out of range
             if bootstrap.port:
                 found.append(Listener("kafka_bootstrap", bootstrap.hostname or "", bootstrap.port))
-    found.append(Listener("api_port", settings.api_host, settings.api_port))
+    found.append(Listener("api_port", settings.api_host, settings.api_port, "api_host"))
     found.append(
-        Listener("worker_metrics_port", settings.worker_metrics_host, settings.worker_metrics_port)
+        Listener(
+            "worker_metrics_port",
+            settings.worker_metrics_host,
+            settings.worker_metrics_port,
+            "worker_metrics_host",
+        )
     )
-    found.append(Listener("proxy_port", settings.proxy_host, settings.proxy_port))
+    found.append(Listener("proxy_port", settings.proxy_host, settings.proxy_port, "proxy_host"))
     return [listener for listener in found if listener.port]
+
+
+# What each command listens on (`up`: every one of `listeners`).
+SERVED_BY = {"ingress": "proxy_port", "store": "api_port", "worker": "worker_metrics_port"}
+
+
+def unresolved(settings: Settings, command: str) -> list[str]:
+    """The hosts ``command`` would listen on that do not resolve, each with its setting
+    and value: the server's bind failed on it with "[Errno -2] Name or service not
+    known" and a traceback, naming neither."""
+    found = []
+    for listener in listeners(settings):
+        if command != "up" and SERVED_BY.get(command) != listener.setting:
+            continue
+        try:
+            socket.getaddrinfo(
+                listener.host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except (socket.gaierror, UnicodeError) as exc:
+            found.append(
+                f"{listener.host_setting or listener.setting} {listener.host!r} does not "
+                f"resolve to an address to listen on ({exc})"
+            )
+    return found
 
 
 def _addresses(host: str) -> set[tuple[int, str]]:

@@ -109,6 +109,11 @@ class Supervisor:
         self.settings = settings
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
+        self.stopped_by: signal.Signals | None = None  # the first stop signal
+
+    def ask_stop(self, sig: signal.Signals) -> None:
+        self.stopped_by = self.stopped_by or sig
+        self.stopping.set()
 
     async def spawn(self, name: str, argv: list[str], log_file: Path | None = None) -> Child:
         child = await self._start(name, argv, log_file)
@@ -302,7 +307,7 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in stop_signals():
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self.ask_stop, sig)
         backoff = Backoff()
         try:
             await self.start_all()
@@ -337,8 +342,12 @@ class Supervisor:
                 await self.start_all()
                 log.info("llmtap is up again")
         except StartupFailed as exc:
+            if self.stopping.is_set():  # asked: not a failure (what ended the start says why)
+                name = self.stopped_by.name if self.stopped_by else "asked"
+                log.info("llmtap up stopped (%s) before it was up (%s)", name, exc)
+                return 0
             log.error("startup failed: %s", exc)
-            return 0 if self.stopping.is_set() else 1
+            return 1
         finally:
             await self.stop_all()
             log.info("stopped")

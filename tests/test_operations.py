@@ -4,11 +4,15 @@ docker-compose.yml runs them), its settings from the environment."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,6 +98,115 @@ def test_a_heartbeat_no_more_often_than_the_session_lasts_is_refused_at_start(
     }
     assert "stream_heartbeat_interval_s" in refused_at_start("worker", env, timeout=20)
     assert Settings(stream_session_timeout_s=3, stream_heartbeat_interval_s=1)
+
+
+def test_a_session_a_kafka_broker_refuses_is_refused_at_start(tmp_path: Path) -> None:
+    """Kafka refuses a group join whose session is below group.min.session.timeout.ms
+    (6 s by default): a worker given `stream_session_timeout_s` 5 waited for the broker,
+    then failed its join with INVALID_SESSION_TIMEOUT, naming no setting. The embedded
+    broker (Tansu) has no such minimum: there, a shorter one is taken."""
+    [broker_port] = free_ports(1)
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_EMBEDDED_BROKER": "false",
+        "LLMTAP_WORKER_METRICS_PORT": "0",
+        "LLMTAP_STREAM_SESSION_TIMEOUT_S": "5",
+    }
+    stderr = refused_at_start("worker", env, timeout=20)
+    assert "stream_session_timeout_s (5) must be at least 6" in stderr, stderr
+    assert "group.min.session.timeout.ms" in stderr
+    assert Settings(embedded_broker=False, stream_session_timeout_s=6)
+    assert Settings(embedded_broker=True, stream_session_timeout_s=3)
+
+
+@pytest.mark.parametrize(
+    ("command", "setting"),
+    [
+        ("ingress", "proxy_host"),
+        ("store", "api_host"),
+        ("worker", "worker_metrics_host"),
+        ("up", "proxy_host"),
+        ("up", "api_host"),
+    ],
+)
+def test_a_host_to_listen_on_that_does_not_resolve_is_refused_at_start(
+    command: str, setting: str, tmp_path: Path
+) -> None:
+    """A bind host that does not resolve ended the ingress with "llmtap ingress failed:
+    [Errno -2] Name or service not known" and a traceback, exit 1, naming no setting
+    (the store and the worker once the broker answered, `up` as "proxy_port"); each is
+    refused at start, naming the setting and its value, exit status 2."""
+    proxy_port, api_port, metrics_port, broker_port = free_ports(4)  # no broker
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path / "data"),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_PROXY_PORT": str(proxy_port),
+        "LLMTAP_API_PORT": str(api_port),
+        "LLMTAP_WORKER_METRICS_PORT": str(metrics_port),
+        f"LLMTAP_{setting.upper()}": "nosuch.invalid",
+    }
+    stderr = refused_at_start(command, env, timeout=30)
+    assert stderr.startswith(f"llmtap: {setting} 'nosuch.invalid' does not resolve"), stderr
+    assert not (tmp_path / "data" / "clickhouse").exists()  # nothing was started
+
+
+@contextlib.contextmanager
+def ingress_serving(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """`llmtap ingress` with ``env``, once its /healthz answers on ``port``."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmtap", "ingress"],
+        env={name: value for name, value in env.items() if name != CONFIG_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, "the first ingress exited"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the first ingress did not answer"
+                time.sleep(0.1)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_a_second_ingress_on_a_data_dir_in_use_is_refused_at_start(tmp_path: Path) -> None:
+    """Two ingresses on one data_dir: the second cannot open the spool (the first holds
+    it), and served on, an ERROR a minute, its events held in memory until half its
+    queue was full or it stopped (late spend, windows and alerts), with the broker down
+    nowhere durable (lost by a crash, or at its stop). It is refused at start, naming
+    the data_dir and the first's pid, and so is an `llmtap up` over it (it would start
+    everything, then fail at its ingress)."""
+    proxy_port, other_port, api_port, metrics_port, broker_port = free_ports(5)
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",  # no broker: none needed
+        "LLMTAP_PROXY_PORT": str(proxy_port),
+    }
+    with ingress_serving(env, proxy_port) as first:
+        said = f"data_dir {tmp_path.resolve()} is in use by another llmtap ingress "
+        said += f"(pid {first.pid})"
+        second = refused_at_start("ingress", {**env, "LLMTAP_PROXY_PORT": str(other_port)}, 20)
+        assert said in second, second
+        elsewhere = {
+            "LLMTAP_PROXY_PORT": str(other_port),
+            "LLMTAP_API_PORT": str(api_port),
+            "LLMTAP_WORKER_METRICS_PORT": str(metrics_port),
+        }
+        assert said in refused_at_start("up", {**env, **elsewhere}, 30)
+        assert not (tmp_path / "clickhouse").exists()  # up started nothing
+    # Released with the first's end: the next one starts.
+    with ingress_serving({**env, "LLMTAP_PROXY_PORT": str(other_port)}, other_port):
+        pass
 
 
 @pytest.mark.parametrize("command", ["up", "ingress", "store"])
@@ -192,3 +305,60 @@ async def test_ctrl_c_on_a_store_in_a_terminal_ends_it_in_json_lines_only(
     assert "Traceback" not in said, said[-3000:]
     for line in said.splitlines():
         json.loads(line)  # JSON lines only
+
+
+@pytest.mark.parametrize(
+    ("sig", "after"),
+    [
+        (signal.SIGINT, '"process":"up"'),  # its first line: the stop handlers are set
+        (signal.SIGTERM, '"message":"started store (pid'),
+    ],
+    ids=["sigint-at-its-first-line", "sigterm-once-the-store-started"],
+)
+async def test_up_stopped_while_it_starts_stops_cleanly(
+    sig: signal.Signals, after: str, tmp_path: Path
+) -> None:
+    """Ctrl-C (or SIGTERM) on `llmtap up` before it was up stopped it, status 0, but
+    logged "startup failed: stopped while ..." at ERROR: a stop asked is an info line.
+    Run as a user runs it: its defaults, in a home of its own (ports moved only, as
+    other tests run beside it)."""
+    proxy_port, api_port, metrics_port, broker_port = free_ports(4)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("LLMTAP_")}
+    env |= {
+        "HOME": str(tmp_path),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_PROXY_PORT": str(proxy_port),
+        "LLMTAP_API_PORT": str(api_port),
+        "LLMTAP_WORKER_METRICS_PORT": str(metrics_port),
+    }
+    up = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "llmtap", "up"),
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert up.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(120):
+            async for raw in up.stdout:
+                lines.append(raw.decode(errors="replace"))
+                if after in lines[-1]:
+                    break
+        assert up.returncode is None, "".join(lines)[-2000:]
+        up.send_signal(sig)
+        async with asyncio.timeout(120):
+            lines += [raw.decode(errors="replace") async for raw in up.stdout]
+            await up.wait()
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
+    said = "".join(lines)
+    assert up.returncode == 0, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    for line in said.splitlines():
+        assert json.loads(line)["level"] not in ("ERROR", "CRITICAL"), said[-3000:]
+    assert f"llmtap up stopped ({sig.name}) before it was up" in said, said[-3000:]
+    assert (tmp_path / ".llmtap").is_dir()  # its defaults: the data_dir under its cwd
