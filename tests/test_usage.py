@@ -1054,6 +1054,22 @@ def test_an_embeddings_usage_with_a_total_alone_adds_no_output() -> None:
     assert usage is not None and usage.output_tokens == 0
 
 
+def test_an_embeddings_usage_counting_only_its_total_is_all_input() -> None:
+    """Voyage's embeddings, and some OpenAI-compatible servers', count only
+    ``total_tokens``: an embedding has no output, so all of it is input (it read 0)."""
+    body = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+        "model": "voyage-3.5",
+        "usage": {"total_tokens": 12},
+    }
+    assert OpenAIJsonCapture(orjson.dumps(body)).usage == Usage(input_tokens=12)
+    # Counting its prompt, or counting any output, a usage's total is no input of its own.
+    assert openai_usage({"prompt_tokens": 8, "total_tokens": 12}) == Usage(input_tokens=8)
+    counted = openai_usage({"completion_tokens": 3, "total_tokens": 12})
+    assert counted is not None and counted.input_tokens == 0
+
+
 def test_groq_s_usage_in_x_groq_is_captured_from_a_stream_that_did_not_ask() -> None:
     """Groq streams its usage unasked, in the last chunk's ``x_groq.usage`` (a provider
     set ``stream_usage: false``, or a stream sent as the client sent it): it is the

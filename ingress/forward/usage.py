@@ -9,16 +9,25 @@ from typing import Any
 
 from llmtap.events import GEO_PATTERN, GLOBAL_GEO, AdvisorUsage, ServiceTier, Usage
 
+# The counts of an OpenAI usage object besides its total, by either API's names.
+_COUNTS = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
+
 
 def openai_usage(usage: Any) -> Usage | None:
     """Normalise an OpenAI ``usage`` object (chat completions / completions / embeddings,
     the Responses API's). Its prompt count includes cache reads (``cached_tokens``) and,
     from GPT-5.6 on, cache writes (``cache_write_tokens``, billed above the input rate;
-    before GPT-5.6 writes were free and not reported), as llmtap's does."""
+    before GPT-5.6 writes were free and not reported), as llmtap's does. A usage that
+    counts only its ``total_tokens`` (embeddings) is all input."""
     if not isinstance(usage, dict):
         return None
     prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
     completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+    total = _int(usage.get("total_tokens"))
+    if not any(key in usage for key in _COUNTS):
+        # A total alone (Voyage's embeddings, some OpenAI-compatible servers'): an
+        # embedding has no output, so all of it is input.
+        prompt = total
     prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     completion_details = usage.get("completion_tokens_details") or usage.get(
         "output_tokens_details"
@@ -35,7 +44,6 @@ def openai_usage(usage: Any) -> Usage | None:
         if isinstance(completion_details, dict)
         else 0
     )
-    total = _int(usage.get("total_tokens"))
     if reasoning and (reasoning > completion or total == prompt + completion + reasoning):
         # Counted apart from the completion (xAI's; total_tokens holds both), not within
         # it as OpenAI's is: output all the same, billed as such.
