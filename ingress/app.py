@@ -9,13 +9,14 @@ import logging
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from ingress.errors import anthropic_error, openai_error
-from ingress.forward import anthropic, openai, unmetered
+from ingress.forward import anthropic, openai, resend, unmetered
 from ingress.forward.call import NOBODY, Call
 from ingress.forward.outcome import record_outcome
 from ingress.forward.tokens import Counting
@@ -35,6 +36,7 @@ from ingress.keys import (
     SETTINGS,
     STOPPING,
     UPSTREAM,
+    UPSTREAM_FRESH,
 )
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
@@ -73,14 +75,19 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
     # No cookie jar: the session serves every tenant's calls. A provider's Set-Cookie
     # goes to the client that made the call (which sends it back, or not); kept here,
     # it went with every later call, of any tenant.
-    async with aiohttp.ClientSession(
-        timeout=timeout,
-        connector=connector,
-        auto_decompress=True,
-        raise_for_status=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-    ) as session:
-        app[UPSTREAM] = session
+    settings_of_both: dict[str, Any] = {
+        "timeout": timeout,
+        "auto_decompress": True,
+        "raise_for_status": False,
+        "cookie_jar": aiohttp.DummyCookieJar(),
+    }
+    async with (
+        aiohttp.ClientSession(
+            connector=connector, trace_configs=[resend.tracing()], **settings_of_both
+        ) as session,
+        resend.fresh_session(**settings_of_both) as fresh,
+    ):
+        app[UPSTREAM], app[UPSTREAM_FRESH] = session, fresh
         yield
 
 

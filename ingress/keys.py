@@ -17,6 +17,9 @@ from llmtap.config import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+# A connection of its own for each call: a call's one resend after a provider closed the
+# kept-alive connection it was sent on (ingress/forward/resend.py).
+UPSTREAM_FRESH = web.AppKey("upstream_fresh", aiohttp.ClientSession)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
 KEYS = web.AppKey("keys", KeyStore)
 METRICS = web.AppKey("metrics", IngressMetrics)

@@ -105,6 +105,13 @@ class IngressMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.resends = Counter(
+            "llmtap_upstream_resends",
+            "Calls sent once more on a fresh connection: the provider had closed the "
+            "kept-alive one they were sent on before answering (the keep-alive race)",
+            ["provider"],
+            registry=self.registry,
+        )
         self.registry.register(_PublisherCollector(publisher))
         # Labelled children by (metric, *labels): as many as the metrics hold themselves.
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
@@ -121,6 +128,9 @@ class IngressMetrics:
         self._child(self.overhead, event.endpoint).observe(event.proxy_overhead_ms / 1000)
         if event.ttft_ms is not None:
             self._child(self.ttft, event.endpoint, event.provider).observe(event.ttft_ms / 1000)
+
+    def resent(self, provider: str) -> None:
+        self._child(self.resends, provider).inc()
 
     def _model_label(self, model: str, answered: bool) -> str:
         """The model's own label, if it has one or gets one: only a call a provider

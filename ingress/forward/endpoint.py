@@ -111,6 +111,24 @@ def unreachable(api: Api, provider: str, exc: BaseException, request_id: str) ->
     return error
 
 
+def cut_off(
+    api: Api, provider: str, status: int, exc: BaseException, request_id: str
+) -> web.Response:
+    """The answer to a call whose provider answered ``status`` (a success: its head
+    came), then broke its body off (``exc``: the connection closed or reset, or no byte
+    in time): 502, or 504 on a timeout, in the API's shape. Passed on as far as it came,
+    the answer would be a body no client can read."""
+    timed_out = isinstance(exc, TimeoutError)
+    error = api.error(
+        504 if timed_out else 502,
+        f"the provider {provider!r} answered {status}, then its answer was cut off "
+        f"({'no more of it in time' if timed_out else type(exc).__name__})",
+        code="upstream_timeout" if timed_out else "upstream_cut_off",
+    )
+    error.headers["x-request-id"] = request_id
+    return error
+
+
 def redirected(
     api: Api, provider: str, status: int, headers: CIMultiDict[str]
 ) -> web.Response | None:

@@ -18,13 +18,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ingress.forward import resend
 from ingress.forward.admission import Admission
 from ingress.forward.call import Call, downstream_headers
 from ingress.forward.capture import FirstEvent, StreamCapture, parse_json_body
-from ingress.forward.endpoint import Endpoint, redirected, unreachable
+from ingress.forward.endpoint import Endpoint, cut_off, redirected, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
-from ingress.keys import BUDGETS, COUNTING, LIMITER, UPSTREAM
+from ingress.keys import BUDGETS, COUNTING, LIMITER, METRICS, UPSTREAM, UPSTREAM_FRESH
 from ingress.routing import openai_tiers
 from ingress.spool import Delivered
 from llmtap import logs
@@ -68,15 +69,31 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     response: web.StreamResponse | None = None
     answer_headers: CIMultiDict[str] | None = None
     capture: StreamCapture | None = None
+
+    def resent(exc: BaseException) -> None:
+        request.app[METRICS].resent(route.provider)
+        log.info(
+            "provider %s closed a kept-alive connection as a call was sent on it (%s): "
+            "sent once more on a fresh one",
+            route.provider,
+            type(exc).__name__,
+        )
+
     try:
         call.mark_sent()
         # A redirect is not followed: it would take the prompt, and llmtap's provider key
         # in any header aiohttp does not strip across origins (Anthropic's x-api-key),
         # wherever it points. It goes to the client as the provider sent it, recorded as
         # the provider's error, as a client calling the provider directly would see it.
-        async with request.app[UPSTREAM].post(
-            admitted.url, data=admitted.body, headers=admitted.headers, allow_redirects=False
-        ) as upstream:
+        upstream = await resend.post(
+            request.app[UPSTREAM],
+            request.app[UPSTREAM_FRESH],
+            admitted.url,
+            admitted.body,
+            admitted.headers,
+            resent,
+        )
+        async with upstream:
             http_status = upstream.status
             if upstream.status >= 300:
                 status, error_class = "upstream_error", f"http_{upstream.status}"
@@ -181,6 +198,19 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 for name, value in answer_headers.items()
                 if name.lower() != "content-type"
             )
+            return error
+        if answer_headers is not None:
+            # The provider answered (its head came), then its body broke off: its error,
+            # not a provider out of reach. It may bill the call: usage unknown.
+            status = "upstream_error"
+            log.warning(
+                "provider %s answered %d, its body cut off: %s",
+                route.provider,
+                http_status,
+                error_class,
+            )
+            error = cut_off(api, route.provider, http_status, exc, request_id)
+            http_status = error.status  # what the client got, as for one unreachable
             return error
         status = "upstream_unreachable"
         # Never connected: nothing was sent, nothing spent. Else (no answer in time, the

@@ -1,0 +1,95 @@
+"""The keep-alive race: a provider closing an idle kept-alive connection just as llmtap
+sends the next call on it.
+
+llmtap keeps idle connections to a provider 15 s (aiohttp's default); uvicorn-style
+servers (vLLM, LiteLLM, llama.cpp's) and Node close theirs after 5 s. A call sent on a
+connection the provider is closing at that moment gets no answer: the provider closed
+(or reset) it without taking the call. Such a call is sent once more, on a fresh
+connection (its body is bytes in memory): only when the connection was a reused one
+(:func:`tracing` says so, per call) and no byte of an answer came. Any other failure
+(a fresh connection, a timeout, a head already received) is not retried: the provider
+may be working on the call, and bill it.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+from aiohttp.http import RawResponseMessage
+from multidict import CIMultiDict
+
+# A connection the provider closed or reset under a call sent on it.
+_CLOSED_UNDER = (errno.ECONNRESET, errno.EPIPE)
+
+
+class Sent:
+    """What aiohttp's tracing told of one send (its ``trace_request_ctx``)."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False  # on a kept-alive connection, not a new one
+
+
+async def _on_reuse(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceConnectionReuseconnParams,
+) -> None:
+    sent = context.trace_request_ctx
+    if isinstance(sent, Sent):
+        sent.reused = True
+
+
+def tracing() -> aiohttp.TraceConfig:
+    """The upstream session's tracing: which calls went on a reused connection."""
+    config = aiohttp.TraceConfig()
+    config.on_connection_reuseconn.append(_on_reuse)
+    config.freeze()
+    return config
+
+
+def closed_before_answer(sent: Sent, exc: BaseException) -> bool:
+    """Whether a send that raised ``exc`` (before the answer's head was read) lost the
+    keep-alive race: on a reused connection, closed without a byte of an answer (a
+    ServerDisconnectedError holds the head's part that came, if any) or reset."""
+    if not sent.reused:
+        return False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return not isinstance(exc.message, RawResponseMessage)
+    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in _CLOSED_UNDER
+
+
+def fresh_session(**settings: Any) -> aiohttp.ClientSession:
+    """A session whose every call has a connection of its own (none is kept): the one
+    resend of a call that lost the keep-alive race, which another idle connection of
+    the pool could lose again (a provider restarting closes them all)."""
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    return aiohttp.ClientSession(connector=connector, **settings)
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    fresh: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: CIMultiDict[str],
+    resent: Callable[[BaseException], None],
+) -> aiohttp.ClientResponse:
+    """POST ``body`` to ``url``: the answer's head read (its body not yet), or the
+    error. A send that lost the keep-alive race goes once more through ``fresh``,
+    ``resent`` told first. A redirect is not followed (see the proxy)."""
+    sent = Sent()
+    try:
+        return await session.post(
+            url, data=body, headers=headers, allow_redirects=False, trace_request_ctx=sent
+        )
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        if not closed_before_answer(sent, exc):
+            raise
+        resent(exc)
+    return await fresh.post(url, data=body, headers=headers, allow_redirects=False)

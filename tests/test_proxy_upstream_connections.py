@@ -1,0 +1,216 @@
+"""The provider's connection under a call: closed as the call is sent on it (the
+keep-alive race), or cut mid-answer. The provider is a raw socket server, so each of its
+connections does exactly what a test plans, at the moment it plans it (no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+import orjson
+import pytest
+
+from ingress.guards.keys import create_key
+from llmtap.config import Settings
+from tests.conftest import INGRESS_PROVIDER_KEY, Broker, serve_ingress
+from tests.prometheus import sample
+from tests.test_ingress_ops import response_event
+
+# What the provider does with a call: answer it (keep-alive), close its connection once
+# it has read it (no byte of an answer), reset it (RST), send part of an answer's head
+# then close, or send the head and half the body then close.
+Act = Literal["answer", "close", "reset", "part_head", "cut_body"]
+
+ANSWER = orjson.dumps(
+    {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion",
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+)
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+
+
+@dataclass
+class RawProvider:
+    """Calls answered by ``plan(connection, call)``: the provider's connections and
+    each one's calls numbered from 0, in the order they came."""
+
+    plan: Callable[[int, int], Act]
+    calls: list[tuple[int, int]] = field(default_factory=list)
+    _connections: int = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection, self._connections = self._connections, self._connections + 1
+        try:
+            for number in range(100):
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return  # llmtap closed it
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)  # all of it: a close is then no reset
+                self.calls.append((connection, number))
+                act = self.plan(connection, number)
+                if act == "answer":
+                    writer.write(HEAD % len(ANSWER) + ANSWER)
+                    await writer.drain()
+                    continue
+                if act == "reset":
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
+                if act == "part_head":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Ty")
+                elif act == "cut_body":
+                    writer.write(HEAD % len(ANSWER) + ANSWER[: len(ANSWER) // 2])
+                await writer.drain()
+                return
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def ingress_before_raw(
+    provider: RawProvider, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
+    """An ingress whose OpenAI provider is ``provider``; its base URL."""
+    server = await asyncio.start_server(provider.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    settings = settings.model_copy(update={"openai_base_url": f"http://127.0.0.1:{port}/v1"})
+    try:
+        ingress = await serve_ingress(settings)
+        try:
+            yield str(ingress.make_url("")).rstrip("/")
+        finally:
+            await ingress.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def chat(session: aiohttp.ClientSession, base: str, secret: str) -> tuple[int, bytes, str]:
+    async with session.post(
+        f"{base}/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {secret}"},
+    ) as response:
+        return response.status, await response.read(), response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("closing", ["close", "reset"])
+async def test_a_call_sent_as_the_provider_closes_its_kept_alive_connection_is_sent_again(
+    ingress_settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    closing: Act,
+) -> None:
+    """The provider (uvicorn's 5 s keep-alive against llmtap's 15 s) closes, or resets,
+    the idle connection just as llmtap sends the next call on it, before any byte of an
+    answer: the call goes once more, on a fresh connection, and the client has its
+    answer (it had a 502, its usage unknown). Counted, and said with the provider's name."""
+    caplog.set_level(logging.INFO, logger="ingress.forward.proxy")
+    provider = RawProvider(lambda *call: closing if call == (0, 1) else "answer")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+    ):
+        first = await chat(session, base, secret)
+        status, body, request_id = await chat(session, base, secret)
+        async with session.get(f"{base}/metrics") as metrics:
+            text = await metrics.text()
+    assert first[0] == 200
+    assert (status, orjson.loads(body)["choices"][0]["message"]["content"]) == (200, "Hi")
+    assert provider.calls == [(0, 0), (0, 1), (1, 0)]  # the second call: on each connection
+    assert sample(text, "llmtap_upstream_resends_total", provider="openai") == 1
+    assert any(
+        "provider openai closed a kept-alive connection" in r.getMessage() for r in caplog.records
+    )
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.usage.input_tokens) == ("ok", 200, 5)
+
+
+@pytest.mark.parametrize(
+    ("plan", "calls"),
+    [
+        ({(0, 0): "close"}, [(0, 0)]),  # a fresh connection
+        ({(0, 0): "reset"}, [(0, 0)]),
+        ({(0, 1): "part_head"}, [(0, 0), (0, 1)]),  # reused, but an answer had begun
+    ],
+    ids=["fresh-closed", "fresh-reset", "reused-head-begun"],
+)
+async def test_a_call_whose_connection_failed_otherwise_is_not_sent_again(
+    ingress_settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    plan: dict[tuple[int, int], Act],
+    calls: list[tuple[int, int]],
+) -> None:
+    """Closed on a fresh connection (the provider took the call, and may bill it), or
+    after an answer had begun: a 502 as before, the call sent once."""
+    provider = RawProvider(lambda connection, call: plan.get((connection, call), "answer"))
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+    ):
+        for _ in calls[:-1]:
+            assert (await chat(session, base, secret))[0] == 200
+        status, body, request_id = await chat(session, base, secret)
+        async with session.get(f"{base}/metrics") as metrics:
+            text = await metrics.text()
+    assert status == 502
+    assert orjson.loads(body)["error"]["code"] == "upstream_unreachable"
+    assert provider.calls == calls
+    assert sample(text, "llmtap_upstream_resends_total") == 0
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.usage.usage_missing) == ("upstream_unreachable", True)
+
+
+async def test_an_answer_cut_mid_body_is_the_provider_s_error(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider sent a 200's head and half its body, then closed: it answered, then
+    broke off (it may bill the call: usage unknown). The client gets a 502 in the API's
+    shape saying the answer was cut off, not that the provider was unreachable."""
+    provider = RawProvider(lambda connection, call: "cut_body")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+    ):
+        status, body, request_id = await chat(session, base, secret)
+    error = orjson.loads(body)["error"]
+    assert (status, error["code"]) == (502, "upstream_cut_off")
+    assert "cut off" in error["message"] and error["type"] == "api_error"
+    assert provider.calls == [(0, 0)]  # not sent again
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.error_class) == (
+        "upstream_error",
+        502,  # what the client got, as for a provider out of reach
+        "ClientPayloadError",
+    )
+    assert event.usage.usage_missing  # it may bill
