@@ -282,6 +282,10 @@ class CostedEvent(_Model):
         return self.response.request_id
 
 
+BudgetScope = Literal["tenant", "team", "key", "user", "feature"]
+BudgetPeriod = Literal["day", "week", "month"]
+
+
 class Alert(_Model):
     """A spike or budget alert, published on the alerts topic and delivered as a webhook.
 
@@ -313,10 +317,17 @@ class Alert(_Model):
     window_end: UtcDatetime
     first_seen: UtcDatetime
     message: str
-
-
-BudgetScope = Literal["tenant", "team", "key", "user", "feature"]
-BudgetPeriod = Literal["day", "week", "month"]
+    # budget: its period as configured (day, week, month); None on a spike alert, and on
+    # a budget alert raised before it was carried. Written only when set: a spike alert
+    # is as before, to an older reader too.
+    period: BudgetPeriod | None = Field(default=None, exclude_if=lambda period: period is None)
+    # spike, resolved: why. "normal": a window back within its level; "quiet": no calls
+    # for a while; "unjudged": no window with a value for as long as the rule looks back
+    # (both of those with ``observed`` 0, not measured). None on a firing alert, a budget
+    # alert, one raised before it was carried. Written only when set, as ``period``.
+    resolution: Literal["normal", "quiet", "unjudged"] | None = Field(
+        default=None, exclude_if=lambda resolution: resolution is None
+    )
 
 
 class BudgetState(_Model):

@@ -284,6 +284,7 @@ def _budget_alert(
         window_end=state.period_end,
         first_seen=at,
         message=message,
+        period=budget.period,
     )
 
 

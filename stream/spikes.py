@@ -190,6 +190,7 @@ def _alert(
     if tenant and rule.dimension != "tenant":
         where += f" of tenant {tenant}"
     above = alert_level(rule, baseline)
+    resolution: Literal["normal", "quiet", "unjudged"] = "normal"
     if state == "firing":
         message = (
             f"{rule.metric} spike on {where}: {_fmt(value)} against a baseline of "
@@ -197,6 +198,7 @@ def _alert(
             f"robust z {baseline.z(value):.1f})"
         )
     elif unjudged is not None:
+        resolution = "unjudged"
         let_through = " the guards let through" if rule.metric == "error_rate" else ""
         # A cost has no min_requests: its windows had calls, none of a known cost.
         lacking = (
@@ -210,6 +212,7 @@ def _alert(
             f"spike since {first_seen.isoformat()}"
         )
     elif quiet:
+        resolution = "quiet"
         message = (
             f"{rule.metric} back to normal on {where}: no calls in the window from "
             f"{window_start.isoformat()}; spike since {first_seen.isoformat()}"
@@ -243,6 +246,7 @@ def _alert(
         window_end=window_end,
         first_seen=first_seen,
         message=message,
+        resolution=None if state == "firing" else resolution,
     )
 
 

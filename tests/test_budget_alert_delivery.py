@@ -173,7 +173,7 @@ async def test_a_receiver_verifies_budget_alerts_and_gets_what_it_needs(
     (the README's receiver) and dedupes on webhook-id: a first attempt that times out is
     sent again with the same id, each alert is accepted once, every id is distinct, and
     the body says the budget, its owner, spend, limit and threshold as exact decimal
-    strings, and its period's start and reset in UTC."""
+    strings, and its period (``month``) with its start and reset in UTC."""
     name = f"revc-{uuid.uuid4().hex[:12]}"
     b = budget(name=name, scope="team", value="search", tenant="acme", period="month")
     raised: list[Alert] = []
@@ -235,3 +235,4 @@ async def test_a_receiver_verifies_budget_alerts_and_gets_what_it_needs(
         assert body["threshold"] in ("50", "80")
         assert body["window_end"] == period_end
         assert body["window_start"].endswith("-01T00:00:00Z")
+        assert body["period"] == "month"  # the kind of period, not only its bounds

@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 from ingress.guards.budgets import BudgetBook
 from llmtap import topics
 from llmtap.config import BudgetConfig
-from llmtap.events import Alert, Attribution, BudgetState, CostedEvent, ResponseEvent, Usage
+from llmtap.events import (
+    Alert,
+    Attribution,
+    BudgetPeriod,
+    BudgetState,
+    CostedEvent,
+    ResponseEvent,
+    Usage,
+)
 from llmtap.kafka import Kafka
 from llmtap.supervisor import embedded_broker
 from sinks.budget_seed import publish_states, publish_until_sent, rebuilt_state, unraised
@@ -29,9 +37,11 @@ from sinks.webhooks.records import store_batch
 from sql.store import Store
 from stream.agents.budgets import BudgetsStep
 from stream.budgets import (
+    capped_alert,
     current,
     matches,
     period_bounds,
+    remaining,
     spend,
     threshold_alert,
     threshold_alert_id,
@@ -107,6 +117,22 @@ def test_each_threshold_alerts_once_per_period_with_a_stable_id() -> None:
 
     _, replayed = spend(b, None, Decimal("5"), at(3), at(9))  # a replay: same ids
     assert replayed[0].event_id == first.event_id
+
+
+@pytest.mark.parametrize("period", ["day", "week", "month"])
+def test_a_budget_alert_names_its_period_in_its_payload(period: BudgetPeriod) -> None:
+    """A receiver can tell a daily budget's alert from a monthly one's without reading
+    its message: each budget alert carries its budget's ``period`` (a threshold's, as
+    the stream raises it, and a hard cap's refusal), on the wire and in the payload."""
+    b = budget(period=period)
+    state, alerts = spend(b, None, Decimal("6"), at(3), at(3))
+    assert state is not None and [a.threshold for a in alerts] == [Decimal(50)]
+    capped = capped_alert(b, state, Decimal("5"), remaining(state), at(3))
+    for alert in (*alerts, capped):
+        assert alert.period == period
+        sent = json.loads(alert.model_dump_json())
+        assert sent["period"] == period
+        assert Alert.model_validate(sent) == alert
 
 
 def test_a_limit_raised_mid_period_is_judged_by_its_own_thresholds() -> None:
@@ -446,6 +472,7 @@ def test_thresholds_a_rebuilt_state_crossed_unalerted_are_raised_once(store: Sto
         threshold_alert(b, state, t, now).event_id for t in (50, 80)
     ]
     assert raised[1].observed == Decimal("3.5") and "passed 80%" in raised[1].message
+    assert {a.period for a in raised} == {"day"}  # as the stream's alerts say it
 
     store_batch(store, raised[:1], [], [])  # the first one was delivered and stored
     assert unraised(store, b, state) == raised[1:]

@@ -191,6 +191,29 @@ def test_a_spike_fires_once_and_resolved_follows_when_it_ends() -> None:
     assert "cost spike on team=search" in fire.message
 
 
+def test_a_resolved_alert_says_why_without_its_message() -> None:
+    """A receiver closing an incident on a resolve can tell a series back within its
+    level from one that went quiet (no calls) or is no longer judged (no window with a
+    value): both of those say ``observed`` 0, which the series never measured. A firing
+    alert says none, and its payload is as before."""
+    r = rule(metric="error_rate", cooldown_windows=5, min_value=Decimal("0.1"))
+    calm = [Decimal("0.01"), Decimal("0.02")] * 10
+    state, alerts = feed(r, [*calm, Decimal("0.9")])
+    [(_, fire)] = alerts
+    assert fire.resolution is None and "resolution" not in fire.model_dump_json()
+    _, [(_, normal)] = feed(r, [Decimal("0.01")], state=state, first=21)
+    _, [(_, quiet)] = feed(r, [Decimal("0.01")], state=state, first=27)  # 21..26: none
+    held, _ = feed(r, [None] * 30, state=state, first=21)
+    _, [(_, unjudged)] = feed(r, [None] * 20, state=held, first=51)
+    assert [(a.state, a.resolution) for a in (normal, quiet, unjudged)] == [
+        ("resolved", "normal"),
+        ("resolved", "quiet"),
+        ("resolved", "unjudged"),
+    ]
+    for alert in (normal, quiet, unjudged):
+        assert Alert.model_validate_json(alert.model_dump_json()) == alert
+
+
 def test_severity_is_warning_just_past_the_threshold() -> None:
     state, _ = feed(rule(), [Decimal(100)] * 30)  # scale floored at 5: threshold 125
     _, alerts = feed(rule(), [Decimal(130)], state=state, first=30)

@@ -83,10 +83,15 @@ def endpoint(name: str, url: str, **changes: Any) -> WebhookEndpoint:
 
 
 def test_json_template_is_the_full_alert() -> None:
-    alert = make_alert(alert_type="budget", baseline=Decimal(1000), threshold=Decimal(80))
+    alert = make_alert(
+        alert_type="budget", baseline=Decimal(1000), threshold=Decimal(80), period="week"
+    )
     body = render.render(render.load("json"), alert)
     assert body.content_type == "application/json"
     assert Alert.model_validate_json(body.data) == alert
+    assert json.loads(body.data)["period"] == "week"
+    # A spike alert has no period: its payload is as before, with no such key.
+    assert "period" not in json.loads(render.render(render.load("json"), make_alert()).data)
 
 
 def test_slack_template_is_blocks_with_the_facts_escaped() -> None:
@@ -760,6 +765,95 @@ async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
     )
     assert len(letters) == 2 and any("does not fit" in d["error"] for d in letters)
     assert attempts(store, [huge.event_id]) == {}
+
+
+@dataclass
+class Stalling:
+    """A receiver on a raw socket that reads each request whole, sends the head of the
+    answer its path names (``/400``: a 400 announcing a 64-byte body) and then nothing
+    more until the test ends: its status known, its body never coming."""
+
+    paths: list[str] = field(default_factory=list)
+    base_url: str = ""
+
+
+@contextlib.asynccontextmanager
+async def stalling() -> AsyncIterator[Stalling]:
+    rec, done = Stalling(), asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            request_line, *lines = head.split("\r\n")
+            fields = dict(line.lower().partition(":")[::2] for line in lines if line)
+            await reader.readexactly(int(fields["content-length"]))
+            path = request_line.split()[1]
+            rec.paths.append(path)
+            status = int(path.rsplit("/", 1)[1])
+            writer.write(
+                f"HTTP/1.1 {status} Stalled\r\ncontent-length: 64\r\n"
+                "retry-after: 0\r\n\r\n".encode()
+            )
+            await writer.drain()
+            await done.wait()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    rec.base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield rec
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_answer_whose_body_stalls_is_decided_by_its_status(
+    broker: Broker, store: Store
+) -> None:
+    """The status is the answer once the head came: a 4xx whose body never comes is
+    dead-lettered at once (not retried as a timeout), a 503 or 429 retried as such."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    async with stalling() as rec:
+        names = {"refused": 400, "gone": 410, "busy": 503, "slow-down": 429}
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            webhook_allow_private=True,
+            webhooks=[
+                endpoint(
+                    name,
+                    f"{rec.base_url}/{name}/{status}",
+                    rules=[rule],
+                    max_attempts=2,
+                    timeout_s=5,  # what a stalled body ran into: a timeout, no status
+                )
+                for name, status in names.items()
+            ],
+        )
+        await publish(broker.bootstrap, [alert])
+        async with dispatching(settings, store):
+            await until(finished(store, [alert.event_id], pairs=len(names)))
+
+    steps = attempts(store, [alert.event_id])
+    i = str(alert.event_id)
+    for name in ("refused", "gone"):
+        status = names[name]
+        assert [s[:3] for s in steps[name, i]] == [
+            (0, None, "pending"),
+            (1, status, "dead_lettered"),
+        ]
+        final = steps[name, i][-1]
+        assert final[3].startswith(f"HTTP {status} Stalled") and "body not received" in final[3]
+        assert rec.paths.count(f"/{name}/{status}") == 1
+    for name in ("busy", "slow-down"):
+        status = names[name]
+        assert [s[:3] for s in steps[name, i]] == [
+            (0, None, "pending"),
+            (1, status, "retrying"),
+            (2, status, "dead_lettered"),
+        ]
 
 
 async def test_private_targets_are_refused_and_never_contacted(

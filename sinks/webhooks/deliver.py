@@ -5,8 +5,10 @@
 it), or after the receiver's ``retry-after`` when it sends one (capped at
 RETRY_AFTER_CAP_S); the attempt that reaches ``max_attempts`` is dead-lettered. Any other
 answer (3xx included: redirects are never followed, 4xx) is dead-lettered at once: the
-same request would get the same answer. A target the SSRF guard refuses is recorded as
-``refused`` and never sent.
+same request would get the same answer. An answer is decided by its status, once its head
+came: a failed one's body is read for the record only, for at most ERROR_BODY_WAIT_S (a
+4xx whose body stalls is still the receiver's refusal, not a timeout). A target the
+SSRF guard refuses is recorded as ``refused`` and never sent.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sinks.webhooks.render import Body
 BACKOFF_CAP_S = 300.0
 RETRY_AFTER_CAP_S = 3600.0
 ERROR_BODY_BYTES = 300  # how much of a failed answer's body is kept in the record
+ERROR_BODY_WAIT_S = 1.0  # how long that body is waited for once the status came
 USER_AGENT = "llmtap-webhooks/1"
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
 
@@ -95,12 +98,25 @@ def retry_delay(
     return delay / 2 + rand() * delay / 2
 
 
-def _status_error(status: int, reason: str | None, location: str | None, body: bytes) -> str:
+def _status_error(status: int, reason: str | None, location: str | None, body: bytes | None) -> str:
     error = f"HTTP {status} {reason or ''}".rstrip()
     if location is not None:
         error += f" (redirect to {location} not followed)"
+    if body is None:
+        return f"{error}: (body not received)"
     text = body.decode(errors="replace").strip()
     return f"{error}: {text}" if text else error
+
+
+async def _error_body(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The start of a failed answer's body, for the record; None if it did not come in
+    ERROR_BODY_WAIT_S (or the attempt's timeout, if sooner) or broke off: the status
+    decides the attempt either way."""
+    try:
+        async with asyncio.timeout(ERROR_BODY_WAIT_S):
+            return await resp.content.read(ERROR_BODY_BYTES)
+    except (TimeoutError, aiohttp.ClientError):
+        return None
 
 
 async def send(
@@ -128,7 +144,7 @@ async def send(
         ) as resp:
             if 200 <= resp.status < 300:
                 return Response(resp.status)
-            text = await resp.content.read(ERROR_BODY_BYTES)
+            text = await _error_body(resp)
             retryable = resp.status in _RETRYABLE_STATUS or resp.status >= 500
             error = _status_error(resp.status, resp.reason, resp.headers.get("location"), text)
             retry_after = parse_retry_after(resp.headers.get("retry-after"))
