@@ -47,7 +47,7 @@ import aiohttp
 
 from ingress.guards.keys import create_key
 from llmtap import topics
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import utcnow
 from llmtap.kafka import Kafka
 from llmtap.supervisor import broker_argv

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from llmtap.config import ApiKind, ProviderConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import ApiKind, ProviderConfig
 
 OPENAI_HOST = "api.openai.com"
 MISTRAL_HOST = "api.mistral.ai"

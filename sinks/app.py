@@ -17,7 +17,8 @@ from typing import Protocol, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Alert, BudgetState, utcnow
 from llmtap.runtime import tune_gc
 from sinks.budget_seed import publish_states, publish_until_sent, rebuilt_state, unraised

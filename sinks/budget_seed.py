@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from llmtap import topics
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Alert, BudgetState
 from llmtap.kafka import Kafka
 from sql.store import Store, render

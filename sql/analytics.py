@@ -26,7 +26,8 @@ import orjson
 from aiohttp import web
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig
 from sql import openapi, params, sqlapi, sqlguard, sqlrun
 from sql.admission import ADMISSION, Admission, TooMany
 from sql.auth import AUTH, CALLER, Unauthorized, api_auth

@@ -25,7 +25,8 @@ from decimal import Decimal
 from aiohttp import web
 
 from ingress.guards.budgets import BudgetBook, follow
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import BudgetState, LatestHeard, Reservations
 from llmtap.following import follow_topic
 from sql.params import Scope

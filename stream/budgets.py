@@ -17,7 +17,7 @@ from uuid import UUID
 
 from llmtap import wire
 from llmtap.amounts import plain
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import (
     Alert,
     Attribution,

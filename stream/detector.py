@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from llmtap.config import SpikeMetric, SpikeRule
+from llmtap.config_sections import SpikeMetric, SpikeRule
 from llmtap.events import Alert, series_key
 from llmtap.wire import Window
 from stream.aggregates import GUARDED, merge_windows, sketch_of

@@ -32,7 +32,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from llmtap import wire
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Alert, BudgetState
 from stream.budgets import (
     Matching,

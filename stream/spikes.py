@@ -67,7 +67,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmtap.amounts import plain
-from llmtap.config import SpikeRule
+from llmtap.config_sections import SpikeRule
 from llmtap.events import Alert, UtcDatetime, of_tenant, stable_id
 from stream.baselines import Baseline, HourSummary, robust, seasonal, summarise_hour
 

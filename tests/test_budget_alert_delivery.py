@@ -17,7 +17,8 @@ from aiokafka.errors import KafkaTimeoutError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from llmtap import wire
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Alert, BudgetState
 from llmtap.kafka import Kafka
 from sql.store import Store

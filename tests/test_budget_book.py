@@ -14,7 +14,7 @@ import pytest
 from ingress.guards.bounds import Advisor, Reach, choices, reach
 from ingress.guards.budgets import BudgetBook, Exhausted, Unpriced
 from llmtap import wire
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Attribution, Reservations, Usage, utcnow
 from stream.budgets import fresh
 from stream.pricing import Catalog, ModelPrice, Rates, TierRates, cost_of, load_catalog, rate

@@ -39,7 +39,8 @@ from ingress.guards.reaping import REAP_AFTER
 from ingress.keys import BUDGETS
 from llmtap import topics
 from llmtap.batches import key_hash
-from llmtap.config import BudgetConfig, ProviderConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig, ProviderConfig
 from llmtap.events import Alert, Attribution, Reservations, Usage, utcnow
 from llmtap.kafka import Kafka
 from llmtap.names import Names

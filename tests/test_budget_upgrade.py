@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Alert
 from sinks.budget_seed import rebuilt_state, unraised
 from sinks.clickhouse.decode import Batch

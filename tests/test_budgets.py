@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ingress.guards.budgets import BudgetBook
 from llmtap import topics
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import (
     Alert,
     Attribution,

@@ -25,7 +25,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
 
 from ingress.guards.keys import create_key
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import BudgetState, Reservations
 from llmtap.kafka import Kafka
 from llmtap.names import Names

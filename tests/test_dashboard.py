@@ -29,7 +29,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from markupsafe import escape
 
 from ingress.guards.keys import create_key, revoke_key
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Alert, BudgetState, Reservations, Status
 from llmtap.kafka import Kafka
 from sinks.budget_seed import publish_states

@@ -36,7 +36,8 @@ from ingress.guards.keys import create_key, read_keys
 from ingress.metrics import MAX_MODEL_LABELS, OTHER_MODEL, IngressMetrics
 from ingress.publisher import EventPublisher
 from ingress.routing import asks_stream_usage
-from llmtap.config import ProviderConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import ProviderConfig
 from llmtap.events import RequestEvent, ResponseEvent, Status, Usage
 from llmtap.names import Names
 from tests.conftest import (

@@ -35,7 +35,8 @@ from ingress.guards.keys import (
     read_keys,
     revoke_key,
 )
-from llmtap.config import ProviderConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import ProviderConfig
 from llmtap.events import Attribution
 from tests.conftest import INGRESS_PROVIDER_KEY as PROVIDER_KEY
 from tests.conftest import Broker, FakeUpstream, serve_ingress

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from ingress.guards.keys import create_key
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Reservations
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch

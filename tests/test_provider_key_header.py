@@ -11,7 +11,8 @@ from aiohttp.test_utils import TestServer
 from openai import AsyncOpenAI
 
 from ingress.guards.keys import create_key
-from llmtap.config import ProviderConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import ProviderConfig
 from tests.conftest import INGRESS_PROVIDER_KEY, Broker, serve_ingress
 from tests.test_ingress_ops import response_event
 

@@ -8,7 +8,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from ingress.routing import resolve
-from llmtap.config import ProviderConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import ProviderConfig
 from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream
 from tests.test_ingress_ops import make_key, response_event, serve_with_provider
 

@@ -13,7 +13,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from llmtap import topics, wire
-from llmtap.config import Settings, SpikeRule
+from llmtap.config import Settings
+from llmtap.config_sections import SpikeRule
 from llmtap.events import Alert, utcnow
 from llmtap.kafka import Kafka
 from llmtap.names import Names

@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from llmtap.config import SpikeMetric, SpikeRule
+from llmtap.config_sections import SpikeMetric, SpikeRule
 from llmtap.events import Alert, stable_id
 from stream.baselines import qn, robust
 from stream.spikes import SeriesState, baseline_for, observe, went_quiet

@@ -20,7 +20,7 @@ from ingress.guards import budgets as book_module
 from ingress.guards.budgets import BudgetBook
 from ingress.guards.settled import Settled
 from ingress.guards.sums import RunningSum
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import Attribution, Reservations, Usage, utcnow
 from stream import budgets as budget_math
 from stream.budgets import Matching, matches

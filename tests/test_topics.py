@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from ingress.app import create_app
 from ingress.keys import PUBLISHER
 from llmtap import topics
-from llmtap.config import BudgetConfig, Settings
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig
 from llmtap.kafka import Kafka
 from llmtap.names import TOPICS, Names, kind
 from llmtap.probes import broker_problem, listening

@@ -36,7 +36,8 @@ from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from llmtap import topics
-from llmtap.config import BudgetConfig, Settings, SpikeRule, WebhookEndpoint
+from llmtap.config import Settings
+from llmtap.config_sections import BudgetConfig, SpikeRule, WebhookEndpoint
 from llmtap.events import Alert
 from llmtap.kafka import Kafka
 from llmtap.names import Names

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from llmtap import wire
-from llmtap.config import Settings, SpikeRule
+from llmtap.config import Settings
+from llmtap.config_sections import SpikeRule
 from llmtap.events import Alert, Attribution, CostedEvent, Status, Usage, stable_id, utcnow
 from llmtap.kafka import Kafka
 from sinks.clickhouse.decode import Batch

@@ -17,7 +17,7 @@ from ingress.forward.call import NO_CREDENTIAL
 from ingress.forward.capture import Capture, StreamCapture
 from ingress.guards.auth import Identity, Refusal
 from ingress.guards.fields import Malformed
-from llmtap.config import ApiKind, ProviderConfig
+from llmtap.config_sections import ApiKind, ProviderConfig
 
 
 @dataclass(frozen=True)

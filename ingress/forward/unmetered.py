@@ -35,7 +35,7 @@ from ingress.forward.proxy import Handler
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
 from ingress.keys import KEYS, SETTINGS, UPSTREAM
 from ingress.routing import NoRoute, resolve
-from llmtap.config import ProviderConfig
+from llmtap.config_sections import ProviderConfig
 
 
 class _Refused(Exception):

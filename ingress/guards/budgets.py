@@ -39,7 +39,7 @@ from ingress.guards.settled import Settled, Uncounted
 from ingress.guards.sums import ZERO, RunningSum, exponent_of
 from ingress.guards.worst_case import WorstCase
 from llmtap.amounts import plain
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import (
     MISSED_ANNOUNCEMENTS,
     Alert,

@@ -25,7 +25,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import yarl
 
-from llmtap.config import WebhookEndpoint
+from llmtap.config_sections import WebhookEndpoint
 from llmtap.events import utcnow
 from sinks.webhooks import guard, sign
 from sinks.webhooks.records import Attempt, Outcome

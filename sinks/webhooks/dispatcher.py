@@ -28,7 +28,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from pydantic import ValidationError
 
-from llmtap.config import Settings, WebhookEndpoint
+from llmtap.config import Settings
+from llmtap.config_sections import WebhookEndpoint
 from llmtap.events import Alert, utcnow
 from sinks.clickhouse.decode import DeadLetter
 from sinks.consumer import consume_forever, sink_consumer

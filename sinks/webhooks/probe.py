@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import get_args
 
-from llmtap.config import BudgetConfig, SpikeRule, WebhookEndpoint
+from llmtap.config_sections import BudgetConfig, SpikeRule, WebhookEndpoint
 from llmtap.events import Alert, BudgetScope, utcnow
 from sinks.webhooks import deliver, render
 from stream import spikes

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 import jinja2
 
-from llmtap.config import WebhookEndpoint
+from llmtap.config_sections import WebhookEndpoint
 from llmtap.events import utcnow
 from sinks.webhooks import deliver, records, render
 from sinks.webhooks.records import Attempt, Job

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from llmtap.config import BudgetConfig
+from llmtap.config_sections import BudgetConfig
 from llmtap.events import utcnow
 from stream.budgets import period_bounds, threshold_alert_id
 from tests.fake_provider import free_port, serve
