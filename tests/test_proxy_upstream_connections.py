@@ -131,7 +131,7 @@ async def test_a_call_sent_as_the_provider_closes_its_kept_alive_connection_is_s
     the idle connection just as llmtap sends the next call on it, before any byte of an
     answer: the call goes once more, on a fresh connection, and the client has its
     answer (it had a 502, its usage unknown). Counted, and said with the provider's name."""
-    caplog.set_level(logging.INFO, logger="ingress.forward.proxy")
+    caplog.set_level(logging.INFO, logger="ingress.forward.resend")
     provider = RawProvider(lambda *call: closing if call == (0, 1) else "answer")
     secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
     async with (
@@ -151,6 +151,30 @@ async def test_a_call_sent_as_the_provider_closes_its_kept_alive_connection_is_s
     )
     event = await response_event(broker.bootstrap, request_id)
     assert (event.status, event.http_status, event.usage.input_tokens) == ("ok", 200, 5)
+
+
+async def test_a_free_route_s_call_that_lost_the_keep_alive_race_is_sent_again(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A moderation (passed through, not metered) goes on the same kept-alive
+    connections as the metered calls, and is sent once more the same way (it had a
+    502)."""
+    provider = RawProvider(lambda *call: "close" if call == (0, 1) else "answer")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {secret}"}) as session,
+    ):
+        statuses = []
+        for _ in range(2):
+            async with session.post(f"{base}/v1/moderations", json={"input": "hi"}) as answer:
+                statuses.append(answer.status)
+                assert orjson.loads(await answer.read())["id"] == "chatcmpl-raw"
+        async with session.get(f"{base}/metrics") as metrics:
+            text = await metrics.text()
+    assert statuses == [200, 200]
+    assert provider.calls == [(0, 0), (0, 1), (1, 0)]
+    assert sample(text, "llmtap_upstream_resends_total", provider="openai") == 1
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from ingress.forward.capture import FirstEvent, StreamCapture, parse_json_body
 from ingress.forward.endpoint import Endpoint, cut_off, redirected, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
-from ingress.keys import BUDGETS, COUNTING, LIMITER, METRICS, UPSTREAM, UPSTREAM_FRESH
+from ingress.keys import BUDGETS, COUNTING, LIMITER
 from ingress.routing import openai_tiers
 from ingress.spool import Delivered
 from llmtap import logs
@@ -70,28 +70,14 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
     answer_headers: CIMultiDict[str] | None = None
     capture: StreamCapture | None = None
 
-    def resent(exc: BaseException) -> None:
-        request.app[METRICS].resent(route.provider)
-        log.info(
-            "provider %s closed a kept-alive connection as a call was sent on it (%s): "
-            "sent once more on a fresh one",
-            route.provider,
-            type(exc).__name__,
-        )
-
     try:
         call.mark_sent()
         # A redirect is not followed: it would take the prompt, and llmtap's provider key
         # in any header aiohttp does not strip across origins (Anthropic's x-api-key),
         # wherever it points. It goes to the client as the provider sent it, recorded as
         # the provider's error, as a client calling the provider directly would see it.
-        upstream = await resend.post(
-            request.app[UPSTREAM],
-            request.app[UPSTREAM_FRESH],
-            admitted.url,
-            admitted.body,
-            admitted.headers,
-            resent,
+        upstream = await resend.request(
+            request.app, route.provider, "POST", admitted.url, admitted.body, admitted.headers
         )
         async with upstream:
             http_status = upstream.status

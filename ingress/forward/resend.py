@@ -14,13 +14,19 @@ may be working on the call, and bill it.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+import logging
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiohttp.http import RawResponseMessage
 from multidict import CIMultiDict
+from yarl import URL
+
+from ingress.keys import METRICS, UPSTREAM, UPSTREAM_FRESH
+
+log = logging.getLogger(__name__)
 
 # A connection the provider closed or reset under a call sent on it.
 _CLOSED_UNDER = (errno.ECONNRESET, errno.EPIPE)
@@ -72,24 +78,33 @@ def fresh_session(**settings: Any) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, **settings)
 
 
-async def post(
-    session: aiohttp.ClientSession,
-    fresh: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
+async def request(
+    app: web.Application,
+    provider: str,
+    method: str,
+    url: str | URL,
+    body: bytes | None,
     headers: CIMultiDict[str],
-    resent: Callable[[BaseException], None],
 ) -> aiohttp.ClientResponse:
-    """POST ``body`` to ``url``: the answer's head read (its body not yet), or the
-    error. A send that lost the keep-alive race goes once more through ``fresh``,
-    ``resent`` told first. A redirect is not followed (see the proxy)."""
+    """Send a call to ``provider`` through the app's upstream session: the answer's head
+    read (its body not yet), or the error. A send that lost the keep-alive race goes once
+    more through the session that keeps no connection, counted and logged. A redirect is
+    not followed (see the proxy)."""
     sent = Sent()
     try:
-        return await session.post(
-            url, data=body, headers=headers, allow_redirects=False, trace_request_ctx=sent
+        return await app[UPSTREAM].request(
+            method, url, data=body, headers=headers, allow_redirects=False, trace_request_ctx=sent
         )
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
         if not closed_before_answer(sent, exc):
             raise
-        resent(exc)
-    return await fresh.post(url, data=body, headers=headers, allow_redirects=False)
+        app[METRICS].resent(provider)
+        log.info(
+            "provider %s closed a kept-alive connection as a call was sent on it (%s): "
+            "sent once more on a fresh one",
+            provider,
+            type(exc).__name__,
+        )
+    return await app[UPSTREAM_FRESH].request(
+        method, url, data=body, headers=headers, allow_redirects=False
+    )

@@ -27,13 +27,14 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from ingress.forward import resend
 from ingress.forward.admission import INVALID_JSON, BodyRefused, read_body
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.capture import parse_json_body
 from ingress.forward.endpoint import Api, provider_url, redirected, unreachable, upstream_credential
 from ingress.forward.proxy import Handler
 from ingress.guards.auth import Identity, Refusal, authenticate, check_model
-from ingress.keys import KEYS, SETTINGS, UPSTREAM
+from ingress.keys import KEYS, SETTINGS
 from ingress.routing import NoRoute, resolve
 from llmtap.config_sections import ProviderConfig
 
@@ -120,13 +121,12 @@ async def _passed(
     if head:  # its length as a GET's answer is sent (decoded): of the list unencoded
         headers["Accept-Encoding"] = "identity"
     try:
-        async with request.app[UPSTREAM].request(
-            request.method,
-            URL(url),
-            data=body if read_body else None,
-            headers=headers,
-            allow_redirects=False,  # as a metered call's (proxy.py): passed on, not followed
-        ) as upstream:
+        # Not followed if redirected, as a metered call's; sent again if it lost the
+        # keep-alive race (resend.py).
+        upstream = await resend.request(
+            request.app, name, request.method, URL(url), body if read_body else None, headers
+        )
+        async with upstream:
             answer = await upstream.read()
             headers = downstream_headers(upstream.headers, request_id)
             redirect = redirected(api, name, upstream.status, headers)
