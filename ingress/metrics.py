@@ -87,7 +87,7 @@ class IngressMetrics:
         )
         self.ttft = Histogram(
             "llmtap_time_to_first_token_seconds",
-            "Streamed calls: from the call's arrival to the provider's first byte",
+            "Streamed calls: from the call's arrival to the stream's first event",
             ["endpoint", "provider"],
             buckets=_CALL_BUCKETS,
             registry=self.registry,

@@ -164,6 +164,11 @@ async def test_headers_cannot_contradict_the_key_but_may_add_to_it(
     status, body = await chat(ingress, team_key, headers={"x-llmtap-team": "billing"})
     assert status == 403
     assert "bound to team 'search'" in body["error"]["message"]
+    # A code to branch on, as every other refusal has, and the header to blame.
+    assert (body["error"]["code"], body["error"]["param"]) == (
+        "attribution_conflict",
+        "x-llmtap-team",
+    )
     status, body = await chat(ingress, team_key, headers={"x-llmtap-tenant": "globex"})
     assert status == 403
 

@@ -117,7 +117,9 @@ def _identity(key: VirtualKey, claimed: Claims) -> Identity:
                 403,
                 f"this key is bound to {field} {bound!r}; x-llmtap-{field} cannot claim {wanted!r}",
                 "attribution_conflict",
+                code="attribution_conflict",
                 attribution=_own(key),
+                param=f"x-llmtap-{field}",
             )
     attribution = Attribution(
         tenant=key.tenant,
