@@ -1547,3 +1547,44 @@ async def test_an_endpoint_s_url_is_never_in_what_an_attempt_says(tmp_path: Path
     said = out.decode()
     assert process.returncode == 1 and "failed" in said, said
     assert "k3ep-th1s-s3cret" not in said, said
+
+
+def test_slack_and_text_show_a_budget_s_period_and_a_resolve_s_resolution() -> None:
+    """A budget alert names its period, a resolved spike why it resolved; a quiet or
+    unjudged resolve (``observed`` 0, never measured) shows no observed value."""
+
+    def text(alert: Alert) -> str:
+        return render.render(render.load("text"), alert).data.decode()
+
+    def slack(alert: Alert) -> list[str]:
+        blocks = json.loads(render.render(render.load("slack"), alert).data)["blocks"]
+        return [f["text"] for b in blocks if "fields" in b for f in b["fields"]]
+
+    budget = make_alert(
+        alert_type="budget",
+        metric="spend",
+        observed=Decimal(800),
+        baseline=Decimal(1000),
+        threshold=Decimal(80),
+        period="week",
+    )
+    assert "spend observed 800 vs limit 1000 a week (80% threshold)" in text(budget)
+    assert "*Period*\nweek" in slack(budget)
+    older = make_alert(alert_type="budget", baseline=Decimal(1000), threshold=Decimal(80))
+    assert "vs limit 1000 (80% threshold)" in text(older)  # raised before periods came
+    assert not any(f.startswith("*Period*") for f in slack(older))
+
+    resolved: dict[str, Any] = {"state": "resolved", "threshold": Decimal("5.2")}
+    normal = make_alert(observed=Decimal(2), resolution="normal", **resolved)
+    assert "cost observed 2 vs baseline 3.1 (alert above 5.2), resolved: normal" in text(normal)
+    assert "*Observed*\n2" in slack(normal) and "*Resolution*\nnormal" in slack(normal)
+    for why in ("quiet", "unjudged"):
+        unmeasured = make_alert(observed=Decimal(0), resolution=why, **resolved)
+        shown = text(unmeasured)
+        assert "observed 0" not in shown
+        assert f"cost not measured vs baseline 3.1 (alert above 5.2), resolved: {why}" in shown
+        fields = slack(unmeasured)
+        assert "*Observed*\nnot measured" in fields and f"*Resolution*\n{why}" in fields
+    firing = make_alert()
+    assert "resolved:" not in text(firing)
+    assert not any(f.startswith("*Resolution*") for f in slack(firing))
