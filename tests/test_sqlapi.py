@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,15 @@ from pydantic import ValidationError
 
 from ingress.guards.keys import create_key
 from llmtap.config import Settings
+from llmtap.events import Attribution, Cost, CostedEvent
 from sinks.clickhouse.decode import Batch
 from sinks.clickhouse.write import write_batch
+from sinks.webhooks.records import Attempt, record, store_batch
 from sql import analytics, sqlapi, sqlguard, sqlnames, sqlrun, sqltree
 from sql import store as sql_store
 from sql.params import SqlError
 from sql.store import Store
+from tests import sample, test_analytics
 from tests.test_analytics import Call
 
 ADMIN_KEY = "admin-key-for-sql-tests"
@@ -1145,6 +1148,69 @@ def readme_examples() -> list[str]:
 async def test_the_readme_examples_run(api: Client, query: str) -> None:
     body = await sql(api, query)
     assert body["columns"]
+
+
+def readme_example(title: str) -> str:
+    """The README's SQL example whose first line is the comment ``-- <title>``."""
+    (query,) = [q for q in readme_examples() if q.startswith(f"-- {title}\n")]
+    return query
+
+
+async def test_the_readme_examples_answer_what_they_say(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On calls and alerts of now (the examples read the last day, week, month...): a
+    team is its tenant's, an unknown cost stays null in the rollup's sum, and each
+    webhook endpoint's delivery is told by its latest step, none for an alert without."""
+    now = datetime.now(UTC)
+    at = max(now - timedelta(minutes=10), now.replace(day=1, hour=0, minute=0, second=0))
+
+    def call(tenant: str, priced: Cost | None) -> CostedEvent:
+        who = Attribution(tenant=tenant, team="search", user="alice")
+        return sample.costed(sample.response(at, attribution=who), priced)
+
+    calls = [call("acme", sample.cost("0.001", "0.002")), call("globex", None)]
+    assert write_batch(store, Batch(events=calls)) == 2
+    monkeypatch.setattr(test_analytics, "NOW", now)
+    told, untold = test_analytics.alert("cost-spike", H), test_analytics.alert("quiet", 2 * H)
+    hook = "https://hooks.example/a"
+    store_batch(store, [told, untold], [(hook, told)], [])
+    record(
+        store,
+        [
+            Attempt(told.event_id, hook, 1, now, 503, "", "retrying"),
+            Attempt(told.event_id, hook, 2, now, 200, "", "delivered"),
+        ],
+    )
+    settings = Settings(
+        data_dir=tmp_path, admin_key_hashes=[hashlib.sha256(ADMIN_KEY.encode()).hexdigest()]
+    )
+    app = web.Application(middlewares=[analytics.api_errors])
+    app[analytics.STORE] = store
+    analytics.add_routes(app, settings)
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=headers) as api:
+
+        async def answer(title: str) -> list[dict[str, Any]]:
+            body = await sql(api, readme_example(title))
+            names = [c["name"] for c in body["columns"]]
+            return [dict(zip(names, row, strict=True)) for row in body["rows"]]
+
+        teams = await answer("Spend and calls per team this month (UTC)")
+        assert [(r["tenant"], r["team"], r["requests"], r["cost"]) for r in teams] == [
+            ("acme", "search", 1, "0.003000000"),
+            ("globex", "search", 1, None),
+        ]
+        daily = await answer("90 days per tenant from the daily rollup, latency quantiles merged")
+        assert [(r["tenant"], r["requests"], r["cost"]) for r in daily] == [
+            ("acme", 1, "0.003000000"),
+            ("globex", 1, None),  # unpriced: unknown, not $0
+        ]
+        alerts = await answer("The latest alerts, and whether their webhooks were delivered")
+        assert [(r["rule"], r["deliveries"]) for r in alerts] == [
+            ("cost-spike", [[hook, "delivered"]]),
+            ("quiet", []),
+        ]
 
 
 @pytest.mark.parametrize(
