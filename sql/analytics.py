@@ -116,8 +116,9 @@ def parse(request: web.Request, endpoint: str) -> tuple[Query, Filters]:
     alerts: the rollups' retention) is a 400.
     """
     query = Query(request.query, *EXTRA[endpoint], common=COMMON_OF.get(endpoint, COMMON))
-    filters = query.filters(request[CALLER].scope)
-    request.app.get(KEPT, Kept()).check(filters.range, raw=endpoint != "alerts")
+    kept, raw = request.app.get(KEPT, Kept()), endpoint != "alerts"
+    filters = query.filters(request[CALLER].scope, kept.default_range(raw=raw))
+    kept.check(filters.range, raw=raw)
     return query, filters
 
 

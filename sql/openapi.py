@@ -321,7 +321,10 @@ GROUP_BY_PATTERN = (
 PARAMETERS: dict[str, Schema] = {
     "range": {
         "schema": {**RANGE, "default": params.DEFAULT_RANGE},
-        "description": "calls that ended within the last 24 hours, 7, 30 or 90 days",
+        "description": (
+            "calls that ended within the last 24 hours, 7, 30 or 90 days; absent: 30d, or "
+            "the longest range the store keeps if that is shorter (the answer's range)"
+        ),
     },
     "tenant": {
         "schema": STRING,

@@ -203,6 +203,17 @@ class Kept:
     def covers(self, span: timedelta, *, raw: bool = True) -> bool:
         return span <= timedelta(days=self.setting(raw=raw)[1])
 
+    def default_range(self, *, raw: bool = True) -> str:
+        """The range an answer covers when none is asked: DEFAULT_RANGE, or the longest
+        range shorter than it the store keeps (a ``raw_retention_days`` under 30: every
+        request without a range, and the dashboard's first page, were a 400)."""
+        fits = [
+            name
+            for name, span in RANGES.items()
+            if span <= RANGES[DEFAULT_RANGE] and self.covers(span, raw=raw)
+        ]
+        return fits[-1] if fits else DEFAULT_RANGE
+
     def check(self, range_: str, *, raw: bool = True) -> None:
         """A 400 naming ``range`` if it reaches back past what the store keeps."""
         if self.covers(RANGES[range_], raw=raw):
@@ -241,13 +252,14 @@ class Query:
             )
         return value
 
-    def filters(self, scope: Scope | None = None) -> Filters:
-        """The filters asked for, narrowed to ``scope``.
+    def filters(self, scope: Scope | None = None, default_range: str = DEFAULT_RANGE) -> Filters:
+        """The filters asked for, narrowed to ``scope``; ``default_range`` when no range
+        is asked (:meth:`Kept.default_range`).
 
         A bound field of the scope is a filter whatever the query says; asking for
         another value of it is a 403 (an :class:`OutOfScope`), never an empty answer.
         """
-        range_ = self._choice("range", RANGES, DEFAULT_RANGE)
+        range_ = self._choice("range", RANGES, default_range)
         # Milliseconds, as ClickHouse keeps times: a bound is then the same in Python
         # and in every query.
         now = utcnow()

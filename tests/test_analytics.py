@@ -1492,9 +1492,13 @@ async def test_a_range_longer_than_raw_retention_is_refused(
                 assert "keeps calls 7 days (raw_retention_days: 7)" in error["message"]
                 assert error["message"].endswith("use 24h, 7d")
             await get(api, endpoint, range="7d", **query)  # what it keeps: answered
-        # The default range (30d) too; alerts are kept as long as the rollups.
-        async with api.get("/api/v1/analytics/usage") as response:
-            assert response.status == 400
+        # Asked for no range, each answers the longest it keeps (7d, not the 30d of a
+        # store that keeps 90 days: every request without a range was a 400); alerts,
+        # kept as long as the rollups, 30d.
+        for endpoint, query in ENDPOINT_QUERIES:
+            assert (await get(api, endpoint, **query))["range"] == "7d", endpoint
+        assert (await get(api, "usage"))["totals"]["requests"] == len(within("7d"))
+        assert (await get(api, "alerts"))["range"] == "30d"
         await get(api, "alerts", range="90d")
         # Models' rolling windows past 7 days are unknown (null), not short.
         rows = (await get(api, "models", range="24h"))["data"]

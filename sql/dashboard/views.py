@@ -54,7 +54,6 @@ from sql.dashboard.sessions import (
 from sql.params import (
     COMMON,
     DEFAULT_GRANULARITY,
-    DEFAULT_RANGE,
     RANGES,
     BadParameter,
     Filters,
@@ -416,8 +415,13 @@ def _address(text: str) -> URL | None:
         return None
 
 
-def _range_of(value: object) -> str:
-    return value if isinstance(value, str) and value in RANGES else DEFAULT_RANGE
+def _range_of(value: object, request: web.Request) -> str:
+    """``value`` if it is a range, else the one shown when none is asked."""
+    return value if isinstance(value, str) and value in RANGES else _default_range(request)
+
+
+def _default_range(request: web.Request) -> str:
+    return request.app[KEPT].default_range()
 
 
 # -- handlers -----------------------------------------------------------------------------
@@ -430,7 +434,7 @@ class Views:
     async def page(self, request: web.Request) -> web.Response:
         caller = caller_of(request, request.app[SESSIONS], utcnow())
         if caller is None:
-            return login_page(_range_of(request.query.get("range")))
+            return login_page(_range_of(request.query.get("range"), request))
         who = describe(caller)
 
         def failed(status: int, message: str) -> web.Response:
@@ -449,7 +453,7 @@ class Views:
             return response
 
         try:
-            filters = Query(request.query).filters(caller.scope)
+            filters = Query(request.query).filters(caller.scope, _default_range(request))
             request.app[KEPT].check(filters.range)  # what the API refuses, the page too
             with request.app[ADMISSION].admit(caller):
                 page = await build(
@@ -479,22 +483,28 @@ class Views:
 
     async def login(self, request: web.Request) -> web.Response:
         if not _same_origin(request):
-            return login_page(DEFAULT_RANGE, "Log in from this site's own form.", 403)
+            return login_page(_default_range(request), "Log in from this site's own form.", 403)
         try:
             form = await request.post()
         except web.RequestPayloadError:
             # Not what its Content-Encoding says (or a broken chunked body): as the SQL
             # endpoint's, answered here, not a bare 500, and its connection closed.
             stop_reading(request)
-            return login_page(DEFAULT_RANGE, "The form could not be read: send it again.", 400)
+            return login_page(
+                _default_range(request), "The form could not be read: send it again.", 400
+            )
         except UnicodeDecodeError:  # a form whose bytes are not UTF-8
-            return login_page(DEFAULT_RANGE, "The form is not UTF-8 text: send it again.", 400)
+            return login_page(
+                _default_range(request), "The form is not UTF-8 text: send it again.", 400
+            )
         except (ValueError, LookupError, HttpProcessingError):
             # Not a form aiohttp can parse: multipart without its boundary or end, a part
             # with no name or broken headers, a charset Python does not know. Answered
             # here, not a bare 500 with a traceback at ERROR.
-            return login_page(DEFAULT_RANGE, "The form could not be read: send it again.", 400)
-        range_ = _range_of(form.get("range"))
+            return login_page(
+                _default_range(request), "The form could not be read: send it again.", 400
+            )
+        range_ = _range_of(form.get("range"), request)
         secret = form.get("key")
         secret = secret.strip() if isinstance(secret, str) else ""
         try:
@@ -519,7 +529,7 @@ class Views:
 
     async def logout(self, request: web.Request) -> web.Response:
         if not _same_origin(request):
-            return login_page(DEFAULT_RANGE, "Log out from this site's own page.", 403)
+            return login_page(_default_range(request), "Log out from this site's own page.", 403)
         request.app[SESSIONS].close(request.cookies.get(COOKIE, ""))
         response = web.Response(status=303, headers={**HEADERS, "Location": PATH})
         clear_cookie(response, request)
