@@ -1,9 +1,12 @@
 """The event contract: what crosses Kafka between ingress, stream and sinks.
 
 Every event is a pydantic model serialised as JSON (UTF-8) on the wire. Each carries
-``schema_version`` so a consumer can refuse or upgrade what it does not understand,
-an ``event_id`` (UUID, unique per event) and the ``request_id`` of the call it belongs
-to. Stages are idempotent on ``event_id``: a replayed event never counts twice.
+``schema_version`` so a consumer can refuse or upgrade what it does not understand. A
+call's events carry an ``event_id`` (UUID, unique per event) and the ``request_id`` of
+the call; a window's and an alert's ``event_id`` is derived from what it is about; the
+budget and reservation states are keyed by budget and by process on compacted topics.
+Stages are idempotent on ``event_id`` (a state: on its key): a replayed event never
+counts twice.
 
 Token accounting is normalised across providers (see :class:`Usage`), money is
 ``Decimal`` (serialised as a JSON string, never a float) and every timestamp is UTC.
