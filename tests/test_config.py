@@ -400,9 +400,33 @@ def test_a_copy_of_the_settings_is_made_from_its_own_values(
 
 
 def test_readme_documents_every_setting() -> None:
-    documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)?", README.read_text(), re.M))
+    """In the Configuration table itself (other tables have rows named `providers` and
+    `budgets`), and no row for a setting there is not."""
+    text = README.read_text()
+    table = text[text.index("\n## Configuration\n") : text.index("\n## The event contract\n")]
+    documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)?", table, re.M))
     names = {name for pair in documented for name in pair if name}
     assert set(Settings.model_fields) - names == set()
+    assert names - set(Settings.model_fields) == set()
+
+
+def test_readme_names_every_kafka_client_id_and_no_other() -> None:
+    """README (Sharing a Kafka cluster) lists the client.id of each Kafka client llmtap
+    makes, for a broker's logs, metrics and quotas: it named `llmtap-store-reservations`
+    (a client the store no longer makes) and not `llmtap-worker-budgets` (the worker's
+    follower of the budgets topic), so a quota or an ACL written from it missed one."""
+    root = README.parent
+    source = "\n".join(
+        path.read_text()
+        for folder in ("ingress", "stream", "sinks", "llmtap")
+        for path in (root / folder).rglob("*.py")
+    )
+    made = set(re.findall(r"\"((?:ingress|worker|store)(?:-[a-z]+)+)\"", source))
+    made |= set(re.findall(r"(?:_options|client_id)\(\"([a-z-]+)\"\)", source))
+    text = README.read_text()
+    start = text.index("Every Kafka client says which of llmtap's it is")
+    listed = set(re.findall(r"`llmtap-([a-z-]+)`", text[start : text.index("\n\n", start)]))
+    assert listed == made
 
 
 @pytest.mark.parametrize("where", ["before", "after", "last"])
