@@ -15,16 +15,36 @@ FileRole = Literal["cafile", "certfile", "keyfile"]
 
 
 class UnusableFile(ValueError):
-    def __init__(self, role: FileRole, error: ssl.SSLError) -> None:
-        super().__init__(f"{error.reason or error}")
+    def __init__(self, role: FileRole, error: ssl.SSLError | str) -> None:
+        reason = error if isinstance(error, str) else error.reason or str(error)
+        super().__init__(reason)
         self.role = role
+
+
+def _holds_certificate(path: Path) -> bool:
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError:
+        return False
+    return True
 
 
 def _load_chain(context: ssl.SSLContext, certfile: Path, keyfile: Path | None) -> None:
     try:
         context.load_cert_chain(certfile, keyfile)
     except ssl.SSLError as exc:
-        raise UnusableFile("keyfile" if keyfile else "certfile", exc) from exc
+        if exc.reason is not None:  # KEY_VALUES_MISMATCH and the like: OpenSSL's says it
+            raise UnusableFile("keyfile" if keyfile else "certfile", exc) from exc
+        # OpenSSL's bare "PEM lib" says neither which file nor what it missed.
+        if not _holds_certificate(certfile):
+            raise UnusableFile("certfile", "no PEM certificate in it") from exc
+        if keyfile:
+            raise UnusableFile("keyfile", "no PEM private key in it") from exc
+        raise UnusableFile(
+            "certfile",
+            "a certificate without its PEM private key (a key in a file of its own: "
+            "name that file in the keyfile setting)",
+        ) from exc
 
 
 def client_context(

@@ -240,7 +240,10 @@ SSL_OUTSIDE = {"embedded_broker": False, "kafka_security_protocol": "SSL"}
             {**SSL_OUTSIDE, "kafka_ssl_cafile": NOT_PEM},
             "kafka_ssl_cafile .*: NO_CERTIFICATE_OR_CRL_FOUND",
         ),
-        ({**SSL_OUTSIDE, "kafka_ssl_certfile": NOT_PEM}, "kafka_ssl_certfile .*: .*PEM lib"),
+        (
+            {**SSL_OUTSIDE, "kafka_ssl_certfile": NOT_PEM},
+            "kafka_ssl_certfile .*: no PEM certificate in it",
+        ),
     ],
 )
 def test_kafka_security_that_cannot_work_is_refused_naming_the_setting(
@@ -340,7 +343,7 @@ def test_a_refused_setting_never_shows_the_secrets_given_with_it(
     ("given", "refused"),
     [
         ({"tls_keyfile": NOT_PEM}, "tls_keyfile needs tls_certfile"),
-        ({"tls_certfile": NOT_PEM}, "tls_certfile .*PEM lib"),
+        ({"tls_certfile": NOT_PEM}, "tls_certfile .*: no PEM certificate in it"),
         ({"tls_certfile": "no-such.pem"}, "tls_certfile"),
     ],
 )
@@ -349,6 +352,29 @@ def test_https_that_cannot_work_is_refused_naming_the_setting(
 ) -> None:
     with pytest.raises(ValidationError, match=refused):
         Settings.model_validate(given)
+
+
+def test_a_server_certificate_without_its_key_is_refused_saying_what_is_missing(
+    tmp_path: Path,
+) -> None:
+    """OpenSSL says "[SSL] PEM lib (_ssl.c:3926)" for a certificate with no key, a key
+    file that holds none, and a file that is no certificate alike: each is told apart,
+    naming the setting whose file lacks what."""
+    issued = trustme.CA().issue_cert("llmtap.example")
+    cert, key, other = tmp_path / "cert.pem", tmp_path / "key.pem", trustme.CA()
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    with pytest.raises(ValidationError, match=r"tls_certfile .*: a certificate without its PEM"):
+        Settings(tls_certfile=cert)
+    with pytest.raises(ValidationError, match=r"tls_keyfile .*: no PEM private key in it"):
+        Settings(tls_certfile=cert, tls_keyfile=NOT_PEM)
+    with pytest.raises(ValidationError, match=r"tls_certfile .*: no PEM certificate in it"):
+        Settings(tls_certfile=key, tls_keyfile=key)
+    stranger = tmp_path / "stranger.pem"
+    other.issue_cert("x").private_key_pem.write_to_path(str(stranger))
+    with pytest.raises(ValidationError, match=r"tls_keyfile .*: KEY_VALUES_MISMATCH"):
+        Settings(tls_certfile=cert, tls_keyfile=stranger)
+    assert Settings(tls_certfile=cert, tls_keyfile=key).server_ssl_context is not None
 
 
 def test_kafka_security_settings_make_the_clients_connection(tmp_path: Path) -> None:
