@@ -26,7 +26,10 @@ from tests.test_ingress_ops import response_event
 # What the provider does with a call: answer it (keep-alive), close its connection once
 # it has read it (no byte of an answer), reset it (RST), send part of an answer's head
 # then close, or send the head and half the body then close.
-Act = Literal["answer", "close", "reset", "part_head", "cut_body"]
+Act = Literal["answer", "close", "reset", "part_head", "cut_body", "work_close"]
+
+# How long a "work_close" call is worked on before its connection is closed.
+WORK_S = 0.3
 
 ANSWER = orjson.dumps(
     {
@@ -75,6 +78,9 @@ class RawProvider:
                     writer.write(HEAD % len(ANSWER) + ANSWER)
                     await writer.drain()
                     continue
+                if act == "work_close":  # took the call, worked on it, then went away
+                    await asyncio.sleep(WORK_S)
+                    return
                 if act == "reset":
                     sock = writer.get_extra_info("socket")
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -238,3 +244,25 @@ async def test_an_answer_cut_mid_body_is_the_provider_s_error(
         "ClientPayloadError",
     )
     assert event.usage.usage_missing  # it may bill
+
+
+async def test_a_call_worked_on_then_closed_under_is_not_sent_again(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider took the call sent on a kept-alive connection, worked on it (a long
+    non-streamed answer), then its connection was closed without an answer (it restarted;
+    a load balancer's idle timeout): not the keep-alive race, whose close comes as the call
+    arrives. The provider may bill it: a 502, sent once, not a second (billed) call."""
+    monkeypatch.setattr("ingress.forward.resend.RACE_S", WORK_S / 3)
+    provider = RawProvider(lambda *call: "work_close" if call == (0, 1) else "answer")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+    ):
+        assert (await chat(session, base, secret))[0] == 200
+        status, body, request_id = await chat(session, base, secret)
+    assert (status, orjson.loads(body)["error"]["code"]) == (502, "upstream_unreachable")
+    assert provider.calls == [(0, 0), (0, 1)]
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.usage.usage_missing) == ("upstream_unreachable", True)

@@ -6,13 +6,16 @@ servers (vLLM, LiteLLM, llama.cpp's) and Node close theirs after 5 s. A call sen
 connection the provider is closing at that moment gets no answer: the provider closed
 (or reset) it without taking the call. Such a call is sent once more, on a fresh
 connection (its body is bytes in memory): only when the connection was a reused one
-(:func:`tracing` says so, per call) and no byte of an answer came. Any other failure
-(a fresh connection, a timeout, a head already received) is not retried: the provider
-may be working on the call, and bill it.
+(:func:`tracing` says so, per call), no byte of an answer came, and the close came as
+the call was sent (within RACE_S). Any other failure (a fresh connection, a timeout, a
+head already received, a close after the provider had the call a while: a restart, a
+load balancer's idle timeout under a long answer) is not retried: the provider may be
+working on the call, and bill it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from types import SimpleNamespace
@@ -30,15 +33,19 @@ log = logging.getLogger(__name__)
 
 # A connection the provider closed or reset under a call sent on it.
 _CLOSED_UNDER = (errno.ECONNRESET, errno.EPIPE)
+# How soon after a call went on a reused connection its close is the keep-alive race's
+# (the provider's close or reset was on its way: a round trip, and the call's upload).
+RACE_S = 2.0
 
 
 class Sent:
     """What aiohttp's tracing told of one send (its ``trace_request_ctx``)."""
 
-    __slots__ = ("reused",)
+    __slots__ = ("at", "reused")
 
     def __init__(self) -> None:
         self.reused = False  # on a kept-alive connection, not a new one
+        self.at = 0.0  # when it went on it (the loop's time)
 
 
 async def _on_reuse(
@@ -48,7 +55,7 @@ async def _on_reuse(
 ) -> None:
     sent = context.trace_request_ctx
     if isinstance(sent, Sent):
-        sent.reused = True
+        sent.reused, sent.at = True, asyncio.get_running_loop().time()
 
 
 def tracing() -> aiohttp.TraceConfig:
@@ -62,8 +69,9 @@ def tracing() -> aiohttp.TraceConfig:
 def closed_before_answer(sent: Sent, exc: BaseException) -> bool:
     """Whether a send that raised ``exc`` (before the answer's head was read) lost the
     keep-alive race: on a reused connection, closed without a byte of an answer (a
-    ServerDisconnectedError holds the head's part that came, if any) or reset."""
-    if not sent.reused:
+    ServerDisconnectedError holds the head's part that came, if any) or reset, as the
+    call was sent (within RACE_S)."""
+    if not sent.reused or asyncio.get_running_loop().time() - sent.at > RACE_S:
         return False
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return not isinstance(exc.message, RawResponseMessage)
