@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from llmtap.events import PROPERTY_NAME, BudgetPeriod, BudgetScope, BudgetState
+from llmtap.events import PROPERTY_NAME, Alert, BudgetPeriod, BudgetScope, BudgetState
 from sql import params, sqlapi, sqlguard
 
 Schema = dict[str, Any]
 BUDGET_STATUS = BudgetState.model_fields["status"].annotation
+# Why a spike alert resolved (Alert.resolution: one of these, or None).
+RESOLUTIONS = get_args(get_args(Alert.model_fields["resolution"].annotation)[0])
 
 
 def _nullable(schema: Schema) -> Schema:
@@ -202,6 +204,20 @@ ROWS: dict[str, Schema] = {
             "window_start": TIME,
             "window_end": TIME,
             "message": STRING,
+            "period": {
+                "type": "string",
+                "enum": ["", *get_args(BudgetPeriod)],
+                "description": "a budget alert's budget period as configured; empty: a "
+                "spike alert, or a budget alert stored before alerts carried it",
+            },
+            "resolution": {
+                "type": "string",
+                "enum": ["", *RESOLUTIONS],
+                "description": "why a spike alert resolved: normal (a window back within "
+                "its level), quiet (no calls), unjudged (no window with a value for as long "
+                "as the rule looks back; observed is 0, not measured, for these two); "
+                "empty: a firing or budget alert, or one stored before alerts carried it",
+            },
         },
         "one spike or budget alert; baseline: the learned baseline (spike) or the "
         "budget's limit; threshold: the percentage of the limit crossed (budget), or the "

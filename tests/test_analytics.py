@@ -1090,6 +1090,8 @@ def alert(
     state: Literal["firing", "resolved"] = "firing",
     severity: Literal["info", "warning", "critical"] = "warning",
     tenant: str = "",
+    period: Literal["day", "week", "month"] | None = None,
+    resolution: Literal["normal", "quiet", "unjudged"] | None = None,
 ) -> Alert:
     seen = NOW - age
     return Alert(
@@ -1109,15 +1111,24 @@ def alert(
         window_end=seen,
         first_seen=seen,
         message=f"{name} on {dimension} {value}",
+        period=period,
+        resolution=resolution,
     )
 
 
 ALERTS = [
     alert("cost-spike", 1 * H),  # acme's tenant
-    alert("cost-spike", 2 * H, state="resolved", severity="info"),
+    alert("cost-spike", 2 * H, state="resolved", severity="info", resolution="quiet"),
     alert("cost-spike", 3 * H, value="globex"),
     alert("team-spike", 4 * H, dimension="team", value="search"),  # every tenant's "search"
-    alert("acme-monthly", 5 * H, alert_type="budget", value="acme", severity="critical"),
+    alert(
+        "acme-monthly",
+        5 * H,
+        alert_type="budget",
+        value="acme",
+        severity="critical",
+        period="month",
+    ),
     alert("acme-search", 6 * H, alert_type="budget", dimension="team", value="search"),
     alert("alice-cap", 3 * D, alert_type="budget", dimension="user", value="alice"),
     alert("globex-all", 10 * D, alert_type="budget", value="globex"),
@@ -1205,8 +1216,15 @@ async def test_alerts_newest_first_with_every_field(alerts_api: AlertsApi) -> No
         "window_start": iso(NOW - 6 * H),
         "window_end": iso(NOW - 5 * H),
         "message": "acme-monthly on tenant acme",
+        "period": "month",  # a budget alert's
+        "resolution": "",  # a resolved spike alert's only
     }
     assert body["data"][0]["baseline"] is None
+    # Why a spike resolved; neither field on a firing spike, nor on a budget alert raised
+    # before alerts carried its period.
+    whys = [(r["state"], r["period"], r["resolution"]) for r in body["data"]]
+    assert whys[:2] == [("firing", "", ""), ("resolved", "", "quiet")]
+    assert whys[5] == ("firing", "", "")
 
 
 async def test_alerts_filters(alerts_api: AlertsApi) -> None:

@@ -557,6 +557,38 @@ async def test_an_admin_sees_every_tenant_budget_and_alert(dash: Dash) -> None:
     assert f'id="total-requests">{len(priced):,}<' in body
 
 
+async def test_an_alert_says_its_budget_s_period_and_why_a_spike_resolved(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alert.period and Alert.resolution, as stored (0018), by the alert's state and rule:
+    nothing more on an alert without them."""
+    budget = spike("tenant", "acme", 3 * H).model_copy(
+        update={"alert_type": "budget", "rule": "acme-weekly", "period": "week"}
+    )
+    resolved = spike("tenant", "acme", 2 * H).model_copy(
+        update={"state": "resolved", "rule": "acme-cost", "resolution": "quiet"}
+    )
+    firing = spike("tenant", "globex", 1 * H)
+    alerts = [budget, resolved, firing]
+    async with serve(store, tmp_path, monkeypatch, broker=None, calls=[], alerts=alerts) as served:
+        await served.login(ADMIN_KEY)
+        body = await served.page()
+    rows = re.findall(r'<tr class="alert[^"]*">(.*?)</tr>', body, re.S)
+    cells = [
+        [
+            " ".join(re.sub(r"<[^>]+>", " ", c).split())
+            for c in re.findall(r"<td>(.*?)</td>", r, re.S)
+        ]
+        for r in rows
+    ]
+    # First seen, type, severity, state, rule: newest first.
+    assert [c[3:5] for c in cells] == [
+        ["firing", "tenant-cost"],
+        ["resolved quiet", "acme-cost"],
+        ["firing", "acme-weekly week"],
+    ]
+
+
 def spend_by(calls: Iterable[Call], key: str) -> dict[tuple[str, str], Decimal]:
     spend: dict[tuple[str, str], Decimal] = {}
     for c in calls:

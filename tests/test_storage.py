@@ -26,7 +26,7 @@ from sinks.clickhouse.decode import Batch, DeadLetter, decode_batch, runs_of
 from sinks.clickhouse.rows import DEAD_LETTER_COLUMNS
 from sinks.clickhouse.write import calls_types, write_batch
 from sinks.clickhouse.writer import ClickHouseWriter
-from sinks.webhooks.records import ALERT_COLUMNS, Attempt, alert_row, record
+from sinks.webhooks.records import ALERT_COLUMNS, Attempt, alert_row, record, store_batch
 from sql.migrate import SchemaAhead, available, migrate
 from sql.params import SqlError
 from sql.retention import (
@@ -461,6 +461,48 @@ def test_calls_stored_before_web_searches_were_priced_read_a_fee_as_their_costs_
         assert rows == [
             {"model": "gpt-4o", "searches": 0, "fee": Decimal(0), "adds_up": True},
             {"model": "mystery", "searches": 0, "fee": None, "adds_up": None},
+        ]
+    finally:
+        store.close()
+
+
+# A budget alert with its period, a spike resolved with why, and one with neither.
+WHY_ALERTS = [
+    make_alert("budget", alert_type="budget", baseline=Decimal(10), period="week"),
+    make_alert("resolved", state="resolved", observed=Decimal(0), resolution="unjudged"),
+    make_alert("firing"),
+]
+
+
+def test_an_alert_s_period_and_resolution_are_stored(store: Store) -> None:
+    """Alert.period and Alert.resolution reach `alerts` (0018): a budget alert's period,
+    why a spike resolved; '' where the alert has none."""
+    store_batch(store, WHY_ALERTS, [], [])
+    rows = store.rows("SELECT rule, period, resolution FROM alerts ORDER BY rule")
+    assert rows == [
+        {"rule": "budget", "period": "week", "resolution": ""},
+        {"rule": "firing", "period": "", "resolution": ""},
+        {"rule": "resolved", "period": "", "resolution": "unjudged"},
+    ]
+
+
+def test_alerts_stored_before_0018_read_their_period_and_resolution_from_the_payload(
+    tmp_path: Path,
+) -> None:
+    """0018 on a store holding alerts: those whose published JSON (`payload`) carried a
+    period or a resolution read them; the others ''."""
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    try:
+        schema_before(18, store)
+        before = [c for c in ALERT_COLUMNS if c not in ("period", "resolution")]
+        rows = [dict(zip(ALERT_COLUMNS, alert_row(a), strict=True)) for a in WHY_ALERTS]
+        store.insert("alerts", [tuple(r[c] for c in before) for r in rows], before)
+        assert 18 in migrate(store)
+        got = store.rows("SELECT rule, period, resolution FROM alerts ORDER BY rule")
+        assert got == [
+            {"rule": "budget", "period": "week", "resolution": ""},
+            {"rule": "firing", "period": "", "resolution": ""},
+            {"rule": "resolved", "period": "", "resolution": "unjudged"},
         ]
     finally:
         store.close()

@@ -47,6 +47,8 @@ ALERT_COLUMNS = (
     "window_end",
     "first_seen",
     "message",
+    "period",  # 0018
+    "resolution",  # 0018
     "payload",
     "stored_at",
 )
@@ -124,6 +126,8 @@ def alert_row(alert: Alert) -> tuple[Any, ...]:
         a.window_end,
         a.first_seen,
         a.message,
+        a.period or "",
+        a.resolution or "",
         a.model_dump_json(),
         utcnow(),
     )

@@ -113,6 +113,8 @@ class AlertRow:
     metric: str
     observed: Decimal
     message: str
+    period: str  # a budget alert's budget period; "" on the others
+    resolution: str  # why a spike alert resolved; "" on the others
 
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> AlertRow:
@@ -127,6 +129,8 @@ class AlertRow:
             metric=row["metric"],
             observed=Decimal(row["observed"]),
             message=row["message"],
+            period=row["period"],
+            resolution=row["resolution"],
         )
 
 

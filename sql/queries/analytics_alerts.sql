@@ -12,6 +12,8 @@
 -- tenant: '' says both), a spike only on a tenant series. A key of no tenant ('') sees
 -- no spike on any other series: those of tenant '' count every tenant-less caller's
 -- calls, and those stored before 0013 every tenant's.
+-- `period` (a budget alert's) and `resolution` (a resolved spike alert's): '' on the
+-- others, and on alerts raised before alerts carried them (0018).
 SELECT
     event_id,
     first_seen,
@@ -28,7 +30,9 @@ SELECT
     threshold,
     window_start,
     window_end,
-    message
+    message,
+    period,
+    resolution
 FROM alerts FINAL
 WHERE first_seen >= {since:DateTime64(3, 'UTC')}
 {% if 'alert_type' in alert_filters %}
