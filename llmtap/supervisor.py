@@ -68,10 +68,12 @@ class Child:
 
     def exited(self) -> str:
         """That it exited, and, for one whose output goes to a file (the broker's), its
-        status and where to read why: nothing of it reaches the terminal."""
+        status and where to read why (an absolute path, whatever data_dir says):
+        nothing of it reaches the terminal."""
         if self.log_file is None:
             return f"{self.name} exited"
-        return f"{self.name} exited (code {self.process.returncode}; its log: {self.log_file})"
+        where = self.log_file.resolve()
+        return f"{self.name} exited (code {self.process.returncode}; its log: {where})"
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         if not self.running:
@@ -246,63 +248,89 @@ class Supervisor:
 
     async def stop_all(self) -> None:
         """Stop in reverse order. With the embedded broker, whose topics die with it,
-        let the stream and the writer catch up with what the ingress published first."""
+        what a stopped stage leaves is read before its readers stop: once the ingress
+        is stopped, the worker catches up with what it published (and its spikes stage
+        with the windows its cost stage closed); once the worker is stopped, the store
+        with everything the worker wrote (costed events, windows, alerts)."""
+        s = self.settings
+        names = s.kafka.names
+        readers = {  # the stage stopped: who reads what it left (topic: group) next
+            "ingress": (
+                "worker",
+                {names.responses: names.stream_group, names.windows: names.spikes_group},
+            ),
+            "worker": (
+                "store",
+                {
+                    names.costed: names.sink_group,
+                    names.windows: names.sink_group,
+                    names.alerts: names.webhook_group,
+                },
+            ),
+        }
+        broker = s.embedded_broker  # while there is one to drain
         for child in reversed(self.children):
             # The ingress takes calls for shutdown_delay_s, then lets those in flight
             # finish (shutdown_grace_s).
-            s = self.settings
             extra = s.shutdown_delay_s + s.shutdown_grace_s if child.name == "ingress" else 0.0
             await child.stop(STOP_GRACE_S + extra)
-            if child.name == "ingress" and self.settings.embedded_broker:
-                await self.drain()
+            if broker and child.name in readers:
+                broker = await self.drain(*readers[child.name])
 
-    async def drain(self) -> None:
+    async def drain(self, name: str, reads: dict[str, str]) -> bool:
+        """Wait, at most DRAIN_TIMEOUT_S, until the stage ``name``'s consumer groups
+        have read its ``reads`` (topic: group) to their end. False once the broker is
+        gone (nothing more to drain)."""
         s = self.settings
-        stages = [
-            (s.kafka.names.stream_group, s.kafka.names.responses, "worker"),
-            (s.kafka.names.sink_group, s.kafka.names.costed, "store"),
-        ]
+        index = next((i for i, c in enumerate(self.children) if c.name == name), None)
+        if index is None:
+            return True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT_S
-        for group, topic, name in stages:
-            index = next((i for i, c in enumerate(self.children) if c.name == name), None)
-            if index is None:
-                continue
-            restarted = False
-            while True:
-                try:
-                    behind = await topics.lag(s.kafka, group, topic)
-                except Exception as exc:  # broker gone: nothing more to drain
-                    log.warning("cannot measure %s lag: %s", name, exc)
-                    return
-                if behind <= 0:
-                    break
-                child = self.children[index]
-                if not child.running:
-                    # Down between two restarts: what it has not read would die with
-                    # the broker. Started again (once), for stop_all to stop once caught
-                    # up; its group waits out the dead member's session first.
-                    if restarted:
-                        log.error("%s exited again; %d events behind are lost", name, behind)
-                        break
-                    restarted = True
-                    log.warning("%s is down, %d events behind: started to catch up", name, behind)
-                    try:
-                        self.children[index] = await self._start(name, child.argv, child.log_file)
-                    except OSError as exc:
-                        log.error("%s could not be started: %s; %d events lost", name, exc, behind)
-                        break
-                    extra = DRAIN_TIMEOUT_S + s.stream_session_timeout_s
-                    deadline = max(deadline, loop.time() + extra)
-                if loop.time() > deadline:
+        restarted = False
+        while True:
+            try:
+                lags = await topics.lags(s.kafka, reads)
+            except Exception as exc:  # broker gone: nothing more to drain
+                log.warning("cannot measure %s lag: %s", name, exc)
+                return False
+            behind = sum(lags.values())
+            if behind <= 0:
+                return True
+            where = ", ".join(f"{topic} {n}" for topic, n in lags.items() if n > 0)
+            child = self.children[index]
+            if not child.running:
+                # Down between two restarts: what it has not read would die with the
+                # broker. Started again (once), for stop_all to stop once caught up;
+                # its groups wait out the dead member's session first.
+                if restarted:
                     log.error(
-                        "%s still %d events behind; stopping anyway (they are lost "
-                        "with the in-memory broker)",
-                        name,
-                        behind,
+                        "%s exited again; %d events behind (%s) are lost", name, behind, where
                     )
-                    return
-                await asyncio.sleep(0.2)
+                    return True
+                restarted = True
+                log.warning(
+                    "%s is down, %d events behind (%s): started to catch up", name, behind, where
+                )
+                try:
+                    self.children[index] = await self._start(name, child.argv, child.log_file)
+                except OSError as exc:
+                    log.error(
+                        "%s could not be started: %s; %d events (%s) lost", name, exc, behind, where
+                    )
+                    return True
+                extra = DRAIN_TIMEOUT_S + s.stream_session_timeout_s
+                deadline = max(deadline, loop.time() + extra)
+            if loop.time() > deadline:
+                log.error(
+                    "%s still %d events behind (%s); stopping anyway (they are lost with the "
+                    "in-memory broker)",
+                    name,
+                    behind,
+                    where,
+                )
+                return True
+            await asyncio.sleep(0.2)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

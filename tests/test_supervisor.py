@@ -4,6 +4,8 @@ end: tests/test_e2e.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import sys
@@ -12,8 +14,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from llmtap import ports
+from llmtap import ports, topics, wire
 from llmtap.config import Settings
+from llmtap.events import Alert
+from llmtap.kafka import Kafka
+from llmtap.names import Names
 from llmtap.probes import listening
 from llmtap.supervisor import (
     RESTART_MAX_S,
@@ -27,11 +32,13 @@ from llmtap.supervisor import (
     stop_signals,
 )
 from llmtap.topics import TopicsRefused
+from sql.store import Store
 from stream.app import StreamWorker, create_app, ready_file
 from tests.conftest import FakeUpstream, pid_alive, run_llmtap
 from tests.fake_provider import SNAPSHOT, free_port
 from tests.faults.harness import until
 from tests.test_e2e import stored_calls
+from tests.test_windows_e2e import sql
 
 
 def test_a_stage_that_keeps_dying_waits_twice_as_long_each_time_up_to_the_most() -> None:
@@ -431,6 +438,27 @@ async def test_a_broker_that_dies_as_it_starts_fails_the_start_pointing_at_its_l
     assert "Address in use" in broker_log.read_text()
 
 
+async def test_a_broker_that_exits_points_at_its_log_by_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative data_dir (`LLMTAP_DATA_DIR=.llmtap`) gave "its log: .llmtap/logs/
+    broker.log", relative to wherever `up` was started, not said by the line."""
+    monkeypatch.chdir(tmp_path)
+    settings = _free_ports(tmp_path, data_dir="relative")
+    port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
+    other = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+    supervisor = Supervisor(settings)
+    try:
+        with pytest.raises(StartupFailed) as failed:
+            await supervisor._start_broker()
+    finally:
+        other.close()
+        await other.wait_closed()
+        await supervisor.stop_all()
+    broker_log = tmp_path / "relative" / "logs" / "broker.log"
+    assert f"its log: {broker_log.resolve()})" in str(failed.value)
+
+
 async def test_a_port_taken_while_everything_restarts_fails_the_start_naming_its_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -477,3 +505,115 @@ async def test_a_port_taken_while_everything_restarts_fails_the_start_naming_its
     assert f"cannot listen on api_port 127.0.0.1:{settings.api_port} (" in caplog.text
     assert "llmtap is up again" not in caplog.text
     assert not [c.name for c in supervisor.children if c.running]
+
+
+BURST = 10
+LAST_RULE = {  # one window of one call is its history; the burst's window fires
+    "name": "last-burst",
+    "dimension": "feature",
+    "metric": "requests",
+    "window_s": 1,
+    "min_history": 1,
+    "history_windows": 3,
+    "min_value": 3,
+    "cooldown_windows": 30,
+}
+
+
+async def test_what_the_worker_wrote_last_is_read_by_the_store_before_it_stops(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """The drain waited for the worker on responses and the writer on costed events
+    only, then stopped the worker and the store: windows and alerts the worker wrote in
+    its last seconds, not yet read by the store, died with the embedded broker (a spike
+    alert is never raised again). The store is held back (SIGSTOP) from before the
+    worker wrote them until the worker has stopped: the store then reads them all
+    before it is stopped itself."""
+    bootstrap = f"127.0.0.1:{free_port()}"
+    env = {
+        "LLMTAP_KAFKA_BOOTSTRAP": bootstrap,
+        "LLMTAP_WINDOW_SIZES_S": "[1]",
+        # The burst's windows close this long after it: the store is held back by then.
+        "LLMTAP_WINDOW_GRACE_S": "4",
+        "LLMTAP_SPIKE_RULES": json.dumps([LAST_RULE]),
+    }
+    kafka, names = Kafka(bootstrap), Names()
+    data = tmp_path / "data"
+    async with run_llmtap(data, upstream, env) as running:
+        pids = running.child_pids()
+        async with running.openai() as sdk:
+
+            async def call() -> None:
+                await sdk.chat.completions.create(
+                    model="gpt-4o-mini-last-windows",
+                    messages=[{"role": "user", "content": "x"}],
+                    extra_headers={"x-llmtap-feature": "last-burst"},
+                )
+
+            async def rows(query: str) -> int:
+                return int((await sql(running, query))[0]["n"])
+
+            await call()
+
+            async def history_stored() -> bool:
+                query = "SELECT count() AS n FROM windows WHERE value = 'last-burst'"
+                return await rows(query) > 0
+
+            await until(history_stored, "the first call's window stored", 60)
+            await asyncio.gather(*(call() for _ in range(BURST)))
+
+            async def calls_written() -> bool:
+                query = "SELECT count() AS n FROM calls WHERE feature = 'last-burst'"
+                stored = await rows(query) == 1 + BURST
+                return stored and await topics.lag(kafka, names.sink_group, names.costed) == 0
+
+            await until(calls_written, "the burst's calls stored and committed", 60)
+        os.kill(pids["store"], signal.SIGSTOP)
+        try:
+
+            async def unread() -> bool:
+                windows = [
+                    wire.decode_window(r) for r in await topics.read_all(kafka, names.windows)
+                ]
+                return (
+                    sum(w.requests for w in windows if w.value == "last-burst") == 1 + BURST
+                    and await topics.lag(kafka, names.webhook_group, names.alerts) > 0
+                    and await topics.lag(kafka, names.sink_group, names.windows) > 0
+                )
+
+            # Every call's window closed, and the burst's spike alert raised, unread.
+            await until(unread, "the burst's windows and spike alert unread by the store", 60)
+            running.process.send_signal(signal.SIGTERM)
+
+            async def worker_gone() -> bool:
+                return not pid_alive(pids["worker"])
+
+            await until(worker_gone, "the worker stopped", 90)
+            # Everything the worker wrote (only it writes these topics), as the
+            # embedded broker holds it before it is stopped.
+            windows = [
+                wire.decode_window(raw) for raw in await topics.read_all(kafka, names.windows)
+            ]
+            alerts = [
+                Alert.model_validate_json(r) for r in await topics.read_all(kafka, names.alerts)
+            ]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids["store"], signal.SIGCONT)
+        assert await asyncio.wait_for(running.process.wait(), 90) == 0
+    ours = {str(w.event_id) for w in windows if w.value == "last-burst"}
+    spikes = {str(a.event_id) for a in alerts if a.rule == "last-burst"}
+    assert spikes, "no spike alert raised"
+    store = Store(f"chdb:///{data / 'clickhouse'}")
+    try:
+        stored_windows = store.rows(
+            "SELECT toString(event_id) AS id FROM windows WHERE value = 'last-burst'", {}
+        )
+        stored_alerts = store.rows(
+            "SELECT toString(event_id) AS id FROM alerts WHERE rule = 'last-burst'", {}
+        )
+    finally:
+        store.close()
+    stored = ({r["id"] for r in stored_windows}, {r["id"] for r in stored_alerts})
+    assert stored == (ours, spikes)
+    assert not [line for line in running.output if "events behind" in line]

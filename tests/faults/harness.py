@@ -344,9 +344,9 @@ class Cluster:
 
     async def lag(self) -> dict[str, int]:
         """Events each stage has not yet committed: the worker on responses, the writer
-        on costed events, the webhook dispatcher on alerts (as `llmtap up` measures
-        them when it drains). The worker's spikes group, on the windows topic, is not
-        counted."""
+        on costed events, the webhook dispatcher on alerts. Windows (the worker's spikes
+        group and the writer's), which `llmtap up` also waits for when it drains, are
+        not counted."""
         names = self.settings.kafka.names
         stages = [
             ("worker", names.stream_group, names.responses),
