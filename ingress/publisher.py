@@ -62,6 +62,7 @@ from aiokafka.errors import (
 from ingress.flight import InFlight, Outcome, deliver, outcome_of
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Segment, Spool
 from llmtap import logs, topics
+from llmtap.data_dir import spool_left
 from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,9 @@ class EventPublisher:
         self._task: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._spool: Spool | None = None
+        # Whether to open the spool: always with one, with spool_max_bytes 0 only to
+        # replay what a run with one left (decided at start, as the ingress's lock was).
+        self._spool_wanted = spool_max_bytes > 0
         self._spool_retry_at = 0.0  # after a refusal, try the spool again from then (or an ack)
         self._spool_open_at = 0.0  # after a failed open, open it again from then
         self._opening: asyncio.Future[Spool] | None = None  # an open under way, in its thread
@@ -213,6 +217,8 @@ class EventPublisher:
             )
 
     async def start(self) -> None:
+        if not self._spool_wanted:
+            self._spool_wanted = await asyncio.to_thread(spool_left, self._spool_dir)
         self._task = asyncio.create_task(self._supervise(), name="event-publisher")
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
@@ -235,14 +241,15 @@ class EventPublisher:
                     await self._task
         await self._disconnect()  # settles what was in flight: delivered, or not
         await self._settle()
-        if self._spool is None and (self._queue or self._opening is not None):
+        keeps = self._spool_max_bytes > 0  # a spool for what is left (0: none)
+        if self._spool is None and ((self._queue and keeps) or self._opening is not None):
             # One last try (what is left has nowhere else to go), or the one under way
             # when the loop was cancelled: its spool is closed below.
             await self._open_spool()
-        if self._queue and self._spool is not None:
+        if self._queue and self._spool is not None and keeps:
             await self._spool_queue()
         if self._queue:
-            where = "the spool refused them" if self._spool is not None else "no spool"
+            where = "the spool refused them" if self._spool is not None and keeps else "no spool"
             log.error("stopping with %d events lost (%s)", len(self._queue), where)
             self.dropped += len(self._queue)
             self._queue.clear()
@@ -310,7 +317,11 @@ class EventPublisher:
 
     async def _spool_policy(self) -> None:
         """Open the spool if it is not (yet) open; move the queue to it if it should be."""
-        if self._spool is None and asyncio.get_running_loop().time() >= self._spool_open_at:
+        if (
+            self._spool is None
+            and self._spool_wanted
+            and asyncio.get_running_loop().time() >= self._spool_open_at
+        ):
             await self._open_spool()
         if self._should_spool():
             await self._spool_queue()

@@ -281,11 +281,13 @@ def _check_webhook_templates(settings: Settings) -> None:
 
 def _check_data_dir(settings: Settings, command: str) -> None:
     """Raise :class:`ConfigError` for a directory the command keeps its state in (the
-    worker's under ``data_dir``, the ingress's spool; the embedded store's) that cannot be
-    made or written (a file of that name, no permission), before anything starts: each
-    failed with an OSError naming no setting, the worker and the store once the broker
-    answered; the ingress served on, its events in memory only."""
-    if command == "worker" or (command == "ingress" and settings.spool_max_bytes):
+    worker's under ``data_dir``, the ingress's spool, if it opens one; the embedded
+    store's) that cannot be made or written (a file of that name, no permission), before
+    anything starts: each failed with an OSError naming no setting, the worker and the
+    store once the broker answered; the ingress served on, its events in memory only."""
+    from llmtap.data_dir import uses_spool
+
+    if command == "worker" or (command == "ingress" and uses_spool(settings)):
         where, setting = settings.data_dir, "data_dir"
     elif command in ("store", "migrate") and settings.embedded_store:
         where = Path(settings.store_dsn.removeprefix("chdb://"))

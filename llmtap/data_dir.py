@@ -9,7 +9,10 @@ anything, and a second one is told at once whose it is.
 So is a second `llmtap ingress` over a directory one holds (an `up`'s, or one started
 alone): the spool under it opens in one process at a time, and the second served on
 with its events held in memory (late; with the broker down, lost by a crash or at its
-stop), an ERROR a minute.
+stop), an ERROR a minute. `up` holds the ingress lock itself, from its start to its
+end, for its own ingress (a child of it): one started on its directory while it
+started took the lock, and up's ingress was refused, or started again and refused
+for good.
 """
 
 from __future__ import annotations
@@ -44,9 +47,19 @@ def chdb_held(dsn: str) -> bool:
     return False
 
 
-def _lock(settings: Settings, name: str, who: str) -> int:
-    """A descriptor of ``run/<name>`` holding its lock, this pid written in it; raises
-    :class:`ConfigError` naming the holder's pid when another process has it."""
+class InUse(ConfigError):
+    """A lock another process holds: its pid, and what it is (``up``, ``ingress``)."""
+
+    def __init__(self, message: str, pid: int | None, kind: str) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.kind = kind
+
+
+def _lock(settings: Settings, name: str, kind: str) -> int:
+    """A descriptor of ``run/<name>`` holding its lock, this pid and ``kind`` (what this
+    process is) written in it; raises :class:`InUse` naming the holder's pid and kind
+    when another process has it."""
     lock_path = settings.run_dir / name
     try:
         settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -56,30 +69,35 @@ def _lock(settings: Settings, name: str, who: str) -> int:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        said = os.pread(descriptor, 64, 0).decode(errors="replace").split()
         os.close(descriptor)
-        raise ConfigError(
-            f"data_dir {settings.data_dir.resolve()} is in use by another llmtap {who} "
-            f"(pid {holder or 'unknown'}): stop it, or give this one a data_dir of its "
-            "own (LLMTAP_DATA_DIR)"
+        pid = int(said[0]) if said and said[0].isdigit() else None
+        # Its kind; a file an llmtap wrote before kinds were: the kind the file is for.
+        holder = said[1] if len(said) > 1 else name.removesuffix(".lock")
+        raise InUse(
+            f"data_dir {settings.data_dir.resolve()} is in use by another llmtap {holder} "
+            f"(pid {pid or 'unknown'}): stop it, or give this one a data_dir of its own "
+            "(LLMTAP_DATA_DIR)",
+            pid,
+            holder,
         ) from None
     os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(descriptor, f"{os.getpid()} {kind}\n".encode(), 0)
     return descriptor
 
 
 @contextmanager
 def claimed(settings: Settings) -> Iterator[None]:
-    """Hold ``settings.data_dir`` for this process while the block runs (an advisory
-    lock on ``run/up.lock``, released by the kernel however the process ends, so a
-    killed `up` leaves nothing to clean). Raises :class:`ConfigError` naming the holder
-    when another `up` has it, or an `llmtap ingress` (its own would then be refused,
-    once everything else was started), or when the embedded store it would open is
-    another process's (a ``clickhouse_dsn`` of ``chdb://`` shared across data
-    directories)."""
-    descriptor = _lock(settings, LOCK_FILE, "up")
-    try:
-        os.close(_lock(settings, INGRESS_LOCK_FILE, "ingress"))  # free: its own takes it
+    """Hold ``settings.data_dir`` for this process while the block runs (advisory locks
+    on ``run/up.lock`` and ``run/ingress.lock``, released by the kernel however the
+    process ends, so a killed `up` leaves nothing to clean; its own ingress runs under
+    the second, see :func:`ingress_claimed`). Raises :class:`ConfigError` naming the
+    holder when another `up` has it, or an `llmtap ingress`, or when the embedded store
+    it would open is another process's (a ``clickhouse_dsn`` of ``chdb://`` shared
+    across data directories)."""
+    with contextlib.ExitStack() as held:
+        for name in (LOCK_FILE, INGRESS_LOCK_FILE):
+            held.callback(os.close, _lock(settings, name, "up"))
         if chdb_held(settings.store_dsn):
             raise ConfigError(
                 f"the embedded ClickHouse at {settings.store_dsn.removeprefix('chdb://')} is "
@@ -87,23 +105,42 @@ def claimed(settings: Settings) -> Iterator[None]:
                 "time): stop it, or give this up a clickhouse_dsn of its own"
             )
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(descriptor)
+
+
+def spool_left(spool_dir: Path) -> bool:
+    """Whether ``spool_dir`` holds segment files a run left (``*.seg``: to replay)."""
+    try:
+        return any(spool_dir.glob("*.seg"))
+    except OSError:  # one that cannot be read: opening it fails too, and says why
+        return False
+
+
+def uses_spool(settings: Settings) -> bool:
+    """Whether an ingress opens the spool under ``data_dir``: it keeps one
+    (``spool_max_bytes`` above 0), or it has one to replay that a run with a spool left
+    (with 0, it writes nothing there). Without, it touches nothing under ``data_dir``."""
+    return settings.spool_max_bytes > 0 or spool_left(settings.spool_dir)
 
 
 @contextmanager
 def ingress_claimed(settings: Settings) -> Iterator[None]:
     """Hold ``settings.data_dir`` for this ingress while the block runs (a lock on
-    ``run/ingress.lock``, released however the process ends), if it keeps a spool
-    there (``spool_max_bytes`` above 0). Raises :class:`ConfigError` naming the holder
-    when another ingress has it: the spool is one process's."""
-    if not settings.spool_max_bytes:
+    ``run/ingress.lock``, released however the process ends), if it opens the spool
+    there (:func:`uses_spool`). Raises :class:`ConfigError` naming the holder when
+    another ingress has it, or an `up` this ingress is not the child of: the spool is
+    one process's. An `up`'s own ingress runs under its lock."""
+    if not uses_spool(settings):
         yield
         return
-    descriptor = _lock(settings, INGRESS_LOCK_FILE, "ingress")
+    try:
+        descriptor: int | None = _lock(settings, INGRESS_LOCK_FILE, "ingress")
+    except InUse as exc:
+        if exc.kind != "up" or exc.pid != os.getppid():
+            raise
+        descriptor = None  # held for it by its `up`
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.close(descriptor)
+        if descriptor is not None:
+            with contextlib.suppress(OSError):
+                os.close(descriptor)

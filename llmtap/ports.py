@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -63,7 +64,8 @@ SERVED_BY = {"ingress": "proxy_port", "store": "api_port", "worker": "worker_met
 def unresolved(settings: Settings, command: str) -> list[str]:
     """The hosts ``command`` would listen on that do not resolve, each with its setting
     and value: the server's bind failed on it with "[Errno -2] Name or service not
-    known" and a traceback, naming neither."""
+    known" and a traceback, naming neither. An IPv6 address in brackets (``[::1]``) is
+    said to be written without them."""
     found = []
     for listener in listeners(settings):
         if command != "up" and SERVED_BY.get(command) != listener.setting:
@@ -75,9 +77,22 @@ def unresolved(settings: Settings, command: str) -> list[str]:
         except (socket.gaierror, UnicodeError) as exc:
             found.append(
                 f"{listener.host_setting or listener.setting} {listener.host!r} does not "
-                f"resolve to an address to listen on ({exc})"
+                f"resolve to an address to listen on ({exc})" + _bracketed(listener.host)
             )
     return found
+
+
+def _bracketed(host: str) -> str:
+    """What to write for an IPv6 address given in brackets, as a URL or kafka_bootstrap
+    spells it: a host setting takes the address alone."""
+    address = host.removeprefix("[").removesuffix("]")
+    if address == host:
+        return ""
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return ""
+    return f": an IPv6 address is written without brackets here: {address!r}"
 
 
 def _addresses(host: str) -> set[tuple[int, str]]:

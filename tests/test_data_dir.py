@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from llmtap.config import ConfigError, Settings
+from llmtap.config import CONFIG_ENV, ConfigError, Settings
 from llmtap.data_dir import claimed
+from tests.conftest import UP_TIMEOUT_S
 from tests.fake_provider import free_ports
 from tests.test_storage import migrated_by_a_newer_llmtap
 
@@ -79,6 +85,81 @@ def test_a_second_up_on_a_data_dir_in_use_is_refused_at_once_naming_the_holder(
     assert not (tmp_path / "logs").exists()  # nothing was started
 
 
+def test_an_ingress_started_while_up_starts_is_refused_and_up_comes_up(tmp_path: Path) -> None:
+    """`up` let go of the ingress lock once it had checked it, for its own ingress to
+    take: an `llmtap ingress` started on its data_dir in the seconds before that one
+    (while the broker, the migrations, the store and the worker start) took it, and
+    up's ingress was refused: "startup failed: ingress exited", or, once up, started
+    again and refused every 1 to 60 s for good. `up` holds it from its start to its
+    end, for its own ingress; another is refused, naming up's pid, whenever it comes."""
+    proxy, api, worker, broker, other = free_ports(5)
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_PROXY_PORT": str(proxy),
+        "LLMTAP_API_PORT": str(api),
+        "LLMTAP_WORKER_METRICS_PORT": str(worker),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker}",
+    }
+    env.pop(CONFIG_ENV, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmtap", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout or ()), daemon=True)
+    reader.start()
+
+    def said_by_up(text: str) -> None:
+        deadline = time.monotonic() + UP_TIMEOUT_S
+        while not any(text in line for line in output):
+            assert process.poll() is None, "".join(output[-40:])
+            assert time.monotonic() < deadline, "".join(output[-40:])
+            time.sleep(0.1)
+
+    def stranger() -> str:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "llmtap", "ingress"],
+                env={**env, "LLMTAP_PROXY_PORT": str(other)},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("an llmtap ingress on up's data_dir started and served")
+        assert done.returncode == 2, done.stderr[-2000:]
+        return done.stderr
+
+    try:
+        said_by_up("applying the store's migrations")  # its ingress comes last
+        said = f"is in use by another llmtap up (pid {process.pid})"
+        assert said in stranger()
+        said_by_up("llmtap is up")
+        assert said in stranger()
+        assert not any("ingress exited" in line for line in output), "".join(output)
+        # Its own ingress, started again, runs under up's lock.
+        [first] = re.findall(r"started ingress \(pid (\d+)\)", "".join(output))
+        os.kill(int(first), signal.SIGKILL)
+        said_by_up("ingress exited with code -9; starting it again")
+        deadline = time.monotonic() + UP_TIMEOUT_S
+        while True:
+            assert process.poll() is None, "".join(output[-40:])
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{proxy}/healthz", timeout=2):
+                    break
+            assert time.monotonic() < deadline, "".join(output[-40:])
+            time.sleep(0.1)
+        assert not any("in use by" in line for line in output), "".join(output)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        reader.join(timeout=10)
+
+
 def test_an_embedded_store_another_process_holds_is_refused_before_anything_starts(
     tmp_path: Path,
 ) -> None:
@@ -109,7 +190,8 @@ def test_the_claim_ends_with_its_holder_however_it_ends(tmp_path: Path) -> None:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     with claimed(settings):
-        assert (tmp_path / "run" / "up.lock").read_text() == f"{os.getpid()}\n"
+        for held in ("up.lock", "ingress.lock"):  # the second for its own ingress
+            assert (tmp_path / "run" / held).read_text() == f"{os.getpid()} up\n"
 
 
 def test_up_over_a_store_a_newer_llmtap_migrated_stops_at_once_saying_why(

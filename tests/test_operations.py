@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from ingress.spool import Record, Spool
 from llmtap.config import CONFIG_ENV, Settings
+from llmtap.ports import unresolved
 from tests.conftest import Broker
 from tests.fake_provider import free_ports
 
@@ -153,9 +155,39 @@ def test_a_host_to_listen_on_that_does_not_resolve_is_refused_at_start(
     assert not (tmp_path / "data" / "clickhouse").exists()  # nothing was started
 
 
+@pytest.mark.parametrize("setting", ["proxy_host", "api_host", "worker_metrics_host"])
+def test_a_bracketed_ipv6_host_to_listen_on_is_refused_saying_how_to_write_it(
+    setting: str, tmp_path: Path
+) -> None:
+    """``[::1]``, as an address is bracketed in a URL or in kafka_bootstrap, is no host
+    to bind: refused as not resolving, with nothing to say that the setting takes
+    ``::1``, which listens."""
+    settings = Settings(data_dir=tmp_path)
+    [said] = unresolved(settings.model_copy(update={setting: "[::1]"}), "up")
+    assert said.startswith(f"{setting} '[::1]' does not resolve"), said
+    assert said.endswith("an IPv6 address is written without brackets here: '::1'"), said
+    assert unresolved(settings.model_copy(update={setting: "::1"}), "up") == []
+
+
+def test_an_ingress_on_an_ipv6_host_serves_there(tmp_path: Path) -> None:
+    """``proxy_host: "::1"`` (what the hint above says to write) is listened on."""
+    proxy_port, broker_port = free_ports(2)  # no broker: none needed to answer /healthz
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "LLMTAP_PROXY_HOST": "::1",
+        "LLMTAP_PROXY_PORT": str(proxy_port),
+    }
+    with ingress_serving(env, proxy_port, host="[::1]"):
+        pass
+
+
 @contextlib.contextmanager
-def ingress_serving(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """`llmtap ingress` with ``env``, once its /healthz answers on ``port``."""
+def ingress_serving(
+    env: dict[str, str], port: int, host: str = "127.0.0.1"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`llmtap ingress` with ``env``, once its /healthz answers on ``host`` and ``port``."""
     process = subprocess.Popen(
         [sys.executable, "-m", "llmtap", "ingress"],
         env={name: value for name, value in env.items() if name != CONFIG_ENV},
@@ -167,7 +199,7 @@ def ingress_serving(env: dict[str, str], port: int) -> Iterator[subprocess.Popen
         while True:
             assert process.poll() is None, "the first ingress exited"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2):
                     break
             except OSError:
                 assert time.monotonic() < deadline, "the first ingress did not answer"
@@ -206,6 +238,38 @@ def test_a_second_ingress_on_a_data_dir_in_use_is_refused_at_start(tmp_path: Pat
         assert not (tmp_path / "clickhouse").exists()  # up started nothing
     # Released with the first's end: the next one starts.
     with ingress_serving({**env, "LLMTAP_PROXY_PORT": str(other_port)}, other_port):
+        pass
+
+
+def test_an_ingress_without_a_spool_holds_the_one_it_replays(tmp_path: Path) -> None:
+    """With ``spool_max_bytes`` 0 an ingress took no lock on its data_dir, yet opened
+    the spool there to replay what a run with a spool had left: an ingress with a spool
+    started beside it took the lock and served on, the spool open in one of the two
+    (the other an ERROR a minute, its events in memory). It takes the lock while it has
+    something to replay; with nothing, it takes none, and leaves the spool alone."""
+    settings = Settings(data_dir=tmp_path)
+    left = Spool(settings.spool_dir, max_bytes=1 << 20)
+    assert left.append([Record(settings.kafka.names.requests, b"key", b"{}")]) == 0
+    left.close()
+    first_port, other_port, broker_port = free_ports(3)
+    env = {
+        **os.environ,
+        "LLMTAP_DATA_DIR": str(tmp_path),
+        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",  # no broker: it stays spooled
+        "LLMTAP_PROXY_PORT": str(first_port),
+    }
+    without_spool = {**env, "LLMTAP_SPOOL_MAX_BYTES": "0"}
+    with ingress_serving(without_spool, first_port) as first:
+        said = f"data_dir {tmp_path.resolve()} is in use by another llmtap ingress "
+        said += f"(pid {first.pid})"
+        second = refused_at_start("ingress", {**env, "LLMTAP_PROXY_PORT": str(other_port)}, 20)
+        assert said in second, second
+    for segment in settings.spool_dir.glob("*.seg"):
+        segment.unlink()  # nothing to replay: it takes no lock, beside one that holds it
+    with (
+        ingress_serving(env, first_port),
+        ingress_serving({**without_spool, "LLMTAP_PROXY_PORT": str(other_port)}, other_port),
+    ):
         pass
 
 

@@ -607,6 +607,56 @@ async def test_with_spool_max_bytes_zero_events_wait_in_memory(tmp_path: Path) -
             await stop_tansu(broker)
 
 
+async def test_with_spool_max_bytes_zero_and_nothing_spooled_the_spool_is_not_touched(
+    tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``spool_max_bytes`` 0 is no spool. It opened one all the same (to replay what a
+    run with one left), with no lock on the data_dir (the ingress takes it only with a
+    spool): on a data_dir another ingress's spool is open in, or one it cannot write,
+    it said "cannot open the spool" at ERROR, once a minute for its life."""
+    events = pings(0, 20)
+    spool_dir = tmp_path / "spool"
+    held = Spool(spool_dir, max_bytes=1 << 30)  # another ingress's, empty
+    try:
+        async with running(publisher(broker.bootstrap, spool_dir, spool_max_bytes=0)) as out:
+            publish_all(out, events)
+            await wait_for(lambda: out.published == len(events))
+    finally:
+        held.close()
+    unwritable = tmp_path / "a-file"
+    unwritable.write_text("not a directory\n")
+    async with running(publisher(broker.bootstrap, unwritable, spool_max_bytes=0)) as out:
+        publish_all(out, events)
+        await wait_for(lambda: out.published == len(events))
+    assert "cannot open the spool" not in caplog.text, caplog.text
+    # Stopped with events the broker never took: lost (no spool), none written there.
+    nowhere = f"127.0.0.1:{free_port()}"
+    async with running(publisher(nowhere, tmp_path / "none", spool_max_bytes=0)) as out:
+        publish_all(out, events)
+    assert out.dropped == len(events) and not (tmp_path / "none").exists()
+    assert "stopping with 20 events lost (no spool)" in caplog.text
+
+
+async def test_with_spool_max_bytes_zero_what_a_spool_left_goes_first(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A run with a spool left events in it (stopped while the broker was down); one with
+    ``spool_max_bytes`` 0 after it sends them before its own, and writes nothing there."""
+    spool_dir = tmp_path / "spool"
+    earlier, later = pings(0, 30), pings(30, 20)
+    first = publisher(f"127.0.0.1:{free_port()}", spool_dir)  # nothing listens there
+    async with running(first):
+        publish_all(first, earlier)
+    assert first.spooled == len(earlier)
+    async with running(publisher(broker.bootstrap, spool_dir, spool_max_bytes=0)) as second:
+        publish_all(second, later)
+        await wait_for(lambda: second.published == len(earlier) + len(later))
+        assert (second.replayed, second.spooled, second.dropped) == (len(earlier), 0, 0)
+    assert segment_files(spool_dir) == []
+    sent = earlier + later
+    assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in sent}), sent)
+
+
 class Blob(Ping):
     pad: str
 
