@@ -13,9 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Literal
 
+from clickhouse_connect.datatypes.container import Array, Map, Nested, Tuple
+from clickhouse_connect.datatypes.registry import get_from_name
+from clickhouse_connect.datatypes.special import SimpleAggregateFunction
 from clickhouse_connect.driver.exceptions import (
     ClickHouseError,
     DatabaseError,
@@ -138,33 +142,57 @@ class SqlRunner:
         return Databases(str(current), others, frozenset(str(table) for table in tables))
 
     def execute(
-        self, text: str, *, select: bool, encode: Encode, max_rows: int
+        self, text: str, *, select: bool, encode: Encode, max_rows: int, precise: bool = False
     ) -> tuple[list[dict[str, str]], list[bytes], TruncatedBy | None]:
         """Run ``text`` as is (the checks are the caller's): its columns, and its rows
         encoded until ``max_rows`` rows or the answer's bytes (``max_answer_bytes``)
         would be passed. A SELECT is read a block at a time and cancelled there; the
         other statements (SHOW, DESCRIBE, EXPLAIN: small answers, which chDB does not
-        stream) are read whole."""
+        stream) are read whole. ``precise``: the SELECT may answer a time finer than a
+        microsecond (:func:`in_ticks`)."""
         client = self._connection()
         if not select:
             result = client.query(text, query_tz="UTC")
             columns = _columns(result.column_names, result.column_types)
             return (columns, *_encoded([result.result_rows], encode, max_rows, self.limits))
-        with client.query_row_block_stream(text, query_tz="UTC") as stream:
-            columns = _columns(stream.source.column_names, stream.source.column_types)
-            fixes = [
-                (i, fix)
-                for i, c in enumerate(columns)
-                for pattern, fix in _FIXES
-                if pattern.search(c["type"])
-            ]
-            blocks = stream if not fixes else ([_fixed(r, fixes) for r in b] for b in stream)
+        formats = self.in_ticks(text) if precise else {}
+        with client.query_row_block_stream(
+            text, query_tz="UTC", column_formats=formats or None
+        ) as stream:
+            names, types = stream.source.column_names, stream.source.column_types
+            columns = _columns(names, types)
+            fixes: list[tuple[int, Callable[[Any], Any]]] = []
+            for i, (name, t) in enumerate(zip(names, types, strict=True)):
+                if name in formats:  # first: its times are ticks until then
+                    fixes.append((i, partial(_from_ticks, t)))
+                fixes += [(i, fix) for pattern, fix in _FIXES if pattern.search(t.name)]
+            blocks = stream if not fixes else ((_fixed(r, fixes) for r in b) for b in stream)
             rows, truncated_by = _encoded(blocks, encode, max_rows, self.limits)
         if not columns:
             # No rows, and chDB's Native output then has no columns either: ask for them.
             described = client.query(f"DESCRIBE TABLE (\n{text}\n)")
             columns = [{"name": str(r[0]), "type": str(r[1])} for r in described.result_rows]
         return columns, rows, truncated_by
+
+    def in_ticks(self, text: str) -> dict[str, str | dict[str, str]]:
+        """The ``column_formats`` reading the columns of ``text`` that hold a DateTime64
+        or Time64 finer than a microsecond as ticks (clickhouse-connect would make each a
+        datetime or timedelta, losing its last digits; :func:`_from_ticks` writes them),
+        by the columns' types as ClickHouse describes them. Not a column whose times are
+        in a Variant, Dynamic or JSON (ticks there could not be told from integers): those
+        stay microseconds. None at all when it cannot be described: read as before."""
+        types: dict[str, list[Any]] = {}
+        try:
+            described = self._connection().query(f"DESCRIBE TABLE (\n{text}\n)")
+            for row in described.result_rows:  # a type the client does not know: InternalError
+                types.setdefault(str(row[0]), []).append(get_from_name(str(row[1])))
+        except DatabaseError:
+            return {}
+        return {
+            name: dict(_AS_TICKS)
+            for name, kinds in types.items()
+            if any(_PRECISE.search(t.name) for t in kinds) and all(map(_walkable, kinds))
+        }
 
     def answer(self, query: str, max_rows: int, encode: Encode) -> Answer:
         text = precheck(query, self.limits)
@@ -177,13 +205,16 @@ class SqlRunner:
             databases = self.databases()
             root = self.explain(text, databases, lead)
             check_tree(root, text, databases)
-            if root.kind == "SelectWithUnionQuery":  # every SELECT: as ClickHouse reads it
+            select = root.kind == "SelectWithUnionQuery"
+            precise = False
+            if select:  # every SELECT: as ClickHouse reads it
                 tree = self.query_tree(text, root, databases)
                 check_resolved(tree, root, databases)
                 check_totals(tree)
+                precise = _PRECISE.search(tree) is not None  # its columns' types are there
             started = time.perf_counter()
             columns, rows, truncated_by = self.execute(
-                text, select=root.kind == "SelectWithUnionQuery", encode=encode, max_rows=max_rows
+                text, select=select, encode=encode, max_rows=max_rows, precise=precise
             )
             elapsed_ms = (time.perf_counter() - started) * 1000
         except StreamFailureError as exc:  # ClickHouse failed with part of the rows sent
@@ -236,6 +267,75 @@ _WIDE_INT = re.compile(r"\bU?Int(?:128|256)\b")
 _ZONED = re.compile(r"\bDateTime(?:64)?\([^)]*'(?!UTC')[^']*'")
 
 
+# A DateTime64 or Time64 finer than a microsecond, which a Python datetime or timedelta
+# cannot hold: such a column is read as ticks (SqlRunner.in_ticks), and its times written
+# by _from_ticks, as text.
+_PRECISE = re.compile(r"\b(?:Date)?Time64\([7-9]\b")
+_AS_TICKS = {"DateTime64": "int", "Time64": "int"}
+_TIMES = re.compile(r"\b(?:Date)?Time64\b")
+_OPAQUE = frozenset({"Variant", "Dynamic", "JSON", "Object"})
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _walkable(t: Any) -> bool:
+    """Whether every DateTime64 and Time64 a value of type ``t`` holds is where
+    :func:`_from_ticks` finds it: in the type's arrays, maps, tuples and nested
+    columns (or a SimpleAggregateFunction's), not in a Variant, Dynamic or JSON."""
+    if t.base_type in _AS_TICKS:
+        return True
+    if isinstance(t, (Array, SimpleAggregateFunction)):
+        return _walkable(t.element_type)
+    if isinstance(t, Map):
+        return _walkable(t.key_type) and _walkable(t.value_type)
+    if isinstance(t, (Tuple, Nested)):
+        return all(map(_walkable, t.element_types))
+    return t.base_type not in _OPAQUE and not _TIMES.search(t.name)
+
+
+def _from_ticks(t: Any, value: Any) -> Any:
+    """``value`` of type ``t``, read as ticks (:data:`_AS_TICKS`), as every other value
+    is written: a time to a microsecond as the datetime or timedelta clickhouse-connect
+    would have made (encoded as before, to the byte); a finer one as text in the same
+    form with nine digits after the second (nanoseconds), a DateTime64 in UTC (``Z``)."""
+    if value is None:
+        return None
+    if t.base_type == "DateTime64":
+        seconds, ticks = divmod(value, 10**t.scale)
+        moment = _EPOCH + timedelta(seconds=seconds)
+        if t.scale <= 6:
+            return moment + timedelta(microseconds=ticks * 10 ** (6 - t.scale))
+        return f"{moment.isoformat()}{_nanoseconds(ticks, t.scale)}Z"
+    if t.base_type == "Time64":
+        if t.scale <= 6:
+            return timedelta(microseconds=value * 10 ** (6 - t.scale))
+        seconds, ticks = divmod(value, 10**t.scale)
+        return f"{timedelta(seconds=seconds)}{_nanoseconds(ticks, t.scale)}"
+    if isinstance(t, Array):
+        return [_from_ticks(t.element_type, v) for v in value]
+    if isinstance(t, SimpleAggregateFunction):
+        return _from_ticks(t.element_type, value)
+    if isinstance(t, Map):
+        return {_from_ticks(t.key_type, k): _from_ticks(t.value_type, v) for k, v in value.items()}
+    if isinstance(t, Nested):
+        return [
+            {k: _from_ticks(e, d[k]) for k, e in zip(t.element_names, t.element_types, strict=True)}
+            for d in value
+        ]
+    if isinstance(t, Tuple):
+        if isinstance(value, dict):  # a named tuple
+            return {
+                k: _from_ticks(e, value[k])
+                for k, e in zip(t.element_names, t.element_types, strict=True)
+            }
+        return tuple(_from_ticks(e, v) for e, v in zip(t.element_types, value, strict=True))
+    return value
+
+
+def _nanoseconds(ticks: int, scale: int) -> str:
+    """The fraction of a second past the whole ones, as nine digits (none if none)."""
+    return f".{ticks * 10 ** (9 - scale):09d}" if ticks else ""
+
+
 def _fixed(row: Sequence[Any], fixes: list[tuple[int, Callable[[Any], Any]]]) -> list[Any]:
     out = list(row)
     for i, fix in fixes:
@@ -248,8 +348,8 @@ def _times_in_utc(value: Any) -> Any:
         return value if value.tzinfo is None else value.astimezone(UTC)
     if isinstance(value, (list, tuple)):
         return [_times_in_utc(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _times_in_utc(v) for k, v in value.items()}
+    if isinstance(value, dict):  # a map's keys too: Map(DateTime('Asia/Tokyo'), ...)
+        return {_times_in_utc(k): _times_in_utc(v) for k, v in value.items()}
     return value
 
 
@@ -276,7 +376,7 @@ def _columns(names: Sequence[str], types: Sequence[Any]) -> list[dict[str, str]]
 
 
 def _encoded(
-    blocks: Iterable[Sequence[Sequence[Any]]], encode: Encode, max_rows: int, limits: SqlLimits
+    blocks: Iterable[Iterable[Sequence[Any]]], encode: Encode, max_rows: int, limits: SqlLimits
 ) -> tuple[list[bytes], TruncatedBy | None]:
     """The rows of ``blocks`` encoded, up to ``max_rows`` of them and
     ``limits.max_answer_bytes`` bytes; and which limit cut them short, if one did."""

@@ -176,6 +176,60 @@ async def test_a_time_in_a_zone_of_its_own_is_given_in_utc(api: Client) -> None:
     assert body["rows"] == [["2026-03-15T11:30:00Z", ["2026-03-15T11:30:00Z"]]]
 
 
+NS = "toDateTime64('2026-01-01 00:00:00.123456789', 9)"
+
+
+async def test_a_time_finer_than_a_microsecond_keeps_its_digits(api: Client, store: Store) -> None:
+    """A DateTime64(7..9) or Time64(7..9) holds more than a Python datetime or timedelta
+    (which cut it to microseconds): it is written with nine digits after the second, in
+    UTC as every time; in a column of its own, a zone of its own, NULL, an array, a map,
+    a tuple beside a coarser time (written as before), a table; JSON and CSV alike."""
+    store.command(
+        "CREATE TABLE precise (at DateTime64(9, 'Asia/Kolkata'), maybe Nullable(DateTime64(9)),"
+        " seen Array(DateTime64(7))) ENGINE = MergeTree ORDER BY at"
+    )
+    store.command(f"INSERT INTO precise VALUES ({NS}, NULL, [{NS}]), ({NS} + 1, {NS}, [])")
+    body = await sql(
+        api,
+        f"SELECT {NS} AS utc, toTimeZone({NS}, 'Asia/Kolkata') AS kolkata,"
+        f" [toNullable({NS}), NULL] AS many, map('k', {NS}) AS m,"
+        f" tuple(toDateTime64('2026-01-02 03:04:05.25', 3, 'Asia/Tokyo'), {NS}) AS pair,"
+        " toDateTime64('2026-01-01 00:00:00', 9) AS whole,"
+        " toTime64('12:34:56.123456789', 9) AS span, toDateTime64('2026-01-01 00:00:00.5', 3)"
+        " AS coarse",
+    )
+    at = "2026-01-01T00:00:00.123456789Z"
+    assert body["rows"] == [
+        [
+            at,
+            at,  # 05:30:00.123456789 in Kolkata, in UTC
+            [at, None],
+            {"k": at},
+            ["2026-01-01T18:04:05.250000Z", at],  # a DateTime64(3): as before
+            "2026-01-01T00:00:00Z",  # a whole second: no fraction, as every time
+            "12:34:56.123456789",
+            "2026-01-01T00:00:00.500000Z",
+        ]
+    ]
+    assert body["columns"][1] == {"name": "kolkata", "type": "DateTime64(9, 'Asia/Kolkata')"}
+    text, _ = await sql(api, "SELECT * FROM precise ORDER BY at", format="csv")
+    assert list(csv.reader(io.StringIO(text))) == [
+        ["at", "maybe", "seen"],
+        [at, "", '["2026-01-01T00:00:00.123456700Z"]'],
+        ["2026-01-01T00:00:01.123456789Z", at, "[]"],
+    ]
+    body = await sql(api, "SELECT now64(9) AS t, toUnixTimestamp64Nano(t) AS ns")
+    [[written, ns]] = body["rows"]
+    whole, _, fraction = written.removesuffix("Z").partition(".")
+    seconds = datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp()
+    assert int(seconds) * 10**9 + int(fraction.ljust(9, "0")) == ns
+
+
+async def test_a_map_keyed_by_a_time_in_a_zone_gives_its_keys_in_utc(api: Client) -> None:
+    body = await sql(api, "SELECT map(toDateTime('2026-01-02 03:04:05', 'Asia/Tokyo'), 1) AS m")
+    assert body["rows"] == [[{"2026-01-01T18:04:05Z": 1}]]
+
+
 async def test_a_literal_that_is_no_utf_8_is_read_only_still(api: Client) -> None:
     body = await sql(api, "SELECT count() AS n FROM calls WHERE position(user, '\\xc3') > 0")
     assert body["rows"] == [[0]]
