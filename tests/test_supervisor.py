@@ -420,21 +420,9 @@ async def test_a_broker_that_dies_as_it_starts_fails_the_start_pointing_at_its_l
     start (here its port, free at up's check, taken since: Tansu logs AddrInUse and
     exits, status 0) failed the start with "broker exited while waiting for broker",
     and nothing said where to read why."""
-    settings = _free_ports(tmp_path)
-    port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
-    other = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
-    supervisor = Supervisor(settings)
-    try:
-        with pytest.raises(StartupFailed) as failed:
-            await supervisor._start_broker()
-    finally:
-        other.close()
-        await other.wait_closed()
-        await supervisor.stop_all()
+    failed = await _broker_start_failing(_free_ports(tmp_path))
     broker_log = tmp_path / "logs" / "broker.log"
-    assert str(failed.value) == (
-        f"broker exited (code 0; its log: {broker_log}) while waiting for broker"
-    )
+    assert failed == f"broker exited (code 0; its log: {broker_log}) while waiting for broker"
     assert "Address in use" in broker_log.read_text()
 
 
@@ -444,7 +432,14 @@ async def test_a_broker_that_exits_points_at_its_log_by_an_absolute_path(
     """A relative data_dir (`LLMTAP_DATA_DIR=.llmtap`) gave "its log: .llmtap/logs/
     broker.log", relative to wherever `up` was started, not said by the line."""
     monkeypatch.chdir(tmp_path)
-    settings = _free_ports(tmp_path, data_dir="relative")
+    failed = await _broker_start_failing(_free_ports(tmp_path, data_dir="relative"))
+    broker_log = tmp_path / "relative" / "logs" / "broker.log"
+    assert f"its log: {broker_log.resolve()})" in failed
+
+
+async def _broker_start_failing(settings: Settings) -> str:
+    """Why the embedded broker's start failed, its port, free at up's check, taken
+    since (Tansu logs AddrInUse and exits, status 0)."""
     port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
     other = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
     supervisor = Supervisor(settings)
@@ -455,8 +450,7 @@ async def test_a_broker_that_exits_points_at_its_log_by_an_absolute_path(
         other.close()
         await other.wait_closed()
         await supervisor.stop_all()
-    broker_log = tmp_path / "relative" / "logs" / "broker.log"
-    assert f"its log: {broker_log.resolve()})" in str(failed.value)
+    return str(failed.value)
 
 
 async def test_a_port_taken_while_everything_restarts_fails_the_start_naming_its_setting(
