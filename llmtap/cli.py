@@ -419,9 +419,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from llmtap.data_dir import claimed
         from llmtap.supervisor import up
 
-        with claimed(settings), pinned_config(settings) as pinned:
+        with claimed(settings) as ingress_lock, pinned_config(settings) as pinned:
             _check_keys_file(settings, "up")  # once its data_dir is known to be usable
-            return up(pinned)
+            return up(pinned, ingress_lock)
     if args.command == "ingress":
         from ingress.app import run as run_ingress
         from llmtap.data_dir import ingress_claimed

@@ -61,6 +61,8 @@ MAX_RETENTION_DAYS = 10_000
 KAFKA_MIN_SESSION_S = 6.0
 
 CONFIG_ENV = "LLMTAP_CONFIG"
+# The descriptor of the ingress lock (llmtap/data_dir.py) an `llmtap up` hands its ingress.
+INGRESS_LOCK_ENV = "LLMTAP_INGRESS_LOCK_FD"
 # Set while Settings.model_copy builds a copy: its values are the original's and the
 # update, read from nowhere else (the environment may have changed since, and a dict
 # setting would be merged with it).
@@ -758,7 +760,10 @@ def unknown_variables(settings: Settings, environ: Mapping[str, str]) -> list[st
     so a budget given so was no budget at all. A provider's key variable
     (``api_key_env``) may start with ``LLMTAP_`` too, and is not one."""
     prefix = "LLMTAP_"
-    known = {prefix + name.upper() for name in Settings.model_fields} | {CONFIG_ENV}
+    known = {prefix + name.upper() for name in Settings.model_fields} | {
+        CONFIG_ENV,
+        INGRESS_LOCK_ENV,
+    }
     known |= {provider.api_key_env.upper() for provider in settings.all_providers().values()}
     said = []
     for name in sorted(environ):

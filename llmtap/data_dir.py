@@ -10,9 +10,10 @@ So is a second `llmtap ingress` over a directory one holds (an `up`'s, or one st
 alone): the spool under it opens in one process at a time, and the second served on
 with its events held in memory (late; with the broker down, lost by a crash or at its
 stop), an ERROR a minute. `up` holds the ingress lock itself, from its start to its
-end, for its own ingress (a child of it): one started on its directory while it
-started took the lock, and up's ingress was refused, or started again and refused
-for good.
+end, and hands it to its own ingress (the lock's descriptor, inherited): one started on
+its directory while it started took the lock, and up's ingress was refused, or started
+again and refused for good. Inherited, the lock is held as long as either holds it:
+an `up` killed, its ingress goes on holding it while it stops.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llmtap.config import ConfigError, Settings
+from llmtap.config import INGRESS_LOCK_ENV, ConfigError, Settings
 
 LOCK_FILE = "up.lock"
 INGRESS_LOCK_FILE = "ingress.lock"
@@ -47,19 +48,10 @@ def chdb_held(dsn: str) -> bool:
     return False
 
 
-class InUse(ConfigError):
-    """A lock another process holds: its pid, and what it is (``up``, ``ingress``)."""
-
-    def __init__(self, message: str, pid: int | None, kind: str) -> None:
-        super().__init__(message)
-        self.pid = pid
-        self.kind = kind
-
-
 def _lock(settings: Settings, name: str, kind: str) -> int:
     """A descriptor of ``run/<name>`` holding its lock, this pid and ``kind`` (what this
-    process is) written in it; raises :class:`InUse` naming the holder's pid and kind
-    when another process has it."""
+    process is) written in it; raises :class:`ConfigError` naming the holder's pid and
+    kind when another process has it."""
     lock_path = settings.run_dir / name
     try:
         settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,12 +66,12 @@ def _lock(settings: Settings, name: str, kind: str) -> int:
         pid = int(said[0]) if said and said[0].isdigit() else None
         # Its kind; a file an llmtap wrote before kinds were: the kind the file is for.
         holder = said[1] if len(said) > 1 else name.removesuffix(".lock")
-        raise InUse(
+        # An up's ingress holds it too (handed over), and still, stopping, if up was killed.
+        also = ", or the ingress it started" if holder == "up" and name == INGRESS_LOCK_FILE else ""
+        raise ConfigError(
             f"data_dir {settings.data_dir.resolve()} is in use by another llmtap {holder} "
-            f"(pid {pid or 'unknown'}): stop it, or give this one a data_dir of its own "
-            "(LLMTAP_DATA_DIR)",
-            pid,
-            holder,
+            f"(pid {pid or 'unknown'}{also}): stop it, or give this one a data_dir of its "
+            "own (LLMTAP_DATA_DIR)"
         ) from None
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()} {kind}\n".encode(), 0)
@@ -87,30 +79,35 @@ def _lock(settings: Settings, name: str, kind: str) -> int:
 
 
 @contextmanager
-def claimed(settings: Settings) -> Iterator[None]:
+def claimed(settings: Settings) -> Iterator[int]:
     """Hold ``settings.data_dir`` for this process while the block runs (advisory locks
     on ``run/up.lock`` and ``run/ingress.lock``, released by the kernel however the
-    process ends, so a killed `up` leaves nothing to clean; its own ingress runs under
-    the second, see :func:`ingress_claimed`). Raises :class:`ConfigError` naming the
-    holder when another `up` has it, or an `llmtap ingress`, or when the embedded store
-    it would open is another process's (a ``clickhouse_dsn`` of ``chdb://`` shared
-    across data directories)."""
+    process ends, so a killed `up` leaves nothing to clean); the block gets the second's
+    descriptor, to hand to its own ingress (:func:`ingress_claimed`). Raises
+    :class:`ConfigError` naming the holder when another `up` has it, or an `llmtap
+    ingress`, or when the embedded store it would open is another process's (a
+    ``clickhouse_dsn`` of ``chdb://`` shared across data directories)."""
     with contextlib.ExitStack() as held:
-        for name in (LOCK_FILE, INGRESS_LOCK_FILE):
-            held.callback(os.close, _lock(settings, name, "up"))
+        descriptors = [_lock(settings, name, "up") for name in (LOCK_FILE, INGRESS_LOCK_FILE)]
+        for descriptor in descriptors:
+            held.callback(os.close, descriptor)
         if chdb_held(settings.store_dsn):
             raise ConfigError(
                 f"the embedded ClickHouse at {settings.store_dsn.removeprefix('chdb://')} is "
                 "in use by another process (chDB opens a data directory in one process at a "
                 "time): stop it, or give this up a clickhouse_dsn of its own"
             )
-        yield
+        yield descriptors[1]
 
 
 def spool_left(spool_dir: Path) -> bool:
-    """Whether ``spool_dir`` holds segment files a run left (``*.seg``: to replay)."""
+    """Whether ``spool_dir`` holds segment files a run left, to replay: the spool's own
+    names (ingress/spool.py: twenty digits, ``.seg``)."""
     try:
-        return any(spool_dir.glob("*.seg"))
+        return any(
+            p.stem.isascii() and p.stem.isdigit() and len(p.stem) == 20
+            for p in spool_dir.glob("*.seg")
+        )
     except OSError:  # one that cannot be read: opening it fails too, and says why
         return False
 
@@ -127,20 +124,34 @@ def ingress_claimed(settings: Settings) -> Iterator[None]:
     """Hold ``settings.data_dir`` for this ingress while the block runs (a lock on
     ``run/ingress.lock``, released however the process ends), if it opens the spool
     there (:func:`uses_spool`). Raises :class:`ConfigError` naming the holder when
-    another ingress has it, or an `up` this ingress is not the child of: the spool is
-    one process's. An `up`'s own ingress runs under its lock."""
-    if not uses_spool(settings):
+    another ingress has it, or an `up`: the spool is one process's. An `up`'s own
+    ingress runs under the lock `up` handed it (:func:`handed`)."""
+    inherited = handed(settings)
+    if not uses_spool(settings) or inherited is not None:
         yield
         return
-    try:
-        descriptor: int | None = _lock(settings, INGRESS_LOCK_FILE, "ingress")
-    except InUse as exc:
-        if exc.kind != "up" or exc.pid != os.getppid():
-            raise
-        descriptor = None  # held for it by its `up`
+    descriptor = _lock(settings, INGRESS_LOCK_FILE, "ingress")
     try:
         yield
     finally:
-        if descriptor is not None:
-            with contextlib.suppress(OSError):
-                os.close(descriptor)
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+
+
+def handed(settings: Settings) -> int | None:
+    """The ingress lock an `up` handed this process, its ingress: the descriptor named
+    by ``LLMTAP_INGRESS_LOCK_FD`` (taken out of the environment), if it is this
+    data_dir's ``run/ingress.lock`` and holds its lock; else None. The lock is the open
+    file's: held as long as `up` or this process has it open."""
+    said = os.environ.pop(INGRESS_LOCK_ENV, "")
+    if not said.isdigit():
+        return None
+    descriptor = int(said)
+    try:
+        held, lock = os.fstat(descriptor), os.stat(settings.run_dir / INGRESS_LOCK_FILE)
+        if (held.st_dev, held.st_ino) != (lock.st_dev, lock.st_ino):
+            return None
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the open file's: held
+    except OSError:  # not open, another file, or a lock another open file holds
+        return None
+    return descriptor

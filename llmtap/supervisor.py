@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 
 from llmtap import ports, topics
-from llmtap.config import Settings
+from llmtap.config import INGRESS_LOCK_ENV, Settings
 from llmtap.kafka import Kafka
 from llmtap.probes import topics_ready
 from stream.app import ready_file
@@ -107,8 +107,9 @@ class Backoff:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ingress_lock: int | None = None) -> None:
         self.settings = settings
+        self.ingress_lock = ingress_lock  # its descriptor, handed to the ingress (data_dir.py)
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
         self.stopped_by: signal.Signals | None = None  # the first stop signal
@@ -131,6 +132,13 @@ class Supervisor:
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             stdout = log_file.open("ab")
+        handed: tuple[int, ...] = ()
+        env = None
+        if name == "ingress" and self.ingress_lock is not None:
+            # Its lock, which this process holds for it: it runs under it, and holds it
+            # as long as it runs (stopping after this one was killed too).
+            handed = (self.ingress_lock,)
+            env = {**os.environ, INGRESS_LOCK_ENV: str(self.ingress_lock)}
         process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -138,6 +146,8 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT if stdout else None,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops children in order
             preexec_fn=_die_with_parent,
+            pass_fds=handed,
+            env=env,
         )
         if stdout is not None:
             stdout.close()
@@ -496,7 +506,9 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     return (signal.SIGINT, signal.SIGTERM, *hangup)
 
 
-def up(settings: Settings) -> int:
+def up(settings: Settings, ingress_lock: int | None = None) -> int:
+    """Run everything until stopped; ``ingress_lock``: the descriptor of the data_dir's
+    ingress lock, held for the ingress (llmtap/data_dir.py)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return asyncio.run(Supervisor(settings).run())
+    return asyncio.run(Supervisor(settings, ingress_lock).run())

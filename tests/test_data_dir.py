@@ -85,46 +85,56 @@ def test_a_second_up_on_a_data_dir_in_use_is_refused_at_once_naming_the_holder(
     assert not (tmp_path / "logs").exists()  # nothing was started
 
 
-def test_an_ingress_started_while_up_starts_is_refused_and_up_comes_up(tmp_path: Path) -> None:
-    """`up` let go of the ingress lock once it had checked it, for its own ingress to
-    take: an `llmtap ingress` started on its data_dir in the seconds before that one
-    (while the broker, the migrations, the store and the worker start) took it, and
-    up's ingress was refused: "startup failed: ingress exited", or, once up, started
-    again and refused every 1 to 60 s for good. `up` holds it from its start to its
-    end, for its own ingress; another is refused, naming up's pid, whenever it comes."""
-    proxy, api, worker, broker, other = free_ports(5)
-    env = {
-        **os.environ,
-        "LLMTAP_DATA_DIR": str(tmp_path),
-        "LLMTAP_PROXY_PORT": str(proxy),
-        "LLMTAP_API_PORT": str(api),
-        "LLMTAP_WORKER_METRICS_PORT": str(worker),
-        "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker}",
-    }
-    env.pop(CONFIG_ENV, None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmtap", "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(process.stdout or ()), daemon=True)
-    reader.start()
+class UpRunning:
+    """`llmtap up` on ``data_dir``, its output read as it comes; and what an `llmtap
+    ingress` started over the same data_dir, on a port of its own, says."""
 
-    def said_by_up(text: str) -> None:
+    def __init__(self, data_dir: Path) -> None:
+        proxy, api, worker, broker, self.other = free_ports(5)
+        self.proxy = proxy
+        self.env = {
+            **os.environ,
+            "LLMTAP_DATA_DIR": str(data_dir),
+            "LLMTAP_PROXY_PORT": str(proxy),
+            "LLMTAP_API_PORT": str(api),
+            "LLMTAP_WORKER_METRICS_PORT": str(worker),
+            "LLMTAP_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker}",
+        }
+        self.env.pop(CONFIG_ENV, None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llmtap", "up"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output: list[str] = []
+        self._reader = threading.Thread(
+            target=lambda: self.output.extend(self.process.stdout or ()), daemon=True
+        )
+        self._reader.start()
+
+    def said(self, text: str) -> None:
+        """Wait until up's output says ``text``."""
         deadline = time.monotonic() + UP_TIMEOUT_S
-        while not any(text in line for line in output):
-            assert process.poll() is None, "".join(output[-40:])
-            assert time.monotonic() < deadline, "".join(output[-40:])
+        while not any(text in line for line in self.output):
+            assert self.process.poll() is None, "".join(self.output[-40:])
+            assert time.monotonic() < deadline, "".join(self.output[-40:])
             time.sleep(0.1)
 
-    def stranger() -> str:
+    def children(self) -> dict[str, int]:
+        """The processes up started, by name (the latest of each)."""
+        return {
+            name: int(pid)
+            for name, pid in re.findall(r"started (\w+) \(pid (\d+)\)", "".join(self.output))
+        }
+
+    def stranger(self) -> str:
+        """What an `llmtap ingress` over up's data_dir says, refused (exit status 2)."""
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "llmtap", "ingress"],
-                env={**env, "LLMTAP_PROXY_PORT": str(other)},
+                env={**self.env, "LLMTAP_PROXY_PORT": str(self.other)},
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -134,30 +144,66 @@ def test_an_ingress_started_while_up_starts_is_refused_and_up_comes_up(tmp_path:
         assert done.returncode == 2, done.stderr[-2000:]
         return done.stderr
 
+    def close(self) -> None:
+        """Stop up, or, killed, every process it started."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=120)
+        else:
+            for pid in self.children().values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self._reader.join(timeout=10)
+
+
+def test_an_ingress_started_while_up_starts_is_refused_and_up_comes_up(tmp_path: Path) -> None:
+    """`up` let go of the ingress lock once it had checked it, for its own ingress to
+    take: an `llmtap ingress` started on its data_dir in the seconds before that one
+    (while the broker, the migrations, the store and the worker start) took it, and
+    up's ingress was refused: "startup failed: ingress exited", or, once up, started
+    again and refused every 1 to 60 s for good. `up` holds it from its start to its
+    end, for its own ingress; another is refused, naming up's pid, whenever it comes."""
+    up = UpRunning(tmp_path)
     try:
-        said_by_up("applying the store's migrations")  # its ingress comes last
-        said = f"is in use by another llmtap up (pid {process.pid})"
-        assert said in stranger()
-        said_by_up("llmtap is up")
-        assert said in stranger()
-        assert not any("ingress exited" in line for line in output), "".join(output)
+        up.said("applying the store's migrations")  # its ingress comes last
+        said = f"is in use by another llmtap up (pid {up.process.pid}, or the ingress it started)"
+        assert said in up.stranger()
+        up.said("llmtap is up")
+        assert said in up.stranger()
+        assert not any("ingress exited" in line for line in up.output), "".join(up.output)
         # Its own ingress, started again, runs under up's lock.
-        [first] = re.findall(r"started ingress \(pid (\d+)\)", "".join(output))
-        os.kill(int(first), signal.SIGKILL)
-        said_by_up("ingress exited with code -9; starting it again")
+        os.kill(up.children()["ingress"], signal.SIGKILL)
+        up.said("ingress exited with code -9; starting it again")
         deadline = time.monotonic() + UP_TIMEOUT_S
         while True:
-            assert process.poll() is None, "".join(output[-40:])
+            assert up.process.poll() is None, "".join(up.output[-40:])
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{proxy}/healthz", timeout=2):
+                with urllib.request.urlopen(f"http://127.0.0.1:{up.proxy}/healthz", timeout=2):
                     break
-            assert time.monotonic() < deadline, "".join(output[-40:])
+            assert time.monotonic() < deadline, "".join(up.output[-40:])
             time.sleep(0.1)
-        assert not any("in use by" in line for line in output), "".join(output)
+        assert not any("in use by" in line for line in up.output), "".join(up.output)
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-        reader.join(timeout=10)
+        up.close()
+
+
+def test_up_killed_its_ingress_holds_the_lock_while_it_lives(tmp_path: Path) -> None:
+    """`up` killed (SIGKILL, the OOM killer), its children are told to stop (SIGTERM,
+    PR_SET_PDEATHSIG); its ingress then flushes its events, to the spool if the broker
+    is gone, and lets calls in flight finish (shutdown_grace_s). It ran under up's lock
+    by being up's child, holding none of its own, so an ingress (or an up) started
+    meanwhile was not refused, and two processes had the spool. It holds the lock up
+    handed it as long as it lives: here held alive (SIGSTOP) from before up is killed."""
+    up = UpRunning(tmp_path)
+    try:
+        up.said("llmtap is up")
+        os.kill(up.children()["ingress"], signal.SIGSTOP)
+        up.process.kill()
+        up.process.wait(timeout=30)
+        said = f"is in use by another llmtap up (pid {up.process.pid}, or the ingress it started)"
+        assert said in up.stranger()
+    finally:
+        up.close()
 
 
 def test_an_embedded_store_another_process_holds_is_refused_before_anything_starts(
