@@ -170,9 +170,14 @@ class SqlRunner:
             rows, truncated_by = _encoded(blocks, encode, max_rows, self.limits)
         if not columns:
             # No rows, and chDB's Native output then has no columns either: ask for them.
-            described = client.query(f"DESCRIBE TABLE (\n{text}\n)")
-            columns = [{"name": str(r[0]), "type": str(r[1])} for r in described.result_rows]
+            columns = [{"name": name, "type": kind} for name, kind in self.described(text)]
         return columns, rows, truncated_by
+
+    def described(self, text: str) -> list[tuple[str, str]]:
+        """The columns a SELECT answers, each its name and type, as ClickHouse
+        describes them (without running it)."""
+        described = self._connection().query(f"DESCRIBE TABLE (\n{text}\n)")
+        return [(str(row[0]), str(row[1])) for row in described.result_rows]
 
     def in_ticks(self, text: str) -> dict[str, str | dict[str, str]]:
         """The ``column_formats`` reading the columns of ``text`` that hold a DateTime64
@@ -183,9 +188,9 @@ class SqlRunner:
         stay microseconds. None at all when it cannot be described: read as before."""
         types: dict[str, list[Any]] = {}
         try:
-            described = self._connection().query(f"DESCRIBE TABLE (\n{text}\n)")
-            for row in described.result_rows:  # a type the client does not know: InternalError
-                types.setdefault(str(row[0]), []).append(get_from_name(str(row[1])))
+            for name, kind in self.described(text):
+                # a type the client does not know: InternalError
+                types.setdefault(name, []).append(get_from_name(kind))
         except DatabaseError:
             return {}
         return {
