@@ -4,7 +4,8 @@ Windows arrive on the windows topic keyed by series, so every share of one serie
 reaches the same detector. A window comes as one share per partition of
 ``llmtap.responses`` that had calls in it, and is judged when the shares cover every
 partition, or ``settle`` after its first share arrived (a partition with no calls of
-that series in the window has no share). A series' windows are judged in order: one
+that series in the window has no share), or at a stop after which nothing judges it
+(:meth:`Detector.judge_waiting`). A series' windows are judged in order: one
 complete early waits for the earlier ones to be judged (a baseline learns from them,
 and a window judged after a later one would be ignored). A share that arrives after
 its window was judged still reaches ClickHouse (the sink stores every share) but does
@@ -197,6 +198,19 @@ class Detector:
             for pending in windows.values():
                 pending.received = max(pending.received, now)
                 self._wait(series, pending)
+
+    def judge_waiting(self, now: datetime) -> list[Alert]:
+        """Judge every window still waiting for shares on the shares it has, each series'
+        oldest first, in the order the series came to wait: no more can come (a stop on
+        a broker that keeps nothing over its restart, so no warm-up judges them later)."""
+        alerts: list[Alert] = []
+        for series in sorted(self._pending, key=self._waiting_since.__getitem__):
+            windows = self._pending.pop(series)
+            del self._waiting_since[series]
+            for start in sorted(windows):
+                alerts += self._judge(windows[start], now)
+        self._due = []
+        return alerts
 
     def give_up(self, partitions: set[int]) -> None:
         """The windows partitions another worker judges from now: their series are no

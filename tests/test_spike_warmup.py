@@ -589,3 +589,55 @@ async def test_a_partition_adopted_then_revoked_while_its_end_is_asked_is_given_
     consumer.release.set()
     await stage.take_over([tp0])
     assert 1 in detector._away, "partition 1 is another worker's now, but not given up"
+
+
+@pytest.mark.parametrize("stop", ["embedded", "kafka", "crash"])
+async def test_a_window_waiting_for_shares_at_a_stop_is_judged_when_nothing_reads_it_back(
+    stop: str,
+) -> None:
+    """A spike's window came on one responses partition of two (its calls all went to
+    one), so it waits `settle` for a share that may never come. `llmtap up` stops a few
+    seconds after: on the embedded broker, whose topics go with that stop, the stage
+    judges it on the share it has before it stops (the spike was never raised: no
+    warm-up reads it back after a restart). On Kafka the restarted worker's warm-up reads
+    it back and judges it live, so nothing is judged at the stop; nor at a crash, after
+    which `up` starts the worker again with the broker up. Either way it is raised once:
+    a worker restarted with the broker up judges it again, with the same id."""
+    embedded = stop != "kafka"
+    async with start_broker(2) as broker:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            topic_partitions=2,
+            spike_rules=[RULE],
+            window_grace_s=600,  # no settle ends within the test
+            embedded_broker=embedded,
+            stream_session_timeout_s=6,
+        )
+        now, first = utcnow(), utcnow().replace(second=0, microsecond=0) - 20 * MINUTE
+        steady = [window(first + i * MINUTE, 100 + (i % 3), 2) for i in range(10)]
+        await publish(broker.bootstrap, steady, now)
+        await commit_all(broker.bootstrap, Names().spikes_group)
+        spike = window(first + 10 * MINUTE, 1_000, 1)  # partition 0's share only
+        await publish(broker.bootstrap, [spike], now)
+        stage = SpikesStage(settings, await warmed_detector(settings))
+        await stage.start()
+        try:
+            async with asyncio.timeout(30):
+                while not stage.detector.pending:  # the share is read, its window waits
+                    await asyncio.sleep(0.05)
+            if stop == "crash":
+                await stage.crash(RuntimeError("a stage failed"))
+        finally:
+            await stage.stop()
+        raised = await alerts_of(broker.bootstrap)
+        assert [(a.state, a.window_start, a.observed) for a in raised] == (
+            [("firing", spike.window_start, Decimal(1_000))] if stop == "embedded" else []
+        )
+        # A worker started again with the broker up reads the window back and judges
+        # it once its settle is over (or its missing share comes): the same alert.
+        again = await warmed_detector(settings)
+        assert again.pending == 1
+        fired = again.tick(utcnow() + spike_settle(settings))
+        assert [(a.state, a.window_start) for a in fired] == [("firing", spike.window_start)]
+        if raised:
+            assert [a.event_id for a in fired] == [a.event_id for a in raised]

@@ -8,7 +8,9 @@ the worker a good part of its throughput (bench/NOTES.md, Stream). Offsets are c
 every second, and only those of windows whose alerts the broker acknowledged. Alert
 ids are derived from the rule, the series and the window, so a window judged again
 after a crash or a rebalance raises the same alert, which the webhook stage and the
-store take once.
+store take once. On the embedded broker, a stop judges the windows still waiting for
+shares on those they have (:meth:`SpikesStage.on_stop`): its topics go with `llmtap
+up`'s stop, and no warm-up reads them back.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from llmtap import logs, topics, wire
 from llmtap.config import Settings
 from llmtap.events import Alert, utcnow
 from llmtap.names import Names
-from stream.agents.stage import Fetched, GroupStage
+from stream.agents.stage import STOP_TIMEOUT_S, Fetched, GroupStage
 from stream.agents.windows import AHEAD_LOG_EVERY_S
 from stream.detector import TICK_S, Detector
 from stream.warmup import warmed_detector
@@ -188,7 +190,35 @@ class SpikesStage(GroupStage):
             self._adopting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._adopting
+        if self._settings.embedded_broker and not self._worker_crashed():
+            await self._judge_waiting()
         await super().on_stop()
+
+    def _worker_crashed(self) -> bool:
+        """Whether this stage, or the worker it runs in, crashed (a stage's failure stops
+        the worker, which is started again with the broker alive)."""
+        return any(getattr(node.data, "crashed", False) for node in self.beacon.walk())
+
+    async def _judge_waiting(self) -> None:
+        """At a stop on the embedded broker, judge the windows still waiting for shares on
+        those they have, once the last batch is done: its topics go with `llmtap up`'s
+        stop, so no warm-up would read them back after a restart (on Kafka it does, and
+        judges them live, whole), and the shares still missing were of windows still
+        open at the stop, never published. Their alerts reach the broker before the
+        stage stops, for the store to take before `up` stops it (a worker restarted with
+        the broker up judges them again after its warm-up: the same alert ids)."""
+        await self.end_loop()
+        if self._producer is None or not self.detector.pending:
+            return
+        async with self._busy:
+            raised = self.detector.judge_waiting(utcnow())
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await self._publish(raised)
+            except (KafkaError, TimeoutError) as exc:
+                log.error(
+                    "%d spike alerts of the last windows not published (%r)", len(raised), exc
+                )
 
     async def on_start(self) -> None:
         producer = await self._start_producer(linger_ms=0)

@@ -125,18 +125,24 @@ class GroupStage(Service):
         await consumer.start()
         self._loop_task = asyncio.create_task(self._consume())
 
+    async def end_loop(self) -> None:
+        """Stop fetching: the batch in hand is finished and committed; a loop stuck in a
+        fetch that waits for a rebalance that never ends is cancelled (nothing to
+        commit)."""
+        self._stopping = True
+        task = self._loop_task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+
     def assignors(self) -> Sequence[type[AbstractPartitionAssignor]]:
         """How the stage's group shares its topic's partitions: evenly, by default."""
         return (RoundRobinPartitionAssignor,)
 
     async def on_stop(self) -> None:
-        self._stopping = True
-        if self._loop_task is not None:
-            # The batch in hand is finished and committed; a loop stuck in a fetch that
-            # waits for a rebalance that never ends is cancelled (nothing to commit).
-            _, pending = await asyncio.wait({self._loop_task}, timeout=STOP_TIMEOUT_S)
-            for task in pending:
-                task.cancel()
+        await self.end_loop()
         if self._consumer is not None:
             await self._consumer.stop()
         if self._producer is not None:
