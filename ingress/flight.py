@@ -97,10 +97,15 @@ async def deliver(producer: AIOKafkaProducer, flight: InFlight) -> None:
                 log.warning("send to %s failed: %r", record.topic, exc)
                 break  # what follows waits: sending it now would overtake this record
         try:
-            hashed = hashes.get(record.key)
-            if hashed is None:
-                hashed = hashes[record.key] = key_hash(record.key)
-            number, offset = batches.add(record.key, record.value, hashed=hashed)
+            if record.partition is not None and record.partition < batches.partitions:
+                # Where its key's entry lives on a compacted topic, partitions added to
+                # it since having moved its key's (ingress/guards/budgets.py, announce)
+                number, offset = batches.add(record.key, record.value, record.partition)
+            else:
+                hashed = hashes.get(record.key)
+                if hashed is None:
+                    hashed = hashes[record.key] = key_hash(record.key)
+                number, offset = batches.add(record.key, record.value, hashed=hashed)
             placed.append((batches, number))
         except ValueError:  # too large: no retry can send it
             refused = loop.create_future()

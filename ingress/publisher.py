@@ -185,12 +185,19 @@ class EventPublisher:
         return len(self._queue)
 
     def publish(
-        self, topic: str, key: bytes, value: bytes | None, delivered: Delivered | None = None
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        delivered: Delivered | None = None,
+        partition: int | None = None,
     ) -> None:
         """Queue an event (its JSON; None: a tombstone, deleting ``key`` from a compacted
         topic) for Kafka. Never blocks, never raises, never waits for the broker.
         ``delivered`` is told the partition and offset the event went to, once Kafka has
-        it (also after a spell in the spool, within this process). An empty value is
+        it (also after a spell in the spool, within this process). ``partition``: the
+        one it goes to (None, or one the topic does not have: its key's; the spool keeps
+        none, :class:`~ingress.spool.Record`). An empty value is
         refused (counted as dropped, logged): the spool frames a tombstone as no bytes,
         so it would reach Kafka as one once spooled, and as an empty value if not."""
         if value == b"":
@@ -199,7 +206,7 @@ class EventPublisher:
         if len(self._queue) >= self._queue_size:
             self._drop_queue_full()
             return
-        self._queue.append(Record(topic, key, value, delivered))
+        self._queue.append(Record(topic, key, value, delivered, partition))
         self._wakeup.set()
 
     def drop_unencodable(self, topic: str, error: Exception) -> None:

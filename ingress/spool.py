@@ -71,12 +71,14 @@ Delivered = Callable[[int, int], None]  # told the partition and offset a record
 class Record:
     """One Kafka message: where it goes, its partition key, its bytes (None: a
     tombstone); and, in memory only (never spooled), who to tell where it went once
-    delivered."""
+    delivered, and the partition it must go to (None: its key's). A record spooled goes
+    to its key's partition when replayed."""
 
     topic: str
     key: bytes
     value: bytes | None
     delivered: Delivered | None = field(default=None, compare=False)
+    partition: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 E = TypeVar("E", bound=BaseModel)
 
 RETRY_S = 1.0
+# How often the topic's partitions are asked of the broker (aiokafka's default: 5 min):
+# one added to the topic (Kafka grows a topic) is read from then. Read only at start, it
+# was never read: a budget's states, or a replica's announcements, keyed to it since were
+# not seen until the process restarted (a cap judged on a spend that stood still).
+METADATA_MAX_AGE_MS = 30_000
 
 
 class Follower(Generic[E]):
@@ -33,7 +38,8 @@ class Follower(Generic[E]):
     stopping ingress deletes its entry on the reservations topic) is no event: its key
     is handed to ``on_gone``, or, with none, it is passed over silently. After a broker
     outage it goes on where it was. :meth:`caught_up` waits until it has handed over
-    everything on the topic now."""
+    everything on the topic now. While an event or a key is handed over, :attr:`partition`
+    is the one it was read from."""
 
     def __init__(
         self,
@@ -53,6 +59,7 @@ class Follower(Generic[E]):
         self._next: dict[TopicPartition, int] = {}  # offsets handed over up to
         self._read = asyncio.Event()  # set after each fetch handed over
         self._consumer: AIOKafkaConsumer | None = None
+        self.partition: int | None = None  # of the record being handed over
 
     async def run(self) -> None:
         """Follow the topic, forever (reconnecting when the broker goes away)."""
@@ -64,22 +71,15 @@ class Follower(Generic[E]):
                 # A position the topic no longer has (a broker that lost it: the embedded
                 # one restarted) reads it again from its start, not from its end.
                 auto_offset_reset="earliest",
+                metadata_max_age_ms=METADATA_MAX_AGE_MS,
             )
             try:
                 await consumer.start()
-                partitions = consumer.partitions_for_topic(self.topic) or set()
-                if not partitions:
-                    raise KafkaError(f"topic {self.topic} not found yet")
-                tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-                consumer.assign(tps)
-                for tp in tps:
-                    if tp in self._next:
-                        consumer.seek(tp, self._next[tp])
-                    else:
-                        await consumer.seek_to_beginning(tp)
+                partitions = await self._assign(consumer)
                 while True:
                     fetched = await consumer.getmany(timeout_ms=1000)
                     for tp, records in fetched.items():
+                        self.partition = tp.partition
                         for record in records:
                             if record.value is not None:
                                 self._take(record.value)
@@ -87,6 +87,8 @@ class Follower(Generic[E]):
                                 self._gone(self._on_gone, record.key)
                         self._next[tp] = records[-1].offset + 1
                     self._read.set()
+                    if (consumer.partitions_for_topic(self.topic) or partitions) != partitions:
+                        partitions = await self._assign(consumer)  # the topic grew
             except (KafkaError, OSError) as exc:
                 log.warning("%s unavailable (%s); retrying", self.topic, exc)
                 await asyncio.sleep(RETRY_S)
@@ -96,6 +98,21 @@ class Follower(Generic[E]):
             finally:
                 self._consumer = None
                 await consumer.stop()
+
+    async def _assign(self, consumer: AIOKafkaConsumer) -> set[int]:
+        """Read every partition the topic has now, each from where it was read to (a
+        partition not read yet: from its beginning); returns them."""
+        partitions = consumer.partitions_for_topic(self.topic) or set()
+        if not partitions:
+            raise KafkaError(f"topic {self.topic} not found yet")
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        for tp in tps:
+            if tp in self._next:
+                consumer.seek(tp, self._next[tp])
+            else:
+                await consumer.seek_to_beginning(tp)
+        return set(partitions)
 
     def _take(self, raw: bytes) -> None:
         try:

@@ -149,11 +149,17 @@ def fresh(budget: BudgetConfig, at: datetime, now: datetime) -> BudgetState:
     )
 
 
+def of_period(budget: BudgetConfig, state: BudgetState, now: datetime) -> bool:
+    """Whether ``state`` is still of ``budget``'s period at ``now``: not ended, and of
+    the period the budget has now."""
+    return now < state.period_end and state.period == budget.period
+
+
 def current(budget: BudgetConfig, state: BudgetState | None, now: datetime) -> BudgetState:
     """``state`` if it is still this period's (judged by the budget's current settings:
     :func:`rejudged`), else a fresh one: a period rolls over without any call having to
     arrive."""
-    if state is None or now >= state.period_end or state.period != budget.period:
+    if state is None or not of_period(budget, state, now):
         return fresh(budget, now, now)
     return rejudged(budget, state)
 

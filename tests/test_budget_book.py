@@ -95,6 +95,39 @@ def test_after_midnight_the_cap_counts_calls_before_the_stream_rolls_the_period_
     assert admitted == 2  # $0.50 + $0.50 of today's $1.00; yesterday's $0.90 is gone
 
 
+def test_a_period_with_no_state_published_is_made_fresh_once_and_ends_on_time() -> None:
+    """With no state of the period published (none yet, or the stream not rolled over
+    past midnight), each admission made a fresh state (~15 µs a capped call and budget,
+    pydantic's validation): made once a period now, and a new one at its end."""
+    budgets, budget = book("1.00")
+    before = MIDNIGHT - timedelta(seconds=1)
+    state, committed = budgets.committed(budget, before - timedelta(hours=1))
+    assert budgets.committed(budget, before)[0] is state  # was: a new one each time
+    assert (state.period_start, state.spent_usd, committed) == (
+        MIDNIGHT - timedelta(days=1),
+        Decimal(0),
+        Decimal(0),
+    )
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 10, 10, before) is None
+    budgets.settle(call, "gpt-4o", Usage(input_tokens=0, output_tokens=50_000), before)
+    assert budgets.committed(budget, before)[1] == Decimal("0.5")
+    today, committed = budgets.committed(budget, MIDNIGHT)
+    assert (today.period_start, today.period_end, committed) == (
+        MIDNIGHT,
+        MIDNIGHT + timedelta(days=1),
+        Decimal(0),
+    )
+    assert budgets.committed(budget, MIDNIGHT + timedelta(hours=23))[0] is today
+    # Published, this period's state is the one: and past its end, a fresh one again.
+    published = fresh(budget, MIDNIGHT, MIDNIGHT).model_copy(update={"spent_usd": Decimal("0.25")})
+    budgets.update(published)
+    assert budgets.committed(budget, MIDNIGHT + timedelta(hours=1)) == (published, Decimal("0.25"))
+    tomorrow = MIDNIGHT + timedelta(days=1)
+    assert budgets.committed(budget, tomorrow)[0].period_start == tomorrow
+    assert budgets.committed(budget, tomorrow)[0].spent_usd == 0
+
+
 def test_a_call_that_ended_before_midnight_is_not_today_s_spend() -> None:
     budgets, _ = book("1.00")
     late = uuid.uuid4()

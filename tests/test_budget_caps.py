@@ -22,7 +22,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from anthropic import AsyncAnthropic
 from anthropic import BadRequestError as AnthropicBadRequestError
 from anthropic import RateLimitError as AnthropicRateLimitError
@@ -33,10 +33,11 @@ from standardwebhooks import Webhook
 from ingress.app import create_app
 from ingress.forward import admission
 from ingress.guards import reaping
-from ingress.guards.budgets import BudgetBook, hear_others
+from ingress.guards.budgets import BudgetBook, announce, hear_others
 from ingress.guards.keys import create_key
 from ingress.guards.reaping import REAP_AFTER
 from ingress.keys import BUDGETS
+from ingress.publisher import EventPublisher
 from llmtap import topics
 from llmtap.batches import key_hash
 from llmtap.config import Settings
@@ -408,10 +409,14 @@ async def test_the_ingress_announces_what_it_holds_against_a_cap(
 
 
 async def records_of(
-    bootstrap: str, key: bytes, until: Callable[[list[bytes | None]], bool]
+    bootstrap: str,
+    key: bytes,
+    until: Callable[[list[bytes | None]], bool],
+    partition: int | None = None,
 ) -> list[bytes | None]:
-    """The values of the records keyed ``key`` on the reservations topic (None: a
-    tombstone), read from the beginning until ``until`` holds of them."""
+    """The values of the records keyed ``key`` on the reservations topic (of
+    ``partition``, or any; None: a tombstone), read from the beginning until ``until``
+    holds of them."""
     consumer = AIOKafkaConsumer(
         Names().reservations,
         bootstrap_servers=bootstrap,
@@ -425,7 +430,11 @@ async def records_of(
         async with asyncio.timeout(30):
             while not until(seen):
                 for records in (await consumer.getmany(timeout_ms=200)).values():
-                    seen += [record.value for record in records if record.key == key]
+                    seen += [
+                        record.value
+                        for record in records
+                        if record.key == key and partition in (None, record.partition)
+                    ]
         return seen
     finally:
         await consumer.stop()
@@ -550,6 +559,140 @@ async def test_an_ingress_deletes_the_entries_processes_killed_left_on_the_topic
     assert seen[-1] is None and len(seen) == 2  # its entry, then its deletion
     assert killed in caplog.text
     assert live not in caplog.text  # judged in the same pass, and kept
+
+
+async def elsewhere(bootstrap: str, key: bytes) -> tuple[int, int]:
+    """A partition of the reservations topic ``key`` does not hash to now (the one it
+    hashed to before partitions were added to the topic), and the one it does."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        partitions = sorted(await producer.partitions_for(Names().reservations))
+    finally:
+        await producer.stop()
+    hashed = partitions[key_hash(key) % len(partitions)]
+    return next(p for p in partitions if p != hashed), hashed
+
+
+async def test_a_killed_process_s_entry_is_deleted_where_it_lives_after_the_topic_grew(
+    ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Partitions added to the reservations topic (Kafka grows a topic, never shrinks
+    it) move a key's partition (murmur2 % n): a killed process's entry, written before,
+    is on a partition its key no longer hashes to. Its tombstone went to the key's
+    partition now, deleting nothing there: the entry stayed for good, read at every
+    start (and deleted again by every process, at every start). It goes where the
+    entry was read. (Tansu cannot add partitions: the entry is written where the key
+    does not hash to now.)"""
+    budget = BudgetConfig(
+        name=f"grown-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(100)
+    )
+    settings = ingress_settings.model_copy(update={"budgets": [budget]})
+    killed = f"ingress-{uuid.uuid4()}"
+    lives, _ = await elsewhere(settings.kafka_bootstrap, killed.encode())
+    event = Reservations(
+        ingress_id=killed,
+        at=utcnow() - REAP_AFTER - timedelta(minutes=5),
+        interval_s=600,
+        held={budget.name: Decimal(1)},
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            Names().reservations,
+            event.model_dump_json().encode(),
+            key=killed.encode(),
+            partition=lives,
+        )
+    finally:
+        await producer.stop()
+    monkeypatch.setattr(reaping, "REAP_EVERY_S", 0.2)
+    server = await serve_ingress(settings)
+    try:
+        seen = await records_of(
+            settings.kafka_bootstrap, killed.encode(), lambda s: None in s, partition=lives
+        )
+    finally:
+        await server.close()
+    assert seen[-1] is None and len(seen) == 2  # was: a timeout, the tombstone elsewhere
+
+
+async def test_a_process_writes_on_where_its_entry_lives_and_deletes_it_there(
+    ingress_settings: Settings, tmp_path: Path
+) -> None:
+    """Its first announcement went to a partition its key does not hash to now (the
+    partitions were fewer then): each later one goes there too, and so do its empty
+    announcement and its tombstone as it stops. Sent by the key, the tombstone deleted
+    nothing there, and the entry stayed for good (and the readers started before the
+    topic grew read no partition added since)."""
+    budget = BudgetConfig(
+        name=f"grown-{uuid.uuid4().hex[:8]}", scope="tenant", value="acme", limit_usd=Decimal(100)
+    )
+    topic = Names().reservations
+    ingress_id = f"ingress-{uuid.uuid4()}"
+    key = ingress_id.encode()
+    lives, hashed = await elsewhere(ingress_settings.kafka_bootstrap, key)
+    publisher = EventPublisher(
+        Kafka(ingress_settings.kafka_bootstrap),
+        queue_size=1000,
+        spool_dir=tmp_path / "spool",
+        spool_max_bytes=0,
+    )
+    await publisher.start()
+    told = asyncio.Event()
+    after: list[bytes | None] = []  # published once the first was told where it went
+
+    def publish(
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        delivered: Callable[[int, int], None] | None = None,
+        partition: int | None = None,
+    ) -> None:
+        if not told.is_set() and delivered is not None:
+            inner = delivered
+
+            def delivered(partition: int, offset: int) -> None:
+                inner(partition, offset)
+                told.set()
+
+            partition = lives  # as the key hashed when the topic had fewer partitions
+        elif told.is_set():
+            after.append(value)
+        publisher.publish(topic, key, value, delivered, partition)
+
+    book = BudgetBook([budget], load_catalog(ingress_settings.pricing_file), 1000)
+    announcing = asyncio.create_task(announce(book, publish, topic, ingress_id, 0.2))
+    try:
+        async with asyncio.timeout(30):
+            await told.wait()
+            while len(after) < 2:  # announced again since
+                await asyncio.sleep(0.05)
+    finally:
+        announcing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await announcing
+        marker = f"marker-{uuid.uuid4()}".encode()
+        publisher.publish(topic, marker, b"{}", None, hashed)
+        await publisher.stop()
+    seen = await records_of(ingress_settings.kafka_bootstrap, key, lambda s: None in s, lives)
+    assert seen[-1] is None  # was: a timeout, every one but the first on the key's partition
+    assert len(seen) >= 4 and Reservations.model_validate_json(seen[-2] or b"").held == {}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ingress_settings.kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, hashed)])
+        keys: list[bytes | None] = []
+        async with asyncio.timeout(30):
+            while marker not in keys:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    keys += [record.key for record in records]
+    finally:
+        await consumer.stop()
+    assert key not in keys
 
 
 async def post_once(base: str, secret: str) -> tuple[int, dict[str, Any], str]:

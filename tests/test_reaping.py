@@ -25,10 +25,10 @@ def test_a_process_silent_past_the_delay_is_due_once() -> None:
     reaper.heard(announced("ingress-quiet", NOW - REAP_AFTER + SECOND))
     reaper.heard(announced("ingress-me", NOW))  # its own, read back
     assert reaper.due(NOW) == []  # silent at one look: not yet
-    assert reaper.due(NOW) == ["ingress-killed"]  # and at the next
+    assert reaper.due(NOW) == [("ingress-killed", None)]  # and at the next
     reaper.heard(announced("ingress-me", NOW + REAP_AFTER))
     assert reaper.due(NOW + REAP_AFTER) == []
-    assert reaper.due(NOW + REAP_AFTER) == ["ingress-quiet"]  # silent past it since
+    assert reaper.due(NOW + REAP_AFTER) == [("ingress-quiet", None)]  # silent past it since
     reaper.heard(announced("ingress-me", NOW + 2 * REAP_AFTER))
     assert reaper.due(NOW + 2 * REAP_AFTER) == []  # each deleted once
     assert reaper.due(NOW + 2 * REAP_AFTER) == []
@@ -58,7 +58,7 @@ def test_a_process_deleted_then_heard_again_is_not_deleted_again() -> None:
     reaper.heard(announced("ingress-behind", NOW - 2 * REAP_AFTER))
     reaper.heard(announced("ingress-me", NOW))
     assert reaper.due(NOW) == []
-    assert reaper.due(NOW) == ["ingress-behind"]
+    assert reaper.due(NOW) == [("ingress-behind", None)]
     reaper.gone(b"ingress-behind")
     reaper.heard(announced("ingress-behind", NOW - 2 * REAP_AFTER + 10 * SECOND))
     reaper.heard(announced("ingress-me", NOW + 10 * SECOND))
@@ -101,3 +101,17 @@ def test_a_process_heard_between_two_looks_is_not_due() -> None:
     reaper.heard(announced("ingress-live", NOW - SECOND))  # the other partition's turn
     assert reaper.due(NOW + 60 * SECOND) == []
     assert reaper.due(NOW + 120 * SECOND) == []
+
+
+def test_an_entry_is_due_on_the_partition_it_was_read_from() -> None:
+    """Partitions added to the topic move a key's: a process's entry read on one
+    partition is deleted there, and a tombstone read on another deletes nothing of it
+    (was: any tombstone of the key forgot it, and its entry stayed for good)."""
+    reaper = Reaper("ingress-me")
+    reaper.heard(announced("ingress-killed", NOW - 2 * REAP_AFTER), 0)
+    reaper.gone(b"ingress-killed", 3)  # a tombstone sent by the key, after the topic grew
+    reaper.heard(announced("ingress-me", NOW), 1)
+    assert reaper.due(NOW) == []
+    assert reaper.due(NOW) == [("ingress-killed", 0)]
+    reaper.gone(b"ingress-killed", 0)
+    assert reaper.due(NOW) == []

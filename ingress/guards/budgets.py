@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ingress.guards.bounds import Reach
 from ingress.guards.settled import Settled, Uncounted
@@ -56,11 +56,13 @@ from stream.budgets import (
     Matching,
     capped_alert,
     capped_alert_id,
-    current,
+    fresh,
     is_of,
     later_or_larger,
+    of_period,
     owned,
     period_bounds,
+    rejudged,
 )
 from stream.pricing import (
     Catalog,
@@ -201,6 +203,9 @@ class BudgetBook:
         # field, not a match of every budget: ~35 µs a call with 200 budgets).
         self._capping = Matching(b for b in budgets if b.hard_cap)
         self.states: dict[str, BudgetState] = {}
+        # The fresh state of each budget's period while none published is of it (made
+        # once a period: :meth:`_current`).
+        self._fresh: dict[str, BudgetState] = {}
         # The worst cases of calls in flight, per budget, and their sum (RunningSum); and
         # the budgets each call reserved on, so ending it looks at those only.
         self.reserved: dict[str, RunningSum] = defaultdict(RunningSum)
@@ -281,8 +286,22 @@ class BudgetBook:
             if budget is not None:
                 self.settled[state.budget].counting(state)
 
+    def _current(self, budget: BudgetConfig, now: datetime) -> BudgetState:
+        """:func:`~stream.budgets.current`: the state published, if it is this period's;
+        else a fresh one, made once a period and budget, not at each admission (~15 µs
+        a capped call and budget: before the stream rolls a period over, or with none
+        published, a worker down at midnight made every call pay it until it was back)."""
+        published = self.states.get(budget.name)
+        if published is not None and of_period(budget, published, now):
+            return rejudged(budget, published)  # as current() has it
+        made = self._fresh.get(budget.name)
+        if made is not None and of_period(budget, made, now):
+            return made
+        made = self._fresh[budget.name] = fresh(budget, now, now)
+        return made
+
     def committed(self, budget: BudgetConfig, now: datetime) -> tuple[BudgetState, Decimal]:
-        state = current(budget, self.states.get(budget.name), now)
+        state = self._current(budget, now)
         # A call that ended in an earlier period is not this period's cost; one that
         # ended since is, also while the published state is still last period's (the
         # stream has not rolled it over yet).
@@ -443,7 +462,7 @@ class BudgetBook:
         return {
             b.name: ZERO
             if self._idle(b.name)
-            else self._holding(b.name, now, current(b, self.states.get(b.name), now).period_start)
+            else self._holding(b.name, now, self._current(b, now).period_start)
             for b in self.budgets
             if b.hard_cap
         }
@@ -635,7 +654,19 @@ async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
     await follower.run_telling(book.states_read)
 
 
-Publish = Callable[[str, bytes, bytes | None], None]  # topic, key, the event's JSON (or None)
+class Publish(Protocol):
+    """The publisher's :meth:`~ingress.publisher.EventPublisher.publish`: ``topic``,
+    ``key``, the event's JSON (None: a tombstone); who is told the partition and offset
+    it went to; the partition it goes to (None: its key's)."""
+
+    def __call__(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        delivered: Callable[[int, int], None] | None = None,
+        partition: int | None = None,
+    ) -> None: ...
 
 
 async def hear_others(
@@ -649,11 +680,11 @@ async def hear_others(
     else:
 
         def heard(event: Reservations) -> None:
-            reaper.heard(event)  # first: it cannot fail
+            reaper.heard(event, follower.partition)  # first: it cannot fail
             book.heard(event)
 
         def gone(key: bytes) -> None:
-            reaper.gone(key)
+            reaper.gone(key, follower.partition)
             book.gone(key)
 
     follower = Follower(kafka, kafka.names.reservations, client, Reservations, heard, gone)
@@ -670,8 +701,20 @@ async def announce(
     topic kept one entry for every process ever started, which every ingress and the
     store read at start. Kafka's compaction removes the key (after the topic's
     ``delete.retention.ms``); a reader that sees only the empty announcement, or only
-    the tombstone, forgets the process all the same."""
+    the tombstone, forgets the process all the same.
+
+    Each goes to the partition the first one delivered went to, and the tombstone to
+    every partition one went to: partitions added to the topic move a key's (murmur2 %
+    n), and a tombstone sent by the key deleted nothing, its entry kept for good (and
+    the readers started before read a partition added only once they see it:
+    llmtap/following.py)."""
     key = ingress_id.encode()
+    placed: list[int | None] = []  # the partitions its announcements went to, the first first
+
+    def delivered(partition: int, offset: int) -> None:
+        if partition not in placed:
+            placed.append(partition)
+
     last: dict[str, Decimal] | None = None
     sent_at = 0.0
     loop = asyncio.get_running_loop()
@@ -683,10 +726,13 @@ async def announce(
                 event = Reservations(
                     ingress_id=ingress_id, at=now, interval_s=interval_s, held=held
                 )
-                publish(topic, key, event.model_dump_json().encode())
+                pinned = placed[0] if placed else None
+                publish(topic, key, event.model_dump_json().encode(), delivered, pinned)
                 last, sent_at = held, loop.time()
             await asyncio.sleep(0.2)
     finally:
         gone = Reservations(ingress_id=ingress_id, at=utcnow(), interval_s=interval_s)
-        publish(topic, key, gone.model_dump_json().encode())
-        publish(topic, key, None)
+        pinned = placed[0] if placed else None
+        publish(topic, key, gone.model_dump_json().encode(), None, pinned)
+        for partition in placed or [None]:
+            publish(topic, key, None, None, partition)

@@ -18,6 +18,12 @@ each delete the same entry: a tombstone more. Judged by its clock alone, a proce
 for an hour, or cut off from Kafka that long, took every live process for dead as it woke
 or as Kafka came back, before it read their announcements of that hour (the book judges
 silence against what it read too: LatestHeard).
+
+An entry is deleted on the partition it was read from: partitions added to the topic
+move a key's (murmur2 % n), and a tombstone sent by the key went to another partition
+than the entry, which stayed for good (deleted again by every process, at every start).
+A process's entries on several partitions (its announcements before and after) are each
+judged, and deleted, on their own.
 """
 
 from __future__ import annotations
@@ -38,30 +44,35 @@ REAP_AFTER = timedelta(hours=1)
 REAP_EVERY_S = 60.0
 
 
+Entry = tuple[str, int | None]  # an ingress id, the partition its entry is on
+
+
 class Reaper:
-    """The latest announcement heard of each other ingress process (by its id), and
-    which are due for deletion."""
+    """The latest announcement heard of each other ingress process (by its id and the
+    partition it was read from), and which are due for deletion."""
 
     def __init__(self, own_id: str) -> None:
         self._own_id = own_id
-        self._latest: dict[str, datetime] = {}
-        self._deleted: set[str] = set()
-        self._silent: set[str] = set()  # found silent at the last look
+        self._latest: dict[Entry, datetime] = {}
+        self._deleted: set[Entry] = set()
+        self._silent: set[Entry] = set()  # found silent at the last look
         self._read = LatestHeard()  # the latest announcement read, its own too
 
-    def heard(self, event: Reservations) -> None:
+    def heard(self, event: Reservations, partition: int | None = None) -> None:
         self._read.hear(event)
         if event.ingress_id == self._own_id:
             return
-        latest = self._latest.get(event.ingress_id)
+        entry = (event.ingress_id, partition)
+        latest = self._latest.get(entry)
         if latest is None or event.at > latest:
-            self._latest[event.ingress_id] = event.at
+            self._latest[entry] = event.at
 
-    def gone(self, key: bytes) -> None:
-        """Its key deleted (its own tombstone as it stopped, or one of ours)."""
-        self._latest.pop(key.decode(errors="replace"), None)
+    def gone(self, key: bytes, partition: int | None = None) -> None:
+        """Its key deleted on ``partition`` (its own tombstone as it stopped, or one of
+        ours)."""
+        self._latest.pop((key.decode(errors="replace"), partition), None)
 
-    def due(self, now: datetime) -> list[str]:
+    def due(self, now: datetime) -> list[Entry]:
         """The processes silent for :data:`REAP_AFTER` before the latest announcement
         read (``now`` at the latest), at this look and at the one before, and not deleted
         yet by this one: taken as deleted from here on. What was read before a pause, or
@@ -73,11 +84,11 @@ class Reaper:
             return []
         read_to = min(now, self._read.at)
         silent = {
-            ingress_id
-            for ingress_id, at in self._latest.items()
-            if read_to - at > REAP_AFTER and ingress_id not in self._deleted
+            entry
+            for entry, at in self._latest.items()
+            if read_to - at > REAP_AFTER and entry not in self._deleted
         }
-        due = sorted(silent & self._silent)
+        due = sorted(silent & self._silent, key=lambda entry: (entry[0], entry[1] or 0))
         self._silent = silent.difference(due)
         self._deleted.update(due)
         return due
@@ -92,17 +103,18 @@ async def reap(
 ) -> None:
     """Once ``read`` is set (the topic was read to its end), and every ``every_s``
     seconds after (None: :data:`REAP_EVERY_S`), publish a tombstone on ``topic`` for each
-    process :meth:`Reaper.due`."""
+    entry :meth:`Reaper.due`, on its partition."""
     every_s = REAP_EVERY_S if every_s is None else every_s
     await read.wait()
     while True:
-        for ingress_id in reaper.due(utcnow()):
+        for ingress_id, partition in reaper.due(utcnow()):
             log.info(
-                "deleting ingress %s's entry on %s: silent for %s or more, it stopped "
-                "without deleting it (killed)",
+                "deleting ingress %s's entry on %s (partition %s): silent for %s or more, "
+                "it stopped without deleting it (killed)",
                 ingress_id,
                 topic,
+                partition,
                 REAP_AFTER,
             )
-            publish(topic, ingress_id.encode(), None)
+            publish(topic, ingress_id.encode(), None, None, partition)
         await asyncio.sleep(every_s)
