@@ -30,7 +30,7 @@ from llmtap.config import (
     pinned_config,
     unknown_variables,
 )
-from llmtap.stopping import Stopped, stopped_at_once, unless_stopped
+from llmtap.stopping import Stopped, stop_once_parent_gone, stopped_at_once, unless_stopped
 
 log = logging.getLogger("llmtap")
 
@@ -380,6 +380,7 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     settings = load_settings(args.config)
     logs.setup(args.command, settings.log_level)
+    stop_once_parent_gone()
     for name in unknown_variables(settings, os.environ):
         log.warning("%s is not a setting: it is ignored", name)
     try:

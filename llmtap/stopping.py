@@ -8,12 +8,18 @@ a container's first process (compose runs ``llmtap worker`` as PID 1), not at al
 kernel drops a signal PID 1 has no handler for, and ``docker stop`` waited out its
 grace period, then killed it. ``llmtap migrate`` (synchronous, in the main thread)
 is stopped so too: :func:`stopped_at_once`.
+
+A process `llmtap up` started is told that up is gone (killed outright: SIGKILL, the OOM
+killer) by :data:`PARENT_GONE`, which it takes as one SIGTERM: :func:`stop_once_parent_gone`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
 import signal
+import sys
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -22,6 +28,18 @@ from typing import TypeVar
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+# What `llmtap up` has the kernel send each llmtap process it starts once up is gone
+# without stopping it (PR_SET_PDEATHSIG, llmtap/supervisor.py). Not SIGTERM: the kernel
+# sends it again each time the child passes from one of up's threads that exits to
+# another (1 to 4 in a row were seen, ~10 ms apart, up SIGKILLed), and a second SIGTERM
+# cuts the ingress's shutdown_delay_s short. None of llmtap's processes, nor Faust's
+# worker nor aiohttp, has another use for it, and up's children have no terminal to
+# hang up.
+PARENT_GONE = signal.SIGHUP
+_PR_GET_PDEATHSIG = 2
+
+log = logging.getLogger(__name__)
 
 
 class Stopped(Exception):
@@ -91,3 +109,23 @@ def stopped_at_once() -> Iterator[None]:
                 signal.signal(sig, handler)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def stop_once_parent_gone() -> None:
+    """In a process whose parent-death signal is :data:`PARENT_GONE` (one `llmtap up`
+    started, as the kernel says), take the first as one SIGTERM (what each process does
+    with it: a graceful stop, the ingress's with its shutdown_delay_s) and ignore the
+    kernel's repeats. A process started otherwise is left as it is."""
+    if not sys.platform.startswith("linux"):
+        return
+    death = ctypes.c_int(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(death)) != 0 or death.value != PARENT_GONE:
+        return
+
+    def gone(signum: int, frame: FrameType | None) -> None:
+        signal.signal(PARENT_GONE, signal.SIG_IGN)
+        log.warning("the llmtap up that started this process is gone: stopping as on SIGTERM")
+        signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(PARENT_GONE, gone)

@@ -3,9 +3,12 @@
 Order: broker (embedded Tansu) -> topics -> store (migrations, ClickHouse writer,
 analytics API) -> stream worker (Faust) -> ingress. Each is started only once the one
 before it answers. Stop is the reverse order, on SIGINT/SIGTERM/SIGHUP (a terminal or
-ssh session closed): SIGTERM, a grace period, then SIGKILL. Children also get SIGTERM
-from the kernel if the supervisor itself is killed (PR_SET_PDEATHSIG), so none is
-orphaned.
+ssh session closed): SIGTERM, a grace period, then SIGKILL. A second stop signal hurries
+the stop: no more waiting for a stage to read what the one before it left, and the
+ingress's shutdown delay cut short (SIGINT, its own hurry). Children are also told by the
+kernel if the supervisor itself is killed (PR_SET_PDEATHSIG: llmtap's own processes
+PARENT_GONE, which each takes as one SIGTERM however often it comes; the broker
+SIGTERM), so none is orphaned.
 
 Once up, a stage (store, worker, ingress) that exits is started again, as compose's
 ``restart: unless-stopped`` does: after 1 s, doubling to 60 s while it keeps dying,
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -37,6 +41,7 @@ from llmtap import ports, topics
 from llmtap.config import INGRESS_LOCK_ENV, Settings
 from llmtap.kafka import Kafka
 from llmtap.probes import topics_ready
+from llmtap.stopping import PARENT_GONE
 from stream.app import ready_file
 
 log = logging.getLogger("llmtap.up")
@@ -50,9 +55,18 @@ DRAIN_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(death: signal.Signals) -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal(death, 0)  # SIG_DFL: not left ignored (`nohup llmtap up` ignores SIGHUP)
+        libc.prctl(_PR_SET_PDEATHSIG, death)
+
+
+def _death_signal(name: str) -> signal.Signals:
+    """What the kernel sends a child once up is gone: llmtap's own processes take
+    PARENT_GONE as one SIGTERM however often it comes (llmtap/stopping.py); the broker
+    gets SIGTERM."""
+    return signal.SIGTERM if name == "broker" else PARENT_GONE
 
 
 @dataclass
@@ -61,6 +75,7 @@ class Child:
     argv: list[str]
     log_file: Path | None
     process: asyncio.subprocess.Process
+    stop_asked: bool = False
 
     @property
     def running(self) -> bool:
@@ -75,16 +90,28 @@ class Child:
         where = self.log_file.resolve()
         return f"{self.name} exited (code {self.process.returncode}; its log: {where})"
 
-    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+    async def stop(self, grace_s: float = STOP_GRACE_S, hurry: bool = False) -> None:
         if not self.running:
             return
         self.process.terminate()
+        self.stop_asked = True
+        if hurry:
+            self.hurry()
         try:
             await asyncio.wait_for(self.process.wait(), grace_s)
         except TimeoutError:
             log.warning("%s did not stop in %.0fs; killing it", self.name, grace_s)
             self.process.kill()
             await self.process.wait()
+
+    def hurry(self) -> None:
+        """A second stop signal, once this one was asked to stop: SIGINT to the ingress,
+        which cuts its shutdown_delay_s short, as a second Ctrl-C does to an `llmtap
+        ingress` (it lets the calls in flight finish all the same). The others have no
+        hurry of their own: a second SIGTERM to a Faust worker or an aiohttp server
+        could stop its stop halfway."""
+        if self.name == "ingress" and self.stop_asked and self.running:
+            self.process.send_signal(signal.SIGINT)
 
 
 class StartupFailed(RuntimeError):
@@ -113,10 +140,21 @@ class Supervisor:
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
         self.stopped_by: signal.Signals | None = None  # the first stop signal
+        self.hurried = asyncio.Event()  # a second one
 
     def ask_stop(self, sig: signal.Signals) -> None:
-        self.stopped_by = self.stopped_by or sig
-        self.stopping.set()
+        if not self.stopping.is_set():
+            self.stopped_by = sig
+            self.stopping.set()
+        elif not self.hurried.is_set():
+            log.warning(
+                "%s again: hurrying the stop (no more waiting for a stage to read what the "
+                "one before it left, nor for the proxy's shutdown delay)",
+                sig.name,
+            )
+            self.hurried.set()
+            for child in self.children:
+                child.hurry()
 
     async def spawn(self, name: str, argv: list[str], log_file: Path | None = None) -> Child:
         child = await self._start(name, argv, log_file)
@@ -145,7 +183,7 @@ class Supervisor:
             stdout=stdout,
             stderr=asyncio.subprocess.STDOUT if stdout else None,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops children in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_die_with_parent, _death_signal(name)),
             pass_fds=handed,
             env=env,
         )
@@ -224,7 +262,7 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_die_with_parent, PARENT_GONE),
         )
         log.info("applying the store's migrations (pid %d)", process.pid)
         ended = asyncio.create_task(process.wait())
@@ -283,7 +321,7 @@ class Supervisor:
             # The ingress takes calls for shutdown_delay_s, then lets those in flight
             # finish (shutdown_grace_s).
             extra = s.shutdown_delay_s + s.shutdown_grace_s if child.name == "ingress" else 0.0
-            await child.stop(STOP_GRACE_S + extra)
+            await child.stop(STOP_GRACE_S + extra, hurry=self.hurried.is_set())
             if broker and child.name in readers:
                 broker = await self.drain(*readers[child.name])
 
@@ -308,6 +346,15 @@ class Supervisor:
             if behind <= 0:
                 return True
             where = ", ".join(f"{topic} {n}" for topic, n in lags.items() if n > 0)
+            if self.hurried.is_set():
+                log.error(
+                    "%s %d events behind (%s), not waited for: the stop was hurried (they "
+                    "are lost with the in-memory broker)",
+                    name,
+                    behind,
+                    where,
+                )
+                return True
             child = self.children[index]
             if not child.running:
                 # Down between two restarts: what it has not read would die with the
@@ -340,7 +387,8 @@ class Supervisor:
                     where,
                 )
                 return True
-            await asyncio.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hurried.wait(), 0.2)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
