@@ -186,7 +186,7 @@ _JSON = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 def _deep(value: Any) -> Any:
     """The slow path: every value made plain by hand (big integers, odd keys)."""
     if isinstance(value, dict):
-        return {str(_deep(k)): _deep(v) for k, v in value.items()}
+        return {_key(k): _deep(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_deep(v) for v in value]
     if isinstance(value, datetime):
@@ -196,6 +196,18 @@ def _deep(value: Any) -> Any:
     if isinstance(value, int):
         return value if -(2**63) <= value < 2**64 else str(value)
     return _plain(value)
+
+
+def _key(value: Any) -> str:
+    """A map's key on the slow path, as the fast path writes it (a time ISO-8601 UTC,
+    ``true``: orjson's ``OPT_NON_STR_KEYS``), or one it cannot write: a tuple's as JSON."""
+    plain = _deep(value)
+    if isinstance(plain, str):
+        return plain
+    if isinstance(plain, list):
+        return dumps(plain).decode()
+    (key,) = orjson.loads(orjson.dumps({plain: None}, option=_JSON))
+    return str(key)
 
 
 def dumps(payload: Any) -> bytes:

@@ -142,32 +142,53 @@ class SqlRunner:
         return Databases(str(current), others, frozenset(str(table) for table in tables))
 
     def execute(
-        self, text: str, *, select: bool, encode: Encode, max_rows: int, precise: bool = False
+        self,
+        text: str,
+        *,
+        select: bool,
+        encode: Encode,
+        max_rows: int,
+        precise: bool = False,
+        hiding: bool = False,
     ) -> tuple[list[dict[str, str]], list[bytes], TruncatedBy | None]:
         """Run ``text`` as is (the checks are the caller's): its columns, and its rows
         encoded until ``max_rows`` rows or the answer's bytes (``max_answer_bytes``)
         would be passed. A SELECT is read a block at a time and cancelled there; the
         other statements (SHOW, DESCRIBE, EXPLAIN: small answers, which chDB does not
-        stream) are read whole. ``precise``: the SELECT may answer a time finer than a
-        microsecond (:func:`in_ticks`)."""
+        stream) are read whole. ``precise``: the SELECT may answer a DateTime64 finer
+        than a microsecond, so its DateTime64s are read as ticks (:func:`_written`);
+        ``hiding``: it also names a type that may hold one where ticks cannot be found."""
         client = self._connection()
         if not select:
             result = client.query(text, query_tz="UTC")
             columns = _columns(result.column_names, result.column_types)
             return (columns, *_encoded([result.result_rows], encode, max_rows, self.limits))
-        formats = self.in_ticks(text) if precise else {}
-        with client.query_row_block_stream(
-            text, query_tz="UTC", column_formats=formats or None
-        ) as stream:
-            names, types = stream.source.column_names, stream.source.column_types
-            columns = _columns(names, types)
-            fixes: list[tuple[int, Callable[[Any], Any]]] = []
-            for i, (name, t) in enumerate(zip(names, types, strict=True)):
-                if name in formats:  # first: its times are ticks until then
-                    fixes.append((i, partial(_from_ticks, t)))
-                fixes += [(i, fix) for pattern, fix in _FIXES if pattern.search(t.name)]
-            blocks = stream if not fixes else ((_fixed(r, fixes) for r in b) for b in stream)
-            rows, truncated_by = _encoded(blocks, encode, max_rows, self.limits)
+        # The answer's own types say where its times are: no DESCRIBE, which runs the
+        # query's scalar subqueries once more (each under its own time limit); but for
+        # a query naming a type that may hide them (_HIDING), which would run twice.
+        by_column = self.in_ticks(text) if precise and hiding else None
+        formats = {**_TIME_TEXT, **(_AS_TICKS if precise and by_column is None else {})}
+        while True:
+            with client.query_row_block_stream(
+                text, query_tz="UTC", query_formats=formats, column_formats=by_column
+            ) as stream:
+                names, types = stream.source.column_names, stream.source.column_types
+                if by_column is None and precise and not all(map(_walkable, types)):
+                    # Ticks in a Dynamic could not be told from integers: once more,
+                    # ticks only in the columns where they are found (a Variant no
+                    # query names: a UNION's common type; its first block run twice).
+                    formats, by_column = dict(_TIME_TEXT), _in_ticks(names, types)
+                    continue
+                columns = _columns(names, types)
+                fixes: list[tuple[int, Callable[[Any], Any]]] = []
+                for i, (name, t) in enumerate(zip(names, types, strict=True)):
+                    ticks = precise and (by_column is None or name in by_column)
+                    if _CLOCKS.search(t.name) or (ticks and _TICKS.search(t.name)):
+                        fixes.append((i, partial(_written, t)))  # first: ticks until then
+                    fixes += [(i, fix) for pattern, fix in _FIXES if pattern.search(t.name)]
+                blocks = stream if not fixes else ((_fixed(r, fixes) for r in b) for b in stream)
+                rows, truncated_by = _encoded(blocks, encode, max_rows, self.limits)
+                break
         if not columns:
             # No rows, and chDB's Native output then has no columns either: ask for them.
             columns = [{"name": name, "type": kind} for name, kind in self.described(text)]
@@ -175,29 +196,20 @@ class SqlRunner:
 
     def described(self, text: str) -> list[tuple[str, str]]:
         """The columns a SELECT answers, each its name and type, as ClickHouse
-        describes them (without running it)."""
+        describes them (without running it, but for its scalar subqueries)."""
         described = self._connection().query(f"DESCRIBE TABLE (\n{text}\n)")
         return [(str(row[0]), str(row[1])) for row in described.result_rows]
 
     def in_ticks(self, text: str) -> dict[str, str | dict[str, str]]:
-        """The ``column_formats`` reading the columns of ``text`` that hold a DateTime64
-        or Time64 finer than a microsecond as ticks (clickhouse-connect would make each a
-        datetime or timedelta, losing its last digits; :func:`_from_ticks` writes them),
-        by the columns' types as ClickHouse describes them. Not a column whose times are
-        in a Variant, Dynamic or JSON (ticks there could not be told from integers): those
-        stay microseconds. None at all when it cannot be described: read as before."""
-        types: dict[str, list[Any]] = {}
+        """:func:`_in_ticks` of the columns of ``text`` as ClickHouse describes them;
+        none when it cannot be described (read as before: microseconds)."""
         try:
-            for name, kind in self.described(text):
-                # a type the client does not know: InternalError
-                types.setdefault(name, []).append(get_from_name(kind))
+            described = self.described(text)
+            # a type the client does not know: InternalError
+            types = [get_from_name(kind) for _, kind in described]
         except DatabaseError:
             return {}
-        return {
-            name: dict(_AS_TICKS)
-            for name, kinds in types.items()
-            if any(_PRECISE.search(t.name) for t in kinds) and all(map(_walkable, kinds))
-        }
+        return _in_ticks([name for name, _ in described], types)
 
     def answer(self, query: str, max_rows: int, encode: Encode) -> Answer:
         text = precheck(query, self.limits)
@@ -211,15 +223,21 @@ class SqlRunner:
             root = self.explain(text, databases, lead)
             check_tree(root, text, databases)
             select = root.kind == "SelectWithUnionQuery"
-            precise = False
+            precise = hiding = False
             if select:  # every SELECT: as ClickHouse reads it
                 tree = self.query_tree(text, root, databases)
                 check_resolved(tree, root, databases)
                 check_totals(tree)
                 precise = _PRECISE.search(tree) is not None  # its columns' types are there
+                hiding = _HIDING.search(tree) is not None
             started = time.perf_counter()
             columns, rows, truncated_by = self.execute(
-                text, select=select, encode=encode, max_rows=max_rows, precise=precise
+                text,
+                select=select,
+                encode=encode,
+                max_rows=max_rows,
+                precise=precise,
+                hiding=hiding,
             )
             elapsed_ms = (time.perf_counter() - started) * 1000
         except StreamFailureError as exc:  # ClickHouse failed with part of the rows sent
@@ -272,20 +290,29 @@ _WIDE_INT = re.compile(r"\bU?Int(?:128|256)\b")
 _ZONED = re.compile(r"\bDateTime(?:64)?\([^)]*'(?!UTC')[^']*'")
 
 
-# A DateTime64 or Time64 finer than a microsecond, which a Python datetime or timedelta
-# cannot hold: such a column is read as ticks (SqlRunner.in_ticks), and its times written
-# by _from_ticks, as text.
-_PRECISE = re.compile(r"\b(?:Date)?Time64\([7-9]\b")
-_AS_TICKS = {"DateTime64": "int", "Time64": "int"}
-_TIMES = re.compile(r"\b(?:Date)?Time64\b")
-_OPAQUE = frozenset({"Variant", "Dynamic", "JSON", "Object"})
+# A DateTime64 finer than a microsecond, which a Python datetime cannot hold: when a
+# query names one, every DateTime64 is read as ticks, and written by _written; in a
+# column where ticks could not be found (a Dynamic's), none: _in_ticks.
+_PRECISE = re.compile(r"\bDateTime64\([7-9]\b")
+_AS_TICKS = {"DateTime64": "int"}
+_TICKS = re.compile(r"\bDateTime64\b")
+# A Time or Time64 (-999:59:59 to 999:59:59, past a Python time, and a timedelta's text
+# is "1 day, 1:00:00"), read as text: ClickHouse's but for the hours' digits, three
+# from clickhouse-connect ("-001:00:00.5"), which _written sets as ClickHouse prints them.
+_TIME_TEXT = {"Time": "string", "Time64": "string"}
+_CLOCKS = re.compile(r"\bTime(?:64)?\b")
+_HOURS = re.compile(r"^(-?)0(?=\d\d:)")
+_OPAQUE = frozenset({"Dynamic", "JSON", "Object"})  # any type inside
+# A query naming a type that may hold one (as ClickHouse's analyzer resolves it: every
+# expression's type is in its tree), whose columns are then described before it runs.
+_HIDING = re.compile(r"\b(?:Variant|Dynamic|JSON|Object)\b")
 _EPOCH = datetime(1970, 1, 1)
 
 
 def _walkable(t: Any) -> bool:
-    """Whether every DateTime64 and Time64 a value of type ``t`` holds is where
-    :func:`_from_ticks` finds it: in the type's arrays, maps, tuples and nested
-    columns (or a SimpleAggregateFunction's), not in a Variant, Dynamic or JSON."""
+    """Whether every DateTime64 a value of type ``t`` holds is where :func:`_written`
+    finds it: in the type's arrays, maps, tuples and nested columns (or a
+    SimpleAggregateFunction's), not in a Variant, Dynamic or JSON."""
     if t.base_type in _AS_TICKS:
         return True
     if isinstance(t, (Array, SimpleAggregateFunction)):
@@ -294,45 +321,60 @@ def _walkable(t: Any) -> bool:
         return _walkable(t.key_type) and _walkable(t.value_type)
     if isinstance(t, (Tuple, Nested)):
         return all(map(_walkable, t.element_types))
-    return t.base_type not in _OPAQUE and not _TIMES.search(t.name)
+    return t.base_type not in _OPAQUE and not _TICKS.search(t.name)
 
 
-def _from_ticks(t: Any, value: Any) -> Any:
-    """``value`` of type ``t``, read as ticks (:data:`_AS_TICKS`), as every other value
-    is written: a time to a microsecond as the datetime or timedelta clickhouse-connect
-    would have made (encoded as before, to the byte); a finer one as text in the same
-    form with nine digits after the second (nanoseconds), a DateTime64 in UTC (``Z``)."""
+def _in_ticks(names: Sequence[str], types: Sequence[Any]) -> dict[str, str | dict[str, str]]:
+    """The ``column_formats`` reading as ticks the columns (by name) holding a DateTime64
+    finer than a microsecond, each where :func:`_written` finds it; not a column whose
+    times may be in a Variant, Dynamic or JSON (ticks there could not be told from
+    integers): those stay microseconds."""
+    kinds: dict[str, list[Any]] = {}
+    for name, t in zip(names, types, strict=True):
+        kinds.setdefault(name, []).append(t)
+    return {
+        name: dict(_AS_TICKS)
+        for name, ts in kinds.items()
+        if any(_PRECISE.search(t.name) for t in ts) and all(map(_walkable, ts))
+    }
+
+
+def _written(t: Any, value: Any) -> Any:
+    """``value`` of type ``t`` as every other value is written: a DateTime64 read as
+    ticks (:data:`_AS_TICKS`) to a microsecond as the datetime clickhouse-connect would
+    have made (encoded as before, to the byte), a finer one as text in the same form
+    with nine digits after the second (nanoseconds), in UTC (``Z``); a Time or Time64
+    (read as text, :data:`_TIME_TEXT`) as ClickHouse prints it: ``-25:00:00.500``."""
     if value is None:
         return None
     if t.base_type == "DateTime64":
+        if not isinstance(value, int):  # not read as ticks (_in_ticks)
+            return value
         seconds, ticks = divmod(value, 10**t.scale)
         moment = _EPOCH + timedelta(seconds=seconds)
         if t.scale <= 6:
             return moment + timedelta(microseconds=ticks * 10 ** (6 - t.scale))
         return f"{moment.isoformat()}{_nanoseconds(ticks, t.scale)}Z"
-    if t.base_type == "Time64":
-        if t.scale <= 6:
-            return timedelta(microseconds=value * 10 ** (6 - t.scale))
-        seconds, ticks = divmod(value, 10**t.scale)
-        return f"{timedelta(seconds=seconds)}{_nanoseconds(ticks, t.scale)}"
+    if t.base_type in _TIME_TEXT:
+        return _HOURS.sub(r"\1", value, count=1)
     if isinstance(t, Array):
-        return [_from_ticks(t.element_type, v) for v in value]
+        return [_written(t.element_type, v) for v in value]
     if isinstance(t, SimpleAggregateFunction):
-        return _from_ticks(t.element_type, value)
+        return _written(t.element_type, value)
     if isinstance(t, Map):
-        return {_from_ticks(t.key_type, k): _from_ticks(t.value_type, v) for k, v in value.items()}
+        return {_written(t.key_type, k): _written(t.value_type, v) for k, v in value.items()}
     if isinstance(t, Nested):
         return [
-            {k: _from_ticks(e, d[k]) for k, e in zip(t.element_names, t.element_types, strict=True)}
+            {k: _written(e, d[k]) for k, e in zip(t.element_names, t.element_types, strict=True)}
             for d in value
         ]
     if isinstance(t, Tuple):
         if isinstance(value, dict):  # a named tuple
             return {
-                k: _from_ticks(e, value[k])
+                k: _written(e, value[k])
                 for k, e in zip(t.element_names, t.element_types, strict=True)
             }
-        return tuple(_from_ticks(e, v) for e, v in zip(t.element_types, value, strict=True))
+        return tuple(_written(e, v) for e, v in zip(t.element_types, value, strict=True))
     return value
 
 

@@ -225,9 +225,126 @@ async def test_a_time_finer_than_a_microsecond_keeps_its_digits(api: Client, sto
     assert int(seconds) * 10**9 + int(fraction.ljust(9, "0")) == ns
 
 
+async def test_a_time_of_day_is_written_as_clickhouse_prints_it(api: Client, store: Store) -> None:
+    """A Time or Time64 is a span of -999:59:59 to 999:59:59, not a Python timedelta's
+    text ("1 day, 1:00:00", "-1 day, 23:00:00"): hours in two digits or more, a sign,
+    as many digits after the second as its precision (0 to 9), as ClickHouse prints it;
+    in a column of its own, NULL, an array, a map's keys and values, a tuple; JSON and
+    CSV alike."""
+    body = await sql(
+        api,
+        "SELECT toTime64('25:00:00', 3) AS a, toTime64('-01:00:00', 3) AS b,"
+        " toTime('25:00:00') AS c, toTime('-01:00:00') AS d, toTime('01:02:03') AS e,"
+        " toTime64('01:00:00.5', 1) AS f, toTime64('-00:00:00.000000001', 9) AS g,"
+        " toTime64('999:59:59.999999999', 9) AS h, [toTime64('25:00:00.5', 2), NULL] AS many,"
+        " toNullable(toTime('-02:00:00')) AS maybe, map('k', toTime('100:00:00')) AS m,"
+        " map(toTime64('-30:00:00', 0), 1) AS keyed, tuple(toTime('-25:00:00'), 1) AS pair",
+    )
+    row = [
+        "25:00:00.000",
+        "-01:00:00.000",
+        "25:00:00",
+        "-01:00:00",
+        "01:02:03",
+        "01:00:00.5",
+        "-00:00:00.000000001",
+        "999:59:59.999999999",
+        ["25:00:00.50", None],
+        "-02:00:00",
+        {"k": "100:00:00"},
+        {"-30:00:00": 1},
+        ["-25:00:00", 1],
+    ]
+    assert body["rows"] == [row]
+    text, _ = await sql(
+        api, "SELECT a, c, g, many, keyed FROM (" + _TIMES_QUERY + ")", format="csv"
+    )
+    assert list(csv.reader(io.StringIO(text)))[1] == [
+        "25:00:00.000",
+        "25:00:00",
+        "-00:00:00.000000001",
+        '["25:00:00.50",null]',
+        '{"-30:00:00":1}',
+    ]
+    # Every precision, as ClickHouse's own text of the same value.
+    spans = ", ".join(f"toTime64('-25:00:00.123456789', {p}) AS p{p}" for p in range(10))
+    body = await sql(api, f"SELECT {spans}")
+    assert body["rows"] == [
+        [store.command(f"SELECT toString(toTime64('-25:00:00.123456789', {p}))") for p in range(10)]
+    ]
+
+
+_TIMES_QUERY = (
+    "SELECT toTime64('25:00:00', 3) AS a, toTime('25:00:00') AS c,"
+    " toTime64('-00:00:00.000000001', 9) AS g, [toTime64('25:00:00.5', 2), NULL] AS many,"
+    " map(toTime64('-30:00:00', 0), 1) AS keyed"
+)
+
+
+async def test_a_nine_digit_time_is_read_without_a_describe(
+    api: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its columns' types are the answer's own: no DESCRIBE, which ran the query's scalar
+    subqueries once more (each under its own time limit). A column that may hold such a
+    time where it cannot be found (a Dynamic, a Variant) has its times to the microsecond,
+    the others nine digits still: described first when the query names such a type, read
+    once more when only the answer does (a UNION's common type)."""
+    described: list[str] = []
+    describe = sqlrun.SqlRunner.described
+
+    def spy(runner: sqlrun.SqlRunner, text: str) -> list[tuple[str, str]]:
+        described.append(text)
+        return describe(runner, text)
+
+    monkeypatch.setattr(sqlrun.SqlRunner, "described", spy)
+    body = await sql(api, f"SELECT (SELECT count() FROM calls) AS n, {NS} AS t")
+    assert body["rows"] == [[3, "2026-01-01T00:00:00.123456789Z"]]
+    assert described == []
+    body = await sql(
+        api,
+        f"SELECT {NS} AS t, {NS}::Dynamic AS d, [toDateTime64('2026-01-01 00:00:00.5', 3)] AS a",
+    )
+    assert body["rows"] == [
+        [
+            "2026-01-01T00:00:00.123456789Z",
+            "2026-01-01T00:00:00.123456Z",
+            ["2026-01-01T00:00:00.500000Z"],
+        ]
+    ]
+    assert len(described) == 1
+    body = await sql(api, f"SELECT {NS} AS t UNION ALL SELECT 'a'")
+    assert body["columns"] == [{"name": "t", "type": "Variant(DateTime64(9), String)"}]
+    assert sorted(body["rows"]) == [["2026-01-01T00:00:00.123456Z"], ["a"]]
+    assert len(described) == 1
+
+
 async def test_a_map_keyed_by_a_time_in_a_zone_gives_its_keys_in_utc(api: Client) -> None:
     body = await sql(api, "SELECT map(toDateTime('2026-01-02 03:04:05', 'Asia/Tokyo'), 1) AS m")
     assert body["rows"] == [[{"2026-01-01T18:04:05Z": 1}]]
+
+
+async def test_a_map_key_is_written_alike_in_a_row_that_needs_the_slow_path(api: Client) -> None:
+    """A key orjson cannot write (a Decimal, a tuple) sends its whole JSON row to the
+    slow path (sqlapi._deep): the other maps' keys are written there as in any other row
+    (a time in ISO-8601 UTC, true), and as in CSV, not as Python's text of them."""
+    query = (
+        "SELECT map(toDecimal32(1.5, 2), 1) AS d, map(toDateTime('2026-01-01 00:00:00'), 1) AS t,"
+        " [map(toDateTime64('2026-01-01 00:00:00.5', 3, 'Asia/Tokyo'), 1)] AS many,"
+        " map(true, 1) AS b, map(toDate32('2026-01-02'), 1) AS day, map(tuple(1, 'a'), 1) AS pair"
+    )
+    row = [
+        {"1.50": 1},
+        {"2026-01-01T00:00:00Z": 1},
+        [{"2025-12-31T15:00:00.500000Z": 1}],
+        {"true": 1},
+        {"2026-01-02": 1},
+        {'[1,"a"]': 1},
+    ]
+    assert (await sql(api, query))["rows"] == [row]
+    text, _ = await sql(api, query, format="csv")
+    assert list(csv.reader(io.StringIO(text)))[1] == [
+        orjson.dumps(v, option=orjson.OPT_NON_STR_KEYS).decode() for v in row
+    ]
 
 
 async def test_a_literal_that_is_no_utf_8_is_read_only_still(api: Client) -> None:
