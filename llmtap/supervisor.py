@@ -55,11 +55,15 @@ DRAIN_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(death: signal.Signals) -> None:  # runs in the child between fork and exec
+def _die_with_parent(death: signal.Signals, parent: int) -> None:
+    """Runs in the child between fork and exec: ``death`` once ``parent`` (up) is gone,
+    also when it went before this ran (the child, reparented, would never be told)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.signal(death, 0)  # SIG_DFL: not left ignored (`nohup llmtap up` ignores SIGHUP)
         libc.prctl(_PR_SET_PDEATHSIG, death)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), death)
 
 
 def _death_signal(name: str) -> signal.Signals:
@@ -183,7 +187,7 @@ class Supervisor:
             stdout=stdout,
             stderr=asyncio.subprocess.STDOUT if stdout else None,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops children in order
-            preexec_fn=functools.partial(_die_with_parent, _death_signal(name)),
+            preexec_fn=functools.partial(_die_with_parent, _death_signal(name), os.getpid()),
             pass_fds=handed,
             env=env,
         )
@@ -262,7 +266,7 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, PARENT_GONE),
+            preexec_fn=functools.partial(_die_with_parent, PARENT_GONE, os.getpid()),
         )
         log.info("applying the store's migrations (pid %d)", process.pid)
         ended = asyncio.create_task(process.wait())

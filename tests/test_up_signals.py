@@ -4,6 +4,7 @@ tells them; a second Ctrl-C hurries its stop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from llmtap.stopping import PARENT_GONE
+from llmtap.supervisor import _die_with_parent
 from tests.conftest import FakeUpstream, Running, pid_alive, run_llmtap
 from tests.fake_provider import free_ports
 from tests.faults.harness import until
@@ -199,3 +202,25 @@ async def test_up_killed_outright_has_each_child_stop_once(
     assert sorted(told) == ["ingress", "store", "worker"], told
     lines = [json.loads(line) for line in running.output if line.startswith('{"')]
     _stopped_once_after_its_delay([line for line in lines if line["process"] == "ingress"], 3.0)
+
+
+def test_a_child_whose_up_went_before_it_was_told_is_stopped() -> None:
+    """`up` gone between starting a child and the child asking to be told (the kernel
+    has already given it another parent, and would never send it the signal): the child
+    stops at once, as it would have been told, instead of running on orphaned."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that is no parent of the child
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        preexec_fn=functools.partial(_die_with_parent, PARENT_GONE, gone.pid),
+    )
+    try:
+        assert child.wait(timeout=30) == -PARENT_GONE
+    finally:
+        child.kill()
+    # Its parent alive, as up is: it runs.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "pass"],
+        preexec_fn=functools.partial(_die_with_parent, PARENT_GONE, os.getpid()),
+    )
+    assert child.wait(timeout=30) == 0
