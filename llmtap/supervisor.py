@@ -3,12 +3,12 @@
 Order: broker (embedded Tansu) -> topics -> store (migrations, ClickHouse writer,
 analytics API) -> stream worker (Faust) -> ingress. Each is started only once the one
 before it answers. Stop is the reverse order, on SIGINT/SIGTERM/SIGHUP (a terminal or
-ssh session closed): SIGTERM, a grace period, then SIGKILL. A second stop signal hurries
-the stop: no more waiting for a stage to read what the one before it left, and the
-ingress's shutdown delay cut short (SIGINT, its own hurry). Children are also told by the
-kernel if the supervisor itself is killed (PR_SET_PDEATHSIG: llmtap's own processes
-PARENT_GONE, which each takes as one SIGTERM however often it comes; the broker
-SIGTERM), so none is orphaned.
+ssh session closed): SIGTERM, a grace period, then SIGKILL. A second SIGINT or SIGTERM
+(not SIGHUP: a closed terminal sends it twice) hurries the stop: no more waiting for a
+stage to read what the one before it left, and the ingress's shutdown delay cut short
+(SIGINT, its own hurry). Children are also told by the kernel if the supervisor itself
+is killed (PR_SET_PDEATHSIG: llmtap's own processes PARENT_GONE, which each takes as
+one SIGTERM however often it comes; the broker SIGTERM), so none is orphaned.
 
 Once up, a stage (store, worker, ingress) that exits is started again, as compose's
 ``restart: unless-stopped`` does: after 1 s, doubling to 60 s while it keeps dying,
@@ -150,6 +150,10 @@ class Supervisor:
         if not self.stopping.is_set():
             self.stopped_by = sig
             self.stopping.set()
+        elif sig == signal.SIGHUP:
+            # Not a second Ctrl-C: a closed terminal sends it twice (the shell passes its
+            # hangup on to its jobs, the kernel sends it again as the shell exits).
+            log.info("SIGHUP again: the stop goes on, unhurried")
         elif not self.hurried.is_set():
             log.warning(
                 "%s again: hurrying the stop (no more waiting for a stage to read what the "

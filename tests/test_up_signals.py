@@ -14,8 +14,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from llmtap.config import Settings
 from llmtap.stopping import PARENT_GONE
-from llmtap.supervisor import _die_with_parent
+from llmtap.supervisor import Supervisor, _die_with_parent
 from tests.conftest import FakeUpstream, Running, pid_alive, run_llmtap
 from tests.fake_provider import free_ports
 from tests.faults.harness import until
@@ -224,3 +225,18 @@ def test_a_child_whose_up_went_before_it_was_told_is_stopped() -> None:
         preexec_fn=functools.partial(_die_with_parent, PARENT_GONE, os.getpid()),
     )
     assert child.wait(timeout=30) == 0
+
+
+def test_a_hangup_told_twice_does_not_hurry_up_s_stop() -> None:
+    """A closed terminal or ssh session sends `up` SIGHUP twice (the shell passes its
+    hangup on to its jobs, then the kernel sends it to the terminal's foreground group
+    as the shell exits; seen under a pty with bash -i, closed): the second was taken as
+    a second Ctrl-C, and the stop hurried, the events still unread lost and the proxy's
+    shutdown delay cut short, with nobody there to have asked."""
+    supervisor = Supervisor(Settings())
+    supervisor.ask_stop(signal.SIGHUP)
+    supervisor.ask_stop(signal.SIGHUP)
+    assert supervisor.stopping.is_set() and supervisor.stopped_by == signal.SIGHUP
+    assert not supervisor.hurried.is_set()
+    supervisor.ask_stop(signal.SIGINT)  # Ctrl-C or SIGTERM after it: asked, by someone
+    assert supervisor.hurried.is_set()
