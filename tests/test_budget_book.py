@@ -777,6 +777,26 @@ def test_a_live_replica_is_kept_when_a_long_gone_one_is_read_after_it() -> None:
     assert budgets.committed(budget, now)[1] == Decimal("0.25")
 
 
+def test_a_live_replica_s_old_entry_deleted_on_another_partition_leaves_it_counted() -> None:
+    """Partitions added to the reservations topic: a replica's announcement replayed from
+    its spool went by its key, to another partition than the one it writes on, and is
+    deleted there by a reaper an hour on. That tombstone is of that entry, not of the
+    replica, which lives: what it holds stays counted until its own partition says
+    otherwise."""
+    budgets, budget = book("1")
+    budgets.ingress_id = "ingress-me"
+    now = utcnow()
+    live = Reservations(
+        ingress_id="ingress-b", at=now, interval_s=10, held={budget.name: Decimal("0.25")}
+    )
+    budgets.heard(live, 1)
+    budgets.gone(b"ingress-b", 0)  # its stale entry, deleted where it was left
+    assert budgets.committed(budget, now)[1] == Decimal("0.25")
+    budgets.gone(b"ingress-b", 1)  # its own, as it stops: forgotten
+    assert budgets.others == {}
+    assert budgets.committed(budget, now)[1] == Decimal(0)
+
+
 def priced_book(**entries: Rates | tuple[Rates, dict[str, Any]]) -> BudgetBook:
     """A book over the models ``entries`` (their rates, and ModelPrice fields)."""
     models = {}

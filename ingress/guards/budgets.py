@@ -224,6 +224,9 @@ class BudgetBook:
         # What the other ingress processes announce they hold (the reservations topic,
         # :meth:`heard`), by their ids; this process's own id, whose it passes over.
         self.others: dict[str, Reservations] = {}
+        # The partition each one's announcement in ``others`` was read from: a tombstone
+        # on another deletes an entry it left there before the topic grew, not it.
+        self._others_at: dict[str, int | None] = {}
         self.ingress_id = ""
         # What they hold, summed per budget as they are heard (a scan of every process
         # at each admission: ~20 µs a capped call and budget with 20 replicas); and the
@@ -308,7 +311,7 @@ class BudgetBook:
         held = self._holding(budget.name, now, state.period_start)
         return state, state.spent_usd + held + self._others_hold(budget.name, now)
 
-    def heard(self, event: Reservations) -> None:
+    def heard(self, event: Reservations, partition: int | None = None) -> None:
         """Another ingress process's announcement of what it holds (its latest counts).
         One holding nothing (a process stopping says so, then deletes its key:
         :meth:`gone`) is forgotten, and so is every one gone silent: the topic keeps an
@@ -326,23 +329,29 @@ class BudgetBook:
             return
         if event.held and event.live(heard):
             self._hear(event.ingress_id, event)
+            self._others_at[event.ingress_id] = partition
         else:
             self._hear(event.ingress_id, None)
         for gone in [i for i, r in self.others.items() if not r.live(heard)]:
             self._hear(gone, None)
         self._all_live = _live_together(self.others.values())
 
-    def gone(self, key: bytes) -> None:
+    def gone(self, key: bytes, partition: int | None = None) -> None:
         """Another ingress process's entry deleted from the topic (its tombstone, after
-        the empty announcement it made as it stopped): forgotten, with what it held."""
+        the empty announcement it made as it stopped): forgotten, with what it held; not
+        by a tombstone on another partition than its announcement's (an entry it left
+        there before partitions were added, deleted by a reaper: it lives)."""
         ingress_id = key.decode(errors="replace")
-        if ingress_id in self.others:
+        at = self._others_at.get(ingress_id)
+        if ingress_id in self.others and (partition is None or at is None or at == partition):
             self._hear(ingress_id, None)
             self._all_live = _live_together(self.others.values())
 
     def _hear(self, ingress_id: str, event: Reservations | None) -> None:
         """What process ``ingress_id`` holds is ``event``'s (None: nothing, forgotten).
         Its sums change where its amounts do (most are the same at each announcement)."""
+        if event is None:
+            self._others_at.pop(ingress_id, None)
         known = self.others.pop(ingress_id, None) if event is None else self.others.get(ingress_id)
         before = known.held if known is not None else {}
         after = event.held if event is not None else {}
@@ -675,17 +684,16 @@ async def hear_others(
     """Keep ``book.others`` up to date with the reservations topic, forever;
     ``book.others_read`` is set once what the topic held when it started was read.
     ``reaper`` hears every announcement and deletion too."""
-    if reaper is None:
-        heard, gone = book.heard, book.gone
-    else:
 
-        def heard(event: Reservations) -> None:
+    def heard(event: Reservations) -> None:
+        if reaper is not None:
             reaper.heard(event, follower.partition)  # first: it cannot fail
-            book.heard(event)
+        book.heard(event, follower.partition)
 
-        def gone(key: bytes) -> None:
+    def gone(key: bytes) -> None:
+        if reaper is not None:
             reaper.gone(key, follower.partition)
-            book.gone(key)
+        book.gone(key, follower.partition)
 
     follower = Follower(kafka, kafka.names.reservations, client, Reservations, heard, gone)
     await follower.run_telling(book.others_read)
