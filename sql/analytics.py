@@ -53,7 +53,7 @@ from sql.params import (
     Query,
     Scope,
 )
-from sql.store import READ_TIMEOUT_S, Store, render
+from sql.store import READ_MAX_MEMORY_BYTES, READ_TIMEOUT_S, Store, render
 
 log = logging.getLogger(__name__)
 
@@ -421,12 +421,28 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         )
 
 
+MEMORY_LIMIT_EXCEEDED = 241  # ClickHouse's code (chDB gives it only in the message)
+
+
+def out_of_memory(exc: ClickHouseError) -> bool:
+    """Whether ``exc``'s query went past its memory limit (READ_MAX_MEMORY_BYTES), or
+    the engine's own, of the whole process."""
+    return getattr(exc, "code", None) == MEMORY_LIMIT_EXCEEDED or (
+        "MEMORY_LIMIT_EXCEEDED" in str(exc)
+    )
+
+
 def store_problem(exc: ClickHouseError) -> tuple[str, str]:
     """What to tell of a read the store could not answer (a 503): its message and code.
-    Past its time limit, or failed (logged)."""
+    Past its time limit, past its memory limit (logged as a warning: the caller's
+    query, not the store, is at fault), or failed (logged as an error)."""
     if sqlrun.timed_out(exc):
         took = f"the query took longer than {READ_TIMEOUT_S:g} s"
         return f"{took}: narrow the range or the filters", "timeout"
+    if out_of_memory(exc):
+        log.warning("an analytics read went past its memory limit: %s", exc)
+        took = f"more memory than a read may take ({READ_MAX_MEMORY_BYTES / 1024**3:g} GiB)"
+        return f"the query needed {took}: narrow the range or the filters", "too_large"
     log.error("an analytics read failed: %s", exc)
     return "the store could not answer; try again", "store_unavailable"
 

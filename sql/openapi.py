@@ -458,8 +458,9 @@ ERRORS: dict[str, Schema] = {
     "401": _error("no key, or an unknown or revoked one", authenticate=True),
     "429": _too_many(),
     "503": _error(
-        "the store could not answer: a read past its time limit (code `timeout`), "
-        "or a store that failed (code `store_unavailable`)"
+        "the store could not answer: a read past its time limit (code `timeout`) or "
+        "its memory limit (code `too_large`), or a store that failed (code "
+        "`store_unavailable`)"
     ),
 }
 

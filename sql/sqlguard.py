@@ -42,6 +42,7 @@ from sql.sqlnames import (
     unresolved,
 )
 from sql.sqltree import Node
+from sql.store import READ_MAX_MEMORY_BYTES
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class SqlLimits:
     max_rows: int = 10_000  # the most rows a request may ask for
     default_rows: int = 1_000  # when it does not say
     max_query_chars: int = 100_000
-    max_memory_bytes: int = 2 * 1024**3  # max_memory_usage (chDB runs in this process)
+    max_memory_bytes: int = READ_MAX_MEMORY_BYTES  # max_memory_usage: the API's reads' too
     # The most bytes of rows an answer holds, as encoded for the response. The store
     # process (writer and API) holds the answer: without this, 10,000 wide rows could
     # take gigabytes of it. Rows are read a block at a time and the answer stops short.

@@ -139,10 +139,20 @@ def _memory_root() -> Path:
     return Path(root)
 
 
-# The API's reads (Store.arows): how many run at once, and how long one may take.
+# The API's reads (Store.arows): how many run at once, how long one may take, and how
+# much memory. chDB runs in this process, with the writer and the API: a read grouping
+# a million users or request ids must not crowd them out, or have the process killed.
+# The SQL endpoint's limit too (sql/sqlguard.py, SqlLimits.max_memory_bytes); past
+# half of it, a GROUP BY goes on on disk (the engine's temporary files), not in memory.
 READERS = 2
 READ_TIMEOUT_S = 30.0
-READ_SETTINGS = {"max_execution_time": READ_TIMEOUT_S, "timeout_overflow_mode": "throw"}
+READ_MAX_MEMORY_BYTES = 2 * 1024**3
+READ_SETTINGS = {
+    "max_execution_time": READ_TIMEOUT_S,
+    "timeout_overflow_mode": "throw",
+    "max_memory_usage": READ_MAX_MEMORY_BYTES,
+    "max_bytes_before_external_group_by": READ_MAX_MEMORY_BYTES // 2,
+}
 
 
 class StoreInUse(RuntimeError):
@@ -248,7 +258,8 @@ class Store:
         """A read for the API (the analytics endpoints, the dashboard), on the store's
         own reader threads: reads queue there, not in the event loop's default executor
         where the writer's inserts run, and the writer waits for the lock behind at most
-        READERS of them, each stopped after READ_TIMEOUT_S (ClickHouse error 159)."""
+        READERS of them, each stopped after READ_TIMEOUT_S (ClickHouse error 159) or past
+        READ_MAX_MEMORY_BYTES (error 241)."""
         if self._readers is None:
             prefix = f"store-read-{id(self):x}"  # this store's, among others' (tests)
             self._readers = ThreadPoolExecutor(READERS, thread_name_prefix=prefix)
