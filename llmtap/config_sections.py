@@ -142,10 +142,14 @@ class WebhookEndpoint(BaseModel):
     values: tuple[str, ...] = ()
     tenants: tuple[str, ...] = ()  # the alert's tenant (Alert.tenant); "" names none
     template: str = Field(default="json", min_length=1)
-    timeout_s: float = Field(default=10.0, gt=0)
+    # Standard Webhooks advises 15 to 30 s per attempt.
+    timeout_s: float = Field(default=15.0, gt=0)
+    # The default retries for 1 to 2 hours (waits doubling from 1 s up to the 300 s cap,
+    # then one every 2.5 to 5 minutes), so a receiver down for a deploy misses nothing.
     # At most 10,000 (deliveries.attempt is a UInt16; a week at the 300 s cap is ~2,000).
-    max_attempts: int = Field(default=8, ge=1, le=10_000)
-    # The first retry waits about this long; each retry doubles it (jittered, capped).
+    max_attempts: int = Field(default=33, ge=1, le=10_000)
+    # The first retry waits about this long; each retry doubles it (jittered, capped, at
+    # least a second).
     backoff_s: float = Field(default=1.0, ge=0)
 
     @field_validator("url")

@@ -388,8 +388,9 @@ def test_retry_after_is_honoured_and_backoff_doubles_with_jitter() -> None:
     assert deliver.parse_retry_after("Thu, 01 May 2025 10:00:30 -0000", now) == 30
     for bad in ("soon", "²", "١٢", "-5", "1.5e3", ""):
         assert deliver.parse_retry_after(bad) is None, bad
-    assert deliver.retry_delay(3, 1.0, retry_after=0) == 0  # the receiver's word wins
-    assert deliver.retry_delay(1, 1.0, rand=lambda: 0.0) == 0.5
+    # the receiver's word when longer than the backoff (tests/test_webhook_retries.py)
+    assert deliver.retry_delay(3, 1.0, retry_after=30, rand=lambda: 1.0) == 30
+    assert deliver.retry_delay(3, 1.0, rand=lambda: 0.0) == 2.0
     assert deliver.retry_delay(3, 1.0, rand=lambda: 1.0) == 4.0
     assert deliver.retry_delay(30, 1.0, rand=lambda: 1.0) == deliver.BACKOFF_CAP_S
     # a week of retries at the cap (2.0 ** 1024 overflowed: retried at once, every second)

@@ -2,13 +2,14 @@
 
 2xx: delivered. A timeout, a connection error, 408, 425, 429 or 5xx: retried after
 ``backoff_s * 2**(n-1)`` (capped at BACKOFF_CAP_S, jittered to between half and all of
-it), or after the receiver's ``retry-after`` when it sends one (capped at
-RETRY_AFTER_CAP_S); the attempt that reaches ``max_attempts`` is dead-lettered. Any other
-answer (3xx included: redirects are never followed, 4xx) is dead-lettered at once: the
-same request would get the same answer. An answer is decided by its status, once its head
-came: a failed one's body is read for the record only, for at most ERROR_BODY_WAIT_S (a
-4xx whose body stalls is still the receiver's refusal, not a timeout). A target the
-SSRF guard refuses is recorded as ``refused`` and never sent.
+it), or after the receiver's ``retry-after`` when it sends a longer one (capped at
+RETRY_AFTER_CAP_S), and never sooner than MIN_RETRY_S; the attempt that reaches
+``max_attempts`` is dead-lettered. Any other answer (3xx included: redirects are never
+followed, 4xx) is dead-lettered at once: the same request would get the same answer. An
+answer is decided by its status, once its head came: a failed one's body is read for the
+record only, for at most ERROR_BODY_WAIT_S (a 4xx whose body stalls is still the
+receiver's refusal, not a timeout). A target the SSRF guard refuses is recorded as
+``refused`` and never sent.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sinks.webhooks.render import Body
 
 BACKOFF_CAP_S = 300.0
 RETRY_AFTER_CAP_S = 3600.0
+MIN_RETRY_S = 1.0  # a retry-after of 0 (or a date past) or backoff_s 0: no tight loop
 ERROR_BODY_BYTES = 300  # how much of a failed answer's body is kept in the record
 ERROR_BODY_WAIT_S = 1.0  # how long that body is waited for once the status came
 USER_AGENT = "llmtap-webhooks/1"
@@ -90,12 +92,15 @@ def retry_delay(
     retry_after: float | None = None,
     rand: Callable[[], float] = random.random,
 ) -> float:
-    """How long to wait after failed attempt number ``attempt`` (1-based)."""
-    if retry_after is not None:
-        return min(retry_after, RETRY_AFTER_CAP_S)
+    """How long to wait after failed attempt number ``attempt`` (1-based): the backoff,
+    or the receiver's ``retry_after`` if longer (a load balancer's 503 with
+    ``retry-after: 1`` must not use up every attempt in seconds)."""
     # The exponent capped too: 2.0 ** 1024 overflows (a week of retries is ~2,000).
-    delay = min(BACKOFF_CAP_S, backoff_s * 2.0 ** min(attempt - 1, 64))
-    return delay / 2 + rand() * delay / 2
+    backoff = min(BACKOFF_CAP_S, backoff_s * 2.0 ** min(attempt - 1, 64))
+    delay = backoff / 2 + rand() * backoff / 2
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP_S))
+    return max(delay, MIN_RETRY_S)
 
 
 def _status_error(status: int, reason: str | None, location: str | None, body: bytes | None) -> str:
