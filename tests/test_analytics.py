@@ -11,7 +11,8 @@ import hashlib
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
@@ -245,8 +246,18 @@ ADMIN_KEY = "admin-key-for-analytics-tests"  # an admin key sees every tenant
 async def api(
     store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> AsyncIterator[TestClient[Any, Any]]:
+    async with admin_client(store, tmp_path, CALLS, monkeypatch) as client:
+        yield client
+
+
+@asynccontextmanager
+async def admin_client(
+    store: Store, tmp_path: Path, calls: Sequence[Call], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """The analytics API's app on ``store``, holding ``calls``, as an admin calls it at
+    NOW."""
     monkeypatch.setattr(params, "utcnow", lambda: NOW)
-    assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
+    assert write_batch(store, Batch(events=[c.event() for c in calls])) == len(calls)
     app = web.Application(middlewares=[analytics.api_errors])
     app[analytics.STORE] = store
     admin = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()

@@ -7,25 +7,17 @@ and the real aiohttp app."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from llmtap.config import Settings
-from sinks.clickhouse.decode import Batch
-from sinks.clickhouse.write import write_batch
-from sql import analytics, params
+from sql import analytics
 from sql import store as sql_store
 from sql.sqlguard import SqlLimits
 from sql.store import READ_SETTINGS, Store
-from tests.test_analytics import NOW, Call, H
+from tests.test_analytics import Call, H, admin_client
 
 ADMIN_KEY = "admin-key-for-limit-tests"
 CALLS = [
@@ -37,21 +29,6 @@ MIB = 1024**2
 GROUPS = (
     "SELECT count() AS groups FROM (SELECT number, count() FROM numbers(4000000) GROUP BY number)"
 )
-
-
-@pytest.fixture
-async def api(
-    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> AsyncIterator[TestClient[Any, Any]]:
-    monkeypatch.setattr(params, "utcnow", lambda: NOW)
-    assert write_batch(store, Batch(events=[c.event() for c in CALLS])) == len(CALLS)
-    app = web.Application(middlewares=[analytics.api_errors])
-    app[analytics.STORE] = store
-    admin = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
-    analytics.add_routes(app, Settings(data_dir=tmp_path, admin_key_hashes=[admin]))
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    async with TestClient(TestServer(app, host="127.0.0.1"), headers=headers) as client:
-        yield client
 
 
 async def test_the_apis_reads_are_held_to_the_sql_endpoints_memory_limit(store: Store) -> None:
@@ -79,15 +56,19 @@ async def test_a_group_by_past_half_the_limit_goes_on_on_disk(
 
 
 async def test_a_read_past_its_memory_limit_is_a_503_saying_to_narrow_it(
-    api: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # every byte counted, none allowed: ClickHouse's own tests' way to fail any query
     tiny = {"max_memory_usage": 1, "max_untracked_memory": 0}
-    monkeypatch.setattr(sql_store, "READ_SETTINGS", {**READ_SETTINGS, **tiny})
     caplog.set_level(logging.INFO, logger=analytics.__name__)
     query = {"range": "90d", "group_by": "property:request_id"}
-    async with api.get("/api/v1/analytics/costs", params=query) as response:
-        body = await response.json()
+    async with admin_client(store, tmp_path, CALLS, monkeypatch) as api:
+        monkeypatch.setattr(sql_store, "READ_SETTINGS", {**READ_SETTINGS, **tiny})
+        async with api.get("/api/v1/analytics/costs", params=query) as response:
+            body = await response.json()
     assert (response.status, body["error"]["code"]) == (503, "too_large")  # was: store_unavailable
     assert body["error"]["message"] == (
         "the query needed more memory than a read may take (2 GiB): narrow the range or the filters"
