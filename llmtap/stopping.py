@@ -10,7 +10,8 @@ grace period, then killed it. ``llmtap migrate`` (synchronous, in the main threa
 is stopped so too: :func:`stopped_at_once`.
 
 A process `llmtap up` started is told that up is gone (killed outright: SIGKILL, the OOM
-killer) by :data:`PARENT_GONE`, which it takes as one SIGTERM: :func:`stop_once_parent_gone`.
+killer) by :data:`PARENT_GONE` (:func:`die_with_parent`, between fork and exec), which it
+takes as one SIGTERM: :func:`stop_once_parent_gone`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Iterator
@@ -37,7 +39,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # worker nor aiohttp, has another use for it, and up's children have no terminal to
 # hang up.
 PARENT_GONE = signal.SIGHUP
+_PR_SET_PDEATHSIG = 1
 _PR_GET_PDEATHSIG = 2
+_LINUX = sys.platform.startswith("linux")
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +115,30 @@ def stopped_at_once() -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(death: signal.Signals, parent: int) -> None:
+    """Runs in the child between fork and exec: ``death`` once ``parent`` (up) is gone,
+    also when it went before this ran (the child, reparented, would never be told)."""
+    if _LINUX:
+        libc = _libc()
+        libc.signal(death, 0)  # SIG_DFL: not left ignored (`nohup llmtap up` ignores SIGHUP)
+        libc.prctl(_PR_SET_PDEATHSIG, death)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), death)
+
+
 def stop_once_parent_gone() -> None:
     """In a process whose parent-death signal is :data:`PARENT_GONE` (one `llmtap up`
     started, as the kernel says), take the first as one SIGTERM (what each process does
     with it: a graceful stop, the ingress's with its shutdown_delay_s) and ignore the
     kernel's repeats. A process started otherwise is left as it is."""
-    if not sys.platform.startswith("linux"):
+    if not _LINUX:
         return
     death = ctypes.c_int(0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(death)) != 0 or death.value != PARENT_GONE:
+    if _libc().prctl(_PR_GET_PDEATHSIG, ctypes.byref(death)) != 0 or death.value != PARENT_GONE:
         return
 
     def gone(signum: int, frame: FrameType | None) -> None:

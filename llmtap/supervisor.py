@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import logging
 import os
@@ -41,7 +40,7 @@ from llmtap import ports, topics
 from llmtap.config import INGRESS_LOCK_ENV, Settings
 from llmtap.kafka import Kafka
 from llmtap.probes import topics_ready
-from llmtap.stopping import PARENT_GONE
+from llmtap.stopping import PARENT_GONE, die_with_parent
 from stream.app import ready_file
 
 log = logging.getLogger("llmtap.up")
@@ -52,18 +51,6 @@ RESTART_MAX_S = 60.0
 RESTART_RESET_S = 60.0  # a stage that ran this long before it exited restarts after RESTART_MIN_S
 STOP_GRACE_S = 15.0
 DRAIN_TIMEOUT_S = 20.0
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(death: signal.Signals, parent: int) -> None:
-    """Runs in the child between fork and exec: ``death`` once ``parent`` (up) is gone,
-    also when it went before this ran (the child, reparented, would never be told)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.signal(death, 0)  # SIG_DFL: not left ignored (`nohup llmtap up` ignores SIGHUP)
-        libc.prctl(_PR_SET_PDEATHSIG, death)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), death)
 
 
 def _death_signal(name: str) -> signal.Signals:
@@ -191,7 +178,7 @@ class Supervisor:
             stdout=stdout,
             stderr=asyncio.subprocess.STDOUT if stdout else None,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops children in order
-            preexec_fn=functools.partial(_die_with_parent, _death_signal(name), os.getpid()),
+            preexec_fn=functools.partial(die_with_parent, _death_signal(name), os.getpid()),
             pass_fds=handed,
             env=env,
         )
@@ -270,7 +257,7 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, PARENT_GONE, os.getpid()),
+            preexec_fn=functools.partial(die_with_parent, PARENT_GONE, os.getpid()),
         )
         log.info("applying the store's migrations (pid %d)", process.pid)
         ended = asyncio.create_task(process.wait())

@@ -15,8 +15,8 @@ from datetime import datetime
 from pathlib import Path
 
 from llmtap.config import Settings
-from llmtap.stopping import PARENT_GONE
-from llmtap.supervisor import Supervisor, _die_with_parent
+from llmtap.stopping import PARENT_GONE, die_with_parent
+from llmtap.supervisor import Supervisor
 from tests.conftest import FakeUpstream, Running, pid_alive, run_llmtap
 from tests.fake_provider import free_ports
 from tests.faults.harness import until
@@ -213,7 +213,7 @@ def test_a_child_whose_up_went_before_it_was_told_is_stopped() -> None:
     gone.wait()  # a pid that is no parent of the child
     child = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"],
-        preexec_fn=functools.partial(_die_with_parent, PARENT_GONE, gone.pid),
+        preexec_fn=functools.partial(die_with_parent, PARENT_GONE, gone.pid),
     )
     try:
         assert child.wait(timeout=30) == -PARENT_GONE
@@ -222,7 +222,7 @@ def test_a_child_whose_up_went_before_it_was_told_is_stopped() -> None:
     # Its parent alive, as up is: it runs.
     child = subprocess.Popen(
         [sys.executable, "-c", "pass"],
-        preexec_fn=functools.partial(_die_with_parent, PARENT_GONE, os.getpid()),
+        preexec_fn=functools.partial(die_with_parent, PARENT_GONE, os.getpid()),
     )
     assert child.wait(timeout=30) == 0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +38,7 @@ from ingress.guards.keys import create_key
 from llmtap import topics
 from llmtap.config import Settings
 from llmtap.probes import topics_ready
+from llmtap.stopping import die_with_parent
 from llmtap.supervisor import broker_argv
 from stream.app import ready_file
 from tests.fake_provider import free_port
@@ -51,16 +52,10 @@ TEAM = "search"
 START_TIMEOUT_S = 90.0  # one process, from spawn to ready
 STOP_GRACE_S = 10.0
 NAMES = ("broker", "store", "worker", "ingress")  # start order, as `llmtap up` has it
-_PR_SET_PDEATHSIG = 1
 
 
 class HarnessError(AssertionError):
     """A process did not start, or a condition was not met in time."""
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 async def until(
@@ -199,7 +194,7 @@ class Cluster:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(die_with_parent, signal.SIGKILL, os.getpid()),
             )
         proc.starts += 1
         if ready:
