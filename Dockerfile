@@ -16,6 +16,12 @@ COPY ingress ./ingress
 COPY stream ./stream
 COPY sinks ./sinks
 COPY sql ./sql
+# tini as PID 1, llmtap its child, wherever the image runs (compose, `docker run`,
+# Kubernetes): as PID 1 a process ignores a signal it has no handler for yet, so a SIGTERM
+# during the first second's imports was dropped and the stop waited out its grace.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin llmtap \
     && mkdir -p /data /keys \
@@ -23,4 +29,5 @@ RUN pip install --no-cache-dir . \
 
 USER llmtap
 EXPOSE 8080 8081 8082
+ENTRYPOINT ["tini", "--"]
 CMD ["llmtap", "up"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -705,12 +706,18 @@ def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(
 
 
 @pytest.mark.parametrize("name", LLMTAP_SERVICES)
-def test_compose_runs_llmtap_under_an_init(name: str) -> None:
+def test_the_image_runs_llmtap_under_an_init(name: str) -> None:
     """As PID 1 a process ignores every signal it has no handler for: a SIGTERM in
     llmtap's first second (its imports, before its handlers) was lost, and `docker
-    stop` waited out the grace, then killed it. Under Docker's init, llmtap is a child
-    and such a signal ends it."""
-    assert yaml.safe_load(COMPOSE.read_text())["services"][name]["init"] is True
+    stop` (or Kubernetes) waited out the grace, then killed it. The image's entrypoint
+    is tini, and no service replaces it, so llmtap is a child wherever the image runs."""
+    entrypoints = [
+        json.loads(line.removeprefix("ENTRYPOINT"))
+        for line in (COMPOSE.parent / "Dockerfile").read_text().splitlines()
+        if line.startswith("ENTRYPOINT")
+    ]
+    assert entrypoints == [["tini", "--"]]
+    assert "entrypoint" not in yaml.safe_load(COMPOSE.read_text())["services"][name]
 
 
 def test_compose_gives_the_ingress_longer_to_stop_than_its_calls_in_flight_may_run(
