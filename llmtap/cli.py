@@ -6,7 +6,8 @@ llmtap worker    the Faust stream worker
 llmtap store     ClickHouse migrations + writer + analytics API
 llmtap migrate   apply ClickHouse migrations and exit
 llmtap keys      virtual keys (create/list/revoke) and analytics admin keys (admin)
-llmtap alerts    alert webhooks: send a signed sample to an endpoint (test)
+llmtap alerts    alert webhooks: send a signed sample to an endpoint (test), send
+                 given-up deliveries again (redeliver)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import secrets
 import select
 import sys
 import unicodedata
+import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +96,41 @@ def _parser() -> argparse.ArgumentParser:
     alert_actions = alerts.add_subparsers(dest="action", required=True)
     test = _command(alert_actions, "test", help="send a signed sample alert to an endpoint")
     test.add_argument("--endpoint", required=True, help="the webhook endpoint's name")
+    again = _command(
+        alert_actions,
+        "redeliver",
+        help="send an endpoint's dead-lettered (or 410 gone) deliveries again, and enable "
+        "it if a 410 disabled it; asks the running store process with an admin key "
+        "(LLMTAP_ADMIN_KEY)",
+    )
+    again.add_argument("--endpoint", required=True, help="the webhook endpoint's name")
+    again.add_argument(
+        "--alert",
+        dest="alert_ids",
+        action="append",
+        type=uuid.UUID,
+        default=[],
+        metavar="ALERT_ID",
+        help="only this alert's delivery (repeat for more; none: every one given up)",
+    )
+    again.add_argument(
+        "--since",
+        type=_since,
+        default=None,
+        metavar="ISO_TIME",
+        help="only deliveries given up at or after this time (no offset: UTC)",
+    )
+    again.add_argument("--url", help="the store's API (default: the configuration's api_url)")
     return parser
+
+
+def _since(value: str) -> datetime:
+    from llmtap.redeliver import since
+
+    try:
+        return since(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _command(
@@ -401,6 +438,10 @@ def _main(argv: list[str] | None) -> int:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "keys":
         return _keys(settings, args)
+    if args.command == "alerts" and args.action == "redeliver":
+        from llmtap.redeliver import run as redeliver
+
+        return redeliver(settings, args.endpoint, args.alert_ids, args.since, args.url)
     if args.command == "alerts":
         return _alerts_test(settings, args.endpoint)
     if args.command in ("up", "ingress", "worker", "store"):

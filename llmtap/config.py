@@ -61,6 +61,7 @@ MAX_RETENTION_DAYS = 10_000
 KAFKA_MIN_SESSION_S = 6.0
 
 CONFIG_ENV = "LLMTAP_CONFIG"
+ADMIN_KEY_ENV = "LLMTAP_ADMIN_KEY"  # an admin key's secret: `llmtap alerts redeliver`
 # The descriptor of the ingress lock (llmtap/data_dir.py) an `llmtap up` hands its ingress.
 INGRESS_LOCK_ENV = "LLMTAP_INGRESS_LOCK_FD"
 # Set while Settings.model_copy builds a copy: its values are the original's and the
@@ -763,6 +764,7 @@ def unknown_variables(settings: Settings, environ: Mapping[str, str]) -> list[st
     known = {prefix + name.upper() for name in Settings.model_fields} | {
         CONFIG_ENV,
         INGRESS_LOCK_ENV,
+        ADMIN_KEY_ENV,
     }
     known |= {provider.api_key_env.upper() for provider in settings.all_providers().values()}
     said = []

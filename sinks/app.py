@@ -24,6 +24,7 @@ from llmtap.runtime import tune_gc
 from sinks.budget_seed import publish_states, publish_until_sent, rebuilt_state, unraised
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.metrics import store_registry
+from sinks.webhooks import redeliver
 from sinks.webhooks.dispatcher import WebhookDispatcher
 from sql import analytics, dashboard
 from sql.admission import ADMISSION
@@ -136,6 +137,17 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
+async def redeliver_route(request: web.Request) -> web.Response:
+    """POST /api/v1/webhooks/{endpoint}/redeliver (admin keys): `llmtap alerts redeliver`."""
+    selection = redeliver.parse(request.match_info["endpoint"], await request.read())
+    app = request.app
+    count = await redeliver.redeliver(app[analytics.STORE], app[DISPATCHER], selection)
+    return web.json_response({"endpoint": selection.endpoint, "redelivered": count})
+
+
+REDELIVER_ADMIN_ONLY = "redelivering webhooks is for admin keys only"
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[analytics.api_errors])
     app[SETTINGS] = settings
@@ -161,6 +173,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     analytics.add_routes(app, settings)
+    app.router.add_post(
+        "/api/v1/webhooks/{endpoint}/redeliver",
+        analytics.guarded(redeliver_route, admin_only=True, forbidden=REDELIVER_ADMIN_ONLY),
+    )
     dashboard.add_routes(app, settings)  # after the API: it uses the API's key auth
     return app
 

@@ -6,8 +6,9 @@ scraped: nothing is counted twice, and nothing on the write path waits on Promet
 The writer's: ``llmtap_store_*`` (rows and batches written, failed writes, inserts
 repeated at a takeover or lost, dead letters, and when a batch was last written: alert
 on it going stale). The webhook dispatcher's: ``llmtap_webhook_*`` (alerts read, HTTP
-attempts and finished deliveries by endpoint and outcome, each endpoint's queue). The
-API's: ``llmtap_api_*`` (requests in flight, and refused for too many of one key's).
+attempts and finished deliveries by endpoint and outcome, each endpoint's queue, and
+whether a 410 disabled it). The API's: ``llmtap_api_*`` (requests in flight, and
+refused for too many of one key's).
 
 Kafka consumer lag is the broker's to tell (consumer groups ``<namespace>-sink`` and
 ``<namespace>-webhooks``): a Kafka exporter or the managed Kafka's metrics read it.
@@ -99,13 +100,19 @@ def _webhooks(dispatcher: WebhookDispatcher) -> Iterator[Metric]:
     queued = GaugeMetricFamily(
         "llmtap_webhook_queued", "deliveries waiting in the endpoint's queue", labels=["endpoint"]
     )
+    disabled = GaugeMetricFamily(
+        "llmtap_webhook_endpoint_disabled",
+        "1 while the endpoint sends nothing: its receiver answered 410 Gone",
+        labels=["endpoint"],
+    )
     for name, worker in dispatcher.workers.items():
         for outcome, count in worker.attempts.items():
             attempts.add_metric([name, outcome], float(count))
         for outcome, count in worker.outcomes.items():
             finished.add_metric([name, outcome], float(count))
         queued.add_metric([name], float(worker.queued))
-    yield from (attempts, finished, queued)
+        disabled.add_metric([name], float(bool(worker.disabled)))
+    yield from (attempts, finished, queued, disabled)
 
 
 def store_registry(

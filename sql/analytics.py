@@ -456,9 +456,12 @@ SQL_ADMIN_ONLY = (
 )
 
 
-def guarded(handler: Handler, *, admin_only: bool = False) -> Handler:
-    """``handler`` for authenticated callers: 401 without a known key, 403 for a virtual
-    key on an admin-only route; the caller is ``request[CALLER]``."""
+def guarded(
+    handler: Handler, *, admin_only: bool = False, forbidden: str = SQL_ADMIN_ONLY
+) -> Handler:
+    """``handler`` for authenticated callers: 401 without a known key, 403 (saying
+    ``forbidden``) for a virtual key on an admin-only route; the caller is
+    ``request[CALLER]``."""
 
     async def wrapper(request: web.Request) -> web.StreamResponse:
         try:
@@ -468,7 +471,7 @@ def guarded(handler: Handler, *, admin_only: bool = False) -> Handler:
                 401, exc.message, headers={"WWW-Authenticate": 'Bearer realm="llmtap"'}
             )
         if admin_only and not caller.admin:
-            return api_error(403, SQL_ADMIN_ONLY)
+            return api_error(403, forbidden)
         request[CALLER] = caller
         try:
             with request.app[ADMISSION].admit(caller):

@@ -748,8 +748,12 @@ async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
             (3, status, "dead_lettered"),
         ]
         assert len(rec.requests(name)) == 3
-    for name, retried in (("dead", 2), ("moved", 0), ("gone", 0)):
-        given_up = {"endpoint": name, "outcome": "dead_lettered"}
+    for name, retried, final in (
+        ("dead", 2, "dead_lettered"),
+        ("moved", 0, "dead_lettered"),
+        ("gone", 0, "gone"),  # 410: the receiver asks for nothing more
+    ):
+        given_up = {"endpoint": name, "outcome": final}
         assert sample(metrics, "llmtap_webhook_deliveries_total", **given_up) == 1
         assert sample(metrics, "llmtap_webhook_deliveries_total", endpoint=name) == 1
         assert sample(metrics, "llmtap_webhook_attempts_total", **given_up) == 1
@@ -758,7 +762,7 @@ async def test_a_dead_receiver_is_dead_lettered_and_a_redirect_is_not_followed(
     # 3xx and 4xx other than 408/425/429 are final at once: the same request would fail.
     (_, moved), (_, gone) = steps["moved", i], steps["gone", i]
     assert moved[:3] == (1, 302, "dead_lettered") and "not followed" in moved[3]
-    assert gone[:3] == (1, 410, "dead_lettered")
+    assert gone[:3] == (1, 410, "gone")
     assert rec.requests("elsewhere") == []
     assert rec.bad_signatures == 0
     letters = store.rows(
@@ -840,11 +844,11 @@ async def test_an_answer_whose_body_stalls_is_decided_by_its_status(
 
     steps = attempts(store, [alert.event_id])
     i = str(alert.event_id)
-    for name in ("refused", "gone"):
+    for name, outcome in (("refused", "dead_lettered"), ("gone", "gone")):
         status = names[name]
         assert [s[:3] for s in steps[name, i]] == [
             (0, None, "pending"),
-            (1, status, "dead_lettered"),
+            (1, status, outcome),
         ]
         final = steps[name, i][-1]
         assert final[3].startswith(f"HTTP {status} Stalled") and "body not received" in final[3]

@@ -4,11 +4,13 @@
 ``backoff_s * 2**(n-1)`` (capped at BACKOFF_CAP_S, jittered to between half and all of
 it), or after the receiver's ``retry-after`` when it sends a longer one (capped at
 RETRY_AFTER_CAP_S), and never sooner than MIN_RETRY_S; the attempt that reaches
-``max_attempts`` is dead-lettered. Any other answer (3xx included: redirects are never
-followed, 4xx) is dead-lettered at once: the same request would get the same answer. An
-answer is decided by its status, once its head came: a failed one's body is read for the
-record only, for at most ERROR_BODY_WAIT_S (a 4xx whose body stalls is still the
-receiver's refusal, not a timeout). A target the SSRF guard refuses is recorded as
+``max_attempts`` is dead-lettered. 410 Gone is ``gone``: the receiver asks for nothing
+more (Standard Webhooks), and the worker disables the endpoint (gone.py). Any other
+answer (3xx included: redirects are never followed, 4xx) is dead-lettered at once: the
+same request would get the same answer. An answer is decided by its status, once its
+head came: a failed one's body is read for the record only, for at most
+ERROR_BODY_WAIT_S (a 4xx whose body stalls is still the receiver's refusal, not a
+timeout). A target the SSRF guard refuses is recorded as
 ``refused`` and never sent.
 """
 
@@ -39,6 +41,7 @@ ERROR_BODY_BYTES = 300  # how much of a failed answer's body is kept in the reco
 ERROR_BODY_WAIT_S = 1.0  # how long that body is waited for once the status came
 USER_AGENT = "llmtap-webhooks/1"
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
+GONE = 410  # the receiver asks to be sent nothing more
 
 Record = Callable[[Attempt], Awaitable[None]]
 
@@ -184,6 +187,8 @@ async def _until(when: datetime) -> None:
 def _outcome(response: Response, last: bool) -> Outcome:
     if response.ok:
         return "delivered"
+    if response.status == GONE:
+        return "gone"
     return "retrying" if response.retryable and not last else "dead_lettered"
 
 

@@ -121,6 +121,7 @@ class WebhookDispatcher:
         }
         self.handover = _Handover(self.owned, list(self.workers.values()))
         self.alerts_read = 0
+        self.redelivering = asyncio.Lock()  # `llmtap alerts redeliver`s, one at a time
 
     def _consumer(self) -> AIOKafkaConsumer:
         kafka = self._settings.kafka

@@ -26,8 +26,8 @@ from sql.store import Store, render
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["pending", "retrying", "delivered", "dead_lettered", "refused"]
-FINAL: tuple[Outcome, ...] = ("delivered", "dead_lettered", "refused")
+Outcome = Literal["pending", "retrying", "delivered", "dead_lettered", "refused", "gone"]
+FINAL: tuple[Outcome, ...] = ("delivered", "dead_lettered", "refused", "gone")
 
 ALERT_COLUMNS = (
     "event_id",
@@ -70,6 +70,7 @@ class Attempt:
     alert_partition: int = -1
     # When the next attempt is due, on a `retrying` row (its backoff or retry-after).
     retry_at: datetime | None = None
+    redelivery: int = 0  # 0: the first sending; each `llmtap alerts redeliver` one more
 
 
 DELIVERY_COLUMNS = tuple(f.name for f in fields(Attempt))
@@ -83,6 +84,7 @@ class Job:
     attempts: int = 0
     partition: int = -1  # the alerts-topic partition it belongs to (Attempt.alert_partition)
     not_before: datetime | None = None  # the last failed attempt's retry_at
+    redelivery: int = 0  # Attempt.redelivery
 
 
 @dataclass
@@ -209,13 +211,15 @@ def unfinished(store: Store, endpoint: str, limit: int, partitions: Collection[i
                         error,
                         "dead_lettered",
                         row["alert_partition"],
+                        redelivery=row["redelivery"],
                     )
                 ],
             )
             continue
         due = row["retry_at"]  # naive when read from the store's own time zone, UTC
         due = due.replace(tzinfo=UTC) if due is not None and due.tzinfo is None else due
-        jobs.append(Job(alert, int(row["attempts"]), int(row["alert_partition"]), due))
+        partition, redelivery = int(row["alert_partition"]), int(row["redelivery"])
+        jobs.append(Job(alert, int(row["attempts"]), partition, due, redelivery))
     return jobs
 
 

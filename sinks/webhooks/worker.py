@@ -4,7 +4,8 @@ The queue holds what is also recorded as pending in ClickHouse, so it may drop: 
 it is full, or at start, or when an unfinished delivery it does not hold is seen, the
 worker rescans ClickHouse (``webhook_unfinished``) once its queue runs dry. A slow or
 dead receiver therefore fills only its own queue and never holds up another endpoint,
-nor the Kafka consumer.
+nor the Kafka consumer. A receiver that answers 410 Gone disables its endpoint: what
+the worker holds or is given is then recorded ``gone``, unsent (gone.py).
 
 A delivery belongs to the alerts-topic partition its alert was read from, and only the
 store process that owns that partition (:class:`Owned`, kept by the dispatcher's
@@ -29,7 +30,7 @@ import jinja2
 
 from llmtap.config_sections import WebhookEndpoint
 from llmtap.events import utcnow
-from sinks.webhooks import deliver, records, render
+from sinks.webhooks import deliver, gone, records, render
 from sinks.webhooks.records import Attempt, Job
 from sql.store import Store
 
@@ -74,6 +75,8 @@ class EndpointWorker:
         self._sending: tuple[Job, asyncio.Task[None]] | None = None
         self.outcomes: dict[records.Outcome, int] = {}  # deliveries finished
         self.attempts: dict[records.Outcome, int] = {}  # HTTP attempts, by result
+        self.disabled = ""  # why nothing is sent (its receiver answered 410), or ""
+        self._closing = asyncio.Lock()  # held while closed-out deliveries are recorded
 
     def offer(self, job: Job) -> None:
         """Queue a delivery recorded as pending; never blocks."""
@@ -106,6 +109,16 @@ class EndpointWorker:
 
     def reassigned(self) -> None:
         """Partitions were given: resume their unfinished deliveries."""
+        self._rescan_soon()
+
+    async def enable(self) -> None:
+        """Send again (after a 410); returns once a close-out under way is recorded."""
+        self.disabled = ""
+        async with self._closing:
+            pass
+
+    def redelivered(self) -> None:
+        """Deliveries were made due again (redeliver.py): resume them."""
         self._rescan_soon()
 
     def _rescan_soon(self) -> None:
@@ -147,6 +160,9 @@ class EndpointWorker:
                     continue
                 if not self._owned.holds(job):  # its partition was taken meanwhile
                     self._held.discard(job.alert.event_id)
+                    continue
+                if self.disabled:
+                    await self._close_out(job)
                     continue
                 sending = asyncio.create_task(self._deliver(session, job))
                 self._sending = (job, sending)
@@ -192,6 +208,26 @@ class EndpointWorker:
             if self._wanted(job):
                 self._put(job)
 
+    async def _close_out(self, job: Job) -> None:
+        """Record ``job`` and every owned one queued behind it ``gone``, in one insert."""
+        jobs = [job]
+        while not self._queue.empty():
+            queued = self._queue.get_nowait()
+            if queued is not None and self._owned.holds(queued):
+                jobs.append(queued)
+            elif queued is not None:
+                self._held.discard(queued.alert.event_id)
+        rows = gone.closed_out(self.endpoint.name, self.disabled, jobs)
+        try:
+            async with self._closing:
+                await records.durably(
+                    "recording closed-out deliveries", records.record, self._store, rows
+                )
+        finally:
+            for closed in jobs:
+                self._held.discard(closed.alert.event_id)
+        self.outcomes["gone"] = self.outcomes.get("gone", 0) + len(rows)
+
     @property
     def queued(self) -> int:
         return self._queue.qsize()
@@ -218,7 +254,9 @@ class EndpointWorker:
         alert = job.alert
 
         async def record(attempt: Attempt) -> None:
-            await self._record(replace(attempt, alert_partition=job.partition))
+            await self._record(
+                replace(attempt, alert_partition=job.partition, redelivery=job.redelivery)
+            )
 
         try:
             body = render.render(self._template, alert)
@@ -242,5 +280,8 @@ class EndpointWorker:
                 not_before=job.not_before,
             )
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if outcome == "gone":
+            self.disabled = gone.disabled(self.endpoint.name, alert.event_id)
+            self._rescan = True  # its unfinished deliveries in ClickHouse: closed out too
         level = logging.INFO if outcome == "delivered" else logging.WARNING
         log.log(level, "webhook %s: alert %s %s", self.endpoint.name, alert.event_id, outcome)

@@ -3,6 +3,8 @@
 -- partition 0), oldest first, with the alert to render again, how many attempts
 -- were already made (0: only recorded as pending) and when the next one is due
 -- (the latest retry_at of its failed attempts; NULL, none recorded: now).
+-- Only a delivery's latest redelivery counts (0019: `llmtap alerts redeliver` starts
+-- one afresh after the earlier one's final row), and its attempts are that one's.
 -- Alerts recorded together (one batch: one `since`) go in the order they were raised,
 -- a firing before its resolve, a budget's 50% before its 80%, not in id order.
 WITH unfinished AS
@@ -12,9 +14,17 @@ WITH unfinished AS
         max(attempt) AS attempts,
         min(ts) AS since,
         max(alert_partition) AS alert_partition,
-        max(retry_at) AS retry_at
+        max(retry_at) AS retry_at,
+        max(redelivery) AS sending
     FROM webhook_deliveries
     WHERE endpoint = {endpoint:String}
+        AND (alert_id, redelivery) IN
+        (
+            SELECT alert_id, max(redelivery)
+            FROM webhook_deliveries
+            WHERE endpoint = {endpoint:String}
+            GROUP BY alert_id
+        )
     GROUP BY alert_id
     HAVING countIf(outcome IN {final:Array(String)}) = 0
         AND (has({partitions:Array(Int32)}, alert_partition)
@@ -25,6 +35,7 @@ SELECT
     u.attempts AS attempts,
     u.alert_partition AS alert_partition,
     u.retry_at AS retry_at,
+    u.sending AS redelivery,
     a.payload AS payload
 FROM unfinished AS u
 INNER JOIN

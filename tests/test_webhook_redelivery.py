@@ -1,0 +1,242 @@
+"""Given-up webhook deliveries sent again (`llmtap alerts redeliver`), and a receiver
+answering 410 Gone disabling its endpoint: on Tansu, chDB and receivers here (whose
+every request's signature is verified, as in test_webhooks.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+from aiokafka import AIOKafkaProducer
+
+from ingress.guards.keys import hash_key
+from llmtap import topics
+from llmtap.config import ADMIN_KEY_ENV, Settings
+from llmtap.events import Alert
+from sinks.app import DISPATCHER, create_app
+from sinks.webhooks import redeliver
+from sql import analytics
+from sql.migrate import migrate
+from sql.params import BadParameter
+from sql.store import Store
+from tests.conftest import Broker
+from tests.prometheus import sample
+from tests.test_webhooks import (
+    Behaviour,
+    attempts,
+    dispatching,
+    endpoint,
+    finished,
+    make_alert,
+    publish,
+    receiver,
+    scrape,
+    until,
+)
+
+ADMIN_SECRET = "lta_redelivery-tests-admin-key"
+
+
+async def publish_on(settings: Settings, alerts: list[Alert]) -> None:
+    """Publish alerts on the settings' namespace's alerts topic, as the stream does."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        for alert in alerts:
+            alerts_topic = settings.kafka.names.alerts
+            value, key = alert.model_dump_json().encode(), topics.alert_key(alert)
+            await producer.send_and_wait(alerts_topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+def delivery_rows(store: Store, alert_id: uuid.UUID) -> list[tuple[int, int, str]]:
+    rows = store.rows(
+        "SELECT redelivery, attempt, outcome FROM webhook_deliveries"
+        " WHERE alert_id = {id:UUID} ORDER BY redelivery, attempt, ts",
+        {"id": alert_id},
+    )
+    return [(r["redelivery"], r["attempt"], r["outcome"]) for r in rows]
+
+
+async def test_llmtap_alerts_redeliver_sends_a_dead_lettered_delivery_again_once(
+    broker: Broker,
+    tmp_path: Path,
+    cli: Callable[[list[str]], int],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The store process runs (its API, writer and dispatcher, in this process); a
+    delivery is dead-lettered (500s, max_attempts 2); the receiver is fixed; the command
+    is run twice at once: one of them makes it due again, and it is delivered once,
+    with the alert id as webhook-id, as new rows of a redelivery."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    async with receiver({"dead": Behaviour(always=500)}) as rec:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            kafka_namespace=f"redeliver{uuid.uuid4().hex[:8]}",
+            data_dir=tmp_path,
+            sink_decode_processes=0,
+            admin_key_hashes=[hash_key(ADMIN_SECRET)],
+            webhook_allow_private=True,
+            webhooks=[endpoint("dead", f"{rec.base_url}/dead", rules=[rule], max_attempts=2)],
+        )
+        await topics.ensure_topics(settings.kafka, settings.topic_partitions, 1)
+        migrating = Store(settings.store_dsn)  # as `llmtap store` does before its app
+        migrate(migrating)
+        migrating.close()
+        app = create_app(settings)
+        async with TestServer(app, host="127.0.0.1") as server:
+            store = app[analytics.STORE]
+            worker = app[DISPATCHER].workers["dead"]
+            await publish_on(settings, [alert])
+            await until(finished(store, [alert.event_id], pairs=1))
+            assert len(rec.requests("dead")) == 2
+
+            rec.behaviours["dead"] = Behaviour()  # fixed
+            monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_SECRET)
+            argv = ["alerts", "redeliver", "--endpoint", "dead"]
+            argv += ["--url", str(server.make_url("/api/v1"))]
+            capsys.readouterr()
+            statuses = list(
+                await asyncio.gather(asyncio.to_thread(cli, argv), asyncio.to_thread(cli, argv))
+            )
+            said = capsys.readouterr().out
+            assert statuses == [0, 0], said
+            counts = sorted(int(n) for n in re.findall(r"^(\d+) given-up deliveries", said, re.M))
+            assert counts == [0, 1], said  # the second found it pending, not given up
+
+            await until(lambda: len(rec.accepted) == 1)
+            await until(lambda: worker.idle)
+            # Run again once delivered: nothing given up, nothing sent.
+            assert await asyncio.to_thread(cli, argv) == 0
+            assert capsys.readouterr().out.startswith("0 given-up deliveries")
+            await until(lambda: worker.idle)
+            rows = await asyncio.to_thread(delivery_rows, store, alert.event_id)
+
+            # An admin key only, and an endpoint that exists, said by name.
+            monkeypatch.setenv(ADMIN_KEY_ENV, "lta_not-a-key")
+            assert await asyncio.to_thread(cli, argv) == 2
+            assert "unknown or revoked key" in capsys.readouterr().err
+            monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_SECRET)
+            unknown = ["alerts", "redeliver", "--endpoint", "nope", *argv[4:]]
+            assert await asyncio.to_thread(cli, unknown) == 2
+            assert "no webhook endpoint named 'nope' (endpoints: dead)" in capsys.readouterr().err
+
+    assert rec.bad_signatures == 0
+    assert [a.webhook_id for a in rec.accepted] == [str(alert.event_id)]
+    assert len(rec.requests("dead")) == 3
+    assert rows == [
+        (0, 0, "pending"),
+        (0, 1, "retrying"),
+        (0, 2, "dead_lettered"),
+        (1, 0, "pending"),  # a fresh schedule: its attempts count from 0 again
+        (1, 1, "delivered"),
+    ]
+
+
+async def test_redeliver_selects_by_alert_id_and_by_when_given_up(
+    broker: Broker, store: Store
+) -> None:
+    rule = f"rule-{uuid.uuid4()}"
+    first, second = make_alert(rule), make_alert(rule, value="ads")
+    async with receiver({"dead": Behaviour(always=500)}) as rec:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            webhook_allow_private=True,
+            webhooks=[endpoint("dead", f"{rec.base_url}/dead", rules=[rule], max_attempts=1)],
+        )
+        await publish(broker.bootstrap, [first, second])
+        async with dispatching(settings, store) as dispatcher:
+            ids = [first.event_id, second.event_id]
+            await until(finished(store, ids, pairs=2))
+            later = max(
+                r["ts"]
+                for r in store.rows(
+                    "SELECT ts FROM webhook_deliveries WHERE alert_id IN {ids:Array(UUID)}",
+                    {"ids": ids},
+                )
+            )
+            rec.behaviours["dead"] = Behaviour()
+            since = redeliver.parse("dead", b'{"since": "2999-01-01T00:00:00Z"}')
+            assert await redeliver.redeliver(store, dispatcher, since) == 0
+            assert not redeliver.parse("dead", b"{}").alert_ids
+            only = redeliver.Selection("dead", (second.event_id,), later.replace(year=2000))
+            assert await redeliver.redeliver(store, dispatcher, only) == 1
+            await until(lambda: len(rec.accepted) == 1)
+    assert [a.webhook_id for a in rec.accepted] == [str(second.event_id)]
+    assert attempts(store, [first.event_id])["dead", str(first.event_id)][-1][2] == (
+        "dead_lettered"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"alert_ids": ["x"]}', "alert_ids.0"),
+        (b'{"since": "2026-01-01T00:00:00"}', "since"),  # no offset: refused, not guessed
+        (b'{"alert": []}', "alert"),
+    ],
+)
+def test_a_bad_redelivery_request_names_its_parameter(body: bytes, param: str) -> None:
+    with pytest.raises(BadParameter) as raised:
+        redeliver.parse("dead", body)
+    assert raised.value.param == param
+
+
+async def test_a_410_disables_the_endpoint_until_redeliver_enables_it(
+    broker: Broker, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst of alerts to a receiver answering 410: one request reaches it; every
+    delivery is recorded `gone`, saying why; one ERROR names the endpoint; the gauge says
+    it is disabled. Redeliver enables it: each alert is then sent once."""
+    rule = f"rule-{uuid.uuid4()}"
+    burst = [make_alert(rule, value=f"v{n}") for n in range(5)]
+    ids = [a.event_id for a in burst]
+    async with receiver({"gone": Behaviour(always=410)}) as rec:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            webhook_allow_private=True,
+            webhooks=[endpoint("gone", f"{rec.base_url}/gone", rules=[rule])],
+        )
+        await publish(broker.bootstrap, burst)
+        async with dispatching(settings, store) as dispatcher:
+            with caplog.at_level(logging.ERROR, logger="sinks.webhooks"):
+                await until(finished(store, ids, pairs=len(burst)))
+            metrics = scrape(dispatcher)
+            steps = attempts(store, ids)
+            # Later alerts are closed out as they come, unsent.
+            late = make_alert(rule, value="late")
+            await publish(broker.bootstrap, [late])
+            await until(finished(store, [late.event_id], pairs=1))
+            assert len(rec.requests("gone")) == 1
+
+            rec.behaviours["gone"] = Behaviour()  # the receiver is back
+            again = redeliver.Selection("gone")
+            assert await redeliver.redeliver(store, dispatcher, again) == len(burst) + 1
+            assert sample(scrape(dispatcher), "llmtap_webhook_endpoint_disabled") == 0
+            await until(lambda: len(rec.accepted) == len(burst) + 1)
+            await until(lambda: dispatcher.workers["gone"].idle)
+
+    assert sample(metrics, "llmtap_webhook_endpoint_disabled", endpoint="gone") == 1
+    assert sample(metrics, "llmtap_webhook_deliveries_total", outcome="gone") == len(burst)
+    [(_, asked)] = [(a.seq, a.webhook_id) for a in rec.arrivals if a.status == 410]
+    final = {i: s[-1] for (_, i), s in steps.items()}
+    assert final.pop(asked)[1:3] == (410, "gone")
+    for status, outcome, error in (step[1:] for step in final.values()):
+        assert (status, outcome) == (None, "gone")
+        assert error == (
+            f"not sent: endpoint gone disabled: its receiver answered 410 Gone to alert {asked}"
+        )
+    said = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(said) == 1 and "webhook gone: endpoint gone disabled" in said[0].getMessage()
+    assert sorted(a.webhook_id for a in rec.accepted) == sorted(
+        str(i) for i in [*ids, late.event_id]
+    )
