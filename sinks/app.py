@@ -1,9 +1,10 @@
 """The store process: the one process that owns the ClickHouse store.
 
 It runs the ClickHouse writer (on the schema `llmtap store` migrated first), and serves
-the analytics API from the same client. With embedded chDB this is required (one process
-owns a chDB path); with a ClickHouse server the API and writer could be split, but need
-not be.
+the analytics API from the same store (its reads on a handle of their own, so that a
+long one holds up no insert: sql/store.py). With embedded chDB this is required (one
+process owns a chDB path); with a ClickHouse server the API and writer could be split,
+but need not be.
 """
 
 from __future__ import annotations

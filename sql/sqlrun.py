@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from sql.sqlnames import (
     without_hints,
 )
 from sql.sqltree import Node, parse_ast
-from sql.store import connect, render
+from sql.store import Handle, render
 
 Encode = Callable[[Sequence[Any]], bytes]  # one row, as the answer's format writes it
 TruncatedBy = Literal["max_rows", "max_answer_bytes"]
@@ -59,21 +58,20 @@ class Answer:
 
 
 class SqlRunner:
-    """The read-only session, opened on first use; one query at a time."""
+    """The read-only session (a :class:`~sql.store.Handle`), opened on first use; one
+    query at a time."""
 
     def __init__(self, dsn: str, limits: SqlLimits) -> None:
         self.dsn = dsn
         self.limits = limits
-        self._client: Any = None
+        embedded = dsn.startswith("chdb://")
+        # Held per thread too (its lock): a request cancelled mid-query leaves its
+        # thread running.
+        self._session = Handle(dsn, limits.session_settings(embedded=embedded))
         self._lock = asyncio.Lock()
-        # Also per thread: a request cancelled mid-query leaves its thread running.
-        self._session = threading.Lock()
 
     def _connection(self) -> Any:
-        if self._client is None:
-            embedded = self.dsn.startswith("chdb://")
-            self._client = connect(self.dsn, self.limits.session_settings(embedded=embedded))
-        return self._client
+        return self._session.client()
 
     def explain(self, text: str, databases: Databases, lead: str = "") -> Node:
         """``text``'s tree; a syntax error's positions are given in the query it was
@@ -213,7 +211,7 @@ class SqlRunner:
 
     def answer(self, query: str, max_rows: int, encode: Encode) -> Answer:
         text = precheck(query, self.limits)
-        with self._session:
+        with self._session.lock:
             return self._answer(text, max_rows, encode, query[: len(query) - len(query.lstrip())])
 
     def _answer(self, text: str, max_rows: int, encode: Encode, lead: str = "") -> Answer:
@@ -276,10 +274,7 @@ class SqlRunner:
             return await asyncio.to_thread(self.answer, query, max_rows, encode)
 
     def close(self) -> None:
-        with self._session:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        self._session.close()
 
 
 # 128- and 256-bit integers: JSON numbers past 64 bits are written as strings, so such a

@@ -2,7 +2,8 @@
 
 The same clickhouse-connect client serves a ClickHouse server (``http://...``) and the
 embedded chDB engine (``chdb:///path``). chDB has no async client and one process owns
-one chDB path, so calls run in a thread and one lock serialises them.
+one chDB path, so calls run in a thread and one lock serialises them; the API's reads
+run on a handle of their own (:class:`Handle`), not behind the writer's lock.
 """
 
 from __future__ import annotations
@@ -66,9 +67,47 @@ def _interface(dsn: str) -> str | None:
 
 def connect(dsn: str, settings: dict[str, Any]) -> Any:
     """A clickhouse-connect client for ``dsn``, over TLS when its scheme is https
-    (:func:`_interface`): every client llmtap makes, the store's and the SQL endpoint's
-    (on chDB, a second handle on the engine the store's started: :func:`engine_start`)."""
+    (:func:`_interface`): every client llmtap makes, the store's and each :class:`Handle`'s
+    (on chDB, one more handle on the engine the store's started: :func:`engine_start`)."""
     return clickhouse_connect.get_client(dsn=dsn, interface=_interface(dsn), settings=settings)
+
+
+def named_rows(
+    client: Any,
+    sql: str,
+    parameters: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """``sql``'s rows on ``client``, each a dict by column name, its times in UTC."""
+    result = client.query(sql, parameters=parameters, settings=settings, query_tz="UTC")
+    return list(result.named_results())
+
+
+class Handle:
+    """A client of its own on ``dsn`` with ``settings`` as its session's, opened at first
+    use: the SQL endpoint's session (sql/sqlrun.py) and the API's reads (:class:`Store`),
+    so that neither waits for the writer's lock, nor the writer for them. On a ClickHouse
+    server, an HTTP session of its own; on chDB, one more handle on the engine the store's
+    client started (:func:`engine_start`), which runs its queries alongside the others'.
+    ``lock``: held around each use, one at a time (a ClickHouse server refuses a second
+    query on a session while one runs; the SQL endpoint's checks and query are one use)."""
+
+    def __init__(self, dsn: str, settings: dict[str, Any]) -> None:
+        self.dsn = dsn
+        self.settings = settings
+        self.lock = threading.Lock()
+        self._client: Any = None
+
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = connect(self.dsn, self.settings)
+        return self._client
+
+    def close(self) -> None:
+        with self.lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
 
 # chDB's default database is clickhouse-local's: it also reads the files of the
@@ -139,9 +178,10 @@ def _memory_root() -> Path:
     return Path(root)
 
 
-# The API's reads (Store.arows): how many run at once, how long one may take, and how
-# much memory. chDB runs in this process, with the writer and the API: a read grouping
-# a million users or request ids must not crowd them out, or have the process killed.
+# The API's reads (Store.arows): on how many threads they queue (one runs at a time, on
+# the store's read handle), how long one may take, and how much memory. chDB runs in this
+# process, with the writer and the API: a read grouping a million users or request ids
+# must not crowd them out, or have the process killed.
 # The SQL endpoint's limit too (sql/sqlguard.py, SqlLimits.max_memory_bytes); past
 # half of it, a GROUP BY goes on on disk (the engine's temporary files), not in memory.
 READERS = 2
@@ -189,6 +229,7 @@ class Store:
                 "one process at a time"
             ) from exc
         self._lock = threading.Lock()
+        self._reads = Handle(dsn, SESSION_SETTINGS)  # arows's, opened at its first use
         self._column_types: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._readers: ThreadPoolExecutor | None = None  # arows's, made at its first use
 
@@ -203,10 +244,14 @@ class Store:
         settings: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         with self._lock:
-            result = self._client.query(
-                sql, parameters=parameters, settings=settings, query_tz="UTC"
-            )
-        return list(result.named_results())
+            return named_rows(self._client, sql, parameters, settings)
+
+    def read(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A read for the API, held to READ_SETTINGS, on the store's read handle: it
+        waits for the API's other reads, never for the writer's lock, nor the writer
+        for it."""
+        with self._reads.lock:
+            return named_rows(self._reads.client(), sql, parameters, READ_SETTINGS)
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
         """One insert, sent column by column (the rows are transposed here, in C)."""
@@ -255,19 +300,20 @@ class Store:
     async def arows(
         self, sql: str, parameters: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        """A read for the API (the analytics endpoints, the dashboard), on the store's
-        own reader threads: reads queue there, not in the event loop's default executor
-        where the writer's inserts run, and the writer waits for the lock behind at most
-        READERS of them, each stopped after READ_TIMEOUT_S (ClickHouse error 159) or past
-        READ_MAX_MEMORY_BYTES (error 241)."""
+        """A read for the API (the analytics endpoints, the dashboard): :meth:`read`, on
+        the store's own reader threads. Reads queue there, not in the event loop's
+        default executor where the writer's inserts run, and run on a handle of their
+        own, so the writer never waits for one; each is stopped after READ_TIMEOUT_S
+        (ClickHouse error 159) or past READ_MAX_MEMORY_BYTES (error 241)."""
         if self._readers is None:
             prefix = f"store-read-{id(self):x}"  # this store's, among others' (tests)
             self._readers = ThreadPoolExecutor(READERS, thread_name_prefix=prefix)
-        read = functools.partial(self.rows, sql, parameters, READ_SETTINGS)
+        read = functools.partial(self.read, sql, parameters)
         return await asyncio.get_running_loop().run_in_executor(self._readers, read)
 
     def close(self) -> None:
         if self._readers is not None:
             self._readers.shutdown(wait=False, cancel_futures=True)
+        self._reads.close()
         with self._lock:
             self._client.close()

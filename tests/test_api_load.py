@@ -1,7 +1,8 @@
 """One caller of the API cannot hold up the others, or the store's writer: a key has at
 most ``api_requests_per_key`` requests in flight (429 past it), the store's reads run
-on its own reader threads, a few at a time, and a read past its time limit is a clear
-503. A real chDB store and the real aiohttp app."""
+on its own reader threads, a few at a time, on a handle of their own (the writer does
+not wait for one), and a read past its time limit is a clear 503. A real chDB store
+and the real aiohttp app."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from sinks.metrics import store_registry
 from sql import analytics, params
 from sql import store as sql_store
 from sql.admission import ADMISSION
-from sql.store import READ_SETTINGS, READERS, Store
+from sql.store import READ_SETTINGS, READERS, Handle, Store, named_rows
 from tests.test_analytics import NOW, Call
 
 ADMIN_KEY = "admin-key-for-load-tests"
@@ -36,12 +37,9 @@ CALLS = [Call(NOW - NOW.replace(hour=0), "gpt-4o", "openai", "alice", "search", 
 
 @contextlib.contextmanager
 def store_held(store: Store) -> Iterator[None]:
-    """The store busy (its lock held, as a long insert or read holds it)."""
-    store._lock.acquire()
-    try:
+    """The store's reads busy (their handle's lock held, as a long read holds it)."""
+    with store._reads.lock:
         yield
-    finally:
-        store._lock.release()
 
 
 def reader_threads(store: Store) -> list[threading.Thread]:
@@ -113,7 +111,7 @@ async def test_reads_queue_on_the_stores_own_threads_a_few_at_a_time(store: Stor
     with store_held(store):
         reads = [asyncio.create_task(store.arows("SELECT 1 AS one")) for _ in range(READERS + 3)]
         await until(lambda: len(reader_threads(store)) == READERS)
-        # the default executor is free: an insert would only wait for the lock
+        # the default executor is free: an insert would not wait for them
         assert await loop.run_in_executor(None, lambda: "free") == "free"
         assert len(reader_threads(store)) == READERS and not any(r.done() for r in reads)
     assert [rows for rows in await asyncio.gather(*reads)] == [[{"one": 1}]] * (READERS + 3)
@@ -134,3 +132,40 @@ async def test_a_read_past_its_time_limit_or_a_failing_store_is_a_503_that_says_
     store.command("RENAME TABLE calls TO calls_gone")  # a store that cannot answer
     status, body, _ = await models(client, keys["a"])
     assert (status, body["error"]["code"]) == (503, "store_unavailable")
+
+
+MARKER = "a slow read for the writer test"
+# 20 s, a row every half second (each block a row: sleepEachRow's limit is per block),
+# inside READ_SETTINGS' 30 s.
+SLOW_READ = (
+    f"SELECT sleepEachRow(0.5) AS slept, '{MARKER}' AS marker"
+    " FROM numbers(40) SETTINGS max_block_size = 1"
+)
+THE_READ = "query_id != queryID() AND position(query, {marker:String}) > 0"
+RUNNING = f"SELECT query_id FROM system.processes WHERE {THE_READ}"
+
+
+async def test_the_writer_does_not_wait_for_a_running_read(store: Store) -> None:
+    """An API read running (up to 30 s) holds up no insert of the writer's: the reads
+    run on a handle of their own, not behind the writer's lock. Seen from a third
+    handle, as ClickHouse lists its running queries."""
+    watch = Handle(store.dsn, {})
+
+    def running() -> list[str]:
+        with watch.lock:
+            return [r["query_id"] for r in named_rows(watch.client(), RUNNING, {"marker": MARKER})]
+
+    read = asyncio.create_task(store.arows(SLOW_READ))
+    try:
+        await until(running)
+        [query_id] = running()
+        batch = Batch(events=[c.event() for c in CALLS])
+        assert await asyncio.to_thread(write_batch, store, batch) == len(CALLS)
+        # the read still running: the insert did not wait for it (it did: none, 20 s later)
+        assert running() == [query_id] and not read.done()
+    finally:
+        with watch.lock:  # the read stopped now, not 20 s later
+            watch.client().command(f"KILL QUERY WHERE {THE_READ} SYNC", {"marker": MARKER})
+        with contextlib.suppress(ClickHouseError):
+            await read
+        watch.close()
