@@ -2,7 +2,8 @@
 
 Applied versions are recorded in ``schema_migrations``. Every statement is written to
 be re-runnable (``IF NOT EXISTS``), so a migration interrupted half-way is simply
-applied again. The same files run on chDB and on a ClickHouse server.
+applied again. The same files run on chDB and on a ClickHouse server. One process
+migrates a store at a time (sql/migration_lock.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from importlib import resources
 import jinja2
 
 from llmtap.events import utcnow
+from sql.migration_lock import migration_lock
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,12 @@ _jinja = jinja2.Environment(
     lstrip_blocks=True,
 )
 _NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+# A statement that starts a mutation building or dropping a projection, which it does not
+# wait for (mutations_sync = 0: a statement waiting on its mutation sends nothing, and a
+# client over HTTP gives up after its receive timeout, the mutation going on; the next
+# start then waited for it and ran the migration again, materializing every part again):
+# the runner waits for it, polling.
+_STARTS_PROJECTION_MUTATION = re.compile(r"^ALTER TABLE \w+ (MATERIALIZE|DROP) PROJECTION\b")
 
 _VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations
@@ -79,15 +87,18 @@ class SchemaAhead(Exception):
 
 
 class MutationFailed(Exception):
-    """A migration's mutation left unfinished by an earlier run fails."""
+    """A projection mutation a migration waits for fails (its own, or one an earlier run
+    left unfinished)."""
 
 
-def _wait_for_projection_mutations(store: Store, poll_s: float = 0.2) -> None:
-    """Wait for what a run killed while it materialized a projection (0005, 0007) left:
-    its mutation, kept on disk and resumed in the background. A projection a mutation
-    still builds cannot be dropped, so 0007 applied again failed ("affected by mutation
-    ... not finished yet") at every start; on chDB, whose mutations run only while a
-    process holds the store, each start exited before giving it the time to finish."""
+def _wait_for_projection_mutations(store: Store, why: str, poll_s: float = 0.2) -> None:
+    """Wait for the projection mutations not done: those a migration's statement started
+    (:data:`_STARTS_PROJECTION_MUTATION`), or what a run killed while it materialized a
+    projection (0005, 0007) left, kept on disk and resumed in the background. A
+    projection a mutation still builds cannot be dropped, so 0007 applied again failed
+    ("affected by mutation ... not finished yet") at every start; on chDB, whose mutations
+    run only while a process holds the store, each start exited before giving it the
+    time to finish."""
     waiting = False
     while unfinished := store.rows(render("projection_mutations")):
         if failed := [row for row in unfinished if row["latest_fail_reason"]]:
@@ -97,16 +108,26 @@ def _wait_for_projection_mutations(store: Store, poll_s: float = 0.2) -> None:
                 f"{row['latest_fail_reason']}"
             )
         if not waiting:
-            log.info("waiting for an unfinished projection mutation before migrating")
+            log.info("waiting for a projection mutation (%s)", why)
             waiting = True
         time.sleep(poll_s)
 
 
 def migrate(store: Store) -> list[int]:
-    """Apply every migration not applied yet; return the versions applied now. Raises
-    :class:`SchemaAhead` for a store a newer llmtap migrated (a downgrade): this one's
-    writes would miss its columns and tables, or fail on what it dropped."""
+    """Apply every migration not applied yet; return the versions applied now (none for
+    a process that waited while another applied them). Raises :class:`SchemaAhead` for a
+    store a newer llmtap migrated (a downgrade): this one's writes would miss its columns
+    and tables, or fail on what it dropped. A store with nothing to apply is not locked:
+    a lock a killed process left on a server holds up only a start that must migrate."""
     store.command(_VERSION_TABLE)
+    if not _pending(store):
+        return []
+    with migration_lock(store):
+        return _apply(store, _pending(store))  # read again: another may have applied them
+
+
+def _pending(store: Store) -> list[Migration]:
+    """The migrations not applied yet, in order; raises :class:`SchemaAhead`."""
     done = {row["version"] for row in store.rows("SELECT version FROM schema_migrations")}
     migrations = available()
     newest = max((m.version for m in migrations), default=0)
@@ -116,14 +137,18 @@ def migrate(store: Store) -> list[int]:
             f"to {newest:04d}: a newer llmtap wrote it. Run that version (or newer): "
             "llmtap does not migrate a store back"
         )
-    if any(m.version not in done for m in migrations):
-        _wait_for_projection_mutations(store)
+    return [m for m in migrations if m.version not in done]
+
+
+def _apply(store: Store, pending: list[Migration]) -> list[int]:
+    if pending:
+        _wait_for_projection_mutations(store, "one an earlier run left, before migrating")
     applied = []
-    for migration in migrations:
-        if migration.version in done:
-            continue
+    for migration in pending:
         for statement in migration.statements:
             store.command(statement)
+            if _STARTS_PROJECTION_MUTATION.match(statement):
+                _wait_for_projection_mutations(store, f"migration {migration.version:04d}")
         store.insert(
             "schema_migrations",
             [(migration.version, migration.name, utcnow())],

@@ -28,7 +28,7 @@ from tests.fake_provider import free_ports
 
 README = Path(__file__).parent.parent / "README.md"
 COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
-LLMTAP_SERVICES = ("store", "worker", "ingress")
+LLMTAP_SERVICES = ("store", "migrate", "worker", "ingress")
 
 
 def test_env_overrides_yaml_which_overrides_defaults(
@@ -703,6 +703,31 @@ def test_compose_store_and_ingress_read_one_key_file_and_the_spool_persists(
             assert volumes.get(str(settings.data_dir)) is not None  # spool_dir is under it
     assert mounted[0] is not None
     assert mounted[0] == mounted[1]
+
+
+def test_compose_migrates_once_before_any_store_starts() -> None:
+    """Each store migrated at its start, and `docker-compose up -d` (an upgrade's) starts
+    them together: two applying a backfill at once counted its calls twice. One
+    `llmtap migrate` runs first, with the store's settings (its retention), and the
+    stores start only once it succeeded. ClickHouse is ready when its server answers at
+    the container's address: the image's first server, making the user and database,
+    listens on localhost only."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    migrate = services["migrate"]
+    assert migrate["command"] == ["llmtap", "migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["clickhouse"] == {"condition": "service_healthy"}
+    stores = [name for name in LLMTAP_SERVICES if services[name]["command"][1] == "store"]
+    assert stores
+    for name in stores:
+        assert services[name]["depends_on"]["migrate"] == {
+            "condition": "service_completed_successfully"
+        }
+        assert compose_service(name)[0] == compose_service("migrate")[0]
+    probe = services["clickhouse"]["healthcheck"]["test"]
+    assert probe[0] == "CMD-SHELL"
+    assert "http://$$(hostname):8123/ping" in probe[1]
+    assert "localhost" not in probe[1] and "127.0.0.1" not in probe[1]
 
 
 @pytest.mark.parametrize("name", LLMTAP_SERVICES)

@@ -1,0 +1,128 @@
+"""One process migrating a store at a time (sql/migrate.py's runs).
+
+Every store process migrates at its start, and several may share one ClickHouse server:
+two starting together both ran a pending backfill (TRUNCATE, then INSERT ... SELECT
+FROM calls), and each call was counted twice in that rollup for good. The lock is a
+table, ``schema_migrations_lock``, made without IF NOT EXISTS: of several processes
+making it at once exactly one succeeds (the others get TABLE_ALREADY_EXISTS); its row
+names the holder, and it is dropped when the holder is done, stopped or failed.
+
+A holder killed outright (SIGKILL, out of memory, its host gone) leaves it. On chDB,
+whose data directory one process opens at a time, a lock another process made is left
+by a dead one: taken over at once. On a server a live holder cannot be told from a dead
+one, and a migration may take hours: the others wait, saying who holds it and, every
+minute, how to clear it if no llmtap is migrating.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from llmtap.events import utcnow
+from sql.store import Store, render
+
+log = logging.getLogger(__name__)
+
+TABLE = "schema_migrations_lock"
+TABLE_ALREADY_EXISTS = 57
+UNKNOWN_TABLE = 60
+NOTICE_S = 60.0  # how often a wait says how to clear a lock its holder left
+
+_PROCESS = uuid.uuid4().hex  # this process's: a chDB lock of another was left by a dead one
+# A process's attempts one at a time: on chDB, a lock seen while none of this process's
+# is half-made (made, not yet named) is another process's.
+_taking = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Holder:
+    database: str
+    named: bool  # False: made, its holder not written yet (or it died in between)
+    holder: str
+    process: str
+    started_at: datetime
+
+    def __str__(self) -> str:
+        if not self.named:
+            return "an llmtap that had not named itself yet"
+        return f"{self.holder} (since {self.started_at:%Y-%m-%d %H:%M:%S} UTC)"
+
+
+def _holder(store: Store) -> Holder | None:
+    """Who holds the lock; None if it is gone (released since it was found)."""
+    try:
+        [row] = store.rows(render("migration_lock_holder"))
+    except DatabaseError as exc:
+        if exc.code == UNKNOWN_TABLE:
+            return None
+        raise
+    return Holder(**row)
+
+
+def _take(store: Store) -> Holder | None:
+    """Take the lock: None once taken, else who holds it."""
+    with _taking:
+        while True:
+            try:
+                store.command(render("migration_lock_take"))
+            except DatabaseError as exc:
+                if exc.code != TABLE_ALREADY_EXISTS:
+                    raise
+                holder = _holder(store)
+                if holder is None:
+                    continue  # released meanwhile
+                if not store.dsn.startswith("chdb:") or holder.process == _PROCESS:
+                    return holder
+                log.warning(
+                    "taking over the migration lock left by %s: it stopped while it migrated",
+                    holder,
+                )
+                store.command(render("migration_lock_release"))
+                continue
+            try:
+                store.insert(
+                    TABLE,
+                    [(f"{socket.gethostname()} pid {os.getpid()}", _PROCESS, utcnow())],
+                    ("holder", "process", "started_at"),
+                )
+            except BaseException:
+                store.command(render("migration_lock_release"))
+                raise
+            return None
+
+
+@contextmanager
+def migration_lock(store: Store, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold the store's migration lock for the block, waiting for another holder first."""
+    noticed: float | None = None
+    while (holder := _take(store)) is not None:
+        now = time.monotonic()
+        if noticed is None:
+            log.info("waiting for the migrations %s is applying", holder)
+            noticed = now
+        elif now - noticed >= NOTICE_S:
+            log.warning(
+                "still waiting for the migrations %s is applying. If no llmtap migrate or "
+                "llmtap store is running on this ClickHouse (one was killed while it "
+                "migrated), clear its lock: DROP TABLE %s.%s",
+                holder,
+                holder.database,
+                TABLE,
+            )
+            noticed = now
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        store.command(render("migration_lock_release"))
