@@ -112,13 +112,13 @@ def parse(request: web.Request, endpoint: str) -> tuple[Query, Filters]:
 
     The scope (tenant, and team and user for a key bound to them) comes from the
     caller's key, and no parameter widens it; an admin key's scope is every tenant.
-    A range longer than the store keeps what the endpoint reads (calls and rollups;
-    alerts: the rollups' retention) is a 400.
+    A range or window reaching back further than the store keeps what the endpoint
+    reads (calls and rollups; alerts: the rollups' retention) is a 400.
     """
     query = Query(request.query, *EXTRA[endpoint], common=COMMON_OF.get(endpoint, COMMON))
     kept, raw = request.app.get(KEPT, Kept()), endpoint != "alerts"
     filters = query.filters(request[CALLER].scope, kept.default_range(raw=raw))
-    kept.check(filters.range, raw=raw)
+    kept.check(filters, raw=raw)
     return query, filters
 
 
@@ -141,14 +141,12 @@ async def select(
     """Run ``sql/queries/<name>.sql`` scoped by ``filters``.
 
     ``structure`` goes to Jinja (identifiers, which clauses), over the defaults: the
-    range's name and :func:`shape` (the rollups); ``values`` and the filters' values are
-    bound ClickHouse parameters.
+    range's name ('' for a window), whether the window has an end (``bounded``) and
+    :func:`shape` (the rollups); ``values`` and the filters' values are bound ClickHouse
+    parameters.
     """
-    sql = render(
-        name,
-        filters=filters.active(),
-        **{"range_name": filters.range, **shape(), **(structure or {})},
-    )
+    defaults = {"range_name": filters.range or "", "bounded": filters.end is not None}
+    sql = render(name, filters=filters.active(), **{**defaults, **shape(), **(structure or {})})
     return await store.arows(sql, {**filters.parameters(), **(values or {})})
 
 
@@ -199,21 +197,19 @@ async def models(request: web.Request) -> web.Response:
             values={**values, "limit": MODEL_ROWS + 1},
         )
     )
-    return json_response(
-        {"range": filters.range, "truncated": truncated, "data": forget(rows, unkept)}
-    )
+    return json_response({**filters.shown(), "truncated": truncated, "data": forget(rows, unkept)})
 
 
 async def timeseries(request: web.Request) -> web.Response:
     query, filters = parse(request, "timeseries")
-    granularity = query.granularity(filters.range)
+    granularity = query.granularity(filters.span)
     rows = await select(
         request.app[STORE],
         "analytics_timeseries",
         filters,
         structure={"granularity": granularity, **_source(request)},
     )
-    return json_response({"range": filters.range, "granularity": granularity, "data": rows})
+    return json_response({**filters.shown(), "granularity": granularity, "data": rows})
 
 
 async def providers(request: web.Request) -> web.Response:
@@ -221,7 +217,7 @@ async def providers(request: web.Request) -> web.Response:
     rows = await select(
         request.app[STORE], "analytics_providers", filters, structure=_source(request)
     )
-    return json_response({"range": filters.range, "data": rows})
+    return json_response({**filters.shown(), "data": rows})
 
 
 async def costs(request: web.Request) -> web.Response:
@@ -240,7 +236,7 @@ async def costs(request: web.Request) -> web.Response:
     if group_by == "day":  # the page's days, costliest first from the store: oldest first
         rows.sort(key=lambda row: row["key"])
     shown = group_by if prop is None else f"property:{prop}"
-    return json_response({"range": filters.range, "group_by": shown, **paged, "data": rows})
+    return json_response({**filters.shown(), "group_by": shown, **paged, "data": rows})
 
 
 NANO = Decimal("0.000000001")
@@ -285,13 +281,13 @@ async def usage(request: web.Request) -> web.Response:
     else:
         totals = usage_totals(per_model)
     return json_response(
-        {"range": filters.range, "totals": totals, "truncated": truncated, "data": per_model}
+        {**filters.shown(), "totals": totals, "truncated": truncated, "data": per_model}
     )
 
 
 async def performance(request: web.Request) -> web.Response:
     _, filters = parse(request, "performance")
-    minutes = RANGES[filters.range].total_seconds() / 60
+    minutes = filters.span.total_seconds() / 60
     rows = await select(
         request.app[STORE],
         "analytics_performance",
@@ -299,7 +295,7 @@ async def performance(request: web.Request) -> web.Response:
         structure=_source(request),
         values={"range_minutes": minutes},
     )
-    return json_response({"range": filters.range, "data": rows[0]})
+    return json_response({**filters.shown(), "data": rows[0]})
 
 
 async def users(request: web.Request) -> web.Response:
@@ -314,7 +310,7 @@ async def users(request: web.Request) -> web.Response:
             values=page.values(),
         )
     )
-    return json_response({"range": filters.range, **paged, "data": rows})
+    return json_response({**filters.shown(), **paged, "data": rows})
 
 
 def seen_as(scope: Scope, filters: Filters) -> Scope:
@@ -352,13 +348,16 @@ async def alerts(request: web.Request) -> web.Response:
     scope = seen_as(request[CALLER].scope, filters)
     active = {name: value for name, value in chosen.items() if value is not None}
     structure, confined = alert_scope(scope)
-    sql = render("analytics_alerts", alert_filters=frozenset(active), **structure)
+    bounded = filters.end is not None
+    sql = render("analytics_alerts", alert_filters=frozenset(active), bounded=bounded, **structure)
     values: dict[str, Any] = {"since": filters.since, **page.values(), **active, **confined}
+    if bounded:
+        values["end"] = filters.end
     if scope.tenant is not None:
         configured = request.app.get(BUDGETS, [])
         values["budgets"] = alert_keys(visible_budgets(configured, scope))
     rows, paged = page.cut(await request.app[STORE].arows(sql, values))
-    return json_response({"range": filters.range, **paged, "data": rows})
+    return json_response({**filters.shown(), **paged, "data": rows})
 
 
 async def budgets(request: web.Request) -> web.Response:

@@ -284,6 +284,12 @@ USAGE_TOTALS = _object(
 ROWS["usage"] = _object({"model": STRING, "provider": STRING, **USAGE_TOTALS["properties"]})
 
 RANGE: Schema = {"type": "string", "enum": list(params.RANGES)}
+# What an answer over a range or window says it covers (params.Filters.shown).
+SHOWN: dict[str, Schema] = {
+    "range": {**_nullable(RANGE), "description": "the range; null for a window (start, end)"},
+    "start": {**TIME, "description": "the first moment counted"},
+    "end": {**TIME, "description": "the end, exclusive: now, unless `end` was asked"},
+}
 LIMIT: Schema = {"type": "integer", "minimum": params.LIMIT_MIN, "maximum": params.LIMIT_MAX}
 OFFSET: Schema = {"type": "integer", "minimum": 0, "maximum": params.OFFSET_MAX}
 # A ranked answer's page (params.Page): where it starts, and where the next one does.
@@ -326,10 +332,14 @@ def _answer(endpoint: str) -> Schema:
         "users": {**PAGE, "data": rows},
         "alerts": {**PAGE, "data": rows},
     }[endpoint]
-    return _object({"range": RANGE, **extra})
+    return _object({**SHOWN, **extra})
 
 
 FILTER_TEXT = "exact match; absent or empty: all"
+WINDOW_TEXT = (
+    "an explicit window instead of a range, ISO-8601 with an offset or Z (a time without "
+    "one is a 400)"
+)
 GROUP_BY_PATTERN = (
     "^(?:" + "|".join(params.GROUP_BY) + "|" + params.PROPERTY_PREFIX + PROPERTY_NAME.pattern + ")$"
 )
@@ -341,6 +351,16 @@ PARAMETERS: dict[str, Schema] = {
             "calls that ended within the last 24 hours, 7, 30 or 90 days; absent: 30d, or "
             "the longest range the store keeps if that is shorter (the answer's range)"
         ),
+    },
+    "start": {
+        "schema": TIME,
+        "description": WINDOW_TEXT + ": calls that ended at or after it (not with "
+        "`range`; before now)",
+    },
+    "end": {
+        "schema": TIME,
+        "description": WINDOW_TEXT + ", exclusive: calls that ended before it; absent: "
+        "now (only with `start`, and after it)",
     },
     "tenant": {
         "schema": STRING,
@@ -361,7 +381,9 @@ PARAMETERS: dict[str, Schema] = {
     "granularity": {
         "schema": {"type": "string", "enum": list(params.GRANULARITIES)},
         "description": "bucket size; default: "
-        + ", ".join(f"{k}: {v}" for k, v in params.DEFAULT_GRANULARITY.items()),
+        + ", ".join(f"{k}: {v}" for k, v in params.DEFAULT_GRANULARITY.items())
+        + f"; a window: hour up to {params.HOURLY_UP_TO.total_seconds() / 3600:g} hours, "
+        "else day",
     },
     "group_by": {
         "schema": {"type": "string", "pattern": GROUP_BY_PATTERN, "default": "model"},
@@ -398,6 +420,14 @@ PARAMETER_OF: dict[tuple[str, str], Schema] = {
     ("alerts", "range"): {
         "schema": {**RANGE, "default": params.DEFAULT_RANGE},
         "description": "alerts first seen within the last 24 hours, 7, 30 or 90 days",
+    },
+    ("alerts", "start"): {
+        "schema": TIME,
+        "description": WINDOW_TEXT + ": alerts first seen at or after it (not with `range`)",
+    },
+    ("alerts", "end"): {
+        "schema": TIME,
+        "description": WINDOW_TEXT + ", exclusive: alerts first seen before it; absent: now",
     },
     ("alerts", "tenant"): {
         "schema": STRING,
@@ -452,8 +482,9 @@ def _too_many() -> Schema:
 
 ERRORS: dict[str, Schema] = {
     "400": _error(
-        "a bad or unknown parameter, named in `param`; a `range` reaching back further "
-        "than the store keeps (raw_retention_days, rollup_retention_days)"
+        "a bad or unknown parameter, named in `param`; a `range` (or a window's `start`) "
+        "reaching back further than the store keeps (raw_retention_days, "
+        "rollup_retention_days); `range` with `start`; a `start` not before `end`"
     ),
     "401": _error("no key, or an unknown or revoked one", authenticate=True),
     "429": _too_many(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
 
 from multidict import MultiMapping
@@ -29,7 +29,15 @@ RANGES = {
 DEFAULT_RANGE = "30d"
 
 GRANULARITIES = ("hour", "day")
-DEFAULT_GRANULARITY = {"24h": "hour", "7d": "day", "30d": "day", "90d": "day"}
+HOURLY_UP_TO = RANGES["24h"]  # the longest span charted by hour when no granularity is asked
+
+
+def default_granularity(span: timedelta) -> str:
+    """The buckets a span is charted in when none are asked: hours up to a day, else days."""
+    return "hour" if span <= HOURLY_UP_TO else "day"
+
+
+DEFAULT_GRANULARITY = {name: default_granularity(span) for name, span in RANGES.items()}
 
 GROUP_BY = ("model", "provider", "day", "tenant", "team", "user", "feature", "key")
 PROPERTY_PREFIX = "property:"
@@ -47,9 +55,14 @@ ALERT_TYPES: tuple[str, ...] = get_args(Alert.model_fields["alert_type"].annotat
 ALERT_STATES: tuple[str, ...] = get_args(Alert.model_fields["state"].annotation)
 SEVERITIES: tuple[str, ...] = get_args(Alert.model_fields["severity"].annotation)
 
+# An explicit window, instead of a range: calls that ended at or after `start` and
+# before `end` (ISO-8601 with an offset or Z; `end` absent: now).
+WINDOW = ("start", "end")
 # Every endpoint over calls takes these; an endpoint may take a few more (see Query).
 # `tenant` narrows an admin key's answer to one tenant; a virtual key's is its own.
-COMMON = ("range", "tenant", "provider", "team", "feature", "env")
+COMMON = ("range", *WINDOW, "tenant", "provider", "team", "feature", "env")
+# What the dashboard's page takes: ranges only (its links are ranges).
+RANGED = tuple(name for name in COMMON if name not in WINDOW)
 # The few more, per endpoint (sql/analytics.py's routes, and the OpenAPI document).
 EXTRA: dict[str, tuple[str, ...]] = {
     "models": (),
@@ -62,9 +75,12 @@ EXTRA: dict[str, tuple[str, ...]] = {
     "alerts": ("alert_type", "state", "severity", "rule", "limit", "offset"),
     "budgets": (),
 }
-# Alerts are not calls: of the common parameters they take the range and the tenant
+# Alerts are not calls: of the common parameters they take the range (or window) and the tenant
 # only. Budgets are their current state: no range; the tenant alone.
-COMMON_OF: dict[str, tuple[str, ...]] = {"alerts": ("range", "tenant"), "budgets": ("tenant",)}
+COMMON_OF: dict[str, tuple[str, ...]] = {
+    "alerts": ("range", *WINDOW, "tenant"),
+    "budgets": ("tenant",),
+}
 
 
 def parameters(endpoint: str) -> tuple[str, ...]:
@@ -124,12 +140,13 @@ SCOPED = {"tenant": "tenant", "team": "team", "user": "user_id"}
 
 @dataclass(frozen=True)
 class Filters:
-    """What one analytics query is scoped to: calls that ended since ``since``, and
-    each filter that is not None (an empty query value means "not filtered")."""
+    """What one analytics query is scoped to: calls that ended since ``since`` (and
+    before ``end``, when one is asked), and each filter that is not None (an empty query
+    value means "not filtered")."""
 
-    range: str
+    range: str | None  # None: an explicit window (start, and maybe end)
     since: datetime
-    until: datetime  # "now" for this request; the end of the range
+    until: datetime  # "now" for this request; the end of a range
     tenant: str | None = None
     provider: str | None = None
     team: str | None = None
@@ -137,6 +154,17 @@ class Filters:
     env: str | None = None
     model_id: str | None = None
     user_id: str | None = None
+    end: datetime | None = None  # an explicit end (exclusive); None: up to now, as a range
+
+    @property
+    def span(self) -> timedelta:
+        """How long the range or window is."""
+        return (self.end or self.until) - self.since
+
+    def shown(self) -> dict[str, Any]:
+        """What an answer says it covers: the range (null for a window), its start and
+        its end (now, unless one was asked)."""
+        return {"range": self.range, "start": self.since, "end": self.end or self.until}
 
     def active(self) -> frozenset[str]:
         """The names of the filters that apply: the structure the SQL is rendered with."""
@@ -145,7 +173,8 @@ class Filters:
     def parameters(self) -> dict[str, Any]:
         """The bound values for the shared WHERE clause."""
         values = {name: getattr(self, name) for name in self.active()}
-        return {"since": self.since, "until": self.until, **values}
+        bound = {"end": self.end} if self.end is not None else {}
+        return {"since": self.since, "until": self.until, **bound, **values}
 
 
 @dataclass(frozen=True)
@@ -214,18 +243,30 @@ class Kept:
         ]
         return fits[-1] if fits else DEFAULT_RANGE
 
-    def check(self, range_: str, *, raw: bool = True) -> None:
-        """A 400 naming ``range`` if it reaches back past what the store keeps."""
-        if self.covers(RANGES[range_], raw=raw):
+    def check(self, filters: Filters, *, raw: bool = True) -> None:
+        """A 400 if ``filters`` reach back past what the store keeps: naming ``range``,
+        or ``start`` for a window (one longer than the days kept, or starting before
+        them: its end, when later than now, counts from its start)."""
+        reach = max(filters.until, filters.end or filters.until) - filters.since
+        if self.covers(reach, raw=raw):
             return
         name, days = self.setting(raw=raw)
         what = "calls" if name == "raw_retention_days" else "rollups and alerts"
+        kept = f"the store keeps {what} {days} days ({name}: {days})"
+        if filters.range is None:
+            upto = "'end'" if filters.end is not None and filters.end > filters.until else "now"
+            raise BadParameter(
+                "start",
+                f"'start' {filters.since.isoformat()} is {reach / timedelta(days=1):g} days "
+                f"before {upto}, but {kept}: an answer would leave out what is deleted; "
+                f"start at most {days} days before {upto}",
+            )
         shorter = [r for r, span in RANGES.items() if self.covers(span, raw=raw)]
         raise BadParameter(
             "range",
-            f"range {range_!r} reaches back {RANGES[range_].days} days, but the store keeps "
-            f"{what} {days} days ({name}: {days}): an answer would leave out what is "
-            f"deleted; use {', '.join(shorter) or 'a shorter range'}",
+            f"range {filters.range!r} reaches back {RANGES[filters.range].days} days, but "
+            f"{kept}: an answer would leave out what is deleted; use "
+            f"{', '.join(shorter) or 'a shorter range'}",
         )
 
 
@@ -259,11 +300,11 @@ class Query:
         A bound field of the scope is a filter whatever the query says; asking for
         another value of it is a 403 (an :class:`OutOfScope`), never an empty answer.
         """
-        range_ = self._choice("range", RANGES, default_range)
         # Milliseconds, as ClickHouse keeps times: a bound is then the same in Python
         # and in every query.
         now = utcnow()
         until = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        range_, since, end = self._window(until, default_range)
         optional = {name: self._query.get(name) or None for name in FILTERS if name in self.allowed}
         for field, name in SCOPED.items():
             bound = getattr(scope, field) if scope is not None else None
@@ -275,7 +316,66 @@ class Query:
                     name, f"this key is bound to {field} {bound!r}: {name!r} cannot be {asked!r}"
                 )
             optional[name] = bound
-        return Filters(range=range_, since=until - RANGES[range_], until=until, **optional)
+        return Filters(range=range_, since=since, until=until, end=end, **optional)
+
+    def _window(
+        self, now: datetime, default_range: str
+    ) -> tuple[str | None, datetime, datetime | None]:
+        """The range and its start; or, asked ``start`` (and ``end``), None, the start
+        and the end (None: not asked, up to now)."""
+        start, end = self._time("start"), self._time("end")
+        if start is None:
+            if end is not None:
+                raise BadParameter("end", "'end' needs a 'start': the window's first moment")
+            range_ = self._choice("range", RANGES, default_range)
+            return range_, now - RANGES[range_], None
+        if self._query.get("range"):
+            raise BadParameter(
+                "range",
+                "give either 'range' or 'start' (and 'end'), not both: 'range' is a window "
+                "that ends now",
+            )
+        if end is not None and start >= end:
+            raise BadParameter(
+                "end",
+                f"'start' {start.isoformat()} must be before 'end' {end.isoformat()} "
+                "('end' is exclusive)",
+            )
+        if start >= now:
+            raise BadParameter(
+                "start",
+                f"'start' {start.isoformat()} must be before now ({now.isoformat()}): no "
+                "call has ended since",
+            )
+        return None, start, end
+
+    def _time(self, name: str) -> datetime | None:
+        """An ISO-8601 time with an offset (or Z), in UTC and rounded up to the
+        millisecond (times are kept to the millisecond: the same calls are at or after
+        it); None when absent."""
+        value = self._query.get(name)
+        if value is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is None:
+                at = None
+            else:
+                at = parsed.astimezone(UTC)
+                at += timedelta(microseconds=-at.microsecond % 1000)
+        except (ValueError, OverflowError):
+            raise BadParameter(
+                name,
+                f"invalid {name!r} {value!r}: expected an ISO-8601 time with an offset or Z, "
+                "as in 2026-11-01T00:00:00Z (in a URL, write + as %2B)",
+            ) from None
+        if at is None:
+            raise BadParameter(
+                name,
+                f"invalid {name!r} {value!r}: give its offset, as in 2026-11-01T00:00:00Z or "
+                "2026-11-01T00:00:00-05:00 (a time without one is ambiguous)",
+            )
+        return at
 
     def optional_choice(self, name: str, choices: Collection[str]) -> str | None:
         """One of ``choices``, or None when the parameter is absent or empty (all)."""
@@ -290,8 +390,9 @@ class Query:
         """A free-text exact-match filter; None when absent or empty (all)."""
         return self._query.get(name) or None
 
-    def granularity(self, range_: str) -> str:
-        return self._choice("granularity", GRANULARITIES, DEFAULT_GRANULARITY[range_])
+    def granularity(self, span: timedelta) -> str:
+        """The buckets asked for; by default as :func:`default_granularity` picks."""
+        return self._choice("granularity", GRANULARITIES, default_granularity(span))
 
     def group_by(self) -> tuple[str, str | None]:
         """The grouping, and the property name when it is ``property:<name>``: in lower

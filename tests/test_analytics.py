@@ -945,6 +945,41 @@ async def test_rollups_answer_as_the_raw_table_at_every_edge(both: Both, range_:
         same(rollup, raw, f"{endpoint} {query}")
 
 
+WINDOWS: dict[str, Callable[[datetime], tuple[datetime, datetime]]] = {
+    # (start, end) from the store's now: ends on a day, on an hour, mid-hour, within one
+    # hour (the calls on an hour boundary and the millisecond before it), across one
+    # midnight (no whole day), past now.
+    "to-a-day": lambda now: (now - RANGE["30d"], _floor_day(now)),
+    "to-an-hour": lambda now: (now - RANGE["7d"], _floor_hour(now) - H),
+    "mid-hour": lambda now: (now - RANGE["90d"] + timedelta(minutes=30), now - 3 * D - 7 * MS),
+    "within-an-hour": lambda now: (_floor_hour(now) - H - MS, _floor_hour(now) - H + MS),
+    "across-midnight": lambda now: (_floor_day(now) - 2 * H, _floor_day(now) + 3 * H),
+    "past-now": lambda now: (now - RANGE["24h"], now + timedelta(minutes=10)),
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOWS))
+async def test_a_window_answers_as_the_raw_table_at_every_edge(both: Both, name: str) -> None:
+    """Every endpoint, from the rollups and from `calls` alone, over calls ending on,
+    just before and just after every boundary; and the count from the calls themselves."""
+    start, end = WINDOWS[name](both.now)
+    window = {"start": iso(start), "end": iso(end)}
+    for endpoint, query in EDGE_QUERIES:
+        rollup = await get(both.rollup, endpoint, **window, **query)
+        raw = await get(both.raw, endpoint, **window, **query)
+        same(rollup, raw, f"{endpoint} {query}")
+    calls = [c for c in both.calls if start <= c.ts_end < end]
+    assert calls, name
+    body = await get(both.rollup, "usage", **window)
+    assert body["totals"]["requests"] == len(calls)
+    assert body["totals"]["cost"] == money(cost_of(calls))
+    users = (await get(both.rollup, "users", **window, limit="1000"))["data"]
+    assert sum(r["requests"] for r in users) == len(calls)
+    series = (await get(both.rollup, "timeseries", **window, granularity="hour"))["data"]
+    assert sum(r["requests"] for r in series) == len(calls)
+    assert series[-1]["bucket"] == iso(_floor_hour(end - MS))
+
+
 @pytest.mark.parametrize("range_", list(RANGE))
 async def test_rollup_counts_tokens_and_cost_are_the_calls(both: Both, range_: str) -> None:
     """Counted here from the calls themselves, independently of any SQL."""
@@ -1560,8 +1595,9 @@ def test_the_default_retention_keeps_the_longest_range() -> None:
     kept = params.Kept(Settings().raw_retention_days, Settings().rollup_retention_days)
     assert kept == params.Kept()
     for range_ in RANGE:
-        kept.check(range_)
-        kept.check(range_, raw=False)
+        filters = params.Query(MultiDict(range=range_)).filters()
+        kept.check(filters)
+        kept.check(filters, raw=False)
 
 
 async def test_a_90d_range_over_a_90_day_ttl_counts_its_first_partial_day(

@@ -91,6 +91,8 @@ def test_enums_and_ranges_are_the_ones_checked() -> None:
     parameters = openapi.PARAMETERS
     assert parameters["range"]["schema"]["enum"] == list(params.RANGES)
     assert parameters["range"]["schema"]["default"] == params.DEFAULT_RANGE
+    for name in params.WINDOW:  # an explicit window instead: times with an offset
+        assert parameters[name]["schema"] == {"type": "string", "format": "date-time"}
     assert parameters["granularity"]["schema"]["enum"] == list(params.GRANULARITIES)
     limit = parameters["limit"]["schema"]
     assert (limit["minimum"], limit["maximum"], limit["default"]) == (
@@ -195,9 +197,12 @@ def test_the_served_document_is_this_one(served: str) -> None:
 )
 def test_the_api_keeps_its_contract(case: schemathesis.Case[Any], served: str) -> None:
     # A generated string is rarely a query ClickHouse accepts: valid bodies may get a 400
-    # there. Everywhere else, input the document calls valid must succeed.
+    # there; nor is a generated window (`start`, `end`) often one the API answers: not
+    # with `range`, after `start`, from a start the store keeps (a schema cannot say
+    # that). Everywhere else, input the document calls valid must succeed.
+    window = any(name in (case.query or {}) for name in params.WINDOW)
     excluded: list[schemathesis.CheckFunction] = (
-        [positive_data_acceptance] if case.path == "/api/v1/sql" else []
+        [positive_data_acceptance] if case.path == "/api/v1/sql" or window else []
     )
     case.call_and_validate(
         base_url=served,

@@ -52,14 +52,14 @@ from sql.dashboard.sessions import (
     set_cookie,
 )
 from sql.params import (
-    COMMON,
-    DEFAULT_GRANULARITY,
+    RANGED,
     RANGES,
     BadParameter,
     Filters,
     Kept,
     Query,
     Scope,
+    default_granularity,
 )
 from sql.sqlapi import stop_reading
 from sql.store import Store, render
@@ -145,7 +145,7 @@ class Link:
 class Page:
     """Everything dashboard.html.j2 renders."""
 
-    range: str
+    range: str | None  # always a range: the page takes no window (params.RANGED)
     granularity: str
     totals: Totals
     spend: Chart
@@ -238,7 +238,7 @@ async def gather(
     store runs them one at a time; a ClickHouse server at once). The alerts are those
     ``seen`` sees (:func:`sql.analytics.seen_as`)."""
     scan, windows, _ = rolling_windows(filters, kept)  # as GET /analytics/models reads
-    minutes = RANGES[filters.range].total_seconds() / 60
+    minutes = filters.span.total_seconds() / 60
     structure, confined = alert_scope(seen)
     # As GET /analytics/alerts asks it, with no optional filter.
     alerts = render("analytics_alerts", alert_filters=frozenset(), **structure)
@@ -249,7 +249,7 @@ async def gather(
             store,
             "analytics_timeseries",
             filters,
-            structure={"granularity": DEFAULT_GRANULARITY[filters.range]},
+            structure={"granularity": default_granularity(filters.span)},
         ),
         # the range's p95 only, of the costliest models (the slowest of those charted)
         select(store, "analytics_models", scan, values={**windows, "limit": MODEL_ROWS}),
@@ -301,7 +301,7 @@ async def build(
     usage, performance, series, models, users, teams, features, alerts = await gather(
         store, filters, seen, budgets, kept
     )
-    granularity = DEFAULT_GRANULARITY[filters.range]
+    granularity = default_granularity(filters.span)
     total = usage[0]
     tenants = filters.tenant is None  # an admin's page of every tenant: name each row's
     spend, traffic = time_charts(series, granularity)
@@ -361,9 +361,9 @@ def html(template: str, status: int = 200, **context: Any) -> web.Response:
     )
 
 
-def range_links(query: Mapping[str, str], current: str) -> list[Link]:
+def range_links(query: Mapping[str, str], current: str | None) -> list[Link]:
     """A link per range, keeping the page's other parameters (filters)."""
-    kept = {k: v for k, v in query.items() if k != "range" and k in COMMON}
+    kept = {k: v for k, v in query.items() if k != "range" and k in RANGED}
     return [
         Link(name, str(URL(PATH).with_query({**kept, "range": name})), name == current)
         for name in RANGES
@@ -457,8 +457,9 @@ class Views:
             return response
 
         try:
-            filters = Query(request.query).filters(caller.scope, _default_range(request))
-            request.app[KEPT].check(filters.range)  # what the API refuses, the page too
+            query = Query(request.query, common=RANGED)  # ranges only: its links are ranges
+            filters = query.filters(caller.scope, _default_range(request))
+            request.app[KEPT].check(filters)  # what the API refuses, the page too
             with request.app[ADMISSION].admit(caller):
                 page = await build(
                     request.app[STORE],

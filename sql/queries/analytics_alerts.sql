@@ -1,4 +1,5 @@
--- Alert history, spike and budget: alerts first seen in the range, newest first, with
+-- Alert history, spike and budget: alerts first seen in the range (or the window,
+-- before its end when `bounded`), newest first, with
 -- the optional filters (`alert_filters` names those that apply; values bound). FINAL
 -- collapses the rare duplicate a dispatcher rebalance can leave (0002_alerts.sql).
 -- A virtual key (`scoped`) sees only the alerts that are its own, as the dashboard shows
@@ -35,6 +36,9 @@ SELECT
     resolution
 FROM alerts FINAL
 WHERE first_seen >= {since:DateTime64(3, 'UTC')}
+{% if bounded | default(false) %}
+  AND first_seen < {end:DateTime64(3, 'UTC')}
+{% endif %}
 {% if 'alert_type' in alert_filters %}
   AND alert_type = {alert_type:String}
 {% endif %}

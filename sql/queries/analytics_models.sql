@@ -6,12 +6,14 @@
 -- The rows: every model seen in the range or a window. All of them run to now, so that
 -- is the widest one's: the range's, or the 30d window's when the range is narrower (a
 -- model with no call in the range then has requests 0, cost 0, and no latency or rates).
+-- A window (`range_name` '', and `bounded` when it has an end) need not hold or be held by
+-- the 30d window: its rows are the models of either.
 -- cost is null when none of the calls it sums could be priced (unknown, never $0);
 -- a range or window without calls cost 0. total_tokens = input + output (the other
 -- token counts are subsets of those two). p95/p99 are t-digest estimates. At most
 -- {limit} rows: model names are the callers' to choose.
 {% set range_name = range_name | default('') %}
-{% set rows_from = 'w30d' if range_name in ['24h', '7d'] else 'r' %}
+{% set rows_from = 'w30d' if range_name in ['24h', '7d'] else 'r' if range_name else 'k' %}
 {% set no_calls = 'ifNull(r.requests, 0) = 0' %}
 {% macro window_read(window) %}
     SELECT
@@ -20,11 +22,35 @@
         sum(p.requests) AS requests,
         sum(p.input_tokens + p.output_tokens) AS tokens,
         if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost
-    {% with span = 'since_' ~ window,
+    {% with span = 'since_' ~ window, bounded = false,
             need = ['requests', 'input_tokens', 'output_tokens', 'priced', 'cost'] %}
     FROM {% include "rollup_parts" %} AS p
     {% endwith %}
     GROUP BY model, provider
+{% endmacro %}
+{% macro range_read() %}
+    SELECT
+        model,
+        provider,
+        sum(p.requests) AS requests,
+        sum(p.errors) AS errors,
+        sum(p.input_tokens) AS input_tokens,
+        sum(p.output_tokens) AS output_tokens,
+        sum(p.cached_input_tokens) AS cached_input_tokens,
+        sum(p.reasoning_tokens) AS reasoning_tokens,
+        if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost,
+        sum(p.unpriced) AS unpriced_requests,
+        sum(p.usage_missing) AS usage_missing_requests,
+        sum(p.latency_ms_sum) / requests AS avg_latency_ms,
+        quantilesTDigestMerge(0.5, 0.95, 0.99)(p.latency_ms_quantiles) AS latency
+    {% with span = 'range_since',
+            need = ['requests', 'errors', 'input_tokens', 'output_tokens', 'cached_input_tokens',
+                    'reasoning_tokens', 'priced', 'cost', 'unpriced', 'usage_missing',
+                    'latency_ms_sum', 'latency_ms_quantiles'] %}
+    FROM {% include "rollup_parts" %} AS p
+    {% endwith %}
+    GROUP BY model, provider
+    HAVING requests > 0
 {% endmacro %}
 SELECT
     {{ rows_from }}.model AS model,
@@ -56,6 +82,25 @@ SELECT
 {% endif %}
 {% endfor %}
 FROM
+{% if rows_from == 'k' %}
+(
+    SELECT DISTINCT model, provider
+    FROM
+    (
+        SELECT model, provider FROM
+        (
+{{ range_read() }}
+        )
+        UNION ALL
+        SELECT model, provider FROM
+        (
+{{ window_read('30d') }}
+            HAVING requests > 0
+        )
+    )
+) AS k
+LEFT JOIN
+{% endif %}
 {% if rows_from == 'w30d' %}
 (
 {{ window_read('30d') }}
@@ -64,31 +109,10 @@ FROM
 LEFT JOIN
 {% endif %}
 (
-    SELECT
-        model,
-        provider,
-        sum(p.requests) AS requests,
-        sum(p.errors) AS errors,
-        sum(p.input_tokens) AS input_tokens,
-        sum(p.output_tokens) AS output_tokens,
-        sum(p.cached_input_tokens) AS cached_input_tokens,
-        sum(p.reasoning_tokens) AS reasoning_tokens,
-        if(sum(p.priced) = 0, NULL, sum(p.cost)) AS cost,
-        sum(p.unpriced) AS unpriced_requests,
-        sum(p.usage_missing) AS usage_missing_requests,
-        sum(p.latency_ms_sum) / requests AS avg_latency_ms,
-        quantilesTDigestMerge(0.5, 0.95, 0.99)(p.latency_ms_quantiles) AS latency
-    {% with span = 'range_since',
-            need = ['requests', 'errors', 'input_tokens', 'output_tokens', 'cached_input_tokens',
-                    'reasoning_tokens', 'priced', 'cost', 'unpriced', 'usage_missing',
-                    'latency_ms_sum', 'latency_ms_quantiles'] %}
-    FROM {% include "rollup_parts" %} AS p
-    {% endwith %}
-    GROUP BY model, provider
-    HAVING requests > 0
+{{ range_read() }}
 ) AS r
-{% if rows_from == 'w30d' %}
-ON r.model = w30d.model AND r.provider = w30d.provider
+{% if rows_from != 'r' %}
+ON r.model = {{ rows_from }}.model AND r.provider = {{ rows_from }}.provider
 {% endif %}
 {% for window in ['24h', '7d', '30d'] if window != range_name and 'w' ~ window != rows_from %}
 LEFT JOIN

@@ -1,8 +1,11 @@
 -- Time buckets for charts, one row per UTC hour or day of the range, oldest first. A
 -- bucket without calls is still there, filled with zeros (WITH FILL); the first and last
--- buckets are partial (the range starts and ends mid-bucket). From the rollups
+-- buckets are partial (the range starts and ends mid-bucket; a window with an end ends
+-- with the bucket of its last millisecond: `end` is exclusive). From the rollups
 -- (rollup_parts.sql; hourly ones only for hourly buckets); p95 is a t-digest estimate.
 {% set unit_name = {'hour': 'Hour', 'day': 'Day'}[granularity] %}
+{% set last = "{end:DateTime64(3, 'UTC')} - toIntervalMillisecond(1)"
+    if bounded | default(false) else "{until:DateTime64(3, 'UTC')}" %}
 SELECT
     bucket,
     requests,
@@ -32,7 +35,7 @@ FROM
     GROUP BY bucket
     ORDER BY bucket WITH FILL
         FROM toStartOf{{ unit_name }}({since:DateTime64(3, 'UTC')})
-        TO toStartOf{{ unit_name }}({until:DateTime64(3, 'UTC')}) + INTERVAL 1 {{ granularity | upper }}
+        TO toStartOf{{ unit_name }}({{ last }}) + INTERVAL 1 {{ granularity | upper }}
         STEP INTERVAL 1 {{ granularity | upper }}
 )
 ORDER BY bucket

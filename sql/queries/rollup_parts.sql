@@ -14,6 +14,10 @@
         for the rollups without an hourly table).
     With unit 'hour' (hourly buckets: timeseries by hour) there is no daily part, and
     without an hourly rollup everything comes from `calls`.
+    `bounded` (a window with an end: the API's `end`) adds "and before {end}": then the
+    days are the whole ones before the last day boundary at or before {end}, the hours
+    the whole ones before the last hour boundary at or before it (less the days), and
+    `calls` the rest at either end (all of it for a window within one hour).
     So every count and sum equals the raw table's; only quantiles (t-digest) estimate.
     With source 'raw' every call comes from `calls` (the same rows, for comparison).
 
@@ -98,6 +102,19 @@
 {% set h_from = "toStartOfHour(" ~ since ~ " + toIntervalMillisecond(3599999))" %}
 {% set d_from = "toStartOfDay(" ~ since ~ " + toIntervalMillisecond(86399999))" %}
 {% set raw_to = h_from if hourly else d_from %}
+{#- With an end: the last boundaries at or before it (a bucket before them ends by it). #}
+{% set bounded = bounded | default(false) %}
+{% set end = "{end:DateTime64(3, 'UTC')}" %}
+{% set h_to = "toStartOfHour(" ~ end ~ ")" %}
+{% set d_to = "toStartOfDay(" ~ end ~ ")" %}
+{% set days = "bucket >= " ~ d_from ~ (" AND bucket < " ~ d_to if bounded else "") %}
+{% set hours = "bucket >= " ~ h_from ~ (
+    (" AND bucket < " ~ h_to ~ (" AND NOT (" ~ days ~ ")" if daily else ""))
+    if bounded else (" AND bucket < " ~ d_from if daily else "")) %}
+{% set edges = "ts_end >= " ~ since ~ (
+    (" AND ts_end < " ~ end ~ " AND NOT (ts_end >= " ~ raw_to ~ " AND ts_end < "
+        ~ (h_to if hourly else d_to) ~ ")")
+    if bounded else " AND ts_end < " ~ raw_to) %}
 {#- (name, how a call's rows make it): the rollups' columns, in their order; the same
     expressions as their materialized views (0005_analytics_rollups.sql). #}
 {% set measures = [
@@ -176,7 +193,7 @@
 {% if daily %}
     SELECT {{ columns }}
     FROM {{ daily_table }}
-    {% with when = "bucket >= " ~ d_from %}
+    {% with when = days %}
     {% include "_filters" %}
     {% endwith %}
 {% if by_property %}
@@ -187,7 +204,7 @@
 {% if hourly %}
     SELECT {{ columns }}
     FROM {{ hourly_table }}
-    {% with when = "bucket >= " ~ h_from ~ (" AND bucket < " ~ d_from if daily else "") %}
+    {% with when = hours %}
     {% include "_filters" %}
     {% endwith %}
     UNION ALL
@@ -203,7 +220,8 @@
         {{ expression }} AS {{ name }}{{ "," if not loop.last }}
 {% endfor %}
     FROM calls
-    {% with when = "ts_end >= " ~ since ~ (" AND ts_end < " ~ raw_to if source == 'rollup' else "") %}
+    {% with when = edges if source == 'rollup'
+        else "ts_end >= " ~ since ~ (" AND ts_end < " ~ end if bounded else "") %}
     {% include "_filters" %}
     {% endwith %}
 {% if by_property and source == 'rollup' %}
