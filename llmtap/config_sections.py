@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from datetime import timedelta
 from decimal import Decimal
 from typing import Annotated, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -119,6 +120,19 @@ def _standard_secret(value: SecretStr) -> SecretStr:
 WebhookSecret = Annotated[SecretStr, AfterValidator(_standard_secret)]
 
 
+# A delivery's retries (sinks/webhooks/deliver.py): the wait after each failed attempt.
+BACKOFF_CAP_S = 300.0
+MIN_RETRY_S = 1.0  # a retry-after of 0 (or a date past) or backoff_s 0: no tight loop
+DEFAULT_MAX_AGE_S = 86_400.0  # a day: over ten times the default retries' longest
+
+
+def backoff_wait_s(attempt: int, backoff_s: float) -> float:
+    """The longest wait after failed attempt number ``attempt`` (1-based) but for a
+    receiver's retry-after: ``backoff_s`` doubled each attempt, capped, at least a second."""
+    # The exponent capped too: 2.0 ** 1024 overflows (a week of retries is ~2,000).
+    return max(MIN_RETRY_S, min(BACKOFF_CAP_S, backoff_s * 2.0 ** min(attempt - 1, 64)))
+
+
 class WebhookEndpoint(BaseModel):
     """A receiver of alerts (README, Webhooks): where, which alerts, and in what form.
 
@@ -151,6 +165,34 @@ class WebhookEndpoint(BaseModel):
     # The first retry waits about this long; each retry doubles it (jittered, capped, at
     # least a second).
     backoff_s: float = Field(default=1.0, ge=0)
+    # An unfinished delivery whose sending began longer ago (`llmtap alerts redeliver`
+    # begins one afresh) is dead-lettered unsent when it is resumed from ClickHouse: a
+    # store process down for days, an endpoint configured again weeks later. It must
+    # exceed the retry schedule's longest (:meth:`retry_schedule_s`). None: a day, or
+    # twice that schedule if that is longer (max_age()).
+    max_age_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _outlasts_its_retries(self) -> WebhookEndpoint:
+        longest = self.retry_schedule_s()
+        if self.max_age_s is not None and self.max_age_s <= longest:
+            raise ValueError(
+                f"max_age_s ({self.max_age_s:g}) must exceed the {longest:.0f} s that "
+                f"max_attempts {self.max_attempts} can take (backoff_s {self.backoff_s:g}, "
+                f"timeout_s {self.timeout_s:g}): a delivery would expire mid-retries"
+            )
+        return self
+
+    def retry_schedule_s(self) -> float:
+        """The longest a delivery's attempts take, each timing out and each wait at its
+        longest, but for a receiver's longer retry-after."""
+        waits = sum(backoff_wait_s(n, self.backoff_s) for n in range(1, self.max_attempts))
+        return waits + self.max_attempts * self.timeout_s
+
+    def max_age(self) -> timedelta:
+        """How long ago an unfinished delivery's sending may have begun to be resumed."""
+        default = max(DEFAULT_MAX_AGE_S, 2 * self.retry_schedule_s())
+        return timedelta(seconds=self.max_age_s if self.max_age_s is not None else default)
 
     @field_validator("url")
     @classmethod

@@ -37,7 +37,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from llmtap import topics
 from llmtap.config import Settings
-from llmtap.config_sections import BudgetConfig, SpikeRule, WebhookEndpoint
+from llmtap.config_sections import BACKOFF_CAP_S, BudgetConfig, SpikeRule, WebhookEndpoint
 from llmtap.events import Alert
 from llmtap.kafka import Kafka
 from llmtap.names import Names
@@ -392,9 +392,9 @@ def test_retry_after_is_honoured_and_backoff_doubles_with_jitter() -> None:
     assert deliver.retry_delay(3, 1.0, retry_after=30, rand=lambda: 1.0) == 30
     assert deliver.retry_delay(3, 1.0, rand=lambda: 0.0) == 2.0
     assert deliver.retry_delay(3, 1.0, rand=lambda: 1.0) == 4.0
-    assert deliver.retry_delay(30, 1.0, rand=lambda: 1.0) == deliver.BACKOFF_CAP_S
+    assert deliver.retry_delay(30, 1.0, rand=lambda: 1.0) == BACKOFF_CAP_S
     # a week of retries at the cap (2.0 ** 1024 overflowed: retried at once, every second)
-    assert deliver.retry_delay(5000, 1.0, rand=lambda: 1.0) == deliver.BACKOFF_CAP_S
+    assert deliver.retry_delay(5000, 1.0, rand=lambda: 1.0) == BACKOFF_CAP_S
 
 
 def test_filters_empty_means_all() -> None:
@@ -1107,7 +1107,7 @@ def test_a_process_resumes_the_deliveries_of_its_partitions_only(store: Store) -
     records.store_batch(store, [unknown], [(hook, unknown)], [])
 
     def resumed(partitions: set[int]) -> set[uuid.UUID]:
-        jobs = records.unfinished(store, hook, 10, partitions)
+        jobs = records.unfinished(store, hook, 10, partitions).jobs
         assert all(job.partition in partitions | {-1} for job in jobs)
         return {job.alert.event_id for job in jobs}
 
@@ -1137,7 +1137,7 @@ def test_deliveries_recorded_together_resume_in_the_order_they_were_raised(store
     alerts = [resolved, firing, earlier, eighty, fifty]
     hook = f"ordered-{uuid.uuid4()}"
     records.store_batch(store, alerts, [(hook, a) for a in alerts], [])
-    jobs = records.unfinished(store, hook, 10, {0})  # no partition given: partition 0's
+    jobs = records.unfinished(store, hook, 10, {0}).jobs  # no partition given: partition 0's
     assert [job.alert.event_id for job in jobs] == [
         earlier.event_id,
         fifty.event_id,

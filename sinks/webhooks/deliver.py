@@ -28,15 +28,13 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import yarl
 
-from llmtap.config_sections import WebhookEndpoint
+from llmtap.config_sections import BACKOFF_CAP_S, MIN_RETRY_S, WebhookEndpoint, backoff_wait_s
 from llmtap.events import utcnow
 from sinks.webhooks import guard, sign
 from sinks.webhooks.records import Attempt, Outcome
 from sinks.webhooks.render import Body
 
-BACKOFF_CAP_S = 300.0
 RETRY_AFTER_CAP_S = 3600.0
-MIN_RETRY_S = 1.0  # a retry-after of 0 (or a date past) or backoff_s 0: no tight loop
 ERROR_BODY_BYTES = 300  # how much of a failed answer's body is kept in the record
 ERROR_BODY_WAIT_S = 1.0  # how long that body is waited for once the status came
 USER_AGENT = "llmtap-webhooks/1"
@@ -98,8 +96,7 @@ def retry_delay(
     """How long to wait after failed attempt number ``attempt`` (1-based): the backoff,
     or the receiver's ``retry_after`` if longer (a load balancer's 503 with
     ``retry-after: 1`` must not use up every attempt in seconds)."""
-    # The exponent capped too: 2.0 ** 1024 overflows (a week of retries is ~2,000).
-    backoff = min(BACKOFF_CAP_S, backoff_s * 2.0 ** min(attempt - 1, 64))
+    backoff = backoff_wait_s(attempt, backoff_s)
     delay = backoff / 2 + rand() * backoff / 2
     if retry_after is not None:
         delay = max(delay, min(retry_after, RETRY_AFTER_CAP_S))

@@ -10,8 +10,11 @@
 
 Restarts: a delivery recorded without a final outcome (pending, or retrying) is resumed
 by its endpoint's worker when the dispatcher is given its alert's partition, counting
-the attempts already made. Each delivery is recorded with that partition, and only its
-owner sends it (worker.py): with several store processes, each sends its partitions'.
+the attempts already made, unless its sending began more than its endpoint's
+``max_age_s`` ago (then dead-lettered unsent: worker.py). Deliveries of an endpoint no
+longer configured are said once at start, per endpoint (one WARNING), and left unsent.
+Each delivery is recorded with that partition, and only its owner sends it (worker.py):
+with several store processes, each sends its partitions'.
 Delivery is at least once: an attempt sent but not yet recorded when the process stops
 (or gives its partition up) is sent again, with the same ``webhook-id``.
 """
@@ -131,6 +134,7 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         """Consume until cancelled (reconnecting if the broker goes away); workers alongside."""
+        await self._warn_of_orphans()
         tasks = [
             asyncio.create_task(w.run(), name=f"webhook-{name}") for name, w in self.workers.items()
         ]
@@ -142,6 +146,23 @@ class WebhookDispatcher:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def _warn_of_orphans(self) -> None:
+        """One WARNING per endpoint not configured that has unfinished deliveries: no
+        worker sends them."""
+        try:
+            orphans = await asyncio.to_thread(records.orphaned, self._store, list(self.workers))
+        except Exception as exc:  # a warning only: no reason not to start
+            log.warning("counting deliveries of endpoints not configured failed (%s)", exc)
+            return
+        for name, count in orphans.items():
+            log.warning(
+                "webhook %s: not configured (renamed or removed), %d unfinished deliveries "
+                "of it stay unsent; configure it again under that name to send those begun "
+                "less than its max_age_s ago (a day by default), the older are dead-lettered",
+                name,
+                count,
+            )
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         try:

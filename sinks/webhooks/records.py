@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -180,11 +180,28 @@ def store_batch(
     return Stored(new, left)
 
 
-def unfinished(store: Store, endpoint: str, limit: int, partitions: Collection[int]) -> list[Job]:
+@dataclass
+class Resumed:
+    """What a rescan read: the deliveries to send, and those dead-lettered unsent."""
+
+    jobs: list[Job]
+    read: int  # unfinished deliveries read: the limit reached, more may be left
+    given_up: int = 0  # dead-lettered here: expired, or their alert no longer decodes
+
+
+def unfinished(
+    store: Store,
+    endpoint: str,
+    limit: int,
+    partitions: Collection[int],
+    max_age: timedelta = timedelta.max,
+) -> Resumed:
     """One endpoint's deliveries with no final outcome, of alerts read from
-    ``partitions`` (and those of no known partition, with partition 0), oldest first."""
+    ``partitions`` (and those of no known partition, with partition 0), oldest first.
+    One whose sending began more than ``max_age`` ago is dead-lettered, not resumed:
+    said in one WARNING per call."""
     if not partitions:
-        return []
+        return Resumed([], 0)
     values = {
         "endpoint": endpoint,
         "final": list(FINAL),
@@ -192,35 +209,73 @@ def unfinished(store: Store, endpoint: str, limit: int, partitions: Collection[i
         "partitions": sorted(partitions),
     }
     rows = store.rows(render("webhook_unfinished"), values)
-    jobs = []
+    now = utcnow()
+    jobs, given_up, expired = [], [], []
     for row in rows:
+        age = now - _utc(row["since"])
+        if age > max_age:
+            error = (
+                f"expired: not sent, its sending began {_ago(age)} ago, more than max_age_s "
+                f"{max_age.total_seconds():g} (`llmtap alerts redeliver` sends it)"
+            )
+            given_up.append(_dead_lettered(row, endpoint, now, error))
+            expired.append(age)
+            continue
         try:
             alert = Alert.model_validate_json(row["payload"])
         except ValidationError as exc:
             log.error("stored alert %s no longer decodes; dead-lettered", row["alert_id"])
             error = f"stored alert does not decode: {exc}"
-            record(
-                store,
-                [
-                    Attempt(
-                        row["alert_id"],
-                        endpoint,
-                        row["attempts"],
-                        utcnow(),
-                        None,
-                        error,
-                        "dead_lettered",
-                        row["alert_partition"],
-                        redelivery=row["redelivery"],
-                    )
-                ],
-            )
+            given_up.append(_dead_lettered(row, endpoint, now, error))
             continue
-        due = row["retry_at"]  # naive when read from the store's own time zone, UTC
-        due = due.replace(tzinfo=UTC) if due is not None and due.tzinfo is None else due
+        due = row["retry_at"]
+        due = _utc(due) if due is not None else None
         partition, redelivery = int(row["alert_partition"]), int(row["redelivery"])
         jobs.append(Job(alert, int(row["attempts"]), partition, due, redelivery))
-    return jobs
+    record(store, given_up)
+    if expired:
+        log.warning(
+            "webhook %s: %d unfinished deliveries expired, begun more than max_age_s %g ago "
+            "(the oldest %s ago): dead-lettered unsent; `llmtap alerts redeliver "
+            "--endpoint %s` sends them",
+            endpoint,
+            len(expired),
+            max_age.total_seconds(),
+            _ago(max(expired)),
+            endpoint,
+        )
+    return Resumed(jobs, len(rows), len(given_up))
+
+
+def _utc(ts: datetime) -> datetime:
+    """A timestamp read from the store: naive when read in its own time zone, UTC."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+def _ago(age: timedelta) -> str:
+    return str(timedelta(seconds=int(age.total_seconds())))  # "21 days, 0:00:00"
+
+
+def _dead_lettered(row: Mapping[str, Any], endpoint: str, now: datetime, error: str) -> Attempt:
+    """A resumed delivery's final row, recorded instead of sending it."""
+    return Attempt(
+        row["alert_id"],
+        endpoint,
+        row["attempts"],
+        now,
+        None,
+        error,
+        "dead_lettered",
+        row["alert_partition"],
+        redelivery=row["redelivery"],
+    )
+
+
+def orphaned(store: Store, configured: Collection[str]) -> dict[str, int]:
+    """How many unfinished deliveries each endpoint not ``configured`` has."""
+    values = {"endpoints": sorted(configured), "final": list(FINAL)}
+    rows = store.rows(render("webhook_orphaned"), values)
+    return {r["endpoint"]: int(r["deliveries"]) for r in rows}
 
 
 T = TypeVar("T")

@@ -16,6 +16,14 @@ the attempts recorded and waiting for the retry the last one was due at, so no t
 members of the group send one delivery or record its outcome. (A process the broker
 expelled but still running is not fenced off: until it hears so, it may send what the
 group gave another. Delivery stays at least once.)
+
+An unfinished delivery is judged by its age when it is resumed from ClickHouse (at
+start, and at each rescan), not before each attempt: one whose sending began more than
+the endpoint's ``max_age_s`` ago (a store process down for days, an endpoint configured
+again weeks later) is dead-lettered unsent (records.unfinished). A rescan runs only
+between deliveries, so one being retried is never cut short; one resumed mid-schedule
+(handed over, or after a quick restart) is within it, as ``max_age_s`` exceeds the
+longest schedule (config_sections), unless a receiver's retry-afters stretched it.
 """
 
 from __future__ import annotations
@@ -191,19 +199,24 @@ class EndpointWorker:
         name = self.endpoint.name
         partitions = self._owned.partitions
         try:
-            jobs = await records.durably(
+            resumed = await records.durably(
                 "reading unfinished deliveries",
                 records.unfinished,
                 self._store,
                 name,
                 limit,
                 partitions,
+                self.endpoint.max_age(),
             )
         finally:
             self._refilling = False
+        jobs = resumed.jobs
         if jobs:
             log.info("webhook %s: %d unfinished deliveries resumed", name, len(jobs))
-        self._rescan = self._rescan or len(jobs) >= limit
+        if resumed.given_up:
+            given_up = self.outcomes.get("dead_lettered", 0) + resumed.given_up
+            self.outcomes["dead_lettered"] = given_up
+        self._rescan = self._rescan or resumed.read >= limit
         for job in jobs:
             if self._wanted(job):
                 self._put(job)

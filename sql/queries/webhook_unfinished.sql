@@ -2,7 +2,8 @@
 -- this store process owns (and those recorded before deliveries had one, -1, with
 -- partition 0), oldest first, with the alert to render again, how many attempts
 -- were already made (0: only recorded as pending) and when the next one is due
--- (the latest retry_at of its failed attempts; NULL, none recorded: now).
+-- (the latest retry_at of its failed attempts; NULL, none recorded: now), and when its
+-- sending began (`since`: too long ago, it is dead-lettered unsent, records.py).
 -- Only a delivery's latest redelivery counts (0019: `llmtap alerts redeliver` starts
 -- one afresh after the earlier one's final row), and its attempts are that one's.
 -- Alerts recorded together (one batch: one `since`) go in the order they were raised,
@@ -36,6 +37,7 @@ SELECT
     u.alert_partition AS alert_partition,
     u.retry_at AS retry_at,
     u.sending AS redelivery,
+    u.since AS since,
     a.payload AS payload
 FROM unfinished AS u
 INNER JOIN
