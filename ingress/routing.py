@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from llmtap.config import Settings
 from llmtap.config_sections import ApiKind, ProviderConfig
+from llmtap.events import GEO_PATTERN, GLOBAL_GEO
 
 OPENAI_HOST = "api.openai.com"
+_GEO = re.compile(GEO_PATTERN)
 MISTRAL_HOST = "api.mistral.ai"
 
 
@@ -21,10 +24,30 @@ class Route:
 
 def openai_tiers(provider: str, config: ProviderConfig) -> bool:
     """Whether the tier an answer of ``provider`` names is OpenAI's (ProviderConfig.
-    service_tiers; unset: the provider named ``openai``, or one on OpenAI's own API)."""
+    service_tiers; unset: the provider named ``openai``, or one on OpenAI's own API, its
+    data-residency endpoints' hosts too: ``eu.api.openai.com``)."""
     if config.service_tiers is not None:
         return config.service_tiers
-    return provider == "openai" or urlsplit(config.base_url).hostname == OPENAI_HOST
+    return provider == "openai" or _openai_region(config) is not None
+
+
+def _openai_region(config: ProviderConfig) -> str | None:
+    """The region of OpenAI's API the provider's ``base_url`` is on: ``""`` for
+    ``api.openai.com``, the prefix of a data-residency endpoint's host (``eu`` of
+    ``eu.api.openai.com``); None for a host not OpenAI's."""
+    host = (urlsplit(config.base_url).hostname or "").casefold()
+    if host == OPENAI_HOST:
+        return ""
+    region, dot, rest = host.partition(".")
+    return region if dot and rest == OPENAI_HOST and _GEO.fullmatch(region) else None
+
+
+def endpoint_geo(config: ProviderConfig) -> str:
+    """Where OpenAI runs and bills the calls of a provider of its API: the region of a
+    data-residency endpoint (``eu`` for ``https://eu.api.openai.com/v1``, priced by the
+    model's ``geo_multipliers``: 10% more on models released on or after 2026-03-05),
+    else ``"global"`` (OpenAI's own host, or any other server)."""
+    return _openai_region(config) or GLOBAL_GEO
 
 
 def asks_stream_usage(config: ProviderConfig) -> bool:

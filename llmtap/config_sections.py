@@ -58,11 +58,12 @@ class ProviderConfig(BaseModel):
     # has a hard cap reserve such calls at the priority rates; billing follows the tier
     # each answer says served it either way.
     default_service_tier: Literal["standard", "priority"] = "standard"
-    # Whether an answer's service_tier names OpenAI's tiers (flex, priority: priced at
-    # the catalog's tier rates). None: for the provider named openai and any on OpenAI's
-    # own API (a base_url on api.openai.com) only. Another OpenAI-compatible provider's
-    # tiers are its own (Groq answers "flex" for a tier priced as its on-demand one):
-    # its calls are priced at the standard rates, whatever tier the answer names.
+    # Whether an answer's service_tier names OpenAI's tiers (flex, priority, ultrafast:
+    # priced at the catalog's tier rates). None: for the provider named openai and any on
+    # OpenAI's own API (a base_url on api.openai.com or <region>.api.openai.com) only.
+    # Another OpenAI-compatible provider's tiers are its own (Groq answers "flex" for a
+    # tier priced as its on-demand one): its calls are priced at the standard rates,
+    # whatever tier the answer names.
     service_tiers: bool | None = None
     # What a hard cap does with a call of a model this provider serves that has no
     # price (budget_unpriced, for this provider): "admit" for a local server whose

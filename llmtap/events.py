@@ -128,8 +128,12 @@ Speed = Literal["standard", "fast"]
 GLOBAL_GEO = "global"
 GEO_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 # The service tier an OpenAI call was served at (its answer's ``service_tier``): flex
-# (about half the standard rates), priority (a per-model premium), or standard.
-ServiceTier = Literal["standard", "flex", "priority"]
+# (about half the standard rates), priority (a per-model premium), ultrafast (a
+# multiple of the standard rates), standard, or another tier its answer named, kept as
+# named (a name, as a geography is) so that pricing can refuse to guess at it.
+STANDARD_TIER = "standard"
+TIER_PATTERN = GEO_PATTERN
+ServiceTier = Annotated[str, Field(pattern=TIER_PATTERN)]
 
 
 class AdvisorUsage(_Model):
@@ -153,8 +157,9 @@ class Usage(_Model):
     ``input_tokens`` counts every prompt token, including those read from a cache
     (``cached_input_tokens``) and those written to one (``cache_creation_input_tokens``);
     ``output_tokens`` counts every generated token, including ``reasoning_tokens``.
-    ``cache_creation_1h_input_tokens`` is the part of the cache writes made with a
-    one-hour lifetime (Anthropic prices it above the default five-minute writes).
+    ``cache_creation_1h_input_tokens`` is the part of the cache writes made with the
+    longer lifetime: Anthropic's one hour, OpenAI's 12 hours (each priced above the
+    default writes: five minutes, 30 minutes).
     So the subsets never exceed their totals and pricing never charges a token twice.
     ``usage_missing`` is true when the provider reported no usage: the counts are
     then unknown, not zero. ``output_tokens_counted`` is true when a stream broke off
@@ -177,10 +182,11 @@ class Usage(_Model):
     for US-only inference, billed at a premium on every token; ``"global"`` for any
     geography, and for every call whose provider reports none (or ``"not_available"``).
     ``service_tier`` is the tier that served the call
-    as the answer says (OpenAI's ``service_tier``, not the one asked for): ``"flex"`` and
-    ``"priority"``, billed at their own rates; ``"standard"`` for OpenAI's
-    ``"default"``, its ``"scale"`` (Scale Tier's prepaid units, valued at standard
-    rates), any other value and an answer that names none.
+    as the answer says (OpenAI's ``service_tier``, not the one asked for): ``"flex"``,
+    ``"priority"`` and ``"ultrafast"``, billed at their own rates; ``"standard"`` for
+    OpenAI's ``"default"``, its ``"scale"`` (Scale Tier's prepaid units, valued at
+    standard rates) and an answer that names none; any other tier as named, which no
+    price covers (the call is unpriced, never guessed at standard rates).
     """
 
     input_tokens: int = Field(default=0, ge=0)
@@ -196,7 +202,7 @@ class Usage(_Model):
     speed: Speed = "standard"
     advisor: tuple[AdvisorUsage, ...] = ()
     inference_geo: str = Field(default=GLOBAL_GEO, pattern=GEO_PATTERN)
-    service_tier: ServiceTier = "standard"
+    service_tier: ServiceTier = STANDARD_TIER
 
     @classmethod
     def missing(cls) -> Usage:

@@ -51,6 +51,7 @@ Tokens = Annotated[int, msgspec.Meta(ge=0)]
 Millis = Annotated[float, msgspec.Meta(ge=0)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 Geo = Annotated[str, msgspec.Meta(pattern=events.GEO_PATTERN)]
+Tier = Annotated[str, msgspec.Meta(pattern=events.TIER_PATTERN)]
 ZERO = timedelta(0)
 
 # The costed event's structs are made with gc=False: a decoded event is a tree of
@@ -83,8 +84,8 @@ class AdvisorUsage(
 # event whose call used nothing a later field counts reads the same to a reader from
 # before that field (web_search_preview_requests, say; speed, written only for a call
 # served in fast mode; inference_geo, only for one not served "global"; service_tier,
-# only for one served at flex or priority), which refuses fields it does not know, so a
-# rolling upgrade loses no call that does not use it. (msgspec tells a str default by
+# only for one not served at the standard tier), which refuses fields it does not
+# know, so a rolling upgrade loses no call that does not use it. (msgspec tells a str default by
 # identity: inference_geo "global" read from JSON that wrote it is written again.
 # llmtap's producers never write it: the ingress's is the default itself.)
 class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
@@ -101,7 +102,7 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, o
     speed: events.Speed = "standard"
     advisor: tuple[AdvisorUsage, ...] = ()
     inference_geo: Geo = events.GLOBAL_GEO
-    service_tier: events.ServiceTier = "standard"
+    service_tier: Tier = events.STANDARD_TIER
 
 
 def attribution_of(a: events.Attribution) -> Attribution:

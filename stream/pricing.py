@@ -26,6 +26,7 @@ from llmtap.config import UniqueKeys
 from llmtap.events import (
     GEO_PATTERN,
     GLOBAL_GEO,
+    STANDARD_TIER,
     AdvisorUsage,
     Cost,
     CostedEvent,
@@ -64,7 +65,8 @@ class _RateFields(BaseModel):
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0)
     cache_write: Decimal | None = Field(default=None, ge=0)  # Anthropic: the 5-minute tier
-    cache_write_1h: Decimal | None = Field(default=None, ge=0)  # Anthropic: the 1-hour tier
+    # Anthropic: the 1-hour tier; OpenAI: the 12-hour one. None: a call writing so is unpriced.
+    cache_write_1h: Decimal | None = Field(default=None, ge=0)
     reasoning: Decimal | None = Field(default=None, ge=0)
 
     def dearest(self) -> tuple[Decimal, Decimal]:
@@ -86,7 +88,7 @@ class LongContext(_RateFields):
 
 class TierRates(_RateFields):
     """The rates of a call an OpenAI service tier other than the standard one served
-    (``flex``, ``priority``: Usage.service_tier), given whole, as OpenAI prices each
+    (``flex``, ``priority``, ``ultrafast``: Usage.service_tier), given whole, as OpenAI prices each
     model's tiers apart (priority is no one multiple of the standard rates). Omitted
     rates fall back within the tier, as in the base tier. No long-context tier: OpenAI
     publishes none for a service tier."""
@@ -117,10 +119,12 @@ class Rates(_RateFields):
     geo_multipliers: (
         dict[Annotated[str, Field(pattern=GEO_PATTERN)], Annotated[Decimal, Field(ge=1)]] | None
     ) = None
-    # OpenAI's service tiers: the rates of a call its answer says flex or priority served
-    # (Usage.service_tier). None: no price known for that tier, and such a call is unpriced.
+    # OpenAI's service tiers: the rates of a call its answer says flex, priority or
+    # ultrafast served (Usage.service_tier). None: no price known for that tier, and such
+    # a call is unpriced (so is one a tier named here by no field served).
     flex: TierRates | None = None
     priority: TierRates | None = None
+    ultrafast: TierRates | None = None
 
     @field_validator("geo_multipliers")
     @classmethod
@@ -137,15 +141,21 @@ class Rates(_RateFields):
     def served(self, input_tokens: int, service_tier: str = "standard") -> _RateFields | None:
         """The rates for a call with this many prompt tokens that ``service_tier`` served
         (the contract's ``Usage.service_tier``): the standard ones (:meth:`for_prompt`),
-        or the tier's (:attr:`flex`, :attr:`priority`); None when these rates give the
-        tier no price, or the prompt passes the long-context threshold, which no tier
-        price covers (such a call cannot be priced)."""
-        if service_tier == "standard":
+        or the tier's (:attr:`flex`, :attr:`priority`, :attr:`ultrafast`); None when
+        these rates give the tier no price (a tier llmtap does not know: none), or the
+        prompt passes the long-context threshold, which no tier price covers (such a
+        call cannot be priced)."""
+        if service_tier == STANDARD_TIER:
             return self.for_prompt(input_tokens)
-        tier = self.flex if service_tier == "flex" else self.priority
+        tier = self.tier(service_tier)
         if tier is None or self.for_prompt(input_tokens) is not self:
             return None
         return tier
+
+    def tier(self, service_tier: str) -> TierRates | None:
+        """The rates these give a service tier other than the standard one (``TIERS``),
+        None for one they give none or that llmtap does not know."""
+        return getattr(self, service_tier) if service_tier in TIERS else None
 
     def speed(self, speed: str) -> Decimal | None:
         """What the token rates are multiplied by for a call served at ``speed`` (the
@@ -272,8 +282,9 @@ class Catalog(BaseModel):
         mode; ``fast_multiplier: null`` leaves a call served fast unpriced. So do the
         data-residency multipliers (``geo_multipliers``): ``null`` leaves a call run
         outside ``"global"`` unpriced. And so do OpenAI's service tiers' rates
-        (``flex``, ``priority``), the list prices in force on that price's date: a price
-        naming one gives its own (null: none, a call that tier served is unpriced).
+        (``flex``, ``priority``, ``ultrafast``), the list prices in force on that price's
+        date: a price naming one gives its own (null: none, a call that tier served is
+        unpriced).
         """
         replaced = {key.casefold() for key in other.models}
         kept = {k: v for k, v in self.models.items() if k.casefold() not in replaced}
@@ -288,7 +299,8 @@ _LIMITS = ("context_window", "max_output_tokens")
 _FEES = frozenset({"web_search", "web_search_preview"})
 _FAST = "fast_multiplier"
 _GEO = "geo_multipliers"
-_TIERS = ("flex", "priority")
+# OpenAI's service tiers priced apart from the standard one, each a field of Rates.
+TIERS = ("flex", "priority", "ultrafast")
 
 
 def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
@@ -300,7 +312,7 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
         not _FEES & rates.model_fields_set
         or _FAST not in rates.model_fields_set
         or _GEO not in rates.model_fields_set
-        or not set(_TIERS) <= rates.model_fields_set
+        or not set(TIERS) <= rates.model_fields_set
         for rates in entry.prices
     ):
         # The shipped fees, fast mode's and data residency's multipliers and the service
@@ -317,7 +329,7 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
                 kept[_FAST] = then.fast_multiplier
             if _GEO not in named:
                 kept[_GEO] = then.geo_multipliers
-            kept.update({t: getattr(then, t) for t in _TIERS if t not in named})
+            kept.update({t: getattr(then, t) for t in TIERS if t not in named})
             return rates.model_copy(update=kept) if kept else rates
 
         update["prices"] = [with_fees(rates) for rates in entry.prices]
@@ -414,14 +426,14 @@ def breakdown(usage: Usage | wire.Usage, rates: Rates) -> dict[str, Decimal]:
     input and cache writes to input, 1-hour cache writes to cache writes (then input),
     reasoning to output. A prompt past the model's long-context threshold prices the
     whole call at the long-context rates. A call an OpenAI service tier served
-    (``usage.service_tier``: flex, priority) has its tokens at that tier's rates
-    (:meth:`Rates.served`). A call served in fast mode (``usage.speed``) has each of
+    (``usage.service_tier``: flex, priority, ultrafast) has its tokens at that tier's
+    rates (:meth:`Rates.served`). A call served in fast mode (``usage.speed``) has each of
     those token rates multiplied by the rates' ``fast_multiplier``, its search fee not;
     so for a call whose inference ran outside ``"global"`` (``usage.inference_geo``):
     its geography's multiplier (:meth:`Rates.geo`), on top of fast mode's. A caller
-    first checks that the rates price the tier, speed and geography
-    (:func:`priced_as_served`), as without one the call is priced at standard rates
-    here.
+    first checks that the rates price the tier, speed and geography, and the 1-hour
+    (OpenAI: 12-hour) writes (:func:`priced_as_served`), as without one the call is
+    priced at standard rates (the writes at the shorter writes' rate) here.
     """
     tier = rates.served(usage.input_tokens, usage.service_tier) or rates.for_prompt(
         usage.input_tokens
@@ -550,19 +562,30 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
 
 
 def priced_as_served(usage: Usage | wire.Usage, rates: Rates) -> bool:
-    """Whether ``rates`` price the speed and the service tier that served the call, and
-    the geography its inference ran in."""
+    """Whether ``rates`` price the speed and the service tier that served the call, the
+    geography its inference ran in, and its longer-lived cache writes."""
+    tier = rates.served(usage.input_tokens, usage.service_tier)
     return (
         rates.speed(usage.speed) is not None
-        and rates.served(usage.input_tokens, usage.service_tier) is not None
+        and tier is not None
         and rates.geo(usage.inference_geo) is not None
+        and not _long_writes_unpriced(usage, tier)
     )
+
+
+def _long_writes_unpriced(usage: Usage | wire.Usage, tier: _RateFields) -> bool:
+    """Whether the call wrote to a longer-lived cache (Anthropic's 1-hour, OpenAI's
+    12-hour) at rates that give no price for such a write: billed above the shorter
+    writes' rate, it is not guessed at it."""
+    longer = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
+    return longer > 0 and tier.cache_write_1h is None
 
 
 def missing_price(event: wire.Responded, catalog: Catalog) -> str:
     """What :func:`rate` found no price for, for an operator to add: the call's model,
     its fast mode, the service tier that served it, the geography its inference ran in,
-    or an advisor model it consulted (or its geography)."""
+    its longer-lived cache writes, or an advisor model it consulted (or its
+    geography)."""
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
     geo = event.usage.inference_geo
@@ -575,12 +598,23 @@ def missing_price(event: wire.Responded, catalog: Catalog) -> str:
         )
     tier = event.usage.service_tier
     if rates is not None and rates.served(event.usage.input_tokens, tier) is None:
-        if getattr(rates, tier) is not None:  # a prompt past the long-context threshold
+        if tier not in TIERS:
+            return (
+                f"model {event.model!r} at the {tier!r} service tier, which llmtap does not"
+                " know (a tier it knows: flex, priority, ultrafast)"
+            )
+        if rates.tier(tier) is not None:  # a prompt past the long-context threshold
             return (
                 f"model {event.model!r} at the {tier} service tier with a prompt past its"
                 f" long-context threshold (no {tier} price covers one)"
             )
         return f"model {event.model!r} at the {tier} service tier: give its entry a {tier} price"
+    served = rates.served(event.usage.input_tokens, tier) if rates is not None else None
+    if served is not None and _long_writes_unpriced(event.usage, served):
+        return (
+            f"model {event.model!r} writing to the longer-lived cache (Anthropic's 1-hour,"
+            " OpenAI's 12-hour) at the rates that served it: give them a cache_write_1h"
+        )
     if rates is not None:
         for call in event.usage.advisor:
             advisor = catalog.lookup(call.model, event.provider)

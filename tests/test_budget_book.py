@@ -13,8 +13,9 @@ import pytest
 
 from ingress.guards.bounds import Advisor, Reach, choices, reach
 from ingress.guards.budgets import BudgetBook, Exhausted, Unpriced
+from ingress.routing import endpoint_geo
 from llmtap import wire
-from llmtap.config_sections import BudgetConfig
+from llmtap.config_sections import BudgetConfig, ProviderConfig
 from llmtap.events import Attribution, Reservations, Usage, utcnow
 from stream.budgets import fresh
 from stream.pricing import Catalog, ModelPrice, Rates, TierRates, cost_of, load_catalog, rate
@@ -541,7 +542,9 @@ def test_a_call_openai_may_serve_at_priority_reserves_the_priority_rates() -> No
     ) == budgets.worst.cost("gpt-5-nano", 2_000, 8_000, NINE, "openai")
     # A prompt past GPT-5.4's 272K threshold may be served at standard, at its
     # long-context rates ($22.50 out, not priority's $30 but more than its $15).
-    long = budgets.worst.cost("gpt-5.4", 300_000, 1_000, NINE, "openai", priority=True)
+    long = budgets.worst.cost(
+        "gpt-5.4", 300_000, 1_000, NINE, "openai", priority=True, geo="global"
+    )
     assert long == (300_000 * Decimal("5.00") + 1_000 * Decimal("30.00")) / 1_000_000
     asked: list[tuple[dict[str, str], str, Decimal | None]] = [
         ({"service_tier": "priority"}, "standard", priority),
@@ -560,6 +563,60 @@ def test_a_call_openai_may_serve_at_priority_reserves_the_priority_rates() -> No
         admitted = budgets.admit(call, ACME, "gpt-4.1", 2_000, 8_000, NINE, "openai", reach=bounded)
         assert admitted is None
         assert budgets.reserved["acme-day"].pop(call) == worst, (body, project)
+
+
+def test_a_call_asking_for_ultrafast_reserves_the_ultrafast_rates() -> None:
+    """GPT-6.2 Sol's Ultrafast tier "costs 3 times the Standard rate through February
+    28, 2027, and 6 times" after: a call asking for it (service_tier "ultrafast") is
+    reserved at those rates (its dearest input, a cache write: $7.50, then $15; output
+    $30, then $60), not the standard $5 and $10 it was reserved at. (Sent to
+    api.openai.com: "global", no data-residency uplift.)"""
+    budgets, _ = book("100")
+    # Its dearest standard input: a 12-hour cache write, $5.
+    standard = budgets.worst.cost("gpt-6.2-sol", 2_000, 8_000, NINE, "openai", geo="global")
+    assert standard == (2_000 * Decimal("5.00") + 8_000 * Decimal("10.00")) / 1_000_000
+    ultrafast = (2_000 * Decimal("7.50") + 8_000 * Decimal("30.00")) / 1_000_000
+    assert (
+        budgets.worst.cost(
+            "gpt-6.2-sol", 2_000, 8_000, NINE, "openai", geo="global", ultrafast=True
+        )
+        == ultrafast
+    )
+    march = datetime(2027, 3, 1, 9, tzinfo=UTC)
+    assert (
+        budgets.worst.cost(
+            "gpt-6.2-sol", 2_000, 8_000, march, "openai", geo="global", ultrafast=True
+        )
+        == 2 * ultrafast
+    )
+    for body, worst in (({"service_tier": "ultrafast"}, ultrafast), ({}, standard)):
+        call = uuid.uuid4()
+        bounded = functools.partial(reach, {"model": "gpt-6.2-sol", **body}, geo="global")
+        admitted = budgets.admit(
+            call, ACME, "gpt-6.2-sol", 2_000, 8_000, NINE, "openai", reach=bounded
+        )
+        assert admitted is None
+        assert budgets.reserved["acme-day"].pop(call) == worst, body
+
+
+def test_a_call_to_an_openai_data_residency_endpoint_reserves_its_uplift() -> None:
+    """A provider on eu.api.openai.com: "a 10% uplift for models released on or after
+    March 5, 2026" (GPT-6.2 Sol), none before (GPT-4o); on api.openai.com, none. It
+    was reserved at the standard rates wherever it was sent."""
+    budgets, _ = book("100")
+    eu = ProviderConfig(kind="openai", base_url="https://eu.api.openai.com/v1")
+    own = ProviderConfig(kind="openai", base_url="https://api.openai.com/v1")
+    standard = (2_000 * Decimal("5.00") + 8_000 * Decimal("10.00")) / 1_000_000
+    gpt_4o = (2_000 * Decimal("2.50") + 8_000 * Decimal("10.00")) / 1_000_000
+    for model, config, worst in (
+        ("gpt-6.2-sol", eu, standard * Decimal("1.1")),
+        ("gpt-6.2-sol", own, standard),
+        ("gpt-4o", eu, gpt_4o),
+    ):
+        call = uuid.uuid4()
+        bounded = functools.partial(reach, {"model": model}, geo=endpoint_geo(config))
+        assert budgets.admit(call, ACME, model, 2_000, 8_000, NINE, "openai", reach=bounded) is None
+        assert budgets.reserved["acme-day"].pop(call) == worst, (model, config.base_url)
 
 
 def test_a_priority_worst_case_covers_the_tier_s_cache_writes() -> None:

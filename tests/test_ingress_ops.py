@@ -974,6 +974,44 @@ async def test_another_provider_s_tier_of_the_same_name_is_not_openai_s(
     assert seen == {False: "standard", True: "flex"}
 
 
+async def test_a_call_to_an_openai_data_residency_endpoint_is_recorded_in_its_region(
+    ingress_settings: Settings,
+    upstream: FakeUpstream,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider on eu.api.openai.com (named otherwise than openai) is OpenAI's API in
+    its EU region: its calls are carried as run in "eu" (priced with the 10% uplift of
+    OpenAI's data-residency endpoints on models released from 2026-03-05) and its
+    answers' tiers are OpenAI's. Its calls were "global" and its tiers priced as the
+    standard one. (The name resolves to the fake provider on this machine.)"""
+    regional = "eu.api.openai.com"
+    resolve = socket.getaddrinfo
+
+    def to_the_fake(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return resolve("127.0.0.1" if host == regional else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", to_the_fake)
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    eu = ProviderConfig(
+        base_url=f"http://{regional}:{upstream.port}/v1", api_key_env="LLMTAP_TEST_OPENAI_KEY"
+    )
+    server, base, settings = await serve_with_provider(ingress_settings, "openai-eu", eu, "gpt-6*")
+    upstream.provider.served_tier = "priority"
+    try:
+        secret = await make_key(base, settings.key_file)
+        async with AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as sdk:
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model="gpt-6.2-sol", messages=[{"role": "user", "content": "hi"}]
+            )
+    finally:
+        upstream.provider.served_tier = None
+        await server.close()
+    event = await response_event(broker.bootstrap, raw.headers["x-request-id"])
+    assert (event.provider, event.status) == ("openai-eu", "ok")
+    assert (event.usage.inference_geo, event.usage.service_tier) == ("eu", "priority")
+
+
 async def test_a_body_with_a_byte_order_mark_is_the_provider_s_to_judge(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,10 +7,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 
 from ingress.forward.usage import anthropic_usage
+from llmtap import wire
 from llmtap.events import Cost, ResponseEvent, Usage
 from stream.pricing import (
     Catalog,
@@ -20,6 +22,7 @@ from stream.pricing import (
     load_catalog,
     missing_price,
     price,
+    priced_as_served,
 )
 from tests import sample
 
@@ -1206,12 +1209,49 @@ def test_every_claude_4_6_or_later_price_and_only_those_bill_us_inference_at_1_1
     premium = {
         key
         for key, entry in catalog.models.items()
-        if any(r.geo_multipliers is not None for r in entry.prices)
+        if entry.provider != "openai"  # its regional endpoints': see OPENAI_REGIONS
+        and any(r.geo_multipliers is not None for r in entry.prices)
     }
     assert premium == set(US_PREMIUM)
     for key in US_PREMIUM:
         for rates in catalog.models[key].prices:
             assert rates.geo_multipliers == {"us": Decimal("1.1")}, key
+
+
+# OpenAI's data-residency endpoints: "a 10% uplift for models released on or after March
+# 5, 2026"; us., eu., au., in. and jp.api.openai.com.
+OPENAI_REGIONS = ("us", "eu", "au", "in", "jp")
+UPLIFTED = (
+    "gpt-5.4", "gpt-5.4-mini", "gpt-5.4-nano", "gpt-5.4-pro", "gpt-5.5", "gpt-5.5-pro",
+    "gpt-5.6-sol", "gpt-5.6-terra", "gpt-5.6-luna", "gpt-6-sol", "gpt-6-luna",
+    "gpt-6-astra", "gpt-6.1-sol", "gpt-6.2-sol",
+)  # fmt: skip
+
+
+def test_openai_s_regional_endpoints_cost_10_percent_more_on_models_from_march_2026(
+    catalog: Catalog,
+) -> None:
+    """Each region at 1.1 on the models released on or after 2026-03-05, at 1 (priced,
+    at the standard rates) on the earlier ones; every OpenAI entry names all five. A
+    call run in one was unpriced (no geo_multipliers) or, carried as "global", priced
+    without its uplift."""
+    for key, entry in catalog.models.items():
+        if entry.provider != "openai":
+            continue
+        times = Decimal("1.1") if key in UPLIFTED else Decimal(1)
+        for rates in entry.prices:
+            assert rates.geo_multipliers == dict.fromkeys(OPENAI_REGIONS, times), key
+    for model, times in (("gpt-6.2-sol", Decimal("1.1")), ("gpt-5.4", Decimal("1.1")),
+                         ("gpt-5.3-codex", Decimal(1)), ("gpt-4o", Decimal(1))):  # fmt: skip
+        base = response(model, TIERED, ts=DEC_2026, provider="openai")
+        standard = priced(base, catalog)
+        for region in OPENAI_REGIONS:
+            there = TIERED.model_copy(update={"inference_geo": region})
+            cost = priced(response(model, there, ts=DEC_2026, provider="openai"), catalog)
+            assert cost.total == (standard.total * times).quantize(NANO), (model, region)
+    elsewhere = TIERED.model_copy(update={"inference_geo": "ae"})  # no page names it
+    assert price(response("gpt-6.2-sol", elsewhere, ts=DEC_2026, provider="openai"),
+                 catalog).unpriced  # fmt: skip
 
 
 @pytest.mark.parametrize("model", US_PREMIUM)
@@ -1680,6 +1720,79 @@ def test_gpt_6_costs_its_model_page_s_rates_at_every_tier(catalog: Catalog, mode
         assert price(flex, catalog).unpriced
     else:
         assert priced(flex, catalog).total * 2 == standard.total
+
+
+def test_gpt_6_2_sol_at_ultrafast_costs_3_then_6_times_the_standard_rates(
+    catalog: Catalog,
+) -> None:
+    """Its model page: "Ultrafast costs 3 times the Standard rate through February 28,
+    2027, and 6 times the Standard rate starting Mar[ch]": every token rate, cache reads
+    and writes too. It was priced at the standard rates. Past 272K no Ultrafast price is
+    given: unpriced, as Fast is."""
+    ultrafast = GPT_6_USAGE.model_copy(update={"service_tier": "ultrafast"})
+    for ts, times in ((DEC_2026, 3), (datetime(2027, 2, 28, 23, tzinfo=UTC), 3),
+                      (datetime(2027, 3, 1, tzinfo=UTC), 6)):  # fmt: skip
+        standard = priced(response("gpt-6.2-sol", GPT_6_USAGE, ts=ts, provider="openai"), catalog)
+        cost = priced(response("gpt-6.2-sol", ultrafast, ts=ts, provider="openai"), catalog)
+        assert cost.input == usd(7_000, Decimal("2.00") * times), ts
+        assert cost.cached_input == usd(8_000, Decimal("0.10") * times), ts
+        assert cost.cache_write == usd(5_000, Decimal("2.50") * times), ts
+        assert cost.output == usd(1_500, Decimal("10.00") * times), ts
+        assert cost.total == standard.total * times, ts
+    long = ultrafast.model_copy(update={"input_tokens": 300_000})
+    event = response("gpt-6.2-sol", long, ts=DEC_2026, provider="openai")
+    assert price(event, catalog).unpriced
+    assert "long-context" in missing_price(event, catalog)
+    # A model whose Ultrafast price no OpenAI page in the store gives: unpriced.
+    astra = response("gpt-6-astra", ultrafast, ts=DEC_2026, provider="openai")
+    assert price(astra, catalog).unpriced
+    assert missing_price(astra, catalog) == (
+        "model 'gpt-6-astra' at the ultrafast service tier: give its entry a ultrafast price"
+    )
+
+
+def test_12_hour_cache_writes_cost_their_own_rate_or_leave_the_call_unpriced(
+    catalog: Catalog,
+) -> None:
+    """GPT-6.2 Sol: "A 12-hour cache write costs $5 per million tokens for short-context
+    requests at Standard pricing" (the 30-minute one $2.50, which they were priced at).
+    Where no 12-hour rate is given (GPT-6 Sol; GPT-6.2 Sol past 272K or at Fast) such a
+    call is unpriced and what is missing says so, as for a tier with no price."""
+    twelve = GPT_6_USAGE.model_copy(update={"cache_creation_1h_input_tokens": 2_000})
+    cost = priced(response("gpt-6.2-sol", twelve, ts=DEC_2026, provider="openai"), catalog)
+    assert cost.cache_write == usd(3_000, Decimal("2.50")) + usd(2_000, Decimal("5.00"))
+    unpriced = (
+        response("gpt-6-sol", twelve, ts=DEC_2026, provider="openai"),
+        response("gpt-6.2-sol", twelve.model_copy(update={"input_tokens": 300_000}),
+                 ts=DEC_2026, provider="openai"),
+        response("gpt-6.2-sol", twelve.model_copy(update={"service_tier": "priority"}),
+                 ts=DEC_2026, provider="openai"),
+    )  # fmt: skip
+    for event in unpriced:
+        costed = price(event, catalog)
+        assert (costed.cost, costed.unpriced) == (None, True), event.model
+        assert "cache_write_1h" in missing_price(event, catalog), event.model
+    assert not price(response("gpt-6-sol", GPT_6_USAGE, ts=DEC_2026, provider="openai"),
+                     catalog).unpriced  # fmt: skip
+
+
+def test_a_tier_llmtap_does_not_know_is_unpriced_not_standard(catalog: Catalog) -> None:
+    """An answer naming a tier llmtap has no field for ("turbo-x") was priced at the
+    standard rates: its cost is unknown, and what is missing names the tier. The cost
+    stage's wire struct carries it as named."""
+    usage = GPT_6_USAGE.model_copy(update={"service_tier": "turbo-x"})
+    event = response("gpt-6.2-sol", usage, ts=DEC_2026, provider="openai")
+    costed = price(event, catalog)
+    assert (costed.cost, costed.unpriced) == (None, True)
+    assert "'turbo-x' service tier" in missing_price(event, catalog)
+    carried = msgspec.json.decode(b'{"service_tier": "turbo-x"}', type=wire.Usage)
+    assert carried.service_tier == "turbo-x"
+    assert not priced_as_served(carried, catalog.models["gpt-6.2-sol"].prices[0])
+    # A name that no field of a price is, though the rates have such an attribute.
+    for tier in ("input", "long_context", "unknown"):
+        tiered = response("gpt-6.2-sol", usage.model_copy(update={"service_tier": tier}),
+                          ts=DEC_2026, provider="openai")  # fmt: skip
+        assert price(tiered, catalog).unpriced, tier
 
 
 def test_gpt_6_by_hand(catalog: Catalog) -> None:

@@ -883,14 +883,16 @@ def test_searches_by_the_preview_tool_are_all_the_call_s_searches() -> None:
     assert by_preview(Usage.missing()) == Usage.missing()
 
 
-# -- The service tier that served an OpenAI call: flex and priority have rates of their own.
+# -- The service tier that served an OpenAI call: flex, priority and ultrafast have rates
+# of their own; a tier llmtap does not know is kept as named (unpriced, never standard).
 
 
 @pytest.mark.parametrize(
     ("said", "tier"),
     [("flex", "flex"), ("priority", "priority"), ("fast", "priority"), ("default", "standard"),
-     ("scale", "standard"),
-     ("auto", "standard"), (None, "standard"), ("PRIORITY", "standard"), (1, "standard")],
+     ("scale", "standard"), ("ultrafast", "ultrafast"), ("turbo-x", "turbo-x"),
+     ("auto", "standard"), (None, "standard"), ("PRIORITY", "priority"), (1, "unknown"),
+     ("not a tier!", "unknown")],
 )  # fmt: skip
 def test_an_openai_answer_says_which_tier_served_the_call(said: Any, tier: str) -> None:
     """Chat completions and the Responses API put it at the top of the answer."""
@@ -997,6 +999,39 @@ def test_openai_cache_writes_never_exceed_the_prompt_left_after_reads() -> None:
     )
     assert normalised is not None
     assert (normalised.cached_input_tokens, normalised.cache_creation_input_tokens) == (70, 30)
+
+
+@pytest.mark.parametrize("details", ["prompt_tokens_details", "input_tokens_details"])
+def test_openai_12_hour_cache_writes_are_the_longer_lived_writes(details: str) -> None:
+    """OpenAI splits the writes by retention (cache_write_tokens_details: ttl_30m_tokens,
+    ttl_12h_tokens); the 12-hour ones, priced higher, are kept as the longer-lived writes
+    (they were priced at the 30-minute rate). When only the split is given, the writes
+    are its sum; never more than the prompt left after the reads."""
+    prompt, out = (
+        ("prompt_tokens", "completion_tokens")
+        if details.startswith("prompt")
+        else ("input_tokens", "output_tokens")
+    )
+    by_ttl = {"ttl_30m_tokens": 3_000, "ttl_12h_tokens": 5_000}
+    for written in ({"cache_write_tokens": 8_000}, {}):
+        normalised = openai_usage(
+            {prompt: 20_000, out: 10,
+             details: {"cached_tokens": 1_000, **written, "cache_write_tokens_details": by_ttl}}
+        )  # fmt: skip
+        assert normalised is not None
+        assert (
+            normalised.cache_creation_input_tokens,
+            normalised.cache_creation_1h_input_tokens,
+        ) == (8_000, 5_000), written
+    capped = openai_usage(
+        {prompt: 4_000, out: 10,
+         details: {"cached_tokens": 1_000, "cache_write_tokens_details": by_ttl}}
+    )  # fmt: skip
+    assert capped is not None
+    assert (capped.cache_creation_input_tokens, capped.cache_creation_1h_input_tokens) == (
+        3_000,
+        3_000,
+    )
 
 
 # -- Gemini's OpenAI-compatible endpoint: thoughts counted in total_tokens only --------

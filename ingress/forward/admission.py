@@ -34,7 +34,7 @@ from ingress.guards.fields import (
 )
 from ingress.guards.ratelimit import Ticket, estimate
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
-from ingress.routing import NoRoute, Route, asks_stream_usage, resolve
+from ingress.routing import NoRoute, Route, asks_stream_usage, endpoint_geo, resolve
 from llmtap import logs, topics
 from llmtap.events import Status, Usage, utcnow
 
@@ -299,7 +299,12 @@ class Admission:
             utcnow(),
             provider=route.provider,
             choices=answers,
-            reach=lambda: reach(payload, endpoint.added_tokens, route.config.default_service_tier),
+            reach=lambda: reach(
+                payload,
+                endpoint.added_tokens,
+                route.config.default_service_tier,
+                endpoint_geo(route.config) if route.config.kind == "openai" else None,
+            ),
             prompts=batched,
             unpriced=route.config.unpriced,
         )

@@ -18,7 +18,7 @@ from ingress.forward.usage import (
     with_searches,
     with_tier,
 )
-from llmtap.events import ServiceTier, Usage
+from llmtap.events import STANDARD_TIER, ServiceTier, Usage
 
 
 def _str(value: Any) -> str:
@@ -274,7 +274,7 @@ class OpenAIStreamCapture(StreamCapture):
         super().__init__()
         self._strip = strip_usage_chunk
         self._searches = 0  # search items streamed (response.output_item.done)
-        self._tier: ServiceTier = "standard"
+        self._tier: ServiceTier = STANDARD_TIER
 
     def _out(self, events: bytes) -> bytes:
         return _without_usage_null(events) if self._strip else events

@@ -26,10 +26,10 @@ from ingress.forward.endpoint import Endpoint, cut_off, redirected, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
 from ingress.keys import BUDGETS, COUNTING, LIMITER
-from ingress.routing import openai_tiers
+from ingress.routing import endpoint_geo, openai_tiers
 from ingress.spool import Delivered
 from llmtap import logs
-from llmtap.events import Status, Usage
+from llmtap.events import GLOBAL_GEO, Status, Usage
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         http_status = error.status
         return error
     finally:
+        regional = endpoint_geo(route.config) if route.config.kind == "openai" else GLOBAL_GEO
 
         def finish(usage: Usage) -> None:
             if by_preview_tool:
@@ -215,6 +216,9 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             if usage.service_tier != "standard" and not openai_tiers(route.provider, route.config):
                 # Another provider's tier of the same name: priced at the standard rates.
                 usage = usage.model_copy(update={"service_tier": "standard"})
+            if regional != GLOBAL_GEO:
+                # An OpenAI data-residency endpoint ran it: its region's price.
+                usage = usage.model_copy(update={"inference_geo": regional})
 
             def settle(ended: datetime) -> Delivered | None:
                 held = request.app[BUDGETS].settle(

@@ -7,7 +7,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from llmtap.events import GEO_PATTERN, GLOBAL_GEO, AdvisorUsage, ServiceTier, Usage
+from llmtap.events import (
+    GEO_PATTERN,
+    GLOBAL_GEO,
+    STANDARD_TIER,
+    TIER_PATTERN,
+    AdvisorUsage,
+    ServiceTier,
+    Usage,
+)
 
 # The counts of an OpenAI usage object besides its total, by either API's names.
 _COUNTS = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
@@ -17,8 +25,12 @@ def openai_usage(usage: Any) -> Usage | None:
     """Normalise an OpenAI ``usage`` object (chat completions / completions / embeddings,
     the Responses API's). Its prompt count includes cache reads (``cached_tokens``) and,
     from GPT-5.6 on, cache writes (``cache_write_tokens``, billed above the input rate;
-    before GPT-5.6 writes were free and not reported), as llmtap's does. A usage that
-    counts only its ``total_tokens`` (embeddings) is all input."""
+    before GPT-5.6 writes were free and not reported), as llmtap's does. The writes are
+    split by retention in ``cache_write_tokens_details`` (``ttl_30m_tokens``,
+    ``ttl_12h_tokens``): the 12-hour part, priced higher, is kept as the longer-lived
+    writes (``cache_creation_1h_input_tokens``); when only the split is reported, the
+    writes are its sum. A usage that counts only its ``total_tokens`` (embeddings) is
+    all input."""
     if not isinstance(usage, dict):
         return None
     prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
@@ -32,13 +44,18 @@ def openai_usage(usage: Any) -> Usage | None:
     completion_details = usage.get("completion_tokens_details") or usage.get(
         "output_tokens_details"
     )
-    cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+    details = prompt_details if isinstance(prompt_details, dict) else {}
+    cached = _int(details.get("cached_tokens"))
     if not cached:  # DeepSeek names its cache reads apart
         cached = _int(usage.get("prompt_cache_hit_tokens"))
     cached = min(cached, prompt)
-    written = (
-        _int(prompt_details.get("cache_write_tokens")) if isinstance(prompt_details, dict) else 0
+    by_ttl = details.get("cache_write_tokens_details")
+    by_ttl = by_ttl if isinstance(by_ttl, dict) else {}
+    written_12h = _int(by_ttl.get("ttl_12h_tokens"))
+    written = _int(details.get("cache_write_tokens")) or written_12h + _int(
+        by_ttl.get("ttl_30m_tokens")
     )
+    written = min(written, prompt - cached)
     reasoning = (
         _int(completion_details.get("reasoning_tokens"))
         if isinstance(completion_details, dict)
@@ -62,25 +79,41 @@ def openai_usage(usage: Any) -> Usage | None:
         input_tokens=prompt,
         output_tokens=completion,
         cached_input_tokens=cached,
-        cache_creation_input_tokens=min(written, prompt - cached),
+        cache_creation_input_tokens=written,
+        cache_creation_1h_input_tokens=min(written_12h, written),
         reasoning_tokens=min(reasoning, completion),
     )
 
 
+_TIER = re.compile(TIER_PATTERN)
+# OpenAI's names of its standard tier as an answer says them: "default", Scale Tier's
+# "scale" (its prepaid units, valued at standard rates), "auto" (a request's value, not
+# a served tier).
+_STANDARD_NAMES = frozenset({STANDARD_TIER, "default", "scale", "auto"})
+# A tier named as no tier can be (not a name): kept as a tier no price covers.
+UNNAMED_TIER = "unknown"
+
+
 def served_tier(value: Any) -> ServiceTier:
-    """The tier an OpenAI answer's ``service_tier`` says served the call: ``"flex"`` and
-    ``"priority"`` as said, ``"fast"`` as priority (OpenAI renamed Priority processing
-    Fast mode on 2026-07-30, one tier by either name); ``"default"``, ``"scale"`` (Scale
-    Tier's prepaid units, valued at standard rates), ``"auto"`` (a request's value, not a
-    served tier), any other value, or none: standard."""
-    if value == "fast":
+    """The tier an OpenAI answer's ``service_tier`` says served the call: ``"flex"``,
+    ``"priority"`` and ``"ultrafast"`` as said, ``"fast"`` as priority (OpenAI renamed
+    Priority processing Fast mode on 2026-07-30, one tier by either name); ``"default"``,
+    ``"scale"`` (Scale Tier's prepaid units, valued at standard rates), ``"auto"`` or
+    none: standard. Any other tier is kept as named (``"unknown"`` when not a name), so
+    that pricing finds no price for it rather than guessing at the standard rates."""
+    if value is None:
+        return STANDARD_TIER
+    tier = value.strip().casefold() if isinstance(value, str) else ""
+    if tier in _STANDARD_NAMES:
+        return STANDARD_TIER
+    if tier == "fast":
         return "priority"
-    return value if value in ("flex", "priority") else "standard"
+    return tier if _TIER.fullmatch(tier) else UNNAMED_TIER
 
 
 def with_tier(usage: Usage, tier: ServiceTier) -> Usage:
     """``usage`` served at ``tier`` (a copy only when it is not standard)."""
-    return usage.model_copy(update={"service_tier": tier}) if tier != "standard" else usage
+    return usage.model_copy(update={"service_tier": tier}) if tier != STANDARD_TIER else usage
 
 
 def anthropic_usage(usage: Any, model: str = "") -> Usage | None:

@@ -197,6 +197,13 @@ def priority(payload: dict[str, Any], project_tier: str = "standard") -> bool:
     return asked in ("priority", "fast")
 
 
+def ultrafast(payload: dict[str, Any]) -> bool:
+    """Whether the call asks OpenAI for its ultrafast tier (``service_tier:
+    "ultrafast"``), which bills every token at a multiple of the standard rates when it
+    serves the call (it may serve it at the standard tier: the answer says which)."""
+    return payload.get("service_tier") == "ultrafast"
+
+
 class Advisor(NamedTuple):
     """Anthropic's advisor tool (``advisor_20260301``) as a call names it: the advisor
     ``model``, billed at its own rates, the most calls of it (``max_uses``; None:
@@ -233,7 +240,7 @@ class Reach(NamedTuple):
     ingress/forward/tool_tokens.py), the advisor tool it names (:func:`advisor`),
     where it asks its inference to run (:func:`inference_geo`; None: its workspace's
     default), and whether its tokens may cost OpenAI's priority tier rates
-    (:func:`priority`)."""
+    (:func:`priority`) or its ultrafast tier's (:func:`ultrafast`)."""
 
     input_unbounded: bool
     web_searches: int | None
@@ -244,16 +251,21 @@ class Reach(NamedTuple):
     advisor: Advisor | None = None
     geo: str | None = None
     priority: bool = False
+    ultrafast: bool = False
 
 
 def reach(
     payload: dict[str, Any],
     added_tokens: Callable[[dict[str, Any]], int] | None = None,
     project_tier: str = "standard",
+    geo: str | None = None,
 ) -> Reach:
     """What ``payload`` leaves unbounded; ``added_tokens``: the endpoint's count of the
     input tokens its provider adds (:attr:`Endpoint.added_tokens`); ``project_tier``:
-    the tier its provider serves a call naming none (:func:`priority`)."""
+    the tier its provider serves a call naming none (:func:`priority`); ``geo``: where
+    the provider's endpoint runs every call (an OpenAI data-residency endpoint's region,
+    or "global": routing.endpoint_geo), None: where the body asks
+    (:func:`inference_geo`)."""
     return Reach(
         input_unbounded(payload),
         web_searches(payload),
@@ -262,8 +274,9 @@ def reach(
         fast(payload),
         added_tokens(payload) if added_tokens is not None else 0,
         advisor(payload),
-        inference_geo(payload),
+        inference_geo(payload) if geo is None else geo,
         priority=priority(payload, project_tier),
+        ultrafast=ultrafast(payload),
     )
 
 

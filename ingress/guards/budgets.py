@@ -531,6 +531,7 @@ class BudgetBook:
                 unbounded.advisor,
                 unbounded.geo,
                 unbounded.priority,
+                unbounded.ultrafast,
             )
 
         worst = reckoned(max_tokens)

@@ -64,6 +64,7 @@ class WorstCase:
         advisor: Advisor | None = None,
         geo: str | None = None,
         priority: bool = False,
+        ultrafast: bool = False,
     ) -> Decimal | None:
         """The most the call can cost. Its input: the body's bytes, at most the model's
         context window for each of the ``prompts`` the provider answers apart (a list of
@@ -92,7 +93,8 @@ class WorstCase:
         priority one, where the catalog gives priority rates (OpenAI serves a prompt past
         128K tokens at the standard tier, long-context rates included); for a model it
         gives none for, the standard rates stand (a call served at priority all the same
-        is held so: budgets.BudgetBook.settle)."""
+        is held so: budgets.BudgetBook.settle). So for a call asking for OpenAI's
+        ultrafast tier (``ultrafast``: bounds.ultrafast), at its rates."""
         entry = self.catalog.lookup(model, provider)
         rates = entry[1].at(now) if entry is not None else None
         if entry is None or rates is None:
@@ -114,7 +116,8 @@ class WorstCase:
         if fast and rates.fast_multiplier is not None:
             input_rate *= rates.fast_multiplier
             output_rate *= rates.fast_multiplier
-        if priority and (dearer := rates.priority) is not None:
+        asked = (rates.priority if priority else None, rates.ultrafast if ultrafast else None)
+        for dearer in (tier for tier in asked if tier is not None):
             # The tier's own dearest: its cache writes too, which the stream bills at
             # the tier's rate (GPT-5.6 on: 1.25x input; left out, a cap fell ~25% short).
             tier_input, tier_output = dearer.dearest()
