@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 
 from llmtap.config import Settings
 from llmtap.config_sections import ApiKind, ProviderConfig
-from llmtap.events import GEO_PATTERN, GLOBAL_GEO
+from llmtap.events import GEO_PATTERN, GLOBAL_GEO, STANDARD_TIER
+from stream.pricing import TIERS
 
 OPENAI_HOST = "api.openai.com"
 _GEO = re.compile(GEO_PATTERN)
@@ -29,6 +30,21 @@ def openai_tiers(provider: str, config: ProviderConfig) -> bool:
     if config.service_tiers is not None:
         return config.service_tiers
     return provider == "openai" or _openai_region(config) is not None
+
+
+def priced_tier(provider: str, config: ProviderConfig, tier: str) -> str:
+    """The tier a call whose answer says ``tier`` served it is priced at: the standard
+    one for a provider whose tiers are not OpenAI's (:func:`openai_tiers`); else the
+    tier, OpenAI's tiers (flex, priority, ultrafast) by name, any other one as named
+    (no price covers it: the call is unpriced, never priced at standard rates) when the
+    answer is OpenAI's own (its API's host, or ``service_tiers: true``). The provider
+    named ``openai`` sent to another server (an Azure-style gateway, a mock) names
+    tiers of its own: one that is not OpenAI's is standard there, as before."""
+    if tier == STANDARD_TIER or not openai_tiers(provider, config):
+        return STANDARD_TIER
+    if tier in TIERS or config.service_tiers or _openai_region(config) is not None:
+        return tier
+    return STANDARD_TIER
 
 
 def _openai_region(config: ProviderConfig) -> str | None:

@@ -42,6 +42,9 @@ def _ssl(settings: Settings, url: str) -> ssl.SSLContext | bool:
     context = ssl.create_default_context()
     if settings.tls_certfile is not None:
         context.load_verify_locations(settings.tls_certfile)
+        # Its own certificate trusted as it is: a leaf an internal CA signed, that CA
+        # not among the system's, verifies too.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return context
 
 
@@ -85,6 +88,15 @@ def run(
         body["since"] = given_up_since.isoformat()
     try:
         status, answer = asyncio.run(_post(settings, url, key, body))
+    except aiohttp.ClientConnectorCertificateError as exc:
+        print(
+            f"llmtap: the store process at {base} did not present a certificate this "
+            f"trusts ({exc.certificate_error}): its tls_certfile (or a CA that signed it) "
+            "must name the host asked (for 127.0.0.1, an IP address in its names), or "
+            "give --url with the name it has",
+            file=sys.stderr,
+        )
+        return 1
     except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
         print(
             f"llmtap: cannot reach the store process at {base} ({type(exc).__name__}: {exc}): "

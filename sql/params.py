@@ -161,6 +161,11 @@ class Filters:
         """How long the range or window is."""
         return (self.end or self.until) - self.since
 
+    @property
+    def elapsed(self) -> timedelta:
+        """How much of the range or window has passed (a window may end after now)."""
+        return min(self.end or self.until, self.until) - self.since
+
     def shown(self) -> dict[str, Any]:
         """What an answer says it covers: the range (null for a window), its start and
         its end (now, unless one was asked)."""

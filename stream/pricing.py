@@ -299,6 +299,7 @@ _LIMITS = ("context_window", "max_output_tokens")
 _FEES = frozenset({"web_search", "web_search_preview"})
 _FAST = "fast_multiplier"
 _GEO = "geo_multipliers"
+_LONG_WRITES = "cache_write_1h"
 # OpenAI's service tiers priced apart from the standard one, each a field of Rates.
 TIERS = ("flex", "priority", "ultrafast")
 
@@ -312,13 +313,17 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
         not _FEES & rates.model_fields_set
         or _FAST not in rates.model_fields_set
         or _GEO not in rates.model_fields_set
+        or _LONG_WRITES not in rates.model_fields_set
         or not set(TIERS) <= rates.model_fields_set
         for rates in entry.prices
     ):
         # The shipped fees, fast mode's and data residency's multipliers and the service
         # tiers' rates on each price's day; before the shipped prices, their first. A
         # price naming either fee names the searches' fees: one it leaves out is none (a
-        # preview search then costs the web_search fee it names, null included).
+        # preview search then costs the web_search fee it names, null included). The
+        # longer-lived cache writes' rate, which a provider gives as a multiple of the
+        # input rate (Anthropic's 1-hour writes: twice it), is the shipped multiple of
+        # the override's own input rate.
         earliest = min(shipped.prices, key=lambda r: r.effective_from)
 
         def with_fees(rates: Rates) -> Rates:
@@ -329,6 +334,8 @@ def _inheriting(shipped: ModelPrice, entry: ModelPrice) -> ModelPrice:
                 kept[_FAST] = then.fast_multiplier
             if _GEO not in named:
                 kept[_GEO] = then.geo_multipliers
+            if _LONG_WRITES not in named and then.cache_write_1h is not None and then.input:
+                kept[_LONG_WRITES] = rates.input * then.cache_write_1h / then.input
             kept.update({t: getattr(then, t) for t in TIERS if t not in named})
             return rates.model_copy(update=kept) if kept else rates
 

@@ -179,3 +179,15 @@ def test_the_default_granularity_goes_by_the_span() -> None:
     assert params.DEFAULT_GRANULARITY == {"24h": "hour", "7d": "day", "30d": "day", "90d": "day"}
     assert params.default_granularity(timedelta(hours=24)) == "hour"
     assert params.default_granularity(timedelta(hours=24, milliseconds=1)) == "day"
+
+
+async def test_a_window_ending_after_now_rates_its_calls_over_the_time_passed(
+    api: TestClient[Any, Any],
+) -> None:
+    """A month to date asked as the whole month (its end after now): requests a minute
+    are its calls over the minutes passed, not over minutes still to come."""
+    start, end = NOW - 10 * D, NOW + 20 * D
+    calls = inside(CALLS, start, NOW + MS)
+    data = (await get(api, "performance", start=iso(start), end=iso(end)))["data"]
+    assert data["requests"] == len(calls) > 0
+    assert data["requests_per_minute"] == pytest.approx(len(calls) / (10 * 24 * 60))

@@ -1186,6 +1186,41 @@ def test_an_override_keeps_the_fast_multiplier_it_does_not_name(tmp_path: Path) 
     assert price(response("claude-opus-4-8", usage, provider="anthropic"), catalog).unpriced
 
 
+def test_an_override_prices_1_hour_writes_at_the_shipped_multiple_of_its_input(
+    tmp_path: Path,
+) -> None:
+    """A negotiated Claude price naming input, cache and output rates but not the 1-hour
+    writes' was priced, before 12-hour writes made a missing rate unpriced, at its
+    5-minute writes' rate: its 1-hour writes are the shipped multiple of its own input
+    (Anthropic's: twice it), not a reason to leave every such call unpriced.
+    ``cache_write_1h: null`` still says the override knows no such price."""
+    catalog = with_operator_file(
+        tmp_path,
+        "models:\n"
+        "  claude-opus-5:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2026-07-24, input: "4.00", cache_write: "5.00",'
+        ' output: "20.00"}]\n'
+        "  claude-opus-4-8:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2026-05-01, input: "4.00", output: "20.00",'
+        " cache_write_1h: null}]\n",
+    )
+    shipped = load_catalog().models["claude-opus-5"].prices[0]
+    assert shipped.cache_write_1h is not None
+    multiple = shipped.cache_write_1h / shipped.input
+    assert catalog.models["claude-opus-5"].prices[0].cache_write_1h == Decimal("4.00") * multiple
+    usage = Usage(
+        input_tokens=3_000,
+        cache_creation_input_tokens=2_000,
+        cache_creation_1h_input_tokens=1_000,
+        output_tokens=100,
+    )
+    cost = priced(response("claude-opus-5", usage, provider="anthropic"), catalog)
+    assert cost.cache_write == usd(1_000, Decimal("5.00")) + usd(1_000, Decimal("4.00") * multiple)
+    assert price(response("claude-opus-4-8", usage, provider="anthropic"), catalog).unpriced
+
+
 # -- Anthropic's data residency (inference_geo) --------------------------------------------
 
 # "For Claude 4.6 and later models": the catalog's entries of those, and no others.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from openai import AsyncOpenAI
 
-from ingress.routing import resolve
+from ingress.routing import priced_tier, resolve
 from llmtap.config import Settings
 from llmtap.config_sections import ProviderConfig
 from tests.conftest import INGRESS_PROVIDER_KEY, Broker, FakeUpstream
@@ -85,3 +85,27 @@ async def test_the_sdk_s_call_reaches_the_routed_provider_named_as_it_names_it(
     assert seen.headers["Authorization"] == "Bearer gsk-groq"
     event = await response_event(broker.bootstrap, raw.headers["x-request-id"])
     assert (event.provider, event.status) == ("groq", "ok")
+
+
+@pytest.mark.parametrize(
+    ("provider", "base_url", "service_tiers", "tier", "priced"),
+    [
+        # OpenAI's own API: its tiers by name, any other tier as named (no price: unpriced)
+        ("openai", "https://api.openai.com/v1", None, "flex", "flex"),
+        ("openai", "https://api.openai.com/v1", None, "turbo-x", "turbo-x"),
+        ("openai-eu", "https://eu.api.openai.com/v1", None, "turbo-x", "turbo-x"),
+        # The provider named openai on another server (a gateway, a mock): OpenAI's tiers
+        # by name; a tier of its own is standard, as before unknown tiers were unpriced.
+        ("openai", "https://gateway.example.com/v1", None, "ultrafast", "ultrafast"),
+        ("openai", "https://gateway.example.com/v1", None, "on_demand", "standard"),
+        ("openai", "https://gateway.example.com/v1", True, "on_demand", "on_demand"),
+        # Another provider's tiers are its own
+        ("groq", "https://api.groq.com/openai/v1", None, "flex", "standard"),
+        ("groq", "https://api.groq.com/openai/v1", None, "standard", "standard"),
+    ],
+)
+def test_the_tier_a_call_is_priced_at(
+    provider: str, base_url: str, service_tiers: bool | None, tier: str, priced: str
+) -> None:
+    config = ProviderConfig(base_url=base_url, service_tiers=service_tiers)
+    assert priced_tier(provider, config, tier) == priced

@@ -26,7 +26,7 @@ from ingress.forward.endpoint import Endpoint, cut_off, redirected, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
 from ingress.keys import BUDGETS, COUNTING, LIMITER
-from ingress.routing import endpoint_geo, openai_tiers
+from ingress.routing import endpoint_geo, priced_tier
 from ingress.spool import Delivered
 from llmtap import logs
 from llmtap.events import GLOBAL_GEO, Status, Usage
@@ -213,9 +213,10 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         def finish(usage: Usage) -> None:
             if by_preview_tool:
                 usage = by_preview(usage)
-            if usage.service_tier != "standard" and not openai_tiers(route.provider, route.config):
-                # Another provider's tier of the same name: priced at the standard rates.
-                usage = usage.model_copy(update={"service_tier": "standard"})
+            tier = priced_tier(route.provider, route.config, usage.service_tier)
+            if tier != usage.service_tier:
+                # Another provider's tier (of the same name): priced at the standard rates.
+                usage = usage.model_copy(update={"service_tier": tier})
             if regional != GLOBAL_GEO:
                 # An OpenAI data-residency endpoint ran it: its region's price.
                 usage = usage.model_copy(update={"inference_geo": regional})
