@@ -17,7 +17,7 @@ from importlib import resources
 import jinja2
 
 from llmtap.events import utcnow
-from sql.migration_lock import migration_lock
+from sql.migration_lock import migration_lock, statement_settings
 from sql.store import Store, render
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def _apply(store: Store, pending: list[Migration]) -> list[int]:
     applied = []
     for migration in pending:
         for statement in migration.statements:
-            store.command(statement)
+            store.command(statement, settings=statement_settings())
             if _STARTS_PROJECTION_MUTATION.match(statement):
                 _wait_for_projection_mutations(store, f"migration {migration.version:04d}")
         store.insert(

@@ -12,10 +12,18 @@ whose data directory one process opens at a time, a lock another process made is
 by a dead one: taken over at once. On a server a live holder cannot be told from a dead
 one, and a migration may take hours: the others wait, saying who holds it and, every
 minute, how to clear it if no llmtap is migrating.
+
+A holder stopped (SIGTERM cuts the read of a server's answer short) or failed mid-way
+releases the lock on a client of its own: on a server the store's client's session still
+runs the statement cut short (its client gone unnoticed for minutes), and refuses any
+other query on it (SESSION_IS_LOCKED). Each migration statement has a query_id of this
+process's (:func:`statement_settings`): those still running are killed first, or a start
+right after would run the same backfill alongside it and count its calls twice.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -29,8 +37,9 @@ from datetime import datetime
 
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from llmtap.dsn import dsn_database
 from llmtap.events import utcnow
-from sql.store import Store, render
+from sql.store import Store, connect, render
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,9 @@ UNKNOWN_TABLE = 60
 NOTICE_S = 60.0  # how often a wait says how to clear a lock its holder left
 
 _PROCESS = uuid.uuid4().hex  # this process's: a chDB lock of another was left by a dead one
+# The query_ids of this process's migration statements begin so (no LIKE wildcard in it).
+QUERY_ID_PREFIX = f"llmtap-migrate-{_PROCESS}-"
+_statement = itertools.count()
 # A process's attempts one at a time: on chDB, a lock seen while none of this process's
 # is half-made (made, not yet named) is another process's.
 _taking = threading.Lock()
@@ -102,6 +114,25 @@ def _take(store: Store) -> Holder | None:
             return None
 
 
+def statement_settings() -> dict[str, str]:
+    """A migration statement's query settings: a query_id of its own, of this process's,
+    which a holder stopped while it runs kills it by. (chDB has no query_id to set: its
+    client drops it, and there a statement ends before the exception its thread meets.)"""
+    return {"query_id": f"{QUERY_ID_PREFIX}{next(_statement)}"}
+
+
+def _release_after_stop(store: Store) -> None:
+    """Kill this process's migration statements still running, then release the lock,
+    on a client of its own (a session of its own; on chDB one more handle on the
+    engine): the store's client's session may still run the statement cut short."""
+    client = connect(store.dsn, {})
+    try:
+        client.command(render("migration_lock_kill"), parameters={"prefix": f"{QUERY_ID_PREFIX}%"})
+        client.command(render("migration_lock_release"))
+    finally:
+        client.close()
+
+
 @contextmanager
 def migration_lock(store: Store, poll_s: float = 0.5) -> Iterator[None]:
     """Hold the store's migration lock for the block, waiting for another holder first."""
@@ -124,5 +155,18 @@ def migration_lock(store: Store, poll_s: float = 0.5) -> Iterator[None]:
         time.sleep(poll_s)
     try:
         yield
-    finally:
-        store.command(render("migration_lock_release"))
+    except BaseException:  # a stop (stopping.py's is a BaseException) or a failure
+        try:
+            _release_after_stop(store)
+        except BaseException:
+            database = "default" if store.dsn.startswith("chdb:") else dsn_database(store.dsn)
+            log.exception(
+                "could not release the migration lock after the migration stopped. Once no "
+                "query whose query_id begins %s runs on this ClickHouse (system.processes), "
+                "clear the lock, or every start that must migrate waits: DROP TABLE %s.%s",
+                QUERY_ID_PREFIX,
+                database,
+                TABLE,
+            )
+        raise  # the stop or the failure, never the release's error
+    store.command(render("migration_lock_release"))

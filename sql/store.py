@@ -233,9 +233,14 @@ class Store:
         self._column_types: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._readers: ThreadPoolExecutor | None = None  # arows's, made at its first use
 
-    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+    def command(
+        self,
+        sql: str,
+        parameters: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> Any:
         with self._lock:
-            return self._client.command(sql, parameters=parameters)
+            return self._client.command(sql, parameters=parameters, settings=settings)
 
     def rows(
         self,

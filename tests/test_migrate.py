@@ -4,6 +4,8 @@ polling, not by a statement; one process migrating at a time."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
 
+from llmtap.stopping import Stopped, stopped_at_once
+from sql import migrate as migrate_module
 from sql import migration_lock
-from sql.migrate import available, migrate
-from sql.migration_lock import TABLE
+from sql.migrate import Migration, available, migrate
+from sql.migration_lock import QUERY_ID_PREFIX, TABLE
 from sql.store import Store, connect
 from tests.test_storage import schema_before
 
@@ -221,3 +226,177 @@ def test_a_lock_a_killed_process_left_on_chdb_is_taken_over(
     finally:
         store.close()
     assert "taking over the migration lock left by" in caplog.text
+
+
+SESSION_IS_LOCKED = 373
+LEFT = (
+    f"SELECT (SELECT count() FROM system.tables WHERE name = '{TABLE}') AS locks, "
+    f"(SELECT count() FROM system.processes WHERE query_id LIKE '{QUERY_ID_PREFIX}%') AS ours"
+)
+
+
+class StoppedOnALockedSession(Store):
+    """A store whose client's session is a ClickHouse server's as a stop leaves it (the
+    double: chDB has no sessions to lock). The first backfill (INSERT ... SELECT) runs,
+    and a SIGTERM comes while its answer is awaited; the server still runs the
+    statement, so every later query on the session fails with SESSION_IS_LOCKED."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn)
+        self.locked = False
+        self.query_ids: list[str | None] = []  # each migration statement's
+
+    def command(
+        self,
+        sql: str,
+        parameters: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> Any:
+        if self.locked:
+            raise DatabaseError("Session is locked by a concurrent client", code=SESSION_IS_LOCKED)
+        answer = super().command(sql, parameters, settings)
+        if sql.startswith("INSERT INTO") and "SELECT" in sql:
+            self.query_ids.append((settings or {}).get("query_id"))
+            self.locked = True
+            signal.raise_signal(signal.SIGTERM)  # handled here, as in a socket's read
+        return answer
+
+
+def test_a_stop_mid_statement_releases_the_lock_on_a_session_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """Stopped during a backfill on a server, the holder dropped the lock on the store's
+    client, whose session still ran the backfill: the DROP failed (SESSION_IS_LOCKED),
+    that error replaced the stop, and the lock stayed for good (every later start that
+    must migrate waited). Now each statement has a query_id of this process's, and the
+    lock is released on a client of its own (real chDB), after killing what still runs
+    with that prefix; the stop is what the run ends with."""
+    made = calls_before_0005(tmp_path)
+    made.close()
+    stopped = StoppedOnALockedSession(made.dsn)
+    try:
+        with pytest.raises(Stopped), stopped_at_once():
+            migrate(stopped)
+        [query_id] = stopped.query_ids  # the backfill stopped, its query_id this process's
+        assert query_id is not None and query_id.startswith(QUERY_ID_PREFIX)
+    finally:
+        stopped.close()
+    store = Store(made.dsn)
+    try:
+        assert store.rows(LEFT) == [{"locks": 0, "ours": 0}]
+        done = sorted(row["version"] for row in store.rows("SELECT version FROM schema_migrations"))
+        assert done == [1, 2, 3, 4]  # 0005's backfill was stopped
+        assert migrate(store) == list(range(5, NEWEST + 1))
+        counted_once(store)
+    finally:
+        store.close()
+
+
+def test_a_release_that_fails_after_a_stop_says_how_to_clear_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A release that fails too (the server gone) is logged, naming the command that
+    clears the lock; the stop, not the release's error, is what the run ends with."""
+
+    def unreachable(dsn: str, settings: dict[str, Any]) -> Any:  # the server gone
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(migration_lock, "connect", unreachable)
+    store = StoppedOnALockedSession(f"chdb:///{tmp_path / 'clickhouse'}")
+    try:
+        schema_before(5, store)
+        with pytest.raises(Stopped), stopped_at_once():
+            migrate(store)
+    finally:
+        store.close()
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.name == "sql.migration_lock"
+    assert f"DROP TABLE default.{TABLE}" in record.getMessage()
+    assert QUERY_ID_PREFIX in record.getMessage()
+
+
+SLOW = Migration(
+    1,
+    "slow",
+    (
+        "CREATE TABLE IF NOT EXISTS slow (n UInt64) ENGINE = MergeTree ORDER BY n",
+        "INSERT INTO slow SELECT number FROM numbers(100) WHERE sleepEachRow(0.02) = 0 "
+        "SETTINGS max_block_size = 1",
+    ),
+)
+
+
+def test_a_migration_stopped_while_a_statement_runs_leaves_no_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real stop (SIGTERM) while a slow statement runs on chDB: the run ends stopped,
+    no lock and nothing of its statements is left, and the next run applies the
+    migrations. (On chDB the statement ends before the stop is taken: the kill of one a
+    server still runs is the double's above.)"""
+    monkeypatch.setattr(migrate_module, "available", lambda: [SLOW])
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    watcher = connect(store.dsn, {})
+    running = "SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO slow%'"
+
+    def stop_once_it_runs() -> None:
+        until(lambda: watcher.command(running), 60, "the slow statement runs")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopping = threading.Thread(target=stop_once_it_runs)
+    try:
+        stopping.start()
+        with pytest.raises(Stopped), stopped_at_once():
+            migrate(store)
+        stopping.join(60)
+        assert store.rows(LEFT) == [{"locks": 0, "ours": 0}]
+        assert watcher.command(running) == 0
+        assert store.rows("SELECT version FROM schema_migrations") == []
+        monkeypatch.undo()
+        assert migrate(store) == list(range(1, NEWEST + 1))
+    finally:
+        watcher.close()
+        store.close()
+
+
+def test_a_stopped_holder_kills_its_statements_still_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server goes on with the statement of a client the stop cut short: the release
+    kills it (KILL QUERY by this process's query_id prefix, SYNC) before the lock is
+    dropped, or a start right after would run its backfill alongside it. On chDB, which
+    takes no query_id, a statement running on another handle stands for it, its query_id
+    (the engine's) as the prefix."""
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    server = connect(store.dsn, {})  # the session still running the statement
+    slow = "SELECT count() FROM numbers(1000) WHERE sleepEachRow(0.05) = 0"
+    failed: list[DatabaseError] = []
+
+    def run() -> None:
+        try:
+            server.command(f"{slow} SETTINGS max_block_size = 1")
+        except DatabaseError as exc:
+            failed.append(exc)
+
+    running = threading.Thread(target=run)
+    running.start()
+    [row] = until(
+        lambda: store.rows(
+            "SELECT query_id FROM system.processes WHERE startsWith(query, {slow:String})",
+            {"slow": slow},
+        ),
+        60,
+        "the statement runs",
+    )
+    try:
+        monkeypatch.setattr(migration_lock, "QUERY_ID_PREFIX", row["query_id"])
+        with pytest.raises(Stopped), migration_lock.migration_lock(store):
+            raise Stopped("SIGTERM")
+        running.join(10)  # killed, not run to its end (50 s)
+        assert not running.is_alive()
+        assert [exc.code for exc in failed] == [394]  # QUERY_WAS_CANCELLED
+        assert store.command(f"EXISTS TABLE {TABLE}") == 0
+    finally:
+        store.command("KILL QUERY WHERE query_id = {id:String} SYNC", {"id": row["query_id"]})
+        running.join(60)
+        server.close()
+        store.close()
