@@ -87,9 +87,9 @@ async def test_a_delivery_begun_longer_ago_than_max_age_is_dead_lettered_unsent(
     async with receiver({}) as rec:
         hook = endpoint("aging", f"{rec.base_url}/aging", rules=[rule])  # max_age_s: a day
         recorded_earlier(store, pending, "aging")
-        failed = Attempt(
-            retrying.event_id, "aging", 1, DAYS_AGO + timedelta(seconds=5), 503, "HTTP 503",
-            "retrying", 0, retry_at=DAYS_AGO + timedelta(seconds=6),
+        failed = Attempt(  # tried at once: its sending began 3 days ago too
+            retrying.event_id, "aging", 1, DAYS_AGO, 503, "HTTP 503",
+            "retrying", 0, retry_at=DAYS_AGO + timedelta(seconds=1),
         )  # fmt: skip
         recorded_earlier(store, retrying, "aging", failed)
         records.store_batch(store, [fresh], [("aging", fresh)], [], {fresh.event_id: 0})
@@ -176,3 +176,26 @@ async def test_unfinished_deliveries_of_an_endpoint_not_configured_are_said_at_s
     (line,) = orphaned()  # "removed" has none unfinished; "oncall" is configured
     assert line.startswith("webhook oncall-old: not configured (renamed or removed), 3 unfinished")
     assert "configure it again under that name" in line
+
+
+def test_time_queued_before_the_first_attempt_does_not_count_toward_expiry(store: Store) -> None:
+    """A delivery pending three days (behind a backlog, or its endpoint's process down)
+    whose first attempt was an hour ago is being retried: resumed, not expired. One
+    never tried is judged from when it was recorded pending."""
+    rule = f"rule-{uuid.uuid4()}"
+    retried, untried = make_alert(rule, value="retried"), make_alert(rule, value="untried")
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    failed = Attempt(
+        retried.event_id, "backlog", 1, hour_ago, 503, "HTTP 503", "retrying", 0,
+        retry_at=hour_ago + timedelta(seconds=30),
+    )  # fmt: skip
+    recorded_earlier(store, retried, "backlog", failed)
+    recorded_earlier(store, untried, "backlog")
+    resumed = records.unfinished(store, "backlog", 10, [0], timedelta(days=1))
+    assert [j.alert.event_id for j in resumed.jobs] == [retried.event_id]
+    assert resumed.jobs[0].attempts == 1
+    assert resumed.given_up == 1
+    assert rows(store, retried.event_id)[-1][2] == "retrying"
+    (*_, expired) = rows(store, untried.event_id)
+    assert expired[2] == "dead_lettered"
+    assert expired[3].startswith("expired: not sent, its sending began 3 days, ")

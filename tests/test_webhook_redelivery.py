@@ -5,22 +5,26 @@ every request's signature is verified, as in test_webhooks.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
-from ingress.guards.keys import hash_key
+from ingress.guards.keys import create_key, hash_key
 from llmtap import topics
 from llmtap.config import ADMIN_KEY_ENV, Settings
 from llmtap.events import Alert
-from sinks.app import DISPATCHER, create_app
-from sinks.webhooks import redeliver
+from sinks.app import DISPATCHER, REDELIVER_ADMIN_ONLY, create_app
+from sinks.webhooks import records, redeliver
+from sinks.webhooks.dispatcher import WebhookDispatcher
 from sql import analytics
 from sql.migrate import migrate
 from sql.params import BadParameter
@@ -92,6 +96,7 @@ async def test_llmtap_alerts_redeliver_sends_a_dead_lettered_delivery_again_once
         migrating = Store(settings.store_dsn)  # as `llmtap store` does before its app
         migrate(migrating)
         migrating.close()
+        virtual, _ = create_key(settings.key_file, tenant="acme")
         app = create_app(settings)
         async with TestServer(app, host="127.0.0.1") as server:
             store = app[analytics.STORE]
@@ -121,10 +126,17 @@ async def test_llmtap_alerts_redeliver_sends_a_dead_lettered_delivery_again_once
             await until(lambda: worker.idle)
             rows = await asyncio.to_thread(delivery_rows, store, alert.event_id)
 
-            # An admin key only, and an endpoint that exists, said by name.
+            # An admin key only (a virtual key: 403), and an endpoint that exists, by name.
             monkeypatch.setenv(ADMIN_KEY_ENV, "lta_not-a-key")
             assert await asyncio.to_thread(cli, argv) == 2
             assert "unknown or revoked key" in capsys.readouterr().err
+            route = server.make_url("/api/v1/webhooks/dead/redeliver")
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(route, headers={"Authorization": f"Bearer {virtual}"}) as refused,
+            ):
+                assert refused.status == 403
+                assert (await refused.json())["error"]["message"] == REDELIVER_ADMIN_ONLY
             monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_SECRET)
             unknown = ["alerts", "redeliver", "--endpoint", "nope", *argv[4:]]
             assert await asyncio.to_thread(cli, unknown) == 2
@@ -240,3 +252,103 @@ async def test_a_410_disables_the_endpoint_until_redeliver_enables_it(
     assert sorted(a.webhook_id for a in rec.accepted) == sorted(
         str(i) for i in [*ids, late.event_id]
     )
+
+
+async def test_a_redeliver_landing_while_a_410_is_recorded_is_not_undone(
+    broker: Broker, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin's request comes while the 410's `gone` row is being inserted: it
+    enables the endpoint after the 410 disabled it, so its redelivery is sent, not
+    closed out unsent by a worker disabling the endpoint only once the row is in."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    inserted, go = threading.Event(), threading.Event()
+    real_record = records.record
+
+    def record(into: Store, rows: list[records.Attempt]) -> None:
+        real_record(into, rows)
+        if any(r.status_code == 410 for r in rows) and not inserted.is_set():
+            inserted.set()  # the 410's row is in; its insert has not returned yet
+            go.wait(timeout=30)
+
+    monkeypatch.setattr(records, "record", record)
+    async with receiver({"gone": Behaviour(always=410)}) as rec:
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            webhook_allow_private=True,
+            webhooks=[endpoint("gone", f"{rec.base_url}/gone", rules=[rule])],
+        )
+        async with dispatching(settings, store) as dispatcher:
+            await publish(broker.bootstrap, [alert])
+            await until(inserted.is_set)
+            rec.behaviours["gone"] = Behaviour()  # the receiver is back
+            asking = asyncio.create_task(
+                redeliver.redeliver(store, dispatcher, redeliver.Selection("gone"))
+            )
+            asyncio.get_running_loop().call_soon(go.set)  # once the request has begun
+            assert await asking == 1
+
+            def redelivered() -> bool:
+                return any(
+                    r[0] == 1 and r[2] in records.FINAL
+                    for r in delivery_rows(store, alert.event_id)
+                )
+
+            await until(lambda: asyncio.to_thread(redelivered))
+            worker = dispatcher.workers["gone"]
+            assert worker.disabled == ""
+            rows = await asyncio.to_thread(delivery_rows, store, alert.event_id)
+
+    assert rows == [(0, 0, "pending"), (0, 1, "gone"), (1, 0, "pending"), (1, 1, "delivered")]
+    assert [a.webhook_id for a in rec.accepted] == [str(alert.event_id)]
+
+
+async def test_a_handover_waits_for_a_close_out_being_recorded(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disabled endpoint's worker is recording a delivery `gone` when its partition is
+    taken: the rebalance goes on only once the row is in, so the next owner finds it
+    finished, and does not send it (nor record a second outcome)."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    records.store_batch(store, [alert], [("gone", alert)], [], {alert.event_id: 1})
+    settings = Settings(webhooks=[endpoint("gone", "http://127.0.0.1:9/", rules=[rule])])
+    dispatcher = WebhookDispatcher(settings, store)
+    worker = dispatcher.workers["gone"]
+    worker.disabled = "endpoint gone disabled: its receiver answered 410 Gone"
+    closing, go, inserted = threading.Event(), threading.Event(), threading.Event()
+    real_record = records.record
+
+    def record(into: Store, rows: list[records.Attempt]) -> None:
+        closed_out = any(r.outcome == "gone" for r in rows)
+        if closed_out:
+            closing.set()
+            go.wait(timeout=30)
+        real_record(into, rows)
+        if closed_out:
+            inserted.set()
+
+    monkeypatch.setattr(records, "record", record)
+    alerts = settings.kafka.names.alerts
+    running = asyncio.create_task(worker.run())
+    try:
+        await dispatcher.handover.on_partitions_assigned([TopicPartition(alerts, 1)])
+        await until(closing.is_set)  # its close-out is being recorded
+
+        async def hand_over() -> bool:
+            await dispatcher.handover.on_partitions_revoked([TopicPartition(alerts, 1)])
+            return inserted.is_set()
+
+        handing_over = asyncio.create_task(hand_over())
+        for _ in range(10):  # the handover's steps, none waiting on I/O
+            await asyncio.sleep(0)
+        go.set()
+        assert await handing_over, "the partition was handed over before its row was in"
+        nexts = await asyncio.to_thread(records.unfinished, store, "gone", 10, [1])
+    finally:
+        go.set()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert nexts.jobs == []  # the next owner has nothing to send
+    assert delivery_rows(store, alert.event_id) == [(0, 0, "pending"), (0, 0, "gone")]

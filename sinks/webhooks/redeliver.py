@@ -103,7 +103,7 @@ async def redeliver(store: Store, dispatcher: WebhookDispatcher, selection: Sele
             "endpoint", f"no webhook endpoint named {selection.endpoint!r} (endpoints: {known})"
         )
     async with dispatcher.redelivering:  # one at a time
-        await worker.enable()  # a close-out under way is recorded first: it is found
+        await worker.enable()  # a 410 or close-out being recorded is first: it is found
         rows = await asyncio.to_thread(requeue, store, selection)
     worker.redelivered()  # resumed by the worker, if its partitions hold them
     return len(rows)

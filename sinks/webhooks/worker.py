@@ -11,18 +11,19 @@ A delivery belongs to the alerts-topic partition its alert was read from, and on
 store process that owns that partition (:class:`Owned`, kept by the dispatcher's
 rebalance listener) queues, resumes or sends it. Losing partitions, the worker drops
 their queued deliveries and stops the one it is sending before the rebalance goes on
-(an attempt being recorded is recorded first): the next owner resumes them, counting
-the attempts recorded and waiting for the retry the last one was due at, so no two
-members of the group send one delivery or record its outcome. (A process the broker
-expelled but still running is not fenced off: until it hears so, it may send what the
-group gave another. Delivery stays at least once.)
+(an attempt, or a close-out, being recorded is recorded first): the next owner
+resumes them, counting the attempts recorded and waiting for the retry the last one
+was due at, so no two members of the group send one delivery or record its outcome.
+(A process the broker expelled but still running is not fenced off: until it hears so,
+it may send what the group gave another. Delivery stays at least once.)
 
 An unfinished delivery is judged by its age when it is resumed from ClickHouse (at
-start, and at each rescan), not before each attempt: one whose sending began more than
-the endpoint's ``max_age_s`` ago (a store process down for days, an endpoint configured
-again weeks later) is dead-lettered unsent (records.unfinished). A rescan runs only
-between deliveries, so one being retried is never cut short; one resumed mid-schedule
-(handed over, or after a quick restart) is within it, as ``max_age_s`` exceeds the
+start, and at each rescan), not before each attempt: one whose sending began (its first
+attempt; never tried, its pending row) more than the endpoint's ``max_age_s`` ago (a
+store process down for days, an endpoint configured again weeks later) is dead-lettered
+unsent (records.unfinished). A rescan runs only between deliveries, so one being
+retried is never cut short; one resumed mid-schedule (handed over, or after a quick
+restart) is within it, however long it was queued before, as ``max_age_s`` exceeds the
 longest schedule (config_sections), unless a receiver's retry-afters stretched it.
 """
 
@@ -84,7 +85,7 @@ class EndpointWorker:
         self.outcomes: dict[records.Outcome, int] = {}  # deliveries finished
         self.attempts: dict[records.Outcome, int] = {}  # HTTP attempts, by result
         self.disabled = ""  # why nothing is sent (its receiver answered 410), or ""
-        self._closing = asyncio.Lock()  # held while closed-out deliveries are recorded
+        self._closing = asyncio.Lock()  # held while a 410 or closed-out deliveries are recorded
 
     def offer(self, job: Job) -> None:
         """Queue a delivery recorded as pending; never blocks."""
@@ -120,7 +121,8 @@ class EndpointWorker:
         self._rescan_soon()
 
     async def enable(self) -> None:
-        """Send again (after a 410); returns once a close-out under way is recorded."""
+        """Send again (after a 410); returns once a close-out, or a 410, being recorded
+        is recorded (the 410 disabled the endpoint first: this clearing comes last)."""
         self.disabled = ""
         async with self._closing:
             pass
@@ -136,7 +138,8 @@ class EndpointWorker:
 
     async def revoke(self) -> None:
         """Partitions were taken (:class:`Owned` says which are left): drop what is
-        queued of the others, and stop sending theirs, before their next owner starts."""
+        queued of the others, let what is being recorded ``gone`` be recorded, and stop
+        sending theirs, before their next owner starts."""
         kept = []
         while not self._queue.empty():
             job = self._queue.get_nowait()
@@ -148,6 +151,8 @@ class EndpointWorker:
                 self._held.discard(job.alert.event_id)
         for job in kept:
             self._queue.put_nowait(job)
+        async with self._closing:  # a close-out (or a 410) being recorded is recorded first
+            pass
         if self._sending is not None and not self._owned.holds(self._sending[0]):
             job, task = self._sending
             task.cancel()
@@ -267,9 +272,16 @@ class EndpointWorker:
         alert = job.alert
 
         async def record(attempt: Attempt) -> None:
-            await self._record(
-                replace(attempt, alert_partition=job.partition, redelivery=job.redelivery)
-            )
+            attempt = replace(attempt, alert_partition=job.partition, redelivery=job.redelivery)
+            if attempt.outcome != "gone":
+                await self._record(attempt)
+                return
+            # Disabled before its row is in, under the lock enable() waits for: a
+            # redeliver that finds the row has enabled the endpoint after this.
+            async with self._closing:
+                self.disabled = gone.disabled(self.endpoint.name, alert.event_id)
+                self._rescan = True  # its unfinished deliveries in ClickHouse: closed out too
+                await self._record(attempt)
 
         try:
             body = render.render(self._template, alert)
@@ -293,8 +305,5 @@ class EndpointWorker:
                 not_before=job.not_before,
             )
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        if outcome == "gone":
-            self.disabled = gone.disabled(self.endpoint.name, alert.event_id)
-            self._rescan = True  # its unfinished deliveries in ClickHouse: closed out too
         level = logging.INFO if outcome == "delivered" else logging.WARNING
         log.log(level, "webhook %s: alert %s %s", self.endpoint.name, alert.event_id, outcome)

@@ -3,17 +3,21 @@
 -- partition 0), oldest first, with the alert to render again, how many attempts
 -- were already made (0: only recorded as pending) and when the next one is due
 -- (the latest retry_at of its failed attempts; NULL, none recorded: now), and when its
--- sending began (`since`: too long ago, it is dead-lettered unsent, records.py).
+-- sending began (`since`: its first attempt, or, none made yet, its pending row; too
+-- long ago, it is dead-lettered unsent, records.py: time spent queued behind others
+-- does not count against one being retried).
 -- Only a delivery's latest redelivery counts (0019: `llmtap alerts redeliver` starts
 -- one afresh after the earlier one's final row), and its attempts are that one's.
--- Alerts recorded together (one batch: one `since`) go in the order they were raised,
--- a firing before its resolve, a budget's 50% before its 80%, not in id order.
+-- They go in the order they were recorded pending (`queued`), and alerts recorded
+-- together (one batch: one `queued`) in the order they were raised, a firing before
+-- its resolve, a budget's 50% before its 80%, not in id order.
 WITH unfinished AS
 (
     SELECT
         alert_id,
         max(attempt) AS attempts,
-        min(ts) AS since,
+        min(ts) AS queued,
+        if(countIf(attempt > 0) > 0, minIf(ts, attempt > 0), queued) AS since,
         max(alert_partition) AS alert_partition,
         max(retry_at) AS retry_at,
         max(redelivery) AS sending
@@ -52,5 +56,5 @@ INNER JOIN
     WHERE event_id IN (SELECT alert_id FROM unfinished)
     GROUP BY event_id
 ) AS a ON a.event_id = u.alert_id
-ORDER BY u.since, a.first_seen, a.state = 'resolved', a.threshold, u.alert_id
+ORDER BY u.queued, a.first_seen, a.state = 'resolved', a.threshold, u.alert_id
 LIMIT {limit:UInt32}
