@@ -108,8 +108,8 @@ def _take(store: Store) -> Holder | None:
                     [(f"{socket.gethostname()} pid {os.getpid()}", _PROCESS, utcnow())],
                     ("holder", "process", "started_at"),
                 )
-            except BaseException:
-                store.command(render("migration_lock_release"))
+            except BaseException:  # a stop while it named itself, or a failure
+                _release_or_say(store)
                 raise
             return None
 
@@ -125,12 +125,36 @@ def _release_after_stop(store: Store) -> None:
     """Kill this process's migration statements still running, then release the lock,
     on a client of its own (a session of its own; on chDB one more handle on the
     engine): the store's client's session may still run the statement cut short."""
+    ours = {"prefix": f"{QUERY_ID_PREFIX}%"}
     client = connect(store.dsn, {})
     try:
-        client.command(render("migration_lock_kill"), parameters={"prefix": f"{QUERY_ID_PREFIX}%"})
+        try:
+            client.command(render("migration_lock_kill"), parameters=ours)
+        except DatabaseError:
+            # A server with kill_throw_if_noop on (newer than 26.9) fails a KILL that
+            # matched nothing: released all the same if none of ours runs.
+            if client.command(render("migration_lock_running"), parameters=ours):
+                raise
         client.command(render("migration_lock_release"))
     finally:
         client.close()
+
+
+def _release_or_say(store: Store) -> None:
+    """:func:`_release_after_stop`, or, failing, an ERROR saying how to clear the lock:
+    never an exception of its own (the stop or failure that came is what is raised)."""
+    try:
+        _release_after_stop(store)
+    except BaseException:
+        database = "default" if store.dsn.startswith("chdb:") else dsn_database(store.dsn)
+        log.exception(
+            "could not release the migration lock after the migration stopped. Once no "
+            "query whose query_id begins %s runs on this ClickHouse (system.processes), "
+            "clear the lock, or every start that must migrate waits: DROP TABLE %s.%s",
+            QUERY_ID_PREFIX,
+            database,
+            TABLE,
+        )
 
 
 @contextmanager
@@ -156,17 +180,6 @@ def migration_lock(store: Store, poll_s: float = 0.5) -> Iterator[None]:
     try:
         yield
     except BaseException:  # a stop (stopping.py's is a BaseException) or a failure
-        try:
-            _release_after_stop(store)
-        except BaseException:
-            database = "default" if store.dsn.startswith("chdb:") else dsn_database(store.dsn)
-            log.exception(
-                "could not release the migration lock after the migration stopped. Once no "
-                "query whose query_id begins %s runs on this ClickHouse (system.processes), "
-                "clear the lock, or every start that must migrate waits: DROP TABLE %s.%s",
-                QUERY_ID_PREFIX,
-                database,
-                TABLE,
-            )
+        _release_or_say(store)
         raise  # the stop or the failure, never the release's error
     store.command(render("migration_lock_release"))

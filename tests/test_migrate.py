@@ -229,6 +229,7 @@ def test_a_lock_a_killed_process_left_on_chdb_is_taken_over(
 
 
 SESSION_IS_LOCKED = 373
+NOTHING_TO_KILL = 1000  # a stand-in code: the double raises it, nothing reads it
 LEFT = (
     f"SELECT (SELECT count() FROM system.tables WHERE name = '{TABLE}') AS locks, "
     f"(SELECT count() FROM system.processes WHERE query_id LIKE '{QUERY_ID_PREFIX}%') AS ours"
@@ -399,4 +400,65 @@ def test_a_stopped_holder_kills_its_statements_still_running(
         store.command("KILL QUERY WHERE query_id = {id:String} SYNC", {"id": row["query_id"]})
         running.join(60)
         server.close()
+        store.close()
+
+
+class StoppedWhileNamingItself(StoppedOnALockedSession):
+    """A stop while the holder writes its name into the lock it just made: the server
+    still runs that insert on the session, which refuses anything else."""
+
+    def insert(self, table: str, rows: Any, columns: Any) -> None:
+        super().insert(table, rows, columns)
+        if table == TABLE:
+            self.locked = True
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_stop_while_the_lock_is_named_releases_it_on_a_session_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """The lock made, its row being written when the stop came: released as a stop
+    mid-statement is (on a client of its own), the stop what the run ends with. It was
+    released on the store's session: SESSION_IS_LOCKED replaced the stop, the lock stayed."""
+    store = StoppedWhileNamingItself(f"chdb:///{tmp_path / 'clickhouse'}")
+    try:
+        schema_before(5, store)
+        with pytest.raises(Stopped), stopped_at_once():
+            migrate(store)
+    finally:
+        store.close()
+    again = Store(store.dsn)
+    try:
+        assert again.rows(LEFT) == [{"locks": 0, "ours": 0}]
+    finally:
+        again.close()
+
+
+def test_a_kill_that_matches_nothing_and_fails_still_releases_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server with kill_throw_if_noop on (newer than 26.9) fails a KILL QUERY that
+    matched nothing: with none of this process's statements running, the lock is
+    released all the same (it stayed, and every start that must migrate waited)."""
+
+    def strict(dsn: str, settings: dict[str, Any]) -> Any:
+        client = connect(dsn, settings)
+        plain = client.command
+
+        def command(sql: str, *args: Any, **kwargs: Any) -> Any:
+            if "KILL QUERY" in sql:
+                raise DatabaseError("Nothing to kill", code=NOTHING_TO_KILL)
+            return plain(sql, *args, **kwargs)
+
+        client.command = command
+        return client
+
+    monkeypatch.setattr(migration_lock, "connect", strict)
+    store = Store(f"chdb:///{tmp_path / 'clickhouse'}")
+    try:
+        with pytest.raises(RuntimeError, match="failed mid-way"):
+            with migration_lock.migration_lock(store):
+                raise RuntimeError("failed mid-way")
+        assert store.rows(LEFT) == [{"locks": 0, "ours": 0}]
+    finally:
         store.close()
