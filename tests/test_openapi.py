@@ -19,6 +19,7 @@ import requests
 import schemathesis
 from aiohttp import web
 from hypothesis import HealthCheck, settings
+from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from ingress.guards.keys import create_key
@@ -204,9 +205,20 @@ def test_the_api_keeps_its_contract(case: schemathesis.Case[Any], served: str) -
     excluded: list[schemathesis.CheckFunction] = (
         [positive_data_acceptance] if case.path == "/api/v1/sql" or window else []
     )
-    case.call_and_validate(
-        base_url=served,
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        excluded_checks=excluded,
-        timeout=30,
-    )
+    try:
+        case.call_and_validate(
+            base_url=served,
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            excluded_checks=excluded,
+            timeout=30,
+        )
+    except FailureGroup as group:
+        if not all(too_large(failure) for failure in group.exceptions):
+            raise
+
+
+def too_large(failure: BaseException) -> bool:
+    """A generated body past the SQL endpoint's 1 MiB limit, refused with the 413 meant
+    for it (`too_long`), which schemathesis's negative-data check does not list
+    (ST201: it expects a 400 or 422)."""
+    return getattr(failure, "code", None) == "ST201" and getattr(failure, "status_code", 0) == 413
