@@ -173,7 +173,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    analytics.add_routes(app, settings)
+    analytics.add_routes(app, settings, webhooks=True)
     app.router.add_post(
         "/api/v1/webhooks/{endpoint}/redeliver",
         analytics.guarded(redeliver_route, admin_only=True, forbidden=REDELIVER_ADMIN_ONLY),

@@ -510,13 +510,16 @@ def add_routes(
     *,
     sql_limits: sqlguard.SqlLimits | None = None,
     source: str = "rollup",
+    webhooks: bool = False,
 ) -> None:
     """Mount the API on an app that holds a STORE (set by a cleanup context appended
     before this call) and uses api_errors: the analytics endpoints, POST /api/v1/sql,
     GET /api/v1/openapi.json (open; everything else needs a key), and the cleanup
     contexts they need (the keys, re-read as the key file changes; the SQL session; the
     budget states, followed from the budgets topic, which the dashboard shows too).
-    ``source="raw"`` answers from `calls` alone (tests and benchmarks compare the two)."""
+    ``source="raw"`` answers from `calls` alone (tests and benchmarks compare the two).
+    ``webhooks``: the app serves the webhooks' redeliver route too (the store process,
+    which adds it): the document says so."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
     limits = sql_limits or sqlguard.SqlLimits()
@@ -524,7 +527,7 @@ def add_routes(
     app[SOURCE] = source
     app[BUDGETS] = list(settings.budgets)
     app[KEPT] = Kept(settings.raw_retention_days, settings.rollup_retention_days)
-    app[OPENAPI] = orjson.dumps(openapi.document(limits))
+    app[OPENAPI] = orjson.dumps(openapi.document(limits, webhooks=webhooks))
     app[ADMISSION] = Admission(settings.api_requests_per_key)
     app.cleanup_ctx.append(api_auth(settings.admin_key_hashes, settings.key_file))
     app.cleanup_ctx.append(sqlapi.sql_runner(STORE, limits, settings.sql_dsn))

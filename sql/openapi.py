@@ -582,6 +582,73 @@ def _sql(limits: sqlguard.SqlLimits) -> Schema:
     }
 
 
+def _redeliver() -> Schema:
+    """POST /api/v1/webhooks/{endpoint}/redeliver: served by the store process only
+    (sinks/app.py; `llmtap alerts redeliver` asks it)."""
+    return {
+        "post": {
+            "operationId": "webhooks_redeliver",
+            "summary": "Send an endpoint's given-up webhook deliveries again (admin keys only)",
+            "description": (
+                "Each of the endpoint's deliveries whose latest sending ended dead_lettered "
+                "or gone (of the alerts named, given up at or after `since`; none named: "
+                "all) is made due again: sent with the same webhook-id on a fresh retry "
+                "schedule, as new rows of the next redelivery. The endpoint is enabled "
+                "again if a 410 disabled it. Served by the store process only."
+            ),
+            "tags": ["webhooks"],
+            "parameters": [
+                {
+                    "name": "endpoint",
+                    "in": "path",
+                    "required": True,
+                    "schema": STRING,
+                    "description": "a configured webhook endpoint's name",
+                }
+            ],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "alert_ids": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "uuid"},
+                                    "description": "only these alerts' deliveries",
+                                },
+                                "since": {
+                                    **TIME,
+                                    "description": "only deliveries given up at or after "
+                                    "this (with an offset)",
+                                },
+                            },
+                            "additionalProperties": False,
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "how many deliveries were made due again",
+                    "content": {
+                        "application/json": {
+                            "schema": _object({"endpoint": STRING, "redelivered": INT})
+                        }
+                    },
+                },
+                "400": _error("a bad body, the field named in `param`"),
+                "401": ERRORS["401"],
+                "403": _error("a virtual key: redelivering is for admin keys only"),
+                "404": _error("no webhook endpoint of that name (`param` is `endpoint`)"),
+                "429": ERRORS["429"],
+                "503": ERRORS["503"],
+            },
+        }
+    }
+
+
 def _components(limits: sqlguard.SqlLimits) -> Schema:
     return {
         "securitySchemes": {
@@ -659,12 +726,15 @@ def _components(limits: sqlguard.SqlLimits) -> Schema:
     }
 
 
-def document(limits: sqlguard.SqlLimits | None = None) -> Schema:
+def document(limits: sqlguard.SqlLimits | None = None, *, webhooks: bool = False) -> Schema:
+    """The document; ``webhooks``: the store process's, which also serves redelivery."""
     limits = limits or sqlguard.SqlLimits()
     paths: dict[str, Schema] = {
         f"/api/v1/analytics/{endpoint}": _analytics(endpoint) for endpoint in params.EXTRA
     }
     paths["/api/v1/sql"] = _sql(limits)
+    if webhooks:
+        paths["/api/v1/webhooks/{endpoint}/redeliver"] = _redeliver()
     paths["/api/v1/openapi.json"] = {
         "get": {
             "operationId": "openapi",

@@ -12,9 +12,12 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import requests
+import schemathesis
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaProducer, TopicPartition
 
@@ -141,6 +144,7 @@ async def test_llmtap_alerts_redeliver_sends_a_dead_lettered_delivery_again_once
             unknown = ["alerts", "redeliver", "--endpoint", "nope", *argv[4:]]
             assert await asyncio.to_thread(cli, unknown) == 2
             assert "no webhook endpoint named 'nope' (endpoints: dead)" in capsys.readouterr().err
+            await asyncio.to_thread(answers_as_documented, str(server.make_url("")), virtual)
 
     assert rec.bad_signatures == 0
     assert [a.webhook_id for a in rec.accepted] == [str(alert.event_id)]
@@ -152,6 +156,26 @@ async def test_llmtap_alerts_redeliver_sends_a_dead_lettered_delivery_again_once
         (1, 0, "pending"),  # a fresh schedule: its attempts count from 0 again
         (1, 1, "delivered"),
     ]
+
+
+def answers_as_documented(base_url: str, virtual_key: str) -> None:
+    """The store process's OpenAPI document has the route, and its answers (200, 400,
+    403, 404) are the ones it documents (schemathesis validates each)."""
+    document = requests.get(f"{base_url}/api/v1/openapi.json", timeout=10).json()
+    route = "/api/v1/webhooks/{endpoint}/redeliver"
+    operation = schemathesis.openapi.from_dict(document)[route]["POST"]
+    admin = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+    asked: list[tuple[str, dict[str, str], dict[str, Any], int]] = [
+        ("dead", admin, {"since": "2026-01-01T00:00:00Z"}, 200),
+        ("dead", admin, {"alert_ids": ["not-a-uuid"]}, 400),
+        ("dead", {"Authorization": f"Bearer {virtual_key}"}, {}, 403),
+        ("nope", admin, {}, 404),
+    ]
+    for name, headers, body, status in asked:
+        url = f"{base_url}/api/v1/webhooks/{name}/redeliver"
+        answer = requests.post(url, json=body, headers=headers, timeout=30)
+        assert answer.status_code == status, answer.text
+        operation.validate_response(answer)
 
 
 async def test_redeliver_selects_by_alert_id_and_by_when_given_up(
