@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import threading
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -44,6 +45,7 @@ from llmtap.names import Names
 from sinks.metrics import store_registry
 from sinks.webhooks import deliver, guard, probe, records, render, sign
 from sinks.webhooks.dispatcher import WebhookDispatcher, matches
+from sinks.webhooks.worker import EndpointWorker, Owned
 from sql.store import Store
 from stream.budgets import period_bounds
 from tests.conftest import Broker
@@ -1593,3 +1595,39 @@ def test_slack_and_text_show_a_budget_s_period_and_a_resolve_s_resolution() -> N
     firing = make_alert()
     assert "resolved:" not in text(firing)
     assert not any(f.startswith("*Resolution*") for f in slack(firing))
+
+
+async def test_a_worker_is_not_idle_while_it_rescans(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`idle` (what tests wait on) is false while a rescan reads ClickHouse: the read
+    may find deliveries to send."""
+    started, release = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+    read = records.unfinished
+
+    def held_read(*args: Any, **kwargs: Any) -> records.Resumed:
+        loop.call_soon_threadsafe(started.set)
+        release.wait(TIMEOUT_S)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(records, "unfinished", held_read)
+    worker = EndpointWorker(
+        endpoint("idle", "http://127.0.0.1:9/idle"),
+        store,
+        allow_private=True,
+        owned=Owned(frozenset({0})),
+    )
+    running = asyncio.create_task(worker.run())
+    try:
+        worker.reassigned()
+        async with asyncio.timeout(TIMEOUT_S):
+            await started.wait()
+        assert not worker.idle  # the read is under way
+        release.set()
+        await until(lambda: worker.idle)
+    finally:
+        release.set()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running

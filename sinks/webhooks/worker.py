@@ -252,8 +252,13 @@ class EndpointWorker:
 
     @property
     def idle(self) -> bool:
-        """Nothing queued, nothing being sent, no rescan due."""
-        return self._queue.empty() and self._sending is None and not self._rescan
+        """Nothing queued, nothing being sent, no rescan due or under way."""
+        return (
+            self._queue.empty()
+            and self._sending is None
+            and not self._rescan
+            and not self._refilling
+        )
 
     async def _record(self, attempt: Attempt) -> None:
         """Record an attempt; a delivery stopped meanwhile (revoke) stops once it is
