@@ -1529,6 +1529,7 @@ async def test_models_passes_one_model_on_and_no_other_path(
     secret = await make_key(ingress, ingress_settings.key_file)
     before = len(upstream.provider.received)
     headers = {"Authorization": f"Bearer {secret}"}
+    said: list[str] = []
     async with aiohttp.ClientSession(headers=headers) as session:
         async with session.get(f"{ingress}/v1/models/ft:gpt-4o-mini:acme::x1") as response:
             assert response.status == 200
@@ -1542,9 +1543,14 @@ async def test_models_passes_one_model_on_and_no_other_path(
             url = URL(f"{ingress}/v1/models/{sneaky}", encoded=True)
             async with session.get(url) as response:
                 assert response.status == 404, sneaky
-                assert "error" in await response.json()  # the provider's shape
+                error = (await response.json())["error"]  # the provider's shape
+                said.append(error["message"].split(":")[0])
     asked = [received.path for received in upstream.provider.received[before:]]
     assert asked == ["/v1/models/ft:gpt-4o-mini:acme::x1"]
+    # A name the route takes is refused saying why; one it does not is an unknown route.
+    assert said == ["llmtap looks one model up by a name without '/' or '..'"] * 4 + [
+        "Unknown route"
+    ]
 
 
 async def test_head_on_the_models_list_keeps_the_provider_s_content_length(

@@ -56,6 +56,12 @@ class _Refused(Exception):
         )
 
 
+NOT_LOOKED_UP = (
+    "llmtap looks one model up by a name without '/' or '..': '{model}' is not asked of "
+    "the provider (GET /v1/models lists them all)"
+)
+
+
 def models(openai: Api, anthropic: Api) -> Handler:
     """``GET /v1/models`` and ``GET /v1/models/{model}``: both APIs have them, at the same
     path. Anthropic's SDK sends ``anthropic-version`` (as every Anthropic call must):
@@ -73,7 +79,7 @@ def models(openai: Api, anthropic: Api) -> Handler:
         if "model" in request.match_info:
             model = request.match_info["model"]
             if "/" in model or model in (".", ".."):
-                asked = _Refused(404, f"The model '{model}' does not exist", "model_not_found")
+                asked = _Refused(404, NOT_LOOKED_UP.format(model=model), "model_not_found")
             else:
                 asked = path + "/" + quote(model, safe=":")
         return await _passed(request, api, asked, read_body=False)
