@@ -242,14 +242,9 @@ class Store:
         with self._lock:
             return self._client.command(sql, parameters=parameters, settings=settings)
 
-    def rows(
-        self,
-        sql: str,
-        parameters: dict[str, Any] | None = None,
-        settings: dict[str, Any] | None = None,
-    ) -> list[dict[str, Any]]:
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            return named_rows(self._client, sql, parameters, settings)
+            return named_rows(self._client, sql, parameters)
 
     def read(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """A read for the API, held to READ_SETTINGS, on the store's read handle: it
