@@ -139,7 +139,7 @@ async def budget_book(app: web.Application) -> AsyncIterator[None]:
         )
         tasks.append(asyncio.create_task(held, name="reservations"))
         # And deletes the entries that processes killed left there (ingress/guards/reaping.py).
-        reaper = Reaper(book.ingress_id)
+        reaper = Reaper(book.ingress_id, book.holds_placed)
         others = hear_others(book, settings.kafka, "ingress-reservations", reaper)
         tasks.append(asyncio.create_task(others, name="others-reservations"))
         deleting = reap(

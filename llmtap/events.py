@@ -371,12 +371,28 @@ class BudgetState(_Model):
     partial: bool = Field(default=False, exclude_if=lambda partial: not partial)
 
 
+class PlacedCosts(_Model):
+    """Costs of ended calls against one budget whose response events Kafka has, on
+    ``partition`` of the responses topic up to offset ``through``, that no published
+    state had counted, in the budget's period from ``period_start``: facts, not
+    reservations. Every ingress holds them until a state of the budget has counted past
+    ``through`` (or the period is over), whether or not the process that announced them
+    lives (ingress/guards/budgets.py, :meth:`~ingress.guards.budgets.BudgetBook.heard`)."""
+
+    budget: str
+    period_start: UtcDatetime
+    partition: int = Field(ge=0)
+    through: int = Field(ge=0)
+    usd: Decimal
+
+
 class Reservations(_Model):
     """What one ingress process holds against its hard-capped budgets beyond their
     published spend: the worst cases of its calls in flight, and the costs of ended
     calls no budget state has counted yet. Published on a compacted topic keyed by the
     process's id when it changes and every ``interval_s`` seconds even if not (so a
-    reader can tell a live process from a gone one); empty when the process stops."""
+    reader can tell a live process from a gone one); ``held`` empty when the process
+    stops, its ``placed`` costs still told."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["reservations"] = "reservations"
@@ -384,6 +400,10 @@ class Reservations(_Model):
     at: UtcDatetime
     interval_s: float = Field(gt=0)
     held: dict[str, Decimal] = Field(default_factory=dict)  # budget name -> USD
+    # Of what it holds (and, once it stopped, held), the costs Kafka has the events of:
+    # kept by every reader until a state counts them, not with the process's liveness.
+    # Left out when empty, so an announcement without any reads to an older reader.
+    placed: tuple[PlacedCosts, ...] = Field(default=(), exclude_if=lambda placed: not placed)
 
     def live(self, now: datetime) -> bool:
         """Whether its process is to be taken as running at ``now``: one that has missed

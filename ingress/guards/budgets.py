@@ -46,6 +46,7 @@ from llmtap.events import (
     Attribution,
     BudgetState,
     LatestHeard,
+    PlacedCosts,
     Reservations,
     Usage,
     utcnow,
@@ -234,6 +235,11 @@ class BudgetBook:
         self._others_held: dict[str, RunningSum] = defaultdict(RunningSum)
         self._all_live: tuple[datetime, datetime] | None = None
         self._heard = LatestHeard()  # who has gone silent is judged against it
+        # The costs each other process announced whose events Kafka has (its latest
+        # announcement's time, and them), by its id: facts, kept whether it lives or not
+        # (stopped, killed, gone silent) until a state counts them or their period ends
+        # (:meth:`_orphaned`), not let go with its liveness as what it holds in flight.
+        self._placed_by: dict[str, tuple[datetime, tuple[PlacedCosts, ...]]] = {}
         # Set once the states the budgets topic held when this process started are read
         # (:func:`follow`). Before, a budget not read yet looks unspent: a hard-capped
         # call waits for them (ingress/forward/admission.py), not judged on nothing.
@@ -309,7 +315,8 @@ class BudgetBook:
         # ended since is, also while the published state is still last period's (the
         # stream has not rolled it over yet).
         held = self._holding(budget.name, now, state.period_start)
-        return state, state.spent_usd + held + self._others_hold(budget.name, now)
+        others = self._others_hold(budget.name, now) + self._orphaned(budget.name, now, state)
+        return state, state.spent_usd + held + others
 
     def heard(self, event: Reservations, partition: int | None = None) -> None:
         """Another ingress process's announcement of what it holds (its latest counts).
@@ -324,6 +331,12 @@ class BudgetBook:
         if event.ingress_id == self.ingress_id:
             return
         heard = self._heard.hear(event)
+        told = self._placed_by.get(event.ingress_id)
+        if told is None or event.at >= told[0]:
+            if event.placed:
+                self._placed_by[event.ingress_id] = (event.at, event.placed)
+            else:
+                self._placed_by.pop(event.ingress_id, None)
         known = self.others.get(event.ingress_id)
         if known is not None and event.at < known.at:
             return
@@ -340,7 +353,8 @@ class BudgetBook:
         """Another ingress process's entry deleted from the topic (its tombstone, after
         the empty announcement it made as it stopped): forgotten, with what it held; not
         by a tombstone on another partition than its announcement's (an entry it left
-        there before partitions were added, deleted by a reaper: it lives)."""
+        there before partitions were added, deleted by a reaper: it lives). Its placed
+        costs are kept (:meth:`_orphaned`): facts, let go only once counted."""
         ingress_id = key.decode(errors="replace")
         at = self._others_at.get(ingress_id)
         if ingress_id in self.others and (partition is None or at is None or at == partition):
@@ -390,6 +404,72 @@ class BudgetBook:
             (r.held.get(name, Decimal(0)) for r in self.others.values() if r.live(now)),
             Decimal(0),
         )
+
+    def _orphaned(self, name: str, now: datetime, state: BudgetState) -> Decimal:
+        """The placed costs (:class:`PlacedCosts`) against budget ``name`` that processes
+        no longer live announced (stopped, killed, silent), ``state`` (the budget's
+        current) has not counted: a restarted or dead process's ended calls stay on the
+        cap until the stream counts them, its successor reading them on the topic at
+        start. Those counted, or of an earlier period, are let go. A live process's are
+        in what it holds (:meth:`_others_hold`), not counted twice."""
+        if not self._placed_by:
+            return Decimal(0)
+        total = Decimal(0)
+        for ingress_id, (at, placed) in list(self._placed_by.items()):
+            announced = self.others.get(ingress_id)
+            if announced is not None and announced.live(now):
+                continue  # superseded by its next announcement
+            kept = tuple(p for p in placed if p.budget != name or not _settled_by(p, state))
+            if not kept:
+                del self._placed_by[ingress_id]
+                continue
+            if len(kept) != len(placed):
+                self._placed_by[ingress_id] = (at, kept)
+            total += sum((p.usd for p in kept if p.budget == name), Decimal(0))
+        return total
+
+    def holds_placed(self, ingress_id: str, now: datetime) -> bool:
+        """Whether process ``ingress_id``'s placed costs are held still (its entry on the
+        reservations topic is then kept: a process starting later reads them there)."""
+        told = self._placed_by.get(ingress_id)
+        if told is None:
+            return False
+        kept = tuple(
+            p
+            for p in told[1]
+            if p.budget in self._named
+            and self._named[p.budget].hard_cap
+            and not _settled_by(p, self._current(self._named[p.budget], now))
+        )
+        if kept:
+            self._placed_by[ingress_id] = (told[0], kept)
+        else:
+            del self._placed_by[ingress_id]
+        return bool(kept)
+
+    def placed(self, now: datetime) -> tuple[PlacedCosts, ...]:
+        """This process's held costs whose events Kafka has and no state has counted,
+        per hard-capped budget and partition of the responses topic (as held: call
+        :meth:`held` first, which lets go those counted): at most one entry a budget and
+        partition, however long the stream is down."""
+        told: list[PlacedCosts] = []
+        for b in self.budgets:
+            if not b.hard_cap or self._idle(b.name):
+                continue
+            start = self._current(b, now).period_start
+            sums = dict(self.settled[b.name].by_partition())
+            for partition, (period, latest, amount) in self.aged[b.name].items():
+                if period >= start:
+                    before, total = sums.get(partition, (-1, Decimal(0)))
+                    sums[partition] = (max(before, latest), total + amount)
+            told += (
+                PlacedCosts(
+                    budget=b.name, period_start=start, partition=p, through=latest, usd=total
+                )
+                for p, (latest, total) in sorted(sums.items())
+                if total
+            )
+        return tuple(told)
 
     def _holding(self, name: str, now: datetime, since: datetime | None = None) -> Decimal:
         """In-flight worst cases plus the costs :meth:`_uncounted` still holds."""
@@ -640,6 +720,14 @@ class BudgetBook:
             self.unpriced[name] = (period, (total if start == period else Decimal(0)) + worst)
 
 
+def _settled_by(placed: PlacedCosts, state: BudgetState) -> bool:
+    """Whether ``state`` (of ``placed``'s budget) has counted ``placed``'s costs, or is
+    of a later period than theirs."""
+    return placed.period_start < state.period_start or (
+        state.applied.get(placed.partition, 0) > placed.through
+    )
+
+
 def _live_together(announced: Iterable[Reservations]) -> tuple[datetime, datetime] | None:
     """The times at which every one of ``announced`` is live (:meth:`Reservations.live`),
     from and to, both included; None if there are none (or none can be told)."""
@@ -705,12 +793,16 @@ async def announce(
 ) -> None:
     """Publish what this process holds (:meth:`BudgetBook.held`) on the reservations
     ``topic`` whenever it changes (looked at every 0.2 s) and every ``interval_s`` seconds
-    regardless; on cancellation, once more with nothing held (the process is stopping),
-    then a tombstone for its key: each start announces under a new id, and the compacted
-    topic kept one entry for every process ever started, which every ingress and the
-    store read at start. Kafka's compaction removes the key (after the topic's
-    ``delete.retention.ms``); a reader that sees only the empty announcement, or only
-    the tombstone, forgets the process all the same.
+    regardless; on cancellation, once more with nothing held (the process is stopping)
+    but the costs Kafka has the events of that no state has counted (``placed``: facts,
+    which the others, and the process that replaces this one, hold until a state counts
+    them), then, if there are none, a tombstone for its key (with some, the entry stays
+    for a process started later to read, deleted by a reaper once they are counted):
+    each start announces under a new id, and the compacted topic kept one entry for
+    every process ever started, which every ingress and the store read at start.
+    Kafka's compaction removes the key (after the topic's ``delete.retention.ms``); a
+    reader that sees only the empty announcement, or only the tombstone, forgets the
+    process all the same (its placed costs aside, kept until counted).
 
     Each goes to the partition the first one delivered went to, and the tombstone to
     every partition one went to: partitions added to the topic move a key's (murmur2 %
@@ -724,24 +816,32 @@ async def announce(
         if partition not in placed:
             placed.append(partition)
 
-    last: dict[str, Decimal] | None = None
+    last: tuple[dict[str, Decimal], tuple[PlacedCosts, ...]] | None = None
     sent_at = 0.0
     loop = asyncio.get_running_loop()
     try:
         while True:
             now = utcnow()
-            held = book.held(now)
+            held = book.held(now), book.placed(now)
             if held != last or loop.time() - sent_at >= interval_s:
                 event = Reservations(
-                    ingress_id=ingress_id, at=now, interval_s=interval_s, held=held
+                    ingress_id=ingress_id,
+                    at=now,
+                    interval_s=interval_s,
+                    held=held[0],
+                    placed=held[1],
                 )
                 pinned = placed[0] if placed else None
                 publish(topic, key, event.model_dump_json().encode(), delivered, pinned)
                 last, sent_at = held, loop.time()
             await asyncio.sleep(0.2)
     finally:
-        gone = Reservations(ingress_id=ingress_id, at=utcnow(), interval_s=interval_s)
+        now = utcnow()
+        book.held(now)  # lets go what a state has counted
+        facts = book.placed(now)
+        gone = Reservations(ingress_id=ingress_id, at=now, interval_s=interval_s, placed=facts)
         pinned = placed[0] if placed else None
         publish(topic, key, gone.model_dump_json().encode(), None, pinned)
-        for partition in placed or [None]:
-            publish(topic, key, None, None, partition)
+        if not facts:  # else kept, for a process started later: reaped once counted
+            for partition in placed or [None]:
+                publish(topic, key, None, None, partition)

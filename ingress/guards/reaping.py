@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from ingress.guards.budgets import Publish
@@ -51,8 +52,12 @@ class Reaper:
     """The latest announcement heard of each other ingress process (by its id and the
     partition it was read from), and which are due for deletion."""
 
-    def __init__(self, own_id: str) -> None:
+    def __init__(self, own_id: str, keeps: Callable[[str, datetime], bool] | None = None) -> None:
         self._own_id = own_id
+        # Whether a process's entry still tells costs no state has counted (placed:
+        # BudgetBook.holds_placed): kept, however long silent, for a process started
+        # later to read; deleted once they are counted.
+        self._keeps = keeps
         self._latest: dict[Entry, datetime] = {}
         self._deleted: set[Entry] = set()
         self._silent: set[Entry] = set()  # found silent at the last look
@@ -86,7 +91,9 @@ class Reaper:
         silent = {
             entry
             for entry, at in self._latest.items()
-            if read_to - at > REAP_AFTER and entry not in self._deleted
+            if read_to - at > REAP_AFTER
+            and entry not in self._deleted
+            and not (self._keeps is not None and self._keeps(entry[0], now))
         }
         due = sorted(silent & self._silent, key=lambda entry: (entry[0], entry[1] or 0))
         self._silent = silent.difference(due)

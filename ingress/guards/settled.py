@@ -64,6 +64,10 @@ class Uncounted:
         # Those Kafka has, a heap per partition by offset (ties broken by id()).
         self._placed: dict[int, list[tuple[int, int, Settled]]] = {}
         self._queued = 0  # entries in _by_end and _placed, held or not
+        # Those held in _placed: the partition of each (by id()), and per partition
+        # how many, the latest offset, their sum (:meth:`by_partition`).
+        self._in: dict[int, int] = {}
+        self._partitions: dict[int, tuple[int, int, Decimal]] = {}
         self._state: BudgetState | None = None
         self._since: datetime | None = None
 
@@ -82,6 +86,11 @@ class Uncounted:
     def costs(self) -> list[Settled]:
         """Those held, in the order they were."""
         return [c for c in self._by_end if id(c) in self._held]
+
+    def by_partition(self) -> dict[int, tuple[int, Decimal]]:
+        """The costs held whose events Kafka has, per partition: the latest one's offset
+        and their sum (what a state must count past to count them all)."""
+        return {p: (latest, total) for p, (_, latest, total) in self._partitions.items()}
 
     def add(self, cost: Settled) -> None:
         if self._since is not None and cost.ended < self._since:
@@ -105,6 +114,9 @@ class Uncounted:
         partition, offset = cost.at
         heapq.heappush(self._placed.setdefault(partition, []), (offset, id(cost), cost))
         self._queued += 1
+        self._in[id(cost)] = partition
+        n, latest, total = self._partitions.get(partition, (0, -1, Decimal(0)))
+        self._partitions[partition] = (n + 1, max(latest, offset), total + cost.cost)
 
     def counting(self, state: BudgetState) -> None:
         """The state held now for the budget: the costs it has counted are let go."""
@@ -145,6 +157,13 @@ class Uncounted:
     def _let_go(self, cost: Settled) -> None:
         del self._held[id(cost)]
         del self._amounts[id(cost)]
+        partition = self._in.pop(id(cost), None)
+        if partition is not None:
+            n, latest, total = self._partitions[partition]
+            if n == 1:
+                del self._partitions[partition]
+            else:
+                self._partitions[partition] = (n - 1, latest, total - cost.cost)
         if self.placed in cost.listeners:
             cost.listeners.remove(self.placed)
 
