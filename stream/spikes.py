@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import date, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -153,8 +153,13 @@ def baseline_for(rule: SpikeRule, state: SeriesState, window_start: datetime) ->
     return robust(state.history, rule.min_relative_scale)
 
 
+# Room for any value an alert stores (Decimal(38, 9)): the default context's 28 digits
+# refused to quantize 10^19 tokens, and the worker crashed on that window again and again.
+_WIDE = Context(prec=60)
+
+
 def _q(value: Decimal) -> Decimal:
-    return value.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+    return value.quantize(QUANTUM, rounding=ROUND_HALF_EVEN, context=_WIDE)
 
 
 def _fmt(value: Decimal) -> str:

@@ -68,7 +68,10 @@ def warmed(
         queue = waiting[home]
         while queue and queue[0][0] + detector.settle <= at:
             detector.settled(queue.popleft()[1], at)
-        detector.offer(window, at, home)
+        try:
+            detector.offer(window, at, home)
+        except (ValueError, TypeError, ArithmeticError):
+            continue  # the stage logged it when it skipped it (agents/spikes.py)
         queue.append((at, window.series))
         taken += 1
     detector.wait_from(now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -13,12 +14,18 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
+from llmtap import wire
 from llmtap.config_sections import SpikeMetric, SpikeRule
 from llmtap.events import Alert, stable_id
+from stream.agents.spikes import judged
+from stream.aggregates import Aggregate
+from stream.aggregates import Series as SeriesKey
 from stream.baselines import qn, robust
+from stream.detector import Detector
 from stream.spikes import SeriesState, baseline_for, observe, went_quiet
 
 T0 = datetime(2025, 3, 3, tzinfo=UTC)  # a Monday, midnight UTC
+M, S = timedelta(minutes=1), timedelta(seconds=1)
 MINUTE = timedelta(minutes=1)
 
 
@@ -698,3 +705,36 @@ def test_a_cost_spike_no_longer_judged_says_its_costs_are_unknown() -> None:
         "cost no longer judged on team=search: no window of known cost since the one "
         f"from {(T0 + 30 * MINUTE).isoformat()}; spike since {(T0 + 30 * MINUTE).isoformat()}"
     )
+
+
+def test_a_window_of_more_tokens_than_the_default_context_quantizes_is_judged() -> None:
+    """A provider reporting 2**64-1 tokens (a -1 sentinel) made a tokens rule's window
+    raise InvalidOperation (28-digit quantize), crashing the spikes stage on it again at
+    each restart. It fires, its value exact."""
+
+    rule = SpikeRule(name="tok", dimension="model", metric="tokens")
+    detector = Detector([rule], 1, timedelta(seconds=13))
+    alerts: list[Alert] = []
+    for i in range(11):
+        tokens = 2**64 - 1 if i == 10 else 5000 + i
+        series: SeriesKey = ("model", "", "llama")
+        window = Aggregate(requests=10, input_tokens=tokens).to_event(series, T0 + i * M, M, [0])
+        alerts += judged(detector, wire.encode(window), window.window_end + 11 * S, 0) or []
+    [fired] = alerts
+    assert fired.state == "firing"
+    assert fired.observed == Decimal(2**64 - 1)
+
+
+def test_a_window_whose_sketch_cannot_be_read_is_passed_over() -> None:
+    """A window that decodes but whose latency sketch does not add up (a foreign or
+    corrupt producer's) raised out of the stage; it is logged and passed over, and the
+    series is judged on."""
+
+    rule = SpikeRule(name="lat", dimension="model", metric="p95_latency")
+    detector = Detector([rule], 1, timedelta(seconds=13))
+    series: SeriesKey = ("model", "", "gpt")
+    bad = json.loads(wire.encode(Aggregate(requests=10).to_event(series, T0, M, [0])))
+    bad["latency_ms"]["count"] = 3  # its bins say otherwise
+    assert judged(detector, json.dumps(bad).encode(), T0 + M + 11 * S, 0) is None
+    good = Aggregate(requests=10).to_event(series, T0 + M, M, [0])
+    assert judged(detector, wire.encode(good), T0 + 2 * M + 11 * S, 0) == []

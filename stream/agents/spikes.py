@@ -55,8 +55,10 @@ def judged(
 ) -> list[Alert] | None:
     """Offer one window, as it came off the topic, to ``detector``; the alerts it
     completes. Most windows are of series no rule looks at: a glance at two fields
-    (~1 µs) spares them the full decoding. An undecodable window is logged and passed
-    over (None)."""
+    (~1 µs) spares them the full decoding. An undecodable window, or one that decodes
+    but cannot be judged (a latency sketch whose bins do not add up: a foreign
+    producer's, a corrupt one), is logged and passed over (None): raised, it stopped the
+    stage, and its restart met the same window."""
     try:
         head = _decode_head(raw)
         if not detector.judges(head.size_s, head.dimension):
@@ -65,7 +67,11 @@ def judged(
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         log.error("undecodable window skipped: %s", exc)
         return None
-    return detector.offer(window, now, home)
+    try:
+        return detector.offer(window, now, home)
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        log.error("window %s could not be judged, skipped: %s", window.event_id, exc)
+        return None
 
 
 class SpikesStage(GroupStage):
