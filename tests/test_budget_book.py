@@ -16,7 +16,7 @@ from ingress.guards.budgets import BudgetBook, Exhausted, Unpriced
 from ingress.routing import endpoint_geo
 from llmtap import wire
 from llmtap.config_sections import BudgetConfig, ProviderConfig
-from llmtap.events import Attribution, Reservations, Usage, utcnow
+from llmtap.events import Attribution, PlacedCosts, Reservations, Usage, utcnow
 from stream.budgets import fresh
 from stream.pricing import Catalog, ModelPrice, Rates, TierRates, cost_of, load_catalog, rate
 
@@ -1059,3 +1059,100 @@ def test_a_budget_of_every_tenant_tells_no_tenant_what_the_others_spent() -> Non
     assert "'search-day'" in message and "resets at" in message  # still told why, and when
     assert "0.876543" not in message  # every tenant's spend
     assert "held" not in message  # globex's call in flight
+
+
+def test_a_budget_full_of_ended_calls_costs_is_spent_not_held_back() -> None:
+    """With the stream down, the costs of ended calls no state has counted fill the
+    budget: they are spent (counted, they would move to the published spend, the sum the
+    same), so the refusal is for the spend (retry at the reset) and the cap's alert is
+    raised, not "held back" (retry-after: 1, no alert) for as long as the stream is down.
+    Calls in flight, which settle at their real cost, still hold it back."""
+    budgets, budget = book("1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    counted = {"spent_usd": Decimal("0.10"), "applied": {0: 100}}
+    budgets.update(fresh(budget, now, now).model_copy(update=counted))
+    for i in range(2):  # $0.40 each, worst case and cost
+        call = uuid.uuid4()
+        assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, now) is None
+        usage = Usage(input_tokens=0, output_tokens=40_000)
+        settled = budgets.settle(call, "gpt-4o", usage, now)
+        assert settled is not None
+        settled.delivered(0, 100 + i)
+    for later in (now + timedelta(seconds=1), now + timedelta(hours=2)):  # fresh, and aged
+        refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 40_000, later)
+        assert isinstance(refused, Exhausted) and refused.held == Decimal("0.8")
+        assert not refused.held_back and refused.ended == refused.held
+        assert "($0.8 of it ended calls' costs)" in refused.message()
+        alert = budgets.capped(refused, later)  # raised once: at the first refusal
+        assert (alert is not None) == (later == now + timedelta(seconds=1))
+        if alert is not None:
+            assert alert.severity == "critical"
+            assert "($0.9 spent this day, 90.0%)" in alert.message
+    # A call in flight is what holds back one that the ended calls leave room for.
+    small, other = uuid.uuid4(), uuid.uuid4()
+    assert budgets.admit(small, ACME, "gpt-4o", 10, 5_000, later) is None  # $0.05 held
+    waits = budgets.admit(other, ACME, "gpt-4o", 10, 6_000, later)  # $0.06: fits once it ends
+    assert isinstance(waits, Exhausted) and waits.held_back and waits.ended == Decimal("0.8")
+
+
+def test_other_processes_ended_calls_costs_are_spent_once_announced_a_while() -> None:
+    """Another ingress's placed costs (ended calls, events in Kafka) filling the budget
+    are spent once announced unchanged for PLACED_SETTLE (a state may have counted
+    them the moment before: it says so within 0.2 s); a stopped one's too."""
+    budgets, budget = book("1.00")
+    now = MIDNIGHT + timedelta(hours=9)
+    budgets.update(fresh(budget, now, now).model_copy(update={"applied": {0: 100}}))
+    placed = PlacedCosts(
+        budget="acme-day", period_start=MIDNIGHT, partition=0, through=120, usd=Decimal("0.9")
+    )
+
+    def said(at: datetime) -> Reservations:
+        held = {"acme-day": Decimal("0.9")}
+        return Reservations(ingress_id="b", at=at, interval_s=10, held=held, placed=(placed,))
+
+    def refused(at: datetime) -> Exhausted:
+        answer = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 40_000, at)
+        assert isinstance(answer, Exhausted) and answer.held == Decimal("0.9")
+        return answer
+
+    budgets.heard(said(now))
+    assert refused(now).held_back  # just announced
+    for seconds in (10, 20, 31):
+        budgets.heard(said(now + timedelta(seconds=seconds)))
+    assert not refused(now + timedelta(seconds=31)).held_back
+    gone = now + timedelta(seconds=32)
+    budgets.heard(Reservations(ingress_id="b", at=gone, interval_s=10, placed=(placed,)))
+    assert "b" not in budgets.others and not refused(gone).held_back
+    # A state counting past them: let go, spent and published.
+    budgets.update(
+        fresh(budget, now, gone).model_copy(
+            update={"spent_usd": Decimal("0.9"), "applied": {0: 121}}
+        )
+    )
+    answer = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 40_000, gone)
+    assert isinstance(answer, Exhausted) and not answer.held and not answer.held_back
+
+
+def test_a_state_of_a_period_this_clock_has_not_reached_waits_for_it() -> None:
+    """The worker's clock runs ahead: its new day's state arrives at 23:59:58 by this
+    ingress's clock. Yesterday's calls are judged on yesterday's state still (applied,
+    yesterday's $0.95 spent was forgotten: they were judged against $0, and their costs
+    let go), until this clock reaches midnight."""
+    budgets, budget = book("1.00")
+    yesterday = MIDNIGHT - timedelta(hours=1)
+    spent = {"spent_usd": Decimal("0.50"), "applied": {0: 50}}
+    budgets.update(fresh(budget, yesterday, yesterday).model_copy(update=spent))
+    budgets.update(fresh(budget, MIDNIGHT, MIDNIGHT).model_copy(update={"applied": {0: 50}}))
+    early = MIDNIGHT - timedelta(seconds=2)
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, early) is None  # $0.90 of $1
+    usage = Usage(input_tokens=0, output_tokens=40_000)
+    settled = budgets.settle(call, "gpt-4o", usage, early)
+    assert settled is not None
+    settled.delivered(0, 60)
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 40_000, early)
+    assert isinstance(refused, Exhausted) and refused.state.spent_usd == Decimal("0.50")
+    assert refused.held == Decimal("0.4") and refused.state.period_end == MIDNIGHT
+    # At midnight by this clock, the new day's state, and nothing of yesterday's held.
+    assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 40_000, MIDNIGHT) is None
+    assert budgets.held(MIDNIGHT)["acme-day"] == Decimal("0.400025")

@@ -82,6 +82,10 @@ if TYPE_CHECKING:
 # counted past the latest of them; one whose event Kafka has not (in the spool, or
 # dropped) is held until its period ends, as the unpriced are.
 SETTLED_MAX_AGE = timedelta(hours=1)
+# Another ingress's placed costs (ended calls, Kafka has their events) announced
+# unchanged this long, and not counted by the state held here: spend, not a hold that
+# settles (a live process announces within 0.2 s once a state it reads counts them).
+PLACED_SETTLE = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -100,15 +104,25 @@ class Exhausted:
     # Of ``held``, what is held until the period ends (the worst cases of ended calls
     # the stream cannot price): spent as far as the cap can tell, never settled sooner.
     lasting: Decimal = Decimal(0)
+    # Of ``held``, the real costs of ended calls no state has counted yet (this
+    # process's, a stopped one's, another's announced unchanged for PLACED_SETTLE):
+    # spent, whether or not the stream is there to count them. Counted, they move to
+    # the published spend, the sum the same: they free nothing.
+    ended: Decimal = Decimal(0)
 
     @property
     def held_back(self) -> bool:
-        """Refused for what this ingress holds (calls in flight, costs not yet counted),
-        not for the published spend alone: it may fit within seconds, as those settle
-        (at their real cost, and the stream publishes it). What is held until the period
-        ends does not settle so: it counts as the spend."""
-        spent = self.state.spent_usd + self.lasting
-        return self.held > self.lasting and spent + self.worst_case <= self.budget.limit_usd
+        """Refused for what may settle within seconds (worst cases of calls in flight,
+        settled at their real cost, and what other processes hold that a state may have
+        counted since they said so), not for the spend alone. What ended calls cost, and
+        what is held until the period ends, do not settle so: they count as the spend
+        (with the stream down for hours, a full budget's refusal said "retry in a second"
+        and raised no alert, as long as it was down)."""
+        spent = self.state.spent_usd + self.lasting + self.ended
+        return (
+            self.held > self.lasting + self.ended
+            and spent + self.worst_case <= self.budget.limit_usd
+        )
 
     @property
     def never_fits(self) -> bool:
@@ -145,7 +159,8 @@ class Exhausted:
             f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call: "
             f"${plain(s.spent_usd)} of ${plain(b.limit_usd)} spent this {b.period}, "
             + (
-                f"${plain(self.held)} held for calls in flight or not yet counted, "
+                f"${plain(self.held)} held for calls in flight or not yet counted"
+                + (f" (${plain(self.ended)} of it ended calls' costs), " if self.ended else ", ")
                 if self.held
                 else ""
             )
@@ -207,6 +222,9 @@ class BudgetBook:
         # The fresh state of each budget's period while none published is of it (made
         # once a period: :meth:`_current`).
         self._fresh: dict[str, BudgetState] = {}
+        # The state each budget's latest replaced, of an earlier period: the current one
+        # for this process until its clock reaches the latest's period (:meth:`_current`).
+        self._prior: dict[str, BudgetState] = {}
         # The worst cases of calls in flight, per budget, and their sum (RunningSum); and
         # the budgets each call reserved on, so ending it looks at those only.
         self.reserved: dict[str, RunningSum] = defaultdict(RunningSum)
@@ -240,6 +258,10 @@ class BudgetBook:
         # (stopped, killed, gone silent) until a state counts them or their period ends
         # (:meth:`_orphaned`), not let go with its liveness as what it holds in flight.
         self._placed_by: dict[str, tuple[datetime, tuple[PlacedCosts, ...]]] = {}
+        # When each other process's placed costs were first announced as they are, per
+        # budget and partition (:meth:`_others_ended`): announced unchanged a while and
+        # not counted, they are spent, not held for a moment.
+        self._placed_since: dict[str, dict[tuple[str, int], tuple[PlacedCosts, datetime]]] = {}
         # Set once the states the budgets topic held when this process started are read
         # (:func:`follow`). Before, a budget not read yet looks unspent: a hard-capped
         # call waits for them (ingress/forward/admission.py), not judged on nothing.
@@ -291,6 +313,8 @@ class BudgetBook:
                 self.stated[state.budget].set()
         held = self.states.get(state.budget)
         if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
+            if held is not None and state.period_start > held.period_start:
+                self._prior[state.budget] = held  # judged on until this clock's period ends
             self.states[state.budget] = state
             if budget is not None:
                 self.settled[state.budget].counting(state)
@@ -301,6 +325,11 @@ class BudgetBook:
         a capped call and budget: before the stream rolls a period over, or with none
         published, a worker down at midnight made every call pay it until it was back)."""
         published = self.states.get(budget.name)
+        if published is not None and now < published.period_start:
+            # Of a period this process's clock has not reached (the worker's runs ahead):
+            # yesterday's calls judged on it were judged against $0, and what they hold
+            # let go; they are still yesterday's, the state before it theirs.
+            published = self._prior.get(budget.name)
         if published is not None and of_period(budget, published, now):
             return rejudged(budget, published)  # as current() has it
         made = self._fresh.get(budget.name)
@@ -337,6 +366,13 @@ class BudgetBook:
                 self._placed_by[event.ingress_id] = (event.at, event.placed)
             else:
                 self._placed_by.pop(event.ingress_id, None)
+            before = self._placed_since.pop(event.ingress_id, {})
+            since: dict[tuple[str, int], tuple[PlacedCosts, datetime]] = {}
+            for p in event.placed:
+                key, prior = (p.budget, p.partition), before.get((p.budget, p.partition))
+                since[key] = prior if prior is not None and prior[0] == p else (p, event.at)
+            if since:
+                self._placed_since[event.ingress_id] = since
         known = self.others.get(event.ingress_id)
         if known is not None and event.at < known.at:
             return
@@ -422,6 +458,7 @@ class BudgetBook:
             kept = tuple(p for p in placed if p.budget != name or not _settled_by(p, state))
             if not kept:
                 del self._placed_by[ingress_id]
+                self._placed_since.pop(ingress_id, None)
                 continue
             if len(kept) != len(placed):
                 self._placed_by[ingress_id] = (at, kept)
@@ -445,6 +482,7 @@ class BudgetBook:
             self._placed_by[ingress_id] = (told[0], kept)
         else:
             del self._placed_by[ingress_id]
+            self._placed_since.pop(ingress_id, None)
         return bool(kept)
 
     def placed(self, now: datetime) -> tuple[PlacedCosts, ...]:
@@ -625,7 +663,9 @@ class BudgetBook:
             if committed + worst > budget.limit_usd:
                 floor = reckoned(0) if worst > budget.limit_usd else None
                 lasting = self._lasting(budget.name, state.period_start)
-                return Exhausted(budget, state, worst, floor, committed - state.spent_usd, lasting)
+                ended = self._ended(budget.name, now, state)
+                held = committed - state.spent_usd
+                return Exhausted(budget, state, worst, floor, held, lasting, ended)
         exponent = exponent_of(worst)
         for budget in capped:
             self.reserved[budget.name].reserve(call_id, worst, exponent)
@@ -648,7 +688,37 @@ class BudgetBook:
             return None
         self._capped_told[budget.name] = told
         left = budget.limit_usd - state.spent_usd - exhausted.held
+        if exhausted.ended:  # spent, not published yet (the stream lags, or is down)
+            spent = state.spent_usd + exhausted.ended
+            state = state.model_copy(update={"spent_usd": spent})
         return capped_alert(budget, state, exhausted.worst_case, left, now)
+
+    def _ended(self, name: str, now: datetime, state: BudgetState) -> Decimal:
+        """Of what budget ``name`` holds beyond ``state`` (its current), the real costs
+        of ended calls no state has counted (:attr:`Exhausted.ended`). Asked at a
+        refusal only, after :meth:`committed` (which let go what is counted)."""
+        own = self.settled[name].total + self._aged(name, state.period_start)
+        return own + self._others_ended(name, now, state)
+
+    def _others_ended(self, name: str, now: datetime, state: BudgetState) -> Decimal:
+        """The placed costs against budget ``name`` that other processes (live, stopped
+        or killed) have announced unchanged for PLACED_SETTLE, ``state`` not counting
+        them."""
+        settled = now - PLACED_SETTLE
+        total = Decimal(0)
+        for placed in self._placed_since.values():
+            total += sum(
+                (
+                    p.usd
+                    for (budget, _), (p, since) in placed.items()
+                    if budget == name
+                    and since <= settled
+                    and p.period_start == state.period_start
+                    and not _settled_by(p, state)
+                ),
+                Decimal(0),
+            )
+        return total
 
     def settle(
         self,
