@@ -215,6 +215,8 @@ class Settings(BaseSettings):
     # (1,800,000 by default), and the client cannot send one past 2^31 - 1 ms at all.
     stream_session_timeout_s: float = Field(default=10.0, gt=0, le=1800)
     stream_heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    # Records the stream worker's stages fetch and handle at a time, at most.
+    stream_batch_records: int = Field(default=2000, ge=1, le=100_000)
 
     # ClickHouse writer: a batch is written when it has this many rows or is this old.
     # Every insert writes a part to `calls` and to each rollup, at a cost that does not

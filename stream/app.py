@@ -64,7 +64,11 @@ def create_app(
     stage.positions.holding = counting
     if settings.budgets:
         stage.whole = True
-        stage.steps.append(budgets.BudgetsStep(app, Ledger(settings.budgets), settings.kafka))
+        stage.steps.append(
+            budgets.BudgetsStep(
+                app, Ledger(settings.budgets), settings.kafka, read_up_to=stage.read_up_to
+            )
+        )
     if detector is None:
         settle = spike_settle(settings)
         detector = Detector(settings.spike_rules, settings.topic_partitions, settle)

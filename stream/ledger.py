@@ -24,6 +24,7 @@ ways give the same state (tests/test_budgets.py).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from llmtap import wire
+from llmtap import logs, wire
 from llmtap.config_sections import BudgetConfig
 from llmtap.events import Alert, BudgetState
 from stream.budgets import (
@@ -47,6 +48,8 @@ from stream.budgets import (
     status_of,
     threshold_alert,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -81,6 +84,12 @@ class Ledger:
         # `del d[next(iter(d))]` rescans the deleted slots: ~40 µs a call at 200,000).
         self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._remember = remember
+        # Calls counted in no period: ended in one its budget had rolled past (read after
+        # the roll: appended after the stage's watermark passed the period's end, or
+        # after a call of the next period rolled the budget). Logged once a budget and
+        # period.
+        self.late = 0
+        self._warned = logs.Once()
 
     @property
     def states(self) -> Mapping[str, BudgetState]:
@@ -110,6 +119,11 @@ class Ledger:
             return
         state = owned(state, budget)
         mine = self.states.get(state.budget)
+        if mine is not None and not state.applied and later_or_larger(state, mine):
+            # The store's rebuild (no offsets) with more spend: taken with the offsets
+            # this ledger's state counted, as :meth:`rebuilt` does (the partitions are
+            # read on from them; its calls read again from an older commit are in both).
+            state = _with_offsets_of(state, mine)
         if mine is None or later_or_larger(state, mine):
             self._states[state.budget] = _whole_if(state, mine)
             self._unjudged.add(state.budget)
@@ -152,12 +166,7 @@ class Ledger:
                 self._states[state.budget] = mine.model_copy(update={"partial": False})
                 self._restated.add(state.budget)
             return True
-        last = mine.last_event_at
-        if state.last_event_at is not None and (last is None or state.last_event_at > last):
-            last = state.last_event_at
-        self._states[state.budget] = owned(state, budget).model_copy(
-            update={"applied": mine.applied, "last_event_at": last}
-        )
+        self._states[state.budget] = _with_offsets_of(owned(state, budget), mine)
         self._unjudged.add(state.budget)
         self._restated.add(state.budget)
         return True
@@ -203,12 +212,25 @@ class Ledger:
             if before is not None:
                 before = self.state(name)
             state, raised = spend(budget, before, cost, at, now, position)
-            if state is not None:
-                self._states[name] = state
-                self._unjudged.discard(name)
-                changed.add(name)
+            if state is None:
+                self._late(name, before, at)
+                continue
+            self._states[name] = state
+            self._unjudged.discard(name)
+            changed.add(name)
             alerts.extend(raised)
         return changed, alerts
+
+    def _late(self, name: str, state: BudgetState | None, at: datetime) -> None:
+        self.late += 1
+        if state is not None and self._warned.first((name, state.period_start)):
+            log.warning(
+                "budget %r: a call ended %s, read after its period closed (the budget is "
+                "counting from %s), is counted in no period",
+                name,
+                at.isoformat(),
+                state.period_start.isoformat(),
+            )
 
     def _count(
         self,
@@ -280,6 +302,15 @@ def _whole_if(kept: BudgetState, other: BudgetState | None) -> BudgetState:
     ):
         return kept.model_copy(update={"partial": False})
     return kept
+
+
+def _with_offsets_of(rebuild: BudgetState, mine: BudgetState) -> BudgetState:
+    """The store's ``rebuild`` (no offsets) with the offsets ``mine`` counted, and its
+    latest call if later."""
+    last = mine.last_event_at
+    if rebuild.last_event_at is not None and (last is None or rebuild.last_event_at > last):
+        last = rebuild.last_event_at
+    return rebuild.model_copy(update={"applied": mine.applied, "last_event_at": last})
 
 
 def _carry_applied(state: BudgetState, before: BudgetState | None) -> BudgetState:

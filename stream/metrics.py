@@ -8,8 +8,8 @@ thousands of events a second, and nothing on its path calls Prometheus. All are
 - the cost stage's: costed events sent, of them the unpriced (no price known for the
   model), undecodable responses passed over; its windows step's windows published,
   calls counted late (their window had closed) and calls stamped ahead of the worker's
-  clock; its budgets step's (with budgets configured) alerts raised and states
-  published;
+  clock; its budgets step's (with budgets configured) alerts raised, states
+  published and calls read after their period rolled;
 - the spikes stage's: alerts raised by state, windows ending ahead of the worker's
   clock, undecodable windows passed over;
 - per stage, when it last handled a batch of records and when its loop last went
@@ -123,6 +123,12 @@ def _budgets(step: BudgetsStep) -> Iterator[Metric]:
         "budget_states_followed",
         "budget states read from the budgets topic (this worker's own, the store's rebuilds)",
         step.states_followed,
+    )
+    yield _counter(
+        "budget_calls_late",
+        "calls counted in no budget period: read after their budget rolled past the "
+        "period they ended in",
+        step.ledger.late,
     )
 
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
+from uuid import uuid4
 
 import aiohttp
 import pytest
@@ -49,6 +50,7 @@ from stream.budgets import (
 )
 from stream.ledger import Ledger
 from stream.pricing import load_catalog
+from stream.rolls import Watermark, read_past, roll_time
 from tests import sample
 from tests.conftest import start_broker
 from tests.fake_provider import free_port
@@ -935,3 +937,141 @@ async def test_a_budget_added_mid_period_counts_on_from_the_store_s_rebuild_publ
         await send_calls(kafka, [search_call(now)], key=b"added")
         states = await published(kafka, lambda s: bool(s["added"].applied))
     assert (states["added"].spent_usd, states["added"].partial) == (Decimal("0.600021"), False)
+
+
+def test_periods_roll_only_once_the_calls_appended_before_their_end_are_read() -> None:
+    """A worker down from 23:30 to 00:30 takes over a backlog with calls of 23:40 and
+    23:50 in it. Its roll timer rolls no period before the stage has read up to a
+    snapshot of the end offsets taken after midnight (stream/rolls.py): the late calls
+    count on the closing day (70% to 120%), raising its 80% and 100% alerts; the day
+    then rolls. Before, the timer rolled the day at once and both calls counted in no
+    period. A worker caught up rolls at the tick after midnight, as by the clock."""
+    b = budget(period="day", limit_usd=Decimal("10"))
+    ledger = Ledger([b])
+    midnight = at(1, 0, month=12)
+    ledger.roll(at(30, 22))
+    ledger.record(costed("7", at(30, 22)), at(30, 22), (0, 0))  # 70%: 50% alerted
+    mark = Watermark()
+    takeover = midnight + timedelta(minutes=30)
+    read = {0: 1}  # from the checkpoint: offsets 1 and 2 are the backlog
+    mark.taken(takeover, {0: 3})
+    assert roll_time(takeover, mark.reached(read)) is None  # nothing known read: no roll
+    raised = []
+    for offset, (cost, ended) in enumerate(
+        [("2", midnight - timedelta(minutes=20)), ("3", midnight - timedelta(minutes=10))], 1
+    ):
+        raised += ledger.record(costed(cost, ended), takeover, (0, offset))[1]
+        read[0] = offset + 1
+    assert [a.threshold for a in raised] == [80, 100]
+    assert ledger.states[b.name].spent_usd == Decimal("12")
+    at_ = roll_time(takeover + timedelta(seconds=1), mark.reached(read))
+    assert at_ == takeover
+    rolled, _ = ledger.roll(at_)
+    assert [(s.period_start, s.spent_usd, s.applied) for s in rolled] == [
+        (midnight, Decimal(0), {0: 3})
+    ]
+    # One appended after the snapshot that rolled the day: counted nowhere, said so.
+    assert ledger.late == 0
+    assert ledger.record(costed("1", midnight - timedelta(seconds=1)), takeover, (0, 3)) == (
+        set(),
+        [],
+    )
+    assert ledger.late == 1
+    # Caught up: a snapshot reached as it is taken; one not reached yet is waited for
+    # (not replaced: a stage never quite caught up would never reach the newest).
+    mark.taken(takeover + timedelta(seconds=2), {0: 3})
+    assert mark.reached(read) == takeover + timedelta(seconds=2)
+    mark.taken(takeover + timedelta(seconds=3), {0: 5})
+    assert mark.waiting and mark.reached(read) == takeover + timedelta(seconds=2)
+    assert roll_time(takeover + timedelta(seconds=4), mark.at) == takeover + timedelta(seconds=2)
+    assert read_past({0: 5, 1: 2}, {0: 5, 1: 2}) and not read_past({0: 5}, {0: 5, 1: 1})
+
+
+def test_the_store_s_rebuild_seeded_keeps_the_offsets_counted() -> None:
+    """A worker starting takes up its own last state ($10, offsets to 10, committed at
+    5), then the store's rebuild ($11, no offsets): it counts on from the rebuild's
+    spend with its state's offsets, as a worker holding the partitions does
+    (Ledger.rebuilt), so offsets 5 to 9, read again, count nothing twice. Before, the
+    rebuild was taken whole, its offsets none: $17 for $11 spent."""
+    b = budget(limit_usd=Decimal("100"))
+    now = at(20)
+    mine = current(b, None, now).model_copy(
+        update={"spent_usd": Decimal("10"), "applied": {0: 10}, "last_event_at": now}
+    )
+    rebuild = current(b, None, now).model_copy(update={"spent_usd": Decimal("11")})
+    for take in ("seed", "rebuilt"):
+        ledger = Ledger([b])
+        ledger.seed(mine)
+        getattr(ledger, take)(rebuild)
+        assert ledger.states[b.name].applied == {0: 10}
+        for offset in range(5, 11):  # offset 10: the call the rebuild has too, read on
+            ledger.record(costed("1", now), now + timedelta(minutes=1), (0, offset))
+        assert ledger.states[b.name].spent_usd == Decimal("12"), take
+
+
+async def test_a_worker_back_after_midnight_counts_the_day_before_s_backlog_in_it(
+    tmp_path: Path,
+) -> None:
+    """A real `llmtap worker` started after midnight (down across it) with the day
+    before's last calls behind a backlog on llmtap.responses (read a record at a time:
+    seconds of it). Its state of the day before is at 40%; four calls of 23:55 take it
+    to 124%, alerted at 50%, 80% and 100%; then the new day rolls and counts a call of
+    today. Before, the worker rolled the day within a second, before reading the
+    backlog: the day before stayed at 40%, no alert came."""
+    now = datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    late = today - timedelta(minutes=5)
+    b = budget(
+        name="daily",
+        scope="team",
+        value="search",
+        tenant="acme",
+        period="day",
+        limit_usd=Decimal("0.0001"),
+        hard_cap=False,
+    )
+    before = current(b, None, late).model_copy(update={"spent_usd": Decimal("0.00004")})
+    filler = sample.response(
+        late,
+        model_requested="gpt-4o-mini",
+        usage=Usage(input_tokens=1, output_tokens=1),
+        attribution=Attribution(tenant="other", team="x"),
+    )
+    async with start_broker(PARTITIONS) as broker:
+        kafka = Kafka(broker.bootstrap)
+        assert await publish_states(kafka, [before])
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
+        await producer.start()
+        try:
+            calls = [filler.model_copy(update={"request_id": uuid4()}) for _ in range(6000)]
+            calls += [search_call(late) for _ in range(4)] + [search_call(now)]
+            sent = [
+                await producer.send(
+                    kafka.names.responses, call.model_dump_json().encode(), key=b"backlog"
+                )
+                for call in calls
+            ]
+            await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+        env = {
+            "LLMTAP_BUDGETS": json.dumps([json.loads(b.model_dump_json())]),
+            "LLMTAP_STREAM_BATCH_RECORDS": "1",
+        }
+        async with stream_worker(broker.bootstrap, tmp_path / "w", extra_env=env):
+            await published(
+                kafka, lambda s: s["daily"].period_start == today and s["daily"].spent_usd > 0
+            )
+            raw = await topics.read_all(kafka, kafka.names.budgets)
+            alerts = [
+                Alert.model_validate_json(value)
+                for value in await topics.read_all(kafka, kafka.names.alerts)
+            ]
+    spent = {
+        (s.period_start, s.spent_usd)
+        for s in map(BudgetState.model_validate_json, raw)
+        if s.budget == "daily"
+    }
+    assert (late.replace(hour=0, minute=0), Decimal("0.000124")) in spent
+    assert (today, Decimal("0.000021")) in spent
+    assert sorted(int(a.threshold or 0) for a in alerts if a.window_end == today) == [50, 80, 100]

@@ -168,6 +168,7 @@ async def test_the_worker_serves_what_its_stages_counted(tmp_path: Path) -> None
     assert metric(text, "llmtap_worker_budget_alerts_total") == 3
     assert len([a for a in alerts if a.alert_type == "budget"]) == 3
     assert metric(text, "llmtap_worker_budget_states_published_total") == len(states) > 0
+    assert metric(text, "llmtap_worker_budget_calls_late_total") == 0
     assert all(BudgetState.model_validate_json(s).budget == "tiny" for s in states)
     for stage in ("costs", "spikes"):
         batch = metric(text, "llmtap_worker_last_batch_timestamp_seconds", stage=stage)

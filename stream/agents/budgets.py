@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import faust
@@ -32,6 +33,7 @@ from llmtap.kafka import Kafka
 from stream.agents.costs import Position
 from stream.budgets import later_or_larger
 from stream.ledger import Ledger
+from stream.rolls import roll_time
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,17 @@ ROLL_EVERY_S = 1.0
 
 
 class BudgetsStep:
-    def __init__(self, app: faust.App, ledger: Ledger, kafka: Kafka) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        ledger: Ledger,
+        kafka: Kafka,
+        read_up_to: Callable[[], Awaitable[datetime | None]] | None = None,
+    ) -> None:
         self.ledger = ledger
+        # The time up to which the stage has read every call appended (the cost stage's
+        # :meth:`read_up_to`): periods roll no further. None: by the clock alone.
+        self._read_up_to = read_up_to
         names = kafka.names
         # Whether the group gave this worker the partitions: it counts the budgets, and
         # keeps the states it follows aside (its own, as a rule) until its next
@@ -69,9 +80,17 @@ class BudgetsStep:
         async def roll_periods() -> None:
             """New periods start on time (and every budget has a state) without a call,
             by the worker counting them (one standing by has nothing to say); a state
-            counted under another limit is judged by this one's, its alerts raised."""
-            if self.holding:
-                rolled, raised = self.ledger.roll(utcnow())
+            counted under another limit is judged by this one's, its alerts raised.
+            Not past calls still unread: a worker with a backlog at a period's end
+            (lagging, or back after being down across it) rolls once it has read every
+            call appended before then (stream/rolls.py), else the closing period's last
+            calls, read after, would count nowhere."""
+            if not self.holding:
+                return
+            now = utcnow()
+            at = now if self._read_up_to is None else roll_time(now, await self._read_up_to())
+            if at is not None and self.holding:
+                rolled, raised = self.ledger.roll(at)
                 # A batch counted but not flushed yet (the cost stage awaits between):
                 # its alerts go first, as the rolled states may carry its offsets, and a
                 # worker restarted from those would not raise them again.

@@ -53,6 +53,7 @@ from stream import checkpoints
 from stream.agents.assignment import one_holder
 from stream.agents.stage import Fetched, GroupStage
 from stream.pricing import Catalog, missing_price, price_wire
+from stream.rolls import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,11 @@ class CostStage(GroupStage):
         # then one worker of the group holds every partition.
         self.whole = False
         self._one_holder = one_holder()
+        # The next offset of each partition held whose events the steps have been
+        # handed, and how far that reaches in time (stream/rolls.py): the budgets step
+        # rolls no period past calls still unread.
+        self.read: dict[int, int] = {}
+        self._watermark = Watermark()
 
     async def on_start(self) -> None:
         producer = await self._start_producer(max_batch_size=1 << 20, linger_ms=0)
@@ -144,7 +150,33 @@ class CostStage(GroupStage):
         return (self._one_holder,) if self.whole else super().assignors()
 
     def gave_up(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
         self.positions.give_up(tp.partition for tp in revoked)
+        for tp in revoked:
+            self.read.pop(tp.partition, None)
+        self._watermark = Watermark()
+
+    async def read_up_to(self) -> datetime | None:
+        """The time up to which every event appended to the partitions held has been
+        handed to the steps (None: not known yet). A snapshot of their end offsets is
+        fetched when none is waited for; the stage reaching it moves the time on."""
+        consumer, mark = self._consumer, self._watermark
+        if consumer is None or not self.read:
+            return None
+        if not mark.waiting:
+            at = utcnow()  # before the fetch: what was appended before it is below
+            tps = [TopicPartition(self.topic, partition) for partition in self.read]
+            try:
+                ends = await consumer.end_offsets(tps)
+            except KafkaError as exc:  # the broker unreachable: periods wait for it
+                log.debug("end offsets not fetched (%s)", exc)
+                ends = None
+            if mark is not self._watermark:  # the partitions changed hands meanwhile
+                return None
+            if ends is None:
+                return mark.at
+            mark.taken(at, {tp.partition: offset for tp, offset in ends.items()})
+        return mark.reached(self.read)
 
     async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
         """Start on the partitions the group gave this worker, each where its latest
@@ -173,6 +205,8 @@ class CostStage(GroupStage):
             # them before this ran, and records fetched meanwhile are dropped below.
             for partition, offset in starts.items():
                 consumer.seek(tps[partition], offset)
+            self.read = dict(starts)
+            self._watermark = Watermark()
             # Last, with no wait after it: a batch handed over while this ran was fetched
             # from the committed offsets, not from where the partitions were sought.
             self._generation += 1
@@ -194,6 +228,7 @@ class CostStage(GroupStage):
         for tp, records in fetched.items():
             following = records[-1].offset + 1
             self._done[tp] = self.positions.processed(tp.partition, following)
+            self.read[tp.partition] = following
 
     async def _process(self, fetched: Fetched) -> None:
         now = utcnow()

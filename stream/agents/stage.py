@@ -36,7 +36,7 @@ from llmtap.names import Names
 
 log = logging.getLogger(__name__)
 
-BATCH = 2000  # records per fetched batch, at most
+BATCH = 2000  # records per fetched batch, at most (the stream_batch_records default)
 POLL_MS = 50  # how long a fetch waits for records before the loop looks around
 # Handled offsets are committed at most this often (and at every rebalance and stop):
 # a worker killed in between does that work again, which every stage downstream of it
@@ -199,7 +199,9 @@ class GroupStage(Service):
         assert consumer is not None
         try:
             while not self._stopping:
-                fetched: Fetched = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
+                fetched: Fetched = await consumer.getmany(
+                    timeout_ms=POLL_MS, max_records=self._settings.stream_batch_records
+                )
                 # Read once the records are in hand: a fetch that waited out a rebalance
                 # returns records of the new assignment, which are this stage's to handle.
                 generation = self._generation
