@@ -6,7 +6,7 @@
 | llmtap.responses   | ResponseEvent | request_id  | ingress    | stream (costs)               |
 | llmtap.costed      | CostedEvent   | request_id  | stream     | sink                         |
 | llmtap.windows     | WindowEvent   | series      | stream     | stream (spikes), sink        |
-| llmtap.alerts      | Alert         | its series  | stream     | sinks (webhooks)             |
+| llmtap.alerts      | Alert         | its series  | stream, store | sinks (webhooks), stream |
 | llmtap.budgets     | BudgetState   | budget name | stream     | ingress (caps), store        |
 | llmtap.reservations | Reservations | ingress id  | ingress    | store (budgets' reserved_usd) |
 | llmtap.checkpoints | Checkpoint    | partition   | stream     | stream (at start)            |

@@ -25,6 +25,7 @@ from llmtap.runtime import tune_gc
 from sinks.budget_seed import publish_states, publish_until_sent, rebuilt_state, unraised
 from sinks.clickhouse.writer import ClickHouseWriter
 from sinks.metrics import store_registry
+from sinks.spike_seed import open_spikes, publish_open, publish_open_until_sent
 from sinks.webhooks import redeliver
 from sinks.webhooks.dispatcher import WebhookDispatcher
 from sql import analytics, dashboard
@@ -66,15 +67,26 @@ async def clickhouse_store(app: web.Application) -> AsyncIterator[None]:
             retrying = asyncio.create_task(
                 publish_until_sent(settings.kafka, states, alerts), name="budget-seed"
             )
+    # The spike alerts open, for the worker's warm-up (sinks/spike_seed.py): of rules
+    # removed too, so with none configured as well.
+    opened = await asyncio.to_thread(open_spikes, store)
+    log.info("spike alerts open in ClickHouse, published again: %d", len(opened))
+    reopening: asyncio.Task[None] | None = None
+    if opened and not await publish_open(settings.kafka, opened):
+        reopening = asyncio.create_task(
+            publish_open_until_sent(settings.kafka, opened), name="spike-seed"
+        )
     try:
         yield
     finally:
-        if retrying is not None:
-            retrying.cancel()
+        for task, what in ((retrying, "rebuilt budget states"), (reopening, "open spikes")):
+            if task is None:
+                continue
+            task.cancel()
             # Not raised here (the store is closed whatever it ended with), but logged.
-            (failed,) = await asyncio.gather(retrying, return_exceptions=True)
+            (failed,) = await asyncio.gather(task, return_exceptions=True)
             if isinstance(failed, Exception):
-                log.error("publishing rebuilt budget states failed: %r", failed)
+                log.error("publishing %s failed: %r", what, failed)
         store.close()
 
 

@@ -132,9 +132,8 @@ class StreamWorker(faust.Worker):
 def run(settings: Settings) -> None:
     """The worker, until stopped; :class:`Stopped` if SIGTERM or SIGINT comes before
     Faust's worker has handlers of its own (while the spike baselines are read back)."""
-    detector = None
-    if settings.spike_rules:
-        detector = asyncio.run(unless_stopped(warmed_detector(settings)))
+    # Warmed with no rules too: the spike alerts still open of rules removed are resolved.
+    detector = asyncio.run(unless_stopped(warmed_detector(settings)))
     app, stage, spikes = create_app(settings, detector)
     tune_gc()
     StreamWorker(app, stage, spikes, settings).execute_from_commandline()

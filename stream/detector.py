@@ -139,6 +139,9 @@ class Detector:
         # window length -> latest start judged, no further than the clock allowed
         self._latest: dict[int, datetime] = {}
         self.ahead_windows = 0  # judged ending over ALLOWED_SKEW past the clock, since start
+        # Resolves of spike alerts open at start that nothing judges any more (a warm-up's:
+        # stream/reconcile.py), for the stage to publish as it starts.
+        self.restart_alerts: list[Alert] = []
 
     @property
     def partitions(self) -> int:

@@ -12,7 +12,11 @@ offsets are left to the stage, which judges them and publishes their alerts.
 
 What it cannot bring back: windows the broker no longer has (Kafka's retention; the
 embedded broker keeps nothing over its own restart), and so nothing after a full
-`llmtap up` restart on embedded defaults. With several workers, each reads every
+`llmtap up` restart on embedded defaults. Which spikes the receivers were told are
+firing is read back too, from the alerts topic (where the store, at its start,
+publishes again those ClickHouse holds open), and squared with the states rebuilt
+(stream/reconcile.py): a spike fired before what is read back, or whose rule changed,
+is resolved rather than left open for good. With several workers, each reads every
 partition's windows, so it also knows series another worker judges (harmless: a
 window it is not given is never judged twice, and a series of a partition it is not
 given is not its to resolve).
@@ -30,8 +34,9 @@ from aiokafka.errors import KafkaError
 
 from llmtap import topics, wire
 from llmtap.config import Settings
-from llmtap.events import utcnow
+from llmtap.events import Alert, utcnow
 from stream.detector import TICK_S, Detector
+from stream.reconcile import open_alerts, reconciled
 from stream.spikes import horizon
 
 log = logging.getLogger(__name__)
@@ -102,12 +107,16 @@ async def warmed_detector(
         settings.spike_rules, shares or settings.topic_partitions, spike_settle(settings)
     )
     try:
-        judged = await topics.read_consumed(
-            settings.kafka,
-            settings.kafka.names.spikes_group,
-            settings.kafka.names.windows,
-            since_ms=int(since.timestamp() * 1000),
-            partitions=partitions,
+        judged = (
+            await topics.read_consumed(
+                settings.kafka,
+                settings.kafka.names.spikes_group,
+                settings.kafka.names.windows,
+                since_ms=int(since.timestamp() * 1000),
+                partitions=partitions,
+            )
+            if settings.spike_rules
+            else []  # none to judge: only the alerts of rules removed to resolve
         )
     except KafkaError as exc:  # the worker still starts; its baselines start empty
         log.warning("windows judged before could not be read back (%r)", exc)
@@ -115,6 +124,7 @@ async def warmed_detector(
     published = [(home, raw, datetime.fromtimestamp(ms / 1000, UTC)) for home, raw, ms in judged]
     taken = warmed(detector, published, now)
     if partitions is None:
+        await _reconcile(settings, detector, since)
         # Some may be another worker's: the first assignment says which are this one's
         # (Detector.keep_only), and until their backlog is read none is found quiet.
         detector.behind = None
@@ -123,3 +133,33 @@ async def warmed_detector(
     # split across a restart or a rebalance would never be raised.
     log.info("spike baselines warmed with %d windows judged before", taken)
     return detector
+
+
+async def _reconcile(settings: Settings, detector: Detector, since: datetime) -> None:
+    """Square the states rebuilt with the spike alerts open (stream/reconcile.py): read
+    after the windows, so an alert of every window read back is there (the stage commits
+    a window only once the broker has its alerts). The resolves it raises are the
+    stage's to publish as it starts (:attr:`Detector.restart_alerts`)."""
+    try:
+        raw = await topics.read_all(settings.kafka, settings.kafka.names.alerts)
+    except KafkaError as exc:  # nothing squared: as before, rather than not starting
+        log.warning("the spike alerts open could not be read back (%r)", exc)
+        return
+    alerts = []
+    for value in raw:
+        try:
+            alerts.append(Alert.model_validate_json(value))
+        except ValueError:
+            continue  # the store logs what it cannot take (sinks/webhooks)
+    opened = open_alerts(alerts)
+    changed, resolves = reconciled(settings.spike_rules, detector.states, opened, since)
+    unfired = [key for key, state in changed.items() if detector.states[key].firing > state.firing]
+    detector.states.update(changed)
+    detector.restart_alerts = resolves
+    log.info(
+        "spike alerts open at start: %d; resolved as no longer judged: %d; series no "
+        "longer taken for firing (no alert said so): %d",
+        len(opened),
+        len(resolves),
+        len(unfired),
+    )

@@ -18,10 +18,13 @@ from llmtap.config_sections import SpikeRule
 from llmtap.events import Alert, utcnow
 from llmtap.kafka import Kafka
 from llmtap.names import Names
+from sinks.spike_seed import open_spikes, publish_open
+from sinks.webhooks.records import store_batch
+from sql.store import Store
 from stream.agents.spikes import SpikesStage
 from stream.aggregates import Aggregate
 from stream.detector import Detector
-from stream.spikes import horizon
+from stream.spikes import horizon, observe
 from stream.warmup import spike_settle, warmed_detector
 from tests.conftest import start_broker
 from tests.fake_provider import free_port
@@ -140,6 +143,19 @@ async def spiked(bootstrap: str, first: datetime, now: datetime) -> None:
     await publish(bootstrap, [*steady, window(first + 10 * MINUTE, 1_000, 2)], now, SEARCH)
     ads = [window(first + i * MINUTE, 50, 2, team="ads") for i in range(11)]
     await publish(bootstrap, ads, now, ADS)
+    # Its firing alert, as the worker published it (a restart finds it open).
+    detector = Detector([RULE], 2, timedelta(0))
+    (firing,) = [
+        a for w in [*steady, window(first + 10 * MINUTE, 1_000, 2)] for a in detector.offer(w, now)
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            Names().alerts, firing.model_dump_json().encode(), key=topics.alert_key(firing)
+        )
+    finally:
+        await producer.stop()
 
 
 def stages_settings(bootstrap: str) -> Settings:
@@ -206,7 +222,10 @@ async def test_a_spike_firing_at_a_restart_is_resolved_once_when_its_series_went
         finally:
             await stage.stop()
         seen = [(a.value, a.state, a.window_start) for a in await alerts_of(broker.bootstrap)]
-        assert seen == [("search", "resolved", first + 11 * MINUTE)]
+        assert seen == [
+            ("search", "firing", first + 10 * MINUTE),  # published before the restart
+            ("search", "resolved", first + 11 * MINUTE),
+        ]
 
 
 async def test_a_restarted_worker_resolves_only_the_spikes_of_its_own_partitions() -> None:
@@ -259,7 +278,7 @@ async def test_a_backlog_read_first_does_not_resolve_a_spike_still_firing() -> N
         finally:
             await stage.stop()
         seen = [(a.value, a.state, a.window_start) for a in await alerts_of(broker.bootstrap)]
-        assert seen == []
+        assert seen == [("search", "firing", first + 10 * MINUTE)]  # before the restart
 
 
 class TakingOver(SpikesStage):
@@ -641,3 +660,37 @@ async def test_a_window_waiting_for_shares_at_a_stop_is_judged_when_nothing_read
         assert [(a.state, a.window_start) for a in fired] == [("firing", spike.window_start)]
         if raised:
             assert [a.event_id for a in fired] == [a.event_id for a in raised]
+
+
+async def test_a_spike_open_at_a_restart_that_lost_the_broker_is_resolved_once(
+    store: Store,
+) -> None:
+    """`llmtap up` on the embedded broker, restarted an hour after team search spiked:
+    the broker kept nothing, ClickHouse has the firing alert. The store publishes it
+    again at its start, and the restarted worker resolves it, once, also when restarted
+    again (or beside another worker). It stayed firing at every receiver for good."""
+    first = utcnow().replace(second=0, microsecond=0) - 60 * MINUTE
+    state = None
+    for m in range(11):
+        start = first + m * MINUTE
+        requests = 1_000 if m == 10 else 100 + m % 3
+        state, raised = observe(
+            RULE, "search", state, start, start + MINUTE, requests, tenant="acme"
+        )
+    (firing,) = raised
+    store_batch(store, [firing], [], [])  # as the store took it from the old broker
+    async with start_broker() as broker:  # the broker of the restart: empty
+        settings = stages_settings(broker.bootstrap)
+        assert await publish_open(settings.kafka, open_spikes(store))  # the store's start
+        for _ in range(2):  # the worker's start, and a restart
+            stage = SpikesStage(settings, await warmed_detector(settings))
+            await stage.start()
+            await stage.stop()
+        alerts = await alerts_of(broker.bootstrap)
+        assert [(a.state, a.resolution) for a in alerts] == [
+            ("firing", None),
+            ("resolved", "unjudged"),
+        ]
+        assert alerts[1].first_seen == firing.first_seen
+        store_batch(store, alerts, [], [])
+    assert open_spikes(store) == []  # the next start has nothing open

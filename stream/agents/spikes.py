@@ -231,6 +231,10 @@ class SpikesStage(GroupStage):
         # A window is whole once it has a share from each partition the topic has, not
         # the configured count (a topic made earlier, or grown to scale out, differs).
         self.detector.partitions = len(await producer.partitions_for(self.names.responses))
+        # Spike alerts open at start that nothing judges any more (stream/reconcile.py):
+        # resolved before any window is judged (their ids are the same from any worker).
+        await self._publish(self.detector.restart_alerts)
+        self.detector.restart_alerts = []
         await self._start_consuming()
 
     async def handle(self, fetched: Fetched) -> None:
