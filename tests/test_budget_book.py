@@ -1156,3 +1156,35 @@ def test_a_state_of_a_period_this_clock_has_not_reached_waits_for_it() -> None:
     # At midnight by this clock, the new day's state, and nothing of yesterday's held.
     assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 40_000, MIDNIGHT) is None
     assert budgets.held(MIDNIGHT)["acme-day"] == Decimal("0.400025")
+
+
+def test_a_later_period_s_state_does_not_let_go_what_this_clock_s_period_holds() -> None:
+    """Its clock behind, the ingress judges on yesterday's state; the worker, past
+    midnight, drops the calls it admits then (stamped yesterday: late), and its new
+    day's states count past their offsets. They let go what the ingress held for them,
+    yesterday's state never counting them: a second $0.40 call was admitted ($1.30
+    spent on a $1.00 cap). Let go against a state of the period this clock is in, or
+    once it reaches the new one."""
+    budgets, budget = book("1.00")
+    yesterday = MIDNIGHT - timedelta(hours=1)
+    spent = {"spent_usd": Decimal("0.50"), "applied": {0: 50}}
+    budgets.update(fresh(budget, yesterday, yesterday).model_copy(update=spent))
+    budgets.update(fresh(budget, MIDNIGHT, MIDNIGHT).model_copy(update={"applied": {0: 50}}))
+    early = MIDNIGHT - timedelta(seconds=2)
+    call = uuid.uuid4()
+    assert budgets.admit(call, ACME, "gpt-4o", 10, 40_000, early) is None
+    settled = budgets.settle(call, "gpt-4o", Usage(input_tokens=0, output_tokens=40_000), early)
+    assert settled is not None
+    settled.delivered(0, 60)
+    budgets.update(fresh(budget, MIDNIGHT, MIDNIGHT).model_copy(update={"applied": {0: 61}}))
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 40_000, early)
+    assert isinstance(refused, Exhausted) and refused.held == Decimal("0.4")
+    # Yesterday's, late, counting it: let go.
+    counted = {"spent_usd": Decimal("0.90"), "applied": {0: 61}}
+    budgets.update(fresh(budget, yesterday, yesterday).model_copy(update=counted))
+    assert budgets.committed(budget, early) == (
+        budgets._current(budget, early),
+        Decimal("0.90"),
+    )
+    # At midnight by this clock, the new day's state, nothing of yesterday's held.
+    assert budgets.committed(budget, MIDNIGHT)[1] == Decimal(0)
