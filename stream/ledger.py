@@ -90,6 +90,13 @@ class Ledger:
         # period.
         self.late = 0
         self._warned = logs.Once()
+        # Each budget's closing period, rolled past by a call of the next one read before
+        # the stage's watermark passed the period's end (a backlog across it, read one
+        # partition before another): its calls read meanwhile are counted in it, their
+        # thresholds alerted, until a roll at or past its end makes it final
+        # (:meth:`roll`). Its states changed since last published: :meth:`closings`.
+        self._closing: dict[str, BudgetState] = {}
+        self._closed: dict[str, BudgetState] = {}
 
     @property
     def states(self) -> Mapping[str, BudgetState]:
@@ -213,13 +220,64 @@ class Ledger:
                 before = self.state(name)
             state, raised = spend(budget, before, cost, at, now, position)
             if state is None:
-                self._late(name, before, at)
+                if self._into_closing(budget, cost, at, now, position, alerts):
+                    changed.add(name)
+                else:
+                    self._late(name, before, at)
                 continue
+            if before is not None and state.period_start != before.period_start:
+                # The first call of a new period: the closing one's calls still unread
+                # (on other partitions) count in it until the watermark passes its end.
+                self._closing[name] = self._closed[name] = before
             self._states[name] = state
             self._unjudged.discard(name)
             changed.add(name)
             alerts.extend(raised)
         return changed, alerts
+
+    def _into_closing(
+        self,
+        budget: BudgetConfig,
+        cost: Decimal,
+        at: datetime,
+        now: datetime,
+        position: tuple[int, int] | None,
+        alerts: list[Alert],
+    ) -> bool:
+        """Count a call of a closed period into the budget's closing period, if it is
+        that one's (its alerts, with the ids they would have had, into ``alerts``); the
+        current state counts past its offset (a worker restarted from it skips it)."""
+        name = budget.name
+        closing = self._closing.get(name)
+        if closing is None or not closing.period_start <= period_time(at, now) < closing.period_end:
+            return False
+        state, raised = spend(budget, closing, cost, at, now, position)
+        assert state is not None  # of the closing period
+        self._closing[name] = self._closed[name] = state
+        alerts.extend(raised)
+        if position is not None:
+            partition, offset = position
+            counted = self._counted.get(name)
+            if counted is not None:
+                counted.applied[partition] = max(counted.applied.get(partition, 0), offset + 1)
+            else:
+                current_ = self._states[name]
+                if offset + 1 > current_.applied.get(partition, 0):
+                    applied = {**current_.applied, partition: offset + 1}
+                    self._states[name] = current_.model_copy(update={"applied": applied})
+        return True
+
+    def forget_closings(self) -> None:
+        """Partitions given again (another worker may have counted meanwhile): closing
+        periods kept are no longer counted into (their states stay to be published)."""
+        self._closing.clear()
+
+    def closings(self) -> list[BudgetState]:
+        """The closing periods' states changed since last asked (counted into, or final
+        as a call of the next period rolled their budget): published before their
+        budgets' current states, so the compacted topic keeps the current one."""
+        closed, self._closed = self._closed, {}
+        return list(closed.values())
 
     def _late(self, name: str, state: BudgetState | None, at: datetime) -> None:
         self.late += 1
@@ -276,6 +334,9 @@ class Ledger:
         lowered below the spend is news)."""
         rolled, alerts = [], []
         restated, self._restated = self._restated, set()
+        for name, closing in list(self._closing.items()):
+            if closing.period_end <= now:  # every call ended in it read: final
+                del self._closing[name]
         for name, budget in self.budgets.items():
             before = self.state(name) if name in self._states else None
             after = current(budget, before, now)

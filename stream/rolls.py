@@ -10,8 +10,13 @@ The stage says how far it has read (the next offset handed to the steps, per
 partition) and, from time to time, fetches the partitions' end offsets (a
 :class:`Watermark` snapshot, taken at a time ``at``). Once what it has read reaches a
 snapshot's end offsets, every call appended before ``at`` has been read: periods may
-roll at ``at``. A worker that is caught up reaches each snapshot at once, and rolls
-within a tick of the boundary, as by the clock.
+roll at ``at``. Not the end offsets alone: on Tansu a partition's end offset is its
+last record batch's first offset plus one, and a fetch of at most so many records may
+stop inside that batch. A partition read to its end offset is read up once it reaches
+the high watermark of the fetch answers then (the broker's log end when it answered a
+fetch holding that batch, or a later one: past every call appended before ``at``). A
+worker that is caught up reaches each snapshot at once (within a tick or two: the high
+watermark may be a fetch ahead), and rolls within a tick or two of the boundary.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class Watermark:
 
     at: datetime | None = None
     _pending: tuple[datetime, dict[int, int]] | None = field(default=None)
+    # Partitions of the pending snapshot whose end was moved to the high watermark.
+    _pinned: set[int] = field(default_factory=set)
 
     @property
     def waiting(self) -> bool:
@@ -54,9 +61,24 @@ class Watermark:
     def taken(self, at: datetime, ends: Mapping[int, int]) -> None:
         """End offsets fetched after ``at``: every call appended before ``at`` is below."""
         self._pending = (at, dict(ends))
+        self._pinned = set()
 
-    def reached(self, read: Mapping[int, int]) -> datetime | None:
-        """With ``read`` so far: ``at``, moved to the snapshot's time once read past it."""
-        if self._pending is not None and read_past(read, self._pending[1]):
-            self.at, self._pending = self._pending[0], None
+    def reached(self, read: Mapping[int, int], high: Mapping[int, int | None]) -> datetime | None:
+        """With ``read`` so far and ``high``, the high watermark of each partition's
+        latest fetch answer (None: none yet): ``at``, moved to the snapshot's time once
+        read past it. A partition read to its end offset has that end moved to its high
+        watermark then (once: a fixed mark, reached under steady traffic too)."""
+        if self._pending is None:
+            return self.at
+        at, ends = self._pending
+        for partition, end in ends.items():
+            if partition in self._pinned or read.get(partition, 0) < end:
+                continue
+            mark = high.get(partition)
+            if mark is None:  # no fetch answer yet: the end may be inside a batch
+                continue
+            ends[partition] = max(end, mark)
+            self._pinned.add(partition)
+        if self._pinned >= ends.keys() and read_past(read, ends):
+            self.at, self._pending = at, None
         return self.at

@@ -13,7 +13,7 @@ from uuid import uuid4
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +30,7 @@ from llmtap.events import (
     Usage,
 )
 from llmtap.kafka import Kafka
+from llmtap.names import Names
 from llmtap.supervisor import embedded_broker
 from sinks.budget_seed import publish_states, publish_until_sent, rebuilt_state, unraised
 from sinks.clickhouse.decode import Batch
@@ -262,10 +263,13 @@ def costed(cost: str, ended: datetime, team: str = "search") -> CostedEvent:
 
 def folded(
     budgets: list[BudgetConfig], calls: list[tuple[CostedEvent, datetime, tuple[int, int]]]
-) -> tuple[dict[str, BudgetState], list[Alert]]:
+) -> tuple[dict[str, BudgetState], dict[str, BudgetState], list[Alert]]:
     """What the ledger must make of ``calls``: every call through :func:`spend`, one by
-    one (the ledger counts most of them into running totals instead)."""
+    one (the ledger counts most of them into running totals instead). A call of a
+    closed period counts in its budget's closing one (the period a call of the next
+    rolled from, no roll since), and the current state counts past its offset."""
     states: dict[str, BudgetState] = {}
+    closing: dict[str, BudgetState] = {}
     alerts: list[Alert] = []
     seen = set()
     for event, now, (partition, offset) in calls:
@@ -281,16 +285,26 @@ def folded(
             cost = Decimal(0) if repeat or event.cost is None else event.cost.total
             ended = event.response.ts_end
             state, raised = spend(b, before, cost, ended, now, (partition, offset))
-            if state is not None:
+            old = closing.get(b.name)
+            if state is None and before is not None and old is not None:
+                if old.period_start <= ended < old.period_end:
+                    state, raised = spend(b, old, cost, ended, now, (partition, offset))
+                    assert state is not None
+                    closing[b.name] = state
+                    applied = {**before.applied, partition: offset + 1}
+                    states[b.name] = before.model_copy(update={"applied": applied})
+            elif state is not None:
+                if before is not None and state.period_start != before.period_start:
+                    closing[b.name] = before
                 states[b.name] = state
             alerts += raised
-    return states, alerts
+    return states, closing, alerts
 
 
 ledger_calls = st.lists(
     st.tuples(
         st.sampled_from(["0.5", "1.25", "3", "0.000000001", "0", "unpriced", "repeat"]),
-        st.integers(min_value=0, max_value=20),  # hours into 2026-11-29 (a day rolls)
+        st.integers(min_value=0, max_value=30),  # hours from 2026-11-29 (a day rolls)
         st.sampled_from(["search", "ads"]),
         st.integers(min_value=0, max_value=1),  # partition
         st.integers(min_value=0, max_value=30),  # offset (repeats: replays)
@@ -332,8 +346,9 @@ def test_the_ledger_makes_the_states_spend_would_call_by_call(
         if ask:
             for name in changed:
                 assert ledger.state(name) == folded(budgets, given_calls)[0][name]
-    states, expected_alerts = folded(budgets, given_calls)
+    states, closing, expected_alerts = folded(budgets, given_calls)
     assert dict(ledger.states) == states
+    assert {state.budget: state for state in ledger.closings()} == closing
     assert alerts == expected_alerts
 
 
@@ -955,7 +970,7 @@ def test_periods_roll_only_once_the_calls_appended_before_their_end_are_read() -
     takeover = midnight + timedelta(minutes=30)
     read = {0: 1}  # from the checkpoint: offsets 1 and 2 are the backlog
     mark.taken(takeover, {0: 3})
-    assert roll_time(takeover, mark.reached(read)) is None  # nothing known read: no roll
+    assert roll_time(takeover, mark.reached(read, {0: 3})) is None  # nothing known read: no roll
     raised = []
     for offset, (cost, ended) in enumerate(
         [("2", midnight - timedelta(minutes=20)), ("3", midnight - timedelta(minutes=10))], 1
@@ -964,7 +979,7 @@ def test_periods_roll_only_once_the_calls_appended_before_their_end_are_read() -
         read[0] = offset + 1
     assert [a.threshold for a in raised] == [80, 100]
     assert ledger.states[b.name].spent_usd == Decimal("12")
-    at_ = roll_time(takeover + timedelta(seconds=1), mark.reached(read))
+    at_ = roll_time(takeover + timedelta(seconds=1), mark.reached(read, read))
     assert at_ == takeover
     rolled, _ = ledger.roll(at_)
     assert [(s.period_start, s.spent_usd, s.applied) for s in rolled] == [
@@ -980,11 +995,104 @@ def test_periods_roll_only_once_the_calls_appended_before_their_end_are_read() -
     # Caught up: a snapshot reached as it is taken; one not reached yet is waited for
     # (not replaced: a stage never quite caught up would never reach the newest).
     mark.taken(takeover + timedelta(seconds=2), {0: 3})
-    assert mark.reached(read) == takeover + timedelta(seconds=2)
+    assert mark.reached(read, read) == takeover + timedelta(seconds=2)
     mark.taken(takeover + timedelta(seconds=3), {0: 5})
-    assert mark.waiting and mark.reached(read) == takeover + timedelta(seconds=2)
+    assert mark.waiting and mark.reached(read, read) == takeover + timedelta(seconds=2)
     assert roll_time(takeover + timedelta(seconds=4), mark.at) == takeover + timedelta(seconds=2)
     assert read_past({0: 5, 1: 2}, {0: 5, 1: 2}) and not read_past({0: 5}, {0: 5, 1: 1})
+
+
+def test_a_call_of_the_closing_day_read_after_one_of_the_next_counts_in_it() -> None:
+    """A backlog across midnight on two partitions, read one after the other (review
+    R2, finding 1): a call of today on partition 0 starts today for the budget; the day
+    before's calls on partition 1, read after, count in the day before until the
+    watermark passes its end (its 80% and 100% alerts raised, with the ids they would
+    have had), today's state counting past their offsets (a restart from it skips them,
+    a repeat adds nothing). The day before's state is published before today's (final as
+    today started, then as counted into). Once rolled at or past midnight, the day
+    before is final: a call of it read after counts in no period. Before, all of them
+    counted in no period."""
+    b = budget(period="day", limit_usd=Decimal("10"))
+    ledger = Ledger([b])
+    midnight = at(1, 0, month=12)
+    takeover = midnight + timedelta(minutes=30)
+    ledger.roll(at(30, 22))
+    ledger.record(costed("7", at(30, 22)), at(30, 22), (1, 0))  # 70%: 50% alerted
+    assert ledger.record(costed("1", midnight + timedelta(minutes=1)), takeover, (0, 0)) == (
+        {b.name},
+        [],
+    )
+    day_before = ledger.closings()
+    assert [(s.period_start, s.spent_usd) for s in day_before] == [(at(30, 0), Decimal("7"))]
+    late = costed("3", midnight - timedelta(minutes=5))
+    changed, raised = ledger.record(late, takeover, (1, 1))
+    assert changed == {b.name}
+    assert [(a.event_id, a.window_end) for a in raised] == [
+        (threshold_alert_id(b, at(30, 0), t), midnight) for t in (80, 100)
+    ]
+    assert ledger.record(late, takeover, (1, 2)) == ({b.name}, [])  # a repeat: offset only
+    assert [(s.period_start, s.spent_usd, s.status) for s in ledger.closings()] == [
+        (at(30, 0), Decimal("10"), "exhausted")
+    ]
+    today = ledger.states[b.name]
+    assert (today.period_start, today.spent_usd, today.applied) == (
+        midnight,
+        Decimal("1"),
+        {0: 1, 1: 3},
+    )
+    assert ledger.late == 0
+    # Restarted from today's state and older offsets: the day before's calls skipped.
+    again = Ledger([b])
+    again.seed(today)
+    assert again.record(late, takeover, (1, 1)) == (set(), [])
+    assert again.late == 0
+    # The watermark past midnight: the day before is final.
+    ledger.roll(midnight)
+    assert ledger.record(costed("1", midnight - timedelta(minutes=1)), takeover, (1, 3)) == (
+        set(),
+        [],
+    )
+    assert ledger.late == 1 and ledger.closings() == []
+
+
+async def test_the_watermark_is_not_reached_inside_tansu_s_last_record_batch() -> None:
+    """Three record batches of 50 on a real Tansu partition, read at most 101 records:
+    Tansu's end offset is the last batch's first offset plus one (101), so offsets 101
+    to 149, appended before the snapshot, were unread when the watermark counted as
+    reached (review R2, finding 2). It now waits for the fetch answers' high watermark
+    (150), and is reached once the batch is read."""
+    async with start_broker(2) as broker:
+        tp = TopicPartition(Names().responses, 0)
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=200)
+        await producer.start()
+        try:
+            for _ in range(3):
+                batch = [await producer.send(tp.topic, b"{}", partition=0) for _ in range(50)]
+                await asyncio.gather(*batch)
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=broker.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            got = await consumer.getmany(tp, timeout_ms=5000, max_records=101)
+            read = {0: got[tp][-1].offset + 1}
+            mark = Watermark()
+            snapshot = datetime.now(UTC)
+            ends = await consumer.end_offsets([tp])
+            mark.taken(snapshot, {0: ends[tp]})
+            assert read[0] >= ends[tp]  # Tansu's end offset: inside the last batch
+            assert mark.reached(read, {0: consumer.highwater(tp)}) is None
+            while read[0] < 150:
+                rest = await consumer.getmany(tp, timeout_ms=5000)
+                read[0] = max([read[0]] + [r.offset + 1 for r in rest.get(tp, [])])
+            assert mark.reached(read, {0: consumer.highwater(tp)}) == snapshot
+        finally:
+            await consumer.stop()
 
 
 def test_the_store_s_rebuild_seeded_keeps_the_offsets_counted() -> None:
@@ -1075,3 +1183,74 @@ async def test_a_worker_back_after_midnight_counts_the_day_before_s_backlog_in_i
     assert (late.replace(hour=0, minute=0), Decimal("0.000124")) in spent
     assert (today, Decimal("0.000021")) in spent
     assert sorted(int(a.threshold or 0) for a in alerts if a.window_end == today) == [50, 80, 100]
+
+
+async def test_a_worker_back_after_midnight_counts_the_day_before_s_calls_on_other_partitions(
+    tmp_path: Path,
+) -> None:
+    """As above, the backlog spread over partitions (review R2, findings 1 and 3): the
+    day before's four calls of 23:55 on partition 1 behind 6000 others, a call of today
+    on partition 0, read first. Today's call starts the day for the budget; the day
+    before's, read after, count in it (40% to 124%, alerted at 50%, 80% and 100%), and
+    its state is published, before today's (the topic's latest, counted past them).
+    Before, the day before stayed at 40%, no alert came, "counted in no period"."""
+    now = datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    late = today - timedelta(minutes=5)
+    b = budget(
+        name="daily",
+        scope="team",
+        value="search",
+        tenant="acme",
+        period="day",
+        limit_usd=Decimal("0.0001"),
+        hard_cap=False,
+    )
+    before = current(b, None, late).model_copy(update={"spent_usd": Decimal("0.00004")})
+    filler = sample.response(
+        late,
+        model_requested="gpt-4o-mini",
+        usage=Usage(input_tokens=1, output_tokens=1),
+        attribution=Attribution(tenant="other", team="x"),
+    )
+    async with start_broker(PARTITIONS) as broker:
+        kafka = Kafka(broker.bootstrap)
+        assert await publish_states(kafka, [before])
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
+        await producer.start()
+        try:
+            calls = [(filler.model_copy(update={"request_id": uuid4()}), 1) for _ in range(6000)]
+            calls += [(search_call(late), 1) for _ in range(4)] + [(search_call(now), 0)]
+            sent = [
+                await producer.send(
+                    kafka.names.responses, call.model_dump_json().encode(), partition=partition
+                )
+                for call, partition in calls
+            ]
+            await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+        env = {"LLMTAP_BUDGETS": json.dumps([json.loads(b.model_dump_json())])}
+        async with stream_worker(broker.bootstrap, tmp_path / "w", extra_env=env):
+            latest = await published(
+                kafka,
+                lambda s: s["daily"].period_start == today and s["daily"].applied.get(1) == 6004,
+            )
+            raw = await topics.read_all(kafka, kafka.names.budgets)
+            alerts = [
+                Alert.model_validate_json(value)
+                for value in await topics.read_all(kafka, kafka.names.alerts)
+            ]
+        log = (tmp_path / "w" / "worker.log").read_text()
+    assert (latest["daily"].spent_usd, latest["daily"].applied) == (
+        Decimal("0.000021"),
+        {0: 1, 1: 6004},
+    )
+    spent = {
+        (s.period_start, s.spent_usd)
+        for s in map(BudgetState.model_validate_json, raw)
+        if s.budget == "daily"
+    }
+    assert (late.replace(hour=0, minute=0), Decimal("0.000124")) in spent
+    assert sorted(int(a.threshold or 0) for a in alerts if a.window_end == today) == [50, 80, 100]
+    assert "counted in no period" not in log

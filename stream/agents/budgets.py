@@ -95,7 +95,7 @@ class BudgetsStep:
                 # its alerts go first, as the rolled states may carry its offsets, and a
                 # worker restarted from those would not raise them again.
                 counted, self._raised = self._raised, []
-                await self._publish(rolled, counted + raised)
+                await self._publish(self.ledger.closings() + rolled, counted + raised)
 
     async def start(self, producer: AIOKafkaProducer) -> None:
         """Before the stage joins its group: every state published so far, taken up,
@@ -131,6 +131,7 @@ class BudgetsStep:
         followed), taken up. Also for partitions it held before the rebalance: a worker
         whose membership lapsed may be given back partitions another counted meanwhile."""
         self.holding = False  # taking up states, and rolling no period meanwhile
+        self.ledger.forget_closings()  # another may have counted them meanwhile
         passed, self._passed = self._passed, {}
         for state in passed.values():
             self.ledger.seed(state)
@@ -149,7 +150,11 @@ class BudgetsStep:
 
     async def flush(self) -> None:
         """Publish the latest state of each budget the batch changed, and its alerts."""
-        changed = [self.ledger.state(name) for name in self._changed]
+        # A closing period's state (counted into, or final as a call of the next period
+        # rolled its budget) before its budget's current one: the compacted topic keeps
+        # the last of a key.
+        closing = self.ledger.closings()
+        changed = closing + [self.ledger.state(name) for name in self._changed]
         raised, self._changed, self._raised = self._raised, set(), []
         await self._publish(changed, raised)
 

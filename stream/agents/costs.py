@@ -176,7 +176,10 @@ class CostStage(GroupStage):
             if ends is None:
                 return mark.at
             mark.taken(at, {tp.partition: offset for tp, offset in ends.items()})
-        return mark.reached(self.read)
+        # The fetch answers' high watermarks: on Tansu an end offset may be inside the
+        # last record batch (stream/rolls.py).
+        high = {p: consumer.highwater(TopicPartition(self.topic, p)) for p in self.read}
+        return mark.reached(self.read, high)
 
     async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
         """Start on the partitions the group gave this worker, each where its latest
