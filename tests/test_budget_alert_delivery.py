@@ -49,8 +49,11 @@ class _Topic:
         self._name = name
         self._sent = sent
         self.failing = False
+        self.slow = False  # a send takes a round trip (the loop runs other tasks)
 
     async def send(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+        if self.slow:
+            await asyncio.sleep(0.01)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.failing:
             done.set_exception(KafkaTimeoutError())
@@ -237,3 +240,49 @@ async def test_a_receiver_verifies_budget_alerts_and_gets_what_it_needs(
         assert body["window_end"] == period_end
         assert body["window_start"].endswith("-01T00:00:00Z")
         assert body["period"] == "month"  # the kind of period, not only its bounds
+
+
+async def test_a_closing_period_s_state_is_not_published_after_its_budget_s_current(
+    monkeypatch: Any,
+) -> None:
+    """A worker back after midnight with a backlog (its watermark before midnight): a
+    call of today started the day; a call of yesterday, read after, crosses 100% of the
+    closing day. The roll timer runs while that batch awaits before its flush, takes the
+    closing state and the batch's alert, and awaits the alert's delivery; the flush ran
+    meanwhile and published today's state, then the timer yesterday's, last: the
+    compacted topic kept yesterday's (review R4)."""
+    b = budget()
+    app = _App()
+    midnight = datetime(2026, 12, 1, tzinfo=UTC)
+    takeover = midnight + timedelta(minutes=30)
+
+    async def read_up_to() -> datetime:
+        return midnight - timedelta(minutes=10)
+
+    step = BudgetsStep(app, Ledger([b]), Kafka("127.0.0.1:1"), read_up_to)  # type: ignore[arg-type]
+    step._follower = _Followed()  # type: ignore[assignment]
+    await step.taken({0, 1})
+
+    def add(usd: str, ended: datetime, position: tuple[int, int]) -> None:
+        call = wire.decode_costed(costed(usd, ended).model_dump_json().encode())
+        step.add(call, position, takeover)
+
+    add("7", midnight - timedelta(hours=2), (1, 0))
+    await step.flush()
+    add("1", midnight + timedelta(minutes=1), (0, 0))  # today's, read first
+    await step.flush()
+    app.sent.clear()
+    app.topics["alerts"].slow = True
+    add("3", midnight - timedelta(minutes=5), (1, 1))  # yesterday's: 100%
+    monkeypatch.setattr("stream.agents.budgets.utcnow", lambda: takeover)
+    (roll,) = app.timers
+    timer = asyncio.ensure_future(roll())
+    await asyncio.sleep(0)  # the timer takes the closing state, awaits the alert
+    await step.flush()
+    await timer
+    states = [BudgetState.model_validate_json(v) for t, v in app.sent if t == "budgets"]
+    assert [(s.period_start, s.spent_usd) for s in states] == [
+        (midnight - timedelta(days=1), Decimal(10)),
+        (midnight, Decimal(1)),
+    ]
+    assert next(t for t, _ in app.sent) == "alerts"  # the alert before any state

@@ -1188,3 +1188,17 @@ def test_a_later_period_s_state_does_not_let_go_what_this_clock_s_period_holds()
     )
     # At midnight by this clock, the new day's state, nothing of yesterday's held.
     assert budgets.committed(budget, MIDNIGHT)[1] == Decimal(0)
+
+
+def test_an_earlier_period_s_state_of_the_same_spend_does_not_replace_the_current() -> None:
+    """The stream publishes a closing day's state (counted into after the new day began)
+    before the current one; one of the same spend as the current's replaced it, and the
+    cap was judged on a fresh $0 day until the next state (review R4)."""
+    budgets, budget = book("1.00")
+    today = fresh(budget, MIDNIGHT, MIDNIGHT).model_copy(update={"spent_usd": Decimal("0.90")})
+    yesterday = fresh(budget, MIDNIGHT - timedelta(hours=1), MIDNIGHT - timedelta(hours=1))
+    budgets.update(today)
+    budgets.update(yesterday.model_copy(update={"spent_usd": Decimal("0.90")}))
+    assert budgets.states[budget.name].period_start == MIDNIGHT
+    refused = budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 16_000, MIDNIGHT + timedelta(hours=1))
+    assert isinstance(refused, Exhausted)  # $0.16 at most: $0.10 left

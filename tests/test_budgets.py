@@ -1117,15 +1117,11 @@ def test_the_store_s_rebuild_seeded_keeps_the_offsets_counted() -> None:
         assert ledger.states[b.name].spent_usd == Decimal("12"), take
 
 
-async def test_a_worker_back_after_midnight_counts_the_day_before_s_backlog_in_it(
-    tmp_path: Path,
-) -> None:
-    """A real `llmtap worker` started after midnight (down across it) with the day
-    before's last calls behind a backlog on llmtap.responses (read a record at a time:
-    seconds of it). Its state of the day before is at 40%; four calls of 23:55 take it
-    to 124%, alerted at 50%, 80% and 100%; then the new day rolls and counts a call of
-    today. Before, the worker rolled the day within a second, before reading the
-    backlog: the day before stayed at 40%, no alert came."""
+def midnight_backlog() -> tuple[
+    datetime, datetime, datetime, BudgetConfig, BudgetState, ResponseEvent
+]:
+    """Now, today's midnight, 23:55 the day before, a $0.0001 day budget of team search,
+    its state of the day before at 40%, and a call of another team's (the backlog)."""
     now = datetime.now(UTC)
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     late = today - timedelta(minutes=5)
@@ -1145,6 +1141,19 @@ async def test_a_worker_back_after_midnight_counts_the_day_before_s_backlog_in_i
         usage=Usage(input_tokens=1, output_tokens=1),
         attribution=Attribution(tenant="other", team="x"),
     )
+    return now, today, late, b, before, filler
+
+
+async def test_a_worker_back_after_midnight_counts_the_day_before_s_backlog_in_it(
+    tmp_path: Path,
+) -> None:
+    """A real `llmtap worker` started after midnight (down across it) with the day
+    before's last calls behind a backlog on llmtap.responses (read a record at a time:
+    seconds of it). Its state of the day before is at 40%; four calls of 23:55 take it
+    to 124%, alerted at 50%, 80% and 100%; then the new day rolls and counts a call of
+    today. Before, the worker rolled the day within a second, before reading the
+    backlog: the day before stayed at 40%, no alert came."""
+    now, today, late, b, before, filler = midnight_backlog()
     async with start_broker(PARTITIONS) as broker:
         kafka = Kafka(broker.bootstrap)
         assert await publish_states(kafka, [before])
@@ -1194,25 +1203,7 @@ async def test_a_worker_back_after_midnight_counts_the_day_before_s_calls_on_oth
     before's, read after, count in it (40% to 124%, alerted at 50%, 80% and 100%), and
     its state is published, before today's (the topic's latest, counted past them).
     Before, the day before stayed at 40%, no alert came, "counted in no period"."""
-    now = datetime.now(UTC)
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    late = today - timedelta(minutes=5)
-    b = budget(
-        name="daily",
-        scope="team",
-        value="search",
-        tenant="acme",
-        period="day",
-        limit_usd=Decimal("0.0001"),
-        hard_cap=False,
-    )
-    before = current(b, None, late).model_copy(update={"spent_usd": Decimal("0.00004")})
-    filler = sample.response(
-        late,
-        model_requested="gpt-4o-mini",
-        usage=Usage(input_tokens=1, output_tokens=1),
-        attribution=Attribution(tenant="other", team="x"),
-    )
+    now, today, late, b, before, filler = midnight_backlog()
     async with start_broker(PARTITIONS) as broker:
         kafka = Kafka(broker.bootstrap)
         assert await publish_states(kafka, [before])

@@ -3,23 +3,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from llmtap.config_sections import SpikeRule
 from llmtap.events import Alert
 from stream.reconcile import open_alerts, reconciled
 from stream.spikes import SeriesState, observe
+from tests.test_spike_warmup import MINUTE, RULE
 
-RULE = SpikeRule(
-    name="search-requests",
-    dimension="team",
-    metric="requests",
-    history_windows=10,
-    min_history=5,
-    cooldown_windows=3,
-)
-MINUTE = timedelta(minutes=1)
 T0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
 KEY = (RULE.name, "acme", "search")
 

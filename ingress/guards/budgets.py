@@ -328,7 +328,13 @@ class BudgetBook:
                 self._unstated.discard(state.budget)
                 self.stated[state.budget].set()
         held = self.states.get(state.budget)
-        if held is None or later_or_larger(state, held) or state.spent_usd == held.spent_usd:
+        if (
+            held is None
+            or later_or_larger(state, held)
+            # Its offsets moved on, its spend not (calls that cost nothing); not an
+            # earlier period's (a closing day's state, published before the current's).
+            or (state.spent_usd == held.spent_usd and state.period_start == held.period_start)
+        ):
             if held is not None and state.period_start > held.period_start:
                 self._prior[state.budget] = held  # judged on until this clock's period ends
             self.states[state.budget] = state

@@ -69,6 +69,11 @@ class BudgetsStep:
         self._passed: dict[str, BudgetState] = {}
         self._states = app.topic(names.budgets, key_serializer="raw", value_serializer="raw")
         self._alerts = app.topic(names.alerts, key_serializer="raw", value_serializer="raw")
+        # One publishing at a time, the roll timer's or a batch's flush: interleaved, a
+        # closing period's state the timer took could be delivered after its budget's
+        # current one (the compacted topic then kept the closing one), and a batch's
+        # states before the alerts the timer took from it.
+        self._publishing = asyncio.Lock()
         self._changed: set[str] = set()  # budgets whose state the batch changed
         self._raised: list[Alert] = []
         # For the worker's /metrics: budget alerts and states delivered to the broker.
@@ -89,7 +94,9 @@ class BudgetsStep:
                 return
             now = utcnow()
             at = now if self._read_up_to is None else roll_time(now, await self._read_up_to())
-            if at is not None and self.holding:
+            if at is None or not self.holding:
+                return
+            async with self._publishing:
                 rolled, raised = self.ledger.roll(at)
                 # A batch counted but not flushed yet (the cost stage awaits between):
                 # its alerts go first, as the rolled states may carry its offsets, and a
@@ -153,10 +160,11 @@ class BudgetsStep:
         # A closing period's state (counted into, or final as a call of the next period
         # rolled its budget) before its budget's current one: the compacted topic keeps
         # the last of a key.
-        closing = self.ledger.closings()
-        changed = closing + [self.ledger.state(name) for name in self._changed]
-        raised, self._changed, self._raised = self._raised, set(), []
-        await self._publish(changed, raised)
+        async with self._publishing:
+            closing = self.ledger.closings()
+            changed = closing + [self.ledger.state(name) for name in self._changed]
+            raised, self._changed, self._raised = self._raised, set(), []
+            await self._publish(changed, raised)
 
     async def _publish(self, changed: list[BudgetState], raised: list[Alert]) -> None:
         for alert in raised:
