@@ -402,12 +402,10 @@ class Reservations(_Model):
     held: dict[str, Decimal] = Field(default_factory=dict)  # budget name -> USD
     # Of what it holds (and, once it stopped, held), the costs Kafka has the events of:
     # kept by every reader until a state counts them, not with the process's liveness.
-    # Told only every ``interval_s`` and as the process stops (up to one entry a budget
-    # and partition: told 5 times a second, parsing them cost every reader more than
-    # the rest); None (left out): not told, the last told holds; empty: nothing placed.
-    placed: tuple[PlacedCosts, ...] | None = Field(
-        default=None, exclude_if=lambda placed: placed is None
-    )
+    # Told with every announcement: the last one is all a compacted topic keeps of a
+    # process (one killed: what its successor reads). Left out when empty, so an
+    # announcement placing nothing reads to an older reader.
+    placed: tuple[PlacedCosts, ...] = Field(default=(), exclude_if=lambda placed: not placed)
 
     def live(self, now: datetime) -> bool:
         """Whether its process is to be taken as running at ``now``: one that has missed

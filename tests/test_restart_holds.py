@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -142,7 +142,7 @@ def test_a_killed_replica_s_placed_costs_outlive_its_silence() -> None:
 
 
 def test_an_announcement_placing_nothing_reads_as_before_placed_existed() -> None:
-    """`placed` is left out when not told: such an announcement is what an older reader
+    """`placed` is left out when empty: such an announcement is what an older reader
     (which refuses fields it does not know) reads."""
     now = utcnow()
     empty = Reservations(ingress_id="i", at=now, interval_s=10, held={"b": Decimal("0.1")})
@@ -158,11 +158,11 @@ def _placing(book: BudgetBook, budget: BudgetConfig, offset: int) -> None:
     held.delivered(0, offset)
 
 
-async def test_placed_is_told_every_interval_not_at_each_change() -> None:
-    """`placed` (up to a budget's partitions for each hard-capped budget) went with every
-    announcement, up to 5 a second, and every other ingress parsed it (86 KB, 2.4 ms
-    each with 200 budgets of 4 partitions): it goes with the periodic announcement and
-    the stopping one only; one made for a change leaves it out (not told, not empty)."""
+async def test_every_announcement_tells_the_placed_costs_as_they_are() -> None:
+    """The compacted topic keeps a process's last announcement only: told only with the
+    periodic one, a killed process's were all lost once that one was compacted away
+    behind a later announcement made for a change (review R3). Each tells them, the
+    one made for a change too, as they are then."""
     budget = BudgetConfig(
         name="acme-day", scope="tenant", value="acme", period="day", limit_usd=Decimal("100")
     )
@@ -191,15 +191,18 @@ async def test_placed_is_told_every_interval_not_at_each_change() -> None:
     announcing.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await announcing
-    assert sent[0].placed is not None and sent[0].placed[0].through == 7
-    assert sent[1].held["acme-day"] == Decimal("0.80") and sent[1].placed is None
-    assert sent[-1].held == {} and sent[-1].placed is not None
-    assert sent[-1].placed[0].through == 8
+    assert [p.through for p in sent[0].placed] == [7]
+    assert sent[1].held["acme-day"] == Decimal("0.80")
+    assert [(p.through, p.usd) for p in sent[1].placed] == [(8, Decimal("0.80"))]
+    # A process started later reads only the last of a killed one's: all of them held.
+    successor = BudgetBook([budget], load_catalog(), 1000)
+    successor.update(fresh(budget, now, now).model_copy(update={"applied": {0: 5}}))
+    successor.heard(sent[1])
+    assert successor.committed(budget, now + timedelta(minutes=5))[1] == Decimal("0.80")
 
 
-def test_an_announcement_not_telling_placed_keeps_the_last_told() -> None:
-    """Told every interval only: one that does not tell them leaves the last told
-    held, kept once the process is silent (killed) until a state counts them."""
+def test_an_announcement_placing_nothing_lets_go_what_it_placed_before() -> None:
+    """Each tells all of them: one without any (placed left out) says none are."""
     budget = BudgetConfig(
         name="acme-day", scope="tenant", value="acme", period="day", limit_usd=Decimal("1.00")
     )
@@ -215,10 +218,45 @@ def test_an_announcement_not_telling_placed_keeps_the_last_told() -> None:
         Reservations(ingress_id="k", at=now, interval_s=10, held=held, placed=other.placed(now))
     )
     later = now + timedelta(seconds=1)
-    book.heard(Reservations(ingress_id="k", at=later, interval_s=10, held=held))
     assert book.committed(budget, later + timedelta(minutes=5))[1] == Decimal("0.40")
-    book.heard(Reservations(ingress_id="k", at=later, interval_s=10, held=held, placed=()))
-    assert book.committed(budget, later + timedelta(minutes=5))[1] == Decimal(0)  # told none
+    book.heard(Reservations(ingress_id="k", at=later, interval_s=10, held=held))
+    assert book.committed(budget, later + timedelta(minutes=5))[1] == Decimal(0)
+
+
+def test_placed_costs_told_alike_twice_are_let_go_once_counted() -> None:
+    """A stopped process's placed costs told alike in its last two announcements: once
+    a state counted them, their first-told times were kept for good (an identity check
+    where the entries were equal, not the same object), one a process, and every refusal
+    walked them (review R3)."""
+    budget = BudgetConfig(
+        name="acme-day", scope="tenant", value="acme", period="day", limit_usd=Decimal("1.00")
+    )
+    book = BudgetBook([budget], load_catalog(), 1000)
+    now = utcnow()
+    state = fresh(budget, now, now).model_copy(update={"applied": {0: 5}})
+    book.update(state)
+
+    def placed() -> tuple[PlacedCosts, ...]:
+        cost = PlacedCosts(
+            budget="acme-day",
+            period_start=state.period_start,
+            partition=0,
+            through=9,
+            usd=Decimal("0.001"),
+        )
+        return (cost,)
+
+    for i in range(10):
+        told, stopped = now - timedelta(seconds=12), now - timedelta(seconds=2)
+        held = {"acme-day": Decimal("0.001")}
+        book.heard(
+            Reservations(ingress_id=f"old{i}", at=told, interval_s=10, held=held, placed=placed())
+        )
+        book.heard(Reservations(ingress_id=f"old{i}", at=stopped, interval_s=10, placed=placed()))
+    assert book.committed(budget, now)[1] == Decimal("0.010")
+    book.update(state.model_copy(update={"applied": {0: 10}, "spent_usd": Decimal("0.10")}))
+    assert book.committed(budget, now)[1] == Decimal("0.10")
+    assert book._placed_by == {} and book._placed_since == {}
 
 
 def test_admission_does_not_walk_the_processes_placed_costs(monkeypatch: object) -> None:
@@ -293,3 +331,53 @@ def test_admission_does_not_walk_the_processes_placed_costs(monkeypatch: object)
     assert isinstance(refused, Exhausted)
     assert refused.ended == Decimal("1.80")  # 30 processes' b0 costs, told a minute
     assert looked[0] <= 30 * 6 + 6 * 10  # b0's entries only
+
+
+def test_admission_with_every_other_process_silent_looks_at_one_budget_s_entries() -> None:
+    """Nothing heard on the reservations topic for over 30 s (the broker down): every
+    other process looks silent and none is dropped, so admission adds each one's placed
+    costs; it walked all of each one's entries (every budget and partition: ~1.7 ms a
+    call with 200 budgets of 12 partitions and 20 replicas), not the budget's (R3)."""
+    names = [f"b{i}" for i in range(50)]
+    capped = [
+        BudgetConfig(
+            name=n,
+            scope="tenant",
+            value="acme" if n == "b0" else n,
+            period="day",
+            limit_usd=Decimal("1.00"),
+        )
+        for n in names
+    ]
+    book = BudgetBook(capped, load_catalog(), 1000)
+    now = utcnow()
+    for b in capped:
+        book.update(fresh(b, now, now).model_copy(update={"applied": {p: 5 for p in range(6)}}))
+    start = fresh(capped[0], now, now).period_start
+    placed = tuple(
+        PlacedCosts(budget=n, period_start=start, partition=p, through=9, usd=Decimal("0.001"))
+        for n in names
+        for p in range(6)
+    )
+    heard = now - timedelta(minutes=1)  # the last announcement heard: a minute ago
+    for i in range(20):
+        held = {"b0": Decimal("0.006")}
+        book.heard(
+            Reservations(ingress_id=f"r{i}", at=heard, interval_s=10, held=held, placed=placed)
+        )
+    looked = [0]
+
+    class Counted(tuple[PlacedCosts, ...]):
+        """A process's entries, counting those walked."""
+
+        def __iter__(self) -> Iterator[PlacedCosts]:
+            looked[0] += len(self)
+            return super().__iter__()
+
+    for ingress_id, (at, entries) in list(book._placed_by.items()):
+        book._placed_by[ingress_id] = (at, Counted(entries))
+    call = uuid.uuid4()
+    assert book.admit(call, ACME, "gpt-4o", 10, 10, now) is None
+    book.settle(call, "gpt-4o", Usage(input_tokens=0, output_tokens=0), now)
+    assert looked[0] == 0  # b0's entries of each, not every budget's of every one
+    assert book.committed(capped[0], now)[1] == Decimal("0.120")  # 20 x 6 x $0.001, once

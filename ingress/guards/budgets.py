@@ -270,6 +270,9 @@ class BudgetBook:
         # ~250 µs to 2 ms a call after a rolling deploy with the stream down). A live
         # process's are in what it holds, and not looked at.
         self._orphans: dict[str, dict[str, tuple[PlacedCosts, ...]]] = {}
+        # Each process's placed costs by budget (a silent one's, while it is not dropped
+        # yet, are looked at per call: a budget's entries, not all of them).
+        self._placed_of: dict[str, dict[str, tuple[PlacedCosts, ...]]] = {}
         self._orphans_sum: dict[str, tuple[BudgetState, Decimal]] = {}
         self._indexed: dict[str, set[str]] = {}  # the budgets each is in _orphans under
         # The state each budget's held costs were last let go against (Uncounted.counting
@@ -416,8 +419,8 @@ class BudgetBook:
             return
         heard = self._heard.hear(event)
         told = self._placed_by.get(event.ingress_id)
-        if event.placed is not None and (told is None or event.at >= told[0]):
-            self._tell(event.ingress_id, event.at, event.placed)  # else the last told holds
+        if (event.placed or told is not None) and (told is None or event.at >= told[0]):
+            self._tell(event.ingress_id, event.at, event.placed)
         known = self.others.get(event.ingress_id)
         if known is not None and event.at < known.at:
             return
@@ -445,6 +448,7 @@ class BudgetBook:
     def _tell(self, ingress_id: str, at: datetime, placed: tuple[PlacedCosts, ...]) -> None:
         """Process ``ingress_id`` told at ``at`` that it has ``placed`` (all of them)."""
         told = self._placed_by.pop(ingress_id, None)
+        self._placed_of.pop(ingress_id, None)
         before: dict[tuple[str, int], tuple[PlacedCosts, datetime]] = {}
         for name in {p.budget for p in told[1]} if told is not None else ():
             by = self._placed_since.get(name, {})
@@ -454,6 +458,7 @@ class BudgetBook:
                 self._placed_since.pop(name, None)
         if placed:
             self._placed_by[ingress_id] = (at, placed)
+            self._placed_of[ingress_id] = _by_budget(placed)
         for p in placed:
             prior = before.get((p.budget, p.partition))
             entry = prior if prior is not None and prior[0] == p else (p, at)
@@ -472,7 +477,7 @@ class BudgetBook:
         for p in told[1]:
             by = self._placed_since.get(p.budget, {})
             parts = by.get(ingress_id, {})
-            if id(p) not in ids and p.partition in parts and parts[p.partition][0] is p:
+            if id(p) not in ids and p.partition in parts and parts[p.partition][0] == p:
                 del parts[p.partition]
                 if not parts:
                     del by[ingress_id]
@@ -480,8 +485,10 @@ class BudgetBook:
                     self._placed_since.pop(p.budget, None)
         if kept:
             self._placed_by[ingress_id] = (told[0], kept)
+            self._placed_of[ingress_id] = _by_budget(kept)
         else:
             del self._placed_by[ingress_id]
+            self._placed_of.pop(ingress_id, None)
         self._index(ingress_id)
 
     def _index(self, ingress_id: str) -> None:
@@ -497,11 +504,9 @@ class BudgetBook:
         told = self._placed_by.get(ingress_id)
         if told is None or ingress_id in self.others:
             return
-        grouped: dict[str, list[PlacedCosts]] = defaultdict(list)
-        for p in told[1]:
-            grouped[p.budget].append(p)
+        grouped = self._placed_of[ingress_id]
         for name, entries in grouped.items():
-            self._orphans.setdefault(name, {})[ingress_id] = tuple(entries)
+            self._orphans.setdefault(name, {})[ingress_id] = entries
             self._orphans_sum.pop(name, None)
         self._indexed[ingress_id] = set(grouped)
 
@@ -568,13 +573,10 @@ class BudgetBook:
         if not self.others or (together is not None and together[0] <= now <= together[1]):
             return total
         for ingress_id, announced in self.others.items():
-            told = self._placed_by.get(ingress_id)
-            if told is None or announced.live(now):
+            entries = self._placed_of.get(ingress_id, {}).get(name)
+            if not entries or announced.live(now):
                 continue
-            total += sum(
-                (p.usd for p in told[1] if p.budget == name and not _settled_by(p, state)),
-                Decimal(0),
-            )
+            total += sum((p.usd for p in entries if not _settled_by(p, state)), Decimal(0))
         return total
 
     def _orphans_total(self, name: str, state: BudgetState) -> Decimal:
@@ -924,6 +926,13 @@ class BudgetBook:
             self.unpriced[name] = (period, (total if start == period else Decimal(0)) + worst)
 
 
+def _by_budget(placed: Iterable[PlacedCosts]) -> dict[str, tuple[PlacedCosts, ...]]:
+    grouped: dict[str, list[PlacedCosts]] = defaultdict(list)
+    for p in placed:
+        grouped[p.budget].append(p)
+    return {name: tuple(entries) for name, entries in grouped.items()}
+
+
 def _settled_by(placed: PlacedCosts, state: BudgetState) -> bool:
     """Whether ``state`` (of ``placed``'s budget) has counted ``placed``'s costs, or is
     of a later period than theirs."""
@@ -997,8 +1006,8 @@ async def announce(
 ) -> None:
     """Publish what this process holds (:meth:`BudgetBook.held`) on the reservations
     ``topic`` whenever it changes (looked at every 0.2 s) and every ``interval_s`` seconds
-    regardless, then with its placed costs (:meth:`BudgetBook.placed`: a process killed
-    loses those placed since, which its held covered); on cancellation, once more with
+    regardless, each with its placed costs (:meth:`BudgetBook.placed`: the compacted
+    topic keeps a process's last announcement only); on cancellation, once more with
     nothing held (the process is stopping) but the costs Kafka has the events of that
     no state has counted (``placed``: facts,
     which the others, and the process that replaces this one, hold until a state counts
@@ -1036,9 +1045,10 @@ async def announce(
                     at=now,
                     interval_s=interval_s,
                     held=held,
-                    # Told every interval_s only: up to a budget's partitions for each
-                    # budget, parsed by every other ingress (the held covers them).
-                    placed=book.placed(now) if periodic else None,
+                    # With each one: compaction keeps a process's last announcement only
+                    # (told every interval_s, a killed one's were all lost once the
+                    # periodic one was compacted away).
+                    placed=book.placed(now),
                 )
                 pinned = placed[0] if placed else None
                 publish(topic, key, event.model_dump_json().encode(), delivered, pinned)
