@@ -256,7 +256,8 @@ def test_placed_costs_told_alike_twice_are_let_go_once_counted() -> None:
     assert book.committed(budget, now)[1] == Decimal("0.010")
     book.update(state.model_copy(update={"applied": {0: 10}, "spent_usd": Decimal("0.10")}))
     assert book.committed(budget, now)[1] == Decimal("0.10")
-    assert book._placed_by == {} and book._placed_since == {}
+    others = book.placed_by_others
+    assert others._placed_by == {} and others._placed_since == {}
 
 
 def test_admission_does_not_walk_the_processes_placed_costs(monkeypatch: object) -> None:
@@ -267,7 +268,7 @@ def test_admission_does_not_walk_the_processes_placed_costs(monkeypatch: object)
     refusal looks at the refused budget's only."""
     import pytest
 
-    from ingress.guards import budgets as module
+    from ingress.guards import placed as module
 
     assert isinstance(monkeypatch, pytest.MonkeyPatch)
     names = [f"b{i}" for i in range(50)]
@@ -374,8 +375,9 @@ def test_admission_with_every_other_process_silent_looks_at_one_budget_s_entries
             looked[0] += len(self)
             return super().__iter__()
 
-    for ingress_id, (at, entries) in list(book._placed_by.items()):
-        book._placed_by[ingress_id] = (at, Counted(entries))
+    told = book.placed_by_others._placed_by
+    for ingress_id, (at, entries) in list(told.items()):
+        told[ingress_id] = (at, Counted(entries))
     call = uuid.uuid4()
     assert book.admit(call, ACME, "gpt-4o", 10, 10, now) is None
     book.settle(call, "gpt-4o", Usage(input_tokens=0, output_tokens=0), now)

@@ -20,7 +20,8 @@ with no price cannot be bounded: refused (:class:`Unpriced`), or, with
 What a process holds
 is announced on the reservations topic (:func:`announce`): the other ingress processes
 count it against their caps too (:func:`hear_others`), and the budgets endpoint shows
-it.
+it; the costs of ended calls they announce (placed costs) are kept until a state counts
+them in ingress/guards/placed.py, which the book holds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from ingress.guards.bounds import Reach
+from ingress.guards.placed import OthersPlaced
 from ingress.guards.settled import Settled, Uncounted
 from ingress.guards.sums import ZERO, RunningSum, exponent_of
 from ingress.guards.worst_case import WorstCase
@@ -82,11 +84,6 @@ if TYPE_CHECKING:
 # counted past the latest of them; one whose event Kafka has not (in the spool, or
 # dropped) is held until its period ends, as the unpriced are.
 SETTLED_MAX_AGE = timedelta(hours=1)
-# Another ingress's placed costs (ended calls, Kafka has their events) announced
-# unchanged this long, and not counted by the state held here: spend, not a hold that
-# settles (a live process tells them every interval_s, 10 s: unchanged through three
-# announcements, and not counted by the state held here, which the reader asks too).
-PLACED_SETTLE = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,7 @@ class Exhausted:
     # the stream cannot price): spent as far as the cap can tell, never settled sooner.
     lasting: Decimal = Decimal(0)
     # Of ``held``, the real costs of ended calls no state has counted yet (this
-    # process's, a stopped one's, another's announced unchanged for PLACED_SETTLE):
+    # process's, a stopped one's, another's announced unchanged for placed.PLACED_SETTLE):
     # spent, whether or not the stream is there to count them. Counted, they move to
     # the published spend, the sum the same: they free nothing.
     ended: Decimal = Decimal(0)
@@ -254,27 +251,10 @@ class BudgetBook:
         self._others_held: dict[str, RunningSum] = defaultdict(RunningSum)
         self._all_live: tuple[datetime, datetime] | None = None
         self._heard = LatestHeard()  # who has gone silent is judged against it
-        # The costs each other process announced whose events Kafka has (its latest
-        # announcement's time, and them), by its id: facts, kept whether it lives or not
-        # (stopped, killed, gone silent) until a state counts them or their period ends
-        # (:meth:`_orphaned`), not let go with its liveness as what it holds in flight.
-        self._placed_by: dict[str, tuple[datetime, tuple[PlacedCosts, ...]]] = {}
-        # When each other process's placed costs were first announced as they are, by
-        # budget, process and partition (:meth:`_others_ended`): announced unchanged a
-        # while and not counted, they are spent, not held for a moment.
-        self._placed_since: dict[str, dict[str, dict[int, tuple[PlacedCosts, datetime]]]] = {}
-        # The placed costs of the processes not in ``others`` (stopped, killed, dropped
-        # as silent), by budget and process (:meth:`_orphaned`), and their sum per budget
-        # as the state it was reckoned against counts them, reckoned again only when
-        # either changes: admission does not walk every process's entries (a walk cost
-        # ~250 µs to 2 ms a call after a rolling deploy with the stream down). A live
-        # process's are in what it holds, and not looked at.
-        self._orphans: dict[str, dict[str, tuple[PlacedCosts, ...]]] = {}
-        # Each process's placed costs by budget (a silent one's, while it is not dropped
-        # yet, are looked at per call: a budget's entries, not all of them).
-        self._placed_of: dict[str, dict[str, tuple[PlacedCosts, ...]]] = {}
-        self._orphans_sum: dict[str, tuple[BudgetState, Decimal]] = {}
-        self._indexed: dict[str, set[str]] = {}  # the budgets each is in _orphans under
+        # The costs each other process announced whose events Kafka has, kept whether it
+        # lives or not until a state counts them or their period ends
+        # (ingress/guards/placed.py).
+        self.placed_by_others = OthersPlaced()
         # The state each budget's held costs were last let go against (Uncounted.counting
         # and :meth:`_aged`), and a state of a later period not applied so yet: held
         # until this process's clock reaches its period (:meth:`_current`), the calls it
@@ -402,7 +382,9 @@ class BudgetBook:
         # ended since is, also while the published state is still last period's (the
         # stream has not rolled it over yet).
         held = self._holding(budget.name, now, state.period_start)
-        others = self._others_hold(budget.name, now) + self._orphaned(budget.name, now, state)
+        others = self._others_hold(budget.name, now) + self.placed_by_others.orphaned(
+            budget.name, now, state, self.others, self._all_live
+        )
         return state, state.spent_usd + held + others
 
     def heard(self, event: Reservations, partition: int | None = None) -> None:
@@ -418,9 +400,7 @@ class BudgetBook:
         if event.ingress_id == self.ingress_id:
             return
         heard = self._heard.hear(event)
-        told = self._placed_by.get(event.ingress_id)
-        if (event.placed or told is not None) and (told is None or event.at >= told[0]):
-            self._tell(event.ingress_id, event.at, event.placed)
+        self.placed_by_others.hear(event.ingress_id, event.at, event.placed, self.others)
         known = self.others.get(event.ingress_id)
         if known is not None and event.at < known.at:
             return
@@ -438,77 +418,12 @@ class BudgetBook:
         the empty announcement it made as it stopped): forgotten, with what it held; not
         by a tombstone on another partition than its announcement's (an entry it left
         there before partitions were added, deleted by a reaper: it lives). Its placed
-        costs are kept (:meth:`_orphaned`): facts, let go only once counted."""
+        costs are kept (:meth:`OthersPlaced.orphaned`): facts, let go only once counted."""
         ingress_id = key.decode(errors="replace")
         at = self._others_at.get(ingress_id)
         if ingress_id in self.others and (partition is None or at is None or at == partition):
             self._hear(ingress_id, None)
             self._all_live = _live_together(self.others.values())
-
-    def _tell(self, ingress_id: str, at: datetime, placed: tuple[PlacedCosts, ...]) -> None:
-        """Process ``ingress_id`` told at ``at`` that it has ``placed`` (all of them)."""
-        told = self._placed_by.pop(ingress_id, None)
-        self._placed_of.pop(ingress_id, None)
-        before: dict[tuple[str, int], tuple[PlacedCosts, datetime]] = {}
-        for name in {p.budget for p in told[1]} if told is not None else ():
-            by = self._placed_since.get(name, {})
-            for partition, entry in by.pop(ingress_id, {}).items():
-                before[name, partition] = entry
-            if not by:
-                self._placed_since.pop(name, None)
-        if placed:
-            self._placed_by[ingress_id] = (at, placed)
-            self._placed_of[ingress_id] = _by_budget(placed)
-        for p in placed:
-            prior = before.get((p.budget, p.partition))
-            entry = prior if prior is not None and prior[0] == p else (p, at)
-            self._placed_since.setdefault(p.budget, {}).setdefault(ingress_id, {})[p.partition] = (
-                entry
-            )
-        self._index(ingress_id)
-
-    def _keep(self, ingress_id: str, kept: tuple[PlacedCosts, ...]) -> None:
-        """Of process ``ingress_id``'s placed costs, only ``kept`` are held still (the
-        others counted, or of an earlier period)."""
-        told = self._placed_by.get(ingress_id)
-        if told is None:
-            return
-        ids = {id(p) for p in kept}
-        for p in told[1]:
-            by = self._placed_since.get(p.budget, {})
-            parts = by.get(ingress_id, {})
-            if id(p) not in ids and p.partition in parts and parts[p.partition][0] == p:
-                del parts[p.partition]
-                if not parts:
-                    del by[ingress_id]
-                if not by:
-                    self._placed_since.pop(p.budget, None)
-        if kept:
-            self._placed_by[ingress_id] = (told[0], kept)
-            self._placed_of[ingress_id] = _by_budget(kept)
-        else:
-            del self._placed_by[ingress_id]
-            self._placed_of.pop(ingress_id, None)
-        self._index(ingress_id)
-
-    def _index(self, ingress_id: str) -> None:
-        """Process ``ingress_id``'s placed costs are in :attr:`_orphans` if it is not in
-        ``others``, not if it is (a look at its entries as it joins or leaves ``others``,
-        or tells them: not at each call)."""
-        for name in self._indexed.pop(ingress_id, ()):
-            by = self._orphans.get(name, {})
-            by.pop(ingress_id, None)
-            if not by:
-                self._orphans.pop(name, None)
-            self._orphans_sum.pop(name, None)
-        told = self._placed_by.get(ingress_id)
-        if told is None or ingress_id in self.others:
-            return
-        grouped = self._placed_of[ingress_id]
-        for name, entries in grouped.items():
-            self._orphans.setdefault(name, {})[ingress_id] = entries
-            self._orphans_sum.pop(name, None)
-        self._indexed[ingress_id] = set(grouped)
 
     def _hear(self, ingress_id: str, event: Reservations | None) -> None:
         """What process ``ingress_id`` holds is ``event``'s (None: nothing, forgotten).
@@ -519,7 +434,8 @@ class BudgetBook:
         if (event is None) != (known is None):  # it leaves ``others``, or joins it
             if event is not None:
                 self.others[ingress_id] = event
-            self._index(ingress_id)  # its placed costs outlive it; or are in what it holds
+            # Its placed costs outlive it; or are in what it holds.
+            self.placed_by_others.index(ingress_id, self.others)
         before = known.held if known is not None else {}
         after = event.held if event is not None else {}
         for name in before.keys() - after.keys():
@@ -558,69 +474,19 @@ class BudgetBook:
             Decimal(0),
         )
 
-    def _orphaned(self, name: str, now: datetime, state: BudgetState) -> Decimal:
-        """The placed costs (:class:`PlacedCosts`) against budget ``name`` that processes
-        no longer live announced (stopped, killed, silent), ``state`` (the budget's
-        current) has not counted: a restarted or dead process's ended calls stay on the
-        cap until the stream counts them, its successor reading them on the topic at
-        start. Those counted, or of an earlier period, are let go. A live process's are
-        in what it holds (:meth:`_others_hold`), not counted twice. Those of processes
-        out of ``others`` are summed as they or ``state`` change (:attr:`_orphans`);
-        those of a process in it gone silent, not dropped yet, looked for only while one
-        may be (every one live at ``now``: none looked at)."""
-        total = self._orphans_total(name, state) if self._orphans else Decimal(0)
-        together = self._all_live
-        if not self.others or (together is not None and together[0] <= now <= together[1]):
-            return total
-        for ingress_id, announced in self.others.items():
-            entries = self._placed_of.get(ingress_id, {}).get(name)
-            if not entries or announced.live(now):
-                continue
-            total += sum((p.usd for p in entries if not _settled_by(p, state)), Decimal(0))
-        return total
-
-    def _orphans_total(self, name: str, state: BudgetState) -> Decimal:
-        """The sum of :attr:`_orphans` against budget ``name`` that ``state`` has not
-        counted: reckoned again (those counted let go) only when they or what ``state``
-        counts (its period, its offsets) changed since it last was."""
-        by = self._orphans.get(name)
-        if not by:
-            return Decimal(0)
-        cached = self._orphans_sum.get(name)
-        if cached is not None and (
-            cached[0].applied is state.applied and cached[0].period_start == state.period_start
-        ):
-            return cached[1]
-        for ingress_id, entries in list(by.items()):
-            if any(_settled_by(p, state) for p in entries):
-                told = self._placed_by[ingress_id][1]
-                self._keep(
-                    ingress_id,
-                    tuple(p for p in told if p.budget != name or not _settled_by(p, state)),
-                )
-        total = sum(
-            (p.usd for entries in self._orphans.get(name, {}).values() for p in entries),
-            Decimal(0),
-        )
-        self._orphans_sum[name] = (state, total)
-        return total
-
     def holds_placed(self, ingress_id: str, now: datetime) -> bool:
         """Whether process ``ingress_id``'s placed costs are held still (its entry on the
         reservations topic is then kept: a process starting later reads them there)."""
-        told = self._placed_by.get(ingress_id)
-        if told is None:
-            return False
-        kept = tuple(
-            p
-            for p in told[1]
-            if p.budget in self._named
-            and self._named[p.budget].hard_cap
-            and not _settled_by(p, self._current(self._named[p.budget], now))
-        )
-        if len(kept) != len(told[1]):
-            self._keep(ingress_id, kept)
-        return bool(kept)
+
+        def judged_by(name: str) -> BudgetState | None:
+            """The state a placed cost of budget ``name`` is judged by (its current);
+            None: not a hard-capped budget here, not held."""
+            budget = self._named.get(name)
+            if budget is None or not budget.hard_cap:
+                return None
+            return self._current(budget, now)
+
+        return self.placed_by_others.holds(ingress_id, judged_by, self.others)
 
     def placed(self, now: datetime) -> tuple[PlacedCosts, ...]:
         """This process's held costs whose events Kafka has and no state has counted,
@@ -835,26 +701,7 @@ class BudgetBook:
         of ended calls no state has counted (:attr:`Exhausted.ended`). Asked at a
         refusal only, after :meth:`committed` (which let go what is counted)."""
         own = self.settled[name].total + self._aged(name, state.period_start)
-        return own + self._others_ended(name, now, state)
-
-    def _others_ended(self, name: str, now: datetime, state: BudgetState) -> Decimal:
-        """The placed costs against budget ``name`` that other processes (live, stopped
-        or killed) have announced unchanged for PLACED_SETTLE, ``state`` not counting
-        them."""
-        settled = now - PLACED_SETTLE
-        total = Decimal(0)
-        for parts in self._placed_since.get(name, {}).values():
-            total += sum(
-                (
-                    p.usd
-                    for p, since in parts.values()
-                    if since <= settled
-                    and p.period_start == state.period_start
-                    and not _settled_by(p, state)
-                ),
-                Decimal(0),
-            )
-        return total
+        return own + self.placed_by_others.ended(name, now, state)
 
     def settle(
         self,
@@ -924,21 +771,6 @@ class BudgetBook:
             if period < start:
                 continue  # an earlier period's: no longer counted
             self.unpriced[name] = (period, (total if start == period else Decimal(0)) + worst)
-
-
-def _by_budget(placed: Iterable[PlacedCosts]) -> dict[str, tuple[PlacedCosts, ...]]:
-    grouped: dict[str, list[PlacedCosts]] = defaultdict(list)
-    for p in placed:
-        grouped[p.budget].append(p)
-    return {name: tuple(entries) for name, entries in grouped.items()}
-
-
-def _settled_by(placed: PlacedCosts, state: BudgetState) -> bool:
-    """Whether ``state`` (of ``placed``'s budget) has counted ``placed``'s costs, or is
-    of a later period than theirs."""
-    return placed.period_start < state.period_start or (
-        state.applied.get(placed.partition, 0) > placed.through
-    )
 
 
 def _live_together(announced: Iterable[Reservations]) -> tuple[datetime, datetime] | None:
