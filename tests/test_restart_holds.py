@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -260,17 +260,11 @@ def test_placed_costs_told_alike_twice_are_let_go_once_counted() -> None:
     assert others._placed_by == {} and others._placed_since == {}
 
 
-def test_admission_does_not_walk_the_processes_placed_costs(monkeypatch: object) -> None:
-    """Every admission copied every process's placed costs and walked each stopped
-    one's (every budget and partition): 25 -> 2,000 µs a call with 200 budgets of 12
-    partitions, 20 live and 10 dead replicas. A live one's are in what it holds, not
-    looked at; a dead one's summed once per budget and state, not at each call; a
-    refusal looks at the refused budget's only."""
-    import pytest
-
-    from ingress.guards import placed as module
-
-    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+def fifty_capped_budgets(
+    now: datetime,
+) -> tuple[list[str], list[BudgetConfig], BudgetBook, datetime]:
+    """50 hard-capped $1.00 day budgets (b0 of tenant acme), each with a state counted to
+    offset 5 of 6 partitions: their names, configs, the book, and the period's start."""
     names = [f"b{i}" for i in range(50)]
     capped = [
         BudgetConfig(
@@ -283,10 +277,24 @@ def test_admission_does_not_walk_the_processes_placed_costs(monkeypatch: object)
         for n in names
     ]
     book = BudgetBook(capped, load_catalog(), 1000)
-    now = utcnow()
     for b in capped:
         book.update(fresh(b, now, now).model_copy(update={"applied": {p: 5 for p in range(6)}}))
-    start = fresh(capped[0], now, now).period_start
+    return names, capped, book, fresh(capped[0], now, now).period_start
+
+
+def test_admission_does_not_walk_the_processes_placed_costs(monkeypatch: object) -> None:
+    """Every admission copied every process's placed costs and walked each stopped
+    one's (every budget and partition): 25 -> 2,000 µs a call with 200 budgets of 12
+    partitions, 20 live and 10 dead replicas. A live one's are in what it holds, not
+    looked at; a dead one's summed once per budget and state, not at each call; a
+    refusal looks at the refused budget's only."""
+    import pytest
+
+    from ingress.guards import placed as module
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    now = utcnow()
+    names, capped, book, start = fifty_capped_budgets(now)
     old = now - timedelta(minutes=1)
 
     def placed() -> tuple[PlacedCosts, ...]:
@@ -339,22 +347,8 @@ def test_admission_with_every_other_process_silent_looks_at_one_budget_s_entries
     other process looks silent and none is dropped, so admission adds each one's placed
     costs; it walked all of each one's entries (every budget and partition: ~1.7 ms a
     call with 200 budgets of 12 partitions and 20 replicas), not the budget's (R3)."""
-    names = [f"b{i}" for i in range(50)]
-    capped = [
-        BudgetConfig(
-            name=n,
-            scope="tenant",
-            value="acme" if n == "b0" else n,
-            period="day",
-            limit_usd=Decimal("1.00"),
-        )
-        for n in names
-    ]
-    book = BudgetBook(capped, load_catalog(), 1000)
     now = utcnow()
-    for b in capped:
-        book.update(fresh(b, now, now).model_copy(update={"applied": {p: 5 for p in range(6)}}))
-    start = fresh(capped[0], now, now).period_start
+    names, capped, book, start = fifty_capped_budgets(now)
     placed = tuple(
         PlacedCosts(budget=n, period_start=start, partition=p, through=9, usd=Decimal("0.001"))
         for n in names
