@@ -256,15 +256,12 @@ class Ledger:
         self._closing[name] = self._closed[name] = state
         alerts.extend(raised)
         if position is not None:
+            # No running total here: record() took the state whole (Ledger.state) first.
             partition, offset = position
-            counted = self._counted.get(name)
-            if counted is not None:
-                counted.applied[partition] = max(counted.applied.get(partition, 0), offset + 1)
-            else:
-                current_ = self._states[name]
-                if offset + 1 > current_.applied.get(partition, 0):
-                    applied = {**current_.applied, partition: offset + 1}
-                    self._states[name] = current_.model_copy(update={"applied": applied})
+            current = self._states[name]
+            if offset + 1 > current.applied.get(partition, 0):
+                applied = {**current.applied, partition: offset + 1}
+                self._states[name] = current.model_copy(update={"applied": applied})
         return True
 
     def forget_closings(self) -> None:
