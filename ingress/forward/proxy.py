@@ -85,38 +85,14 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 status, error_class = "upstream_error", f"http_{upstream.status}"
             answer_headers = downstream_headers(upstream.headers, request_id)
             if upstream.content_type == "text/event-stream":
-                response = web.StreamResponse(
+                response = _Stream(
                     status=upstream.status, reason=upstream.reason, headers=answer_headers
                 )
                 capture = api.stream_capture(admitted.strip_usage_chunk)
-                first = FirstEvent(endpoint.preamble)
                 await response.prepare(request)
-                if capture.verbatim:
-                    # The client gets each read as it comes; the events are read once
-                    # the whole answer is out (a read the client missed was generated
-                    # all the same, so it is held before it is written).
-                    async for data in upstream.content.iter_any():
-                        if call.t_first_byte is None and first.generated(data):
-                            call.mark_first_byte()  # its first event's, not its head's
-                        capture.hold(data)
-                        await response.write(data)
-                    call.mark_upstream_done()
-                    try:
-                        await response.write_eof()
-                    finally:  # the whole stream came: its last event too, ended or not
-                        capture.finish()
-                else:
-                    async for data in upstream.content.iter_any():
-                        if call.t_first_byte is None and first.generated(data):
-                            call.mark_first_byte()  # its first event's, not its head's
-                        out = capture.feed(data)
-                        if out:
-                            await response.write(out)
-                    call.mark_upstream_done()
-                    tail = capture.finish()
-                    if tail:
-                        await response.write(tail)
-                    await response.write_eof()
+                await _relay(
+                    upstream.content, response, capture, FirstEvent(endpoint.preamble), call
+                )
                 if capture.error and status == "ok":  # it failed after the 200 went out
                     status, error_class = "upstream_error", capture.error
                 return response
@@ -265,6 +241,65 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 )
             else:
                 finish(capture.final_usage)
+
+
+class _Stream(web.StreamResponse):
+    """A streamed answer whose head leaves with the first bytes of its body, when they
+    are already here (aiohttp sends a ``StreamResponse``'s head alone, at ``prepare()``;
+    its ``Response`` buffers it so). :func:`_relay` never holds the head back waiting."""
+
+    _send_headers_immediately = False
+
+
+async def _relay(
+    content: aiohttp.StreamReader,
+    response: web.StreamResponse,
+    capture: StreamCapture,
+    first: FirstEvent,
+    call: Call,
+) -> None:
+    """Forward a stream's reads as they come, in as few writes as that allows: each
+    write to a socket wakes its reader (~80-100 µs of wall time on a virtual machine's
+    vCPUs, bench/NOTES.md), so what has come with the provider's head leaves with
+    llmtap's, and a read that ends the stream leaves with its end. Nothing that has
+    come is held back: with nothing yet, the head goes alone, at once.
+
+    A verbatim capture gets each read as it comes and reads its events once the whole
+    answer is out (a read the client missed was generated all the same, so it is held
+    before it is written); otherwise the capture passes on what the client gets of each
+    read (a usage chunk llmtap asked for is cut)."""
+
+    verbatim = capture.verbatim
+
+    def taken(data: bytes) -> bytes:
+        if call.t_first_byte is None and first.generated(data):
+            call.mark_first_byte()  # its first event's, not its head's
+        if verbatim:
+            capture.hold(data)
+            return data
+        return capture.feed(data)
+
+    data = content.read_nowait()  # what came with the provider's head
+    if not data:
+        await response.write(b"")  # nothing yet: the head goes now, as the provider's came
+        data = await content.readany()
+    out = b""
+    while data:
+        out = taken(data)
+        if content.at_eof():
+            break  # the stream's end goes in the same write
+        if out:
+            await response.write(out)
+        out = b""
+        data = await content.readany()
+    call.mark_upstream_done()
+    if verbatim:
+        try:
+            await response.write_eof(out)
+        finally:  # the whole stream came: its last event too, ended or not
+            capture.finish()
+    else:
+        await response.write_eof(out + capture.finish())
 
 
 def _broken_off(
