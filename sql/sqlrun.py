@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any, Literal
 
 from clickhouse_connect.datatypes.container import Array, Map, Nested, Tuple
+from clickhouse_connect.datatypes.dynamic import TypedVariant
 from clickhouse_connect.datatypes.registry import get_from_name
 from clickhouse_connect.datatypes.special import SimpleAggregateFunction
 from clickhouse_connect.driver.exceptions import (
@@ -165,7 +166,7 @@ class SqlRunner:
         # query's scalar subqueries once more (each under its own time limit); but for
         # a query naming a type that may hide them (_HIDING), which would run twice.
         by_column = self.in_ticks(text) if precise and hiding else None
-        formats = {**_TIME_TEXT, **(_AS_TICKS if precise and by_column is None else {})}
+        formats = {**_READ, **(_AS_TICKS if precise and by_column is None else {})}
         while True:
             with client.query_row_block_stream(
                 text, query_tz="UTC", query_formats=formats, column_formats=by_column
@@ -175,13 +176,14 @@ class SqlRunner:
                     # Ticks in a Dynamic could not be told from integers: once more,
                     # ticks only in the columns where they are found (a Variant no
                     # query names: a UNION's common type; its first block run twice).
-                    formats, by_column = dict(_TIME_TEXT), _in_ticks(names, types)
+                    formats, by_column = dict(_READ), _in_ticks(names, types)
                     continue
                 columns = _columns(names, types)
                 fixes: list[tuple[int, Callable[[Any], Any]]] = []
                 for i, (name, t) in enumerate(zip(names, types, strict=True)):
                     ticks = precise and (by_column is None or name in by_column)
-                    if _CLOCKS.search(t.name) or (ticks and _TICKS.search(t.name)):
+                    walked = _CLOCKS.search(t.name) or _HIDING.search(t.name)  # _written
+                    if walked or (ticks and _TICKS.search(t.name)):
                         fixes.append((i, partial(_written, t)))  # first: ticks until then
                     fixes += [(i, fix) for pattern, fix in _FIXES if pattern.search(t.name)]
                 blocks = stream if not fixes else ((_fixed(r, fixes) for r in b) for b in stream)
@@ -297,6 +299,9 @@ _TICKS = re.compile(r"\bDateTime64\b")
 _TIME_TEXT = {"Time": "string", "Time64": "string"}
 _CLOCKS = re.compile(r"\bTime(?:64)?\b")
 _HOURS = re.compile(r"^(-?)0(?=\d\d:)")
+# A Variant's values tagged with their member's type (TypedVariant), so _written finds
+# a Time in one as in any column. A Dynamic's or JSON's values carry no type.
+_READ = {**_TIME_TEXT, "Variant": "typed"}
 _OPAQUE = frozenset({"Dynamic", "JSON", "Object"})  # any type inside
 # A query naming a type that may hold one (as ClickHouse's analyzer resolves it: every
 # expression's type is in its tree), whose columns are then described before it runs.
@@ -342,6 +347,10 @@ def _written(t: Any, value: Any) -> Any:
     (read as text, :data:`_TIME_TEXT`) as ClickHouse prints it: ``-25:00:00.500``."""
     if value is None:
         return None
+    if isinstance(value, TypedVariant):  # a Variant's (_READ): as its member's type
+        return _written(get_from_name(value.type_name), value.value)
+    if t.base_type in _OPAQUE:
+        return _loose(value)
     if t.base_type == "DateTime64":
         if not isinstance(value, int):  # not read as ticks (_in_ticks)
             return value
@@ -370,6 +379,21 @@ def _written(t: Any, value: Any) -> Any:
                 for k, e in zip(t.element_names, t.element_types, strict=True)
             }
         return tuple(_written(e, v) for e, v in zip(t.element_types, value, strict=True))
+    return value
+
+
+def _loose(value: Any) -> Any:
+    """``value`` of a Dynamic or JSON with the Variants inside it (:data:`_READ`) written
+    as their members' types. A Time there that no Variant types is clickhouse-connect's
+    text, three hour digits: it cannot be told from a String that reads the same."""
+    if isinstance(value, TypedVariant):  # a JSON's path typed as a Variant
+        return _written(get_from_name(value.type_name), value.value)
+    if isinstance(value, list):
+        return [_loose(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_loose(v) for v in value)
+    if isinstance(value, dict):
+        return {_loose(k): _loose(v) for k, v in value.items()}
     return value
 
 

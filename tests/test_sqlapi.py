@@ -274,6 +274,43 @@ async def test_a_time_of_day_is_written_as_clickhouse_prints_it(api: Client, sto
     ]
 
 
+async def test_a_time_inside_a_variant_is_written_as_at_the_top(api: Client) -> None:
+    """Inside a Variant (in an array or a tuple of one too, and one a Dynamic or a JSON
+    path holds) a Time or Time64 is written as one in a column of its own:
+    clickhouse-connect's text has three hour digits ("005:03:01"). A Variant's String
+    that reads like that text is left as it is (a Variant's values are read with their
+    member's type); a Time a Dynamic holds as itself keeps clickhouse-connect's text,
+    as the README says (it cannot be told from a String there)."""
+    time = "toTime('05:03:01')"
+    body = await sql(
+        api,
+        f"SELECT {time} AS t, {time}::Variant(Time, String) AS v,"
+        f" tuple({time}, 1)::Variant(Tuple(Time, UInt8), String) AS pair,"
+        " [toTime64('01:00:00', 3)::Variant(Time64(3), String), 'x'] AS vs,"
+        f" [{time}::Variant(Time, String)]::Dynamic AS held, {time}::Dynamic AS d,"
+        " CAST('{\"t\": \"01:00:00\"}', 'JSON(t Variant(Time, UInt8))') AS j",
+    )
+    assert body["rows"] == [
+        [
+            "05:03:01",
+            "05:03:01",
+            ["05:03:01", 1],
+            ["01:00:00.000", "x"],
+            ["05:03:01"],
+            "005:03:01",
+            {"t": "01:00:00"},
+        ]
+    ]
+    query = (
+        f"SELECT t FROM (SELECT {time} AS t UNION ALL SELECT '005:03:01') ORDER BY toString(t) DESC"
+    )
+    body = await sql(api, query)
+    assert body["columns"] == [{"name": "t", "type": "Variant(String, Time)"}]
+    assert body["rows"] == [["05:03:01"], ["005:03:01"]]
+    text, _ = await sql(api, query, format="csv")
+    assert list(csv.reader(io.StringIO(text)))[1:] == [["05:03:01"], ["005:03:01"]]
+
+
 _TIMES_QUERY = (
     "SELECT toTime64('25:00:00', 3) AS a, toTime('25:00:00') AS c,"
     " toTime64('-00:00:00.000000001', 9) AS g, [toTime64('25:00:00.5', 2), NULL] AS many,"
