@@ -151,6 +151,14 @@ class AdvisorUsage(_Model):
     cache_creation_1h_input_tokens: int = Field(default=0, ge=0)  # within the above
 
 
+# The most a token or search count of a call may be: what the store's ``calls`` holds
+# one as (UInt32), far past any call's. A provider's count past it (some send -1 as an
+# unsigned 64-bit number), or below zero, is no count: the ingress records the call's
+# usage as missing (ingress/forward/usage.py), and the store dead-letters any event
+# that holds one anyway (sinks/clickhouse/rows.py).
+UINT32_MAX = 2**32 - 1
+
+
 class Usage(_Model):
     """Tokens of one call, normalised across providers.
 
@@ -161,8 +169,9 @@ class Usage(_Model):
     longer lifetime: Anthropic's one hour, OpenAI's 12 hours (each priced above the
     default writes: five minutes, 30 minutes).
     So the subsets never exceed their totals and pricing never charges a token twice.
-    ``usage_missing`` is true when the provider reported no usage: the counts are
-    then unknown, not zero. ``output_tokens_counted`` is true when a stream broke off
+    ``usage_missing`` is true when the provider reported no usage, or a count no call
+    can have (below zero, or past :data:`UINT32_MAX`): the counts are then unknown,
+    not zero. ``output_tokens_counted`` is true when a stream broke off
     (or its client went away) before the provider said how many tokens it generated,
     and ``output_tokens`` is llmtap's count of the text streamed so far (o200k_base:
     OpenAI's tokenizer for its current models; an estimate for other providers').

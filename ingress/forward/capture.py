@@ -6,11 +6,13 @@ Nothing here does I/O; the handlers feed bytes in and forward what comes out.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from ingress.forward.usage import (
+    ImpossibleCount,
     anthropic_usage,
     is_search,
     openai_usage,
@@ -53,11 +55,22 @@ def parse_json_body(body: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+def _read(normalise: Callable[..., Usage | None], *usage: Any) -> tuple[Usage | None, str]:
+    """What ``normalise(*usage)`` makes of a provider's usage, and "": or, if it holds a
+    count no call can have, a missing usage and that count (``field=value``)."""
+    try:
+        return normalise(*usage), ""
+    except ImpossibleCount as exc:
+        return Usage.missing(), str(exc)
+
+
 class Capture:
-    """What a complete (non-streaming) response body tells: usage and served model."""
+    """What a complete (non-streaming) response body tells: usage and served model, and
+    the count no call can have that made its usage missing (``field=value``), if any."""
 
     usage: Usage
     model: str
+    impossible: str
 
 
 class OpenAIJsonCapture(Capture):
@@ -66,7 +79,7 @@ class OpenAIJsonCapture(Capture):
 
     def __init__(self, body: bytes) -> None:
         parsed = parse_json_body(body) or {}
-        usage = openai_usage(parsed.get("usage"))
+        usage, self.impossible = _read(openai_usage, parsed.get("usage"))
         self.usage = (
             Usage.missing()
             if usage is None
@@ -83,7 +96,8 @@ class AnthropicJsonCapture(Capture):
         parsed = parse_json_body(body) or {}
         model = parsed.get("model")
         self.model = model if isinstance(model, str) else ""
-        self.usage = anthropic_usage(parsed.get("usage"), self.model) or Usage.missing()
+        usage, self.impossible = _read(anthropic_usage, parsed.get("usage"), self.model)
+        self.usage = usage or Usage.missing()
 
 
 # What a stream keeps of its events' data, for counting its output tokens should it end
@@ -111,6 +125,7 @@ class StreamCapture:
     def __init__(self) -> None:
         self._pending = b""
         self.usage: Usage | None = None
+        self.impossible = ""  # as Capture's, of the usage last seen
         self.model = ""
         self.output_final = False  # the provider's own count of output tokens arrived
         self.error = ""  # the provider's error type, when an event of the stream is one
@@ -300,14 +315,16 @@ class OpenAIStreamCapture(StreamCapture):
         self._model(source)
         if "service_tier" in source:
             self._tier = served_tier(source["service_tier"])
-        usage = openai_usage(source.get("usage"))
+        usage, impossible = _read(openai_usage, source.get("usage"))
         if usage is None:
             # Groq's streams say their usage unasked in the last chunk's x_groq.usage.
             groq = source.get("x_groq")
-            usage = openai_usage(groq.get("usage")) if isinstance(groq, dict) else None
+            found = groq.get("usage") if isinstance(groq, dict) else None
+            usage, impossible = _read(openai_usage, found)
         if usage is None:
             return True
         self.usage = with_searches(usage, source, self._searches)
+        self.impossible = impossible
         self.output_final = True
         self._kept.clear()
         usage_only = chunk.get("choices") == []
@@ -465,7 +482,9 @@ class AnthropicStreamCapture(StreamCapture):
         """The usage so far. Searches are counted by a message_delta's usage; until one
         does (a stream cut short), the search results streamed count too (message_start
         may say 0 before any search ran)."""
-        usage = anthropic_usage(self._raw, self.model) if self._raw else None
+        usage, self.impossible = (
+            _read(anthropic_usage, self._raw, self.model) if self._raw else (None, "")
+        )
         if usage is not None and not self._searches_told:
             searches = max(usage.web_search_requests, self._searches)
             if searches != usage.web_search_requests:

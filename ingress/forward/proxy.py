@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from ingress.forward import resend
 from ingress.forward.admission import Admission
 from ingress.forward.call import Call, downstream_headers
-from ingress.forward.capture import FirstEvent, StreamCapture, parse_json_body
+from ingress.forward.capture import Capture, FirstEvent, StreamCapture, parse_json_body
 from ingress.forward.endpoint import Endpoint, cut_off, redirected, unreachable
 from ingress.forward.outcome import cut_by, record_outcome
 from ingress.forward.usage import by_preview
@@ -116,6 +116,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                     if upstream.status < 300:
                         captured = api.json_capture(data)
                         usage, model_served = captured.usage, captured.model
+                        _warn_impossible(route.provider, captured)
                     else:
                         error_class = _provider_error_type(data) or error_class
                         usage = Usage()
@@ -225,6 +226,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
         else:  # a stream, finished or not: usage as far as it was seen
             capture.catch_up()
             model_served = capture.model
+            _warn_impossible(route.provider, capture)
             if capture.usage is None and (
                 http_status >= 300 or (capture.error and not capture.streamed_text())
             ):
@@ -316,6 +318,16 @@ def _broken_off(
             return "upstream_error", capture.error
     cut = cut_by(request)
     return cut, cut
+
+
+def _warn_impossible(provider: str, capture: Capture | StreamCapture) -> None:
+    """Once per call: its usage held a count no call can have, recorded as missing."""
+    if capture.impossible:
+        log.warning(
+            "provider %s answered a usage count no call can have (%s): usage recorded as missing",
+            provider,
+            capture.impossible,
+        )
 
 
 def _provider_error_type(body: bytes) -> str:

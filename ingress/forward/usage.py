@@ -1,6 +1,7 @@
 """What a provider's usage object says, normalised to the contract's :class:`Usage`
 (OpenAI's and Anthropic's shapes, the Responses API's search items). Pure functions;
-``capture.py`` finds these objects in what the provider sent."""
+``capture.py`` finds these objects in what the provider sent. A count no call can have
+is refused (:class:`ImpossibleCount`): the call's usage is then unknown."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from llmtap.events import (
     GLOBAL_GEO,
     STANDARD_TIER,
     TIER_PATTERN,
+    UINT32_MAX,
     AdvisorUsage,
     ServiceTier,
     Usage,
@@ -19,6 +21,17 @@ from llmtap.events import (
 
 # The counts of an OpenAI usage object besides its total, by either API's names.
 _COUNTS = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
+
+
+class ImpossibleCount(ValueError):
+    """A usage count no call can have: below zero, or past what the store's ``calls``
+    holds (:data:`~llmtap.events.UINT32_MAX`; some OpenAI-compatible servers send -1 as
+    an unsigned 64-bit number, 2^64-1), read or normalised (a sum of counts). It is no
+    count: the call's usage is unknown (``usage_missing``), never priced at it. Says
+    ``field=value``."""
+
+    def __init__(self, field: str, value: int) -> None:
+        super().__init__(f"{field}={value}")
 
 
 def openai_usage(usage: Any) -> Usage | None:
@@ -33,9 +46,11 @@ def openai_usage(usage: Any) -> Usage | None:
     all input."""
     if not isinstance(usage, dict):
         return None
-    prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
-    completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-    total = _int(usage.get("total_tokens"))
+    prompt = _count(usage, "prompt_tokens" if "prompt_tokens" in usage else "input_tokens")
+    completion = _count(
+        usage, "completion_tokens" if "completion_tokens" in usage else "output_tokens"
+    )
+    total = _count(usage, "total_tokens")
     if not any(key in usage for key in _COUNTS):
         # A total alone (Voyage's embeddings, some OpenAI-compatible servers'): an
         # embedding has no output, so all of it is input.
@@ -45,19 +60,19 @@ def openai_usage(usage: Any) -> Usage | None:
         "output_tokens_details"
     )
     details = prompt_details if isinstance(prompt_details, dict) else {}
-    cached = _int(details.get("cached_tokens"))
+    cached = _count(details, "cached_tokens")
     if not cached:  # DeepSeek names its cache reads apart
-        cached = _int(usage.get("prompt_cache_hit_tokens"))
+        cached = _count(usage, "prompt_cache_hit_tokens")
     cached = min(cached, prompt)
     by_ttl = details.get("cache_write_tokens_details")
     by_ttl = by_ttl if isinstance(by_ttl, dict) else {}
-    written_12h = _int(by_ttl.get("ttl_12h_tokens"))
-    written = _int(details.get("cache_write_tokens")) or written_12h + _int(
-        by_ttl.get("ttl_30m_tokens")
+    written_12h = _count(by_ttl, "ttl_12h_tokens")
+    written = _count(details, "cache_write_tokens") or written_12h + _count(
+        by_ttl, "ttl_30m_tokens"
     )
     written = min(written, prompt - cached)
     reasoning = (
-        _int(completion_details.get("reasoning_tokens"))
+        _count(completion_details, "reasoning_tokens")
         if isinstance(completion_details, dict)
         else 0
     )
@@ -77,7 +92,7 @@ def openai_usage(usage: Any) -> Usage | None:
         completion += reasoning
     return Usage(
         input_tokens=prompt,
-        output_tokens=completion,
+        output_tokens=_within("output_tokens", completion),
         cached_input_tokens=cached,
         cache_creation_input_tokens=written,
         cache_creation_1h_input_tokens=min(written_12h, written),
@@ -134,20 +149,18 @@ def anthropic_usage(usage: Any, model: str = "") -> Usage | None:
     """
     if not isinstance(usage, dict):
         return None
-    uncached = _int(usage.get("input_tokens"))
-    read = _int(usage.get("cache_read_input_tokens"))
+    uncached = _count(usage, "input_tokens")
+    read = _count(usage, "cache_read_input_tokens")
     split = usage.get("cache_creation")
     split = split if isinstance(split, dict) else {}
-    written_5m = _int(split.get("ephemeral_5m_input_tokens"))
-    written_1h = _int(split.get("ephemeral_1h_input_tokens"))
-    written = _int(usage.get("cache_creation_input_tokens")) or written_5m + written_1h
+    written_5m = _count(split, "ephemeral_5m_input_tokens")
+    written_1h = _count(split, "ephemeral_1h_input_tokens")
+    written = _count(usage, "cache_creation_input_tokens") or written_5m + written_1h
     server_tools = usage.get("server_tool_use")
-    searches = (
-        _int(server_tools.get("web_search_requests")) if isinstance(server_tools, dict) else 0
-    )
+    searches = _count(server_tools, "web_search_requests") if isinstance(server_tools, dict) else 0
     return Usage(
-        input_tokens=uncached + read + written,
-        output_tokens=_int(usage.get("output_tokens")),
+        input_tokens=_within("input_tokens", uncached + read + written),
+        output_tokens=_count(usage, "output_tokens"),
         cached_input_tokens=read,
         cache_creation_input_tokens=written,
         cache_creation_1h_input_tokens=min(written_1h, written),
@@ -239,5 +252,16 @@ def is_search(item: Any) -> bool:
     return not isinstance(action, dict) or action.get("type", "search") == "search"
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+def _count(source: dict[str, Any], field: str) -> int:
+    """The count ``source`` holds at ``field``: 0 if none (absent, null, not an integer),
+    :class:`ImpossibleCount` if it is one no call can have."""
+    value = source.get(field)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return 0
+    return _within(field, value)
+
+
+def _within(field: str, count: int) -> int:
+    if not 0 <= count <= UINT32_MAX:
+        raise ImpossibleCount(field, count)
+    return count

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from llmtap import wire
+from llmtap.events import UINT32_MAX
 from llmtap.wire import Costed
 from stream.aggregates import sketch_of
 
@@ -145,11 +146,9 @@ def call_row(event: Costed) -> tuple[Any, ...]:
     )
 
 
-# What ``calls`` holds narrower than the contract: token counts as UInt32 (the contract
-# bounds them below only). An event past it would fail every insert of its batch.
-UINT32_MAX = 2**32 - 1
-
-
+# What ``calls`` holds narrower than the contract: token counts as UInt32 (UINT32_MAX;
+# the contract bounds them below only, and the ingress records none past it). An event
+# past it would fail every insert of its batch.
 UINT16_MAX = 2**16 - 1
 UINT64_MAX = 2**64 - 1
 MONEY_LIMIT = Decimal(10**9)  # Decimal(18, 9): nine digits before the point
