@@ -152,3 +152,48 @@ async def test_the_head_of_a_stream_does_not_wait_for_its_first_event(
     assert seen == EVENTS[0] + EVENTS[1] + b"data: [DONE]\n\n"
     # llmtap's head, each event as it came, and the end with the read that ended it.
     assert answered == 3
+
+
+class _Buffered(web.StreamResponse):
+    _send_headers_immediately = False  # its head leaves with the first bytes written
+
+
+@pytest.mark.parametrize("asks_usage", [True, False], ids=["passed-on", "usage-chunk-cut"])
+async def test_a_head_that_came_with_part_of_an_event_does_not_wait_for_its_end(
+    asks_usage: bool, ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider's head came with part of its first event, the rest not yet: the
+    client has llmtap's head at once, though no whole event is there to go with it."""
+    rest = asyncio.Event()
+
+    async def provider(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = _Buffered(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(EVENTS[0][:10])  # its head and part of an event: one write
+        await rest.wait()
+        await response.write_eof(EVENTS[0][10:] + b"data: [DONE]\n\n")
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")
+    body: dict[str, object] = {"model": "gpt-4o", "messages": [], "stream": True}
+    if asks_usage:
+        body["stream_options"] = {"include_usage": True}
+    async with (
+        ingress_before(provider, ingress_settings, monkeypatch) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        post = session.post(
+            server.make_url("/v1/chat/completions"),
+            json=body,
+            headers={"Authorization": f"Bearer {secret}"},
+        )
+        head = asyncio.ensure_future(post.__aenter__())
+        done, _ = await asyncio.wait([head], timeout=5)
+        rest.set()  # the provider ends its answer either way
+        response = await head
+        async with response:
+            got = await response.read()
+    assert done, "the head waited for the end of the first event"
+    first = EVENTS[0] if asks_usage else chunk(DELTAS[0], asked=False)  # "usage": null cut
+    assert got == first + b"data: [DONE]\n\n"

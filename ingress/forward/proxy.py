@@ -290,8 +290,8 @@ async def _relay(
         out = taken(data)
         if content.at_eof():
             break  # the stream's end goes in the same write
-        if out:
-            await response.write(out)
+        # b"" too: the head goes now even when this read made no whole event yet
+        await response.write(out)
         out = b""
         data = await content.readany()
     call.mark_upstream_done()
