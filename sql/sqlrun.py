@@ -302,6 +302,7 @@ _HOURS = re.compile(r"^(-?)0(?=\d\d:)")
 # A Variant's values tagged with their member's type (TypedVariant), so _written finds
 # a Time in one as in any column. A Dynamic's or JSON's values carry no type.
 _READ = {**_TIME_TEXT, "Variant": "typed"}
+_REWRITTEN = re.compile(r"Time|Variant|Dynamic|JSON|Object")  # what _written may change
 _OPAQUE = frozenset({"Dynamic", "JSON", "Object"})  # any type inside
 # A query naming a type that may hold one (as ClickHouse's analyzer resolves it: every
 # expression's type is in its tree), whose columns are then described before it runs.
@@ -348,7 +349,7 @@ def _written(t: Any, value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, TypedVariant):  # a Variant's (_READ): as its member's type
-        return _written(get_from_name(value.type_name), value.value)
+        return _member(value)
     if t.base_type in _OPAQUE:
         return _loose(value)
     if t.base_type == "DateTime64":
@@ -382,12 +383,20 @@ def _written(t: Any, value: Any) -> Any:
     return value
 
 
+def _member(value: TypedVariant) -> Any:
+    """A Variant's value as its member's type is written: as read, unless that type may
+    hold a time (or another Variant, Dynamic or JSON) to write."""
+    if _REWRITTEN.search(value.type_name) is None:
+        return value.value
+    return _written(get_from_name(value.type_name), value.value)
+
+
 def _loose(value: Any) -> Any:
     """``value`` of a Dynamic or JSON with the Variants inside it (:data:`_READ`) written
     as their members' types. A Time there that no Variant types is clickhouse-connect's
     text, three hour digits: it cannot be told from a String that reads the same."""
     if isinstance(value, TypedVariant):  # a JSON's path typed as a Variant
-        return _written(get_from_name(value.type_name), value.value)
+        return _member(value)
     if isinstance(value, list):
         return [_loose(v) for v in value]
     if isinstance(value, tuple):
