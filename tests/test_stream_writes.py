@@ -40,6 +40,14 @@ STREAM = b"".join(EVENTS) + chunk({}, USAGE) + b"data: [DONE]\n\n"
 UNASKED = b"".join(chunk(delta, asked=False) for delta in DELTAS) + b"data: [DONE]\n\n"
 
 
+def stream_call(asks_usage: bool) -> dict[str, object]:
+    """A chat call's body asking for a stream, and for its usage if ``asks_usage``."""
+    body: dict[str, object] = {"model": "gpt-4o", "messages": [], "stream": True}
+    if asks_usage:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """The local port of each socket write aiohttp's HTTP writers make in this process
@@ -82,9 +90,7 @@ async def test_a_stream_that_came_whole_leaves_in_one_write(
         return web.Response(body=STREAM, content_type="text/event-stream")
 
     secret, _ = create_key(ingress_settings.key_file, tenant="acme")
-    body: dict[str, object] = {"model": "gpt-4o", "messages": [], "stream": True}
-    if asks_usage:
-        body["stream_options"] = {"include_usage": True}
+    body = stream_call(asks_usage)
     async with (
         ingress_before(provider, ingress_settings, monkeypatch) as server,
         aiohttp.ClientSession() as session,
@@ -121,12 +127,7 @@ async def test_the_head_of_a_stream_does_not_wait_for_its_first_event(
         return response
 
     secret, _ = create_key(ingress_settings.key_file, tenant="acme")
-    body = {
-        "model": "gpt-4o",
-        "messages": [],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = stream_call(asks_usage=True)
     async with (
         ingress_before(provider, ingress_settings, monkeypatch) as server,
         aiohttp.ClientSession() as session,
@@ -176,9 +177,7 @@ async def test_a_head_that_came_with_part_of_an_event_does_not_wait_for_its_end(
         return response
 
     secret, _ = create_key(ingress_settings.key_file, tenant="acme")
-    body: dict[str, object] = {"model": "gpt-4o", "messages": [], "stream": True}
-    if asks_usage:
-        body["stream_options"] = {"include_usage": True}
+    body = stream_call(asks_usage)
     async with (
         ingress_before(provider, ingress_settings, monkeypatch) as server,
         aiohttp.ClientSession() as session,
