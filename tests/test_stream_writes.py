@@ -1,8 +1,7 @@
 """How a streamed answer leaves the ingress: in as few writes as it can without holding
-anything back. Each write to a socket wakes its reader, which on this kind of virtual
-machine costs ~80-100 µs of wall time (bench/NOTES.md), so llmtap's head leaves with the
-body bytes that came with the provider's, and the read that ends a stream with its end;
-but a head with nothing after it yet goes at once."""
+anything back (each a syscall and a packet, bench/NOTES.md). llmtap's head leaves with
+the body bytes that came with the provider's, and the read that ends a stream with its
+end; but a head with nothing after it yet, or no whole event to pass on, goes at once."""
 
 from __future__ import annotations
 

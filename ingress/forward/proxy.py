@@ -260,11 +260,12 @@ async def _relay(
     first: FirstEvent,
     call: Call,
 ) -> None:
-    """Forward a stream's reads as they come, in as few writes as that allows: each
-    write to a socket wakes its reader (~80-100 µs of wall time on a virtual machine's
-    vCPUs, bench/NOTES.md), so what has come with the provider's head leaves with
-    llmtap's, and a read that ends the stream leaves with its end. Nothing that has
-    come is held back: with nothing yet, the head goes alone, at once.
+    """Forward a stream's reads as they come, in as few writes as that allows (each a
+    syscall and a packet: ~2.6 ``sendto`` a streamed call instead of ~4.6, the request
+    to the provider included, bench/NOTES.md): what has come with the provider's head
+    leaves with llmtap's, and a read that ends the stream leaves with its end. Nothing
+    that has come is held back: with nothing yet, or no whole event of it to pass on,
+    the head goes alone, at once.
 
     A verbatim capture gets each read as it comes and reads its events once the whole
     answer is out (a read the client missed was generated all the same, so it is held
