@@ -27,6 +27,7 @@ from llmtap.events import (
     GEO_PATTERN,
     GLOBAL_GEO,
     STANDARD_TIER,
+    UINT32_MAX,
     AdvisorUsage,
     Cost,
     CostedEvent,
@@ -387,6 +388,18 @@ def no_tokens(usage: Usage | wire.Usage) -> bool:
     )
 
 
+def largest_count(usage: Usage | wire.Usage) -> int:
+    """The largest token or search count ``usage`` holds."""
+    return max(
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_input_tokens,
+        usage.cache_creation_input_tokens,
+        usage.reasoning_tokens,
+        usage.web_search_requests,
+    )
+
+
 def load_catalog(extra: Path | None = None) -> Catalog:
     """The shipped catalog, with an operator's file layered on top."""
     shipped = resources.files("stream").joinpath("pricing.yaml").read_text()
@@ -549,8 +562,10 @@ def rate(event: wire.Responded, catalog: Catalog) -> Rating:
         # Anthropic's data residency, on a model the catalog gives no price for it):
         # unknown, never a standard-rate guess.
         return Rating(None, unpriced=True)
-    if event.usage.usage_missing:
-        # Tokens unknown: the cost is unknown too, and the event says so; never $0.
+    if event.usage.usage_missing or largest_count(event.usage) > UINT32_MAX:
+        # Tokens unknown: the cost is unknown too, and the event says so; never $0. A
+        # count past what any call has is no count (an earlier ingress recorded a
+        # provider's -1 sent unsigned, 2^64-1, as one): never a $10^14 cost in a budget.
         return Rating(None, unpriced=False, pricing_model=entry[0])
     cost = breakdown(event.usage, rates)
     if event.usage.advisor:

@@ -99,6 +99,19 @@ def test_gpt_4o_with_cached_input(catalog: Catalog) -> None:
     assert cost.total == expected_total == Decimal("0.004")
 
 
+@pytest.mark.parametrize("field", ["output_tokens", "input_tokens", "reasoning_tokens"])
+def test_a_count_no_call_can_have_is_an_unknown_cost(catalog: Catalog, field: str) -> None:
+    """An event that holds a count past 2^32-1 (an earlier ingress recorded a provider's
+    -1 sent unsigned, 2^64-1, as one) is priced as a call whose usage is missing: its
+    cost unknown, its model priced, never $10^14 in a budget; one count short of it is
+    priced as any."""
+    counts = {"input_tokens": 10, "output_tokens": 10, field: 2**64 - 1}
+    costed = price(response("gpt-4o", Usage(**counts)), catalog)
+    assert (costed.cost, costed.unpriced, costed.pricing_model) == (None, False, "gpt-4o")
+    counts[field] = 2**32 - 1
+    assert priced(response("gpt-4o", Usage(**counts)), catalog).total > 0
+
+
 def test_money_is_a_json_string_never_a_float(catalog: Catalog) -> None:
     usage = Usage(input_tokens=1000, cached_input_tokens=400, output_tokens=200)
     costed = price(response("gpt-4o", usage), catalog)

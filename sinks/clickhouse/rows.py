@@ -14,6 +14,7 @@ from llmtap import wire
 from llmtap.events import UINT32_MAX
 from llmtap.wire import Costed
 from stream.aggregates import sketch_of
+from stream.pricing import largest_count
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = timedelta(milliseconds=1)
@@ -179,15 +180,7 @@ def unstorable(event: Costed) -> str:
     r = event.response
     if problem := _unstorable_time(r.ts_start, r.ts_end):
         return problem
-    u = r.usage
-    most = max(
-        u.input_tokens,
-        u.output_tokens,
-        u.cached_input_tokens,
-        u.cache_creation_input_tokens,
-        u.reasoning_tokens,
-        u.web_search_requests,
-    )
+    most = largest_count(r.usage)
     if most > UINT32_MAX:
         return f"a token or search count of {most} is more than calls holds (UInt32)"
     c = event.cost
