@@ -21,7 +21,8 @@ from ingress.forward.call import NOBODY, Call
 from ingress.forward.outcome import record_outcome
 from ingress.forward.tokens import Counting
 from ingress.guards.auth import Refusal, authenticate
-from ingress.guards.budgets import BudgetBook, announce, follow, hear_others
+from ingress.guards.book_topics import announce, follow, hear_others
+from ingress.guards.budgets import BudgetBook
 from ingress.guards.keys import KeyStore
 from ingress.guards.ratelimit import RateLimiter
 from ingress.guards.reaping import Reaper, reap

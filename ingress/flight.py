@@ -99,7 +99,7 @@ async def deliver(producer: AIOKafkaProducer, flight: InFlight) -> None:
         try:
             if record.partition is not None and record.partition < batches.partitions:
                 # Where its key's entry lives on a compacted topic, partitions added to
-                # it since having moved its key's (ingress/guards/budgets.py, announce)
+                # it since having moved its key's (ingress/guards/book_topics.py, announce)
                 number, offset = batches.add(record.key, record.value, record.partition)
             else:
                 hashed = hashes.get(record.key)

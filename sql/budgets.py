@@ -3,7 +3,7 @@ stream's latest state.
 
 The stream publishes each budget's period-to-date spend on the compacted topic
 ``llmtap.budgets``. The store process follows it with the ingress's own follower
-(:func:`ingress.guards.budgets.follow`) into a :class:`BudgetBook` (one per app, set up
+(:func:`ingress.guards.book_topics.follow`) into a :class:`BudgetBook` (one per app, set up
 by :func:`sql.analytics.add_routes`), of which only the states are used here (same rule
 for which state to keep as the ingress). The configuration says which budgets exist and
 whom they belong to, and :func:`may_see` which of them a key may see (the same rule,
@@ -24,7 +24,8 @@ from decimal import Decimal
 
 from aiohttp import web
 
-from ingress.guards.budgets import BudgetBook, follow
+from ingress.guards.book_topics import follow
+from ingress.guards.budgets import BudgetBook
 from llmtap.config import Settings
 from llmtap.config_sections import BudgetConfig
 from llmtap.events import BudgetState, LatestHeard, Reservations

@@ -17,7 +17,7 @@ from anthropic import AsyncAnthropic
 
 from ingress.forward.usage import anthropic_usage
 from ingress.guards.bounds import Advisor, reach
-from ingress.guards.budgets import Exhausted
+from ingress.guards.refusals import Exhausted
 from llmtap.config import Settings
 from llmtap.events import AdvisorUsage, Attribution, Usage
 from stream.pricing import Rates, load_catalog, missing_price, price

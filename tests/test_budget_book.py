@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from ingress.guards.bounds import Advisor, Reach, choices, reach
-from ingress.guards.budgets import BudgetBook, Exhausted, Unpriced
+from ingress.guards.budgets import BudgetBook
+from ingress.guards.refusals import Exhausted, Unpriced
 from ingress.routing import endpoint_geo
 from llmtap import wire
 from llmtap.config_sections import BudgetConfig, ProviderConfig

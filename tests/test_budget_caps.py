@@ -33,7 +33,8 @@ from standardwebhooks import Webhook
 from ingress.app import create_app
 from ingress.forward import admission
 from ingress.guards import reaping
-from ingress.guards.budgets import BudgetBook, announce, hear_others
+from ingress.guards.book_topics import announce, hear_others
+from ingress.guards.budgets import BudgetBook
 from ingress.guards.keys import create_key
 from ingress.guards.reaping import REAP_AFTER
 from ingress.keys import BUDGETS

@@ -12,7 +12,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from ingress.guards.budgets import BudgetBook, Exhausted, announce, hear_others
+from ingress.guards.book_topics import announce, hear_others
+from ingress.guards.budgets import BudgetBook
+from ingress.guards.refusals import Exhausted
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
 from llmtap.config_sections import BudgetConfig

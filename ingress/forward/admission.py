@@ -25,7 +25,6 @@ from ingress.forward.endpoint import Endpoint, provider_url, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.guards.auth import Refusal, authenticate, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
-from ingress.guards.budgets import Unpriced
 from ingress.guards.fields import (
     model_too_long,
     recorded_model,
@@ -33,6 +32,7 @@ from ingress.guards.fields import (
     user_too_long,
 )
 from ingress.guards.ratelimit import Ticket, estimate
+from ingress.guards.refusals import Unpriced
 from ingress.keys import BUDGETS, KEYS, LIMITER, PUBLISHER, SETTINGS
 from ingress.routing import NoRoute, Route, asks_stream_usage, endpoint_geo, resolve
 from llmtap import logs, topics

@@ -1,7 +1,7 @@
 """Hard budget caps, before any token is spent.
 
 The stream owns each budget's spend and publishes it on the compacted budgets topic; the
-ingress follows that topic (:func:`follow`). A call that counts against a hard-capped
+ingress follows that topic (ingress/guards/book_topics.py). A call that counts against a hard-capped
 budget is admitted only if the budget's remaining amount covers the call's worst case,
 the most it can cost (ingress/guards/worst_case.py). That worst case is reserved at
 admission — check and reserve happen with no await between them, so concurrent calls
@@ -15,11 +15,11 @@ once its response event is delivered, the publisher tells the cost where it went
 counts it once its ``applied`` offset for that partition has passed it; a cost not
 delivered yet is not counted by any state (a time would not do: the stream reads
 partitions unevenly, and other ingresses' later calls may be counted first). A model
-with no price cannot be bounded: refused (:class:`Unpriced`), or, with
+with no price cannot be bounded: refused (ingress/guards/refusals.py), or, with
 ``admit_unpriced``, admitted with nothing reserved (its spend is not counted either).
 What a process holds
-is announced on the reservations topic (:func:`announce`): the other ingress processes
-count it against their caps too (:func:`hear_others`), and the budgets endpoint shows
+is announced on the reservations topic (book_topics.announce): the other ingress
+processes count it against their caps too (book_topics.hear_others), and the budgets endpoint shows
 it; the costs of ended calls they announce (placed costs) are kept until a state counts
 them in ingress/guards/placed.py, which the book holds.
 """
@@ -30,17 +30,16 @@ import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal
 
 from ingress.guards.bounds import Reach
 from ingress.guards.placed import OthersPlaced
+from ingress.guards.refusals import Exhausted, Unpriced
 from ingress.guards.settled import Settled, Uncounted
 from ingress.guards.sums import ZERO, RunningSum, exponent_of
 from ingress.guards.worst_case import WorstCase
-from llmtap.amounts import plain
 from llmtap.config_sections import BudgetConfig
 from llmtap.events import (
     MISSED_ANNOUNCEMENTS,
@@ -51,10 +50,7 @@ from llmtap.events import (
     PlacedCosts,
     Reservations,
     Usage,
-    utcnow,
 )
-from llmtap.following import Follower
-from llmtap.kafka import Kafka
 from stream.budgets import (
     Matching,
     capped_alert,
@@ -75,116 +71,12 @@ from stream.pricing import (
     priced_as_served,
 )
 
-if TYPE_CHECKING:
-    from ingress.guards.reaping import Reaper
-
 # A cost no state has counted this long after its call ended is no longer held on its
 # own (memory: one entry a call, while a broker outage or a lagging stream lasts): one
 # whose event Kafka has is added to a sum of its partition's, let go once a state has
 # counted past the latest of them; one whose event Kafka has not (in the spool, or
 # dropped) is held until its period ends, as the unpriced are.
 SETTLED_MAX_AGE = timedelta(hours=1)
-
-
-@dataclass(frozen=True)
-class Exhausted:
-    """Why a call was refused: the budget, its state, and when it resets."""
-
-    budget: BudgetConfig
-    state: BudgetState
-    worst_case: Decimal
-    # The worst case with no output at all (its input, images, searches): more than the
-    # whole limit, no max_tokens would make the call fit. Reckoned only for a refusal.
-    without_output: Decimal | None = None
-    # What this ingress holds against the budget beyond its published spend: worst cases
-    # of calls in flight, and costs of ended calls not counted yet (or unpriced).
-    held: Decimal = Decimal(0)
-    # Of ``held``, what is held until the period ends (the worst cases of ended calls
-    # the stream cannot price): spent as far as the cap can tell, never settled sooner.
-    lasting: Decimal = Decimal(0)
-    # Of ``held``, the real costs of ended calls no state has counted yet (this
-    # process's, a stopped one's, another's announced unchanged for placed.PLACED_SETTLE):
-    # spent, whether or not the stream is there to count them. Counted, they move to
-    # the published spend, the sum the same: they free nothing.
-    ended: Decimal = Decimal(0)
-
-    @property
-    def held_back(self) -> bool:
-        """Refused for what may settle within seconds (worst cases of calls in flight,
-        settled at their real cost, and what other processes hold that a state may have
-        counted since they said so), not for the spend alone. What ended calls cost, and
-        what is held until the period ends, do not settle so: they count as the spend
-        (with the stream down for hours, a full budget's refusal said "retry in a second"
-        and raised no alert, as long as it was down)."""
-        spent = self.state.spent_usd + self.lasting + self.ended
-        return (
-            self.held > self.lasting + self.ended
-            and spent + self.worst_case <= self.budget.limit_usd
-        )
-
-    @property
-    def never_fits(self) -> bool:
-        """The call's worst case is more than the budget's whole limit: no period, however
-        little spent, could admit it, so waiting for the reset is no answer."""
-        return self.worst_case > self.budget.limit_usd
-
-    def message(self) -> str:
-        b, s = self.budget, self.state
-        if self.never_fits:
-            remedy = "name a smaller max_tokens (the most the call may write)"
-            if self.without_output is not None and self.without_output > b.limit_usd:
-                remedy = (
-                    f"its input and searches alone may cost ${plain(self.without_output)}, so a "
-                    "smaller max_tokens would not do: send less input (each image, and a "
-                    "conversation the body does not hold, count in full) or bound its searches"
-                    " and advisor calls (max_uses)"
-                )
-            return (
-                f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call in any "
-                f"{b.period}: the worst case of this call ${plain(self.worst_case)} is more than "
-                f"its whole limit of ${plain(b.limit_usd)}; {remedy}, or ask for a larger limit"
-            )
-        if not b.owner and b.scope != "key":
-            # It counts every tenant's calls (a key's are one tenant's): its spend, and
-            # what is held against it, are other tenants' too (the budgets endpoint shows
-            # them to admins only).
-            return (
-                f"budget {b.name!r} ({b.scope} {b.value!r}, of every tenant) cannot cover "
-                f"this call: worst case of this call ${plain(self.worst_case)}; it resets at "
-                f"{s.period_end.isoformat()}"
-            )
-        return (
-            f"budget {b.name!r} ({b.scope} {b.value!r}) cannot cover this call: "
-            f"${plain(s.spent_usd)} of ${plain(b.limit_usd)} spent this {b.period}, "
-            + (
-                f"${plain(self.held)} held for calls in flight or not yet counted"
-                + (f" (${plain(self.ended)} of it ended calls' costs), " if self.ended else ", ")
-                if self.held
-                else ""
-            )
-            + f"worst case of this call ${plain(self.worst_case)}; it resets at "
-            f"{s.period_end.isoformat()}"
-        )
-
-
-@dataclass(frozen=True)
-class Unpriced:
-    """Why a call was refused: a hard-capped budget counts it, and its model has no
-    price to bound it by (``budget_unpriced: refuse``)."""
-
-    budget: BudgetConfig
-    model: str
-    provider: str
-
-    def message(self) -> str:
-        b = self.budget
-        return (
-            f"budget {b.name!r} ({b.scope} {b.value!r}) has a hard cap, and model "
-            f"{self.model!r} (provider {self.provider!r}) has no price in llmtap's catalog "
-            "to bound this call's cost by; add the model to the pricing_file (a model of "
-            "your own at 0), or ask for its calls to be admitted unbounded (unpriced: admit "
-            "on the provider, or budget_unpriced: admit for every provider)"
-        )
 
 
 class BudgetBook:
@@ -788,113 +680,3 @@ def _live_together(announced: Iterable[Reservations]) -> tuple[datetime, datetim
         return None
     start, end = max(b[0] for b in bounds), min(b[1] for b in bounds)
     return (start, end) if start <= end else None
-
-
-async def follow(book: BudgetBook, kafka: Kafka, client: str) -> None:
-    """Keep ``book`` up to date with the budgets topic, from its beginning, forever;
-    ``book.states_read`` is set once what the topic held when it started was read."""
-    follower = Follower(kafka, kafka.names.budgets, client, BudgetState, book.update)
-    await follower.run_telling(book.states_read)
-
-
-class Publish(Protocol):
-    """The publisher's :meth:`~ingress.publisher.EventPublisher.publish`: ``topic``,
-    ``key``, the event's JSON (None: a tombstone); who is told the partition and offset
-    it went to; the partition it goes to (None: its key's)."""
-
-    def __call__(
-        self,
-        topic: str,
-        key: bytes,
-        value: bytes | None,
-        delivered: Callable[[int, int], None] | None = None,
-        partition: int | None = None,
-    ) -> None: ...
-
-
-async def hear_others(
-    book: BudgetBook, kafka: Kafka, client: str, reaper: Reaper | None = None
-) -> None:
-    """Keep ``book.others`` up to date with the reservations topic, forever;
-    ``book.others_read`` is set once what the topic held when it started was read.
-    ``reaper`` hears every announcement and deletion too."""
-
-    def heard(event: Reservations) -> None:
-        if reaper is not None:
-            reaper.heard(event, follower.partition)  # first: it cannot fail
-        book.heard(event, follower.partition)
-
-    def gone(key: bytes) -> None:
-        if reaper is not None:
-            reaper.gone(key, follower.partition)
-        book.gone(key, follower.partition)
-
-    follower = Follower(kafka, kafka.names.reservations, client, Reservations, heard, gone)
-    await follower.run_telling(book.others_read)
-
-
-async def announce(
-    book: BudgetBook, publish: Publish, topic: str, ingress_id: str, interval_s: float = 10.0
-) -> None:
-    """Publish what this process holds (:meth:`BudgetBook.held`) on the reservations
-    ``topic`` whenever it changes (looked at every 0.2 s) and every ``interval_s`` seconds
-    regardless, each with its placed costs (:meth:`BudgetBook.placed`: the compacted
-    topic keeps a process's last announcement only); on cancellation, once more with
-    nothing held (the process is stopping) but the costs Kafka has the events of that
-    no state has counted (``placed``: facts,
-    which the others, and the process that replaces this one, hold until a state counts
-    them), then, if there are none, a tombstone for its key (with some, the entry stays
-    for a process started later to read, deleted by a reaper once they are counted):
-    each start announces under a new id, and the compacted topic kept one entry for
-    every process ever started, which every ingress and the store read at start.
-    Kafka's compaction removes the key (after the topic's ``delete.retention.ms``); a
-    reader that sees only the empty announcement, or only the tombstone, forgets the
-    process all the same (its placed costs aside, kept until counted).
-
-    Each goes to the partition the first one delivered went to, and the tombstone to
-    every partition one went to: partitions added to the topic move a key's (murmur2 %
-    n), and a tombstone sent by the key deleted nothing, its entry kept for good (and
-    the readers started before read a partition added only once they see it:
-    llmtap/following.py)."""
-    key = ingress_id.encode()
-    placed: list[int | None] = []  # the partitions its announcements went to, the first first
-
-    def delivered(partition: int, offset: int) -> None:
-        if partition not in placed:
-            placed.append(partition)
-
-    last: dict[str, Decimal] | None = None
-    sent_at: float | None = None  # the last periodic one's time (the first is one)
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            now = utcnow()
-            held = book.held(now)
-            periodic = sent_at is None or loop.time() - sent_at >= interval_s
-            if held != last or periodic:
-                event = Reservations(
-                    ingress_id=ingress_id,
-                    at=now,
-                    interval_s=interval_s,
-                    held=held,
-                    # With each one: compaction keeps a process's last announcement only
-                    # (told every interval_s, a killed one's were all lost once the
-                    # periodic one was compacted away).
-                    placed=book.placed(now),
-                )
-                pinned = placed[0] if placed else None
-                publish(topic, key, event.model_dump_json().encode(), delivered, pinned)
-                last = held
-                if periodic:
-                    sent_at = loop.time()
-            await asyncio.sleep(0.2)
-    finally:
-        now = utcnow()
-        book.held(now)  # lets go what a state has counted
-        facts = book.placed(now)
-        gone = Reservations(ingress_id=ingress_id, at=now, interval_s=interval_s, placed=facts)
-        pinned = placed[0] if placed else None
-        publish(topic, key, gone.model_dump_json().encode(), None, pinned)
-        if not facts:  # else kept, for a process started later: reaped once counted
-            for partition in placed or [None]:
-                publish(topic, key, None, None, partition)

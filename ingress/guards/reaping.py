@@ -1,7 +1,7 @@
 """Deleting the entries that ingress processes killed left on the reservations topic.
 
 Each ingress start announces what it holds under a new id, on a compacted topic keyed by
-that id (ingress/guards/budgets.py :func:`~ingress.guards.budgets.announce`), and a
+that id (:func:`ingress.guards.book_topics.announce`), and a
 stopping one deletes its key with a tombstone. One that was killed (SIGKILL after its
 grace, out of memory, a lost machine) never does: its last announcement stayed on the
 topic for good, one entry for every process ever killed, which every ingress and the
@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from ingress.guards.budgets import Publish
+from ingress.guards.book_topics import Publish
 from llmtap.events import LatestHeard, Reservations, utcnow
 
 log = logging.getLogger(__name__)
