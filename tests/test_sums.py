@@ -280,7 +280,7 @@ def test_what_the_others_hold_is_what_scanning_their_announcements_gave(
                 (r.held.get(name, Decimal(0)) for r in budgets.others.values() if r.live(asked)),
                 Decimal(0),
             )
-            found = budgets._others_hold(name, asked)
+            found = budgets.held_by_others.holding(name, asked)
             assert (found, str(found)) == (scanned, str(scanned))
 
 

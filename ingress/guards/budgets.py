@@ -29,12 +29,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
 from ingress.guards.bounds import Reach
+from ingress.guards.others import OthersHeld
 from ingress.guards.placed import OthersPlaced
 from ingress.guards.refusals import Exhausted, Unpriced
 from ingress.guards.settled import Settled, Uncounted
@@ -42,11 +43,9 @@ from ingress.guards.sums import ZERO, RunningSum, exponent_of
 from ingress.guards.worst_case import WorstCase
 from llmtap.config_sections import BudgetConfig
 from llmtap.events import (
-    MISSED_ANNOUNCEMENTS,
     Alert,
     Attribution,
     BudgetState,
-    LatestHeard,
     PlacedCosts,
     Reservations,
     Usage,
@@ -130,23 +129,8 @@ class BudgetBook:
         self._by_name = {b.name: b for b in budgets}
         # The id of the last hard cap's alert this process raised, per budget (capped).
         self._capped_told: dict[str, uuid.UUID] = {}
-        # What the other ingress processes announce they hold (the reservations topic,
-        # :meth:`heard`), by their ids; this process's own id, whose it passes over.
-        self.others: dict[str, Reservations] = {}
-        # The partition each one's announcement in ``others`` was read from: a tombstone
-        # on another deletes an entry it left there before the topic grew, not it.
-        self._others_at: dict[str, int | None] = {}
-        self.ingress_id = ""
-        # What they hold, summed per budget as they are heard (a scan of every process
-        # at each admission: ~20 µs a capped call and budget with 20 replicas); and the
-        # times between which every one of them is live (then the sums are what is live).
-        self._others_held: dict[str, RunningSum] = defaultdict(RunningSum)
-        self._all_live: tuple[datetime, datetime] | None = None
-        self._heard = LatestHeard()  # who has gone silent is judged against it
-        # The costs each other process announced whose events Kafka has, kept whether it
-        # lives or not until a state counts them or their period ends
-        # (ingress/guards/placed.py).
-        self.placed_by_others = OthersPlaced()
+        # What the other ingress processes hold (ingress/guards/others.py).
+        self.held_by_others = OthersHeld()
         # The state each budget's held costs were last let go against (Uncounted.counting
         # and :meth:`_aged`), and a state of a later period not applied so yet: held
         # until this process's clock reaches its period (:meth:`_current`), the calls it
@@ -274,97 +258,36 @@ class BudgetBook:
         # ended since is, also while the published state is still last period's (the
         # stream has not rolled it over yet).
         held = self._holding(budget.name, now, state.period_start)
-        others = self._others_hold(budget.name, now) + self.placed_by_others.orphaned(
-            budget.name, now, state, self.others, self._all_live
-        )
+        others = self.held_by_others.holding(budget.name, now)
+        others += self.held_by_others.orphaned(budget.name, now, state)
         return state, state.spent_usd + held + others
 
-    def heard(self, event: Reservations, partition: int | None = None) -> None:
-        """Another ingress process's announcement of what it holds (its latest counts).
-        One holding nothing (a process stopping says so, then deletes its key:
-        :meth:`gone`) is forgotten, and so is every one gone silent: the topic keeps an
-        entry for each process killed, and a stopped one's until compaction removes it.
+    @property
+    def ingress_id(self) -> str:
+        """This process's id on the reservations topic, whose announcements it passes
+        over ("" until it has one)."""
+        return self.held_by_others.ingress_id
 
-        Silence is judged against the latest announcement heard, not the one in hand:
-        the topic is read a partition at a time, so a process long gone, read after a
-        live one of another partition, made the live one look ten minutes ahead, and
-        it was dropped (a replica starting then did not count what it held)."""
-        if event.ingress_id == self.ingress_id:
-            return
-        heard = self._heard.hear(event)
-        self.placed_by_others.hear(event.ingress_id, event.at, event.placed, self.others)
-        known = self.others.get(event.ingress_id)
-        if known is not None and event.at < known.at:
-            return
-        if event.held and event.live(heard):
-            self._hear(event.ingress_id, event)
-            self._others_at[event.ingress_id] = partition
-        else:
-            self._hear(event.ingress_id, None)
-        for gone in [i for i, r in self.others.items() if not r.live(heard)]:
-            self._hear(gone, None)
-        self._all_live = _live_together(self.others.values())
+    @ingress_id.setter
+    def ingress_id(self, ingress_id: str) -> None:
+        self.held_by_others.ingress_id = ingress_id
+
+    @property
+    def others(self) -> dict[str, Reservations]:
+        """The other live ingress processes' latest announcements, by their ids."""
+        return self.held_by_others.others
+
+    @property
+    def placed_by_others(self) -> OthersPlaced:
+        return self.held_by_others.placed
+
+    def heard(self, event: Reservations, partition: int | None = None) -> None:
+        """Another ingress process's announcement (:meth:`OthersHeld.heard`)."""
+        self.held_by_others.heard(event, partition)
 
     def gone(self, key: bytes, partition: int | None = None) -> None:
-        """Another ingress process's entry deleted from the topic (its tombstone, after
-        the empty announcement it made as it stopped): forgotten, with what it held; not
-        by a tombstone on another partition than its announcement's (an entry it left
-        there before partitions were added, deleted by a reaper: it lives). Its placed
-        costs are kept (:meth:`OthersPlaced.orphaned`): facts, let go only once counted."""
-        ingress_id = key.decode(errors="replace")
-        at = self._others_at.get(ingress_id)
-        if ingress_id in self.others and (partition is None or at is None or at == partition):
-            self._hear(ingress_id, None)
-            self._all_live = _live_together(self.others.values())
-
-    def _hear(self, ingress_id: str, event: Reservations | None) -> None:
-        """What process ``ingress_id`` holds is ``event``'s (None: nothing, forgotten).
-        Its sums change where its amounts do (most are the same at each announcement)."""
-        if event is None:
-            self._others_at.pop(ingress_id, None)
-        known = self.others.pop(ingress_id, None) if event is None else self.others.get(ingress_id)
-        if (event is None) != (known is None):  # it leaves ``others``, or joins it
-            if event is not None:
-                self.others[ingress_id] = event
-            # Its placed costs outlive it; or are in what it holds.
-            self.placed_by_others.index(ingress_id, self.others)
-        before = known.held if known is not None else {}
-        after = event.held if event is not None else {}
-        for name in before.keys() - after.keys():
-            self._others_held[name].pop(ingress_id, None)
-        for name, amount in after.items():
-            prior = before.get(name)
-            if (  # not the same amount written the same (a sum's digits are its amounts')
-                prior is None
-                or prior != amount
-                or not prior.same_quantum(amount)
-                or prior.is_signed() != amount.is_signed()
-            ):
-                self._others_held[name][ingress_id] = amount
-        if event is not None:
-            self.others[ingress_id] = event
-
-    def _others_hold(self, name: str, now: datetime) -> Decimal:
-        """What the other live ingress processes last said they hold against budget
-        ``name``: their calls in flight count against a cap here too, or N replicas each
-        admitted what was left (a $0.01 cap ended at $0.019 over two). They are heard
-        within about 0.3 s (announced every 0.2 s when they change), so calls admitted
-        by two processes within that time can still pass it together. Costs a process
-        holds that a state has counted since it announced them count twice meanwhile:
-        stricter, never looser."""
-        if not self.others:
-            return Decimal(0)
-        together = self._all_live
-        held = self._others_held.get(name)
-        if together is not None and together[0] <= now <= together[1]:
-            if held is None:
-                return Decimal(0)
-            if held.exact:
-                return held.total
-        return sum(
-            (r.held.get(name, Decimal(0)) for r in self.others.values() if r.live(now)),
-            Decimal(0),
-        )
+        """Another ingress process's entry deleted (:meth:`OthersHeld.gone`)."""
+        self.held_by_others.gone(key, partition)
 
     def holds_placed(self, ingress_id: str, now: datetime) -> bool:
         """Whether process ``ingress_id``'s placed costs are held still (its entry on the
@@ -378,7 +301,7 @@ class BudgetBook:
                 return None
             return self._current(budget, now)
 
-        return self.placed_by_others.holds(ingress_id, judged_by, self.others)
+        return self.held_by_others.holds(ingress_id, judged_by)
 
     def placed(self, now: datetime) -> tuple[PlacedCosts, ...]:
         """This process's held costs whose events Kafka has and no state has counted,
@@ -663,20 +586,3 @@ class BudgetBook:
             if period < start:
                 continue  # an earlier period's: no longer counted
             self.unpriced[name] = (period, (total if start == period else Decimal(0)) + worst)
-
-
-def _live_together(announced: Iterable[Reservations]) -> tuple[datetime, datetime] | None:
-    """The times at which every one of ``announced`` is live (:meth:`Reservations.live`),
-    from and to, both included; None if there are none (or none can be told)."""
-    try:
-        bounds = [
-            (r.at - span, r.at + span)
-            for r in announced
-            for span in (timedelta(seconds=r.interval_s * MISSED_ANNOUNCEMENTS),)
-        ]
-    except OverflowError:  # an announcement at the calendar's end: judged one by one
-        return None
-    if not bounds:
-        return None
-    start, end = max(b[0] for b in bounds), min(b[1] for b in bounds)
-    return (start, end) if start <= end else None

@@ -1,10 +1,11 @@
 """Other ingress processes' placed costs: the costs of ended calls another process
 announced in :attr:`Reservations.placed <llmtap.events.Reservations.placed>` (Kafka has
 their events), kept until a budget state counts past them or their period ends, whether
-that process lives or not (stopped, killed, gone silent). :class:`BudgetBook
-<ingress.guards.budgets.BudgetBook>` holds one (:class:`OthersPlaced`) and hands it what
-of its own state it needs: the processes it hears as live (``others``), the times
-between which every one of them is live, and the states it judges by.
+that process lives or not (stopped, killed, gone silent). The budget book holds one
+(:class:`OthersPlaced`), in what it keeps of the other processes
+(ingress/guards/others.py), and hands it what of its own state it needs: the processes
+it hears as live (``others``), the times between which every one of them is live, and
+the states it judges by.
 """
 
 from __future__ import annotations
@@ -148,11 +149,12 @@ class OthersPlaced:
         current) has not counted: a restarted or dead process's ended calls stay on the
         cap until the stream counts them, its successor reading them on the topic at
         start. Those counted, or of an earlier period, are let go. A live process's are
-        in what it holds (:meth:`BudgetBook._others_hold`), not counted twice. Those of processes
-        out of ``others`` are summed as they or ``state`` change (:attr:`_orphans`);
-        those of a process in it gone silent, not dropped yet, looked for only while one
-        may be (every one live at ``now``: none looked at). ``together``: the times
-        between which every one of ``others`` is live (BudgetBook's ``_all_live``)."""
+        in what it holds (ingress/guards/others.py, ``OthersHeld.holding``), not counted
+        twice. Those of processes out of ``others`` are summed as they or ``state``
+        change (:attr:`_orphans`); those of a process in it gone silent, not dropped yet,
+        looked for only while one may be (every one live at ``now``: none looked at).
+        ``together``: the times between which every one of ``others`` is live
+        (``OthersHeld.all_live``)."""
         total = self._orphans_total(name, state, others) if self._orphans else Decimal(0)
         if not others or (together is not None and together[0] <= now <= together[1]):
             return total
