@@ -52,7 +52,8 @@ from llmtap.events import Attribution, BudgetState, ResponseEvent, Usage
 from llmtap.kafka import FETCH_WAIT_MS, Kafka
 from llmtap.names import Names
 from llmtap.supervisor import embedded_broker
-from stream.pricing import load_catalog, price
+from stream.catalog import load_catalog
+from stream.pricing import price
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "claude-3-5-sonnet", "o3-mini", "llama-x")
 TENANTS = 5

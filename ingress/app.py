@@ -43,7 +43,7 @@ from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher
 from llmtap.config import Settings
 from llmtap.events import Attribution, Usage
-from stream.pricing import load_catalog
+from stream.catalog import load_catalog
 
 log = logging.getLogger(__name__)
 

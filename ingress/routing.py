@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from llmtap.config import Settings
 from llmtap.config_sections import ApiKind, ProviderConfig
 from llmtap.events import GEO_PATTERN, GLOBAL_GEO, STANDARD_TIER
-from stream.pricing import TIERS
+from stream.catalog import TIERS
 
 OPENAI_HOST = "api.openai.com"
 _GEO = re.compile(GEO_PATTERN)

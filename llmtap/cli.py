@@ -371,7 +371,7 @@ def _check_pricing_file(settings: Settings) -> None:
     from pydantic import ValidationError
     from yaml import YAMLError
 
-    from stream.pricing import load_catalog
+    from stream.catalog import load_catalog
 
     try:
         load_catalog(settings.pricing_file)

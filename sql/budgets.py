@@ -32,7 +32,7 @@ from llmtap.events import BudgetState, LatestHeard, Reservations
 from llmtap.following import follow_topic
 from sql.params import Scope
 from stream.budgets import current, is_of
-from stream.pricing import Catalog
+from stream.catalog import Catalog
 
 BUDGET_BOOK = web.AppKey("budget_book", BudgetBook)
 

@@ -20,9 +20,9 @@ from llmtap.stopping import unless_stopped
 from stream.agents import budgets, windows
 from stream.agents.costs import CostStage
 from stream.agents.spikes import SpikesStage
+from stream.catalog import load_catalog
 from stream.detector import Detector
 from stream.ledger import Ledger
-from stream.pricing import load_catalog
 from stream.transport import StreamApp
 from stream.warmup import spike_settle, warmed_detector
 from stream.web import WorkerWeb

@@ -20,7 +20,8 @@ from ingress.guards.bounds import Advisor, reach
 from ingress.guards.refusals import Exhausted
 from llmtap.config import Settings
 from llmtap.events import AdvisorUsage, Attribution, Usage
-from stream.pricing import Rates, load_catalog, missing_price, price
+from stream.catalog import Rates, load_catalog
+from stream.pricing import missing_price, price
 from tests.conftest import Broker, FakeUpstream
 from tests.test_budget_book import MIDNIGHT, book
 from tests.test_ingress_ops import make_key, response_event

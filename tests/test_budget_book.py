@@ -19,7 +19,8 @@ from llmtap import wire
 from llmtap.config_sections import BudgetConfig, ProviderConfig
 from llmtap.events import Attribution, PlacedCosts, Reservations, Usage, utcnow
 from stream.budgets import fresh
-from stream.pricing import Catalog, ModelPrice, Rates, TierRates, cost_of, load_catalog, rate
+from stream.catalog import Catalog, ModelPrice, Rates, TierRates, load_catalog
+from stream.pricing import cost_of, rate
 
 ACME = Attribution(tenant="acme")
 MIDNIGHT = datetime(2026, 11, 30, tzinfo=UTC)

@@ -52,8 +52,8 @@ from sinks.clickhouse.write import write_batch
 from sql.budgets import RESERVATION_BOOK, budget_follower
 from sql.store import Store
 from stream.budgets import fresh
+from stream.catalog import load_catalog
 from stream.ledger import Ledger
-from stream.pricing import load_catalog
 from tests import sample as made
 from tests.conftest import INGRESS_PROVIDER_KEY, FakeUpstream, run_llmtap, serve_ingress
 from tests.fake_provider import FakeProvider, free_port, serve

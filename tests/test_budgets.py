@@ -49,8 +49,8 @@ from stream.budgets import (
     threshold_alert_id,
     threshold_alert_id_before_limits,
 )
+from stream.catalog import load_catalog
 from stream.ledger import Ledger
-from stream.pricing import load_catalog
 from stream.rolls import Watermark, read_past, roll_time
 from tests import sample
 from tests.conftest import start_broker

@@ -14,16 +14,8 @@ import pytest
 from ingress.forward.usage import anthropic_usage
 from llmtap import wire
 from llmtap.events import Cost, ResponseEvent, Usage
-from stream.pricing import (
-    Catalog,
-    ModelPrice,
-    Rates,
-    cost_of,
-    load_catalog,
-    missing_price,
-    price,
-    priced_as_served,
-)
+from stream.catalog import Catalog, ModelPrice, Rates, load_catalog
+from stream.pricing import cost_of, missing_price, price, priced_as_served
 from tests import sample
 
 MILLION = Decimal(1_000_000)

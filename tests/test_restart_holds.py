@@ -22,7 +22,7 @@ from llmtap.events import Attribution, BudgetState, PlacedCosts, Reservations, U
 from llmtap.kafka import Kafka
 from llmtap.names import Names
 from stream.budgets import fresh
-from stream.pricing import load_catalog
+from stream.catalog import load_catalog
 from tests.test_budget_caps import records_of
 
 ACME = Attribution(tenant="acme")

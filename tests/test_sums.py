@@ -24,7 +24,7 @@ from llmtap.config_sections import BudgetConfig
 from llmtap.events import Attribution, Reservations, Usage, utcnow
 from stream import budgets as budget_math
 from stream.budgets import Matching, matches
-from stream.pricing import Catalog, ModelPrice, Rates, load_catalog
+from stream.catalog import Catalog, ModelPrice, Rates, load_catalog
 
 # Amounts of every shape a worst case takes: few digits at any exponent, and some
 # with more than a Decimal's 28 (which no addition can keep: summed as summing rounds).

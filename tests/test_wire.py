@@ -37,7 +37,8 @@ from llmtap.events import (
 )
 from llmtap.wire import decode_costed
 from sinks.clickhouse.rows import call_row
-from stream.pricing import load_catalog, price, price_wire
+from stream.catalog import load_catalog
+from stream.pricing import price, price_wire
 from stream.windows import Windower
 from tests.test_clickhouse_writer import costed
 from tests.test_windows import T0, call

@@ -20,7 +20,7 @@ from ingress_latency import percentile
 from loadgen import MixEntry, call_mixed
 
 from llmtap.events import Usage
-from stream.pricing import load_catalog
+from stream.catalog import load_catalog
 from system.measure import Bench, as_record, read_records, run_loadgen
 from system.mix import Entry, fake_usage, price, usage_of
 from system.processes import BENCH, ROOT, get_json, progress

@@ -15,7 +15,8 @@ from typing import Any
 from fake_upstream import usage_for
 
 from llmtap.events import Usage
-from stream.pricing import Catalog, cost_of
+from stream.catalog import Catalog
+from stream.pricing import cost_of
 
 MODELS = (("gpt-4o-mini", 45), ("gpt-4.1-nano", 20), ("gpt-4o", 15), ("gpt-4.1-mini", 20))
 PROMPT_CHARS = ((60, 50), (400, 35), (3000, 15))  # (characters, weight)

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from ingress_latency import Fleet, Server, StartupFailed, free_port, http_ok, wait_until
 
-from stream.pricing import load_catalog
+from stream.catalog import load_catalog
 from system.mix import (
     CAPPED,
     KEYS,

@@ -62,13 +62,8 @@ from stream.budgets import (
     period_bounds,
     rejudged,
 )
-from stream.pricing import (
-    Catalog,
-    advisor_breakdown,
-    cost_of,
-    no_tokens,
-    priced_as_served,
-)
+from stream.catalog import Catalog
+from stream.pricing import advisor_breakdown, cost_of, no_tokens, priced_as_served
 
 # A cost no state has counted this long after its call ended is no longer held on its
 # own (memory: one entry a call, while a broker outage or a lagging stream lasts): one

@@ -17,7 +17,8 @@ from datetime import datetime
 from decimal import Decimal
 
 from ingress.guards.bounds import Advisor
-from stream.pricing import PER_MILLION, Catalog, Rates, search_fee
+from stream.catalog import Catalog, Rates
+from stream.pricing import PER_MILLION, search_fee
 
 
 def geo_times(rates: Rates, geo: str | None) -> Decimal:

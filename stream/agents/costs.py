@@ -52,7 +52,8 @@ from llmtap.names import Names
 from stream import checkpoints
 from stream.agents.assignment import one_holder
 from stream.agents.stage import Fetched, GroupStage
-from stream.pricing import Catalog, missing_price, price_wire
+from stream.catalog import Catalog
+from stream.pricing import missing_price, price_wire
 from stream.rolls import Watermark
 
 log = logging.getLogger(__name__)
