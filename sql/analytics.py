@@ -464,7 +464,7 @@ def guarded(
 
     async def wrapper(request: web.Request) -> web.StreamResponse:
         try:
-            caller = request.app[AUTH].authenticate(request.headers)
+            caller = await request.app[AUTH].authenticated(request.headers)
         except Unauthorized as exc:
             return api_error(
                 401, exc.message, headers={"WWW-Authenticate": 'Bearer realm="llmtap"'}

@@ -91,6 +91,16 @@ class ApiAuth:
             raise Unauthorized
         return Caller(key=key)
 
+    async def authenticated(self, headers: CIMultiDictProxy[str]) -> Caller:
+        """:meth:`authenticate`, the key file read again first when a key presented is
+        not known and the file changed (a key made a moment ago works at once)."""
+        try:
+            return self.authenticate(headers)
+        except Unauthorized:
+            if not bearer(headers) or not await self.keys.refreshed():
+                raise
+        return self.authenticate(headers)
+
 
 AUTH = web.AppKey("api_auth", ApiAuth)
 CALLER = web.RequestKey("api_caller", Caller)

@@ -358,6 +358,31 @@ async def test_a_new_key_works_without_a_restart(api: Api) -> None:
     assert [r["user"] for r in body["data"]] == ["zed"]
 
 
+async def test_a_key_made_a_moment_ago_is_known_at_once(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script that makes a key and asks with it straight away gets its answer, not a
+    401 until the next periodic reload (an hour away here): a key not known sends the
+    API to the file first, when it changed."""
+    monkeypatch.setattr(auth, "KEY_RELOAD_S", 3600.0)
+    settings = Settings(data_dir=tmp_path)
+    create_key(settings.key_file, tenant="acme")  # read as the app starts
+    app = web.Application(middlewares=[analytics.api_errors])
+    app[analytics.STORE] = store
+    analytics.add_routes(app, settings)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+
+        async def status(secret: str) -> int:
+            headers = {"Authorization": f"Bearer {secret}"}
+            async with client.get("/api/v1/analytics/usage", headers=headers) as response:
+                return response.status
+
+        secret, _ = create_key(settings.key_file, tenant="globex")
+        assert await status(secret) == 200
+        assert await status("ltk_not-a-real-key") == 401  # the file unchanged: one stat
+        assert not await app[auth.AUTH].keys.refreshed()
+
+
 # -- SQL is for admins ------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ingress import app as ingress_app
 from ingress.forward import call
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.endpoint import upstream_credential
@@ -98,6 +99,26 @@ async def test_a_key_works_until_revoked_and_only_its_hash_is_stored(
     async with asyncio.timeout(10):
         while (await chat(ingress, secret))[0] != 401:
             await asyncio.sleep(0.1)
+
+
+async def test_a_key_made_a_moment_ago_works_at_once(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script that makes a key and calls with it straight away is not answered 401
+    until the next periodic reload (an hour away here): a key the ingress does not know
+    sends it to the file first, when the file changed."""
+    monkeypatch.setattr(ingress_app, "KEY_RELOAD_S", 3600.0)
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", PROVIDER_KEY)
+    create_key(ingress_settings.key_file, tenant="acme")  # read as the ingress starts
+    server = await serve_ingress(ingress_settings)
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        secret, _ = create_key(ingress_settings.key_file, tenant="globex")
+        assert (await chat(base, secret))[0] == 200
+        assert upstream.provider.received[-1].headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+        assert (await chat(base, "ltk_not-a-real-key"))[0] == 401
+    finally:
+        await server.close()
 
 
 async def known(ingress: str, secret: str) -> None:

@@ -134,8 +134,15 @@ class Admission:
         request, endpoint, call, refuse = self.request, self.endpoint, self.call, self.refuse
         api = endpoint.api
         settings = request.app[SETTINGS]
+        keys = request.app[KEYS]
         try:
-            identity = authenticate(request.headers, settings, request.app[KEYS])
+            try:
+                identity = authenticate(request.headers, settings, keys)
+            except Refusal as refusal:
+                # An unknown key may be one made a moment ago: the file read again first.
+                if refusal.status != 401 or not await keys.refreshed():
+                    raise
+                identity = authenticate(request.headers, settings, keys)
         except Refusal as refusal:
             if refusal.attribution is not None:  # a valid key's false claim: its tenant's call
                 call.attribution = refusal.attribution

@@ -277,17 +277,49 @@ class KeyStore:
         self._gone_at: float | None = None  # monotonic time the file was first found gone
         self._unreadable = ""  # why the file could not be opened, as last logged
         self._reloading = threading.Lock()
+        # The reload a lookup that missed waits for (:meth:`refreshed`), one at a time.
+        self._refreshing: asyncio.Future[bool] | None = None
 
     def __len__(self) -> int:
         return len(self._by_hash)
 
     def lookup(self, secret: str) -> VirtualKey | None:
         """The live (not revoked) key for a presented secret, or None: a key made a moment
-        ago is known after the next reload (within about a second at the ingress)."""
+        ago is known after the next reload (within about a second), or after
+        :meth:`refreshed`, which a caller asks when a lookup missed."""
         if not secret:
             return None
         key = self._by_hash.get(hash_key(secret))
         return None if key is None or key.revoked else key
+
+    def changed(self) -> bool:
+        """Whether the file is not the one last read (its stamp moved): one ``stat``, no
+        read. A file missing or unreadable is the reloads' to judge (kept for a grace,
+        logged), not this."""
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return False
+        return (found.st_ino, found.st_mtime_ns, found.st_ctime_ns, found.st_size) != self._stamp
+
+    async def refreshed(self) -> bool:
+        """Reload now, in a thread, if the file changed since it was read; whether other
+        keys were installed. Asked when a presented key is not known: a key made by
+        `llmtap keys create` a moment ago then works at once, not after the next
+        periodic reload (a script that makes a key and calls with it got 401 for up to
+        a second). Costs a ``stat`` when nothing changed (unknown keys sent in a flood
+        cost that much each); the calls missing meanwhile wait for one reload."""
+        if not self.changed():
+            return False
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(asyncio.to_thread(self.reload))
+        try:
+            return await asyncio.shield(self._refreshing)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reloading the key file %s failed", self.path)
+            return False
 
     async def follow(self, every_s: float) -> None:
         """Reload every ``every_s`` seconds, in a thread, until cancelled. A reload that

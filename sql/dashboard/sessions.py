@@ -111,8 +111,19 @@ def authenticate(auth: ApiAuth, secret: str) -> Caller:
     (raises :class:`~sql.auth.Unauthorized`)."""
     if not secret:
         raise Unauthorized
-    headers = CIMultiDictProxy(CIMultiDict({"Authorization": f"Bearer {secret}"}))
-    return auth.authenticate(headers)
+    return auth.authenticate(_bearing(secret))
+
+
+async def authenticated(auth: ApiAuth, secret: str) -> Caller:
+    """:func:`authenticate` at a login: a key made a moment ago is known at once
+    (:meth:`~sql.auth.ApiAuth.authenticated`)."""
+    if not secret:
+        raise Unauthorized
+    return await auth.authenticated(_bearing(secret))
+
+
+def _bearing(secret: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict({"Authorization": f"Bearer {secret}"}))
 
 
 def caller_of(request: web.Request, sessions: Sessions, now: datetime) -> Caller | None:

@@ -46,7 +46,7 @@ from sql.dashboard.sessions import (
     COOKIE,
     Sessions,
     TooManySessions,
-    authenticate,
+    authenticated,
     caller_of,
     clear_cookie,
     set_cookie,
@@ -513,7 +513,7 @@ class Views:
         secret = form.get("key")
         secret = secret.strip() if isinstance(secret, str) else ""
         try:
-            authenticate(request.app[AUTH], secret)
+            await authenticated(request.app[AUTH], secret)
         except Unauthorized:
             return login_page(
                 range_, "Unknown or revoked key: use an admin key or a virtual key.", 401
