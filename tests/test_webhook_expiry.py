@@ -23,6 +23,7 @@ from llmtap.names import Names
 from sinks.webhooks import records, redeliver
 from sinks.webhooks.dispatcher import WebhookDispatcher
 from sinks.webhooks.records import Attempt
+from sinks.webhooks.worker import EndpointWorker, Owned
 from sql.store import Store
 from tests.conftest import Broker
 from tests.prometheus import sample
@@ -138,6 +139,35 @@ async def test_a_delivery_begun_longer_ago_than_max_age_is_dead_lettered_unsent(
     (line,) = [m for m in said if "expired" in m]
     assert line.startswith("webhook aging: 2 unfinished deliveries expired")
     assert "llmtap alerts redeliver --endpoint aging" in line
+
+
+async def test_a_rescan_that_only_expired_deliveries_goes_on_to_the_younger_ones(
+    store: Store,
+) -> None:
+    """A store process back after days: the oldest unfinished deliveries a rescan reads
+    (as many as its queue holds) are all expired. It dead-letters them and reads on:
+    the younger ones behind them are sent at once, not left until some new alert, or a
+    rebalance, wakes the worker (by then they may have expired too)."""
+    rule = f"rule-{uuid.uuid4()}"
+    old = [make_alert(rule, value=f"old-{n}") for n in range(2)]
+    fresh = make_alert(rule, value="fresh")
+    async with receiver({}) as rec:
+        hook = endpoint("behind", f"{rec.base_url}/behind", rules=[rule])
+        for alert in old:
+            recorded_earlier(store, alert, "behind")
+        records.store_batch(store, [fresh], [("behind", fresh)], [], {fresh.event_id: 0})
+        owned = Owned(frozenset({0}))
+        worker = EndpointWorker(hook, store, allow_private=True, owned=owned, queue_size=2)
+        running = asyncio.create_task(worker.run())
+        try:
+            worker.reassigned()
+            await until(finished(store, [*(a.event_id for a in old), fresh.event_id], pairs=3))
+            await until(lambda: len(rec.accepted) == 1)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    assert [a.webhook_id for a in rec.accepted] == [str(fresh.event_id)]
 
 
 async def test_unfinished_deliveries_of_an_endpoint_not_configured_are_said_at_start(

@@ -166,8 +166,13 @@ class EndpointWorker:
     async def run(self) -> None:
         async with deliver.client_session(allow_private=self._allow_private) as session:
             while True:
-                if self._rescan and self._queue.empty():
-                    await self._refill()
+                # Again while a rescan queues nothing yet leaves more to read: it read
+                # only deliveries it dead-lettered (expired), and younger ones wait
+                # behind them, which nothing else would wake this worker for. Not
+                # again after a pass that changed nothing (it would read the same rows).
+                while self._rescan and self._queue.empty():
+                    if not await self._refill():
+                        break
                 job = await self._queue.get()
                 if job is None:
                     continue
@@ -197,7 +202,9 @@ class EndpointWorker:
                     self._sending = None
                     self._held.discard(job.alert.event_id)
 
-    async def _refill(self) -> None:
+    async def _refill(self) -> bool:
+        """Queue the oldest unfinished deliveries (up to the queue's size), and record
+        those past ``max_age`` dead-lettered; whether it queued or recorded any."""
         self._rescan = False
         self._refilling = True
         limit = self._queue.maxsize
@@ -222,9 +229,11 @@ class EndpointWorker:
             given_up = self.outcomes.get("dead_lettered", 0) + resumed.given_up
             self.outcomes["dead_lettered"] = given_up
         self._rescan = self._rescan or resumed.read >= limit
+        queued = self._queue.qsize()
         for job in jobs:
             if self._wanted(job):
                 self._put(job)
+        return bool(resumed.given_up) or self._queue.qsize() > queued
 
     async def _close_out(self, job: Job) -> None:
         """Record ``job`` and every owned one queued behind it ``gone``, in one insert."""
