@@ -99,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     again = _command(
         alert_actions,
         "redeliver",
-        help="send an endpoint's dead-lettered (or 410 gone) deliveries again, and enable "
-        "it if a 410 disabled it; asks the running store process with an admin key "
+        help="send an endpoint's dead-lettered (or 410 gone, or refused) deliveries again, "
+        "and enable it if a 410 disabled it; asks the running store process with an admin key "
         "(LLMTAP_ADMIN_KEY)",
     )
     again.add_argument("--endpoint", required=True, help="the webhook endpoint's name")

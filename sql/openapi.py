@@ -590,8 +590,8 @@ def _redeliver() -> Schema:
             "operationId": "webhooks_redeliver",
             "summary": "Send an endpoint's given-up webhook deliveries again (admin keys only)",
             "description": (
-                "Each of the endpoint's deliveries whose latest sending ended dead_lettered "
-                "or gone (of the alerts named, given up at or after `since`; none named: "
+                "Each of the endpoint's deliveries whose latest sending ended dead_lettered, "
+                "gone or refused (of the alerts named, given up at or after `since`; none named: "
                 "all) is made due again: sent with the same webhook-id on a fresh retry "
                 "schedule, as new rows of the next redelivery. The endpoint is enabled "
                 "again if a 410 disabled it. Served by the store process only."

@@ -213,6 +213,33 @@ async def test_redeliver_selects_by_alert_id_and_by_when_given_up(
     )
 
 
+async def test_a_refused_delivery_is_redelivered_once_the_guard_lets_it_through(
+    broker: Broker, store: Store
+) -> None:
+    """A delivery the SSRF guard refused (a private receiver before
+    `webhook_allow_private` was set, or a DNS answer with a private address for a
+    while) is given up as much as a dead-lettered one: once the configuration lets the
+    receiver through, `llmtap alerts redeliver` sends it (it found nothing to send)."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)
+    async with receiver({"inside": Behaviour()}) as rec:
+        hook = endpoint("inside", f"{rec.base_url}/inside", rules=[rule])
+        refusing = Settings(kafka_bootstrap=broker.bootstrap, webhooks=[hook])
+        await publish(broker.bootstrap, [alert])
+        async with dispatching(refusing, store):
+            await until(finished(store, [alert.event_id], pairs=1))
+        assert rec.requests("inside") == []
+        allowing = refusing.model_copy(update={"webhook_allow_private": True})
+        async with dispatching(allowing, store) as dispatcher:
+            again = redeliver.Selection("inside")
+            assert await redeliver.redeliver(store, dispatcher, again) == 1
+            await until(lambda: len(rec.accepted) == 1)
+            await until(lambda: dispatcher.workers["inside"].idle)
+        rows = await asyncio.to_thread(delivery_rows, store, alert.event_id)
+    assert [a.webhook_id for a in rec.accepted] == [str(alert.event_id)]
+    assert rows == [(0, 0, "pending"), (0, 1, "refused"), (1, 0, "pending"), (1, 1, "delivered")]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -2,10 +2,10 @@
 
 The CLI asks the running store process (POST /api/v1/webhooks/{endpoint}/redeliver, an
 admin key's: sinks/app.py), which owns the store and the endpoint's worker. For each of
-the endpoint's deliveries whose latest sending ended ``dead_lettered`` or ``gone``
-(optionally of some alerts only, given up since a time), a ``pending`` row of the next
-``redelivery`` is recorded: the delivery is unfinished again, its attempts counting
-from 0, and the endpoint's worker resumes it as it resumes any (in order, by the
+the endpoint's deliveries whose latest sending ended ``dead_lettered``, ``gone`` or
+``refused`` (optionally of some alerts only, given up since a time), a ``pending`` row
+of the next ``redelivery`` is recorded: the delivery is unfinished again, its attempts
+counting from 0, and the endpoint's worker resumes it as it resumes any (in order, by the
 owner of its alert's partition), with the same ``webhook-id``, the alert id. The
 endpoint is enabled again if a 410 disabled it (gone.py).
 
@@ -30,7 +30,9 @@ from sinks.webhooks.records import Attempt, Outcome, record
 from sql.params import BadParameter
 from sql.store import Store, render
 
-GIVEN_UP: tuple[Outcome, ...] = ("dead_lettered", "gone")
+# Refused too: the guard's answer changes with the configuration (webhook_allow_private)
+# and with what a name resolves to; a refused delivery had no other way to be sent.
+GIVEN_UP: tuple[Outcome, ...] = ("dead_lettered", "gone", "refused")
 NOTE = "redelivery requested"  # the error column of the pending row it records
 
 

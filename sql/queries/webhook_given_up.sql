@@ -1,5 +1,5 @@
--- One endpoint's deliveries given up (their latest redelivery ended dead_lettered or
--- gone, and not delivered), for `llmtap alerts redeliver`: optionally only
+-- One endpoint's deliveries given up (their latest redelivery ended dead_lettered, gone
+-- or refused, and not delivered), for `llmtap alerts redeliver`: optionally only
 -- these alerts', and only those given up at or after `since`. Each with the partition
 -- its alert was read from and the redelivery to record next (0019).
 SELECT
