@@ -4,6 +4,7 @@ never shortens it (an HTTP receiver here; no broker, no store)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from aiohttp import web
@@ -96,3 +97,45 @@ async def test_a_delivery_answered_retry_after_0_is_not_retried_at_once() -> Non
     assert first.retry_at is not None
     assert (first.retry_at - first.ts).total_seconds() >= SECOND
     assert (second.ts - first.ts).total_seconds() >= SECOND
+
+
+async def test_a_delivery_given_up_on_a_retry_after_holds_the_next_one_that_long() -> None:
+    """Its last attempt answered 429 with `retry-after: 2`: dead-lettered, and the
+    endpoint's next delivery is not sent into the wait the receiver asked for (with
+    `max_attempts: 1` every failure is a last attempt)."""
+    arrived: list[float] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        arrived.append(time.monotonic())
+        status = 429 if len(arrived) == 1 else 200
+        return web.Response(status=status, headers={"retry-after": "2"})
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+
+    async def record(attempt: Attempt) -> None:
+        pass
+
+    hook = WebhookEndpoint(
+        name="limited", url=str(server.make_url("/hook")), secret=SECRET, max_attempts=1
+    )
+    outcomes = []
+    try:
+        async with deliver.client_session(allow_private=True) as session:
+            for _ in range(2):  # as the endpoint's worker sends them: one after another
+                outcomes.append(
+                    await deliver.deliver(
+                        session,
+                        hook,
+                        uuid.uuid4(),
+                        Body(b"{}", "application/json"),
+                        allow_private=True,
+                        record=record,
+                    )
+                )
+    finally:
+        await server.close()
+    assert outcomes == ["dead_lettered", "delivered"]
+    assert arrived[1] - arrived[0] >= 2 * SECOND

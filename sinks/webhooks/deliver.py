@@ -223,6 +223,10 @@ async def deliver(
         now = utcnow()
         if outcome != "retrying":
             await record(Attempt(alert_id, name, n, now, response.status, response.error, outcome))
+            if outcome == "dead_lettered" and response.retry_after is not None:
+                # Given up on an answer that asked for a wait (a 429 or 503): the
+                # endpoint's next delivery waits for it too, not sent at once into it.
+                await _until(now + timedelta(seconds=min(response.retry_after, RETRY_AFTER_CAP_S)))
             return outcome
         delay = retry_delay(n, endpoint.backoff_s, response.retry_after)
         retry_at = now + timedelta(seconds=delay)
