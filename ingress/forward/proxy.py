@@ -93,7 +93,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 await _relay(
                     upstream.content, response, capture, FirstEvent(endpoint.preamble), call
                 )
-                if capture.error and status == "ok":  # it failed after the 200 went out
+                if capture.error:  # it failed after the 200 went out, or is an error
+                    # answered as a stream: the provider's type, as an error's JSON gives it
                     status, error_class = "upstream_error", capture.error
                 return response
             else:
