@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from ingress.forward.capture import (
     HOLD_BYTES,
+    TAIL_READ_BYTES,
     AnthropicJsonCapture,
     AnthropicStreamCapture,
     OpenAIJsonCapture,
@@ -1102,6 +1103,60 @@ def test_an_embeddings_usage_counting_only_its_total_is_all_input() -> None:
     assert openai_usage({"prompt_tokens": 8, "total_tokens": 12}) == Usage(input_tokens=8)
     counted = openai_usage({"completion_tokens": 3, "total_tokens": 12})
     assert counted is not None and counted.input_tokens == 0
+
+
+LARGE = "x" * (2 * 1024 * 1024)  # text enough to make a body be read from its end
+
+
+@pytest.mark.parametrize(
+    ("body", "tier", "searches"),
+    [
+        # Its members after the vectors: read from there.
+        ({"object": "list", "data": [{"embedding": LARGE}], "model": "m", "usage": USAGE}, "", 0),
+        # A Responses body: its output (searches) and model before a tool naming a model.
+        (
+            {
+                "model": "m",
+                "output": [{"type": "web_search_call"}, {"type": "message", "text": LARGE}],
+                "tools": [{"type": "image_generation", "model": "gpt-image-1"}],
+                "service_tier": "flex",
+                "usage": USAGE,
+            },
+            "flex",
+            1,
+        ),
+        # The last "output" is an item's (an MCP call's), the object's own before it.
+        (
+            {
+                "output": [{"type": "web_search_call"}, {"type": "mcp_call", "output": LARGE}],
+                "model": "m",
+                "usage": USAGE,
+            },
+            "",
+            1,
+        ),
+        # The model after its usage; a tier before the vectors.
+        (
+            {"service_tier": "priority", "data": [LARGE], "usage": USAGE, "model": "m"},
+            "priority",
+            0,
+        ),
+    ],
+)
+def test_a_large_body_is_read_from_its_end_as_it_would_be_whole(
+    body: dict[str, Any], tier: str, searches: int
+) -> None:
+    """An answer over TAIL_READ_BYTES is read from the first of the members its usage
+    needs (usage, model, service_tier, output) to its end, when each is the object's own
+    (an embeddings answer's float vectors, parsed whole, held the event loop ~1 s): what
+    it reads is what the whole body says."""
+    encoded = orjson.dumps(body)
+    assert len(encoded) > TAIL_READ_BYTES
+    read = OpenAIJsonCapture(encoded)
+    expected = EXPECTED.model_copy(update={"web_search_requests": searches})
+    if tier:
+        expected = expected.model_copy(update={"service_tier": tier})
+    assert (read.usage, read.model) == (expected, "m")
 
 
 def test_groq_s_usage_in_x_groq_is_captured_from_a_stream_that_did_not_ask() -> None:

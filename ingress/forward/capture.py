@@ -73,12 +73,43 @@ class Capture:
     impossible: str
 
 
+# An answer larger than this is read from its end (:func:`top_level_tail`) when it can be.
+TAIL_READ_BYTES = 1024 * 1024
+# The top-level members of an OpenAI answer its usage is read from.
+_READ_MEMBERS = ("usage", "model", "service_tier", "output")
+
+
+def top_level_tail(body: bytes, members: tuple[str, ...]) -> dict[str, Any] | None:
+    """The members of a JSON object from the first of ``members`` it holds to its end,
+    parsed without what comes before (an embeddings answer's vectors: 2,048 of 3,072
+    floats are up to 130 MB, whose parse held the event loop, every tenant's calls, up
+    to 1.3 s after each such call; the SDKs' base64 is 4x smaller and cheap to parse,
+    but not every client asks for it). Each member is found by its last ``"name"``.
+    None when none is there, or when one found is not a member of the object itself:
+    nested in another value, or a ``"name"`` that is no key (a value, the end of a
+    string after an escaped quote), its tail is no JSON object, or lacks it. Then parse
+    the body whole."""
+    found = {name: body.rfind(f'"{name}"'.encode()) for name in members}
+    found = {name: at for name, at in found.items() if at >= 0}
+    if not found:
+        return None
+    try:
+        tail = orjson.loads(b"{" + body[min(found.values()) :])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(tail, dict) or any(name not in tail for name in found):
+        return None
+    return tail
+
+
 class OpenAIJsonCapture(Capture):
     """Chat completions, completions, embeddings and responses bodies (the tier that
-    served the call is the body's ``service_tier``)."""
+    served the call is the body's ``service_tier``). A large one is read from its end
+    when its members read are last (:func:`top_level_tail`)."""
 
     def __init__(self, body: bytes) -> None:
-        parsed = parse_json_body(body) or {}
+        tail = top_level_tail(body, _READ_MEMBERS) if len(body) > TAIL_READ_BYTES else None
+        parsed = tail or parse_json_body(body) or {}
         usage, self.impossible = _read(openai_usage, parsed.get("usage"))
         self.usage = (
             Usage.missing()
