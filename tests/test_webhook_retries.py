@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -59,15 +61,11 @@ def test_no_wait_is_under_a_second() -> None:
     assert deliver.retry_delay(1, 1.0, rand=lambda: 0.0) == SECOND  # half of 1 s: floored
 
 
-async def test_a_delivery_answered_retry_after_0_is_not_retried_at_once() -> None:
-    """deliver() on a real receiver: 503 with `retry-after: 0`, then 200."""
-    answered: list[int] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        status = 200 if answered else 503
-        answered.append(status)
-        return web.Response(status=status, headers={"retry-after": "0"})
-
+async def deliveries(
+    handle: Callable[[web.Request], Awaitable[web.Response]], count: int = 1, **hook: Any
+) -> tuple[list[str], list[Attempt]]:
+    """``count`` deliveries to a receiver answering with ``handle``, one after another as
+    an endpoint's worker sends them: their outcomes, and the attempts recorded."""
     app = web.Application()
     app.router.add_post("/hook", handle)
     server = TestServer(app, host="127.0.0.1")
@@ -77,22 +75,39 @@ async def test_a_delivery_answered_retry_after_0_is_not_retried_at_once() -> Non
     async def record(attempt: Attempt) -> None:
         recorded.append(attempt)
 
-    hook = WebhookEndpoint(
-        name="busy", url=str(server.make_url("/hook")), secret=SECRET, backoff_s=0
+    endpoint = WebhookEndpoint(
+        name="hook", url=str(server.make_url("/hook")), secret=SECRET, **hook
     )
+    outcomes: list[str] = []
     try:
         async with deliver.client_session(allow_private=True) as session:
-            outcome = await deliver.deliver(
-                session,
-                hook,
-                uuid.uuid4(),
-                Body(b"{}", "application/json"),
-                allow_private=True,
-                record=record,
-            )
+            for _ in range(count):
+                outcomes.append(
+                    await deliver.deliver(
+                        session,
+                        endpoint,
+                        uuid.uuid4(),
+                        Body(b"{}", "application/json"),
+                        allow_private=True,
+                        record=record,
+                    )
+                )
     finally:
         await server.close()
-    assert outcome == "delivered" and answered == [503, 200]
+    return outcomes, recorded
+
+
+async def test_a_delivery_answered_retry_after_0_is_not_retried_at_once() -> None:
+    """deliver() on a real receiver: 503 with `retry-after: 0`, then 200."""
+    answered: list[int] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        status = 200 if answered else 503
+        answered.append(status)
+        return web.Response(status=status, headers={"retry-after": "0"})
+
+    outcomes, recorded = await deliveries(handle, backoff_s=0)
+    assert outcomes == ["delivered"] and answered == [503, 200]
     first, second = recorded
     assert first.retry_at is not None
     assert (first.retry_at - first.ts).total_seconds() >= SECOND
@@ -110,32 +125,6 @@ async def test_a_delivery_given_up_on_a_retry_after_holds_the_next_one_that_long
         status = 429 if len(arrived) == 1 else 200
         return web.Response(status=status, headers={"retry-after": "2"})
 
-    app = web.Application()
-    app.router.add_post("/hook", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-
-    async def record(attempt: Attempt) -> None:
-        pass
-
-    hook = WebhookEndpoint(
-        name="limited", url=str(server.make_url("/hook")), secret=SECRET, max_attempts=1
-    )
-    outcomes = []
-    try:
-        async with deliver.client_session(allow_private=True) as session:
-            for _ in range(2):  # as the endpoint's worker sends them: one after another
-                outcomes.append(
-                    await deliver.deliver(
-                        session,
-                        hook,
-                        uuid.uuid4(),
-                        Body(b"{}", "application/json"),
-                        allow_private=True,
-                        record=record,
-                    )
-                )
-    finally:
-        await server.close()
+    outcomes, _ = await deliveries(handle, count=2, max_attempts=1)
     assert outcomes == ["dead_lettered", "delivered"]
     assert arrived[1] - arrived[0] >= 2 * SECOND
