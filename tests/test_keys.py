@@ -121,6 +121,27 @@ async def test_a_key_made_a_moment_ago_works_at_once(
         await server.close()
 
 
+async def test_a_key_missed_while_the_file_is_being_read_is_looked_up_after(
+    tmp_path: Path,
+) -> None:
+    """A call whose key the periodic reload is installing as it asks (the file's stamp
+    taken, its keys not installed yet) waits for that reload, and finds its key: the
+    stamp alone said nothing changed, and it was answered 401."""
+    path = tmp_path / "keys.yaml"
+    create_key(path, tenant="acme")
+    store = KeyStore(path)
+    store.reload()
+    secret, _ = create_key(path, tenant="globex")
+    found = os.stat(path)
+    with store._reloading:  # the periodic reload, in its thread, partway
+        store._stamp = (found.st_ino, found.st_mtime_ns, found.st_ctime_ns, found.st_size)
+        asked = asyncio.ensure_future(store.refreshed())
+        await asyncio.sleep(0)  # asked while it reads
+        store._by_hash = key_files.by_hash(read_keys(path))
+    assert await asked
+    assert store.lookup(secret) is not None
+
+
 async def known(ingress: str, secret: str) -> None:
     """Wait until the ingress has loaded a freshly created key."""
     async with asyncio.timeout(10):

@@ -293,9 +293,12 @@ class KeyStore:
         return None if key is None or key.revoked else key
 
     def changed(self) -> bool:
-        """Whether the file is not the one last read (its stamp moved): one ``stat``, no
-        read. A file missing or unreadable is the reloads' to judge (kept for a grace,
-        logged), not this."""
+        """Whether the file is not the one last read (its stamp moved: one ``stat``, no
+        read), or is being read now (its stamp taken, its keys not installed yet). A
+        file missing or unreadable is the reloads' to judge (kept for a grace, logged),
+        not this."""
+        if self._reloading.locked():
+            return True
         try:
             found = os.stat(self.path)
         except OSError:
@@ -303,8 +306,9 @@ class KeyStore:
         return (found.st_ino, found.st_mtime_ns, found.st_ctime_ns, found.st_size) != self._stamp
 
     async def refreshed(self) -> bool:
-        """Reload now, in a thread, if the file changed since it was read; whether other
-        keys were installed. Asked when a presented key is not known: a key made by
+        """Reload now, in a thread, if the file changed since it was read; whether it was
+        read again (by this reload or the one under way when it was asked: a lookup may
+        now find what it missed). Asked when a presented key is not known: a key made by
         `llmtap keys create` a moment ago then works at once, not after the next
         periodic reload (a script that makes a key and calls with it got 401 for up to
         a second). Costs a ``stat`` when nothing changed (unknown keys sent in a flood
@@ -314,12 +318,13 @@ class KeyStore:
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(asyncio.to_thread(self.reload))
         try:
-            return await asyncio.shield(self._refreshing)
+            await asyncio.shield(self._refreshing)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("reloading the key file %s failed", self.path)
             return False
+        return True
 
     async def follow(self, every_s: float) -> None:
         """Reload every ``every_s`` seconds, in a thread, until cancelled. A reload that
