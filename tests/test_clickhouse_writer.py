@@ -20,6 +20,7 @@ import msgspec
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from clickhouse_connect.driver.binding import format_bind_value
 from clickhouse_connect.driver.exceptions import DataError
 from prometheus_client import generate_latest
 
@@ -71,10 +72,14 @@ def test_write_batch_is_idempotent_on_event_id(store: Store) -> None:
 
 def test_money_is_stored_exactly_whatever_its_decimal_spelling(store: Store) -> None:
     """Money is sent as the text of each Decimal (exponents included) and parsed by
-    ClickHouse into Decimal(18, 9): exact to the nano-dollar, digits below it cut."""
+    ClickHouse into Decimal(18, 9): exact to the nano-dollar, digits below it cut. A
+    zero spelled with an exponent past 9 ("0E+10", as Decimal arithmetic can make it)
+    ClickHouse parsed as no number: a priced call stored with its costs NULL."""
     spelled = {
         "7.5E-8": Decimal("0.000000075"),
         "0E-9": Decimal(0),
+        "0E+10": Decimal(0),
+        "-0E+18": Decimal(0),
         "1E-10": Decimal(0),
         "123456789.1234567891": Decimal("123456789.123456789"),
         "0.000075": Decimal("0.000075"),
@@ -106,6 +111,36 @@ def test_an_id_sharing_a_stored_ids_prefix_is_still_written(store: Store) -> Non
     assert write_batch(store, Batch(events=[twin, stored])) == 1
     ids = {r["event_id"] for r in store.rows("SELECT event_id FROM calls")}
     assert ids == {stored.event_id, twin.event_id}
+
+
+FIELD_VALUE_LIMIT = 128 * 1024  # a ClickHouse server's http_max_field_value_size
+
+
+def test_a_duplicate_check_binds_no_value_a_clickhouse_server_refuses(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ClickHouse server reads each bound value as an HTTP form field, and refuses one
+    past its http_max_field_value_size, 128 KiB by default ("Field value too long"): the
+    duplicate checks of a batch of 40,000 calls (the default sink_batch_rows) and of one
+    of 4,000 windows bound all their ids at once (~360 KB, ~160 KB) and failed every
+    write of the batch, the writer stuck on it. chDB binds any size, so the values are
+    measured here, as clickhouse-connect sends them; in parts, every stored row is found."""
+    bound: list[int] = []
+    rows = store.rows
+
+    def measured(sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        bound.extend(len(format_bind_value(value)) for value in (parameters or {}).values())
+        return rows(sql, parameters)
+
+    monkeypatch.setattr(store, "rows", measured)
+    windows = runs_of(
+        (Names().windows, 0, offset, a_window(event_id=uuid.uuid4())) for offset in range(4_000)
+    )
+    batch = Batch(events=[costed() for _ in range(40_000)], windows=decode_batch(windows).windows)
+    assert write_batch(store, batch) == 40_000
+    assert write_batch(store, batch) == 0  # a replay: each found stored
+    assert (count(store, "calls"), count(store, "windows")) == (40_000, 4_000)
+    assert max(bound) <= FIELD_VALUE_LIMIT
 
 
 def test_messages_in_any_order_are_runs_in_the_order_a_batch_reads_them() -> None:

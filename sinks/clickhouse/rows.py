@@ -88,7 +88,8 @@ def call_row(event: Costed) -> tuple[Any, ...]:
     duplicate check binds it so; made by msgspec in C: ``str`` of a UUID is ~0.5-1 us
     of Python), the request id as its int, times as :func:`ticks`,
     money as the str of its Decimal (sent as this text, parsed by ClickHouse: exact,
-    write.calls_types)."""
+    write.calls_types), a zero as "0": ClickHouse parses a zero spelled with an exponent
+    past 9 ("0E+10", which Decimal arithmetic can make) as no number, stored NULL."""
     r = event.response
     a = r.attribution
     u = r.usage
@@ -97,13 +98,13 @@ def call_row(event: Costed) -> tuple[Any, ...]:
         NO_COST
         if c is None
         else (
-            str(c.input),
-            str(c.cached_input),
-            str(c.cache_write),
-            str(c.output),
-            str(c.reasoning),
-            str(c.web_search),
-            str(c.total),
+            str(c.input or 0),
+            str(c.cached_input or 0),
+            str(c.cache_write or 0),
+            str(c.output or 0),
+            str(c.reasoning or 0),
+            str(c.web_search or 0),
+            str(c.total or 0),
         )
     )
     return (

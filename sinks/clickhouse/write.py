@@ -18,7 +18,7 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import astuple, dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sinks.clickhouse.decode import Batch, DeadLetter, calls_body, decode_batch
 from sinks.clickhouse.rows import (
@@ -37,9 +37,26 @@ from sql.store import Store, render
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 Columns = list[tuple[Any, ...]]  # CALLS_COLUMNS order
 
 ID_PREFIX = 8  # hex digits of an event id the duplicate check sends (existing_call_ids.sql)
+
+# The most bytes a duplicate check binds in one value. A ClickHouse server reads a bound
+# value as an HTTP form field and refuses one past its http_max_field_value_size (128 KiB
+# by default: "Field value too long"): a batch's ids bound at once (~360 KB of prefixes
+# for 40,000 calls, the default sink_batch_rows; ~160 KB for 4,000 windows) failed every
+# write of the batch, the writer stuck on it (chDB, without HTTP, binds any size). More
+# are looked up in parts.
+BOUND_BYTES = 100_000
+UUID_BOUND = 40  # bytes of a UUID in a bound array: quoted, and a comma and space
+
+
+def in_parts(values: list[T], each: int) -> list[list[T]]:
+    """``values`` in parts of at most BOUND_BYTES bound, ``each`` bytes apiece."""
+    step = BOUND_BYTES // each
+    return [values[start : start + step] for start in range(0, len(values), step)]
 
 
 def calls_types(store: Store) -> tuple[str, ...]:
@@ -108,16 +125,19 @@ def stored_call_ids(store: Store, ids: Sequence[str], ts_end: tuple[int, int]) -
     if not ids:
         return set()
     slack = 1000  # ms
-    stored = store.rows(
-        render("existing_call_ids"),
-        {
-            "ts_from": from_ticks(ts_end[0] - slack),
-            "ts_to": from_ticks(ts_end[1] + slack),
-            "id_prefixes": ",".join({event_id[:ID_PREFIX] for event_id in ids}),
-        },
-    )
     batch = set(ids)
-    return {event_id for r in stored if (event_id := str(r["event_id"])) in batch}
+    found: set[str] = set()
+    for prefixes in in_parts(list({event_id[:ID_PREFIX] for event_id in ids}), ID_PREFIX + 1):
+        stored = store.rows(
+            render("existing_call_ids"),
+            {
+                "ts_from": from_ticks(ts_end[0] - slack),
+                "ts_to": from_ticks(ts_end[1] + slack),
+                "id_prefixes": ",".join(prefixes),
+            },
+        )
+        found.update(event_id for r in stored if (event_id := str(r["event_id"])) in batch)
+    return found
 
 
 def batch_calls(batch: Batch) -> Columns:
@@ -182,15 +202,14 @@ def new_windows(store: Store, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ..
     if not unique:
         return unique
     slack = timedelta(seconds=1)
-    stored = store.rows(
-        render("existing_window_ids"),
-        {
-            "ts_from": min(row[WINDOW_START] for row in unique) - slack,
-            "ts_to": max(row[WINDOW_START] for row in unique) + slack,
-            "event_ids": [row[WINDOW_ID] for row in unique],
-        },
-    )
-    known = {r["event_id"] for r in stored}
+    ts_from = min(row[WINDOW_START] for row in unique) - slack
+    ts_to = max(row[WINDOW_START] for row in unique) + slack
+    known: set[Any] = set()
+    for ids in in_parts([row[WINDOW_ID] for row in unique], UUID_BOUND):
+        stored = store.rows(
+            render("existing_window_ids"), {"ts_from": ts_from, "ts_to": ts_to, "event_ids": ids}
+        )
+        known.update(r["event_id"] for r in stored)
     return [row for row in unique if row[WINDOW_ID] not in known]
 
 
