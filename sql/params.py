@@ -55,6 +55,10 @@ ALERT_TYPES: tuple[str, ...] = get_args(Alert.model_fields["alert_type"].annotat
 ALERT_STATES: tuple[str, ...] = get_args(Alert.model_fields["state"].annotation)
 SEVERITIES: tuple[str, ...] = get_args(Alert.model_fields["severity"].annotation)
 
+# A time's fraction of a second with digits past the microsecond that are not all 0
+# (RFC 3339 takes any number; Go's RFC3339Nano writes nine): a datetime keeps six.
+_PAST_MICROSECONDS = re.compile(r"^[^.,]*[.,][0-9]{6}[0-9]*[1-9]")
+
 # An explicit window, instead of a range: calls that ended at or after `start` and
 # before `end` (ISO-8601 with an offset or Z; `end` absent: now).
 WINDOW = ("start", "end")
@@ -362,11 +366,14 @@ class Query:
         if value is None:
             return None
         try:
-            parsed = datetime.fromisoformat(value)
+            # RFC 3339 (OpenAPI's date-time) takes a lower-case z too; Python, only Z.
+            parsed = datetime.fromisoformat(value[:-1] + "Z" if value.endswith("z") else value)
             if parsed.tzinfo is None:
                 at = None
             else:
                 at = parsed.astimezone(UTC)
+                if _PAST_MICROSECONDS.search(value):  # a datetime drops them: later still
+                    at += timedelta(microseconds=1)
                 at += timedelta(microseconds=-at.microsecond % 1000)
         except (ValueError, OverflowError):
             raise BadParameter(

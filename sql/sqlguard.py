@@ -371,8 +371,13 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
                 # chDB's default database reads a file named as a table ('/etc/hostname'),
                 # in FROM or as the set of an IN
                 raise _refuse("forbidden_table", f"{node.detail!r}: a file is not a table here")
-            database = node.name.strip('`"').split(".", 1)[0].strip('`"')
-            if database.lower() in SYSTEM_DATABASES:
+            qualified = node.name.strip('`"')
+            database = qualified.split(".", 1)[0].strip('`"')
+            # In an expression, a name without a dot is a column, an alias or a WITH's
+            # name, never a database (`provider AS system ... GROUP BY system`); as an
+            # IN's set, a table of the store's database (unresolved_tables, the analyzer).
+            a_table = node.kind == "TableIdentifier" or "." in qualified
+            if a_table and database.lower() in SYSTEM_DATABASES:
                 raise _refuse(
                     "forbidden_table",
                     f"{node.name!r}: system and information_schema tables are not available",

@@ -119,6 +119,37 @@ async def test_a_window_counts_only_the_calls_inside_it(api: TestClient[Any, Any
     assert (body["range"], body["start"], body["end"]) == ("7d", iso(NOW - 7 * D), iso(NOW))
 
 
+async def test_a_time_finer_than_a_microsecond_is_rounded_up(api: TestClient[Any, Any]) -> None:
+    """Times are kept to the millisecond, and a bound is rounded up to one: the calls at
+    or after it are the same. Past six digits too (RFC 3339 takes any number, Go's
+    RFC3339Nano writes nine): Python's datetime keeps six and drops the rest, so 100 ns
+    after START was START, and the call that ended at START, before it, was counted;
+    100 ns after END was END, and the call that ended at END, before it, was not."""
+
+    def nanos(at: datetime) -> str:
+        return iso(at).replace("Z", ".000000100Z")  # 100 ns past a whole second
+
+    whole = len(inside(CALLS, START, END))
+    body = await get(api, "usage", start=nanos(START), end=iso(END))
+    assert body["start"] == iso(START + MS)
+    assert body["totals"]["requests"] == len(inside(CALLS, START + MS, END)) == whole - 1
+    body = await get(api, "usage", start=iso(START), end=nanos(END))
+    assert body["end"] == iso(END + MS)
+    assert body["totals"]["requests"] == len(inside(CALLS, START, END + MS)) == whole + 1
+    # Nine digits that are a microsecond's: as six.
+    body = await get(api, "usage", start=iso(START).replace("Z", ".000001000Z"))
+    assert body["start"] == iso(START + MS)
+
+
+async def test_a_time_in_lower_case_is_the_same_time(api: TestClient[Any, Any]) -> None:
+    """The document says `date-time` (RFC 3339), which takes a lower-case t and z;
+    Python's fromisoformat takes the t only: 2026-03-05t12:30:00z was a 400."""
+    upper = await get(api, "usage", start=iso(START), end=iso(END))
+    lower = await get(api, "usage", start=iso(START).lower(), end=iso(END).lower())
+    assert (lower["start"], lower["end"]) == (iso(START), iso(END))
+    assert lower["totals"] == upper["totals"]
+
+
 async def test_bad_windows_are_refused_naming_the_parameter(api: TestClient[Any, Any]) -> None:
     start, end = iso(START), iso(END)
     for endpoint in ("usage", "timeseries", "alerts"):

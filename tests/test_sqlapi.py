@@ -452,6 +452,10 @@ async def test_an_empty_answer_still_names_its_columns(api: Client) -> None:
         # "outfile" in a longer name or value (the word OUTFILE is refused)
         "SELECT tenant, count() AS outfile_count FROM calls WHERE feature != 'into_outfile' "
         "GROUP BY tenant ORDER BY tenant",
+        # an alias or WITH's name spelled like a system database is no table of it
+        "SELECT tenant AS system, count() AS n FROM calls GROUP BY system ORDER BY system",
+        "WITH tenant AS information_schema SELECT information_schema, count() AS n FROM calls "
+        "GROUP BY information_schema ORDER BY information_schema",
     ],
 )
 async def test_read_only_forms_run(api: Client, query: str) -> None:
@@ -756,6 +760,8 @@ async def test_a_result_the_client_cannot_read_says_so(api: Client) -> None:
         ("SELECT * FROM calls AS c JOIN system.one AS o ON 1", "forbidden_table", "system"),
         ("WITH t AS (SELECT * FROM system.one) SELECT * FROM t", "forbidden_table", "system"),
         ("SELECT 1 WHERE 1 IN system.one", "forbidden_table", "system"),
+        ("SELECT 1 WHERE 1 IN system", "forbidden_table", "system"),  # a table of the store's
+        ("EXPLAIN SELECT 1 WHERE 1 IN system", "forbidden_table", "by name and database"),
         ("SELECT * FROM INFORMATION_SCHEMA.TABLES", "forbidden_table", "information_schema"),
         ("SELECT * FROM information_schema.columns", "forbidden_table", "information_schema"),
         ("DESCRIBE system.one", "forbidden_table", "system"),
