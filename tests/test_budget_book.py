@@ -813,7 +813,7 @@ def test_a_cap_counts_what_the_other_live_replicas_hold() -> None:
     assert budgets.admit(uuid.uuid4(), ACME, "gpt-4o", 10, 70_000, now) is None
     # b stops (it says it holds nothing): forgotten, and so is the one gone silent.
     budgets.heard(Reservations(ingress_id="ingress-b", at=now, interval_s=10))
-    assert budgets.others == {}
+    assert budgets.held_by_others.others == {}
 
 
 def test_a_live_replica_is_kept_when_a_long_gone_one_is_read_after_it() -> None:
@@ -832,7 +832,7 @@ def test_a_live_replica_is_kept_when_a_long_gone_one_is_read_after_it() -> None:
 
     budgets.heard(said("ingress-live", now, "0.25"))
     budgets.heard(said("ingress-gone", now - timedelta(minutes=10), "0.5"))
-    assert set(budgets.others) == {"ingress-live"}
+    assert set(budgets.held_by_others.others) == {"ingress-live"}
     assert budgets.committed(budget, now)[1] == Decimal("0.25")
 
 
@@ -852,7 +852,7 @@ def test_a_live_replica_s_old_entry_deleted_on_another_partition_leaves_it_count
     budgets.gone(b"ingress-b", 0)  # its stale entry, deleted where it was left
     assert budgets.committed(budget, now)[1] == Decimal("0.25")
     budgets.gone(b"ingress-b", 1)  # its own, as it stops: forgotten
-    assert budgets.others == {}
+    assert budgets.held_by_others.others == {}
     assert budgets.committed(budget, now)[1] == Decimal(0)
 
 
@@ -1124,7 +1124,7 @@ def test_other_processes_ended_calls_costs_are_spent_once_announced_a_while() ->
     assert not refused(now + timedelta(seconds=31)).held_back
     gone = now + timedelta(seconds=32)
     budgets.heard(Reservations(ingress_id="b", at=gone, interval_s=10, placed=(placed,)))
-    assert "b" not in budgets.others and not refused(gone).held_back
+    assert "b" not in budgets.held_by_others.others and not refused(gone).held_back
     # A state counting past them: let go, spent and published.
     budgets.update(
         fresh(budget, now, gone).model_copy(

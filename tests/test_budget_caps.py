@@ -507,7 +507,10 @@ async def test_a_tombstone_on_the_reservations_topic_is_a_process_gone(
     await anext(store)
     try:
         async with asyncio.timeout(30):
-            while marker not in book.others or marker not in app[RESERVATION_BOOK].latest:
+            while (
+                marker not in book.held_by_others.others
+                or marker not in app[RESERVATION_BOOK].latest
+            ):
                 await asyncio.sleep(0.05)
     finally:
         heard.cancel()
@@ -515,7 +518,7 @@ async def test_a_tombstone_on_the_reservations_topic_is_a_process_gone(
             await heard
         with contextlib.suppress(StopAsyncIteration):
             await anext(store)
-    assert gone not in book.others
+    assert gone not in book.held_by_others.others
     assert gone not in app[RESERVATION_BOOK].latest
     errors = [
         r for r in caplog.records if r.name == "llmtap.following" and r.levelno >= logging.ERROR
@@ -874,7 +877,9 @@ async def until_announced(settings: Settings, ingress_id: str, budget: str) -> N
     observer = BudgetBook(settings.budgets, load_catalog(settings.pricing_file), 1000)
     heard = asyncio.create_task(hear_others(observer, settings.kafka, "test-observer"))
     try:
-        while not ((r := observer.others.get(ingress_id)) is not None and r.held.get(budget)):
+        while not (
+            (r := observer.held_by_others.others.get(ingress_id)) is not None and r.held.get(budget)
+        ):
             await asyncio.sleep(0.05)
     finally:
         heard.cancel()
@@ -932,7 +937,7 @@ async def test_a_cap_counts_what_the_other_ingress_replicas_hold(
                 if b_starts == "beside A":  # until B has heard what A holds
                     while not any(
                         r.ingress_id == a_book.ingress_id and r.held.get(budget.name)
-                        for r in b_app[BUDGETS].others.values()
+                        for r in b_app[BUDGETS].held_by_others.others.values()
                     ):
                         await asyncio.sleep(0.05)
                 else:  # until the topic holds A's announcement (read there, as B will)

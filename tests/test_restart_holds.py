@@ -258,7 +258,7 @@ def test_placed_costs_told_alike_twice_are_let_go_once_counted() -> None:
     assert book.committed(budget, now)[1] == Decimal("0.010")
     book.update(state.model_copy(update={"applied": {0: 10}, "spent_usd": Decimal("0.10")}))
     assert book.committed(budget, now)[1] == Decimal("0.10")
-    others = book.placed_by_others
+    others = book.held_by_others.placed
     assert others._placed_by == {} and others._placed_since == {}
 
 
@@ -371,7 +371,7 @@ def test_admission_with_every_other_process_silent_looks_at_one_budget_s_entries
             looked[0] += len(self)
             return super().__iter__()
 
-    told = book.placed_by_others._placed_by
+    told = book.held_by_others.placed._placed_by
     for ingress_id, (at, entries) in list(told.items()):
         told[ingress_id] = (at, Counted(entries))
     call = uuid.uuid4()

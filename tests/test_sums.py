@@ -277,7 +277,11 @@ def test_what_the_others_hold_is_what_scanning_their_announcements_gave(
         asked = now + timedelta(seconds=asked_s)
         for name in ("a", "b", "c"):
             scanned = sum(
-                (r.held.get(name, Decimal(0)) for r in budgets.others.values() if r.live(asked)),
+                (
+                    r.held.get(name, Decimal(0))
+                    for r in budgets.held_by_others.others.values()
+                    if r.live(asked)
+                ),
                 Decimal(0),
             )
             found = budgets.held_by_others.holding(name, asked)

@@ -44,7 +44,7 @@ class Publish(Protocol):
 async def hear_others(
     book: BudgetBook, kafka: Kafka, client: str, reaper: Reaper | None = None
 ) -> None:
-    """Keep ``book.others`` up to date with the reservations topic, forever;
+    """Keep ``book.held_by_others`` up to date with the reservations topic, forever;
     ``book.others_read`` is set once what the topic held when it started was read.
     ``reaper`` hears every announcement and deletion too."""
 

@@ -36,7 +36,6 @@ from typing import Literal
 
 from ingress.guards.bounds import Reach
 from ingress.guards.others import OthersHeld
-from ingress.guards.placed import OthersPlaced
 from ingress.guards.refusals import Exhausted, Unpriced
 from ingress.guards.settled import Settled, Uncounted
 from ingress.guards.sums import ZERO, RunningSum, exponent_of
@@ -266,15 +265,6 @@ class BudgetBook:
     @ingress_id.setter
     def ingress_id(self, ingress_id: str) -> None:
         self.held_by_others.ingress_id = ingress_id
-
-    @property
-    def others(self) -> dict[str, Reservations]:
-        """The other live ingress processes' latest announcements, by their ids."""
-        return self.held_by_others.others
-
-    @property
-    def placed_by_others(self) -> OthersPlaced:
-        return self.held_by_others.placed
 
     def heard(self, event: Reservations, partition: int | None = None) -> None:
         """Another ingress process's announcement (:meth:`OthersHeld.heard`)."""
@@ -511,7 +501,7 @@ class BudgetBook:
         of ended calls no state has counted (:attr:`Exhausted.ended`). Asked at a
         refusal only, after :meth:`committed` (which let go what is counted)."""
         own = self.settled[name].total + self._aged(name, state.period_start)
-        return own + self.placed_by_others.ended(name, now, state)
+        return own + self.held_by_others.placed.ended(name, now, state)
 
     def settle(
         self,

@@ -319,9 +319,7 @@ class KeyStore:
             self._refreshing = asyncio.ensure_future(asyncio.to_thread(self.reload))
         try:
             await asyncio.shield(self._refreshing)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+        except Exception:  # (a cancelled call is no Exception: it goes on up)
             log.exception("reloading the key file %s failed", self.path)
             return False
         return True
