@@ -109,7 +109,7 @@ SHOW_FORM = re.compile(
     (?:TABLES(?:{_IN}(?P<tables_db>{_NAME}))?
       |COLUMNS{_IN}(?P<columns_of>{_TABLE})(?:{_IN}(?P<columns_db>{_NAME}))?
       |CREATE\s+(?:TEMPORARY\s+)?(?:TABLE\s+|VIEW\s+)?(?P<create_of>{_TABLE}))
-    (?:\s+(?:NOT\s+)?I?LIKE\s+'[^'\\]*')?
+    (?:\s+(?:NOT\s+)?I?LIKE\s+(?P<pattern>'[^'\\]*'))?
     (?:\s+LIMIT\s+[0-9]+)?\s*""",
     re.I | re.X,
 )
@@ -302,11 +302,16 @@ def check_tree(root: Node, text: str, databases: Databases) -> None:
                 f"of the SHOW statements, only {SHOW_FORMS_TEXT} run here (no WHERE, no "
                 "expressions, no comments; for more, SELECT from the table)",
             )
-        if SYSTEM_WORD.search(text):
+        # The names, not the LIKE pattern: a pattern only filters the store's own tables
+        # by name ('%system%' lists none of ClickHouse's, which are not in its database).
+        names = text
+        if show["pattern"] is not None:
+            names = text[: show.start("pattern")] + text[show.end("pattern") :]
+        if SYSTEM_WORD.search(names):
             raise _refuse(
                 "forbidden_table", "system and information_schema tables are not available"
             )
-        if "/" in text:  # a name with a '/' is a file in chDB's default database
+        if "/" in names:  # a name with a '/' is a file in chDB's default database
             raise _refuse("forbidden_table", "a file is not a table here")
         for database in _show_databases(show):  # a database it names: the store's only
             if database != databases.current:  # case-sensitive, as ClickHouse's names

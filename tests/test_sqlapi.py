@@ -495,6 +495,9 @@ async def test_sql_syntax_written_as_functions_runs(api: Client) -> None:
         ("SHOW CREATE TABLE calls", "statement"),
         ("show full tables from default like 'call%' limit 2", "name"),
         ("SHOW COLUMNS IN default.calls NOT ILIKE 'ts%'", "field"),
+        # a pattern is not a name: the words system and '/' in it refuse nothing
+        ("SHOW TABLES NOT LIKE '%system%'", "name"),
+        ("SHOW COLUMNS FROM calls NOT ILIKE '%information_schema/%'", "field"),
         ("SHOW CREATE `calls`", "statement"),
         ("EXPLAIN SELECT count() FROM calls", "explain"),
         ("EXPLAIN indexes = 1 SELECT count() FROM calls", "explain"),  # with options
@@ -766,6 +769,7 @@ async def test_a_result_the_client_cannot_read_says_so(api: Client) -> None:
         ("SELECT * FROM information_schema.columns", "forbidden_table", "information_schema"),
         ("DESCRIBE system.one", "forbidden_table", "system"),
         ("SHOW TABLES FROM system", "forbidden_table", "system"),
+        ("SHOW TABLES FROM system LIKE 'calls'", "forbidden_table", "system"),
         ("SHOW COLUMNS FROM system.one", "forbidden_table", "system"),
         # An escape in a quoted name spells "system" without the word (\x73 is "s").
         ("SHOW COLUMNS FROM `\\x73ystem`.`one`", "forbidden_table", "escape"),
