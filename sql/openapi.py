@@ -117,10 +117,14 @@ ROWS: dict[str, Schema] = {
     ),
     "costs": _object(
         {
-            "key": {"type": "string", "description": "the group; a UTC date for day"},
+            "key": {
+                "type": "string",
+                "description": "the group; a UTC date for day; for key, the virtual key's id "
+                "(a pass-through call's: the SHA-256 prefix of the provider key it brought)",
+            },
             "tenant": {
                 "type": ["string", "null"],
-                "description": "grouped by tenant, team, user, feature or property: the "
+                "description": "grouped by tenant, team, user, feature, key or property: the "
                 "tenant the group is of (they exist within their tenant: two tenants' team "
                 "`search` are two rows); by model, provider or day: the tenant filtered on "
                 "(a virtual key's own), null for every tenant",
@@ -390,7 +394,7 @@ PARAMETERS: dict[str, Schema] = {
         "description": "one of "
         + ", ".join(params.GROUP_BY)
         + ", or property:<name> (any case: names are recorded in lower case); "
-        "a tenant, team, user, feature or property value is one tenant's",
+        "a tenant, team, user, feature, key or property value is one tenant's",
     },
     "limit": {
         "schema": {**LIMIT, "default": params.DEFAULT_LIMIT},
