@@ -30,9 +30,9 @@ from llmtap.config import (
     ConfigError,
     Settings,
     load_settings,
-    pinned_config,
     unknown_variables,
 )
+from llmtap.pinned_config import pinned_config
 from llmtap.stopping import Stopped, stop_once_parent_gone, stopped_at_once, unless_stopped
 
 log = logging.getLogger("llmtap")

@@ -13,8 +13,7 @@ import ipaddress
 import os
 import re
 import ssl
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +33,6 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
-    YamlConfigSettingsSource,
 )
 
 from llmtap.config_sections import (
@@ -46,6 +44,7 @@ from llmtap.config_sections import (
     provider_url,
     unique_names,
 )
+from llmtap.config_sources import Overridden, YamlFile
 from llmtap.dsn import dsn_database, sql_dsn, store_dsn
 from llmtap.kafka import FETCH_WAIT_MS, Compression, Kafka, SaslMechanism, SecurityProtocol
 from llmtap.names import NAMESPACE_PATTERN, Names
@@ -82,7 +81,7 @@ _EMPTY_IS_UNSET = (
 )
 # And the directory: in the environment or the file, empty is its default (``.llmtap``),
 # not the current directory (``Path("")``).
-_EMPTY_IS_DEFAULT = (*_EMPTY_IS_UNSET, "data_dir")
+_EMPTY_IS_DEFAULT = frozenset({*_EMPTY_IS_UNSET, "data_dir"})
 # The longest window, and window grace, the stream worker can keep: 366 days.
 WINDOW_MAX_S = 366 * 86400
 
@@ -609,80 +608,17 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         if _COPYING.get():
             return (init_settings,)
-        env = _Overridden(settings_cls, env_settings, (init_settings,))
+        env = Overridden(settings_cls, env_settings, (init_settings,), _EMPTY_IS_DEFAULT)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env]
         config_file = os.environ.get(CONFIG_ENV)
         if config_file:
             path = Path(config_file)
             if not path.is_file():
                 raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
-            file = _YamlFile(settings_cls, yaml_file=path)
-            sources.append(_Overridden(settings_cls, file, (init_settings, env_settings)))
+            file = YamlFile(settings_cls, yaml_file=path)
+            above = (init_settings, env_settings)
+            sources.append(Overridden(settings_cls, file, above, _EMPTY_IS_DEFAULT))
         return tuple(sources)
-
-
-class UniqueKeys(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping key given twice (YAML 1.2 requires them
-    unique; PyYAML kept the last without a word: a second ``budgets:`` block dropped
-    the first's budgets, a provider defined twice its first definition)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<": merged keys may be overridden, as YAML's merge allows
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                again = key in seen
-            except TypeError:  # unhashable: the loader's own error says so below
-                continue
-            if again:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-class _YamlFile(YamlConfigSettingsSource):
-    """The config file, read by :class:`UniqueKeys`."""
-
-    def _read_file(self, file_path: Any) -> dict[str, Any]:
-        with open(file_path, encoding=self.yaml_file_encoding or "utf-8") as yaml_file:
-            return yaml.load(yaml_file, Loader=UniqueKeys) or {}
-
-
-class _Overridden(PydanticBaseSettingsSource):
-    """A source's settings less those a source above it sets: those replace its whole.
-    pydantic-settings merges maps across sources, so a map in the file (``model_routes``,
-    ``providers``) kept its entries under the environment's, and
-    ``LLMTAP_PROVIDERS='{}'`` could remove none (README: the environment wins)."""
-
-    def __init__(
-        self,
-        settings_cls: type[BaseSettings],
-        source: PydanticBaseSettingsSource,
-        above: tuple[PydanticBaseSettingsSource, ...],
-    ) -> None:
-        super().__init__(settings_cls)
-        self._source = source
-        self._above = above
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self._source.get_field_value(field, field_name)
-
-    def __call__(self) -> dict[str, Any]:
-        taken = {name for source in self._above for name, value in _set(source())}
-        return {name: value for name, value in _set(self._source()) if name not in taken}
-
-
-def _set(settings: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """What a source sets: an empty value of _EMPTY_IS_DEFAULT is no setting (the file's,
-    or the default, holds)."""
-    return ((n, v) for n, v in settings.items() if not (v == "" and n in _EMPTY_IS_DEFAULT))
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # FQDN: a final dot
@@ -706,54 +642,6 @@ def _broker_address(server: str) -> bool:
 
 def _refused(settings: Settings, name: str, exc: UnusableFile) -> ValueError:
     return ValueError(f"{name} {getattr(settings, name)}: {exc}")
-
-
-@contextmanager
-def pinned_config(settings: Settings) -> Iterator[Settings]:
-    """What ``llmtap up``'s children read, pinned: a copy of the config file under the
-    run directory, which they are pointed at. A child restarted after the file was
-    edited (a crash, a broker restart) runs what the others run, not a mix (the edited
-    proxy port, unchecked and unannounced; broken YAML, a crash loop); an edit applies
-    at the next start. The settings are read again from the copy, so they are its.
-
-    The copy is this process's own (named by its pid: a second ``up`` failing on the
-    same ports replaces nothing of the first's), readable by its owner only (it may
-    hold secrets), and removed at the end; copies of processes gone are removed too.
-    Raises :class:`ConfigError` when the copy cannot be made or read."""
-    source = os.environ.get(CONFIG_ENV)
-    if not source:
-        yield settings
-        return
-    run_dir = settings.run_dir
-    pinned = run_dir / f"config.{os.getpid()}.yaml"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob("config.*.yaml"):
-            if not _running(stale.name.removeprefix("config.").removesuffix(".yaml")):
-                stale.unlink(missing_ok=True)
-        text = Path(source).read_bytes()
-        descriptor = os.open(pinned, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as copy:
-            os.fchmod(copy.fileno(), 0o600)
-            copy.write(text)
-    except OSError as exc:
-        raise ConfigError(f"{CONFIG_ENV}: {source} cannot be copied to {pinned}: {exc}") from None
-    try:
-        yield load_settings(str(pinned))
-    finally:
-        pinned.unlink(missing_ok=True)
-
-
-def _running(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ValueError:
-        return True  # not a copy of ours: left alone
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def unknown_variables(settings: Settings, environ: Mapping[str, str]) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from llmtap.config import UniqueKeys
+from llmtap.config_sources import UniqueKeys
 from llmtap.events import GEO_PATTERN, GLOBAL_GEO, STANDARD_TIER
 
 _ONE = Decimal(1)

@@ -20,8 +20,9 @@ from clickhouse_connect.driver._chdbclient import ChdbClient
 from clickhouse_connect.driver.httpclient import HttpClient
 from pydantic import ValidationError
 
-from llmtap.config import CONFIG_ENV, Settings, load_settings, pinned_config
+from llmtap.config import CONFIG_ENV, Settings, load_settings
 from llmtap.dsn import CHDB_DSN_OPTIONS, HTTP_DSN_OPTIONS
+from llmtap.pinned_config import pinned_config
 from sql.store import Store, connect
 from tests.conftest import Broker
 from tests.fake_provider import free_ports
