@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from ingress.cors import allow_origins
 from ingress.errors import anthropic_error, openai_error
 from ingress.forward import anthropic, openai, resend, unmetered
 from ingress.forward.call import NOBODY, Call
@@ -311,6 +312,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    allow_origins(app, settings.cors_origins)
     return app
 
 

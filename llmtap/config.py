@@ -181,6 +181,10 @@ class Settings(BaseSettings):
     # A model written "<provider>/<model>" goes to that provider as "<model>".
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     model_routes: dict[str, str] = Field(default_factory=dict)
+    # The web origins whose pages may call the proxy from a browser (CORS), each
+    # "scheme://host[:port]" or "*" for any; none: a browser's preflight gets 405, as
+    # before (ingress/cors.py). A page that calls shows its virtual key to its users.
+    cors_origins: tuple[str, ...] = ()
     # Larger request bodies get a 413 without reaching a provider.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     # ... and bodies of more JSON values than this (their commas counted), before they
@@ -297,6 +301,17 @@ class Settings(BaseSettings):
         if isinstance(value, str | Path) and str(value).startswith("~"):
             return Path(value).expanduser()
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _web_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not a web origin: write scheme://host[:port], as a "
+                    "browser sends it in Origin (no path, no trailing slash), or * for any"
+                )
+        return origins
 
     @field_validator("window_sizes_s")
     @classmethod
@@ -621,6 +636,11 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+# A web origin as a browser writes it in Origin: scheme, host (a name, an IPv4 address,
+# or an IPv6 one in brackets), and a port unless the scheme's own.
+_ORIGIN = re.compile(
+    r"https?://(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # FQDN: a final dot
 
 

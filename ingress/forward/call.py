@@ -239,13 +239,15 @@ ACCOUNT_HEADERS = frozenset({"openai-organization", "openai-project", "anthropic
 
 def downstream_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """The provider's response headers as the client should see them: without what names
-    llmtap's account (ACCOUNT_HEADERS), with llmtap's ``x-request-id``, and the provider's
-    own, if it sent one, as ``x-provider-request-id``."""
+    llmtap's account (ACCOUNT_HEADERS) or its own CORS policy, with llmtap's
+    ``x-request-id``, and the provider's own, if it sent one, as ``x-provider-request-id``."""
     hop = _hop_by_hop(upstream)
     out: CIMultiDict[str] = CIMultiDict(
         (name, value)
         for name, value in upstream.items()
-        if (lower := name.lower()) not in hop and lower not in ACCOUNT_HEADERS
+        if (lower := name.lower()) not in hop
+        and lower not in ACCOUNT_HEADERS
+        and not lower.startswith("access-control-")  # its CORS, not llmtap's (ingress/cors.py)
     )
     provider_id = out.get("x-request-id")
     if provider_id is not None:  # OpenAI's: what its support asks for, kept under a name
