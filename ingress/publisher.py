@@ -51,48 +51,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    NodeNotReadyError,
-    RequestTimedOutError,
-)
 
 from ingress.flight import InFlight, Outcome, deliver, outcome_of
+from ingress.producer import LINGER_MS, connect, disconnect
 from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Segment, Spool
-from llmtap import logs, topics
+from llmtap import logs
 from llmtap.data_dir import spool_left
 from llmtap.kafka import Kafka
 
 log = logging.getLogger(__name__)
 
-# What making the topics raises while the broker is starting or away: asked again at
-# the next connection. Anything else is a refusal, and events go on without them.
-_NOT_YET = (
-    topics.TopicsNotYet,
-    KafkaConnectionError,
-    KafkaTimeoutError,
-    NodeNotReadyError,
-    RequestTimedOutError,
-    OSError,
-    TimeoutError,
-)
-
 T = TypeVar("T")
 
-# How long a flight gathers events before it is sent. Each flight costs the ingress
-# a produce request and a batch per partition of each topic, whatever it holds: a
-# process publishing two events a call at 500 calls/s used ~215 us of CPU a call with
-# 20 ms flights, ~165 with 50 and ~145 with 100 (alternating runs; bench/NOTES.md, proxy
-# overhead). Events reach Kafka up to that much later; nothing waits on them (budgets
-# hold a settled cost until a published state counts it).
-LINGER_MS = 50
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 POLL_S = 0.05  # how often the spool policy is looked at while Kafka is awaited
 MAX_BATCH = 5_000  # events taken from the queue per send
-CLOSE_TIMEOUT_S = 5.0  # for the producer to stop
 ABANDON_TIMEOUT_S = 10.0  # for the task to wind down once stop() gives up on the broker
 DROP_LOG_INTERVAL_S = 1.0
 SPOOL_RETRY_S = 1.0  # after the spool refused events (full, or a disk error)
@@ -290,7 +264,14 @@ class EventPublisher:
             if self._closing and (not self._queue or self._producer is None):
                 return
             if self._producer is None:
-                self._producer = await self._meanwhile(self._connect())
+                self._producer = await self._meanwhile(
+                    connect(
+                        self._kafka,
+                        self._request_timeout_ms,
+                        self._topic_partitions,
+                        self._topic_replicas,
+                    )
+                )
                 if self._producer is None:
                     self._broker_down = True
                     await self._meanwhile(asyncio.sleep(backoff))
@@ -435,66 +416,10 @@ class EventPublisher:
         finally:
             task.cancel()
 
-    async def _connect(self) -> AIOKafkaProducer | None:
-        producer = AIOKafkaProducer(
-            **self._kafka.producer_options("ingress"),
-            # Events are not on any call's path: let batches fill (bench/ingress_latency.py:
-            # at 2 ms, batches of 2-4 events cost ~300 µs of CPU per call).
-            linger_ms=LINGER_MS,
-            max_batch_size=1 << 20,
-            acks="all",
-            request_timeout_ms=self._request_timeout_ms,
-        )
-        try:
-            await producer.start()
-        except (KafkaError, OSError) as exc:
-            log.warning("broker not reachable at %s: %s", self._kafka.bootstrap, exc)
-            await producer.stop()
-            return None
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            raise
-        try:
-            made = await self._topics_made()
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            raise
-        if not made:
-            await producer.stop()
-            return None
-        log.info("connected to broker at %s", self._kafka.bootstrap)
-        return producer
-
-    async def _topics_made(self) -> bool:
-        """Make llmtap's topics that are missing, as the worker and the store do: an
-        ingress started beside them (compose starts all three at once) would otherwise
-        have its first events make their topics through the broker's auto-creation, with
-        the broker's defaults: the compacted reservations topic not compacted, every
-        topic without ``topic_replication_factor``. False: the broker is not ready (asked
-        again, as a connection is). A broker that refuses to make them (an ACL: topics
-        an operator makes) is said, and the events go on to it."""
-        if self._topic_partitions is None:
-            return True
-        try:
-            await topics.ensure_topics(self._kafka, self._topic_partitions, self._topic_replicas)
-        except _NOT_YET as exc:  # still starting, or away again: asked again
-            log.warning("broker at %s not ready for llmtap: %r", self._kafka.bootstrap, exc)
-            return False
-        except Exception as exc:  # refused (ACLs, a Kafka-compatible service without
-            # CreateTopics): topics are an operator's to make, events go on all the same
-            log.error("cannot make llmtap's topics (%r); events are sent all the same", exc)
-        return True
-
     async def _disconnect(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is None:
-            return
-        try:
-            await asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S)
-        except (TimeoutError, KafkaError, OSError) as exc:
-            log.warning("producer did not stop cleanly: %r", exc)
+        if producer is not None:
+            await disconnect(producer)
 
     async def _send_queue(self, producer: AIOKafkaProducer) -> bool:
         """Send a batch from the queue; True if all of it is settled (sent or dropped)."""
