@@ -98,7 +98,9 @@ def _webhooks(dispatcher: WebhookDispatcher) -> Iterator[Metric]:
         labels=["endpoint", "outcome"],
     )
     queued = GaugeMetricFamily(
-        "llmtap_webhook_queued", "deliveries waiting in the endpoint's queue", labels=["endpoint"]
+        "llmtap_webhook_queued",
+        "deliveries waiting in the endpoint's in-memory queue (not those only in ClickHouse)",
+        labels=["endpoint"],
     )
     disabled = GaugeMetricFamily(
         "llmtap_webhook_endpoint_disabled",

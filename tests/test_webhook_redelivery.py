@@ -28,6 +28,7 @@ from llmtap.events import Alert
 from sinks.app import DISPATCHER, REDELIVER_ADMIN_ONLY, create_app
 from sinks.webhooks import records, redeliver
 from sinks.webhooks.dispatcher import WebhookDispatcher
+from sinks.webhooks.worker import EndpointWorker, Owned
 from sql import analytics
 from sql.migrate import migrate
 from sql.params import BadParameter
@@ -240,6 +241,57 @@ async def test_a_refused_delivery_is_redelivered_once_the_guard_lets_it_through(
     assert rows == [(0, 0, "pending"), (0, 1, "refused"), (1, 0, "pending"), (1, 1, "delivered")]
 
 
+async def test_a_template_error_is_refused_unsent_and_redelivered_once_fixed(
+    broker: Broker, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A template that fails for an alert (it prints a budget's `period`, which a spike
+    alert has none of) sends nothing: the delivery is given up at once, recorded
+    `refused` with the template's error (logged as an ERROR too), no HTTP attempt
+    counted. Once the configuration names a fixed template, `llmtap alerts redeliver`
+    sends it."""
+    rule = f"rule-{uuid.uuid4()}"
+    alert = make_alert(rule)  # a spike alert: no period
+    broken = tmp_path / "broken.j2"
+    broken.write_text('{"text": "{{ alert.rule }} this {{ alert.period }}"}')
+    fixed = tmp_path / "fixed.j2"
+    fixed.write_text('{"text": {{ alert.rule | tojson }}}')
+    async with receiver({"tmpl": Behaviour()}) as rec:
+        hook = endpoint("tmpl", f"{rec.base_url}/tmpl", rules=[rule], template=str(broken))
+        failing = Settings(kafka_bootstrap=broker.bootstrap, webhook_allow_private=True)
+        failing = failing.model_copy(update={"webhooks": [hook]})
+        await publish(broker.bootstrap, [alert])
+        with caplog.at_level(logging.ERROR, logger="sinks.webhooks"):
+            async with dispatching(failing, store) as dispatcher:
+                await until(finished(store, [alert.event_id], pairs=1))
+                await until(lambda: dispatcher.workers["tmpl"].idle)
+                metrics = scrape(dispatcher)
+        [(status, outcome, error)] = [
+            (r["status_code"], r["outcome"], r["error"])
+            for r in store.rows(
+                "SELECT status_code, outcome, error FROM webhook_deliveries"
+                " WHERE alert_id = {id:UUID} AND outcome != 'pending'",
+                {"id": alert.event_id},
+            )
+        ]
+        assert rec.arrivals == []  # nothing sent
+        assert (status, outcome) == (None, "refused")
+        assert str(broken) in error and "period" in error, error
+        assert sample(metrics, "llmtap_webhook_attempts_total", endpoint="tmpl") == 0
+        assert sample(metrics, "llmtap_webhook_deliveries_total", endpoint="tmpl") == 1
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("webhook tmpl" in m and str(broken) in m for m in said), said
+
+        hook = hook.model_copy(update={"template": str(fixed)})
+        repaired = failing.model_copy(update={"webhooks": [hook]})
+        async with dispatching(repaired, store) as dispatcher:
+            assert await redeliver.redeliver(store, dispatcher, redeliver.Selection("tmpl")) == 1
+            await until(lambda: len(rec.accepted) == 1)
+            await until(lambda: dispatcher.workers["tmpl"].idle)
+        rows = await asyncio.to_thread(delivery_rows, store, alert.event_id)
+    assert [a.webhook_id for a in rec.accepted] == [str(alert.event_id)]
+    assert rows == [(0, 0, "pending"), (0, 0, "refused"), (1, 0, "pending"), (1, 1, "delivered")]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -305,6 +357,48 @@ async def test_a_410_disables_the_endpoint_until_redeliver_enables_it(
     assert len(about) == 1 and "webhook gone: endpoint gone disabled" in about[0], said
     assert sorted(a.webhook_id for a in rec.accepted) == sorted(
         str(i) for i in [*ids, late.event_id]
+    )
+
+
+async def test_a_410_one_store_process_got_disables_the_endpoint_in_the_others(
+    store: Store,
+) -> None:
+    """Two store processes' workers for one endpoint, each owning a partition: once one
+    got a 410 (its `gone` row in ClickHouse), the other sends its next delivery to the
+    endpoint no more: it records it `gone`, unsent, naming the alert that got the 410,
+    and is disabled too."""
+    rule = f"rule-{uuid.uuid4()}"
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+    first, second = make_alert(rule), make_alert(rule, value="ads")
+    async with receiver({name: Behaviour(always=410)}) as rec:
+        hook = endpoint(name, f"{rec.base_url}/{name}", rules=[rule])
+        one = EndpointWorker(hook, store, allow_private=True, owned=Owned(frozenset({0})))
+        other = EndpointWorker(hook, store, allow_private=True, owned=Owned(frozenset({1})))
+        running = [asyncio.create_task(w.run()) for w in (one, other)]
+        try:
+            records.store_batch(store, [first], [(name, first)], [], {first.event_id: 0})
+            one.offer(records.Job(first, partition=0))
+            await until(finished(store, [first.event_id], pairs=1))
+            assert one.disabled and not other.disabled
+            records.store_batch(store, [second], [(name, second)], [], {second.event_id: 1})
+            other.offer(records.Job(second, partition=1))
+            await until(finished(store, [second.event_id], pairs=1))
+            await until(lambda: other.idle)
+        finally:
+            for task in running:
+                task.cancel()
+            for task in running:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    assert [a.webhook_id for a in rec.arrivals] == [str(first.event_id)]
+    assert other.disabled
+    [*_, (_, status, outcome, error)] = attempts(store, [second.event_id])[
+        name, str(second.event_id)
+    ]
+    assert (status, outcome) == (None, "gone")
+    assert error == (
+        f"not sent: endpoint {name} disabled: its receiver answered 410 Gone to alert "
+        f"{first.event_id}"
     )
 
 

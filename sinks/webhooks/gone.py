@@ -6,6 +6,11 @@ more to the endpoint: every delivery it holds or is given (queued, resumed from
 ClickHouse, or new) is recorded ``gone`` too, unsent, saying why. That lasts until the
 store process restarts or `llmtap alerts redeliver` names the endpoint (redeliver.py),
 which enables it again and makes those deliveries due again.
+
+With several store processes (each sends its own partitions' deliveries), a worker
+reads the endpoint's latest 410 from ClickHouse before each delivery
+(``webhook_gone``): one recorded, by any process, since this worker started or was
+last enabled disables it the same way, so that delivery is recorded ``gone`` unsent.
 """
 
 from __future__ import annotations

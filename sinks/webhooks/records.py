@@ -271,6 +271,13 @@ def _dead_lettered(row: Mapping[str, Any], endpoint: str, now: datetime, error: 
     )
 
 
+def gone_since(store: Store, endpoint: str, since: datetime) -> uuid.UUID | None:
+    """The alert whose delivery to ``endpoint`` got its latest 410 Gone at or after
+    ``since`` (recorded by any store process), or None."""
+    rows = store.rows(render("webhook_gone"), {"endpoint": endpoint, "since": since})
+    return uuid.UUID(str(rows[0]["alert_id"])) if rows else None
+
+
 def orphaned(store: Store, configured: Collection[str]) -> dict[str, int]:
     """How many unfinished deliveries each endpoint not ``configured`` has."""
     values = {"endpoints": sorted(configured), "final": list(FINAL)}

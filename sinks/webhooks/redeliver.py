@@ -31,7 +31,8 @@ from sql.params import BadParameter
 from sql.store import Store, render
 
 # Refused too: the guard's answer changes with the configuration (webhook_allow_private)
-# and with what a name resolves to; a refused delivery had no other way to be sent.
+# and with what a name resolves to, a template's with the configuration; a refused
+# delivery had no other way to be sent.
 GIVEN_UP: tuple[Outcome, ...] = ("dead_lettered", "gone", "refused")
 NOTE = "redelivery requested"  # the error column of the pending row it records
 

@@ -7,7 +7,8 @@ sees ``alert``: the alert as JSON-ready values (decimals, unpadded, and times as
 has the filters ``tojson``, ``slack_escape`` and ``oneline``. An undefined name is an error, not "".
 Templates run in Jinja2's immutable sandbox: a template file reaches no Python internals
 (``cycler.__init__.__globals__`` would reach ``os``) and changes nothing, and ``range``
-is bounded; what it breaks is a ``TemplateError`` (the delivery is dead-lettered).
+is bounded; what it breaks is a ``TemplateError`` (the delivery is refused, unsent:
+worker.py).
 """
 
 from __future__ import annotations

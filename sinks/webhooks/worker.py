@@ -4,8 +4,9 @@ The queue holds what is also recorded as pending in ClickHouse, so it may drop: 
 it is full, or at start, or when an unfinished delivery it does not hold is seen, the
 worker rescans ClickHouse (``webhook_unfinished``) once its queue runs dry. A slow or
 dead receiver therefore fills only its own queue and never holds up another endpoint,
-nor the Kafka consumer. A receiver that answers 410 Gone disables its endpoint: what
-the worker holds or is given is then recorded ``gone``, unsent (gone.py).
+nor the Kafka consumer. A receiver that answers 410 Gone disables its endpoint (here,
+or in another store process: read before each delivery): what the worker holds or is
+given is then recorded ``gone``, unsent (gone.py).
 
 A delivery belongs to the alerts-topic partition its alert was read from, and only the
 store process that owns that partition (:class:`Owned`, kept by the dispatcher's
@@ -81,10 +82,13 @@ class EndpointWorker:
         # worker is given partitions (:meth:`reassigned`), and only theirs.
         self._rescan = False
         self._refilling = False
+        self._waking = False  # the queue holds the None that wakes the worker (at most one)
         self._sending: tuple[Job, asyncio.Task[None]] | None = None
         self.outcomes: dict[records.Outcome, int] = {}  # deliveries finished
         self.attempts: dict[records.Outcome, int] = {}  # HTTP attempts, by result
         self.disabled = ""  # why nothing is sent (its receiver answered 410), or ""
+        # A 410 recorded since (by any store process) disables it: gone.py.
+        self._enabled_at = utcnow()
         self._closing = asyncio.Lock()  # held while a 410 or closed-out deliveries are recorded
 
     def offer(self, job: Job) -> None:
@@ -123,6 +127,7 @@ class EndpointWorker:
     async def enable(self) -> None:
         """Send again (after a 410); returns once a close-out, or a 410, being recorded
         is recorded (the 410 disabled the endpoint first: this clearing comes last)."""
+        self._enabled_at = utcnow()
         self.disabled = ""
         async with self._closing:
             pass
@@ -135,6 +140,7 @@ class EndpointWorker:
         self._rescan = True
         if self._queue.empty():
             self._queue.put_nowait(None)  # wake an idle worker
+            self._waking = True
 
     async def revoke(self) -> None:
         """Partitions were taken (:class:`Owned` says which are left): drop what is
@@ -149,6 +155,7 @@ class EndpointWorker:
                 kept.append(job)
             else:
                 self._held.discard(job.alert.event_id)
+        self._waking = False
         for job in kept:
             self._queue.put_nowait(job)
         async with self._closing:  # a close-out (or a 410) being recorded is recorded first
@@ -175,6 +182,7 @@ class EndpointWorker:
                         break
                 job = await self._queue.get()
                 if job is None:
+                    self._waking = False
                     continue
                 if not self._owned.holds(job):  # its partition was taken meanwhile
                     self._held.discard(job.alert.event_id)
@@ -244,6 +252,7 @@ class EndpointWorker:
                 jobs.append(queued)
             elif queued is not None:
                 self._held.discard(queued.alert.event_id)
+        self._waking = False
         rows = gone.closed_out(self.endpoint.name, self.disabled, jobs)
         try:
             async with self._closing:
@@ -257,7 +266,9 @@ class EndpointWorker:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Deliveries in the queue (not its wake-up); not those pending in ClickHouse
+        only (dropped when it was full, or offered while a rescan was due)."""
+        return self._queue.qsize() - self._waking
 
     @property
     def idle(self) -> bool:
@@ -269,10 +280,12 @@ class EndpointWorker:
             and not self._refilling
         )
 
-    async def _record(self, attempt: Attempt) -> None:
-        """Record an attempt; a delivery stopped meanwhile (revoke) stops once it is
-        recorded, so the next owner counts it."""
-        self.attempts[attempt.outcome] = self.attempts.get(attempt.outcome, 0) + 1
+    async def _record(self, attempt: Attempt, *, attempted: bool = True) -> None:
+        """Record an attempt (or, not ``attempted``, a delivery refused before one); a
+        delivery stopped meanwhile (revoke) stops once it is recorded, so the next owner
+        counts it."""
+        if attempted:
+            self.attempts[attempt.outcome] = self.attempts.get(attempt.outcome, 0) + 1
         recording = asyncio.ensure_future(
             records.durably("recording an attempt", records.record, self._store, [attempt])
         )
@@ -282,8 +295,30 @@ class EndpointWorker:
             await recording
             raise
 
+    async def _gone_elsewhere(self, job: Job) -> bool:
+        """Whether another store process recorded a 410 from the endpoint since this
+        worker was enabled: if so, the endpoint is disabled here too and ``job`` is
+        recorded ``gone``, unsent. Under the lock enable() waits for, as a 410 is."""
+        async with self._closing:
+            since = self._enabled_at
+            name = self.endpoint.name
+            try:
+                alert_id = await asyncio.to_thread(records.gone_since, self._store, name, since)
+            except Exception as exc:  # a check only: a 410 this worker gets disables it too
+                log.warning("webhook %s: reading its latest 410 failed (%s)", name, exc)
+                return False
+            if alert_id is None or since != self._enabled_at:  # none, or enabled meanwhile
+                return False
+            self.disabled = gone.disabled(name, alert_id)
+            self._rescan = True  # its unfinished deliveries in ClickHouse: closed out too
+            await self._record(gone.closed_out(name, self.disabled, [job])[0], attempted=False)
+        self.outcomes["gone"] = self.outcomes.get("gone", 0) + 1
+        return True
+
     async def _deliver(self, session: aiohttp.ClientSession, job: Job) -> None:
         alert = job.alert
+        if await self._gone_elsewhere(job):
+            return
 
         async def record(attempt: Attempt) -> None:
             attempt = replace(attempt, alert_partition=job.partition, redelivery=job.redelivery)
@@ -300,24 +335,42 @@ class EndpointWorker:
         try:
             body = render.render(self._template, alert)
         except jinja2.TemplateError as exc:
-            error = f"template {self._template.source}: {exc}"
+            # The configuration's fault, not the receiver's: nothing is sent, no attempt
+            # counted; given up at once, `llmtap alerts redeliver` sends it once fixed.
+            error = f"not sent: template {self._template.source} failed: {exc}"
             name = self.endpoint.name
-            attempt = Attempt(
-                alert.event_id, name, job.attempts, utcnow(), None, error, "dead_lettered"
-            )
-            await record(attempt)
-            outcome: records.Outcome = "dead_lettered"
-        else:
-            outcome = await deliver.deliver(
-                session,
-                self.endpoint,
+            refused = Attempt(
                 alert.event_id,
-                body,
-                allow_private=self._allow_private,
-                record=record,
-                attempts_made=job.attempts,
-                not_before=job.not_before,
+                name,
+                job.attempts,
+                utcnow(),
+                None,
+                error,
+                "refused",
+                job.partition,
+                redelivery=job.redelivery,
             )
+            await self._record(refused, attempted=False)
+            self.outcomes["refused"] = self.outcomes.get("refused", 0) + 1
+            log.error(
+                "webhook %s: alert %s refused, %s; fix the template, then `llmtap alerts "
+                "redeliver --endpoint %s` sends it",
+                name,
+                alert.event_id,
+                error,
+                name,
+            )
+            return
+        outcome = await deliver.deliver(
+            session,
+            self.endpoint,
+            alert.event_id,
+            body,
+            allow_private=self._allow_private,
+            record=record,
+            attempts_made=job.attempts,
+            not_before=job.not_before,
+        )
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         level = logging.INFO if outcome == "delivered" else logging.WARNING
         log.log(level, "webhook %s: alert %s %s", self.endpoint.name, alert.event_id, outcome)
