@@ -218,6 +218,16 @@ class Usage(_Model):
         return cls(usage_missing=True)
 
 
+# The longest a call's duration (``latency_ms``, ``ttft_ms``, ``proxy_overhead_ms``) may
+# be: a week, in milliseconds, past any call's (the ingress sets no limit on a call's
+# whole length, only on each wait for the provider's next bytes: it writes a longer one
+# as a week). Any producer can write a response event: a number past float's range
+# reads as infinity, which ``calls`` stored as NULL (a ttft) or as infinity, and one
+# near float's largest made the rollups' sums infinite. Such an event is refused.
+MAX_DURATION_MS = 7 * 24 * 3600 * 1000.0
+Millis = Annotated[float, Field(ge=0, le=MAX_DURATION_MS, allow_inf_nan=False)]
+
+
 class RequestEvent(_Model):
     """Published by the ingress for a call it routes to a provider, once the request
     has left for it (a call refused after routing: before the refusal's response event;
@@ -255,9 +265,9 @@ class ResponseEvent(_Model):
     http_status: int = Field(ge=0, le=999)
     error_class: str = ""
     usage: Usage
-    latency_ms: float = Field(ge=0)
-    ttft_ms: float | None = Field(default=None, ge=0)
-    proxy_overhead_ms: float = Field(ge=0)
+    latency_ms: Millis
+    ttft_ms: Millis | None = None
+    proxy_overhead_ms: Millis
     attribution: Attribution = Field(default_factory=Attribution)
 
     @property

@@ -48,7 +48,7 @@ def countable(*stamps: datetime) -> bool:
 
 
 Tokens = Annotated[int, msgspec.Meta(ge=0)]
-Millis = Annotated[float, msgspec.Meta(ge=0)]
+Millis = Annotated[float, msgspec.Meta(ge=0, le=events.MAX_DURATION_MS)]  # finite
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 Geo = Annotated[str, msgspec.Meta(pattern=events.GEO_PATTERN)]
 Tier = Annotated[str, msgspec.Meta(pattern=events.TIER_PATTERN)]

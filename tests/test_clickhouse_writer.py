@@ -404,6 +404,25 @@ def test_a_call_at_a_time_the_store_cannot_hold_is_a_dead_letter(
     assert write_batch(store, batch) == 1
 
 
+def test_a_call_timed_past_what_the_contract_holds_is_a_dead_letter(store: Store) -> None:
+    """A ttft of 1e400 (JSON read as infinity) was stored as NULL, and a latency near
+    float's largest was stored, its rollups' sums made infinite: any producer can write
+    a response event, so the contract bounds a duration (finite, at most a week)."""
+    good = costed().model_dump_json()
+    raws = [
+        good.replace('"ttft_ms":null', '"ttft_ms":1e400'),
+        good.replace('"latency_ms":12.5', '"latency_ms":1.7e308'),
+        good,
+    ]
+    assert len(set(raws)) == 3
+    records = runs_of([(Names().costed, 0, i, raw.encode()) for i, raw in enumerate(raws)])
+    batch = decode_batch(records, calls_types(store))
+    batch.source = records
+    assert [d.offset for d in batch.dead_letters] == [0, 1]
+    assert write_batch(store, batch) == 1
+    assert store.rows("SELECT max(latency_ms) AS most FROM calls")[0]["most"] < 1e6
+
+
 def test_a_batch_of_calls_over_more_than_100_months_is_written(store: Store) -> None:
     """``calls`` and every rollup are partitioned by month, and ClickHouse refuses an
     insert touching more than 100 partitions by default (a backfill, a clock gone

@@ -8,6 +8,7 @@ would, and so does its windows step (windows built as structs, without validatio
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from ingress.forward.call import Call
 from llmtap import wire
 from llmtap.events import (
     _DERIVED_NS,
+    MAX_DURATION_MS,
     AdvisorUsage,
     Attribution,
     Cost,
@@ -213,6 +215,22 @@ def test_the_ingress_writes_the_events_the_contract_would(
     )
 
 
+def test_a_call_longer_than_the_contract_holds_is_written_as_its_longest() -> None:
+    """The ingress sets no limit on a call's whole length (a stream is timed out only
+    between reads): one past MAX_DURATION_MS is written at it, not as an event the
+    cost stage and the store refuse (its cost, and its budgets' spend, lost)."""
+    call = Call(provider="openai", endpoint="chat.completions", stream=True)
+    call.t_start -= 8 * 24 * 3600  # started eight days ago, by the clock it is timed on
+    call.mark_sent()
+    call.mark_first_byte()
+    call.mark_upstream_done()
+    response = call.response_event(status="ok", http_status=200, usage=Usage())
+    read = ResponseEvent.model_validate_json(wire.encode(response))
+    assert read.latency_ms == read.ttft_ms == read.proxy_overhead_ms == MAX_DURATION_MS
+    assert wire.decode_response(wire.encode(response)) == response
+    assert response.ts_end - response.ts_start >= timedelta(days=8)  # as it happened
+
+
 CATALOG = load_catalog()
 
 
@@ -268,11 +286,14 @@ def test_usage_counts_left_at_their_defaults_are_not_written() -> None:
     assert Usage.model_validate_json(written) == advised
 
 
+RAW = "raw json:"  # a string set so is written as the JSON it holds (a number past float)
+
+
 def mutated(mutate: Callable[[dict[str, Any]], None]) -> bytes:
     """The JSON of a sample costed event, changed by ``mutate``."""
     doc = json.loads(costed().model_dump_json())
     mutate(doc)
-    return json.dumps(doc).encode()
+    return re.sub(f'"{RAW}([^"]*)"', r"\1", json.dumps(doc)).encode()
 
 
 def at(path: str) -> Callable[[dict[str, Any]], tuple[dict[str, Any], str]]:
@@ -325,6 +346,15 @@ BAD = {
     "http status over 999": setting("response.http_status", 1000),
     "negative latency": setting("response.latency_ms", -0.5),
     "negative ttft": setting("response.ttft_ms", -1),
+    # A number past float's range reads as infinity: an infinite ttft was stored as
+    # NULL, and a latency near float's largest made the rollups' sums infinite.
+    "infinite latency": setting("response.latency_ms", RAW + "1e400"),
+    "infinite ttft": setting("response.ttft_ms", RAW + "1e400"),
+    "infinite ttft as a string": setting("response.ttft_ms", "1e400"),
+    "infinite overhead": setting("response.proxy_overhead_ms", RAW + "-1e400"),
+    "latency near float's largest": setting("response.latency_ms", 1.7e308),
+    "ttft past a week": setting("response.ttft_ms", 604_800_001),
+    "overhead past a week": setting("response.proxy_overhead_ms", 1e12),
     "unknown status": setting("response.status", "exploded"),
     "unknown speed": setting("response.usage.speed", "ludicrous"),
     "geo not a name": setting("response.usage.inference_geo", "US West"),
@@ -376,6 +406,7 @@ def test_what_is_not_an_object_is_refused(raw: bytes) -> None:
 LAX = {
     "tokens as a string": setting("response.usage.input_tokens", "10"),
     "latency as an int": setting("response.latency_ms", 12),
+    "latency of a week": setting("response.latency_ms", 604_800_000),
     "money as a number": setting("cost.total", 0.5),
     "utc as +00:00": setting("response.ts_start", "2026-11-29T10:00:00+00:00"),
     "defaults left out": without("response.attribution"),

@@ -12,7 +12,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ingress.guards.fields import recorded_model
 from ingress.guards.keys import hash_key
 from llmtap import wire
-from llmtap.events import PROPERTY_NAME, PROPERTY_NAME_RULE, Attribution, Status, Usage, utcnow
+from llmtap.events import (
+    MAX_DURATION_MS,
+    PROPERTY_NAME,
+    PROPERTY_NAME_RULE,
+    Attribution,
+    Status,
+    Usage,
+    utcnow,
+)
 
 ATTRIBUTION_PREFIX = "x-llmtap-"
 PROPERTY_PREFIX = "x-llmtap-property-"
@@ -327,7 +335,7 @@ class Call:
         ttft = (
             None
             if self.t_first_byte is None or not self.stream
-            else (self.t_first_byte - self.t_start) * 1000
+            else min((self.t_first_byte - self.t_start) * 1000, MAX_DURATION_MS)
         )
         return wire.Response(
             request_id=self.request_id,
@@ -342,8 +350,8 @@ class Call:
             http_status=http_status,
             error_class=error_class,
             usage=wire.usage_of(usage),
-            latency_ms=latency * 1000,
+            latency_ms=min(latency * 1000, MAX_DURATION_MS),  # as long as the contract holds
             ttft_ms=ttft,
-            proxy_overhead_ms=overhead * 1000,
+            proxy_overhead_ms=min(overhead * 1000, MAX_DURATION_MS),
             attribution=wire.attribution_of(self.attribution),
         )
