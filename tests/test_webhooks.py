@@ -32,6 +32,7 @@ from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
+from clickhouse_connect.driver.binding import format_bind_value
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -42,9 +43,10 @@ from llmtap.config_sections import BACKOFF_CAP_S, BudgetConfig, SpikeRule, Webho
 from llmtap.events import Alert
 from llmtap.kafka import Kafka
 from llmtap.names import Names
+from sinks.clickhouse.write import BOUND_BYTES
 from sinks.metrics import store_registry
 from sinks.webhooks import deliver, guard, probe, records, render, sign
-from sinks.webhooks.dispatcher import WebhookDispatcher, matches
+from sinks.webhooks.dispatcher import MAX_BATCH, WebhookDispatcher, matches
 from sinks.webhooks.worker import EndpointWorker, Owned
 from sql.store import Store
 from stream.budgets import period_bounds
@@ -1663,3 +1665,13 @@ async def test_queued_counts_deliveries_not_a_wake_up(store: Store) -> None:
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await running
+
+
+def test_an_alert_batch_binds_its_ids_in_a_value_a_clickhouse_server_takes() -> None:
+    """store_batch binds a batch's alert ids as one value (alerts_existing.sql,
+    webhook_delivery_states.sql), unsplit: a ClickHouse server refuses a value past its
+    http_max_field_value_size (128 KiB). A batch holds at most MAX_BATCH alerts, whose
+    ids bind in ~20 KB, within what the writer's duplicate check binds at once
+    (BOUND_BYTES); a larger cap would need them bound in parts, as it does."""
+    ids = [uuid.uuid4() for _ in range(MAX_BATCH)]
+    assert len(format_bind_value(ids)) <= BOUND_BYTES

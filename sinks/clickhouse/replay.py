@@ -13,9 +13,13 @@ same ranges, rebuilds the same rows, and makes the insert again with the same to
 ``calls`` drops it; each view's table drops it or, if it lacks it, takes it
 (sinks/clickhouse/write.py, sql/migrations/0009_exact_replay.sql).
 
-Only the latest ``LATEST`` records of a group are looked at: a group commits after each
-insert, so an uncommitted one is among the last few, and the tables remember a
-thousand tokens (every repeat must be within them to be dropped).
+Only the latest ``LATEST`` records of a group are looked at: a partition has one
+writer at a time, which commits after each insert, so an uncommitted one is among the
+last its group made before the writer given its partitions looks (a session later,
+every other writer of the group inserting meanwhile: with eight writers, the 100 looked
+at before had lost it by then). And no further: the tables remember a thousand tokens,
+and a repeat must be within them to be dropped (a hundred are left for the inserts made
+while it is repeated).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from sql.store import Store, render
 
 log = logging.getLogger(__name__)
 
-LATEST = 100
+LATEST = 900
 # A broker that answers nothing for this long while a range is read back is slow, not
 # empty: the read fails, and the writer tries the repeat again (messages are gone only
 # when the broker says so). The writer's group heartbeats meanwhile (llmtap/heartbeats.py).
