@@ -1437,6 +1437,158 @@ CHUNK = {
 SERVER_ERROR = {"error": {"message": "boom", "type": "server_error", "code": None}}
 
 
+@contextlib.asynccontextmanager
+async def ingress_of_both(
+    answer: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[TestServer]:
+    """An ingress whose OpenAI provider answers chat completions, and whose Anthropic
+    provider answers messages, with ``answer``."""
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", answer)
+    provider.router.add_post("/v1/messages", answer)
+    upstream = TestServer(provider, host="127.0.0.1")
+    await upstream.start_server()
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
+    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
+    root = str(upstream.make_url("")).rstrip("/")
+    settings = settings.model_copy(
+        update={"openai_base_url": f"{root}/v1", "anthropic_base_url": root}
+    )
+    try:
+        server = await serve_ingress(settings)
+        try:
+            yield server
+        finally:
+            await server.close()
+    finally:
+        await upstream.close()
+
+
+# A streamed call of each API: its path and body.
+STREAMED: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/v1/chat/completions", {"model": "gpt-4o", "messages": [], "stream": True}),
+    "messages": (
+        "/v1/messages",
+        {"model": "claude-3-5-haiku", "max_tokens": 10, "messages": [], "stream": True},
+    ),
+}
+
+
+def _sse(events: list[dict[str, Any] | bytes]) -> list[bytes]:
+    """Each event as its SSE bytes: ``data: <json>``, or a line given as bytes."""
+    return [
+        b"data: " + (event if isinstance(event, bytes) else orjson.dumps(event)) + b"\n\n"
+        for event in events
+    ]
+
+
+_CHAT_STREAM = _sse(
+    [
+        {**CHUNK, "usage": None},
+        {"id": "chatcmpl-left", "object": "chat.completion.chunk", "model": "gpt-4o",
+         "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5}},
+        b"[DONE]",
+    ]
+)  # fmt: skip
+_MESSAGES_STREAM = _sse(
+    [
+        {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+            "model": "claude-3-5-haiku-20241022", "stop_reason": None,
+            "usage": {"input_tokens": 12, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "text_delta", "text": "Hi"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+         "usage": {"output_tokens": 5}},
+        {"type": "message_stop"},
+    ]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+@pytest.mark.parametrize(
+    "cut", ["reset after its last event", "closed after its last event", "reset before it"]
+)
+async def test_a_stream_broken_off_after_its_last_event_is_whole(
+    ingress_settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    api: str,
+    cut: str,
+) -> None:
+    """The provider sends its whole stream, its last event (OpenAI's ``data: [DONE]``,
+    Anthropic's ``message_stop``) too, then resets the connection or closes it without
+    the body's end (chunked: no last chunk): the client had the whole answer and the
+    usage was whole, yet the call was recorded upstream_error and the client's stream
+    broken. It ends cleanly and is recorded ok, with its usage. Broken off before its
+    last event (Anthropic's after its final usage, message_delta), it stays the
+    provider's error, the client's stream broken."""
+    ended = "after" in cut
+    stream = _CHAT_STREAM if api == "chat" else _MESSAGES_STREAM
+    if not ended:
+        stream = stream[:-1]
+    # What the client gets: the chat's usage chunk, and its "usage": null, are llmtap's.
+    seen = stream if api == "messages" else _sse([CHUNK, b"[DONE]"])[: len(stream) - 1]
+    client_read = asyncio.Event()
+
+    async def breaking(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(stream))
+        await client_read.wait()
+        assert request.transport is not None
+        if cut.startswith("reset"):
+            sock = request.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.transport.abort()  # closed without lingering: a reset
+        else:
+            request.transport.close()  # a FIN, but no chunked body's end before it
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    path, body = STREAMED[api]
+    try:
+        async with (
+            ingress_of_both(breaking, ingress_settings, monkeypatch) as server,
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.make_url(path), json=body, headers={"Authorization": f"Bearer {secret}"}
+            ) as response,
+        ):
+            assert response.status == 200
+            request_id = response.headers["x-request-id"]
+            got = b""
+            async with asyncio.timeout(10):
+                while not got.endswith(seen[-1]):
+                    got += await response.content.readany()
+            client_read.set()
+            if ended:
+                got += await response.read()  # no error: the stream's end came
+                assert got == b"".join(seen)
+            else:
+                with pytest.raises(aiohttp.ClientPayloadError):  # no end of the stream
+                    await response.read()
+    finally:
+        client_read.set()  # the provider's handler ends, whatever failed
+    event = await response_event(broker.bootstrap, request_id)
+    if ended:
+        assert (event.status, event.http_status, event.error_class) == ("ok", 200, "")
+        usage = event.usage
+        assert (usage.input_tokens, usage.output_tokens, usage.usage_missing) == (12, 5, False)
+    else:
+        assert (event.status, event.http_status, event.error_class) == (
+            "upstream_error",
+            200,
+            "ClientPayloadError",
+        )
+
+
 @pytest.mark.parametrize("answer", ["a 500", "an error event in a stream", "one, usage asked"])
 async def test_a_provider_error_whose_client_left_before_it_came_stays_the_provider_s(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch, answer: str
@@ -2013,6 +2165,111 @@ async def test_a_responses_stream_s_first_token_is_not_its_response_created(
         slow_first_token, ingress_settings, broker, monkeypatch, call, "/v1/responses"
     )
     assert (status, event.status, event.usage.output_tokens) == (200, "ok", 1)
+    assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+async def test_a_client_that_leaves_at_the_last_event_had_the_whole_answer(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    """The openai SDK closes its connection once it reads data: [DONE] (httpx's close
+    of a body not read to its end), as a client may at message_stop: the provider's end
+    of the body, coming after, found the client gone, and the call, its whole answer
+    given, was recorded client_disconnected. It is ok, with its usage."""
+    client_left = asyncio.Event()
+
+    async def ending_late(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        stream = _CHAT_STREAM if api == "chat" else _MESSAGES_STREAM
+        await response.write(b"".join(stream))
+        await client_left.wait()
+        await response.write_eof()  # the body's end, once the client has left
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    path, body = STREAMED[api]
+    last = b"data: [DONE]\n\n" if api == "chat" else _MESSAGES_STREAM[-1]
+    try:
+        async with (
+            ingress_of_both(ending_late, ingress_settings, monkeypatch) as server,
+            aiohttp.ClientSession() as session,
+        ):
+            async with session.post(
+                server.make_url(path), json=body, headers={"Authorization": f"Bearer {secret}"}
+            ) as response:
+                request_id = response.headers["x-request-id"]
+                got = b""
+                async with asyncio.timeout(10):
+                    while not got.endswith(last):
+                        got += await response.content.readany()
+                response.close()  # as the SDK does: the connection closed
+            client_left.set()
+            event = await response_event(broker.bootstrap, request_id)
+    finally:
+        client_left.set()
+    assert (event.status, event.http_status, event.error_class) == ("ok", 200, "")
+    usage = event.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.usage_missing) == (12, 5, False)
+
+
+AZURE_PROMPT_FILTERED = {  # Azure OpenAI's first chunk, sent as it takes the call
+    "id": "",
+    "object": "",
+    "created": 0,
+    "model": "",
+    "prompt_filter_results": [
+        {"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}
+    ],
+    "choices": [],
+}
+ROLE_CHUNK = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+async def test_time_to_first_token_waits_for_the_first_event_with_output(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    """Azure OpenAI sends its prompt filter's results (no choices), and every chat stream
+    its role (no text), Anthropic its message_start and a ping, as the call is taken,
+    before the model generates anything: the time to first token is the first event
+    with output's (a delta's text, Anthropic's first content block), not ~0."""
+    if api == "chat":
+        before = _sse([AZURE_PROMPT_FILTERED, ROLE_CHUNK])
+        after = _sse([CHUNK, b"[DONE]"])
+    else:
+        before = [
+            b"event: message_start\n" + _MESSAGES_STREAM[0],
+            b'event: ping\ndata: {"type": "ping"}\n\n',
+        ]
+        after = _MESSAGES_STREAM[1:]
+
+    async def slow_first_token(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(before))  # at once
+        await asyncio.sleep(0.5)  # prefill: no token yet
+        for event in after:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    path, body = STREAMED[api]
+    async with (
+        ingress_of_both(slow_first_token, ingress_settings, monkeypatch) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url(path), json=body, headers={"Authorization": f"Bearer {secret}"}
+        ) as response,
+    ):
+        assert response.status == 200
+        await response.read()
+        request_id = response.headers["x-request-id"]
+    event = await response_event(broker.bootstrap, request_id)
+    assert event.status == "ok"
     assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
 
 

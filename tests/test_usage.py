@@ -17,8 +17,10 @@ from ingress.forward.capture import (
     TAIL_READ_BYTES,
     AnthropicJsonCapture,
     AnthropicStreamCapture,
+    FirstEvent,
     OpenAIJsonCapture,
     OpenAIStreamCapture,
+    chat_output,
 )
 from ingress.forward.usage import anthropic_usage, by_preview, openai_usage
 from llmtap.events import Usage
@@ -1196,3 +1198,106 @@ def test_groq_s_usage_in_x_groq_is_captured_from_a_stream_that_did_not_ask() -> 
     assert capture.feed(stream) + capture.finish() == stream
     assert capture.final_usage == Usage(input_tokens=38, output_tokens=4)
     assert capture.output_uncounted is False
+
+
+# A stream's last event: the answer is whole, however the connection then ends.
+
+
+@pytest.mark.parametrize(
+    ("capture", "events", "last"),
+    [
+        (
+            lambda: OpenAIStreamCapture(strip_usage_chunk=True),
+            [b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"[DONE]"}}]}'],
+            b"data: [DONE]",
+        ),
+        (
+            lambda: OpenAIStreamCapture(strip_usage_chunk=False),
+            [
+                b'event: response.created\ndata: {"type":"response.created","response":'
+                b'{"model":"gpt-5","metadata":{"k":"response.completed"},"usage":null}}'
+            ],
+            b'event: response.completed\ndata: {"type":"response.completed","response":'
+            b'{"model":"gpt-5","usage":{"input_tokens":9,"output_tokens":3}}}',
+        ),
+        (
+            lambda: OpenAIStreamCapture(strip_usage_chunk=False),
+            [],
+            b'data: {"type":"response.incomplete","response":{"model":"gpt-5","status":'
+            b'"incomplete","usage":{"input_tokens":9,"output_tokens":3}}}',
+        ),
+        (
+            AnthropicStreamCapture,
+            [
+                b'data: {"type":"message_start","message":{"model":"claude-x","usage":'
+                b'{"input_tokens":9,"output_tokens":1}}}',
+                b'data: {"type":"content_block_delta","index":0,"delta":'
+                b'{"type":"text_delta","text":"\\"message_stop\\""}}',
+                b'data: {"type":"content_block_start","index":1,"content_block":{"type":'
+                b'"web_search_tool_result","content":[{"title":"message_stop"}]}}',
+                b'data: {"type":"message_delta","usage":{"output_tokens":3}}',
+            ],
+            b'event: message_stop\ndata: {"type":"message_stop"}',
+        ),
+    ],
+)
+def test_a_stream_has_ended_at_its_last_event_only(
+    capture: Any, events: list[bytes], last: bytes
+) -> None:
+    """Its last event (OpenAI's [DONE], the Responses API's response.completed or
+    response.incomplete, Anthropic's message_stop) ends it; its name in text before it
+    (written by the model, a search result's title, a response's metadata) does not."""
+    reading = capture()
+    for event in events:
+        reading.feed(event + b"\n\n")
+        assert not reading.ended
+    reading.feed(last + b"\n\n")
+    assert reading.ended
+
+
+AZURE_FIRST = {  # Azure OpenAI's first chunk, as it takes the call: its prompt filter's
+    "id": "",
+    "object": "",
+    "created": 0,
+    "model": "",
+    "prompt_filter_results": [
+        {"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}
+    ],
+    "choices": [],
+}
+ROLE = {  # every OpenAI-compatible stream's first chunk of a choice: its role, no text
+    "id": "chatcmpl-1",
+    "model": "gpt-4o",
+    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+}
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        {"content": "Hi"},
+        {"refusal": "No"},
+        {"reasoning_content": "Hm"},
+        {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]},
+        {"function_call": {"name": "f", "arguments": ""}},
+    ],
+)
+def test_a_chat_stream_s_first_token_is_its_first_chunk_with_output(
+    output: dict[str, Any],
+) -> None:
+    """Azure's prompt filter results and the role chunk come before any token; the
+    first chunk with text (or a tool call) is the first token, however reads cut it."""
+    first = b"".join(
+        b"data: " + orjson.dumps(chunk) + b"\n\n"
+        for chunk in (AZURE_FIRST, ROLE, {**ROLE, "choices": [{"index": 0, "delta": output}]})
+    )
+    stream = first + b"data: [DONE]\n\n"
+    ends = len(first) - 2  # where the line of the first output ends
+    for cut in range(1, len(stream)):
+        event = FirstEvent(frozenset(), chat_output)
+        found = [event.generated(stream[:cut]), event.generated(stream[cut:])]
+        assert found == ([True, False] if cut > ends else [False, True]), cut
+    for chunks in (AZURE_FIRST, ROLE), ():  # no output: no first token
+        event = FirstEvent(frozenset(), chat_output)
+        told = [b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks]
+        assert not any(event.generated(data) for data in [*told, b"data: [DONE]\n\n"])

@@ -23,7 +23,15 @@ ANTHROPIC = Api(
 # Usage arrives unasked (message_start, message_delta): nothing to prepare. A call with
 # tools is billed a tool-use system prompt and Anthropic's tools' definitions on top of
 # its body: a hard cap's worst case counts them (tool_tokens.py).
-MESSAGES = Endpoint("messages", ANTHROPIC, "/v1/messages", added_tokens=added_tokens)
+# Its first token is its first content block's: message_start (and a ping) come as the
+# call is taken, before the model generates anything.
+MESSAGES = Endpoint(
+    "messages",
+    ANTHROPIC,
+    "/v1/messages",
+    added_tokens=added_tokens,
+    preamble=frozenset((b"message_start", b"ping")),
+)
 
 
 def add_routes(app: web.Application) -> None:

@@ -329,9 +329,10 @@ class Call:
         sent = self.t_upstream_sent if self.t_upstream_sent is not None else t_end
         done = self.t_upstream_done if self.t_upstream_done is not None else t_end
         overhead = max(0.0, (sent - self.t_start) + (t_end - max(done, sent)))
-        # Time to first token: a stream's first byte (its headers, then its first event,
-        # come as generation starts). A whole answer's first byte comes once it is all
-        # generated: that is its latency, not a time to first token.
+        # Time to first token: a stream's first event with output (capture.FirstEvent:
+        # not its head, nor what the provider sends as it takes the call). A whole
+        # answer's first byte comes once it is all generated: that is its latency, not a
+        # time to first token.
         ttft = (
             None
             if self.t_first_byte is None or not self.stream

@@ -160,6 +160,10 @@ class StreamCapture:
         self.model = ""
         self.output_final = False  # the provider's own count of output tokens arrived
         self.error = ""  # the provider's error type, when an event of the stream is one
+        # Its last event came (OpenAI's [DONE], the Responses API's response.completed
+        # or response.incomplete, Anthropic's message_stop): the answer is whole,
+        # however the connection then ends.
+        self.ended = False
         self._kept: list[bytes] = []
         self._kept_bytes = 0
         self._seen_bytes = 0
@@ -270,14 +274,17 @@ class StreamCapture:
     def _inspect(self, event: bytes) -> bool:
         """Record what the event tells; return whether to forward it."""
         data = _sse_data(event)
-        if data is None or data == b"[DONE]":
+        if data is None:
+            return True
+        if data == b"[DONE]":  # OpenAI's chat and completions streams end with it
+            self.ended = True
             return True
         if not self.output_final:
             self._seen_bytes += len(data)
             if self._kept_bytes + len(data) <= KEEP_STREAMED_BYTES:
                 self._kept.append(data)
                 self._kept_bytes += len(data)
-        if self.model and not _may_tell(data):
+        if self.model and not self._may_tell(data):
             return True  # nothing new to learn: content chunks are not parsed (hot path)
         try:
             chunk = orjson.loads(data)
@@ -288,6 +295,9 @@ class StreamCapture:
         if not self.error:
             self.error = stream_error(chunk)
         return self._chunk(chunk)
+
+    def _may_tell(self, data: bytes) -> bool:
+        return _may_tell(data)
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -339,8 +349,11 @@ class OpenAIStreamCapture(StreamCapture):
 
     def _chunk(self, chunk: dict[str, Any]) -> bool:
         # Responses API events carry the response object: {"type": ..., "response": {...}}
-        if chunk.get("type") == "response.output_item.done" and is_search(chunk.get("item")):
+        kind = chunk.get("type")
+        if kind == "response.output_item.done" and is_search(chunk.get("item")):
             self._searches += 1
+        elif kind in _RESPONSE_ENDS:  # the Responses API's last event (it sends no [DONE])
+            self.ended = True
         response = chunk.get("response")
         source = response if isinstance(response, dict) else chunk
         self._model(source)
@@ -388,6 +401,10 @@ class OpenAIStreamCapture(StreamCapture):
         return [text for text in texts if text]
 
 
+# The events a Responses API stream ends with, its usage in them (a failed one's,
+# response.failed, is its error). A tuple: a chunk's "type" may be any JSON, unhashable.
+_RESPONSE_ENDS = ("response.completed", "response.incomplete")
+
 # An event's type: the first "type" of its data, which OpenAI's Responses events open with.
 _EVENT_TYPE = re.compile(rb'"type"\s*:\s*"([^"]*)"')
 
@@ -395,26 +412,37 @@ _EVENT_TYPE = re.compile(rb'"type"\s*:\s*"([^"]*)"')
 class FirstEvent:
     """Finds the read of an event stream that holds its first event of what the model
     generated: a ``data:`` line (not a comment, nor only the head), of a type not in
-    ``preamble`` (the events an API sends before generating anything). An event's type
-    is its ``event:`` line's, else its data's first "type" (OpenAI's opens its data; a
-    server dumping the SDK's own event models writes it last, after the response's).
-    A line a read cuts is judged with the reads that go on with it: cut inside its
-    type, a response.created was not yet known to be one."""
+    ``preamble`` (the events an API sends before generating anything), whose JSON
+    carries ``output`` when that is given (a chat chunk's text: not Azure's first, its
+    prompt filter's results). An event's type is its ``event:`` line's, else its data's
+    first "type" (OpenAI's opens its data; a server dumping the SDK's own event models
+    writes it last, after the response's). A line a read cuts is judged with the reads
+    that go on with it: cut inside its type, a response.created was not yet known to be
+    one; cut inside its JSON, its output not yet read."""
 
     HEAD = 256  # the start of a cut line kept: an event's "type" opens its data
+    # A cut line kept whole to read its output; one longer is taken as output (the
+    # chunks before any are small: a role, Azure's prompt filter results).
+    LINE = 64 * 1024
 
-    def __init__(self, preamble: frozenset[bytes]) -> None:
+    def __init__(
+        self,
+        preamble: frozenset[bytes],
+        output: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
         self._preamble = preamble
+        self._output = output
+        self._keep = self.HEAD if output is None else self.LINE
         self._head = b""  # the start of the line the last read cut
         self._event: bytes | None = None  # the event: line of the event being read
 
     def generated(self, data: bytes) -> bool:
-        if not self._preamble:
+        if not self._preamble and self._output is None:
             return b"data:" in data
         lines = data.split(b"\n")
         lines[0] = self._head + lines[0]
         cut = lines.pop()  # not ended in this read ("" if it ended with a line)
-        self._head = cut[: self.HEAD]
+        self._head = cut[: self._keep]
         for line in lines:
             line = line.rstrip(b"\r")
             if not line:
@@ -423,17 +451,69 @@ class FirstEvent:
                 self._event = line[6:].strip()
             elif self._generates(line, True):
                 return True
+        if self._output is not None and len(cut) > self._keep:  # that long: output
+            return cut.startswith(b"data:") and self._event not in self._preamble
         return self._generates(self._head, False)
 
     def _generates(self, line: bytes, whole: bool) -> bool:
         if not line.startswith(b"data:"):
             return False
         if self._event is not None:
-            return self._event not in self._preamble
-        found = _EVENT_TYPE.search(line)
-        if found is None:
-            return whole  # a cut line's type may be in the reads to come
-        return found[1] not in self._preamble
+            if self._event in self._preamble:
+                return False
+        elif self._preamble:
+            found = _EVENT_TYPE.search(line)
+            if found is None:
+                if not whole:
+                    return False  # a cut line's type may be in the reads to come
+            elif found[1] in self._preamble:
+                return False
+        if self._output is None:
+            return True
+        if not whole:
+            return False  # its output is in the reads to come
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return False
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True  # not ours to judge: as it comes
+        return not isinstance(event, dict) or self._output(event)
+
+
+# A chat delta's members that carry what the model generated: DeepSeek's, Groq's,
+# OpenRouter's, vLLM's reasoning too, an audio model's audio, and the function call of
+# the API's older functions parameter.
+_OUTPUT_MEMBERS = (
+    "content",
+    "refusal",
+    "reasoning_content",
+    "reasoning",
+    "tool_calls",
+    "function_call",
+    "audio",
+)
+
+
+def chat_output(chunk: dict[str, Any]) -> bool:
+    """Whether a chat or completions chunk carries what the model generated: a choice's
+    text, or its delta's content, refusal, reasoning, tool or function call, or audio.
+    Not Azure OpenAI's first chunk (no choices: its prompt filter's results, as the call
+    is taken), nor a first chunk's role alone (its content empty). A chunk that is no
+    chat chunk (no ``choices``: an error) is taken as it comes."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return True
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if choice.get("text") or (
+            isinstance(delta, dict) and any(delta.get(name) for name in _OUTPUT_MEMBERS)
+        ):
+            return True
+    return False
 
 
 def _may_tell(data: bytes) -> bool:
@@ -498,6 +578,7 @@ class AnthropicStreamCapture(StreamCapture):
                 self._count()
             return True
         else:
+            self.ended = self.ended or kind == "message_stop"
             return True
         if isinstance(usage, dict):
             self._raw.update({k: v for k, v in usage.items() if v is not None})
@@ -508,6 +589,12 @@ class AnthropicStreamCapture(StreamCapture):
                 self.output_final = True
                 self._kept.clear()
         return True
+
+    def _may_tell(self, data: bytes) -> bool:
+        # message_stop, the stream's last event, carries nothing else: parsed to be sure
+        # the name is its type (a quote in a string is escaped, but a search result's
+        # title is a value of its own).
+        return _may_tell(data) or b'"message_stop"' in data
 
     def _count(self) -> None:
         """The usage so far. Searches are counted by a message_delta's usage; until one

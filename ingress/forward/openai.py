@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ingress.errors import openai_error
 from ingress.forward import unmetered
-from ingress.forward.capture import OpenAIJsonCapture, OpenAIStreamCapture
+from ingress.forward.capture import OpenAIJsonCapture, OpenAIStreamCapture, chat_output
 from ingress.forward.endpoint import Api, Endpoint
 from ingress.forward.proxy import metered
 from ingress.guards.fields import background_refused, stream_options_malformed
@@ -42,6 +42,7 @@ CHAT = Endpoint(
     "/chat/completions",
     prepare=ask_for_usage,
     checked_fields=stream_options_malformed,
+    output=chat_output,
 )
 COMPLETIONS = Endpoint(
     "completions",
@@ -50,6 +51,7 @@ COMPLETIONS = Endpoint(
     prepare=ask_for_usage,
     checked_fields=stream_options_malformed,
     batched="prompt",
+    output=chat_output,
 )
 EMBEDDINGS = Endpoint("embeddings", OPENAI, "/embeddings", batched="input")
 # The Responses API reports usage in its response.completed event, unasked.

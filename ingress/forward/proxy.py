@@ -91,7 +91,11 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                 capture = api.stream_capture(admitted.strip_usage_chunk)
                 await response.prepare(request)
                 await _relay(
-                    upstream.content, response, capture, FirstEvent(endpoint.preamble), call
+                    upstream.content,
+                    response,
+                    capture,
+                    FirstEvent(endpoint.preamble, endpoint.output),
+                    call,
                 )
                 if capture.error:  # it failed after the 200 went out, or is an error
                     # answered as a stream: the provider's type, as an error's JSON gives it
@@ -286,7 +290,7 @@ async def _relay(
     data = content.read_nowait()  # what came with the provider's head
     if not data:
         await response.write(b"")  # nothing yet: the head goes now, as the provider's came
-        data = await content.readany()
+        data = await _read_on(content, capture)
     out = b""
     while data:
         out = taken(data)
@@ -295,15 +299,39 @@ async def _relay(
         # b"" too: the head goes now even when this read made no whole event yet
         await response.write(out)
         out = b""
-        data = await content.readany()
+        data = await _read_on(content, capture)
     call.mark_upstream_done()
-    if verbatim:
-        try:
+    try:
+        if verbatim:
+            try:
+                await response.write_eof(out)
+            finally:  # the whole stream came: its last event too, ended or not
+                capture.finish()
+        else:
+            out += capture.finish()
             await response.write_eof(out)
-        finally:  # the whole stream came: its last event too, ended or not
-            capture.finish()
-    else:
-        await response.write_eof(out + capture.finish())
+    except ConnectionResetError:
+        if out or not capture.ended:
+            raise
+        # Every event was written, the last too, and the client left before the body's
+        # end (the openai SDK closes its connection at data: [DONE]): it had the whole
+        # answer, and left none of it.
+        log.debug("the client left at the stream's last event, before its end")
+
+
+async def _read_on(content: aiohttp.StreamReader, capture: StreamCapture) -> bytes:
+    """The stream's next read; b"" at its end. A provider that breaks the connection off
+    (reset, closed without the body's end, silent) once its last event came (the
+    capture's :attr:`~StreamCapture.ended`) sent the whole answer: that is its end, the
+    client's stream ended as a clean one is. Before it, the break is raised."""
+    try:
+        return await content.readany()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        capture.catch_up()
+        if not capture.ended:
+            raise
+        log.debug("the provider broke its stream off after its last event: %r", exc)
+        return b""
 
 
 def _broken_off(
