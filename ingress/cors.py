@@ -7,9 +7,13 @@ headers (``x-request-id``, ``retry-after``, the provider's rate-limit headers) t
 page. A provider's own ``Access-Control-*`` headers are never passed on
 (:func:`ingress.forward.call.downstream_headers`): they are its policy for its origin,
 and llmtap is the origin the browser calls. No cookies: a page sends its key as the SDK
-does, in a header."""
+does, in a header. Each answer of those routes says ``Vary: Origin``: whether it
+allows a page, and which, is the request's ``Origin``'s, so a cache (the browser's, a
+CDN's) must not give it to a page of another origin."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import aiohttp_cors
 from aiohttp import web
@@ -32,7 +36,29 @@ def allow_origins(app: web.Application, origins: tuple[str, ...]) -> None:
         max_age=PREFLIGHT_MAX_AGE_S,
     )
     cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(origins, options))
+    resources: set[web.AbstractResource] = set()
     for route in list(app.router.routes()):
         if route.method != "HEAD" and route.resource is not None:
             if route.resource.canonical.startswith(API_PREFIX):
                 cors.add(route)
+                resources.add(route.resource)
+    app.on_response_prepare.append(partial(_vary_by_origin, frozenset(resources)))
+
+
+async def _vary_by_origin(
+    resources: frozenset[web.AbstractResource],
+    request: web.Request,
+    response: web.StreamResponse,
+) -> None:
+    """``Vary: Origin`` on each answer of ``resources`` (with or without an ``Origin``:
+    one without CORS headers must not be reused for a page either), beside the
+    provider's ``Vary``."""
+    if request.match_info.route.resource not in resources:
+        return
+    said = {
+        name.strip().lower()
+        for value in response.headers.getall("Vary", ())
+        for name in value.split(",")
+    }
+    if not said & {"origin", "*"}:
+        response.headers.add("Vary", "Origin")

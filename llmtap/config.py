@@ -306,10 +306,24 @@ class Settings(BaseSettings):
     @classmethod
     def _web_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
         for origin in origins:
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
+            if origin == "*":
+                continue
+            parts = _ORIGIN.fullmatch(origin)
+            if parts is None or not 1 <= int(parts[3] or 80) <= 65535:
                 raise ValueError(
                     f"{origin!r} is not a web origin: write scheme://host[:port], as a "
                     "browser sends it in Origin (no path, no trailing slash), or * for any"
+                )
+            # Compared as a string with the page's Origin, which a browser writes so.
+            scheme, host, port = parts.groups()
+            default = "443" if scheme == "https" else "80"
+            sent = f"{scheme}://{host.lower()}"
+            if port is not None and int(port) != int(default):
+                sent += f":{int(port)}"
+            if sent != origin:
+                raise ValueError(
+                    f"{origin!r} is never a page's Origin: write {sent!r}, as a browser "
+                    "sends it (the host in lower case, no port that is the scheme's own)"
                 )
         return origins
 
@@ -639,7 +653,7 @@ class Settings(BaseSettings):
 # A web origin as a browser writes it in Origin: scheme, host (a name, an IPv4 address,
 # or an IPv6 one in brackets), and a port unless the scheme's own.
 _ORIGIN = re.compile(
-    r"https?://(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"(https?)://([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
 )
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")  # FQDN: a final dot
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from pydantic import ValidationError
 
 from ingress.guards.keys import create_key
@@ -117,8 +118,73 @@ async def test_without_origins_no_cors_header_reaches_a_page(
 
 
 @pytest.mark.parametrize(
-    "origin", ["https://app.example.com/", "app.example.com", "https://a.example/x", "ftp://a"]
+    "origin",
+    [
+        "https://app.example.com/",
+        "app.example.com",
+        "https://a.example/x",
+        "ftp://a",
+        "http://a.example:0",
+        "http://a.example:99999",
+    ],
 )
 def test_an_origin_that_is_none_is_refused_naming_the_setting(origin: str) -> None:
     with pytest.raises(ValidationError, match="cors_origins"):
         Settings(cors_origins=(origin,))
+
+
+async def test_an_answer_a_page_may_read_says_it_varies_by_origin(
+    ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Access-Control-Allow-Origin is the page's own origin (or none), so an HTTP cache
+    (the browser's, a CDN's) must not give one page's answer to another origin's page."""
+    calls: list[str] = []
+    settings = ingress_settings.model_copy(update={"cors_origins": (PAGE,)})
+    secret, _ = create_key(settings.key_file, tenant="acme")
+    async with ingress_at(provider(calls), settings, monkeypatch) as server:
+        url = server.make_url("/v1/chat/completions")
+        async with aiohttp.ClientSession() as session:
+            async with session.options(url, headers=PREFLIGHT) as preflight:
+                assert preflight.status == 200
+                assert "origin" in _vary(preflight.headers)
+            for origin in ({"Origin": PAGE}, {"Origin": "https://evil.example"}, {}):
+                headers = {**origin, "Authorization": f"Bearer {secret}"}
+                for stream in (False, True):
+                    body: dict[str, object] = {"model": "gpt-4o", "messages": [], "stream": stream}
+                    async with session.post(url, json=body, headers=headers) as response:
+                        assert response.status == 200
+                        await response.read()
+                        assert "origin" in _vary(response.headers), (origin, stream)
+            async with session.post(url, json={}, headers={"Origin": PAGE}) as refused:
+                assert refused.status == 401  # llmtap's own answer, readable by the page
+                assert refused.headers["Access-Control-Allow-Origin"] == PAGE
+                assert "origin" in _vary(refused.headers)
+
+
+def _vary(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {
+        name.strip().lower() for value in headers.getall("Vary", ()) for name in value.split(",")
+    }
+
+
+@pytest.mark.parametrize(
+    ("origin", "written"),
+    [
+        ("https://App.Example.com", "https://app.example.com"),
+        ("https://app.example.com:443", "https://app.example.com"),
+        ("http://localhost:80", "http://localhost"),
+        ("http://[::1]:80", "http://[::1]"),
+    ],
+)
+def test_an_origin_no_browser_sends_is_refused_naming_how_it_sends_it(
+    origin: str, written: str
+) -> None:
+    """A browser sends its host in lower case and no port of the scheme's own: written
+    otherwise, an origin would match no page's, every preflight a 403."""
+    with pytest.raises(ValidationError, match="cors_origins") as refused:
+        Settings(cors_origins=(origin,))
+    assert repr(written) in str(refused.value)
+    assert Settings(cors_origins=(written, "http://a.example:8080")).cors_origins == (
+        written,
+        "http://a.example:8080",
+    )
