@@ -171,13 +171,16 @@ def advisor_breakdown(
     the rates in force ``when``, summed into one breakdown; None when a call's model has
     no price (the whole call's cost is then unknown, as for an unpriced model). The
     calls ran where the call did (``geo``, its ``Usage.inference_geo``): at their
-    model's multiplier for it, and None when it gives none."""
+    model's multiplier for it, and None when it gives none. None too when a call made
+    1-hour writes on rates that give them no price (:func:`_long_writes_unpriced`)."""
     summed = dict.fromkeys(ZERO_COST.model_dump(), _NO_USD)
     for call in calls:
         entry = catalog.lookup(call.model, provider)
         rates = entry[1].at(when) if entry is not None else None
         if rates is None or rates.geo(geo) is None:
             return None
+        if _long_writes_unpriced(call, rates.for_prompt(call.input_tokens)):
+            return None  # as for the call's own: never at the shorter writes' rate
         tokens = Usage(
             input_tokens=call.input_tokens,
             output_tokens=call.output_tokens,
@@ -249,7 +252,9 @@ def priced_as_served(usage: Usage | wire.Usage, rates: Rates) -> bool:
     )
 
 
-def _long_writes_unpriced(usage: Usage | wire.Usage, tier: RateFields) -> bool:
+def _long_writes_unpriced(
+    usage: Usage | wire.Usage | AdvisorUsage | wire.AdvisorUsage, tier: RateFields
+) -> bool:
     """Whether the call wrote to a longer-lived cache (Anthropic's 1-hour, OpenAI's
     12-hour) at rates that give no price for such a write: billed above the shorter
     writes' rate, it is not guessed at it."""
@@ -261,7 +266,7 @@ def missing_price(event: wire.Responded, catalog: Catalog) -> str:
     """What :func:`rate` found no price for, for an operator to add: the call's model,
     its fast mode, the service tier that served it, the geography its inference ran in,
     its longer-lived cache writes, or an advisor model it consulted (or its
-    geography)."""
+    geography, or its 1-hour writes)."""
     entry = catalog.lookup(event.model, event.provider)
     rates = entry[1].at(event.ts_start) if entry is not None else None
     geo = event.usage.inference_geo
@@ -301,6 +306,12 @@ def missing_price(event: wire.Responded, catalog: Catalog) -> str:
                 return (
                     f"advisor model {call.model!r} (consulted by {event.model!r}) run in"
                     f" inference geo {geo!r}: give its entry geo_multipliers for {geo!r}"
+                )
+            if _long_writes_unpriced(call, then.for_prompt(call.input_tokens)):
+                return (
+                    f"advisor model {call.model!r} (consulted by {event.model!r}) writing to"
+                    " the longer-lived cache (Anthropic's 1-hour) at the rates that served"
+                    " it: give them a cache_write_1h"
                 )
     return f"model {event.model!r}"
 

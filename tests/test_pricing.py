@@ -13,7 +13,7 @@ import pytest
 
 from ingress.forward.usage import anthropic_usage
 from llmtap import wire
-from llmtap.events import Cost, ResponseEvent, Usage
+from llmtap.events import AdvisorUsage, Cost, ResponseEvent, Usage
 from stream.catalog import Catalog, ModelPrice, Rates, load_catalog
 from stream.pricing import cost_of, missing_price, price, priced_as_served
 from tests import sample
@@ -1224,6 +1224,37 @@ def test_an_override_prices_1_hour_writes_at_the_shipped_multiple_of_its_input(
     cost = priced(response("claude-opus-5", usage, provider="anthropic"), catalog)
     assert cost.cache_write == usd(1_000, Decimal("5.00")) + usd(1_000, Decimal("4.00") * multiple)
     assert price(response("claude-opus-4-8", usage, provider="anthropic"), catalog).unpriced
+
+
+def test_an_advisor_s_1_hour_writes_on_rates_without_their_price_leave_the_call_unpriced(
+    tmp_path: Path,
+) -> None:
+    """An advisor's (or a compaction's) calls are priced as calls of their own model: a
+    1-hour write on rates that give no 1-hour price is no more guessed at the 5-minute
+    rate there than on the call itself (before: priced at it, the call priced). The
+    operator is told what to add."""
+    catalog = with_operator_file(
+        tmp_path,
+        "models:\n"
+        "  claude-opus-4-8:\n"
+        "    provider: anthropic\n"
+        '    prices: [{effective_from: 2026-05-01, input: "4.00", cache_write: "5.00",'
+        ' output: "20.00", cache_write_1h: null}]\n',
+    )
+    when = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    call = AdvisorUsage(model="claude-opus-4-8", input_tokens=3_000, output_tokens=100,
+                        cache_creation_input_tokens=2_000)  # fmt: skip
+    usage = Usage(input_tokens=1_000, output_tokens=50, advisor=(call,))
+    assert not price(response("claude-sonnet-4-6", usage, ts=when), catalog).unpriced
+    hour = call.model_copy(update={"cache_creation_1h_input_tokens": 1_000})
+    advised = response("claude-sonnet-4-6", usage.model_copy(update={"advisor": (hour,)}), ts=when)
+    costed = price(advised, catalog)
+    assert (costed.cost, costed.unpriced) == (None, True)
+    assert missing_price(advised, catalog) == (
+        "advisor model 'claude-opus-4-8' (consulted by 'claude-sonnet-4-6') writing to the"
+        " longer-lived cache (Anthropic's 1-hour) at the rates that served it: give them a"
+        " cache_write_1h"
+    )
 
 
 # -- Anthropic's data residency (inference_geo) --------------------------------------------
