@@ -236,12 +236,15 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             f"in {path.resolve()}, read by an llmtap run from here or with the same config)"
         )
     elif args.action == "list":
+        if not listed:  # a wrong data_dir or config reads no file: say which was read
+            print(f"no keys in {path}", file=sys.stderr)
         for key in listed:
             state = "revoked" if key.revoked else "active"
             allowed = ",".join(key.allowed_models) or "*"
             print(
                 f"{key.id}  {state:7}  tenant={key.tenant} team={key.team} "
-                f"user={key.user} models={allowed}"
+                f"user={key.user} models={allowed} rpm={key.rpm or 'unlimited'} "
+                f"tpm={key.tpm or 'unlimited'}"
             )
     elif revoked is None:
         print(f"no key with id {args.key_id!r} in {path}", file=sys.stderr)

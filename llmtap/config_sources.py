@@ -11,29 +11,35 @@ import yaml
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, YamlConfigSettingsSource
 
 
+def refuse_duplicate_keys(loader: Any, node: yaml.MappingNode, deep: bool = False) -> None:
+    """Raise a ConstructorError for a key given twice in the mapping ``node`` (YAML 1.2
+    requires them unique; PyYAML's loaders keep the last without a word), as a
+    ``construct_mapping`` of ``loader`` does first."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # "<<": merged keys may be overridden, as YAML's merge allows
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            again = key in seen
+        except TypeError:  # unhashable: the loader's own error says so below
+            continue
+        if again:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
+            )
+        seen.add(key)
+
+
 class UniqueKeys(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping key given twice (YAML 1.2 requires them
-    unique; PyYAML kept the last without a word: a second ``budgets:`` block dropped
-    the first's budgets, a provider defined twice its first definition)."""
+    """YAML's safe loader, refusing a mapping key given twice (a second ``budgets:``
+    block dropped the first's budgets, a provider defined twice its first definition)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<": merged keys may be overridden, as YAML's merge allows
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                again = key in seen
-            except TypeError:  # unhashable: the loader's own error says so below
-                continue
-            if again:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
+        refuse_duplicate_keys(self, node, deep)
         return super().construct_mapping(node, deep)
 
 

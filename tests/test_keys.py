@@ -8,9 +8,11 @@ import logging
 import multiprocessing
 import os
 import secrets
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +119,37 @@ async def test_a_key_made_a_moment_ago_works_at_once(
         assert (await chat(base, secret))[0] == 200
         assert upstream.provider.received[-1].headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
         assert (await chat(base, "ltk_not-a-real-key"))[0] == 401
+    finally:
+        await server.close()
+
+
+async def test_a_key_made_a_moment_ago_may_list_the_models_at_once(
+    ingress_settings: Settings, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routes passed unmetered (``GET /v1/models``, what an SDK or a tool asks first
+    to check its key) did not look at the key file for a key they did not know: a key
+    made a moment ago got 401 there until the next periodic reload, while a call took it."""
+    monkeypatch.setattr(ingress_app, "KEY_RELOAD_S", 3600.0)
+    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", PROVIDER_KEY)
+    create_key(ingress_settings.key_file, tenant="acme")  # read as the ingress starts
+    server = await serve_ingress(ingress_settings)
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        secret, _ = create_key(ingress_settings.key_file, tenant="globex")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{base}/v1/models", headers={"Authorization": f"Bearer {secret}"}
+            ) as response,
+        ):
+            assert response.status == 200
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{base}/v1/models", headers={"Authorization": "Bearer ltk_not-a-real-key"}
+            ) as response,
+        ):
+            assert response.status == 401
     finally:
         await server.close()
 
@@ -340,6 +373,27 @@ def test_the_keys_commands_say_what_they_did(tmp_path: Path) -> None:
     assert llmtap("keys", "revoke", "key_nope").returncode == 1
 
 
+def test_keys_list_shows_each_key_s_rate_limits(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+) -> None:
+    """`keys list` left out a key's --rpm and --tpm: which keys are limited, and how
+    far, could be read only in the key file. With no keys (another directory's data_dir,
+    another config) it printed nothing: now it names the file it read."""
+    monkeypatch.setenv("LLMTAP_DATA_DIR", str(tmp_path))
+    assert cli(["keys", "list"]) == 0
+    assert capsys.readouterr() == ("", f"no keys in {tmp_path / 'keys.yaml'}\n")
+    assert cli(["keys", "create", "--tenant", "acme", "--rpm", "60", "--tpm", "90000"]) == 0
+    assert cli(["keys", "create", "--tenant", "globex", "--tpm", "5000"]) == 0
+    capsys.readouterr()
+    assert cli(["keys", "list"]) == 0
+    limited, unlimited_rpm = capsys.readouterr().out.splitlines()
+    assert "tenant=acme " in limited and limited.endswith(" rpm=60 tpm=90000")
+    assert "tenant=globex " in unlimited_rpm and unlimited_rpm.endswith(" rpm=unlimited tpm=5000")
+
+
 @pytest.mark.parametrize(
     ("flags", "refused"),
     [
@@ -497,6 +551,30 @@ def test_a_broken_key_file_is_read_once_until_it_changes(
     assert key is not None and key.tenant == "globex"
 
 
+def test_a_key_file_naming_a_field_twice_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key revoked by hand with `revoked: true` added above its `revoked: false`:
+    PyYAML kept the last value without a word, so the key stayed live, the proxy and the
+    commands saying nothing (`keys revoke` then said it revoked it, rewriting the file).
+    A field named twice is now a bad hand edit: logged, the previous keys kept, and the
+    commands refuse the file."""
+    path = tmp_path / "keys.yaml"
+    secret, key = create_key(path, tenant="acme")
+    store = KeyStore(path)
+    store.reload()
+    caplog.set_level(logging.ERROR, logger="ingress.guards.keys")
+    edited = path.read_text().replace(f"- id: {key.id}\n", f"- id: {key.id}\n  revoked: true\n")
+    assert edited.count("revoked:") == 2
+    path.write_text(edited)
+    assert not store.reload()
+    assert store.lookup(secret) is not None  # the previous keys, until it is fixed
+    [said] = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert "found duplicate key 'revoked'" in said
+    with pytest.raises(key_files.KEY_FILE_ERRORS):
+        read_keys(path)
+
+
 def test_a_key_file_rewritten_keeps_its_owner_and_mode_and_is_made_private(
     tmp_path: Path,
 ) -> None:
@@ -542,6 +620,39 @@ def test_a_key_file_rewritten_by_a_member_of_its_group_keeps_its_group(
     revoke_key(path, first.id)
     after = path.stat()
     assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (group, 0o660)
+
+
+def _revoke_as_a_member(path: Path, key_id: str, group: int) -> None:
+    """Revoke as a user who is not the file's owner, but of its group (nobody)."""
+    os.setgroups([group])
+    os.setgid(group)
+    os.setuid(65534)
+    assert revoke_key(path, key_id)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="takes root to act as another user")
+def test_a_member_of_the_key_file_s_group_may_take_its_lock(tmp_path: Path) -> None:
+    """The lock file was made 0600, its maker's (the proxy's user, root): an operator of
+    the key file's group (the file 0660, in a directory the group may write) could not
+    open it, and `keys revoke` said the keys_file cannot be used, revoking nothing."""
+    group = 65534
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))  # not under tmp_path: 0700 above it
+    try:
+        os.chown(directory, 0, group)
+        os.chmod(directory, 0o770)
+        path = directory / "keys.yaml"
+        _, first = create_key(path, tenant="acme")  # as root: the lock made by it
+        os.chown(path, 0, group)
+        os.chmod(path, 0o660)
+        member = multiprocessing.get_context("fork").Process(
+            target=_revoke_as_a_member, args=(path, first.id, group)
+        )
+        member.start()
+        member.join(60)
+        assert member.exitcode == 0
+        assert read_keys(path).keys[0].revoked
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_a_key_file_the_proxy_may_not_open_is_said_once_until_that_changes(

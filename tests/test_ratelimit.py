@@ -525,3 +525,34 @@ async def test_a_call_held_back_only_by_a_call_in_flight_is_told_to_retry_soon(
     assert again.status == 200  # admitted: the 429 said to wait minutes, not to retry
     assert "x-should-retry" not in held.headers, held.headers
     assert int(held.headers["retry-after"]) <= 1
+
+
+async def test_a_call_larger_than_the_token_rate_is_told_it_waits_for_a_full_bucket(
+    ingress: str, ingress_settings: Settings, upstream: FakeUpstream
+) -> None:
+    """A call whose estimate is past the key's tokens/min goes only once the bucket is
+    full (the README); refused, its 429 said only "rate limit reached", as for any call,
+    so a client retrying it among the key's other calls never learned why it waited."""
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme", tpm=1000)
+    upstream.provider.prompt_tokens = 600  # the first leaves the bucket part spent
+    try:
+        assert await statuses_of_new_key(ingress, secret, 1) == [200]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{ingress}/v1/chat/completions",
+                json={
+                    "model": "gpt-4o",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 5000,
+                },
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response,
+        ):
+            assert response.status == 429
+            message = (await response.json())["error"]["message"]
+    finally:
+        upstream.provider.prompt_tokens = FakeProvider.prompt_tokens
+    assert "rate limit of key" in message
+    assert "this call's estimate" in message and "more than the key's tokens/min (1000)" in message
+    assert "only once its token bucket is full" in message

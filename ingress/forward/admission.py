@@ -23,7 +23,7 @@ from ingress.forward.call import Call, upstream_headers
 from ingress.forward.capture import parse_json_body, too_many_values
 from ingress.forward.endpoint import Endpoint, provider_url, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
-from ingress.guards.auth import Refusal, authenticate, check_model
+from ingress.guards.auth import Refusal, authenticated, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
 from ingress.guards.fields import (
     model_too_long,
@@ -136,13 +136,8 @@ class Admission:
         settings = request.app[SETTINGS]
         keys = request.app[KEYS]
         try:
-            try:
-                identity = authenticate(request.headers, settings, keys)
-            except Refusal as refusal:
-                # An unknown key may be one made a moment ago: the file read again first.
-                if refusal.status != 401 or not await keys.refreshed():
-                    raise
-                identity = authenticate(request.headers, settings, keys)
+            # An unknown key may be one made a moment ago: the file read again first.
+            identity = await authenticated(request.headers, settings, keys)
         except Refusal as refusal:
             if refusal.attribution is not None:  # a valid key's false claim: its tenant's call
                 call.attribution = refusal.attribution
@@ -201,19 +196,23 @@ class Admission:
         answers, batched = choices(payload), prompts(payload, endpoint.batched)
         # Once routed (a call with no route spends nothing), before anything costly.
         if key is not None and (key.rpm or key.tpm):
+            reckoned = estimate(len(body), most_tokens, answers * batched)
             admitted = request.app[LIMITER].admit(
-                key.id,
-                key.rpm,
-                key.tpm,
-                estimate(len(body), most_tokens, answers * batched),
-                time.monotonic(),
+                key.id, key.rpm, key.tpm, reckoned, time.monotonic()
             )
             if not isinstance(admitted, Ticket):
                 retry_after = math.ceil(admitted.seconds)
+                larger = ""
+                if key.tpm and reckoned.tokens > key.tpm:  # why it waits that long
+                    larger = (
+                        f"; this call's estimate, {reckoned.tokens} tokens, is more than the "
+                        f"key's tokens/min ({key.tpm}): it goes only once its token bucket is "
+                        "full (a lower max_tokens lets it go sooner)"
+                    )
                 limited = refuse(
                     429,
                     f"rate limit of key {key.id} reached (requests/min: {key.rpm or 'unlimited'}, "
-                    f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s",
+                    f"tokens/min: {key.tpm or 'unlimited'}); retry in {retry_after}s{larger}",
                     "rate_limited",
                     code="rate_limit_exceeded",
                     openai_type=admitted.limit,

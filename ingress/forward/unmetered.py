@@ -33,7 +33,7 @@ from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.capture import parse_json_body
 from ingress.forward.endpoint import Api, provider_url, redirected, unreachable, upstream_credential
 from ingress.forward.proxy import Handler
-from ingress.guards.auth import Identity, Refusal, authenticate, check_model
+from ingress.guards.auth import Identity, Refusal, authenticated, check_model
 from ingress.keys import KEYS, SETTINGS
 from ingress.routing import NoRoute, resolve
 from llmtap.config_sections import ProviderConfig
@@ -106,7 +106,7 @@ async def _passed(
     settings = request.app[SETTINGS]
     try:
         try:
-            identity = authenticate(request.headers, settings, request.app[KEYS])
+            identity = await authenticated(request.headers, settings, request.app[KEYS])
         except Refusal as refusal:
             raise _Refused.by(refusal) from None
         if isinstance(path, _Refused):

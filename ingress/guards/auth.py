@@ -92,6 +92,20 @@ def authenticate(headers: CIMultiDictProxy[str], settings: Settings, keys: KeySt
     return identity
 
 
+async def authenticated(
+    headers: CIMultiDictProxy[str], settings: Settings, keys: KeyStore
+) -> Identity:
+    """:func:`authenticate`, the key file read again first (when it changed) for a key
+    it does not know: one made a moment ago works at once, on every route that takes a
+    key (the unmetered ones answered it 401 until the next periodic reload)."""
+    try:
+        return authenticate(headers, settings, keys)
+    except Refusal as refusal:
+        if refusal.status != 401 or not await keys.refreshed():
+            raise
+    return authenticate(headers, settings, keys)
+
+
 def _own(key: VirtualKey) -> Attribution:
     """Whom a call refused for what its headers claim is recorded under: its key's
     tenant, team and user, so its tenant sees it."""

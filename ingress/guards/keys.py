@@ -23,10 +23,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmtap.config_sources import refuse_duplicate_keys
 from llmtap.events import UtcDatetime, utcnow
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,21 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "ltk_"
 
 # libyaml's loader when PyYAML has it: the pure-Python one takes seconds for thousands of keys.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+try:
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # PyYAML built without libyaml
+    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+
+class _UniqueKeys(_Loader):
+    """The key file's loader, refusing a field named twice: PyYAML kept the last without
+    a word, so a key revoked by hand (`revoked: true` added above its `revoked: false`)
+    stayed live, and the commands rewrote it so."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        refuse_duplicate_keys(self, node, deep)
+        result: dict[Any, Any] = super().construct_mapping(node, deep)
+        return result
 
 
 def hash_key(secret: str) -> str:
@@ -90,7 +106,7 @@ def parse_keys(text: str) -> KeyFile:
     """The keys of a key file's text. One with no top-level ``keys`` (an empty file: one
     rewritten in place, read before it was written) is refused, not read as no keys:
     a reload would drop every key for as long. ``keys: []`` names none."""
-    data = yaml.load(text, Loader=_Loader)
+    data = yaml.load(text, Loader=_UniqueKeys)
     if not isinstance(data, dict) or "keys" not in data:
         raise ValueError("no top-level 'keys:' list (empty, or still being written?)")
     return KeyFile.model_validate(data)
@@ -164,19 +180,43 @@ def real_path(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+LOCK_MODE = 0o640  # the key file's lock: its owner's and its directory's group's
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold the key file's writer lock (an flock on ``<file>.lock``, beside it, a linked
     one's beside its target): every read-modify-write of the file goes under it, or
-    concurrent writers lose changes."""
+    concurrent writers lose changes.
+
+    The lock is opened to read (an flock needs no more) and given its directory's group
+    (LOCK_MODE): whoever may rewrite the key file (a writer of its directory, an
+    operator of its group) may take it. Made 0600, its maker's, an operator of the
+    group could not open it, and `keys revoke` revoked nothing."""
     path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY | os.O_CREAT, LOCK_MODE)
     try:
+        _shared_with_writers(fd, path.parent)
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _shared_with_writers(fd: int, directory: Path) -> None:
+    """Give the lock ``fd`` its directory's group, readable by it (LOCK_MODE), when this
+    process may (its owner, or root): a lock made before (0600, or before the directory
+    was given to its group) is mended by the next command run so."""
+    lock, group = os.fstat(fd), os.stat(directory).st_gid
+    # Best effort: not allowed (another's lock), or a filesystem without owners (a
+    # bind mount's, NFS's root squashed) leaves it as it is.
+    if lock.st_gid != group:
+        with contextlib.suppress(OSError):
+            os.fchown(fd, -1, group)
+    if stat.S_IMODE(lock.st_mode) != LOCK_MODE:
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, LOCK_MODE)
 
 
 def create_key(
