@@ -317,4 +317,7 @@ class SpikeRule(BaseModel):
             raise ValueError("min_history cannot exceed history_windows")
         if self.seasonal_min_days > self.seasonal_days:
             raise ValueError("seasonal_min_days cannot exceed seasonal_days")
+        if self.metric == "error_rate" and max(self.min_value, self.min_increase) > 1:
+            # 5 meant as 5%: never reached, so the rule never fired, without a word.
+            raise ValueError("an error_rate's min_value and min_increase are 0..1 (0.05: 5%)")
         return self

@@ -84,6 +84,16 @@ def test_rule_defaults_and_validation() -> None:
         rule(sensitivity=0)
 
 
+def test_an_error_rate_rule_s_floors_are_ratios_not_percentages() -> None:
+    """An error rate is 0..1: a ``min_value: 5`` meant as 5% could never be reached,
+    and the rule never fired, without a word."""
+    assert rule(metric="error_rate", min_value=1, min_increase=1).min_value == 1
+    for floor in ("min_value", "min_increase"):
+        with pytest.raises(ValidationError, match=r"are 0\.\.1 \(0\.05: 5%\)"):
+            rule(metric="error_rate", **{floor: 5})
+    assert rule(metric="requests", min_value=5, min_increase=5).min_value == 5
+
+
 # -- baselines ---------------------------------------------------------------------
 
 
