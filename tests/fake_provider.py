@@ -20,6 +20,18 @@ from aiohttp import web
 SNAPSHOT = "-2025-01-01"  # served model = requested model + a dated snapshot suffix
 ANTHROPIC_SNAPSHOT = "-20241022"
 PROVIDER_REQUEST_ID = "req_fake0123456789"  # OpenAI's own request id, on chat answers
+# Azure OpenAI's first chunk of a stream, sent as it takes the call: its prompt filter's
+# results, no choices (no token yet).
+AZURE_FIRST_CHUNK = {
+    "id": "",
+    "object": "",
+    "created": 0,
+    "model": "",
+    "prompt_filter_results": [
+        {"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}
+    ],
+    "choices": [],
+}
 
 
 @dataclass

@@ -49,7 +49,7 @@ from tests.conftest import (
     ingress_before,
     serve_ingress,
 )
-from tests.fake_provider import PROVIDER_REQUEST_ID
+from tests.fake_provider import AZURE_FIRST_CHUNK, PROVIDER_REQUEST_ID
 from tests.prometheus import sample
 from tests.raw_http import raw_request
 
@@ -2214,16 +2214,6 @@ async def test_a_client_that_leaves_at_the_last_event_had_the_whole_answer(
     assert (usage.input_tokens, usage.output_tokens, usage.usage_missing) == (12, 5, False)
 
 
-AZURE_PROMPT_FILTERED = {  # Azure OpenAI's first chunk, sent as it takes the call
-    "id": "",
-    "object": "",
-    "created": 0,
-    "model": "",
-    "prompt_filter_results": [
-        {"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}
-    ],
-    "choices": [],
-}
 ROLE_CHUNK = {**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
 
 
@@ -2236,7 +2226,7 @@ async def test_time_to_first_token_waits_for_the_first_event_with_output(
     before the model generates anything: the time to first token is the first event
     with output's (a delta's text, Anthropic's first content block), not ~0."""
     if api == "chat":
-        before = _sse([AZURE_PROMPT_FILTERED, ROLE_CHUNK])
+        before = _sse([AZURE_FIRST_CHUNK, ROLE_CHUNK])
         after = _sse([CHUNK, b"[DONE]"])
     else:
         before = [

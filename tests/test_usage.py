@@ -24,6 +24,7 @@ from ingress.forward.capture import (
 )
 from ingress.forward.usage import anthropic_usage, by_preview, openai_usage
 from llmtap.events import Usage
+from tests.fake_provider import AZURE_FIRST_CHUNK
 
 SERVED = "gpt-4o-mini-2024-07-18"
 
@@ -1255,16 +1256,6 @@ def test_a_stream_has_ended_at_its_last_event_only(
     assert reading.ended
 
 
-AZURE_FIRST = {  # Azure OpenAI's first chunk, as it takes the call: its prompt filter's
-    "id": "",
-    "object": "",
-    "created": 0,
-    "model": "",
-    "prompt_filter_results": [
-        {"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}
-    ],
-    "choices": [],
-}
 ROLE = {  # every OpenAI-compatible stream's first chunk of a choice: its role, no text
     "id": "chatcmpl-1",
     "model": "gpt-4o",
@@ -1289,7 +1280,7 @@ def test_a_chat_stream_s_first_token_is_its_first_chunk_with_output(
     first chunk with text (or a tool call) is the first token, however reads cut it."""
     first = b"".join(
         b"data: " + orjson.dumps(chunk) + b"\n\n"
-        for chunk in (AZURE_FIRST, ROLE, {**ROLE, "choices": [{"index": 0, "delta": output}]})
+        for chunk in (AZURE_FIRST_CHUNK, ROLE, {**ROLE, "choices": [{"index": 0, "delta": output}]})
     )
     stream = first + b"data: [DONE]\n\n"
     ends = len(first) - 2  # where the line of the first output ends
@@ -1297,7 +1288,7 @@ def test_a_chat_stream_s_first_token_is_its_first_chunk_with_output(
         event = FirstEvent(frozenset(), chat_output)
         found = [event.generated(stream[:cut]), event.generated(stream[cut:])]
         assert found == ([True, False] if cut > ends else [False, True]), cut
-    for chunks in (AZURE_FIRST, ROLE), ():  # no output: no first token
+    for chunks in (AZURE_FIRST_CHUNK, ROLE), ():  # no output: no first token
         event = FirstEvent(frozenset(), chat_output)
         told = [b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks]
         assert not any(event.generated(data) for data in [*told, b"data: [DONE]\n\n"])
