@@ -320,13 +320,20 @@ async def ingress_at(
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
     host: str = "127.0.0.1",
+    anthropic: bool = False,
 ) -> AsyncIterator[TestServer]:
-    """An ingress whose OpenAI provider is the app ``provider``, reached by ``host`` (a
-    name, not an address, where a client keeps what it keeps by host name: cookies)."""
+    """An ingress whose OpenAI provider (and Anthropic one, if ``anthropic``) is the app
+    ``provider``, reached by ``host`` (a name, not an address, where a client keeps what
+    it keeps by host name: cookies)."""
     upstream = TestServer(provider, host="127.0.0.1")
     await upstream.start_server()
     monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    settings = settings.model_copy(update={"openai_base_url": f"http://{host}:{upstream.port}/v1"})
+    root = f"http://{host}:{upstream.port}"
+    update = {"openai_base_url": f"{root}/v1"}
+    if anthropic:
+        monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
+        update["anthropic_base_url"] = root
+    settings = settings.model_copy(update=update)
     try:
         server = await serve_ingress(settings)
         try:

@@ -1448,22 +1448,8 @@ async def ingress_of_both(
     provider = web.Application()
     provider.router.add_post("/v1/chat/completions", answer)
     provider.router.add_post("/v1/messages", answer)
-    upstream = TestServer(provider, host="127.0.0.1")
-    await upstream.start_server()
-    monkeypatch.setenv("LLMTAP_TEST_OPENAI_KEY", INGRESS_PROVIDER_KEY)
-    monkeypatch.setenv("LLMTAP_TEST_ANTHROPIC_KEY", INGRESS_PROVIDER_KEY)
-    root = str(upstream.make_url("")).rstrip("/")
-    settings = settings.model_copy(
-        update={"openai_base_url": f"{root}/v1", "anthropic_base_url": root}
-    )
-    try:
-        server = await serve_ingress(settings)
-        try:
-            yield server
-        finally:
-            await server.close()
-    finally:
-        await upstream.close()
+    async with ingress_at(provider, settings, monkeypatch, anthropic=True) as server:
+        yield server
 
 
 # A streamed call of each API: its path and body.
