@@ -16,6 +16,12 @@ it) do not move them:
 
 A value's *robust z-score* is ``(value - center) / scale``.
 
+A rate (an error rate: failed calls of a window's calls) is also judged against its
+sampling noise (:func:`sampling_noise`): the scale is at least how much the window's
+rate varies by chance at the baseline's rate, and at least one call's worth. Without
+that, a series at 0 in most windows (a healthy model's error rate) had a Qn of 0, and
+its first failed call was infinitely unusual.
+
 With hour-of-day seasonality, each closed UTC hour of the recent history is
 summarised as ``(day, median, scale)`` into that hour's profile (kept for the last
 few days); the seasonal baseline for a window in hour ``h`` is then the median of
@@ -29,7 +35,7 @@ floating point (deterministic, and an estimate, not an amount).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Context, Decimal
 
@@ -55,6 +61,10 @@ class Baseline:
     def upper(self, sensitivity: Decimal) -> Decimal:
         """The value at which the z-score reaches ``sensitivity``."""
         return self.center + sensitivity * self.scale
+
+    def at_least(self, scale: Decimal) -> Baseline:
+        """This baseline with its scale raised to ``scale`` where it is smaller."""
+        return self if self.scale >= scale else replace(self, scale=scale)
 
 
 def median(values: Sequence[Decimal]) -> Decimal:
@@ -130,6 +140,18 @@ def robust(values: Sequence[Decimal], min_relative_scale: Decimal) -> Baseline:
     center = median(values)
     scale = widen(qn(values), len(values))
     return Baseline(center, floored_scale(scale, center, min_relative_scale), len(values))
+
+
+def sampling_noise(rate: Decimal, calls: int) -> Decimal:
+    """How much a rate of ``calls`` calls varies by chance around ``rate``: the binomial
+    standard deviation ``sqrt(rate (1 - rate) / calls)``, and at least one call's worth
+    (``1 / calls``), as a rate cannot be told more finely than one call. So against a
+    baseline at 0, a window's z-score is its count of failed calls."""
+    if calls < 1:
+        raise ValueError("a rate of no calls")
+    share = min(max(rate, Decimal(0)), Decimal(1))
+    variance = max(calls * share * (1 - share), Decimal(1))
+    return _SCALE_DIGITS.divide(variance.sqrt(_SCALE_DIGITS), Decimal(calls))
 
 
 @dataclass(frozen=True, slots=True)

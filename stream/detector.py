@@ -385,6 +385,7 @@ class Detector:
                 window.window_end,
                 value,
                 tenant=window.tenant,
+                calls=error_rate(window)[1] if rule.metric == "error_rate" else None,
             )
             self.states[state_key] = state
             if pending.home not in self._away:

@@ -11,7 +11,10 @@ How a window is judged (see :mod:`stream.baselines` for the statistics):
 1. The baseline is learned from the series' own recent closed windows: the median of
    the last ``history_windows`` values, with a robust scale (Qn, an outlier-proof
    standard deviation, widened for short histories) floored at ``min_relative_scale``
-   of the median, so a flat series does not fire on noise.
+   of the median, so a flat series does not fire on noise. An error rate's scale is
+   also at least its window's sampling noise at the baseline's rate, and at least one
+   call's worth (``calls``: see :func:`stream.baselines.sampling_noise`), so a series
+   at 0 in most windows is not infinitely surprised by a failed call.
    With ``seasonality: hour_of_day`` and at least ``seasonal_min_days`` earlier days
    known for the window's UTC hour, the baseline is that hour's usual level on
    previous days instead (falling back to the recent windows until then). Until
@@ -24,7 +27,9 @@ How a window is judged (see :mod:`stream.baselines` for the statistics):
    unless the series fired less than ``cooldown_windows`` windows ago (cooldown is
    measured in time, ``cooldown_windows`` x the window's length, so gaps count). A
    series fires once per episode, not once per window; its alert's severity is
-   ``critical`` when the z-score is at least twice ``sensitivity``, else ``warning``.
+   ``critical`` when the window rose over the baseline at least twice as far as it had
+   to (to :func:`alert_level`: with no floor above it, a z-score of twice
+   ``sensitivity``), else ``warning``.
 4. The first window of a firing series that is no longer anomalous raises a
    ``resolved`` alert (same severity and ``first_seen`` as the firing one).
 5. An *outlier* (``|z| > sensitivity``, whatever the floors and the cooldown) does not
@@ -69,7 +74,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmtap.amounts import plain
 from llmtap.config_sections import SpikeRule
 from llmtap.events import Alert, UtcDatetime, of_tenant, stable_id
-from stream.baselines import Baseline, HourSummary, robust, seasonal, summarise_hour
+from stream.baselines import (
+    Baseline,
+    HourSummary,
+    robust,
+    sampling_noise,
+    seasonal,
+    summarise_hour,
+)
 
 Severity = Literal["warning", "critical"]
 
@@ -264,9 +276,11 @@ def observe(
     value: Decimal | int | float | None,
     *,
     tenant: str = "",
+    calls: int | None = None,
 ) -> tuple[SeriesState, list[Alert]]:
     """Judge one closed window of ``series`` (the dimension's value, e.g. a team name,
-    of ``tenant``: WindowEvent.tenant).
+    of ``tenant``: WindowEvent.tenant). ``calls``: for a rate, the calls it is of (its
+    sampling noise floors the scale).
 
     Returns the series' new state and the alerts to publish (none, one firing, or one
     resolved). A window not after the last one observed changes nothing. ``value``
@@ -304,6 +318,8 @@ def observe(
         return held, quieted + capped
     observed = as_decimal(value)
     baseline = baseline_for(rule, state, window_start)
+    if baseline is not None and calls:
+        baseline = baseline.at_least(sampling_noise(baseline.center, calls))
     update: dict[str, object] = {"last_window": window_start, "last_valued": window_start}
     alerts: list[Alert] = []
     if baseline is None:
@@ -322,7 +338,9 @@ def observe(
         if anomalous and not state.firing:
             cooldown = cooldown_span(rule, window_end - window_start)
             if state.last_fired is None or window_start - state.last_fired >= cooldown:
-                severity: Severity = "critical" if z >= 2 * rule.sensitivity else "warning"
+                rise = observed - baseline.center
+                needed = alert_level(rule, baseline) - baseline.center
+                severity: Severity = "critical" if rise >= 2 * needed else "warning"
                 alerts.append(
                     _alert(
                         rule,

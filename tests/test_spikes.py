@@ -20,7 +20,7 @@ from llmtap.events import Alert, stable_id
 from stream.agents.spikes import judged
 from stream.aggregates import Aggregate
 from stream.aggregates import Series as SeriesKey
-from stream.baselines import qn, robust
+from stream.baselines import qn, robust, sampling_noise
 from stream.detector import Detector
 from stream.spikes import SeriesState, baseline_for, observe, went_quiet
 
@@ -117,6 +117,43 @@ def test_an_all_zero_series_needs_the_absolute_floors() -> None:
     assert alerts == []
     _, alerts = feed(rule(min_value=Decimal("0.05")), [Decimal("0.07")], state=state, first=30)
     assert firing(alerts) == [30]
+
+
+def test_a_rate_varies_by_chance_at_least_by_one_call() -> None:
+    assert sampling_noise(Decimal(0), 20) == Decimal("0.05")  # one call of 20
+    assert sampling_noise(Decimal("0.5"), 100) == Decimal("0.05")  # sqrt(.25 / 100)
+    assert sampling_noise(Decimal("0.02"), 10_000) == Decimal("0.0014")  # sqrt(.0196 / 1e4)
+    with pytest.raises(ValueError, match="no calls"):
+        sampling_noise(Decimal(0), 0)
+
+
+def test_a_model_failing_a_call_now_and_then_pages_no_one_but_an_outage_does() -> None:
+    """A healthy model's error rate is 0 in most windows: its Qn was 0, so its scale
+    1e-9, and each window with one failed call of 20 fired, critical (~110 pages a
+    day); kept out of the history as an outlier, the failure never taught it
+    otherwise. Judged against its sampling noise, one call of 20 is a z of 1."""
+
+    rule = SpikeRule(
+        name="errors", dimension="model", metric="error_rate", min_value=Decimal("0.05")
+    )
+    detector = Detector([rule], 1, timedelta(seconds=13))
+    series: SeriesKey = ("model", "", "gpt-4o")
+    rng = random.Random(7)
+
+    def window(i: int, failed: int) -> list[Alert]:
+        counts = Aggregate(requests=20, errors=failed)
+        counts.errors_by_class["upstream_error"] = failed
+        event = counts.to_event(series, T0 + i * M, M, [0])
+        return judged(detector, wire.encode(event), event.window_end + 14 * S, 0) or []
+
+    day = 24 * 60
+    failing = [i for i in range(day) if rng.random() < 0.08]
+    assert len(failing) > 100
+    assert [a for i in range(day) for a in window(i, 1 if i in failing else 0)] == []
+    [fired] = window(day, 10)  # half the calls fail
+    assert (fired.state, fired.severity, fired.threshold) == ("firing", "critical", Decimal("0.25"))
+    [back] = window(day + 1, 1)
+    assert back.state == "resolved"
 
 
 def test_an_outlier_in_the_history_does_not_move_the_baseline() -> None:
@@ -236,6 +273,18 @@ def test_severity_is_warning_just_past_the_threshold() -> None:
     _, alerts = feed(rule(), [Decimal(130)], state=state, first=30)
     assert [a.severity for _, a in alerts] == ["warning"]
     _, alerts = feed(rule(), [Decimal(160)], state=state, first=30)
+    assert [a.severity for _, a in alerts] == ["critical"]
+
+
+def test_severity_is_warning_just_past_a_floor_that_set_the_threshold() -> None:
+    """Critical is a rise twice the one needed to fire, whichever set it: a z-score of
+    twice the sensitivity was critical at $2.50 against $1 with min_increase $1."""
+
+    floored = rule(min_increase=Decimal(1))
+    state, _ = feed(floored, [Decimal(1)] * 30)  # scale 0.05: z 10 is $1.50
+    _, alerts = feed(floored, [Decimal("2.5")], state=state, first=30)
+    assert [(a.severity, a.threshold) for _, a in alerts] == [("warning", Decimal(2))]
+    _, alerts = feed(floored, [Decimal(3)], state=state, first=30)
     assert [a.severity for _, a in alerts] == ["critical"]
 
 
