@@ -29,7 +29,9 @@ How a window is judged (see :mod:`stream.baselines` for the statistics):
    series fires once per episode, not once per window; its alert's severity is
    ``critical`` when the window rose over the baseline at least twice as far as it had
    to (to :func:`alert_level`: with no floor above it, a z-score of twice
-   ``sensitivity``), else ``warning``.
+   ``sensitivity``), else ``warning``. A ``warning`` episode that grows ``critical``
+   fires once more, ``critical``, with its ``first_seen`` (no cooldown: the same
+   episode).
 4. The first window of a firing series that is no longer anomalous raises a
    ``resolved`` alert (same severity and ``first_seen`` as the firing one).
 5. An *outlier* (``|z| > sensitivity``, whatever the floors and the cooldown) does not
@@ -187,6 +189,14 @@ def alert_level(rule: SpikeRule, baseline: Baseline) -> Decimal:
     )
 
 
+def severity_of(rule: SpikeRule, baseline: Baseline, value: Decimal) -> Severity:
+    """``critical`` when ``value`` rose over the baseline at least twice as far as it had
+    to (to :func:`alert_level`, whichever of the sensitivity or a floor set it), else
+    ``warning``."""
+    needed = alert_level(rule, baseline) - baseline.center
+    return "critical" if value - baseline.center >= 2 * needed else "warning"
+
+
 def _alert(
     rule: SpikeRule,
     series: str,
@@ -214,6 +224,8 @@ def _alert(
             f"{_fmt(baseline.center)} (alert above {_fmt(above)}, "
             f"robust z {baseline.z(value):.1f})"
         )
+        if first_seen != window_start:
+            message += f"; grew to {severity}, spike since {first_seen.isoformat()}"
     elif unjudged is not None:
         resolution = "unjudged"
         let_through = " the guards let through" if rule.metric == "error_rate" else ""
@@ -335,32 +347,36 @@ def observe(
             and observed >= rule.min_value
             and observed - baseline.center >= rule.min_increase
         )
-        if anomalous and not state.firing:
-            cooldown = cooldown_span(rule, window_end - window_start)
-            if state.last_fired is None or window_start - state.last_fired >= cooldown:
-                rise = observed - baseline.center
-                needed = alert_level(rule, baseline) - baseline.center
-                severity: Severity = "critical" if rise >= 2 * needed else "warning"
-                alerts.append(
-                    _alert(
-                        rule,
-                        series,
-                        "firing",
-                        severity,
-                        window_start=window_start,
-                        window_end=window_end,
-                        first_seen=window_start,
-                        value=observed,
-                        baseline=baseline,
-                        tenant=tenant,
-                    )
+        severity = severity_of(rule, baseline, observed)
+        cooldown = cooldown_span(rule, window_end - window_start)
+        cooled = state.last_fired is None or window_start - state.last_fired >= cooldown
+        # A new episode (once cooled down), or a firing warning grown critical: the same
+        # episode, told once more.
+        fires = (cooled and not state.firing) or (
+            state.firing and state.severity == "warning" and severity == "critical"
+        )
+        if anomalous and fires:
+            first_seen = (state.first_seen if state.firing else None) or window_start
+            alerts.append(
+                _alert(
+                    rule,
+                    series,
+                    "firing",
+                    severity,
+                    window_start=window_start,
+                    window_end=window_end,
+                    first_seen=first_seen,
+                    value=observed,
+                    baseline=baseline,
+                    tenant=tenant,
                 )
-                update |= {
-                    "firing": True,
-                    "severity": severity,
-                    "first_seen": window_start,
-                    "last_fired": window_start,
-                }
+            )
+            update |= {
+                "firing": True,
+                "severity": severity,
+                "first_seen": first_seen,
+                "last_fired": window_start,
+            }
         elif not anomalous and state.firing:
             alerts.append(
                 _alert(

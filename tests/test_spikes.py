@@ -288,6 +288,24 @@ def test_severity_is_warning_just_past_a_floor_that_set_the_threshold() -> None:
     assert [a.severity for _, a in alerts] == ["critical"]
 
 
+def test_a_warning_that_grows_critical_fires_once_more_in_its_episode() -> None:
+    """A spike first seen at +30% and then at +70% stayed a warning: nothing told the
+    receivers it had grown. It fires once more, critical, the same episode."""
+
+    state, _ = feed(rule(), [Decimal(100)] * 30)  # threshold 125, critical from 150
+    values = [Decimal(v) for v in (130, 140, 170, 180, 135, 100)]
+    _, alerts = feed(rule(), values, state=state, first=30)
+    assert [(i, a.state, a.severity) for i, a in alerts] == [
+        (30, "firing", "warning"),
+        (32, "firing", "critical"),
+        (35, "resolved", "critical"),
+    ]
+    grown = alerts[1][1]
+    assert grown.first_seen == T0 + 30 * MINUTE
+    assert grown.message.endswith(f"grew to critical, spike since {grown.first_seen.isoformat()}")
+    assert len({a.event_id for _, a in alerts}) == 3
+
+
 def test_cooldown_allows_one_firing_alert_per_cooldown() -> None:
     r = rule(cooldown_windows=10)
     values: list[Decimal] = [Decimal(100)] * 80
