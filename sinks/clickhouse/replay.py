@@ -17,9 +17,9 @@ Only the latest ``LATEST`` records of a group are looked at: a partition has one
 writer at a time, which commits after each insert, so an uncommitted one is among the
 last its group made before the writer given its partitions looks (a session later,
 every other writer of the group inserting meanwhile: with eight writers, the 100 looked
-at before had lost it by then). And no further: the tables remember a thousand tokens,
-and a repeat must be within them to be dropped (a hundred are left for the inserts made
-while it is repeated).
+at before had lost it by then, and 900 a minute later). And no further: the tables
+remember ten thousand tokens (migration 0020), and a repeat must be within them to be
+dropped (a thousand are left for the inserts made while it is repeated).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from sql.store import Store, render
 
 log = logging.getLogger(__name__)
 
-LATEST = 900
+LATEST = 9000
 # A broker that answers nothing for this long while a range is read back is slow, not
 # empty: the read fails, and the writer tries the repeat again (messages are gone only
 # when the broker says so). The writer's group heartbeats meanwhile (llmtap/heartbeats.py).
