@@ -20,9 +20,9 @@ How a window is judged (see :mod:`stream.baselines` for the statistics):
    previous days instead (falling back to the recent windows until then). Until
    ``min_history`` windows are known nothing is judged.
 2. A window is *anomalous* when all hold: its robust z-score
-   ``(value - baseline) / scale`` exceeds ``sensitivity``; ``value >= min_value``; and
-   ``value - baseline >= min_increase``. The two absolute floors are what stop an
-   alert on a move from $0.001 to $0.01.
+   ``(value - baseline) / scale`` reaches ``sensitivity``; ``value >= min_value``; and
+   ``value - baseline >= min_increase`` (it reaches :func:`alert_level`). The two
+   absolute floors are what stop an alert on a move from $0.001 to $0.01.
 3. An anomalous window of a series that is not firing raises a ``firing`` alert,
    unless the series fired less than ``cooldown_windows`` windows ago (cooldown is
    measured in time, ``cooldown_windows`` x the window's length, so gaps count). A
@@ -342,11 +342,9 @@ def observe(
         # A long enough run of outliers is a new level: admitted, so it is learned.
         admit = not outlier or state.outliers >= rule.history_windows // 2
         update["outliers"] = state.outliers + 1 if outlier else 0
-        anomalous = (
-            z > rule.sensitivity
-            and observed >= rule.min_value
-            and observed - baseline.center >= rule.min_increase
-        )
+        # Reaching the alert's threshold, whichever of the three set it: a window at a
+        # threshold the sensitivity set fired no more than one at min_value's did.
+        anomalous = observed >= alert_level(rule, baseline)
         severity = severity_of(rule, baseline, observed)
         cooldown = cooldown_span(rule, window_end - window_start)
         cooled = state.last_fired is None or window_start - state.last_fired >= cooldown

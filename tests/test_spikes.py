@@ -276,6 +276,19 @@ def test_severity_is_warning_just_past_the_threshold() -> None:
     assert [a.severity for _, a in alerts] == ["critical"]
 
 
+def test_a_window_at_its_threshold_fires_whichever_level_set_it() -> None:
+    """A window exactly at the threshold min_value set fired; one exactly at the
+    threshold the sensitivity set did not (z > 5, not >= 5)."""
+    state, _ = feed(rule(), [Decimal(100)] * 30)  # 100 + 5 x 5
+    _, alerts = feed(rule(), [Decimal("124.999")], state=state, first=30)
+    assert alerts == []
+    _, alerts = feed(rule(), [Decimal(125)], state=state, first=30)
+    assert [(a.state, a.threshold) for _, a in alerts] == [("firing", Decimal(125))]
+    floored = rule(min_value=Decimal(130))
+    _, alerts = feed(floored, [Decimal(130)], state=state, first=30)
+    assert [(a.state, a.threshold) for _, a in alerts] == [("firing", Decimal(130))]
+
+
 def test_severity_is_warning_just_past_a_floor_that_set_the_threshold() -> None:
     """Critical is a rise twice the one needed to fire, whichever set it: a z-score of
     twice the sensitivity was critical at $2.50 against $1 with min_increase $1."""
