@@ -246,13 +246,21 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
                 f"user={key.user} models={allowed} rpm={key.rpm or 'unlimited'} "
                 f"tpm={key.tpm or 'unlimited'}"
             )
-    elif revoked is None:
-        print(f"no key with id {args.key_id!r} in {path}", file=sys.stderr)
-        return 1
-    elif revoked.revoked:
-        print(f"{args.key_id} was already revoked: nothing changed")
     else:
-        print(f"revoked {args.key_id} (a running llmtap refuses it within about a second)")
+        for bad in revoked.bad:  # left as they are: the operator's to fix
+            print(
+                f"llmtap: keys_file {path}: {bad} is not a valid key, left as it is (fix it: "
+                "until then `keys create` and `keys list` refuse the file, and a running "
+                f"llmtap takes no change of it but its revocations): {bad.why}",
+                file=sys.stderr,
+            )
+        if not revoked.found:
+            print(f"no key with id {args.key_id!r} in {path}", file=sys.stderr)
+            return 1
+        if not revoked.changed:
+            print(f"{args.key_id} was already revoked: nothing changed")
+        else:
+            print(f"revoked {args.key_id} (a running llmtap refuses it within about a second)")
     return 0
 
 

@@ -346,7 +346,7 @@ async def wait_for_status(api: Api, key: str, status: int) -> None:
 async def test_a_revoked_key_is_401_once_the_file_is_reread(api: Api) -> None:
     key = api.keys["globex"]
     await api.get("usage", key)
-    assert revoke_key(api.key_file, api.key_ids["globex"])
+    assert revoke_key(api.key_file, api.key_ids["globex"]).changed
     await wait_for_status(api, key, 401)
     await api.get("usage", api.keys["acme"])  # the others still work
 

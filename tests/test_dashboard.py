@@ -499,7 +499,7 @@ async def test_logout_ends_the_session(dash: Dash) -> None:
 async def test_revoking_the_key_ends_its_sessions(dash: Dash) -> None:
     await dash.login(dash.keys["acme"])
     assert "tenant acme" in await dash.page()
-    assert revoke_key(dash.settings.key_file, dash.key_ids["acme"])
+    assert revoke_key(dash.settings.key_file, dash.key_ids["acme"]).changed
     async with asyncio.timeout(5):  # the key file is re-read every KEY_RELOAD_S
         while 'name="key"' not in await dash.page():
             await asyncio.sleep(0.1)

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ingress import app as ingress_app
@@ -97,7 +98,7 @@ async def test_a_key_works_until_revoked_and_only_its_hash_is_stored(
     seen = upstream.provider.received[-1]
     assert seen.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"  # never the virtual key
 
-    assert revoke_key(ingress_settings.key_file, key.id)
+    assert revoke_key(ingress_settings.key_file, key.id).changed
     async with asyncio.timeout(10):
         while (await chat(ingress, secret))[0] != 401:
             await asyncio.sleep(0.1)
@@ -324,7 +325,7 @@ def test_an_identity_follows_the_headers_and_the_key_file_of_each_call(tmp_path:
     assert who(feature="chat").team == "growth"
     assert who(team="growth").team == "growth"
 
-    assert revoke_key(settings.key_file, read_keys(settings.key_file).keys[0].id)
+    assert revoke_key(settings.key_file, read_keys(settings.key_file).keys[0].id).changed
     store.reload()
     with pytest.raises(Refusal) as revoked:
         who(feature="chat")
@@ -434,7 +435,7 @@ def test_a_key_file_that_cannot_be_used_is_said_plainly(
         path.write_text("keys: []\n")
         path = path / "keys.yaml"
     else:
-        path.write_text("keys: [1\n" if broken == "bad yaml" else "keys: [{id: k}]\n")
+        path.write_text("keys: [1\n" if broken == "bad yaml" else "keys: {id: k}\n")
     before = None if path.is_dir() or broken == "under a file" else path.read_text()
     monkeypatch.setenv("LLMTAP_KEYS_FILE", str(path))
     assert cli(["keys", *action]) == 2
@@ -474,7 +475,7 @@ def _create(path: Path, start: Any, team: str, count: int) -> None:
 def _revoke(path: Path, start: Any, ids: list[str]) -> None:
     start.wait()
     for key_id in ids:
-        assert revoke_key(path, key_id)
+        assert revoke_key(path, key_id).changed
 
 
 def test_concurrent_writers_of_the_key_file_lose_nothing(tmp_path: Path) -> None:
@@ -552,6 +553,71 @@ def test_a_key_file_naming_a_field_twice_is_refused(
         read_keys(path)
 
 
+def test_a_hash_pasted_in_upper_case_is_the_key_s(tmp_path: Path) -> None:
+    """A key's SHA-256 pasted in upper case (as some tools print it) never matched: the
+    key was refused (401), and nothing said why. A hash is read in lower case."""
+    path = tmp_path / "keys.yaml"
+    secret = "ltk_upper"
+    assert hash_key(secret) != hash_key(secret).upper()
+    path.write_text(f"keys:\n- id: key_a\n  tenant: acme\n  hash: {hash_key(secret).upper()}\n")
+    store = KeyStore(path)
+    assert store.reload()
+    key = store.lookup(secret)
+    assert key is not None and key.id == "key_a" and key.hash == hash_key(secret)
+
+
+@pytest.mark.parametrize("limit", ["rpm: yes", "tpm: true", "rpm: on", "tpm: True"])
+def test_a_yes_or_no_is_no_rate_limit(limit: str, tmp_path: Path) -> None:
+    """YAML 1.1 reads `rpm: yes` (or on, true) as a yes/no, which was taken for 1: a
+    key limited to one call a minute, said nowhere. The entry is refused, naming it."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n- id: key_a\n  tenant: acme\n  {limit}\n  hash: '{'a' * 64}'\n")
+    with pytest.raises(ValueError) as refused:
+        read_keys(path)
+    said = str(refused.value)
+    assert f"keys.0.{limit.split(':')[0]}\n" in said and "a whole number" in said, said
+
+
+def test_a_bad_entry_does_not_stop_keys_revoke_of_another(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+) -> None:
+    """One bad entry (a hand edit) made the commands refuse the whole file: `keys revoke`
+    of any other key, a leaked one, revoked nothing until it was fixed, and the proxy
+    kept its previous keys, the leaked one live. The command now revokes the key, names
+    the bad entry, and keeps it as it was (to be fixed by hand); the proxy keeps its
+    previous keys but those the file lists revoked."""
+    monkeypatch.setenv("LLMTAP_DATA_DIR", str(tmp_path))
+    path = tmp_path / "keys.yaml"
+    leaked_secret, leaked = create_key(path, tenant="acme")
+    edited_secret, edited = create_key(path, tenant="globex", rpm=5)
+    store = KeyStore(path)
+    assert store.reload()
+    path.write_text(path.read_text().replace("rpm: 5", "rpm: 5/min"))  # a bad hand edit
+    assert not store.reload()  # refused: the previous keys kept
+    assert store.lookup(leaked_secret) == leaked and store.lookup(edited_secret) == edited
+    bad_entry = {**edited.model_dump(mode="json"), "rpm": "5/min"}
+    assert cli(["keys", "revoke", leaked.id]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"revoked {leaked.id}"), out
+    assert f"entry 2 (id '{edited.id}') is not a valid key, left as it is" in err, err
+    assert "rpm: Input should be a valid integer" in err, err
+    listed = yaml.safe_load(path.read_text())["keys"]
+    assert listed[0] == {**leaked.model_dump(mode="json"), "revoked": True}
+    assert listed[1] == bad_entry
+    assert store.reload() and store.lookup(leaked_secret) is None
+    assert store.lookup(edited_secret) == edited  # as it was before the bad edit
+    # The bad entry's own key may be revoked too: marked revoked, left bad.
+    assert cli(["keys", "revoke", edited.id]) == 0
+    assert capsys.readouterr().out.startswith(f"revoked {edited.id}")
+    assert yaml.safe_load(path.read_text())["keys"][1] == {**bad_entry, "revoked": True}
+    assert store.reload() and store.lookup(edited_secret) is None
+    assert cli(["keys", "revoke", edited.id]) == 0
+    assert f"{edited.id} was already revoked" in capsys.readouterr().out
+
+
 def test_a_key_file_rewritten_keeps_its_owner_and_mode_and_is_made_private(
     tmp_path: Path,
 ) -> None:
@@ -604,7 +670,7 @@ def _revoke_as_a_member(path: Path, key_id: str, group: int) -> None:
     os.setgroups([group])
     os.setgid(group)
     os.setuid(65534)
-    assert revoke_key(path, key_id)
+    assert revoke_key(path, key_id).changed
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="takes root to act as another user")
@@ -744,12 +810,11 @@ def test_a_key_listed_twice_is_revoked_by_either_entry(tmp_path: Path) -> None:
 
     path.write_text("keys:\n" + entry + entry)  # both live: the key works
     assert store.reload() and store.lookup(secret) == key
-    was = revoke_key(path, key.id)
-    assert was is not None and not was.revoked
+    assert revoke_key(path, key.id).changed
     assert [k.revoked for k in read_keys(path).keys] == [True, True]
     assert store.reload() and store.lookup(secret) is None
     again = revoke_key(path, key.id)
-    assert again is not None and again.revoked  # "already revoked"
+    assert again.found and not again.changed  # "already revoked"
 
 
 def test_a_key_file_gone_for_a_moment_keeps_the_keys(

@@ -178,6 +178,23 @@ def test_a_changed_token_limit_keeps_the_debt() -> None:
     assert refused(limiter, 10, 6000, NOTHING, now=0.0) == (pytest.approx(6.0), "tokens")
 
 
+def test_a_token_limit_removed_and_put_back_keeps_the_debt() -> None:
+    """A limit taken off a key (its entry edited to unlimited) and put back: the bucket
+    was dropped, and the one made again was full, its debt forgiven."""
+    limiter = RateLimiter()
+    limiter.settle(admitted(limiter, 10, 600, 0), Usage(input_tokens=1200), now=0.0)
+    assert isinstance(limiter.admit("k", 10, None, NOTHING, now=0.0), Ticket)  # unlimited
+    # 600 in debt, 10 s refilled at 10 a second: 500 left, 50 s to go.
+    assert refused(limiter, 10, 600, NOTHING, now=10.0) == (pytest.approx(50.0), "tokens")
+    emptied = [limiter.admit("r", 2, None, NOTHING, now=0.0) for _ in range(2)]
+    assert all(isinstance(t, Ticket) for t in emptied)
+    assert isinstance(limiter.admit("r", None, None, NOTHING, now=0.0), Ticket)
+    assert waited(limiter.admit("r", 2, None, NOTHING, now=0.0)) == (
+        pytest.approx(30.0),
+        "requests",
+    )
+
+
 def test_a_changed_limit_keeps_what_the_old_one_refilled_before_the_change() -> None:
     limiter = RateLimiter()
     emptied = [limiter.admit("k", 60, None, NOTHING, now=0.0) for _ in range(60)]

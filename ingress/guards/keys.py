@@ -22,11 +22,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmtap.config_sources import refuse_duplicate_keys
 from llmtap.events import UtcDatetime, utcnow
@@ -82,6 +83,24 @@ class VirtualKey(BaseModel):
     # rates (or mid-tenant) was a key of the defaults: live, of every model, unlimited.
     hash: str
 
+    @field_validator("rpm", "tpm", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """YAML 1.1 reads ``rpm: yes`` (or ``on``, ``true``) as a yes/no, which pydantic
+        took for 1: a key limited to one call a minute."""
+        if isinstance(value, bool):
+            raise ValueError(
+                "a limit is a whole number of at least 1, not a yes/no (yes, true, on)"
+            )
+        return value
+
+    @field_validator("hash")
+    @classmethod
+    def _lower_case(cls, value: str) -> str:
+        """Hex in lower case, as :func:`hash_key` gives it: a hash pasted in upper case
+        never matched, and its key was refused without a word."""
+        return value.lower()
+
     def allows(self, model: str) -> bool:
         if not self.allowed_models:
             return True
@@ -102,24 +121,69 @@ class KeyFile(BaseModel):
 KEY_FILE_ERRORS = (OSError, ValueError, yaml.YAMLError)
 
 
-def parse_keys(text: str) -> KeyFile:
-    """The keys of a key file's text. One with no top-level ``keys`` (an empty file: one
+def _content(text: str) -> dict[str, Any]:
+    """A key file's text as YAML. One with no top-level ``keys`` (an empty file: one
     rewritten in place, read before it was written) is refused, not read as no keys:
     a reload would drop every key for as long. ``keys: []`` names none."""
     data = yaml.load(text, Loader=_UniqueKeys)
     if not isinstance(data, dict) or "keys" not in data:
         raise ValueError("no top-level 'keys:' list (empty, or still being written?)")
-    return KeyFile.model_validate(data)
+    return data
+
+
+def parse_keys(text: str) -> KeyFile:
+    """The keys of a key file's text, every entry a key (:func:`_content`)."""
+    return KeyFile.model_validate(_content(text))
+
+
+@dataclass(frozen=True)
+class BadEntry:
+    """An entry of a key file that is no key (a bad hand edit): what it holds, as read,
+    and why it is no key."""
+
+    number: int  # 1: the first entry
+    content: Any
+    why: str
+
+    def __str__(self) -> str:
+        named = self.content.get("id") if isinstance(self.content, dict) else None
+        return f"entry {self.number}" + (f" (id {named!r})" if named is not None else "")
+
+
+def parse_entries(text: str) -> list[VirtualKey | BadEntry]:
+    """Each entry of a key file's text: a key, or a :class:`BadEntry`. The file itself
+    is refused as :func:`parse_keys` refuses it (not YAML, a field named twice, no
+    top-level ``keys:`` list, another top-level field)."""
+    data = _content(text)
+    KeyFile.model_validate({**data, "keys": []})  # the file's own fields
+    listed = data["keys"]
+    if not isinstance(listed, list):
+        raise ValueError("its top-level 'keys:' is not a list")
+    entries: list[VirtualKey | BadEntry] = []
+    for number, entry in enumerate(listed, 1):
+        try:
+            entries.append(VirtualKey.model_validate(entry))
+        except ValidationError as exc:
+            why = "; ".join(
+                f"{'.'.join(map(str, error['loc'])) or 'the entry'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            entries.append(BadEntry(number, entry, why))
+    return entries
 
 
 def read_keys(path: Path) -> KeyFile:
     """The key file's keys, for the commands that edit it: an empty file (made by hand)
     has none; the proxy's reload refuses one (:func:`parse_keys`)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:  # not made yet (a path under a file is no such file: said)
-        return KeyFile()
+    text = _text(path)
     return parse_keys(text) if text.strip() else KeyFile()
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:  # not made yet (a path under a file is no such file: said)
+        return ""
 
 
 def write_keys(path: Path, keys: KeyFile) -> None:
@@ -136,9 +200,14 @@ def write_keys(path: Path, keys: KeyFile) -> None:
 
     A ``path`` that is a symbolic link (config management's, a mount's) is written
     through: its target is replaced, the link kept (:func:`real_path`)."""
+    _write(path, keys.model_dump(mode="json"))
+
+
+def _write(path: Path, content: dict[str, Any]) -> None:
+    """:func:`write_keys` of a key file's ``content``, as YAML."""
     path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_dump(keys.model_dump(mode="json"), sort_keys=False)
+    data = yaml.safe_dump(content, sort_keys=False)
     try:
         before = path.stat()
     except FileNotFoundError:
@@ -248,19 +317,47 @@ def create_key(
     return secret, key
 
 
-def revoke_key(path: Path, key_id: str) -> VirtualKey | None:
-    """Revoke the key ``key_id``; return it as it was (None: no such key). One already
-    revoked is left as it is. Every entry of that id is revoked: a file merged by hand
-    may list a key twice, and the one left live was taken."""
+@dataclass(frozen=True)
+class Revocation:
+    """What :func:`revoke_key` found and did."""
+
+    found: bool  # an entry of the key's id
+    changed: bool  # one was live (False: every entry of it was revoked already)
+    bad: tuple[BadEntry, ...]  # the file's entries that are no key, left as they are
+
+
+def revoke_key(path: Path, key_id: str) -> Revocation:
+    """Revoke the key ``key_id``; one already revoked is left as it is. Every entry of
+    that id is revoked: a file merged by hand may list a key twice, and the one left
+    live was taken.
+
+    An entry that is no key (a bad hand edit) stops no revocation: it is kept as it was
+    read, marked ``revoked: true`` if its ``id`` is ``key_id``, and returned to be said.
+    The whole file refused (:func:`parse_entries`) revokes nothing."""
     with locked(path):
-        keys = read_keys(path)
-        found = [i for i, key in enumerate(keys.keys) if key.id == key_id]
-        live = [i for i in found if not keys.keys[i].revoked]
-        for i in live:
-            keys.keys[i] = keys.keys[i].model_copy(update={"revoked": True})
-        if live:
-            write_keys(path, keys)
-        return keys.keys[found[0]].model_copy(update={"revoked": not live}) if found else None
+        text = _text(path)
+        entries = parse_entries(text) if text.strip() else []
+        found = changed = False
+        for i, entry in enumerate(entries):
+            if isinstance(entry, VirtualKey):
+                if entry.id == key_id:
+                    found = True
+                    if not entry.revoked:
+                        entries[i] = entry.model_copy(update={"revoked": True})
+                        changed = True
+            elif isinstance(entry.content, dict) and entry.content.get("id") == key_id:
+                found = True
+                if entry.content.get("revoked") is not True:
+                    entry.content["revoked"] = True
+                    changed = True
+        if changed:
+            listed = [
+                entry.model_dump(mode="json") if isinstance(entry, VirtualKey) else entry.content
+                for entry in entries
+            ]
+            _write(path, {"keys": listed})
+        bad = tuple(entry for entry in entries if isinstance(entry, BadEntry))
+        return Revocation(found, changed, bad)
 
 
 def by_hash(keys: KeyFile) -> dict[str, VirtualKey]:
@@ -376,12 +473,14 @@ class KeyStore:
                 log.exception("reloading the key file %s failed", self.path)
 
     def reload(self) -> bool:
-        """Re-read the file if it changed; keep the last good version if it is broken.
+        """Re-read the file if it changed; keep the last good version if it is broken,
+        less the keys it lists revoked (:meth:`_revoke_as_listed`).
 
         One reload at a time, each reading the file as it is then, so a slow one never
         installs an older file over a newer. A broken file is read (and its error logged)
         once, not again until it changes."""
         with self._reloading:
+            text = ""
             try:
                 with self.path.open("rb") as file:
                     self._gone_at = None
@@ -397,7 +496,8 @@ class KeyStore:
                         return False
                     self._stamp, self._digest = stamp, digest
                     with _gc_paused():
-                        keys = parse_keys(content.decode())
+                        text = content.decode()
+                        keys = parse_keys(text)
             except FileNotFoundError:
                 # Gone for a moment (a tool that deletes before it writes) is no reason
                 # to answer every client 401: the keys are kept GONE_GRACE_S. Gone for
@@ -425,7 +525,41 @@ class KeyStore:
                     log.error(
                         "key file %s unreadable, keeping the previous keys: %s", self.path, exc
                     )
-                return False
+                return isinstance(exc, ValidationError) and self._revoke_as_listed(text)
             self._by_hash = by_hash(keys)
             log.info("loaded %d virtual keys from %s", len(self._by_hash), self.path)
             return True
+
+    def _revoke_as_listed(self, text: str) -> bool:
+        """Refuse the keys a file of bad entries lists revoked (by a valid entry, or a bad
+        one whose ``hash`` is a string and ``revoked`` true), the previous keys kept
+        otherwise: one bad hand edit kept a leaked key, revoked by `keys revoke`, live
+        until it was fixed. A revocation only takes a key away; an entry cut short (a
+        file read half written) has no hash, and a hash cut short is no key's. Whether
+        any key was revoked."""
+        try:
+            entries = parse_entries(text)
+        except KEY_FILE_ERRORS:  # the file itself is no key file
+            return False
+        revoked: set[str] = set()
+        for entry in entries:
+            if isinstance(entry, VirtualKey):
+                if entry.revoked:
+                    revoked.add(entry.hash)
+            elif isinstance(listed := entry.content, dict) and listed.get("revoked") is True:
+                if isinstance(listed.get("hash"), str):
+                    revoked.add(listed["hash"].lower())
+        now = {
+            digest: key.model_copy(update={"revoked": True})
+            for digest in revoked
+            if (key := self._by_hash.get(digest)) is not None and not key.revoked
+        }
+        if not now:
+            return False
+        self._by_hash = {**self._by_hash, **now}
+        log.error(
+            "key file %s has bad entries: of the previous keys, %d it lists revoked are refused",
+            self.path,
+            len(now),
+        )
+        return True

@@ -127,11 +127,15 @@ class KeyLimits:
     requests: TokenBucket | None
     tokens: TokenBucket | None
     held: int = 0  # tokens reserved by its calls in flight, not settled yet
+    # The buckets of a limit taken off, kept for it to be put back: made anew, full, a
+    # key's debt was forgiven by an edit to unlimited and back.
+    lifted_requests: TokenBucket | None = None
+    lifted_tokens: TokenBucket | None = None
 
 
 class RateLimiter:
     """Buckets per key id, made on first use; one is remade, holding what it held, when
-    its limit changes."""
+    its limit changes (taken off and put back too)."""
 
     def __init__(self) -> None:
         self._keys: dict[str, KeyLimits] = {}
@@ -142,9 +146,13 @@ class RateLimiter:
             limits = KeyLimits(rpm, tpm, remade(None, rpm, now), remade(None, tpm, now))
             self._keys[key_id] = limits
         if limits.rpm != rpm:
-            limits.rpm, limits.requests = rpm, remade(limits.requests, rpm, now)
+            before = limits.requests or limits.lifted_requests
+            limits.rpm, limits.requests = rpm, remade(before, rpm, now)
+            limits.lifted_requests = None if rpm else before
         if limits.tpm != tpm:
-            limits.tpm, limits.tokens = tpm, remade(limits.tokens, tpm, now)
+            before = limits.tokens or limits.lifted_tokens
+            limits.tpm, limits.tokens = tpm, remade(before, tpm, now)
+            limits.lifted_tokens = None if tpm else before
         return limits
 
     def admit(
