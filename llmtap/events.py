@@ -226,6 +226,13 @@ class Usage(_Model):
 # near float's largest made the rollups' sums infinite. Such an event is refused.
 MAX_DURATION_MS = 7 * 24 * 3600 * 1000.0
 Millis = Annotated[float, Field(ge=0, le=MAX_DURATION_MS, allow_inf_nan=False)]
+# The most a window's latency sketch may sum to: as many durations of a week as a
+# window can count (``windows`` holds its counts as UInt64). Its min and max are
+# durations (Millis). Such a number past float's range (or NaN) was read: the window's
+# quantiles stored as infinity or NaN, its sketch as nulls no reader takes back, and a
+# sum near float's largest made the sum of a window's shares infinite. Refused.
+MAX_SKETCH_SUM_MS = 2.0**64 * MAX_DURATION_MS
+SketchSum = Annotated[float, Field(ge=0, le=MAX_SKETCH_SUM_MS, allow_inf_nan=False)]
 
 
 class RequestEvent(_Model):
@@ -405,6 +412,13 @@ class PlacedCosts(_Model):
     usd: Decimal
 
 
+# The longest an ingress may say it goes between announcements (it makes one every 10 s
+# at most): a day. One of infinity, or past what a time span holds (x3: how long a
+# silent process is taken as live), made every reader's judgement of who is live raise
+# OverflowError: the ingress's hard caps and the store's budgets endpoint. Refused.
+MAX_INTERVAL_S = 24 * 3600.0
+
+
 class Reservations(_Model):
     """What one ingress process holds against its hard-capped budgets beyond their
     published spend: the worst cases of its calls in flight, and the costs of ended
@@ -417,7 +431,7 @@ class Reservations(_Model):
     kind: Literal["reservations"] = "reservations"
     ingress_id: str
     at: UtcDatetime
-    interval_s: float = Field(gt=0)
+    interval_s: float = Field(gt=0, le=MAX_INTERVAL_S, allow_inf_nan=False)
     held: dict[str, Decimal] = Field(default_factory=dict)  # budget name -> USD
     # Of what it holds (and, once it stopped, held), the costs Kafka has the events of:
     # kept by every reader until a state counts them, not with the process's liveness.
@@ -465,9 +479,9 @@ class SketchState(_Model):
     keys: tuple[int, ...] = ()
     counts: tuple[int, ...] = ()
     count: int = Field(ge=0)
-    sum: float = 0.0
-    min: float | None = None
-    max: float | None = None
+    sum: SketchSum = 0.0
+    min: Millis | None = None
+    max: Millis | None = None
 
 
 WindowDimension = Literal["tenant", "team", "key", "user", "model", "provider", "feature"]

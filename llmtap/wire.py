@@ -49,6 +49,7 @@ def countable(*stamps: datetime) -> bool:
 
 Tokens = Annotated[int, msgspec.Meta(ge=0)]
 Millis = Annotated[float, msgspec.Meta(ge=0, le=events.MAX_DURATION_MS)]  # finite
+SketchSum = Annotated[float, msgspec.Meta(ge=0, le=events.MAX_SKETCH_SUM_MS)]  # finite
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 Geo = Annotated[str, msgspec.Meta(pattern=events.GEO_PATTERN)]
 Tier = Annotated[str, msgspec.Meta(pattern=events.TIER_PATTERN)]
@@ -214,9 +215,9 @@ class Sketch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     keys: tuple[int, ...] = ()
     counts: tuple[int, ...] = ()
     count: Tokens
-    sum: float = 0.0
-    min: float | None = None
-    max: float | None = None
+    sum: SketchSum = 0.0
+    min: Millis | None = None
+    max: Millis | None = None
 
 
 class Window(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

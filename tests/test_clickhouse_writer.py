@@ -37,6 +37,7 @@ from sinks.metrics import store_registry
 from sql.migrate import available, migrate
 from sql.native import native_body
 from sql.store import Store
+from stream.sketches import bin_of
 from tests import prometheus, sample
 from tests.conftest import Broker
 
@@ -377,6 +378,32 @@ def test_a_window_windows_cannot_hold_is_a_dead_letter(store: Store) -> None:
     assert [d.offset for d in batch.dead_letters] == [0, 1, 2, 3, 4, 5, 6]
     write_batch(store, batch)
     assert (count(store, "windows"), count(store, "dead_letters")) == (1, 7)
+
+
+def test_a_window_whose_sketch_is_not_finite_is_a_dead_letter(store: Store) -> None:
+    """A sketch's sum, min or max of 1e400 (JSON read as infinity), "nan" or near
+    float's largest was read: the window's quantiles stored as infinity or NaN, its
+    sketch as nulls no reader takes back, its shares' sums infinite. They are
+    durations (and their sum), bounded as a call's are."""
+    bin_ = bin_of(2.5)
+    assert bin_ is not None
+    sketch = wire.Sketch(relative_accuracy=0.01, zero_count=0, keys=(bin_,), counts=(1,),
+                         count=1, sum=2.5, min=2.5, max=2.5)  # fmt: skip
+    good = a_window(latency_ms=sketch).decode()
+    raws = [
+        good.replace('"sum":2.5', '"sum":1e400'),
+        good.replace('"sum":2.5', '"sum":"nan"'),
+        good.replace('"sum":2.5', '"sum":1.7e308'),
+        good.replace('"max":2.5', '"max":"inf"'),
+        good.replace('"min":2.5', '"min":1e300'),
+        good,
+    ]
+    assert len(set(raws)) == len(raws)
+    records = runs_of([(Names().windows, 0, i, raw.encode()) for i, raw in enumerate(raws)])
+    batch = decode_batch(records, calls_types(store))
+    assert [d.offset for d in batch.dead_letters] == [0, 1, 2, 3, 4]
+    write_batch(store, batch)
+    assert (count(store, "windows"), count(store, "dead_letters")) == (1, 5)
 
 
 @pytest.mark.parametrize(

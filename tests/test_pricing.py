@@ -607,6 +607,36 @@ def test_anthropic_long_context_prices_the_whole_call_higher(catalog: Catalog) -
 
 
 @pytest.mark.parametrize(
+    ("model", "fresh", "write", "hour", "read", "out"),
+    [
+        ("claude-opus-4-6", "10.00", "12.50", "20.00", "1.00", "37.50"),
+        ("claude-sonnet-4-6", "6.00", "7.50", "12.00", "0.60", "22.50"),
+    ],
+)
+def test_claude_4_6_priced_past_200k_higher_until_its_1m_context_went_ga(
+    catalog: Catalog, model: str, fresh: str, write: str, hour: str, read: str, out: str
+) -> None:
+    """Opus and Sonnet 4.6's 1M context was a beta with "long context pricing" past 200K
+    prompt tokens (they were priced at the standard rates); from 2026-03-13, GA at
+    standard pricing across the whole window."""
+    usage = Usage(input_tokens=250_000, cached_input_tokens=100_000,
+                  cache_creation_input_tokens=50_000, cache_creation_1h_input_tokens=20_000,
+                  output_tokens=1_000)  # fmt: skip
+    beta = datetime(2026, 3, 12, 23, tzinfo=UTC)
+    cost, _ = costed_at(catalog, model, usage, "anthropic", ts=beta)
+    assert cost.input == usd(100_000, Decimal(fresh))
+    assert cost.cached_input == usd(100_000, Decimal(read))
+    assert cost.cache_write == usd(30_000, Decimal(write)) + usd(20_000, Decimal(hour))
+    assert cost.output == usd(1_000, Decimal(out))
+    short, _ = costed_at(catalog, model, usage.model_copy(update={"input_tokens": 200_000}),
+                         "anthropic", ts=beta)  # fmt: skip
+    ga, _ = costed_at(catalog, model, usage, "anthropic", ts=datetime(2026, 3, 13, tzinfo=UTC))
+    assert ga.input == usd(100_000, Decimal(fresh) / 2)
+    assert ga.output == usd(1_000, Decimal(out) / Decimal("1.5"))
+    assert short.output == ga.output  # exactly 200,000: the base tier
+
+
+@pytest.mark.parametrize(
     ("prompt", "cached", "expected"),
     [
         # exactly 100,000: the base tier. 100,000 x 0.10 + 1,000 x 0.50
@@ -1295,7 +1325,7 @@ OPENAI_REGIONS = ("us", "eu", "au", "in", "jp")
 UPLIFTED = (
     "gpt-5.4", "gpt-5.4-mini", "gpt-5.4-nano", "gpt-5.4-pro", "gpt-5.5", "gpt-5.5-pro",
     "gpt-5.6-sol", "gpt-5.6-terra", "gpt-5.6-luna", "gpt-6-sol", "gpt-6-luna",
-    "gpt-6-astra", "gpt-6.1-sol", "gpt-6.2-sol",
+    "gpt-6-astra", "gpt-6.1-sol", "gpt-6.1-terra", "gpt-6.2-sol",
 )  # fmt: skip
 
 
@@ -1721,16 +1751,21 @@ def test_gpt_5_6_bills_cache_writes_at_a_quarter_above_input(
 
 def test_gpt_5_6_priority_is_fast_mode_s_rates(catalog: Catalog) -> None:
     """Priority processing, renamed Fast mode on 2026-07-30, lists Terra and Luna at twice
-    their cut rates (openai.com/api-fast-mode); Sol's listed rate predates its promotion,
-    and no tier had rates at launch: a call either served then is unpriced."""
-    usage = TIERED.model_copy(update={"service_tier": "priority"})
+    their cut rates (openai.com/api-fast-mode); its cache writes at 1.25x its input rate,
+    as the model pages bill every cache write (they were billed at the input rate); Sol's
+    listed rate predates its promotion, and no tier had rates at launch: a call either
+    served then is unpriced."""
+    usage = TIERED.model_copy(
+        update={"service_tier": "priority", "cache_creation_input_tokens": 5_000}
+    )
     for model, (fresh, cached, out) in {
         "gpt-5.6-terra": ("4.00", "0.40", "24.00"),
         "gpt-5.6-luna": ("0.40", "0.04", "2.40"),
     }.items():
         cost = priced(response(model, usage, ts=LATE_2026, provider="openai"), catalog)
-        assert cost.input == usd(12_000, Decimal(fresh)), model
+        assert cost.input == usd(7_000, Decimal(fresh)), model
         assert cost.cached_input == usd(8_000, Decimal(cached)), model
+        assert cost.cache_write == usd(5_000, Decimal(fresh) * Decimal("1.25")), model
         assert cost.output == usd(1_500, Decimal(out)), model
         early = response(model, usage, ts=AT_GPT_5_6_LAUNCH, provider="openai")
         assert price(early, catalog).unpriced, model
@@ -1753,6 +1788,7 @@ GPT_6 = {
     "gpt-6-sol": ("2.00", "0.20", "2.50", "10.00"),
     "gpt-6-luna": ("0.10", "0.01", "0.125", "0.50"),
     "gpt-6.1-sol": ("2.00", "0.10", "2.50", "10.00"),
+    "gpt-6.1-terra": ("1.00", "0.05", "1.25", "5.00"),
     "gpt-6.2-sol": ("2.00", "0.10", "2.50", "10.00"),
 }
 DEC_2026 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -1832,11 +1868,20 @@ def test_12_hour_cache_writes_cost_their_own_rate_or_leave_the_call_unpriced(
     twelve = GPT_6_USAGE.model_copy(update={"cache_creation_1h_input_tokens": 2_000})
     cost = priced(response("gpt-6.2-sol", twelve, ts=DEC_2026, provider="openai"), catalog)
     assert cost.cache_write == usd(3_000, Decimal("2.50")) + usd(2_000, Decimal("5.00"))
+    # GPT-6.1 Terra: "$1.25 per million tokens for 30-minute retention and $2.50 for
+    # 12-hour retention, before long-context adjustments" (past 272K, cache rates x2).
+    cost = priced(response("gpt-6.1-terra", twelve, ts=DEC_2026, provider="openai"), catalog)
+    assert cost.cache_write == usd(3_000, Decimal("1.25")) + usd(2_000, Decimal("2.50"))
+    long = twelve.model_copy(update={"input_tokens": 300_000})
+    cost = priced(response("gpt-6.1-terra", long, ts=DEC_2026, provider="openai"), catalog)
+    assert cost.cache_write == usd(3_000, Decimal("2.50")) + usd(2_000, Decimal("5.00"))
     unpriced = (
         response("gpt-6-sol", twelve, ts=DEC_2026, provider="openai"),
         response("gpt-6.2-sol", twelve.model_copy(update={"input_tokens": 300_000}),
                  ts=DEC_2026, provider="openai"),
         response("gpt-6.2-sol", twelve.model_copy(update={"service_tier": "priority"}),
+                 ts=DEC_2026, provider="openai"),
+        response("gpt-6.1-terra", twelve.model_copy(update={"service_tier": "priority"}),
                  ts=DEC_2026, provider="openai"),
     )  # fmt: skip
     for event in unpriced:
@@ -1882,6 +1927,7 @@ def test_gpt_6_by_hand(catalog: Catalog) -> None:
         ("gpt-6-luna", datetime(2026, 9, 22, tzinfo=UTC)),
         ("gpt-6-astra", datetime(2026, 9, 3, tzinfo=UTC)),
         ("gpt-6.1-sol", datetime(2026, 9, 29, tzinfo=UTC)),
+        ("gpt-6.1-terra", datetime(2026, 10, 26, tzinfo=UTC)),
         ("gpt-6.2-sol", datetime(2026, 11, 17, tzinfo=UTC)),
     ):
         before = response(model, GPT_6_USAGE, ts=launch - timedelta(seconds=1), provider="openai")

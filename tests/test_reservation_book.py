@@ -7,10 +7,12 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from llmtap.events import Reservations, utcnow
+from llmtap.events import MAX_INTERVAL_S, Reservations, utcnow
 from sql.budgets import ReservationBook
 
 
@@ -61,3 +63,20 @@ def test_what_is_reserved_is_what_keeping_every_process_answered(
         kept_all.update(event)
     asked = utcnow() + timedelta(seconds=later_s)
     assert book.reserved(asked) == kept_all.reserved(asked)
+
+
+@pytest.mark.parametrize("interval", ["1e400", '"inf"', '"Infinity"', '"nan"', "1e300", "86400.5"])
+def test_an_announcement_interval_no_clock_can_count_is_refused(interval: str) -> None:
+    """One of infinity (1e400 in JSON), or past what a time span holds, was read: every
+    judgement of who is live raised OverflowError (the budgets endpoint's reserved_usd,
+    an ingress's hard caps). The followers skip what the contract refuses."""
+    good = Reservations(ingress_id="i", at=utcnow(), interval_s=10.0, held={"b": Decimal(1)})
+    raw = good.model_dump_json()
+    bad = raw.replace('"interval_s":10.0', f'"interval_s":{interval}')
+    assert bad != raw
+    with pytest.raises(ValidationError):
+        Reservations.model_validate_json(bad)
+    a_day = raw.replace('"interval_s":10.0', f'"interval_s":{MAX_INTERVAL_S}')
+    book = ReservationBook()
+    book.update(Reservations.model_validate_json(a_day))
+    assert book.reserved(utcnow()) == {"b": Decimal(1)}

@@ -495,6 +495,14 @@ BAD_WINDOWS = {
     "sketch accuracy of 1": ("latency_ms.relative_accuracy", 1),
     "unknown sketch field": ("ttft_ms.surprise", 1),
     "sketch count missing": ("latency_ms.count", None),
+    # A sketch's min and max are durations, its sum theirs: finite, as a call's are.
+    "sketch sum infinite": ("latency_ms.sum", "inf"),
+    "sketch sum not a number": ("ttft_ms.sum", "nan"),
+    "sketch sum negative": ("latency_ms.sum", -1.0),
+    "sketch sum near float's largest": ("latency_ms.sum", 1.7e308),
+    "sketch max infinite": ("latency_ms.max", "Infinity"),
+    "sketch min not a number": ("ttft_ms.min", "nan"),
+    "sketch max past a week": ("latency_ms.max", 604_800_001),
 }
 
 
