@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from ingress.cors import allow_origins
+from ingress.cors import allow_origins, preflight
 from ingress.errors import anthropic_error, openai_error
 from ingress.forward import anthropic, openai, resend, unmetered
 from ingress.forward.call import NOBODY, Call
@@ -187,7 +187,7 @@ _ROUTES = (
 async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Routing errors in the caller's provider's error shape (Anthropic's for its paths
     and its SDK, else OpenAI's), so SDKs show a clear message; each is recorded as a
-    call that never reached a provider."""
+    call that never reached a provider, but a browser's preflight (no call: cors.py)."""
     try:
         return await handler(request)
     except web.HTTPNotFound:
@@ -196,10 +196,11 @@ async def provider_shaped_errors(request: web.Request, handler: Handler) -> web.
     except web.HTTPMethodNotAllowed as exc:
         status, code, headers = 405, "method_not_allowed", {"Allow": exc.headers["Allow"]}
         message = f"Method {request.method} not allowed on {request.path}"
-    call = Call(provider="", endpoint="unknown")
-    call.attribution = _caller(request)
-    record_outcome(request.app, call, "bad_request", status, Usage(), error_class=code)
-    headers["x-request-id"] = str(call.request_id)
+    if not preflight(request):
+        call = Call(provider="", endpoint="unknown")
+        call.attribution = _caller(request)
+        record_outcome(request.app, call, "bad_request", status, Usage(), error_class=code)
+        headers["x-request-id"] = str(call.request_id)
     anthropic = request.path.startswith("/v1/messages") or "anthropic-version" in request.headers
     shape = anthropic_error if anthropic else openai_error
     return shape(status, message, code=code, headers=headers)

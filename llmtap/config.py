@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import ipaddress
+import json
 import os
 import re
 import ssl
@@ -30,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -82,6 +84,9 @@ _EMPTY_IS_UNSET = (
 # And the directory: in the environment or the file, empty is its default (``.llmtap``),
 # not the current directory (``Path("")``).
 _EMPTY_IS_DEFAULT = frozenset({*_EMPTY_IS_UNSET, "data_dir"})
+# And the web origins, which the environment source passes on as written (NoDecode: it
+# parsed a list's JSON before any of this, and "" is none: a start error). Empty: none.
+_EMPTY_IS_NO_SETTING = frozenset({*_EMPTY_IS_DEFAULT, "cors_origins"})
 # The longest window, and window grace, the stream worker can keep: 366 days.
 WINDOW_MAX_S = 366 * 86400
 
@@ -184,7 +189,7 @@ class Settings(BaseSettings):
     # The web origins whose pages may call the proxy from a browser (CORS), each
     # "scheme://host[:port]" or "*" for any; none: a browser's preflight gets 405, as
     # before (ingress/cors.py). A page that calls shows its virtual key to its users.
-    cors_origins: tuple[str, ...] = ()
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     # Larger request bodies get a 413 without reaching a provider.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     # ... and bodies of more JSON values than this (their commas counted), before they
@@ -301,6 +306,20 @@ class Settings(BaseSettings):
         if isinstance(value, str | Path) and str(value).startswith("~"):
             return Path(value).expanduser()
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_as_json(cls, value: object) -> object:
+        """The environment's origins: its JSON, as written (empty, it was no setting:
+        :class:`~llmtap.config_sources.Overridden`)."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(
+                "not JSON: write a list, as LLMTAP_CORS_ORIGINS='[\"https://app.example.com\"]'"
+            ) from None
 
     @field_validator("cors_origins")
     @classmethod
@@ -637,7 +656,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         if _COPYING.get():
             return (init_settings,)
-        env = Overridden(settings_cls, env_settings, (init_settings,), _EMPTY_IS_DEFAULT)
+        env = Overridden(settings_cls, env_settings, (init_settings,), _EMPTY_IS_NO_SETTING)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env]
         config_file = os.environ.get(CONFIG_ENV)
         if config_file:
@@ -646,7 +665,7 @@ class Settings(BaseSettings):
                 raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
             file = YamlFile(settings_cls, yaml_file=path)
             above = (init_settings, env_settings)
-            sources.append(Overridden(settings_cls, file, above, _EMPTY_IS_DEFAULT))
+            sources.append(Overridden(settings_cls, file, above, _EMPTY_IS_NO_SETTING))
         return tuple(sources)
 
 

@@ -4,15 +4,19 @@ the provider's own CORS headers never passed on."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from multidict import CIMultiDictProxy
 from pydantic import ValidationError
 
 from ingress.guards.keys import create_key
-from llmtap.config import Settings
+from llmtap.config import CONFIG_ENV, Settings
 from tests.conftest import ingress_at
+from tests.prometheus import sample
 
 PAGE = "https://app.example.com"
 PROVIDER_CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "x-a"}
@@ -188,3 +192,90 @@ def test_an_origin_no_browser_sends_is_refused_naming_how_it_sends_it(
         written,
         "http://a.example:8080",
     )
+
+
+async def test_a_preflight_to_a_path_llmtap_does_not_serve_is_no_call(
+    ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page's preflight to a path llmtap has no route of, or none a page may call: a
+    404 or 405 as before, but no call recorded (nothing was asked of a provider, nor
+    could be: a preflight carries no key), as a preflight to an API route is none."""
+    calls: list[str] = []
+    settings = ingress_settings.model_copy(update={"cors_origins": (PAGE,)})
+    async with ingress_at(provider(calls), settings, monkeypatch) as server:
+        async with aiohttp.ClientSession() as session:
+            for path, status in (("/v1/nope", 404), ("/nope", 404), ("/metrics", 405)):
+                async with session.options(server.make_url(path), headers=PREFLIGHT) as r:
+                    assert r.status == status, path
+                    assert "x-request-id" not in r.headers, path  # no call's id
+            async with session.get(server.make_url("/metrics")) as r:
+                assert sample(await r.text(), "llmtap_requests_total", endpoint="unknown") == 0
+            async with session.get(server.make_url("/v1/nope"), headers={"Origin": PAGE}) as r:
+                assert r.status == 404  # a call to it is one
+            async with session.get(server.make_url("/metrics")) as r:
+                assert sample(await r.text(), "llmtap_requests_total", endpoint="unknown") == 1
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/nope", 404),
+        ("POST", "/v1/messages/batches", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/models", 405),
+        ("GET", "/v1/models", 401),
+        ("POST", "/v1/messages/count_tokens", 401),
+        ("POST", "/v1/responses", 401),
+    ],
+)
+async def test_a_page_reads_llmtap_s_own_errors_on_the_api_routes(
+    ingress_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    path: str,
+    status: int,
+) -> None:
+    """An unknown API path, a method it does not take, a call without a key: llmtap's
+    own error, in the provider's shape, which a page of an allowed origin may read (with
+    its x-request-id), and one of another origin may not."""
+    calls: list[str] = []
+    settings = ingress_settings.model_copy(update={"cors_origins": (PAGE,)})
+    async with ingress_at(provider(calls), settings, monkeypatch) as server:
+        async with aiohttp.ClientSession() as session:
+            url = server.make_url(path)
+            async with session.request(method, url, json={}, headers={"Origin": PAGE}) as r:
+                assert r.status == status
+                assert "error" in await r.json()
+                assert r.headers.getall("Access-Control-Allow-Origin") == [PAGE]
+                exposed = r.headers["Access-Control-Expose-Headers"].lower().split(",")
+                assert "x-request-id" in exposed
+                assert "origin" in _vary(r.headers)
+            other = {"Origin": "https://evil.example"}
+            async with session.request(method, url, json={}, headers=other) as r:
+                assert r.status == status
+                assert "Access-Control-Allow-Origin" not in r.headers
+                assert "origin" in _vary(r.headers)
+            async with session.get(server.make_url("/nope"), headers={"Origin": PAGE}) as r:
+                assert r.status == 404  # not an API route: no page's to read
+                assert "Access-Control-Allow-Origin" not in r.headers
+    assert calls == []
+
+
+@pytest.mark.parametrize("file_says", [None, ["https://app.example.com"]])
+def test_an_empty_cors_origins_variable_is_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file_says: list[str] | None
+) -> None:
+    """``LLMTAP_CORS_ORIGINS=`` (compose's ``${VAR:-}``) stopped llmtap at start (not
+    JSON): it is no setting, as an empty file setting is (the file's, else none)."""
+    if file_says is not None:
+        config = tmp_path / "llmtap.yaml"
+        config.write_text(yaml.safe_dump({"cors_origins": file_says}))
+        monkeypatch.setenv(CONFIG_ENV, str(config))
+    monkeypatch.setenv("LLMTAP_CORS_ORIGINS", "")
+    assert Settings().cors_origins == tuple(file_says or ())
+    monkeypatch.setenv("LLMTAP_CORS_ORIGINS", '["http://localhost:3000", "*"]')
+    assert Settings().cors_origins == ("http://localhost:3000", "*")
+    monkeypatch.setenv("LLMTAP_CORS_ORIGINS", "http://localhost:3000")  # not JSON
+    with pytest.raises(ValidationError, match="cors_origins"):
+        Settings()

@@ -2118,8 +2118,16 @@ async def created_as_the_sdk_dumps_it(response: web.StreamResponse) -> None:
     await response.write(b"event: response.created\ndata: " + data + b"\n\n")
 
 
+async def created_long(response: web.StreamResponse) -> None:
+    """response.created echoing long instructions, no ``event:`` line: a data line longer
+    than a read, its type at its start."""
+    started = {**RESPONSE_STARTED, "instructions": "Be brief. " * 20_000}
+    await response.write(sse_data({"type": "response.created", "response": started}))
+
+
 @pytest.mark.parametrize(
-    "preamble", [created_then_in_progress, created_cut_in_its_type, created_as_the_sdk_dumps_it]
+    "preamble",
+    [created_then_in_progress, created_cut_in_its_type, created_as_the_sdk_dumps_it, created_long],
 )
 async def test_a_responses_stream_s_first_token_is_not_its_response_created(
     ingress_settings: Settings,
@@ -2140,6 +2148,70 @@ async def test_a_responses_stream_s_first_token_is_not_its_response_created(
         await asyncio.sleep(0.5)  # prefill: no token yet
         delta = {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hi"}
         await response.write(sse_data(delta))
+        usage = {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
+        done = {**RESPONSE_STARTED, "status": "completed", "usage": usage, "model": "gpt-4o"}
+        await response.write(sse_data({"type": "response.completed", "response": done}))
+        await response.write_eof()
+        return response
+
+    call = {"model": "gpt-4o", "input": "hi", "stream": True}
+    status, event = await streamed_through(
+        slow_first_token, ingress_settings, broker, monkeypatch, call, "/v1/responses"
+    )
+    assert (status, event.status, event.usage.output_tokens) == (200, "ok", 1)
+    assert event.ttft_ms is not None and 500 <= event.ttft_ms <= event.latency_ms
+
+
+# The Responses API's first output of each kind: text, a function call's arguments, a
+# reasoning summary, a refusal (the events the openai SDK's types name).
+_FIRST_OUTPUT: dict[str, dict[str, Any]] = {
+    "text": {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hi"},
+    "arguments": {
+        "type": "response.function_call_arguments.delta",
+        "item_id": "fc_1",
+        "delta": "{",
+    },
+    "reasoning": {"type": "response.reasoning_summary_text.delta", "item_id": "rs_1", "delta": "I"},
+    "refusal": {"type": "response.refusal.delta", "item_id": "msg_1", "delta": "No"},
+}
+
+
+@pytest.mark.parametrize("output", list(_FIRST_OUTPUT))
+async def test_a_responses_stream_s_first_token_is_its_first_output(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    """After response.created the Responses API opens the output item (and its content
+    part, or its reasoning summary's part) before the model generates any of it: those
+    carry no output. The time to first token is the first delta's, not the item's."""
+    item = {"id": "msg_1", "type": "message", "status": "in_progress", "content": []}
+    opened: list[dict[str, Any]] = [
+        {"type": "response.created", "response": RESPONSE_STARTED},
+        {"type": "response.output_item.added", "output_index": 0, "item": item},
+        {
+            "type": "response.content_part.added",
+            "item_id": "msg_1",
+            "output_index": 0,
+            "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": []},
+        },
+        {
+            "type": "response.reasoning_summary_part.added",
+            "item_id": "rs_1",
+            "output_index": 0,
+            "summary_index": 0,
+            "part": {"type": "summary_text", "text": ""},
+        },
+    ]
+
+    async def slow_first_token(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in opened:  # at once
+            kind = event["type"].encode()
+            await response.write(b"event: " + kind + b"\n" + sse_data(event))
+        await asyncio.sleep(0.5)  # prefill: no token yet
+        await response.write(sse_data(_FIRST_OUTPUT[output]))
         usage = {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
         done = {**RESPONSE_STARTED, "status": "completed", "usage": usage, "model": "gpt-4o"}
         await response.write(sse_data({"type": "response.completed", "response": done}))

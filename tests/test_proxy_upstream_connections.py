@@ -25,8 +25,19 @@ from tests.test_ingress_ops import response_event
 
 # What the provider does with a call: answer it (keep-alive), close its connection once
 # it has read it (no byte of an answer), reset it (RST), send part of an answer's head
-# then close, or send the head and half the body then close.
-Act = Literal["answer", "close", "reset", "part_head", "cut_body", "work_close"]
+# then close, or send the head and half the body then close; or, chunked, send the
+# whole JSON, or half of it, then close before the body's end (its last, empty chunk).
+Act = Literal[
+    "answer",
+    "close",
+    "reset",
+    "part_head",
+    "cut_body",
+    "work_close",
+    "chunked_whole",
+    "chunked_half",
+    "chunked_error",
+]
 
 # How long a "work_close" call is worked on before its connection is closed.
 WORK_S = 0.3
@@ -47,6 +58,10 @@ ANSWER = orjson.dumps(
     }
 )
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+CHUNKED = b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+LIMITED = orjson.dumps(
+    {"error": {"message": "slow down", "type": "requests", "param": None, "code": "rate_limit"}}
+)
 
 
 @dataclass
@@ -90,6 +105,11 @@ class RawProvider:
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Ty")
                 elif act == "cut_body":
                     writer.write(HEAD % len(ANSWER) + ANSWER[: len(ANSWER) // 2])
+                elif act in ("chunked_whole", "chunked_half", "chunked_error"):
+                    sent = ANSWER if act == "chunked_whole" else ANSWER[: len(ANSWER) // 2]
+                    sent = LIMITED if act == "chunked_error" else sent
+                    status = 429 if act == "chunked_error" else 200
+                    writer.write(CHUNKED % status + b"%x\r\n%s\r\n" % (len(sent), sent))
                 await writer.drain()
                 return
         finally:
@@ -244,6 +264,65 @@ async def test_an_answer_cut_mid_body_is_the_provider_s_error(
         "ClientPayloadError",
     )
     assert event.usage.usage_missing  # it may bill
+
+
+async def test_a_whole_json_answer_whose_body_breaks_off_after_it_is_passed_on(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider sent a 200's chunked body, the whole JSON answer in it, then closed
+    before the body's end: the client could have had the whole answer. It gets it, and
+    the call is ok with its usage, as a stream broken off after its last event is."""
+    provider = RawProvider(lambda connection, call: "chunked_whole")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+    ):
+        status, body, request_id = await chat(session, base, secret)
+    assert (status, orjson.loads(body)) == (200, orjson.loads(ANSWER))
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.error_class) == ("ok", 200, "")
+    usage = event.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.usage_missing) == (5, 1, False)
+
+
+async def test_a_whole_json_error_whose_body_breaks_off_after_it_is_passed_on(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429 whose whole JSON came before its body broke off: the provider's own error,
+    as it sent it (not llmtap's upstream_error_cut_off), recorded as that error."""
+    provider = RawProvider(lambda connection, call: "chunked_error")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+    ):
+        status, body, request_id = await chat(session, base, secret)
+    assert (status, orjson.loads(body)) == (429, orjson.loads(LIMITED))
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.error_class) == (
+        "upstream_error",
+        429,
+        "requests",
+    )
+    assert (event.usage.usage_missing, event.usage.input_tokens) == (False, 0)
+
+
+async def test_a_chunked_answer_cut_inside_its_json_is_the_provider_s_error(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunked, broken off before its JSON's end: a 502, as one cut mid-Content-Length."""
+    provider = RawProvider(lambda connection, call: "chunked_half")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+    ):
+        status, body, request_id = await chat(session, base, secret)
+    assert (status, orjson.loads(body)["error"]["code"]) == (502, "upstream_cut_off")
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status) == ("upstream_error", 502)
+    assert event.usage.usage_missing
 
 
 async def test_a_call_worked_on_then_closed_under_is_not_sent_again(

@@ -452,10 +452,12 @@ class FirstEvent:
             elif self._generates(line, True):
                 return True
         if self._output is not None and len(cut) > self._keep:  # that long: output
-            return cut.startswith(b"data:") and self._event not in self._preamble
+            return self._generates(self._head[: self.HEAD], False, long=True)
         return self._generates(self._head, False)
 
-    def _generates(self, line: bytes, whole: bool) -> bool:
+    def _generates(self, line: bytes, whole: bool, long: bool = False) -> bool:
+        """Whether ``line`` (its start if not ``whole``; of a line too ``long`` to keep
+        whole: taken as output unless its type is a preamble's) generates."""
         if not line.startswith(b"data:"):
             return False
         if self._event is not None:
@@ -468,7 +470,7 @@ class FirstEvent:
                     return False  # a cut line's type may be in the reads to come
             elif found[1] in self._preamble:
                 return False
-        if self._output is None:
+        if self._output is None or long:
             return True
         if not whole:
             return False  # its output is in the reads to come
@@ -514,6 +516,30 @@ def chat_output(chunk: dict[str, Any]) -> bool:
         ):
             return True
     return False
+
+
+# The Responses API's events that carry what the model generated beside its deltas (a
+# type ending ".delta": text, refusal, reasoning and its summary, a tool call's
+# arguments or input, code, audio), and the ends, taken as they come (a server that
+# streams no delta sends its output whole in response.completed; an error, as chat's).
+_RESPONSES_OUTPUT = (
+    "response.image_generation_call.partial_image",
+    *_RESPONSE_ENDS,
+    "response.failed",
+    "error",
+)
+
+
+def responses_output(event: dict[str, Any]) -> bool:
+    """Whether a Responses API event carries what the model generated: a delta, an
+    image's partial, or its end. Not the events that open an output item, its content
+    part or its reasoning summary's part (``response.output_item.added``,
+    ``response.content_part.added``, ...: as the model starts, before any of it), nor a
+    hosted tool's progress. An event with no type string is taken as it comes."""
+    kind = event.get("type")
+    if not isinstance(kind, str):
+        return True
+    return kind.endswith(".delta") or kind in _RESPONSES_OUTPUT
 
 
 def _may_tell(data: bytes) -> bool:

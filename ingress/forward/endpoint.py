@@ -55,7 +55,8 @@ class Endpoint:
     # (the Responses API's response.created, at once): not its first token.
     preamble: frozenset[bytes] = frozenset()
     # Whether an event of a stream of it carries what the model generated (a chat
-    # chunk: not Azure's first, its prompt filter's results); None: any event not in
+    # chunk: not Azure's first, its prompt filter's results; a Responses API delta: not
+    # the output item it opens first); None: any event not in
     # preamble does. Its first token is the first that does.
     output: Callable[[dict[str, Any]], bool] | None = None
 

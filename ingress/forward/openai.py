@@ -8,7 +8,12 @@ from aiohttp import web
 
 from ingress.errors import openai_error
 from ingress.forward import unmetered
-from ingress.forward.capture import OpenAIJsonCapture, OpenAIStreamCapture, chat_output
+from ingress.forward.capture import (
+    OpenAIJsonCapture,
+    OpenAIStreamCapture,
+    chat_output,
+    responses_output,
+)
 from ingress.forward.endpoint import Api, Endpoint
 from ingress.forward.proxy import metered
 from ingress.guards.fields import background_refused, stream_options_malformed
@@ -61,6 +66,7 @@ RESPONSES = Endpoint(
     "/responses",
     checked_fields=background_refused,
     preamble=frozenset((b"response.created", b"response.queued", b"response.in_progress")),
+    output=responses_output,
 )
 
 

@@ -102,7 +102,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                     status, error_class = "upstream_error", capture.error
                 return response
             else:
-                data = await upstream.read()
+                data = await _whole_body(upstream)
                 call.mark_upstream_done()
                 # The whole answer is here: one write sends the head and the body, with
                 # a Content-Length; its usage is read once the client has it.
@@ -332,6 +332,24 @@ async def _read_on(content: aiohttp.StreamReader, capture: StreamCapture) -> byt
             raise
         log.debug("the provider broke its stream off after its last event: %r", exc)
         return b""
+
+
+async def _whole_body(upstream: aiohttp.ClientResponse) -> bytes:
+    """A whole answer's body. One the provider breaks off (reset, closed before the
+    body's end, silent) once a whole JSON object came was all sent: the client can read
+    it, as a stream broken off after its last event. Before it, the break is raised."""
+    body = bytearray()
+    try:
+        while read := await upstream.content.readany():
+            body += read
+    except BaseException as exc:
+        upstream.close()  # as ClientResponse.read does: the connection is not reused
+        if not isinstance(exc, (aiohttp.ClientError, TimeoutError)):
+            raise
+        if parse_json_body(bytes(body)) is None:
+            raise
+        log.debug("the provider broke its answer off after its whole JSON: %r", exc)
+    return bytes(body)
 
 
 def _broken_off(
