@@ -24,7 +24,7 @@ from ingress.forward.tokens import Counting
 from ingress.guards.auth import Refusal, authenticate
 from ingress.guards.book_topics import announce, follow, hear_others
 from ingress.guards.budgets import BudgetBook
-from ingress.guards.keys import KeyStore
+from ingress.guards.key_store import KeyStore
 from ingress.guards.ratelimit import RateLimiter
 from ingress.guards.reaping import Reaper, reap
 from ingress.keys import (

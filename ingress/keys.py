@@ -9,7 +9,7 @@ from aiohttp import web
 
 from ingress.forward.tokens import Counting
 from ingress.guards.budgets import BudgetBook
-from ingress.guards.keys import KeyStore
+from ingress.guards.key_store import KeyStore
 from ingress.guards.ratelimit import RateLimiter
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher

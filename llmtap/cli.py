@@ -222,8 +222,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"llmtap: keys_file {path} cannot be used"
             + (f" ({done})" if done else "")
-            + ": it must be a YAML file of a top-level 'keys:' list, as `llmtap keys "
-            f"create` writes it, or not exist yet; {type(exc).__name__}: {exc}",
+            + f": {_key_file_fault(exc)}",
             file=sys.stderr,
         )
         return 2
@@ -262,6 +261,20 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
         else:
             print(f"revoked {args.key_id} (a running llmtap refuses it within about a second)")
     return 0
+
+
+def _key_file_fault(exc: Exception) -> str:
+    """What is wrong with a key file, in the operator's words: its entries that are no
+    key, named (fix them by hand; ``keys revoke`` works all the same), or what the file
+    must be."""
+    from ingress.guards import keys
+
+    if isinstance(exc, keys.BadEntries):
+        return f"{exc} (fix it by hand; `llmtap keys revoke` works on the file all the same)"
+    return (
+        "it must be a YAML file of a top-level 'keys:' list, as `llmtap keys create` "
+        f"writes it, or not exist yet; {type(exc).__name__}: {exc}"
+    )
 
 
 def _alerts_test(settings: Settings, name: str) -> int:
@@ -366,9 +379,7 @@ def _check_keys_file(settings: Settings, command: str) -> None:
         keys.read_keys(settings.key_file)
     except keys.KEY_FILE_ERRORS as exc:
         raise ConfigError(
-            f"keys_file {settings.key_file} cannot be used: it must be a YAML file of a "
-            f"top-level 'keys:' list, as `llmtap keys create` writes it, or not exist yet; "
-            f"{type(exc).__name__}: {exc}"
+            f"keys_file {settings.key_file} cannot be used: {_key_file_fault(exc)}"
         ) from None
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from ingress.guards.keys import KeyStore, VirtualKey, hash_key
+from ingress.guards.key_store import KeyStore
+from ingress.guards.keys import VirtualKey, hash_key
 from sql.params import Scope
 
 KEY_RELOAD_S = 1.0  # how often the key file is checked for changes (as the ingress does)

@@ -21,7 +21,8 @@ from ingress.forward.call import MAX_CLAIMS_CHARS, BadClaim, Call, Claims, key_i
 from ingress.forward.outcome import Announcement, record_outcome
 from ingress.guards import auth
 from ingress.guards.auth import Refusal, authenticate
-from ingress.guards.keys import KeyStore, create_key, read_keys
+from ingress.guards.key_store import KeyStore
+from ingress.guards.keys import create_key, read_keys
 from ingress.keys import METRICS, PUBLISHER
 from ingress.metrics import IngressMetrics
 from ingress.publisher import EventPublisher

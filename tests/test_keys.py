@@ -29,10 +29,11 @@ from ingress.forward import call
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.endpoint import upstream_credential
 from ingress.forward.openai import OPENAI
+from ingress.guards import key_store
 from ingress.guards import keys as key_files
 from ingress.guards.auth import Identity, Refusal, authenticate
+from ingress.guards.key_store import KeyStore
 from ingress.guards.keys import (
-    KeyStore,
     VirtualKey,
     create_key,
     hash_key,
@@ -148,7 +149,7 @@ async def test_a_key_missed_while_the_file_is_being_read_is_looked_up_after(
         store._stamp = (found.st_ino, found.st_mtime_ns, found.st_ctime_ns, found.st_size)
         asked = asyncio.ensure_future(store.refreshed())
         await asyncio.sleep(0)  # asked while it reads
-        store._by_hash = key_files.by_hash(read_keys(path))
+        store._by_hash = key_store.by_hash(read_keys(path))
     assert await asked
     assert store.lookup(secret) is not None
 
@@ -510,7 +511,7 @@ def test_a_broken_key_file_is_read_once_until_it_changes(
     store = KeyStore(path)
     store.reload()
     assert store.lookup(secret) is not None
-    caplog.set_level(logging.ERROR, logger="ingress.guards.keys")
+    caplog.set_level(logging.ERROR, logger="ingress.guards.key_store")
 
     def broken() -> int:
         for _ in range(5):
@@ -541,7 +542,7 @@ def test_a_key_file_naming_a_field_twice_is_refused(
     secret, key = create_key(path, tenant="acme")
     store = KeyStore(path)
     store.reload()
-    caplog.set_level(logging.ERROR, logger="ingress.guards.keys")
+    caplog.set_level(logging.ERROR, logger="ingress.guards.key_store")
     edited = path.read_text().replace(f"- id: {key.id}\n", f"- id: {key.id}\n  revoked: true\n")
     assert edited.count("revoked:") == 2
     path.write_text(edited)
@@ -575,7 +576,8 @@ def test_a_yes_or_no_is_no_rate_limit(limit: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError) as refused:
         read_keys(path)
     said = str(refused.value)
-    assert f"keys.0.{limit.split(':')[0]}\n" in said and "a whole number" in said, said
+    field = limit.split(":")[0]
+    assert said.startswith(f"entry 1 (id 'key_a') is not a valid key: {field}: a limit is a whole"), said
 
 
 def test_a_bad_entry_does_not_stop_keys_revoke_of_another(
@@ -598,6 +600,9 @@ def test_a_bad_entry_does_not_stop_keys_revoke_of_another(
     path.write_text(path.read_text().replace("rpm: 5", "rpm: 5/min"))  # a bad hand edit
     assert not store.reload()  # refused: the previous keys kept
     assert store.lookup(leaked_secret) == leaked and store.lookup(edited_secret) == edited
+    assert cli(["keys", "list"]) == 2  # named as the operator counts, not keys.1.rpm
+    err = capsys.readouterr().err
+    assert f"entry 2 (id '{edited.id}') is not a valid key: rpm: Input should be" in err, err
     bad_entry = {**edited.model_dump(mode="json"), "rpm": "5/min"}
     assert cli(["keys", "revoke", leaked.id]) == 0
     out, err = capsys.readouterr()
@@ -616,6 +621,23 @@ def test_a_bad_entry_does_not_stop_keys_revoke_of_another(
     assert store.reload() and store.lookup(edited_secret) is None
     assert cli(["keys", "revoke", edited.id]) == 0
     assert f"{edited.id} was already revoked" in capsys.readouterr().out
+
+
+def test_keys_revoke_of_an_entry_whose_hash_an_edit_broke_reaches_the_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable[[list[str]], int]
+) -> None:
+    """`keys revoke` of a key whose entry an edit broke (``hash:`` typed ``hsh:``) marks
+    the entry revoked and says a running llmtap refuses it; the proxy, which revoked by
+    hash only, kept the key live until the file was fixed. It revokes by id too."""
+    monkeypatch.setenv("LLMTAP_DATA_DIR", str(tmp_path))
+    path = tmp_path / "keys.yaml"
+    secret, key = create_key(path, tenant="acme")
+    store = KeyStore(path)
+    assert store.reload()
+    path.write_text(path.read_text().replace("hash:", "hsh:"))
+    assert not store.reload() and store.lookup(secret) == key  # the previous keys kept
+    assert cli(["keys", "revoke", key.id]) == 0
+    assert store.reload() and store.lookup(secret) is None
 
 
 def test_a_key_file_rewritten_keeps_its_owner_and_mode_and_is_made_private(
@@ -716,7 +738,7 @@ def test_a_key_file_the_proxy_may_not_open_is_said_once_until_that_changes(
         return real_open(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", as_another_user)
-    with caplog.at_level(logging.ERROR, logger="ingress.guards.keys"):
+    with caplog.at_level(logging.ERROR, logger="ingress.guards.key_store"):
         for _ in range(5):
             assert not store.reload()
         refusal = "Operation not permitted"
@@ -829,7 +851,7 @@ def test_a_key_file_gone_for_a_moment_keeps_the_keys(
     good = path.read_text()
     store = KeyStore(path)
     store.reload()
-    caplog.set_level(logging.WARNING, logger="ingress.guards.keys")
+    caplog.set_level(logging.WARNING, logger="ingress.guards.key_store")
     path.unlink()
     for _ in range(3):
         assert not store.reload()
@@ -841,7 +863,7 @@ def test_a_key_file_gone_for_a_moment_keeps_the_keys(
     assert key is not None and key.tenant == "globex"
     path.unlink()
     assert not store.reload() and store.lookup(secret) is not None
-    monkeypatch.setattr(key_files, "GONE_GRACE_S", 0.0)  # the grace over
+    monkeypatch.setattr(key_store, "GONE_GRACE_S", 0.0)  # the grace over
     assert store.reload() and store.lookup(secret) is None
 
 
@@ -866,7 +888,7 @@ def test_a_key_file_edited_twice_within_one_timestamp_tick_is_read_again(
     assert store.reload()
     loaded = os.stat(path)
     _revoke_in_place(path)
-    monkeypatch.setattr("ingress.guards.keys.os.fstat", lambda fd: loaded)
+    monkeypatch.setattr("ingress.guards.key_store.os.fstat", lambda fd: loaded)
     assert store.reload()
     assert store.lookup(secret) is None
     assert not store.reload()  # unchanged since: not loaded again
@@ -882,7 +904,7 @@ def test_a_key_file_edited_with_its_mtime_kept_is_read_again(
     secret, _ = create_key(path, tenant="acme")
     store = KeyStore(path)
     later = time.time_ns() + 60_000_000_000
-    monkeypatch.setattr("ingress.guards.keys.time.time_ns", lambda: later)  # a minute on
+    monkeypatch.setattr("ingress.guards.key_store.time.time_ns", lambda: later)  # a minute on
     assert store.reload()
     loaded = os.stat(path)
     _revoke_in_place(path)

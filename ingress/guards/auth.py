@@ -16,7 +16,8 @@ from ingress.forward.call import (
     credential_of,
     key_id,
 )
-from ingress.guards.keys import KeyStore, VirtualKey
+from ingress.guards.key_store import KeyStore
+from ingress.guards.keys import VirtualKey
 from llmtap.config import Settings
 from llmtap.events import Attribution
 
