@@ -296,7 +296,8 @@ class SpikeRule(BaseModel):
     # error_rate and p95_latency: a window of fewer calls has no value (as one without
     # calls): one call failing of one is no 100% error rate, one slow call no p95.
     min_requests: int = Field(default=10, ge=1)
-    # At most one firing alert per this many windows.
+    # At most one firing alert per this many windows (but a warning grown critical, in
+    # its episode).
     cooldown_windows: int = Field(default=10, ge=0)
     # How many recent closed windows the baseline is learned from (the scale costs
     # O(n^2 log n) per window, hence the cap)...

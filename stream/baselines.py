@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
-from decimal import Context, Decimal
+from decimal import ROUND_FLOOR, Context, Decimal
 
 # 1 / Phi^-1(3/4): scales the MAD to a standard deviation under Gaussian noise.
 MAD_TO_SIGMA = Decimal("1.4826")
@@ -45,6 +45,9 @@ MAD_TO_SIGMA = Decimal("1.4826")
 EPSILON = Decimal("1e-9")
 SMALL_SAMPLE = Decimal(3)
 _SCALE_DIGITS = Context(prec=12)
+# A rate's sampling noise rounded down: rounded up (1/11 to 0.0909090909091), a window of
+# exactly ``sensitivity`` failed calls of 11 fell short of its own threshold.
+_NOISE_DIGITS = Context(prec=12, rounding=ROUND_FLOOR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +154,7 @@ def sampling_noise(rate: Decimal, calls: int) -> Decimal:
         raise ValueError("a rate of no calls")
     share = min(max(rate, Decimal(0)), Decimal(1))
     variance = max(calls * share * (1 - share), Decimal(1))
-    return _SCALE_DIGITS.divide(variance.sqrt(_SCALE_DIGITS), Decimal(calls))
+    return _NOISE_DIGITS.divide(variance.sqrt(), Decimal(calls))
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,6 +127,24 @@ def test_a_rate_varies_by_chance_at_least_by_one_call() -> None:
         sampling_noise(Decimal(0), 0)
 
 
+def test_against_a_baseline_of_0_a_rate_fires_at_sensitivity_failed_calls() -> None:
+    """The scale 1/calls was rounded to 12 digits, up for 11 calls (0.0909090909091): 5
+    failed calls of 11 fell short of the threshold 5 of 11 calls makes, and only 6 fired
+    (at 90 counts of calls from 10 to 199). Rounded down, sensitivity calls fire."""
+    r = rule(metric="error_rate")
+    state, _ = feed(r, [Decimal(0)] * 30)
+    wrong = []
+    for calls in range(10, 200):
+        at = T0 + 30 * MINUTE
+        fired = [
+            bool(observe(r, "search", state, at, at + MINUTE, Decimal(k) / calls, calls=calls)[1])
+            for k in (4, 5)
+        ]
+        if fired != [False, True]:
+            wrong.append(calls)
+    assert wrong == []
+
+
 def test_a_model_failing_a_call_now_and_then_pages_no_one_but_an_outage_does() -> None:
     """A healthy model's error rate is 0 in most windows: its Qn was 0, so its scale
     1e-9, and each window with one failed call of 20 fired, critical (~110 pages a
