@@ -240,6 +240,18 @@ async def test_a_call_whose_connection_failed_otherwise_is_not_sent_again(
     assert (event.status, event.usage.usage_missing) == ("upstream_unreachable", True)
 
 
+async def one_chat(
+    provider: RawProvider, ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, bytes, str]:
+    """One chat call of a new key through an ingress before ``provider``."""
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+    ):
+        return await chat(session, base, secret)
+
+
 async def test_an_answer_cut_mid_body_is_the_provider_s_error(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -247,12 +259,7 @@ async def test_an_answer_cut_mid_body_is_the_provider_s_error(
     broke off (it may bill the call: usage unknown). The client gets a 502 in the API's
     shape saying the answer was cut off, not that the provider was unreachable."""
     provider = RawProvider(lambda connection, call: "cut_body")
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    async with (
-        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
-        aiohttp.ClientSession() as session,
-    ):
-        status, body, request_id = await chat(session, base, secret)
+    status, body, request_id = await one_chat(provider, ingress_settings, monkeypatch)
     error = orjson.loads(body)["error"]
     assert (status, error["code"]) == (502, "upstream_cut_off")
     assert "cut off" in error["message"] and error["type"] == "api_error"
@@ -273,12 +280,7 @@ async def test_a_whole_json_answer_whose_body_breaks_off_after_it_is_passed_on(
     before the body's end: the client could have had the whole answer. It gets it, and
     the call is ok with its usage, as a stream broken off after its last event is."""
     provider = RawProvider(lambda connection, call: "chunked_whole")
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    async with (
-        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
-        aiohttp.ClientSession() as session,
-    ):
-        status, body, request_id = await chat(session, base, secret)
+    status, body, request_id = await one_chat(provider, ingress_settings, monkeypatch)
     assert (status, orjson.loads(body)) == (200, orjson.loads(ANSWER))
     event = await response_event(broker.bootstrap, request_id)
     assert (event.status, event.http_status, event.error_class) == ("ok", 200, "")
@@ -292,12 +294,7 @@ async def test_a_whole_json_error_whose_body_breaks_off_after_it_is_passed_on(
     """A 429 whose whole JSON came before its body broke off: the provider's own error,
     as it sent it (not llmtap's upstream_error_cut_off), recorded as that error."""
     provider = RawProvider(lambda connection, call: "chunked_error")
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    async with (
-        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
-        aiohttp.ClientSession() as session,
-    ):
-        status, body, request_id = await chat(session, base, secret)
+    status, body, request_id = await one_chat(provider, ingress_settings, monkeypatch)
     assert (status, orjson.loads(body)) == (429, orjson.loads(LIMITED))
     event = await response_event(broker.bootstrap, request_id)
     assert (event.status, event.http_status, event.error_class) == (
@@ -308,17 +305,27 @@ async def test_a_whole_json_error_whose_body_breaks_off_after_it_is_passed_on(
     assert (event.usage.usage_missing, event.usage.input_tokens) == (False, 0)
 
 
+async def test_a_free_route_s_whole_json_whose_body_breaks_off_after_it_is_passed_on(
+    ingress_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /v1/models (a route passed through, not metered) whose whole JSON came before
+    its chunked body broke off: the client gets it, not a 502 "unreachable"."""
+    provider = RawProvider(lambda connection, call: "chunked_whole")
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
+        aiohttp.ClientSession() as session,
+        session.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {secret}"}) as got,
+    ):
+        assert (got.status, await got.read()) == (200, ANSWER)
+
+
 async def test_a_chunked_answer_cut_inside_its_json_is_the_provider_s_error(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Chunked, broken off before its JSON's end: a 502, as one cut mid-Content-Length."""
     provider = RawProvider(lambda connection, call: "chunked_half")
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    async with (
-        ingress_before_raw(provider, ingress_settings, monkeypatch) as base,
-        aiohttp.ClientSession() as session,
-    ):
-        status, body, request_id = await chat(session, base, secret)
+    status, body, request_id = await one_chat(provider, ingress_settings, monkeypatch)
     assert (status, orjson.loads(body)["error"]["code"]) == (502, "upstream_cut_off")
     event = await response_event(broker.bootstrap, request_id)
     assert (event.status, event.http_status) == ("upstream_error", 502)

@@ -102,7 +102,7 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
                     status, error_class = "upstream_error", capture.error
                 return response
             else:
-                data = await _whole_body(upstream)
+                data = await whole_body(upstream)
                 call.mark_upstream_done()
                 # The whole answer is here: one write sends the head and the body, with
                 # a Content-Length; its usage is read once the client has it.
@@ -334,7 +334,7 @@ async def _read_on(content: aiohttp.StreamReader, capture: StreamCapture) -> byt
         return b""
 
 
-async def _whole_body(upstream: aiohttp.ClientResponse) -> bytes:
+async def whole_body(upstream: aiohttp.ClientResponse) -> bytes:
     """A whole answer's body. One the provider breaks off (reset, closed before the
     body's end, silent) once a whole JSON object came was all sent: the client can read
     it, as a stream broken off after its last event. Before it, the break is raised."""

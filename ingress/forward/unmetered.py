@@ -32,7 +32,7 @@ from ingress.forward.admission import INVALID_JSON, BodyRefused, read_body
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.capture import parse_json_body
 from ingress.forward.endpoint import Api, provider_url, redirected, unreachable, upstream_credential
-from ingress.forward.proxy import Handler
+from ingress.forward.proxy import Handler, whole_body
 from ingress.guards.auth import Identity, Refusal, authenticated, check_model
 from ingress.keys import KEYS, SETTINGS
 from ingress.routing import NoRoute, resolve
@@ -133,7 +133,7 @@ async def _passed(
             request.app, name, request.method, URL(url), body if read_body else None, headers
         )
         async with upstream:
-            answer = await upstream.read()
+            answer = await whole_body(upstream)
             headers = downstream_headers(upstream.headers, request_id)
             redirect = redirected(api, name, upstream.status, headers)
             if redirect is not None:
