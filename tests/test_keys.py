@@ -577,7 +577,8 @@ def test_a_yes_or_no_is_no_rate_limit(limit: str, tmp_path: Path) -> None:
         read_keys(path)
     said = str(refused.value)
     field = limit.split(":")[0]
-    assert said.startswith(f"entry 1 (id 'key_a') is not a valid key: {field}: a limit is a whole"), said
+    named = f"entry 1 (id 'key_a') is not a valid key: {field}: a limit is a whole number"
+    assert said.startswith(named), said
 
 
 def test_a_bad_entry_does_not_stop_keys_revoke_of_another(
