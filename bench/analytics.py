@@ -49,6 +49,7 @@ from sinks.webhooks.records import store_batch
 from sql import analytics, params
 from sql.migrate import migrate
 from sql.params import RANGES
+from sql.retention import ROLLUP_TABLES
 from sql.store import Store
 
 ADMIN_KEY = "admin-key-for-the-analytics-benchmark"
@@ -60,17 +61,9 @@ FILL_SQL = Path(__file__).with_name("analytics_calls.sql")
 SIZES_SQL = Path(__file__).with_name("analytics_sizes.sql")
 MERGE_SQL = Path(__file__).with_name("analytics_merge.sql")
 MERGES_SQL = "SELECT count() FROM system.merges"
-ROLLUPS = (
-    "analytics_by_model_hourly",
-    "analytics_by_model_daily",
-    "analytics_by_team_daily",
-    "analytics_by_user_daily",
-    "analytics_by_property_daily",
-    "analytics_by_provider_hourly",
-    "analytics_by_tenant_hourly",
-    "analytics_by_user_provider_daily",
-    "analytics_by_key_daily",
-)
+# The analytics rollups: the tables whose rows expire with rollup_retention_days, less
+# the stream's windows.
+ROLLUPS = tuple(table for table in ROLLUP_TABLES if table.startswith("analytics_by_"))
 
 
 # -- the data -------------------------------------------------------------------------

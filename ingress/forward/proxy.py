@@ -338,18 +338,18 @@ async def whole_body(upstream: aiohttp.ClientResponse) -> bytes:
     """A whole answer's body. One the provider breaks off (reset, closed before the
     body's end, silent) once a whole JSON object came was all sent: the client can read
     it, as a stream broken off after its last event. Before it, the break is raised."""
-    body = bytearray()
+    reads: list[bytes] = []  # joined once, as StreamReader.read does: one copy
     try:
         while read := await upstream.content.readany():
-            body += read
+            reads.append(read)
     except BaseException as exc:
         upstream.close()  # as ClientResponse.read does: the connection is not reused
         if not isinstance(exc, (aiohttp.ClientError, TimeoutError)):
             raise
-        if parse_json_body(bytes(body)) is None:
+        if parse_json_body(b"".join(reads)) is None:
             raise
         log.debug("the provider broke its answer off after its whole JSON: %r", exc)
-    return bytes(body)
+    return b"".join(reads)
 
 
 def _broken_off(

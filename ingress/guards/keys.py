@@ -132,7 +132,7 @@ def parse_keys(text: str) -> KeyFile:
     try:
         return KeyFile.model_validate(data)
     except ValidationError:
-        entries = parse_entries(text)  # the file itself refused: raised there
+        entries = _entries(data)  # the file itself refused: raised there
         if any(isinstance(entry, BadEntry) for entry in entries):
             raise BadEntries(entries) from None
         raise
@@ -166,7 +166,11 @@ def parse_entries(text: str) -> list[VirtualKey | BadEntry]:
     """Each entry of a key file's text: a key, or a :class:`BadEntry`. The file itself
     is refused as :func:`parse_keys` refuses it (not YAML, a field named twice, no
     top-level ``keys:`` list, another top-level field)."""
-    data = _content(text)
+    return _entries(_content(text))
+
+
+def _entries(data: dict[str, Any]) -> list[VirtualKey | BadEntry]:
+    """:func:`parse_entries` of the file's content, read."""
     KeyFile.model_validate({**data, "keys": []})  # the file's own fields
     listed = data["keys"]
     if not isinstance(listed, list):
