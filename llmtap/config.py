@@ -46,7 +46,7 @@ from llmtap.config_sections import (
     provider_url,
     unique_names,
 )
-from llmtap.config_sources import Overridden, YamlFile
+from llmtap.config_sources import Environment, Overridden, YamlFile
 from llmtap.dsn import dsn_database, sql_dsn, store_dsn
 from llmtap.kafka import FETCH_WAIT_MS, Compression, Kafka, SaslMechanism, SecurityProtocol
 from llmtap.names import NAMESPACE_PATTERN, Names
@@ -82,11 +82,9 @@ _EMPTY_IS_UNSET = (
     "kafka_ssl_keyfile",
 )
 # And the directory: in the environment or the file, empty is its default (``.llmtap``),
-# not the current directory (``Path("")``).
+# not the current directory (``Path("")``). (An empty variable of a list or map setting
+# is no setting too: :class:`~llmtap.config_sources.Environment`.)
 _EMPTY_IS_DEFAULT = frozenset({*_EMPTY_IS_UNSET, "data_dir"})
-# And the web origins, which the environment source passes on as written (NoDecode: it
-# parsed a list's JSON before any of this, and "" is none: a start error). Empty: none.
-_EMPTY_IS_NO_SETTING = frozenset({*_EMPTY_IS_DEFAULT, "cors_origins"})
 # The longest window, and window grace, the stream worker can keep: 366 days.
 WINDOW_MAX_S = 366 * 86400
 
@@ -310,8 +308,8 @@ class Settings(BaseSettings):
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _origins_as_json(cls, value: object) -> object:
-        """The environment's origins: its JSON, as written (empty, it was no setting:
-        :class:`~llmtap.config_sources.Overridden`)."""
+        """The environment's origins: its JSON, as written (NoDecode), for an error that
+        says so (empty, it is no setting: :class:`~llmtap.config_sources.Environment`)."""
         if not isinstance(value, str):
             return value
         try:
@@ -656,7 +654,8 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         if _COPYING.get():
             return (init_settings,)
-        env = Overridden(settings_cls, env_settings, (init_settings,), _EMPTY_IS_NO_SETTING)
+        environment = Environment(settings_cls)  # pydantic-settings' own, from model_config
+        env = Overridden(settings_cls, environment, (init_settings,), _EMPTY_IS_DEFAULT)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env]
         config_file = os.environ.get(CONFIG_ENV)
         if config_file:
@@ -664,8 +663,8 @@ class Settings(BaseSettings):
             if not path.is_file():
                 raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
             file = YamlFile(settings_cls, yaml_file=path)
-            above = (init_settings, env_settings)
-            sources.append(Overridden(settings_cls, file, above, _EMPTY_IS_NO_SETTING))
+            above = (init_settings, environment)
+            sources.append(Overridden(settings_cls, file, above, _EMPTY_IS_DEFAULT))
         return tuple(sources)
 
 

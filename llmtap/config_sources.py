@@ -1,6 +1,6 @@
 """Where settings are read from: the config file (YAML, read by :class:`UniqueKeys`)
-and the environment, each a whole value under what a source above it sets
-(:class:`Overridden`). :class:`llmtap.config.Settings` puts them in order."""
+and the environment (:class:`Environment`), each a whole value under what a source
+above it sets (:class:`Overridden`). :class:`llmtap.config.Settings` puts them in order."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import yaml
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, YamlConfigSettingsSource
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 
 def refuse_duplicate_keys(loader: Any, node: yaml.MappingNode, deep: bool = False) -> None:
@@ -49,6 +55,19 @@ class YamlFile(YamlConfigSettingsSource):
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         with open(file_path, encoding=self.yaml_file_encoding or "utf-8") as yaml_file:
             return yaml.load(yaml_file, Loader=UniqueKeys) or {}
+
+
+class Environment(EnvSettingsSource):
+    """The ``LLMTAP_*`` variables. An empty one of a setting they give as JSON (a list or
+    a map: ``LLMTAP_PROVIDERS=``, as compose's ``${VAR:-}`` gives it) is no setting, as
+    if unset (the file's, or the default, holds): "" is no JSON, and stopped llmtap."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        if value == "" and (value_is_complex or self._field_is_complex(field)[0]):
+            value = None  # what the source gives for a variable unset: None, left out
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
 
 
 class Overridden(PydanticBaseSettingsSource):

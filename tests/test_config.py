@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_origin
 from urllib.parse import urlsplit
 
 import chdb
@@ -20,7 +21,7 @@ from clickhouse_connect.driver._chdbclient import ChdbClient
 from clickhouse_connect.driver.httpclient import HttpClient
 from pydantic import ValidationError
 
-from llmtap.config import CONFIG_ENV, Settings, load_settings
+from llmtap.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from llmtap.dsn import CHDB_DSN_OPTIONS, HTTP_DSN_OPTIONS
 from llmtap.pinned_config import pinned_config
 from sql.store import Store, connect
@@ -292,6 +293,63 @@ def test_an_empty_file_setting_means_its_default(
     config.write_text(f"keys_file: {tmp_path / 'team-keys.yaml'}\n")
     monkeypatch.setenv(CONFIG_ENV, str(config))
     assert Settings(data_dir=tmp_path).key_file == tmp_path / "team-keys.yaml"
+
+
+# The settings the environment gives as JSON: the lists and maps.
+JSON_SETTINGS = [
+    name
+    for name, field in Settings.model_fields.items()
+    if get_origin(field.annotation) in (list, tuple, dict)
+]
+
+
+def test_an_empty_variable_of_a_json_setting_is_no_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LLMTAP_PROVIDERS=`` (compose's ``${VAR:-}``) stopped llmtap at start: "" is no
+    JSON. It is no setting: the file's, else the default."""
+    assert {"admin_key_hashes", "providers", "model_routes", "cors_origins", "webhooks"} | {
+        "budgets",
+        "window_sizes_s",
+        "spike_rules",
+    } <= set(JSON_SETTINGS)
+    for name in JSON_SETTINGS:
+        monkeypatch.setenv(f"LLMTAP_{name.upper()}", "")
+    monkeypatch.setenv("LLMTAP_PROXY_HOST", "")  # a string's empty value is as given
+    settings = Settings()
+    for name in JSON_SETTINGS:
+        assert getattr(settings, name) == Settings.model_fields[name].get_default(
+            call_default_factory=True
+        ), name
+    assert settings.proxy_host == ""
+    file_says = {
+        "admin_key_hashes": ["a" * 64],
+        "providers": {"groq": {"base_url": "https://api.groq.com/openai/v1"}},
+        "model_routes": {"llama-*": "groq"},
+        "cors_origins": ["https://app.example.com"],
+        "window_sizes_s": [30, 60],
+        "budgets": [{"name": "b", "scope": "tenant", "value": "t", "limit_usd": "5"}],
+    }
+    config = tmp_path / "llmtap.yaml"
+    config.write_text(yaml.safe_dump(file_says))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    settings = Settings()
+    assert settings.admin_key_hashes == ["a" * 64]
+    assert settings.providers["groq"].base_url == "https://api.groq.com/openai/v1"
+    assert settings.model_routes == {"llama-*": "groq"}
+    assert settings.cors_origins == ("https://app.example.com",)
+    assert settings.window_sizes_s == (30, 60)
+    assert [budget.name for budget in settings.budgets] == ["b"]
+    assert settings.webhooks == [] and settings.spike_rules == []
+
+
+@pytest.mark.parametrize("name", JSON_SETTINGS)
+def test_a_json_setting_s_variable_that_is_no_json_is_refused_naming_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"LLMTAP_{name.upper()}", "[")
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
 
 
 def test_urls_of_ipv6_hosts_are_bracketed() -> None:
