@@ -106,6 +106,9 @@ class SeriesState(BaseModel):
     severity: Severity | None = None  # the current (or last) episode's
     first_seen: UtcDatetime | None = None  # the current (or last) episode's first window
     last_fired: UtcDatetime | None = None  # window_start of the last firing alert
+    # A rate's: the calls of the last firing alert's window, whose sampling noise floors
+    # the level a resolve with no window to judge gives (None: fired before it was kept).
+    fired_calls: int | None = None
     outliers: int = 0  # consecutive outlier windows up to now (kept out of the history)
     # hour_of_day only: the values of the current UTC hour (outliers against a seasonal
     # baseline left out), and per UTC hour the (day, median, scale) of recent days.
@@ -189,11 +192,17 @@ def alert_level(rule: SpikeRule, baseline: Baseline) -> Decimal:
     )
 
 
-def severity_of(rule: SpikeRule, baseline: Baseline, value: Decimal) -> Severity:
+def noise_floored(baseline: Baseline, calls: int | None) -> Baseline:
+    """``baseline`` as a rate's window of ``calls`` calls is judged against: its scale at
+    least the rate's sampling noise there (no calls: as it is)."""
+    return baseline.at_least(sampling_noise(baseline.center, calls)) if calls else baseline
+
+
+def severity_of(baseline: Baseline, value: Decimal, level: Decimal) -> Severity:
     """``critical`` when ``value`` rose over the baseline at least twice as far as it had
-    to (to :func:`alert_level`, whichever of the sensitivity or a floor set it), else
-    ``warning``."""
-    needed = alert_level(rule, baseline) - baseline.center
+    to (to ``level``, the :func:`alert_level`, whichever of the sensitivity or a floor
+    set it), else ``warning``."""
+    needed = level - baseline.center
     return "critical" if value - baseline.center >= 2 * needed else "warning"
 
 
@@ -208,6 +217,7 @@ def _alert(
     first_seen: datetime,
     value: Decimal,
     baseline: Baseline,
+    level: Decimal,  # alert_level at ``baseline``
     tenant: str,
     quiet: bool = False,
     unjudged: datetime | None = None,  # held past look_back since this valued window
@@ -216,12 +226,11 @@ def _alert(
     where = f"{rule.dimension}={series}"
     if tenant and rule.dimension != "tenant":
         where += f" of tenant {tenant}"
-    above = alert_level(rule, baseline)
     resolution: Literal["normal", "quiet", "unjudged"] = "normal"
     if state == "firing":
         message = (
             f"{rule.metric} spike on {where}: {_fmt(value)} against a baseline of "
-            f"{_fmt(baseline.center)} (alert above {_fmt(above)}, "
+            f"{_fmt(baseline.center)} (alert above {_fmt(level)}, "
             f"robust z {baseline.z(value):.1f})"
         )
         if first_seen != window_start:
@@ -270,7 +279,7 @@ def _alert(
         metric=rule.metric,
         observed=_q(value),
         baseline=_q(baseline.center),
-        threshold=_q(above) if learned else None,
+        threshold=_q(level) if learned else None,
         window_start=window_start,
         window_end=window_end,
         first_seen=first_seen,
@@ -330,8 +339,8 @@ def observe(
         return held, quieted + capped
     observed = as_decimal(value)
     baseline = baseline_for(rule, state, window_start)
-    if baseline is not None and calls:
-        baseline = baseline.at_least(sampling_noise(baseline.center, calls))
+    if baseline is not None:
+        baseline = noise_floored(baseline, calls)
     update: dict[str, object] = {"last_window": window_start, "last_valued": window_start}
     alerts: list[Alert] = []
     if baseline is None:
@@ -344,8 +353,9 @@ def observe(
         update["outliers"] = state.outliers + 1 if outlier else 0
         # Reaching the alert's threshold, whichever of the three set it: a window at a
         # threshold the sensitivity set fired no more than one at min_value's did.
-        anomalous = observed >= alert_level(rule, baseline)
-        severity = severity_of(rule, baseline, observed)
+        level = alert_level(rule, baseline)
+        anomalous = observed >= level
+        severity = severity_of(baseline, observed, level)
         cooldown = cooldown_span(rule, window_end - window_start)
         cooled = state.last_fired is None or window_start - state.last_fired >= cooldown
         # A new episode (once cooled down), or a firing warning grown critical: the same
@@ -366,6 +376,7 @@ def observe(
                     first_seen=first_seen,
                     value=observed,
                     baseline=baseline,
+                    level=level,
                     tenant=tenant,
                 )
             )
@@ -374,6 +385,7 @@ def observe(
                 "severity": severity,
                 "first_seen": first_seen,
                 "last_fired": window_start,
+                "fired_calls": calls,
             }
         elif not anomalous and state.firing:
             alerts.append(
@@ -387,6 +399,7 @@ def observe(
                     first_seen=state.first_seen or window_start,
                     value=observed,
                     baseline=baseline,
+                    level=level,
                     tenant=tenant,
                 )
             )
@@ -460,9 +473,13 @@ def _ended(
 ) -> Alert:
     """The ``resolved`` of a firing series' episode at the window from ``start`` to
     ``end``, which had no value to judge (no calls: ``quiet``; none judged for the
-    look-back: ``unjudged``): observed 0, against the baseline learned if any
-    (``since``: the episode's first window, if the state does not say)."""
+    look-back: ``unjudged``): observed 0, against the baseline learned if any, and a
+    rate's at the level its last firing alert's window of calls had there (``since``:
+    the episode's first window, if the state does not say)."""
     learned = baseline_for(rule, state, start)
+    if learned is not None:
+        learned = noise_floored(learned, state.fired_calls)
+    baseline = learned or Baseline(Decimal(0), Decimal(1), 0)
     return _alert(
         rule,
         series,
@@ -472,7 +489,8 @@ def _ended(
         window_end=end,
         first_seen=state.first_seen or since,
         value=Decimal(0),
-        baseline=learned or Baseline(Decimal(0), Decimal(1), 0),
+        baseline=baseline,
+        level=alert_level(rule, baseline),
         tenant=tenant,
         quiet=quiet,
         unjudged=unjudged,

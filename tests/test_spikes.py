@@ -392,6 +392,34 @@ def test_a_series_that_went_quiet_while_firing_fires_at_its_next_spike() -> None
     assert unknown.threshold is None
 
 
+def test_an_error_rate_spike_resolved_with_no_value_keeps_the_firing_threshold() -> None:
+    """An error rate's level is floored by its window's sampling noise: a series at 0
+    fired at 5 failed calls of 20 (0.25). Resolved ``quiet`` or ``unjudged`` (no window
+    with calls to judge), its ``threshold`` dropped the floor (0.000000005): a receiver
+    saw the level jump within the episode. It is the firing one's, of the firing
+    window's calls."""
+    r = rule(metric="error_rate", cooldown_windows=5)
+    state: SeriesState | None = None
+    fired: list[Alert] = []
+    for i, failed in enumerate([0] * 20 + [6]):
+        at = T0 + i * MINUTE
+        state, raised = observe(r, "search", state, at, at + MINUTE, Decimal(failed) / 20, calls=20)
+        fired += raised
+    assert state is not None
+    [fire] = fired
+    assert (fire.state, fire.severity, fire.threshold) == ("firing", "warning", Decimal("0.25"))
+    _, [swept] = went_quiet(r, "search", state, MINUTE)  # what a sweep raises
+    at = T0 + 27 * MINUTE  # 21..26: no calls, as long as the cooldown
+    _, [quiet] = observe(r, "search", state, at, at + MINUTE, None)
+    held, _ = feed(r, [None] * 30, state=state, first=21)
+    _, [(_, unjudged)] = feed(r, [None] * 20, state=held, first=51)
+    assert [(a.resolution, a.threshold) for a in (swept, quiet, unjudged)] == [
+        ("quiet", fire.threshold),
+        ("quiet", fire.threshold),
+        ("unjudged", fire.threshold),
+    ]
+
+
 def test_a_rate_or_a_latency_is_not_back_to_normal_for_a_gap_in_its_traffic() -> None:
     """Without calls an error rate has no value: a minute without traffic in a failing
     service is not its recovery (a resolved, then a second page). A gap as long as the

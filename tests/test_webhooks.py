@@ -49,7 +49,9 @@ from sinks.webhooks import deliver, guard, probe, records, render, sign
 from sinks.webhooks.dispatcher import MAX_BATCH, WebhookDispatcher, matches
 from sinks.webhooks.worker import EndpointWorker, Owned
 from sql.store import Store
+from stream.baselines import sampling_noise
 from stream.budgets import period_bounds
+from stream.spikes import SeriesState, observe
 from tests.conftest import Broker
 from tests.fake_provider import free_port
 from tests.prometheus import sample
@@ -1292,6 +1294,38 @@ def test_the_sample_spike_alert_is_one_a_rule_raises(
     assert "alert above" in alert.message and "not real" in alert.message
     sent = render.render(render.load("json"), alert).data
     assert Alert.model_validate_json(sent) == alert and json.loads(sent)["threshold"]
+
+
+def test_the_sample_error_rate_alert_is_floored_by_sampling_noise() -> None:
+    """The detector judges an error rate's window against a scale at least its sampling
+    noise for the window's calls; the sample was judged with none (0.02 -> 0.05 against
+    a threshold of 0.035, which takes some 2,000 calls a window). It is the alert the
+    detector sends for a window of ``probe.SAMPLE_CALLS`` calls."""
+    errors = SpikeRule(name="errors", dimension="model", metric="error_rate")
+    alert = probe.sample_alert(
+        endpoint("ops", "http://127.0.0.1:9/", rules=["errors"]), spike_rules=[errors]
+    )
+    assert alert.baseline is not None and alert.threshold is not None
+    noise = sampling_noise(alert.baseline, probe.SAMPLE_CALLS)
+    assert alert.threshold >= alert.baseline + errors.sensitivity * noise
+    history = tuple(alert.baseline * f for f in probe.SPREAD)
+    before = SeriesState(history=history, last_window=alert.window_start - timedelta(minutes=1))
+    _, [real] = observe(
+        errors,
+        alert.value,
+        before,
+        alert.window_start,
+        alert.window_end,
+        alert.observed,
+        calls=probe.SAMPLE_CALLS,
+    )
+    assert (real.observed, real.baseline, real.threshold, real.severity) == (
+        alert.observed,
+        alert.baseline,
+        alert.threshold,
+        alert.severity,
+    )
+    assert 0 < alert.observed * probe.SAMPLE_CALLS == int(alert.observed * probe.SAMPLE_CALLS)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,9 @@ USUAL = {
     "p95_latency": Decimal(1_800),
 }
 CENT = Decimal("0.01")
+# An error rate's window: its calls (at least the rule's min_requests, in hundreds, so a
+# rate in cents is one of them) set its sampling noise, which floors the scale.
+SAMPLE_CALLS = 200
 SPREAD = tuple(Decimal(f) for f in ("0.9", "1.05", "1", "0.95", "1.1"))
 
 
@@ -65,7 +68,8 @@ def _spike_sample(
     endpoint: WebhookEndpoint, name: str, rules: dict[str, SpikeRule], now: datetime
 ) -> Alert:
     """The firing alert ``rule`` raises on its last closed window, its series having
-    been at its usual level before: judged by :func:`stream.spikes.observe`."""
+    been at its usual level before (an error rate's of a window of ``SAMPLE_CALLS``
+    calls or more): judged by :func:`stream.spikes.observe`."""
     rule = rules.get(name) or SpikeRule(
         name=SAMPLE,
         dimension=endpoint.dimensions[0] if endpoint.dimensions else "team",
@@ -84,10 +88,16 @@ def _spike_sample(
     usual = USUAL[rule.metric]
     history = tuple(usual * SPREAD[i % len(SPREAD)] for i in range(max(rule.min_history, 5)))
     before = spikes.SeriesState(history=history, last_window=start - (end - start))
-    baseline = robust(history, rule.min_relative_scale)  # as observe judges it: no profile yet
+    calls = None
+    if rule.metric == "error_rate":
+        calls = -(-max(SAMPLE_CALLS, rule.min_requests) // 100) * 100
+    # As observe judges it: no profile yet.
+    baseline = spikes.noise_floored(robust(history, rule.min_relative_scale), calls)
     level = spikes.alert_level(rule, baseline)
     observed = (level + (level - baseline.center) / 2).quantize(CENT, ROUND_CEILING)
-    _, alerts = spikes.observe(rule, value, before, start, end, observed, tenant=tenant)
+    _, alerts = spikes.observe(
+        rule, value, before, start, end, observed, tenant=tenant, calls=calls
+    )
     [alert] = alerts
     return alert
 
