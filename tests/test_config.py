@@ -343,6 +343,21 @@ def test_an_empty_variable_of_a_json_setting_is_no_setting(
     assert settings.webhooks == [] and settings.spike_rules == []
 
 
+def test_an_empty_list_or_map_in_the_config_file_is_no_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A templated file left empty (``cors_origins: "{{ .Values.cors }}"``) is as the
+    variable: the default, not a start error."""
+    config = tmp_path / "llmtap.yaml"
+    config.write_text("".join(f'{name}: ""\n' for name in JSON_SETTINGS))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    settings = load_settings()
+    for name in JSON_SETTINGS:
+        assert getattr(settings, name) == Settings.model_fields[name].get_default(
+            call_default_factory=True
+        ), name
+
+
 @pytest.mark.parametrize("name", JSON_SETTINGS)
 def test_a_json_setting_s_variable_that_is_no_json_is_refused_naming_it(
     name: str, monkeypatch: pytest.MonkeyPatch

@@ -346,9 +346,11 @@ async def whole_body(upstream: aiohttp.ClientResponse) -> bytes:
         upstream.close()  # as ClientResponse.read does: the connection is not reused
         if not isinstance(exc, (aiohttp.ClientError, TimeoutError)):
             raise
-        if parse_json_body(b"".join(reads)) is None:
+        body = b"".join(reads)
+        if parse_json_body(body) is None:
             raise
         log.debug("the provider broke its answer off after its whole JSON: %r", exc)
+        return body
     return b"".join(reads)
 
 
