@@ -14,7 +14,7 @@ A reader stops at the first frame that is short or whose CRC does not match: tha
 a torn last write (a crash mid-append), and what precedes it is kept. After a restart
 appends never go to an old segment, so only the tail of a segment can be torn.
 
-What survives what (``append`` writes each batch with one ``write``, then flushes and
+What survives what (``append`` writes each batch with one unbuffered ``write``, then
 fsyncs the file, and fsyncs the directory when it creates a segment):
 
 - a process crash or ``kill -9``: every batch whose ``append`` returned; a batch cut
@@ -29,7 +29,8 @@ in order while they fit and refuses the rest, returning how many it refused. Not
 already spooled is ever evicted to make room: when the spool is full it is the new
 events that are refused, and the caller drops them, counts them and logs at ERROR (the
 ingress publisher first lets them wait in its memory queue, then drops the newest once
-that is full too). A disk error while appending refuses the whole batch the same way.
+that is full too). A disk error while appending refuses the whole batch the same way
+(the part a failed write took is cut off: none of it is replayed).
 The one exception to the limit is ``fill``: a place reserved in line (for a batch that
 was in flight when spooling began) is always written, because its events are older
 than ones already spooled; the limit can be overshot by that one batch.
@@ -285,7 +286,9 @@ class Spool:
         if self._active is None:
             number = self._take_number()
             try:
-                created: BinaryIO = self._path(number).open("ab")
+                # Unbuffered: what a failed write leaves unwritten is not kept to be
+                # flushed by the truncate that cuts the write off (failing it again).
+                created: BinaryIO = self._path(number).open("ab", buffering=0)
             except OSError:
                 log.exception("spool: cannot create segment %d in %s", number, self.directory)
                 return False
@@ -294,8 +297,9 @@ class Spool:
         number, file = self._active
         before = self._sizes[number]
         try:
-            file.write(data)
-            file.flush()
+            written = 0
+            while written < len(data):  # unbuffered: a write may take part of it
+                written += file.write(data[written:])
             os.fsync(file.fileno())
             if before == 0:
                 self._sync_directory()  # the new file's name survives a power loss too

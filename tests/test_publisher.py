@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -112,6 +115,50 @@ def test_spool_skips_a_torn_tail_and_keeps_what_precedes_it(tmp_path: Path) -> N
     more = [record(i) for i in range(100, 103)]
     assert reopened.append(more) == 0  # a new segment: never written after torn bytes
     assert list(reopened) == records[:9] + more
+
+
+_DISK_FULL = """
+import resource, signal, sys
+from pathlib import Path
+from ingress.spool import Record, Spool, encode
+records = [Record("topic", b"key-%d" % i, b"v" * 100) for i in range(10)]
+spool = Spool(Path(sys.argv[1]), max_bytes=1 << 20)
+assert spool.append(records[:2]) == 0
+# The disk fills 3.5 records further on: the next write is cut short there, then fails
+# (EFBIG past RLIMIT_FSIZE, as ENOSPC past the disk's end).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+full_at = spool.size + len(encode(records[2])) * 7 // 2
+resource.setrlimit(resource.RLIMIT_FSIZE, (full_at, resource.RLIM_INFINITY))
+refused = spool.append(records[2:])
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+assert spool.append(records[2:]) == 0  # room again: the refused batch, spooled anew
+spool.close()
+print(refused)
+"""
+
+
+def test_a_batch_refused_for_a_full_disk_leaves_none_of_it_spooled(tmp_path: Path) -> None:
+    """A write cut short by a full disk: the batch is refused (it waits in memory, and
+    is spooled again), and none of it stays in the segment. The part written stayed
+    (cutting it off flushed the buffered rest first, which failed again): its whole
+    records were replayed, and then again with the batch: twice."""
+    repo = Path(__file__).resolve().parents[1]
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join((str(repo), os.environ.get("PYTHONPATH", "")))
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["8"]  # the whole batch refused
+    reopened = Spool(tmp_path, max_bytes=1 << 20)
+    keys = [r.key for r in reopened]
+    assert keys == [b"key-%d" % i for i in range(10)]  # each once, in order
 
 
 def test_spool_refuses_past_its_byte_limit_and_never_evicts(tmp_path: Path) -> None:
