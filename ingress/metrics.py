@@ -56,6 +56,14 @@ class _PublisherCollector(Collector):
         backlog = GaugeMetricFamily("llmtap_events_backlog", "events waiting in memory")
         backlog.add_metric([], float(self._publisher.backlog))
         yield backlog
+        spool = GaugeMetricFamily("llmtap_spool_bytes", "bytes of events in the on-disk spool")
+        spool.add_metric([], float(self._publisher.spool_bytes))
+        yield spool
+        limit = GaugeMetricFamily(
+            "llmtap_spool_limit_bytes", "spool_max_bytes: past it, new events are dropped"
+        )
+        limit.add_metric([], float(self._publisher.spool_max_bytes))
+        yield limit
         connected = GaugeMetricFamily("llmtap_broker_connected", "1 when the producer is up")
         connected.add_metric([], 1.0 if self._publisher.connected else 0.0)
         yield connected

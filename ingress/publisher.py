@@ -154,6 +154,11 @@ class EventPublisher:
         return self._spool is not None and self.spool_bytes < self._spool.max_bytes
 
     @property
+    def spool_max_bytes(self) -> int:
+        """The spool's limit: past it, new events are dropped (0: no spool)."""
+        return self._spool_max_bytes
+
+    @property
     def backlog(self) -> int:
         """Events waiting in memory (the spool's are counted in ``spool_bytes``)."""
         return len(self._queue)

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import generate_latest
 from pydantic import BaseModel
 
 from ingress.flight import APPEND_SLICE, FLIGHT_TURNS, append_slice
+from ingress.metrics import IngressMetrics
 from ingress.publisher import MAX_BATCH, EventPublisher
 from ingress.spool import Record, Spool, SpoolBusy, decode, encode
 from llmtap import topics
@@ -31,6 +33,7 @@ from llmtap.names import Names
 from llmtap.supervisor import broker_argv
 from tests.conftest import Broker
 from tests.fake_provider import free_port
+from tests.prometheus import sample
 from tests.tls import tansu_behind_front
 
 TOPIC = Names().requests
@@ -318,11 +321,17 @@ async def test_broker_down_from_the_start_spools_then_replays_in_order(tmp_path:
             assert events_out.published == 0 and events_out.backlog == 0
             assert events_out.spool_bytes > 0
             assert await spooled_events(spool_dir) == events
+            # What an operator alerts on before the spool fills: its bytes, its limit.
+            scraped = generate_latest(IngressMetrics(events_out).registry).decode()
+            assert sample(scraped, "llmtap_spool_bytes") == events_out.spool_bytes
+            assert sample(scraped, "llmtap_spool_limit_bytes") == 1 << 30
 
             broker = await start_tansu(bootstrap)
             await wait_for(
                 lambda: events_out.replayed == len(events) and not events_out.spool_bytes
             )
+            scraped = generate_latest(IngressMetrics(events_out).registry).decode()
+            assert sample(scraped, "llmtap_spool_bytes") == 0
             assert events_out.published == len(events)
             assert events_out.dropped == 0
         assert_exactly_once_in_order(
