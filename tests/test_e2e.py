@@ -269,7 +269,7 @@ async def test_a_streamed_read_is_forwarded_before_its_event_ends(
         (b"{not json", None, "could not parse the JSON body"),
         (b'{"messages": []}', "model", "model"),
         (b'{"model": 42}', "model", "model"),
-        (b"[1, 2]", None, "could not parse the JSON body"),
+        (b"[1, 2]", None, "expected a JSON object, but got an array"),
     ],
 )
 async def test_bad_input_gets_openai_shaped_400_without_contacting_the_provider(

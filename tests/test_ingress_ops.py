@@ -658,6 +658,50 @@ async def test_a_body_declared_too_large_is_refused_before_it_is_read(
     )
 
 
+async def test_a_chunked_body_too_large_is_refused_naming_max_body_bytes(
+    ingress_settings: Settings, upstream: FakeUpstream, broker: Broker
+) -> None:
+    """A body past max_body_bytes sent chunked (no Content-Length: it is known too large
+    only as it is read): a 413 in the route's shape, recorded, as one declared too
+    large; its message was aiohttp's ("Maximum request body size 2048 exceeded."),
+    naming neither the setting nor that nothing was forwarded."""
+    settings = ingress_settings.model_copy(update={"auth": "passthrough", "max_body_bytes": 2048})
+    server = await serve_ingress(settings)
+    before = len(upstream.provider.received)
+    big = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 9000}]})
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for at in range(0, len(big), 1000):
+            yield big[at : at + 1000]
+
+    answers = {}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for path in ("/v1/chat/completions", "/v1/messages"):
+                async with session.post(
+                    server.make_url(path),
+                    data=chunked(),
+                    headers={"Authorization": "Bearer x", "x-api-key": "x"},
+                ) as response:
+                    assert "Content-Length" not in response.request_info.headers
+                    answers[path] = (response.status, await response.json(), response.headers)
+    finally:
+        await server.close()
+    (chat_status, chat, chat_head) = answers["/v1/chat/completions"]
+    (messages_status, messages, _) = answers["/v1/messages"]
+    assert (chat_status, messages_status) == (413, 413)
+    assert messages["error"]["type"] == "request_too_large"
+    for said in (chat["error"]["message"], messages["error"]["message"]):
+        assert "max_body_bytes (2048)" in said and "not forwarded" in said, said
+    assert len(upstream.provider.received) == before
+    event = await response_event(broker.bootstrap, chat_head["x-request-id"])
+    assert (event.status, event.http_status, event.error_class) == (
+        "bad_request",
+        413,
+        "body_too_large",
+    )
+
+
 async def test_trace_context_reaches_the_provider_and_its_request_id_the_client(
     ingress: str, ingress_settings: Settings, upstream: FakeUpstream
 ) -> None:

@@ -355,3 +355,75 @@ async def test_a_provider_prefix_with_no_model_after_it_is_an_empty_model(
         ("messages", "anthropic/", "missing_model"),
     }
     assert {(e.status, e.http_status) for e in events.values()} == {("bad_request", 400)}
+
+
+@pytest.mark.parametrize("model", [5, ["gpt-4o"], {"id": "gpt-4o"}, True])
+async def test_a_model_that_is_not_a_string_is_refused_naming_its_type(
+    openai_client: openai.AsyncOpenAI,
+    anthropic_client: anthropic.AsyncAnthropic,
+    upstream: FakeUpstream,
+    broker: Broker,
+    model: Any,
+) -> None:
+    """A model named, of another type than a string: the 400 said "you must provide a
+    model parameter" to a caller that had, as for none (the free routes said its type)."""
+    before = len(upstream.provider.received)
+    chat = await refused_chat(openai_client, model=model)
+    assert (chat.param, chat.code) == ("model", "invalid_type")
+    assert "'model'" in chat.message and "expected a string" in chat.message
+    with pytest.raises(anthropic.BadRequestError) as messages:
+        await anthropic_client.messages.create(
+            model="claude-3-5-haiku",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"model": model},  # the SDK hashes the model it is given
+            timeout=10,
+        )
+    body = messages.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
+    assert "expected a string" in body["error"]["message"]
+    assert len(upstream.provider.received) == before  # none was sent
+    ids = {
+        chat.response.headers["x-request-id"],
+        messages.value.response.headers["x-request-id"],
+    }
+    events = await response_events(broker.bootstrap, ids)
+    assert {(e.endpoint, e.status, e.http_status, e.error_class) for e in events.values()} == {
+        ("chat.completions", "bad_request", 400, "invalid_model"),
+        ("messages", "bad_request", 400, "invalid_model"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [(b"[]", "an array"), (b'"hi"', "a string"), (b"null", "null"), (b"3", "an integer")],
+)
+async def test_a_body_that_is_json_but_not_an_object_is_refused_saying_so(
+    ingress: str, secret: str, upstream: FakeUpstream, broker: Broker, body: bytes, kind: str
+) -> None:
+    """Valid JSON, not an object: the 400 said "We could not parse the JSON body", a
+    caller looking for a syntax error in a body that has none."""
+    before = len(upstream.provider.received)
+    answers = {}
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            async with session.post(
+                f"{ingress}{path}",
+                data=body,
+                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+            ) as response:
+                answers[path] = (response.status, await response.json(), response.headers)
+    chat, messages = answers["/v1/chat/completions"], answers["/v1/messages"]
+    assert (chat[0], messages[0]) == (400, 400)
+    assert chat[1]["error"]["type"] == "invalid_request_error"
+    assert messages[1]["type"] == "error"
+    assert messages[1]["error"]["type"] == "invalid_request_error"
+    for said in (chat[1]["error"]["message"], messages[1]["error"]["message"]):
+        assert f"expected a JSON object, but got {kind}" in said, said
+    assert len(upstream.provider.received) == before  # none was sent
+    ids = {chat[2]["x-request-id"], messages[2]["x-request-id"]}
+    events = await response_events(broker.bootstrap, ids)
+    assert {(e.endpoint, e.status, e.http_status, e.error_class) for e in events.values()} == {
+        ("chat.completions", "bad_request", 400, "invalid_json"),
+        ("messages", "bad_request", 400, "invalid_json"),
+    }

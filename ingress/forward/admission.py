@@ -27,6 +27,8 @@ from ingress.guards.auth import Refusal, authenticated, check_model
 from ingress.guards.bounds import choices, max_tokens, prompts, reach, searches_by_preview
 from ingress.guards.fields import (
     model_too_long,
+    model_wrong_type,
+    not_an_object,
     recorded_model,
     stream_malformed,
     user_too_long,
@@ -161,8 +163,10 @@ class Admission:
             return web.Response(status=499)
         payload = parse_json_body(body)
         if payload is None:
-            return refuse(400, INVALID_JSON, "invalid_json")
+            return refuse(400, why_not_an_object(body), "invalid_json")
         model = payload.get("model")
+        if (wrong := model_wrong_type(model)) is not None:
+            return refuse(400, wrong.message, wrong.error_class, wrong.param, wrong.code)
         if not isinstance(model, str) or not model:
             return refuse(400, "you must provide a model parameter", "missing_model", "model")
         call.model_requested = recorded_model(model)
@@ -411,8 +415,14 @@ async def read_body(request: web.Request) -> bytes:
         else:
             async with asyncio.timeout(settings.body_read_timeout_s):
                 body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise BodyRefused(413, exc.text or "request body too large", "body_too_large") from None
+    except web.HTTPRequestEntityTooLarge:
+        # Sent chunked (no Content-Length to judge it by): known too large as it came.
+        raise BodyRefused(
+            413,
+            f"the request body is more than max_body_bytes ({settings.max_body_bytes}); it "
+            "was not forwarded",
+            "body_too_large",
+        ) from None
     except TimeoutError:
         raise BodyRefused(
             408,
@@ -423,6 +433,16 @@ async def read_body(request: web.Request) -> bytes:
     if (dense := too_many_values(body, settings.max_body_values)) is not None:
         raise BodyRefused(413, dense, "body_too_large")
     return body
+
+
+def why_not_an_object(body: bytes) -> str:
+    """What the 400 says of a body that is no JSON object: that it does not parse, or
+    the type it parses as (parsed once more: a refusal's cost only)."""
+    try:
+        value = orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
+    except orjson.JSONDecodeError:
+        return INVALID_JSON
+    return not_an_object(value)
 
 
 def compressed(request: web.Request) -> bool:

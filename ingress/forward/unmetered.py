@@ -28,7 +28,7 @@ from aiohttp import web
 from yarl import URL
 
 from ingress.forward import resend
-from ingress.forward.admission import INVALID_JSON, BodyRefused, read_body
+from ingress.forward.admission import BodyRefused, read_body, why_not_an_object
 from ingress.forward.call import downstream_headers, upstream_headers
 from ingress.forward.capture import parse_json_body
 from ingress.forward.endpoint import Api, provider_url, redirected, unreachable, upstream_credential
@@ -163,7 +163,7 @@ async def _routed_body(
         raise _Refused(bad.status, bad.message, bad.error_class) from None
     payload = parse_json_body(body)
     if payload is None:
-        raise _Refused(400, INVALID_JSON, "invalid_json")
+        raise _Refused(400, why_not_an_object(body), "invalid_json")
     model = payload.get("model")
     if model is None:
         if identity.key is not None and identity.key.allowed_models:

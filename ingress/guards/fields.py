@@ -58,6 +58,20 @@ def json_type(value: Any) -> str:
     return "null"
 
 
+def not_an_object(value: Any) -> str:
+    """Why a body that parsed as JSON is refused: it is not an object (an array, a
+    string, a number, null); said apart from one that does not parse."""
+    return f"Invalid request body: expected a JSON object, but got {json_type(value)} instead."
+
+
+def model_wrong_type(model: Any) -> Malformed | None:
+    """A ``model`` named (not absent, null nor empty: none named) of a type other than
+    a string, refused naming its type, not as if none were named."""
+    if model is None or model == "" or isinstance(model, str):
+        return None
+    return wrong_type("model", "a string", model, "invalid_model")
+
+
 def wrong_type(param: str, expected: str, value: Any, error_class: str) -> Malformed:
     return Malformed(
         param,
