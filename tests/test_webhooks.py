@@ -1328,6 +1328,17 @@ def test_the_sample_error_rate_alert_is_floored_by_sampling_noise() -> None:
     assert 0 < alert.observed * probe.SAMPLE_CALLS == int(alert.observed * probe.SAMPLE_CALLS)
 
 
+def test_the_sample_error_rate_is_a_rate_at_a_high_floor() -> None:
+    """A rule firing only past 80% of calls failed: its sample's rate was 1.19, more
+    calls failed than were made. It is at most 1, and still fires."""
+    errors = SpikeRule(name="errors", dimension="model", metric="error_rate", min_value=0.8)
+    alert = probe.sample_alert(
+        endpoint("ops", "http://127.0.0.1:9/", rules=["errors"]), spike_rules=[errors]
+    )
+    assert alert.state == "firing" and alert.threshold is not None
+    assert alert.threshold <= alert.observed <= 1
+
+
 @pytest.mark.parametrize(
     ("filters", "scope", "value", "tenant"),
     [

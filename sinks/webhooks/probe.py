@@ -95,6 +95,8 @@ def _spike_sample(
     baseline = spikes.noise_floored(robust(history, rule.min_relative_scale), calls)
     level = spikes.alert_level(rule, baseline)
     observed = (level + (level - baseline.center) / 2).quantize(CENT, ROUND_CEILING)
+    if calls:  # a rate: at most every call failed (at a level of 1 or less, it fires)
+        observed = min(observed, max(level, Decimal(1)))
     _, alerts = spikes.observe(
         rule, value, before, start, end, observed, tenant=tenant, calls=calls
     )
