@@ -49,9 +49,9 @@ BUDGET_STATES_WAIT_S = 5.0
 # Refusals of a body, the same on every route that reads one (unmetered.py too).
 UNCOMPRESSED = "llmtap takes request bodies uncompressed: send them without Content-Encoding"
 INVALID_JSON = "We could not parse the JSON body of your request."
-# How long a client's SDK is expected to wait for a 429's retry-after (OpenAI's waits
-# up to a minute, then does not retry); a budget refusal that resets later is not
-# worth retrying at all.
+# How long a client's SDK is expected to wait for a 429's retry-after (OpenAI's waits up
+# to a minute, two in its 3.x releases, and past that retries after its own short backoff;
+# Anthropic's waits whatever it says); a refusal that lifts later is not worth retrying.
 SDK_RETRY_WAIT_S = 60
 # A budget refusal for what calls in flight hold (not its spend): worth a retry soon.
 HELD_RETRY_S = 1
@@ -359,8 +359,8 @@ class Admission:
             refused.headers["retry-after"] = str(max(1, math.ceil(resets_in)))
             if resets_in > SDK_RETRY_WAIT_S:
                 # The SDKs retry a 429 (twice by default): Anthropic's waits whatever
-                # retry-after says, days at a month's start; OpenAI's retries at once
-                # past a minute, in vain. Both obey this (not a standard header).
+                # retry-after says, days at a month's start; OpenAI's retries after its
+                # own short backoff past its limit, in vain. Both obey this header.
                 refused.headers["x-should-retry"] = "false"
             return refused
         return Admitted(
