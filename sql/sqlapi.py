@@ -39,6 +39,7 @@ import asyncio
 import csv
 import io
 import ipaddress
+import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -124,7 +125,27 @@ async def read_request(request: web.Request, limits: SqlLimits) -> SqlRequest:
         raise _bad_body(
             "max_rows", f"invalid 'max_rows' {max_rows!r}: expected an integer 1..{limits.max_rows}"
         )
+    repeated = _repeated(raw)
+    if repeated is not None:
+        raise _bad_body(repeated, f"field {repeated!r} is given more than once")
     return SqlRequest(query=query, format=fmt, max_rows=max_rows)
+
+
+def _repeated(raw: bytes) -> str | None:
+    """The first field the body's object gives more than once, or None: orjson keeps the
+    last value without a word. Asked of a body whose fields checked out (scalars), so
+    it is read again cheaply; a value nested past Python's depth can only be a field's
+    other value, one given twice (``body``: which one is not told)."""
+    try:
+        pairs: list[tuple[str, Any]] = json.loads(raw, object_pairs_hook=lambda pairs: pairs)
+    except RecursionError:
+        return "body"
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 UNREADABLE = web.RequestKey("sql_body_unreadable", bool)

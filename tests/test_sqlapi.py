@@ -636,6 +636,9 @@ async def test_a_long_query_does_not_hold_the_store(serve: ServeFn, store: Store
         (b'{"query": "SELECT 1", "max_rows": 2.5}', "max_rows"),
         (b'{"query": "SELECT 1", "max_rows": 1e400}', "body"),  # not JSON orjson reads
         (b'{"query": "SELECT 1", "tenant": "acme"}', "tenant"),
+        (b'{"query": "SELECT 1", "query": "SELECT 2"}', "query"),  # not one silently
+        (b'{"query": "SELECT 1", "max_rows": 5, "max_rows": 5}', "max_rows"),
+        (b'{"query": ' + b"[" * 1000 + b"]" * 1000 + b', "query": "SELECT 1"}', "body"),
     ],
 )
 async def test_bad_bodies_are_400_naming_the_field(api: Client, body: bytes, param: str) -> None:
