@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ingress.forward.call import Call, upstream_headers
-from ingress.forward.capture import parse_json_body, too_many_values
+from ingress.forward.capture import parse_json, parse_json_body, too_many_values
 from ingress.forward.endpoint import Endpoint, provider_url, upstream_credential
 from ingress.forward.outcome import Announcement, cut_by, record_outcome
 from ingress.guards.auth import Refusal, authenticated, check_model
@@ -439,7 +439,7 @@ def why_not_an_object(body: bytes) -> str:
     """What the 400 says of a body that is no JSON object: that it does not parse, or
     the type it parses as (parsed once more: a refusal's cost only)."""
     try:
-        value = orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
+        value = parse_json(body)
     except orjson.JSONDecodeError:
         return INVALID_JSON
     return not_an_object(value)

@@ -42,14 +42,18 @@ def too_many_values(body: bytes, most: int) -> str | None:
     )
 
 
+def parse_json(body: bytes) -> Any:
+    """The JSON value of ``body`` (raises orjson.JSONDecodeError). A leading UTF-8 byte
+    order mark is passed over, as RFC 8259 lets a parser do and Python's own does (orjson
+    refuses it): whether the body is acceptable is then for the provider to say, as it
+    would without llmtap."""
+    return orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
+
+
 def parse_json_body(body: bytes) -> dict[str, Any] | None:
-    """A JSON object, or None. A leading UTF-8 byte order mark is passed over, as RFC
-    8259 lets a parser do and Python's own does (orjson refuses it): whether the body is
-    acceptable is then for the provider to say, as it would without llmtap."""
-    if body.startswith(b"\xef\xbb\xbf"):
-        body = body[3:]
+    """A JSON object, or None (:func:`parse_json`)."""
     try:
-        parsed = orjson.loads(body)
+        parsed = parse_json(body)
     except orjson.JSONDecodeError:
         return None
     return parsed if isinstance(parsed, dict) else None
