@@ -67,7 +67,7 @@ def not_an_object(value: Any) -> str:
 def model_wrong_type(model: Any) -> Malformed | None:
     """A ``model`` named (not absent, null nor empty: none named) of a type other than
     a string, refused naming its type, not as if none were named."""
-    if model is None or model == "" or isinstance(model, str):
+    if model is None or isinstance(model, str):
         return None
     return wrong_type("model", "a string", model, "invalid_model")
 
