@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, get_origin
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -664,18 +664,10 @@ class Settings(BaseSettings):
                 raise FileNotFoundError(f"{CONFIG_ENV}: no config file at {path}")
             file = YamlFile(settings_cls, yaml_file=path)
             above = (init_settings, environment)
-            empty = _EMPTY_IS_DEFAULT | _LISTS_AND_MAPS  # a template left empty
+            # A list or map left empty in the file is no setting, as in the environment.
+            empty = _EMPTY_IS_DEFAULT | environment.json_settings()
             sources.append(Overridden(settings_cls, file, above, empty))
         return tuple(sources)
-
-
-# The list and map settings (JSON in the environment): empty in the config file, as in
-# the environment (:class:`~llmtap.config_sources.Environment`), they are no setting.
-_LISTS_AND_MAPS = frozenset(
-    name
-    for name, field in Settings.model_fields.items()
-    if get_origin(field.annotation) in (list, tuple, dict)
-)
 
 
 # A web origin as a browser writes it in Origin: scheme, host (a name, an IPv4 address,

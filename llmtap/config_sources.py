@@ -62,6 +62,11 @@ class Environment(EnvSettingsSource):
     a map: ``LLMTAP_PROVIDERS=``, as compose's ``${VAR:-}`` gives it) is no setting, as
     if unset (the file's, or the default, holds): "" is no JSON, and stopped llmtap."""
 
+    def json_settings(self) -> frozenset[str]:
+        """The settings this source reads as JSON: the lists and the maps."""
+        fields = self.settings_cls.model_fields.items()
+        return frozenset(name for name, field in fields if self._field_is_complex(field)[0])
+
     def prepare_field_value(
         self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
     ) -> Any:
