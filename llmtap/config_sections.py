@@ -157,8 +157,10 @@ class WebhookEndpoint(BaseModel):
     values: tuple[str, ...] = ()
     tenants: tuple[str, ...] = ()  # the alert's tenant (Alert.tenant); "" names none
     template: str = Field(default="json", min_length=1)
-    # Standard Webhooks advises 15 to 30 s per attempt.
-    timeout_s: float = Field(default=15.0, gt=0)
+    # Standard Webhooks advises 15 to 30 s per attempt. Each attempt is signed as it
+    # starts, and receivers refuse a timestamp over 5 minutes old: at most 120 s, leaving
+    # room for the clocks' skew.
+    timeout_s: float = Field(default=15.0, gt=0, le=120)
     # The default retries for 1 to 2 hours (waits doubling from 1 s up to the 300 s cap,
     # then one every 2.5 to 5 minutes), so a receiver down for a deploy misses nothing.
     # At most 10,000 (deliveries.attempt is a UInt16; a week at the 300 s cap is ~2,000).

@@ -252,12 +252,22 @@ def test_max_attempts_fit_the_deliveries_table() -> None:
         WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, max_attempts=70_000)
 
 
+def test_an_endpoint_timeout_leaves_the_signature_fresh() -> None:
+    """Each attempt is signed as it starts, and receivers refuse a timestamp over 5
+    minutes old (Standard Webhooks' tolerance): `timeout_s: 600` let a slow receiver
+    take a request it then had to refuse as stale. At most 120 s, leaving room for the
+    clocks' skew."""
+    with pytest.raises(ValidationError, match=r"timeout_s\n.*less than or equal to 120"):
+        WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, timeout_s=600)
+    WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, timeout_s=120)
+
+
 def test_an_endpoint_timeout_must_be_finite() -> None:
     """`timeout_s: .inf` (YAML's infinity, or JSON's Infinity in LLMTAP_WEBHOOKS: "no
     timeout") was taken, and every attempt then failed inside the HTTP client before
     anything was sent ("OverflowError: cannot convert float infinity to integer"): each
     alert was retried max_attempts times and dead-lettered, and `llmtap alerts test`
-    printed that error. A finite timeout, however large, delivers."""
+    printed that error."""
     with pytest.raises(ValidationError, match="timeout_s"):
         WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, timeout_s=math.inf)
     with pytest.raises(ValidationError, match="timeout_s"):
@@ -267,7 +277,7 @@ def test_an_endpoint_timeout_must_be_finite() -> None:
                 f'"secret": "{SECRET}"}}]'
             )
         )
-    WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, timeout_s=1e300)
+    WebhookEndpoint(name="a", url="https://example.com/", secret=SECRET, timeout_s=120)
     # Nor any other setting's: an endless upstream timeout, batch age or grace.
     with pytest.raises(ValidationError, match="upstream_read_timeout_s"):
         Settings(upstream_read_timeout_s=math.inf)
