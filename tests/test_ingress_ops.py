@@ -1619,6 +1619,66 @@ async def test_a_stream_broken_off_after_its_last_event_is_whole(
         )
 
 
+@pytest.mark.parametrize(
+    ("api", "error", "kind"),
+    [
+        ("chat", SERVER_ERROR, "server_error"),
+        ("messages", {"type": "error", "error": {"type": "overloaded_error",
+                                                 "message": "Overloaded"}}, "overloaded_error"),
+    ],
+)  # fmt: skip
+async def test_a_stream_broken_off_after_its_error_event_keeps_the_provider_s_error(
+    ingress_settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    api: str,
+    error: dict[str, Any],
+    kind: str,
+) -> None:
+    """The provider streams some of its answer, then an error event (Anthropic's
+    overloaded_error, OpenAI's error chunk), then resets the connection: the call is the
+    provider's error as its event says, as when the stream ends cleanly after it, not
+    the connection's (it was recorded ClientPayloadError)."""
+    stream = (_CHAT_STREAM[:1] if api == "chat" else _MESSAGES_STREAM[:3]) + _sse([error])
+    client_read = asyncio.Event()
+
+    async def breaking(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(stream))
+        await client_read.wait()
+        assert request.transport is not None
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        request.transport.abort()
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    path, body = STREAMED[api]
+    try:
+        async with (
+            ingress_of_both(breaking, ingress_settings, monkeypatch) as server,
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.make_url(path), json=body, headers={"Authorization": f"Bearer {secret}"}
+            ) as response,
+        ):
+            assert response.status == 200
+            request_id = response.headers["x-request-id"]
+            got = b""
+            async with asyncio.timeout(10):
+                while not got.endswith(stream[-1]):
+                    got += await response.content.readany()
+            client_read.set()
+            with pytest.raises(aiohttp.ClientPayloadError):  # broken, as the provider's was
+                await response.read()
+    finally:
+        client_read.set()
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.error_class) == ("upstream_error", 200, kind)
+
+
 @pytest.mark.parametrize("answer", ["a 500", "an error event in a stream", "one, usage asked"])
 async def test_a_provider_error_whose_client_left_before_it_came_stays_the_provider_s(
     ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch, answer: str

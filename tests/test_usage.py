@@ -143,6 +143,26 @@ def test_json_body_without_usage_is_usage_missing() -> None:
 
 
 @pytest.mark.parametrize(
+    "usage",
+    [
+        {},
+        {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+        {"prompt_tokens_details": {"cached_tokens": 0}},
+    ],
+)
+def test_a_usage_without_any_count_is_usage_missing(usage: dict[str, Any]) -> None:
+    """A usage object that counts nothing (empty, its counts null) says no usage: it is
+    unknown, not zero tokens, and a stream's text is counted as when none came."""
+    assert openai_usage(usage) is None
+    assert OpenAIJsonCapture(_completion(usage=usage)).usage.usage_missing is True
+    stream = OpenAIStreamCapture(strip_usage_chunk=False)
+    stream.feed(b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
+    stream.feed(b"data: " + orjson.dumps({"model": "m", "choices": [], "usage": usage}) + b"\n\n")
+    assert stream.final_usage.usage_missing is True
+    assert stream.output_uncounted is True
+
+
+@pytest.mark.parametrize(
     "body",
     [b"", b"not json", b"<html>502 Bad Gateway</html>", b"[1, 2]", b'"usage"', b"\xff\xfe"],
 )
@@ -1228,6 +1248,12 @@ def test_groq_s_usage_in_x_groq_is_captured_from_a_stream_that_did_not_ask() -> 
             b'"incomplete","usage":{"input_tokens":9,"output_tokens":3}}}',
         ),
         (
+            lambda: OpenAIStreamCapture(strip_usage_chunk=False),
+            [],
+            b'data: {"type":"response.failed","response":{"model":"gpt-5","status":"failed",'
+            b'"error":{"code":"server_error"},"usage":{"input_tokens":9,"output_tokens":3}}}',
+        ),
+        (
             AnthropicStreamCapture,
             [
                 b'data: {"type":"message_start","message":{"model":"claude-x","usage":'
@@ -1245,9 +1271,10 @@ def test_groq_s_usage_in_x_groq_is_captured_from_a_stream_that_did_not_ask() -> 
 def test_a_stream_has_ended_at_its_last_event_only(
     capture: Any, events: list[bytes], last: bytes
 ) -> None:
-    """Its last event (OpenAI's [DONE], the Responses API's response.completed or
-    response.incomplete, Anthropic's message_stop) ends it; its name in text before it
-    (written by the model, a search result's title, a response's metadata) does not."""
+    """Its last event (OpenAI's [DONE], the Responses API's response.completed,
+    response.incomplete or response.failed, Anthropic's message_stop) ends it; its name
+    in text before it (written by the model, a search result's title, a response's
+    metadata) does not."""
     reading = capture()
     for event in events:
         reading.feed(event + b"\n\n")

@@ -164,8 +164,8 @@ class StreamCapture:
         self.model = ""
         self.output_final = False  # the provider's own count of output tokens arrived
         self.error = ""  # the provider's error type, when an event of the stream is one
-        # Its last event came (OpenAI's [DONE], the Responses API's response.completed
-        # or response.incomplete, Anthropic's message_stop): the answer is whole,
+        # Its last event came (OpenAI's [DONE], the Responses API's response.completed,
+        # response.incomplete or response.failed, Anthropic's message_stop): the answer is whole,
         # however the connection then ends.
         self.ended = False
         self._kept: list[bytes] = []
@@ -406,8 +406,8 @@ class OpenAIStreamCapture(StreamCapture):
 
 
 # The events a Responses API stream ends with, its usage in them (a failed one's,
-# response.failed, is its error). A tuple: a chunk's "type" may be any JSON, unhashable.
-_RESPONSE_ENDS = ("response.completed", "response.incomplete")
+# response.failed, with its error). A tuple: a chunk's "type" may be any JSON, unhashable.
+_RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
 
 # An event's type: the first "type" of its data, which OpenAI's Responses events open with.
 _EVENT_TYPE = re.compile(rb'"type"\s*:\s*"([^"]*)"')
@@ -529,7 +529,6 @@ def chat_output(chunk: dict[str, Any]) -> bool:
 _RESPONSES_OUTPUT = (
     "response.image_generation_call.partial_image",
     *_RESPONSE_ENDS,
-    "response.failed",
     "error",
 )
 

@@ -144,6 +144,8 @@ async def forward(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             # as complete: drop the connection instead, so the client sees it broken
             # (no final chunk), as it would have without the proxy.
             status = "upstream_error"
+            if capture is not None and capture.error:  # its stream's error event came first
+                error_class = capture.error
             if request.transport is not None:
                 request.transport.abort()
             return response

@@ -6,7 +6,7 @@ is refused (:class:`ImpossibleCount`): the call's usage is then unknown."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from llmtap.events import (
     GEO_PATTERN,
@@ -43,8 +43,10 @@ def openai_usage(usage: Any) -> Usage | None:
     ``ttl_12h_tokens``): the 12-hour part, priced higher, is kept as the longer-lived
     writes (``cache_creation_1h_input_tokens``); when only the split is reported, the
     writes are its sum. A usage that counts only its ``total_tokens`` (embeddings) is
-    all input."""
-    if not isinstance(usage, dict):
+    all input. One that counts nothing (empty, or its counts null) is no usage: None."""
+    if not isinstance(usage, dict) or not any(
+        _is_count(usage.get(key)) for key in (*_COUNTS, "total_tokens")
+    ):
         return None
     prompt = _count(usage, "prompt_tokens" if "prompt_tokens" in usage else "input_tokens")
     completion = _count(
@@ -252,11 +254,15 @@ def is_search(item: Any) -> bool:
     return not isinstance(action, dict) or action.get("type", "search") == "search"
 
 
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _count(source: dict[str, Any], field: str) -> int:
     """The count ``source`` holds at ``field``: 0 if none (absent, null, not an integer),
     :class:`ImpossibleCount` if it is one no call can have."""
     value = source.get(field)
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not _is_count(value):
         return 0
     return _within(field, value)
 
