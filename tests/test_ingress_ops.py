@@ -1540,6 +1540,62 @@ _MESSAGES_STREAM = _sse(
 )  # fmt: skip
 
 
+async def _broken_off(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    api: str,
+    stream: list[bytes],
+    last: bytes,
+    reset: bool = True,
+) -> tuple[str, bytes, bool]:
+    """A streamed call (``api``) whose provider writes ``stream``, waits until the client
+    has read up to ``last`` (what llmtap forwards of it ends so), then breaks off: resets
+    the connection, or closes it (a FIN, but no chunked body's end before it). The call's
+    request id, what the client read, and whether its stream broke (a ClientPayloadError:
+    no end of the stream came)."""
+    client_read = asyncio.Event()
+
+    async def breaking(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(stream))
+        await client_read.wait()
+        assert request.transport is not None
+        if reset:
+            sock = request.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.transport.abort()  # closed without lingering: a reset
+        else:
+            request.transport.close()
+        return response
+
+    secret, _ = create_key(settings.key_file, tenant="acme")  # read as it starts
+    path, body = STREAMED[api]
+    try:
+        async with (
+            ingress_of_both(breaking, settings, monkeypatch) as server,
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.make_url(path), json=body, headers={"Authorization": f"Bearer {secret}"}
+            ) as response,
+        ):
+            assert response.status == 200
+            request_id = response.headers["x-request-id"]
+            got = b""
+            async with asyncio.timeout(10):
+                while not got.endswith(last):
+                    got += await response.content.readany()
+            client_read.set()
+            try:
+                got += await response.read()  # the stream's end came
+            except aiohttp.ClientPayloadError:  # no end of the stream: broken
+                return request_id, got, True
+    finally:
+        client_read.set()  # the provider's handler ends, whatever failed
+    return request_id, got, False
+
+
 @pytest.mark.parametrize("api", ["chat", "messages"])
 @pytest.mark.parametrize(
     "cut", ["reset after its last event", "closed after its last event", "reset before it"]
@@ -1564,48 +1620,13 @@ async def test_a_stream_broken_off_after_its_last_event_is_whole(
         stream = stream[:-1]
     # What the client gets: the chat's usage chunk, and its "usage": null, are llmtap's.
     seen = stream if api == "messages" else _sse([CHUNK, b"[DONE]"])[: len(stream) - 1]
-    client_read = asyncio.Event()
-
-    async def breaking(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"".join(stream))
-        await client_read.wait()
-        assert request.transport is not None
-        if cut.startswith("reset"):
-            sock = request.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            request.transport.abort()  # closed without lingering: a reset
-        else:
-            request.transport.close()  # a FIN, but no chunked body's end before it
-        return response
-
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    path, body = STREAMED[api]
-    try:
-        async with (
-            ingress_of_both(breaking, ingress_settings, monkeypatch) as server,
-            aiohttp.ClientSession() as session,
-            session.post(
-                server.make_url(path), json=body, headers={"Authorization": f"Bearer {secret}"}
-            ) as response,
-        ):
-            assert response.status == 200
-            request_id = response.headers["x-request-id"]
-            got = b""
-            async with asyncio.timeout(10):
-                while not got.endswith(seen[-1]):
-                    got += await response.content.readany()
-            client_read.set()
-            if ended:
-                got += await response.read()  # no error: the stream's end came
-                assert got == b"".join(seen)
-            else:
-                with pytest.raises(aiohttp.ClientPayloadError):  # no end of the stream
-                    await response.read()
-    finally:
-        client_read.set()  # the provider's handler ends, whatever failed
+    reset = cut.startswith("reset")
+    request_id, got, broken = await _broken_off(
+        ingress_settings, monkeypatch, api, stream, seen[-1], reset
+    )
+    assert broken is not ended
+    if ended:
+        assert got == b"".join(seen)  # no error: the stream's end came
     event = await response_event(broker.bootstrap, request_id)
     if ended:
         assert (event.status, event.http_status, event.error_class) == ("ok", 200, "")
@@ -1640,41 +1661,10 @@ async def test_a_stream_broken_off_after_its_error_event_keeps_the_provider_s_er
     provider's error as its event says, as when the stream ends cleanly after it, not
     the connection's (it was recorded ClientPayloadError)."""
     stream = (_CHAT_STREAM[:1] if api == "chat" else _MESSAGES_STREAM[:3]) + _sse([error])
-    client_read = asyncio.Event()
-
-    async def breaking(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"".join(stream))
-        await client_read.wait()
-        assert request.transport is not None
-        sock = request.transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        request.transport.abort()
-        return response
-
-    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
-    path, body = STREAMED[api]
-    try:
-        async with (
-            ingress_of_both(breaking, ingress_settings, monkeypatch) as server,
-            aiohttp.ClientSession() as session,
-            session.post(
-                server.make_url(path), json=body, headers={"Authorization": f"Bearer {secret}"}
-            ) as response,
-        ):
-            assert response.status == 200
-            request_id = response.headers["x-request-id"]
-            got = b""
-            async with asyncio.timeout(10):
-                while not got.endswith(stream[-1]):
-                    got += await response.content.readany()
-            client_read.set()
-            with pytest.raises(aiohttp.ClientPayloadError):  # broken, as the provider's was
-                await response.read()
-    finally:
-        client_read.set()
+    request_id, _, broken = await _broken_off(
+        ingress_settings, monkeypatch, api, stream, stream[-1]
+    )
+    assert broken  # the client's stream broken, as the provider's was
     event = await response_event(broker.bootstrap, request_id)
     assert (event.status, event.http_status, event.error_class) == ("upstream_error", 200, kind)
 
