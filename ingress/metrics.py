@@ -59,6 +59,12 @@ class _PublisherCollector(Collector):
         spool = GaugeMetricFamily("llmtap_spool_bytes", "bytes of events in the on-disk spool")
         spool.add_metric([], float(self._publisher.spool_bytes))
         yield spool
+        unreadable = GaugeMetricFamily(
+            "llmtap_spool_unreadable_segments",
+            "spool segments whose last read failed: left on disk, passed over, tried again",
+        )
+        unreadable.add_metric([], float(self._publisher.spool_unreadable))
+        yield unreadable
         limit = GaugeMetricFamily(
             "llmtap_spool_limit_bytes", "spool_max_bytes: past it, new events are dropped"
         )

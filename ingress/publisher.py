@@ -16,6 +16,9 @@ whose file I/O it runs in worker threads):
   itself: with a broker answering in more than ``POLL_S``, it did, so every event went
   through the disk for good;
 - on start, whatever a previous run (or a crash) left in the spool is replayed first;
+- a segment that cannot be read is logged at ERROR, left on disk and passed over (what
+  comes after it goes meanwhile), and read again after 1 s, the wait doubling up to
+  ``SPOOL_READ_RETRY_MAX_S``;
 - :meth:`stop` gives the broker ``drain_timeout`` seconds, then spools what is left;
 - an event published with a ``delivered`` listener (a hard-capped call's response
   event: ingress/guards/budgets.py) is told the partition and offset it went to, once
@@ -33,19 +36,21 @@ no room, or the disk fails, refused events wait in memory, and the newest are dr
 when that fills too, never the oldest); the spool cannot take what is left at stop;
 Kafka refuses an event for good (too large); an event cannot be encoded (a value no
 JSON can carry: a bug before here, :meth:`EventPublisher.drop_unencodable`). A crash
-loses the memory queue, never the spool. Delivery is at least once: a segment partly
-delivered when the process stops is replayed whole; every stage downstream is idempotent
-on ``event_id``.
+loses the memory queue, never the spool. Delivery is at least once: of a segment partly
+delivered when the process stops, the next start replays what followed the records
+delivered in a row from its start (noted by the spool, ``Spool.mark``); after a crash,
+all of it; every stage downstream is idempotent on ``event_id``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,7 +59,14 @@ from aiokafka import AIOKafkaProducer
 
 from ingress.flight import InFlight, Outcome, deliver, outcome_of
 from ingress.producer import LINGER_MS, connect, disconnect
-from ingress.spool import DEFAULT_SEGMENT_BYTES, Delivered, Record, Segment, Spool
+from ingress.spool import (
+    DEFAULT_SEGMENT_BYTES,
+    LARGEST_FRAME,
+    Delivered,
+    Record,
+    Segment,
+    Spool,
+)
 from llmtap import logs
 from llmtap.data_dir import spool_left
 from llmtap.kafka import Kafka
@@ -71,6 +83,8 @@ ABANDON_TIMEOUT_S = 10.0  # for the task to wind down once stop() gives up on th
 DROP_LOG_INTERVAL_S = 1.0
 SPOOL_RETRY_S = 1.0  # after the spool refused events (full, or a disk error)
 SPOOL_OPEN_RETRY_S = 5.0  # after the spool could not be opened (another process holds it)
+# After a spool segment could not be read: tried again after 1 s, doubling up to this.
+SPOOL_READ_RETRY_MAX_S = 60.0
 # Spooled records whose delivery someone waits to hear of (hard-capped calls' response
 # events); past this many, the oldest stop waiting (their costs age out in the budget book).
 MAX_AWAITING = 100_000
@@ -124,7 +138,12 @@ class EventPublisher:
         self._spool_wanted = spool_max_bytes > 0
         self._spool_retry_at = 0.0  # after a refusal, try the spool again from then (or an ack)
         self._spool_open_at = 0.0  # after a failed open, open it again from then
+        self._read_again_at = 0.0  # after a segment could not be read, try again from then
+        self._read_again_s = SPOOL_RETRY_S  # and the wait after the next failure
         self._opening: asyncio.Future[Spool] | None = None  # an open under way, in its thread
+        # A spool write whose await stop() cancelled, going on in its thread, and its
+        # records: stop() accounts for what it refused (_settle_write).
+        self._writing: tuple[asyncio.Future[int], list[Record]] | None = None
         self._open_log = logs.AtMostEvery(60.0)
         self._broker_down = False  # the last connect or delivery failed
         self._in_flight: InFlight | None = None
@@ -150,8 +169,17 @@ class EventPublisher:
 
     @property
     def spool_room(self) -> bool:
-        """The spool is open and below its limit: events have somewhere to wait."""
-        return self._spool is not None and self.spool_bytes < self._spool.max_bytes
+        """The spool is open and has room for the largest event (empty, if its limit is
+        smaller than that): events have somewhere to wait."""
+        if self._spool is None:
+            return False
+        needed = min(LARGEST_FRAME, self._spool.max_bytes)
+        return self._spool.max_bytes > 0 and self._spool.max_bytes - self.spool_bytes >= needed
+
+    @property
+    def spool_unreadable(self) -> int:
+        """Spool segments whose last read failed: left on disk, passed over meanwhile."""
+        return 0 if self._spool is None else self._spool.unreadable
 
     @property
     def spool_max_bytes(self) -> int:
@@ -226,7 +254,9 @@ class EventPublisher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         await self._disconnect()  # settles what was in flight: delivered, or not
+        await self._settle_write()
         await self._settle()
+        await self._note_replayed()
         keeps = self._spool_max_bytes > 0  # a spool for what is left (0: none)
         if self._spool is None and ((self._queue and keeps) or self._opening is not None):
             # One last try (what is left has nowhere else to go), or the one under way
@@ -241,7 +271,7 @@ class EventPublisher:
             self._queue.clear()
         if self._spool is not None:
             await asyncio.to_thread(self._spool.close)
-            if not self._spool.empty:
+            if self._spool.segments:
                 log.warning(
                     "stopped with %d bytes spooled in %s; replayed at next start",
                     self._spool.size,
@@ -302,7 +332,8 @@ class EventPublisher:
                 delivered = await self._send_queue(self._producer)
             else:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                with contextlib.suppress(TimeoutError):  # a segment to read again then
+                    await asyncio.wait_for(self._wakeup.wait(), self._idle_timeout())
                 continue
             if not delivered:
                 self._broker_down = True
@@ -318,6 +349,12 @@ class EventPublisher:
             await self._open_spool()
         if self._should_spool():
             await self._spool_queue()
+        if (
+            self._spool is not None
+            and self._spool.unreadable
+            and asyncio.get_running_loop().time() >= self._read_again_at
+        ):
+            self._spool.read_again()
 
     async def _open_spool(self) -> None:
         """Open the spool; failing (another process holds it, the disk), try again in
@@ -390,7 +427,7 @@ class EventPublisher:
             self._reservation = spool.reserve()  # the batch in flight goes before these
         records = list(self._queue)
         self._queue.clear()
-        refused = await asyncio.to_thread(spool.append, records)
+        refused = await self._write(spool.append, records)
         self._await_in_spool(records[: len(records) - refused])  # the refused stay queued
         self.spooled += len(records) - refused
         self.spool_bytes = spool.size
@@ -406,6 +443,36 @@ class EventPublisher:
                 self._spool_dir,
                 self._queue_size,
             )
+
+    async def _write(self, write: Callable[[Sequence[Record]], int], records: list[Record]) -> int:
+        """A spool write (``append``, ``fill``) in its thread: how many records it refused.
+        Cancelled (stop() giving up on the loop), the write goes on in its thread, and
+        stop() accounts for it (:meth:`_settle_write`): none of its records is lost
+        uncounted."""
+        writing = asyncio.ensure_future(asyncio.to_thread(write, records))
+        try:
+            return await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            self._writing = (writing, records)
+            raise
+
+    async def _settle_write(self) -> None:
+        """Wait for a spool write cut off by stop(): what it took is spooled, what it
+        refused goes back in front of the queue (stop() spools it again, or counts it
+        as dropped)."""
+        if self._writing is None:
+            return
+        (writing, records), self._writing = self._writing, None
+        try:
+            refused = await writing
+        except Exception:  # a bug: none of it is known to be spooled
+            log.exception("a spool write cut off by stop failed")
+            refused = len(records)
+        self._await_in_spool(records[: len(records) - refused])
+        self.spooled += len(records) - refused
+        if self._spool is not None:
+            self.spool_bytes = self._spool.size
+        self._queue.extendleft(reversed(records[len(records) - refused :]))
 
     async def _meanwhile(self, work: Coroutine[Any, Any, T]) -> T:
         """Await Kafka work; meanwhile keep moving the queue to disk when the policy says so."""
@@ -454,9 +521,15 @@ class EventPublisher:
         assert spool is not None
         segment = self._replaying
         if segment is None:
-            segment = self._replaying = await asyncio.to_thread(spool.oldest)
+            try:
+                segment = self._replaying = await asyncio.to_thread(spool.oldest)
+            except OSError as exc:
+                self._unreadable(exc)
+                return True  # the segments after it, and then the queue, go meanwhile
             if segment is None:
                 return True
+            if not spool.unreadable:  # every one read again: the next failure waits 1 s
+                self._read_again_s = SPOOL_RETRY_S
         done = self._replay_done.setdefault(segment.number, set())
         start = self._replay_from
         while start in done:  # each delivered record passed once, not once a flight
@@ -482,6 +555,41 @@ class EventPublisher:
         self.spool_bytes = spool.size
         self._spool_retry_at = 0.0  # room was freed
         return True
+
+    async def _note_replayed(self) -> None:
+        """Stopping mid-segment: note in the spool how much of it was delivered, so the
+        next start replays only the rest."""
+        segment = self._replaying
+        if segment is None or self._spool is None:
+            return
+        done = self._replay_done.get(segment.number, set())
+        delivered = self._replay_from
+        while delivered in done:
+            delivered += 1
+        if 0 < delivered < len(segment.records):  # all of it, not acked: replayed whole
+            await asyncio.to_thread(self._spool.mark, segment.number, segment.delivered + delivered)
+
+    def _unreadable(self, error: OSError) -> None:
+        """A spool segment could not be read: passed over (left on disk, never deleted)
+        and tried again later, the wait doubling up to ``SPOOL_READ_RETRY_MAX_S``."""
+        wait, self._read_again_s = (
+            self._read_again_s,
+            min(self._read_again_s * 2, SPOOL_READ_RETRY_MAX_S),
+        )
+        self._read_again_at = asyncio.get_running_loop().time() + wait
+        log.error(
+            "cannot read spool segment %s (%s): left on disk, passed over (the events "
+            "after it are sent meanwhile); tried again in %.0f s",
+            error.filename,
+            error.strerror or error,
+            wait,
+        )
+
+    def _idle_timeout(self) -> float | None:
+        """How long the loop may wait for new events: until a segment is read again."""
+        if self._spool is None or not self._spool.unreadable:
+            return None
+        return max(POLL_S, self._read_again_at - asyncio.get_running_loop().time())
 
     async def _settle(self) -> bool:
         """Account for the batch in flight; put back what must be retried. True if none."""
@@ -523,7 +631,7 @@ class EventPublisher:
         if not records:
             self._spool.release(reservation)
             return
-        refused = await asyncio.to_thread(self._spool.fill, reservation, records)
+        refused = await self._write(functools.partial(self._spool.fill, reservation), records)
         self._await_in_spool(records[: len(records) - refused])
         self.spooled += len(records) - refused
         self.spool_bytes = self._spool.size

@@ -22,7 +22,16 @@ fsyncs the file, and fsyncs the directory when it creates a segment):
 - power loss or a kernel crash: the same, since ``append`` returns only after fsync;
 - an ``ack`` (a segment deleted once all of it was delivered) lost to a crash: the
   segment is replayed again. Delivery is at least once; every stage downstream is
-  idempotent on ``event_id``.
+  idempotent on ``event_id``;
+- a ``mark`` (a note beside a segment, ``<number>.done``: how many of its first records
+  were delivered, written when a stop cuts its replay short, fsynced and renamed into
+  place; ``oldest`` leaves them out): lost, the segment is replayed whole. ``ack``
+  deletes the note before the segment, and an open deletes a note whose segment is
+  gone, so a note never applies to a later segment given the same number.
+
+A segment that cannot be read at all (``OSError``: permission denied, an I/O error)
+is never deleted: ``oldest`` raises, sets it aside and passes over it until
+``read_again``; ``unreadable`` counts such segments.
 
 The byte limit (``max_bytes``, the sum of the segment files): ``append`` takes records
 in order while they fit and refuses the rest, returning how many it refused. Nothing
@@ -57,12 +66,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from llmtap.batches import MAX_RECORD_BYTES
+
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">II")  # payload length, crc32(payload)
 _FIELDS = struct.Struct(">HI")  # topic length, key length
 _SUFFIX = ".seg"
+_NOTE = ".done"  # beside a segment: how many of its first records were delivered
 DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
+# The frame of the largest event: a Kafka record of MAX_RECORD_BYTES (key and value) to
+# a topic of Kafka's longest name (249 characters).
+LARGEST_FRAME = _HEADER.size + _FIELDS.size + 249 + MAX_RECORD_BYTES
 
 
 Delivered = Callable[[int, int], None]  # told the partition and offset a record went to
@@ -84,10 +99,11 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """A sealed segment's readable records, oldest first."""
+    """A sealed segment's readable records not yet delivered, oldest first."""
 
     number: int
     records: list[Record]
+    delivered: int = 0  # the records before these, delivered in an earlier run (``mark``)
 
 
 def encode(record: Record) -> bytes:
@@ -161,8 +177,18 @@ class Spool:
             # would read and delete 00000000000000000007.seg, not that file).
             if path.stem.isascii() and path.stem.isdigit() and path == self._path(int(path.stem)):
                 self._sizes[int(path.stem)] = path.stat().st_size
+        for path in directory.glob(f"*{_NOTE}*"):  # notes of segments gone (an ack cut
+            # short), and notes half-written (a crash before their rename)
+            number = path.name.split(".")[0]
+            if number.isascii() and number.isdigit() and len(number) == 20:
+                if path.name == f"{number}{_NOTE}.tmp" or (
+                    path.name == f"{number}{_NOTE}" and int(number) not in self._sizes
+                ):
+                    path.unlink(missing_ok=True)
         self._next = max(self._sizes, default=0) + 1
         self._reserved: set[int] = set()
+        self._unreadable: set[int] = set()  # segments oldest() could not read, left on disk
+        self._aside: set[int] = set()  # of those, the ones oldest() passes over
         self._last_reserved = 0
         self._active: tuple[int, BinaryIO] | None = None  # never one from a previous run
 
@@ -173,8 +199,19 @@ class Spool:
 
     @property
     def empty(self) -> bool:
-        """No segment files: nothing to replay (reservations not yet filled aside)."""
-        return not self._sizes
+        """No segment to replay now (reservations not yet filled, and segments set
+        aside as unreadable, aside)."""
+        return self._sizes.keys() <= self._aside
+
+    @property
+    def unreadable(self) -> int:
+        """Segments whose last read failed (left on disk)."""
+        return len(self._unreadable)
+
+    def read_again(self) -> None:
+        """Let ``oldest`` try the segments set aside as unreadable again."""
+        with self._lock:
+            self._aside.clear()
 
     @property
     def segments(self) -> int:
@@ -243,24 +280,60 @@ class Spool:
             self._reserved.discard(number)
 
     def oldest(self) -> Segment | None:
-        """The oldest segment, sealed first if appends were still going to it."""
+        """The oldest segment not set aside, sealed first if appends were still going to
+        it. One that cannot be read (``OSError``: permission denied, an I/O error) is set
+        aside, left on disk, and the error raised; ``read_again`` tries it again."""
         with self._lock:
-            if not self._sizes:
+            readable = self._sizes.keys() - self._aside
+            if not readable:
                 return None
-            number = min(self._sizes)
+            number = min(readable)
             if self._reserved and min(self._reserved) < number:
                 raise RuntimeError(f"segment {min(self._reserved)} is reserved and not filled")
             if self._active is not None and self._active[0] == number:
                 self._seal()
-            return Segment(number, self._read(number))
+            try:
+                records = self._read(number)
+            except OSError as exc:
+                self._unreadable.add(number)
+                self._aside.add(number)
+                if exc.filename is None:  # a read's error, not the open's: name the file
+                    exc.filename = str(self._path(number))
+                raise
+            self._unreadable.discard(number)
+            delivered = self._delivered(number, len(records))
+            return Segment(number, records[delivered:], delivered)
+
+    def mark(self, number: int, delivered: int) -> None:
+        """The first ``delivered`` records of segment ``number`` were delivered: note it
+        beside the segment (written whole, fsynced, then renamed into place), so that
+        ``oldest`` in a later run leaves them out. A note lost (a crash before it, a
+        disk error) only means they are replayed again."""
+        with self._lock:
+            if number not in self._sizes:
+                return
+            note = self._note(number)
+            written = note.with_name(note.name + ".tmp")
+            try:
+                with written.open("w") as file:
+                    file.write(f"{delivered}\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+                written.replace(note)
+                self._sync_directory()
+            except OSError:
+                log.warning("spool: cannot note segment %d's progress", number, exc_info=True)
 
     def ack(self, number: int) -> None:
         """Every record of segment ``number`` was delivered: delete it."""
         with self._lock:
             if self._active is not None and self._active[0] == number:
                 self._seal()
+            self._note(number).unlink(missing_ok=True)  # first: a note never outlives it
             self._path(number).unlink(missing_ok=True)
             self._sizes.pop(number, None)
+            self._unreadable.discard(number)
+            self._aside.discard(number)
 
     def __iter__(self) -> Iterator[Record]:
         """Every readable record, oldest first (a snapshot per segment; no acks)."""
@@ -328,6 +401,26 @@ class Spool:
             )
         return records
 
+    def _delivered(self, number: int, records: int) -> int:
+        """How many of the segment's first records its note says were delivered (0: no
+        note, or one that cannot be right: all of it is replayed)."""
+        try:
+            delivered = int(self._note(number).read_text())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError):
+            log.warning("spool: segment %d's note cannot be read; replayed whole", number)
+            return 0
+        if not 0 <= delivered <= records:
+            log.warning(
+                "spool: segment %d's note says %d of its %d records were delivered; replayed whole",
+                number,
+                delivered,
+                records,
+            )
+            return 0
+        return delivered
+
     def _seal(self) -> None:
         if self._active is not None:
             file, self._active = self._active[1], None
@@ -341,6 +434,9 @@ class Spool:
 
     def _path(self, number: int) -> Path:
         return self.directory / f"{number:020d}{_SUFFIX}"
+
+    def _note(self, number: int) -> Path:
+        return self.directory / f"{number:020d}{_NOTE}"
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)

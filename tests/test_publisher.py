@@ -23,10 +23,11 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import generate_latest
 from pydantic import BaseModel
 
+from ingress import publisher as publisher_module
 from ingress.flight import APPEND_SLICE, FLIGHT_TURNS, append_slice
 from ingress.metrics import IngressMetrics
 from ingress.publisher import MAX_BATCH, EventPublisher
-from ingress.spool import Record, Spool, SpoolBusy, decode, encode
+from ingress.spool import Record, Segment, Spool, SpoolBusy, decode, encode
 from llmtap import topics
 from llmtap.kafka import Kafka
 from llmtap.names import Names
@@ -187,6 +188,34 @@ def test_a_reserved_place_keeps_its_turn(tmp_path: Path) -> None:
     assert spool.append(after) == 0
     assert spool.fill(place, in_flight) == 0
     assert list(spool) == first + in_flight + after
+
+
+def test_a_segment_s_note_leaves_out_what_was_delivered_and_only_that(tmp_path: Path) -> None:
+    """``mark`` notes how much of a segment was delivered: a later open leaves it out.
+    A note that cannot be right is ignored (the segment replayed whole), and one whose
+    segment is gone (an ack cut short) is deleted at open, never applied to a segment
+    numbered the same later."""
+    records = [record(i) for i in range(10)]
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    assert spool.append(records) == 0
+    segment = spool.oldest()
+    assert segment is not None and segment.records == records
+    spool.mark(segment.number, 4)
+    spool.close()
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    again = spool.oldest()
+    assert again is not None and (again.records, again.delivered) == (records[4:], 4)
+    (tmp_path / f"{again.number:020d}.done").write_text("11\n")  # more than it holds
+    assert spool.oldest() == Segment(again.number, records)
+    spool.mark(again.number, 4)
+    spool.close()
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.ack(again.number)
+    spool.close()
+    (tmp_path / f"{again.number:020d}.done").write_text("4\n")  # left by an ack cut short
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    assert not (tmp_path / f"{again.number:020d}.done").exists()
+    spool.close()
 
 
 # -- the publisher, on real brokers -----------------------------------------------------
@@ -889,3 +918,111 @@ async def test_a_spool_still_held_at_start_is_replayed_before_anything_new(
         await wait_for(lambda: events_out.published == len(old) + len(new))
     sent = old + new
     assert_exactly_once_in_order(await read_all(broker.bootstrap, {e.event_id for e in sent}), sent)
+
+
+async def test_events_a_spool_write_cut_off_by_stop_refuses_are_not_lost_uncounted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() cancels a loop that overruns it; cancelled while a spool append goes on in
+    its thread (here: the segment it creates is a FIFO nobody reads, so its open hangs,
+    as on a hung disk), that append goes on. What it then refuses (its write fails) is
+    spooled again by stop(), or counted as dropped. The queue was already cleared: it
+    was lost, not counted, not logged."""
+    monkeypatch.setattr(publisher_module, "ABANDON_TIMEOUT_S", 0.2)
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 50)
+    events_out = publisher(f"127.0.0.1:{free_port()}", spool_dir)
+    await events_out.start()
+    await wait_for(lambda: events_out.spool_room)  # opened: its next segment is the 1st
+    fifo = spool_dir / f"{1:020d}.seg"
+    os.mkfifo(fifo)
+    publish_all(events_out, events)
+    await wait_for(lambda: events_out.backlog == 0)  # taken by the append, stuck in open
+    task = events_out._task
+    assert task is not None
+    stopping = asyncio.ensure_future(events_out.stop(drain_timeout=0))
+    await wait_for(task.done)  # stop() gave up on the loop; the append goes on
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # let its open return, then
+    os.close(reader)  # its write (or fsync) fail: the whole batch refused
+    await asyncio.wait_for(stopping, 30)
+    fifo.unlink()
+    assert events_out.spooled + events_out.dropped == len(events)
+    assert await spooled_events(spool_dir) == events[: events_out.spooled]
+
+
+async def test_a_segment_that_cannot_be_read_does_not_hold_up_the_rest(
+    tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment the spool cannot read (here a directory where its file should be: an
+    I/O error on open, as a permission denied is) is logged at ERROR with its path and
+    left on disk; the segments after it and new events are delivered meanwhile, and it
+    is tried again (with a capped backoff), and replayed once readable. Its failed read
+    restarted the publisher every second, forever: nothing after it was ever sent."""
+    spool_dir = tmp_path / "spool"
+    stuck, later, new = pings(0, 20), pings(20, 20), pings(40, 20)
+    unreadable = spool_dir / f"{1:020d}.seg"
+    unreadable.mkdir(parents=True)
+    held = Spool(spool_dir, max_bytes=1 << 30)  # its next segment is the 2nd
+    assert held.append([Record(TOPIC, KEY, e.model_dump_json().encode()) for e in later]) == 0
+    held.close()
+    elsewhere = Spool(tmp_path / "elsewhere", max_bytes=1 << 30)
+    assert elsewhere.append([Record(TOPIC, KEY, e.model_dump_json().encode()) for e in stuck]) == 0
+    elsewhere.close()
+    async with running(publisher(broker.bootstrap, spool_dir)) as events_out:
+        publish_all(events_out, new)
+        await wait_for(lambda: events_out.published == len(later + new), seconds=15)
+        assert f"cannot read spool segment {unreadable}" in caplog.text
+        assert events_out.spool_unreadable == 1 and unreadable.is_dir()  # left as it was
+        rendered = generate_latest(IngressMetrics(events_out).registry).decode()
+        assert sample(rendered, "llmtap_spool_unreadable_segments") == 1
+        unreadable.rmdir()  # readable now: tried again, and replayed
+        (tmp_path / "elsewhere" / f"{1:020d}.seg").rename(unreadable)
+        await wait_for(lambda: events_out.published == len(stuck + later + new), seconds=15)
+        await wait_for(lambda: not events_out.spool_bytes)
+        assert events_out.dropped == 0 and events_out.spool_unreadable == 0
+    sent = stuck + later + new
+    got = await read_all(broker.bootstrap, {e.event_id for e in sent})
+    assert sorted(e.seq for e in got) == [e.seq for e in sent]  # each once
+
+
+async def test_spool_room_means_room_for_the_largest_event(tmp_path: Path) -> None:
+    """``spool_room`` (/readyz's) says whether events have somewhere to wait: with less
+    room left than the largest event takes (a 1 MiB record), it is not. It said so as
+    long as the spool was below its limit by a byte."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    limit = 2 << 20
+    async with running(publisher(nowhere, tmp_path / "spool", spool_max_bytes=limit)) as out:
+        await wait_for(lambda: out.spool_room)  # opened, empty
+        for _ in range(12):  # 1.2 MB spooled: 0.8 MiB left, less than one largest event
+            out.publish(TOPIC, KEY, b"x" * 100_000)
+        await wait_for(lambda: out.spooled == 12)
+        assert limit - out.spool_bytes < 1 << 20
+        assert not out.spool_room
+
+
+async def test_a_stop_mid_segment_replays_only_what_was_not_delivered(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A stop in the middle of a segment's replay notes (in a file beside it, fsynced)
+    how many of its records were delivered: the next start replays the rest only, each
+    event once. It replayed the whole segment again (up to 100,000 duplicates)."""
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 6 * MAX_BATCH)
+    first = publisher(f"127.0.0.1:{free_port()}", spool_dir, queue_size=len(events))
+    async with running(first):
+        publish_all(first, events)
+    assert first.spooled == len(events) and len(segment_files(spool_dir)) == 1
+
+    second = publisher(broker.bootstrap, spool_dir)
+    async with running(second):
+        await wait_for(lambda: second.replayed >= MAX_BATCH)
+    assert 0 < second.replayed < len(events)  # stopped mid-segment
+
+    third = publisher(broker.bootstrap, spool_dir)
+    async with running(third):
+        await wait_for(lambda: third.replayed > 0 and not third.spool_bytes)
+    assert third.replayed == len(events) - second.replayed
+    assert list(spool_dir.iterdir()) == [spool_dir / "LOCK"]
+    assert_exactly_once_in_order(
+        await read_all(broker.bootstrap, {e.event_id for e in events}), events
+    )
