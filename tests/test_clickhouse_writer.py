@@ -99,6 +99,35 @@ def test_money_is_stored_exactly_whatever_its_decimal_spelling(store: Store) -> 
     assert [stored[e.event_id] for e in events] == [(v, v) for v in spelled.values()]
 
 
+@pytest.mark.parametrize("decoded", ["body", "columns"])
+def test_an_amount_below_a_nano_dollar_is_stored_as_zero_not_unknown(
+    store: Store, decoded: str
+) -> None:
+    """Decimal(18, 9) keeps nothing of an amount below a nano-dollar, and ClickHouse cuts
+    one to 0; but one whose exponent is long (1E-9999999999999, as a message may spell
+    it: the contract takes any decimal) it read as no number, and stored the priced
+    call's costs as NULL, unknown. Sent as "0", whether the decode process built the
+    body or the write did."""
+    message = orjson.loads(costed().model_dump_json())
+    message["cost"]["cache_write"] = "1E-9999999999999"
+    message["cost"]["reasoning"] = "-1E-4294967297"
+    message["cost"]["cached_input"] = "7.5E-10"
+    records = runs_of([(Names().costed, 0, 0, orjson.dumps(message))])
+    batch = decode_batch(records, calls_types(store) if decoded == "body" else None)
+    batch.source = records
+    assert (batch.calls_body is not None) == (decoded == "body")
+    assert write_batch(store, batch) == 1
+    row = store.rows(
+        "SELECT cost_cache_write, cost_reasoning, cost_cached_input, cost_total FROM calls"
+    )[0]
+    assert row == {
+        "cost_cache_write": Decimal(0),
+        "cost_reasoning": Decimal(0),
+        "cost_cached_input": Decimal(0),
+        "cost_total": Decimal("0.000075"),
+    }
+
+
 def test_an_id_sharing_a_stored_ids_prefix_is_still_written(store: Store) -> None:
     """The duplicate check looks events up by the first digits of their ids: a new event
     whose id starts like a stored one is a match it must see through."""
