@@ -1640,6 +1640,23 @@ async def test_a_stream_broken_off_after_its_last_event_is_whole(
         )
 
 
+@pytest.mark.parametrize("done", [b"[DONE] ", b"[DONE]\t"])
+async def test_a_stream_whose_done_has_whitespace_after_it_ended_there(
+    ingress_settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch, done: bytes
+) -> None:
+    """Some servers write whitespace after [DONE] (the openai SDK ends the stream at it
+    all the same): broken off after it, the stream was whole, as after a bare [DONE]."""
+    stream = [*_CHAT_STREAM[:-1], *_sse([done])]
+    request_id, got, broken = await _broken_off(
+        ingress_settings, monkeypatch, "chat", stream, stream[-1]
+    )
+    assert not broken
+    assert got == b"".join(_sse([CHUNK, done]))
+    event = await response_event(broker.bootstrap, request_id)
+    assert (event.status, event.http_status, event.error_class) == ("ok", 200, "")
+    assert (event.usage.input_tokens, event.usage.output_tokens) == (12, 5)
+
+
 @pytest.mark.parametrize(
     ("api", "error", "kind"),
     [
@@ -1784,6 +1801,49 @@ async def test_a_provider_set_not_to_be_asked_for_stream_usage_is_not(
     event = await response_event(broker.bootstrap, request_id)
     assert event.status == "ok"
     assert event.usage.output_tokens_counted and event.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("choices", [{"choices": None}, {}])
+async def test_a_usage_chunk_without_choices_is_llmtap_s_not_the_client_s(
+    ingress_settings: Settings,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+    choices: dict[str, Any],
+) -> None:
+    """A provider sends the usage chunk llmtap asked for with "choices" null or absent
+    (some OpenAI-compatible servers do), not []: a client that did not ask never sees it
+    (the openai SDK's chunk.choices[0] failed on it), and the call's usage is its."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        asked = await request.json()
+        assert asked["stream_options"] == {"include_usage": True}
+        usage = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in _sse([
+            {**CHUNK, "usage": None},
+            {"id": "chatcmpl-left", "object": "chat.completion.chunk", "created": 0,
+             "model": "gpt-4o", **choices, "usage": usage},
+            b"[DONE]",
+        ]):  # fmt: skip
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    secret, _ = create_key(ingress_settings.key_file, tenant="acme")  # read as it starts
+    async with (
+        ingress_before(answer, ingress_settings, monkeypatch) as server,
+        AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=secret, max_retries=0) as sdk,
+    ):
+        streamed = await sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [chunk async for chunk in streamed.parse()]
+    assert [chunk.choices[0].delta.content for chunk in chunks] == ["Hi"]
+    assert all(chunk.usage is None for chunk in chunks)
+    event = await response_event(broker.bootstrap, streamed.headers["x-request-id"])
+    assert event.status == "ok"
+    assert (event.usage.input_tokens, event.usage.output_tokens) == (12, 5)
 
 
 async def test_a_key_refused_for_a_false_claim_is_recorded_under_its_own_tenant(

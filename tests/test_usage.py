@@ -162,6 +162,74 @@ def test_a_usage_without_any_count_is_usage_missing(usage: dict[str, Any]) -> No
     assert stream.output_uncounted is True
 
 
+# An Anthropic stream's text: "Hi".
+ANTHROPIC_HI = {"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": "Hi"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {},
+        {"input_tokens": None, "output_tokens": None},
+        {"input_tokens": None, "cache_creation": {}, "service_tier": "standard"},
+    ],
+)
+def test_an_anthropic_usage_without_any_count_is_usage_missing(usage: dict[str, Any]) -> None:
+    """As OpenAI's: an Anthropic usage that counts nothing is unknown, not zero tokens
+    (it was billed $0), in a body or a stream (whose output is then counted)."""
+    assert anthropic_usage(usage) is None
+    assert AnthropicJsonCapture(_message(usage)).usage.usage_missing is True
+    stream = AnthropicStreamCapture()
+    start = {"type": "message_start", "message": {"model": ANTHROPIC_MODEL, "usage": usage}}
+    for event in (start, ANTHROPIC_HI, {"type": "message_delta", "usage": usage}):
+        stream.feed(b"data: " + orjson.dumps(event) + b"\n\n")
+    assert stream.final_usage.usage_missing is True
+    assert stream.output_uncounted is True
+
+
+def test_an_anthropic_advisor_call_without_counts_is_kept_at_zero() -> None:
+    """An advisor iteration that counts nothing does not make the call's usage missing
+    (its own counts are told): the advisor's call is kept, its tokens zero."""
+    usage = anthropic_usage(
+        {"input_tokens": 5, "output_tokens": 2, "iterations": [{"type": "advisor_message",
+                                                                "model": "claude-opus-4-1"}]}
+    )  # fmt: skip
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens) == (5, 2)
+    assert [(a.model, a.input_tokens, a.output_tokens) for a in usage.advisor] == [
+        ("claude-opus-4-1", 0, 0)
+    ]
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {},
+        {"input_tokens": None, "cache_read_input_tokens": None},
+        {"output_tokens": None},
+        {"input_tokens": None, "output_tokens": None, "server_tool_use": None},
+    ],
+)
+def test_an_anthropic_delta_that_counts_nothing_keeps_message_start_s_counts(
+    delta: dict[str, Any],
+) -> None:
+    """A message_delta whose usage counts nothing (empty, or its counts null, as
+    Anthropic's optional input counts are) wipes none of message_start's counts, nor
+    ends the output's count: the output streamed is counted as when no delta came."""
+    stream = AnthropicStreamCapture()
+    start = {"type": "message_start", "message": {"model": ANTHROPIC_MODEL,
+             "usage": {**ANTHROPIC_USAGE, "output_tokens": 1}}}  # fmt: skip
+    for event in (start, ANTHROPIC_HI, {"type": "message_delta", "usage": delta}):
+        stream.feed(b"data: " + orjson.dumps(event) + b"\n\n")
+    assert stream.final_usage == ANTHROPIC_EXPECTED.model_copy(update={"output_tokens": 1})
+    assert stream.output_uncounted is True
+    final = {"type": "message_delta", "usage": {**delta, "output_tokens": 800}}
+    stream.feed(b"data: " + orjson.dumps(final) + b"\n\n")
+    assert stream.final_usage == ANTHROPIC_EXPECTED
+    assert stream.output_uncounted is False
+
+
 @pytest.mark.parametrize(
     "body",
     [b"", b"not json", b"<html>502 Bad Gateway</html>", b"[1, 2]", b'"usage"', b"\xff\xfe"],
@@ -196,7 +264,10 @@ def _chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -
         (b'{"id":"c","usage":null,"x":1}', b'{"id":"c","x":1}'),
         # What a model wrote is never touched: its quotes are escaped.
         (b'{"t":"\\"usage\\":null,","usage":null}', b'{"t":"\\"usage\\":null,"}'),
-        (b'{"id":"c","usage":{"prompt_tokens":1}}', b'{"id":"c","usage":{"prompt_tokens":1}}'),
+        (
+            b'{"id":"c","choices":[{"index":0}],"usage":{"prompt_tokens":1}}',
+            b'{"id":"c","choices":[{"index":0}],"usage":{"prompt_tokens":1}}',
+        ),
     ],
 )
 def test_the_usage_null_asking_adds_to_each_chunk_is_taken_out(
@@ -524,6 +595,53 @@ def test_non_json_and_comment_events_are_forwarded() -> None:
     capture = OpenAIStreamCapture(strip_usage_chunk=True)
     assert capture.feed(stream) + capture.finish() == stream
     assert capture.final_usage.usage_missing is True
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"])
+def test_a_byte_order_mark_opening_a_stream_hides_none_of_its_first_event(sep: bytes) -> None:
+    """The SSE spec strips a leading UTF-8 BOM: the first event is read (Anthropic's
+    message_start holds the input's counts and the model), and forwarded as it came."""
+    events = [
+        {"type": "message_start", "message": {"model": ANTHROPIC_MODEL,
+         "usage": {**ANTHROPIC_USAGE, "output_tokens": 1}}},
+        {"type": "message_delta", "usage": {"output_tokens": 800}},
+    ]  # fmt: skip
+    stream = b"\xef\xbb\xbf" + b"".join(_event(event, sep) for event in events)
+    capture = AnthropicStreamCapture()
+    assert capture.feed(stream[:2]) + capture.feed(stream[2:]) + capture.finish() == stream
+    assert capture.final_usage == ANTHROPIC_EXPECTED
+    assert capture.model == ANTHROPIC_MODEL
+
+
+@pytest.mark.parametrize("done", [b"data:[DONE]", b"data: [DONE] ", b"data: [DONE]\t"])
+def test_done_without_its_space_or_with_trailing_whitespace_ends_the_stream(done: bytes) -> None:
+    """The space after "data:" is optional (the SSE spec strips one); some servers send
+    [DONE] with whitespace after it, which the openai SDK takes as the end too."""
+    capture = OpenAIStreamCapture(strip_usage_chunk=False)
+    capture.feed(_event(_chunk([_delta({"content": "Hi"})]), b"\n\n"))
+    assert not capture.ended
+    capture.feed(done + b"\n\n")
+    assert capture.ended
+
+
+@pytest.mark.parametrize("choices", [{"choices": None}, {}])
+def test_a_usage_chunk_with_choices_null_or_absent_is_held_back(choices: dict[str, Any]) -> None:
+    """Some OpenAI-compatible servers send the usage chunk llmtap asked for with
+    "choices" null or absent, not []: it is llmtap's all the same, not the client's. An
+    error chunk carrying usage still goes out."""
+    sep = b"\n\n"
+    content = _event(_chunk([_delta({"content": "Hi"})]), sep)
+    usage_only = _event({"id": "c", "model": SERVED, **choices, "usage": USAGE}, sep)
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(content + usage_only) + capture.finish() == content.replace(
+        b',"usage":null', b""
+    )
+    assert capture.final_usage == EXPECTED
+    failed = _event({"error": {"type": "server_error"}, **choices, "usage": USAGE}, sep)
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(failed) + capture.finish() == failed
+    unasked = OpenAIStreamCapture(strip_usage_chunk=False)
+    assert unasked.feed(usage_only) + unasked.finish() == usage_only
 
 
 # -- Anthropic: cache writes by lifetime ---------------------------------------------------

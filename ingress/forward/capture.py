@@ -14,6 +14,7 @@ import orjson
 from ingress.forward.usage import (
     ImpossibleCount,
     anthropic_usage,
+    is_count,
     is_search,
     openai_usage,
     served_tier,
@@ -173,6 +174,7 @@ class StreamCapture:
         self._seen_bytes = 0
         self._held: list[bytes] = []
         self._held_bytes = 0
+        self._first = True  # the stream's first event is still to be read
 
     def hold(self, data: bytes) -> None:
         """Bytes already forwarded as they came (:attr:`verbatim`), to read later: at
@@ -277,10 +279,15 @@ class StreamCapture:
 
     def _inspect(self, event: bytes) -> bool:
         """Record what the event tells; return whether to forward it."""
+        if self._first:  # a UTF-8 BOM opening the stream is no part of it (the SSE spec)
+            self._first = False
+            event = event.removeprefix(_BOM)
         data = _sse_data(event)
         if data is None:
             return True
-        if data == b"[DONE]":  # OpenAI's chat and completions streams end with it
+        # OpenAI's chat and completions streams end with it; some servers write
+        # whitespace after it, which the openai SDK takes as the end too.
+        if data.rstrip() == b"[DONE]":
             self.ended = True
             return True
         if not self.output_final:
@@ -375,7 +382,9 @@ class OpenAIStreamCapture(StreamCapture):
         self.impossible = impossible
         self.output_final = True
         self._kept.clear()
-        usage_only = chunk.get("choices") == []
+        # The usage chunk: "choices" [] (OpenAI's), or null or absent (some servers'),
+        # and no error (an error goes to the client, usage or not).
+        usage_only = chunk.get("choices") in ([], None) and not stream_error(chunk)
         return not (self._strip and usage_only)
 
     def _texts(self, chunk: dict[str, Any]) -> list[str]:
@@ -614,7 +623,7 @@ class AnthropicStreamCapture(StreamCapture):
             if kind == "message_delta" and isinstance(usage.get("server_tool_use"), dict):
                 self._searches_told = True
             self._count()
-            if kind == "message_delta" and "output_tokens" in usage:
+            if kind == "message_delta" and is_count(usage.get("output_tokens")):
                 self.output_final = True
                 self._kept.clear()
         return True
@@ -654,6 +663,8 @@ def _searched(block: Any) -> bool:
         and isinstance(block.get("content"), list)
     )
 
+
+_BOM = b"\xef\xbb\xbf"
 
 # A line's end (CRLF, LF, or a CR not starting a CRLF) followed by an empty line's.
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")

@@ -21,6 +21,14 @@ from llmtap.events import (
 
 # The counts of an OpenAI usage object besides its total, by either API's names.
 _COUNTS = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
+# Those of an Anthropic usage object (its cache writes' split is in cache_creation).
+_ANTHROPIC_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+_ANTHROPIC_SPLIT = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
 
 
 class ImpossibleCount(ValueError):
@@ -45,7 +53,7 @@ def openai_usage(usage: Any) -> Usage | None:
     writes are its sum. A usage that counts only its ``total_tokens`` (embeddings) is
     all input. One that counts nothing (empty, or its counts null) is no usage: None."""
     if not isinstance(usage, dict) or not any(
-        _is_count(usage.get(key)) for key in (*_COUNTS, "total_tokens")
+        is_count(usage.get(key)) for key in (*_COUNTS, "total_tokens")
     ):
         return None
     prompt = _count(usage, "prompt_tokens" if "prompt_tokens" in usage else "input_tokens")
@@ -148,9 +156,23 @@ def anthropic_usage(usage: Any, model: str = "") -> Usage | None:
     (:func:`advisor_usage`); nor are those of threshold compaction (``compaction``
     iterations, run at the call's ``model``), kept with them to be priced as calls of
     their own. ``inference_geo`` is where the call's inference ran (:func:`inference_geo`).
+    One that counts no tokens (empty, or its counts null) is no usage: None.
     """
-    if not isinstance(usage, dict):
+    if not isinstance(usage, dict) or not _anthropic_counts(usage):
         return None
+    return _anthropic_tokens(usage, model)
+
+
+def _anthropic_counts(usage: dict[str, Any]) -> bool:
+    """Whether an Anthropic usage object counts any tokens (not all absent or null)."""
+    split = usage.get("cache_creation")
+    return any(is_count(usage.get(key)) for key in _ANTHROPIC_COUNTS) or (
+        isinstance(split, dict) and any(is_count(split.get(key)) for key in _ANTHROPIC_SPLIT)
+    )
+
+
+def _anthropic_tokens(usage: dict[str, Any], model: str = "") -> Usage:
+    """:func:`anthropic_usage` of a usage object, counted or not (absent counts zero)."""
     uncached = _count(usage, "input_tokens")
     read = _count(usage, "cache_read_input_tokens")
     split = usage.get("cache_creation")
@@ -208,8 +230,8 @@ def advisor_usage(iterations: Any, called: str = "") -> tuple[AdvisorUsage, ...]
             model = called
         else:
             continue
-        tokens = anthropic_usage({k: v for k, v in entry.items() if k != "iterations"})
-        assert tokens is not None
+        # One that counts nothing counts zero: the call's own counts are told.
+        tokens = _anthropic_tokens({k: v for k, v in entry.items() if k != "iterations"})
         found.append(
             AdvisorUsage(
                 model=model if isinstance(model, str) else "",
@@ -254,7 +276,8 @@ def is_search(item: Any) -> bool:
     return not isinstance(action, dict) or action.get("type", "search") == "search"
 
 
-def _is_count(value: Any) -> TypeGuard[int]:
+def is_count(value: Any) -> TypeGuard[int]:
+    """Whether a usage's value is a count (an integer: not absent, null, a bool)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -262,7 +285,7 @@ def _count(source: dict[str, Any], field: str) -> int:
     """The count ``source`` holds at ``field``: 0 if none (absent, null, not an integer),
     :class:`ImpossibleCount` if it is one no call can have."""
     value = source.get(field)
-    if not _is_count(value):
+    if not is_count(value):
         return 0
     return _within(field, value)
 
