@@ -247,9 +247,9 @@ class BudgetConfig(BaseModel):
     value: str = Field(min_length=1)  # which tenant, team, key id, user or feature
     tenant: str = ""  # optional: count only this tenant's calls (for team/user/feature)
     period: BudgetPeriod = "month"
-    # Below 10^9: money is stored as Decimal(18, 9) (calls' costs), nine digits before the
-    # point; the limit is each of its alerts' baseline.
-    limit_usd: Decimal = Field(gt=0, lt=Decimal(10**9))
+    # Below 10^9 and to nine places: money is stored as Decimal(18, 9) (calls' costs),
+    # nine digits before the point; the limit is each of its alerts' baseline.
+    limit_usd: Decimal = Field(gt=0, lt=Decimal(10**9), decimal_places=9)
     # Percent of the limit; one alert each. Past 100 is allowed: a soft budget's spend
     # goes on past its limit, and a hard cap's is past it once the limit is lowered. (At
     # most 10^18, as the spike rules' values: an alert's are Decimal(38, 9).)
@@ -264,6 +264,16 @@ class BudgetConfig(BaseModel):
                 "thresholds must be distinct: each percentage of the limit raises one alert"
             )
         return thresholds
+
+    @model_validator(mode="after")
+    def _tenant_of_a_tenant_budget(self) -> BudgetConfig:
+        # A call counts if its tenant is the budget's value and its `tenant` both.
+        if self.scope == "tenant" and self.tenant not in ("", self.value):
+            raise ValueError(
+                f"budget {self.name!r} of tenant {self.value!r} names another tenant, "
+                f"{self.tenant!r}: it would count no call (a tenant budget needs no `tenant`)"
+            )
+        return self
 
     @property
     def owner(self) -> str:

@@ -102,6 +102,13 @@ def test_calls_are_kept_for_a_whole_period_of_every_budget() -> None:
         ({"limit_usd": "0"}, r"budgets.0.limit_usd\n  Input should be greater than 0"),
         ({"thresholds": [-5, 0]}, r"budgets.0.thresholds.0\n  Input should be greater than 0"),
         ({"thresholds": [50, 50]}, r"budgets.0.thresholds\n.*thresholds must be distinct"),
+        # Stored to nine places: an alert's baseline (the limit) of 1e-10 was stored as 0.
+        ({"limit_usd": "0.0000000001"}, r"budgets.0.limit_usd\n.*no more than 9 decimal"),
+        # A tenant budget counts its tenant's calls: another's `tenant` matched none.
+        (
+            {"scope": "tenant", "value": "acme", "tenant": "other"},
+            r"budgets.0\n.*budget 'x' of tenant 'acme' names another tenant, 'other'",
+        ),
     ],
 )
 def test_a_budget_whose_limit_or_thresholds_cannot_work_is_refused(
@@ -117,6 +124,9 @@ def test_a_budget_whose_limit_or_thresholds_cannot_work_is_refused(
         budgets=[{**budget, "limit_usd": "999999999.999999999", "thresholds": [50, 150]}]
     ).budgets[0]
     assert kept.thresholds == (50, 150)
+    # Trailing zeros are no places of their own; a tenant budget may name its own tenant.
+    Settings(budgets=[{**budget, "limit_usd": "10.0000000000"}])
+    Settings(budgets=[{**budget, "scope": "tenant", "value": "acme", "tenant": "acme"}])
 
 
 @pytest.mark.parametrize(
