@@ -38,8 +38,9 @@ Kafka refuses an event for good (too large); an event cannot be encoded (a value
 JSON can carry: a bug before here, :meth:`EventPublisher.drop_unencodable`). A crash
 loses the memory queue, never the spool. Delivery is at least once: of a segment partly
 delivered when the process stops, the next start replays what followed the records
-delivered in a row from its start (noted by the spool, ``Spool.mark``); after a crash,
-all of it; every stage downstream is idempotent on ``event_id``.
+delivered in a row from its start (noted by the spool, ``Spool.mark``: at stop, and
+during the replay at most once every ``MARK_EVERY_S``); after a crash, what followed
+the last note; every stage downstream is idempotent on ``event_id``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ SPOOL_RETRY_S = 1.0  # after the spool refused events (full, or a disk error)
 SPOOL_OPEN_RETRY_S = 5.0  # after the spool could not be opened (another process holds it)
 # After a spool segment could not be read: tried again after 1 s, doubling up to this.
 SPOOL_READ_RETRY_MAX_S = 60.0
+# A segment's replay notes its progress (Spool.mark: a write, two fsyncs and a rename,
+# in a thread beside the flights) at most this often: a crash replays at most about
+# this long's worth of it again.
+MARK_EVERY_S = 1.0
 # Spooled records whose delivery someone waits to hear of (hard-capped calls' response
 # events); past this many, the oldest stop waiting (their costs age out in the budget book).
 MAX_AWAITING = 100_000
@@ -98,6 +103,12 @@ def _retrieved(opening: asyncio.Future[Spool]) -> None:
     """An open whose try was cancelled may fail with no one left to hear it."""
     if not opening.cancelled():
         opening.exception()
+
+
+def _mark_failed(marking: asyncio.Future[None]) -> None:
+    """A note of progress that failed on a bug (a disk error it logs itself)."""
+    if not marking.cancelled() and (error := marking.exception()) is not None:
+        log.error("noting a spool segment's progress failed", exc_info=error)
 
 
 class EventPublisher:
@@ -151,6 +162,8 @@ class EventPublisher:
         self._replay_done: dict[int, set[int]] = {}  # segment -> records already delivered
         self._replay_from = 0  # below it, every record of the segment replayed is delivered
         self._replaying: Segment | None = None  # the segment being replayed, read once
+        self._marking: asyncio.Future[None] | None = None  # a Spool.mark in its thread
+        self._marked_at = 0.0  # when the last one began
         # (topic, key) -> who waits to hear where a spooled record went (_await_in_spool)
         self._awaiting: OrderedDict[tuple[str, bytes], Delivered] = OrderedDict()
         self._closing = False
@@ -526,6 +539,8 @@ class EventPublisher:
             except OSError as exc:
                 self._unreadable(exc)
                 return True  # the segments after it, and then the queue, go meanwhile
+            finally:
+                self.spool_bytes = spool.size  # less, if a segment's file was gone
             if segment is None:
                 return True
             if not spool.unreadable:  # every one read again: the next failure waits 1 s
@@ -547,9 +562,11 @@ class EventPublisher:
         if not await self._settle():
             return False
         if len(done) < len(segment.records):
+            self._mark_progress(spool, segment)
             return True  # the next flight of it
         self._replaying = None
         self._replay_from = 0
+        await self._marked()  # before the ack: a note never outlives its segment
         await asyncio.to_thread(spool.ack, segment.number)
         del self._replay_done[segment.number]
         self.spool_bytes = spool.size
@@ -559,15 +576,54 @@ class EventPublisher:
     async def _note_replayed(self) -> None:
         """Stopping mid-segment: note in the spool how much of it was delivered, so the
         next start replays only the rest."""
+        await self._marked()
         segment = self._replaying
         if segment is None or self._spool is None:
             return
+        delivered = self._delivered_in_a_row(segment)
+        if 0 < delivered < len(segment.records):  # all of it, not acked: replayed whole
+            await asyncio.to_thread(self._spool.mark, segment.number, segment.delivered + delivered)
+
+    def _delivered_in_a_row(self, segment: Segment) -> int:
+        """How many of the segment's records (read this run) were delivered in a row
+        from its start."""
         done = self._replay_done.get(segment.number, set())
         delivered = self._replay_from
         while delivered in done:
             delivered += 1
-        if 0 < delivered < len(segment.records):  # all of it, not acked: replayed whole
-            await asyncio.to_thread(self._spool.mark, segment.number, segment.delivered + delivered)
+        return delivered
+
+    def _mark_progress(self, spool: Spool, segment: Segment) -> None:
+        """Mid-replay, note how much of the segment was delivered (at most once every
+        ``MARK_EVERY_S``, one note at a time), so that after a crash the next start
+        replays only the rest. In a thread, not awaited: the flights go on meanwhile."""
+        now = asyncio.get_running_loop().time()
+        if now - self._marked_at < MARK_EVERY_S or not (
+            self._marking is None or self._marking.done()
+        ):
+            return
+        delivered = self._delivered_in_a_row(segment)
+        if delivered == 0:
+            return
+        self._marked_at = now
+        self._marking = asyncio.ensure_future(
+            asyncio.to_thread(spool.mark, segment.number, segment.delivered + delivered)
+        )
+        self._marking.add_done_callback(_mark_failed)
+
+    async def _marked(self) -> None:
+        """Wait for a note of progress under way (before its segment's ack, or stop's
+        own note)."""
+        marking, self._marking = self._marking, None
+        if marking is None:
+            return
+        try:
+            await asyncio.shield(marking)
+        except asyncio.CancelledError:
+            self._marking = marking  # stop() waits for it
+            raise
+        except Exception:  # a bug, logged by _mark_failed: the segment replayed whole
+            pass
 
     def _unreadable(self, error: OSError) -> None:
         """A spool segment could not be read: passed over (left on disk, never deleted)

@@ -24,14 +24,18 @@ fsyncs the file, and fsyncs the directory when it creates a segment):
   segment is replayed again. Delivery is at least once; every stage downstream is
   idempotent on ``event_id``;
 - a ``mark`` (a note beside a segment, ``<number>.done``: how many of its first records
-  were delivered, written when a stop cuts its replay short, fsynced and renamed into
-  place; ``oldest`` leaves them out): lost, the segment is replayed whole. ``ack``
+  were delivered, written as its replay goes and when a stop cuts it short, fsynced and
+  renamed into place; ``oldest`` leaves them out): lost, what it would have left out
+  since the note before it (or all of the segment) is replayed again. ``ack``
   deletes the note before the segment, and an open deletes a note whose segment is
   gone, so a note never applies to a later segment given the same number.
 
 A segment that cannot be read at all (``OSError``: permission denied, an I/O error)
 is never deleted: ``oldest`` raises, sets it aside and passes over it until
 ``read_again``; ``unreadable`` counts such segments.
+A segment whose file is gone (deleted from outside llmtap) can never be read: ``oldest``
+forgets it (logged at ERROR once, with its path and size: its events are lost) and
+reads the next.
 
 The byte limit (``max_bytes``, the sum of the segment files): ``append`` takes records
 in order while they fit and refuses the rest, returning how many it refused. Nothing
@@ -282,27 +286,33 @@ class Spool:
     def oldest(self) -> Segment | None:
         """The oldest segment not set aside, sealed first if appends were still going to
         it. One that cannot be read (``OSError``: permission denied, an I/O error) is set
-        aside, left on disk, and the error raised; ``read_again`` tries it again."""
+        aside, left on disk, and the error raised; ``read_again`` tries it again. One
+        whose file is gone (deleted from outside) is forgotten, logged at ERROR once:
+        its events are lost; the next one is read."""
         with self._lock:
-            readable = self._sizes.keys() - self._aside
-            if not readable:
-                return None
-            number = min(readable)
-            if self._reserved and min(self._reserved) < number:
-                raise RuntimeError(f"segment {min(self._reserved)} is reserved and not filled")
-            if self._active is not None and self._active[0] == number:
-                self._seal()
-            try:
-                records = self._read(number)
-            except OSError as exc:
-                self._unreadable.add(number)
-                self._aside.add(number)
-                if exc.filename is None:  # a read's error, not the open's: name the file
-                    exc.filename = str(self._path(number))
-                raise
-            self._unreadable.discard(number)
-            delivered = self._delivered(number, len(records))
-            return Segment(number, records[delivered:], delivered)
+            while True:
+                readable = self._sizes.keys() - self._aside
+                if not readable:
+                    return None
+                number = min(readable)
+                if self._reserved and min(self._reserved) < number:
+                    raise RuntimeError(f"segment {min(self._reserved)} is reserved and not filled")
+                if self._active is not None and self._active[0] == number:
+                    self._seal()
+                try:
+                    records = self._read(number)
+                except FileNotFoundError:  # deleted from outside: never readable again
+                    self._forget(number)
+                    continue
+                except OSError as exc:
+                    self._unreadable.add(number)
+                    self._aside.add(number)
+                    if exc.filename is None:  # a read's error, not the open's: name the file
+                        exc.filename = str(self._path(number))
+                    raise
+                self._unreadable.discard(number)
+                delivered = self._delivered(number, len(records))
+                return Segment(number, records[delivered:], delivered)
 
     def mark(self, number: int, delivered: int) -> None:
         """The first ``delivered`` records of segment ``number`` were delivered: note it
@@ -400,6 +410,21 @@ class Spool:
                 len(records),
             )
         return records
+
+    def _forget(self, number: int) -> None:
+        """A segment whose file is gone (deleted from outside llmtap): out of the index,
+        its note deleted, logged at ERROR once. How many events it held is not known."""
+        size = self._sizes.pop(number, 0)
+        self._unreadable.discard(number)
+        self._aside.discard(number)
+        with contextlib.suppress(OSError):
+            self._note(number).unlink(missing_ok=True)
+        log.error(
+            "spool: segment %s is gone (deleted outside llmtap): forgotten; the events "
+            "it held (%d bytes) are lost",
+            self._path(number),
+            size,
+        )
 
     def _delivered(self, number: int, records: int) -> int:
         """How many of the segment's first records its note says were delivered (0: no

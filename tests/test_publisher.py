@@ -218,6 +218,41 @@ def test_a_segment_s_note_leaves_out_what_was_delivered_and_only_that(tmp_path: 
     spool.close()
 
 
+def test_a_segment_deleted_from_outside_is_forgotten_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment whose file is deleted from outside llmtap (also one set aside as
+    unreadable before) can never be read: ``oldest`` forgets it, logs at ERROR once
+    with its path that its events are lost, and goes on to the next. It was set aside
+    as unreadable and read again, with an ERROR, every minute for ever."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1)  # a segment per append
+    batches = [[record(i)] for i in range(3)]
+    for batch in batches:
+        assert spool.append(batch) == 0
+    gone, was_unreadable, kept = segment_files(tmp_path)
+    spool.mark(1, 0)  # a note beside it, to be deleted with it
+    gone.unlink()
+    was_unreadable.rename(tmp_path / "aside")  # a directory in its place: unreadable
+    was_unreadable.mkdir()
+    with pytest.raises(OSError):
+        spool.oldest()
+    assert spool.unreadable == 1 and spool.segments == 2
+    assert f"{gone} is gone" in caplog.text and "lost" in caplog.text
+    assert not (tmp_path / f"{1:020d}.done").exists()
+    was_unreadable.rmdir()  # then deleted too
+    spool.read_again()
+    caplog.clear()
+    segment = spool.oldest()
+    assert segment is not None and segment.records == batches[2]
+    assert spool.unreadable == 0 and spool.segments == 1
+    assert spool.size == kept.stat().st_size
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [str(was_unreadable) in r.getMessage() for r in errors] == [True]
+    spool.ack(segment.number)
+    caplog.clear()
+    assert spool.oldest() is None and spool.empty and caplog.records == []
+
+
 # -- the publisher, on real brokers -----------------------------------------------------
 
 
@@ -985,6 +1020,30 @@ async def test_a_segment_that_cannot_be_read_does_not_hold_up_the_rest(
     assert sorted(e.seq for e in got) == [e.seq for e in sent]  # each once
 
 
+async def test_a_segment_whose_file_is_gone_is_forgotten_not_read_again_for_ever(
+    tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment set aside as unreadable, then deleted from outside llmtap: its next
+    read finds no file, so it is forgotten (logged at ERROR once: its events are lost),
+    no longer counted unreadable nor in the spool's bytes. It was read again, with an
+    ERROR, every minute for ever, and ``llmtap_spool_unreadable_segments`` stayed 1."""
+    spool_dir = tmp_path / "spool"
+    later = pings(0, 20)
+    unreadable = spool_dir / f"{1:020d}.seg"
+    unreadable.mkdir(parents=True)
+    held = Spool(spool_dir, max_bytes=1 << 30)  # its next segment is the 2nd
+    assert held.append([Record(TOPIC, KEY, e.model_dump_json().encode()) for e in later]) == 0
+    held.close()
+    async with running(publisher(broker.bootstrap, spool_dir)) as events_out:
+        await wait_for(lambda: events_out.published == len(later), seconds=15)
+        assert events_out.spool_unreadable == 1
+        unreadable.rmdir()  # deleted from outside
+        await wait_for(lambda: not events_out.spool_unreadable, seconds=10)
+        assert events_out.spool_bytes == 0
+        assert caplog.text.count(f"{unreadable} is gone") == 1 and "lost" in caplog.text
+    assert caplog.text.count(f"cannot read spool segment {unreadable}") == 1
+
+
 async def test_spool_room_means_room_for_the_largest_event(tmp_path: Path) -> None:
     """``spool_room`` (/readyz's) says whether events have somewhere to wait: with less
     room left than the largest event takes (a 1 MiB record), it is not. It said so as
@@ -1026,3 +1085,75 @@ async def test_a_stop_mid_segment_replays_only_what_was_not_delivered(
     assert_exactly_once_in_order(
         await read_all(broker.bootstrap, {e.event_id for e in events}), events
     )
+
+
+_REPO = Path(__file__).resolve().parents[1]
+_REPLAY_UNTIL_KILLED = """
+import asyncio, sys
+from pathlib import Path
+from ingress.publisher import EventPublisher
+from llmtap.kafka import Kafka
+async def main() -> None:
+    out = EventPublisher(
+        Kafka(sys.argv[1]), queue_size=10, spool_dir=Path(sys.argv[2]), spool_max_bytes=1 << 30
+    )
+    await out.start()
+    told = -1
+    while True:  # each count once: what the test reads is never behind
+        if out.replayed != told:
+            told = out.replayed
+            print(told, flush=True)
+        await asyncio.sleep(0.005)
+asyncio.run(main())
+"""
+
+
+async def test_a_crash_mid_segment_replays_only_what_followed_the_last_note(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A process replaying a large segment (100,000 events, as stop() spools them),
+    killed outright (SIGKILL: no stop, no note at stop), has noted its progress as it
+    went: the next start replays only what followed the last note, and every event
+    arrives at least once. It replayed the whole segment again."""
+    spool_dir = tmp_path / "spool"
+    events = pings(0, 20 * MAX_BATCH)
+    spool = Spool(spool_dir, max_bytes=1 << 30)
+    assert spool.append([Record(TOPIC, KEY, e.model_dump_json().encode()) for e in events]) == 0
+    spool.close()
+    assert len(segment_files(spool_dir)) == 1
+
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join((str(_REPO), os.environ.get("PYTHONPATH", "")))
+    }
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _REPLAY_UNTIL_KILLED,
+        broker.bootstrap,
+        str(spool_dir),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        replayed = 0
+        async with asyncio.timeout(60):
+            while replayed < 2 * MAX_BATCH:  # two flights at least: one noted
+                line = await child.stdout.readline()
+                assert line, "the replaying process exited"
+                replayed = int(line)
+        child.kill()
+    finally:
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
+    assert replayed < len(events), "killed too late: the replay was over"
+
+    third = publisher(broker.bootstrap, spool_dir)
+    async with running(third):
+        await wait_for(lambda: third.replayed > 0 and not third.spool_bytes, seconds=60)
+    assert third.dropped == 0 and segment_files(spool_dir) == []
+    assert third.replayed <= len(events) - MAX_BATCH  # fewer than the whole segment again
+    got = await read_all(broker.bootstrap, {e.event_id for e in events})
+    assert {e.event_id for e in got} == {e.event_id for e in events}  # each at least once
+    assert len(got) - len(events) < len(events)
