@@ -644,6 +644,26 @@ def test_a_usage_chunk_with_choices_null_or_absent_is_held_back(choices: dict[st
     assert unasked.feed(usage_only) + unasked.finish() == usage_only
 
 
+@pytest.mark.parametrize("usage", [{}, {"prompt_tokens": None, "completion_tokens": None}])
+@pytest.mark.parametrize("choices", [{"choices": []}, {"choices": None}, {}])
+def test_a_usage_chunk_that_counts_nothing_is_held_back_all_the_same(
+    usage: dict[str, Any], choices: dict[str, Any]
+) -> None:
+    """The usage chunk llmtap asked for, its usage counting nothing (usage_missing):
+    still llmtap's, not the client's, who did not ask for it (it went out once such a
+    usage was no longer read as zero tokens). The output is counted from the text."""
+    sep = b"\n\n"
+    content = _event(_chunk([_delta({"content": "Hi"})]), sep)
+    usage_only = _event({"id": "c", "model": SERVED, **choices, "usage": usage}, sep)
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(content + usage_only) + capture.finish() == content.replace(
+        b',"usage":null', b""
+    )
+    assert capture.final_usage.usage_missing and capture.output_uncounted
+    unasked = OpenAIStreamCapture(strip_usage_chunk=False)
+    assert unasked.feed(usage_only) + unasked.finish() == usage_only
+
+
 # -- Anthropic: cache writes by lifetime ---------------------------------------------------
 
 ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"

@@ -370,22 +370,26 @@ class OpenAIStreamCapture(StreamCapture):
         self._model(source)
         if "service_tier" in source:
             self._tier = served_tier(source["service_tier"])
-        usage, impossible = _read(openai_usage, source.get("usage"))
+        told = source.get("usage")
+        usage, impossible = _read(openai_usage, told)
         if usage is None:
             # Groq's streams say their usage unasked in the last chunk's x_groq.usage.
             groq = source.get("x_groq")
             found = groq.get("usage") if isinstance(groq, dict) else None
             usage, impossible = _read(openai_usage, found)
-        if usage is None:
-            return True
+        if usage is None:  # a usage that counts nothing is missing, its chunk llmtap's
+            return not (isinstance(told, dict) and self._usage_chunk(chunk))
         self.usage = with_searches(usage, source, self._searches)
         self.impossible = impossible
         self.output_final = True
         self._kept.clear()
-        # The usage chunk: "choices" [] (OpenAI's), or null or absent (some servers'),
-        # and no error (an error goes to the client, usage or not).
-        usage_only = chunk.get("choices") in ([], None) and not stream_error(chunk)
-        return not (self._strip and usage_only)
+        return not self._usage_chunk(chunk)
+
+    def _usage_chunk(self, chunk: dict[str, Any]) -> bool:
+        """Whether a chunk that says a usage is the usage chunk llmtap asked for and the
+        client did not, taken out: "choices" [] (OpenAI's), or null or absent (some
+        servers'), and no error (an error goes to the client, usage or not)."""
+        return self._strip and chunk.get("choices") in ([], None) and not stream_error(chunk)
 
     def _texts(self, chunk: dict[str, Any]) -> list[str]:
         delta = chunk.get("delta")
