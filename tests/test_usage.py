@@ -624,34 +624,15 @@ def test_done_without_its_space_or_with_trailing_whitespace_ends_the_stream(done
     assert capture.ended
 
 
-@pytest.mark.parametrize("choices", [{"choices": None}, {}])
-def test_a_usage_chunk_with_choices_null_or_absent_is_held_back(choices: dict[str, Any]) -> None:
-    """Some OpenAI-compatible servers send the usage chunk llmtap asked for with
-    "choices" null or absent, not []: it is llmtap's all the same, not the client's. An
-    error chunk carrying usage still goes out."""
-    sep = b"\n\n"
-    content = _event(_chunk([_delta({"content": "Hi"})]), sep)
-    usage_only = _event({"id": "c", "model": SERVED, **choices, "usage": USAGE}, sep)
-    capture = OpenAIStreamCapture(strip_usage_chunk=True)
-    assert capture.feed(content + usage_only) + capture.finish() == content.replace(
-        b',"usage":null', b""
-    )
-    assert capture.final_usage == EXPECTED
-    failed = _event({"error": {"type": "server_error"}, **choices, "usage": USAGE}, sep)
-    capture = OpenAIStreamCapture(strip_usage_chunk=True)
-    assert capture.feed(failed) + capture.finish() == failed
-    unasked = OpenAIStreamCapture(strip_usage_chunk=False)
-    assert unasked.feed(usage_only) + unasked.finish() == usage_only
-
-
-@pytest.mark.parametrize("usage", [{}, {"prompt_tokens": None, "completion_tokens": None}])
+@pytest.mark.parametrize("usage", [USAGE, {}, {"prompt_tokens": None, "completion_tokens": None}])
 @pytest.mark.parametrize("choices", [{"choices": []}, {"choices": None}, {}])
-def test_a_usage_chunk_that_counts_nothing_is_held_back_all_the_same(
-    usage: dict[str, Any], choices: dict[str, Any]
+def test_a_usage_chunk_with_choices_null_or_absent_is_held_back(
+    choices: dict[str, Any], usage: dict[str, Any]
 ) -> None:
-    """The usage chunk llmtap asked for, its usage counting nothing (usage_missing):
-    still llmtap's, not the client's, who did not ask for it (it went out once such a
-    usage was no longer read as zero tokens). The output is counted from the text."""
+    """Some OpenAI-compatible servers send the usage chunk llmtap asked for with
+    "choices" null or absent, not []: it is llmtap's all the same, not the client's; so
+    is one whose usage counts nothing (usage_missing: it went out once such a usage was
+    no longer read as zero tokens). An error chunk carrying usage still goes out."""
     sep = b"\n\n"
     content = _event(_chunk([_delta({"content": "Hi"})]), sep)
     usage_only = _event({"id": "c", "model": SERVED, **choices, "usage": usage}, sep)
@@ -659,7 +640,13 @@ def test_a_usage_chunk_that_counts_nothing_is_held_back_all_the_same(
     assert capture.feed(content + usage_only) + capture.finish() == content.replace(
         b',"usage":null', b""
     )
-    assert capture.final_usage.usage_missing and capture.output_uncounted
+    if usage is USAGE:
+        assert capture.final_usage == EXPECTED
+    else:  # unknown, and the output counted from the text
+        assert capture.final_usage.usage_missing and capture.output_uncounted
+    failed = _event({"error": {"type": "server_error"}, **choices, "usage": USAGE}, sep)
+    capture = OpenAIStreamCapture(strip_usage_chunk=True)
+    assert capture.feed(failed) + capture.finish() == failed
     unasked = OpenAIStreamCapture(strip_usage_chunk=False)
     assert unasked.feed(usage_only) + unasked.finish() == usage_only
 
