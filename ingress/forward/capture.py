@@ -28,6 +28,9 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark
+
+
 def too_many_values(body: bytes, most: int) -> str | None:
     """Why a body is not parsed: more than ``most`` JSON values, by its commas (counted
     in C, ~2 ms a MB; a body of ``most`` bytes or fewer cannot hold that many). Parsing
@@ -48,7 +51,7 @@ def parse_json(body: bytes) -> Any:
     order mark is passed over, as RFC 8259 lets a parser do and Python's own does (orjson
     refuses it): whether the body is acceptable is then for the provider to say, as it
     would without llmtap."""
-    return orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
+    return orjson.loads(body.removeprefix(_BOM))
 
 
 def parse_json_body(body: bytes) -> dict[str, Any] | None:
@@ -667,8 +670,6 @@ def _searched(block: Any) -> bool:
         and isinstance(block.get("content"), list)
     )
 
-
-_BOM = b"\xef\xbb\xbf"
 
 # A line's end (CRLF, LF, or a CR not starting a CRLF) followed by an empty line's.
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
