@@ -37,7 +37,6 @@ from sinks.clickhouse.rows import (
     CALLS_COLUMNS,
     EVENT_ID,
     call_row,
-    money_as_read,
     ts_end_range,
     unstorable,
     window_unstorable,
@@ -108,9 +107,8 @@ class CallsBody:
 
 def calls_body(types: tuple[str, ...], columns: list[tuple[Any, ...]]) -> bytes:
     """The Native body inserting ``columns`` into ``calls`` (``types``: what
-    sinks/clickhouse/write.py's ``calls_types`` says to send them as; its money as
-    ClickHouse reads it, :func:`sinks.clickhouse.rows.money_as_read`)."""
-    return native_body("calls", CALLS_COLUMNS, types, money_as_read(columns))
+    sinks/clickhouse/write.py's ``calls_types`` says to send them as)."""
+    return native_body("calls", CALLS_COLUMNS, types, columns)
 
 
 @dataclass

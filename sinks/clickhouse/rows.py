@@ -3,7 +3,6 @@ rows. No Kafka, no ClickHouse here."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -82,6 +81,15 @@ def from_ticks(ms: int) -> datetime:
 NO_COST = (None,) * 7  # an unpriced call's money columns
 
 
+def _money(amount: Decimal | None) -> str:
+    """An amount as ClickHouse reads it into Decimal(18, 9): its str, but "0" for a zero
+    or an amount below a nano-dollar (what ClickHouse cuts it to). It parsed a zero
+    spelled with an exponent past 9 ("0E+10", which Decimal arithmetic can make), and an
+    amount whose exponent is long (1E-9999999999999: the contract takes any decimal), as
+    no number, and stored the priced call's costs NULL."""
+    return str(amount) if amount and amount.adjusted() > -10 else "0"
+
+
 def call_row(event: Costed) -> tuple[Any, ...]:
     """One ``calls`` row, in CALLS_COLUMNS order, of plain values: what the insert's
     encoder takes without converting them again (sql/native.py), and cheap to pickle
@@ -89,8 +97,7 @@ def call_row(event: Costed) -> tuple[Any, ...]:
     duplicate check binds it so; made by msgspec in C: ``str`` of a UUID is ~0.5-1 us
     of Python), the request id as its int, times as :func:`ticks`,
     money as the str of its Decimal (sent as this text, parsed by ClickHouse: exact,
-    write.calls_types), a zero as "0": ClickHouse parses a zero spelled with an exponent
-    past 9 ("0E+10", which Decimal arithmetic can make) as no number, stored NULL."""
+    write.calls_types), :func:`_money`."""
     r = event.response
     a = r.attribution
     u = r.usage
@@ -99,13 +106,13 @@ def call_row(event: Costed) -> tuple[Any, ...]:
         NO_COST
         if c is None
         else (
-            str(c.input or 0),
-            str(c.cached_input or 0),
-            str(c.cache_write or 0),
-            str(c.output or 0),
-            str(c.reasoning or 0),
-            str(c.web_search or 0),
-            str(c.total or 0),
+            _money(c.input),
+            _money(c.cached_input),
+            _money(c.cache_write),
+            _money(c.output),
+            _money(c.reasoning),
+            _money(c.web_search),
+            _money(c.total),
         )
     )
     return (
@@ -237,29 +244,6 @@ def window_unstorable(window: wire.Window) -> str:
     if problem := _unstorable_money(window.cost):
         return f"cost: {problem}"
     return ""
-
-
-MONEY = tuple(i for i, name in enumerate(CALLS_COLUMNS) if name.startswith("cost_"))
-# An amount's text with an exponent of -10 or less (Decimal's str spells the exponent
-# of the first digit): below a nano-dollar, which Decimal(18, 9) keeps nothing of.
-_BELOW_NANO = re.compile(r"E-[1-9][0-9]")
-
-
-def money_as_read(columns: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """``calls`` columns (CALLS_COLUMNS order) whose money ClickHouse reads as it is: an
-    amount below a nano-dollar as "0", what ClickHouse cuts it to. It read one whose
-    exponent is long (1E-9999999999999: the contract takes any decimal) as no number,
-    and stored the priced call's costs as NULL. Each column is searched whole, as one
-    text (~0.5 us a row for the seven), and remade only if one is found there."""
-    fixed: list[tuple[Any, ...]] | None = None
-    for i in MONEY if columns else ():
-        column = columns[i]
-        if _BELOW_NANO.search("\n".join(filter(None, column))):
-            fixed = fixed or list(columns)
-            fixed[i] = tuple(
-                "0" if text is not None and _BELOW_NANO.search(text) else text for text in column
-            )
-    return fixed or columns
 
 
 def call_columns(events: Iterable[Costed]) -> list[tuple[Any, ...]]:
